@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and install longattn with its extras into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Without an NVIDIA driver we install the CPU build of torch; the Triton kernels then run
+# through Triton's interpreter. Override with `make test TORCH_SPEC=...`.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+TORCH_SPEC ?= torch>=2.5
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/longattn demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(PY) -m bench all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

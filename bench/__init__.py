@@ -1,0 +1,1 @@
+"""longattn benchmarks: `python -m bench <op> ...` (GPU only). Results go to bench/results/<device>/."""

@@ -1,0 +1,37 @@
+"""`python -m bench <op> [options]`: time longattn's kernels against their peers on a CUDA GPU."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import flash
+from .common import NoCudaError
+
+SUITES = {"flash": flash}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="op", required=True)
+    for name, mod in SUITES.items():
+        mod.add_args(sub.add_parser(name, help=mod.__doc__.splitlines()[0]))
+    all_p = sub.add_parser("all", help="every benchmark with its default options")
+    all_p.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.op == "all":
+            for name, mod in SUITES.items():
+                print(f"== {name}")
+                sub_args = sub.choices[name].parse_args(["--out", args.out] if args.out else [])
+                mod.run(sub_args, [name] + (["--out", args.out] if args.out else []))
+        else:
+            SUITES[args.op].run(args, argv)
+    except NoCudaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

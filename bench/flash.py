@@ -1,0 +1,108 @@
+"""Dense flash attention: longattn vs torch SDPA (flash and cuDNN backends) and flash-attn if installed."""
+from __future__ import annotations
+
+import argparse
+
+from .common import attended_pairs, environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+
+COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
+           "x_sdpa_cudnn", "x_flash_attn", "peak_MB"]
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--seqlens", default="1024,4096,16384", help="comma-separated T values (k suffix allowed)")
+    p.add_argument("--tokens", type=int, default=32768, help="batch size is max(1, tokens // T)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--v-head-dim", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--no-causal", action="store_true")
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+
+
+def _impls(causal, window, hq, hkv, dqk, dv):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longattn import flash_attention
+
+    impls = {"longattn": lambda q, k, v: flash_attention(q, k, v, causal=causal, window=window)}
+    if window is None and dqk == dv:
+        def sdpa(backend):
+            def run(q, k, v):
+                with sdpa_kernel(backend):
+                    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=causal, enable_gqa=hq != hkv)
+                return o.transpose(1, 2)
+            return run
+        impls["sdpa_flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+        impls["sdpa_cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    try:
+        from flash_attn import flash_attn_func
+
+        ws = (window - 1, 0) if window else (-1, -1)
+        impls["flash_attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=ws)
+    except ImportError:
+        pass
+    return impls
+
+
+def run(args, argv=None) -> list[dict]:
+    import torch
+
+    dev = require_cuda()
+    dtype = getattr(torch, args.dtype)
+    hq = args.heads
+    hkv = args.kv_heads or hq
+    dqk = args.head_dim
+    dv = args.v_head_dim or dqk
+    causal = not args.no_causal
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    impls = _impls(causal, args.window, hq, hkv, dqk, dv)
+    rows = []
+    for T in parse_ints(args.seqlens):
+        B = max(1, args.tokens // T)
+        q = torch.randn(B, T, hq, dqk, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(B, T, hkv, dqk, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype, requires_grad=True)
+        do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
+        flops_fwd = 2.0 * (dqk + dv) * attended_pairs(T, T, causal=causal, window=args.window) * hq * B
+        for mode in modes:
+            for name, fn in impls.items():
+                if mode == "fwd":
+                    call = lambda: fn(q, k, v)
+                    flops = flops_fwd
+                else:
+                    call = lambda: fn(q, k, v).backward(do)
+                    flops = 3.5 * flops_fwd  # backward does 2.5x the forward's matmul work
+                try:
+                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                        ms = time_ms(call, grad_to_none=[q, k, v])
+                        mem = peak_memory_mb(call)
+                except Exception as e:  # a backend that does not support this shape
+                    print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    continue
+                rows.append(dict(op="flash", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=dqk, Dv=dv,
+                                 causal=causal, window=args.window, dtype=args.dtype, ms=ms,
+                                 **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem))
+                print(f"  {name:12s} {mode:7s} B={B} T={T}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+    _speedups(rows)
+    env = environment(argv)
+    out = write_results("flash", rows, COLUMNS, env, plot=dict(x="T", y="ms", series="impl", panels="mode",
+                                                               title="flash attention"), out_dir=args.out)
+    print(f"results written to {out}")
+    return rows
+
+
+def _speedups(rows):
+    """x_<peer> = peer ms / longattn ms on the same (mode, T)."""
+    by_key = {(r["mode"], r["T"], r["impl"]): r["ms"] for r in rows}
+    for r in rows:
+        if r["impl"] != "longattn":
+            continue
+        for peer in ("sdpa_flash", "sdpa_cudnn", "flash_attn"):
+            ms = by_key.get((r["mode"], r["T"], peer))
+            r[f"x_{peer}"] = ms / r["ms"] if ms else None

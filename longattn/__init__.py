@@ -1,0 +1,17 @@
+"""longattn: Triton attention kernels for long-context reasoning models.
+
+On a machine without CUDA the Triton kernels run on CPU tensors through Triton's interpreter:
+importing longattn sets ``TRITON_INTERPRET=1`` in that case unless the variable is already set.
+"""
+import os as _os
+
+if "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        _os.environ["TRITON_INTERPRET"] = "1"
+
+from .kernels import flash_attention, merge_attention  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["flash_attention", "merge_attention", "__version__"]

@@ -1,0 +1,591 @@
+"""Dense flash attention in Triton, forward and backward.
+
+Supports the dense ``(B, T, H, D)`` and varlen ``(total, H, D)`` layouts, GQA (K/V heads are never
+repeated), causal masking with queries aligned to the end of the keys, a sliding window, different
+q/k and v head dims (any size up to 1024; non powers of two are padded inside the kernel) and the
+float32 log-sum-exp of every row, whose gradient is also propagated (so partial results can be merged
+differentiably, see :mod:`longattn.kernels.merge`).
+
+Kernels
+-------
+``_flash_fwd_kernel``     one program per (query block, query head, sequence); online softmax.
+``_flash_bwd_prep_kernel`` delta = rowsum(dO * O) - dLSE.
+``_flash_bwd_dkdv_kernel`` one program per (key block, KV head, sequence); loops over the query heads
+                          of its GQA group, so dK/dV need no atomics and are deterministic.
+``_flash_bwd_dq_kernel``   one program per (query block, query head, sequence).
+
+Key and query ranges are split into blocks that need masking (diagonal, window edge, ragged tail) and
+blocks that are fully visible, which skip the mask arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (AttnDims, autotune_configs, check_attention_inputs, check_positive_int, check_scale,
+                    empty, empty_like, is_interpreter, kernel_inputs, next_pow2)
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
+    """Start row (in the packed layout) and length of sequence b."""
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = b * 0
+        length = seqlen + b * 0
+    return start, length
+
+
+@triton.jit
+def _ceil_to(x, m):
+    return (x + m - 1) // m * m
+
+
+@triton.jit
+def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr):
+    """Key ranges for the query rows whose positions span [m_first, m_last].
+
+    Returns (a, b, c, d): keys in [a, b) and [c, d) need masking, keys in [b, c) are visible to every
+    row. a, b, c are multiples of BLOCK_N (or equal d).
+    """
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(m_last + 1, 0))
+    lo = hi * 0
+    full_lo = lo
+    if HAS_WINDOW:
+        lo = tl.maximum(m_first - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = _ceil_to(tl.maximum(m_last - window + 1, 0), BLOCK_N)
+    full_hi = k_len // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, tl.maximum(m_first + 1, 0) // BLOCK_N * BLOCK_N)
+    b = tl.minimum(tl.maximum(full_lo, lo), hi)
+    c = tl.minimum(tl.maximum(full_hi, b), hi)
+    return lo, b, c, hi
+
+
+@triton.jit
+def _visible(pos_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(M, N) mask of the keys offs_n visible to the queries at positions pos_m."""
+    vis = offs_n[None, :] < k_len
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= pos_m[:, None])
+    if HAS_WINDOW:
+        vis = vis & (offs_n[None, :] > pos_m[:, None] - window)
+    return vis
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
+               window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows = (k_start + offs_n).to(tl.int64)
+        in_n = offs_n < k_len
+        kt = tl.load(K_ptr + rows[None, :] * stride_kt + offs_dk[:, None],
+                     mask=in_n[None, :] & (offs_dk[:, None] < DQK), other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_ptr + rows[:, None] * stride_vt + offs_dv[None, :],
+                    mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+_FWD_CONFIGS = autotune_configs(
+    [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ],
+    dict(BLOCK_M=32, BLOCK_N=32),
+)
+
+
+def _prune_by_dim(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit in shared memory for large head dims."""
+    d = max(named_args["BLOCK_DQK"], named_args["BLOCK_DV"])
+    keep = [c for c in configs if d <= 128 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)]
+    if d > 256:
+        keep = [c for c in keep if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32] or keep[-1:]
+    return keep or configs[-1:]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
+                                            "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_by_dim})
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                      stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                      stride_lb, stride_lh,
+                      seqlen_q, seqlen_k, window, qk_scale, group,
+                      DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    hk = h // group
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_m = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qt
+                + offs_dk[None, :], mask=in_m[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    shift = k_len - q_len  # query i sits at key position i + shift
+    pos_m = offs_m + shift
+    m_first = pid_m * BLOCK_M + shift
+    m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
+    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
+                               k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL,
+                               HAS_WINDOW, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
+                               k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL,
+                               HAS_WINDOW, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
+                               k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL,
+                               HAS_WINDOW, PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_ot + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=in_m[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_rows, lse, mask=in_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, stride_oh,
+                           stride_dob, stride_dot, stride_doh, stride_lb, stride_lh, seqlen_q,
+                           DV: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
+                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    in_m = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    msk = in_m[:, None] & (offs_d[None, :] < DV)
+    o = tl.load(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=msk,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=msk,
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    l_off = b64 * stride_lb + h * stride_lh + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + l_off, mask=in_m, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=in_m)
+
+
+@triton.jit
+def _bwd_probs(q, kt, lse2, pos_m, offs_n, k_len, window, qk_scale, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """Recompute the (M, N) softmax probabilities from q, k^T and the row lse (log2 units)."""
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW), p, 0.0)
+    return p
+
+
+@triton.jit
+def _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m):
+    """Row lse in log2 units (+inf for rows that see no key, so their probabilities are 0) and delta."""
+    lse = tl.load(LSE_ptr + rows, mask=in_m, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA_ptr + rows, mask=in_m, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot, offs_n,
+                start, end, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr,
+                DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_m = offs_m < q_len
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(Q_ptr + rows[:, None] * stride_qt + offs_dk[None, :],
+                    mask=in_m[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        do = tl.load(DO_ptr + rows[:, None] * stride_dot + offs_dv[None, :],
+                     mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse2, delta = _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m)
+        p = _bwd_probs(q, kt, lse2, offs_m + shift, offs_n, k_len, window, qk_scale, MASKED, CAUSAL,
+                       HAS_WINDOW, PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+_BWD_CONFIGS = autotune_configs(
+    [
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    ],
+    dict(BLOCK_M=32, BLOCK_N=32),
+)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
+                                            "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_by_dim})
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
+                           stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                           stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                           stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                           stride_lb, stride_lh,
+                           seqlen_q, seqlen_k, window, qk_scale, scale, group,
+                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                           BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
+                           HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    if pid_n * BLOCK_N >= k_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_n = offs_n < k_len
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_rows[:, None] * stride_kt
+                + offs_dk[None, :], mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vt
+                + offs_dv[None, :], mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    kt = tl.trans(k)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    # Query rows that see some key of this block, and those that see all of them.
+    shift = k_len - q_len
+    n_first = pid_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, k_len) - 1
+    lo = q_len * 0
+    full_lo = lo
+    if CAUSAL:
+        lo = tl.maximum(n_first - shift, 0) // BLOCK_M * BLOCK_M
+        full_lo = _ceil_to(tl.maximum(n_last - shift, 0), BLOCK_M)
+    hi = q_len
+    full_hi = q_len // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(q_len, tl.maximum(n_last + window - shift, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(n_first + window - shift, 0) // BLOCK_M * BLOCK_M)
+    if n_first + BLOCK_N > k_len:  # ragged key block: mask everywhere
+        full_hi = lo
+    bb = tl.minimum(tl.maximum(full_lo, lo), hi)
+    c = tl.minimum(tl.maximum(full_hi, bb), hi)
+
+    for g in range(0, group):
+        h = (hk * group + g).to(tl.int64)
+        Q_ptr = Q + b64 * stride_qb + h * stride_qh
+        DO_ptr = DO + b64 * stride_dob + h * stride_doh
+        LSE_ptr = LSE + b64 * stride_lb + h * stride_lh
+        DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
+        dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
+                             offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
+                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
+                             offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
+                             BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
+                             offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
+                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
+
+    dk = dk * scale
+    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dkt + offs_dk[None, :],
+             dk.to(DK.dtype.element_ty), mask=in_n[:, None] & (offs_dk[None, :] < DQK))
+    tl.store(DV_ + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvt + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=in_n[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
+              window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < k_len
+        rows = (k_start + offs_n).to(tl.int64)
+        k = tl.load(K_ptr + rows[:, None] * stride_kt + offs_dk[None, :],
+                    mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        vt = tl.load(V_ptr + rows[None, :] * stride_vt + offs_dv[:, None],
+                     mask=in_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        p = _bwd_probs(q, tl.trans(k), lse2, pos_m, offs_n, k_len, window, qk_scale, MASKED, CAUSAL,
+                       HAS_WINDOW, PRECISION)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
+                                            "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_by_dim})
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                         stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
+                         seqlen_q, seqlen_k, window, qk_scale, scale, group,
+                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    hk = h // group
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_m = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qt + offs_dk[None, :],
+                mask=in_m[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dot + offs_dv[None, :],
+                 mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2, delta = _load_row_stats(LSE + b64 * stride_lb + h64 * stride_lh,
+                                  DELTA + b64 * stride_lb + h64 * stride_lh, rows, in_m)
+    K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    shift = k_len - q_len
+    pos_m = offs_m + shift
+    m_first = pid_m * BLOCK_M + shift
+    m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
+    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb, k_len,
+                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c, k_len,
+                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d, k_len,
+                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
+    dq = dq * scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqt + offs_dk[None, :],
+             dq.to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_dk[None, :] < DQK))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+def _strides3(t: torch.Tensor, varlen: bool):
+    """(batch, token, head) strides of a (B, T, H, D) or (total, H, D) tensor; batch stride 0 for varlen."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool):
+    """(batch, head) strides of an lse of shape (B, H, T) or (H, total); the token stride is 1."""
+    if varlen:
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get true float32 products (tf32 would lose ~3 digits); fp16/bf16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype):
+    return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DQK=max(16, next_pow2(dims.dim_qk)),
+                BLOCK_DV=max(16, next_pow2(dims.dim_v)), IS_VARLEN=dims.varlen, CAUSAL=causal,
+                HAS_WINDOW=window is not None, PRECISION=_precision(dtype))
+
+
+def _flash_fwd(q, k, v, dims: AttnDims, causal, window, scale):
+    varlen = dims.varlen
+    if varlen:
+        out = empty(q.shape[0], dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
+        lse = empty(dims.heads_q, q.shape[0], device=q.device, dtype=torch.float32)
+    else:
+        out = empty(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
+        lse = empty(dims.batch, dims.heads_q, dims.max_seqlen_q, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or lse.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    grid = lambda meta: (triton.cdiv(dims.max_seqlen_q, meta["BLOCK_M"]), dims.heads_q, dims.batch)
+    _flash_fwd_kernel[grid](
+        q, k, v, out, lse, dims.cu_seqlens_q, dims.cu_seqlens_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        *_lse_strides(lse, varlen),
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group,
+        **_common_meta(dims, causal, window, q.dtype))
+    return out, lse
+
+
+def _flash_bwd(do, q, k, v, out, lse, dlse, dims: AttnDims, causal, window, scale):
+    varlen = dims.varlen
+    meta = _common_meta(dims, causal, window, q.dtype)
+    delta = empty_like(lse)
+    prep_block = 32 if is_interpreter() else 64
+    _flash_bwd_prep_kernel[(triton.cdiv(dims.max_seqlen_q, prep_block), dims.heads_q, dims.batch)](
+        out, do, dlse, delta, dims.cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
+        *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=meta["BLOCK_DV"],
+        IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=prep_block)
+    dq = empty_like(q)
+    dk = empty_like(k)
+    dv = empty_like(v)
+    common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
+    grid_kv = lambda m: (triton.cdiv(dims.max_seqlen_k, m["BLOCK_N"]), dims.heads_kv, dims.batch)
+    _flash_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
+        *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen),
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta)
+    grid_q = lambda m: (triton.cdiv(dims.max_seqlen_q, m["BLOCK_M"]), dims.heads_q, dims.batch)
+    _flash_bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
+        *_strides3(dq, varlen), *_lse_strides(lse, varlen),
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, dims, causal, window, scale):
+        out, lse = _flash_fwd(q, k, v, dims, causal, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.dims, ctx.causal, ctx.window, ctx.scale = dims, causal, window, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dims = ctx.dims
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dout = _lastdim_contiguous(dout.to(out.dtype))
+        if dlse is not None:
+            dlse = dlse.float().contiguous()
+        if q.numel() == 0 or k.numel() == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+        dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, dlse, dims, ctx.causal, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    window: Optional[int] = None, scale: Optional[float] = None,
+                    cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+                    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                    return_lse: bool = False):
+    """Exact softmax attention (flash algorithm), differentiable in q, k, v (and through ``lse``).
+
+    Layouts
+        dense:  q ``(B, Tq, Hq, Dqk)``, k ``(B, Tk, Hkv, Dqk)``, v ``(B, Tk, Hkv, Dv)``
+                -> out ``(B, Tq, Hq, Dv)``, lse ``(B, Hq, Tq)``.
+        varlen: q ``(total_q, Hq, Dqk)``, k/v ``(total_k, Hkv, D*)`` with ``cu_seqlens`` (same lengths for
+                q and k) or ``cu_seqlens_q`` + ``cu_seqlens_k`` (int32, ``(N+1,)``, starting at 0)
+                -> out ``(total_q, Hq, Dv)``, lse ``(Hq, total_q)``.
+
+    Args:
+        q, k, v: float16, bfloat16 or float32, on one CUDA device (or CPU under ``TRITON_INTERPRET=1``).
+            ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA; K/V heads are not repeated). Head dims up to
+            1024, ``Dqk`` and ``Dv`` may differ (e.g. 192/128).
+        causal: mask keys after the query (default True). When a sequence has fewer queries than keys,
+            query i sits at key position ``Tk - Tq + i`` (decode / chunked prefill).
+        window: if set (requires ``causal``), each query attends only to the ``window`` most recent keys,
+            itself included.
+        scale: softmax scale, default ``Dqk ** -0.5``.
+        max_seqlen / max_seqlen_q / max_seqlen_k: optional upper bounds on varlen lengths (validated).
+        return_lse: also return the float32 natural-log log-sum-exp of each row.
+
+    Returns:
+        ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
+        ``causal``) give ``out = 0`` and ``lse = -inf``.
+    """
+    if cu_seqlens is not None:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
+        cu_seqlens_q = cu_seqlens_k = cu_seqlens
+    if max_seqlen is not None:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("pass either max_seqlen or max_seqlen_q/max_seqlen_k, not both")
+        max_seqlen_q = max_seqlen_k = max_seqlen
+    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is not None:
+        check_positive_int(window, "window")
+        if not causal:
+            raise ValueError("window requires causal=True (it selects the most recent keys)")
+    scale = check_scale(scale, dims.dim_qk ** -0.5)
+    in_dtype = q.dtype
+    qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
+    out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale)
+    out = out.to(in_dtype)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["flash_attention"]

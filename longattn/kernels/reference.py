@@ -1,0 +1,102 @@
+"""Plain PyTorch references for the shared kernels. Readable, slow, float32 inside; no Triton.
+
+These are the ground truth of the tests: they build the attention mask explicitly and may
+materialise repeated K/V heads and (T, T) score matrices.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def attention_mask_ref(q_len: int, k_len: int, *, causal: bool, window: Optional[int],
+                       device=None) -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True where query i may attend key j.
+
+    Queries are aligned to the end of the keys: query i sits at position ``k_len - q_len + i``.
+    Causal: key j visible iff ``j <= pos(i)``. Window ``w``: additionally ``j > pos(i) - w`` (the w most
+    recent keys, the query's own position included).
+    """
+    pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        mask &= j <= pos
+    if window is not None:
+        mask &= j > pos - window
+    return mask
+
+
+def masked_attention_ref(q, k, v, mask, scale):
+    """Attention of one sequence with an explicit mask. q (Tq, Hq, D), k/v (Tk, Hkv, D*), mask
+    (Tq, Tk) or (Hq, Tq, Tk). Returns out (Tq, Hq, Dv) in float32 and lse (Hq, Tq) in float32.
+
+    Rows that see no key get out = 0 and lse = -inf.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if hq != hkv:
+        kf = kf.repeat_interleave(hq // hkv, dim=1)
+        vf = vf.repeat_interleave(hq // hkv, dim=1)
+    s = torch.einsum("qhd,khd->hqk", qf, kf) * scale
+    if mask.dim() == 2:
+        mask = mask[None]
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (Hq, Tq); -inf on empty rows
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    p = p.masked_fill(~mask, 0.0)
+    out = torch.einsum("hqk,khd->qhd", p, vf)
+    return out, lse
+
+
+def attention_ref(q, k, v, *, causal: bool = True, window: Optional[int] = None,
+                  scale: Optional[float] = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  return_lse: bool = False):
+    """Reference for :func:`longattn.kernels.flash.flash_attention`.
+
+    Dense: q (B, Tq, Hq, Dqk), k (B, Tk, Hkv, Dqk), v (B, Tk, Hkv, Dv) -> out (B, Tq, Hq, Dv),
+    lse (B, Hq, Tq). Varlen: (total, H, D) with cu_seqlens_q / cu_seqlens_k -> lse (Hq, total_q).
+    Differentiable through autograd (float32 inside, output cast to q's dtype).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if cu_seqlens_q is None:
+        outs, lses = [], []
+        for b in range(q.shape[0]):
+            m = attention_mask_ref(q.shape[1], k.shape[1], causal=causal, window=window, device=q.device)
+            o, l = masked_attention_ref(q[b], k[b], v[b], m, scale)
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.stack(outs), torch.stack(lses)
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs, lses = [], []
+        for b in range(len(cq) - 1):
+            qs, ks = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]]
+            m = attention_mask_ref(qs.shape[0], ks.shape[0], causal=causal, window=window, device=q.device)
+            o, l = masked_attention_ref(qs, ks, v[ck[b]:ck[b + 1]], m, scale)
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def merge_ref(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
+    """Reference for :func:`longattn.kernels.merge.merge_attention`.
+
+    outs[i]: (B, T, H, D) or (total, H, D); lses[i]: (B, H, T) or (H, total), natural log, float32.
+    Returns (out, lse): ``lse = logsumexp_i lse_i`` and ``out = sum_i exp(lse_i - lse) * out_i``;
+    rows where every lse_i is -inf give out = 0, lse = -inf.
+    """
+    lse_all = torch.stack([l.float() for l in lses])  # (N, ..., H, T)
+    lse = torch.logsumexp(lse_all, dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lse_all - safe[None])  # (N, ..., H, T)
+    w = w.transpose(-1, -2).unsqueeze(-1)  # (N, ..., T, H, 1)
+    out = (w * torch.stack([o.float() for o in outs])).sum(0)
+    return out.to(outs[0].dtype), lse
+
+
+__all__ = ["attention_mask_ref", "masked_attention_ref", "attention_ref", "merge_ref"]

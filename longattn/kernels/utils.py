@@ -1,0 +1,240 @@
+"""Shared helpers for every longattn op: argument checks, interpreter detection, autotune configs.
+
+The checks raise ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong shape or value,
+always naming the argument, so that bad input never reaches a kernel (where it would become an illegal
+memory access or a silent wrong answer).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+def is_interpreter() -> bool:
+    """True when Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,
+                     num_stages: int = 2) -> list:
+    """Autotune configs: the full ``gpu`` list on a GPU, the single ``interpreter`` config otherwise.
+
+    Each entry of ``gpu`` is a dict of meta-parameters that may also hold ``num_warps`` and
+    ``num_stages``. Autotuning under the interpreter would only multiply the (slow) CPU run time.
+    """
+    def make(d: dict) -> triton.Config:
+        d = dict(d)
+        w = d.pop("num_warps", num_warps)
+        s = d.pop("num_stages", num_stages)
+        return triton.Config(d, num_warps=w, num_stages=s)
+
+    if is_interpreter():
+        return [make(interpreter)]
+    return [make(d) for d in gpu]
+
+
+def poison_outputs() -> bool:
+    """True when ``LONGATTN_POISON_OUTPUTS=1``: fresh kernel outputs are then filled with NaN (floats) or
+    the most negative value (integers) before the kernel runs, so any element a kernel forgets to write
+    shows up in tests instead of passing by luck with whatever memory held."""
+    return os.environ.get("LONGATTN_POISON_OUTPUTS", "0") == "1"
+
+
+def empty(*shape, device, dtype) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (poisoned when :func:`poison_outputs`)."""
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    if poison_outputs():
+        t.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
+    return t
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    return empty(t.shape, device=t.device, dtype=t.dtype)
+
+
+def kernel_inputs(*tensors: Optional[torch.Tensor]):
+    """Tensors as the kernels should see them.
+
+    Under the interpreter ``tl.dot`` on bfloat16 multiplies raw bits, so bfloat16 tensors are upcast
+    to float32 there (callers cast results back to the input dtype). On a GPU this is the identity.
+    """
+    if not is_interpreter():
+        return tensors
+    return tuple(t.float() if (t is not None and t.dtype == torch.bfloat16) else t for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def check_tensor(x, name: str, *, ndim: Optional[int | Sequence[int]] = None,
+                 dtypes: Optional[Sequence[torch.dtype]] = SUPPORTED_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+
+
+def check_device(tensors: dict) -> torch.device:
+    """All tensors on one device, and a device the kernels can run on."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for n, d in devices.items():
+        if d != first:
+            raise ValueError(f"{n} is on {d} but {first_name} is on {first}: all inputs must share a device")
+    if first.type != "cuda" and not is_interpreter():
+        raise ValueError(
+            f"{first_name} is on {first}: longattn kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")
+    return first
+
+
+def check_same_dtype(tensors: dict) -> torch.dtype:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but {first_name} has {first.dtype}: they must match")
+    return first.dtype
+
+
+def check_cu_seqlens(cu: torch.Tensor, total: int, name: str = "cu_seqlens") -> list[int]:
+    """Validate a ``cu_seqlens`` tensor and return it as a Python list.
+
+    Requirements: int32, 1-D with at least 2 entries, starts at 0, non-decreasing, last == ``total``.
+    """
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype int32, got {str(cu.dtype).replace('torch.', '')}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with N+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    for i in range(1, len(vals)):
+        if vals[i] < vals[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}]={vals[i]} < {name}[{i-1}]={vals[i-1]}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of tokens ({total}), got {vals[-1]}")
+    return vals
+
+
+def check_scale(scale, default: float) -> float:
+    if scale is None:
+        return float(default)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0.0) or scale == float("inf"):
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+    return scale
+
+
+def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: int = 1):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass
+class AttnDims:
+    """Sizes of a (q, k, v) attention problem after validation.
+
+    Dense inputs have ``batch`` sequences of ``max_seqlen_q``/``max_seqlen_k`` tokens; varlen inputs
+    hold ``batch`` packed sequences described by ``cu_seqlens_q``/``cu_seqlens_k``.
+    """
+    varlen: bool
+    batch: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    dim_qk: int
+    dim_v: int
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    seqlens_q: Optional[list] = None  # host copies of the varlen lengths
+    seqlens_k: Optional[list] = None
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
+def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                           max_seqlen_k=None, v_name: str = "v") -> AttnDims:
+    """Validate q/k/v in the dense ``(B, T, H, D)`` or varlen ``(total, H, D)`` layout.
+
+    ``max_seqlen_*`` are optional; when given they must be at least the longest sequence.
+    """
+    check_tensor(q, "q", ndim=(3, 4))
+    check_tensor(k, "k", ndim=(3, 4))
+    check_tensor(v, v_name, ndim=(3, 4))
+    check_same_dtype({"q": q, "k": k, v_name: v})
+    check_device({"q": q, "k": k, v_name: v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    want = 3 if varlen else 4
+    layout = "(total_tokens, heads, head_dim) with cu_seqlens" if varlen else "(batch, seqlen, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), (v_name, v)):
+        if t.dim() != want:
+            raise ValueError(f"{name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and {v_name} must agree on all but the last dimension, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hq == 0 or hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of query heads ({hq}) must be a positive multiple of the number of "
+                         f"key/value heads ({hkv})")
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk == 0 or dv == 0:
+        raise ValueError(f"head dims must be positive, got q/k {dqk} and {v_name} {dv}")
+    if max(dqk, dv) > 1024:
+        raise ValueError(f"head dims above 1024 are not supported, got q/k {dqk} and {v_name} {dv}")
+    if not varlen:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if val is not None:
+                raise ValueError(f"{name} is only meaningful with cu_seqlens (varlen layout)")
+        return AttnDims(False, q.shape[0], q.shape[1], k.shape[1], hq, hkv, dqk, dv)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k (or a shared cu_seqlens)")
+    cq = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    ck = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {len(cq) - 1} and {len(ck) - 1}")
+    lq = [b - a for a, b in zip(cq[:-1], cq[1:])]
+    lk = [b - a for a, b in zip(ck[:-1], ck[1:])]
+    mq, mk = max(lq), max(lk)
+    for name, val, actual in (("max_seqlen_q", max_seqlen_q, mq), ("max_seqlen_k", max_seqlen_k, mk)):
+        if val is not None:
+            check_positive_int(val, name, minimum=0)
+            if val < actual:
+                raise ValueError(f"{name}={val} is smaller than the longest sequence ({actual})")
+    return AttnDims(True, len(cq) - 1, mq, mk, hq, hkv, dqk, dv, cu_seqlens_q, cu_seqlens_k, lq, lk)

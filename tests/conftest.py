@@ -1,0 +1,45 @@
+"""Test harness.
+
+Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET is
+set here, before anything imports triton (the kernels' @triton.jit decorators read it). Kernel outputs
+are poisoned with NaN before every launch (LONGATTN_POISON_OUTPUTS), so unwritten elements fail.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["LONGATTN_POISON_OUTPUTS"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The interpreter's tl.dot multiplies the raw bits of bfloat16: bf16 is tested on the GPU only.
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc):
+    if "dtype" in metafunc.fixturenames and not any(
+            m.name == "parametrize" and "dtype" in m.args[0] for m in metafunc.definition.iter_markers()):
+        metafunc.parametrize("dtype", DTYPES, ids=[str(d).replace("torch.", "") for d in DTYPES])
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,32 @@
+"""Comparison helpers shared by the tests."""
+import torch
+
+# relative-norm tolerances: interpreter fp32 / fp16, GPU bf16 (and fp32 on GPU, which uses true fp32 dots)
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-12)).item()
+
+
+def assert_close(actual, expected, dtype, name="", factor=1.0):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten or NaN)"
+    err = rel_err(actual, expected)
+    tol = TOL[dtype] * factor
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
+
+
+def assert_lse_close(actual, expected, atol=1e-3):
+    """lse: same -inf pattern, and close where finite."""
+    assert actual.shape == expected.shape
+    assert not torch.isnan(actual).any(), "lse has NaN (unwritten elements?)"
+    inf_a, inf_e = torch.isinf(actual), torch.isinf(expected)
+    assert torch.equal(inf_a, inf_e), "lse -inf pattern differs"
+    diff = (actual[~inf_a] - expected[~inf_e]).abs()
+    assert diff.numel() == 0 or diff.max().item() <= atol, f"lse max abs error {diff.max().item():.3g}"
+
+
+def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)

@@ -1,0 +1,120 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+from longattn import flash_attention, merge_attention
+
+
+def qkv(device, B=1, T=8, Hq=4, Hkv=2, D=16, dtype=torch.float32):
+    return (torch.randn(B, T, Hq, D, device=device, dtype=dtype), torch.randn(B, T, Hkv, D, device=device, dtype=dtype),
+            torch.randn(B, T, Hkv, D, device=device, dtype=dtype))
+
+
+def test_wrong_rank(device):
+    q, k, v = qkv(device)
+    with pytest.raises(ValueError, match="q must have 3 or 4 dimensions"):
+        flash_attention(q[0, 0], k, v)
+    with pytest.raises(ValueError, match="k must be 4-D"):
+        flash_attention(q, k[0], v)
+
+
+def test_not_a_tensor(device):
+    q, k, v = qkv(device)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        flash_attention(q, k, v.tolist())
+
+
+def test_dtype_mismatch_and_unsupported(device):
+    q, k, v = qkv(device)
+    with pytest.raises(TypeError, match="k has dtype torch.float16 but q has torch.float32"):
+        flash_attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="q must have dtype in"):
+        flash_attention(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="q must have dtype in"):
+        flash_attention(q.int(), k.int(), v.int())
+
+
+def test_device_mismatch(device):
+    q, k, v = qkv(device)
+    with pytest.raises(ValueError, match="k is on meta but q is on"):
+        flash_attention(q, k.to("meta"), v)
+
+
+def test_heads_not_divisible(device):
+    q, k, v = qkv(device, Hq=3, Hkv=2)
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a positive multiple of the number of key/value heads \(2\)"):
+        flash_attention(q, k, v)
+
+
+def test_shape_mismatches(device):
+    q, k, v = qkv(device)
+    with pytest.raises(ValueError, match="q and k must have the same head dim"):
+        flash_attention(q[..., :8], k, v)
+    with pytest.raises(ValueError, match="k and v must agree"):
+        flash_attention(q, k, v[:, :5])
+    with pytest.raises(ValueError, match="same batch size"):
+        flash_attention(torch.cat([q, q]), k, v)
+
+
+def _varlen(device, total=10):
+    return (torch.randn(total, 2, 16, device=device), torch.randn(total, 2, 16, device=device),
+            torch.randn(total, 2, 16, device=device))
+
+
+@pytest.mark.parametrize("cu,err,match", [
+    (torch.tensor([0, 4, 10], dtype=torch.int64), TypeError, "cu_seqlens_q must have dtype int32"),
+    (torch.tensor([1, 4, 10], dtype=torch.int32), ValueError, "must start at 0"),
+    (torch.tensor([0, 6, 4, 10], dtype=torch.int32), ValueError, "must be non-decreasing"),
+    (torch.tensor([0, 4, 9], dtype=torch.int32), ValueError, r"cu_seqlens_q\[-1\] must equal the number of tokens \(10\)"),
+    (torch.tensor([[0, 4, 10]], dtype=torch.int32), ValueError, "must be 1-D"),
+    (torch.tensor([0], dtype=torch.int32), ValueError, "must be 1-D with N\\+1 >= 2"),
+], ids=["int64", "start", "decreasing", "last", "2d", "short"])
+def test_bad_cu_seqlens(cu, err, match, device):
+    q, k, v = _varlen(device)
+    with pytest.raises(err, match=match):
+        flash_attention(q, k, v, cu_seqlens=cu.to(device))
+
+
+def test_varlen_misc(device):
+    q, k, v = _varlen(device)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        flash_attention(q[None], k, v, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="max_seqlen_q=3 is smaller than the longest sequence"):
+        flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match="either cu_seqlens or cu_seqlens_q"):
+        flash_attention(q, k, v, cu_seqlens=cu, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="need both cu_seqlens_q and cu_seqlens_k"):
+        flash_attention(q, k, v, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="same number of sequences"):
+        flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32, device=device))
+    qd, kd, vd = qkv(device)
+    with pytest.raises(ValueError, match="max_seqlen_q is only meaningful with cu_seqlens"):
+        flash_attention(qd, kd, vd, max_seqlen_q=8)
+
+
+def test_bad_options(device):
+    q, k, v = qkv(device)
+    with pytest.raises(ValueError, match="window requires causal=True"):
+        flash_attention(q, k, v, causal=False, window=4)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        flash_attention(q, k, v, window=0)
+    with pytest.raises(TypeError, match="window must be an int"):
+        flash_attention(q, k, v, window=2.5)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        flash_attention(q, k, v, scale=-1.0)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attention(q, k, v, causal=1)
+
+
+def test_merge_bad_input(device):
+    o = torch.randn(2, 1, 5, 2, 8, device=device)
+    l = torch.randn(2, 1, 2, 5, device=device)
+    with pytest.raises(ValueError, match="lses must have shape"):
+        merge_attention(o, l.transpose(-1, -2))
+    with pytest.raises(TypeError, match="lses must have dtype in \\(float32\\)"):
+        merge_attention(o, l.half())
+    with pytest.raises(ValueError, match="same positive number of parts"):
+        merge_attention(o, l[:1])
+    with pytest.raises(ValueError, match="outs must hold at least one"):
+        merge_attention([], [])

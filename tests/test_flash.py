@@ -1,0 +1,162 @@
+"""Dense flash attention: Triton forward/backward against the torch reference."""
+import pytest
+import torch
+
+from longattn import flash_attention
+from longattn.kernels.reference import attention_ref
+from helpers import assert_close, assert_lse_close, leaf
+
+
+def _run_and_compare(q, k, v, dtype, *, causal=True, window=None, scale=None, with_lse_grad=True, **varlen):
+    """Forward (out, lse) and gradients (dq, dk, dv, through out and lse) vs the float32 reference."""
+    qk, kk, vk = leaf(q), leaf(k), leaf(v)
+    qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
+    out, lse = flash_attention(qk, kk, vk, causal=causal, window=window, scale=scale, return_lse=True, **varlen)
+    ref_kw = {}
+    if "cu_seqlens" in varlen:
+        ref_kw = dict(cu_seqlens_q=varlen["cu_seqlens"], cu_seqlens_k=varlen["cu_seqlens"])
+    elif "cu_seqlens_q" in varlen:
+        ref_kw = dict(cu_seqlens_q=varlen["cu_seqlens_q"], cu_seqlens_k=varlen["cu_seqlens_k"])
+    out_r, lse_r = attention_ref(qr, kr, vr, causal=causal, window=window, scale=scale, return_lse=True, **ref_kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out, out_r, dtype, "out")
+    assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
+
+    dout = torch.randn_like(out_r)
+    loss_k = (out.float() * dout).sum()
+    loss_r = (out_r * dout).sum()
+    if with_lse_grad:
+        dlse = torch.randn_like(lse_r).masked_fill(torch.isinf(lse_r), 0.0)
+        loss_k = loss_k + (lse.masked_fill(torch.isinf(lse), 0.0) * dlse).sum()
+        loss_r = loss_r + (lse_r.masked_fill(torch.isinf(lse_r), 0.0) * dlse).sum()
+    loss_k.backward()
+    loss_r.backward()
+    for name, a, b in (("dq", qk.grad, qr.grad), ("dk", kk.grad, kr.grad), ("dv", vk.grad, vr.grad)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, name)
+
+
+DENSE_CASES = [
+    # B, Tq, Tk, Hq, Hkv, Dqk, Dv, causal, window
+    (2, 100, 100, 4, 2, 64, 64, True, None),
+    (1, 257, 257, 4, 1, 64, 64, True, None),      # MQA, several blocks, ragged tail
+    (2, 17, 17, 2, 2, 128, 128, False, None),
+    (1, 1, 1, 2, 1, 64, 64, True, None),          # single token
+    (1, 130, 130, 4, 4, 48, 80, True, 40),        # window, non-power-of-two dims, dk != dv
+    (1, 96, 96, 2, 1, 192, 128, True, None),      # MLA-style 192/128
+    (1, 33, 33, 1, 1, 256, 256, True, 16),
+    (2, 1, 90, 4, 2, 64, 64, True, None),         # decode: one query at the end of the keys
+    (1, 37, 150, 8, 2, 32, 32, True, 50),         # chunked prefill with window
+    (1, 40, 23, 2, 1, 64, 32, True, None),        # Tq > Tk: the first rows see no key
+    (1, 50, 77, 2, 2, 16, 16, False, None),       # non-causal, Tq != Tk
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "B{}_Tq{}_Tk{}_H{}-{}_D{}-{}_{}_w{}".format(*c[:7], "c" if c[7] else "nc", c[8]))
+def test_flash_dense(case, dtype, device):
+    B, Tq, Tk, Hq, Hkv, Dqk, Dv, causal, window = case
+    q = torch.randn(B, Tq, Hq, Dqk, device=device, dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, Dqk, device=device, dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, Dv, device=device, dtype=dtype)
+    _run_and_compare(q, k, v, dtype, causal=causal, window=window)
+
+
+VARLEN_CASES = [
+    # q lengths, k lengths (None: same), Hq, Hkv, Dqk, Dv, causal, window
+    ([5, 0, 1, 100, 37], None, 4, 2, 64, 64, True, None),     # empty and length-1 sequences
+    ([64, 1, 70], None, 2, 1, 32, 48, True, 20),
+    ([30, 2, 0, 45], None, 4, 4, 64, 64, False, None),
+    ([1, 3, 20, 0], [50, 3, 90, 10], 4, 2, 64, 64, True, None),   # Tq < Tk per sequence; q-empty with keys
+    ([1, 8], [65, 40], 2, 1, 64, 64, True, 24),
+]
+
+
+def _cu(lengths, device):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"q{c[0]}_k{c[1]}_H{c[2]}-{c[3]}_{'c' if c[6] else 'nc'}_w{c[7]}")
+def test_flash_varlen(case, dtype, device):
+    lq, lk, Hq, Hkv, Dqk, Dv, causal, window = case
+    q = torch.randn(sum(lq), Hq, Dqk, device=device, dtype=dtype)
+    if lk is None:
+        k = torch.randn(sum(lq), Hkv, Dqk, device=device, dtype=dtype)
+        v = torch.randn(sum(lq), Hkv, Dv, device=device, dtype=dtype)
+        _run_and_compare(q, k, v, dtype, causal=causal, window=window, cu_seqlens=_cu(lq, device),
+                         max_seqlen=max(lq))
+    else:
+        k = torch.randn(sum(lk), Hkv, Dqk, device=device, dtype=dtype)
+        v = torch.randn(sum(lk), Hkv, Dv, device=device, dtype=dtype)
+        _run_and_compare(q, k, v, dtype, causal=causal, window=window, cu_seqlens_q=_cu(lq, device),
+                         cu_seqlens_k=_cu(lk, device))
+
+
+def test_varlen_matches_dense_per_sequence(device):
+    """Packing sequences must not change any sequence's result."""
+    lens = [33, 64, 7]
+    q = torch.randn(sum(lens), 4, 32, device=device)
+    k = torch.randn(sum(lens), 2, 32, device=device)
+    v = torch.randn(sum(lens), 2, 32, device=device)
+    out, lse = flash_attention(q, k, v, cu_seqlens=_cu(lens, device), return_lse=True)
+    start = 0
+    for n in lens:
+        o1, l1 = flash_attention(q[None, start:start + n], k[None, start:start + n], v[None, start:start + n],
+                                 return_lse=True)
+        torch.testing.assert_close(out[start:start + n], o1[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[:, start:start + n], l1[0], atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_custom_scale_and_strided_inputs(device):
+    """Inputs that are views with non-standard strides (heads-major storage) and a custom scale."""
+    B, T, H, D = 2, 70, 4, 64
+    qs = torch.randn(B, H, T, D, device=device, dtype=torch.float16)
+    q = qs.transpose(1, 2)  # (B, T, H, D) view
+    kv = torch.randn(B, T, 2, 2, D, device=device, dtype=torch.float16)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    _run_and_compare(q, k, v, torch.float16, causal=True, scale=0.05)
+
+
+def test_rows_without_keys_are_zero(device):
+    q = torch.randn(1, 10, 2, 16, device=device)
+    k = torch.randn(1, 4, 2, 16, device=device)
+    v = torch.randn(1, 4, 2, 16, device=device)
+    q.requires_grad_(True)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :6] == 0) and torch.all(torch.isneginf(lse[:, :, :6]))
+    assert torch.isfinite(lse[:, :, 6:]).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :6] == 0) and torch.isfinite(q.grad).all()
+
+
+def test_window_at_least_seqlen_equals_causal(device):
+    q, k, v = (torch.randn(1, 90, 2, 32, device=device) for _ in range(3))
+    torch.testing.assert_close(flash_attention(q, k, v, window=90), flash_attention(q, k, v), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flash_attention(q, k, v, window=1000), flash_attention(q, k, v), atol=1e-6, rtol=0)
+
+
+def test_bfloat16_is_correct_on_every_backend(device):
+    """bfloat16 must give the right answer everywhere (the interpreter path computes it in float32)."""
+    q, k, v = (torch.randn(1, 45, 2, 32, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out = flash_attention(q, k, v)
+    ref = attention_ref(q.float(), k.float(), v.float())
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16, "out")
+
+
+def test_empty_inputs(device):
+    q = torch.randn(2, 0, 2, 16, device=device)
+    out, lse = flash_attention(q, q, q, return_lse=True)
+    assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,Hq,Hkv,D,window", [(1024, 8, 2, 128, None), (2048, 16, 16, 64, 256),
+                                                 (777, 4, 1, 192, None)])
+def test_flash_gpu_large(T, Hq, Hkv, D, window, dtype):
+    q = torch.randn(2, T, Hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(2, T, Hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(2, T, Hkv, min(D, 128), device="cuda", dtype=dtype)
+    _run_and_compare(q, k, v, dtype, causal=True, window=window)

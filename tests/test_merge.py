@@ -64,6 +64,15 @@ def test_merge_gradients(n, shape, dtype, device):
     assert_close(lk.grad, lrf.grad, torch.float32 if dtype == torch.float32 else dtype, "d_lses")
 
 
+def test_empty_part_output_is_ignored(device):
+    """A part with lse = -inf may hold anything (even NaN) in its output: it must not leak."""
+    outs, lses = _random_parts(2, (1, 12, 2, 16), device, torch.float32)
+    outs[0, :, :5] = float("nan")  # rows where part 0 has lse = -inf
+    out, lse = merge_attention(outs, lses)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :5], outs[1, :, :5].masked_fill(torch.isinf(lses[1, :, :, :5]).transpose(-1, -2)[..., None], 0))
+
+
 def test_merge_gradient_with_empty_parts_is_finite(device):
     outs, lses = _random_parts(2, (1, 12, 2, 16), device, torch.float32)
     ok, lk = leaf(outs), leaf(lses)

@@ -123,23 +123,30 @@ _FWD_CONFIGS = autotune_configs(
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
     ],
     dict(BLOCK_M=32, BLOCK_N=32),
 )
 
+SMEM_BUDGET = 160 * 1024  # bytes; Hopper has 227 KB per block, leave room for the compiler's own buffers
 
-def _prune_by_dim(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit in shared memory for large head dims."""
-    d = max(named_args["BLOCK_DQK"], named_args["BLOCK_DV"])
-    keep = [c for c in configs if d <= 128 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)]
-    if d > 256:
-        keep = [c for c in keep if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32] or keep[-1:]
-    return keep or configs[-1:]
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    """Drop tiles whose operand buffers cannot fit in shared memory (large head dims, float32)."""
+    args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+    elem = args["Q"].element_size()
+    d = args["BLOCK_DQK"] + args["BLOCK_DV"]
+
+    def smem(c):
+        return elem * d * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"] * max(c.num_stages, 1))
+
+    keep = [c for c in configs if smem(c) <= SMEM_BUDGET]
+    return keep or [min(configs, key=smem)]
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_dim})
+                 prune_configs_by={"early_config_prune": _prune_by_smem})
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -276,6 +283,7 @@ _BWD_CONFIGS = autotune_configs(
         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
     ],
     dict(BLOCK_M=32, BLOCK_N=32),
 )
@@ -283,7 +291,7 @@ _BWD_CONFIGS = autotune_configs(
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_dim})
+                 prune_configs_by={"early_config_prune": _prune_by_smem})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -380,7 +388,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_v
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_dim})
+                 prune_configs_by={"early_config_prune": _prune_by_smem})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,

@@ -41,7 +41,8 @@ def _merge_fwd_kernel(O_in, LSE_in, O, LSE, n_parts, seqlen,
     O_ptr = O_in + b * s_in_b + h * s_in_h + t64[:, None] * s_in_t + offs_d[None, :]
     for _ in range(0, n_parts):
         w = tl.exp(tl.load(L_ptr, mask=in_t, other=float("-inf")) - m_use)
-        acc += w[:, None] * tl.load(O_ptr, mask=msk, other=0.0).to(tl.float32)
+        o_n = tl.load(O_ptr, mask=msk, other=0.0).to(tl.float32)
+        acc += tl.where(w[:, None] > 0.0, w[:, None] * o_n, 0.0)  # an empty part's output is never read
         total += w
         L_ptr += s_lin_n
         O_ptr += s_in_n
@@ -81,6 +82,7 @@ def _merge_bwd_kernel(O_in, LSE_in, O, LSE, DO, DLSE, DO_in, DLSE_in, n_parts, s
         w = tl.exp(tl.load(L_ptr, mask=in_t, other=float("-inf")) - lse_use)
         o_n = tl.load(O_ptr, mask=msk, other=0.0).to(tl.float32)
         tl.store(DO_ptr, (w[:, None] * do).to(DO_in.dtype.element_ty), mask=msk)
+        o_n = tl.where(w[:, None] > 0.0, o_n, 0.0)
         tl.store(DL_ptr, w * (tl.sum(do * (o_n - o), 1) + dlse), mask=in_t)
         L_ptr += s_lin_n
         DL_ptr += s_lin_n
@@ -159,7 +161,7 @@ def merge_attention(outs: TensorOrList, lses: TensorOrList):
             stacked in one tensor ``(N, ...)`` (stacking avoids a copy); float16, bfloat16 or float32.
         lses: the matching float32 natural-log log-sum-exps, each ``(B, H, T)`` or ``(H, total)``
             (as returned by ``flash_attention(..., return_lse=True)``), list or stacked ``(N, ...)``.
-            A part with ``lse = -inf`` (no visible key) contributes nothing.
+            A part with ``lse = -inf`` (no visible key) contributes nothing, whatever its output holds.
 
     Returns:
         ``(out, lse)``: out in the dtype of ``outs``, lse float32; rows where every part is empty give

@@ -1,0 +1,90 @@
+"""Compile longattn's Triton kernels for a CUDA target (sm_90) on a machine without a GPU.
+
+The interpreter that runs the CPU tests never lowers a kernel to GPU code, so errors that only the
+compiler sees (types, layouts, shared-memory use) would otherwise wait for a GPU. Run as a script
+(`python tests/cuda_compile.py [name-filter]`); it must not run with TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
+
+
+def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_warps=4, num_stages=2, arch=90):
+    fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
+    sig = {}
+    for n in fn.arg_names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = pointers[n]
+        elif n in floats:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn, sig, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _flash_cases():
+    from longattn.kernels import flash as F
+    from longattn.kernels import merge as M
+
+    cases = []
+    for dt, causal, window, varlen, dqk, dv in (("bf16", True, False, True, 128, 128),
+                                                ("fp16", True, True, False, 192, 128),
+                                                ("fp32", False, False, False, 64, 64)):
+        ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")}
+        ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
+        ptr.update({"CU_Q": "*i32", "CU_K": "*i32"})
+        bd = lambda d: max(16, triton.next_power_of_2(d))
+        meta = dict(DQK=dqk, DV=dv, BLOCK_DQK=bd(dqk), BLOCK_DV=bd(dv), IS_VARLEN=varlen, CAUSAL=causal,
+                    HAS_WINDOW=window, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64,
+                    BLOCK_N=64 if dt != "fp32" else 32)
+        tag = f"{dt}-d{dqk}/{dv}-{'causal' if causal else 'full'}{'-window' if window else ''}{'-varlen' if varlen else ''}"
+        for kern in (F._flash_fwd_kernel, F._flash_bwd_dkdv_kernel, F._flash_bwd_dq_kernel):
+            cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta), ("qk_scale", "scale")))
+        cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,
+                      dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
+        mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",
+                "LSE": "*fp32", "DLSE": "*fp32", "DLSE_in": "*fp32"}
+        cases.append((f"_merge_fwd_kernel[{dt}]", M._merge_fwd_kernel, mptr, dict(D=dv, BLOCK_D=bd(dv), BLOCK_T=64), ()))
+        cases.append((f"_merge_bwd_kernel[{dt}]", M._merge_bwd_kernel, mptr,
+                      dict(D=dv, BLOCK_D=bd(dv), HAS_DLSE=True, BLOCK_T=64), ()))
+    return cases
+
+
+CASE_BUILDERS = [_flash_cases]
+
+
+def main(argv) -> int:
+    pattern = argv[1] if len(argv) > 1 else ""
+    failures = 0
+    for build in CASE_BUILDERS:
+        for name, kern, ptr, meta, floats in build():
+            if pattern not in name:
+                continue
+            t = time.time()
+            try:
+                k = compile_kernel(kern, ptr, meta, floats)
+                smem = k.metadata.shared
+                status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
+            except Exception as e:  # report every failure, not only the first
+                status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            failures += status != "ok"
+            print(f"{name:60s} {time.time() - t:5.1f}s {status}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

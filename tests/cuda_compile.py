@@ -64,7 +64,30 @@ def _flash_cases():
     return cases
 
 
-CASE_BUILDERS = [_flash_cases]
+def _moba_cases():
+    from longattn.moba import kernels as K
+
+    cases = []
+    for dt, d, bs in (("bf16", 128, 64), ("fp32", 64, 64)):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "KMEAN", "OS", "DO", "DK", "DV_")}
+        ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32")})
+        ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN")})
+        ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM")})
+        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs)
+        floats = ("qk_scale", "scale")
+        cases += [
+            (f"_block_mean_kernel[{dt}]", K._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
+            (f"_moba_select_kernel[{dt}]", K._moba_select_kernel, ptr,
+             dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=64), ()),
+            (f"_moba_sparse_fwd_kernel[{dt}]", K._moba_sparse_fwd_kernel, ptr, dict(meta), floats),
+            (f"_moba_sparse_dkdv_kernel[{dt}]", K._moba_sparse_dkdv_kernel, ptr, dict(meta), floats),
+            (f"_moba_sparse_dq_kernel[{dt}]", K._moba_sparse_dq_kernel, ptr, dict(meta), floats),
+        ]
+    return cases
+
+
+CASE_BUILDERS = [_flash_cases, _moba_cases]
 
 
 def main(argv) -> int:

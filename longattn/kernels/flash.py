@@ -471,14 +471,16 @@ def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: tor
                 HAS_WINDOW=window is not None, PRECISION=_precision(dtype))
 
 
-def _flash_fwd(q, k, v, dims: AttnDims, causal, window, scale):
+def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None):
+    """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
+    a buffer of partial results); otherwise they are allocated. Returns (out, lse)."""
     varlen = dims.varlen
-    if varlen:
-        out = empty(q.shape[0], dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
-        lse = empty(dims.heads_q, q.shape[0], device=q.device, dtype=torch.float32)
-    else:
-        out = empty(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
-        lse = empty(dims.batch, dims.heads_q, dims.max_seqlen_q, device=q.device, dtype=torch.float32)
+    if out is None:
+        shape = (q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q)
+        out = empty(*shape, dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
+    if lse is None:
+        shape = (dims.heads_q, q.shape[0]) if varlen else (dims.batch, dims.heads_q, dims.max_seqlen_q)
+        lse = empty(*shape, device=q.device, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
@@ -492,15 +494,27 @@ def _flash_fwd(q, k, v, dims: AttnDims, causal, window, scale):
     return out, lse
 
 
-def _flash_bwd(do, q, k, v, out, lse, dlse, dims: AttnDims, causal, window, scale):
+def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
+    """delta = rowsum(dO * O) - dLSE, float32, in the layout of ``lse``."""
     varlen = dims.varlen
-    meta = _common_meta(dims, causal, window, q.dtype)
     delta = empty_like(lse)
+    if delta.numel() == 0:
+        return delta
+    block_dv = max(16, next_pow2(dims.dim_v))
     prep_block = 32 if is_interpreter() else 64
     _flash_bwd_prep_kernel[(triton.cdiv(dims.max_seqlen_q, prep_block), dims.heads_q, dims.batch)](
         out, do, dlse, delta, dims.cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
-        *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=meta["BLOCK_DV"],
+        *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=block_dv,
         IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=prep_block)
+    return delta
+
+
+def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float):
+    """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
+    given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
+    as when MoBA or NSA add other key sets to the same softmax)."""
+    varlen = dims.varlen
+    meta = _common_meta(dims, causal, window, q.dtype)
     dq = empty_like(q)
     dk = empty_like(k)
     dv = empty_like(v)
@@ -521,7 +535,7 @@ def _flash_bwd(do, q, k, v, out, lse, dlse, dims: AttnDims, causal, window, scal
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, dims, causal, window, scale):
-        out, lse = _flash_fwd(q, k, v, dims, causal, window, scale)
+        out, lse = flash_fwd(q, k, v, dims, causal, window, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.dims, ctx.causal, ctx.window, ctx.scale = dims, causal, window, scale
         return out, lse
@@ -537,7 +551,8 @@ class _FlashAttention(torch.autograd.Function):
             dlse = dlse.float().contiguous()
         if q.numel() == 0 or k.numel() == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
-        dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, dlse, dims, ctx.causal, ctx.window, ctx.scale)
+        delta = flash_bwd_delta(out, dout, lse, dlse, dims)
+        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, dims, ctx.causal, ctx.window, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 

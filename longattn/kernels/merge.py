@@ -112,27 +112,32 @@ def _block_t(d: int) -> int:
     return max(16, min(128, 8192 // next_pow2(d)))
 
 
+def merge_fwd(outs: torch.Tensor, lses: torch.Tensor):
+    """Merge launch on validated, stacked inputs: outs (N, B, T, H, D) or (N, total, H, D), lses
+    (N, B, H, T) or (N, H, total), both contiguous. Returns (out, lse)."""
+    B, T, H, D, s_in, s_lin = _views(outs, lses)
+    out = empty(outs.shape[1:], device=outs.device, dtype=outs.dtype)
+    lse = empty(lses.shape[1:], device=outs.device, dtype=torch.float32)
+    if out.numel() > 0:
+        so, sl = _out_strides(out, lse)
+        bt = _block_t(D)
+        _merge_fwd_kernel[(triton.cdiv(T, bt), H, B)](
+            outs, lses, out, lse, outs.shape[0], T, *s_in, *s_lin, *so, *sl,
+            D=D, BLOCK_D=next_pow2(D), BLOCK_T=bt)
+    return out, lse
+
+
 class _Merge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, outs, lses):
-        B, T, H, D = _views(outs, lses)[:4]
-        s_in, s_lin = _views(outs, lses)[4:]
-        out = empty(outs.shape[1:], device=outs.device, dtype=outs.dtype)
-        lse = empty(lses.shape[1:], device=outs.device, dtype=torch.float32)
-        if out.numel() > 0:
-            so, sl = _out_strides(out, lse)
-            bt = _block_t(D)
-            _merge_fwd_kernel[(triton.cdiv(T, bt), H, B)](
-                outs, lses, out, lse, outs.shape[0], T, *s_in, *s_lin, *so, *sl,
-                D=D, BLOCK_D=next_pow2(D), BLOCK_T=bt)
+        out, lse = merge_fwd(outs, lses)
         ctx.save_for_backward(outs, lses, out, lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         outs, lses, out, lse = ctx.saved_tensors
-        B, T, H, D = _views(outs, lses)[:4]
-        s_in, s_lin = _views(outs, lses)[4:]
+        B, T, H, D, s_in, s_lin = _views(outs, lses)
         if dout is None:
             dout = torch.zeros_like(out)
         dout = dout.to(out.dtype).contiguous()

@@ -1,0 +1,118 @@
+"""MoBA: Triton gate/top-k and block-sparse attention against the torch reference."""
+import pytest
+import torch
+
+from longattn import flash_attention
+from longattn.moba import moba_attention, moba_attention_ref, moba_block_selection, moba_block_selection_ref
+from helpers import assert_close, assert_lse_close, leaf
+
+
+def _cu(lengths, device):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device)
+
+
+def _check(q, k, v, dtype, *, block_size, topk, with_lse=True, **varlen):
+    """Selection, forward, lse and gradients vs the reference (selection taken from the same inputs)."""
+    ref_cu = {}
+    if "cu_seqlens" in varlen:
+        ref_cu = dict(cu_seqlens_q=varlen["cu_seqlens"], cu_seqlens_k=varlen["cu_seqlens"])
+    elif varlen:
+        ref_cu = dict(cu_seqlens_q=varlen["cu_seqlens_q"], cu_seqlens_k=varlen["cu_seqlens_k"])
+    sel_ref = moba_block_selection_ref(q, k, block_size=block_size, topk=topk, **ref_cu)
+    sel = moba_block_selection(q, k, block_size=block_size, topk=topk, **varlen)
+    assert torch.equal(sel, sel_ref), "block selection differs from the reference"
+
+    qk, kk, vk = leaf(q), leaf(k), leaf(v)
+    qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
+    out, lse = moba_attention(qk, kk, vk, block_size=block_size, topk=topk, return_lse=True, **varlen)
+    out_r, lse_r = moba_attention_ref(qr, kr, vr, block_size=block_size, topk=topk, return_lse=True,
+                                      selection=sel_ref, **ref_cu)
+    assert out.dtype == dtype
+    assert_close(out, out_r, dtype, "out")
+    assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
+    dout = torch.randn_like(out_r)
+    loss, loss_r = (out.float() * dout).sum(), (out_r * dout).sum()
+    if with_lse:
+        dlse = torch.randn_like(lse_r)
+        loss, loss_r = loss + (lse * dlse).sum(), loss_r + (lse_r * dlse).sum()
+    loss.backward()
+    loss_r.backward()
+    for name, a, b in (("dq", qk.grad, qr.grad), ("dk", kk.grad, kr.grad), ("dv", vk.grad, vr.grad)):
+        assert_close(a, b, dtype, name)
+
+
+DENSE = [
+    # B, Tq, Tk, Hq, Hkv, D, Dv, block_size, topk
+    (2, 100, 100, 4, 2, 32, 32, 16, 3),      # ragged last block, GQA 2
+    (1, 257, 257, 4, 1, 64, 64, 32, 4),      # MQA, several blocks, ragged
+    (1, 200, 200, 2, 2, 32, 48, 16, 1),      # topk 1: own block only (dv != dqk)
+    (1, 150, 150, 4, 1, 16, 16, 16, 9),      # many blocks, topk 9 (GQA 4)
+    (2, 1, 150, 4, 2, 32, 32, 16, 3),        # decode: one query at the end of a cache
+    (1, 37, 300, 4, 4, 32, 32, 64, 3),       # chunked prefill, query chunk spanning two blocks
+]
+
+
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: "B{}_Tq{}_Tk{}_H{}-{}_D{}-{}_bs{}_k{}".format(*c))
+def test_moba_dense(case, dtype, device):
+    B, Tq, Tk, Hq, Hkv, D, Dv, bs, topk = case
+    q = torch.randn(B, Tq, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, Dv, device=device, dtype=dtype)
+    _check(q, k, v, dtype, block_size=bs, topk=topk)
+
+
+@pytest.mark.parametrize("lq,lk", [([70, 1, 0, 120], None), ([5, 1, 64], [90, 33, 64])], ids=["same", "q<k"])
+def test_moba_varlen(lq, lk, dtype, device):
+    Hq, Hkv, D = 4, 2, 32
+    q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype)
+    n_k = sum(lk or lq)
+    k = torch.randn(n_k, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(n_k, Hkv, D, device=device, dtype=dtype)
+    if lk is None:
+        _check(q, k, v, dtype, block_size=16, topk=3, cu_seqlens=_cu(lq, device))
+    else:
+        _check(q, k, v, dtype, block_size=16, topk=3, cu_seqlens_q=_cu(lq, device), cu_seqlens_k=_cu(lk, device))
+
+
+@pytest.mark.parametrize("T,bs", [(130, 32), (64, 64)])
+def test_topk_at_least_blocks_is_dense_causal(T, bs, device):
+    q = torch.randn(2, T, 4, 32, device=device)
+    k = torch.randn(2, T, 2, 32, device=device)
+    v = torch.randn(2, T, 2, 32, device=device)
+    n_blocks = -(-T // bs)
+    out = moba_attention(q, k, v, block_size=bs, topk=n_blocks)
+    dense = flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(moba_attention(q, k, v, block_size=bs, topk=1000), dense, atol=2e-5, rtol=1e-4)
+
+
+def test_selection_ties_go_to_lower_block(device):
+    """Identical key blocks give identical gate scores: the lower block index must win."""
+    bs, T = 16, 96
+    # small integers: means and dot products are exact, so the tie is exact in any summation order
+    k = torch.randint(-3, 4, (1, 1, 1, 16), device=device).float().repeat(1, T, 1, 1)
+    q = torch.randint(-3, 4, (1, T, 2, 16), device=device).float()
+    sel = moba_block_selection(q, k, block_size=bs, topk=3)
+    sel_ref = moba_block_selection_ref(q, k, block_size=bs, topk=3)
+    assert torch.equal(sel, sel_ref)
+    last = sel[0, -1, 0].tolist()  # query in block 5: own block 5 and the two lowest earlier blocks
+    assert last == [0, 1, 5]
+
+
+def test_bad_arguments(device):
+    q = torch.randn(1, 32, 2, 16, device=device)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        moba_attention(q, q, q, block_size=48)
+    with pytest.raises(ValueError, match="block_size must be >= 16"):
+        moba_attention(q, q, q, block_size=8)
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        moba_attention(q, q, q, block_size=16, topk=0)
+    with pytest.raises(TypeError, match="topk must be an int"):
+        moba_attention(q, q, q, block_size=16, topk=2.0)
+    with pytest.raises(ValueError, match="only 8 keys"):
+        moba_attention(q, q[:, :8], q[:, :8], block_size=16)
+    long_k = torch.randn(1, 16 * 80, 2, 16, device=device)
+    with pytest.raises(ValueError, match="topk must be at most 64"):
+        moba_attention(q, long_k, long_k, block_size=16, topk=70)

@@ -12,6 +12,13 @@ if "TRITON_INTERPRET" not in _os.environ:
         _os.environ["TRITON_INTERPRET"] = "1"
 
 from .kernels import flash_attention, merge_attention  # noqa: E402
+from .moba import moba_attention  # noqa: E402
+from . import hf  # noqa: E402
+
+try:
+    hf.register()
+except ImportError:  # transformers missing or too old: the kernels still work
+    pass
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "merge_attention", "__version__"]
+__all__ = ["flash_attention", "merge_attention", "moba_attention", "hf", "__version__"]

@@ -1,0 +1,117 @@
+"""Attention functions for transformers' ``AttentionInterface``: ``"moba"`` and ``"longattn"``.
+
+transformers calls them with q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` (the cache already appended)
+and expects ``(B, Tq, Hq, D)`` back. Padding masks (left or right) are handled by unpadding to the varlen
+layout; a batch of one packed sequence (position_ids restarting at 0, no mask) runs through the varlen
+path with one sequence per segment.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.flash import flash_attention
+from ..moba.ops import moba_attention
+
+MOBA_DEFAULT_BLOCK_SIZE = 512
+MOBA_DEFAULT_TOPK = 3
+
+
+def packed_cu_seqlens(position_ids: Optional[torch.Tensor], q_len: int, kv_len: int):
+    """cu_seqlens (int32) of a single row of packed sequences whose position_ids restart at 0, else None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or q_len != kv_len:
+        return None
+    pos = position_ids[0]
+    if pos.numel() != q_len or q_len < 2:
+        return None
+    starts = torch.nonzero(pos == 0).flatten()
+    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0].item() == 0):
+        return None  # one ordinary sequence
+    if starts.numel() == 0 or starts[0].item() != 0:
+        raise ValueError("packed position_ids must start every sequence at 0, including the first")
+    cu = torch.cat([starts, torch.tensor([q_len], device=pos.device)]).to(torch.int32)
+    return cu
+
+
+def _unpad(mask: torch.Tensor, q_len: int):
+    """Row indices and cu_seqlens of the real tokens of a (B, kv_len) padding mask, for keys and queries.
+
+    Every row's real tokens must be contiguous, and the queries (the last q_len positions) must end where
+    the keys end, so that query i still sits at key position Tk - Tq + i after unpadding.
+    """
+    mask = mask.bool()
+    kv_len = mask.shape[1]
+    pos = torch.arange(kv_len, device=mask.device)
+    n_real = mask.sum(1)
+    first = torch.where(mask, pos, kv_len).min(1).values
+    last = torch.where(mask, pos, -1).max(1).values
+    qmask = mask[:, kv_len - q_len:]
+    holes = (n_real > 0) & (last - first + 1 != n_real)
+    if holes.any():
+        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right "
+                         "padding); masks with holes are not supported by longattn's attention")
+    n_q = qmask.sum(1)
+    if ((n_q > 0) & (last != kv_len - 1) & (q_len != kv_len)).any():
+        raise ValueError("with a cache, the new tokens must be the last real tokens of every row (use left "
+                         "padding for generation)")
+    cu_k = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+    cu_k[1:] = n_real.cumsum(0)
+    cu_q = torch.zeros_like(cu_k)
+    cu_q[1:] = n_q.cumsum(0)
+    return qmask, cu_q, cu_k
+
+
+def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, T, H, D)
+    if kind == "moba":
+        cfg = getattr(module, "config", None)
+        opts = dict(block_size=getattr(cfg, "moba_block_size", MOBA_DEFAULT_BLOCK_SIZE),
+                    topk=getattr(cfg, "moba_topk", MOBA_DEFAULT_TOPK))
+        op = moba_attention
+    else:
+        window = kwargs.get("sliding_window")
+        opts = dict(window=int(window) if window else None)
+        op = flash_attention
+    B, q_len = q.shape[0], q.shape[1]
+    kv_len = k.shape[1]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
+                         f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
+    if attention_mask is not None and bool(attention_mask.all()) and attention_mask.shape[1] == kv_len:
+        attention_mask = None
+    if attention_mask is None:
+        cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len)
+        if cu is None:
+            return op(q, k, v, scale=scaling, **opts)
+        return op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts)[None]
+    qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
+    kmask = attention_mask[:, -kv_len:].bool()
+    out_p = op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts)
+    out = out_p.new_zeros(B, q_len, *out_p.shape[1:])
+    out[qmask] = out_p
+    return out
+
+
+def _check(module, dropout, kwargs):
+    if dropout:
+        raise ValueError("longattn attention does not support attention dropout (got dropout > 0)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("longattn attention does not support softcap")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise ValueError("longattn's HF attention functions are causal (decoder) attention only")
+
+
+def moba_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: Optional[float] = None, **kwargs):
+    """transformers attention function for ``attn_implementation="moba"``; block size and top-k come from
+    ``config.moba_block_size`` / ``config.moba_topk`` (defaults 512 / 3)."""
+    _check(module, dropout, kwargs)
+    return _run("moba", module, query, key, value, attention_mask, scaling, kwargs), None
+
+
+def flash_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: Optional[float] = None, **kwargs):
+    """transformers attention function for ``attn_implementation="longattn"`` (honours sliding_window)."""
+    _check(module, dropout, kwargs)
+    return _run("flash", module, query, key, value, attention_mask, scaling, kwargs), None

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flash
+from . import flash, moba
 from .common import NoCudaError
 
-SUITES = {"flash": flash}
+SUITES = {"flash": flash, "moba": moba}
 
 
 def main(argv=None) -> int:

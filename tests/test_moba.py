@@ -116,3 +116,22 @@ def test_bad_arguments(device):
     long_k = torch.randn(1, 16 * 80, 2, 16, device=device)
     with pytest.raises(ValueError, match="topk must be at most 64"):
         moba_attention(q, long_k, long_k, block_size=16, topk=70)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,bs,topk", [(2048, 64, 4), (1500, 128, 3), (4096, 512, 3)])
+def test_moba_gpu_large(T, bs, topk, dtype):
+    q = torch.randn(1, T, 8, 128, device="cuda", dtype=dtype)
+    k = torch.randn(1, T, 2, 128, device="cuda", dtype=dtype)
+    v = torch.randn(1, T, 2, 128, device="cuda", dtype=dtype)
+    _check(q, k, v, dtype, block_size=bs, topk=topk)
+
+
+@pytest.mark.gpu
+def test_moba_gpu_varlen_decode(dtype):
+    lk = [3000, 700, 64]
+    lq = [1, 1, 1]
+    q = torch.randn(sum(lq), 16, 64, device="cuda", dtype=dtype)
+    k = torch.randn(sum(lk), 4, 64, device="cuda", dtype=dtype)
+    v = torch.randn(sum(lk), 4, 64, device="cuda", dtype=dtype)
+    _check(q, k, v, dtype, block_size=64, topk=4, cu_seqlens_q=_cu(lq, "cuda"), cu_seqlens_k=_cu(lk, "cuda"))

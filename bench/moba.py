@@ -1,0 +1,126 @@
+"""MoBA: longattn end to end (gate + top-k + sparse attention + merge) vs dense SDPA flash and flex_attention."""
+from __future__ import annotations
+
+import argparse
+
+from .common import environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+
+COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
+           "x_flex", "peak_MB"]
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--seqlens", default="8k,32k,128k")
+    p.add_argument("--configs", default="512:3,4096:4", help="comma-separated block_size:topk pairs")
+    p.add_argument("--tokens", type=int, default=131072, help="batch size is max(1, tokens // T)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--flex-max-seqlen", type=int, default=32768,
+                   help="skip flex_attention above this T (building its BlockMask dominates the run)")
+    p.add_argument("--out", default=None)
+
+
+def _attended_pairs(sel, T, bs):
+    """Pairs attended by each (query, head) from the selection (B, T, H, topk): full earlier blocks plus
+    the causal part of the own block."""
+    import torch
+
+    pos = torch.arange(T, device=sel.device)
+    own = pos // bs
+    earlier = ((sel >= 0) & (sel != own[None, :, None, None])).sum(-1)  # (B, T, H)
+    return int((earlier * bs).sum() + ((pos - own * bs + 1)[None, :, None] * torch.ones_like(earlier)).sum())
+
+
+def _flex(q, k, v, sel, bs):
+    """flex_attention with the same per-(query, head) block selection as a mask_mod."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, H, _ = q.shape
+    nb = -(-T // bs)
+    chosen = torch.zeros(B, H, T, nb + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(3, sel.permute(0, 2, 1, 3).clamp(min=-1).masked_fill(sel.permute(0, 2, 1, 3) < 0, nb), True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & chosen[b, h, q_idx, kv_idx // bs]
+
+    block_mask = create_block_mask(mask_mod, B, H, T, T, device=q.device, _compile=True)
+    fn = torch.compile(flex_attention)
+    hq, hkv = q.shape[2], k.shape[2]
+
+    def run(q, k, v):
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                  enable_gqa=hq != hkv).transpose(1, 2)
+    return run
+
+
+def run(args, argv=None) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longattn import moba_attention
+    from longattn.moba import moba_block_selection
+
+    dev = require_cuda()
+    dtype = getattr(torch, args.dtype)
+    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c.strip()]
+    rows = []
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=hq != hkv).transpose(1, 2)
+
+    for T in parse_ints(args.seqlens):
+        B = max(1, args.tokens // T)
+        q = torch.randn(B, T, hq, d, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(B, T, hkv, d, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(B, T, hkv, d, device=dev, dtype=dtype, requires_grad=True)
+        do = torch.randn(B, T, hq, d, device=dev, dtype=dtype)
+        dense_pairs = T * (T + 1) // 2 * B * hq
+        for bs, topk in configs:
+            with torch.no_grad():
+                sel = moba_block_selection(q, k, block_size=bs, topk=topk)
+            pairs = _attended_pairs(sel, T, bs)
+            impls = {"longattn": lambda q, k, v, bs=bs, topk=topk: moba_attention(q, k, v, block_size=bs, topk=topk),
+                     "sdpa_flash": sdpa}
+            if T <= args.flex_max_seqlen:
+                try:
+                    impls["flex"] = _flex(q.detach(), k.detach(), v.detach(), sel, bs)
+                except Exception as e:
+                    print(f"  flex T={T} bs={bs}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            del sel
+            for mode in modes:
+                for name, fn in impls.items():
+                    p = dense_pairs if name == "sdpa_flash" else pairs
+                    flops = 4.0 * d * p * (1 if mode == "fwd" else 3.5)
+                    call = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else (lambda fn=fn: fn(q, k, v).backward(do))
+                    try:
+                        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                            ms = time_ms(call, grad_to_none=[q, k, v])
+                            mem = peak_memory_mb(call)
+                    except Exception as e:
+                        print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                        continue
+                    rows.append(dict(op="moba", impl=name, series=f"{name} bs{bs}/top{topk}", mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=d, block=bs,
+                                     topk=topk, density=pairs / dense_pairs, dtype=args.dtype, ms=ms,
+                                     **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem))
+                    print(f"  {name:10s} {mode:7s} T={T} bs={bs} topk={topk}: {ms:.3f} ms")
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    by = {(r["mode"], r["T"], r["block"], r["impl"]): r["ms"] for r in rows}
+    for r in rows:
+        if r["impl"] == "longattn":
+            for peer in ("sdpa_flash", "flex"):
+                ms = by.get((r["mode"], r["T"], r["block"], peer))
+                r[f"x_{peer}"] = ms / r["ms"] if ms else None
+    out = write_results("moba", rows, COLUMNS, environment(argv),
+                        plot=dict(x="T", y="ms", series="series", panels="mode", title="MoBA"), out_dir=args.out)
+    print(f"results written to {out}")
+    return rows

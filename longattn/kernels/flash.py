@@ -8,7 +8,9 @@ differentiably, see :mod:`longattn.kernels.merge`).
 
 Kernels
 -------
-``_flash_fwd_kernel``     one program per (query block, query head, sequence); online softmax.
+``_flash_fwd_kernel``     one program per (query block, query head, sequence); online softmax. Grid axis 0
+                          enumerates (sequence, block) pairs, so the number of sequences is not limited
+                          by CUDA's 65535 bound on the other grid axes.
 ``_flash_bwd_prep_kernel`` delta = rowsum(dO * O) - dLSE.
 ``_flash_bwd_dkdv_kernel`` one program per (key block, KV head, sequence); loops over the query heads
                           of its GQA group, so dK/dV need no atomics and are deterministic.
@@ -45,6 +47,13 @@ def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
         start = b * 0
         length = seqlen + b * 0
     return start, length
+
+
+@triton.jit
+def _split_pid(pid, max_len, BLOCK: tl.constexpr):
+    """Grid axis 0 enumerates (sequence, block) pairs, blocks fastest: returns (block, sequence)."""
+    n = tl.cdiv(max_len, BLOCK)
+    return pid % n, pid // n
 
 
 @triton.jit
@@ -156,9 +165,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                       IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
@@ -210,9 +218,8 @@ def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, strid
                            stride_dob, stride_dot, stride_doh, stride_lb, stride_lh, seqlen_q,
                            DV: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
                            HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
@@ -303,9 +310,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
+    pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     hk = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     if pid_n * BLOCK_N >= k_len:
@@ -398,9 +404,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
@@ -484,7 +489,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     if out.numel() == 0 or lse.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    grid = lambda meta: (triton.cdiv(dims.max_seqlen_q, meta["BLOCK_M"]), dims.heads_q, dims.batch)
+    grid = lambda meta: (triton.cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, dims.cu_seqlens_q, dims.cu_seqlens_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
@@ -502,7 +507,7 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
         return delta
     block_dv = max(16, next_pow2(dims.dim_v))
     prep_block = 32 if is_interpreter() else 64
-    _flash_bwd_prep_kernel[(triton.cdiv(dims.max_seqlen_q, prep_block), dims.heads_q, dims.batch)](
+    _flash_bwd_prep_kernel[(triton.cdiv(dims.max_seqlen_q, prep_block) * dims.batch, dims.heads_q)](
         out, do, dlse, delta, dims.cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=block_dv,
         IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=prep_block)
@@ -519,12 +524,12 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     dk = empty_like(k)
     dv = empty_like(v)
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
-    grid_kv = lambda m: (triton.cdiv(dims.max_seqlen_k, m["BLOCK_N"]), dims.heads_kv, dims.batch)
+    grid_kv = lambda m: (triton.cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv)
     _flash_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen),
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta)
-    grid_q = lambda m: (triton.cdiv(dims.max_seqlen_q, m["BLOCK_M"]), dims.heads_q, dims.batch)
+    grid_q = lambda m: (triton.cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen),

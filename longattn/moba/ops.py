@@ -39,45 +39,34 @@ class _Plan:
 
 
 def _plan(lq: list, lk: list, block_size: int, topk: int, dims: AttnDims, device) -> _Plan:
-    cu_q = [0]
-    cu_k = [0]
-    for a, b in zip(lq, lk):
-        cu_q.append(cu_q[-1] + a)
-        cu_k.append(cu_k[-1] + b)
-    nb = [-(-b // block_size) for b in lk]
-    block_off = [0]
-    for n in nb:
-        block_off.append(block_off[-1] + n)
-    block_row, block_len = [], []
-    for s, (n, kl) in enumerate(zip(nb, lk)):
-        for i in range(n):
-            block_row.append(cu_k[s] + i * block_size)
-            block_len.append(min(block_size, kl - i * block_size))
-    # own blocks: chunk j of a sequence pairs the queries at positions in [j*bs, (j+1)*bs) with the keys
-    # [j*bs, min((j+1)*bs, Tk)). Key blocks before the first query's block become chunks without queries,
-    # so that the chunk boundaries partition both packed layouts and every key row belongs to a chunk of
-    # at most bs keys (the backward writes dk/dv of every row).
-    cq, ck = [0], [0]
-    max_cq = 0
-    for a, b in zip(lq, lk):
-        n_blk = -(-b // block_size)
-        j0 = (b - a) // block_size if a > 0 else n_blk
-        for j in range(n_blk):
-            k_hi = min((j + 1) * block_size, b)
-            q_lo = max(j * block_size, b - a)
-            n_q = max(0, k_hi - q_lo) if j >= j0 else 0
-            cq.append(cq[-1] + n_q)
-            ck.append(ck[-1] + k_hi - j * block_size)
-            max_cq = max(max_cq, n_q)
-    to = lambda x, dt=torch.int32: torch.tensor(x, dtype=dt).to(device, non_blocking=True)
+    """Key blocks and own-block chunks of every sequence (vectorised on the host; no device sync).
+
+    Key block j of a sequence covers keys [j*bs, min((j+1)*bs, Tk)). It is also the own-block chunk of
+    the queries whose positions fall in it (possibly none), so the chunk boundaries partition both
+    packed layouts and every key row belongs to exactly one chunk of at most bs keys.
+    """
     lq_t = torch.tensor(lq, dtype=torch.int64)
-    row_block_off = torch.repeat_interleave(torch.tensor(block_off[:-1], dtype=torch.int64), lq_t)
-    max_nb = max(nb) if nb else 0
+    lk_t = torch.tensor(lk, dtype=torch.int64)
+    zero = torch.zeros(1, dtype=torch.int64)
+    cu_q = torch.cat([zero, lq_t.cumsum(0)])
+    cu_k = torch.cat([zero, lk_t.cumsum(0)])
+    nb = (lk_t + block_size - 1) // block_size
+    block_off = torch.cat([zero, nb.cumsum(0)])
+    n_blocks = int(block_off[-1])
+    seq = torch.repeat_interleave(torch.arange(len(lk)), nb, output_size=n_blocks)
+    k_lo = (torch.arange(n_blocks) - block_off[seq]) * block_size
+    k_hi = torch.minimum(k_lo + block_size, lk_t[seq])
+    n_q = (k_hi - torch.maximum(k_lo, (lk_t - lq_t)[seq])).clamp(min=0)  # queries whose own block this is
+    cq = torch.cat([zero, n_q.cumsum(0)])
+    ck = torch.cat([zero, (k_hi - k_lo).cumsum(0)])
+    row_block_off = torch.repeat_interleave(block_off[:-1], lq_t, output_size=int(cu_q[-1]))
+    max_nb = int(nb.max()) if len(lk) else 0
     ksel = max(0, min(topk, max_nb) - 1)
-    own = AttnDims(True, len(cq) - 1, max(max_cq, 1), block_size, dims.heads_q, dims.heads_kv, dims.dim_qk,
-                   dims.dim_v, to(cq), to(ck))
-    return _Plan(to(cu_q), to(cu_k), max(lq) if lq else 0, to(block_off[:-1]), to(block_row), to(block_len),
-                 row_block_off.to(device), block_off[-1], ksel, own)
+    to = lambda x: x.to(torch.int32).to(device, non_blocking=True)
+    own = AttnDims(True, n_blocks, max(int(n_q.max()) if n_blocks else 0, 1), block_size, dims.heads_q,
+                   dims.heads_kv, dims.dim_qk, dims.dim_v, to(cq), to(ck))
+    return _Plan(to(cu_q), to(cu_k), max(lq) if lq else 0, to(block_off[:-1]), to(ck[:-1]), to(k_hi - k_lo),
+                 row_block_off.to(device), n_blocks, ksel, own)
 
 
 @dataclass

@@ -83,6 +83,8 @@ def _moba_cases():
             (f"_moba_sparse_fwd_kernel[{dt}]", K._moba_sparse_fwd_kernel, ptr, dict(meta), floats),
             (f"_moba_sparse_dkdv_kernel[{dt}]", K._moba_sparse_dkdv_kernel, ptr, dict(meta), floats),
             (f"_moba_sparse_dq_kernel[{dt}]", K._moba_sparse_dq_kernel, ptr, dict(meta), floats),
+            (f"_moba_decode_kernel[{dt}]", K._moba_decode_kernel, ptr,
+             dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64), floats),
         ]
     return cases
 

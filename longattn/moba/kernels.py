@@ -257,3 +257,66 @@ def _moba_sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.atomic_add(DQ32 + t[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_dk[None, :], dq * scale,
                   mask=valid[:, None] & (offs_dk[None, :] < DQK))
+
+
+
+@triton.jit
+def _moba_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
+                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
+                        Hq, block_size, group, n_split, qk_scale,
+                        DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One new token per sequence. Program (sequence * Hq + head, piece) attends to one SPLIT-key part of
+    the own block (slot 0, keys up to the query) or of a selected block (slot 1 + s); the parts are
+    merged by lse afterwards (split-KV). Matrix-vector products: a decode step reads each key once."""
+    bh = tl.program_id(0)
+    piece = tl.program_id(1)
+    b = bh // Hq
+    h = (bh % Hq).to(tl.int64)
+    slot = piece // n_split
+    part = piece % n_split
+    t = tl.load(CU_Q + b)
+    if tl.load(CU_Q + b + 1) == t:  # no new token in this sequence
+        return
+    t = t.to(tl.int64)
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    pos = tl.load(CU_K + b + 1) - tl.load(CU_K + b) - 1
+    own = pos // block_size
+    blk = own
+    n_keys = pos - own * block_size + 1
+    if slot > 0:
+        blk = tl.load(SEL + t * stride_st + h * stride_sh + slot - 1)
+        n_keys = block_size
+    lo = part * SPLIT
+    hi = tl.minimum(lo + SPLIT, n_keys)
+    l_ptr = LS + piece.to(tl.int64) * stride_lp + h * stride_lh + t
+    if (blk < 0) | (lo >= hi):
+        tl.store(l_ptr, float("-inf"))
+        return
+    hk = (h // group).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + t * stride_qt + h * stride_qh + offs_dk, mask=offs_dk < DQK, other=0.0).to(tl.float32)
+    row0 = k_start + blk.to(tl.int64) * block_size
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < hi
+        rows = row0 + offs_n.to(tl.int64)
+        k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
+                    mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0).to(tl.float32)
+        s = tl.where(in_n, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                    mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    tl.store(OS + piece.to(tl.int64) * stride_op + t * stride_ot + h * stride_oh + offs_dv,
+             (acc / l_i).to(OS.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(l_ptr, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)

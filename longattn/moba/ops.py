@@ -12,8 +12,8 @@ from ..kernels.flash import LOG2E, flash_bwd, flash_bwd_delta, flash_fwd
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty,
                              is_interpreter, kernel_inputs, next_pow2)
-from .kernels import (_block_mean_kernel, _moba_select_kernel, _moba_sparse_dkdv_kernel, _moba_sparse_dq_kernel,
-                      _moba_sparse_fwd_kernel)
+from .kernels import (_block_mean_kernel, _moba_decode_kernel, _moba_select_kernel, _moba_sparse_dkdv_kernel,
+                      _moba_sparse_dq_kernel, _moba_sparse_fwd_kernel)
 
 MAX_TOPK = 64
 
@@ -116,6 +116,28 @@ def _select(q, k, plan: _Plan, dims: AttnDims, block_size: int):
         kmean.stride(1), sel.stride(0), sel.stride(1), block_size, hq // hkv, D=d, BLOCK_D=bd, KSEL=plan.ksel,
         C=max(16, next_pow2(plan.ksel)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm)
     return sel
+
+
+def _decode(q, k, v, plan: _Plan, dims: AttnDims, block_size: int, scale: float):
+    """At most one new token per sequence, no gradient: split-KV over the own block and the selected
+    blocks (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse."""
+    hq, dv = dims.heads_q, dims.dim_v
+    total_q = q.shape[0]
+    split = min(block_size, 32 if is_interpreter() else 512)
+    n_split = block_size // split
+    n_pieces = (plan.ksel + 1) * n_split
+    sel = _select(q, k, plan, dims, block_size) if plan.ksel > 0 else \
+        torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
+    outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=q.dtype)
+    lses = empty(n_pieces, hq, total_q, device=q.device, dtype=torch.float32)
+    meta = _meta(dims, q.dtype)
+    meta.pop("PRECISION")
+    _moba_decode_kernel[(dims.batch * hq, n_pieces)](
+        q, k, v, sel, outs, lses, plan.cu_q, plan.cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), sel.stride(0), sel.stride(1), outs.stride(0), outs.stride(1), outs.stride(2),
+        lses.stride(0), lses.stride(1), hq, block_size, hq // dims.heads_kv, n_split, scale * LOG2E,
+        KSEL=plan.ksel, SPLIT=split, BLOCK_N=min(split, 32 if is_interpreter() else 64), **meta)
+    return merge_fwd(outs, lses)
 
 
 class _MoBA(torch.autograd.Function):
@@ -270,6 +292,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         scale: softmax scale, default ``Dqk ** -0.5``.
         return_lse: also return the float32 log-sum-exp, ``(B, Hq, Tq)`` or ``(Hq, total_q)``.
 
+    With at most one query per sequence and no gradient needed (decoding), a split-KV kernel over the
+    own block and the selected blocks is used. It still pools every key block of the cache at each call.
+
     Memory beyond inputs and outputs: the partial outputs of the ``topk`` pieces in the forward pass
     (``topk`` x output size, freed before returning) and O(T * Hq * topk) indices; the backward pass adds
     one float32 dq buffer.
@@ -279,7 +304,11 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     scale = check_scale(scale, dims.dim_qk ** -0.5)
     in_dtype = q.dtype
     qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
-    out, lse = _MoBA.apply(qk_, kk_, vk_, plan, dims, block_size, scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if plan.max_q <= 1 and not needs_grad and qp.shape[0] > 0:
+        out, lse = _decode(qk_, kk_, vk_, plan, dims, block_size, scale)
+    else:
+        out, lse = _MoBA.apply(qk_, kk_, vk_, plan, dims, block_size, scale)
     out = out.to(in_dtype)
     if not dims.varlen:
         out = out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)

@@ -89,7 +89,21 @@ def _moba_cases():
     return cases
 
 
-CASE_BUILDERS = [_flash_cases, _moba_cases]
+def _mla_cases():
+    from longattn.mla import kernels as K
+
+    cases = []
+    for dt, has_bt, s_pad, block_h in (("bf16", True, 1, 64), ("bf16", True, 4, 16), ("fp16", False, 2, 32)):
+        ptr = {n: f"*{dt}" for n in ("QL", "QR", "KV")}
+        ptr.update({"BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
+        meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
+                    S_PAD=s_pad, BLOCK_N=64, PRECISION="tf32")
+        cases.append((f"_mla_decode_kernel[{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}]",
+                      K._mla_decode_kernel, ptr, meta, ("qk_scale",)))
+    return cases
+
+
+CASE_BUILDERS = [_flash_cases, _moba_cases, _mla_cases]
 
 
 def main(argv) -> int:
@@ -101,7 +115,7 @@ def main(argv) -> int:
                 continue
             t = time.time()
             try:
-                k = compile_kernel(kern, ptr, meta, floats)
+                k = compile_kernel(kern, ptr, meta, floats, num_warps=8 if "mla" in name else 4)
                 smem = k.metadata.shared
                 status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
             except Exception as e:  # report every failure, not only the first

@@ -1,0 +1,123 @@
+"""Paged latent cache for MLA decoding: only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+class PagedLatentCache:
+    """A pool of fixed-size pages holding, per token, the normalised latent and the rotary key.
+
+    Storage is ``(num_pages, page_size, rank + rope_dim)`` (576 values per token for DeepSeek-V3); each
+    sequence owns a list of pages, allocated as it grows and returned by :meth:`free`. Never stores
+    decompressed K/V.
+
+    Example::
+
+        cache = PagedLatentCache(num_pages=1024, device="cuda", dtype=torch.bfloat16)
+        ids = [cache.new_sequence() for _ in range(batch)]
+        cache.append(ids, c_kv, k_rope, lengths)          # packed tokens, lengths per sequence
+        table, lens = cache.block_table(ids), cache.seqlens(ids)
+        o_latent = mla_decode(q_latent, q_rope, cache.kv, cache_seqlens=lens, block_table=table, scale=s)
+    """
+
+    def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
+                 dtype: torch.dtype = torch.bfloat16, device="cuda"):
+        if not isinstance(num_pages, int) or num_pages < 1:
+            raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
+        if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
+        self.page_size = page_size
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.kv = torch.zeros(num_pages, page_size, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page numbers first
+        self._pages: dict[int, list[int]] = {}
+        self._lens: dict[int, int] = {}
+        self._next_id = 0
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def new_sequence(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self._pages[sid] = []
+        self._lens[sid] = 0
+        return sid
+
+    def free(self, seq_id: int) -> None:
+        """Return a sequence's pages to the pool."""
+        self._check_ids([seq_id])
+        self._free.extend(reversed(self._pages.pop(seq_id)))
+        del self._lens[seq_id]
+
+    def seqlen(self, seq_id: int) -> int:
+        self._check_ids([seq_id])
+        return self._lens[seq_id]
+
+    def _check_ids(self, ids: Sequence[int]):
+        for s in ids:
+            if s not in self._pages:
+                raise KeyError(f"unknown or freed sequence id {s}")
+
+    def append(self, seq_ids: Sequence[int], c_kv: torch.Tensor, k_rope: torch.Tensor,
+               lengths: Optional[Sequence[int]] = None) -> None:
+        """Append tokens to sequences.
+
+        ``c_kv`` ``(total, rank)`` and ``k_rope`` ``(total, rope_dim)`` hold the new tokens of ``seq_ids``
+        packed one sequence after another, ``lengths[i]`` of them for ``seq_ids[i]`` (default: the same
+        number for each). ``(B, T, ...)`` tensors are accepted for equal lengths.
+        """
+        seq_ids = list(seq_ids)
+        self._check_ids(seq_ids)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids must not repeat")
+        if c_kv.dim() == 3:
+            c_kv, k_rope = c_kv.reshape(-1, c_kv.shape[-1]), k_rope.reshape(-1, k_rope.shape[-1])
+        total = c_kv.shape[0]
+        if lengths is None:
+            if total % max(len(seq_ids), 1):
+                raise ValueError(f"{total} tokens cannot be split evenly over {len(seq_ids)} sequences")
+            lengths = [total // max(len(seq_ids), 1)] * len(seq_ids)
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != len(seq_ids) or sum(lengths) != total or min(lengths, default=0) < 0:
+            raise ValueError(f"lengths {lengths} must give one non-negative count per sequence summing to {total}")
+        if c_kv.shape[-1] != self.kv_lora_rank or k_rope.shape[-1] != self.rope_dim or k_rope.shape[0] != total:
+            raise ValueError(f"c_kv must be (total, {self.kv_lora_rank}) and k_rope (total, {self.rope_dim}), got "
+                             f"{tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
+        need = sum(-(-(self._lens[s] + n) // self.page_size) - len(self._pages[s]) for s, n in zip(seq_ids, lengths))
+        if need > len(self._free):
+            raise RuntimeError(f"the cache is full: {need} more pages needed, {len(self._free)} free")
+        slots = []
+        for s, n in zip(seq_ids, lengths):
+            start = self._lens[s]
+            while len(self._pages[s]) * self.page_size < start + n:
+                self._pages[s].append(self._free.pop())
+            pages = self._pages[s]
+            slots.extend(pages[(start + i) // self.page_size] * self.page_size + (start + i) % self.page_size
+                         for i in range(n))
+            self._lens[s] = start + n
+        if slots:
+            idx = torch.tensor(slots, dtype=torch.long, device=self.kv.device)
+            flat = self.kv.view(-1, self.kv.shape[-1])
+            flat[idx] = torch.cat([c_kv, k_rope], -1).to(self.kv.dtype)
+
+    def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
+        """int32 ``(B, max_pages)``; unused entries are 0 (never read: they lie past the sequence length)."""
+        self._check_ids(seq_ids)
+        width = max([len(self._pages[s]) for s in seq_ids] + [1])
+        table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
+        for i, s in enumerate(seq_ids):
+            table[i, :len(self._pages[s])] = torch.tensor(self._pages[s], dtype=torch.int32)
+        return table.to(self.kv.device)
+
+    def seqlens(self, seq_ids: Sequence[int]) -> torch.Tensor:
+        """int32 ``(B,)`` token counts."""
+        self._check_ids(seq_ids)
+        return torch.tensor([self._lens[s] for s in seq_ids], dtype=torch.int32, device=self.kv.device)
+
+
+__all__ = ["PagedLatentCache"]

@@ -1,0 +1,169 @@
+"""MLA public ops: ``mla_prefill`` (naive form on decompressed K/V) and ``mla_decode`` (absorbed form)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ..kernels.flash import LOG2E, flash_attention
+from ..kernels.merge import merge_fwd
+from ..kernels.utils import (check_device, check_same_dtype, check_scale, check_tensor, empty,
+                             is_interpreter, kernel_inputs, next_pow2)
+from .kernels import _mla_decode_kernel
+
+MAX_QUERY_TOKENS = 16
+
+
+def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+                w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, return_lse: bool = False):
+    """Causal MLA over a prompt in the naive form: decompress K/V from the latent, then flash attention.
+
+    Args:
+        q_nope: ``(B, T, H, Dn)`` or varlen ``(total, H, Dn)`` (Dn = qk_nope_head_dim, 128 in V3).
+        q_rope: ``(B, T, H, Dr)`` / ``(total, H, Dr)``, RoPE applied (Dr = 64).
+        c_kv: ``(B, T, R)`` / ``(total, R)``: the normalised latent (R = kv_lora_rank, 512).
+        k_rope: ``(B, T, Dr)`` / ``(total, Dr)``: the shared rotary key, RoPE applied.
+        w_uk: ``(H, Dn, R)``, w_uv: ``(H, Dv, R)``: kv_b_proj's weight split per head
+            (:func:`longattn.mla.reference.split_kv_b_weight`).
+        scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5``, times the YaRN mscale squared when used).
+        cu_seqlens / max_seqlen: varlen layout (int32 cu_seqlens).
+    Returns:
+        ``(B, T, H, Dv)`` / ``(total, H, Dv)`` in q's dtype (and the lse if asked). Differentiable in every
+        input, the weights included.
+    """
+    varlen = cu_seqlens is not None
+    nd = 3 if varlen else 4
+    for name, t, n in (("q_nope", q_nope, nd), ("q_rope", q_rope, nd), ("c_kv", c_kv, nd - 1),
+                       ("k_rope", k_rope, nd - 1), ("w_uk", w_uk, 3), ("w_uv", w_uv, 3)):
+        check_tensor(t, name, ndim=n)
+    check_same_dtype({"q_nope": q_nope, "q_rope": q_rope, "c_kv": c_kv, "k_rope": k_rope, "w_uk": w_uk,
+                      "w_uv": w_uv})
+    h, rank = q_nope.shape[-2], c_kv.shape[-1]
+    if w_uk.shape[0] != h or w_uv.shape[0] != h or w_uk.shape[2] != rank or w_uv.shape[2] != rank:
+        raise ValueError(f"w_uk/w_uv must be (H={h}, dim, R={rank}), got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}")
+    if w_uk.shape[1] != q_nope.shape[-1]:
+        raise ValueError(f"w_uk's middle dim ({w_uk.shape[1]}) must equal q_nope's head dim ({q_nope.shape[-1]})")
+    if q_rope.shape[:-1] != q_nope.shape[:-1] or q_rope.shape[-1] != k_rope.shape[-1]:
+        raise ValueError(f"q_rope {tuple(q_rope.shape)} must match q_nope {tuple(q_nope.shape)} and k_rope's "
+                         f"last dim {k_rope.shape[-1]}")
+    if c_kv.shape[:-1] != k_rope.shape[:-1]:
+        raise ValueError(f"c_kv {tuple(c_kv.shape)} and k_rope {tuple(k_rope.shape)} must have the same tokens")
+    k_nope = torch.einsum("...r,hdr->...hd", c_kv, w_uk)
+    v = torch.einsum("...r,hdr->...hd", c_kv, w_uv)
+    k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1)
+    q = torch.cat([q_nope, q_rope], -1)
+    return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                           return_lse=return_lse)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
+               cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
+               return_lse: bool = False):
+    """Absorbed-form MLA decoding: MQA of every head over a latent cache of ``R + Dr`` values per token.
+
+    Args:
+        q_latent: ``(B, S, H, R)``: ``q_nope`` folded with ``w_uk`` (R = kv_lora_rank, 512). S = 1 to 16
+            new tokens per sequence (speculative decoding), already appended to the cache: query s sits
+            at cache position ``cache_seqlens[b] - S + s`` and attends causally.
+        q_rope: ``(B, S, H, Dr)`` (RoPE applied).
+        kv_cache: paged ``(num_pages, page_size, R + Dr)`` with ``block_table``, or contiguous
+            ``(B, max_len, R + Dr)`` without; per token the latent then the rotary key. page_size a power
+            of two from 16 to 256 (64 is the usual).
+        cache_seqlens: int32 ``(B,)``, tokens in each sequence's cache (new ones included), >= S.
+        block_table: int32 ``(B, max_pages)``: physical page of each logical page.
+        scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5`` times the YaRN mscale squared).
+    Returns:
+        ``o_latent`` ``(B, S, H, R)`` in q's dtype (apply ``w_uv`` to get the head outputs), and
+        with ``return_lse`` the float32 lse ``(B, H, S)``.
+
+    The context is split across programs (split-KV) so that a small batch still fills the GPU; each
+    program serves a group of heads with one pass over its part of the cache; splits merge by lse.
+    """
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
+        check_tensor(t, name, ndim=4 if name != "kv_cache" else 3)
+    check_same_dtype({"q_latent": q_latent, "q_rope": q_rope, "kv_cache": kv_cache})
+    check_device({"q_latent": q_latent, "q_rope": q_rope, "kv_cache": kv_cache, "cache_seqlens": cache_seqlens,
+                  "block_table": block_table})
+    B, S, H, R = q_latent.shape
+    E = q_rope.shape[-1]
+    if q_rope.shape[:3] != (B, S, H):
+        raise ValueError(f"q_rope must be (B, S, H, Dr) = ({B}, {S}, {H}, Dr), got {tuple(q_rope.shape)}")
+    if kv_cache.shape[-1] != R + E:
+        raise ValueError(f"kv_cache's last dim must be R + Dr = {R + E} (latent then rotary key), "
+                         f"got {kv_cache.shape[-1]}")
+    if not 1 <= S <= MAX_QUERY_TOKENS:
+        raise ValueError(f"q_latent must hold 1 to {MAX_QUERY_TOKENS} query tokens per sequence, got {S}")
+    if scale is None:
+        raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
+    scale = check_scale(scale, 1.0)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
+            tuple(cache_seqlens.shape) != (B,):
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
+    lens = cache_seqlens.tolist()
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+                or block_table.shape[0] != B:
+            raise TypeError(f"block_table must be an int32 tensor of shape ({B}, max_pages)")
+        page = kv_cache.shape[1]
+        if page < 16 or page > 256 or page & (page - 1):
+            raise ValueError(f"page_size (kv_cache.shape[1]) must be a power of two from 16 to 256, got {page}")
+        capacity = block_table.shape[1] * page
+    else:
+        if kv_cache.shape[0] != B:
+            raise ValueError(f"a contiguous kv_cache must be (B={B}, max_len, R + Dr), got {tuple(kv_cache.shape)}")
+        page = 16
+        capacity = kv_cache.shape[1]
+    for b, n in enumerate(lens):
+        if n < S or n > capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
+                             f"token(s) and at most the cache capacity {capacity}")
+    if block_table is not None:
+        used = [-(-n // page) for n in lens]
+        bt = block_table.cpu()
+        for b, u in enumerate(used):
+            row = bt[b, :u]
+            if u and (int(row.min()) < 0 or int(row.max()) >= kv_cache.shape[0]):
+                raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
+                                 f"[0, {kv_cache.shape[0]}), got {row.tolist()}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must be contiguous in its last dimension")
+    ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
+                               q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
+
+    s_pad = next_pow2(S)
+    block_h = max(1, min(64 // s_pad, next_pow2(H)), 16 // s_pad)  # 16 to 64 rows of (head, token)
+    block_n = min(page, 32 if is_interpreter() else 64)
+    groups = B * triton.cdiv(H, block_h)
+    max_len = max(lens)
+    n_split = max(1, min(triton.cdiv(2 * _num_sms(q_latent.device), groups), triton.cdiv(max_len, block_n)))
+    per_split = triton.cdiv(triton.cdiv(max_len, n_split), block_n) * block_n
+    n_split = triton.cdiv(max_len, per_split)
+    outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32)
+    lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
+    bt_arg = block_table if block_table is not None else cache_seqlens
+    _mla_decode_kernel[(B, triton.cdiv(H, block_h), n_split)](
+        ql, qr, kv, bt_arg, cache_seqlens, outs, lses,
+        ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
+        outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
+        H, S, per_split, scale * LOG2E,
+        RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
+        HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad, BLOCK_N=block_n,
+        PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+        num_warps=8 if block_h * s_pad >= 64 else 4)
+    out, lse = merge_fwd(outs, lses) if n_split > 1 else (outs[0], lses[0])
+    out = out.view(B, S, H, R).to(q_latent.dtype)
+    if return_lse:
+        return out, lse.view(H, B, S).permute(1, 0, 2)
+    return out
+
+
+__all__ = ["mla_prefill", "mla_decode"]

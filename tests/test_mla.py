@@ -1,0 +1,179 @@
+"""MLA: naive vs absorbed reference, prefill (fwd/bwd) and paged absorbed decode against the references."""
+import pytest
+import torch
+
+from longattn.mla import PagedLatentCache, mla_absorbed_ref, mla_decode, mla_decode_ref, mla_naive_ref, mla_prefill
+from longattn.mla.reference import gather_paged_ref
+from helpers import assert_close, assert_lse_close, leaf
+
+SMALL = dict(H=4, nope=32, rope=16, rank=64, v=32)
+V3 = dict(H=16, nope=128, rope=64, rank=512, v=128)
+
+
+def _weights(H, nope, rope, rank, v, device, dtype=torch.float32):
+    w_uk = torch.randn(H, nope, rank, device=device, dtype=dtype) / rank ** 0.5
+    w_uv = torch.randn(H, v, rank, device=device, dtype=dtype) / rank ** 0.5
+    return w_uk, w_uv
+
+
+def _inputs(B, T, H, nope, rope, rank, v, device, dtype=torch.float32):
+    return (torch.randn(B, T, H, nope, device=device, dtype=dtype), torch.randn(B, T, H, rope, device=device, dtype=dtype),
+            torch.randn(B, T, rank, device=device, dtype=dtype), torch.randn(B, T, rope, device=device, dtype=dtype))
+
+
+@pytest.mark.parametrize("cfg", [SMALL, V3], ids=["small", "v3"])
+def test_naive_equals_absorbed(cfg, device):
+    w_uk, w_uv = _weights(**cfg, device=device)
+    qn, qr, c, kr = _inputs(2, 37, **cfg, device=device)
+    scale = (cfg["nope"] + cfg["rope"]) ** -0.5
+    a = mla_naive_ref(qn, qr, c, kr, w_uk, w_uv, scale=scale)
+    b = mla_absorbed_ref(qn, qr, c, kr, w_uk, w_uv, scale=scale)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_prefill_forward_and_gradients(varlen, dtype, device):
+    cfg = dict(H=4, nope=64, rope=32, rank=48, v=64)
+    w = _weights(**cfg, device=device, dtype=dtype)
+    x = _inputs(2, 45, **cfg, device=device, dtype=dtype)
+    scale = 96 ** -0.5
+    leaves_k = [leaf(t) for t in x + w]
+    leaves_r = [leaf(t, torch.float32) for t in x + w]
+    if varlen:
+        cu = torch.tensor([0, 45, 90], dtype=torch.int32, device=device)
+        flat = [t.flatten(0, 1) for t in leaves_k[:4]]
+        out = mla_prefill(*flat, *leaves_k[4:], scale=scale, cu_seqlens=cu).view(2, 45, 4, 64)
+    else:
+        out = mla_prefill(*leaves_k, scale=scale)
+    ref = mla_naive_ref(*leaves_r, scale=scale)
+    assert_close(out, ref, dtype, "out")
+    dout = torch.randn_like(ref)
+    (out.float() * dout).sum().backward()
+    (ref * dout).sum().backward()
+    for name, a, b in zip(["dq_nope", "dq_rope", "dc_kv", "dk_rope", "dw_uk", "dw_uv"], leaves_k, leaves_r):
+        assert_close(a.grad, b.grad, dtype, name, factor=2)
+
+
+def _paged(kv_tokens, lens, page, device, shuffle=True):
+    """Scatter per-sequence token rows into pages in random physical order; return cache and block table."""
+    n_pages = [-(-n // page) for n in lens]
+    total = sum(n_pages) + 3  # spare pages, never referenced
+    order = torch.randperm(total) if shuffle else torch.arange(total)
+    cache = torch.randn(total, page, kv_tokens[0].shape[-1], device=device, dtype=kv_tokens[0].dtype)
+    table = torch.zeros(len(lens), max(n_pages), dtype=torch.int32)
+    k = 0
+    for b, (toks, n) in enumerate(zip(kv_tokens, lens)):
+        for j in range(n_pages[b]):
+            p = int(order[k])
+            k += 1
+            table[b, j] = p
+            chunk = toks[j * page:(j + 1) * page]
+            cache[p, :chunk.shape[0]] = chunk
+    return cache, table.to(device)
+
+
+@pytest.mark.parametrize("S", [1, 2, 4])
+@pytest.mark.parametrize("cfg,page", [(dict(H=16, rank=512, rope=64), 64), (dict(H=20, rank=48, rope=16), 16)],
+                         ids=["v3-page64", "odd-page16"])
+def test_decode_paged(S, cfg, page, dtype, device):
+    H, R, E = cfg["H"], cfg["rank"], cfg["rope"]
+    lens = [S, 70, 203]
+    kv_tokens = [torch.randn(n, R + E, device=device, dtype=dtype) for n in lens]
+    cache, table = _paged(kv_tokens, lens, page, device)
+    q_lat = torch.randn(3, S, H, R, device=device, dtype=dtype)
+    q_rope = torch.randn(3, S, H, E, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    scale = 0.07
+    out, lse = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale,
+                          return_lse=True)
+    ref, lse_r = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale,
+                                kv_lora_rank=R)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "o_latent")
+    assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 3e-3)
+
+
+def test_decode_contiguous_cache(device):
+    lens = [5, 64, 33]
+    kv = torch.randn(3, 64, 48 + 16, device=device)
+    q_lat, q_rope = torch.randn(3, 2, 8, 48, device=device), torch.randn(3, 2, 8, 16, device=device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = mla_decode(q_lat, q_rope, kv, cache_seqlens=seqlens, scale=0.1)
+    ref, _ = mla_decode_ref(q_lat, q_rope, kv, cache_seqlens=seqlens, scale=0.1, kv_lora_rank=48)
+    assert_close(out, ref, torch.float32, "o_latent")
+
+
+def test_absorbed_decode_matches_naive_last_rows(device):
+    """Prefill a prompt into the paged cache, decode its last 2 tokens in absorbed form: equals naive MLA."""
+    cfg = dict(H=4, nope=32, rope=16, rank=64, v=32)
+    w_uk, w_uv = _weights(**cfg, device=device)
+    qn, qr, c, kr = _inputs(1, 90, **cfg, device=device)
+    scale = 48 ** -0.5
+    naive = mla_naive_ref(qn, qr, c, kr, w_uk, w_uv, scale=scale)
+    cache = PagedLatentCache(8, page_size=16, kv_lora_rank=64, rope_dim=16, dtype=torch.float32, device=device)
+    sid = cache.new_sequence()
+    cache.append([sid], c[0, :50], kr[0, :50])
+    cache.append([sid], c[0, 50:], kr[0, 50:])
+    q_lat = torch.einsum("bqhd,hdr->bqhr", qn[:, -2:], w_uk)
+    o_lat = mla_decode(q_lat, qr[:, -2:], cache.kv, cache_seqlens=cache.seqlens([sid]),
+                       block_table=cache.block_table([sid]), scale=scale)
+    out = torch.einsum("bqhr,hdr->bqhd", o_lat, w_uv)
+    torch.testing.assert_close(out, naive[:, -2:], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_bookkeeping(device):
+    cache = PagedLatentCache(6, page_size=16, kv_lora_rank=8, rope_dim=4, dtype=torch.float32, device=device)
+    a, b = cache.new_sequence(), cache.new_sequence()
+    toks = {a: torch.randn(40, 12, device=device), b: torch.randn(9, 12, device=device)}
+    cache.append([a, b], torch.cat([toks[a][:30, :8], toks[b][:5, :8]]), torch.cat([toks[a][:30, 8:], toks[b][:5, 8:]]),
+                 [30, 5])
+    cache.append([b, a], torch.cat([toks[b][5:, :8], toks[a][30:, :8]]), torch.cat([toks[b][5:, 8:], toks[a][30:, 8:]]),
+                 [4, 10])
+    assert cache.seqlens([a, b]).tolist() == [40, 9]
+    table = cache.block_table([a, b])
+    for i, s in enumerate([a, b]):
+        got = gather_paged_ref(cache.kv, table, cache.seqlen(s), i)
+        torch.testing.assert_close(got, toks[s])
+    assert cache.num_free_pages == 6 - 3 - 1
+    cache.free(a)
+    assert cache.num_free_pages == 5
+    with pytest.raises(RuntimeError, match="cache is full"):
+        cache.append([b], torch.randn(200, 8, device=device), torch.randn(200, 4, device=device))
+    with pytest.raises(KeyError):
+        cache.block_table([a])
+
+
+def test_decode_bad_inputs(device):
+    q_lat, q_rope = torch.randn(2, 1, 4, 32, device=device), torch.randn(2, 1, 4, 16, device=device)
+    cache = torch.randn(4, 16, 48, device=device)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20, 5], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="block_table\\[1\\] points outside the cache"):
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=torch.tensor([[0, 1], [9, 3]], dtype=torch.int32,
+                                                                                        device=device), scale=0.1)
+    with pytest.raises(ValueError, match="out of range"):
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=torch.tensor([40, 5], dtype=torch.int32, device=device),
+                   block_table=table, scale=0.1)
+    with pytest.raises(ValueError, match="out of range"):
+        mla_decode(torch.randn(2, 3, 4, 32, device=device), torch.randn(2, 3, 4, 16, device=device), cache,
+                   cache_seqlens=torch.tensor([20, 2], dtype=torch.int32, device=device), block_table=table, scale=0.1)
+    with pytest.raises(ValueError, match="last dim must be R \\+ Dr = 48"):
+        mla_decode(q_lat, q_rope, torch.randn(4, 16, 40, device=device), cache_seqlens=lens, block_table=table, scale=0.1)
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32 tensor"):
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens.long(), block_table=table, scale=0.1)
+    with pytest.raises(TypeError, match="scale is required"):
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table, scale=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,L,H,S", [(8, 3000, 128, 1), (2, 9000, 16, 4), (64, 1024, 128, 2)])
+def test_decode_gpu_large(B, L, H, S, dtype):
+    lens = torch.randint(S, L + 1, (B,)).tolist()
+    kv_tokens = [torch.randn(n, 576, device="cuda", dtype=dtype) for n in lens]
+    cache, table = _paged(kv_tokens, lens, 64, "cuda")
+    q_lat = torch.randn(B, S, H, 512, device="cuda", dtype=dtype)
+    q_rope = torch.randn(B, S, H, 64, device="cuda", dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
+    ref, _ = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
+    assert_close(out, ref, dtype, "o_latent")

@@ -99,3 +99,66 @@ def test_mask_with_holes_is_rejected():
     with pytest.raises(ValueError, match="contiguous run of real tokens"):
         with torch.no_grad():
             ours(ids, attention_mask=mask)
+
+
+def _deepseek():
+    from transformers import DeepseekV3Config
+
+    cfg = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
+                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                           max_position_embeddings=512)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = copy.deepcopy(ref)
+    longattn.hf.swap_attention(ours, "mla", page_size=16)
+    return ref, ours
+
+
+def test_mla_swap_logits_match_deepseek_v3():
+    ref, ours = _deepseek()
+    assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
+    ids = torch.randint(0, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        a = ours(ids, attention_mask=mask).logits[mask.bool()]
+        b = ref(ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch):
+    import longattn.mla.module as mla_module
+
+    ref, ours = _deepseek()
+    calls = []
+    real = mla_module.mla_decode
+    monkeypatch.setattr(mla_module, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        g_ours = ours.generate(ids, attention_mask=mask, **kw)
+        g_ref = ref.generate(ids, attention_mask=mask, **kw)
+    assert len(calls) == 5 * 2  # 5 decode steps after the prompt, 2 layers
+    assert torch.equal(g_ours.sequences, g_ref.sequences)
+    for a, b in zip(g_ours.logits, g_ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_swap_attention_errors():
+    _, llama = _pair(_config(), "sdpa")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        longattn.hf.swap_attention(llama, "dense")
+    with pytest.raises(ValueError, match="kind 'mla' supports model types"):
+        longattn.hf.swap_attention(llama, "mla")
+    with pytest.raises(ValueError, match="unknown option"):
+        longattn.hf.swap_attention(llama, "moba", blocksize=64)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        longattn.hf.swap_attention(llama, "moba", block_size=100)
+    longattn.hf.swap_attention(llama, "moba", block_size=64, topk=2)
+    assert llama.config._attn_implementation == "moba" and llama.config.moba_topk == 2

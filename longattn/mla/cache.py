@@ -11,7 +11,8 @@ class PagedLatentCache:
 
     Storage is ``(num_pages, page_size, rank + rope_dim)`` (576 values per token for DeepSeek-V3); each
     sequence owns a list of pages, allocated as it grows and returned by :meth:`free`. Never stores
-    decompressed K/V.
+    decompressed K/V. A ``growable`` cache doubles its pool instead of failing when it runs out (the
+    storage tensor is then replaced: re-read :attr:`kv` after :meth:`append`).
 
     Example::
 
@@ -23,7 +24,7 @@ class PagedLatentCache:
     """
 
     def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
-                 dtype: torch.dtype = torch.bfloat16, device="cuda"):
+                 dtype: torch.dtype = torch.bfloat16, device="cuda", growable: bool = False):
         if not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
         if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
@@ -36,6 +37,7 @@ class PagedLatentCache:
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._next_id = 0
+        self.growable = growable
 
     @property
     def num_free_pages(self) -> int:
@@ -90,7 +92,9 @@ class PagedLatentCache:
                              f"{tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
         need = sum(-(-(self._lens[s] + n) // self.page_size) - len(self._pages[s]) for s, n in zip(seq_ids, lengths))
         if need > len(self._free):
-            raise RuntimeError(f"the cache is full: {need} more pages needed, {len(self._free)} free")
+            if not self.growable:
+                raise RuntimeError(f"the cache is full: {need} more pages needed, {len(self._free)} free")
+            self._grow(max(self.kv.shape[0], need - len(self._free)))
         slots = []
         for s, n in zip(seq_ids, lengths):
             start = self._lens[s]
@@ -104,6 +108,13 @@ class PagedLatentCache:
             idx = torch.tensor(slots, dtype=torch.long, device=self.kv.device)
             flat = self.kv.view(-1, self.kv.shape[-1])
             flat[idx] = torch.cat([c_kv, k_rope], -1).to(self.kv.dtype)
+
+    def _grow(self, extra: int) -> None:
+        old = self.kv.shape[0]
+        kv = torch.zeros(old + extra, *self.kv.shape[1:], dtype=self.kv.dtype, device=self.kv.device)
+        kv[:old] = self.kv
+        self.kv = kv
+        self._free = list(range(old + extra - 1, old - 1, -1)) + self._free
 
     def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``(B, max_pages)``; unused entries are 0 (never read: they lie past the sequence length)."""

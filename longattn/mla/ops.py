@@ -17,7 +17,8 @@ MAX_QUERY_TOKENS = 16
 
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None, return_lse: bool = False):
+                max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
     """Causal MLA over a prompt in the naive form: decompress K/V from the latent, then flash attention.
 
     Args:
@@ -28,12 +29,14 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         w_uk: ``(H, Dn, R)``, w_uv: ``(H, Dv, R)``: kv_b_proj's weight split per head
             (:func:`longattn.mla.reference.split_kv_b_weight`).
         scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5``, times the YaRN mscale squared when used).
-        cu_seqlens / max_seqlen: varlen layout (int32 cu_seqlens).
+        cu_seqlens / max_seqlen: varlen layout (int32 cu_seqlens); ``cu_seqlens_q``/``cu_seqlens_k`` when
+            the latent holds more tokens than the queries (chunked prefill after a cached prefix: queries
+            are aligned to the end of each sequence's keys, as in dense layout with Tq < Tk).
     Returns:
         ``(B, T, H, Dv)`` / ``(total, H, Dv)`` in q's dtype (and the lse if asked). Differentiable in every
         input, the weights included.
     """
-    varlen = cu_seqlens is not None
+    varlen = cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None
     nd = 3 if varlen else 4
     for name, t, n in (("q_nope", q_nope, nd), ("q_rope", q_rope, nd), ("c_kv", c_kv, nd - 1),
                        ("k_rope", k_rope, nd - 1), ("w_uk", w_uk, 3), ("w_uv", w_uv, 3)):
@@ -50,12 +53,14 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
                          f"last dim {k_rope.shape[-1]}")
     if c_kv.shape[:-1] != k_rope.shape[:-1]:
         raise ValueError(f"c_kv {tuple(c_kv.shape)} and k_rope {tuple(k_rope.shape)} must have the same tokens")
+    if not varlen and c_kv.shape[0] != q_nope.shape[0]:
+        raise ValueError(f"c_kv's batch ({c_kv.shape[0]}) must equal q_nope's ({q_nope.shape[0]})")
     k_nope = torch.einsum("...r,hdr->...hd", c_kv, w_uk)
     v = torch.einsum("...r,hdr->...hd", c_kv, w_uv)
     k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1)
     q = torch.cat([q_nope, q_rope], -1)
     return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                           return_lse=return_lse)
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
 def _num_sms(device: torch.device) -> int:

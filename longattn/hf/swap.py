@@ -1,0 +1,75 @@
+"""``swap_attention``: put longattn's attention into a transformers model in place."""
+from __future__ import annotations
+
+from torch import nn
+
+MOBA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+MLA_ARCHS = ("deepseek_v3",)
+KINDS = ("flash", "moba", "mla")
+
+
+def _set_impl(model: nn.Module, name: str) -> None:
+    from . import register
+
+    register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
+    """Replace the attention of every layer of a transformers causal LM, in place; returns the model.
+
+    kinds:
+        ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
+            attention interface); exact.
+        ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral models; options ``block_size`` (default 512) and
+            ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
+        ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an
+            :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
+            absorbed decoding over a paged latent cache); option ``page_size`` (default 64).
+    Raises ValueError for an unknown kind, an unsupported architecture or an unknown option.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    cfg = getattr(model, "config", None)
+    arch = getattr(cfg, "model_type", None)
+    if cfg is None:
+        raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
+    allowed = {"flash": (), "moba": ("block_size", "topk"), "mla": ("page_size",)}[kind]
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) for kind {kind!r}: {sorted(unknown)}; allowed: {list(allowed)}")
+    if kind == "flash":
+        if arch in MLA_ARCHS:
+            raise ValueError("use kind='mla' for DeepSeek-V3 models")
+        _set_impl(model, "longattn")
+    elif kind == "moba":
+        if arch not in MOBA_ARCHS:
+            raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
+        bs = options.get("block_size", getattr(cfg, "moba_block_size", 512))
+        topk = options.get("topk", getattr(cfg, "moba_topk", 3))
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
+        if not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        cfg.moba_block_size, cfg.moba_topk = bs, topk
+        _set_impl(model, "moba")
+    else:
+        if arch not in MLA_ARCHS:
+            raise ValueError(f"kind 'mla' supports model types {MLA_ARCHS}, got {arch!r}")
+        from ..mla.module import MLAAttention
+
+        n = 0
+        for layer in model.model.layers:
+            if type(layer.self_attn).__name__ == "DeepseekV3Attention":
+                layer.self_attn = MLAAttention(layer.self_attn, **options)
+                n += 1
+        if n == 0:
+            raise ValueError("found no DeepseekV3Attention layer to replace")
+        _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects
+    return model
+
+
+__all__ = ["swap_attention", "KINDS"]

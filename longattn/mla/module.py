@@ -1,0 +1,147 @@
+"""MLA attention module for transformers' DeepSeek-V3 models: prefill on decompressed K/V through
+:func:`mla_prefill`, decoding in the absorbed form through :func:`mla_decode` over a paged latent cache
+that holds only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .cache import PagedLatentCache
+from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
+
+_SUBMODULES = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
+               "o_proj")
+
+
+class MLAAttention(nn.Module):
+    """Drop-in replacement of a transformers ``DeepseekV3Attention``, sharing its weights (same parameter
+    names, so state dicts load unchanged).
+
+    With a transformers cache, the latent of every layer lives in a :class:`PagedLatentCache` (page size
+    64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at
+    most 16 new tokens per sequence decode in the absorbed form; longer ones (prompts, chunked prefill)
+    decompress the latent and run flash attention. A 2-D padding mask (left or right padding) is
+    handled by keeping only real tokens in the latent cache.
+    """
+
+    def __init__(self, attn: nn.Module, page_size: int = 64):
+        super().__init__()
+        cfg = attn.config
+        self.config = cfg
+        self.layer_idx = attn.layer_idx
+        self.num_heads = attn.num_heads
+        self.qk_nope_head_dim = attn.qk_nope_head_dim
+        self.qk_rope_head_dim = attn.qk_rope_head_dim
+        self.v_head_dim = attn.v_head_dim
+        self.kv_lora_rank = attn.kv_lora_rank
+        self.scaling = attn.scaling
+        self.is_causal = True
+        self.page_size = page_size
+        for name in _SUBMODULES:
+            setattr(self, name, getattr(attn, name, None))
+        hf_module = sys.modules[type(attn).__module__]
+        self._rope = hf_module.apply_rotary_pos_emb_interleave if getattr(cfg, "rope_interleave", False) \
+            else hf_module.apply_rotary_pos_emb
+
+    def _weights(self):
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def _latent_cache(self, cache, batch: int, dtype, device):
+        store = getattr(cache, "_longattn_mla", None)
+        if store is None:
+            store = {}
+            cache._longattn_mla = store
+        state = store.get(self.layer_idx)
+        if state is None:
+            pc = PagedLatentCache(max(4, batch * 4), page_size=self.page_size, kv_lora_rank=self.kv_lora_rank,
+                                  rope_dim=self.qk_rope_head_dim, dtype=dtype, device=device, growable=True)
+            state = store[self.layer_idx] = (pc, [pc.new_sequence() for _ in range(batch)])
+        return state
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
+                cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        B, T = hidden_states.shape[:2]
+        H, Dn, Dr = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        if self.q_proj is not None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(B, T, H, Dn + Dr).transpose(1, 2)
+        q_nope, q_rot = q.split([Dn, Dr], -1)
+        ckv = self.kv_a_proj_with_mqa(hidden_states)
+        c_kv, k_rot = ckv.split([self.kv_lora_rank, Dr], -1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos, sin = position_embeddings
+        q_rot, k_rot = self._rope(q_rot, k_rot.view(B, 1, T, Dr), cos, sin)
+        q_nope, q_rot = q_nope.transpose(1, 2), q_rot.transpose(1, 2)  # (B, T, H, *)
+        k_rot = k_rot.view(B, T, Dr)
+
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("MLAAttention expects a 2-D padding mask; swap it in with longattn.hf.swap_attention")
+            mask = attention_mask[:, -T:].bool()
+            if bool(mask.all()):
+                mask = None
+        lengths = mask.sum(1).tolist() if mask is not None else [T] * B
+        w_uk, w_uv = self._weights()
+
+        if cache is not None:
+            pc, ids = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
+            has_past = any(pc.seqlen(i) > 0 for i in ids)
+            sel = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=c_kv.device)
+            pc.append(ids, c_kv[sel], k_rot[sel], lengths)
+            # transformers' cache only counts tokens here (zero-width tensors)
+            cache.update(c_kv.new_zeros(B, 1, T, 0), c_kv.new_zeros(B, 1, T, 0), self.layer_idx)
+            seqlens = pc.seqlens(ids)
+            if has_past and T <= MAX_QUERY_TOKENS:
+                if mask is not None and min(lengths) != T:
+                    raise ValueError("decoding steps must not contain padding (use left padding for generation)")
+                q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
+                o_lat = mla_decode(q_lat, q_rot, pc.kv, cache_seqlens=seqlens, block_table=pc.block_table(ids),
+                                   scale=self.scaling)
+                out = torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
+                return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
+            if has_past:  # a long chunk after a cached prefix: decompress the whole latent of each sequence
+                return self._prefill_with_prefix(q_nope, q_rot, mask, lengths, pc, ids, w_uk, w_uv), None
+        out = self._prefill(q_nope, q_rot, c_kv, k_rot, mask, lengths, w_uk, w_uv)
+        return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
+
+    def _prefill(self, q_nope, q_rot, c_kv, k_rot, mask, lengths, w_uk, w_uv):
+        if mask is None:
+            return mla_prefill(q_nope, q_rot, c_kv, k_rot, w_uk, w_uv, scale=self.scaling)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q_nope.device)
+        cu[1:] = torch.tensor(lengths, device=q_nope.device).cumsum(0)
+        packed = mla_prefill(q_nope[mask], q_rot[mask], c_kv[mask], k_rot[mask], w_uk, w_uv, scale=self.scaling,
+                             cu_seqlens=cu)
+        out = packed.new_zeros(*q_nope.shape[:3], self.v_head_dim)
+        out[mask] = packed
+        return out
+
+    def _prefill_with_prefix(self, q_nope, q_rot, mask, lengths, pc, ids, w_uk, w_uv):
+        B, T = q_nope.shape[:2]
+        sel = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=q_nope.device)
+        lens_k = [pc.seqlen(i) for i in ids]
+        table = pc.block_table(ids)
+        flat = pc.kv.view(-1, pc.kv.shape[-1])
+        rows = torch.cat([(table[b, :(n + self.page_size - 1) // self.page_size].long()[:, None] * self.page_size
+                           + torch.arange(self.page_size, device=table.device)).flatten()[:n]
+                          for b, n in enumerate(lens_k)])
+        latent = flat[rows]
+        cu_q = torch.zeros(B + 1, dtype=torch.int32, device=q_nope.device)
+        cu_q[1:] = torch.tensor(lengths, device=q_nope.device).cumsum(0)
+        cu_k = torch.zeros_like(cu_q)
+        cu_k[1:] = torch.tensor(lens_k, device=q_nope.device).cumsum(0)
+        packed = mla_prefill(q_nope[sel], q_rot[sel], latent[:, :self.kv_lora_rank], latent[:, self.kv_lora_rank:],
+                             w_uk, w_uv, scale=self.scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        out = packed.new_zeros(B, T, self.num_heads, self.v_head_dim)
+        out[sel] = packed
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+__all__ = ["MLAAttention"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flash, moba
+from . import flash, mla, moba
 from .common import NoCudaError
 
-SUITES = {"flash": flash, "moba": moba}
+SUITES = {"flash": flash, "moba": moba, "mla": mla}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,125 @@
+"""MLA: absorbed paged decode (GB/s, % of measured copy bandwidth, TFLOP/s) and prefill fwd/fwd+bwd vs SDPA."""
+from __future__ import annotations
+
+import argparse
+
+from .common import environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+
+COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "x_sdpa", "peak_MB"]
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--batches", default="1,8,64,128")
+    p.add_argument("--contexts", default="1k,8k,64k")
+    p.add_argument("--query-tokens", default="1,4")
+    p.add_argument("--heads", type=int, default=128)
+    p.add_argument("--prefill-seqlens", default="4k,16k")
+    p.add_argument("--prefill-heads", type=int, default=32)
+    p.add_argument("--max-cache-gb", type=float, default=24.0, help="skip decode shapes whose cache is larger")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--out", default=None)
+
+
+def copy_bandwidth_gbs(dev) -> float:
+    """Device-to-device copy, bytes read plus bytes written per second."""
+    import torch
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x))
+    return 2 * x.numel() / ms / 1e6
+
+
+def run(args, argv=None) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from longattn.mla import mla_decode, mla_prefill
+
+    dev = require_cuda()
+    dtype = getattr(torch, args.dtype)
+    R, E, Dn, Dv, page = 512, 64, 128, 128, 64
+    scale = (Dn + E) ** -0.5
+    bw = copy_bandwidth_gbs(dev)
+    print(f"  measured copy bandwidth: {bw:.0f} GB/s")
+    rows = []
+    H = args.heads
+    for L in parse_ints(args.contexts):
+        for B in parse_ints(args.batches):
+            n_pages = B * (-(-L // page))
+            if n_pages * page * (R + E) * 2 / 1e9 > args.max_cache_gb:
+                print(f"  decode B={B} L={L}: skipped (cache above --max-cache-gb)")
+                continue
+            cache = torch.randn(n_pages, page, R + E, device=dev, dtype=dtype)
+            table = torch.randperm(n_pages, device=dev, dtype=torch.int32).view(B, -1)
+            seqlens = torch.full((B,), L, dtype=torch.int32, device=dev)
+            for S in parse_ints(args.query_tokens):
+                q_lat = torch.randn(B, S, H, R, device=dev, dtype=dtype)
+                q_rope = torch.randn(B, S, H, E, device=dev, dtype=dtype)
+                bytes_ = B * L * (R + E) * 2 + 2 * B * S * H * (R + E) * 2
+                flops = 2.0 * B * S * H * L * (R + E + R)
+                fn = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale)
+                ms = time_ms(fn)
+                row = dict(op="decode", impl="longattn", mode="fwd", B=B, L=L, S=S, H=H, ms=ms,
+                           **{"GB/s": bytes_ / ms / 1e6, "%copy_bw": 100 * bytes_ / ms / 1e6 / bw,
+                              "TFLOP/s": flops / ms / 1e9}, peak_MB=peak_memory_mb(fn), series=f"longattn S={S}")
+                rows.append(row)
+                print(f"  decode B={B} L={L} S={S}: {ms:.3f} ms, {row['GB/s']:.0f} GB/s "
+                      f"({row['%copy_bw']:.0f}% of copy), {row['TFLOP/s']:.0f} TFLOP/s")
+                if B * L <= 64 * 8192:  # the baseline materialises the gathered cache
+                    kv = cache[table.long()].view(B, -1, R + E)[:, :L]
+                    q = torch.cat([q_lat, q_rope], -1).transpose(1, 2)
+                    k = kv[:, None]
+                    v = kv[:, None, :, :R]
+
+                    def sdpa():
+                        return F.scaled_dot_product_attention(q, k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1),
+                                                              scale=scale)
+                    try:
+                        ms_b = time_ms(sdpa)
+                        rows.append(dict(op="decode", impl="sdpa", mode="fwd", B=B, L=L, S=S, H=H, ms=ms_b,
+                                         **{"GB/s": bytes_ / ms_b / 1e6}, series=f"sdpa S={S}"))
+                        row["x_sdpa"] = ms_b / ms
+                    except Exception as e:
+                        print(f"  sdpa decode skipped ({type(e).__name__})")
+                    del kv, q, k, v
+            del cache, table
+            torch.cuda.empty_cache()
+    Hp = args.prefill_heads
+    for T in parse_ints(args.prefill_seqlens):
+        B = max(1, 16384 // T)
+        qn = torch.randn(B, T, Hp, Dn, device=dev, dtype=dtype, requires_grad=True)
+        qr = torch.randn(B, T, Hp, E, device=dev, dtype=dtype, requires_grad=True)
+        c = torch.randn(B, T, R, device=dev, dtype=dtype, requires_grad=True)
+        kr = torch.randn(B, T, E, device=dev, dtype=dtype, requires_grad=True)
+        w_uk = (torch.randn(Hp, Dn, R, device=dev, dtype=dtype) / R ** 0.5).requires_grad_()
+        w_uv = (torch.randn(Hp, Dv, R, device=dev, dtype=dtype) / R ** 0.5).requires_grad_()
+        do = torch.randn(B, T, Hp, Dv, device=dev, dtype=dtype)
+
+        def ours():
+            return mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=scale)
+
+        def sdpa():
+            k = torch.cat([torch.einsum("btr,hdr->bthd", c, w_uk), kr[:, :, None].expand(-1, -1, Hp, -1)], -1)
+            v = torch.einsum("btr,hdr->bthd", c, w_uv)
+            q = torch.cat([qn, qr], -1)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, scale=scale).transpose(1, 2)
+        flops = 2.0 * (Dn + E + Dv) * T * (T + 1) / 2 * Hp * B
+        for mode in ("fwd", "fwdbwd"):
+            times = {}
+            for name, fn in (("longattn", ours), ("sdpa", sdpa)):
+                call = fn if mode == "fwd" else (lambda fn=fn: fn().backward(do))
+                with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                    times[name] = time_ms(call, grad_to_none=[qn, qr, c, kr, w_uk, w_uv])
+                f = flops * (1 if mode == "fwd" else 3.5)
+                rows.append(dict(op="prefill", impl=name, mode=mode, B=B, L=T, S=T, H=Hp, ms=times[name],
+                                 **{"TFLOP/s": f / times[name] / 1e9}, series=f"{name} prefill {mode}"))
+                print(f"  prefill {name} {mode} T={T}: {times[name]:.3f} ms")
+            rows[-2]["x_sdpa"] = times["sdpa"] / times["longattn"]
+    env = environment(argv)
+    env["copy_bandwidth_GBs"] = bw
+    out = write_results("mla", rows, COLUMNS, env, plot=dict(x="L", y="ms", series="series", panels="op",
+                                                             title="MLA"), out_dir=args.out)
+    print(f"results written to {out}")
+    return rows

@@ -1,0 +1,154 @@
+"""Batched rollouts for RL: prefill prompts of different lengths, then decode with a KV cache.
+
+``generate(model, prompts, max_new_tokens)`` returns the completions and the log-probability of every
+generated token. With longattn's attention implementations ("moba", "longattn") the prompts are packed
+into one row without padding (position_ids restart at 0 per prompt, the attention runs varlen) and the
+packed KV cache is then split into a left-padded batch cache for decoding; other models (MLA-swapped
+DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through the mask.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+PACKED_IMPLEMENTATIONS = ("moba", "longattn")
+
+
+@dataclass
+class Rollout:
+    """Generated tokens (up to and including the first eos) and their log-probabilities, per prompt."""
+    completions: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prefill_packed: bool = False
+
+
+def _as_tensors(prompts, device) -> list:
+    out = []
+    for i, p in enumerate(prompts):
+        t = torch.as_tensor(p, dtype=torch.long, device=device).flatten()
+        if t.numel() == 0:
+            raise ValueError(f"prompts[{i}] is empty")
+        out.append(t)
+    if not out:
+        raise ValueError("prompts must hold at least one prompt")
+    return out
+
+
+def _uses_packing(model) -> bool:
+    impl = getattr(model.config, "_attn_implementation", None)
+    has_mla = any(type(m).__name__ == "MLAAttention" for m in model.modules())
+    return impl in PACKED_IMPLEMENTATIONS and not has_mla
+
+
+def _cache_kw(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in recent 5.x releases; use what the model takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _left_pad(rows: list, length: int, value=0) -> torch.Tensor:
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
+    for i, r in enumerate(rows):
+        out[i, length - r.shape[0]:] = r
+    return out
+
+
+def _packed_prefill(model, prompts, lens):
+    """Prefill every prompt in one packed row; return last-token logits (B, V) and a left-padded cache."""
+    from transformers import DynamicCache
+
+    device = prompts[0].device
+    ids = torch.cat(prompts)[None]
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
+    packed = DynamicCache(config=model.config)
+    out = model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): packed})
+    ends = torch.tensor(lens, device=device).cumsum(0) - 1
+    logits = out.logits[0, ends]
+    cache = DynamicCache(config=model.config)
+    longest = max(lens)
+    for layer_idx, layer in enumerate(packed.layers):
+        ks = list(layer.keys[0].transpose(0, 1).split(lens))  # per prompt (n, H, D)
+        vs = list(layer.values[0].transpose(0, 1).split(lens))
+        k = _left_pad(ks, longest).transpose(1, 2)  # (B, H, longest, D)
+        v = _left_pad(vs, longest).transpose(1, 2)
+        cache.update(k, v, layer_idx)
+    return logits, cache
+
+
+def _padded_prefill(model, prompts, lens):
+    from transformers import DynamicCache
+
+    longest = max(lens)
+    ids = _left_pad(prompts, longest)
+    mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(model): cache})
+    return out.logits[:, -1], cache
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
+             stop_at_eos: bool = True, temperature: float = 0.0, generator: Optional[torch.Generator] = None,
+             packed: Optional[bool] = None) -> Rollout:
+    """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
+
+    Args:
+        model: a transformers causal LM (typically after :func:`longattn.hf.swap_attention`).
+        prompts: token-id sequences (lists or 1-D tensors) of any lengths.
+        eos_token_id: stop a sequence after this token (default: ``model.config.eos_token_id`` if an int);
+            ``stop_at_eos=False`` always generates ``max_new_tokens`` tokens.
+        temperature: 0 for greedy decoding, else softmax temperature for sampling.
+        packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
+            longattn's attention functions.
+    Returns:
+        :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated
+        token under the model at temperature 1). Greedy completions equal per-prompt ``model.generate``.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    prompts = _as_tensors(prompts, device)
+    lens = [p.numel() for p in prompts]
+    B = len(prompts)
+    if eos_token_id is None and isinstance(getattr(model.config, "eos_token_id", None), int):
+        eos_token_id = model.config.eos_token_id
+    if not stop_at_eos:
+        eos_token_id = None
+    use_packed = _uses_packing(model) if packed is None else packed
+    logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens)
+    longest = max(lens)
+    mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
+    next_pos = torch.tensor(lens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed)
+    for step in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float(), -1)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float() / temperature, -1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        for i in range(B):
+            if not done[i]:
+                result.completions[i].append(int(tok[i]))
+                result.logprobs[i].append(float(tok_lp[i]))
+        if eos_token_id is not None:
+            done |= tok == eos_token_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
+                    **{_cache_kw(model): cache})
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1]
+    return result
+
+
+__all__ = ["generate", "Rollout"]

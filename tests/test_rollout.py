@@ -1,0 +1,102 @@
+"""Rollouts: packed prefill + cached decoding equals per-prompt generate; packed training backward."""
+import copy
+
+import pytest
+import torch
+
+import longattn
+from longattn import rollout
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+
+
+def _model(arch="llama", kind="moba", **opts):
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    return longattn.hf.swap_attention(model, kind, **opts)
+
+
+@pytest.mark.parametrize("arch,kind,opts", [("llama", "moba", dict(block_size=16, topk=2)), ("qwen2", "flash", {})],
+                         ids=["llama-moba", "qwen2-flash"])
+def test_packed_rollout_equals_per_prompt_generate(arch, kind, opts):
+    model = _model(arch, kind, **opts)
+    prompts = [torch.randint(0, 128, (n,)) for n in (37, 5, 20)]
+    res = rollout.generate(model, prompts, 6, stop_at_eos=False)
+    assert res.prefill_packed
+    for p, comp, lps in zip(prompts, res.completions, res.logprobs):
+        with torch.no_grad():
+            g = model.generate(p[None], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert comp == g[0, p.numel():].tolist()
+        # log-probs equal a full recompute of the whole sequence
+        with torch.no_grad():
+            logits = model(g, use_cache=False).logits[0, p.numel() - 1:-1]
+        want = torch.log_softmax(logits.float(), -1).gather(1, g[0, p.numel():, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lps), want, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_rollout_and_eos():
+    model = _model("llama", "moba", block_size=16, topk=2)
+    prompts = [torch.randint(0, 128, (n,)) for n in (12, 30)]
+    packed = rollout.generate(model, prompts, 5, packed=True, stop_at_eos=False)
+    padded = rollout.generate(model, prompts, 5, packed=False, stop_at_eos=False)
+    assert packed.completions == padded.completions and not padded.prefill_packed
+    eos = packed.completions[0][1]
+    stopped = rollout.generate(model, prompts, 5, eos_token_id=eos)
+    assert stopped.completions[0] == packed.completions[0][:packed.completions[0].index(eos) + 1]
+
+
+def test_packed_training_backward_equals_unpacked():
+    model = _model("llama", "moba", block_size=16, topk=2).train()
+    seqs = [torch.randint(0, 128, (n,)) for n in (40, 23)]
+
+    def loss_of(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")
+
+    packed = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(s.numel()) for s in seqs])[None]
+    logits = model(packed, position_ids=pos).logits[0]
+    start, loss = 0, 0.0
+    for s in seqs:
+        loss = loss + loss_of(logits[start:start + s.numel()], s)
+        start += s.numel()
+    loss.backward()
+    g_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss_sep = sum(loss_of(model(s[None]).logits[0], s) for s in seqs)
+    loss_sep.backward()
+    torch.testing.assert_close(loss, loss_sep, atol=1e-4, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.isfinite(g_packed[n]).all()
+        torch.testing.assert_close(g_packed[n], p.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_rollout_with_mla_model():
+    from transformers import DeepseekV3Config
+
+    cfg = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
+                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                           max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = longattn.hf.swap_attention(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval(),
+                                       "mla", page_size=16)
+    prompts = [torch.randint(0, 128, (n,)) for n in (25, 9)]
+    res = rollout.generate(model, prompts, 4, stop_at_eos=False)
+    assert not res.prefill_packed
+    for p, comp in zip(prompts, res.completions):
+        with torch.no_grad():
+            g = model.generate(p[None], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert comp == g[0, p.numel():].tolist()
+
+
+def test_rollout_bad_arguments():
+    model = _model()
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        rollout.generate(model, [[1, 2]], 0)
+    with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
+        rollout.generate(model, [[1, 2], []], 2)

@@ -8,57 +8,101 @@ import time
 from pathlib import Path
 
 
-def _demo(args) -> int:
-    import torch
+def _tiny_configs(cuda: bool):
+    """The embedded default: small Llama-style and DeepSeek-V3-style configs (random weights, no download)."""
+    from transformers import DeepseekV3Config, LlamaConfig
 
-    import longattn  # sets TRITON_INTERPRET=1 without CUDA
-    from longattn.kernels.reference import attention_ref
+    width = 256 if cuda else 64
+    llama = LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 16)
+    deepseek = DeepseekV3Config(vocab_size=512, hidden_size=width, intermediate_size=2 * width,
+                                moe_intermediate_size=width // 2, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                topk_group=1, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16,
+                                qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                                max_position_embeddings=1 << 16)
+    return llama, deepseek
+
+
+def _demo(args) -> int:
+    import copy
+
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    import longattn  # sets TRITON_INTERPRET=1 without CUDA, registers the HF attention functions
+    from longattn import rollout
     from longattn.kernels.utils import is_interpreter
 
     cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
+    dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    scale_up = 16 if cuda else 1
-    lengths = [int(n) * scale_up for n in args.lengths.split(",")]
-    hq, hkv, d = 8, 2, 64
-    print(f"longattn {longattn.__version__} demo on {torch.cuda.get_device_name(0) if cuda else 'CPU'}: "
-          f"{'Triton kernels on the GPU' if cuda else 'Triton kernels through the CPU interpreter (small sizes)' if is_interpreter() else 'Triton kernels'}")
-    print(f"packed batch of {len(lengths)} prompts, lengths {lengths}, {hq} query heads / {hkv} KV heads, "
-          f"head dim {d}, {str(dtype).replace('torch.', '')}")
+    scale = 16 if cuda else 1
+    lengths = [int(n) * scale for n in args.lengths.split(",")]
+    block = args.block_size * scale
+    backend = ("Triton kernels on " + torch.cuda.get_device_name(0)) if cuda else \
+        "Triton kernels through the CPU interpreter (small sizes)" if is_interpreter() else "Triton kernels"
+    print(f"longattn {longattn.__version__} demo: {backend}, {str(dtype).replace('torch.', '')}")
     torch.manual_seed(0)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    cu = cu.to(dev)
-    total = sum(lengths)
-    q = torch.randn(total, hq, d, device=dev, dtype=dtype, requires_grad=True)
-    k = torch.randn(total, hkv, d, device=dev, dtype=dtype, requires_grad=True)
-    v = torch.randn(total, hkv, d, device=dev, dtype=dtype, requires_grad=True)
-    rows = []
-    for name, kw in (("flash causal", dict()), (f"flash window {args.window * scale_up}", dict(window=args.window * scale_up)),
-                     ("flash bidirectional", dict(causal=False))):
-        t0 = time.perf_counter()
-        out = longattn.flash_attention(q, k, v, cu_seqlens=cu, **kw)
-        _sync(cuda)
-        t_fwd = time.perf_counter() - t0
-        dout = torch.randn_like(out)
-        t0 = time.perf_counter()
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-        _sync(cuda)
-        t_bwd = time.perf_counter() - t0
-        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
-        ref = attention_ref(qr, kr, vr, cu_seqlens_q=cu, cu_seqlens_k=cu, **kw)
-        rq, rk, rv = torch.autograd.grad(ref, (qr, kr, vr), dout.float())
-        diff = max((a.float() - b).abs().max().item() for a, b in ((out, ref), (dq, rq), (dk, rk), (dv, rv)))
-        rows.append((name, total, t_fwd * 1e3, t_bwd * 1e3, diff))
+    if args.model:
+        base = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, attn_implementation="sdpa")
+        bases = {base.config.model_type: base}
+        print(f"model: {args.model} ({base.config.model_type})")
+    else:
+        llama_cfg, ds_cfg = _tiny_configs(cuda)
+        bases = {"llama": AutoModelForCausalLM.from_config(llama_cfg, attn_implementation="sdpa"),
+                 "deepseek_v3": AutoModelForCausalLM.from_config(ds_cfg, attn_implementation="eager")}
+        print("model: embedded tiny Llama-style and DeepSeek-V3-style models, random weights")
+    for m in bases.values():
+        m.to(device=dev, dtype=dtype).eval()
+    vocab = next(iter(bases.values())).config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), device=dev) for n in lengths]
+    print(f"{len(prompts)} prompts of lengths {lengths}: one prefill (packed without padding where the attention "
+          f"allows), then {args.new_tokens} greedy tokens each with a KV cache")
+
+    runs = []  # (label, base model key, kind, options, exact?)
+    for key in bases:
+        if key == "deepseek_v3":
+            runs.append(("mla (absorbed decode)", key, "mla", {}, True))
+        else:
+            runs += [("flash", key, "flash", {}, True),
+                     (f"moba bs{block} top-all", key, "moba", dict(block_size=block, topk=64), True),
+                     (f"moba bs{block} top{args.topk}", key, "moba", dict(block_size=block, topk=args.topk), False)]
+    rows, failed = [], []
+    for label, key, kind, opts, exact in tqdm(runs, desc="demo", unit="run"):
+        base = bases[key]
+        model = longattn.hf.swap_attention(copy.deepcopy(base), kind, **opts)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        res = rollout.generate(model, prompts, args.new_tokens, stop_at_eos=False)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        ref = rollout.generate(base, prompts, args.new_tokens, stop_at_eos=False, packed=False)
+        with torch.no_grad():  # logits of every prompt token, ours vs the dense model
+            diff = max((model(p[None]).logits.float() - base(p[None]).logits.float()).abs().max().item()
+                       for p in prompts)
+        same = sum(a == b for a, b in zip(res.completions, ref.completions))
+        tokens = sum(lengths) + sum(len(c) for c in res.completions)
+        n_dec = sum(len(c) for c in res.completions) - len(prompts)
+        rows.append((label, tokens, res.prefill_seconds * 1e3, n_dec / max(res.decode_seconds, 1e-9), peak, diff,
+                     f"{same}/{len(prompts)}", exact))
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-3
+        if exact and not (diff <= tol and same == len(prompts)):
+            failed.append(label)
+        del model
     print()
-    print(f"{'op':24s} {'tokens':>7s} {'fwd ms':>9s} {'bwd ms':>9s} {'max |diff| vs reference':>24s}")
-    for name, n, f, b, diff in rows:
-        print(f"{name:24s} {n:7d} {f:9.1f} {b:9.1f} {diff:24.2e}")
-    bad = [r for r in rows if not r[4] <= (5e-2 if dtype == torch.bfloat16 else 1e-3)]
-    if bad:
-        print(f"FAILED: {', '.join(r[0] for r in bad)} differ from the reference", file=sys.stderr)
+    head = f"{'kind':26s} {'tokens':>7s} {'prefill ms':>11s} {'decode tok/s':>13s} {'peak MB':>8s} " \
+           f"{'max |diff| vs dense':>20s} {'same tokens':>12s}"
+    print(head)
+    print("-" * len(head))
+    for label, tokens, pre, tps, peak, diff, same, exact in rows:
+        peak_s = f"{peak:8.0f}" if peak is not None else f"{'n/a':>8s}"
+        note = "" if exact else "  (sparse: differs from dense by design)"
+        print(f"{label:26s} {tokens:7d} {pre:11.1f} {tps:13.1f} {peak_s} {diff:20.2e} {same:>12s}{note}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} differ from the dense model", file=sys.stderr)
         return 1
-    print("\nall outputs and gradients match the reference")
+    print("\nexact configurations match the dense model (logits and greedy tokens)")
     return 0
 
 
@@ -83,8 +127,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longattn", description="longattn: attention kernels for long contexts")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="run the kernels on the embedded default problem and check them")
-    demo.add_argument("--lengths", default="37,100,1,160", help="comma-separated prompt lengths (x16 on CUDA)")
-    demo.add_argument("--window", type=int, default=32, help="sliding window (x16 on CUDA)")
+    demo.add_argument("--lengths", default="37,100,5,70", help="comma-separated prompt lengths (x16 on CUDA)")
+    demo.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per prompt")
+    demo.add_argument("--block-size", type=int, default=16, help="MoBA block size (x16 on CUDA)")
+    demo.add_argument("--topk", type=int, default=2, help="MoBA top-k of the sparse configuration")
+    demo.add_argument("--model", default=None, help="a local transformers checkpoint instead of the embedded default")
     sub.add_parser("bench", help="benchmarks (same options as `python -m bench`)", add_help=False)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])

@@ -9,6 +9,7 @@ DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention s
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -23,6 +24,8 @@ class Rollout:
     completions: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     prefill_packed: bool = False
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 def _as_tensors(prompts, device) -> list:
@@ -121,12 +124,14 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if not stop_at_eos:
         eos_token_id = None
     use_packed = _uses_packing(model) if packed is None else packed
+    t0 = _clock(device)
     logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens)
+    t1 = _clock(device)
     longest = max(lens)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     next_pos = torch.tensor(lens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed)
+    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), -1)
         if temperature == 0:
@@ -148,7 +153,14 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
                     **{_cache_kw(model): cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1]
+    result.decode_seconds = _clock(device) - t1
     return result
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 __all__ = ["generate", "Rollout"]

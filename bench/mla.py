@@ -82,8 +82,6 @@ def run(args, argv=None) -> list[dict]:
                         row["x_sdpa"] = ms_b / ms
                     except Exception as e:
                         print(f"  sdpa decode skipped ({type(e).__name__})")
-                    del kv, q, k, v
-            del cache, table
             torch.cuda.empty_cache()
     Hp = args.prefill_heads
     for T in parse_ints(args.prefill_seqlens):

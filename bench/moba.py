@@ -112,7 +112,6 @@ def run(args, argv=None) -> list[dict]:
                                      topk=topk, density=pairs / dense_pairs, dtype=args.dtype, ms=ms,
                                      **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem))
                     print(f"  {name:10s} {mode:7s} T={T} bs={bs} topk={topk}: {ms:.3f} ms")
-        del q, k, v, do
         torch.cuda.empty_cache()
     by = {(r["mode"], r["T"], r["block"], r["impl"]): r["ms"] for r in rows}
     for r in rows:

@@ -64,8 +64,9 @@ def _flash_cases():
     return cases
 
 
-def _moba_cases():
-    from longattn.moba import kernels as K
+def _sparse_cases():
+    from longattn.kernels import sparse as K
+    from longattn.moba import kernels as M
 
     cases = []
     for dt, d, bs in (("bf16", 128, 64), ("fp32", 64, 64)):
@@ -77,13 +78,13 @@ def _moba_cases():
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs)
         floats = ("qk_scale", "scale")
         cases += [
-            (f"_block_mean_kernel[{dt}]", K._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
-            (f"_moba_select_kernel[{dt}]", K._moba_select_kernel, ptr,
+            (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
+            (f"_moba_select_kernel[{dt}]", M._moba_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=64), ()),
-            (f"_moba_sparse_fwd_kernel[{dt}]", K._moba_sparse_fwd_kernel, ptr, dict(meta), floats),
-            (f"_moba_sparse_dkdv_kernel[{dt}]", K._moba_sparse_dkdv_kernel, ptr, dict(meta), floats),
-            (f"_moba_sparse_dq_kernel[{dt}]", K._moba_sparse_dq_kernel, ptr, dict(meta), floats),
-            (f"_moba_decode_kernel[{dt}]", K._moba_decode_kernel, ptr,
+            (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats),
+            (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(meta), floats),
+            (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats),
+            (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,
              dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64), floats),
         ]
     return cases
@@ -103,7 +104,7 @@ def _mla_cases():
     return cases
 
 
-CASE_BUILDERS = [_flash_cases, _moba_cases, _mla_cases]
+CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases]
 
 
 def main(argv) -> int:

@@ -83,6 +83,47 @@ def attention_ref(q, k, v, *, causal: bool = True, window: Optional[int] = None,
     return (out, lse) if return_lse else out
 
 
+def block_mask_ref(blocks: torch.Tensor, q_len: int, k_len: int, block_size: int) -> torch.Tensor:
+    """Token mask (Hq, Tq, Tk) of one sequence whose (query, head) attend to the key blocks listed in
+    ``blocks`` (Tq, Hq, K) (-1 = unused), causally (key j visible only if j <= the query's position)."""
+    pos = torch.arange(q_len, device=blocks.device) + (k_len - q_len)
+    j = torch.arange(k_len, device=blocks.device)
+    chosen = (blocks[:, :, :, None] == (j // block_size)[None, None, None, :]).any(2)  # (Tq, Hq, Tk)
+    causal = j[None, :] <= pos[:, None]
+    return (chosen & causal[:, None, :]).permute(1, 0, 2)
+
+
+def block_sparse_attention_ref(q, k, v, block_indices, *, block_size: int, scale: Optional[float] = None,
+                               cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False):
+    """Reference for :func:`longattn.kernels.sparse.block_sparse_attention`: own block (causal) plus the
+    listed earlier blocks, dense (B, T, H, D) or varlen (total, H, D)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+
+    def own_blocks(tq, tk, device):
+        return ((torch.arange(tq, device=device) + tk - tq) // block_size)[:, None, None]
+
+    outs, lses = [], []
+    if cu_seqlens_q is None:
+        spans = [(q[b], k[b], v[b], block_indices[b]) for b in range(q.shape[0])]
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        spans = [(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], block_indices[cq[b]:cq[b + 1]])
+                 for b in range(len(cq) - 1)]
+    for qs, ks, vs, sel in spans:
+        own = own_blocks(qs.shape[0], ks.shape[0], qs.device).expand(-1, qs.shape[1], 1)
+        mask = block_mask_ref(torch.cat([sel.long(), own], -1), qs.shape[0], ks.shape[0], block_size)
+        o, l = masked_attention_ref(qs, ks, vs, mask, scale)
+        outs.append(o)
+        lses.append(l)
+    if cu_seqlens_q is None:
+        out, lse = torch.stack(outs), torch.stack(lses)
+    else:
+        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
 def merge_ref(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
     """Reference for :func:`longattn.kernels.merge.merge_attention`.
 
@@ -99,4 +140,5 @@ def merge_ref(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
     return out.to(outs[0].dtype), lse
 
 
-__all__ = ["attention_mask_ref", "masked_attention_ref", "attention_ref", "merge_ref"]
+__all__ = ["attention_mask_ref", "masked_attention_ref", "attention_ref", "block_mask_ref",
+           "block_sparse_attention_ref", "merge_ref"]

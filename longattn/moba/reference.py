@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.reference import masked_attention_ref
+from ..kernels.reference import block_mask_ref, masked_attention_ref
 
 
 def _pooled_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -70,14 +70,7 @@ def moba_block_selection_ref(q: torch.Tensor, k: torch.Tensor, *, block_size: in
     return torch.cat(parts, 0)
 
 
-def moba_mask_ref(sel: torch.Tensor, q_len: int, k_len: int, block_size: int) -> torch.Tensor:
-    """Token mask (Hq, Tq, Tk) of one sequence from its selection (Tq, Hq, topk)."""
-    pos = torch.arange(q_len, device=sel.device) + (k_len - q_len)
-    j = torch.arange(k_len, device=sel.device)
-    key_block = j // block_size  # (Tk,)
-    chosen = (sel[:, :, :, None] == key_block[None, None, None, :]).any(2)  # (Tq, Hq, Tk)
-    causal = j[None, :] <= pos[:, None]  # (Tq, Tk)
-    return (chosen & causal[:, None, :]).permute(1, 0, 2)
+moba_mask_ref = block_mask_ref  # the token mask of a MoBA selection (own block included)
 
 
 def moba_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, topk: int,

@@ -1,0 +1,500 @@
+"""Block-sparse attention: every query attends causally to its own key block and fully to a list of
+earlier, complete key blocks of its sequence, in one softmax (the engine under MoBA and NSA's selected
+branch). Forward and backward in Triton, varlen, GQA, Tq < Tk, and a split-KV path for decoding.
+
+Layout of the work. The own blocks form a block-diagonal causal problem that runs through
+:mod:`longattn.kernels.flash` (each key block is one varlen "sequence"). The selected earlier blocks are
+organised by key block: every (query, query head, slot) that selected block ``i`` is an *entry*; entries
+are sorted by (global block, KV head) into segments, and each program takes a tile of up to ``BLOCK_M``
+entries of one segment (rows may mix the query heads of a GQA group, which share the block's K/V) and
+runs them against the block's keys. Tiles are found by a binary search over the per-segment tile counts,
+so launches need no host synchronisation. The pieces are merged by lse; the backward pass uses the final
+row lse and delta, so no per-piece buffer is kept for it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash import LOG2E, flash_bwd, flash_bwd_delta, flash_fwd
+from .merge import merge_fwd
+from .utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
+                    kernel_inputs, next_pow2)
+
+
+@triton.jit
+def _find_tile(TILE_CUM, pid, n_seg, n_iter):
+    """Segment s with TILE_CUM[s] <= pid < TILE_CUM[s + 1] (binary search), and the tile's rank in it."""
+    lo = pid * 0
+    hi = lo + n_seg - 1
+    for _ in range(0, n_iter):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(TILE_CUM + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo, pid - tl.load(TILE_CUM + lo)
+
+
+@triton.jit
+def _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Entries of one tile: query row t, query head h, slot s (entry id = (t * Hq + h) * KSEL + s)."""
+    e0 = tl.load(SEG_START + seg) + tile * BLOCK_M
+    e1 = tl.load(SEG_START + seg + 1)
+    offs = e0 + tl.arange(0, BLOCK_M)
+    valid = offs < e1
+    e = tl.load(ENTRY + offs, mask=valid, other=0).to(tl.int64)
+    slot = e % KSEL
+    th = e // KSEL
+    return th // Hq, th % Hq, slot, valid
+
+
+@triton.jit
+def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            stride_os, stride_ot, stride_oh, stride_ls, stride_lh,
+                            n_seg, n_iter, Hq, HKV, block_size, qk_scale,
+                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Attention of a tile of entries over one whole selected block; writes slot ``1 + s`` of OS/LS."""
+    pid = tl.program_id(0)
+    if pid >= tl.load(TILE_CUM + n_seg):
+        return
+    seg, tile = _find_tile(TILE_CUM, pid, n_seg, n_iter)
+    gb = (seg // HKV).to(tl.int64)
+    hk = (seg % HKV).to(tl.int64)
+    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
+                mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    row0 = tl.load(BLOCK_ROW + gb).to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(0, block_size, BLOCK_N):
+        rows = row0 + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        kt = tl.load(K + rows[None, :] * stride_kt + hk * stride_kh + offs_dk[:, None],
+                     mask=offs_dk[:, None] < DQK, other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                    mask=offs_dv[None, :] < DV, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    slot1 = (slot + 1).to(tl.int64)
+    tl.store(OS + slot1[:, None] * stride_os + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_dv[None, :],
+             out.to(OS.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LS + slot1 * stride_ls + h * stride_lh + t, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+             mask=valid)
+
+
+@triton.jit
+def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENTRY, SEG_START, BLOCK_ROW,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                             stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                             Hq, HKV, qk_scale, scale,
+                             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                             KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    """dK/dV of one key tile of one (block, KV head) segment from every entry that selected it, added to
+    the own-block gradients already in DK/DV (one program per key tile: deterministic, no atomics)."""
+    pid_n = tl.program_id(0)
+    seg = tl.program_id(1)
+    e0 = tl.load(SEG_START + seg)
+    e1 = tl.load(SEG_START + seg + 1)
+    if e1 == e0:
+        return
+    gb = (seg // HKV).to(tl.int64)
+    hk = (seg % HKV).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :], mask=offs_dk[None, :] < DQK,
+                other=0.0)
+    v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :], mask=offs_dv[None, :] < DV,
+                other=0.0)
+    kt = tl.trans(k)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for tile in range(0, tl.cdiv(e1 - e0, BLOCK_M)):
+        t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
+        q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
+                    mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
+                     mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
+        p = tl.math.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk_ptr = DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :]
+    dv_ptr = DV_ + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :]
+    mk = offs_dk[None, :] < DQK
+    mv = offs_dv[None, :] < DV
+    dk = dk * scale + tl.load(dk_ptr, mask=mk, other=0.0).to(tl.float32)
+    dv = dv + tl.load(dv_ptr, mask=mv, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=mk)
+    tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
+                           n_seg, n_iter, Hq, HKV, block_size, qk_scale, scale,
+                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """dQ of a tile of entries from one selected block, atomically added to a float32 buffer (a query
+    row gets contributions from up to KSEL blocks, handled by different programs)."""
+    pid = tl.program_id(0)
+    if pid >= tl.load(TILE_CUM + n_seg):
+        return
+    seg, tile = _find_tile(TILE_CUM, pid, n_seg, n_iter)
+    gb = (seg // HKV).to(tl.int64)
+    hk = (seg % HKV).to(tl.int64)
+    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
+                mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
+                 mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
+    row0 = tl.load(BLOCK_ROW + gb).to(tl.int64)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    for n0 in range(0, block_size, BLOCK_N):
+        rows = row0 + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :], mask=offs_dk[None, :] < DQK,
+                    other=0.0)
+        vt = tl.load(V + rows[None, :] * stride_vt + hk * stride_vh + offs_dv[:, None], mask=offs_dv[:, None] < DV,
+                     other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.atomic_add(DQ32 + t[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_dk[None, :], dq * scale,
+                  mask=valid[:, None] & (offs_dk[None, :] < DQK))
+
+
+
+@triton.jit
+def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
+                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
+                        Hq, block_size, group, n_split, qk_scale,
+                        DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One new token per sequence. Program (sequence * Hq + head, piece) attends to one SPLIT-key part of
+    the own block (slot 0, keys up to the query) or of a selected block (slot 1 + s); the parts are
+    merged by lse afterwards (split-KV). Matrix-vector products: a decode step reads each key once."""
+    bh = tl.program_id(0)
+    piece = tl.program_id(1)
+    b = bh // Hq
+    h = (bh % Hq).to(tl.int64)
+    slot = piece // n_split
+    part = piece % n_split
+    t = tl.load(CU_Q + b)
+    if tl.load(CU_Q + b + 1) == t:  # no new token in this sequence
+        return
+    t = t.to(tl.int64)
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    pos = tl.load(CU_K + b + 1) - tl.load(CU_K + b) - 1
+    own = pos // block_size
+    blk = own
+    n_keys = pos - own * block_size + 1
+    if slot > 0:
+        blk = tl.load(SEL + t * stride_st + h * stride_sh + slot - 1)
+        n_keys = block_size
+    lo = part * SPLIT
+    hi = tl.minimum(lo + SPLIT, n_keys)
+    l_ptr = LS + piece.to(tl.int64) * stride_lp + h * stride_lh + t
+    if (blk < 0) | (lo >= hi):
+        tl.store(l_ptr, float("-inf"))
+        return
+    hk = (h // group).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + t * stride_qt + h * stride_qh + offs_dk, mask=offs_dk < DQK, other=0.0).to(tl.float32)
+    row0 = k_start + blk.to(tl.int64) * block_size
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < hi
+        rows = row0 + offs_n.to(tl.int64)
+        k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
+                    mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0).to(tl.float32)
+        s = tl.where(in_n, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                    mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    tl.store(OS + piece.to(tl.int64) * stride_op + t * stride_ot + h * stride_oh + offs_dv,
+             (acc / l_i).to(OS.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(l_ptr, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+def _tiles():
+    """(entries per tile, keys per step) of the sparse kernels."""
+    return (64, 32) if is_interpreter() else (64, 64)
+
+
+@dataclass
+class BlockPlan:
+    """Host-side layout of one block-sparse call (everything indexed in the packed varlen layout)."""
+    cu_q: torch.Tensor            # (B+1,) int32
+    cu_k: torch.Tensor            # (B+1,) int32
+    max_q: int
+    block_off: torch.Tensor       # (B,) int32: global index of each sequence's first key block
+    block_row: torch.Tensor       # (NB,) int32: first key row of each global block
+    block_len: torch.Tensor       # (NB,) int32
+    row_block_off: torch.Tensor   # (total_q,) int64: block_off of each query row's sequence
+    n_blocks: int
+    max_blocks: int               # most key blocks in one sequence
+    own: AttnDims                 # own-block causal attention as a varlen flash problem over chunks
+
+
+def plan_blocks(lq: list, lk: list, block_size: int, dims: AttnDims, device) -> BlockPlan:
+    """Key blocks and own-block chunks of every sequence (vectorised on the host; no device sync).
+
+    Key block j of a sequence covers keys [j*bs, min((j+1)*bs, Tk)). It is also the own-block chunk of
+    the queries whose positions fall in it (possibly none), so the chunk boundaries partition both
+    packed layouts and every key row belongs to exactly one chunk of at most bs keys.
+    """
+    for i, (a, b) in enumerate(zip(lq, lk)):
+        if a > b:
+            raise ValueError(f"sequence {i} has {a} queries but only {b} keys: block-sparse attention needs every "
+                             "query's own key (queries are aligned to the end of the keys)")
+    lq_t = torch.tensor(lq, dtype=torch.int64)
+    lk_t = torch.tensor(lk, dtype=torch.int64)
+    zero = torch.zeros(1, dtype=torch.int64)
+    cu_q = torch.cat([zero, lq_t.cumsum(0)])
+    cu_k = torch.cat([zero, lk_t.cumsum(0)])
+    nb = (lk_t + block_size - 1) // block_size
+    block_off = torch.cat([zero, nb.cumsum(0)])
+    n_blocks = int(block_off[-1])
+    seq = torch.repeat_interleave(torch.arange(len(lk)), nb, output_size=n_blocks)
+    k_lo = (torch.arange(n_blocks) - block_off[seq]) * block_size
+    k_hi = torch.minimum(k_lo + block_size, lk_t[seq])
+    n_q = (k_hi - torch.maximum(k_lo, (lk_t - lq_t)[seq])).clamp(min=0)  # queries whose own block this is
+    cq = torch.cat([zero, n_q.cumsum(0)])
+    ck = torch.cat([zero, (k_hi - k_lo).cumsum(0)])
+    row_block_off = torch.repeat_interleave(block_off[:-1], lq_t, output_size=int(cu_q[-1]))
+    to = lambda x: x.to(torch.int32).to(device, non_blocking=True)
+    own = AttnDims(True, n_blocks, max(int(n_q.max()) if n_blocks else 0, 1), block_size, dims.heads_q,
+                   dims.heads_kv, dims.dim_qk, dims.dim_v, to(cq), to(ck))
+    return BlockPlan(to(cu_q), to(cu_k), max(lq) if lq else 0, to(block_off[:-1]), to(ck[:-1]), to(k_hi - k_lo),
+                     row_block_off.to(device), n_blocks, int(nb.max()) if len(lk) else 0, own)
+
+
+@dataclass
+class _Entries:
+    entry: torch.Tensor      # entry ids sorted by segment
+    seg_start: torch.Tensor  # (NSEG+1,) int64
+    tile_cum: torch.Tensor   # (NSEG+1,) int64
+    n_seg: int
+    n_iter: int
+    max_tiles: int
+
+
+def _entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int, tile_m: int) -> _Entries:
+    """Sort the (query, head, slot) -> block selections into per-(block, KV head) segments, on device."""
+    n_seg = plan.n_blocks * hkv
+    kv_head = (torch.arange(hq, device=sel.device) // (hq // hkv))[None, :, None]
+    seg = (sel.long() + plan.row_block_off[:, None, None]) * hkv + kv_head
+    seg = torch.where(sel >= 0, seg, torch.full_like(seg, n_seg)).flatten()
+    entry = torch.argsort(seg, stable=True)
+    counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=sel.device)
+    counts.scatter_add_(0, seg, torch.ones_like(seg))
+    counts = counts[:n_seg]
+    zero = torch.zeros(1, dtype=torch.int64, device=sel.device)
+    seg_start = torch.cat([zero, counts.cumsum(0)])
+    tile_cum = torch.cat([zero, ((counts + tile_m - 1) // tile_m).cumsum(0)])
+    return _Entries(entry, seg_start, tile_cum, n_seg, max(1, math.ceil(math.log2(n_seg + 1))),
+                    triton.cdiv(seg.numel(), tile_m) + n_seg)
+
+
+def _meta(dims: AttnDims, dtype):
+    return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DQK=max(16, next_pow2(dims.dim_qk)),
+                BLOCK_DV=max(16, next_pow2(dims.dim_v)), PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _decode(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
+    """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks
+    (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse."""
+    hq, dv = dims.heads_q, dims.dim_v
+    total_q, ksel = q.shape[0], sel.shape[-1]
+    split = min(block_size, 32 if is_interpreter() else 512)
+    n_split = block_size // split
+    n_pieces = (ksel + 1) * n_split
+    outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=q.dtype)
+    lses = empty(n_pieces, hq, total_q, device=q.device, dtype=torch.float32)
+    meta = _meta(dims, q.dtype)
+    meta.pop("PRECISION")
+    sel_arg = sel if ksel > 0 else torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
+    _sparse_decode_kernel[(dims.batch * hq, n_pieces)](
+        q, k, v, sel_arg, outs, lses, plan.cu_q, plan.cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), sel_arg.stride(0), sel_arg.stride(1), outs.stride(0), outs.stride(1),
+        outs.stride(2), lses.stride(0), lses.stride(1), hq, block_size, hq // dims.heads_kv, n_split, scale * LOG2E,
+        KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if is_interpreter() else 64), **meta)
+    return merge_fwd(outs, lses)
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
+        hq, hkv, dv = dims.heads_q, dims.heads_kv, dims.dim_v
+        total_q, ksel = q.shape[0], sel.shape[-1]
+        tile_m, tile_n = _tiles()
+        outs = empty(ksel + 1, total_q, hq, dv, device=q.device, dtype=q.dtype)
+        lses = torch.full((ksel + 1, hq, total_q), float("-inf"), device=q.device, dtype=torch.float32)
+        flash_fwd(q, k, v, plan.own, True, None, scale, out=outs[0], lse=lses[0])
+        ent = None
+        if ksel > 0 and total_q > 0:
+            ent = _entries(sel, plan, hq, hkv, tile_m)
+            _sparse_fwd_kernel[(ent.max_tiles,)](
+                q, k, v, outs, lses, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
+                ent.n_seg, ent.n_iter, hq, hkv, block_size, scale * LOG2E, KSEL=ksel,
+                BLOCK_M=tile_m, BLOCK_N=min(tile_n, block_size), **_meta(dims, q.dtype))
+        out, lse = merge_fwd(outs, lses) if ksel > 0 else (outs[0], lses[0])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.dims, ctx.ent, ctx.ksel, ctx.block_size, ctx.scale = plan, dims, ent, ksel, block_size, scale
+        ctx.mark_non_differentiable(sel)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, dims, ent, scale = ctx.plan, ctx.dims, ctx.ent, ctx.scale
+        none = (None,) * 5
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dout = dout.to(out.dtype).contiguous()
+        if dlse is not None:
+            dlse = dlse.float().contiguous()
+        if q.shape[0] == 0:
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)) + none
+        # One softmax over own block + selected blocks: every piece's gradient uses the final lse and delta.
+        delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
+        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
+        if ent is not None:
+            tile_m, tile_n = _tiles()
+            bn = min(tile_n, ctx.block_size)
+            meta = _meta(dims, q.dtype)
+            _sparse_dkdv_kernel[(ctx.block_size // bn, ent.n_seg)](
+                q, k, v, dout, lse, delta, dk, dv, ent.entry, ent.seg_start, plan.block_row,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ctx.ksel,
+                BLOCK_M=tile_m, BLOCK_N=bn, **meta)
+            dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
+            _sparse_dq_kernel[(ent.max_tiles,)](
+                q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
+                ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, ctx.block_size, scale * LOG2E, scale,
+                KSEL=ctx.ksel, BLOCK_M=tile_m, BLOCK_N=bn, **meta)
+            dq = (dq.float() + dq32).to(dq.dtype)
+        return (dq, dk, dv) + none
+
+
+def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
+    """Engine entry on packed, validated inputs (kernel dtypes): q (total_q, Hq, D), k/v (total_k, Hkv, D),
+    sel int32 (total_q, Hq, K) of earlier complete blocks (local indices, -1 = none). Returns (out, lse).
+    Takes the split-KV decode kernel when every sequence has at most one query and no gradient is needed."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if plan.max_q <= 1 and not needs_grad and q.shape[0] > 0:
+        return _decode(q, k, v, sel, plan, dims, block_size, scale)
+    return _BlockSparse.apply(q, k, v, sel, plan, dims, block_size, scale)
+
+
+def pack_inputs(q, k, v, dims: AttnDims):
+    """Dense (B, T, H, D) -> packed (B*T, H, D) views (varlen inputs pass through); lengths per sequence."""
+    if dims.varlen:
+        return q, k, v, dims.seqlens_q, dims.seqlens_k
+    B = dims.batch
+    qp = q.reshape(B * dims.max_seqlen_q, dims.heads_q, dims.dim_qk)
+    kp = k.reshape(B * dims.max_seqlen_k, dims.heads_kv, dims.dim_qk)
+    vp = v.reshape(B * dims.max_seqlen_k, dims.heads_kv, v.shape[-1])
+    qp, kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp))
+    return qp, kp, vp, [dims.max_seqlen_q] * B, [dims.max_seqlen_k] * B
+
+
+def unpack_output(out, lse, dims: AttnDims):
+    if dims.varlen:
+        return out, lse
+    out = out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
+    return out, lse.view(dims.heads_q, dims.batch, dims.max_seqlen_q).permute(1, 0, 2)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
+                           block_size: int, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                           cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+                           return_lse: bool = False):
+    """Attention of each (query, query head) over its own key block (causally) and the listed earlier blocks.
+
+    Args:
+        q, k, v: dense ``(B, Tq, Hq, D)`` / ``(B, Tk, Hkv, D)`` or varlen ``(total, H, D)`` with ``cu_seqlens``
+            (or ``cu_seqlens_q``/``cu_seqlens_k``); queries aligned to the end of the keys; GQA.
+        block_indices: int ``(B, Tq, Hq, K)`` or ``(total_q, Hq, K)``: for every query and query head, up to
+            K indices of key blocks (``block_size`` tokens from the sequence start) strictly before the
+            query's own block, each listed once; ``-1`` marks an unused slot. The own block is always
+            attended and must not be listed.
+        block_size: a power of two >= 16.
+    Returns:
+        ``out`` in q's dtype (and the float32 lse); differentiable in q, k, v.
+    """
+    if cu_seqlens is not None:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
+        cu_seqlens_q = cu_seqlens_k = cu_seqlens
+    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_positive_int(block_size, "block_size", minimum=16)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    scale = check_scale(scale, dims.dim_qk ** -0.5)
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype.is_floating_point:
+        raise TypeError("block_indices must be an integer tensor")
+    qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
+    sel = block_indices.reshape(qp.shape[0], dims.heads_q, -1) if not dims.varlen else block_indices
+    if sel.dim() != 3 or sel.shape[:2] != (qp.shape[0], dims.heads_q):
+        raise ValueError(f"block_indices must be (..., Tq, Hq, K) matching q, got {tuple(block_indices.shape)}")
+    plan = plan_blocks(lq, lk, block_size, dims, q.device)
+    if sel.numel():
+        lq_t, lk_t = torch.tensor(lq), torch.tensor(lk)
+        start = torch.repeat_interleave(torch.cumsum(lq_t, 0) - lq_t - (lk_t - lq_t), lq_t)
+        own = ((torch.arange(qp.shape[0]) - start) // block_size).to(sel.device)[:, None, None]
+        ordered = torch.sort(sel, -1).values
+        dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        bad = ((sel < -1) | (sel >= own)).any() | dup.any()
+        if bool(bad):
+            raise ValueError("block_indices must hold distinct blocks strictly before each query's own block, or -1")
+    sel = sel.to(torch.int32).contiguous()
+    qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
+    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)
+    out, lse = unpack_output(out.to(q.dtype), lse, dims)
+    return (out, lse) if return_lse else out

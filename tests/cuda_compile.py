@@ -41,17 +41,19 @@ def _flash_cases():
     from longattn.kernels import merge as M
 
     cases = []
-    for dt, causal, window, varlen, dqk, dv in (("bf16", True, False, True, 128, 128),
-                                                ("fp16", True, True, False, 192, 128),
-                                                ("fp32", False, False, False, 64, 64)):
+    for dt, causal, window, varlen, dqk, dv, kpos in (("bf16", True, False, True, 128, 128, (1, 0)),
+                                                      ("fp16", True, True, False, 192, 128, (1, 0)),
+                                                      ("fp32", False, False, False, 64, 64, (1, 0)),
+                                                      ("bf16", True, False, True, 192, 128, (16, 31))):
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")}
         ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
         ptr.update({"CU_Q": "*i32", "CU_K": "*i32"})
         bd = lambda d: max(16, triton.next_power_of_2(d))
         meta = dict(DQK=dqk, DV=dv, BLOCK_DQK=bd(dqk), BLOCK_DV=bd(dv), IS_VARLEN=varlen, CAUSAL=causal,
-                    HAS_WINDOW=window, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64,
-                    BLOCK_N=64 if dt != "fp32" else 32)
-        tag = f"{dt}-d{dqk}/{dv}-{'causal' if causal else 'full'}{'-window' if window else ''}{'-varlen' if varlen else ''}"
+                    HAS_WINDOW=window, PRECISION="ieee" if dt == "fp32" else "tf32", KS=kpos[0], KO=kpos[1],
+                    BLOCK_M=64, BLOCK_N=64 if dt != "fp32" else 32)
+        tag = (f"{dt}-d{dqk}/{dv}-{'causal' if causal else 'full'}{'-window' if window else ''}"
+               f"{'-varlen' if varlen else ''}{'-strided' if kpos != (1, 0) else ''}")
         for kern in (F._flash_fwd_kernel, F._flash_bwd_dkdv_kernel, F._flash_bwd_dq_kernel):
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta), ("qk_scale", "scale")))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,

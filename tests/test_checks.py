@@ -105,6 +105,10 @@ def test_bad_options(device):
         flash_attention(q, k, v, scale=-1.0)
     with pytest.raises(TypeError, match="causal must be a bool"):
         flash_attention(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="cannot be combined with window"):
+        flash_attention(q, k, v, window=4, key_stride=16, key_offset=31)
+    with pytest.raises(ValueError, match="key_stride must be >= 1"):
+        flash_attention(q, k, v, key_stride=0)
 
 
 def test_merge_bad_input(device):

@@ -160,3 +160,34 @@ def test_flash_gpu_large(T, Hq, Hkv, D, window, dtype):
     k = torch.randn(2, T, Hkv, D, device="cuda", dtype=dtype)
     v = torch.randn(2, T, Hkv, min(D, 128), device="cuda", dtype=dtype)
     _run_and_compare(q, k, v, dtype, causal=True, window=window)
+
+
+@pytest.mark.parametrize("ks,ko,lens", [(16, 31, [100]), (4, 7, [70, 5, 33]), (2, 0, [40])], ids=str)
+def test_strided_keys(ks, ko, lens, dtype, device):
+    """Keys summarising token blocks (NSA compression): key j at position j*ks + ko, query i at position i."""
+    from longattn.kernels.reference import masked_attention_ref
+
+    Hq, Hkv, D = 4, 2, 32
+    n_keys = [max(0, (n - ko - 1) // ks + 1) + 1 for n in lens]  # a few keys past the last token too
+    q = torch.randn(sum(lens), Hq, D, device=device, dtype=dtype)
+    k = torch.randn(sum(n_keys), Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(sum(n_keys), Hkv, D, device=device, dtype=dtype)
+    qk, kk, vk = leaf(q), leaf(k), leaf(v)
+    qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
+    out, lse = flash_attention(qk, kk, vk, cu_seqlens_q=_cu(lens, device), cu_seqlens_k=_cu(n_keys, device),
+                               key_stride=ks, key_offset=ko, return_lse=True)
+    outs, lses, a, b = [], [], 0, 0
+    for n, m in zip(lens, n_keys):
+        mask = (torch.arange(m, device=device)[None, :] * ks + ko) <= torch.arange(n, device=device)[:, None]
+        o, l = masked_attention_ref(qr[a:a + n], kr[b:b + m], vr[b:b + m], mask, D ** -0.5)
+        outs.append(o)
+        lses.append(l)
+        a, b = a + n, b + m
+    out_r, lse_r = torch.cat(outs), torch.cat(lses, 1)
+    assert_close(out, out_r, dtype, "out")
+    assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
+    dout = torch.randn_like(out_r)
+    (out.float() * dout).sum().backward()
+    (out_r * dout).sum().backward()
+    for name, x, y in (("dq", qk.grad, qr.grad), ("dk", kk.grad, kr.grad), ("dv", vk.grad, vr.grad)):
+        assert_close(x, y, dtype, name)

@@ -63,15 +63,15 @@ def _ceil_to(x, m):
 
 @triton.jit
 def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr):
-    """Key ranges for the query rows whose positions span [m_first, m_last].
+                HAS_WINDOW: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
+    """Key ranges for the query rows whose positions span [m_first, m_last]; key j sits at j*KS + KO.
 
     Returns (a, b, c, d): keys in [a, b) and [c, d) need masking, keys in [b, c) are visible to every
-    row. a, b, c are multiples of BLOCK_N (or equal d).
+    row. a, b, c are multiples of BLOCK_N (or equal d). The window bounds assume KS == 1, KO == 0.
     """
     hi = k_len
     if CAUSAL:
-        hi = tl.minimum(hi, tl.maximum(m_last + 1, 0))
+        hi = tl.minimum(hi, tl.maximum(m_last - KO + KS, 0) // KS)
     lo = hi * 0
     full_lo = lo
     if HAS_WINDOW:
@@ -79,21 +79,32 @@ def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: t
         full_lo = _ceil_to(tl.maximum(m_last - window + 1, 0), BLOCK_N)
     full_hi = k_len // BLOCK_N * BLOCK_N
     if CAUSAL:
-        full_hi = tl.minimum(full_hi, tl.maximum(m_first + 1, 0) // BLOCK_N * BLOCK_N)
+        full_hi = tl.minimum(full_hi, tl.maximum(m_first - KO + KS, 0) // KS // BLOCK_N * BLOCK_N)
     b = tl.minimum(tl.maximum(full_lo, lo), hi)
     c = tl.minimum(tl.maximum(full_hi, b), hi)
     return lo, b, c, hi
 
 
 @triton.jit
-def _visible(pos_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """(M, N) mask of the keys offs_n visible to the queries at positions pos_m."""
+def _visible(pos_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KS: tl.constexpr,
+             KO: tl.constexpr):
+    """(M, N) mask of the keys offs_n (key j at position j*KS + KO) visible to the queries at pos_m."""
     vis = offs_n[None, :] < k_len
+    kpos = offs_n * KS + KO
     if CAUSAL:
-        vis = vis & (offs_n[None, :] <= pos_m[:, None])
+        vis = vis & (kpos[None, :] <= pos_m[:, None])
     if HAS_WINDOW:
-        vis = vis & (offs_n[None, :] > pos_m[:, None] - window)
+        vis = vis & (kpos[None, :] > pos_m[:, None] - window)
     return vis
+
+
+@triton.jit
+def _query_shift(q_len, k_len, KS: tl.constexpr, KO: tl.constexpr):
+    """Position of query 0: aligned to the end of the keys, or 0 when keys are strided summaries."""
+    shift = k_len - q_len
+    if (KS != 1) or (KO != 0):
+        shift = shift * 0
+    return shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +114,7 @@ def _visible(pos_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
 def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
                window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = (k_start + offs_n).to(tl.int64)
@@ -112,7 +123,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, po
                      mask=in_n[None, :] & (offs_dk[:, None] < DQK), other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+            s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
@@ -164,7 +175,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       seqlen_q, seqlen_k, window, qk_scale, group,
                       DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                       IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
@@ -183,24 +195,24 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
-    shift = k_len - q_len  # query i sits at key position i + shift
+    shift = _query_shift(q_len, k_len, KS, KO)  # query i sits at position i + shift
     pos_m = offs_m + shift
     m_first = pid_m * BLOCK_M + shift
     m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
-    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
                                k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL,
-                               HAS_WINDOW, PRECISION)
+                               HAS_WINDOW, PRECISION, KS, KO)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
                                k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL,
-                               HAS_WINDOW, PRECISION)
+                               HAS_WINDOW, PRECISION, KS, KO)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
                                k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL,
-                               HAS_WINDOW, PRECISION)
+                               HAS_WINDOW, PRECISION, KS, KO)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -242,12 +254,13 @@ def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, strid
 
 @triton.jit
 def _bwd_probs(q, kt, lse2, pos_m, offs_n, k_len, window, qk_scale, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
+               KO: tl.constexpr):
     """Recompute the (M, N) softmax probabilities from q, k^T and the row lse (log2 units)."""
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), p, 0.0)
     return p
 
 
@@ -264,7 +277,7 @@ def _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m):
 def _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot, offs_n,
                 start, end, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr,
                 DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_m = offs_m < q_len
@@ -275,7 +288,7 @@ def _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, st
                      mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse2, delta = _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m)
         p = _bwd_probs(q, kt, lse2, offs_m + shift, offs_n, k_len, window, qk_scale, MASKED, CAUSAL,
-                       HAS_WINDOW, PRECISION)
+                       HAS_WINDOW, PRECISION, KS, KO)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -308,8 +321,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            seqlen_q, seqlen_k, window, qk_scale, scale, group,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
-                           HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
+                           KO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     hk = tl.program_id(1)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
@@ -331,14 +344,14 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
     # Query rows that see some key of this block, and those that see all of them.
-    shift = k_len - q_len
+    shift = _query_shift(q_len, k_len, KS, KO)
     n_first = pid_n * BLOCK_N
     n_last = tl.minimum(n_first + BLOCK_N, k_len) - 1
     lo = q_len * 0
     full_lo = lo
     if CAUSAL:
-        lo = tl.maximum(n_first - shift, 0) // BLOCK_M * BLOCK_M
-        full_lo = _ceil_to(tl.maximum(n_last - shift, 0), BLOCK_M)
+        lo = tl.maximum(n_first * KS + KO - shift, 0) // BLOCK_M * BLOCK_M
+        full_lo = _ceil_to(tl.maximum(n_last * KS + KO - shift, 0), BLOCK_M)
     hi = q_len
     full_hi = q_len // BLOCK_M * BLOCK_M
     if HAS_WINDOW:
@@ -357,13 +370,13 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
         dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
                              offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
-                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
+                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
         dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
                              offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
-                             BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION)
+                             BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
         dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
                              offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
-                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
+                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
 
     dk = dk * scale
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dkt + offs_dk[None, :],
@@ -375,7 +388,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
               window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+              KS: tl.constexpr, KO: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < k_len
@@ -385,7 +399,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_v
         vt = tl.load(V_ptr + rows[None, :] * stride_vt + offs_dv[:, None],
                      mask=in_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p = _bwd_probs(q, tl.trans(k), lse2, pos_m, offs_n, k_len, window, qk_scale, MASKED, CAUSAL,
-                       HAS_WINDOW, PRECISION)
+                       HAS_WINDOW, PRECISION, KS, KO)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -403,7 +417,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          seqlen_q, seqlen_k, window, qk_scale, scale, group,
                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
@@ -427,18 +442,18 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
-    shift = k_len - q_len
+    shift = _query_shift(q_len, k_len, KS, KO)
     pos_m = offs_m + shift
     m_first = pid_m * BLOCK_M + shift
     m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
-    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb, k_len,
-                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
+                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
     dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c, k_len,
-                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, PRECISION)
+                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
     dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d, k_len,
-                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
+                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqt + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_dk[None, :] < DQK))
@@ -470,15 +485,18 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype):
+def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype, key_pos=(1, 0)):
     return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DQK=max(16, next_pow2(dims.dim_qk)),
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), IS_VARLEN=dims.varlen, CAUSAL=causal,
-                HAS_WINDOW=window is not None, PRECISION=_precision(dtype))
+                HAS_WINDOW=window is not None, PRECISION=_precision(dtype), KS=key_pos[0], KO=key_pos[1])
 
 
-def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None):
+def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
+              key_pos=(1, 0)):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
-    a buffer of partial results); otherwise they are allocated. Returns (out, lse)."""
+    a buffer of partial results); otherwise they are allocated. ``key_pos`` = (stride, offset) places key j
+    at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1). Returns
+    (out, lse)."""
     varlen = dims.varlen
     if out is None:
         shape = (q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q)
@@ -495,7 +513,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen),
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group,
-        **_common_meta(dims, causal, window, q.dtype))
+        **_common_meta(dims, causal, window, q.dtype, key_pos))
     return out, lse
 
 
@@ -514,12 +532,13 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
     return delta
 
 
-def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float):
+def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float,
+              key_pos=(1, 0)):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
     as when MoBA or NSA add other key sets to the same softmax)."""
     varlen = dims.varlen
-    meta = _common_meta(dims, causal, window, q.dtype)
+    meta = _common_meta(dims, causal, window, q.dtype, key_pos)
     dq = empty_like(q)
     dk = empty_like(k)
     dv = empty_like(v)
@@ -539,10 +558,10 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, dims, causal, window, scale):
-        out, lse = flash_fwd(q, k, v, dims, causal, window, scale)
+    def forward(ctx, q, k, v, dims, causal, window, scale, key_pos):
+        out, lse = flash_fwd(q, k, v, dims, causal, window, scale, key_pos=key_pos)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.dims, ctx.causal, ctx.window, ctx.scale = dims, causal, window, scale
+        ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos = dims, causal, window, scale, key_pos
         return out, lse
 
     @staticmethod
@@ -555,10 +574,10 @@ class _FlashAttention(torch.autograd.Function):
         if dlse is not None:
             dlse = dlse.float().contiguous()
         if q.numel() == 0 or k.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
         delta = flash_bwd_delta(out, dout, lse, dlse, dims)
-        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, dims, ctx.causal, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -566,7 +585,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, key_stride: int = 1, key_offset: int = 0):
     """Exact softmax attention (flash algorithm), differentiable in q, k, v (and through ``lse``).
 
     Layouts
@@ -587,6 +606,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         scale: softmax scale, default ``Dqk ** -0.5``.
         max_seqlen / max_seqlen_q / max_seqlen_k: optional upper bounds on varlen lengths (validated).
         return_lse: also return the float32 natural-log log-sum-exp of each row.
+        key_stride, key_offset: keys that summarise blocks of tokens (NSA's compressed keys): key j sits at
+            token position ``j * key_stride + key_offset`` and the queries are the tokens themselves (query i
+            at position i, so Tq is the token count); with ``causal`` a query sees the keys at or before
+            its position. Not combinable with ``window``.
 
     Returns:
         ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
@@ -609,9 +632,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if not causal:
             raise ValueError("window requires causal=True (it selects the most recent keys)")
     scale = check_scale(scale, dims.dim_qk ** -0.5)
+    check_positive_int(key_stride, "key_stride")
+    check_positive_int(key_offset, "key_offset", minimum=0)
+    if (key_stride, key_offset) != (1, 0) and window is not None:
+        raise ValueError("key_stride/key_offset cannot be combined with window")
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
-    out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale)
+    out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale, (key_stride, key_offset))
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
 

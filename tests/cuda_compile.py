@@ -106,7 +106,20 @@ def _mla_cases():
     return cases
 
 
-CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases]
+def _nsa_cases():
+    from longattn.nsa import kernels as K
+
+    cases = []
+    for dt, d in (("bf16", 192), ("fp32", 64)):
+        ptr = {"Q": f"*{dt}", "KC": f"*{dt}", "LSE": "*fp32", "W": "*fp32", "SEL": "*i32", "CU_Q": "*i32",
+               "CU_C": "*i32"}
+        meta = dict(D=d, BLOCK_D=256 if d == 192 else d, CMP_STRIDE=16, CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
+                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64)
+        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale",)))
+    return cases
+
+
+CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 
 
 def main(argv) -> int:

@@ -42,7 +42,8 @@ def _merge_fwd_kernel(O_in, LSE_in, O, LSE, n_parts, seqlen,
     for _ in range(0, n_parts):
         w = tl.exp(tl.load(L_ptr, mask=in_t, other=float("-inf")) - m_use)
         o_n = tl.load(O_ptr, mask=msk, other=0.0).to(tl.float32)
-        acc += tl.where(w[:, None] > 0.0, w[:, None] * o_n, 0.0)  # an empty part's output is never read
+        o_n = tl.where(w[:, None] > 0.0, o_n, 0.0)  # an empty part's output is never used
+        acc += w[:, None] * o_n
         total += w
         L_ptr += s_lin_n
         O_ptr += s_in_n

@@ -1,0 +1,98 @@
+"""NSA op (Triton branches) against the PyTorch reference: output, selection, every gradient."""
+import pytest
+import torch
+
+from longattn import flash_attention
+from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref
+from longattn.nsa.ops import _mean_compress
+from helpers import assert_close, leaf
+
+CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
+
+
+def _sorted_sel(sel):
+    sel = sel.long()
+    return torch.where(sel < 0, torch.full_like(sel, 1 << 30), sel).sort(-1).values
+
+
+def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, **varlen):
+    lens = None
+    if "cu_seqlens" in varlen:
+        cu = varlen["cu_seqlens"].tolist()
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    kc = vc = None
+    if learnable:  # stand-in for a learnable compressor's output: any tensors of the right shape
+        n = sum(config.num_cmp_blocks(x) for x in lens) if lens else config.num_cmp_blocks(k.shape[1])
+        shape_k = (n,) + k.shape[-2:] if lens else (k.shape[0], n) + k.shape[-2:]
+        shape_v = (n,) + v.shape[-2:] if lens else (v.shape[0], n) + v.shape[-2:]
+        kc, vc = torch.randn(shape_k, dtype=dtype, device=q.device), torch.randn(shape_v, dtype=dtype, device=q.device)
+    ins = [q, k, v] + gates + ([kc, vc] if learnable else [])
+    ours = [leaf(t) for t in ins]
+    refs = [leaf(t, torch.float32) for t in ins]
+    extra = dict(k_cmp=ours[6], v_cmp=ours[7]) if learnable else {}
+    extra_r = dict(k_cmp=refs[6], v_cmp=refs[7]) if learnable else {}
+    out, sel = nsa_attention(*ours[:6], config=config, return_selection=True, **extra, **varlen)
+    out_r, sel_r = nsa_attention_ref(*refs[:6], config=config, return_selection=True, **extra_r, **varlen)
+    assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r)), "selection differs from the reference"
+    assert out.dtype == dtype
+    assert_close(out, out_r, dtype, "out")
+    dout = torch.randn_like(out_r)
+    (out.float() * dout).sum().backward()
+    (out_r * dout).sum().backward()
+    names = ["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa", "dk_cmp", "dv_cmp"]
+    for name, a, b in zip(names, ours, refs):
+        assert_close(a.grad, b.grad, dtype, name, factor=2)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D", [(2, 100, 4, 2, 32), (1, 130, 2, 2, 16), (1, 90, 16, 1, 16)],
+                         ids=["gqa2", "gqa1", "gqa16"])
+def test_nsa_dense(B, T, Hq, Hkv, D, dtype, device):
+    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype)
+    gates = [torch.rand(B, T, Hq, device=device) for _ in range(3)]
+    _check(q, k, v, gates, dtype)
+
+
+def test_nsa_varlen_learnable_compression(dtype, device):
+    lens = [70, 5, 41]  # the middle sequence is shorter than a compressed block
+    cu = torch.tensor([0, 70, 75, 116], dtype=torch.int32, device=device)
+    q = torch.randn(116, 4, 32, device=device, dtype=dtype)
+    k = torch.randn(116, 2, 32, device=device, dtype=dtype)
+    v = torch.randn(116, 2, 16, device=device, dtype=dtype)
+    gates = [torch.rand(116, 4, device=device) for _ in range(3)]
+    _check(q, k, v, gates, dtype, learnable=True, cu_seqlens=cu)
+    assert sum(lens) == 116
+
+
+def test_nsa_degenerate_branches_equal_dense(device):
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=8, window=128)
+    q, k, v = torch.randn(1, 100, 4, 16, device=device), torch.randn(1, 100, 2, 16, device=device), \
+        torch.randn(1, 100, 2, 16, device=device)
+    one, zero = torch.ones(1, 100, 4, device=device), torch.zeros(1, 100, 4, device=device)
+    dense = flash_attention(q, k, v)
+    torch.testing.assert_close(nsa_attention(q, k, v, zero, one, zero, config=cfg), dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(nsa_attention(q, k, v, zero, zero, one, config=cfg), dense, atol=2e-5, rtol=1e-4)
+
+
+def test_mean_compression_matches_reference(device):
+    from longattn.nsa.reference import compress_mean_ref
+
+    k = torch.randn(70, 2, 8, device=device)
+    torch.testing.assert_close(_mean_compress(k, [70], CFG), compress_mean_ref(k, CFG))
+
+
+def test_nsa_bad_arguments(device):
+    q = torch.randn(1, 40, 2, 16, device=device)
+    g = torch.rand(1, 40, 2, device=device)
+    with pytest.raises(TypeError, match="config must be an NSAConfig"):
+        nsa_attention(q, q, q, g, g, g, config={"window": 4})
+    with pytest.raises(ValueError, match="g_slc must have shape"):
+        nsa_attention(q, q, q, g, g[:, :5], g, config=CFG)
+    with pytest.raises(ValueError, match="same length"):
+        nsa_attention(q, q[:, :20], q[:, :20], g, g, g, config=CFG)
+    with pytest.raises(ValueError, match="pass both k_cmp and v_cmp"):
+        nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 9, 2, 16, device=device))
+    with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 9 compressed blocks"):
+        nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 3, 2, 16, device=device),
+                      v_cmp=torch.randn(1, 3, 2, 16, device=device))

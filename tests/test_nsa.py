@@ -96,3 +96,14 @@ def test_nsa_bad_arguments(device):
     with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 9 compressed blocks"):
         nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 3, 2, 16, device=device),
                       v_cmp=torch.randn(1, 3, 2, 16, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,Hq,Hkv", [(1024, 16, 1), (777, 8, 2)])
+def test_nsa_gpu_defaults(T, Hq, Hkv, dtype):
+    cfg = NSAConfig(window=128)
+    q = torch.randn(1, T, Hq, 192, device="cuda", dtype=dtype)
+    k = torch.randn(1, T, Hkv, 192, device="cuda", dtype=dtype)
+    v = torch.randn(1, T, Hkv, 128, device="cuda", dtype=dtype)
+    gates = [torch.rand(1, T, Hq, device="cuda") for _ in range(3)]
+    _check(q, k, v, gates, dtype, config=cfg)

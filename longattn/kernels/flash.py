@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AttnDims, autotune_configs, check_attention_inputs, check_positive_int, check_scale,
+from .utils import (AttnDims, autotune_configs, resolve_seqlens, check_attention_inputs, check_positive_int, check_scale,
                     empty, empty_like, is_interpreter, kernel_inputs, next_pow2)
 
 LOG2E = 1.4426950408889634
@@ -615,14 +615,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
         ``causal``) give ``out = 0`` and ``lse = -inf``.
     """
-    if cu_seqlens is not None:
-        if cu_seqlens_q is not None or cu_seqlens_k is not None:
-            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
-        cu_seqlens_q = cu_seqlens_k = cu_seqlens
-    if max_seqlen is not None:
-        if max_seqlen_q is not None or max_seqlen_k is not None:
-            raise ValueError("pass either max_seqlen or max_seqlen_q/max_seqlen_k, not both")
-        max_seqlen_q = max_seqlen_k = max_seqlen
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
+        cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if not isinstance(causal, bool):

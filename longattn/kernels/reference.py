@@ -10,6 +10,21 @@ from typing import Optional, Sequence
 import torch
 
 
+def sequence_slices(batch: int, cu_seqlens_q=None, cu_seqlens_k=None) -> list:
+    """(q index, k index) per sequence: the batch index b (dense) or row slices (varlen); ``t[index]``
+    then gives that sequence of a (B, T, ...) or (total, ...) tensor."""
+    if cu_seqlens_q is None:
+        return [(b, b) for b in range(batch)]
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
+def join_sequences(parts: list, varlen: bool, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`sequence_slices` for per-sequence results: stack (dense) or concatenate along
+    ``dim`` (varlen; 1 for lse laid out (H, total))."""
+    return torch.cat(parts, dim) if varlen else torch.stack(parts)
+
+
 def attention_mask_ref(q_len: int, k_len: int, *, causal: bool, window: Optional[int],
                        device=None) -> torch.Tensor:
     """Boolean (q_len, k_len) mask, True where query i may attend key j.
@@ -61,24 +76,15 @@ def attention_ref(q, k, v, *, causal: bool = True, window: Optional[int] = None,
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if cu_seqlens_q is None:
-        outs, lses = [], []
-        for b in range(q.shape[0]):
-            m = attention_mask_ref(q.shape[1], k.shape[1], causal=causal, window=window, device=q.device)
-            o, l = masked_attention_ref(q[b], k[b], v[b], m, scale)
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.stack(outs), torch.stack(lses)
-    else:
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        outs, lses = [], []
-        for b in range(len(cq) - 1):
-            qs, ks = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]]
-            m = attention_mask_ref(qs.shape[0], ks.shape[0], causal=causal, window=window, device=q.device)
-            o, l = masked_attention_ref(qs, ks, v[ck[b]:ck[b + 1]], m, scale)
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    outs, lses = [], []
+    for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k):
+        qs, ks = q[sq], k[sk]
+        m = attention_mask_ref(qs.shape[0], ks.shape[0], causal=causal, window=window, device=q.device)
+        o, l = masked_attention_ref(qs, ks, v[sk], m, scale)
+        outs.append(o)
+        lses.append(l)
+    varlen = cu_seqlens_q is not None
+    out, lse = join_sequences(outs, varlen), join_sequences(lses, varlen, 1)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -104,23 +110,15 @@ def block_sparse_attention_ref(q, k, v, block_indices, *, block_size: int, scale
         return ((torch.arange(tq, device=device) + tk - tq) // block_size)[:, None, None]
 
     outs, lses = [], []
-    if cu_seqlens_q is None:
-        spans = [(q[b], k[b], v[b], block_indices[b]) for b in range(q.shape[0])]
-    else:
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        spans = [(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], block_indices[cq[b]:cq[b + 1]])
-                 for b in range(len(cq) - 1)]
-    for qs, ks, vs, sel in spans:
+    for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k):
+        qs, ks = q[sq], k[sk]
         own = own_blocks(qs.shape[0], ks.shape[0], qs.device).expand(-1, qs.shape[1], 1)
-        mask = block_mask_ref(torch.cat([sel.long(), own], -1), qs.shape[0], ks.shape[0], block_size)
-        o, l = masked_attention_ref(qs, ks, vs, mask, scale)
+        mask = block_mask_ref(torch.cat([block_indices[sq].long(), own], -1), qs.shape[0], ks.shape[0], block_size)
+        o, l = masked_attention_ref(qs, ks, v[sk], mask, scale)
         outs.append(o)
         lses.append(l)
-    if cu_seqlens_q is None:
-        out, lse = torch.stack(outs), torch.stack(lses)
-    else:
-        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
-    out = out.to(q.dtype)
+    varlen = cu_seqlens_q is not None
+    out, lse = join_sequences(outs, varlen).to(q.dtype), join_sequences(lses, varlen, 1)
     return (out, lse) if return_lse else out
 
 
@@ -140,5 +138,5 @@ def merge_ref(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
     return out.to(outs[0].dtype), lse
 
 
-__all__ = ["attention_mask_ref", "masked_attention_ref", "attention_ref", "block_mask_ref",
+__all__ = ["sequence_slices", "join_sequences", "attention_mask_ref", "masked_attention_ref", "attention_ref", "block_mask_ref",
            "block_sparse_attention_ref", "merge_ref"]

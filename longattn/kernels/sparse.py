@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .flash import LOG2E, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
+from .utils import (AttnDims, check_attention_inputs, resolve_seqlens, check_positive_int, check_scale, empty, is_interpreter,
                     kernel_inputs, next_pow2)
 
 
@@ -468,10 +468,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     Returns:
         ``out`` in q's dtype (and the float32 lse); differentiable in q, k, v.
     """
-    if cu_seqlens is not None:
-        if cu_seqlens_q is not None or cu_seqlens_k is not None:
-            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
-        cu_seqlens_q = cu_seqlens_k = cu_seqlens
+    cu_seqlens_q, cu_seqlens_k, _, _ = resolve_seqlens(cu_seqlens, None, cu_seqlens_q, cu_seqlens_k, None, None)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     check_positive_int(block_size, "block_size", minimum=16)
     if block_size & (block_size - 1):

@@ -159,6 +159,19 @@ def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: i
     return value
 
 
+def resolve_seqlens(cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Fold the shared ``cu_seqlens``/``max_seqlen`` shorthands into their q/k pairs."""
+    if cu_seqlens is not None:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
+        cu_seqlens_q = cu_seqlens_k = cu_seqlens
+    if max_seqlen is not None:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("pass either max_seqlen or max_seqlen_q/max_seqlen_k, not both")
+        max_seqlen_q = max_seqlen_k = max_seqlen
+    return cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+
+
 @dataclass
 class AttnDims:
     """Sizes of a (q, k, v) attention problem after validation.

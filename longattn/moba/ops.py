@@ -7,7 +7,7 @@ import torch
 import triton
 
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, unpack_output
-from ..kernels.utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty,
+from ..kernels.utils import (AttnDims, check_attention_inputs, resolve_seqlens, check_positive_int, check_scale, empty,
                              is_interpreter, kernel_inputs, next_pow2)
 from .kernels import _block_mean_kernel, _moba_select_kernel
 
@@ -34,14 +34,8 @@ def _select(q, k, plan: BlockPlan, dims: AttnDims, block_size: int, ksel: int):
 def _prepare(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
              max_seqlen_k, v_name="v"):
     """Validate arguments; return dims, packed (varlen) q/k/v and the host plan."""
-    if cu_seqlens is not None:
-        if cu_seqlens_q is not None or cu_seqlens_k is not None:
-            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
-        cu_seqlens_q = cu_seqlens_k = cu_seqlens
-    if max_seqlen is not None:
-        if max_seqlen_q is not None or max_seqlen_k is not None:
-            raise ValueError("pass either max_seqlen or max_seqlen_q/max_seqlen_k, not both")
-        max_seqlen_q = max_seqlen_k = max_seqlen
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
+        cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, v_name=v_name)
     check_positive_int(block_size, "block_size", minimum=16)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.reference import block_mask_ref, masked_attention_ref
+from ..kernels.reference import block_mask_ref, join_sequences, masked_attention_ref, sequence_slices
 
 
 def _pooled_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -63,11 +63,9 @@ def moba_block_selection_ref(q: torch.Tensor, k: torch.Tensor, *, block_size: in
     Dense q (B, Tq, Hq, D), k (B, Tk, Hkv, D) -> (B, Tq, Hq, topk); varlen (total, H, D) with cu_seqlens ->
     (total_q, Hq, topk). int64 block indices local to the sequence, ascending, padded with -1.
     """
-    if cu_seqlens_q is None:
-        return torch.stack([_select_one(q[b], k[b], block_size, topk) for b in range(q.shape[0])])
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    parts = [_select_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], block_size, topk) for b in range(len(cq) - 1)]
-    return torch.cat(parts, 0)
+    parts = [_select_one(q[sq], k[sk], block_size, topk)
+             for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k)]
+    return join_sequences(parts, cu_seqlens_q is not None)
 
 
 moba_mask_ref = block_mask_ref  # the token mask of a MoBA selection (own block included)
@@ -92,25 +90,15 @@ def moba_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
         with torch.no_grad():
             sel = moba_block_selection_ref(q, k, block_size=block_size, topk=topk, cu_seqlens_q=cu_seqlens_q,
                                            cu_seqlens_k=cu_seqlens_k)
-    if cu_seqlens_q is None:
-        spans = [(b, slice(None), slice(None)) for b in range(q.shape[0])]
-        get = lambda t, b, s: t[b]
-    else:
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        spans = [(None, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
-        get = lambda t, b, s: t[s]
     outs, lses = [], []
-    for b, sq, sk in spans:
-        qs, ks, vs = get(q, b, sq), get(k, b, sk), get(v, b, sk)
-        mask = moba_mask_ref(get(sel, b, sq), qs.shape[0], ks.shape[0], block_size)
-        o, l = masked_attention_ref(qs, ks, vs, mask, scale)
+    for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k):
+        qs, ks = q[sq], k[sk]
+        mask = moba_mask_ref(sel[sq], qs.shape[0], ks.shape[0], block_size)
+        o, l = masked_attention_ref(qs, ks, v[sk], mask, scale)
         outs.append(o)
         lses.append(l)
-    if cu_seqlens_q is None:
-        out, lse = torch.stack(outs), torch.stack(lses)
-    else:
-        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
-    out = out.to(q.dtype)
+    varlen = cu_seqlens_q is not None
+    out, lse = join_sequences(outs, varlen).to(q.dtype), join_sequences(lses, varlen, 1)
     return (out, lse) if return_lse else out
 
 

@@ -29,7 +29,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.reference import attention_ref, block_mask_ref, masked_attention_ref
+from ..kernels.reference import (attention_ref, block_mask_ref, join_sequences, masked_attention_ref,
+                                 sequence_slices)
 
 
 @dataclass(frozen=True)
@@ -169,28 +170,22 @@ def nsa_attention_ref(q, k, v, g_cmp, g_slc, g_swa, *, config: NSAConfig = NSACo
         cu_seqlens_q = cu_seqlens_k = cu_seqlens
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if cu_seqlens_q is None:
-        seqs = [(q[b], k[b], v[b], None if k_cmp is None else k_cmp[b], None if v_cmp is None else v_cmp[b],
-                 g_cmp[b], g_slc[b], g_swa[b]) for b in range(q.shape[0])]
-    else:
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        seqs, c0 = [], 0
-        for b in range(len(cq) - 1):
-            n = config.num_cmp_blocks(ck[b + 1] - ck[b])
-            sq, sk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
-            seqs.append((q[sq], k[sk], v[sk], None if k_cmp is None else k_cmp[c0:c0 + n],
-                         None if v_cmp is None else v_cmp[c0:c0 + n], g_cmp[sq], g_slc[sq], g_swa[sq]))
-            c0 += n
-    outs, sels = [], []
-    for qs, ks, vs, kc, vc, gc, gs, gw in seqs:
-        o_cmp, o_slc, o_swa, sel = _one_sequence(qs, ks, vs, kc, vc, config, scale)
-        o = gc.float()[..., None] * o_cmp + gs.float()[..., None] * o_slc + gw.float()[..., None] * o_swa
-        outs.append(o)
+    varlen = cu_seqlens_q is not None
+    outs, sels, c0 = [], [], 0
+    for b, (sq, sk) in enumerate(sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k)):
+        ks = k[sk]
+        if varlen:  # packed compressed blocks: this sequence's run
+            n = config.num_cmp_blocks(ks.shape[0])
+            sc, c0 = slice(c0, c0 + n), c0 + n
+        else:
+            sc = b
+        kc = None if k_cmp is None else k_cmp[sc]
+        vc = None if v_cmp is None else v_cmp[sc]
+        o_cmp, o_slc, o_swa, sel = _one_sequence(q[sq], ks, v[sk], kc, vc, config, scale)
+        gc, gs, gw = (g[sq].float()[..., None] for g in (g_cmp, g_slc, g_swa))
+        outs.append(gc * o_cmp + gs * o_slc + gw * o_swa)
         sels.append(sel)
-    if cu_seqlens_q is None:
-        out, sel = torch.stack(outs), torch.stack(sels)
-    else:
-        out, sel = torch.cat(outs, 0), torch.cat(sels, 0)
+    out, sel = join_sequences(outs, varlen), join_sequences(sels, varlen)
     out = out.to(q.dtype)
     return (out, sel) if return_selection else out
 

@@ -30,3 +30,14 @@ def assert_lse_close(actual, expected, atol=1e-3):
 
 def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def tiny_deepseek_v3_config():
+    """A DeepSeek-V3 config small enough for the CPU interpreter (random weights, no download)."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                            num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
+                            qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                            max_position_embeddings=512)

@@ -6,6 +6,7 @@ import torch
 
 import longattn
 from longattn import rollout
+from helpers import tiny_deepseek_v3_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -75,13 +76,7 @@ def test_packed_training_backward_equals_unpacked():
 
 
 def test_rollout_with_mla_model():
-    from transformers import DeepseekV3Config
-
-    cfg = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-                           num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
-                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
-                           max_position_embeddings=512)
+    cfg = tiny_deepseek_v3_config()
     torch.manual_seed(0)
     model = longattn.hf.swap_attention(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval(),
                                        "mla", page_size=16)

@@ -5,6 +5,7 @@ generated token. With longattn's attention implementations ("moba", "longattn") 
 into one row without padding (position_ids restart at 0 per prompt, the attention runs varlen) and the
 packed KV cache is then split into a left-padded batch cache for decoding; other models (MLA-swapped
 DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through the mask.
+NSA-swapped models do not take padding masks yet, so their prompts must share one length.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def _as_tensors(prompts, device) -> list:
 
 def _uses_packing(model) -> bool:
     impl = getattr(model.config, "_attn_implementation", None)
-    has_mla = any(type(m).__name__ == "MLAAttention" for m in model.modules())
-    return impl in PACKED_IMPLEMENTATIONS and not has_mla
+    own_modules = any(type(m).__name__ in ("MLAAttention", "NativeSparseAttention") for m in model.modules())
+    return impl in PACKED_IMPLEMENTATIONS and not own_modules
 
 
 def _cache_kw(model) -> str:

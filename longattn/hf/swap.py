@@ -5,7 +5,8 @@ from torch import nn
 
 MOBA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 MLA_ARCHS = ("deepseek_v3",)
-KINDS = ("flash", "moba", "mla")
+KINDS = ("flash", "moba", "nsa", "mla")
+NSA_ARCHS = MOBA_ARCHS
 
 
 def _set_impl(model: nn.Module, name: str) -> None:
@@ -26,6 +27,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             attention interface); exact.
         ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral models; options ``block_size`` (default 512) and
             ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
+        ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models: each attention becomes a
+            :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with new compressor
+            and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``).
         ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); option ``page_size`` (default 64).
@@ -37,7 +41,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     arch = getattr(cfg, "model_type", None)
     if cfg is None:
         raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
-    allowed = {"flash": (), "moba": ("block_size", "topk"), "mla": ("page_size",)}[kind]
+    allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",), "mla": ("page_size",)}[kind]
     unknown = set(options) - set(allowed)
     if unknown:
         raise ValueError(f"unknown option(s) for kind {kind!r}: {sorted(unknown)}; allowed: {list(allowed)}")
@@ -56,6 +60,18 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba")
+    elif kind == "nsa":
+        if arch not in NSA_ARCHS:
+            raise ValueError(f"kind 'nsa' supports model types {NSA_ARCHS}, got {arch!r}")
+        from ..nsa.module import NativeSparseAttention
+        from ..nsa.reference import NSAConfig
+
+        config = options.get("config", NSAConfig())
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+        for layer in model.model.layers:
+            layer.self_attn = NativeSparseAttention(layer.self_attn, config)
+        _set_impl(model, "longattn")  # 2-D padding masks (NSA rejects real padding for now)
     else:
         if arch not in MLA_ARCHS:
             raise ValueError(f"kind 'mla' supports model types {MLA_ARCHS}, got {arch!r}")

@@ -65,9 +65,12 @@ def _demo(args) -> int:
         if key == "deepseek_v3":
             runs.append(("mla (absorbed decode)", key, "mla", {}, True))
         else:
+            nsa_cfg = longattn.NSAConfig(cmp_block=block // 2, cmp_stride=block // 4, slc_block=block, slc_topk=4,
+                                         window=2 * block)
             runs += [("flash", key, "flash", {}, True),
                      (f"moba bs{block} top-all", key, "moba", dict(block_size=block, topk=64), True),
-                     (f"moba bs{block} top{args.topk}", key, "moba", dict(block_size=block, topk=args.topk), False)]
+                     (f"moba bs{block} top{args.topk}", key, "moba", dict(block_size=block, topk=args.topk), False),
+                     (f"nsa blk{block} top4 w{2 * block}", key, "nsa", dict(config=nsa_cfg), False)]
     rows, failed = [], []
     for label, key, kind, opts, exact in tqdm(runs, desc="demo", unit="run"):
         base = bases[key]
@@ -96,7 +99,7 @@ def _demo(args) -> int:
     print("-" * len(head))
     for label, tokens, pre, tps, peak, diff, same, exact in rows:
         peak_s = f"{peak:8.0f}" if peak is not None else f"{'n/a':>8s}"
-        note = "" if exact else "  (sparse: differs from dense by design)"
+        note = "" if exact else "  (sparse / new gates: differs from dense by design)"
         print(f"{label:26s} {tokens:7d} {pre:11.1f} {tps:13.1f} {peak_s} {diff:20.2e} {same:>12s}{note}")
     if failed:
         print(f"FAILED: {', '.join(failed)} differ from the dense model", file=sys.stderr)

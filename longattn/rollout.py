@@ -5,7 +5,6 @@ generated token. With longattn's attention implementations ("moba", "longattn") 
 into one row without padding (position_ids restart at 0 per prompt, the attention runs varlen) and the
 packed KV cache is then split into a left-padded batch cache for decoding; other models (MLA-swapped
 DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through the mask.
-NSA-swapped models do not take padding masks yet, so their prompts must share one length.
 """
 from __future__ import annotations
 

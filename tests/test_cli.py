@@ -12,7 +12,7 @@ def test_demo_prints_table(capsys):
     rc = main(["demo", "--lengths", "20,3,33", "--new-tokens", "3"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for word in ("kind", "prefill ms", "decode tok/s", "max |diff| vs dense", "flash", "moba", "mla"):
+    for word in ("kind", "prefill ms", "decode tok/s", "max |diff| vs dense", "flash", "moba", "nsa", "mla"):
         assert word in out
     assert "exact configurations match the dense model" in out
 

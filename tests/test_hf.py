@@ -65,8 +65,8 @@ def test_moba_generate_with_cache_equals_recompute():
 
 def test_moba_batched_left_padded_generate_equals_single():
     _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba")
-    a = torch.randint(0, 128, (1, 37))
-    b = torch.randint(0, 128, (1, 20))
+    a = torch.randint(1, 128, (1, 37))  # 0 is the pad token
+    b = torch.randint(1, 128, (1, 20))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 17, dtype=torch.long), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :17] = 0
@@ -131,7 +131,7 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch):
     calls = []
     real = mla_module.mla_decode
     monkeypatch.setattr(mla_module, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ids = torch.randint(0, 128, (2, 40))
+    ids = torch.randint(1, 128, (2, 40))  # 0 is the pad token
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,

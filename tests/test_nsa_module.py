@@ -85,6 +85,20 @@ def test_swap_nsa_errors():
     swapped = longattn.hf.swap_attention(model, "nsa", config=NSA)
     ids = torch.randint(0, 128, (2, 20))
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="does not support padding masks"):
+    mask[0, 5] = 0  # a hole, not left padding
+    with pytest.raises(ValueError, match="left padding only"):
         swapped(ids, attention_mask=mask)
+
+
+def test_left_padded_batch_generate_equals_single():
+    model = _model()
+    a, b = torch.randint(1, 128, (1, 37)), torch.randint(1, 128, (1, 20))  # 0 is the pad token
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 17, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :17] = 0
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **kw)
+        one_a, one_b = model.generate(a, **kw), model.generate(b, **kw)
+    assert torch.equal(both[0, 37:], one_a[0, 37:])
+    assert torch.equal(both[1, 37:], one_b[0, 20:])

@@ -4,9 +4,10 @@ Parameters: the layer's q/k/v/o projections (shared, so their weights carry over
 compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
 initialised to mean pooling) and a sigmoid gate MLP (initialised to zero, so every gate starts at 0.5).
 
-Prefill and training run :func:`longattn.nsa_attention`. With a transformers cache, raw K/V live in that
-cache and the compressed K/V of the completed blocks in a side cache attached to it; decoding one token
-reads the compressed keys, the selected blocks and the window only.
+Prefill and training run :func:`longattn.nsa_attention` (left-padded batches through its varlen layout).
+With a transformers cache, raw K/V live in that cache and the compressed K/V of the completed blocks of
+each row in a side cache attached to it; decoding a token reads the compressed keys, the selected blocks
+and the window only.
 """
 from __future__ import annotations
 
@@ -66,9 +67,6 @@ class NativeSparseAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("NativeSparseAttention does not support padding masks yet: pass unpadded batches "
-                             "(or one packed row)")
         q = self.q_proj(hidden_states).view(B, T, H, D).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)
@@ -79,32 +77,74 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, D) with the new tokens
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
+        L = k.shape[1]
+        real = self._real_lengths(attention_mask, B, L, T)
         if past == 0:
-            k_cmp = self.compress(k, self.k_pos, self.k_compress)
-            v_cmp = self.compress(v, self.v_pos, self.v_compress)
-            if cache is not None:
-                cache._longattn_nsa = getattr(cache, "_longattn_nsa", {})
-                cache._longattn_nsa[self.layer_idx] = (k_cmp.detach(), v_cmp.detach())
-            out = nsa_attention(q, k, v, gates[:, :, 0], gates[:, :, 1], gates[:, :, 2], config=self.nsa,
-                                k_cmp=k_cmp, v_cmp=v_cmp, scale=self.scaling)
+            out = self._prefill(q, k, v, gates, real, cache)
         else:
-            out = self._decode(q, k, v, gates, cache)
+            out = self._decode(q, k, v, gates, real, cache)
         return self.o_proj(out.reshape(B, T, H * D)), None
 
-    def _decode(self, q, k, v, gates, cache):
+    @staticmethod
+    def _real_lengths(mask, B: int, L: int, T: int) -> Optional[list]:
+        """Real tokens per row under a left-padding mask (None without padding)."""
+        if mask is None or mask.dim() != 2 or bool(mask.bool().all()):
+            return None
+        m = mask[:, -L:].bool()
+        n = m.sum(1)
+        pos = torch.arange(L, device=m.device)
+        first = torch.where(m, pos, L).min(1).values
+        if bool(((n > 0) & (first != L - n)).any()) or (T < L and bool((n < T).any())):
+            raise ValueError("NativeSparseAttention supports left padding only (each row's real tokens end at the "
+                             "last position, and every new token is real)")
+        return n.tolist()
+
+    def _prefill(self, q, k, v, gates, real, cache):
+        B, T, H, D = q.shape
+        lens = real if real is not None else [T] * B
+        kc = [self.compress(k[b:b + 1, T - n:], self.k_pos, self.k_compress) for b, n in enumerate(lens)]
+        vc = [self.compress(v[b:b + 1, T - n:], self.v_pos, self.v_compress) for b, n in enumerate(lens)]
+        if cache is not None:
+            if not hasattr(cache, "_longattn_nsa"):
+                cache._longattn_nsa = {}
+            cache._longattn_nsa[self.layer_idx] = [(a.detach(), b.detach()) for a, b in zip(kc, vc)]
+        g = [gates[:, :, i] for i in range(3)]
+        if real is None:
+            return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=torch.cat(kc), v_cmp=torch.cat(vc),
+                                 scale=self.scaling)
+        sel = torch.zeros(B, T, dtype=torch.bool, device=q.device)
+        for b, n in enumerate(lens):
+            sel[b, T - n:] = True
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+        cu[1:] = torch.tensor(lens, device=q.device).cumsum(0)
+        packed = nsa_attention(q[sel], k[sel], v[sel], *(x[sel] for x in g), config=self.nsa,
+                               k_cmp=torch.cat([c[0] for c in kc]), v_cmp=torch.cat([c[0] for c in vc]),
+                               cu_seqlens=cu, scale=self.scaling)
+        out = packed.new_zeros(B, T, H, packed.shape[-1])
+        out[sel] = packed
+        return out
+
+    def _decode(self, q, k, v, gates, real, cache):
         """New tokens after a cached prefix, one at a time: compressed keys (extended as blocks complete),
         the selected blocks and the window; nothing else of the cache is read."""
         cfg = self.nsa
-        k_cmp, v_cmp = cache._longattn_nsa[self.layer_idx]
-        L, T = k.shape[1], q.shape[1]
-        n_now = cfg.num_cmp_blocks(L)
-        if n_now > k_cmp.shape[1]:  # blocks completed by the new tokens
-            first = k_cmp.shape[1]
-            k_cmp = torch.cat([k_cmp, self.compress(k, self.k_pos, self.k_compress, first, n_now)], 1)
-            v_cmp = torch.cat([v_cmp, self.compress(v, self.v_pos, self.v_compress, first, n_now)], 1)
-            cache._longattn_nsa[self.layer_idx] = (k_cmp, v_cmp)
-        outs = [self._decode_one(q[:, i], k, v, k_cmp, v_cmp, gates[:, i], L - T + i) for i in range(T)]
-        return torch.stack(outs, 1)
+        B, T = q.shape[:2]
+        L = k.shape[1]
+        lens = real if real is not None else [L] * B
+        store = cache._longattn_nsa[self.layer_idx]
+        rows = []
+        for b, n in enumerate(lens):
+            kb, vb = k[b:b + 1, L - n:], v[b:b + 1, L - n:]
+            k_cmp, v_cmp = store[b]
+            n_now = cfg.num_cmp_blocks(n)
+            if n_now > k_cmp.shape[1]:  # blocks completed by the new tokens
+                first = k_cmp.shape[1]
+                k_cmp = torch.cat([k_cmp, self.compress(kb, self.k_pos, self.k_compress, first, n_now)], 1)
+                v_cmp = torch.cat([v_cmp, self.compress(vb, self.v_pos, self.v_compress, first, n_now)], 1)
+                store[b] = (k_cmp, v_cmp)
+            rows.append(torch.stack([self._decode_one(q[b:b + 1, i], kb, vb, k_cmp, v_cmp, gates[b:b + 1, i],
+                                                      n - T + i) for i in range(T)], 1))
+        return torch.cat(rows, 0)
 
     def _decode_one(self, q, k, v, k_cmp, v_cmp, gates, t):
         """q (B, H, D) at position t; k/v (B, L, Hkv, D); returns (B, H, D)."""

@@ -45,7 +45,7 @@ def _demo(args) -> int:
     print(f"longattn {longattn.__version__} demo: {backend}, {str(dtype).replace('torch.', '')}")
     torch.manual_seed(0)
     if args.model:
-        base = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, attn_implementation="sdpa")
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
         bases = {base.config.model_type: base}
         print(f"model: {args.model} ({base.config.model_type})")
     else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kernels.topk import fold_topk, topk_indices, topk_keys
+
 
 @triton.jit
 def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, stride_mb, stride_mh,
@@ -26,15 +28,6 @@ def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, str
         acc += tl.sum(x.to(tl.float32), 0)
     tl.store(KMEAN + blk * stride_mb + h * stride_mh + offs_d, (acc / n).to(KMEAN.dtype.element_ty),
              mask=offs_d < D)
-
-
-@triton.jit
-def _score_keys(s, idx, valid):
-    """Sortable int64 keys of (score, block index) pairs: higher score first, then lower index."""
-    bits = s.to(tl.int32, bitcast=True)
-    bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order == signed int order
-    key = (bits.to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
-    return tl.where(valid, key, -9223372036854775807 - 1)
 
 
 @triton.jit
@@ -75,17 +68,7 @@ def _moba_select_kernel(Q, KMEAN, SEL, CU_Q, CU_K, BLOCK_OFF,
         km = tl.load(KMEAN + (blk0 + idx.to(tl.int64))[None, :] * stride_mb + hk * stride_mh + offs_d[:, None],
                      mask=(idx[None, :] < n_cand) & (offs_d[:, None] < D), other=0.0)
         s = tl.dot(q, km, input_precision=PRECISION)
-        cand = _score_keys(s, idx[None, :], idx[None, :] < own[:, None])
-        # fold the chunk into the running top-KSEL: keys are unique (they embed the block index), so
-        # taking the maximum KSEL times and striking it out each time is exact
-        merged = tl.full([BLOCK_M, C], -9223372036854775807 - 1, tl.int64)
-        for j in range(0, KSEL):
-            top = tl.maximum(tl.max(best, 1), tl.max(cand, 1))
-            merged = tl.where(cols[None, :] == j, top[:, None], merged)
-            best = tl.where(best == top[:, None], -9223372036854775807 - 1, best)
-            cand = tl.where(cand == top[:, None], -9223372036854775807 - 1, cand)
-        best = merged
-    blk = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
-    blk = tl.where(best == -9223372036854775807 - 1, -1, blk)
+        best = fold_topk(best, topk_keys(s, idx[None, :], idx[None, :] < own[:, None]), KSEL)
+    blk = topk_indices(best)
     tl.store(SEL + rows[:, None] * stride_st + h.to(tl.int64) * stride_sh + cols[None, :], blk,
              mask=in_m[:, None] & (cols[None, :] < KSEL))

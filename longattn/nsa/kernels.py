@@ -9,14 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _sortable(score, idx, valid):
-    """int64 keys ordering (score desc, block index asc); invalid entries get the minimum."""
-    bits = score.to(tl.int32, bitcast=True)
-    bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = (bits.to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
-    return tl.where(valid, key, -9223372036854775807 - 1)
+from ..kernels.topk import fold_topk, topk_indices, topk_keys
 
 
 @triton.jit
@@ -73,15 +66,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                 score += tl.load(W + i) * tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
         forced = (jj[None, :] < INIT) | ((jj[None, :] > own[:, None] - LOCAL) & (jj[None, :] <= own[:, None]))
         score = tl.where(forced, float("inf"), score)
-        cand = _sortable(score, jj[None, :], jj[None, :] <= own[:, None])
-        merged = tl.full([BLOCK_M, TOPK_PAD], -9223372036854775807 - 1, tl.int64)
-        for j in range(0, TOPK):
-            top = tl.maximum(tl.max(best, 1), tl.max(cand, 1))
-            merged = tl.where(tcols[None, :] == j, top[:, None], merged)
-            best = tl.where(best == top[:, None], -9223372036854775807 - 1, best)
-            cand = tl.where(cand == top[:, None], -9223372036854775807 - 1, cand)
-        best = merged
-    blk = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
-    blk = tl.where(best == -9223372036854775807 - 1, -1, blk)
+        best = fold_topk(best, topk_keys(score, jj[None, :], jj[None, :] <= own[:, None]), TOPK)
+    blk = topk_indices(best)
     tl.store(SEL + rows[:, None] * stride_st + hk.to(tl.int64) * stride_sh + tcols[None, :], blk,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))

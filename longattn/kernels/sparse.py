@@ -54,6 +54,19 @@ def _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
+def _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV, stride_qt, stride_qh, offs_dk,
+                  DQK: tl.constexpr, KSEL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile ``pid`` of the entry list: its key block and KV head, its entries and their query rows."""
+    seg, tile = _find_tile(TILE_CUM, pid, n_seg, n_iter)
+    gb = (seg // HKV).to(tl.int64)
+    hk = (seg % HKV).to(tl.int64)
+    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
+    q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
+                mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    return gb, hk, t, h, slot, valid, q
+
+
+@triton.jit
 def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_os, stride_ot, stride_oh, stride_ls, stride_lh,
@@ -65,14 +78,10 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return
-    seg, tile = _find_tile(TILE_CUM, pid, n_seg, n_iter)
-    gb = (seg // HKV).to(tl.int64)
-    hk = (seg % HKV).to(tl.int64)
-    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
-                mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    gb, hk, t, h, slot, valid, q = _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV,
+                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M)
     row0 = tl.load(BLOCK_ROW + gb).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -162,14 +171,10 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return
-    seg, tile = _find_tile(TILE_CUM, pid, n_seg, n_iter)
-    gb = (seg // HKV).to(tl.int64)
-    hk = (seg % HKV).to(tl.int64)
-    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
-                mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    gb, hk, t, h, slot, valid, q = _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV,
+                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M)
     do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
                  mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.reference import block_mask_ref, join_sequences, masked_attention_ref, sequence_slices
+from ..kernels.reference import block_mask_ref, block_sparse_attention_ref, join_sequences, sequence_slices
 
 
 def _pooled_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -90,16 +90,9 @@ def moba_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
         with torch.no_grad():
             sel = moba_block_selection_ref(q, k, block_size=block_size, topk=topk, cu_seqlens_q=cu_seqlens_q,
                                            cu_seqlens_k=cu_seqlens_k)
-    outs, lses = [], []
-    for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k):
-        qs, ks = q[sq], k[sk]
-        mask = moba_mask_ref(sel[sq], qs.shape[0], ks.shape[0], block_size)
-        o, l = masked_attention_ref(qs, ks, v[sk], mask, scale)
-        outs.append(o)
-        lses.append(l)
-    varlen = cu_seqlens_q is not None
-    out, lse = join_sequences(outs, varlen).to(q.dtype), join_sequences(lses, varlen, 1)
-    return (out, lse) if return_lse else out
+    # the own block is in the selection too; listing it twice changes no mask
+    return block_sparse_attention_ref(q, k, v, sel, block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                      cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
 __all__ = ["moba_attention_ref", "moba_block_selection_ref", "moba_mask_ref"]

@@ -14,7 +14,7 @@ if "TRITON_INTERPRET" not in _os.environ:
 from .kernels import flash_attention, merge_attention  # noqa: E402
 from .moba import moba_attention  # noqa: E402
 from .mla import mla_decode, mla_prefill  # noqa: E402
-from .nsa import NSAConfig, nsa_attention  # noqa: E402
+from .nsa import NSAConfig, nsa_attention, nsa_decode  # noqa: E402
 from . import hf, rollout  # noqa: E402
 
 try:
@@ -24,4 +24,4 @@ except ImportError:  # transformers missing or too old: the kernels still work
 
 __version__ = "0.1.0"
 __all__ = ["flash_attention", "merge_attention", "moba_attention", "mla_prefill", "mla_decode", "NSAConfig",
-           "nsa_attention", "hf", "rollout", "__version__"]
+           "nsa_attention", "nsa_decode", "hf", "rollout", "__version__"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longattn import flash_attention
-from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref
+from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.ops import _mean_compress
 from helpers import assert_close, leaf
 
@@ -96,6 +96,72 @@ def test_nsa_bad_arguments(device):
     with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 9 compressed blocks"):
         nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 3, 2, 16, device=device),
                       v_cmp=torch.randn(1, 3, 2, 16, device=device))
+
+
+def _decode_case(lens, offsets, L, Hq, Hkv, dk, dv, dtype, device, config):
+    """Random decode inputs in a transformers-style cache (B, Hkv, L, D) seen as (B, L, Hkv, D), with NaN
+    everywhere outside each sequence's tokens and compressed blocks (so any stray read shows)."""
+    B = len(lens)
+    k = torch.full((B, Hkv, L, dk), float("nan"), dtype=dtype, device=device)
+    v = torch.full((B, Hkv, L, dv), float("nan"), dtype=dtype, device=device)
+    n_max = max(config.num_cmp_blocks(n) for n in lens) + 2
+    kc = torch.full((B, n_max, Hkv, dk), float("nan"), dtype=dtype, device=device)
+    vc = torch.full((B, n_max, Hkv, dv), float("nan"), dtype=dtype, device=device)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        k[b, :, o:o + n] = torch.randn(Hkv, n, dk, dtype=dtype, device=device)
+        v[b, :, o:o + n] = torch.randn(Hkv, n, dv, dtype=dtype, device=device)
+        c = config.num_cmp_blocks(n)
+        kc[b, :c] = torch.randn(c, Hkv, dk, dtype=dtype, device=device)
+        vc[b, :c] = torch.randn(c, Hkv, dv, dtype=dtype, device=device)
+    q = torch.randn(B, Hq, dk, dtype=dtype, device=device)
+    gates = [torch.rand(B, Hq, device=device) for _ in range(3)]
+    return q, k.transpose(1, 2), v.transpose(1, 2), kc, vc, gates
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (16, 1)], ids=["gqa4", "gqa16"])
+def test_nsa_decode_matches_reference(Hq, Hkv, dtype, device):
+    lens, offsets, L = [200, 37, 5, 64], [10, 0, 150, 100], 220  # 5 tokens: no compressed block yet
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, Hq, Hkv, 32, 16, dtype, device, CFG)
+    seq = torch.tensor(lens, dtype=torch.int32, device=device)
+    off = torch.tensor(offsets, dtype=torch.int32, device=device)
+    out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG,
+                          return_selection=True)
+    assert out.dtype == dtype and out.shape == (len(lens), Hq, 16)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        c = CFG.num_cmp_blocks(n)
+        ref, sel_r = nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(),
+                                       v[b, None, o:o + n].float(), *(g[b, None, None] for g in gates),
+                                       k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=CFG,
+                                       return_selection=True)
+        assert torch.equal(_sorted_sel(sel[b]), _sorted_sel(sel_r[0, 0])), f"sequence {b}: selection differs"
+        assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
+
+
+def test_nsa_decode_equals_last_row_of_prefill(device):
+    """Mean-pooled compressed blocks, no offsets: decode == the last row of nsa_attention."""
+    T, Hq, Hkv = 150, 4, 2
+    q, k, v = (torch.randn(1, T, h, 16, device=device) for h in (Hq, Hkv, Hkv))
+    gates = [torch.rand(1, T, Hq, device=device) for _ in range(3)]
+    full = nsa_attention(q, k, v, *gates, config=CFG)
+    kc, vc = _mean_compress(k[0], [T], CFG)[None], _mean_compress(v[0], [T], CFG)[None]
+    out = nsa_decode(q[:, -1], k, v, kc, vc, *(g[:, -1] for g in gates),
+                     cache_seqlens=torch.tensor([T], dtype=torch.int32, device=device), config=CFG)
+    torch.testing.assert_close(out, full[:, -1], atol=2e-5, rtol=1e-4)
+
+
+def test_nsa_decode_bad_arguments(device):
+    q, k, v, kc, vc, gates = _decode_case([40], [0], 48, 2, 1, 16, 16, torch.float32, device, CFG)
+    seq = torch.tensor([40], dtype=torch.int32, device=device)
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32"):
+        nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq.long(), config=CFG)
+    with pytest.raises(ValueError, match="offset \\+ seqlen <= 48"):
+        nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=seq - 30, config=CFG)
+    with pytest.raises(ValueError, match="needs 9"):
+        nsa_decode(q, k, v, kc[:, :5], vc[:, :5], *gates, cache_seqlens=seq, config=CFG)
+    with pytest.raises(ValueError, match="g_swa must have shape"):
+        nsa_decode(q, k, v, kc, vc, *gates[:2], gates[2][:, :1], cache_seqlens=seq, config=CFG)
+    with pytest.raises(ValueError, match="v_cache must be"):
+        nsa_decode(q, k, v[:, :20], kc, vc, *gates, cache_seqlens=seq, config=CFG)
 
 
 @pytest.mark.gpu

@@ -29,10 +29,14 @@ def test_decode_steps_equal_full_forward(arch):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        pre = model(ids[:, :45], past_key_values=cache, use_cache=True).logits
-        steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1] for i in range(45, 60)]
-    torch.testing.assert_close(pre, full[:, :45], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 45:], atol=1e-4, rtol=1e-4)
+        pre = model(ids[:, :20], past_key_values=cache, use_cache=True).logits
+        steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1] for i in range(20, 48)]
+        # a chunk of several tokens, completing compressed blocks past the side cache's first capacity
+        chunk = model(ids[:, 48:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(pre, full[:, :20], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:48], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunk, full[:, 48:], atol=1e-4, rtol=1e-4)
+    assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 
 
 def test_generate_equals_recompute():

@@ -70,3 +70,135 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     blk = topk_indices(best)
     tl.store(SEL + rows[:, None] * stride_st + hk.to(tl.int64) * stride_sh + tcols[None, :], blk,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))
+
+
+@triton.jit
+def _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION: tl.constexpr):
+    """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``ok``
+    (N,); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing is valid yet."""
+    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
+                       stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                       stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
+                       stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh,
+                       group, scale_log2,
+                       DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                       CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
+                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """One decoding token of sequence b against its cache, for the query heads of KV head hk.
+
+    The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V).
+    Four phases in one program, the group's heads as the rows of every tile:
+    1. compressed attention over the SEQ[b]'s complete compressed blocks (all visible to t): o_cmp, lse;
+    2. selection scores (Eq. 9/10, summed over the group) C blocks at a time, folded into a running top-n;
+    3. attention over the n selected blocks (keys up to t);
+    4. attention over the window ``[t - WINDOW + 1, t]``;
+    then the gated sum. Reads the compressed keys (about 2.25 times), n blocks and the window.
+    """
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    n = tl.load(SEQ + b)
+    off = tl.load(OFF + b).to(tl.int64)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    rows = tl.arange(0, BLOCK_G)
+    in_g = rows < group
+    heads = (hk * group + rows).to(tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + dk[None, :],
+                mask=in_g[:, None] & (dk[None, :] < DK), other=0.0)
+    gate_ptr = GATES + b64 * stride_gb + heads
+    kc_base = KC + b64 * stride_cb + hk64 * stride_ch
+    vc_base = VC + b64 * stride_db + hk64 * stride_dh
+    k_base = K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh
+    v_base = V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh
+
+    # 1. compressed attention
+    n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    for c0 in range(0, n_cmp, BLOCK_N):
+        cc = c0 + cols
+        ok = cc < n_cmp
+        kc = tl.load(kc_base + cc[None, :].to(tl.int64) * stride_ct + dk[:, None],
+                     mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+        vc = tl.load(vc_base + cc[:, None].to(tl.int64) * stride_dt + dv[None, :],
+                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        m, l, acc = _online_step(q, kc, vc, ok, m, l, acc, scale_log2, PRECISION)
+    has = l > 0
+    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
+    out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
+
+    # 2. selection scores and top-n (candidates: blocks 0 .. own)
+    own = (n - 1) // SLC_BLOCK
+    ratio: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    jcols = tl.arange(0, C)
+    best = tl.full([1, TOPK_PAD], -9223372036854775807 - 1, tl.int64)
+    for j0 in range(0, own + 1, C):
+        jj = j0 + jcols
+        score = tl.zeros([C], tl.float32)
+        for i in tl.static_range(NW):
+            ci = jj * ratio - i
+            ok = (ci >= 0) & (ci < n_cmp)
+            kc = tl.load(kc_base + ci[None, :].to(tl.int64) * stride_ct + dk[:, None],
+                         mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+            s = tl.dot(q, kc, input_precision=PRECISION) * scale_log2
+            p = tl.where(ok[None, :] & in_g[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            score += tl.load(W + i) * tl.sum(p, 0)
+        forced = (jj < INIT) | ((jj > own - LOCAL) & (jj <= own))
+        score = tl.where(forced, float("inf"), score)
+        best = fold_topk(best, topk_keys(score[None, :], jj[None, :], (jj <= own)[None, :]), TOPK)
+    blk = topk_indices(best)  # (1, TOPK_PAD), best first, -1 padded
+    tcols = tl.arange(0, TOPK_PAD)
+    tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
+
+    # 3. selected blocks
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    scols = tl.arange(0, SLC_TILE)
+    for i in range(0, TOPK):
+        j = tl.sum(tl.where(tcols[None, :] == i, blk, 0))
+        for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
+            pos = j * SLC_BLOCK + s0 + scols
+            ok = (pos >= 0) & (pos < n)  # j = -1 (no block) gives negative positions
+            k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
+                        mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+            v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
+                        mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+            m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+    out += tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0)[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
+
+    # 4. sliding window
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    lo = tl.maximum(n - WINDOW, 0)
+    for p0 in range(lo, n, BLOCK_N):
+        pos = p0 + cols
+        ok = pos < n
+        k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
+                    mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+        v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
+                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+    out += tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0)[:, None] * \
+        (acc / tl.where(l > 0, l, 1.0)[:, None])
+    tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=in_g[:, None] & (dv[None, :] < DV))

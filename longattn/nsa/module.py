@@ -6,8 +6,9 @@ initialised to mean pooling) and a sigmoid gate MLP (initialised to zero, so eve
 
 Prefill and training run :func:`longattn.nsa_attention` (left-padded batches through its varlen layout).
 With a transformers cache, raw K/V live in that cache and the compressed K/V of the completed blocks of
-each row in a side cache attached to it; decoding a token reads the compressed keys, the selected blocks
-and the window only.
+each row in a side cache attached to it ((B, capacity, Hkv, D) tensors plus a count per row); decoding
+runs :func:`longattn.nsa.nsa_decode`, which reads the compressed keys, the selected blocks and the window
+only.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import nsa_attention
+from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
 
 
@@ -107,7 +108,11 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             if not hasattr(cache, "_longattn_nsa"):
                 cache._longattn_nsa = {}
-            cache._longattn_nsa[self.layer_idx] = [(a.detach(), b.detach()) for a, b in zip(kc, vc)]
+            counts = [c.shape[1] for c in kc]
+            cap = max(counts) + 8
+            pad = lambda parts: torch.stack([torch.cat([c[0].detach(), c.new_zeros(cap - c.shape[1], *c.shape[2:])])
+                                             for c in parts])
+            cache._longattn_nsa[self.layer_idx] = {"k": pad(kc), "v": pad(vc), "n": counts}
         g = [gates[:, :, i] for i in range(3)]
         if real is None:
             return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=torch.cat(kc), v_cmp=torch.cat(vc),
@@ -125,75 +130,30 @@ class NativeSparseAttention(nn.Module):
         return out
 
     def _decode(self, q, k, v, gates, real, cache):
-        """New tokens after a cached prefix, one at a time: compressed keys (extended as blocks complete),
-        the selected blocks and the window; nothing else of the cache is read."""
+        """New tokens after a cached prefix, one :func:`nsa_decode` call per token for the whole batch; the
+        compressed cache is extended first with the blocks the new tokens complete."""
         cfg = self.nsa
         B, T = q.shape[:2]
         L = k.shape[1]
         lens = real if real is not None else [L] * B
         store = cache._longattn_nsa[self.layer_idx]
-        rows = []
         for b, n in enumerate(lens):
-            kb, vb = k[b:b + 1, L - n:], v[b:b + 1, L - n:]
-            k_cmp, v_cmp = store[b]
-            n_now = cfg.num_cmp_blocks(n)
-            if n_now > k_cmp.shape[1]:  # blocks completed by the new tokens
-                first = k_cmp.shape[1]
-                k_cmp = torch.cat([k_cmp, self.compress(kb, self.k_pos, self.k_compress, first, n_now)], 1)
-                v_cmp = torch.cat([v_cmp, self.compress(vb, self.v_pos, self.v_compress, first, n_now)], 1)
-                store[b] = (k_cmp, v_cmp)
-            rows.append(torch.stack([self._decode_one(q[b:b + 1, i], kb, vb, k_cmp, v_cmp, gates[b:b + 1, i],
-                                                      n - T + i) for i in range(T)], 1))
-        return torch.cat(rows, 0)
-
-    def _decode_one(self, q, k, v, k_cmp, v_cmp, gates, t):
-        """q (B, H, D) at position t; k/v (B, L, Hkv, D); returns (B, H, D)."""
-        cfg, scale = self.nsa, self.scaling
-        B, H, D = q.shape
-        Hkv = k.shape[2]
-        G = H // Hkv
-        qf = q.float().view(B, Hkv, G, D)
-        # compressed branch over the blocks that ended at or before t
-        n_vis = cfg.num_cmp_blocks(t + 1)
-        o_cmp = q.new_zeros(B, H, D, dtype=torch.float32)
-        p_cmp = None
-        if n_vis:
-            kc, vc = k_cmp[:, :n_vis].float(), v_cmp[:, :n_vis].float()  # (B, n, Hkv, D)
-            s = torch.einsum("bkgd,bnkd->bkgn", qf, kc) * scale
-            p_cmp = torch.softmax(s, -1)
-            o_cmp = torch.einsum("bkgn,bnkd->bkgd", p_cmp, vc).reshape(B, H, D)
-        # selection scores (Eq. 9, summed over the group) and top-n
-        n_slc = t // cfg.slc_block + 1
-        scores = q.new_zeros(B, Hkv, n_slc, dtype=torch.float32)
-        if p_cmp is not None:
-            p = p_cmp.sum(2)  # (B, Hkv, n_vis): summed over the group's heads
-            ratio = cfg.slc_block // cfg.cmp_stride
-            for i, w in enumerate(cfg.score_weights().tolist()):
-                idx = torch.arange(n_slc, device=q.device) * ratio - i
-                ok = (idx >= 0) & (idx < n_vis)
-                scores += w * torch.where(ok, p[..., idx.clamp(0, n_vis - 1)], torch.zeros((), device=q.device))
-        blk = torch.arange(n_slc, device=q.device)
-        own = t // cfg.slc_block
-        forced = (blk < cfg.init_blocks) | (blk > own - cfg.local_blocks)
-        scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
-        n_take = min(cfg.slc_topk, n_slc)
-        sel = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_take]  # (B, Hkv, n)
-        tok = (sel[..., None] * cfg.slc_block + torch.arange(cfg.slc_block, device=q.device)).flatten(-2)
-        valid = tok <= t
-        tok = tok.clamp(max=t)
-        gather = lambda x: torch.gather(x.float().permute(0, 2, 1, 3), 2, tok[..., None].expand(-1, -1, -1, D))
-        ks, vs = gather(k), gather(v)  # (B, Hkv, n*bs, D)
-        s = torch.einsum("bkgd,bknd->bkgn", qf, ks) * scale
-        s = s.masked_fill(~valid[:, :, None], float("-inf"))
-        o_slc = torch.einsum("bkgn,bknd->bkgd", torch.softmax(s, -1), vs).reshape(B, H, D)
-        # sliding window
-        lo = max(0, t - cfg.window + 1)
-        kw, vw = k[:, lo:t + 1].float(), v[:, lo:t + 1].float()
-        s = torch.einsum("bkgd,bnkd->bkgn", qf, kw) * scale
-        o_swa = torch.einsum("bkgn,bnkd->bkgd", torch.softmax(s, -1), vw).reshape(B, H, D)
-        g = gates.float()
-        out = g[:, 0, :, None] * o_cmp + g[:, 1, :, None] * o_slc + g[:, 2, :, None] * o_swa
-        return out.to(q.dtype)
+            have, need = store["n"][b], cfg.num_cmp_blocks(n)
+            if need > have:
+                if need > store["k"].shape[1]:  # grow the capacity geometrically
+                    grow = lambda x: torch.cat([x, torch.zeros_like(x[:, :max(need, x.shape[1])])], 1)
+                    store["k"], store["v"] = grow(store["k"]), grow(store["v"])
+                kb, vb = k[b:b + 1, L - n:], v[b:b + 1, L - n:]
+                store["k"][b, have:need] = self.compress(kb, self.k_pos, self.k_compress, have, need)[0]
+                store["v"][b, have:need] = self.compress(vb, self.v_pos, self.v_compress, have, need)[0]
+                store["n"][b] = need
+        offsets = torch.tensor([L - n for n in lens], dtype=torch.int32, device=q.device)
+        outs = []
+        for i in range(T):
+            seqlens = torch.tensor([n - T + i + 1 for n in lens], dtype=torch.int32, device=q.device)
+            outs.append(nsa_decode(q[:, i], k, v, store["k"], store["v"], *gates[:, i].unbind(1),
+                                   cache_seqlens=seqlens, cache_offsets=offsets, config=cfg, scale=self.scaling))
+        return torch.stack(outs, 1)
 
 
 __all__ = ["NativeSparseAttention"]

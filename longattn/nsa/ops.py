@@ -6,11 +6,11 @@ from typing import Optional
 import torch
 import triton
 
-from ..kernels.flash import flash_attention
+from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.sparse import block_sparse_packed, pack_inputs, plan_blocks
-from ..kernels.utils import check_attention_inputs, check_scale, check_tensor, empty, is_interpreter, kernel_inputs, \
-    next_pow2
-from .kernels import _nsa_select_kernel
+from ..kernels.utils import check_attention_inputs, check_device, check_same_dtype, check_scale, check_tensor, \
+    empty, is_interpreter, kernel_inputs, next_pow2
+from .kernels import _nsa_decode_kernel, _nsa_select_kernel
 from .reference import NSAConfig
 
 
@@ -139,4 +139,99 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     return (out, sel) if return_selection else out
 
 
-__all__ = ["nsa_attention", "nsa_select"]
+def _check_lengths(t: Optional[torch.Tensor], name: str, batch: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,):
+        raise TypeError(f"{name} must be an int32 tensor of shape ({batch},)")
+
+
+def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
+               v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
+               cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
+               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, return_selection: bool = False):
+    """NSA for one new token per sequence against a KV cache (inference; not differentiable).
+
+    The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
+    cache. One Triton program per (sequence, KV head) serves the whole GQA group and runs the three
+    branches back to back: compressed attention over the sequence's complete compressed blocks, the
+    selection scores and top-n, the selected blocks, then the window and the gated sum. It reads the
+    compressed keys, the n selected blocks and the window, never the rest of the cache.
+
+    Args:
+        q: ``(B, Hq, Dk)``.
+        k_cache, v_cache: ``(B, L, Hkv, Dk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim
+            (so a transformers cache ``(B, Hkv, L, D)`` transposed works without a copy).
+        k_cmp, v_cmp: compressed keys/values ``(B, N, Hkv, D*)``; row b must hold at least
+            ``config.num_cmp_blocks(cache_seqlens[b])`` blocks (the extra ones are not read).
+        g_cmp, g_slc, g_swa: gates ``(B, Hq)``, any float dtype.
+        cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
+        cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches,
+            like transformers' with a padding mask); default 0.
+        config, scale: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``).
+        return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
+            -1 padded.
+    Returns:
+        ``(B, Hq, Dv)`` in q's dtype. Equal to the last row of :func:`nsa_attention` on the sequence.
+    """
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_cmp": k_cmp, "v_cmp": v_cmp}
+    for name, t in named.items():
+        check_tensor(t, name, ndim=3 if name == "q" else 4)
+    check_same_dtype(named)
+    check_device({**named, "cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
+    B, hq, dk = q.shape
+    L, hkv = k_cache.shape[1], k_cache.shape[2]
+    dv = v_cache.shape[-1]
+    if k_cache.shape[0] != B or k_cache.shape[-1] != dk:
+        raise ValueError(f"k_cache must be (B, L, Hkv, Dk) = ({B}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != (B, L, hkv):
+        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({B}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
+    if tuple(k_cmp.shape[::2]) != (B, hkv) or k_cmp.shape[-1] != dk or tuple(v_cmp.shape) != \
+            (*k_cmp.shape[:3], dv):
+        raise ValueError(f"k_cmp/v_cmp must be (B, N, Hkv, Dk) / (B, N, Hkv, Dv) = ({B}, N, {hkv}, {dk}) / "
+                         f"({B}, N, {hkv}, {dv}), got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+        if tuple(g.shape) != (B, hq):
+            raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
+    for name, t in named.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    scale = check_scale(scale, dk ** -0.5)
+    _check_lengths(cache_seqlens, "cache_seqlens", B)
+    if cache_offsets is None:
+        cache_offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
+    _check_lengths(cache_offsets, "cache_offsets", B)
+    for b, (n, o) in enumerate(zip(cache_seqlens.tolist(), cache_offsets.tolist())):
+        if n < 1 or o < 0 or o + n > L:
+            raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
+                             f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {L}), got offset {o}, seqlen {n}")
+        if config.num_cmp_blocks(n) > k_cmp.shape[1]:
+            raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed blocks per sequence but sequence {b} "
+                             f"({n} tokens) needs {config.num_cmp_blocks(n)}")
+
+    qk, kk, vk, kck, vck = kernel_inputs(q, k_cache, v_cache, k_cmp, v_cmp)
+    gates = torch.stack([g_cmp, g_slc, g_swa]).float()
+    weights = config.score_weights().to(device=q.device, dtype=torch.float32)
+    out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
+    sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
+    group = hq // hkv
+    _nsa_decode_kernel[(B, hkv)](
+        qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets,
+        qk.stride(0), qk.stride(1), kk.stride(0), kk.stride(1), kk.stride(2), vk.stride(0), vk.stride(1),
+        vk.stride(2), kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2),
+        gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
+        group, scale * LOG2E,
+        DK=dk, DV=dv, BLOCK_DK=max(16, next_pow2(dk)), BLOCK_DV=max(16, next_pow2(dv)),
+        BLOCK_G=max(16, next_pow2(group)), BLOCK_N=32 if is_interpreter() else 64,
+        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, SLC_BLOCK=config.slc_block,
+        SLC_TILE=min(config.slc_block, 64), NW=config.slc_block // config.cmp_stride
+        + config.cmp_block // config.cmp_stride - 1, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
+        INIT=config.init_blocks, LOCAL=config.local_blocks, C=32, WINDOW=config.window,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return (out, sel) if return_selection else out
+
+
+__all__ = ["nsa_attention", "nsa_select", "nsa_decode"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flash, mla, moba, nsa
+from . import flash, memory, mla, moba, nsa
 from .common import NoCudaError
 
-SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla}
+SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory}
 
 
 def main(argv=None) -> int:

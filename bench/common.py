@@ -13,6 +13,9 @@ from typing import Callable, Optional, Sequence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+PEERS = {"flash_attn": "flash_attn", "fla": "fla", "flashinfer": "flashinfer"}  # optional peers, when installed
+
+
 class NoCudaError(RuntimeError):
     pass
 
@@ -47,12 +50,13 @@ def environment(argv: Optional[Sequence[str]] = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
-    try:
-        import flash_attn  # noqa: F401
-
-        env["flash_attn"] = flash_attn.__version__
-    except Exception:
-        env["flash_attn"] = None
+    for peer, module in PEERS.items():
+        try:
+            env[peer] = __import__(module).__version__
+        except Exception:
+            env[peer] = None
+    if _PEAKS:
+        env.update(_PEAKS)
     return env
 
 
@@ -73,6 +77,45 @@ def attended_pairs(q_len: int, k_len: int, *, causal: bool, window: Optional[int
     return int((hi - lo + 1).clamp(min=0).sum())
 
 
+_PEAKS: dict = {}
+
+
+def device_peaks(dev) -> dict:
+    """The device's measured copy bandwidth (GB/s, bytes read plus written) and dense bf16 matmul rate
+    (TFLOP/s), measured once per process: the roofline every result row is compared with."""
+    import torch
+
+    if not _PEAKS:
+        x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        y = torch.empty_like(x)
+        _PEAKS["copy_GBs"] = 2 * x.numel() / time_ms(lambda: y.copy_(x)) / 1e6
+        del x, y
+        n = 8192
+        a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        _PEAKS["matmul_TFLOPs"] = 2 * n ** 3 / time_ms(lambda: a @ b) / 1e9
+        del a, b
+        torch.cuda.empty_cache()
+        print(f"  device roofline: copy {_PEAKS['copy_GBs']:.0f} GB/s, "
+              f"bf16 matmul {_PEAKS['matmul_TFLOPs']:.0f} TFLOP/s")
+    return dict(_PEAKS)
+
+
+def attention_bytes(B: int, tq: int, tk: int, hq: int, hkv: int, dk: int, dv: int, mode: str, elt: int = 2) -> int:
+    """Least HBM traffic of attention: the forward reads q, k, v and writes o; the backward reads q, k, v,
+    o, do and writes dq, dk, dv."""
+    q_side, k_side = B * tq * hq * (dk + dv), B * tk * hkv * (dk + dv)
+    return elt * ((q_side + k_side) if mode == "fwd" else 3 * (q_side + k_side))
+
+
+def roofline(row: dict, bytes_: float, flops: float, peaks: dict) -> dict:
+    """Add the roofline columns to a result row: the work (GB, GFLOP), the floor time on this device
+    (max of bytes / copy bandwidth and FLOPs / matmul rate) and the % of that floor achieved."""
+    floor_ms = max(bytes_ / peaks["copy_GBs"] / 1e6, flops / peaks["matmul_TFLOPs"] / 1e9)
+    row.update(GB=bytes_ / 1e9, GFLOP=flops / 1e9, floor_ms=floor_ms, **{"%roof": 100 * floor_ms / row["ms"]})
+    return row
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float:
     import torch
 
@@ -91,8 +134,13 @@ def write_results(name: str, rows: list[dict], columns: Sequence[str], env: dict
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     md = [f"# {name}", "", f"- device: {env['device']}", f"- torch {env['torch']}, triton {env['triton']}, "
-          f"CUDA {env['cuda']}, flash-attn {env['flash_attn'] or 'not installed'}",
-          f"- date: {env['date']}", f"- command: `{env['command']}`", "",
+          f"CUDA {env['cuda']}, " + ", ".join(f"{p} {env.get(p) or 'not installed'}" for p in PEERS),
+          f"- date: {env['date']}", f"- command: `{env['command']}`"]
+    if "copy_GBs" in env:
+        md.append(f"- roofline of this device, measured in the same run: copy {env['copy_GBs']:.0f} GB/s, dense bf16 "
+                  f"matmul {env['matmul_TFLOPs']:.0f} TFLOP/s; `%roof` = the row's floor time (its bytes at that "
+                  f"bandwidth or its FLOPs at that rate, whichever is longer) / its time")
+    md += ["",
           "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         md.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import attended_pairs, environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+from .common import (attended_pairs, attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb,
+                     require_cuda, roofline, time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
-           "x_sdpa_cudnn", "x_flash_attn", "peak_MB"]
+           "x_sdpa_cudnn", "x_flash_attn", "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -62,6 +63,7 @@ def run(args, argv=None) -> list[dict]:
     causal = not args.no_causal
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     impls = _impls(causal, args.window, hq, hkv, dqk, dv)
+    peaks = device_peaks(dev)
     rows = []
     for T in parse_ints(args.seqlens):
         B = max(1, args.tokens // T)
@@ -85,9 +87,10 @@ def run(args, argv=None) -> list[dict]:
                 except Exception as e:  # a backend that does not support this shape
                     print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue
-                rows.append(dict(op="flash", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=dqk, Dv=dv,
-                                 causal=causal, window=args.window, dtype=args.dtype, ms=ms,
-                                 **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem))
+                rows.append(roofline(dict(op="flash", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=dqk, Dv=dv,
+                                          causal=causal, window=args.window, dtype=args.dtype, ms=ms,
+                                          **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem),
+                                     attention_bytes(B, T, T, hq, hkv, dqk, dv, mode), flops, peaks))
                 print(f"  {name:12s} {mode:7s} B={B} T={T}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
     _speedups(rows)
     env = environment(argv)

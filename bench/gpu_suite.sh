@@ -3,20 +3,36 @@
 # Logs and results go to one folder, packed into one archive so that it fits the device tool's return
 # limits:  bash bench/gpu_suite.sh [out_dir]   (default: $OUT if set, else bench/results/run)
 # PYTEST_SECONDS / BENCH_SECONDS bound each half (defaults 200 / 360, inside one 10-minute device call);
-# BENCH_OPS picks the benchmark (default all; e.g. "flash --seqlens 16k").
+# BENCH_OPS lists the benchmarks, each run with the time the previous ones left (default
+# "flash moba nsa mla memory"; options allowed per entry, entries separated by ";", e.g.
+# "flash --seqlens 16k; mla --batches 64"). Optional peers carried as wheels in .whl/ (bench/fetch_peers.sh)
+# are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/results/run}}
 mkdir -p "$out/results"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/peers"
+fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
 } > "$out/environment.txt" 2>&1
 timeout "${PYTEST_SECONDS:-200}" python3 -m pytest -q -x -m "gpu or not gpu" -p no:cacheprovider tests > "$out/pytest.log" 2>&1
 echo "pytest exit $?" >> "$out/pytest.log"
 tail -5 "$out/pytest.log"
-timeout "${BENCH_SECONDS:-360}" python3 -m bench ${BENCH_OPS:-all} --out "$out/results" > "$out/bench.log" 2>&1
-echo "bench exit $?" >> "$out/bench.log"
-tail -30 "$out/bench.log"
+end=$(( $(date +%s) + ${BENCH_SECONDS:-360} ))
+IFS=';' read -ra ops <<< "${BENCH_OPS:-flash; moba; nsa; mla; memory}"
+for op in "${ops[@]}"; do
+  left=$(( end - $(date +%s) ))
+  [ "$left" -gt 5 ] || { echo "no time left for: $op" >> "$out/bench.log"; continue; }
+  echo "== $op (${left}s left)" >> "$out/bench.log"
+  # shellcheck disable=SC2086  # the entry's options are meant to split
+  timeout "$left" python3 -m bench $op --out "$out/results" >> "$out/bench.log" 2>&1
+  echo "bench $op exit $?" >> "$out/bench.log"
+done
+tail -40 "$out/bench.log"
 tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "archive: $out.tgz"

@@ -1,11 +1,14 @@
-"""MLA: absorbed paged decode (GB/s, % of measured copy bandwidth, TFLOP/s) and prefill fwd/fwd+bwd vs SDPA."""
+"""MLA: absorbed paged decode (GB/s, % of measured copy bandwidth, TFLOP/s) vs SDPA and FlashInfer (if installed);
+prefill fwd/fwd+bwd vs SDPA."""
 from __future__ import annotations
 
 import argparse
 
-from .common import environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+from .common import (device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
+                     time_ms, write_results)
 
-COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "x_sdpa", "peak_MB"]
+COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "%roof", "x_sdpa",
+           "x_flashinfer", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -15,19 +18,35 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--heads", type=int, default=128)
     p.add_argument("--prefill-seqlens", default="4k,16k")
     p.add_argument("--prefill-heads", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=16384, help="prefill batch size is max(1, tokens // T)")
     p.add_argument("--max-cache-gb", type=float, default=24.0, help="skip decode shapes whose cache is larger")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--out", default=None)
 
 
-def copy_bandwidth_gbs(dev) -> float:
-    """Device-to-device copy, bytes read plus bytes written per second."""
-    import torch
-
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x))
-    return 2 * x.numel() / ms / 1e6
+def _flashinfer_decode(cache, table, L, q_lat, q_rope, scale):
+    """FlashInfer's MLA paged decode on the same pages and queries (None when flashinfer is not installed
+    or cannot plan this shape). Its cache is split into latent and rotary parts beforehand (not timed)."""
+    try:
+        import torch
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper
+    except Exception:
+        return None
+    B, S, H, R = q_lat.shape
+    dev, page = cache.device, cache.shape[1]
+    try:
+        ckv, kpe = cache[..., :R].contiguous(), cache[..., R:].contiguous()
+        wrapper = BatchMLAPagedAttentionWrapper(torch.empty(128 << 20, dtype=torch.int8, device=dev))
+        pages = table.shape[1]
+        wrapper.plan(torch.arange(B + 1, dtype=torch.int32, device=dev) * S,
+                     torch.arange(B + 1, dtype=torch.int32, device=dev) * pages, table.reshape(-1).contiguous(),
+                     torch.full((B,), L, dtype=torch.int32, device=dev), H, R, kpe.shape[-1], page, S > 1, scale,
+                     q_lat.dtype, cache.dtype)
+        qn, qp = q_lat.reshape(B * S, H, R).contiguous(), q_rope.reshape(B * S, H, -1).contiguous()
+        return lambda: wrapper.run(qn, qp, ckv, kpe)
+    except Exception as e:
+        print(f"  flashinfer decode skipped ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        return None
 
 
 def run(args, argv=None) -> list[dict]:
@@ -40,8 +59,8 @@ def run(args, argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     R, E, Dn, Dv, page = 512, 64, 128, 128, 64
     scale = (Dn + E) ** -0.5
-    bw = copy_bandwidth_gbs(dev)
-    print(f"  measured copy bandwidth: {bw:.0f} GB/s")
+    peaks = device_peaks(dev)
+    bw = peaks["copy_GBs"]
     rows = []
     H = args.heads
     for L in parse_ints(args.contexts):
@@ -60,9 +79,10 @@ def run(args, argv=None) -> list[dict]:
                 flops = 2.0 * B * S * H * L * (R + E + R)
                 fn = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale)
                 ms = time_ms(fn)
-                row = dict(op="decode", impl="longattn", mode="fwd", B=B, L=L, S=S, H=H, ms=ms,
-                           **{"GB/s": bytes_ / ms / 1e6, "%copy_bw": 100 * bytes_ / ms / 1e6 / bw,
-                              "TFLOP/s": flops / ms / 1e9}, peak_MB=peak_memory_mb(fn), series=f"longattn S={S}")
+                row = roofline(dict(op="decode", impl="longattn", mode="fwd", B=B, L=L, S=S, H=H, ms=ms,
+                                    **{"GB/s": bytes_ / ms / 1e6, "%copy_bw": 100 * bytes_ / ms / 1e6 / bw,
+                                       "TFLOP/s": flops / ms / 1e9}, peak_MB=peak_memory_mb(fn),
+                                    series=f"longattn S={S}"), bytes_, flops, peaks)
                 rows.append(row)
                 print(f"  decode B={B} L={L} S={S}: {ms:.3f} ms, {row['GB/s']:.0f} GB/s "
                       f"({row['%copy_bw']:.0f}% of copy), {row['TFLOP/s']:.0f} TFLOP/s")
@@ -77,15 +97,28 @@ def run(args, argv=None) -> list[dict]:
                                                               scale=scale)
                     try:
                         ms_b = time_ms(sdpa)
-                        rows.append(dict(op="decode", impl="sdpa", mode="fwd", B=B, L=L, S=S, H=H, ms=ms_b,
-                                         **{"GB/s": bytes_ / ms_b / 1e6}, series=f"sdpa S={S}"))
+                        rows.append(roofline(dict(op="decode", impl="sdpa", mode="fwd", B=B, L=L, S=S, H=H, ms=ms_b,
+                                                  **{"GB/s": bytes_ / ms_b / 1e6}, series=f"sdpa S={S}"),
+                                             bytes_, flops, peaks))
                         row["x_sdpa"] = ms_b / ms
                     except Exception as e:
                         print(f"  sdpa decode skipped ({type(e).__name__})")
+                fi = _flashinfer_decode(cache, table, L, q_lat, q_rope, scale)
+                if fi is not None:
+                    try:
+                        ms_f = time_ms(fi)
+                        rows.append(roofline(dict(op="decode", impl="flashinfer", mode="fwd", B=B, L=L, S=S, H=H,
+                                                  ms=ms_f, **{"GB/s": bytes_ / ms_f / 1e6,
+                                                              "%copy_bw": 100 * bytes_ / ms_f / 1e6 / bw,
+                                                              "TFLOP/s": flops / ms_f / 1e9},
+                                                  series=f"flashinfer S={S}"), bytes_, flops, peaks))
+                        row["x_flashinfer"] = ms_f / ms
+                    except Exception as e:
+                        print(f"  flashinfer decode skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             torch.cuda.empty_cache()
     Hp = args.prefill_heads
     for T in parse_ints(args.prefill_seqlens):
-        B = max(1, 16384 // T)
+        B = max(1, args.prefill_tokens // T)
         qn = torch.randn(B, T, Hp, Dn, device=dev, dtype=dtype, requires_grad=True)
         qr = torch.randn(B, T, Hp, E, device=dev, dtype=dtype, requires_grad=True)
         c = torch.randn(B, T, R, device=dev, dtype=dtype, requires_grad=True)
@@ -111,12 +144,12 @@ def run(args, argv=None) -> list[dict]:
                 with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                     times[name] = time_ms(call, grad_to_none=[qn, qr, c, kr, w_uk, w_uv])
                 f = flops * (1 if mode == "fwd" else 3.5)
-                rows.append(dict(op="prefill", impl=name, mode=mode, B=B, L=T, S=T, H=Hp, ms=times[name],
-                                 **{"TFLOP/s": f / times[name] / 1e9}, series=f"{name} prefill {mode}"))
+                rows.append(roofline(dict(op="prefill", impl=name, mode=mode, B=B, L=T, S=T, H=Hp, ms=times[name],
+                                          **{"TFLOP/s": f / times[name] / 1e9}, series=f"{name} prefill {mode}"),
+                                     (1 if mode == "fwd" else 3) * 2 * B * T * (Hp * (Dn + E + Dv) + R + E), f, peaks))
                 print(f"  prefill {name} {mode} T={T}: {times[name]:.3f} ms")
             rows[-2]["x_sdpa"] = times["sdpa"] / times["longattn"]
     env = environment(argv)
-    env["copy_bandwidth_GBs"] = bw
     out = write_results("mla", rows, COLUMNS, env, plot=dict(x="L", y="ms", series="series", panels="op",
                                                              title="MLA"), out_dir=args.out)
     print(f"results written to {out}")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
+                     time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
-           "x_flex", "peak_MB"]
+           "x_flex", "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -70,6 +71,7 @@ def run(args, argv=None) -> list[dict]:
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c.strip()]
+    peaks = device_peaks(dev)
     rows = []
 
     def sdpa(q, k, v):
@@ -108,9 +110,10 @@ def run(args, argv=None) -> list[dict]:
                     except Exception as e:
                         print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                         continue
-                    rows.append(dict(op="moba", impl=name, series=f"{name} bs{bs}/top{topk}", mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=d, block=bs,
-                                     topk=topk, density=pairs / dense_pairs, dtype=args.dtype, ms=ms,
-                                     **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem))
+                    row = dict(op="moba", impl=name, series=f"{name} bs{bs}/top{topk}", mode=mode, B=B, T=T, Hq=hq,
+                               Hkv=hkv, D=d, block=bs, topk=topk, density=pairs / dense_pairs, dtype=args.dtype,
+                               ms=ms, **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem)
+                    rows.append(roofline(row, attention_bytes(B, T, T, hq, hkv, d, d, mode), flops, peaks))
                     print(f"  {name:10s} {mode:7s} T={T} bs={bs} topk={topk}: {ms:.3f} ms")
         torch.cuda.empty_cache()
     by = {(r["mode"], r["T"], r["block"], r["impl"]): r["ms"] for r in rows}

@@ -1,11 +1,14 @@
-"""NSA end to end (compression + scoring + top-n + selected + window + gates) vs dense SDPA flash."""
+"""NSA end to end (compression + scoring + top-n + selected + window + gates) vs dense SDPA flash and fla's NSA;
+the selected branch alone vs flex_attention; one-token decode vs dense SDPA."""
 from __future__ import annotations
 
 import argparse
 
-from .common import environment, parse_ints, peak_memory_mb, require_cuda, time_ms, write_results
+from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
+                     time_ms, write_results)
 
-COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "x_sdpa_flash", "peak_MB"]
+COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
+           "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -16,8 +19,94 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--qk-dim", type=int, default=192)
     p.add_argument("--v-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--modes", default="fwd,fwdbwd,slc,decode",
+                   help="fwd, fwdbwd (bwd rows are derived: fwdbwd - fwd), slc (selected branch alone vs flex), "
+                        "decode (one token per sequence against a cache of T tokens)")
+    p.add_argument("--decode-batch", type=int, default=32)
+    p.add_argument("--flex-max-seqlen", type=int, default=32768,
+                   help="skip flex_attention above this T (building its BlockMask dominates the run)")
     p.add_argument("--out", default=None)
+
+
+def _flops(cfg, T, B, hq, dk, dv):
+    """Forward FLOPs of the three branches (attended pairs x 2 (dk + dv)), queries at every position."""
+    import torch
+
+    t = torch.arange(T, dtype=torch.float64)
+    cmp_pairs = ((t - cfg.cmp_block) // cfg.cmp_stride + 1).clamp(min=0)
+    slc_pairs = torch.minimum((t // cfg.slc_block + 1) * cfg.slc_block, torch.full_like(t, cfg.slc_topk
+                                                                                          * cfg.slc_block))
+    swa_pairs = torch.minimum(t + 1, torch.full_like(t, cfg.window))
+    return 2.0 * (dk + dv) * float((cmp_pairs + slc_pairs + swa_pairs).sum()) * B * hq
+
+
+def _fla(cfg, hq, hkv):
+    """fla's parallel_nsa (its compression is mean pooling over non-overlapping blocks of slc_block tokens, so
+    it does less work than the paper's overlapping 32/16 compression); its window needs flash-attn, so without
+    flash-attn the window branch is added through longattn's flash (same work). None when fla is missing."""
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception:
+        return None, None
+    g = hq // hkv
+    if g < 16 or g & (g - 1):
+        return None, None
+    try:
+        import flash_attn  # noqa: F401
+        has_fa = True
+    except ImportError:
+        has_fa = False
+    from longattn import flash_attention
+
+    def run(q, k, v, gc, gs, gw):
+        o = parallel_nsa(q, k, v, gc, gs, gw if has_fa else None, block_counts=cfg.slc_topk,
+                         block_size=cfg.slc_block, window_size=cfg.window if has_fa else 0)
+        if not has_fa:
+            o = o + gw.unsqueeze(-1) * flash_attention(q, k, v, window=cfg.window)
+        return o
+    return run, "fla" if has_fa else "fla+longattn_swa"
+
+
+def _flex_selected(q, k, v, sel, block):
+    """flex_attention over each query's selected blocks (own block causal), the mask held per KV head."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, hkv, _ = sel.shape
+    hq = q.shape[2]
+    g = hq // hkv
+    nb = -(-T // block)
+    chosen = torch.zeros(B, hkv, T, nb + 1, dtype=torch.bool, device=q.device)
+    s = sel.permute(0, 2, 1, 3).long()
+    chosen.scatter_(3, torch.where(s < 0, torch.full_like(s, nb), s), True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & chosen[b, h // g, q_idx, kv_idx // block]
+
+    block_mask = create_block_mask(mask_mod, B, hq, T, T, device=q.device, _compile=True)
+    fn = torch.compile(flex_attention)
+
+    def run(q, k, v):
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                  enable_gqa=True).transpose(1, 2)
+    return run
+
+
+def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dtype, memory=True):
+    import torch
+
+    hq, hkv, dk, dv = dims
+    try:
+        with torch.no_grad() if mode in ("fwd", "slc_fwd", "decode") else torch.enable_grad():
+            ms = time_ms(call, grad_to_none=grads)
+            mem = peak_memory_mb(call) if memory else None
+    except Exception as e:
+        print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    rows.append(roofline(dict(op="nsa", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, Dqk=dk, Dv=dv, dtype=dtype,
+                              ms=ms, **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem), bytes_, flops, peaks))
+    print(f"  {name:16s} {mode:8s} B={B} T={T}: {ms:.3f} ms")
+    return ms
 
 
 def run(args, argv=None) -> list[dict]:
@@ -25,13 +114,17 @@ def run(args, argv=None) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from longattn.nsa import NSAConfig, nsa_attention
+    from longattn.kernels.sparse import block_sparse_attention
+    from longattn.nsa import NSAConfig, nsa_attention, nsa_decode
 
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
     hq, hkv, dk, dv = args.heads, args.kv_heads, args.qk_dim, args.v_dim
+    dims = (hq, hkv, dk, dv)
     cfg = NSAConfig()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    peaks = device_peaks(dev)
+    fla, fla_name = _fla(cfg, hq, hkv)
     rows = []
 
     def sdpa(q, k, v):
@@ -39,7 +132,7 @@ def run(args, argv=None) -> list[dict]:
         vp = F.pad(v, (0, dk - dv)) if dv < dk else v
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2),
-                                               is_causal=True, enable_gqa=hq != hkv)
+                                               is_causal=q.shape[1] > 1, enable_gqa=hq != hkv)
         return o.transpose(1, 2)[..., :dv]
 
     for T in parse_ints(args.seqlens):
@@ -50,26 +143,89 @@ def run(args, argv=None) -> list[dict]:
         gates = [torch.rand(B, T, hq, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
         impls = {"longattn": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg), "sdpa_flash": sdpa}
-        for mode in modes:
+        if fla is not None:
+            impls[fla_name] = lambda q, k, v: fla(q, k, v, *gates)
+        nsa_flops = _flops(cfg, T, B, hq, dk, dv)
+        dense_flops = 2.0 * (dk + dv) * T * (T + 1) / 2 * B * hq
+        for mode in (m for m in ("fwd", "fwdbwd") if m in modes):
             times = {}
             for name, fn in impls.items():
                 call = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else (lambda fn=fn: fn(q, k, v).backward(do))
+                f = (dense_flops if name == "sdpa_flash" else nsa_flops) * (1 if mode == "fwd" else 3.5)
+                times[name] = _time(rows, name, mode, call, [q, k, v] + gates, B=B, T=T, dims=dims, flops=f,
+                                    bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode), peaks=peaks,
+                                    dtype=args.dtype)
+        if "slc" in modes:  # the selected branch alone, same selection for both
+            with torch.no_grad():
+                _, sel = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True)
+                own = (torch.arange(T, device=dev) // cfg.slc_block)[None, :, None, None]
+                listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
+            pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
+            slc = {"longattn": lambda q, k, v: block_sparse_attention(q, k, v, listed, block_size=cfg.slc_block)}
+            if T <= args.flex_max_seqlen:
                 try:
-                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-                        ms = time_ms(call, grad_to_none=[q, k, v] + gates)
-                        mem = peak_memory_mb(call)
+                    slc["flex"] = _flex_selected(q.detach(), k.detach(), v.detach(), sel, cfg.slc_block)
                 except Exception as e:
-                    print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-                    continue
-                times[name] = ms
-                rows.append(dict(op="nsa", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, Dqk=dk, Dv=dv,
-                                 dtype=args.dtype, ms=ms, peak_MB=mem))
-                print(f"  {name:10s} {mode:7s} B={B} T={T}: {ms:.3f} ms")
-            for r in rows:
-                if r["impl"] == "longattn" and r["mode"] == mode and r["T"] == T and "sdpa_flash" in times:
-                    r["x_sdpa_flash"] = times["sdpa_flash"] / r["ms"]
+                    print(f"  flex T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            for name, fn in slc.items():
+                _time(rows, name, "slc_fwd", lambda fn=fn: fn(q, k, v), None, B=B, T=T, dims=dims,
+                      flops=2.0 * (dk + dv) * pairs, bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, "fwd"),
+                      peaks=peaks, dtype=args.dtype)
+            del sel, listed
+        q = k = v = gates = do = None  # free the prefill inputs before the decode cache
+        if "decode" in modes:
+            _decode_rows(rows, cfg, T, args.decode_batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)
         torch.cuda.empty_cache()
+    _derive(rows)
     out = write_results("nsa", rows, COLUMNS, environment(argv),
                         plot=dict(x="T", y="ms", series="impl", panels="mode", title="NSA"), out_dir=args.out)
     print(f"results written to {out}")
     return rows
+
+
+def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa_decode):
+    """One new token per sequence against caches of T tokens: nsa_decode vs dense SDPA over the whole cache."""
+    import torch
+
+    hq, hkv, dk, dv = dims
+    if B * T * hkv * (dk + dv) * 2 > 16e9:
+        print(f"  decode B={B} T={T}: skipped (cache above 16 GB)")
+        return
+    k = torch.randn(B, T, hkv, dk, device=dev, dtype=dtype)
+    v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype)
+    n = cfg.num_cmp_blocks(T)
+    kc = torch.randn(B, n, hkv, dk, device=dev, dtype=dtype)
+    vc = torch.randn(B, n, hkv, dv, device=dev, dtype=dtype)
+    q = torch.randn(B, hq, dk, device=dev, dtype=dtype)
+    gates = [torch.rand(B, hq, device=dev, dtype=dtype) for _ in range(3)]
+    seqlens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    read = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)  # raw tokens read, besides the compressed
+    bytes_ = 2 * B * hkv * (dk + dv) * (read + n)
+    flops = 2.0 * B * hq * (dk + dv) * (read + 2.25 * n)
+    _time(rows, "longattn", "decode",
+          lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg), None, B=B, T=T, dims=dims,
+          flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
+    _time(rows, "sdpa_flash", "decode", lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
+          flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
+
+
+def _derive(rows):
+    """bwd rows (fwdbwd - fwd) and the x_<peer> speedup columns (peer ms / longattn ms, same mode and T)."""
+    by = {(r["mode"], r["T"], r["impl"]): r for r in rows}
+    for (mode, T, impl), r in list(by.items()):
+        f = by.get(("fwd", T, impl))
+        if mode == "fwdbwd" and f is not None and r["ms"] > f["ms"]:
+            b = dict(r, mode="bwd", ms=r["ms"] - f["ms"], peak_MB=None)
+            b["TFLOP/s"] = r["TFLOP/s"] * r["ms"] / 3.5 * 2.5 / b["ms"]
+            for key in ("GB", "GFLOP", "floor_ms", "%roof"):
+                b.pop(key, None)
+            rows.append(b)
+            by[("bwd", T, impl)] = b
+    peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla"}
+    for (mode, T, impl), r in by.items():
+        if impl != "longattn":
+            continue
+        for peer, col in peers.items():
+            p = by.get((mode, T, peer))
+            if p is not None:
+                r[col] = p["ms"] / r["ms"]

@@ -32,3 +32,58 @@ def test_bench_refuses_without_cuda():
         assert "CUDA" in str(e)
     else:
         raise AssertionError("require_cuda() must raise without CUDA")
+
+
+def _dry_run(monkeypatch, module):
+    """Run a benchmark's glue code on the CPU: every call once (through the interpreter); the n-th timing
+    is n ms."""
+    import itertools
+
+    import bench.common as common
+
+    clock = itertools.count(1)
+    fake = {"require_cuda": lambda: torch.device("cpu"), "time_ms": lambda fn, **kw: (fn(), float(next(clock)))[1],
+            "peak_memory_mb": lambda fn: 0.0, "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0},
+            "environment": lambda argv=None: {"device": "cpu (dry run)", "torch": torch.__version__, "triton": "-",
+                                              "cuda": None, "date": "-", "command": "dry run"}}
+    for name, fn in fake.items():
+        for mod in (common, module):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, fn)
+
+
+DRY_RUNS = {
+    "flash": ["--seqlens", "128", "--tokens", "128", "--heads", "2", "--head-dim", "32", "--dtype", "float16"],
+    "moba": ["--seqlens", "256", "--configs", "64:2", "--tokens", "256", "--heads", "2", "--kv-heads", "1",
+             "--head-dim", "32", "--dtype", "float16", "--flex-max-seqlen", "0"],
+    "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
+            "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
+    "nsa": ["--seqlens", "160", "--tokens", "160", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
+            "--dtype", "float16", "--decode-batch", "2", "--flex-max-seqlen", "0"],
+    "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops", "flash,moba",
+               "--dtype", "float16"],
+}
+EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd")],
+                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
+                 "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],
+                 "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],
+                 "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "decode")]}
+
+
+@pytest.mark.parametrize("op", sorted(DRY_RUNS))
+def test_bench_dry_run(op, monkeypatch, tmp_path):
+    """Each benchmark's glue (argument parsing, peers, roofline and speedup columns, result files) on tiny
+    CPU shapes."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"bench.{op}")
+    _dry_run(monkeypatch, module)
+    p = argparse.ArgumentParser()
+    module.add_args(p)
+    rows = module.run(p.parse_args(DRY_RUNS[op] + ["--out", str(tmp_path)]), [op])
+    got = {(r["impl"], r["mode"]) for r in rows}
+    for want in EXPECTED_ROWS[op]:
+        assert want in got, f"missing row {want}: {sorted(got)}"
+    assert (tmp_path / f"{op}.md").exists() and (tmp_path / f"{op}.json").exists()
+    assert all(r["%roof"] > 0 for r in rows if "%roof" in r)

@@ -22,7 +22,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--modes", default="fwd,fwdbwd,slc,decode",
                    help="fwd, fwdbwd (bwd rows are derived: fwdbwd - fwd), slc (selected branch alone vs flex), "
                         "decode (one token per sequence against a cache of T tokens)")
-    p.add_argument("--decode-batch", type=int, default=32)
+    p.add_argument("--decode-batches", default="1,32", help="batch sizes of the decode rows")
     p.add_argument("--flex-max-seqlen", type=int, default=32768,
                    help="skip flex_attention above this T (building its BlockMask dominates the run)")
     p.add_argument("--out", default=None)
@@ -97,7 +97,7 @@ def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dt
 
     hq, hkv, dk, dv = dims
     try:
-        with torch.no_grad() if mode in ("fwd", "slc_fwd", "decode") else torch.enable_grad():
+        with torch.enable_grad() if mode == "fwdbwd" else torch.no_grad():
             ms = time_ms(call, grad_to_none=grads)
             mem = peak_memory_mb(call) if memory else None
     except Exception as e:
@@ -174,7 +174,8 @@ def run(args, argv=None) -> list[dict]:
             del sel, listed
         q = k = v = gates = do = None  # free the prefill inputs before the decode cache
         if "decode" in modes:
-            _decode_rows(rows, cfg, T, args.decode_batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)
+            for batch in parse_ints(args.decode_batches):
+                _decode_rows(rows, cfg, T, batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)
         torch.cuda.empty_cache()
     _derive(rows)
     out = write_results("nsa", rows, COLUMNS, environment(argv),
@@ -201,11 +202,12 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
     seqlens = torch.full((B,), T, dtype=torch.int32, device=dev)
     read = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)  # raw tokens read, besides the compressed
     bytes_ = 2 * B * hkv * (dk + dv) * (read + n)
-    flops = 2.0 * B * hq * (dk + dv) * (read + 2.25 * n)
-    _time(rows, "longattn", "decode",
+    flops = 2.0 * B * hq * ((dk + dv) * (read + n) + dk * n)  # the scores recompute q.k_cmp once
+    mode = f"decode_b{B}"
+    _time(rows, "longattn", mode,
           lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg), None, B=B, T=T, dims=dims,
           flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
-    _time(rows, "sdpa_flash", "decode", lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
+    _time(rows, "sdpa_flash", mode, lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
           flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
 
 

@@ -2,8 +2,11 @@
 
 Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET is
 set here, before anything imports triton (the kernels' @triton.jit decorators read it). Kernel outputs
-are poisoned with NaN before every launch (LONGATTN_POISON_OUTPUTS), so unwritten elements fail.
+are poisoned with NaN before every launch (LONGATTN_POISON_OUTPUTS), so unwritten elements fail, and a
+launch with a keyword argument the kernel does not declare fails (the interpreter drops it silently, a GPU
+launch rejects it).
 """
+import inspect
 import os
 
 import torch
@@ -16,6 +19,25 @@ os.environ["LONGATTN_POISON_OUTPUTS"] = "1"
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"}
+
+
+def _strict_interpreter_launches():
+    from triton.runtime import interpreter
+
+    launch = interpreter.GridExecutor.__call__
+
+    def strict(self, *args, **kwargs):
+        spec = inspect.getfullargspec(self.fn)
+        unknown = set(kwargs) - set(spec.args) - set(spec.kwonlyargs) - LAUNCH_OPTIONS
+        if unknown:
+            raise TypeError(f"{self.fn.__name__} launched with undeclared arguments {sorted(unknown)}")
+        return launch(self, *args, **kwargs)
+    interpreter.GridExecutor.__call__ = strict
+
+
+if not HAS_CUDA:
+    _strict_interpreter_launches()
 # The interpreter's tl.dot multiplies the raw bits of bfloat16: bf16 is tested on the GPU only.
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
 

@@ -117,14 +117,22 @@ def _nsa_cases():
                     TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64)
         cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale",)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
-        ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32")
+        ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", OP="*fp32", LP="*fp32",
+                   LSE="*fp32", OC="*fp32", CAND="*i64")
+        dv = 128 if d == 192 else d
+        shared = dict(DK=d, DV=dv, BLOCK_DK=256 if d == 192 else d, BLOCK_DV=dv, PRECISION="ieee" if dt == "fp32"
+                      else "tf32")
+        blocks = dict(SLC_BLOCK=64, TOPK=16, TOPK_PAD=16)
+        select = dict(CMP_STRIDE=16, CMP_BLOCK=32, NW=5, INIT=1, LOCAL=2, C=32)
+        attend = dict(BLOCK_N=64, SLC_TILE=64, WINDOW=512)
         for block_g in (16, 64):  # GQA groups up to 16, and 64 heads sharing one KV head
-            meta = dict(DK=d, DV=128 if d == 192 else d, BLOCK_DK=256 if d == 192 else d, BLOCK_DV=128 if d == 192
-                        else d, BLOCK_G=block_g, BLOCK_N=64, CMP_STRIDE=16, CMP_BLOCK=32, SLC_BLOCK=64, SLC_TILE=64,
-                        NW=5, TOPK=16, TOPK_PAD=16, INIT=1, LOCAL=2, C=32, WINDOW=512,
-                        PRECISION="ieee" if dt == "fp32" else "tf32")
-            cases.append((f"_nsa_decode_kernel[{dt}-d{d}-g{block_g}]", K._nsa_decode_kernel, ptr, meta,
-                          ("scale_log2",)))
+            g = dict(shared, BLOCK_G=block_g)
+            for name, meta in (("_nsa_decode_kernel", dict(g, **blocks, **select, **attend)),
+                               ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=64, CMP_STRIDE=16, CMP_BLOCK=32)),
+                               ("_nsa_decode_score_split_kernel", dict({k: v for k, v in g.items() if "DV" not in k},
+                                                                       **blocks, **select)),
+                               ("_nsa_decode_finish_kernel", dict(g, **blocks, **attend, CAND_PAD=512))):
+                cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2",)))
     return cases
 
 

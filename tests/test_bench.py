@@ -59,7 +59,7 @@ DRY_RUNS = {
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
             "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
     "nsa": ["--seqlens", "160", "--tokens", "160", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
-            "--dtype", "float16", "--decode-batch", "2", "--flex-max-seqlen", "0"],
+            "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0"],
     "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops", "flash,moba",
                "--dtype", "float16"],
 }
@@ -67,7 +67,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],
-                 "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "decode")]}
+                 "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "decode_b1", "decode_b2")]}
 
 
 @pytest.mark.parametrize("op", sorted(DRY_RUNS))

@@ -118,14 +118,21 @@ def _decode_case(lens, offsets, L, Hq, Hkv, dk, dv, dtype, device, config):
     return q, k.transpose(1, 2), v.transpose(1, 2), kc, vc, gates
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (16, 1)], ids=["gqa4", "gqa16"])
-def test_nsa_decode_matches_reference(Hq, Hkv, dtype, device):
-    lens, offsets, L = [200, 37, 5, 64], [10, 0, 150, 100], 220  # 5 tokens: no compressed block yet
+RAGGED = ([300, 37, 5, 64], [10, 0, 300, 100], 320)  # 5 tokens: no compressed block yet
+
+
+@pytest.mark.parametrize("case,Hq,Hkv,splits", [(RAGGED, 8, 2, 1), (RAGGED, 16, 1, 1), (RAGGED, 8, 2, 3),
+                                                 (([600], [0], 600), 4, 1, None)],
+                         ids=["gqa4", "gqa16", "gqa4-split3", "one-sequence-auto-split"])
+def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
+    """Fused path, split-KV path (compressed and candidate blocks spread over several programs, lse merge,
+    top-n of the splits' candidates) and the automatic choice (one sequence: split), against the reference."""
+    lens, offsets, L = case
     q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, Hq, Hkv, 32, 16, dtype, device, CFG)
     seq = torch.tensor(lens, dtype=torch.int32, device=device)
     off = torch.tensor(offsets, dtype=torch.int32, device=device)
     out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG,
-                          return_selection=True)
+                          num_splits=splits, return_selection=True)
     assert out.dtype == dtype and out.shape == (len(lens), Hq, 16)
     for b, (n, o) in enumerate(zip(lens, offsets)):
         c = CFG.num_cmp_blocks(n)

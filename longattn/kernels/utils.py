@@ -28,6 +28,13 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 under the interpreter): sizes split-KV grids."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,
                      num_stages: int = 2) -> list:
     """Autotune configs: the full ``gpu`` list on a GPU, the single ``interpreter`` config otherwise.

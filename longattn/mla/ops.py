@@ -9,7 +9,7 @@ import triton
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (check_device, check_same_dtype, check_scale, check_tensor, empty,
-                             is_interpreter, kernel_inputs, next_pow2)
+                             is_interpreter, kernel_inputs, next_pow2, num_sms)
 from .kernels import _mla_decode_kernel
 
 MAX_QUERY_TOKENS = 16
@@ -61,12 +61,6 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     q = torch.cat([q_nope, q_rope], -1)
     return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
@@ -148,7 +142,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     block_n = min(page, 32 if is_interpreter() else 64)
     groups = B * triton.cdiv(H, block_h)
     max_len = max(lens)
-    n_split = max(1, min(triton.cdiv(2 * _num_sms(q_latent.device), groups), triton.cdiv(max_len, block_n)))
+    n_split = max(1, min(triton.cdiv(2 * num_sms(q_latent.device), groups), triton.cdiv(max_len, block_n)))
     per_split = triton.cdiv(triton.cdiv(max_len, n_split), block_n) * block_n
     n_split = triton.cdiv(max_len, per_split)
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32)

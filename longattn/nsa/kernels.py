@@ -88,69 +88,53 @@ def _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
-                       stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                       stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
-                       stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh,
-                       group, scale_log2,
-                       DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                       CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
-                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """One decoding token of sequence b against its cache, for the query heads of KV head hk.
-
-    The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V).
-    Four phases in one program, the group's heads as the rows of every tile:
-    1. compressed attention over the SEQ[b]'s complete compressed blocks (all visible to t): o_cmp, lse;
-    2. selection scores (Eq. 9/10, summed over the group) C blocks at a time, folded into a running top-n;
-    3. attention over the n selected blocks (keys up to t);
-    4. attention over the window ``[t - WINDOW + 1, t]``;
-    then the gated sum. Reads the compressed keys (about 2.25 times), n blocks and the window.
-    """
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
-    n = tl.load(SEQ + b)
-    off = tl.load(OFF + b).to(tl.int64)
-    b64 = b.to(tl.int64)
-    hk64 = hk.to(tl.int64)
+def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_G: tl.constexpr):
+    """The decoding token's query rows of KV head hk's group: (BLOCK_G, BLOCK_DK), the heads, their mask."""
     rows = tl.arange(0, BLOCK_G)
     in_g = rows < group
     heads = (hk * group + rows).to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + dk[None, :],
                 mask=in_g[:, None] & (dk[None, :] < DK), other=0.0)
-    gate_ptr = GATES + b64 * stride_gb + heads
-    kc_base = KC + b64 * stride_cb + hk64 * stride_ch
-    vc_base = VC + b64 * stride_db + hk64 * stride_dh
-    k_base = K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh
-    v_base = V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh
+    return q, heads, in_g
 
-    # 1. compressed attention
-    n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+
+@triton.jit
+def _cmp_attend(q, kc_base, vc_base, stride_ct, stride_dt, c_lo, c_hi, scale_log2, DK: tl.constexpr,
+                DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of the rows q over compressed blocks [c_lo, c_hi): (m, l, acc), base 2."""
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    cols = tl.arange(0, BLOCK_N)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    for c0 in range(0, n_cmp, BLOCK_N):
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         cc = c0 + cols
-        ok = cc < n_cmp
+        ok = cc < c_hi
         kc = tl.load(kc_base + cc[None, :].to(tl.int64) * stride_ct + dk[:, None],
                      mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
         vc = tl.load(vc_base + cc[:, None].to(tl.int64) * stride_dt + dv[None, :],
                      mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         m, l, acc = _online_step(q, kc, vc, ok, m, l, acc, scale_log2, PRECISION)
-    has = l > 0
-    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
-    out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
+    return m, l, acc
 
-    # 2. selection scores and top-n (candidates: blocks 0 .. own)
-    own = (n - 1) // SLC_BLOCK
-    ratio: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+
+@triton.jit
+def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, scale_log2, DK: tl.constexpr,
+                BLOCK_DK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr,
+                TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                C: tl.constexpr, PRECISION: tl.constexpr):
+    """Top-TOPK keys (see kernels/topk.py), (1, TOPK_PAD), among the selection blocks [j_lo, j_hi) (all at or
+    before the own block): Eq. 9 scores summed over the group's rows, forced blocks first. ``lse2`` is the
+    compressed branch's base-2 lse per row (+inf where it saw no block)."""
+    dk = tl.arange(0, BLOCK_DK)
     jcols = tl.arange(0, C)
+    ratio: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     best = tl.full([1, TOPK_PAD], -9223372036854775807 - 1, tl.int64)
-    for j0 in range(0, own + 1, C):
+    for j0 in range(j_lo, j_hi, C):
         jj = j0 + jcols
         score = tl.zeros([C], tl.float32)
         for i in tl.static_range(NW):
@@ -159,20 +143,28 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
             kc = tl.load(kc_base + ci[None, :].to(tl.int64) * stride_ct + dk[:, None],
                          mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
             s = tl.dot(q, kc, input_precision=PRECISION) * scale_log2
-            p = tl.where(ok[None, :] & in_g[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(ok[None, :] & in_g[:, None], tl.exp2(s - lse2[:, None]), 0.0)
             score += tl.load(W + i) * tl.sum(p, 0)
         forced = (jj < INIT) | ((jj > own - LOCAL) & (jj <= own))
         score = tl.where(forced, float("inf"), score)
-        best = fold_topk(best, topk_keys(score[None, :], jj[None, :], (jj <= own)[None, :]), TOPK)
-    blk = topk_indices(best)  # (1, TOPK_PAD), best first, -1 padded
-    tcols = tl.arange(0, TOPK_PAD)
-    tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
+        best = fold_topk(best, topk_keys(score[None, :], jj[None, :], (jj < j_hi)[None, :]), TOPK)
+    return best
 
-    # 3. selected blocks
+
+@triton.jit
+def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
+                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                   TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
+    at position n - 1; ``blk`` (1, TOPK_PAD) the selected blocks, -1 for none."""
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    tcols = tl.arange(0, TOPK_PAD)
+    scols = tl.arange(0, SLC_TILE)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    scols = tl.arange(0, SLC_TILE)
     for i in range(0, TOPK):
         j = tl.sum(tl.where(tcols[None, :] == i, blk, 0))
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
@@ -184,13 +176,11 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
                         mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
             m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
     out += tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0)[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
-
-    # 4. sliding window
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    lo = tl.maximum(n - WINDOW, 0)
-    for p0 in range(lo, n, BLOCK_N):
+    cols = tl.arange(0, BLOCK_N)
+    for p0 in range(tl.maximum(n - WINDOW, 0), n, BLOCK_N):
         pos = p0 + cols
         ok = pos < n
         k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
@@ -198,7 +188,156 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
         v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
-    out += tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0)[:, None] * \
+    return out + tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0)[:, None] * \
         (acc / tl.where(l > 0, l, 1.0)[:, None])
+
+
+@triton.jit
+def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
+                       stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                       stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
+                       stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh,
+                       group, scale_log2,
+                       DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                       CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
+                       TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """One decoding token of sequence b against its cache, for the query heads of KV head hk (fused path).
+
+    The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V).
+    The group's heads are the rows of every tile; the phases run back to back in one program:
+    1. compressed attention over the sequence's complete compressed blocks (all visible to t): o_cmp, lse;
+    2. selection scores (Eq. 9/10, summed over the group) C blocks at a time, folded into a running top-n;
+    3. attention over the n selected blocks (keys up to t), 4. over the window, then the gated sum.
+    Reads the compressed keys (about 2.25 times), n blocks and the window.
+    """
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    n = tl.load(SEQ + b)
+    off = tl.load(OFF + b).to(tl.int64)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
+    gate_ptr = GATES + b64 * stride_gb + heads
+    kc_base = KC + b64 * stride_cb + hk64 * stride_ch
+    n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    m, l, acc = _cmp_attend(q, kc_base, VC + b64 * stride_db + hk64 * stride_dh, stride_ct, stride_dt, 0, n_cmp,
+                            scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+    has = l > 0
+    lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
+    out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
+    own = (n - 1) // SLC_BLOCK
+    best = _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, 0, own + 1, scale_log2, DK, BLOCK_DK,
+                       CMP_STRIDE, SLC_BLOCK, NW, TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
+    blk = topk_indices(best)  # (1, TOPK_PAD), best first, -1 padded
+    tcols = tl.arange(0, TOPK_PAD)
+    tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
+    out = _slc_swa_gated(q, blk, n, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
+                         V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
+                         stride_g3, in_g, out, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK,
+                         SLC_TILE, TOPK, TOPK_PAD, WINDOW, PRECISION)
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=in_g[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ,
+                                 stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_db, stride_dt,
+                                 stride_dh, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
+                                 group, per_split, scale_log2,
+                                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                 BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                                 CMP_BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """Split-KV path, step 1: compressed attention of the token over compressed blocks
+    [split * per_split, (split + 1) * per_split): partial output OP (S, B, Hq, DV) fp32 and natural-log lse
+    LP (S, Hq, B) (-inf for an empty split), merged afterwards by lse."""
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    n = tl.load(SEQ + b)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
+    n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    lo = sp * per_split
+    m, l, acc = _cmp_attend(q, KC + b64 * stride_cb + hk64 * stride_ch, VC + b64 * stride_db + hk64 * stride_dh,
+                            stride_ct, stride_dt, lo, tl.minimum(lo + per_split, n_cmp), scale_log2, DK, DV,
+                            BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+    has = l > 0
+    lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    dv = tl.arange(0, BLOCK_DV)
+    sp64 = sp.to(tl.int64)
+    tl.store(OP + sp64 * stride_ps + b64 * stride_pb + heads[:, None] * stride_ph + dv[None, :],
+             acc / tl.where(has, l, 1.0)[:, None], mask=in_g[:, None] & (dv[None, :] < DV))
+    tl.store(LP + sp64 * stride_ls + heads * stride_lh + b64, lse, mask=in_g)
+
+
+@triton.jit
+def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ,
+                                   stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_lh,
+                                   stride_xb, stride_xh, stride_xs,
+                                   group, per_split, scale_log2,
+                                   DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_G: tl.constexpr,
+                                   CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                                   NW: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr,
+                                   LOCAL: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+    """Split-KV path, step 2: the top-n keys among selection blocks [split * per_split, (split + 1) *
+    per_split), from the merged compressed lse LSE (Hq, B) (natural log): CAND (B, Hkv, S, TOPK_PAD) int64."""
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    n = tl.load(SEQ + b)
+    b64 = b.to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
+    lse = tl.load(LSE + heads * stride_lh + b64, mask=in_g, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    own = (n - 1) // SLC_BLOCK
+    lo = sp * per_split
+    best = _score_topk(q, in_g, lse2, KC + b64 * stride_cb + hk.to(tl.int64) * stride_ch, stride_ct, W, n_cmp, own,
+                       lo, tl.minimum(lo + per_split, own + 1), scale_log2, DK, BLOCK_DK, CMP_STRIDE, SLC_BLOCK, NW,
+                       TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
+    tcols = tl.arange(0, TOPK_PAD)
+    tl.store(CAND + b64 * stride_xb + hk.to(tl.int64) * stride_xh + sp.to(tl.int64) * stride_xs + tcols[None, :],
+             best)
+
+
+@triton.jit
+def _nsa_decode_finish_kernel(Q, K, V, OC, CAND, GATES, OUT, SEL, SEQ, OFF,
+                              stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                              stride_cb, stride_ch, stride_xb, stride_xh, stride_g3, stride_gb, stride_ob, stride_oh,
+                              stride_sb, stride_sh,
+                              group, n_split, scale_log2,
+                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                              CAND_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """Split-KV path, step 3: the final top-n from the splits' candidates, then the selected blocks, the window
+    and the gated sum with the merged compressed output OC (B, Hq, DV)."""
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    n = tl.load(SEQ + b)
+    off = tl.load(OFF + b).to(tl.int64)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
+    xc = tl.arange(0, CAND_PAD)
+    cand = tl.load(CAND + b64 * stride_xb + hk64 * stride_xh + xc[None, :], mask=xc[None, :] < n_split * TOPK_PAD,
+                   other=-9223372036854775807 - 1)
+    best = fold_topk(tl.full([1, TOPK_PAD], -9223372036854775807 - 1, tl.int64), cand, TOPK)
+    blk = topk_indices(best)
+    tcols = tl.arange(0, TOPK_PAD)
+    tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
+    dv = tl.arange(0, BLOCK_DV)
+    gate_ptr = GATES + b64 * stride_gb + heads
+    o_cmp = tl.load(OC + b64 * stride_cb + heads[:, None] * stride_ch + dv[None, :],
+                    mask=in_g[:, None] & (dv[None, :] < DV), other=0.0)
+    out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * o_cmp
+    out = _slc_swa_gated(q, blk, n, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
+                         V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
+                         stride_g3, in_g, out, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK,
+                         SLC_TILE, TOPK, TOPK_PAD, WINDOW, PRECISION)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_g[:, None] & (dv[None, :] < DV))

@@ -1,4 +1,5 @@
-"""NSA public op: ``nsa_attention`` (Triton kernels for every branch, differentiable end to end)."""
+"""NSA public ops: ``nsa_attention`` (prefill / training: Triton kernels for every branch, differentiable end to
+end) and ``nsa_decode`` (one token per sequence against a KV cache)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,10 +8,12 @@ import torch
 import triton
 
 from ..kernels.flash import LOG2E, flash_attention
+from ..kernels.merge import merge_fwd
 from ..kernels.sparse import block_sparse_packed, pack_inputs, plan_blocks
-from ..kernels.utils import check_attention_inputs, check_device, check_same_dtype, check_scale, check_tensor, \
-    empty, is_interpreter, kernel_inputs, next_pow2
-from .kernels import _nsa_decode_kernel, _nsa_select_kernel
+from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
+                             check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms)
+from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
+                      _nsa_decode_score_split_kernel, _nsa_select_kernel)
 from .reference import NSAConfig
 
 
@@ -147,13 +150,17 @@ def _check_lengths(t: Optional[torch.Tensor], name: str, batch: int) -> None:
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
-               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, return_selection: bool = False):
+               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, num_splits: Optional[int] = None,
+               return_selection: bool = False):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
-    cache. One Triton program per (sequence, KV head) serves the whole GQA group and runs the three
-    branches back to back: compressed attention over the sequence's complete compressed blocks, the
-    selection scores and top-n, the selected blocks, then the window and the gated sum. It reads the
+    cache. Each Triton program serves a whole GQA group (the heads share the selection and every loaded
+    block). With enough sequences one program per (sequence, KV head) runs the three branches back to back:
+    compressed attention over the sequence's complete compressed blocks, the selection scores and top-n,
+    the selected blocks, then the window and the gated sum. With few sequences (split-KV) the compressed
+    attention and the scoring are spread over ``num_splits`` programs per (sequence, KV head), merged by lse
+    and by a top-n of the splits' candidates, so that batch 1 fills the GPU. Either way it reads the
     compressed keys, the n selected blocks and the window, never the rest of the cache.
 
     Args:
@@ -167,6 +174,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches,
             like transformers' with a padding mask); default 0.
         config, scale: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``).
+        num_splits: programs per (sequence, KV head) over the compressed blocks; default: 1 when the batch
+            fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
             -1 padded.
     Returns:
@@ -204,7 +213,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     if cache_offsets is None:
         cache_offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
     _check_lengths(cache_offsets, "cache_offsets", B)
-    for b, (n, o) in enumerate(zip(cache_seqlens.tolist(), cache_offsets.tolist())):
+    lens = cache_seqlens.tolist()
+    max_len = max(lens)
+    for b, (n, o) in enumerate(zip(lens, cache_offsets.tolist())):
         if n < 1 or o < 0 or o + n > L:
             raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
                              f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {L}), got offset {o}, seqlen {n}")
@@ -212,25 +223,62 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed blocks per sequence but sequence {b} "
                              f"({n} tokens) needs {config.num_cmp_blocks(n)}")
 
+    if num_splits is not None:
+        check_positive_int(num_splits, "num_splits")
+
     qk, kk, vk, kck, vck = kernel_inputs(q, k_cache, v_cache, k_cmp, v_cmp)
     gates = torch.stack([g_cmp, g_slc, g_swa]).float()
     weights = config.score_weights().to(device=q.device, dtype=torch.float32)
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
     group = hq // hkv
-    _nsa_decode_kernel[(B, hkv)](
-        qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets,
-        qk.stride(0), qk.stride(1), kk.stride(0), kk.stride(1), kk.stride(2), vk.stride(0), vk.stride(1),
-        vk.stride(2), kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2),
-        gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
-        group, scale * LOG2E,
-        DK=dk, DV=dv, BLOCK_DK=max(16, next_pow2(dk)), BLOCK_DV=max(16, next_pow2(dv)),
-        BLOCK_G=max(16, next_pow2(group)), BLOCK_N=32 if is_interpreter() else 64,
-        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, SLC_BLOCK=config.slc_block,
-        SLC_TILE=min(config.slc_block, 64), NW=config.slc_block // config.cmp_stride
-        + config.cmp_block // config.cmp_stride - 1, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
-        INIT=config.init_blocks, LOCAL=config.local_blocks, C=32, WINDOW=config.window,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    block_n, c = (32, 16) if is_interpreter() else (64, 32)
+    n_cmp = config.num_cmp_blocks(max_len)
+    n_slc = (max_len - 1) // config.slc_block + 1
+    if num_splits is None:
+        programs = B * hkv
+        num_splits = 1 if programs >= num_sms(q.device) or n_cmp < 4 * block_n else \
+            min(triton.cdiv(2 * num_sms(q.device), programs), triton.cdiv(n_cmp, block_n), 64)
+    dims = dict(DK=dk, DV=dv, BLOCK_DK=max(16, next_pow2(dk)), BLOCK_DV=max(16, next_pow2(dv)),
+                BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))
+    selection = dict(CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, INIT=config.init_blocks,
+                     NW=config.slc_block // config.cmp_stride + config.cmp_block // config.cmp_stride - 1,
+                     LOCAL=config.local_blocks, C=c)
+    attend = dict(BLOCK_N=block_n, SLC_TILE=min(config.slc_block, 64), WINDOW=config.window)
+    common = (qk.stride(0), qk.stride(1))
+    cache_strides = (kk.stride(0), kk.stride(1), kk.stride(2), vk.stride(0), vk.stride(1), vk.stride(2))
+    cmp_strides = (kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2))
+    if num_splits == 1:
+        _nsa_decode_kernel[(B, hkv)](
+            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, *common, *cache_strides,
+            *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), sel.stride(0),
+            sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend)
+        return (out, sel) if return_selection else out
+
+    # split-KV: partial compressed attention per split, lse merge, per-split top-n, final top-n + the rest
+    per = max(1, triton.cdiv(triton.cdiv(n_cmp, num_splits), block_n)) * block_n
+    s1 = max(1, triton.cdiv(n_cmp, per))
+    parts = empty(s1, B, hq, dv, device=q.device, dtype=torch.float32)
+    lses = empty(s1, hq, B, device=q.device, dtype=torch.float32)
+    _nsa_decode_cmp_split_kernel[(B, hkv, s1)](
+        qk, kck, vck, parts, lses, cache_seqlens, *common, *cmp_strides, parts.stride(0), parts.stride(1),
+        parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
+        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block)
+    o_cmp, lse = merge_fwd(parts, lses) if s1 > 1 else (parts[0], lses[0])
+    per2 = max(1, triton.cdiv(triton.cdiv(n_slc, num_splits), c)) * c
+    s2 = max(1, triton.cdiv(n_slc, per2))
+    top_pad = next_pow2(config.slc_topk)
+    cand = empty(B, hkv, s2, top_pad, device=q.device, dtype=torch.int64)
+    _nsa_decode_score_split_kernel[(B, hkv, s2)](
+        qk, kck, lse, weights, cand, cache_seqlens, *common, kck.stride(0), kck.stride(1), kck.stride(2),
+        lse.stride(0), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, scale * LOG2E,
+        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection)
+    _nsa_decode_finish_kernel[(B, hkv)](
+        qk, kk, vk, o_cmp, cand, gates, out, sel, cache_seqlens, cache_offsets, *common, *cache_strides,
+        o_cmp.stride(0), o_cmp.stride(1), cand.stride(0), cand.stride(1), gates.stride(0), gates.stride(1),
+        out.stride(0), out.stride(1), sel.stride(0), sel.stride(1), group, s2, scale * LOG2E, **dims, **blocks,
+        **attend, CAND_PAD=next_pow2(s2 * top_pad))
     return (out, sel) if return_selection else out
 
 

@@ -8,7 +8,7 @@ from .common import (attention_bytes, device_peaks, environment, parse_ints, pea
                      time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "%roof", "peak_MB"]
+           "x_kv_major", "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -20,7 +20,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--v-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--modes", default="fwd,fwdbwd,slc,decode",
-                   help="fwd, fwdbwd (bwd rows are derived: fwdbwd - fwd), slc (selected branch alone vs flex), "
+                   help="fwd, fwdbwd (bwd rows are derived: fwdbwd - fwd), slc (selected branch alone, fwd and "
+                        "fwd+bwd, vs the block-sparse engine and flex), "
                         "decode (one token per sequence against a cache of T tokens)")
     p.add_argument("--decode-batches", default="1,32", help="batch sizes of the decode rows")
     p.add_argument("--flex-max-seqlen", type=int, default=32768,
@@ -97,7 +98,7 @@ def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dt
 
     hq, hkv, dk, dv = dims
     try:
-        with torch.enable_grad() if mode == "fwdbwd" else torch.no_grad():
+        with torch.enable_grad() if mode.endswith("fwdbwd") else torch.no_grad():
             ms = time_ms(call, grad_to_none=grads)
             mem = peak_memory_mb(call) if memory else None
     except Exception as e:
@@ -115,7 +116,7 @@ def run(args, argv=None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longattn.kernels.sparse import block_sparse_attention
-    from longattn.nsa import NSAConfig, nsa_attention, nsa_decode
+    from longattn.nsa import NSAConfig, nsa_attention, nsa_decode, nsa_selected_attention
 
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
@@ -155,23 +156,29 @@ def run(args, argv=None) -> list[dict]:
                 times[name] = _time(rows, name, mode, call, [q, k, v] + gates, B=B, T=T, dims=dims, flops=f,
                                     bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode), peaks=peaks,
                                     dtype=args.dtype)
-        if "slc" in modes:  # the selected branch alone, same selection for both
+        if "slc" in modes:  # the selected branch alone, same selection for every implementation
             with torch.no_grad():
                 _, sel = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True)
                 own = (torch.arange(T, device=dev) // cfg.slc_block)[None, :, None, None]
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
             pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
-            slc = {"longattn": lambda q, k, v: block_sparse_attention(q, k, v, listed, block_size=cfg.slc_block)}
+            slc = {"longattn": lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block),
+                   # the block-sparse engine (organised by key block, per-head lists) on the same blocks
+                   "longattn_kv_major": lambda q, k, v: block_sparse_attention(q, k, v, listed,
+                                                                               block_size=cfg.slc_block)}
             if T <= args.flex_max_seqlen:
                 try:
                     slc["flex"] = _flex_selected(q.detach(), k.detach(), v.detach(), sel, cfg.slc_block)
                 except Exception as e:
                     print(f"  flex T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             for name, fn in slc.items():
-                _time(rows, name, "slc_fwd", lambda fn=fn: fn(q, k, v), None, B=B, T=T, dims=dims,
-                      flops=2.0 * (dk + dv) * pairs, bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, "fwd"),
-                      peaks=peaks, dtype=args.dtype)
-            del sel, listed
+                for mode in ("slc_fwd", "slc_fwdbwd"):
+                    call = (lambda fn=fn: fn(q, k, v)) if mode == "slc_fwd" else \
+                        (lambda fn=fn: fn(q, k, v).backward(do))
+                    _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
+                          flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
+                          bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype)
+            sel = listed = slc = None
         q = k = v = gates = do = None  # free the prefill inputs before the decode cache
         if "decode" in modes:
             for batch in parse_ints(args.decode_batches):
@@ -223,7 +230,8 @@ def _derive(rows):
                 b.pop(key, None)
             rows.append(b)
             by[("bwd", T, impl)] = b
-    peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla"}
+    peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla",
+             "longattn_kv_major": "x_kv_major"}
     for (mode, T, impl), r in by.items():
         if impl != "longattn":
             continue

@@ -67,7 +67,8 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],
-                 "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "decode_b1", "decode_b2")]}
+                 "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
+                                                   "decode_b2")] + [("longattn_kv_major", "slc_fwd")]}
 
 
 @pytest.mark.parametrize("op", sorted(DRY_RUNS))

@@ -180,3 +180,62 @@ def test_nsa_gpu_defaults(T, Hq, Hkv, dtype):
     v = torch.randn(1, T, Hkv, 128, device="cuda", dtype=dtype)
     gates = [torch.rand(1, T, Hq, device="cuda") for _ in range(3)]
     _check(q, k, v, gates, dtype, config=cfg)
+
+
+def _random_selection(lens, hkv, n, block, device):
+    """Per (token, KV head): the own block, then distinct random earlier blocks, -1 padded (packed rows)."""
+    rows = []
+    for T in lens:
+        for t in range(T):
+            own = t // block
+            for _ in range(hkv):
+                earlier = torch.randperm(own)[:n - 1].tolist() if own else []
+                blocks = [own] + earlier
+                rows.append(blocks + [-1] * (n - len(blocks)))
+    return torch.tensor(rows, dtype=torch.int64, device=device).view(sum(lens), hkv, n)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (2, 2)], ids=["gqa4", "mha"])
+def test_nsa_selected_attention_matches_reference(Hq, Hkv, dtype, device):
+    from longattn.kernels.reference import block_mask_ref, masked_attention_ref
+    from longattn.nsa import nsa_selected_attention
+
+    lens, block, n = [110, 37], 16, 4
+    cu = torch.tensor([0, 110, 147], dtype=torch.int32, device=device)
+    sel = _random_selection(lens, Hkv, n, block, device)
+    ins = [torch.randn(147, h, d, device=device, dtype=dtype) for h, d in ((Hq, 32), (Hkv, 32), (Hkv, 16))]
+    ours, refs = [leaf(t) for t in ins], [leaf(t, torch.float32) for t in ins]
+    out = nsa_selected_attention(*ours, sel, block_size=block, cu_seqlens=cu)
+    parts = []
+    for a, b in ((0, 110), (110, 147)):
+        mask = block_mask_ref(sel[a:b].repeat_interleave(Hq // Hkv, dim=1), b - a, b - a, block)
+        parts.append(masked_attention_ref(refs[0][a:b], refs[1][a:b], refs[2][a:b], mask, 32 ** -0.5)[0])
+    ref = torch.cat(parts)
+    assert_close(out, ref, dtype, "out")
+    dout = torch.randn_like(ref)
+    (out.float() * dout).sum().backward()
+    (ref * dout).sum().backward()
+    for name, a, b in zip(["dq", "dk", "dv"], ours, refs):
+        assert_close(a.grad, b.grad, dtype, name, factor=2)
+    dense = nsa_selected_attention(*(t[None, :110] for t in ins), sel[None, :110], block_size=block)
+    torch.testing.assert_close(dense[0], nsa_selected_attention(*(t[:110] for t in ins), sel[:110], block_size=block,
+                                                                cu_seqlens=cu[:2]))
+
+
+def test_nsa_selected_attention_bad_arguments(device):
+    from longattn.nsa import nsa_selected_attention
+
+    q = torch.randn(1, 40, 2, 16, device=device)
+    sel = _random_selection([40], 2, 2, 16, device)[None]
+    with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
+        nsa_selected_attention(q, q, q, sel.float(), block_size=16)
+    with pytest.raises(ValueError, match="block_indices must be"):
+        nsa_selected_attention(q, q, q, sel[:, :30], block_size=16)
+    no_own = sel.clone()
+    no_own[0, 35, 0, 0] = -1
+    with pytest.raises(ValueError, match="must list each query's own block"):
+        nsa_selected_attention(q, q, q, no_own, block_size=16)
+    later = sel.clone()
+    later[0, 3, 1, 1] = 2
+    with pytest.raises(ValueError, match="must list each query's own block"):
+        nsa_selected_attention(q, q, q, later, block_size=16)

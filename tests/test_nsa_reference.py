@@ -18,6 +18,8 @@ def test_config_validation():
         NSAConfig(slc_topk=2)
     with pytest.raises(ValueError, match="window must be a positive int"):
         NSAConfig(window=0)
+    with pytest.raises(ValueError, match="local_blocks must be at least 1"):
+        NSAConfig(local_blocks=0)
     assert NSAConfig().score_weights().tolist() == [1, 2, 2, 2, 1]
     assert NSAConfig().num_cmp_blocks(31) == 0 and NSAConfig().num_cmp_blocks(32) == 1
     assert NSAConfig().num_cmp_blocks(100) == 5

@@ -324,8 +324,9 @@ class _Entries:
     max_tiles: int
 
 
-def _entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int, tile_m: int) -> _Entries:
+def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int) -> _Entries:
     """Sort the (query, head, slot) -> block selections into per-(block, KV head) segments, on device."""
+    tile_m = _tiles()[0]
     n_seg = plan.n_blocks * hkv
     kv_head = (torch.arange(hq, device=sel.device) // (hq // hkv))[None, :, None]
     seg = (sel.long() + plan.row_block_off[:, None, None]) * hkv + kv_head
@@ -378,7 +379,7 @@ class _BlockSparse(torch.autograd.Function):
         flash_fwd(q, k, v, plan.own, True, None, scale, out=outs[0], lse=lses[0])
         ent = None
         if ksel > 0 and total_q > 0:
-            ent = _entries(sel, plan, hq, hkv, tile_m)
+            ent = entries(sel, plan, hq, hkv)
             _sparse_fwd_kernel[(ent.max_tiles,)](
                 q, k, v, outs, lses, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -394,37 +395,45 @@ class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, dims, ent, scale = ctx.plan, ctx.dims, ctx.ent, ctx.scale
-        none = (None,) * 5
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dout = dout.to(out.dtype).contiguous()
-        if dlse is not None:
-            dlse = dlse.float().contiguous()
-        if q.shape[0] == 0:
-            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)) + none
-        # One softmax over own block + selected blocks: every piece's gradient uses the final lse and delta.
-        delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
-        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
-        if ent is not None:
-            tile_m, tile_n = _tiles()
-            bn = min(tile_n, ctx.block_size)
-            meta = _meta(dims, q.dtype)
-            _sparse_dkdv_kernel[(ctx.block_size // bn, ent.n_seg)](
-                q, k, v, dout, lse, delta, dk, dv, ent.entry, ent.seg_start, plan.block_row,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ctx.ksel,
-                BLOCK_M=tile_m, BLOCK_N=bn, **meta)
-            dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
-            _sparse_dq_kernel[(ent.max_tiles,)](
-                q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
-                ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, ctx.block_size, scale * LOG2E, scale,
-                KSEL=ctx.ksel, BLOCK_M=tile_m, BLOCK_N=bn, **meta)
-            dq = (dq.float() + dq32).to(dq.dtype)
-        return (dq, dk, dv) + none
+        dq, dk, dv = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ctx.ent, ctx.ksel,
+                                     ctx.block_size, ctx.scale)
+        return (dq, dk, dv) + (None,) * 5
+
+
+def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDims, ent: Optional[_Entries],
+                    ksel: int, block_size: int, scale: float):
+    """dq, dk, dv of block-sparse attention (own block causal + the entries' blocks, one softmax) from its
+    output and row lse: flash backward on the own blocks, then the selected blocks by key tile (dk, dv)
+    and by entry tile (dq). ``ent`` from :func:`entries` (None: no selected block)."""
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dout = dout.to(out.dtype).contiguous()
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # One softmax over own block + selected blocks: every piece's gradient uses the final lse and delta.
+    delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
+    dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
+    if ent is not None:
+        tile_m, tile_n = _tiles()
+        bn = min(tile_n, block_size)
+        meta = _meta(dims, q.dtype)
+        _sparse_dkdv_kernel[(block_size // bn, ent.n_seg)](
+            q, k, v, dout, lse, delta, dk, dv, ent.entry, ent.seg_start, plan.block_row,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
+            BLOCK_M=tile_m, BLOCK_N=bn, **meta)
+        dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
+        _sparse_dq_kernel[(ent.max_tiles,)](
+            q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
+            ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
+            KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, **meta)
+        dq = (dq.float() + dq32).to(dq.dtype)
+    return dq, dk, dv
 
 
 def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):

@@ -1,8 +1,16 @@
-"""NSA's own Triton kernel: selection scores from the compressed attention probabilities and top-n.
+"""NSA's own Triton kernels.
 
-The compressed branch itself runs through :func:`longattn.flash_attention` with strided key positions,
-the selected branch through the block-sparse engine (:mod:`longattn.kernels.sparse`) and the window
-through flash attention with ``window``.
+Prefill / training: selection scores from the compressed attention probabilities and top-n
+(``_nsa_select_kernel``), and the selected branch's forward, query-major with a GQA group's heads as the
+rows of each tile (``_nsa_selected_fwd_kernel``). The compressed branch runs through
+:func:`longattn.flash_attention` with strided key positions, the window through flash attention with
+``window``, and the selected branch's backward through the block-sparse engine's gradient kernels
+(:mod:`longattn.kernels.sparse`).
+
+Decoding (one token per sequence against a cache): ``_nsa_decode_kernel`` runs every branch in one program
+per (sequence, KV head); the split-KV path spreads the compressed attention and the scoring over several
+programs (``_nsa_decode_cmp_split_kernel``, ``_nsa_decode_score_split_kernel``) and finishes with
+``_nsa_decode_finish_kernel``.
 """
 from __future__ import annotations
 
@@ -152,12 +160,12 @@ def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, sc
 
 
 @triton.jit
-def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
-                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
-                   TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
-    at position n - 1; ``blk`` (1, TOPK_PAD) the selected blocks, -1 for none."""
+def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_log2, DK: tl.constexpr,
+                     DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
+                     SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Online softmax of the rows q (one query position, the heads of a group) over the selected blocks
+    ``blk`` (1, TOPK_PAD) (-1 = none), keys at positions <= ``last`` only: (m, l, acc), base 2."""
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     tcols = tl.arange(0, TOPK_PAD)
@@ -168,14 +176,29 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
     for i in range(0, TOPK):
         j = tl.sum(tl.where(tcols[None, :] == i, blk, 0))
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
-            pos = j * SLC_BLOCK + s0 + scols
-            ok = (pos >= 0) & (pos < n)  # j = -1 (no block) gives negative positions
-            k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
-                        mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-            v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
-                        mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-            m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+            if (j >= 0) & (j * SLC_BLOCK + s0 <= last):  # skip empty slots and tiles past the query
+                pos = j * SLC_BLOCK + s0 + scols
+                ok = pos <= last
+                k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
+                            mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+                v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
+                            mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+                m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
+                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                   TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
+    at position n - 1; ``blk`` (1, TOPK_PAD) the selected blocks, -1 for none."""
+    m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
+                                 BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
     out += tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0)[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -190,6 +213,37 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
         m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
     return out + tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0)[:, None] * \
         (acc / tl.where(l > 0, l, 1.0)[:, None])
+
+
+@triton.jit
+def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
+                             stride_ot, stride_oh, stride_lh, group, scale_log2,
+                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                             BLOCK_G: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Selected branch, forward, query-major as in the paper: one program per (query position, KV head)
+    holds the group's heads as the rows of its tiles (they share the selection) and runs them over the
+    selected blocks (causal in the own block), writing the output and the natural-log lse once."""
+    i = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(CU + b)
+    if i >= tl.load(CU + b + 1) - start:
+        return
+    start64 = start.to(tl.int64)
+    row = start64 + i
+    hk64 = hk.to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qt, stride_qh, row, hk, group, DK, BLOCK_DK, BLOCK_G)
+    tcols = tl.arange(0, TOPK_PAD)
+    blk = tl.load(SEL + row * stride_st + hk64 * stride_sh + tcols[None, :], mask=tcols[None, :] < TOPK, other=-1)
+    m, l, acc = _attend_selected(q, blk, i, K + start64 * stride_kt + hk64 * stride_kh,
+                                 V + start64 * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, scale_log2, DK, DV,
+                                 BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(O + row * stride_ot + heads[:, None] * stride_oh + dv[None, :],
+             (acc / l[:, None]).to(O.dtype.element_ty), mask=in_g[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + heads * stride_lh + row, (m + tl.log2(l)) * 0.6931471805599453, mask=in_g)
 
 
 @triton.jit

@@ -9,11 +9,11 @@ import triton
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.sparse import block_sparse_packed, pack_inputs, plan_blocks
+from ..kernels.sparse import BlockPlan, entries, pack_inputs, plan_blocks, sparse_backward
 from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms)
 from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
-                      _nsa_decode_score_split_kernel, _nsa_select_kernel)
+                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_fwd_kernel)
 from .reference import NSAConfig
 
 
@@ -56,6 +56,100 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     return sel
 
 
+class _Selected(torch.autograd.Function):
+    """Selected branch: forward query-major (a GQA group's heads share each loaded block, output written
+    once), backward through the block-sparse engine's gradient kernels (organised by key block)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sel, own, plan: BlockPlan, dims, cu, max_q: int, block_size: int, scale: float):
+        hq, hkv = dims.heads_q, dims.heads_kv
+        group = hq // hkv
+        out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
+        lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
+        if q.shape[0]:
+            _nsa_selected_fwd_kernel[(max_q, hkv, cu.numel() - 1)](
+                q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
+                scale * LOG2E, DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DK=max(16, next_pow2(dims.dim_qk)),
+                BLOCK_DV=max(16, next_pow2(dims.dim_v)), BLOCK_G=max(16, next_pow2(group)),
+                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if is_interpreter() else 64),
+                TOPK=sel.shape[-1], TOPK_PAD=next_pow2(sel.shape[-1]),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        ctx.save_for_backward(q, k, v, out, lse, sel, own)
+        ctx.plan, ctx.dims, ctx.block_size, ctx.scale = plan, dims, block_size, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, sel, own = ctx.saved_tensors
+        dims = ctx.dims
+        # the engine's entries: per query head, the selected blocks other than the own one
+        sel_q = sel.repeat_interleave(dims.heads_q // dims.heads_kv, dim=1)
+        sel_q = torch.where(sel_q == own[:, None, None], torch.full_like(sel_q, -1), sel_q).contiguous()
+        ent = entries(sel_q, ctx.plan, dims.heads_q, dims.heads_kv) if sel_q.numel() else None
+        dq, dk, dv = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent, sel_q.shape[-1],
+                                     ctx.block_size, ctx.scale)
+        return (dq, dk, dv) + (None,) * 8
+
+
+def _selected(qp, kp, vp, sel, lq: list, lk: list, dims, cu, block_size: int, scale: float) -> torch.Tensor:
+    """The selected branch on packed inputs; sel int32 (total, Hkv, n) holding each row's own block."""
+    own = torch.cat([torch.arange(n, device=qp.device) // block_size for n in lq]) if lq else \
+        torch.zeros(0, dtype=torch.long, device=qp.device)
+    plan = plan_blocks(lq, lk, block_size, dims, qp.device)
+    qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
+    return _Selected.apply(qk_, kk_, vk_, sel, own.to(torch.int32), plan, dims, cu, max(lq, default=0), block_size,
+                           scale)
+
+
+def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
+                           block_size: int = 64, cu_seqlens: Optional[torch.Tensor] = None,
+                           max_seqlen: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """NSA's selected branch alone: each query attends, in one softmax, to the key blocks its GQA group
+    selected (causally inside its own block), differentiable in q, k, v.
+
+    Args:
+        q, k, v: ``(B, T, Hq, Dk)`` / ``(B, T, Hkv, Dk)`` / ``(B, T, Hkv, Dv)`` or varlen ``(total, H, D)`` with
+            ``cu_seqlens`` (int32); queries and keys are the same tokens.
+        block_indices: int ``(B, T, Hkv, n)`` / ``(total, Hkv, n)``: for every query and KV head, the blocks
+            (``block_size`` tokens from the sequence start, each listed once, -1 = unused slot) shared by the
+            group's query heads. Each query's own block must be listed; later blocks must not.
+        block_size: a power of two >= 16 (default 64).
+        scale: softmax scale, default ``Dk ** -0.5``.
+    Returns:
+        ``(B, T, Hq, Dv)`` / ``(total, Hq, Dv)`` in q's dtype.
+
+    The forward is query-major: one program per (query, KV head) holds the group's heads as the rows of its
+    tiles, so every loaded block serves the whole group and the output is written once.
+    """
+    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    if not dims.varlen and dims.max_seqlen_q != dims.max_seqlen_k:
+        raise ValueError(f"q and k must have the same length, got {dims.max_seqlen_q} and {dims.max_seqlen_k}")
+    check_positive_int(block_size, "block_size", minimum=16)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    scale = check_scale(scale, dims.dim_qk ** -0.5)
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype.is_floating_point:
+        raise TypeError("block_indices must be an integer tensor")
+    qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
+    lead = (qp.shape[0], dims.heads_kv) if dims.varlen else (dims.batch, dims.max_seqlen_q, dims.heads_kv)
+    if block_indices.dim() != len(lead) + 1 or tuple(block_indices.shape[:-1]) != lead or block_indices.shape[-1] < 1:
+        raise ValueError(f"block_indices must be (..., T, Hkv, n) with n >= 1 matching q and k, got "
+                         f"{tuple(block_indices.shape)}")
+    sel = block_indices.reshape(qp.shape[0], dims.heads_kv, -1)
+    if sel.numel():
+        own = torch.cat([torch.arange(n) // block_size for n in lq]).to(sel.device)[:, None, None]
+        ordered = torch.sort(sel, -1).values
+        dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        bad = (sel < -1) | (sel > own)
+        if bool(bad.any() | dup.any() | ~(sel == own).any(-1).all()):
+            raise ValueError("block_indices must list each query's own block and distinct earlier blocks (or -1)")
+    out = _selected(qp, kp, vp, sel.to(torch.int32).contiguous(), lq, lk, dims, _cu(lq, q.device), block_size,
+                    scale)
+    return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
+
+
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                   g_swa: torch.Tensor, *, config: NSAConfig = NSAConfig(), k_cmp: Optional[torch.Tensor] = None,
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
@@ -81,7 +175,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
 
     Branches: compressed attention through :func:`flash_attention` with strided key positions (which also
     gives the row lse); scores + top-n in one kernel that never stores the (T, n_cmp) probabilities;
-    selected blocks through the block-sparse engine (a GQA group's heads share each loaded block); the
+    selected blocks query-major, the group's heads as the rows of each tile (they share each loaded block;
+    the backward runs through the block-sparse engine's gradient kernels, organised by key block); the
     window through flash attention; the gates in PyTorch.
     """
     if not isinstance(config, NSAConfig):
@@ -122,15 +217,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     with torch.no_grad():
         qs, kcs = kernel_inputs(qp.detach(), kc.detach())
         sel = nsa_select(qs, kcs, lse_cmp.detach(), cu, cu_cmp, max_q, dims.heads_kv, config, scale)
-        group = dims.heads_q // dims.heads_kv
-        own = torch.cat([torch.arange(n, device=q.device) // config.slc_block for n in lq]) if lq else \
-            torch.zeros(0, dtype=torch.long, device=q.device)
-        sel_q = sel.repeat_interleave(group, dim=1)
-        sel_q = torch.where(sel_q == own[:, None, None], torch.full_like(sel_q, -1), sel_q).contiguous()
-    # selected branch: own block causal + the other selected blocks, one softmax
-    plan = plan_blocks(lq, lk, config.slc_block, dims, q.device)
-    qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
-    o_slc, _ = block_sparse_packed(qk_, kk_, vk_, sel_q, plan, dims, config.slc_block, scale)
+    # selected branch: the selected blocks (the own one among them, causal), one softmax
+    o_slc = _selected(qp, kp, vp, sel, lq, lk, dims, cu, config.slc_block, scale)
     # sliding window
     o_swa = flash_attention(qp, kp, vp, cu_seqlens=cu, window=config.window, scale=scale)
     gates = [g.reshape(qp.shape[0], dims.heads_q, 1).float() for g in (g_cmp, g_slc, g_swa)]
@@ -282,4 +370,4 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     return (out, sel) if return_selection else out
 
 
-__all__ = ["nsa_attention", "nsa_select", "nsa_decode"]
+__all__ = ["nsa_attention", "nsa_selected_attention", "nsa_select", "nsa_decode"]

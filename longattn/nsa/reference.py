@@ -61,6 +61,9 @@ class NSAConfig:
                              f"({self.cmp_stride})")
         if self.slc_block < 16 or self.slc_block & (self.slc_block - 1):
             raise ValueError(f"NSAConfig.slc_block must be a power of two >= 16, got {self.slc_block}")
+        if self.local_blocks < 1:
+            raise ValueError(f"NSAConfig.local_blocks must be at least 1 (the query's own block is always selected: "
+                             f"the selected branch attends causally inside it), got {self.local_blocks}")
         if self.init_blocks + self.local_blocks > self.slc_topk:
             raise ValueError(f"NSAConfig.slc_topk ({self.slc_topk}) must be at least init_blocks + local_blocks "
                              f"({self.init_blocks + self.local_blocks})")

@@ -233,9 +233,9 @@ def test_nsa_selected_attention_bad_arguments(device):
         nsa_selected_attention(q, q, q, sel[:, :30], block_size=16)
     no_own = sel.clone()
     no_own[0, 35, 0, 0] = -1
-    with pytest.raises(ValueError, match="must list each query's own block"):
+    with pytest.raises(ValueError, match="up to each query.s own block, the own block included"):
         nsa_selected_attention(q, q, q, no_own, block_size=16)
     later = sel.clone()
     later[0, 3, 1, 1] = 2
-    with pytest.raises(ValueError, match="must list each query's own block"):
+    with pytest.raises(ValueError, match="up to each query.s own block, the own block included"):
         nsa_selected_attention(q, q, q, later, block_size=16)

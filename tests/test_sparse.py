@@ -56,3 +56,5 @@ def test_block_sparse_rejects_bad_blocks(device):
         block_sparse_attention(q, q, q, blocks, block_size=16)
     with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
         block_sparse_attention(q, q, q, blocks.float(), block_size=16)
+    with pytest.raises(ValueError, match="block_indices must be \\(B, Tq, "):
+        block_sparse_attention(q, q, q, blocks[:, :30], block_size=16)

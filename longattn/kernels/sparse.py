@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .flash import LOG2E, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, check_attention_inputs, resolve_seqlens, check_positive_int, check_scale, empty, is_interpreter,
-                    kernel_inputs, next_pow2)
+from .utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
+                    kernel_inputs, next_pow2, resolve_seqlens)
 
 
 @triton.jit
@@ -465,6 +465,40 @@ def unpack_output(out, lse, dims: AttnDims):
     return out, lse.view(dims.heads_q, dims.batch, dims.max_seqlen_q).permute(1, 0, 2)
 
 
+def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk: list, block_size: int, *,
+                        own_listed: bool) -> torch.Tensor:
+    """Validate ``block_size`` and per-(query, head) block lists (dense ``(B, Tq, heads, K)`` or varlen
+    ``(total_q, heads, K)``): distinct blocks of the query's sequence, -1 for unused slots, and either
+    strictly before the query's own block (``own_listed=False``) or up to it with the own block listed.
+    Returns them packed ``(total_q, heads, K)`` as contiguous int32."""
+    check_positive_int(block_size, "block_size", minimum=16)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype.is_floating_point:
+        raise TypeError("block_indices must be an integer tensor")
+    total_q = sum(lq)
+    lead = (total_q, heads) if dims.varlen else (dims.batch, dims.max_seqlen_q, heads)
+    if block_indices.dim() != len(lead) + 1 or tuple(block_indices.shape[:-1]) != lead:
+        raise ValueError(f"block_indices must be {'(total_q' if dims.varlen else '(B, Tq'}, {heads}, K) matching q, "
+                         f"got {tuple(block_indices.shape)}")
+    sel = block_indices.reshape(total_q, heads, -1)
+    if sel.numel():
+        lq_t, lk_t = torch.tensor(lq), torch.tensor(lk)
+        start = torch.repeat_interleave(torch.cumsum(lq_t, 0) - lq_t - (lk_t - lq_t), lq_t)
+        own = ((torch.arange(total_q) - start) // block_size).to(sel.device)[:, None, None]
+        ordered = torch.sort(sel, -1).values
+        bad = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any() | (sel < -1).any()
+        if own_listed:
+            bad |= (sel > own).any() | ~(sel == own).any(-1).all()
+        else:
+            bad |= (sel >= own).any()
+        if bool(bad):
+            raise ValueError("block_indices must list distinct blocks (or -1) " + (
+                "up to each query's own block, the own block included" if own_listed else
+                "strictly before each query's own block"))
+    return sel.to(torch.int32).contiguous()
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                            block_size: int, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                            cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
@@ -484,27 +518,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     """
     cu_seqlens_q, cu_seqlens_k, _, _ = resolve_seqlens(cu_seqlens, None, cu_seqlens_q, cu_seqlens_k, None, None)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    check_positive_int(block_size, "block_size", minimum=16)
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
     scale = check_scale(scale, dims.dim_qk ** -0.5)
-    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype.is_floating_point:
-        raise TypeError("block_indices must be an integer tensor")
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
-    sel = block_indices.reshape(qp.shape[0], dims.heads_q, -1) if not dims.varlen else block_indices
-    if sel.dim() != 3 or sel.shape[:2] != (qp.shape[0], dims.heads_q):
-        raise ValueError(f"block_indices must be (..., Tq, Hq, K) matching q, got {tuple(block_indices.shape)}")
+    sel = check_block_indices(block_indices, dims, dims.heads_q, lq, lk, block_size, own_listed=False)
     plan = plan_blocks(lq, lk, block_size, dims, q.device)
-    if sel.numel():
-        lq_t, lk_t = torch.tensor(lq), torch.tensor(lk)
-        start = torch.repeat_interleave(torch.cumsum(lq_t, 0) - lq_t - (lk_t - lq_t), lq_t)
-        own = ((torch.arange(qp.shape[0]) - start) // block_size).to(sel.device)[:, None, None]
-        ordered = torch.sort(sel, -1).values
-        dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
-        bad = ((sel < -1) | (sel >= own)).any() | dup.any()
-        if bool(bad):
-            raise ValueError("block_indices must hold distinct blocks strictly before each query's own block, or -1")
-    sel = sel.to(torch.int32).contiguous()
     qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
     out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)
     out, lse = unpack_output(out.to(q.dtype), lse, dims)

@@ -109,24 +109,32 @@ def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLO
 
 
 @triton.jit
-def _cmp_attend(q, kc_base, vc_base, stride_ct, stride_dt, c_lo, c_hi, scale_log2, DK: tl.constexpr,
-                DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
-                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax of the rows q over compressed blocks [c_lo, c_hi): (m, l, acc), base 2."""
+def _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, ok, m, l, acc, scale_log2, DK: tl.constexpr,
+                 DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Load the keys/values at rows ``pos`` where ``ok`` and take one online-softmax step of the rows q."""
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
+                mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+    v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
+                mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+
+
+@triton.jit
+def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Online softmax of the rows q over the key rows [lo, hi) (compressed blocks or the window): (m, l, acc),
+    base 2."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    for c0 in range(c_lo, c_hi, BLOCK_N):
-        cc = c0 + cols
-        ok = cc < c_hi
-        kc = tl.load(kc_base + cc[None, :].to(tl.int64) * stride_ct + dk[:, None],
-                     mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-        vc = tl.load(vc_base + cc[:, None].to(tl.int64) * stride_dt + dv[None, :],
-                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-        m, l, acc = _online_step(q, kc, vc, ok, m, l, acc, scale_log2, PRECISION)
+    for p0 in range(lo, hi, BLOCK_N):
+        pos = p0 + cols
+        m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, m, l, acc, scale_log2, DK,
+                                 DV, BLOCK_DK, BLOCK_DV, PRECISION)
     return m, l, acc
 
 
@@ -166,8 +174,6 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
                      PRECISION: tl.constexpr):
     """Online softmax of the rows q (one query position, the heads of a group) over the selected blocks
     ``blk`` (1, TOPK_PAD) (-1 = none), keys at positions <= ``last`` only: (m, l, acc), base 2."""
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
     tcols = tl.arange(0, TOPK_PAD)
     scols = tl.arange(0, SLC_TILE)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -178,12 +184,8 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
             if (j >= 0) & (j * SLC_BLOCK + s0 <= last):  # skip empty slots and tiles past the query
                 pos = j * SLC_BLOCK + s0 + scols
-                ok = pos <= last
-                k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
-                            mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-                v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
-                            mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-                m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+                m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last, m, l, acc,
+                                         scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     return m, l, acc
 
 
@@ -197,20 +199,8 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
     out += tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0)[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    for p0 in range(tl.maximum(n - WINDOW, 0), n, BLOCK_N):
-        pos = p0 + cols
-        ok = pos < n
-        k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
-                    mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-        v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
-                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-        m, l, acc = _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+    m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
+                              DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     return out + tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0)[:, None] * \
         (acc / tl.where(l > 0, l, 1.0)[:, None])
 
@@ -276,8 +266,8 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
     gate_ptr = GATES + b64 * stride_gb + heads
     kc_base = KC + b64 * stride_cb + hk64 * stride_ch
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
-    m, l, acc = _cmp_attend(q, kc_base, VC + b64 * stride_db + hk64 * stride_dh, stride_ct, stride_dt, 0, n_cmp,
-                            scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+    m, l, acc = _attend_range(q, kc_base, VC + b64 * stride_db + hk64 * stride_dh, stride_ct, stride_dt, 0, n_cmp,
+                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
     lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
     out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
@@ -316,9 +306,9 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ,
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
     lo = sp * per_split
-    m, l, acc = _cmp_attend(q, KC + b64 * stride_cb + hk64 * stride_ch, VC + b64 * stride_db + hk64 * stride_dh,
-                            stride_ct, stride_dt, lo, tl.minimum(lo + per_split, n_cmp), scale_log2, DK, DV,
-                            BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+    m, l, acc = _attend_range(q, KC + b64 * stride_cb + hk64 * stride_ch, VC + b64 * stride_db + hk64 * stride_dh,
+                              stride_ct, stride_dt, lo, tl.minimum(lo + per_split, n_cmp), scale_log2, DK, DV,
+                              BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
     lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
     dv = tl.arange(0, BLOCK_DV)

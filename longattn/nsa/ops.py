@@ -9,7 +9,7 @@ import triton
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.sparse import BlockPlan, entries, pack_inputs, plan_blocks, sparse_backward
+from ..kernels.sparse import BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks, sparse_backward
 from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms)
 from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
@@ -126,26 +126,10 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                                   max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
     if not dims.varlen and dims.max_seqlen_q != dims.max_seqlen_k:
         raise ValueError(f"q and k must have the same length, got {dims.max_seqlen_q} and {dims.max_seqlen_k}")
-    check_positive_int(block_size, "block_size", minimum=16)
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
     scale = check_scale(scale, dims.dim_qk ** -0.5)
-    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype.is_floating_point:
-        raise TypeError("block_indices must be an integer tensor")
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
-    lead = (qp.shape[0], dims.heads_kv) if dims.varlen else (dims.batch, dims.max_seqlen_q, dims.heads_kv)
-    if block_indices.dim() != len(lead) + 1 or tuple(block_indices.shape[:-1]) != lead or block_indices.shape[-1] < 1:
-        raise ValueError(f"block_indices must be (..., T, Hkv, n) with n >= 1 matching q and k, got "
-                         f"{tuple(block_indices.shape)}")
-    sel = block_indices.reshape(qp.shape[0], dims.heads_kv, -1)
-    if sel.numel():
-        own = torch.cat([torch.arange(n) // block_size for n in lq]).to(sel.device)[:, None, None]
-        ordered = torch.sort(sel, -1).values
-        dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
-        bad = (sel < -1) | (sel > own)
-        if bool(bad.any() | dup.any() | ~(sel == own).any(-1).all()):
-            raise ValueError("block_indices must list each query's own block and distinct earlier blocks (or -1)")
-    out = _selected(qp, kp, vp, sel.to(torch.int32).contiguous(), lq, lk, dims, _cu(lq, q.device), block_size,
+    sel = check_block_indices(block_indices, dims, dims.heads_kv, lq, lk, block_size, own_listed=True)
+    out = _selected(qp, kp, vp, sel, lq, lk, dims, _cu(lq, q.device), block_size,
                     scale)
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
 

@@ -331,7 +331,8 @@ def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int) -> _Entries:
     kv_head = (torch.arange(hq, device=sel.device) // (hq // hkv))[None, :, None]
     seg = (sel.long() + plan.row_block_off[:, None, None]) * hkv + kv_head
     seg = torch.where(sel >= 0, seg, torch.full_like(seg, n_seg)).flatten()
-    entry = torch.argsort(seg, stable=True)
+    # segment ids fit in 32 bits: a 32-bit key halves the radix sort's passes
+    entry = torch.argsort(seg.to(torch.int32) if n_seg < 2 ** 31 - 1 else seg, stable=True)
     counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=sel.device)
     counts.scatter_add_(0, seg, torch.ones_like(seg))
     counts = counts[:n_seg]

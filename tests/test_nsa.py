@@ -182,6 +182,29 @@ def test_nsa_gpu_defaults(T, Hq, Hkv, dtype):
     _check(q, k, v, gates, dtype, config=cfg)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None], ids=["fused", "auto-split"])
+def test_nsa_decode_gpu_defaults(splits, dtype):
+    """Paper configuration, group of 16, d_qk 192 / d_v 128, contexts up to 4k with left padding."""
+    cfg = NSAConfig()
+    lens, offsets = [4096, 1500, 33], [0, 2596, 4000]
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, 4096, 16, 1, 192, 128, dtype, "cuda", cfg)
+    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    off = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=cfg,
+                          num_splits=splits, return_selection=True)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        c = cfg.num_cmp_blocks(n)
+        ref, sel_r = nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(),
+                                       v[b, None, o:o + n].float(), *(g[b, None, None] for g in gates),
+                                       k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=cfg,
+                                       return_selection=True)
+        # bf16 scores may order a near-tie differently: at most one block apart
+        differ = len(set(sel[b].flatten().tolist()) - set(sel_r[0, 0].flatten().tolist()))
+        assert differ <= (1 if dtype == torch.bfloat16 else 0), f"sequence {b}: selection differs"
+        assert_close(out[b], ref[0, 0], dtype, f"sequence {b}", factor=2)
+
+
 def _random_selection(lens, hkv, n, block, device):
     """Per (token, KV head): the own block, then distinct random earlier blocks, -1 padded (packed rows)."""
     rows = []

@@ -77,7 +77,7 @@ def _sparse_cases():
         ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32")})
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM")})
-        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs)
+        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs, GROUP=1)
         floats = ("qk_scale", "scale")
         cases += [
             (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
@@ -86,6 +86,8 @@ def _sparse_cases():
             (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats),
             (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(meta), floats),
             (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats),
+            (f"_sparse_dkdv_kernel[{dt}-group16]", K._sparse_dkdv_kernel, ptr, dict(meta, GROUP=16), floats),
+            (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats),
             (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,
              dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64), floats),
         ]

@@ -218,19 +218,22 @@ def _random_selection(lens, hkv, n, block, device):
     return torch.tensor(rows, dtype=torch.int64, device=device).view(sum(lens), hkv, n)
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (2, 2)], ids=["gqa4", "mha"])
-def test_nsa_selected_attention_matches_reference(Hq, Hkv, dtype, device):
+@pytest.mark.parametrize("Hq,Hkv,lens", [(8, 2, [110, 37]), (2, 2, [110, 37]), (72, 1, [40, 7])],
+                         ids=["gqa4", "mha", "group72"])
+def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, dtype, device):
+    """Group entries in the backward; a group larger than an entry tile (72 heads) falls back to per-head
+    entries."""
     from longattn.kernels.reference import block_mask_ref, masked_attention_ref
     from longattn.nsa import nsa_selected_attention
 
-    lens, block, n = [110, 37], 16, 4
-    cu = torch.tensor([0, 110, 147], dtype=torch.int32, device=device)
+    block, n = 16, 4
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
     sel = _random_selection(lens, Hkv, n, block, device)
-    ins = [torch.randn(147, h, d, device=device, dtype=dtype) for h, d in ((Hq, 32), (Hkv, 32), (Hkv, 16))]
+    ins = [torch.randn(sum(lens), h, d, device=device, dtype=dtype) for h, d in ((Hq, 32), (Hkv, 32), (Hkv, 16))]
     ours, refs = [leaf(t) for t in ins], [leaf(t, torch.float32) for t in ins]
     out = nsa_selected_attention(*ours, sel, block_size=block, cu_seqlens=cu)
     parts = []
-    for a, b in ((0, 110), (110, 147)):
+    for a, b in ((0, lens[0]), (lens[0], sum(lens))):
         mask = block_mask_ref(sel[a:b].repeat_interleave(Hq // Hkv, dim=1), b - a, b - a, block)
         parts.append(masked_attention_ref(refs[0][a:b], refs[1][a:b], refs[2][a:b], mask, 32 ** -0.5)[0])
     ref = torch.cat(parts)
@@ -240,8 +243,9 @@ def test_nsa_selected_attention_matches_reference(Hq, Hkv, dtype, device):
     (ref * dout).sum().backward()
     for name, a, b in zip(["dq", "dk", "dv"], ours, refs):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
-    dense = nsa_selected_attention(*(t[None, :110] for t in ins), sel[None, :110], block_size=block)
-    torch.testing.assert_close(dense[0], nsa_selected_attention(*(t[:110] for t in ins), sel[:110], block_size=block,
+    a = lens[0]
+    dense = nsa_selected_attention(*(t[None, :a] for t in ins), sel[None, :a], block_size=block)
+    torch.testing.assert_close(dense[0], nsa_selected_attention(*(t[:a] for t in ins), sel[:a], block_size=block,
                                                                 cu_seqlens=cu[:2]))
 
 

@@ -4,7 +4,9 @@ branch). Forward and backward in Triton, varlen, GQA, Tq < Tk, and a split-KV pa
 
 Layout of the work. The own blocks form a block-diagonal causal problem that runs through
 :mod:`longattn.kernels.flash` (each key block is one varlen "sequence"). The selected earlier blocks are
-organised by key block: every (query, query head, slot) that selected block ``i`` is an *entry*; entries
+organised by key block: every (query, query head, slot) that selected block ``i`` is an *entry* (with a
+selection shared by a GQA group, as NSA's, an entry is a (query, KV head, slot) standing for the group's
+heads, so there are group-size times fewer to sort); entries
 are sorted by (global block, KV head) into segments, and each program takes a tile of up to ``BLOCK_M``
 entries of one segment (rows may mix the query heads of a GQA group, which share the block's K/V) and
 runs them against the block's keys. Tiles are found by a binary search over the per-segment tile counts,
@@ -41,26 +43,30 @@ def _find_tile(TILE_CUM, pid, n_seg, n_iter):
 
 
 @triton.jit
-def _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Entries of one tile: query row t, query head h, slot s (entry id = (t * Hq + h) * KSEL + s)."""
-    e0 = tl.load(SEG_START + seg) + tile * BLOCK_M
-    e1 = tl.load(SEG_START + seg + 1)
-    offs = e0 + tl.arange(0, BLOCK_M)
-    valid = offs < e1
-    e = tl.load(ENTRY + offs, mask=valid, other=0).to(tl.int64)
+def _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """Rows of one tile: query row t, query head h, slot s, valid. An entry id is ``(t * (Hq / GROUP) + g) *
+    KSEL + s``; it stands for the GROUP query heads ``g * GROUP ..`` (GROUP > 1 when a GQA group shares its
+    selection), each a row of the tile, so a tile holds BLOCK_M // GROUP entries."""
+    per_tile: tl.constexpr = BLOCK_M // GROUP
+    offs = tl.arange(0, BLOCK_M)
+    idx = tl.load(SEG_START + seg) + tile * per_tile + offs // GROUP
+    valid = (idx < tl.load(SEG_START + seg + 1)) & (offs < per_tile * GROUP)
+    e = tl.load(ENTRY + idx, mask=valid, other=0).to(tl.int64)
     slot = e % KSEL
     th = e // KSEL
-    return th // Hq, th % Hq, slot, valid
+    hsel = Hq // GROUP
+    return th // hsel, (th % hsel) * GROUP + offs % GROUP, slot, valid
 
 
 @triton.jit
 def _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV, stride_qt, stride_qh, offs_dk,
-                  DQK: tl.constexpr, KSEL: tl.constexpr, BLOCK_M: tl.constexpr):
+                  DQK: tl.constexpr, KSEL: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
     """Tile ``pid`` of the entry list: its key block and KV head, its entries and their query rows."""
     seg, tile = _find_tile(TILE_CUM, pid, n_seg, n_iter)
     gb = (seg // HKV).to(tl.int64)
     hk = (seg % HKV).to(tl.int64)
-    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
+    t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M, GROUP)
     q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
                 mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
     return gb, hk, t, h, slot, valid, q
@@ -73,7 +79,7 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                             n_seg, n_iter, Hq, HKV, block_size, qk_scale,
                             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                             KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """Attention of a tile of entries over one whole selected block; writes slot ``1 + s`` of OS/LS."""
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
@@ -81,7 +87,7 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     gb, hk, t, h, slot, valid, q = _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV,
-                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M)
+                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M, GROUP)
     row0 = tl.load(BLOCK_ROW + gb).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -114,7 +120,7 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENTRY, SEG_START, BLOC
                              Hq, HKV, qk_scale, scale,
                              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                              KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """dK/dV of one key tile of one (block, KV head) segment from every entry that selected it, added to
     the own-block gradients already in DK/DV (one program per key tile: deterministic, no atomics)."""
     pid_n = tl.program_id(0)
@@ -135,8 +141,8 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENTRY, SEG_START, BLOC
     kt = tl.trans(k)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for tile in range(0, tl.cdiv(e1 - e0, BLOCK_M)):
-        t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M)
+    for tile in range(0, tl.cdiv(e1 - e0, BLOCK_M // GROUP)):
+        t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M, GROUP)
         q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
                     mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
         do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
@@ -165,7 +171,7 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
                            n_seg, n_iter, Hq, HKV, block_size, qk_scale, scale,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                            KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """dQ of a tile of entries from one selected block, atomically added to a float32 buffer (a query
     row gets contributions from up to KSEL blocks, handled by different programs)."""
     pid = tl.program_id(0)
@@ -174,7 +180,7 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     gb, hk, t, h, slot, valid, q = _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV,
-                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M)
+                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M, GROUP)
     do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
                  mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
@@ -261,9 +267,12 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
+ENTRY_TILE = 64  # rows (query, head) of an entry tile
+
+
 def _tiles():
-    """(entries per tile, keys per step) of the sparse kernels."""
-    return (64, 32) if is_interpreter() else (64, 64)
+    """(rows per entry tile, keys per step) of the sparse kernels."""
+    return (ENTRY_TILE, 32) if is_interpreter() else (ENTRY_TILE, 64)
 
 
 @dataclass
@@ -322,11 +331,16 @@ class _Entries:
     n_seg: int
     n_iter: int
     max_tiles: int
+    group: int               # query heads per entry
 
 
-def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int) -> _Entries:
-    """Sort the (query, head, slot) -> block selections into per-(block, KV head) segments, on device."""
-    tile_m = _tiles()[0]
+def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int, group: int = 1) -> _Entries:
+    """Sort the (query, head, slot) -> block selections ``sel`` (total_q, hq / group, K) into per-(block, KV
+    head) segments, on device; with ``group`` > 1 an entry stands for ``group`` query heads that share it."""
+    if not 1 <= group <= ENTRY_TILE:
+        raise ValueError(f"entries: group must be 1 to {ENTRY_TILE}, got {group}")
+    tile_m = _tiles()[0] // group
+    hq = hq // group
     n_seg = plan.n_blocks * hkv
     kv_head = (torch.arange(hq, device=sel.device) // (hq // hkv))[None, :, None]
     seg = (sel.long() + plan.row_block_off[:, None, None]) * hkv + kv_head
@@ -340,7 +354,7 @@ def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int) -> _Entries:
     seg_start = torch.cat([zero, counts.cumsum(0)])
     tile_cum = torch.cat([zero, ((counts + tile_m - 1) // tile_m).cumsum(0)])
     return _Entries(entry, seg_start, tile_cum, n_seg, max(1, math.ceil(math.log2(n_seg + 1))),
-                    triton.cdiv(seg.numel(), tile_m) + n_seg)
+                    triton.cdiv(seg.numel(), tile_m) + n_seg, group)
 
 
 def _meta(dims: AttnDims, dtype):
@@ -386,7 +400,7 @@ class _BlockSparse(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
                 ent.n_seg, ent.n_iter, hq, hkv, block_size, scale * LOG2E, KSEL=ksel,
-                BLOCK_M=tile_m, BLOCK_N=min(tile_n, block_size), **_meta(dims, q.dtype))
+                BLOCK_M=tile_m, BLOCK_N=min(tile_n, block_size), GROUP=1, **_meta(dims, q.dtype))
         out, lse = merge_fwd(outs, lses) if ksel > 0 else (outs[0], lses[0])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.dims, ctx.ent, ctx.ksel, ctx.block_size, ctx.scale = plan, dims, ent, ksel, block_size, scale
@@ -425,14 +439,14 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
-            BLOCK_M=tile_m, BLOCK_N=bn, **meta)
+            BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
         dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
         _sparse_dq_kernel[(ent.max_tiles,)](
             q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
-            KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, **meta)
+            KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
         dq = (dq.float() + dq32).to(dq.dtype)
     return dq, dk, dv
 

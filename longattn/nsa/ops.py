@@ -9,7 +9,8 @@ import triton
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.sparse import BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks, sparse_backward
+from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
+                              sparse_backward)
 from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms)
 from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
@@ -83,11 +84,15 @@ class _Selected(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sel, own = ctx.saved_tensors
         dims = ctx.dims
-        # the engine's entries: per query head, the selected blocks other than the own one
-        sel_q = sel.repeat_interleave(dims.heads_q // dims.heads_kv, dim=1)
-        sel_q = torch.where(sel_q == own[:, None, None], torch.full_like(sel_q, -1), sel_q).contiguous()
-        ent = entries(sel_q, ctx.plan, dims.heads_q, dims.heads_kv) if sel_q.numel() else None
-        dq, dk, dv = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent, sel_q.shape[-1],
+        # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
+        # standing for the group's query heads
+        earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
+        group = dims.heads_q // dims.heads_kv
+        if group > ENTRY_TILE:  # more heads than rows in a tile: one entry per query head
+            earlier, group = earlier.repeat_interleave(group, dim=1), 1
+        earlier = earlier.contiguous()
+        ent = entries(earlier, ctx.plan, dims.heads_q, dims.heads_kv, group) if earlier.numel() else None
+        dq, dk, dv = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent, earlier.shape[-1],
                                      ctx.block_size, ctx.scale)
         return (dq, dk, dv) + (None,) * 8
 

@@ -1,17 +1,18 @@
 """Block-sparse attention: every query attends causally to its own key block and fully to a list of
-earlier, complete key blocks of its sequence, in one softmax (the engine under MoBA and NSA's selected
-branch). Forward and backward in Triton, varlen, GQA, Tq < Tk, and a split-KV path for decoding.
+earlier, complete key blocks of its sequence, in one softmax (the engine under MoBA, and under the
+backward of NSA's selected branch). Forward and backward in Triton, varlen, GQA, Tq < Tk, and a split-KV
+path for decoding.
 
 Layout of the work. The own blocks form a block-diagonal causal problem that runs through
 :mod:`longattn.kernels.flash` (each key block is one varlen "sequence"). The selected earlier blocks are
 organised by key block: every (query, query head, slot) that selected block ``i`` is an *entry* (with a
 selection shared by a GQA group, as NSA's, an entry is a (query, KV head, slot) standing for the group's
-heads, so there are group-size times fewer to sort); entries
-are sorted by (global block, KV head) into segments, and each program takes a tile of up to ``BLOCK_M``
-entries of one segment (rows may mix the query heads of a GQA group, which share the block's K/V) and
-runs them against the block's keys. Tiles are found by a binary search over the per-segment tile counts,
-so launches need no host synchronisation. The pieces are merged by lse; the backward pass uses the final
-row lse and delta, so no per-piece buffer is kept for it.
+heads, so there are group-size times fewer to sort); entries are sorted by (global block, KV head) into
+segments, and each program takes a tile of up to ``BLOCK_M`` rows of one segment (rows may mix the query
+heads of a GQA group, which share the block's K/V) and runs them against the block's keys. Tiles are
+found by a binary search over the per-segment tile counts, so launches need no host synchronisation. The
+pieces are merged by lse; the backward pass uses the final row lse and delta, so no per-piece buffer is
+kept for it.
 """
 from __future__ import annotations
 

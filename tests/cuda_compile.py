@@ -120,7 +120,8 @@ def _nsa_cases():
         cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale",)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", OP="*fp32", LP="*fp32",
-                   LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32")
+                   LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
+                   DELTA="*fp32")
         dv = 128 if d == 192 else d
         shared = dict(DK=d, DV=dv, BLOCK_DK=256 if d == 192 else d, BLOCK_DV=dv, PRECISION="ieee" if dt == "fp32"
                       else "tf32")
@@ -134,8 +135,9 @@ def _nsa_cases():
                                ("_nsa_decode_score_split_kernel", dict({k: v for k, v in g.items() if "DV" not in k},
                                                                        **blocks, **select)),
                                ("_nsa_decode_finish_kernel", dict(g, **blocks, **attend, CAND_PAD=512)),
-                               ("_nsa_selected_fwd_kernel", dict(g, **blocks, SLC_TILE=64))):
-                cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2",)))
+                               ("_nsa_selected_fwd_kernel", dict(g, **blocks, SLC_TILE=64)),
+                               ("_nsa_selected_dq_kernel", dict(g, SLC_BLOCK=64, TOPK=16, SLC_TILE=64))):
+                cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale")))
     return cases
 
 

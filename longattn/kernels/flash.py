@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AttnDims, autotune_configs, resolve_seqlens, check_attention_inputs, check_positive_int, check_scale,
-                    empty, empty_like, is_interpreter, kernel_inputs, next_pow2)
+from .utils import (AttnDims, autotune_configs, check_attention_inputs, check_positive_int, check_scale, empty,
+                    empty_like, is_interpreter, kernel_inputs, next_pow2, resolve_seqlens)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -138,5 +138,5 @@ def merge_ref(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
     return out.to(outs[0].dtype), lse
 
 
-__all__ = ["sequence_slices", "join_sequences", "attention_mask_ref", "masked_attention_ref", "attention_ref", "block_mask_ref",
-           "block_sparse_attention_ref", "merge_ref"]
+__all__ = ["sequence_slices", "join_sequences", "attention_mask_ref", "masked_attention_ref", "attention_ref",
+           "block_mask_ref", "block_sparse_attention_ref", "merge_ref"]

@@ -411,36 +411,40 @@ class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ctx.ent, ctx.ksel,
-                                     ctx.block_size, ctx.scale)
+        dq, dk, dv, _, _ = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ctx.ent,
+                                           ctx.ksel, ctx.block_size, ctx.scale)
         return (dq, dk, dv) + (None,) * 5
 
 
 def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDims, ent: Optional[_Entries],
-                    ksel: int, block_size: int, scale: float):
-    """dq, dk, dv of block-sparse attention (own block causal + the entries' blocks, one softmax) from its
+                    ksel: int, block_size: int, scale: float, dq_by_entries: bool = True):
+    """Gradients of block-sparse attention (own block causal + the entries' blocks, one softmax) from its
     output and row lse: flash backward on the own blocks, then the selected blocks by key tile (dk, dv)
-    and by entry tile (dq). ``ent`` from :func:`entries` (None: no selected block)."""
+    and, with ``dq_by_entries``, by entry tile (dq; otherwise dq holds the own blocks' part only and the
+    caller adds the rest). ``ent`` from :func:`entries` (None: no selected block).
+    Returns dq, dk, dv and, for such a caller, the contiguous dout and the row delta."""
     if dout is None:
         dout = torch.zeros_like(out)
     dout = dout.to(out.dtype).contiguous()
     if dlse is not None:
         dlse = dlse.float().contiguous()
     if q.shape[0] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dout, None
     # One softmax over own block + selected blocks: every piece's gradient uses the final lse and delta.
     delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
     dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
-    if ent is not None:
-        tile_m, tile_n = _tiles()
-        bn = min(tile_n, block_size)
-        meta = _meta(dims, q.dtype)
-        _sparse_dkdv_kernel[(block_size // bn, ent.n_seg)](
-            q, k, v, dout, lse, delta, dk, dv, ent.entry, ent.seg_start, plan.block_row,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
-            BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
+    if ent is None:
+        return dq, dk, dv, dout, delta
+    tile_m, tile_n = _tiles()
+    bn = min(tile_n, block_size)
+    meta = _meta(dims, q.dtype)
+    _sparse_dkdv_kernel[(block_size // bn, ent.n_seg)](
+        q, k, v, dout, lse, delta, dk, dv, ent.entry, ent.seg_start, plan.block_row,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
+        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
+    if dq_by_entries:
         dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
         _sparse_dq_kernel[(ent.max_tiles,)](
             q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
@@ -449,7 +453,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
             KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
         dq = (dq.float() + dq32).to(dq.dtype)
-    return dq, dk, dv
+    return dq, dk, dv, dout, delta
 
 
 def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):

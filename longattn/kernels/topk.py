@@ -11,7 +11,8 @@ import triton.language as tl
 
 @triton.jit
 def topk_keys(score, idx, valid):
-    """Keys of float32 ``score`` with int32 ``idx`` (broadcast together); the int64 minimum (an absent entry) where not ``valid``."""
+    """Keys of float32 ``score`` with int32 ``idx`` (broadcast together); the int64 minimum (an absent entry)
+    where not ``valid``."""
     bits = score.to(tl.int32, bitcast=True)
     bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order == signed int order
     key = (bits.to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)

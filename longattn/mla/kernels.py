@@ -17,7 +17,8 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        stride_kvp, stride_kvt, stride_btb,
                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
                        H, S, tokens_per_split, qk_scale,
-                       RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, PAGE: tl.constexpr,
+                       RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
+                       PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        PRECISION: tl.constexpr):
     b = tl.program_id(0)

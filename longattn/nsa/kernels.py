@@ -237,6 +237,54 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
 
 
 @triton.jit
+def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                            stride_st, stride_sh, stride_dqt, stride_dqh, stride_lh, group, scale_log2, scale,
+                            DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            BLOCK_G: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                            TOPK: tl.constexpr, PRECISION: tl.constexpr):
+    """Selected branch, backward, dq from the selected blocks before the query's own one (the own block's part
+    is already in DQ, from flash's backward): query-major like the forward, so each (query, head) row is
+    owned by one program and updated once, without atomics. LSE / DELTA are the rows' natural-log lse and
+    delta, (Hq, total)."""
+    i = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(CU + b)
+    if i >= tl.load(CU + b + 1) - start:
+        return
+    start64 = start.to(tl.int64)
+    row = start64 + i
+    hk64 = hk.to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qt, stride_qh, row, hk, group, DK, BLOCK_DK, BLOCK_G)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    do = tl.load(DO + row * stride_dot + heads[:, None] * stride_doh + dv[None, :],
+                 mask=in_g[:, None] & (dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + heads * stride_lh + row, mask=in_g, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + heads * stride_lh + row, mask=in_g, other=0.0)
+    k_base = K + start64 * stride_kt + hk64 * stride_kh
+    v_base = V + start64 * stride_vt + hk64 * stride_vh
+    own = i // SLC_BLOCK
+    scols = tl.arange(0, SLC_TILE)
+    acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
+    for s in range(0, TOPK):
+        j = tl.load(SEL + row * stride_st + hk64 * stride_sh + s)
+        for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
+            if (j >= 0) & (j != own):  # an earlier block: every key precedes the query
+                pos = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
+                k = tl.load(k_base + pos[:, None] * stride_kt + dk[None, :], mask=dk[None, :] < DK, other=0.0)
+                vt = tl.load(v_base + pos[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
+                p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse2[:, None])
+                ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
+                acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq_ptr = DQ + row * stride_dqt + heads[:, None] * stride_dqh + dk[None, :]
+    mask = in_g[:, None] & (dk[None, :] < DK)
+    dq = tl.load(dq_ptr, mask=mask, other=0.0).to(tl.float32) + acc * scale
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                        stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,

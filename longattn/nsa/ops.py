@@ -14,7 +14,8 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
 from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms)
 from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
-                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_fwd_kernel)
+                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
+                      _nsa_selected_fwd_kernel)
 from .reference import NSAConfig
 
 
@@ -57,9 +58,18 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     return sel
 
 
+def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
+    group = dims.heads_q // dims.heads_kv
+    return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DK=max(16, next_pow2(dims.dim_qk)),
+                BLOCK_DV=max(16, next_pow2(dims.dim_v)), BLOCK_G=max(16, next_pow2(group)), SLC_BLOCK=block_size,
+                SLC_TILE=min(block_size, 32 if is_interpreter() else 64), TOPK=topk,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
 class _Selected(torch.autograd.Function):
-    """Selected branch: forward query-major (a GQA group's heads share each loaded block, output written
-    once), backward through the block-sparse engine's gradient kernels (organised by key block)."""
+    """Selected branch: forward and dq query-major (a GQA group's heads share each loaded block, each row is
+    written once), dk/dv through the block-sparse engine's kernels (organised by key block, entries standing
+    for the group)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sel, own, plan: BlockPlan, dims, cu, max_q: int, block_size: int, scale: float):
@@ -71,18 +81,15 @@ class _Selected(torch.autograd.Function):
             _nsa_selected_fwd_kernel[(max_q, hkv, cu.numel() - 1)](
                 q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
-                scale * LOG2E, DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DK=max(16, next_pow2(dims.dim_qk)),
-                BLOCK_DV=max(16, next_pow2(dims.dim_v)), BLOCK_G=max(16, next_pow2(group)),
-                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if is_interpreter() else 64),
-                TOPK=sel.shape[-1], TOPK_PAD=next_pow2(sel.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        ctx.save_for_backward(q, k, v, out, lse, sel, own)
-        ctx.plan, ctx.dims, ctx.block_size, ctx.scale = plan, dims, block_size, scale
+                scale * LOG2E, TOPK_PAD=next_pow2(sel.shape[-1]),
+                **_selected_meta(dims, block_size, sel.shape[-1], q.dtype))
+        ctx.save_for_backward(q, k, v, out, lse, sel, own, cu)
+        ctx.plan, ctx.dims, ctx.block_size, ctx.scale, ctx.max_q = plan, dims, block_size, scale, max_q
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sel, own = ctx.saved_tensors
+        q, k, v, out, lse, sel, own, cu = ctx.saved_tensors
         dims = ctx.dims
         # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
         # standing for the group's query heads
@@ -92,8 +99,14 @@ class _Selected(torch.autograd.Function):
             earlier, group = earlier.repeat_interleave(group, dim=1), 1
         earlier = earlier.contiguous()
         ent = entries(earlier, ctx.plan, dims.heads_q, dims.heads_kv, group) if earlier.numel() else None
-        dq, dk, dv = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent, earlier.shape[-1],
-                                     ctx.block_size, ctx.scale)
+        dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent,
+                                                  earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
+        if ent is not None:  # dq of the earlier blocks, query-major, added to the own blocks' part
+            _nsa_selected_dq_kernel[(ctx.max_q, dims.heads_kv, cu.numel() - 1)](
+                q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
+                dq.stride(1), lse.stride(0), dims.heads_q // dims.heads_kv, ctx.scale * LOG2E, ctx.scale,
+                **_selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype))
         return (dq, dk, dv) + (None,) * 8
 
 

@@ -140,8 +140,10 @@ class NativeSparseAttention(nn.Module):
         for b, n in enumerate(lens):
             have, need = store["n"][b], cfg.num_cmp_blocks(n)
             if need > have:
-                if need > store["k"].shape[1]:  # grow the capacity geometrically
-                    grow = lambda x: torch.cat([x, torch.zeros_like(x[:, :max(need, x.shape[1])])], 1)
+                cap = store["k"].shape[1]
+                if need > cap:  # grow the capacity geometrically (at least to what is needed)
+                    extra = max(need, 2 * cap) - cap
+                    grow = lambda x: torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1)
                     store["k"], store["v"] = grow(store["k"]), grow(store["v"])
                 kb, vb = k[b:b + 1, L - n:], v[b:b + 1, L - n:]
                 store["k"][b, have:need] = self.compress(kb, self.k_pos, self.k_compress, have, need)[0]

@@ -19,6 +19,9 @@ from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _
 from .reference import NSAConfig
 
 
+MAX_SPLITS = 64  # split-KV programs per (sequence, KV head) in nsa_decode
+
+
 def _mean_compress(x: torch.Tensor, lengths: list, config: NSAConfig) -> torch.Tensor:
     """Mean-pooling compressor over packed sequences: (total, H, D) -> (total_cmp, H, D), differentiable."""
     parts, start = [], 0
@@ -264,8 +267,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches,
             like transformers' with a padding mask); default 0.
         config, scale: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``).
-        num_splits: programs per (sequence, KV head) over the compressed blocks; default: 1 when the batch
-            fills the GPU or the context is short, else enough to fill it.
+        num_splits: programs per (sequence, KV head) over the compressed blocks, at most 64; default: 1 when
+            the batch fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
             -1 padded.
     Returns:
@@ -315,6 +318,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
 
     if num_splits is not None:
         check_positive_int(num_splits, "num_splits")
+        num_splits = min(num_splits, MAX_SPLITS)
 
     qk, kk, vk, kck, vck = kernel_inputs(q, k_cache, v_cache, k_cmp, v_cmp)
     gates = torch.stack([g_cmp, g_slc, g_swa]).float()
@@ -328,7 +332,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     if num_splits is None:
         programs = B * hkv
         num_splits = 1 if programs >= num_sms(q.device) or n_cmp < 4 * block_n else \
-            min(triton.cdiv(2 * num_sms(q.device), programs), triton.cdiv(n_cmp, block_n), 64)
+            min(triton.cdiv(2 * num_sms(q.device), programs), triton.cdiv(n_cmp, block_n), MAX_SPLITS)
     dims = dict(DK=dk, DV=dv, BLOCK_DK=max(16, next_pow2(dk)), BLOCK_DV=max(16, next_pow2(dv)),
                 BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))

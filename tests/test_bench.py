@@ -43,7 +43,8 @@ def _dry_run(monkeypatch, module):
 
     clock = itertools.count(1)
     fake = {"require_cuda": lambda: torch.device("cpu"), "time_ms": lambda fn, **kw: (fn(), float(next(clock)))[1],
-            "peak_memory_mb": lambda fn: 0.0, "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0},
+            "peak_memory_mb": lambda fn: (fn(), 0.0)[1],
+            "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0},
             "environment": lambda argv=None: {"device": "cpu (dry run)", "torch": torch.__version__, "triton": "-",
                                               "cuda": None, "date": "-", "command": "dry run"}}
     for name, fn in fake.items():
@@ -58,12 +59,12 @@ DRY_RUNS = {
              "--head-dim", "32", "--dtype", "float16", "--flex-max-seqlen", "0"],
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
             "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
-    "nsa": ["--seqlens", "160", "--tokens", "160", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
+    "nsa": ["--seqlens", "96", "--tokens", "96", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
             "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0"],
-    "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops", "flash,moba",
-               "--dtype", "float16"],
+    "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops",
+               "flash,moba,mla_prefill", "--dtype", "float16"],
 }
-EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd")],
+EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],

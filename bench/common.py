@@ -116,6 +116,55 @@ def roofline(row: dict, bytes_: float, flops: float, peaks: dict) -> dict:
     return row
 
 
+def flex_selection(sel, block: int, num_heads: int, *, tile: int = 128):
+    """flex_attention over per-(query, head) selected key blocks, causal, built from the selection itself.
+
+    sel: (B, T, H, k) integer block indices (-1 = unused), H dividing num_heads (query head h uses row
+    h // (num_heads // H)); block and the flex tile (128) must divide one another and tile must divide T. The
+    BlockMask comes straight from the selection (no T x T evaluation of a mask function, which dominates at 128k):
+    a (query tile, key tile) pair is full when every query of the tile selected every block overlapping the key tile
+    and the tile lies below the diagonal, partial (mask applied per token) when some query selected one of them,
+    skipped otherwise. Returns run(q, k, v) on (B, T, heads, D) tensors (its BlockMask as run.block_mask)."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    B, T, H, _ = sel.shape
+    if T % tile or (block % tile and tile % block):
+        raise ValueError(f"flex_selection: T={T} must be a multiple of {tile}, and block={block} a multiple or "
+                         f"divisor of it")
+    g, nb, nt = num_heads // H, -(-T // block), T // tile
+    s = sel.permute(0, 2, 1, 3).long()
+    chosen = torch.zeros(B, H, T, nb + 1, dtype=torch.bool, device=sel.device)
+    chosen.scatter_(3, torch.where(s < 0, torch.full_like(s, nb), s), True)
+    count = chosen.view(B, H, nt, tile, nb + 1).sum(3, dtype=torch.int32)[..., :nb]  # queries of a tile per block
+    if block >= tile:
+        count = count.repeat_interleave(block // tile, dim=-1)[..., :nt]
+        some, every = count > 0, count == tile
+    else:
+        count = count.view(B, H, nt, nt, tile // block)
+        some, every = (count > 0).any(-1), (count == tile).all(-1)
+    pos = torch.arange(nt, device=sel.device)
+    full = every & (pos[None, :] < pos[:, None])
+    partial = some & (pos[None, :] <= pos[:, None]) & ~full
+
+    def pack(m):
+        m = m.repeat_interleave(g, dim=1)
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
+        return m.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & chosen[b, h // g, q_idx, kv_idx // block]
+
+    block_mask = BlockMask.from_kv_blocks(*pack(partial), *pack(full), BLOCK_SIZE=tile, mask_mod=mask_mod)
+    fn = torch.compile(flex_attention) if sel.is_cuda else flex_attention
+
+    def run(q, k, v):
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                  enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    run.block_mask = block_mask
+    return run
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float:
     import torch
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: the whole test suite (bf16 included on CUDA), then every benchmark.
-# Logs and results go to one folder, packed into one archive so that it fits the device tool's return
-# limits:  bash bench/gpu_suite.sh [out_dir]   (default: $OUT if set, else bench/results/run)
+# Logs and results go to one folder, packed into one archive:  bash bench/gpu_suite.sh [out_dir]
+# (default bench/results/run). When $OUT is set (a device call), the run happens in /tmp and only the archive
+# and the three logs are copied to $OUT, which takes back few files.
 # PYTEST_SECONDS / BENCH_SECONDS bound each half (defaults 200 / 360, inside one 10-minute device call);
 # BENCH_OPS lists the benchmarks, each run with the time the previous ones left (default
 # "flash moba nsa mla memory"; options allowed per entry, entries separated by ";", e.g.
@@ -9,7 +10,8 @@
 # are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-bench/results/run}}
+out=${1:-bench/results/run}
+[ -z "${1:-}" ] && [ -n "${OUT:-}" ] && out=/tmp/gpu_run
 mkdir -p "$out/results"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -21,7 +23,13 @@ fi
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
 } > "$out/environment.txt" 2>&1
-timeout "${PYTEST_SECONDS:-200}" python3 -m pytest -q -x -m "gpu or not gpu" -p no:cacheprovider tests > "$out/pytest.log" 2>&1
+# several workers when pytest-xdist is there (kernel compilation is CPU-bound), a per-test limit when
+# pytest-timeout is there (one hung test must not eat the benchmarks' time)
+opts=()
+python3 -c "import xdist" 2>/dev/null && opts+=(-n "${PYTEST_WORKERS:-8}")
+python3 -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
+timeout "${PYTEST_SECONDS:-200}" python3 -m pytest -q -rfE "${opts[@]}" -m "gpu or not gpu" -p no:cacheprovider tests \
+  > "$out/pytest.log" 2>&1
 echo "pytest exit $?" >> "$out/pytest.log"
 tail -5 "$out/pytest.log"
 end=$(( $(date +%s) + ${BENCH_SECONDS:-360} ))
@@ -36,3 +44,6 @@ for op in "${ops[@]}"; do
 done
 tail -40 "$out/bench.log"
 tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "archive: $out.tgz"
+if [ -z "${1:-}" ] && [ -n "${OUT:-}" ]; then
+  cp "$out.tgz" "$out/pytest.log" "$out/bench.log" "$out/environment.txt" "$OUT/"
+fi

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms, write_results)
+                     time_ms, flex_selection, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_flex", "%roof", "peak_MB"]
@@ -19,8 +19,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--flex-max-seqlen", type=int, default=32768,
-                   help="skip flex_attention above this T (building its BlockMask dominates the run)")
+    p.add_argument("--flex-max-seqlen", type=int, default=131072,
+                   help="skip flex_attention above this T")
     p.add_argument("--out", default=None)
 
 
@@ -33,29 +33,6 @@ def _attended_pairs(sel, T, bs):
     own = pos // bs
     earlier = ((sel >= 0) & (sel != own[None, :, None, None])).sum(-1)  # (B, T, H)
     return int((earlier * bs).sum() + ((pos - own * bs + 1)[None, :, None] * torch.ones_like(earlier)).sum())
-
-
-def _flex(q, k, v, sel, bs):
-    """flex_attention with the same per-(query, head) block selection as a mask_mod."""
-    import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    B, T, H, _ = q.shape
-    nb = -(-T // bs)
-    chosen = torch.zeros(B, H, T, nb + 1, dtype=torch.bool, device=q.device)
-    chosen.scatter_(3, sel.permute(0, 2, 1, 3).clamp(min=-1).masked_fill(sel.permute(0, 2, 1, 3) < 0, nb), True)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & chosen[b, h, q_idx, kv_idx // bs]
-
-    block_mask = create_block_mask(mask_mod, B, H, T, T, device=q.device, _compile=True)
-    fn = torch.compile(flex_attention)
-    hq, hkv = q.shape[2], k.shape[2]
-
-    def run(q, k, v):
-        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                  enable_gqa=hq != hkv).transpose(1, 2)
-    return run
 
 
 def run(args, argv=None) -> list[dict]:
@@ -94,7 +71,7 @@ def run(args, argv=None) -> list[dict]:
                      "sdpa_flash": sdpa}
             if T <= args.flex_max_seqlen:
                 try:
-                    impls["flex"] = _flex(q.detach(), k.detach(), v.detach(), sel, bs)
+                    impls["flex"] = flex_selection(sel, bs, hq)
                 except Exception as e:
                     print(f"  flex T={T} bs={bs}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             del sel

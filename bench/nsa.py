@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms, write_results)
+                     time_ms, flex_selection, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
            "x_kv_major", "%roof", "peak_MB"]
@@ -24,8 +24,8 @@ def add_args(p: argparse.ArgumentParser):
                         "fwd+bwd, vs the block-sparse engine and flex), "
                         "decode (one token per sequence against a cache of T tokens)")
     p.add_argument("--decode-batches", default="1,32", help="batch sizes of the decode rows")
-    p.add_argument("--flex-max-seqlen", type=int, default=32768,
-                   help="skip flex_attention above this T (building its BlockMask dominates the run)")
+    p.add_argument("--flex-max-seqlen", type=int, default=131072,
+                   help="skip flex_attention above this T")
     p.add_argument("--out", default=None)
 
 
@@ -66,31 +66,6 @@ def _fla(cfg, hq, hkv):
             o = o + gw.unsqueeze(-1) * flash_attention(q, k, v, window=cfg.window)
         return o
     return run, "fla" if has_fa else "fla+longattn_swa"
-
-
-def _flex_selected(q, k, v, sel, block):
-    """flex_attention over each query's selected blocks (own block causal), the mask held per KV head."""
-    import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    B, T, hkv, _ = sel.shape
-    hq = q.shape[2]
-    g = hq // hkv
-    nb = -(-T // block)
-    chosen = torch.zeros(B, hkv, T, nb + 1, dtype=torch.bool, device=q.device)
-    s = sel.permute(0, 2, 1, 3).long()
-    chosen.scatter_(3, torch.where(s < 0, torch.full_like(s, nb), s), True)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & chosen[b, h // g, q_idx, kv_idx // block]
-
-    block_mask = create_block_mask(mask_mod, B, hq, T, T, device=q.device, _compile=True)
-    fn = torch.compile(flex_attention)
-
-    def run(q, k, v):
-        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                  enable_gqa=True).transpose(1, 2)
-    return run
 
 
 def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dtype, memory=True):
@@ -168,7 +143,7 @@ def run(args, argv=None) -> list[dict]:
                                                                                block_size=cfg.slc_block)}
             if T <= args.flex_max_seqlen:
                 try:
-                    slc["flex"] = _flex_selected(q.detach(), k.detach(), v.detach(), sel, cfg.slc_block)
+                    slc["flex"] = flex_selection(sel, cfg.slc_block, hq)
                 except Exception as e:
                     print(f"  flex T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             for name, fn in slc.items():

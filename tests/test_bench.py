@@ -1,4 +1,6 @@
 """Benchmark helpers that run without a GPU: pair counting (the TFLOP/s denominators) and the CUDA guard."""
+import warnings
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def _dry_run(monkeypatch, module):
 DRY_RUNS = {
     "flash": ["--seqlens", "128", "--tokens", "128", "--heads", "2", "--head-dim", "32", "--dtype", "float16"],
     "moba": ["--seqlens", "256", "--configs", "64:2", "--tokens", "256", "--heads", "2", "--kv-heads", "1",
-             "--head-dim", "32", "--dtype", "float16", "--flex-max-seqlen", "0"],
+             "--head-dim", "32", "--dtype", "float16"],
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
             "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
     "nsa": ["--seqlens", "96", "--tokens", "96", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
@@ -66,7 +68,7 @@ DRY_RUNS = {
 }
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
-                 "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],
+                 "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],  # flex: no CPU backward, skipped
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")] + [("longattn_kv_major", "slc_fwd")]}
@@ -89,3 +91,39 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
         assert want in got, f"missing row {want}: {sorted(got)}"
     assert (tmp_path / f"{op}.md").exists() and (tmp_path / f"{op}.json").exists()
     assert all(r["%roof"] > 0 for r in rows if "%roof" in r)
+
+
+@pytest.mark.parametrize("block,topk,hq,hkv,shared", [(256, 2, 4, 2, False), (64, 3, 2, 1, True),
+                                                      (128, 4, 2, 2, False)])
+def test_flex_selection_mask(block, topk, hq, hkv, shared):
+    """The flex peer's BlockMask, built from the selection (per query head, or shared by a GQA group): every
+    attended pair lies in a listed tile, every full tile is attended throughout, and flex_attention (eager)
+    equals the reference on the same selection."""
+    from bench.common import flex_selection
+    from longattn.moba.reference import moba_attention_ref
+
+    T, tile = 512, 128
+    q, k, v = torch.randn(1, T, hq, 32), torch.randn(1, T, hkv, 32), torch.randn(1, T, hkv, 32)
+    sel = moba_block_selection(q, k, block_size=block, topk=topk)
+    if shared:  # one list per KV head, as NSA's selected branch
+        sel = sel[:, :, ::hq // hkv]
+    run = flex_selection(sel, block, hq)
+    per_head = sel.repeat_interleave(hq // sel.shape[2], dim=2)
+    bm, nt = run.block_mask, T // tile
+    mask = moba_mask_ref(per_head[0], T, T, block)
+    for h in range(hq):
+        tiles = mask[h].view(nt, tile, nt, tile).permute(0, 2, 1, 3)
+        for qt in range(nt):
+            listed = set(bm.kv_indices[0, h, qt, :int(bm.kv_num_blocks[0, h, qt])].tolist())
+            full = set(bm.full_kv_indices[0, h, qt, :int(bm.full_kv_num_blocks[0, h, qt])].tolist())
+            assert not listed & full
+            for kt in range(nt):
+                assert kt in listed | full or not tiles[qt, kt].any(), (h, qt, kt)
+                assert kt not in full or tiles[qt, kt].all(), (h, qt, kt)
+    if topk * block >= T:  # every block selected: all tiles below the diagonal are full
+        assert int(bm.full_kv_num_blocks.sum()) == hq * nt * (nt - 1) // 2
+    with warnings.catch_warnings():  # eager flex_attention (unfused) on the CPU
+        warnings.simplefilter("ignore", UserWarning)
+        out = run(q, k, v)
+    want = moba_attention_ref(q, k, v, block_size=block, topk=topk, selection=per_head)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

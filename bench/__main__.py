@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flash, memory, mla, moba, nsa
+from . import flash, memory, mla, moba, nsa, profile
 from .common import NoCudaError
 
-SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory}
+SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory, "profile": profile}
 
 
 def main(argv=None) -> int:

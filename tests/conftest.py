@@ -51,6 +51,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With LONGATTN_TEST_LOG=path, every test's outcome and duration, and each failure's traceback, are
+    appended to that file as they come (a run cut short by a time limit still leaves them). Written by the
+    xdist controller only (workers forward their reports to it)."""
+    path = os.environ.get("LONGATTN_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER") or (report.when != "call" and not report.failed):
+        return
+    with open(path, "a") as f:
+        f.write(f"{report.outcome:8s} {report.duration:7.2f}s {report.nodeid} ({report.when})\n")
+        if report.failed:
+            f.write(report.longreprtext[-6000:] + "\n\n")
+
+
 def pytest_generate_tests(metafunc):
     if "dtype" in metafunc.fixturenames and not any(
             m.name == "parametrize" and "dtype" in m.args[0] for m in metafunc.definition.iter_markers()):

@@ -20,23 +20,23 @@ def _config(arch="llama", **extra):
     return cfg
 
 
-def _pair(cfg, impl):
-    """The same random weights under sdpa and under ``impl``."""
+def _pair(cfg, impl, device):
+    """The same random weights under sdpa and under ``impl``, on ``device``."""
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
     ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
     ours.load_state_dict(ref.state_dict())
     assert ours.config._attn_implementation == impl
-    return ref, ours
+    return ref.to(device), ours.to(device)
 
 
 @pytest.mark.parametrize("arch,impl", [("llama", "moba"), ("qwen2", "moba"), ("llama", "longattn"),
                                        ("qwen2", "longattn")])
-def test_logits_match_sdpa(arch, impl):
+def test_logits_match_sdpa(arch, impl, device):
     """MoBA with topk >= blocks is exact causal attention: logits equal sdpa's, with and without padding."""
-    ref, ours = _pair(_config(arch, moba_block_size=16, moba_topk=64), impl)
-    ids = torch.randint(0, 128, (2, 70))
-    mask = torch.ones(2, 70, dtype=torch.long)
+    ref, ours = _pair(_config(arch, moba_block_size=16, moba_topk=64), impl, device)
+    ids = torch.randint(0, 128, (2, 70)).to(device)
+    mask = torch.ones_like(ids)
     mask[1, :13] = 0  # left padding
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
@@ -54,20 +54,20 @@ def _greedy_recompute(model, ids, n):
     return ids
 
 
-def test_moba_generate_with_cache_equals_recompute():
+def test_moba_generate_with_cache_equals_recompute(device):
     """Sparse MoBA (topk 2 of up to 4 blocks): cached decoding gives the tokens of a full recompute."""
-    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba")
-    ids = torch.randint(0, 128, (1, 41))
+    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+    ids = torch.randint(0, 128, (1, 41)).to(device)
     with torch.no_grad():
         gen = ours.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
     assert torch.equal(gen, _greedy_recompute(ours, ids, 10))
 
 
-def test_moba_batched_left_padded_generate_equals_single():
-    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba")
-    a = torch.randint(1, 128, (1, 37))  # 0 is the pad token
-    b = torch.randint(1, 128, (1, 20))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 17, dtype=torch.long), b], 1)])
+def test_moba_batched_left_padded_generate_equals_single(device):
+    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+    a = torch.randint(1, 128, (1, 37)).to(device)  # 0 is the pad token
+    b = torch.randint(1, 128, (1, 20)).to(device)
+    batch = torch.cat([a, torch.cat([torch.zeros_like(b[:, :17]), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :17] = 0
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -79,22 +79,22 @@ def test_moba_batched_left_padded_generate_equals_single():
     assert torch.equal(both[1, 37:], one_b[0, 20:])
 
 
-def test_packed_sequences_equal_separate():
+def test_packed_sequences_equal_separate(device):
     """One row of packed sequences (position_ids restart at 0) runs each sequence on its own."""
-    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba")
+    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
     lens = [30, 45]
-    seqs = [torch.randint(0, 128, (1, n)) for n in lens]
+    seqs = [torch.randint(0, 128, (1, n)).to(device) for n in lens]
     packed = torch.cat(seqs, 1)
-    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None].to(device)
     with torch.no_grad():
         logits = ours(packed, position_ids=pos).logits
         sep = torch.cat([ours(s).logits for s in seqs], 1)
     torch.testing.assert_close(logits, sep, atol=1e-4, rtol=1e-4)
 
 
-def test_mask_with_holes_is_rejected():
-    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba")
-    ids = torch.randint(0, 128, (1, 20))
+def test_mask_with_holes_is_rejected(device):
+    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+    ids = torch.randint(0, 128, (1, 20)).to(device)
     mask = torch.ones_like(ids)
     mask[0, 5] = 0
     with pytest.raises(ValueError, match="contiguous run of real tokens"):
@@ -102,19 +102,19 @@ def test_mask_with_holes_is_rejected():
             ours(ids, attention_mask=mask)
 
 
-def _deepseek():
+def _deepseek(device):
     cfg = tiny_deepseek_v3_config()
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
     ours = copy.deepcopy(ref)
     longattn.hf.swap_attention(ours, "mla", page_size=16)
-    return ref, ours
+    return ref.to(device), ours.to(device)
 
 
-def test_mla_swap_logits_match_deepseek_v3():
-    ref, ours = _deepseek()
+def test_mla_swap_logits_match_deepseek_v3(device):
+    ref, ours = _deepseek(device)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
-    ids = torch.randint(0, 128, (2, 40))
+    ids = torch.randint(0, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     with torch.no_grad():
@@ -124,14 +124,14 @@ def test_mla_swap_logits_match_deepseek_v3():
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch):
+def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
     import longattn.mla.module as mla_module
 
-    ref, ours = _deepseek()
+    ref, ours = _deepseek(device)
     calls = []
     real = mla_module.mla_decode
     monkeypatch.setattr(mla_module, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ids = torch.randint(1, 128, (2, 40))  # 0 is the pad token
+    ids = torch.randint(1, 128, (2, 40)).to(device)  # 0 is the pad token
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
@@ -146,7 +146,7 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch):
 
 
 def test_swap_attention_errors():
-    _, llama = _pair(_config(), "sdpa")
+    _, llama = _pair(_config(), "sdpa", "cpu")
     with pytest.raises(ValueError, match="kind must be one of"):
         longattn.hf.swap_attention(llama, "dense")
     with pytest.raises(ValueError, match="kind 'mla' supports model types"):

@@ -13,18 +13,18 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2C
 NSA = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
 
 
-def _model(arch="llama"):
+def _model(device, arch="llama"):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024)
     cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    return longattn.hf.swap_attention(model, "nsa", config=NSA)
+    return longattn.hf.swap_attention(model.to(device), "nsa", config=NSA)
 
 
-def test_decode_steps_equal_full_forward():
-    model = _model("llama")
-    ids = torch.randint(0, 128, (2, 60))
+def test_decode_steps_equal_full_forward(device):
+    model = _model(device, "llama")
+    ids = torch.randint(0, 128, (2, 60)).to(device)
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
@@ -38,9 +38,9 @@ def test_decode_steps_equal_full_forward():
     assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 
 
-def test_generate_equals_recompute():
-    model = _model("qwen2")  # the Llama model is covered by the step-by-step test above
-    ids = torch.randint(0, 128, (1, 40))
+def test_generate_equals_recompute(device):
+    model = _model(device, "qwen2")  # the Llama model is covered by the step-by-step test above
+    ids = torch.randint(0, 128, (1, 40)).to(device)
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         # greedy recompute without a cache: the model is causal, so one forward over the generated sequence
@@ -49,18 +49,18 @@ def test_generate_equals_recompute():
     assert torch.equal(gen[:, 40:], recompute)
 
 
-def test_training_gradients_match_reference(monkeypatch):
+def test_training_gradients_match_reference(monkeypatch, device):
     """Every parameter's gradient (projections, compressors, position embeddings, gates) through the Triton
     op equals the one through the PyTorch reference."""
     import longattn.nsa.module as nsa_module
 
-    model = _model().train()
+    model = _model(device).train()
     for m in model.modules():  # move the new parameters off their initial values
         if isinstance(m, nsa_module.NativeSparseAttention):
             with torch.no_grad():
                 for p in (m.k_pos, m.v_pos, m.gate.weight, m.gate.bias):
                     p.add_(0.1 * torch.randn_like(p))
-    ids = torch.randint(0, 128, (2, 50))
+    ids = torch.randint(0, 128, (2, 50)).to(device)
 
     def grads():
         model.zero_grad()
@@ -92,10 +92,10 @@ def test_swap_nsa_errors():
         swapped(ids, attention_mask=mask)
 
 
-def test_left_padded_batch_generate_equals_single():
-    model = _model()
-    a, b = torch.randint(1, 128, (1, 37)), torch.randint(1, 128, (1, 20))  # 0 is the pad token
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 17, dtype=torch.long), b], 1)])
+def test_left_padded_batch_generate_equals_single(device):
+    model = _model(device)
+    a, b = torch.randint(1, 128, (1, 37)).to(device), torch.randint(1, 128, (1, 20)).to(device)  # 0: pad token
+    batch = torch.cat([a, torch.cat([torch.zeros_like(b[:, :17]), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :17] = 0
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -12,35 +12,35 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
 
-def _model(arch="llama", kind="moba", **opts):
+def _model(device, arch="llama", kind="moba", **opts):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024)
     cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
-    return longattn.hf.swap_attention(model, kind, **opts)
+    return longattn.hf.swap_attention(model.to(device), kind, **opts)
 
 
 @pytest.mark.parametrize("arch,kind,opts", [("llama", "moba", dict(block_size=16, topk=2)), ("qwen2", "flash", {})],
                          ids=["llama-moba", "qwen2-flash"])
-def test_packed_rollout_equals_per_prompt_generate(arch, kind, opts):
-    model = _model(arch, kind, **opts)
-    prompts = [torch.randint(0, 128, (n,)) for n in (37, 5, 20)]
+def test_packed_rollout_equals_per_prompt_generate(arch, kind, opts, device):
+    model = _model(device, arch, kind, **opts)
+    prompts = [torch.randint(0, 128, (n,)) for n in (37, 5, 20)]  # on the CPU: moved to the model
     res = rollout.generate(model, prompts, 6, stop_at_eos=False)
     assert res.prefill_packed
     for p, comp, lps in zip(prompts, res.completions, res.logprobs):
         with torch.no_grad():
-            g = model.generate(p[None], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            g = model.generate(p[None].to(device), max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert comp == g[0, p.numel():].tolist()
         # log-probs equal a full recompute of the whole sequence
         with torch.no_grad():
             logits = model(g, use_cache=False).logits[0, p.numel() - 1:-1]
         want = torch.log_softmax(logits.float(), -1).gather(1, g[0, p.numel():, None]).squeeze(1)
-        torch.testing.assert_close(torch.tensor(lps), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(lps, device=device), want, atol=1e-4, rtol=1e-4)
 
 
-def test_padded_rollout_and_eos():
-    model = _model("llama", "moba", block_size=16, topk=2)
+def test_padded_rollout_and_eos(device):
+    model = _model(device, "llama", "moba", block_size=16, topk=2)
     prompts = [torch.randint(0, 128, (n,)) for n in (12, 30)]
     packed = rollout.generate(model, prompts, 5, packed=True, stop_at_eos=False)
     padded = rollout.generate(model, prompts, 5, packed=False, stop_at_eos=False)
@@ -50,15 +50,15 @@ def test_padded_rollout_and_eos():
     assert stopped.completions[0] == packed.completions[0][:packed.completions[0].index(eos) + 1]
 
 
-def test_packed_training_backward_equals_unpacked():
-    model = _model("llama", "moba", block_size=16, topk=2).train()
-    seqs = [torch.randint(0, 128, (n,)) for n in (40, 23)]
+def test_packed_training_backward_equals_unpacked(device):
+    model = _model(device, "llama", "moba", block_size=16, topk=2).train()
+    seqs = [torch.randint(0, 128, (n,)).to(device) for n in (40, 23)]
 
     def loss_of(logits, ids):
         return torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")
 
     packed = torch.cat(seqs)[None]
-    pos = torch.cat([torch.arange(s.numel()) for s in seqs])[None]
+    pos = torch.cat([torch.arange(s.numel(), device=device) for s in seqs])[None]
     logits = model(packed, position_ids=pos).logits[0]
     start, loss = 0, 0.0
     for s in seqs:
@@ -75,22 +75,22 @@ def test_packed_training_backward_equals_unpacked():
         torch.testing.assert_close(g_packed[n], p.grad, atol=1e-4, rtol=1e-3)
 
 
-def test_rollout_with_mla_model():
+def test_rollout_with_mla_model(device):
     cfg = tiny_deepseek_v3_config()
     torch.manual_seed(0)
-    model = longattn.hf.swap_attention(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval(),
-                                       "mla", page_size=16)
+    base = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(device)
+    model = longattn.hf.swap_attention(base, "mla", page_size=16)
     prompts = [torch.randint(0, 128, (n,)) for n in (25, 9)]
     res = rollout.generate(model, prompts, 4, stop_at_eos=False)
     assert not res.prefill_packed
     for p, comp in zip(prompts, res.completions):
         with torch.no_grad():
-            g = model.generate(p[None], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            g = model.generate(p[None].to(device), max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert comp == g[0, p.numel():].tolist()
 
 
 def test_rollout_bad_arguments():
-    model = _model()
+    model = _model("cpu")
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         rollout.generate(model, [[1, 2]], 0)
     with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):

@@ -21,8 +21,8 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    hb = tl.program_id(1)
+    hb = tl.program_id(0)  # head groups of one (sequence, split) run side by side: they share the cache in L2
+    b = tl.program_id(1)
     split = tl.program_id(2)
     b64 = b.to(tl.int64)
     M: tl.constexpr = BLOCK_H * S_PAD

@@ -106,7 +106,6 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
-    lens = cache_seqlens.tolist()
     if block_table is not None:
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
                 or block_table.shape[0] != B:
@@ -120,18 +119,23 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             raise ValueError(f"a contiguous kv_cache must be (B={B}, max_len, R + Dr), got {tuple(kv_cache.shape)}")
         page = 16
         capacity = kv_cache.shape[1]
+    # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
+    # the device and read back together (one host synchronisation, no per-sequence work on the host)
+    if block_table is not None:
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page < cache_seqlens[:, None]
+        outside = (used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))).any(1)
+        host = torch.cat([cache_seqlens, outside.to(torch.int32)]).tolist()
+    else:
+        host = cache_seqlens.tolist() + [0] * B
+    lens, outside = host[:B], host[B:]
     for b, n in enumerate(lens):
         if n < S or n > capacity:
             raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
                              f"token(s) and at most the cache capacity {capacity}")
-    if block_table is not None:
-        used = [-(-n // page) for n in lens]
-        bt = block_table.cpu()
-        for b, u in enumerate(used):
-            row = bt[b, :u]
-            if u and (int(row.min()) < 0 or int(row.max()) >= kv_cache.shape[0]):
-                raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
-                                 f"[0, {kv_cache.shape[0]}), got {row.tolist()}")
+        if outside[b]:
+            u = -(-n // page)
+            raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
+                             f"[0, {kv_cache.shape[0]}), got {block_table[b, :u].tolist()}")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must be contiguous in its last dimension")
     ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
@@ -148,7 +152,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
     bt_arg = block_table if block_table is not None else cache_seqlens
-    _mla_decode_kernel[(B, triton.cdiv(H, block_h), n_split)](
+    _mla_decode_kernel[(triton.cdiv(H, block_h), B, n_split)](
         ql, qr, kv, bt_arg, cache_seqlens, outs, lses,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,

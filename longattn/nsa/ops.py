@@ -2,6 +2,7 @@
 end) and ``nsa_decode`` (one token per sequence against a KV cache)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -48,7 +49,7 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     hq, d = q.shape[1], q.shape[2]
     top = config.slc_topk
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
-    weights = config.score_weights().to(device=q.device, dtype=torch.float32)
+    weights = _score_weights(config, q.device)
     sel = empty(q.shape[0], heads_kv, top, device=q.device, dtype=torch.int32)
     bm = 32 if is_interpreter() else 64
     _nsa_select_kernel[(triton.cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
@@ -235,6 +236,12 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     return (out, sel) if return_selection else out
 
 
+@functools.lru_cache(maxsize=16)
+def _score_weights(config: NSAConfig, device: torch.device) -> torch.Tensor:
+    """Eq. 9's weights on the device, built once per (config, device) rather than copied at every call."""
+    return config.score_weights().to(device=device, dtype=torch.float32)
+
+
 def _check_lengths(t: Optional[torch.Tensor], name: str, batch: int) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,):
         raise TypeError(f"{name} must be an int32 tensor of shape ({batch},)")
@@ -306,9 +313,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     if cache_offsets is None:
         cache_offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
     _check_lengths(cache_offsets, "cache_offsets", B)
-    lens = cache_seqlens.tolist()
+    host = torch.cat([cache_seqlens, cache_offsets]).tolist()  # the one host synchronisation
+    lens, offsets = host[:B], host[B:]
     max_len = max(lens)
-    for b, (n, o) in enumerate(zip(lens, cache_offsets.tolist())):
+    for b, (n, o) in enumerate(zip(lens, offsets)):
         if n < 1 or o < 0 or o + n > L:
             raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
                              f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {L}), got offset {o}, seqlen {n}")
@@ -322,7 +330,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
 
     qk, kk, vk, kck, vck = kernel_inputs(q, k_cache, v_cache, k_cmp, v_cmp)
     gates = torch.stack([g_cmp, g_slc, g_swa]).float()
-    weights = config.score_weights().to(device=q.device, dtype=torch.float32)
+    weights = _score_weights(config, q.device)
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
     group = hq // hkv

@@ -116,7 +116,7 @@ def roofline(row: dict, bytes_: float, flops: float, peaks: dict) -> dict:
     return row
 
 
-def flex_selection(sel, block: int, num_heads: int, *, tile: int = 128):
+def flex_selection(sel, block: int, num_heads: int, *, tile: int = 128, compile: Optional[bool] = None):
     """flex_attention over per-(query, head) selected key blocks, causal, built from the selection itself.
 
     sel: (B, T, H, k) integer block indices (-1 = unused), H dividing num_heads (query head h uses row
@@ -124,7 +124,8 @@ def flex_selection(sel, block: int, num_heads: int, *, tile: int = 128):
     BlockMask comes straight from the selection (no T x T evaluation of a mask function, which dominates at 128k):
     a (query tile, key tile) pair is full when every query of the tile selected every block overlapping the key tile
     and the tile lies below the diagonal, partial (mask applied per token) when some query selected one of them,
-    skipped otherwise. Returns run(q, k, v) on (B, T, heads, D) tensors (its BlockMask as run.block_mask)."""
+    skipped otherwise. Returns run(q, k, v) on (B, T, heads, D) tensors (its BlockMask as run.block_mask),
+    through torch.compile'd flex_attention (the fused kernel; default on CUDA) or eager (``compile=False``)."""
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -156,7 +157,7 @@ def flex_selection(sel, block: int, num_heads: int, *, tile: int = 128):
         return (kv_idx <= q_idx) & chosen[b, h // g, q_idx, kv_idx // block]
 
     block_mask = BlockMask.from_kv_blocks(*pack(partial), *pack(full), BLOCK_SIZE=tile, mask_mod=mask_mod)
-    fn = torch.compile(flex_attention) if sel.is_cuda else flex_attention
+    fn = torch.compile(flex_attention) if (sel.is_cuda if compile is None else compile) else flex_attention
 
     def run(q, k, v):
         return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,

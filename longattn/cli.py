@@ -90,7 +90,7 @@ def _demo(args) -> int:
                      f"{same}/{len(prompts)}", exact))
         tol = 5e-2 if dtype == torch.bfloat16 else 1e-3
         # in bfloat16 a near-tie between two logits may pick another greedy token (a rounding difference,
-        # not an error): the tokens must then agree only where the logits are checked, in float32
+        # not an error): there the logits are checked, and the tokens only in float32
         if exact and not (diff <= tol and (same == len(prompts) or dtype == torch.bfloat16)):
             failed.append(label)
         del model

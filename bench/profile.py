@@ -41,7 +41,6 @@ def _cases(args, dev, dtype):
     dk, dv = parse_ints(args.nsa_dims)
     T = parse_ints(args.seqlen)[0]
     cfg = NSAConfig()
-    cases = {}
 
     def nsa_inputs():
         q, k, v = mk(1, T, hq, dk, grad=True), mk(1, T, hkv, dk, grad=True), mk(1, T, hkv, dv, grad=True)

@@ -2,12 +2,16 @@
 
 The interpreter that runs the CPU tests never lowers a kernel to GPU code, so errors that only the
 compiler sees (types, layouts, shared-memory use) would otherwise wait for a GPU. Run as a script
-(`python tests/cuda_compile.py [name-filter]`); it must not run with TRITON_INTERPRET=1.
+(`python tests/cuda_compile.py [name-filter] [--resources]`; ``--resources`` adds each kernel's shared memory,
+registers and spills); it must not run with TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -115,9 +119,10 @@ def _nsa_cases():
     for dt, d in (("bf16", 192), ("fp32", 64)):
         ptr = {"Q": f"*{dt}", "KC": f"*{dt}", "LSE": "*fp32", "W": "*fp32", "SEL": "*i32", "CU_Q": "*i32",
                "CU_C": "*i32"}
-        meta = dict(D=d, BLOCK_D=256 if d == 192 else d, CMP_STRIDE=16, CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
+        meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
+                    CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
                     TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64)
-        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale",)))
+        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
@@ -141,10 +146,29 @@ def _nsa_cases():
     return cases
 
 
+def resources(kernel) -> str:
+    """Registers per thread and spilled bytes of a compiled kernel (ptxas -v on its PTX): a GPU-free hint of
+    whether a tile configuration fits the register file."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    newest = [os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")]  # the one triton uses for sm_90
+    ptxas = next(p for p in newest + ["ptxas"] if p == "ptxas" or os.path.exists(p))
+    arch = kernel.metadata.target.arch
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True)
+    regs = re.findall(r"Used (\d+) registers", proc.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+    return f"regs {regs[-1] if regs else '?'} spill {spills[-1] if spills else '?'}"
+
+
 CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 
 
 def main(argv) -> int:
+    show = "--resources" in argv  # also print registers and spills per kernel
+    argv = [a for a in argv if a != "--resources"]
     pattern = argv[1] if len(argv) > 1 else ""
     failures = 0
     for build in CASE_BUILDERS:
@@ -153,12 +177,15 @@ def main(argv) -> int:
                 continue
             t = time.time()
             try:
-                k = compile_kernel(kern, ptr, meta, floats, num_warps=8 if "mla" in name else 4)
+                wide = "mla" in name or "_nsa_select" in name  # launched with 8 warps
+                k = compile_kernel(kern, ptr, meta, floats, num_warps=8 if wide else 4)
                 smem = k.metadata.shared
                 status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
+                if show and status == "ok":
+                    status = f"ok  smem {smem}  {resources(k)}"
             except Exception as e:  # report every failure, not only the first
                 status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            failures += status != "ok"
+            failures += not status.startswith("ok")
             print(f"{name:60s} {time.time() - t:5.1f}s {status}", flush=True)
     return 1 if failures else 0
 

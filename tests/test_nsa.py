@@ -86,6 +86,24 @@ def test_nsa_degenerate_branches_equal_dense(device):
     torch.testing.assert_close(nsa_attention(q, k, v, zero, zero, one, config=cfg), dense, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16),
+                                 NSAConfig(cmp_block=32, cmp_stride=16, slc_block=16, slc_topk=3, window=16),
+                                 NSAConfig(cmp_block=8, cmp_stride=8, slc_block=32, slc_topk=4, window=16,
+                                           init_blocks=0, local_blocks=1)],
+                         ids=["taps7", "ratio1", "ratio4-no-init"])
+def test_nsa_selection_configs(cfg, device):
+    """Selection against the reference for configs whose Eq. 9 band differs from the default's (more taps
+    reaching into the previous chunk, one compressed block per selection block, no forced first block), over
+    several chunks, with a head dim the kernel splits into two tiles (48 = 32 + 16)."""
+    T, Hq, Hkv, D = 200, 4, 2, 48
+    q = torch.randn(1, T, Hq, D, device=device)
+    k, v = torch.randn(1, T, Hkv, D, device=device), torch.randn(1, T, Hkv, 16, device=device)
+    g = torch.rand(1, T, Hq, device=device)
+    _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, return_selection=True)
+    _, sel_r = nsa_attention_ref(q, k, v, g, g, g, config=cfg, return_selection=True)
+    assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
+
+
 def test_mean_compression_matches_reference(device):
     from longattn.nsa.reference import compress_mean_ref
 

@@ -28,6 +28,18 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def split_dim(d: int) -> tuple:
+    """A head dim as two power-of-two tile widths ``(a, b)`` (``b`` may be 0) covering it with less padding
+    than one power of two: 192 -> (128, 64), 576 -> (512, 64), 80 -> (64, 16), 128 -> (128, 0). Kernels
+    then run two matmuls over the two parts instead of one over ``next_pow2(d)`` columns."""
+    whole = max(16, next_pow2(d))
+    a = 1 << (max(int(d), 1).bit_length() - 1)
+    if a == d or a < 16:
+        return whole, 0
+    b = max(16, next_pow2(d - a))
+    return (a, b) if a + b < whole else (whole, 0)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 under the interpreter): sizes split-KV grids."""
     if device.type == "cuda":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.topk import fold_topk, topk_indices, topk_keys
+from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
 @triton.jit
@@ -62,13 +62,13 @@ def _moba_select_kernel(Q, KMEAN, SEL, CU_Q, CU_K, BLOCK_OFF,
     n_cand = tl.max(own, 0)
     blk0 = tl.load(BLOCK_OFF + b).to(tl.int64)
     cols = tl.arange(0, C)
-    best = tl.full([BLOCK_M, C], -9223372036854775807 - 1, tl.int64)
+    best = topk_init(BLOCK_M, C)
     for c0 in range(0, n_cand, C):
         idx = c0 + cols
         km = tl.load(KMEAN + (blk0 + idx.to(tl.int64))[None, :] * stride_mb + hk * stride_mh + offs_d[:, None],
                      mask=(idx[None, :] < n_cand) & (offs_d[:, None] < D), other=0.0)
         s = tl.dot(q, km, input_precision=PRECISION)
         best = fold_topk(best, topk_keys(s, idx[None, :], idx[None, :] < own[:, None]), KSEL)
-    blk = topk_indices(best)
+    blk = topk_indices(best, KSEL)
     tl.store(SEL + rows[:, None] * stride_st + h.to(tl.int64) * stride_sh + cols[None, :], blk,
              mask=in_m[:, None] & (cols[None, :] < KSEL))

@@ -17,24 +17,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.topk import fold_topk, topk_indices, topk_keys
+from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
 @triton.jit
 def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        stride_qt, stride_qh, stride_ct, stride_ch, stride_lh, stride_st, stride_sh,
-                       group, scale,
-                       D: tl.constexpr, BLOCK_D: tl.constexpr, CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr,
-                       SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                       INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+                       group, scale_log2,
+                       D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                       CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
+                       TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
-    ``W[i] * p_cmp[h, t, (SLC_BLOCK/CMP_STRIDE)*j - i]``, with p_cmp = exp(q.k_cmp * scale - lse_cmp)
-    on the compressed blocks visible to the query (0 elsewhere). Forced blocks (the first INIT, the
-    LOCAL ending at the own block) rank first, blocks after the own one are never taken; ties go to the
-    lower index. Scores are computed C blocks at a time and folded into a running top-TOPK buffer.
+    ``W[i] * p_cmp[h, t, R*j - i]`` (R = SLC_BLOCK / CMP_STRIDE), with p_cmp = exp(q.k_cmp * scale - lse_cmp)
+    on the compressed blocks visible to the query (0 elsewhere). Forced blocks (the first INIT, the LOCAL
+    ending at the own block) rank first, blocks after the own one are never taken; ties go to the lower index.
+
+    The work goes C selection blocks at a time: the chunk's C*R compressed keys are loaded once for the whole
+    group, each head's probabilities against them (one (BLOCK_M, C*R) matmul) are summed over the group, and
+    the band of Eq. 9's weights maps them to the C block scores as a small matmul (the taps that reach into
+    the previous chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no
+    (T, n_cmp) matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB,
+    e.g. 192 = 128 + 64) instead of being padded.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -45,38 +51,54 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     n_cmp = tl.load(CU_C + b + 1) - tl.load(CU_C + b)
     if pid_m * BLOCK_M >= q_len:
         return
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    BLOCK_C: tl.constexpr = C * R
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    hk64 = hk.to(tl.int64)
     own = tl.where(in_m, offs_m // SLC_BLOCK, 0)
-    n_cand = tl.max(own, 0) + 1
-    cols = tl.arange(0, C)
-    tcols = tl.arange(0, TOPK_PAD)
-    best = tl.full([BLOCK_M, TOPK_PAD], -9223372036854775807 - 1, tl.int64)
-    ratio: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    for j0 in range(0, n_cand, C):
-        jj = j0 + cols
-        score = tl.zeros([BLOCK_M, C], tl.float32)
+    jcols = tl.arange(0, C)
+    ccols = tl.arange(0, BLOCK_C)
+    offs_a = tl.arange(0, BLOCK_DA)
+    if BLOCK_DB > 0:
+        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
+    # Eq. 9's band: column c of a chunk feeds its block jl with weight W[jl*R - c], and block jl of the next
+    # chunk with W[jl*R + BLOCK_C - c]
+    tap = jcols[None, :] * R - ccols[:, None]
+    w_cur = tl.load(W + tap, mask=(tap >= 0) & (tap < NW), other=0.0)
+    w_next = tl.load(W + tap + BLOCK_C, mask=(tap + BLOCK_C >= 0) & (tap + BLOCK_C < NW), other=0.0)
+    kc_base = KC + c_start * stride_ct + hk64 * stride_ch
+    best = topk_init(BLOCK_M, TOPK_PAD)
+    carry = tl.zeros([BLOCK_M, C], tl.float32)
+    for j0 in range(0, tl.max(own, 0) + 1, C):
+        ci = j0 * R + ccols
+        kc_rows = kc_base + ci.to(tl.int64)[None, :] * stride_ct
+        kc_a = tl.load(kc_rows + offs_a[:, None], mask=(ci < n_cmp)[None, :] & (offs_a[:, None] < D), other=0.0)
+        if BLOCK_DB > 0:
+            kc_b = tl.load(kc_rows + offs_b[:, None], mask=(ci < n_cmp)[None, :] & (offs_b[:, None] < D), other=0.0)
+        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
+        p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for g in range(0, group):
             h = (hk * group + g).to(tl.int64)
-            q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)
+            q_ptr = Q + rows[:, None] * stride_qt + h * stride_qh
+            q_a = tl.load(q_ptr + offs_a[None, :], mask=in_m[:, None] & (offs_a[None, :] < D), other=0.0)
+            s = tl.dot(q_a, kc_a, input_precision=PRECISION)
+            if BLOCK_DB > 0:
+                q_b = tl.load(q_ptr + offs_b[None, :], mask=in_m[:, None] & (offs_b[None, :] < D), other=0.0)
+                s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)
             lse = tl.load(LSE + h * stride_lh + rows, mask=in_m, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no compressed block
-            for i in tl.static_range(NW):
-                ci = jj * ratio - i
-                ok = (ci >= 0) & (ci < n_cmp)
-                kc = tl.load(KC + (c_start + ci.to(tl.int64))[None, :] * stride_ct + hk.to(tl.int64) * stride_ch
-                             + offs_d[:, None], mask=ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                s = tl.dot(q, kc, input_precision=PRECISION) * scale
-                vis = ok[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
-                score += tl.load(W + i) * tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no block seen: p = 0
+            p += tl.where(vis, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
+        score = tl.dot(p, w_cur, carry, input_precision="ieee")  # exact float32, like the reference's sums
+        carry = tl.dot(p, w_next, input_precision="ieee")
+        jj = j0 + jcols
         forced = (jj[None, :] < INIT) | ((jj[None, :] > own[:, None] - LOCAL) & (jj[None, :] <= own[:, None]))
         score = tl.where(forced, float("inf"), score)
         best = fold_topk(best, topk_keys(score, jj[None, :], jj[None, :] <= own[:, None]), TOPK)
-    blk = topk_indices(best)
-    tl.store(SEL + rows[:, None] * stride_st + hk.to(tl.int64) * stride_sh + tcols[None, :], blk,
+    blk = topk_indices(best, TOPK)
+    tcols = tl.arange(0, TOPK_PAD)
+    tl.store(SEL + rows[:, None] * stride_st + hk64 * stride_sh + tcols[None, :], blk,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))
 
 
@@ -149,7 +171,7 @@ def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, sc
     dk = tl.arange(0, BLOCK_DK)
     jcols = tl.arange(0, C)
     ratio: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    best = tl.full([1, TOPK_PAD], -9223372036854775807 - 1, tl.int64)
+    best = topk_init(1, TOPK_PAD)
     for j0 in range(j_lo, j_hi, C):
         jj = j0 + jcols
         score = tl.zeros([C], tl.float32)
@@ -322,7 +344,7 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
     own = (n - 1) // SLC_BLOCK
     best = _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, 0, own + 1, scale_log2, DK, BLOCK_DK,
                        CMP_STRIDE, SLC_BLOCK, NW, TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
-    blk = topk_indices(best)  # (1, TOPK_PAD), best first, -1 padded
+    blk = topk_indices(best, TOPK)  # (1, TOPK_PAD), best first, -1 padded
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
     out = _slc_swa_gated(q, blk, n, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
@@ -418,8 +440,8 @@ def _nsa_decode_finish_kernel(Q, K, V, OC, CAND, GATES, OUT, SEL, SEQ, OFF,
     xc = tl.arange(0, CAND_PAD)
     cand = tl.load(CAND + b64 * stride_xb + hk64 * stride_xh + xc[None, :], mask=xc[None, :] < n_split * TOPK_PAD,
                    other=-9223372036854775807 - 1)
-    best = fold_topk(tl.full([1, TOPK_PAD], -9223372036854775807 - 1, tl.int64), cand, TOPK)
-    blk = topk_indices(best)
+    best = fold_topk(topk_init(1, TOPK_PAD), cand, TOPK)
+    blk = topk_indices(best, TOPK)
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
     dv = tl.arange(0, BLOCK_DV)

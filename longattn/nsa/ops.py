@@ -13,7 +13,7 @@ from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
-                             check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms)
+                             check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms, split_dim)
 from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
                       _nsa_selected_fwd_kernel)
@@ -47,18 +47,20 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     ``(total_q, Hkv, slc_topk)``, best first, -1 padded. q ``(total_q, Hq, D)``, k_cmp ``(total_cmp, Hkv, D)``,
     lse_cmp ``(Hq, total_q)`` (natural log, from the compressed branch)."""
     hq, d = q.shape[1], q.shape[2]
-    top = config.slc_topk
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
-    weights = _score_weights(config, q.device)
-    sel = empty(q.shape[0], heads_kv, top, device=q.device, dtype=torch.int32)
+    nw = ratio + inner - 1
+    # selection blocks per chunk: the chunk's compressed keys must cover Eq. 9's taps into the previous chunk
+    c = max(4 if is_interpreter() else 16, next_pow2(triton.cdiv(nw - 1, ratio)))
+    da, db = split_dim(d)
+    sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
     bm = 32 if is_interpreter() else 64
     _nsa_select_kernel[(triton.cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
-        q, k_cmp, lse_cmp, weights, sel, cu_q, cu_cmp, q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
-        lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv, scale,
-        D=d, BLOCK_D=max(16, next_pow2(d)), CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
-        SLC_BLOCK=config.slc_block, NW=ratio + inner - 1, TOPK=top, TOPK_PAD=next_pow2(top),
-        INIT=config.init_blocks, LOCAL=config.local_blocks, C=max(16, next_pow2(top)),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm)
+        q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
+        k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
+        scale * LOG2E, D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
+        SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
+        INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm, num_warps=8)
     return sel
 
 

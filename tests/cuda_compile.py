@@ -143,6 +143,10 @@ def _nsa_cases():
                                ("_nsa_selected_fwd_kernel", dict(g, **blocks, SLC_TILE=64)),
                                ("_nsa_selected_dq_kernel", dict(g, SLC_BLOCK=64, TOPK=16, SLC_TILE=64))):
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale")))
+        gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "DOUT", "DO1", "DO2", "DO3")}
+        gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "DG1", "DG2", "DG3")})
+        for name in ("_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel"):
+            cases.append((f"{name}[{dt}]", getattr(K, name), gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16), ()))
     return cases
 
 

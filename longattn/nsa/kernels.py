@@ -103,6 +103,48 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 
 
 @triton.jit
+def _gated_sum_fwd_kernel(O1, O2, O3, G1, G2, G3, OUT, n_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """``out = g1 * o1 + g2 * o2 + g3 * o3`` in float32 over rows of DV values (one gate per row), stored in
+    OUT's dtype: NSA's gated sum of its three branches without float32 copies of them in memory."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    in_r = r < n_rows
+    d = tl.arange(0, BLOCK_DV)
+    mask = in_r[:, None] & (d[None, :] < DV)
+    off = r[:, None] * DV + d[None, :]
+    acc = tl.load(G1 + r, mask=in_r, other=0.0).to(tl.float32)[:, None] * \
+        tl.load(O1 + off, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(G2 + r, mask=in_r, other=0.0).to(tl.float32)[:, None] * \
+        tl.load(O2 + off, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(G3 + r, mask=in_r, other=0.0).to(tl.float32)[:, None] * \
+        tl.load(O3 + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_branch_bwd(DO, O, G, DOUT, DG, r, in_r, off, mask):
+    do = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + r, mask=in_r, other=0.0).to(tl.float32)
+    tl.store(DO + off, (g[:, None] * do).to(DO.dtype.element_ty), mask=mask)
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DG + r, tl.sum(do * o, 1).to(DG.dtype.element_ty), mask=in_r)
+
+
+@triton.jit
+def _gated_sum_bwd_kernel(O1, O2, O3, G1, G2, G3, DOUT, DO1, DO2, DO3, DG1, DG2, DG3, n_rows, DV: tl.constexpr,
+                          BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Gradients of the gated sum: ``do_i = g_i * dout`` (in o_i's dtype), ``dg_i = sum(dout * o_i)`` per row."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    in_r = r < n_rows
+    d = tl.arange(0, BLOCK_DV)
+    mask = in_r[:, None] & (d[None, :] < DV)
+    off = r[:, None] * DV + d[None, :]
+    _gated_branch_bwd(DO1, O1, G1, DOUT, DG1, r, in_r, off, mask)
+    _gated_branch_bwd(DO2, O2, G2, DOUT, DG2, r, in_r, off, mask)
+    _gated_branch_bwd(DO3, O3, G3, DOUT, DG3, r, in_r, off, mask)
+
+
+@triton.jit
 def _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION: tl.constexpr):
     """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``ok``
     (N,); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing is valid yet."""

@@ -14,9 +14,9 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
                               sparse_backward)
 from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms, split_dim)
-from .kernels import (_nsa_decode_cmp_split_kernel, _nsa_decode_finish_kernel, _nsa_decode_kernel,
-                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
-                      _nsa_selected_fwd_kernel)
+from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
+                      _nsa_decode_finish_kernel, _nsa_decode_kernel, _nsa_decode_score_split_kernel, _nsa_select_kernel,
+                      _nsa_selected_dq_kernel, _nsa_selected_fwd_kernel)
 from .reference import NSAConfig
 
 
@@ -62,6 +62,40 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
         INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm, num_warps=8)
     return sel
+
+
+def _gate_launch(n_rows: int, dv: int):
+    block_r = 16 if is_interpreter() else max(1, 2048 // next_pow2(dv))
+    return (triton.cdiv(n_rows, block_r),), dict(DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_R=block_r)
+
+
+class _GatedSum(torch.autograd.Function):
+    """``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` (branches ``(N, Hq, Dv)``, gates ``(N, Hq)``) in one
+    pass, float32 inside, stored in the branches' dtype; the backward gives each branch and each gate its
+    gradient in one pass too. Saves only what the branches keep alive anyway (their outputs) and the gates."""
+
+    @staticmethod
+    def forward(ctx, o1, o2, o3, g1, g2, g3):
+        os_ = [o.contiguous() for o in (o1, o2, o3)]
+        gs = [g.contiguous() for g in (g1, g2, g3)]
+        out = empty(os_[0].shape, device=o1.device, dtype=o1.dtype)
+        n_rows = gs[0].numel()
+        if n_rows:
+            grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
+            _gated_sum_fwd_kernel[grid](*os_, *gs, out, n_rows, **meta)
+        ctx.save_for_backward(*os_, *gs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        os_, gs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
+        dos = [empty(o.shape, device=o.device, dtype=o.dtype) for o in os_]
+        dgs = [empty(g.shape, device=g.device, dtype=g.dtype) for g in gs]
+        n_rows = gs[0].numel()
+        if n_rows:
+            grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
+            _gated_sum_bwd_kernel[grid](*os_, *gs, dout.contiguous(), *dos, *dgs, n_rows, **meta)
+        return (*dos, *dgs)
 
 
 def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
@@ -185,7 +219,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     gives the row lse); scores + top-n in one kernel that never stores the (T, n_cmp) probabilities;
     selected blocks query-major, the group's heads as the rows of each tile (they share each loaded block;
     the backward runs through the block-sparse engine's gradient kernels, organised by key block); the
-    window through flash attention; the gates in PyTorch.
+    window through flash attention; the gated sum in one Triton pass each way (no float32 copies of the
+    branches are kept for the backward).
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
@@ -229,9 +264,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     o_slc = _selected(qp, kp, vp, sel, lq, lk, dims, cu, config.slc_block, scale)
     # sliding window
     o_swa = flash_attention(qp, kp, vp, cu_seqlens=cu, window=config.window, scale=scale)
-    gates = [g.reshape(qp.shape[0], dims.heads_q, 1).float() for g in (g_cmp, g_slc, g_swa)]
-    out = gates[0] * o_cmp.float() + gates[1] * o_slc.float() + gates[2] * o_swa.float()
-    out = out.to(q.dtype)
+    gates = [g.reshape(qp.shape[0], dims.heads_q) for g in (g_cmp, g_slc, g_swa)]
+    out = _GatedSum.apply(o_cmp, o_slc, o_swa, *gates).to(q.dtype)
     if not dims.varlen:
         out = out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
         sel = sel.view(dims.batch, dims.max_seqlen_q, dims.heads_kv, -1)

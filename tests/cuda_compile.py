@@ -43,6 +43,7 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
 def _flash_cases():
     from longattn.kernels import flash as F
     from longattn.kernels import merge as M
+    from longattn.kernels.utils import split_dim
 
     cases = []
     for dt, causal, window, varlen, dqk, dv, kpos in (("bf16", True, False, True, 128, 128, (1, 0)),
@@ -53,7 +54,8 @@ def _flash_cases():
         ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
         ptr.update({"CU_Q": "*i32", "CU_K": "*i32"})
         bd = lambda d: max(16, triton.next_power_of_2(d))
-        meta = dict(DQK=dqk, DV=dv, BLOCK_DQK=bd(dqk), BLOCK_DV=bd(dv), IS_VARLEN=varlen, CAUSAL=causal,
+        da, db = split_dim(dqk)
+        meta = dict(DQK=dqk, DV=dv, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=bd(dv), IS_VARLEN=varlen, CAUSAL=causal,
                     HAS_WINDOW=window, PRECISION="ieee" if dt == "fp32" else "tf32", KS=kpos[0], KO=kpos[1],
                     BLOCK_M=64, BLOCK_N=64 if dt != "fp32" else 32)
         tag = (f"{dt}-d{dqk}/{dv}-{'causal' if causal else 'full'}{'-window' if window else ''}"
@@ -64,7 +66,8 @@ def _flash_cases():
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
         mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",
                 "LSE": "*fp32", "DLSE": "*fp32", "DLSE_in": "*fp32"}
-        cases.append((f"_merge_fwd_kernel[{dt}]", M._merge_fwd_kernel, mptr, dict(D=dv, BLOCK_D=bd(dv), BLOCK_T=64), ()))
+        cases.append((f"_merge_fwd_kernel[{dt}]", M._merge_fwd_kernel, mptr,
+                      dict(D=dv, BLOCK_D=bd(dv), BLOCK_T=64), ()))
         cases.append((f"_merge_bwd_kernel[{dt}]", M._merge_bwd_kernel, mptr,
                       dict(D=dv, BLOCK_D=bd(dv), HAS_DLSE=True, BLOCK_T=64), ()))
     return cases

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .utils import (AttnDims, autotune_configs, check_attention_inputs, check_positive_int, check_scale, empty,
-                    empty_like, is_interpreter, kernel_inputs, next_pow2, resolve_seqlens)
+                    empty_like, is_interpreter, kernel_inputs, next_pow2, resolve_seqlens, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -111,17 +111,61 @@ def _query_shift(q_len, k_len, KS: tl.constexpr, KO: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
-               window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr, DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _load_split(ptr, rows, in_rows, DQK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                TRANS: tl.constexpr):
+    """Rows ``rows`` (pointer offsets, masked by ``in_rows``) of a (tokens, DQK) tile as two parts of BLOCK_DA
+    and BLOCK_DB columns (head dims like 192 = 128 + 64 are split rather than padded to a power of two; with
+    BLOCK_DB = 0 the second part is the first, unused). TRANS: as (D, rows) tiles."""
+    offs_a = tl.arange(0, BLOCK_DA)
+    if TRANS:
+        a = tl.load(ptr + rows[None, :] + offs_a[:, None], mask=in_rows[None, :] & (offs_a[:, None] < DQK), other=0.0)
+    else:
+        a = tl.load(ptr + rows[:, None] + offs_a[None, :], mask=in_rows[:, None] & (offs_a[None, :] < DQK), other=0.0)
+    b = a
+    if BLOCK_DB > 0:
+        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
+        if TRANS:
+            b = tl.load(ptr + rows[None, :] + offs_b[:, None], mask=in_rows[None, :] & (offs_b[:, None] < DQK),
+                        other=0.0)
+        else:
+            b = tl.load(ptr + rows[:, None] + offs_b[None, :], mask=in_rows[:, None] & (offs_b[None, :] < DQK),
+                        other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dot_split(x_a, x_b, y_a, y_b, acc, BLOCK_DB: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + x @ y`` over a contraction dim held in two parts (see _load_split)."""
+    acc = tl.dot(x_a, y_a, acc, input_precision=PRECISION)
+    if BLOCK_DB > 0:
+        acc = tl.dot(x_b, y_b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_split(ptr, rows, in_rows, x_a, x_b, DQK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """Store a (rows, DQK) tile held in two parts (see _load_split)."""
+    offs_a = tl.arange(0, BLOCK_DA)
+    tl.store(ptr + rows[:, None] + offs_a[None, :], x_a.to(ptr.dtype.element_ty),
+             mask=in_rows[:, None] & (offs_a[None, :] < DQK))
+    if BLOCK_DB > 0:
+        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
+        tl.store(ptr + rows[:, None] + offs_b[None, :], x_b.to(ptr.dtype.element_ty),
+                 mask=in_rows[:, None] & (offs_b[None, :] < DQK))
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
+               window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+               BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = (k_start + offs_n).to(tl.int64)
         in_n = offs_n < k_len
-        kt = tl.load(K_ptr + rows[None, :] * stride_kt + offs_dk[:, None],
-                     mask=in_n[None, :] & (offs_dk[:, None] < DQK), other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True)
+        s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([q_a.shape[0], BLOCK_N], tl.float32), BLOCK_DB,
+                       PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -148,32 +192,41 @@ _FWD_CONFIGS = autotune_configs(
     dict(BLOCK_M=32, BLOCK_N=32),
 )
 
-SMEM_BUDGET = 160 * 1024  # bytes; Hopper has 227 KB per block, leave room for the compiler's own buffers
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 
 
-def _prune_by_smem(configs, named_args, **kwargs):
-    """Drop tiles whose operand buffers cannot fit in shared memory (large head dims, float32)."""
-    args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
-    elem = args["Q"].element_size()
-    d = args["BLOCK_DQK"] + args["BLOCK_DV"]
+def _smem_prune(resident: str):
+    """Autotune pruning: drop tiles whose shared-memory buffers cannot fit. The model counts the streamed
+    tiles (k/v rows, or q/do rows in the dk/dv kernel, every head dim) once per pipeline stage, plus the
+    resident k/v tile of the dk/dv kernel (``resident="BLOCK_N"``); against the compiler's own figures
+    (tests/cuda_compile.py --resources, head dims 128 to 256) it errs high. A tile that still does not fit
+    fails to compile and the autotuner skips it."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+        elem = args["Q"].element_size()
+        d = args["BLOCK_DA"] + args["BLOCK_DB"] + args["BLOCK_DV"]
 
-    def smem(c):
-        return elem * d * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"] * max(c.num_stages, 1))
+        def smem(c):
+            streamed = c.kwargs["BLOCK_M" if resident == "BLOCK_N" else "BLOCK_N"]
+            rows = streamed * max(c.num_stages, 1) + (c.kwargs["BLOCK_N"] if resident == "BLOCK_N" else 0)
+            return elem * d * rows
 
-    keep = [c for c in configs if smem(c) <= SMEM_BUDGET]
-    return keep or [min(configs, key=smem)]
+        keep = [c for c in configs if smem(c) <= SMEM_LIMIT]
+        return keep or [min(configs, key=smem)]
+    return prune
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
+@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_smem})
+                 prune_configs_by={"early_config_prune": _smem_prune("BLOCK_M")})
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                       stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                       stride_lb, stride_lh,
                       seqlen_q, seqlen_k, window, qk_scale, group,
-                      DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                      BLOCK_DV: tl.constexpr,
                       IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
@@ -186,12 +239,11 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     hk = h // group
     b64 = b.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_m = offs_m < q_len
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qt
-                + offs_dk[None, :], mask=in_m[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    q_a, q_b = _load_split(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, q_rows * stride_qt, in_m, DQK, BLOCK_DA,
+                           BLOCK_DB, False)
     K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -204,14 +256,14 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
-                               k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
+                               k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
-                               k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
+                               k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, False, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
-                               k_len, window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
+                               k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO)
 
     empty = l_i == 0.0
@@ -253,12 +305,12 @@ def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, strid
 
 
 @triton.jit
-def _bwd_probs(q, kt, lse2, pos_m, offs_n, k_len, window, qk_scale, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
-               KO: tl.constexpr):
-    """Recompute the (M, N) softmax probabilities from q, k^T and the row lse (log2 units)."""
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
+def _bwd_probs(q_a, q_b, kt_a, kt_b, lse2, pos_m, offs_n, k_len, window, qk_scale, BLOCK_DB: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+               KS: tl.constexpr, KO: tl.constexpr):
+    """Recompute the (M, N) softmax probabilities from q, k^T (split head dim) and the row lse (log2 units)."""
+    s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([q_a.shape[0], kt_a.shape[1]], tl.float32), BLOCK_DB, PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), p, 0.0)
     return p
@@ -274,26 +326,28 @@ def _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot, offs_n,
-                start, end, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr,
-                DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
+def _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
+                offs_n, start, end, q_len, k_len, shift, window, qk_scale, offs_dv, DQK: tl.constexpr,
+                DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                KS: tl.constexpr, KO: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_m = offs_m < q_len
         rows = (q_start + offs_m).to(tl.int64)
-        q = tl.load(Q_ptr + rows[:, None] * stride_qt + offs_dk[None, :],
-                    mask=in_m[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        q_a, q_b = _load_split(Q_ptr, rows * stride_qt, in_m, DQK, BLOCK_DA, BLOCK_DB, False)
         do = tl.load(DO_ptr + rows[:, None] * stride_dot + offs_dv[None, :],
                      mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse2, delta = _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m)
-        p = _bwd_probs(q, kt, lse2, offs_m + shift, offs_n, k_len, window, qk_scale, MASKED, CAUSAL,
-                       HAS_WINDOW, PRECISION, KS, KO)
+        p = _bwd_probs(q_a, q_b, kt_a, kt_b, lse2, offs_m + shift, offs_n, k_len, window, qk_scale, BLOCK_DB, MASKED,
+                       CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    return dk, dv
+        dst = tl.trans((p * (dp - delta[:, None])).to(q_a.dtype))
+        dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dk_b += tl.dot(dst, q_b, input_precision=PRECISION)
+    return dk_a, dk_b, dv
 
 
 _BWD_CONFIGS = autotune_configs(
@@ -309,9 +363,9 @@ _BWD_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
+@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_smem})
+                 prune_configs_by={"early_config_prune": _smem_prune("BLOCK_N")})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -319,7 +373,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                            stride_lb, stride_lh,
                            seqlen_q, seqlen_k, window, qk_scale, scale, group,
-                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
                            KO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -331,16 +385,15 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         return
     b64 = b.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_n = offs_n < k_len
     k_rows = (k_start + offs_n).to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_rows[:, None] * stride_kt
-                + offs_dk[None, :], mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    kt_a, kt_b = _load_split(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh, k_rows * stride_kt, in_n, DQK,
+                             BLOCK_DA, BLOCK_DB, True)
     v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vt
                 + offs_dv[None, :], mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    kt = tl.trans(k)
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    dk_a = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
+    dk_b = tl.zeros([BLOCK_N, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
     # Query rows that see some key of this block, and those that see all of them.
@@ -368,54 +421,58 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         DO_ptr = DO + b64 * stride_dob + h * stride_doh
         LSE_ptr = LSE + b64 * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
-        dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
-                             offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
-                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
-                             offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
-                             BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dk, dv = _dkdv_inner(dk, dv, k, kt, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
-                             offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dk, offs_dv, DQK, DV,
-                             BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                     stride_qt, stride_dot,
+                                     offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                     stride_qt, stride_dot,
+                                     offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                     BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                     stride_qt, stride_dot,
+                                     offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
 
-    dk = dk * scale
-    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dkt + offs_dk[None, :],
-             dk.to(DK.dtype.element_ty), mask=in_n[:, None] & (offs_dk[None, :] < DQK))
+    _store_split(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt, in_n, dk_a * scale,
+                 dk_b * scale, DQK, BLOCK_DA, BLOCK_DB)
     tl.store(DV_ + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvt + offs_dv[None, :],
              dv.to(DV_.dtype.element_ty), mask=in_n[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
-              window, qk_scale, offs_dk, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-              KS: tl.constexpr, KO: tl.constexpr):
+def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end,
+              k_len, window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+              BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < k_len
         rows = (k_start + offs_n).to(tl.int64)
-        k = tl.load(K_ptr + rows[:, None] * stride_kt + offs_dk[None, :],
-                    mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        k_a, k_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, False)
         vt = tl.load(V_ptr + rows[None, :] * stride_vt + offs_dv[:, None],
                      mask=in_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        p = _bwd_probs(q, tl.trans(k), lse2, pos_m, offs_n, k_len, window, qk_scale, MASKED, CAUSAL,
-                       HAS_WINDOW, PRECISION, KS, KO)
+        p = _bwd_probs(q_a, q_b, tl.trans(k_a), tl.trans(k_b), lse2, pos_m, offs_n, k_len, window, qk_scale, BLOCK_DB,
+                       MASKED, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a += tl.dot(ds, k_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dq_b += tl.dot(ds, k_b, input_precision=PRECISION)
+    return dq_a, dq_b
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DQK", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
+@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_smem})
+                 prune_configs_by={"early_config_prune": _smem_prune("BLOCK_M")})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                          stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
                          seqlen_q, seqlen_k, window, qk_scale, scale, group,
-                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                         BLOCK_DV: tl.constexpr,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
@@ -429,12 +486,11 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_m = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qt + offs_dk[None, :],
-                mask=in_m[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+    q_a, q_b = _load_split(Q + b64 * stride_qb + h64 * stride_qh, rows * stride_qt, in_m, DQK, BLOCK_DA, BLOCK_DB,
+                           False)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dot + offs_dv[None, :],
                  mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse2, delta = _load_row_stats(LSE + b64 * stride_lb + h64 * stride_lh,
@@ -447,16 +503,19 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     m_first = pid_m * BLOCK_M + shift
     m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
     a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO)
-    dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb, k_len,
-                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-    dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c, k_len,
-                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-    dq = _dq_inner(dq, q, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d, k_len,
-                   window, qk_scale, offs_dk, offs_dv, DQK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-    dq = dq * scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqt + offs_dk[None, :],
-             dq.to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_dk[None, :] < DQK))
+    dq_a = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
+    dq_b = tl.zeros([BLOCK_M, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
+    dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
+                           pos_m, a, bb, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
+                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+    dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
+                           pos_m, bb, c, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
+                           False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+    dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
+                           pos_m, c, d, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
+                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+    _store_split(DQ + b64 * stride_dqb + h64 * stride_dqh, rows * stride_dqt, in_m, dq_a * scale, dq_b * scale, DQK,
+                 BLOCK_DA, BLOCK_DB)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +545,8 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype, key_pos=(1, 0)):
-    return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DQK=max(16, next_pow2(dims.dim_qk)),
+    da, db = split_dim(dims.dim_qk)
+    return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), IS_VARLEN=dims.varlen, CAUSAL=causal,
                 HAS_WINDOW=window is not None, PRECISION=_precision(dtype), KS=key_pos[0], KO=key_pos[1])
 

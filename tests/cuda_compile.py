@@ -23,19 +23,25 @@ from triton.compiler import ASTSource  # noqa: E402
 SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
 
 
-def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_warps=4, num_stages=2, arch=90):
+def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_warps=4, num_stages=3, arch=90):
+    """Compile like a launch would: pointers and ``stride*`` ints specialised as 16-divisible, as the JIT does
+    for aligned tensors and strides (without it the compiler can prove no alignment, so it neither vectorises
+    loads nor pipelines them, and the register figures are far off); num_stages 3 is the launch default."""
     fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
-    sig = {}
-    for n in fn.arg_names:
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
         if n in constexprs:
             sig[n] = "constexpr"
         elif n in pointers:
             sig[n] = pointers[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif n in floats:
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-    src = ASTSource(fn, sig, constexprs)
+            if n.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -105,13 +111,15 @@ def _mla_cases():
     from longattn.mla import kernels as K
 
     cases = []
-    for dt, has_bt, s_pad, block_h in (("bf16", True, 1, 64), ("bf16", True, 4, 16), ("fp16", False, 2, 32)):
+    for dt, has_bt, s_pad, block_h in (("bf16", True, 1, 64), ("bf16", True, 4, 16), ("fp16", False, 2, 32),
+                                       ("fp32", True, 1, 16)):
         ptr = {n: f"*{dt}" for n in ("QL", "QR", "KV")}
         ptr.update({"BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
         meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
-                    S_PAD=s_pad, BLOCK_N=64, PRECISION="tf32")
+                    S_PAD=s_pad, BLOCK_N=64 if dt != "fp32" else 16, PRECISION="tf32" if dt != "fp32" else "ieee")
         cases.append((f"_mla_decode_kernel[{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}]",
-                      K._mla_decode_kernel, ptr, meta, ("qk_scale",)))
+                      K._mla_decode_kernel, ptr, meta, ("qk_scale",),
+                      dict(num_warps=8 if block_h * s_pad >= 64 else 4, num_stages=2)))
     return cases
 
 
@@ -125,7 +133,8 @@ def _nsa_cases():
         meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
                     CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
                     TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64)
-        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",)))
+        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",),
+                      dict(num_warps=8)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
@@ -179,13 +188,12 @@ def main(argv) -> int:
     pattern = argv[1] if len(argv) > 1 else ""
     failures = 0
     for build in CASE_BUILDERS:
-        for name, kern, ptr, meta, floats in build():
+        for name, kern, ptr, meta, floats, *launch in build():  # launch: the op's num_warps/num_stages if set
             if pattern not in name:
                 continue
             t = time.time()
             try:
-                wide = "mla" in name or "_nsa_select" in name  # launched with 8 warps
-                k = compile_kernel(kern, ptr, meta, floats, num_warps=8 if wide else 4)
+                k = compile_kernel(kern, ptr, meta, floats, **(launch[0] if launch else {}))
                 smem = k.metadata.shared
                 status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
                 if show and status == "ok":

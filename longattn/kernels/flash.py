@@ -195,21 +195,25 @@ _FWD_CONFIGS = autotune_configs(
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 
 
-def _smem_prune(resident: str):
-    """Autotune pruning: drop tiles whose shared-memory buffers cannot fit. The model counts the streamed
-    tiles (k/v rows, or q/do rows in the dk/dv kernel, every head dim) once per pipeline stage, plus the
-    resident k/v tile of the dk/dv kernel (``resident="BLOCK_N"``); against the compiler's own figures
-    (tests/cuda_compile.py --resources, head dims 128 to 256) it errs high. A tile that still does not fit
-    fails to compile and the autotuner skips it."""
+def _smem_prune(kernel: str):
+    """Autotune pruning: drop tiles whose shared-memory buffers cannot fit. ``kernel`` says which tile stays
+    resident: ``"fwd"`` q (BLOCK_M rows, q/k dims), ``"dq"`` q and do (BLOCK_M rows, every dim), ``"dkdv"`` k and
+    v (BLOCK_N rows, every dim); the other rows stream through ``num_stages`` buffers of every dim. Within 10%
+    of the compiler's own figures for head dims 128 to 256 (tests/cuda_compile.py --resources); a tile that
+    still does not fit fails to compile and the autotuner skips it."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
         elem = args["Q"].element_size()
-        d = args["BLOCK_DA"] + args["BLOCK_DB"] + args["BLOCK_DV"]
+        dqk = args["BLOCK_DA"] + args["BLOCK_DB"]
+        d = dqk + args["BLOCK_DV"]
 
         def smem(c):
-            streamed = c.kwargs["BLOCK_M" if resident == "BLOCK_N" else "BLOCK_N"]
-            rows = streamed * max(c.num_stages, 1) + (c.kwargs["BLOCK_N"] if resident == "BLOCK_N" else 0)
-            return elem * d * rows
+            m, n, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1)
+            if kernel == "dkdv":
+                resident, streamed = n * d, m * d * stages
+            else:
+                resident, streamed = m * (dqk if kernel == "fwd" else d), n * d * stages
+            return 1.1 * elem * (resident + streamed)
 
         keep = [c for c in configs if smem(c) <= SMEM_LIMIT]
         return keep or [min(configs, key=smem)]
@@ -218,7 +222,7 @@ def _smem_prune(resident: str):
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _smem_prune("BLOCK_M")})
+                 prune_configs_by={"early_config_prune": _smem_prune("fwd")})
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -365,7 +369,7 @@ _BWD_CONFIGS = autotune_configs(
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _smem_prune("BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _smem_prune("dkdv")})
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -464,7 +468,7 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
                                             "PRECISION"],
-                 prune_configs_by={"early_config_prune": _smem_prune("BLOCK_M")})
+                 prune_configs_by={"early_config_prune": _smem_prune("dq")})
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,

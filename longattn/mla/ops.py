@@ -117,7 +117,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     else:
         if kv_cache.shape[0] != B:
             raise ValueError(f"a contiguous kv_cache must be (B={B}, max_len, R + Dr), got {tuple(kv_cache.shape)}")
-        page = 16
+        page = 64  # tiles of the contiguous cache: as many tokens as a usual page
         capacity = kv_cache.shape[1]
     # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
     # the device and read back together (one host synchronisation, no per-sequence work on the host)
@@ -142,8 +142,11 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                                q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
 
     s_pad = next_pow2(S)
-    block_h = max(1, min(64 // s_pad, next_pow2(H)), 16 // s_pad)  # 16 to 64 rows of (head, token)
-    block_n = min(page, 32 if is_interpreter() else 64)
+    # 16 to 64 rows of (head, token) per program; float32 products run on CUDA cores (no tensor cores), where
+    # 16 rows and 16 tokens per tile keep the tiles in registers
+    wide = q_latent.dtype != torch.float32 or is_interpreter()
+    block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
+    block_n = min(page, 32 if is_interpreter() else (64 if wide else 16))
     groups = B * triton.cdiv(H, block_h)
     max_len = max(lens)
     n_split = max(1, min(triton.cdiv(2 * num_sms(q_latent.device), groups), triton.cdiv(max_len, block_n)))
@@ -161,7 +164,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
         HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad, BLOCK_N=block_n,
         PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_h * s_pad >= 64 else 4)
+        num_warps=8 if block_h * s_pad >= 64 else 4, num_stages=2)  # 3 stages of 64 x 576 tiles overflow smem
     out, lse = merge_fwd(outs, lses) if n_split > 1 else (outs[0], lses[0])
     out = out.view(B, S, H, R).to(q_latent.dtype)
     if return_lse:

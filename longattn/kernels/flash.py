@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AttnDims, autotune_configs, check_attention_inputs, check_positive_int, check_scale, empty,
-                    empty_like, is_interpreter, kernel_inputs, next_pow2, resolve_seqlens, split_dim)
+from .utils import (AttnDims, autotune_configs, autotune_enabled, check_attention_inputs, check_positive_int,
+                    check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, resolve_seqlens,
+                    split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -215,8 +216,8 @@ def _smem_prune(kernel: str):
                 resident, streamed = m * (dqk if kernel == "fwd" else d), n * d * stages
             return 1.1 * elem * (resident + streamed)
 
-        keep = [c for c in configs if smem(c) <= SMEM_LIMIT]
-        return keep or [min(configs, key=smem)]
+        keep = [c for c in configs if smem(c) <= SMEM_LIMIT] or [min(configs, key=smem)]
+        return keep if autotune_enabled() else keep[:1]
     return prune
 
 

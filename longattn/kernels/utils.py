@@ -47,6 +47,12 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def autotune_enabled() -> bool:
+    """False when ``LONGATTN_AUTOTUNE=0``: autotuned kernels then take the first tile that fits instead of
+    timing every candidate (test runs on a GPU compile far fewer kernels; timings are not their point)."""
+    return os.environ.get("LONGATTN_AUTOTUNE", "1") != "0"
+
+
 def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,
                      num_stages: int = 2) -> list:
     """Autotune configs: the full ``gpu`` list on a GPU, the single ``interpreter`` config otherwise.

@@ -171,6 +171,11 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
                                        return_selection=True)
         assert torch.equal(_sorted_sel(sel[b]), _sorted_sel(sel_r[0, 0])), f"sequence {b}: selection differs"
         assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
+    # unchecked (no host synchronisation; work sized for the cache's length, the caches NaN past each sequence)
+    out2, sel2 = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG,
+                            num_splits=splits, return_selection=True, validate=False)
+    assert torch.equal(_sorted_sel(sel2), _sorted_sel(sel))
+    assert_close(out2, out, dtype, "validate=False")
 
 
 def test_nsa_decode_equals_last_row_of_prefill(device):
@@ -295,3 +300,27 @@ def test_nsa_selected_attention_bad_arguments(device):
     later[0, 3, 1, 1] = 2
     with pytest.raises(ValueError, match="up to each query.s own block, the own block included"):
         nsa_selected_attention(q, q, q, later, block_size=16)
+
+
+@pytest.mark.gpu
+def test_nsa_decode_in_cuda_graph():
+    """With validate=False a decoding step has no host synchronisation: captured once, replayed as the
+    sequences grow."""
+    cfg = NSAConfig()
+    lens, L, Hq, Hkv = [700, 3000, 64], 4096, 16, 1
+    q, k, v, _, _, gates = _decode_case(lens, [0, 0, 0], L, Hq, Hkv, 128, 128, torch.bfloat16, "cuda", cfg)
+    k, v = k.nan_to_num(), v.nan_to_num()  # the sequences grow into the rest of the caches
+    kc, vc = (torch.randn(len(lens), cfg.num_cmp_blocks(L), Hkv, 128, device="cuda", dtype=torch.bfloat16)
+              for _ in range(2))
+    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    run = lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, config=cfg, validate=False)
+    run()  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for step in range(3):
+        seq += 17 * (step + 1)
+        q.normal_()
+        graph.replay()
+        ref = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, config=cfg)
+        assert_close(out, ref, torch.bfloat16, f"replay {step}")

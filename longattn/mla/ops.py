@@ -65,7 +65,7 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
-               return_lse: bool = False):
+               return_lse: bool = False, validate: bool = True):
     """Absorbed-form MLA decoding: MQA of every head over a latent cache of ``R + Dr`` values per token.
 
     Args:
@@ -79,6 +79,10 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         cache_seqlens: int32 ``(B,)``, tokens in each sequence's cache (new ones included), >= S.
         block_table: int32 ``(B, max_pages)``: physical page of each logical page.
         scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5`` times the YaRN mscale squared).
+        validate: check ``cache_seqlens`` and the block-table entries they use (default). That reads them back
+            to the host, a synchronisation; ``validate=False`` skips it (no host synchronisation at all, so a
+            decoding step can be captured in a CUDA graph, its work sized for the cache's full capacity) and
+            leaves the caller responsible: an out-of-range length or page reads outside the cache.
     Returns:
         ``o_latent`` ``(B, S, H, R)`` in q's dtype (apply ``w_uv`` to get the head outputs), and
         with ``return_lse`` the float32 lse ``(B, H, S)``.
@@ -121,14 +125,16 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         capacity = kv_cache.shape[1]
     # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
     # the device and read back together (one host synchronisation, no per-sequence work on the host)
-    if block_table is not None:
+    if not validate:
+        host = [capacity] * B + [0] * B
+    elif block_table is not None:
         used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page < cache_seqlens[:, None]
         outside = (used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))).any(1)
         host = torch.cat([cache_seqlens, outside.to(torch.int32)]).tolist()
     else:
         host = cache_seqlens.tolist() + [0] * B
     lens, outside = host[:B], host[B:]
-    for b, n in enumerate(lens):
+    for b, n in enumerate(lens if validate else ()):
         if n < S or n > capacity:
             raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
                              f"token(s) and at most the cache capacity {capacity}")

@@ -287,7 +287,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
                config: NSAConfig = NSAConfig(), scale: Optional[float] = None, num_splits: Optional[int] = None,
-               return_selection: bool = False):
+               return_selection: bool = False, validate: bool = True):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
@@ -314,6 +314,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             the batch fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
             -1 padded.
+        validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_cmp`` (default). That reads
+            them back to the host, a synchronisation; ``validate=False`` skips it (no host synchronisation at
+            all, so a decoding step can be captured in a CUDA graph, its work sized for the cache's length L)
+            and leaves the caller responsible: out-of-range lengths read outside the caches.
     Returns:
         ``(B, Hq, Dv)`` in q's dtype. Equal to the last row of :func:`nsa_attention` on the sequence.
     """
@@ -349,10 +353,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     if cache_offsets is None:
         cache_offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
     _check_lengths(cache_offsets, "cache_offsets", B)
-    host = torch.cat([cache_seqlens, cache_offsets]).tolist()  # the one host synchronisation
+    host = torch.cat([cache_seqlens, cache_offsets]).tolist() if validate else [L] * B + [0] * B  # one sync
     lens, offsets = host[:B], host[B:]
     max_len = max(lens)
-    for b, (n, o) in enumerate(zip(lens, offsets)):
+    for b, (n, o) in enumerate(zip(lens, offsets) if validate else ()):
         if n < 1 or o < 0 or o + n > L:
             raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
                              f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {L}), got offset {o}, seqlen {n}")

@@ -189,6 +189,10 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
     _time(rows, "longattn", mode,
           lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg), None, B=B, T=T, dims=dims,
           flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
+    # the same without the host-side checks (no synchronisation: what a CUDA-graph decode loop runs)
+    _time(rows, "longattn_unchecked", mode,
+          lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg, validate=False), None, B=B,
+          T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
     _time(rows, "sdpa_flash", mode, lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
           flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
 

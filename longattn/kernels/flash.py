@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from .utils import (AttnDims, autotune_configs, autotune_enabled, check_attention_inputs, check_positive_int,
-                    check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, resolve_seqlens,
-                    split_dim)
+                    check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
+                    resolve_seqlens, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -376,14 +376,19 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                            stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                            stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                           stride_lb, stride_lh,
-                           seqlen_q, seqlen_k, window, qk_scale, scale, group,
+                           stride_dks, stride_dvs, stride_lb, stride_lh,
+                           seqlen_q, seqlen_k, window, qk_scale, scale, group, heads_per_split,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
                            KO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
+    (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
+    split (stride_dks / stride_dvs), added up afterwards."""
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
-    hk = tl.program_id(1)
+    n_splits = tl.cdiv(group, heads_per_split)
+    hk = tl.program_id(1) // n_splits
+    split = tl.program_id(1) % n_splits
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     if pid_n * BLOCK_N >= k_len:
@@ -420,7 +425,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
     bb = tl.minimum(tl.maximum(full_lo, lo), hi)
     c = tl.minimum(tl.maximum(full_hi, bb), hi)
 
-    for g in range(0, group):
+    for g in range(split * heads_per_split, tl.minimum(split * heads_per_split + heads_per_split, group)):
         h = (hk * group + g).to(tl.int64)
         Q_ptr = Q + b64 * stride_qb + h * stride_qh
         DO_ptr = DO + b64 * stride_dob + h * stride_doh
@@ -439,10 +444,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                                      offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                      BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
 
-    _store_split(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt, in_n, dk_a * scale,
-                 dk_b * scale, DQK, BLOCK_DA, BLOCK_DB)
-    tl.store(DV_ + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvt + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty), mask=in_n[:, None] & (offs_dv[None, :] < DV))
+    split64 = split.to(tl.int64)
+    _store_split(DK + split64 * stride_dks + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt,
+                 in_n, dk_a * scale, dk_b * scale, DQK, BLOCK_DA, BLOCK_DB)
+    tl.store(DV_ + split64 * stride_dvs + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvt
+             + offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=in_n[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -605,14 +611,26 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     varlen = dims.varlen
     meta = _common_meta(dims, causal, window, q.dtype, key_pos)
     dq = empty_like(q)
-    dk = empty_like(k)
-    dv = empty_like(v)
+    # Few key blocks for many queries (NSA's compressed keys, a short context under a long chunk): too few
+    # programs to fill the GPU, the first of them (causal) with the most work. The query heads of a GQA group
+    # are then spread over several programs per key block, whose float32 partial dK/dV are added up after.
+    programs = triton.cdiv(dims.max_seqlen_k, 128) * dims.batch * dims.heads_kv
+    per_split = triton.cdiv(dims.group, max(1, min(dims.group, triton.cdiv(8 * num_sms(q.device), programs))))
+    n_splits = triton.cdiv(dims.group, per_split)
+    if n_splits > 1:
+        dk = empty(n_splits, *k.shape, device=k.device, dtype=torch.float32)
+        dv = empty(n_splits, *v.shape, device=v.device, dtype=torch.float32)
+    else:
+        dk, dv = empty_like(k), empty_like(v)
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
-    grid_kv = lambda m: (triton.cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv)
+    grid_kv = lambda m: (triton.cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
     _flash_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
-        *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen),
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta)
+        *_strides3(dk[0] if n_splits > 1 else dk, varlen), *_strides3(dv[0] if n_splits > 1 else dv, varlen),
+        dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta)
+    if n_splits > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     grid_q = lambda m: (triton.cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,

@@ -87,9 +87,9 @@ def _sparse_cases():
     for dt, d, bs in (("bf16", 128, 64), ("fp32", 64, 64)):
         prec = "ieee" if dt == "fp32" else "tf32"
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "KMEAN", "OS", "DO", "DK", "DV_")}
-        ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32")})
+        ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32", "PK", "PV")})
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN")})
-        ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM")})
+        ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs, GROUP=1)
         floats = ("qk_scale", "scale")
         cases += [
@@ -99,6 +99,8 @@ def _sparse_cases():
             (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats),
             (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(meta), floats),
             (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats),
+            (f"_sparse_dkdv_finish_kernel[{dt}]", K._sparse_dkdv_finish_kernel, ptr,
+             dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, BLOCK_N=bs), ()),
             (f"_sparse_dkdv_kernel[{dt}-group16]", K._sparse_dkdv_kernel, ptr, dict(meta, GROUP=16), floats),
             (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats),
             (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,

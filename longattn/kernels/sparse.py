@@ -115,26 +115,30 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
 
 
 @triton.jit
-def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENTRY, SEG_START, BLOCK_ROW,
-                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                             stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                             Hq, HKV, qk_scale, scale,
-                             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                             KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """dK/dV of one key tile of one (block, KV head) segment from every entry that selected it, added to
-    the own-block gradients already in DK/DV (one program per key tile: deterministic, no atomics)."""
-    pid_n = tl.program_id(0)
-    seg = tl.program_id(1)
-    e0 = tl.load(SEG_START + seg)
-    e1 = tl.load(SEG_START + seg + 1)
-    if e1 == e0:
+def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_START, TILE_CUM, CHUNK_CUM, SLOT,
+                        BLOCK_ROW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                        stride_pk, stride_pv, n_seg, n_iter, chunk_tiles, Hq, HKV, qk_scale, scale,
+                        DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """dK/dV of one key tile of one (block, KV head) segment from one chunk of the entries that selected it
+    (at most ``chunk_tiles`` entry tiles: a block that every query selects, like NSA's first, is spread over
+    many programs). A segment of one chunk adds its result to the own-block gradients already in DK/DV; the
+    chunks of a longer one write float32 partials to their own slots of PK/PV (from SLOT[segment]), which
+    _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles)."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid >= tl.load(CHUNK_CUM + n_seg):
         return
+    seg, chunk = _find_tile(CHUNK_CUM, pid, n_seg, n_iter)
+    n_tiles = tl.load(TILE_CUM + seg + 1) - tl.load(TILE_CUM + seg)
     gb = (seg // HKV).to(tl.int64)
     hk = (seg % HKV).to(tl.int64)
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + local
     k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :], mask=offs_dk[None, :] < DQK,
                 other=0.0)
     v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :], mask=offs_dv[None, :] < DV,
@@ -142,7 +146,7 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENTRY, SEG_START, BLOC
     kt = tl.trans(k)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for tile in range(0, tl.cdiv(e1 - e0, BLOCK_M // GROUP)):
+    for tile in range(chunk * chunk_tiles, tl.minimum(chunk * chunk_tiles + chunk_tiles, n_tiles)):
         t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M, GROUP)
         q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
                     mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
@@ -155,12 +159,51 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENTRY, SEG_START, BLOC
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dk_ptr = DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :]
-    dv_ptr = DV_ + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :]
     mk = offs_dk[None, :] < DQK
     mv = offs_dv[None, :] < DV
-    dk = dk * scale + tl.load(dk_ptr, mask=mk, other=0.0).to(tl.float32)
-    dv = dv + tl.load(dv_ptr, mask=mv, other=0.0).to(tl.float32)
+    slot0 = tl.load(SLOT + seg)
+    if slot0 < 0:  # the segment's only chunk
+        dk_ptr = DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :]
+        dv_ptr = DV_ + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :]
+        dk = dk * scale + tl.load(dk_ptr, mask=mk, other=0.0).to(tl.float32)
+        dv = dv + tl.load(dv_ptr, mask=mv, other=0.0).to(tl.float32)
+        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=mk)
+        tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
+    else:
+        slot = slot0 + chunk
+        tl.store(PK + slot * stride_pk + local[:, None] * BLOCK_DQK + offs_dk[None, :], dk * scale)
+        tl.store(PV + slot * stride_pv + local[:, None] * BLOCK_DV + offs_dv[None, :], dv)
+
+
+@triton.jit
+def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stride_dkt, stride_dkh, stride_dvt,
+                               stride_dvh, stride_pk, stride_pv, HKV,
+                               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Segments of several chunks: DK/DV (the own-block part) plus the chunks' partials, summed in order.
+    Grid: (segments, key tiles)."""
+    seg = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot0 = tl.load(SLOT + seg)
+    if slot0 < 0:
+        return
+    n_chunks = tl.load(CHUNK_CUM + seg + 1) - tl.load(CHUNK_CUM + seg)
+    gb = (seg // HKV).to(tl.int64)
+    hk = (seg % HKV).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + local
+    mk = offs_dk[None, :] < DQK
+    mv = offs_dv[None, :] < DV
+    dk_ptr = DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :]
+    dv_ptr = DV_ + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :]
+    dk = tl.load(dk_ptr, mask=mk, other=0.0).to(tl.float32)
+    dv = tl.load(dv_ptr, mask=mv, other=0.0).to(tl.float32)
+    for c in range(0, n_chunks):
+        slot = (slot0 + c).to(tl.int64)
+        dk += tl.load(PK + slot * stride_pk + local[:, None] * BLOCK_DQK + offs_dk[None, :])
+        dv += tl.load(PV + slot * stride_pv + local[:, None] * BLOCK_DV + offs_dv[None, :])
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=mk)
     tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
 
@@ -269,6 +312,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
 # Host side
 # ----------------------------------------------------------------------------------------------
 ENTRY_TILE = 64  # rows (query, head) of an entry tile
+CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
+PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chunked segments
 
 
 def _tiles():
@@ -438,12 +483,30 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     tile_m, tile_n = _tiles()
     bn = min(tile_n, block_size)
     meta = _meta(dims, q.dtype)
-    _sparse_dkdv_kernel[(block_size // bn, ent.n_seg)](
-        q, k, v, dout, lse, delta, dk, dv, ent.entry, ent.seg_start, plan.block_row,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
+    # dK/dV by (block, KV head) segment, each cut into chunks of at most `ch` entry tiles (their programs run side
+    # by side); the chunks of a longer segment keep float32 partials in slots, at most 2 * tiles / ch of them,
+    # and `ch` keeps those under PARTIALS_BYTES
+    slot_bytes = block_size * (meta["BLOCK_DQK"] + meta["BLOCK_DV"]) * 4
+    ch = 2 if is_interpreter() else max(CHUNK_TILES, triton.cdiv(2 * ent.max_tiles * slot_bytes, PARTIALS_BYTES))
+    seg_tiles = ent.tile_cum[1:] - ent.tile_cum[:-1]
+    n_chunks = (seg_tiles + ch - 1) // ch
+    chunk_cum = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
+    multi = torch.where(n_chunks > 1, n_chunks, 0)
+    slot = torch.where(n_chunks > 1, multi.cumsum(0) - multi, -1)
+    n_slots = max(1, 2 * ent.max_tiles // ch)
+    pk = empty(n_slots, block_size, meta["BLOCK_DQK"], device=q.device, dtype=torch.float32)
+    pv = empty(n_slots, block_size, meta["BLOCK_DV"], device=q.device, dtype=torch.float32)
+    common = (plan.block_row, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+              dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+              pk.stride(0), pv.stride(0))
+    _sparse_dkdv_kernel[(ent.n_seg + triton.cdiv(ent.max_tiles, ch), block_size // bn)](
+        q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
+        *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
         BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
+    _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
+        dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DQK=meta["BLOCK_DQK"],
+        BLOCK_DV=meta["BLOCK_DV"], BLOCK_N=bn)
     if dq_by_entries:
         dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
         _sparse_dq_kernel[(ent.max_tiles,)](

@@ -1,10 +1,11 @@
 """NSA's own Triton kernels.
 
 Prefill / training: selection scores from the compressed attention probabilities and top-n
-(``_nsa_select_kernel``), and the selected branch's forward, query-major with a GQA group's heads as the
-rows of each tile (``_nsa_selected_fwd_kernel``). The compressed branch runs through
+(``_nsa_select_kernel``), the selected branch's forward and dq by blocks of consecutive queries, the rows of
+each tile their GQA group's heads, visiting the union of the queries' blocks once (``_nsa_selected_fwd_kernel``,
+``_nsa_selected_dq_kernel``), and the gated sum (``_gated_sum_*``). The compressed branch runs through
 :func:`longattn.flash_attention` with strided key positions, the window through flash attention with
-``window``, and the selected branch's backward through the block-sparse engine's gradient kernels
+``window``, and the selected branch's dk/dv through the block-sparse engine's gradient kernels
 (:mod:`longattn.kernels.sparse`).
 
 Decoding (one token per sequence against a cache): ``_nsa_decode_kernel`` runs every branch in one program
@@ -145,11 +146,12 @@ def _gated_sum_bwd_kernel(O1, O2, O3, G1, G2, G3, DOUT, DO1, DO2, DO3, DG1, DG2,
 
 
 @triton.jit
-def _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION: tl.constexpr):
-    """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``ok``
-    (N,); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing is valid yet."""
+def _online_step(q, k, v, vis, m, l, acc, scale_log2, PRECISION: tl.constexpr):
+    """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``vis``
+    (broadcast to (G, N)); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing
+    is visible yet."""
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-    s = tl.where(ok[None, :], s, float("-inf"))
+    s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
@@ -173,16 +175,17 @@ def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLO
 
 
 @triton.jit
-def _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, ok, m, l, acc, scale_log2, DK: tl.constexpr,
+def _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2, DK: tl.constexpr,
                  DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Load the keys/values at rows ``pos`` where ``ok`` and take one online-softmax step of the rows q."""
+    """Load the keys/values at rows ``pos`` where ``ok`` (N,) and take one online-softmax step of the rows q,
+    each seeing the keys where ``vis`` (broadcast to (rows, N))."""
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
                 mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
     v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
                 mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-    return _online_step(q, k, v, ok, m, l, acc, scale_log2, PRECISION)
+    return _online_step(q, k, v, vis, m, l, acc, scale_log2, PRECISION)
 
 
 @triton.jit
@@ -197,8 +200,8 @@ def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, D
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     for p0 in range(lo, hi, BLOCK_N):
         pos = p0 + cols
-        m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, m, l, acc, scale_log2, DK,
-                                 DV, BLOCK_DK, BLOCK_DV, PRECISION)
+        m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, (pos < hi)[None, :], m, l,
+                                 acc, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     return m, l, acc
 
 
@@ -248,8 +251,9 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
             if (j >= 0) & (j * SLC_BLOCK + s0 <= last):  # skip empty slots and tiles past the query
                 pos = j * SLC_BLOCK + s0 + scols
-                m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last, m, l, acc,
-                                         scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+                m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
+                                         (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV,
+                                         PRECISION)
     return m, l, acc
 
 
@@ -270,34 +274,88 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
 
 
 @triton.jit
+def _query_block(Q, SEL, row0, q0, q_len, hk, group, stride_qt, stride_qh, stride_st, stride_sh, DK: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
+                 TOPK_PAD: tl.constexpr):
+    """The rows of a block of QB consecutive queries (row r: query q0 + r // group, head hk * group + r % group)
+    for KV head hk: their q (ROWS, BLOCK_DK), packed row t, head, position in the sequence, validity, each row's
+    selection (ROWS, TOPK_PAD) and the block's (query, slot) pairs (QB * TOPK_PAD,), -1 where none."""
+    r = tl.arange(0, ROWS)
+    qi = r // group
+    valid = (qi < QB) & (q0 + qi < q_len)
+    pos = q0 + qi
+    t = row0 + pos.to(tl.int64)
+    heads = (hk * group + r % group).to(tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    q = tl.load(Q + t[:, None] * stride_qt + heads[:, None] * stride_qh + dk[None, :],
+                mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
+    tcols = tl.arange(0, TOPK_PAD)
+    hk64 = hk.to(tl.int64)
+    row_sel = tl.load(SEL + t[:, None] * stride_st + hk64 * stride_sh + tcols[None, :],
+                      mask=valid[:, None] & (tcols[None, :] < TOPK), other=-1)
+    p = tl.arange(0, QB * TOPK_PAD)
+    pq = p // TOPK_PAD
+    pairs = tl.load(SEL + (row0 + (q0 + pq).to(tl.int64)) * stride_st + hk64 * stride_sh + p % TOPK_PAD,
+                    mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
+    return q, t, heads, pos, valid, row_sel, pairs
+
+
+@triton.jit
+def _next_block(pairs, i):
+    """Block of pair i, and whether it is the first pair naming it (each block is visited once)."""
+    p = tl.arange(0, pairs.shape[0])
+    j = tl.sum(tl.where(p == i, pairs, 0))
+    first = (j >= 0) & (tl.sum(((p < i) & (pairs == j)).to(tl.int32)) == 0)
+    return j, first
+
+
+@triton.jit
 def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                              stride_ot, stride_oh, stride_lh, group, scale_log2,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                             BLOCK_G: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                             QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """Selected branch, forward, query-major as in the paper: one program per (query position, KV head)
-    holds the group's heads as the rows of its tiles (they share the selection) and runs them over the
-    selected blocks (causal in the own block), writing the output and the natural-log lse once."""
-    i = tl.program_id(0)
+    """Selected branch, forward. One program per block of QB consecutive queries and KV head: its rows are the
+    group's heads of each query (they share the selection), and it visits the union of the queries' selected
+    blocks once each, every row taking the keys of the blocks its query selected (causal in the own block).
+    Consecutive queries select mostly the same blocks, so each block is loaded once for all of them (QB times
+    less traffic than one program per query) and the tiles have QB times more rows. Writes the output and the
+    natural-log lse of each row."""
+    qb = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
     start = tl.load(CU + b)
-    if i >= tl.load(CU + b + 1) - start:
+    q_len = tl.load(CU + b + 1) - start
+    q0 = qb * QB
+    if q0 >= q_len:
         return
     start64 = start.to(tl.int64)
-    row = start64 + i
     hk64 = hk.to(tl.int64)
-    q, heads, in_g = _decode_query(Q, stride_qt, stride_qh, row, hk, group, DK, BLOCK_DK, BLOCK_G)
-    tcols = tl.arange(0, TOPK_PAD)
-    blk = tl.load(SEL + row * stride_st + hk64 * stride_sh + tcols[None, :], mask=tcols[None, :] < TOPK, other=-1)
-    m, l, acc = _attend_selected(q, blk, i, K + start64 * stride_kt + hk64 * stride_kh,
-                                 V + start64 * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, scale_log2, DK, DV,
-                                 BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
+    q, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt, stride_qh,
+                                                          stride_st, stride_sh, DK, BLOCK_DK, QB, ROWS, TOPK, TOPK_PAD)
+    k_base = K + start64 * stride_kt + hk64 * stride_kh
+    v_base = V + start64 * stride_vt + hk64 * stride_vh
+    last = tl.minimum(q0 + QB, q_len) - 1  # the block's last query position
+    scols = tl.arange(0, SLC_TILE)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    for i in range(0, QB * TOPK_PAD):
+        j, first = _next_block(pairs, i)
+        if first:
+            rows_j = tl.sum((row_sel == j).to(tl.int32), 1) > 0  # the rows whose query selected block j
+            for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
+                if j * SLC_BLOCK + s0 <= last:
+                    kp = j * SLC_BLOCK + s0 + scols
+                    m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
+                                             rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
+                                             DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     dv = tl.arange(0, BLOCK_DV)
-    tl.store(O + row * stride_ot + heads[:, None] * stride_oh + dv[None, :],
-             (acc / l[:, None]).to(O.dtype.element_ty), mask=in_g[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + heads * stride_lh + row, (m + tl.log2(l)) * 0.6931471805599453, mask=in_g)
+    l_safe = tl.where(l > 0, l, 1.0)
+    tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + heads * stride_lh + t, (m + tl.log2(l_safe)) * 0.6931471805599453, mask=valid)
 
 
 @triton.jit
@@ -305,45 +363,50 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                             stride_st, stride_sh, stride_dqt, stride_dqh, stride_lh, group, scale_log2, scale,
                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            BLOCK_G: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
-                            TOPK: tl.constexpr, PRECISION: tl.constexpr):
-    """Selected branch, backward, dq from the selected blocks before the query's own one (the own block's part
-    is already in DQ, from flash's backward): query-major like the forward, so each (query, head) row is
-    owned by one program and updated once, without atomics. LSE / DELTA are the rows' natural-log lse and
-    delta, (Hq, total)."""
-    i = tl.program_id(0)
+                            QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                            TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Selected branch, backward, dq from the selected blocks before each query's own one (the own block's part
+    is already in DQ, from flash's backward), organised like the forward (a block of queries visits the union
+    of its selections once): each (query, head) row is owned by one program and updated once, without
+    atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total)."""
+    qb = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
     start = tl.load(CU + b)
-    if i >= tl.load(CU + b + 1) - start:
+    q_len = tl.load(CU + b + 1) - start
+    q0 = qb * QB
+    if q0 >= q_len:
         return
     start64 = start.to(tl.int64)
-    row = start64 + i
     hk64 = hk.to(tl.int64)
-    q, heads, in_g = _decode_query(Q, stride_qt, stride_qh, row, hk, group, DK, BLOCK_DK, BLOCK_G)
+    q, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt, stride_qh,
+                                                          stride_st, stride_sh, DK, BLOCK_DK, QB, ROWS, TOPK, TOPK_PAD)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    do = tl.load(DO + row * stride_dot + heads[:, None] * stride_doh + dv[None, :],
-                 mask=in_g[:, None] & (dv[None, :] < DV), other=0.0)
-    lse2 = tl.load(LSE + heads * stride_lh + row, mask=in_g, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + heads * stride_lh + row, mask=in_g, other=0.0)
+    do = tl.load(DO + t[:, None] * stride_dot + heads[:, None] * stride_doh + dv[None, :],
+                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + heads * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + heads * stride_lh + t, mask=valid, other=0.0)
     k_base = K + start64 * stride_kt + hk64 * stride_kh
     v_base = V + start64 * stride_vt + hk64 * stride_vh
-    own = i // SLC_BLOCK
+    own = pos // SLC_BLOCK
     scols = tl.arange(0, SLC_TILE)
-    acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
-    for s in range(0, TOPK):
-        j = tl.load(SEL + row * stride_st + hk64 * stride_sh + s)
-        for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
-            if (j >= 0) & (j != own):  # an earlier block: every key precedes the query
-                pos = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
-                k = tl.load(k_base + pos[:, None] * stride_kt + dk[None, :], mask=dk[None, :] < DK, other=0.0)
-                vt = tl.load(v_base + pos[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
+    acc = tl.zeros([ROWS, BLOCK_DK], tl.float32)
+    for i in range(0, QB * TOPK_PAD):
+        j, first = _next_block(pairs, i)
+        # the rows whose query selected block j as an earlier block (every key precedes the query)
+        rows_j = (tl.sum((row_sel == j).to(tl.int32), 1) > 0) & (j != own)
+        if first & (tl.max(rows_j.to(tl.int32), 0) > 0):
+            for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
+                kp = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
+                k = tl.load(k_base + kp[:, None] * stride_kt + dk[None, :], mask=dk[None, :] < DK, other=0.0)
+                vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
                 p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse2[:, None])
+                p = tl.where(rows_j[:, None], p, 0.0)
                 ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
                 acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptr = DQ + row * stride_dqt + heads[:, None] * stride_dqh + dk[None, :]
-    mask = in_g[:, None] & (dk[None, :] < DK)
+    dq_ptr = DQ + t[:, None] * stride_dqt + heads[:, None] * stride_dqh + dk[None, :]
+    mask = valid[:, None] & (dk[None, :] < DK)
     dq = tl.load(dq_ptr, mask=mask, other=0.0).to(tl.float32) + acc * scale
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=mask)
 

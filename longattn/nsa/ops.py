@@ -98,18 +98,28 @@ class _GatedSum(torch.autograd.Function):
         return (*dos, *dgs)
 
 
+SELECTED_ROWS = 64  # rows (query, head) of the selected branch's tiles: QB queries times the group's heads
+SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
+
+
 def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
+    """Tiles of the selected branch's kernels: QB consecutive queries per program, their rows all the group's
+    heads (16 queries of a group of 4, 4 of a group of 16: 64 rows)."""
     group = dims.heads_q // dims.heads_kv
+    top_pad = next_pow2(topk)
+    rows = 16 if dtype == torch.float32 and not is_interpreter() else SELECTED_ROWS  # float32: CUDA-core products
+    qb = max(1, min(rows // next_pow2(group), SELECTED_PAIRS // top_pad))
     return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DK=max(16, next_pow2(dims.dim_qk)),
-                BLOCK_DV=max(16, next_pow2(dims.dim_v)), BLOCK_G=max(16, next_pow2(group)), SLC_BLOCK=block_size,
-                SLC_TILE=min(block_size, 32 if is_interpreter() else 64), TOPK=topk,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * group)),
+                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if is_interpreter() else 64), TOPK=topk,
+                TOPK_PAD=top_pad, PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 class _Selected(torch.autograd.Function):
-    """Selected branch: forward and dq query-major (a GQA group's heads share each loaded block, each row is
-    written once), dk/dv through the block-sparse engine's kernels (organised by key block, entries standing
-    for the group)."""
+    """Selected branch: forward and dq by blocks of consecutive queries (the rows of a tile are their GQA
+    group's heads, which share each loaded block, and consecutive queries mostly select the same blocks;
+    each row is written once), dk/dv through the block-sparse engine's kernels (organised by key block,
+    entries standing for the group)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sel, own, plan: BlockPlan, dims, cu, max_q: int, block_size: int, scale: float):
@@ -118,11 +128,11 @@ class _Selected(torch.autograd.Function):
         out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
         lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
         if q.shape[0]:
-            _nsa_selected_fwd_kernel[(max_q, hkv, cu.numel() - 1)](
+            meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
+            _nsa_selected_fwd_kernel[(triton.cdiv(max_q, meta["QB"]), hkv, cu.numel() - 1)](
                 q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
-                scale * LOG2E, TOPK_PAD=next_pow2(sel.shape[-1]),
-                **_selected_meta(dims, block_size, sel.shape[-1], q.dtype))
+                scale * LOG2E, **meta)
         ctx.save_for_backward(q, k, v, out, lse, sel, own, cu)
         ctx.plan, ctx.dims, ctx.block_size, ctx.scale, ctx.max_q = plan, dims, block_size, scale, max_q
         return out
@@ -141,12 +151,12 @@ class _Selected(torch.autograd.Function):
         ent = entries(earlier, ctx.plan, dims.heads_q, dims.heads_kv, group) if earlier.numel() else None
         dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent,
                                                   earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
-        if ent is not None:  # dq of the earlier blocks, query-major, added to the own blocks' part
-            _nsa_selected_dq_kernel[(ctx.max_q, dims.heads_kv, cu.numel() - 1)](
+        if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
+            meta = _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype)
+            _nsa_selected_dq_kernel[(triton.cdiv(ctx.max_q, meta["QB"]), dims.heads_kv, cu.numel() - 1)](
                 q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
-                dq.stride(1), lse.stride(0), dims.heads_q // dims.heads_kv, ctx.scale * LOG2E, ctx.scale,
-                **_selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype))
+                dq.stride(1), lse.stride(0), dims.heads_q // dims.heads_kv, ctx.scale * LOG2E, ctx.scale, **meta)
         return (dq, dk, dv) + (None,) * 8
 
 
@@ -177,8 +187,9 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     Returns:
         ``(B, T, Hq, Dv)`` / ``(total, Hq, Dv)`` in q's dtype.
 
-    The forward is query-major: one program per (query, KV head) holds the group's heads as the rows of its
-    tiles, so every loaded block serves the whole group and the output is written once.
+    One program per block of consecutive queries and KV head holds the group's heads of those queries as the
+    rows of its tiles and visits the union of their selected blocks once each: a loaded block serves the
+    whole group of every query that selected it, and the output is written once.
     """
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                   max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
@@ -217,8 +228,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
 
     Branches: compressed attention through :func:`flash_attention` with strided key positions (which also
     gives the row lse); scores + top-n in one kernel that never stores the (T, n_cmp) probabilities;
-    selected blocks query-major, the group's heads as the rows of each tile (they share each loaded block;
-    the backward runs through the block-sparse engine's gradient kernels, organised by key block); the
+    selected blocks by blocks of consecutive queries, the group's heads as the rows of each tile (they share
+    each loaded block; dk/dv run through the block-sparse engine's gradient kernels, by key block); the
     window through flash attention; the gated sum in one Triton pass each way (no float32 copies of the
     branches are kept for the backward).
     """

@@ -36,7 +36,7 @@ tail -5 "$out/pytest.log"
 end=$(( $(date +%s) + ${BENCH_SECONDS:-330} ))
 # default: what the goals need first, sized from the first H200 run (fla's backward autotuning alone takes
 # minutes, so NSA's fwd+bwd rows come after everything else)
-IFS=';' read -ra ops <<< "${BENCH_OPS:-flash --seqlens 16k; moba --seqlens 32k,128k; mla --batches 1,64 --contexts 8k,64k; nsa --seqlens 64k --modes fwd,decode; profile; memory --seqlens 32k,128k; nsa --seqlens 16k,64k --modes fwdbwd,slc}"
+IFS=';' read -ra ops <<< "${BENCH_OPS:-flash --seqlens 16k; moba --seqlens 32k,128k; mla --batches 1,64 --contexts 8k,64k; nsa --seqlens 64k --modes fwd,decode; nsa --seqlens 64k --modes fwd,slc --inputs smooth; profile; memory --seqlens 32k,128k; nsa --seqlens 16k,64k --modes fwdbwd,slc}"
 i=0
 for op in "${ops[@]}"; do
   i=$((i + 1))

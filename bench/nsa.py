@@ -24,9 +24,25 @@ def add_args(p: argparse.ArgumentParser):
                         "fwd+bwd, vs the block-sparse engine and flex), "
                         "decode (one token per sequence against a cache of T tokens)")
     p.add_argument("--decode-batches", default="1,32", help="batch sizes of the decode rows")
+    p.add_argument("--inputs", default="random", choices=["random", "smooth"],
+                   help="random: independent q/k per token, so consecutive queries select unrelated blocks; smooth: "
+                        "q/k vary slowly along the sequence (a 256-token moving average plus noise), so consecutive "
+                        "queries select mostly the same blocks, as in trained models")
     p.add_argument("--flex-max-seqlen", type=int, default=131072,
                    help="skip flex_attention above this T")
     p.add_argument("--out", default=None)
+
+
+def _inputs(kind: str, shape, dev, dtype, window: int = 256):
+    """Unit-variance inputs (B, T, H, D), independent per token or (``smooth``) 0.8 * a moving average over
+    ``window`` tokens of white noise + 0.6 * white noise: neighbouring tokens are alike."""
+    import torch
+
+    x = torch.randn(shape, device=dev, dtype=torch.float32)
+    if kind == "smooth":
+        c = torch.nn.functional.pad(x.cumsum(1), (0, 0, 0, 0, window, 0))
+        x = 0.8 * (c[:, window:] - c[:, :-window]) / window ** 0.5 + 0.6 * torch.randn_like(x)
+    return x.to(dtype).requires_grad_()
 
 
 def _flops(cfg, T, B, hq, dk, dv):
@@ -113,8 +129,8 @@ def run(args, argv=None) -> list[dict]:
 
     for T in parse_ints(args.seqlens):
         B = max(1, args.tokens // T)
-        q = torch.randn(B, T, hq, dk, device=dev, dtype=dtype, requires_grad=True)
-        k = torch.randn(B, T, hkv, dk, device=dev, dtype=dtype, requires_grad=True)
+        q = _inputs(args.inputs, (B, T, hq, dk), dev, dtype)
+        k = _inputs(args.inputs, (B, T, hkv, dk), dev, dtype)
         v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype, requires_grad=True)
         gates = [torch.rand(B, T, hq, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)

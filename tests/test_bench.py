@@ -62,7 +62,7 @@ DRY_RUNS = {
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
             "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
     "nsa": ["--seqlens", "96", "--tokens", "96", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
-            "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0"],
+            "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0", "--inputs", "smooth"],
     "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops",
                "flash,moba,mla_prefill", "--dtype", "float16"],
     "profile": ["--cases", "nsa_fwd,nsa_decode_b1,moba_fwdbwd,mla_decode_s1", "--seqlen", "96", "--nsa-heads", "4,1",

@@ -149,14 +149,16 @@ def _nsa_cases():
         attend = dict(BLOCK_N=64, SLC_TILE=64, WINDOW=512)
         for block_g in (16, 64):  # GQA groups up to 16, and 64 heads sharing one KV head
             g = dict(shared, BLOCK_G=block_g)
-            rows = dict(QB=64 // block_g, ROWS=64)  # as _selected_meta: 4 queries of a group of 16, 1 of 64
+            # as _selected_meta: 4 queries of a group of 16, 1 of 64; head dim in two parts
+            rows = dict(QB=64 // block_g, ROWS=64, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0)
+            no_dk = {k: v for k, v in shared.items() if k != "BLOCK_DK"}
             for name, meta in (("_nsa_decode_kernel", dict(g, **blocks, **select, **attend)),
                                ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=64, CMP_STRIDE=16, CMP_BLOCK=32)),
                                ("_nsa_decode_score_split_kernel", dict({k: v for k, v in g.items() if "DV" not in k},
                                                                        **blocks, **select)),
                                ("_nsa_decode_finish_kernel", dict(g, **blocks, **attend, CAND_PAD=512)),
-                               ("_nsa_selected_fwd_kernel", dict(shared, **blocks, **rows, SLC_TILE=64)),
-                               ("_nsa_selected_dq_kernel", dict(shared, **blocks, **rows, SLC_TILE=64))):
+                               ("_nsa_selected_fwd_kernel", dict(no_dk, **blocks, **rows, SLC_TILE=64)),
+                               ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows, SLC_TILE=64))):
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale")))
         gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "DOUT", "DO1", "DO2", "DO3")}
         gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "DG1", "DG2", "DG3")})

@@ -252,24 +252,25 @@ def _random_selection(lens, hkv, n, block, device):
     return torch.tensor(rows, dtype=torch.int64, device=device).view(sum(lens), hkv, n)
 
 
-@pytest.mark.parametrize("Hq,Hkv,lens", [(8, 2, [110, 37]), (2, 2, [110, 37]), (72, 1, [40, 7])],
-                         ids=["gqa4", "mha", "group72"])
-def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, dtype, device):
+@pytest.mark.parametrize("Hq,Hkv,lens,D", [(8, 2, [110, 37], 32), (2, 2, [110, 37], 32), (72, 1, [40, 7], 32),
+                                            (16, 1, [70, 37], 48)],
+                         ids=["gqa4", "mha", "group72", "group16-d48"])
+def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, device):
     """Group entries in the backward; a group larger than an entry tile (72 heads) falls back to per-head
-    entries."""
+    entries; a head dim the kernels split into two tiles (48 = 32 + 16)."""
     from longattn.kernels.reference import block_mask_ref, masked_attention_ref
     from longattn.nsa import nsa_selected_attention
 
     block, n = 16, 4
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
     sel = _random_selection(lens, Hkv, n, block, device)
-    ins = [torch.randn(sum(lens), h, d, device=device, dtype=dtype) for h, d in ((Hq, 32), (Hkv, 32), (Hkv, 16))]
+    ins = [torch.randn(sum(lens), h, d, device=device, dtype=dtype) for h, d in ((Hq, D), (Hkv, D), (Hkv, 16))]
     ours, refs = [leaf(t) for t in ins], [leaf(t, torch.float32) for t in ins]
     out = nsa_selected_attention(*ours, sel, block_size=block, cu_seqlens=cu)
     parts = []
     for a, b in ((0, lens[0]), (lens[0], sum(lens))):
         mask = block_mask_ref(sel[a:b].repeat_interleave(Hq // Hkv, dim=1), b - a, b - a, block)
-        parts.append(masked_attention_ref(refs[0][a:b], refs[1][a:b], refs[2][a:b], mask, 32 ** -0.5)[0])
+        parts.append(masked_attention_ref(refs[0][a:b], refs[1][a:b], refs[2][a:b], mask, D ** -0.5)[0])
     ref = torch.cat(parts)
     assert_close(out, ref, dtype, "out")
     dout = torch.randn_like(ref)

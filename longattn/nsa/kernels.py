@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kernels.flash import _dot_split, _load_split, _store_split
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
@@ -146,11 +147,13 @@ def _gated_sum_bwd_kernel(O1, O2, O3, G1, G2, G3, DOUT, DO1, DO2, DO3, DG1, DG2,
 
 
 @triton.jit
-def _online_step(q, k, v, vis, m, l, acc, scale_log2, PRECISION: tl.constexpr):
+def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``vis``
     (broadcast to (G, N)); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing
-    is visible yet."""
-    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    is visible yet. q and k come in two parts along D (flash's _load_split; BLOCK_DB = 0: one)."""
+    s = _dot_split(q_a, q_b, k_a, k_b, tl.zeros([q_a.shape[0], k_a.shape[1]], tl.float32), BLOCK_DB,
+                   PRECISION) * scale_log2
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -175,17 +178,16 @@ def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLO
 
 
 @triton.jit
-def _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2, DK: tl.constexpr,
-                 DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Load the keys/values at rows ``pos`` where ``ok`` (N,) and take one online-softmax step of the rows q,
-    each seeing the keys where ``vis`` (broadcast to (rows, N))."""
-    dk = tl.arange(0, BLOCK_DK)
+def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2,
+                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Load the keys/values at rows ``pos`` where ``ok`` (N,) and take one online-softmax step of the rows q
+    (in two parts along D), each seeing the keys where ``vis`` (broadcast to (rows, N))."""
     dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_base + pos[None, :].to(tl.int64) * stride_kt + dk[:, None],
-                mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+    k_a, k_b = _load_split(k_base, pos.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
     v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
                 mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-    return _online_step(q, k, v, vis, m, l, acc, scale_log2, PRECISION)
+    return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION)
 
 
 @triton.jit
@@ -200,8 +202,8 @@ def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, D
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     for p0 in range(lo, hi, BLOCK_N):
         pos = p0 + cols
-        m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, (pos < hi)[None, :], m, l,
-                                 acc, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+        m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, (pos < hi)[None, :], m,
+                                 l, acc, scale_log2, DK, DV, BLOCK_DK, 0, BLOCK_DV, PRECISION)
     return m, l, acc
 
 
@@ -251,9 +253,9 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
             if (j >= 0) & (j * SLC_BLOCK + s0 <= last):  # skip empty slots and tiles past the query
                 pos = j * SLC_BLOCK + s0 + scols
-                m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
-                                         (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV,
-                                         PRECISION)
+                m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
+                                         (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, 0,
+                                         BLOCK_DV, PRECISION)
     return m, l, acc
 
 
@@ -275,20 +277,18 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
 
 @triton.jit
 def _query_block(Q, SEL, row0, q0, q_len, hk, group, stride_qt, stride_qh, stride_st, stride_sh, DK: tl.constexpr,
-                 BLOCK_DK: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
-                 TOPK_PAD: tl.constexpr):
+                 BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr,
+                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """The rows of a block of QB consecutive queries (row r: query q0 + r // group, head hk * group + r % group)
-    for KV head hk: their q (ROWS, BLOCK_DK), packed row t, head, position in the sequence, validity, each row's
-    selection (ROWS, TOPK_PAD) and the block's (query, slot) pairs (QB * TOPK_PAD,), -1 where none."""
+    for KV head hk: their q (two parts along D), packed row t, head, position in the sequence, validity, each
+    row's selection (ROWS, TOPK_PAD) and the block's (query, slot) pairs (QB * TOPK_PAD,), -1 where none."""
     r = tl.arange(0, ROWS)
     qi = r // group
     valid = (qi < QB) & (q0 + qi < q_len)
     pos = q0 + qi
     t = row0 + pos.to(tl.int64)
     heads = (hk * group + r % group).to(tl.int64)
-    dk = tl.arange(0, BLOCK_DK)
-    q = tl.load(Q + t[:, None] * stride_qt + heads[:, None] * stride_qh + dk[None, :],
-                mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
+    q_a, q_b = _load_split(Q, t * stride_qt + heads * stride_qh, valid, DK, BLOCK_DA, BLOCK_DB, False)
     tcols = tl.arange(0, TOPK_PAD)
     hk64 = hk.to(tl.int64)
     row_sel = tl.load(SEL + t[:, None] * stride_st + hk64 * stride_sh + tcols[None, :],
@@ -297,7 +297,7 @@ def _query_block(Q, SEL, row0, q0, q_len, hk, group, stride_qt, stride_qh, strid
     pq = p // TOPK_PAD
     pairs = tl.load(SEL + (row0 + (q0 + pq).to(tl.int64)) * stride_st + hk64 * stride_sh + p % TOPK_PAD,
                     mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
-    return q, t, heads, pos, valid, row_sel, pairs
+    return q_a, q_b, t, heads, pos, valid, row_sel, pairs
 
 
 @triton.jit
@@ -313,8 +313,9 @@ def _next_block(pairs, i):
 def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                              stride_ot, stride_oh, stride_lh, group, scale_log2,
-                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                             QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                             BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                             SLC_TILE: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head: its rows are the
     group's heads of each query (they share the selection), and it visits the union of the queries' selected
@@ -332,8 +333,9 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
         return
     start64 = start.to(tl.int64)
     hk64 = hk.to(tl.int64)
-    q, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt, stride_qh,
-                                                          stride_st, stride_sh, DK, BLOCK_DK, QB, ROWS, TOPK, TOPK_PAD)
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt,
+                                                                  stride_qh, stride_st, stride_sh, DK, BLOCK_DA,
+                                                                  BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
     k_base = K + start64 * stride_kt + hk64 * stride_kh
     v_base = V + start64 * stride_vt + hk64 * stride_vh
     last = tl.minimum(q0 + QB, q_len) - 1  # the block's last query position
@@ -348,9 +350,9 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
             for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
                 if j * SLC_BLOCK + s0 <= last:
                     kp = j * SLC_BLOCK + s0 + scols
-                    m, l, acc = _attend_tile(q, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
+                    m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
                                              rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
-                                             DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+                                             DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION)
     dv = tl.arange(0, BLOCK_DV)
     l_safe = tl.where(l > 0, l, 1.0)
     tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
@@ -362,8 +364,9 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
 def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                             stride_st, stride_sh, stride_dqt, stride_dqh, stride_lh, group, scale_log2, scale,
-                            DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
+                            DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                            BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                            SLC_TILE: tl.constexpr,
                             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """Selected branch, backward, dq from the selected blocks before each query's own one (the own block's part
     is already in DQ, from flash's backward), organised like the forward (a block of queries visits the union
@@ -379,9 +382,9 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
         return
     start64 = start.to(tl.int64)
     hk64 = hk.to(tl.int64)
-    q, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt, stride_qh,
-                                                          stride_st, stride_sh, DK, BLOCK_DK, QB, ROWS, TOPK, TOPK_PAD)
-    dk = tl.arange(0, BLOCK_DK)
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt,
+                                                                  stride_qh, stride_st, stride_sh, DK, BLOCK_DA,
+                                                                  BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
     dv = tl.arange(0, BLOCK_DV)
     do = tl.load(DO + t[:, None] * stride_dot + heads[:, None] * stride_doh + dv[None, :],
                  mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
@@ -391,7 +394,8 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     v_base = V + start64 * stride_vt + hk64 * stride_vh
     own = pos // SLC_BLOCK
     scols = tl.arange(0, SLC_TILE)
-    acc = tl.zeros([ROWS, BLOCK_DK], tl.float32)
+    acc_a = tl.zeros([ROWS, BLOCK_DA], tl.float32)
+    acc_b = tl.zeros([ROWS, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     for i in range(0, QB * TOPK_PAD):
         j, first = _next_block(pairs, i)
         # the rows whose query selected block j as an earlier block (every key precedes the query)
@@ -399,16 +403,20 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
         if first & (tl.max(rows_j.to(tl.int32), 0) > 0):
             for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
                 kp = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
-                k = tl.load(k_base + kp[:, None] * stride_kt + dk[None, :], mask=dk[None, :] < DK, other=0.0)
+                k_a, k_b = _load_split(k_base, kp * stride_kt, kp >= 0, DK, BLOCK_DA, BLOCK_DB, False)
                 vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
-                p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - lse2[:, None])
-                p = tl.where(rows_j[:, None], p, 0.0)
-                ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
-                acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptr = DQ + t[:, None] * stride_dqt + heads[:, None] * stride_dqh + dk[None, :]
-    mask = valid[:, None] & (dk[None, :] < DK)
-    dq = tl.load(dq_ptr, mask=mask, other=0.0).to(tl.float32) + acc * scale
-    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=mask)
+                s = _dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), tl.zeros([ROWS, SLC_TILE], tl.float32),
+                               BLOCK_DB, PRECISION)
+                p = tl.where(rows_j[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+                ds = (p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])).to(k_a.dtype)
+                acc_a += tl.dot(ds, k_a, input_precision=PRECISION)
+                if BLOCK_DB > 0:
+                    acc_b += tl.dot(ds, k_b, input_precision=PRECISION)
+    # add to the own blocks' part already in DQ
+    dq_rows = t * stride_dqt + heads * stride_dqh
+    own_a, own_b = _load_split(DQ, dq_rows, valid, DK, BLOCK_DA, BLOCK_DB, False)
+    _store_split(DQ, dq_rows, valid, own_a.to(tl.float32) + acc_a * scale, own_b.to(tl.float32) + acc_b * scale, DK,
+                 BLOCK_DA, BLOCK_DB)
 
 
 @triton.jit

@@ -109,7 +109,8 @@ def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
     top_pad = next_pow2(topk)
     rows = 16 if dtype == torch.float32 and not is_interpreter() else SELECTED_ROWS  # float32: CUDA-core products
     qb = max(1, min(rows // next_pow2(group), SELECTED_PAIRS // top_pad))
-    return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DK=max(16, next_pow2(dims.dim_qk)),
+    da, db = split_dim(dims.dim_qk)
+    return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * group)),
                 SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if is_interpreter() else 64), TOPK=topk,
                 TOPK_PAD=top_pad, PRECISION="ieee" if dtype == torch.float32 else "tf32")

@@ -91,17 +91,25 @@ def _sparse_cases():
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs, GROUP=1)
+        kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
+        wide = dict(num_warps=8)  # as the dK/dV launch
         floats = ("qk_scale", "scale")
         cases += [
             (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
             (f"_moba_select_kernel[{dt}]", M._moba_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=64), ()),
             (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats),
-            (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(meta), floats),
+            (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(kv_meta), floats, wide),
             (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats),
             (f"_sparse_dkdv_finish_kernel[{dt}]", K._sparse_dkdv_finish_kernel, ptr,
-             dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, BLOCK_N=bs), ()),
-            (f"_sparse_dkdv_kernel[{dt}-group16]", K._sparse_dkdv_kernel, ptr, dict(meta, GROUP=16), floats),
+             dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, BLOCK_N=bs), ()),
+            (f"_sparse_dkdv_kernel[{dt}-group16]", K._sparse_dkdv_kernel, ptr, dict(kv_meta, GROUP=16), floats,
+             wide),
+            # NSA's paper shape: head dim 192 = 128 + 64, v 128, groups of 16
+            (f"_sparse_dkdv_kernel[{dt}-d192-group16]", K._sparse_dkdv_kernel, ptr,
+             dict(kv_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, GROUP=16), floats, wide),
+            (f"_sparse_dkdv_finish_kernel[{dt}-d192]", K._sparse_dkdv_finish_kernel, ptr,
+             dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=bs), ()),
             (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats),
             (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,
              dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64), floats),

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, flash_bwd, flash_bwd_delta, flash_fwd
+from .flash import LOG2E, _dot_split, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
 from .utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
-                    kernel_inputs, next_pow2, resolve_seqlens)
+                    kernel_inputs, next_pow2, resolve_seqlens, split_dim)
 
 
 @triton.jit
@@ -119,14 +119,15 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
                         BLOCK_ROW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
                         stride_pk, stride_pv, n_seg, n_iter, chunk_tiles, Hq, HKV, qk_scale, scale,
-                        DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """dK/dV of one key tile of one (block, KV head) segment from one chunk of the entries that selected it
     (at most ``chunk_tiles`` entry tiles: a block that every query selects, like NSA's first, is spread over
     many programs). A segment of one chunk adds its result to the own-block gradients already in DK/DV; the
     chunks of a longer one write float32 partials to their own slots of PK/PV (from SLOT[segment]), which
-    _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles)."""
+    _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles). The
+    q/k head dim comes in two power-of-two parts (BLOCK_DA + BLOCK_DB, see flash's _load_split)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid >= tl.load(CHUNK_CUM + n_seg):
@@ -135,50 +136,51 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
     n_tiles = tl.load(TILE_CUM + seg + 1) - tl.load(TILE_CUM + seg)
     gb = (seg // HKV).to(tl.int64)
     hk = (seg % HKV).to(tl.int64)
-    offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + local
-    k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :], mask=offs_dk[None, :] < DQK,
-                other=0.0)
+    kt_a, kt_b = _load_split(K + hk * stride_kh, rows * stride_kt, local >= 0, DQK, BLOCK_DA, BLOCK_DB, True)
     v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :], mask=offs_dv[None, :] < DV,
                 other=0.0)
-    kt = tl.trans(k)
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    dk_a = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
+    dk_b = tl.zeros([BLOCK_N, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for tile in range(chunk * chunk_tiles, tl.minimum(chunk * chunk_tiles + chunk_tiles, n_tiles)):
         t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M, GROUP)
-        q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_dk[None, :],
-                    mask=valid[:, None] & (offs_dk[None, :] < DQK), other=0.0)
+        q_a, q_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
         do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
                      mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
-        p = tl.math.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+        s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), BLOCK_DB, PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    mk = offs_dk[None, :] < DQK
+        dst = tl.trans((p * (dp - delta[:, None])).to(q_a.dtype))
+        dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dk_b += tl.dot(dst, q_b, input_precision=PRECISION)
     mv = offs_dv[None, :] < DV
     slot0 = tl.load(SLOT + seg)
     if slot0 < 0:  # the segment's only chunk
-        dk_ptr = DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :]
+        dk_rows = rows * stride_dkt + hk * stride_dkh
+        own_a, own_b = _load_split(DK, dk_rows, local >= 0, DQK, BLOCK_DA, BLOCK_DB, False)
+        _store_split(DK, dk_rows, local >= 0, dk_a * scale + own_a.to(tl.float32), dk_b * scale + own_b.to(tl.float32),
+                     DQK, BLOCK_DA, BLOCK_DB)
         dv_ptr = DV_ + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :]
-        dk = dk * scale + tl.load(dk_ptr, mask=mk, other=0.0).to(tl.float32)
         dv = dv + tl.load(dv_ptr, mask=mv, other=0.0).to(tl.float32)
-        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=mk)
         tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
-    else:
+    else:  # partials: rows of BLOCK_DA + BLOCK_DB (k) and BLOCK_DV (v) values in the chunk's slot
         slot = slot0 + chunk
-        tl.store(PK + slot * stride_pk + local[:, None] * BLOCK_DQK + offs_dk[None, :], dk * scale)
+        _store_split(PK + slot * stride_pk, local * (BLOCK_DA + BLOCK_DB), local >= 0, dk_a * scale, dk_b * scale,
+                     BLOCK_DA + BLOCK_DB, BLOCK_DA, BLOCK_DB)
         tl.store(PV + slot * stride_pv + local[:, None] * BLOCK_DV + offs_dv[None, :], dv)
 
 
 @triton.jit
 def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stride_dkt, stride_dkh, stride_dvt,
                                stride_dvh, stride_pk, stride_pv, HKV,
-                               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     """Segments of several chunks: DK/DV (the own-block part) plus the chunks' partials, summed in order.
     Grid: (segments, key tiles)."""
@@ -190,21 +192,24 @@ def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stri
     n_chunks = tl.load(CHUNK_CUM + seg + 1) - tl.load(CHUNK_CUM + seg)
     gb = (seg // HKV).to(tl.int64)
     hk = (seg % HKV).to(tl.int64)
-    offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + local
-    mk = offs_dk[None, :] < DQK
     mv = offs_dv[None, :] < DV
-    dk_ptr = DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :]
+    dk_rows = rows * stride_dkt + hk * stride_dkh
+    dk_a, dk_b = _load_split(DK, dk_rows, local >= 0, DQK, BLOCK_DA, BLOCK_DB, False)
+    dk_a, dk_b = dk_a.to(tl.float32), dk_b.to(tl.float32)
     dv_ptr = DV_ + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :]
-    dk = tl.load(dk_ptr, mask=mk, other=0.0).to(tl.float32)
     dv = tl.load(dv_ptr, mask=mv, other=0.0).to(tl.float32)
     for c in range(0, n_chunks):
         slot = (slot0 + c).to(tl.int64)
-        dk += tl.load(PK + slot * stride_pk + local[:, None] * BLOCK_DQK + offs_dk[None, :])
+        p_a, p_b = _load_split(PK + slot * stride_pk, local * (BLOCK_DA + BLOCK_DB), local >= 0, BLOCK_DA + BLOCK_DB,
+                               BLOCK_DA, BLOCK_DB, False)
+        dk_a += p_a
+        if BLOCK_DB > 0:
+            dk_b += p_b
         dv += tl.load(PV + slot * stride_pv + local[:, None] * BLOCK_DV + offs_dv[None, :])
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=mk)
+    _store_split(DK, dk_rows, local >= 0, dk_a, dk_b, DQK, BLOCK_DA, BLOCK_DB)
     tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
 
 
@@ -486,7 +491,10 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     # dK/dV by (block, KV head) segment, each cut into chunks of at most `ch` entry tiles (their programs run side
     # by side); the chunks of a longer segment keep float32 partials in slots, at most 2 * tiles / ch of them,
     # and `ch` keeps those under PARTIALS_BYTES
-    slot_bytes = block_size * (meta["BLOCK_DQK"] + meta["BLOCK_DV"]) * 4
+    da, db = split_dim(dims.dim_qk)
+    kv_meta = dict(meta, BLOCK_DA=da, BLOCK_DB=db)
+    del kv_meta["BLOCK_DQK"]
+    slot_bytes = block_size * (da + db + meta["BLOCK_DV"]) * 4
     ch = 2 if is_interpreter() else max(CHUNK_TILES, triton.cdiv(2 * ent.max_tiles * slot_bytes, PARTIALS_BYTES))
     seg_tiles = ent.tile_cum[1:] - ent.tile_cum[:-1]
     n_chunks = (seg_tiles + ch - 1) // ch
@@ -494,7 +502,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     multi = torch.where(n_chunks > 1, n_chunks, 0)
     slot = torch.where(n_chunks > 1, multi.cumsum(0) - multi, -1)
     n_slots = max(1, 2 * ent.max_tiles // ch)
-    pk = empty(n_slots, block_size, meta["BLOCK_DQK"], device=q.device, dtype=torch.float32)
+    pk = empty(n_slots, block_size, da + db, device=q.device, dtype=torch.float32)
     pv = empty(n_slots, block_size, meta["BLOCK_DV"], device=q.device, dtype=torch.float32)
     common = (plan.block_row, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
@@ -502,10 +510,10 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     _sparse_dkdv_kernel[(ent.n_seg + triton.cdiv(ent.max_tiles, ch), block_size // bn)](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
         *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
-        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
+        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **kv_meta, num_warps=8)  # 4 spill its three accumulators
     _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
         dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DQK=meta["BLOCK_DQK"],
+        pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
         BLOCK_DV=meta["BLOCK_DV"], BLOCK_N=bn)
     if dq_by_entries:
         dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)

@@ -2,7 +2,8 @@
 
 Supports the dense ``(B, T, H, D)`` and varlen ``(total, H, D)`` layouts, GQA (K/V heads are never
 repeated), causal masking with queries aligned to the end of the keys, a sliding window, different
-q/k and v head dims (any size up to 1024; non powers of two are padded inside the kernel) and the
+q/k and v head dims (any size up to 1024; a q/k head dim that is not a power of two runs as two power-of-two
+tiles, 192 = 128 + 64, and v's is padded inside the kernel) and the
 float32 log-sum-exp of every row, whose gradient is also propagated (so partial results can be merged
 differentiably, see :mod:`longattn.kernels.merge`).
 
@@ -13,7 +14,9 @@ Kernels
                           by CUDA's 65535 bound on the other grid axes.
 ``_flash_bwd_prep_kernel`` delta = rowsum(dO * O) - dLSE.
 ``_flash_bwd_dkdv_kernel`` one program per (key block, KV head, sequence); loops over the query heads
-                          of its GQA group, so dK/dV need no atomics and are deterministic.
+                          of its GQA group, so dK/dV need no atomics and are deterministic. With few key
+                          blocks for many queries the group's heads are spread over several programs whose
+                          float32 partials are summed after (still deterministic).
 ``_flash_bwd_dq_kernel``   one program per (query block, query head, sequence).
 
 Key and query ranges are split into blocks that need masking (diagonal, window edge, ragged tail) and

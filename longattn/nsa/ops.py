@@ -104,7 +104,7 @@ SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a c
 
 def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
     """Tiles of the selected branch's kernels: QB consecutive queries per program, their rows all the group's
-    heads (16 queries of a group of 4, 4 of a group of 16: 64 rows)."""
+    heads, up to 64 rows and 128 (query, slot) pairs (n = 16: 4 queries of a group of 16, 8 of a group of 4)."""
     group = dims.heads_q // dims.heads_kv
     top_pad = next_pow2(topk)
     rows = 16 if dtype == torch.float32 and not is_interpreter() else SELECTED_ROWS  # float32: CUDA-core products

@@ -60,7 +60,8 @@ def _paged(kv_tokens, lens, page, device, shuffle=True):
     total = sum(n_pages) + 3  # spare pages, never referenced
     order = torch.randperm(total) if shuffle else torch.arange(total)
     cache = torch.randn(total, page, kv_tokens[0].shape[-1], device=device, dtype=kv_tokens[0].dtype)
-    table = torch.zeros(len(lens), max(n_pages), dtype=torch.int32)
+    # entries past a sequence's pages point far outside the cache: no kernel may read them
+    table = torch.full((len(lens), max(n_pages)), 2 ** 30, dtype=torch.int32)
     k = 0
     for b, (toks, n) in enumerate(zip(kv_tokens, lens)):
         for j in range(n_pages[b]):

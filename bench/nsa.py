@@ -3,12 +3,13 @@ the selected branch alone vs flex_attention; one-token decode vs dense SDPA."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
                      time_ms, flex_selection, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "x_kv_major", "%roof", "peak_MB"]
+           "x_kv_major", "x_query1", "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -31,6 +32,17 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--flex-max-seqlen", type=int, default=131072,
                    help="skip flex_attention above this T")
     p.add_argument("--out", default=None)
+
+
+def _one_query_per_program(call):
+    """``call`` with the selected branch's kernels taking one query per program (forward and backward)."""
+    def run():
+        os.environ["LONGATTN_NSA_QUERY_BLOCK"] = "1"
+        try:
+            return call()
+        finally:
+            del os.environ["LONGATTN_NSA_QUERY_BLOCK"]
+    return run
 
 
 def _inputs(kind: str, shape, dev, dtype, window: int = 256):
@@ -153,7 +165,9 @@ def run(args, argv=None) -> list[dict]:
                 own = (torch.arange(T, device=dev) // cfg.slc_block)[None, :, None, None]
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
             pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
-            slc = {"longattn": lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block),
+            ours = lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block)
+            # longattn_query1: the same kernels with one query per program (no block shared between queries)
+            slc = {"longattn": ours, "longattn_query1": ours,
                    # the block-sparse engine (organised by key block, per-head lists) on the same blocks
                    "longattn_kv_major": lambda q, k, v: block_sparse_attention(q, k, v, listed,
                                                                                block_size=cfg.slc_block)}
@@ -166,6 +180,8 @@ def run(args, argv=None) -> list[dict]:
                 for mode in ("slc_fwd", "slc_fwdbwd"):
                     call = (lambda fn=fn: fn(q, k, v)) if mode == "slc_fwd" else \
                         (lambda fn=fn: fn(q, k, v).backward(do))
+                    if name == "longattn_query1":
+                        call = _one_query_per_program(call)
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
                           flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype)
@@ -226,7 +242,7 @@ def _derive(rows):
             rows.append(b)
             by[("bwd", T, impl)] = b
     peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla",
-             "longattn_kv_major": "x_kv_major"}
+             "longattn_kv_major": "x_kv_major", "longattn_query1": "x_query1"}
     for (mode, T, impl), r in by.items():
         if impl != "longattn":
             continue

@@ -75,7 +75,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],  # flex: no CPU backward, skipped
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
-                                                   "decode_b2")] + [("longattn_kv_major", "slc_fwd")]}
+                                                   "decode_b2")] + [("longattn_kv_major", "slc_fwd"), ("longattn_query1", "slc_fwd")]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run (the kernels need the interpreter there); "

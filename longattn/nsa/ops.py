@@ -3,6 +3,7 @@ end) and ``nsa_decode`` (one token per sequence against a KV cache)."""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -109,6 +110,9 @@ def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
     top_pad = next_pow2(topk)
     rows = 16 if dtype == torch.float32 and not is_interpreter() else SELECTED_ROWS  # float32: CUDA-core products
     qb = max(1, min(rows // next_pow2(group), SELECTED_PAIRS // top_pad))
+    forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")  # a tuning knob for benchmarks: queries per program
+    if forced:
+        qb = next_pow2(int(forced))
     da, db = split_dim(dims.dim_qk)
     return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * group)),

@@ -77,24 +77,22 @@ def run(args, argv=None) -> list[dict]:
                 q_rope = torch.randn(B, S, H, E, device=dev, dtype=dtype)
                 bytes_ = B * L * (R + E) * 2 + 2 * B * S * H * (R + E) * 2
                 flops = 2.0 * B * S * H * L * (R + E + R)
+                def decode_row(impl, ms, **extra):
+                    return roofline(dict(op="decode", impl=impl, mode="fwd", B=B, L=L, S=S, H=H, ms=ms,
+                                         **{"GB/s": bytes_ / ms / 1e6, "%copy_bw": 100 * bytes_ / ms / 1e6 / bw,
+                                            "TFLOP/s": flops / ms / 1e9}, series=f"{impl} S={S}", **extra),
+                                    bytes_, flops, peaks)
+
                 fn = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale)
                 ms = time_ms(fn)
-                row = roofline(dict(op="decode", impl="longattn", mode="fwd", B=B, L=L, S=S, H=H, ms=ms,
-                                    **{"GB/s": bytes_ / ms / 1e6, "%copy_bw": 100 * bytes_ / ms / 1e6 / bw,
-                                       "TFLOP/s": flops / ms / 1e9}, peak_MB=peak_memory_mb(fn),
-                                    series=f"longattn S={S}"), bytes_, flops, peaks)
+                row = decode_row("longattn", ms, peak_MB=peak_memory_mb(fn))
                 rows.append(row)
                 print(f"  decode B={B} L={L} S={S}: {ms:.3f} ms, {row['GB/s']:.0f} GB/s "
                       f"({row['%copy_bw']:.0f}% of copy), {row['TFLOP/s']:.0f} TFLOP/s")
                 # without the host-side checks (no synchronisation: what a CUDA-graph decode loop runs)
-                fn = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale,
-                                        validate=False)
-                ms_u = time_ms(fn)
-                rows.append(roofline(dict(op="decode", impl="longattn_unchecked", mode="fwd", B=B, L=L, S=S, H=H,
-                                          ms=ms_u, **{"GB/s": bytes_ / ms_u / 1e6,
-                                                      "%copy_bw": 100 * bytes_ / ms_u / 1e6 / bw,
-                                                      "TFLOP/s": flops / ms_u / 1e9},
-                                          series=f"longattn_unchecked S={S}"), bytes_, flops, peaks))
+                rows.append(decode_row("longattn_unchecked", time_ms(
+                    lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale,
+                                       validate=False))))
                 if B * L <= 64 * 8192:  # the baseline materialises the gathered cache
                     kv = cache[table.long()].view(B, -1, R + E)[:, :L]
                     q = torch.cat([q_lat, q_rope], -1).transpose(1, 2)
@@ -116,11 +114,7 @@ def run(args, argv=None) -> list[dict]:
                 if fi is not None:
                     try:
                         ms_f = time_ms(fi)
-                        rows.append(roofline(dict(op="decode", impl="flashinfer", mode="fwd", B=B, L=L, S=S, H=H,
-                                                  ms=ms_f, **{"GB/s": bytes_ / ms_f / 1e6,
-                                                              "%copy_bw": 100 * bytes_ / ms_f / 1e6 / bw,
-                                                              "TFLOP/s": flops / ms_f / 1e9},
-                                                  series=f"flashinfer S={S}"), bytes_, flops, peaks))
+                        rows.append(decode_row("flashinfer", ms_f))
                         row["x_flashinfer"] = ms_f / ms
                     except Exception as e:
                         print(f"  flashinfer decode skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

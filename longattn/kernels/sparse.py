@@ -115,6 +115,14 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
 
 
 @triton.jit
+def _segment_rows(BLOCK_ROW, seg, pid_n, HKV, BLOCK_N: tl.constexpr):
+    """KV head of segment ``seg`` (a (block, KV head) pair) and key tile pid_n of its block: rows in the block
+    and in the packed keys."""
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    return (seg % HKV).to(tl.int64), local, tl.load(BLOCK_ROW + (seg // HKV).to(tl.int64)).to(tl.int64) + local
+
+
+@triton.jit
 def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_START, TILE_CUM, CHUNK_CUM, SLOT,
                         BLOCK_ROW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
@@ -134,11 +142,8 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
         return
     seg, chunk = _find_tile(CHUNK_CUM, pid, n_seg, n_iter)
     n_tiles = tl.load(TILE_CUM + seg + 1) - tl.load(TILE_CUM + seg)
-    gb = (seg // HKV).to(tl.int64)
-    hk = (seg % HKV).to(tl.int64)
+    hk, local, rows = _segment_rows(BLOCK_ROW, seg, pid_n, HKV, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
-    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + local
     kt_a, kt_b = _load_split(K + hk * stride_kh, rows * stride_kt, local >= 0, DQK, BLOCK_DA, BLOCK_DB, True)
     v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :], mask=offs_dv[None, :] < DV,
                 other=0.0)
@@ -190,11 +195,8 @@ def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stri
     if slot0 < 0:
         return
     n_chunks = tl.load(CHUNK_CUM + seg + 1) - tl.load(CHUNK_CUM + seg)
-    gb = (seg // HKV).to(tl.int64)
-    hk = (seg % HKV).to(tl.int64)
+    hk, local, rows = _segment_rows(BLOCK_ROW, seg, pid_n, HKV, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
-    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rows = tl.load(BLOCK_ROW + gb).to(tl.int64) + local
     mv = offs_dv[None, :] < DV
     dk_rows = rows * stride_dkt + hk * stride_dkh
     dk_a, dk_b = _load_split(DK, dk_rows, local >= 0, DQK, BLOCK_DA, BLOCK_DB, False)

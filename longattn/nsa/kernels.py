@@ -276,12 +276,15 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
 
 
 @triton.jit
-def _query_block(Q, SEL, row0, q0, q_len, hk, group, stride_qt, stride_qh, stride_st, stride_sh, DK: tl.constexpr,
-                 BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr,
-                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
-    """The rows of a block of QB consecutive queries (row r: query q0 + r // group, head hk * group + r % group)
-    for KV head hk: their q (two parts along D), packed row t, head, position in the sequence, validity, each
-    row's selection (ROWS, TOPK_PAD) and the block's (query, slot) pairs (QB * TOPK_PAD,), -1 where none."""
+def _query_block(Q, K, V, SEL, CU, q0, hk, b, group, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                 stride_vh, stride_st, stride_sh, DK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                 QB: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """The rows of the block of QB consecutive queries from q0 of sequence b (row r: query q0 + r // group, head
+    hk * group + r % group) for KV head hk: their q (two parts along D), packed row t, head, position in the
+    sequence, validity, each row's selection (ROWS, TOPK_PAD), the block's (query, slot) pairs (QB * TOPK_PAD,),
+    -1 where none, the sequence's K/V rows of head hk and its length (none of the rows is valid past it)."""
+    row0 = tl.load(CU + b).to(tl.int64)
+    q_len = tl.load(CU + b + 1) - tl.load(CU + b)
     r = tl.arange(0, ROWS)
     qi = r // group
     valid = (qi < QB) & (q0 + qi < q_len)
@@ -297,7 +300,9 @@ def _query_block(Q, SEL, row0, q0, q_len, hk, group, stride_qt, stride_qh, strid
     pq = p // TOPK_PAD
     pairs = tl.load(SEL + (row0 + (q0 + pq).to(tl.int64)) * stride_st + hk64 * stride_sh + p % TOPK_PAD,
                     mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
-    return q_a, q_b, t, heads, pos, valid, row_sel, pairs
+    k_base = K + row0 * stride_kt + hk64 * stride_kh
+    v_base = V + row0 * stride_vt + hk64 * stride_vh
+    return q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len
 
 
 @triton.jit
@@ -323,21 +328,12 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
     Consecutive queries select mostly the same blocks, so each block is loaded once for all of them (QB times
     less traffic than one program per query) and the tiles have QB times more rows. Writes the output and the
     natural-log lse of each row."""
-    qb = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
-    start = tl.load(CU + b)
-    q_len = tl.load(CU + b + 1) - start
-    q0 = qb * QB
+    q0 = tl.program_id(0) * QB
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
+        Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, stride_qt, stride_qh, stride_kt, stride_kh,
+        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
     if q0 >= q_len:
         return
-    start64 = start.to(tl.int64)
-    hk64 = hk.to(tl.int64)
-    q_a, q_b, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt,
-                                                                  stride_qh, stride_st, stride_sh, DK, BLOCK_DA,
-                                                                  BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
-    k_base = K + start64 * stride_kt + hk64 * stride_kh
-    v_base = V + start64 * stride_vt + hk64 * stride_vh
     last = tl.minimum(q0 + QB, q_len) - 1  # the block's last query position
     scols = tl.arange(0, SLC_TILE)
     m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -372,26 +368,17 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     is already in DQ, from flash's backward), organised like the forward (a block of queries visits the union
     of its selections once): each (query, head) row is owned by one program and updated once, without
     atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total)."""
-    qb = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
-    start = tl.load(CU + b)
-    q_len = tl.load(CU + b + 1) - start
-    q0 = qb * QB
+    q0 = tl.program_id(0) * QB
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
+        Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, stride_qt, stride_qh, stride_kt, stride_kh,
+        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
     if q0 >= q_len:
         return
-    start64 = start.to(tl.int64)
-    hk64 = hk.to(tl.int64)
-    q_a, q_b, t, heads, pos, valid, row_sel, pairs = _query_block(Q, SEL, start64, q0, q_len, hk, group, stride_qt,
-                                                                  stride_qh, stride_st, stride_sh, DK, BLOCK_DA,
-                                                                  BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
     dv = tl.arange(0, BLOCK_DV)
     do = tl.load(DO + t[:, None] * stride_dot + heads[:, None] * stride_doh + dv[None, :],
                  mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
     lse2 = tl.load(LSE + heads * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + heads * stride_lh + t, mask=valid, other=0.0)
-    k_base = K + start64 * stride_kt + hk64 * stride_kh
-    v_base = V + start64 * stride_vt + hk64 * stride_vh
     own = pos // SLC_BLOCK
     scols = tl.arange(0, SLC_TILE)
     acc_a = tl.zeros([ROWS, BLOCK_DA], tl.float32)

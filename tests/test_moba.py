@@ -128,6 +128,16 @@ def test_moba_gpu_large(T, bs, topk, dtype):
 
 
 @pytest.mark.gpu
+def test_moba_gpu_chunked_dkdv(monkeypatch, dtype):
+    """dK/dV with every (block, KV head) segment cut into chunks of 2 entry tiles: on a GPU only blocks that
+    thousands of (query, head) pairs select are, which the other tests' sizes do not reach."""
+    from longattn.kernels import sparse
+
+    monkeypatch.setattr(sparse, "CHUNK_TILES", 2)
+    test_moba_gpu_large(1500, 128, 3, dtype)
+
+
+@pytest.mark.gpu
 def test_moba_gpu_varlen_decode(dtype):
     lk = [3000, 700, 64]
     lq = [1, 1, 1]

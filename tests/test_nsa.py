@@ -217,6 +217,16 @@ def test_nsa_gpu_defaults(T, Hq, Hkv, dtype):
 
 
 @pytest.mark.gpu
+def test_nsa_gpu_chunked_dkdv(monkeypatch, dtype):
+    """The selected branch's dK/dV with every (block, KV head) segment cut into chunks of 2 entry tiles: on a
+    GPU only blocks that thousands of queries select are (NSA's first block at 64k), beyond these sizes."""
+    from longattn.kernels import sparse
+
+    monkeypatch.setattr(sparse, "CHUNK_TILES", 2)
+    test_nsa_gpu_defaults(777, 8, 2, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, None], ids=["fused", "auto-split"])
 def test_nsa_decode_gpu_defaults(splits, dtype):
     """Paper configuration, group of 16, d_qk 192 / d_v 128, contexts up to 4k with left padding."""

@@ -147,6 +147,14 @@ def _decode_case(lens, offsets, L, Hq, Hkv, dk, dv, dtype, device, config):
     return q, k.transpose(1, 2), v.transpose(1, 2), kc, vc, gates
 
 
+def _decode_ref(q, k, v, kc, vc, gates, b, n, o, config):
+    """The reference's last row (and selection) for sequence b of a decode case: n tokens from cache row o."""
+    c = config.num_cmp_blocks(n)
+    return nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(), v[b, None, o:o + n].float(),
+                             *(g[b, None, None] for g in gates), k_cmp=kc[b, None, :c].float(),
+                             v_cmp=vc[b, None, :c].float(), config=config, return_selection=True)
+
+
 RAGGED = ([300, 37, 5, 64], [10, 0, 300, 100], 320)  # 5 tokens: no compressed block yet
 
 
@@ -164,11 +172,7 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
                           num_splits=splits, return_selection=True)
     assert out.dtype == dtype and out.shape == (len(lens), Hq, 16)
     for b, (n, o) in enumerate(zip(lens, offsets)):
-        c = CFG.num_cmp_blocks(n)
-        ref, sel_r = nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(),
-                                       v[b, None, o:o + n].float(), *(g[b, None, None] for g in gates),
-                                       k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=CFG,
-                                       return_selection=True)
+        ref, sel_r = _decode_ref(q, k, v, kc, vc, gates, b, n, o, CFG)
         assert torch.equal(_sorted_sel(sel[b]), _sorted_sel(sel_r[0, 0])), f"sequence {b}: selection differs"
         assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
     # unchecked (no host synchronisation; work sized for the cache's length, the caches NaN past each sequence)
@@ -238,11 +242,7 @@ def test_nsa_decode_gpu_defaults(splits, dtype):
     out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=cfg,
                           num_splits=splits, return_selection=True)
     for b, (n, o) in enumerate(zip(lens, offsets)):
-        c = cfg.num_cmp_blocks(n)
-        ref, sel_r = nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(),
-                                       v[b, None, o:o + n].float(), *(g[b, None, None] for g in gates),
-                                       k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=cfg,
-                                       return_selection=True)
+        ref, sel_r = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg)
         # bf16 scores may order a near-tie differently: at most one block apart
         differ = len(set(sel[b].flatten().tolist()) - set(sel_r[0, 0].flatten().tolist()))
         assert differ <= (1 if dtype == torch.bfloat16 else 0), f"sequence {b}: selection differs"

@@ -8,7 +8,7 @@ from .common import (device_peaks, environment, parse_ints, peak_memory_mb, requ
                      time_ms, write_results)
 
 COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "%roof", "x_sdpa",
-           "x_flashinfer", "peak_MB"]
+           "x_flashinfer", "peak_MB", "config"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -49,6 +49,15 @@ def _flashinfer_decode(cache, table, L, q_lat, q_rope, scale):
         return None
 
 
+def _tuned_config() -> str:
+    """The decode kernel's configuration picked by the autotuner for the last launch: tokens per tile, warps,
+    pipeline stages."""
+    from longattn.mla.kernels import _mla_decode_tuned
+
+    c = getattr(_mla_decode_tuned, "best_config", None)
+    return f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" if c is not None else ""
+
+
 def run(args, argv=None) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -85,7 +94,7 @@ def run(args, argv=None) -> list[dict]:
 
                 fn = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale)
                 ms = time_ms(fn)
-                row = decode_row("longattn", ms, peak_MB=peak_memory_mb(fn))
+                row = decode_row("longattn", ms, peak_MB=peak_memory_mb(fn), config=_tuned_config())
                 rows.append(row)
                 print(f"  decode B={B} L={L} S={S}: {ms:.3f} ms, {row['GB/s']:.0f} GB/s "
                       f"({row['%copy_bw']:.0f}% of copy), {row['TFLOP/s']:.0f} TFLOP/s")

@@ -122,14 +122,17 @@ def _mla_cases():
 
     cases = []
     for dt, has_bt, s_pad, block_h in (("bf16", True, 1, 64), ("bf16", True, 4, 16), ("fp16", False, 2, 32),
-                                       ("fp32", True, 1, 16)):
+                                       ("bf16", True, 1, 16), ("fp32", True, 1, 16)):
         ptr = {n: f"*{dt}" for n in ("QL", "QR", "KV")}
         ptr.update({"BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
         meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
-                    S_PAD=s_pad, BLOCK_N=64 if dt != "fp32" else 16, PRECISION="tf32" if dt != "fp32" else "ieee")
-        cases.append((f"_mla_decode_kernel[{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}]",
-                      K._mla_decode_kernel, ptr, meta, ("qk_scale",),
-                      dict(num_warps=8 if block_h * s_pad >= 64 else 4, num_stages=2)))
+                    S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee")
+        for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"]):  # every tile the autotuner tries
+            n = c.kwargs["BLOCK_N"]
+            tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
+            cases.append((f"_mla_decode_kernel[{tag}]",
+                          K._mla_decode_kernel, ptr, dict(meta, BLOCK_N=n), ("qk_scale",),
+                          dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     return cases
 
 

@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from longattn.mla import PagedLatentCache, mla_absorbed_ref, mla_decode, mla_decode_ref, mla_naive_ref, mla_prefill
+from longattn.mla import ops as mla_ops
+from longattn.mla.kernels import _mla_decode_kernel, decode_candidates
+from longattn.mla.ops import _split_context
 from longattn.mla.reference import gather_paged_ref
 from helpers import assert_close, assert_lse_close, leaf
 
@@ -170,6 +173,62 @@ def test_decode_bad_inputs(device):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens.long(), block_table=table, scale=0.1)
     with pytest.raises(TypeError, match="scale is required"):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table, scale=None)
+
+
+@pytest.mark.parametrize("groups,max_len,sms,one,want", [(128, 8192, 132, True, 1), (512, 8192, 132, True, 1),
+                                                         (2, 65536, 132, True, 64), (1, 100, 4, False, 2),
+                                                         (3, 5000, 132, False, None)])
+def test_decode_split_context(groups, max_len, sms, one, want):
+    """Split-KV sizing: splits are whole multiples of 64 tokens that cover the context; a batch that fills the
+    GPU is not split (batch 64 x 2 head groups on 132 SMs), batch 1 spreads over every SM."""
+    n, per = _split_context(groups, max_len, sms, one_per_sm=one)
+    assert per % 64 == 0 and (n - 1) * per < max_len <= n * per
+    assert groups * n <= 2 * sms * (1 if one else 2) or n == 1
+    if want is not None:
+        assert n == want
+
+
+def test_decode_candidates():
+    """Every tile the autotuner may try fits in shared memory and within a page; 64 rows run on 8 warps."""
+    for rows, page in ((64, 64), (64, 16), (16, 256), (8, 32)):
+        configs = decode_candidates(rows, page, 576, "tf32")
+        assert configs
+        for c in configs:
+            assert c.kwargs["BLOCK_N"] <= page and c.num_warps == (8 if rows >= 64 else 4)
+            assert 2 * 576 * (rows + c.kwargs["BLOCK_N"] * c.num_stages) <= 227 * 1024
+    assert [c.kwargs["BLOCK_N"] for c in decode_candidates(64, 64, 576, "ieee")] == [16]
+
+
+class _Launch:
+    """Stands in for the autotuned decode kernel: launches one given configuration."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __getitem__(self, grid):
+        c = self.config
+        return lambda *args, **meta: _mla_decode_kernel[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps,
+                                                              num_stages=c.num_stages)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [64, 16])
+def test_decode_every_candidate(rows, monkeypatch):
+    """Each configuration the autotuner may pick gives the reference's result (the suite otherwise runs only the
+    first, LONGATTN_AUTOTUNE=0)."""
+    B, S, dtype = 3, 1, torch.bfloat16
+    H = rows  # one head group of `rows` rows
+    lens = [1, 700, 2100]
+    kv_tokens = [torch.randn(n, 576, device="cuda", dtype=dtype) for n in lens]
+    cache, table = _paged(kv_tokens, lens, 64, "cuda")
+    q_lat = torch.randn(B, S, H, 512, device="cuda", dtype=dtype)
+    q_rope = torch.randn(B, S, H, 64, device="cuda", dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    ref, _ = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
+    for c in decode_candidates(rows, 64, 576, "tf32"):
+        monkeypatch.setattr(mla_ops, "_mla_decode_tuned", _Launch(c))
+        out = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
+        assert_close(out, ref, dtype, f"o_latent with {c}")
 
 
 @pytest.mark.gpu

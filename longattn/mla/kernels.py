@@ -4,11 +4,16 @@ One program takes one sequence, a group of BLOCK_H query heads times its S query
 the cache: MQA) and one split of the context; it streams the split's tokens once, 576 values each (the
 512-d latent, which is both key part and value, and the 64-d rotary key), and writes its normalised
 partial output with its lse; the lse merge then combines the splits.
+
+On a GPU the launch goes through ``_mla_decode_tuned``, which picks the token tile and pipeline depth per
+(dtype, rows, page size) by timing the candidates (``LONGATTN_AUTOTUNE=0``: the first that fits).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..kernels.utils import autotune_enabled
 
 
 @triton.jit
@@ -50,12 +55,17 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, BLOCK_RANK], tl.float32)
+    # a tile lies in one page (BLOCK_N divides PAGE, tiles start at multiples of BLOCK_N). The page of the next
+    # tile is read one iteration ahead: the cache loads then depend on no load of their own iteration, and the
+    # compiler can keep num_stages tiles in flight (it keeps two when a tile's address waits on its page)
+    bt_row = BT + b64 * stride_btb
+    page = tl.load(bt_row + lo // PAGE).to(tl.int64) if HAS_BT else 0
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_n = n < hi
         if HAS_BT:
-            page = tl.load(BT + b64 * stride_btb + n // PAGE, mask=in_n, other=0).to(tl.int64)
             tok = page * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvt
+            page = tl.load(bt_row + tl.minimum(n0 + BLOCK_N, hi - 1) // PAGE).to(tl.int64)
         else:
             tok = b64 * stride_kvp + n.to(tl.int64) * stride_kvt
         c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)
@@ -77,3 +87,37 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
              + offs_r[None, :], out.to(OS.dtype.element_ty), mask=valid[:, None] & in_r[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(l_ptr, lse, mask=valid)
+
+
+SMEM_LIMIT = 227 * 1024
+# 16-bit candidates (rows = heads x query tokens, up to 64): beside q (64 x 576), 64-token tiles fit 2
+# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows)
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for n, w, s in ((32, 8, 4), (64, 8, 2), (32, 8, 3), (16, 8, 6), (32, 4, 4), (64, 4, 2),
+                                   (16, 4, 4))]
+
+
+def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
+    """The configurations tried for a launch with ``rows`` (head, token) rows, pages of ``page`` tokens and
+    ``width`` padded values per token: warps by rows (8 for 64 rows), tiles within a page, q plus num_stages
+    16-bit cache tiles within shared memory; float32 (CUDA cores) takes its one small-tile configuration.
+    The first is the one used without autotuning."""
+    if precision == "ieee":
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=2)]
+
+    def smem(c):
+        return 2 * width * (rows + c.kwargs["BLOCK_N"] * c.num_stages)
+
+    keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4) and c.kwargs["BLOCK_N"] <= page
+            and smem(c) <= SMEM_LIMIT]
+    return keep or [min(_DECODE_CONFIGS, key=smem)]
+
+
+def _decode_prune(configs, named_args, **kwargs):
+    a = {**named_args, **kwargs}
+    keep = decode_candidates(a["BLOCK_H"] * a["S_PAD"], a["PAGE"], a["BLOCK_RANK"] + a["BLOCK_ROPE"], a["PRECISION"])
+    return keep if autotune_enabled() else keep[:1]
+
+
+_mla_decode_tuned = triton.autotune(configs=_DECODE_CONFIGS, key=["BLOCK_H", "S_PAD", "PAGE", "HAS_BT", "PRECISION"],
+                                    prune_configs_by={"early_config_prune": _decode_prune})(_mla_decode_kernel)

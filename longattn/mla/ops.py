@@ -10,7 +10,7 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (check_device, check_same_dtype, check_scale, check_tensor, empty,
                              is_interpreter, kernel_inputs, next_pow2, num_sms)
-from .kernels import _mla_decode_kernel
+from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
 
@@ -61,6 +61,29 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     q = torch.cat([q_nope, q_rope], -1)
     return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+
+
+SPLIT_UNIT = 64  # tokens: context splits are multiples of every tile size (and tiles never straddle a page)
+
+
+def _split_context(groups: int, max_len: int, sms: int, *, one_per_sm: bool):
+    """Split-KV: how many splits of the context (and tokens per split) for ``groups`` programs per split.
+
+    Picks the count with the least modelled time: waves of programs over the SMs (one program per SM when its
+    tiles fill shared memory, else two) times the tiles a program streams plus one for its prologue and
+    epilogue (loading q, writing its partial output); ties go to fewer splits (less to merge). A batch that
+    already fills the GPU keeps its context whole; batch 1 spreads it over every SM.
+    """
+    slots = sms * (1 if one_per_sm else 2)
+    units = triton.cdiv(max_len, SPLIT_UNIT)
+    best = None
+    for n in range(1, min(units, triton.cdiv(2 * slots, groups)) + 1):
+        per = triton.cdiv(units, n)
+        cost = triton.cdiv(groups * triton.cdiv(units, per), slots) * (per + 1)
+        if best is None or cost < best[0]:
+            best = (cost, per)
+    per_split = best[1] * SPLIT_UNIT
+    return triton.cdiv(max_len, per_split), per_split
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
@@ -149,28 +172,27 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
 
     s_pad = next_pow2(S)
     # 16 to 64 rows of (head, token) per program; float32 products run on CUDA cores (no tensor cores), where
-    # 16 rows and 16 tokens per tile keep the tiles in registers
+    # 16 rows keep the tiles in registers
     wide = q_latent.dtype != torch.float32 or is_interpreter()
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
-    block_n = min(page, 32 if is_interpreter() else (64 if wide else 16))
-    groups = B * triton.cdiv(H, block_h)
-    max_len = max(lens)
-    n_split = max(1, min(triton.cdiv(2 * num_sms(q_latent.device), groups), triton.cdiv(max_len, block_n)))
-    per_split = triton.cdiv(triton.cdiv(max_len, n_split), block_n) * block_n
-    n_split = triton.cdiv(max_len, per_split)
+    n_split, per_split = _split_context(B * triton.cdiv(H, block_h), max(lens), num_sms(q_latent.device),
+                                        one_per_sm=wide and block_h * s_pad >= 64)
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
     bt_arg = block_table if block_table is not None else cache_seqlens
-    _mla_decode_kernel[(triton.cdiv(H, block_h), B, n_split)](
-        ql, qr, kv, bt_arg, cache_seqlens, outs, lses,
-        ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
-        kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
-        outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
-        H, S, per_split, scale * LOG2E,
-        RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
-        HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad, BLOCK_N=block_n,
-        PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_h * s_pad >= 64 else 4, num_stages=2)  # 3 stages of 64 x 576 tiles overflow smem
+    args = (ql, qr, kv, bt_arg, cache_seqlens, outs, lses,
+            ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+            kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
+            outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
+            H, S, per_split, scale * LOG2E)
+    meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
+                HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
+                PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")
+    grid = (triton.cdiv(H, block_h), B, n_split)
+    if is_interpreter():  # one tile size, no timing of candidates
+        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
+    else:
+        _mla_decode_tuned[grid](*args, **meta)
     out, lse = merge_fwd(outs, lses) if n_split > 1 else (outs[0], lses[0])
     out = out.view(B, S, H, R).to(q_latent.dtype)
     if return_lse:

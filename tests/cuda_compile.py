@@ -72,10 +72,11 @@ def _flash_cases():
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
         mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",
                 "LSE": "*fp32", "DLSE": "*fp32", "DLSE_in": "*fp32"}
+        rows = (2048 if dt == "fp32" else 4096) // bd(dv)  # as merge's _block_t
         cases.append((f"_merge_fwd_kernel[{dt}]", M._merge_fwd_kernel, mptr,
-                      dict(D=dv, BLOCK_D=bd(dv), BLOCK_T=64), ()))
+                      dict(D=dv, BLOCK_D=bd(dv), BLOCK_T=rows), ()))
         cases.append((f"_merge_bwd_kernel[{dt}]", M._merge_bwd_kernel, mptr,
-                      dict(D=dv, BLOCK_D=bd(dv), HAS_DLSE=True, BLOCK_T=64), ()))
+                      dict(D=dv, BLOCK_D=bd(dv), HAS_DLSE=True, BLOCK_T=rows), ()))
     return cases
 
 

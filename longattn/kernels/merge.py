@@ -23,35 +23,35 @@ def _merge_fwd_kernel(O_in, LSE_in, O, LSE, n_parts, seqlen,
     pid_t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = (pid_t * BLOCK_T).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    in_t = offs_t < seqlen
-    t64 = offs_t.to(tl.int64)
+    in_t = t0 + offs_t < seqlen
     msk = in_t[:, None] & (offs_d[None, :] < D)
+    # 64-bit arithmetic on the scalar bases only (a part n lives at base + n * stride); offsets within a tile
+    # stay 32-bit, so no tensor of 64-bit pointers is carried through the loops
+    l_base = LSE_in + b * s_lin_b + h * s_lin_h + t0
+    o_base = O_in + b * s_in_b + h * s_in_h + t0 * s_in_t
+    o_off = offs_t[:, None] * s_in_t + offs_d[None, :]
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    # part n lives at base + n * stride; advancing pointers keeps the offsets in 64 bits
-    L_ptr = LSE_in + b * s_lin_b + h * s_lin_h + t64
-    for _ in range(0, n_parts):
-        m = tl.maximum(m, tl.load(L_ptr, mask=in_t, other=float("-inf")))
-        L_ptr += s_lin_n
+    for n in range(0, n_parts):
+        m = tl.maximum(m, tl.load(l_base + n * s_lin_n + offs_t, mask=in_t, other=float("-inf")))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     total = tl.zeros([BLOCK_T], tl.float32)
-    L_ptr = LSE_in + b * s_lin_b + h * s_lin_h + t64
-    O_ptr = O_in + b * s_in_b + h * s_in_h + t64[:, None] * s_in_t + offs_d[None, :]
-    for _ in range(0, n_parts):
-        w = tl.exp(tl.load(L_ptr, mask=in_t, other=float("-inf")) - m_use)
-        o_n = tl.load(O_ptr, mask=msk, other=0.0).to(tl.float32)
+    for n in range(0, n_parts):
+        n64 = tl.full([], n, tl.int64)
+        w = tl.exp(tl.load(l_base + n64 * s_lin_n + offs_t, mask=in_t, other=float("-inf")) - m_use)
+        o_n = tl.load(o_base + n64 * s_in_n + o_off, mask=msk, other=0.0).to(tl.float32)
         o_n = tl.where(w[:, None] > 0.0, o_n, 0.0)  # an empty part's output is never used
         acc += w[:, None] * o_n
         total += w
-        L_ptr += s_lin_n
-        O_ptr += s_in_n
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, total)))
-    tl.store(O + b * s_ob + h * s_oh + t64[:, None] * s_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=msk)
-    tl.store(LSE + b * s_lb + h * s_lh + t64, lse, mask=in_t)
+    tl.store(O + b * s_ob + h * s_oh + t0 * s_ot + (offs_t[:, None] * s_ot + offs_d[None, :]),
+             out.to(O.dtype.element_ty), mask=msk)
+    tl.store(LSE + b * s_lb + h * s_lh + t0 + offs_t, lse, mask=in_t)
 
 
 @triton.jit
@@ -107,10 +107,12 @@ def _out_strides(o: torch.Tensor, lse: torch.Tensor):
     return (o.stride(0), o.stride(1), o.stride(2)), (lse.stride(0), lse.stride(1))
 
 
-def _block_t(d: int) -> int:
+def _block_t(d: int, elem: int) -> int:
+    """Rows per program: 8 KB of outputs per tile (4096 16-bit elements; 4 warps hold a tile and its part
+    without spilling registers)."""
     if is_interpreter():
         return 64
-    return max(16, min(128, 8192 // next_pow2(d)))
+    return max(8, min(128, 8192 // (next_pow2(d) * elem)))
 
 
 def merge_fwd(outs: torch.Tensor, lses: torch.Tensor):
@@ -121,7 +123,7 @@ def merge_fwd(outs: torch.Tensor, lses: torch.Tensor):
     lse = empty(lses.shape[1:], device=outs.device, dtype=torch.float32)
     if out.numel() > 0:
         so, sl = _out_strides(out, lse)
-        bt = _block_t(D)
+        bt = _block_t(D, outs.element_size())
         _merge_fwd_kernel[(triton.cdiv(T, bt), H, B)](
             outs, lses, out, lse, outs.shape[0], T, *s_in, *s_lin, *so, *sl,
             D=D, BLOCK_D=next_pow2(D), BLOCK_T=bt)
@@ -149,7 +151,7 @@ class _Merge(torch.autograd.Function):
         if out.numel() > 0:
             so, sl = _out_strides(out, lse)
             sdo, _ = _out_strides(dout, lse)
-            bt = _block_t(D)
+            bt = _block_t(D, outs.element_size())
             _merge_bwd_kernel[(triton.cdiv(T, bt), H, B)](
                 outs, lses, out, lse, dout, dlse, d_outs, d_lses, outs.shape[0], T, *s_in, *s_lin, *so, *sl, *sdo,
                 D=D, BLOCK_D=next_pow2(D), HAS_DLSE=dlse is not None, BLOCK_T=bt)

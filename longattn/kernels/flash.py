@@ -93,12 +93,20 @@ def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: t
 def _visible(pos_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KS: tl.constexpr,
              KO: tl.constexpr):
     """(M, N) mask of the keys offs_n (key j at position j*KS + KO) visible to the queries at pos_m."""
-    vis = offs_n[None, :] < k_len
-    kpos = offs_n * KS + KO
+    return _visible_2d(pos_m[:, None], offs_n[None, :], k_len, window, CAUSAL, HAS_WINDOW, KS, KO)
+
+
+@triton.jit
+def _visible_2d(qpos, kidx, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KS: tl.constexpr,
+                KO: tl.constexpr):
+    """Visibility for query positions ``qpos`` and key indices ``kidx`` broadcast against each other: (M, 1)
+    and (1, N) give the (M, N) mask, (1, M) and (N, 1) its transpose."""
+    vis = kidx < k_len
+    kpos = kidx * KS + KO
     if CAUSAL:
-        vis = vis & (kpos[None, :] <= pos_m[:, None])
+        vis = vis & (kpos <= qpos)
     if HAS_WINDOW:
-        vis = vis & (kpos[None, :] > pos_m[:, None] - window)
+        vis = vis & (kpos > qpos - window)
     return vis
 
 
@@ -334,11 +342,14 @@ def _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m):
 
 
 @triton.jit
-def _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
+def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, stride_qt, stride_dot,
                 offs_n, start, end, q_len, k_len, shift, window, qk_scale, offs_dv, DQK: tl.constexpr,
                 DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                 KS: tl.constexpr, KO: tl.constexpr):
+    """Works on the transposed (N, M) problem: s^T = k q^T, so p^T and ds^T come out of their matmuls in the
+    layout of the next matmul's left operand (no transposition through shared memory) and k, v stay left
+    operands read from shared memory."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_m = offs_m < q_len
@@ -347,11 +358,15 @@ def _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr
         do = tl.load(DO_ptr + rows[:, None] * stride_dot + offs_dv[None, :],
                      mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse2, delta = _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m)
-        p = _bwd_probs(q_a, q_b, kt_a, kt_b, lse2, offs_m + shift, offs_n, k_len, window, qk_scale, BLOCK_DB, MASKED,
-                       CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dst = tl.trans((p * (dp - delta[:, None])).to(q_a.dtype))
+        st = _dot_split(k_a, k_b, tl.trans(q_a), tl.trans(q_b), tl.zeros([k_a.shape[0], BLOCK_M], tl.float32),
+                        BLOCK_DB, PRECISION)
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        if MASKED:
+            pt = tl.where(_visible_2d((offs_m + shift)[None, :], offs_n[:, None], k_len, window, CAUSAL, HAS_WINDOW,
+                                      KS, KO), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q_a.dtype)
         dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
         if BLOCK_DB > 0:
             dk_b += tl.dot(dst, q_b, input_precision=PRECISION)
@@ -401,8 +416,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
     offs_dv = tl.arange(0, BLOCK_DV)
     in_n = offs_n < k_len
     k_rows = (k_start + offs_n).to(tl.int64)
-    kt_a, kt_b = _load_split(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh, k_rows * stride_kt, in_n, DQK,
-                             BLOCK_DA, BLOCK_DB, True)
+    k_a, k_b = _load_split(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh, k_rows * stride_kt, in_n, DQK,
+                           BLOCK_DA, BLOCK_DB, False)
     v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vt
                 + offs_dv[None, :], mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk_a = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
@@ -434,15 +449,15 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         DO_ptr = DO + b64 * stride_dob + h * stride_doh
         LSE_ptr = LSE + b64 * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
-        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                      stride_qt, stride_dot,
                                      offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                      BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                      stride_qt, stride_dot,
                                      offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                      BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, kt_a, kt_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                      stride_qt, stride_dot,
                                      offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                      BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)

@@ -115,11 +115,12 @@ def _block_t(d: int, elem: int) -> int:
     return max(8, min(128, 8192 // (next_pow2(d) * elem)))
 
 
-def merge_fwd(outs: torch.Tensor, lses: torch.Tensor):
+def merge_fwd(outs: torch.Tensor, lses: torch.Tensor, out_dtype: torch.dtype = None):
     """Merge launch on validated, stacked inputs: outs (N, B, T, H, D) or (N, total, H, D), lses
-    (N, B, H, T) or (N, H, total), both contiguous. Returns (out, lse)."""
+    (N, B, H, T) or (N, H, total), both contiguous. Returns (out, lse); out in ``out_dtype`` (default: that of
+    outs: float32 partials can be merged straight into a 16-bit output)."""
     B, T, H, D, s_in, s_lin = _views(outs, lses)
-    out = empty(outs.shape[1:], device=outs.device, dtype=outs.dtype)
+    out = empty(outs.shape[1:], device=outs.device, dtype=out_dtype or outs.dtype)
     lse = empty(lses.shape[1:], device=outs.device, dtype=torch.float32)
     if out.numel() > 0:
         so, sl = _out_strides(out, lse)

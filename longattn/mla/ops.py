@@ -74,16 +74,19 @@ def _split_context(groups: int, max_len: int, sms: int, *, one_per_sm: bool):
     epilogue (loading q, writing its partial output); ties go to fewer splits (less to merge). A batch that
     already fills the GPU keeps its context whole; batch 1 spreads it over every SM.
     """
+    def cdiv(a, b):  # plain ints: this runs at every decoding step (triton.cdiv costs microseconds a call)
+        return -(-a // b)
+
     slots = sms * (1 if one_per_sm else 2)
-    units = triton.cdiv(max_len, SPLIT_UNIT)
+    units = cdiv(max_len, SPLIT_UNIT)
     best = None
-    for n in range(1, min(units, triton.cdiv(2 * slots, groups)) + 1):
-        per = triton.cdiv(units, n)
-        cost = triton.cdiv(groups * triton.cdiv(units, per), slots) * (per + 1)
+    for n in range(1, min(units, cdiv(2 * slots, groups)) + 1):
+        per = cdiv(units, n)
+        cost = cdiv(groups * cdiv(units, per), slots) * (per + 1)
         if best is None or cost < best[0]:
             best = (cost, per)
     per_split = best[1] * SPLIT_UNIT
-    return triton.cdiv(max_len, per_split), per_split
+    return cdiv(max_len, per_split), per_split
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
@@ -177,7 +180,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
     n_split, per_split = _split_context(B * triton.cdiv(H, block_h), max(lens), num_sms(q_latent.device),
                                         one_per_sm=wide and block_h * s_pad >= 64)
-    outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32)
+    # a single split writes the output itself; several write float32 partials merged into q's dtype
+    outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
     bt_arg = block_table if block_table is not None else cache_seqlens
     args = (ql, qr, kv, bt_arg, cache_seqlens, outs, lses,
@@ -193,8 +197,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
     else:
         _mla_decode_tuned[grid](*args, **meta)
-    out, lse = merge_fwd(outs, lses) if n_split > 1 else (outs[0], lses[0])
-    out = out.view(B, S, H, R).to(q_latent.dtype)
+    out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])
+    out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only under the interpreter (bfloat16 run as float32)
     if return_lse:
         return out, lse.view(H, B, S).permute(1, 0, 2)
     return out

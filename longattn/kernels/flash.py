@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .utils import (AttnDims, autotune_configs, autotune_enabled, check_attention_inputs, check_positive_int,
-                    check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
+                    cdiv, check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
                     resolve_seqlens, split_dim)
 
 LOG2E = 1.4426950408889634
@@ -596,7 +596,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     if out.numel() == 0 or lse.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    grid = lambda meta: (triton.cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
+    grid = lambda meta: (cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, dims.cu_seqlens_q, dims.cu_seqlens_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
@@ -614,7 +614,7 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
         return delta
     block_dv = max(16, next_pow2(dims.dim_v))
     prep_block = 32 if is_interpreter() else 64
-    _flash_bwd_prep_kernel[(triton.cdiv(dims.max_seqlen_q, prep_block) * dims.batch, dims.heads_q)](
+    _flash_bwd_prep_kernel[(cdiv(dims.max_seqlen_q, prep_block) * dims.batch, dims.heads_q)](
         out, do, dlse, delta, dims.cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=block_dv,
         IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=prep_block)
@@ -632,16 +632,16 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     # Few key blocks for many queries (NSA's compressed keys, a short context under a long chunk): too few
     # programs to fill the GPU, the first of them (causal) with the most work. The query heads of a GQA group
     # are then spread over several programs per key block, whose float32 partial dK/dV are added up after.
-    programs = triton.cdiv(dims.max_seqlen_k, 128) * dims.batch * dims.heads_kv
-    per_split = triton.cdiv(dims.group, max(1, min(dims.group, triton.cdiv(8 * num_sms(q.device), programs))))
-    n_splits = triton.cdiv(dims.group, per_split)
+    programs = cdiv(dims.max_seqlen_k, 128) * dims.batch * dims.heads_kv
+    per_split = cdiv(dims.group, max(1, min(dims.group, cdiv(8 * num_sms(q.device), programs))))
+    n_splits = cdiv(dims.group, per_split)
     if n_splits > 1:
         dk = empty(n_splits, *k.shape, device=k.device, dtype=torch.float32)
         dv = empty(n_splits, *v.shape, device=v.device, dtype=torch.float32)
     else:
         dk, dv = empty_like(k), empty_like(v)
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
-    grid_kv = lambda m: (triton.cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
+    grid_kv = lambda m: (cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
     _flash_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
         *_strides3(dk[0] if n_splits > 1 else dk, varlen), *_strides3(dv[0] if n_splits > 1 else dv, varlen),
@@ -649,7 +649,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta)
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
-    grid_q = lambda m: (triton.cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
+    grid_q = lambda m: (cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen),

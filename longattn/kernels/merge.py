@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, check_tensor, empty, empty_like, is_interpreter, kernel_inputs, next_pow2
+from .utils import cdiv, check_device, check_tensor, empty, empty_like, is_interpreter, kernel_inputs, next_pow2
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def merge_fwd(outs: torch.Tensor, lses: torch.Tensor, out_dtype: torch.dtype = N
     if out.numel() > 0:
         so, sl = _out_strides(out, lse)
         bt = _block_t(D, outs.element_size())
-        _merge_fwd_kernel[(triton.cdiv(T, bt), H, B)](
+        _merge_fwd_kernel[(cdiv(T, bt), H, B)](
             outs, lses, out, lse, outs.shape[0], T, *s_in, *s_lin, *so, *sl,
             D=D, BLOCK_D=next_pow2(D), BLOCK_T=bt)
     return out, lse
@@ -153,7 +153,7 @@ class _Merge(torch.autograd.Function):
             so, sl = _out_strides(out, lse)
             sdo, _ = _out_strides(dout, lse)
             bt = _block_t(D, outs.element_size())
-            _merge_bwd_kernel[(triton.cdiv(T, bt), H, B)](
+            _merge_bwd_kernel[(cdiv(T, bt), H, B)](
                 outs, lses, out, lse, dout, dlse, d_outs, d_lses, outs.shape[0], T, *s_in, *s_lin, *so, *sl, *sdo,
                 D=D, BLOCK_D=next_pow2(D), HAS_DLSE=dlse is not None, BLOCK_T=bt)
         return d_outs, d_lses

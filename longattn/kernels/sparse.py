@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .flash import LOG2E, _dot_split, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
+from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
                     kernel_inputs, next_pow2, resolve_seqlens, split_dim)
 
 
@@ -407,7 +407,7 @@ def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int, group: int = 
     seg_start = torch.cat([zero, counts.cumsum(0)])
     tile_cum = torch.cat([zero, ((counts + tile_m - 1) // tile_m).cumsum(0)])
     return _Entries(entry, seg_start, tile_cum, n_seg, max(1, math.ceil(math.log2(n_seg + 1))),
-                    triton.cdiv(seg.numel(), tile_m) + n_seg, group)
+                    cdiv(seg.numel(), tile_m) + n_seg, group)
 
 
 def _meta(dims: AttnDims, dtype):
@@ -497,7 +497,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     kv_meta = dict(meta, BLOCK_DA=da, BLOCK_DB=db)
     del kv_meta["BLOCK_DQK"]
     slot_bytes = block_size * (da + db + meta["BLOCK_DV"]) * 4
-    ch = 2 if is_interpreter() else max(CHUNK_TILES, triton.cdiv(2 * ent.max_tiles * slot_bytes, PARTIALS_BYTES))
+    ch = 2 if is_interpreter() else max(CHUNK_TILES, cdiv(2 * ent.max_tiles * slot_bytes, PARTIALS_BYTES))
     seg_tiles = ent.tile_cum[1:] - ent.tile_cum[:-1]
     n_chunks = (seg_tiles + ch - 1) // ch
     chunk_cum = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
@@ -509,7 +509,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     common = (plan.block_row, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
               pk.stride(0), pv.stride(0))
-    _sparse_dkdv_kernel[(ent.n_seg + triton.cdiv(ent.max_tiles, ch), block_size // bn)](
+    _sparse_dkdv_kernel[(ent.n_seg + cdiv(ent.max_tiles, ch), block_size // bn)](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
         *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
         BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **kv_meta, num_warps=8)  # 4 spill its three accumulators

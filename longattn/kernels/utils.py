@@ -25,7 +25,13 @@ def is_interpreter() -> bool:
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (>= 1). Host code uses these plain-int helpers: triton's own are
+    constexpr functions costing microseconds a call, paid at every decoding step."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def split_dim(d: int) -> tuple:

@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.utils import (check_device, check_same_dtype, check_scale, check_tensor, empty,
+from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty,
                              is_interpreter, kernel_inputs, next_pow2, num_sms)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
@@ -74,9 +73,6 @@ def _split_context(groups: int, max_len: int, sms: int, *, one_per_sm: bool):
     epilogue (loading q, writing its partial output); ties go to fewer splits (less to merge). A batch that
     already fills the GPU keeps its context whole; batch 1 spreads it over every SM.
     """
-    def cdiv(a, b):  # plain ints: this runs at every decoding step (triton.cdiv costs microseconds a call)
-        return -(-a // b)
-
     slots = sms * (1 if one_per_sm else 2)
     units = cdiv(max_len, SPLIT_UNIT)
     best = None
@@ -178,7 +174,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     # 16 rows keep the tiles in registers
     wide = q_latent.dtype != torch.float32 or is_interpreter()
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
-    n_split, per_split = _split_context(B * triton.cdiv(H, block_h), max(lens), num_sms(q_latent.device),
+    n_split, per_split = _split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device),
                                         one_per_sm=wide and block_h * s_pad >= 64)
     # a single split writes the output itself; several write float32 partials merged into q's dtype
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
@@ -192,7 +188,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
                 HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
                 PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")
-    grid = (triton.cdiv(H, block_h), B, n_split)
+    grid = (cdiv(H, block_h), B, n_split)
     if is_interpreter():  # one tile size, no timing of candidates
         _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
     else:

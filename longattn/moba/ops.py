@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, unpack_output
-from ..kernels.utils import (AttnDims, check_attention_inputs, resolve_seqlens, check_positive_int, check_scale, empty,
-                             is_interpreter, kernel_inputs, next_pow2)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty,
+                             is_interpreter, kernel_inputs, next_pow2, resolve_seqlens)
 from .kernels import _block_mean_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -24,7 +23,7 @@ def _select(q, k, plan: BlockPlan, dims: AttnDims, block_size: int, ksel: int):
                                              BLOCK_T=32 if is_interpreter() else 64)
     sel = empty(q.shape[0], hq, ksel, device=q.device, dtype=torch.int32)
     bm = 32 if is_interpreter() else 64
-    _moba_select_kernel[(triton.cdiv(plan.max_q, bm), hq, dims.batch)](
+    _moba_select_kernel[(cdiv(plan.max_q, bm), hq, dims.batch)](
         q, kmean, sel, plan.cu_q, plan.cu_k, plan.block_off, q.stride(0), q.stride(1), kmean.stride(0),
         kmean.stride(1), sel.stride(0), sel.stride(1), block_size, hq // hkv, D=d, BLOCK_D=bd, KSEL=ksel,
         C=max(16, next_pow2(ksel)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm)

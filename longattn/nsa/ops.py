@@ -7,14 +7,14 @@ import os
 from typing import Optional
 
 import torch
-import triton
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (check_attention_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
-                             check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms, split_dim)
+from ..kernels.utils import (cdiv, check_attention_inputs, check_device, check_positive_int, check_same_dtype,
+                             check_scale, check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms,
+                             split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_finish_kernel, _nsa_decode_kernel, _nsa_decode_score_split_kernel, _nsa_select_kernel,
                       _nsa_selected_dq_kernel, _nsa_selected_fwd_kernel)
@@ -51,11 +51,11 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
     nw = ratio + inner - 1
     # selection blocks per chunk: the chunk's compressed keys must cover Eq. 9's taps into the previous chunk
-    c = max(4 if is_interpreter() else 16, next_pow2(triton.cdiv(nw - 1, ratio)))
+    c = max(4 if is_interpreter() else 16, next_pow2(cdiv(nw - 1, ratio)))
     da, db = split_dim(d)
     sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
     bm = 32 if is_interpreter() else 64
-    _nsa_select_kernel[(triton.cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
+    _nsa_select_kernel[(cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
         q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
         k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
         scale * LOG2E, D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
@@ -67,7 +67,7 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
 
 def _gate_launch(n_rows: int, dv: int):
     block_r = 16 if is_interpreter() else max(1, 2048 // next_pow2(dv))
-    return (triton.cdiv(n_rows, block_r),), dict(DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_R=block_r)
+    return (cdiv(n_rows, block_r),), dict(DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_R=block_r)
 
 
 class _GatedSum(torch.autograd.Function):
@@ -134,7 +134,7 @@ class _Selected(torch.autograd.Function):
         lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
         if q.shape[0]:
             meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
-            _nsa_selected_fwd_kernel[(triton.cdiv(max_q, meta["QB"]), hkv, cu.numel() - 1)](
+            _nsa_selected_fwd_kernel[(cdiv(max_q, meta["QB"]), hkv, cu.numel() - 1)](
                 q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
                 scale * LOG2E, **meta)
@@ -158,7 +158,7 @@ class _Selected(torch.autograd.Function):
                                                   earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
         if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
             meta = _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype)
-            _nsa_selected_dq_kernel[(triton.cdiv(ctx.max_q, meta["QB"]), dims.heads_kv, cu.numel() - 1)](
+            _nsa_selected_dq_kernel[(cdiv(ctx.max_q, meta["QB"]), dims.heads_kv, cu.numel() - 1)](
                 q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
                 dq.stride(1), lse.stride(0), dims.heads_q // dims.heads_kv, ctx.scale * LOG2E, ctx.scale, **meta)
@@ -396,7 +396,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     if num_splits is None:
         programs = B * hkv
         num_splits = 1 if programs >= num_sms(q.device) or n_cmp < 4 * block_n else \
-            min(triton.cdiv(2 * num_sms(q.device), programs), triton.cdiv(n_cmp, block_n), MAX_SPLITS)
+            min(cdiv(2 * num_sms(q.device), programs), cdiv(n_cmp, block_n), MAX_SPLITS)
     dims = dict(DK=dk, DV=dv, BLOCK_DK=max(16, next_pow2(dk)), BLOCK_DV=max(16, next_pow2(dv)),
                 BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))
@@ -415,8 +415,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, lse merge, per-split top-n, final top-n + the rest
-    per = max(1, triton.cdiv(triton.cdiv(n_cmp, num_splits), block_n)) * block_n
-    s1 = max(1, triton.cdiv(n_cmp, per))
+    per = max(1, cdiv(cdiv(n_cmp, num_splits), block_n)) * block_n
+    s1 = max(1, cdiv(n_cmp, per))
     parts = empty(s1, B, hq, dv, device=q.device, dtype=torch.float32)
     lses = empty(s1, hq, B, device=q.device, dtype=torch.float32)
     _nsa_decode_cmp_split_kernel[(B, hkv, s1)](
@@ -424,8 +424,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
         CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block)
     o_cmp, lse = merge_fwd(parts, lses) if s1 > 1 else (parts[0], lses[0])
-    per2 = max(1, triton.cdiv(triton.cdiv(n_slc, num_splits), c)) * c
-    s2 = max(1, triton.cdiv(n_slc, per2))
+    per2 = max(1, cdiv(cdiv(n_slc, num_splits), c)) * c
+    s2 = max(1, cdiv(n_slc, per2))
     top_pad = next_pow2(config.slc_topk)
     cand = empty(B, hkv, s2, top_pad, device=q.device, dtype=torch.int64)
     _nsa_decode_score_split_kernel[(B, hkv, s2)](

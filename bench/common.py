@@ -231,7 +231,8 @@ def _plot(rows, path: Path, *, x: str, y: str, series: str, panels: str, title: 
         ax.set_ylabel(y)
         ax.set_title(f"{title}: {pv}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a panel without any timed series has no legend
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,6 +6,7 @@ import torch
 
 import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
+from longattn.rollout import _cache_kw
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -28,10 +29,11 @@ def test_decode_steps_equal_full_forward(device):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        pre = model(ids[:, :20], past_key_values=cache, use_cache=True).logits
-        steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1] for i in range(20, 48)]
+        kw = {_cache_kw(model): cache, "use_cache": True}  # the keyword this transformers version takes
+        pre = model(ids[:, :20], **kw).logits
+        steps = [model(ids[:, i:i + 1], **kw).logits[:, -1] for i in range(20, 48)]
         # a chunk of several tokens, completing compressed blocks past the side cache's first capacity
-        chunk = model(ids[:, 48:], past_key_values=cache, use_cache=True).logits
+        chunk = model(ids[:, 48:], **kw).logits
     torch.testing.assert_close(pre, full[:, :20], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:48], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(chunk, full[:, 48:], atol=1e-4, rtol=1e-4)

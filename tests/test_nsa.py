@@ -104,11 +104,20 @@ def test_nsa_selection_configs(cfg, device):
     assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
 
 
-def test_mean_compression_matches_reference(device):
-    from longattn.nsa.reference import compress_mean_ref
-
-    k = torch.randn(70, 2, 8, device=device)
-    torch.testing.assert_close(_mean_compress(k, [70], CFG), compress_mean_ref(k, CFG))
+@pytest.mark.parametrize("block,stride", [(32, 16), (48, 16), (16, 16)])
+def test_mean_compression_matches_reference(block, stride, device):
+    """Packed sequences (one too short for a block), forward and gradient, blocks of 1 to 3 strides."""
+    cfg = NSAConfig(cmp_block=block, cmp_stride=stride, slc_block=64, slc_topk=3, window=16)
+    lengths = [70, 5, 49]
+    k = leaf(torch.randn(sum(lengths), 2, 8, device=device))
+    out = _mean_compress(k, lengths, cfg)
+    k_r = leaf(k.detach())
+    ref = torch.cat([compress_mean_ref(s, cfg) for s in k_r.split(lengths)])
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(k.grad, k_r.grad)
 
 
 def test_nsa_bad_arguments(device):

@@ -25,13 +25,21 @@ MAX_SPLITS = 64  # split-KV programs per (sequence, KV head) in nsa_decode
 
 
 def _mean_compress(x: torch.Tensor, lengths: list, config: NSAConfig) -> torch.Tensor:
-    """Mean-pooling compressor over packed sequences: (total, H, D) -> (total_cmp, H, D), differentiable."""
+    """Mean-pooling compressor over packed sequences: (total, H, D) -> (total_cmp, H, D), differentiable.
+
+    A block of cmp_block tokens is cmp_block / cmp_stride consecutive runs of cmp_stride tokens: each run is
+    summed once (float32 accumulation, nothing materialised in float32 beyond the sums), blocks add their runs."""
+    stride, r = config.cmp_stride, config.cmp_block // config.cmp_stride
     parts, start = [], 0
     for n in lengths:
         m = config.num_cmp_blocks(n)
         if m:
-            seq = x[start:start + n]
-            parts.append(seq.unfold(0, config.cmp_block, config.cmp_stride)[:m].float().mean(-1).to(x.dtype))
+            seq = x[start:start + (m - 1 + r) * stride]
+            runs = seq.reshape(m - 1 + r, stride, *x.shape[1:]).sum(1, dtype=torch.float32)
+            total = runs[:m]
+            for i in range(1, r):
+                total = total + runs[i:i + m]
+            parts.append((total / config.cmp_block).to(x.dtype))
         start += n
     return torch.cat(parts) if parts else x.new_zeros(0, *x.shape[1:])
 

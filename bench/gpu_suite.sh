@@ -34,6 +34,9 @@ LONGATTN_AUTOTUNE=0 LONGATTN_TEST_LOG="$out/tests.log" timeout "${PYTEST_SECONDS
 echo "pytest exit $?" >> "$out/pytest.log"
 tail -5 "$out/pytest.log"
 end=$(( $(date +%s) + ${BENCH_SECONDS:-330} ))
+# the autotuner's choice per kernel and shape goes to bench.log: which tiles win decides the candidates'
+# order (the first is what LONGATTN_AUTOTUNE=0 runs)
+export TRITON_PRINT_AUTOTUNING=1
 # default: what the open goals need first (NSA and MLA; flash and MoBA met theirs on the H200), sized from the
 # first H200 run (fla's backward autotuning alone takes minutes, so NSA's fwd+bwd rows come after the profile)
 IFS=';' read -ra ops <<< "${BENCH_OPS:-nsa --seqlens 64k --modes fwd,decode; mla --batches 1,64 --contexts 8k,64k; profile; nsa --seqlens 64k --modes fwd,slc --inputs smooth; nsa --seqlens 16k,64k --modes fwdbwd,slc; flash --seqlens 16k; memory --seqlens 32k,128k; moba --seqlens 32k,128k}"

@@ -138,7 +138,12 @@ def _mla_cases():
 
 
 def _nsa_cases():
+    import types
+
+    import torch
+
     from longattn.nsa import kernels as K
+    from longattn.nsa.ops import _selected_meta
 
     cases = []
     for dt, d in (("bf16", 192), ("fp32", 64)):
@@ -161,8 +166,11 @@ def _nsa_cases():
         attend = dict(BLOCK_N=64, SLC_TILE=64, WINDOW=512)
         for block_g in (16, 64):  # GQA groups up to 16, and 64 heads sharing one KV head
             g = dict(shared, BLOCK_G=block_g)
-            # as _selected_meta: 4 queries of a group of 16, 1 of 64; head dim in two parts
-            rows = dict(QB=64 // block_g, ROWS=64, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0)
+            # the selected branch's tiles as its launch sizes them (float32: 16 rows)
+            torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+            dims = types.SimpleNamespace(heads_q=block_g, heads_kv=1, dim_qk=d, dim_v=dv)
+            rows = {k: v for k, v in _selected_meta(dims, 64, 16, torch_dt).items()
+                    if k in ("QB", "ROWS", "BLOCK_DA", "BLOCK_DB")}
             no_dk = {k: v for k, v in shared.items() if k != "BLOCK_DK"}
             for name, meta in (("_nsa_decode_kernel", dict(g, **blocks, **select, **attend)),
                                ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=64, CMP_STRIDE=16, CMP_BLOCK=32)),

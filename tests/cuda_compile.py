@@ -63,9 +63,10 @@ def _flash_cases():
         da, db = split_dim(dqk)
         meta = dict(DQK=dqk, DV=dv, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=bd(dv), IS_VARLEN=varlen, CAUSAL=causal,
                     HAS_WINDOW=window, PRECISION="ieee" if dt == "fp32" else "tf32", KS=kpos[0], KO=kpos[1],
-                    BLOCK_M=64, BLOCK_N=64 if dt != "fp32" else 32)
+                    LEFT_PAD=not varlen and kpos == (1, 0), BLOCK_M=64, BLOCK_N=64 if dt != "fp32" else 32)
         tag = (f"{dt}-d{dqk}/{dv}-{'causal' if causal else 'full'}{'-window' if window else ''}"
-               f"{'-varlen' if varlen else ''}{'-strided' if kpos != (1, 0) else ''}")
+               f"{'-varlen' if varlen else ''}{'-strided' if kpos != (1, 0) else ''}"
+               f"{'-leftpad' if meta['LEFT_PAD'] else ''}")
         for kern in (F._flash_fwd_kernel, F._flash_bwd_dkdv_kernel, F._flash_bwd_dq_kernel):
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta), ("qk_scale", "scale")))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,

@@ -109,6 +109,52 @@ def test_varlen_matches_dense_per_sequence(device):
         start += n
 
 
+@pytest.mark.parametrize("Tq,Tk,window", [(70, 70, None), (1, 90, None), (3, 90, 20), (70, 70, 16)],
+                         ids=["prefill", "decode", "spec-window", "prefill-window"])
+def test_left_padded_batch(Tq, Tk, window, dtype, device):
+    """left_pad: each row's keys start after its padding; equal to the unpadded sequence run alone (forward,
+    lse, gradients), padding rows 0 (outputs, gradients) and lse -inf, whatever the padding held."""
+    pads = [0, 37, Tk - 2, Tk]  # none, some, all but the last two keys, a row of padding only
+    B, Hq, Hkv, D = len(pads), 4, 2, 64
+    q = torch.randn(B, Tq, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype)
+    for t in (k, v):
+        for b, p in enumerate(pads):
+            t[b, :p] = float("nan")  # padding is never read
+    pad = torch.tensor(pads, dtype=torch.int32, device=device)
+    qk, kk, vk = leaf(q), leaf(k), leaf(v)
+    out, lse = flash_attention(qk, kk, vk, window=window, left_pad=pad, return_lse=True)
+    dout = torch.randn_like(out)
+    (out.float() * dout).sum().backward()
+    for b, p in enumerate(pads):
+        q0 = max(p - (Tk - Tq), 0)  # first real query row
+        assert torch.all(out[b, :q0] == 0) and torch.all(torch.isneginf(lse[b, :, :q0]))
+        assert torch.all(qk.grad[b, :q0] == 0) and torch.all(kk.grad[b, :p] == 0) and torch.all(vk.grad[b, :p] == 0)
+        if q0 == Tq:
+            continue
+        qr, kr, vr = leaf(q[b:b + 1, q0:], torch.float32), leaf(k[b:b + 1, p:], torch.float32), \
+            leaf(v[b:b + 1, p:], torch.float32)
+        out_r, lse_r = attention_ref(qr, kr, vr, window=window, return_lse=True)
+        assert_close(out[b:b + 1, q0:], out_r, dtype, f"out row {b}")
+        assert_lse_close(lse[b:b + 1, :, q0:], lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
+        (out_r * dout[b:b + 1, q0:].float()).sum().backward()
+        for name, a, r in (("dq", qk.grad[b:b + 1, q0:], qr.grad), ("dk", kk.grad[b:b + 1, p:], kr.grad),
+                           ("dv", vk.grad[b:b + 1, p:], vr.grad)):
+            assert_close(a, r, dtype, f"{name} row {b}")
+
+
+def test_left_pad_bad_inputs(device):
+    q, k, v = (torch.randn(2, 8, 2, 16, device=device) for _ in range(3))
+    with pytest.raises(TypeError, match="left_pad must be an int32 tensor of shape \\(2,\\)"):
+        flash_attention(q, k, v, left_pad=torch.tensor([1, 2], device=device))
+    with pytest.raises(ValueError, match="left_pad must lie in \\[0, Tk=8\\]"):
+        flash_attention(q, k, v, left_pad=torch.tensor([1, 9], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="dense"):
+        flash_attention(q[0], k[0], v[0], cu_seqlens=_cu([3, 5], device),
+                        left_pad=torch.tensor([0, 0], dtype=torch.int32, device=device))
+
+
 def test_custom_scale_and_strided_inputs(device):
     """Inputs that are views with non-standard strides (heads-major storage) and a custom scale."""
     B, T, H, D = 2, 70, 4, 64

@@ -6,6 +6,7 @@ import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import tiny_deepseek_v3_config
+from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -63,8 +64,13 @@ def test_moba_generate_with_cache_equals_recompute(device):
     assert torch.equal(gen, _greedy_recompute(ours, ids, 10))
 
 
-def test_moba_batched_left_padded_generate_equals_single(device):
-    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+@pytest.mark.parametrize("impl", ["moba", "longattn"])
+def test_batched_left_padded_generate_equals_single(impl, device, monkeypatch):
+    """Left-padded batched generation gives each prompt's own tokens; flash attention ("longattn") runs the
+    padded batch in place, never unpadding (gathering) the cache."""
+    _, ours = _pair(_config(moba_block_size=16, moba_topk=2), impl, device)
+    if impl == "longattn":
+        monkeypatch.setattr(hf_attention, "_unpad", lambda *a: pytest.fail("left padding was unpadded"))
     a = torch.randint(1, 128, (1, 37)).to(device)  # 0 is the pad token
     b = torch.randint(1, 128, (1, 20)).to(device)
     batch = torch.cat([a, torch.cat([torch.zeros_like(b[:, :17]), b], 1)])
@@ -77,6 +83,18 @@ def test_moba_batched_left_padded_generate_equals_single(device):
         one_b = ours.generate(b, **kw)
     assert torch.equal(both[0, 37:], one_a[0, 37:])
     assert torch.equal(both[1, 37:], one_b[0, 20:])
+
+
+def test_right_padding_matches_sdpa(device):
+    """Right padding (not left) takes the unpadding path: the real tokens' logits equal sdpa's."""
+    ref, ours = _pair(_config(), "longattn", device)
+    ids = torch.randint(0, 128, (2, 50)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, 41:] = 0
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits[mask.bool()]
+        b = ref(ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_packed_sequences_equal_separate(device):

@@ -1,9 +1,10 @@
 """Attention functions for transformers' ``AttentionInterface``: ``"moba"`` and ``"longattn"``.
 
 transformers calls them with q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` (the cache already appended)
-and expects ``(B, Tq, Hq, D)`` back. Padding masks (left or right) are handled by unpadding to the varlen
-layout; a batch of one packed sequence (position_ids restarting at 0, no mask) runs through the varlen
-path with one sequence per segment.
+and expects ``(B, Tq, Hq, D)`` back. Left padding runs in place (flash attention's ``left_pad``); other
+padding masks (right padding, and MoBA's) are handled by unpadding to the varlen layout; a batch of one
+packed sequence (position_ids restarting at 0, no mask) runs through the varlen path with one sequence per
+segment.
 """
 from __future__ import annotations
 
@@ -85,8 +86,14 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         if cu is None:
             return op(q, k, v, scale=scaling, **opts)
         return op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts)[None]
-    qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
     kmask = attention_mask[:, -kv_len:].bool()
+    if kind != "moba":
+        # left padding (batched generation): the kernel skips each row's padding in place; gathering the real
+        # tokens into a varlen layout would copy the whole K/V cache at every step of every layer
+        pad = kv_len - kmask.sum(1, dtype=torch.int32)
+        if bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
+            return op(q, k, v, scale=scaling, left_pad=pad, **opts)
+    qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
     out_p = op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts)
     out = out_p.new_zeros(B, q_len, *out_p.shape[1:])
     out[qmask] = out_p

@@ -42,14 +42,18 @@ LN2 = 0.6931471805599453
 # Shared jit helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
-    """Start row (in the packed layout) and length of sequence b."""
+def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr, LEFT_PAD: tl.constexpr = False, pad_shift=0):
+    """Start row (in the packed layout) and length of sequence b. Dense layout with LEFT_PAD: CU holds each
+    sequence's padding rows in the key layout, less ``pad_shift`` rows (Tk - Tq for the queries) for this one."""
     if IS_VARLEN:
         start = tl.load(CU + b)
         length = tl.load(CU + b + 1) - start
     else:
         start = b * 0
         length = seqlen + b * 0
+        if LEFT_PAD:
+            start = tl.maximum(tl.load(CU + b) - pad_shift, 0)
+            length = seqlen - start
     return start, length
 
 
@@ -244,12 +248,14 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                       BLOCK_DV: tl.constexpr,
                       IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BLOCK_M: tl.constexpr,
+                      PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_K if LEFT_PAD else CU_Q, b, seqlen_q, IS_VARLEN, LEFT_PAD,
+                                 seqlen_k - seqlen_q)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN, LEFT_PAD)
     if pid_m * BLOCK_M >= q_len:
         return
     hk = h // group
@@ -399,7 +405,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
-                           KO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
     (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
     split (stride_dks / stride_dvs), added up afterwards."""
@@ -407,8 +413,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_K if LEFT_PAD else CU_Q, b, seqlen_q, IS_VARLEN, LEFT_PAD,
+                                 seqlen_k - seqlen_q)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN, LEFT_PAD)
     if pid_n * BLOCK_N >= k_len:
         return
     b64 = b.to(tl.int64)
@@ -503,12 +510,14 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                          BLOCK_DV: tl.constexpr,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BLOCK_M: tl.constexpr,
+                         PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_K if LEFT_PAD else CU_Q, b, seqlen_q, IS_VARLEN, LEFT_PAD,
+                                 seqlen_k - seqlen_q)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN, LEFT_PAD)
     if pid_m * BLOCK_M >= q_len:
         return
     hk = h // group
@@ -573,36 +582,46 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype, key_pos=(1, 0)):
+def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype, key_pos=(1, 0),
+                 left_pad=None):
     da, db = split_dim(dims.dim_qk)
     return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), IS_VARLEN=dims.varlen, CAUSAL=causal,
-                HAS_WINDOW=window is not None, PRECISION=_precision(dtype), KS=key_pos[0], KO=key_pos[1])
+                HAS_WINDOW=window is not None, PRECISION=_precision(dtype), KS=key_pos[0], KO=key_pos[1],
+                LEFT_PAD=left_pad is not None)
+
+
+def _cu_args(dims: AttnDims, left_pad):
+    """The kernels' CU_Q, CU_K: varlen offsets, or (dense, left-padded) the padding rows as CU_K."""
+    return (dims.cu_seqlens_q, dims.cu_seqlens_k) if left_pad is None else (None, left_pad)
 
 
 def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
-              key_pos=(1, 0)):
+              key_pos=(1, 0), left_pad=None):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
     a buffer of partial results); otherwise they are allocated. ``key_pos`` = (stride, offset) places key j
-    at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1). Returns
-    (out, lse)."""
+    at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1). ``left_pad``
+    (dense layout): int32 padding rows per sequence, whose query rows the kernel skips (allocated outputs
+    are then 0 / -inf there). Returns (out, lse)."""
     varlen = dims.varlen
+    padded = left_pad is not None
     if out is None:
         shape = (q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q)
-        out = empty(*shape, dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
+        out = (torch.zeros if padded else empty)(*shape, dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
     if lse is None:
         shape = (dims.heads_q, q.shape[0]) if varlen else (dims.batch, dims.heads_q, dims.max_seqlen_q)
-        lse = empty(*shape, device=q.device, dtype=torch.float32)
+        lse = torch.full(shape, float("-inf"), device=q.device) if padded else \
+            empty(*shape, device=q.device, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
     grid = lambda meta: (cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_fwd_kernel[grid](
-        q, k, v, out, lse, dims.cu_seqlens_q, dims.cu_seqlens_k,
+        q, k, v, out, lse, *_cu_args(dims, left_pad),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen),
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group,
-        **_common_meta(dims, causal, window, q.dtype, key_pos))
+        **_common_meta(dims, causal, window, q.dtype, key_pos, left_pad))
     return out, lse
 
 
@@ -622,13 +641,15 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
 
 
 def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float,
-              key_pos=(1, 0)):
+              key_pos=(1, 0), left_pad=None):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
-    as when MoBA or NSA add other key sets to the same softmax)."""
+    as when MoBA or NSA add other key sets to the same softmax). With ``left_pad`` the padding rows' gradients
+    are 0."""
     varlen = dims.varlen
-    meta = _common_meta(dims, causal, window, q.dtype, key_pos)
-    dq = empty_like(q)
+    meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
+    alloc = torch.zeros if left_pad is not None else empty
+    dq = alloc(q.shape, device=q.device, dtype=q.dtype)
     # Few key blocks for many queries (NSA's compressed keys, a short context under a long chunk): too few
     # programs to fill the GPU, the first of them (causal) with the most work. The query heads of a GQA group
     # are then spread over several programs per key block, whose float32 partial dK/dV are added up after.
@@ -636,14 +657,15 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     per_split = cdiv(dims.group, max(1, min(dims.group, cdiv(8 * num_sms(q.device), programs))))
     n_splits = cdiv(dims.group, per_split)
     if n_splits > 1:
-        dk = empty(n_splits, *k.shape, device=k.device, dtype=torch.float32)
-        dv = empty(n_splits, *v.shape, device=v.device, dtype=torch.float32)
+        dk = alloc(n_splits, *k.shape, device=k.device, dtype=torch.float32)
+        dv = alloc(n_splits, *v.shape, device=v.device, dtype=torch.float32)
     else:
-        dk, dv = empty_like(k), empty_like(v)
+        dk = alloc(k.shape, device=k.device, dtype=k.dtype)
+        dv = alloc(v.shape, device=v.device, dtype=v.dtype)
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
     grid_kv = lambda m: (cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
     _flash_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
+        q, k, v, do, lse, delta, dk, dv, *_cu_args(dims, left_pad), *common,
         *_strides3(dk[0] if n_splits > 1 else dk, varlen), *_strides3(dv[0] if n_splits > 1 else dv, varlen),
         dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta)
@@ -651,7 +673,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     grid_q = lambda m: (cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq, dims.cu_seqlens_q, dims.cu_seqlens_k, *common,
+        q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen),
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta)
     return dq, dk, dv
@@ -659,15 +681,15 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, dims, causal, window, scale, key_pos):
-        out, lse = flash_fwd(q, k, v, dims, causal, window, scale, key_pos=key_pos)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, dims, causal, window, scale, key_pos, left_pad):
+        out, lse = flash_fwd(q, k, v, dims, causal, window, scale, key_pos=key_pos, left_pad=left_pad)
+        ctx.save_for_backward(q, k, v, out, lse, left_pad)
         ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos = dims, causal, window, scale, key_pos
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, left_pad = ctx.saved_tensors
         dims = ctx.dims
         if dout is None:
             dout = torch.zeros_like(out)
@@ -675,10 +697,23 @@ class _FlashAttention(torch.autograd.Function):
         if dlse is not None:
             dlse = dlse.float().contiguous()
         if q.numel() == 0 or k.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)) + (None,) * 6
         delta = flash_bwd_delta(out, dout, lse, dlse, dims)
-        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos,
+                               left_pad)
+        return (dq, dk, dv) + (None,) * 6
+
+
+def _check_left_pad(left_pad, dims: AttnDims, device) -> None:
+    if dims.varlen:
+        raise ValueError("left_pad applies to the dense (B, T, H, D) layout; a varlen layout has no padding")
+    if not isinstance(left_pad, torch.Tensor) or left_pad.dtype != torch.int32 or \
+            tuple(left_pad.shape) != (dims.batch,):
+        raise TypeError(f"left_pad must be an int32 tensor of shape ({dims.batch},)")
+    if left_pad.device != device:
+        raise ValueError(f"left_pad must be on {device}, got {left_pad.device}")
+    if bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
+        raise ValueError(f"left_pad must lie in [0, Tk={dims.max_seqlen_k}], got {left_pad.tolist()}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -686,7 +721,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                    return_lse: bool = False, key_stride: int = 1, key_offset: int = 0):
+                    return_lse: bool = False, key_stride: int = 1, key_offset: int = 0,
+                    left_pad: Optional[torch.Tensor] = None):
     """Exact softmax attention (flash algorithm), differentiable in q, k, v (and through ``lse``).
 
     Layouts
@@ -711,6 +747,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             token position ``j * key_stride + key_offset`` and the queries are the tokens themselves (query i
             at position i, so Tq is the token count); with ``causal`` a query sees the keys at or before
             its position. Not combinable with ``window``.
+        left_pad: dense layout only: int32 ``(B,)``, padding rows at the start of each sequence's keys
+            (left-padded batches, as in batched generation), from 0 to Tk. Keys before them are never
+            attended, without copying the batch into a varlen layout; query rows at key positions before them
+            are padding too (their outputs and gradients 0, lse -inf). Checked against Tk (a host
+            synchronisation).
 
     Returns:
         ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
@@ -731,9 +772,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     check_positive_int(key_offset, "key_offset", minimum=0)
     if (key_stride, key_offset) != (1, 0) and window is not None:
         raise ValueError("key_stride/key_offset cannot be combined with window")
+    if left_pad is not None:
+        _check_left_pad(left_pad, dims, q.device)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
-    out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale, (key_stride, key_offset))
+    out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale, (key_stride, key_offset), left_pad)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
 

@@ -103,8 +103,10 @@ class MLAAttention(nn.Module):
                 if mask is not None and min(lengths) != T:
                     raise ValueError("decoding steps must not contain padding (use left padding for generation)")
                 q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
+                # lengths and pages come from our own cache, consistent by construction: no check (it would
+                # synchronise with the GPU in every layer at every step)
                 o_lat = mla_decode(q_lat, q_rot, pc.kv, cache_seqlens=seqlens, block_table=pc.block_table(ids),
-                                   scale=self.scaling)
+                                   scale=self.scaling, validate=False)
                 out = torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
                 return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
             if has_past:  # a long chunk after a cached prefix: decompress the whole latent of each sequence

@@ -42,9 +42,9 @@ LN2 = 0.6931471805599453
 # Shared jit helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr, LEFT_PAD: tl.constexpr = False, pad_shift=0):
-    """Start row (in the packed layout) and length of sequence b. Dense layout with LEFT_PAD: CU holds each
-    sequence's padding rows in the key layout, less ``pad_shift`` rows (Tk - Tq for the queries) for this one."""
+def _seq_bounds(CU, PAD, b, seqlen, pad_shift, IS_VARLEN: tl.constexpr, LEFT_PAD: tl.constexpr):
+    """Start row (in the packed layout) and length of sequence b. Dense layout with LEFT_PAD: PAD holds each
+    sequence's padding rows in the key layout, less ``pad_shift`` rows (Tk - Tq for the queries) here."""
     if IS_VARLEN:
         start = tl.load(CU + b)
         length = tl.load(CU + b + 1) - start
@@ -52,7 +52,7 @@ def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr, LEFT_PAD: tl.constexpr =
         start = b * 0
         length = seqlen + b * 0
         if LEFT_PAD:
-            start = tl.maximum(tl.load(CU + b) - pad_shift, 0)
+            start = tl.maximum(tl.load(PAD + b) - pad_shift, 0)
             length = seqlen - start
     return start, length
 
@@ -253,9 +253,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       BLOCK_N: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
-    q_start, q_len = _seq_bounds(CU_K if LEFT_PAD else CU_Q, b, seqlen_q, IS_VARLEN, LEFT_PAD,
-                                 seqlen_k - seqlen_q)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN, LEFT_PAD)
+    q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
+    k_start, k_len = _seq_bounds(CU_K, CU_K, b, seqlen_k, 0, IS_VARLEN, LEFT_PAD)
     if pid_m * BLOCK_M >= q_len:
         return
     hk = h // group
@@ -306,7 +305,7 @@ def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, strid
                            HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, CU_Q, b, seqlen_q, 0, IS_VARLEN, False)
     if pid_m * BLOCK_M >= q_len:
         return
     b64 = b.to(tl.int64)
@@ -413,9 +412,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
     split = tl.program_id(1) % n_splits
-    q_start, q_len = _seq_bounds(CU_K if LEFT_PAD else CU_Q, b, seqlen_q, IS_VARLEN, LEFT_PAD,
-                                 seqlen_k - seqlen_q)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN, LEFT_PAD)
+    q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
+    k_start, k_len = _seq_bounds(CU_K, CU_K, b, seqlen_k, 0, IS_VARLEN, LEFT_PAD)
     if pid_n * BLOCK_N >= k_len:
         return
     b64 = b.to(tl.int64)
@@ -515,9 +513,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          BLOCK_N: tl.constexpr):
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
-    q_start, q_len = _seq_bounds(CU_K if LEFT_PAD else CU_Q, b, seqlen_q, IS_VARLEN, LEFT_PAD,
-                                 seqlen_k - seqlen_q)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN, LEFT_PAD)
+    q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
+    k_start, k_len = _seq_bounds(CU_K, CU_K, b, seqlen_k, 0, IS_VARLEN, LEFT_PAD)
     if pid_m * BLOCK_M >= q_len:
         return
     hk = h // group

@@ -174,8 +174,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     # 16 rows keep the tiles in registers
     wide = q_latent.dtype != torch.float32 or is_interpreter()
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
-    n_split, per_split = _split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device),
-                                        one_per_sm=wide and block_h * s_pad >= 64)
+    # 16-bit candidate tiles mostly take over 113 KB of shared memory: one program per SM
+    n_split, per_split = _split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device), one_per_sm=wide)
     # a single split writes the output itself; several write float32 partials merged into q's dtype
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)

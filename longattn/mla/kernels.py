@@ -59,7 +59,9 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
     # tile is read one iteration ahead: the cache loads then depend on no load of their own iteration, and the
     # compiler can keep num_stages tiles in flight (it keeps two when a tile's address waits on its page)
     bt_row = BT + b64 * stride_btb
-    page = tl.load(bt_row + lo // PAGE).to(tl.int64) if HAS_BT else 0
+    page = (lo * 0).to(tl.int64)
+    if HAS_BT:
+        page = tl.load(bt_row + lo // PAGE).to(tl.int64)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_n = n < hi

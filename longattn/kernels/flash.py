@@ -385,6 +385,9 @@ _BWD_CONFIGS = autotune_configs(
         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+        # 64 keys on 8 warps: half the accumulator registers per thread (the 4-warp tiles spill at head dim 192)
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
     ],
     dict(BLOCK_M=32, BLOCK_N=32),

@@ -67,6 +67,23 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, grad_
     return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median time of fn captured once in a CUDA graph and replayed: the GPU work alone, without the host
+    work of a call (what a serving loop that replays captured decoding steps pays). fn must not synchronise."""
+    import torch
+
+    fn()  # compile and autotune outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay)
+
+
 def attended_pairs(q_len: int, k_len: int, *, causal: bool, window: Optional[int] = None) -> int:
     """Number of (query, key) pairs attended, queries aligned to the end of the keys."""
     import torch

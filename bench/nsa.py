@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms, flex_selection, write_results)
+from .common import (attention_bytes, device_peaks, environment, flex_selection, graph_ms, parse_ints, peak_memory_mb,
+                     require_cuda, roofline, time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
            "x_kv_major", "x_query1", "%roof", "peak_MB"]
@@ -96,13 +96,13 @@ def _fla(cfg, hq, hkv):
     return run, "fla" if has_fa else "fla+longattn_swa"
 
 
-def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dtype, memory=True):
+def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dtype, memory=True, graph=False):
     import torch
 
     hq, hkv, dk, dv = dims
     try:
         with torch.enable_grad() if mode.endswith("fwdbwd") else torch.no_grad():
-            ms = time_ms(call, grad_to_none=grads)
+            ms = graph_ms(call) if graph else time_ms(call, grad_to_none=grads)
             mem = peak_memory_mb(call) if memory else None
     except Exception as e:
         print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
@@ -225,6 +225,10 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
     _time(rows, "longattn_unchecked", mode,
           lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg, validate=False), None, B=B,
           T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
+    # replayed from a CUDA graph: the GPU time alone, no host work (as a serving loop runs it)
+    _time(rows, "longattn_graph", mode,
+          lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg, validate=False), None, B=B,
+          T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name, memory=False, graph=True)
     _time(rows, "sdpa_flash", mode, lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
           flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
 

@@ -45,6 +45,7 @@ def _dry_run(monkeypatch, module):
 
     clock = itertools.count(1)
     fake = {"require_cuda": lambda: torch.device("cpu"), "time_ms": lambda fn, **kw: (fn(), float(next(clock)))[1],
+            "graph_ms": lambda fn: (fn(), float(next(clock)))[1],
             "peak_memory_mb": lambda fn: (fn(), 0.0)[1],
             "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0},
             "environment": lambda argv=None: {"device": "cpu (dry run)", "torch": torch.__version__, "triton": "-",
@@ -73,9 +74,10 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
                  "profile": [],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],  # flex: no CPU backward, skipped
-                 "mla": [("longattn", "fwd"), ("longattn", "fwdbwd")],
+                 "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
-                                                   "decode_b2")] + [("longattn_kv_major", "slc_fwd"), ("longattn_query1", "slc_fwd")]}
+                                                   "decode_b2")]
+                 + [("longattn_kv_major", "slc_fwd"), ("longattn_query1", "slc_fwd"), ("longattn_graph", "decode_b1")]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run (the kernels need the interpreter there); "

@@ -74,7 +74,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
         kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
                      other=0.0)
         s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
-        s = (s + tl.dot(qr, tl.trans(kr), input_precision=PRECISION)) * qk_scale
+        s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
         s = tl.where(in_n[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -150,6 +150,8 @@ def test_left_pad_bad_inputs(device):
         flash_attention(q, k, v, left_pad=torch.tensor([1, 2], device=device))
     with pytest.raises(ValueError, match="left_pad must lie in \\[0, Tk=8\\]"):
         flash_attention(q, k, v, left_pad=torch.tensor([1, 9], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="left_pad cannot be combined with key_stride"):
+        flash_attention(q, k, v, key_stride=2, left_pad=torch.tensor([0, 0], dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="dense"):
         flash_attention(q[0], k[0], v[0], cu_seqlens=_cu([3, 5], device),
                         left_pad=torch.tensor([0, 0], dtype=torch.int32, device=device))

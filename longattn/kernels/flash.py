@@ -773,6 +773,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if (key_stride, key_offset) != (1, 0) and window is not None:
         raise ValueError("key_stride/key_offset cannot be combined with window")
     if left_pad is not None:
+        if (key_stride, key_offset) != (1, 0):
+            raise ValueError("left_pad cannot be combined with key_stride/key_offset")
         _check_left_pad(left_pad, dims, q.device)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))

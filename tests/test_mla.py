@@ -5,7 +5,7 @@ import torch
 from longattn.mla import PagedLatentCache, mla_absorbed_ref, mla_decode, mla_decode_ref, mla_naive_ref, mla_prefill
 from longattn.mla import ops as mla_ops
 from longattn.mla.kernels import _mla_decode_kernel, decode_candidates
-from longattn.mla.ops import _split_context
+from longattn.kernels.utils import split_context
 from longattn.mla.reference import gather_paged_ref
 from helpers import assert_close, assert_lse_close, leaf
 
@@ -181,7 +181,7 @@ def test_decode_bad_inputs(device):
 def test_decode_split_context(groups, max_len, sms, one, want):
     """Split-KV sizing: splits are whole multiples of 64 tokens that cover the context; a batch that fills the
     GPU is not split (batch 64 x 2 head groups on 132 SMs), batch 1 spreads over every SM."""
-    n, per = _split_context(groups, max_len, sms, one_per_sm=one)
+    n, per = split_context(groups, max_len, sms * (1 if one else 2))
     assert per % 64 == 0 and (n - 1) * per < max_len <= n * per
     assert groups * n <= 2 * sms * (1 if one else 2) or n == 1
     if want is not None:

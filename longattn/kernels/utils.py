@@ -34,6 +34,29 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+SPLIT_UNIT = 64  # tokens: split-KV splits are multiples of every decode tile size (tiles never straddle a page)
+
+
+def split_context(groups: int, max_len: int, slots: int):
+    """Split-KV sizing: how many splits of a context of ``max_len`` keys (and keys per split) when each split
+    runs ``groups`` programs and the GPU holds ``slots`` programs at once.
+
+    Picks the count with the least modelled time: waves of programs over the slots times the tiles a program
+    streams plus one for its prologue and epilogue (loading q, writing its partial output); ties go to fewer
+    splits (less to merge). A batch that already fills the GPU keeps its context whole; batch 1 spreads it over
+    every slot.
+    """
+    units = cdiv(max(max_len, 1), SPLIT_UNIT)
+    best = None
+    for n in range(1, min(units, cdiv(2 * slots, groups)) + 1):
+        per = cdiv(units, n)
+        cost = cdiv(groups * cdiv(units, per), slots) * (per + 1)
+        if best is None or cost < best[0]:
+            best = (cost, per)
+    per_split = best[1] * SPLIT_UNIT
+    return cdiv(max(max_len, 1), per_split), per_split
+
+
 def split_dim(d: int) -> tuple:
     """A head dim as two power-of-two tile widths ``(a, b)`` (``b`` may be 0) covering it with less padding
     than one power of two: 192 -> (128, 64), 576 -> (512, 64), 80 -> (64, 16), 128 -> (128, 0). Kernels

@@ -8,7 +8,7 @@ import torch
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty,
-                             is_interpreter, kernel_inputs, next_pow2, num_sms)
+                             is_interpreter, kernel_inputs, next_pow2, num_sms, split_context)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -60,29 +60,6 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     q = torch.cat([q_nope, q_rope], -1)
     return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
-
-
-SPLIT_UNIT = 64  # tokens: context splits are multiples of every tile size (and tiles never straddle a page)
-
-
-def _split_context(groups: int, max_len: int, sms: int, *, one_per_sm: bool):
-    """Split-KV: how many splits of the context (and tokens per split) for ``groups`` programs per split.
-
-    Picks the count with the least modelled time: waves of programs over the SMs (one program per SM when its
-    tiles fill shared memory, else two) times the tiles a program streams plus one for its prologue and
-    epilogue (loading q, writing its partial output); ties go to fewer splits (less to merge). A batch that
-    already fills the GPU keeps its context whole; batch 1 spreads it over every SM.
-    """
-    slots = sms * (1 if one_per_sm else 2)
-    units = cdiv(max_len, SPLIT_UNIT)
-    best = None
-    for n in range(1, min(units, cdiv(2 * slots, groups)) + 1):
-        per = cdiv(units, n)
-        cost = cdiv(groups * cdiv(units, per), slots) * (per + 1)
-        if best is None or cost < best[0]:
-            best = (cost, per)
-    per_split = best[1] * SPLIT_UNIT
-    return cdiv(max_len, per_split), per_split
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
@@ -174,8 +151,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     # 16 rows keep the tiles in registers
     wide = q_latent.dtype != torch.float32 or is_interpreter()
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
-    # 16-bit candidate tiles mostly take over 113 KB of shared memory: one program per SM
-    n_split, per_split = _split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device), one_per_sm=wide)
+    # 16-bit candidate tiles mostly take over 113 KB of shared memory: one program per SM (float32: two)
+    n_split, per_split = split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device) * (1 if wide else 2))
     # a single split writes the output itself; several write float32 partials merged into q's dtype
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)

@@ -57,6 +57,7 @@ def _flash_cases():
                                                       ("fp32", False, False, False, 64, 64, (1, 0)),
                                                       ("bf16", True, False, True, 192, 128, (16, 31))):
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")}
+        ptr.update(OS="*fp32", LS="*fp32")
         ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
         ptr.update({"CU_Q": "*i32", "CU_K": "*i32"})
         bd = lambda d: max(16, triton.next_power_of_2(d))
@@ -69,6 +70,12 @@ def _flash_cases():
                f"{'-leftpad' if meta['LEFT_PAD'] else ''}")
         for kern in (F._flash_fwd_kernel, F._flash_bwd_dkdv_kernel, F._flash_bwd_dq_kernel):
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta), ("qk_scale", "scale")))
+        dec = {k: v for k, v in meta.items() if k not in ("KS", "KO", "BLOCK_M")}
+        for tq, g in ((1, 16), (4, 16), (1, 4)):  # decoding: the group's heads x the queries as rows
+            rows = max(g, 16 // tq) * tq
+            cases.append((f"_flash_decode_kernel[{tag}-q{tq}-g{g}]", F._flash_decode_kernel, ptr,
+                          dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq), BLOCK_N=32 if dt == "fp32" else 64),
+                          ("qk_scale",), dict(num_warps=8 if rows >= 64 else 4)))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
         mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",

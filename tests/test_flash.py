@@ -157,6 +157,61 @@ def test_left_pad_bad_inputs(device):
                         left_pad=torch.tensor([0, 0], dtype=torch.int32, device=device))
 
 
+DECODE_CASES = [
+    # B, Tq, Tk, Hq, Hkv, Dqk, Dv, causal, window
+    (3, 1, 300, 8, 2, 64, 64, True, None),        # decoding, GQA 4, several splits and ragged tiles
+    (1, 3, 200, 16, 1, 192, 128, True, 50),       # speculative tokens, group 16, split head dim, window
+    (2, 2, 70, 4, 4, 32, 48, False, None),        # non-causal, dk != dv
+    (1, 4, 3, 2, 1, 64, 64, True, None),          # Tq > Tk: the first row sees no key
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "B{}_Tq{}_Tk{}_H{}-{}_D{}-{}_{}_w{}".format(
+    *c[:7], "c" if c[7] else "nc", c[8]))
+def test_flash_decode_path(case, dtype, device, monkeypatch):
+    """Without gradients and with few queries per KV head, flash attention runs split-KV (the group's heads and
+    queries as the rows of one tile, splits merged by lse): equal to the reference, dense, varlen and left-padded."""
+    import longattn.kernels.flash as F
+
+    calls = []
+    real = F.flash_decode
+    monkeypatch.setattr(F, "flash_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    B, Tq, Tk, Hq, Hkv, Dqk, Dv, causal, window = case
+    q = torch.randn(B, Tq, Hq, Dqk, device=device, dtype=dtype)
+    k = torch.randn(B, Tk, Hkv, Dqk, device=device, dtype=dtype)
+    v = torch.randn(B, Tk, Hkv, Dv, device=device, dtype=dtype)
+    atol = 1e-4 if dtype == torch.float32 else 2e-3
+    with torch.no_grad():
+        out, lse = flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
+        out_r, lse_r = attention_ref(q.float(), k.float(), v.float(), causal=causal, window=window, return_lse=True)
+        assert_close(out, out_r, dtype, "out")
+        assert_lse_close(lse, lse_r, atol=atol)
+        # varlen: sequences of other lengths, packed
+        lk = [Tk, max(Tq, Tk // 2), Tk][:B]
+        cu_q = _cu([Tq] * B, device)
+        cu_k = _cu(lk, device)
+        kp = torch.cat([k[b, :n] for b, n in enumerate(lk)])
+        vp = torch.cat([v[b, :n] for b, n in enumerate(lk)])
+        out_v, lse_v = flash_attention(q.flatten(0, 1), kp, vp, causal=causal, window=window, cu_seqlens_q=cu_q,
+                                       cu_seqlens_k=cu_k, return_lse=True)
+        ref_v, lse_rv = attention_ref(q.flatten(0, 1).float(), kp.float(), vp.float(), causal=causal, window=window,
+                                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+        assert_close(out_v, ref_v, dtype, "out (varlen)")
+        assert_lse_close(lse_v, lse_rv, atol=atol)
+        # left padding: row b's keys start at pads[b]
+        pads = [0, Tk // 3, Tk - 1][:B]
+        pad = torch.tensor(pads, dtype=torch.int32, device=device)
+        out_p = flash_attention(q, k, v, causal=causal, window=window, left_pad=pad)
+        for b, p in enumerate(pads):
+            q0 = max(p - (Tk - Tq), 0)
+            assert torch.all(out_p[b, :q0] == 0)
+            if q0 < Tq:
+                ref_b = attention_ref(q[b:b + 1, q0:].float(), k[b:b + 1, p:].float(), v[b:b + 1, p:].float(),
+                                      causal=causal, window=window)
+                assert_close(out_p[b:b + 1, q0:], ref_b, dtype, f"out (left pad, row {b})")
+    assert len(calls) == 3
+
+
 def test_custom_scale_and_strided_inputs(device):
     """Inputs that are views with non-standard strides (heads-major storage) and a custom scale."""
     B, T, H, D = 2, 70, 4, 64

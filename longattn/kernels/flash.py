@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .merge import merge_fwd
 from .utils import (AttnDims, autotune_configs, autotune_enabled, check_attention_inputs, check_positive_int,
                     cdiv, check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
-                    resolve_seqlens, split_dim)
+                    resolve_seqlens, split_context, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -293,6 +294,64 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
              out.to(O.dtype.element_ty), mask=in_m[:, None] & (offs_dv[None, :] < DV))
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_rows, lse, mask=in_m)
+
+
+@triton.jit
+def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K,
+                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh, stride_op, stride_ob, stride_ot, stride_oh,
+                         stride_lp, stride_lb, stride_lh,
+                         seqlen_q, seqlen_k, window, qk_scale, group, heads_kv, tokens_per_split,
+                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
+                         HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, LEFT_PAD: tl.constexpr,
+                         TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Few queries per sequence (decoding, speculative tokens), no gradient: split-KV. Program (sequence * Hkv +
+    KV head, split) holds its GQA group's heads times the sequence's queries as the rows of its tiles (each key
+    tile is loaded once for all of them), streams one split of the keys and writes its normalised partial
+    output and lse (natural log), merged afterwards."""
+    b = tl.program_id(0) // heads_kv
+    hk = tl.program_id(0) % heads_kv
+    split = tl.program_id(1)
+    q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
+    k_start, k_len = _seq_bounds(CU_K, CU_K, b, seqlen_k, 0, IS_VARLEN, LEFT_PAD)
+    M: tl.constexpr = BLOCK_G * TQ
+    r = tl.arange(0, M)
+    g = r // TQ
+    t = r % TQ
+    valid = (g < group) & (t < q_len)
+    head = (hk * group + g).to(tl.int64)
+    shift = k_len - q_len  # query t sits at key position t + shift
+    pos_m = t + shift
+    b64 = b.to(tl.int64)
+    rows_q = (q_start + t).to(tl.int64)
+    l_ptr = LS + split.to(tl.int64) * stride_lp + b64 * stride_lb + head * stride_lh + rows_q
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, k_len)
+    if CAUSAL:
+        hi = tl.minimum(hi, shift + q_len)  # past the last query's position nothing is visible
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, shift - window + 1)  # before the first query's window nothing is visible
+    if lo >= hi:
+        tl.store(l_ptr, tl.full([M], float("-inf"), tl.float32), mask=valid)
+        return
+    q_a, q_b = _load_split(Q + b64 * stride_qb, rows_q * stride_qt + head * stride_qh, valid, DQK, BLOCK_DA,
+                           BLOCK_DB, False)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BLOCK_DV], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K + b64 * stride_kb + hk.to(tl.int64) * stride_kh,
+                               V + b64 * stride_vb + hk.to(tl.int64) * stride_vh, k_start, stride_kt, stride_vt,
+                               pos_m, lo, hi, hi, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB,
+                               BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0)  # keys past hi: other splits
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(OS + split.to(tl.int64) * stride_op + b64 * stride_ob + rows_q[:, None] * stride_ot
+             + head[:, None] * stride_oh + offs_dv[None, :], out.to(OS.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(l_ptr, lse, mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,6 +684,41 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     return out, lse
 
 
+DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, query) rows per KV head
+
+
+def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None):
+    """Split-KV launch on validated inputs with few queries per sequence (``dims.group * max_seqlen_q <=
+    DECODE_ROWS``), forward only: partial results per split of the keys, merged by lse into q's dtype.
+    Returns (out, lse) in flash_fwd's layouts."""
+    varlen, tq = dims.varlen, dims.max_seqlen_q
+    rows_q = q.shape[0] if varlen else tq
+    programs = dims.batch * dims.heads_kv
+    n_split, per_split = split_context(programs, dims.max_seqlen_k, num_sms(q.device) * 2)
+    padded = left_pad is not None  # padding query rows are never written: their slots start empty
+    shape = (n_split, rows_q, dims.heads_q) if varlen else (n_split, dims.batch, tq, dims.heads_q)
+    dtype = torch.float32 if n_split > 1 else q.dtype
+    outs = (torch.zeros if padded else empty)(*shape, dims.dim_v, device=q.device, dtype=dtype)
+    lshape = (n_split, dims.heads_q, rows_q) if varlen else (n_split, dims.batch, dims.heads_q, tq)
+    lses = torch.full(lshape, float("-inf"), device=q.device) if padded else \
+        empty(*lshape, device=q.device, dtype=torch.float32)
+    if outs.numel() and lses.numel():
+        so = (outs.stride(0), 0, outs.stride(1), outs.stride(2)) if varlen else outs.stride()[:4]
+        sl = (lses.stride(0), 0, lses.stride(1)) if varlen else lses.stride()[:3]
+        meta = _common_meta(dims, causal, window, q.dtype, left_pad=left_pad)
+        meta.pop("KS"), meta.pop("KO")
+        block_g = max(next_pow2(dims.group), 16 // next_pow2(tq))  # 16 rows at least (matmul tiles)
+        _flash_decode_kernel[(programs, n_split)](
+            q, k, v, outs, lses, *_cu_args(dims, left_pad), *_strides3(q, varlen), *_strides3(k, varlen),
+            *_strides3(v, varlen), *so, *sl, dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E,
+            dims.group, dims.heads_kv, per_split, **meta, TQ=next_pow2(tq), BLOCK_G=block_g,
+            BLOCK_N=32 if is_interpreter() or q.dtype == torch.float32 else 64,
+            num_warps=8 if block_g * next_pow2(tq) >= 64 else 4)  # 64 rows on 4 warps spill in float32
+    if n_split == 1:
+        return outs[0], lses[0]
+    return merge_fwd(outs, lses, q.dtype)
+
+
 def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
     """delta = rowsum(dO * O) - dLSE, float32, in the layout of ``lse``."""
     varlen = dims.varlen
@@ -756,6 +850,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     Returns:
         ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
         ``causal``) give ``out = 0`` and ``lse = -inf``.
+
+    Decoding: without gradients, when a KV head's query heads times the queries per sequence fit in 64 rows
+    (one token or a few speculative ones), the keys are split across programs (split-KV, merged by lse) and
+    each program serves a whole GQA group, so that batch 1 fills the GPU and each key is read once per KV head.
     """
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -778,7 +876,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         _check_left_pad(left_pad, dims, q.device)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
-    out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale, (key_stride, key_offset), left_pad)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not grad and (key_stride, key_offset) == (1, 0) and q.numel() and k.numel() and \
+            next_pow2(dims.max_seqlen_q) * next_pow2(dims.group) <= DECODE_ROWS:
+        out, lse = flash_decode(qk, kk, vk, dims, causal, window, scale, left_pad)  # decoding: split-KV
+    else:
+        out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale, (key_stride, key_offset),
+                                         left_pad)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
 

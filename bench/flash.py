@@ -18,7 +18,9 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--v-head-dim", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--modes", default="fwd,fwdbwd",
+                   help="fwd, fwdbwd, decode (one query per sequence against T keys, no gradient: rows decode_b<B>)")
+    p.add_argument("--decode-batches", default="1,32")
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
@@ -66,6 +68,8 @@ def run(args, argv=None) -> list[dict]:
     peaks = device_peaks(dev)
     rows = []
     for T in parse_ints(args.seqlens):
+        if not [m for m in modes if m != "decode"]:
+            break
         B = max(1, args.tokens // T)
         q = torch.randn(B, T, hq, dqk, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(B, T, hkv, dqk, device=dev, dtype=dtype, requires_grad=True)
@@ -73,6 +77,8 @@ def run(args, argv=None) -> list[dict]:
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
         flops_fwd = 2.0 * (dqk + dv) * attended_pairs(T, T, causal=causal, window=args.window) * hq * B
         for mode in modes:
+            if mode == "decode":
+                continue
             for name, fn in impls.items():
                 if mode == "fwd":
                     call = lambda: fn(q, k, v)
@@ -92,12 +98,47 @@ def run(args, argv=None) -> list[dict]:
                                           **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem),
                                      attention_bytes(B, T, T, hq, hkv, dqk, dv, mode), flops, peaks))
                 print(f"  {name:12s} {mode:7s} B={B} T={T}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+    if "decode" in modes:
+        _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks)
     _speedups(rows)
     env = environment(argv)
     out = write_results("flash", rows, COLUMNS, env, plot=dict(x="T", y="ms", series="impl", panels="mode",
                                                                title="flash attention"), out_dir=args.out)
     print(f"results written to {out}")
     return rows
+
+
+def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
+    """One new query per sequence against T cached keys (the peers without a causal mask: a single query at the
+    end sees every key, and SDPA's causal mask is aligned to the top left)."""
+    import torch
+
+    from longattn import flash_attention
+
+    impls = {**_impls(False, None, hq, hkv, dqk, dv),
+             "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window)}
+    if args.window is not None:
+        impls = {"longattn": impls["longattn"]}
+    for T in parse_ints(args.seqlens):
+        for B in parse_ints(args.decode_batches):
+            q = torch.randn(B, 1, hq, dqk, device=dev, dtype=dtype)
+            k = torch.randn(B, T, hkv, dqk, device=dev, dtype=dtype)
+            v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype)
+            keys = min(T, args.window or T)
+            flops = 2.0 * (dqk + dv) * keys * hq * B
+            bytes_ = 2 * B * (keys * hkv * (dqk + dv) + hq * (dqk + dv))
+            for name, fn in impls.items():
+                try:
+                    with torch.no_grad():
+                        ms = time_ms(lambda: fn(q, k, v))
+                except Exception as e:
+                    print(f"  {name} decode B={B} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    continue
+                rows.append(roofline(dict(op="flash", impl=name, mode=f"decode_b{B}", B=B, T=T, Hq=hq, Hkv=hkv,
+                                          D=dqk, Dv=dv, causal=True, window=args.window, dtype=args.dtype, ms=ms,
+                                          **{"TFLOP/s": flops / ms / 1e9}), bytes_, flops, peaks))
+                print(f"  {name:12s} decode  B={B} T={T}: {ms:.3f} ms")
+            torch.cuda.empty_cache()
 
 
 def _speedups(rows):

@@ -57,7 +57,8 @@ def _dry_run(monkeypatch, module):
 
 
 DRY_RUNS = {
-    "flash": ["--seqlens", "128", "--tokens", "128", "--heads", "2", "--head-dim", "32", "--dtype", "float16"],
+    "flash": ["--seqlens", "128", "--tokens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+              "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
     "moba": ["--seqlens", "256", "--configs", "64:2", "--tokens", "256", "--heads", "2", "--kv-heads", "1",
              "--head-dim", "32", "--dtype", "float16"],
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
@@ -71,7 +72,7 @@ DRY_RUNS = {
                 "--iters", "1", "--dtype", "float16"],
 }
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
-                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd")],
+                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2")],
                  "profile": [],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],  # flex: no CPU backward, skipped
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd")],

@@ -198,6 +198,13 @@ def test_flash_decode_path(case, dtype, device, monkeypatch):
                                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
         assert_close(out_v, ref_v, dtype, "out (varlen)")
         assert_lse_close(lse_v, lse_rv, atol=atol)
+        # a sequence without keys (varlen, beside one with keys): zeros and -inf
+        q2 = torch.cat([q[0], q[0]])
+        out_e, lse_e = flash_attention(q2, k[0], v[0], causal=False, cu_seqlens_q=_cu([Tq, Tq], device),
+                                       cu_seqlens_k=_cu([0, Tk], device), return_lse=True)
+        assert torch.all(out_e[:Tq] == 0) and torch.all(torch.isneginf(lse_e[:, :Tq]))
+        assert_close(out_e[Tq:], attention_ref(q[:1].float(), k[:1].float(), v[:1].float(), causal=False)[0], dtype,
+                     "out (beside a sequence without keys)")
         # left padding: row b's keys start at pads[b]
         pads = [0, Tk // 3, Tk - 1][:B]
         pad = torch.tensor(pads, dtype=torch.int32, device=device)
@@ -209,7 +216,7 @@ def test_flash_decode_path(case, dtype, device, monkeypatch):
                 ref_b = attention_ref(q[b:b + 1, q0:].float(), k[b:b + 1, p:].float(), v[b:b + 1, p:].float(),
                                       causal=causal, window=window)
                 assert_close(out_p[b:b + 1, q0:], ref_b, dtype, f"out (left pad, row {b})")
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_custom_scale_and_strided_inputs(device):

@@ -326,18 +326,22 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K,
     b64 = b.to(tl.int64)
     rows_q = (q_start + t).to(tl.int64)
     l_ptr = LS + split.to(tl.int64) * stride_lp + b64 * stride_lb + head * stride_lh + rows_q
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptr = OS + split.to(tl.int64) * stride_op + b64 * stride_ob + rows_q[:, None] * stride_ot \
+        + head[:, None] * stride_oh + offs_dv[None, :]
+    o_mask = valid[:, None] & (offs_dv[None, :] < DV)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, k_len)
     if CAUSAL:
         hi = tl.minimum(hi, shift + q_len)  # past the last query's position nothing is visible
     if HAS_WINDOW:
         lo = tl.maximum(lo, shift - window + 1)  # before the first query's window nothing is visible
-    if lo >= hi:
+    if lo >= hi:  # no key here: lse -inf, output 0 (the output itself when there is one split)
+        tl.store(o_ptr, tl.zeros([M, BLOCK_DV], tl.float32).to(OS.dtype.element_ty), mask=o_mask)
         tl.store(l_ptr, tl.full([M], float("-inf"), tl.float32), mask=valid)
         return
     q_a, q_b = _load_split(Q + b64 * stride_qb, rows_q * stride_qt + head * stride_qh, valid, DQK, BLOCK_DA,
                            BLOCK_DB, False)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, BLOCK_DV], tl.float32)
@@ -347,9 +351,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K,
                                BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0)  # keys past hi: other splits
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(OS + split.to(tl.int64) * stride_op + b64 * stride_ob + rows_q[:, None] * stride_ot
-             + head[:, None] * stride_oh + offs_dv[None, :], out.to(OS.dtype.element_ty),
-             mask=valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=o_mask)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(l_ptr, lse, mask=valid)
 

@@ -690,9 +690,9 @@ DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, que
 
 
 def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None):
-    """Split-KV launch on validated inputs with few queries per sequence (``dims.group * max_seqlen_q <=
-    DECODE_ROWS``), forward only: partial results per split of the keys, merged by lse into q's dtype.
-    Returns (out, lse) in flash_fwd's layouts."""
+    """Split-KV launch on validated inputs with few queries per sequence (the group's heads times the queries,
+    each rounded up to a power of two, within DECODE_ROWS rows), forward only: partial results per split of the
+    keys, merged by lse into q's dtype. Returns (out, lse) in flash_fwd's layouts."""
     varlen, tq = dims.varlen, dims.max_seqlen_q
     rows_q = q.shape[0] if varlen else tq
     programs = dims.batch * dims.heads_kv
@@ -707,8 +707,8 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
     if outs.numel() and lses.numel():
         so = (outs.stride(0), 0, outs.stride(1), outs.stride(2)) if varlen else outs.stride()[:4]
         sl = (lses.stride(0), 0, lses.stride(1)) if varlen else lses.stride()[:3]
-        meta = _common_meta(dims, causal, window, q.dtype, left_pad=left_pad)
-        meta.pop("KS"), meta.pop("KO")
+        meta = {n: x for n, x in _common_meta(dims, causal, window, q.dtype, left_pad=left_pad).items()
+                if n not in ("KS", "KO")}  # keys at their own positions
         block_g = max(next_pow2(dims.group), 16 // next_pow2(tq))  # 16 rows at least (matmul tiles)
         _flash_decode_kernel[(programs, n_split)](
             q, k, v, outs, lses, *_cu_args(dims, left_pad), *_strides3(q, varlen), *_strides3(k, varlen),

@@ -145,8 +145,16 @@ def test_cache_bookkeeping(device):
         got = gather_paged_ref(cache.kv, table, cache.seqlen(s), i)
         torch.testing.assert_close(got, toks[s])
     assert cache.num_free_pages == 6 - 3 - 1
+    # the device table is rebuilt only when a page list changed
+    assert cache.block_table([a, b]) is table
+    cache.append([b], toks[b][:6, :8], toks[b][:6, 8:])  # 9 -> 15 tokens: still b's first page
+    assert cache.block_table([a, b]) is table
+    cache.append([b], toks[b][:2, :8], toks[b][:2, 8:])  # 17 tokens: a second page
+    grown = cache.block_table([a, b])
+    assert grown is not table and grown.shape == table.shape and int((grown[1] > 0).sum()) >= 1
+    assert gather_paged_ref(cache.kv, grown, 17, 1)[15:].equal(toks[b][:2])
     cache.free(a)
-    assert cache.num_free_pages == 5
+    assert cache.num_free_pages == 4
     with pytest.raises(RuntimeError, match="cache is full"):
         cache.append([b], torch.randn(200, 8, device=device), torch.randn(200, 4, device=device))
     with pytest.raises(KeyError):

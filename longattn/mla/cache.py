@@ -38,6 +38,8 @@ class PagedLatentCache:
         self._lens: dict[int, int] = {}
         self._next_id = 0
         self.growable = growable
+        self._version = 0  # bumped whenever a sequence's page list changes
+        self._table = None  # (seq_ids, version, device table) of the last block_table call
 
     @property
     def num_free_pages(self) -> int:
@@ -55,6 +57,7 @@ class PagedLatentCache:
         self._check_ids([seq_id])
         self._free.extend(reversed(self._pages.pop(seq_id)))
         del self._lens[seq_id]
+        self._version += 1
 
     def seqlen(self, seq_id: int) -> int:
         self._check_ids([seq_id])
@@ -100,6 +103,7 @@ class PagedLatentCache:
             start = self._lens[s]
             while len(self._pages[s]) * self.page_size < start + n:
                 self._pages[s].append(self._free.pop())
+                self._version += 1
             pages = self._pages[s]
             slots.extend(pages[(start + i) // self.page_size] * self.page_size + (start + i) % self.page_size
                          for i in range(n))
@@ -117,13 +121,21 @@ class PagedLatentCache:
         self._free = list(range(old + extra - 1, old - 1, -1)) + self._free
 
     def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        """int32 ``(B, max_pages)``; unused entries are 0 (never read: they lie past the sequence length)."""
+        """int32 ``(B, max_pages)``; unused entries are 0 (never read: they lie past the sequence length).
+
+        Built on the host and copied to the device only when a page list changed since the last call for the
+        same sequences (a decoding step adds a page once every page_size tokens); treat it as read-only."""
         self._check_ids(seq_ids)
+        key = tuple(seq_ids)
+        if self._table is not None and self._table[:2] == (key, self._version):
+            return self._table[2]
         width = max([len(self._pages[s]) for s in seq_ids] + [1])
         table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
         for i, s in enumerate(seq_ids):
             table[i, :len(self._pages[s])] = torch.tensor(self._pages[s], dtype=torch.int32)
-        return table.to(self.kv.device)
+        table = table.to(self.kv.device)
+        self._table = (key, self._version, table)
+        return table
 
     def seqlens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``(B,)`` token counts."""

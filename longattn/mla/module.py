@@ -94,8 +94,10 @@ class MLAAttention(nn.Module):
         if cache is not None:
             pc, ids = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
             has_past = any(pc.seqlen(i) > 0 for i in ids)
-            sel = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=c_kv.device)
-            pc.append(ids, c_kv[sel], k_rot[sel], lengths)
+            if mask is None:  # every token real: no boolean indexing (it synchronises with the GPU)
+                pc.append(ids, c_kv.reshape(B * T, -1), k_rot.reshape(B * T, -1), lengths)
+            else:
+                pc.append(ids, c_kv[mask], k_rot[mask], lengths)
             # transformers' cache only counts tokens here (zero-width tensors)
             cache.update(c_kv.new_zeros(B, 1, T, 0), c_kv.new_zeros(B, 1, T, 0), self.layer_idx)
             seqlens = pc.seqlens(ids)

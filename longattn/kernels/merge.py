@@ -34,18 +34,21 @@ def _merge_fwd_kernel(O_in, LSE_in, O, LSE, n_parts, seqlen,
     o_base = O_in + b * s_in_b + h * s_in_h + t0 * s_in_t
     o_off = offs_t[:, None] * s_in_t + offs_d[None, :]
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    for n in range(0, n_parts):
-        m = tl.maximum(m, tl.load(l_base + n * s_lin_n + offs_t, mask=in_t, other=float("-inf")))
+    l_ptr = l_base
+    for _ in range(0, n_parts):
+        m = tl.maximum(m, tl.load(l_ptr + offs_t, mask=in_t, other=float("-inf")))
+        l_ptr += s_lin_n
     m_use = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     total = tl.zeros([BLOCK_T], tl.float32)
-    for n in range(0, n_parts):
-        n64 = tl.full([], n, tl.int64)
-        w = tl.exp(tl.load(l_base + n64 * s_lin_n + offs_t, mask=in_t, other=float("-inf")) - m_use)
-        o_n = tl.load(o_base + n64 * s_in_n + o_off, mask=msk, other=0.0).to(tl.float32)
+    for _ in range(0, n_parts):  # scalar pointers advance by a part's stride (64-bit)
+        w = tl.exp(tl.load(l_base + offs_t, mask=in_t, other=float("-inf")) - m_use)
+        o_n = tl.load(o_base + o_off, mask=msk, other=0.0).to(tl.float32)
         o_n = tl.where(w[:, None] > 0.0, o_n, 0.0)  # an empty part's output is never used
         acc += w[:, None] * o_n
         total += w
+        l_base += s_lin_n
+        o_base += s_in_n
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, total)))

@@ -306,12 +306,21 @@ def _query_block(Q, K, V, SEL, CU, q0, hk, b, group, stride_qt, stride_qh, strid
 
 
 @triton.jit
-def _next_block(pairs, i):
-    """Block of pair i, and whether it is the first pair naming it (each block is visited once)."""
+def _distinct_blocks(pairs):
+    """The distinct blocks named by ``pairs`` (P,) (-1 = none), compacted: each pair's rank among the first
+    occurrences (-1 for the others) and their count. The loops over them then carry no condition, so that the
+    compiler can prefetch the next blocks while one is computed."""
     p = tl.arange(0, pairs.shape[0])
-    j = tl.sum(tl.where(p == i, pairs, 0))
-    first = (j >= 0) & (tl.sum(((p < i) & (pairs == j)).to(tl.int32)) == 0)
-    return j, first
+    before = (p[None, :] < p[:, None]) & (pairs[None, :] == pairs[:, None])  # (P, P): an earlier pair, same block
+    first = (pairs >= 0) & (tl.sum(before.to(tl.int32), 1) == 0)
+    rank = tl.where(first, tl.cumsum(first.to(tl.int32), 0) - 1, -1)
+    return rank, tl.sum(first.to(tl.int32), 0)
+
+
+@triton.jit
+def _block_at(pairs, rank, u):
+    """The u-th distinct block (see _distinct_blocks)."""
+    return tl.sum(tl.where(rank == u, pairs, 0))
 
 
 @triton.jit
@@ -339,16 +348,15 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    for i in range(0, QB * TOPK_PAD):
-        j, first = _next_block(pairs, i)
-        if first:
-            rows_j = tl.sum((row_sel == j).to(tl.int32), 1) > 0  # the rows whose query selected block j
-            for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
-                if j * SLC_BLOCK + s0 <= last:
-                    kp = j * SLC_BLOCK + s0 + scols
-                    m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
-                                             rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
-                                             DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION)
+    rank, n_blocks = _distinct_blocks(pairs)
+    for u in range(0, n_blocks):
+        j = _block_at(pairs, rank, u)
+        rows_j = tl.sum((row_sel == j).to(tl.int32), 1) > 0  # the rows whose query selected block j
+        for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):  # a tile past the last query is fully masked
+            kp = j * SLC_BLOCK + s0 + scols
+            m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
+                                     rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
+                                     DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION)
     dv = tl.arange(0, BLOCK_DV)
     l_safe = tl.where(l > 0, l, 1.0)
     tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
@@ -383,22 +391,25 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     scols = tl.arange(0, SLC_TILE)
     acc_a = tl.zeros([ROWS, BLOCK_DA], tl.float32)
     acc_b = tl.zeros([ROWS, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
-    for i in range(0, QB * TOPK_PAD):
-        j, first = _next_block(pairs, i)
+    # only blocks before a query's own one: a pair naming its query's own block is dropped (that part is done)
+    p = tl.arange(0, QB * TOPK_PAD)
+    earlier = tl.where(pairs != (q0 + p // TOPK_PAD) // SLC_BLOCK, pairs, -1)
+    rank, n_blocks = _distinct_blocks(earlier)
+    for u in range(0, n_blocks):
+        j = _block_at(earlier, rank, u)
         # the rows whose query selected block j as an earlier block (every key precedes the query)
         rows_j = (tl.sum((row_sel == j).to(tl.int32), 1) > 0) & (j != own)
-        if first & (tl.max(rows_j.to(tl.int32), 0) > 0):
-            for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
-                kp = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
-                k_a, k_b = _load_split(k_base, kp * stride_kt, kp >= 0, DK, BLOCK_DA, BLOCK_DB, False)
-                vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
-                s = _dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), tl.zeros([ROWS, SLC_TILE], tl.float32),
-                               BLOCK_DB, PRECISION)
-                p = tl.where(rows_j[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-                ds = (p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])).to(k_a.dtype)
-                acc_a += tl.dot(ds, k_a, input_precision=PRECISION)
-                if BLOCK_DB > 0:
-                    acc_b += tl.dot(ds, k_b, input_precision=PRECISION)
+        for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
+            kp = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
+            k_a, k_b = _load_split(k_base, kp * stride_kt, kp >= 0, DK, BLOCK_DA, BLOCK_DB, False)
+            vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
+            s = _dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), tl.zeros([ROWS, SLC_TILE], tl.float32),
+                           BLOCK_DB, PRECISION)
+            p_ = tl.where(rows_j[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+            ds = (p_ * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])).to(k_a.dtype)
+            acc_a += tl.dot(ds, k_a, input_precision=PRECISION)
+            if BLOCK_DB > 0:
+                acc_b += tl.dot(ds, k_b, input_precision=PRECISION)
     # add to the own blocks' part already in DQ
     dq_rows = t * stride_dqt + heads * stride_dqh
     own_a, own_b = _load_split(DQ, dq_rows, valid, DK, BLOCK_DA, BLOCK_DB, False)

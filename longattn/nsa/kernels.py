@@ -29,7 +29,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr):
     """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
@@ -71,6 +71,12 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     w_cur = tl.load(W + tap, mask=(tap >= 0) & (tap < NW), other=0.0)
     w_next = tl.load(W + tap + BLOCK_C, mask=(tap + BLOCK_C >= 0) & (tap + BLOCK_C < NW), other=0.0)
     kc_base = KC + c_start * stride_ct + hk64 * stride_ch
+    # every head's row lse, loaded once (in log2 units, +inf where no block is seen: p = 0); reloading it for each
+    # head of each chunk put a global load the loop waited on before every exp
+    gcols = tl.arange(0, GROUP_PAD)
+    lse_all = tl.load(LSE + (hk * group + gcols).to(tl.int64)[None, :] * stride_lh + rows[:, None],
+                      mask=in_m[:, None] & (gcols[None, :] < group), other=float("inf"))
+    lse_all = tl.where(lse_all == float("-inf"), float("inf"), lse_all) * 1.4426950408889634
     best = topk_init(BLOCK_M, TOPK_PAD)
     carry = tl.zeros([BLOCK_M, C], tl.float32)
     for j0 in range(0, tl.max(own, 0) + 1, C):
@@ -89,8 +95,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
             if BLOCK_DB > 0:
                 q_b = tl.load(q_ptr + offs_b[None, :], mask=in_m[:, None] & (offs_b[None, :] < D), other=0.0)
                 s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)
-            lse = tl.load(LSE + h * stride_lh + rows, mask=in_m, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no block seen: p = 0
+            lse = tl.sum(tl.where(gcols[None, :] == g, lse_all, 0.0), 1)
             p += tl.where(vis, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
         score = tl.dot(p, w_cur, carry, input_precision="ieee")  # exact float32, like the reference's sums
         carry = tl.dot(p, w_next, input_precision="ieee")

@@ -69,7 +69,8 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
         scale * LOG2E, D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
         SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
         INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm, num_warps=8)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm, GROUP_PAD=next_pow2(hq // heads_kv),
+        num_warps=8)
     return sel
 
 

@@ -253,14 +253,15 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    for i in range(0, TOPK):
+    # the selected blocks come first in blk (best first, -1 after): the loop runs over them without conditions so
+    # that the compiler prefetches the next block's tiles; a tile past the query is fully masked
+    for i in range(0, tl.sum((blk >= 0).to(tl.int32))):
         j = tl.sum(tl.where(tcols[None, :] == i, blk, 0))
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
-            if (j >= 0) & (j * SLC_BLOCK + s0 <= last):  # skip empty slots and tiles past the query
-                pos = j * SLC_BLOCK + s0 + scols
-                m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
-                                         (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, 0,
-                                         BLOCK_DV, PRECISION)
+            pos = j * SLC_BLOCK + s0 + scols
+            m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
+                                     (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, 0,
+                                     BLOCK_DV, PRECISION)
     return m, l, acc
 
 

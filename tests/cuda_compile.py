@@ -215,21 +215,43 @@ def resources(kernel) -> str:
 
 CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 
+# hot loops that must stream their tiles through shared memory with this many buffers (the compiler's pipeliner
+# gives up on loops with data-dependent conditions, and keeps fewer buffers when an address waits on a load of
+# its own iteration): a regression here costs every load's full latency
+PIPELINED = {
+    "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
+    "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
+    "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
+    "_nsa_selected_fwd_kernel[bf16-d192-g16]": 3,
+    "_nsa_selected_dq_kernel[bf16-d192-g16]": 3,
+    "_nsa_decode_finish_kernel[bf16-d192-g16]": 2,
+    "_sparse_fwd_kernel[bf16]": 3,
+}
+
+
+def buffers(kernel) -> int:
+    """The most buffers of any multi-buffered shared-memory allocation in a compiled kernel (0: no pipelining)."""
+    found = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x", kernel.asm["ttgir"])
+    return max((int(n) for n in found), default=0)
+
 
 def main(argv) -> int:
     show = "--resources" in argv  # also print registers and spills per kernel
-    argv = [a for a in argv if a != "--resources"]
+    check_pipelined = "--pipelined" in argv  # only the PIPELINED kernels, failing when they have too few buffers
+    argv = [a for a in argv if a not in ("--resources", "--pipelined")]
     pattern = argv[1] if len(argv) > 1 else ""
     failures = 0
     for build in CASE_BUILDERS:
         for name, kern, ptr, meta, floats, *launch in build():  # launch: the op's num_warps/num_stages if set
-            if pattern not in name:
+            if pattern not in name or (check_pipelined and name not in PIPELINED):
                 continue
             t = time.time()
             try:
                 k = compile_kernel(kern, ptr, meta, floats, **(launch[0] if launch else {}))
                 smem = k.metadata.shared
                 status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
+                if check_pipelined and status == "ok" and buffers(k) < PIPELINED[name]:
+                    status = f"FAIL {buffers(k)} shared-memory buffers in its loop, expected {PIPELINED[name]}"
                 if show and status == "ok":
                     status = f"ok  smem {smem}  {resources(k)}"
             except Exception as e:  # report every failure, not only the first

@@ -219,25 +219,35 @@ def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, sc
                 C: tl.constexpr, PRECISION: tl.constexpr):
     """Top-TOPK keys (see kernels/topk.py), (1, TOPK_PAD), among the selection blocks [j_lo, j_hi) (all at or
     before the own block): Eq. 9 scores summed over the group's rows, forced blocks first. ``lse2`` is the
-    compressed branch's base-2 lse per row (+inf where it saw no block)."""
+    compressed branch's base-2 lse per row (+inf where it saw no block).
+
+    As the prefill's selection kernel: C selection blocks at a time, their C*R compressed keys loaded once (one
+    matmul), the probabilities summed over the rows, then Eq. 9's band of weights maps them to the C scores,
+    the taps reaching into the previous chunk carried over (a split starting at j_lo > 0 first runs the chunk
+    before it for that carry alone)."""
     dk = tl.arange(0, BLOCK_DK)
     jcols = tl.arange(0, C)
-    ratio: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    BLOCK_C: tl.constexpr = C * R
+    ccols = tl.arange(0, BLOCK_C)
+    tap = jcols[None, :] * R - ccols[:, None]
+    w_cur = tl.load(W + tap, mask=(tap >= 0) & (tap < NW), other=0.0)
+    w_next = tl.load(W + tap + BLOCK_C, mask=(tap + BLOCK_C >= 0) & (tap + BLOCK_C < NW), other=0.0)
     best = topk_init(1, TOPK_PAD)
-    for j0 in range(j_lo, j_hi, C):
+    carry = tl.zeros([C], tl.float32)
+    for j0 in range(j_lo - tl.where(j_lo > 0, C, 0), j_hi, C):
+        ci = j0 * R + ccols
+        ok = (ci >= 0) & (ci < n_cmp)
+        kc = tl.load(kc_base + ci[None, :].to(tl.int64) * stride_ct + dk[:, None],
+                     mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+        s = tl.dot(q, kc, input_precision=PRECISION) * scale_log2
+        psum = tl.sum(tl.where(ok[None, :] & in_g[:, None], tl.exp2(s - lse2[:, None]), 0.0), 0)
+        score = tl.sum(psum[:, None] * w_cur, 0) + carry
+        carry = tl.sum(psum[:, None] * w_next, 0)
         jj = j0 + jcols
-        score = tl.zeros([C], tl.float32)
-        for i in tl.static_range(NW):
-            ci = jj * ratio - i
-            ok = (ci >= 0) & (ci < n_cmp)
-            kc = tl.load(kc_base + ci[None, :].to(tl.int64) * stride_ct + dk[:, None],
-                         mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-            s = tl.dot(q, kc, input_precision=PRECISION) * scale_log2
-            p = tl.where(ok[None, :] & in_g[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-            score += tl.load(W + i) * tl.sum(p, 0)
         forced = (jj < INIT) | ((jj > own - LOCAL) & (jj <= own))
         score = tl.where(forced, float("inf"), score)
-        best = fold_topk(best, topk_keys(score[None, :], jj[None, :], (jj < j_hi)[None, :]), TOPK)
+        best = fold_topk(best, topk_keys(score[None, :], jj[None, :], ((jj >= j_lo) & (jj < j_hi))[None, :]), TOPK)
     return best
 
 

@@ -399,7 +399,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
     group = hq // hkv
-    block_n, c = (32, 16) if is_interpreter() else (64, 32)
+    block_n = 32 if is_interpreter() else 64
+    # selection blocks per scoring chunk: C*R compressed keys per matmul (128 on a GPU), at least Eq. 9's reach
+    ratio = config.slc_block // config.cmp_stride
+    nw = ratio + config.cmp_block // config.cmp_stride - 1
+    c = max(next_pow2(cdiv(nw - 1, ratio)), max(1, (64 if is_interpreter() else 128) // ratio))
     n_cmp = config.num_cmp_blocks(max_len)
     n_slc = (max_len - 1) // config.slc_block + 1
     if num_splits is None:
@@ -410,8 +414,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                 BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))
     selection = dict(CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, INIT=config.init_blocks,
-                     NW=config.slc_block // config.cmp_stride + config.cmp_block // config.cmp_stride - 1,
-                     LOCAL=config.local_blocks, C=c)
+                     NW=nw, LOCAL=config.local_blocks, C=c)
     attend = dict(BLOCK_N=block_n, SLC_TILE=min(config.slc_block, 64), WINDOW=config.window)
     common = (qk.stride(0), qk.stride(1))
     cache_strides = (kk.stride(0), kk.stride(1), kk.stride(2), vk.stride(0), vk.stride(1), vk.stride(2))

@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from .merge import merge_fwd
-from .utils import (AttnDims, autotune_configs, autotune_enabled, check_attention_inputs, check_positive_int,
-                    cdiv, check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
-                    resolve_seqlens, split_context, split_dim)
+from .utils import (AttnDims, autotune_configs, autotune_enabled, cdiv, check_attention_inputs, check_device,
+                    check_positive_int, check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2,
+                    num_sms, resolve_seqlens, split_context, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -657,6 +657,17 @@ def _cu_args(dims: AttnDims, left_pad):
     return (dims.cu_seqlens_q, dims.cu_seqlens_k) if left_pad is None else (None, left_pad)
 
 
+def _outputs(rows: tuple, dims: AttnDims, dtype, device, padded: bool):
+    """Output ``rows + (Hq, Dv)`` and float32 lse in the matching layout (heads before the token axis: ``(H,
+    total)`` varlen, ``(B, H, T)`` dense, after any leading axes). Left-padded launches never write the padding
+    query rows: their outputs then start at 0 and -inf."""
+    out = (torch.zeros if padded else empty)(*rows, dims.heads_q, dims.dim_v, device=device, dtype=dtype)
+    lshape = (*rows[:-1], dims.heads_q, rows[-1])
+    lse = torch.full(lshape, float("-inf"), device=device) if padded else \
+        empty(*lshape, device=device, dtype=torch.float32)
+    return out, lse
+
+
 def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
               key_pos=(1, 0), left_pad=None):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
@@ -665,14 +676,10 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     (dense layout): int32 padding rows per sequence, whose query rows the kernel skips (allocated outputs
     are then 0 / -inf there). Returns (out, lse)."""
     varlen = dims.varlen
-    padded = left_pad is not None
-    if out is None:
-        shape = (q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q)
-        out = (torch.zeros if padded else empty)(*shape, dims.heads_q, dims.dim_v, device=q.device, dtype=q.dtype)
-    if lse is None:
-        shape = (dims.heads_q, q.shape[0]) if varlen else (dims.batch, dims.heads_q, dims.max_seqlen_q)
-        lse = torch.full(shape, float("-inf"), device=q.device) if padded else \
-            empty(*shape, device=q.device, dtype=torch.float32)
+    if out is None or lse is None:
+        o, l_ = _outputs((q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q), dims, q.dtype, q.device,
+                         left_pad is not None)
+        out, lse = (o if out is None else out), (l_ if lse is None else lse)
     if out.numel() == 0 or lse.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
@@ -697,13 +704,8 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
     rows_q = q.shape[0] if varlen else tq
     programs = dims.batch * dims.heads_kv
     n_split, per_split = split_context(programs, dims.max_seqlen_k, num_sms(q.device) * 2)
-    padded = left_pad is not None  # padding query rows are never written: their slots start empty
-    shape = (n_split, rows_q, dims.heads_q) if varlen else (n_split, dims.batch, tq, dims.heads_q)
-    dtype = torch.float32 if n_split > 1 else q.dtype
-    outs = (torch.zeros if padded else empty)(*shape, dims.dim_v, device=q.device, dtype=dtype)
-    lshape = (n_split, dims.heads_q, rows_q) if varlen else (n_split, dims.batch, dims.heads_q, tq)
-    lses = torch.full(lshape, float("-inf"), device=q.device) if padded else \
-        empty(*lshape, device=q.device, dtype=torch.float32)
+    outs, lses = _outputs((n_split, rows_q) if varlen else (n_split, dims.batch, tq), dims,
+                          torch.float32 if n_split > 1 else q.dtype, q.device, left_pad is not None)
     if outs.numel() and lses.numel():
         so = (outs.stride(0), 0, outs.stride(1), outs.stride(2)) if varlen else outs.stride()[:4]
         sl = (lses.stride(0), 0, lses.stride(1)) if varlen else lses.stride()[:3]
@@ -800,14 +802,13 @@ class _FlashAttention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 6
 
 
-def _check_left_pad(left_pad, dims: AttnDims, device) -> None:
+def _check_left_pad(left_pad, dims: AttnDims, q) -> None:
     if dims.varlen:
         raise ValueError("left_pad applies to the dense (B, T, H, D) layout; a varlen layout has no padding")
     if not isinstance(left_pad, torch.Tensor) or left_pad.dtype != torch.int32 or \
             tuple(left_pad.shape) != (dims.batch,):
         raise TypeError(f"left_pad must be an int32 tensor of shape ({dims.batch},)")
-    if left_pad.device != device:
-        raise ValueError(f"left_pad must be on {device}, got {left_pad.device}")
+    check_device({"q": q, "left_pad": left_pad})
     if bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
         raise ValueError(f"left_pad must lie in [0, Tk={dims.max_seqlen_k}], got {left_pad.tolist()}")
 
@@ -875,7 +876,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if left_pad is not None:
         if (key_stride, key_offset) != (1, 0):
             raise ValueError("left_pad cannot be combined with key_stride/key_offset")
-        _check_left_pad(left_pad, dims, q.device)
+        _check_left_pad(left_pad, dims, q)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -4,7 +4,8 @@ Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter:
 set here, before anything imports triton (the kernels' @triton.jit decorators read it). Kernel outputs
 are poisoned with NaN before every launch (LONGATTN_POISON_OUTPUTS), so unwritten elements fail, and a
 launch with a keyword argument the kernel does not declare fails (the interpreter drops it silently, a GPU
-launch rejects it).
+launch rejects it). The interpreter is made to compute bfloat16 as the GPU does, so every dtype, bf16
+included, is tested on the CPU too.
 """
 import inspect
 import os
@@ -36,10 +37,57 @@ def _strict_interpreter_launches():
     interpreter.GridExecutor.__call__ = strict
 
 
+def _exact_bfloat16_interpreter():
+    """Triton's interpreter keeps bfloat16 as raw 16-bit patterns and computes on the patterns (tl.dot,
+    arithmetic, comparisons): the kernels would see nonsense. Here every bfloat16 operation computes in
+    float32 and rounds its result back to bfloat16, as the GPU does, so bf16 runs through the same kernels
+    and roundings as on a GPU (longattn.kernels.utils probes this and then stops upcasting bf16 inputs)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+
+    def bf16(h):
+        return h.dtype.scalar == tl.bfloat16
+
+    cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        """float32 -> bfloat16 rounds to nearest even, as the GPU does (the interpreter truncates)."""
+        if dst_type.scalar != tl.bfloat16 or src.data.dtype != np.float32:
+            return cast(self, src, dst_type)
+        bits = src.data.view(np.uint32).astype(np.uint64)
+        out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        out = np.where(np.isnan(src.data), np.uint16(0x7FC0), out)
+        return interpreter.TensorHandle(out, tl.bfloat16)
+    builder.cast_impl = cast_impl
+
+    def up(h):
+        return interpreter.interpreter_builder.cast_impl(h, tl.float32) if bf16(h) else h
+
+    def down(h):
+        return interpreter.interpreter_builder.cast_impl(h, tl.bfloat16) if h.data.dtype == np.float32 else h
+
+    def wrap(name, rounds):
+        orig = getattr(builder, name)
+
+        def patched(self, *args):
+            if not any(isinstance(a, interpreter.TensorHandle) and bf16(a) for a in args):
+                return orig(self, *args)
+            out = orig(self, *(up(a) if isinstance(a, interpreter.TensorHandle) else a for a in args))
+            return down(out) if rounds else out
+        setattr(builder, name, patched)
+
+    wrap("create_dot", False)  # float32 accumulator
+    for name in ("binary_op", "unary_op", "create_fma"):
+        wrap(name, True)
+
+
 if not HAS_CUDA:
     _strict_interpreter_launches()
-# The interpreter's tl.dot multiplies the raw bits of bfloat16: bf16 is tested on the GPU only.
-DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
+    _exact_bfloat16_interpreter()
+DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 
 
 def pytest_collection_modifyitems(config, items):

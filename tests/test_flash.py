@@ -141,7 +141,9 @@ def test_left_padded_batch(Tq, Tk, window, dtype, device):
         (out_r * dout[b:b + 1, q0:].float()).sum().backward()
         for name, a, r in (("dq", qk.grad[b:b + 1, q0:], qr.grad), ("dk", kk.grad[b:b + 1, p:], kr.grad),
                            ("dv", vk.grad[b:b + 1, p:], vr.grad)):
-            assert_close(a, r, dtype, f"{name} row {b}")
+            # row 2 has two real keys: dq's dS = P (dP - delta) cancels, and in bf16 delta comes from the rounded
+            # output (as in every flash backward), so its relative error runs above the usual 1e-2
+            assert_close(a, r, dtype, f"{name} row {b}", factor=2 if dtype == torch.bfloat16 else 1)
 
 
 def test_left_pad_bad_inputs(device):
@@ -247,8 +249,20 @@ def test_window_at_least_seqlen_equals_causal(device):
     torch.testing.assert_close(flash_attention(q, k, v, window=1000), flash_attention(q, k, v), atol=1e-6, rtol=0)
 
 
-def test_bfloat16_is_correct_on_every_backend(device):
-    """bfloat16 must give the right answer everywhere (the interpreter path computes it in float32)."""
+@pytest.mark.parametrize("exact", [True, False], ids=["bf16-kernels", "float32-fallback"])
+def test_bfloat16_is_correct_on_every_backend(exact, device, monkeypatch):
+    """bfloat16 gives the right answer everywhere: on a GPU, under an interpreter that computes bf16 correctly
+    (this harness's: the bf16 tests then run the GPU's kernels and roundings) and, by upcasting to float32,
+    under a stock interpreter."""
+    from longattn.kernels import utils
+
+    if device == "cpu":
+        assert utils.interpreter_bf16_exact(), "the test harness should make the interpreter compute bf16"
+        monkeypatch.setattr(utils, "interpreter_bf16_exact", lambda: exact)
+        q = torch.ones(2, dtype=torch.bfloat16)
+        assert utils.kernel_inputs(q)[0].dtype == (torch.bfloat16 if exact else torch.float32)
+    elif not exact:
+        pytest.skip("no fallback on a GPU")
     q, k, v = (torch.randn(1, 45, 2, 32, device=device, dtype=torch.bfloat16) for _ in range(3))
     out = flash_attention(q, k, v)
     ref = attention_ref(q.float(), k.float(), v.float())

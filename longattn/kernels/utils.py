@@ -6,12 +6,14 @@ memory access or a silent wrong answer).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -119,13 +121,36 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     return empty(t.shape, device=t.device, dtype=t.dtype)
 
 
+@triton.jit
+def _bf16_probe_kernel(A, C, D):
+    r = tl.arange(0, 16)
+    tile = r[:, None] * 16 + r[None, :]
+    a = tl.load(A + tile)
+    tl.store(C + tile, tl.dot(a, a))
+    tl.store(D + tile, a * a - a)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_bf16_exact() -> bool:
+    """Whether Triton's interpreter computes bfloat16 correctly (matmul and arithmetic). Stock interpreters
+    compute on the raw 16-bit patterns; longattn's test harness makes them compute in float32."""
+    a = torch.linspace(-2, 2, 256).reshape(16, 16).to(torch.bfloat16)
+    c = torch.zeros(16, 16)
+    d = torch.zeros(16, 16, dtype=torch.bfloat16)
+    _bf16_probe_kernel[(1,)](a, c, d)
+    x = a.float()
+    return bool(torch.allclose(c, x @ x, rtol=1e-3, atol=1e-3)
+                and torch.allclose(d.float(), x * x - x, rtol=2e-2, atol=2e-2))
+
+
 def kernel_inputs(*tensors: Optional[torch.Tensor]):
     """Tensors as the kernels should see them.
 
-    Under the interpreter ``tl.dot`` on bfloat16 multiplies raw bits, so bfloat16 tensors are upcast
-    to float32 there (callers cast results back to the input dtype). On a GPU this is the identity.
+    A stock Triton interpreter computes bfloat16 on the raw bit patterns (``tl.dot`` multiplies them), so
+    there bfloat16 tensors are upcast to float32 (callers cast results back to the input dtype). On a GPU,
+    and under an interpreter that computes bfloat16 correctly, this is the identity.
     """
-    if not is_interpreter():
+    if not is_interpreter() or interpreter_bf16_exact():
         return tensors
     return tuple(t.float() if (t is not None and t.dtype == torch.bfloat16) else t for t in tensors)
 

@@ -319,7 +319,7 @@ def test_strided_keys(ks, ko, lens, dtype, device):
 
 def test_autotune_pruning_by_shared_memory(monkeypatch):
     """The tile pruning keeps the tiles whose buffers fit (the big ones at head dim 128, the small ones only at
-    256 in float32) and, with LONGATTN_AUTOTUNE=0, only the first that fits."""
+    256 in float32) and, without autotuning (LONGATTN_AUTOTUNE=0, the interpreter), only the first that fits."""
     import triton
     from longattn.kernels import flash as F
 
@@ -327,9 +327,9 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
                for m, n, st in ((128, 128, 2), (128, 64, 3), (64, 32, 2), (32, 32, 1))]
     bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
     dims = lambda da, db, dv: dict(BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv)
-    monkeypatch.setenv("LONGATTN_AUTOTUNE", "1")
+    monkeypatch.setattr(F, "autotune_enabled", lambda: True)
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 0, 128)) == configs
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:]  # 192 = 128 + 64
     assert F._smem_prune("dkdv")(configs, {"Q": fp32}, **dims(256, 0, 256)) == configs[3:]
-    monkeypatch.setenv("LONGATTN_AUTOTUNE", "0")
+    monkeypatch.setattr(F, "autotune_enabled", lambda: False)
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:2]

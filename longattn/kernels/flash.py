@@ -32,8 +32,8 @@ import triton.language as tl
 
 from .merge import merge_fwd
 from .utils import (AttnDims, autotune_configs, autotune_enabled, cdiv, check_attention_inputs, check_device,
-                    check_positive_int, check_scale, empty, empty_like, is_interpreter, kernel_inputs, next_pow2,
-                    num_sms, resolve_seqlens, split_context, split_dim)
+                    check_positive_int, check_scale, empty, empty_like, kernel_inputs, next_pow2, num_sms,
+                    resolve_seqlens, small_tiles, split_context, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -716,7 +716,7 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
             q, k, v, outs, lses, *_cu_args(dims, left_pad), *_strides3(q, varlen), *_strides3(k, varlen),
             *_strides3(v, varlen), *so, *sl, dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E,
             dims.group, dims.heads_kv, per_split, **meta, TQ=next_pow2(tq), BLOCK_G=block_g,
-            BLOCK_N=32 if is_interpreter() or q.dtype == torch.float32 else 64,
+            BLOCK_N=32 if small_tiles() or q.dtype == torch.float32 else 64,
             num_warps=8 if block_g * next_pow2(tq) >= 64 else 4)  # 64 rows on 4 warps spill in float32
     if n_split == 1:
         return outs[0], lses[0]
@@ -730,7 +730,7 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
     if delta.numel() == 0:
         return delta
     block_dv = max(16, next_pow2(dims.dim_v))
-    prep_block = 32 if is_interpreter() else 64
+    prep_block = 32 if small_tiles() else 64
     _flash_bwd_prep_kernel[(cdiv(dims.max_seqlen_q, prep_block) * dims.batch, dims.heads_q)](
         out, do, dlse, delta, dims.cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=block_dv,

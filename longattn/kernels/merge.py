@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, check_device, check_tensor, empty, empty_like, is_interpreter, kernel_inputs, next_pow2
+from .utils import cdiv, check_device, check_tensor, empty, empty_like, kernel_inputs, next_pow2, small_tiles
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def _out_strides(o: torch.Tensor, lse: torch.Tensor):
 def _block_t(d: int, elem: int) -> int:
     """Rows per program: 8 KB of outputs per tile (4096 16-bit elements; 4 warps hold a tile and its part
     without spilling registers)."""
-    if is_interpreter():
+    if small_tiles():
         return 64
     return max(8, min(128, 8192 // (next_pow2(d) * elem)))
 

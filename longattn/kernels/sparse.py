@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .flash import LOG2E, _dot_split, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty, is_interpreter,
-                    kernel_inputs, next_pow2, resolve_seqlens, split_dim)
+from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty, kernel_inputs,
+                    next_pow2, resolve_seqlens, small_tiles, split_dim)
 
 
 @triton.jit
@@ -325,7 +325,7 @@ PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chun
 
 def _tiles():
     """(rows per entry tile, keys per step) of the sparse kernels."""
-    return (ENTRY_TILE, 32) if is_interpreter() else (ENTRY_TILE, 64)
+    return (ENTRY_TILE, 32) if small_tiles() else (ENTRY_TILE, 64)
 
 
 @dataclass
@@ -420,7 +420,7 @@ def _decode(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scal
     (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse."""
     hq, dv = dims.heads_q, dims.dim_v
     total_q, ksel = q.shape[0], sel.shape[-1]
-    split = min(block_size, 32 if is_interpreter() else 512)
+    split = min(block_size, 32 if small_tiles() else 512)
     n_split = block_size // split
     n_pieces = (ksel + 1) * n_split
     outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=q.dtype)
@@ -432,7 +432,7 @@ def _decode(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scal
         q, k, v, sel_arg, outs, lses, plan.cu_q, plan.cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), sel_arg.stride(0), sel_arg.stride(1), outs.stride(0), outs.stride(1),
         outs.stride(2), lses.stride(0), lses.stride(1), hq, block_size, hq // dims.heads_kv, n_split, scale * LOG2E,
-        KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if is_interpreter() else 64), **meta)
+        KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if small_tiles() else 64), **meta)
     return merge_fwd(outs, lses)
 
 
@@ -497,7 +497,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     kv_meta = dict(meta, BLOCK_DA=da, BLOCK_DB=db)
     del kv_meta["BLOCK_DQK"]
     slot_bytes = block_size * (da + db + meta["BLOCK_DV"]) * 4
-    ch = 2 if is_interpreter() else max(CHUNK_TILES, cdiv(2 * ent.max_tiles * slot_bytes, PARTIALS_BYTES))
+    ch = 2 if small_tiles() else max(CHUNK_TILES, cdiv(2 * ent.max_tiles * slot_bytes, PARTIALS_BYTES))
     seg_tiles = ent.tile_cum[1:] - ent.tile_cum[:-1]
     n_chunks = (seg_tiles + ch - 1) // ch
     chunk_cum = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])

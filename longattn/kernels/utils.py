@@ -26,6 +26,13 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def small_tiles() -> bool:
+    """True when kernels should use small tiles: under the interpreter (its cost grows with the tile steps
+    of the small test shapes), unless ``LONGATTN_INTERPRET_TILES=gpu`` asks for the GPU's tile sizes there
+    (tests then run the GPU's configurations, the first autotune candidate, through the interpreter)."""
+    return is_interpreter() and os.environ.get("LONGATTN_INTERPRET_TILES", "small") != "gpu"
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1). Host code uses these plain-int helpers: triton's own are
     constexpr functions costing microseconds a call, paid at every decoding step."""
@@ -80,8 +87,9 @@ def num_sms(device: torch.device) -> int:
 
 def autotune_enabled() -> bool:
     """False when ``LONGATTN_AUTOTUNE=0``: autotuned kernels then take the first tile that fits instead of
-    timing every candidate (test runs on a GPU compile far fewer kernels; timings are not their point)."""
-    return os.environ.get("LONGATTN_AUTOTUNE", "1") != "0"
+    timing every candidate (test runs on a GPU compile far fewer kernels; timings are not their point).
+    Always False under the interpreter (nothing to time)."""
+    return not is_interpreter() and os.environ.get("LONGATTN_AUTOTUNE", "1") != "0"
 
 
 def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,
@@ -89,7 +97,8 @@ def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int =
     """Autotune configs: the full ``gpu`` list on a GPU, the single ``interpreter`` config otherwise.
 
     Each entry of ``gpu`` is a dict of meta-parameters that may also hold ``num_warps`` and
-    ``num_stages``. Autotuning under the interpreter would only multiply the (slow) CPU run time.
+    ``num_stages``. Autotuning under the interpreter would only multiply the (slow) CPU run time (with
+    ``LONGATTN_INTERPRET_TILES=gpu`` the interpreter gets the GPU list: combine with ``LONGATTN_AUTOTUNE=0``).
     """
     def make(d: dict) -> triton.Config:
         d = dict(d)
@@ -97,7 +106,7 @@ def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int =
         s = d.pop("num_stages", num_stages)
         return triton.Config(d, num_warps=w, num_stages=s)
 
-    if is_interpreter():
+    if small_tiles():
         return [make(interpreter)]
     return [make(d) for d in gpu]
 

@@ -7,8 +7,8 @@ import torch
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty,
-                             is_interpreter, kernel_inputs, next_pow2, num_sms, split_context)
+from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty, kernel_inputs,
+                             next_pow2, num_sms, small_tiles, split_context)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -149,7 +149,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     s_pad = next_pow2(S)
     # 16 to 64 rows of (head, token) per program; float32 products run on CUDA cores (no tensor cores), where
     # 16 rows keep the tiles in registers
-    wide = q_latent.dtype != torch.float32 or is_interpreter()
+    wide = q_latent.dtype != torch.float32 or small_tiles()
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
     # 16-bit candidate tiles mostly take over 113 KB of shared memory: one program per SM (float32: two)
     n_split, per_split = split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device) * (1 if wide else 2))
@@ -166,7 +166,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                 HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
                 PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")
     grid = (cdiv(H, block_h), B, n_split)
-    if is_interpreter():  # one tile size, no timing of candidates
+    if small_tiles():  # one tile size, no timing of candidates
         _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
     else:
         _mla_decode_tuned[grid](*args, **meta)

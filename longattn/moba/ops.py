@@ -7,7 +7,7 @@ import torch
 
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, unpack_output
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty,
-                             is_interpreter, kernel_inputs, next_pow2, resolve_seqlens)
+                             kernel_inputs, next_pow2, resolve_seqlens, small_tiles)
 from .kernels import _block_mean_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -20,9 +20,9 @@ def _select(q, k, plan: BlockPlan, dims: AttnDims, block_size: int, ksel: int):
     kmean = empty(plan.n_blocks, hkv, d, device=q.device, dtype=q.dtype)
     _block_mean_kernel[(plan.n_blocks, hkv)](k, kmean, plan.block_row, plan.block_len, k.stride(0), k.stride(1),
                                              kmean.stride(0), kmean.stride(1), D=d, BLOCK_D=bd,
-                                             BLOCK_T=32 if is_interpreter() else 64)
+                                             BLOCK_T=32 if small_tiles() else 64)
     sel = empty(q.shape[0], hq, ksel, device=q.device, dtype=torch.int32)
-    bm = 32 if is_interpreter() else 64
+    bm = 32 if small_tiles() else 64
     _moba_select_kernel[(cdiv(plan.max_q, bm), hq, dims.batch)](
         q, kmean, sel, plan.cu_q, plan.cu_k, plan.block_off, q.stride(0), q.stride(1), kmean.stride(0),
         kmean.stride(1), sel.stride(0), sel.stride(1), block_size, hq // hkv, D=d, BLOCK_D=bd, KSEL=ksel,

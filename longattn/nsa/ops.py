@@ -13,7 +13,7 @@ from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (cdiv, check_attention_inputs, check_device, check_positive_int, check_same_dtype,
-                             check_scale, check_tensor, empty, is_interpreter, kernel_inputs, next_pow2, num_sms,
+                             check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms, small_tiles,
                              split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_finish_kernel, _nsa_decode_kernel, _nsa_decode_score_split_kernel, _nsa_select_kernel,
@@ -59,10 +59,10 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
     nw = ratio + inner - 1
     # selection blocks per chunk: the chunk's compressed keys must cover Eq. 9's taps into the previous chunk
-    c = max(4 if is_interpreter() else 16, next_pow2(cdiv(nw - 1, ratio)))
+    c = max(4 if small_tiles() else 16, next_pow2(cdiv(nw - 1, ratio)))
     da, db = split_dim(d)
     sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
-    bm = 32 if is_interpreter() else 64
+    bm = 32 if small_tiles() else 64
     _nsa_select_kernel[(cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
         q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
         k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
@@ -75,7 +75,7 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
 
 
 def _gate_launch(n_rows: int, dv: int):
-    block_r = 16 if is_interpreter() else max(1, 2048 // next_pow2(dv))
+    block_r = 16 if small_tiles() else max(1, 2048 // next_pow2(dv))
     return (cdiv(n_rows, block_r),), dict(DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_R=block_r)
 
 
@@ -117,7 +117,7 @@ def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
     heads, up to 64 rows and 128 (query, slot) pairs (n = 16: 4 queries of a group of 16, 8 of a group of 4)."""
     group = dims.heads_q // dims.heads_kv
     top_pad = next_pow2(topk)
-    rows = 16 if dtype == torch.float32 and not is_interpreter() else SELECTED_ROWS  # float32: CUDA-core products
+    rows = 16 if dtype == torch.float32 and not small_tiles() else SELECTED_ROWS  # float32: CUDA-core products
     qb = max(1, min(rows // next_pow2(group), SELECTED_PAIRS // top_pad))
     forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")  # a tuning knob for benchmarks: queries per program
     if forced:
@@ -125,7 +125,7 @@ def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
     da, db = split_dim(dims.dim_qk)
     return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * group)),
-                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if is_interpreter() else 64), TOPK=topk,
+                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if small_tiles() else 64), TOPK=topk,
                 TOPK_PAD=top_pad, PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
@@ -399,11 +399,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
     group = hq // hkv
-    block_n = 32 if is_interpreter() else 64
+    block_n = 32 if small_tiles() else 64
     # selection blocks per scoring chunk: C*R compressed keys per matmul (128 on a GPU), at least Eq. 9's reach
     ratio = config.slc_block // config.cmp_stride
     nw = ratio + config.cmp_block // config.cmp_stride - 1
-    c = max(next_pow2(cdiv(nw - 1, ratio)), max(1, (64 if is_interpreter() else 128) // ratio))
+    c = max(next_pow2(cdiv(nw - 1, ratio)), max(1, (64 if small_tiles() else 128) // ratio))
     n_cmp = config.num_cmp_blocks(max_len)
     n_slc = (max_len - 1) // config.slc_block + 1
     if num_splits is None:

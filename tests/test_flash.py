@@ -333,3 +333,33 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     assert F._smem_prune("dkdv")(configs, {"Q": fp32}, **dims(256, 0, 256)) == configs[3:]
     monkeypatch.setattr(F, "autotune_enabled", lambda: False)
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:2]
+
+
+@pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
+def test_every_tile_candidate(which, device, monkeypatch):
+    """Every GPU tile an autotuner may pick gives the right answer (the other tests run only the first, which
+    is what runs without autotuning): each candidate of one kernel that fits shared memory, on varlen causal
+    GQA problems with ragged tails, head dims 192 / 128 (two-part q/k tiles) and 64, and a window."""
+    if device == "cuda":
+        pytest.skip("about 40 compilations: too long for the timed GPU run (the interpreter checks every tile)")
+    import triton
+    from longattn.kernels import flash as F
+
+    kernel = {"fwd": F._flash_fwd_kernel, "dkdv": F._flash_bwd_dkdv_kernel, "dq": F._flash_bwd_dq_kernel}[which]
+    tiles = F.DKDV_TILES if which == "dkdv" else F.FWD_TILES
+    candidates = [triton.Config({k: v for k, v in t.items() if k.startswith("BLOCK")}, num_warps=t["num_warps"],
+                                num_stages=t["num_stages"]) for t in tiles]
+    monkeypatch.setattr(F, "autotune_enabled", lambda: True)
+    lq = [130, 1, 77]
+    for dqk, dv, window in ((192, 128, None), (64, 64, 40)):
+        a, b = F.split_dim(dqk)
+        fits = F._smem_prune(which)(candidates, {"Q": torch.empty(0, dtype=torch.float16)}, BLOCK_DA=a, BLOCK_DB=b,
+                                    BLOCK_DV=max(16, F.next_pow2(dv)))
+        for config in fits:
+            monkeypatch.setattr(kernel, "configs", [config])
+            monkeypatch.setattr(kernel, "cache", {})
+            q = torch.randn(sum(lq), 4, dqk, device=device, dtype=torch.float16)
+            k = torch.randn(sum(lq), 2, dqk, device=device, dtype=torch.float16)
+            v = torch.randn(sum(lq), 2, dv, device=device, dtype=torch.float16)
+            _run_and_compare(q, k, v, torch.float16, window=window, cu_seqlens=_cu(lq, device), max_seqlen=max(lq))
+            assert kernel.best_config is config

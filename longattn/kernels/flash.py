@@ -197,17 +197,16 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
     return acc, l_i, m_i
 
 
-_FWD_CONFIGS = autotune_configs(
-    [
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-    ],
-    dict(BLOCK_M=32, BLOCK_N=32),
-)
+# GPU tile candidates of the forward and dq kernels (the first is the one run without autotuning)
+FWD_TILES = [
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+]
+_FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 
@@ -439,20 +438,19 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
     return dk_a, dk_b, dv
 
 
-_BWD_CONFIGS = autotune_configs(
-    [
-        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-        # 64 keys on 8 warps: half the accumulator registers per thread (the 4-warp tiles spill at head dim 192)
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-    ],
-    dict(BLOCK_M=32, BLOCK_N=32),
-)
+# GPU tile candidates of the dK/dV kernel
+DKDV_TILES = [
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    # 64 keys on 8 warps: half the accumulator registers per thread (the 4-warp tiles spill at head dim 192)
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+]
+_BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",

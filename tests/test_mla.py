@@ -219,20 +219,20 @@ class _Launch:
                                                               num_stages=c.num_stages)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("rows", [64, 16])
-def test_decode_every_candidate(rows, monkeypatch):
+def test_decode_every_candidate(rows, device, monkeypatch):
     """Each configuration the autotuner may pick gives the reference's result (the suite otherwise runs only the
-    first, LONGATTN_AUTOTUNE=0)."""
+    first, LONGATTN_AUTOTUNE=0); on the CPU with the GPU's tiles and splits, through the interpreter."""
     B, S, dtype = 3, 1, torch.bfloat16
     H = rows  # one head group of `rows` rows
-    lens = [1, 700, 2100]
-    kv_tokens = [torch.randn(n, 576, device="cuda", dtype=dtype) for n in lens]
-    cache, table = _paged(kv_tokens, lens, 64, "cuda")
-    q_lat = torch.randn(B, S, H, 512, device="cuda", dtype=dtype)
-    q_rope = torch.randn(B, S, H, 64, device="cuda", dtype=dtype)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    lens = [1, 700, 2100] if device == "cuda" else [1, 200, 450]
+    kv_tokens = [torch.randn(n, 576, device=device, dtype=dtype) for n in lens]
+    cache, table = _paged(kv_tokens, lens, 64, device)
+    q_lat = torch.randn(B, S, H, 512, device=device, dtype=dtype)
+    q_rope = torch.randn(B, S, H, 64, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     ref, _ = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
+    monkeypatch.setattr(mla_ops, "small_tiles", lambda: False)
     for c in decode_candidates(rows, 64, 576, "tf32"):
         monkeypatch.setattr(mla_ops, "_mla_decode_tuned", _Launch(c))
         out = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)

@@ -5,7 +5,7 @@ import torch
 from longattn import flash_attention
 from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
-from longattn.nsa.ops import _mean_compress
+from longattn.nsa.ops import _gates, _mean_compress
 from helpers import assert_close, leaf
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
@@ -189,6 +189,12 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
                             num_splits=splits, return_selection=True, validate=False)
     assert torch.equal(_sorted_sel(sel2), _sorted_sel(sel))
     assert_close(out2, out, dtype, "validate=False")
+    # gates as evenly spaced views of one tensor (the module's): read in place, not stacked
+    g = torch.stack(gates, 1)  # (B, 3, Hq)
+    views = g.unbind(1)
+    assert _gates(*views).data_ptr() == g.data_ptr()
+    out3 = nsa_decode(q, k, v, kc, vc, *views, cache_seqlens=seq, cache_offsets=off, config=CFG, num_splits=splits)
+    assert torch.equal(out3, out)
 
 
 def test_nsa_decode_equals_last_row_of_prefill(device):

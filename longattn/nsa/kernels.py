@@ -284,10 +284,11 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
     at position n - 1; ``blk`` (1, TOPK_PAD) the selected blocks, -1 for none."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
-    out += tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0)[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
+    g_slc = tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0).to(tl.float32)
+    out += g_slc[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
                               DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
-    return out + tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0)[:, None] * \
+    return out + tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0).to(tl.float32)[:, None] * \
         (acc / tl.where(l > 0, l, 1.0)[:, None])
 
 
@@ -467,7 +468,7 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
                               scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
     lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
-    out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
+    out = tl.load(gate_ptr, mask=in_g, other=0.0).to(tl.float32)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
     own = (n - 1) // SLC_BLOCK
     best = _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, 0, own + 1, scale_log2, DK, BLOCK_DK,
                        CMP_STRIDE, SLC_BLOCK, NW, TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
@@ -575,7 +576,7 @@ def _nsa_decode_finish_kernel(Q, K, V, OC, CAND, GATES, OUT, SEL, SEQ, OFF,
     gate_ptr = GATES + b64 * stride_gb + heads
     o_cmp = tl.load(OC + b64 * stride_cb + heads[:, None] * stride_ch + dv[None, :],
                     mask=in_g[:, None] & (dv[None, :] < DV), other=0.0)
-    out = tl.load(gate_ptr, mask=in_g, other=0.0)[:, None] * o_cmp
+    out = tl.load(gate_ptr, mask=in_g, other=0.0).to(tl.float32)[:, None] * o_cmp
     out = _slc_swa_gated(q, blk, n, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
                          V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
                          stride_g3, in_g, out, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK,

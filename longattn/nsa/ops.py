@@ -303,6 +303,19 @@ def _score_weights(config: NSAConfig, device: torch.device) -> torch.Tensor:
     return config.score_weights().to(device=device, dtype=torch.float32)
 
 
+def _gates(g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> torch.Tensor:
+    """The three (B, Hq) gates as one (3, B, Hq) tensor with unit head stride: a strided view when they are
+    evenly spaced views of one tensor (as the module's, split from one (..., 3, Hq) projection), else a copy."""
+    gates = (g_cmp, g_slc, g_swa)
+    step = g_slc.data_ptr() - g_cmp.data_ptr()
+    if step >= 0 and g_swa.data_ptr() - g_slc.data_ptr() == step and step % g_cmp.element_size() == 0 and \
+            g_cmp.stride(1) == 1 and all(g.dtype == g_cmp.dtype and g.stride() == g_cmp.stride() and
+                                         g.untyped_storage().data_ptr() == g_cmp.untyped_storage().data_ptr()
+                                         for g in gates):
+        return g_cmp.as_strided((3, *g_cmp.shape), (step // g_cmp.element_size(), *g_cmp.stride()))
+    return torch.stack(gates)
+
+
 def _check_lengths(t: Optional[torch.Tensor], name: str, batch: int) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,):
         raise TypeError(f"{name} must be an int32 tensor of shape ({batch},)")
@@ -394,7 +407,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         num_splits = min(num_splits, MAX_SPLITS)
 
     qk, kk, vk, kck, vck = kernel_inputs(q, k_cache, v_cache, k_cmp, v_cmp)
-    gates = torch.stack([g_cmp, g_slc, g_swa]).float()
+    gates = _gates(g_cmp, g_slc, g_swa)
     weights = _score_weights(config, q.device)
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)

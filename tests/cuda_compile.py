@@ -1,7 +1,9 @@
 """Compile longattn's Triton kernels for a CUDA target (sm_90) on a machine without a GPU.
 
 The interpreter that runs the CPU tests never lowers a kernel to GPU code, so errors that only the
-compiler sees (types, layouts, shared-memory use) would otherwise wait for a GPU. Run as a script
+compiler sees (types, layouts, shared-memory use) would otherwise wait for a GPU. It also fails a kernel that
+forms a row-times-stride offset in 32 bits (``narrow_offsets``: wrong addresses past 2^31 elements, which no
+small test reaches). Run as a script
 (`python tests/cuda_compile.py [name-filter] [--resources]`; ``--resources`` adds each kernel's shared memory,
 registers and spills); it must not run with TRITON_INTERPRET=1.
 """
@@ -196,6 +198,40 @@ def _nsa_cases():
     return cases
 
 
+def narrow_offsets(ttir: str) -> list:
+    """Source positions of the 32-bit multiplications by a ``stride*`` argument (through splats, broadcasts and
+    sign extensions): a row index times a stride overflows int32 past 2^31 elements (a 1M-token sequence with
+    64 heads of 128), so every such product must be formed in int64."""
+    defs = {}
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w.#]+) = ([\w.]+) (.*)", line)
+        if m:
+            defs[m.group(1)] = (m.group(2), m.group(3))
+    locs = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", ttir, re.M))
+
+    def where(loc, depth=0):  # a location is a file position, or names / call sites pointing at others
+        text = locs.get(loc, "")
+        pos = re.match(r'"[^"]+":\d+:\d+', text)
+        refs = re.findall(r"#loc\d+", text)
+        return pos.group(0) if pos else where(refs[0], depth + 1) if refs and depth < 8 else "?"
+
+    def stride_arg(v, depth=0):
+        if v.startswith("%stride"):
+            return True
+        op, rest = defs.get(v, (None, ""))
+        return depth < 8 and op in ("tt.splat", "tt.broadcast", "tt.expand_dims", "arith.extsi") and \
+            stride_arg(re.findall(r"%[\w.#]+", rest)[0], depth + 1)
+
+    found = []
+    for op, rest in defs.values():
+        operands, _, typ = rest.partition(" : ")
+        if op == "arith.muli" and re.match(r"(i32|tensor<[\dx]*xi32>)( |$)", typ) and \
+                any(stride_arg(o) for o in re.findall(r"%[\w.#]+", operands)):
+            loc = re.search(r"loc\((#loc\d+)\)", typ)
+            found.append(where(loc.group(1)) if loc else "?")
+    return found
+
+
 def resources(kernel) -> str:
     """Registers per thread and spilled bytes of a compiled kernel (ptxas -v on its PTX): a GPU-free hint of
     whether a tile configuration fits the register file."""
@@ -250,6 +286,9 @@ def main(argv) -> int:
                 k = compile_kernel(kern, ptr, meta, floats, **(launch[0] if launch else {}))
                 smem = k.metadata.shared
                 status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
+                narrow = narrow_offsets(k.asm["ttir"])
+                if narrow and status == "ok":
+                    status = f"FAIL 32-bit row x stride products at {', '.join(sorted(set(narrow)))}"
                 if check_pipelined and status == "ok" and buffers(k) < PIPELINED[name]:
                     status = f"FAIL {buffers(k)} shared-memory buffers in its loop, expected {PIPELINED[name]}"
                 if show and status == "ok":

@@ -284,11 +284,12 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
     at position n - 1; ``blk`` (1, TOPK_PAD) the selected blocks, -1 for none."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
-    g_slc = tl.load(gate_ptr + stride_g3, mask=in_g, other=0.0).to(tl.float32)
+    g3 = stride_g3.to(tl.int64)
+    g_slc = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
     out += g_slc[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
                               DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
-    return out + tl.load(gate_ptr + 2 * stride_g3, mask=in_g, other=0.0).to(tl.float32)[:, None] * \
+    return out + tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)[:, None] * \
         (acc / tl.where(l > 0, l, 1.0)[:, None])
 
 

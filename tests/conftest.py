@@ -69,6 +69,9 @@ def _exact_bfloat16_interpreter():
     def down(h):
         return interpreter.interpreter_builder.cast_impl(h, tl.bfloat16) if h.data.dtype == np.float32 else h
 
+    # comparisons give what they give on float32 (a mask), arithmetic rounds back to bfloat16
+    compare = (np.less, np.less_equal, np.greater, np.greater_equal, np.equal, np.not_equal)
+
     def wrap(name, rounds):
         orig = getattr(builder, name)
 
@@ -76,7 +79,7 @@ def _exact_bfloat16_interpreter():
             if not any(isinstance(a, interpreter.TensorHandle) and bf16(a) for a in args):
                 return orig(self, *args)
             out = orig(self, *(up(a) if isinstance(a, interpreter.TensorHandle) else a for a in args))
-            return down(out) if rounds else out
+            return down(out) if rounds and args[-1] not in compare else out
         setattr(builder, name, patched)
 
     wrap("create_dot", False)  # float32 accumulator

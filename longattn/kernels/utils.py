@@ -92,6 +92,15 @@ def autotune_enabled() -> bool:
     return not is_interpreter() and os.environ.get("LONGATTN_AUTOTUNE", "1") != "0"
 
 
+def _untimed(kernel_call, quantiles):
+    return [0.0] * len(quantiles)
+
+
+# triton.autotune's ``do_bench``: under the interpreter nothing is timed (some Triton versions time even a
+# single remaining candidate, which needs a GPU driver)
+AUTOTUNE_BENCH = _untimed if is_interpreter() else None
+
+
 def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,
                      num_stages: int = 2) -> list:
     """Autotune configs: the full ``gpu`` list on a GPU, the single ``interpreter`` config otherwise.
@@ -131,25 +140,28 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _bf16_probe_kernel(A, C, D):
+def _bf16_probe_kernel(A, C, D, E):
     r = tl.arange(0, 16)
     tile = r[:, None] * 16 + r[None, :]
     a = tl.load(A + tile)
     tl.store(C + tile, tl.dot(a, a))
     tl.store(D + tile, a * a - a)
+    tl.store(E + tile, (a > 0).to(tl.int32) + (a < -1).to(tl.int32))
 
 
 @functools.lru_cache(maxsize=None)
 def interpreter_bf16_exact() -> bool:
-    """Whether Triton's interpreter computes bfloat16 correctly (matmul and arithmetic). Stock interpreters
-    compute on the raw 16-bit patterns; longattn's test harness makes them compute in float32."""
+    """Whether Triton's interpreter computes bfloat16 correctly (matmul, arithmetic, comparisons). Stock
+    interpreters compute on the raw 16-bit patterns; longattn's test harness makes them compute in float32."""
     a = torch.linspace(-2, 2, 256).reshape(16, 16).to(torch.bfloat16)
     c = torch.zeros(16, 16)
     d = torch.zeros(16, 16, dtype=torch.bfloat16)
-    _bf16_probe_kernel[(1,)](a, c, d)
+    e = torch.zeros(16, 16, dtype=torch.int32)
+    _bf16_probe_kernel[(1,)](a, c, d, e)
     x = a.float()
     return bool(torch.allclose(c, x @ x, rtol=1e-3, atol=1e-3)
-                and torch.allclose(d.float(), x * x - x, rtol=2e-2, atol=2e-2))
+                and torch.allclose(d.float(), x * x - x, rtol=2e-2, atol=2e-2)
+                and torch.equal(e, (x > 0).int() + (x < -1).int()))
 
 
 def kernel_inputs(*tensors: Optional[torch.Tensor]):

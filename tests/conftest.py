@@ -47,6 +47,8 @@ def _exact_bfloat16_interpreter():
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
+    if not all(hasattr(builder, n) for n in ("cast_impl", "create_dot", "binary_op", "unary_op", "create_fma")):
+        return  # another interpreter: bf16 inputs are then upcast (test_bfloat16_is_correct_on_every_backend says so)
 
     def bf16(h):
         return h.dtype.scalar == tl.bfloat16

@@ -107,7 +107,8 @@ def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int =
 
     Each entry of ``gpu`` is a dict of meta-parameters that may also hold ``num_warps`` and
     ``num_stages``. Autotuning under the interpreter would only multiply the (slow) CPU run time (with
-    ``LONGATTN_INTERPRET_TILES=gpu`` the interpreter gets the GPU list: combine with ``LONGATTN_AUTOTUNE=0``).
+    ``LONGATTN_INTERPRET_TILES=gpu`` the interpreter gets the GPU list and, never autotuning, takes the first
+    candidate that the kernel's pruning keeps).
     """
     def make(d: dict) -> triton.Config:
         d = dict(d)

@@ -171,7 +171,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     else:
         _mla_decode_tuned[grid](*args, **meta)
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])
-    out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only under the interpreter (bfloat16 run as float32)
+    out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only where bfloat16 ran as float32 (stock interpreter)
     if return_lse:
         return out, lse.view(H, B, S).permute(1, 0, 2)
     return out

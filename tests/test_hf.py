@@ -67,10 +67,19 @@ def test_moba_generate_with_cache_equals_recompute(device):
 @pytest.mark.parametrize("impl", ["moba", "longattn"])
 def test_batched_left_padded_generate_equals_single(impl, device, monkeypatch):
     """Left-padded batched generation gives each prompt's own tokens; flash attention ("longattn") runs the
-    padded batch in place, never unpadding (gathering) the cache."""
+    padded batch in place, never unpadding (gathering) the cache, and MoBA's decoding steps too (its prefill
+    unpads)."""
     _, ours = _pair(_config(moba_block_size=16, moba_topk=2), impl, device)
-    if impl == "longattn":
-        monkeypatch.setattr(hf_attention, "_unpad", lambda *a: pytest.fail("left padding was unpadded"))
+    unpad, decode = hf_attention._unpad, hf_attention.moba_decode
+    steps = []
+
+    def no_unpad_decoding(mask, q_len):
+        if impl == "longattn" or q_len == 1:
+            pytest.fail("left padding was unpadded")
+        return unpad(mask, q_len)
+
+    monkeypatch.setattr(hf_attention, "_unpad", no_unpad_decoding)
+    monkeypatch.setattr(hf_attention, "moba_decode", lambda *a, **kw: steps.append(1) or decode(*a, **kw))
     a = torch.randint(1, 128, (1, 37)).to(device)  # 0 is the pad token
     b = torch.randint(1, 128, (1, 20)).to(device)
     batch = torch.cat([a, torch.cat([torch.zeros_like(b[:, :17]), b], 1)])
@@ -83,6 +92,7 @@ def test_batched_left_padded_generate_equals_single(impl, device, monkeypatch):
         one_b = ours.generate(b, **kw)
     assert torch.equal(both[0, 37:], one_a[0, 37:])
     assert torch.equal(both[1, 37:], one_b[0, 20:])
+    assert (len(steps) > 0) == (impl == "moba")
 
 
 def test_right_padding_matches_sdpa(device):

@@ -167,3 +167,71 @@ def test_moba_decode_fast_path(lk, bs, topk, dtype, device):
     # the general path (taken with gradients) agrees
     out_g = moba_attention(leaf(q), k, v, block_size=bs, topk=topk, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert_close(out, out_g.detach().float(), dtype, "decode vs general")
+
+
+def _left_padded_cache(lens, L, Hkv, D, Dv, dtype, device):
+    """A transformers-style cache (B, Hkv, L, D) seen as (B, L, Hkv, D), each row's tokens at its end, the
+    padding filled with garbage; returns the views, offsets and each row's real keys/values."""
+    k = torch.randn(len(lens), Hkv, L, D, device=device, dtype=dtype).transpose(1, 2)
+    v = torch.randn(len(lens), Hkv, L, Dv, device=device, dtype=dtype).transpose(1, 2)
+    off = [L - n for n in lens]
+    for b, o in enumerate(off):
+        k[b, :o] = 1e4  # a pooled or attended padding row would dominate
+        v[b, :o] = float("nan")
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    return k, v, as_i32(lens), as_i32(off), [(k[b, o:], v[b, o:]) for b, o in enumerate(off)]
+
+
+@pytest.mark.parametrize("lens,Hq,Hkv,bs,topk", [([150, 33, 97], 8, 2, 16, 3),   # ragged, GQA 4
+                                                 ([129, 64], 4, 4, 32, 10),      # topk > blocks: dense
+                                                 ([300], 16, 1, 16, 5)])         # MQA, group of 16
+def test_moba_decode_cache(lens, Hq, Hkv, bs, topk, dtype, device):
+    """moba_decode on a left-padded, transposed batch cache, in place: each row's output, lse and selection
+    equal the reference's last row; with the caller's pooled keys, and without host checks, the same."""
+    from longattn.moba import moba_decode
+    from longattn.moba.reference import _pooled_keys
+
+    D, Dv, L = 32, 48, max(lens) + 5
+    k, v, seq, off, rows = _left_padded_cache(lens, L, Hkv, D, Dv, dtype, device)
+    q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype)
+    with torch.no_grad():
+        out, lse = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=bs, topk=topk,
+                               return_lse=True)
+    assert out.shape == (len(lens), Hq, Dv) and out.dtype == dtype and lse.shape == (len(lens), Hq)
+    n_mean = (max(lens) - 1) // bs + 2  # more pooled blocks than needed: the extra ones are not read
+    k_mean = torch.full((len(lens), n_mean, Hkv, D), float("nan"), device=device, dtype=dtype)
+    for b, (kb, vb) in enumerate(rows):
+        qb = q[b][None, None]
+        sel = moba_block_selection_ref(qb, kb[None], block_size=bs, topk=topk)
+        o_r, l_r = moba_attention_ref(qb.float(), kb[None].float(), vb[None].float(), block_size=bs, topk=topk,
+                                      return_lse=True, selection=sel)
+        assert_close(out[b], o_r[0, 0], dtype, f"out[{b}]")
+        assert_lse_close(lse[b], l_r[0, :, 0], atol=1e-4 if dtype == torch.float32 else 2e-3)
+        pooled = _pooled_keys(kb, bs)[:(lens[b] - 1) // bs]
+        k_mean[b, :pooled.shape[0]] = pooled
+    kept = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, k_mean=k_mean, block_size=bs, topk=topk)
+    torch.testing.assert_close(kept, out, atol=0, rtol=0)
+    unchecked = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=bs, topk=topk,
+                            validate=False)
+    torch.testing.assert_close(unchecked, out, atol=0, rtol=0)
+
+
+def test_moba_decode_bad_arguments(device):
+    from longattn.moba import moba_decode
+
+    k, v, seq, off, _ = _left_padded_cache([40, 20], 48, 2, 16, 16, torch.float32, device)
+    q = torch.randn(2, 4, 16, device=device)
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32 tensor of shape"):
+        moba_decode(q, k, v, cache_seqlens=seq.long(), block_size=16)
+    with pytest.raises(ValueError, match="sequence 0: cache_offsets \\+ cache_seqlens must lie in the cache"):
+        moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off + 20, block_size=16)
+    with pytest.raises(ValueError, match="k_mean must be"):
+        moba_decode(q, k, v, cache_seqlens=seq, k_mean=torch.zeros(2, 1, 2, 16, device=device), block_size=16)
+    with pytest.raises(ValueError, match="v_cache must be"):
+        moba_decode(q, k, v[:, :30], cache_seqlens=seq, block_size=16)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        moba_decode(q[:, :3], k, v, cache_seqlens=seq, block_size=16)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        moba_decode(q, k, v, cache_seqlens=seq, block_size=24)
+    with pytest.raises(TypeError, match="k_cache must have dtype"):
+        moba_decode(q, k.long(), v, cache_seqlens=seq, block_size=16)

@@ -1,7 +1,8 @@
 """Attention functions for transformers' ``AttentionInterface``: ``"moba"`` and ``"longattn"``.
 
 transformers calls them with q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` (the cache already appended)
-and expects ``(B, Tq, Hq, D)`` back. Left padding runs in place (flash attention's ``left_pad``); other
+and expects ``(B, Tq, Hq, D)`` back. Left padding runs in place (flash attention's ``left_pad``, and
+MoBA's decoding step through :func:`longattn.moba.moba_decode`); other
 padding masks (right padding, and MoBA's) are handled by unpadding to the varlen layout; a batch of one
 packed sequence (position_ids restarting at 0, no mask) runs through the varlen path with one sequence per
 segment.
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernels.flash import flash_attention
-from ..moba.ops import moba_attention
+from ..moba.ops import moba_attention, moba_decode
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
 MOBA_DEFAULT_TOPK = 3
@@ -63,6 +64,14 @@ def _unpad(mask: torch.Tensor, q_len: int):
     return qmask, cu_q, cu_k
 
 
+def _moba_decode(q, k, v, pad: Optional[torch.Tensor], scaling, opts):
+    """One new token per row against the cache, in place (no copy of K/V); ``pad``: left padding per row."""
+    B, kv_len = k.shape[0], k.shape[1]
+    pad = torch.zeros(B, dtype=torch.int32, device=q.device) if pad is None else pad
+    return moba_decode(q[:, 0], k, v, cache_seqlens=kv_len - pad, cache_offsets=pad, scale=scaling, validate=False,
+                       **opts)[:, None]
+
+
 def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, T, H, D)
     if kind == "moba":
@@ -81,17 +90,22 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
     if attention_mask is not None and bool(attention_mask.all()) and attention_mask.shape[1] == kv_len:
         attention_mask = None
+    decoding = kind == "moba" and q_len == 1 and kv_len > 1
     if attention_mask is None:
+        if decoding:
+            return _moba_decode(q, k, v, None, scaling, opts)
         cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len)
         if cu is None:
             return op(q, k, v, scale=scaling, **opts)
         return op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts)[None]
     kmask = attention_mask[:, -kv_len:].bool()
-    if kind != "moba":
-        # left padding (batched generation): the kernel skips each row's padding in place; gathering the real
+    if kind != "moba" or decoding:
+        # left padding (batched generation): the kernels skip each row's padding in place; gathering the real
         # tokens into a varlen layout would copy the whole K/V cache at every step of every layer
         pad = kv_len - kmask.sum(1, dtype=torch.int32)
         if bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
+            if decoding:
+                return _moba_decode(q, k, v, pad, scaling, opts)
             return op(q, k, v, scale=scaling, left_pad=pad, **opts)
     qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
     out_p = op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts)

@@ -254,15 +254,18 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
 
 
 @triton.jit
-def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
-                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
-                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
-                        Hq, block_size, group, n_split, qk_scale,
-                        DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END,
+                          stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                          stride_st, stride_sh, stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
+                          Hq, block_size, group, n_split, qk_scale,
+                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     """One new token per sequence. Program (sequence * Hq + head, piece) attends to one SPLIT-key part of
     the own block (slot 0, keys up to the query) or of a selected block (slot 1 + s); the parts are
-    merged by lse afterwards (split-KV). Matrix-vector products: a decode step reads each key once."""
+    merged by lse afterwards (split-KV). Matrix-vector products: a decode step reads each key once.
+
+    Sequence b's keys are rows ``K_START[b] .. K_END[b] - 1`` at ``K + b * stride_kb`` (packed: stride_kb 0 and
+    K_START/K_END the cu_seqlens; a batched cache: its batch stride and each row's padding / end)."""
     bh = tl.program_id(0)
     piece = tl.program_id(1)
     b = bh // Hq
@@ -273,8 +276,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
     if tl.load(CU_Q + b + 1) == t:  # no new token in this sequence
         return
     t = t.to(tl.int64)
-    k_start = tl.load(CU_K + b).to(tl.int64)
-    pos = tl.load(CU_K + b + 1) - tl.load(CU_K + b) - 1
+    k_start = tl.load(K_START + b).to(tl.int64)
+    pos = tl.load(K_END + b) - tl.load(K_START + b) - 1
     own = pos // block_size
     blk = own
     n_keys = pos - own * block_size + 1
@@ -292,6 +295,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + t * stride_qt + h * stride_qh + offs_dk, mask=offs_dk < DQK, other=0.0).to(tl.float32)
     row0 = k_start + blk.to(tl.int64) * block_size
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_DV], tl.float32)
@@ -299,13 +304,13 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, CU_K,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_n = offs_n < hi
         rows = row0 + offs_n.to(tl.int64)
-        k = tl.load(K + rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
+        k = tl.load(k_base + rows[:, None] * stride_kt + offs_dk[None, :],
                     mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0).to(tl.float32)
         s = tl.where(in_n, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         p = tl.math.exp2(s - m_new)
         alpha = tl.math.exp2(m_i - m_new)
-        v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+        v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :],
                     mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
@@ -415,24 +420,30 @@ def _meta(dims: AttnDims, dtype):
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _decode(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
+def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float):
     """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks
-    (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse."""
-    hq, dv = dims.heads_q, dims.dim_v
-    total_q, ksel = q.shape[0], sel.shape[-1]
+    (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse. Returns (out, lse).
+
+    q ``(total_q, Hq, Dqk)`` with int32 ``cu_q`` (sequence b's query is row ``cu_q[b]`` if it has one); k/v
+    packed ``(total_k, Hkv, D)`` (``k_start``/``k_end`` = cu_seqlens_k without its last / first entry) or a
+    batched cache ``(B, L, Hkv, D)`` read in place (row b's keys are ``k_start[b] .. k_end[b] - 1``); sel int32
+    ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none."""
+    total_q, hq, dqk = q.shape
+    hkv, dv = k.shape[-2], v.shape[-1]
+    ksel = sel.shape[-1]
     split = min(block_size, 32 if small_tiles() else 512)
     n_split = block_size // split
     n_pieces = (ksel + 1) * n_split
     outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=q.dtype)
     lses = empty(n_pieces, hq, total_q, device=q.device, dtype=torch.float32)
-    meta = _meta(dims, q.dtype)
-    meta.pop("PRECISION")
     sel_arg = sel if ksel > 0 else torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
-    _sparse_decode_kernel[(dims.batch * hq, n_pieces)](
-        q, k, v, sel_arg, outs, lses, plan.cu_q, plan.cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), sel_arg.stride(0), sel_arg.stride(1), outs.stride(0), outs.stride(1),
-        outs.stride(2), lses.stride(0), lses.stride(1), hq, block_size, hq // dims.heads_kv, n_split, scale * LOG2E,
-        KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if small_tiles() else 64), **meta)
+    batch_strides = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
+    _sparse_decode_kernel[((cu_q.numel() - 1) * hq, n_pieces)](
+        q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, q.stride(0), q.stride(1), batch_strides[0],
+        k.stride(-3), k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2), sel_arg.stride(0),
+        sel_arg.stride(1), outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1), hq,
+        block_size, hq // hkv, n_split, scale * LOG2E, DQK=dqk, DV=dv, BLOCK_DQK=max(16, next_pow2(dqk)),
+        BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if small_tiles() else 64))
     return merge_fwd(outs, lses)
 
 
@@ -535,7 +546,7 @@ def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_siz
     Takes the split-KV decode kernel when every sequence has at most one query and no gradient is needed."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if plan.max_q <= 1 and not needs_grad and q.shape[0] > 0:
-        return _decode(q, k, v, sel, plan, dims, block_size, scale)
+        return sparse_decode(q, k, v, sel, plan.cu_q, plan.cu_k, plan.cu_k[1:], block_size, scale)
     return _BlockSparse.apply(q, k, v, sel, plan, dims, block_size, scale)
 
 

@@ -196,7 +196,7 @@ def check_tensor(x, name: str, *, ndim: Optional[int | Sequence[int]] = None,
 
 def check_device(tensors: dict) -> torch.device:
     """All tensors on one device, and a device the kernels can run on."""
-    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
     first_name, first = next(iter(devices.items()))
     for n, d in devices.items():
         if d != first:
@@ -237,6 +237,28 @@ def check_cu_seqlens(cu: torch.Tensor, total: int, name: str = "cu_seqlens") -> 
     if vals[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of tokens ({total}), got {vals[-1]}")
     return vals
+
+
+def check_cache_lengths(cache_seqlens, cache_offsets, batch: int, capacity: int, validate: bool):
+    """Decoding against a batched cache of ``capacity`` rows: int32 ``(batch,)`` tokens per sequence and cache row
+    of each sequence's first token (default 0). Returns ``(cache_offsets, lengths)``, the lengths as a host list:
+    read back with ``validate`` (one synchronisation) and checked to lie in the cache, else ``capacity`` each."""
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_offsets", cache_offsets)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,)):
+            raise TypeError(f"{name} must be an int32 tensor of shape ({batch},)")
+    if cache_seqlens is None:
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({batch},)")
+    if cache_offsets is None:
+        cache_offsets = torch.zeros(batch, dtype=torch.int32, device=cache_seqlens.device)
+    if not validate:
+        return cache_offsets, [capacity] * batch
+    host = torch.cat([cache_seqlens, cache_offsets]).tolist()  # one synchronisation
+    for b, (n, o) in enumerate(zip(host[:batch], host[batch:])):
+        if n < 1 or o < 0 or o + n > capacity:
+            raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
+                             f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {capacity}), got offset {o}, "
+                             f"seqlen {n}")
+    return cache_offsets, host[:batch]
 
 
 def check_scale(scale, default: float) -> float:

@@ -12,22 +12,46 @@ from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
 @triton.jit
+def _mean_rows(K, stride_kt, n, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Float32 mean of n rows of D values at K, K + stride_kt, ..."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for t0 in range(0, n, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        x = tl.load(K + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
+                    mask=(offs_t[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    return acc / n
+
+
+@triton.jit
 def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, stride_mb, stride_mh,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """Mean of the keys of one block and KV head (float32 sum, stored in KMEAN's dtype)."""
     blk = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     row0 = tl.load(BLOCK_ROW + blk).to(tl.int64)
-    n = tl.load(BLOCK_LEN + blk)
+    mean = _mean_rows(K + row0 * stride_kt + h * stride_kh, stride_kt, tl.load(BLOCK_LEN + blk), D, BLOCK_D, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for t0 in range(0, n, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        x = tl.load(K + (row0 + offs_t.to(tl.int64))[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-                    mask=(offs_t[:, None] < n) & (offs_d[None, :] < D), other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
-    tl.store(KMEAN + blk * stride_mb + h * stride_mh + offs_d, (acc / n).to(KMEAN.dtype.element_ty),
-             mask=offs_d < D)
+    tl.store(KMEAN + blk * stride_mb + h * stride_mh + offs_d, mean.to(KMEAN.dtype.element_ty), mask=offs_d < D)
+
+
+@triton.jit
+def _cache_block_mean_kernel(K, KMEAN, START, SEQ, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
+                             stride_mh, block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Decoding: mean of key block j (tokens j*block_size .. of row b, which starts at cache row START[b]) of a
+    batched cache (B, L, Hkv, D), for the blocks before the last token's own block (the gate's candidates)."""
+    j = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if j >= (tl.load(SEQ + b) - 1) // block_size:
+        return
+    row0 = tl.load(START + b).to(tl.int64) + j.to(tl.int64) * block_size
+    mean = _mean_rows(K + b * stride_kb + row0 * stride_kt + h * stride_kh, stride_kt, block_size, D, BLOCK_D,
+                      BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(KMEAN + b * stride_mb + j.to(tl.int64) * stride_mn + h * stride_mh + offs_d,
+             mean.to(KMEAN.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
@@ -72,3 +96,35 @@ def _moba_select_kernel(Q, KMEAN, SEL, CU_Q, CU_K, BLOCK_OFF,
     blk = topk_indices(best, KSEL)
     tl.store(SEL + rows[:, None] * stride_st + h.to(tl.int64) * stride_sh + cols[None, :], blk,
              mask=in_m[:, None] & (cols[None, :] < KSEL))
+
+
+@triton.jit
+def _moba_decode_select_kernel(Q, KMEAN, SEL, SEQ, stride_qb, stride_qh, stride_mb, stride_mn, stride_mh,
+                               stride_sb, stride_sh, block_size, group,
+                               D: tl.constexpr, BLOCK_D: tl.constexpr, KSEL: tl.constexpr, C: tl.constexpr,
+                               PRECISION: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Decoding: the top-KSEL earlier blocks of the new token of sequence b for every query head of KV head
+    hk. The group's heads are the rows of one tile (they score the same pooled keys, each loaded once);
+    same keys, ties and -1 padding as :func:`_moba_select_kernel`. KMEAN (B, N, Hkv, D): the pooled keys of
+    the blocks before the token's own block, local to the sequence."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    n_cand = (tl.load(SEQ + b) - 1) // block_size  # own block = number of candidates
+    rows = tl.arange(0, BLOCK_G)
+    in_g = rows < group
+    heads = (hk * group + rows).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=in_g[:, None] & (offs_d[None, :] < D), other=0.0)
+    km_base = KMEAN + b * stride_mb + hk.to(tl.int64) * stride_mh
+    cols = tl.arange(0, C)
+    best = topk_init(BLOCK_G, C)
+    for c0 in range(0, n_cand, C):
+        idx = c0 + cols
+        km = tl.load(km_base + idx.to(tl.int64)[None, :] * stride_mn + offs_d[:, None],
+                     mask=(idx[None, :] < n_cand) & (offs_d[:, None] < D), other=0.0)
+        s = tl.dot(q, km, input_precision=PRECISION)
+        best = fold_topk(best, topk_keys(s, idx[None, :], idx[None, :] < n_cand), KSEL)
+    blk = topk_indices(best, KSEL)
+    tl.store(SEL + b * stride_sb + heads[:, None] * stride_sh + cols[None, :], blk,
+             mask=in_g[:, None] & (cols[None, :] < KSEL))

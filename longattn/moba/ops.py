@@ -1,14 +1,16 @@
 """MoBA public ops: ``moba_attention`` and ``moba_block_selection`` (Triton gate + block-sparse engine)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, unpack_output
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty,
-                             kernel_inputs, next_pow2, resolve_seqlens, small_tiles)
-from .kernels import _block_mean_kernel, _moba_select_kernel
+from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, sparse_decode, unpack_output
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_device,
+                             check_positive_int, check_same_dtype, check_scale, check_tensor, empty, kernel_inputs,
+                             next_pow2, resolve_seqlens, small_tiles)
+from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
 
@@ -30,6 +32,12 @@ def _select(q, k, plan: BlockPlan, dims: AttnDims, block_size: int, ksel: int):
     return sel
 
 
+def _check_block_size(block_size: int) -> None:
+    check_positive_int(block_size, "block_size", minimum=16)
+    if block_size & (block_size - 1) or block_size > 65536:
+        raise ValueError(f"block_size must be a power of two from 16 to 65536, got {block_size}")
+
+
 def _prepare(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
              max_seqlen_k, v_name="v"):
     """Validate arguments; return dims, packed (varlen) q/k/v and the host plan."""
@@ -37,9 +45,7 @@ def _prepare(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, v_name=v_name)
-    check_positive_int(block_size, "block_size", minimum=16)
-    if block_size & (block_size - 1) or block_size > 65536:
-        raise ValueError(f"block_size must be a power of two from 16 to 65536, got {block_size}")
+    _check_block_size(block_size)
     check_positive_int(topk, "topk")
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
     plan = plan_blocks(lq, lk, block_size, dims, q.device)
@@ -124,4 +130,90 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     return (out, lse) if return_lse else out
 
 
-__all__ = ["moba_attention", "moba_block_selection"]
+def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
+                cache_offsets: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
+                block_size: int = 512, topk: int = 3, scale: Optional[float] = None, return_lse: bool = False,
+                validate: bool = True):
+    """MoBA for one new token per sequence against a batched KV cache, read in place (inference).
+
+    The token of sequence b sits at position ``t = cache_seqlens[b] - 1`` (its own K/V already in the cache) and
+    attends as in :func:`moba_attention`: causally to its own block, fully to the ``topk - 1`` earlier blocks
+    whose pooled keys score highest against it (per query head). One program per (sequence, KV head) scores the
+    pooled keys for the whole GQA group; the attention is split-KV over the selected blocks, so batch 1 fills
+    the GPU. Nothing is copied: a transformers cache ``(B, Hkv, L, D)`` transposed to ``(B, L, Hkv, D)`` works.
+
+    Args:
+        q: ``(B, Hq, Dqk)``.
+        k_cache, v_cache: ``(B, L, Hkv, Dqk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim.
+        cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
+        cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches); default 0.
+        k_mean: optional ``(B, N, Hkv, Dqk)`` pooled keys kept by the caller: row b's block j (tokens
+            ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to k's dtype,
+            for every block before the token's own (``N >= (cache_seqlens[b] - 1) // block_size``). Without it
+            the blocks are pooled from the cache at every call, which reads every key once.
+        block_size, topk, scale: as in :func:`moba_attention` (block_size 512, topk 3, scale ``Dqk ** -0.5``).
+        return_lse: also return the float32 log-sum-exp ``(B, Hq)``.
+        validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_mean`` (default); that reads
+            them back to the host, a synchronisation. ``validate=False`` skips it (CUDA-graph capture) and sizes
+            the work for the cache's length L; out-of-range lengths then read outside the cache.
+    Returns:
+        ``(B, Hq, Dv)`` in q's dtype (and the lse). Equal to the last row of :func:`moba_attention` on the
+        sequence.
+    """
+    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_mean": k_mean}
+    for name, t in named.items():
+        if t is not None:
+            check_tensor(t, name, ndim=3 if name == "q" else 4)
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dimension")
+    check_same_dtype(named)
+    check_device({**named, "cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
+    B, hq, dk = q.shape
+    L, hkv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[-1] != dk:
+        raise ValueError(f"k_cache must be (B, L, Hkv, Dqk) = ({B}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != (B, L, hkv):
+        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({B}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
+    _check_block_size(block_size)
+    check_positive_int(topk, "topk")
+    scale = check_scale(scale, dk ** -0.5)
+    cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
+    n_cand = (max(lens) - 1) // block_size  # most blocks before a token's own
+    ksel = max(0, min(topk - 1, n_cand))
+    if ksel >= MAX_TOPK:
+        raise ValueError(f"topk must be at most {MAX_TOPK} (or more than the number of blocks, {n_cand + 1}), "
+                         f"got {topk}")
+    if k_mean is not None and (k_mean.shape[0] != B or tuple(k_mean.shape[2:]) != (hkv, dk) or
+                               (validate and k_mean.shape[1] < n_cand)):
+        raise ValueError(f"k_mean must be (B, N, Hkv, Dqk) = ({B}, N >= {n_cand}, {hkv}, {dk}), got "
+                         f"{tuple(k_mean.shape)}")
+    qk, kk, vk, km = kernel_inputs(q, k_cache, v_cache, k_mean)
+    sel = torch.empty(B, hq, 0, dtype=torch.int32, device=q.device)
+    if ksel > 0:
+        bd = max(16, next_pow2(dk))
+        if km is None:
+            km = empty(B, n_cand, hkv, dk, device=q.device, dtype=kk.dtype)
+            _cache_block_mean_kernel[(n_cand, hkv, B)](
+                kk, km, cache_offsets, cache_seqlens, kk.stride(0), kk.stride(1), kk.stride(2), km.stride(0),
+                km.stride(1), km.stride(2), block_size, D=dk, BLOCK_D=bd, BLOCK_T=32 if small_tiles() else 64)
+        sel = empty(B, hq, ksel, device=q.device, dtype=torch.int32)
+        group = hq // hkv
+        _moba_decode_select_kernel[(B, hkv)](
+            qk, km, sel, cache_seqlens, qk.stride(0), qk.stride(1), km.stride(0), km.stride(1), km.stride(2),
+            sel.stride(0), sel.stride(1), block_size, group, D=dk, BLOCK_D=bd, KSEL=ksel,
+            C=max(16, next_pow2(ksel)), PRECISION="ieee" if qk.dtype == torch.float32 else "tf32",
+            BLOCK_G=max(16, next_pow2(group)))
+    out, lse = sparse_decode(qk, kk, vk, sel, _arange_int32(B + 1, q.device), cache_offsets,
+                             cache_offsets + cache_seqlens, block_size, scale)
+    out = out.to(q.dtype)
+    return (out, lse.t()) if return_lse else out
+
+
+@functools.lru_cache(maxsize=32)
+def _arange_int32(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int32, device=device)
+
+
+__all__ = ["moba_attention", "moba_block_selection", "moba_decode"]

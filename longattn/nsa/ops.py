@@ -12,9 +12,9 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (cdiv, check_attention_inputs, check_device, check_positive_int, check_same_dtype,
-                             check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms, small_tiles,
-                             split_dim)
+from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_device, check_positive_int,
+                             check_same_dtype, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
+                             small_tiles, split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_finish_kernel, _nsa_decode_kernel, _nsa_decode_score_split_kernel, _nsa_select_kernel,
                       _nsa_selected_dq_kernel, _nsa_selected_fwd_kernel)
@@ -316,11 +316,6 @@ def _gates(g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> tor
     return torch.stack(gates)
 
 
-def _check_lengths(t: Optional[torch.Tensor], name: str, batch: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,):
-        raise TypeError(f"{name} must be an int32 tensor of shape ({batch},)")
-
-
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
@@ -387,17 +382,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     scale = check_scale(scale, dk ** -0.5)
-    _check_lengths(cache_seqlens, "cache_seqlens", B)
-    if cache_offsets is None:
-        cache_offsets = torch.zeros(B, dtype=torch.int32, device=q.device)
-    _check_lengths(cache_offsets, "cache_offsets", B)
-    host = torch.cat([cache_seqlens, cache_offsets]).tolist() if validate else [L] * B + [0] * B  # one sync
-    lens, offsets = host[:B], host[B:]
+    cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     max_len = max(lens)
-    for b, (n, o) in enumerate(zip(lens, offsets) if validate else ()):
-        if n < 1 or o < 0 or o + n > L:
-            raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
-                             f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {L}), got offset {o}, seqlen {n}")
+    for b, n in enumerate(lens if validate else ()):
         if config.num_cmp_blocks(n) > k_cmp.shape[1]:
             raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed blocks per sequence but sequence {b} "
                              f"({n} tokens) needs {config.num_cmp_blocks(n)}")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms, flex_selection, write_results)
+from .common import (attention_bytes, device_peaks, environment, flex_selection, graph_ms, parse_ints,
+                     peak_memory_mb, require_cuda, roofline, time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_flex", "%roof", "peak_MB"]
@@ -18,7 +18,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--modes", default="fwd,fwdbwd",
+                   help="fwd, fwdbwd, decode (one new token per sequence against a cache of T tokens: rows "
+                        "decode_b<B>)")
+    p.add_argument("--decode-batches", default="1,32")
     p.add_argument("--flex-max-seqlen", type=int, default=131072,
                    help="skip flex_attention above this T")
     p.add_argument("--out", default=None)
@@ -57,6 +60,12 @@ def run(args, argv=None) -> list[dict]:
                                                   is_causal=True, enable_gqa=hq != hkv).transpose(1, 2)
 
     for T in parse_ints(args.seqlens):
+        if "decode" in modes:
+            for B in parse_ints(args.decode_batches):
+                for bs, topk in configs:
+                    _decode_rows(rows, B, T, bs, topk, hq, hkv, d, dtype, args.dtype, dev, peaks)
+        if not [m for m in modes if m != "decode"]:
+            continue
         B = max(1, args.tokens // T)
         q = torch.randn(B, T, hq, d, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(B, T, hkv, d, device=dev, dtype=dtype, requires_grad=True)
@@ -75,7 +84,7 @@ def run(args, argv=None) -> list[dict]:
                 except Exception as e:
                     print(f"  flex T={T} bs={bs}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             del sel
-            for mode in modes:
+            for mode in (m for m in modes if m != "decode"):
                 for name, fn in impls.items():
                     p = dense_pairs if name == "sdpa_flash" else pairs
                     flops = 4.0 * d * p * (1 if mode == "fwd" else 3.5)
@@ -93,13 +102,72 @@ def run(args, argv=None) -> list[dict]:
                     rows.append(roofline(row, attention_bytes(B, T, T, hq, hkv, d, d, mode), flops, peaks))
                     print(f"  {name:10s} {mode:7s} T={T} bs={bs} topk={topk}: {ms:.3f} ms")
         torch.cuda.empty_cache()
+    _speedups(rows)
+    out = write_results("moba", rows, COLUMNS, environment(argv),
+                        plot=dict(x="T", y="ms", series="series", panels="mode", title="MoBA"), out_dir=args.out)
+    print(f"results written to {out}")
+    return rows
+
+
+def _speedups(rows):
+    """x_<peer> = peer ms / longattn ms on the same (mode, T, block)."""
     by = {(r["mode"], r["T"], r["block"], r["impl"]): r["ms"] for r in rows}
     for r in rows:
         if r["impl"] == "longattn":
             for peer in ("sdpa_flash", "flex"):
                 ms = by.get((r["mode"], r["T"], r["block"], peer))
                 r[f"x_{peer}"] = ms / r["ms"] if ms else None
-    out = write_results("moba", rows, COLUMNS, environment(argv),
-                        plot=dict(x="T", y="ms", series="series", panels="mode", title="MoBA"), out_dir=args.out)
-    print(f"results written to {out}")
-    return rows
+
+
+def _decode_rows(rows, B, T, bs, topk, hq, hkv, d, dtype, dtype_name, dev, peaks):
+    """One new token per sequence against a transformers-layout cache (B, Hkv, T, D) of T tokens: moba_decode
+    with the pooled keys kept by the caller (``longattn``, as after ``swap_attention(model, "moba")``), pooling
+    every block at each step (``longattn_pool``, attn_implementation="moba" alone), the same replayed from a
+    CUDA graph (``longattn_graph``: no host work), and dense SDPA over the whole cache."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longattn.moba import moba_decode
+    from longattn.moba.ops import pool_cache_blocks
+
+    if 2 * B * T * hkv * d * 2 > 16e9:
+        print(f"  decode B={B} T={T}: skipped (cache above 16 GB)")
+        return
+    k = torch.randn(B, hkv, T, d, device=dev, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, hkv, T, d, device=dev, dtype=dtype).transpose(1, 2)
+    q = torch.randn(B, hq, d, device=dev, dtype=dtype)
+    seqlens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    offsets = torch.zeros(B, dtype=torch.int32, device=dev)
+    n_cand = (T - 1) // bs
+    k_mean = torch.empty(B, n_cand, hkv, d, device=dev, dtype=dtype)
+    pool_cache_blocks(k, seqlens, offsets, bs, k_mean)
+    keys = min(topk * bs, T)  # the own block counts fully: a token at the end of a block
+    kw = dict(cache_seqlens=seqlens, block_size=bs, topk=topk, validate=False)
+    impls = {"longattn": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), keys + n_cand, False),
+             "longattn_pool": (lambda: moba_decode(q, k, v, **kw), keys + T, False),
+             "longattn_graph": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), keys + n_cand, True)}
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                                  enable_gqa=hq != hkv)
+
+    impls["sdpa_flash"] = (sdpa, 2 * T, False)
+    for name, (fn, key_rows, graph) in impls.items():
+        try:
+            with torch.no_grad():
+                ms = graph_ms(fn) if graph else time_ms(fn)
+        except Exception as e:
+            print(f"  {name} decode B={B} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        # key_rows: rows of D values read per (sequence, KV head) (K and V of the attended keys, pooled keys or
+        # the keys pooled at this step)
+        bytes_ = 2 * B * hkv * d * (key_rows + (keys if name != "sdpa_flash" else 0))
+        flops = 4.0 * B * hq * d * (keys if name != "sdpa_flash" else T)
+        row = dict(op="moba", impl=name, series=f"{name} bs{bs}/top{topk}", mode=f"decode_b{B}", B=B, T=T, Hq=hq,
+                   Hkv=hkv, D=d, block=bs, topk=topk, density=keys / T, dtype=dtype_name, ms=ms,
+                   **{"TFLOP/s": flops / ms / 1e9})
+        rows.append(roofline(row, bytes_, flops, peaks))
+        print(f"  {name:14s} decode B={B} T={T} bs={bs} topk={topk}: {ms:.3f} ms")
+    torch.cuda.empty_cache()

@@ -125,8 +125,10 @@ def _sparse_cases():
             (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats),
             (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,
              dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64), floats),
-            (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64),
-             ()),
+            (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr,
+             dict(D=d, BLOCK_D=d, BLOCK_T=64, LAST_ONLY=False), ()),
+            (f"_cache_block_mean_kernel[{dt}-last]", M._cache_block_mean_kernel, ptr,
+             dict(D=d, BLOCK_D=d, BLOCK_T=64, LAST_ONLY=True), ()),
             (f"_moba_decode_select_kernel[{dt}-g8]", M._moba_decode_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16), ()),
         ]

@@ -60,7 +60,7 @@ DRY_RUNS = {
     "flash": ["--seqlens", "128", "--tokens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
               "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
     "moba": ["--seqlens", "256", "--configs", "64:2", "--tokens", "256", "--heads", "2", "--kv-heads", "1",
-             "--head-dim", "32", "--dtype", "float16"],
+             "--head-dim", "32", "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
             "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
     "nsa": ["--seqlens", "96", "--tokens", "96", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
@@ -74,7 +74,8 @@ DRY_RUNS = {
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2")],
                  "profile": [],
-                 "moba": [("longattn", "fwd"), ("longattn", "fwdbwd")],  # flex: no CPU backward, skipped
+                 "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
+                          ("longattn_pool", "decode_b2"), ("longattn_graph", "decode_b2")],  # flex: no CPU backward
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")]

@@ -95,6 +95,36 @@ def test_batched_left_padded_generate_equals_single(impl, device, monkeypatch):
     assert (len(steps) > 0) == (impl == "moba")
 
 
+def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
+    """swap_attention(model, "moba") keeps each layer's pooled keys on the cache: after the prefill pools every
+    block once, a decoding step pools only the block the previous token completed, and the scores equal those
+    of attn_implementation="moba" alone (which pools every block at every step), across block boundaries, with
+    left padding."""
+    _, plain = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+    kept = copy.deepcopy(plain)
+    longattn.hf.swap_attention(kept, "moba", block_size=16, topk=2)
+    calls = []
+    pool = hf_attention.pool_cache_blocks
+    monkeypatch.setattr(hf_attention, "pool_cache_blocks",
+                        lambda *a, last_only=False: calls.append(last_only) or pool(*a, last_only=last_only))
+    a = torch.randint(1, 128, (1, 45)).to(device)
+    b = torch.randint(1, 128, (1, 20)).to(device)
+    batch = torch.cat([a, torch.cat([b.new_zeros(1, 25), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :25] = 0
+    kw = dict(max_new_tokens=22, min_new_tokens=22, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = plain.generate(batch, attention_mask=mask, **kw)
+        assert not calls  # without the swap nothing is kept
+        got = kept.generate(batch, attention_mask=mask, **kw)
+    layers = len(kept.model.layers)
+    assert calls == [False] * layers + [True] * layers * 21  # prefill pools all; each step adds one block
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+    assert all(m._longattn_cache is None for m in (layer.self_attn for layer in kept.model.layers))
+
+
 def test_right_padding_matches_sdpa(device):
     """Right padding (not left) takes the unpadding path: the real tokens' logits equal sdpa's."""
     ref, ours = _pair(_config(), "longattn", device)

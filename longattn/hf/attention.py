@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernels.flash import flash_attention
-from ..moba.ops import moba_attention, moba_decode
+from ..moba.ops import moba_attention, moba_decode, pool_cache_blocks
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
 MOBA_DEFAULT_TOPK = 3
@@ -64,12 +64,30 @@ def _unpad(mask: torch.Tensor, q_len: int):
     return qmask, cu_q, cu_k
 
 
-def _moba_decode(q, k, v, pad: Optional[torch.Tensor], scaling, opts):
-    """One new token per row against the cache, in place (no copy of K/V); ``pad``: left padding per row."""
-    B, kv_len = k.shape[0], k.shape[1]
-    pad = torch.zeros(B, dtype=torch.int32, device=q.device) if pad is None else pad
-    return moba_decode(q[:, 0], k, v, cache_seqlens=kv_len - pad, cache_offsets=pad, scale=scaling, validate=False,
-                       **opts)[:, None]
+def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Optional[torch.Tensor]:
+    """Pooled keys of every row's blocks before its last token's own block, kept on the transformers cache the
+    module is being called with (recorded by ``swap_attention(model, "moba")``; None without one): a decoding step
+    that follows the previous call adds the block the previous token completed, any other call (prefill, several
+    new tokens, a cache that changed) pools them all again. (B, N, Hkv, D) in k's dtype."""
+    cache = getattr(module, "_longattn_cache", None)
+    if cache is None:
+        return None
+    B, L, hkv, d = k.shape
+    need = (L - 1) // block_size
+    store = cache.__dict__.setdefault("_longattn_moba", {})
+    kept = store.get(module.layer_idx)
+    follows = decoding and kept is not None and kept["kv_len"] == L - 1 and kept["block_size"] == block_size and \
+        kept["means"].shape[0] == B and kept["means"].dtype == k.dtype and kept["means"].device == k.device
+    means = kept["means"] if follows else None
+    if means is None or means.shape[1] < need:  # grow geometrically, keeping what follows on
+        cap = max(need, 2 * means.shape[1]) if means is not None else need + 8
+        grown = k.new_empty(B, cap, hkv, d)
+        if means is not None:
+            grown[:, :means.shape[1]] = means
+        means = grown
+    pool_cache_blocks(k, lens, offsets, block_size, means, last_only=follows)
+    store[module.layer_idx] = dict(means=means, kv_len=L, block_size=block_size)
+    return means
 
 
 def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
@@ -90,23 +108,28 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
     if attention_mask is not None and bool(attention_mask.all()) and attention_mask.shape[1] == kv_len:
         attention_mask = None
-    decoding = kind == "moba" and q_len == 1 and kv_len > 1
-    if attention_mask is None:
+    cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len) if attention_mask is None else None
+    pad = None  # each row's left padding, when the mask is a left-padding mask (batched generation)
+    if attention_mask is not None:
+        kmask = attention_mask[:, -kv_len:].bool()
+        pad = kv_len - kmask.sum(1, dtype=torch.int32)
+        if not bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
+            pad = None
+    # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
+    # at every step of every layer
+    if kind == "moba" and cu is None and (attention_mask is None or pad is not None):
+        offsets = pad if pad is not None else torch.zeros(B, dtype=torch.int32, device=q.device)
+        decoding = q_len == 1 and kv_len > 1
+        k_mean = _kept_means(module, k, kv_len - offsets, offsets, opts["block_size"], decoding)
         if decoding:
-            return _moba_decode(q, k, v, None, scaling, opts)
-        cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len)
+            return moba_decode(q[:, 0], k, v, cache_seqlens=kv_len - offsets, cache_offsets=offsets, k_mean=k_mean,
+                               scale=scaling, validate=False, **opts)[:, None]
+    elif kind != "moba" and pad is not None:
+        return op(q, k, v, scale=scaling, left_pad=pad, **opts)
+    if attention_mask is None:
         if cu is None:
             return op(q, k, v, scale=scaling, **opts)
         return op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts)[None]
-    kmask = attention_mask[:, -kv_len:].bool()
-    if kind != "moba" or decoding:
-        # left padding (batched generation): the kernels skip each row's padding in place; gathering the real
-        # tokens into a varlen layout would copy the whole K/V cache at every step of every layer
-        pad = kv_len - kmask.sum(1, dtype=torch.int32)
-        if bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
-            if decoding:
-                return _moba_decode(q, k, v, pad, scaling, opts)
-            return op(q, k, v, scale=scaling, left_pad=pad, **opts)
     qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
     out_p = op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts)
     out = out_p.new_zeros(B, q_len, *out_p.shape[1:])

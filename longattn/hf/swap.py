@@ -7,6 +7,7 @@ MOBA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 MLA_ARCHS = ("deepseek_v3",)
 KINDS = ("flash", "moba", "nsa", "mla")
 NSA_ARCHS = MOBA_ARCHS
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
 
 def _set_impl(model: nn.Module, name: str) -> None:
@@ -19,6 +20,25 @@ def _set_impl(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _remember_cache(module, args, kwargs):
+    cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
+    module._longattn_cache = cache
+
+
+def _forget_cache(module, args, kwargs, output):
+    module._longattn_cache = None
+
+
+def _record_cache(attn: nn.Module) -> None:
+    """Let the attention function see the transformers cache ``attn`` is called with (``attn._longattn_cache``
+    during its forward): MoBA keeps the pooled keys of the cache's blocks there between decoding steps."""
+    if getattr(attn, "_longattn_records_cache", False):
+        return
+    attn.register_forward_pre_hook(_remember_cache, with_kwargs=True)
+    attn.register_forward_hook(_forget_cache, with_kwargs=True, always_call=True)
+    attn._longattn_records_cache = True
+
+
 def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     """Replace the attention of every layer of a transformers causal LM, in place; returns the model.
 
@@ -26,7 +46,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
         ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral models; options ``block_size`` (default 512) and
-            ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
+            ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the
+            pooled keys of each layer's complete blocks on the transformers cache, so a step reads the selected
+            blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each step).
         ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models: each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``).
@@ -60,6 +82,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba")
+        for layer in model.model.layers:
+            _record_cache(layer.self_attn)
     elif kind == "nsa":
         if arch not in NSA_ARCHS:
             raise ValueError(f"kind 'nsa' supports model types {NSA_ARCHS}, got {arch!r}")

@@ -38,13 +38,19 @@ def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, str
 
 @triton.jit
 def _cache_block_mean_kernel(K, KMEAN, START, SEQ, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
-                             stride_mh, block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                             stride_mh, block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                             LAST_ONLY: tl.constexpr):
     """Decoding: mean of key block j (tokens j*block_size .. of row b, which starts at cache row START[b]) of a
-    batched cache (B, L, Hkv, D), for the blocks before the last token's own block (the gate's candidates)."""
-    j = tl.program_id(0)
+    batched cache (B, L, Hkv, D), for the blocks before the last token's own block (the gate's candidates):
+    block program_id(0), or with LAST_ONLY the last of them (a decoding step's update of kept means)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    if j >= (tl.load(SEQ + b) - 1) // block_size:
+    n_cand = (tl.load(SEQ + b) - 1) // block_size
+    if LAST_ONLY:
+        j = n_cand - 1
+    else:
+        j = tl.program_id(0)
+    if (j < 0) | (j >= n_cand):
         return
     row0 = tl.load(START + b).to(tl.int64) + j.to(tl.int64) * block_size
     mean = _mean_rows(K + b * stride_kb + row0 * stride_kt + h * stride_kh, stride_kt, block_size, D, BLOCK_D,

@@ -111,8 +111,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         scale: softmax scale, default ``Dqk ** -0.5``.
         return_lse: also return the float32 log-sum-exp, ``(B, Hq, Tq)`` or ``(Hq, total_q)``.
 
-    With at most one query per sequence and no gradient needed (decoding), a split-KV kernel over the
-    own block and the selected blocks is used. It still pools every key block of the cache at each call.
+    With at most one query per sequence and no gradient needed, a split-KV kernel over the own block and the
+    selected blocks is used; it pools every key block at each call. Decoding against a batch cache is
+    :func:`moba_decode`'s (in place, with kept pooled keys).
 
     Memory beyond inputs and outputs: the partial outputs of the ``topk`` pieces in the forward pass
     (``topk`` x output size, freed before returning) and O(T * Hq * topk) indices; the backward pass adds
@@ -195,9 +196,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         bd = max(16, next_pow2(dk))
         if km is None:
             km = empty(B, n_cand, hkv, dk, device=q.device, dtype=kk.dtype)
-            _cache_block_mean_kernel[(n_cand, hkv, B)](
-                kk, km, cache_offsets, cache_seqlens, kk.stride(0), kk.stride(1), kk.stride(2), km.stride(0),
-                km.stride(1), km.stride(2), block_size, D=dk, BLOCK_D=bd, BLOCK_T=32 if small_tiles() else 64)
+            pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km)
         sel = empty(B, hq, ksel, device=q.device, dtype=torch.int32)
         group = hq // hkv
         _moba_decode_select_kernel[(B, hkv)](
@@ -209,6 +208,22 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
                              cache_offsets + cache_seqlens, block_size, scale)
     out = out.to(q.dtype)
     return (out, lse.t()) if return_lse else out
+
+
+def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_offsets: torch.Tensor, block_size: int,
+                      out: torch.Tensor, last_only: bool = False) -> None:
+    """Write into ``out`` ``(B, N, Hkv, D)`` the pooled keys (float32 mean, in out's dtype) of the blocks of each
+    row of a batched cache ``(B, L, Hkv, D)`` before its last token's own block, as :func:`moba_decode` reads
+    them: every such block up to N, or with ``last_only`` just the last (what a decoding step adds to kept
+    means). Lengths and offsets as in :func:`moba_decode`, unchecked."""
+    B, L, hkv, d = k_cache.shape
+    n = 1 if last_only else min(out.shape[1], max(0, (L - 1) // block_size))
+    if n == 0 or B == 0:
+        return
+    _cache_block_mean_kernel[(n, hkv, B)](
+        k_cache, out, cache_offsets, cache_seqlens, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), block_size, D=d, BLOCK_D=max(16, next_pow2(d)),
+        BLOCK_T=32 if small_tiles() else 64, LAST_ONLY=last_only)
 
 
 @functools.lru_cache(maxsize=32)

@@ -40,6 +40,34 @@ def test_decode_steps_equal_full_forward(device):
     assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_window_branch_alone_equals_original_model(arch, device):
+    """Gates shut on the compressed and selected branches and a window longer than the sequence: the swapped
+    model is the original one (its q/k/v/o projections, RoPE, and Qwen3's q/k norms, kept)."""
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, head_dim=16)
+    if arch == "qwen3":
+        cfg = transformers.Qwen3Config(**common)
+    else:
+        cfg = LlamaConfig(**common)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
+    if arch == "qwen3":
+        with torch.no_grad():  # norms away from their initial ones, so that dropping them shows
+            for layer in ref.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 2.0)
+    model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
+                                                                                  slc_block=16, slc_topk=3, window=64))
+    H = cfg.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * H + [40.0] * H))  # g_cmp, g_slc ~ 0, g_swa ~ 1
+    ids = torch.randint(0, 128, (2, 50)).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_generate_equals_recompute(device):
     model = _model(device, "qwen2")  # the Llama model is covered by the step-by-step test above
     ids = torch.randint(0, 128, (1, 40)).to(device)

@@ -1,7 +1,7 @@
 """NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer.
 
-Parameters: the layer's q/k/v/o projections (shared, so their weights carry over), a learnable
-compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
+Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; Qwen3's q/k norms too), a
+learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
 initialised to mean pooling) and a sigmoid gate MLP (initialised to zero, so every gate starts at 0.5).
 
 Prefill and training run :func:`longattn.nsa_attention` (left-padded batches through its varlen layout).
@@ -36,6 +36,8 @@ class NativeSparseAttention(nn.Module):
         self.is_causal = True
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, getattr(attn, name))
+        # per-head RMSNorms of q and k before RoPE (Qwen3), kept with their weights
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         w = attn.q_proj.weight
         d, l = self.head_dim, config.cmp_block
         self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
@@ -68,8 +70,10 @@ class NativeSparseAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(hidden_states).view(B, T, H, D).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)
+        q = self.q_proj(hidden_states).view(B, T, H, D)
+        k = self.k_proj(hidden_states).view(B, T, Hkv, D)
+        q = (q if self.q_norm is None else self.q_norm(q)).transpose(1, 2)
+        k = (k if self.k_norm is None else self.k_norm(k)).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = self._rope(q, k, cos, sin)

@@ -235,3 +235,12 @@ def test_moba_decode_bad_arguments(device):
         moba_decode(q, k, v, cache_seqlens=seq, block_size=24)
     with pytest.raises(TypeError, match="k_cache must have dtype"):
         moba_decode(q, k.long(), v, cache_seqlens=seq, block_size=16)
+
+
+def test_moba_decode_empty_batch(device):
+    from longattn.moba import moba_decode
+
+    out, lse = moba_decode(torch.randn(0, 4, 16, device=device), torch.randn(0, 40, 2, 16, device=device),
+                           torch.randn(0, 40, 2, 8, device=device), block_size=16, return_lse=True,
+                           cache_seqlens=torch.zeros(0, dtype=torch.int32, device=device))
+    assert out.shape == (0, 4, 8) and lse.shape == (0, 4)

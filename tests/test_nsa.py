@@ -222,6 +222,9 @@ def test_nsa_decode_bad_arguments(device):
         nsa_decode(q, k, v, kc, vc, *gates[:2], gates[2][:, :1], cache_seqlens=seq, config=CFG)
     with pytest.raises(ValueError, match="v_cache must be"):
         nsa_decode(q, k, v[:, :20], kc, vc, *gates, cache_seqlens=seq, config=CFG)
+    empty = [t[:0] for t in (q, k, v, kc, vc, *gates)]
+    out, sel = nsa_decode(*empty, cache_seqlens=seq[:0], config=CFG, return_selection=True)
+    assert out.shape == (0, 2, 16) and sel.shape == (0, 1, CFG.slc_topk)
 
 
 @pytest.mark.gpu

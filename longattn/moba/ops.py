@@ -181,6 +181,9 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     check_positive_int(topk, "topk")
     scale = check_scale(scale, dk ** -0.5)
     cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
+    if B == 0:
+        out = q.new_empty(0, hq, v_cache.shape[-1])
+        return (out, out.new_empty(0, hq, dtype=torch.float32)) if return_lse else out
     n_cand = (max(lens) - 1) // block_size  # most blocks before a token's own
     ksel = max(0, min(topk - 1, n_cand))
     if ksel >= MAX_TOPK:

@@ -383,6 +383,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             raise ValueError(f"{name} must be contiguous in its last dimension")
     scale = check_scale(scale, dk ** -0.5)
     cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
+    if B == 0:
+        out = q.new_empty(0, hq, dv)
+        return (out, torch.empty(0, hkv, config.slc_topk, dtype=torch.int32, device=q.device)) \
+            if return_selection else out
     max_len = max(lens)
     for b, n in enumerate(lens if validate else ()):
         if config.num_cmp_blocks(n) > k_cmp.shape[1]:

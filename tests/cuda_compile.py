@@ -194,7 +194,9 @@ def _nsa_cases():
                                ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=64, CMP_STRIDE=16, CMP_BLOCK=32)),
                                ("_nsa_decode_score_split_kernel", dict({k: v for k, v in g.items() if "DV" not in k},
                                                                        **blocks, **select)),
-                               ("_nsa_decode_finish_kernel", dict(g, **blocks, **attend, CAND_PAD=512)),
+                               ("_nsa_decode_piece_kernel", dict(g, BLOCK_N=64, SLC_BLOCK=64, TOPK=16, TOPK_PAD=16,
+                                                                 CAND_PAD=512, WINDOW=512, WINDOW_PIECE=128)),
+                               ("_nsa_decode_combine_kernel", dict(DV=dv, BLOCK_DV=dv, BLOCK_H=16, TOPK=16)),
                                ("_nsa_selected_fwd_kernel", dict(no_dk, **blocks, **rows, SLC_TILE=64)),
                                ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows, SLC_TILE=64))):
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale")))
@@ -267,7 +269,7 @@ PIPELINED = {
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
     "_nsa_selected_fwd_kernel[bf16-d192-g16]": 3,
     "_nsa_selected_dq_kernel[bf16-d192-g16]": 3,
-    "_nsa_decode_finish_kernel[bf16-d192-g16]": 2,
+    "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16]": 3,
 }
 

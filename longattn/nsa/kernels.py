@@ -10,8 +10,9 @@ each tile their GQA group's heads, visiting the union of the queries' blocks onc
 
 Decoding (one token per sequence against a cache): ``_nsa_decode_kernel`` runs every branch in one program
 per (sequence, KV head); the split-KV path spreads the compressed attention and the scoring over several
-programs (``_nsa_decode_cmp_split_kernel``, ``_nsa_decode_score_split_kernel``) and finishes with
-``_nsa_decode_finish_kernel``.
+programs (``_nsa_decode_cmp_split_kernel``, ``_nsa_decode_score_split_kernel``), then the selected blocks and
+the window too, one block or window part per program (``_nsa_decode_piece_kernel``), and merges and gates the
+pieces (``_nsa_decode_combine_kernel``).
 """
 from __future__ import annotations
 
@@ -548,39 +549,98 @@ def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ,
 
 
 @triton.jit
-def _nsa_decode_finish_kernel(Q, K, V, OC, CAND, GATES, OUT, SEL, SEQ, OFF,
-                              stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                              stride_cb, stride_ch, stride_xb, stride_xh, stride_g3, stride_gb, stride_ob, stride_oh,
-                              stride_sb, stride_sh,
-                              group, n_split, scale_log2,
-                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
-                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                              CAND_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """Split-KV path, step 3: the final top-n from the splits' candidates, then the selected blocks, the window
-    and the gated sum with the merged compressed output OC (B, Hq, DV)."""
+def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF,
+                             stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                             stride_xb, stride_xh, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
+                             stride_sb, stride_sh,
+                             group, n_split, scale_log2,
+                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CAND_PAD: tl.constexpr,
+                             WINDOW: tl.constexpr, WINDOW_PIECE: tl.constexpr, PRECISION: tl.constexpr):
+    """Split-KV path, step 3: one piece of the selected and window branches for the group's heads. Pieces
+    0 .. TOPK-1 take the final top-n of the splits' candidates (piece 0 stores it) and attend to the selected
+    block of their rank (keys up to the token); pieces TOPK .. attend to one WINDOW_PIECE-key part of the
+    window. Partial output OP (P, B, Hq, DV) fp32 and base-2 lse LP (P, Hq, B) (-inf and zeros when empty)."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
+    piece = tl.program_id(2)
     n = tl.load(SEQ + b)
     off = tl.load(OFF + b).to(tl.int64)
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
-    xc = tl.arange(0, CAND_PAD)
-    cand = tl.load(CAND + b64 * stride_xb + hk64 * stride_xh + xc[None, :], mask=xc[None, :] < n_split * TOPK_PAD,
-                   other=-9223372036854775807 - 1)
-    best = fold_topk(topk_init(1, TOPK_PAD), cand, TOPK)
-    blk = topk_indices(best, TOPK)
-    tcols = tl.arange(0, TOPK_PAD)
-    tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
+    if piece < TOPK:
+        xc = tl.arange(0, CAND_PAD)
+        cand = tl.load(CAND + b64 * stride_xb + hk64 * stride_xh + xc[None, :],
+                       mask=xc[None, :] < n_split * TOPK_PAD, other=-9223372036854775807 - 1)
+        blk = topk_indices(fold_topk(topk_init(1, TOPK_PAD), cand, TOPK), TOPK)  # (1, TOPK_PAD), best first
+        tcols = tl.arange(0, TOPK_PAD)
+        if piece == 0:
+            tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
+        j = tl.sum(tl.where(tcols[None, :] == piece, blk, 0))
+        lo = tl.where(j >= 0, j * SLC_BLOCK, n)
+        hi = tl.minimum(lo + SLC_BLOCK, n)
+    else:
+        lo = tl.maximum(n - WINDOW, 0) + (piece - TOPK) * WINDOW_PIECE
+        hi = tl.minimum(lo + WINDOW_PIECE, n)
+    m, l, acc = _attend_range(q, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
+                              V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, lo, hi,
+                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+    has = l > 0
+    dv = tl.arange(0, BLOCK_DV)
+    p64 = piece.to(tl.int64)
+    tl.store(OP + p64 * stride_ps + b64 * stride_pb + heads[:, None] * stride_ph + dv[None, :],
+             acc / tl.where(has, l, 1.0)[:, None], mask=in_g[:, None] & (dv[None, :] < DV))
+    tl.store(LP + p64 * stride_ls + heads * stride_lh + b64, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)),
+                                                                     float("-inf")), mask=in_g)
+
+
+@triton.jit
+def _merge_pieces(OP, LP, b64, heads, in_g, lo, hi, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
+                  DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The normalised merge (by their base-2 lse) of the partial outputs of pieces [lo, hi): (BLOCK_G, BLOCK_DV)."""
+    dv = tl.arange(0, BLOCK_DV)
+    lp = LP + heads * stride_lh + b64
+    op = OP + b64 * stride_pb + heads[:, None] * stride_ph + dv[None, :]
+    ps, ls = stride_ps.to(tl.int64), stride_ls.to(tl.int64)  # piece index * stride in 64 bits
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for p in range(lo, hi):
+        m = tl.maximum(m, tl.load(lp + p * ls, mask=in_g, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for p in range(lo, hi):
+        w = tl.exp2(tl.load(lp + p * ls, mask=in_g, other=float("-inf")) - m_safe)
+        part = tl.load(op + p * ps, mask=(in_g & (w > 0))[:, None] & (dv[None, :] < DV), other=0.0)
+        l += w
+        acc += w[:, None] * part
+    return acc / tl.where(l > 0, l, 1.0)[:, None]
+
+
+@triton.jit
+def _nsa_decode_combine_kernel(OC, OP, LP, GATES, OUT,
+                               stride_cb, stride_ch, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
+                               stride_g3, stride_gb, stride_ob, stride_oh,
+                               Hq, n_pieces,
+                               DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr):
+    """Split-KV path, step 4: for BLOCK_H heads of sequence b, the gated sum of the merged compressed output OC
+    (B, Hq, DV) and the selected and window branches, each merged from its pieces."""
+    b64 = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_h = heads < Hq
+    heads = heads.to(tl.int64)
     dv = tl.arange(0, BLOCK_DV)
     gate_ptr = GATES + b64 * stride_gb + heads
-    o_cmp = tl.load(OC + b64 * stride_cb + heads[:, None] * stride_ch + dv[None, :],
-                    mask=in_g[:, None] & (dv[None, :] < DV), other=0.0)
-    out = tl.load(gate_ptr, mask=in_g, other=0.0).to(tl.float32)[:, None] * o_cmp
-    out = _slc_swa_gated(q, blk, n, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
-                         V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
-                         stride_g3, in_g, out, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK,
-                         SLC_TILE, TOPK, TOPK_PAD, WINDOW, PRECISION)
+    g3 = stride_g3.to(tl.int64)
+    out = tl.load(gate_ptr, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
+        tl.load(OC + b64 * stride_cb + heads[:, None] * stride_ch + dv[None, :],
+                mask=in_h[:, None] & (dv[None, :] < DV), other=0.0)
+    out += tl.load(gate_ptr + g3, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
+        _merge_pieces(OP, LP, b64, heads, in_h, 0, TOPK, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh, DV,
+                      BLOCK_H, BLOCK_DV)
+    out += tl.load(gate_ptr + 2 * g3, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
+        _merge_pieces(OP, LP, b64, heads, in_h, TOPK, n_pieces, stride_ps, stride_pb, stride_ph, stride_ls,
+                      stride_lh, DV, BLOCK_H, BLOCK_DV)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=in_g[:, None] & (dv[None, :] < DV))
+             mask=in_h[:, None] & (dv[None, :] < DV))

@@ -16,8 +16,9 @@ from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, 
                              check_same_dtype, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
                              small_tiles, split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
-                      _nsa_decode_finish_kernel, _nsa_decode_kernel, _nsa_decode_score_split_kernel, _nsa_select_kernel,
-                      _nsa_selected_dq_kernel, _nsa_selected_fwd_kernel)
+                      _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
+                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
+                      _nsa_selected_fwd_kernel)
 from .reference import NSAConfig
 
 
@@ -430,7 +431,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend)
         return (out, sel) if return_selection else out
 
-    # split-KV: partial compressed attention per split, lse merge, per-split top-n, final top-n + the rest
+    # split-KV: partial compressed attention per split, lse merge, per-split top-n, then the final top-n and the
+    # other branches in pieces
     per = max(1, cdiv(cdiv(n_cmp, num_splits), block_n)) * block_n
     s1 = max(1, cdiv(n_cmp, per))
     parts = empty(s1, B, hq, dv, device=q.device, dtype=torch.float32)
@@ -448,11 +450,24 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         qk, kck, lse, weights, cand, cache_seqlens, *common, kck.stride(0), kck.stride(1), kck.stride(2),
         lse.stride(0), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, scale * LOG2E,
         **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection)
-    _nsa_decode_finish_kernel[(B, hkv)](
-        qk, kk, vk, o_cmp, cand, gates, out, sel, cache_seqlens, cache_offsets, *common, *cache_strides,
-        o_cmp.stride(0), o_cmp.stride(1), cand.stride(0), cand.stride(1), gates.stride(0), gates.stride(1),
-        out.stride(0), out.stride(1), sel.stride(0), sel.stride(1), group, s2, scale * LOG2E, **dims, **blocks,
-        **attend, CAND_PAD=next_pow2(s2 * top_pad))
+    # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
+    # compressed output and gated in a last small kernel: one program per (sequence, KV head) would run them all
+    window_piece = 32 if small_tiles() else 128
+    n_pieces = config.slc_topk + cdiv(config.window, window_piece)
+    piece_out = empty(n_pieces, B, hq, dv, device=q.device, dtype=torch.float32)
+    piece_lse = empty(n_pieces, hq, B, device=q.device, dtype=torch.float32)
+    _nsa_decode_piece_kernel[(B, hkv, n_pieces)](
+        qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, *common, *cache_strides,
+        cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
+        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), group, s2, scale * LOG2E, **dims,
+        BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
+        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece)
+    block_h = min(16, next_pow2(hq))
+    _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
+        o_cmp, piece_out, piece_lse, gates, out, o_cmp.stride(0), o_cmp.stride(1), piece_out.stride(0),
+        piece_out.stride(1), piece_out.stride(2), piece_lse.stride(0), piece_lse.stride(1), gates.stride(0),
+        gates.stride(1), out.stride(0), out.stride(1), hq, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"],
+        BLOCK_H=block_h, TOPK=config.slc_topk)
     return (out, sel) if return_selection else out
 
 

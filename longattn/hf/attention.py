@@ -70,7 +70,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Op
     that follows the previous call adds the block the previous token completed, any other call (prefill, several
     new tokens, a cache that changed) pools them all again. (B, N, Hkv, D) in k's dtype."""
     cache = getattr(module, "_longattn_cache", None)
-    if cache is None:
+    if cache is None or torch.is_grad_enabled():  # training (a cache HF made but nobody decodes from): nothing kept
         return None
     B, L, hkv, d = k.shape
     need = (L - 1) // block_size

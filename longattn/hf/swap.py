@@ -95,7 +95,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
         for layer in model.model.layers:
             layer.self_attn = NativeSparseAttention(layer.self_attn, config)
-        _set_impl(model, "longattn")  # 2-D padding masks (NSA rejects real padding for now)
+        _set_impl(model, "longattn")  # 2-D padding masks (NSA takes left padding)
     else:
         if arch not in MLA_ARCHS:
             raise ValueError(f"kind 'mla' supports model types {MLA_ARCHS}, got {arch!r}")

@@ -64,6 +64,16 @@ def test_moba_generate_with_cache_equals_recompute(device):
     assert torch.equal(gen, _greedy_recompute(ours, ids, 10))
 
 
+def _left_padded(n_a: int, n_b: int, device):
+    """Two random prompts (token 0 is the pad token) and their left-padded batch with its mask."""
+    a = torch.randint(1, 128, (1, n_a)).to(device)
+    b = torch.randint(1, 128, (1, n_b)).to(device)
+    batch = torch.cat([a, torch.cat([b.new_zeros(1, n_a - n_b), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :n_a - n_b] = 0
+    return (a, b), batch, mask
+
+
 @pytest.mark.parametrize("impl", ["moba", "longattn"])
 def test_batched_left_padded_generate_equals_single(impl, device, monkeypatch):
     """Left-padded batched generation gives each prompt's own tokens; flash attention ("longattn") runs the
@@ -80,11 +90,7 @@ def test_batched_left_padded_generate_equals_single(impl, device, monkeypatch):
 
     monkeypatch.setattr(hf_attention, "_unpad", no_unpad_decoding)
     monkeypatch.setattr(hf_attention, "moba_decode", lambda *a, **kw: steps.append(1) or decode(*a, **kw))
-    a = torch.randint(1, 128, (1, 37)).to(device)  # 0 is the pad token
-    b = torch.randint(1, 128, (1, 20)).to(device)
-    batch = torch.cat([a, torch.cat([torch.zeros_like(b[:, :17]), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :17] = 0
+    (a, b), batch, mask = _left_padded(37, 20, device)
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         both = ours.generate(batch, attention_mask=mask, **kw)
@@ -107,11 +113,7 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     pool = hf_attention.pool_cache_blocks
     monkeypatch.setattr(hf_attention, "pool_cache_blocks",
                         lambda *a, last_only=False: calls.append(last_only) or pool(*a, last_only=last_only))
-    a = torch.randint(1, 128, (1, 45)).to(device)
-    b = torch.randint(1, 128, (1, 20)).to(device)
-    batch = torch.cat([a, torch.cat([b.new_zeros(1, 25), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :25] = 0
+    _, batch, mask = _left_padded(45, 20, device)
     kw = dict(max_new_tokens=22, min_new_tokens=22, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     with torch.no_grad():

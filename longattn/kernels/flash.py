@@ -296,6 +296,20 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
 
 @triton.jit
+def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_G: tl.constexpr):
+    """The query rows of sequence b64's decoding token for KV head hk's GQA group, q (B, Hq, DK): (BLOCK_G,
+    BLOCK_DK), the heads, their mask (shared by the decoding kernels of NSA and MoBA)."""
+    rows = tl.arange(0, BLOCK_G)
+    in_g = rows < group
+    heads = (hk * group + rows).to(tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + dk[None, :],
+                mask=in_g[:, None] & (dk[None, :] < DK), other=0.0)
+    return q, heads, in_g
+
+
+@triton.jit
 def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_op, stride_ob, stride_ot, stride_oh,

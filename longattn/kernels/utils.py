@@ -239,6 +239,29 @@ def check_cu_seqlens(cu: torch.Tensor, total: int, name: str = "cu_seqlens") -> 
     return vals
 
 
+def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict) -> tuple:
+    """One new token per sequence against a batched cache: q ``(B, Hq, Dqk)``, k_cache/v_cache ``(B, L, Hkv, Dqk)``
+    / ``(B, L, Hkv, Dv)`` and the op's other 4-D tensors (``others``, None allowed): dtypes, one dtype, one device
+    (``lengths``' tensors too), contiguous last dims, shapes. Returns ``(B, Hq, Dqk, L, Hkv, Dv)``."""
+    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **others}
+    for name, t in named.items():
+        if t is not None:
+            check_tensor(t, name, ndim=3 if name == "q" else 4)
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dimension")
+    check_same_dtype(named)
+    check_device({**named, **lengths})
+    B, hq, dk = q.shape
+    L, hkv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[-1] != dk:
+        raise ValueError(f"k_cache must be (B, L, Hkv, Dqk) = ({B}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != (B, L, hkv):
+        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({B}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
+    if hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
+    return B, hq, dk, L, hkv, v_cache.shape[-1]
+
+
 def check_cache_lengths(cache_seqlens, cache_offsets, batch: int, capacity: int, validate: bool):
     """Decoding against a batched cache of ``capacity`` rows: int32 ``(batch,)`` tokens per sequence and cache row
     of each sequence's first token (default 0). Returns ``(cache_offsets, lengths)``, the lengths as a host list:

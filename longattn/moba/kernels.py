@@ -8,6 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kernels.flash import _decode_query
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
@@ -116,12 +117,8 @@ def _moba_decode_select_kernel(Q, KMEAN, SEL, SEQ, stride_qb, stride_qh, stride_
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     n_cand = (tl.load(SEQ + b) - 1) // block_size  # own block = number of candidates
-    rows = tl.arange(0, BLOCK_G)
-    in_g = rows < group
-    heads = (hk * group + rows).to(tl.int64)
+    q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b, hk, group, D, BLOCK_D, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=in_g[:, None] & (offs_d[None, :] < D), other=0.0)
     km_base = KMEAN + b * stride_mb + hk.to(tl.int64) * stride_mh
     cols = tl.arange(0, C)
     best = topk_init(BLOCK_G, C)

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, sparse_decode, unpack_output
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_device,
-                             check_positive_int, check_same_dtype, check_scale, check_tensor, empty, kernel_inputs,
-                             next_pow2, resolve_seqlens, small_tiles)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs,
+                             check_positive_int, check_scale, empty, kernel_inputs, next_pow2, resolve_seqlens,
+                             small_tiles)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -161,28 +161,14 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         ``(B, Hq, Dv)`` in q's dtype (and the lse). Equal to the last row of :func:`moba_attention` on the
         sequence.
     """
-    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_mean": k_mean}
-    for name, t in named.items():
-        if t is not None:
-            check_tensor(t, name, ndim=3 if name == "q" else 4)
-            if t.stride(-1) != 1:
-                raise ValueError(f"{name} must be contiguous in its last dimension")
-    check_same_dtype(named)
-    check_device({**named, "cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
-    B, hq, dk = q.shape
-    L, hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[0] != B or k_cache.shape[-1] != dk:
-        raise ValueError(f"k_cache must be (B, L, Hkv, Dqk) = ({B}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
-    if tuple(v_cache.shape[:3]) != (B, L, hkv):
-        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({B}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
-    if hq % hkv:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
+    B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_mean": k_mean},
+                                                {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
     _check_block_size(block_size)
     check_positive_int(topk, "topk")
     scale = check_scale(scale, dk ** -0.5)
     cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     if B == 0:
-        out = q.new_empty(0, hq, v_cache.shape[-1])
+        out = q.new_empty(0, hq, dv)
         return (out, out.new_empty(0, hq, dtype=torch.float32)) if return_lse else out
     n_cand = (max(lens) - 1) // block_size  # most blocks before a token's own
     ksel = max(0, min(topk - 1, n_cand))

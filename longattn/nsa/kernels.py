@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.flash import _dot_split, _load_split, _store_split
+from ..kernels.flash import _decode_query, _dot_split, _load_split, _store_split
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
@@ -168,19 +168,6 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
-
-
-@triton.jit
-def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
-                  BLOCK_G: tl.constexpr):
-    """The decoding token's query rows of KV head hk's group: (BLOCK_G, BLOCK_DK), the heads, their mask."""
-    rows = tl.arange(0, BLOCK_G)
-    in_g = rows < group
-    heads = (hk * group + rows).to(tl.int64)
-    dk = tl.arange(0, BLOCK_DK)
-    q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + dk[None, :],
-                mask=in_g[:, None] & (dk[None, :] < DK), other=0.0)
-    return q, heads, in_g
 
 
 @triton.jit

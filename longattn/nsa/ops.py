@@ -12,8 +12,8 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_device, check_positive_int,
-                             check_same_dtype, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
+from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs,
+                             check_positive_int, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
                              small_tiles, split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
@@ -357,20 +357,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_cmp": k_cmp, "v_cmp": v_cmp}
-    for name, t in named.items():
-        check_tensor(t, name, ndim=3 if name == "q" else 4)
-    check_same_dtype(named)
-    check_device({**named, "cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
-    B, hq, dk = q.shape
-    L, hkv = k_cache.shape[1], k_cache.shape[2]
-    dv = v_cache.shape[-1]
-    if k_cache.shape[0] != B or k_cache.shape[-1] != dk:
-        raise ValueError(f"k_cache must be (B, L, Hkv, Dk) = ({B}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
-    if tuple(v_cache.shape[:3]) != (B, L, hkv):
-        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({B}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
-    if hq % hkv:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
+    B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_cmp": k_cmp, "v_cmp": v_cmp},
+                                                {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
+    for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        if t is None:
+            raise TypeError(f"{name} must be a torch.Tensor, got None")
     if tuple(k_cmp.shape[::2]) != (B, hkv) or k_cmp.shape[-1] != dk or tuple(v_cmp.shape) != \
             (*k_cmp.shape[:3], dv):
         raise ValueError(f"k_cmp/v_cmp must be (B, N, Hkv, Dk) / (B, N, Hkv, Dv) = ({B}, N, {hkv}, {dk}) / "
@@ -379,9 +370,6 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
         if tuple(g.shape) != (B, hq):
             raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
-    for name, t in named.items():
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
     scale = check_scale(scale, dk ** -0.5)
     cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     if B == 0:

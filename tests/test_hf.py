@@ -127,6 +127,23 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     assert all(m._longattn_cache is None for m in (layer.self_attn for layer in kept.model.layers))
 
 
+def test_padding_read_once_per_mask(device):
+    """Every layer gets the same mask object: its padding is read (host synchronisations) once, and read again
+    when the mask changes in place or the key length differs."""
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
+    mask[1, :5] = 0
+    m, pad = hf_attention._padding(mask, 12)
+    assert m is mask and pad.tolist() == [0, 5]
+    again = hf_attention._padding(mask, 12)
+    assert again[0] is mask and again[1] is pad  # reused, not recomputed
+    mask[1, 2] = 1  # a hole: no longer left padding
+    assert hf_attention._padding(mask, 12) == (mask, None)
+    mask.fill_(1)
+    assert hf_attention._padding(mask, 12) == (None, None)
+    m, pad = hf_attention._padding(mask, 11)  # another key length: read again (a mask wider than the keys is kept)
+    assert m is mask and pad.tolist() == [0, 0]
+
+
 def test_right_padding_matches_sdpa(device):
     """Right padding (not left) takes the unpadding path: the real tokens' logits equal sdpa's."""
     ref, ours = _pair(_config(), "longattn", device)

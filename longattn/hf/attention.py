@@ -9,6 +9,7 @@ segment.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -64,6 +65,30 @@ def _unpad(mask: torch.Tensor, q_len: int):
     return qmask, cu_q, cu_k
 
 
+_last_padding = (None, None, None)  # (weak reference to a mask, its version and kv_len, what it held)
+
+
+def _padding(attention_mask: Optional[torch.Tensor], kv_len: int):
+    """``(mask, pad)``: the mask (None when it masks nothing) and each row's left padding (int32 (B,)) when it is a
+    left-padding mask (batched generation), else None. Reading a mask costs host synchronisations; every layer of
+    a forward gets the same mask object, so what the last one held is reused."""
+    global _last_padding
+    if attention_mask is None:
+        return None, None
+    ref, key, found = _last_padding
+    if ref is None or ref() is not attention_mask or key != (attention_mask._version, kv_len):
+        pad = None
+        masks = not (bool(attention_mask.all()) and attention_mask.shape[1] == kv_len)
+        if masks:
+            kmask = attention_mask[:, -kv_len:].bool()
+            pad = kv_len - kmask.sum(1, dtype=torch.int32)
+            if not bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
+                pad = None
+        found = (masks, pad)
+        _last_padding = (weakref.ref(attention_mask), (attention_mask._version, kv_len), found)
+    return (attention_mask if found[0] else None), found[1]
+
+
 def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Optional[torch.Tensor]:
     """Pooled keys of every row's blocks before its last token's own block, kept on the transformers cache the
     module is being called with (recorded by ``swap_attention(model, "moba")``; None without one): a decoding step
@@ -106,15 +131,8 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
-    if attention_mask is not None and bool(attention_mask.all()) and attention_mask.shape[1] == kv_len:
-        attention_mask = None
+    attention_mask, pad = _padding(attention_mask, kv_len)
     cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len) if attention_mask is None else None
-    pad = None  # each row's left padding, when the mask is a left-padding mask (batched generation)
-    if attention_mask is not None:
-        kmask = attention_mask[:, -kv_len:].bool()
-        pad = kv_len - kmask.sum(1, dtype=torch.int32)
-        if not bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
-            pad = None
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):
@@ -125,12 +143,13 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
             return moba_decode(q[:, 0], k, v, cache_seqlens=kv_len - offsets, cache_offsets=offsets, k_mean=k_mean,
                                scale=scaling, validate=False, **opts)[:, None]
     elif kind != "moba" and pad is not None:
-        return op(q, k, v, scale=scaling, left_pad=pad, **opts)
+        return op(q, k, v, scale=scaling, left_pad=pad, validate=False, **opts)
     if attention_mask is None:
         if cu is None:
             return op(q, k, v, scale=scaling, **opts)
         return op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts)[None]
     qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
+    kmask = attention_mask[:, -kv_len:].bool()
     out_p = op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts)
     out = out_p.new_zeros(B, q_len, *out_p.shape[1:])
     out[qmask] = out_p

@@ -814,14 +814,14 @@ class _FlashAttention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 6
 
 
-def _check_left_pad(left_pad, dims: AttnDims, q) -> None:
+def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> None:
     if dims.varlen:
         raise ValueError("left_pad applies to the dense (B, T, H, D) layout; a varlen layout has no padding")
     if not isinstance(left_pad, torch.Tensor) or left_pad.dtype != torch.int32 or \
             tuple(left_pad.shape) != (dims.batch,):
         raise TypeError(f"left_pad must be an int32 tensor of shape ({dims.batch},)")
     check_device({"q": q, "left_pad": left_pad})
-    if bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
+    if validate and bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
         raise ValueError(f"left_pad must lie in [0, Tk={dims.max_seqlen_k}], got {left_pad.tolist()}")
 
 
@@ -831,7 +831,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                     return_lse: bool = False, key_stride: int = 1, key_offset: int = 0,
-                    left_pad: Optional[torch.Tensor] = None):
+                    left_pad: Optional[torch.Tensor] = None, validate: bool = True):
     """Exact softmax attention (flash algorithm), differentiable in q, k, v (and through ``lse``).
 
     Layouts
@@ -860,7 +860,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             (left-padded batches, as in batched generation), from 0 to Tk. Keys before them are never
             attended, without copying the batch into a varlen layout; query rows at key positions before them
             are padding too (their outputs and gradients 0, lse -inf). Checked against Tk (a host
-            synchronisation).
+            synchronisation) unless ``validate=False`` (then values outside [0, Tk] read outside the keys).
 
     Returns:
         ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
@@ -888,7 +888,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if left_pad is not None:
         if (key_stride, key_offset) != (1, 0):
             raise ValueError("left_pad cannot be combined with key_stride/key_offset")
-        _check_left_pad(left_pad, dims, q)
+        _check_left_pad(left_pad, dims, q, validate)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

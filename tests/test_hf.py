@@ -128,20 +128,19 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
 
 
 def test_padding_read_once_per_mask(device):
-    """Every layer gets the same mask object: its padding is read (host synchronisations) once, and read again
-    when the mask changes in place or the key length differs."""
+    """Every layer gets the same mask object: its padding is read (a host synchronisation) once, and read again
+    when the mask changes in place or other columns are asked for."""
     mask = torch.ones(2, 12, dtype=torch.long, device=device)
     mask[1, :5] = 0
-    m, pad = hf_attention._padding(mask, 12)
-    assert m is mask and pad.tolist() == [0, 5]
-    again = hf_attention._padding(mask, 12)
+    m, pad, real = hf_attention.mask_padding(mask, 12)
+    assert m is mask and pad.tolist() == [0, 5] and real == [12, 7]
+    again = hf_attention.mask_padding(mask, 12)
     assert again[0] is mask and again[1] is pad  # reused, not recomputed
-    mask[1, 2] = 1  # a hole: no longer left padding
-    assert hf_attention._padding(mask, 12) == (mask, None)
+    assert hf_attention.mask_padding(mask, 4) == (None, None, [4, 4])  # the last 4 columns: all real
+    mask[1, 7] = 0  # a hole: no longer left padding
+    assert hf_attention.mask_padding(mask, 12) == (mask, None, None)
     mask.fill_(1)
-    assert hf_attention._padding(mask, 12) == (None, None)
-    m, pad = hf_attention._padding(mask, 11)  # another key length: read again (a mask wider than the keys is kept)
-    assert m is mask and pad.tolist() == [0, 0]
+    assert hf_attention.mask_padding(mask, 12) == (None, None, [12, 12])
 
 
 def test_right_padding_matches_sdpa(device):

@@ -65,28 +65,30 @@ def _unpad(mask: torch.Tensor, q_len: int):
     return qmask, cu_q, cu_k
 
 
-_last_padding = (None, None, None)  # (weak reference to a mask, its version and kv_len, what it held)
+_last_padding = (None, None, None)  # (weak reference to a mask, its version and the columns read, what they held)
 
 
-def _padding(attention_mask: Optional[torch.Tensor], kv_len: int):
-    """``(mask, pad)``: the mask (None when it masks nothing) and each row's left padding (int32 (B,)) when it is a
-    left-padding mask (batched generation), else None. Reading a mask costs host synchronisations; every layer of
-    a forward gets the same mask object, so what the last one held is reused."""
+def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
+    """What the last ``kv_len`` columns of a transformers 2-D padding mask hold: ``(mask, pad, real)`` with
+    ``mask`` None when they are all real tokens; ``pad``, each row's padding (int32 (B,) on the mask's device), when
+    they are a left-padding mask with some padding (each row's real tokens at its end: batched generation), else
+    None; ``real``, each row's real tokens (a host list), unless the mask has holes or right padding (None).
+    Reading a mask is a host synchronisation; every layer of a forward gets the same mask object, so what the
+    last call read is reused."""
     global _last_padding
     if attention_mask is None:
-        return None, None
+        return None, None, None
     ref, key, found = _last_padding
     if ref is None or ref() is not attention_mask or key != (attention_mask._version, kv_len):
-        pad = None
-        masks = not (bool(attention_mask.all()) and attention_mask.shape[1] == kv_len)
-        if masks:
-            kmask = attention_mask[:, -kv_len:].bool()
-            pad = kv_len - kmask.sum(1, dtype=torch.int32)
-            if not bool((kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])).all()):
-                pad = None
-        found = (masks, pad)
+        kmask = attention_mask[:, -kv_len:].bool()
+        pad = kv_len - kmask.sum(1, dtype=torch.int32)
+        left = kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])
+        host = torch.cat([pad, left.all().view(1).int()]).tolist()  # one synchronisation
+        masks = any(host[:-1])
+        found = (masks, pad if masks and host[-1] else None, [kv_len - p for p in host[:-1]] if host[-1] else None)
         _last_padding = (weakref.ref(attention_mask), (attention_mask._version, kv_len), found)
-    return (attention_mask if found[0] else None), found[1]
+    masks, pad, real = found
+    return (attention_mask if masks else None), pad, real
 
 
 def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Optional[torch.Tensor]:
@@ -131,7 +133,7 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
-    attention_mask, pad = _padding(attention_mask, kv_len)
+    attention_mask, pad, _ = mask_padding(attention_mask, kv_len)
     cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len) if attention_mask is None else None
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..hf.attention import mask_padding
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
@@ -81,14 +82,11 @@ class MLAAttention(nn.Module):
         q_nope, q_rot = q_nope.transpose(1, 2), q_rot.transpose(1, 2)  # (B, T, H, *)
         k_rot = k_rot.view(B, T, Dr)
 
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("MLAAttention expects a 2-D padding mask; swap it in with longattn.hf.swap_attention")
-            mask = attention_mask[:, -T:].bool()
-            if bool(mask.all()):
-                mask = None
-        lengths = mask.sum(1).tolist() if mask is not None else [T] * B
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("MLAAttention expects a 2-D padding mask; swap it in with longattn.hf.swap_attention")
+        padded, _, real = mask_padding(attention_mask, T)  # read once per forward, not in every layer
+        mask = None if padded is None else attention_mask[:, -T:].bool()
+        lengths = [T] * B if mask is None else real if real is not None else mask.sum(1).tolist()
         w_uk, w_uv = self._weights()
 
         if cache is not None:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..hf.attention import mask_padding
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
 
@@ -93,16 +94,15 @@ class NativeSparseAttention(nn.Module):
     @staticmethod
     def _real_lengths(mask, B: int, L: int, T: int) -> Optional[list]:
         """Real tokens per row under a left-padding mask (None without padding)."""
-        if mask is None or mask.dim() != 2 or bool(mask.bool().all()):
+        if mask is None or mask.dim() != 2:
             return None
-        m = mask[:, -L:].bool()
-        n = m.sum(1)
-        pos = torch.arange(L, device=m.device)
-        first = torch.where(m, pos, L).min(1).values
-        if bool(((n > 0) & (first != L - n)).any()) or (T < L and bool((n < T).any())):
+        padded, _, real = mask_padding(mask, L)  # read once per forward, not in every layer
+        if padded is None:
+            return None
+        if real is None or (T < L and min(real) < T):
             raise ValueError("NativeSparseAttention supports left padding only (each row's real tokens end at the "
                              "last position, and every new token is real)")
-        return n.tolist()
+        return real
 
     def _prefill(self, q, k, v, gates, real, cache):
         B, T, H, D = q.shape

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .flash import LOG2E, _dot_split, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, empty, kernel_inputs,
-                    next_pow2, resolve_seqlens, small_tiles, split_dim)
+from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, device_tensor, empty,
+                    kernel_inputs, next_pow2, resolve_seqlens, small_tiles, split_dim)
 
 
 @triton.jit
@@ -374,11 +374,11 @@ def plan_blocks(lq: list, lk: list, block_size: int, dims: AttnDims, device) -> 
     cq = torch.cat([zero, n_q.cumsum(0)])
     ck = torch.cat([zero, (k_hi - k_lo).cumsum(0)])
     row_block_off = torch.repeat_interleave(block_off[:-1], lq_t, output_size=int(cu_q[-1]))
-    to = lambda x: x.to(torch.int32).to(device, non_blocking=True)
+    to = lambda x: device_tensor(x, torch.int32, device)  # asynchronous copies: the plan needs no GPU wait
     own = AttnDims(True, n_blocks, max(int(n_q.max()) if n_blocks else 0, 1), block_size, dims.heads_q,
                    dims.heads_kv, dims.dim_qk, dims.dim_v, to(cq), to(ck))
     return BlockPlan(to(cu_q), to(cu_k), max(lq) if lq else 0, to(block_off[:-1]), to(ck[:-1]), to(k_hi - k_lo),
-                     row_block_off.to(device), n_blocks, int(nb.max()) if len(lk) else 0, own)
+                     device_tensor(row_block_off, torch.int64, device), n_blocks, int(nb.max()) if len(lk) else 0, own)
 
 
 @dataclass
@@ -589,7 +589,7 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
     if sel.numel():
         lq_t, lk_t = torch.tensor(lq), torch.tensor(lk)
         start = torch.repeat_interleave(torch.cumsum(lq_t, 0) - lq_t - (lk_t - lq_t), lq_t)
-        own = ((torch.arange(total_q) - start) // block_size).to(sel.device)[:, None, None]
+        own = device_tensor((torch.arange(total_q) - start) // block_size, torch.int64, sel.device)[:, None, None]
         ordered = torch.sort(sel, -1).values
         bad = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any() | (sel < -1).any()
         if own_listed:

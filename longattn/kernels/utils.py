@@ -165,6 +165,18 @@ def interpreter_bf16_exact() -> bool:
                 and torch.equal(e, (x > 0).int() + (x < -1).int()))
 
 
+def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list (or CPU tensor) as a tensor on ``device``, copied from pinned memory asynchronously:
+    ``torch.tensor(values, device=cuda)`` waits for the GPU to finish its queued work (a blocking copy), and even
+    a non-blocking copy from pageable memory may (the driver stages it), which a decoding step would pay per
+    layer."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def kernel_inputs(*tensors: Optional[torch.Tensor]):
     """Tensors as the kernels should see them.
 

@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..kernels.utils import device_tensor
+
 
 class PagedLatentCache:
     """A pool of fixed-size pages holding, per token, the normalised latent and the rotary key.
@@ -109,7 +111,7 @@ class PagedLatentCache:
                          for i in range(n))
             self._lens[s] = start + n
         if slots:
-            idx = torch.tensor(slots, dtype=torch.long, device=self.kv.device)
+            idx = device_tensor(slots, torch.long, self.kv.device)
             flat = self.kv.view(-1, self.kv.shape[-1])
             flat[idx] = torch.cat([c_kv, k_rope], -1).to(self.kv.dtype)
 
@@ -133,14 +135,14 @@ class PagedLatentCache:
         table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
         for i, s in enumerate(seq_ids):
             table[i, :len(self._pages[s])] = torch.tensor(self._pages[s], dtype=torch.int32)
-        table = table.to(self.kv.device)
+        table = device_tensor(table, torch.int32, self.kv.device)
         self._table = (key, self._version, table)
         return table
 
     def seqlens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``(B,)`` token counts."""
         self._check_ids(seq_ids)
-        return torch.tensor([self._lens[s] for s in seq_ids], dtype=torch.int32, device=self.kv.device)
+        return device_tensor([self._lens[s] for s in seq_ids], torch.int32, self.kv.device)
 
 
 __all__ = ["PagedLatentCache"]

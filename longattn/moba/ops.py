@@ -8,8 +8,8 @@ import torch
 
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, sparse_decode, unpack_output
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs,
-                             check_positive_int, check_scale, empty, kernel_inputs, next_pow2, resolve_seqlens,
-                             small_tiles)
+                             check_positive_int, check_scale, device_tensor, empty, kernel_inputs, next_pow2,
+                             resolve_seqlens, small_tiles)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -75,7 +75,7 @@ def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
         lk = torch.tensor(dims.seqlens_k if dims.varlen else [dims.max_seqlen_k] * dims.batch)
         start_q = torch.cumsum(lq, 0) - lq
         pos = torch.arange(total_q) - torch.repeat_interleave(start_q - (lk - lq), lq)
-        own[:, :, 0] = (pos // block_size).to(q.device)[:, None]
+        own[:, :, 0] = device_tensor(pos // block_size, torch.int64, q.device)[:, None]
     parts = [own]
     if ksel > 0 and total_q:
         parts.append(_select(qk_, kk_, plan, dims, block_size, ksel).long())

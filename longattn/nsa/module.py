@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..hf.attention import mask_padding
+from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
 
@@ -153,10 +154,10 @@ class NativeSparseAttention(nn.Module):
                 store["k"][b, have:need] = self.compress(kb, self.k_pos, self.k_compress, have, need)[0]
                 store["v"][b, have:need] = self.compress(vb, self.v_pos, self.v_compress, have, need)[0]
                 store["n"][b] = need
-        offsets = torch.tensor([L - n for n in lens], dtype=torch.int32, device=q.device)
+        offsets = device_tensor([L - n for n in lens], torch.int32, q.device)
         outs = []
         for i in range(T):
-            seqlens = torch.tensor([n - T + i + 1 for n in lens], dtype=torch.int32, device=q.device)
+            seqlens = device_tensor([n - T + i + 1 for n in lens], torch.int32, q.device)
             # lengths, offsets and compressed blocks are this module's own bookkeeping, consistent by construction:
             # no check (it would synchronise with the GPU in every layer at every step)
             outs.append(nsa_decode(q[:, i], k, v, store["k"], store["v"], *gates[:, i].unbind(1),

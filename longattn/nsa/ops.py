@@ -13,8 +13,8 @@ from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs,
-                             check_positive_int, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
-                             small_tiles, split_dim)
+                             check_positive_int, check_scale, check_tensor, device_tensor, empty, kernel_inputs,
+                             next_pow2, num_sms, small_tiles, split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
@@ -48,7 +48,7 @@ def _mean_compress(x: torch.Tensor, lengths: list, config: NSAConfig) -> torch.T
 def _cu(lengths: list, device) -> torch.Tensor:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    return cu.to(device)
+    return device_tensor(cu, torch.int32, device)
 
 
 def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q: torch.Tensor, cu_cmp: torch.Tensor,

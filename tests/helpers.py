@@ -41,3 +41,36 @@ def tiny_deepseek_v3_config():
                             num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=48,
                             qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
                             max_position_embeddings=512)
+
+
+def run_without_gpu_sync(fn):
+    """Run fn with every CUDA host synchronisation an error (torch's sync debug mode); on the CPU, just run it.
+    What a decoding step may not do in every layer: wait for the GPU (a blocking copy, .item(), .tolist())."""
+    if not torch.cuda.is_available():
+        return fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def replay_decode_step_without_sync(model, ids, cache):
+    """Prefill ids[:, :-1] into ``cache``, record layer 0's attention call while the model decodes the last
+    token, then run that call again (no padding mask) with every CUDA synchronisation an error."""
+    from longattn.rollout import _cache_kw
+
+    kw = {_cache_kw(model): cache, "use_cache": True}
+    attn = model.model.layers[0].self_attn
+    calls = []
+    with torch.no_grad():
+        model(ids[:, :-1], **kw)
+        hook = attn.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+        try:
+            model(ids[:, -1:], **kw)
+        finally:
+            hook.remove()
+        args, kwargs = calls[0]
+        kwargs["attention_mask"] = None
+        return run_without_gpu_sync(lambda: attn(*args, **kwargs))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
-from helpers import tiny_deepseek_v3_config
+from helpers import replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -143,6 +143,28 @@ def test_padding_read_once_per_mask(device):
     assert hf_attention.mask_padding(mask, 12) == (None, None, [12, 12])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["moba", "longattn"])
+def test_decoding_step_does_not_wait_for_the_gpu(impl):
+    """A decoding step of the attention functions, once the forward's padding mask has been read (by its first
+    layer), launches its kernels without a host synchronisation (left padding in place, MoBA's kept means)."""
+    from types import SimpleNamespace
+
+    B, H, Hkv, D, L = 2, 8, 2, 64, 700
+    module = SimpleNamespace(config=SimpleNamespace(moba_block_size=64, moba_topk=3), layer_idx=0,
+                             _longattn_cache=SimpleNamespace())
+    fn = hf_attention.moba_attention_forward if impl == "moba" else hf_attention.flash_attention_forward
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
+    q, k, v = mk(B, H, 1, D), mk(B, Hkv, L, D), mk(B, Hkv, L, D)
+    mask = torch.ones(B, L, dtype=torch.long, device="cuda")
+    mask[1, :100] = 0
+    with torch.no_grad():
+        fn(module, q, k[:, :, :-1], v[:, :, :-1], mask[:, :-1], scaling=D ** -0.5)  # the previous step
+        first, _ = fn(module, q, k, v, mask, scaling=D ** -0.5)  # the first layer reads the mask
+        other, _ = run_without_gpu_sync(lambda: fn(module, q, k, v, mask, scaling=D ** -0.5))
+    torch.testing.assert_close(other, first)
+
+
 def test_right_padding_matches_sdpa(device):
     """Right padding (not left) takes the unpadding path: the real tokens' logits equal sdpa's."""
     ref, ours = _pair(_config(), "longattn", device)
@@ -219,6 +241,15 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
     assert torch.equal(g_ours.sequences, g_ref.sequences)
     for a, b in zip(g_ours.logits, g_ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_mla_decoding_step_does_not_wait_for_the_gpu():
+    from transformers import DynamicCache
+
+    _, ours = _deepseek("cuda")
+    ids = torch.randint(1, 128, (2, 70), device="cuda")
+    replay_decode_step_without_sync(ours, ids, DynamicCache(config=ours.config))
 
 
 def test_swap_attention_errors():

@@ -7,6 +7,7 @@ import torch
 import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
+from helpers import replay_decode_step_without_sync
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -106,6 +107,13 @@ def test_training_gradients_match_reference(monkeypatch, device):
     for n in ours:
         assert torch.isfinite(ours[n]).all(), n
         torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.gpu
+def test_decoding_step_does_not_wait_for_the_gpu():
+    model = _model("cuda")
+    ids = torch.randint(0, 128, (2, 200), device="cuda")
+    replay_decode_step_without_sync(model, ids, DynamicCache(config=model.config))
 
 
 def test_swap_nsa_errors():

@@ -130,7 +130,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     longest = max(lens)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     next_pos = torch.tensor(lens, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), -1)
@@ -140,13 +140,14 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             probs = torch.softmax(logits.float() / temperature, -1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        # one read of the step's tokens and log-probs (indexing a device tensor per row waits for the GPU each time)
+        host = torch.stack([tok.double(), tok_lp.double()]).tolist()
         for i in range(B):
             if not done[i]:
-                result.completions[i].append(int(tok[i]))
-                result.logprobs[i].append(float(tok_lp[i]))
-        if eos_token_id is not None:
-            done |= tok == eos_token_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+                result.completions[i].append(int(host[0][i]))
+                result.logprobs[i].append(host[1][i])
+                done[i] = eos_token_id is not None and int(host[0][i]) == eos_token_id
+        if all(done) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,

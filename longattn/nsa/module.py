@@ -134,6 +134,18 @@ class NativeSparseAttention(nn.Module):
         out[sel] = packed
         return out
 
+    def _compress_one_block(self, k, v, store, rows: list, starts: list) -> None:
+        """Compress, for each row b of ``rows``, the block of cmp_block tokens at cache row ``starts[i]`` into its
+        next compressed slot (``store["n"][b]``): one gather and one compression for all rows."""
+        l = self.nsa.cmp_block
+        dev = k.device
+        rows_t = device_tensor(rows, torch.long, dev)
+        tok = device_tensor(starts, torch.long, dev)[:, None] + torch.arange(l, device=dev)  # (R, l)
+        slot = device_tensor([store["n"][b] for b in rows], torch.long, dev)
+        for x, pos, lin, name in ((k, self.k_pos, self.k_compress, "k"), (v, self.v_pos, self.v_compress, "v")):
+            blocks = x[rows_t[:, None], tok].permute(0, 2, 1, 3) + pos  # (R, H, l, D)
+            store[name][rows_t, slot] = lin(blocks.flatten(-2))
+
     def _decode(self, q, k, v, gates, real, cache):
         """New tokens after a cached prefix, one :func:`nsa_decode` call per token for the whole batch; the
         compressed cache is extended first with the blocks the new tokens complete."""
@@ -142,18 +154,24 @@ class NativeSparseAttention(nn.Module):
         L = k.shape[1]
         lens = real if real is not None else [L] * B
         store = cache._longattn_nsa[self.layer_idx]
-        for b, n in enumerate(lens):
-            have, need = store["n"][b], cfg.num_cmp_blocks(n)
-            if need > have:
-                cap = store["k"].shape[1]
-                if need > cap:  # grow the capacity geometrically (at least to what is needed)
-                    extra = max(need, 2 * cap) - cap
-                    grow = lambda x: torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1)
-                    store["k"], store["v"] = grow(store["k"]), grow(store["v"])
+        needs = [cfg.num_cmp_blocks(n) for n in lens]
+        cap = store["k"].shape[1]
+        if max(needs) > cap:  # grow the capacity geometrically (at least to what is needed)
+            extra = max(max(needs), 2 * cap) - cap
+            grow = lambda x: torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1)
+            store["k"], store["v"] = grow(store["k"]), grow(store["v"])
+        rows = [b for b in range(B) if needs[b] > store["n"][b]]
+        if rows and all(needs[b] == store["n"][b] + 1 for b in rows):
+            # a decoding step completes at most one block per row: all of them in one gather and compression
+            self._compress_one_block(k, v, store, rows, [L - lens[b] + store["n"][b] * cfg.cmp_stride for b in rows])
+        else:
+            for b in rows:  # several new tokens: each row's new blocks
+                have, need, n = store["n"][b], needs[b], lens[b]
                 kb, vb = k[b:b + 1, L - n:], v[b:b + 1, L - n:]
                 store["k"][b, have:need] = self.compress(kb, self.k_pos, self.k_compress, have, need)[0]
                 store["v"][b, have:need] = self.compress(vb, self.v_pos, self.v_compress, have, need)[0]
-                store["n"][b] = need
+        for b in rows:
+            store["n"][b] = needs[b]
         offsets = device_tensor([L - n for n in lens], torch.int32, q.device)
         outs = []
         for i in range(T):

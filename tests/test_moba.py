@@ -244,3 +244,34 @@ def test_moba_decode_empty_batch(device):
                            torch.randn(0, 40, 2, 8, device=device), block_size=16, return_lse=True,
                            cache_seqlens=torch.zeros(0, dtype=torch.int32, device=device))
     assert out.shape == (0, 4, 8) and lse.shape == (0, 4)
+
+
+@pytest.mark.gpu
+def test_moba_decode_in_cuda_graph():
+    """With validate=False (and the caller's pooled keys) a decoding step has no host synchronisation: captured
+    once, replayed as the sequences grow."""
+    from longattn.moba import moba_decode
+    from longattn.moba.ops import pool_cache_blocks
+
+    lens, L, bs = [700, 3000, 64], 4096, 256
+    k, v, seq, off, _ = _left_padded_cache(lens, L, 2, 128, 128, torch.bfloat16, "cuda")
+    k.normal_(), v.normal_()  # the sequences grow into the padding: fill it with real keys
+    q = torch.randn(len(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
+    off.zero_()
+    k_mean = torch.empty(len(lens), L // bs, 2, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        pool_cache_blocks(k, seq, off, bs, k_mean)
+        return moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, k_mean=k_mean, block_size=bs, topk=3,
+                           validate=False)
+
+    step()  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for i in range(3):
+        seq += 64 * (i + 1)  # the longest sequence stays within the cache
+        q.normal_()
+        graph.replay()
+        ref = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=bs, topk=3)
+        assert_close(out, ref, torch.bfloat16, f"replay {i}")

@@ -127,6 +127,33 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     assert all(m._longattn_cache is None for m in (layer.self_attn for layer in kept.model.layers))
 
 
+def test_moba_kept_pooled_keys_follow_beam_search(device):
+    """Beam search reorders the cache's rows in place (reorder_cache): the kept pooled keys follow, and the next
+    step's logits equal those of pooling every block at every step."""
+    from transformers import DynamicCache
+
+    from longattn.rollout import _cache_kw
+
+    _, plain = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+    kept = longattn.hf.swap_attention(copy.deepcopy(plain), "moba", block_size=16, topk=2)
+    ids = torch.randint(1, 128, (3, 52)).to(device)  # three different rows, three complete blocks each
+    order = torch.tensor([2, 0, 0], device=device)
+    logits = []
+    for model in (plain, kept):
+        cache = DynamicCache(config=model.config)
+        kw = {_cache_kw(model): cache, "use_cache": True}
+        with torch.no_grad():
+            model(ids[:, :50], **kw)
+            model(ids[:, 50:51], **kw)  # a decoding step: the kept means follow on
+            if model is kept:
+                before = cache._longattn_moba[0]["means"].clone()
+            cache.reorder_cache(order)
+            if model is kept:
+                assert torch.equal(cache._longattn_moba[0]["means"], before[order])
+            logits.append(model(ids[:, 51:52], **kw).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
 def test_padding_read_once_per_mask(device):
     """Every layer gets the same mask object: its padding is read (a host synchronisation) once, and read again
     when the mask changes in place or other columns are asked for."""

@@ -91,6 +91,26 @@ def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
     return (attention_mask if masks else None), pad, real
 
 
+def _kept_store(cache) -> dict:
+    """The kept pooled keys of a transformers cache, per layer. Beam search reorders the cache's rows in place
+    (``reorder_cache``): the kept means follow (the cache's method is wrapped; it holds the cache weakly, so no
+    reference cycle keeps the cache's memory alive)."""
+    store = cache.__dict__.get("_longattn_moba")
+    if store is None:
+        store = cache.__dict__["_longattn_moba"] = {}
+        if hasattr(type(cache), "reorder_cache"):
+            ref = weakref.ref(cache)
+
+            def reorder_cache(beam_idx, *args, **kwargs):
+                c = ref()
+                for kept in c.__dict__["_longattn_moba"].values():
+                    kept["means"] = kept["means"].index_select(0, beam_idx.to(kept["means"].device))
+                return type(c).reorder_cache(c, beam_idx, *args, **kwargs)
+
+            cache.reorder_cache = reorder_cache
+    return store
+
+
 def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Optional[torch.Tensor]:
     """Pooled keys of every row's blocks before its last token's own block, kept on the transformers cache the
     module is being called with (recorded by ``swap_attention(model, "moba")``; None without one): a decoding step
@@ -101,7 +121,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Op
         return None
     B, L, hkv, d = k.shape
     need = (L - 1) // block_size
-    store = cache.__dict__.setdefault("_longattn_moba", {})
+    store = _kept_store(cache)
     kept = store.get(module.layer_idx)
     follows = decoding and kept is not None and kept["kv_len"] == L - 1 and kept["block_size"] == block_size and \
         kept["means"].shape[0] == B and kept["means"].dtype == k.dtype and kept["means"].device == k.device

@@ -74,3 +74,25 @@ def replay_decode_step_without_sync(model, ids, cache):
         args, kwargs = calls[0]
         kwargs["attention_mask"] = None
         return run_without_gpu_sync(lambda: attn(*args, **kwargs))
+
+
+def check_cache_reorder(model, ids, order):
+    """Beam search's in-place reordering of a transformers cache (``reorder_cache``) must carry longattn's state
+    beside it: after a prefill and a decoding step of ``ids``, reordering the rows by ``order`` and decoding the
+    last token gives the logits of running ``ids[order]`` from scratch."""
+    from transformers import DynamicCache
+
+    from longattn.rollout import _cache_kw
+
+    def run(rows, reorder):
+        cache = DynamicCache(config=model.config)
+        kw = {_cache_kw(model): cache, "use_cache": True}
+        with torch.no_grad():
+            model(rows[:, :-2], **kw)
+            model(rows[:, -2:-1], **kw)
+            if reorder is not None:
+                cache.reorder_cache(reorder)
+                rows = rows[reorder]
+            return model(rows[:, -1:], **kw).logits
+
+    torch.testing.assert_close(run(ids, order), run(ids[order], None), atol=1e-4, rtol=1e-4)

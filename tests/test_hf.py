@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
-from helpers import replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config
+from helpers import (check_cache_reorder, replay_decode_step_without_sync, run_without_gpu_sync,
+                     tiny_deepseek_v3_config)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -128,30 +129,11 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
 
 
 def test_moba_kept_pooled_keys_follow_beam_search(device):
-    """Beam search reorders the cache's rows in place (reorder_cache): the kept pooled keys follow, and the next
-    step's logits equal those of pooling every block at every step."""
-    from transformers import DynamicCache
-
-    from longattn.rollout import _cache_kw
-
+    """Beam search reorders the cache's rows in place: the kept pooled keys follow them."""
     _, plain = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
-    kept = longattn.hf.swap_attention(copy.deepcopy(plain), "moba", block_size=16, topk=2)
+    kept = longattn.hf.swap_attention(plain, "moba", block_size=16, topk=2)
     ids = torch.randint(1, 128, (3, 52)).to(device)  # three different rows, three complete blocks each
-    order = torch.tensor([2, 0, 0], device=device)
-    logits = []
-    for model in (plain, kept):
-        cache = DynamicCache(config=model.config)
-        kw = {_cache_kw(model): cache, "use_cache": True}
-        with torch.no_grad():
-            model(ids[:, :50], **kw)
-            model(ids[:, 50:51], **kw)  # a decoding step: the kept means follow on
-            if model is kept:
-                before = cache._longattn_moba[0]["means"].clone()
-            cache.reorder_cache(order)
-            if model is kept:
-                assert torch.equal(cache._longattn_moba[0]["means"], before[order])
-            logits.append(model(ids[:, 51:52], **kw).logits)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    check_cache_reorder(kept, ids, torch.tensor([2, 0, 0], device=device))
 
 
 def test_padding_read_once_per_mask(device):
@@ -268,6 +250,12 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
     assert torch.equal(g_ours.sequences, g_ref.sequences)
     for a, b in zip(g_ours.logits, g_ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_mla_latent_cache_follows_beam_search(device):
+    _, ours = _deepseek(device)
+    ids = torch.randint(1, 128, (3, 40)).to(device)
+    check_cache_reorder(ours, ids, torch.tensor([1, 1, 0], device=device))
 
 
 @pytest.mark.gpu

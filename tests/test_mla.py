@@ -161,6 +161,21 @@ def test_cache_bookkeeping(device):
         cache.block_table([a])
 
 
+def test_cache_fork(device):
+    """fork: a new sequence with a copy of another's tokens (beam search); the two then grow apart."""
+    cache = PagedLatentCache(8, page_size=16, kv_lora_rank=8, rope_dim=4, dtype=torch.float32, device=device)
+    a = cache.new_sequence()
+    toks = torch.randn(40, 12, device=device)
+    cache.append([a], toks[:, :8], toks[:, 8:])
+    c = cache.fork(a)
+    more = torch.randn(3, 12, device=device)
+    cache.append([c], more[:, :8], more[:, 8:])
+    assert cache.seqlens([a, c]).tolist() == [40, 43] and cache.num_free_pages == 8 - 3 - 3
+    table = cache.block_table([a, c])
+    torch.testing.assert_close(gather_paged_ref(cache.kv, table, 40, 0), toks)
+    torch.testing.assert_close(gather_paged_ref(cache.kv, table, 43, 1), torch.cat([toks, more]))
+
+
 def test_decode_bad_inputs(device):
     q_lat, q_rope = torch.randn(2, 1, 4, 32, device=device), torch.randn(2, 1, 4, 16, device=device)
     cache = torch.randn(4, 16, 48, device=device)

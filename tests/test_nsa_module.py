@@ -7,7 +7,7 @@ import torch
 import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
-from helpers import replay_decode_step_without_sync
+from helpers import check_cache_reorder, replay_decode_step_without_sync
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -107,6 +107,12 @@ def test_training_gradients_match_reference(monkeypatch, device):
     for n in ours:
         assert torch.isfinite(ours[n]).all(), n
         torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_compressed_cache_follows_beam_search(device):
+    model = _model(device)
+    ids = torch.randint(0, 128, (3, 45)).to(device)
+    check_cache_reorder(model, ids, torch.tensor([2, 2, 0], device=device))
 
 
 @pytest.mark.gpu

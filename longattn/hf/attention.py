@@ -91,24 +91,32 @@ def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
     return (attention_mask if masks else None), pad, real
 
 
-def _kept_store(cache) -> dict:
-    """The kept pooled keys of a transformers cache, per layer. Beam search reorders the cache's rows in place
-    (``reorder_cache``): the kept means follow (the cache's method is wrapped; it holds the cache weakly, so no
-    reference cycle keeps the cache's memory alive)."""
-    store = cache.__dict__.get("_longattn_moba")
+def side_cache(cache, name: str, reorder) -> dict:
+    """A dict kept on a transformers cache object under ``name`` (longattn's per-layer state beside the cache:
+    MoBA's pooled keys, NSA's compressed blocks, MLA's latent pages). Beam search reorders the cache's rows in
+    place (``reorder_cache(beam_idx)``); ``reorder(store, beam_idx)`` then makes the state follow (the cache's
+    method is wrapped once, holding the cache weakly: no reference cycle keeps its memory alive)."""
+    store = cache.__dict__.get(name)
     if store is None:
-        store = cache.__dict__["_longattn_moba"] = {}
-        if hasattr(type(cache), "reorder_cache"):
+        store = cache.__dict__[name] = {}
+        hooks = cache.__dict__.setdefault("_longattn_reorder", {})
+        if not hooks and hasattr(type(cache), "reorder_cache"):
             ref = weakref.ref(cache)
 
             def reorder_cache(beam_idx, *args, **kwargs):
                 c = ref()
-                for kept in c.__dict__["_longattn_moba"].values():
-                    kept["means"] = kept["means"].index_select(0, beam_idx.to(kept["means"].device))
+                for key, fn in c.__dict__["_longattn_reorder"].items():
+                    fn(c.__dict__[key], beam_idx)
                 return type(c).reorder_cache(c, beam_idx, *args, **kwargs)
 
             cache.reorder_cache = reorder_cache
+        hooks[name] = reorder
     return store
+
+
+def _reorder_means(store: dict, beam_idx: torch.Tensor) -> None:
+    for kept in store.values():
+        kept["means"] = kept["means"].index_select(0, beam_idx.to(kept["means"].device))
 
 
 def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Optional[torch.Tensor]:
@@ -121,7 +129,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Op
         return None
     B, L, hkv, d = k.shape
     need = (L - 1) // block_size
-    store = _kept_store(cache)
+    store = side_cache(cache, "_longattn_moba", _reorder_means)
     kept = store.get(module.layer_idx)
     follows = decoding and kept is not None and kept["kv_len"] == L - 1 and kept["block_size"] == block_size and \
         kept["means"].shape[0] == B and kept["means"].dtype == k.dtype and kept["means"].device == k.device

@@ -61,6 +61,19 @@ class PagedLatentCache:
         del self._lens[seq_id]
         self._version += 1
 
+    def fork(self, seq_id: int) -> int:
+        """A new sequence holding a copy of ``seq_id``'s tokens (beam search, parallel samples); returns its id."""
+        self._check_ids([seq_id])
+        n = self._lens[seq_id]
+        new = self.new_sequence()
+        if n:
+            pages = self._pages[seq_id]
+            rows = (device_tensor(pages, torch.long, self.kv.device)[:, None] * self.page_size
+                    + torch.arange(self.page_size, device=self.kv.device)).flatten()[:n]
+            latent = self.kv.view(-1, self.kv.shape[-1])[rows]
+            self.append([new], latent[:, :self.kv_lora_rank], latent[:, self.kv_lora_rank:])
+        return new
+
     def seqlen(self, seq_id: int) -> int:
         self._check_ids([seq_id])
         return self._lens[seq_id]

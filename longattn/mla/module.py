@@ -9,12 +9,23 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import mask_padding
+from ..hf.attention import mask_padding, side_cache
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
 _SUBMODULES = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
                "o_proj")
+
+
+def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
+    """Beam search reordered the cache's rows: row i continues the sequence of row beam_idx[i] (copied, as a
+    source row may continue in several rows), and the old sequences' pages are freed."""
+    order = beam_idx.tolist()
+    for layer, (pc, ids) in store.items():
+        new = [pc.fork(ids[i]) for i in order]
+        for sid in ids:
+            pc.free(sid)
+        store[layer] = (pc, new)
 
 
 class MLAAttention(nn.Module):
@@ -52,10 +63,7 @@ class MLAAttention(nn.Module):
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def _latent_cache(self, cache, batch: int, dtype, device):
-        store = getattr(cache, "_longattn_mla", None)
-        if store is None:
-            store = {}
-            cache._longattn_mla = store
+        store = side_cache(cache, "_longattn_mla", _reorder_latent)
         state = store.get(self.layer_idx)
         if state is None:
             pc = PagedLatentCache(max(4, batch * 4), page_size=self.page_size, kv_lora_rank=self.kv_lora_rank,

@@ -18,10 +18,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import mask_padding
+from ..hf.attention import mask_padding, side_cache
 from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
+
+
+def _reorder_compressed(store: dict, beam_idx: torch.Tensor) -> None:
+    """Beam search reordered the cache's rows: the compressed blocks and their counts follow."""
+    order = beam_idx.tolist()
+    for layer in store.values():
+        idx = beam_idx.to(layer["k"].device)
+        layer["k"], layer["v"] = layer["k"].index_select(0, idx), layer["v"].index_select(0, idx)
+        layer["n"] = [layer["n"][i] for i in order]
 
 
 class NativeSparseAttention(nn.Module):
@@ -111,13 +120,12 @@ class NativeSparseAttention(nn.Module):
         kc = [self.compress(k[b:b + 1, T - n:], self.k_pos, self.k_compress) for b, n in enumerate(lens)]
         vc = [self.compress(v[b:b + 1, T - n:], self.v_pos, self.v_compress) for b, n in enumerate(lens)]
         if cache is not None:
-            if not hasattr(cache, "_longattn_nsa"):
-                cache._longattn_nsa = {}
+            store = side_cache(cache, "_longattn_nsa", _reorder_compressed)
             counts = [c.shape[1] for c in kc]
             cap = max(counts) + 8
             pad = lambda parts: torch.stack([torch.cat([c[0].detach(), c.new_zeros(cap - c.shape[1], *c.shape[2:])])
                                              for c in parts])
-            cache._longattn_nsa[self.layer_idx] = {"k": pad(kc), "v": pad(vc), "n": counts}
+            store[self.layer_idx] = {"k": pad(kc), "v": pad(vc), "n": counts}
         g = [gates[:, :, i] for i in range(3)]
         if real is None:
             return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=torch.cat(kc), v_cmp=torch.cat(vc),

@@ -63,6 +63,24 @@ def test_moba_dense(case, dtype, device):
     _check(q, k, v, dtype, block_size=bs, topk=topk)
 
 
+def test_moba_dense_decode_without_grad(dtype, device):
+    """One query per sequence, no gradient (a dense batch cache, here transposed as transformers keeps it): the
+    in-place decoding path; output and lse equal the reference and the general path."""
+    q = torch.randn(2, 1, 4, 32, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 150, 32, device=device, dtype=dtype).transpose(1, 2)
+    v = torch.randn(2, 2, 150, 32, device=device, dtype=dtype).transpose(1, 2)
+    with torch.no_grad():
+        out, lse = moba_attention(q, k, v, block_size=16, topk=3, return_lse=True)
+    sel = moba_block_selection_ref(q, k, block_size=16, topk=3)
+    out_r, lse_r = moba_attention_ref(q.float(), k.float(), v.float(), block_size=16, topk=3, return_lse=True,
+                                      selection=sel)
+    assert out.shape == (2, 1, 4, 32) and lse.shape == (2, 4, 1)
+    assert_close(out, out_r, dtype, "out")
+    assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
+    general = moba_attention(leaf(q), k, v, block_size=16, topk=3)  # with a gradient: the block-sparse engine
+    assert_close(out, general.detach().float(), dtype, "decode vs general")
+
+
 @pytest.mark.parametrize("lq,lk", [([70, 1, 0, 120], None), ([5, 1, 64], [90, 33, 64])], ids=["same", "q<k"])
 def test_moba_varlen(lq, lk, dtype, device):
     Hq, Hkv, D = 4, 2, 32

@@ -38,22 +38,26 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a power of two from 16 to 65536, got {block_size}")
 
 
-def _prepare(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, v_name="v"):
-    """Validate arguments; return dims, packed (varlen) q/k/v and the host plan."""
+def _validate(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+              max_seqlen_k, v_name="v") -> AttnDims:
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, v_name=v_name)
     _check_block_size(block_size)
     check_positive_int(topk, "topk")
+    return dims
+
+
+def _prepare(q, k, v, block_size, topk, dims: AttnDims):
+    """Packed (varlen) q/k/v, the host plan and the number of earlier blocks to select, for validated inputs."""
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
     plan = plan_blocks(lq, lk, block_size, dims, q.device)
     ksel = max(0, min(topk, plan.max_blocks) - 1)
     if ksel >= MAX_TOPK:
         raise ValueError(f"topk must be at most {MAX_TOPK} (or at least the number of blocks, "
                          f"{plan.max_blocks}), got {topk}")
-    return dims, plan, ksel, qp, kp, vp
+    return plan, ksel, qp, kp, vp
 
 
 def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 512, topk: int = 3,
@@ -65,8 +69,8 @@ def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     the sequence, own block included, ascending, padded with -1; ``(B, Tq, Hq, topk)`` dense or
     ``(total_q, Hq, topk)`` varlen.
     """
-    dims, plan, ksel, qp, kp, _ = _prepare(q, k, k, block_size, topk, cu_seqlens, None, cu_seqlens_q,
-                                           cu_seqlens_k, None, None, v_name="k")
+    dims = _validate(q, k, k, block_size, topk, cu_seqlens, None, cu_seqlens_q, cu_seqlens_k, None, None, v_name="k")
+    plan, ksel, qp, kp, _ = _prepare(q, k, k, block_size, topk, dims)
     qk_, kk_ = kernel_inputs(qp, kp)
     total_q = qp.shape[0]
     own = torch.full((total_q, dims.heads_q, 1), -1, dtype=torch.int64, device=q.device)
@@ -112,16 +116,25 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         return_lse: also return the float32 log-sum-exp, ``(B, Hq, Tq)`` or ``(Hq, total_q)``.
 
     With at most one query per sequence and no gradient needed, a split-KV kernel over the own block and the
-    selected blocks is used; it pools every key block at each call. Decoding against a batch cache is
-    :func:`moba_decode`'s (in place, with kept pooled keys).
+    selected blocks is used (dense inputs through :func:`moba_decode`, in place); it pools every key block at each
+    call (:func:`moba_decode` also takes kept pooled keys).
 
     Memory beyond inputs and outputs: the partial outputs of the ``topk`` pieces in the forward pass
     (``topk`` x output size, freed before returning) and O(T * Hq * topk) indices; the backward pass adds
     one float32 dq buffer.
     """
-    dims, plan, ksel, qp, kp, vp = _prepare(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q,
-                                            cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dims = _validate(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k)
     scale = check_scale(scale, dims.dim_qk ** -0.5)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not dims.varlen and dims.max_seqlen_q == 1 and not grad and q.numel() and k.numel():
+        # one new token per sequence (decoding): the batch cache in place, no packing or host plan
+        lens = torch.full((dims.batch,), dims.max_seqlen_k, dtype=torch.int32, device=q.device)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out, lse = moba_decode(q[:, 0], k, v, cache_seqlens=lens, block_size=block_size, topk=topk, scale=scale,
+                               return_lse=True, validate=False)
+        return (out[:, None], lse[:, :, None]) if return_lse else out[:, None]
+    plan, ksel, qp, kp, vp = _prepare(q, k, v, block_size, topk, dims)
     qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
     with torch.no_grad():  # the block selection is not differentiated
         sel = _select(qk_, kk_, plan, dims, block_size, ksel) if ksel > 0 and qp.shape[0] else \

@@ -558,6 +558,8 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF,
     hk64 = hk.to(tl.int64)
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
     if piece < TOPK:
+        # each selected piece folds the splits' candidates itself (at most 64 x TOPK_PAD keys, a few microseconds,
+        # all pieces in parallel) rather than waiting for one more launch that would store the final top-n
         xc = tl.arange(0, CAND_PAD)
         cand = tl.load(CAND + b64 * stride_xb + hk64 * stride_xh + xc[None, :],
                        mask=xc[None, :] < n_split * TOPK_PAD, other=-9223372036854775807 - 1)

@@ -96,3 +96,51 @@ def check_cache_reorder(model, ids, order):
             return model(rows[:, -1:], **kw).logits
 
     torch.testing.assert_close(run(ids, order), run(ids[order], None), atol=1e-4, rtol=1e-4)
+
+
+def check_packed_equals_separate(model, lens, *, grads=False, decode_error=True):
+    """One row of packed sequences (position_ids restarting at 0, and transformers' ``cu_seq_lens_q`` keywords
+    as ``DataCollatorWithFlattening`` gives them) gives each sequence's logits of running it alone (and, with
+    ``grads``, the parameters' gradients of a weighted sum of them); with ``decode_error``, decoding from a cache
+    the packed row filled is refused."""
+    from transformers import DynamicCache
+
+    from longattn.rollout import _cache_kw
+
+    dev = next(model.parameters()).device
+    seqs = [torch.randint(1, 128, (1, n), device=dev) for n in lens]
+    packed = torch.cat(seqs, 1)
+    pos = torch.cat([torch.arange(n, device=dev) for n in lens])[None]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    flat = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    weight = torch.randn(1, packed.shape[1], model.config.vocab_size, device=dev)
+
+    def run(packed_kw):
+        model.zero_grad()
+        with torch.set_grad_enabled(grads):
+            if packed_kw is None:
+                parts = [model(s, use_cache=False).logits for s in seqs]
+                logits = torch.cat(parts, 1)
+            else:
+                logits = model(packed, position_ids=pos, use_cache=False, **packed_kw).logits
+            if grads:
+                (logits.float() * weight).sum().backward()
+        found = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), found
+
+    sep, sep_grads = run(None)
+    for kw in ({}, flat):
+        logits, found = run(kw)
+        torch.testing.assert_close(logits, sep, atol=1e-4, rtol=1e-4)
+        assert set(found) == set(sep_grads)
+        for n in found:
+            torch.testing.assert_close(found[n], sep_grads[n], atol=1e-4, rtol=1e-3, msg=n)
+    if decode_error:
+        import pytest
+
+        cache = DynamicCache(config=model.config)
+        kw = {_cache_kw(model): cache, "use_cache": True}
+        with torch.no_grad():
+            model(packed, position_ids=pos, **kw)
+            with pytest.raises(ValueError, match="filled by a packed row"):
+                model(packed[:, -1:], **kw)

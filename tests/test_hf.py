@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
-from helpers import (check_cache_reorder, replay_decode_step_without_sync, run_without_gpu_sync,
-                     tiny_deepseek_v3_config)
+from helpers import (check_cache_reorder, check_packed_equals_separate, replay_decode_step_without_sync,
+                     run_without_gpu_sync, tiny_deepseek_v3_config)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -152,6 +152,28 @@ def test_padding_read_once_per_mask(device):
     assert hf_attention.mask_padding(mask, 12) == (None, None, [12, 12])
 
 
+def test_packed_segments(device):
+    """The sequences of a packed row, from position_ids or cu_seq_lens_q, read once per tensor; ordinary rows and
+    calls with a cache prefix are not packed; boundaries that do not tile the row are refused."""
+    seg = hf_attention.packed_segments
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]], device=device)
+    cu, lens = seg(dict(position_ids=pos), 1, 9, 9)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 9] and lens == [3, 2, 4]
+    assert seg(dict(position_ids=pos), 1, 9, 9)[0] is cu  # reused, not read again
+    pos[0, 5] = 7  # changed in place: read again
+    assert seg(dict(position_ids=pos), 1, 9, 9)[1] == [3, 6]
+    assert seg(dict(position_ids=torch.arange(9, device=device)[None]), 1, 9, 9) == (None, None)
+    assert seg(dict(position_ids=pos), 1, 1, 10) == (None, None)  # a decoding step
+    assert seg(dict(position_ids=pos.expand(2, 9)), 2, 9, 9) == (None, None)
+    flat = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    assert seg(dict(cu_seq_lens_q=flat, position_ids=pos), 1, 9, 9)[1] == [4, 5]  # the keyword wins
+    with pytest.raises(ValueError, match="start every sequence at 0"):
+        seg(dict(position_ids=torch.tensor([[3, 4, 0, 1]], device=device)), 1, 4, 4)
+    for bad in ([0, 4, 8], [1, 9], [0, 5, 5, 9]):
+        with pytest.raises(ValueError, match="cu_seq_lens_q must rise strictly from 0 to the 9"):
+            seg(dict(cu_seq_lens_q=torch.tensor(bad, device=device)), 1, 9, 9)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["moba", "longattn"])
 def test_decoding_step_does_not_wait_for_the_gpu(impl):
@@ -187,16 +209,9 @@ def test_right_padding_matches_sdpa(device):
 
 
 def test_packed_sequences_equal_separate(device):
-    """One row of packed sequences (position_ids restart at 0) runs each sequence on its own."""
+    """One row of packed sequences (position_ids restart at 0, or cu_seq_lens_q) runs each sequence on its own."""
     _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
-    lens = [30, 45]
-    seqs = [torch.randint(0, 128, (1, n)).to(device) for n in lens]
-    packed = torch.cat(seqs, 1)
-    pos = torch.cat([torch.arange(n) for n in lens])[None].to(device)
-    with torch.no_grad():
-        logits = ours(packed, position_ids=pos).logits
-        sep = torch.cat([ours(s).logits for s in seqs], 1)
-    torch.testing.assert_close(logits, sep, atol=1e-4, rtol=1e-4)
+    check_packed_equals_separate(ours, [30, 45], decode_error=False)  # rollout splits a packed cache first
 
 
 def test_mask_with_holes_is_rejected(device):
@@ -256,6 +271,11 @@ def test_mla_latent_cache_follows_beam_search(device):
     _, ours = _deepseek(device)
     ids = torch.randint(1, 128, (3, 40)).to(device)
     check_cache_reorder(ours, ids, torch.tensor([1, 1, 0], device=device))
+
+
+def test_mla_packed_sequences_equal_separate(device):
+    _, ours = _deepseek(device)
+    check_packed_equals_separate(ours, [23, 40])
 
 
 @pytest.mark.gpu

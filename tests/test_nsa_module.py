@@ -7,7 +7,7 @@ import torch
 import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
-from helpers import check_cache_reorder, replay_decode_step_without_sync
+from helpers import check_cache_reorder, check_packed_equals_separate, replay_decode_step_without_sync
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -107,6 +107,12 @@ def test_training_gradients_match_reference(monkeypatch, device):
     for n in ours:
         assert torch.isfinite(ours[n]).all(), n
         torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_packed_sequences_train_as_separate(device):
+    """Training on packed sequences: each sequence compressed and attended on its own, gradients included."""
+    model = _model(device).train()
+    check_packed_equals_separate(model, [27, 41], grads=True)
 
 
 def test_compressed_cache_follows_beam_search(device):

@@ -4,8 +4,8 @@ transformers calls them with q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` (the 
 and expects ``(B, Tq, Hq, D)`` back. Left padding runs in place (flash attention's ``left_pad``, and
 MoBA's decoding step through :func:`longattn.moba.moba_decode`); other
 padding masks (right padding, and MoBA's) are handled by unpadding to the varlen layout; a batch of one
-packed sequence (position_ids restarting at 0, no mask) runs through the varlen path with one sequence per
-segment.
+row of packed sequences (position_ids restarting at 0, or transformers' ``cu_seq_lens_q``; no mask) runs
+through the varlen path with one sequence per segment.
 """
 from __future__ import annotations
 
@@ -15,26 +15,60 @@ from typing import Optional
 import torch
 
 from ..kernels.flash import flash_attention
+from ..kernels.utils import device_tensor
 from ..moba.ops import moba_attention, moba_decode, pool_cache_blocks
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
 MOBA_DEFAULT_TOPK = 3
 
 
-def packed_cu_seqlens(position_ids: Optional[torch.Tensor], q_len: int, kv_len: int):
-    """cu_seqlens (int32) of a single row of packed sequences whose position_ids restart at 0, else None."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or q_len != kv_len:
-        return None
-    pos = position_ids[0]
-    if pos.numel() != q_len or q_len < 2:
-        return None
-    starts = torch.nonzero(pos == 0).flatten()
-    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0].item() == 0):
-        return None  # one ordinary sequence
-    if starts.numel() == 0 or starts[0].item() != 0:
-        raise ValueError("packed position_ids must start every sequence at 0, including the first")
-    cu = torch.cat([starts, torch.tensor([q_len], device=pos.device)]).to(torch.int32)
-    return cu
+_last_packing = (None, None, None)  # (weak reference to the tensor read, its version and length, what it held)
+
+
+def packed_segments(kwargs: dict, batch: int, q_len: int, kv_len: int):
+    """The sequences packed into a single row without a cache prefix (training on packed sequences, a packed
+    prefill): from transformers' ``cu_seq_lens_q`` keyword (``DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True)``) or from ``position_ids`` restarting at 0. Returns ``(cu_seqlens, lengths)``: int32 on the device and a
+    host list, or ``(None, None)`` for an ordinary row. Reading them is a host synchronisation; every layer gets the
+    same tensor, so what the last call read is reused. Raises ValueError for boundaries that do not tile the row."""
+    global _last_packing
+    cu_kw, pos = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
+    src = cu_kw if cu_kw is not None else pos
+    if src is None or batch != 1 or q_len != kv_len or q_len < 2:
+        return None, None
+    if cu_kw is None and (pos.dim() != 2 or pos.shape != (1, q_len)):
+        return None, None
+    ref, key, found = _last_packing
+    if ref is None or ref() is not src or key != (src._version, q_len):
+        if cu_kw is not None:
+            bounds = cu_kw.flatten().tolist()
+            if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q_len or \
+                    any(b <= a for a, b in zip(bounds, bounds[1:])):
+                raise ValueError(f"cu_seq_lens_q must rise strictly from 0 to the {q_len} tokens of the packed row, "
+                                 f"got {bounds}")
+        else:
+            bounds = torch.nonzero(pos[0] == 0).flatten().tolist() + [q_len]  # one synchronisation
+            if len(bounds) == 1:
+                bounds = [0, q_len]  # no position 0: one ordinary sequence
+            elif bounds[0] != 0:
+                raise ValueError("packed position_ids must start every sequence at 0, including the first")
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        cu = cu_kw.flatten().to(torch.int32) if cu_kw is not None else device_tensor(bounds, torch.int32, src.device)
+        found = (None, None) if len(lens) == 1 else (cu, lens)
+        _last_packing = (weakref.ref(src), (src._version, q_len), found)
+    return found
+
+
+def mark_packed(cache, layer_idx: int) -> None:
+    """Record that ``layer_idx`` filled ``cache`` from a packed row (several sequences in one row): its state then
+    belongs to no single sequence, and :func:`check_not_packed` refuses to decode from it."""
+    side_cache(cache, "_longattn_packed", lambda store, beam_idx: None)[layer_idx] = True
+
+
+def check_not_packed(cache, layer_idx: int) -> None:
+    if cache.__dict__.get("_longattn_packed", {}).get(layer_idx):
+        raise ValueError("this cache was filled by a packed row (several sequences in one row, position_ids "
+                         "restarting at 0): decoding cannot continue it; prefill a batch (left padding) instead")
 
 
 def _unpad(mask: torch.Tensor, q_len: int):
@@ -162,7 +196,7 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
     attention_mask, pad, _ = mask_padding(attention_mask, kv_len)
-    cu = packed_cu_seqlens(kwargs.get("position_ids"), q_len, kv_len) if attention_mask is None else None
+    cu = packed_segments(kwargs, B, q_len, kv_len)[0] if attention_mask is None else None
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import mask_padding, side_cache
+from ..hf.attention import check_not_packed, mark_packed, mask_padding, packed_segments, side_cache
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
@@ -36,7 +36,9 @@ class MLAAttention(nn.Module):
     64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at
     most 16 new tokens per sequence decode in the absorbed form; longer ones (prompts, chunked prefill)
     decompress the latent and run flash attention. A 2-D padding mask (left or right padding) is
-    handled by keeping only real tokens in the latent cache.
+    handled by keeping only real tokens in the latent cache. A row of packed sequences (position_ids
+    restarting at 0, or transformers' ``cu_seq_lens_q``; training) runs each sequence on its own; a cache it
+    filled cannot be decoded from.
     """
 
     def __init__(self, attn: nn.Module, page_size: int = 64):
@@ -107,6 +109,8 @@ class MLAAttention(nn.Module):
             # transformers' cache only counts tokens here (zero-width tensors)
             cache.update(c_kv.new_zeros(B, 1, T, 0), c_kv.new_zeros(B, 1, T, 0), self.layer_idx)
             seqlens = pc.seqlens(ids)
+            if has_past:
+                check_not_packed(cache, self.layer_idx)
             if has_past and T <= MAX_QUERY_TOKENS:
                 if mask is not None and min(lengths) != T:
                     raise ValueError("decoding steps must not contain padding (use left padding for generation)")
@@ -119,7 +123,14 @@ class MLAAttention(nn.Module):
                 return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
             if has_past:  # a long chunk after a cached prefix: decompress the whole latent of each sequence
                 return self._prefill_with_prefix(q_nope, q_rot, mask, lengths, pc, ids, w_uk, w_uv), None
-        out = self._prefill(q_nope, q_rot, c_kv, k_rot, mask, lengths, w_uk, w_uv)
+        cu = packed_segments(kwargs, B, T, T)[0] if mask is None else None  # a row of packed sequences
+        if cu is not None:
+            if cache is not None:
+                mark_packed(cache, self.layer_idx)
+            out = mla_prefill(q_nope[0], q_rot[0], c_kv[0], k_rot[0], w_uk, w_uv, scale=self.scaling,
+                              cu_seqlens=cu)[None]
+        else:
+            out = self._prefill(q_nope, q_rot, c_kv, k_rot, mask, lengths, w_uk, w_uv)
         return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
 
     def _prefill(self, q_nope, q_rot, c_kv, k_rot, mask, lengths, w_uk, w_uv):

@@ -4,7 +4,9 @@ Parameters: the layer's q/k/v/o projections (shared, so their weights carry over
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
 initialised to mean pooling) and a sigmoid gate MLP (initialised to zero, so every gate starts at 0.5).
 
-Prefill and training run :func:`longattn.nsa_attention` (left-padded batches through its varlen layout).
+Prefill and training run :func:`longattn.nsa_attention`; left-padded batches and a row of packed sequences
+(position_ids restarting at 0, or transformers' ``cu_seq_lens_q``) through its varlen layout, each sequence
+compressed and attended on its own.
 With a transformers cache, raw K/V live in that cache and the compressed K/V of the completed blocks of
 each row in a side cache attached to it ((B, capacity, Hkv, D) tensors plus a count per row); decoding
 runs :func:`longattn.nsa.nsa_decode`, which reads the compressed keys, the selected blocks and the window
@@ -12,13 +14,14 @@ only.
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..hf.attention import mask_padding, side_cache
+from ..hf.attention import check_not_packed, mark_packed, mask_padding, packed_segments, side_cache
 from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
@@ -96,8 +99,14 @@ class NativeSparseAttention(nn.Module):
         L = k.shape[1]
         real = self._real_lengths(attention_mask, B, L, T)
         if past == 0:
-            out = self._prefill(q, k, v, gates, real, cache)
+            if real is not None:
+                segments = [(b, T - n, n) for b, n in enumerate(real)]
+            else:
+                cu, lens = packed_segments(kwargs, B, T, L)
+                segments = None if cu is None else [(0, s, n) for s, n in zip(itertools.accumulate([0] + lens), lens)]
+            out = self._prefill(q, k, v, gates, segments, cache)
         else:
+            check_not_packed(cache, self.layer_idx)
             out = self._decode(q, k, v, gates, real, cache)
         return self.o_proj(out.reshape(B, T, H * D)), None
 
@@ -114,33 +123,45 @@ class NativeSparseAttention(nn.Module):
                              "last position, and every new token is real)")
         return real
 
-    def _prefill(self, q, k, v, gates, real, cache):
+    def _prefill(self, q, k, v, gates, segments, cache):
+        """``segments``: None when every row is one whole sequence, else (row, start, length) of each sequence (left
+        padding: one per row, at its end; a packed row: several)."""
         B, T, H, D = q.shape
-        lens = real if real is not None else [T] * B
-        kc = [self.compress(k[b:b + 1, T - n:], self.k_pos, self.k_compress) for b, n in enumerate(lens)]
-        vc = [self.compress(v[b:b + 1, T - n:], self.v_pos, self.v_compress) for b, n in enumerate(lens)]
-        if cache is not None:
-            store = side_cache(cache, "_longattn_nsa", _reorder_compressed)
-            counts = [c.shape[1] for c in kc]
-            cap = max(counts) + 8
-            pad = lambda parts: torch.stack([torch.cat([c[0].detach(), c.new_zeros(cap - c.shape[1], *c.shape[2:])])
-                                             for c in parts])
-            store[self.layer_idx] = {"k": pad(kc), "v": pad(vc), "n": counts}
         g = [gates[:, :, i] for i in range(3)]
-        if real is None:
-            return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=torch.cat(kc), v_cmp=torch.cat(vc),
-                                 scale=self.scaling)
+        if segments is None:
+            kc = self.compress(k, self.k_pos, self.k_compress)
+            vc = self.compress(v, self.v_pos, self.v_compress)
+            if cache is not None:
+                self._store(cache, [kc[b] for b in range(B)], [vc[b] for b in range(B)])
+            return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=kc, v_cmp=vc, scale=self.scaling)
+        kc = [self.compress(k[b:b + 1, s:s + n], self.k_pos, self.k_compress)[0] for b, s, n in segments]
+        vc = [self.compress(v[b:b + 1, s:s + n], self.v_pos, self.v_compress)[0] for b, s, n in segments]
+        lens = [n for _, _, n in segments]
+        cu = device_tensor([0] + list(itertools.accumulate(lens)), torch.int32, q.device)
+        opts = dict(config=self.nsa, k_cmp=torch.cat(kc), v_cmp=torch.cat(vc), cu_seqlens=cu, scale=self.scaling)
+        if len(segments) > B:  # one packed row: its tokens are already the varlen layout
+            if cache is not None:
+                mark_packed(cache, self.layer_idx)
+            return nsa_attention(q[0], k[0], v[0], *(x[0] for x in g), **opts)[None]
+        if cache is not None:
+            self._store(cache, kc, vc)
         sel = torch.zeros(B, T, dtype=torch.bool, device=q.device)
-        for b, n in enumerate(lens):
-            sel[b, T - n:] = True
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-        cu[1:] = torch.tensor(lens, device=q.device).cumsum(0)
-        packed = nsa_attention(q[sel], k[sel], v[sel], *(x[sel] for x in g), config=self.nsa,
-                               k_cmp=torch.cat([c[0] for c in kc]), v_cmp=torch.cat([c[0] for c in vc]),
-                               cu_seqlens=cu, scale=self.scaling)
+        for b, s, n in segments:
+            sel[b, s:s + n] = True
+        packed = nsa_attention(q[sel], k[sel], v[sel], *(x[sel] for x in g), **opts)
         out = packed.new_zeros(B, T, H, packed.shape[-1])
         out[sel] = packed
         return out
+
+    def _store(self, cache, kc: list, vc: list) -> None:
+        """Keep each row's compressed blocks (kc[b], vc[b]: (n_b, Hkv, D)) on the transformers cache, with room to
+        grow."""
+        counts = [c.shape[0] for c in kc]
+        cap = max(counts) + 8
+        pad = lambda parts: torch.stack([torch.cat([c.detach(), c.new_zeros(cap - c.shape[0], *c.shape[1:])])
+                                         for c in parts])
+        side_cache(cache, "_longattn_nsa", _reorder_compressed)[self.layer_idx] = {"k": pad(kc), "v": pad(vc),
+                                                                                     "n": counts}
 
     def _compress_one_block(self, k, v, store, rows: list, starts: list) -> None:
         """Compress, for each row b of ``rows``, the block of cmp_block tokens at cache row ``starts[i]`` into its

@@ -287,6 +287,31 @@ def test_mla_decoding_step_does_not_wait_for_the_gpu():
     replay_decode_step_without_sync(ours, ids, DynamicCache(config=ours.config))
 
 
+@pytest.mark.parametrize("kind", ["flash", "moba", "nsa", "mla"])
+def test_static_cache_generate_equals_dynamic(kind, device):
+    """A static cache hands the attention its whole preallocated buffer, unwritten slots included: generating
+    with it gives the dynamic cache's logits, with and without left padding."""
+    from longattn.nsa import NSAConfig
+
+    if kind == "mla":
+        model = _deepseek(device)[1]
+    else:
+        opts = dict(moba=dict(block_size=16, topk=2), flash={},
+                    nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
+        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
+    ids = torch.randint(1, 128, (2, 37)).to(device)
+    mask = torch.ones_like(ids)
+    for pad in (0, 5):
+        mask[1, :pad] = 0
+        kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            static = model.generate(ids, cache_implementation="static", **kw)
+            dynamic = model.generate(ids, **kw)
+        for a, b in zip(static.logits, dynamic.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"left padding {pad}")
+
+
 def test_swap_attention_errors():
     _, llama = _pair(_config(), "sdpa", "cpu")
     with pytest.raises(ValueError, match="kind must be one of"):

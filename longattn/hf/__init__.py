@@ -8,7 +8,7 @@ transformers' attention and mask interfaces, so that
 """
 from __future__ import annotations
 
-from .attention import flash_attention_forward, moba_attention_forward
+from .attention import flash_attention_forward, moba_attention_forward, padding_mask
 from .swap import swap_attention
 
 IMPLEMENTATIONS = {"moba": moba_attention_forward, "longattn": flash_attention_forward}
@@ -17,12 +17,11 @@ IMPLEMENTATIONS = {"moba": moba_attention_forward, "longattn": flash_attention_f
 def register() -> None:
     """Register longattn's parameter-free attention implementations with transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     for name, fn in IMPLEMENTATIONS.items():
         AttentionInterface.register(name, fn)
-        # a 2-D padding mask (or None without padding), as for flash-attention: we unpad ourselves
-        AttentionMaskInterface.register(name, flash_attention_mask)
+        AttentionMaskInterface.register(name, padding_mask)
 
 
 __all__ = ["register", "swap_attention", "moba_attention_forward", "flash_attention_forward"]

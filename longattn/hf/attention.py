@@ -125,6 +125,38 @@ def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
     return (attention_mask if masks else None), pad, real
 
 
+def padding_mask(*args, **kwargs):
+    """transformers mask function of longattn's implementations: a 2-D padding mask, or None without padding
+    (flash-attention's convention: the attention unpads itself). A mask shorter than the keys says that the cache
+    is static (preallocated, its last slots not yet written) and how many tokens it holds: the attention reads
+    only those. With a static cache and no padding, such a mask is made here from the position of the new tokens
+    (one host read per forward), where flash-attention's function returns None."""
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(*args, **kwargs)
+    kv_length, q_length = kwargs.get("kv_length"), kwargs.get("q_length")
+    if mask is not None or kv_length is None:
+        return mask
+    if kwargs.get("q_offset") is not None and q_length is not None:
+        seen = int(kwargs["q_offset"]) + q_length  # a tensor for static caches (an int otherwise: no read)
+    elif kwargs.get("cache_position") is not None:  # transformers before q_offset
+        seen = int(kwargs["cache_position"][-1]) + 1
+    else:
+        return None
+    if seen >= kv_length:
+        return None
+    return torch.ones(kwargs["batch_size"], seen, dtype=torch.bool, device=kwargs.get("device"))
+
+
+def static_cache_view(attention_mask, key, value, dim: int = 1):
+    """Keys and values cut to the tokens a static cache holds (the length of the 2-D ``attention_mask``, when
+    shorter than the keys along ``dim``): views, nothing copied."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] >= key.shape[dim]:
+        return key, value
+    n = attention_mask.shape[1]
+    return key.narrow(dim, 0, n), value.narrow(dim, 0, n)
+
+
 def side_cache(cache, name: str, reorder) -> dict:
     """A dict kept on a transformers cache object under ``name`` (longattn's per-layer state beside the cache:
     MoBA's pooled keys, NSA's compressed blocks, MLA's latent pages). Beam search reorders the cache's rows in
@@ -190,11 +222,12 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         window = kwargs.get("sliding_window")
         opts = dict(window=int(window) if window else None)
         op = flash_attention
-    B, q_len = q.shape[0], q.shape[1]
-    kv_len = k.shape[1]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
+    k, v = static_cache_view(attention_mask, k, v)
+    B, q_len = q.shape[0], q.shape[1]
+    kv_len = k.shape[1]
     attention_mask, pad, _ = mask_padding(attention_mask, kv_len)
     cu = packed_segments(kwargs, B, q_len, kv_len)[0] if attention_mask is None else None
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import check_not_packed, mark_packed, mask_padding, packed_segments, side_cache
+from ..hf.attention import (check_not_packed, mark_packed, mask_padding, packed_segments, side_cache,
+                             static_cache_view)
 from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
@@ -96,6 +97,7 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, D) with the new tokens
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
+        k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]
         real = self._real_lengths(attention_mask, B, L, T)
         if past == 0:

@@ -267,6 +267,25 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_mla_decoding_without_position_ids(device):
+    """The transformers cache counts the tokens (models derive the new tokens' positions from it when no
+    position_ids are given): steps decoded that way equal the full forward."""
+    from transformers import DynamicCache
+
+    from longattn.rollout import _cache_kw
+
+    _, ours = _deepseek(device)
+    ids = torch.randint(1, 128, (2, 24)).to(device)
+    cache = DynamicCache(config=ours.config)
+    kw = {_cache_kw(ours): cache, "use_cache": True}
+    with torch.no_grad():
+        full = ours(ids).logits
+        ours(ids[:, :20], **kw)
+        steps = torch.cat([ours(ids[:, i:i + 1], **kw).logits for i in range(20, 24)], 1)
+    assert cache.get_seq_length() == 24
+    torch.testing.assert_close(steps, full[:, 20:], atol=1e-4, rtol=1e-4)
+
+
 def test_mla_latent_cache_follows_beam_search(device):
     _, ours = _deepseek(device)
     ids = torch.randint(1, 128, (3, 40)).to(device)

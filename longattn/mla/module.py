@@ -106,8 +106,11 @@ class MLAAttention(nn.Module):
                 pc.append(ids, c_kv.reshape(B * T, -1), k_rot.reshape(B * T, -1), lengths)
             else:
                 pc.append(ids, c_kv[mask], k_rot[mask], lengths)
-            # transformers' cache only counts tokens here (zero-width tensors)
-            cache.update(c_kv.new_zeros(B, 1, T, 0), c_kv.new_zeros(B, 1, T, 0), self.layer_idx)
+            # transformers' cache only counts tokens here: one value per token (with none, an empty tensor, its
+            # get_seq_length reads 0, so a model called without position_ids would decode at position 0, and
+            # reorder_cache leaves the layer alone)
+            count = c_kv.new_zeros(B, 1, T, 1)
+            cache.update(count, count, self.layer_idx)
             seqlens = pc.seqlens(ids)
             if has_past:
                 check_not_packed(cache, self.layer_idx)

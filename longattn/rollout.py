@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .kernels.utils import device_tensor
+
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
 
@@ -52,6 +54,13 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _last_logits_kw(model, keep) -> dict:
+    """Ask the model for the logits of the ``keep`` positions only (``logits_to_keep``: the last n, or a 1-D tensor
+    of positions) where it takes that argument: all of them would be (tokens x vocabulary) floats, tens of GB for
+    long prompts."""
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _left_pad(rows: list, length: int, value=0) -> torch.Tensor:
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
     for i, r in enumerate(rows):
@@ -67,9 +76,10 @@ def _packed_prefill(model, prompts, lens):
     ids = torch.cat(prompts)[None]
     pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
     packed = DynamicCache(config=model.config)
-    out = model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): packed})
     ends = torch.tensor(lens, device=device).cumsum(0) - 1
-    logits = out.logits[0, ends]
+    keep = _last_logits_kw(model, ends)
+    out = model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): packed}, **keep)
+    logits = out.logits[0] if keep else out.logits[0, ends]
     cache = DynamicCache(config=model.config)
     longest = max(lens)
     for layer_idx, layer in enumerate(packed.layers):
@@ -89,14 +99,15 @@ def _padded_prefill(model, prompts, lens):
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(model): cache})
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(model): cache},
+                **_last_logits_kw(model, 1))
     return out.logits[:, -1], cache
 
 
 @torch.no_grad()
 def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
              stop_at_eos: bool = True, temperature: float = 0.0, generator: Optional[torch.Generator] = None,
-             packed: Optional[bool] = None) -> Rollout:
+             packed: Optional[bool] = None, drop_finished: bool = True) -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
@@ -107,6 +118,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
             longattn's attention functions.
+        drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
+            batch and the cache (one copy of the cache, ``reorder_cache``), so that later steps decode only the
+            live ones; rollout lengths vary widely. The results are the same either way.
     Returns:
         :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated
         token under the model at temperature 1). Greedy completions equal per-prompt ``model.generate``.
@@ -131,6 +145,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     next_pos = torch.tensor(lens, device=device)
     done = [False] * B
+    rows = list(range(B))  # the prompt each row of the decoded batch belongs to
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), -1)
@@ -142,14 +157,20 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
         # one read of the step's tokens and log-probs (indexing a device tensor per row waits for the GPU each time)
         host = torch.stack([tok.double(), tok_lp.double()]).tolist()
-        for i in range(B):
+        for j, i in enumerate(rows):
             if not done[i]:
-                result.completions[i].append(int(host[0][i]))
-                result.logprobs[i].append(host[1][i])
-                done[i] = eos_token_id is not None and int(host[0][i]) == eos_token_id
-        if all(done) or step == max_new_tokens - 1:
+                result.completions[i].append(int(host[0][j]))
+                result.logprobs[i].append(host[1][j])
+                done[i] = eos_token_id is not None and int(host[0][j]) == eos_token_id
+        live = [j for j, i in enumerate(rows) if not done[i]]
+        if not live or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+        if drop_finished and 4 * (len(rows) - len(live)) >= len(rows):
+            keep = device_tensor(live, torch.long, device)
+            cache.reorder_cache(keep)
+            tok, mask, next_pos = tok[keep], mask[keep], next_pos[keep]
+            rows = [rows[j] for j in live]
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], 1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
                     **{_cache_kw(model): cache})
         next_pos = next_pos + 1

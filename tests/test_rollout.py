@@ -50,6 +50,39 @@ def test_padded_rollout_and_eos(device):
     assert stopped.completions[0] == packed.completions[0][:packed.completions[0].index(eos) + 1]
 
 
+@pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])
+def test_finished_sequences_leave_the_batch(kind, device):
+    """With an eos that ends some rollouts early, dropping finished sequences from the batch and the cache gives
+    the completions and log-probs of decoding every row to the end, cut at their eos; later steps run on fewer
+    rows."""
+    if kind == "mla":
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(), attn_implementation="eager")
+        model = longattn.hf.swap_attention(base.eval().to(device), "mla", page_size=16)
+    elif kind == "nsa":
+        from longattn.nsa import NSAConfig
+
+        model = _model(device, "llama", "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3,
+                                                                 window=16))
+    else:
+        model = _model(device, "llama", "moba", block_size=16, topk=2)
+    prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
+    full = rollout.generate(model, prompts, 5, stop_at_eos=False)
+    eos = full.completions[1][1]  # row 1 ends by its second token (others may too)
+    rows, heads = [], []
+    hooks = [model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True),
+             model.lm_head.register_forward_pre_hook(lambda m, a: heads.append(a[0].shape[1]))]
+    dropped = rollout.generate(model, prompts, 5, eos_token_id=eos)
+    for h in hooks:
+        h.remove()
+    assert heads[0] == (len(prompts) if dropped.prefill_packed else 1)  # the prefill's last logits only
+    for comp, lps, want, want_lps in zip(dropped.completions, dropped.logprobs, full.completions, full.logprobs):
+        n = want.index(eos) + 1 if eos in want else len(want)
+        assert comp == want[:n]
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps[:n]), atol=1e-4, rtol=1e-4)
+    assert min(rows) < len(prompts) and rows[0] == (1 if dropped.prefill_packed else len(prompts))
+
+
 def test_packed_training_backward_equals_unpacked(device):
     model = _model(device, "llama", "moba", block_size=16, topk=2).train()
     seqs = [torch.randint(0, 128, (n,)).to(device) for n in (40, 23)]

@@ -173,7 +173,7 @@ def _nsa_cases():
         cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",),
                       dict(num_warps=8)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
-        ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", OP="*fp32", LP="*fp32",
+        ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
                    DELTA="*fp32")
         dv = 128 if d == 192 else d
@@ -183,7 +183,7 @@ def _nsa_cases():
         select = dict(CMP_STRIDE=16, CMP_BLOCK=32, NW=5, INIT=1, LOCAL=2, C=32)
         attend = dict(BLOCK_N=64, SLC_TILE=64, WINDOW=512)
         for block_g in (16, 64):  # GQA groups up to 16, and 64 heads sharing one KV head
-            g = dict(shared, BLOCK_G=block_g)
+            g = dict(shared, BLOCK_G=block_g, HAS_ROWS=block_g == 16)  # decoding with and without cache_rows
             # the selected branch's tiles as its launch sizes them (float32: 16 rows)
             torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
             dims = types.SimpleNamespace(heads_q=block_g, heads_kv=1, dim_qk=d, dim_v=dv)

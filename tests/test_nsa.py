@@ -197,6 +197,32 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
     assert torch.equal(out3, out)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_nsa_decode_cache_rows(splits, device):
+    """The last 3 tokens of each sequence as query rows reading their sequence's cache row (``cache_rows``), each
+    with its own length, in one call: each equals the reference at its position (fused and split paths)."""
+    lens, offsets, L, Hq, Hkv, chunk = [300, 37, 64], [10, 0, 200], 320, 8, 2, 3
+    _, k, v, kc, vc, _ = _decode_case(lens, offsets, L, Hq, Hkv, 32, 16, torch.float32, device, CFG)
+    rows = [b for b in range(len(lens)) for _ in range(chunk)]
+    seqs = [lens[b] - chunk + 1 + i for b in range(len(lens)) for i in range(chunk)]
+    q = torch.randn(len(rows), Hq, 32, device=device)
+    gates = [torch.rand(len(rows), Hq, device=device) for _ in range(3)]
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    kw = dict(cache_seqlens=i32(seqs), cache_offsets=i32([offsets[b] for b in rows]), config=CFG, num_splits=splits)
+    out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_rows=i32(rows), return_selection=True, **kw)
+    for r, (b, n) in enumerate(zip(rows, seqs)):
+        o, c = offsets[b], CFG.num_cmp_blocks(n)
+        ref, sel_r = nsa_attention_ref(q[r, None, None], k[b, None, o:o + n], v[b, None, o:o + n],
+                                       *(g[r, None, None] for g in gates), k_cmp=kc[b, None, :c], v_cmp=vc[b, None, :c],
+                                       config=CFG, return_selection=True)
+        assert torch.equal(_sorted_sel(sel[r]), _sorted_sel(sel_r[0, 0])), f"row {r}: selection differs"
+        assert_close(out[r], ref[0, 0], torch.float32, f"row {r}")
+    with pytest.raises(ValueError, match="cache_rows must lie in \\[0, 3\\)"):
+        nsa_decode(q, k, v, kc, vc, *gates, cache_rows=i32([3] + rows[1:]), **kw)
+    with pytest.raises(TypeError, match="cache_rows must be an int32"):
+        nsa_decode(q, k, v, kc, vc, *gates, cache_rows=i32(rows).long(), **kw)
+
+
 def test_nsa_decode_equals_last_row_of_prefill(device):
     """Mean-pooled compressed blocks, no offsets: decode == the last row of nsa_attention."""
     T, Hq, Hkv = 150, 4, 2

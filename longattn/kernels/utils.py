@@ -251,10 +251,11 @@ def check_cu_seqlens(cu: torch.Tensor, total: int, name: str = "cu_seqlens") -> 
     return vals
 
 
-def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict) -> tuple:
-    """One new token per sequence against a batched cache: q ``(B, Hq, Dqk)``, k_cache/v_cache ``(B, L, Hkv, Dqk)``
-    / ``(B, L, Hkv, Dv)`` and the op's other 4-D tensors (``others``, None allowed): dtypes, one dtype, one device
-    (``lengths``' tensors too), contiguous last dims, shapes. Returns ``(B, Hq, Dqk, L, Hkv, Dv)``."""
+def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict, cache_batch: Optional[int] = None) -> tuple:
+    """One new token per query row against a batched cache: q ``(B, Hq, Dqk)``, k_cache/v_cache ``(Bc, L, Hkv, Dqk)``
+    / ``(Bc, L, Hkv, Dv)`` (``Bc = cache_batch``, default B: one row per sequence) and the op's other 4-D tensors
+    (``others``, None allowed): dtypes, one dtype, one device (``lengths``' tensors too), contiguous last dims,
+    shapes. Returns ``(B, Hq, Dqk, L, Hkv, Dv)``."""
     named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **others}
     for name, t in named.items():
         if t is not None:
@@ -264,11 +265,12 @@ def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict) -> tup
     check_same_dtype(named)
     check_device({**named, **lengths})
     B, hq, dk = q.shape
+    bc = B if cache_batch is None else cache_batch
     L, hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[0] != B or k_cache.shape[-1] != dk:
-        raise ValueError(f"k_cache must be (B, L, Hkv, Dqk) = ({B}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
-    if tuple(v_cache.shape[:3]) != (B, L, hkv):
-        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({B}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
+    if k_cache.shape[0] != bc or k_cache.shape[-1] != dk:
+        raise ValueError(f"k_cache must be (B, L, Hkv, Dqk) = ({bc}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != (bc, L, hkv):
+        raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({bc}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
     if hq % hkv:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
     return B, hq, dk, L, hkv, v_cache.shape[-1]

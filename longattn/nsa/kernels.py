@@ -424,7 +424,16 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
 
 
 @triton.jit
-def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
+def _cache_row(ROWS, b, HAS_ROWS: tl.constexpr):
+    """The cache row (int64) query row b reads: ROWS[b] (several query rows of one sequence) or b itself."""
+    row = b.to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(ROWS + b).to(tl.int64)
+    return row
+
+
+@triton.jit
+def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                        stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
                        stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh,
@@ -433,10 +442,12 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
                        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """One decoding token of sequence b against its cache, for the query heads of KV head hk (fused path).
+                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
+    """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
+    path).
 
-    The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V).
+    The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
+    cache row ROWS[b], or b).
     The group's heads are the rows of every tile; the phases run back to back in one program:
     1. compressed attention over the sequence's complete compressed blocks (all visible to t): o_cmp, lse;
     2. selection scores (Eq. 9/10, summed over the group) C blocks at a time, folded into a running top-n;
@@ -448,12 +459,13 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
     n = tl.load(SEQ + b)
     off = tl.load(OFF + b).to(tl.int64)
     b64 = b.to(tl.int64)
+    cb = _cache_row(ROWS, b, HAS_ROWS)
     hk64 = hk.to(tl.int64)
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
     gate_ptr = GATES + b64 * stride_gb + heads
-    kc_base = KC + b64 * stride_cb + hk64 * stride_ch
+    kc_base = KC + cb * stride_cb + hk64 * stride_ch
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
-    m, l, acc = _attend_range(q, kc_base, VC + b64 * stride_db + hk64 * stride_dh, stride_ct, stride_dt, 0, n_cmp,
+    m, l, acc = _attend_range(q, kc_base, VC + cb * stride_db + hk64 * stride_dh, stride_ct, stride_dt, 0, n_cmp,
                               scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
     lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
@@ -464,8 +476,8 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
     blk = topk_indices(best, TOPK)  # (1, TOPK_PAD), best first, -1 padded
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
-    out = _slc_swa_gated(q, blk, n, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
-                         V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
+    out = _slc_swa_gated(q, blk, n, K + cb * stride_kb + off * stride_kt + hk64 * stride_kh,
+                         V + cb * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
                          stride_g3, in_g, out, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK,
                          SLC_TILE, TOPK, TOPK_PAD, WINDOW, PRECISION)
     dv = tl.arange(0, BLOCK_DV)
@@ -474,13 +486,13 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF,
 
 
 @triton.jit
-def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ,
+def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ, ROWS,
                                  stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_db, stride_dt,
                                  stride_dh, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
                                  group, per_split, scale_log2,
                                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                                 CMP_BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                                 CMP_BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
     """Split-KV path, step 1: compressed attention of the token over compressed blocks
     [split * per_split, (split + 1) * per_split): partial output OP (S, B, Hq, DV) fp32 and natural-log lse
     LP (S, Hq, B) (-inf for an empty split), merged afterwards by lse."""
@@ -489,11 +501,12 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ,
     sp = tl.program_id(2)
     n = tl.load(SEQ + b)
     b64 = b.to(tl.int64)
+    cb = _cache_row(ROWS, b, HAS_ROWS)
     hk64 = hk.to(tl.int64)
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
     lo = sp * per_split
-    m, l, acc = _attend_range(q, KC + b64 * stride_cb + hk64 * stride_ch, VC + b64 * stride_db + hk64 * stride_dh,
+    m, l, acc = _attend_range(q, KC + cb * stride_cb + hk64 * stride_ch, VC + cb * stride_db + hk64 * stride_dh,
                               stride_ct, stride_dt, lo, tl.minimum(lo + per_split, n_cmp), scale_log2, DK, DV,
                               BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
@@ -506,14 +519,15 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ,
 
 
 @triton.jit
-def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ,
+def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ, ROWS,
                                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_lh,
                                    stride_xb, stride_xh, stride_xs,
                                    group, per_split, scale_log2,
                                    DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_G: tl.constexpr,
                                    CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                                    NW: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr,
-                                   LOCAL: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+                                   LOCAL: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
+                                   HAS_ROWS: tl.constexpr):
     """Split-KV path, step 2: the top-n keys among selection blocks [split * per_split, (split + 1) *
     per_split), from the merged compressed lse LSE (Hq, B) (natural log): CAND (B, Hkv, S, TOPK_PAD) int64."""
     b = tl.program_id(0)
@@ -527,7 +541,8 @@ def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ,
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
     own = (n - 1) // SLC_BLOCK
     lo = sp * per_split
-    best = _score_topk(q, in_g, lse2, KC + b64 * stride_cb + hk.to(tl.int64) * stride_ch, stride_ct, W, n_cmp, own,
+    best = _score_topk(q, in_g, lse2, KC + _cache_row(ROWS, b, HAS_ROWS) * stride_cb + hk.to(tl.int64) * stride_ch,
+                       stride_ct, W, n_cmp, own,
                        lo, tl.minimum(lo + per_split, own + 1), scale_log2, DK, BLOCK_DK, CMP_STRIDE, SLC_BLOCK, NW,
                        TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
     tcols = tl.arange(0, TOPK_PAD)
@@ -536,7 +551,7 @@ def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ,
 
 
 @triton.jit
-def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF,
+def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS,
                              stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                              stride_xb, stride_xh, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
                              stride_sb, stride_sh,
@@ -544,7 +559,8 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CAND_PAD: tl.constexpr,
-                             WINDOW: tl.constexpr, WINDOW_PIECE: tl.constexpr, PRECISION: tl.constexpr):
+                             WINDOW: tl.constexpr, WINDOW_PIECE: tl.constexpr, PRECISION: tl.constexpr,
+                             HAS_ROWS: tl.constexpr):
     """Split-KV path, step 3: one piece of the selected and window branches for the group's heads. Pieces
     0 .. TOPK-1 take the final top-n of the splits' candidates (piece 0 stores it) and attend to the selected
     block of their rank (keys up to the token); pieces TOPK .. attend to one WINDOW_PIECE-key part of the
@@ -573,8 +589,9 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF,
     else:
         lo = tl.maximum(n - WINDOW, 0) + (piece - TOPK) * WINDOW_PIECE
         hi = tl.minimum(lo + WINDOW_PIECE, n)
-    m, l, acc = _attend_range(q, K + b64 * stride_kb + off * stride_kt + hk64 * stride_kh,
-                              V + b64 * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, lo, hi,
+    cb = _cache_row(ROWS, b, HAS_ROWS)
+    m, l, acc = _attend_range(q, K + cb * stride_kb + off * stride_kt + hk64 * stride_kh,
+                              V + cb * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, lo, hi,
                               scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
     dv = tl.arange(0, BLOCK_DV)

@@ -178,8 +178,9 @@ class NativeSparseAttention(nn.Module):
             store[name][rows_t, slot] = lin(blocks.flatten(-2))
 
     def _decode(self, q, k, v, gates, real, cache):
-        """New tokens after a cached prefix, one :func:`nsa_decode` call per token for the whole batch; the
-        compressed cache is extended first with the blocks the new tokens complete."""
+        """New tokens after a cached prefix (one per row when decoding; a chunk, speculative tokens), all in one
+        :func:`nsa_decode` call, each token a query row of its own; the compressed cache is extended first with the
+        blocks the new tokens complete."""
         cfg = self.nsa
         B, T = q.shape[:2]
         L = k.shape[1]
@@ -203,16 +204,17 @@ class NativeSparseAttention(nn.Module):
                 store["v"][b, have:need] = self.compress(vb, self.v_pos, self.v_compress, have, need)[0]
         for b in rows:
             store["n"][b] = needs[b]
-        offsets = device_tensor([L - n for n in lens], torch.int32, q.device)
-        outs = []
-        for i in range(T):
-            seqlens = device_tensor([n - T + i + 1 for n in lens], torch.int32, q.device)
-            # lengths, offsets and compressed blocks are this module's own bookkeeping, consistent by construction:
-            # no check (it would synchronise with the GPU in every layer at every step)
-            outs.append(nsa_decode(q[:, i], k, v, store["k"], store["v"], *gates[:, i].unbind(1),
-                                   cache_seqlens=seqlens, cache_offsets=offsets, config=cfg, scale=self.scaling,
-                                   validate=False))
-        return torch.stack(outs, 1)
+        # token i of row b is query row b * T + i, reading cache row b with its own length: one call for all
+        dev = q.device
+        query_rows = device_tensor([b for b in range(B) for _ in range(T)], torch.int32, dev) if T > 1 else None
+        seqlens = device_tensor([n - T + i + 1 for n in lens for i in range(T)], torch.int32, dev)
+        offsets = device_tensor([L - n for n in lens for _ in range(T)], torch.int32, dev)
+        # lengths, offsets and compressed blocks are this module's own bookkeeping, consistent by construction: no
+        # check (it would synchronise with the GPU in every layer at every step)
+        out = nsa_decode(q.reshape(B * T, *q.shape[2:]), k, v, store["k"], store["v"],
+                         *gates.reshape(B * T, *gates.shape[2:]).unbind(1), cache_seqlens=seqlens,
+                         cache_offsets=offsets, cache_rows=query_rows, config=cfg, scale=self.scaling, validate=False)
+        return out.view(B, T, *out.shape[1:])
 
 
 __all__ = ["NativeSparseAttention"]

@@ -320,8 +320,9 @@ def _gates(g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> tor
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
-               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, num_splits: Optional[int] = None,
-               return_selection: bool = False, validate: bool = True):
+               cache_rows: Optional[torch.Tensor] = None, config: NSAConfig = NSAConfig(),
+               scale: Optional[float] = None, num_splits: Optional[int] = None, return_selection: bool = False,
+               validate: bool = True):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
@@ -343,6 +344,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches,
             like transformers' with a padding mask); default 0.
+        cache_rows: int32 ``(B,)``, the caches' batch row each query reads (default: row b). Several new tokens
+            of one sequence (a chunk after a cached prefix, speculative decoding) then run in one call, each
+            its own query row with its own ``cache_seqlens`` (the token at position ``cache_seqlens[b] - 1``);
+            the caches (k_cache, v_cache, k_cmp, v_cmp) have ``max(cache_rows) + 1`` rows or more.
         config, scale: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``).
         num_splits: programs per (sequence, KV head) over the compressed blocks, at most 64; default: 1 when
             the batch fills the GPU or the context is short, else enough to fill it.
@@ -357,21 +362,34 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    bc = None  # the caches' rows: one per query row without cache_rows
+    if cache_rows is not None:
+        if not isinstance(cache_rows, torch.Tensor) or cache_rows.dtype != torch.int32 or cache_rows.dim() != 1:
+            raise TypeError("cache_rows must be an int32 tensor of shape (B,) (one per query row)")
+        bc = k_cache.shape[0] if isinstance(k_cache, torch.Tensor) else None
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_cmp": k_cmp, "v_cmp": v_cmp},
-                                                {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
+                                                {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
+                                                 "cache_rows": cache_rows}, cache_batch=bc)
+    bc = B if bc is None else bc
+    if cache_rows is not None and cache_rows.shape[0] != B:
+        raise ValueError(f"cache_rows must have one entry per query row ({B}), got {cache_rows.shape[0]}")
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if t is None:
             raise TypeError(f"{name} must be a torch.Tensor, got None")
-    if tuple(k_cmp.shape[::2]) != (B, hkv) or k_cmp.shape[-1] != dk or tuple(v_cmp.shape) != \
+    if tuple(k_cmp.shape[::2]) != (bc, hkv) or k_cmp.shape[-1] != dk or tuple(v_cmp.shape) != \
             (*k_cmp.shape[:3], dv):
-        raise ValueError(f"k_cmp/v_cmp must be (B, N, Hkv, Dk) / (B, N, Hkv, Dv) = ({B}, N, {hkv}, {dk}) / "
-                         f"({B}, N, {hkv}, {dv}), got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
+        raise ValueError(f"k_cmp/v_cmp must be (B, N, Hkv, Dk) / (B, N, Hkv, Dv) = ({bc}, N, {hkv}, {dk}) / "
+                         f"({bc}, N, {hkv}, {dv}), got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
         if tuple(g.shape) != (B, hq):
             raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
     scale = check_scale(scale, dk ** -0.5)
     cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
+    if cache_rows is not None and validate and B:
+        rows = cache_rows.tolist()  # a second synchronisation, only with cache_rows
+        if min(rows) < 0 or max(rows) >= bc:
+            raise ValueError(f"cache_rows must lie in [0, {bc}) (the caches' rows), got {rows}")
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, torch.empty(0, hkv, config.slc_topk, dtype=torch.int32, device=q.device)) \
@@ -404,7 +422,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         num_splits = 1 if programs >= num_sms(q.device) or n_cmp < 4 * block_n else \
             min(cdiv(2 * num_sms(q.device), programs), cdiv(n_cmp, block_n), MAX_SPLITS)
     dims = dict(DK=dk, DV=dv, BLOCK_DK=max(16, next_pow2(dk)), BLOCK_DV=max(16, next_pow2(dv)),
-                BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                HAS_ROWS=cache_rows is not None)
+    rows_arg = cache_rows if cache_rows is not None else cache_seqlens  # not read without HAS_ROWS
     blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))
     selection = dict(CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, INIT=config.init_blocks,
                      NW=nw, LOCAL=config.local_blocks, C=c)
@@ -414,9 +434,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     cmp_strides = (kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2))
     if num_splits == 1:
         _nsa_decode_kernel[(B, hkv)](
-            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, *common, *cache_strides,
-            *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), sel.stride(0),
-            sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend)
+            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, *common,
+            *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
+            sel.stride(0), sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, lse merge, per-split top-n, then the final top-n and the
@@ -426,7 +446,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     parts = empty(s1, B, hq, dv, device=q.device, dtype=torch.float32)
     lses = empty(s1, hq, B, device=q.device, dtype=torch.float32)
     _nsa_decode_cmp_split_kernel[(B, hkv, s1)](
-        qk, kck, vck, parts, lses, cache_seqlens, *common, *cmp_strides, parts.stride(0), parts.stride(1),
+        qk, kck, vck, parts, lses, cache_seqlens, rows_arg, *common, *cmp_strides, parts.stride(0), parts.stride(1),
         parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
         CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block)
     o_cmp, lse = merge_fwd(parts, lses) if s1 > 1 else (parts[0], lses[0])
@@ -435,7 +455,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     top_pad = next_pow2(config.slc_topk)
     cand = empty(B, hkv, s2, top_pad, device=q.device, dtype=torch.int64)
     _nsa_decode_score_split_kernel[(B, hkv, s2)](
-        qk, kck, lse, weights, cand, cache_seqlens, *common, kck.stride(0), kck.stride(1), kck.stride(2),
+        qk, kck, lse, weights, cand, cache_seqlens, rows_arg, *common, kck.stride(0), kck.stride(1), kck.stride(2),
         lse.stride(0), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, scale * LOG2E,
         **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection)
     # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
@@ -445,7 +465,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     piece_out = empty(n_pieces, B, hq, dv, device=q.device, dtype=torch.float32)
     piece_lse = empty(n_pieces, hq, B, device=q.device, dtype=torch.float32)
     _nsa_decode_piece_kernel[(B, hkv, n_pieces)](
-        qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, *common, *cache_strides,
+        qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, rows_arg, *common, *cache_strides,
         cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
         piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), group, s2, scale * LOG2E, **dims,
         BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,

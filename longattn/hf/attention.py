@@ -148,13 +148,13 @@ def padding_mask(*args, **kwargs):
     return torch.ones(kwargs["batch_size"], seen, dtype=torch.bool, device=kwargs.get("device"))
 
 
-def static_cache_view(attention_mask, key, value, dim: int = 1):
-    """Keys and values cut to the tokens a static cache holds (the length of the 2-D ``attention_mask``, when
-    shorter than the keys along ``dim``): views, nothing copied."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] >= key.shape[dim]:
+def static_cache_view(attention_mask, key, value):
+    """Keys and values ``(B, L, H, D)`` cut to the tokens a static cache holds (the length of the 2-D
+    ``attention_mask``, when shorter than L): views, nothing copied."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] >= key.shape[1]:
         return key, value
     n = attention_mask.shape[1]
-    return key.narrow(dim, 0, n), value.narrow(dim, 0, n)
+    return key[:, :n], value[:, :n]
 
 
 def side_cache(cache, name: str, reorder) -> dict:

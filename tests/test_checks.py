@@ -97,7 +97,7 @@ def test_bad_options(device):
     q, k, v = qkv(device)
     with pytest.raises(ValueError, match="window requires causal=True"):
         flash_attention(q, k, v, causal=False, window=4)
-    with pytest.raises(ValueError, match="window must be >= 1"):
+    with pytest.raises(ValueError, match="window must lie in \\[1, 2147483647\\]"):
         flash_attention(q, k, v, window=0)
     with pytest.raises(TypeError, match="window must be an int"):
         flash_attention(q, k, v, window=2.5)
@@ -107,7 +107,7 @@ def test_bad_options(device):
         flash_attention(q, k, v, causal=1)
     with pytest.raises(ValueError, match="cannot be combined with window"):
         flash_attention(q, k, v, window=4, key_stride=16, key_offset=31)
-    with pytest.raises(ValueError, match="key_stride must be >= 1"):
+    with pytest.raises(ValueError, match="key_stride must lie in \\[1, "):
         flash_attention(q, k, v, key_stride=0)
 
 
@@ -122,3 +122,53 @@ def test_merge_bad_input(device):
         merge_attention(o, l[:1])
     with pytest.raises(ValueError, match="outs must hold at least one"):
         merge_attention([], [])
+    with pytest.raises(ValueError, match="outs\\[1\\] has shape \\(1, 5, 2, 4\\) but outs\\[0\\] has"):
+        merge_attention([o[0], o[1, ..., :4]], list(l))
+    with pytest.raises(ValueError, match="positive head dim"):
+        merge_attention(o[..., :0], l)
+
+
+def test_window_and_strides_fit_32_bits(device):
+    q, k, v = qkv(device)
+    with pytest.raises(ValueError, match="window must lie in \\[1, 2147483647\\]"):
+        flash_attention(q, k, v, window=2 ** 63)
+    with pytest.raises(ValueError, match="key_offset must lie in \\[0, 2147483647\\]"):
+        flash_attention(q, k, v, key_stride=16, key_offset=2 ** 31)
+
+
+def _column(values, device):
+    """int32 values as a strided view (a column of a 2-D tensor): what the kernels must not read as contiguous."""
+    return torch.tensor([[x, -7] for x in values], dtype=torch.int32, device=device)[:, 0]
+
+
+def test_strided_index_tensors(device):
+    """Index tensors given as strided views (cu_seqlens, left_pad, cache lengths, offsets, block tables) give the
+    results of their contiguous copies."""
+    from longattn import NSAConfig, mla_decode, moba_decode, nsa_decode
+
+    q, k, v = (t.reshape(-1, *t.shape[2:]) for t in qkv(device, B=2, T=12))
+    cu = _column([0, 5, 24], device)
+    torch.testing.assert_close(flash_attention(q, k, v, cu_seqlens=cu), flash_attention(q, k, v, cu_seqlens=cu.clone()))
+    q, k, v = qkv(device, B=2, T=12)
+    pad = _column([0, 5], device)
+    torch.testing.assert_close(flash_attention(q, k, v, left_pad=pad), flash_attention(q, k, v, left_pad=pad.clone()))
+
+    lens, offs = _column([12, 6], device), _column([0, 4], device)
+    kw = dict(cache_seqlens=lens, cache_offsets=offs)
+    kw_c = dict(cache_seqlens=lens.clone(), cache_offsets=offs.clone())
+    q1 = q[:, -1]
+    torch.testing.assert_close(moba_decode(q1, k, v, block_size=16, topk=2, **kw),
+                               moba_decode(q1, k, v, block_size=16, topk=2, **kw_c))
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=8)
+    kc, vc = torch.randn(2, 3, 2, 16, device=device), torch.randn(2, 3, 2, 16, device=device)
+    gates = [torch.rand(2, 4, device=device) for _ in range(3)]
+    torch.testing.assert_close(nsa_decode(q1, k, v, kc, vc, *gates, config=cfg, **kw),
+                               nsa_decode(q1, k, v, kc, vc, *gates, config=cfg, **kw_c))
+
+    cache = torch.randn(6, 16, 24, device=device)  # 6 pages of 16 tokens, latent 16 + rope 8
+    table = torch.tensor([[4, 9, 0], [5, 9, 2]], dtype=torch.int32, device=device)[:, ::2]  # column stride 2
+    ql, qr = torch.randn(2, 1, 4, 16, device=device), torch.randn(2, 1, 4, 8, device=device)
+    seq = _column([20, 31], device)
+    torch.testing.assert_close(mla_decode(ql, qr, cache, cache_seqlens=seq, block_table=table, scale=0.2),
+                               mla_decode(ql, qr, cache, cache_seqlens=seq.clone(), block_table=table.contiguous(),
+                                          scale=0.2))

@@ -157,8 +157,19 @@ def test_cache_bookkeeping(device):
     assert cache.num_free_pages == 4
     with pytest.raises(RuntimeError, match="cache is full"):
         cache.append([b], torch.randn(200, 8, device=device), torch.randn(200, 4, device=device))
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown or freed sequence id 0"):
         cache.block_table([a])
+    with pytest.raises(TypeError, match="seq_ids must be a sequence"):
+        cache.append(b, toks[b][:2, :8], toks[b][:2, 8:])
+    with pytest.raises(TypeError, match="lengths must be whole numbers"):
+        cache.append([b], toks[b][:2, :8], toks[b][:2, 8:], [1.5])
+    with pytest.raises(TypeError, match="c_kv must be a floating-point tensor"):
+        cache.append([b], toks[b][:2, :8].tolist(), toks[b][:2, 8:])
+    for bad in (dict(page_size=64.0), dict(kv_lora_rank=-1), dict(rope_dim=0)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            PagedLatentCache(4, device=device, **bad)
+    with pytest.raises(TypeError, match="dtype must be"):
+        PagedLatentCache(4, dtype=torch.int32, device=device)
 
 
 def test_cache_fork(device):
@@ -196,6 +207,11 @@ def test_decode_bad_inputs(device):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens.long(), block_table=table, scale=0.1)
     with pytest.raises(TypeError, match="scale is required"):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table, scale=None)
+    with pytest.raises(ValueError, match="at least one head"):
+        mla_decode(q_lat[:, :, :0], q_rope[:, :, :0], cache, cache_seqlens=lens, block_table=table, scale=0.1)
+    out, lse = mla_decode(q_lat[:0], q_rope[:0], cache, cache_seqlens=lens[:0], block_table=table[:0], scale=0.1,
+                          return_lse=True)  # an empty batch
+    assert out.shape == (0, 1, 4, 32) and lse.shape == (0, 4, 1)
 
 
 @pytest.mark.parametrize("groups,max_len,sms,one,want", [(128, 8192, 132, True, 1), (512, 8192, 132, True, 1),

@@ -123,9 +123,9 @@ def test_bad_arguments(device):
     q = torch.randn(1, 32, 2, 16, device=device)
     with pytest.raises(ValueError, match="block_size must be a power of two"):
         moba_attention(q, q, q, block_size=48)
-    with pytest.raises(ValueError, match="block_size must be >= 16"):
+    with pytest.raises(ValueError, match="block_size must lie in \\[16, "):
         moba_attention(q, q, q, block_size=8)
-    with pytest.raises(ValueError, match="topk must be >= 1"):
+    with pytest.raises(ValueError, match="topk must lie in \\[1, "):
         moba_attention(q, q, q, block_size=16, topk=0)
     with pytest.raises(TypeError, match="topk must be an int"):
         moba_attention(q, q, q, block_size=16, topk=2.0)
@@ -253,6 +253,10 @@ def test_moba_decode_bad_arguments(device):
         moba_decode(q, k, v, cache_seqlens=seq, block_size=24)
     with pytest.raises(TypeError, match="k_cache must have dtype"):
         moba_decode(q, k.long(), v, cache_seqlens=seq, block_size=16)
+    with pytest.raises(ValueError, match="positive multiple of the KV heads"):
+        moba_decode(q[:, :0], k[:, :, :0], v[:, :, :0], cache_seqlens=seq, block_size=16)
+    with pytest.raises(ValueError, match="head dims must lie in \\[1, 1024\\], got q/k 16 and v 0"):
+        moba_decode(q, k, v[..., :0], cache_seqlens=seq, block_size=16)
 
 
 def test_moba_decode_empty_batch(device):

@@ -235,6 +235,33 @@ def test_nsa_decode_equals_last_row_of_prefill(device):
     torch.testing.assert_close(out, full[:, -1], atol=2e-5, rtol=1e-4)
 
 
+def test_nsa_empty_inputs_and_bad_compressed_blocks(device):
+    """No token (T = 0, B = 0): empty results that backpropagate; k_cmp/v_cmp of another layout, type or dtype,
+    and a selected branch without a slot for the own block, are refused."""
+    from longattn.nsa import nsa_selected_attention
+
+    for B, T in ((2, 0), (0, 5)):
+        q, k, v = (leaf(torch.randn(B, T, h, 16, device=device)) for h in (4, 2, 2))
+        gates = [leaf(torch.rand(B, T, 4, device=device)) for _ in range(3)]
+        out, sel = nsa_attention(q, k, v, *gates, config=CFG, return_selection=True)
+        assert out.shape == (B, T, 4, 16) and sel.shape == (B, T, 2, CFG.slc_topk)
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+    B, T = 2, 40
+    q, k, v = (torch.randn(B, T, h, 16, device=device) for h in (4, 2, 2))
+    gates = [torch.rand(B, T, 4, device=device) for _ in range(3)]
+    n = CFG.num_cmp_blocks(T)
+    kc, vc = torch.randn(B, n, 2, 16, device=device), torch.randn(B, n, 2, 16, device=device)
+    with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 18 compressed blocks: shapes \\(2, 9, 2, 16\\)"):
+        nsa_attention(q, k, v, *gates, config=CFG, k_cmp=kc.transpose(0, 1), v_cmp=vc.transpose(0, 1))
+    with pytest.raises(TypeError, match="k_cmp must be a torch.Tensor"):
+        nsa_attention(q, k, v, *gates, config=CFG, k_cmp=kc.tolist(), v_cmp=vc)
+    with pytest.raises(TypeError, match="k_cmp has dtype torch.float16"):
+        nsa_attention(q, k, v, *gates, config=CFG, k_cmp=kc.half(), v_cmp=vc)
+    with pytest.raises(ValueError, match="needs at least one slot"):
+        nsa_selected_attention(q, k, v, torch.zeros(B, T, 2, 0, dtype=torch.int32, device=device), block_size=16)
+
+
 def test_nsa_decode_bad_arguments(device):
     q, k, v, kc, vc, gates = _decode_case([40], [0], 48, 2, 1, 16, 16, torch.float32, device, CFG)
     seq = torch.tensor([40], dtype=torch.int32, device=device)

@@ -16,8 +16,10 @@ def test_config_validation():
         NSAConfig(slc_block=48)
     with pytest.raises(ValueError, match="slc_topk \\(2\\) must be at least init_blocks \\+ local_blocks"):
         NSAConfig(slc_topk=2)
-    with pytest.raises(ValueError, match="window must be a positive int"):
+    with pytest.raises(ValueError, match="window must be an int in \\[1, "):
         NSAConfig(window=0)
+    with pytest.raises(ValueError, match="slc_block must be an int in \\[1, 4096\\]"):
+        NSAConfig(slc_block=2 ** 20)
     with pytest.raises(ValueError, match="local_blocks must be at least 1"):
         NSAConfig(local_blocks=0)
     assert NSAConfig().score_weights().tolist() == [1, 2, 2, 2, 1]

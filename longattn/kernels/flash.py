@@ -814,7 +814,7 @@ class _FlashAttention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 6
 
 
-def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> None:
+def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor:
     if dims.varlen:
         raise ValueError("left_pad applies to the dense (B, T, H, D) layout; a varlen layout has no padding")
     if not isinstance(left_pad, torch.Tensor) or left_pad.dtype != torch.int32 or \
@@ -823,6 +823,7 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> None:
     check_device({"q": q, "left_pad": left_pad})
     if validate and bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
         raise ValueError(f"left_pad must lie in [0, Tk={dims.max_seqlen_k}], got {left_pad.tolist()}")
+    return left_pad.contiguous()  # the kernels read entry b at left_pad + b
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -888,7 +889,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if left_pad is not None:
         if (key_stride, key_offset) != (1, 0):
             raise ValueError("left_pad cannot be combined with key_stride/key_offset")
-        _check_left_pad(left_pad, dims, q, validate)
+        left_pad = _check_left_pad(left_pad, dims, q, validate)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -184,12 +184,18 @@ def merge_attention(outs: TensorOrList, lses: TensorOrList):
             raise ValueError("outs must hold at least one partial output")
         for i, o in enumerate(outs):
             check_tensor(o, f"outs[{i}]", ndim=(3, 4))
+            if o.shape != outs[0].shape:
+                raise ValueError(f"outs[{i}] has shape {tuple(o.shape)} but outs[0] has {tuple(outs[0].shape)}: every "
+                                 f"part must have the same shape")
         outs = torch.stack(list(outs))
     if isinstance(lses, (list, tuple)):
         if len(lses) == 0:
             raise ValueError("lses must hold at least one partial lse")
         for i, l in enumerate(lses):
             check_tensor(l, f"lses[{i}]", ndim=(2, 3), dtypes=None)
+            if l.shape != lses[0].shape:
+                raise ValueError(f"lses[{i}] has shape {tuple(l.shape)} but lses[0] has {tuple(lses[0].shape)}: every "
+                                 f"part must have the same shape")
         lses = torch.stack(list(lses))
     check_tensor(outs, "outs", ndim=(4, 5))
     check_tensor(lses, "lses", ndim=(3, 4), dtypes=(torch.float32,))
@@ -204,6 +210,8 @@ def merge_attention(outs: TensorOrList, lses: TensorOrList):
     if tuple(lses.shape) != want:
         raise ValueError(f"lses must have shape {want} to match outs of shape {tuple(outs.shape)} "
                          f"(lse layout (B, H, T) or (H, total)), got {tuple(lses.shape)}")
+    if outs.shape[-1] == 0:
+        raise ValueError("outs must have a positive head dim, got 0")
     in_dtype = outs.dtype
     (outs_k,) = kernel_inputs(outs.contiguous())  # the backward writes d_outs with the strides of outs
     lses = lses.contiguous()

@@ -585,7 +585,9 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
     if block_indices.dim() != len(lead) + 1 or tuple(block_indices.shape[:-1]) != lead:
         raise ValueError(f"block_indices must be {'(total_q' if dims.varlen else '(B, Tq'}, {heads}, K) matching q, "
                          f"got {tuple(block_indices.shape)}")
-    sel = block_indices.reshape(total_q, heads, -1)
+    sel = block_indices.reshape(total_q, heads, block_indices.shape[-1])
+    if own_listed and total_q and not sel.shape[-1]:
+        raise ValueError("block_indices must list each query's own block: it needs at least one slot (K >= 1)")
     if sel.numel():
         lq_t, lk_t = torch.tensor(lq), torch.tensor(lk)
         start = torch.repeat_interleave(torch.cumsum(lq_t, 0) - lq_t - (lk_t - lq_t), lq_t)

@@ -271,15 +271,19 @@ def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict, cache_
         raise ValueError(f"k_cache must be (B, L, Hkv, Dqk) = ({bc}, L, Hkv, {dk}), got {tuple(k_cache.shape)}")
     if tuple(v_cache.shape[:3]) != (bc, L, hkv):
         raise ValueError(f"v_cache must be (B, L, Hkv, Dv) = ({bc}, {L}, {hkv}, Dv), got {tuple(v_cache.shape)}")
-    if hq % hkv:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the KV heads ({hkv})")
-    return B, hq, dk, L, hkv, v_cache.shape[-1]
+    dv = v_cache.shape[-1]
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
+    if min(dk, dv) == 0 or max(dk, dv) > 1024:
+        raise ValueError(f"head dims must lie in [1, 1024], got q/k {dk} and v {dv}")
+    return B, hq, dk, L, hkv, dv
 
 
 def check_cache_lengths(cache_seqlens, cache_offsets, batch: int, capacity: int, validate: bool):
     """Decoding against a batched cache of ``capacity`` rows: int32 ``(batch,)`` tokens per sequence and cache row
-    of each sequence's first token (default 0). Returns ``(cache_offsets, lengths)``, the lengths as a host list:
-    read back with ``validate`` (one synchronisation) and checked to lie in the cache, else ``capacity`` each."""
+    of each sequence's first token (default 0). Returns ``(cache_seqlens, cache_offsets, lengths)``: the tensors as
+    the kernels read them (contiguous) and the lengths as a host list, read back with ``validate`` (one
+    synchronisation) and checked to lie in the cache, else ``capacity`` each."""
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_offsets", cache_offsets)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,)):
             raise TypeError(f"{name} must be an int32 tensor of shape ({batch},)")
@@ -287,15 +291,16 @@ def check_cache_lengths(cache_seqlens, cache_offsets, batch: int, capacity: int,
         raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({batch},)")
     if cache_offsets is None:
         cache_offsets = torch.zeros(batch, dtype=torch.int32, device=cache_seqlens.device)
+    cache_seqlens, cache_offsets = cache_seqlens.contiguous(), cache_offsets.contiguous()  # the kernels index b
     if not validate:
-        return cache_offsets, [capacity] * batch
+        return cache_seqlens, cache_offsets, [capacity] * batch
     host = torch.cat([cache_seqlens, cache_offsets]).tolist()  # one synchronisation
     for b, (n, o) in enumerate(zip(host[:batch], host[batch:])):
         if n < 1 or o < 0 or o + n > capacity:
             raise ValueError(f"sequence {b}: cache_offsets + cache_seqlens must lie in the cache with at least one "
                              f"token (0 <= offset, 1 <= seqlen, offset + seqlen <= {capacity}), got offset {o}, "
                              f"seqlen {n}")
-    return cache_offsets, host[:batch]
+    return cache_seqlens, cache_offsets, host[:batch]
 
 
 def check_scale(scale, default: float) -> float:
@@ -309,13 +314,14 @@ def check_scale(scale, default: float) -> float:
     return scale
 
 
-def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: int = 1):
+def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: int = 1, maximum: int = 2 ** 31 - 1):
+    """An int in [minimum, maximum] (kernels take it as a 32-bit integer), or None with ``allow_none``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value < minimum or value > maximum:
+        raise ValueError(f"{name} must lie in [{minimum}, {maximum}], got {value}")
     return value
 
 
@@ -410,4 +416,6 @@ def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max
             check_positive_int(val, name, minimum=0)
             if val < actual:
                 raise ValueError(f"{name}={val} is smaller than the longest sequence ({actual})")
-    return AttnDims(True, len(cq) - 1, mq, mk, hq, hkv, dqk, dv, cu_seqlens_q, cu_seqlens_k, lq, lk)
+    # the kernels read entry b at cu + b: a strided view (cu[::2]) is copied
+    return AttnDims(True, len(cq) - 1, mq, mk, hq, hkv, dqk, dv, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                    lq, lk)

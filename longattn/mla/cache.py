@@ -27,10 +27,14 @@ class PagedLatentCache:
 
     def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
                  dtype: torch.dtype = torch.bfloat16, device="cuda", growable: bool = False):
-        if not isinstance(num_pages, int) or num_pages < 1:
-            raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
+        for name, val in (("num_pages", num_pages), ("page_size", page_size), ("kv_lora_rank", kv_lora_rank),
+                          ("rope_dim", rope_dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
         if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         self.page_size = page_size
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
@@ -79,9 +83,11 @@ class PagedLatentCache:
         return self._lens[seq_id]
 
     def _check_ids(self, ids: Sequence[int]):
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"seq_ids must be a sequence of ids (from new_sequence), got {type(ids).__name__}")
         for s in ids:
             if s not in self._pages:
-                raise KeyError(f"unknown or freed sequence id {s}")
+                raise ValueError(f"unknown or freed sequence id {s!r}")
 
     def append(self, seq_ids: Sequence[int], c_kv: torch.Tensor, k_rope: torch.Tensor,
                lengths: Optional[Sequence[int]] = None) -> None:
@@ -91,10 +97,14 @@ class PagedLatentCache:
         packed one sequence after another, ``lengths[i]`` of them for ``seq_ids[i]`` (default: the same
         number for each). ``(B, T, ...)`` tensors are accepted for equal lengths.
         """
-        seq_ids = list(seq_ids)
         self._check_ids(seq_ids)
+        seq_ids = list(seq_ids)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids must not repeat")
+        for name, t in (("c_kv", c_kv), ("k_rope", k_rope)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() not in (2, 3):
+                raise TypeError(f"{name} must be a floating-point tensor (total, dim) or (B, T, dim), got "
+                                f"{type(t).__name__ if not isinstance(t, torch.Tensor) else (t.dtype, tuple(t.shape))}")
         if c_kv.dim() == 3:
             c_kv, k_rope = c_kv.reshape(-1, c_kv.shape[-1]), k_rope.reshape(-1, k_rope.shape[-1])
         total = c_kv.shape[0]
@@ -102,6 +112,8 @@ class PagedLatentCache:
             if total % max(len(seq_ids), 1):
                 raise ValueError(f"{total} tokens cannot be split evenly over {len(seq_ids)} sequences")
             lengths = [total // max(len(seq_ids), 1)] * len(seq_ids)
+        if any(isinstance(n, bool) or int(n) != n for n in lengths):
+            raise TypeError(f"lengths must be whole numbers, got {list(lengths)}")
         lengths = [int(n) for n in lengths]
         if len(lengths) != len(seq_ids) or sum(lengths) != total or min(lengths, default=0) < 0:
             raise ValueError(f"lengths {lengths} must give one non-negative count per sequence summing to {total}")

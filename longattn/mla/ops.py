@@ -103,6 +103,9 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                          f"got {kv_cache.shape[-1]}")
     if not 1 <= S <= MAX_QUERY_TOKENS:
         raise ValueError(f"q_latent must hold 1 to {MAX_QUERY_TOKENS} query tokens per sequence, got {S}")
+    if H == 0 or R == 0 or E == 0:
+        raise ValueError(f"q_latent/q_rope need at least one head and positive dims, got {tuple(q_latent.shape)} "
+                         f"and {tuple(q_rope.shape)}")
     if scale is None:
         raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
     scale = check_scale(scale, 1.0)
@@ -122,6 +125,12 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             raise ValueError(f"a contiguous kv_cache must be (B={B}, max_len, R + Dr), got {tuple(kv_cache.shape)}")
         page = 64  # tiles of the contiguous cache: as many tokens as a usual page
         capacity = kv_cache.shape[1]
+    # the kernel reads entry b at cache_seqlens + b and page j at block_table + b * stride + j: strided views copied
+    cache_seqlens = cache_seqlens.contiguous()
+    block_table = block_table.contiguous() if block_table is not None else None
+    if B == 0:
+        out = q_latent.new_empty(0, S, H, R)
+        return (out, out.new_empty(0, H, S, dtype=torch.float32)) if return_lse else out
     # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
     # the device and read back together (one host synchronisation, no per-sequence work on the host)
     if not validate:

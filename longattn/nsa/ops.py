@@ -12,9 +12,9 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs,
-                             check_positive_int, check_scale, check_tensor, device_tensor, empty, kernel_inputs,
-                             next_pow2, num_sms, small_tiles, split_dim)
+from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs, check_device,
+                             check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor, empty,
+                             kernel_inputs, next_pow2, num_sms, small_tiles, split_dim)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
@@ -268,13 +268,22 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     elif k_cmp is None or v_cmp is None:
         raise ValueError("pass both k_cmp and v_cmp, or neither")
     else:
+        for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+            check_tensor(t, name, ndim=3 if dims.varlen else 4)
+        check_same_dtype({"q": q, "k_cmp": k_cmp, "v_cmp": v_cmp})
+        check_device({"q": q, "k_cmp": k_cmp, "v_cmp": v_cmp})
+        lead = (sum(n_cmp),) if dims.varlen else (dims.batch, n_cmp[0] if n_cmp else 0)
+        want_k, want_v = (*lead, dims.heads_kv, dims.dim_qk), (*lead, dims.heads_kv, dims.dim_v)
+        if tuple(k_cmp.shape) != want_k or tuple(v_cmp.shape) != want_v:
+            raise ValueError(f"k_cmp/v_cmp must hold {sum(n_cmp)} compressed blocks: shapes {want_k} and {want_v}, "
+                             f"got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
         kc = k_cmp if dims.varlen else k_cmp.reshape(-1, *k_cmp.shape[2:])
         vc = v_cmp if dims.varlen else v_cmp.reshape(-1, *v_cmp.shape[2:])
-        want_k = (sum(n_cmp), dims.heads_kv, dims.dim_qk)
-        want_v = (sum(n_cmp), dims.heads_kv, dims.dim_v)
-        if tuple(kc.shape) != want_k or tuple(vc.shape) != want_v:
-            raise ValueError(f"k_cmp/v_cmp must hold {sum(n_cmp)} compressed blocks: shapes {want_k} and {want_v} "
-                             f"(packed), got {tuple(kc.shape)} and {tuple(vc.shape)}")
+    if qp.shape[0] == 0:  # no token: empty results, still part of the autograd graph
+        anchor = sum(t.sum() for t in (q, k, v, g_cmp, g_slc, g_swa, kc, vc)) * 0
+        out = q.new_zeros(*gshape, dims.dim_v) + anchor.to(q.dtype)
+        sel = torch.empty(*q.shape[:-2], dims.heads_kv, config.slc_topk, dtype=torch.int32, device=q.device)
+        return (out, sel) if return_selection else out
     cu, cu_cmp = _cu(lq, q.device), _cu(n_cmp, q.device)
     max_q = max(lq) if lq else 0
 
@@ -294,7 +303,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     out = _GatedSum.apply(o_cmp, o_slc, o_swa, *gates).to(q.dtype)
     if not dims.varlen:
         out = out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
-        sel = sel.view(dims.batch, dims.max_seqlen_q, dims.heads_kv, -1)
+        sel = sel.view(dims.batch, dims.max_seqlen_q, dims.heads_kv, sel.shape[-1])
     return (out, sel) if return_selection else out
 
 
@@ -385,7 +394,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         if tuple(g.shape) != (B, hq):
             raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
     scale = check_scale(scale, dk ** -0.5)
-    cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
+    cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     if cache_rows is not None and validate and B:
         rows = cache_rows.tolist()  # a second synchronisation, only with cache_rows
         if min(rows) < 0 or max(rows) >= bc:

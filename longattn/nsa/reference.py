@@ -45,10 +45,12 @@ class NSAConfig:
     local_blocks: int = 2
 
     def __post_init__(self):
-        for name in ("cmp_block", "cmp_stride", "slc_block", "slc_topk", "window"):
+        # upper bounds: the kernels take block sizes and top-n as tile sizes, the window as a 32-bit int
+        limits = dict(cmp_block=4096, cmp_stride=4096, slc_block=4096, slc_topk=512, window=2 ** 31 - 1)
+        for name, most in limits.items():
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"NSAConfig.{name} must be a positive int, got {val!r}")
+            if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= most:
+                raise ValueError(f"NSAConfig.{name} must be an int in [1, {most}], got {val!r}")
         for name in ("init_blocks", "local_blocks"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:

@@ -14,7 +14,8 @@ class PagedLatentCache:
     Storage is ``(num_pages, page_size, rank + rope_dim)`` (576 values per token for DeepSeek-V3); each
     sequence owns a list of pages, allocated as it grows and returned by :meth:`free`. Never stores
     decompressed K/V. A ``growable`` cache doubles its pool instead of failing when it runs out (the
-    storage tensor is then replaced: re-read :attr:`kv` after :meth:`append`).
+    storage tensor is then replaced: re-read :attr:`kv` after :meth:`append`). ``device`` defaults to the GPU when
+    there is one, else the CPU.
 
     Example::
 
@@ -26,7 +27,7 @@ class PagedLatentCache:
     """
 
     def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
-                 dtype: torch.dtype = torch.bfloat16, device="cuda", growable: bool = False):
+                 dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False):
         for name, val in (("num_pages", num_pages), ("page_size", page_size), ("kv_lora_rank", kv_lora_rank),
                           ("rope_dim", rope_dim)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -35,6 +36,8 @@ class PagedLatentCache:
             raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if device is None:  # the GPU when there is one (without, the kernels run on the CPU through the interpreter)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.page_size = page_size
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim

@@ -80,6 +80,21 @@ class NativeSparseAttention(nn.Module):
         blocks = span.unfold(1, cfg.cmp_block, cfg.cmp_stride).permute(0, 1, 2, 4, 3) + pos  # (B, n, H, l, D)
         return lin(blocks.flatten(-2))
 
+    def _compress_segments(self, x: torch.Tensor, pos: torch.Tensor, lin: nn.Linear, segments: list) -> torch.Tensor:
+        """The compressed blocks of every segment (row, start, length) of x (B, T, H, D), one segment after another:
+        (their total block count, H, D), from one gather and one linear map (a packed row may hold thousands of
+        sequences: no loop over them on the device)."""
+        cfg = self.nsa
+        rows, starts = [], []
+        for b, s, n in segments:
+            m = cfg.num_cmp_blocks(n)
+            rows += [b] * m
+            starts += range(s, s + m * cfg.cmp_stride, cfg.cmp_stride)
+        dev = x.device
+        tok = device_tensor(starts, torch.long, dev)[:, None] + torch.arange(cfg.cmp_block, device=dev)  # (N, l)
+        blocks = x[device_tensor(rows, torch.long, dev)[:, None], tok].transpose(1, 2) + pos  # (N, H, l, D)
+        return lin(blocks.flatten(-2))
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
@@ -136,17 +151,18 @@ class NativeSparseAttention(nn.Module):
             if cache is not None:
                 self._store(cache, [kc[b] for b in range(B)], [vc[b] for b in range(B)])
             return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=kc, v_cmp=vc, scale=self.scaling)
-        kc = [self.compress(k[b:b + 1, s:s + n], self.k_pos, self.k_compress)[0] for b, s, n in segments]
-        vc = [self.compress(v[b:b + 1, s:s + n], self.v_pos, self.v_compress)[0] for b, s, n in segments]
+        kc = self._compress_segments(k, self.k_pos, self.k_compress, segments)
+        vc = self._compress_segments(v, self.v_pos, self.v_compress, segments)
         lens = [n for _, _, n in segments]
         cu = device_tensor([0] + list(itertools.accumulate(lens)), torch.int32, q.device)
-        opts = dict(config=self.nsa, k_cmp=torch.cat(kc), v_cmp=torch.cat(vc), cu_seqlens=cu, scale=self.scaling)
+        opts = dict(config=self.nsa, k_cmp=kc, v_cmp=vc, cu_seqlens=cu, scale=self.scaling)
         if len(segments) > B:  # one packed row: its tokens are already the varlen layout
             if cache is not None:
                 mark_packed(cache, self.layer_idx)
             return nsa_attention(q[0], k[0], v[0], *(x[0] for x in g), **opts)[None]
         if cache is not None:
-            self._store(cache, kc, vc)
+            counts = [self.nsa.num_cmp_blocks(n) for n in lens]
+            self._store(cache, list(kc.split(counts)), list(vc.split(counts)))
         sel = torch.zeros(B, T, dtype=torch.bool, device=q.device)
         for b, s, n in segments:
             sel[b, s:s + n] = True

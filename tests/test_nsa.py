@@ -302,6 +302,25 @@ def test_nsa_gpu_chunked_dkdv(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
+def test_nsa_decode_gpu_cache_rows(dtype):
+    """Paper configuration: the last 4 tokens of each sequence in one call (cache_rows) equal one call per token."""
+    cfg = NSAConfig()
+    lens, offsets, chunk = [4096, 1500], [0, 2596], 4
+    _, k, v, kc, vc, _ = _decode_case(lens, offsets, 4096, 16, 1, 192, 128, dtype, "cuda", cfg)
+    rows = [b for b in range(2) for _ in range(chunk)]
+    seqs = [lens[b] - chunk + 1 + i for b in range(2) for i in range(chunk)]
+    q = torch.randn(len(rows), 16, 192, device="cuda", dtype=dtype)
+    gates = [torch.rand(len(rows), 16, device="cuda") for _ in range(3)]
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")
+    out = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=i32(seqs), cache_offsets=i32([offsets[b] for b in rows]),
+                     cache_rows=i32(rows), config=cfg)
+    for r, (b, n) in enumerate(zip(rows, seqs)):
+        one = nsa_decode(q[r:r + 1], k[b:b + 1], v[b:b + 1], kc[b:b + 1], vc[b:b + 1], *(g[r:r + 1] for g in gates),
+                         cache_seqlens=i32([n]), cache_offsets=i32([offsets[b]]), config=cfg)
+        assert_close(out[r], one[0], dtype, f"row {r}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, None], ids=["fused", "auto-split"])
 def test_nsa_decode_gpu_defaults(splits, dtype):
     """Paper configuration, group of 16, d_qk 192 / d_v 128, contexts up to 4k with left padding."""

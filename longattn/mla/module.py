@@ -102,6 +102,8 @@ class MLAAttention(nn.Module):
         if cache is not None:
             pc, ids = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
             has_past = any(pc.seqlen(i) > 0 for i in ids)
+            if has_past:
+                check_not_packed(cache, self.layer_idx)
             if mask is None:  # every token real: no boolean indexing (it synchronises with the GPU)
                 pc.append(ids, c_kv.reshape(B * T, -1), k_rot.reshape(B * T, -1), lengths)
             else:
@@ -112,8 +114,6 @@ class MLAAttention(nn.Module):
             count = c_kv.new_zeros(B, 1, T, 1)
             cache.update(count, count, self.layer_idx)
             seqlens = pc.seqlens(ids)
-            if has_past:
-                check_not_packed(cache, self.layer_idx)
             if has_past and T <= MAX_QUERY_TOKENS:
                 if mask is not None and min(lengths) != T:
                     raise ValueError("decoding steps must not contain padding (use left padding for generation)")

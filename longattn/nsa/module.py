@@ -109,6 +109,8 @@ class NativeSparseAttention(nn.Module):
         q, k = self._rope(q, k, cos, sin)
         gates = torch.sigmoid(self.gate(hidden_states)).view(B, T, 3, H)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if past:
+            check_not_packed(cache, self.layer_idx)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, D) with the new tokens
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
@@ -123,7 +125,6 @@ class NativeSparseAttention(nn.Module):
                 segments = None if cu is None else [(0, s, n) for s, n in zip(itertools.accumulate([0] + lens), lens)]
             out = self._prefill(q, k, v, gates, segments, cache)
         else:
-            check_not_packed(cache, self.layer_idx)
             out = self._decode(q, k, v, gates, real, cache)
         return self.o_proj(out.reshape(B, T, H * D)), None
 

@@ -144,3 +144,18 @@ def check_packed_equals_separate(model, lens, *, grads=False, decode_error=True)
             model(packed, position_ids=pos, **kw)
             with pytest.raises(ValueError, match="filled by a packed row"):
                 model(packed[:, -1:], **kw)
+
+
+def check_prompt_lookup_equals_greedy(model, device):
+    """Speculative decoding (transformers' prompt lookup: draft tokens copied from the prompt, verified in one
+    forward, the rejected ones cut off the cache with ``cache.crop``) gives the greedy tokens: the state kept
+    beside the cache must be cut back with it."""
+    torch.manual_seed(1)
+    ids = torch.randint(1, 128, (1, 12), device=device).repeat(1, 4)  # repetitions: the lookup finds drafts
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        greedy = model.generate(ids, **kw)
+        speculative = model.generate(ids, prompt_lookup_num_tokens=5, **kw)
+    assert torch.equal(speculative.sequences, greedy.sequences)
+    torch.testing.assert_close(torch.cat(speculative.logits), torch.cat(greedy.logits), atol=1e-4, rtol=1e-4)

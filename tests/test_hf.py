@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
-from helpers import (check_cache_reorder, check_packed_equals_separate, replay_decode_step_without_sync,
-                     run_without_gpu_sync, tiny_deepseek_v3_config)
+from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
+                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -126,6 +126,12 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     assert torch.equal(got.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
     assert all(m._longattn_cache is None for m in (layer.self_attn for layer in kept.model.layers))
+
+
+def test_moba_speculative_decoding_equals_greedy(device):
+    """Rejected draft tokens cut the cache back: the kept pooled keys are not reused past the cut."""
+    _, plain = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
+    check_prompt_lookup_equals_greedy(longattn.hf.swap_attention(plain, "moba", block_size=16, topk=2), device)
 
 
 def test_moba_kept_pooled_keys_follow_beam_search(device):
@@ -284,6 +290,10 @@ def test_mla_decoding_without_position_ids(device):
         steps = torch.cat([ours(ids[:, i:i + 1], **kw).logits for i in range(20, 24)], 1)
     assert cache.get_seq_length() == 24
     torch.testing.assert_close(steps, full[:, 20:], atol=1e-4, rtol=1e-4)
+
+
+def test_mla_speculative_decoding_equals_greedy(device):
+    check_prompt_lookup_equals_greedy(_deepseek(device)[1], device)
 
 
 def test_mla_latent_cache_follows_beam_search(device):

@@ -187,6 +187,21 @@ def test_cache_fork(device):
     torch.testing.assert_close(gather_paged_ref(cache.kv, table, 43, 1), torch.cat([toks, more]))
 
 
+def test_cache_truncate(device):
+    """truncate keeps a sequence's first tokens and returns the pages past them."""
+    cache = PagedLatentCache(8, page_size=16, kv_lora_rank=8, rope_dim=4, dtype=torch.float32, device=device)
+    a = cache.new_sequence()
+    toks = torch.randn(40, 12, device=device)
+    cache.append([a], toks[:, :8], toks[:, 8:])
+    cache.truncate(a, 17)
+    assert cache.seqlen(a) == 17 and cache.num_free_pages == 8 - 2
+    more = torch.randn(5, 12, device=device)
+    cache.append([a], more[:, :8], more[:, 8:])
+    torch.testing.assert_close(gather_paged_ref(cache.kv, cache.block_table([a]), 22, 0), torch.cat([toks[:17], more]))
+    with pytest.raises(ValueError, match="length must be an int in \\[0, 22\\]"):
+        cache.truncate(a, 23)
+
+
 def test_decode_bad_inputs(device):
     q_lat, q_rope = torch.randn(2, 1, 4, 32, device=device), torch.randn(2, 1, 4, 16, device=device)
     cache = torch.randn(4, 16, 48, device=device)

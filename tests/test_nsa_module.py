@@ -7,7 +7,8 @@ import torch
 import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
-from helpers import check_cache_reorder, check_packed_equals_separate, replay_decode_step_without_sync
+from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
+                     replay_decode_step_without_sync)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -113,6 +114,10 @@ def test_packed_sequences_train_as_separate(device):
     """Training on packed sequences: each sequence compressed and attended on its own, gradients included."""
     model = _model(device).train()
     check_packed_equals_separate(model, [27, 41], grads=True)
+
+
+def test_speculative_decoding_equals_greedy(device):
+    check_prompt_lookup_equals_greedy(_model(device), device)
 
 
 def test_compressed_cache_follows_beam_search(device):

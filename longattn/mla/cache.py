@@ -81,6 +81,20 @@ class PagedLatentCache:
             self.append([new], latent[:, :self.kv_lora_rank], latent[:, self.kv_lora_rank:])
         return new
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep the first ``length`` tokens of a sequence (speculative decoding rejecting draft tokens); the pages
+        past them return to the pool."""
+        self._check_ids([seq_id])
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self._lens[seq_id]:
+            raise ValueError(f"length must be an int in [0, {self._lens[seq_id]}], got {length!r}")
+        pages = self._pages[seq_id]
+        keep = -(-length // self.page_size)
+        if keep < len(pages):
+            self._free.extend(reversed(pages[keep:]))
+            del pages[keep:]
+            self._version += 1
+        self._lens[seq_id] = length
+
     def seqlen(self, seq_id: int) -> int:
         self._check_ids([seq_id])
         return self._lens[seq_id]

@@ -21,11 +21,11 @@ def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
     """Beam search reordered the cache's rows: row i continues the sequence of row beam_idx[i] (copied, as a
     source row may continue in several rows), and the old sequences' pages are freed."""
     order = beam_idx.tolist()
-    for layer, (pc, ids) in store.items():
-        new = [pc.fork(ids[i]) for i in order]
+    for state in store.values():
+        pc, ids = state["pc"], state["ids"]
+        state["ids"] = [pc.fork(ids[i]) for i in order]
         for sid in ids:
             pc.free(sid)
-        store[layer] = (pc, new)
 
 
 class MLAAttention(nn.Module):
@@ -70,7 +70,8 @@ class MLAAttention(nn.Module):
         if state is None:
             pc = PagedLatentCache(max(4, batch * 4), page_size=self.page_size, kv_lora_rank=self.kv_lora_rank,
                                   rope_dim=self.qk_rope_head_dim, dtype=dtype, device=device, growable=True)
-            state = store[self.layer_idx] = (pc, [pc.new_sequence() for _ in range(batch)])
+            # seen: the transformers cache's length after this layer's last call
+            state = store[self.layer_idx] = dict(pc=pc, ids=[pc.new_sequence() for _ in range(batch)], seen=0)
         return state
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
@@ -100,7 +101,12 @@ class MLAAttention(nn.Module):
         w_uk, w_uv = self._weights()
 
         if cache is not None:
-            pc, ids = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
+            state = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
+            pc, ids = state["pc"], state["ids"]
+            cut = state["seen"] - cache.get_seq_length(self.layer_idx)
+            if cut > 0:  # the cache was cut back (assisted decoding rejecting draft tokens: cache.crop): the latent too
+                for sid in ids:
+                    pc.truncate(sid, max(0, pc.seqlen(sid) - cut))
             has_past = any(pc.seqlen(i) > 0 for i in ids)
             if has_past:
                 check_not_packed(cache, self.layer_idx)
@@ -113,6 +119,7 @@ class MLAAttention(nn.Module):
             # reorder_cache leaves the layer alone)
             count = c_kv.new_zeros(B, 1, T, 1)
             cache.update(count, count, self.layer_idx)
+            state["seen"] = cache.get_seq_length(self.layer_idx)
             seqlens = pc.seqlens(ids)
             if has_past and T <= MAX_QUERY_TOKENS:
                 if mask is not None and min(lengths) != T:

@@ -203,6 +203,10 @@ class NativeSparseAttention(nn.Module):
         L = k.shape[1]
         lens = real if real is not None else [L] * B
         store = cache._longattn_nsa[self.layer_idx]
+        # the blocks complete before these tokens are all the kept ones when decoding goes on; fewer when the cache
+        # was cut back (assisted decoding rejecting draft tokens: transformers' cache.crop): those past them are
+        # dropped, they were compressed from tokens no longer there
+        store["n"] = [min(have, cfg.num_cmp_blocks(n - T)) for have, n in zip(store["n"], lens)]
         needs = [cfg.num_cmp_blocks(n) for n in lens]
         cap = store["k"].shape[1]
         if max(needs) > cap:  # grow the capacity geometrically (at least to what is needed)

@@ -152,7 +152,7 @@ def check_prompt_lookup_equals_greedy(model, device):
     beside the cache must be cut back with it."""
     torch.manual_seed(1)
     ids = torch.randint(1, 128, (1, 12), device=device).repeat(1, 4)  # repetitions: the lookup finds drafts
-    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True,
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
               return_dict_in_generate=True)
     with torch.no_grad():
         greedy = model.generate(ids, **kw)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flash, memory, mla, moba, nsa, profile
+from . import flash, memory, mla, moba, nsa, profile, rollout
 from .common import NoCudaError
 
-SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory, "profile": profile}
+SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory, "profile": profile,
+          "rollout": rollout}
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,7 @@ end=$(( $(date +%s) + ${BENCH_SECONDS:-330} ))
 export TRITON_PRINT_AUTOTUNING=1
 # default: what the open goals need first (NSA and MLA; flash and MoBA met theirs on the H200), sized from the
 # first H200 run (fla's backward autotuning alone takes minutes, so NSA's fwd+bwd rows come after the profile)
-IFS=';' read -ra ops <<< "${BENCH_OPS:-nsa --seqlens 64k --modes fwd,decode; mla --batches 1,64 --contexts 8k,64k; profile; nsa --seqlens 64k --modes fwd,slc --inputs smooth; nsa --seqlens 16k,64k --modes fwdbwd,slc; flash --seqlens 16k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode}"
+IFS=';' read -ra ops <<< "${BENCH_OPS:-nsa --seqlens 64k --modes fwd,decode; mla --batches 1,64 --contexts 8k,64k; profile; nsa --seqlens 64k --modes fwd,slc --inputs smooth; nsa --seqlens 16k,64k --modes fwdbwd,slc; flash --seqlens 16k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; rollout --prompts 8k,32k}"
 i=0
 for op in "${ops[@]}"; do
   i=$((i + 1))

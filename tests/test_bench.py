@@ -67,6 +67,8 @@ DRY_RUNS = {
             "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0", "--inputs", "smooth"],
     "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops",
                "flash,moba,mla_prefill", "--dtype", "float16"],
+    "rollout": ["--prompts", "48", "--batch", "2", "--new-tokens", "3", "--layers", "1", "--hidden", "64", "--heads",
+                "4", "--kv-heads", "2", "--vocab", "128", "--moba", "16:2", "--dtype", "float16"],
     "profile": ["--cases", "nsa_fwd,nsa_decode_b1,moba_fwdbwd,mla_decode_s1", "--seqlen", "96", "--nsa-heads", "4,1",
                 "--nsa-dims", "32,16", "--moba-seqlen", "128", "--moba-config", "32,2,2,1,16", "--mla", "2,70,16",
                 "--iters", "1", "--dtype", "float16"],
@@ -74,6 +76,7 @@ DRY_RUNS = {
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2")],
                  "profile": [],
+                 "rollout": [(kind, "rollout") for kind in ("sdpa", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                           ("longattn_pool", "decode_b2"), ("longattn_graph", "decode_b2")],  # flex: no CPU backward
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd")],

@@ -1,0 +1,105 @@
+"""Rollouts end to end: `longattn.rollout.generate` on a random Llama-style model, per attention kind.
+
+What an RL rollout pays: the batched prefill of prompts of different lengths, then decoding with the KV cache
+(every layer's attention, the projections and MLPs, the sampling and the host work of each step). Each kind is
+the same random model with its attention swapped (`swap_attention`); `sdpa` is transformers' own attention
+(the baseline). Prompt lengths are drawn between half the nominal length and the full one, the same for every
+kind. Timings are `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one
+run after a warm-up run that compiles and autotunes the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .common import environment, parse_ints, peak_memory_mb, require_cuda, write_results
+
+COLUMNS = ["impl", "B", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms", "step_ms", "tok/s",
+           "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
+KINDS = ("sdpa", "flash", "moba", "nsa")
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--prompts", default="8k,32k", help="nominal prompt lengths; each prompt has between half and all")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
+    p.add_argument("--moba", default="4096:4", help="MoBA block_size:topk")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--out", default=None)
+
+
+def _model(kind: str, args, dev, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import longattn
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=1 << 20)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
+    if kind == "moba":
+        bs, topk = (int(x) for x in args.moba.split(":"))
+        longattn.hf.swap_attention(model, "moba", block_size=bs, topk=topk)
+    elif kind in ("flash", "nsa"):
+        longattn.hf.swap_attention(model, kind)
+    elif kind != "sdpa":
+        raise ValueError(f"--kinds: unknown kind {kind!r}, expected some of {KINDS}")
+    return model
+
+
+def run(args, argv=None) -> list[dict]:
+    import torch
+
+    from longattn import rollout
+
+    dev = require_cuda()
+    dtype = getattr(torch, args.dtype)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    rows = []
+    for T in parse_ints(args.prompts):
+        gen = torch.Generator().manual_seed(T)
+        lens = torch.randint(max(1, T // 2), T + 1, (args.batch,), generator=gen).tolist()
+        prompts = [torch.randint(0, args.vocab, (n,), generator=gen) for n in lens]
+        for kind in kinds:
+            try:
+                model = _model(kind, args, dev, dtype)
+                rollout.generate(model, prompts, 2, stop_at_eos=False)  # compile and autotune
+                done = []
+                mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens,
+                                                                          stop_at_eos=False)))
+            except Exception as e:  # a kind that cannot run here (memory): the others still do
+                print(f"  {kind} prompt={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                continue
+            finally:
+                model = None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            res = done[0]
+            steps = max(1, args.new_tokens - 1)  # the first token comes from the prefill's logits
+            row = dict(op="rollout", impl=kind, series=kind, mode="rollout", B=args.batch, prompt=T,
+                       new=args.new_tokens, layers=args.layers, hidden=args.hidden, Hq=args.heads, Hkv=args.kv_heads,
+                       D=args.hidden // args.heads, dtype=args.dtype, prefill_ms=1e3 * res.prefill_seconds,
+                       step_ms=1e3 * res.decode_seconds / steps,
+                       **{"tok/s": args.batch * steps / max(res.decode_seconds, 1e-9)}, peak_MB=mem,
+                       prompt_tokens=sum(lens))
+            rows.append(row)
+            print(f"  {kind:6s} prompt={T} B={args.batch}: prefill {row['prefill_ms']:.1f} ms, "
+                  f"{row['step_ms']:.2f} ms/step")
+    base = {r["prompt"]: r for r in rows if r["impl"] == "sdpa"}
+    for r in rows:
+        b = base.get(r["prompt"])
+        r["x_sdpa_prefill"] = b["prefill_ms"] / r["prefill_ms"] if b and r["prefill_ms"] else None
+        r["x_sdpa_step"] = b["step_ms"] / r["step_ms"] if b and r["step_ms"] else None
+    out = write_results("rollout", rows, COLUMNS, environment(argv),
+                        plot=dict(x="prompt", y="step_ms", series="series", panels="mode",
+                                  title="rollout decoding step"), out_dir=args.out)
+    print(f"results written to {out}")
+    return rows

@@ -100,7 +100,7 @@ def _sparse_cases():
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "KMEAN", "OS", "DO", "DK", "DV_")}
         ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32", "PK", "PV")})
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN", "K_START",
-                                         "K_END", "START", "SEQ")})
+                                         "K_END", "START", "SEQ", "ROWS")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs, GROUP=1)
         kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
@@ -124,13 +124,15 @@ def _sparse_cases():
              dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=bs), ()),
             (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats),
             (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,
-             dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64), floats),
-            (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr,
-             dict(D=d, BLOCK_D=d, BLOCK_T=64, LAST_ONLY=False), ()),
-            (f"_cache_block_mean_kernel[{dt}-last]", M._cache_block_mean_kernel, ptr,
-             dict(D=d, BLOCK_D=d, BLOCK_T=64, LAST_ONLY=True), ()),
+             dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64, HAS_ROWS=False), floats),
+            (f"_sparse_decode_kernel[{dt}-rows]", K._sparse_decode_kernel, ptr,
+             dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64, HAS_ROWS=True), floats),
+            (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64),
+             ()),
             (f"_moba_decode_select_kernel[{dt}-g8]", M._moba_decode_select_kernel, ptr,
-             dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16), ()),
+             dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=False), ()),
+            (f"_moba_decode_select_kernel[{dt}-g8-rows]", M._moba_decode_select_kernel, ptr,
+             dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=True), ()),
         ]
     return cases
 

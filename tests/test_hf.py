@@ -113,7 +113,7 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     calls = []
     pool = hf_attention.pool_cache_blocks
     monkeypatch.setattr(hf_attention, "pool_cache_blocks",
-                        lambda *a, last_only=False: calls.append(last_only) or pool(*a, last_only=last_only))
+                        lambda *a, tail=None: calls.append(tail) or pool(*a, tail=tail))
     _, batch, mask = _left_padded(45, 20, device)
     kw = dict(max_new_tokens=22, min_new_tokens=22, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
@@ -122,16 +122,25 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
         assert not calls  # without the swap nothing is kept
         got = kept.generate(batch, attention_mask=mask, **kw)
     layers = len(kept.model.layers)
-    assert calls == [False] * layers + [True] * layers * 21  # prefill pools all; each step adds one block
+    assert calls == [None] * layers + [1] * layers * 21  # prefill pools all; each step adds one block
     assert torch.equal(got.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
     assert all(m._longattn_cache is None for m in (layer.self_attn for layer in kept.model.layers))
 
 
-def test_moba_speculative_decoding_equals_greedy(device):
-    """Rejected draft tokens cut the cache back: the kept pooled keys are not reused past the cut."""
+def test_moba_speculative_decoding_equals_greedy(device, monkeypatch):
+    """Draft tokens are verified in place (moba_decode, one query row per token) and the rejected ones cut the
+    cache back: the kept pooled keys are not reused past the cut, and only the prefill pools every block."""
     _, plain = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
-    check_prompt_lookup_equals_greedy(longattn.hf.swap_attention(plain, "moba", block_size=16, topk=2), device)
+    model = longattn.hf.swap_attention(plain, "moba", block_size=16, topk=2)
+    tails, rows = [], []
+    pool, decode = hf_attention.pool_cache_blocks, hf_attention.moba_decode
+    monkeypatch.setattr(hf_attention, "pool_cache_blocks",
+                        lambda *a, tail=None: tails.append(tail) or pool(*a, tail=tail))
+    monkeypatch.setattr(hf_attention, "moba_decode", lambda q, *a, **kw: rows.append(q.shape[0]) or decode(q, *a, **kw))
+    check_prompt_lookup_equals_greedy(model, device)
+    assert tails.count(None) == 2 * len(model.model.layers)  # the two prefills (greedy, then speculative)
+    assert max(rows) > 1  # several tokens of the one sequence verified in one call
 
 
 def test_moba_kept_pooled_keys_follow_beam_search(device):

@@ -234,6 +234,38 @@ def test_moba_decode_cache(lens, Hq, Hkv, bs, topk, dtype, device):
     torch.testing.assert_close(unchecked, out, atol=0, rtol=0)
 
 
+def test_moba_decode_cache_rows(device):
+    """The last 3 tokens of each row as query rows reading their row of a left-padded cache (cache_rows), each with
+    its own length, in one call (pooled from the cache, or the caller's kept means): each equals the reference
+    at its position, across a block boundary."""
+    from longattn.moba import moba_decode
+
+    lens, Hq, Hkv, bs, topk, chunk = [150, 33, 97], 8, 2, 16, 3, 3
+    k, v, _, _, real = _left_padded_cache(lens, max(lens) + 5, Hkv, 32, 48, torch.float32, device)
+    L = k.shape[1]
+    rows = [b for b in range(len(lens)) for _ in range(chunk)]
+    seqs = [lens[b] - chunk + 1 + i for b in range(len(lens)) for i in range(chunk)]
+    q = torch.randn(len(rows), Hq, 32, device=device)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    kw = dict(cache_seqlens=i32(seqs), cache_offsets=i32([L - lens[b] for b in rows]), cache_rows=i32(rows),
+              block_size=bs, topk=topk)
+    out = moba_decode(q, k, v, **kw)
+    for r, (b, n) in enumerate(zip(rows, seqs)):
+        kb, vb = real[b][0][None, :n], real[b][1][None, :n]
+        sel = moba_block_selection_ref(q[r][None, None], kb, block_size=bs, topk=topk)
+        o_r = moba_attention_ref(q[r][None, None], kb, vb, block_size=bs, topk=topk, selection=sel)
+        assert_close(out[r], o_r[0, 0], torch.float32, f"row {r}")
+    from longattn.moba.reference import _pooled_keys
+
+    k_mean = torch.full((len(lens), (max(lens) - 1) // bs, Hkv, 32), float("nan"), device=device)
+    for b, (kb, _) in enumerate(real):
+        pooled = _pooled_keys(kb, bs)[:(lens[b] - 1) // bs]
+        k_mean[b, :pooled.shape[0]] = pooled
+    torch.testing.assert_close(moba_decode(q, k, v, k_mean=k_mean, **kw), out, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cache_rows must lie in \\[0, 3\\)"):
+        moba_decode(q, k, v, **dict(kw, cache_rows=i32([3] + rows[1:])))
+
+
 def test_moba_decode_bad_arguments(device):
     from longattn.moba import moba_decode
 

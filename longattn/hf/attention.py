@@ -2,7 +2,7 @@
 
 transformers calls them with q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` (the cache already appended)
 and expects ``(B, Tq, Hq, D)`` back. Left padding runs in place (flash attention's ``left_pad``, and
-MoBA's decoding step through :func:`longattn.moba.moba_decode`); other
+MoBA's steps of up to 16 new tokens after a cached prefix through :func:`longattn.moba.moba_decode`); other
 padding masks (right padding, and MoBA's) are handled by unpadding to the varlen layout; a batch of one
 row of packed sequences (position_ids restarting at 0, or transformers' ``cu_seq_lens_q``; no mask) runs
 through the varlen path with one sequence per segment.
@@ -20,6 +20,7 @@ from ..moba.ops import moba_attention, moba_decode, pool_cache_blocks
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
 MOBA_DEFAULT_TOPK = 3
+MOBA_DECODE_TOKENS = 16  # new tokens per row up to which a call after a cached prefix runs moba_decode in place
 
 
 _last_packing = (None, None, None)  # (weak reference to the tensor read, its version and length, what it held)
@@ -185,11 +186,12 @@ def _reorder_means(store: dict, beam_idx: torch.Tensor) -> None:
         kept["means"] = kept["means"].index_select(0, beam_idx.to(kept["means"].device))
 
 
-def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Optional[torch.Tensor]:
+def _kept_means(module, k, lens, offsets, block_size: int, q_len: int) -> Optional[torch.Tensor]:
     """Pooled keys of every row's blocks before its last token's own block, kept on the transformers cache the
-    module is being called with (recorded by ``swap_attention(model, "moba")``; None without one): a decoding step
-    that follows the previous call adds the block the previous token completed, any other call (prefill, several
-    new tokens, a cache that changed) pools them all again. (B, N, Hkv, D) in k's dtype."""
+    module is being called with (recorded by ``swap_attention(model, "moba")``; None without one). A call after a
+    cached prefix pools only the blocks completed since the previous call (one per decoding step); blocks past a
+    cut-back of the cache (speculative decoding rejecting draft tokens) are pooled again, and a prefill pools
+    them all. (B, N, Hkv, D) in k's dtype."""
     cache = getattr(module, "_longattn_cache", None)
     if cache is None or torch.is_grad_enabled():  # training (a cache HF made but nobody decodes from): nothing kept
         return None
@@ -197,7 +199,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Op
     need = (L - 1) // block_size
     store = side_cache(cache, "_longattn_moba", _reorder_means)
     kept = store.get(module.layer_idx)
-    follows = decoding and kept is not None and kept["kv_len"] == L - 1 and kept["block_size"] == block_size and \
+    follows = q_len < L and kept is not None and kept["block_size"] == block_size and \
         kept["means"].shape[0] == B and kept["means"].dtype == k.dtype and kept["means"].device == k.device
     means = kept["means"] if follows else None
     if means is None or means.shape[1] < need:  # grow geometrically, keeping what follows on
@@ -206,7 +208,13 @@ def _kept_means(module, k, lens, offsets, block_size: int, decoding: bool) -> Op
         if means is not None:
             grown[:, :means.shape[1]] = means
         means = grown
-    pool_cache_blocks(k, lens, offsets, block_size, means, last_only=follows)
+    tail = None
+    if follows:
+        # the kept blocks end with the previous call's last token (cache length kept["kv_len"]), or where the cache
+        # was cut back to (L - q_len keys precede these tokens); the blocks completed after that are pooled
+        seen = min(kept["kv_len"] - 1, L - q_len)
+        tail = (L - 1 - seen) // block_size + 1
+    pool_cache_blocks(k, lens, offsets, block_size, means, tail=tail)
     store[module.layer_idx] = dict(means=means, kv_len=L, block_size=block_size)
     return means
 
@@ -234,11 +242,17 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):
         offsets = pad if pad is not None else torch.zeros(B, dtype=torch.int32, device=q.device)
-        decoding = q_len == 1 and kv_len > 1
-        k_mean = _kept_means(module, k, kv_len - offsets, offsets, opts["block_size"], decoding)
-        if decoding:
-            return moba_decode(q[:, 0], k, v, cache_seqlens=kv_len - offsets, cache_offsets=offsets, k_mean=k_mean,
-                               scale=scaling, validate=False, **opts)[:, None]
+        k_mean = _kept_means(module, k, kv_len - offsets, offsets, opts["block_size"], q_len)
+        if q_len < kv_len and q_len <= MOBA_DECODE_TOKENS:
+            # new tokens after a cached prefix (a decoding step, speculative tokens): token i of row b is query row
+            # b * q_len + i of moba_decode, reading cache row b with its own length, in place
+            dev = q.device
+            rows = torch.arange(B, dtype=torch.int32, device=dev).repeat_interleave(q_len) if q_len > 1 else None
+            lens = ((kv_len - q_len + 1 - offsets)[:, None] + torch.arange(q_len, device=dev)).to(torch.int32)
+            out = moba_decode(q.reshape(B * q_len, *q.shape[2:]), k, v, cache_seqlens=lens.flatten(),
+                              cache_offsets=offsets.repeat_interleave(q_len), cache_rows=rows, k_mean=k_mean,
+                              scale=scaling, validate=False, **opts)
+            return out.view(B, q_len, *out.shape[1:])
     elif kind != "moba" and pad is not None:
         return op(q, k, v, scale=scaling, left_pad=pad, validate=False, **opts)
     if attention_mask is None:

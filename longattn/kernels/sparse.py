@@ -254,18 +254,19 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
 
 
 @triton.jit
-def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END,
+def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                           stride_st, stride_sh, stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
                           Hq, block_size, group, n_split, qk_scale,
                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                          KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROWS: tl.constexpr):
     """One new token per sequence. Program (sequence * Hq + head, piece) attends to one SPLIT-key part of
     the own block (slot 0, keys up to the query) or of a selected block (slot 1 + s); the parts are
     merged by lse afterwards (split-KV). Matrix-vector products: a decode step reads each key once.
 
-    Sequence b's keys are rows ``K_START[b] .. K_END[b] - 1`` at ``K + b * stride_kb`` (packed: stride_kb 0 and
-    K_START/K_END the cu_seqlens; a batched cache: its batch stride and each row's padding / end)."""
+    Sequence b's keys are rows ``K_START[b] .. K_END[b] - 1`` at ``K + c * stride_kb`` with c = ROWS[b] (several
+    tokens of one sequence reading its cache row) or b (packed: stride_kb 0 and K_START/K_END the cu_seqlens; a
+    batched cache: its batch stride and each row's padding / end)."""
     bh = tl.program_id(0)
     piece = tl.program_id(1)
     b = bh // Hq
@@ -295,8 +296,11 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END,
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + t * stride_qt + h * stride_qh + offs_dk, mask=offs_dk < DQK, other=0.0).to(tl.float32)
     row0 = k_start + blk.to(tl.int64) * block_size
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    c = b.to(tl.int64)
+    if HAS_ROWS:
+        c = tl.load(ROWS + b).to(tl.int64)
+    k_base = K + c * stride_kb + hk * stride_kh
+    v_base = V + c * stride_vb + hk * stride_vh
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_DV], tl.float32)
@@ -420,14 +424,14 @@ def _meta(dims: AttnDims, dtype):
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float):
+def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None):
     """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks
     (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse. Returns (out, lse).
 
     q ``(total_q, Hq, Dqk)`` with int32 ``cu_q`` (sequence b's query is row ``cu_q[b]`` if it has one); k/v
     packed ``(total_k, Hkv, D)`` (``k_start``/``k_end`` = cu_seqlens_k without its last / first entry) or a
-    batched cache ``(B, L, Hkv, D)`` read in place (row b's keys are ``k_start[b] .. k_end[b] - 1``); sel int32
-    ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none."""
+    batched cache ``(B, L, Hkv, D)`` read in place (sequence b's keys are ``k_start[b] .. k_end[b] - 1`` of cache
+    row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
     ksel = sel.shape[-1]
@@ -439,11 +443,13 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     sel_arg = sel if ksel > 0 else torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
     batch_strides = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
     _sparse_decode_kernel[((cu_q.numel() - 1) * hq, n_pieces)](
-        q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, q.stride(0), q.stride(1), batch_strides[0],
+        q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, rows if rows is not None else cu_q, q.stride(0),
+        q.stride(1), batch_strides[0],
         k.stride(-3), k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2), sel_arg.stride(0),
         sel_arg.stride(1), outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1), hq,
         block_size, hq // hkv, n_split, scale * LOG2E, DQK=dqk, DV=dv, BLOCK_DQK=max(16, next_pow2(dqk)),
-        BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if small_tiles() else 64))
+        BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if small_tiles() else 64),
+        HAS_ROWS=rows is not None)
     return merge_fwd(outs, lses)
 
 

@@ -279,6 +279,30 @@ def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict, cache_
     return B, hq, dk, L, hkv, dv
 
 
+def check_cache_rows(cache_rows, k_cache) -> Optional[int]:
+    """The type of a decode op's ``cache_rows`` (int32 1-D: the cache row each query row reads); returns the number
+    of cache rows to check the caches against (None without cache_rows: one per query row)."""
+    if cache_rows is None:
+        return None
+    if not isinstance(cache_rows, torch.Tensor) or cache_rows.dtype != torch.int32 or cache_rows.dim() != 1:
+        raise TypeError("cache_rows must be an int32 tensor of shape (B,) (one per query row)")
+    return k_cache.shape[0] if isinstance(k_cache, torch.Tensor) else None
+
+
+def validate_cache_rows(cache_rows, batch: int, cache_batch: int, validate: bool):
+    """``cache_rows`` as the kernels read it (contiguous), one per query row and, with ``validate`` (a host
+    synchronisation), each in [0, cache_batch)."""
+    if cache_rows is None:
+        return None
+    if cache_rows.shape[0] != batch:
+        raise ValueError(f"cache_rows must have one entry per query row ({batch}), got {cache_rows.shape[0]}")
+    if validate and batch:
+        rows = cache_rows.tolist()
+        if min(rows) < 0 or max(rows) >= cache_batch:
+            raise ValueError(f"cache_rows must lie in [0, {cache_batch}) (the caches' rows), got {rows}")
+    return cache_rows.contiguous()
+
+
 def check_cache_lengths(cache_seqlens, cache_offsets, batch: int, capacity: int, validate: bool):
     """Decoding against a batched cache of ``capacity`` rows: int32 ``(batch,)`` tokens per sequence and cache row
     of each sequence's first token (default 0). Returns ``(cache_seqlens, cache_offsets, lengths)``: the tensors as

@@ -39,18 +39,18 @@ def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, str
 
 @triton.jit
 def _cache_block_mean_kernel(K, KMEAN, START, SEQ, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
-                             stride_mh, block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                             LAST_ONLY: tl.constexpr):
+                             stride_mh, block_size, tail, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
     """Decoding: mean of key block j (tokens j*block_size .. of row b, which starts at cache row START[b]) of a
     batched cache (B, L, Hkv, D), for the blocks before the last token's own block (the gate's candidates):
-    block program_id(0), or with LAST_ONLY the last of them (a decoding step's update of kept means)."""
+    block program_id(0), or with tail > 0 the program_id(0)-th of the last ``tail`` of them (what decoding steps
+    add to kept means)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     n_cand = (tl.load(SEQ + b) - 1) // block_size
-    if LAST_ONLY:
-        j = n_cand - 1
-    else:
-        j = tl.program_id(0)
+    j = tl.program_id(0)
+    if tail > 0:
+        j += n_cand - tail
     if (j < 0) | (j >= n_cand):
         return
     row0 = tl.load(START + b).to(tl.int64) + j.to(tl.int64) * block_size
@@ -106,20 +106,24 @@ def _moba_select_kernel(Q, KMEAN, SEL, CU_Q, CU_K, BLOCK_OFF,
 
 
 @triton.jit
-def _moba_decode_select_kernel(Q, KMEAN, SEL, SEQ, stride_qb, stride_qh, stride_mb, stride_mn, stride_mh,
+def _moba_decode_select_kernel(Q, KMEAN, SEL, SEQ, ROWS, stride_qb, stride_qh, stride_mb, stride_mn, stride_mh,
                                stride_sb, stride_sh, block_size, group,
                                D: tl.constexpr, BLOCK_D: tl.constexpr, KSEL: tl.constexpr, C: tl.constexpr,
-                               PRECISION: tl.constexpr, BLOCK_G: tl.constexpr):
+                               PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ROWS: tl.constexpr):
     """Decoding: the top-KSEL earlier blocks of the new token of sequence b for every query head of KV head
     hk. The group's heads are the rows of one tile (they score the same pooled keys, each loaded once);
     same keys, ties and -1 padding as :func:`_moba_select_kernel`. KMEAN (B, N, Hkv, D): the pooled keys of
-    the blocks before the token's own block, local to the sequence."""
+    the blocks before the token's own block, local to the sequence: its row ROWS[b] (several tokens of one
+    sequence), or b."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     n_cand = (tl.load(SEQ + b) - 1) // block_size  # own block = number of candidates
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b, hk, group, D, BLOCK_D, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    km_base = KMEAN + b * stride_mb + hk.to(tl.int64) * stride_mh
+    c = b
+    if HAS_ROWS:
+        c = tl.load(ROWS + b).to(tl.int64)
+    km_base = KMEAN + c * stride_mb + hk.to(tl.int64) * stride_mh
     cols = tl.arange(0, C)
     best = topk_init(BLOCK_G, C)
     for c0 in range(0, n_cand, C):

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, sparse_decode, unpack_output
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs,
-                             check_positive_int, check_scale, device_tensor, empty, kernel_inputs, next_pow2,
-                             resolve_seqlens, small_tiles)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
+                             check_decode_inputs, check_positive_int, check_scale, device_tensor, empty, kernel_inputs,
+                             next_pow2, resolve_seqlens, small_tiles, validate_cache_rows)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -145,9 +145,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
 
 
 def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
-                cache_offsets: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
-                block_size: int = 512, topk: int = 3, scale: Optional[float] = None, return_lse: bool = False,
-                validate: bool = True):
+                cache_offsets: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
+                k_mean: Optional[torch.Tensor] = None, block_size: int = 512, topk: int = 3,
+                scale: Optional[float] = None, return_lse: bool = False, validate: bool = True):
     """MoBA for one new token per sequence against a batched KV cache, read in place (inference).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1`` (its own K/V already in the cache) and
@@ -161,6 +161,10 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         k_cache, v_cache: ``(B, L, Hkv, Dqk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim.
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches); default 0.
+        cache_rows: int32 ``(B,)``, the caches' batch row each query reads (default: row b). Several new tokens
+            of one sequence (speculative tokens, a chunk after a cached prefix) then run in one call, each its own
+            query row with its own ``cache_seqlens``; k_cache/v_cache/k_mean have ``max(cache_rows) + 1`` rows or
+            more, and the query rows of one cache row share its offset.
         k_mean: optional ``(B, N, Hkv, Dqk)`` pooled keys kept by the caller: row b's block j (tokens
             ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to k's dtype,
             for every block before the token's own (``N >= (cache_seqlens[b] - 1) // block_size``). Without it
@@ -174,12 +178,16 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         ``(B, Hq, Dv)`` in q's dtype (and the lse). Equal to the last row of :func:`moba_attention` on the
         sequence.
     """
+    bc = check_cache_rows(cache_rows, k_cache)
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_mean": k_mean},
-                                                {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets})
+                                                {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
+                                                 "cache_rows": cache_rows}, cache_batch=bc)
+    bc = B if bc is None else bc
     _check_block_size(block_size)
     check_positive_int(topk, "topk")
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
+    cache_rows = validate_cache_rows(cache_rows, B, bc, validate)
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, out.new_empty(0, hq, dtype=torch.float32)) if return_lse else out
@@ -188,44 +196,52 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     if ksel >= MAX_TOPK:
         raise ValueError(f"topk must be at most {MAX_TOPK} (or more than the number of blocks, {n_cand + 1}), "
                          f"got {topk}")
-    if k_mean is not None and (k_mean.shape[0] != B or tuple(k_mean.shape[2:]) != (hkv, dk) or
+    if k_mean is not None and (k_mean.shape[0] != bc or tuple(k_mean.shape[2:]) != (hkv, dk) or
                                (validate and k_mean.shape[1] < n_cand)):
-        raise ValueError(f"k_mean must be (B, N, Hkv, Dqk) = ({B}, N >= {n_cand}, {hkv}, {dk}), got "
+        raise ValueError(f"k_mean must be (B, N, Hkv, Dqk) = ({bc}, N >= {n_cand}, {hkv}, {dk}), got "
                          f"{tuple(k_mean.shape)}")
     qk, kk, vk, km = kernel_inputs(q, k_cache, v_cache, k_mean)
     sel = torch.empty(B, hq, 0, dtype=torch.int32, device=q.device)
     if ksel > 0:
         bd = max(16, next_pow2(dk))
         if km is None:
-            km = empty(B, n_cand, hkv, dk, device=q.device, dtype=kk.dtype)
-            pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km)
+            km = empty(bc, n_cand, hkv, dk, device=q.device, dtype=kk.dtype)
+            if cache_rows is None:
+                pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km)
+            else:  # each cache row pooled once, up to its longest query row
+                zeros = torch.zeros(bc, dtype=torch.int32, device=q.device)
+                rows64 = cache_rows.long()
+                pool_cache_blocks(kk, zeros.scatter_reduce(0, rows64, cache_seqlens, "amax"),
+                                  zeros.scatter(0, rows64, cache_offsets), block_size, km)
         sel = empty(B, hq, ksel, device=q.device, dtype=torch.int32)
         group = hq // hkv
         _moba_decode_select_kernel[(B, hkv)](
-            qk, km, sel, cache_seqlens, qk.stride(0), qk.stride(1), km.stride(0), km.stride(1), km.stride(2),
-            sel.stride(0), sel.stride(1), block_size, group, D=dk, BLOCK_D=bd, KSEL=ksel,
-            C=max(16, next_pow2(ksel)), PRECISION="ieee" if qk.dtype == torch.float32 else "tf32",
-            BLOCK_G=max(16, next_pow2(group)))
+            qk, km, sel, cache_seqlens, cache_rows if cache_rows is not None else cache_seqlens, qk.stride(0),
+            qk.stride(1), km.stride(0), km.stride(1), km.stride(2), sel.stride(0), sel.stride(1), block_size, group,
+            D=dk, BLOCK_D=bd, KSEL=ksel, C=max(16, next_pow2(ksel)),
+            PRECISION="ieee" if qk.dtype == torch.float32 else "tf32", BLOCK_G=max(16, next_pow2(group)),
+            HAS_ROWS=cache_rows is not None)
     out, lse = sparse_decode(qk, kk, vk, sel, _arange_int32(B + 1, q.device), cache_offsets,
-                             cache_offsets + cache_seqlens, block_size, scale)
+                             cache_offsets + cache_seqlens, block_size, scale, rows=cache_rows)
     out = out.to(q.dtype)
     return (out, lse.t()) if return_lse else out
 
 
 def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_offsets: torch.Tensor, block_size: int,
-                      out: torch.Tensor, last_only: bool = False) -> None:
+                      out: torch.Tensor, tail: Optional[int] = None) -> None:
     """Write into ``out`` ``(B, N, Hkv, D)`` the pooled keys (float32 mean, in out's dtype) of the blocks of each
     row of a batched cache ``(B, L, Hkv, D)`` before its last token's own block, as :func:`moba_decode` reads
-    them: every such block up to N, or with ``last_only`` just the last (what a decoding step adds to kept
-    means). Lengths and offsets as in :func:`moba_decode`, unchecked."""
+    them: every such block up to N, or only the last ``tail`` of them (what decoding steps add to kept means).
+    Lengths and offsets as in :func:`moba_decode`, unchecked."""
     B, L, hkv, d = k_cache.shape
-    n = 1 if last_only else min(out.shape[1], max(0, (L - 1) // block_size))
-    if n == 0 or B == 0:
+    n = min(out.shape[1], max(0, (L - 1) // block_size))
+    n = min(n, tail) if tail is not None else n
+    if n <= 0 or B == 0:
         return
     _cache_block_mean_kernel[(n, hkv, B)](
         k_cache, out, cache_offsets, cache_seqlens, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), block_size, D=d, BLOCK_D=max(16, next_pow2(d)),
-        BLOCK_T=32 if small_tiles() else 64, LAST_ONLY=last_only)
+        out.stride(0), out.stride(1), out.stride(2), block_size, n if tail is not None else 0, D=d,
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64)
 
 
 @functools.lru_cache(maxsize=32)

@@ -12,9 +12,10 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_decode_inputs, check_device,
-                             check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor, empty,
-                             kernel_inputs, next_pow2, num_sms, small_tiles, split_dim)
+from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows, check_decode_inputs,
+                             check_device, check_positive_int, check_same_dtype, check_scale, check_tensor,
+                             device_tensor, empty, kernel_inputs, next_pow2, num_sms, small_tiles, split_dim,
+                             validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
@@ -371,17 +372,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-    bc = None  # the caches' rows: one per query row without cache_rows
-    if cache_rows is not None:
-        if not isinstance(cache_rows, torch.Tensor) or cache_rows.dtype != torch.int32 or cache_rows.dim() != 1:
-            raise TypeError("cache_rows must be an int32 tensor of shape (B,) (one per query row)")
-        bc = k_cache.shape[0] if isinstance(k_cache, torch.Tensor) else None
+    bc = check_cache_rows(cache_rows, k_cache)
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_cmp": k_cmp, "v_cmp": v_cmp},
                                                 {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
                                                  "cache_rows": cache_rows}, cache_batch=bc)
     bc = B if bc is None else bc
-    if cache_rows is not None and cache_rows.shape[0] != B:
-        raise ValueError(f"cache_rows must have one entry per query row ({B}), got {cache_rows.shape[0]}")
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if t is None:
             raise TypeError(f"{name} must be a torch.Tensor, got None")
@@ -395,10 +390,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
-    if cache_rows is not None and validate and B:
-        rows = cache_rows.tolist()  # a second synchronisation, only with cache_rows
-        if min(rows) < 0 or max(rows) >= bc:
-            raise ValueError(f"cache_rows must lie in [0, {bc}) (the caches' rows), got {rows}")
+    cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, torch.empty(0, hkv, config.slc_topk, dtype=torch.int32, device=q.device)) \

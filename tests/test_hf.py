@@ -190,10 +190,11 @@ def test_packed_segments(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["moba", "longattn"])
-def test_decoding_step_does_not_wait_for_the_gpu(impl):
-    """A decoding step of the attention functions, once the forward's padding mask has been read (by its first
-    layer), launches its kernels without a host synchronisation (left padding in place, MoBA's kept means)."""
+@pytest.mark.parametrize("impl,tokens", [("moba", 1), ("longattn", 1), ("moba", 3)])
+def test_decoding_step_does_not_wait_for_the_gpu(impl, tokens):
+    """A decoding step of the attention functions (one new token, or several: speculative verification), once the
+    forward's padding mask has been read (by its first layer), launches its kernels without a host
+    synchronisation (left padding in place, MoBA's kept means)."""
     from types import SimpleNamespace
 
     B, H, Hkv, D, L = 2, 8, 2, 64, 700
@@ -201,11 +202,11 @@ def test_decoding_step_does_not_wait_for_the_gpu(impl):
                              _longattn_cache=SimpleNamespace())
     fn = hf_attention.moba_attention_forward if impl == "moba" else hf_attention.flash_attention_forward
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
-    q, k, v = mk(B, H, 1, D), mk(B, Hkv, L, D), mk(B, Hkv, L, D)
+    q, k, v = mk(B, H, tokens, D), mk(B, Hkv, L, D), mk(B, Hkv, L, D)
     mask = torch.ones(B, L, dtype=torch.long, device="cuda")
     mask[1, :100] = 0
     with torch.no_grad():
-        fn(module, q, k[:, :, :-1], v[:, :, :-1], mask[:, :-1], scaling=D ** -0.5)  # the previous step
+        fn(module, q, k[:, :, :-tokens], v[:, :, :-tokens], mask[:, :-tokens], scaling=D ** -0.5)  # the previous step
         first, _ = fn(module, q, k, v, mask, scaling=D ** -0.5)  # the first layer reads the mask
         other, _ = run_without_gpu_sync(lambda: fn(module, q, k, v, mask, scaling=D ** -0.5))
     torch.testing.assert_close(other, first)

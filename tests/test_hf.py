@@ -351,6 +351,34 @@ def test_static_cache_generate_equals_dynamic(kind, device):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"left padding {pad}")
 
 
+@pytest.mark.parametrize("kind", ["longattn", "moba", "nsa", "mla"])
+def test_compiled_model_equals_eager(kind, device):
+    """torch.compile(model) runs the kernels as they are (the ops are opaque to TorchDynamo): the compiled
+    model's logits and every parameter's gradient equal eager mode's. Dynamo traced into the ops before."""
+    from longattn.nsa import NSAConfig
+
+    torch._dynamo.reset()
+    if kind == "mla":
+        model = _deepseek(device)[1]
+    elif kind == "nsa":
+        config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
+        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], "nsa", config=config)
+    else:
+        model = _pair(_config(moba_block_size=16, moba_topk=2), kind, device)[1]
+    model.train()
+    ids = torch.randint(0, 128, (2, 50)).to(device)
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        logits = run(ids).logits
+        logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        grads[-1]["logits"] = logits
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_swap_attention_errors():
     _, llama = _pair(_config(), "sdpa", "cpu")
     with pytest.raises(ValueError, match="kind must be one of"):

@@ -33,7 +33,7 @@ import triton.language as tl
 from .merge import merge_fwd
 from .utils import (AUTOTUNE_BENCH, AttnDims, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
                     check_device, check_positive_int, check_scale, empty, empty_like, kernel_inputs, next_pow2,
-                    num_sms, resolve_seqlens, small_tiles, split_context, split_dim)
+                    num_sms, public_op, resolve_seqlens, small_tiles, split_context, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -826,6 +826,7 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
 
 
+@public_op
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: Optional[int] = None, scale: Optional[float] = None,
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,

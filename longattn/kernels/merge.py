@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, check_device, check_tensor, empty, empty_like, kernel_inputs, next_pow2, small_tiles
+from .utils import (cdiv, check_device, check_tensor, empty, empty_like, kernel_inputs, next_pow2, public_op,
+                    small_tiles)
 
 
 @triton.jit
@@ -165,6 +166,7 @@ class _Merge(torch.autograd.Function):
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
+@public_op
 def merge_attention(outs: TensorOrList, lses: TensorOrList):
     """Merge N partial attention results over disjoint key sets into the attention over their union.
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from .flash import LOG2E, _dot_split, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
 from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, device_tensor, empty,
-                    kernel_inputs, next_pow2, resolve_seqlens, small_tiles, split_dim)
+                    kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, split_dim)
 
 
 @triton.jit
@@ -611,6 +611,7 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
     return sel.to(torch.int32).contiguous()
 
 
+@public_op
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                            block_size: int, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                            cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,

@@ -33,6 +33,13 @@ def small_tiles() -> bool:
     return is_interpreter() and os.environ.get("LONGATTN_INTERPRET_TILES", "small") != "gpu"
 
 
+def public_op(fn):
+    """Marks a public op as opaque to ``torch.compile``: TorchDynamo runs it as it is (a graph break) instead
+    of tracing its host checks, autotuning and kernel launches, so a compiled model calling it gives the
+    eager results and gradients."""
+    return torch.compiler.disable(fn)
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1). Host code uses these plain-int helpers: triton's own are
     constexpr functions costing microseconds a call, paid at every decoding step."""

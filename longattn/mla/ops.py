@@ -8,12 +8,13 @@ import torch
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty, kernel_inputs,
-                             next_pow2, num_sms, small_tiles, split_context)
+                             next_pow2, num_sms, public_op, small_tiles, split_context)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
 
 
+@public_op
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
@@ -62,6 +63,7 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
+@public_op
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
                return_lse: bool = False, validate: bool = True):

@@ -9,7 +9,7 @@ import torch
 from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, sparse_decode, unpack_output
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
                              check_decode_inputs, check_positive_int, check_scale, device_tensor, empty, kernel_inputs,
-                             next_pow2, resolve_seqlens, small_tiles, validate_cache_rows)
+                             next_pow2, public_op, resolve_seqlens, small_tiles, validate_cache_rows)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -60,6 +60,7 @@ def _prepare(q, k, v, block_size, topk, dims: AttnDims):
     return plan, ksel, qp, kp, vp
 
 
+@public_op
 def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 512, topk: int = 3,
                          cu_seqlens: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                          cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -92,6 +93,7 @@ def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, topk)
 
 
+@public_op
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 512, topk: int = 3,
                    cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
@@ -144,6 +146,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     return (out, lse) if return_lse else out
 
 
+@public_op
 def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
                 cache_offsets: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
                 k_mean: Optional[torch.Tensor] = None, block_size: int = 512, topk: int = 3,
@@ -227,6 +230,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     return (out, lse.t()) if return_lse else out
 
 
+@public_op
 def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_offsets: torch.Tensor, block_size: int,
                       out: torch.Tensor, tail: Optional[int] = None) -> None:
     """Write into ``out`` ``(B, N, Hkv, D)`` the pooled keys (float32 mean, in out's dtype) of the blocks of each

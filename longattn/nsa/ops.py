@@ -14,7 +14,7 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
                               sparse_backward)
 from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows, check_decode_inputs,
                              check_device, check_positive_int, check_same_dtype, check_scale, check_tensor,
-                             device_tensor, empty, kernel_inputs, next_pow2, num_sms, small_tiles, split_dim,
+                             device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op, small_tiles, split_dim,
                              validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
@@ -52,6 +52,7 @@ def _cu(lengths: list, device) -> torch.Tensor:
     return device_tensor(cu, torch.int32, device)
 
 
+@public_op
 def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q: torch.Tensor, cu_cmp: torch.Tensor,
                max_q: int, heads_kv: int, config: NSAConfig, scale: float) -> torch.Tensor:
     """Top-n selection blocks per (query row, KV head) from the compressed attention: int32
@@ -186,6 +187,7 @@ def _selected(qp, kp, vp, sel, lq: list, lk: list, dims, cu, block_size: int, sc
                            scale)
 
 
+@public_op
 def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                            block_size: int = 64, cu_seqlens: Optional[torch.Tensor] = None,
                            max_seqlen: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
@@ -219,6 +221,7 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
 
 
+@public_op
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                   g_swa: torch.Tensor, *, config: NSAConfig = NSAConfig(), k_cmp: Optional[torch.Tensor] = None,
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
@@ -327,6 +330,7 @@ def _gates(g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> tor
     return torch.stack(gates)
 
 
+@public_op
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,

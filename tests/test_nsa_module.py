@@ -83,7 +83,7 @@ def test_generate_equals_recompute(device):
 
 def test_training_gradients_match_reference(monkeypatch, device):
     """Every parameter's gradient (projections, compressors, position embeddings, gates) through the Triton
-    op equals the one through the PyTorch reference."""
+    op equals the one through the PyTorch reference, and is the same under gradient checkpointing."""
     import longattn.nsa.module as nsa_module
 
     model = _model(device).train()
@@ -100,8 +100,14 @@ def test_training_gradients_match_reference(monkeypatch, device):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ours = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    recomputed = grads()  # each layer's forward run again in the backward
+    model.gradient_checkpointing_disable()
     monkeypatch.setattr(nsa_module, "nsa_attention", nsa_attention_ref)
     ref = grads()
+    assert set(recomputed) == set(ours)
+    for n in ours:
+        torch.testing.assert_close(recomputed[n], ours[n], atol=1e-5, rtol=1e-5, msg=n)
     assert set(ours) == set(ref)
     for name in ("k_pos", "v_pos", "k_compress", "v_compress", "gate"):
         assert any(name in n for n in ours), name

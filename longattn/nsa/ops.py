@@ -101,7 +101,8 @@ class _GatedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        os_, gs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing unpacks each saved tensor once
+        os_, gs = saved[:3], saved[3:]
         dos = [empty(o.shape, device=o.device, dtype=o.dtype) for o in os_]
         dgs = [empty(g.shape, device=g.device, dtype=g.dtype) for g in gs]
         n_rows = gs[0].numel()

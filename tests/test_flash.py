@@ -272,6 +272,21 @@ def test_bfloat16_is_correct_on_every_backend(exact, device, monkeypatch):
     assert_close(out, ref, torch.bfloat16, "out")
 
 
+def test_autocast_casts_inputs(device):
+    """Under torch.autocast, q/k/v of mixed dtypes are cast to its dtype (as SDPA's are), gradients flowing back
+    to the float32 inputs; without autocast mixed dtypes are an error."""
+    q, k = leaf(torch.randn(1, 70, 4, 32, device=device)), leaf(torch.randn(1, 70, 2, 32, device=device))
+    v = leaf(torch.randn(1, 70, 2, 32, device=device), torch.bfloat16)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = flash_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, flash_attention(q.bfloat16(), k.bfloat16(), v), atol=0, rtol=0)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="must match"):
+        flash_attention(q, k, v)
+
+
 def test_empty_inputs(device):
     q = torch.randn(2, 0, 2, 16, device=device)
     out, lse = flash_attention(q, q, q, return_lse=True)

@@ -379,6 +379,36 @@ def test_compiled_model_equals_eager(kind, device):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["longattn", "moba", "nsa", "mla"])
+def test_autocast_training_follows_float32(kind, device):
+    """Mixed-precision training (float32 weights under torch.autocast, bfloat16): the attention gets float32
+    q/k (rotated by float32 RoPE tables) and bfloat16 v, which the ops refused before; they now cast them as
+    SDPA does. Loss and gradients stay near the float32 model's."""
+    from longattn.nsa import NSAConfig
+
+    if kind == "mla":
+        model = _deepseek(device)[1]
+    elif kind == "nsa":
+        config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
+        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], "nsa", config=config)
+    else:
+        model = _pair(_config(moba_block_size=16, moba_topk=2), kind, device)[1]
+    model.train()
+    ids = torch.randint(0, 128, (2, 40)).to(device)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model.zero_grad()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss32, g32), (loss16, g16) = results
+    torch.testing.assert_close(loss16, loss32, atol=0, rtol=2e-2)
+    assert g16.keys() == g32.keys()
+    for n in [n for n in g32 if "self_attn" in n]:  # (MoE routing may flip under bf16: experts differ)
+        assert (g16[n] - g32[n]).norm() <= 0.1 * g32[n].norm() + 1e-6, n
+
+
 def test_swap_attention_errors():
     _, llama = _pair(_config(), "sdpa", "cpu")
     with pytest.raises(ValueError, match="kind must be one of"):

@@ -826,7 +826,7 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
 
 
-@public_op
+@public_op("q", "k", "v")
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: Optional[int] = None, scale: Optional[float] = None,
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,

@@ -166,7 +166,7 @@ class _Merge(torch.autograd.Function):
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-@public_op
+@public_op()
 def merge_attention(outs: TensorOrList, lses: TensorOrList):
     """Merge N partial attention results over disjoint key sets into the attention over their union.
 

@@ -611,7 +611,7 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
     return sel.to(torch.int32).contiguous()
 
 
-@public_op
+@public_op("q", "k", "v")
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                            block_size: int, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                            cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,

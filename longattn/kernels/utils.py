@@ -7,6 +7,7 @@ memory access or a silent wrong answer).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -33,11 +34,39 @@ def small_tiles() -> bool:
     return is_interpreter() and os.environ.get("LONGATTN_INTERPRET_TILES", "small") != "gpu"
 
 
-def public_op(fn):
-    """Marks a public op as opaque to ``torch.compile``: TorchDynamo runs it as it is (a graph break) instead
-    of tracing its host checks, autotuning and kernel launches, so a compiled model calling it gives the
-    eager results and gradients."""
-    return torch.compiler.disable(fn)
+def public_op(*autocast: str):
+    """Decorator of the public ops. ``autocast`` names the floating-point arguments that must share a dtype:
+    inside ``torch.autocast`` they are cast to its dtype, as torch casts SDPA's inputs (transformers layers
+    under autocast hand attention float32 q/k, rotated by float32 RoPE tables, and bfloat16 v), and the op
+    runs with autocast off (its own float32 work stays float32).
+
+    The op is also opaque to ``torch.compile``: TorchDynamo runs it as it is (a graph break) instead of
+    tracing its host checks, autotuning and kernel launches, so a compiled model gives the eager results."""
+    def decorate(fn):
+        params = list(inspect.signature(fn).parameters)
+        positions = [(params.index(name), name) for name in autocast]
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            first = args[0] if args else None
+            if positions and isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type):
+                device = first.device.type
+                dtype = torch.get_autocast_dtype(device)
+                args = list(args)
+                for i, name in positions:
+                    if i < len(args):
+                        args[i] = _autocast_to(args[i], dtype)
+                    elif name in kwargs:
+                        kwargs[name] = _autocast_to(kwargs[name], dtype)
+                with torch.autocast(device, enabled=False):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return torch.compiler.disable(op)
+    return decorate
+
+
+def _autocast_to(x, dtype: torch.dtype):
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x
 
 
 def next_pow2(n: int) -> int:

@@ -14,7 +14,7 @@ from .kernels import _mla_decode_kernel, _mla_decode_tuned
 MAX_QUERY_TOKENS = 16
 
 
-@public_op
+@public_op("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv")
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
@@ -63,7 +63,7 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
-@public_op
+@public_op("q_latent", "q_rope", "kv_cache")
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
                return_lse: bool = False, validate: bool = True):

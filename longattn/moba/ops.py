@@ -60,7 +60,7 @@ def _prepare(q, k, v, block_size, topk, dims: AttnDims):
     return plan, ksel, qp, kp, vp
 
 
-@public_op
+@public_op("q", "k")
 def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 512, topk: int = 3,
                          cu_seqlens: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                          cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -93,7 +93,7 @@ def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, topk)
 
 
-@public_op
+@public_op("q", "k", "v")
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 512, topk: int = 3,
                    cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
@@ -146,7 +146,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     return (out, lse) if return_lse else out
 
 
-@public_op
+@public_op("q", "k_cache", "v_cache", "k_mean")
 def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
                 cache_offsets: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
                 k_mean: Optional[torch.Tensor] = None, block_size: int = 512, topk: int = 3,
@@ -230,7 +230,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     return (out, lse.t()) if return_lse else out
 
 
-@public_op
+@public_op()
 def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_offsets: torch.Tensor, block_size: int,
                       out: torch.Tensor, tail: Optional[int] = None) -> None:
     """Write into ``out`` ``(B, N, Hkv, D)`` the pooled keys (float32 mean, in out's dtype) of the blocks of each

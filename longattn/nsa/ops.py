@@ -52,7 +52,6 @@ def _cu(lengths: list, device) -> torch.Tensor:
     return device_tensor(cu, torch.int32, device)
 
 
-@public_op
 def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q: torch.Tensor, cu_cmp: torch.Tensor,
                max_q: int, heads_kv: int, config: NSAConfig, scale: float) -> torch.Tensor:
     """Top-n selection blocks per (query row, KV head) from the compressed attention: int32
@@ -188,7 +187,7 @@ def _selected(qp, kp, vp, sel, lq: list, lk: list, dims, cu, block_size: int, sc
                            scale)
 
 
-@public_op
+@public_op("q", "k", "v")
 def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                            block_size: int = 64, cu_seqlens: Optional[torch.Tensor] = None,
                            max_seqlen: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
@@ -222,7 +221,7 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
 
 
-@public_op
+@public_op("q", "k", "v", "k_cmp", "v_cmp")
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                   g_swa: torch.Tensor, *, config: NSAConfig = NSAConfig(), k_cmp: Optional[torch.Tensor] = None,
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
@@ -331,7 +330,7 @@ def _gates(g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> tor
     return torch.stack(gates)
 
 
-@public_op
+@public_op("q", "k_cache", "v_cache", "k_cmp", "v_cmp")
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,

@@ -148,9 +148,43 @@ def test_swap_nsa_errors():
     swapped = longattn.hf.swap_attention(model, "nsa", config=NSA)
     ids = torch.randint(0, 128, (2, 20))
     mask = torch.ones_like(ids)
-    mask[0, 5] = 0  # a hole, not left padding
-    with pytest.raises(ValueError, match="left padding only"):
+    mask[0, 5] = 0  # a hole, neither left nor right padding
+    with pytest.raises(ValueError, match="one contiguous run"):
         swapped(ids, attention_mask=mask)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding: a prompt, but no decoding after it
+    kw = {_cache_kw(swapped): DynamicCache(config=swapped.config), "use_cache": True}
+    with torch.no_grad():
+        swapped(ids, attention_mask=mask, **kw)
+        with pytest.raises(ValueError, match="decodes after left padding only"):
+            swapped(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **kw)
+
+
+def test_right_padded_batch_equals_single_rows(device):
+    """Right padding (training batches): each row's real tokens give the logits and parameter gradients of the
+    row alone."""
+    model = _model(device).train()
+    ids = torch.randint(1, 128, (2, 45)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run(*args, **kw):
+        model.zero_grad()
+        out = model(*args, **kw)
+        out.loss.backward()
+        return out.logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits, grads = run(ids, attention_mask=mask, labels=labels)
+    ids_short = ids[1:, :30]
+    short, short_grads = run(ids_short, labels=ids_short)
+    torch.testing.assert_close(logits[1, :30], short[0], atol=1e-4, rtol=1e-4)
+    full, full_grads = run(ids[:1], labels=ids[:1])
+    torch.testing.assert_close(logits[0], full[0], atol=1e-4, rtol=1e-4)
+    n0, n1 = 44, 29  # the batch's loss is the mean over both rows' predicted tokens
+    for n in grads:
+        torch.testing.assert_close(grads[n], (n0 * full_grads[n] + n1 * short_grads[n]) / (n0 + n1),
+                                   atol=1e-5, rtol=1e-3, msg=n)
 
 
 def test_left_padded_batch_generate_equals_single(device):

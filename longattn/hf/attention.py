@@ -100,6 +100,19 @@ def _unpad(mask: torch.Tensor, q_len: int):
     return qmask, cu_q, cu_k
 
 
+def padding_runs(mask: torch.Tensor) -> list:
+    """``(start, length)`` of each row's real tokens under a 2-D padding mask (one host read); ValueError unless
+    every row's real tokens are one contiguous run (left or right padding)."""
+    mask = mask.bool()
+    n = mask.sum(1)
+    first = mask.int().argmax(1)
+    host = torch.stack([first, n, mask.cumsum(1).gather(1, (first + n - 1).clamp(min=0)[:, None])[:, 0]]).tolist()
+    if any(within != count for within, count in zip(host[2], host[1])):
+        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right "
+                         "padding); masks with holes are not supported by longattn's attention")
+    return list(zip(host[0], host[1]))
+
+
 _last_padding = (None, None, None)  # (weak reference to a mask, its version and the columns read, what they held)
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import (check_not_packed, mark_packed, mask_padding, packed_segments, side_cache,
+from ..hf.attention import (check_not_packed, mark_packed, mask_padding, packed_segments, padding_runs, side_cache,
                              static_cache_view)
 from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
@@ -116,34 +116,39 @@ class NativeSparseAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
         k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]
-        real = self._real_lengths(attention_mask, B, L, T)
         if past == 0:
-            if real is not None:
-                segments = [(b, T - n, n) for b, n in enumerate(real)]
-            else:
-                cu, lens = packed_segments(kwargs, B, T, L)
-                segments = None if cu is None else [(0, s, n) for s, n in zip(itertools.accumulate([0] + lens), lens)]
-            out = self._prefill(q, k, v, gates, segments, cache)
+            out = self._prefill(q, k, v, gates, self._segments(attention_mask, kwargs, B, T), cache)
         else:
-            out = self._decode(q, k, v, gates, real, cache)
+            out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache)
         return self.o_proj(out.reshape(B, T, H * D)), None
 
     @staticmethod
-    def _real_lengths(mask, B: int, L: int, T: int) -> Optional[list]:
-        """Real tokens per row under a left-padding mask (None without padding)."""
-        if mask is None or mask.dim() != 2:
+    def _real_lengths(mask, L: int, T: int) -> Optional[list]:
+        """Real tokens per row under a left-padding mask (None without padding), for decoding."""
+        padded, _, real = mask_padding(mask, L) if mask is not None and mask.dim() == 2 else (None, None, None)
+        if padded is None:  # (read once per forward, not in every layer)
             return None
-        padded, _, real = mask_padding(mask, L)  # read once per forward, not in every layer
-        if padded is None:
-            return None
-        if real is None or (T < L and min(real) < T):
-            raise ValueError("NativeSparseAttention supports left padding only (each row's real tokens end at the "
-                             "last position, and every new token is real)")
+        if real is None or min(real) < T:
+            raise ValueError("NativeSparseAttention decodes after left padding only (each row's real tokens end at "
+                             "the last position, and every new token is real)")
         return real
+
+    @staticmethod
+    def _segments(mask, kwargs, B: int, T: int) -> Optional[list]:
+        """(row, start, length) of each sequence of a prompt: one per row under a padding mask (left padding:
+        batched generation; right padding: training batches), several in a packed row, None when every row is one
+        whole sequence."""
+        padded, _, real = mask_padding(mask, T) if mask is not None and mask.dim() == 2 else (None, None, None)
+        if padded is not None:
+            if real is not None:  # left padding
+                return [(b, T - n, n) for b, n in enumerate(real)]
+            return [(b, start, n) for b, (start, n) in enumerate(padding_runs(padded))]
+        cu, lens = packed_segments(kwargs, B, T, T)
+        return None if cu is None else [(0, s, n) for s, n in zip(itertools.accumulate([0] + lens), lens)]
 
     def _prefill(self, q, k, v, gates, segments, cache):
         """``segments``: None when every row is one whole sequence, else (row, start, length) of each sequence (left
-        padding: one per row, at its end; a packed row: several)."""
+        padding: one per row, at its end; right padding: at its start; a packed row: several)."""
         B, T, H, D = q.shape
         g = [gates[:, :, i] for i in range(3)]
         if segments is None:

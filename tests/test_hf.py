@@ -329,8 +329,15 @@ def test_mla_decoding_step_does_not_wait_for_the_gpu():
 @pytest.mark.parametrize("kind", ["flash", "moba", "nsa", "mla"])
 def test_static_cache_generate_equals_dynamic(kind, device):
     """A static cache hands the attention its whole preallocated buffer, unwritten slots included: generating
-    with it gives the dynamic cache's logits, with and without left padding."""
+    with it gives the dynamic cache's logits, with and without left padding. transformers compiles the decoding
+    steps of a static cache (on a GPU by default; here on every device, its graphs run without inductor)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
     from longattn.nsa import NSAConfig
+
+    compile_config = CompileConfig(backend="aot_eager")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
 
     if kind == "mla":
         model = _deepseek(device)[1]
@@ -345,13 +352,14 @@ def test_static_cache_generate_equals_dynamic(kind, device):
         kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True)
         with torch.no_grad():
-            static = model.generate(ids, cache_implementation="static", **kw)
+            static = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kw)
             dynamic = model.generate(ids, **kw)
         for a, b in zip(static.logits, dynamic.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"left padding {pad}")
+    assert hasattr(model, "_compiled_call")  # the steps ran compiled
 
 
-@pytest.mark.parametrize("kind", ["longattn", "moba", "nsa", "mla"])
+@pytest.mark.parametrize("kind", ["longattn", "nsa", "mla"])  # ("moba" runs as "longattn" does)
 def test_compiled_model_equals_eager(kind, device):
     """torch.compile(model) runs the kernels as they are (the ops are opaque to TorchDynamo): the compiled
     model's logits and every parameter's gradient equal eager mode's. Dynamo traced into the ops before."""
@@ -379,7 +387,7 @@ def test_compiled_model_equals_eager(kind, device):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["longattn", "moba", "nsa", "mla"])
+@pytest.mark.parametrize("kind", ["longattn", "nsa", "mla"])  # ("moba" runs as "longattn" does)
 def test_autocast_training_follows_float32(kind, device):
     """Mixed-precision training (float32 weights under torch.autocast, bfloat16): the attention gets float32
     q/k (rotated by float32 RoPE tables) and bfloat16 v, which the ops refused before; they now cast them as

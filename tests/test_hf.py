@@ -429,3 +429,31 @@ def test_swap_attention_errors():
         longattn.hf.swap_attention(llama, "moba", block_size=100)
     longattn.hf.swap_attention(llama, "moba", block_size=64, topk=2)
     assert llama.config._attn_implementation == "moba" and llama.config.moba_topk == 2
+    with pytest.raises(ValueError, match="already longattn's NativeSparseAttention"):
+        longattn.hf.swap_attention(longattn.hf.swap_attention(llama, "nsa"), "moba")
+
+
+@pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])
+def test_save_and_from_pretrained(kind, device, tmp_path):
+    """A swapped model saved with save_pretrained loads back swapped, the weights the swap added (NSA's
+    compressors and gates, moved off their initial values here) included: same logits."""
+    from longattn.nsa import NSAConfig
+
+    if kind == "mla":
+        model = _deepseek(device)[1]
+    else:
+        opts = dict(moba=dict(block_size=16, topk=2),
+                    nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
+        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("gate", "_pos", "_compress")):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    loaded = longattn.hf.from_pretrained(tmp_path).to(device)
+    assert type(loaded) is type(model)
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+    assert loaded.config._attn_implementation == model.config._attn_implementation
+    ids = torch.randint(0, 128, (2, 40)).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)

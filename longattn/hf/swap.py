@@ -1,6 +1,8 @@
 """``swap_attention``: put longattn's attention into a transformers model in place."""
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 MOBA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
@@ -59,6 +61,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    swapped = {type(m).__name__ for m in model.modules()} & {"NativeSparseAttention", "MLAAttention"}
+    if swapped and swapped != {dict(nsa="NativeSparseAttention", mla="MLAAttention").get(kind)}:
+        raise ValueError(f"this model's attention is already longattn's {swapped.pop()}: swap into a fresh model")
     cfg = getattr(model, "config", None)
     arch = getattr(cfg, "model_type", None)
     if cfg is None:
@@ -94,8 +99,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         if not isinstance(config, NSAConfig):
             raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
         for layer in model.model.layers:
-            layer.self_attn = NativeSparseAttention(layer.self_attn, config)
-        _set_impl(model, "longattn")  # 2-D padding masks (NSA takes left padding)
+            if not isinstance(layer.self_attn, NativeSparseAttention):
+                layer.self_attn = NativeSparseAttention(layer.self_attn, config)
+            elif layer.self_attn.nsa != config:
+                raise ValueError(f"this model's NSA layers have {layer.self_attn.nsa}, not {config}")
+        _set_impl(model, "longattn")  # 2-D padding masks
+        options = {"config": dataclasses.asdict(config)}
     else:
         if arch not in MLA_ARCHS:
             raise ValueError(f"kind 'mla' supports model types {MLA_ARCHS}, got {arch!r}")
@@ -105,11 +114,48 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         for layer in model.model.layers:
             if type(layer.self_attn).__name__ == "DeepseekV3Attention":
                 layer.self_attn = MLAAttention(layer.self_attn, **options)
+            if isinstance(layer.self_attn, MLAAttention):
+                layer.self_attn.page_size = options.get("page_size", layer.self_attn.page_size)
                 n += 1
         if n == 0:
             raise ValueError("found no DeepseekV3Attention layer to replace")
         _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects
+    if kind == "moba":
+        options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}
+    cfg.longattn = {"kind": kind, **options}  # saved by save_pretrained: longattn.hf.from_pretrained redoes the swap
     return model
 
 
-__all__ = ["swap_attention", "KINDS"]
+def from_pretrained(name_or_path, *args, **kwargs) -> nn.Module:
+    """Load a causal LM saved after :func:`swap_attention` (``model.save_pretrained``): its config records the
+    swap (``config.longattn``), which is redone while the model is built, so that the weights the swap added (NSA's
+    compressors and gates) load from the checkpoint. Arguments as ``AutoModelForCausalLM.from_pretrained``; a model
+    saved without a swap loads as it does there.
+
+    (``AutoModelForCausalLM.from_pretrained`` alone builds the original attention and drops NSA's weights.)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
+    spec = dict(getattr(config, "longattn", None) or {})
+    if not spec:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, *args, config=config, **kwargs)
+    kind = spec.pop("kind")
+    if kind == "nsa":
+        from ..nsa.reference import NSAConfig
+
+        spec["config"] = NSAConfig(**spec["config"])
+    base = AutoModelForCausalLM._model_mapping[type(config)]
+
+    class Swapped(base):
+        def __init__(self, config, *a, **k):
+            super().__init__(config, *a, **k)
+            swap_attention(self, kind, **spec)
+
+    Swapped.__name__ = Swapped.__qualname__ = base.__name__
+    model = Swapped.from_pretrained(name_or_path, *args, config=config, **kwargs)
+    model.__class__ = base  # a plain transformers class again (pickling, isinstance checks by name)
+    return swap_attention(model, kind, **spec)  # the attention implementation, as the loading left it
+
+
+__all__ = ["swap_attention", "from_pretrained", "KINDS"]

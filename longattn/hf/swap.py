@@ -57,7 +57,10 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); option ``page_size`` (default 64).
-    Raises ValueError for an unknown kind, an unsupported architecture or an unknown option.
+    The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
+    ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
+    Raises ValueError for an unknown kind, an unsupported architecture, an unknown option, or a model whose
+    attention is already another kind's module (NSA, MLA).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -283,6 +283,41 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+class _LowRankAdapter(torch.nn.Module):
+    """A LoRA-style wrapper of a linear layer: base(x) + B(A(x)), its ``weight`` the base's alone."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.b = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        torch.nn.init.normal_(self.b.weight, std=0.5)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + self.b(self.a(x))
+
+
+def test_mla_with_adapter_on_kv_b_proj(device):
+    """A wrapped kv_b_proj (LoRA adapters, quantised layers) is used through its effective map, in prefill and in
+    the absorbed decoding: logits and generated tokens equal the eager model's with the same wrapper."""
+    ref, ours = _deepseek(device)
+    for a, b in zip(ref.model.layers, ours.model.layers):
+        a.self_attn.kv_b_proj = _LowRankAdapter(a.self_attn.kv_b_proj)
+        b.self_attn.kv_b_proj = copy.deepcopy(a.self_attn.kv_b_proj)
+    ids = torch.randint(1, 128, (2, 30)).to(device)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        g_ours, g_ref = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(g_ours.sequences, g_ref.sequences)
+    for a, b in zip(g_ours.logits, g_ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_mla_decoding_without_position_ids(device):
     """The transformers cache counts the tokens (models derive the new tokens' positions from it when no
     position_ids are given): steps decoded that way equal the full forward."""

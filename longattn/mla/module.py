@@ -3,6 +3,7 @@
 that holds only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Optional
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..hf.attention import check_not_packed, mark_packed, mask_padding, packed_segments, side_cache
+from ..kernels.utils import device_tensor
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
@@ -60,8 +62,16 @@ class MLAAttention(nn.Module):
         self._rope = hf_module.apply_rotary_pos_emb_interleave if getattr(cfg, "rope_interleave", False) \
             else hf_module.apply_rotary_pos_emb
 
-    def _weights(self):
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+    def _weights(self, like: torch.Tensor):
+        """W_UK (H, Dn, R) and W_UV (H, Dv, R), the two parts of kv_b_proj's weight. A kv_b_proj other than a plain
+        nn.Linear (a LoRA adapter, a quantised layer) gives its effective weight, the map of the identity (in
+        ``like``'s dtype): its ``weight`` attribute alone would drop the adapter."""
+        lin = self.kv_b_proj
+        if type(lin) is nn.Linear:
+            w = lin.weight
+        else:
+            w = lin(torch.eye(self.kv_lora_rank, dtype=like.dtype, device=like.device)).T
+        w = w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def _latent_cache(self, cache, batch: int, dtype, device):
@@ -98,7 +108,7 @@ class MLAAttention(nn.Module):
         padded, _, real = mask_padding(attention_mask, T)  # read once per forward, not in every layer
         mask = None if padded is None else attention_mask[:, -T:].bool()
         lengths = [T] * B if mask is None else real if real is not None else mask.sum(1).tolist()
-        w_uk, w_uv = self._weights()
+        w_uk, w_uv = self._weights(c_kv)
 
         if cache is not None:
             state = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
@@ -146,8 +156,7 @@ class MLAAttention(nn.Module):
     def _prefill(self, q_nope, q_rot, c_kv, k_rot, mask, lengths, w_uk, w_uv):
         if mask is None:
             return mla_prefill(q_nope, q_rot, c_kv, k_rot, w_uk, w_uv, scale=self.scaling)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q_nope.device)
-        cu[1:] = torch.tensor(lengths, device=q_nope.device).cumsum(0)
+        cu = device_tensor([0, *itertools.accumulate(lengths)], torch.int32, q_nope.device)
         packed = mla_prefill(q_nope[mask], q_rot[mask], c_kv[mask], k_rot[mask], w_uk, w_uv, scale=self.scaling,
                              cu_seqlens=cu)
         out = packed.new_zeros(*q_nope.shape[:3], self.v_head_dim)
@@ -164,10 +173,8 @@ class MLAAttention(nn.Module):
                            + torch.arange(self.page_size, device=table.device)).flatten()[:n]
                           for b, n in enumerate(lens_k)])
         latent = flat[rows]
-        cu_q = torch.zeros(B + 1, dtype=torch.int32, device=q_nope.device)
-        cu_q[1:] = torch.tensor(lengths, device=q_nope.device).cumsum(0)
-        cu_k = torch.zeros_like(cu_q)
-        cu_k[1:] = torch.tensor(lens_k, device=q_nope.device).cumsum(0)
+        cu_q = device_tensor([0, *itertools.accumulate(lengths)], torch.int32, q_nope.device)
+        cu_k = device_tensor([0, *itertools.accumulate(lens_k)], torch.int32, q_nope.device)
         packed = mla_prefill(q_nope[sel], q_rot[sel], latent[:, :self.kv_lora_rank], latent[:, self.kv_lora_rank:],
                              w_uk, w_uv, scale=self.scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         out = packed.new_zeros(B, T, self.num_heads, self.v_head_dim)

@@ -492,3 +492,16 @@ def test_save_and_from_pretrained(kind, device, tmp_path):
     ids = torch.randint(0, 128, (2, 40)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [dict(dropout=0.1), dict(softcap=30.0), dict(s_aux=torch.zeros(4)),
+                                   dict(sinks=torch.zeros(4)), dict(position_bias=torch.zeros(1)),
+                                   dict(is_causal=False)], ids=lambda e: next(iter(e)))
+def test_attention_function_refuses_what_it_would_ignore(extra, device):
+    """Attention sinks (gpt-oss), softcapping, dropout, position bias, non-causal attention: an error, not an
+    attention computed without them."""
+    q = torch.randn(1, 4, 8, 16, device=device)
+    module = torch.nn.Module()
+    for fn in (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward):
+        with pytest.raises(ValueError, match="does not support|causal"):
+            fn(module, q, q, q, None, scaling=0.25, **extra)

@@ -285,6 +285,9 @@ def _check(module, dropout, kwargs):
         raise ValueError("longattn attention does not support attention dropout (got dropout > 0)")
     if kwargs.get("softcap") is not None:
         raise ValueError("longattn attention does not support softcap")
+    for name in ("s_aux", "sinks", "position_bias"):  # terms the softmax would silently go without
+        if kwargs.get(name) is not None:
+            raise ValueError(f"longattn attention does not support {name} (attention sinks / additive position bias)")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("longattn's HF attention functions are causal (decoder) attention only")
 

@@ -494,14 +494,57 @@ def test_save_and_from_pretrained(kind, device, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("extra", [dict(dropout=0.1), dict(softcap=30.0), dict(s_aux=torch.zeros(4)),
-                                   dict(sinks=torch.zeros(4)), dict(position_bias=torch.zeros(1)),
-                                   dict(is_causal=False)], ids=lambda e: next(iter(e)))
+@pytest.mark.parametrize("extra", [dict(dropout=0.1), dict(softcap=30.0), dict(position_bias=torch.zeros(1)),
+                                   dict(is_causal=False), dict(s_aux=torch.zeros(3))], ids=lambda e: next(iter(e)))
 def test_attention_function_refuses_what_it_would_ignore(extra, device):
-    """Attention sinks (gpt-oss), softcapping, dropout, position bias, non-causal attention: an error, not an
+    """Softcapping, dropout, position bias, non-causal attention, sinks of the wrong shape: an error, not an
     attention computed without them."""
     q = torch.randn(1, 4, 8, 16, device=device)
     module = torch.nn.Module()
     for fn in (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward):
-        with pytest.raises(ValueError, match="does not support|causal"):
+        with pytest.raises(ValueError, match="does not support|causal|one logit per query head"):
             fn(module, q, q, q, None, scaling=0.25, **extra)
+
+
+def _gpt_oss(device, impl):
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+                       layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(device)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)
+    ours = copy.deepcopy(ref)
+    if impl == "moba":  # through swap_attention: decoding keeps the pooled keys
+        longattn.hf.swap_attention(ours, "moba", block_size=16, topk=64)
+    else:
+        ours.set_attn_implementation(impl)
+    return ref, ours
+
+
+@pytest.mark.parametrize("impl", ["longattn", "moba"])
+def test_gpt_oss_sinks_and_sliding_layers(impl, device):
+    """gpt-oss: attention sinks (a learned logit per head in every softmax) and alternating sliding-window layers.
+    Logits, the sinks' gradients and cached generation equal the eager model's (MoBA with top-k over every block
+    is dense attention; its sliding layers stay sliding)."""
+    ref, ours = _gpt_oss(device, impl)
+    ids = torch.randint(1, 128, (2, 40)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    for model in (ref, ours):
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+    for a, b in zip(ref.model.layers, ours.model.layers):
+        torch.testing.assert_close(b.self_attn.sinks.grad, a.self_attn.sinks.grad, atol=1e-5, rtol=1e-4)
+    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        g_ours, g_ref = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(g_ours.sequences, g_ref.sequences)
+    for a, b in zip(g_ours.logits, g_ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

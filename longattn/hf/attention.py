@@ -232,17 +232,32 @@ def _kept_means(module, k, lens, offsets, block_size: int, q_len: int) -> Option
     return means
 
 
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention sinks (gpt-oss: one learned logit per head, in every row's softmax but attending to nothing):
+    ``out * exp(lse) / (exp(lse) + exp(sink))``, from the output and lse without them; differentiable in all three.
+    ``lse`` aligned with out's rows: ``(..., H)`` for out ``(..., H, D)``."""
+    if sinks is None:
+        return out
+    keep = torch.sigmoid(lse - sinks.float())
+    return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
+
+
 def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, T, H, D)
-    if kind == "moba":
+    window = kwargs.get("sliding_window")
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (q.shape[2],)):
+        raise ValueError(f"attention sinks must be a tensor of one logit per query head ({q.shape[2]},), got "
+                         f"{tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+    if kind == "moba" and not window:
         cfg = getattr(module, "config", None)
         opts = dict(block_size=getattr(cfg, "moba_block_size", MOBA_DEFAULT_BLOCK_SIZE),
                     topk=getattr(cfg, "moba_topk", MOBA_DEFAULT_TOPK))
         op = moba_attention
-    else:
-        window = kwargs.get("sliding_window")
-        opts = dict(window=int(window) if window else None)
-        op = flash_attention
+    else:  # (a sliding-window layer of a MoBA model stays a sliding-window layer: local already)
+        kind, opts, op = "flash", dict(window=int(window) if window else None), flash_attention
+    if sinks is not None:
+        opts["return_lse"] = True
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
@@ -251,6 +266,9 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     kv_len = k.shape[1]
     attention_mask, pad, _ = mask_padding(attention_mask, kv_len)
     cu = packed_segments(kwargs, B, q_len, kv_len)[0] if attention_mask is None else None
+    # with sinks the ops also return their lse, (B, H, T) in the dense layout and (H, total) in the varlen one
+    dense = (lambda r: _with_sinks(r[0], r[1].transpose(1, 2), sinks)) if sinks is not None else (lambda r: r)
+    varlen = (lambda r: _with_sinks(r[0], r[1].t(), sinks)) if sinks is not None else (lambda r: r)
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):
@@ -265,16 +283,18 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
             out = moba_decode(q.reshape(B * q_len, *q.shape[2:]), k, v, cache_seqlens=lens.flatten(),
                               cache_offsets=offsets.repeat_interleave(q_len), cache_rows=rows, k_mean=k_mean,
                               scale=scaling, validate=False, **opts)
+            if sinks is not None:  # lse (B * q_len, H): aligned with the rows already
+                out = _with_sinks(*out, sinks)
             return out.view(B, q_len, *out.shape[1:])
     elif kind != "moba" and pad is not None:
-        return op(q, k, v, scale=scaling, left_pad=pad, validate=False, **opts)
+        return dense(op(q, k, v, scale=scaling, left_pad=pad, validate=False, **opts))
     if attention_mask is None:
         if cu is None:
-            return op(q, k, v, scale=scaling, **opts)
-        return op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts)[None]
+            return dense(op(q, k, v, scale=scaling, **opts))
+        return varlen(op(q[0], k[0], v[0], cu_seqlens=cu, scale=scaling, **opts))[None]
     qmask, cu_q, cu_k = _unpad(attention_mask[:, -kv_len:], q_len)
     kmask = attention_mask[:, -kv_len:].bool()
-    out_p = op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts)
+    out_p = varlen(op(q[qmask], k[kmask], v[kmask], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scaling, **opts))
     out = out_p.new_zeros(B, q_len, *out_p.shape[1:])
     out[qmask] = out_p
     return out
@@ -285,9 +305,8 @@ def _check(module, dropout, kwargs):
         raise ValueError("longattn attention does not support attention dropout (got dropout > 0)")
     if kwargs.get("softcap") is not None:
         raise ValueError("longattn attention does not support softcap")
-    for name in ("s_aux", "sinks", "position_bias"):  # terms the softmax would silently go without
-        if kwargs.get(name) is not None:
-            raise ValueError(f"longattn attention does not support {name} (attention sinks / additive position bias)")
+    if kwargs.get("position_bias") is not None:  # a term the softmax would silently go without
+        raise ValueError("longattn attention does not support an additive position_bias")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("longattn's HF attention functions are causal (decoder) attention only")
 
@@ -295,13 +314,15 @@ def _check(module, dropout, kwargs):
 def moba_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: Optional[float] = None, **kwargs):
     """transformers attention function for ``attn_implementation="moba"``; block size and top-k come from
-    ``config.moba_block_size`` / ``config.moba_topk`` (defaults 512 / 3)."""
+    ``config.moba_block_size`` / ``config.moba_topk`` (defaults 512 / 3). A layer with a sliding window stays a
+    sliding-window layer (flash attention, exact); attention sinks (gpt-oss's ``s_aux``) are honoured."""
     _check(module, dropout, kwargs)
     return _run("moba", module, query, key, value, attention_mask, scaling, kwargs), None
 
 
 def flash_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: Optional[float] = None, **kwargs):
-    """transformers attention function for ``attn_implementation="longattn"`` (honours sliding_window)."""
+    """transformers attention function for ``attn_implementation="longattn"`` (honours sliding_window and
+    attention sinks, gpt-oss's ``s_aux``)."""
     _check(module, dropout, kwargs)
     return _run("flash", module, query, key, value, attention_mask, scaling, kwargs), None

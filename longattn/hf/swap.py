@@ -5,10 +5,10 @@ import dataclasses
 
 from torch import nn
 
-MOBA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss",)  # (gpt-oss: attention sinks, its sliding-window layers kept)
 MLA_ARCHS = ("deepseek_v3",)
 KINDS = ("flash", "moba", "nsa", "mla")
-NSA_ARCHS = MOBA_ARCHS
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
 
@@ -47,10 +47,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
-        ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral models; options ``block_size`` (default 512) and
-            ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the
-            pooled keys of each layer's complete blocks on the transformers cache, so a step reads the selected
-            blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each step).
+        ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral/gpt-oss models (sliding-window layers stay so); options
+            ``block_size`` (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/
+            ``moba_topk``. Decoding keeps the pooled keys of each layer's complete blocks on the transformers
+            cache, so a step reads the selected blocks only (``attn_implementation="moba"`` alone pools every
+            block of the cache at each step).
         ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models: each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``).

@@ -45,7 +45,17 @@ def _as_tensors(prompts, device) -> list:
 def _uses_packing(model) -> bool:
     impl = getattr(model.config, "_attn_implementation", None)
     own_modules = any(type(m).__name__ in ("MLAAttention", "NativeSparseAttention") for m in model.modules())
-    return impl in PACKED_IMPLEMENTATIONS and not own_modules
+    return impl in PACKED_IMPLEMENTATIONS and not own_modules and not _sliding_cache(model)
+
+
+def _sliding_cache(model) -> bool:
+    """Whether the model's transformers cache keeps only a window of some layers' tokens (sliding-window layers:
+    gpt-oss, Mistral): the packed prefill, which splits every layer's cache of the packed row by prompt, then
+    cannot be used."""
+    from transformers import DynamicCache
+
+    layers = getattr(DynamicCache(config=model.config), "layers", ())
+    return any(getattr(layer, "is_sliding", False) for layer in layers)
 
 
 def _cache_kw(model) -> str:
@@ -117,7 +127,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             ``stop_at_eos=False`` always generates ``max_new_tokens`` tokens.
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
-            longattn's attention functions.
+            longattn's attention functions and its cache keeps every token (no sliding-window layers).
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
             batch and the cache (one copy of the cache, ``reorder_cache``), so that later steps decode only the
             live ones; rollout lengths vary widely. The results are the same either way.
@@ -138,6 +148,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if not stop_at_eos:
         eos_token_id = None
     use_packed = _uses_packing(model) if packed is None else packed
+    if use_packed and packed and _sliding_cache(model):
+        raise ValueError("packed=True needs a cache that keeps every token; this model's has sliding-window layers")
     t0 = _clock(device)
     logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens)
     t1 = _clock(device)

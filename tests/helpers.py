@@ -43,6 +43,33 @@ def tiny_deepseek_v3_config():
                             max_position_embeddings=512)
 
 
+def tiny_gpt_oss_pair(device, impl):
+    """A tiny gpt-oss (attention sinks, moved off 0 here; a sliding-window layer then a full one) under eager
+    attention, and a copy under longattn's ``impl`` ("longattn", or "moba" through swap_attention with top-k over
+    every block: dense)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    import longattn
+
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+                       layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(device)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)
+    ours = copy.deepcopy(ref)
+    if impl == "moba":  # through swap_attention: decoding keeps the pooled keys
+        longattn.hf.swap_attention(ours, "moba", block_size=16, topk=64)
+    else:
+        ours.set_attn_implementation(impl)
+    return ref, ours
+
+
 def run_without_gpu_sync(fn):
     """Run fn with every CUDA host synchronisation an error (torch's sync debug mode); on the CPU, just run it.
     What a decoding step may not do in every layer: wait for the GPU (a blocking copy, .item(), .tolist())."""

@@ -6,7 +6,8 @@ import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config)
+                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config,
+                     tiny_gpt_oss_pair)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -506,32 +507,12 @@ def test_attention_function_refuses_what_it_would_ignore(extra, device):
             fn(module, q, q, q, None, scaling=0.25, **extra)
 
 
-def _gpt_oss(device, impl):
-    from transformers import GptOssConfig
-
-    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
-                       layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(device)
-    with torch.no_grad():
-        for layer in ref.model.layers:
-            layer.self_attn.sinks.normal_(0, 2.0)
-    ours = copy.deepcopy(ref)
-    if impl == "moba":  # through swap_attention: decoding keeps the pooled keys
-        longattn.hf.swap_attention(ours, "moba", block_size=16, topk=64)
-    else:
-        ours.set_attn_implementation(impl)
-    return ref, ours
-
-
 @pytest.mark.parametrize("impl", ["longattn", "moba"])
 def test_gpt_oss_sinks_and_sliding_layers(impl, device):
     """gpt-oss: attention sinks (a learned logit per head in every softmax) and alternating sliding-window layers.
     Logits, the sinks' gradients and cached generation equal the eager model's (MoBA with top-k over every block
     is dense attention; its sliding layers stay sliding)."""
-    ref, ours = _gpt_oss(device, impl)
+    ref, ours = tiny_gpt_oss_pair(device, impl)
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :6] = 0

@@ -6,7 +6,7 @@ import torch
 
 import longattn
 from longattn import rollout
-from helpers import tiny_deepseek_v3_config
+from helpers import tiny_deepseek_v3_config, tiny_gpt_oss_pair
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -128,3 +128,17 @@ def test_rollout_bad_arguments():
         rollout.generate(model, [[1, 2]], 0)
     with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
         rollout.generate(model, [[1, 2], []], 2)
+
+
+def test_rollout_with_sliding_window_layers(device):
+    """gpt-oss keeps only a window of its sliding layers' tokens in the cache: the rollout prefills a padded batch
+    (a packed row's cache cannot be split by prompt there) and equals the eager model's; packed=True is refused."""
+    ref, ours = tiny_gpt_oss_pair(device, "longattn")
+    prompts = [torch.randint(1, 128, (n,)) for n in (13, 30, 22)]
+    got = rollout.generate(ours.eval(), prompts, 5, stop_at_eos=False)
+    want = rollout.generate(ref.eval(), prompts, 5, stop_at_eos=False, packed=False)
+    assert not got.prefill_packed and got.completions == want.completions
+    for a, b in zip(got.logprobs, want.logprobs):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        rollout.generate(ours, prompts, 2, packed=True)

@@ -19,6 +19,8 @@ NSA = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
 def _model(device, arch="llama"):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024)
+    if arch == "qwen2_sliding":  # its second layer a sliding-window one: a cache keeping the last 16 tokens
+        common.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
     cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
@@ -70,11 +72,14 @@ def test_window_branch_alone_equals_original_model(arch, device):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_generate_equals_recompute(device):
-    model = _model(device, "qwen2")  # the Llama model is covered by the step-by-step test above
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_sliding"])
+def test_generate_equals_recompute(arch, device):
+    """(The Llama model is covered by the step-by-step test above.) A model with sliding-window layers: NSA replaces
+    them too, and their caches keep every token (they kept the window: wrong tokens)."""
+    model = _model(device, arch)
     ids = torch.randint(0, 128, (1, 40)).to(device)
     with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        gen = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
         # greedy recompute without a cache: the model is causal, so one forward over the generated sequence
         # gives, at every position, the logits a recompute from scratch would see there
         recompute = model(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)

@@ -54,7 +54,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             block of the cache at each step).
         ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models: each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with new compressor
-            and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``).
+            and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
+            layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); option ``page_size`` (default 64).
@@ -102,6 +103,13 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         config = options.get("config", NSAConfig())
         if not isinstance(config, NSAConfig):
             raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+        # NSA replaces every attention, sliding-window layers included (its own window is a branch): the transformers
+        # cache must keep every token of every layer (a sliding layer's cache keeps only its window)
+        # (layer_types decide the cache's layers where the config has them; else sliding_window does)
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in cfg.layer_types]
+        elif getattr(cfg, "sliding_window", None) is not None:
+            cfg.sliding_window = None
         for layer in model.model.layers:
             if not isinstance(layer.self_attn, NativeSparseAttention):
                 layer.self_attn = NativeSparseAttention(layer.self_attn, config)

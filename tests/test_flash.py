@@ -303,6 +303,19 @@ def test_flash_gpu_large(T, Hq, Hkv, D, window, dtype):
     _run_and_compare(q, k, v, dtype, causal=True, window=window)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu():
+    """Triton launches on the current device: an op on the second GPU's tensors (a model spread over GPUs) runs
+    there, forward and backward, with the first GPU current."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 4, 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v)
+    out.float().square().sum().backward()
+    ref = attention_ref(q.detach().float(), k.detach().float(), v.detach().float())
+    assert torch.cuda.current_device() == 0 and out.device == q.grad.device == torch.device("cuda:1")
+    assert_close(out.float(), ref, torch.bfloat16, "out")
+
 @pytest.mark.parametrize("ks,ko,lens", [(16, 31, [100]), (4, 7, [70, 5, 33]), (2, 0, [40])], ids=str)
 def test_strided_keys(ks, ko, lens, dtype, device):
     """Keys summarising token blocks (NSA compression): key j at position j*ks + ko, query i at position i."""

@@ -40,6 +40,9 @@ def public_op(*autocast: str):
     under autocast hand attention float32 q/k, rotated by float32 RoPE tables, and bfloat16 v), and the op
     runs with autocast off (its own float32 work stays float32).
 
+    Triton launches on the current CUDA device: an op on tensors of another GPU (a model spread over several,
+    ``device_map="auto"``) runs with that GPU made current.
+
     The op is also opaque to ``torch.compile``: TorchDynamo runs it as it is (a graph break) instead of
     tracing its host checks, autotuning and kernel launches, so a compiled model gives the eager results."""
     def decorate(fn):
@@ -49,6 +52,11 @@ def public_op(*autocast: str):
         @functools.wraps(fn)
         def op(*args, **kwargs):
             first = args[0] if args else None
+            if isinstance(first, (list, tuple)) and first:  # merge_attention's list of parts
+                first = first[0]
+            if isinstance(first, torch.Tensor) and first.is_cuda and first.device.index != torch.cuda.current_device():
+                with torch.cuda.device(first.device):
+                    return op(*args, **kwargs)
             if positions and isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type):
                 device = first.device.type
                 dtype = torch.get_autocast_dtype(device)

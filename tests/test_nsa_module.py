@@ -44,7 +44,7 @@ def test_decode_steps_equal_full_forward(device):
     assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 def test_window_branch_alone_equals_original_model(arch, device):
     """Gates shut on the compressed and selected branches and a window longer than the sequence: the swapped
     model is the original one (its q/k/v/o projections, RoPE, and Qwen3's q/k norms, kept)."""
@@ -52,11 +52,13 @@ def test_window_branch_alone_equals_original_model(arch, device):
                   num_key_value_heads=2, max_position_embeddings=1024, head_dim=16)
     if arch == "qwen3":
         cfg = transformers.Qwen3Config(**common)
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
     else:
         cfg = LlamaConfig(**common)
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
-    if arch == "qwen3":
+    if arch != "llama":
         with torch.no_grad():  # norms away from their initial ones, so that dropping them shows
             for layer in ref.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)

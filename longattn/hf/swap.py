@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import nn
 
-NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral")  # (the same attention)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss",)  # (gpt-oss: attention sinks, its sliding-window layers kept)
 MLA_ARCHS = ("deepseek_v3",)
 KINDS = ("flash", "moba", "nsa", "mla")
@@ -47,13 +47,14 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
-        ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral/gpt-oss models (sliding-window layers stay so); options
-            ``block_size`` (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/
-            ``moba_topk``. Decoding keeps the pooled keys of each layer's complete blocks on the transformers
-            cache, so a step reads the selected blocks only (``attn_implementation="moba"`` alone pools every
-            block of the cache at each step).
-        ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models: each attention becomes a
-            :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with new compressor
+        ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral models (their MoE variants too) and gpt-oss (its
+            sliding-window layers stay so); options ``block_size`` (default 512) and ``topk`` (default 3), stored in
+            ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled keys of each layer's complete
+            blocks on the transformers cache, so a step reads the selected blocks only (``attn_implementation="moba"``
+            alone pools every block of the cache at each step).
+        ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models and their MoE variants: each
+            attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with
+            new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
             layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an

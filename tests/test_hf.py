@@ -250,6 +250,17 @@ def _deepseek(device):
     return ref.to(device), ours.to(device)
 
 
+def _swapped(kind, device):
+    """A tiny model with longattn's ``kind`` swapped in (MoBA 16 / top 2, NSA at small block sizes)."""
+    from longattn.nsa import NSAConfig
+
+    if kind == "mla":
+        return _deepseek(device)[1]
+    opts = dict(flash={}, moba=dict(block_size=16, topk=2),
+                nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
+    return longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
+
+
 def test_mla_swap_logits_match_deepseek_v3(device):
     ref, ours = _deepseek(device)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
@@ -284,6 +295,18 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def _assert_same_generation(ours, ref, ids, **kw):
+    """The same logits on ``ids``, then the same greedy tokens and per-step logits over 4 generated tokens."""
+    kw = dict(kw, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        g_ours, g_ref = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(g_ours.sequences, g_ref.sequences)
+    for a, b in zip(g_ours.logits, g_ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 class _LowRankAdapter(torch.nn.Module):
     """A LoRA-style wrapper of a linear layer: base(x) + B(A(x)), its ``weight`` the base's alone."""
 
@@ -309,14 +332,7 @@ def test_mla_with_adapter_on_kv_b_proj(device):
     for a, b in zip(ref.model.layers, ours.model.layers):
         a.self_attn.kv_b_proj = _LowRankAdapter(a.self_attn.kv_b_proj)
         b.self_attn.kv_b_proj = copy.deepcopy(a.self_attn.kv_b_proj)
-    ids = torch.randint(1, 128, (2, 30)).to(device)
-    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
-        g_ours, g_ref = ours.generate(ids, **kw), ref.generate(ids, **kw)
-    assert torch.equal(g_ours.sequences, g_ref.sequences)
-    for a, b in zip(g_ours.logits, g_ref.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_generation(ours, ref, torch.randint(1, 128, (2, 30)).to(device))
 
 
 def test_mla_decoding_without_position_ids(device):
@@ -369,18 +385,10 @@ def test_static_cache_generate_equals_dynamic(kind, device):
     steps of a static cache (on a GPU by default; here on every device, its graphs run without inductor)."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    from longattn.nsa import NSAConfig
-
     compile_config = CompileConfig(backend="aot_eager")
     compile_config._compile_all_devices = True
     torch._dynamo.reset()
-
-    if kind == "mla":
-        model = _deepseek(device)[1]
-    else:
-        opts = dict(moba=dict(block_size=16, topk=2), flash={},
-                    nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
-        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
+    model = _swapped(kind, device)
     ids = torch.randint(1, 128, (2, 37)).to(device)
     mask = torch.ones_like(ids)
     for pad in (0, 5):
@@ -395,21 +403,12 @@ def test_static_cache_generate_equals_dynamic(kind, device):
     assert hasattr(model, "_compiled_call")  # the steps ran compiled
 
 
-@pytest.mark.parametrize("kind", ["longattn", "nsa", "mla"])  # ("moba" runs as "longattn" does)
+@pytest.mark.parametrize("kind", ["flash", "nsa", "mla"])  # (MoBA's attention function runs as flash's does)
 def test_compiled_model_equals_eager(kind, device):
     """torch.compile(model) runs the kernels as they are (the ops are opaque to TorchDynamo): the compiled
     model's logits and every parameter's gradient equal eager mode's. Dynamo traced into the ops before."""
-    from longattn.nsa import NSAConfig
-
     torch._dynamo.reset()
-    if kind == "mla":
-        model = _deepseek(device)[1]
-    elif kind == "nsa":
-        config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
-        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], "nsa", config=config)
-    else:
-        model = _pair(_config(moba_block_size=16, moba_topk=2), kind, device)[1]
-    model.train()
+    model = _swapped(kind, device).train()
     ids = torch.randint(0, 128, (2, 50)).to(device)
     grads = []
     for run in (model, torch.compile(model, backend="aot_eager")):
@@ -423,21 +422,12 @@ def test_compiled_model_equals_eager(kind, device):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["longattn", "nsa", "mla"])  # ("moba" runs as "longattn" does)
+@pytest.mark.parametrize("kind", ["flash", "nsa", "mla"])  # (MoBA's attention function runs as flash's does)
 def test_autocast_training_follows_float32(kind, device):
     """Mixed-precision training (float32 weights under torch.autocast, bfloat16): the attention gets float32
     q/k (rotated by float32 RoPE tables) and bfloat16 v, which the ops refused before; they now cast them as
     SDPA does. Loss and gradients stay near the float32 model's."""
-    from longattn.nsa import NSAConfig
-
-    if kind == "mla":
-        model = _deepseek(device)[1]
-    elif kind == "nsa":
-        config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
-        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], "nsa", config=config)
-    else:
-        model = _pair(_config(moba_block_size=16, moba_topk=2), kind, device)[1]
-    model.train()
+    model = _swapped(kind, device).train()
     ids = torch.randint(0, 128, (2, 40)).to(device)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -473,14 +463,7 @@ def test_swap_attention_errors():
 def test_save_and_from_pretrained(kind, device, tmp_path):
     """A swapped model saved with save_pretrained loads back swapped, the weights the swap added (NSA's
     compressors and gates, moved off their initial values here) included: same logits."""
-    from longattn.nsa import NSAConfig
-
-    if kind == "mla":
-        model = _deepseek(device)[1]
-    else:
-        opts = dict(moba=dict(block_size=16, topk=2),
-                    nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
-        model = longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
+    model = _swapped(kind, device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(s in name for s in ("gate", "_pos", "_compress")):
@@ -521,11 +504,4 @@ def test_gpt_oss_sinks_and_sliding_layers(impl, device):
         model(ids, labels=ids).loss.backward()
     for a, b in zip(ref.model.layers, ours.model.layers):
         torch.testing.assert_close(b.self_attn.sinks.grad, a.self_attn.sinks.grad, atol=1e-5, rtol=1e-4)
-    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
-        g_ours, g_ref = ours.generate(ids, **kw), ref.generate(ids, **kw)
-    assert torch.equal(g_ours.sequences, g_ref.sequences)
-    for a, b in zip(g_ours.logits, g_ref.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_generation(ours, ref, ids, attention_mask=mask)

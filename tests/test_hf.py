@@ -479,12 +479,15 @@ def test_save_and_from_pretrained(kind, device, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [dict(dropout=0.1), dict(softcap=30.0), dict(position_bias=torch.zeros(1)),
-                                   dict(is_causal=False), dict(s_aux=torch.zeros(3))], ids=lambda e: next(iter(e)))
+                                   dict(is_causal=False), dict(s_aux=torch.zeros(3)), dict(attention_chunk_size=2)],
+                         ids=lambda e: next(iter(e)))
 def test_attention_function_refuses_what_it_would_ignore(extra, device):
-    """Softcapping, dropout, position bias, non-causal attention, sinks of the wrong shape: an error, not an
-    attention computed without them."""
+    """Softcapping, dropout, position bias, non-causal attention, sinks of the wrong shape, chunked attention (a
+    config's attention_chunk_size): an error, not an attention computed without them."""
     q = torch.randn(1, 4, 8, 16, device=device)
     module = torch.nn.Module()
+    if "attention_chunk_size" in extra:
+        module.config, extra = LlamaConfig(attention_chunk_size=extra["attention_chunk_size"]), {}
     for fn in (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward):
         with pytest.raises(ValueError, match="does not support|causal|one logit per query head"):
             fn(module, q, q, q, None, scaling=0.25, **extra)

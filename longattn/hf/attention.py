@@ -307,6 +307,8 @@ def _check(module, dropout, kwargs):
         raise ValueError("longattn attention does not support softcap")
     if kwargs.get("position_bias") is not None:  # a term the softmax would silently go without
         raise ValueError("longattn attention does not support an additive position_bias")
+    if getattr(getattr(module, "config", None), "attention_chunk_size", None):  # (Llama 4): a mask it would not apply
+        raise ValueError("longattn attention does not support chunked attention (config.attention_chunk_size)")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("longattn's HF attention functions are causal (decoder) attention only")
 

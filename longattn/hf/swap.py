@@ -149,7 +149,9 @@ def from_pretrained(name_or_path, *args, **kwargs) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path)
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code",
+                                  "subfolder") if k in kwargs}
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(name_or_path, **hub)
     spec = dict(getattr(config, "longattn", None) or {})
     if not spec:
         return AutoModelForCausalLM.from_pretrained(name_or_path, *args, config=config, **kwargs)

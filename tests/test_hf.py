@@ -332,7 +332,13 @@ def test_mla_with_adapter_on_kv_b_proj(device):
     for a, b in zip(ref.model.layers, ours.model.layers):
         a.self_attn.kv_b_proj = _LowRankAdapter(a.self_attn.kv_b_proj)
         b.self_attn.kv_b_proj = copy.deepcopy(a.self_attn.kv_b_proj)
-    _assert_same_generation(ours, ref, torch.randint(1, 128, (2, 30)).to(device))
+    ids = torch.randint(1, 128, (2, 30)).to(device)
+    _assert_same_generation(ours, ref, ids)
+    with torch.no_grad():  # the adapters change in place (a training step): decoding follows
+        for a, b in zip(ref.model.layers, ours.model.layers):
+            a.self_attn.kv_b_proj.b.weight.mul_(-1.0)
+            b.self_attn.kv_b_proj.b.weight.mul_(-1.0)
+    _assert_same_generation(ours, ref, ids)
 
 
 def test_mla_decoding_without_position_ids(device):

@@ -56,6 +56,7 @@ class MLAAttention(nn.Module):
         self.scaling = attn.scaling
         self.is_causal = True
         self.page_size = page_size
+        self._effective_weight = None  # (key, W) of a kv_b_proj that is not a plain nn.Linear, kept for decoding
         for name in _SUBMODULES:
             setattr(self, name, getattr(attn, name, None))
         hf_module = sys.modules[type(attn).__module__]
@@ -64,13 +65,22 @@ class MLAAttention(nn.Module):
 
     def _weights(self, like: torch.Tensor):
         """W_UK (H, Dn, R) and W_UV (H, Dv, R), the two parts of kv_b_proj's weight. A kv_b_proj other than a plain
-        nn.Linear (a LoRA adapter, a quantised layer) gives its effective weight, the map of the identity (in
-        ``like``'s dtype): its ``weight`` attribute alone would drop the adapter."""
+        nn.Linear (a LoRA adapter, a quantised layer such as FP8 checkpoints' linear layers) gives its effective weight,
+        the map of the identity (in ``like``'s dtype): its ``weight`` attribute alone would drop the adapter."""
         lin = self.kv_b_proj
         if type(lin) is nn.Linear:
             w = lin.weight
         else:
-            w = lin(torch.eye(self.kv_lora_rank, dtype=like.dtype, device=like.device)).T
+            # a (R x R) @ (R x H*(Dn+Dv)) product: kept between calls without gradients (decoding steps) while the
+            # wrapper's tensors stay the same (in-place updates change their versions)
+            tensors = (*lin.parameters(), *lin.buffers())
+            key = (like.dtype, like.device, tuple((t.data_ptr(), t._version) for t in tensors))
+            kept = self._effective_weight
+            if kept is not None and kept[0] == key and not torch.is_grad_enabled():
+                w = kept[1]
+            else:
+                w = lin(torch.eye(self.kv_lora_rank, dtype=like.dtype, device=like.device)).T
+                self._effective_weight = None if torch.is_grad_enabled() else (key, w)
         w = w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 

@@ -393,8 +393,19 @@ def test_static_cache_generate_equals_dynamic(kind, device):
 
     compile_config = CompileConfig(backend="aot_eager")
     compile_config._compile_all_devices = True
+    _check_static_equals_dynamic(_swapped(kind, device), device, compile_config=compile_config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])
+def test_static_cache_generate_compiled_as_by_default(kind):
+    """What a GPU user gets by default with a static cache: transformers compiles the decoding steps with inductor
+    and CUDA graphs (mode "reduce-overhead") around longattn's ops and the modules' side state."""
+    _check_static_equals_dynamic(_swapped(kind, "cuda"), "cuda")
+
+
+def _check_static_equals_dynamic(model, device, **static_kw):
     torch._dynamo.reset()
-    model = _swapped(kind, device)
     ids = torch.randint(1, 128, (2, 37)).to(device)
     mask = torch.ones_like(ids)
     for pad in (0, 5):
@@ -402,7 +413,7 @@ def test_static_cache_generate_equals_dynamic(kind, device):
         kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True)
         with torch.no_grad():
-            static = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kw)
+            static = model.generate(ids, cache_implementation="static", **static_kw, **kw)
             dynamic = model.generate(ids, **kw)
         for a, b in zip(static.logits, dynamic.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"left padding {pad}")

@@ -72,6 +72,10 @@ def check_not_packed(cache, layer_idx: int) -> None:
                          "restarting at 0): decoding cannot continue it; prefill a batch (left padding) instead")
 
 
+HOLES = ("attention_mask must mark one contiguous run of real tokens per row (left or right padding); masks with "
+         "holes are not supported by longattn's attention")
+
+
 def _unpad(mask: torch.Tensor, q_len: int):
     """Row indices and cu_seqlens of the real tokens of a (B, kv_len) padding mask, for keys and queries.
 
@@ -87,8 +91,7 @@ def _unpad(mask: torch.Tensor, q_len: int):
     qmask = mask[:, kv_len - q_len:]
     holes = (n_real > 0) & (last - first + 1 != n_real)
     if holes.any():
-        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right "
-                         "padding); masks with holes are not supported by longattn's attention")
+        raise ValueError(HOLES)
     n_q = qmask.sum(1)
     if ((n_q > 0) & (last != kv_len - 1) & (q_len != kv_len)).any():
         raise ValueError("with a cache, the new tokens must be the last real tokens of every row (use left "
@@ -108,8 +111,7 @@ def padding_runs(mask: torch.Tensor) -> list:
     first = mask.int().argmax(1)
     host = torch.stack([first, n, mask.cumsum(1).gather(1, (first + n - 1).clamp(min=0)[:, None])[:, 0]]).tolist()
     if any(within != count for within, count in zip(host[2], host[1])):
-        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right "
-                         "padding); masks with holes are not supported by longattn's attention")
+        raise ValueError(HOLES)
     return list(zip(host[0], host[1]))
 
 

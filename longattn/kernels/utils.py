@@ -209,6 +209,7 @@ def interpreter_bf16_exact() -> bool:
                 and torch.equal(e, (x > 0).int() + (x < -1).int()))
 
 
+@torch.compiler.disable  # TorchDynamo cannot trace pin_memory; the values change per step anyway
 def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
     """A small host list (or CPU tensor) as a tensor on ``device``, copied from pinned memory asynchronously:
     ``torch.tensor(values, device=cuda)`` waits for the GPU to finish its queued work (a blocking copy), and even

@@ -56,7 +56,7 @@ def _flash_cases():
     cases = []
     for dt, causal, window, varlen, dqk, dv, kpos in (("bf16", True, False, True, 128, 128, (1, 0)),
                                                       ("fp16", True, True, False, 192, 128, (1, 0)),
-                                                      ("fp32", False, False, False, 64, 64, (1, 0)),
+                                                      ("fp32", False, False, False, 128, 128, (1, 0)),
                                                       ("bf16", True, False, True, 192, 128, (16, 31))):
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")}
         ptr.update(OS="*fp32", LS="*fp32")
@@ -66,17 +66,22 @@ def _flash_cases():
         da, db = split_dim(dqk)
         meta = dict(DQK=dqk, DV=dv, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=bd(dv), IS_VARLEN=varlen, CAUSAL=causal,
                     HAS_WINDOW=window, PRECISION="ieee" if dt == "fp32" else "tf32", KS=kpos[0], KO=kpos[1],
-                    LEFT_PAD=not varlen and kpos == (1, 0), BLOCK_M=64, BLOCK_N=64 if dt != "fp32" else 32)
+                    LEFT_PAD=not varlen and kpos == (1, 0), BLOCK_M=64, BLOCK_N=64)
         tag = (f"{dt}-d{dqk}/{dv}-{'causal' if causal else 'full'}{'-window' if window else ''}"
                f"{'-varlen' if varlen else ''}{'-strided' if kpos != (1, 0) else ''}"
                f"{'-leftpad' if meta['LEFT_PAD'] else ''}")
-        for kern in (F._flash_fwd_kernel, F._flash_bwd_dkdv_kernel, F._flash_bwd_dq_kernel):
-            cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta), ("qk_scale", "scale")))
+        for kern, which in ((F._flash_fwd_kernel, "fwd"), (F._flash_bwd_dkdv_kernel, "dkdv"),
+                            (F._flash_bwd_dq_kernel, "dq")):
+            # float32 takes its own tiles whatever the candidates (the autotuner's pruning)
+            tiles, launch = (F.FP32_TILES[which], (dict(num_warps=8, num_stages=1),)) if dt == "fp32" else ({}, ())
+            cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta, **tiles), ("qk_scale", "scale"),
+                          *launch))
         dec = {k: v for k, v in meta.items() if k not in ("KS", "KO", "BLOCK_M")}
         for tq, g in ((1, 16), (4, 16), (1, 4)):  # decoding: the group's heads x the queries as rows
             rows = max(g, 16 // tq) * tq
             cases.append((f"_flash_decode_kernel[{tag}-q{tq}-g{g}]", F._flash_decode_kernel, ptr,
-                          dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq), BLOCK_N=32 if dt == "fp32" else 64),
+                          dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq),
+                               BLOCK_N=64 if dt != "fp32" else 32 if rows >= 64 else 16),
                           ("qk_scale",), dict(num_warps=8 if rows >= 64 else 4)))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
@@ -91,38 +96,42 @@ def _flash_cases():
 
 
 def _sparse_cases():
+    import torch
+
     from longattn.kernels import sparse as K
     from longattn.moba import kernels as M
 
     cases = []
-    for dt, d, bs in (("bf16", 128, 64), ("fp32", 64, 64)):
+    for dt, d, bs in (("bf16", 128, 64), ("fp32", 128, 64)):
         prec = "ieee" if dt == "fp32" else "tf32"
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "KMEAN", "OS", "DO", "DK", "DV_")}
         ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32", "PK", "PV")})
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN", "K_START",
                                          "K_END", "START", "SEQ", "ROWS")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
-        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=bs, GROUP=1)
+        _, bn, launch = K._tiles(torch.float32 if dt == "fp32" else torch.bfloat16)  # as the op launches them
+        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=min(bs, bn),
+                    GROUP=1)
         kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
-        wide = dict(num_warps=8)  # as the dK/dV launch
+        wide = {"num_warps": 8, **launch}  # as the dK/dV launch
         floats = ("qk_scale", "scale")
         cases += [
             (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
             (f"_moba_select_kernel[{dt}]", M._moba_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=64), ()),
-            (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats),
+            (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats, launch),
             (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(kv_meta), floats, wide),
-            (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats),
+            (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats, launch),
             (f"_sparse_dkdv_finish_kernel[{dt}]", K._sparse_dkdv_finish_kernel, ptr,
-             dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, BLOCK_N=bs), ()),
+             dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, BLOCK_N=meta["BLOCK_N"]), ()),
             (f"_sparse_dkdv_kernel[{dt}-group16]", K._sparse_dkdv_kernel, ptr, dict(kv_meta, GROUP=16), floats,
              wide),
             # NSA's paper shape: head dim 192 = 128 + 64, v 128, groups of 16
             (f"_sparse_dkdv_kernel[{dt}-d192-group16]", K._sparse_dkdv_kernel, ptr,
              dict(kv_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, GROUP=16), floats, wide),
             (f"_sparse_dkdv_finish_kernel[{dt}-d192]", K._sparse_dkdv_finish_kernel, ptr,
-             dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=bs), ()),
-            (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats),
+             dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=meta["BLOCK_N"]), ()),
+            (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats, launch),
             (f"_sparse_decode_kernel[{dt}]", K._sparse_decode_kernel, ptr,
              dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, SPLIT=512, BLOCK_N=64, HAS_ROWS=False), floats),
             (f"_sparse_decode_kernel[{dt}-rows]", K._sparse_decode_kernel, ptr,

@@ -210,6 +210,11 @@ _FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 
+# float32 inputs multiply on CUDA cores ("ieee" products, no tensor cores): the tiles above would spill most of
+# their accumulators and take minutes to compile; these spill nothing up to head dim 256 on sm_90
+# (tests/cuda_compile.py --resources). No timing either: float32 is the accuracy mode, not the fast one.
+FP32_TILES = dict(fwd=dict(BLOCK_M=32, BLOCK_N=32), dq=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16))
+
 
 def _smem_prune(kernel: str):
     """Autotune pruning: drop tiles whose shared-memory buffers cannot fit. ``kernel`` says which tile stays
@@ -220,6 +225,8 @@ def _smem_prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
         elem = args["Q"].element_size()
+        if elem == 4 and not small_tiles():
+            return [triton.Config(FP32_TILES[kernel], num_warps=8, num_stages=1)]
         dqk = args["BLOCK_DA"] + args["BLOCK_DB"]
         d = dqk + args["BLOCK_DV"]
 
@@ -724,12 +731,14 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
         meta = {n: x for n, x in _common_meta(dims, causal, window, q.dtype, left_pad=left_pad).items()
                 if n not in ("KS", "KO")}  # keys at their own positions
         block_g = max(next_pow2(dims.group), 16 // next_pow2(tq))  # 16 rows at least (matmul tiles)
+        wide = block_g * next_pow2(tq) >= 64  # 8 warps (64 rows on 4 spill in float32)
+        # float32 multiplies on CUDA cores: fewer keys per step, or its registers spill (sm_90)
+        block_n = 32 if small_tiles() else 64 if q.dtype != torch.float32 else 32 if wide else 16
         _flash_decode_kernel[(programs, n_split)](
             q, k, v, outs, lses, *_cu_args(dims, left_pad), *_strides3(q, varlen), *_strides3(k, varlen),
             *_strides3(v, varlen), *so, *sl, dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E,
             dims.group, dims.heads_kv, per_split, **meta, TQ=next_pow2(tq), BLOCK_G=block_g,
-            BLOCK_N=32 if small_tiles() or q.dtype == torch.float32 else 64,
-            num_warps=8 if block_g * next_pow2(tq) >= 64 else 4)  # 64 rows on 4 warps spill in float32
+            BLOCK_N=block_n, num_warps=8 if wide else 4)
     if n_split == 1:
         return outs[0], lses[0]
     return merge_fwd(outs, lses, q.dtype)

@@ -332,9 +332,15 @@ CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
 PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chunked segments
 
 
-def _tiles():
-    """(rows per entry tile, keys per step) of the sparse kernels."""
-    return (ENTRY_TILE, 32) if small_tiles() else (ENTRY_TILE, 64)
+def _tiles(dtype: torch.dtype):
+    """(rows per entry tile, keys per step, launch options) of the sparse kernels. float32 multiplies on CUDA
+    cores: 64 keys per step would spill most of the accumulators (and take minutes to compile); 16 on 8 warps
+    spill nothing at head dim 128 on sm_90 (tests/cuda_compile.py --resources)."""
+    if small_tiles():
+        return ENTRY_TILE, 32, {}
+    if dtype == torch.float32:
+        return ENTRY_TILE, 16, dict(num_warps=8, num_stages=1)
+    return ENTRY_TILE, 64, {}
 
 
 @dataclass
@@ -401,7 +407,7 @@ def entries(sel: torch.Tensor, plan: BlockPlan, hq: int, hkv: int, group: int = 
     head) segments, on device; with ``group`` > 1 an entry stands for ``group`` query heads that share it."""
     if not 1 <= group <= ENTRY_TILE:
         raise ValueError(f"entries: group must be 1 to {ENTRY_TILE}, got {group}")
-    tile_m = _tiles()[0] // group
+    tile_m = ENTRY_TILE // group
     hq = hq // group
     n_seg = plan.n_blocks * hkv
     kv_head = (torch.arange(hq, device=sel.device) // (hq // hkv))[None, :, None]
@@ -458,7 +464,7 @@ class _BlockSparse(torch.autograd.Function):
     def forward(ctx, q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
         hq, hkv, dv = dims.heads_q, dims.heads_kv, dims.dim_v
         total_q, ksel = q.shape[0], sel.shape[-1]
-        tile_m, tile_n = _tiles()
+        tile_m, tile_n, launch = _tiles(q.dtype)
         outs = empty(ksel + 1, total_q, hq, dv, device=q.device, dtype=q.dtype)
         lses = torch.full((ksel + 1, hq, total_q), float("-inf"), device=q.device, dtype=torch.float32)
         flash_fwd(q, k, v, plan.own, True, None, scale, out=outs[0], lse=lses[0])
@@ -470,7 +476,7 @@ class _BlockSparse(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
                 ent.n_seg, ent.n_iter, hq, hkv, block_size, scale * LOG2E, KSEL=ksel,
-                BLOCK_M=tile_m, BLOCK_N=min(tile_n, block_size), GROUP=1, **_meta(dims, q.dtype))
+                BLOCK_M=tile_m, BLOCK_N=min(tile_n, block_size), GROUP=1, **_meta(dims, q.dtype), **launch)
         out, lse = merge_fwd(outs, lses) if ksel > 0 else (outs[0], lses[0])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.dims, ctx.ent, ctx.ksel, ctx.block_size, ctx.scale = plan, dims, ent, ksel, block_size, scale
@@ -504,7 +510,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
     if ent is None:
         return dq, dk, dv, dout, delta
-    tile_m, tile_n = _tiles()
+    tile_m, tile_n, launch = _tiles(q.dtype)
     bn = min(tile_n, block_size)
     meta = _meta(dims, q.dtype)
     # dK/dV by (block, KV head) segment, each cut into chunks of at most `ch` entry tiles (their programs run side
@@ -529,7 +535,8 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     _sparse_dkdv_kernel[(ent.n_seg + cdiv(ent.max_tiles, ch), block_size // bn)](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
         *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
-        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **kv_meta, num_warps=8)  # 4 spill its three accumulators
+        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **kv_meta,
+        **{"num_warps": 8, **launch})  # 4 warps spill its three accumulators
     _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
         dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
@@ -541,7 +548,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
-            KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta)
+            KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta, **launch)
         dq = (dq.float() + dq32).to(dq.dtype)
     return dq, dk, dv, dout, delta
 

@@ -4,6 +4,7 @@ import torch
 
 from longattn import flash_attention
 from longattn.moba import moba_attention, moba_attention_ref, moba_block_selection, moba_block_selection_ref
+from longattn.moba.reference import _pooled_keys
 from helpers import assert_close, assert_lse_close, leaf
 
 
@@ -13,8 +14,32 @@ def _cu(lengths, device):
     return cu.to(device)
 
 
+def _assert_same_selection(sel, sel_ref, q, k, block_size, cu_seqlens_q=None, cu_seqlens_k=None):
+    """The kernel's selection equals the reference's, except in rows where two gate scores tie to float32
+    rounding (the kernel sums the dot products in another order; thousands of rows of 30 blocks meet such
+    ties): there both selections' scores must agree."""
+    rows = (sel != sel_ref).any(-1).nonzero().tolist()
+    assert len(rows) <= max(2, sel[..., 0].numel() // 1000), f"block selection differs in {len(rows)} rows"
+    group = q.shape[-2] // k.shape[-2]
+    for row in rows:
+        *pos, h = row
+        a, r = sel[tuple(row)], sel_ref[tuple(row)]
+        if cu_seqlens_q is None:  # dense (b, t, h)
+            qv, keys = q[pos[0], pos[1], h], k[pos[0]]
+        else:  # varlen (t, h)
+            b = int((cu_seqlens_q[1:] <= pos[0]).sum())
+            qv, keys = q[pos[0], h], k[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])]
+        scores = _pooled_keys(keys, block_size).float()[:, h // group] @ qv.float()
+        own = r.max()  # the query's own block, the highest one selected
+        assert a.max() == own and (a >= 0).sum() == (r >= 0).sum(), f"row {row}: {a.tolist()} vs {r.tolist()}"
+        picked = [torch.sort(scores[x[(x >= 0) & (x != own)]]).values for x in (a, r)]
+        torch.testing.assert_close(*picked, rtol=0, atol=1e-4 * (1 + scores.abs().max().item()),
+                                   msg=f"row {row}: block selection differs from the reference beyond a tie")
+
+
 def _check(q, k, v, dtype, *, block_size, topk, with_lse=True, **varlen):
-    """Selection, forward, lse and gradients vs the reference (selection taken from the same inputs)."""
+    """Selection, forward, lse and gradients vs the reference (the reference attends to the kernel's selection
+    once that has been checked)."""
     ref_cu = {}
     if "cu_seqlens" in varlen:
         ref_cu = dict(cu_seqlens_q=varlen["cu_seqlens"], cu_seqlens_k=varlen["cu_seqlens"])
@@ -22,13 +47,13 @@ def _check(q, k, v, dtype, *, block_size, topk, with_lse=True, **varlen):
         ref_cu = dict(cu_seqlens_q=varlen["cu_seqlens_q"], cu_seqlens_k=varlen["cu_seqlens_k"])
     sel_ref = moba_block_selection_ref(q, k, block_size=block_size, topk=topk, **ref_cu)
     sel = moba_block_selection(q, k, block_size=block_size, topk=topk, **varlen)
-    assert torch.equal(sel, sel_ref), "block selection differs from the reference"
+    _assert_same_selection(sel, sel_ref, q, k, block_size, **ref_cu)
 
     qk, kk, vk = leaf(q), leaf(k), leaf(v)
     qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
     out, lse = moba_attention(qk, kk, vk, block_size=block_size, topk=topk, return_lse=True, **varlen)
     out_r, lse_r = moba_attention_ref(qr, kr, vr, block_size=block_size, topk=topk, return_lse=True,
-                                      selection=sel_ref, **ref_cu)
+                                      selection=sel, **ref_cu)
     assert out.dtype == dtype
     assert_close(out, out_r, dtype, "out")
     assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)

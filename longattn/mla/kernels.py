@@ -95,8 +95,8 @@ SMEM_LIMIT = 227 * 1024
 # 16-bit candidates (rows = heads x query tokens, up to 64): beside q (64 x 576), 64-token tiles fit 2
 # buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows)
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for n, w, s in ((32, 8, 4), (64, 8, 2), (32, 8, 3), (16, 8, 6), (32, 4, 4), (64, 4, 2),
-                                   (16, 4, 4))]
+                   for n, w, s in ((64, 8, 2), (32, 8, 3), (32, 8, 4), (16, 8, 6), (64, 4, 2), (32, 4, 4),
+                                   (16, 4, 4))]  # first: the H100's usual pick (bench/results/nvidia-h100)
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:

@@ -29,15 +29,18 @@ python3 -c "import xdist" 2>/dev/null && opts+=(-n "${PYTEST_WORKERS:-16}")
 python3 -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
 : > "$out/tests.log"
 : > "$out/pytest.log"
-# the GPU-only tests first (nothing else runs them), then the rest with the time left; LONGATTN_AUTOTUNE=0:
-# the tests take the first tile that fits instead of timing every candidate (the CPU suite runs the others)
+# the GPU-only tests first (nothing else runs them), then the others in bfloat16 (which only the GPU computes
+# natively) and those without a dtype, then their float16 / float32 cases (the CPU suite runs those too), each
+# pass with the time left; LONGATTN_AUTOTUNE=0: the tests take the first tile that fits instead of timing every
+# candidate (the CPU suite runs the others). -k matches substrings: "float16" is in "bfloat16".
 tests_end=$(( $(date +%s) + ${PYTEST_SECONDS:-220} ))
-for marks in "gpu" "not gpu"; do
+for pass in "gpu|" "not gpu|bfloat16 or not (float16 or float32)" "not gpu|not bfloat16 and (float16 or float32)"; do
+  marks=${pass%%|*} names=${pass#*|}
   left=$(( tests_end - $(date +%s) ))
-  [ "$left" -gt 5 ] || { echo "no time left for tests marked: $marks" >> "$out/pytest.log"; continue; }
+  [ "$left" -gt 5 ] || { echo "no time left for tests: -m '$marks' -k '$names'" >> "$out/pytest.log"; continue; }
   LONGATTN_AUTOTUNE=0 LONGATTN_TEST_LOG="$out/tests.log" timeout "$left" python3 -m pytest -q -rfE "${opts[@]}" \
-    -m "$marks" -p no:cacheprovider -p no:benchmark tests >> "$out/pytest.log" 2>&1
-  echo "pytest -m '$marks' exit $?" >> "$out/pytest.log"
+    -m "$marks" ${names:+-k "$names"} -p no:cacheprovider -p no:benchmark tests >> "$out/pytest.log" 2>&1
+  echo "pytest -m '$marks' -k '$names' exit $?" >> "$out/pytest.log"
 done
 tail -8 "$out/pytest.log"
 end=$(( $(date +%s) + ${BENCH_SECONDS:-320} ))

@@ -86,6 +86,15 @@ def test_nsa_degenerate_branches_equal_dense(device):
     torch.testing.assert_close(nsa_attention(q, k, v, zero, zero, one, config=cfg), dense, atol=2e-5, rtol=1e-4)
 
 
+def test_nsa_inference_equals_reference(device):
+    """Without gradients the gated sum is written over the compressed branch's output."""
+    q, k, v = (torch.randn(1, 90, h, 32, device=device) for h in (4, 2, 2))
+    gates = [torch.rand(1, 90, 4, device=device) for _ in range(3)]
+    with torch.no_grad():
+        out = nsa_attention(q, k, v, *gates, config=CFG)
+    torch.testing.assert_close(out, nsa_attention_ref(q, k, v, *gates, config=CFG), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("cfg", [NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16),
                                  NSAConfig(cmp_block=32, cmp_stride=16, slc_block=16, slc_topk=3, window=16),
                                  NSAConfig(cmp_block=8, cmp_stride=8, slc_block=32, slc_topk=4, window=16,

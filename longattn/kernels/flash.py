@@ -226,7 +226,7 @@ def _smem_prune(kernel: str):
         args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
         elem = args["Q"].element_size()
         if elem == 4 and not small_tiles():
-            return [triton.Config(FP32_TILES[kernel], num_warps=8, num_stages=1)]
+            return [triton.Config(dict(FP32_TILES[kernel]), num_warps=8, num_stages=1)]
         dqk = args["BLOCK_DA"] + args["BLOCK_DB"]
         d = dqk + args["BLOCK_DV"]
 

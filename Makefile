@@ -29,14 +29,14 @@ demo: $(VENV)/.installed
 
 # Without a GPU the kernel tests run a second time with the GPU's tile sizes (the first autotune candidate)
 # through the interpreter: the default small tiles exercise many tiles on small shapes, these the tiles a
-# GPU runs.
+# GPU runs. bfloat16 takes the float16 tiles, so its cases are left to the first pass.
 KERNEL_TESTS := tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/test_moba.py tests/test_nsa.py \
 	tests/test_sparse.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 ifneq ($(HAS_CUDA),1)
-	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS)
+	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16" $(KERNEL_TESTS)
 endif
 
 bench: $(VENV)/.installed

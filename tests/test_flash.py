@@ -349,7 +349,8 @@ def test_strided_keys(ks, ko, lens, dtype, device):
 
 def test_autotune_pruning_by_shared_memory(monkeypatch):
     """The tile pruning keeps the tiles whose buffers fit (the big ones at head dim 128, the small ones only at
-    256 in float32) and, without autotuning (LONGATTN_AUTOTUNE=0, the interpreter), only the first that fits."""
+    256) and, without autotuning (LONGATTN_AUTOTUNE=0, the interpreter), only the first that fits; float32
+    (CUDA-core products) takes its own small tile on a GPU."""
     import triton
     from longattn.kernels import flash as F
 
@@ -358,9 +359,13 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
     dims = lambda da, db, dv: dict(BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv)
     monkeypatch.setattr(F, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(F, "small_tiles", lambda: False)
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 0, 128)) == configs
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:]  # 192 = 128 + 64
-    assert F._smem_prune("dkdv")(configs, {"Q": fp32}, **dims(256, 0, 256)) == configs[3:]
+    assert F._smem_prune("dkdv")(configs, {"Q": bf16}, **dims(256, 0, 256)) == configs[2:]
+    for kernel in ("fwd", "dkdv", "dq"):
+        (c,) = F._smem_prune(kernel)(configs, {"Q": fp32}, **dims(128, 0, 128))
+        assert c.kwargs == F.FP32_TILES[kernel] and (c.num_warps, c.num_stages) == (8, 1)
     monkeypatch.setattr(F, "autotune_enabled", lambda: False)
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:2]
 

@@ -171,7 +171,8 @@ def _nsa_cases():
     import torch
 
     from longattn.nsa import kernels as K
-    from longattn.nsa.ops import _selected_meta
+    from longattn.nsa import NSAConfig
+    from longattn.nsa.ops import _selected_meta, decode_tiles
 
     cases = []
     for dt, d in (("bf16", 192), ("fp32", 64)):
@@ -193,27 +194,33 @@ def _nsa_cases():
         dv = 128 if d == 192 else d
         shared = dict(DK=d, DV=dv, BLOCK_DK=256 if d == 192 else d, BLOCK_DV=dv, PRECISION="ieee" if dt == "fp32"
                       else "tf32")
+        torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+        # the decoding kernels' tiles as nsa_decode sizes them for the paper's config
+        block_n, slc_tile, c, launch = decode_tiles(NSAConfig(), torch_dt)
         blocks = dict(SLC_BLOCK=64, TOPK=16, TOPK_PAD=16)
-        select = dict(CMP_STRIDE=16, CMP_BLOCK=32, NW=5, INIT=1, LOCAL=2, C=32)
-        attend = dict(BLOCK_N=64, SLC_TILE=64, WINDOW=512)
+        select = dict(CMP_STRIDE=16, CMP_BLOCK=32, NW=5, INIT=1, LOCAL=2, C=c)
+        attend = dict(BLOCK_N=block_n, SLC_TILE=slc_tile, WINDOW=512)
         for block_g in (16, 64):  # GQA groups up to 16, and 64 heads sharing one KV head
             g = dict(shared, BLOCK_G=block_g, HAS_ROWS=block_g == 16)  # decoding with and without cache_rows
             # the selected branch's tiles as its launch sizes them (float32: 16 rows)
-            torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
             dims = types.SimpleNamespace(heads_q=block_g, heads_kv=1, dim_qk=d, dim_v=dv)
             rows = {k: v for k, v in _selected_meta(dims, 64, 16, torch_dt).items()
-                    if k in ("QB", "ROWS", "BLOCK_DA", "BLOCK_DB")}
+                    if k in ("QB", "ROWS", "BLOCK_DA", "BLOCK_DB", "SLC_TILE")}
             no_dk = {k: v for k, v in shared.items() if k != "BLOCK_DK"}
             for name, meta in (("_nsa_decode_kernel", dict(g, **blocks, **select, **attend)),
-                               ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=64, CMP_STRIDE=16, CMP_BLOCK=32)),
+                               ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=block_n, CMP_STRIDE=16,
+                                                                     CMP_BLOCK=32)),
                                ("_nsa_decode_score_split_kernel", dict({k: v for k, v in g.items() if "DV" not in k},
                                                                        **blocks, **select)),
-                               ("_nsa_decode_piece_kernel", dict(g, BLOCK_N=64, SLC_BLOCK=64, TOPK=16, TOPK_PAD=16,
-                                                                 CAND_PAD=512, WINDOW=512, WINDOW_PIECE=128)),
+                               ("_nsa_decode_piece_kernel", dict(g, BLOCK_N=block_n, SLC_BLOCK=64, TOPK=16,
+                                                                 TOPK_PAD=16, CAND_PAD=512, WINDOW=512,
+                                                                 WINDOW_PIECE=128)),
                                ("_nsa_decode_combine_kernel", dict(DV=dv, BLOCK_DV=dv, BLOCK_H=16, TOPK=16)),
-                               ("_nsa_selected_fwd_kernel", dict(no_dk, **blocks, **rows, SLC_TILE=64)),
-                               ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows, SLC_TILE=64))):
-                cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale")))
+                               ("_nsa_selected_fwd_kernel", dict(no_dk, **blocks, **rows)),
+                               ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows))):
+                opts = launch if name.startswith("_nsa_decode") and "combine" not in name else {}
+                cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale"),
+                              opts))
         gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "DOUT", "DO1", "DO2", "DO3")}
         gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "DG1", "DG2", "DG3")})
         for name in ("_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel"):

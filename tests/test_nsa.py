@@ -207,6 +207,22 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
+def test_nsa_decode_long_selection_blocks(splits, device):
+    """Selection blocks of 64 keys, which the GPU tiles of float32 cut into several key tiles (fused and split
+    paths)."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=64, slc_topk=3, window=32)
+    lens, offsets = [300, 100], [0, 20]
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, 320, 4, 1, 32, 16, torch.float32, device, cfg)
+    out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+                          cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=device), config=cfg,
+                          num_splits=splits, return_selection=True)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        ref, sel_r = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg)
+        assert torch.equal(_sorted_sel(sel[b]), _sorted_sel(sel_r[0, 0])), f"sequence {b}: selection differs"
+        assert_close(out[b], ref[0, 0], torch.float32, f"sequence {b}")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
 def test_nsa_decode_cache_rows(splits, device):
     """The last 3 tokens of each sequence as query rows reading their sequence's cache row (``cache_rows``), each
     with its own length, in one call: each equals the reference at its position (fused and split paths)."""

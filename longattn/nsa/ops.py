@@ -349,6 +349,20 @@ def _gates(g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> tor
     return torch.stack(gates)
 
 
+def decode_tiles(config: NSAConfig, dtype: torch.dtype) -> tuple:
+    """(keys per step, selected-block tile, selection blocks per scoring chunk, launch options) of the decoding
+    kernels. A scoring chunk's C*R compressed keys (128 on a GPU) are one matmul, and C covers Eq. 9's reach into
+    the previous chunk. float32 multiplies on CUDA cores: 16-key steps, 64-key chunks and 8 warps keep its
+    registers from spilling (at 64 heads per KV head they spilled 66 KB per thread in the one-program path)."""
+    ratio = config.slc_block // config.cmp_stride
+    reach = next_pow2(cdiv(ratio + config.cmp_block // config.cmp_stride - 2, ratio))
+    if small_tiles():
+        return 32, min(config.slc_block, 64), max(reach, max(1, 64 // ratio)), {}
+    if dtype == torch.float32:
+        return 16, min(config.slc_block, 16), max(reach, max(1, 64 // ratio)), dict(num_warps=8)
+    return 64, min(config.slc_block, 64), max(reach, max(1, 128 // ratio)), {}
+
+
 @public_op("q", "k_cache", "v_cache", "k_cmp", "v_cmp")
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
@@ -434,11 +448,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
     group = hq // hkv
-    block_n = 32 if small_tiles() else 64
-    # selection blocks per scoring chunk: C*R compressed keys per matmul (128 on a GPU), at least Eq. 9's reach
-    ratio = config.slc_block // config.cmp_stride
-    nw = ratio + config.cmp_block // config.cmp_stride - 1
-    c = max(next_pow2(cdiv(nw - 1, ratio)), max(1, (64 if small_tiles() else 128) // ratio))
+    block_n, slc_tile, c, launch = decode_tiles(config, q.dtype)
+    nw = config.slc_block // config.cmp_stride + config.cmp_block // config.cmp_stride - 1
     n_cmp = config.num_cmp_blocks(max_len)
     n_slc = (max_len - 1) // config.slc_block + 1
     if num_splits is None:
@@ -452,7 +463,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))
     selection = dict(CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, INIT=config.init_blocks,
                      NW=nw, LOCAL=config.local_blocks, C=c)
-    attend = dict(BLOCK_N=block_n, SLC_TILE=min(config.slc_block, 64), WINDOW=config.window)
+    attend = dict(BLOCK_N=block_n, SLC_TILE=slc_tile, WINDOW=config.window)
     common = (qk.stride(0), qk.stride(1))
     cache_strides = (kk.stride(0), kk.stride(1), kk.stride(2), vk.stride(0), vk.stride(1), vk.stride(2))
     cmp_strides = (kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2))
@@ -460,7 +471,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         _nsa_decode_kernel[(B, hkv)](
             qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, *common,
             *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
-            sel.stride(0), sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend)
+            sel.stride(0), sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend, **launch)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, lse merge, per-split top-n, then the final top-n and the
@@ -472,7 +483,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     _nsa_decode_cmp_split_kernel[(B, hkv, s1)](
         qk, kck, vck, parts, lses, cache_seqlens, rows_arg, *common, *cmp_strides, parts.stride(0), parts.stride(1),
         parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
-        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block)
+        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, **launch)
     o_cmp, lse = merge_fwd(parts, lses) if s1 > 1 else (parts[0], lses[0])
     per2 = max(1, cdiv(cdiv(n_slc, num_splits), c)) * c
     s2 = max(1, cdiv(n_slc, per2))
@@ -481,7 +492,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     _nsa_decode_score_split_kernel[(B, hkv, s2)](
         qk, kck, lse, weights, cand, cache_seqlens, rows_arg, *common, kck.stride(0), kck.stride(1), kck.stride(2),
         lse.stride(0), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, scale * LOG2E,
-        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection)
+        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection, **launch)
     # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
     # compressed output and gated in a last small kernel: one program per (sequence, KV head) would run them all
     window_piece = 32 if small_tiles() else 128
@@ -493,7 +504,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
         piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), group, s2, scale * LOG2E, **dims,
         BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
-        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece)
+        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, **launch)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
         o_cmp, piece_out, piece_lse, gates, out, o_cmp.stride(0), o_cmp.stride(1), piece_out.stride(0),

@@ -118,6 +118,7 @@ def padding_runs(mask: torch.Tensor) -> list:
 _last_padding = (None, None, None)  # (weak reference to a mask, its version and the columns read, what they held)
 
 
+@torch.compiler.disable  # reads the mask on the host; TorchDynamo would guard on the memo's weak reference
 def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
     """What the last ``kv_len`` columns of a transformers 2-D padding mask hold: ``(mask, pad, real)`` with
     ``mask`` None when they are all real tokens; ``pad``, each row's padding (int32 (B,) on the mask's device), when

@@ -334,8 +334,8 @@ PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chun
 
 def _tiles(dtype: torch.dtype):
     """(rows per entry tile, keys per step, launch options) of the sparse kernels. float32 multiplies on CUDA
-    cores: 64 keys per step would spill most of the accumulators (and take minutes to compile); 16 on 8 warps
-    spill nothing at head dim 128 on sm_90 (tests/cuda_compile.py --resources)."""
+    cores: 64 keys per step spilled 30-38 KB per thread at head dim 128 on sm_90 (and took minutes to compile);
+    16 on 8 warps spill under 300 bytes (tests/cuda_compile.py --resources)."""
     if small_tiles():
         return ENTRY_TILE, 32, {}
     if dtype == torch.float32:

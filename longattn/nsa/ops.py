@@ -354,13 +354,12 @@ def decode_tiles(config: NSAConfig, dtype: torch.dtype) -> tuple:
     kernels. A scoring chunk's C*R compressed keys (128 on a GPU) are one matmul, and C covers Eq. 9's reach into
     the previous chunk. float32 multiplies on CUDA cores: 16-key steps, 64-key chunks and 8 warps keep its
     registers from spilling (at 64 heads per KV head they spilled 66 KB per thread in the one-program path)."""
+    fp32 = dtype == torch.float32 and not small_tiles()
+    block_n, chunk_keys = (32, 64) if small_tiles() else (16, 64) if fp32 else (64, 128)
     ratio = config.slc_block // config.cmp_stride
     reach = next_pow2(cdiv(ratio + config.cmp_block // config.cmp_stride - 2, ratio))
-    if small_tiles():
-        return 32, min(config.slc_block, 64), max(reach, max(1, 64 // ratio)), {}
-    if dtype == torch.float32:
-        return 16, min(config.slc_block, 16), max(reach, max(1, 64 // ratio)), dict(num_warps=8)
-    return 64, min(config.slc_block, 64), max(reach, max(1, 128 // ratio)), {}
+    c = max(reach, max(1, chunk_keys // ratio))
+    return block_n, min(config.slc_block, 16 if fp32 else 64), c, dict(num_warps=8) if fp32 else {}
 
 
 @public_op("q", "k_cache", "v_cache", "k_cmp", "v_cmp")

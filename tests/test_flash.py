@@ -373,8 +373,10 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
 @pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
 def test_every_tile_candidate(which, device, monkeypatch):
     """Every GPU tile an autotuner may pick gives the right answer (the other tests run only the first, which
-    is what runs without autotuning): each candidate of one kernel that fits shared memory, on varlen causal
-    GQA problems with ragged tails, head dims 192 / 128 (two-part q/k tiles) and 64, and a window."""
+    is what runs without autotuning): each block shape among one kernel's candidates that fit shared memory
+    (warps and stages mean nothing to the interpreter), on varlen causal GQA problems with ragged tails, head
+    dims 192 / 128 (two-part q/k tiles) and 64, and a window. The forward and the reference run once per
+    problem; each backward candidate recomputes only the gradients."""
     import triton
     from longattn.kernels import flash as F
 
@@ -385,27 +387,34 @@ def test_every_tile_candidate(which, device, monkeypatch):
 
     kernel = {"fwd": F._flash_fwd_kernel, "dkdv": F._flash_bwd_dkdv_kernel, "dq": F._flash_bwd_dq_kernel}[which]
     tiles = F.DKDV_TILES if which == "dkdv" else F.FWD_TILES
-    candidates = [triton.Config({k: v for k, v in t.items() if k.startswith("BLOCK")}, num_warps=t["num_warps"],
-                                num_stages=t["num_stages"]) for t in tiles]
-    monkeypatch.setattr(F, "autotune_enabled", lambda: True)
+    shapes = list(dict.fromkeys((t["BLOCK_M"], t["BLOCK_N"]) for t in tiles))
+    candidates = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=4, num_stages=1) for m, n in shapes]
     lq = [130, 1, 77]
+    cu = _cu(lq, device)
+    monkeypatch.setattr(F, "autotune_enabled", lambda: True)
     for dqk, dv, window in ((192, 128, None), (64, 64, 40)):
         a, b = F.split_dim(dqk)
         fits = F._smem_prune(which)(candidates, {"Q": torch.empty(0, dtype=torch.float16)}, BLOCK_DA=a, BLOCK_DB=b,
                                     BLOCK_DV=max(16, F.next_pow2(dv)))
+        q = leaf(torch.randn(sum(lq), 4, dqk, device=device, dtype=torch.float16))
+        k = leaf(torch.randn(sum(lq), 2, dqk, device=device, dtype=torch.float16))
+        v = leaf(torch.randn(sum(lq), 2, dv, device=device, dtype=torch.float16))
+        qr, kr, vr = (leaf(t.detach(), torch.float32) for t in (q, k, v))
+        out_r, lse_r = attention_ref(qr, kr, vr, causal=True, window=window, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                     return_lse=True)
+        dout, dlse = torch.randn_like(out_r), torch.randn_like(lse_r)
+        grads_r = torch.autograd.grad((out_r * dout).sum() + (lse_r * dlse).sum(), (qr, kr, vr))
+        if which != "fwd":
+            out, lse = flash_attention(q, k, v, window=window, cu_seqlens=cu, max_seqlen=max(lq), return_lse=True)
+            loss = (out.float() * dout).sum() + (lse * dlse).sum()
         for config in fits:
             monkeypatch.setattr(kernel, "configs", [config])
             monkeypatch.setattr(kernel, "cache", {})
-            q = torch.randn(sum(lq), 4, dqk, device=device, dtype=torch.float16)
-            k = torch.randn(sum(lq), 2, dqk, device=device, dtype=torch.float16)
-            v = torch.randn(sum(lq), 2, dv, device=device, dtype=torch.float16)
-            cu = _cu(lq, device)
-            if which == "fwd":  # the forward alone (the backward's kernels keep their one interpreter tile)
-                out, lse = flash_attention(q, k, v, window=window, cu_seqlens=cu, max_seqlen=max(lq), return_lse=True)
-                out_r, lse_r = attention_ref(q.float(), k.float(), v.float(), causal=True, window=window,
-                                             return_lse=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            if which == "fwd":
+                out = flash_attention(q, k, v, window=window, cu_seqlens=cu, max_seqlen=max(lq))
                 assert_close(out, out_r, torch.float16, "out")
-                assert_lse_close(lse, lse_r, atol=2e-3)
             else:
-                _run_and_compare(q, k, v, torch.float16, window=window, cu_seqlens=cu, max_seqlen=max(lq))
+                for name, g, g_r in zip(("dq", "dk", "dv"), torch.autograd.grad(loss, (q, k, v), retain_graph=True),
+                                        grads_r):
+                    assert_close(g, g_r, torch.float16, f"{name} with {config}")
             assert kernel.best_config is config

@@ -95,6 +95,13 @@ if not HAS_CUDA:
 DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 
 
+def pytest_configure(config):
+    from longattn.kernels.utils import interpreter_problem
+
+    if not HAS_CUDA and interpreter_problem():  # stop at once, not in every kernel test
+        pytest.exit(interpreter_problem(), returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -172,3 +172,26 @@ def test_strided_index_tensors(device):
     torch.testing.assert_close(mla_decode(ql, qr, cache, cache_seqlens=seq, block_table=table, scale=0.2),
                                mla_decode(ql, qr, cache, cache_seqlens=seq.clone(), block_table=table.contiguous(),
                                           scale=0.2))
+
+
+def test_interpreter_numpy_mismatch_is_named(monkeypatch):
+    """Triton < 3.7's interpreter with numpy >= 2.4 (triton-lang/triton#9171) is refused with what to install,
+    on the CPU path only; newer Triton or older numpy pass."""
+    import numpy as np
+    import triton
+
+    from longattn.kernels import utils
+
+    def problem(triton_version, numpy_version):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(np, "__version__", numpy_version)
+        utils.interpreter_problem.cache_clear()
+        try:
+            return utils.interpreter_problem()
+        finally:
+            utils.interpreter_problem.cache_clear()
+
+    assert "needs numpy < 2.4" in problem("3.6.0", "2.4.6")
+    assert problem("3.6.0", "2.2.6") is None
+    assert problem("3.7.0", "2.4.6") is None
+    assert problem("3.10.1", "2.5.0") is None

@@ -262,7 +262,23 @@ def check_device(tensors: dict) -> torch.device:
         raise ValueError(
             f"{first_name} is on {first}: longattn kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")
+    if first.type != "cuda" and interpreter_problem():
+        raise RuntimeError(interpreter_problem())
     return first
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None. Triton's interpreter
+    before 3.7 turns one-element arrays into loop bounds with ``int(array)``, which numpy 2.4 refuses
+    (triton-lang/triton#9171): every kernel with a loop would fail deep inside the interpreter."""
+    import numpy as np
+
+    if (tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+            and np.lib.NumpyVersion(np.__version__) >= "2.4.0"):
+        return (f"triton {triton.__version__}'s interpreter (the CPU path) needs numpy < 2.4, found numpy "
+                f"{np.__version__}: pip install 'numpy<2.4' (or triton >= 3.7)")
+    return None
 
 
 def check_same_dtype(tensors: dict) -> torch.dtype:

@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-oldest bench install clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,20 @@ ifneq ($(HAS_CUDA),1)
 	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16" $(KERNEL_TESTS)
 endif
 
+# The oldest supported stack, in a venv of its own: torch 2.5 with Triton 3.6 (torch 2.5 asks for Triton 3.1; the
+# kernels need >= 3.6), transformers 4.57 (the last release for torch 2.5) and numpy < 2.4 (Triton 3.6's
+# interpreter). Not part of `make test`: it downloads torch's CUDA build (several GB).
+OLDEST_VENV ?= .venv-oldest
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q "torch==2.5.1" "transformers==4.57.6" "numpy<2.4" einops matplotlib \
+		pytest pytest-benchmark pytest-xdist hypothesis
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps "triton==3.6.0"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) -W ignore::DeprecationWarning tests
+
 bench: $(VENV)/.installed
 	$(PY) -m bench all
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache

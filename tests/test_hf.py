@@ -152,6 +152,20 @@ def test_moba_kept_pooled_keys_follow_beam_search(device):
     check_cache_reorder(kept, ids, torch.tensor([2, 0, 0], device=device))
 
 
+def test_static_cache_refused_under_transformers_4(monkeypatch):
+    """Under transformers 4 (the last releases for torch 2.5) the NSA and MLA modules refuse a static cache, whose
+    written slots they cannot tell there; dynamic caches pass, and any cache under transformers 5."""
+    from transformers import DynamicCache
+
+    static = type("StaticLike", (), {"is_compileable": True})()
+    monkeypatch.setattr(hf_attention, "_STATIC_CACHE_NEEDS_V5", True)
+    with pytest.raises(ValueError, match=r"past_key_values: swap_attention\(model, 'nsa'\) with a static cache"):
+        hf_attention.check_cache_supported(static, "nsa")
+    hf_attention.check_cache_supported(DynamicCache(), "mla")
+    monkeypatch.setattr(hf_attention, "_STATIC_CACHE_NEEDS_V5", False)
+    hf_attention.check_cache_supported(static, "nsa")
+
+
 def test_padding_read_once_per_mask(device):
     """Every layer gets the same mask object: its padding is read (a host synchronisation) once, and read again
     when the mask changes in place or other columns are asked for."""
@@ -393,7 +407,7 @@ def test_static_cache_generate_equals_dynamic(kind, device):
 
     compile_config = CompileConfig(backend="aot_eager")
     compile_config._compile_all_devices = True
-    _check_static_equals_dynamic(_swapped(kind, device), device, compile_config=compile_config)
+    _check_static_equals_dynamic(_swapped(kind, device), kind, device, compile_config=compile_config)
 
 
 @pytest.mark.gpu
@@ -401,12 +415,16 @@ def test_static_cache_generate_equals_dynamic(kind, device):
 def test_static_cache_generate_compiled_as_by_default(kind):
     """What a GPU user gets by default with a static cache: transformers compiles the decoding steps with inductor
     and CUDA graphs (mode "reduce-overhead") around longattn's ops and the modules' side state."""
-    _check_static_equals_dynamic(_swapped(kind, "cuda"), "cuda")
+    _check_static_equals_dynamic(_swapped(kind, "cuda"), kind, "cuda")
 
 
-def _check_static_equals_dynamic(model, device, **static_kw):
+def _check_static_equals_dynamic(model, kind, device, **static_kw):
     torch._dynamo.reset()
     ids = torch.randint(1, 128, (2, 37)).to(device)
+    if kind in ("nsa", "mla") and hf_attention._STATIC_CACHE_NEEDS_V5:  # refused, not run on unwritten slots
+        with pytest.raises(ValueError, match="static cache .* needs transformers >= 5"), torch.no_grad():
+            model.generate(ids, cache_implementation="static", max_new_tokens=2, pad_token_id=0, **static_kw)
+        return
     mask = torch.ones_like(ids)
     for pad in (0, 5):
         mask[1, :pad] = 0

@@ -13,6 +13,7 @@ import weakref
 from typing import Optional
 
 import torch
+import transformers
 
 from ..kernels.flash import flash_attention
 from ..kernels.utils import device_tensor
@@ -163,6 +164,20 @@ def padding_mask(*args, **kwargs):
     if seen >= kv_length:
         return None
     return torch.ones(kwargs["batch_size"], seen, dtype=torch.bool, device=kwargs.get("device"))
+
+
+# transformers 4.x (the last releases for torch 2.5) hands the modules a static cache's whole buffer with a mask
+# that does not say which slots are written, and counts its tokens from non-zero keys
+_STATIC_CACHE_NEEDS_V5 = int(transformers.__version__.split(".")[0]) < 5
+
+
+def check_cache_supported(cache, kind: str) -> None:
+    """The modules keeping state beside the cache (``"nsa"``, ``"mla"``) read a static cache's written slots from
+    what transformers 5 passes; refuse one under transformers 4 rather than attend to unwritten slots."""
+    if _STATIC_CACHE_NEEDS_V5 and getattr(cache, "is_compileable", False):
+        raise ValueError(f"past_key_values: swap_attention(model, {kind!r}) with a static cache "
+                         f"({type(cache).__name__}) needs transformers >= 5 (found {transformers.__version__}); "
+                         "use the default dynamic cache")
 
 
 def static_cache_view(attention_mask, key, value):

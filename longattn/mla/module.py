@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import check_not_packed, mark_packed, mask_padding, packed_segments, side_cache
+from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
+                            side_cache)
 from ..kernels.utils import device_tensor
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
@@ -121,6 +122,7 @@ class MLAAttention(nn.Module):
         w_uk, w_uv = self._weights(c_kv)
 
         if cache is not None:
+            check_cache_supported(cache, "mla")
             state = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
             pc, ids = state["pc"], state["ids"]
             cut = state["seen"] - cache.get_seq_length(self.layer_idx)

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf.attention import (check_not_packed, mark_packed, mask_padding, packed_segments, padding_runs, side_cache,
-                             static_cache_view)
+from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
+                            padding_runs, side_cache, static_cache_view)
 from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
@@ -108,6 +108,8 @@ class NativeSparseAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = self._rope(q, k, cos, sin)
         gates = torch.sigmoid(self.gate(hidden_states)).view(B, T, 3, H)
+        if cache is not None:
+            check_cache_supported(cache, "nsa")
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if past:
             check_not_packed(cache, self.layer_idx)

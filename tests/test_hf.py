@@ -60,10 +60,10 @@ def _greedy_recompute(model, ids, n):
 def test_moba_generate_with_cache_equals_recompute(device):
     """Sparse MoBA (topk 2 of up to 4 blocks): cached decoding gives the tokens of a full recompute."""
     _, ours = _pair(_config(moba_block_size=16, moba_topk=2), "moba", device)
-    ids = torch.randint(0, 128, (1, 41)).to(device)
+    ids = torch.randint(0, 128, (1, 44)).to(device)  # the new tokens cross a block's end (48)
     with torch.no_grad():
-        gen = ours.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
-    assert torch.equal(gen, _greedy_recompute(ours, ids, 10))
+        gen = ours.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(gen, _greedy_recompute(ours, ids, 6))
 
 
 def _left_padded(n_a: int, n_b: int, device):
@@ -115,15 +115,15 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     pool = hf_attention.pool_cache_blocks
     monkeypatch.setattr(hf_attention, "pool_cache_blocks",
                         lambda *a, tail=None: calls.append(tail) or pool(*a, tail=tail))
-    _, batch, mask = _left_padded(45, 20, device)
-    kw = dict(max_new_tokens=22, min_new_tokens=22, do_sample=False, pad_token_id=0, output_scores=True,
+    _, batch, mask = _left_padded(45, 20, device)  # 14 new tokens: each row crosses a block's end (48, 32)
+    kw = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     with torch.no_grad():
         ref = plain.generate(batch, attention_mask=mask, **kw)
         assert not calls  # without the swap nothing is kept
         got = kept.generate(batch, attention_mask=mask, **kw)
     layers = len(kept.model.layers)
-    assert calls == [None] * layers + [1] * layers * 21  # prefill pools all; each step adds one block
+    assert calls == [None] * layers + [1] * layers * 13  # prefill pools all; each step adds one block
     assert torch.equal(got.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
     assert all(m._longattn_cache is None for m in (layer.self_attn for layer in kept.model.layers))

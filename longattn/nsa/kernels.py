@@ -24,6 +24,18 @@ from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
 @triton.jit
+def _load_chunk(kc_base, stride_ct, ci, n_cmp, offs_a, offs_b, D: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """Compressed keys ``ci`` (those < n_cmp; 0 elsewhere) transposed, as the two parts of the head dim: (BLOCK_DA,
+    n) and (BLOCK_DB, n) (the second a placeholder, the first again, without a second part)."""
+    rows = kc_base + ci.to(tl.int64)[None, :] * stride_ct
+    a = tl.load(rows + offs_a[:, None], mask=(ci < n_cmp)[None, :] & (offs_a[:, None] < D), other=0.0)
+    b = a
+    if BLOCK_DB > 0:
+        b = tl.load(rows + offs_b[:, None], mask=(ci < n_cmp)[None, :] & (offs_b[:, None] < D), other=0.0)
+    return a, b
+
+
+@triton.jit
 def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        stride_qt, stride_qh, stride_ct, stride_ch, stride_lh, stride_st, stride_sh,
                        group, scale_log2,
@@ -70,7 +82,13 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     own = tl.where(in_t, offs_t // SLC_BLOCK, 0)
     jcols = tl.arange(0, C)
     ccols = tl.arange(0, BLOCK_C)
-    q_a, q_b = _load_split(Q, rows * stride_qt + heads * stride_qh, in_r, D, BLOCK_DA, BLOCK_DB, False)
+    offs_a = tl.arange(0, BLOCK_DA)
+    q_ptr = Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh
+    q_a = tl.load(q_ptr + offs_a[None, :], mask=in_r[:, None] & (offs_a[None, :] < D), other=0.0)
+    offs_b = offs_a  # a placeholder without a second part
+    if BLOCK_DB > 0:
+        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
+        q_b = tl.load(q_ptr + offs_b[None, :], mask=in_r[:, None] & (offs_b[None, :] < D), other=0.0)
     # the row lse in log2 units, +inf where no block is seen (and on padding rows): p = 0 there
     lse = tl.load(LSE + heads * stride_lh + rows, mask=in_r, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -84,12 +102,11 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     carry = tl.zeros([QB, C], tl.float32)
     # each chunk's keys are loaded one chunk ahead, by hand: the top-n fold's inner loop keeps the compiler from
     # pipelining this loop, and the loads would otherwise wait in every iteration
-    next_a, next_b = _load_split(kc_base, ccols.to(tl.int64) * stride_ct, ccols < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
+    next_a, next_b = _load_chunk(kc_base, stride_ct, ccols, n_cmp, offs_a, offs_b, D, BLOCK_DB)
     for j0 in range(0, tl.max(own, 0) + 1, C):
         ci = j0 * R + ccols
         kc_a, kc_b = next_a, next_b
-        nxt = ci + BLOCK_C
-        next_a, next_b = _load_split(kc_base, nxt.to(tl.int64) * stride_ct, nxt < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
+        next_a, next_b = _load_chunk(kc_base, stride_ct, ci + BLOCK_C, n_cmp, offs_a, offs_b, D, BLOCK_DB)
         s = tl.dot(q_a, kc_a, input_precision=PRECISION)
         if BLOCK_DB > 0:
             s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)

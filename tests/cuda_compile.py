@@ -185,13 +185,10 @@ def _nsa_cases():
                "CU_C": "*i32"}
         meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
                     CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
-                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32")
-        rows = 32 if dt == "fp32" else 128  # as nsa_select launches it
-        for group_pad in (16, 1):  # a query's heads summed in registers / the band as a matmul over queries
-            qb = rows // group_pad
-            cases.append((f"_nsa_select_kernel[{dt}-d{d}-g{group_pad}]", K._nsa_select_kernel, ptr,
-                          dict(meta, QB=qb, GROUP_PAD=group_pad), ("scale_log2",),
-                          dict(num_warps=8 if rows >= 128 else 4)))
+                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64,
+                    GROUP_PAD=16)
+        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",),
+                      dict(num_warps=8)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",

@@ -24,39 +24,26 @@ from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
 @triton.jit
-def _load_chunk(kc_base, stride_ct, ci, n_cmp, offs_a, offs_b, D: tl.constexpr, BLOCK_DB: tl.constexpr):
-    """Compressed keys ``ci`` (those < n_cmp; 0 elsewhere) transposed, as the two parts of the head dim: (BLOCK_DA,
-    n) and (BLOCK_DB, n) (the second a placeholder, the first again, without a second part)."""
-    rows = kc_base + ci.to(tl.int64)[None, :] * stride_ct
-    a = tl.load(rows + offs_a[:, None], mask=(ci < n_cmp)[None, :] & (offs_a[:, None] < D), other=0.0)
-    b = a
-    if BLOCK_DB > 0:
-        b = tl.load(rows + offs_b[:, None], mask=(ci < n_cmp)[None, :] & (offs_b[:, None] < D), other=0.0)
-    return a, b
-
-
-@triton.jit
 def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        stride_qt, stride_qh, stride_ct, stride_ch, stride_lh, stride_st, stride_sh,
                        group, scale_log2,
                        D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr,
-                       PRECISION: tl.constexpr, QB: tl.constexpr, GROUP_PAD: tl.constexpr):
-    """Blocks selected by QB consecutive queries for one KV head (shared by its GQA group).
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
     ``W[i] * p_cmp[h, t, R*j - i]`` (R = SLC_BLOCK / CMP_STRIDE), with p_cmp = exp(q.k_cmp * scale - lse_cmp)
     on the compressed blocks visible to the query (0 elsewhere). Forced blocks (the first INIT, the LOCAL
     ending at the own block) rank first, blocks after the own one are never taken; ties go to the lower index.
 
-    A tile's rows are the QB queries times the group's heads (query-major), so each chunk of C*R compressed
-    keys (C selection blocks) is loaded once and multiplied once, by one (QB * GROUP_PAD, C*R) matmul, against
-    queries loaded once per program. The probabilities are summed over each query's heads, the band of Eq. 9's
-    weights maps them to the chunk's C block scores (the taps that reach into the previous chunk come from it as
-    a carry, C*R >= NW - 1), and the scores fold into a running top-n per query: no (T, n_cmp) matrix is ever
-    stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB, e.g. 192 = 128 + 64)
-    instead of being padded.
+    The work goes C selection blocks at a time: the chunk's C*R compressed keys are loaded once for the whole
+    group, each head's probabilities against them (one (BLOCK_M, C*R) matmul) are summed over the group, and
+    the band of Eq. 9's weights maps them to the C block scores as a small matmul (the taps that reach into
+    the previous chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no
+    (T, n_cmp) matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB,
+    e.g. 192 = 128 + 64) instead of being padded.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -65,69 +52,62 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     q_len = tl.load(CU_Q + b + 1) - q_start
     c_start = tl.load(CU_C + b).to(tl.int64)
     n_cmp = tl.load(CU_C + b + 1) - tl.load(CU_C + b)
-    if pid_m * QB >= q_len:
+    if pid_m * BLOCK_M >= q_len:
         return
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     BLOCK_C: tl.constexpr = C * R
-    ROWS: tl.constexpr = QB * GROUP_PAD
-    # the rows: query pid_m * QB + r // GROUP_PAD, head r % GROUP_PAD of the group
-    r = tl.arange(0, ROWS)
-    t_r = pid_m * QB + r // GROUP_PAD
-    g_r = r % GROUP_PAD
-    in_r = (t_r < q_len) & (g_r < group)
-    rows = (q_start + t_r).to(tl.int64)
-    heads = (hk * group + g_r).to(tl.int64)
-    offs_t = pid_m * QB + tl.arange(0, QB)
-    in_t = offs_t < q_len
-    own = tl.where(in_t, offs_t // SLC_BLOCK, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    own = tl.where(in_m, offs_m // SLC_BLOCK, 0)
     jcols = tl.arange(0, C)
     ccols = tl.arange(0, BLOCK_C)
     offs_a = tl.arange(0, BLOCK_DA)
-    q_ptr = Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh
-    q_a = tl.load(q_ptr + offs_a[None, :], mask=in_r[:, None] & (offs_a[None, :] < D), other=0.0)
-    offs_b = offs_a  # a placeholder without a second part
     if BLOCK_DB > 0:
         offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
-        q_b = tl.load(q_ptr + offs_b[None, :], mask=in_r[:, None] & (offs_b[None, :] < D), other=0.0)
-    # the row lse in log2 units, +inf where no block is seen (and on padding rows): p = 0 there
-    lse = tl.load(LSE + heads * stride_lh + rows, mask=in_r, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     # Eq. 9's band: column c of a chunk feeds its block jl with weight W[jl*R - c], and block jl of the next
     # chunk with W[jl*R + BLOCK_C - c]
     tap = jcols[None, :] * R - ccols[:, None]
     w_cur = tl.load(W + tap, mask=(tap >= 0) & (tap < NW), other=0.0)
     w_next = tl.load(W + tap + BLOCK_C, mask=(tap + BLOCK_C >= 0) & (tap + BLOCK_C < NW), other=0.0)
-    kc_base = KC + c_start * stride_ct + hk.to(tl.int64) * stride_ch
-    best = topk_init(QB, TOPK_PAD)
-    carry = tl.zeros([QB, C], tl.float32)
-    # each chunk's keys are loaded one chunk ahead, by hand: the top-n fold's inner loop keeps the compiler from
-    # pipelining this loop, and the loads would otherwise wait in every iteration
-    next_a, next_b = _load_chunk(kc_base, stride_ct, ccols, n_cmp, offs_a, offs_b, D, BLOCK_DB)
+    kc_base = KC + c_start * stride_ct + hk64 * stride_ch
+    # every head's row lse, loaded once (in log2 units, +inf where no block is seen: p = 0); reloading it for each
+    # head of each chunk put a global load the loop waited on before every exp
+    gcols = tl.arange(0, GROUP_PAD)
+    lse_all = tl.load(LSE + (hk * group + gcols).to(tl.int64)[None, :] * stride_lh + rows[:, None],
+                      mask=in_m[:, None] & (gcols[None, :] < group), other=float("inf"))
+    lse_all = tl.where(lse_all == float("-inf"), float("inf"), lse_all) * 1.4426950408889634
+    best = topk_init(BLOCK_M, TOPK_PAD)
+    carry = tl.zeros([BLOCK_M, C], tl.float32)
     for j0 in range(0, tl.max(own, 0) + 1, C):
         ci = j0 * R + ccols
-        kc_a, kc_b = next_a, next_b
-        next_a, next_b = _load_chunk(kc_base, stride_ct, ci + BLOCK_C, n_cmp, offs_a, offs_b, D, BLOCK_DB)
-        s = tl.dot(q_a, kc_a, input_precision=PRECISION)
+        kc_rows = kc_base + ci.to(tl.int64)[None, :] * stride_ct
+        kc_a = tl.load(kc_rows + offs_a[:, None], mask=(ci < n_cmp)[None, :] & (offs_a[:, None] < D), other=0.0)
         if BLOCK_DB > 0:
-            s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)
-        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t_r[:, None])
-        p = tl.where(vis, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
-        p = tl.sum(tl.reshape(p, [QB, GROUP_PAD, BLOCK_C]), 1)  # summed over each query's heads
-        # exact float32 band products, like the reference's sums (a matmul when it has the rows for one)
-        if QB >= 16:
-            score = tl.dot(p, w_cur, carry, input_precision="ieee")
-            carry = tl.dot(p, w_next, input_precision="ieee")
-        else:
-            score = tl.sum(p[:, :, None] * w_cur[None, :, :], 1) + carry
-            carry = tl.sum(p[:, :, None] * w_next[None, :, :], 1)
+            kc_b = tl.load(kc_rows + offs_b[:, None], mask=(ci < n_cmp)[None, :] & (offs_b[:, None] < D), other=0.0)
+        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
+        p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for g in range(0, group):
+            h = (hk * group + g).to(tl.int64)
+            q_ptr = Q + rows[:, None] * stride_qt + h * stride_qh
+            q_a = tl.load(q_ptr + offs_a[None, :], mask=in_m[:, None] & (offs_a[None, :] < D), other=0.0)
+            s = tl.dot(q_a, kc_a, input_precision=PRECISION)
+            if BLOCK_DB > 0:
+                q_b = tl.load(q_ptr + offs_b[None, :], mask=in_m[:, None] & (offs_b[None, :] < D), other=0.0)
+                s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)
+            lse = tl.sum(tl.where(gcols[None, :] == g, lse_all, 0.0), 1)
+            p += tl.where(vis, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
+        score = tl.dot(p, w_cur, carry, input_precision="ieee")  # exact float32, like the reference's sums
+        carry = tl.dot(p, w_next, input_precision="ieee")
         jj = j0 + jcols
         forced = (jj[None, :] < INIT) | ((jj[None, :] > own[:, None] - LOCAL) & (jj[None, :] <= own[:, None]))
         score = tl.where(forced, float("inf"), score)
         best = fold_topk(best, topk_keys(score, jj[None, :], jj[None, :] <= own[:, None]), TOPK)
     blk = topk_indices(best, TOPK)
     tcols = tl.arange(0, TOPK_PAD)
-    tl.store(SEL + (q_start + offs_t).to(tl.int64)[:, None] * stride_st + hk.to(tl.int64) * stride_sh
-             + tcols[None, :], blk, mask=in_t[:, None] & (tcols[None, :] < TOPK))
+    tl.store(SEL + rows[:, None] * stride_st + hk64 * stride_sh + tcols[None, :], blk,
+             mask=in_m[:, None] & (tcols[None, :] < TOPK))
 
 
 @triton.jit

@@ -64,19 +64,15 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     c = max(4 if small_tiles() else 16, next_pow2(cdiv(nw - 1, ratio)))
     da, db = split_dim(d)
     sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
-    # rows of a tile: queries x the group's heads (float32 multiplies on CUDA cores: fewer; the interpreter
-    # takes the GPU's 128, its cost being per program)
-    group_pad = next_pow2(hq // heads_kv)
-    rows = 32 if q.dtype == torch.float32 and not small_tiles() else 128
-    qb = max(1, rows // group_pad)
-    _nsa_select_kernel[(cdiv(max_q, qb), heads_kv, cu_q.numel() - 1)](
+    bm = 32 if small_tiles() else 64
+    _nsa_select_kernel[(cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
         q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
         k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
         scale * LOG2E, D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
         SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
         INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QB=qb, GROUP_PAD=group_pad,
-        num_warps=8 if qb * group_pad >= 128 else 4)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm, GROUP_PAD=next_pow2(hq // heads_kv),
+        num_warps=8)
     return sel
 
 

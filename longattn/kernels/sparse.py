@@ -124,21 +124,12 @@ def _segment_rows(BLOCK_ROW, seg, pid_n, HKV, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _entry_q_do(Q, DO, t, h, valid, stride_qt, stride_qh, stride_dot, stride_doh, offs_dv, DQK: tl.constexpr,
-                DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
-    """q (two parts) and dO of an entry tile's rows (query t, head h)."""
-    q_a, q_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
-    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
-                 mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return q_a, q_b, do
-
-
-@triton.jit
 def _entry_rows(Q, DO, LSE, DELTA, t, h, valid, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dv,
                 DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
     """q (two parts), dO, log2 lse and delta of an entry tile's rows (query t, head h)."""
-    q_a, q_b, do = _entry_q_do(Q, DO, t, h, valid, stride_qt, stride_qh, stride_dot, stride_doh, offs_dv, DQK, DV,
-                               BLOCK_DA, BLOCK_DB)
+    q_a, q_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
+    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
+                 mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
     return q_a, q_b, do, lse, delta
@@ -204,8 +195,9 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
         for tile in range(first - 1, last):
             t, h, _, valid = _load_entries(ENTRY, SEG_START, seg, tile + 1, Hq, KSEL, BLOCK_M, GROUP)
             valid = valid & (rows_m * 0 + tile + 1 < last)  # past the chunk: not loaded (would go unused)
-            qn_a, qn_b, don = _entry_q_do(Q, DO, t, h, valid, stride_qt, stride_qh, stride_dot, stride_doh, offs_dv,
-                                          DQK, DV, BLOCK_DA, BLOCK_DB)
+            qn_a, qn_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
+            don = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
+                          mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
             s = s_a + s_b
             dp = dp_c
             s_a = tl.dot(qn_a, kt_a, input_precision=PRECISION)

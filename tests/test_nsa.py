@@ -386,11 +386,12 @@ def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, devic
     _check_selected_attention(Hq, Hkv, lens, D, dtype, device)
 
 
-def test_nsa_selected_backward_deferred(dtype, device, monkeypatch):
-    """The block-sparse engine's dK/dV in its deferred loop form (LONGATTN_DKDV_DEFER=1) with group entries
-    (16 heads) and a two-part head dim (48 = 32 + 16); per-head entries in test_sparse.py."""
+@pytest.mark.parametrize("Hq,Hkv,lens,D", [(8, 2, [110, 37], 32), (16, 1, [70, 37], 48)], ids=["gqa4", "group16-d48"])
+def test_nsa_selected_backward_deferred(Hq, Hkv, lens, D, dtype, device, monkeypatch):
+    """The block-sparse engine's dK/dV in its deferred loop form (LONGATTN_DKDV_DEFER=1), group entries and a
+    two-part head dim included."""
     monkeypatch.setenv("LONGATTN_DKDV_DEFER", "1")
-    _check_selected_attention(16, 1, [70, 37], 48, dtype, device)
+    _check_selected_attention(Hq, Hkv, lens, D, dtype, device)
 
 
 def _check_selected_attention(Hq, Hkv, lens, D, dtype, device):

@@ -9,7 +9,7 @@ from .common import (attention_bytes, device_peaks, environment, flex_selection,
                      require_cuda, roofline, time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "x_kv_major", "x_query1", "x_dkdv_defer", "%roof", "peak_MB"]
+           "x_kv_major", "x_query1", "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -34,21 +34,14 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default=None)
 
 
-# variants of the selected branch timed beside it: the environment each sets around its calls
-#   longattn_query1: one query per program in the forward and dQ kernels (no block shared between queries)
-#   longattn_dkdv_defer: the block-sparse engine's dK/dV in its deferred loop form (sparse.dkdv_deferred)
-VARIANTS = {"longattn_query1": {"LONGATTN_NSA_QUERY_BLOCK": "1"}, "longattn_dkdv_defer": {"LONGATTN_DKDV_DEFER": "1"}}
-
-
-def _with_env(call, env: dict):
-    """``call`` run with the variables of ``env`` set (and removed after)."""
+def _one_query_per_program(call):
+    """``call`` with the selected branch's kernels taking one query per program (forward and backward)."""
     def run():
-        os.environ.update(env)
+        os.environ["LONGATTN_NSA_QUERY_BLOCK"] = "1"
         try:
             return call()
         finally:
-            for name in env:
-                del os.environ[name]
+            del os.environ["LONGATTN_NSA_QUERY_BLOCK"]
     return run
 
 
@@ -173,7 +166,8 @@ def run(args, argv=None) -> list[dict]:
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
             pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
             ours = lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block)
-            slc = {"longattn": ours, "longattn_query1": ours, "longattn_dkdv_defer": ours,  # VARIANTS
+            # longattn_query1: the same kernels with one query per program (no block shared between queries)
+            slc = {"longattn": ours, "longattn_query1": ours,
                    # the block-sparse engine (organised by key block, per-head lists) on the same blocks
                    "longattn_kv_major": lambda q, k, v: block_sparse_attention(q, k, v, listed,
                                                                                block_size=cfg.slc_block)}
@@ -184,12 +178,10 @@ def run(args, argv=None) -> list[dict]:
                     print(f"  flex T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             for name, fn in slc.items():
                 for mode in ("slc_fwd", "slc_fwdbwd"):
-                    if name == "longattn_dkdv_defer" and mode == "slc_fwd":
-                        continue  # a backward variant
                     call = (lambda fn=fn: fn(q, k, v)) if mode == "slc_fwd" else \
                         (lambda fn=fn: fn(q, k, v).backward(do))
-                    if name in VARIANTS:
-                        call = _with_env(call, VARIANTS[name])
+                    if name == "longattn_query1":
+                        call = _one_query_per_program(call)
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
                           flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype)
@@ -254,7 +246,7 @@ def _derive(rows):
             rows.append(b)
             by[("bwd", T, impl)] = b
     peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla",
-             "longattn_kv_major": "x_kv_major", "longattn_query1": "x_query1", "longattn_dkdv_defer": "x_dkdv_defer"}
+             "longattn_kv_major": "x_kv_major", "longattn_query1": "x_query1"}
     for (mode, T, impl), r in by.items():
         if impl != "longattn":
             continue

@@ -112,7 +112,7 @@ def _sparse_cases():
         _, bn, launch = K._tiles(torch.float32 if dt == "fp32" else torch.bfloat16)  # as the op launches them
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=min(bs, bn),
                     GROUP=1)
-        kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0, "DEFER": False}
+        kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
         wide = {"num_warps": 8, **launch}  # as the dK/dV launch
         floats = ("qk_scale", "scale")
         cases += [
@@ -129,10 +129,6 @@ def _sparse_cases():
             # NSA's paper shape: head dim 192 = 128 + 64, v 128, groups of 16
             (f"_sparse_dkdv_kernel[{dt}-d192-group16]", K._sparse_dkdv_kernel, ptr,
              dict(kv_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, GROUP=16), floats, wide),
-            (f"_sparse_dkdv_kernel[{dt}-group16-defer]", K._sparse_dkdv_kernel, ptr,
-             dict(kv_meta, GROUP=16, DEFER=True), floats, wide),
-            (f"_sparse_dkdv_kernel[{dt}-d192-group16-defer]", K._sparse_dkdv_kernel, ptr,
-             dict(kv_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, GROUP=16, DEFER=True), floats, wide),
             (f"_sparse_dkdv_finish_kernel[{dt}-d192]", K._sparse_dkdv_finish_kernel, ptr,
              dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=meta["BLOCK_N"]), ()),
             (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats, launch),
@@ -300,12 +296,10 @@ PIPELINED = {
 
 # matmuls that must split their rows and columns over the warps, each row computed once: Triton gives every warp
 # its own rows when a matmul's result reaches another matmul in the same iteration, and a 64-row product on
-# 8 warps (128 rows' worth) is then computed twice (mla/kernels.py and kernels/sparse.py, DEFER)
+# 8 warps (128 rows' worth) is then computed twice (mla/kernels.py, DEFER)
 UNREPEATED = {
     "_mla_decode_kernel[bf16-S1-H64-paged-n16x3-defer]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x2-defer]",
-    "_sparse_dkdv_kernel[bf16-group16-defer]",
-    "_sparse_dkdv_kernel[bf16-d192-group16-defer]",
 }
 
 

@@ -383,18 +383,6 @@ def _random_selection(lens, hkv, n, block, device):
 def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, device):
     """Group entries in the backward; a group larger than an entry tile (72 heads) falls back to per-head
     entries; a head dim the kernels split into two tiles (48 = 32 + 16)."""
-    _check_selected_attention(Hq, Hkv, lens, D, dtype, device)
-
-
-@pytest.mark.parametrize("Hq,Hkv,lens,D", [(8, 2, [110, 37], 32), (16, 1, [70, 37], 48)], ids=["gqa4", "group16-d48"])
-def test_nsa_selected_backward_deferred(Hq, Hkv, lens, D, dtype, device, monkeypatch):
-    """The block-sparse engine's dK/dV in its deferred loop form (LONGATTN_DKDV_DEFER=1), group entries and a
-    two-part head dim included."""
-    monkeypatch.setenv("LONGATTN_DKDV_DEFER", "1")
-    _check_selected_attention(Hq, Hkv, lens, D, dtype, device)
-
-
-def _check_selected_attention(Hq, Hkv, lens, D, dtype, device):
     from longattn.kernels.reference import block_mask_ref, masked_attention_ref
     from longattn.nsa import nsa_selected_attention
 

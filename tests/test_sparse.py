@@ -20,12 +20,9 @@ def _random_blocks(own, heads, K, generator=None):
     return out
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["", "dkdv-deferred"])
 @pytest.mark.parametrize("lq,lk,bs,K", [([70, 1, 45], [70, 33, 100], 16, 3), ([130], [130], 32, 2)],
                          ids=["varlen-q<k", "single"])
-def test_block_sparse_matches_reference(lq, lk, bs, K, defer, dtype, device, monkeypatch):
-    """Forward and gradients vs the reference; the dK/dV kernel in both loop forms (LONGATTN_DKDV_DEFER)."""
-    monkeypatch.setenv("LONGATTN_DKDV_DEFER", "1" if defer else "0")
+def test_block_sparse_matches_reference(lq, lk, bs, K, dtype, device):
     Hq, Hkv, D = 4, 2, 32
     q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype)
     k = torch.randn(sum(lk), Hkv, D, device=device, dtype=dtype)

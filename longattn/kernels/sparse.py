@@ -17,7 +17,6 @@ kept for it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,49 +123,19 @@ def _segment_rows(BLOCK_ROW, seg, pid_n, HKV, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _entry_rows(Q, DO, LSE, DELTA, t, h, valid, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dv,
-                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
-    """q (two parts), dO, log2 lse and delta of an entry tile's rows (query t, head h)."""
-    q_a, q_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
-    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
-                 mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
-    return q_a, q_b, do, lse, delta
-
-
-@triton.jit
-def _dkdv_update(s, dp, q_a, q_b, do, lse, delta, dk_a, dk_b, dv, qk_scale, BLOCK_DB: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """dK/dV contributions of one entry tile from its scores ``s`` and dO.V^T ``dp`` (rows x keys)."""
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    dst = tl.trans((p * (dp - delta[:, None])).to(q_a.dtype))
-    dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
-    if BLOCK_DB > 0:
-        dk_b += tl.dot(dst, q_b, input_precision=PRECISION)
-    return dk_a, dk_b, dv
-
-
-@triton.jit
 def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_START, TILE_CUM, CHUNK_CUM, SLOT,
                         BLOCK_ROW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
                         stride_pk, stride_pv, n_seg, n_iter, chunk_tiles, Hq, HKV, qk_scale, scale,
                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                         BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, GROUP: tl.constexpr, DEFER: tl.constexpr):
+                        BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """dK/dV of one key tile of one (block, KV head) segment from one chunk of the entries that selected it
     (at most ``chunk_tiles`` entry tiles: a block that every query selects, like NSA's first, is spread over
     many programs). A segment of one chunk adds its result to the own-block gradients already in DK/DV; the
     chunks of a longer one write float32 partials to their own slots of PK/PV (from SLOT[segment]), which
     _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles). The
-    q/k head dim comes in two power-of-two parts (BLOCK_DA + BLOCK_DB, see flash's _load_split).
-
-    ``DEFER`` computes an entry tile's products with the keys (s = q.k^T, dp = dO.v^T) one iteration ahead, as
-    mla_decode's deferred form: with 64 rows on 8 warps, products that reach another matmul in their iteration
-    are computed by both warpgroups (Triton gives each warp 16 rows of them), two of the four matmuls twice. The
-    tile's q and dO are read again in the next iteration (from L2) for dK and dV."""
+    q/k head dim comes in two power-of-two parts (BLOCK_DA + BLOCK_DB, see flash's _load_split)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid >= tl.load(CHUNK_CUM + n_seg):
@@ -181,46 +150,21 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
     dk_a = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
     dk_b = tl.zeros([BLOCK_N, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    first = chunk * chunk_tiles
-    last = tl.minimum(first + chunk_tiles, n_tiles)
-    if DEFER:
-        # iteration j: the products of tile j + 1 (carried; q.k^T in its two parts apart, their sum would chain
-        # them) and the dK/dV of tile j from the products carried from iteration j - 1 (none in the first)
-        s_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dp_c = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        t_c, h_c, _, valid_c = _load_entries(ENTRY, SEG_START, seg, first, Hq, KSEL, BLOCK_M, GROUP)
-        rows_m = tl.arange(0, BLOCK_M)
-        valid_c = valid_c & (rows_m < 0)  # no tile before the first
-        for tile in range(first - 1, last):
-            t, h, _, valid = _load_entries(ENTRY, SEG_START, seg, tile + 1, Hq, KSEL, BLOCK_M, GROUP)
-            valid = valid & (rows_m * 0 + tile + 1 < last)  # past the chunk: not loaded (would go unused)
-            qn_a, qn_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
-            don = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
-                          mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = s_a + s_b
-            dp = dp_c
-            s_a = tl.dot(qn_a, kt_a, input_precision=PRECISION)
-            if BLOCK_DB > 0:
-                s_b = tl.dot(qn_b, kt_b, input_precision=PRECISION)
-            dp_c = tl.dot(don, tl.trans(v), input_precision=PRECISION)
-            q_a, q_b, do, lse, delta = _entry_rows(Q, DO, LSE, DELTA, t_c, h_c, valid_c, stride_qt, stride_qh,
-                                                   stride_dot, stride_doh, stride_lh, offs_dv, DQK, DV, BLOCK_DA,
-                                                   BLOCK_DB)
-            dk_a, dk_b, dv = _dkdv_update(s, dp, q_a, q_b, do, lse, delta, dk_a, dk_b, dv, qk_scale, BLOCK_DB,
-                                          PRECISION)
-            t_c = t
-            h_c = h
-            valid_c = valid
-    else:
-        for tile in range(first, last):
-            t, h, _, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M, GROUP)
-            q_a, q_b, do, lse, delta = _entry_rows(Q, DO, LSE, DELTA, t, h, valid, stride_qt, stride_qh, stride_dot,
-                                                   stride_doh, stride_lh, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB)
-            s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), BLOCK_DB, PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dk_a, dk_b, dv = _dkdv_update(s, dp, q_a, q_b, do, lse, delta, dk_a, dk_b, dv, qk_scale, BLOCK_DB,
-                                          PRECISION)
+    for tile in range(chunk * chunk_tiles, tl.minimum(chunk * chunk_tiles + chunk_tiles, n_tiles)):
+        t, h, slot, valid = _load_entries(ENTRY, SEG_START, seg, tile, Hq, KSEL, BLOCK_M, GROUP)
+        q_a, q_b = _load_split(Q, t * stride_qt + h * stride_qh, valid, DQK, BLOCK_DA, BLOCK_DB, False)
+        do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_dv[None, :],
+                     mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
+        s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), BLOCK_DB, PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dst = tl.trans((p * (dp - delta[:, None])).to(q_a.dtype))
+        dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dk_b += tl.dot(dst, q_b, input_precision=PRECISION)
     mv = offs_dv[None, :] < DV
     slot0 = tl.load(SLOT + seg)
     if slot0 < 0:  # the segment's only chunk
@@ -383,12 +327,6 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-def dkdv_deferred() -> bool:
-    """Whether the dK/dV kernel runs its deferred loop form (``LONGATTN_DKDV_DEFER=1``; a benchmark knob until a
-    GPU has timed both: ``python -m bench nsa --modes slc`` compares them)."""
-    return os.environ.get("LONGATTN_DKDV_DEFER", "0") == "1"
-
-
 ENTRY_TILE = 64  # rows (query, head) of an entry tile
 CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
 PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chunked segments
@@ -597,7 +535,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     _sparse_dkdv_kernel[(ent.n_seg + cdiv(ent.max_tiles, ch), block_size // bn)](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
         *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
-        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, DEFER=dkdv_deferred(), **kv_meta,
+        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **kv_meta,
         **{"num_warps": 8, **launch})  # 4 warps spill its three accumulators
     _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
         dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),

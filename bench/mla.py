@@ -51,13 +51,11 @@ def _flashinfer_decode(cache, table, L, q_lat, q_rope, scale):
 
 def _tuned_config() -> str:
     """The decode kernel's configuration picked by the autotuner for the last launch: tokens per tile, warps,
-    pipeline stages, and ``d`` for the deferred loop form (scores one tile ahead)."""
+    pipeline stages."""
     from longattn.mla.kernels import _mla_decode_tuned
 
     c = getattr(_mla_decode_tuned, "best_config", None)
-    if c is None:
-        return ""
-    return f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{'d' if c.kwargs.get('DEFER') else ''}"
+    return f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" if c is not None else ""
 
 
 def run(args, argv=None) -> list[dict]:

@@ -158,10 +158,9 @@ def _mla_cases():
                     S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee")
         for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"]):  # every tile the autotuner tries
             n = c.kwargs["BLOCK_N"]
-            tag = (f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
-                   f"{'-defer' if c.kwargs['DEFER'] else ''}")
+            tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
             cases.append((f"_mla_decode_kernel[{tag}]",
-                          K._mla_decode_kernel, ptr, dict(meta, **c.kwargs), ("qk_scale",),
+                          K._mla_decode_kernel, ptr, dict(meta, BLOCK_N=n), ("qk_scale",),
                           dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     return cases
 
@@ -286,31 +285,11 @@ PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
-    "_mla_decode_kernel[bf16-S1-H64-paged-n16x3-defer]": 3,
     "_nsa_selected_fwd_kernel[bf16-d192-g16]": 3,
     "_nsa_selected_dq_kernel[bf16-d192-g16]": 3,
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16]": 3,
 }
-
-
-# matmuls that must split their rows and columns over the warps, each row computed once: Triton gives every warp
-# its own rows when a matmul's result reaches another matmul in the same iteration, and a 64-row product on
-# 8 warps (128 rows' worth) is then computed twice (mla/kernels.py, DEFER)
-UNREPEATED = {
-    "_mla_decode_kernel[bf16-S1-H64-paged-n16x3-defer]",
-    "_mla_decode_kernel[bf16-S4-H16-paged-n32x2-defer]",
-}
-
-
-def repeated_products(kernel) -> list:
-    """The tensor-core matmuls of a compiled kernel whose rows are fewer than its warps' rows (16 per warp along
-    the rows): products some warps compute again."""
-    ttgir = kernel.asm["ttgir"]
-    warps = {m.group(1): int(m.group(2)) for m in
-             re.finditer(r"^#(mma\d*) = #ttg\.nvidia_mma<\{.*?warpsPerCTA = \[(\d+), \d+\]", ttgir, re.M)}
-    found = re.findall(r"warp_group_dot .* -> tensor<(\d+)x(\d+)xf32, #(mma\d*)>", ttgir)
-    return sorted({f"{m}x{n} on {warps[l]} warps' rows" for m, n, l in found if 16 * warps[l] > int(m)})
 
 
 def buffers(kernel) -> int:
@@ -321,13 +300,13 @@ def buffers(kernel) -> int:
 
 def main(argv) -> int:
     show = "--resources" in argv  # also print registers and spills per kernel
-    check_pipelined = "--pipelined" in argv  # only PIPELINED (too few buffers fail) and UNREPEATED kernels
+    check_pipelined = "--pipelined" in argv  # only the PIPELINED kernels, failing when they have too few buffers
     argv = [a for a in argv if a not in ("--resources", "--pipelined")]
     pattern = argv[1] if len(argv) > 1 else ""
     failures = 0
     for build in CASE_BUILDERS:
         for name, kern, ptr, meta, floats, *launch in build():  # launch: the op's num_warps/num_stages if set
-            if pattern not in name or (check_pipelined and name not in PIPELINED and name not in UNREPEATED):
+            if pattern not in name or (check_pipelined and name not in PIPELINED):
                 continue
             t = time.time()
             try:
@@ -337,10 +316,8 @@ def main(argv) -> int:
                 narrow = narrow_offsets(k.asm["ttir"])
                 if narrow and status == "ok":
                     status = f"FAIL 32-bit row x stride products at {', '.join(sorted(set(narrow)))}"
-                if check_pipelined and status == "ok" and buffers(k) < PIPELINED.get(name, 0):
+                if check_pipelined and status == "ok" and buffers(k) < PIPELINED[name]:
                     status = f"FAIL {buffers(k)} shared-memory buffers in its loop, expected {PIPELINED[name]}"
-                if check_pipelined and status == "ok" and name in UNREPEATED and repeated_products(k):
-                    status = f"FAIL products computed twice: {', '.join(repeated_products(k))}"
                 if show and status == "ok":
                     status = f"ok  smem {smem}  {resources(k)}"
             except Exception as e:  # report every failure, not only the first

@@ -101,38 +101,6 @@ def test_decode_paged(S, cfg, page, dtype, device):
     assert_close(unchecked, ref, dtype, "o_latent (validate=False)")
 
 
-class _Deferred:
-    """Stands in for the decode kernel on the interpreter's path: the same launch in the deferred loop form."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **meta: _mla_decode_kernel[grid](*args, **{**meta, "DEFER": True})
-
-
-@pytest.mark.parametrize("S,H,R,E,page", [(1, 16, 512, 64, 64), (4, 20, 48, 16, 16), (2, 8, 48, 16, None)],
-                         ids=["v3-page64", "odd-page16", "contiguous"])
-def test_decode_deferred_scores(S, H, R, E, page, dtype, device, monkeypatch):
-    """The loop form that scores each tile one iteration ahead gives the reference's output and lse: paged and
-    contiguous caches, several tiles per split, ragged tails, several query tokens."""
-    monkeypatch.setattr(mla_ops, "_mla_decode_kernel", _Deferred())
-    lens = [S, 70, 203]
-    kv_tokens = [torch.randn(n, R + E, device=device, dtype=dtype) for n in lens]
-    if page is None:
-        cache, table = torch.zeros(3, max(lens), R + E, device=device, dtype=dtype), None
-        for b, t in enumerate(kv_tokens):
-            cache[b, :lens[b]] = t
-    else:
-        cache, table = _paged(kv_tokens, lens, page, device)
-    q_lat = torch.randn(3, S, H, R, device=device, dtype=dtype)
-    q_rope = torch.randn(3, S, H, E, device=device, dtype=dtype)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
-    out, lse = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=0.07,
-                          return_lse=True)
-    ref, lse_r = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=0.07,
-                                kv_lora_rank=R)
-    assert_close(out, ref, dtype, "o_latent")
-    assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 3e-3)
-
-
 def test_decode_contiguous_cache(device):
     lens = [5, 64, 33]
     kv = torch.randn(3, 64, 48 + 16, device=device)
@@ -281,10 +249,7 @@ def test_decode_candidates():
         assert configs
         for c in configs:
             assert c.kwargs["BLOCK_N"] <= page and c.num_warps == (8 if rows >= 64 else 4)
-            tiles = c.kwargs["BLOCK_N"] * c.num_stages * (2 if c.kwargs["DEFER"] else 1)
-            assert 2 * 576 * (rows + tiles) <= 227 * 1024
-            assert not c.kwargs["DEFER"] or c.num_warps == 8
-        assert any(c.kwargs["DEFER"] for c in configs) == (rows >= 64)
+            assert 2 * 576 * (rows + c.kwargs["BLOCK_N"] * c.num_stages) <= 227 * 1024
     assert [c.kwargs["BLOCK_N"] for c in decode_candidates(64, 64, 576, "ieee")] == [16]
 
 

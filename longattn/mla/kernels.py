@@ -5,15 +5,8 @@ the cache: MQA) and one split of the context; it streams the split's tokens once
 512-d latent, which is both key part and value, and the 64-d rotary key), and writes its normalised
 partial output with its lse; the lse merge then combines the splits.
 
-On a GPU the launch goes through ``_mla_decode_tuned``, which picks the token tile, pipeline depth and loop
-form per (dtype, rows, page size) by timing the candidates (``LONGATTN_AUTOTUNE=0``: the first that fits).
-
-Loop forms. A tile's scores (64 rows x BLOCK_N tokens, 576-deep: most of the FLOPs) feed its softmax and value
-product. When a matmul's result reaches another matmul in the same iteration, Triton gives all the warps to its
-rows: with 64 rows on 8 warps (two warpgroups of 64 rows each) both warpgroups compute the same 64 rows, the score
-product twice. ``DEFER`` computes a tile's scores one iteration ahead (carried to the next, where its softmax and
-value product run): the score matmul then reaches no matmul in its iteration and its columns are split between
-the warpgroups, at the cost of reading each latent tile twice (the second read from L2) and more shared memory.
+On a GPU the launch goes through ``_mla_decode_tuned``, which picks the token tile and pipeline depth per
+(dtype, rows, page size) by timing the candidates (``LONGATTN_AUTOTUNE=0``: the first that fits).
 """
 from __future__ import annotations
 
@@ -21,27 +14,6 @@ import triton
 import triton.language as tl
 
 from ..kernels.utils import AUTOTUNE_BENCH, autotune_enabled
-
-
-@triton.jit
-def _tile_rows(page, n, b64, stride_kvp, stride_kvt, PAGE: tl.constexpr, HAS_BT: tl.constexpr):
-    """Offsets of the cache rows of tokens ``n`` (one tile, inside the page ``page`` when paged)."""
-    if HAS_BT:
-        return page * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvt
-    return b64 * stride_kvp + n.to(tl.int64) * stride_kvt
-
-
-@triton.jit
-def _softmax_pv(s, keep, m_i, l_i, acc, c, PRECISION: tl.constexpr):
-    """Online softmax over one tile: scores ``s`` (log2 units) where ``keep``, values ``c``."""
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -53,7 +25,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PRECISION: tl.constexpr, DEFER: tl.constexpr):
+                       PRECISION: tl.constexpr):
     hb = tl.program_id(0)  # head groups of one (sequence, split) run side by side: they share the cache in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -90,45 +62,27 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
     page = (lo * 0).to(tl.int64)
     if HAS_BT:
         page = tl.load(bt_row + lo // PAGE).to(tl.int64)
-    if DEFER:
-        # iteration j scores tile j + 1 and runs the softmax and value product of tile j, whose scores came from
-        # iteration j - 1 (the first iteration has none: all masked). The two score products are carried apart:
-        # their sum would make one the other's accumulator, a matmul reaching a matmul again
-        s_lat = tl.zeros([M, BLOCK_N], tl.float32)
-        s_rope = tl.zeros([M, BLOCK_N], tl.float32)
-        tok = page * 0 + tl.arange(0, BLOCK_N)  # the first iteration's (masked) value tile
-        for n0 in range(lo - BLOCK_N, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nn = n + BLOCK_N
-            in_nn = nn < hi
-            tok_n = _tile_rows(page, nn, b64, stride_kvp, stride_kvt, PAGE, HAS_BT)
-            if HAS_BT:
-                page = tl.load(bt_row + tl.minimum(n0 + 2 * BLOCK_N, hi - 1) // PAGE).to(tl.int64)
-            cn = tl.load(KV + tok_n[:, None] + offs_r[None, :], mask=in_nn[:, None] & in_r[None, :], other=0.0)
-            krn = tl.load(KV + tok_n[:, None] + RANK + offs_e[None, :],
-                          mask=in_nn[:, None] & (offs_e[None, :] < ROPE), other=0.0)
-            s = (s_lat + s_rope) * qk_scale
-            s_lat = tl.dot(ql, tl.trans(cn), input_precision=PRECISION)
-            s_rope = tl.dot(qr, tl.trans(krn), input_precision=PRECISION)
-            in_n = (n >= lo) & (n < hi)
-            c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)
-            tok = tok_n
-            m_i, l_i, acc = _softmax_pv(s, in_n[None, :] & (n[None, :] <= pos[:, None]), m_i, l_i, acc, c,
-                                        PRECISION)
-    else:
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            in_n = n < hi
-            tok = _tile_rows(page, n, b64, stride_kvp, stride_kvt, PAGE, HAS_BT)
-            if HAS_BT:
-                page = tl.load(bt_row + tl.minimum(n0 + BLOCK_N, hi - 1) // PAGE).to(tl.int64)
-            c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)
-            kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
-                         other=0.0)
-            s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
-            s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
-            m_i, l_i, acc = _softmax_pv(s, in_n[None, :] & (n[None, :] <= pos[:, None]), m_i, l_i, acc, c,
-                                        PRECISION)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        in_n = n < hi
+        if HAS_BT:
+            tok = page * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvt
+            page = tl.load(bt_row + tl.minimum(n0 + BLOCK_N, hi - 1) // PAGE).to(tl.int64)
+        else:
+            tok = b64 * stride_kvp + n.to(tl.int64) * stride_kvt
+        c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)
+        kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
+                     other=0.0)
+        s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
+        s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
+        s = tl.where(in_n[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+        m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(OS + split.to(tl.int64) * stride_op + row_out[:, None] * stride_ot + head64[:, None] * stride_oh
@@ -139,14 +93,10 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
 
 SMEM_LIMIT = 227 * 1024
 # 16-bit candidates (rows = heads x query tokens, up to 64): beside q (64 x 576), 64-token tiles fit 2
-# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows); the
-# deferred loop form only on 8 warps (4 warps hold 64 rows once anyway), with the tiles that spill least
-# (tests/cuda_compile.py --resources)
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "DEFER": d}, num_warps=w, num_stages=s)
-                   for n, w, s, d in ((64, 8, 2, False), (32, 8, 3, False), (32, 8, 4, False), (16, 8, 6, False),
-                                      (16, 8, 3, True), (32, 8, 2, True),
-                                      (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))]
-# first: the H100's usual pick (bench/results/nvidia-h100)
+# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows)
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for n, w, s in ((64, 8, 2), (32, 8, 3), (32, 8, 4), (16, 8, 6), (64, 4, 2), (32, 4, 4),
+                                   (16, 4, 4))]  # first: the H100's usual pick (bench/results/nvidia-h100)
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
@@ -155,10 +105,10 @@ def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
     16-bit cache tiles within shared memory; float32 (CUDA cores) takes its one small-tile configuration.
     The first is the one used without autotuning."""
     if precision == "ieee":
-        return [triton.Config({"BLOCK_N": 16, "DEFER": False}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=2)]
 
-    def smem(c):  # q, and per stage a tile (the deferred form: two)
-        return 2 * width * (rows + c.kwargs["BLOCK_N"] * c.num_stages * (2 if c.kwargs["DEFER"] else 1))
+    def smem(c):
+        return 2 * width * (rows + c.kwargs["BLOCK_N"] * c.num_stages)
 
     keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4) and c.kwargs["BLOCK_N"] <= page
             and smem(c) <= SMEM_LIMIT]

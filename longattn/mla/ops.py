@@ -178,7 +178,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                 PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")
     grid = (cdiv(H, block_h), B, n_split)
     if small_tiles():  # one tile size, no timing of candidates
-        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32), DEFER=False)
+        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
     else:
         _mla_decode_tuned[grid](*args, **meta)
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])

@@ -126,16 +126,21 @@ class _GatedSum(torch.autograd.Function):
         return (*dos, *dgs)
 
 
-SELECTED_ROWS = 64  # rows (query, head) of the selected branch's tiles: QB queries times the group's heads
+# rows (query, head) of the selected branch's tiles on a GPU: QB queries times the group's heads, filling one
+# 16-row matmul. More queries per program share the blocks they both select, but every candidate block is
+# multiplied by all the tile's rows: the H100 timed 1 query of a group of 16 per program against 4 at 64k
+# (forward 28.3 ms against 37.9, fwd+bwd 92.7 against 115.2). The interpreter takes 64 (its cost is per program).
+SELECTED_ROWS = 16
 SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
 
 
 def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
     """Tiles of the selected branch's kernels: QB consecutive queries per program, their rows all the group's
-    heads, up to 64 rows and 128 (query, slot) pairs (n = 16: 4 queries of a group of 16, 8 of a group of 4)."""
+    heads, up to 16 rows (64 under the interpreter) and 128 (query, slot) pairs (1 query of a group of 16,
+    4 of a group of 4)."""
     group = dims.heads_q // dims.heads_kv
     top_pad = next_pow2(topk)
-    rows = 16 if dtype == torch.float32 and not small_tiles() else SELECTED_ROWS  # float32: CUDA-core products
+    rows = 64 if small_tiles() else SELECTED_ROWS
     qb = max(1, min(rows // next_pow2(group), SELECTED_PAIRS // top_pad))
     forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")  # a tuning knob for benchmarks: queries per program
     if forced:

@@ -12,13 +12,16 @@ def _tiny_configs(cuda: bool):
     from transformers import DeepseekV3Config, LlamaConfig
 
     width = 256 if cuda else 64
+    # the DeepSeek-style model's MLPs are all dense: with random weights its MoE router's top-2 of 4 experts flips
+    # on bf16 rounding-sized changes to the attention output (0.4% noise moved its logits by 0.6), which would
+    # hide the attention's own difference from the dense model
     llama = LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 16)
     deepseek = DeepseekV3Config(vocab_size=512, hidden_size=width, intermediate_size=2 * width,
                                 moe_intermediate_size=width // 2, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
                                 topk_group=1, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16,
-                                qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                                qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=2,
                                 max_position_embeddings=1 << 16)
     return llama, deepseek
 

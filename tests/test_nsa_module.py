@@ -147,14 +147,14 @@ def test_decoding_step_does_not_wait_for_the_gpu():
     replay_decode_step_without_sync(model, ids, DynamicCache(config=model.config))
 
 
-def test_swap_nsa_errors():
+def test_swap_nsa_errors(device):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**common))
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**common)).to(device)
     with pytest.raises(TypeError, match="config must be an NSAConfig"):
         longattn.hf.swap_attention(copy.deepcopy(model), "nsa", config={"window": 8})
     swapped = longattn.hf.swap_attention(model, "nsa", config=NSA)
-    ids = torch.randint(0, 128, (2, 20))
+    ids = torch.randint(0, 128, (2, 20), device=device)
     mask = torch.ones_like(ids)
     mask[0, 5] = 0  # a hole, neither left nor right padding
     with pytest.raises(ValueError, match="one contiguous run"):

@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/run}
 [ -z "${1:-}" ] && [ -n "${OUT:-}" ] && out=$OUT/gpu_run
-mkdir -p "$out/results"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl \
@@ -47,11 +47,11 @@ end=$(( $(date +%s) + ${BENCH_SECONDS:-320} ))
 # the autotuner's choice per kernel and shape goes to bench.log: which tiles win decides the candidates'
 # order (the first is what LONGATTN_AUTOTUNE=0 runs)
 export TRITON_PRINT_AUTOTUNING=1
-# default: what the open goals need first (NSA at 64k: its selected branch's rows, where its time goes, and its
-# fwd+bwd, which no H100 run has timed; MLA's goal shape), then what has no H100 figures yet (the H100 run of
-# 2026-11-26 timed NSA fwd/decode, MLA and flash). fla's backward autotuning alone takes minutes, so NSA's
-# fwd+bwd rows come after the profile
-IFS=';' read -ra ops <<< "${BENCH_OPS:-nsa --seqlens 64k --modes fwd,slc; profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_prefill_fwdbwd; mla --batches 64 --contexts 8k; nsa --seqlens 64k --modes fwdbwd; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; rollout --prompts 8k,32k; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
+# default: what the open goals need first, then what has no H100 figures yet (the H100 runs of 2026-11-26 timed
+# NSA fwd/decode/selected branch, MLA, flash and the profiles): NSA's selected branch on smooth inputs (how
+# many queries per program pay when neighbours select alike), NSA fwd+bwd (fla's backward autotuning alone takes
+# minutes, so it comes after), MoBA, memory, rollouts
+IFS=';' read -ra ops <<< "${BENCH_OPS:-nsa --seqlens 64k --modes slc --inputs smooth; profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_prefill_fwdbwd; nsa --seqlens 64k --modes fwd,fwdbwd; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; rollout --prompts 8k,32k; mla --batches 64 --contexts 8k; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
 i=0
 for op in "${ops[@]}"; do
   i=$((i + 1))
@@ -59,9 +59,10 @@ for op in "${ops[@]}"; do
   [ "$left" -gt 5 ] || { echo "no time left for: $op" >> "$out/bench.log"; continue; }
   echo "== $op (${left}s left)" >> "$out/bench.log"
   name=$(echo $op | cut -d' ' -f1)
-  # each entry in its own folder (an op may come twice with other options)
+  # each entry in its own folder (an op may come twice with other options), right under $out: a device call
+  # brings back files at most three levels under $OUT (gpu_run/<i>_<op>/<op>.json)
   # shellcheck disable=SC2086  # the entry's options are meant to split
-  timeout "$left" python3 -m bench $op --out "$out/results/${i}_$name" >> "$out/bench.log" 2>&1
+  timeout "$left" python3 -m bench $op --out "$out/${i}_$name" >> "$out/bench.log" 2>&1
   echo "bench $op exit $?" >> "$out/bench.log"
 done
 tail -40 "$out/bench.log"

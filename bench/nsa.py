@@ -9,7 +9,7 @@ from .common import (attention_bytes, device_peaks, environment, flex_selection,
                      require_cuda, roofline, time_ms, write_results)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "x_kv_major", "x_query1", "%roof", "peak_MB"]
+           "x_kv_major", "x_query4", "%roof", "peak_MB"]
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -34,10 +34,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default=None)
 
 
-def _one_query_per_program(call):
-    """``call`` with the selected branch's kernels taking one query per program (forward and backward)."""
+def _four_queries_per_program(call):
+    """``call`` with the selected branch's kernels taking four queries per program (forward and backward)."""
     def run():
-        os.environ["LONGATTN_NSA_QUERY_BLOCK"] = "1"
+        os.environ["LONGATTN_NSA_QUERY_BLOCK"] = "4"
         try:
             return call()
         finally:
@@ -166,8 +166,9 @@ def run(args, argv=None) -> list[dict]:
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
             pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
             ours = lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block)
-            # longattn_query1: the same kernels with one query per program (no block shared between queries)
-            slc = {"longattn": ours, "longattn_query1": ours,
+            # longattn_query4: the same kernels with four queries per program (a block selected by several of
+            # them loaded once for all: fewer loads when neighbours select alike, 4x the rows per block otherwise)
+            slc = {"longattn": ours, "longattn_query4": ours,
                    # the block-sparse engine (organised by key block, per-head lists) on the same blocks
                    "longattn_kv_major": lambda q, k, v: block_sparse_attention(q, k, v, listed,
                                                                                block_size=cfg.slc_block)}
@@ -180,8 +181,8 @@ def run(args, argv=None) -> list[dict]:
                 for mode in ("slc_fwd", "slc_fwdbwd"):
                     call = (lambda fn=fn: fn(q, k, v)) if mode == "slc_fwd" else \
                         (lambda fn=fn: fn(q, k, v).backward(do))
-                    if name == "longattn_query1":
-                        call = _one_query_per_program(call)
+                    if name == "longattn_query4":
+                        call = _four_queries_per_program(call)
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
                           flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype)
@@ -246,7 +247,7 @@ def _derive(rows):
             rows.append(b)
             by[("bwd", T, impl)] = b
     peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla",
-             "longattn_kv_major": "x_kv_major", "longattn_query1": "x_query1"}
+             "longattn_kv_major": "x_kv_major", "longattn_query4": "x_query4"}
     for (mode, T, impl), r in by.items():
         if impl != "longattn":
             continue

@@ -82,7 +82,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")]
-                 + [("longattn_kv_major", "slc_fwd"), ("longattn_query1", "slc_fwd"), ("longattn_graph", "decode_b1")]}
+                 + [("longattn_kv_major", "slc_fwd"), ("longattn_query4", "slc_fwd"), ("longattn_graph", "decode_b1")]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run (the kernels need the interpreter there); "

@@ -202,20 +202,41 @@ def test_cache_truncate(device):
         cache.truncate(a, 23)
 
 
+@pytest.mark.parametrize("width", [2, 16], ids=["one-split", "several-splits"])
+def test_decode_checks(width, device):
+    """Bad lengths and pages are refused whether the context is split or not (one split: the kernel runs on
+    clamped inputs while the checks are read back); good ones give the unchecked result."""
+    q_lat, q_rope = torch.randn(2, 1, 4, 32, device=device), torch.randn(2, 1, 4, 16, device=device)
+    cache = torch.randn(4, 16, 48, device=device)
+    # entries past the pages a sequence uses lie outside the cache: never read, never refused
+    table = torch.tensor([[0, 1] + [99] * (width - 2), [2, 3] + [-1] * (width - 2)], dtype=torch.int32, device=device)
+    one_split = split_context(2, 16 * width, mla_ops.num_sms(cache.device))[0] == 1  # 2 sequences x 1 head group
+    assert one_split == (width == 2)
+    lens = torch.tensor([20, 5], dtype=torch.int32, device=device)
+    out = mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table, scale=0.1)
+    torch.testing.assert_close(out, mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table[:, :2],
+                                               scale=0.1, validate=False), atol=1e-5, rtol=1e-5)
+    bad_table = table.clone()
+    bad_table[1, 0] = 9
+    with pytest.raises(ValueError, match=r"block_table\[1\] points outside the cache: .* got \[9\]"):
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=bad_table, scale=0.1)
+    for bad, b in (([20, 16 * width + 1], 1), ([0, 5], 0), ([20, -3], 1)):
+        with pytest.raises(ValueError, match=rf"cache_seqlens\[{b}\] = {bad[b]} is out of range"):
+            mla_decode(q_lat, q_rope, cache, cache_seqlens=torch.tensor(bad, dtype=torch.int32, device=device),
+                       block_table=table, scale=0.1)
+    with pytest.raises(ValueError, match="out of range"):  # fewer cached tokens than query tokens
+        mla_decode(torch.randn(2, 3, 4, 32, device=device), torch.randn(2, 3, 4, 16, device=device), cache,
+                   cache_seqlens=torch.tensor([20, 2], dtype=torch.int32, device=device), block_table=table, scale=0.1)
+    with pytest.raises(ValueError, match="the cache holds at most 3 tokens per sequence, fewer than the 4"):
+        mla_decode(torch.randn(2, 4, 4, 32, device=device), torch.randn(2, 4, 4, 16, device=device),
+                   torch.randn(2, 3, 48, device=device), cache_seqlens=lens, scale=0.1)
+
+
 def test_decode_bad_inputs(device):
     q_lat, q_rope = torch.randn(2, 1, 4, 32, device=device), torch.randn(2, 1, 4, 16, device=device)
     cache = torch.randn(4, 16, 48, device=device)
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device)
     lens = torch.tensor([20, 5], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="block_table\\[1\\] points outside the cache"):
-        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=torch.tensor([[0, 1], [9, 3]], dtype=torch.int32,
-                                                                                        device=device), scale=0.1)
-    with pytest.raises(ValueError, match="out of range"):
-        mla_decode(q_lat, q_rope, cache, cache_seqlens=torch.tensor([40, 5], dtype=torch.int32, device=device),
-                   block_table=table, scale=0.1)
-    with pytest.raises(ValueError, match="out of range"):
-        mla_decode(torch.randn(2, 3, 4, 32, device=device), torch.randn(2, 3, 4, 16, device=device), cache,
-                   cache_seqlens=torch.tensor([20, 2], dtype=torch.int32, device=device), block_table=table, scale=0.1)
     with pytest.raises(ValueError, match="last dim must be R \\+ Dr = 48"):
         mla_decode(q_lat, q_rope, torch.randn(4, 16, 40, device=device), cache_seqlens=lens, block_table=table, scale=0.1)
     with pytest.raises(TypeError, match="cache_seqlens must be an int32 tensor"):

@@ -222,6 +222,25 @@ def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+@torch.compiler.disable  # as device_tensor: pinned memory and events
+def read_back_later(t: torch.Tensor):
+    """Start copying a small device tensor to the host without waiting: returns a function that waits for that
+    copy alone (not for the work queued after it, e.g. a kernel launched meanwhile) and gives its values as a
+    list. A plain ``.tolist()`` later would wait for everything queued before it."""
+    if t.device.type != "cuda":
+        values = t.tolist()
+        return lambda: values
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+    return wait
+
+
 def kernel_inputs(*tensors: Optional[torch.Tensor]):
     """Tensors as the kernels should see them.
 

@@ -8,7 +8,7 @@ import torch
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty, kernel_inputs,
-                             next_pow2, num_sms, public_op, small_tiles, split_context)
+                             next_pow2, num_sms, public_op, read_back_later, small_tiles, split_context)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -63,6 +63,20 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
+def _checked_lengths(host: list, B: int, S: int, capacity: int, page: int, pages: int, block_table) -> list:
+    """The lengths from ``host`` (B lengths, then with a block table B flags: a page it uses lies outside the
+    cache), or a ValueError naming the first bad sequence."""
+    for b, n in enumerate(host[:B]):
+        if n < S or n > capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
+                             f"token(s) and at most the cache capacity {capacity}")
+        if block_table is not None and host[B + b]:
+            u = -(-n // page)
+            raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
+                             f"[0, {pages}), got {block_table[b, :u].tolist()}")
+    return host[:B]
+
+
 @public_op("q_latent", "q_rope", "kv_cache")
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
@@ -80,10 +94,13 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         cache_seqlens: int32 ``(B,)``, tokens in each sequence's cache (new ones included), >= S.
         block_table: int32 ``(B, max_pages)``: physical page of each logical page.
         scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5`` times the YaRN mscale squared).
-        validate: check ``cache_seqlens`` and the block-table entries they use (default). That reads them back
-            to the host, a synchronisation; ``validate=False`` skips it (no host synchronisation at all, so a
-            decoding step can be captured in a CUDA graph, its work sized for the cache's full capacity) and
-            leaves the caller responsible: an out-of-range length or page reads outside the cache.
+        validate: check ``cache_seqlens`` and the block-table entries they use (default), raising a
+            ValueError. That reads them back to the host, a synchronisation: before the launch when the context
+            is split (the split depends on the lengths), while the kernel runs when the batch fills the GPU
+            unsplit (the kernel then reads the lengths clamped to [S, capacity] and the pages clamped to the
+            cache; a bad input's result is dropped). ``validate=False`` skips it (no host synchronisation at
+            all, so a decoding step can be captured in a CUDA graph, its work sized for the cache's full
+            capacity) and leaves the caller responsible: an out-of-range length or page reads outside the cache.
     Returns:
         ``o_latent`` ``(B, S, H, R)`` in q's dtype (apply ``w_uv`` to get the head outputs), and
         with ``return_lse`` the float32 lse ``(B, H, S)``.
@@ -133,42 +150,48 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     if B == 0:
         out = q_latent.new_empty(0, S, H, R)
         return (out, out.new_empty(0, H, S, dtype=torch.float32)) if return_lse else out
-    # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
-    # the device and read back together (one host synchronisation, no per-sequence work on the host)
-    if not validate:
-        host = [capacity] * B + [0] * B
-    elif block_table is not None:
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page < cache_seqlens[:, None]
-        outside = (used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))).any(1)
-        host = torch.cat([cache_seqlens, outside.to(torch.int32)]).tolist()
-    else:
-        host = cache_seqlens.tolist() + [0] * B
-    lens, outside = host[:B], host[B:]
-    for b, n in enumerate(lens if validate else ()):
-        if n < S or n > capacity:
-            raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
-                             f"token(s) and at most the cache capacity {capacity}")
-        if outside[b]:
-            u = -(-n // page)
-            raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
-                             f"[0, {kv_cache.shape[0]}), got {block_table[b, :u].tolist()}")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must be contiguous in its last dimension")
-    ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
-                               q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
-
-    s_pad = next_pow2(S)
+    if capacity < S:
+        raise ValueError(f"the cache holds at most {capacity} tokens per sequence, fewer than the {S} query tokens")
     # 16 to 64 rows of (head, token) per program; float32 products run on CUDA cores (no tensor cores), where
     # 16 rows keep the tiles in registers
     wide = q_latent.dtype != torch.float32 or small_tiles()
+    s_pad = next_pow2(S)
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
     # 16-bit candidate tiles mostly take over 113 KB of shared memory: one program per SM (float32: two)
-    n_split, per_split = split_context(B * cdiv(H, block_h), max(lens), num_sms(q_latent.device) * (1 if wide else 2))
+    groups, slots = B * cdiv(H, block_h), num_sms(q_latent.device) * (1 if wide else 2)
+    # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
+    # the device and read back together (one host synchronisation, no per-sequence work on the host)
+    pending, seqlens_k, table_k = None, cache_seqlens, block_table  # what the kernel reads
+    if not validate:
+        lens = [capacity] * B
+    else:
+        checks = cache_seqlens
+        if block_table is not None:
+            used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page \
+                < cache_seqlens[:, None]
+            outside = (used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))).any(1)
+            checks = torch.cat([cache_seqlens, outside.to(torch.int32)])
+        if split_context(groups, capacity, slots)[0] == 1:
+            # a batch that fills the GPU takes one split whatever its lengths: the kernel starts on inputs made
+            # safe to read (lengths within [S, capacity], pages within the cache) and the checks are read back
+            # while it runs; the host no longer holds the launch back until the GPU has caught up
+            pending = read_back_later(checks)
+            seqlens_k = cache_seqlens.clamp(S, capacity)
+            if block_table is not None:
+                table_k = block_table.clamp(0, kv_cache.shape[0] - 1)
+            lens = [capacity] * B
+        else:
+            lens = _checked_lengths(checks.tolist(), B, S, capacity, page, kv_cache.shape[0], block_table)
+    ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
+                               q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
+
+    n_split, per_split = split_context(groups, max(lens), slots)
     # a single split writes the output itself; several write float32 partials merged into q's dtype
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
-    bt_arg = block_table if block_table is not None else cache_seqlens
-    args = (ql, qr, kv, bt_arg, cache_seqlens, outs, lses,
+    args = (ql, qr, kv, table_k if table_k is not None else seqlens_k, seqlens_k, outs, lses,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
             outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
@@ -181,6 +204,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
     else:
         _mla_decode_tuned[grid](*args, **meta)
+    if pending is not None:
+        _checked_lengths(pending(), B, S, capacity, page, kv_cache.shape[0], block_table)
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])
     out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only where bfloat16 ran as float32 (stock interpreter)
     if return_lse:

@@ -172,16 +172,17 @@ def _nsa_cases():
 
     from longattn.nsa import kernels as K
     from longattn.nsa import NSAConfig
-    from longattn.nsa.ops import _selected_meta, decode_tiles
+    from longattn.nsa.ops import _selected_meta, decode_tiles, select_rows
 
     cases = []
     for dt, d in (("bf16", 192), ("fp32", 64)):
+        torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
         ptr = {"Q": f"*{dt}", "KC": f"*{dt}", "LSE": "*fp32", "W": "*fp32", "SEL": "*i32", "CU_Q": "*i32",
                "CU_C": "*i32"}
         meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
                     CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
-                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=64,
-                    GROUP_PAD=16)
+                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32",
+                    BLOCK_M=select_rows(torch_dt), GROUP_PAD=16)
         cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",),
                       dict(num_warps=8)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
@@ -191,7 +192,6 @@ def _nsa_cases():
         dv = 128 if d == 192 else d
         shared = dict(DK=d, DV=dv, BLOCK_DK=256 if d == 192 else d, BLOCK_DV=dv, PRECISION="ieee" if dt == "fp32"
                       else "tf32")
-        torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
         # the decoding kernels' tiles as nsa_decode sizes them for the paper's config
         block_n, slc_tile, c, launch = decode_tiles(NSAConfig(), torch_dt)
         blocks = dict(SLC_BLOCK=64, TOPK=16, TOPK_PAD=16)

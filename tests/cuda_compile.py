@@ -100,16 +100,18 @@ def _sparse_cases():
 
     from longattn.kernels import sparse as K
     from longattn.moba import kernels as M
+    from longattn.moba.ops import select_rows
 
     cases = []
     for dt, d, bs in (("bf16", 128, 64), ("fp32", 128, 64)):
         prec = "ieee" if dt == "fp32" else "tf32"
+        torch_dt = torch.float32 if dt == "fp32" else torch.bfloat16
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "KMEAN", "OS", "DO", "DK", "DV_")}
         ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32", "PK", "PV")})
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN", "K_START",
                                          "K_END", "START", "SEQ", "ROWS")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
-        _, bn, launch = K._tiles(torch.float32 if dt == "fp32" else torch.bfloat16)  # as the op launches them
+        _, bn, launch = K._tiles(torch_dt)  # as the op launches them
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=min(bs, bn),
                     GROUP=1)
         kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
@@ -118,7 +120,7 @@ def _sparse_cases():
         cases += [
             (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
             (f"_moba_select_kernel[{dt}]", M._moba_select_kernel, ptr,
-             dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=64), ()),
+             dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=select_rows(torch_dt)), ()),
             (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats, launch),
             (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(kv_meta), floats, wide),
             (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats, launch),

@@ -282,21 +282,28 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
 
 
 @triton.jit
-def _query_block(Q, K, V, SEL, CU, q0, hk, b, group, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                 stride_vh, stride_st, stride_sh, DK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-                 QB: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
-    """The rows of the block of QB consecutive queries from q0 of sequence b (row r: query q0 + r // group, head
-    hk * group + r % group) for KV head hk: their q (two parts along D), packed row t, head, position in the
-    sequence, validity, each row's selection (ROWS, TOPK_PAD), the block's (query, slot) pairs (QB * TOPK_PAD,),
-    -1 where none, the sequence's K/V rows of head hk and its length (none of the rows is valid past it)."""
+def _query_block(Q, K, V, SEL, CU, q0, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_vt, stride_vh, stride_st, stride_sh, DK: tl.constexpr, BLOCK_DA: tl.constexpr,
+                 BLOCK_DB: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
+                 TOPK_PAD: tl.constexpr):
+    """The rows of the block of QB consecutive queries from q0 of sequence b for program pid_h of the KV heads'
+    head slices (KV head hk = pid_h // slices, its query heads h0 .. h0 + heads_per_prog - 1 of the group, all of
+    them unless the group is larger than a tile holds; row r: query q0 + r // heads_per_prog, head hk * group + h0
+    + r % heads_per_prog): their q (two parts along D), packed row t, head, position in the sequence, validity,
+    each row's selection (ROWS, TOPK_PAD), the block's (query, slot) pairs (QB * TOPK_PAD,), -1 where none, the
+    sequence's K/V rows of head hk and its length (none of the rows is valid past it)."""
+    slices = tl.cdiv(group, heads_per_prog)
+    hk = pid_h // slices
+    h0 = pid_h % slices * heads_per_prog
     row0 = tl.load(CU + b).to(tl.int64)
     q_len = tl.load(CU + b + 1) - tl.load(CU + b)
     r = tl.arange(0, ROWS)
-    qi = r // group
-    valid = (qi < QB) & (q0 + qi < q_len)
+    qi = r // heads_per_prog
+    g = h0 + r % heads_per_prog
+    valid = (qi < QB) & (q0 + qi < q_len) & (g < group)
     pos = q0 + qi
     t = row0 + pos.to(tl.int64)
-    heads = (hk * group + r % group).to(tl.int64)
+    heads = (hk * group + g).to(tl.int64)
     q_a, q_b = _load_split(Q, t * stride_qt + heads * stride_qh, valid, DK, BLOCK_DA, BLOCK_DB, False)
     tcols = tl.arange(0, TOPK_PAD)
     hk64 = hk.to(tl.int64)
@@ -332,21 +339,23 @@ def _block_at(pairs, rank, u):
 @triton.jit
 def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
-                             stride_ot, stride_oh, stride_lh, group, scale_log2,
+                             stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                              BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              SLC_TILE: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """Selected branch, forward. One program per block of QB consecutive queries and KV head: its rows are the
-    group's heads of each query (they share the selection), and it visits the union of the queries' selected
+    """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
+    group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
+    selection), and it visits the union of the queries' selected
     blocks once each, every row taking the keys of the blocks its query selected (causal in the own block).
     Consecutive queries select mostly the same blocks, so each block is loaded once for all of them (QB times
     less traffic than one program per query) and the tiles have QB times more rows. Writes the output and the
     natural-log lse of each row."""
     q0 = tl.program_id(0) * QB
     q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
-        Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, stride_qt, stride_qh, stride_kt, stride_kh,
-        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
+        Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
+        stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK,
+        TOPK_PAD)
     if q0 >= q_len:
         return
     last = tl.minimum(q0 + QB, q_len) - 1  # the block's last query position
@@ -373,7 +382,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
 @triton.jit
 def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                            stride_st, stride_sh, stride_dqt, stride_dqh, stride_lh, group, scale_log2, scale,
+                            stride_st, stride_sh, stride_dqt, stride_dqh, stride_lh, group, heads_per_prog, scale_log2,
+                            scale,
                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                             BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                             SLC_TILE: tl.constexpr,
@@ -384,8 +394,9 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total)."""
     q0 = tl.program_id(0) * QB
     q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
-        Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, stride_qt, stride_qh, stride_kt, stride_kh,
-        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK, TOPK_PAD)
+        Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
+        stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK,
+        TOPK_PAD)
     if q0 >= q_len:
         return
     dv = tl.arange(0, BLOCK_DV)

@@ -140,20 +140,27 @@ SELECTED_ROWS = 16
 SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
 
 
+def _selected_heads(group: int, dtype) -> int:
+    """Query heads per program of the selected branch's kernels: the whole GQA group, unless it is larger than a
+    tile holds (64 heads; 16 in float32, whose products run on CUDA cores: 64 rows spilled up to 19 KB per
+    thread on sm_90); it is then cut into slices of heads, one program each."""
+    return min(group, 16 if dtype == torch.float32 and not small_tiles() else 64)
+
+
 def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
-    """Tiles of the selected branch's kernels: QB consecutive queries per program, their rows all the group's
-    heads, up to 16 rows (64 under the interpreter) and 128 (query, slot) pairs (1 query of a group of 16,
-    4 of a group of 4)."""
-    group = dims.heads_q // dims.heads_kv
+    """Tiles of the selected branch's kernels: QB consecutive queries per program, their rows their heads (see
+    _selected_heads), up to 16 rows (64 under the interpreter) and 128 (query, slot) pairs (1 query of a group of
+    16, 4 of a group of 4)."""
+    heads = _selected_heads(dims.heads_q // dims.heads_kv, dtype)
     top_pad = next_pow2(topk)
     rows = 64 if small_tiles() else SELECTED_ROWS
-    qb = max(1, min(rows // next_pow2(group), SELECTED_PAIRS // top_pad))
+    qb = max(1, min(rows // next_pow2(heads), SELECTED_PAIRS // top_pad))
     forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")  # a tuning knob for benchmarks: queries per program
     if forced:
         qb = next_pow2(int(forced))
     da, db = split_dim(dims.dim_qk)
     return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
-                BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * group)),
+                BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * heads)),
                 SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if small_tiles() else 64), TOPK=topk,
                 TOPK_PAD=top_pad, PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
@@ -171,11 +178,11 @@ class _Selected(torch.autograd.Function):
         out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
         lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
         if q.shape[0]:
-            meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
-            _nsa_selected_fwd_kernel[(cdiv(max_q, meta["QB"]), hkv, cu.numel() - 1)](
+            meta, heads = _selected_meta(dims, block_size, sel.shape[-1], q.dtype), _selected_heads(group, q.dtype)
+            _nsa_selected_fwd_kernel[(cdiv(max_q, meta["QB"]), hkv * cdiv(group, heads), cu.numel() - 1)](
                 q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
-                scale * LOG2E, **meta)
+                heads, scale * LOG2E, **meta)
         ctx.save_for_backward(q, k, v, out, lse, sel, own, cu)
         ctx.plan, ctx.dims, ctx.block_size, ctx.scale, ctx.max_q = plan, dims, block_size, scale, max_q
         return out
@@ -188,18 +195,19 @@ class _Selected(torch.autograd.Function):
         # standing for the group's query heads
         earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
         group = dims.heads_q // dims.heads_kv
+        per_entry = group  # query heads an entry stands for
         if group > ENTRY_TILE:  # more heads than rows in a tile: one entry per query head
-            earlier, group = earlier.repeat_interleave(group, dim=1), 1
+            earlier, per_entry = earlier.repeat_interleave(group, dim=1), 1
         earlier = earlier.contiguous()
-        ent = entries(earlier, ctx.plan, dims.heads_q, dims.heads_kv, group) if earlier.numel() else None
+        ent = entries(earlier, ctx.plan, dims.heads_q, dims.heads_kv, per_entry) if earlier.numel() else None
         dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent,
                                                   earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
         if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
-            meta = _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype)
-            _nsa_selected_dq_kernel[(cdiv(ctx.max_q, meta["QB"]), dims.heads_kv, cu.numel() - 1)](
+            meta, heads = _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype), _selected_heads(group, q.dtype)
+            _nsa_selected_dq_kernel[(cdiv(ctx.max_q, meta["QB"]), dims.heads_kv * cdiv(group, heads), cu.numel() - 1)](
                 q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
-                dq.stride(1), lse.stride(0), dims.heads_q // dims.heads_kv, ctx.scale * LOG2E, ctx.scale, **meta)
+                dq.stride(1), lse.stride(0), group, heads, ctx.scale * LOG2E, ctx.scale, **meta)
         return (dq, dk, dv) + (None,) * 8
 
 

@@ -63,9 +63,6 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     own = tl.where(in_m, offs_m // SLC_BLOCK, 0)
     jcols = tl.arange(0, C)
     ccols = tl.arange(0, BLOCK_C)
-    offs_a = tl.arange(0, BLOCK_DA)
-    if BLOCK_DB > 0:
-        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
     # Eq. 9's band: column c of a chunk feeds its block jl with weight W[jl*R - c], and block jl of the next
     # chunk with W[jl*R + BLOCK_C - c]
     tap = jcols[None, :] * R - ccols[:, None]
@@ -82,19 +79,14 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     carry = tl.zeros([BLOCK_M, C], tl.float32)
     for j0 in range(0, tl.max(own, 0) + 1, C):
         ci = j0 * R + ccols
-        kc_rows = kc_base + ci.to(tl.int64)[None, :] * stride_ct
-        kc_a = tl.load(kc_rows + offs_a[:, None], mask=(ci < n_cmp)[None, :] & (offs_a[:, None] < D), other=0.0)
-        if BLOCK_DB > 0:
-            kc_b = tl.load(kc_rows + offs_b[:, None], mask=(ci < n_cmp)[None, :] & (offs_b[:, None] < D), other=0.0)
+        kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
         vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
         p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for g in range(0, group):
             h = (hk * group + g).to(tl.int64)
-            q_ptr = Q + rows[:, None] * stride_qt + h * stride_qh
-            q_a = tl.load(q_ptr + offs_a[None, :], mask=in_m[:, None] & (offs_a[None, :] < D), other=0.0)
+            q_a, q_b = _load_split(Q, rows * stride_qt + h * stride_qh, in_m, D, BLOCK_DA, BLOCK_DB, False)
             s = tl.dot(q_a, kc_a, input_precision=PRECISION)
             if BLOCK_DB > 0:
-                q_b = tl.load(q_ptr + offs_b[None, :], mask=in_m[:, None] & (offs_b[None, :] < D), other=0.0)
                 s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)
             lse = tl.sum(tl.where(gcols[None, :] == g, lse_all, 0.0), 1)
             p += tl.where(vis, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
@@ -346,8 +338,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
-    selection), and it visits the union of the queries' selected
-    blocks once each, every row taking the keys of the blocks its query selected (causal in the own block).
+    selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
+    the blocks its query selected (causal in the own block).
     Consecutive queries select mostly the same blocks, so each block is loaded once for all of them (QB times
     less traffic than one program per query) and the tiles have QB times more rows. Writes the output and the
     natural-log lse of each row."""

@@ -174,7 +174,7 @@ def _nsa_cases():
 
     from longattn.nsa import kernels as K
     from longattn.nsa import NSAConfig
-    from longattn.nsa.ops import _selected_meta, decode_tiles, select_rows
+    from longattn.nsa.ops import _selected_meta, decode_tiles
 
     cases = []
     for dt, d in (("bf16", 192), ("fp32", 64)):
@@ -183,10 +183,12 @@ def _nsa_cases():
                "CU_C": "*i32"}
         meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
                     CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
-                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32",
-                    BLOCK_M=select_rows(torch_dt), GROUP_PAD=16)
-        cases.append((f"_nsa_select_kernel[{dt}-d{d}]", K._nsa_select_kernel, ptr, meta, ("scale_log2",),
-                      dict(num_warps=8)))
+                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32")
+        for c in K.select_candidates(meta["PRECISION"]):  # every tile the autotuner tries
+            rows = c.kwargs["BLOCK_M"]
+            cases.append((f"_nsa_select_kernel[{dt}-d{d}-m{rows}w{c.num_warps}s{c.num_stages}]", K._nsa_select_kernel,
+                          ptr, dict(meta, BLOCK_M=rows), ("scale_log2",),
+                          dict(num_warps=c.num_warps, num_stages=c.num_stages)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",

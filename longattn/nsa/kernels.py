@@ -20,7 +20,35 @@ import triton
 import triton.language as tl
 
 from ..kernels.flash import _decode_query, _dot_split, _load_split, _store_split
+from ..kernels.utils import AUTOTUNE_BENCH, autotune_enabled
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
+
+
+@triton.jit
+def _band_scores(p, W, carry, M: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NW: tl.constexpr):
+    """Eq. 9's band on one chunk of the selection sweep: the group-summed probabilities ``p`` (M, C*R) of the
+    chunk's compressed blocks give the scores (M, C) of its C selection blocks, ``carry`` (M, C) being what the
+    previous chunk's taps add to them; returns (scores, carry into the next chunk), exact float32 sums.
+
+    Column R*j + r of the chunk feeds block j + s with the weight W[R*s - r] (0 <= R*s - r < NW), for shifts
+    s = 0 .. ceil((NW - 1) / R): each shift's weighted sums over r are one reduction of p seen as (M, C, R), and
+    shifting them by s blocks (wrapping into the carry) is a small (C, C) product. A (C*R, C) band matrix as the
+    product's operand instead held whole (rows x C*R) slices of p per thread: ~100 registers more."""
+    p3 = tl.reshape(p, [M, C, R])
+    r = tl.arange(0, R)
+    jc = tl.arange(0, C)
+    score = carry
+    carry = tl.zeros([M, C], tl.float32)
+    for s in tl.static_range(0, (NW + R - 2) // R + 1):
+        tap = s * R - r
+        part = tl.sum(p3 * tl.load(W + tap, mask=(tap >= 0) & (tap < NW), other=0.0)[None, None, :], 2)
+        if s == 0:
+            score += part
+        else:
+            score = tl.dot(part, (jc[:, None] + s == jc[None, :]).to(tl.float32), score, input_precision="ieee")
+            carry = tl.dot(part, (jc[:, None] + s - C == jc[None, :]).to(tl.float32), carry,
+                           input_precision="ieee")
+    return score, carry
 
 
 @triton.jit
@@ -30,7 +58,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr):
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
@@ -40,10 +68,10 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 
     The work goes C selection blocks at a time: the chunk's C*R compressed keys are loaded once for the whole
     group, each head's probabilities against them (one (BLOCK_M, C*R) matmul) are summed over the group, and
-    the band of Eq. 9's weights maps them to the C block scores as a small matmul (the taps that reach into
-    the previous chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no
-    (T, n_cmp) matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB,
-    e.g. 192 = 128 + 64) instead of being padded.
+    Eq. 9's band maps them to the C block scores (``_band_scores``; the taps that reach into the previous
+    chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no (T, n_cmp)
+    matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB, e.g.
+    192 = 128 + 64) instead of being padded.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -63,35 +91,37 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     own = tl.where(in_m, offs_m // SLC_BLOCK, 0)
     jcols = tl.arange(0, C)
     ccols = tl.arange(0, BLOCK_C)
-    # Eq. 9's band: column c of a chunk feeds its block jl with weight W[jl*R - c], and block jl of the next
-    # chunk with W[jl*R + BLOCK_C - c]
-    tap = jcols[None, :] * R - ccols[:, None]
-    w_cur = tl.load(W + tap, mask=(tap >= 0) & (tap < NW), other=0.0)
-    w_next = tl.load(W + tap + BLOCK_C, mask=(tap + BLOCK_C >= 0) & (tap + BLOCK_C < NW), other=0.0)
     kc_base = KC + c_start * stride_ct + hk64 * stride_ch
-    # every head's row lse, loaded once (in log2 units, +inf where no block is seen: p = 0); reloading it for each
-    # head of each chunk put a global load the loop waited on before every exp
-    gcols = tl.arange(0, GROUP_PAD)
-    lse_all = tl.load(LSE + (hk * group + gcols).to(tl.int64)[None, :] * stride_lh + rows[:, None],
-                      mask=in_m[:, None] & (gcols[None, :] < group), other=float("inf"))
-    lse_all = tl.where(lse_all == float("-inf"), float("inf"), lse_all) * 1.4426950408889634
+    lse_base = LSE + (hk * group).to(tl.int64) * stride_lh + rows
     best = topk_init(BLOCK_M, TOPK_PAD)
     carry = tl.zeros([BLOCK_M, C], tl.float32)
     for j0 in range(0, tl.max(own, 0) + 1, C):
         ci = j0 * R + ccols
         kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
-        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
         p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        # each head's row lse is loaded one head ahead, so that the exp never waits on its load (a (rows, group)
+        # tile of them held across the loop cost ~50 registers per thread, and picking a head's column from it
+        # a layout conversion per head)
+        lse_ptr = lse_base
+        lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
         for g in range(0, group):
+            lse = lse_next
+            lse_ptr += tl.where(g + 1 < group, stride_lh, 0)  # the last head reloads its own
+            lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
             h = (hk * group + g).to(tl.int64)
             q_a, q_b = _load_split(Q, rows * stride_qt + h * stride_qh, in_m, D, BLOCK_DA, BLOCK_DB, False)
-            s = tl.dot(q_a, kc_a, input_precision=PRECISION)
+            # two separate products, not one accumulation chain: Triton lays a chain's first product out on 8
+            # warps x 64 rows, i.e. both warpgroups computing all 64 rows, then converts it for the second
+            s = tl.dot(q_a, kc_a, input_precision=PRECISION) * scale_log2
             if BLOCK_DB > 0:
-                s = tl.dot(q_b, kc_b, s, input_precision=PRECISION)
-            lse = tl.sum(tl.where(gcols[None, :] == g, lse_all, 0.0), 1)
-            p += tl.where(vis, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
-        score = tl.dot(p, w_cur, carry, input_precision="ieee")  # exact float32, like the reference's sums
-        carry = tl.dot(p, w_next, input_precision="ieee")
+                s += tl.dot(q_b, kc_b, input_precision=PRECISION) * scale_log2
+            # lse in log2 units; a row that saw no compressed block (lse -inf) has p = 0
+            lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            p += tl.math.exp2(s - lse[:, None])
+        # the blocks a row cannot see are masked once, on the sum: their terms may be +inf, never NaN (lse > -inf)
+        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
+        p = tl.where(vis, p, 0.0)
+        score, carry = _band_scores(p, W, carry, BLOCK_M, C, R, NW)
         jj = j0 + jcols
         forced = (jj[None, :] < INIT) | ((jj[None, :] > own[:, None] - LOCAL) & (jj[None, :] <= own[:, None]))
         score = tl.where(forced, float("inf"), score)
@@ -100,6 +130,32 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(SEL + rows[:, None] * stride_st + hk64 * stride_sh + tcols[None, :], blk,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))
+
+
+# GPU candidates of the selection kernel as (query rows, warps, pipeline stages), the first used without
+# autotuning: 64 rows on 8 warps split each head's 64 x 64 score tile between the two warpgroups, 128 give each
+# warpgroup its own 64 rows. None spills on sm_90 but (64, 4, 2), 28 bytes (tests/cuda_compile.py --resources).
+# float32 multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
+SELECT_TILES = ((64, 8, 3), (64, 8, 2), (128, 8, 2), (64, 4, 2))
+SELECT_FP32_TILE = (16, 8, 3)
+
+
+def select_candidates(precision: str) -> list:
+    """The selection kernel's autotune candidates for products of ``precision`` ("ieee": float32)."""
+    tiles = [SELECT_FP32_TILE] if precision == "ieee" else SELECT_TILES
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in tiles]
+
+
+def _select_prune(configs, named_args, **kwargs):
+    keep = select_candidates({**named_args, **kwargs}["PRECISION"])
+    return keep if autotune_enabled() else keep[:1]
+
+
+_nsa_select_tuned = triton.autotune(configs=select_candidates("tf32"),
+                                    key=["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "TOPK_PAD", "C", "PRECISION",
+                                         "group"],
+                                    prune_configs_by={"early_config_prune": _select_prune},
+                                    do_bench=AUTOTUNE_BENCH)(_nsa_select_kernel)
 
 
 @triton.jit

@@ -18,8 +18,8 @@ from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, 
                              validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
-                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_selected_dq_kernel,
-                      _nsa_selected_fwd_kernel)
+                      _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
+                      _nsa_selected_dq_kernel, _nsa_selected_fwd_kernel)
 from .reference import NSAConfig
 
 
@@ -52,12 +52,6 @@ def _cu(lengths: list, device) -> torch.Tensor:
     return device_tensor(cu, torch.int32, device)
 
 
-def select_rows(dtype) -> int:
-    """Query rows per program of the selection kernel: float32 products run on CUDA cores, where 16 rows keep
-    its tiles in registers (64 spilled 5 KB per thread on sm_90)."""
-    return 32 if small_tiles() else 16 if dtype == torch.float32 else 64
-
-
 def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q: torch.Tensor, cu_cmp: torch.Tensor,
                max_q: int, heads_kv: int, config: NSAConfig, scale: float) -> torch.Tensor:
     """Top-n selection blocks per (query row, KV head) from the compressed attention: int32
@@ -70,15 +64,17 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     c = max(4 if small_tiles() else 16, next_pow2(cdiv(nw - 1, ratio)))
     da, db = split_dim(d)
     sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
-    bm = select_rows(q.dtype)
-    _nsa_select_kernel[(cdiv(max_q, bm), heads_kv, cu_q.numel() - 1)](
-        q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
-        k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
-        scale * LOG2E, D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
-        SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
-        INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm, GROUP_PAD=next_pow2(hq // heads_kv),
-        num_warps=8)
+    args = (q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
+            k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
+            scale * LOG2E)
+    meta = dict(D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
+                SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
+                INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if small_tiles():  # the interpreter: one small tile, nothing timed
+        _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32)
+    else:
+        _nsa_select_tuned[lambda m: (cdiv(max_q, m["BLOCK_M"]), heads_kv, cu_q.numel() - 1)](*args, **meta)
     return sel
 
 

@@ -183,12 +183,11 @@ def _nsa_cases():
                "CU_C": "*i32"}
         meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
                     CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
-                    TOPK_PAD=16, INIT=1, LOCAL=2, C=16, PRECISION="ieee" if dt == "fp32" else "tf32")
+                    TOPK_PAD=16, INIT=1, LOCAL=2, PRECISION="ieee" if dt == "fp32" else "tf32")
         for c in K.select_candidates(meta["PRECISION"]):  # every tile the autotuner tries
-            rows = c.kwargs["BLOCK_M"]
-            cases.append((f"_nsa_select_kernel[{dt}-d{d}-m{rows}w{c.num_warps}s{c.num_stages}]", K._nsa_select_kernel,
-                          ptr, dict(meta, BLOCK_M=rows), ("scale_log2",),
-                          dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+            tag = f"m{c.kwargs['BLOCK_M']}c{c.kwargs['C']}w{c.num_warps}s{c.num_stages}"
+            cases.append((f"_nsa_select_kernel[{dt}-d{d}-{tag}]", K._nsa_select_kernel, ptr, dict(meta, **c.kwargs),
+                          ("scale_log2",), dict(num_warps=c.num_warps, num_stages=c.num_stages)))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",

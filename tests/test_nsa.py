@@ -5,6 +5,7 @@ import torch
 from longattn import flash_attention
 from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
+from longattn.nsa.kernels import SELECT_TILES
 from longattn.nsa.ops import _gates, _mean_compress
 from helpers import assert_close, leaf
 
@@ -110,6 +111,30 @@ def test_nsa_selection_configs(cfg, device):
     g = torch.rand(1, T, Hq, device=device)
     _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, return_selection=True)
     _, sel_r = nsa_attention_ref(q, k, v, g, g, g, config=cfg, return_selection=True)
+    assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
+
+
+@pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}".format(*t))
+def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
+    """Each tile the selection kernel's autotuner may take on a GPU (query rows, blocks per chunk, warps,
+    stages) selects as the reference, in float16: several row tiles, two chunks of 16 blocks (one of 32), Eq. 9
+    taps reaching two blocks back, GQA."""
+    from longattn.nsa import kernels as K
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")  # the GPU's tuned launch through the interpreter
+    monkeypatch.setattr(K, "SELECT_TILES", (tile,))
+    monkeypatch.setattr(K._nsa_select_tuned, "cache", {})  # no tile chosen by an earlier call
+    cfg = NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16)
+    T, Hq, Hkv, D = 400, 4, 2, 48
+    q = torch.randn(1, T, Hq, D, device=device, dtype=torch.float16)
+    k = torch.randn(1, T, Hkv, D, device=device, dtype=torch.float16)
+    v = torch.randn(1, T, Hkv, 16, device=device, dtype=torch.float16)
+    g = torch.rand(1, T, Hq, device=device, dtype=torch.float16)
+    _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, return_selection=True)
+    ref = [t.float() for t in (q, k, v, g)]
+    _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, return_selection=True,
+                                 k_cmp=_rounded_mean(ref[1], torch.float16, cfg, None),
+                                 v_cmp=_rounded_mean(ref[2], torch.float16, cfg, None))
     assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
 
 

@@ -132,27 +132,34 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))
 
 
-# GPU candidates of the selection kernel as (query rows, warps, pipeline stages), the first used without
-# autotuning: 64 rows on 8 warps split each head's 64 x 64 score tile between the two warpgroups, 128 give each
-# warpgroup its own 64 rows. None spills on sm_90 but (64, 4, 2), 28 bytes (tests/cuda_compile.py --resources).
-# float32 multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
-SELECT_TILES = ((64, 8, 3), (64, 8, 2), (128, 8, 2), (64, 4, 2))
-SELECT_FP32_TILE = (16, 8, 3)
+# GPU candidates of the selection kernel as (query rows, selection blocks per chunk, warps, pipeline stages), the
+# first used without autotuning. 64 rows on 8 warps split each head's score tile between the two warpgroups, 128
+# give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile half as often (16 heads x 64
+# rows x 192 dims reloaded per chunk). None spills on sm_90 but (64, 16, 4, 2), 28 bytes per thread
+# (tests/cuda_compile.py --resources). float32 multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
+SELECT_TILES = ((64, 16, 8, 3), (64, 32, 8, 2), (64, 16, 8, 2), (128, 16, 8, 2), (64, 16, 4, 2))
+SELECT_FP32_TILE = (16, 16, 8, 3)
 
 
-def select_candidates(precision: str) -> list:
-    """The selection kernel's autotune candidates for products of ``precision`` ("ieee": float32)."""
+def select_candidates(precision: str, min_chunk: int = 1) -> list:
+    """The selection kernel's autotune candidates for products of ``precision`` ("ieee": float32), with at least
+    ``min_chunk`` selection blocks per chunk (Eq. 9's taps must not reach past the previous chunk)."""
     tiles = [SELECT_FP32_TILE] if precision == "ieee" else SELECT_TILES
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in tiles]
+    configs = {}
+    for m, c, w, s in tiles:
+        configs.setdefault((m, max(c, min_chunk), w, s), None)
+    return [triton.Config({"BLOCK_M": m, "C": c}, num_warps=w, num_stages=s) for m, c, w, s in configs]
 
 
 def _select_prune(configs, named_args, **kwargs):
-    keep = select_candidates({**named_args, **kwargs}["PRECISION"])
+    a = {**named_args, **kwargs}
+    r = a["SLC_BLOCK"] // a["CMP_STRIDE"]
+    keep = select_candidates(a["PRECISION"], triton.next_power_of_2((a["NW"] - 1 + r - 1) // r))
     return keep if autotune_enabled() else keep[:1]
 
 
 _nsa_select_tuned = triton.autotune(configs=select_candidates("tf32"),
-                                    key=["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "TOPK_PAD", "C", "PRECISION",
+                                    key=["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "NW", "TOPK_PAD", "PRECISION",
                                          "group"],
                                     prune_configs_by={"early_config_prune": _select_prune},
                                     do_bench=AUTOTUNE_BENCH)(_nsa_select_kernel)

@@ -60,8 +60,6 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     hq, d = q.shape[1], q.shape[2]
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
     nw = ratio + inner - 1
-    # selection blocks per chunk: the chunk's compressed keys must cover Eq. 9's taps into the previous chunk
-    c = max(4 if small_tiles() else 16, next_pow2(cdiv(nw - 1, ratio)))
     da, db = split_dim(d)
     sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
     args = (q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
@@ -69,11 +67,12 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
             scale * LOG2E)
     meta = dict(D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
                 SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
-                INIT=config.init_blocks, LOCAL=config.local_blocks, C=c,
+                INIT=config.init_blocks, LOCAL=config.local_blocks,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if small_tiles():  # the interpreter: one small tile, nothing timed
-        _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32)
-    else:
+    if small_tiles():  # the interpreter: one small tile, nothing timed; chunks of 4 selection blocks at least
+        c = max(4, next_pow2(cdiv(nw - 1, ratio)))  # Eq. 9's taps must not reach past the previous chunk
+        _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32, C=c)
+    else:  # the chunk's blocks and the rows are autotuned (kernels.select_candidates)
         _nsa_select_tuned[lambda m: (cdiv(max_q, m["BLOCK_M"]), heads_kv, cu_q.numel() - 1)](*args, **meta)
     return sel
 

@@ -108,9 +108,14 @@ def test_training_gradients_match_reference(monkeypatch, device):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ours = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    recomputed = grads()  # each layer's forward run again in the backward
-    model.gradient_checkpointing_disable()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name warns there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        recomputed = grads()  # each layer's forward run again in the backward
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recomputed = grads()
+        model.gradient_checkpointing_disable()
     monkeypatch.setattr(nsa_module, "nsa_attention", nsa_attention_ref)
     ref = grads()
     assert set(recomputed) == set(ours)

@@ -54,7 +54,7 @@ def _band_scores(p, W, carry, M: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
 @triton.jit
 def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        stride_qt, stride_qh, stride_ct, stride_ch, stride_lh, stride_st, stride_sh,
-                       group, scale_log2,
+                       group, scale_log2, length_class,
                        D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr,
@@ -71,7 +71,8 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     Eq. 9's band maps them to the C block scores (``_band_scores``; the taps that reach into the previous
     chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no (T, n_cmp)
     matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB, e.g.
-    192 = 128 + 64) instead of being padded.
+    192 = 128 + 64) instead of being padded. ``length_class`` (the longest sequence rounded up to a power of two)
+    is not read: it keys the autotuner, the best tile depending on how many programs the grid has.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -160,7 +161,7 @@ def _select_prune(configs, named_args, **kwargs):
 
 _nsa_select_tuned = triton.autotune(configs=select_candidates("tf32"),
                                     key=["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "NW", "TOPK_PAD", "PRECISION",
-                                         "group"],
+                                         "group", "length_class"],
                                     prune_configs_by={"early_config_prune": _select_prune},
                                     do_bench=AUTOTUNE_BENCH)(_nsa_select_kernel)
 

@@ -25,10 +25,11 @@ from triton.compiler import ASTSource  # noqa: E402
 SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
 
 
-def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_warps=4, num_stages=3, arch=90):
+def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_warps=4, num_stages=3, arch=90, **extra):
     """Compile like a launch would: pointers and ``stride*`` ints specialised as 16-divisible, as the JIT does
     for aligned tensors and strides (without it the compiler can prove no alignment, so it neither vectorises
-    loads nor pipelines them, and the register figures are far off); num_stages 3 is the launch default."""
+    loads nor pipelines them, and the register figures are far off); num_stages 3 is the launch default.
+    ``extra``: other compile options of a launch (``maxnreg``)."""
     fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
@@ -45,7 +46,7 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **extra))
 
 
 def _flash_cases():
@@ -186,8 +187,11 @@ def _nsa_cases():
                     TOPK_PAD=16, INIT=1, LOCAL=2, PRECISION="ieee" if dt == "fp32" else "tf32")
         for c in K.select_candidates(meta["PRECISION"]):  # every tile the autotuner tries
             tag = f"m{c.kwargs['BLOCK_M']}c{c.kwargs['C']}w{c.num_warps}s{c.num_stages}"
+            launch = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            if c.maxnreg:
+                tag, launch["maxnreg"] = f"{tag}r{c.maxnreg}", c.maxnreg
             cases.append((f"_nsa_select_kernel[{dt}-d{d}-{tag}]", K._nsa_select_kernel, ptr, dict(meta, **c.kwargs),
-                          ("scale_log2",), dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+                          ("scale_log2",), launch))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", OP="*fp32", LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
@@ -219,6 +223,11 @@ def _nsa_cases():
                                ("_nsa_selected_fwd_kernel", dict(no_dk, **blocks, **rows)),
                                ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows))):
                 opts = launch if name.startswith("_nsa_decode") and "combine" not in name else {}
+                if name.startswith("_nsa_selected"):  # every launch its autotuner tries (float32: the first)
+                    for w, st in K.SELECTED_LAUNCHES[:1 if dt == "fp32" else None]:
+                        cases.append((f"{name}[{dt}-d{d}-g{block_g}-w{w}s{st}]", getattr(K, name), ptr, meta,
+                                      ("scale_log2", "scale"), dict(num_warps=w, num_stages=st)))
+                    continue
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale"),
                               opts))
         gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "DOUT", "DO1", "DO2", "DO3")}
@@ -288,8 +297,8 @@ PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
-    "_nsa_selected_fwd_kernel[bf16-d192-g16]": 2,  # one query of 16 heads per program (as timed on the H100)
-    "_nsa_selected_dq_kernel[bf16-d192-g16]": 2,
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
+    "_nsa_selected_dq_kernel[bf16-d192-g16-w4s3]": 2,
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16]": 3,
 }

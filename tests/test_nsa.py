@@ -114,11 +114,11 @@ def test_nsa_selection_configs(cfg, device):
     assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
 
 
-@pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}".format(*t))
+@pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}r{}".format(*t))
 def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
     """Each tile the selection kernel's autotuner may take on a GPU (query rows, blocks per chunk, warps,
-    stages) selects as the reference, in float16: several row tiles, two chunks of 16 blocks (one of 32), Eq. 9
-    taps reaching two blocks back, GQA."""
+    stages, register limit) selects as the reference, in float16: several row tiles, two chunks of 16 blocks
+    (one of 32), Eq. 9 taps reaching two blocks back, GQA."""
     from longattn.nsa import kernels as K
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")  # the GPU's tuned launch through the interpreter
@@ -136,6 +136,50 @@ def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
                                  k_cmp=_rounded_mean(ref[1], torch.float16, cfg, None),
                                  v_cmp=_rounded_mean(ref[2], torch.float16, cfg, None))
     assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
+
+
+def test_nsa_autotuning_keeps_results(monkeypatch, device):
+    """Autotuning the selection and the selected branch's kernels times each candidate on the call's own buffers,
+    repeating the launch: outputs and gradients stay those of a single launch (the selected dq adds to the own
+    blocks' part already in its output, which the autotuner must restore). Without a GPU the interpreter runs the
+    GPU tiles and a stand-in timer that launches each candidate twice."""
+    from longattn.nsa import kernels as K
+
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topk=4, window=16)
+    T, Hq, Hkv = 200 if device == "cpu" else 2048, 4, 1
+    dt = torch.float16
+    ins = [torch.randn(1, T, Hq, 32), torch.randn(1, T, Hkv, 32), torch.randn(1, T, Hkv, 16)]
+    ins = [t.to(device, dt).requires_grad_() for t in ins]
+    gates = [torch.rand(1, T, Hq, device=device) for _ in range(3)]
+    dout = torch.randn(1, T, Hq, 16, device=device, dtype=dt)
+
+    def run():
+        for t in ins:
+            t.grad = None
+        out, sel = nsa_attention(*ins, *gates, config=cfg, return_selection=True)
+        out.backward(dout)
+        return [out, sel] + [t.grad for t in ins]
+
+    monkeypatch.setenv("LONGATTN_AUTOTUNE", "0")
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    single = run()
+    monkeypatch.setenv("LONGATTN_AUTOTUNE", "1")
+    tuned_kernels = (K._nsa_select_tuned, K._nsa_selected_fwd_tuned, K._nsa_selected_dq_tuned)
+    for kernel in tuned_kernels:
+        monkeypatch.setattr(kernel, "cache", {})
+        if device == "cpu":  # nothing to time: run each candidate twice, all tie
+            def twice(kernel_call, quantiles):
+                kernel_call()
+                kernel_call()
+                return [0.0] * len(quantiles)
+            settable = "_do_bench" if isinstance(getattr(type(kernel), "do_bench", None), property) else "do_bench"
+            monkeypatch.setattr(kernel, settable, twice)
+    if device == "cpu":
+        monkeypatch.setattr(K, "autotune_enabled", lambda: True)
+    tuned = run()
+    assert torch.equal(tuned[1], single[1])
+    for name, a, b in zip(["out", "dq", "dk", "dv"], tuned[:1] + tuned[2:], single[:1] + single[2:]):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2, msg=name)
 
 
 @pytest.mark.parametrize("block,stride", [(32, 16), (48, 16), (16, 16)])

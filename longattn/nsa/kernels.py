@@ -133,13 +133,16 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))
 
 
-# GPU candidates of the selection kernel as (query rows, selection blocks per chunk, warps, pipeline stages), the
-# first used without autotuning. 64 rows on 8 warps split each head's score tile between the two warpgroups, 128
-# give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile half as often (16 heads x 64
-# rows x 192 dims reloaded per chunk). None spills on sm_90 but (64, 16, 4, 2), 28 bytes per thread
-# (tests/cuda_compile.py --resources). float32 multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
-SELECT_TILES = ((64, 16, 8, 3), (64, 32, 8, 2), (64, 16, 8, 2), (128, 16, 8, 2), (64, 16, 4, 2))
-SELECT_FP32_TILE = (16, 16, 8, 3)
+# GPU candidates of the selection kernel as (query rows, selection blocks per chunk, warps, pipeline stages,
+# register limit or None), the first used without autotuning. 64 rows on 8 warps split each head's score tile
+# between the two warpgroups, 128 give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile
+# half as often (16 heads x 64 rows x 192 dims reloaded per chunk); 128 registers per thread fit two programs of
+# 8 warps on an SM (their matmuls and exponentials then overlap), spilling 76 bytes. The others spill nothing on
+# sm_90 but (64, 16, 4, 2), 28 bytes (tests/cuda_compile.py --resources). float32 multiplies on CUDA cores: 16
+# rows (64 spilled 5 KB per thread).
+SELECT_TILES = ((64, 16, 8, 3, None), (64, 32, 8, 2, None), (64, 16, 8, 2, None), (64, 16, 8, 2, 128),
+                (128, 16, 8, 2, None), (64, 16, 4, 2, None))
+SELECT_FP32_TILE = (16, 16, 8, 3, None)
 
 
 def select_candidates(precision: str, min_chunk: int = 1) -> list:
@@ -147,9 +150,9 @@ def select_candidates(precision: str, min_chunk: int = 1) -> list:
     ``min_chunk`` selection blocks per chunk (Eq. 9's taps must not reach past the previous chunk)."""
     tiles = [SELECT_FP32_TILE] if precision == "ieee" else SELECT_TILES
     configs = {}
-    for m, c, w, s in tiles:
-        configs.setdefault((m, max(c, min_chunk), w, s), None)
-    return [triton.Config({"BLOCK_M": m, "C": c}, num_warps=w, num_stages=s) for m, c, w, s in configs]
+    for m, c, w, s, r in tiles:
+        configs.setdefault((m, max(c, min_chunk), w, s, r), None)
+    return [triton.Config({"BLOCK_M": m, "C": c}, num_warps=w, num_stages=s, maxnreg=r) for m, c, w, s, r in configs]
 
 
 def _select_prune(configs, named_args, **kwargs):
@@ -488,6 +491,29 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     own_a, own_b = _load_split(DQ, dq_rows, valid, DK, BLOCK_DA, BLOCK_DB, False)
     _store_split(DQ, dq_rows, valid, own_a.to(tl.float32) + acc_a * scale, own_b.to(tl.float32) + acc_b * scale, DK,
                  BLOCK_DA, BLOCK_DB)
+
+
+# GPU candidates (warps, pipeline stages) of the selected branch's kernels, the first used without autotuning:
+# two programs of 4 warps share an SM (by shared memory: two K/V tiles in flight each), or of 8 warps (half the
+# registers per thread), or one program keeps three tiles in flight. None spills on sm_90 (head dim 192, groups of
+# 16). float32 takes the first.
+SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))
+
+
+def _selected_prune(configs, named_args, **kwargs):
+    keep = configs[:1] if {**named_args, **kwargs}["PRECISION"] == "ieee" else configs
+    return keep if autotune_enabled() else keep[:1]
+
+
+def _tune_selected(kernel, **options):
+    return triton.autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in SELECTED_LAUNCHES],
+                           key=["DK", "DV", "QB", "ROWS", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION"],
+                           prune_configs_by={"early_config_prune": _selected_prune}, do_bench=AUTOTUNE_BENCH,
+                           **options)(kernel)
+
+
+_nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel)
+_nsa_selected_dq_tuned = _tune_selected(_nsa_selected_dq_kernel, restore_value=["DQ"])  # it adds to DQ
 
 
 @triton.jit

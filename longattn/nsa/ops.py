@@ -19,7 +19,7 @@ from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, 
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
-                      _nsa_selected_dq_kernel, _nsa_selected_fwd_kernel)
+                      _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned)
 from .reference import NSAConfig
 
 
@@ -174,7 +174,7 @@ class _Selected(torch.autograd.Function):
         lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
         if q.shape[0]:
             meta, heads = _selected_meta(dims, block_size, sel.shape[-1], q.dtype), _selected_heads(group, q.dtype)
-            _nsa_selected_fwd_kernel[(cdiv(max_q, meta["QB"]), hkv * cdiv(group, heads), cu.numel() - 1)](
+            _nsa_selected_fwd_tuned[(cdiv(max_q, meta["QB"]), hkv * cdiv(group, heads), cu.numel() - 1)](
                 q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
                 heads, scale * LOG2E, **meta)
@@ -199,7 +199,7 @@ class _Selected(torch.autograd.Function):
                                                   earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
         if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
             meta, heads = _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype), _selected_heads(group, q.dtype)
-            _nsa_selected_dq_kernel[(cdiv(ctx.max_q, meta["QB"]), dims.heads_kv * cdiv(group, heads), cu.numel() - 1)](
+            _nsa_selected_dq_tuned[(cdiv(ctx.max_q, meta["QB"]), dims.heads_kv * cdiv(group, heads), cu.numel() - 1)](
                 q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
                 dq.stride(1), lse.stride(0), group, heads, ctx.scale * LOG2E, ctx.scale, **meta)

@@ -51,11 +51,13 @@ def _flashinfer_decode(cache, table, L, q_lat, q_rope, scale):
 
 def _tuned_config() -> str:
     """The decode kernel's configuration picked by the autotuner for the last launch: tokens per tile, warps,
-    pipeline stages."""
+    pipeline stages, and ``p`` where the scores were split between the warpgroups (SHARED_P)."""
     from longattn.mla.kernels import _mla_decode_tuned
 
     c = getattr(_mla_decode_tuned, "best_config", None)
-    return f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" if c is not None else ""
+    if c is None:
+        return ""
+    return f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{'p' if c.kwargs.get('SHARED_P') else ''}"
 
 
 def run(args, argv=None) -> list[dict]:

@@ -25,7 +25,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, SHARED_P: tl.constexpr = False):
     hb = tl.program_id(0)  # head groups of one (sequence, split) run side by side: they share the cache in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,15 +73,33 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
         c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)
         kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
                      other=0.0)
-        s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
-        s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
+        if SHARED_P:  # two products, not a chain (see below)
+            s = tl.dot(ql, tl.trans(c), input_precision=PRECISION) * qk_scale
+            s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION) * qk_scale
+        else:
+            s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
+            s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
         s = tl.where(in_n[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        if SHARED_P:
+            # Triton lays a product whose result reaches another product (here p.V, and the rescaled accumulator
+            # of p.V) on all warps along its rows: with 64 rows on 8 warps both warpgroups compute all of q.k
+            # (and all of a chained product before it). Its analysis does not follow values out of a branch: p
+            # and alpha leave one (both sides compute the same, so the condition does not matter), the score
+            # tile is then split between the warpgroups by keys and p reaches both through shared memory.
+            if qk_scale > 0:
+                pp = p.to(c.dtype)
+                alpha = tl.math.exp2(m_i - m_use)
+            else:
+                pp = p.to(c.dtype)
+                alpha = tl.math.exp2(m_i - m_use)
+        else:
+            pp = p.to(c.dtype)
+            alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(pp, c, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -93,10 +111,15 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
 
 SMEM_LIMIT = 227 * 1024
 # 16-bit candidates (rows = heads x query tokens, up to 64): beside q (64 x 576), 64-token tiles fit 2
-# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows)
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for n, w, s in ((64, 8, 2), (32, 8, 3), (32, 8, 4), (16, 8, 6), (64, 4, 2), (32, 4, 4),
-                                   (16, 4, 4))]  # first: the H100's usual pick (bench/results/nvidia-h100)
+# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows). 64 rows on
+# 8 warps come in both score layouts (SHARED_P: each warpgroup computes half the keys' scores, p goes through
+# shared memory; without, both compute all of them: at 64 tokens 352 bytes spilled per thread on sm_90, none
+# with SHARED_P)
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p}, num_warps=w, num_stages=s)
+                   for n, w, s, p in ((64, 8, 2, False), (32, 8, 3, False), (32, 8, 4, False), (16, 8, 6, False),
+                                      (64, 8, 2, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
+                                      (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))]
+# first: the H100's usual pick (bench/results/nvidia-h100)
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
@@ -105,10 +128,11 @@ def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
     16-bit cache tiles within shared memory; float32 (CUDA cores) takes its one small-tile configuration.
     The first is the one used without autotuning."""
     if precision == "ieee":
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_N": 16, "SHARED_P": False}, num_warps=4, num_stages=2)]
 
-    def smem(c):
-        return 2 * width * (rows + c.kwargs["BLOCK_N"] * c.num_stages)
+    def smem(c):  # q, the cache tiles in flight and p's exchange tile
+        n = c.kwargs["BLOCK_N"]
+        return 2 * width * (rows + n * c.num_stages) + (2 * rows * n + 512 if c.kwargs["SHARED_P"] else 0)
 
     keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4) and c.kwargs["BLOCK_N"] <= page
             and smem(c) <= SMEM_LIMIT]

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, _dot_split, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
+from .flash import LOG2E, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
 from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, device_tensor, empty,
                     kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, split_dim)
@@ -123,6 +123,22 @@ def _segment_rows(BLOCK_ROW, seg, pid_n, HKV, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _bwd_operands(p, dp_delta, flag, dtype: tl.constexpr):
+    """The backward's matmul operands p and dS = p * (dp - delta) in ``dtype``, computed in a branch whose two sides
+    are the same (``flag``: any runtime condition). Triton lays a product whose result reaches another product on
+    all warps along its rows, so with 64 rows on 8 warps both warpgroups would compute all of s and dp; its
+    analysis does not follow values out of a branch, so those products split their tiles between the warpgroups
+    instead (the operands reach both through shared memory, as their transposes do anyway)."""
+    if flag:
+        p16 = p.to(dtype)
+        ds = (p * dp_delta).to(dtype)
+    else:
+        p16 = p.to(dtype)
+        ds = (p * dp_delta).to(dtype)
+    return p16, ds
+
+
+@triton.jit
 def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_START, TILE_CUM, CHUNK_CUM, SLOT,
                         BLOCK_ROW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
@@ -157,11 +173,15 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
                      mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
-        s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), BLOCK_DB, PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        # the score products unchained (see _bwd_operands): two products, each scaled, and p, dS out of a branch
+        s = tl.dot(q_a, kt_a, input_precision=PRECISION) * qk_scale
+        if BLOCK_DB > 0:
+            s += tl.dot(q_b, kt_b, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dst = tl.trans((p * (dp - delta[:, None])).to(q_a.dtype))
+        p16, ds = _bwd_operands(p, dp - delta[:, None], qk_scale > 0, do.dtype)
+        dv += tl.dot(tl.trans(p16), do, input_precision=PRECISION)
+        dst = tl.trans(ds)
         dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
         if BLOCK_DB > 0:
             dk_b += tl.dot(dst, q_b, input_precision=PRECISION)

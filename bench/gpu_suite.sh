@@ -48,11 +48,13 @@ end=$(( $(date +%s) + ${BENCH_SECONDS:-290} ))
 # the autotuner's choice per kernel and shape goes to bench.log: which tiles win decides the candidates'
 # order (the first is what LONGATTN_AUTOTUNE=0 runs)
 export TRITON_PRINT_AUTOTUNING=1
-# default: what the open goals need first, then what has no H100 figures yet (the H100 runs of 2026-11-26 timed
-# NSA fwd/decode/selected branch, MLA, flash and the profiles): NSA's selected branch on smooth inputs (how
-# many queries per program pay when neighbours select alike), NSA fwd+bwd (fla's backward autotuning alone takes
-# minutes, so it comes after), MoBA, memory, rollouts
-IFS=';' read -ra ops <<< "${BENCH_OPS:-nsa --seqlens 64k --modes slc --inputs smooth; profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_prefill_fwdbwd; nsa --seqlens 64k --modes fwd,fwdbwd; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; rollout --prompts 8k,32k; mla --batches 64 --contexts 8k; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
+# default: what the open goals need first, then what has no H100 figures yet. The H100 runs of 2026-11-26 timed
+# NSA fwd/decode/selected branch, MLA, flash and the profiles; since then the NSA selection kernel, the selected
+# branch's launches and MLA decoding's score layout (SHARED_P) are autotuned among new candidates: the profiles
+# say what they gained (the picks are in bench.log), MLA decoding at the goal's shapes, NSA fwd+bwd against
+# SDPA (fla's backward autotuning alone takes minutes, so it comes after), the selected branch on smooth inputs
+# (how many queries per program pay when neighbours select alike), MoBA, memory, rollouts
+IFS=';' read -ra ops <<< "${BENCH_OPS:-profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_decode_s4; mla --batches 64 --contexts 8k; nsa --seqlens 64k --modes fwd,fwdbwd; nsa --seqlens 64k --modes slc --inputs smooth; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; rollout --prompts 8k,32k; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
 i=0
 for op in "${ops[@]}"; do
   i=$((i + 1))

@@ -125,7 +125,7 @@ def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
     monkeypatch.setattr(K, "SELECT_TILES", (tile,))
     monkeypatch.setattr(K._nsa_select_tuned, "cache", {})  # no tile chosen by an earlier call
     cfg = NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16)
-    T, Hq, Hkv, D = 400, 4, 2, 48
+    T, Hq, Hkv, D = 300, 2, 1, 48
     q = torch.randn(1, T, Hq, D, device=device, dtype=torch.float16)
     k = torch.randn(1, T, Hkv, D, device=device, dtype=torch.float16)
     v = torch.randn(1, T, Hkv, 16, device=device, dtype=torch.float16)

@@ -298,11 +298,35 @@ PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
+    "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_nsa_selected_fwd_kernel[bf16-d192-g16-w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
     "_nsa_selected_dq_kernel[bf16-d192-g16-w4s3]": 2,
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16]": 3,
 }
+
+
+# kernels that must compute each product once: Triton lays a product whose result reaches another product on all
+# warps along its rows, so a 64-row product on 8 warps is computed by both warpgroups whole. These kernels keep
+# their score products out of such chains (nsa/kernels.py, mla/kernels.py SHARED_P, kernels/sparse.py
+# _bwd_operands); a regression doubles their tensor-core work
+UNDUPLICATED = (
+    "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
+    "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",
+    "_sparse_dkdv_kernel[bf16-d192-group16]",
+)
+
+
+def duplicated_products(kernel) -> list:
+    """The (rows x cols) products of a compiled kernel that more warpgroups compute than their rows need (a
+    warpgroup covers 64 rows): each of them is computed several times over."""
+    ttgir = kernel.asm["ttgir"]
+    warps = {name: (int(m), int(n)) for name, m, n in re.findall(
+        r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 3.*?warpsPerCTA = \[(\d+), (\d+)\]", ttgir, re.M)}
+    return [f"{rows}x{cols}" for rows, cols, layout in
+            re.findall(r"warp_group_dot .*?-> tensor<(\d+)x(\d+)x\w+, (#mma\d*)>", ttgir)
+            if layout in warps and int(rows) < 64 * (warps[layout][0] // 4)]
 
 
 def buffers(kernel) -> int:
@@ -313,13 +337,14 @@ def buffers(kernel) -> int:
 
 def main(argv) -> int:
     show = "--resources" in argv  # also print registers and spills per kernel
-    check_pipelined = "--pipelined" in argv  # only the PIPELINED kernels, failing when they have too few buffers
+    # only the PIPELINED and UNDUPLICATED kernels, failing when they have too few buffers or duplicated products
+    check_pipelined = "--pipelined" in argv
     argv = [a for a in argv if a not in ("--resources", "--pipelined")]
     pattern = argv[1] if len(argv) > 1 else ""
     failures = 0
     for build in CASE_BUILDERS:
         for name, kern, ptr, meta, floats, *launch in build():  # launch: the op's num_warps/num_stages if set
-            if pattern not in name or (check_pipelined and name not in PIPELINED):
+            if pattern not in name or (check_pipelined and name not in PIPELINED and name not in UNDUPLICATED):
                 continue
             t = time.time()
             try:
@@ -329,8 +354,10 @@ def main(argv) -> int:
                 narrow = narrow_offsets(k.asm["ttir"])
                 if narrow and status == "ok":
                     status = f"FAIL 32-bit row x stride products at {', '.join(sorted(set(narrow)))}"
-                if check_pipelined and status == "ok" and buffers(k) < PIPELINED[name]:
+                if check_pipelined and status == "ok" and buffers(k) < PIPELINED.get(name, 0):
                     status = f"FAIL {buffers(k)} shared-memory buffers in its loop, expected {PIPELINED[name]}"
+                if check_pipelined and status == "ok" and name in UNDUPLICATED and duplicated_products(k):
+                    status = f"FAIL products computed by several warpgroups: {', '.join(duplicated_products(k))}"
                 if show and status == "ok":
                     status = f"ok  smem {smem}  {resources(k)}"
             except Exception as e:  # report every failure, not only the first

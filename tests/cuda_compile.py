@@ -176,7 +176,7 @@ def _nsa_cases():
 
     from longattn.nsa import kernels as K
     from longattn.nsa import NSAConfig
-    from longattn.nsa.ops import _selected_meta, decode_tiles
+    from longattn.nsa.ops import _selected_heads, _selected_meta, decode_tiles
 
     cases = []
     for dt, d in (("bf16", 192), ("fp32", 64)):
@@ -207,10 +207,11 @@ def _nsa_cases():
         attend = dict(BLOCK_N=block_n, SLC_TILE=slc_tile, WINDOW=512)
         for block_g in (16, 64):  # GQA groups up to 16, and 64 heads sharing one KV head
             g = dict(shared, BLOCK_G=block_g, HAS_ROWS=block_g == 16)  # decoding with and without cache_rows
-            # the selected branch's tiles as its launch sizes them (float32: 16 rows)
+            # the selected branch's tiles as its launch sizes them (float32: slices of 16 heads)
             dims = types.SimpleNamespace(heads_q=block_g, heads_kv=1, dim_qk=d, dim_v=dv)
             rows = {k: v for k, v in _selected_meta(dims, 64, 16, torch_dt).items()
-                    if k in ("QB", "ROWS", "BLOCK_DA", "BLOCK_DB", "SLC_TILE")}
+                    if k in ("BLOCK_DA", "BLOCK_DB", "SLC_TILE")}
+            heads = _selected_heads(block_g, torch_dt)
             no_dk = {k: v for k, v in shared.items() if k != "BLOCK_DK"}
             for name, meta in (("_nsa_decode_kernel", dict(g, **blocks, **select, **attend)),
                                ("_nsa_decode_cmp_split_kernel", dict(g, BLOCK_N=block_n, CMP_STRIDE=16,
@@ -224,10 +225,12 @@ def _nsa_cases():
                                ("_nsa_selected_fwd_kernel", dict(no_dk, **blocks, **rows)),
                                ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows))):
                 opts = launch if name.startswith("_nsa_decode") and "combine" not in name else {}
-                if name.startswith("_nsa_selected"):  # every launch its autotuner tries (float32: the first)
-                    for w, st in K.SELECTED_LAUNCHES[:1 if dt == "fp32" else None]:
-                        cases.append((f"{name}[{dt}-d{d}-g{block_g}-w{w}s{st}]", getattr(K, name), ptr, meta,
-                                      ("scale_log2", "scale"), dict(num_warps=w, num_stages=st)))
+                if name.startswith("_nsa_selected"):  # every tile its autotuner tries (float32: the first)
+                    for c in K.selected_configs(heads, 16, shared["PRECISION"]):
+                        tag = f"q{c.kwargs['QB']}w{c.num_warps}s{c.num_stages}"
+                        cases.append((f"{name}[{dt}-d{d}-g{block_g}-{tag}]", getattr(K, name), ptr,
+                                      dict(meta, **c.kwargs), ("scale_log2", "scale"),
+                                      dict(num_warps=c.num_warps, num_stages=c.num_stages)))
                     continue
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale"),
                               opts))
@@ -299,8 +302,8 @@ PIPELINED = {
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
-    "_nsa_selected_fwd_kernel[bf16-d192-g16-w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
-    "_nsa_selected_dq_kernel[bf16-d192-g16-w4s3]": 2,
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
+    "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16]": 3,
 }

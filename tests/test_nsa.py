@@ -474,6 +474,35 @@ def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, devic
                                                                 cu_seqlens=cu[:2]))
 
 
+@pytest.mark.parametrize("queries", [0, 1, 2], ids=["base", "twice", "four-times"])
+def test_nsa_selected_gpu_candidates(queries, monkeypatch, device):
+    """Each number of queries per program the selected branch's autotuner may take on a GPU (a group of 4 with 4
+    slots: 4, 8 or 16 queries, up to 64 rows) gives the reference's output and gradients, in float16, through
+    the interpreter with the GPU's tiles."""
+    from longattn.kernels.reference import block_mask_ref, masked_attention_ref
+    from longattn.nsa import nsa_selected_attention
+    from longattn.nsa.kernels import selected_queries
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    choices = selected_queries(4, 4)
+    assert len(choices) == 3
+    monkeypatch.setenv("LONGATTN_NSA_QUERY_BLOCK", str(choices[queries]))
+    Hq, Hkv, T, block, n, dtype = 4, 1, 150, 16, 4, torch.float16
+    sel = _random_selection([T], Hkv, n, block, device)
+    ins = [torch.randn(T, h, 32, device=device, dtype=dtype) for h in (Hq, Hkv, Hkv)]
+    ours, refs = [leaf(t) for t in ins], [leaf(t, torch.float32) for t in ins]
+    out = nsa_selected_attention(*ours, sel, block_size=block, cu_seqlens=torch.tensor([0, T], device=device,
+                                                                                       dtype=torch.int32))
+    mask = block_mask_ref(sel.repeat_interleave(Hq // Hkv, dim=1), T, T, block)
+    ref = masked_attention_ref(*refs, mask, 32 ** -0.5)[0]
+    assert_close(out, ref, dtype, "out")
+    dout = torch.randn_like(ref)
+    (out.float() * dout).sum().backward()
+    (ref * dout).sum().backward()
+    for name, a, b in zip(["dq", "dk", "dv"], ours, refs):
+        assert_close(a.grad, b.grad, dtype, name, factor=2)
+
+
 def test_nsa_selected_attention_bad_arguments(device):
     from longattn.nsa import nsa_selected_attention
 

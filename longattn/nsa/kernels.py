@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.flash import _decode_query, _dot_split, _load_split, _store_split
-from ..kernels.utils import AUTOTUNE_BENCH, autotune_enabled
+from ..kernels.utils import AUTOTUNE_BENCH, autotune_enabled, small_tiles
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
@@ -493,21 +493,57 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                  BLOCK_DA, BLOCK_DB)
 
 
-# GPU candidates (warps, pipeline stages) of the selected branch's kernels, the first used without autotuning:
-# two programs of 4 warps share an SM (by shared memory: two K/V tiles in flight each), or of 8 warps (half the
-# registers per thread), or one program keeps three tiles in flight. None spills on sm_90 (head dim 192, groups of
-# 16). float32 takes the first.
+# Tiles of the selected branch's kernels: QB consecutive queries per program, the rows of a tile their GQA group's
+# heads (ROWS = QB x heads, padded). More queries per program load a block that several of them select once for
+# all, but multiply every block any of them selects by all the tile's rows: on the H100 at 64k with random inputs
+# (unrelated selections) 1 query of a group of 16 per program beat 4 (forward 28.3 ms against 37.9, fwd+bwd 92.7
+# against 115.2); in trained models neighbouring queries select mostly the same blocks. So the number of queries
+# is autotuned on the call's own selection: the base fills a 16-row tile within 128 (query, slot) pairs (64 rows
+# under the interpreter, whose cost is per program), on a GPU also twice and four times as many queries (up to
+# 64 rows). With them the warps and pipeline stages: two programs of 4 warps share an SM (by shared memory: two
+# K/V tiles in flight each), or of 8 warps (half the registers per thread), or one program keeps three tiles in
+# flight. At head dim 192 with groups of 16 none spills on sm_90 but dq with 4 queries on 4 warps (32 bytes per
+# thread; tests/cuda_compile.py --resources). float32 takes the first candidate.
+SELECTED_ROWS = 16
+SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
 SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))
 
 
+def selected_queries(heads: int, top_pad: int) -> list:
+    """The numbers of queries per program the selected branch's kernels may take with ``heads`` heads per program
+    and ``top_pad`` selection slots per query (padded), the base first."""
+    cap = 64 if small_tiles() else SELECTED_ROWS
+    base = max(1, min(cap // triton.next_power_of_2(heads), SELECTED_PAIRS // top_pad))
+    if small_tiles():
+        return [base]
+    return [qb for qb in (base, 2 * base, 4 * base)
+            if qb == base or (qb * top_pad <= SELECTED_PAIRS and triton.next_power_of_2(qb * heads) <= 64)]
+
+
+def selected_rows(queries: int, heads: int) -> int:
+    """Rows of a selected-branch tile for ``queries`` queries of ``heads`` heads: 16 at least (matmul tiles)."""
+    return max(16, triton.next_power_of_2(queries * heads))
+
+
+def selected_configs(heads: int, top_pad: int, precision: str) -> list:
+    """The selected branch's autotune candidates: each number of queries per program with the launches (the base
+    with all of them, the larger ones with the first two); float32 (``"ieee"``) only the first."""
+    configs = [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads)}, num_warps=w, num_stages=s)
+               for i, qb in enumerate(selected_queries(heads, top_pad))
+               for w, s in (SELECTED_LAUNCHES if i == 0 else SELECTED_LAUNCHES[:2])]
+    return configs[:1] if precision == "ieee" else configs
+
+
 def _selected_prune(configs, named_args, **kwargs):
-    keep = configs[:1] if {**named_args, **kwargs}["PRECISION"] == "ieee" else configs
+    a = {**named_args, **kwargs}
+    keep = selected_configs(a["heads_per_prog"], a["TOPK_PAD"], a["PRECISION"])
     return keep if autotune_enabled() else keep[:1]
 
 
 def _tune_selected(kernel, **options):
-    return triton.autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in SELECTED_LAUNCHES],
-                           key=["DK", "DV", "QB", "ROWS", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION"],
+    return triton.autotune(configs=selected_configs(16, 16, "tf32"),
+                           key=["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION", "group",
+                                "heads_per_prog"],
                            prune_configs_by={"early_config_prune": _selected_prune}, do_bench=AUTOTUNE_BENCH,
                            **options)(kernel)
 

@@ -19,7 +19,7 @@ from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, 
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
-                      _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned)
+                      _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned, selected_rows)
 from .reference import NSAConfig
 
 
@@ -127,14 +127,6 @@ class _GatedSum(torch.autograd.Function):
         return (*dos, *dgs)
 
 
-# rows (query, head) of the selected branch's tiles on a GPU: QB queries times the group's heads, filling one
-# 16-row matmul. More queries per program share the blocks they both select, but every candidate block is
-# multiplied by all the tile's rows: the H100 timed 1 query of a group of 16 per program against 4 at 64k
-# (forward 28.3 ms against 37.9, fwd+bwd 92.7 against 115.2). The interpreter takes 64 (its cost is per program).
-SELECTED_ROWS = 16
-SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
-
-
 def _selected_heads(group: int, dtype) -> int:
     """Query heads per program of the selected branch's kernels: the whole GQA group, unless it is larger than a
     tile holds (64 heads; 16 in float32, whose products run on CUDA cores: 64 rows spilled up to 19 KB per
@@ -143,21 +135,24 @@ def _selected_heads(group: int, dtype) -> int:
 
 
 def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
-    """Tiles of the selected branch's kernels: QB consecutive queries per program, their rows their heads (see
-    _selected_heads), up to 16 rows (64 under the interpreter) and 128 (query, slot) pairs (1 query of a group of
-    16, 4 of a group of 4)."""
-    heads = _selected_heads(dims.heads_q // dims.heads_kv, dtype)
-    top_pad = next_pow2(topk)
-    rows = 64 if small_tiles() else SELECTED_ROWS
-    qb = max(1, min(rows // next_pow2(heads), SELECTED_PAIRS // top_pad))
-    forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")  # a tuning knob for benchmarks: queries per program
+    """Tiles of the selected branch's kernels but the queries per program and the rows (kernels.selected_configs,
+    autotuned)."""
+    da, db = split_dim(dims.dim_qk)
+    return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=max(16, next_pow2(dims.dim_v)),
+                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if small_tiles() else 64), TOPK=topk,
+                TOPK_PAD=next_pow2(topk), PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _launch_selected(tuned, args, meta, max_q: int, programs_h: int, n_seq: int, heads: int):
+    """Launch a selected-branch kernel (autotuned: ``tuned``) with ``args`` then ``meta``: grid (query blocks,
+    KV heads x head slices, sequences). ``LONGATTN_NSA_QUERY_BLOCK``, a knob for benchmarks, forces that many
+    queries per program (untimed)."""
+    forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")
     if forced:
         qb = next_pow2(int(forced))
-    da, db = split_dim(dims.dim_qk)
-    return dict(DK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
-                BLOCK_DV=max(16, next_pow2(dims.dim_v)), QB=qb, ROWS=max(16, next_pow2(qb * heads)),
-                SLC_BLOCK=block_size, SLC_TILE=min(block_size, 32 if small_tiles() else 64), TOPK=topk,
-                TOPK_PAD=top_pad, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=selected_rows(qb, heads))
+    else:
+        tuned[lambda m: (cdiv(max_q, m["QB"]), programs_h, n_seq)](*args, **meta)
 
 
 class _Selected(torch.autograd.Function):
@@ -173,11 +168,12 @@ class _Selected(torch.autograd.Function):
         out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
         lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
         if q.shape[0]:
-            meta, heads = _selected_meta(dims, block_size, sel.shape[-1], q.dtype), _selected_heads(group, q.dtype)
-            _nsa_selected_fwd_tuned[(cdiv(max_q, meta["QB"]), hkv * cdiv(group, heads), cu.numel() - 1)](
+            heads = _selected_heads(group, q.dtype)
+            _launch_selected(_nsa_selected_fwd_tuned, (
                 q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
-                heads, scale * LOG2E, **meta)
+                heads, scale * LOG2E), _selected_meta(dims, block_size, sel.shape[-1], q.dtype), max_q,
+                hkv * cdiv(group, heads), cu.numel() - 1, heads)
         ctx.save_for_backward(q, k, v, out, lse, sel, own, cu)
         ctx.plan, ctx.dims, ctx.block_size, ctx.scale, ctx.max_q = plan, dims, block_size, scale, max_q
         return out
@@ -198,11 +194,13 @@ class _Selected(torch.autograd.Function):
         dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent,
                                                   earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
         if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
-            meta, heads = _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype), _selected_heads(group, q.dtype)
-            _nsa_selected_dq_tuned[(cdiv(ctx.max_q, meta["QB"]), dims.heads_kv * cdiv(group, heads), cu.numel() - 1)](
+            heads = _selected_heads(group, q.dtype)
+            _launch_selected(_nsa_selected_dq_tuned, (
                 q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
-                dq.stride(1), lse.stride(0), group, heads, ctx.scale * LOG2E, ctx.scale, **meta)
+                dq.stride(1), lse.stride(0), group, heads, ctx.scale * LOG2E, ctx.scale),
+                _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype), ctx.max_q,
+                dims.heads_kv * cdiv(group, heads), cu.numel() - 1, heads)
         return (dq, dk, dv) + (None,) * 8
 
 

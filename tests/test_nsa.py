@@ -1,4 +1,6 @@
 """NSA op (Triton branches) against the PyTorch reference: output, selection, every gradient."""
+import itertools
+
 import pytest
 import torch
 
@@ -442,25 +444,20 @@ def _random_selection(lens, hkv, n, block, device):
     return torch.tensor(rows, dtype=torch.int64, device=device).view(sum(lens), hkv, n)
 
 
-@pytest.mark.parametrize("Hq,Hkv,lens,D", [(8, 2, [110, 37], 32), (2, 2, [110, 37], 32), (72, 1, [40, 7], 32),
-                                            (16, 1, [70, 37], 48)],
-                         ids=["gqa4", "mha", "group72", "group16-d48"])
-def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, device):
-    """Group entries in the backward; a group larger than an entry tile (72 heads) falls back to per-head
-    entries; a head dim the kernels split into two tiles (48 = 32 + 16)."""
+def _check_selected(ins, sel, lens, block, dtype):
+    """nsa_selected_attention on packed (q, k, v) ``ins`` of sequences ``lens`` with selection ``sel``: output and
+    gradients against the masked dense reference."""
     from longattn.kernels.reference import block_mask_ref, masked_attention_ref
     from longattn.nsa import nsa_selected_attention
 
-    block, n = 16, 4
-    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
-    sel = _random_selection(lens, Hkv, n, block, device)
-    ins = [torch.randn(sum(lens), h, d, device=device, dtype=dtype) for h, d in ((Hq, D), (Hkv, D), (Hkv, 16))]
+    group, d = ins[0].shape[1] // ins[1].shape[1], ins[0].shape[2]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=ins[0].device)
     ours, refs = [leaf(t) for t in ins], [leaf(t, torch.float32) for t in ins]
     out = nsa_selected_attention(*ours, sel, block_size=block, cu_seqlens=cu)
     parts = []
-    for a, b in ((0, lens[0]), (lens[0], sum(lens))):
-        mask = block_mask_ref(sel[a:b].repeat_interleave(Hq // Hkv, dim=1), b - a, b - a, block)
-        parts.append(masked_attention_ref(refs[0][a:b], refs[1][a:b], refs[2][a:b], mask, D ** -0.5)[0])
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        mask = block_mask_ref(sel[a:b].repeat_interleave(group, dim=1), b - a, b - a, block)
+        parts.append(masked_attention_ref(refs[0][a:b], refs[1][a:b], refs[2][a:b], mask, d ** -0.5)[0])
     ref = torch.cat(parts)
     assert_close(out, ref, dtype, "out")
     dout = torch.randn_like(ref)
@@ -468,6 +465,21 @@ def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, devic
     (ref * dout).sum().backward()
     for name, a, b in zip(["dq", "dk", "dv"], ours, refs):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
+
+
+@pytest.mark.parametrize("Hq,Hkv,lens,D", [(8, 2, [110, 37], 32), (2, 2, [110, 37], 32), (72, 1, [40, 7], 32),
+                                            (16, 1, [70, 37], 48)],
+                         ids=["gqa4", "mha", "group72", "group16-d48"])
+def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, device):
+    """Group entries in the backward; a group larger than an entry tile (72 heads) falls back to per-head
+    entries; a head dim the kernels split into two tiles (48 = 32 + 16)."""
+    from longattn.nsa import nsa_selected_attention
+
+    block, n = 16, 4
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
+    sel = _random_selection(lens, Hkv, n, block, device)
+    ins = [torch.randn(sum(lens), h, d, device=device, dtype=dtype) for h, d in ((Hq, D), (Hkv, D), (Hkv, 16))]
+    _check_selected(ins, sel, lens, block, dtype)
     a = lens[0]
     dense = nsa_selected_attention(*(t[None, :a] for t in ins), sel[None, :a], block_size=block)
     torch.testing.assert_close(dense[0], nsa_selected_attention(*(t[:a] for t in ins), sel[:a], block_size=block,
@@ -479,28 +491,15 @@ def test_nsa_selected_gpu_candidates(queries, monkeypatch, device):
     """Each number of queries per program the selected branch's autotuner may take on a GPU (a group of 4 with 4
     slots: 4, 8 or 16 queries, up to 64 rows) gives the reference's output and gradients, in float16, through
     the interpreter with the GPU's tiles."""
-    from longattn.kernels.reference import block_mask_ref, masked_attention_ref
-    from longattn.nsa import nsa_selected_attention
     from longattn.nsa.kernels import selected_queries
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
     choices = selected_queries(4, 4)
     assert len(choices) == 3
     monkeypatch.setenv("LONGATTN_NSA_QUERY_BLOCK", str(choices[queries]))
-    Hq, Hkv, T, block, n, dtype = 4, 1, 150, 16, 4, torch.float16
-    sel = _random_selection([T], Hkv, n, block, device)
-    ins = [torch.randn(T, h, 32, device=device, dtype=dtype) for h in (Hq, Hkv, Hkv)]
-    ours, refs = [leaf(t) for t in ins], [leaf(t, torch.float32) for t in ins]
-    out = nsa_selected_attention(*ours, sel, block_size=block, cu_seqlens=torch.tensor([0, T], device=device,
-                                                                                       dtype=torch.int32))
-    mask = block_mask_ref(sel.repeat_interleave(Hq // Hkv, dim=1), T, T, block)
-    ref = masked_attention_ref(*refs, mask, 32 ** -0.5)[0]
-    assert_close(out, ref, dtype, "out")
-    dout = torch.randn_like(ref)
-    (out.float() * dout).sum().backward()
-    (ref * dout).sum().backward()
-    for name, a, b in zip(["dq", "dk", "dv"], ours, refs):
-        assert_close(a.grad, b.grad, dtype, name, factor=2)
+    T, dtype = 150, torch.float16
+    ins = [torch.randn(T, h, 32, device=device, dtype=dtype) for h in (4, 1, 1)]
+    _check_selected(ins, _random_selection([T], 1, 4, 16, device), [T], 16, dtype)
 
 
 def test_nsa_selected_attention_bad_arguments(device):

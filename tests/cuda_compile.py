@@ -31,6 +31,8 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
     loads nor pipelines them, and the register figures are far off); num_stages 3 is the launch default.
     ``extra``: other compile options of a launch (``maxnreg``)."""
     fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
+    # constexprs left out take their defaults, as in a launch
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         if n in constexprs:
@@ -77,6 +79,12 @@ def _flash_cases():
             tiles, launch = (F.FP32_TILES[which], (dict(num_warps=8, num_stages=1),)) if dt == "fp32" else ({}, ())
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta, **tiles), ("qk_scale", "scale"),
                           *launch))
+        if dqk + dv > 256 and dt != "fp32":  # dK/dV's one-loop candidates (kept above 256 accumulated columns)
+            for t in (t for t in F.DKDV_TILES if t.get("ONE_LOOP")):
+                tile = {k: v for k, v in t.items() if k not in ("num_warps", "num_stages")}
+                cases.append((f"_flash_bwd_dkdv_kernel[{tag}-one_loop-m{t['BLOCK_M']}n{t['BLOCK_N']}]",
+                              F._flash_bwd_dkdv_kernel, ptr, dict(meta, **tile), ("qk_scale", "scale"),
+                              dict(num_warps=t["num_warps"], num_stages=t["num_stages"])))
         dec = {k: v for k, v in meta.items() if k not in ("KS", "KO", "BLOCK_M")}
         for tq, g in ((1, 16), (4, 16), (1, 4)):  # decoding: the group's heads x the queries as rows
             rows = max(g, 16 // tq) * tq
@@ -300,6 +308,7 @@ CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
+    "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)

@@ -352,8 +352,8 @@ def test_strided_keys(ks, ko, lens, dtype, device):
 
 def test_autotune_pruning_by_shared_memory(monkeypatch):
     """The tile pruning keeps the tiles whose buffers fit (the big ones at head dim 128, the small ones only at
-    256) and, without autotuning (LONGATTN_AUTOTUNE=0, the interpreter), only the first that fits; float32
-    (CUDA-core products) takes its own small tile on a GPU."""
+    256), dK/dV's one-loop tiles only above 256 accumulated columns, and, without autotuning (LONGATTN_AUTOTUNE=0,
+    the interpreter), only the first that fits; float32 (CUDA-core products) takes its own small tile on a GPU."""
     import triton
     from longattn.kernels import flash as F
 
@@ -366,6 +366,9 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 0, 128)) == configs
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:]  # 192 = 128 + 64
     assert F._smem_prune("dkdv")(configs, {"Q": bf16}, **dims(256, 0, 256)) == configs[2:]
+    one = triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True), num_warps=4, num_stages=2)
+    assert F._smem_prune("dkdv")([configs[2], one], {"Q": bf16}, **dims(128, 64, 128)) == [configs[2], one]
+    assert F._smem_prune("dkdv")([configs[2], one], {"Q": bf16}, **dims(128, 0, 128)) == [configs[2]]
     for kernel in ("fwd", "dkdv", "dq"):
         (c,) = F._smem_prune(kernel)(configs, {"Q": fp32}, **dims(128, 0, 128))
         assert c.kwargs == F.FP32_TILES[kernel] and (c.num_warps, c.num_stages) == (8, 1)
@@ -376,9 +379,9 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
 @pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
 def test_every_tile_candidate(which, device, monkeypatch):
     """Every GPU tile an autotuner may pick gives the right answer (the other tests run only the first, which
-    is what runs without autotuning): each block shape among one kernel's candidates that fit shared memory
-    (warps and stages mean nothing to the interpreter), on varlen causal GQA problems with ragged tails, head
-    dims 192 / 128 (two-part q/k tiles) and 64, and a window. The forward and the reference run once per
+    is what runs without autotuning): each block shape (and loop structure) among one kernel's candidates that
+    its pruning keeps (warps and stages mean nothing to the interpreter), on varlen causal GQA problems with ragged
+    tails, head dims 192 / 128 (two-part q/k tiles) with a window, and 64. The forward and the reference run once per
     problem; each backward candidate recomputes only the gradients."""
     import triton
     from longattn.kernels import flash as F
@@ -390,12 +393,12 @@ def test_every_tile_candidate(which, device, monkeypatch):
 
     kernel = {"fwd": F._flash_fwd_kernel, "dkdv": F._flash_bwd_dkdv_kernel, "dq": F._flash_bwd_dq_kernel}[which]
     tiles = F.DKDV_TILES if which == "dkdv" else F.FWD_TILES
-    shapes = list(dict.fromkeys((t["BLOCK_M"], t["BLOCK_N"]) for t in tiles))
-    candidates = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=4, num_stages=1) for m, n in shapes]
+    shapes = list(dict.fromkeys(tuple((n, t[n]) for n in ("BLOCK_M", "BLOCK_N", "ONE_LOOP") if n in t) for t in tiles))
+    candidates = [triton.Config(dict(meta), num_warps=4, num_stages=1) for meta in shapes]
     lq = [130, 1, 77]
     cu = _cu(lq, device)
     monkeypatch.setattr(F, "autotune_enabled", lambda: True)
-    for dqk, dv, window in ((192, 128, None), (64, 64, 40)):
+    for dqk, dv, window in ((192, 128, 100), (64, 64, None)):  # dK/dV's ONE_LOOP tiles run at 192 / 128
         a, b = F.split_dim(dqk)
         fits = F._smem_prune(which)(candidates, {"Q": torch.empty(0, dtype=torch.float16)}, BLOCK_DA=a, BLOCK_DB=b,
                                     BLOCK_DV=max(16, F.next_pow2(dv)))

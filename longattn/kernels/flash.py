@@ -238,6 +238,8 @@ def _smem_prune(kernel: str):
                 resident, streamed = m * (dqk if kernel == "fwd" else d), n * d * stages
             return 1.1 * elem * (resident + streamed)
 
+        if d <= 256:  # the one-loop dK/dV tiles pay for their masks without saving spills there
+            configs = [c for c in configs if not c.kwargs.get("ONE_LOOP")]
         keep = [c for c in configs if smem(c) <= SMEM_LIMIT] or [min(configs, key=smem)]
         return keep if autotune_enabled() else keep[:1]
     return prune
@@ -470,6 +472,12 @@ DKDV_TILES = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    # one loop over the block's queries per head, masked everywhere (ONE_LOOP): with the three loops nested in the
+    # loop over the group's heads, the two accumulators of head dims 192 / 128 spill inside the loops at these
+    # tiles on sm_90, in one loop they do not (tried only above 256 accumulated columns, see _smem_prune)
+    dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, ONE_LOOP=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, ONE_LOOP=True),
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, ONE_LOOP=True),
 ]
 _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
@@ -487,10 +495,12 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
-                           KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           ONE_LOOP: tl.constexpr = False):
     """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
     (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
-    split (stride_dks / stride_dvs), added up afterwards."""
+    split (stride_dks / stride_dvs), added up afterwards. Per head, three loops over the query blocks (masked,
+    fully visible, masked), or with ONE_LOOP one masked loop over them all."""
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
@@ -537,18 +547,24 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         DO_ptr = DO + b64 * stride_dob + h * stride_doh
         LSE_ptr = LSE + b64 * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
-        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
-                                     stride_qt, stride_dot,
-                                     offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
-                                     stride_qt, stride_dot,
-                                     offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                     BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
-                                     stride_qt, stride_dot,
-                                     offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        if ONE_LOOP:
+            dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                         stride_qt, stride_dot,
+                                         offs_n, lo, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        else:
+            dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                         stride_qt, stride_dot,
+                                         offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+            dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                         stride_qt, stride_dot,
+                                         offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                         BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+            dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                         stride_qt, stride_dot,
+                                         offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
 
     split64 = split.to(tl.int64)
     _store_split(DK + split64 * stride_dks + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt,

@@ -5,7 +5,7 @@ compiler sees (types, layouts, shared-memory use) would otherwise wait for a GPU
 forms a row-times-stride offset in 32 bits (``narrow_offsets``: wrong addresses past 2^31 elements, which no
 small test reaches). Run as a script
 (`python tests/cuda_compile.py [name-filter] [--resources]`; ``--resources`` adds each kernel's shared memory,
-registers and spills); it must not run with TRITON_INTERPRET=1.
+registers and spills, in all and per iteration of each innermost loop); it must not run with TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -297,7 +297,25 @@ def resources(kernel) -> str:
                               capture_output=True, text=True)
     regs = re.findall(r"Used (\d+) registers", proc.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
-    return f"regs {regs[-1] if regs else '?'} spill {spills[-1] if spills else '?'}"
+    return f"regs {regs[-1] if regs else '?'} spill {spills[-1] if spills else '?'} in-loop {loop_spills(kernel)}"
+
+
+def loop_spills(kernel) -> str:
+    """Local-memory loads/stores (register spills) per iteration of the kernel's innermost loops, from its SASS
+    (nvdisasm): spills outside the loops cost little, those inside cost every iteration. '-' without nvdisasm."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return "-"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        lines = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    labels = {m.group(1): i for i, m in enumerate(re.match(r"\s*\.L_x_(\d+):", x) for x in lines) if m}
+    loops = [(labels[m.group(1)], i) for i, m in enumerate(re.search(r"BRA\s+`\(\.L_x_(\d+)\)", x) for x in lines)
+             if m and labels.get(m.group(1), i) < i]  # backward branches
+    inner = [(a, b) for a, b in loops if not any(a < c and d < b for c, d in loops)]
+    counts = [sum(bool(re.search(r"\b(LDL|STL)\b", x)) for x in lines[a:b + 1]) for a, b in inner]
+    return "/".join(map(str, counts)) or "0"
 
 
 CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]

@@ -109,6 +109,10 @@ def test_bad_options(device):
         flash_attention(q, k, v, window=4, key_stride=16, key_offset=31)
     with pytest.raises(ValueError, match="key_stride must lie in \\[1, "):
         flash_attention(q, k, v, key_stride=0)
+    with pytest.raises(ValueError, match="scale must be a finite positive number, got 1"):
+        flash_attention(q, k, v, scale=2 ** 1100)
+    with pytest.raises(ValueError, match="k is on .* but q is on meta"):  # q first: also the autocast check's device
+        flash_attention(q.to("meta"), k, v)
 
 
 def test_merge_bad_input(device):
@@ -126,6 +130,12 @@ def test_merge_bad_input(device):
         merge_attention([o[0], o[1, ..., :4]], list(l))
     with pytest.raises(ValueError, match="positive head dim"):
         merge_attention(o[..., :0], l)
+    with pytest.raises(TypeError, match="outs\\[1\\] has dtype torch.float16 but outs\\[0\\] has torch.float32"):
+        merge_attention([o[0], o[1].half()], list(l))
+    with pytest.raises(ValueError, match="outs\\[1\\] is on meta"):
+        merge_attention([o[0], o[1].to("meta")], list(l))
+    with pytest.raises(TypeError, match="lses\\[1\\] must have dtype in \\(float32\\)"):
+        merge_attention(list(o), [l[0], l[1].half()])
 
 
 def test_window_and_strides_fit_32_bits(device):
@@ -134,6 +144,8 @@ def test_window_and_strides_fit_32_bits(device):
         flash_attention(q, k, v, window=2 ** 63)
     with pytest.raises(ValueError, match="key_offset must lie in \\[0, 2147483647\\]"):
         flash_attention(q, k, v, key_stride=16, key_offset=2 ** 31)
+    with pytest.raises(ValueError, match="the last key's position .* must be below 2\\*\\*31"):
+        flash_attention(q, k, v, key_stride=2 ** 30)  # key 7 at 7 * 2**30
 
 
 def _column(values, device):

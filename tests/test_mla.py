@@ -165,9 +165,17 @@ def test_cache_bookkeeping(device):
         cache.append([b], toks[b][:2, :8], toks[b][:2, 8:], [1.5])
     with pytest.raises(TypeError, match="c_kv must be a floating-point tensor"):
         cache.append([b], toks[b][:2, :8].tolist(), toks[b][:2, 8:])
-    for bad in (dict(page_size=64.0), dict(kv_lora_rank=-1), dict(rope_dim=0)):
+    with pytest.raises(ValueError, match="c_kv and k_rope must hold the same tokens"):
+        cache.append([b], toks[b][:2, :8].reshape(1, 2, 8), toks[b][:2, 8:].reshape(2, 1, 4))
+    with pytest.raises(ValueError, match="c_kv is on meta but the cache is on"):
+        cache.append([b], toks[b][:2, :8].to("meta"), toks[b][:2, 8:])
+    with pytest.raises(TypeError, match="page_size must be a positive int, got float"):
+        PagedLatentCache(4, device=device, page_size=64.0)
+    for bad in (dict(kv_lora_rank=-1), dict(rope_dim=0)):
         with pytest.raises(ValueError, match="must be a positive int"):
             PagedLatentCache(4, device=device, **bad)
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        PagedLatentCache(4, device="bogus")
     with pytest.raises(TypeError, match="dtype must be"):
         PagedLatentCache(4, dtype=torch.int32, device=device)
 
@@ -230,6 +238,19 @@ def test_decode_checks(width, device):
     with pytest.raises(ValueError, match="the cache holds at most 3 tokens per sequence, fewer than the 4"):
         mla_decode(torch.randn(2, 4, 4, 32, device=device), torch.randn(2, 4, 4, 16, device=device),
                    torch.randn(2, 3, 48, device=device), cache_seqlens=lens, scale=0.1)
+
+
+def test_prefill_bad_inputs(device):
+    qn, qr, c, kr = _inputs(1, 12, 4, 16, 8, 32, 16, device)
+    w_uk, w_uv = _weights(H=4, nope=16, rope=8, rank=32, v=16, device=device)
+    with pytest.raises(ValueError, match="w_uk is on meta but q_nope is on"):  # before the decompression
+        mla_prefill(qn, qr, c, kr, w_uk.to("meta"), w_uv, scale=0.2)
+    with pytest.raises(ValueError, match="c_kv is on meta but q_nope is on"):
+        mla_prefill(qn, qr, c.to("meta"), kr, w_uk, w_uv, scale=0.2)
+    with pytest.raises(TypeError, match="scale is required"):
+        mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=None)
+    with pytest.raises(ValueError, match="w_uk's middle dim"):
+        mla_prefill(qn, qr, c, kr, w_uk[:, :8], w_uv, scale=0.2)
 
 
 def test_decode_bad_inputs(device):

@@ -314,6 +314,11 @@ def test_moba_decode_bad_arguments(device):
         moba_decode(q[:, :0], k[:, :, :0], v[:, :, :0], cache_seqlens=seq, block_size=16)
     with pytest.raises(ValueError, match="head dims must lie in \\[1, 1024\\], got q/k 16 and v 0"):
         moba_decode(q, k, v[..., :0], cache_seqlens=seq, block_size=16)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got NoneType"):
+        moba_decode(None, k, v, cache_seqlens=seq, block_size=16)
+    rows = torch.zeros(2, dtype=torch.int32, device=device)  # two query rows of cache row 0, with other offsets
+    with pytest.raises(ValueError, match="the query rows of cache row 0 must share its cache_offsets, got 8 and 28"):
+        moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, cache_rows=rows, block_size=16)
 
 
 def test_moba_decode_empty_batch(device):

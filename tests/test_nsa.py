@@ -203,6 +203,8 @@ def test_nsa_bad_arguments(device):
         nsa_attention(q, q, q, g, g, g, config={"window": 4})
     with pytest.raises(ValueError, match="g_slc must have shape"):
         nsa_attention(q, q, q, g, g[:, :5], g, config=CFG)
+    with pytest.raises(ValueError, match="g_cmp is on meta but q is on"):
+        nsa_attention(q, q, q, g.to("meta"), g, g, config=CFG)
     with pytest.raises(ValueError, match="same length"):
         nsa_attention(q, q[:, :20], q[:, :20], g, g, g, config=CFG)
     with pytest.raises(ValueError, match="pass both k_cmp and v_cmp"):
@@ -365,6 +367,10 @@ def test_nsa_decode_bad_arguments(device):
         nsa_decode(q, k, v, kc[:, :5], vc[:, :5], *gates, cache_seqlens=seq, config=CFG)
     with pytest.raises(ValueError, match="g_swa must have shape"):
         nsa_decode(q, k, v, kc, vc, *gates[:2], gates[2][:, :1], cache_seqlens=seq, config=CFG)
+    with pytest.raises(ValueError, match="g_slc is on meta but q is on"):
+        nsa_decode(q, k, v, kc, vc, gates[0], gates[1].to("meta"), gates[2], cache_seqlens=seq, config=CFG)
+    with pytest.raises(TypeError, match="v_cache must be a torch.Tensor, got NoneType"):
+        nsa_decode(q, k, None, kc, vc, *gates, cache_seqlens=seq, config=CFG)
     with pytest.raises(ValueError, match="v_cache must be"):
         nsa_decode(q, k, v[:, :20], kc, vc, *gates, cache_seqlens=seq, config=CFG)
     empty = [t[:0] for t in (q, k, v, kc, vc, *gates)]
@@ -507,8 +513,13 @@ def test_nsa_selected_attention_bad_arguments(device):
 
     q = torch.randn(1, 40, 2, 16, device=device)
     sel = _random_selection([40], 2, 2, 16, device)[None]
-    with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
-        nsa_selected_attention(q, q, q, sel.float(), block_size=16)
+    for bad in (sel.float(), sel.to(torch.complex64)):
+        with pytest.raises(TypeError, match="block_indices must have an integer dtype"):
+            nsa_selected_attention(q, q, q, bad, block_size=16)
+    with pytest.raises(TypeError, match="block_indices must be an integer tensor, got list"):
+        nsa_selected_attention(q, q, q, sel.tolist(), block_size=16)
+    with pytest.raises(ValueError, match="block_indices is on meta but q is on"):
+        nsa_selected_attention(q, q, q, sel.to("meta"), block_size=16)
     with pytest.raises(ValueError, match="block_indices must be"):
         nsa_selected_attention(q, q, q, sel[:, :30], block_size=16)
     no_own = sel.clone()

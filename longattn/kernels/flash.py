@@ -912,6 +912,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     check_positive_int(key_offset, "key_offset", minimum=0)
     if (key_stride, key_offset) != (1, 0) and window is not None:
         raise ValueError("key_stride/key_offset cannot be combined with window")
+    if max(dims.max_seqlen_k - 1, 0) * key_stride + key_offset >= 2 ** 31:  # positions are 32-bit in the kernels
+        raise ValueError(f"the last key's position ((max_seqlen_k - 1) * key_stride + key_offset = "
+                         f"{(dims.max_seqlen_k - 1) * key_stride + key_offset}) must be below 2**31")
     if left_pad is not None:
         if (key_stride, key_offset) != (1, 0):
             raise ValueError("left_pad cannot be combined with key_stride/key_offset")

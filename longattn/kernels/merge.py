@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (cdiv, check_device, check_tensor, empty, empty_like, kernel_inputs, next_pow2, public_op,
-                    small_tiles)
+from .utils import (cdiv, check_device, check_same_dtype, check_tensor, empty, empty_like, kernel_inputs, next_pow2,
+                    public_op, small_tiles)
 
 
 @triton.jit
@@ -189,15 +189,18 @@ def merge_attention(outs: TensorOrList, lses: TensorOrList):
             if o.shape != outs[0].shape:
                 raise ValueError(f"outs[{i}] has shape {tuple(o.shape)} but outs[0] has {tuple(outs[0].shape)}: every "
                                  f"part must have the same shape")
+        check_same_dtype({f"outs[{i}]": o for i, o in enumerate(outs)})
+        check_device({f"outs[{i}]": o for i, o in enumerate(outs)})
         outs = torch.stack(list(outs))
     if isinstance(lses, (list, tuple)):
         if len(lses) == 0:
             raise ValueError("lses must hold at least one partial lse")
         for i, l in enumerate(lses):
-            check_tensor(l, f"lses[{i}]", ndim=(2, 3), dtypes=None)
+            check_tensor(l, f"lses[{i}]", ndim=(2, 3), dtypes=(torch.float32,))
             if l.shape != lses[0].shape:
                 raise ValueError(f"lses[{i}] has shape {tuple(l.shape)} but lses[0] has {tuple(lses[0].shape)}: every "
                                  f"part must have the same shape")
+        check_device({f"lses[{i}]": l for i, l in enumerate(lses)})
         lses = torch.stack(list(lses))
     check_tensor(outs, "outs", ndim=(4, 5))
     check_tensor(lses, "lses", ndim=(3, 4), dtypes=(torch.float32,))

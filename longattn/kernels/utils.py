@@ -57,7 +57,8 @@ def public_op(*autocast: str):
             if isinstance(first, torch.Tensor) and first.is_cuda and first.device.index != torch.cuda.current_device():
                 with torch.cuda.device(first.device):
                     return op(*args, **kwargs)
-            if positions and isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type):
+            if positions and isinstance(first, torch.Tensor) and first.device.type in ("cuda", "cpu") and \
+                    torch.is_autocast_enabled(first.device.type):
                 device = first.device.type
                 dtype = torch.get_autocast_dtype(device)
                 args = list(args)
@@ -338,7 +339,7 @@ def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict, cache_
     shapes. Returns ``(B, Hq, Dqk, L, Hkv, Dv)``."""
     named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **others}
     for name, t in named.items():
-        if t is not None:
+        if t is not None or name in ("q", "k_cache", "v_cache"):  # the others may be None
             check_tensor(t, name, ndim=3 if name == "q" else 4)
             if t.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dimension")
@@ -369,17 +370,24 @@ def check_cache_rows(cache_rows, k_cache) -> Optional[int]:
     return k_cache.shape[0] if isinstance(k_cache, torch.Tensor) else None
 
 
-def validate_cache_rows(cache_rows, batch: int, cache_batch: int, validate: bool):
+def validate_cache_rows(cache_rows, batch: int, cache_batch: int, validate: bool, shared_offsets=None):
     """``cache_rows`` as the kernels read it (contiguous), one per query row and, with ``validate`` (a host
-    synchronisation), each in [0, cache_batch)."""
+    synchronisation), each in [0, cache_batch); with ``shared_offsets`` (the query rows' cache offsets, for an op
+    that takes one offset per cache row) the query rows of one cache row must have the same offset."""
     if cache_rows is None:
         return None
     if cache_rows.shape[0] != batch:
         raise ValueError(f"cache_rows must have one entry per query row ({batch}), got {cache_rows.shape[0]}")
     if validate and batch:
-        rows = cache_rows.tolist()
+        rows, *offsets = (cache_rows[None] if shared_offsets is None else
+                          torch.stack([cache_rows, shared_offsets])).tolist()
         if min(rows) < 0 or max(rows) >= cache_batch:
             raise ValueError(f"cache_rows must lie in [0, {cache_batch}) (the caches' rows), got {rows}")
+        first = {}
+        for r, o in zip(rows, offsets[0] if offsets else ()):
+            if first.setdefault(r, o) != o:
+                raise ValueError(f"the query rows of cache row {r} must share its cache_offsets, got {first[r]} and "
+                                 f"{o}")
     return cache_rows.contiguous()
 
 
@@ -412,10 +420,13 @@ def check_scale(scale, default: float) -> float:
         return float(default)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (scale > 0.0) or scale == float("inf"):
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float range
+        value = float("inf")
+    if not (value > 0.0) or value == float("inf"):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
-    return scale
+    return value
 
 
 def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: int = 1, maximum: int = 2 ** 31 - 1):

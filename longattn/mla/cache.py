@@ -30,7 +30,9 @@ class PagedLatentCache:
                  dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False):
         for name, val in (("num_pages", num_pages), ("page_size", page_size), ("kv_lora_rank", kv_lora_rank),
                           ("rope_dim", rope_dim)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"{name} must be a positive int, got {type(val).__name__}")
+            if val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
@@ -38,6 +40,12 @@ class PagedLatentCache:
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         if device is None:  # the GPU when there is one (without, the kernels run on the CPU through the interpreter)
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device, got {device!r}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {device} but CUDA is not available")
         self.page_size = page_size
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
@@ -122,6 +130,12 @@ class PagedLatentCache:
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() not in (2, 3):
                 raise TypeError(f"{name} must be a floating-point tensor (total, dim) or (B, T, dim), got "
                                 f"{type(t).__name__ if not isinstance(t, torch.Tensor) else (t.dtype, tuple(t.shape))}")
+        if c_kv.shape[:-1] != k_rope.shape[:-1]:
+            raise ValueError(f"c_kv and k_rope must hold the same tokens (the same leading dims), got "
+                             f"{tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
+        for name, t in (("c_kv", c_kv), ("k_rope", k_rope)):
+            if t.device != self.kv.device:
+                raise ValueError(f"{name} is on {t.device} but the cache is on {self.kv.device}")
         if c_kv.dim() == 3:
             c_kv, k_rope = c_kv.reshape(-1, c_kv.shape[-1]), k_rope.reshape(-1, k_rope.shape[-1])
         total = c_kv.shape[0]

@@ -41,8 +41,11 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     for name, t, n in (("q_nope", q_nope, nd), ("q_rope", q_rope, nd), ("c_kv", c_kv, nd - 1),
                        ("k_rope", k_rope, nd - 1), ("w_uk", w_uk, 3), ("w_uv", w_uv, 3)):
         check_tensor(t, name, ndim=n)
-    check_same_dtype({"q_nope": q_nope, "q_rope": q_rope, "c_kv": c_kv, "k_rope": k_rope, "w_uk": w_uk,
-                      "w_uv": w_uv})
+    tensors = {"q_nope": q_nope, "q_rope": q_rope, "c_kv": c_kv, "k_rope": k_rope, "w_uk": w_uk, "w_uv": w_uv}
+    check_same_dtype(tensors)
+    check_device(tensors)  # before the decompression (flash_attention checks the rest)
+    if scale is None:
+        raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
     h, rank = q_nope.shape[-2], c_kv.shape[-1]
     if w_uk.shape[0] != h or w_uv.shape[0] != h or w_uk.shape[2] != rank or w_uv.shape[2] != rank:
         raise ValueError(f"w_uk/w_uv must be (H={h}, dim, R={rank}), got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}")
@@ -81,7 +84,8 @@ def _checked_lengths(host: list, B: int, S: int, capacity: int, page: int, pages
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
                return_lse: bool = False, validate: bool = True):
-    """Absorbed-form MLA decoding: MQA of every head over a latent cache of ``R + Dr`` values per token.
+    """Absorbed-form MLA decoding: MQA of every head over a latent cache of ``R + Dr`` values per token
+    (inference; not differentiable).
 
     Args:
         q_latent: ``(B, S, H, R)``: ``q_nope`` folded with ``w_uk`` (R = kv_lora_rank, 512). S = 1 to 16

@@ -196,7 +196,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     check_positive_int(topk, "topk")
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
-    cache_rows = validate_cache_rows(cache_rows, B, bc, validate)
+    cache_rows = validate_cache_rows(cache_rows, B, bc, validate, shared_offsets=cache_offsets)
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, out.new_empty(0, hq, dtype=torch.float32)) if return_lse else out

@@ -242,7 +242,8 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         raise ValueError(f"q and k must have the same length, got {dims.max_seqlen_q} and {dims.max_seqlen_k}")
     scale = check_scale(scale, dims.dim_qk ** -0.5)
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
-    sel = check_block_indices(block_indices, dims, dims.heads_kv, lq, lk, block_size, own_listed=True)
+    sel = check_block_indices(block_indices, dims, dims.heads_kv, lq, lk, block_size, own_listed=True,
+                              device=q.device)
     out = _selected(qp, kp, vp, sel, lq, lk, dims, _cu(lq, q.device), block_size,
                     scale)
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
@@ -292,6 +293,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
         if tuple(g.shape) != tuple(gshape):
             raise ValueError(f"{name} must have shape {tuple(gshape)} (one gate per query head), got {tuple(g.shape)}")
+    check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa})
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
     n_cmp = [config.num_cmp_blocks(n) for n in lk]
     if k_cmp is None and v_cmp is None:
@@ -432,6 +434,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
         if tuple(g.shape) != (B, hq):
             raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
+    check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa})
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows

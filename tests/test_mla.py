@@ -251,6 +251,8 @@ def test_prefill_bad_inputs(device):
         mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=None)
     with pytest.raises(ValueError, match="w_uk's middle dim"):
         mla_prefill(qn, qr, c, kr, w_uk[:, :8], w_uv, scale=0.2)
+    with pytest.raises(ValueError, match="c_kv holds 6 tokens per sequence, fewer than the 12 queries"):
+        mla_prefill(qn, qr, c[:, :6], kr[:, :6], w_uk, w_uv, scale=0.2)
 
 
 def test_decode_bad_inputs(device):

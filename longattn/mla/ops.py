@@ -24,8 +24,9 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     Args:
         q_nope: ``(B, T, H, Dn)`` or varlen ``(total, H, Dn)`` (Dn = qk_nope_head_dim, 128 in V3).
         q_rope: ``(B, T, H, Dr)`` / ``(total, H, Dr)``, RoPE applied (Dr = 64).
-        c_kv: ``(B, T, R)`` / ``(total, R)``: the normalised latent (R = kv_lora_rank, 512).
-        k_rope: ``(B, T, Dr)`` / ``(total, Dr)``: the shared rotary key, RoPE applied.
+        c_kv: ``(B, Tk, R)`` / ``(total, R)``: the normalised latent (R = kv_lora_rank, 512); Tk >= T (the
+            queries are the last T tokens: a chunk after a cached prefix when Tk > T).
+        k_rope: ``(B, Tk, Dr)`` / ``(total, Dr)``: the shared rotary key, RoPE applied.
         w_uk: ``(H, Dn, R)``, w_uv: ``(H, Dv, R)``: kv_b_proj's weight split per head
             (:func:`longattn.mla.reference.split_kv_b_weight`).
         scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5``, times the YaRN mscale squared when used).
@@ -58,6 +59,8 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         raise ValueError(f"c_kv {tuple(c_kv.shape)} and k_rope {tuple(k_rope.shape)} must have the same tokens")
     if not varlen and c_kv.shape[0] != q_nope.shape[0]:
         raise ValueError(f"c_kv's batch ({c_kv.shape[0]}) must equal q_nope's ({q_nope.shape[0]})")
+    if not varlen and c_kv.shape[1] < q_nope.shape[1]:  # the queries are the last tokens of the latent's sequence
+        raise ValueError(f"c_kv holds {c_kv.shape[1]} tokens per sequence, fewer than the {q_nope.shape[1]} queries")
     k_nope = torch.einsum("...r,hdr->...hd", c_kv, w_uk)
     v = torch.einsum("...r,hdr->...hd", c_kv, w_uv)
     k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1)

@@ -902,7 +902,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        kind = type(causal)
+        raise TypeError(f"causal must be a bool, got {kind.__name__ if kind.__module__ == 'builtins' else kind}")
     if window is not None:
         check_positive_int(window, "window")
         if not causal:

@@ -22,6 +22,10 @@ def test_config_validation():
         NSAConfig(slc_block=2 ** 20)
     with pytest.raises(ValueError, match="local_blocks must be at least 1"):
         NSAConfig(local_blocks=0)
+    with pytest.raises(TypeError, match="NSAConfig.window must be an int, got float"):
+        NSAConfig(window=512.0)
+    with pytest.raises(TypeError, match="NSAConfig.init_blocks must be an int, got bool"):
+        NSAConfig(init_blocks=True)
     assert NSAConfig().score_weights().tolist() == [1, 2, 2, 2, 1]
     assert NSAConfig().num_cmp_blocks(31) == 0 and NSAConfig().num_cmp_blocks(32) == 1
     assert NSAConfig().num_cmp_blocks(100) == 5

@@ -49,11 +49,15 @@ class NSAConfig:
         limits = dict(cmp_block=4096, cmp_stride=4096, slc_block=4096, slc_topk=512, window=2 ** 31 - 1)
         for name, most in limits.items():
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= most:
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"NSAConfig.{name} must be an int, got {type(val).__name__}")
+            if not 1 <= val <= most:
                 raise ValueError(f"NSAConfig.{name} must be an int in [1, {most}], got {val!r}")
         for name in ("init_blocks", "local_blocks"):
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"NSAConfig.{name} must be an int, got {type(val).__name__}")
+            if val < 0:
                 raise ValueError(f"NSAConfig.{name} must be a non-negative int, got {val!r}")
         if self.cmp_block % self.cmp_stride:
             raise ValueError(f"NSAConfig.cmp_block ({self.cmp_block}) must be a multiple of cmp_stride "

@@ -540,6 +540,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         full_hi = lo
     bb = tl.minimum(tl.maximum(full_lo, lo), hi)
     c = tl.minimum(tl.maximum(full_hi, bb), hi)
+    if ONE_LOOP:  # the first, masked loop takes every query block
+        bb = hi
 
     for g in range(split * heads_per_split, tl.minimum(split * heads_per_split + heads_per_split, group)):
         h = (hk * group + g).to(tl.int64)
@@ -547,16 +549,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         DO_ptr = DO + b64 * stride_dob + h * stride_doh
         LSE_ptr = LSE + b64 * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
-        if ONE_LOOP:
-            dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
-                                         stride_qt, stride_dot,
-                                         offs_n, lo, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-        else:
-            dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
-                                         stride_qt, stride_dot,
-                                         offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
+                                     stride_qt, stride_dot,
+                                     offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
+                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        if not ONE_LOOP:
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .flash import LOG2E, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, cdiv, check_attention_inputs, check_positive_int, check_scale, device_tensor, empty,
-                    kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, split_dim)
+from .utils import (AttnDims, cdiv, check_attention_inputs, check_device, check_positive_int, check_scale,
+                    device_tensor, empty, kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, split_dim)
 
 
 @triton.jit
@@ -606,7 +606,7 @@ INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk: list, block_size: int, *,
-                        own_listed: bool, device: torch.device) -> torch.Tensor:
+                        own_listed: bool, q: torch.Tensor) -> torch.Tensor:
     """Validate ``block_size`` and per-(query, head) block lists (dense ``(B, Tq, heads, K)`` or varlen
     ``(total_q, heads, K)``): distinct blocks of the query's sequence, -1 for unused slots, and either
     strictly before the query's own block (``own_listed=False``) or up to it with the own block listed.
@@ -618,9 +618,7 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
         raise TypeError(f"block_indices must be an integer tensor, got {type(block_indices).__name__}")
     if block_indices.dtype not in INDEX_DTYPES:
         raise TypeError(f"block_indices must have an integer dtype, got {block_indices.dtype}")
-    if block_indices.device != device:
-        raise ValueError(f"block_indices is on {block_indices.device} but q is on {device}: all inputs must share a "
-                         f"device")
+    check_device({"q": q, "block_indices": block_indices})
     total_q = sum(lq)
     lead = (total_q, heads) if dims.varlen else (dims.batch, dims.max_seqlen_q, heads)
     if block_indices.dim() != len(lead) + 1 or tuple(block_indices.shape[:-1]) != lead:
@@ -668,8 +666,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     scale = check_scale(scale, dims.dim_qk ** -0.5)
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
-    sel = check_block_indices(block_indices, dims, dims.heads_q, lq, lk, block_size, own_listed=False,
-                              device=q.device)
+    sel = check_block_indices(block_indices, dims, dims.heads_q, lq, lk, block_size, own_listed=False, q=q)
     plan = plan_blocks(lq, lk, block_size, dims, q.device)
     qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
     out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)

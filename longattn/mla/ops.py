@@ -14,6 +14,11 @@ from .kernels import _mla_decode_kernel, _mla_decode_tuned
 MAX_QUERY_TOKENS = 16
 
 
+def _require_scale(scale) -> None:
+    if scale is None:
+        raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
+
+
 @public_op("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv")
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
@@ -45,8 +50,7 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     tensors = {"q_nope": q_nope, "q_rope": q_rope, "c_kv": c_kv, "k_rope": k_rope, "w_uk": w_uk, "w_uv": w_uv}
     check_same_dtype(tensors)
     check_device(tensors)  # before the decompression (flash_attention checks the rest)
-    if scale is None:
-        raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
+    _require_scale(scale)
     h, rank = q_nope.shape[-2], c_kv.shape[-1]
     if w_uk.shape[0] != h or w_uv.shape[0] != h or w_uk.shape[2] != rank or w_uv.shape[2] != rank:
         raise ValueError(f"w_uk/w_uv must be (H={h}, dim, R={rank}), got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}")
@@ -132,8 +136,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     if H == 0 or R == 0 or E == 0:
         raise ValueError(f"q_latent/q_rope need at least one head and positive dims, got {tuple(q_latent.shape)} "
                          f"and {tuple(q_rope.shape)}")
-    if scale is None:
-        raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
+    _require_scale(scale)
     scale = check_scale(scale, 1.0)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (B,):

@@ -242,8 +242,7 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         raise ValueError(f"q and k must have the same length, got {dims.max_seqlen_q} and {dims.max_seqlen_k}")
     scale = check_scale(scale, dims.dim_qk ** -0.5)
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
-    sel = check_block_indices(block_indices, dims, dims.heads_kv, lq, lk, block_size, own_listed=True,
-                              device=q.device)
+    sel = check_block_indices(block_indices, dims, dims.heads_kv, lq, lk, block_size, own_listed=True, q=q)
     out = _selected(qp, kp, vp, sel, lq, lk, dims, _cu(lq, q.device), block_size,
                     scale)
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)

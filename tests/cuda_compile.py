@@ -328,7 +328,6 @@ PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]": 2,
-    "_mla_decode_kernel[bf16-S1-H64-paged-n32x4]": 4,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
@@ -342,6 +341,7 @@ PIPELINED = {
 # their score products out of such chains (nsa/kernels.py, mla/kernels.py SHARED_P, kernels/sparse.py
 # _bwd_operands); a regression doubles their tensor-core work
 UNDUPLICATED = (
+    "_nsa_select_kernel[bf16-d192-m64c32w8s2]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",

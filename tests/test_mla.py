@@ -287,8 +287,8 @@ def test_decode_split_context(groups, max_len, sms, one, want):
 
 
 def test_decode_candidates():
-    """Every tile the autotuner may try fits in shared memory and within a page; 64 rows run on 8 warps, with and
-    without the scores split between the warpgroups."""
+    """Every tile the autotuner may try fits in shared memory and within a page; 64 rows run on 8 warps with the
+    scores split between the warpgroups (SHARED_P), fewer on 4 without."""
     for rows, page in ((64, 64), (64, 16), (16, 256), (8, 32)):
         configs = decode_candidates(rows, page, 576, "tf32")
         assert configs
@@ -296,8 +296,7 @@ def test_decode_candidates():
             assert c.kwargs["BLOCK_N"] <= page and c.num_warps == (8 if rows >= 64 else 4)
             p_tile = 2 * rows * c.kwargs["BLOCK_N"] if c.kwargs["SHARED_P"] else 0
             assert 2 * 576 * (rows + c.kwargs["BLOCK_N"] * c.num_stages) + p_tile <= 227 * 1024
-        # 64 rows on 8 warps try both score layouts
-        assert {c.kwargs["SHARED_P"] for c in configs} == ({False, True} if rows >= 64 else {False})
+        assert {c.kwargs["SHARED_P"] for c in configs} == {rows >= 64}
     assert [c.kwargs["BLOCK_N"] for c in decode_candidates(64, 64, 576, "ieee")] == [16]
 
 

@@ -463,6 +463,14 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
 
 # GPU tile candidates of the dK/dV kernel
 DKDV_TILES = [
+    # one loop over the block's queries per head, masked everywhere (ONE_LOOP): with the three loops nested in the
+    # loop over the group's heads, the two accumulators of head dims 192 / 128 spill inside the loops at these
+    # tiles on sm_90, in one loop they do not (tried only above 256 accumulated columns, see _smem_prune). First:
+    # the H100's pick for NSA's window and compressed branches at 64k (2026-11-27, bench/results/nvidia-h100),
+    # what runs there without autotuning; at head dim 128 (pruned) the next
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, ONE_LOOP=True),
+    dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, ONE_LOOP=True),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, ONE_LOOP=True),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -472,12 +480,6 @@ DKDV_TILES = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-    # one loop over the block's queries per head, masked everywhere (ONE_LOOP): with the three loops nested in the
-    # loop over the group's heads, the two accumulators of head dims 192 / 128 spill inside the loops at these
-    # tiles on sm_90, in one loop they do not (tried only above 256 accumulated columns, see _smem_prune)
-    dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, ONE_LOOP=True),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, ONE_LOOP=True),
-    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, ONE_LOOP=True),
 ]
 _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 

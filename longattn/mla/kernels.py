@@ -111,15 +111,14 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
 
 SMEM_LIMIT = 227 * 1024
 # 16-bit candidates (rows = heads x query tokens, up to 64): beside q (64 x 576), 64-token tiles fit 2
-# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight, fewer registers spilled at 64 rows). 64 rows on
-# 8 warps come in both score layouts (SHARED_P: each warpgroup computes half the keys' scores, p goes through
-# shared memory; without, both compute all of them: at 64 tokens 352 bytes spilled per thread on sm_90, none
-# with SHARED_P)
+# buffers, 32- and 16-token tiles 3 to 6 (more loads in flight). 64 rows run on 8 warps with the scores split
+# between the warpgroups (SHARED_P; without it both warpgroups compute all of them and the 64-token tile spilled
+# 352 bytes per thread on sm_90: on the H100 it lost to its SHARED_P twin at 1 and 4 query tokens, 2026-11-27,
+# and its variants were dropped). First: the H100's pick at batch 64, context 8k, 1 and 4 tokens
+# (bench/results/nvidia-h100), what runs without autotuning.
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p}, num_warps=w, num_stages=s)
-                   for n, w, s, p in ((64, 8, 2, False), (32, 8, 3, False), (32, 8, 4, False), (16, 8, 6, False),
-                                      (64, 8, 2, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
+                   for n, w, s, p in ((64, 8, 2, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
                                       (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))]
-# first: the H100's usual pick (bench/results/nvidia-h100)
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:

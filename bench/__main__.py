@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flash, memory, mla, moba, nsa, profile, rollout
+from . import autotune, flash, memory, mla, moba, nsa, profile, rollout
 from .common import NoCudaError
 
 SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory, "profile": profile,
-          "rollout": rollout}
+          "rollout": rollout, "autotune": autotune}  # autotune last: it lists what the others tuned
 
 
 def main(argv=None) -> int:

@@ -45,16 +45,17 @@ for pass in "gpu|" "not gpu|bfloat16 or not (float16 or float32)" "not gpu|not b
 done
 tail -8 "$out/pytest.log"
 end=$(( $(date +%s) + ${BENCH_SECONDS:-290} ))
-# the autotuner's choice per kernel and shape goes to bench.log: which tiles win decides the candidates'
-# order (the first is what LONGATTN_AUTOTUNE=0 runs)
-export TRITON_PRINT_AUTOTUNING=1
-# default: what the open goals need first, then what has no H100 figures yet. The H100 runs of 2026-11-26 timed
-# NSA fwd/decode/selected branch, MLA, flash and the profiles; since then the NSA selection kernel, the selected
-# branch's launches and MLA decoding's score layout (SHARED_P) are autotuned among new candidates: the profiles
-# say what they gained (the picks are in bench.log), MLA decoding at the goal's shapes, NSA fwd+bwd against
-# SDPA (fla's backward autotuning alone takes minutes, so it comes after), the selected branch on smooth inputs
-# (how many queries per program pay when neighbours select alike), MoBA, memory, rollouts
-IFS=';' read -ra ops <<< "${BENCH_OPS:-profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_decode_s4; mla --batches 64 --contexts 8k; nsa --seqlens 64k --modes fwd,fwdbwd; nsa --seqlens 64k --modes slc --inputs smooth; moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; rollout --prompts 8k,32k; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
+# the autotuner's choice per kernel and shape goes to bench.log, every candidate's time to autotune/ (from
+# Triton's on-disk autotune cache, listed by `python -m bench autotune` after each benchmark): which tiles win
+# decides the candidates' order (the first is what LONGATTN_AUTOTUNE=0 runs). The cache also lets a benchmark
+# reuse what an earlier one tuned for the same kernel and key (the profile's shapes are those of nsa and mla)
+export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
+# default: what has no H100 figures yet first, then what the open goals need. The H100 runs of 2026-11-26/27
+# timed NSA fwd / fwd+bwd / decode / selected branch, MLA, flash and the profiles; not yet MoBA, memory and
+# rollouts, the selected branch on smooth inputs (how many queries per program pay when neighbours select alike)
+# and fla's NSA fwd+bwd (its backward's autotuning alone takes minutes, so it comes late). The profile comes
+# last: after nsa and mla its kernels' tuning is cached
+IFS=';' read -ra ops <<< "${BENCH_OPS:-moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; nsa --seqlens 64k --modes slc --inputs smooth; mla --batches 1,64 --contexts 8k,64k; rollout --prompts 8k,32k; nsa --seqlens 64k --modes fwd,fwdbwd; profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_decode_s4,moba_fwd; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
 i=0
 for op in "${ops[@]}"; do
   i=$((i + 1))
@@ -67,6 +68,7 @@ for op in "${ops[@]}"; do
   # shellcheck disable=SC2086  # the entry's options are meant to split
   timeout "$left" python3 -m bench $op --out "$out/${i}_$name" >> "$out/bench.log" 2>&1
   echo "bench $op exit $?" >> "$out/bench.log"
+  python3 -m bench autotune --out "$out/autotune" > /dev/null 2>> "$out/bench.log"
 done
 tail -40 "$out/bench.log"
 # one archive to keep or carry (under $OUT the folder itself comes back)

@@ -144,3 +144,34 @@ def test_flex_selection_mask(block, topk, hq, hkv, shared, device):
         out = run(q, k, v)
     want = moba_attention_ref(q, k, v, block_size=block, topk=topk, selection=per_head)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_autotune_report(tmp_path):
+    """`python -m bench autotune` lists every candidate Triton timed (its on-disk autotune cache, as Triton 3.6-3.9
+    write it), fastest first per key, with its time over the fastest's; a candidate that failed is listed last."""
+    import json
+
+    from bench import __main__ as cli
+
+    def tuned(folder, kernel, key, timings):
+        configs = [({"kwargs": kw, "num_warps": w, "num_stages": s, "num_ctas": 1, "maxnreg": r, "pre_hook": None},
+                    t) for kw, w, s, r, t in timings]
+        (tmp_path / "cache" / folder).mkdir(parents=True)
+        (tmp_path / "cache" / folder / f"{kernel}.autotune.json").write_text(
+            json.dumps({"key": key, "configs_timings": configs}))
+
+    tuned("a1", "_mla_decode_kernel", [64, 1, "torch.bfloat16"],
+          [({"BLOCK_N": 64, "SHARED_P": False}, 8, 2, None, [0.6, 0.55, 0.65]),
+           ({"BLOCK_N": 64, "SHARED_P": True}, 8, 2, None, [0.5, 0.45, 0.55]),
+           ({"BLOCK_N": 16, "SHARED_P": True}, 8, 6, 128, [float("inf")] * 3)])
+    tuned("b2", "_flash_fwd_kernel", [128, 0, 128, "torch.float16"], [({"BLOCK_M": 64}, 4, 3, None, [2.0, 1.9, 2.1])])
+    out = tmp_path / "out"
+    assert cli.main(["autotune", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    rows = json.loads((out / "autotune.json").read_text())["rows"]
+    assert [(r["kernel"], r["config"], r["ms"], r["x_best"]) for r in rows] == [
+        ("_flash_fwd_kernel", "BLOCK_M=64 w4 s3", 2.0, 1.0),
+        ("_mla_decode_kernel", "BLOCK_N=64 SHARED_P=True w8 s2", 0.5, 1.0),
+        ("_mla_decode_kernel", "BLOCK_N=64 SHARED_P=False w8 s2", 0.6, pytest.approx(1.2)),
+        ("_mla_decode_kernel", "BLOCK_N=16 SHARED_P=True w8 s6 r128", None, None)]
+    assert rows[1]["key"] == "(64, 1, 'torch.bfloat16')"
+    assert "| _mla_decode_kernel |" in (out / "autotune.md").read_text()

@@ -175,3 +175,16 @@ def test_autotune_report(tmp_path):
         ("_mla_decode_kernel", "BLOCK_N=16 SHARED_P=True w8 s6 r128", None, None)]
     assert rows[1]["key"] == "(64, 1, 'torch.bfloat16')"
     assert "| _mla_decode_kernel |" in (out / "autotune.md").read_text()
+
+
+def test_gpu_run_order():
+    """On a GPU (bench/gpu_suite.sh) the tests run GPU-only ones first, then bfloat16 / dtype-less, then the float16
+    / float32 ones, each group in its collected order."""
+    from types import SimpleNamespace
+
+    from conftest import _gpu_run_order
+
+    names = [("t.py::a[float16]", set()), ("t.py::b[bfloat16]", set()), ("t.py::c", {"gpu"}), ("t.py::d", set()),
+             ("t.py::e[float32-x]", set()), ("t.py::f[float32]", {"gpu"}), ("t.py::test_bfloat16_x[float32]", set())]
+    items = [SimpleNamespace(nodeid=n, keywords=k) for n, k in names]
+    assert [i.nodeid[6] for i in sorted(items, key=_gpu_run_order)] == list("cfbdtae")

@@ -1,6 +1,8 @@
 """Dense flash attention: Triton forward/backward against the torch reference."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from longattn import flash_attention
 from longattn.kernels.reference import attention_ref
@@ -350,11 +352,71 @@ def test_strided_keys(ks, ko, lens, dtype, device):
         assert_close(x, y, dtype, name)
 
 
+@triton.jit
+def _noop(Q, CAUSAL: tl.constexpr):
+    pass
+
+
+def test_candidates_compile_side_by_side(monkeypatch):
+    """The autotuner's candidates left after pruning are compiled in parallel threads, each as a JIT warm-up of
+    the launch with its meta-parameters, before they are timed; one that fails to compile is left to the
+    autotuner; a single candidate (nothing to time) is not compiled ahead."""
+    import threading
+
+    from longattn.kernels import utils
+
+    seen, threads = [], set()
+
+    class Kernel:
+        def warmup(self, *, grid, **kwargs):
+            threads.add(threading.get_ident())
+            seen.append(kwargs)
+            if kwargs["BLOCK_M"] == 32:
+                raise RuntimeError("out of resources")
+
+    configs = [triton.Config(dict(BLOCK_M=m), num_warps=w, num_stages=2) for m, w in ((128, 8), (64, 4), (32, 4))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True})
+    assert sorted((k["BLOCK_M"], k["num_warps"], k["num_stages"], k["Q"], k["CAUSAL"]) for k in seen) == [
+        (32, 4, 2, "q", True), (64, 4, 2, "q", True), (128, 8, 2, "q", True)]
+    assert threading.get_ident() not in threads
+
+    compiled = []
+    monkeypatch.setattr(utils, "compile_candidates", lambda fn, keep, args: compiled.append((fn, keep, args)))
+    kernel = utils.autotune(configs, ["CAUSAL"], lambda configs, named_args, **kw: configs[:kw["keep"]])(_noop)
+    prune = kernel.early_config_prune
+    assert prune(configs, {"Q": "q"}, keep=1) == configs[:1] and not compiled
+    assert prune(configs, {"Q": "q"}, keep=2) == configs[:2]
+    assert compiled == [(kernel.fn, configs[:2], {"Q": "q", "keep": 2})]
+
+
+@pytest.mark.gpu
+def test_autotuning_times_precompiled_candidates(monkeypatch):
+    """On a GPU, autotuning a launch compiles every candidate as a warm-up before timing: the timing itself (and
+    the launch after it) compiles nothing (a head dim no other test uses: nothing in the JIT's cache yet)."""
+    from longattn.kernels import flash as F
+
+    compiles = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda *, fn, is_manual_warmup, **kw: compiles.append((fn.name, is_manual_warmup)))
+    monkeypatch.setattr(F, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(F._flash_fwd_kernel, "cache", {})
+    q, k, v = (torch.randn(1, 300, 2, 80, device="cuda", dtype=torch.float16) for _ in range(3))
+    out = flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out.float(), attention_ref(q.float(), k.float(), v.float(), causal=True),
+                               atol=2e-3, rtol=2e-3)
+    fwd = [warm for name, warm in compiles if name.endswith("_flash_fwd_kernel")]
+    a, b = F.split_dim(80)
+    kept = F._smem_prune("fwd")(F._flash_fwd_kernel.configs, {"Q": q}, BLOCK_DA=a, BLOCK_DB=b, BLOCK_DV=128)
+    assert len(kept) > 1 and fwd == [True] * len(kept), compiles
+
+
 def test_autotune_pruning_by_shared_memory(monkeypatch):
     """The tile pruning keeps the tiles whose buffers fit (the big ones at head dim 128, the small ones only at
     256), dK/dV's one-loop tiles only above 256 accumulated columns, and, without autotuning (LONGATTN_AUTOTUNE=0,
     the interpreter), only the first that fits; float32 (CUDA-core products) takes its own small tile on a GPU."""
-    import triton
     from longattn.kernels import flash as F
 
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=4, num_stages=st)
@@ -383,7 +445,6 @@ def test_every_tile_candidate(which, device, monkeypatch):
     its pruning keeps (warps and stages mean nothing to the interpreter), on varlen causal GQA problems with ragged
     tails, head dims 192 / 128 (two-part q/k tiles) with a window, and 64. The forward and the reference run once per
     problem; each backward candidate recomputes only the gradients."""
-    import triton
     from longattn.kernels import flash as F
 
     if device == "cuda":

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .merge import merge_fwd
-from .utils import (AUTOTUNE_BENCH, AttnDims, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
+from .utils import (AttnDims, autotune, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
                     check_device, check_positive_int, check_scale, empty, empty_like, kernel_inputs, next_pow2,
                     num_sms, public_op, resolve_seqlens, small_tiles, split_context, split_dim)
 
@@ -245,9 +245,8 @@ def _smem_prune(kernel: str):
     return prune
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
-                                            "PRECISION"],
-                 prune_configs_by={"early_config_prune": _smem_prune("fwd")}, do_bench=AUTOTUNE_BENCH)
+@autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
+          _smem_prune("fwd"))
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -484,9 +483,8 @@ DKDV_TILES = [
 _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
-                                            "PRECISION"],
-                 prune_configs_by={"early_config_prune": _smem_prune("dkdv")}, do_bench=AUTOTUNE_BENCH)
+@autotune(_BWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
+          _smem_prune("dkdv"))
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -594,9 +592,8 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
     return dq_a, dq_b
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN",
-                                            "PRECISION"],
-                 prune_configs_by={"early_config_prune": _smem_prune("dq")}, do_bench=AUTOTUNE_BENCH)
+@autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
+          _smem_prune("dq"))
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,

@@ -146,6 +146,47 @@ def _untimed(kernel_call, quantiles):
 AUTOTUNE_BENCH = _untimed if is_interpreter() else None
 
 
+def autotune(configs: list, key: list, prune, **options):
+    """``triton.autotune`` for longattn's kernels: candidates ``configs`` timed per value of ``key``, pruned by
+    ``prune(configs, named_args, **kwargs)`` (Triton's ``early_config_prune``), nothing timed under the
+    interpreter, and the candidates left after pruning compiled side by side before they are timed (see
+    ``compile_candidates``). ``options``: other ``triton.autotune`` arguments (``restore_value``)."""
+    def decorate(fn):
+        def early_prune(configs, named_args, **kwargs):
+            keep = prune(configs, named_args, **kwargs)
+            if len(keep) > 1:
+                compile_candidates(fn, keep, {**named_args, **kwargs})
+            return keep
+
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                               do_bench=AUTOTUNE_BENCH, **options)(fn)
+    return decorate
+
+
+def compile_candidates(fn, configs: list, args: dict) -> None:
+    """Compile the launch ``fn(**args)`` under each of ``configs``, side by side: the autotuner compiles each
+    candidate only when it comes to time it, one after the other, most of a first call's tuning time (eleven
+    flash dK/dV tiles took 33-41 s on a 16-core H100 machine). Triton's compiler releases the GIL (threads
+    compile in parallel: 1.7-1.9x on 2 cores, Triton 3.6 and 3.9), and a JIT warm-up compiles exactly what the
+    launch looks up, so the autotuner finds each in the kernel cache. A candidate that fails to compile here fails
+    again when timed, where the autotuner skips it as before."""
+    if not torch.cuda.is_available():
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = torch.cuda.current_device()
+
+    def compile_one(config):
+        torch.cuda.set_device(device)  # a new thread starts on device 0
+        try:
+            fn.warmup(grid=(1,), **args, **config.all_kwargs())
+        except Exception:  # noqa: BLE001 - reported by the autotuner when it compiles the candidate again
+            pass
+
+    with ThreadPoolExecutor(min(len(configs), os.cpu_count() or 1, 16)) as pool:
+        list(pool.map(compile_one, configs))
+
+
 def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,
                      num_stages: int = 2) -> list:
     """Autotune configs: the full ``gpu`` list on a GPU, the single ``interpreter`` config otherwise.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.utils import AUTOTUNE_BENCH, autotune_enabled
+from ..kernels.utils import autotune, autotune_enabled
 
 
 @triton.jit
@@ -144,6 +144,5 @@ def _decode_prune(configs, named_args, **kwargs):
     return keep if autotune_enabled() else keep[:1]
 
 
-_mla_decode_tuned = triton.autotune(configs=_DECODE_CONFIGS, key=["BLOCK_H", "S_PAD", "PAGE", "HAS_BT", "PRECISION"],
-                                    prune_configs_by={"early_config_prune": _decode_prune},
-                                    do_bench=AUTOTUNE_BENCH)(_mla_decode_kernel)
+_mla_decode_tuned = autotune(_DECODE_CONFIGS, ["BLOCK_H", "S_PAD", "PAGE", "HAS_BT", "PRECISION"],
+                             _decode_prune)(_mla_decode_kernel)

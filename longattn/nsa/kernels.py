@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.flash import _decode_query, _dot_split, _load_split, _store_split
-from ..kernels.utils import AUTOTUNE_BENCH, autotune_enabled, small_tiles
+from ..kernels.utils import autotune, autotune_enabled, small_tiles
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
@@ -163,11 +163,9 @@ def _select_prune(configs, named_args, **kwargs):
     return keep if autotune_enabled() else keep[:1]
 
 
-_nsa_select_tuned = triton.autotune(configs=select_candidates("tf32"),
-                                    key=["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "NW", "TOPK_PAD", "PRECISION",
-                                         "group", "length_class"],
-                                    prune_configs_by={"early_config_prune": _select_prune},
-                                    do_bench=AUTOTUNE_BENCH)(_nsa_select_kernel)
+_nsa_select_tuned = autotune(select_candidates("tf32"), ["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "NW", "TOPK_PAD",
+                                                         "PRECISION", "group", "length_class"],
+                             _select_prune)(_nsa_select_kernel)
 
 
 @triton.jit
@@ -542,11 +540,9 @@ def _selected_prune(configs, named_args, **kwargs):
 
 
 def _tune_selected(kernel, **options):
-    return triton.autotune(configs=selected_configs(16, 16, "tf32"),
-                           key=["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION", "group",
-                                "heads_per_prog"],
-                           prune_configs_by={"early_config_prune": _selected_prune}, do_bench=AUTOTUNE_BENCH,
-                           **options)(kernel)
+    return autotune(selected_configs(16, 16, "tf32"), ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION",
+                                                        "group", "heads_per_prog"],
+                    _selected_prune, **options)(kernel)
 
 
 _nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel)

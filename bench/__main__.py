@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import autotune, flash, memory, mla, moba, nsa, profile, rollout
-from .common import NoCudaError
+from .common import NoCudaError, write_unfinished
 
 SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory, "profile": profile,
           "rollout": rollout, "autotune": autotune}  # autotune last: it lists what the others tuned
@@ -20,6 +21,9 @@ def main(argv=None) -> int:
     all_p = sub.add_parser("all", help="every benchmark with its default options")
     all_p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    # a time limit's SIGTERM (gpu_suite.sh's `timeout`) stops a run as Ctrl-C does: the rows measured so far are
+    # written (see Results), also when a benchmark fails part-way
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.op == "all":
             for name, mod in SUITES.items():
@@ -31,7 +35,17 @@ def main(argv=None) -> int:
     except NoCudaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+    finally:
+        write_unfinished()
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -194,6 +194,37 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+class Results(list):
+    """One benchmark run's rows and where they go. ``finish()`` writes them (``write_results``) at the run's end;
+    a run stopped before (Ctrl-C, or SIGTERM from a time limit such as gpu_suite.sh's) still leaves the rows it
+    measured: ``python -m bench`` writes every unfinished run's (``write_unfinished``), marked as cut short."""
+    unfinished: list = []
+
+    def __init__(self, name: str, columns: Sequence[str], argv: Optional[Sequence[str]], *,
+                 out_dir: Optional[Path] = None, plot: Optional[dict] = None):
+        super().__init__()
+        self.name, self.columns, self.argv, self.out_dir, self.plot = name, columns, argv, out_dir, plot
+        Results.unfinished.append(self)
+
+    def finish(self, *, cut_short: bool = False) -> Path:
+        Results.unfinished = [r for r in Results.unfinished if r is not self]  # (lists compare by content)
+        env = environment(self.argv)
+        if cut_short:
+            env["cut_short"] = True
+        return write_results(self.name, self, self.columns, env, plot=self.plot, out_dir=self.out_dir)
+
+
+def write_unfinished() -> None:
+    """Write the rows of every benchmark run not finished (see ``Results``)."""
+    for rows in list(Results.unfinished):
+        if rows:
+            try:
+                print(f"{rows.name}: stopped after {len(rows)} rows, written to {rows.finish(cut_short=True)}")
+            except Exception as e:  # noqa: BLE001 - what stopped the run matters more
+                print(f"{rows.name}: its {len(rows)} rows could not be written: {e!r}", file=sys.stderr)
+    Results.unfinished = []
+
+
 def write_results(name: str, rows: list[dict], columns: Sequence[str], env: dict, *,
                   plot: Optional[dict] = None, out_dir: Optional[Path] = None) -> Path:
     """Write ``<name>.json``, ``<name>.md`` and (if ``plot``) ``<name>.png`` under results/<device>/."""
@@ -203,6 +234,9 @@ def write_results(name: str, rows: list[dict], columns: Sequence[str], env: dict
     md = [f"# {name}", "", f"- device: {env['device']}", f"- torch {env['torch']}, triton {env['triton']}, "
           f"CUDA {env['cuda']}, " + ", ".join(f"{p} {env.get(p) or 'not installed'}" for p in PEERS),
           f"- date: {env['date']}", f"- command: `{env['command']}`"]
+    if env.get("cut_short"):
+        md.append("- **cut short**: the run was stopped before its end; these are the rows measured until then "
+                  "(columns derived from several rows, such as speedups, may be missing)")
     if "copy_GBs" in env:
         md.append(f"- roofline of this device, measured in the same run: copy {env['copy_GBs']:.0f} GB/s, dense bf16 "
                   f"matmul {env['matmul_TFLOPs']:.0f} TFLOP/s; `%roof` = the row's floor time (its bytes at that "

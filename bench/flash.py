@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (attended_pairs, attention_bytes, device_peaks, environment, parse_ints, peak_memory_mb,
-                     require_cuda, roofline, time_ms, write_results)
+from .common import (Results, attended_pairs, attention_bytes, device_peaks, parse_ints, peak_memory_mb,
+                     require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_sdpa_cudnn", "x_flash_attn", "%roof", "peak_MB"]
+PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="flash attention")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -66,7 +67,7 @@ def run(args, argv=None) -> list[dict]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     impls = _impls(causal, args.window, hq, hkv, dqk, dv)
     peaks = device_peaks(dev)
-    rows = []
+    rows = Results("flash", COLUMNS, argv, out_dir=args.out, plot=PLOT)
     for T in parse_ints(args.seqlens):
         if not [m for m in modes if m != "decode"]:
             break
@@ -101,9 +102,7 @@ def run(args, argv=None) -> list[dict]:
     if "decode" in modes:
         _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks)
     _speedups(rows)
-    env = environment(argv)
-    out = write_results("flash", rows, COLUMNS, env, plot=dict(x="T", y="ms", series="impl", panels="mode",
-                                                               title="flash attention"), out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .common import environment, parse_ints, peak_memory_mb, require_cuda, write_results
+from .common import Results, parse_ints, peak_memory_mb, require_cuda
 
 COLUMNS = ["impl", "mode", "T", "Hq", "Hkv", "D", "peak_MB", "MB/ktok"]
+PLOT = dict(x="T", y="peak_MB", series="impl", panels="mode", title="peak memory")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -56,7 +57,7 @@ def run(args, argv=None) -> list[dict]:
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
     ops = _ops([o.strip() for o in args.ops.split(",") if o.strip()], args.heads, args.kv_heads, args.head_dim)
-    rows = []
+    rows = Results("memory", COLUMNS, argv, out_dir=args.out, plot=PLOT)
     for T in parse_ints(args.seqlens):
         for name, (make, fn, (hq, hkv, d)) in ops.items():
             ins = make(T, dev, dtype)
@@ -80,8 +81,6 @@ def run(args, argv=None) -> list[dict]:
                 print(f"  {name:12s} {mode:7s} T={T}: {mb:.0f} MB beyond the inputs")
             ins = do = None
             torch.cuda.empty_cache()
-    out = write_results("memory", rows, COLUMNS, environment(argv),
-                        plot=dict(x="T", y="peak_MB", series="impl", panels="mode", title="peak memory"),
-                        out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows

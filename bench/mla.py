@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (device_peaks, environment, graph_ms, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms, write_results)
+from .common import (Results, device_peaks, graph_ms, parse_ints, peak_memory_mb, require_cuda, roofline,
+                     time_ms)
 
 COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "%roof", "x_sdpa",
            "x_flashinfer", "peak_MB", "config"]
+PLOT = dict(x="L", y="ms", series="series", panels="op", title="MLA")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -72,7 +73,7 @@ def run(args, argv=None) -> list[dict]:
     scale = (Dn + E) ** -0.5
     peaks = device_peaks(dev)
     bw = peaks["copy_GBs"]
-    rows = []
+    rows = Results("mla", COLUMNS, argv, out_dir=args.out, plot=PLOT)
     H = args.heads
     for L in parse_ints(args.contexts):
         for B in parse_ints(args.batches):
@@ -165,8 +166,6 @@ def run(args, argv=None) -> list[dict]:
                                      (1 if mode == "fwd" else 3) * 2 * B * T * (Hp * (Dn + E + Dv) + R + E), f, peaks))
                 print(f"  prefill {name} {mode} T={T}: {times[name]:.3f} ms")
             rows[-2]["x_sdpa"] = times["sdpa"] / times["longattn"]
-    env = environment(argv)
-    out = write_results("mla", rows, COLUMNS, env, plot=dict(x="L", y="ms", series="series", panels="op",
-                                                             title="MLA"), out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (attention_bytes, device_peaks, environment, flex_selection, graph_ms, parse_ints,
-                     peak_memory_mb, require_cuda, roofline, time_ms, write_results)
+from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, parse_ints,
+                     peak_memory_mb, require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_flex", "%roof", "peak_MB"]
+PLOT = dict(x="T", y="ms", series="series", panels="mode", title="MoBA")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -52,7 +53,7 @@ def run(args, argv=None) -> list[dict]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c.strip()]
     peaks = device_peaks(dev)
-    rows = []
+    rows = Results("moba", COLUMNS, argv, out_dir=args.out, plot=PLOT)
 
     def sdpa(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -103,8 +104,7 @@ def run(args, argv=None) -> list[dict]:
                     print(f"  {name:10s} {mode:7s} T={T} bs={bs} topk={topk}: {ms:.3f} ms")
         torch.cuda.empty_cache()
     _speedups(rows)
-    out = write_results("moba", rows, COLUMNS, environment(argv),
-                        plot=dict(x="T", y="ms", series="series", panels="mode", title="MoBA"), out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import (attention_bytes, device_peaks, environment, flex_selection, graph_ms, parse_ints, peak_memory_mb,
-                     require_cuda, roofline, time_ms, write_results)
+from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, parse_ints, peak_memory_mb,
+                     require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
            "x_kv_major", "x_query4", "%roof", "peak_MB"]
+PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="NSA")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -129,7 +130,7 @@ def run(args, argv=None) -> list[dict]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     peaks = device_peaks(dev)
     fla, fla_name = _fla(cfg, hq, hkv)
-    rows = []
+    rows = Results("nsa", COLUMNS, argv, out_dir=args.out, plot=PLOT)
 
     def sdpa(q, k, v):
         # dense baseline: the flash backend needs one head dim, so v is padded to dk (counted in its time)
@@ -193,8 +194,7 @@ def run(args, argv=None) -> list[dict]:
                 _decode_rows(rows, cfg, T, batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)
         torch.cuda.empty_cache()
     _derive(rows)
-    out = write_results("nsa", rows, COLUMNS, environment(argv),
-                        plot=dict(x="T", y="ms", series="impl", panels="mode", title="NSA"), out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows
 

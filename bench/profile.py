@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import environment, parse_ints, require_cuda, time_ms, write_results
+from .common import Results, parse_ints, require_cuda, time_ms
 
 COLUMNS = ["case", "kernel", "calls", "ms", "%gpu"]
 CASES = ("nsa_fwd", "nsa_fwdbwd", "nsa_decode_b1", "nsa_decode_b32", "moba_fwd", "moba_fwdbwd", "mla_decode_s1",
@@ -137,7 +137,7 @@ def run(args, argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     cuda = dev.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    rows = []
+    rows = Results("profile", COLUMNS, argv, out_dir=args.out)
     for name, build in _cases(args, dev, dtype):
         try:
             fn = build()
@@ -169,6 +169,6 @@ def run(args, argv=None) -> list[dict]:
         del fn
         if cuda:
             torch.cuda.empty_cache()
-    out = write_results("profile", rows, COLUMNS, environment(argv), out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows

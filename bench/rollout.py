@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import environment, parse_ints, peak_memory_mb, require_cuda, write_results
+from .common import Results, parse_ints, peak_memory_mb, require_cuda
 
 COLUMNS = ["impl", "B", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms", "step_ms", "tok/s",
            "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
+PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
 KINDS = ("sdpa", "flash", "moba", "nsa")
 
 
@@ -63,7 +64,7 @@ def run(args, argv=None) -> list[dict]:
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    rows = []
+    rows = Results("rollout", COLUMNS, argv, out_dir=args.out, plot=PLOT)
     for T in parse_ints(args.prompts):
         gen = torch.Generator().manual_seed(T)
         lens = torch.randint(max(1, T // 2), T + 1, (args.batch,), generator=gen).tolist()
@@ -98,8 +99,6 @@ def run(args, argv=None) -> list[dict]:
         b = base.get(r["prompt"])
         r["x_sdpa_prefill"] = b["prefill_ms"] / r["prefill_ms"] if b and r["prefill_ms"] else None
         r["x_sdpa_step"] = b["step_ms"] / r["step_ms"] if b and r["step_ms"] else None
-    out = write_results("rollout", rows, COLUMNS, environment(argv),
-                        plot=dict(x="prompt", y="step_ms", series="series", panels="mode",
-                                  title="rollout decoding step"), out_dir=args.out)
+    out = rows.finish()
     print(f"results written to {out}")
     return rows

@@ -188,3 +188,33 @@ def test_gpu_run_order():
              ("t.py::e[float32-x]", set()), ("t.py::f[float32]", {"gpu"}), ("t.py::test_bfloat16_x[float32]", set())]
     items = [SimpleNamespace(nodeid=n, keywords=k) for n, k in names]
     assert [i.nodeid[6] for i in sorted(items, key=_gpu_run_order)] == list("cfbdtae")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run")
+def test_bench_stopped_keeps_its_rows(monkeypatch, tmp_path):
+    """A benchmark stopped by a time limit's SIGTERM (gpu_suite.sh) writes the rows it measured, marked as cut
+    short, and `python -m bench` exits with 130; the signal's handler is restored afterwards."""
+    import json
+    import os
+    import signal
+
+    import bench.flash as flash
+    from bench import __main__ as cli
+
+    _dry_run(monkeypatch, flash)
+    calls = []
+
+    def time_ms(fn, **kw):
+        calls.append(fn())
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return float(len(calls))
+
+    monkeypatch.setattr(flash, "time_ms", time_ms)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["flash"] + DRY_RUNS["flash"] + ["--out", str(tmp_path)]
+    assert cli.main(argv) == 130
+    assert signal.getsignal(signal.SIGTERM) is before
+    rows = json.loads((tmp_path / "flash.json").read_text())["rows"]
+    assert [r["ms"] for r in rows] == [1.0, 2.0]
+    assert "cut short" in (tmp_path / "flash.md").read_text()

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import triton
+import triton.language as tl
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -97,9 +100,31 @@ def attended_pairs(q_len: int, k_len: int, *, causal: bool, window: Optional[int
 _PEAKS: dict = {}
 
 
+@triton.jit
+def _l2_read_kernel(X, OUT, n_chunks, REPS: tl.constexpr, CHUNK: tl.constexpr):
+    """Read X (n_chunks chunks of CHUNK float32) REPS times over, each program a different chunk at each pass (no
+    reuse within an SM) with loads that skip L1 (.cg), and write each program's sum (nothing is left unread)."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, CHUNK)
+    acc = tl.zeros([CHUNK], tl.float32)
+    for r in range(REPS):
+        for c in range(pid, n_chunks, tl.num_programs(0)):
+            acc += tl.load(X + ((c + r) % n_chunks) * CHUNK + offs, cache_modifier=".cg")
+    tl.store(OUT + pid, tl.sum(acc, 0))
+
+
+def l2_read(x, out, *, reps: int, chunk: int = 4096):
+    """Launch ``_l2_read_kernel`` over the float32 tensor ``x`` (a multiple of ``chunk`` elements), one program
+    per ``out`` element (at most the number of chunks)."""
+    n_chunks = x.numel() // chunk
+    _l2_read_kernel[(min(out.numel(), n_chunks),)](x, out, n_chunks, REPS=reps, CHUNK=chunk)
+
+
 def device_peaks(dev) -> dict:
     """The device's measured copy bandwidth (GB/s, bytes read plus written) and dense bf16 matmul rate
-    (TFLOP/s), measured once per process: the roofline every result row is compared with."""
+    (TFLOP/s), measured once per process: the roofline every result row is compared with; and its L2 read
+    bandwidth (GB/s: a 16 MB buffer, half the H100's L2, re-read by every SM), the floor of kernels that gather the
+    same data into many programs (NSA's selected blocks)."""
     import torch
 
     if not _PEAKS:
@@ -112,9 +137,13 @@ def device_peaks(dev) -> dict:
         b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
         _PEAKS["matmul_TFLOPs"] = 2 * n ** 3 / time_ms(lambda: a @ b) / 1e9
         del a, b
+        x = torch.ones(1 << 22, device=dev)
+        out = torch.empty(8 * torch.cuda.get_device_properties(dev).multi_processor_count, device=dev)
+        _PEAKS["l2_GBs"] = 50 * x.numel() * 4 / time_ms(lambda: l2_read(x, out, reps=50)) / 1e6
+        del x, out
         torch.cuda.empty_cache()
         print(f"  device roofline: copy {_PEAKS['copy_GBs']:.0f} GB/s, "
-              f"bf16 matmul {_PEAKS['matmul_TFLOPs']:.0f} TFLOP/s")
+              f"bf16 matmul {_PEAKS['matmul_TFLOPs']:.0f} TFLOP/s, L2 read {_PEAKS['l2_GBs']:.0f} GB/s")
     return dict(_PEAKS)
 
 
@@ -241,6 +270,9 @@ def write_results(name: str, rows: list[dict], columns: Sequence[str], env: dict
         md.append(f"- roofline of this device, measured in the same run: copy {env['copy_GBs']:.0f} GB/s, dense bf16 "
                   f"matmul {env['matmul_TFLOPs']:.0f} TFLOP/s; `%roof` = the row's floor time (its bytes at that "
                   f"bandwidth or its FLOPs at that rate, whichever is longer) / its time")
+    if "l2_GBs" in env:
+        md.append(f"- L2 read bandwidth, measured in the same run: {env['l2_GBs']:.0f} GB/s; `%l2` = a gather's bytes "
+                  f"from L2 at that bandwidth / its time")
     md += ["",
           "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:

@@ -9,7 +9,7 @@ from .common import (Results, attention_bytes, device_peaks, flex_selection, gra
                      require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "x_kv_major", "x_query4", "%roof", "peak_MB"]
+           "x_kv_major", "x_query4", "%roof", "%l2", "peak_MB"]
 PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="NSA")
 
 
@@ -97,7 +97,8 @@ def _fla(cfg, hq, hkv):
     return run, "fla" if has_fa else "fla+longattn_swa"
 
 
-def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dtype, memory=True, graph=False):
+def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dtype, memory=True, graph=False,
+          l2_bytes=None):
     import torch
 
     hq, hkv, dk, dv = dims
@@ -110,6 +111,8 @@ def _time(rows, name, mode, call, grads, *, B, T, dims, flops, bytes_, peaks, dt
         return None
     rows.append(roofline(dict(op="nsa", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, Dqk=dk, Dv=dv, dtype=dtype,
                               ms=ms, **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem), bytes_, flops, peaks))
+    if l2_bytes and peaks.get("l2_GBs"):  # the gather's floor: its bytes at the measured L2 read bandwidth
+        rows[-1].update(L2_GB=l2_bytes / 1e9, **{"%l2": 100 * l2_bytes / peaks["l2_GBs"] / 1e6 / ms})
     print(f"  {name:16s} {mode:8s} B={B} T={T}: {ms:.3f} ms")
     return ms
 
@@ -184,9 +187,13 @@ def run(args, argv=None) -> list[dict]:
                         (lambda fn=fn: fn(q, k, v).backward(do))
                     if name == "longattn_query4":
                         call = _four_queries_per_program(call)
+                    # query-major forward: each query's selected K/V blocks travel from L2 to its program (fewer
+                    # when queries of one program select alike); 4 queries per program load the union of theirs
+                    gather = B * T * hkv * min(cfg.slc_topk * cfg.slc_block, T) * (dk + dv) * 2
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
                           flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
-                          bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype)
+                          bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype,
+                          l2_bytes=gather if mode == "slc_fwd" and name in ("longattn", "longattn_query4") else None)
             sel = listed = slc = None
         q = k = v = gates = do = None  # free the prefill inputs before the decode cache
         if "decode" in modes:

@@ -47,7 +47,7 @@ def _dry_run(monkeypatch, module):
     fake = {"require_cuda": lambda: torch.device("cpu"), "time_ms": lambda fn, **kw: (fn(), float(next(clock)))[1],
             "graph_ms": lambda fn: (fn(), float(next(clock)))[1],
             "peak_memory_mb": lambda fn: (fn(), 0.0)[1],
-            "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0},
+            "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0, "l2_GBs": 6000.0},
             "environment": lambda argv=None: {"device": "cpu (dry run)", "torch": torch.__version__, "triton": "-",
                                               "cuda": None, "date": "-", "command": "dry run"}}
     for name, fn in fake.items():
@@ -108,6 +108,8 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
         assert want in got, f"missing row {want}: {sorted(got)}"
     assert (tmp_path / f"{op}.md").exists() and (tmp_path / f"{op}.json").exists()
     assert all(r["%roof"] > 0 for r in rows if "%roof" in r)
+    if op == "nsa":  # the selected branch's gather against the L2 bandwidth
+        assert {r["impl"] for r in rows if r.get("%l2")} == {"longattn", "longattn_query4"}
 
 
 @pytest.mark.parametrize("block,topk,hq,hkv,shared", [(256, 2, 4, 2, False), (64, 3, 2, 1, True),
@@ -218,3 +220,16 @@ def test_bench_stopped_keeps_its_rows(monkeypatch, tmp_path):
     rows = json.loads((tmp_path / "flash.json").read_text())["rows"]
     assert [r["ms"] for r in rows] == [1.0, 2.0]
     assert "cut short" in (tmp_path / "flash.md").read_text()
+
+
+def test_l2_read_kernel_reads_everything(device):
+    """The L2-bandwidth kernel of the roofline reads every element of its buffer once per pass (its programs'
+    sums add up to passes x the buffer's sum), whatever the programs per chunk."""
+    from bench.common import l2_read
+
+    x = torch.rand(8 * 64, device=device)
+    for programs in (3, 8, 20):
+        out = torch.full((programs,), float("nan"), device=device)
+        l2_read(x, out, reps=3, chunk=64)
+        used = min(programs, 8)
+        torch.testing.assert_close(out[:used].sum(), 3 * x.sum(), rtol=1e-5, atol=1e-4)

@@ -353,7 +353,7 @@ def test_strided_keys(ks, ko, lens, dtype, device):
 
 
 @triton.jit
-def _noop(Q, CAUSAL: tl.constexpr):
+def _noop(Q, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     pass
 
 
@@ -383,13 +383,17 @@ def test_candidates_compile_side_by_side(monkeypatch):
         (32, 4, 2, "q", True), (64, 4, 2, "q", True), (128, 8, 2, "q", True)]
     assert threading.get_ident() not in threads
 
-    compiled = []
-    monkeypatch.setattr(utils, "compile_candidates", lambda fn, keep, args: compiled.append((fn, keep, args)))
-    kernel = utils.autotune(configs, ["CAUSAL"], lambda configs, named_args, **kw: configs[:kw["keep"]])(_noop)
-    prune = kernel.early_config_prune
-    assert prune(configs, {"Q": "q"}, keep=1) == configs[:1] and not compiled
-    assert prune(configs, {"Q": "q"}, keep=2) == configs[:2]
-    assert compiled == [(kernel.fn, configs[:2], {"Q": "q", "keep": 2})]
+    # through triton's autotuner (the interpreter's launch): the launch's own arguments reach the warm-ups, not
+    # the grid and flags triton adds to its keywords
+    compiled, keep = [], [1]
+    monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append((fn, configs, args)))
+    kernel = utils.autotune(configs, ["CAUSAL"], lambda configs, named_args, **kw: configs[:keep[0]])(_noop)
+    x = torch.zeros(4)
+    kernel[(1,)](x, CAUSAL=True)
+    assert not compiled
+    keep[0] = 2
+    kernel[(1,)](x, CAUSAL=False)
+    assert compiled == [(kernel.fn, configs[:2], {"Q": x, "CAUSAL": False})]
 
 
 @pytest.mark.gpu

@@ -466,7 +466,7 @@ DKDV_TILES = [
     # loop over the group's heads, the two accumulators of head dims 192 / 128 spill inside the loops at these
     # tiles on sm_90, in one loop they do not (tried only above 256 accumulated columns, see _smem_prune). First:
     # the H100's pick for NSA's window and compressed branches at 64k (2026-11-27, bench/results/nvidia-h100),
-    # what runs there without autotuning; at head dim 128 (pruned) the next
+    # what runs there without autotuning; where the one-loop tiles are pruned (head dim 128) 64 x 128 comes first
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, ONE_LOOP=True),
     dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, ONE_LOOP=True),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, ONE_LOOP=True),

@@ -154,8 +154,8 @@ def autotune(configs: list, key: list, prune, **options):
     def decorate(fn):
         def early_prune(configs, named_args, **kwargs):
             keep = prune(configs, named_args, **kwargs)
-            if len(keep) > 1:
-                compile_candidates(fn, keep, {**named_args, **kwargs})
+            if len(keep) > 1:  # the launch's arguments (its keywords also hold the grid and the warm-up flag)
+                compile_candidates(fn, keep, {k: v for k, v in {**named_args, **kwargs}.items() if k in fn.arg_names})
             return keep
 
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},

@@ -134,13 +134,13 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 
 
 # GPU candidates of the selection kernel as (query rows, selection blocks per chunk, warps, pipeline stages,
-# register limit or None), the first used without autotuning (the H100's pick at 64k, paper defaults, 2026-11-27:
-# bench/results/nvidia-h100). 64 rows on 8 warps split each head's score tile
-# between the two warpgroups, 128 give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile
-# half as often (16 heads x 64 rows x 192 dims reloaded per chunk); 128 registers per thread fit two programs of
-# 8 warps on an SM (their matmuls and exponentials then overlap), spilling 76 bytes. The others spill nothing on
-# sm_90 but (64, 16, 4, 2), 28 bytes (tests/cuda_compile.py --resources). float32 multiplies on CUDA cores: 16
-# rows (64 spilled 5 KB per thread).
+# register limit or None), the first used without autotuning (the H100's pick at 64k with paper defaults,
+# 2026-11-27: bench/results/nvidia-h100). 64 rows on 8 warps split each head's score tile between the two
+# warpgroups, 128 give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile half as often
+# (16 heads x 64 rows x 192 dims reloaded per chunk); 128 registers per thread fit two programs of 8 warps on an
+# SM (their matmuls and exponentials then overlap), spilling 76 bytes. The others spill nothing on sm_90 but
+# (64, 16, 4, 2), 28 bytes (tests/cuda_compile.py --resources). float32 multiplies on CUDA cores: 16 rows (64
+# spilled 5 KB per thread).
 SELECT_TILES = ((64, 32, 8, 2, None), (64, 16, 8, 3, None), (64, 16, 8, 2, None), (64, 16, 8, 2, 128),
                 (128, 16, 8, 2, None), (64, 16, 4, 2, None))
 SELECT_FP32_TILE = (16, 16, 8, 3, None)

@@ -175,6 +175,11 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     device = torch.cuda.current_device()
+    # the JIT's per-device kernel cache (a defaultdict in Triton 3.6-3.9) is created here, not by several threads
+    # at once (the last one's would replace the others', whose kernels would then be compiled again)
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:
+        caches[device]
 
     def compile_one(config):
         torch.cuda.set_device(device)  # a new thread starts on device 0

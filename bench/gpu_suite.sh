@@ -50,7 +50,7 @@ export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # timed NSA fwd / fwd+bwd / decode / selected branch, MLA, flash and the profiles; not yet MoBA, memory and
 # rollouts, the selected branch on smooth inputs (how many queries per program pay when neighbours select alike)
 # and fla's NSA fwd+bwd (its backward's autotuning alone takes minutes, so it comes late). The profile comes
-# last: after nsa and mla its kernels' tuning is cached
+# after nsa and mla, whose kernels' tuning it then finds cached
 IFS=';' read -ra ops <<< "${BENCH_OPS:-moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; nsa --seqlens 64k --modes fwd,slc --inputs smooth; mla --batches 1,64 --contexts 8k,64k; rollout --prompts 8k,32k; nsa --seqlens 64k --modes fwd,fwdbwd; profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_decode_s4,moba_fwd; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
 i=0
 for op in "${ops[@]}"; do

@@ -378,6 +378,14 @@ def test_candidates_compile_side_by_side(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("LONGATTN_COMPILE_THREADS", "1")  # none ahead: the autotuner compiles as it times
+    utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True})
+    assert not seen
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv("LONGATTN_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="LONGATTN_COMPILE_THREADS must be a positive integer"):
+            utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True})
+    monkeypatch.setenv("LONGATTN_COMPILE_THREADS", "3")
     utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True})
     assert sorted((k["BLOCK_M"], k["num_warps"], k["num_stages"], k["Q"], k["CAUSAL"]) for k in seen) == [
         (32, 4, 2, "q", True), (64, 4, 2, "q", True), (128, 8, 2, "q", True)]

@@ -169,8 +169,10 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
     flash dK/dV tiles took 33-41 s on a 16-core H100 machine). Triton's compiler releases the GIL (threads
     compile in parallel: 1.7-1.9x on 2 cores, Triton 3.6 and 3.9), and a JIT warm-up compiles exactly what the
     launch looks up, so the autotuner finds each in the kernel cache. A candidate that fails to compile here fails
-    again when timed, where the autotuner skips it as before."""
-    if not torch.cuda.is_available():
+    again when timed, where the autotuner skips it as before. ``LONGATTN_COMPILE_THREADS`` sets the threads
+    (default: the CPU count, at most 16; 1: none, the autotuner compiles as it times)."""
+    threads = compile_threads()
+    if threads <= 1 or not torch.cuda.is_available():
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -188,8 +190,23 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
         except Exception:  # noqa: BLE001 - reported by the autotuner when it compiles the candidate again
             pass
 
-    with ThreadPoolExecutor(min(len(configs), os.cpu_count() or 1, 16)) as pool:
+    with ThreadPoolExecutor(min(len(configs), threads)) as pool:
         list(pool.map(compile_one, configs))
+
+
+def compile_threads() -> int:
+    """Threads that compile autotune candidates ahead (``compile_candidates``): ``LONGATTN_COMPILE_THREADS``, or
+    the CPU count up to 16."""
+    value = os.environ.get("LONGATTN_COMPILE_THREADS")
+    if value is None:
+        return min(os.cpu_count() or 1, 16)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"LONGATTN_COMPILE_THREADS must be a positive integer (1: no compiling ahead), got {value!r}")
+    return threads
 
 
 def autotune_configs(gpu: Iterable[dict], interpreter: dict, *, num_warps: int = 4,

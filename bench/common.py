@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: environment record, timing, FLOP counting, result files and plots."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -118,6 +119,36 @@ def l2_read(x, out, *, reps: int, chunk: int = 4096):
     per ``out`` element (at most the number of chunks)."""
     n_chunks = x.numel() // chunk
     _l2_read_kernel[(min(out.numel(), n_chunks),)](x, out, n_chunks, REPS=reps, CHUNK=chunk)
+
+
+@contextlib.contextmanager
+def every_autotuner_compiling_ahead():
+    """Within it, every Triton autotuner of this process compiles its candidates side by side before timing them,
+    as longattn's own kernels do (``longattn.kernels.utils.compile_candidates``): the peers' too (fla's NSA),
+    whose tuning compiles one candidate at a time (its backward's outlasted a device call). The same candidates
+    are timed and the same one chosen; only the compiling moves ahead. Patches Triton's
+    ``Autotuner.prune_configs`` (Triton 3.6-3.9) for its duration; without that method, nothing changes."""
+    from triton.runtime.autotuner import Autotuner
+
+    from longattn.kernels.utils import compile_candidates
+
+    prune = getattr(Autotuner, "prune_configs", None)
+    if prune is None:
+        yield
+        return
+
+    def prune_configs(self, kwargs):
+        configs = prune(self, kwargs)
+        if len(configs) > 1:  # longattn's kernels have compiled theirs already: then these are cache hits
+            launch = {**self.nargs, **kwargs}
+            compile_candidates(self.fn, configs, {k: v for k, v in launch.items() if k in self.fn.arg_names})
+        return configs
+
+    Autotuner.prune_configs = prune_configs
+    try:
+        yield
+    finally:
+        Autotuner.prune_configs = prune
 
 
 def device_peaks(dev) -> dict:

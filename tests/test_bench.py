@@ -233,3 +233,32 @@ def test_l2_read_kernel_reads_everything(device):
         l2_read(x, out, reps=3, chunk=64)
         used = min(programs, 8)
         torch.testing.assert_close(out[:used].sum(), 3 * x.sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_every_autotuner_compiles_ahead_in_bench(monkeypatch):
+    """`python -m bench` makes any Triton autotuner (a peer's too) compile its candidates ahead with the launch's
+    own arguments, and only while it runs."""
+    import triton
+    import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
+
+    import bench.common as common
+    from longattn.kernels import utils
+
+    @triton.autotune(configs=[triton.Config({"B": 16}), triton.Config({"B": 32})], key=[],
+                     do_bench=utils.AUTOTUNE_BENCH)
+    @triton.jit
+    def peer(X, n, B: tl.constexpr):
+        pass
+
+    compiled = []
+    monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append((fn, configs, args)))
+    original = Autotuner.prune_configs
+    x = torch.zeros(4)
+    with common.every_autotuner_compiling_ahead():
+        peer[(1,)](x, 4)
+    assert Autotuner.prune_configs is original
+    assert compiled == [(peer.fn, peer.configs, {"X": x, "n": 4})]
+    peer.cache.clear()
+    peer[(1,)](x, 4)
+    assert len(compiled) == 1

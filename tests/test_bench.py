@@ -235,7 +235,7 @@ def test_l2_read_kernel_reads_everything(device):
         torch.testing.assert_close(out[:used].sum(), 3 * x.sum(), rtol=1e-5, atol=1e-4)
 
 
-def test_every_autotuner_compiles_ahead_in_bench(monkeypatch):
+def test_every_autotuner_compiles_ahead_in_bench(monkeypatch, device):
     """`python -m bench` makes any Triton autotuner (a peer's too) compile its candidates ahead with the launch's
     own arguments, and only while it runs."""
     import triton
@@ -254,7 +254,7 @@ def test_every_autotuner_compiles_ahead_in_bench(monkeypatch):
     compiled = []
     monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append((fn, configs, args)))
     original = Autotuner.prune_configs
-    x = torch.zeros(4)
+    x = torch.zeros(4, device=device)
     with common.every_autotuner_compiling_ahead():
         peer[(1,)](x, 4)
     assert Autotuner.prune_configs is original

@@ -357,7 +357,7 @@ def _noop(Q, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     pass
 
 
-def test_candidates_compile_side_by_side(monkeypatch):
+def test_candidates_compile_side_by_side(monkeypatch, device):
     """The autotuner's candidates left after pruning are compiled in parallel threads, each as a JIT warm-up of
     the launch with its meta-parameters, before they are timed; one that fails to compile is left to the
     autotuner; a single candidate (nothing to time) is not compiled ahead."""
@@ -396,7 +396,7 @@ def test_candidates_compile_side_by_side(monkeypatch):
     compiled, keep = [], [1]
     monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append((fn, configs, args)))
     kernel = utils.autotune(configs, ["CAUSAL"], lambda configs, named_args, **kw: configs[:keep[0]])(_noop)
-    x = torch.zeros(4)
+    x = torch.zeros(4, device=device)
     kernel[(1,)](x, CAUSAL=True)
     assert not compiled
     keep[0] = 2

@@ -262,3 +262,8 @@ def test_every_autotuner_compiles_ahead_in_bench(monkeypatch, device):
     peer.cache.clear()
     peer[(1,)](x, 4)
     assert len(compiled) == 1
+    # longattn's own autotuners compile theirs ahead already: not twice
+    ours = utils.autotune(peer.configs, [], lambda configs, named_args, **kw: configs)(peer.fn)
+    with common.every_autotuner_compiling_ahead():
+        ours[(1,)](x, 4)
+    assert len(compiled) == 2 and compiled[1][0] is peer.fn

@@ -158,6 +158,7 @@ def autotune(configs: list, key: list, prune, **options):
                 compile_candidates(fn, keep, {k: v for k, v in {**named_args, **kwargs}.items() if k in fn.arg_names})
             return keep
 
+        early_prune.compiles_ahead = True  # (python -m bench compiles other autotuners' candidates ahead too)
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
                                do_bench=AUTOTUNE_BENCH, **options)(fn)
     return decorate

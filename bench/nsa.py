@@ -169,6 +169,9 @@ def run(args, argv=None) -> list[dict]:
                 own = (torch.arange(T, device=dev) // cfg.slc_block)[None, :, None, None]
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
             pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
+            # query-major forward: each query's selected K/V blocks travel from L2 to its program (fewer when the
+            # queries of one program select alike: 4 per program load the union of theirs)
+            gather = B * T * hkv * min(cfg.slc_topk * cfg.slc_block, T) * (dk + dv) * 2
             ours = lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block)
             # longattn_query4: the same kernels with four queries per program (a block selected by several of
             # them loaded once for all: fewer loads when neighbours select alike, 4x the rows per block otherwise)
@@ -187,9 +190,6 @@ def run(args, argv=None) -> list[dict]:
                         (lambda fn=fn: fn(q, k, v).backward(do))
                     if name == "longattn_query4":
                         call = _four_queries_per_program(call)
-                    # query-major forward: each query's selected K/V blocks travel from L2 to its program (fewer
-                    # when queries of one program select alike); 4 queries per program load the union of theirs
-                    gather = B * T * hkv * min(cfg.slc_topk * cfg.slc_block, T) * (dk + dv) * 2
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
                           flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype,

@@ -140,8 +140,7 @@ def every_autotuner_compiling_ahead():
     def prune_configs(self, kwargs):
         configs = prune(self, kwargs)
         if len(configs) > 1 and not getattr(self.early_config_prune, "compiles_ahead", False):  # not longattn's
-            launch = {**self.nargs, **kwargs}
-            compile_candidates(self.fn, configs, {k: v for k, v in launch.items() if k in self.fn.arg_names})
+            compile_candidates(self.fn, configs, {**self.nargs, **kwargs})
         return configs
 
     Autotuner.prune_configs = prune_configs

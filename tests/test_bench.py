@@ -251,8 +251,9 @@ def test_every_autotuner_compiles_ahead_in_bench(monkeypatch, device):
     def peer(X, n, B: tl.constexpr):
         pass
 
-    compiled = []
-    monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append((fn, configs, args)))
+    compiled = []  # the parameters of each launch compiled ahead (compile_candidates uses only those)
+    monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append(
+        (fn, configs, {k: v for k, v in args.items() if k in fn.arg_names})))
     original = Autotuner.prune_configs
     x = torch.zeros(4, device=device)
     with common.every_autotuner_compiling_ahead():

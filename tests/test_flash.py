@@ -368,6 +368,8 @@ def test_candidates_compile_side_by_side(monkeypatch, device):
     seen, threads = [], set()
 
     class Kernel:
+        arg_names = ["Q", "CAUSAL"]
+
         def warmup(self, *, grid, **kwargs):
             threads.add(threading.get_ident())
             seen.append(kwargs)
@@ -386,15 +388,16 @@ def test_candidates_compile_side_by_side(monkeypatch, device):
         with pytest.raises(ValueError, match="LONGATTN_COMPILE_THREADS must be a positive integer"):
             utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True})
     monkeypatch.setenv("LONGATTN_COMPILE_THREADS", "3")
-    utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True})
+    # as Triton's autotuner holds a launch: its keywords also carry the grid and the warm-up flag
+    utils.compile_candidates(Kernel(), configs, {"Q": "q", "CAUSAL": True, "grid": (3,), "warmup": False})
     assert sorted((k["BLOCK_M"], k["num_warps"], k["num_stages"], k["Q"], k["CAUSAL"]) for k in seen) == [
         (32, 4, 2, "q", True), (64, 4, 2, "q", True), (128, 8, 2, "q", True)]
     assert threading.get_ident() not in threads
 
-    # through triton's autotuner (the interpreter's launch): the launch's own arguments reach the warm-ups, not
-    # the grid and flags triton adds to its keywords
+    # through triton's autotuner (the interpreter's launch): the launch's arguments reach compile_candidates
     compiled, keep = [], [1]
-    monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append((fn, configs, args)))
+    monkeypatch.setattr(utils, "compile_candidates", lambda fn, configs, args: compiled.append(
+        (fn, configs, {k: v for k, v in args.items() if k in fn.arg_names})))
     kernel = utils.autotune(configs, ["CAUSAL"], lambda configs, named_args, **kw: configs[:keep[0]])(_noop)
     x = torch.zeros(4, device=device)
     kernel[(1,)](x, CAUSAL=True)

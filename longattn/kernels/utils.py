@@ -154,8 +154,8 @@ def autotune(configs: list, key: list, prune, **options):
     def decorate(fn):
         def early_prune(configs, named_args, **kwargs):
             keep = prune(configs, named_args, **kwargs)
-            if len(keep) > 1:  # the launch's arguments (its keywords also hold the grid and the warm-up flag)
-                compile_candidates(fn, keep, {k: v for k, v in {**named_args, **kwargs}.items() if k in fn.arg_names})
+            if len(keep) > 1:
+                compile_candidates(fn, keep, {**named_args, **kwargs})
             return keep
 
         early_prune.compiles_ahead = True  # (python -m bench compiles other autotuners' candidates ahead too)
@@ -165,8 +165,10 @@ def autotune(configs: list, key: list, prune, **options):
 
 
 def compile_candidates(fn, configs: list, args: dict) -> None:
-    """Compile the launch ``fn(**args)`` under each of ``configs``, side by side: the autotuner compiles each
-    candidate only when it comes to time it, one after the other, most of a first call's tuning time (eleven
+    """Compile the launch ``fn(**args)`` under each of ``configs``, side by side (``args``: what Triton's
+    autotuner holds of a launch, whose keywords also carry the grid and the warm-up flag; only ``fn``'s parameters
+    are used): the autotuner compiles each candidate only when it comes to time it, one after the other, most of
+    a first call's tuning time (eleven
     flash dK/dV tiles took 33-41 s on a 16-core H100 machine). Triton's compiler releases the GIL (threads
     compile in parallel: 1.7-1.9x on 2 cores, Triton 3.6 and 3.9), and a JIT warm-up compiles exactly what the
     launch looks up, so the autotuner finds each in the kernel cache. A candidate that fails to compile here fails
@@ -184,10 +186,12 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
     if caches is not None:
         caches[device]
 
+    launch = {k: v for k, v in args.items() if k in fn.arg_names}
+
     def compile_one(config):
         torch.cuda.set_device(device)  # a new thread starts on device 0
         try:
-            fn.warmup(grid=(1,), **args, **config.all_kwargs())
+            fn.warmup(grid=(1,), **launch, **config.all_kwargs())
         except Exception:  # noqa: BLE001 - reported by the autotuner when it compiles the candidate again
             pass
 

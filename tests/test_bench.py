@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+import triton.language as tl
 
 from bench.common import NoCudaError, attended_pairs, require_cuda
 from bench.moba import _attended_pairs
@@ -239,7 +240,6 @@ def test_every_autotuner_compiles_ahead_in_bench(monkeypatch, device):
     """`python -m bench` makes any Triton autotuner (a peer's too) compile its candidates ahead with the launch's
     own arguments, and only while it runs."""
     import triton
-    import triton.language as tl
     from triton.runtime.autotuner import Autotuner
 
     import bench.common as common
@@ -248,7 +248,7 @@ def test_every_autotuner_compiles_ahead_in_bench(monkeypatch, device):
     @triton.autotune(configs=[triton.Config({"B": 16}), triton.Config({"B": 32})], key=[],
                      do_bench=utils.AUTOTUNE_BENCH)
     @triton.jit
-    def peer(X, n, B: tl.constexpr):
+    def peer(X, n, B: tl.constexpr):  # (tl: a module global, where the compiler looks names up)
         pass
 
     compiled = []  # the parameters of each launch compiled ahead (compile_candidates uses only those)

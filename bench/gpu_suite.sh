@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: the whole test suite (bf16 included on CUDA), then every benchmark.
-# Logs and results go to one folder:  bash bench/gpu_suite.sh [out_dir]
-# (default bench/results/run; $OUT/gpu_run when $OUT is set, as in a device call: written there as they come,
-# so that a call cut short still brings back what was done).
-# PYTEST_SECONDS / BENCH_SECONDS bound each half (defaults 280 / 290, inside one 10-minute device call; on the H100
-# of 2026-11-27 the GPU-only tests took 125 s and the bfloat16 ones 108 s as separate runs of 16 workers, the
-# tests' summed durations 845 + 935 s);
-# BENCH_OPS lists the benchmarks, each run with the time the previous ones left (default below; options
-# allowed per entry, entries separated by ";", e.g. "flash --seqlens 16k; mla --batches 64"). Optional peers
+# Logs and results go to one folder:  bash bench/gpu_suite.sh [out_dir]   (default bench/results/run), archived as
+# <out_dir>.tgz. In a device call ($OUT set, no out_dir) the folder is /tmp/gpu_run and its archive
+# $OUT/gpu_run.tgz, written anew after the tests and after each benchmark: a call cut short still brings back what
+# was done, and one file fits the few that a device call returns.
+# PYTEST_SECONDS / BENCH_SECONDS bound each half (defaults 240 / 330, inside one 10-minute device call; on the H100
+# of 2026-11-27 the whole suite, one run of 16 workers, took 197 s).
+# BENCH_OPS lists the benchmarks (default below; options allowed per entry, entries separated by ";", e.g.
+# "flash --seqlens 16k; mla --batches 64"). Each gets an equal share of the time the previous ones left (what one
+# leaves unused goes to those after it; one stopped at its share writes the rows it measured). Optional peers
 # carried as wheels in .whl/ (bench/fetch_peers.sh) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/run}
-[ -z "${1:-}" ] && [ -n "${OUT:-}" ] && out=$OUT/gpu_run
+archive=$out.tgz
+if [ -z "${1:-}" ] && [ -n "${OUT:-}" ]; then out=/tmp/gpu_run; archive=$OUT/gpu_run.tgz; rm -rf "$out"; fi
 mkdir -p "$out"
+# the archive is replaced whole (written aside, then renamed): a call stopped while it is written keeps the last one
+pack() { tar czf "$archive.part" -C "$(dirname "$out")" "$(basename "$out")" && mv "$archive.part" "$archive"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl \
@@ -35,39 +39,37 @@ python3 -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
 # 16 workers busy to the end (three runs, one per group, each waited for its slowest test).
 # LONGATTN_AUTOTUNE=0: the tests take the first tile that fits instead of timing every candidate (the CPU suite
 # runs the others)
-LONGATTN_AUTOTUNE=0 LONGATTN_TEST_LOG="$out/tests.log" timeout "${PYTEST_SECONDS:-280}" python3 -m pytest -q -rfE \
+LONGATTN_AUTOTUNE=0 LONGATTN_TEST_LOG="$out/tests.log" timeout "${PYTEST_SECONDS:-240}" python3 -m pytest -q -rfE \
   "${opts[@]}" -m "gpu or not gpu" -p no:cacheprovider -p no:benchmark tests > "$out/pytest.log" 2>&1
 echo "pytest exit $? ($(grep -c '^passed' "$out/tests.log") passed, $(grep -c '^failed' "$out/tests.log") failed \
 as logged)" >> "$out/pytest.log"
 tail -8 "$out/pytest.log"
-end=$(( $(date +%s) + ${BENCH_SECONDS:-290} ))
+pack
+end=$(( $(date +%s) + ${BENCH_SECONDS:-330} ))
 # the autotuner's choice per kernel and shape goes to bench.log, every candidate's time to autotune/ (from
 # Triton's on-disk autotune cache, listed by `python -m bench autotune` after each benchmark): which tiles win
 # decides the candidates' order (the first is what LONGATTN_AUTOTUNE=0 runs). The cache also lets a benchmark
 # reuse what an earlier one tuned for the same kernel and key (the profile's shapes are those of nsa and mla)
 export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
-# default: what has no H100 figures yet first, then what the open goals need. The H100 runs of 2026-11-26/27
-# timed NSA fwd / fwd+bwd / decode / selected branch, MLA, flash and the profiles; not yet MoBA, memory and
-# rollouts, the selected branch on smooth inputs (how many queries per program pay when neighbours select alike)
-# and fla's NSA fwd+bwd (its backward's autotuning alone takes minutes, so it comes late). The profile comes
-# after nsa and mla, whose kernels' tuning it then finds cached
-IFS=';' read -ra ops <<< "${BENCH_OPS:-moba --seqlens 32k,128k --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k; nsa --seqlens 64k --modes fwd,slc --inputs smooth; mla --batches 1,64 --contexts 8k,64k; rollout --prompts 8k,32k; nsa --seqlens 64k --modes fwd,fwdbwd; profile --cases nsa_fwd,nsa_fwdbwd,mla_decode_s1,mla_decode_s4,moba_fwd; flash --seqlens 16k --modes fwd,fwdbwd,decode}"
+# default: every op once, quick ones first (equal shares: what a quick one leaves goes to the later ones). The H100
+# runs of 2026-11-26/27 timed all but memory, rollouts and fla's NSA fwd+bwd (its backward's autotuning alone
+# takes minutes: last, with whatever time is left)
+IFS=';' read -ra ops <<< "${BENCH_OPS:-mla --batches 1,64 --contexts 8k,64k; rollout --prompts 8k,32k; memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; profile --cases moba_fwd,moba_fwdbwd,nsa_decode_b1,mla_decode_s1; moba --seqlens 32k --modes fwd,fwdbwd,decode; nsa --seqlens 64k --modes fwd,fwdbwd}"
+n=${#ops[@]}
 i=0
 for op in "${ops[@]}"; do
   i=$((i + 1))
   left=$(( end - $(date +%s) ))
   [ "$left" -gt 5 ] || { echo "no time left for: $op" >> "$out/bench.log"; continue; }
-  echo "== $op (${left}s left)" >> "$out/bench.log"
+  share=$(( left / (n - i + 1) ))
+  echo "== $op (${share}s of the ${left}s left)" >> "$out/bench.log"
   name=$(echo $op | cut -d' ' -f1)
-  # each entry in its own folder (an op may come twice with other options), right under $out: a device call
-  # brings back files at most three levels under $OUT (gpu_run/<i>_<op>/<op>.json)
+  # each entry in its own folder (an op may come twice with other options)
   # shellcheck disable=SC2086  # the entry's options are meant to split
-  timeout "$left" python3 -m bench $op --out "$out/${i}_$name" >> "$out/bench.log" 2>&1
+  timeout "$share" python3 -m bench $op --out "$out/${i}_$name" >> "$out/bench.log" 2>&1
   echo "bench $op exit $?" >> "$out/bench.log"
   python3 -m bench autotune --out "$out/autotune" > /dev/null 2>> "$out/bench.log"
+  pack
 done
-tail -40 "$out/bench.log"
-# one archive to keep or carry (under $OUT the folder itself comes back)
-if [ "$out" != "${OUT:-}/gpu_run" ]; then
-  tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "archive: $out.tgz"
-fi
+grep -v "^Autotuning kernel" "$out/bench.log" | tail -40
+echo "archive: $archive"

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
+from .flash import LOG2E, _fwd_inner, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
 from .utils import (AttnDims, cdiv, check_attention_inputs, check_device, check_positive_int, check_scale,
                     device_tensor, empty, kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, split_dim)
@@ -277,71 +277,78 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
 def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                           stride_st, stride_sh, stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
-                          Hq, block_size, group, n_split, qk_scale,
-                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          KSEL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROWS: tl.constexpr):
-    """One new token per sequence. Program (sequence * Hq + head, piece) attends to one SPLIT-key part of
-    the own block (slot 0, keys up to the query) or of a selected block (slot 1 + s); the parts are
-    merged by lse afterwards (split-KV). Matrix-vector products: a decode step reads each key once.
+                          block_size, group, heads_kv, n_slots, slot_programs, qk_scale,
+                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                          BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
+    """One new token per sequence. Program (sequence * Hkv + KV head, slot program, part) holds the GQA group's
+    heads as the rows of its tiles and attends to part ``part`` (SPLIT keys) of some of the group's blocks:
+    slot 0 is the own block (keys up to the query, every head), slot 1 + j * KSEL + i is head j's i-th
+    selected block, taken by the heads that selected it; a block several heads selected is read once, in the
+    slot of its first occurrence (later ones are skipped). Slot program p takes slots p, p + slot_programs, ...
+    into one online softmax and writes its partial output and lse (natural log), merged afterwards (split-KV).
 
     Sequence b's keys are rows ``K_START[b] .. K_END[b] - 1`` at ``K + c * stride_kb`` with c = ROWS[b] (several
     tokens of one sequence reading its cache row) or b (packed: stride_kb 0 and K_START/K_END the cu_seqlens; a
     batched cache: its batch stride and each row's padding / end)."""
-    bh = tl.program_id(0)
-    piece = tl.program_id(1)
-    b = bh // Hq
-    h = (bh % Hq).to(tl.int64)
-    slot = piece // n_split
-    part = piece % n_split
+    b = tl.program_id(0) // heads_kv
+    hk = tl.program_id(0) % heads_kv
+    sp = tl.program_id(1)
+    part = tl.program_id(2)
+    piece = (part * slot_programs + sp).to(tl.int64)
     t = tl.load(CU_Q + b)
     if tl.load(CU_Q + b + 1) == t:  # no new token in this sequence
         return
     t = t.to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    in_g = g < group
+    head = (hk * group + g).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
     k_start = tl.load(K_START + b).to(tl.int64)
     pos = tl.load(K_END + b) - tl.load(K_START + b) - 1
     own = pos // block_size
-    blk = own
-    n_keys = pos - own * block_size + 1
-    if slot > 0:
-        blk = tl.load(SEL + t * stride_st + h * stride_sh + slot - 1)
-        n_keys = block_size
-    lo = part * SPLIT
-    hi = tl.minimum(lo + SPLIT, n_keys)
-    l_ptr = LS + piece.to(tl.int64) * stride_lp + h * stride_lh + t
-    if (blk < 0) | (lo >= hi):
-        tl.store(l_ptr, float("-inf"))
-        return
-    hk = (h // group).to(tl.int64)
-    offs_dk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + t * stride_qt + h * stride_qh + offs_dk, mask=offs_dk < DQK, other=0.0).to(tl.float32)
-    row0 = k_start + blk.to(tl.int64) * block_size
     c = b.to(tl.int64)
     if HAS_ROWS:
         c = tl.load(ROWS + b).to(tl.int64)
-    k_base = K + c * stride_kb + hk * stride_kh
-    v_base = V + c * stride_vb + hk * stride_vh
-    m_i = float("-inf")
-    l_i = 0.0
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_n = offs_n < hi
-        rows = row0 + offs_n.to(tl.int64)
-        k = tl.load(k_base + rows[:, None] * stride_kt + offs_dk[None, :],
-                    mask=in_n[:, None] & (offs_dk[None, :] < DQK), other=0.0).to(tl.float32)
-        s = tl.where(in_n, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.math.exp2(s - m_new)
-        alpha = tl.math.exp2(m_i - m_new)
-        v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :],
-                    mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
-    tl.store(OS + piece.to(tl.int64) * stride_op + t * stride_ot + h * stride_oh + offs_dv,
-             (acc / l_i).to(OS.dtype.element_ty), mask=offs_dv < DV)
-    tl.store(l_ptr, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    k_base = K + c * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + c * stride_vb + hk.to(tl.int64) * stride_vh
+    # the group's selections (BLOCK_G, BLOCK_S), -1 where none; flat = a slot's rank among the selected ones
+    offs_s = tl.arange(0, BLOCK_S)
+    in_sel = in_g[:, None] & (offs_s[None, :] < KSEL)
+    sel_g = tl.load(SEL + t * stride_st + head[:, None] * stride_sh + offs_s[None, :], mask=in_sel, other=-1)
+    flat = g[:, None] * KSEL + offs_s[None, :]
+    q_a, q_b = _load_split(Q + t * stride_qt, head * stride_qh, in_g, DQK, BLOCK_DA, BLOCK_DB, False)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    lo = part * SPLIT
+    for slot in range(sp, n_slots, slot_programs):
+        blk = own
+        n_keys = pos - own * block_size + 1
+        rows_in = in_g
+        if slot > 0:
+            f = slot - 1
+            blk = tl.load(SEL + t * stride_st + (hk * group + f // KSEL).to(tl.int64) * stride_sh + f % KSEL)
+            n_keys = block_size
+            chose = (sel_g == blk) & in_sel
+            rows_in = tl.max(chose.to(tl.int32), 1) > 0
+            if (blk < 0) | (tl.max(tl.max((chose & (flat < f)).to(tl.int32), 1), 0) > 0):
+                n_keys = 0  # no block, or one an earlier slot takes
+        hi = tl.minimum(lo + SPLIT, n_keys)
+        if lo < hi:
+            # rows of heads that did not select the block see none of its keys (causal mask at position -1)
+            pos_m = tl.where(rows_in, hi, -1)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, k_base, v_base,
+                                       k_start + blk.to(tl.int64) * block_size, stride_kt, stride_vt, pos_m, lo, hi,
+                                       hi, 0, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, True,
+                                       False, PRECISION, 1, 0)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(OS + piece * stride_op + t * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+             out.to(OS.dtype.element_ty), mask=in_g[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LS + piece * stride_lp + head * stride_lh + t, lse, mask=in_g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,8 +458,9 @@ def _meta(dims: AttnDims, dtype):
 
 
 def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None):
-    """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks
-    (each cut into SPLIT-key parts so that a small batch still fills the GPU), merged by lse. Returns (out, lse).
+    """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks (each
+    cut into SPLIT-key parts so that a small batch still fills the GPU), a program per KV head holding its GQA
+    group's heads (each block the group selected read once), merged by lse. Returns (out, lse).
 
     q ``(total_q, Hq, Dqk)`` with int32 ``cu_q`` (sequence b's query is row ``cu_q[b]`` if it has one); k/v
     packed ``(total_k, Hkv, D)`` (``k_start``/``k_end`` = cu_seqlens_k without its last / first entry) or a
@@ -460,21 +468,30 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
-    ksel = sel.shape[-1]
+    group, ksel = hq // hkv, sel.shape[-1]
     split = min(block_size, 32 if small_tiles() else 512)
     n_split = block_size // split
-    n_pieces = (ksel + 1) * n_split
+    n_slots = 1 + group * ksel  # the own block, then each head's selections
+    # slot programs per (sequence, KV head, part): each takes every slot_programs-th slot (at most 16 partial
+    # outputs per part to merge, however many blocks a large group selects)
+    slot_programs = min(n_slots, 16)
+    n_pieces = slot_programs * n_split
     outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=q.dtype)
     lses = empty(n_pieces, hq, total_q, device=q.device, dtype=torch.float32)
     sel_arg = sel if ksel > 0 else torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
     batch_strides = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
-    _sparse_decode_kernel[((cu_q.numel() - 1) * hq, n_pieces)](
+    block_da, block_db = split_dim(dqk)
+    block_n = 32 if small_tiles() else 64
+    if q.dtype == torch.float32:  # CUDA-core products: wider key tiles spill on sm_90 (tests/cuda_compile.py)
+        block_n = 32 if dqk <= 128 else 16
+    _sparse_decode_kernel[((cu_q.numel() - 1) * hkv, slot_programs, n_split)](
         q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, rows if rows is not None else cu_q, q.stride(0),
-        q.stride(1), batch_strides[0],
-        k.stride(-3), k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2), sel_arg.stride(0),
-        sel_arg.stride(1), outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1), hq,
-        block_size, hq // hkv, n_split, scale * LOG2E, DQK=dqk, DV=dv, BLOCK_DQK=max(16, next_pow2(dqk)),
-        BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel, SPLIT=split, BLOCK_N=min(split, 32 if small_tiles() else 64),
+        q.stride(1), batch_strides[0], k.stride(-3), k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2),
+        sel_arg.stride(0), sel_arg.stride(1), outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0),
+        lses.stride(1), block_size, group, hkv, n_slots, slot_programs, scale * LOG2E, DQK=dqk, DV=dv,
+        BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel,
+        BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
+        BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROWS=rows is not None)
     return merge_fwd(outs, lses)
 

@@ -228,6 +228,17 @@ def test_decode_checks(width, device):
     bad_table[1, 0] = 9
     with pytest.raises(ValueError, match=r"block_table\[1\] points outside the cache: .* got \[9\]"):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=bad_table, scale=0.1)
+    # unchecked, the kernel still reads inside the cache: pages clamped to it, lengths to [S, capacity]
+    clamped = table.clone()
+    clamped[1, 0] = 3
+    torch.testing.assert_close(
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=bad_table, scale=0.1, validate=False),
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=clamped, scale=0.1), atol=0, rtol=0)
+    too_long = torch.tensor([20, 16 * width + 7], dtype=torch.int32, device=device)
+    torch.testing.assert_close(
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=too_long, block_table=table, scale=0.1, validate=False),
+        mla_decode(q_lat, q_rope, cache, cache_seqlens=too_long.clamp(max=16 * width), block_table=table,
+                   scale=0.1, validate=False), atol=0, rtol=0)
     for bad, b in (([20, 16 * width + 1], 1), ([0, 5], 0), ([20, -3], 1)):
         with pytest.raises(ValueError, match=rf"cache_seqlens\[{b}\] = {bad[b]} is out of range"):
             mla_decode(q_lat, q_rope, cache, cache_seqlens=torch.tensor(bad, dtype=torch.int32, device=device),

@@ -292,21 +292,21 @@ def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 @torch.compiler.disable  # as device_tensor: pinned memory and events
-def read_back_later(t: torch.Tensor):
-    """Start copying a small device tensor to the host without waiting: returns a function that waits for that
-    copy alone (not for the work queued after it, e.g. a kernel launched meanwhile) and gives its values as a
-    list. A plain ``.tolist()`` later would wait for everything queued before it."""
-    if t.device.type != "cuda":
-        values = t.tolist()
-        return lambda: values
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+def read_back_later(*tensors: torch.Tensor):
+    """Start copying small device tensors to the host without waiting: returns a function that waits for those
+    copies alone (not for the work queued after them, e.g. a kernel launched meanwhile) and gives them as CPU
+    tensors. A plain ``.cpu()`` later would wait for everything queued before it."""
+    if tensors[0].device.type != "cuda":
+        return lambda: [t.cpu() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors):
+        host.copy_(t, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
 
     def wait() -> list:
         copied.synchronize()
-        return host.tolist()
+        return hosts
     return wait
 
 

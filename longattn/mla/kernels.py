@@ -21,7 +21,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        stride_qlb, stride_qls, stride_qlh, stride_qrb, stride_qrs, stride_qrh,
                        stride_kvp, stride_kvt, stride_btb,
                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
-                       H, S, tokens_per_split, qk_scale,
+                       H, S, capacity, last_page, tokens_per_split, qk_scale,
                        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -36,7 +36,9 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
     s_idx = r % S_PAD
     valid = (head < H) & (s_idx < S)
     head64 = head.to(tl.int64)
-    seqlen = tl.load(SEQLENS + b)
+    # lengths within [S, capacity] and pages within the cache whatever the inputs hold (the host checks them,
+    # unless told not to): no read outside the cache
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b), S), capacity)
     pos = seqlen - S + s_idx  # query s sits at cache position seqlen - S + s
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, seqlen)
@@ -61,13 +63,14 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
     bt_row = BT + b64 * stride_btb
     page = (lo * 0).to(tl.int64)
     if HAS_BT:
-        page = tl.load(bt_row + lo // PAGE).to(tl.int64)
+        page = tl.minimum(tl.maximum(tl.load(bt_row + lo // PAGE), 0), last_page).to(tl.int64)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_n = n < hi
         if HAS_BT:
             tok = page * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvt
-            page = tl.load(bt_row + tl.minimum(n0 + BLOCK_N, hi - 1) // PAGE).to(tl.int64)
+            page = tl.minimum(tl.maximum(tl.load(bt_row + tl.minimum(n0 + BLOCK_N, hi - 1) // PAGE), 0),
+                              last_page).to(tl.int64)
         else:
             tok = b64 * stride_kvp + n.to(tl.int64) * stride_kvt
         c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)

@@ -73,18 +73,25 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
-def _checked_lengths(host: list, B: int, S: int, capacity: int, page: int, pages: int, block_table) -> list:
-    """The lengths from ``host`` (B lengths, then with a block table B flags: a page it uses lies outside the
-    cache), or a ValueError naming the first bad sequence."""
-    for b, n in enumerate(host[:B]):
+def _checked_lengths(copies: list, S: int, capacity: int, page: int, pages: int) -> list:
+    """The lengths as a list, from the host copies of ``cache_seqlens`` and the block table if any (from
+    ``read_back_later``), or a ValueError naming the first sequence with a length outside [S, capacity] or a
+    block-table entry among those its length uses outside the cache."""
+    lens, table = copies[0], (copies[1] if len(copies) > 1 else None)
+    bad = (lens < S) | (lens > capacity)
+    if table is not None:
+        used = torch.arange(table.shape[1])[None, :] * page < lens[:, None].long()
+        bad |= (used & ((table < 0) | (table >= pages))).any(1)
+    if bool(bad.any()):
+        b = int(bad.int().argmax())
+        n = int(lens[b])
         if n < S or n > capacity:
             raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
                              f"token(s) and at most the cache capacity {capacity}")
-        if block_table is not None and host[B + b]:
-            u = -(-n // page)
-            raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
-                             f"[0, {pages}), got {block_table[b, :u].tolist()}")
-    return host[:B]
+        u = -(-n // page)
+        raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
+                         f"[0, {pages}), got {table[b, :u].tolist()}")
+    return lens.tolist()
 
 
 @public_op("q_latent", "q_rope", "kv_cache")
@@ -108,10 +115,10 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         validate: check ``cache_seqlens`` and the block-table entries they use (default), raising a
             ValueError. That reads them back to the host, a synchronisation: before the launch when the context
             is split (the split depends on the lengths), while the kernel runs when the batch fills the GPU
-            unsplit (the kernel then reads the lengths clamped to [S, capacity] and the pages clamped to the
-            cache; a bad input's result is dropped). ``validate=False`` skips it (no host synchronisation at
-            all, so a decoding step can be captured in a CUDA graph, its work sized for the cache's full
-            capacity) and leaves the caller responsible: an out-of-range length or page reads outside the cache.
+            unsplit (a bad input's result is then dropped). ``validate=False`` skips it (no host synchronisation
+            at all, so a decoding step can be captured in a CUDA graph, its work sized for the cache's full
+            capacity) and leaves the caller responsible for the result. Either way the kernel never reads
+            outside the cache: it takes each length clamped to [S, capacity] and each page to the cache's.
     Returns:
         ``o_latent`` ``(B, S, H, R)`` in q's dtype (apply ``w_uv`` to get the head outputs), and
         with ``return_lse`` the float32 lse ``(B, H, S)``.
@@ -148,6 +155,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         page = kv_cache.shape[1]
         if page < 16 or page > 256 or page & (page - 1):
             raise ValueError(f"page_size (kv_cache.shape[1]) must be a power of two from 16 to 256, got {page}")
+        if kv_cache.shape[0] == 0:
+            raise ValueError("kv_cache must hold at least one page")
         capacity = block_table.shape[1] * page
     else:
         if kv_cache.shape[0] != B:
@@ -171,29 +180,20 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     block_h = max(1, min((64 if wide else 16) // s_pad, next_pow2(H)), 16 // s_pad)
     # 16-bit candidate tiles mostly take over 113 KB of shared memory: one program per SM (float32: two)
     groups, slots = B * cdiv(H, block_h), num_sms(q_latent.device) * (1 if wide else 2)
-    # the lengths and, per sequence, whether a block-table entry it uses points outside the cache: computed on
-    # the device and read back together (one host synchronisation, no per-sequence work on the host)
-    pending, seqlens_k, table_k = None, cache_seqlens, block_table  # what the kernel reads
+    # the lengths and the block table are read back and checked on the host (one synchronisation, no work on the
+    # device beside the copies)
+    pending = None
     if not validate:
         lens = [capacity] * B
     else:
-        checks = cache_seqlens
-        if block_table is not None:
-            used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page \
-                < cache_seqlens[:, None]
-            outside = (used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))).any(1)
-            checks = torch.cat([cache_seqlens, outside.to(torch.int32)])
+        pending = read_back_later(cache_seqlens, *([block_table] if block_table is not None else []))
         if split_context(groups, capacity, slots)[0] == 1:
-            # a batch that fills the GPU takes one split whatever its lengths: the kernel starts on inputs made
-            # safe to read (lengths within [S, capacity], pages within the cache) and the checks are read back
-            # while it runs; the host no longer holds the launch back until the GPU has caught up
-            pending = read_back_later(checks)
-            seqlens_k = cache_seqlens.clamp(S, capacity)
-            if block_table is not None:
-                table_k = block_table.clamp(0, kv_cache.shape[0] - 1)
+            # a batch that fills the GPU takes one split whatever its lengths: the kernel starts at once and the
+            # checks wait for the copies alone (the host no longer holds the launch back until the GPU catches up)
             lens = [capacity] * B
         else:
-            lens = _checked_lengths(checks.tolist(), B, S, capacity, page, kv_cache.shape[0], block_table)
+            lens = _checked_lengths(pending(), S, capacity, page, kv_cache.shape[0])
+            pending = None
     ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
                                q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
 
@@ -201,11 +201,11 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     # a single split writes the output itself; several write float32 partials merged into q's dtype
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
-    args = (ql, qr, kv, table_k if table_k is not None else seqlens_k, seqlens_k, outs, lses,
+    args = (ql, qr, kv, block_table if block_table is not None else cache_seqlens, cache_seqlens, outs, lses,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
             outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
-            H, S, per_split, scale * LOG2E)
+            H, S, capacity, max(kv_cache.shape[0] - 1, 0), per_split, scale * LOG2E)
     meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
                 HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
                 PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")
@@ -215,7 +215,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     else:
         _mla_decode_tuned[grid](*args, **meta)
     if pending is not None:
-        _checked_lengths(pending(), B, S, capacity, page, kv_cache.shape[0], block_table)
+        _checked_lengths(pending(), S, capacity, page, kv_cache.shape[0])
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])
     out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only where bfloat16 ran as float32 (stock interpreter)
     if return_lse:

@@ -129,6 +129,7 @@ def _sparse_cases():
         floats = ("qk_scale", "scale")
         dec_meta = dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, KSEL=3, BLOCK_S=4, BLOCK_G=16, SPLIT=512,
                         BLOCK_N=32 if dt == "fp32" else 64, PRECISION=prec)  # as moba_decode launches it
+        dec_ptr = dict(ptr, OS="*fp32")  # float32 partial outputs
         cases += [
             (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
             (f"_moba_select_kernel[{dt}]", M._moba_select_kernel, ptr,
@@ -146,11 +147,12 @@ def _sparse_cases():
             (f"_sparse_dkdv_finish_kernel[{dt}-d192]", K._sparse_dkdv_finish_kernel, ptr,
              dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=meta["BLOCK_N"]), ()),
             (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats, launch),
-            (f"_sparse_decode_kernel[{dt}-g4]", K._sparse_decode_kernel, ptr, dict(dec_meta, HAS_ROWS=False), floats),
-            (f"_sparse_decode_kernel[{dt}-g4-rows]", K._sparse_decode_kernel, ptr, dict(dec_meta, HAS_ROWS=True),
+            (f"_sparse_decode_kernel[{dt}-g4]", K._sparse_decode_kernel, dec_ptr, dict(dec_meta, HAS_ROWS=False),
+             floats),
+            (f"_sparse_decode_kernel[{dt}-g4-rows]", K._sparse_decode_kernel, dec_ptr, dict(dec_meta, HAS_ROWS=True),
              floats),
             # NSA-like shapes through MoBA: head dim 192 = 128 + 64, groups of 16 selecting 15 blocks each
-            (f"_sparse_decode_kernel[{dt}-d192-g16]", K._sparse_decode_kernel, ptr,
+            (f"_sparse_decode_kernel[{dt}-d192-g16]", K._sparse_decode_kernel, dec_ptr,
              dict(dec_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, KSEL=15, BLOCK_S=16, HAS_ROWS=False,
                   BLOCK_N=16 if dt == "fp32" else 64), floats),
             (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64),

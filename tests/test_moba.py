@@ -190,7 +190,8 @@ def test_moba_gpu_varlen_decode(dtype):
     _check(q, k, v, dtype, block_size=64, topk=4, cu_seqlens_q=_cu(lq, "cuda"), cu_seqlens_k=_cu(lk, "cuda"))
 
 
-@pytest.mark.parametrize("lk,bs,topk", [([150, 33], 16, 3), ([300, 64, 17], 64, 4), ([129], 32, 10)])
+@pytest.mark.parametrize("lk,bs,topk", [([150, 33], 16, 3), ([300, 64, 17], 64, 4), ([129], 32, 10),
+                                         ([200, 90, 150, 64, 33, 129, 100, 80], 32, 3)])  # a batch filling the GPU
 def test_moba_decode_fast_path(lk, bs, topk, dtype, device):
     """One new token per sequence without grad takes the split-KV decode kernel; it must equal the reference."""
     Hq, Hkv, D = 4, 2, 32

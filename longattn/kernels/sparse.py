@@ -27,7 +27,8 @@ import triton.language as tl
 from .flash import LOG2E, _fwd_inner, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
 from .utils import (AttnDims, cdiv, check_attention_inputs, check_device, check_positive_int, check_scale,
-                    device_tensor, empty, kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, split_dim)
+                    device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, small_tiles,
+                    split_dim)
 
 
 @triton.jit
@@ -472,11 +473,13 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     split = min(block_size, 32 if small_tiles() else 512)
     n_split = block_size // split
     n_slots = 1 + group * ksel  # the own block, then each head's selections
-    # slot programs per (sequence, KV head, part): each takes every slot_programs-th slot (at most 16 partial
-    # outputs per part to merge, however many blocks a large group selects)
-    slot_programs = min(n_slots, 16)
+    # slot programs per (sequence, KV head, part), each taking every slot_programs-th slot: as many as it takes
+    # to have about four programs per SM (one when the batch fills the GPU by itself), at most 16 partial outputs
+    # per part to merge however many blocks a large group selects
+    programs = (cu_q.numel() - 1) * hkv * n_split
+    slot_programs = max(1, min(n_slots, 16, cdiv(4 * num_sms(q.device), programs)))
     n_pieces = slot_programs * n_split
-    outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=q.dtype)
+    outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=torch.float32)
     lses = empty(n_pieces, hq, total_q, device=q.device, dtype=torch.float32)
     sel_arg = sel if ksel > 0 else torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
     batch_strides = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
@@ -493,7 +496,7 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
         BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
         BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROWS=rows is not None)
-    return merge_fwd(outs, lses)
+    return merge_fwd(outs, lses, q.dtype)
 
 
 class _BlockSparse(torch.autograd.Function):

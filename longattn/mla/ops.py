@@ -205,7 +205,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
             outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
-            H, S, capacity, max(kv_cache.shape[0] - 1, 0), per_split, scale * LOG2E)
+            H, S, capacity, kv_cache.shape[0] - 1, per_split, scale * LOG2E)
     meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
                 HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
                 PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")

@@ -279,6 +279,8 @@ def test_decode_bad_inputs(device):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table, scale=None)
     with pytest.raises(ValueError, match="at least one head"):
         mla_decode(q_lat[:, :, :0], q_rope[:, :, :0], cache, cache_seqlens=lens, block_table=table, scale=0.1)
+    with pytest.raises(ValueError, match="kv_cache must hold at least one page"):
+        mla_decode(q_lat, q_rope, cache[:0], cache_seqlens=lens, block_table=table, scale=0.1)
     out, lse = mla_decode(q_lat[:0], q_rope[:0], cache, cache_seqlens=lens[:0], block_table=table[:0], scale=0.1,
                           return_lse=True)  # an empty batch
     assert out.shape == (0, 1, 4, 32) and lse.shape == (0, 4, 1)

@@ -155,8 +155,6 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         page = kv_cache.shape[1]
         if page < 16 or page > 256 or page & (page - 1):
             raise ValueError(f"page_size (kv_cache.shape[1]) must be a power of two from 16 to 256, got {page}")
-        if kv_cache.shape[0] == 0:
-            raise ValueError("kv_cache must hold at least one page")
         capacity = block_table.shape[1] * page
     else:
         if kv_cache.shape[0] != B:
@@ -169,6 +167,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     if B == 0:
         out = q_latent.new_empty(0, S, H, R)
         return (out, out.new_empty(0, H, S, dtype=torch.float32)) if return_lse else out
+    if kv_cache.shape[0] == 0:
+        raise ValueError("kv_cache must hold at least one page")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must be contiguous in its last dimension")
     if capacity < S:

@@ -340,6 +340,7 @@ PIPELINED = {
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16]": 3,
+    "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks
 }
 
 

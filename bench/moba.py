@@ -109,6 +109,23 @@ def run(args, argv=None) -> list[dict]:
     return rows
 
 
+def _group_keys(q, k_mean, hkv: int, bs: int, topk: int, T: int) -> float:
+    """Keys a decoding step reads per (sequence, KV head), on average: the own block and every block one of the
+    group's heads selected (each read once for the group; heads that select apart, as on random inputs, make it
+    more than ``topk`` blocks). The selection as moba_decode makes it: top ``topk - 1`` pooled keys per head."""
+    import torch
+
+    B, hq, _ = q.shape
+    n_cand = k_mean.shape[1]
+    ksel = min(topk - 1, n_cand)
+    if ksel <= 0:
+        return float(min(bs, T))
+    scores = torch.einsum("bhd,bnhd->bhn", q.float(), k_mean.float().repeat_interleave(hq // hkv, dim=2))
+    chosen = scores.topk(ksel, dim=-1).indices.view(B, hkv, -1).sort(-1).values
+    distinct = 1 + (chosen[..., 1:] != chosen[..., :-1]).sum(-1)
+    return min(float(1 + distinct.float().mean()) * bs, float(T))
+
+
 def _speedups(rows):
     """x_<peer> = peer ms / longattn ms on the same (mode, T, block)."""
     by = {(r["mode"], r["T"], r["block"], r["impl"]): r["ms"] for r in rows}
@@ -142,11 +159,12 @@ def _decode_rows(rows, B, T, bs, topk, hq, hkv, d, dtype, dtype_name, dev, peaks
     n_cand = (T - 1) // bs
     k_mean = torch.empty(B, n_cand, hkv, d, device=dev, dtype=dtype)
     pool_cache_blocks(k, seqlens, offsets, bs, k_mean)
-    keys = min(topk * bs, T)  # the own block counts fully: a token at the end of a block
+    keys = min(topk * bs, T)  # keys each head attends (the own block counts fully: a token at the end of a block)
+    read = _group_keys(q, k_mean, hkv, bs, topk, T)  # keys each KV head's group reads
     kw = dict(cache_seqlens=seqlens, block_size=bs, topk=topk, validate=False)
-    impls = {"longattn": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), keys + n_cand, False),
-             "longattn_pool": (lambda: moba_decode(q, k, v, **kw), keys + T, False),
-             "longattn_graph": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), keys + n_cand, True)}
+    impls = {"longattn": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), 2 * read + n_cand, False),
+             "longattn_pool": (lambda: moba_decode(q, k, v, **kw), 2 * read + T, False),
+             "longattn_graph": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), 2 * read + n_cand, True)}
 
     def sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -161,9 +179,9 @@ def _decode_rows(rows, B, T, bs, topk, hq, hkv, d, dtype, dtype_name, dev, peaks
         except Exception as e:
             print(f"  {name} decode B={B} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
-        # key_rows: rows of D values read per (sequence, KV head) (K and V of the attended keys, pooled keys or
-        # the keys pooled at this step)
-        bytes_ = 2 * B * hkv * d * (key_rows + (keys if name != "sdpa_flash" else 0))
+        # key_rows: rows of D values read per (sequence, KV head): K and V of the keys read, and the pooled keys or
+        # the keys pooled at this step
+        bytes_ = 2 * B * hkv * d * key_rows
         flops = 4.0 * B * hq * d * (keys if name != "sdpa_flash" else T)
         row = dict(op="moba", impl=name, series=f"{name} bs{bs}/top{topk}", mode=f"decode_b{B}", B=B, T=T, Hq=hq,
                    Hkv=hkv, D=d, block=bs, topk=topk, density=keys / T, dtype=dtype_name, ms=ms,

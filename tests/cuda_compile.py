@@ -354,6 +354,8 @@ UNDUPLICATED = (
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",
     "_sparse_dkdv_kernel[bf16-d192-group16]",
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-q4w8s3]",  # SPLIT_SCORES
+    "_nsa_selected_dq_kernel[bf16-d192-g16-q4w8s3]",
 )
 
 

@@ -508,6 +508,26 @@ def test_nsa_selected_gpu_candidates(queries, monkeypatch, device):
     _check_selected(ins, _random_selection([T], 1, 4, 16, device), [T], 16, dtype)
 
 
+def test_nsa_selected_split_scores(monkeypatch, device):
+    """The candidates of 64 rows on 8 warps compute their score products split between the warpgroups
+    (SPLIT_SCORES: unchained products, p and dS out of a branch); forward and gradients still equal the
+    reference's, through the interpreter with the GPU's tiles."""
+    from longattn.kernels.utils import cdiv
+    from longattn.nsa import ops
+    from longattn.nsa.kernels import selected_rows
+
+    def launch(tuned, args, meta, max_q, programs_h, n_seq, heads):
+        qb = 64 // heads  # 64 rows
+        assert selected_rows(qb, heads) == 64
+        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=64, SPLIT_SCORES=True)
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    monkeypatch.setattr(ops, "_launch_selected", launch)
+    T, dtype = 150, torch.float16
+    ins = [torch.randn(T, h, 32, device=device, dtype=dtype) for h in (4, 1, 1)]
+    _check_selected(ins, _random_selection([T], 1, 4, 16, device), [T], 16, dtype)
+
+
 def test_nsa_selected_attention_bad_arguments(device):
     from longattn.nsa import nsa_selected_attention
 

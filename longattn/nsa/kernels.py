@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.flash import _decode_query, _dot_split, _load_split, _store_split
+from ..kernels.sparse import _bwd_operands
 from ..kernels.utils import autotune, autotune_enabled, small_tiles
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
@@ -212,33 +213,55 @@ def _gated_sum_bwd_kernel(O1, O2, O3, G1, G2, G3, DOUT, DO1, DO2, DO3, DG1, DG2,
 
 @triton.jit
 def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False):
     """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``vis``
     (broadcast to (G, N)); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing
-    is visible yet. q and k come in two parts along D (flash's _load_split; BLOCK_DB = 0: one)."""
-    s = _dot_split(q_a, q_b, k_a, k_b, tl.zeros([q_a.shape[0], k_a.shape[1]], tl.float32), BLOCK_DB,
-                   PRECISION) * scale_log2
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    is visible yet. q and k come in two parts along D (flash's _load_split; BLOCK_DB = 0: one).
+
+    ``SPLIT_SCORES`` (64 rows on 8 warps): Triton lays a product whose result reaches another product on all
+    warps along its rows, so both warpgroups would compute all of the scores; with the two parts' products not
+    chained and p, alpha leaving a branch whose two sides are the same (its analysis does not follow values out of
+    one), the score tile is split between the warpgroups instead (as MLA's SHARED_P)."""
+    if SPLIT_SCORES:
+        s = tl.dot(q_a, k_a, input_precision=PRECISION) * scale_log2
+        if BLOCK_DB > 0:
+            s += tl.dot(q_b, k_b, input_precision=PRECISION) * scale_log2
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        if scale_log2 > 0:
+            p16 = p.to(v.dtype)
+            alpha = tl.exp2(m - m_safe)
+        else:
+            p16 = p.to(v.dtype)
+            alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p16, v, input_precision=PRECISION)
+    else:
+        s = _dot_split(q_a, q_b, k_a, k_b, tl.zeros([q_a.shape[0], k_a.shape[1]], tl.float32), BLOCK_DB,
+                       PRECISION) * scale_log2
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
 
 
 @triton.jit
 def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False):
     """Load the keys/values at rows ``pos`` where ``ok`` (N,) and take one online-softmax step of the rows q
     (in two parts along D), each seeing the keys where ``vis`` (broadcast to (rows, N))."""
     dv = tl.arange(0, BLOCK_DV)
     k_a, k_b = _load_split(k_base, pos.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
     v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
                 mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-    return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION)
+    return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION, SPLIT_SCORES)
 
 
 @triton.jit
@@ -400,8 +423,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
                              stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                              BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
-                             SLC_TILE: tl.constexpr,
-                             TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                             SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                             PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
@@ -429,7 +452,7 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
             kp = j * SLC_BLOCK + s0 + scols
             m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
                                      rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
-                                     DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION)
+                                     DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES)
     dv = tl.arange(0, BLOCK_DV)
     l_safe = tl.where(l > 0, l, 1.0)
     tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
@@ -444,8 +467,8 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                             scale,
                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                             BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
-                            SLC_TILE: tl.constexpr,
-                            TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                            SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                            PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr):
     """Selected branch, backward, dq from the selected blocks before each query's own one (the own block's part
     is already in DQ, from flash's backward), organised like the forward (a block of queries visits the union
     of its selections once): each (query, head) row is owned by one program and updated once, without
@@ -478,10 +501,18 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
             kp = (j * SLC_BLOCK + s0 + scols).to(tl.int64)
             k_a, k_b = _load_split(k_base, kp * stride_kt, kp >= 0, DK, BLOCK_DA, BLOCK_DB, False)
             vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
-            s = _dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), tl.zeros([ROWS, SLC_TILE], tl.float32),
-                           BLOCK_DB, PRECISION)
-            p_ = tl.where(rows_j[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-            ds = (p_ * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])).to(k_a.dtype)
+            if SPLIT_SCORES:  # as in _online_step: the products not chained, dS out of a branch
+                s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION) * scale_log2
+                if BLOCK_DB > 0:
+                    s += tl.dot(q_b, tl.trans(k_b), input_precision=PRECISION) * scale_log2
+                p_ = tl.where(rows_j[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+                ds = _bwd_operands(p_, tl.dot(do, vt, input_precision=PRECISION) - delta[:, None], scale_log2 > 0,
+                                   k_a.dtype)[1]
+            else:
+                s = _dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), tl.zeros([ROWS, SLC_TILE], tl.float32),
+                               BLOCK_DB, PRECISION)
+                p_ = tl.where(rows_j[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+                ds = (p_ * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])).to(k_a.dtype)
             acc_a += tl.dot(ds, k_a, input_precision=PRECISION)
             if BLOCK_DB > 0:
                 acc_b += tl.dot(ds, k_b, input_precision=PRECISION)
@@ -502,7 +533,9 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
 # 64 rows). With them the warps and pipeline stages: two programs of 4 warps share an SM (by shared memory: two
 # K/V tiles in flight each), or of 8 warps (half the registers per thread), or one program keeps three tiles in
 # flight. At head dim 192 with groups of 16 none spills on sm_90 but dq with 4 queries on 4 warps (32 bytes per
-# thread; tests/cuda_compile.py --resources). float32 takes the first candidate.
+# thread; tests/cuda_compile.py --resources). Tiles of 64 rows on 8 warps split their score products between the
+# warpgroups (SPLIT_SCORES, see _online_step; both warpgroups computed all of them). float32 takes the first
+# candidate.
 SELECTED_ROWS = 16
 SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
 SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))
@@ -527,7 +560,8 @@ def selected_rows(queries: int, heads: int) -> int:
 def selected_configs(heads: int, top_pad: int, precision: str) -> list:
     """The selected branch's autotune candidates: each number of queries per program with the launches (the base
     with all of them, the larger ones with the first two); float32 (``"ieee"``) only the first."""
-    configs = [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads)}, num_warps=w, num_stages=s)
+    configs = [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads),
+                              "SPLIT_SCORES": w == 8 and selected_rows(qb, heads) >= 64}, num_warps=w, num_stages=s)
                for i, qb in enumerate(selected_queries(heads, top_pad))
                for w, s in (SELECTED_LAUNCHES if i == 0 else SELECTED_LAUNCHES[:2])]
     return configs[:1] if precision == "ieee" else configs

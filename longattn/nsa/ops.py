@@ -150,7 +150,8 @@ def _launch_selected(tuned, args, meta, max_q: int, programs_h: int, n_seq: int,
     forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")
     if forced:
         qb = next_pow2(int(forced))
-        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=selected_rows(qb, heads))
+        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=selected_rows(qb, heads),
+                                                       SPLIT_SCORES=False)  # (on the launch's default 4 warps)
     else:
         tuned[lambda m: (cdiv(max_q, m["QB"]), programs_h, n_seq)](*args, **meta)
 

@@ -121,32 +121,35 @@ def _sparse_cases():
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN", "K_START",
                                          "K_END", "START", "SEQ", "ROWS")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
-        _, bn, launch = K._tiles(torch_dt)  # as the op launches them
-        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, BLOCK_M=64, BLOCK_N=min(bs, bn),
-                    GROUP=1)
+        meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, GROUP=1)
         kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
-        wide = {"num_warps": 8, **launch}  # as the dK/dV launch
         floats = ("qk_scale", "scale")
         dec_meta = dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, KSEL=3, BLOCK_S=4, BLOCK_G=16, SPLIT=512,
                         BLOCK_N=32 if dt == "fp32" else 64, PRECISION=prec)  # as moba_decode launches it
         dec_ptr = dict(ptr, OS="*fp32")  # float32 partial outputs
+        # the engine's kernels at every tile their autotuners try: MoBA's head dim 128, and NSA's paper shape for
+        # dK/dV (head dim 192 = 128 + 64, v 128, groups of 16; NSA's dq and forward are its own kernels)
+        engine = (("fwd", K._sparse_fwd_kernel, "", meta),
+                  ("dq", K._sparse_dq_kernel, "", meta),
+                  ("dq", K._sparse_dq_kernel, "-group16", dict(meta, GROUP=16)),
+                  ("dkdv", K._sparse_dkdv_kernel, "", kv_meta),
+                  ("dkdv", K._sparse_dkdv_kernel, "-group16", dict(kv_meta, GROUP=16)),
+                  ("dkdv", K._sparse_dkdv_kernel, "-d192-group16",
+                   dict(kv_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, GROUP=16)))
+        for which, kernel, shape, m in engine:
+            dims = (m.get("BLOCK_DQK", m.get("BLOCK_DA", 0) + m.get("BLOCK_DB", 0)), m["BLOCK_DV"])
+            for c in K.sparse_candidates(which, prec, bs, dims):
+                tag = f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+                cases.append((f"{kernel.fn.__name__}[{dt}{shape}-{tag}]", kernel, ptr, dict(m, **c.kwargs), floats,
+                              dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+        finish = dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, BLOCK_N=16 if dt == "fp32" else 64)
         cases += [
             (f"_block_mean_kernel[{dt}]", M._block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64), ()),
             (f"_moba_select_kernel[{dt}]", M._moba_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_M=select_rows(torch_dt)), ()),
-            (f"_sparse_fwd_kernel[{dt}]", K._sparse_fwd_kernel, ptr, dict(meta), floats, launch),
-            (f"_sparse_dkdv_kernel[{dt}]", K._sparse_dkdv_kernel, ptr, dict(kv_meta), floats, wide),
-            (f"_sparse_dq_kernel[{dt}]", K._sparse_dq_kernel, ptr, dict(meta), floats, launch),
-            (f"_sparse_dkdv_finish_kernel[{dt}]", K._sparse_dkdv_finish_kernel, ptr,
-             dict(DQK=d, DV=d, BLOCK_DA=d, BLOCK_DB=0, BLOCK_DV=d, BLOCK_N=meta["BLOCK_N"]), ()),
-            (f"_sparse_dkdv_kernel[{dt}-group16]", K._sparse_dkdv_kernel, ptr, dict(kv_meta, GROUP=16), floats,
-             wide),
-            # NSA's paper shape: head dim 192 = 128 + 64, v 128, groups of 16
-            (f"_sparse_dkdv_kernel[{dt}-d192-group16]", K._sparse_dkdv_kernel, ptr,
-             dict(kv_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, GROUP=16), floats, wide),
+            (f"_sparse_dkdv_finish_kernel[{dt}]", K._sparse_dkdv_finish_kernel, ptr, finish, ()),
             (f"_sparse_dkdv_finish_kernel[{dt}-d192]", K._sparse_dkdv_finish_kernel, ptr,
-             dict(DQK=192, DV=d, BLOCK_DA=128, BLOCK_DB=64, BLOCK_DV=d, BLOCK_N=meta["BLOCK_N"]), ()),
-            (f"_sparse_dq_kernel[{dt}-group16]", K._sparse_dq_kernel, ptr, dict(meta, GROUP=16), floats, launch),
+             dict(finish, DQK=192, BLOCK_DA=128, BLOCK_DB=64), ()),
             (f"_sparse_decode_kernel[{dt}-g4]", K._sparse_decode_kernel, dec_ptr, dict(dec_meta, HAS_ROWS=False),
              floats),
             (f"_sparse_decode_kernel[{dt}-g4-rows]", K._sparse_decode_kernel, dec_ptr, dict(dec_meta, HAS_ROWS=True),
@@ -339,7 +342,7 @@ PIPELINED = {
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
-    "_sparse_fwd_kernel[bf16]": 3,
+    "_sparse_fwd_kernel[bf16-n64w4s3]": 3,
     "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks
 }
 
@@ -353,7 +356,8 @@ UNDUPLICATED = (
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",
-    "_sparse_dkdv_kernel[bf16-d192-group16]",
+    "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3]",
+    "_sparse_dq_kernel[bf16-n64w8s2]",  # dS out of a branch
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q4w8s3]",  # SPLIT_SCORES
     "_nsa_selected_dq_kernel[bf16-d192-g16-q4w8s3]",
 )
@@ -368,7 +372,10 @@ NO_LOOP_SPILLS = (
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]",
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]",
-    "_sparse_dkdv_kernel[bf16-d192-group16]",
+    "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3]",  # every dK/dV candidate (64 keys on 4 warps spilled)
+    "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s2]",
+    "_sparse_dkdv_kernel[bf16-d192-group16-n32w8s2]",
+    "_sparse_dkdv_kernel[bf16-d192-group16-n32w4s2]",
 )
 
 

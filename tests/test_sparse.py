@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longattn.kernels.reference import block_sparse_attention_ref
-from longattn.kernels.sparse import block_sparse_attention
+from longattn.kernels.sparse import SPARSE_TILES, block_sparse_attention
 from helpers import assert_close, assert_lse_close, leaf
 
 
@@ -58,3 +58,60 @@ def test_block_sparse_rejects_bad_blocks(device):
         block_sparse_attention(q, q, q, blocks.float(), block_size=16)
     with pytest.raises(ValueError, match="block_indices must be \\(B, Tq, "):
         block_sparse_attention(q, q, q, blocks[:, :30], block_size=16)
+
+
+def test_sparse_candidates(monkeypatch):
+    """The engine's autotuner candidates: every GPU tile in order, keys per step clamped to the block (duplicates
+    dropped), tiles whose shared memory cannot fit dropped (the smallest kept if none fits), float32 and the
+    interpreter one tile each, and only the first without autotuning."""
+    from longattn.kernels import sparse as K
+
+    monkeypatch.setattr(K, "small_tiles", lambda: False)
+    monkeypatch.setattr(K, "autotune_enabled", lambda: True)
+    tiles = lambda cs: [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cs]
+    assert all(c.kwargs["BLOCK_M"] == K.ENTRY_TILE for c in K.sparse_candidates("dq", "tf32", 512, (128, 128)))
+    for kernel in ("fwd", "dq", "dkdv"):
+        assert tiles(K.sparse_candidates(kernel, "tf32", 4096, (128, 128))) == list(K.SPARSE_TILES[kernel])
+        assert tiles(K.sparse_candidates(kernel, "ieee", 4096, (128, 128))) == [K.SPARSE_FP32_TILE]
+    assert tiles(K.sparse_candidates("dq", "tf32", 32, (128, 128))) == [(32, 4, 3), (32, 4, 2), (32, 8, 3), (32, 8, 2)]
+    assert tiles(K.sparse_candidates("dq", "ieee", 16, (128, 128))) == [(16, 8, 1)]
+    # head dims 256: dq's 64 keys with three stages (q, dO and three (k, v) buffers: 256 KB) cannot fit
+    assert (64, 4, 3) not in tiles(K.sparse_candidates("dq", "tf32", 512, (256, 256)))
+    assert (64, 4, 2) in tiles(K.sparse_candidates("dq", "tf32", 512, (256, 256)))
+    assert tiles(K.sparse_candidates("dkdv", "tf32", 512, (1024, 1024))) == [(32, 8, 2)]  # none fits: the least
+    monkeypatch.setattr(K, "autotune_enabled", lambda: False)
+    assert tiles(K.sparse_candidates("dkdv", "tf32", 4096, (128, 128))) == [K.SPARSE_TILES["dkdv"][0]]
+    monkeypatch.setattr(K, "small_tiles", lambda: True)
+    assert tiles(K.sparse_candidates("dq", "tf32", 4096, (128, 128))) == [K.SPARSE_INTERPRETER_TILE]
+
+
+@pytest.mark.parametrize("keys", sorted({tile[0] for tiles in SPARSE_TILES.values() for tile in tiles}))
+def test_every_sparse_tile(keys, device, monkeypatch):
+    """Each number of keys per step the engine's autotuners may pick gives the reference's output and gradients
+    (the other tests run the interpreter's tile): blocks of 128 keys (several steps each), varlen, GQA."""
+    from longattn.kernels import sparse as K
+
+    if device == "cuda":
+        pytest.skip("the GPU runs the tiles its autotuners pick")
+    monkeypatch.setattr(K, "SPARSE_INTERPRETER_TILE", (keys, 4, 1))
+    kernels = (K._sparse_fwd_kernel, K._sparse_dq_kernel, K._sparse_dkdv_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "cache", {})
+    lq, lk, bs, dtype = [300, 90], [400, 90], 128, torch.float16
+    q = leaf(torch.randn(sum(lq), 4, 64, dtype=dtype))
+    k = leaf(torch.randn(sum(lk), 2, 64, dtype=dtype))
+    v = leaf(torch.randn(sum(lk), 2, 32, dtype=dtype))
+    cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(), dtype=torch.int32)
+    own = torch.cat([(torch.arange(a) + b - a) // bs for a, b in zip(lq, lk)])
+    blocks = _random_blocks(own, 4, 2)
+    kw = dict(block_size=bs, cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk))
+    qr, kr, vr = (leaf(t.detach(), torch.float32) for t in (q, k, v))
+    out = block_sparse_attention(q, k, v, blocks, **kw)
+    out_r = block_sparse_attention_ref(qr, kr, vr, blocks, **kw)
+    assert_close(out, out_r, dtype, "out")
+    dout = torch.randn_like(out_r)
+    (out.float() * dout).sum().backward()
+    (out_r * dout).sum().backward()
+    for name, a, b in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+        assert_close(a, b, dtype, f"{name} with {keys} keys per step")
+    assert all(kernel.best_config.kwargs["BLOCK_N"] == keys for kernel in kernels)

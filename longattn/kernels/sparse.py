@@ -24,11 +24,76 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, _fwd_inner, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
+from .flash import LOG2E, SMEM_LIMIT, _fwd_inner, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, cdiv, check_attention_inputs, check_device, check_positive_int, check_scale,
-                    device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, small_tiles,
-                    split_dim)
+from .utils import (AttnDims, autotune, autotune_enabled, cdiv, check_attention_inputs, check_device,
+                    check_positive_int, check_scale, device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
+                    resolve_seqlens, small_tiles, split_dim)
+
+ENTRY_TILE = 64  # rows (query, head) of an entry tile
+CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
+PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chunked segments
+
+# GPU candidates of the engine's kernels as (keys per step, warps, pipeline stages), the first run without
+# autotuning (the one tile each had before they were tuned); the rows are an entry tile. As compiled for sm_90
+# (tests/cuda_compile.py --resources) at head dim 128 (MoBA) and 192 / 128 with groups of 16 (NSA): dq's 64-key
+# tile on 4 warps with three stages holds 128 KB of shared memory and 255 registers per thread, so one program of
+# 4 warps per SM; with two stages or 32 keys two fit, and on 8 warps (dS out of a branch, see _bwd_operands: each
+# warpgroup computes half the score products) two programs of 134 registers. The forward's 64 rows on 8 warps would
+# compute the score products twice, so it stays on 4. dK/dV's 64 keys spill inside the loop on 4 warps, not on 8;
+# 32 keys on 8 warps (122 / 177 registers) fit two programs per SM, on 4 warps one of 226-255 registers.
+SPARSE_TILES = {
+    "fwd": ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2)),
+    "dq": ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (64, 8, 3), (64, 8, 2)),
+    "dkdv": ((64, 8, 3), (64, 8, 2), (32, 8, 2), (32, 4, 2)),
+}
+# float32 multiplies on CUDA cores: 64 keys per step spilled 30-38 KB per thread at head dim 128 on sm_90 (and
+# took minutes to compile); 16 on 8 warps spill under 300 bytes. The interpreter: one small tile, nothing timed.
+SPARSE_FP32_TILE = (16, 8, 1)
+SPARSE_INTERPRETER_TILE = (32, 4, 1)
+
+
+def sparse_candidates(kernel: str, precision: str, block_size: int, dims: tuple) -> list:
+    """Tile candidates of the engine's ``kernel`` ("fwd", "dq", "dkdv") for products of ``precision`` ("ieee":
+    float32) on key blocks of ``block_size``, ``dims`` = (q/k, v) tile widths: those whose shared memory fits (an
+    estimate: the resident rows plus ``stages`` buffers of the streamed ones, every dim; the smallest if none does),
+    the first alone without autotuning; keys per step at most ``block_size``."""
+    if small_tiles():
+        tiles = [SPARSE_INTERPRETER_TILE]
+    elif precision == "ieee":
+        tiles = [SPARSE_FP32_TILE]
+    else:
+        tiles = list(SPARSE_TILES[kernel])
+    dqk, dv = dims
+
+    def smem(tile):
+        n, _, stages = tile
+        if kernel == "dkdv":
+            return 2 * (n * (dqk + dv) + ENTRY_TILE * (dqk + dv) * stages)
+        return 2 * (ENTRY_TILE * (dqk if kernel == "fwd" else dqk + dv) + n * (dqk + dv) * stages)
+
+    tiles = list(dict.fromkeys((min(n, block_size), w, s) for n, w, s in tiles))  # keys within a block
+    configs = _configs([t for t in tiles if smem(t) <= SMEM_LIMIT] or [min(tiles, key=smem)])
+    return configs if autotune_enabled() else configs[:1]
+
+
+def _configs(tiles) -> list:
+    return [triton.Config(dict(BLOCK_M=ENTRY_TILE, BLOCK_N=n), num_warps=w, num_stages=s) for n, w, s in tiles]
+
+
+def _sparse_prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        a = {**named_args, **kwargs}
+        dqk = a["BLOCK_DA"] + a["BLOCK_DB"] if kernel == "dkdv" else a["BLOCK_DQK"]
+        return sparse_candidates(kernel, a["PRECISION"], a["block_size"], (dqk, a["BLOCK_DV"]))
+    return prune
+
+
+def _tune_sparse(kernel: str, **options):
+    """The engine's autotuner for ``kernel``: keyed by the dims, the group, the block size and the precision."""
+    return autotune(_configs(SPARSE_TILES[kernel]), ["DQK", "DV", "GROUP", "PRECISION", "block_size"],
+                    _sparse_prune(kernel), **options)
+
 
 
 @triton.jit
@@ -74,6 +139,7 @@ def _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV, st
     return gb, hk, t, h, slot, valid, q
 
 
+@_tune_sparse("fwd")
 @triton.jit
 def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -139,11 +205,12 @@ def _bwd_operands(p, dp_delta, flag, dtype: tl.constexpr):
     return p16, ds
 
 
+@_tune_sparse("dkdv", restore_value=["DK", "DV_"])  # it adds to them
 @triton.jit
 def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_START, TILE_CUM, CHUNK_CUM, SLOT,
                         BLOCK_ROW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                        stride_pk, stride_pv, n_seg, n_iter, chunk_tiles, Hq, HKV, qk_scale, scale,
+                        stride_pk, stride_pv, n_seg, n_iter, chunk_tiles, Hq, HKV, block_size, qk_scale, scale,
                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                         BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
@@ -151,7 +218,8 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
     (at most ``chunk_tiles`` entry tiles: a block that every query selects, like NSA's first, is spread over
     many programs). A segment of one chunk adds its result to the own-block gradients already in DK/DV; the
     chunks of a longer one write float32 partials to their own slots of PK/PV (from SLOT[segment]), which
-    _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles). The
+    _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles of the
+    ``block_size`` keys; it keys the autotuner, the tiles' keys BLOCK_N dividing it). The
     q/k head dim comes in two power-of-two parts (BLOCK_DA + BLOCK_DB, see flash's _load_split)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -236,6 +304,7 @@ def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stri
     tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
 
 
+@_tune_sparse("dq", reset_to_zero=["DQ32"])  # it adds to DQ32
 @triton.jit
 def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -267,8 +336,8 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
                      other=0.0)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        ds = _bwd_operands(p, dp - delta[:, None], qk_scale > 0, k.dtype)[1]
+        dq += tl.dot(ds, k, input_precision=PRECISION)
     tl.atomic_add(DQ32 + t[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_dk[None, :], dq * scale,
                   mask=valid[:, None] & (offs_dk[None, :] < DQK))
 
@@ -355,22 +424,6 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-ENTRY_TILE = 64  # rows (query, head) of an entry tile
-CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
-PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chunked segments
-
-
-def _tiles(dtype: torch.dtype):
-    """(rows per entry tile, keys per step, launch options) of the sparse kernels. float32 multiplies on CUDA
-    cores: 64 keys per step spilled 30-38 KB per thread at head dim 128 on sm_90 (and took minutes to compile);
-    16 on 8 warps spill under 300 bytes (tests/cuda_compile.py --resources)."""
-    if small_tiles():
-        return ENTRY_TILE, 32, {}
-    if dtype == torch.float32:
-        return ENTRY_TILE, 16, dict(num_warps=8, num_stages=1)
-    return ENTRY_TILE, 64, {}
-
-
 @dataclass
 class BlockPlan:
     """Host-side layout of one block-sparse call (everything indexed in the packed varlen layout)."""
@@ -504,7 +557,6 @@ class _BlockSparse(torch.autograd.Function):
     def forward(ctx, q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
         hq, hkv, dv = dims.heads_q, dims.heads_kv, dims.dim_v
         total_q, ksel = q.shape[0], sel.shape[-1]
-        tile_m, tile_n, launch = _tiles(q.dtype)
         outs = empty(ksel + 1, total_q, hq, dv, device=q.device, dtype=q.dtype)
         lses = torch.full((ksel + 1, hq, total_q), float("-inf"), device=q.device, dtype=torch.float32)
         flash_fwd(q, k, v, plan.own, True, None, scale, out=outs[0], lse=lses[0])
@@ -515,8 +567,8 @@ class _BlockSparse(torch.autograd.Function):
                 q, k, v, outs, lses, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
-                ent.n_seg, ent.n_iter, hq, hkv, block_size, scale * LOG2E, KSEL=ksel,
-                BLOCK_M=tile_m, BLOCK_N=min(tile_n, block_size), GROUP=1, **_meta(dims, q.dtype), **launch)
+                ent.n_seg, ent.n_iter, hq, hkv, block_size, scale * LOG2E, KSEL=ksel, GROUP=1,
+                **_meta(dims, q.dtype))
         out, lse = merge_fwd(outs, lses) if ksel > 0 else (outs[0], lses[0])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.dims, ctx.ent, ctx.ksel, ctx.block_size, ctx.scale = plan, dims, ent, ksel, block_size, scale
@@ -550,8 +602,6 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
     if ent is None:
         return dq, dk, dv, dout, delta
-    tile_m, tile_n, launch = _tiles(q.dtype)
-    bn = min(tile_n, block_size)
     meta = _meta(dims, q.dtype)
     # dK/dV by (block, KV head) segment, each cut into chunks of at most `ch` entry tiles (their programs run side
     # by side); the chunks of a longer segment keep float32 partials in slots, at most 2 * tiles / ch of them,
@@ -572,11 +622,11 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     common = (plan.block_row, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
               pk.stride(0), pv.stride(0))
-    _sparse_dkdv_kernel[(ent.n_seg + cdiv(ent.max_tiles, ch), block_size // bn)](
+    _sparse_dkdv_kernel[lambda c: (ent.n_seg + cdiv(ent.max_tiles, ch), block_size // c["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
-        *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, scale * LOG2E, scale, KSEL=ksel,
-        BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **kv_meta,
-        **{"num_warps": 8, **launch})  # 4 warps spill its three accumulators
+        *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale, KSEL=ksel,
+        GROUP=ent.group, **kv_meta)
+    bn = min(block_size, 32 if small_tiles() else 16 if q.dtype == torch.float32 else 64)
     _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
         dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
@@ -588,7 +638,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
-            KSEL=ksel, BLOCK_M=tile_m, BLOCK_N=bn, GROUP=ent.group, **meta, **launch)
+            KSEL=ksel, GROUP=ent.group, **meta)
         dq = (dq.float() + dq32).to(dq.dtype)
     return dq, dk, dv, dout, delta
 

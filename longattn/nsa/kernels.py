@@ -527,18 +527,23 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
 # heads (ROWS = QB x heads, padded). More queries per program load a block that several of them select once for
 # all, but multiply every block any of them selects by all the tile's rows: on the H100 at 64k with random inputs
 # (unrelated selections) 1 query of a group of 16 per program beat 4 (forward 28.3 ms against 37.9, fwd+bwd 92.7
-# against 115.2); in trained models neighbouring queries select mostly the same blocks. So the number of queries
-# is autotuned on the call's own selection: the base fills a 16-row tile within 128 (query, slot) pairs (64 rows
-# under the interpreter, whose cost is per program), on a GPU also twice and four times as many queries (up to
-# 64 rows). With them the warps and pipeline stages: two programs of 4 warps share an SM (by shared memory: two
-# K/V tiles in flight each), or of 8 warps (half the registers per thread), or one program keeps three tiles in
-# flight. At head dim 192 with groups of 16 none spills on sm_90 but dq with 4 queries on 4 warps (32 bytes per
-# thread; tests/cuda_compile.py --resources). Tiles of 64 rows on 8 warps split their score products between the
-# warpgroups (SPLIT_SCORES, see _online_step; both warpgroups computed all of them). float32 takes the first
-# candidate.
+# against 115.2); in trained models neighbouring queries select mostly the same blocks (the benchmark's smooth
+# inputs: 32 distinct blocks among four neighbours' 64 selections on average, 45 on random inputs, at 8k). So the
+# number of queries is autotuned on the call's own selection: the base fills a 16-row tile within 128 (query,
+# slot) pairs (64 rows under the interpreter, whose cost is per program), on a GPU also twice and four times as
+# many queries (up to 64 rows). With them the warps and pipeline stages: for the base two programs of 4 warps
+# share an SM (by shared memory: two K/V tiles in flight each), or of 8 warps (half the registers per thread), or
+# one program keeps three tiles in flight. Four queries of a group of 16 at three stages hold 147 KB (4 warps) or
+# 156 KB (8) of shared memory, one program per SM (the launch the H100 timed them with, smooth inputs: 31.2 ms
+# against one query's 28.1); at two stages 107 / 115 KB, still two K/V tiles in flight, and two programs of 4
+# warps fit on an SM: the larger numbers of queries try two stages first. At head dim 192 with groups of 16 none
+# spills inside its loop on sm_90 but dq with 4 queries on 4 warps (tests/cuda_compile.py --resources). Tiles of
+# 64 rows on 8 warps split their score products between the warpgroups (SPLIT_SCORES, see _online_step; both
+# warpgroups computed all of them). float32 takes the first candidate.
 SELECTED_ROWS = 16
 SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
-SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))
+SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))  # (warps, stages) of the base number of queries
+WIDE_LAUNCHES = ((4, 2), (8, 2), (4, 3), (8, 3))  # of two and four times as many
 
 
 def selected_queries(heads: int, top_pad: int) -> list:
@@ -558,12 +563,12 @@ def selected_rows(queries: int, heads: int) -> int:
 
 
 def selected_configs(heads: int, top_pad: int, precision: str) -> list:
-    """The selected branch's autotune candidates: each number of queries per program with the launches (the base
-    with all of them, the larger ones with the first two); float32 (``"ieee"``) only the first."""
+    """The selected branch's autotune candidates: each number of queries per program with its launches
+    (SELECTED_LAUNCHES for the base, WIDE_LAUNCHES for the larger ones); float32 (``"ieee"``) only the first."""
     configs = [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads),
                               "SPLIT_SCORES": w == 8 and selected_rows(qb, heads) >= 64}, num_warps=w, num_stages=s)
                for i, qb in enumerate(selected_queries(heads, top_pad))
-               for w, s in (SELECTED_LAUNCHES if i == 0 else SELECTED_LAUNCHES[:2])]
+               for w, s in (SELECTED_LAUNCHES if i == 0 else WIDE_LAUNCHES)]
     return configs[:1] if precision == "ieee" else configs
 
 

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import torch
+import triton
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
@@ -19,7 +20,7 @@ from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, 
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
-                      _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned, selected_rows)
+                      _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned, selected_configs, selected_rows)
 from .reference import NSAConfig
 
 
@@ -146,12 +147,14 @@ def _selected_meta(dims, block_size: int, topk: int, dtype) -> dict:
 def _launch_selected(tuned, args, meta, max_q: int, programs_h: int, n_seq: int, heads: int):
     """Launch a selected-branch kernel (autotuned: ``tuned``) with ``args`` then ``meta``: grid (query blocks,
     KV heads x head slices, sequences). ``LONGATTN_NSA_QUERY_BLOCK``, a knob for benchmarks, forces that many
-    queries per program (untimed)."""
+    queries per program (untimed), with the first launch the autotuner tries for it (or the default launch)."""
     forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")
     if forced:
         qb = next_pow2(int(forced))
-        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=selected_rows(qb, heads),
-                                                       SPLIT_SCORES=False)  # (on the launch's default 4 warps)
+        tried = [c for c in selected_configs(heads, meta["TOPK_PAD"], meta["PRECISION"]) if c.kwargs["QB"] == qb]
+        c = tried[0] if tried else triton.Config(dict(QB=qb, ROWS=selected_rows(qb, heads), SPLIT_SCORES=False))
+        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, **c.kwargs, num_warps=c.num_warps,
+                                                       num_stages=c.num_stages)
     else:
         tuned[lambda m: (cdiv(max_q, m["QB"]), programs_h, n_seq)](*args, **meta)
 

@@ -12,15 +12,21 @@ SUITES = {"flash": flash, "moba": moba, "nsa": nsa, "mla": mla, "memory": memory
           "rollout": rollout, "autotune": autotune}  # autotune last: it lists what the others tuned
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parser() -> tuple:
+    """The command line's parser and its sub-parsers (one per op)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="op", required=True)
     for name, mod in SUITES.items():
         mod.add_args(sub.add_parser(name, help=mod.__doc__.splitlines()[0]))
     all_p = sub.add_parser("all", help="every benchmark with its default options")
     all_p.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser, sub
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser_, sub = parser()
+    args = parser_.parse_args(argv)
     # a time limit's SIGTERM (gpu_suite.sh's `timeout`) stops a run as Ctrl-C does: the rows measured so far are
     # written (see Results), also when a benchmark fails part-way
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -1,6 +1,8 @@
 """Shared benchmark plumbing: environment record, timing, FLOP counting, result files and plots."""
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import datetime
 import json
@@ -349,6 +351,18 @@ def _plot(rows, path: Path, *, x: str, y: str, series: str, panels: str, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def mode_list(*allowed: str):
+    """An argparse ``type``: a comma-separated list of ``allowed`` names (a name outside them is an error at parse
+    time, not a mode silently left out)."""
+    def parse(text: str) -> list:
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        unknown = [m for m in names if m not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
+        return names
+    return parse
 
 
 def parse_ints(s: str) -> list[int]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (Results, attended_pairs, attention_bytes, device_peaks, parse_ints, peak_memory_mb,
-                     require_cuda, roofline, time_ms)
+from .common import (Results, attended_pairs, attention_bytes, device_peaks, mode_list, parse_ints,
+                     peak_memory_mb, require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_sdpa_cudnn", "x_flash_attn", "%roof", "peak_MB"]
@@ -19,7 +19,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--v-head-dim", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd",
+    p.add_argument("--modes", default="fwd,fwdbwd", type=mode_list("fwd", "fwdbwd", "decode"),
                    help="fwd, fwdbwd, decode (one query per sequence against T keys, no gradient: rows decode_b<B>)")
     p.add_argument("--decode-batches", default="1,32")
     p.add_argument("--no-causal", action="store_true")
@@ -64,7 +64,7 @@ def run(args, argv=None) -> list[dict]:
     dqk = args.head_dim
     dv = args.v_head_dim or dqk
     causal = not args.no_causal
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = args.modes
     impls = _impls(causal, args.window, hq, hkv, dqk, dv)
     peaks = device_peaks(dev)
     rows = Results("flash", COLUMNS, argv, out_dir=args.out, plot=PLOT)

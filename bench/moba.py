@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, parse_ints,
+from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, mode_list, parse_ints,
                      peak_memory_mb, require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
@@ -19,7 +19,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd",
+    p.add_argument("--modes", default="fwd,fwdbwd", type=mode_list("fwd", "fwdbwd", "decode"),
                    help="fwd, fwdbwd, decode (one new token per sequence against a cache of T tokens: rows "
                         "decode_b<B>)")
     p.add_argument("--decode-batches", default="1,32")
@@ -50,7 +50,7 @@ def run(args, argv=None) -> list[dict]:
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = args.modes
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",") if c.strip()]
     peaks = device_peaks(dev)
     rows = Results("moba", COLUMNS, argv, out_dir=args.out, plot=PLOT)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, parse_ints, peak_memory_mb,
-                     require_cuda, roofline, time_ms)
+from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, mode_list, parse_ints,
+                     peak_memory_mb, require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
            "x_kv_major", "x_query4", "%roof", "%l2", "peak_MB"]
@@ -21,7 +21,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--qk-dim", type=int, default=192)
     p.add_argument("--v-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd,slc,decode",
+    p.add_argument("--modes", default="fwd,fwdbwd,slc,decode", type=mode_list("fwd", "fwdbwd", "slc", "decode"),
                    help="fwd, fwdbwd (bwd rows are derived: fwdbwd - fwd), slc (selected branch alone, fwd and "
                         "fwd+bwd, vs the block-sparse engine and flex), "
                         "decode (one token per sequence against a cache of T tokens)")
@@ -130,7 +130,7 @@ def run(args, argv=None) -> list[dict]:
     hq, hkv, dk, dv = args.heads, args.kv_heads, args.qk_dim, args.v_dim
     dims = (hq, hkv, dk, dv)
     cfg = NSAConfig()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = args.modes
     peaks = device_peaks(dev)
     fla, fla_name = _fla(cfg, hq, hkv)
     rows = Results("nsa", COLUMNS, argv, out_dir=args.out, plot=PLOT)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import triton.language as tl
 
-from bench.common import NoCudaError, attended_pairs, require_cuda
+from bench.common import NoCudaError, attended_pairs, parse_ints, require_cuda
 from bench.moba import _attended_pairs
 from longattn.kernels.reference import attention_mask_ref
 from longattn.moba import moba_block_selection
@@ -268,3 +268,28 @@ def test_every_autotuner_compiles_ahead_in_bench(monkeypatch, device):
     with common.every_autotuner_compiling_ahead():
         ours[(1,)](x, 4)
     assert len(compiled) == 2 and compiled[1][0] is peer.fn
+
+
+def test_gpu_suite_default_benchmarks_parse():
+    """Each entry of gpu_suite.sh's default BENCH_OPS is a valid `python -m bench` command line (a typo there would
+    cost a lent GPU's benchmark its share of the call)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from bench.__main__ import parser
+
+    script = (Path(__file__).parents[1] / "bench" / "gpu_suite.sh").read_text()
+    (default,) = re.findall(r'\$\{BENCH_OPS:-([^}]*)\}', script)
+    entries = [e.strip() for e in default.split(";")]
+    assert len(entries) >= 5 and all(entries)
+    parse = parser()[0].parse_args
+    for entry in entries:
+        args = parse(shlex.split(entry) + ["--out", "x"])
+        assert args.op == entry.split()[0]
+        for name in ("seqlens", "contexts", "batches", "prompts", "prefill_seqlens"):  # comma lists of sizes
+            if isinstance(getattr(args, name, None), str):
+                assert parse_ints(getattr(args, name)), (entry, name)
+    with pytest.raises(SystemExit):  # a mode the benchmark does not know is refused, not skipped
+        parse(["nsa", "--modes", "fwd,slc_fwd"])
+    assert parse(["nsa", "--modes", "fwd, slc"]).modes == ["fwd", "slc"]

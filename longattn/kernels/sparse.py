@@ -40,8 +40,9 @@ PARTIALS_BYTES = 256 * 2 ** 20  # bound on the float32 partial dK/dV of the chun
 # tile on 4 warps with three stages holds 128 KB of shared memory and 255 registers per thread, so one program of
 # 4 warps per SM; with two stages or 32 keys two fit, and on 8 warps (dS out of a branch, see _bwd_operands: each
 # warpgroup computes half the score products) two programs of 134 registers. The forward's 64 rows on 8 warps would
-# compute the score products twice, so it stays on 4. dK/dV's 64 keys spill inside the loop on 4 warps, not on 8;
-# 32 keys on 8 warps (122 / 177 registers) fit two programs per SM, on 4 warps one of 226-255 registers.
+# compute the score products twice, so it stays on 4. dK/dV's 64 keys spill inside the loop on 4 warps, not on 8
+# (one program per SM: 196-255 registers); 32 keys fit two programs per SM, on 8 warps (122 / 177 registers) or 4
+# (226 / 255).
 SPARSE_TILES = {
     "fwd": ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2)),
     "dq": ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (64, 8, 3), (64, 8, 2)),
@@ -93,7 +94,6 @@ def _tune_sparse(kernel: str, **options):
     """The engine's autotuner for ``kernel``: keyed by the dims, the group, the block size and the precision."""
     return autotune(_configs(SPARSE_TILES[kernel]), ["DQK", "DV", "GROUP", "PRECISION", "block_size"],
                     _sparse_prune(kernel), **options)
-
 
 
 @triton.jit

@@ -535,8 +535,9 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
 # share an SM (by shared memory: two K/V tiles in flight each), or of 8 warps (half the registers per thread), or
 # one program keeps three tiles in flight. Four queries of a group of 16 at three stages hold 147 KB (4 warps) or
 # 156 KB (8) of shared memory, one program per SM (the launch the H100 timed them with, smooth inputs: 31.2 ms
-# against one query's 28.1); at two stages 107 / 115 KB, still two K/V tiles in flight, and two programs of 4
-# warps fit on an SM: the larger numbers of queries try two stages first. At head dim 192 with groups of 16 none
+# against one query's 28.1); at two stages 107 / 115 KB, and two programs of 4 warps fit on an SM (each waits for
+# its next block's tiles every iteration, issued as the current one's products are: the other program computes
+# meanwhile): the larger numbers of queries try two stages first. At head dim 192 with groups of 16 none
 # spills inside its loop on sm_90 but dq with 4 queries on 4 warps (tests/cuda_compile.py --resources). Tiles of
 # 64 rows on 8 warps split their score products between the warpgroups (SPLIT_SCORES, see _online_step; both
 # warpgroups computed all of them). float32 takes the first candidate.

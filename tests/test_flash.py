@@ -430,8 +430,9 @@ def test_autotuning_times_precompiled_candidates(monkeypatch):
 
 def test_autotune_pruning_by_shared_memory(monkeypatch):
     """The tile pruning keeps the tiles whose buffers fit (the big ones at head dim 128, the small ones only at
-    256), dK/dV's one-loop tiles only above 256 accumulated columns, and, without autotuning (LONGATTN_AUTOTUNE=0,
-    the interpreter), only the first that fits; float32 (CUDA-core products) takes its own small tile on a GPU."""
+    256) and whose float32 accumulators take at most half a thread's registers (160 for dK/dV's), dK/dV's one-loop
+    tiles only above 256 accumulated columns, and, without autotuning (LONGATTN_AUTOTUNE=0, the interpreter), only
+    the first that fits; float32 (CUDA-core products) takes its own small tile on a GPU."""
     from longattn.kernels import flash as F
 
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=4, num_stages=st)
@@ -446,6 +447,15 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     one = triton.Config(dict(BLOCK_M=32, BLOCK_N=64, ONE_LOOP=True), num_warps=4, num_stages=2)
     assert F._smem_prune("dkdv")([configs[2], one], {"Q": bf16}, **dims(128, 64, 128)) == [configs[2], one]
     assert F._smem_prune("dkdv")([configs[2], one], {"Q": bf16}, **dims(128, 0, 128)) == [configs[2]]
+    # buffers that fit, accumulators that do not: 128 rows on 4 warps of the forward at v dim 256 (256 registers a
+    # thread), of dq at head dim 192 (192); dK/dV's 64 keys on 4 warps at 192 / 128 (160) stay
+    tall = triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=4, num_stages=1)
+    assert F._smem_prune("fwd")([tall, configs[2]], {"Q": bf16}, **dims(128, 0, 256)) == [configs[2]]
+    assert F._smem_prune("fwd")([tall, configs[2]], {"Q": bf16}, **dims(128, 64, 128)) == [tall, configs[2]]
+    assert F._smem_prune("dq")([tall, configs[2]], {"Q": bf16}, **dims(128, 64, 128)) == [configs[2]]
+    wide = triton.Config(dict(BLOCK_M=32, BLOCK_N=64), num_warps=4, num_stages=2)
+    assert F._smem_prune("dkdv")([wide], {"Q": bf16}, **dims(128, 64, 128)) == [wide]
+    assert F._smem_prune("dkdv")([wide, configs[3]], {"Q": bf16}, **dims(256, 0, 256)) == [configs[3]]
     for kernel in ("fwd", "dkdv", "dq"):
         (c,) = F._smem_prune(kernel)(configs, {"Q": fp32}, **dims(128, 0, 128))
         assert c.kwargs == F.FP32_TILES[kernel] and (c.num_warps, c.num_stages) == (8, 1)

@@ -217,11 +217,15 @@ FP32_TILES = dict(fwd=dict(BLOCK_M=32, BLOCK_N=32), dq=dict(BLOCK_M=16, BLOCK_N=
 
 
 def _smem_prune(kernel: str):
-    """Autotune pruning: drop tiles whose shared-memory buffers cannot fit. ``kernel`` says which tile stays
+    """Autotune pruning: drop tiles whose shared-memory buffers cannot fit, or whose float32 accumulators would
+    take over half a thread's registers (over 160 for dK/dV's two). ``kernel`` says which tile stays
     resident: ``"fwd"`` q (BLOCK_M rows, q/k dims), ``"dq"`` q and do (BLOCK_M rows, every dim), ``"dkdv"`` k and
     v (BLOCK_N rows, every dim); the other rows stream through ``num_stages`` buffers of every dim. Against the
     compiler's own figures for head dims 128 to 256 (tests/cuda_compile.py --resources) it errs high by up to
-    ~15%; a tile that still does not fit fails to compile and the autotuner skips it."""
+    ~15%; a tile that still does not fit fails to compile and the autotuner skips it. The accumulators' bound
+    drops what spilled inside its loop on sm_90: 128 rows of dq on 4 warps at head dim 192 (139-151 spilled
+    words per iteration), of the forward at 256 (276-278), dK/dV's 4-warp tiles at 256; it keeps every tile
+    at head dims up to 192 / 128 but that dq one."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
         elem = args["Q"].element_size()
@@ -238,9 +242,14 @@ def _smem_prune(kernel: str):
                 resident, streamed = m * (dqk if kernel == "fwd" else d), n * d * stages
             return 1.1 * elem * (resident + streamed)
 
+        def accumulators(c):  # float32 registers per thread
+            if kernel == "dkdv":
+                return c.kwargs["BLOCK_N"] * d / (32 * c.num_warps) <= 160
+            return c.kwargs["BLOCK_M"] * (args["BLOCK_DV"] if kernel == "fwd" else dqk) / (32 * c.num_warps) <= 128
+
         if d <= 256:  # the one-loop dK/dV tiles pay for their masks without saving spills there
             configs = [c for c in configs if not c.kwargs.get("ONE_LOOP")]
-        keep = [c for c in configs if smem(c) <= SMEM_LIMIT] or [min(configs, key=smem)]
+        keep = [c for c in configs if smem(c) <= SMEM_LIMIT and accumulators(c)] or [min(configs, key=smem)]
         return keep if autotune_enabled() else keep[:1]
     return prune
 
@@ -478,6 +487,8 @@ DKDV_TILES = [
     # 64 keys on 8 warps: half the accumulator registers per thread (the 4-warp tiles spill at head dim 192)
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    # 32 keys on 8 warps: at head dim 256 the only pipelined tile that spills nothing inside its loop on sm_90
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
 ]
 _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))

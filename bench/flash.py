@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (Results, attended_pairs, attention_bytes, device_peaks, mode_list, parse_ints,
+from .common import (Results, attended_pairs, attention_bytes, device_peaks, graph_ms, mode_list, parse_ints,
                      peak_memory_mb, require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
@@ -118,6 +118,9 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
              "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window)}
     if args.window is not None:
         impls = {"longattn": impls["longattn"]}
+    # the same calls replayed from CUDA graphs: the GPU's time alone, without the host's work per call (launches,
+    # checks), which at batch 1 can exceed the kernels'
+    impls = {**impls, **{f"{name}_graph": fn for name, fn in impls.items() if name in ("longattn", "sdpa_flash")}}
     for T in parse_ints(args.seqlens):
         for B in parse_ints(args.decode_batches):
             q = torch.randn(B, 1, hq, dqk, device=dev, dtype=dtype)
@@ -129,7 +132,7 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
             for name, fn in impls.items():
                 try:
                     with torch.no_grad():
-                        ms = time_ms(lambda: fn(q, k, v))
+                        ms = (graph_ms if name.endswith("_graph") else time_ms)(lambda: fn(q, k, v))
                 except Exception as e:
                     print(f"  {name} decode B={B} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue
@@ -141,11 +144,12 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
 
 
 def _speedups(rows):
-    """x_<peer> = peer ms / longattn ms on the same (mode, T)."""
+    """x_<peer> = peer ms / longattn ms on the same (mode, T); for longattn_graph, over the peer's graph row."""
     by_key = {(r["mode"], r["T"], r["impl"]): r["ms"] for r in rows}
     for r in rows:
-        if r["impl"] != "longattn":
+        if r["impl"] not in ("longattn", "longattn_graph"):
             continue
+        suffix = r["impl"][len("longattn"):]
         for peer in ("sdpa_flash", "sdpa_cudnn", "flash_attn"):
-            ms = by_key.get((r["mode"], r["T"], peer))
+            ms = by_key.get((r["mode"], r["T"], peer + suffix))
             r[f"x_{peer}"] = ms / r["ms"] if ms else None

@@ -75,7 +75,8 @@ DRY_RUNS = {
                 "--iters", "1", "--dtype", "float16"],
 }
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
-                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2")],
+                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
+                           ("longattn_graph", "decode_b2")],
                  "profile": [],
                  "rollout": [(kind, "rollout") for kind in ("sdpa", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),

@@ -70,6 +70,9 @@ def run(args, argv=None) -> list[dict]:
                             return fn(*ins)
                     fn(*ins).backward(do)
                 try:
+                    call()  # compiled and autotuned first: tuning's copies of the outputs are not the op's memory
+                    for t in ins:
+                        t.grad = None
                     mb = peak_memory_mb(call)
                 except Exception as e:
                     print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

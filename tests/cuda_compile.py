@@ -245,8 +245,9 @@ def _nsa_cases():
                                ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows))):
                 opts = launch if name.startswith("_nsa_decode") and "combine" not in name else {}
                 if name.startswith("_nsa_selected"):  # every tile its autotuner tries (float32: the first)
-                    for c in K.selected_configs(heads, 16, shared["PRECISION"]):
+                    for c in K.selected_configs(heads, 16, shared["PRECISION"], name == "_nsa_selected_fwd_kernel"):
                         tag = f"q{c.kwargs['QB']}w{c.num_warps}s{c.num_stages}"
+                        tag += "pq" if c.kwargs.get("PER_QUERY") else ""
                         cases.append((f"{name}[{dt}-d{d}-g{block_g}-{tag}]", getattr(K, name), ptr,
                                       dict(meta, **c.kwargs), ("scale_log2", "scale"),
                                       dict(num_warps=c.num_warps, num_stages=c.num_stages)))

@@ -574,3 +574,33 @@ def test_nsa_decode_in_cuda_graph():
         graph.replay()
         ref = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, config=cfg)
         assert_close(out, ref, torch.bfloat16, f"replay {step}")
+
+
+@pytest.mark.parametrize("queries", [2, 4])
+def test_nsa_selected_per_query(queries, monkeypatch, device):
+    """The forward's tile per query (PER_QUERY: 2 or 4 queries of a group of 16 per program, every block any of
+    them selected loaded once and multiplied only by the queries that selected it) gives the reference's output,
+    with unrelated selections, a ragged last block of queries and two sequences; through the interpreter with the
+    GPU's tiles (the backward as usual)."""
+    from longattn.kernels.utils import cdiv
+    from longattn.nsa import ops
+    from longattn.nsa.kernels import _nsa_selected_fwd_tuned, selected_configs, selected_rows
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    tried = selected_configs(16, 16, "tf32", True)
+    assert any(c.kwargs.get("PER_QUERY") and c.kwargs["QB"] == queries for c in tried)
+    assert not any(c.kwargs.get("PER_QUERY") for c in selected_configs(16, 16, "tf32"))  # dq has no such tile
+    original = ops._launch_selected
+
+    def launch(tuned, args, meta, max_q, programs_h, n_seq, heads):
+        if tuned is not _nsa_selected_fwd_tuned:
+            return original(tuned, args, meta, max_q, programs_h, n_seq, heads)
+        assert heads == 16
+        tuned.fn[(cdiv(max_q, queries), programs_h, n_seq)](*args, **meta, QB=queries,
+                                                            ROWS=selected_rows(queries, heads), SPLIT_SCORES=False,
+                                                            PER_QUERY=True)
+
+    monkeypatch.setattr(ops, "_launch_selected", launch)
+    lens, dtype = [150, 37], torch.float16
+    ins = [torch.randn(sum(lens), h, 32, device=device, dtype=dtype) for h in (16, 1, 1)]
+    _check_selected(ins, _random_selection(lens, 1, 4, 16, device), lens, 16, dtype)

@@ -418,21 +418,110 @@ def _block_at(pairs, rank, u):
 
 
 @triton.jit
+def _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """The rows' normalised output and natural-log lse (rows that saw no key: 0 and -inf)."""
+    dv = tl.arange(0, BLOCK_DV)
+    l_safe = tl.where(l > 0, l, 1.0)
+    tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + heads * stride_lh + t, (m + tl.log2(l_safe)) * 0.6931471805599453, mask=valid)
+
+
+@triton.jit
+def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, stride_qh, stride_kt, stride_kh,
+                            stride_vt, stride_vh, stride_st, stride_sh, stride_ot, stride_oh, stride_lh, group,
+                            heads_per_prog, scale_log2, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+                            BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, QB: tl.constexpr, HR: tl.constexpr,
+                            SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr,
+                            TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward of QB (2 or 4) consecutive queries from q0, each with its own HR rows (its heads) and online
+    softmax: every block any of them selected is loaded once, and multiplied only by the rows of the queries that
+    selected it (the shared tile multiplies every block by all QB x HR rows)."""
+    qa0, qb0, t0, hd0, pos0, ok0, _, pr0, k_base, v_base, q_len = _query_block(
+        Q, K, V, SEL, CU, q0, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+        stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+    m0 = tl.full([HR], float("-inf"), tl.float32)
+    l0 = tl.zeros([HR], tl.float32)
+    acc0 = tl.zeros([HR, BLOCK_DV], tl.float32)
+    qa1, qb1, t1, hd1, pos1, ok1, _, pr1, _, _, _ = _query_block(
+        Q, K, V, SEL, CU, q0 + 1, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
+        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+    m1, l1, acc1 = m0, l0, acc0
+    if QB > 2:
+        qa2, qb2, t2, hd2, pos2, ok2, _, pr2, _, _, _ = _query_block(
+            Q, K, V, SEL, CU, q0 + 2, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
+            stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+        qa3, qb3, t3, hd3, pos3, ok3, _, pr3, _, _, _ = _query_block(
+            Q, K, V, SEL, CU, q0 + 3, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
+            stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+        m2, l2, acc2 = m0, l0, acc0
+        m3, l3, acc3 = m0, l0, acc0
+    # the queries' (query, slot) pairs, for the union of their blocks
+    hk64 = (pid_h // tl.cdiv(group, heads_per_prog)).to(tl.int64)
+    row0 = tl.load(CU + b).to(tl.int64)
+    p = tl.arange(0, QB * TOPK_PAD)
+    pq = p // TOPK_PAD
+    pairs = tl.load(SEL + (row0 + (q0 + pq).to(tl.int64)) * stride_st + hk64 * stride_sh + p % TOPK_PAD,
+                    mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
+    last = tl.minimum(q0 + QB, q_len) - 1
+    scols = tl.arange(0, SLC_TILE)
+    dv = tl.arange(0, BLOCK_DV)
+    rank, n_blocks = _distinct_blocks(pairs)
+    for u in range(0, n_blocks):
+        j = _block_at(pairs, rank, u)
+        for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):  # loaded once, whichever queries take it
+            kp = j * SLC_BLOCK + s0 + scols
+            ok = kp <= last
+            k_a, k_b = _load_split(k_base, kp.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
+            v = tl.load(v_base + kp[:, None].to(tl.int64) * stride_vt + dv[None, :],
+                        mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+            if tl.sum((pr0 == j).to(tl.int32)) > 0:
+                m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, kp[None, :] <= pos0[:, None], m0, l0, acc0,
+                                            scale_log2, BLOCK_DB, PRECISION)
+            if tl.sum((pr1 == j).to(tl.int32)) > 0:
+                m1, l1, acc1 = _online_step(qa1, qb1, k_a, k_b, v, kp[None, :] <= pos1[:, None], m1, l1, acc1,
+                                            scale_log2, BLOCK_DB, PRECISION)
+            if QB > 2:
+                if tl.sum((pr2 == j).to(tl.int32)) > 0:
+                    m2, l2, acc2 = _online_step(qa2, qb2, k_a, k_b, v, kp[None, :] <= pos2[:, None], m2, l2, acc2,
+                                                scale_log2, BLOCK_DB, PRECISION)
+                if tl.sum((pr3 == j).to(tl.int32)) > 0:
+                    m3, l3, acc3 = _online_step(qa3, qb3, k_a, k_b, v, kp[None, :] <= pos3[:, None], m3, l3, acc3,
+                                                scale_log2, BLOCK_DB, PRECISION)
+    _store_rows(O, LSE, t0, hd0, ok0, m0, l0, acc0, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+    _store_rows(O, LSE, t1, hd1, ok1, m1, l1, acc1, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+    if QB > 2:
+        _store_rows(O, LSE, t2, hd2, ok2, m2, l2, acc2, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+        _store_rows(O, LSE, t3, hd3, ok3, m3, l3, acc3, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+
+
+@triton.jit
 def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                              stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                              BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                             PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr):
+                             PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
     the blocks its query selected (causal in the own block).
     Consecutive queries select mostly the same blocks, so each block is loaded once for all of them (QB times
     less traffic than one program per query) and the tiles have QB times more rows. Writes the output and the
-    natural-log lse of each row."""
+    natural-log lse of each row. ``PER_QUERY`` (QB 2 or 4, ROWS / QB rows a query): each query its own tile and
+    online softmax, a block multiplied only by the queries that selected it (_selected_fwd_per_query)."""
     q0 = tl.program_id(0) * QB
+    if PER_QUERY:
+        if q0 >= tl.load(CU + tl.program_id(2) + 1) - tl.load(CU + tl.program_id(2)):
+            return
+        _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, tl.program_id(1), tl.program_id(2), stride_qt,
+                                stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
+                                stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2, DK, DV,
+                                BLOCK_DA, BLOCK_DB, BLOCK_DV, QB, ROWS // QB, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD,
+                                PRECISION)
+        return
     q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
         stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK,
@@ -540,11 +629,16 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
 # meanwhile): the larger numbers of queries try two stages first. At head dim 192 with groups of 16 none
 # spills inside its loop on sm_90 but dq with 4 queries on 4 warps (tests/cuda_compile.py --resources). Tiles of
 # 64 rows on 8 warps split their score products between the warpgroups (SPLIT_SCORES, see _online_step; both
-# warpgroups computed all of them). float32 takes the first candidate.
+# warpgroups computed all of them). The forward also tries a tile per query for 2 and 4 queries of 16 heads or more
+# (PER_QUERY: each block loaded once, multiplied only by the 16-row tiles of the queries that selected it, where the
+# shared tile multiplies it by all rows: half its rows on the smooth inputs above). Its products sit in branches,
+# which Triton's pipeliner does not follow, so its loads are not multi-buffered: 67 KB of shared memory and 255
+# registers (4 queries) leave two programs per SM to hide each other's loads. float32 takes the first candidate.
 SELECTED_ROWS = 16
 SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
 SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))  # (warps, stages) of the base number of queries
 WIDE_LAUNCHES = ((4, 2), (8, 2), (4, 3), (8, 3))  # of two and four times as many
+PER_QUERY_LAUNCHES = ((4, 3), (4, 2))  # of those with a tile per query
 
 
 def selected_queries(heads: int, top_pad: int) -> list:
@@ -563,30 +657,35 @@ def selected_rows(queries: int, heads: int) -> int:
     return max(16, triton.next_power_of_2(queries * heads))
 
 
-def selected_configs(heads: int, top_pad: int, precision: str) -> list:
+def selected_configs(heads: int, top_pad: int, precision: str, per_query: bool = False) -> list:
     """The selected branch's autotune candidates: each number of queries per program with its launches
-    (SELECTED_LAUNCHES for the base, WIDE_LAUNCHES for the larger ones); float32 (``"ieee"``) only the first."""
+    (SELECTED_LAUNCHES for the base, WIDE_LAUNCHES for the larger ones), and with ``per_query`` (the forward) the
+    larger ones of at least 16 heads also a tile per query (PER_QUERY, PER_QUERY_LAUNCHES); float32 (``"ieee"``)
+    only the first."""
     configs = [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads),
                               "SPLIT_SCORES": w == 8 and selected_rows(qb, heads) >= 64}, num_warps=w, num_stages=s)
                for i, qb in enumerate(selected_queries(heads, top_pad))
                for w, s in (SELECTED_LAUNCHES if i == 0 else WIDE_LAUNCHES)]
+    if per_query and heads >= 16:
+        configs += [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads), "SPLIT_SCORES": False,
+                                   "PER_QUERY": True}, num_warps=w, num_stages=s)
+                    for qb in selected_queries(heads, top_pad)[1:] for w, s in PER_QUERY_LAUNCHES]
     return configs[:1] if precision == "ieee" else configs
 
 
-def _selected_prune(configs, named_args, **kwargs):
-    a = {**named_args, **kwargs}
-    keep = selected_configs(a["heads_per_prog"], a["TOPK_PAD"], a["PRECISION"])
-    return keep if autotune_enabled() else keep[:1]
+def _tune_selected(kernel, per_query: bool, **options):
+    def prune(configs, named_args, **kwargs):
+        a = {**named_args, **kwargs}
+        keep = selected_configs(a["heads_per_prog"], a["TOPK_PAD"], a["PRECISION"], per_query)
+        return keep if autotune_enabled() else keep[:1]
+
+    return autotune(selected_configs(16, 16, "tf32", per_query), ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD",
+                                                                   "PRECISION", "group", "heads_per_prog"],
+                    prune, **options)(kernel)
 
 
-def _tune_selected(kernel, **options):
-    return autotune(selected_configs(16, 16, "tf32"), ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION",
-                                                        "group", "heads_per_prog"],
-                    _selected_prune, **options)(kernel)
-
-
-_nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel)
-_nsa_selected_dq_tuned = _tune_selected(_nsa_selected_dq_kernel, restore_value=["DQ"])  # it adds to DQ
+_nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel, True)
+_nsa_selected_dq_tuned = _tune_selected(_nsa_selected_dq_kernel, False, restore_value=["DQ"])  # it adds to DQ
 
 
 @triton.jit

@@ -342,6 +342,7 @@ PIPELINED = {
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-q2w4s3pq]": 2,  # the first query's product out of a branch
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_sparse_fwd_kernel[bf16-n64w4s3]": 3,
     "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks

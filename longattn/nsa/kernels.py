@@ -437,7 +437,9 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                             TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """The forward of QB (2 or 4) consecutive queries from q0, each with its own HR rows (its heads) and online
     softmax: every block any of them selected is loaded once, and multiplied only by the rows of the queries that
-    selected it (the shared tile multiplies every block by all QB x HR rows)."""
+    selected it (the shared tile multiplies every block by all QB x HR rows). Triton's pipeliner does not follow
+    loads into products in branches: with 2 queries the first one's product runs on every block (masked where it
+    did not select it), so that the loads are multi-buffered; with 4 that spilled, and no product runs needlessly."""
     qa0, qb0, t0, hd0, pos0, ok0, _, pr0, k_base, v_base, q_len = _query_block(
         Q, K, V, SEL, CU, q0, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
         stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
@@ -476,7 +478,11 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
             k_a, k_b = _load_split(k_base, kp.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
             v = tl.load(v_base + kp[:, None].to(tl.int64) * stride_vt + dv[None, :],
                         mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-            if tl.sum((pr0 == j).to(tl.int32)) > 0:
+            hit0 = tl.sum((pr0 == j).to(tl.int32)) > 0
+            if QB == 2:  # out of a branch (masked instead), so the loads feed a product the pipeliner follows
+                m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, (kp[None, :] <= pos0[:, None]) & hit0, m0, l0,
+                                            acc0, scale_log2, BLOCK_DB, PRECISION)
+            elif hit0:
                 m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, kp[None, :] <= pos0[:, None], m0, l0, acc0,
                                             scale_log2, BLOCK_DB, PRECISION)
             if tl.sum((pr1 == j).to(tl.int32)) > 0:
@@ -632,13 +638,14 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
 # warpgroups computed all of them). The forward also tries a tile per query for 2 and 4 queries of 16 heads or more
 # (PER_QUERY: each block loaded once, multiplied only by the 16-row tiles of the queries that selected it, where the
 # shared tile multiplies it by all rows: half its rows on the smooth inputs above). Its products sit in branches,
-# which Triton's pipeliner does not follow, so its loads are not multi-buffered: 67 KB of shared memory and 255
-# registers (4 queries) leave two programs per SM to hide each other's loads. float32 takes the first candidate.
+# which Triton's pipeliner does not follow: with 4 queries its loads are not multi-buffered (67 KB of shared memory
+# and 255 registers leave two programs per SM to hide each other's loads); with 2 the first query's product runs on
+# every block so that they are (90 KB, 255 registers, two programs per SM). float32 takes the first candidate.
 SELECTED_ROWS = 16
 SELECTED_PAIRS = 128  # at most QB * n (query, slot) pairs per program, each a candidate block
 SELECTED_LAUNCHES = ((4, 3), (8, 3), (4, 4), (8, 4))  # (warps, stages) of the base number of queries
 WIDE_LAUNCHES = ((4, 2), (8, 2), (4, 3), (8, 3))  # of two and four times as many
-PER_QUERY_LAUNCHES = ((4, 3), (4, 2))  # of those with a tile per query
+PER_QUERY_LAUNCHES = ((4, 3),)  # of those with a tile per query
 
 
 def selected_queries(heads: int, top_pad: int) -> list:

@@ -30,14 +30,15 @@ demo: $(VENV)/.installed
 # Without a GPU the kernel tests run a second time with the GPU's tile sizes (the first autotune candidate)
 # through the interpreter: the default small tiles exercise many tiles on small shapes, these the tiles a
 # GPU runs. bfloat16 takes the float16 tiles, so its cases are left to the first pass; tests that set the GPU
-# tiles themselves (*gpu_candidates, *autotuning*) run once.
+# tiles themselves (*gpu_candidates, *autotuning*, the selected branch's split_scores and per_query) run once.
 KERNEL_TESTS := tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/test_moba.py tests/test_nsa.py \
 	tests/test_sparse.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 ifneq ($(HAS_CUDA),1)
-	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16 and not gpu_candidates and not autotuning" $(KERNEL_TESTS)
+	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16 and not gpu_candidates and not autotuning and not split_scores and not per_query" \
+		$(KERNEL_TESTS)
 endif
 
 # The oldest supported stack, in a venv of its own: torch 2.5 with Triton 3.6 (torch 2.5 asks for Triton 3.1; the

@@ -252,15 +252,23 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
 
 
 @triton.jit
+def _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK: tl.constexpr, DV: tl.constexpr,
+             BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The keys (transposed, two parts along D) and values at rows ``pos`` where ``ok`` (N,), zeros elsewhere."""
+    dv = tl.arange(0, BLOCK_DV)
+    k_a, k_b = _load_split(k_base, pos.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
+    v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
+                mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return k_a, k_b, v
+
+
+@triton.jit
 def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                  BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False):
     """Load the keys/values at rows ``pos`` where ``ok`` (N,) and take one online-softmax step of the rows q
     (in two parts along D), each seeing the keys where ``vis`` (broadcast to (rows, N))."""
-    dv = tl.arange(0, BLOCK_DV)
-    k_a, k_b = _load_split(k_base, pos.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
-    v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
-                mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV)
     return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION, SPLIT_SCORES)
 
 
@@ -468,16 +476,13 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                     mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
     last = tl.minimum(q0 + QB, q_len) - 1
     scols = tl.arange(0, SLC_TILE)
-    dv = tl.arange(0, BLOCK_DV)
     rank, n_blocks = _distinct_blocks(pairs)
     for u in range(0, n_blocks):
         j = _block_at(pairs, rank, u)
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):  # loaded once, whichever queries take it
             kp = j * SLC_BLOCK + s0 + scols
-            ok = kp <= last
-            k_a, k_b = _load_split(k_base, kp.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
-            v = tl.load(v_base + kp[:, None].to(tl.int64) * stride_vt + dv[None, :],
-                        mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+            k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, kp, kp <= last, DK, DV, BLOCK_DA, BLOCK_DB,
+                                   BLOCK_DV)
             hit0 = tl.sum((pr0 == j).to(tl.int32)) > 0
             if QB == 2:  # out of a branch (masked instead), so the loads feed a product the pipeliner follows
                 m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, (kp[None, :] <= pos0[:, None]) & hit0, m0, l0,
@@ -548,11 +553,7 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
             m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
                                      rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
                                      DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES)
-    dv = tl.arange(0, BLOCK_DV)
-    l_safe = tl.where(l > 0, l, 1.0)
-    tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
-             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + heads * stride_lh + t, (m + tl.log2(l_safe)) * 0.6931471805599453, mask=valid)
+    _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
 
 
 @triton.jit

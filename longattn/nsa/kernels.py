@@ -479,25 +479,29 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
     rank, n_blocks = _distinct_blocks(pairs)
     for u in range(0, n_blocks):
         j = _block_at(pairs, rank, u)
+        hit0 = tl.sum((pr0 == j).to(tl.int32)) > 0  # whether each query selected block j
+        hit1 = tl.sum((pr1 == j).to(tl.int32)) > 0
+        if QB > 2:
+            hit2 = tl.sum((pr2 == j).to(tl.int32)) > 0
+            hit3 = tl.sum((pr3 == j).to(tl.int32)) > 0
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):  # loaded once, whichever queries take it
             kp = j * SLC_BLOCK + s0 + scols
             k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, kp, kp <= last, DK, DV, BLOCK_DA, BLOCK_DB,
                                    BLOCK_DV)
-            hit0 = tl.sum((pr0 == j).to(tl.int32)) > 0
             if QB == 2:  # out of a branch (masked instead), so the loads feed a product the pipeliner follows
                 m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, (kp[None, :] <= pos0[:, None]) & hit0, m0, l0,
                                             acc0, scale_log2, BLOCK_DB, PRECISION)
             elif hit0:
                 m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, kp[None, :] <= pos0[:, None], m0, l0, acc0,
                                             scale_log2, BLOCK_DB, PRECISION)
-            if tl.sum((pr1 == j).to(tl.int32)) > 0:
+            if hit1:
                 m1, l1, acc1 = _online_step(qa1, qb1, k_a, k_b, v, kp[None, :] <= pos1[:, None], m1, l1, acc1,
                                             scale_log2, BLOCK_DB, PRECISION)
             if QB > 2:
-                if tl.sum((pr2 == j).to(tl.int32)) > 0:
+                if hit2:
                     m2, l2, acc2 = _online_step(qa2, qb2, k_a, k_b, v, kp[None, :] <= pos2[:, None], m2, l2, acc2,
                                                 scale_log2, BLOCK_DB, PRECISION)
-                if tl.sum((pr3 == j).to(tl.int32)) > 0:
+                if hit3:
                     m3, l3, acc3 = _online_step(qa3, qb3, k_a, k_b, v, kp[None, :] <= pos3[:, None], m3, l3, acc3,
                                                 scale_log2, BLOCK_DB, PRECISION)
     _store_rows(O, LSE, t0, hd0, ok0, m0, l0, acc0, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)

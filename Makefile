@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-oldest bench install clean
+.PHONY: demo test test-oldest test-triton bench install clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,8 +53,16 @@ test-oldest:
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) -W ignore::DeprecationWarning tests
 
+# The suite under another Triton release beside the venv's (the kernels support 3.6 to 3.9; `make test` runs the
+# venv's, `test-oldest` 3.6), e.g. `make test-triton TRITON=3.8.0`; with numpy < 2.4, which 3.6's interpreter needs.
+# The sm_90 compile checks (tests/test_cuda_compile.py) then compile with that release too.
+TRITON ?= 3.8.0
+test-triton: $(VENV)/.installed
+	test -d .triton-$(TRITON) || $(PY) -m pip install -q --no-deps --target .triton-$(TRITON) "triton==$(TRITON)" "numpy<2.4"
+	PYTHONPATH=$(CURDIR)/.triton-$(TRITON) $(PY) -m pytest $(PYTEST_ARGS) tests
+
 bench: $(VENV)/.installed
 	$(PY) -m bench all
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .triton-* build *.egg-info .pytest_cache

@@ -121,6 +121,9 @@ SMEM_LIMIT = 227 * 1024
 # (bench/results/nvidia-h100), what runs without autotuning. 64 rows also go on 16 warps (four warpgroups, 128
 # registers a thread: one warpgroup's softmax can overlap another's products; with 32-token tiles Triton 3.6 spills
 # nothing inside the loop on sm_90, 3.9 a few words per iteration: tests/cuda_compile.py --resources).
+# Triton's own warp specialisation (tl.range(..., warp_specialize=True), on Hopper since 3.5, with tensor
+# descriptors) does not reach this loop: as compiled for sm_90 on 3.6 and 3.9 it leaves 8-warp programs as they are,
+# and a 4-warp program of 64 rows x 576 (a producer warpgroup added) needs 352 KB of shared memory and spills.
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p}, num_warps=w, num_stages=s)
                    for n, w, s, p in ((64, 8, 2, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
                                       (32, 16, 3, True), (32, 16, 4, True),

@@ -1,0 +1,256 @@
+"""Randomized comparison of the public ops against their references (a script, not part of the suite).
+
+    python tests/fuzz_ops.py OP [--count N] [--seed S]      OP: flash, moba, nsa, moba_decode, mla_decode
+
+Each draw picks a combination of the features the suite's cases test one at a time (dtype, GQA group, head dims
+with dv != dk, causal / window, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
+forced blocks, cache offsets, page tables in random order, 1-4 query tokens, ...), runs the op through the Triton
+kernels (the interpreter without a GPU, outputs poisoned with NaN before each launch) and compares the outputs and
+gradients with the float32 reference. Prints each mismatch with its configuration; exits 1 if there was one.
+Draws the op refuses with a ValueError (an invalid configuration) are counted, not compared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["LONGATTN_POISON_OUTPUTS"] = "1"
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import longattn  # noqa: E402
+from helpers import rel_err  # noqa: E402
+from longattn.kernels.reference import attention_ref  # noqa: E402
+from longattn.mla.reference import mla_decode_ref  # noqa: E402
+from longattn.moba.reference import moba_attention_ref  # noqa: E402
+from longattn.nsa import NSAConfig  # noqa: E402
+from longattn.nsa.reference import nsa_attention_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def _lengths(rng, varlen, n_seq, longest):
+    """Sequence lengths: varlen ones may be 0 (not all), a padded batch's are equal and positive."""
+    if not varlen:
+        return [rng.randint(1, longest)] * n_seq
+    lens = [rng.randint(0, longest) for _ in range(n_seq)]
+    lens[0] = max(lens[0], 1 if sum(lens) == 0 else 0)
+    return lens
+
+
+def _inputs(shape_q, shape_k, hq, hkv, dk, dv, dtype):
+    q = torch.randn(*shape_q, hq, dk, device=DEVICE, dtype=dtype)
+    k = torch.randn(*shape_k, hkv, dk, device=DEVICE, dtype=dtype)
+    v = torch.randn(*shape_k, hkv, dv, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+def _grads(out, leaves, dout):
+    return torch.autograd.grad(out, leaves, dout)
+
+
+def _float_leaves(tensors):
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+def draw_flash(rng, dtype, hq, hkv):
+    dk = rng.choice([16, 32, 48, 64, 80])
+    dv = rng.choice([dk, 16, 32])
+    causal = rng.random() < 0.7
+    window = rng.choice([None, None, 1, 7, 33, 100]) if causal else None
+    varlen, n_seq = rng.random() < 0.5, rng.randint(1, 3)
+    lq = _lengths(rng, varlen, n_seq, 150)
+    lk = [max(a, rng.randint(1, 150)) for a in lq] if rng.random() < 0.3 else lq  # Tq <= Tk (bottom-right causal)
+    if not causal and rng.random() < 0.5:
+        lk = [rng.randint(1, 150) for _ in lq]
+    if not varlen:
+        lk = [lk[0]] * n_seq
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lq=lq, lk=lk, causal=causal, window=window, varlen=varlen)
+    if varlen:
+        q, k, v = _inputs((sum(lq),), (sum(lk),), hq, hkv, dk, dv, dtype)
+        ref_kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
+        kw = dict(ref_kw, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    else:
+        q, k, v = _inputs((n_seq, lq[0]), (n_seq, lk[0]), hq, hkv, dk, dv, dtype)
+        kw = ref_kw = {}
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, lse = longattn.flash_attention(*leaves, causal=causal, window=window, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    ref_leaves = _float_leaves(leaves)
+    out_r, lse_r = attention_ref(*ref_leaves, causal=causal, window=window, return_lse=True, **ref_kw)
+    checks = [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
+    checks += [(f"d{n}", a, b, 2) for n, a, b in zip("qkv", _grads(out, leaves, dout),
+                                                       _grads(out_r, ref_leaves, dout.float()))]
+    return cfg, checks
+
+
+def draw_moba(rng, dtype, hq, hkv):
+    dk = rng.choice([16, 32, 64])
+    dv = rng.choice([dk, 16])
+    block, topk = rng.choice([16, 32, 64]), rng.randint(1, 4)
+    varlen, n_seq = rng.random() < 0.5, rng.randint(1, 3)
+    lens = _lengths(rng, varlen, n_seq, 200)
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, block=block, topk=topk, varlen=varlen)
+    shape = (sum(lens),) if varlen else (n_seq, lens[0])
+    kw = dict(cu_seqlens=_cu(lens)) if varlen else {}
+    leaves = [t.requires_grad_() for t in _inputs(shape, shape, hq, hkv, dk, dv, dtype)]
+    out = longattn.moba_attention(*leaves, block_size=block, topk=topk, **kw)
+    dout = torch.randn_like(out)
+    # the reference on the op's own dtype: the gate's top-k then sees the same pooled keys (no near-tie flips)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out_r = moba_attention_ref(*ref_leaves, block_size=block, topk=topk, **kw)
+    checks = [("out", out, out_r, 1)]
+    checks += [(f"d{n}", a, b, 2) for n, a, b in zip("qkv", _grads(out, leaves, dout), _grads(out_r, ref_leaves, dout))]
+    return cfg, checks
+
+
+def _sorted_selection(sel):
+    return torch.where(sel < 0, torch.full_like(sel, 1 << 30), sel.long()).sort(-1).values
+
+
+def draw_nsa(rng, dtype, hq, hkv):
+    dk, dv = rng.choice([32, 64]), rng.choice([16, 32, 64])
+    stride = rng.choice([8, 16])
+    cmp_block = stride * rng.choice([1, 2])
+    config = NSAConfig(cmp_block=cmp_block, cmp_stride=stride, slc_block=max(cmp_block, stride * rng.choice([2, 4])),
+                       slc_topk=rng.randint(1, 5), window=rng.choice([16, 64, 512]), init_blocks=rng.randint(0, 1),
+                       local_blocks=rng.randint(1, 2))  # may be refused (top-n below the forced blocks)
+    varlen, n_seq = rng.random() < 0.5, rng.randint(1, 3)
+    lens = _lengths(rng, varlen, n_seq, 300)
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, config=config, varlen=varlen)
+    shape = (sum(lens),) if varlen else (n_seq, lens[0])
+    kw = dict(cu_seqlens=_cu(lens)) if varlen else {}
+    gates = [torch.rand(*shape, hq, device=DEVICE, dtype=dtype) for _ in range(3)]
+    leaves = [t.requires_grad_() for t in (*_inputs(shape, shape, hq, hkv, dk, dv, dtype), *gates)]
+    out, sel = longattn.nsa_attention(*leaves, config=config, return_selection=True, **kw)
+    dout = torch.randn_like(out)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out_r, sel_r = nsa_attention_ref(*ref_leaves, config=config, return_selection=True, **kw)
+    checks = [("out", out, out_r, 1), ("selection", _sorted_selection(sel), _sorted_selection(sel_r), 0)]
+    checks += [(f"d{n}", a, b, 3) for n, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"),
+                                                      _grads(out, leaves, dout), _grads(out_r, ref_leaves, dout))]
+    return cfg, checks
+
+
+def draw_moba_decode(rng, dtype, hq, hkv):
+    dk = rng.choice([16, 32, 64])
+    dv = rng.choice([dk, 16])
+    batch, block, topk = rng.randint(1, 4), rng.choice([16, 32, 64]), rng.randint(1, 5)
+    lens = [rng.randint(1, 300) for _ in range(batch)]
+    offsets = [rng.randint(0, 20) for _ in range(batch)]
+    L = max(n + o for n, o in zip(lens, offsets)) + rng.randint(0, 10)
+    keep_means = rng.random() < 0.5
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, offsets=offsets, L=L, block=block, topk=topk,
+               keep_means=keep_means)
+    k_cache = torch.randn(batch, L, hkv, dk, device=DEVICE, dtype=dtype)
+    v_cache = torch.randn(batch, L, hkv, dv, device=DEVICE, dtype=dtype)
+    q = torch.randn(batch, hq, dk, device=DEVICE, dtype=dtype)
+    k_mean = None
+    if keep_means:
+        k_mean = torch.zeros(batch, max(1, max((n - 1) // block for n in lens)), hkv, dk, device=DEVICE, dtype=dtype)
+        for b in range(batch):
+            for j in range((lens[b] - 1) // block):
+                rows = k_cache[b, offsets[b] + j * block: offsets[b] + (j + 1) * block]
+                k_mean[b, j] = rows.float().mean(0).to(dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = longattn.moba_decode(q, k_cache, v_cache, cache_seqlens=seqlens, block_size=block, topk=topk,
+                               cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=DEVICE), k_mean=k_mean)
+    checks = []
+    for b in range(batch):  # the last row of the prefill reference on the sequence
+        keys = slice(offsets[b], offsets[b] + lens[b])
+        qs = torch.zeros(1, lens[b], hq, dk, device=DEVICE, dtype=dtype)
+        qs[0, -1] = q[b]
+        ref = moba_attention_ref(qs, k_cache[b:b + 1, keys], v_cache[b:b + 1, keys], block_size=block, topk=topk)
+        checks.append((f"out[{b}]", out[b], ref[0, -1], 1))
+    return cfg, checks
+
+
+def draw_mla_decode(rng, dtype, hq, hkv):
+    heads, tokens, batch = rng.choice([1, 4, 16, 20, 64, 128]), rng.randint(1, 4), rng.randint(1, 4)
+    rank, rope = rng.choice([(512, 64), (64, 16), (32, 16)])
+    page, paged = rng.choice([16, 64]), rng.random() < 0.7
+    lens = [rng.randint(tokens, 300) for _ in range(batch)]
+    cfg = dict(heads=heads, tokens=tokens, batch=batch, rank=rank, rope=rope, page=page, lens=lens, paged=paged)
+    q_latent = torch.randn(batch, tokens, heads, rank, device=DEVICE, dtype=dtype)
+    q_rope = torch.randn(batch, tokens, heads, rope, device=DEVICE, dtype=dtype)
+    table = None
+    if paged:  # pages in random order, a spare page per sequence at random, unused entries 0 or -1
+        pages = [-(-n // page) + rng.randint(0, 1) for n in lens]
+        order = torch.randperm(sum(pages) + 3).tolist()
+        table = torch.full((batch, max(pages)), rng.choice([0, -1]), dtype=torch.int32)
+        for b in range(batch):
+            table[b, :pages[b]] = torch.tensor(order[sum(pages[:b]):sum(pages[:b + 1])], dtype=torch.int32)
+        table = table.to(DEVICE)
+        cache = torch.randn(len(order), page, rank + rope, device=DEVICE, dtype=dtype)
+    else:
+        cache = torch.randn(batch, max(lens) + rng.randint(0, 5), rank + rope, device=DEVICE, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = (rank + rope) ** -0.5
+    out, lse = longattn.mla_decode(q_latent, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=scale,
+                                   return_lse=True)
+    out_r, lse_r = mla_decode_ref(q_latent.float(), q_rope.float(), cache.float(), cache_seqlens=seqlens,
+                                  block_table=table, scale=scale, kv_lora_rank=rank)
+    return cfg, [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
+
+
+DRAWS = {"flash": draw_flash, "moba": draw_moba, "nsa": draw_nsa, "moba_decode": draw_moba_decode,
+         "mla_decode": draw_mla_decode}
+
+
+def mismatch(actual, expected, dtype, factor):
+    """Why ``actual`` is not ``expected`` within the dtype's relative tolerance x factor (0: equal), or None.
+    Gradients that are exactly 0 in exact arithmetic (a window of 1) are compared absolutely."""
+    if factor == 0:
+        return None if torch.equal(actual, expected) else "differs"
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    finite = torch.isfinite(expected)
+    if not torch.equal(torch.isfinite(actual), finite):
+        return "non-finite values where the reference has none (or the reverse)"
+    a, e = actual[finite].double(), expected[finite].double()
+    if e.numel() == 0 or (a - e).abs().max() <= 1e-4 * max(1.0, e.abs().max().item()):
+        return None
+    err = rel_err(a, e)
+    return f"relative error {err:.3g}" if err > TOL[dtype] * factor else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("op", choices=sorted(DRAWS))
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+    failures = refused = 0
+    for i in range(args.count):
+        seed = args.seed * 100_000 + i
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        dtype, hkv, group = rng.choice(dtypes), rng.choice([1, 2]), rng.choice([1, 2, 4, 16])
+        try:
+            cfg, checks = DRAWS[args.op](rng, dtype, hkv * group, hkv)
+        except ValueError as e:
+            refused += 1
+            print(f"draw {i} (seed {seed}): refused: {e}")
+            continue
+        for name, actual, expected, factor in checks:
+            why = mismatch(actual, expected, dtype, factor)
+            if why:
+                failures += 1
+                print(f"draw {i} (seed {seed}) {name}: {why}; {dtype} {cfg}", flush=True)
+    print(f"{args.op}: {args.count} draws, {refused} refused, {failures} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,7 @@ os.environ["LONGATTN_POISON_OUTPUTS"] = "1"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import longattn  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from helpers import rel_err, sorted_selection  # noqa: E402
 from longattn.kernels.reference import attention_ref  # noqa: E402
 from longattn.mla.reference import mla_decode_ref  # noqa: E402
 from longattn.moba.reference import moba_attention_ref  # noqa: E402
@@ -114,10 +114,6 @@ def draw_moba(rng, dtype, hq, hkv):
     return cfg, checks
 
 
-def _sorted_selection(sel):
-    return torch.where(sel < 0, torch.full_like(sel, 1 << 30), sel.long()).sort(-1).values
-
-
 def draw_nsa(rng, dtype, hq, hkv):
     dk, dv = rng.choice([32, 64]), rng.choice([16, 32, 64])
     stride = rng.choice([8, 16])
@@ -136,7 +132,7 @@ def draw_nsa(rng, dtype, hq, hkv):
     dout = torch.randn_like(out)
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     out_r, sel_r = nsa_attention_ref(*ref_leaves, config=config, return_selection=True, **kw)
-    checks = [("out", out, out_r, 1), ("selection", _sorted_selection(sel), _sorted_selection(sel_r), 0)]
+    checks = [("out", out, out_r, 1), ("selection", sorted_selection(sel), sorted_selection(sel_r), 0)]
     checks += [(f"d{n}", a, b, 3) for n, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"),
                                                       _grads(out, leaves, dout), _grads(out_r, ref_leaves, dout))]
     return cfg, checks

@@ -28,6 +28,12 @@ def assert_lse_close(actual, expected, atol=1e-3):
     assert diff.numel() == 0 or diff.max().item() <= atol, f"lse max abs error {diff.max().item():.3g}"
 
 
+def sorted_selection(sel: torch.Tensor) -> torch.Tensor:
+    """Selected block indices sorted along the last dim, -1 padding last: the same set in any order compares equal."""
+    sel = sel.long()
+    return torch.where(sel < 0, torch.full_like(sel, 1 << 30), sel).sort(-1).values
+
+
 def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
 

@@ -9,14 +9,9 @@ from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
 from longattn.nsa.kernels import SELECT_TILES
 from longattn.nsa.ops import _gates, _mean_compress
-from helpers import assert_close, leaf
+from helpers import assert_close, leaf, sorted_selection
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
-
-
-def _sorted_sel(sel):
-    sel = sel.long()
-    return torch.where(sel < 0, torch.full_like(sel, 1 << 30), sel).sort(-1).values
 
 
 def _rounded_mean(x, dtype, config, lens):
@@ -47,7 +42,7 @@ def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, **varlen):
         dict(k_cmp=_rounded_mean(refs[1], dtype, config, lens), v_cmp=_rounded_mean(refs[2], dtype, config, lens))
     out, sel = nsa_attention(*ours[:6], config=config, return_selection=True, **extra, **varlen)
     out_r, sel_r = nsa_attention_ref(*refs[:6], config=config, return_selection=True, **extra_r, **varlen)
-    assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r)), "selection differs from the reference"
+    assert torch.equal(sorted_selection(sel), sorted_selection(sel_r)), "selection differs from the reference"
     assert out.dtype == dtype
     assert_close(out, out_r, dtype, "out")
     dout = torch.randn_like(out_r)
@@ -113,7 +108,7 @@ def test_nsa_selection_configs(cfg, device):
     g = torch.rand(1, T, Hq, device=device)
     _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, return_selection=True)
     _, sel_r = nsa_attention_ref(q, k, v, g, g, g, config=cfg, return_selection=True)
-    assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
+    assert torch.equal(sorted_selection(sel), sorted_selection(sel_r))
 
 
 @pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}r{}".format(*t))
@@ -137,7 +132,7 @@ def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
     _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, return_selection=True,
                                  k_cmp=_rounded_mean(ref[1], torch.float16, cfg, None),
                                  v_cmp=_rounded_mean(ref[2], torch.float16, cfg, None))
-    assert torch.equal(_sorted_sel(sel), _sorted_sel(sel_r))
+    assert torch.equal(sorted_selection(sel), sorted_selection(sel_r))
 
 
 def test_nsa_autotuning_keeps_results(monkeypatch, device):
@@ -260,12 +255,12 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
     assert out.dtype == dtype and out.shape == (len(lens), Hq, 16)
     for b, (n, o) in enumerate(zip(lens, offsets)):
         ref, sel_r = _decode_ref(q, k, v, kc, vc, gates, b, n, o, CFG)
-        assert torch.equal(_sorted_sel(sel[b]), _sorted_sel(sel_r[0, 0])), f"sequence {b}: selection differs"
+        assert torch.equal(sorted_selection(sel[b]), sorted_selection(sel_r[0, 0])), f"sequence {b}: selection differs"
         assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
     # unchecked (no host synchronisation; work sized for the cache's length, the caches NaN past each sequence)
     out2, sel2 = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG,
                             num_splits=splits, return_selection=True, validate=False)
-    assert torch.equal(_sorted_sel(sel2), _sorted_sel(sel))
+    assert torch.equal(sorted_selection(sel2), sorted_selection(sel))
     assert_close(out2, out, dtype, "validate=False")
     # gates as evenly spaced views of one tensor (the module's): read in place, not stacked
     g = torch.stack(gates, 1)  # (B, 3, Hq)
@@ -287,7 +282,7 @@ def test_nsa_decode_long_selection_blocks(splits, device):
                           num_splits=splits, return_selection=True)
     for b, (n, o) in enumerate(zip(lens, offsets)):
         ref, sel_r = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg)
-        assert torch.equal(_sorted_sel(sel[b]), _sorted_sel(sel_r[0, 0])), f"sequence {b}: selection differs"
+        assert torch.equal(sorted_selection(sel[b]), sorted_selection(sel_r[0, 0])), f"sequence {b}: selection differs"
         assert_close(out[b], ref[0, 0], torch.float32, f"sequence {b}")
 
 
@@ -309,7 +304,7 @@ def test_nsa_decode_cache_rows(splits, device):
         ref, sel_r = nsa_attention_ref(q[r, None, None], k[b, None, o:o + n], v[b, None, o:o + n],
                                        *(g[r, None, None] for g in gates), k_cmp=kc[b, None, :c], v_cmp=vc[b, None, :c],
                                        config=CFG, return_selection=True)
-        assert torch.equal(_sorted_sel(sel[r]), _sorted_sel(sel_r[0, 0])), f"row {r}: selection differs"
+        assert torch.equal(sorted_selection(sel[r]), sorted_selection(sel_r[0, 0])), f"row {r}: selection differs"
         assert_close(out[r], ref[0, 0], torch.float32, f"row {r}")
     with pytest.raises(ValueError, match="cache_rows must lie in \\[0, 3\\)"):
         nsa_decode(q, k, v, kc, vc, *gates, cache_rows=i32([3] + rows[1:]), **kw)

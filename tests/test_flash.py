@@ -292,6 +292,54 @@ def test_autocast_casts_inputs(device):
         flash_attention(q, k, v)
 
 
+@pytest.mark.parametrize("layout", ["dense", "varlen", "left_pad"])
+def test_torch_compile_fullgraph(layout, device):
+    """Under torch.compile flash_attention is a custom op (its backward another): TorchDynamo traces it without a
+    graph break (fullgraph=True), and the compiled function's output, lse and gradients equal eager mode's; also
+    under autocast (the casts traced before the op)."""
+    torch._dynamo.reset()
+    opts = dict(window=23, return_lse=True)
+    if layout == "varlen":
+        shapes = (130, 4, 32), (130, 2, 32), (130, 2, 48)
+        opts.update(cu_seqlens=torch.tensor([0, 30, 100, 130], dtype=torch.int32, device=device), max_seqlen=70)
+    else:
+        shapes = (2, 60, 4, 32), (2, 60, 2, 32), (2, 60, 2, 48)
+        if layout == "left_pad":
+            opts = dict(left_pad=torch.tensor([0, 17], dtype=torch.int32, device=device), return_lse=True)
+    inputs = [leaf(torch.randn(s, device=device)) for s in shapes]
+
+    def f(q, k, v, dtype=None):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype is not None):
+            out, lse = flash_attention(q, k, v, **opts)
+        return out, torch.where(torch.isinf(lse), 0, lse)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for dtype in (None, torch.bfloat16):
+        results = []
+        for fn in (f, compiled):
+            out, lse = fn(*inputs, dtype)
+            loss = out.float().square().sum() + lse.sum()
+            results.append((out, lse, *torch.autograd.grad(loss, inputs)))
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+            assert a.dtype == b.dtype and torch.isfinite(a).all(), name
+            torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
+
+
+def test_custom_ops_registration(device):
+    """The custom ops' schemas, fake (shape) functions and autograd formula pass torch.library.opcheck, and bad
+    shapes fail while tracing with the eager op's message."""
+    q, k, v = (leaf(torch.randn(2, 40, h, 16, device=device)) for h in (4, 2, 2))
+    pad = torch.tensor([5, 0], dtype=torch.int32, device=device)
+    for args in ((q, k, v, None, None, None, None, None, True, 9, None, 1, 0, True),
+                 (q, k, v, None, None, None, None, pad, False, None, 0.3, 1, 0, True),
+                 (q[0], k[0], v[0], *[torch.tensor([0, 15, 40], dtype=torch.int32, device=device)] * 2, 30, None, None,
+                  True, None, None, 4, 3, True)):
+        torch.library.opcheck(torch.ops.longattn.flash_attention.default, args)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="q and k must have the same head dim"):
+        torch.compile(flash_attention, fullgraph=True, backend="aot_eager")(q, k[..., :8], v)
+
+
 def test_empty_inputs(device):
     q = torch.randn(2, 0, 2, 16, device=device)
     out, lse = flash_attention(q, q, q, return_lse=True)

@@ -119,7 +119,6 @@ def padding_runs(mask: torch.Tensor) -> list:
 _last_padding = (None, None, None)  # (weak reference to a mask, its version and the columns read, what they held)
 
 
-@torch.compiler.disable  # reads the mask on the host; TorchDynamo would guard on the memo's weak reference
 def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
     """What the last ``kv_len`` columns of a transformers 2-D padding mask hold: ``(mask, pad, real)`` with
     ``mask`` None when they are all real tokens; ``pad``, each row's padding (int32 (B,) on the mask's device), when
@@ -127,9 +126,14 @@ def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
     None; ``real``, each row's real tokens (a host list), unless the mask has holes or right padding (None).
     Reading a mask is a host synchronisation; every layer of a forward gets the same mask object, so what the
     last call read is reused."""
-    global _last_padding
-    if attention_mask is None:
+    if attention_mask is None:  # (traced by TorchDynamo: no graph break without a mask)
         return None, None, None
+    return _read_padding(attention_mask, kv_len)
+
+
+@torch.compiler.disable  # reads the mask on the host; TorchDynamo would guard on the memo's weak reference
+def _read_padding(attention_mask: torch.Tensor, kv_len: int):
+    global _last_padding
     ref, key, found = _last_padding
     if ref is None or ref() is not attention_mask or key != (attention_mask._version, kv_len):
         kmask = attention_mask[:, -kv_len:].bool()
@@ -158,6 +162,8 @@ def padding_mask(*args, **kwargs):
     if kwargs.get("q_offset") is not None and q_length is not None:
         seen = int(kwargs["q_offset"]) + q_length  # a tensor for static caches (an int otherwise: no read)
     elif kwargs.get("cache_position") is not None:  # transformers before q_offset
+        if kwargs["cache_position"].shape[0] >= kv_length:  # nothing cached before these tokens: nothing to read
+            return None
         seen = int(kwargs["cache_position"][-1]) + 1
     else:
         return None

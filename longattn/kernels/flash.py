@@ -32,8 +32,9 @@ import triton.language as tl
 
 from .merge import merge_fwd
 from .utils import (AttnDims, autotune, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
-                    check_device, check_positive_int, check_scale, empty, empty_like, kernel_inputs, next_pow2,
-                    num_sms, public_op, resolve_seqlens, small_tiles, split_context, split_dim)
+                    check_attention_shapes, check_device, check_positive_int, check_scale, empty, empty_like,
+                    kernel_inputs, next_pow2, num_sms, on_device, public_op, resolve_seqlens, small_tiles,
+                    split_context, split_dim)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -832,18 +833,22 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, left_pad = ctx.saved_tensors
-        dims = ctx.dims
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dout = _lastdim_contiguous(dout.to(out.dtype))
-        if dlse is not None:
-            dlse = dlse.float().contiguous()
-        if q.numel() == 0 or k.numel() == 0:
-            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)) + (None,) * 6
-        delta = flash_bwd_delta(out, dout, lse, dlse, dims)
-        dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos,
-                               left_pad)
-        return (dq, dk, dv) + (None,) * 6
+        return _gradients(dout, dlse, q, k, v, out, lse, ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos,
+                          left_pad) + (None,) * 6
+
+
+def _gradients(dout, dlse, q, k, v, out, lse, dims: AttnDims, causal, window, scale, key_pos, left_pad):
+    """dq, dk, dv from the forward's inputs, output and lse (kernel dtypes) and the gradients of out and lse
+    (either may be None: no gradient)."""
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dout = _lastdim_contiguous(dout.to(out.dtype))
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = flash_bwd_delta(out, dout, lse, dlse, dims)
+    return flash_bwd(dout, q, k, v, lse, delta, dims, causal, window, scale, key_pos, left_pad)
 
 
 def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor:
@@ -858,7 +863,105 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
 
 
-@public_op("q", "k", "v")
+def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_stride,
+             key_offset, left_pad, validate: bool):
+    """flash_attention's checks of its arguments: ``(dims, scale, left_pad)`` as the launches take them."""
+    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    if not isinstance(causal, bool):
+        kind = type(causal)
+        raise TypeError(f"causal must be a bool, got {kind.__name__ if kind.__module__ == 'builtins' else kind}")
+    if window is not None:
+        check_positive_int(window, "window")
+        if not causal:
+            raise ValueError("window requires causal=True (it selects the most recent keys)")
+    scale = check_scale(scale, dims.dim_qk ** -0.5)
+    check_positive_int(key_stride, "key_stride")
+    check_positive_int(key_offset, "key_offset", minimum=0)
+    if (key_stride, key_offset) != (1, 0) and window is not None:
+        raise ValueError("key_stride/key_offset cannot be combined with window")
+    if max(dims.max_seqlen_k - 1, 0) * key_stride + key_offset >= 2 ** 31:  # positions are 32-bit in the kernels
+        raise ValueError(f"the last key's position ((max_seqlen_k - 1) * key_stride + key_offset = "
+                         f"{(dims.max_seqlen_k - 1) * key_stride + key_offset}) must be below 2**31")
+    if left_pad is not None:
+        if (key_stride, key_offset) != (1, 0):
+            raise ValueError("left_pad cannot be combined with key_stride/key_offset")
+        left_pad = _check_left_pad(left_pad, dims, q, validate)
+    return dims, scale, left_pad
+
+
+# torch.compile: TorchDynamo traces flash_attention as one custom op (its backward as another) instead of breaking the
+# graph there, so a model calling it compiles whole (fullgraph=True); the ops run the eager code when the graph runs.
+_OP_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
+            "int? max_seqlen_k, Tensor? left_pad, bool causal, int? window, float? scale, int key_stride, "
+            "int key_offset, bool validate")
+
+
+@torch.library.custom_op("longattn::flash_attention", mutates_args=(), schema=f"({_OP_ARGS}) -> (Tensor, Tensor)")
+def _flash_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left_pad, causal, window, scale,
+              key_stride, key_offset, validate):
+    with torch.no_grad():  # the op's own autograd formula (below) differentiates it
+        return flash_attention(q, k, v, causal=causal, window=window, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                               cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                               return_lse=True, key_stride=key_stride, key_offset=key_offset, left_pad=left_pad,
+                               validate=validate)
+
+
+@_flash_op.register_fake
+def _flash_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    check_attention_shapes(q, k, v, varlen)  # what can be checked without reading cu_seqlens
+    lse = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(lse, dtype=torch.float32)
+
+
+@torch.library.custom_op("longattn::flash_attention_backward", mutates_args=(),
+                         schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, {_OP_ARGS}) -> "
+                                "(Tensor, Tensor, Tensor)")
+def _flash_backward_op(dout, dlse, out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       left_pad, causal, window, scale, key_stride, key_offset, validate):
+    dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, key_stride, key_offset, left_pad, False)
+    with on_device(q):
+        inputs = kernel_inputs(*(_lastdim_contiguous(t) for t in (q, k, v, out)))
+        grads = _gradients(dout, dlse, *inputs, lse, dims, causal, window, scale, (key_stride, key_offset), left_pad)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+@_flash_backward_op.register_fake
+def _flash_backward_shapes(dout, dlse, out, lse, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_op_save(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, left_pad, *options = inputs
+    ctx.save_for_backward(*output, q, k, v, cu_q, cu_k, left_pad)
+    ctx.options = (max_q, max_k, options)
+
+
+def _flash_op_backward(ctx, dout, dlse):
+    out, lse, q, k, v, cu_q, cu_k, left_pad = ctx.saved_tensors
+    max_q, max_k, options = ctx.options
+    dq, dk, dv = torch.ops.longattn.flash_attention_backward(dout, dlse, out, lse, q, k, v, cu_q, cu_k, max_q, max_k,
+                                                             left_pad, *options)
+    return (dq, dk, dv) + (None,) * 11
+
+
+_flash_op.register_autograd(_flash_op_backward, setup_context=_flash_op_save)
+
+
+def _flash_attention_traced(q, k, v, *, causal=True, window=None, scale=None, cu_seqlens=None, max_seqlen=None,
+                            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                            return_lse=False, key_stride=1, key_offset=0, left_pad=None, validate=True):
+    """flash_attention as TorchDynamo traces it (same arguments): the custom op."""
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
+        cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = torch.ops.longattn.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  left_pad, causal, window, scale, key_stride, key_offset, validate)
+    return (out, lse) if return_lse else out
+
+
+@public_op("q", "k", "v", traced=_flash_attention_traced)
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: Optional[int] = None, scale: Optional[float] = None,
                     cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
@@ -906,27 +1009,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    if not isinstance(causal, bool):
-        kind = type(causal)
-        raise TypeError(f"causal must be a bool, got {kind.__name__ if kind.__module__ == 'builtins' else kind}")
-    if window is not None:
-        check_positive_int(window, "window")
-        if not causal:
-            raise ValueError("window requires causal=True (it selects the most recent keys)")
-    scale = check_scale(scale, dims.dim_qk ** -0.5)
-    check_positive_int(key_stride, "key_stride")
-    check_positive_int(key_offset, "key_offset", minimum=0)
-    if (key_stride, key_offset) != (1, 0) and window is not None:
-        raise ValueError("key_stride/key_offset cannot be combined with window")
-    if max(dims.max_seqlen_k - 1, 0) * key_stride + key_offset >= 2 ** 31:  # positions are 32-bit in the kernels
-        raise ValueError(f"the last key's position ((max_seqlen_k - 1) * key_stride + key_offset = "
-                         f"{(dims.max_seqlen_k - 1) * key_stride + key_offset}) must be below 2**31")
-    if left_pad is not None:
-        if (key_stride, key_offset) != (1, 0):
-            raise ValueError("left_pad cannot be combined with key_stride/key_offset")
-        left_pad = _check_left_pad(left_pad, dims, q, validate)
+    dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, key_stride, key_offset, left_pad, validate)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

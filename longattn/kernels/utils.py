@@ -6,11 +6,12 @@ memory access or a silent wrong answer).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import triton
@@ -34,7 +35,7 @@ def small_tiles() -> bool:
     return is_interpreter() and os.environ.get("LONGATTN_INTERPRET_TILES", "small") != "gpu"
 
 
-def public_op(*autocast: str):
+def public_op(*autocast: str, traced: Optional[Callable] | bool = None):
     """Decorator of the public ops. ``autocast`` names the floating-point arguments that must share a dtype:
     inside ``torch.autocast`` they are cast to its dtype, as torch casts SDPA's inputs (transformers layers
     under autocast hand attention float32 q/k, rotated by float32 RoPE tables, and bfloat16 v), and the op
@@ -43,35 +44,73 @@ def public_op(*autocast: str):
     Triton launches on the current CUDA device: an op on tensors of another GPU (a model spread over several,
     ``device_map="auto"``) runs with that GPU made current.
 
-    The op is also opaque to ``torch.compile``: TorchDynamo runs it as it is (a graph break) instead of
-    tracing its host checks, autotuning and kernel launches, so a compiled model gives the eager results."""
+    Under ``torch.compile`` TorchDynamo traces ``traced`` where the op has one: its form for tracing (same
+    arguments), which calls custom ops (the graph runs them as they are), or ``True``: the op itself, made of
+    torch operations and such ops. The other ops are opaque to it: it runs them as they are (a graph break) instead
+    of tracing their host checks, autotuning and kernel launches. Either way a compiled model gives the eager
+    results."""
     def decorate(fn):
         params = list(inspect.signature(fn).parameters)
         positions = [(params.index(name), name) for name in autocast]
 
+        def autocast_args(args, kwargs):
+            """The arguments cast to the autocast dtype, and the device type it is on for (None when off)."""
+            first = _first_tensor(args)
+            if not positions or first is None or first.device.type not in ("cuda", "cpu") or \
+                    not torch.is_autocast_enabled(first.device.type):
+                return args, kwargs, None
+            device = first.device.type
+            dtype = torch.get_autocast_dtype(device)
+            args, kwargs = list(args), dict(kwargs)
+            for i, name in positions:
+                if i < len(args):
+                    args[i] = _autocast_to(args[i], dtype)
+                elif name in kwargs:
+                    kwargs[name] = _autocast_to(kwargs[name], dtype)
+            return args, kwargs, device
+
         @functools.wraps(fn)
         def op(*args, **kwargs):
-            first = args[0] if args else None
-            if isinstance(first, (list, tuple)) and first:  # merge_attention's list of parts
-                first = first[0]
-            if isinstance(first, torch.Tensor) and first.is_cuda and first.device.index != torch.cuda.current_device():
+            first = _first_tensor(args)
+            if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
                 with torch.cuda.device(first.device):
                     return op(*args, **kwargs)
-            if positions and isinstance(first, torch.Tensor) and first.device.type in ("cuda", "cpu") and \
-                    torch.is_autocast_enabled(first.device.type):
-                device = first.device.type
-                dtype = torch.get_autocast_dtype(device)
-                args = list(args)
-                for i, name in positions:
-                    if i < len(args):
-                        args[i] = _autocast_to(args[i], dtype)
-                    elif name in kwargs:
-                        kwargs[name] = _autocast_to(kwargs[name], dtype)
+            args, kwargs, device = autocast_args(args, kwargs)
+            if device is not None:
                 with torch.autocast(device, enabled=False):
                     return fn(*args, **kwargs)
             return fn(*args, **kwargs)
-        return torch.compiler.disable(op)
+
+        eager = torch.compiler.disable(op)
+        if traced is None:
+            return eager
+
+        body = fn if traced is True else traced
+
+        @functools.wraps(fn)
+        def entry(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                return eager(*args, **kwargs)
+            args, kwargs, device = autocast_args(args, kwargs)
+            if device is not None:
+                with torch.autocast(device, enabled=False):
+                    return body(*args, **kwargs)
+            return body(*args, **kwargs)
+        return entry
     return decorate
+
+
+def _first_tensor(args):
+    """The op's first argument (the first of merge_attention's list of parts) if it is a tensor."""
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def on_device(t: torch.Tensor):
+    """A context making ``t``'s GPU the current one (Triton launches there), or nothing for a CPU tensor."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _autocast_to(x, dtype: torch.dtype):
@@ -350,9 +389,14 @@ def check_device(tensors: dict) -> torch.device:
         raise ValueError(
             f"{first_name} is on {first}: longattn kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")
-    if first.type != "cuda" and interpreter_problem():
-        raise RuntimeError(interpreter_problem())
+    if first.type != "cuda" and _interpreter_refusal():
+        raise RuntimeError(_interpreter_refusal())
     return first
+
+
+@torch.compiler.assume_constant_result  # TorchDynamo calls it once while tracing (the packages do not change)
+def _interpreter_refusal() -> Optional[str]:
+    return interpreter_problem()
 
 
 @functools.lru_cache(maxsize=None)
@@ -546,18 +590,12 @@ class AttnDims:
         return self.heads_q // self.heads_kv
 
 
-def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                           max_seqlen_k=None, v_name: str = "v") -> AttnDims:
-    """Validate q/k/v in the dense ``(B, T, H, D)`` or varlen ``(total, H, D)`` layout.
-
-    ``max_seqlen_*`` are optional; when given they must be at least the longest sequence.
-    """
+def check_attention_shapes(q, k, v, varlen: bool, v_name: str = "v") -> None:
+    """The checks of :func:`check_attention_inputs` that read no tensor's values: types, dtypes and shapes."""
     check_tensor(q, "q", ndim=(3, 4))
     check_tensor(k, "k", ndim=(3, 4))
     check_tensor(v, v_name, ndim=(3, 4))
     check_same_dtype({"q": q, "k": k, v_name: v})
-    check_device({"q": q, "k": k, v_name: v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
-    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     want = 3 if varlen else 4
     layout = "(total_tokens, heads, head_dim) with cu_seqlens" if varlen else "(batch, seqlen, heads, head_dim)"
     for name, t in (("q", q), ("k", k), (v_name, v)):
@@ -577,9 +615,21 @@ def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max
         raise ValueError(f"head dims must be positive, got q/k {dqk} and {v_name} {dv}")
     if max(dqk, dv) > 1024:
         raise ValueError(f"head dims above 1024 are not supported, got q/k {dqk} and {v_name} {dv}")
+    if not varlen and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+
+
+def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                           max_seqlen_k=None, v_name: str = "v") -> AttnDims:
+    """Validate q/k/v in the dense ``(B, T, H, D)`` or varlen ``(total, H, D)`` layout.
+
+    ``max_seqlen_*`` are optional; when given they must be at least the longest sequence.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    check_attention_shapes(q, k, v, varlen, v_name)
+    check_device({"q": q, "k": k, v_name: v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    hq, hkv, dqk, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     if not varlen:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
         for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if val is not None:
                 raise ValueError(f"{name} is only meaningful with cu_seqlens (varlen layout)")

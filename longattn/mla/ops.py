@@ -19,7 +19,7 @@ def _require_scale(scale) -> None:
         raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
 
 
-@public_op("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv")
+@public_op("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv", traced=True)  # torch ops and flash_attention
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,

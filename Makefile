@@ -37,7 +37,7 @@ KERNEL_TESTS := tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 ifneq ($(HAS_CUDA),1)
-	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16 and not gpu_candidates and not autotuning and not split_scores and not per_query" \
+	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16 and not gpu_candidates and not autotuning and not split_scores and not per_query and not torch_compile and not custom_op" \
 		$(KERNEL_TESTS)
 endif
 

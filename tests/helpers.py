@@ -195,3 +195,21 @@ def check_prompt_lookup_equals_greedy(model, device):
     assert torch.equal(speculative.sequences[:, :n], greedy.sequences)
     torch.testing.assert_close(torch.cat(speculative.logits[:len(greedy.logits)]), torch.cat(greedy.logits),
                                atol=1e-4, rtol=1e-4)
+
+
+def assert_compiled_matches_eager(fn, inputs, fullgraph: bool = True):
+    """``torch.compile(fn)`` (TorchDynamo and AOTAutograd; ``fullgraph``: without a graph break) gives fn's
+    outputs and the gradients of a loss over them with respect to every input that requires one, as eager mode
+    does (float32 inputs: only the order of gradient sums may differ)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=fullgraph, backend="aot_eager")
+    wrt = [t for t in inputs if t.requires_grad]
+    results = []
+    for f in (fn, compiled):
+        outs = f(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = sum(o.float().masked_fill(torch.isinf(o), 0).square().sum() for o in outs)
+        results.append((*outs, *torch.autograd.grad(loss, wrt)))
+    for i, (eager, got) in enumerate(zip(*results)):
+        assert got.dtype == eager.dtype, f"result {i}: dtype {got.dtype} != {eager.dtype}"
+        torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-5, msg=f"result {i}")

@@ -438,17 +438,21 @@ def _check_static_equals_dynamic(model, kind, device, **static_kw):
     assert hasattr(model, "_compiled_call")  # the steps ran compiled
 
 
-@pytest.mark.parametrize("kind", ["flash", "nsa", "mla"])  # (MoBA's attention function runs as flash's does)
-def test_compiled_model_equals_eager(kind, device):
-    """torch.compile(model) runs the kernels as they are (the ops are opaque to TorchDynamo): the compiled
-    model's logits and every parameter's gradient equal eager mode's. Dynamo traced into the ops before."""
+@pytest.mark.parametrize("kind,fullgraph", [("flash", True), ("moba", True), ("nsa", True), ("mla", True),
+                                            ("flash", False), ("nsa", False), ("mla", False)],
+                         ids=lambda v: {True: "fullgraph", False: "with-cache"}.get(v, v))
+def test_compiled_model_equals_eager(kind, fullgraph, device):
+    """torch.compile(model) trains as eager mode does: logits and every parameter's gradient equal. Without a
+    cache the whole forward is one graph (fullgraph=True: the ops are custom ops or traced); with transformers'
+    cache (use_cache, the default even in training) the modules' state beside it is host bookkeeping, opaque to
+    TorchDynamo (graph breaks). Dynamo traced into the ops before."""
     torch._dynamo.reset()
     model = _swapped(kind, device).train()
     ids = torch.randint(0, 128, (2, 50)).to(device)
     grads = []
-    for run in (model, torch.compile(model, backend="aot_eager")):
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=fullgraph)):
         model.zero_grad()
-        logits = run(ids).logits
+        logits = run(ids, use_cache=not fullgraph).logits
         logits.square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
         grads[-1]["logits"] = logits

@@ -5,7 +5,7 @@ import torch
 from longattn import flash_attention
 from longattn.moba import moba_attention, moba_attention_ref, moba_block_selection, moba_block_selection_ref
 from longattn.moba.reference import _pooled_keys
-from helpers import assert_close, assert_lse_close, leaf
+from helpers import assert_close, assert_compiled_matches_eager, assert_lse_close, leaf
 
 
 def _cu(lengths, device):
@@ -360,3 +360,35 @@ def test_moba_decode_in_cuda_graph():
         graph.replay()
         ref = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=bs, topk=3)
         assert_close(out, ref, torch.bfloat16, f"replay {i}")
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_torch_compile_fullgraph(layout, device):
+    """Under torch.compile moba_attention is a custom op (its backward another, taking the selection the forward
+    returns to it): traced without a graph break, its output, lse and gradients equal eager mode's; so does the
+    output without gradients (the op keeps no selection then), one query per sequence (the decoding shortcut)
+    included."""
+    opts = dict(block_size=16, topk=3, return_lse=True)
+    if layout == "varlen":
+        lens = [30, 70, 45]
+        inputs = [leaf(torch.randn(sum(lens), h, 32, device=device)) for h in (4, 2, 2)]
+        opts.update(cu_seqlens=_cu(lens, device))
+    else:
+        inputs = [leaf(torch.randn(2, 70, h, 32, device=device)) for h in (4, 2, 2)]
+    assert_compiled_matches_eager(lambda q, k, v: moba_attention(q, k, v, **opts), inputs)
+    f = (lambda q, k, v: moba_attention(q[:, -1:], k, v, **opts)) if layout == "dense" else \
+        (lambda q, k, v: moba_attention(q, k, v, **opts))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs), f(*inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_custom_op_registration(device):
+    """moba_attention's custom ops pass torch.library.opcheck (schema, shapes, autograd formula), dense and varlen."""
+    q, k, v = (leaf(torch.randn(2, 40, h, 16, device=device)) for h in (4, 2, 2))
+    cu = _cu([10, 30], device)
+    for args in ((q, k, v, None, None, None, None, 16, 2, None, True),
+                 (q[0], k[0], v[0], cu, cu, None, None, 16, 3, 0.2, True)):
+        torch.library.opcheck(torch.ops.longattn.moba_attention.default, args)

@@ -9,7 +9,7 @@ from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
 from longattn.nsa.kernels import SELECT_TILES
 from longattn.nsa.ops import _gates, _mean_compress
-from helpers import assert_close, leaf, sorted_selection
+from helpers import assert_close, assert_compiled_matches_eager, leaf, sorted_selection
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
 
@@ -599,3 +599,33 @@ def test_nsa_selected_per_query(queries, monkeypatch, device):
     lens, dtype = [150, 37], torch.float16
     ins = [torch.randn(sum(lens), h, 32, device=device, dtype=dtype) for h in (16, 1, 1)]
     _check_selected(ins, _random_selection(lens, 1, 4, 16, device), lens, 16, dtype)
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["mean-pooled", "k_cmp-v_cmp"])
+def test_torch_compile(learnable, device):
+    """Under torch.compile nsa_attention is traced in the dense layout, its branches custom ops (flash attention,
+    the selection, the selected branch, the gated sum): no graph break, and the output and every gradient (gates,
+    compressed keys and values included) equal eager mode's. With cu_seqlens it stays opaque (the lengths are
+    read on the host), with the eager results too."""
+    q, k, v = (leaf(torch.randn(2, 70, h, 32, device=device)) for h in (4, 2, 2))
+    gates = [leaf(torch.rand(2, 70, 4, device=device)) for _ in range(3)]
+    inputs = [q, k, v, *gates]
+    if learnable:
+        inputs += [leaf(torch.randn(2, CFG.num_cmp_blocks(70), 2, 32, device=device)) for _ in range(2)]
+    assert_compiled_matches_eager(lambda q, k, v, *rest: nsa_attention(
+        q, k, v, *rest[:3], config=CFG, **(dict(k_cmp=rest[3], v_cmp=rest[4]) if learnable else {})), inputs)
+    cu = torch.tensor([0, 70, 110], dtype=torch.int32, device=device)
+    packed = [t.detach().reshape(140, *t.shape[2:])[:110].requires_grad_() for t in inputs[:6]]
+    assert_compiled_matches_eager(lambda *a: nsa_attention(*a, config=CFG, cu_seqlens=cu), packed, fullgraph=False)
+
+
+def test_custom_op_registration(device):
+    """The custom ops of nsa_attention's branches pass torch.library.opcheck (schema, shapes, autograd formula)."""
+    outs = [leaf(torch.randn(30, 4, 16, device=device)) for _ in range(3)]
+    gates = [leaf(torch.rand(30, 4, device=device)) for _ in range(3)]
+    torch.library.opcheck(torch.ops.longattn.nsa_gated_sum.default, (*outs, *gates))
+    q, k, v = (leaf(torch.randn(80, h, 16, device=device)) for h in (4, 2, 2))
+    pos = torch.arange(80, device=device) % 40
+    sel = torch.stack([pos // 16, torch.where(pos >= 16, 0, -1)], -1)[:, None].expand(80, 2, 2).to(torch.int32)
+    cu = torch.tensor([0, 40, 80], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.longattn.nsa_selected.default, (q, k, v, sel.contiguous(), cu, [40, 40], 16, 0.25))

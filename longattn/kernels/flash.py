@@ -1006,6 +1006,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     Decoding: without gradients, when a KV head's query heads times the queries per sequence fit in 64 rows
     (one token or a few speculative ones), the keys are split across programs (split-KV, merged by lse) and
     each program serves a whole GQA group, so that batch 1 fills the GPU and each key is read once per KV head.
+
+    ``torch.compile``: TorchDynamo traces the call as one custom op (``torch.ops.longattn.flash_attention``, its
+    backward ``flash_attention_backward``), so a compiled model keeps one graph (``fullgraph=True`` works).
     """
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

@@ -35,7 +35,7 @@ def small_tiles() -> bool:
     return is_interpreter() and os.environ.get("LONGATTN_INTERPRET_TILES", "small") != "gpu"
 
 
-def public_op(*autocast: str, traced: Optional[Callable] | bool = None):
+def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_if: Optional[Callable] = None):
     """Decorator of the public ops. ``autocast`` names the floating-point arguments that must share a dtype:
     inside ``torch.autocast`` they are cast to its dtype, as torch casts SDPA's inputs (transformers layers
     under autocast hand attention float32 q/k, rotated by float32 RoPE tables, and bfloat16 v), and the op
@@ -47,8 +47,8 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None):
     Under ``torch.compile`` TorchDynamo traces ``traced`` where the op has one: its form for tracing (same
     arguments), which calls custom ops (the graph runs them as they are), or ``True``: the op itself, made of
     torch operations and such ops. The other ops are opaque to it: it runs them as they are (a graph break) instead
-    of tracing their host checks, autotuning and kernel launches. Either way a compiled model gives the eager
-    results."""
+    of tracing their host checks, autotuning and kernel launches, and so is a call for which ``opaque_if(*args,
+    **kwargs)`` holds. Either way a compiled model gives the eager results."""
     def decorate(fn):
         params = list(inspect.signature(fn).parameters)
         positions = [(params.index(name), name) for name in autocast]
@@ -89,7 +89,7 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None):
 
         @functools.wraps(fn)
         def entry(*args, **kwargs):
-            if not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() or (opaque_if is not None and opaque_if(*args, **kwargs)):
                 return eager(*args, **kwargs)
             args, kwargs, device = autocast_args(args, kwargs)
             if device is not None:
@@ -111,6 +111,17 @@ def _first_tensor(args):
 def on_device(t: torch.Tensor):
     """A context making ``t``'s GPU the current one (Triton launches there), or nothing for a CPU tensor."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def eager_context(t: torch.Tensor) -> contextlib.ExitStack:
+    """How a custom op's implementation runs the eager code on ``t``'s device: that GPU current, no autograd
+    recording (the op's own formula differentiates it), autocast off (the traced call cast its inputs)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(on_device(t))
+    stack.enter_context(torch.no_grad())
+    if t.device.type in ("cuda", "cpu"):
+        stack.enter_context(torch.autocast(t.device.type, enabled=False))
+    return stack
 
 
 def _autocast_to(x, dtype: torch.dtype):

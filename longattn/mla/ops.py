@@ -41,6 +41,8 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     Returns:
         ``(B, T, H, Dv)`` / ``(total, H, Dv)`` in q's dtype (and the lse if asked). Differentiable in every
         input, the weights included.
+
+    ``torch.compile`` traces it (torch operations and flash attention's custom op): no graph break.
     """
     varlen = cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None
     nd = 3 if varlen else 4

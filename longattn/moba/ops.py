@@ -6,10 +6,12 @@ from typing import Optional
 
 import torch
 
-from ..kernels.sparse import BlockPlan, block_sparse_packed, pack_inputs, plan_blocks, sparse_decode, unpack_output
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
-                             check_decode_inputs, check_positive_int, check_scale, device_tensor, empty, kernel_inputs,
-                             next_pow2, public_op, resolve_seqlens, small_tiles, validate_cache_rows)
+from ..kernels.sparse import (BlockPlan, block_sparse_packed, entries, pack_inputs, plan_blocks, sparse_backward,
+                              sparse_decode, unpack_output)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_attention_shapes, check_cache_lengths,
+                             check_cache_rows, check_decode_inputs, check_positive_int, check_scale, device_tensor,
+                             eager_context, empty, kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles,
+                             validate_cache_rows)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -99,7 +101,124 @@ def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, topk)
 
 
-@public_op("q", "k", "v")
+def _moba(q, k, v, dims: AttnDims, block_size: int, topk: int, scale: float, shortcut: bool = True):
+    """moba_attention on validated inputs: ``(out, lse, sel)``, sel the packed selection of earlier blocks
+    (total_q, Hq, ksel) int32, or None from the decoding shortcut (``shortcut``: allowed)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if shortcut and not dims.varlen and dims.max_seqlen_q == 1 and not grad and q.numel() and k.numel():
+        # one new token per sequence (decoding): the batch cache in place, no packing or host plan
+        lens = torch.full((dims.batch,), dims.max_seqlen_k, dtype=torch.int32, device=q.device)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out, lse = moba_decode(q[:, 0], k, v, cache_seqlens=lens, block_size=block_size, topk=topk, scale=scale,
+                               return_lse=True, validate=False)
+        return out[:, None], lse[:, :, None], None
+    plan, ksel, qp, kp, vp = _prepare(q, k, v, block_size, topk, dims)
+    qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
+    with torch.no_grad():  # the block selection is not differentiated
+        sel = _select(qk_, kk_, plan, dims, block_size, ksel) if ksel > 0 and qp.shape[0] else \
+            torch.empty(qp.shape[0], dims.heads_q, 0, dtype=torch.int32, device=q.device)
+    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)
+    out, lse = unpack_output(out.to(q.dtype), lse, dims)
+    return out, lse, sel
+
+
+# torch.compile: moba_attention as one custom op (its backward another), as flash_attention. With gradients the
+# forward also returns the selection, which its backward takes (the engine's entries are rebuilt from it), padded
+# to a width known from the shapes: the selections of the longest sequence's blocks
+_OP_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
+            "int? max_seqlen_k, int block_size, int topk, float? scale")
+
+
+def _selection_width(k, block_size: int, topk: int, varlen: bool):
+    """At least the selection's width (exactly it in the dense layout): ``min(topk, blocks) - 1``."""
+    blocks = -(-k.shape[0 if varlen else 1] // block_size)
+    return max(0, min(topk, blocks, MAX_TOPK) - 1)
+
+
+@torch.library.custom_op("longattn::moba_attention", mutates_args=(),
+                         schema=f"({_OP_ARGS}, bool keep_selection) -> (Tensor, Tensor, Tensor)")
+def _moba_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, scale,
+             keep_selection):
+    with eager_context(q):
+        dims = _validate(q, k, v, block_size, topk, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k)
+        out, lse, sel = _moba(q, k, v, dims, block_size, topk, check_scale(scale, dims.dim_qk ** -0.5),
+                              shortcut=not keep_selection)
+    width = _selection_width(k, block_size, topk, dims.varlen) if keep_selection else 0
+    kept = torch.full((q.shape[:-2].numel(), dims.heads_q, width), -1, dtype=torch.int32, device=q.device)
+    if width:
+        kept[..., :sel.shape[-1]] = sel
+    return out, lse.contiguous(), kept  # (the dense lse is a transposed view: the op's outputs are contiguous)
+
+
+@_moba_op.register_fake
+def _moba_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, scale,
+                    keep_selection):
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    check_attention_shapes(q, k, v, varlen)
+    lse = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    width = _selection_width(k, block_size, topk, varlen) if keep_selection else 0
+    rows = q.shape[0] if varlen else q.shape[0] * q.shape[1]
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(lse, dtype=torch.float32),
+            q.new_empty(rows, q.shape[-2], width, dtype=torch.int32))
+
+
+@torch.library.custom_op("longattn::moba_attention_backward", mutates_args=(),
+                         schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, Tensor sel, {_OP_ARGS}) -> "
+                                "(Tensor, Tensor, Tensor)")
+def _moba_backward_op(dout, dlse, out, lse, sel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      block_size, topk, scale):
+    with eager_context(q):
+        dims = _validate(q, k, v, block_size, topk, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k)
+        plan, ksel, qp, kp, vp = _prepare(q, k, v, block_size, topk, dims)
+        hq = dims.heads_q
+        sel = sel[..., :ksel].contiguous()
+        outp, lsep, doutp, dlsep = out.reshape(-1, hq, dims.dim_v), lse, dout, dlse
+        if not dims.varlen:  # the packed layout of the engine: (total, H, D) and lse (H, total)
+            lsep = lse.transpose(0, 1).reshape(hq, -1)
+            doutp = dout.reshape(outp.shape) if dout is not None else None
+            dlsep = dlse.transpose(0, 1).reshape(hq, -1) if dlse is not None else None
+        qk_, kk_, vk_, outp = kernel_inputs(qp, kp, vp, outp)
+        ent = entries(sel, plan, hq, dims.heads_kv) if ksel > 0 and qp.shape[0] else None
+        grads = sparse_backward(qk_, kk_, vk_, outp, lsep, doutp, dlsep, plan, dims, ent, ksel, block_size,
+                                check_scale(scale, dims.dim_qk ** -0.5))[:3]
+    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+@_moba_backward_op.register_fake
+def _moba_backward_shapes(dout, dlse, out, lse, sel, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _moba_op_save(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *options, _ = inputs
+    ctx.save_for_backward(*output, q, k, v, cu_q, cu_k)
+    ctx.options = options
+
+
+def _moba_op_backward(ctx, dout, dlse, _):
+    out, lse, sel, q, k, v, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.longattn.moba_attention_backward(dout, dlse, out, lse, sel, q, k, v, cu_q, cu_k,
+                                                            *ctx.options)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_moba_op.register_autograd(_moba_op_backward, setup_context=_moba_op_save)
+
+
+def _moba_attention_traced(q, k, v, *, block_size=512, topk=3, cu_seqlens=None, max_seqlen=None, cu_seqlens_q=None,
+                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, scale=None, return_lse=False):
+    """moba_attention as TorchDynamo traces it (same arguments): the custom op."""
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
+        cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, lse, _ = torch.ops.longattn.moba_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                    block_size, topk, scale, grad)
+    return (out, lse) if return_lse else out
+
+
+@public_op("q", "k", "v", traced=_moba_attention_traced)
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 512, topk: int = 3,
                    cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
@@ -130,25 +249,13 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     Memory beyond inputs and outputs: the partial outputs of the ``topk`` pieces in the forward pass
     (``topk`` x output size, freed before returning) and O(T * Hq * topk) indices; the backward pass adds
     one float32 dq buffer.
+
+    ``torch.compile``: traced as one custom op (``torch.ops.longattn.moba_attention``, its backward
+    ``moba_attention_backward``), without a graph break.
     """
     dims = _validate(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k)
-    scale = check_scale(scale, dims.dim_qk ** -0.5)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not dims.varlen and dims.max_seqlen_q == 1 and not grad and q.numel() and k.numel():
-        # one new token per sequence (decoding): the batch cache in place, no packing or host plan
-        lens = torch.full((dims.batch,), dims.max_seqlen_k, dtype=torch.int32, device=q.device)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = moba_decode(q[:, 0], k, v, cache_seqlens=lens, block_size=block_size, topk=topk, scale=scale,
-                               return_lse=True, validate=False)
-        return (out[:, None], lse[:, :, None]) if return_lse else out[:, None]
-    plan, ksel, qp, kp, vp = _prepare(q, k, v, block_size, topk, dims)
-    qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
-    with torch.no_grad():  # the block selection is not differentiated
-        sel = _select(qk_, kk_, plan, dims, block_size, ksel) if ksel > 0 and qp.shape[0] else \
-            torch.empty(qp.shape[0], dims.heads_q, 0, dtype=torch.int32, device=q.device)
-    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)
-    out, lse = unpack_output(out.to(q.dtype), lse, dims)
+    out, lse, _ = _moba(q, k, v, dims, block_size, topk, check_scale(scale, dims.dim_qk ** -0.5))
     return (out, lse) if return_lse else out
 
 

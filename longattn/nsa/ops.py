@@ -2,7 +2,9 @@
 end) and ``nsa_decode`` (one token per sequence against a KV cache)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import os
 from typing import Optional
 
@@ -13,10 +15,10 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows, check_decode_inputs,
-                             check_device, check_positive_int, check_same_dtype, check_scale, check_tensor,
-                             device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op, small_tiles, split_dim,
-                             validate_cache_rows)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
+                             check_decode_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
+                             check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2, num_sms,
+                             public_op, small_tiles, split_dim, validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -48,6 +50,8 @@ def _mean_compress(x: torch.Tensor, lengths: list, config: NSAConfig) -> torch.T
 
 
 def _cu(lengths: list, device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # (device_tensor is opaque to TorchDynamo) a constant of the graph
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
     return device_tensor(cu, torch.int32, device)
@@ -96,6 +100,8 @@ def _gated_sum(o1, o2, o3, g1, g2, g3):
     output, which the caller no longer needs (one branch-sized buffer less at the peak: 1 GB at 64k tokens in
     the paper's shape). Each element is read before it is written, by the same program."""
     ins = (o1, o2, o3, g1, g2, g3)
+    if torch.compiler.is_compiling():
+        return torch.ops.longattn.nsa_gated_sum(*ins)
     if torch.is_grad_enabled() and any(t.requires_grad for t in ins):
         return _GatedSum.apply(*ins)
     os_ = [o.contiguous() for o in (o1, o2, o3)]
@@ -118,14 +124,59 @@ class _GatedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         saved = ctx.saved_tensors  # read once: non-reentrant checkpointing unpacks each saved tensor once
-        os_, gs = saved[:3], saved[3:]
-        dos = [empty(o.shape, device=o.device, dtype=o.dtype) for o in os_]
-        dgs = [empty(g.shape, device=g.device, dtype=g.dtype) for g in gs]
-        n_rows = gs[0].numel()
-        if n_rows:
-            grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
-            _gated_sum_bwd_kernel[grid](*os_, *gs, dout.contiguous(), *dos, *dgs, n_rows, **meta)
-        return (*dos, *dgs)
+        return _gated_sum_grads(dout, saved[:3], saved[3:])
+
+
+def _gated_sum_grads(dout, os_, gs) -> tuple:
+    """The gradients of the three branches and the three gates (contiguous ``os_``, ``gs``) in one pass."""
+    dos = [empty(o.shape, device=o.device, dtype=o.dtype) for o in os_]
+    dgs = [empty(g.shape, device=g.device, dtype=g.dtype) for g in gs]
+    n_rows = gs[0].numel()
+    if n_rows:
+        grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
+        _gated_sum_bwd_kernel[grid](*os_, *gs, dout.contiguous(), *dos, *dgs, n_rows, **meta)
+    return (*dos, *dgs)
+
+
+# torch.compile: nsa_attention is traced (dense layout; with cu_seqlens it reads the lengths on the host and stays
+# opaque, a graph break), its branches through flash_attention's custom op and these: the selection, the selected
+# branch and the gated sum, each running the eager code when the graph runs
+@torch.library.custom_op("longattn::nsa_gated_sum", mutates_args=(),
+                         schema="(Tensor o1, Tensor o2, Tensor o3, Tensor g1, Tensor g2, Tensor g3) -> Tensor")
+def _gated_sum_op(o1, o2, o3, g1, g2, g3):
+    with eager_context(o1):
+        return _gated_sum_into(empty(o1.shape, device=o1.device, dtype=o1.dtype),
+                               [o.contiguous() for o in (o1, o2, o3)], [g.contiguous() for g in (g1, g2, g3)])
+
+
+@_gated_sum_op.register_fake
+def _gated_sum_shape(o1, *args):
+    return torch.empty_like(o1, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("longattn::nsa_gated_sum_backward", mutates_args=(),
+                         schema="(Tensor dout, Tensor o1, Tensor o2, Tensor o3, Tensor g1, Tensor g2, Tensor g3) -> "
+                                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _gated_sum_backward_op(dout, o1, o2, o3, g1, g2, g3):
+    with eager_context(o1):
+        grads = _gated_sum_grads(dout, [o.contiguous() for o in (o1, o2, o3)], [g.contiguous() for g in (g1, g2, g3)])
+    return tuple(g.view(t.shape) for g, t in zip(grads, (o1, o2, o3, g1, g2, g3)))
+
+
+@_gated_sum_backward_op.register_fake
+def _gated_sum_backward_shapes(dout, *ins):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ins)
+
+
+def _gated_sum_op_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gated_sum_op_backward(ctx, dout):
+    return torch.ops.longattn.nsa_gated_sum_backward(dout, *ctx.saved_tensors)
+
+
+_gated_sum_op.register_autograd(_gated_sum_op_backward, setup_context=_gated_sum_op_save)
 
 
 def _selected_heads(group: int, dtype) -> int:
@@ -167,55 +218,153 @@ class _Selected(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sel, own, plan: BlockPlan, dims, cu, max_q: int, block_size: int, scale: float):
-        hq, hkv = dims.heads_q, dims.heads_kv
-        group = hq // hkv
-        out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
-        lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
-        if q.shape[0]:
-            heads = _selected_heads(group, q.dtype)
-            _launch_selected(_nsa_selected_fwd_tuned, (
-                q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
-                heads, scale * LOG2E), _selected_meta(dims, block_size, sel.shape[-1], q.dtype), max_q,
-                hkv * cdiv(group, heads), cu.numel() - 1, heads)
+        out, lse = _selected_forward(q, k, v, sel, dims, cu, max_q, block_size, scale)
         ctx.save_for_backward(q, k, v, out, lse, sel, own, cu)
         ctx.plan, ctx.dims, ctx.block_size, ctx.scale, ctx.max_q = plan, dims, block_size, scale, max_q
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sel, own, cu = ctx.saved_tensors
-        dims = ctx.dims
-        # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
-        # standing for the group's query heads
-        earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
-        group = dims.heads_q // dims.heads_kv
-        per_entry = group  # query heads an entry stands for
-        if group > ENTRY_TILE:  # more heads than rows in a tile: one entry per query head
-            earlier, per_entry = earlier.repeat_interleave(group, dim=1), 1
-        earlier = earlier.contiguous()
-        ent = entries(earlier, ctx.plan, dims.heads_q, dims.heads_kv, per_entry) if earlier.numel() else None
-        dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, ctx.plan, dims, ent,
-                                                  earlier.shape[-1], ctx.block_size, ctx.scale, dq_by_entries=False)
-        if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
-            heads = _selected_heads(group, q.dtype)
-            _launch_selected(_nsa_selected_dq_tuned, (
-                q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
-                dq.stride(1), lse.stride(0), group, heads, ctx.scale * LOG2E, ctx.scale),
-                _selected_meta(dims, ctx.block_size, sel.shape[-1], q.dtype), ctx.max_q,
-                dims.heads_kv * cdiv(group, heads), cu.numel() - 1, heads)
-        return (dq, dk, dv) + (None,) * 8
+        return _selected_backward(dout, *ctx.saved_tensors, ctx.plan, ctx.dims, ctx.max_q, ctx.block_size,
+                                  ctx.scale) + (None,) * 8
+
+
+def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale: float):
+    """The selected branch's output and lse (Hq, total) on packed kernel inputs."""
+    hq, hkv = dims.heads_q, dims.heads_kv
+    group = hq // hkv
+    out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
+    lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
+    if q.shape[0]:
+        heads = _selected_heads(group, q.dtype)
+        _launch_selected(_nsa_selected_fwd_tuned, (
+            q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
+            heads, scale * LOG2E), _selected_meta(dims, block_size, sel.shape[-1], q.dtype), max_q,
+            hkv * cdiv(group, heads), cu.numel() - 1, heads)
+    return out, lse
+
+
+def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, dims, max_q: int, block_size: int,
+                       scale: float):
+    """dq, dk, dv of the selected branch from its forward's inputs, output and lse."""
+    # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
+    # standing for the group's query heads
+    earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
+    group = dims.heads_q // dims.heads_kv
+    per_entry = group  # query heads an entry stands for
+    if group > ENTRY_TILE:  # more heads than rows in a tile: one entry per query head
+        earlier, per_entry = earlier.repeat_interleave(group, dim=1), 1
+    earlier = earlier.contiguous()
+    ent = entries(earlier, plan, dims.heads_q, dims.heads_kv, per_entry) if earlier.numel() else None
+    dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, plan, dims, ent,
+                                              earlier.shape[-1], block_size, scale, dq_by_entries=False)
+    if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
+        heads = _selected_heads(group, q.dtype)
+        _launch_selected(_nsa_selected_dq_tuned, (
+            q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
+            dq.stride(1), lse.stride(0), group, heads, scale * LOG2E, scale),
+            _selected_meta(dims, block_size, sel.shape[-1], q.dtype), max_q,
+            dims.heads_kv * cdiv(group, heads), cu.numel() - 1, heads)
+    return dq, dk, dv
+
+
+def _selected_setup(qp, kp, vp, lq: list, lk: list, dims, block_size: int):
+    """The own block of every packed row (int32), the engine's plan and the kernel inputs of the selected branch."""
+    own = torch.cat([torch.arange(n, device=qp.device) // block_size for n in lq]) if lq else \
+        torch.zeros(0, dtype=torch.long, device=qp.device)
+    return own.to(torch.int32), plan_blocks(lq, lk, block_size, dims, qp.device), kernel_inputs(qp, kp, vp)
+
+
+_SELECTED_ARGS = "Tensor q, Tensor k, Tensor v, Tensor sel, Tensor cu, int[] lengths, int block_size, float scale"
+
+
+def _packed_dims(q, k, v, lengths: list):
+    """AttnDims of packed sequences of ``lengths`` tokens (queries and keys alike)."""
+    return AttnDims(True, len(lengths), max(lengths, default=0), max(lengths, default=0), q.shape[1], k.shape[1],
+                    q.shape[2], v.shape[2], seqlens_q=list(lengths), seqlens_k=list(lengths))
+
+
+@torch.library.custom_op("longattn::nsa_selected", mutates_args=(), schema=f"({_SELECTED_ARGS}) -> (Tensor, Tensor)")
+def _selected_op(q, k, v, sel, cu, lengths, block_size, scale):
+    with eager_context(q):
+        dims = _packed_dims(q, k, v, lengths)
+        _, _, (qk_, kk_, vk_) = _selected_setup(q, k, v, lengths, lengths, dims, block_size)
+        out, lse = _selected_forward(qk_, kk_, vk_, sel, dims, cu, max(lengths, default=0), block_size, scale)
+    return out.to(q.dtype), lse
+
+
+@_selected_op.register_fake
+def _selected_shapes(q, k, v, sel, *args):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("longattn::nsa_selected_backward", mutates_args=(),
+                         schema=f"(Tensor dout, Tensor out, Tensor lse, {_SELECTED_ARGS}) -> (Tensor, Tensor, Tensor)")
+def _selected_backward_op(dout, out, lse, q, k, v, sel, cu, lengths, block_size, scale):
+    with eager_context(q):
+        dims = _packed_dims(q, k, v, lengths)
+        own, plan, (qk_, kk_, vk_) = _selected_setup(q, k, v, lengths, lengths, dims, block_size)
+        out, dout = kernel_inputs(out, dout)
+        grads = _selected_backward(dout, qk_, kk_, vk_, out, lse, sel, own, cu, plan, dims, max(lengths, default=0),
+                                   block_size, scale)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+@_selected_backward_op.register_fake
+def _selected_backward_shapes(dout, out, lse, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _selected_op_save(ctx, inputs, output):
+    q, k, v, sel, cu, *options = inputs
+    ctx.save_for_backward(*output, q, k, v, sel, cu)
+    ctx.options = options
+
+
+def _selected_op_backward(ctx, dout, dlse):
+    out, lse, *saved = ctx.saved_tensors
+    dq, dk, dv = torch.ops.longattn.nsa_selected_backward(dout, out, lse, *saved, *ctx.options)
+    return (dq, dk, dv) + (None,) * 5
+
+
+_selected_op.register_autograd(_selected_op_backward, setup_context=_selected_op_save)
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(NSAConfig))  # the op takes the config as their values
+
+
+@torch.library.custom_op("longattn::nsa_select", mutates_args=(),
+                         schema="(Tensor q, Tensor k_cmp, Tensor lse_cmp, Tensor cu_q, Tensor cu_cmp, int max_q, "
+                                "int heads_kv, int[] config, float scale) -> Tensor")
+def _select_op(q, k_cmp, lse_cmp, cu_q, cu_cmp, max_q, heads_kv, config, scale):
+    with eager_context(q):
+        return nsa_select(*kernel_inputs(q, k_cmp), lse_cmp, cu_q, cu_cmp, max_q, heads_kv,
+                          NSAConfig(**dict(zip(_CONFIG_FIELDS, config))), scale)
+
+
+@_select_op.register_fake
+def _select_shape(q, k_cmp, lse_cmp, cu_q, cu_cmp, max_q, heads_kv, config, scale):
+    return q.new_empty(q.shape[0], heads_kv, config[_CONFIG_FIELDS.index("slc_topk")], dtype=torch.int32)
+
+
+def _selection(qp, kc, lse_cmp, cu, cu_cmp, max_q: int, heads_kv: int, config: NSAConfig, scale: float):
+    """nsa_select on the branch's inputs (not differentiated)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.longattn.nsa_select(qp.detach(), kc.detach(), lse_cmp.detach(), cu, cu_cmp, max_q, heads_kv,
+                                             [getattr(config, name) for name in _CONFIG_FIELDS], scale)
+    with torch.no_grad():
+        qs, kcs = kernel_inputs(qp.detach(), kc.detach())
+        return nsa_select(qs, kcs, lse_cmp.detach(), cu, cu_cmp, max_q, heads_kv, config, scale)
 
 
 def _selected(qp, kp, vp, sel, lq: list, lk: list, dims, cu, block_size: int, scale: float) -> torch.Tensor:
     """The selected branch on packed inputs; sel int32 (total, Hkv, n) holding each row's own block."""
-    own = torch.cat([torch.arange(n, device=qp.device) // block_size for n in lq]) if lq else \
-        torch.zeros(0, dtype=torch.long, device=qp.device)
-    plan = plan_blocks(lq, lk, block_size, dims, qp.device)
-    qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
-    return _Selected.apply(qk_, kk_, vk_, sel, own.to(torch.int32), plan, dims, cu, max(lq, default=0), block_size,
-                           scale)
+    if torch.compiler.is_compiling():  # (queries and keys are the same tokens)
+        return torch.ops.longattn.nsa_selected(qp, kp, vp, sel, cu, lq, block_size, scale)[0]
+    own, plan, (qk_, kk_, vk_) = _selected_setup(qp, kp, vp, lq, lk, dims, block_size)
+    return _Selected.apply(qk_, kk_, vk_, sel, own, plan, dims, cu, max(lq, default=0), block_size, scale)
 
 
 @public_op("q", "k", "v")
@@ -252,7 +401,10 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
 
 
-@public_op("q", "k", "v", "k_cmp", "v_cmp")
+# traced by TorchDynamo in the dense layout (its branches are custom ops); with cu_seqlens the lengths are read on
+# the host: opaque (a graph break)
+@public_op("q", "k", "v", "k_cmp", "v_cmp", traced=True, opaque_if=lambda *args, cu_seqlens=None, **kwargs:
+           cu_seqlens is not None)
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                   g_swa: torch.Tensor, *, config: NSAConfig = NSAConfig(), k_cmp: Optional[torch.Tensor] = None,
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
@@ -282,6 +434,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     each loaded block; dk/dv run through the block-sparse engine's gradient kernels, by key block); the
     window through flash attention; the gated sum in one Triton pass each way (no float32 copies of the
     branches are kept for the backward).
+
+    ``torch.compile``: in the dense layout TorchDynamo traces the op, each branch a custom op
+    (``torch.ops.longattn.flash_attention``, ``nsa_select``, ``nsa_selected``, ``nsa_gated_sum``): no graph
+    break. With ``cu_seqlens`` the lengths are read on the host and the op runs as it is (a graph break).
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
@@ -327,10 +483,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     o_cmp, lse_cmp = flash_attention(qp, kc, vc, cu_seqlens_q=cu, cu_seqlens_k=cu_cmp, scale=scale,
                                      key_stride=config.cmp_stride, key_offset=config.cmp_block - 1,
                                      return_lse=True)
-    # selection (not differentiated)
-    with torch.no_grad():
-        qs, kcs = kernel_inputs(qp.detach(), kc.detach())
-        sel = nsa_select(qs, kcs, lse_cmp.detach(), cu, cu_cmp, max_q, dims.heads_kv, config, scale)
+    sel = _selection(qp, kc, lse_cmp, cu, cu_cmp, max_q, dims.heads_kv, config, scale)
     # selected branch: the selected blocks (the own one among them, causal), one softmax
     o_slc = _selected(qp, kp, vp, sel, lq, lk, dims, cu, config.slc_block, scale)
     # sliding window

@@ -446,6 +446,10 @@ def test_compiled_model_equals_eager(kind, fullgraph, device):
     cache the whole forward is one graph (fullgraph=True: the ops are custom ops or traced); with transformers'
     cache (use_cache, the default even in training) the modules' state beside it is host bookkeeping, opaque to
     TorchDynamo (graph breaks). Dynamo traced into the ops before."""
+    import transformers
+
+    if kind == "mla" and fullgraph and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4's DeepSeek-V3 routes its experts with data-dependent shapes: not one graph")
     torch._dynamo.reset()
     model = _swapped(kind, device).train()
     ids = torch.randint(0, 128, (2, 50)).to(device)

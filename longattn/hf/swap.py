@@ -23,8 +23,11 @@ def _set_impl(model: nn.Module, name: str) -> None:
 
 
 def _remember_cache(module, args, kwargs):
-    cache = next((kwargs[n] for n in CACHE_KWARGS if kwargs.get(n) is not None), None)
-    module._longattn_cache = cache
+    module._longattn_cache = None
+    for name in CACHE_KWARGS:  # (a loop: TorchDynamo before torch 2.6 cannot trace next() with a default)
+        if kwargs.get(name) is not None:
+            module._longattn_cache = kwargs[name]
+            break
 
 
 def _forget_cache(module, args, kwargs, output):

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from .merge import merge_fwd
 from .utils import (AttnDims, autotune, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
-                    check_attention_shapes, check_device, check_positive_int, check_scale, empty, empty_like,
-                    kernel_inputs, next_pow2, num_sms, on_device, public_op, resolve_seqlens, small_tiles,
+                    check_attention_shapes, check_device, check_positive_int, check_scale, eager_context, empty,
+                    empty_like, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, small_tiles,
                     split_context, split_dim)
 
 LOG2E = 1.4426950408889634
@@ -920,9 +920,9 @@ def _flash_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
                                 "(Tensor, Tensor, Tensor)")
 def _flash_backward_op(dout, dlse, out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        left_pad, causal, window, scale, key_stride, key_offset, validate):
-    dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, key_stride, key_offset, left_pad, False)
-    with on_device(q):
+    with eager_context(q):
+        dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, key_stride, key_offset, left_pad, False)
         inputs = kernel_inputs(*(_lastdim_contiguous(t) for t in (q, k, v, out)))
         grads = _gradients(dout, dlse, *inputs, lse, dims, causal, window, scale, (key_stride, key_offset), left_pad)
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))

@@ -108,16 +108,13 @@ def _first_tensor(args):
     return first if isinstance(first, torch.Tensor) else None
 
 
-def on_device(t: torch.Tensor):
-    """A context making ``t``'s GPU the current one (Triton launches there), or nothing for a CPU tensor."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def eager_context(t: torch.Tensor) -> contextlib.ExitStack:
-    """How a custom op's implementation runs the eager code on ``t``'s device: that GPU current, no autograd
-    recording (the op's own formula differentiates it), autocast off (the traced call cast its inputs)."""
+    """How a custom op's implementation runs the eager code on ``t``'s device: that GPU current (Triton launches
+    there), no autograd recording (the op's own formula differentiates it), autocast off (the traced call cast its
+    inputs)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(on_device(t))
+    if t.is_cuda:
+        stack.enter_context(torch.cuda.device(t.device))
     stack.enter_context(torch.no_grad())
     if t.device.type in ("cuda", "cpu"):
         stack.enter_context(torch.autocast(t.device.type, enabled=False))

@@ -69,33 +69,32 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
                     kwargs[name] = _autocast_to(kwargs[name], dtype)
             return args, kwargs, device
 
+        def call(f, args, kwargs):
+            """f on the arguments cast for autocast, with autocast off inside (when it is on)."""
+            args, kwargs, device = autocast_args(args, kwargs)
+            if device is None:
+                return f(*args, **kwargs)
+            with torch.autocast(device, enabled=False):
+                return f(*args, **kwargs)
+
         @functools.wraps(fn)
         def op(*args, **kwargs):
             first = _first_tensor(args)
             if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
                 with torch.cuda.device(first.device):
                     return op(*args, **kwargs)
-            args, kwargs, device = autocast_args(args, kwargs)
-            if device is not None:
-                with torch.autocast(device, enabled=False):
-                    return fn(*args, **kwargs)
-            return fn(*args, **kwargs)
+            return call(fn, args, kwargs)
 
         eager = torch.compiler.disable(op)
         if traced is None:
             return eager
-
         body = fn if traced is True else traced
 
         @functools.wraps(fn)
         def entry(*args, **kwargs):
             if not torch.compiler.is_compiling() or (opaque_if is not None and opaque_if(*args, **kwargs)):
                 return eager(*args, **kwargs)
-            args, kwargs, device = autocast_args(args, kwargs)
-            if device is not None:
-                with torch.autocast(device, enabled=False):
-                    return body(*args, **kwargs)
-            return body(*args, **kwargs)
+            return call(body, args, kwargs)
         return entry
     return decorate
 

@@ -3,20 +3,23 @@
 What an RL rollout pays: the batched prefill of prompts of different lengths, then decoding with the KV cache
 (every layer's attention, the projections and MLPs, the sampling and the host work of each step). Each kind is
 the same random model with its attention swapped (`swap_attention`); `sdpa` is transformers' own attention
-(the baseline). Prompt lengths are drawn between half the nominal length and the full one, the same for every
-kind. Timings are `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one
-run after a warm-up run that compiles and autotunes the kernels.
+(the baseline), `sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each
+step's keys and values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`.
+Prompt lengths are drawn between half the nominal length and the full one, the same for every kind. Timings are
+`Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after a warm-up run
+that compiles and autotunes the kernels.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from .common import Results, parse_ints, peak_memory_mb, require_cuda
 
 COLUMNS = ["impl", "B", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms", "step_ms", "tok/s",
            "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
 PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
-KINDS = ("sdpa", "flash", "moba", "nsa")
+KINDS = ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -51,9 +54,27 @@ def _model(kind: str, args, dev, dtype):
         longattn.hf.swap_attention(model, "moba", block_size=bs, topk=topk)
     elif kind in ("flash", "nsa"):
         longattn.hf.swap_attention(model, kind)
-    elif kind != "sdpa":
+    elif kind not in ("sdpa", "sdpa_dynamic"):
         raise ValueError(f"--kinds: unknown kind {kind!r}, expected some of {KINDS}")
     return model
+
+
+@contextlib.contextmanager
+def _cache_of(kind: str):
+    """``sdpa_dynamic``: the rollout decodes with transformers' DynamicCache instead of its InPlaceCache."""
+    from transformers import DynamicCache
+
+    from longattn import rollout
+
+    if kind != "sdpa_dynamic":
+        yield
+        return
+    saved = rollout.InPlaceCache
+    rollout.InPlaceCache = lambda config, max_cache_len: DynamicCache(config=config)
+    try:
+        yield
+    finally:
+        rollout.InPlaceCache = saved
 
 
 def run(args, argv=None) -> list[dict]:
@@ -72,10 +93,11 @@ def run(args, argv=None) -> list[dict]:
         for kind in kinds:
             try:
                 model = _model(kind, args, dev, dtype)
-                rollout.generate(model, prompts, 2, stop_at_eos=False)  # compile and autotune
-                done = []
-                mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens,
-                                                                          stop_at_eos=False)))
+                with _cache_of(kind):
+                    rollout.generate(model, prompts, 2, stop_at_eos=False)  # compile and autotune
+                    done = []
+                    mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens,
+                                                                              stop_at_eos=False)))
             except Exception as e:  # a kind that cannot run here (memory): the others still do
                 print(f"  {kind} prompt={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                 continue

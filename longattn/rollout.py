@@ -4,7 +4,9 @@
 generated token. With longattn's attention implementations ("moba", "longattn") the prompts are packed
 into one row without padding (position_ids restart at 0 per prompt, the attention runs varlen) and the
 packed KV cache is then split into a left-padded batch cache for decoding; other models (MLA-swapped
-DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through the mask.
+DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through the mask. The
+decoding cache (:class:`longattn.hf.cache.InPlaceCache`) has room to spare (up to the longest prompt plus the new
+tokens) and each step writes its tokens in place (transformers' default cache copies itself whole at every step).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .hf.cache import InPlaceCache
 from .kernels.utils import device_tensor
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
@@ -78,8 +81,9 @@ def _left_pad(rows: list, length: int, value=0) -> torch.Tensor:
     return out
 
 
-def _packed_prefill(model, prompts, lens):
-    """Prefill every prompt in one packed row; return last-token logits (B, V) and a left-padded cache."""
+def _packed_prefill(model, prompts, lens, capacity: int):
+    """Prefill every prompt in one packed row; return last-token logits (B, V) and a left-padded cache that expects
+    ``capacity`` tokens per row at most."""
     from transformers import DynamicCache
 
     device = prompts[0].device
@@ -90,7 +94,7 @@ def _packed_prefill(model, prompts, lens):
     keep = _last_logits_kw(model, ends)
     out = model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): packed}, **keep)
     logits = out.logits[0] if keep else out.logits[0, ends]
-    cache = DynamicCache(config=model.config)
+    cache = InPlaceCache(config=model.config, max_cache_len=capacity)
     longest = max(lens)
     for layer_idx, layer in enumerate(packed.layers):
         ks = list(layer.keys[0].transpose(0, 1).split(lens))  # per prompt (n, H, D)
@@ -101,14 +105,12 @@ def _packed_prefill(model, prompts, lens):
     return logits, cache
 
 
-def _padded_prefill(model, prompts, lens):
-    from transformers import DynamicCache
-
+def _padded_prefill(model, prompts, lens, capacity: int):
     longest = max(lens)
     ids = _left_pad(prompts, longest)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = InPlaceCache(config=model.config, max_cache_len=capacity)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(model): cache},
                 **_last_logits_kw(model, 1))
     return out.logits[:, -1], cache
@@ -151,7 +153,10 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if use_packed and packed and _sliding_cache(model):
         raise ValueError("packed=True needs a cache that keeps every token; this model's has sliding-window layers")
     t0 = _clock(device)
-    logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens)
+    # the most tokens the cache holds: the longest prompt (rows are left-padded to it) and every new token but the
+    # last (never fed)
+    logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens,
+                                                                        max(lens) + max_new_tokens - 1)
     t1 = _clock(device)
     longest = max(lens)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)

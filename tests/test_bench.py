@@ -78,7 +78,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                            ("longattn_graph", "decode_b2")],
                  "profile": [],
-                 "rollout": [(kind, "rollout") for kind in ("sdpa", "flash", "moba", "nsa")],
+                 "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                           ("longattn_pool", "decode_b2"), ("longattn_graph", "decode_b2")],  # flex: no CPU backward
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd")],

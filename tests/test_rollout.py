@@ -6,6 +6,7 @@ import torch
 
 import longattn
 from longattn import rollout
+from longattn.hf.cache import InPlaceLayer
 from helpers import tiny_deepseek_v3_config, tiny_gpt_oss_pair
 
 transformers = pytest.importorskip("transformers")
@@ -51,10 +52,15 @@ def test_padded_rollout_and_eos(device):
 
 
 @pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])
-def test_finished_sequences_leave_the_batch(kind, device):
+def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
     """With an eos that ends some rollouts early, dropping finished sequences from the batch and the cache gives
     the completions and log-probs of decoding every row to the end, cut at their eos; later steps run on fewer
-    rows."""
+    rows. Each rollout allocates its decoding cache once per layer, for the longest prompt and the new tokens: no
+    step copies the cache (transformers' default one concatenates at every step)."""
+    grows = []
+    grow = InPlaceLayer._grow
+    monkeypatch.setattr(InPlaceLayer, "_grow", lambda layer, need, *a: grows.append((need, layer.reserve)) or
+                        grow(layer, need, *a))
     if kind == "mla":
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(), attn_implementation="eager")
@@ -81,6 +87,7 @@ def test_finished_sequences_leave_the_batch(kind, device):
         assert comp == want[:n]
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps[:n]), atol=1e-4, rtol=1e-4)
     assert min(rows) < len(prompts) and rows[0] == (1 if dropped.prefill_packed else len(prompts))
+    assert grows == [(30, 30 + 5 - 1)] * (2 * model.config.num_hidden_layers)
 
 
 def test_packed_training_backward_equals_unpacked(device):

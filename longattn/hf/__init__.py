@@ -9,6 +9,7 @@ transformers' attention and mask interfaces, so that
 from __future__ import annotations
 
 from .attention import flash_attention_forward, moba_attention_forward, padding_mask
+from .cache import InPlaceCache
 from .swap import from_pretrained, swap_attention
 
 IMPLEMENTATIONS = {"moba": moba_attention_forward, "longattn": flash_attention_forward}
@@ -24,4 +25,5 @@ def register() -> None:
         AttentionMaskInterface.register(name, padding_mask)
 
 
-__all__ = ["register", "swap_attention", "from_pretrained", "moba_attention_forward", "flash_attention_forward"]
+__all__ = ["register", "swap_attention", "from_pretrained", "InPlaceCache", "moba_attention_forward",
+           "flash_attention_forward"]

@@ -1,0 +1,157 @@
+"""``InPlaceCache``: a transformers dynamic cache that writes new tokens in place instead of concatenating.
+
+transformers' ``DynamicCache`` appends a step's keys and values with ``torch.cat``: every decoding step copies
+the whole cache of every layer (read and written once more), which at long contexts moves more memory than the
+attention itself reads, and a sparse attention's step (MoBA, NSA: a few blocks of the cache) becomes O(T) all the
+same. ``InPlaceCache`` keeps each full-attention layer's keys and values in storage with room to spare, writes
+the new tokens into it and hands the attention views of the tokens held (strided along the sequence: longattn's
+kernels, SDPA and eager attention read them as they are). A step then copies only its own tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class InPlaceLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values ``(B, H, L, D)`` are views of the first L tokens of storage
+    ``(B, H, capacity, D)``. The storage is allocated with a quarter more room than the tokens it must hold (at
+    least 256 tokens), but not beyond ``reserve`` when that is enough (the most tokens expected: a generation's
+    prompt plus its new tokens), and grows so when full, copying the tokens held once (amortised: a token is
+    written about five times in all, where concatenation copies the whole cache at every step).
+
+    Whatever transformers assigns to ``keys``/``values`` (batch selection, offloading, a prefix when it crops) is
+    taken as it is: a prefix of the storage keeps the room behind it, another tensor becomes the storage."""
+
+    _k: Optional[torch.Tensor] = None
+    _v: Optional[torch.Tensor] = None
+    _n = 0  # tokens held
+
+    def __init__(self, reserve: Optional[int] = None):
+        self.reserve = reserve
+        super().__init__()
+
+    @property
+    def keys(self):
+        return self._k[:, :, :self._n] if self._k is not None and self._k.dim() == 4 else self._k
+
+    @keys.setter
+    def keys(self, t):
+        if not self._is_prefix(t, self._k):
+            self._k = t
+        self._n = t.shape[2] if t is not None and t.dim() == 4 else 0
+
+    @property
+    def values(self):
+        return self._v[:, :, :self._n] if self._v is not None and self._v.dim() == 4 else self._v
+
+    @values.setter
+    def values(self, t):
+        if not self._is_prefix(t, self._v):
+            self._v = t
+
+    @staticmethod
+    def _is_prefix(t, storage) -> bool:
+        """Whether ``t`` is the first tokens of ``storage`` (a view of it, as a crop makes)."""
+        return (t is not None and storage is not None and t.dim() == 4 and storage.dim() == 4
+                and t.data_ptr() == storage.data_ptr() and t.stride() == storage.stride()
+                and t.shape[:2] == storage.shape[:2] and t.shape[3] == storage.shape[3]
+                and t.shape[2] <= storage.shape[2])
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: Optional[torch.Tensor] = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = self._v = None
+        self._n = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens ``(B, H, T, D)`` after those held; return the keys and values of all of them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = self._n, key_states.shape[2]
+        if not self._fits(self._k, key_states, n + t) or not self._fits(self._v, value_states, n + t):
+            self._grow(n + t, key_states, value_states)
+        self._k[:, :, n:n + t].copy_(key_states)
+        self._v[:, :, n:n + t].copy_(value_states)
+        self._n = n + t
+        return self.keys, self.values
+
+    @staticmethod
+    def _fits(storage, new: torch.Tensor, need: int) -> bool:
+        return storage is not None and storage.dim() == 4 and storage.shape[2] >= need \
+            and storage.shape[:2] == new.shape[:2] and storage.shape[3] == new.shape[3]
+
+    def _grow(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        held = self._n
+        if held and not (self._fits(self._k, key_states, held) and self._fits(self._v, value_states, held)):
+            raise ValueError(f"the cache holds keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)}: "
+                             f"new keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} must match "
+                             "them but for the tokens")
+        capacity = need + max(need // 4, 256)
+        if self.reserve is not None and need <= self.reserve:
+            capacity = min(capacity, self.reserve)
+        k = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[3])
+        v = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[3])
+        if held:
+            k[:, :, :held] = self.keys
+            v[:, :, :held] = self.values
+        self._k, self._v = k, v
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (in that order) in new storage of the same capacity."""
+        if not self._n:
+            return
+        index = index.to(self._k.device)
+        k, v = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self._k = self._k.new_empty(k.shape[0], *self._k.shape[1:])
+        self._v = self._v.new_empty(v.shape[0], *self._v.shape[1:])
+        self._k[:, :, :self._n] = k
+        self._v[:, :, :self._n] = v
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = torch.as_tensor(indices)
+        self._select_rows(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
+
+    def get_seq_length(self) -> int:
+        return self._n if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._n = 0
+        self.is_initialized = False
+
+
+class InPlaceCache(DynamicCache):
+    """``DynamicCache`` whose full-attention layers are :class:`InPlaceLayer`: each step's keys and values are
+    written in place into storage with room to spare, not concatenated (a copy of the whole cache per layer and
+    step). Layers of other kinds (sliding-window layers, which keep a window) stay as ``DynamicCache`` makes them.
+
+    Args:
+        config: the model's config (as for ``DynamicCache(config=...)``), or None (a full-attention layer for
+            each layer index the model updates).
+        max_cache_len: the most tokens a sequence is expected to hold (prompt plus new tokens), if known. Each
+            allocation leaves a quarter more room than needed (at least 256 tokens), but none beyond this bound
+            while it holds (a short generation allocates once, exactly; a long one, which may stop early, grows
+            as it goes instead of reserving its longest length up front).
+
+    ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``
+    takes one too. Views of the storage are handed out, so a tensor returned by one step sees the tokens a later
+    step writes past its end only if the cache was cut back (``crop``) in between.
+    """
+
+    def __init__(self, config=None, max_cache_len: Optional[int] = None, **kwargs):
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
+        super().__init__(config=config, **kwargs)
+        if self.layer_class_to_replicate is not None:  # no config: layers added as the model updates them
+            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len)
+        self.layers = [InPlaceLayer(max_cache_len) if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+
+__all__ = ["InPlaceCache", "InPlaceLayer"]

@@ -1,0 +1,93 @@
+"""InPlaceCache: a transformers dynamic cache writing each step's tokens in place; generation and rollouts with it."""
+import pytest
+import torch
+
+from longattn.hf.cache import InPlaceCache, InPlaceLayer
+from longattn.rollout import _cache_kw
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig  # noqa: E402
+
+from test_hf import _deepseek, _swapped  # noqa: E402
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("reserve", [None, 24, 10_000])
+def test_in_place_cache_follows_dynamic_cache(reserve):
+    """Updates, crops (speculative decoding), reordering (beam search, rollouts dropping finished rows) and batch
+    selection give DynamicCache's keys and values; within the room allocated nothing is reallocated (a step copies
+    its own tokens only) and a crop keeps the room. An allocation leaves 256 tokens of room here, but none beyond
+    the tokens expected (``max_cache_len``) while they suffice."""
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    ref, ours = DynamicCache(config=cfg), InPlaceCache(config=cfg, max_cache_len=reserve)
+    assert all(type(layer) is InPlaceLayer for layer in ours.layers)
+
+    def step(t, batch=3):
+        k, v = torch.randn(batch, 2, t, 16), torch.randn(batch, 2, t, 16)
+        for i in range(2):
+            _same(ours.update(k, v, i), ref.update(k, v, i))
+        assert ours.get_seq_length() == ref.get_seq_length()
+
+    step(7)
+    storage = ours.layers[1]._k
+    assert storage.shape[2] == min(reserve or 10_000, 7 + 256)
+    for _ in range(5):
+        step(1)
+    step(3)
+    assert ours.layers[1]._k is storage
+    ref.crop(-4)
+    ours.crop(-4)
+    assert ours.get_seq_length() == ref.get_seq_length() == 11 and ours.layers[1]._k is storage
+    step(2)
+    assert ours.layers[1]._k is storage
+    step(30)  # past 24 tokens (within the room of the others' first allocation)
+    assert (ours.layers[1]._k is storage) == (reserve != 24)
+    for cache in (ref, ours):
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
+        cache.batch_select_indices(torch.tensor([0, 2]))
+    _same((ours.layers[0].keys, ours.layers[0].values), (ref.layers[0].keys, ref.layers[0].values))
+    room = ours.layers[0]._k.shape[2]
+    step(1, batch=2)
+    assert ours.layers[0]._k.shape[2] == room  # the room survives the reordering
+    with pytest.raises(ValueError, match="must match them but for the tokens"):
+        ours.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), 0)
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        InPlaceCache(config=cfg, max_cache_len=0)
+
+
+def test_in_place_cache_without_config():
+    cache = InPlaceCache()
+    k = torch.randn(1, 2, 5, 8)
+    keys, _ = cache.update(k, k, 1)
+    assert [type(layer) for layer in cache.layers] == [InPlaceLayer, InPlaceLayer]
+    assert torch.equal(keys, k) and cache.get_seq_length(1) == 5
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "flash", "moba", "nsa", "mla"])
+def test_generate_with_in_place_cache(kind, device):
+    """transformers' generate with an InPlaceCache (reserving too little: it grows while decoding) gives the tokens
+    and logits of its default cache: left-padded greedy decoding, and beam search (which reorders the cache's
+    rows)."""
+    model = _deepseek(device)[1] if kind == "mla" else _swapped("flash" if kind == "sdpa" else kind, device)
+    if kind == "sdpa":
+        model.set_attn_implementation("sdpa")
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (2, 37)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    for extra in (dict(max_new_tokens=8), dict(max_new_tokens=6, num_beams=2)):
+        kw = dict(attention_mask=mask, min_new_tokens=extra["max_new_tokens"], do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True, **extra)
+        cache = InPlaceCache(config=model.config, max_cache_len=40)
+        with torch.no_grad():
+            ours = model.generate(ids, **{_cache_kw(model): cache}, **kw)
+            ref = model.generate(ids, **kw)
+        assert cache.layers[0]._k.shape[2] > 40  # (it was the cache used, and it grew)
+        assert torch.equal(ours.sequences, ref.sequences)
+        for a, b in zip(ours.logits, ref.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 # through the interpreter: the default small tiles exercise many tiles on small shapes, these the tiles a
 # GPU runs. bfloat16 takes the float16 tiles, so its cases are left to the first pass; tests that set the GPU
 # tiles themselves (*gpu_candidates, *autotuning*, the selected branch's split_scores and per_query) run once.
-KERNEL_TESTS := tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/test_moba.py tests/test_nsa.py \
+KERNEL_TESTS := tests/test_decode.py tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/test_moba.py tests/test_nsa.py \
 	tests/test_sparse.py
 
 test: $(VENV)/.installed

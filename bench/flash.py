@@ -109,10 +109,11 @@ def run(args, argv=None) -> list[dict]:
 
 def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
     """One new query per sequence against T cached keys (the peers without a causal mask: a single query at the
-    end sees every key, and SDPA's causal mask is aligned to the top left)."""
+    end sees every key, and SDPA's causal mask is aligned to the top left). ``longattn_paged``: ``flash_decode`` on
+    the same keys in a paged cache (64-token pages in random order, no host checks)."""
     import torch
 
-    from longattn import flash_attention
+    from longattn import flash_attention, flash_decode
 
     impls = {**_impls(False, None, hq, hkv, dqk, dv),
              "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window)}
@@ -129,7 +130,16 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
             keys = min(T, args.window or T)
             flops = 2.0 * (dqk + dv) * keys * hq * B
             bytes_ = 2 * B * (keys * hkv * (dqk + dv) + hq * (dqk + dv))
-            for name, fn in impls.items():
+            per = -(-T // 64)
+            table = torch.randperm(B * per, device=dev, dtype=torch.int32).view(B, per)
+            kp, vp = (x.new_zeros(B * per * 64, *x.shape[2:]) for x in (k, v))
+            rows_of = (table.long()[:, :, None] * 64 + torch.arange(64, device=dev)).flatten(1)[:, :T]
+            kp[rows_of], vp[rows_of] = k, v
+            kp, vp = kp.view(B * per, 64, *k.shape[2:]), vp.view(B * per, 64, *v.shape[2:])
+            lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+            paged = lambda q, k, v: flash_decode(q, kp, vp, cache_seqlens=lens, block_table=table, window=args.window,
+                                                 validate=False)
+            for name, fn in {**impls, "longattn_paged": paged}.items():
                 try:
                     with torch.no_grad():
                         ms = (graph_ms if name.endswith("_graph") else time_ms)(lambda: fn(q, k, v))

@@ -11,7 +11,7 @@ if "TRITON_INTERPRET" not in _os.environ:
     if not _torch.cuda.is_available():
         _os.environ["TRITON_INTERPRET"] = "1"
 
-from .kernels import flash_attention, merge_attention  # noqa: E402
+from .kernels import flash_attention, flash_decode, merge_attention  # noqa: E402
 from .moba import moba_attention, moba_decode  # noqa: E402
 from .mla import mla_decode, mla_prefill  # noqa: E402
 from .nsa import NSAConfig, nsa_attention, nsa_decode  # noqa: E402
@@ -23,5 +23,5 @@ except ImportError:  # transformers missing or too old: the kernels still work
     pass
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "merge_attention", "moba_attention", "moba_decode", "mla_prefill", "mla_decode",
-           "NSAConfig", "nsa_attention", "nsa_decode", "hf", "rollout", "__version__"]
+__all__ = ["flash_attention", "flash_decode", "merge_attention", "moba_attention", "moba_decode", "mla_prefill",
+           "mla_decode", "NSAConfig", "nsa_attention", "nsa_decode", "hf", "rollout", "__version__"]

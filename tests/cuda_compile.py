@@ -93,6 +93,12 @@ def _flash_cases():
                           dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq),
                                BLOCK_N=64 if dt != "fp32" else 32 if rows >= 64 else 16),
                           ("qk_scale",), dict(num_warps=8 if rows >= 64 else 4)))
+        if not varlen and kpos == (1, 0):  # flash_decode against a cache: lengths per sequence, paged or not
+            for page in (0, 16, 64):
+                cases.append((f"_flash_decode_kernel[{tag}-q1-g8-cache{f'-page{page}' if page else ''}]",
+                              F._flash_decode_kernel, dict(ptr, SEQLENS="*i32", BT="*i32"),
+                              dict(dec, TQ=1, BLOCK_G=16, BLOCK_N=64 if dt != "fp32" else 16, HAS_SEQLENS=True,
+                                   PAGE=page, LEFT_PAD=not page), ("qk_scale",), dict(num_warps=4)))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
         mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",
@@ -338,6 +344,7 @@ CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
+    "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16]": 2,  # pages read a tile ahead
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)

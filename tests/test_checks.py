@@ -156,7 +156,7 @@ def _column(values, device):
 def test_strided_index_tensors(device):
     """Index tensors given as strided views (cu_seqlens, left_pad, cache lengths, offsets, block tables) give the
     results of their contiguous copies."""
-    from longattn import NSAConfig, mla_decode, moba_decode, nsa_decode
+    from longattn import NSAConfig, flash_decode, mla_decode, moba_decode, nsa_decode
 
     q, k, v = (t.reshape(-1, *t.shape[2:]) for t in qkv(device, B=2, T=12))
     cu = _column([0, 5, 24], device)
@@ -184,6 +184,10 @@ def test_strided_index_tensors(device):
     torch.testing.assert_close(mla_decode(ql, qr, cache, cache_seqlens=seq, block_table=table, scale=0.2),
                                mla_decode(ql, qr, cache, cache_seqlens=seq.clone(), block_table=table.contiguous(),
                                           scale=0.2))
+    pages = torch.randn(10, 16, 2, 16, device=device)
+    torch.testing.assert_close(flash_decode(ql, pages, pages, cache_seqlens=seq, block_table=table),
+                               flash_decode(ql, pages, pages, cache_seqlens=seq.clone(), block_table=table.contiguous()))
+    torch.testing.assert_close(flash_decode(q[:, -2:], k, v, **kw), flash_decode(q[:, -2:], k, v, **kw_c))
 
 
 def test_interpreter_numpy_mismatch_is_named(monkeypatch):

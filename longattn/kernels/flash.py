@@ -176,11 +176,23 @@ def _store_split(ptr, rows, in_rows, x_a, x_b, DQK: tl.constexpr, BLOCK_DA: tl.c
 def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
                window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
                BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
+               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BT=None,
+               last_page=0, PAGE: tl.constexpr = 0):
+    """Online softmax of the query rows over the keys [start, end) of a sequence whose key j sits at row
+    ``k_start + j`` of K/V, or (PAGE > 0: a paged cache) at row ``BT[j // PAGE] * PAGE + j % PAGE`` (each page
+    clamped to [0, last_page]: never outside the cache). The pages of a tile are read one iteration ahead: its
+    loads then wait on no load of their own iteration, and the compiler keeps several tiles in flight."""
+    if PAGE > 0:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        pages = tl.load(BT + offs_n // PAGE, mask=offs_n < k_len, other=0)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        rows = (k_start + offs_n).to(tl.int64)
         in_n = offs_n < k_len
+        if PAGE > 0:
+            rows = tl.minimum(tl.maximum(pages, 0), last_page).to(tl.int64) * PAGE + offs_n % PAGE
+            pages = tl.load(BT + (offs_n + BLOCK_N) // PAGE, mask=offs_n + BLOCK_N < k_len, other=0)
+        else:
+            rows = (k_start + offs_n).to(tl.int64)
         kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True)
         s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([q_a.shape[0], BLOCK_N], tl.float32), BLOCK_DB,
                        PRECISION) * qk_scale
@@ -328,24 +340,37 @@ def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLO
 
 
 @triton.jit
-def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K,
+def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_op, stride_ob, stride_ot, stride_oh,
-                         stride_lp, stride_lb, stride_lh,
-                         seqlen_q, seqlen_k, window, qk_scale, group, heads_kv, tokens_per_split,
+                         stride_lp, stride_lb, stride_lh, stride_btb,
+                         seqlen_q, seqlen_k, window, qk_scale, group, heads_kv, tokens_per_split, last_page,
                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                          BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, LEFT_PAD: tl.constexpr,
-                         TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+                         TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_SEQLENS: tl.constexpr = False, PAGE: tl.constexpr = 0):
     """Few queries per sequence (decoding, speculative tokens), no gradient: split-KV. Program (sequence * Hkv +
     KV head, split) holds its GQA group's heads times the sequence's queries as the rows of its tiles (each key
     tile is loaded once for all of them), streams one split of the keys and writes its normalised partial
-    output and lse (natural log), merged afterwards."""
+    output and lse (natural log), merged afterwards.
+
+    HAS_SEQLENS (a KV cache, dense queries): sequence b holds ``SEQLENS[b]`` keys from row ``CU_K[b]`` of its
+    cache (LEFT_PAD; else row 0), or (PAGE > 0) in the pages its block-table row ``BT + b * stride_btb`` lists (K/V
+    then (pages, PAGE, Hkv, D), their batch strides 0); lengths are clamped to the cache (seqlen_k rows)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     split = tl.program_id(1)
-    q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
-    k_start, k_len = _seq_bounds(CU_K, CU_K, b, seqlen_k, 0, IS_VARLEN, LEFT_PAD)
+    if HAS_SEQLENS:
+        q_start = b * 0
+        q_len = seqlen_q + b * 0
+        k_start = b * 0
+        if LEFT_PAD:
+            k_start = tl.minimum(tl.maximum(tl.load(CU_K + b), 0), seqlen_k)
+        k_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), seqlen_k - k_start)
+    else:
+        q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
+        k_start, k_len = _seq_bounds(CU_K, CU_K, b, seqlen_k, 0, IS_VARLEN, LEFT_PAD)
     M: tl.constexpr = BLOCK_G * TQ
     r = tl.arange(0, M)
     g = r // TQ
@@ -379,7 +404,8 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K + b64 * stride_kb + hk.to(tl.int64) * stride_kh,
                                V + b64 * stride_vb + hk.to(tl.int64) * stride_vh, k_start, stride_kt, stride_vt,
                                pos_m, lo, hi, hi, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB,
-                               BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0)  # keys past hi: other splits
+                               BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0,  # keys past hi: other splits
+                               BT + b64 * stride_btb, last_page, PAGE)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=o_mask)
@@ -739,16 +765,25 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
 DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, query) rows per KV head
 
 
-def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None):
+def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None, *,
+                 cache_seqlens=None, block_table=None, longest: int = 0):
     """Split-KV launch on validated inputs with few queries per sequence (the group's heads times the queries,
     each rounded up to a power of two, within DECODE_ROWS rows), forward only: partial results per split of the
-    keys, merged by lse into q's dtype. Returns (out, lse) in flash_fwd's layouts."""
+    keys, merged by lse into q's dtype. Returns (out, lse) in flash_fwd's layouts.
+
+    A KV cache (dense layout, ``dims.max_seqlen_k`` its rows per sequence): ``cache_seqlens`` (int32, keys per
+    sequence), ``left_pad`` then the cache row of each sequence's first key; k/v ``(B, rows, Hkv, D)``, or with
+    ``block_table`` paged ``(pages, page, Hkv, D)`` (page stride = page x token stride); the work is split for
+    ``longest`` keys (the longest sequence, or the capacity)."""
     varlen, tq = dims.varlen, dims.max_seqlen_q
     rows_q = q.shape[0] if varlen else tq
     programs = dims.batch * dims.heads_kv
-    n_split, per_split = split_context(programs, dims.max_seqlen_k, num_sms(q.device) * 2)
+    paged = block_table is not None
+    n_split, per_split = split_context(programs, longest if cache_seqlens is not None else dims.max_seqlen_k,
+                                       num_sms(q.device) * 2)
     outs, lses = _outputs((n_split, rows_q) if varlen else (n_split, dims.batch, tq), dims,
-                          torch.float32 if n_split > 1 else q.dtype, q.device, left_pad is not None)
+                          torch.float32 if n_split > 1 else q.dtype, q.device,
+                          left_pad is not None and cache_seqlens is None)  # (a cache's queries: no padding)
     if outs.numel() and lses.numel():
         so = (outs.stride(0), 0, outs.stride(1), outs.stride(2)) if varlen else outs.stride()[:4]
         sl = (lses.stride(0), 0, lses.stride(1)) if varlen else lses.stride()[:3]
@@ -758,11 +793,16 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
         wide = block_g * next_pow2(tq) >= 64  # 8 warps (64 rows on 4 spill in float32)
         # float32 multiplies on CUDA cores: fewer keys per step, or its registers spill (sm_90)
         block_n = 32 if small_tiles() else 64 if q.dtype != torch.float32 else 32 if wide else 16
+        sk, sv = _strides3(k, varlen), _strides3(v, varlen)
+        if paged:  # pages are shared by the batch: no batch stride
+            sk, sv = (0, *sk[1:]), (0, *sv[1:])
         _flash_decode_kernel[(programs, n_split)](
-            q, k, v, outs, lses, *_cu_args(dims, left_pad), *_strides3(q, varlen), *_strides3(k, varlen),
-            *_strides3(v, varlen), *so, *sl, dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E,
-            dims.group, dims.heads_kv, per_split, **meta, TQ=next_pow2(tq), BLOCK_G=block_g,
-            BLOCK_N=block_n, num_warps=8 if wide else 4)
+            q, k, v, outs, lses, *_cu_args(dims, left_pad),
+            cache_seqlens if cache_seqlens is not None else q, block_table if paged else q,
+            *_strides3(q, varlen), *sk, *sv, *so, *sl, block_table.stride(0) if paged else 0,
+            dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group, dims.heads_kv, per_split,
+            k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
+            HAS_SEQLENS=cache_seqlens is not None, PAGE=k.shape[1] if paged else 0, num_warps=8 if wide else 4)
     if n_split == 1:
         return outs[0], lses[0]
     return merge_fwd(outs, lses, q.dtype)

@@ -534,6 +534,34 @@ def check_cache_lengths(cache_seqlens, cache_offsets, batch: int, capacity: int,
     return cache_seqlens, cache_offsets, host[:batch]
 
 
+def check_cache_pages(lens: torch.Tensor, table: Optional[torch.Tensor], S: int, capacity: int, page: int,
+                      pages: int, offsets: Optional[torch.Tensor] = None) -> list:
+    """Host copies of a decode op's ``cache_seqlens`` (and ``block_table``, ``cache_offsets`` if any) for ``S``
+    query tokens per sequence: the lengths as a list, or a ValueError naming the first sequence whose length lies
+    outside [S, capacity] (less its offset), or whose block-table entries that its length uses are outside
+    [0, pages)."""
+    room = capacity - (offsets if offsets is not None else 0)
+    bad = (lens < S) | (lens > room)
+    if offsets is not None:
+        bad |= (offsets < 0) | (offsets > capacity)
+    if table is not None:
+        used = torch.arange(table.shape[1])[None, :] * page < lens[:, None].long()
+        bad |= (used & ((table < 0) | (table >= pages))).any(1)
+    if bool(bad.any()):
+        b = int(bad.int().argmax())
+        n = int(lens[b])
+        if offsets is not None and not 0 <= int(offsets[b]) <= capacity:
+            raise ValueError(f"cache_offsets[{b}] = {int(offsets[b])} is out of range: it must lie in [0, {capacity}]")
+        if n < S or n > int(room if offsets is None else room[b]):
+            raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
+                             f"token(s) and at most the cache capacity {capacity}"
+                             + (f" less its offset {int(offsets[b])}" if offsets is not None else ""))
+        u = -(-n // page)
+        raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
+                         f"[0, {pages}), got {table[b, :u].tolist()}")
+    return lens.tolist()
+
+
 def check_scale(scale, default: float) -> float:
     if scale is None:
         return float(default)

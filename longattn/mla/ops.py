@@ -7,8 +7,9 @@ import torch
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.utils import (cdiv, check_device, check_same_dtype, check_scale, check_tensor, empty, kernel_inputs,
-                             next_pow2, num_sms, public_op, read_back_later, small_tiles, split_context)
+from ..kernels.utils import (cdiv, check_cache_pages, check_device, check_same_dtype, check_scale, check_tensor, empty,
+                             kernel_inputs, next_pow2, num_sms, public_op, read_back_later, small_tiles,
+                             split_context)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -73,27 +74,6 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     q = torch.cat([q_nope, q_rope], -1)
     return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
-
-
-def _checked_lengths(copies: list, S: int, capacity: int, page: int, pages: int) -> list:
-    """The lengths as a list, from the host copies of ``cache_seqlens`` and the block table if any (from
-    ``read_back_later``), or a ValueError naming the first sequence with a length outside [S, capacity] or a
-    block-table entry among those its length uses outside the cache."""
-    lens, table = copies[0], (copies[1] if len(copies) > 1 else None)
-    bad = (lens < S) | (lens > capacity)
-    if table is not None:
-        used = torch.arange(table.shape[1])[None, :] * page < lens[:, None].long()
-        bad |= (used & ((table < 0) | (table >= pages))).any(1)
-    if bool(bad.any()):
-        b = int(bad.int().argmax())
-        n = int(lens[b])
-        if n < S or n > capacity:
-            raise ValueError(f"cache_seqlens[{b}] = {n} is out of range: it must be at least the {S} query "
-                             f"token(s) and at most the cache capacity {capacity}")
-        u = -(-n // page)
-        raise ValueError(f"block_table[{b}] points outside the cache: its first {u} entries must lie in "
-                         f"[0, {pages}), got {table[b, :u].tolist()}")
-    return lens.tolist()
 
 
 @public_op("q_latent", "q_rope", "kv_cache")
@@ -194,7 +174,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             # checks wait for the copies alone (the host no longer holds the launch back until the GPU catches up)
             lens = [capacity] * B
         else:
-            lens = _checked_lengths(pending(), S, capacity, page, kv_cache.shape[0])
+            lens = check_cache_pages(*(pending() + [None])[:2], S, capacity, page, kv_cache.shape[0])
             pending = None
     ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
                                q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
@@ -217,7 +197,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     else:
         _mla_decode_tuned[grid](*args, **meta)
     if pending is not None:
-        _checked_lengths(pending(), S, capacity, page, kv_cache.shape[0])
+        check_cache_pages(*(pending() + [None])[:2], S, capacity, page, kv_cache.shape[0])
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])
     out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only where bfloat16 ran as float32 (stock interpreter)
     if return_lse:

@@ -1,0 +1,145 @@
+"""``flash_decode``: dense attention of a few new tokens per sequence against a KV cache, contiguous or paged.
+
+The split-KV kernel is flash attention's decoding kernel (``flash._flash_decode_kernel``): one program per
+(sequence, KV head, part of the context) holds the GQA group's heads times the new tokens as the rows of its
+tiles, so each cached key is read once per KV head and a batch of one still fills the GPU; the parts merge by
+lse. Here its keys come from a cache: ``cache_seqlens`` tokens per sequence, from a page table when paged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
+from .utils import (AttnDims, check_cache_pages, check_device, check_same_dtype, check_scale, check_tensor,
+                    kernel_inputs, next_pow2, public_op, read_back_later)
+
+MAX_QUERY_TOKENS = 16
+
+
+def _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets) -> tuple:
+    """Shapes, dtypes and devices; returns (B, S, Hq, Dqk, Hkv, Dv, capacity, page)."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(t, name, ndim=4)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    check_same_dtype({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens,
+                  "block_table": block_table, "cache_offsets": cache_offsets})
+    B, S, hq, dk = q.shape
+    hkv, dv = k_cache.shape[2], v_cache.shape[3]
+    if not 1 <= S <= MAX_QUERY_TOKENS:
+        raise ValueError(f"q must hold 1 to {MAX_QUERY_TOKENS} new tokens per sequence (dim 1), got {S}")
+    if k_cache.shape[3] != dk or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+        raise ValueError(f"k_cache/v_cache must be (..., tokens, Hkv, D) with k's D = q's ({dk}) and the same leading "
+                         f"dims, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
+    if next_pow2(hq // hkv) > DECODE_ROWS:
+        raise ValueError(f"at most {DECODE_ROWS} query heads per KV head, got {hq // hkv}")
+    if min(dk, dv) == 0 or max(dk, dv) > 1024:
+        raise ValueError(f"head dims must lie in [1, 1024], got q/k {dk} and v {dv}")
+    for name, t, shape in (("cache_seqlens", cache_seqlens, (B,)), ("cache_offsets", cache_offsets, (B,))):
+        if (t is not None or name == "cache_seqlens") and (not isinstance(t, torch.Tensor) or t.dtype != torch.int32
+                                                           or tuple(t.shape) != shape):
+            raise TypeError(f"{name} must be an int32 tensor of shape ({B},)")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"a contiguous k_cache must be (B={B}, max_len, Hkv, D), got {tuple(k_cache.shape)}")
+        return B, S, hq, dk, hkv, dv, k_cache.shape[1], 1
+    if cache_offsets is not None:
+        raise ValueError("cache_offsets applies to contiguous caches; a paged one starts each sequence at its first "
+                         "page")
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or block_table.shape[0] != B:
+        raise TypeError(f"block_table must be an int32 tensor of shape ({B}, max_pages)")
+    page = k_cache.shape[1]
+    if k_cache.shape[0] == 0 or page == 0:
+        raise ValueError(f"a paged k_cache must hold at least one page of at least one token, got "
+                         f"{tuple(k_cache.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(0) != page * t.stride(1):  # (the kernel finds token j of page p at row p * page + j)
+            raise ValueError(f"{name}'s pages must follow one another (stride(0) = page_size * stride(1)), got "
+                             f"strides {t.stride()}")
+    return B, S, hq, dk, hkv, dv, block_table.shape[1] * page, page
+
+
+@public_op("q", "k_cache", "v_cache")
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
+                 block_table: Optional[torch.Tensor] = None, cache_offsets: Optional[torch.Tensor] = None,
+                 causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
+                 return_lse: bool = False, validate: bool = True):
+    """Dense attention of a few new tokens per sequence against a KV cache, contiguous or paged (inference; not
+    differentiable).
+
+    Args:
+        q: ``(B, S, Hq, Dqk)``: S = 1 to 16 new tokens per sequence (decoding; speculative tokens), their keys and
+            values already in the cache: query s sits at cache position ``cache_seqlens[b] - S + s``.
+        k_cache, v_cache: contiguous ``(B, max_len, Hkv, Dqk)`` / ``(B, max_len, Hkv, Dv)``, or paged
+            ``(num_pages, page_size, Hkv, D*)`` with ``block_table`` (pages of any size, following one another in
+            memory: ``stride(0) = page_size * stride(1)``, as in a ``(num_pages, page_size, Hkv, D)`` tensor or one
+            half of a stacked K/V buffer); any other strides, a contiguous last dim. float16, bfloat16 or float32,
+            q's dtype. ``Hq`` a multiple of ``Hkv`` (at most 64 query heads per KV head).
+        cache_seqlens: int32 ``(B,)``: keys each sequence holds, its new tokens included (S to the capacity:
+            ``max_len`` less its offset, or ``max_pages * page_size``).
+        block_table: int32 ``(B, max_pages)``: the page holding each sequence's keys ``j * page_size`` to
+            ``(j + 1) * page_size - 1``.
+        cache_offsets: int32 ``(B,)``, contiguous caches only: the cache row of each sequence's first key (a
+            left-padded batch cache, as transformers keeps one transposed to ``(B, L, Hkv, D)``); default 0.
+        causal: each new token sees the keys up to its own position (default); False: all of the sequence's keys.
+        window: each new token sees only the ``window`` most recent keys, itself included (requires causal).
+        scale: softmax scale, default ``Dqk ** -0.5``.
+        return_lse: also return the float32 natural-log lse ``(B, Hq, S)``.
+        validate: read ``cache_seqlens`` (and the block table, the offsets) back to the host and check them: every
+            length at least S and within the cache, every page a sequence uses within it (a synchronisation; the
+            work is then split for the longest sequence). ``validate=False`` skips it (no synchronisation: a
+            decoding step can be captured in a CUDA graph; the work is sized for the capacity) and leaves the
+            caller responsible for the result; either way the kernel clamps lengths and pages to the cache and never
+            reads outside it.
+    Returns:
+        ``(B, S, Hq, Dv)`` in q's dtype (and the lse). Equal to :func:`longattn.flash_attention` of the new tokens
+        against each sequence's keys gathered from the cache.
+    """
+    B, S, hq, dk, hkv, dv, capacity, page = _check_cache(q, k_cache, v_cache, cache_seqlens, block_table,
+                                                         cache_offsets)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("window requires causal=True")
+    scale = check_scale(scale, dk ** -0.5)
+    if capacity < S:
+        raise ValueError(f"the cache holds at most {capacity} tokens per sequence, fewer than the {S} new tokens")
+    cache_seqlens = cache_seqlens.contiguous()  # (the kernel reads entry b at cache_seqlens + b)
+    block_table = block_table.contiguous() if block_table is not None else None
+    cache_offsets = cache_offsets.contiguous() if cache_offsets is not None else None
+    longest = capacity
+    if validate and B:
+        extra = [t for t in (block_table, cache_offsets) if t is not None]
+        copies = read_back_later(cache_seqlens, *extra)()
+        table = copies[1] if block_table is not None else None
+        longest = max(check_cache_pages(copies[0], table, S, capacity, page, k_cache.shape[0],
+                                        copies[-1] if cache_offsets is not None else None))
+    in_dtype = q.dtype
+    qk, kk, vk = kernel_inputs(q, k_cache, v_cache)
+    group = hq // hkv
+    chunk = max(1, DECODE_ROWS // next_pow2(group))  # new tokens per launch: the group's heads times them in 64 rows
+    outs, lses = [], []
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        # the chunk's tokens end S - s1 tokens before the sequence: causally, they see that many keys fewer
+        lens = cache_seqlens if s1 == S or not causal else cache_seqlens - (S - s1)
+        dims = AttnDims(varlen=False, batch=B, max_seqlen_q=s1 - s0, max_seqlen_k=capacity, heads_q=hq,
+                        heads_kv=hkv, dim_qk=dk, dim_v=dv)
+        out, lse = _split_kv(_lastdim_contiguous(qk[:, s0:s1]), kk, vk, dims, causal, window, scale, cache_offsets,
+                             cache_seqlens=lens, block_table=block_table, longest=longest)
+        outs.append(out)
+        lses.append(lse)
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).to(in_dtype)
+    if return_lse:
+        return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
+    return out
+
+
+__all__ = ["flash_decode"]

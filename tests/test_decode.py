@@ -1,0 +1,124 @@
+"""flash_decode: a few new tokens per sequence against a KV cache (contiguous, left-padded, paged) vs the reference."""
+import pytest
+import torch
+
+from longattn import flash_attention, flash_decode
+from longattn.kernels.reference import attention_ref
+from helpers import assert_close, assert_lse_close
+
+
+def _cache(lens, hkv, dk, dv, dtype, device, page=None, offsets=None, spare=5):
+    """Random keys/values of each sequence, and a cache holding them: contiguous ``(B, L, Hkv, D)`` (rows from each
+    offset), or paged ``(pages, page, Hkv, D)`` in random page order with a block table (unused pages hold noise,
+    unused table entries -1 or a page of another sequence)."""
+    B = len(lens)
+    keys = [torch.randn(n, hkv, dk, device=device, dtype=dtype) for n in lens]
+    vals = [torch.randn(n, hkv, dv, device=device, dtype=dtype) for n in lens]
+    if page is None:
+        offsets = offsets or [0] * B
+        L = max(o + n for o, n in zip(offsets, lens)) + spare
+        kc = torch.randn(B, L, hkv, dk, device=device, dtype=dtype)
+        vc = torch.randn(B, L, hkv, dv, device=device, dtype=dtype)
+        for b, (o, n) in enumerate(zip(offsets, lens)):
+            kc[b, o:o + n], vc[b, o:o + n] = keys[b], vals[b]
+        return keys, vals, kc, vc, None
+    per = [-(-n // page) for n in lens]
+    max_pages = max(per) + 1
+    order = torch.randperm(sum(per) + 3).tolist()  # 3 pages nobody uses
+    kc = torch.randn(len(order), page, hkv, dk, device=device, dtype=dtype)
+    vc = torch.randn(len(order), page, hkv, dv, device=device, dtype=dtype)
+    table = torch.full((B, max_pages), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for j in range(per[b]):
+            p = order.pop()
+            table[b, j] = p
+            m = min(page, n - j * page)
+            kc[p, :m], vc[p, :m] = keys[b][j * page:j * page + m], vals[b][j * page:j * page + m]
+    table[0, per[0]:] = table[-1, 0]  # entries past a sequence's length are never read
+    return keys, vals, kc, vc, table.to(device)
+
+
+def _reference(q, keys, vals, causal, window, scale):
+    outs, lses = zip(*(attention_ref(q[b:b + 1], k[None], v[None], causal=causal, window=window, scale=scale,
+                                     return_lse=True) for b, (k, v) in enumerate(zip(keys, vals))))
+    return torch.cat(outs), torch.cat(lses)
+
+
+CASES = [  # (lens, S, Hq, Hkv, dk, dv, page, offsets, causal, window)
+    ([70, 1, 129], 1, 4, 2, 32, 32, None, None, True, None),
+    ([70, 33, 129], 3, 8, 2, 48, 32, 16, None, True, None),  # dk 48: split head dim; 3 speculative tokens
+    ([200, 64, 5], 2, 4, 4, 32, 16, 32, None, True, 40),  # dv != dk, window
+    ([90, 12], 4, 2, 1, 32, 32, None, [0, 50], True, None),  # left-padded cache
+    ([90, 12], 4, 2, 1, 32, 32, 64, None, False, None),  # non-causal: every token sees all keys
+    ([300], 16, 16, 2, 16, 16, 16, None, True, None),  # 8 heads per KV head x 16 tokens: two launches
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_flash_decode_matches_reference(case, dtype, device):
+    lens, S, hq, hkv, dk, dv, page, offsets, causal, window = CASES[case]
+    torch.manual_seed(case)
+    keys, vals, kc, vc, table = _cache(lens, hkv, dk, dv, dtype, device, page, offsets)
+    q = torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    want, want_lse = _reference(q, keys, vals, causal, window, 0.3)
+    for validate in (True, False):
+        out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs,
+                                causal=causal, window=window, scale=0.3, return_lse=True, validate=validate)
+        assert out.dtype == dtype
+        assert_close(out, want, dtype, f"out (validate={validate})")
+        assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_flash_decode_equals_flash_attention_on_the_gathered_keys(device):
+    """One sequence's new tokens against its keys: flash_attention with Tq < Tk gives the same output and lse;
+    a stacked K/V buffer's halves work as paged caches in place."""
+    torch.manual_seed(0)
+    page, n = 16, 77
+    kv = torch.randn(2, 8, page, 2, 32, device=device)  # (K/V, pages, page, Hkv, D)
+    table = torch.tensor([[5, 2, 7, 0, 3]], dtype=torch.int32, device=device)
+    q = torch.randn(1, 2, 4, 32, device=device)
+    out, lse = flash_decode(q, kv[0], kv[1], cache_seqlens=torch.tensor([n], dtype=torch.int32, device=device),
+                            block_table=table, return_lse=True)
+    k, v = (kv[i][table[0].long()].flatten(0, 1)[None, :n] for i in (0, 1))
+    want, want_lse = flash_attention(q, k, v, return_lse=True)
+    assert_close(out, want, torch.float32)
+    assert_lse_close(lse, want_lse)
+
+
+def test_flash_decode_errors(device):
+    B, L = 2, 40
+    q = torch.randn(B, 2, 4, 16, device=device)
+    kc = torch.randn(B, L, 2, 16, device=device)
+    lens = torch.tensor([10, 40], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 41 is out of range"):
+        flash_decode(q, kc, kc, cache_seqlens=lens + 1)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 1 is out of range: it must be at least the 2"):
+        flash_decode(q, kc, kc, cache_seqlens=torch.tensor([1, 5], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"less its offset 5"):
+        flash_decode(q, kc, kc, cache_seqlens=lens, cache_offsets=torch.tensor([0, 5], dtype=torch.int32,
+                                                                                device=device))
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32 tensor of shape"):
+        flash_decode(q, kc, kc, cache_seqlens=lens.long())
+    with pytest.raises(ValueError, match="1 to 16 new tokens"):
+        flash_decode(torch.randn(B, 17, 4, 16, device=device), kc, kc, cache_seqlens=lens)
+    with pytest.raises(ValueError, match="window requires causal"):
+        flash_decode(q, kc, kc, cache_seqlens=lens, causal=False, window=4)
+    pages = torch.randn(6, 16, 2, 16, device=device)
+    table = torch.tensor([[0, 1, 2], [3, 4, 6]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"block_table\[1\] points outside the cache: its first 3 entries"):
+        flash_decode(q, pages, pages, cache_seqlens=lens, block_table=table)
+    flash_decode(q, pages, pages, cache_seqlens=torch.tensor([10, 32], dtype=torch.int32, device=device),
+                 block_table=table)  # the bad entry is past the length: never read
+    with pytest.raises(ValueError, match="cache_offsets applies to contiguous caches"):
+        flash_decode(q, pages, pages, cache_seqlens=lens, block_table=table, cache_offsets=lens)
+    with pytest.raises(ValueError, match="pages must follow one another"):
+        flash_decode(q, pages[:, :8], pages[:, :8], cache_seqlens=lens, block_table=table)
+    with pytest.raises(TypeError, match="block_table must be an int32 tensor"):
+        flash_decode(q, pages, pages, cache_seqlens=lens, block_table=table.long())
+    with pytest.raises(ValueError, match=r"k_cache/v_cache must be"):
+        flash_decode(q, kc, kc[..., :8].contiguous()[:, :30], cache_seqlens=lens)
+    with pytest.raises(ValueError, match="must be a positive multiple of the KV heads"):
+        flash_decode(torch.randn(B, 1, 3, 16, device=device), kc, kc, cache_seqlens=lens)

@@ -1,6 +1,6 @@
 """Randomized comparison of the public ops against their references (a script, not part of the suite).
 
-    python tests/fuzz_ops.py OP [--count N] [--seed S]      OP: flash, moba, nsa, moba_decode, mla_decode
+    python tests/fuzz_ops.py OP [--count N] [--seed S]   OP: flash, moba, nsa, moba_decode, mla_decode, flash_decode
 
 Each draw picks a combination of the features the suite's cases test one at a time (dtype, GQA group, head dims
 with dv != dk, causal / window, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
@@ -199,8 +199,50 @@ def draw_mla_decode(rng, dtype, hq, hkv):
     return cfg, [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
 
 
+def draw_flash_decode(rng, dtype, hq, hkv):
+    batch, tokens = rng.randint(1, 4), rng.choice([1, 1, 2, 4, 7, 16])
+    dk, dv = rng.choice([16, 32, 48, 64, 128, 192]), rng.choice([16, 32, 64, 128])
+    page, paged = rng.choice([1, 7, 16, 64]), rng.random() < 0.6
+    causal = rng.random() < 0.8
+    window = rng.choice([None, None, 1, 17, 100]) if causal else None
+    lens = [rng.randint(tokens, 300) for _ in range(batch)]
+    offsets = [rng.randint(0, 40) for _ in range(batch)] if not paged and rng.random() < 0.5 else None
+    cfg = dict(batch=batch, tokens=tokens, dk=dk, dv=dv, page=page, paged=paged, causal=causal, window=window,
+               lens=lens, offsets=offsets)
+    keys = [torch.randn(n, hkv, dk, device=DEVICE, dtype=dtype) for n in lens]
+    vals = [torch.randn(n, hkv, dv, device=DEVICE, dtype=dtype) for n in lens]
+    table = offs = None
+    if paged:  # pages in random order, unused entries 0 or -1
+        per = [-(-n // page) for n in lens]
+        order = torch.randperm(sum(per) + 3).tolist()
+        kc = torch.randn(len(order), page, hkv, dk, device=DEVICE, dtype=dtype)
+        vc = torch.randn(len(order), page, hkv, dv, device=DEVICE, dtype=dtype)
+        table = torch.full((batch, max(per) + rng.randint(0, 2)), rng.choice([0, -1]), dtype=torch.int32)
+        for b, n in enumerate(lens):
+            for j in range(per[b]):
+                p = table[b, j] = order.pop()
+                kc[p, :min(page, n - j * page)] = keys[b][j * page:(j + 1) * page]
+                vc[p, :min(page, n - j * page)] = vals[b][j * page:(j + 1) * page]
+        table = table.to(DEVICE)
+    else:
+        o = offsets or [0] * batch
+        kc = torch.randn(batch, max(a + n for a, n in zip(o, lens)) + rng.randint(0, 5), hkv, dk, device=DEVICE,
+                         dtype=dtype)
+        vc = torch.randn(*kc.shape[:3], dv, device=DEVICE, dtype=dtype)
+        for b, (a, n) in enumerate(zip(o, lens)):
+            kc[b, a:a + n], vc[b, a:a + n] = keys[b], vals[b]
+        offs = torch.tensor(offsets, dtype=torch.int32, device=DEVICE) if offsets else None
+    q = torch.randn(batch, tokens, hq, dk, device=DEVICE, dtype=dtype)
+    out, lse = longattn.flash_decode(q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                                     block_table=table, cache_offsets=offs, causal=causal, window=window,
+                                     return_lse=True)
+    refs = [attention_ref(q[b:b + 1].float(), keys[b][None].float(), vals[b][None].float(), causal=causal,
+                          window=window, return_lse=True) for b in range(batch)]
+    return cfg, [("out", out, torch.cat([r[0] for r in refs]), 1), ("lse", lse, torch.cat([r[1] for r in refs]), 1)]
+
+
 DRAWS = {"flash": draw_flash, "moba": draw_moba, "nsa": draw_nsa, "moba_decode": draw_moba_decode,
-         "mla_decode": draw_mla_decode}
+         "mla_decode": draw_mla_decode, "flash_decode": draw_flash_decode}
 
 
 def mismatch(actual, expected, dtype, factor):

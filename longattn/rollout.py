@@ -116,9 +116,27 @@ def _padded_prefill(model, prompts, lens, capacity: int):
     return out.logits[:, -1], cache
 
 
+def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled next tokens (B,) from logits (B, V): softmax at ``temperature`` over the
+    ``top_k`` highest logits and the smallest set of the most likely tokens whose probability reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        scores = scores.masked_fill(scores < scores.topk(top_k, -1).values[:, -1:], float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, order = scores.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # the mass before them already reaches top_p (never the first)
+        scores = scores.scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
-             stop_at_eos: bool = True, temperature: float = 0.0, generator: Optional[torch.Generator] = None,
+             stop_at_eos: bool = True, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
              packed: Optional[bool] = None, drop_finished: bool = True) -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
@@ -128,6 +146,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         eos_token_id: stop a sequence after this token (default: ``model.config.eos_token_id`` if an int);
             ``stop_at_eos=False`` always generates ``max_new_tokens`` tokens.
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
+        top_k, top_p: when sampling, only the ``top_k`` most likely tokens (default: all), and of those the smallest
+            set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all).
+        generator: the random generator of the sampling (on the model's device), for reproducible rollouts.
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
             longattn's attention functions and its cache keeps every token (no sliding-window layers).
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
@@ -139,8 +160,12 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     device = next(model.parameters()).device
     prompts = _as_tensors(prompts, device)
     lens = [p.numel() for p in prompts]
@@ -166,11 +191,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), -1)
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits.float() / temperature, -1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = _next_tokens(logits, temperature, top_k, top_p, generator)
         tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
         # one read of the step's tokens and log-probs (indexing a device tensor per row waits for the GPU each time)
         host = torch.stack([tok.double(), tok_lp.double()]).tolist()

@@ -135,6 +135,39 @@ def test_rollout_bad_arguments():
         rollout.generate(model, [[1, 2]], 0)
     with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
         rollout.generate(model, [[1, 2], []], 2)
+    for kw, match in ((dict(temperature=float("nan")), "temperature must be a number >= 0"),
+                      (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
+                      (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
+                      (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            rollout.generate(model, [[1, 2]], 2, **kw)
+
+
+def test_sampling(device):
+    """Sampling: reproducible with a generator; top_k=1 and a tiny top_p give the greedy completions; every token
+    sampled with top_k and top_p lies in the set they allow of the model's distribution at its step (a full
+    recompute), and the log-probs are the model's at temperature 1."""
+    model = _model(device, "qwen2", "flash")
+    prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
+    greedy = rollout.generate(model, prompts, 6, stop_at_eos=False)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        assert rollout.generate(model, prompts, 6, stop_at_eos=False, temperature=0.7, **kw).completions == \
+            greedy.completions
+    gen = lambda: torch.Generator(device=device).manual_seed(3)
+    a, b = (rollout.generate(model, prompts, 6, stop_at_eos=False, temperature=1.5, generator=gen()) for _ in "ab")
+    assert a.completions == b.completions != greedy.completions
+    res = rollout.generate(model, prompts, 8, stop_at_eos=False, temperature=2.0, top_k=5, top_p=0.6,
+                           generator=gen())
+    for p, comp, lps in zip(prompts, res.completions, res.logprobs):
+        with torch.no_grad():
+            logits = model(torch.cat([p, torch.tensor(comp)])[None].to(device), use_cache=False).logits
+        logits = logits[0, p.numel() - 1:-1].float()
+        for step, tok in enumerate(comp):
+            top = (logits[step] / 2.0).topk(5)
+            probs = top.values.softmax(-1)
+            assert tok in top.indices[probs.cumsum(-1) - probs < 0.6].tolist()
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(comp, device=device)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lps, device=device), want, atol=1e-4, rtol=1e-4)
 
 
 def test_rollout_with_sliding_window_layers(device):

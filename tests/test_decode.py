@@ -122,3 +122,7 @@ def test_flash_decode_errors(device):
         flash_decode(q, kc, kc[..., :8].contiguous()[:, :30], cache_seqlens=lens)
     with pytest.raises(ValueError, match="must be a positive multiple of the KV heads"):
         flash_decode(torch.randn(B, 1, 3, 16, device=device), kc, kc, cache_seqlens=lens)
+    with pytest.raises(ValueError, match="the cache holds at most 1 tokens per sequence, fewer than the 2 new"):
+        flash_decode(q, kc[:, :1], kc[:, :1], cache_seqlens=lens)
+    out, lse = flash_decode(q[:0], kc[:0], kc[:0], cache_seqlens=lens[:0], return_lse=True)  # an empty batch
+    assert out.shape == (0, 2, 4, 16) and lse.shape == (0, 4, 2)

@@ -114,8 +114,11 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     cache_seqlens = cache_seqlens.contiguous()  # (the kernel reads entry b at cache_seqlens + b)
     block_table = block_table.contiguous() if block_table is not None else None
     cache_offsets = cache_offsets.contiguous() if cache_offsets is not None else None
+    if B == 0:
+        out = q.new_empty(0, S, hq, dv)
+        return (out, out.new_empty(0, hq, S, dtype=torch.float32)) if return_lse else out
     longest = capacity
-    if validate and B:
+    if validate:
         extra = [t for t in (block_table, cache_offsets) if t is not None]
         copies = read_back_later(cache_seqlens, *extra)()
         table = copies[1] if block_table is not None else None

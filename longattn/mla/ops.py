@@ -76,6 +76,11 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
+def _checked(copies: list, *args) -> list:
+    """``check_cache_pages`` on the host copies of ``cache_seqlens`` and the block table if any."""
+    return check_cache_pages(copies[0], copies[1] if len(copies) > 1 else None, *args)
+
+
 @public_op("q_latent", "q_rope", "kv_cache")
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
@@ -174,7 +179,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             # checks wait for the copies alone (the host no longer holds the launch back until the GPU catches up)
             lens = [capacity] * B
         else:
-            lens = check_cache_pages(*(pending() + [None])[:2], S, capacity, page, kv_cache.shape[0])
+            lens = _checked(pending(), S, capacity, page, kv_cache.shape[0])
             pending = None
     ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
                                q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
@@ -197,7 +202,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     else:
         _mla_decode_tuned[grid](*args, **meta)
     if pending is not None:
-        check_cache_pages(*(pending() + [None])[:2], S, capacity, page, kv_cache.shape[0])
+        _checked(pending(), S, capacity, page, kv_cache.shape[0])
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])
     out = out.view(B, S, H, R).to(q_latent.dtype)  # a copy only where bfloat16 ran as float32 (stock interpreter)
     if return_lse:

@@ -91,3 +91,26 @@ def test_generate_with_in_place_cache(kind, device):
         assert torch.equal(ours.sequences, ref.sequences)
         for a, b in zip(ours.logits, ref.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["moba", "nsa"])
+def test_speculative_decoding_with_in_place_cache(kind, device, monkeypatch):
+    """Prompt lookup (draft tokens verified in one forward, the rejected ones cut off with ``cache.crop``, which an
+    InPlaceCache does without giving up its room) gives the greedy tokens and logits of the default cache."""
+    model = _swapped(kind, device)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 128, (1, 12), device=device).repeat(1, 4)  # repetitions: the lookup finds drafts
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    cache = InPlaceCache(config=model.config)
+    grows = []
+    grow = InPlaceLayer._grow
+    monkeypatch.setattr(InPlaceLayer, "_grow", lambda layer, *a: grows.append(layer) or grow(layer, *a))
+    with torch.no_grad():
+        greedy = model.generate(ids, **kw)
+        speculative = model.generate(ids, prompt_lookup_num_tokens=5, **{_cache_kw(model): cache}, **kw)
+    n = greedy.sequences.shape[1]
+    assert torch.equal(speculative.sequences[:, :n], greedy.sequences)
+    torch.testing.assert_close(torch.cat(speculative.logits[:len(greedy.logits)]), torch.cat(greedy.logits),
+                               atol=1e-4, rtol=1e-4)
+    assert len(grows) == len(cache.layers)  # one allocation per layer, kept through the crops

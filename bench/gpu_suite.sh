@@ -54,9 +54,10 @@ export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # default: every op once, quick ones first (equal shares: what a quick one leaves goes to the later ones). The H100
 # runs of 2026-11-26/27 timed all but memory, rollouts and fla's NSA fwd+bwd (its backward's autotuning alone
 # takes minutes: last, with whatever time is left); MoBA at 32k only (flex_attention and SDPA at 128k take seconds
-# a call), NSA on smooth inputs (neighbouring queries select alike, as in trained models) with its selected branch
-# alone, flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there)
-IFS=';' read -ra ops <<< "${BENCH_OPS:-mla --batches 1,64 --contexts 8k,64k --prefill-seqlens 4k; rollout --prompts 8k; memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1; nsa --seqlens 64k --modes fwd,slc,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
+# a call), NSA on smooth inputs (neighbouring queries select alike, as in trained models), flex_attention left out
+# at 64k (0.35 s a forward, 2.7 s a fwd+bwd there), its selected branch alone (`--modes slc`, timed in the fourth
+# run) left out for fla's fwd+bwd, not yet measured
+IFS=';' read -ra ops <<< "${BENCH_OPS:-mla --batches 1,64 --contexts 8k,64k --prefill-seqlens 4k; rollout --prompts 8k; memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1; nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
 n=${#ops[@]}
 i=0
 for op in "${ops[@]}"; do

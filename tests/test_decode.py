@@ -51,6 +51,8 @@ CASES = [  # (lens, S, Hq, Hkv, dk, dv, page, offsets, causal, window)
     ([90, 12], 4, 2, 1, 32, 32, None, [0, 50], True, None),  # left-padded cache
     ([90, 12], 4, 2, 1, 32, 32, 64, None, False, None),  # non-causal: every token sees all keys
     ([300], 16, 16, 2, 16, 16, 16, None, True, None),  # 8 heads per KV head x 16 tokens: two launches
+    ([50, 130], 2, 144, 2, 16, 16, 16, None, True, 30),  # 72 heads per KV head: parts of 64 and 8, a token each
+    ([77], 3, 71, 1, 32, 32, None, None, False, None),  # MQA with 71 heads (Falcon-7B's shape), non-causal
 ]
 
 

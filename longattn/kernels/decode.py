@@ -36,8 +36,6 @@ def _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets)
                          f"dims, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if hq == 0 or hkv == 0 or hq % hkv:
         raise ValueError(f"the number of query heads ({hq}) must be a positive multiple of the KV heads ({hkv})")
-    if next_pow2(hq // hkv) > DECODE_ROWS:
-        raise ValueError(f"at most {DECODE_ROWS} query heads per KV head, got {hq // hkv}")
     if min(dk, dv) == 0 or max(dk, dv) > 1024:
         raise ValueError(f"head dims must lie in [1, 1024], got q/k {dk} and v {dv}")
     for name, t, shape in (("cache_seqlens", cache_seqlens, (B,)), ("cache_offsets", cache_offsets, (B,))):
@@ -80,7 +78,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             ``(num_pages, page_size, Hkv, D*)`` with ``block_table`` (pages of any size, following one another in
             memory: ``stride(0) = page_size * stride(1)``, as in a ``(num_pages, page_size, Hkv, D)`` tensor or one
             half of a stacked K/V buffer); any other strides, a contiguous last dim. float16, bfloat16 or float32,
-            q's dtype. ``Hq`` a multiple of ``Hkv`` (at most 64 query heads per KV head).
+            q's dtype. ``Hq`` a multiple of ``Hkv``.
         cache_seqlens: int32 ``(B,)``: keys each sequence holds, its new tokens included (S to the capacity:
             ``max_len`` less its offset, or ``max_pages * page_size``).
         block_table: int32 ``(B, max_pages)``: the page holding each sequence's keys ``j * page_size`` to
@@ -124,25 +122,41 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         table = copies[1] if block_table is not None else None
         longest = max(check_cache_pages(copies[0], table, S, capacity, page, k_cache.shape[0],
                                         copies[-1] if cache_offsets is not None else None))
-    in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(q, k_cache, v_cache)
     group = hq // hkv
-    chunk = max(1, DECODE_ROWS // next_pow2(group))  # new tokens per launch: the group's heads times them in 64 rows
-    outs, lses = [], []
-    for s0 in range(0, S, chunk):
-        s1 = min(S, s0 + chunk)
-        # the chunk's tokens end S - s1 tokens before the sequence: causally, they see that many keys fewer
-        lens = cache_seqlens if s1 == S or not causal else cache_seqlens - (S - s1)
-        dims = AttnDims(varlen=False, batch=B, max_seqlen_q=s1 - s0, max_seqlen_k=capacity, heads_q=hq,
-                        heads_kv=hkv, dim_qk=dk, dim_v=dv)
-        out, lse = _split_kv(_lastdim_contiguous(qk[:, s0:s1]), kk, vk, dims, causal, window, scale, cache_offsets,
-                             cache_seqlens=lens, block_table=block_table, longest=longest)
-        outs.append(out)
-        lses.append(lse)
-    out = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).to(in_dtype)
-    if return_lse:
-        return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
-    return out
+    # a launch holds each KV head's query heads times the new tokens in at most 64 rows: larger groups (MQA) run
+    # in parts of 64 heads per KV head, and more tokens than fit in several launches
+    heads = min(group, DECODE_ROWS)
+    chunk = max(1, DECODE_ROWS // next_pow2(heads))
+    if heads == group and chunk >= S:  # (the usual case: one launch)
+        out, lse = _launch(qk, kk, vk, cache_seqlens, block_table, cache_offsets, causal, window, scale, capacity,
+                           longest)
+    else:
+        out = q.new_empty(B, S, hq, dv, dtype=qk.dtype)
+        lse = torch.empty(B, hq, S, device=q.device, dtype=torch.float32)
+        qg, og, lg = qk.reshape(B, S, hkv, group, dk), out.view(B, S, hkv, group, dv), lse.view(B, hkv, group, S)
+        for h0 in range(0, group, heads):
+            h1 = min(group, h0 + heads)
+            for s0 in range(0, S, chunk):
+                s1 = min(S, s0 + chunk)
+                # the part's tokens end S - s1 tokens before the sequence: causally, they see that many keys fewer
+                lens = cache_seqlens if s1 == S or not causal else cache_seqlens - (S - s1)
+                part = qg[:, s0:s1, :, h0:h1].reshape(B, s1 - s0, hkv * (h1 - h0), dk)
+                o, l_ = _launch(part, kk, vk, lens, block_table, cache_offsets, causal, window, scale, capacity,
+                                longest)
+                og[:, s0:s1, :, h0:h1] = o.reshape(B, s1 - s0, hkv, h1 - h0, dv)
+                lg[:, :, h0:h1, s0:s1] = l_.reshape(B, hkv, h1 - h0, s1 - s0)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _launch(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets, causal, window, scale, capacity, longest):
+    """One split-KV launch (its rows within 64: the group's heads times the tokens of q)."""
+    B, S, hq, dk = q.shape
+    dims = AttnDims(varlen=False, batch=B, max_seqlen_q=S, max_seqlen_k=capacity, heads_q=hq,
+                    heads_kv=k_cache.shape[2], dim_qk=dk, dim_v=v_cache.shape[3])
+    return _split_kv(_lastdim_contiguous(q), k_cache, v_cache, dims, causal, window, scale, cache_offsets,
+                     cache_seqlens=cache_seqlens, block_table=block_table, longest=longest)
 
 
 __all__ = ["flash_decode"]

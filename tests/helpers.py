@@ -89,6 +89,16 @@ def run_without_gpu_sync(fn):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def capture_graph(fn):
+    """Run ``fn`` once (compilation, autotuning) and capture a second call in a CUDA graph: returns the graph and the
+    call's output, which each ``graph.replay()`` rewrites in place."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def replay_decode_step_without_sync(model, ids, cache):
     """Prefill ids[:, :-1] into ``cache``, record layer 0's attention call while the model decodes the last
     token, then run that call again (no padding mask) with every CUDA synchronisation an error."""

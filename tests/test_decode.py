@@ -4,7 +4,7 @@ import torch
 
 from longattn import flash_attention, flash_decode
 from longattn.kernels.reference import attention_ref
-from helpers import assert_close, assert_lse_close, run_without_gpu_sync
+from helpers import assert_close, assert_lse_close, capture_graph, run_without_gpu_sync
 
 
 def _cache(lens, hkv, dk, dv, dtype, device, page=None, offsets=None, spare=5):
@@ -141,10 +141,7 @@ def test_flash_decode_in_cuda_graph():
     q = torch.randn(len(lens), 1, 8, 64, device="cuda", dtype=torch.bfloat16)
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     run = lambda: flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, validate=False)
-    run()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     for step in range(3):
         seqlens += 1 + step
         q.normal_()

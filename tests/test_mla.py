@@ -7,7 +7,7 @@ from longattn.mla import ops as mla_ops
 from longattn.mla.kernels import _mla_decode_kernel, decode_candidates
 from longattn.kernels.utils import split_context
 from longattn.mla.reference import gather_paged_ref
-from helpers import assert_close, assert_lse_close, leaf
+from helpers import assert_close, assert_lse_close, capture_graph, leaf
 
 SMALL = dict(H=4, nope=32, rope=16, rank=64, v=32)
 V3 = dict(H=16, nope=128, rope=64, rank=512, v=128)
@@ -370,10 +370,7 @@ def test_decode_in_cuda_graph():
     q_rope = torch.randn(B, 1, H, 64, device="cuda", dtype=torch.bfloat16)
     seqlens = torch.tensor([10, 300, 1, 700], dtype=torch.int32, device="cuda")
     run = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, scale=0.05, validate=False)
-    run()  # compile and warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     for step in range(3):
         seqlens += 1 + step
         q_lat.normal_()

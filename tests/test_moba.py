@@ -5,7 +5,7 @@ import torch
 from longattn import flash_attention
 from longattn.moba import moba_attention, moba_attention_ref, moba_block_selection, moba_block_selection_ref
 from longattn.moba.reference import _pooled_keys
-from helpers import assert_close, assert_compiled_matches_eager, assert_lse_close, leaf
+from helpers import assert_close, assert_compiled_matches_eager, assert_lse_close, capture_graph, leaf
 
 
 def _cu(lengths, device):
@@ -350,10 +350,7 @@ def test_moba_decode_in_cuda_graph():
         return moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, k_mean=k_mean, block_size=bs, topk=3,
                            validate=False)
 
-    step()  # compile and warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
     for i in range(3):
         seq += 64 * (i + 1)  # the longest sequence stays within the cache
         q.normal_()

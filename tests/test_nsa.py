@@ -9,7 +9,7 @@ from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
 from longattn.nsa.kernels import SELECT_TILES
 from longattn.nsa.ops import _gates, _mean_compress
-from helpers import assert_close, assert_compiled_matches_eager, leaf, sorted_selection
+from helpers import assert_close, assert_compiled_matches_eager, capture_graph, leaf, sorted_selection
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
 
@@ -559,10 +559,7 @@ def test_nsa_decode_in_cuda_graph():
               for _ in range(2))
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
     run = lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, config=cfg, validate=False)
-    run()  # compile and warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     for step in range(3):
         seq += 17 * (step + 1)
         q.normal_()

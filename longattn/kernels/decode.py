@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
-from .utils import (AttnDims, check_cache_pages, check_device, check_same_dtype, check_scale, check_tensor,
-                    kernel_inputs, next_pow2, public_op, read_back_later)
+from .utils import (AttnDims, check_cache_pages, check_device, check_positive_int, check_same_dtype, check_scale,
+                    check_tensor, kernel_inputs, next_pow2, public_op, read_back_later)
 
 MAX_QUERY_TOKENS = 16
 
@@ -101,11 +101,11 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """
     B, S, hq, dk, hkv, dv, capacity, page = _check_cache(q, k_cache, v_cache, cache_seqlens, block_table,
                                                          cache_offsets)
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int or None, got {window!r}")
-        if not causal:
-            raise ValueError("window requires causal=True")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_positive_int(window, "window", allow_none=True)
+    if window is not None and not causal:
+        raise ValueError("window requires causal=True")
     scale = check_scale(scale, dk ** -0.5)
     if capacity < S:
         raise ValueError(f"the cache holds at most {capacity} tokens per sequence, fewer than the {S} new tokens")

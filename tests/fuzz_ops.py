@@ -1,6 +1,7 @@
 """Randomized comparison of the public ops against their references (a script, not part of the suite).
 
-    python tests/fuzz_ops.py OP [--count N] [--seed S]   OP: flash, moba, nsa, moba_decode, mla_decode, flash_decode
+    python tests/fuzz_ops.py OP [--count N] [--seed S]   OP: flash, moba, nsa, moba_decode, nsa_decode, mla_decode,
+                                                          flash_decode
 
 Each draw picks a combination of the features the suite's cases test one at a time (dtype, GQA group, head dims
 with dv != dk, causal / window, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
@@ -171,6 +172,49 @@ def draw_moba_decode(rng, dtype, hq, hkv):
     return cfg, checks
 
 
+def draw_nsa_decode(rng, dtype, hq, hkv):
+    dk, dv = rng.choice([16, 32, 48, 64]), rng.choice([16, 32, 64])
+    stride = rng.choice([8, 16])
+    cmp_block = stride * rng.choice([1, 2])
+    config = NSAConfig(cmp_block=cmp_block, cmp_stride=stride, slc_block=max(cmp_block, stride * rng.choice([2, 4])),
+                       slc_topk=rng.randint(2, 6), window=rng.choice([1, 16, 64, 512]), init_blocks=rng.randint(0, 1),
+                       local_blocks=rng.randint(1, 2))  # may be refused (top-n below the forced blocks)
+    n_seq, chunk = rng.randint(1, 3), rng.choice([1, 1, 3])  # chunk > 1: the last tokens of each sequence (cache_rows)
+    lens = [rng.randint(chunk, 300) for _ in range(n_seq)]
+    offsets = [rng.randint(0, 20) for _ in range(n_seq)]
+    L = max(n + o for n, o in zip(lens, offsets)) + rng.randint(0, 10)
+    splits = rng.choice([None, 1, 2, 5])
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, offsets=offsets, L=L, config=config, splits=splits, chunk=chunk)
+    # caches NaN outside each sequence's tokens and blocks (nothing there may be read)
+    k = torch.full((n_seq, L, hkv, dk), float("nan"), device=DEVICE, dtype=dtype)
+    v = torch.full((n_seq, L, hkv, dv), float("nan"), device=DEVICE, dtype=dtype)
+    n_cmp = [config.num_cmp_blocks(n) for n in lens]
+    kc = torch.full((n_seq, max(n_cmp) + 1, hkv, dk), float("nan"), device=DEVICE, dtype=dtype)
+    vc = torch.full((n_seq, max(n_cmp) + 1, hkv, dv), float("nan"), device=DEVICE, dtype=dtype)
+    for b, (n, o, c) in enumerate(zip(lens, offsets, n_cmp)):
+        k[b, o:o + n], v[b, o:o + n] = torch.randn(n, hkv, dk, device=DEVICE), torch.randn(n, hkv, dv, device=DEVICE)
+        kc[b, :c], vc[b, :c] = torch.randn(c, hkv, dk, device=DEVICE), torch.randn(c, hkv, dv, device=DEVICE)
+    rows = [b for b in range(n_seq) for _ in range(chunk)]
+    seqs = [lens[b] - chunk + 1 + i for b in range(n_seq) for i in range(chunk)]
+    q = torch.randn(len(rows), hq, dk, device=DEVICE, dtype=dtype)
+    gates = [torch.rand(len(rows), hq, device=DEVICE, dtype=dtype) for _ in range(3)]
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    out, sel = longattn.nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=i32(seqs),
+                                   cache_offsets=i32([offsets[b] for b in rows]),
+                                   cache_rows=i32(rows) if chunk > 1 else None, config=config, num_splits=splits,
+                                   return_selection=True)
+    checks = []
+    for r, (b, n) in enumerate(zip(rows, seqs)):  # the reference's last row on the sequence's first n tokens
+        o, c = offsets[b], config.num_cmp_blocks(n)
+        ref, sel_r = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].float(),
+                                       v[b, None, o:o + n].float(), *(g[r, None, None].float() for g in gates),
+                                       k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=config,
+                                       return_selection=True)
+        checks += [(f"out[{r}]", out[r], ref[0, 0], 1),
+                   (f"selection[{r}]", sorted_selection(sel[r]), sorted_selection(sel_r[0, 0]), 0)]
+    return cfg, checks
+
+
 def draw_mla_decode(rng, dtype, hq, hkv):
     heads, tokens, batch = rng.choice([1, 4, 16, 20, 64, 128]), rng.randint(1, 4), rng.randint(1, 4)
     rank, rope = rng.choice([(512, 64), (64, 16), (32, 16)])
@@ -242,7 +286,7 @@ def draw_flash_decode(rng, dtype, hq, hkv):
 
 
 DRAWS = {"flash": draw_flash, "moba": draw_moba, "nsa": draw_nsa, "moba_decode": draw_moba_decode,
-         "mla_decode": draw_mla_decode, "flash_decode": draw_flash_decode}
+         "nsa_decode": draw_nsa_decode, "mla_decode": draw_mla_decode, "flash_decode": draw_flash_decode}
 
 
 def mismatch(actual, expected, dtype, factor):

@@ -5,7 +5,8 @@ What an RL rollout pays: the batched prefill of prompts of different lengths, th
 the same random model with its attention swapped (`swap_attention`); `sdpa` is transformers' own attention
 (the baseline), `sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each
 step's keys and values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`.
-Prompt lengths are drawn between half the nominal length and the full one, the same for every kind. Timings are
+Prompt lengths are drawn between half the nominal length and the full one, the same for every kind; `--samples n`
+samples n completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
 `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after a warm-up run
 that compiles and autotunes the kernels.
 """
@@ -16,15 +17,16 @@ import contextlib
 
 from .common import Results, parse_ints, peak_memory_mb, require_cuda
 
-COLUMNS = ["impl", "B", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms", "step_ms", "tok/s",
-           "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
+COLUMNS = ["impl", "B", "samples", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms", "step_ms",
+           "tok/s", "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
 PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
 KINDS = ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")
 
 
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--prompts", default="8k,32k", help="nominal prompt lengths; each prompt has between half and all")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="prompts")
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt, from one prefill of it")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=2048)
@@ -94,10 +96,10 @@ def run(args, argv=None) -> list[dict]:
             try:
                 model = _model(kind, args, dev, dtype)
                 with _cache_of(kind):
-                    rollout.generate(model, prompts, 2, stop_at_eos=False)  # compile and autotune
+                    kw = dict(stop_at_eos=False, num_samples=args.samples)
+                    rollout.generate(model, prompts, 2, **kw)  # compile and autotune
                     done = []
-                    mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens,
-                                                                              stop_at_eos=False)))
+                    mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens, **kw)))
             except Exception as e:  # a kind that cannot run here (memory): the others still do
                 print(f"  {kind} prompt={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                 continue
@@ -107,14 +109,15 @@ def run(args, argv=None) -> list[dict]:
                     torch.cuda.empty_cache()
             res = done[0]
             steps = max(1, args.new_tokens - 1)  # the first token comes from the prefill's logits
-            row = dict(op="rollout", impl=kind, series=kind, mode="rollout", B=args.batch, prompt=T,
-                       new=args.new_tokens, layers=args.layers, hidden=args.hidden, Hq=args.heads, Hkv=args.kv_heads,
-                       D=args.hidden // args.heads, dtype=args.dtype, prefill_ms=1e3 * res.prefill_seconds,
-                       step_ms=1e3 * res.decode_seconds / steps,
-                       **{"tok/s": args.batch * steps / max(res.decode_seconds, 1e-9)}, peak_MB=mem,
+            rows_decoded = args.batch * args.samples
+            row = dict(op="rollout", impl=kind, series=kind, mode="rollout", B=args.batch, samples=args.samples,
+                       prompt=T, new=args.new_tokens, layers=args.layers, hidden=args.hidden, Hq=args.heads,
+                       Hkv=args.kv_heads, D=args.hidden // args.heads, dtype=args.dtype,
+                       prefill_ms=1e3 * res.prefill_seconds, step_ms=1e3 * res.decode_seconds / steps,
+                       **{"tok/s": rows_decoded * steps / max(res.decode_seconds, 1e-9)}, peak_MB=mem,
                        prompt_tokens=sum(lens))
             rows.append(row)
-            print(f"  {kind:6s} prompt={T} B={args.batch}: prefill {row['prefill_ms']:.1f} ms, "
+            print(f"  {kind:6s} prompt={T} B={args.batch}x{args.samples}: prefill {row['prefill_ms']:.1f} ms, "
                   f"{row['step_ms']:.2f} ms/step")
     base = {r["prompt"]: r for r in rows if r["impl"] == "sdpa"}
     for r in rows:

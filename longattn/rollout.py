@@ -1,12 +1,14 @@
 """Batched rollouts for RL: prefill prompts of different lengths, then decode with a KV cache.
 
 ``generate(model, prompts, max_new_tokens)`` returns the completions and the log-probability of every
-generated token. With longattn's attention implementations ("moba", "longattn") the prompts are packed
-into one row without padding (position_ids restart at 0 per prompt, the attention runs varlen) and the
-packed KV cache is then split into a left-padded batch cache for decoding; other models (MLA-swapped
-DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through the mask. The
-decoding cache (:class:`longattn.hf.cache.InPlaceCache`) has room to spare (up to the longest prompt plus the new
-tokens) and each step writes its tokens in place (transformers' default cache copies itself whole at every step).
+generated token; ``num_samples=n`` samples n completions of each prompt (GRPO-style groups) from one prefill of
+it, the cache's rows then repeated for its samples. With longattn's attention implementations ("moba",
+"longattn") the prompts are packed into one row without padding (position_ids restart at 0 per prompt, the
+attention runs varlen) and the packed KV cache is then split into a left-padded batch cache for decoding; other
+models (MLA-swapped DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through
+the mask. The decoding cache (:class:`longattn.hf.cache.InPlaceCache`) has room to spare (up to the longest prompt
+plus the new tokens) and each step writes its tokens in place (transformers' default cache copies itself whole at
+every step).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
 @dataclass
 class Rollout:
-    """Generated tokens (up to and including the first eos) and their log-probabilities, per prompt."""
+    """Generated tokens (up to and including the first eos) and their log-probabilities, per completion: with
+    ``num_samples`` n, completion ``i * n + j`` is the j-th sample of prompt i."""
     completions: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     prefill_packed: bool = False
@@ -137,7 +140,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
              stop_at_eos: bool = True, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-             packed: Optional[bool] = None, drop_finished: bool = True) -> Rollout:
+             num_samples: int = 1, packed: Optional[bool] = None, drop_finished: bool = True) -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
@@ -149,6 +152,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         top_k, top_p: when sampling, only the ``top_k`` most likely tokens (default: all), and of those the smallest
             set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all).
         generator: the random generator of the sampling (on the model's device), for reproducible rollouts.
+        num_samples: completions per prompt (a GRPO group): each prompt is prefilled once, then its cache rows and
+            last logits are repeated for its samples, which decode side by side (the prompts' prefill is not
+            repeated, as it would be with each prompt listed ``num_samples`` times; the results are the same).
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
             longattn's attention functions and its cache keeps every token (no sliding-window layers).
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
@@ -156,7 +162,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             live ones; rollout lengths vary widely. The results are the same either way.
     Returns:
         :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated
-        token under the model at temperature 1). Greedy completions equal per-prompt ``model.generate``.
+        token under the model at temperature 1), ``len(prompts) * num_samples`` of each, the samples of a prompt
+        one after another. Greedy completions equal per-prompt ``model.generate``.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -166,6 +173,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     device = next(model.parameters()).device
     prompts = _as_tensors(prompts, device)
     lens = [p.numel() for p in prompts]
@@ -186,8 +195,13 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     longest = max(lens)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     next_pos = torch.tensor(lens, device=device)
+    if num_samples > 1:  # each prompt's row repeated for its samples: one copy of the cache, no second prefill
+        rep = torch.arange(B, device=device).repeat_interleave(num_samples)
+        cache.reorder_cache(rep)
+        logits, mask, next_pos = logits[rep], mask[rep], next_pos[rep]
+        B *= num_samples
     done = [False] * B
-    rows = list(range(B))  # the prompt each row of the decoded batch belongs to
+    rows = list(range(B))  # the completion each row of the decoded batch belongs to
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), -1)

@@ -90,6 +90,37 @@ def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
     assert grows == [(30, 30 + 5 - 1)] * (2 * model.config.num_hidden_layers)
 
 
+@pytest.mark.parametrize("kind", ["moba", "mla"])
+def test_samples_share_one_prefill(kind, device):
+    """num_samples=n: each prompt prefilled once (its cache rows then repeated for its samples: MoBA's pooled keys
+    and MLA's latent pages follow) gives what listing each prompt n times gives, sampled from the same generator:
+    the same completions and log-probs; the n samples of a prompt differ; greedy samples all equal the greedy
+    completion."""
+    if kind == "mla":
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(), attn_implementation="eager")
+        model = longattn.hf.swap_attention(base.eval().to(device), "mla", page_size=16)
+    else:
+        model = _model(device, "llama", "moba", block_size=16, topk=2)
+    prompts = [torch.randint(1, 128, (n,)) for n in (21, 9)]
+    fed = []  # tokens of each forward call
+    hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].numel()), with_kwargs=True)
+    gen = lambda: torch.Generator(device=device).manual_seed(5)
+    shared = rollout.generate(model, prompts, 4, stop_at_eos=False, temperature=1.5, generator=gen(), num_samples=3)
+    prefill = fed[0]
+    listed = rollout.generate(model, [p for p in prompts for _ in range(3)], 4, stop_at_eos=False, temperature=1.5,
+                              generator=gen())
+    hook.remove()
+    assert prefill == (21 + 9 if shared.prefill_packed else 2 * 21)  # each prompt once (packed, or padded to 21)
+    assert shared.completions == listed.completions and len(shared.completions) == 6
+    for a, b in zip(shared.logprobs, listed.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+    assert len({tuple(c) for c in shared.completions[:3]}) > 1  # the samples of a prompt differ
+    greedy = rollout.generate(model, prompts, 4, stop_at_eos=False)
+    assert rollout.generate(model, prompts, 4, stop_at_eos=False, num_samples=2).completions == \
+        [c for c in greedy.completions for _ in range(2)]
+
+
 def test_packed_training_backward_equals_unpacked(device):
     model = _model(device, "llama", "moba", block_size=16, topk=2).train()
     seqs = [torch.randint(0, 128, (n,)).to(device) for n in (40, 23)]
@@ -138,7 +169,8 @@ def test_rollout_bad_arguments():
     for kw, match in ((dict(temperature=float("nan")), "temperature must be a number >= 0"),
                       (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
                       (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
-                      (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]")):
+                      (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
+                      (dict(num_samples=0), "num_samples must be a positive int")):
         with pytest.raises(ValueError, match=match):
             rollout.generate(model, [[1, 2]], 2, **kw)
 

@@ -191,7 +191,6 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     # last (never fed)
     logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens,
                                                                         max(lens) + max_new_tokens - 1)
-    t1 = _clock(device)
     longest = max(lens)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     next_pos = torch.tensor(lens, device=device)
@@ -200,6 +199,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         cache.reorder_cache(rep)
         logits, mask, next_pos = logits[rep], mask[rep], next_pos[rep]
         B *= num_samples
+    t1 = _clock(device)  # the prefill's time includes the samples' copies of the cache
     done = [False] * B
     rows = list(range(B))  # the completion each row of the decoded batch belongs to
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)

@@ -110,7 +110,8 @@ def run(args, argv=None) -> list[dict]:
 def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
     """One new query per sequence against T cached keys (the peers without a causal mask: a single query at the
     end sees every key, and SDPA's causal mask is aligned to the top left). ``longattn_paged``: ``flash_decode`` on
-    the same keys in a paged cache (64-token pages in random order, no host checks)."""
+    the same keys in a paged cache (64-token pages in random order, no host checks); ``longattn_paged_fp8``: that
+    cache quantised to float8 (e4m3, half the bytes, its ``%roof`` counting them)."""
     import torch
 
     from longattn import flash_attention, flash_decode
@@ -139,7 +140,11 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
             lens = torch.full((B,), T, dtype=torch.int32, device=dev)
             paged = lambda q, k, v: flash_decode(q, kp, vp, cache_seqlens=lens, block_table=table, window=args.window,
                                                  validate=False)
-            for name, fn in {**impls, "longattn_paged": paged}.items():
+            kq, vq = kp.to(torch.float8_e4m3fn), vp.to(torch.float8_e4m3fn)
+            fp8 = lambda q, k, v: flash_decode(q, kq, vq, cache_seqlens=lens, block_table=table, window=args.window,
+                                               validate=False)
+            fp8_bytes = B * (keys * hkv * (dqk + dv) + 2 * hq * (dqk + dv))  # one byte a cached value
+            for name, fn in {**impls, "longattn_paged": paged, "longattn_paged_fp8": fp8}.items():
                 try:
                     with torch.no_grad():
                         ms = (graph_ms if name.endswith("_graph") else time_ms)(lambda: fn(q, k, v))
@@ -148,7 +153,8 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
                     continue
                 rows.append(roofline(dict(op="flash", impl=name, mode=f"decode_b{B}", B=B, T=T, Hq=hq, Hkv=hkv,
                                           D=dqk, Dv=dv, causal=True, window=args.window, dtype=args.dtype, ms=ms,
-                                          **{"TFLOP/s": flops / ms / 1e9}), bytes_, flops, peaks))
+                                          **{"TFLOP/s": flops / ms / 1e9}),
+                                     fp8_bytes if name.endswith("fp8") else bytes_, flops, peaks))
                 print(f"  {name:12s} decode  B={B} T={T}: {ms:.3f} ms")
             torch.cuda.empty_cache()
 

@@ -92,13 +92,16 @@ def _flash_cases():
             cases.append((f"_flash_decode_kernel[{tag}-q{tq}-g{g}]", F._flash_decode_kernel, ptr,
                           dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq),
                                BLOCK_N=64 if dt != "fp32" else 32 if rows >= 64 else 16),
-                          ("qk_scale",), dict(num_warps=8 if rows >= 64 else 4)))
+                          ("qk_scale", "v_scale"), dict(num_warps=8 if rows >= 64 else 4)))
         if not varlen and kpos == (1, 0):  # flash_decode against a cache: lengths per sequence, paged or not
-            for page in (0, 16, 64):
-                cases.append((f"_flash_decode_kernel[{tag}-q1-g8-cache{f'-page{page}' if page else ''}]",
-                              F._flash_decode_kernel, dict(ptr, SEQLENS="*i32", BT="*i32"),
+            for page, cache in ((0, dt), (16, dt), (64, dt), (16, "fp8e4nv"), (0, "fp8e5")):  # float8: quantised
+                if cache != dt and dt == "fp32":
+                    continue
+                cases.append((f"_flash_decode_kernel[{tag}-q1-g8-cache{f'-page{page}' if page else ''}"
+                              f"{'-' + cache if cache != dt else ''}]", F._flash_decode_kernel,
+                              dict(ptr, SEQLENS="*i32", BT="*i32", K=f"*{cache}", V=f"*{cache}"),
                               dict(dec, TQ=1, BLOCK_G=16, BLOCK_N=64 if dt != "fp32" else 16, HAS_SEQLENS=True,
-                                   PAGE=page, LEFT_PAD=not page), ("qk_scale",), dict(num_warps=4)))
+                                   PAGE=page, LEFT_PAD=not page), ("qk_scale", "v_scale"), dict(num_warps=4)))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
         mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",
@@ -345,6 +348,7 @@ PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16]": 2,  # pages read a tile ahead
+    "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16-fp8e4nv]": 2,  # float8 cache
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)

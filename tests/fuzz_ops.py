@@ -276,10 +276,24 @@ def draw_flash_decode(rng, dtype, hq, hkv):
         for b, (a, n) in enumerate(zip(o, lens)):
             kc[b, a:a + n], vc[b, a:a + n] = keys[b], vals[b]
         offs = torch.tensor(offsets, dtype=torch.int32, device=DEVICE) if offsets else None
+    scales = {}
+    if rng.random() < 0.3:  # a quantised cache: float8 with per-tensor scales, against the dequantised keys/values
+        fp8 = rng.choice([torch.float8_e4m3fn, torch.float8_e5m2])
+        scales = dict(k_scale=rng.choice([0.25, 1.0, 3.0]), v_scale=rng.choice([0.5, 2.0]))
+        kc, vc = (kc.float() / scales["k_scale"]).to(fp8), (vc.float() / scales["v_scale"]).to(fp8)
+        kd, vd = kc.float() * scales["k_scale"], vc.float() * scales["v_scale"]
+        for b, n in enumerate(lens):  # the keys/values as the cache now holds them
+            if paged:
+                rows = table[b].clamp(min=0).long()
+                keys[b], vals[b] = kd[rows].flatten(0, 1)[:n], vd[rows].flatten(0, 1)[:n]
+            else:
+                a = offsets[b] if offsets else 0
+                keys[b], vals[b] = kd[b, a:a + n], vd[b, a:a + n]
+        cfg.update(cache=str(fp8), **scales)
     q = torch.randn(batch, tokens, hq, dk, device=DEVICE, dtype=dtype)
     out, lse = longattn.flash_decode(q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                                      block_table=table, cache_offsets=offs, causal=causal, window=window,
-                                     return_lse=True)
+                                     return_lse=True, **scales)
     refs = [attention_ref(q[b:b + 1].float(), keys[b][None].float(), vals[b][None].float(), causal=causal,
                           window=window, return_lse=True) for b in range(batch)]
     return cfg, [("out", out, torch.cat([r[0] for r in refs]), 1), ("lse", lse, torch.cat([r[1] for r in refs]), 1)]

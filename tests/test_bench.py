@@ -76,7 +76,8 @@ DRY_RUNS = {
 }
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
-                           ("longattn_graph", "decode_b2"), ("longattn_paged", "decode_b2")],
+                           ("longattn_graph", "decode_b2"), ("longattn_paged", "decode_b2"),
+                           ("longattn_paged_fp8", "decode_b2")],
                  "profile": [],
                  "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),

@@ -74,6 +74,35 @@ def test_flash_decode_matches_reference(case, dtype, device):
         assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_flash_decode_float8_cache(cache_dtype, dtype, device):
+    """A quantised cache: float8 keys and values with per-tensor scales give the attention of the dequantised ones
+    (widened exactly to q's dtype as they are read; the scales applied to the scores and the output), contiguous
+    (left-padded) and paged, one launch and several (72 heads per KV head)."""
+    torch.manual_seed(2)
+    for lens, S, hq, hkv, page, offsets in (([70, 129, 5], 2, 8, 2, None, [3, 0, 40]), ([70, 129, 5], 1, 8, 2, 16, None),
+                                            ([50], 3, 72, 1, 16, None)):
+        _, _, kc, vc, table = _cache(lens, hkv, 32, 16, torch.float32, device, page, offsets)
+        k8, v8 = (kc * 4).to(cache_dtype), (vc / 2).to(cache_dtype)  # stored 4x and / 2: scales 1/4 and 2
+        q = torch.randn(len(lens), S, hq, 32, device=device, dtype=dtype)
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+        offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+        out, lse = flash_decode(q, k8, v8, cache_seqlens=seqlens, block_table=table, cache_offsets=offs, scale=0.3,
+                                k_scale=0.25, v_scale=2.0, return_lse=True)
+        assert out.dtype == dtype
+
+        def seq(c, b, n):  # sequence b's n tokens of a cache, widened (torch 2.5 indexes no float8 tensor)
+            c = c.float()
+            rows = c[b, offsets[b]:] if table is None and offsets else c[b] if table is None else \
+                c[table[b].clamp(min=0).long()].flatten(0, 1)
+            return rows[:n]
+        want, want_lse = _reference(q.float(), [seq(k8, b, n) * 0.25 for b, n in enumerate(lens)],
+                                    [seq(v8, b, n) * 2.0 for b, n in enumerate(lens)], True, None, 0.3)
+        assert_close(out, want, dtype, f"{cache_dtype} cache, page {page}")
+        assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
+
+
 def test_flash_decode_equals_flash_attention_on_the_gathered_keys(device):
     """One sequence's new tokens against its keys: flash_attention with Tq < Tk gives the same output and lse;
     a stacked K/V buffer's halves work as paged caches in place."""
@@ -104,6 +133,13 @@ def test_flash_decode_errors(device):
                                                                                 device=device))
     with pytest.raises(TypeError, match="cache_seqlens must be an int32 tensor of shape"):
         flash_decode(q, kc, kc, cache_seqlens=lens.long())
+    with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype, q's"):
+        flash_decode(q, kc.to(torch.float8_e4m3fn), kc, cache_seqlens=lens)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        flash_decode(q.to(torch.float8_e4m3fn), kc.to(torch.float8_e4m3fn), kc.to(torch.float8_e4m3fn),
+                     cache_seqlens=lens)
+    with pytest.raises(ValueError, match="v_scale must be a finite positive number"):
+        flash_decode(q, kc, kc, cache_seqlens=lens, v_scale=0.0)
     with pytest.raises(ValueError, match="1 to 16 new tokens"):
         flash_decode(torch.randn(B, 17, 4, 16, device=device), kc, kc, cache_seqlens=lens)
     with pytest.raises(ValueError, match="window requires causal"):

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
-from .utils import (AttnDims, check_cache_pages, check_device, check_positive_int, check_same_dtype, check_scale,
-                    check_tensor, kernel_inputs, next_pow2, public_op, read_back_later)
+from .utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, AttnDims, check_cache_pages, check_device, check_positive_int,
+                    check_scale, check_tensor, kernel_inputs, next_pow2, public_op, read_back_later)
 
 MAX_QUERY_TOKENS = 16
 
@@ -21,10 +21,12 @@ MAX_QUERY_TOKENS = 16
 def _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets) -> tuple:
     """Shapes, dtypes and devices; returns (B, S, Hq, Dqk, Hkv, Dv, capacity, page)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(t, name, ndim=4)
+        check_tensor(t, name, ndim=4, dtypes=SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FLOAT8_DTYPES)
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
-    check_same_dtype({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, *FLOAT8_DTYPES):
+        raise TypeError(f"k_cache and v_cache must share one dtype, q's ({q.dtype}) or a float8 one (a quantised "
+                        f"cache), got {k_cache.dtype} and {v_cache.dtype}")
     check_device({"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens,
                   "block_table": block_table, "cache_offsets": cache_offsets})
     B, S, hq, dk = q.shape
@@ -67,7 +69,7 @@ def _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets)
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
                  block_table: Optional[torch.Tensor] = None, cache_offsets: Optional[torch.Tensor] = None,
                  causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
-                 return_lse: bool = False, validate: bool = True):
+                 k_scale: float = 1.0, v_scale: float = 1.0, return_lse: bool = False, validate: bool = True):
     """Dense attention of a few new tokens per sequence against a KV cache, contiguous or paged (inference; not
     differentiable).
 
@@ -77,8 +79,9 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         k_cache, v_cache: contiguous ``(B, max_len, Hkv, Dqk)`` / ``(B, max_len, Hkv, Dv)``, or paged
             ``(num_pages, page_size, Hkv, D*)`` with ``block_table`` (pages of any size, following one another in
             memory: ``stride(0) = page_size * stride(1)``, as in a ``(num_pages, page_size, Hkv, D)`` tensor or one
-            half of a stacked K/V buffer); any other strides, a contiguous last dim. float16, bfloat16 or float32,
-            q's dtype. ``Hq`` a multiple of ``Hkv``.
+            half of a stacked K/V buffer); any other strides, a contiguous last dim. q's dtype (float16, bfloat16 or
+            float32), or float8 (``float8_e4m3fn`` / ``float8_e5m2``, both caches: a quantised cache, half the
+            bytes of a 16-bit one, widened to q's dtype as it is read). ``Hq`` a multiple of ``Hkv``.
         cache_seqlens: int32 ``(B,)``: keys each sequence holds, its new tokens included (S to the capacity:
             ``max_len`` less its offset, or ``max_pages * page_size``).
         block_table: int32 ``(B, max_pages)``: the page holding each sequence's keys ``j * page_size`` to
@@ -88,6 +91,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         causal: each new token sees the keys up to its own position (default); False: all of the sequence's keys.
         window: each new token sees only the ``window`` most recent keys, itself included (requires causal).
         scale: softmax scale, default ``Dqk ** -0.5``.
+        k_scale, v_scale: dequantisation scales of the caches (per tensor): the keys are ``k_cache * k_scale``, the
+            values ``v_cache * v_scale`` (a float8 cache's scales; default 1).
         return_lse: also return the float32 natural-log lse ``(B, Hq, S)``.
         validate: read ``cache_seqlens`` (and the block table, the offsets) back to the host and check them: every
             length at least S and within the cache, every page a sequence uses within it (a synchronisation; the
@@ -106,7 +111,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     check_positive_int(window, "window", allow_none=True)
     if window is not None and not causal:
         raise ValueError("window requires causal=True")
-    scale = check_scale(scale, dk ** -0.5)
+    scale = check_scale(scale, dk ** -0.5) * check_scale(k_scale, 1.0, "k_scale")  # (the scores' scale)
+    v_scale = check_scale(v_scale, 1.0, "v_scale")
     if capacity < S:
         raise ValueError(f"the cache holds at most {capacity} tokens per sequence, fewer than the {S} new tokens")
     cache_seqlens = cache_seqlens.contiguous()  # (the kernel reads entry b at cache_seqlens + b)
@@ -129,8 +135,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     heads = min(group, DECODE_ROWS)
     chunk = max(1, DECODE_ROWS // next_pow2(heads))
     if heads == group and chunk >= S:  # (the usual case: one launch)
-        out, lse = _launch(qk, kk, vk, cache_seqlens, block_table, cache_offsets, causal, window, scale, capacity,
-                           longest)
+        out, lse = _launch(qk, kk, vk, cache_seqlens, block_table, cache_offsets, causal, window, scale, v_scale,
+                           capacity, longest)
     else:
         out = q.new_empty(B, S, hq, dv, dtype=qk.dtype)
         lse = torch.empty(B, hq, S, device=q.device, dtype=torch.float32)
@@ -142,21 +148,22 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                 # the part's tokens end S - s1 tokens before the sequence: causally, they see that many keys fewer
                 lens = cache_seqlens if s1 == S or not causal else cache_seqlens - (S - s1)
                 part = qg[:, s0:s1, :, h0:h1].reshape(B, s1 - s0, hkv * (h1 - h0), dk)
-                o, l_ = _launch(part, kk, vk, lens, block_table, cache_offsets, causal, window, scale, capacity,
-                                longest)
+                o, l_ = _launch(part, kk, vk, lens, block_table, cache_offsets, causal, window, scale, v_scale,
+                                capacity, longest)
                 og[:, s0:s1, :, h0:h1] = o.reshape(B, s1 - s0, hkv, h1 - h0, dv)
                 lg[:, :, h0:h1, s0:s1] = l_.reshape(B, hkv, h1 - h0, s1 - s0)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _launch(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets, causal, window, scale, capacity, longest):
+def _launch(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets, causal, window, scale, v_scale, capacity,
+            longest):
     """One split-KV launch (its rows within 64: the group's heads times the tokens of q)."""
     B, S, hq, dk = q.shape
     dims = AttnDims(varlen=False, batch=B, max_seqlen_q=S, max_seqlen_k=capacity, heads_q=hq,
                     heads_kv=k_cache.shape[2], dim_qk=dk, dim_v=v_cache.shape[3])
     return _split_kv(_lastdim_contiguous(q), k_cache, v_cache, dims, causal, window, scale, cache_offsets,
-                     cache_seqlens=cache_seqlens, block_table=block_table, longest=longest)
+                     cache_seqlens=cache_seqlens, block_table=block_table, longest=longest, v_scale=v_scale)
 
 
 __all__ = ["flash_decode"]

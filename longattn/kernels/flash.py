@@ -194,8 +194,10 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
         else:
             rows = (k_start + offs_n).to(tl.int64)
         kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True)
-        s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([q_a.shape[0], BLOCK_N], tl.float32), BLOCK_DB,
-                       PRECISION) * qk_scale
+        # (float8 caches: keys and values widened to q's dtype, exactly; their scales are folded into qk_scale and
+        # the output's. The same dtype otherwise: no conversion)
+        s = _dot_split(q_a, q_b, kt_a.to(q_a.dtype), kt_b.to(q_a.dtype), tl.zeros([q_a.shape[0], BLOCK_N], tl.float32),
+                       BLOCK_DB, PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -204,7 +206,7 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_ptr + rows[:, None] * stride_vt + offs_dv[None, :],
-                    mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                    mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(q_a.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -344,9 +346,9 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_op, stride_ob, stride_ot, stride_oh,
                          stride_lp, stride_lb, stride_lh, stride_btb,
-                         seqlen_q, seqlen_k, window, qk_scale, group, heads_kv, tokens_per_split, last_page,
-                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
+                         seqlen_q, seqlen_k, window, qk_scale, v_scale, group, heads_kv, tokens_per_split,
+                         last_page, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+                         BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, LEFT_PAD: tl.constexpr,
                          TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_SEQLENS: tl.constexpr = False, PAGE: tl.constexpr = 0):
@@ -357,7 +359,8 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
 
     HAS_SEQLENS (a KV cache, dense queries): sequence b holds ``SEQLENS[b]`` keys from row ``CU_K[b]`` of its
     cache (LEFT_PAD; else row 0), or (PAGE > 0) in the pages its block-table row ``BT + b * stride_btb`` lists (K/V
-    then (pages, PAGE, Hkv, D), their batch strides 0); lengths are clamped to the cache (seqlen_k rows)."""
+    then (pages, PAGE, Hkv, D), their batch strides 0); lengths are clamped to the cache (seqlen_k rows). K/V may be
+    float8 (a quantised cache: keys K * k_scale, folded into qk_scale, values V * v_scale)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     split = tl.program_id(1)
@@ -407,7 +410,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
                                BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0,  # keys past hi: other splits
                                BT + b64 * stride_btb, last_page, PAGE)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=o_mask)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(l_ptr, lse, mask=valid)
@@ -766,7 +769,7 @@ DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, que
 
 
 def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None, *,
-                 cache_seqlens=None, block_table=None, longest: int = 0):
+                 cache_seqlens=None, block_table=None, longest: int = 0, v_scale: float = 1.0):
     """Split-KV launch on validated inputs with few queries per sequence (the group's heads times the queries,
     each rounded up to a power of two, within DECODE_ROWS rows), forward only: partial results per split of the
     keys, merged by lse into q's dtype. Returns (out, lse) in flash_fwd's layouts.
@@ -774,7 +777,8 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
     A KV cache (dense layout, ``dims.max_seqlen_k`` its rows per sequence): ``cache_seqlens`` (int32, keys per
     sequence), ``left_pad`` then the cache row of each sequence's first key; k/v ``(B, rows, Hkv, D)``, or with
     ``block_table`` paged ``(pages, page, Hkv, D)`` (page stride = page x token stride); the work is split for
-    ``longest`` keys (the longest sequence, or the capacity)."""
+    ``longest`` keys (the longest sequence, or the capacity). k/v may be float8 (a quantised cache: ``scale``
+    includes the keys' scale, ``v_scale`` is the values')."""
     varlen, tq = dims.varlen, dims.max_seqlen_q
     rows_q = q.shape[0] if varlen else tq
     programs = dims.batch * dims.heads_kv
@@ -800,8 +804,8 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
             q, k, v, outs, lses, *_cu_args(dims, left_pad),
             cache_seqlens if cache_seqlens is not None else q, block_table if paged else q,
             *_strides3(q, varlen), *sk, *sv, *so, *sl, block_table.stride(0) if paged else 0,
-            dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group, dims.heads_kv, per_split,
-            k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
+            dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, v_scale, dims.group, dims.heads_kv,
+            per_split, k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
             HAS_SEQLENS=cache_seqlens is not None, PAGE=k.shape[1] if paged else 0, num_warps=8 if wide else 4)
     if n_split == 1:
         return outs[0], lses[0]

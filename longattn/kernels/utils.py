@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # quantised KV caches (flash_decode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +122,9 @@ def eager_context(t: torch.Tensor) -> contextlib.ExitStack:
 
 
 def _autocast_to(x, dtype: torch.dtype):
-    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x
+    """x in the autocast dtype (a float8 cache stays as it is: a storage format the op reads as it is)."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype \
+        and x.dtype not in FLOAT8_DTYPES else x
 
 
 def next_pow2(n: int) -> int:
@@ -562,17 +565,17 @@ def check_cache_pages(lens: torch.Tensor, table: Optional[torch.Tensor], S: int,
     return lens.tolist()
 
 
-def check_scale(scale, default: float) -> float:
+def check_scale(scale, default: float, name: str = "scale") -> float:
     if scale is None:
         return float(default)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        raise TypeError(f"{name} must be a float, got {type(scale).__name__}")
     try:
         value = float(scale)
     except OverflowError:  # an int beyond float range
         value = float("inf")
     if not (value > 0.0) or value == float("inf"):
-        raise ValueError(f"scale must be a finite positive number, got {scale}")
+        raise ValueError(f"{name} must be a finite positive number, got {scale}")
     return value
 
 

@@ -181,18 +181,20 @@ def _mla_cases():
     from longattn.mla import kernels as K
 
     cases = []
-    for dt, has_bt, s_pad, block_h in (("bf16", True, 1, 64), ("bf16", True, 4, 16), ("fp16", False, 2, 32),
-                                       ("bf16", True, 1, 16), ("fp32", True, 1, 16)):
-        ptr = {n: f"*{dt}" for n in ("QL", "QR", "KV")}
-        ptr.update({"BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
+    for dt, cache, has_bt, s_pad, block_h in (("bf16", "bf16", True, 1, 64), ("bf16", "bf16", True, 4, 16),
+                                              ("fp16", "fp16", False, 2, 32), ("bf16", "bf16", True, 1, 16),
+                                              ("fp32", "fp32", True, 1, 16), ("bf16", "fp8e4nv", True, 1, 64)):
+        ptr = {n: f"*{dt}" for n in ("QL", "QR")}
+        ptr.update({"KV": f"*{cache}", "BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
         meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
                     S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee")
         for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"]):  # every tile the autotuner tries
             n = c.kwargs["BLOCK_N"]
             tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
             tag += ("-shared_p" if c.kwargs["SHARED_P"] else "") + ("-w16" if c.num_warps == 16 else "")
+            tag += f"-{cache}" if cache != dt else ""  # a float8 (quantised) cache
             cases.append((f"_mla_decode_kernel[{tag}]",
-                          K._mla_decode_kernel, ptr, dict(meta, **c.kwargs), ("qk_scale",),
+                          K._mla_decode_kernel, ptr, dict(meta, **c.kwargs), ("qk_scale", "out_scale"),
                           dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     return cases
 

@@ -81,8 +81,8 @@ def test_flash_decode_float8_cache(cache_dtype, dtype, device):
     (widened exactly to q's dtype as they are read; the scales applied to the scores and the output), contiguous
     (left-padded) and paged, one launch and several (72 heads per KV head)."""
     torch.manual_seed(2)
-    for lens, S, hq, hkv, page, offsets in (([70, 129, 5], 2, 8, 2, None, [3, 0, 40]), ([70, 129, 5], 1, 8, 2, 16, None),
-                                            ([50], 3, 72, 1, 16, None)):
+    for lens, S, hq, hkv, page, offsets in (([70, 129, 5], 2, 8, 2, None, [3, 0, 40]),
+                                            ([70, 129, 5], 1, 8, 2, 16, None), ([50], 3, 72, 1, 16, None)):
         _, _, kc, vc, table = _cache(lens, hkv, 32, 16, torch.float32, device, page, offsets)
         k8, v8 = (kc * 4).to(cache_dtype), (vc / 2).to(cache_dtype)  # stored 4x and / 2: scales 1/4 and 2
         q = torch.randn(len(lens), S, hq, 32, device=device, dtype=dtype)

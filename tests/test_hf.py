@@ -309,6 +309,39 @@ def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_mla_float8_latent_cache(device, tmp_path):
+    """swap_attention(model, "mla", cache_dtype=float8): the latent cache holds float8 (half the bytes) and decoding
+    reads it dequantised: the decoding steps' logits stay near the full-precision model's (the latent rounded to 3
+    bits of mantissa), the prompt's equal them; the option is saved with the model and loads back."""
+    ref, ours = _deepseek(device)
+    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float8_e4m3fn, cache_scale=0.25)
+    assert ours.config.longattn["cache_dtype"] == "float8_e4m3fn"
+    ids = torch.randint(1, 128, (2, 30)).to(device)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    from transformers import DynamicCache
+
+    from longattn.rollout import _cache_kw
+
+    cache = DynamicCache(config=ours.config)
+    with torch.no_grad():
+        g_ours = ours.generate(ids, **{_cache_kw(ours): cache}, **kw)
+        g_ref = ref.generate(ids, **kw)
+    assert all(s["pc"].kv.dtype == torch.float8_e4m3fn for s in cache._longattn_mla.values())
+    torch.testing.assert_close(g_ours.logits[0], g_ref.logits[0], atol=1e-4, rtol=1e-4)  # the prompt: no cache read
+    with torch.no_grad():  # each step against the full model on the same tokens
+        full = ref(g_ours.sequences).logits[:, ids.shape[1]:-1]
+    for step, got in enumerate(g_ours.logits[1:]):
+        err = (got - full[:, step]).norm() / full[:, step].norm()
+        assert 0 < err < 0.05, f"step {step}: relative error {err:.3g}"
+    ours.save_pretrained(tmp_path)
+    loaded = longattn.hf.from_pretrained(tmp_path)
+    attn = loaded.model.layers[0].self_attn
+    assert (attn.cache_dtype, attn.cache_scale) == (torch.float8_e4m3fn, 0.25)
+    with pytest.raises(TypeError, match="cache_dtype must be None, float16"):
+        longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.int8)
+
+
 def _assert_same_generation(ours, ref, ids, **kw):
     """The same logits on ``ids``, then the same greedy tokens and per-step logits over 4 generated tokens."""
     kw = dict(kw, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,

@@ -101,6 +101,62 @@ def test_decode_paged(S, cfg, page, dtype, device):
     assert_close(unchecked, ref, dtype, "o_latent (validate=False)")
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_float8_cache(cache_dtype, dtype, device):
+    """A quantised latent cache (float8, stored = value / kv_scale): the attention of the dequantised cache, paged
+    (page 16, 2 tokens) and contiguous (1 token)."""
+    torch.manual_seed(3)
+    H, R, E, lens = 16, 48, 16, [2, 70, 203]
+    for S, page in ((2, 16), (1, None)):
+        kv_tokens = [torch.randn(n, R + E, device=device) * 8 for n in lens]  # stored / 0.125: within float8's range
+        if page:
+            cache, table = _paged(kv_tokens, lens, page, device)
+        else:
+            cache, table = torch.randn(3, max(lens) + 3, R + E, device=device) * 8, None
+            for b, t in enumerate(kv_tokens):
+                cache[b, :t.shape[0]] = t
+        cache8 = cache.to(cache_dtype)
+        q_lat = torch.randn(3, S, H, R, device=device, dtype=dtype)
+        q_rope = torch.randn(3, S, H, E, device=device, dtype=dtype)
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+        out, lse = mla_decode(q_lat, q_rope, cache8, cache_seqlens=seqlens, block_table=table, scale=0.07,
+                              kv_scale=0.125, return_lse=True)
+        ref, lse_r = mla_decode_ref(q_lat.float(), q_rope.float(), cache8.float() * 0.125, cache_seqlens=seqlens,
+                                    block_table=table, scale=0.07, kv_lora_rank=R)
+        assert out.dtype == dtype
+        assert_close(out, ref, dtype, f"o_latent ({cache_dtype}, page {page})")
+        assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 3e-3)
+    with pytest.raises(TypeError, match="kv_cache must have q_latent's dtype .* or a float8 one"):
+        mla_decode(q_lat, q_rope, cache8.half() if dtype != torch.float16 else cache8.float(), cache_seqlens=seqlens,
+                   scale=0.07)
+    with pytest.raises(ValueError, match="kv_scale must be a finite positive number"):
+        mla_decode(q_lat, q_rope, cache8, cache_seqlens=seqlens, scale=0.07, kv_scale=-1.0)
+
+
+def test_cache_float8(device):
+    """A float8 PagedLatentCache stores value / scale: tokens() gives the values back within float8's rounding,
+    fork copies the stored bytes exactly, truncate and a growing pool keep them."""
+    cache = PagedLatentCache(2, page_size=16, kv_lora_rank=8, rope_dim=4, dtype=torch.float8_e4m3fn, device=device,
+                             growable=True, scale=0.5)
+    a = cache.new_sequence()
+    toks = torch.randn(40, 12, device=device)
+    cache.append([a], toks[:, :8], toks[:, 8:])  # 3 pages: the pool grows
+    assert cache.kv.dtype == torch.float8_e4m3fn and cache.kv.shape[0] >= 3
+    got = cache.tokens([a])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, (toks / 0.5).to(torch.float8_e4m3fn).float() * 0.5)  # one rounding, exactly
+    c = cache.fork(a)
+    assert torch.equal(cache.tokens([c]), got)
+    cache.truncate(c, 20)
+    more = torch.randn(3, 12, device=device)
+    cache.append([c], more[:, :8], more[:, 8:])
+    torch.testing.assert_close(cache.tokens([c], torch.float16),
+                               torch.cat([got[:20], (more / 0.5).to(torch.float8_e4m3fn).float() * 0.5]).half())
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        PagedLatentCache(2, dtype=torch.float8_e4m3fn, device=device, scale=0.0)
+
+
 def test_decode_contiguous_cache(device):
     lens = [5, 64, 33]
     kv = torch.randn(3, 64, 48 + 16, device=device)

@@ -62,7 +62,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
-            absorbed decoding over a paged latent cache); option ``page_size`` (default 64).
+            absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
+            latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
+            ``cache_scale`` (a float8 cache's dequantisation scale, default 1: the latent is RMS-normalised).
     The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
     ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
     Raises ValueError for an unknown kind, an unsupported architecture, an unknown option, or a model whose
@@ -77,7 +79,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     arch = getattr(cfg, "model_type", None)
     if cfg is None:
         raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
-    allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",), "mla": ("page_size",)}[kind]
+    allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",),
+               "mla": ("page_size", "cache_dtype", "cache_scale")}[kind]
     unknown = set(options) - set(allowed)
     if unknown:
         raise ValueError(f"unknown option(s) for kind {kind!r}: {sorted(unknown)}; allowed: {list(allowed)}")
@@ -131,10 +134,15 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             if type(layer.self_attn).__name__ == "DeepseekV3Attention":
                 layer.self_attn = MLAAttention(layer.self_attn, **options)
             if isinstance(layer.self_attn, MLAAttention):
-                layer.self_attn.page_size = options.get("page_size", layer.self_attn.page_size)
+                attn = layer.self_attn
+                attn.page_size = options.get("page_size", attn.page_size)
+                attn.set_cache_format(options.get("cache_dtype", attn.cache_dtype),
+                                      options.get("cache_scale", attn.cache_scale))
                 n += 1
         if n == 0:
             raise ValueError("found no DeepseekV3Attention layer to replace")
+        if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON)
+            options = {**options, "cache_dtype": str(attn.cache_dtype).removeprefix("torch.")}
         _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects
     if kind == "moba":
         options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.utils import device_tensor
+from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_scale, device_tensor
 
 
 class PagedLatentCache:
@@ -15,7 +15,8 @@ class PagedLatentCache:
     sequence owns a list of pages, allocated as it grows and returned by :meth:`free`. Never stores
     decompressed K/V. A ``growable`` cache doubles its pool instead of failing when it runs out (the
     storage tensor is then replaced: re-read :attr:`kv` after :meth:`append`). ``device`` defaults to the GPU when
-    there is one, else the CPU.
+    there is one, else the CPU. A float8 ``dtype`` quantises the tokens (half the bytes of a 16-bit cache): it stores
+    ``value / scale`` and :func:`longattn.mla.mla_decode` reads it with ``kv_scale=cache.scale``.
 
     Example::
 
@@ -27,7 +28,7 @@ class PagedLatentCache:
     """
 
     def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
-                 dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False):
+                 dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False, scale: float = 1.0):
         for name, val in (("num_pages", num_pages), ("page_size", page_size), ("kv_lora_rank", kv_lora_rank),
                           ("rope_dim", rope_dim)):
             if isinstance(val, bool) or not isinstance(val, int):
@@ -36,8 +37,9 @@ class PagedLatentCache:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16, float32 or float8 (e4m3fn, e5m2), got {dtype}")
+        self.scale = check_scale(scale, 1.0, "scale")
         if device is None:  # the GPU when there is one (without, the kernels run on the CPU through the interpreter)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -82,12 +84,29 @@ class PagedLatentCache:
         n = self._lens[seq_id]
         new = self.new_sequence()
         if n:
-            pages = self._pages[seq_id]
-            rows = (device_tensor(pages, torch.long, self.kv.device)[:, None] * self.page_size
-                    + torch.arange(self.page_size, device=self.kv.device)).flatten()[:n]
-            latent = self.kv.view(-1, self.kv.shape[-1])[rows]
-            self.append([new], latent[:, :self.kv_lora_rank], latent[:, self.kv_lora_rank:])
+            self._write([new], [n], self._flat()[self._rows([seq_id])])  # as stored: no second rounding
         return new
+
+    def _flat(self) -> torch.Tensor:
+        """The storage as (slots, width) rows, viewed as bytes when float8 (torch indexes no float8 tensor on the
+        CPU before 2.6)."""
+        flat = self.kv.view(-1, self.kv.shape[-1])
+        return flat.view(torch.uint8) if self.kv.dtype in FLOAT8_DTYPES else flat
+
+    def _rows(self, seq_ids: Sequence[int]) -> torch.Tensor:
+        """Storage rows of the sequences' tokens, one sequence after another (int64, on the cache's device)."""
+        slots = [p * self.page_size + i for s in seq_ids for j, p in enumerate(self._pages[s])
+                 for i in range(min(self.page_size, self._lens[s] - j * self.page_size))]
+        return device_tensor(slots, torch.long, self.kv.device)
+
+    def tokens(self, seq_ids: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The sequences' tokens ``(total, rank + rope_dim)``, one sequence after another, as values (a float8
+        cache's dequantised: stored x scale) in ``dtype`` (default: the cache's, float32 for a float8 one)."""
+        self._check_ids(seq_ids)
+        rows = self._flat()[self._rows(seq_ids)]
+        if self.kv.dtype not in FLOAT8_DTYPES:
+            return rows if dtype is None else rows.to(dtype)
+        return (rows.view(self.kv.dtype).float() * self.scale).to(dtype or torch.float32)
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Keep the first ``length`` tokens of a sequence (speculative decoding rejecting draft tokens); the pages
@@ -151,6 +170,13 @@ class PagedLatentCache:
         if c_kv.shape[-1] != self.kv_lora_rank or k_rope.shape[-1] != self.rope_dim or k_rope.shape[0] != total:
             raise ValueError(f"c_kv must be (total, {self.kv_lora_rank}) and k_rope (total, {self.rope_dim}), got "
                              f"{tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
+        new = torch.cat([c_kv, k_rope], -1)
+        if self.kv.dtype in FLOAT8_DTYPES:  # quantised: value / scale, stored as its bytes (see _flat)
+            new = (new.float() / self.scale).to(self.kv.dtype).view(torch.uint8)
+        self._write(seq_ids, lengths, new.to(self._flat().dtype))
+
+    def _write(self, seq_ids: list, lengths: list, rows: torch.Tensor) -> None:
+        """Append ``rows`` (total, width), already in the storage's form (see _flat), to the sequences."""
         need = sum(-(-(self._lens[s] + n) // self.page_size) - len(self._pages[s]) for s, n in zip(seq_ids, lengths))
         if need > len(self._free):
             if not self.growable:
@@ -167,14 +193,12 @@ class PagedLatentCache:
                          for i in range(n))
             self._lens[s] = start + n
         if slots:
-            idx = device_tensor(slots, torch.long, self.kv.device)
-            flat = self.kv.view(-1, self.kv.shape[-1])
-            flat[idx] = torch.cat([c_kv, k_rope], -1).to(self.kv.dtype)
+            self._flat()[device_tensor(slots, torch.long, self.kv.device)] = rows
 
     def _grow(self, extra: int) -> None:
         old = self.kv.shape[0]
         kv = torch.zeros(old + extra, *self.kv.shape[1:], dtype=self.kv.dtype, device=self.kv.device)
-        kv[:old] = self.kv
+        kv.view(torch.uint8)[:old] = self.kv.view(torch.uint8)  # (the bytes: torch copies no float8 slice on 2.5)
         self.kv = kv
         self._free = list(range(old + extra - 1, old - 1, -1)) + self._free
 

@@ -3,7 +3,9 @@
 One program takes one sequence, a group of BLOCK_H query heads times its S query tokens (all rows share
 the cache: MQA) and one split of the context; it streams the split's tokens once, 576 values each (the
 512-d latent, which is both key part and value, and the 64-d rotary key), and writes its normalised
-partial output with its lse; the lse merge then combines the splits.
+partial output with its lse; the lse merge then combines the splits. A float8 cache (values ``cache * scale``)
+is widened to q's dtype as it is read, its scale applied to the scores (``qk_scale``) and the output
+(``out_scale``).
 
 On a GPU the launch goes through ``_mla_decode_tuned``, which picks the token tile and pipeline depth per
 (dtype, rows, page size) by timing the candidates (``LONGATTN_AUTOTUNE=0``: the first that fits).
@@ -21,7 +23,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        stride_qlb, stride_qls, stride_qlh, stride_qrb, stride_qrs, stride_qrh,
                        stride_kvp, stride_kvt, stride_btb,
                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
-                       H, S, capacity, last_page, tokens_per_split, qk_scale,
+                       H, S, capacity, last_page, tokens_per_split, qk_scale, out_scale,
                        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,9 +75,10 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                               last_page).to(tl.int64)
         else:
             tok = b64 * stride_kvp + n.to(tl.int64) * stride_kvt
-        c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0)
+        # (a float8 cache is widened to q's dtype, exactly: its scale is in qk_scale and out_scale)
+        c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0).to(ql.dtype)
         kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
-                     other=0.0)
+                     other=0.0).to(qr.dtype)
         if SHARED_P:  # two products, not a chain (see below)
             s = tl.dot(ql, tl.trans(c), input_precision=PRECISION) * qk_scale
             s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION) * qk_scale
@@ -105,7 +108,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
         acc = acc * alpha[:, None] + tl.dot(pp, c, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * (out_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(OS + split.to(tl.int64) * stride_op + row_out[:, None] * stride_ot + head64[:, None] * stride_oh
              + offs_r[None, :], out.to(OS.dtype.element_ty), mask=valid[:, None] & in_r[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)

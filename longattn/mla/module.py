@@ -12,7 +12,7 @@ from torch import nn
 
 from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
                             side_cache)
-from ..kernels.utils import device_tensor
+from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_scale, device_tensor
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
@@ -44,7 +44,7 @@ class MLAAttention(nn.Module):
     filled cannot be decoded from.
     """
 
-    def __init__(self, attn: nn.Module, page_size: int = 64):
+    def __init__(self, attn: nn.Module, page_size: int = 64, cache_dtype=None, cache_scale: float = 1.0):
         super().__init__()
         cfg = attn.config
         self.config = cfg
@@ -57,6 +57,7 @@ class MLAAttention(nn.Module):
         self.scaling = attn.scaling
         self.is_causal = True
         self.page_size = page_size
+        self.set_cache_format(cache_dtype, cache_scale)
         self._effective_weight = None  # (key, W) of a kv_b_proj that is not a plain nn.Linear, kept for decoding
         for name in _SUBMODULES:
             setattr(self, name, getattr(attn, name, None))
@@ -85,12 +86,23 @@ class MLAAttention(nn.Module):
         w = w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
+    def set_cache_format(self, cache_dtype=None, cache_scale: float = 1.0) -> None:
+        """The latent cache's dtype (None: the model's; a float8 one quantises it, ``cache_scale`` its dequantisation
+        scale: stored = latent / scale), as a torch dtype or its name ("float8_e4m3fn")."""
+        if isinstance(cache_dtype, str):
+            cache_dtype = getattr(torch, cache_dtype.removeprefix("torch."), cache_dtype)
+        if cache_dtype is not None and cache_dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
+            raise TypeError(f"cache_dtype must be None, float16, bfloat16, float32, float8_e4m3fn or float8_e5m2, got "
+                            f"{cache_dtype!r}")
+        self.cache_dtype, self.cache_scale = cache_dtype, check_scale(cache_scale, 1.0, "cache_scale")
+
     def _latent_cache(self, cache, batch: int, dtype, device):
         store = side_cache(cache, "_longattn_mla", _reorder_latent)
         state = store.get(self.layer_idx)
         if state is None:
             pc = PagedLatentCache(max(4, batch * 4), page_size=self.page_size, kv_lora_rank=self.kv_lora_rank,
-                                  rope_dim=self.qk_rope_head_dim, dtype=dtype, device=device, growable=True)
+                                  rope_dim=self.qk_rope_head_dim, dtype=self.cache_dtype or dtype, device=device,
+                                  growable=True, scale=self.cache_scale)
             # seen: the transformers cache's length after this layer's last call
             state = store[self.layer_idx] = dict(pc=pc, ids=[pc.new_sequence() for _ in range(batch)], seen=0)
         return state
@@ -150,7 +162,7 @@ class MLAAttention(nn.Module):
                 # lengths and pages come from our own cache, consistent by construction: no check (it would
                 # synchronise with the GPU in every layer at every step)
                 o_lat = mla_decode(q_lat, q_rot, pc.kv, cache_seqlens=seqlens, block_table=pc.block_table(ids),
-                                   scale=self.scaling, validate=False)
+                                   scale=self.scaling, kv_scale=pc.scale, validate=False)
                 out = torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
                 return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
             if has_past:  # a long chunk after a cached prefix: decompress the whole latent of each sequence
@@ -179,12 +191,7 @@ class MLAAttention(nn.Module):
         B, T = q_nope.shape[:2]
         sel = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=q_nope.device)
         lens_k = [pc.seqlen(i) for i in ids]
-        table = pc.block_table(ids)
-        flat = pc.kv.view(-1, pc.kv.shape[-1])
-        rows = torch.cat([(table[b, :(n + self.page_size - 1) // self.page_size].long()[:, None] * self.page_size
-                           + torch.arange(self.page_size, device=table.device)).flatten()[:n]
-                          for b, n in enumerate(lens_k)])
-        latent = flat[rows]
+        latent = pc.tokens(ids, q_nope.dtype)
         cu_q = device_tensor([0, *itertools.accumulate(lengths)], torch.int32, q_nope.device)
         cu_k = device_tensor([0, *itertools.accumulate(lens_k)], torch.int32, q_nope.device)
         packed = mla_prefill(q_nope[sel], q_rot[sel], latent[:, :self.kv_lora_rank], latent[:, self.kv_lora_rank:],

@@ -7,9 +7,9 @@ import torch
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.utils import (cdiv, check_cache_pages, check_device, check_same_dtype, check_scale, check_tensor, empty,
-                             kernel_inputs, next_pow2, num_sms, public_op, read_back_later, small_tiles,
-                             split_context)
+from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device, check_same_dtype,
+                             check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
+                             read_back_later, small_tiles, split_context)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -84,7 +84,7 @@ def _checked(copies: list, *args) -> list:
 @public_op("q_latent", "q_rope", "kv_cache")
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, *,
                cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None, scale: float,
-               return_lse: bool = False, validate: bool = True):
+               kv_scale: float = 1.0, return_lse: bool = False, validate: bool = True):
     """Absorbed-form MLA decoding: MQA of every head over a latent cache of ``R + Dr`` values per token
     (inference; not differentiable).
 
@@ -95,10 +95,13 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         q_rope: ``(B, S, H, Dr)`` (RoPE applied).
         kv_cache: paged ``(num_pages, page_size, R + Dr)`` with ``block_table``, or contiguous
             ``(B, max_len, R + Dr)`` without; per token the latent then the rotary key. page_size a power
-            of two from 16 to 256 (64 is the usual).
+            of two from 16 to 256 (64 is the usual). q's dtype, or float8 (``float8_e4m3fn`` / ``float8_e5m2``: a
+            quantised cache, half the bytes, widened to q's dtype as it is read).
         cache_seqlens: int32 ``(B,)``, tokens in each sequence's cache (new ones included), >= S.
         block_table: int32 ``(B, max_pages)``: physical page of each logical page.
         scale: softmax scale (DeepSeek: ``(Dn + Dr) ** -0.5`` times the YaRN mscale squared).
+        kv_scale: the cache's dequantisation scale (per tensor): its tokens are ``kv_cache * kv_scale`` (a float8
+            cache's scale; default 1).
         validate: check ``cache_seqlens`` and the block-table entries they use (default), raising a
             ValueError. That reads them back to the host, a synchronisation: before the launch when the context
             is split (the split depends on the lengths), while the kernel runs when the batch fills the GPU
@@ -114,8 +117,12 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     program serves a group of heads with one pass over its part of the cache; splits merge by lse.
     """
     for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
-        check_tensor(t, name, ndim=4 if name != "kv_cache" else 3)
-    check_same_dtype({"q_latent": q_latent, "q_rope": q_rope, "kv_cache": kv_cache})
+        check_tensor(t, name, ndim=4 if name != "kv_cache" else 3,
+                     dtypes=SUPPORTED_DTYPES + FLOAT8_DTYPES if name == "kv_cache" else SUPPORTED_DTYPES)
+    check_same_dtype({"q_latent": q_latent, "q_rope": q_rope})
+    if kv_cache.dtype not in (q_latent.dtype, *FLOAT8_DTYPES):
+        raise TypeError(f"kv_cache must have q_latent's dtype ({q_latent.dtype}) or a float8 one (a quantised "
+                        f"cache), got {kv_cache.dtype}")
     check_device({"q_latent": q_latent, "q_rope": q_rope, "kv_cache": kv_cache, "cache_seqlens": cache_seqlens,
                   "block_table": block_table})
     B, S, H, R = q_latent.shape
@@ -131,7 +138,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         raise ValueError(f"q_latent/q_rope need at least one head and positive dims, got {tuple(q_latent.shape)} "
                          f"and {tuple(q_rope.shape)}")
     _require_scale(scale)
-    scale = check_scale(scale, 1.0)
+    kv_scale = check_scale(kv_scale, 1.0, "kv_scale")
+    scale = check_scale(scale, 1.0) * kv_scale  # (the scores' scale)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
@@ -192,7 +200,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
             outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
-            H, S, capacity, kv_cache.shape[0] - 1, per_split, scale * LOG2E)
+            H, S, capacity, kv_cache.shape[0] - 1, per_split, scale * LOG2E, kv_scale)
     meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
                 HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
                 PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")

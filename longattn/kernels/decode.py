@@ -3,7 +3,8 @@
 The split-KV kernel is flash attention's decoding kernel (``flash._flash_decode_kernel``): one program per
 (sequence, KV head, part of the context) holds the GQA group's heads times the new tokens as the rows of its
 tiles, so each cached key is read once per KV head and a batch of one still fills the GPU; the parts merge by
-lse. Here its keys come from a cache: ``cache_seqlens`` tokens per sequence, from a page table when paged.
+lse. Here its keys come from a cache: ``cache_seqlens`` tokens per sequence, from a page table when paged, in
+q's dtype or float8 (a quantised cache, widened as it is read).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             reads outside it.
     Returns:
         ``(B, S, Hq, Dv)`` in q's dtype (and the lse). Equal to :func:`longattn.flash_attention` of the new tokens
-        against each sequence's keys gathered from the cache.
+        against each sequence's keys gathered from the cache (dequantised: times ``k_scale`` / ``v_scale``).
     """
     B, S, hq, dk, hkv, dv, capacity, page = _check_cache(q, k_cache, v_cache, cache_seqlens, block_table,
                                                          cache_offsets)

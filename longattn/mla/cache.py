@@ -95,9 +95,11 @@ class PagedLatentCache:
 
     def _rows(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """Storage rows of the sequences' tokens, one sequence after another (int64, on the cache's device)."""
-        slots = [p * self.page_size + i for s in seq_ids for j, p in enumerate(self._pages[s])
-                 for i in range(min(self.page_size, self._lens[s] - j * self.page_size))]
-        return device_tensor(slots, torch.long, self.kv.device)
+        offsets = torch.arange(self.page_size)
+        rows = [(torch.tensor(self._pages[s], dtype=torch.long)[:, None] * self.page_size + offsets).flatten()
+                [:self._lens[s]] for s in seq_ids]
+        return device_tensor(torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), torch.long,
+                             self.kv.device)
 
     def tokens(self, seq_ids: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The sequences' tokens ``(total, rank + rope_dim)``, one sequence after another, as values (a float8

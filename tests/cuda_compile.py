@@ -141,6 +141,7 @@ def _sparse_cases():
         engine = (("fwd", K._sparse_fwd_kernel, "", meta),
                   ("dq", K._sparse_dq_kernel, "", meta),
                   ("dq", K._sparse_dq_kernel, "-group16", dict(meta, GROUP=16)),
+                  ("dq", K._sparse_dq_kernel, "-slots", dict(meta, SLOTS=True)),  # deterministic: stores, no atomics
                   ("dkdv", K._sparse_dkdv_kernel, "", kv_meta),
                   ("dkdv", K._sparse_dkdv_kernel, "-group16", dict(kv_meta, GROUP=16)),
                   ("dkdv", K._sparse_dkdv_kernel, "-d192-group16",

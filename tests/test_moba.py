@@ -180,6 +180,60 @@ def test_moba_gpu_chunked_dkdv(monkeypatch, dtype):
     test_moba_gpu_large(1500, 128, 3, dtype)
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for the test, restored after it (warn_only: torch's own ops warn
+    where they have no deterministic form, which the tests' bitwise comparisons would catch anyway)."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def _dq_launches(monkeypatch) -> list:
+    """The SLOTS flag of every launch of the engine's dq kernel from here on."""
+    from longattn.kernels import sparse
+
+    real, seen = sparse._sparse_dq_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append(kw.get("SLOTS")) or real[grid](*a, **kw)
+    monkeypatch.setattr(sparse, "_sparse_dq_kernel", Spy())
+    return seen
+
+
+def test_moba_deterministic_backward(deterministic, monkeypatch, device):
+    """Under torch.use_deterministic_algorithms(True) the selected blocks' dq parts are stored in per-slot buffers
+    and summed in order (no float32 atomics): the gradients equal the reference's, GQA and varlen included."""
+    launches = _dq_launches(monkeypatch)
+    q, k, v = torch.randn(2, 100, 4, 32, device=device), torch.randn(2, 100, 2, 32, device=device), \
+        torch.randn(2, 100, 2, 32, device=device)
+    _check(q, k, v, torch.float32, block_size=16, topk=3)
+    lq = [70, 1, 120]
+    cu = torch.tensor([0, 70, 71, 191], dtype=torch.int32, device=device)
+    _check(torch.randn(sum(lq), 4, 32, device=device), torch.randn(sum(lq), 1, 32, device=device),
+           torch.randn(sum(lq), 1, 32, device=device), torch.float32, block_size=16, topk=4, cu_seqlens=cu)
+    assert launches == [True, True]
+
+
+@pytest.mark.gpu
+def test_moba_gpu_deterministic_backward_repeats_bitwise(deterministic, monkeypatch):
+    """On a GPU, with many (query, head) rows per selected block: deterministic backward gives the same bits every
+    time (float32 atomics would not)."""
+    launches = _dq_launches(monkeypatch)
+    q, k, v = (torch.randn(1, 4096, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (16, 4, 4))
+    dout = torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        out = moba_attention(q, k, v, block_size=256, topk=4)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    assert launches == [True] * 3
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+
+
 @pytest.mark.gpu
 def test_moba_gpu_varlen_decode(dtype):
     lk = [3000, 700, 64]

@@ -308,13 +308,15 @@ def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stri
 @triton.jit
 def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
+                           stride_dot, stride_doh, stride_dqs, stride_dqt, stride_dqh, stride_lh,
                            n_seg, n_iter, Hq, HKV, block_size, qk_scale, scale,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                            KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+                           BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr = False):
     """dQ of a tile of entries from one selected block, atomically added to a float32 buffer (a query
-    row gets contributions from up to KSEL blocks, handled by different programs)."""
+    row gets contributions from up to KSEL blocks, handled by different programs, in whatever order they end).
+    SLOTS (deterministic): each row's part stored in its entry's slot of DQ32 (KSEL, rows, Hq, D) instead, summed
+    in slot order afterwards."""
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return
@@ -338,8 +340,11 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = _bwd_operands(p, dp - delta[:, None], qk_scale > 0, k.dtype)[1]
         dq += tl.dot(ds, k, input_precision=PRECISION)
-    tl.atomic_add(DQ32 + t[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_dk[None, :], dq * scale,
-                  mask=valid[:, None] & (offs_dk[None, :] < DQK))
+    dq_ptr = DQ32 + t[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_dk[None, :]
+    if SLOTS:
+        tl.store(dq_ptr + slot[:, None] * stride_dqs, dq * scale, mask=valid[:, None] & (offs_dk[None, :] < DQK))
+    else:
+        tl.atomic_add(dq_ptr, dq * scale, mask=valid[:, None] & (offs_dk[None, :] < DQK))
 
 
 
@@ -632,14 +637,18 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
         pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
         BLOCK_DV=meta["BLOCK_DV"], BLOCK_N=bn)
     if dq_by_entries:
-        dq32 = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
+        # float32 atomics add each row's parts in whatever order their programs end: the bits of dq may differ from
+        # run to run. Under torch.use_deterministic_algorithms(True) each part goes to its own slot (ksel x the
+        # float32 buffer) and the slots are summed in order
+        slots = torch.are_deterministic_algorithms_enabled()
+        dq32 = torch.zeros(ksel if slots else 1, *dq.shape, device=dq.device, dtype=torch.float32)
         _sparse_dq_kernel[(ent.max_tiles,)](
             q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), lse.stride(0),
+            dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), dq32.stride(2), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
-            KSEL=ksel, GROUP=ent.group, **meta)
-        dq = (dq.float() + dq32).to(dq.dtype)
+            KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta)
+        dq = (dq.float() + (dq32.sum(0) if slots else dq32[0])).to(dq.dtype)
     return dq, dk, dv, dout, delta
 
 
@@ -730,7 +739,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             attended and must not be listed.
         block_size: a power of two >= 16.
     Returns:
-        ``out`` in q's dtype (and the float32 lse); differentiable in q, k, v.
+        ``out`` in q's dtype (and the float32 lse); differentiable in q, k, v (dq bitwise reproducible under
+        ``torch.use_deterministic_algorithms(True)``, as :func:`longattn.moba_attention`'s).
     """
     cu_seqlens_q, cu_seqlens_k, _, _ = resolve_seqlens(cu_seqlens, None, cu_seqlens_q, cu_seqlens_k, None, None)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)

@@ -248,7 +248,10 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
 
     Memory beyond inputs and outputs: the partial outputs of the ``topk`` pieces in the forward pass
     (``topk`` x output size, freed before returning) and O(T * Hq * topk) indices; the backward pass adds
-    one float32 dq buffer.
+    one float32 dq buffer, into which the selected blocks' parts are added atomically (their order, so dq's last
+    bits, may vary from run to run). Under ``torch.use_deterministic_algorithms(True)`` each part is stored in a
+    buffer of its own (``topk - 1`` float32 dq buffers) and they are summed in order: every gradient is then
+    bitwise reproducible (the own block's and dK/dV's always are).
 
     ``torch.compile``: traced as one custom op (``torch.ops.longattn.moba_attention``, its backward
     ``moba_attention_backward``), without a graph break.

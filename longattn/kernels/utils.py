@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # quantised KV caches (flash_decode)
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # quantised KV caches (flash_decode, mla_decode)
 
 
 # ----------------------------------------------------------------------------------------------

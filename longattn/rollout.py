@@ -155,6 +155,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         num_samples: completions per prompt (a GRPO group): each prompt is prefilled once, then its cache rows and
             last logits are repeated for its samples, which decode side by side (the prompts' prefill is not
             repeated, as it would be with each prompt listed ``num_samples`` times; the results are the same).
+            Greedy samples, all alike, are decoded once.
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
             longattn's attention functions and its cache keeps every token (no sliding-window layers).
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
@@ -175,6 +176,12 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
+        res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
+                       packed=packed, drop_finished=drop_finished)
+        res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
+        res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
+        return res
     device = next(model.parameters()).device
     prompts = _as_tensors(prompts, device)
     lens = [p.numel() for p in prompts]

@@ -117,8 +117,12 @@ def test_samples_share_one_prefill(kind, device):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
     assert len({tuple(c) for c in shared.completions[:3]}) > 1  # the samples of a prompt differ
     greedy = rollout.generate(model, prompts, 4, stop_at_eos=False)
-    assert rollout.generate(model, prompts, 4, stop_at_eos=False, num_samples=2).completions == \
-        [c for c in greedy.completions for _ in range(2)]
+    rows = []  # rows of each forward call: greedy samples decode once per prompt
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    copies = rollout.generate(model, prompts, 4, stop_at_eos=False, num_samples=2)
+    hook.remove()
+    assert copies.completions == [c for c in greedy.completions for _ in range(2)]
+    assert copies.logprobs == [lp for lp in greedy.logprobs for _ in range(2)] and max(rows) <= 2
 
 
 def test_packed_training_backward_equals_unpacked(device):

@@ -4,12 +4,13 @@
 # <out_dir>.tgz. In a device call ($OUT set, no out_dir) the folder is /tmp/gpu_run and its archive
 # $OUT/gpu_run.tgz, written anew after the tests and after each benchmark: a call cut short still brings back what
 # was done, and one file fits the few that a device call returns.
-# PYTEST_SECONDS / BENCH_SECONDS bound each half (defaults 240 / 330, inside one 10-minute device call; on the H100
-# of 2026-11-27 the whole suite, one run of 16 workers, took 197 s).
-# BENCH_OPS lists the benchmarks (default below; options allowed per entry, entries separated by ";", e.g.
-# "flash --seqlens 16k; mla --batches 64"). Each gets an equal share of the time the previous ones left (what one
-# leaves unused goes to those after it; one stopped at its share writes the rows it measured). Optional peers
-# carried as wheels in .whl/ (bench/fetch_peers.sh) are installed first.
+# PYTEST_SECONDS / BENCH_SECONDS bound each half (defaults 210 / 360, inside one 10-minute device call; on the H100
+# the whole suite, one run of 16 workers, took 197 s on 2026-11-27 06:10, over 240 s at 18:25 with 2,800 s of tests
+# handed out in collected order: now the longest first, as the GPU runs' logs in bench/results timed them).
+# BENCH_OPS lists the benchmarks (default below; options allowed per entry, entries separated by ";", each with an
+# optional weight, e.g. "2:flash --seqlens 16k; mla --batches 64", default 1). Each gets its weight's share of the
+# time the previous ones left (what one leaves unused goes to those after it; one stopped at its share writes the
+# rows it measured). Optional peers carried as wheels in .whl/ (bench/fetch_peers.sh) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/run}
@@ -39,37 +40,53 @@ python3 -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
 # 16 workers busy to the end (three runs, one per group, each waited for its slowest test).
 # LONGATTN_AUTOTUNE=0: the tests take the first tile that fits instead of timing every candidate (the CPU suite
 # runs the others)
-LONGATTN_AUTOTUNE=0 LONGATTN_TEST_LOG="$out/tests.log" timeout "${PYTEST_SECONDS:-240}" python3 -m pytest -q -rfE \
+# LONGATTN_TEST_DURATIONS: earlier GPU runs' logs of each test's time, the latest last (tests/conftest.py runs
+# the longest first)
+durations=$(find bench/results -path '*/logs/run*_tests.log' 2>/dev/null | sort -V | paste -sd: -)
+LONGATTN_TEST_DURATIONS=$durations LONGATTN_AUTOTUNE=0 LONGATTN_TEST_LOG="$out/tests.log" \
+  timeout "${PYTEST_SECONDS:-210}" python3 -m pytest -q -rfE \
   "${opts[@]}" -m "gpu or not gpu" -p no:cacheprovider -p no:benchmark tests > "$out/pytest.log" 2>&1
 echo "pytest exit $? ($(grep -c '^passed' "$out/tests.log") passed, $(grep -c '^failed' "$out/tests.log") failed \
 as logged)" >> "$out/pytest.log"
 tail -8 "$out/pytest.log"
 pack
-end=$(( $(date +%s) + ${BENCH_SECONDS:-330} ))
+end=$(( $(date +%s) + ${BENCH_SECONDS:-360} ))
 # the autotuner's choice per kernel and shape goes to bench.log, every candidate's time to autotune/ (from
 # Triton's on-disk autotune cache, listed by `python -m bench autotune` after each benchmark): which tiles win
 # decides the candidates' order (the first is what LONGATTN_AUTOTUNE=0 runs). The cache also lets a benchmark
 # reuse what an earlier one tuned for the same kernel and key (the profile's shapes are those of nsa and mla)
 export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
-# default: every op once, quick ones first (equal shares: what a quick one leaves goes to the later ones). The H100
-# runs of 2026-11-26/27 timed all but memory, rollouts and fla's NSA fwd+bwd (its backward's autotuning alone
-# takes minutes: last, with whatever time is left); MoBA at 32k only (flex_attention and SDPA at 128k take seconds
-# a call), NSA on smooth inputs (neighbouring queries select alike, as in trained models), flex_attention left out
-# at 64k (0.35 s a forward, 2.7 s a fwd+bwd there), its selected branch alone (`--modes slc`, timed in the fourth
-# run) left out for fla's fwd+bwd, not yet measured
-IFS=';' read -ra ops <<< "${BENCH_OPS:-mla --batches 1,64 --contexts 8k,64k --prefill-seqlens 4k; rollout --prompts 8k; memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1; nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
-n=${#ops[@]}
-i=0
-for op in "${ops[@]}"; do
-  i=$((i + 1))
+# default: every op once, weighted by what each took on the H100 (the fifth run, 2026-11-27 18:25, gave every entry
+# an equal 47 s or less: MLA's decode rows took 47 s, rollouts more than 39, memory more than 35 for flash at 32k
+# alone); what one leaves goes to the later ones. Earlier runs timed all but memory, rollouts and fla's NSA
+# fwd+bwd (its backward's autotuning alone takes minutes: last, with whatever time is left); MoBA at 32k only
+# (flex_attention and SDPA at 128k take seconds a call), NSA on smooth inputs (neighbouring queries select alike,
+# as in trained models), flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there), its selected
+# branch alone (`--modes slc`, timed in the fourth run) left out for fla's fwd+bwd, not yet measured
+IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 1,64 --contexts 8k,64k --prefill-seqlens 4k; 2:rollout --prompts 8k --new-tokens 64; 2:memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1; 2:nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
+ops=()
+weights=()
+for entry in "${entries[@]}"; do
+  read -r entry <<< "$entry"  # trimmed
+  [ -n "$entry" ] || continue
+  if [[ $entry =~ ^([1-9][0-9]*):[[:space:]]*(.+)$ ]]; then
+    weights+=("${BASH_REMATCH[1]}"); ops+=("${BASH_REMATCH[2]}")
+  else
+    weights+=(1); ops+=("$entry")
+  fi
+done
+for i in "${!ops[@]}"; do
+  op=${ops[i]}
   left=$(( end - $(date +%s) ))
   [ "$left" -gt 5 ] || { echo "no time left for: $op" >> "$out/bench.log"; continue; }
-  share=$(( left / (n - i + 1) ))
+  rest=0
+  for w in "${weights[@]:i}"; do rest=$(( rest + w )); done
+  share=$(( left * weights[i] / rest ))
   echo "== $op (${share}s of the ${left}s left)" >> "$out/bench.log"
   name=$(echo $op | cut -d' ' -f1)
   # each entry in its own folder (an op may come twice with other options)
   # shellcheck disable=SC2086  # the entry's options are meant to split
-  timeout "$share" python3 -m bench $op --out "$out/${i}_$name" >> "$out/bench.log" 2>&1
+  timeout "$share" python3 -m bench $op --out "$out/$(( i + 1 ))_$name" >> "$out/bench.log" 2>&1
   echo "bench $op exit $?" >> "$out/bench.log"
   python3 -m bench autotune --out "$out/autotune" > /dev/null 2>> "$out/bench.log"
   pack

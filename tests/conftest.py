@@ -8,6 +8,7 @@ launch rejects it). The interpreter is made to compute bfloat16 as the GPU does,
 included, is tested on the CPU too, and to swap triton.language for its interpreted functions once per launch
 (not again at every call of a helper: the same result, in two thirds of the time).
 """
+import contextlib
 import inspect
 import os
 
@@ -155,9 +156,33 @@ def _gpu_run_order(item) -> int:
     return 1 if "bfloat16" in name or not ("float16" in name or "float32" in name) else 2
 
 
+def _past_durations() -> dict:
+    """Seconds each test took in earlier runs, from the files LONGATTN_TEST_DURATIONS lists (separated by
+    ``os.pathsep``, the latest run last: its times win), each the LONGATTN_TEST_LOG of a run (one "outcome seconds
+    nodeid (phase)" line per test). Files that cannot be read are passed over."""
+    seconds = {}
+    for path in filter(None, os.environ.get("LONGATTN_TEST_DURATIONS", "").split(os.pathsep)):
+        with contextlib.suppress(OSError), open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[1].endswith("s") and parts[-1] == "(call)":
+                    with contextlib.suppress(ValueError):
+                        seconds[" ".join(parts[2:-1])] = float(parts[1][:-1])
+    return seconds
+
+
+def _sort_for_gpu(items) -> None:
+    """The GPU run's order: the groups of ``_gpu_run_order``, each the longest first as an earlier GPU run timed
+    them (gpu_suite.sh): xdist hands the tests out in this order, so no worker is still running a long one, with
+    short ones queued behind it, when the time limit comes. Tests that run did not time go after the others of
+    their group, in their collected order."""
+    past = _past_durations()
+    items.sort(key=lambda item: (_gpu_run_order(item), -past.get(item.nodeid, 0.0)))
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
-        items.sort(key=_gpu_run_order)  # stable; xdist hands tests out in this order
+        _sort_for_gpu(items)
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -182,17 +182,30 @@ def test_autotune_report(tmp_path):
     assert "| _mla_decode_kernel |" in (out / "autotune.md").read_text()
 
 
-def test_gpu_run_order():
+def test_gpu_run_order(monkeypatch, tmp_path):
     """On a GPU (bench/gpu_suite.sh) the tests run GPU-only ones first, then bfloat16 / dtype-less, then the float16
-    / float32 ones, each group in its collected order."""
+    / float32 ones, each group the longest first as an earlier run's log (LONGATTN_TEST_DURATIONS) timed them,
+    then those it did not time in their collected order."""
+    import os
     from types import SimpleNamespace
 
-    from conftest import _gpu_run_order
+    from conftest import _sort_for_gpu
 
     names = [("t.py::a[float16]", set()), ("t.py::b[bfloat16]", set()), ("t.py::c", {"gpu"}), ("t.py::d", set()),
-             ("t.py::e[float32-x]", set()), ("t.py::f[float32]", {"gpu"}), ("t.py::test_bfloat16_x[float32]", set())]
+             ("t.py::e[float32-x]", set()), ("t.py::f[float32]", {"gpu"}), ("t.py::test_bfloat16_x[float32]", set()),
+             ("t.py::g[q[1, 2]]", set())]
     items = [SimpleNamespace(nodeid=n, keywords=k) for n, k in names]
-    assert [i.nodeid[6] for i in sorted(items, key=_gpu_run_order)] == list("cfbdtae")
+    _sort_for_gpu(items)
+    assert [i.nodeid[6] for i in items] == list("cfbdtgae")
+    log = tmp_path / "tests.log"
+    log.write_text("passed      1.50s t.py::d (call)\nfailed      9.00s t.py::a[float16] (call)\nboom\n"
+                   "passed      2.25s t.py::g[q[1, 2]] (call)\nskipped     0.00s t.py::c (call)\n"
+                   "passed      7.00s t.py::f[float32] (setup)\n")
+    later = tmp_path / "later.log"  # a later run's times win; a file that cannot be read is passed over
+    later.write_text("passed      0.50s t.py::g[q[1, 2]] (call)\npassed      0.75s t.py::b[bfloat16] (call)\n")
+    monkeypatch.setenv("LONGATTN_TEST_DURATIONS", os.pathsep.join([str(log), str(tmp_path / "missing"), str(later)]))
+    _sort_for_gpu(items)
+    assert [i.nodeid[6] for i in items] == list("cfdbgtae")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run")
@@ -283,7 +296,7 @@ def test_gpu_suite_default_benchmarks_parse():
 
     script = (Path(__file__).parents[1] / "bench" / "gpu_suite.sh").read_text()
     (default,) = re.findall(r'\$\{BENCH_OPS:-([^}]*)\}', script)
-    entries = [e.strip() for e in default.split(";")]
+    entries = [re.sub(r"^[1-9][0-9]*:\s*", "", e.strip()) for e in default.split(";")]  # an optional weight first
     assert len(entries) >= 5 and all(entries)
     parse = parser()[0].parse_args
     for entry in entries:

@@ -192,7 +192,7 @@ def _mla_cases():
         for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"]):  # every tile the autotuner tries
             n = c.kwargs["BLOCK_N"]
             tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
-            tag += ("-shared_p" if c.kwargs["SHARED_P"] else "") + ("-w16" if c.num_warps == 16 else "")
+            tag += "-shared_p" if c.kwargs["SHARED_P"] else ""
             tag += f"-{cache}" if cache != dt else ""  # a float8 (quantised) cache
             cases.append((f"_mla_decode_kernel[{tag}]",
                           K._mla_decode_kernel, ptr, dict(meta, **c.kwargs), ("qk_scale", "out_scale"),

@@ -121,21 +121,20 @@ SMEM_LIMIT = 227 * 1024
 # between the warpgroups (SHARED_P; without it both warpgroups compute all of them and the 64-token tile spilled
 # 352 bytes per thread on sm_90: on the H100 it lost to its SHARED_P twin at 1 and 4 query tokens, 2026-11-27,
 # and its variants were dropped). First: the H100's pick at batch 64, context 8k, 1 and 4 tokens
-# (bench/results/nvidia-h100), what runs without autotuning. 64 rows also go on 16 warps (four warpgroups, 128
-# registers a thread: one warpgroup's softmax can overlap another's products; with 32-token tiles Triton 3.6 spills
-# nothing inside the loop on sm_90, 3.9 a few words per iteration: tests/cuda_compile.py --resources).
+# (bench/results/nvidia-h100), what runs without autotuning. 64 rows on 16 warps (four warpgroups, 32-token tiles:
+# one's softmax could overlap another's products) lost on the H100 by 1.09-1.57x at every key of the fifth run
+# (batch 1 and 64, 1 and 4 tokens, bf16 and float8 caches, 2026-11-27 18:30) and were dropped.
 # Triton's own warp specialisation (tl.range(..., warp_specialize=True), on Hopper since 3.5, with tensor
 # descriptors) does not reach this loop: as compiled for sm_90 on 3.6 and 3.9 it leaves 8-warp programs as they are,
 # and a 4-warp program of 64 rows x 576 (a producer warpgroup added) needs 352 KB of shared memory and spills.
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p}, num_warps=w, num_stages=s)
                    for n, w, s, p in ((64, 8, 2, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
-                                      (32, 16, 3, True), (32, 16, 4, True),
                                       (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))]
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
     """The configurations tried for a launch with ``rows`` (head, token) rows, pages of ``page`` tokens and
-    ``width`` padded values per token: warps by rows (8 or 16 for 64 rows), tiles within a page, q plus num_stages
+    ``width`` padded values per token: warps by rows (8 for 64 rows, else 4), tiles within a page, q plus num_stages
     16-bit cache tiles within shared memory; float32 (CUDA cores) takes its one small-tile configuration.
     The first is the one used without autotuning."""
     if precision == "ieee":
@@ -145,7 +144,7 @@ def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
         n = c.kwargs["BLOCK_N"]
         return 2 * width * (rows + n * c.num_stages) + (2 * rows * n + 512 if c.kwargs["SHARED_P"] else 0)
 
-    keep = [c for c in _DECODE_CONFIGS if (c.num_warps >= 8 if rows >= 64 else c.num_warps == 4)
+    keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4)
             and c.kwargs["BLOCK_N"] <= page and smem(c) <= SMEM_LIMIT]
     return keep or [min(_DECODE_CONFIGS, key=smem)]
 

@@ -63,7 +63,7 @@ export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # (flex_attention and SDPA at 128k take seconds a call), NSA on smooth inputs (neighbouring queries select alike,
 # as in trained models), flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there), its selected
 # branch alone (`--modes slc`, timed in the fourth run) left out for fla's fwd+bwd, not yet measured
-IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 1,64 --contexts 8k,64k --prefill-seqlens 4k; 2:rollout --prompts 8k --new-tokens 64; 2:memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1; 2:nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
+IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 1,64 --contexts 8k,64k --prefill-seqlens 4k; 2:rollout --prompts 8k --new-tokens 64; 2:memory --seqlens 32k,128k; flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1,rollout_step,rollout_step_dynamic; 2:nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
 ops=()
 weights=()
 for entry in "${entries[@]}"; do

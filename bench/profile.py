@@ -7,12 +7,13 @@ difference is host work (argument checks, allocations, launches, synchronisation
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from .common import Results, parse_ints, require_cuda, time_ms
 
 COLUMNS = ["case", "kernel", "calls", "ms", "%gpu"]
 CASES = ("nsa_fwd", "nsa_fwdbwd", "nsa_decode_b1", "nsa_decode_b32", "moba_fwd", "moba_fwdbwd", "mla_decode_s1",
-         "mla_decode_s4", "mla_prefill_fwd", "mla_prefill_fwdbwd")
+         "mla_decode_s4", "mla_prefill_fwd", "mla_prefill_fwdbwd", "rollout_step", "rollout_step_dynamic")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -24,6 +25,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--moba-config", default="4096,4,32,8,128", help="block, topk, heads, KV heads, d")
     p.add_argument("--mla", default="64,8k,128", help="decode batch, context, heads")
     p.add_argument("--mla-prefill", default="16k,32", help="prefill T, heads")
+    p.add_argument("--rollout", default="8,8k", help="rollout_step*: prompts, longest prompt (the `rollout` "
+                   "benchmark's model with transformers' SDPA attention; one decoding step with the rollout's "
+                   "InPlaceCache, or with DynamicCache for rollout_step_dynamic)")
+    p.add_argument("--rollout-model", default="", help="the `rollout` benchmark's model options, e.g. '--layers 2'")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--out", default=None)
@@ -102,10 +107,45 @@ def _cases(args, dev, dtype):
             return lambda: mla_prefill(*xs, scale=192 ** -0.5)
         return build
 
+    def rollout_step(dynamic):
+        def build():
+            from transformers import DynamicCache
+
+            from longattn.hf.cache import InPlaceCache
+            from longattn.rollout import _cache_kw
+
+            from . import rollout as rollout_bench
+
+            p = argparse.ArgumentParser()
+            rollout_bench.add_args(p)
+            model = rollout_bench._model("sdpa", p.parse_args(shlex.split(args.rollout_model)), dev, dtype)
+            batch, longest = parse_ints(args.rollout)
+            gen = torch.Generator().manual_seed(0)
+            lens = torch.randint(max(1, longest // 2), longest + 1, (batch,), generator=gen).to(dev)
+            lens[0] = longest
+            mask = (torch.arange(longest, device=dev) >= longest - lens[:, None]).long()  # left-padded
+            ids = torch.randint(0, model.config.vocab_size, (batch, longest), generator=gen).to(dev) * mask
+            # room for the steps timed (each adds a token)
+            cache = DynamicCache(config=model.config) if dynamic else \
+                InPlaceCache(config=model.config, max_cache_len=longest + 4096)
+            kw = {_cache_kw(model): cache, "use_cache": True}
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), **kw)
+            state = dict(mask=mask, pos=lens[:, None])
+            tok = ids[:, -1:]
+
+            def step():
+                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(batch, 1)], 1)
+                model(input_ids=tok, attention_mask=state["mask"], position_ids=state["pos"], **kw)
+                state["pos"] = state["pos"] + 1
+            return step
+        return build
+
     cases = {"nsa_fwd": nsa_fwd, "nsa_fwdbwd": nsa_fwdbwd, "nsa_decode_b1": nsa_decode_case(1),
              "nsa_decode_b32": nsa_decode_case(32), "moba_fwd": moba(False), "moba_fwdbwd": moba(True),
              "mla_decode_s1": mla_dec(1), "mla_decode_s4": mla_dec(4), "mla_prefill_fwd": mla_pre(False),
-             "mla_prefill_fwdbwd": mla_pre(True)}
+             "mla_prefill_fwdbwd": mla_pre(True), "rollout_step": rollout_step(False),
+             "rollout_step_dynamic": rollout_step(True)}
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(names) - set(cases)
     if unknown:

@@ -94,14 +94,18 @@ def _flash_cases():
                                BLOCK_N=64 if dt != "fp32" else 32 if rows >= 64 else 16),
                           ("qk_scale", "v_scale"), dict(num_warps=8 if rows >= 64 else 4)))
         if not varlen and kpos == (1, 0):  # flash_decode against a cache: lengths per sequence, paged or not
-            for page, cache in ((0, dt), (16, dt), (64, dt), (16, "fp8e4nv"), (0, "fp8e5")):  # float8: quantised
-                if cache != dt and dt == "fp32":
+            # float8: a quantised cache, widened to q's dtype (bfloat16 queries: by inline PTX)
+            for page, cache, qdt in ((0, dt, dt), (16, dt, dt), (64, dt, dt), (16, "fp8e4nv", dt), (0, "fp8e5", dt),
+                                     (16, "fp8e4nv", "bf16"), (0, "fp8e5", "bf16")):
+                if cache != dt and dt == "fp32" or qdt != dt and dt != "fp16":
                     continue
                 cases.append((f"_flash_decode_kernel[{tag}-q1-g8-cache{f'-page{page}' if page else ''}"
-                              f"{'-' + cache if cache != dt else ''}]", F._flash_decode_kernel,
-                              dict(ptr, SEQLENS="*i32", BT="*i32", K=f"*{cache}", V=f"*{cache}"),
+                              f"{'-' + cache if cache != dt else ''}{'-q' + qdt if qdt != dt else ''}]",
+                              F._flash_decode_kernel,
+                              dict(ptr, Q=f"*{qdt}", SEQLENS="*i32", BT="*i32", K=f"*{cache}", V=f"*{cache}"),
                               dict(dec, TQ=1, BLOCK_G=16, BLOCK_N=64 if dt != "fp32" else 16, HAS_SEQLENS=True,
-                                   PAGE=page, LEFT_PAD=not page), ("qk_scale", "v_scale"), dict(num_warps=4)))
+                                   PAGE=page, LEFT_PAD=not page, WIDEN_ASM=cache != dt and qdt == "bf16"),
+                              ("qk_scale", "v_scale"), dict(num_warps=4)))
         cases.append((f"_flash_bwd_prep_kernel[{tag}]", F._flash_bwd_prep_kernel, ptr,
                       dict(DV=dv, BLOCK_DV=bd(dv), IS_VARLEN=varlen, HAS_DLSE=True, BLOCK_M=64), ()))
         mptr = {"O_in": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "DO_in": f"*{dt}", "LSE_in": "*fp32",
@@ -188,7 +192,7 @@ def _mla_cases():
         ptr = {n: f"*{dt}" for n in ("QL", "QR")}
         ptr.update({"KV": f"*{cache}", "BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
         meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
-                    S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee")
+                    S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee", WIDEN_ASM=cache != dt and dt == "bf16")
         for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"]):  # every tile the autotuner tries
             n = c.kwargs["BLOCK_N"]
             tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"

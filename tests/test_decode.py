@@ -103,6 +103,22 @@ def test_flash_decode_float8_cache(cache_dtype, dtype, device):
         assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_flash_decode_float8_every_value(cache_dtype, device):
+    """Every finite float8 value (subnormals, zeros of both signs, the largest) is widened exactly, as keys and as
+    values (on a GPU by the kernels' integer operations, see flash._widen): two one-token caches hold the 256 bytes;
+    query head h is the h-th unit vector, so its lse is key value h (the one score) and its output the value row."""
+    bits = torch.arange(256, dtype=torch.uint8)
+    finite = bits.view(cache_dtype).float().isfinite()
+    cache = torch.where(finite, bits, torch.zeros_like(bits)).view(cache_dtype).view(2, 1, 1, 128).to(device)
+    q = torch.eye(128, dtype=torch.bfloat16, device=device).expand(2, 1, 128, 128)
+    lens = torch.ones(2, dtype=torch.int32, device=device)
+    out, lse = flash_decode(q, cache, cache, cache_seqlens=lens, scale=1.0, return_lse=True)
+    want = cache.float().view(2, 1, 1, 128)  # (torch 2.5 indexes no float8 tensor)
+    assert torch.equal(out.float(), want.expand(2, 1, 128, 128))
+    torch.testing.assert_close(lse.view(2, 128), want.view(2, 128), rtol=1e-6, atol=0)
+
+
 def test_flash_decode_equals_flash_attention_on_the_gathered_keys(device):
     """One sequence's new tokens against its keys: flash_attention with Tq < Tk gives the same output and lse;
     a stacked K/V buffer's halves work as paged caches in place."""

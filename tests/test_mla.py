@@ -102,6 +102,24 @@ def test_decode_paged(S, cfg, page, dtype, device):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_decode_float8_every_value(cache_dtype, device):
+    """Every finite float8 value is widened exactly in the latent and in the rope part (on a GPU by the kernel's
+    integer operations, see flash._widen): four one-token sequences hold the 256 bytes in their latents and, 64 a
+    sequence, in their rope keys; q_latent is 0 and head h's q_rope the h-th unit vector, so its lse is rope key h
+    and its output the latent."""
+    bits = torch.arange(256, dtype=torch.uint8)
+    bits = torch.where(bits.view(cache_dtype).float().isfinite(), bits, torch.zeros_like(bits))
+    cache = torch.cat([bits.expand(4, 256), bits.view(4, 64)], 1).contiguous().view(cache_dtype).view(4, 1, 320)
+    q_lat = torch.zeros(4, 1, 64, 256, dtype=torch.bfloat16, device=device)
+    q_rope = torch.eye(64, dtype=torch.bfloat16, device=device).expand(4, 1, 64, 64)
+    out, lse = mla_decode(q_lat, q_rope, cache.to(device), cache_seqlens=torch.ones(4, dtype=torch.int32, device=device),
+                          scale=1.0, return_lse=True)
+    want = cache.float().to(device)  # (torch 2.5 indexes no float8 tensor)
+    assert torch.equal(out.float(), want[:, :, None, :256].expand(4, 1, 64, 256))
+    torch.testing.assert_close(lse.view(4, 64), want[:, 0, 256:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_float8_cache(cache_dtype, dtype, device):
     """A quantised latent cache (float8, stored = value / kv_scale): the attention of the dequantised cache, paged

@@ -29,6 +29,13 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def widen_by_asm(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether a decoding kernel widens its e4m3 cache to its bfloat16 queries' dtype by inline PTX (the kernels'
+    ``WIDEN_ASM``, see ``flash._widen``): on NVIDIA GPUs, not through the interpreter."""
+    return (q_dtype == torch.bfloat16 and cache_dtype == torch.float8_e4m3fn and not is_interpreter()
+            and torch.version.hip is None)
+
+
 def small_tiles() -> bool:
     """True when kernels should use small tiles: under the interpreter (its cost grows with the tile steps
     of the small test shapes), unless ``LONGATTN_INTERPRET_TILES=gpu`` asks for the GPU's tile sizes there

@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kernels.flash import _widen
 from ..kernels.utils import autotune, autotune_enabled
 
 
@@ -27,7 +28,7 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PRECISION: tl.constexpr, SHARED_P: tl.constexpr = False):
+                       PRECISION: tl.constexpr, SHARED_P: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False):
     hb = tl.program_id(0)  # head groups of one (sequence, split) run side by side: they share the cache in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -75,10 +76,11 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                               last_page).to(tl.int64)
         else:
             tok = b64 * stride_kvp + n.to(tl.int64) * stride_kvt
-        # (a float8 cache is widened to q's dtype, exactly: its scale is in qk_scale and out_scale)
-        c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0).to(ql.dtype)
-        kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
-                     other=0.0).to(qr.dtype)
+        # (a float8 cache is widened to q's dtype, exactly, see _widen: its scale is in qk_scale and out_scale)
+        c = _widen(tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0),
+                   ql.dtype, WIDEN_ASM)
+        kr = _widen(tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
+                            other=0.0), qr.dtype, WIDEN_ASM)
         if SHARED_P:  # two products, not a chain (see below)
             s = tl.dot(ql, tl.trans(c), input_precision=PRECISION) * qk_scale
             s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION) * qk_scale

@@ -9,7 +9,7 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device, check_same_dtype,
                              check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
-                             read_back_later, small_tiles, split_context)
+                             read_back_later, small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -203,7 +203,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
             H, S, capacity, kv_cache.shape[0] - 1, per_split, scale * LOG2E, kv_scale)
     meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
                 HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
-                PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+                WIDEN_ASM=widen_by_asm(ql.dtype, kv.dtype))
     grid = (cdiv(H, block_h), B, n_split)
     if small_tiles():  # one tile size, no timing of candidates
         _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))

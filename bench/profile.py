@@ -27,7 +27,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--mla-prefill", default="16k,32", help="prefill T, heads")
     p.add_argument("--rollout", default="8,8k", help="rollout_step*: prompts, longest prompt (the `rollout` "
                    "benchmark's model with transformers' SDPA attention; one decoding step with the rollout's "
-                   "InPlaceCache, or with DynamicCache for rollout_step_dynamic)")
+                   "InPlaceCache, or with DynamicCache for rollout_step_dynamic; each call one token longer, as in "
+                   "a rollout: a new length every call)")
     p.add_argument("--rollout-model", default="", help="the `rollout` benchmark's model options, e.g. '--layers 2'")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])

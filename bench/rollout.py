@@ -7,8 +7,8 @@ the same random model with its attention swapped (`swap_attention`); `sdpa` is t
 step's keys and values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`.
 Prompt lengths are drawn between half the nominal length and the full one, the same for every kind; `--samples n`
 samples n completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
-`Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after a warm-up run
-that compiles and autotunes the kernels.
+`Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after an identical
+warm-up run (kernels compiled and autotuned, and any per-shape plan made, for every length the timed run meets).
 """
 from __future__ import annotations
 
@@ -97,7 +97,10 @@ def run(args, argv=None) -> list[dict]:
                 model = _model(kind, args, dev, dtype)
                 with _cache_of(kind):
                     kw = dict(stop_at_eos=False, num_samples=args.samples)
-                    rollout.generate(model, prompts, 2, **kw)  # compile and autotune
+                    # the warm-up decodes as many tokens: every shape the timed run meets is seen once before
+                    # (kernels compiled and autotuned, per-shape plans made: the first kind timed after a 2-token
+                    # warm-up, SDPA with the in-place cache, took 15x the second's step on the H100, 2026-11-27)
+                    rollout.generate(model, prompts, args.new_tokens, **kw)
                     done = []
                     mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens, **kw)))
             except Exception as e:  # a kind that cannot run here (memory): the others still do

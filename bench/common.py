@@ -257,7 +257,10 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
 class Results(list):
     """One benchmark run's rows and where they go. ``finish()`` writes them (``write_results``) at the run's end;
     a run stopped before (Ctrl-C, or SIGTERM from a time limit such as gpu_suite.sh's) still leaves the rows it
-    measured: ``python -m bench`` writes every unfinished run's (``write_unfinished``), marked as cut short."""
+    measured: ``python -m bench`` writes every unfinished run's (``write_unfinished``), marked as cut short. Each
+    row is also written as it comes (the JSON and markdown, marked as cut short, without the plot; replaced at the
+    end): a run killed outright, or one whose signal handler never ran (the H100's fifth run lost two benchmarks'
+    rows so, each stopped inside native code), leaves them too."""
     unfinished: list = []
 
     def __init__(self, name: str, columns: Sequence[str], argv: Optional[Sequence[str]], *,
@@ -265,6 +268,14 @@ class Results(list):
         super().__init__()
         self.name, self.columns, self.argv, self.out_dir, self.plot = name, columns, argv, out_dir, plot
         Results.unfinished.append(self)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        try:
+            write_results(self.name, self, self.columns, {**environment(self.argv), "cut_short": True},
+                          out_dir=self.out_dir)
+        except Exception as e:  # noqa: BLE001 - the run matters more than its progress files
+            print(f"{self.name}: rows so far not written: {e!r}", file=sys.stderr)
 
     def finish(self, *, cut_short: bool = False) -> Path:
         Results.unfinished = [r for r in Results.unfinished if r is not self]  # (lists compare by content)

@@ -240,6 +240,33 @@ def test_bench_stopped_keeps_its_rows(monkeypatch, tmp_path):
     assert "cut short" in (tmp_path / "flash.md").read_text()
 
 
+def test_bench_rows_written_as_they_come(monkeypatch, tmp_path):
+    """Each row is written as it is measured, marked as cut short (a run killed outright keeps them); the run's end
+    replaces the files, unmarked, with the plot."""
+    import argparse
+    import json
+
+    import bench.flash as flash
+
+    _dry_run(monkeypatch, flash)
+    seen = []
+
+    def time_ms(fn, **kw):  # the files as they stand when each timing starts
+        path = tmp_path / "flash.json"
+        seen.append(len(json.loads(path.read_text())["rows"]) if path.exists() else 0)
+        assert not path.exists() or "cut short" in (tmp_path / "flash.md").read_text()
+        fn()
+        return float(len(seen))
+
+    monkeypatch.setattr(flash, "time_ms", time_ms)
+    p = argparse.ArgumentParser()
+    flash.add_args(p)
+    rows = flash.run(p.parse_args(DRY_RUNS["flash"] + ["--out", str(tmp_path)]), ["flash"])
+    assert seen[:3] == [0, 1, 2] and seen == sorted(seen)
+    assert len(json.loads((tmp_path / "flash.json").read_text())["rows"]) == len(rows)
+    assert "cut short" not in (tmp_path / "flash.md").read_text() and (tmp_path / "flash.png").exists()
+
+
 def test_l2_read_kernel_reads_everything(device):
     """The L2-bandwidth kernel of the roofline reads every element of its buffer once per pass (its programs'
     sums add up to passes x the buffer's sum), whatever the programs per chunk."""

@@ -1,5 +1,7 @@
 """Peak GPU memory of every op, fwd and fwd+bwd, as T grows to 128k: MB beyond the inputs, and per 1k tokens
-(a flat MB/ktok column means O(T) memory)."""
+(a flat MB/ktok column means O(T) memory). The kernels run their first tile candidate, untimed (as with
+LONGATTN_AUTOTUNE=0; `--autotune` times them all first, which takes minutes at these lengths): memory is what is
+measured, and the tile changes at most the size of a few float32 partial-sum buffers (counted per key block)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--ops", default="flash,moba,nsa,mla_prefill")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--autotune", action="store_true", help="time every tile candidate first (as in use)")
     p.add_argument("--out", default=None)
 
 
@@ -52,6 +55,14 @@ def _ops(names, hq, hkv, d):
 
 
 def run(args, argv=None) -> list[dict]:
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {} if args.autotune else {"LONGATTN_AUTOTUNE": "0"}):
+        return _run(args, argv)
+
+
+def _run(args, argv) -> list[dict]:
     import torch
 
     dev = require_cuda()

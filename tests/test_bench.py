@@ -262,7 +262,7 @@ def test_bench_rows_written_as_they_come(monkeypatch, tmp_path):
     p = argparse.ArgumentParser()
     flash.add_args(p)
     rows = flash.run(p.parse_args(DRY_RUNS["flash"] + ["--out", str(tmp_path)]), ["flash"])
-    assert seen[:3] == [0, 1, 2] and seen == sorted(seen)
+    assert seen[:2] == [0, 1] and max(seen) >= 2 and seen == sorted(seen)  # (a peer that fails adds no row)
     assert len(json.loads((tmp_path / "flash.json").read_text())["rows"]) == len(rows)
     assert "cut short" not in (tmp_path / "flash.md").read_text() and (tmp_path / "flash.png").exists()
 

@@ -72,7 +72,7 @@ E4M3_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(*E4M3_TO_BF16_BITS))
 def _widen(x, dtype: tl.constexpr, ASM: tl.constexpr):
     """``x`` (a cache tile) in ``dtype``. An e4m3 tile to bfloat16 with ASM (NVIDIA GPUs): by the integer and
     packed-bfloat16 operations above. Triton's own conversion goes through float16 and, compiled for sm_90, ends
-    in one F2F conversion instruction per value (a pipe a quarter as fast as the integer ones): in MLA decoding
+    in one F2F conversion instruction per value (conversions issue at a fraction of the integer rate): in MLA decoding
     with 128 heads (2026-11-27, H100) the e4m3 cache, half the bytes, was 1.2x slower than bfloat16. Otherwise
     (the interpreter, e5m2, float16 / float32, a tile already in ``dtype``) as ``.to`` converts. Both are exact."""
     if ASM and dtype == tl.bfloat16 and x.dtype == tl.float8e4nv:

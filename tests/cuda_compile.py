@@ -193,7 +193,8 @@ def _mla_cases():
         ptr.update({"KV": f"*{cache}", "BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
         meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
                     S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee", WIDEN_ASM=cache != dt and dt == "bf16")
-        for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"]):  # every tile the autotuner tries
+        # every tile the autotuner tries
+        for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"], 1 if cache.startswith("fp8") else 2):
             n = c.kwargs["BLOCK_N"]
             tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
             tag += "-shared_p" if c.kwargs["SHARED_P"] else ""

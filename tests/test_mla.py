@@ -375,7 +375,7 @@ def test_decode_split_context(groups, max_len, sms, one, want):
 
 def test_decode_candidates():
     """Every tile the autotuner may try fits in shared memory and within a page; 64 rows run on 8 warps with the
-    scores split between the warpgroups (SHARED_P), fewer on 4 without."""
+    scores split between the warpgroups (SHARED_P), fewer on 4 without; float8 caches fit one more."""
     for rows, page in ((64, 64), (64, 16), (16, 256), (8, 32)):
         configs = decode_candidates(rows, page, 576, "tf32")
         assert configs
@@ -385,6 +385,12 @@ def test_decode_candidates():
             assert 2 * 576 * (rows + c.kwargs["BLOCK_N"] * c.num_stages) + p_tile <= 227 * 1024
         assert {c.kwargs["SHARED_P"] for c in configs} == {rows >= 64}
     assert [c.kwargs["BLOCK_N"] for c in decode_candidates(64, 64, 576, "ieee")] == [16]
+    # a float8 cache (half the bytes a tile, but a 16-bit copy of it for the tensor cores) fits 64-token tiles at 3
+    # stages too, as compiled for sm_90 (tests/cuda_compile.py checks the shared memory)
+    tiles = lambda configs: [(c.kwargs["BLOCK_N"], c.num_stages) for c in configs]  # noqa: E731
+    assert (64, 3) in tiles(decode_candidates(64, 64, 576, "tf32", 1))
+    assert (64, 3) not in tiles(decode_candidates(64, 64, 576, "tf32"))
+    assert tiles(decode_candidates(64, 64, 576, "tf32", 1))[0] == tiles(decode_candidates(64, 64, 576, "tf32"))[0]
 
 
 class _Launch:

@@ -129,22 +129,27 @@ SMEM_LIMIT = 227 * 1024
 # Triton's own warp specialisation (tl.range(..., warp_specialize=True), on Hopper since 3.5, with tensor
 # descriptors) does not reach this loop: as compiled for sm_90 on 3.6 and 3.9 it leaves 8-warp programs as they are,
 # and a 4-warp program of 64 rows x 576 (a producer warpgroup added) needs 352 KB of shared memory and spills.
+# A float8 cache's tiles take half the room, but each is also widened into a 16-bit tile for the tensor cores, and
+# Triton buffers num_stages - 1 of them ahead (as compiled for sm_90: 64-token tiles at 2 stages, none ahead): its
+# 64-token tiles also go at 3 stages (one ahead, 217 KB), which 16-bit caches do not fit.
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p}, num_warps=w, num_stages=s)
-                   for n, w, s, p in ((64, 8, 2, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
+                   for n, w, s, p in ((64, 8, 2, True), (64, 8, 3, True), (32, 8, 3, True), (32, 8, 4, True),
+                                      (16, 8, 6, True),
                                       (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))]
 
 
-def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
+def decode_candidates(rows: int, page: int, width: int, precision: str, cache_bytes: int = 2) -> list:
     """The configurations tried for a launch with ``rows`` (head, token) rows, pages of ``page`` tokens and
-    ``width`` padded values per token: warps by rows (8 for 64 rows, else 4), tiles within a page, q plus num_stages
-    16-bit cache tiles within shared memory; float32 (CUDA cores) takes its one small-tile configuration.
-    The first is the one used without autotuning."""
+    ``width`` padded values per token of ``cache_bytes`` bytes (1: float8): warps by rows (8 for 64 rows, else 4),
+    tiles within a page, q and the cache tiles in flight within shared memory; float32 (CUDA cores) takes its one
+    small-tile configuration. The first is the one used without autotuning."""
     if precision == "ieee":
         return [triton.Config({"BLOCK_N": 16, "SHARED_P": False}, num_warps=4, num_stages=2)]
 
-    def smem(c):  # q, the cache tiles in flight and p's exchange tile
-        n = c.kwargs["BLOCK_N"]
-        return 2 * width * (rows + n * c.num_stages) + (2 * rows * n + 512 if c.kwargs["SHARED_P"] else 0)
+    def smem(c):  # q, the cache tiles in flight (float8: num_stages - 1, and the tile widened) and p's exchange tile
+        n, s = c.kwargs["BLOCK_N"], c.num_stages
+        tiles = 2 * n * s if cache_bytes == 2 else cache_bytes * n * (s - 1) + 2 * n
+        return 2 * width * rows + width * tiles + (2 * rows * n + 512 if c.kwargs["SHARED_P"] else 0)
 
     keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4)
             and c.kwargs["BLOCK_N"] <= page and smem(c) <= SMEM_LIMIT]
@@ -153,7 +158,8 @@ def decode_candidates(rows: int, page: int, width: int, precision: str) -> list:
 
 def _decode_prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
-    keep = decode_candidates(a["BLOCK_H"] * a["S_PAD"], a["PAGE"], a["BLOCK_RANK"] + a["BLOCK_ROPE"], a["PRECISION"])
+    keep = decode_candidates(a["BLOCK_H"] * a["S_PAD"], a["PAGE"], a["BLOCK_RANK"] + a["BLOCK_ROPE"], a["PRECISION"],
+                             a["KV"].element_size())
     return keep if autotune_enabled() else keep[:1]
 
 

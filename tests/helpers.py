@@ -28,6 +28,13 @@ def assert_lse_close(actual, expected, atol=1e-3):
     assert diff.numel() == 0 or diff.max().item() <= atol, f"lse max abs error {diff.max().item():.3g}"
 
 
+def float8_bytes(dtype) -> torch.Tensor:
+    """The 256 bytes of a float8 format, those that do not encode a finite value (NaN, inf) replaced by 0: every
+    finite value once or more, as a uint8 tensor to ``.view(dtype)`` (torch 2.5 indexes no float8 tensor on the CPU)."""
+    bits = torch.arange(256, dtype=torch.uint8)
+    return torch.where(bits.view(dtype).float().isfinite(), bits, torch.zeros_like(bits))
+
+
 def sorted_selection(sel: torch.Tensor) -> torch.Tensor:
     """Selected block indices sorted along the last dim, -1 padding last: the same set in any order compares equal."""
     sel = sel.long()

@@ -4,7 +4,7 @@ import torch
 
 from longattn import flash_attention, flash_decode
 from longattn.kernels.reference import attention_ref
-from helpers import assert_close, assert_lse_close, capture_graph, run_without_gpu_sync
+from helpers import assert_close, assert_lse_close, capture_graph, float8_bytes, run_without_gpu_sync
 
 
 def _cache(lens, hkv, dk, dv, dtype, device, page=None, offsets=None, spare=5):
@@ -108,9 +108,7 @@ def test_flash_decode_float8_every_value(cache_dtype, device):
     """Every finite float8 value (subnormals, zeros of both signs, the largest) is widened exactly, as keys and as
     values (on a GPU by the kernels' integer operations, see flash._widen): two one-token caches hold the 256 bytes;
     query head h is the h-th unit vector, so its lse is key value h (the one score) and its output the value row."""
-    bits = torch.arange(256, dtype=torch.uint8)
-    finite = bits.view(cache_dtype).float().isfinite()
-    cache = torch.where(finite, bits, torch.zeros_like(bits)).view(cache_dtype).view(2, 1, 1, 128).to(device)
+    cache = float8_bytes(cache_dtype).view(cache_dtype).view(2, 1, 1, 128).to(device)
     q = torch.eye(128, dtype=torch.bfloat16, device=device).expand(2, 1, 128, 128)
     lens = torch.ones(2, dtype=torch.int32, device=device)
     out, lse = flash_decode(q, cache, cache, cache_seqlens=lens, scale=1.0, return_lse=True)

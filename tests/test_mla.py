@@ -7,7 +7,7 @@ from longattn.mla import ops as mla_ops
 from longattn.mla.kernels import _mla_decode_kernel, decode_candidates
 from longattn.kernels.utils import split_context
 from longattn.mla.reference import gather_paged_ref
-from helpers import assert_close, assert_lse_close, capture_graph, leaf
+from helpers import assert_close, assert_lse_close, capture_graph, float8_bytes, leaf
 
 SMALL = dict(H=4, nope=32, rope=16, rank=64, v=32)
 V3 = dict(H=16, nope=128, rope=64, rank=512, v=128)
@@ -107,13 +107,12 @@ def test_decode_float8_every_value(cache_dtype, device):
     integer operations, see flash._widen): four one-token sequences hold the 256 bytes in their latents and, 64 a
     sequence, in their rope keys; q_latent is 0 and head h's q_rope the h-th unit vector, so its lse is rope key h
     and its output the latent."""
-    bits = torch.arange(256, dtype=torch.uint8)
-    bits = torch.where(bits.view(cache_dtype).float().isfinite(), bits, torch.zeros_like(bits))
+    bits = float8_bytes(cache_dtype)
     cache = torch.cat([bits.expand(4, 256), bits.view(4, 64)], 1).contiguous().view(cache_dtype).view(4, 1, 320)
     q_lat = torch.zeros(4, 1, 64, 256, dtype=torch.bfloat16, device=device)
     q_rope = torch.eye(64, dtype=torch.bfloat16, device=device).expand(4, 1, 64, 64)
-    out, lse = mla_decode(q_lat, q_rope, cache.to(device), cache_seqlens=torch.ones(4, dtype=torch.int32, device=device),
-                          scale=1.0, return_lse=True)
+    lens = torch.ones(4, dtype=torch.int32, device=device)
+    out, lse = mla_decode(q_lat, q_rope, cache.to(device), cache_seqlens=lens, scale=1.0, return_lse=True)
     want = cache.float().to(device)  # (torch 2.5 indexes no float8 tensor)
     assert torch.equal(out.float(), want[:, :, None, :256].expand(4, 1, 64, 256))
     torch.testing.assert_close(lse.view(4, 64), want[:, 0, 256:], rtol=1e-6, atol=0)

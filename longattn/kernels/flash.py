@@ -43,29 +43,21 @@ LN2 = 0.6931471805599453
 # ----------------------------------------------------------------------------------------------
 # Shared jit helpers
 # ----------------------------------------------------------------------------------------------
-# float8 e4m3 -> bfloat16 by integer operations, four values of a 32-bit register at a time: each byte moved to the
-# high half of a 16-bit lane (prmt), its sign left at bit 15, its exponent and mantissa shifted down to the bottom
-# of bfloat16's exponent and the top of its mantissa, then one exact multiply by 2^(127 - 7) (fma with -0: -0 stays
-# -0). Subnormals become bfloat16 subnormals before the multiply, normal numbers after it: every finite value is
-# exact; e4m3fn's NaN becomes a finite value (a cache holds none). (Triton's own e5m2 -> bfloat16 already works so
-# on the bits.) The right shift, the mask of the moved bits, the multiplier as bfloat16 bits:
-E4M3_TO_BF16_BITS = (4, 0x07F0, 0x7B80)
-
-
-def _fp8_to_bf16_asm(shift: int, mask: int, scale: int) -> str:
-    """PTX for tl.inline_asm_elementwise, pack 4: $2 holds four float8 bytes (element i in byte i), $0 and $1
-    two bfloat16 each (element 2j in the low half of $j). $2 is read before either output is written (an output
-    may share its register)."""
-    # bytes (0, 1) and (2, 3) into the high halves of two registers' 16-bit lanes
-    asm = ["prmt.b32 a0, $2, 0, 0x1404;", "prmt.b32 a1, $2, 0, 0x3424;",
-           f"mov.b32 k, {scale * 0x10001:#x};", "mov.b32 z, 0x80008000;"]
-    for j in (0, 1):
-        asm += [f"shr.b32 m, a{j}, {shift};", f"and.b32 m, m, {mask * 0x10001:#x};",
-                f"and.b32 a{j}, a{j}, 0x80008000;", f"or.b32 a{j}, a{j}, m;", f"fma.rn.bf16x2 ${j}, a{j}, k, z;"]
-    return "{ .reg .b32 a0, a1, m, k, z; " + " ".join(asm) + " }"
-
-
-E4M3_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(*E4M3_TO_BF16_BITS))
+# float8 e4m3 -> bfloat16 by integer operations (PTX for tl.inline_asm_elementwise, pack 4: $2 holds four bytes,
+# element i in byte i; $0 and $1 two bfloat16 each, element 2j in the low half of $j; $2 is read before either
+# output is written, as an output may share its register). Bytes (0, 1) and (2, 3) go to the high halves of two
+# registers' 16-bit lanes (prmt); the sign stays at bit 15, exponent and mantissa shift down 4 bits (mask 0x07F0)
+# to the bottom of bfloat16's exponent and the top of its mantissa; then one exact multiply by 2^(127 - 7)
+# (0x7B80; fma with -0: -0 stays -0). Subnormals become bfloat16 subnormals before the multiply, normal numbers
+# after it: every finite value is exact; e4m3fn's NaN becomes a finite value (a cache holds none). (Triton's own
+# e5m2 -> bfloat16 already works so on the bits.)
+E4M3_TO_BF16 = tl.constexpr(
+    "{ .reg .b32 a0, a1, m, k, z; prmt.b32 a0, $2, 0, 0x1404; prmt.b32 a1, $2, 0, 0x3424; "
+    "mov.b32 k, 0x7b807b80; mov.b32 z, 0x80008000; "
+    "shr.b32 m, a0, 4; and.b32 m, m, 0x07f007f0; and.b32 a0, a0, 0x80008000; or.b32 a0, a0, m; "
+    "fma.rn.bf16x2 $0, a0, k, z; "
+    "shr.b32 m, a1, 4; and.b32 m, m, 0x07f007f0; and.b32 a1, a1, 0x80008000; or.b32 a1, a1, m; "
+    "fma.rn.bf16x2 $1, a1, k, z; }")
 
 
 @triton.jit

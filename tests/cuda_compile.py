@@ -38,9 +38,10 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
     for i, n in enumerate(fn.arg_names):
         if n in constexprs:
             sig[n] = "constexpr"
-        elif n in pointers:
+        elif n in pointers:  # (or tensor descriptors: "tensordesc<bf16[64,512]>")
             sig[n] = pointers[n]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if pointers[n].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif n in floats:
             sig[n] = "fp32"
         else:
@@ -193,15 +194,18 @@ def _mla_cases():
         ptr.update({"KV": f"*{cache}", "BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
         meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
                     S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee", WIDEN_ASM=cache != dt and dt == "bf16")
-        # every tile the autotuner tries
-        for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"], 1 if cache.startswith("fp8") else 2):
-            n = c.kwargs["BLOCK_N"]
+        # every tile the autotuner tries, those loaded by TMA too (the cache's descriptors: tiles of 64 tokens)
+        for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"], 1 if cache.startswith("fp8") else 2,
+                                     tma_tile=64):
+            n, tma = c.kwargs["BLOCK_N"], c.kwargs["USE_TMA"]
             tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
             tag += "-shared_p" if c.kwargs["SHARED_P"] else ""
+            tag += "-tma" if tma else ""
             tag += f"-{cache}" if cache != dt else ""  # a float8 (quantised) cache
-            cases.append((f"_mla_decode_kernel[{tag}]",
-                          K._mla_decode_kernel, ptr, dict(meta, **c.kwargs), ("qk_scale", "out_scale"),
-                          dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+            descs = {"C_DESC": f"tensordesc<{cache}[{n},512]>", "R_DESC": f"tensordesc<{cache}[{n},64]>"}
+            cases.append((f"_mla_decode_kernel[{tag}]", K._mla_decode_kernel, dict(ptr, **descs) if tma else ptr,
+                          dict(meta, **c.kwargs, HAS_TMA=tma, **({} if tma else dict.fromkeys(descs))),
+                          ("qk_scale", "out_scale"), dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     return cases
 
 
@@ -359,6 +363,7 @@ PIPELINED = {
     "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16-fp8e4nv]": 2,  # float8 cache
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]": 2,  # the bulk copies one tile ahead
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q2w4s3pq]": 2,  # the first query's product out of a branch
@@ -376,6 +381,7 @@ UNDUPLICATED = (
     "_nsa_select_kernel[bf16-d192-m64c32w8s2]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",
     "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3]",
     "_sparse_dq_kernel[bf16-n64w8s2]",  # dS out of a branch
@@ -390,6 +396,7 @@ NO_LOOP_SPILLS = (
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]",
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]",
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]",

@@ -5,7 +5,7 @@ import torch
 from longattn.mla import PagedLatentCache, mla_absorbed_ref, mla_decode, mla_decode_ref, mla_naive_ref, mla_prefill
 from longattn.mla import ops as mla_ops
 from longattn.mla.kernels import _mla_decode_kernel, decode_candidates
-from longattn.kernels.utils import split_context
+from longattn.kernels.utils import row_descriptors, split_context
 from longattn.mla.reference import gather_paged_ref
 from helpers import assert_close, assert_lse_close, capture_graph, float8_bytes, leaf
 
@@ -184,6 +184,60 @@ def test_decode_contiguous_cache(device):
     assert_close(out, ref, torch.float32, "o_latent")
     assert_close(mla_decode(q_lat, q_rope, kv, cache_seqlens=seqlens, scale=0.1, validate=False), ref,
                  torch.float32, "o_latent (validate=False)")
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+def test_decode_tma_equals_pointer_loads(paged, dtype, device, monkeypatch):
+    """Tiles loaded by TMA (the cache's descriptors, where the device has it; the interpreter runs them) give the
+    pointer loads' result: every whole tile by TMA, the partial last one of each split masked, so the NaN the
+    cache holds past each sequence never reaches the output; 3 query tokens, pages in random order."""
+    R, E, page, S = 64, 16, 32, 3
+    lens = [S, 32, 75, 130]
+    kv_tokens = [torch.randn(n, R + E, device=device, dtype=dtype) for n in lens]
+    if paged:
+        cache, table = _paged(kv_tokens, lens, page, device)
+        for b, n in enumerate(lens):  # the rows past each sequence (its last page's tail), and the spare pages
+            cache[int(table[b, (n - 1) // page]), (n - 1) % page + 1:] = float("nan")
+        used = set(table.flatten().tolist())
+        cache[[p for p in range(cache.shape[0]) if p not in used]] = float("nan")
+    else:
+        table = None
+        cache = torch.full((len(lens), 160, R + E), float("nan"), device=device, dtype=dtype)
+        for b, toks in enumerate(kv_tokens):
+            cache[b, :len(toks)] = toks
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9")
+    assert mla_ops.row_descriptors(cache, 32, ((0, R), (R, E))) is not None
+    q_lat = torch.randn(len(lens), S, 8, R, device=device, dtype=dtype)
+    q_rope = torch.randn(len(lens), S, 8, E, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    run = lambda: mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=0.1)  # noqa: E731
+    out = run()
+    monkeypatch.setenv("LONGATTN_TMA", "0")
+    pointers = run()
+    ref, _ = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=0.1, kv_lora_rank=R)
+    assert_close(out, ref, dtype, "o_latent (TMA)")
+    assert_close(pointers, ref, dtype, "o_latent (pointer loads)")
+    if device == "cpu":  # the same products in the same order
+        assert torch.equal(out, pointers)
+
+
+def test_row_descriptors(monkeypatch):
+    """The cache seen as one matrix of token rows, tiles of the given columns; None wherever TMA cannot load it."""
+    x = torch.zeros(5, 16, 80, dtype=torch.float16)
+    c, r = row_descriptors(x, 8, ((0, 64), (64, 16)))
+    assert (c.shape, c.strides, c.block_shape) == ([80, 80], [80, 1], [8, 64])
+    assert (r.shape, r.strides, r.block_shape) == ([80, 80], [80, 1], [8, 16])
+    wide = torch.zeros(5, 16, 96, dtype=torch.float16)[..., :80]  # rows 96 apart: still one matrix
+    assert row_descriptors(wide, 8, ((0, 64),))[0].strides == [96, 1]
+    assert row_descriptors(wide[:, :8], 8, ((0, 64),)) is None  # pages not rows * stride apart
+    assert row_descriptors(torch.zeros(4 + x.numel(), dtype=x.dtype)[4:].view(x.shape), 8, ((0, 64),)) is None  # base
+    assert row_descriptors(torch.zeros(5, 16, 76, dtype=torch.float16), 8, ((0, 64),)) is None  # row stride
+    assert row_descriptors(x, 8, ((0, 48),)) is None  # not a power of two
+    assert row_descriptors(x, 8, ((64, 4),)) is None  # under 16 bytes
+    assert row_descriptors(x, 8, ((64, 32),)) is None  # past the row
+    monkeypatch.setenv("LONGATTN_TMA", "0")
+    assert row_descriptors(x, 8, ((0, 64),)) is None
 
 
 def test_absorbed_decode_matches_naive_last_rows(device):
@@ -390,6 +444,17 @@ def test_decode_candidates():
     assert (64, 3) in tiles(decode_candidates(64, 64, 576, "tf32", 1))
     assert (64, 3) not in tiles(decode_candidates(64, 64, 576, "tf32"))
     assert tiles(decode_candidates(64, 64, 576, "tf32", 1))[0] == tiles(decode_candidates(64, 64, 576, "tf32"))[0]
+    # with the cache's descriptors (tiles of 64 tokens), each 8-warp candidate of that tile also by TMA, those first
+    for rows, cache_bytes in ((64, 2), (64, 1), (16, 2)):
+        plain = decode_candidates(rows, 64, 576, "tf32", cache_bytes)
+        both = decode_candidates(rows, 64, 576, "tf32", cache_bytes, tma_tile=64)
+        assert not any(c.kwargs["USE_TMA"] for c in plain)
+        twins = [c for c in both if c.kwargs["USE_TMA"]]
+        key = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["SHARED_P"], c.num_warps, c.num_stages)  # noqa: E731
+        assert both[:len(twins)] == twins
+        assert [key(c) for c in twins] == [key(c) for c in plain if c.kwargs["BLOCK_N"] == 64 and c.num_warps == 8]
+        assert [key(c) for c in both[len(twins):]] == [key(c) for c in plain]
+        assert bool(twins) == (rows == 64)
 
 
 class _Launch:
@@ -418,7 +483,9 @@ def test_decode_every_candidate(rows, device, monkeypatch):
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     ref, _ = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
     monkeypatch.setattr(mla_ops, "small_tiles", lambda: False)
-    for c in decode_candidates(rows, 64, 576, "tf32"):
+    tma = device == "cpu" or torch.cuda.get_device_capability()[0] >= 9  # where the cache gets descriptors
+    configs = decode_candidates(rows, 64, 576, "tf32", tma_tile=64 if tma else 0)
+    for c in configs:
         monkeypatch.setattr(mla_ops, "_mla_decode_tuned", _Launch(c))
         out = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
         assert_close(out, ref, dtype, f"o_latent with {c}")

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # quantised KV caches (flash_decode, mla_decode)
@@ -34,6 +35,34 @@ def widen_by_asm(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
     ``WIDEN_ASM``, see ``flash._widen``): on NVIDIA GPUs, not through the interpreter."""
     return (q_dtype == torch.bfloat16 and cache_dtype == torch.float8_e4m3fn and not is_interpreter()
             and torch.version.hip is None)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: Optional[int]) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def row_descriptors(x: torch.Tensor, tile: int, columns: Sequence[tuple]) -> Optional[list]:
+    """TMA descriptors (Hopper's bulk tensor copies) over a ``(n, rows, width)`` tensor ``x`` seen as one matrix
+    of ``n * rows`` rows: for each ``(start, width)`` of ``columns``, a descriptor whose tiles are ``tile`` rows of
+    the columns ``start .. start + width`` (a kernel loads one with ``desc.load([row, start])``).
+
+    None where a kernel must load by pointers instead: not on an NVIDIA GPU of compute capability 9 or more (the
+    interpreter runs descriptors), ``LONGATTN_TMA=0``, rows not evenly strided, a base or row stride not a multiple of
+    16 bytes, a tile width not a power of two, under 16 bytes or past the row, or more rows than 32-bit coordinates
+    reach."""
+    if os.environ.get("LONGATTN_TMA", "1") == "0":
+        return None
+    if not is_interpreter() and (x.device.type != "cuda" or not _has_tma(x.device.index)):
+        return None
+    n, rows, width = x.shape
+    size = x.element_size()
+    if not x.numel() or x.stride(2) != 1 or (n > 1 and x.stride(0) != rows * x.stride(1)) or n * rows >= 2 ** 31 or \
+            x.data_ptr() % 16 or (x.stride(1) * size) % 16:
+        return None
+    if any(w & (w - 1) or w * size < 16 or start + w > width for start, w in columns):
+        return None
+    return [TensorDescriptor(x, [n * rows, width], [x.stride(1), 1], [tile, w]) for _, w in columns]
 
 
 def small_tiles() -> bool:

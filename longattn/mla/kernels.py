@@ -7,8 +7,10 @@ partial output with its lse; the lse merge then combines the splits. A float8 ca
 is widened to q's dtype as it is read, its scale applied to the scores (``qk_scale``) and the output
 (``out_scale``).
 
-On a GPU the launch goes through ``_mla_decode_tuned``, which picks the token tile and pipeline depth per
-(dtype, rows, page size) by timing the candidates (``LONGATTN_AUTOTUNE=0``: the first that fits).
+On a GPU the launch goes through ``_mla_decode_tuned``, which picks the token tile, pipeline depth and how
+tiles are loaded (per-thread masked loads, or on Hopper bulk TMA copies through the cache's descriptors, see
+``kernels.utils.row_descriptors``) per (dtype, rows, page size) by timing the candidates
+(``LONGATTN_AUTOTUNE=0``: the first that fits).
 """
 from __future__ import annotations
 
@@ -20,7 +22,60 @@ from ..kernels.utils import autotune, autotune_enabled
 
 
 @triton.jit
-def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
+def _load_tile(KV, tile, n0, hi, stride_kvp, stride_kvt, dtype: tl.constexpr, RANK: tl.constexpr,
+               BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr, PAGE: tl.constexpr,
+               HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN_ASM: tl.constexpr):
+    """The latent (BLOCK_N, BLOCK_RANK) and rotary keys (BLOCK_N, BLOCK_ROPE) of tokens n0 .. n0 + BLOCK_N of
+    page (HAS_BT) or sequence ``tile``, zeros from ``hi`` on, in ``dtype`` (a float8 cache is widened exactly, see
+    _widen: its scale is in the kernel's qk_scale and out_scale)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    in_n = n < hi
+    tok = tile * stride_kvp + ((n % PAGE) if HAS_BT else n).to(tl.int64) * stride_kvt
+    offs_r = tl.arange(0, BLOCK_RANK)
+    offs_e = tl.arange(0, BLOCK_ROPE)
+    c = tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & (offs_r[None, :] < RANK), other=0.0)
+    kr = tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE), other=0.0)
+    return _widen(c, dtype, WIDEN_ASM), _widen(kr, dtype, WIDEN_ASM)
+
+
+@triton.jit
+def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                 SHARED_P: tl.constexpr):
+    """One online-softmax step of the rows (latent and rotary queries ``ql``, ``qr`` at positions ``pos``) over
+    the tokens n0 .. n0 + BLOCK_N (latent ``c``, rotary keys ``kr``), those from ``hi`` on masked."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    if SHARED_P:  # two products, not a chain (see below)
+        s = tl.dot(ql, tl.trans(c), input_precision=PRECISION) * qk_scale
+        s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION) * qk_scale
+    else:
+        s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
+        s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
+    s = tl.where((n[None, :] < hi) & (n[None, :] <= pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    if SHARED_P:
+        # Triton lays a product whose result reaches another product (here p.V, and the rescaled accumulator
+        # of p.V) on all warps along its rows: with 64 rows on 8 warps both warpgroups compute all of q.k
+        # (and all of a chained product before it). Its analysis does not follow values out of a branch: p
+        # and alpha leave one (both sides compute the same, so the condition does not matter), the score
+        # tile is then split between the warpgroups by keys and p reaches both through shared memory.
+        if qk_scale > 0:
+            pp = p.to(c.dtype)
+            alpha = tl.math.exp2(m_i - m_use)
+        else:
+            pp = p.to(c.dtype)
+            alpha = tl.math.exp2(m_i - m_use)
+    else:
+        pp = p.to(c.dtype)
+        alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(pp, c, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _mla_decode_kernel(QL, QR, KV, C_DESC, R_DESC, BT, SEQLENS, OS, LS,
                        stride_qlb, stride_qls, stride_qlh, stride_qrb, stride_qrs, stride_qrh,
                        stride_kvp, stride_kvt, stride_btb,
                        stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
@@ -28,7 +83,8 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
                        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_ROPE: tl.constexpr,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PRECISION: tl.constexpr, SHARED_P: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False):
+                       PRECISION: tl.constexpr, SHARED_P: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
+                       HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False):
     hb = tl.program_id(0)  # head groups of one (sequence, split) run side by side: they share the cache in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -67,48 +123,31 @@ def _mla_decode_kernel(QL, QR, KV, BT, SEQLENS, OS, LS,
     page = (lo * 0).to(tl.int64)
     if HAS_BT:
         page = tl.minimum(tl.maximum(tl.load(bt_row + lo // PAGE), 0), last_page).to(tl.int64)
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        in_n = n < hi
+    # USE_TMA: the tiles wholly before hi come by TMA, one bulk copy per tile into shared memory instead of a
+    # few hundred address and mask instructions per thread (the cache seen as one matrix of token rows: page p's
+    # token t at row p * PAGE + t, or sequence b's at b * capacity + t); the last, partial, tile through masked
+    # loads (a bulk copy would bring in rows past the sequence, which may hold NaN: p = 0 does not cancel it)
+    tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs the cache's descriptors")
+    hi_bulk = lo + (hi - lo) // BLOCK_N * BLOCK_N if USE_TMA else hi
+    for n0 in range(lo, hi_bulk, BLOCK_N):
+        tile = page if HAS_BT else b64  # this tile's page (or sequence)
         if HAS_BT:
-            tok = page * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvt
             page = tl.minimum(tl.maximum(tl.load(bt_row + tl.minimum(n0 + BLOCK_N, hi - 1) // PAGE), 0),
                               last_page).to(tl.int64)
+        if USE_TMA:
+            row = (tile * PAGE + n0 % PAGE if HAS_BT else tile * capacity + n0).to(tl.int32)
+            c = _widen(C_DESC.load([row, 0]), ql.dtype, WIDEN_ASM)
+            kr = _widen(R_DESC.load([row, RANK]), qr.dtype, WIDEN_ASM)
         else:
-            tok = b64 * stride_kvp + n.to(tl.int64) * stride_kvt
-        # (a float8 cache is widened to q's dtype, exactly, see _widen: its scale is in qk_scale and out_scale)
-        c = _widen(tl.load(KV + tok[:, None] + offs_r[None, :], mask=in_n[:, None] & in_r[None, :], other=0.0),
-                   ql.dtype, WIDEN_ASM)
-        kr = _widen(tl.load(KV + tok[:, None] + RANK + offs_e[None, :], mask=in_n[:, None] & (offs_e[None, :] < ROPE),
-                            other=0.0), qr.dtype, WIDEN_ASM)
-        if SHARED_P:  # two products, not a chain (see below)
-            s = tl.dot(ql, tl.trans(c), input_precision=PRECISION) * qk_scale
-            s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION) * qk_scale
-        else:
-            s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
-            s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
-        s = tl.where(in_n[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        if SHARED_P:
-            # Triton lays a product whose result reaches another product (here p.V, and the rescaled accumulator
-            # of p.V) on all warps along its rows: with 64 rows on 8 warps both warpgroups compute all of q.k
-            # (and all of a chained product before it). Its analysis does not follow values out of a branch: p
-            # and alpha leave one (both sides compute the same, so the condition does not matter), the score
-            # tile is then split between the warpgroups by keys and p reaches both through shared memory.
-            if qk_scale > 0:
-                pp = p.to(c.dtype)
-                alpha = tl.math.exp2(m_i - m_use)
-            else:
-                pp = p.to(c.dtype)
-                alpha = tl.math.exp2(m_i - m_use)
-        else:
-            pp = p.to(c.dtype)
-            alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(pp, c, input_precision=PRECISION)
-        m_i = m_new
+            c, kr = _load_tile(KV, tile, n0, hi, stride_kvp, stride_kvt, ql.dtype, RANK, BLOCK_RANK, ROPE, BLOCK_ROPE,
+                               PAGE, HAS_BT, BLOCK_N, WIDEN_ASM)
+        m_i, l_i, acc = _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N, PRECISION, SHARED_P)
+    if USE_TMA:
+        if hi_bulk < hi:
+            c, kr = _load_tile(KV, page if HAS_BT else b64, hi_bulk, hi, stride_kvp, stride_kvt, ql.dtype, RANK,
+                               BLOCK_RANK, ROPE, BLOCK_ROPE, PAGE, HAS_BT, BLOCK_N, WIDEN_ASM)
+            m_i, l_i, acc = _attend_tile(ql, qr, c, kr, hi_bulk, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N, PRECISION,
+                                         SHARED_P)
     empty = l_i == 0.0
     out = acc * (out_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(OS + split.to(tl.int64) * stride_op + row_out[:, None] * stride_ot + head64[:, None] * stride_oh
@@ -132,19 +171,27 @@ SMEM_LIMIT = 227 * 1024
 # A float8 cache's tiles take half the room, but each is also widened into a 16-bit tile for the tensor cores, and
 # Triton buffers num_stages - 1 of them ahead (as compiled for sm_90: 64-token tiles at 2 stages, none ahead): its
 # 64-token tiles also go at 3 stages (one ahead, 217 KB), which 16-bit caches do not fit.
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p}, num_warps=w, num_stages=s)
-                   for n, w, s, p in ((64, 8, 2, True), (64, 8, 3, True), (32, 8, 3, True), (32, 8, 4, True),
-                                      (16, 8, 6, True),
-                                      (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))]
+_TILES = ((64, 8, 2, True), (64, 8, 3, True), (32, 8, 3, True), (32, 8, 4, True), (16, 8, 6, True),
+          (64, 4, 2, False), (32, 4, 4, False), (16, 4, 4, False))
+# The 8-warp tiles are also loaded by TMA (USE_TMA, where the host gives the cache's descriptors, whose tiles are
+# a page's tokens, at most 64): as compiled for sm_90 (tests/cuda_compile.py), the 64-token bf16 loop goes from
+# 1,028 instructions a thread per tile (about 300 of them addresses and masks of its 18 cp.async) to 599 (565 on
+# Triton 3.6), the float8 one from 1,186 to 1,006, in the same shared memory. Not yet timed on a GPU: the TMA twins
+# come first (what runs without autotuning, so the GPU tests run them), the autotuner times both. (4 warps, rows
+# under 64, multiply on mma.sync from registers: their TMA twin spilled 1.3 KB a thread, 132 bytes in its loop.)
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p, "USE_TMA": t}, num_warps=w, num_stages=s)
+                   for t in (True, False) for n, w, s, p in _TILES if w == 8 or not t]
 
 
-def decode_candidates(rows: int, page: int, width: int, precision: str, cache_bytes: int = 2) -> list:
+def decode_candidates(rows: int, page: int, width: int, precision: str, cache_bytes: int = 2,
+                      tma_tile: int = 0) -> list:
     """The configurations tried for a launch with ``rows`` (head, token) rows, pages of ``page`` tokens and
     ``width`` padded values per token of ``cache_bytes`` bytes (1: float8): warps by rows (8 for 64 rows, else 4),
     tiles within a page, q and the cache tiles in flight within shared memory; float32 (CUDA cores) takes its one
-    small-tile configuration. The first is the one used without autotuning."""
+    small-tile configuration. ``tma_tile``: the tokens of the cache descriptors' tiles (0: no descriptors), the
+    tiles loaded by TMA. The first is the one used without autotuning."""
     if precision == "ieee":
-        return [triton.Config({"BLOCK_N": 16, "SHARED_P": False}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_N": 16, "SHARED_P": False, "USE_TMA": False}, num_warps=4, num_stages=2)]
 
     def smem(c):  # q, the cache tiles in flight (float8: num_stages - 1, and the tile widened) and p's exchange tile
         n, s = c.kwargs["BLOCK_N"], c.num_stages
@@ -152,16 +199,17 @@ def decode_candidates(rows: int, page: int, width: int, precision: str, cache_by
         return 2 * width * rows + width * tiles + (2 * rows * n + 512 if c.kwargs["SHARED_P"] else 0)
 
     keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4)
-            and c.kwargs["BLOCK_N"] <= page and smem(c) <= SMEM_LIMIT]
-    return keep or [min(_DECODE_CONFIGS, key=smem)]
+            and c.kwargs["BLOCK_N"] <= page and smem(c) <= SMEM_LIMIT
+            and (not c.kwargs["USE_TMA"] or c.kwargs["BLOCK_N"] == tma_tile)]
+    return keep or [min((c for c in _DECODE_CONFIGS if not c.kwargs["USE_TMA"]), key=smem)]
 
 
 def _decode_prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
     keep = decode_candidates(a["BLOCK_H"] * a["S_PAD"], a["PAGE"], a["BLOCK_RANK"] + a["BLOCK_ROPE"], a["PRECISION"],
-                             a["KV"].element_size())
+                             a["KV"].element_size(), a["C_DESC"].block_shape[0] if a["HAS_TMA"] else 0)
     return keep if autotune_enabled() else keep[:1]
 
 
-_mla_decode_tuned = autotune(_DECODE_CONFIGS, ["BLOCK_H", "S_PAD", "PAGE", "HAS_BT", "PRECISION"],
+_mla_decode_tuned = autotune(_DECODE_CONFIGS, ["BLOCK_H", "S_PAD", "PAGE", "HAS_BT", "PRECISION", "HAS_TMA"],
                              _decode_prune)(_mla_decode_kernel)

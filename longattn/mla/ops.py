@@ -9,7 +9,7 @@ from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device, check_same_dtype,
                              check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
-                             read_back_later, small_tiles, split_context, widen_by_asm)
+                             read_back_later, row_descriptors, small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -196,18 +196,21 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     # a single split writes the output itself; several write float32 partials merged into q's dtype
     outs = empty(n_split, B * S, H, R, device=q_latent.device, dtype=torch.float32 if n_split > 1 else ql.dtype)
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
-    args = (ql, qr, kv, block_table if block_table is not None else cache_seqlens, cache_seqlens, outs, lses,
+    block_n = min(page, 32) if small_tiles() else min(page, 64)  # (the interpreter's tile, the TMA tiles')
+    rank_pad, rope_pad = next_pow2(R), max(16, next_pow2(E))
+    descs = row_descriptors(kv, block_n, ((0, R), (R, E))) if (rank_pad, rope_pad) == (R, E) else None
+    args = (ql, qr, kv, *(descs or (None, None)), block_table if block_table is not None else cache_seqlens,
+            cache_seqlens, outs, lses,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             kv.stride(0), kv.stride(1), block_table.stride(0) if block_table is not None else 0,
             outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
             H, S, capacity, kv_cache.shape[0] - 1, per_split, scale * LOG2E, kv_scale)
-    meta = dict(RANK=R, BLOCK_RANK=next_pow2(R), ROPE=E, BLOCK_ROPE=max(16, next_pow2(E)), PAGE=page,
-                HAS_BT=block_table is not None, BLOCK_H=block_h, S_PAD=s_pad,
-                PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-                WIDEN_ASM=widen_by_asm(ql.dtype, kv.dtype))
+    meta = dict(RANK=R, BLOCK_RANK=rank_pad, ROPE=E, BLOCK_ROPE=rope_pad, PAGE=page, HAS_BT=block_table is not None,
+                BLOCK_H=block_h, S_PAD=s_pad, PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+                WIDEN_ASM=widen_by_asm(ql.dtype, kv.dtype), HAS_TMA=descs is not None)
     grid = (cdiv(H, block_h), B, n_split)
-    if small_tiles():  # one tile size, no timing of candidates
-        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=min(page, 32))
+    if small_tiles():  # one tile size, no timing of candidates; by TMA where it can
+        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=block_n, USE_TMA=descs is not None)
     else:
         _mla_decode_tuned[grid](*args, **meta)
     if pending is not None:

@@ -3,6 +3,7 @@ prefill fwd/fwd+bwd vs SDPA."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from .common import (Results, device_peaks, graph_ms, parse_ints, peak_memory_mb, require_cuda, roofline,
                      time_ms)
@@ -52,13 +53,15 @@ def _flashinfer_decode(cache, table, L, q_lat, q_rope, scale):
 
 def _tuned_config() -> str:
     """The decode kernel's configuration picked by the autotuner for the last launch: tokens per tile, warps,
-    pipeline stages, and ``p`` where the scores were split between the warpgroups (SHARED_P)."""
+    pipeline stages, ``p`` where the scores were split between the warpgroups (SHARED_P), ``t`` where the tiles came
+    by TMA (USE_TMA)."""
     from longattn.mla.kernels import _mla_decode_tuned
 
     c = getattr(_mla_decode_tuned, "best_config", None)
     if c is None:
         return ""
-    return f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{'p' if c.kwargs.get('SHARED_P') else ''}"
+    return (f"n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{'p' if c.kwargs.get('SHARED_P') else ''}"
+            f"{'t' if c.kwargs.get('USE_TMA') else ''}")
 
 
 def run(args, argv=None) -> list[dict]:
@@ -108,6 +111,12 @@ def run(args, argv=None) -> list[dict]:
                 rows.append(decode_row("longattn_unchecked", time_ms(unchecked)))
                 # replayed from a CUDA graph: the GPU time alone, no host work (as a serving loop runs it)
                 rows.append(decode_row("longattn_graph", graph_ms(unchecked)))
+                # the same with the tiles loaded by pointers only (no TMA descriptors), to see what TMA brings
+                os.environ["LONGATTN_TMA"] = "0"
+                try:
+                    rows.append(decode_row("longattn_no_tma", graph_ms(unchecked), config=_tuned_config()))
+                finally:
+                    del os.environ["LONGATTN_TMA"]
                 # the cache quantised to float8 (e4m3): half the bytes, widened to bf16 as they are read
                 cache8 = cache.to(torch.float8_e4m3fn)
                 rows.append(decode_row("longattn_fp8", graph_ms(

@@ -81,6 +81,19 @@ def _flash_cases():
             tiles, launch = (F.FP32_TILES[which], (dict(num_warps=8, num_stages=1),)) if dt == "fp32" else ({}, ())
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta, **tiles), ("qk_scale", "scale"),
                           *launch))
+        if dt != "fp32":  # the forward's TMA twins (K/V's row descriptors), also on the GPU's first tile
+            descs = {"KA_DESC": f"tensordesc<{dt}[64,{da}]>", "KB_DESC": f"tensordesc<{dt}[64,{db}]>" if db else None,
+                     "V_DESC": f"tensordesc<{dt}[64,{bd(dv)}]>"}
+            first = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("BLOCK")}
+            first_launch = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("num_")}
+            for tile, launch, suffix in (({}, {}, ""), (first, first_launch, "-first")):
+                for tma in (True, False) if suffix else (True,):
+                    tdescs = {k: v.replace("[64,", f"[{tile.get('BLOCK_N', 64)},") for k, v in descs.items() if v}
+                    cases.append((f"_flash_fwd_kernel[{tag}{suffix}{'-tma' if tma else ''}]", F._flash_fwd_kernel,
+                                  dict(ptr, **tdescs) if tma else ptr,
+                                  dict(meta, **tile, HAS_TMA=tma, USE_TMA=tma,
+                                       **{k: None for k in descs if not tma or k not in tdescs}),
+                                  ("qk_scale", "scale"), *([launch] if launch else [])))
         if dqk + dv > 256 and dt != "fp32":  # dK/dV's one-loop candidates (kept above 256 accumulated columns)
             for t in (t for t in F.DKDV_TILES if t.get("ONE_LOOP")):
                 tile = {k: v for k, v in t.items() if k not in ("num_warps", "num_stages")}
@@ -358,6 +371,7 @@ CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 # its own iteration): a regression here costs every load's full latency
 PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
+    "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided-first-tma]": 2,  # its bulk copies a tile ahead
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16]": 2,  # pages read a tile ahead
     "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16-fp8e4nv]": 2,  # float8 cache

@@ -495,8 +495,49 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     for kernel in ("fwd", "dkdv", "dq"):
         (c,) = F._smem_prune(kernel)(configs, {"Q": fp32}, **dims(128, 0, 128))
         assert c.kwargs == F.FP32_TILES[kernel] and (c.num_warps, c.num_stages) == (8, 1)
+    # the forward's TMA twins only where the host gave K/V's descriptors
+    tma = triton.Config(dict(BLOCK_M=64, BLOCK_N=32, USE_TMA=True), num_warps=4, num_stages=2)
+    assert F._smem_prune("fwd")([tma, configs[2]], {"Q": bf16}, **dims(128, 0, 128)) == [configs[2]]
+    assert F._smem_prune("fwd")([tma, configs[2]], {"Q": bf16}, **dims(128, 0, 128), HAS_TMA=True) == [tma, configs[2]]
     monkeypatch.setattr(F, "autotune_enabled", lambda: False)
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:2]
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "dense"])
+def test_tma_tiles_stay_in_their_sequence(varlen, device, monkeypatch):
+    """The forward's key tiles loaded by TMA (K/V seen as one matrix of token rows, every sequence's) never reach
+    another sequence: NaN in one sequence's keys and values leaves the others' outputs as the reference's, and
+    the same as with pointer loads only (LONGATTN_TMA=0); causal and not, GQA, dims 192 / 128 in two parts."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9")
+    lens = [150, 1, 97] if varlen else [130, 130, 130]
+    q = torch.randn(sum(lens), 4, 192, device=device, dtype=torch.float16)
+    k = torch.randn(sum(lens), 2, 192, device=device, dtype=torch.float16)
+    v = torch.randn(sum(lens), 2, 128, device=device, dtype=torch.float16)
+    bad = slice(lens[0], lens[0] + lens[1])  # the second sequence
+    k[bad], v[bad] = float("nan"), float("nan")
+    if varlen:
+        cu = _cu(lens, device)
+        run = lambda causal: flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=max(lens))  # noqa
+    else:
+        run = lambda causal: flash_attention(*(t.view(3, 130, *t.shape[1:]) for t in (q, k, v)),  # noqa
+                                             causal=causal).flatten(0, 1)
+    from longattn.kernels.utils import row_descriptors
+    assert row_descriptors(k, 64, (128, 64), lead=1) is not None  # (K's rows, as the op sees them, take TMA tiles)
+    for causal in (True, False):
+        out = run(causal)
+        monkeypatch.setenv("LONGATTN_TMA", "0")
+        pointers = run(causal)
+        monkeypatch.delenv("LONGATTN_TMA")
+        start = 0
+        for i, n in enumerate(lens):
+            rows = slice(start, start + n)
+            start += n
+            if i == 1:
+                continue
+            ref = attention_ref(*(t[rows][None].float() for t in (q, k, v)), causal=causal)[0]
+            assert_close(out[rows], ref, torch.float16, f"sequence {i}, causal={causal}")
+            assert_close(pointers[rows], ref, torch.float16, f"sequence {i}, causal={causal}, pointer loads")
 
 
 @pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
@@ -517,13 +558,17 @@ def test_every_tile_candidate(which, device, monkeypatch):
     tiles = F.DKDV_TILES if which == "dkdv" else F.FWD_TILES
     shapes = list(dict.fromkeys(tuple((n, t[n]) for n in ("BLOCK_M", "BLOCK_N", "ONE_LOOP") if n in t) for t in tiles))
     candidates = [triton.Config(dict(meta), num_warps=4, num_stages=1) for meta in shapes]
+    if which == "fwd":  # each also loading its unmasked tiles by TMA (the interpreter runs K/V's descriptors)
+        candidates += [triton.Config(dict(meta, USE_TMA=True), num_warps=4, num_stages=1, pre_hook=F._tma_tiles)
+                       for meta in shapes]
     lq = [130, 1, 77]
     cu = _cu(lq, device)
     monkeypatch.setattr(F, "autotune_enabled", lambda: True)
     for dqk, dv, window in ((192, 128, 100), (64, 64, None)):  # dK/dV's ONE_LOOP tiles run at 192 / 128
         a, b = F.split_dim(dqk)
         fits = F._smem_prune(which)(candidates, {"Q": torch.empty(0, dtype=torch.float16)}, BLOCK_DA=a, BLOCK_DB=b,
-                                    BLOCK_DV=max(16, F.next_pow2(dv)))
+                                    BLOCK_DV=max(16, F.next_pow2(dv)), HAS_TMA=True)
+        assert any(c.kwargs.get("USE_TMA") for c in fits) == (which == "fwd")
         q = leaf(torch.randn(sum(lq), 4, dqk, device=device, dtype=torch.float16))
         k = leaf(torch.randn(sum(lq), 2, dqk, device=device, dtype=torch.float16))
         v = leaf(torch.randn(sum(lq), 2, dv, device=device, dtype=torch.float16))

@@ -33,8 +33,8 @@ import triton.language as tl
 from .merge import merge_fwd
 from .utils import (AttnDims, autotune, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
                     check_attention_shapes, check_device, check_positive_int, check_scale, eager_context, empty,
-                    empty_like, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, small_tiles,
-                    split_context, split_dim, widen_by_asm)
+                    empty_like, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, row_descriptors,
+                    small_tiles, split_context, split_dim, widen_by_asm)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -208,11 +208,15 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
                window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
                BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BT=None,
-               last_page=0, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
+               last_page=0, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False, KA_DESC=None, KB_DESC=None,
+               V_DESC=None, tma_row=0, k_col=0, v_col=0, USE_TMA: tl.constexpr = False):
     """Online softmax of the query rows over the keys [start, end) of a sequence whose key j sits at row
     ``k_start + j`` of K/V, or (PAGE > 0: a paged cache) at row ``BT[j // PAGE] * PAGE + j % PAGE`` (each page
     clamped to [0, last_page]: never outside the cache). The pages of a tile are read one iteration ahead: its
-    loads then wait on no load of their own iteration, and the compiler keeps several tiles in flight."""
+    loads then wait on no load of their own iteration, and the compiler keeps several tiles in flight.
+
+    USE_TMA (keys all inside the sequence, unmasked): the tiles come by TMA through K/V's row descriptors (see
+    ``utils.row_descriptors``), key j at row ``tma_row + j``, the KV head's dims from columns ``k_col`` / ``v_col``."""
     if PAGE > 0:
         offs_n = start + tl.arange(0, BLOCK_N)
         pages = tl.load(BT + offs_n // PAGE, mask=offs_n < k_len, other=0)
@@ -224,7 +228,14 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
             pages = tl.load(BT + (offs_n + BLOCK_N) // PAGE, mask=offs_n + BLOCK_N < k_len, other=0)
         else:
             rows = (k_start + offs_n).to(tl.int64)
-        kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True)
+        if USE_TMA:
+            row = (tma_row + start_n).to(tl.int32)
+            kt_a = tl.trans(KA_DESC.load([row, k_col]))
+            kt_b = kt_a
+            if BLOCK_DB > 0:
+                kt_b = tl.trans(KB_DESC.load([row, k_col + BLOCK_DA]))
+        else:
+            kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True)
         # (float8 caches: keys and values widened to q's dtype, exactly, see _widen; their scales are folded into
         # qk_scale and the output's. The same dtype otherwise: no conversion)
         s = _dot_split(q_a, q_b, _widen(kt_a, q_a.dtype, WIDEN_ASM), _widen(kt_b, q_a.dtype, WIDEN_ASM),
@@ -236,8 +247,11 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _widen(tl.load(V_ptr + rows[:, None] * stride_vt + offs_dv[None, :],
-                           mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0), q_a.dtype, WIDEN_ASM)
+        if USE_TMA:
+            v = V_DESC.load([row, v_col])
+        else:
+            v = _widen(tl.load(V_ptr + rows[:, None] * stride_vt + offs_dv[None, :],
+                               mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0), q_a.dtype, WIDEN_ASM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -253,6 +267,21 @@ FWD_TILES = [
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
 ]
 _FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
+
+
+def _tma_tiles(nargs):
+    """Config pre-hook of the forward: K/V's descriptors (where given) take tiles of the config's BLOCK_N rows."""
+    for desc, width in (("KA_DESC", "BLOCK_DA"), ("KB_DESC", "BLOCK_DB"), ("V_DESC", "BLOCK_DV")):
+        if nargs.get(desc) is not None:
+            nargs[desc].block_shape = [nargs["BLOCK_N"], nargs[width]]
+
+
+# The forward's candidates: each tile also loading its unmasked key tiles by TMA where the host gives K/V's
+# descriptors (Hopper; the interpreter runs them too), those first. As compiled for sm_90 (tests/cuda_compile.py),
+# TMA takes the addresses and masks of the unmasked loop's cp.async off the threads (d 192/128, 128 x 64 tiles on 8
+# warps: 653 instructions a thread per tile, as many issue cycles as the tile's tensor-core work). Not yet timed.
+_FWD_TMA_CONFIGS = [triton.Config(dict(c.kwargs, USE_TMA=t), num_warps=c.num_warps, num_stages=c.num_stages,
+                                  pre_hook=_tma_tiles) for t in (True, False) for c in _FWD_CONFIGS]
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 
@@ -295,25 +324,32 @@ def _smem_prune(kernel: str):
 
         if d <= 256:  # the one-loop dK/dV tiles pay for their masks without saving spills there
             configs = [c for c in configs if not c.kwargs.get("ONE_LOOP")]
+        if not args.get("HAS_TMA"):  # (the forward's TMA twins need K/V's descriptors)
+            configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
         keep = [c for c in configs if smem(c) <= SMEM_LIMIT and accumulators(c)] or [min(configs, key=smem)]
         return keep if autotune_enabled() else keep[:1]
     return prune
 
 
-@autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
-          _smem_prune("fwd"))
+@autotune(_FWD_TMA_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
+                             "HAS_TMA"], _smem_prune("fwd"))
 @triton.jit
-def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                       stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                       stride_lb, stride_lh,
-                      seqlen_q, seqlen_k, window, qk_scale, group,
+                      seqlen_q, seqlen_k, window, qk_scale, group, tma_rows,
                       DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                       BLOCK_DV: tl.constexpr,
                       IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
                       BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False):
+    """Flash attention forward: one program per (BLOCK_M query rows of a sequence, query head). Its keys go in
+    three ranges (see _key_ranges): the tiles some of its rows cannot see all of (masked), those all rows see,
+    the masked tail. USE_TMA (HAS_TMA: the host gave K/V's row descriptors, ``tma_rows`` rows per batch entry, 0
+    varlen) loads the middle range's tiles, wholly inside the sequence, by TMA."""
+    tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
     q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
@@ -345,7 +381,9 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                HAS_WINDOW, PRECISION, KS, KO)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, False, CAUSAL,
-                               HAS_WINDOW, PRECISION, KS, KO)
+                               HAS_WINDOW, PRECISION, KS, KO, KA_DESC=KA_DESC, KB_DESC=KB_DESC, V_DESC=V_DESC,
+                               tma_row=b * tma_rows + k_start, k_col=(hk.to(tl.int64) * stride_kh).to(tl.int32),
+                               v_col=(hk.to(tl.int64) * stride_vh).to(tl.int32), USE_TMA=USE_TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO)
@@ -788,13 +826,29 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         lse.fill_(float("-inf"))
         return out.zero_(), lse
     grid = lambda meta: (cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
+    meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
+    descs = _kv_descriptors(k, v, meta, varlen)
     _flash_fwd_kernel[grid](
-        q, k, v, out, lse, *_cu_args(dims, left_pad),
+        q, k, v, out, lse, *_cu_args(dims, left_pad), *(descs or (None, None, None)),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen),
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group,
-        **_common_meta(dims, causal, window, q.dtype, key_pos, left_pad))
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group, 0 if varlen else k.shape[1],
+        **meta, HAS_TMA=descs is not None)
     return out, lse
+
+
+def _kv_descriptors(k, v, meta: dict, varlen: bool) -> Optional[tuple]:
+    """K's two dim parts' and V's row descriptors (``utils.row_descriptors``: one row a token, of every KV head) for
+    the forward's TMA tiles, or None. Only where the tiles cover the head dims exactly: a padded tile's extra
+    columns would hold the next head's values, not zeros."""
+    if meta["BLOCK_DA"] + meta["BLOCK_DB"] != meta["DQK"] or meta["BLOCK_DV"] != meta["DV"]:
+        return None
+    lead = 1 if varlen else 2  # rows: (total,) or (B, Tk)
+    kd = row_descriptors(k, 64, [w for w in (meta["BLOCK_DA"], meta["BLOCK_DB"]) if w], lead)
+    vd = row_descriptors(v, 64, (meta["BLOCK_DV"],), lead)
+    if kd is None or vd is None:
+        return None
+    return kd[0], kd[1] if len(kd) > 1 else None, vd[0]
 
 
 DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, query) rows per KV head

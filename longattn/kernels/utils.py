@@ -7,6 +7,7 @@ memory access or a silent wrong answer).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -42,27 +43,32 @@ def _has_tma(index: Optional[int]) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def row_descriptors(x: torch.Tensor, tile: int, columns: Sequence[tuple]) -> Optional[list]:
-    """TMA descriptors (Hopper's bulk tensor copies) over a ``(n, rows, width)`` tensor ``x`` seen as one matrix
-    of ``n * rows`` rows: for each ``(start, width)`` of ``columns``, a descriptor whose tiles are ``tile`` rows of
-    the columns ``start .. start + width`` (a kernel loads one with ``desc.load([row, start])``).
+def row_descriptors(x: torch.Tensor, tile: int, widths: Sequence[int], lead: int = 2) -> Optional[list]:
+    """TMA descriptors (Hopper's bulk tensor copies) over ``x`` seen as one matrix: its first ``lead`` dims are the
+    rows (a cache's pages and their tokens, a batch's sequences and their tokens), the others lie along each row
+    (e.g. heads, then head dims). For each width of ``widths``, a descriptor whose tiles are ``tile`` rows of that
+    many columns: a kernel loads one with ``desc.load([row, column])``, its columns wholly inside what it reads
+    (the matrix holds the other heads' values beside them, not zeros).
 
     None where a kernel must load by pointers instead: not on an NVIDIA GPU of compute capability 9 or more (the
     interpreter runs descriptors), ``LONGATTN_TMA=0``, rows not evenly strided, a base or row stride not a multiple of
-    16 bytes, a tile width not a power of two, under 16 bytes or past the row, or more rows than 32-bit coordinates
-    reach."""
-    if os.environ.get("LONGATTN_TMA", "1") == "0":
+    16 bytes, a width not a power of two, under 16 bytes or over a row, or more rows or columns than 32-bit
+    coordinates reach."""
+    if os.environ.get("LONGATTN_TMA", "1") == "0" or not x.numel():
         return None
     if not is_interpreter() and (x.device.type != "cuda" or not _has_tma(x.device.index)):
         return None
-    n, rows, width = x.shape
     size = x.element_size()
-    if not x.numel() or x.stride(2) != 1 or (n > 1 and x.stride(0) != rows * x.stride(1)) or n * rows >= 2 ** 31 or \
-            x.data_ptr() % 16 or (x.stride(1) * size) % 16:
+    rows, stride = x.shape[lead - 1], x.stride(lead - 1)
+    for d in range(lead - 2, -1, -1):  # outer row dims: evenly strided over the inner ones
+        if x.shape[d] > 1 and x.stride(d) != rows * stride:
+            return None
+        rows *= x.shape[d]
+    width = 1 + sum((n - 1) * st for n, st in zip(x.shape[lead:], x.stride()[lead:]))
+    if x.stride(-1) != 1 or max(rows, width) >= 2 ** 31 or x.data_ptr() % 16 or (stride * size) % 16 or \
+            any(w & (w - 1) or w * size < 16 or w > width for w in widths):
         return None
-    if any(w & (w - 1) or w * size < 16 or start + w > width for start, w in columns):
-        return None
-    return [TensorDescriptor(x, [n * rows, width], [x.stride(1), 1], [tile, w]) for _, w in columns]
+    return [TensorDescriptor(x, [rows, width], [stride, 1], [tile, w]) for w in widths]
 
 
 def small_tiles() -> bool:
@@ -276,7 +282,12 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
     def compile_one(config):
         torch.cuda.set_device(device)  # a new thread starts on device 0
         try:
-            fn.warmup(grid=(1,), **launch, **config.all_kwargs())
+            args = launch
+            if config.pre_hook is not None:  # (it sets TMA descriptors' tiles, part of the kernel's signature: on
+                # copies, as candidates compile side by side)
+                args = {k: copy.copy(v) if isinstance(v, TensorDescriptor) else v for k, v in launch.items()}
+                config.pre_hook({**args, **config.all_kwargs()})
+            fn.warmup(grid=(1,), **args, **config.all_kwargs())
         except Exception:  # noqa: BLE001 - reported by the autotuner when it compiles the candidate again
             pass
 

@@ -198,7 +198,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     lses = empty(n_split, H, B * S, device=q_latent.device, dtype=torch.float32)
     block_n = min(page, 32) if small_tiles() else min(page, 64)  # (the interpreter's tile, the TMA tiles')
     rank_pad, rope_pad = next_pow2(R), max(16, next_pow2(E))
-    descs = row_descriptors(kv, block_n, ((0, R), (R, E))) if (rank_pad, rope_pad) == (R, E) else None
+    descs = row_descriptors(kv, block_n, (R, E)) if (rank_pad, rope_pad) == (R, E) else None
     args = (ql, qr, kv, *(descs or (None, None)), block_table if block_table is not None else cache_seqlens,
             cache_seqlens, outs, lses,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import platform
 import re
 import shlex
@@ -87,6 +88,22 @@ def graph_ms(fn: Callable[[], object]) -> float:
     with torch.cuda.graph(graph):
         fn()
     return time_ms(graph.replay)
+
+
+def without_tma(fn: Callable) -> Callable:
+    """``fn`` run with ``LONGATTN_TMA=0``: the kernels load every tile by per-thread pointers (no TMA descriptors;
+    on Hopper the autotuners may otherwise pick tiles copied by TMA), to see what TMA brings."""
+    def run(*args, **kwargs):
+        before = os.environ.get("LONGATTN_TMA")
+        os.environ["LONGATTN_TMA"] = "0"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ["LONGATTN_TMA"]
+            else:
+                os.environ["LONGATTN_TMA"] = before
+    return run
 
 
 def attended_pairs(q_len: int, k_len: int, *, causal: bool, window: Optional[int] = None) -> int:

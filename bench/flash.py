@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (Results, attended_pairs, attention_bytes, device_peaks, graph_ms, mode_list, parse_ints,
-                     peak_memory_mb, require_cuda, roofline, time_ms)
+                     peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_sdpa_cudnn", "x_flash_attn", "%roof", "peak_MB"]
@@ -66,6 +66,7 @@ def run(args, argv=None) -> list[dict]:
     causal = not args.no_causal
     modes = args.modes
     impls = _impls(causal, args.window, hq, hkv, dqk, dv)
+    impls["longattn_no_tma"] = without_tma(impls["longattn"])  # the forward's key tiles by pointers only
     peaks = device_peaks(dev)
     rows = Results("flash", COLUMNS, argv, out_dir=args.out, plot=PLOT)
     for T in parse_ints(args.seqlens):

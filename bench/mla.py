@@ -3,10 +3,9 @@ prefill fwd/fwd+bwd vs SDPA."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from .common import (Results, device_peaks, graph_ms, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms)
+                     time_ms, without_tma)
 
 COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "%roof", "x_sdpa",
            "x_flashinfer", "peak_MB", "config"]
@@ -112,11 +111,7 @@ def run(args, argv=None) -> list[dict]:
                 # replayed from a CUDA graph: the GPU time alone, no host work (as a serving loop runs it)
                 rows.append(decode_row("longattn_graph", graph_ms(unchecked)))
                 # the same with the tiles loaded by pointers only (no TMA descriptors), to see what TMA brings
-                os.environ["LONGATTN_TMA"] = "0"
-                try:
-                    rows.append(decode_row("longattn_no_tma", graph_ms(unchecked), config=_tuned_config()))
-                finally:
-                    del os.environ["LONGATTN_TMA"]
+                rows.append(decode_row("longattn_no_tma", graph_ms(without_tma(unchecked)), config=_tuned_config()))
                 # the cache quantised to float8 (e4m3): half the bytes, widened to bf16 as they are read
                 cache8 = cache.to(torch.float8_e4m3fn)
                 rows.append(decode_row("longattn_fp8", graph_ms(

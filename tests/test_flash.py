@@ -503,6 +503,7 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:2]
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # (the interpreter's max over the NaN sequence's rows)
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "dense"])
 def test_tma_tiles_stay_in_their_sequence(varlen, device, monkeypatch):
     """The forward's key tiles loaded by TMA (K/V seen as one matrix of token rows, every sequence's) never reach

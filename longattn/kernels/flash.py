@@ -278,8 +278,9 @@ def _tma_tiles(nargs):
 
 # The forward's candidates: each tile also loading its unmasked key tiles by TMA where the host gives K/V's
 # descriptors (Hopper; the interpreter runs them too), those first. As compiled for sm_90 (tests/cuda_compile.py),
-# TMA takes the addresses and masks of the unmasked loop's cp.async off the threads (d 192/128, 128 x 64 tiles on 8
-# warps: 653 instructions a thread per tile, as many issue cycles as the tile's tensor-core work). Not yet timed.
+# TMA takes the addresses and masks of the unmasked loop's cp.async off the threads: d 192/128, 128 x 64 on 8 warps,
+# 537 instructions a thread per tile (about as many issue cycles as the tile's tensor-core work) down to 442; d 128
+# 456 to 392. Not yet timed.
 _FWD_TMA_CONFIGS = [triton.Config(dict(c.kwargs, USE_TMA=t), num_warps=c.num_warps, num_stages=c.num_stages,
                                   pre_hook=_tma_tiles) for t in (True, False) for c in _FWD_CONFIGS]
 

@@ -81,19 +81,15 @@ def _flash_cases():
             tiles, launch = (F.FP32_TILES[which], (dict(num_warps=8, num_stages=1),)) if dt == "fp32" else ({}, ())
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta, **tiles), ("qk_scale", "scale"),
                           *launch))
-        if dt != "fp32":  # the forward's TMA twins (K/V's row descriptors), also on the GPU's first tile
-            descs = {"KA_DESC": f"tensordesc<{dt}[64,{da}]>", "KB_DESC": f"tensordesc<{dt}[64,{db}]>" if db else None,
-                     "V_DESC": f"tensordesc<{dt}[64,{bd(dv)}]>"}
-            first = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("BLOCK")}
-            first_launch = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("num_")}
-            for tile, launch, suffix in (({}, {}, ""), (first, first_launch, "-first")):
-                for tma in (True, False) if suffix else (True,):
-                    tdescs = {k: v.replace("[64,", f"[{tile.get('BLOCK_N', 64)},") for k, v in descs.items() if v}
-                    cases.append((f"_flash_fwd_kernel[{tag}{suffix}{'-tma' if tma else ''}]", F._flash_fwd_kernel,
-                                  dict(ptr, **tdescs) if tma else ptr,
-                                  dict(meta, **tile, HAS_TMA=tma, USE_TMA=tma,
-                                       **{k: None for k in descs if not tma or k not in tdescs}),
-                                  ("qk_scale", "scale"), *([launch] if launch else [])))
+        if dt != "fp32":  # the forward's TMA twins (K/V's row descriptors), on the GPU's first tile
+            tile = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("BLOCK")}
+            n = tile["BLOCK_N"]
+            descs = {"KA_DESC": f"tensordesc<{dt}[{n},{da}]>", "KB_DESC": f"tensordesc<{dt}[{n},{db}]>" if db else None,
+                     "V_DESC": f"tensordesc<{dt}[{n},{bd(dv)}]>"}
+            cases.append((f"_flash_fwd_kernel[{tag}-first-tma]", F._flash_fwd_kernel,
+                          dict(ptr, **{k: v for k, v in descs.items() if v}),
+                          dict(meta, **tile, HAS_TMA=True, USE_TMA=True, **{k: None for k in descs if not descs[k]}),
+                          ("qk_scale", "scale"), {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("num_")}))
         if dqk + dv > 256 and dt != "fp32":  # dK/dV's one-loop candidates (kept above 256 accumulated columns)
             for t in (t for t in F.DKDV_TILES if t.get("ONE_LOOP")):
                 tile = {k: v for k, v in t.items() if k not in ("num_warps", "num_stages")}

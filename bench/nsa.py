@@ -6,7 +6,7 @@ import argparse
 import os
 
 from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, mode_list, parse_ints,
-                     peak_memory_mb, require_cuda, roofline, time_ms)
+                     peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
            "x_kv_major", "x_query4", "%roof", "%l2", "peak_MB"]
@@ -151,6 +151,8 @@ def run(args, argv=None) -> list[dict]:
         gates = [torch.rand(B, T, hq, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
         impls = {"longattn": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg), "sdpa_flash": sdpa}
+        # the forward with every tile loaded by pointers (no TMA descriptors), to see what TMA brings
+        impls["longattn_no_tma"] = without_tma(impls["longattn"])
         if fla is not None:
             impls[fla_name] = lambda q, k, v: fla(q, k, v, *gates)
         nsa_flops = _flops(cfg, T, B, hq, dk, dv)
@@ -158,6 +160,8 @@ def run(args, argv=None) -> list[dict]:
         for mode in (m for m in ("fwd", "fwdbwd") if m in modes):
             times = {}
             for name, fn in impls.items():
+                if name == "longattn_no_tma" and mode != "fwd":
+                    continue
                 call = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else (lambda fn=fn: fn(q, k, v).backward(do))
                 f = (dense_flops if name == "sdpa_flash" else nsa_flops) * (1 if mode == "fwd" else 3.5)
                 times[name] = _time(rows, name, mode, call, [q, k, v] + gates, B=B, T=T, dims=dims, flops=f,
@@ -175,7 +179,7 @@ def run(args, argv=None) -> list[dict]:
             ours = lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block)
             # longattn_query4: the same kernels with four queries per program (a block selected by several of
             # them loaded once for all: fewer loads when neighbours select alike, 4x the rows per block otherwise)
-            slc = {"longattn": ours, "longattn_query4": ours,
+            slc = {"longattn": ours, "longattn_no_tma": without_tma(ours), "longattn_query4": ours,
                    # the block-sparse engine (organised by key block, per-head lists) on the same blocks
                    "longattn_kv_major": lambda q, k, v: block_sparse_attention(q, k, v, listed,
                                                                                block_size=cfg.slc_block)}
@@ -185,7 +189,7 @@ def run(args, argv=None) -> list[dict]:
                 except Exception as e:
                     print(f"  flex T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             for name, fn in slc.items():
-                for mode in ("slc_fwd", "slc_fwdbwd"):
+                for mode in ("slc_fwd",) if name == "longattn_no_tma" else ("slc_fwd", "slc_fwdbwd"):
                     call = (lambda fn=fn: fn(q, k, v)) if mode == "slc_fwd" else \
                         (lambda fn=fn: fn(q, k, v).backward(do))
                     if name == "longattn_query4":
@@ -193,7 +197,8 @@ def run(args, argv=None) -> list[dict]:
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
                           flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype,
-                          l2_bytes=gather if mode == "slc_fwd" and name in ("longattn", "longattn_query4") else None)
+                          l2_bytes=gather if mode == "slc_fwd" and name in ("longattn", "longattn_no_tma",
+                                                                            "longattn_query4") else None)
             sel = listed = slc = None
         q = k = v = gates = do = None  # free the prefill inputs before the decode cache
         if "decode" in modes:

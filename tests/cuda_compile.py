@@ -275,12 +275,25 @@ def _nsa_cases():
                                ("_nsa_selected_dq_kernel", dict(no_dk, **blocks, **rows))):
                 opts = launch if name.startswith("_nsa_decode") and "combine" not in name else {}
                 if name.startswith("_nsa_selected"):  # every tile its autotuner tries (float32: the first)
-                    for c in K.selected_configs(heads, 16, shared["PRECISION"], name == "_nsa_selected_fwd_kernel"):
+                    fwd = name == "_nsa_selected_fwd_kernel"
+                    # the forward's TMA twins take K/V's row descriptors (tiles of SLC_TILE rows)
+                    n, da, db = rows["SLC_TILE"], rows["BLOCK_DA"], rows["BLOCK_DB"]
+                    descs = {"KA_DESC": f"tensordesc<{dt}[{n},{da}]>", "KB_DESC": f"tensordesc<{dt}[{n},{db}]>",
+                             "V_DESC": f"tensordesc<{dt}[{n},{dv}]>"} if db else \
+                        {"KA_DESC": f"tensordesc<{dt}[{n},{da}]>", "V_DESC": f"tensordesc<{dt}[{n},{dv}]>"}
+                    configs = K.selected_configs(heads, 16, shared["PRECISION"], fwd, tma=fwd)
+                    for c in configs:
+                        tma = c.kwargs.get("USE_TMA", False)
+                        if tma and c.kwargs["QB"] != configs[0].kwargs["QB"]:  # (TMA twins: of the base tiles only)
+                            continue
                         tag = f"q{c.kwargs['QB']}w{c.num_warps}s{c.num_stages}"
-                        tag += "pq" if c.kwargs.get("PER_QUERY") else ""
-                        cases.append((f"{name}[{dt}-d{d}-g{block_g}-{tag}]", getattr(K, name), ptr,
-                                      dict(meta, **c.kwargs), ("scale_log2", "scale"),
-                                      dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+                        tag += ("pq" if c.kwargs.get("PER_QUERY") else "") + ("-tma" if tma else "")
+                        none = {} if not fwd else {k: None for k in ("KA_DESC", "KB_DESC", "V_DESC")
+                                                   if not tma or k not in descs}
+                        cases.append((f"{name}[{dt}-d{d}-g{block_g}-{tag}]", getattr(K, name),
+                                      dict(ptr, **descs) if tma else ptr,
+                                      dict(meta, **c.kwargs, **none, **({"HAS_TMA": True} if tma else {})),
+                                      ("scale_log2", "scale"), dict(num_warps=c.num_warps, num_stages=c.num_stages)))
                     continue
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale"),
                               opts))
@@ -375,6 +388,7 @@ PIPELINED = {
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]": 2,  # the bulk copies one tile ahead
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3-tma]": 2,  # its blocks' bulk copies
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q2w4s3pq]": 2,  # the first query's product out of a branch
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,

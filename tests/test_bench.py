@@ -77,17 +77,19 @@ DRY_RUNS = {
                 "--dtype", "float16"],
 }
 EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
-                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
-                           ("longattn_graph", "decode_b2"), ("longattn_paged", "decode_b2"),
+                 "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_no_tma", "fwd"),
+                           ("longattn", "decode_b2"), ("longattn_graph", "decode_b2"), ("longattn_paged", "decode_b2"),
                            ("longattn_paged_fp8", "decode_b2")],
                  "profile": [],
                  "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                           ("longattn_pool", "decode_b2"), ("longattn_graph", "decode_b2")],  # flex: no CPU backward
-                 "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd"), ("longattn_fp8", "fwd")],
+                 "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd"),
+                         ("longattn_fp8", "fwd"), ("longattn_no_tma", "fwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")]
-                 + [("longattn_kv_major", "slc_fwd"), ("longattn_query4", "slc_fwd"), ("longattn_graph", "decode_b1")]}
+                 + [("longattn_kv_major", "slc_fwd"), ("longattn_query4", "slc_fwd"), ("longattn_graph", "decode_b1"),
+                    ("longattn_no_tma", "fwd"), ("longattn_no_tma", "slc_fwd")]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run (the kernels need the interpreter there); "
@@ -114,7 +116,7 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
     assert (tmp_path / f"{op}.md").exists() and (tmp_path / f"{op}.json").exists()
     assert all(r["%roof"] > 0 for r in rows if "%roof" in r)
     if op == "nsa":  # the selected branch's gather against the L2 bandwidth
-        assert {r["impl"] for r in rows if r.get("%l2")} == {"longattn", "longattn_query4"}
+        assert {r["impl"] for r in rows if r.get("%l2")} == {"longattn", "longattn_no_tma", "longattn_query4"}
 
 
 @pytest.mark.parametrize("block,topk,hq,hkv,shared", [(256, 2, 4, 2, False), (64, 3, 2, 1, True),

@@ -487,6 +487,49 @@ def test_nsa_selected_attention_matches_reference(Hq, Hkv, lens, D, dtype, devic
                                                                 cu_seqlens=cu[:2]))
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # (the interpreter's max over the NaN sequence's rows)
+def test_nsa_selected_tma_stays_in_its_sequence(device, monkeypatch):
+    """The selected blocks loaded by TMA (K/V's row descriptors: every sequence's rows in one matrix) never reach
+    another sequence: NaN in one sequence's keys and values leaves the others' outputs as the reference's, and as
+    with pointer loads only (LONGATTN_TMA=0); lengths not multiples of the block (the last query's block, partial,
+    comes by masked loads)."""
+    from longattn.kernels.reference import block_mask_ref, masked_attention_ref
+    from longattn.kernels.utils import row_descriptors
+    from longattn.nsa import nsa_selected_attention
+
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9")
+    lens, block, Hq, Hkv = [45, 70, 37], 16, 8, 2
+    q, k, v = (torch.randn(sum(lens), h, d, device=device, dtype=torch.float16) for h, d in ((Hq, 32), (Hkv, 32),
+                                                                                             (Hkv, 16)))
+    k[45:115], v[45:115] = float("nan"), float("nan")  # the second sequence
+    sel = _random_selection(lens, Hkv, 4, block, device)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    assert row_descriptors(k, 16, (32,), lead=1) is not None  # (K's rows, as the op sees them, take TMA tiles)
+    out = nsa_selected_attention(q, k, v, sel, block_size=block, cu_seqlens=cu)
+    monkeypatch.setenv("LONGATTN_TMA", "0")
+    pointers = nsa_selected_attention(q, k, v, sel, block_size=block, cu_seqlens=cu)
+    for a, b in ((0, 45), (115, 152)):
+        mask = block_mask_ref(sel[a:b].repeat_interleave(Hq // Hkv, dim=1), b - a, b - a, block)
+        ref = masked_attention_ref(q[a:b].float(), k[a:b].float(), v[a:b].float(), mask, 32 ** -0.5)[0]
+        assert_close(out[a:b], ref, torch.float16, f"out [{a}, {b})")
+        assert_close(pointers[a:b], ref, torch.float16, f"out [{a}, {b}), pointer loads")
+
+
+def test_nsa_selected_tma_candidates(monkeypatch):
+    """With K/V's descriptors the forward's autotuner also tries each shared-tile candidate loading its blocks by
+    TMA, those first; never the tile per query, float32 or the dq kernel."""
+    from longattn.nsa.kernels import selected_configs
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    plain, both = selected_configs(16, 16, "tf32", True), selected_configs(16, 16, "tf32", True, tma=True)
+    twins = [c for c in both if c.kwargs.get("USE_TMA")]
+    assert both[:len(twins)] == twins and len(both) == len(twins) + len(plain)
+    assert [c.kwargs for c in twins] == [dict(c.kwargs, USE_TMA=True) for c in plain if not c.kwargs.get("PER_QUERY")]
+    assert not any(c.kwargs.get("USE_TMA") for c in selected_configs(16, 16, "ieee", True, tma=True))
+    assert not any(c.kwargs.get("USE_TMA") for c in selected_configs(16, 16, "tf32"))
+
+
 @pytest.mark.parametrize("queries", [0, 1, 2], ids=["base", "twice", "four-times"])
 def test_nsa_selected_gpu_candidates(queries, monkeypatch, device):
     """Each number of queries per program the selected branch's autotuner may take on a GPU (a group of 4 with 4

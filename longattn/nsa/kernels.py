@@ -512,13 +512,25 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
 
 
 @triton.jit
-def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
+def _tma_kv(KA_DESC, KB_DESC, V_DESC, row, k_col, v_col, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """The keys (transposed, two parts along D) and values of the tile of rows from ``row`` by TMA (K/V's row
+    descriptors, ``utils.row_descriptors``), the KV head's dims from columns ``k_col`` / ``v_col``."""
+    k_a = tl.trans(KA_DESC.load([row, k_col]))
+    k_b = k_a
+    if BLOCK_DB > 0:
+        k_b = tl.trans(KB_DESC.load([row, k_col + BLOCK_DA]))
+    return k_a, k_b, V_DESC.load([row, v_col])
+
+
+@triton.jit
+def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                              stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                              BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                             PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False):
+                             PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False,
+                             HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
@@ -526,7 +538,11 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
     Consecutive queries select mostly the same blocks, so each block is loaded once for all of them (QB times
     less traffic than one program per query) and the tiles have QB times more rows. Writes the output and the
     natural-log lse of each row. ``PER_QUERY`` (QB 2 or 4, ROWS / QB rows a query): each query its own tile and
-    online softmax, a block multiplied only by the queries that selected it (_selected_fwd_per_query)."""
+    online softmax, a block multiplied only by the queries that selected it (_selected_fwd_per_query).
+    ``USE_TMA`` (HAS_TMA: the host gave K/V's row descriptors, tiles of SLC_TILE rows): the blocks before the one
+    holding the last query come by TMA, that block last, by masked loads (its tail may lie past the sequence)."""
+    tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
+    tl.static_assert(not (USE_TMA and PER_QUERY), "USE_TMA is for the shared tile")
     q0 = tl.program_id(0) * QB
     if PER_QUERY:
         if q0 >= tl.load(CU + tl.program_id(2) + 1) - tl.load(CU + tl.program_id(2)):
@@ -548,15 +564,37 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU,
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    last_blk = last // SLC_BLOCK
+    if USE_TMA:  # the last query's block is left for the masked loads after the loop
+        pairs = tl.where(pairs == last_blk, -1, pairs)
+        row0 = tl.load(CU + tl.program_id(2))
+        hk64 = (tl.program_id(1) // tl.cdiv(group, heads_per_prog)).to(tl.int64)
+        k_col = (hk64 * stride_kh).to(tl.int32)
+        v_col = (hk64 * stride_vh).to(tl.int32)
     rank, n_blocks = _distinct_blocks(pairs)
     for u in range(0, n_blocks):
         j = _block_at(pairs, rank, u)
         rows_j = tl.sum((row_sel == j).to(tl.int32), 1) > 0  # the rows whose query selected block j
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):  # a tile past the last query is fully masked
             kp = j * SLC_BLOCK + s0 + scols
-            m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
-                                     rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
-                                     DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES)
+            vis = rows_j[:, None] & (kp[None, :] <= pos[:, None])
+            if USE_TMA:
+                k_a, k_b, v = _tma_kv(KA_DESC, KB_DESC, V_DESC, row0 + j * SLC_BLOCK + s0, k_col, v_col, BLOCK_DA,
+                                      BLOCK_DB)
+                m, l, acc = _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION,
+                                         SPLIT_SCORES)
+            else:
+                m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last, vis, m, l,
+                                         acc, scale_log2, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION,
+                                         SPLIT_SCORES)
+    if USE_TMA:
+        rows_j = tl.sum((row_sel == last_blk).to(tl.int32), 1) > 0
+        if tl.sum(rows_j.to(tl.int32)) > 0:
+            for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
+                kp = last_blk * SLC_BLOCK + s0 + scols
+                m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
+                                         rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
+                                         DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES)
     _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
 
 
@@ -669,15 +707,20 @@ def selected_rows(queries: int, heads: int) -> int:
     return max(16, triton.next_power_of_2(queries * heads))
 
 
-def selected_configs(heads: int, top_pad: int, precision: str, per_query: bool = False) -> list:
+def selected_configs(heads: int, top_pad: int, precision: str, per_query: bool = False, tma: bool = False) -> list:
     """The selected branch's autotune candidates: each number of queries per program with its launches
     (SELECTED_LAUNCHES for the base, WIDE_LAUNCHES for the larger ones), and with ``per_query`` (the forward) the
     larger ones of at least 16 heads also a tile per query (PER_QUERY, PER_QUERY_LAUNCHES); float32 (``"ieee"``)
-    only the first."""
+    only the first. With ``tma`` (the forward, given K/V's row descriptors) each shared-tile candidate also loading
+    its blocks by TMA (USE_TMA), those first: as compiled for sm_90, one query of 16 heads on 4 warps issues 516
+    instructions a thread per block with pointer loads, about 200 of them addresses and masks. Not yet timed."""
     configs = [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads),
                               "SPLIT_SCORES": w == 8 and selected_rows(qb, heads) >= 64}, num_warps=w, num_stages=s)
                for i, qb in enumerate(selected_queries(heads, top_pad))
                for w, s in (SELECTED_LAUNCHES if i == 0 else WIDE_LAUNCHES)]
+    if tma and precision != "ieee":
+        configs = [triton.Config(dict(c.kwargs, USE_TMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in configs] + configs
     if per_query and heads >= 16:
         configs += [triton.Config({"QB": qb, "ROWS": selected_rows(qb, heads), "SPLIT_SCORES": False,
                                    "PER_QUERY": True}, num_warps=w, num_stages=s)
@@ -688,12 +731,13 @@ def selected_configs(heads: int, top_pad: int, precision: str, per_query: bool =
 def _tune_selected(kernel, per_query: bool, **options):
     def prune(configs, named_args, **kwargs):
         a = {**named_args, **kwargs}
-        keep = selected_configs(a["heads_per_prog"], a["TOPK_PAD"], a["PRECISION"], per_query)
+        keep = selected_configs(a["heads_per_prog"], a["TOPK_PAD"], a["PRECISION"], per_query, a.get("HAS_TMA", False))
         return keep if autotune_enabled() else keep[:1]
 
-    return autotune(selected_configs(16, 16, "tf32", per_query), ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD",
-                                                                   "PRECISION", "group", "heads_per_prog"],
-                    prune, **options)(kernel)
+    key = ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION", "group", "heads_per_prog"]
+    if "HAS_TMA" in kernel.arg_names:  # (the forward)
+        key.append("HAS_TMA")
+    return autotune(selected_configs(16, 16, "tf32", per_query), key, prune, **options)(kernel)
 
 
 _nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel, True)

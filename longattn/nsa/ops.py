@@ -18,7 +18,7 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
                              check_decode_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2, num_sms,
-                             public_op, small_tiles, split_dim, validate_cache_rows)
+                             public_op, row_descriptors, small_tiles, split_dim, validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -202,7 +202,8 @@ def _launch_selected(tuned, args, meta, max_q: int, programs_h: int, n_seq: int,
     forced = os.environ.get("LONGATTN_NSA_QUERY_BLOCK")
     if forced:
         qb = next_pow2(int(forced))
-        tried = [c for c in selected_configs(heads, meta["TOPK_PAD"], meta["PRECISION"]) if c.kwargs["QB"] == qb]
+        tried = [c for c in selected_configs(heads, meta["TOPK_PAD"], meta["PRECISION"], tma=meta.get("HAS_TMA", False))
+                 if c.kwargs["QB"] == qb]
         c = tried[0] if tried else triton.Config(dict(QB=qb, ROWS=selected_rows(qb, heads), SPLIT_SCORES=False))
         tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, **c.kwargs, num_warps=c.num_warps,
                                                        num_stages=c.num_stages)
@@ -237,10 +238,16 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
     lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
     if q.shape[0]:
         heads = _selected_heads(group, q.dtype)
+        meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
+        descs = None  # K/V's row descriptors (TMA tiles of SLC_TILE rows) where the tiles cover the head dims exactly
+        if meta["BLOCK_DA"] + meta["BLOCK_DB"] == meta["DK"] and meta["BLOCK_DV"] == meta["DV"]:
+            kd = row_descriptors(k, meta["SLC_TILE"], [w for w in (meta["BLOCK_DA"], meta["BLOCK_DB"]) if w], lead=1)
+            vd = row_descriptors(v, meta["SLC_TILE"], (meta["BLOCK_DV"],), lead=1)
+            descs = (kd[0], kd[1] if len(kd) > 1 else None, vd[0]) if kd and vd else None
         _launch_selected(_nsa_selected_fwd_tuned, (
-            q, k, v, sel, out, lse, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1), lse.stride(0), group,
-            heads, scale * LOG2E), _selected_meta(dims, block_size, sel.shape[-1], q.dtype), max_q,
+            q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1),
+            lse.stride(0), group, heads, scale * LOG2E), dict(meta, HAS_TMA=descs is not None), max_q,
             hkv * cdiv(group, heads), cu.numel() - 1, heads)
     return out, lse
 

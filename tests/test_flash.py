@@ -495,7 +495,10 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     for kernel in ("fwd", "dkdv", "dq"):
         (c,) = F._smem_prune(kernel)(configs, {"Q": fp32}, **dims(128, 0, 128))
         assert c.kwargs == F.FP32_TILES[kernel] and (c.num_warps, c.num_stages) == (8, 1)
-    # the forward's TMA twins only where the host gave K/V's descriptors
+    # the forward's TMA twins (its tiles of TMA_ROWS keys, first), only where the host gave K/V's descriptors
+    twins = [c for c in F._flash_fwd_kernel.configs if c.kwargs.get("USE_TMA")]
+    assert twins and F._flash_fwd_kernel.configs[:len(twins)] == twins
+    assert all(c.kwargs["BLOCK_N"] == F.TMA_ROWS for c in twins)
     tma = triton.Config(dict(BLOCK_M=64, BLOCK_N=32, USE_TMA=True), num_warps=4, num_stages=2)
     assert F._smem_prune("fwd")([tma, configs[2]], {"Q": bf16}, **dims(128, 0, 128)) == [configs[2]]
     assert F._smem_prune("fwd")([tma, configs[2]], {"Q": bf16}, **dims(128, 0, 128), HAS_TMA=True) == [tma, configs[2]]
@@ -559,9 +562,10 @@ def test_every_tile_candidate(which, device, monkeypatch):
     tiles = F.DKDV_TILES if which == "dkdv" else F.FWD_TILES
     shapes = list(dict.fromkeys(tuple((n, t[n]) for n in ("BLOCK_M", "BLOCK_N", "ONE_LOOP") if n in t) for t in tiles))
     candidates = [triton.Config(dict(meta), num_warps=4, num_stages=1) for meta in shapes]
-    if which == "fwd":  # each also loading its unmasked tiles by TMA (the interpreter runs K/V's descriptors)
-        candidates += [triton.Config(dict(meta, USE_TMA=True), num_warps=4, num_stages=1, pre_hook=F._tma_tiles)
-                       for meta in shapes]
+    if which == "fwd":  # the tiles of TMA_ROWS keys also loading their unmasked tiles by TMA (the interpreter runs
+        # K/V's descriptors)
+        candidates += [triton.Config(dict(meta, USE_TMA=True), num_warps=4, num_stages=1) for meta in shapes
+                       if dict(meta)["BLOCK_N"] == F.TMA_ROWS]
     lq = [130, 1, 77]
     cu = _cu(lq, device)
     monkeypatch.setattr(F, "autotune_enabled", lambda: True)

@@ -269,20 +269,16 @@ FWD_TILES = [
 _FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 
-def _tma_tiles(nargs):
-    """Config pre-hook of the forward: K/V's descriptors (where given) take tiles of the config's BLOCK_N rows."""
-    for desc, width in (("KA_DESC", "BLOCK_DA"), ("KB_DESC", "BLOCK_DB"), ("V_DESC", "BLOCK_DV")):
-        if nargs.get(desc) is not None:
-            nargs[desc].block_shape = [nargs["BLOCK_N"], nargs[width]]
-
-
-# The forward's candidates: each tile also loading its unmasked key tiles by TMA where the host gives K/V's
-# descriptors (Hopper; the interpreter runs them too), those first. As compiled for sm_90 (tests/cuda_compile.py),
-# TMA takes the addresses and masks of the unmasked loop's cp.async off the threads: d 192/128, 128 x 64 on 8 warps,
-# 537 instructions a thread per tile (about as many issue cycles as the tile's tensor-core work) down to 442; d 128
+# The forward's candidates: each tile of TMA_ROWS keys (64 on a GPU) also loading its unmasked key tiles by TMA
+# where the host gives K/V's descriptors (tiles of TMA_ROWS rows: Hopper; the interpreter runs them too), those
+# first. A fixed tile keeps the descriptors out of the candidates (a config pre-hook setting their tiles would also
+# keep Triton from caching the tuning on disk). As compiled for sm_90 (tests/cuda_compile.py), TMA takes the
+# addresses and masks of the unmasked loop's cp.async off the threads: d 192/128, 128 x 64 on 8 warps, 537
+# instructions a thread per tile (about as many issue cycles as the tile's tensor-core work) down to 442; d 128
 # 456 to 392. Not yet timed.
-_FWD_TMA_CONFIGS = [triton.Config(dict(c.kwargs, USE_TMA=t), num_warps=c.num_warps, num_stages=c.num_stages,
-                                  pre_hook=_tma_tiles) for t in (True, False) for c in _FWD_CONFIGS]
+TMA_ROWS = _FWD_CONFIGS[0].kwargs["BLOCK_N"]  # (the first candidate's: 64 on a GPU)
+_FWD_TMA_CONFIGS = [triton.Config(dict(c.kwargs, USE_TMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in _FWD_CONFIGS if c.kwargs["BLOCK_N"] == TMA_ROWS] + _FWD_CONFIGS
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 
@@ -845,8 +841,8 @@ def _kv_descriptors(k, v, meta: dict, varlen: bool) -> Optional[tuple]:
     if meta["BLOCK_DA"] + meta["BLOCK_DB"] != meta["DQK"] or meta["BLOCK_DV"] != meta["DV"]:
         return None
     lead = 1 if varlen else 2  # rows: (total,) or (B, Tk)
-    kd = row_descriptors(k, 64, [w for w in (meta["BLOCK_DA"], meta["BLOCK_DB"]) if w], lead)
-    vd = row_descriptors(v, 64, (meta["BLOCK_DV"],), lead)
+    kd = row_descriptors(k, TMA_ROWS, [w for w in (meta["BLOCK_DA"], meta["BLOCK_DB"]) if w], lead)
+    vd = row_descriptors(v, TMA_ROWS, (meta["BLOCK_DV"],), lead)
     if kd is None or vd is None:
         return None
     return kd[0], kd[1] if len(kd) > 1 else None, vd[0]

@@ -7,7 +7,6 @@ memory access or a silent wrong answer).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import os
@@ -282,12 +281,7 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
     def compile_one(config):
         torch.cuda.set_device(device)  # a new thread starts on device 0
         try:
-            args = launch
-            if config.pre_hook is not None:  # (it sets TMA descriptors' tiles, part of the kernel's signature: on
-                # copies, as candidates compile side by side)
-                args = {k: copy.copy(v) if isinstance(v, TensorDescriptor) else v for k, v in launch.items()}
-                config.pre_hook({**args, **config.all_kwargs()})
-            fn.warmup(grid=(1,), **args, **config.all_kwargs())
+            fn.warmup(grid=(1,), **launch, **config.all_kwargs())
         except Exception:  # noqa: BLE001 - reported by the autotuner when it compiles the candidate again
             pass
 

@@ -824,7 +824,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         return out.zero_(), lse
     grid = lambda meta: (cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
     meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
-    descs = _kv_descriptors(k, v, meta, varlen)
+    descs = kv_descriptors(k, v, TMA_ROWS, meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1 if varlen else 2)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *_cu_args(dims, left_pad), *(descs or (None, None, None)),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
@@ -834,15 +834,15 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     return out, lse
 
 
-def _kv_descriptors(k, v, meta: dict, varlen: bool) -> Optional[tuple]:
-    """K's two dim parts' and V's row descriptors (``utils.row_descriptors``: one row a token, of every KV head) for
-    the forward's TMA tiles, or None. Only where the tiles cover the head dims exactly: a padded tile's extra
-    columns would hold the next head's values, not zeros."""
-    if meta["BLOCK_DA"] + meta["BLOCK_DB"] != meta["DQK"] or meta["BLOCK_DV"] != meta["DV"]:
+def kv_descriptors(k, v, tile: int, da: int, db: int, block_dv: int, lead: int) -> Optional[tuple]:
+    """K's two dim parts' (``da`` + ``db`` columns, db may be 0) and V's (``block_dv``) row descriptors
+    (``utils.row_descriptors``, tiles of ``tile`` rows: one row a token, of every KV head, over the first ``lead``
+    dims) for TMA loads, or None. Only where the tiles cover the head dims exactly: a padded tile's extra columns
+    would hold the next head's values, not zeros."""
+    if da + db != k.shape[-1] or block_dv != v.shape[-1]:
         return None
-    lead = 1 if varlen else 2  # rows: (total,) or (B, Tk)
-    kd = row_descriptors(k, TMA_ROWS, [w for w in (meta["BLOCK_DA"], meta["BLOCK_DB"]) if w], lead)
-    vd = row_descriptors(v, TMA_ROWS, (meta["BLOCK_DV"],), lead)
+    kd = row_descriptors(k, tile, [w for w in (da, db) if w], lead)
+    vd = row_descriptors(v, tile, (block_dv,), lead)
     if kd is None or vd is None:
         return None
     return kd[0], kd[1] if len(kd) > 1 else None, vd[0]

@@ -11,14 +11,14 @@ from typing import Optional
 import torch
 import triton
 
-from ..kernels.flash import LOG2E, flash_attention
+from ..kernels.flash import LOG2E, flash_attention, kv_descriptors
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
                              check_decode_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
                              check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2, num_sms,
-                             public_op, row_descriptors, small_tiles, split_dim, validate_cache_rows)
+                             public_op, small_tiles, split_dim, validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -239,11 +239,7 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
     if q.shape[0]:
         heads = _selected_heads(group, q.dtype)
         meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
-        descs = None  # K/V's row descriptors (TMA tiles of SLC_TILE rows) where the tiles cover the head dims exactly
-        if meta["BLOCK_DA"] + meta["BLOCK_DB"] == meta["DK"] and meta["BLOCK_DV"] == meta["DV"]:
-            kd = row_descriptors(k, meta["SLC_TILE"], [w for w in (meta["BLOCK_DA"], meta["BLOCK_DB"]) if w], lead=1)
-            vd = row_descriptors(v, meta["SLC_TILE"], (meta["BLOCK_DV"],), lead=1)
-            descs = (kd[0], kd[1] if len(kd) > 1 else None, vd[0]) if kd and vd else None
+        descs = kv_descriptors(k, v, meta["SLC_TILE"], meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1)
         _launch_selected(_nsa_selected_fwd_tuned, (
             q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1),

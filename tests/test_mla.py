@@ -222,22 +222,25 @@ def test_decode_tma_equals_pointer_loads(paged, dtype, device, monkeypatch):
         assert torch.equal(out, pointers)
 
 
-def test_row_descriptors(monkeypatch):
+def test_row_descriptors(device, monkeypatch):
     """A tensor seen as one matrix of rows (its leading dims) for TMA tiles; None wherever TMA cannot load it."""
-    x = torch.zeros(5, 16, 80, dtype=torch.float16)
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9")
+    x = torch.zeros(5, 16, 80, dtype=torch.float16, device=device)
     c, r = row_descriptors(x, 8, (64, 16))
     assert (c.shape, c.strides, c.block_shape) == ([80, 80], [80, 1], [8, 64])
     assert (r.shape, r.strides, r.block_shape) == ([80, 80], [80, 1], [8, 16])
-    wide = torch.zeros(5, 16, 96, dtype=torch.float16)[..., :80]  # rows 96 apart: still one matrix
+    wide = torch.zeros(5, 16, 96, dtype=torch.float16, device=device)[..., :80]  # rows 96 apart: still one matrix
     assert row_descriptors(wide, 8, (64,))[0].strides == [96, 1]
     # (B, T, H, D) keys of heads 2..3 of 4: rows B * T, each reaching over both heads' dims
-    k = torch.zeros(3, 10, 4, 64, dtype=torch.float16)[:, :, 2:]
+    k = torch.zeros(3, 10, 4, 64, dtype=torch.float16, device=device)[:, :, 2:]
     (d,) = row_descriptors(k, 16, (64,))
     assert (d.shape, d.strides) == ([30, 128], [256, 1])
     assert row_descriptors(k[0], 16, (64,), lead=1)[0].shape == [10, 128]  # varlen (total, H, D)
     assert row_descriptors(wide[:, :8], 8, (64,)) is None  # pages not rows * stride apart
-    assert row_descriptors(torch.zeros(4 + x.numel(), dtype=x.dtype)[4:].view(x.shape), 8, (64,)) is None  # base
-    assert row_descriptors(torch.zeros(5, 16, 76, dtype=torch.float16), 8, (64,)) is None  # row stride
+    unaligned = torch.zeros(4 + x.numel(), dtype=x.dtype, device=device)[4:].view(x.shape)
+    assert row_descriptors(unaligned, 8, (64,)) is None  # base
+    assert row_descriptors(torch.zeros(5, 16, 76, dtype=torch.float16, device=device), 8, (64,)) is None  # row stride
     assert row_descriptors(x, 8, (48,)) is None  # not a power of two
     assert row_descriptors(x, 8, (4,)) is None  # under 16 bytes
     assert row_descriptors(x, 8, (128,)) is None  # over a row

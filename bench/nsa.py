@@ -151,10 +151,11 @@ def run(args, argv=None) -> list[dict]:
         gates = [torch.rand(B, T, hq, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
         impls = {"longattn": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg), "sdpa_flash": sdpa}
-        # the forward with every tile loaded by pointers (no TMA descriptors), to see what TMA brings
-        impls["longattn_no_tma"] = without_tma(impls["longattn"])
         if fla is not None:
             impls[fla_name] = lambda q, k, v: fla(q, k, v, *gates)
+        # the forward with every tile loaded by pointers (no TMA descriptors), to see what TMA brings (last: the
+        # peers first where a time limit stops the run)
+        impls["longattn_no_tma"] = without_tma(impls["longattn"])
         nsa_flops = _flops(cfg, T, B, hq, dk, dv)
         dense_flops = 2.0 * (dk + dv) * T * (T + 1) / 2 * B * hq
         for mode in (m for m in ("fwd", "fwdbwd") if m in modes):

@@ -277,7 +277,7 @@ _FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 # instructions a thread per tile (about as many issue cycles as the tile's tensor-core work) down to 442; d 128
 # 456 to 392. Not yet timed.
 TMA_ROWS = _FWD_CONFIGS[0].kwargs["BLOCK_N"]  # (the first candidate's: 64 on a GPU)
-_FWD_TMA_CONFIGS = [triton.Config(dict(c.kwargs, USE_TMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
+_FWD_CANDIDATES = [triton.Config(dict(c.kwargs, USE_TMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
                     for c in _FWD_CONFIGS if c.kwargs["BLOCK_N"] == TMA_ROWS] + _FWD_CONFIGS
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
@@ -328,7 +328,7 @@ def _smem_prune(kernel: str):
     return prune
 
 
-@autotune(_FWD_TMA_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
+@autotune(_FWD_CANDIDATES, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
                              "HAS_TMA"], _smem_prune("fwd"))
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC,

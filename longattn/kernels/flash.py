@@ -278,7 +278,7 @@ _FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 # 456 to 392. Not yet timed.
 TMA_ROWS = _FWD_CONFIGS[0].kwargs["BLOCK_N"]  # (the first candidate's: 64 on a GPU)
 _FWD_CANDIDATES = [triton.Config(dict(c.kwargs, USE_TMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in _FWD_CONFIGS if c.kwargs["BLOCK_N"] == TMA_ROWS] + _FWD_CONFIGS
+                   for c in _FWD_CONFIGS if c.kwargs["BLOCK_N"] == TMA_ROWS] + _FWD_CONFIGS
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on Hopper
 

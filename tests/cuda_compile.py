@@ -4,9 +4,10 @@ The interpreter that runs the CPU tests never lowers a kernel to GPU code, so er
 compiler sees (types, layouts, shared-memory use) would otherwise wait for a GPU. It also fails a kernel that
 forms a row-times-stride offset in 32 bits (``narrow_offsets``: wrong addresses past 2^31 elements, which no
 small test reaches). Run as a script
-(`python tests/cuda_compile.py [name-filter] [--resources]`; ``--resources`` adds each kernel's shared memory,
-registers and spills, in all and per iteration of each innermost loop; ``--pipelined`` checks the hot loops'
-buffers, unduplicated products and unspilled loops); it must not run with TRITON_INTERPRET=1.
+(`python tests/cuda_compile.py [name-filter] [--resources] [--pipelined] [--shard=i/n]`; ``--resources`` adds
+each kernel's shared memory, registers and spills, in all and per iteration of each innermost loop;
+``--pipelined`` checks the hot loops' buffers, unduplicated products and unspilled loops; ``--shard=i/n``
+compiles every n-th case from the i-th); it must not run with TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -453,35 +454,38 @@ def main(argv) -> int:
     # only the PIPELINED, UNDUPLICATED and NO_LOOP_SPILLS kernels, failing when they have too few buffers,
     # duplicated products or spills inside their loops
     check_pipelined = "--pipelined" in argv
-    argv = [a for a in argv if a not in ("--resources", "--pipelined")]
+    # --shard=i/n: every n-th case from the i-th (0-based), so that n processes share the work
+    shard = next((a.split("=", 1)[1] for a in argv if a.startswith("--shard=")), "0/1")
+    index, shards = (int(x) for x in shard.split("/"))
+    argv = [a for a in argv if a not in ("--resources", "--pipelined") and not a.startswith("--shard=")]
     pattern = argv[1] if len(argv) > 1 else ""
     failures = 0
-    for build in CASE_BUILDERS:
-        for name, kern, ptr, meta, floats, *launch in build():  # launch: the op's num_warps/num_stages if set
-            if pattern not in name or (check_pipelined and name not in PIPELINED and name not in UNDUPLICATED
-                                       and name not in NO_LOOP_SPILLS):
-                continue
-            t = time.time()
-            try:
-                k = compile_kernel(kern, ptr, meta, floats, **(launch[0] if launch else {}))
-                smem = k.metadata.shared
-                status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
-                narrow = narrow_offsets(k.asm["ttir"])
-                if narrow and status == "ok":
-                    status = f"FAIL 32-bit row x stride products at {', '.join(sorted(set(narrow)))}"
-                if check_pipelined and status == "ok" and buffers(k) < PIPELINED.get(name, 0):
-                    status = f"FAIL {buffers(k)} shared-memory buffers in its loop, expected {PIPELINED[name]}"
-                if check_pipelined and status == "ok" and name in UNDUPLICATED and duplicated_products(k):
-                    status = f"FAIL products computed by several warpgroups: {', '.join(duplicated_products(k))}"
-                if check_pipelined and status == "ok" and name in NO_LOOP_SPILLS and \
-                        loop_spills(k).strip("0/-"):
-                    status = f"FAIL registers spilled inside its loops (per iteration: {loop_spills(k)})"
-                if show and status == "ok":
-                    status = f"ok  smem {smem}  {resources(k)}"
-            except Exception as e:  # report every failure, not only the first
-                status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            failures += not status.startswith("ok")
-            print(f"{name:60s} {time.time() - t:5.1f}s {status}", flush=True)
+    cases = (case for build in CASE_BUILDERS for case in build())
+    for i, (name, kern, ptr, meta, floats, *launch) in enumerate(cases):  # launch: the op's num_warps/num_stages
+        if i % shards != index or pattern not in name or (
+                check_pipelined and name not in PIPELINED and name not in UNDUPLICATED and name not in NO_LOOP_SPILLS):
+            continue
+        t = time.time()
+        try:
+            k = compile_kernel(kern, ptr, meta, floats, **(launch[0] if launch else {}))
+            smem = k.metadata.shared
+            status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
+            narrow = narrow_offsets(k.asm["ttir"])
+            if narrow and status == "ok":
+                status = f"FAIL 32-bit row x stride products at {', '.join(sorted(set(narrow)))}"
+            if check_pipelined and status == "ok" and buffers(k) < PIPELINED.get(name, 0):
+                status = f"FAIL {buffers(k)} shared-memory buffers in its loop, expected {PIPELINED[name]}"
+            if check_pipelined and status == "ok" and name in UNDUPLICATED and duplicated_products(k):
+                status = f"FAIL products computed by several warpgroups: {', '.join(duplicated_products(k))}"
+            if check_pipelined and status == "ok" and name in NO_LOOP_SPILLS and \
+                    loop_spills(k).strip("0/-"):
+                status = f"FAIL registers spilled inside its loops (per iteration: {loop_spills(k)})"
+            if show and status == "ok":
+                status = f"ok  smem {smem}  {resources(k)}"
+        except Exception as e:  # report every failure, not only the first
+            status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failures += not status.startswith("ok")
+        print(f"{name:60s} {time.time() - t:5.1f}s {status}", flush=True)
     return 1 if failures else 0
 
 

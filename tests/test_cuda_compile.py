@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+SHARDS = 4
+
 
 def _nvidia_backend_available() -> bool:
     try:
@@ -19,11 +21,15 @@ def _nvidia_backend_available() -> bool:
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="triton has no NVIDIA backend here")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run every kernel")
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_kernels_compile_for_sm90(shard):
+    """Every case of cuda_compile.py, in SHARDS parts that pytest-xdist's workers share."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("cuda_compile.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, str(script), f"--shard={shard}/{SHARDS}"], env=env, capture_output=True,
+                          text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert proc.stdout.count(" ok") >= 20, proc.stdout  # (about 55 cases a shard)
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="triton has no NVIDIA backend here")

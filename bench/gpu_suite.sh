@@ -58,13 +58,14 @@ end=$(( $(date +%s) + ${BENCH_SECONDS:-360} ))
 export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # default: every op once, weighted by what each took on the H100 (the fifth run, 2026-11-27 18:25, gave every entry
 # an equal 47 s or less: MLA's decode rows at 8k and 64k took 47 s, rollouts more than 39, memory more than 35 for
-# flash at 32k alone); what one leaves goes to the later ones. Memory first: its table at 128k was never measured
-# on the H100 (issue 7); MLA at 8k only (its goal's context). Earlier runs timed all but memory, rollouts and fla's NSA
-# fwd+bwd (its backward's autotuning alone takes minutes: last, with whatever time is left); MoBA at 32k only
-# (flex_attention and SDPA at 128k take seconds a call), NSA on smooth inputs (neighbouring queries select alike,
-# as in trained models), flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there), its selected
-# branch alone (`--modes slc`, timed in the fourth run) left out for fla's fwd+bwd, not yet measured
-IFS=';' read -ra entries <<< "${BENCH_OPS:-3:memory --seqlens 32k,128k; 2:mla --batches 1,64 --contexts 8k --prefill-seqlens 4k; 2:rollout --prompts 8k --new-tokens 64; flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1,rollout_step,rollout_step_dynamic; 2:nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
+# flash at 32k alone, mostly compiling); what one leaves goes to the later ones. Memory first, weighing 4 (each op
+# at both lengths before the next): its table at 128k was never measured on the H100 (issue 7); MLA at 8k only (its
+# goal's context). Earlier runs timed all but memory, rollouts and fla's NSA fwd+bwd (its backward's autotuning alone
+# takes minutes: last, with whatever time is left); MoBA at 32k only (flex_attention and SDPA at 128k take seconds a
+# call), NSA on smooth inputs (neighbouring queries select alike, as in trained models), flex_attention left out at
+# 64k (0.35 s a forward, 2.7 s a fwd+bwd there), its selected branch alone (`--modes slc`, timed in the fourth run)
+# left out for fla's fwd+bwd, not yet measured
+IFS=';' read -ra entries <<< "${BENCH_OPS:-4:memory --seqlens 32k,128k; 2:mla --batches 1,64 --contexts 8k --prefill-seqlens 4k; 2:rollout --prompts 8k --new-tokens 64; flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1,rollout_step,rollout_step_dynamic; 2:nsa --seqlens 64k --modes fwd,fwdbwd --inputs smooth --flex-max-seqlen 32768}"
 ops=()
 weights=()
 for entry in "${entries[@]}"; do

@@ -69,8 +69,10 @@ def _run(args, argv) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     ops = _ops([o.strip() for o in args.ops.split(",") if o.strip()], args.heads, args.kv_heads, args.head_dim)
     rows = Results("memory", COLUMNS, argv, out_dir=args.out, plot=PLOT)
-    for T in parse_ints(args.seqlens):
-        for name, (make, fn, (hq, hkv, d)) in ops.items():
+    # each op at every length before the next op (its kernels compiled once): a run stopped early still has whole
+    # ops, their scaling with T included
+    for name, (make, fn, (hq, hkv, d)) in ops.items():
+        for T in parse_ints(args.seqlens):
             ins = make(T, dev, dtype)
             with torch.no_grad():
                 do = torch.randn_like(fn(*ins))  # allocated before the measurement, like the inputs

@@ -244,7 +244,8 @@ def _nsa_cases():
             cases.append((f"_nsa_select_kernel[{dt}-d{d}-{tag}]", K._nsa_select_kernel, ptr, dict(meta, **c.kwargs),
                           ("scale_log2",), launch))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
-        ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", OP="*fp32", LP="*fp32",
+        ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", BT="*i32", OP="*fp32",
+                   LP="*fp32",
                    LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
                    DELTA="*fp32")
         dv = 128 if d == 192 else d
@@ -298,6 +299,9 @@ def _nsa_cases():
                     continue
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale"),
                               opts))
+                if block_g == 16 and name in ("_nsa_decode_kernel", "_nsa_decode_piece_kernel"):  # a paged cache
+                    cases.append((f"{name}[{dt}-d{d}-g{block_g}-page64]", getattr(K, name), ptr, dict(meta, PAGE=64),
+                                  ("scale_log2", "scale"), opts))
         gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "DOUT", "DO1", "DO2", "DO3")}
         gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "DG1", "DG2", "DG3")})
         for name in ("_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel"):
@@ -393,6 +397,7 @@ PIPELINED = {
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q2w4s3pq]": 2,  # the first query's product out of a branch
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
+    "_nsa_decode_piece_kernel[bf16-d192-g16-page64]": 2,  # pages read a tile ahead
     "_sparse_fwd_kernel[bf16-n64w4s3]": 3,
     "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks
 }

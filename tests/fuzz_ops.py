@@ -184,7 +184,9 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     offsets = [rng.randint(0, 20) for _ in range(n_seq)]
     L = max(n + o for n, o in zip(lens, offsets)) + rng.randint(0, 10)
     splits = rng.choice([None, 1, 2, 5])
-    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, offsets=offsets, L=L, config=config, splits=splits, chunk=chunk)
+    page = rng.choice([0, 0, 8, 24, 64])  # > 0: the tokens moved into a paged cache (block_table)
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, offsets=offsets, L=L, config=config, splits=splits, chunk=chunk,
+               page=page)
     # caches NaN outside each sequence's tokens and blocks (nothing there may be read)
     k = torch.full((n_seq, L, hkv, dk), float("nan"), device=DEVICE, dtype=dtype)
     v = torch.full((n_seq, L, hkv, dv), float("nan"), device=DEVICE, dtype=dtype)
@@ -199,10 +201,23 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     q = torch.randn(len(rows), hq, dk, device=DEVICE, dtype=dtype)
     gates = [torch.rand(len(rows), hq, device=DEVICE, dtype=dtype) for _ in range(3)]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
-    out, sel = longattn.nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=i32(seqs),
-                                   cache_offsets=i32([offsets[b] for b in rows]),
-                                   cache_rows=i32(rows) if chunk > 1 else None, config=config, num_splits=splits,
-                                   return_selection=True)
+    cache = dict(k_cache=k, v_cache=v, cache_offsets=i32([offsets[b] for b in rows]))
+    if page:  # pages in random order, NaN where no token is, -1 in the table past each length
+        per = -(-L // page)
+        n_pages = n_seq * per + 2
+        kp = torch.full((n_pages, page, hkv, dk), float("nan"), device=DEVICE, dtype=dtype)
+        vp = torch.full((n_pages, page, hkv, dv), float("nan"), device=DEVICE, dtype=dtype)
+        order = torch.randperm(n_pages, generator=torch.Generator().manual_seed(rng.randint(0, 2 ** 31))).tolist()
+        table = torch.full((n_seq, per), -1, dtype=torch.int32)
+        for b, (n, o) in enumerate(zip(lens, offsets)):
+            for j in range(-(-n // page)):
+                p, used, t = order.pop(), min(page, n - j * page), o + j * page
+                table[b, j] = p
+                kp[p, :used], vp[p, :used] = k[b, t:t + used], v[b, t:t + used]
+        cache = dict(k_cache=kp, v_cache=vp, block_table=table.to(DEVICE))
+    out, sel = longattn.nsa_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), kc, vc, *gates,
+                                   cache_seqlens=i32(seqs), cache_rows=i32(rows) if chunk > 1 else None, config=config,
+                                   num_splits=splits, return_selection=True, **cache)
     checks = []
     for r, (b, n) in enumerate(zip(rows, seqs)):  # the reference's last row on the sequence's first n tokens
         o, c = offsets[b], config.num_cmp_blocks(n)

@@ -312,6 +312,83 @@ def test_nsa_decode_cache_rows(splits, device):
         nsa_decode(q, k, v, kc, vc, *gates, cache_rows=i32(rows).long(), **kw)
 
 
+def _paged(k, v, lens, offsets, page, gen):
+    """The tokens of each cache row of a contiguous decode case (row b's at offsets[b] .. + lens[b]) moved into
+    pages of ``page`` tokens in random order, with spare pages; NaN wherever no token is (unused pages, slots past
+    each length) and -1 in the block-table entries past each length. Returns (k_pages, v_pages, block_table)."""
+    per = -(-k.shape[1] // page)
+    n_pages = len(lens) * per + 3
+    kp = torch.full((n_pages, page, *k.shape[2:]), float("nan"), dtype=k.dtype, device=k.device)
+    vp = torch.full((n_pages, page, *v.shape[2:]), float("nan"), dtype=v.dtype, device=v.device)
+    order = torch.randperm(n_pages, generator=gen).tolist()
+    table = torch.full((len(lens), per), -1, dtype=torch.int32)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        for j in range(-(-n // page)):
+            p, used = order.pop(), min(page, n - j * page)
+            table[b, j] = p
+            kp[p, :used] = k[b, o + j * page:o + j * page + used]
+            vp[p, :used] = v[b, o + j * page:o + j * page + used]
+    return kp, vp, table.to(k.device)
+
+
+@pytest.mark.parametrize("page,splits,Hq,Hkv", [(8, 1, 8, 2), (24, 1, 16, 1), (32, 3, 8, 2), (16, 3, 4, 1)],
+                         ids=["page8", "page24-gqa16", "page32-split3", "page16-split3"])
+def test_nsa_decode_paged(page, splits, Hq, Hkv, dtype, device):
+    """A paged KV cache (block_table; pages smaller than, straddling and larger than a selection block, in random
+    order, NaN wherever no token is) gives the contiguous cache's results on the same tokens (fused and split
+    paths, checked and unchecked, and with cache_rows), which equal the reference's."""
+    lens, offsets, L = RAGGED
+    gen = torch.Generator().manual_seed(page)
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, Hq, Hkv, 32, 16, dtype, device, CFG)
+    kp, vp, table = _paged(k, v, lens, offsets, page, gen)
+    seq = torch.tensor(lens, dtype=torch.int32, device=device)
+    want, sel_w = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq,
+                             cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=device), config=CFG,
+                             num_splits=splits, return_selection=True)
+    for validate in (True, False):
+        out, sel = nsa_decode(q, kp, vp, kc, vc, *gates, cache_seqlens=seq, block_table=table, config=CFG,
+                              num_splits=splits, return_selection=True, validate=validate)
+        assert torch.equal(sorted_selection(sel), sorted_selection(sel_w)), f"validate={validate}: selection differs"
+        assert_close(out, want, dtype, f"validate={validate}")
+    ref, _ = _decode_ref(q, k, v, kc, vc, gates, 0, lens[0], offsets[0], CFG)
+    assert_close(out[0], ref[0, 0], dtype, "sequence 0")
+    # two query rows reading cache row 2 (the block table's row too), each with its own length
+    rows = torch.tensor([2, 2, 0], dtype=torch.int32, device=device)
+    n2 = torch.tensor([lens[2] - 1, lens[2], lens[0]], dtype=torch.int32, device=device)
+    out = nsa_decode(q[:3], kp, vp, kc, vc, *(g[:3] for g in gates), cache_seqlens=n2, block_table=table,
+                     cache_rows=rows, config=CFG, num_splits=splits)
+    for r, (b, n) in enumerate(zip(rows.tolist(), n2.tolist())):
+        c, o = CFG.num_cmp_blocks(n), offsets[b]
+        ref, _ = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].float(), v[b, None, o:o + n].float(),
+                                   *(g[r, None, None] for g in gates), k_cmp=kc[b, None, :c].float(),
+                                   v_cmp=vc[b, None, :c].float(), config=CFG, return_selection=True)
+        assert_close(out[r], ref[0, 0], dtype, f"row {r}")
+
+
+def test_nsa_decode_paged_errors(device):
+    """A block table of the wrong type or rows, pages outside the cache, lengths past the table and offsets on a
+    paged cache are refused."""
+    lens, offsets, L = [40, 17], [0, 0], 48
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, 4, 1, 32, 16, torch.float32, device, CFG)
+    kp, vp, table = _paged(k, v, lens, offsets, 16, torch.Generator().manual_seed(0))
+    seq = torch.tensor(lens, dtype=torch.int32, device=device)
+    run = lambda **kw: nsa_decode(q, kp, vp, kc, vc, *gates, config=CFG, **{"cache_seqlens": seq, **kw})
+    with pytest.raises(TypeError, match="block_table must be an int32 tensor of shape \\(2, max_pages\\)"):
+        run(block_table=table.long())
+    with pytest.raises(TypeError, match="block_table must be an int32"):
+        run(block_table=table[:1])
+    with pytest.raises(ValueError, match="cache_offsets applies to contiguous caches"):
+        run(block_table=table, cache_offsets=torch.zeros(2, dtype=torch.int32, device=device))
+    bad = table.clone()
+    bad[1, 1] = kp.shape[0]  # the second page of a 17-token sequence: used
+    with pytest.raises(ValueError, match="block_table\\[1\\] points outside the cache"):
+        run(block_table=bad)
+    bad[1, 1], bad[1, 2] = table[1, 1], -5  # past its length: not read, not checked
+    torch.testing.assert_close(run(block_table=bad), run(block_table=table))
+    with pytest.raises(ValueError, match="seqlen <= 48"):
+        run(block_table=table, cache_seqlens=torch.tensor([49, 17], dtype=torch.int32, device=device))
+
+
 def test_nsa_decode_equals_last_row_of_prefill(device):
     """Mean-pooled compressed blocks, no offsets: decode == the last row of nsa_attention."""
     T, Hq, Hkv = 150, 4, 2

@@ -253,39 +253,61 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
 
 @triton.jit
 def _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK: tl.constexpr, DV: tl.constexpr,
-             BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The keys (transposed, two parts along D) and values at rows ``pos`` where ``ok`` (N,), zeros elsewhere."""
+             BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, page_ids=None, last_page=0,
+             stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+    """The keys (transposed, two parts along D) and values at rows ``pos`` where ``ok`` (N,), zeros elsewhere.
+    PAGE > 0 (a paged cache): token ``pos`` at slot ``pos % PAGE`` of page ``page_ids`` (the block table's
+    entry for it, clamped here to [0, last_page]: never outside the cache), pages ``stride_kp`` / ``stride_vp``
+    elements apart."""
     dv = tl.arange(0, BLOCK_DV)
-    k_a, k_b = _load_split(k_base, pos.to(tl.int64) * stride_kt, ok, DK, BLOCK_DA, BLOCK_DB, True)
-    v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vt + dv[None, :],
-                mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if PAGE == 0:
+        k_rows = pos.to(tl.int64) * stride_kt
+        v_rows = pos.to(tl.int64) * stride_vt
+    else:
+        page = tl.minimum(tl.maximum(page_ids, 0), last_page).to(tl.int64)
+        slot = (pos % PAGE).to(tl.int64)
+        k_rows = page * stride_kp + slot * stride_kt
+        v_rows = page * stride_vp + slot * stride_vt
+    k_a, k_b = _load_split(k_base, k_rows, ok, DK, BLOCK_DA, BLOCK_DB, True)
+    v = tl.load(v_base + v_rows[:, None] + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
     return k_a, k_b, v
 
 
 @triton.jit
 def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False):
-    """Load the keys/values at rows ``pos`` where ``ok`` (N,) and take one online-softmax step of the rows q
-    (in two parts along D), each seeing the keys where ``vis`` (broadcast to (rows, N))."""
-    k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV)
+                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False,
+                 page_ids=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+    """Load the keys/values at rows ``pos`` where ``ok`` (N,) (PAGE > 0: in a paged cache, see _load_kv) and
+    take one online-softmax step of the rows q (in two parts along D), each seeing the keys where ``vis``
+    (broadcast to (rows, N))."""
+    k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV,
+                           page_ids, last_page, stride_kp, stride_vp, PAGE)
     return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION, SPLIT_SCORES)
 
 
 @triton.jit
 def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Online softmax of the rows q over the key rows [lo, hi) (compressed blocks or the window): (m, l, acc),
-    base 2."""
+                  PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+    """Online softmax of the rows q over the key rows [lo, hi) (compressed blocks or the window; PAGE > 0: in a
+    paged cache whose block-table row is BT, see _load_kv): (m, l, acc), base 2. A tile's pages are read one
+    tile ahead: its key loads then wait on no load of their own iteration (the compiler keeps tiles in flight)."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    pages = cols
+    if PAGE > 0:
+        pages = tl.load(BT + (lo + cols) // PAGE, mask=lo + cols < hi, other=0)
     for p0 in range(lo, hi, BLOCK_N):
         pos = p0 + cols
+        here = pages
+        if PAGE > 0:
+            pages = tl.load(BT + (pos + BLOCK_N) // PAGE, mask=pos + BLOCK_N < hi, other=0)
         m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, (pos < hi)[None, :], m,
-                                 l, acc, scale_log2, DK, DV, BLOCK_DK, 0, BLOCK_DV, PRECISION)
+                                 l, acc, scale_log2, DK, DV, BLOCK_DK, 0, BLOCK_DV, PRECISION, False, here,
+                                 last_page, stride_kp, stride_vp, PAGE)
     return m, l, acc
 
 
@@ -332,9 +354,10 @@ def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, sc
 def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_log2, DK: tl.constexpr,
                      DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
                      SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
     """Online softmax of the rows q (one query position, the heads of a group) over the selected blocks
-    ``blk`` (1, TOPK_PAD) (-1 = none), keys at positions <= ``last`` only: (m, l, acc), base 2."""
+    ``blk`` (1, TOPK_PAD) (-1 = none), keys at positions <= ``last`` only (PAGE > 0: in a paged cache whose
+    block-table row is BT, see _load_kv): (m, l, acc), base 2."""
     tcols = tl.arange(0, TOPK_PAD)
     scols = tl.arange(0, SLC_TILE)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -346,9 +369,12 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
         j = tl.sum(tl.where(tcols[None, :] == i, blk, 0))
         for s0 in tl.static_range(0, SLC_BLOCK, SLC_TILE):
             pos = j * SLC_BLOCK + s0 + scols
+            page_ids = pos
+            if PAGE > 0:
+                page_ids = tl.load(BT + pos // PAGE, mask=pos <= last, other=0)
             m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
                                      (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, 0,
-                                     BLOCK_DV, PRECISION)
+                                     BLOCK_DV, PRECISION, False, page_ids, last_page, stride_kp, stride_vp, PAGE)
     return m, l, acc
 
 
@@ -356,16 +382,20 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
 def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
-                   TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                   TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                   BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
     """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
-    at position n - 1; ``blk`` (1, TOPK_PAD) the selected blocks, -1 for none."""
+    at position n - 1 (PAGE > 0: its keys in a paged cache, see _load_kv); ``blk`` (1, TOPK_PAD) the selected
+    blocks, -1 for none."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
-                                 BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION)
+                                 BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION, BT,
+                                 last_page, stride_kp, stride_vp, PAGE)
     g3 = stride_g3.to(tl.int64)
     g_slc = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
     out += g_slc[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
-                              DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+                              DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION, BT, last_page, stride_kp, stride_vp,
+                              PAGE)
     return out + tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)[:, None] * \
         (acc / tl.where(l > 0, l, 1.0)[:, None])
 
@@ -754,21 +784,34 @@ def _cache_row(ROWS, b, HAS_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS,
+def _kv_bases(K, V, BT, cb, off, hk64, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
+              PAGE: tl.constexpr):
+    """Where cache row ``cb``'s keys and values of KV head hk64 start (token 0 at row ``off``), and its block-table
+    row; PAGE > 0 (a paged cache: K/V (pages, PAGE, Hkv, D), token j at slot j % PAGE of page BT[cb, j // PAGE]):
+    the KV head's place in page 0, the pages added per token (see _load_kv)."""
+    if PAGE == 0:
+        return (K + cb * stride_kb + off * stride_kt + hk64 * stride_kh,
+                V + cb * stride_vb + off * stride_vt + hk64 * stride_vh, BT)
+    return K + hk64 * stride_kh, V + hk64 * stride_vh, BT + cb * stride_btb
+
+
+@triton.jit
+def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                        stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
-                       stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh,
-                       group, scale_log2,
+                       stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh, stride_btb,
+                       group, scale_log2, last_page,
                        DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
                        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
+                       C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+                       PAGE: tl.constexpr = 0):
     """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
     path).
 
     The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
-    cache row ROWS[b], or b).
+    cache row ROWS[b], or b; PAGE > 0: in the pages of that row of the block table BT, see _kv_bases).
     The group's heads are the rows of every tile; the phases run back to back in one program:
     1. compressed attention over the sequence's complete compressed blocks (all visible to t): o_cmp, lse;
     2. selection scores (Eq. 9/10, summed over the group) C blocks at a time, folded into a running top-n;
@@ -797,10 +840,11 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS,
     blk = topk_indices(best, TOPK)  # (1, TOPK_PAD), best first, -1 padded
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
-    out = _slc_swa_gated(q, blk, n, K + cb * stride_kb + off * stride_kt + hk64 * stride_kh,
-                         V + cb * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, gate_ptr,
-                         stride_g3, in_g, out, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK,
-                         SLC_TILE, TOPK, TOPK_PAD, WINDOW, PRECISION)
+    k_base, v_base, bt = _kv_bases(K, V, BT, cb, off, hk64, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                                   stride_vh, stride_btb, PAGE)
+    out = _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
+                         DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, WINDOW,
+                         PRECISION, bt, last_page, stride_kb, stride_vb, PAGE)
     dv = tl.arange(0, BLOCK_DV)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_g[:, None] & (dv[None, :] < DV))
@@ -872,20 +916,21 @@ def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ, ROWS,
 
 
 @triton.jit
-def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS,
+def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
                              stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                              stride_xb, stride_xh, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
-                             stride_sb, stride_sh,
-                             group, n_split, scale_log2,
+                             stride_sb, stride_sh, stride_btb,
+                             group, n_split, scale_log2, last_page,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CAND_PAD: tl.constexpr,
                              WINDOW: tl.constexpr, WINDOW_PIECE: tl.constexpr, PRECISION: tl.constexpr,
-                             HAS_ROWS: tl.constexpr):
-    """Split-KV path, step 3: one piece of the selected and window branches for the group's heads. Pieces
-    0 .. TOPK-1 take the final top-n of the splits' candidates (piece 0 stores it) and attend to the selected
-    block of their rank (keys up to the token); pieces TOPK .. attend to one WINDOW_PIECE-key part of the
-    window. Partial output OP (P, B, Hq, DV) fp32 and base-2 lse LP (P, Hq, B) (-inf and zeros when empty)."""
+                             HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0):
+    """Split-KV path, step 3: one piece of the selected and window branches for the group's heads (PAGE > 0:
+    keys in a paged cache, see _kv_bases). Pieces 0 .. TOPK-1 take the final top-n of the splits' candidates
+    (piece 0 stores it) and attend to the selected block of their rank (keys up to the token); pieces TOPK ..
+    attend to one WINDOW_PIECE-key part of the window. Partial output OP (P, B, Hq, DV) fp32 and base-2 lse LP
+    (P, Hq, B) (-inf and zeros when empty)."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     piece = tl.program_id(2)
@@ -911,9 +956,10 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS,
         lo = tl.maximum(n - WINDOW, 0) + (piece - TOPK) * WINDOW_PIECE
         hi = tl.minimum(lo + WINDOW_PIECE, n)
     cb = _cache_row(ROWS, b, HAS_ROWS)
-    m, l, acc = _attend_range(q, K + cb * stride_kb + off * stride_kt + hk64 * stride_kh,
-                              V + cb * stride_vb + off * stride_vt + hk64 * stride_vh, stride_kt, stride_vt, lo, hi,
-                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+    k_base, v_base, bt = _kv_bases(K, V, BT, cb, off, hk64, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                                   stride_vh, stride_btb, PAGE)
+    m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV,
+                              BLOCK_G, BLOCK_N, PRECISION, bt, last_page, stride_kb, stride_vb, PAGE)
     has = l > 0
     dv = tl.arange(0, BLOCK_DV)
     p64 = piece.to(tl.int64)

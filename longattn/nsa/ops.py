@@ -15,10 +15,10 @@ from ..kernels.flash import LOG2E, flash_attention, kv_descriptors
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_rows,
-                             check_decode_inputs, check_device, check_positive_int, check_same_dtype, check_scale,
-                             check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2, num_sms,
-                             public_op, small_tiles, split_dim, validate_cache_rows)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_pages,
+                             check_cache_rows, check_decode_inputs, check_device, check_positive_int, check_same_dtype,
+                             check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2,
+                             num_sms, public_op, small_tiles, split_dim, validate_cache_rows)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -531,13 +531,28 @@ def decode_tiles(config: NSAConfig, dtype: torch.dtype) -> tuple:
     return block_n, min(config.slc_block, 16 if fp32 else 64), c, dict(num_warps=8) if fp32 else {}
 
 
+def _check_block_table(block_table, cache_offsets, k_cache: torch.Tensor, rows: int) -> tuple:
+    """nsa_decode's paged cache: a block table of ``rows`` rows over k_cache's pages; returns (tokens a row
+    reaches, page size)."""
+    if cache_offsets is not None:
+        raise ValueError("cache_offsets applies to contiguous caches; a paged one starts each sequence at its first "
+                         "page")
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or block_table.shape[0] != rows:
+        raise TypeError(f"block_table must be an int32 tensor of shape ({rows}, max_pages) (one row per cache row)")
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ValueError(f"a paged k_cache must hold at least one page of at least one token, got "
+                         f"{tuple(k_cache.shape)}")
+    return block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
+
+
 @public_op("q", "k_cache", "v_cache", "k_cmp", "v_cmp")
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
-               cache_rows: Optional[torch.Tensor] = None, config: NSAConfig = NSAConfig(),
-               scale: Optional[float] = None, num_splits: Optional[int] = None, return_selection: bool = False,
-               validate: bool = True):
+               block_table: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
+               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, num_splits: Optional[int] = None,
+               return_selection: bool = False, validate: bool = True):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
@@ -552,36 +567,47 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     Args:
         q: ``(B, Hq, Dk)``.
         k_cache, v_cache: ``(B, L, Hkv, Dk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim
-            (so a transformers cache ``(B, Hkv, L, D)`` transposed works without a copy).
+            (so a transformers cache ``(B, Hkv, L, D)`` transposed works without a copy); or paged, ``(num_pages,
+            page_size, Hkv, D*)`` with ``block_table`` (pages of any size; L is then ``max_pages * page_size``).
         k_cmp, v_cmp: compressed keys/values ``(B, N, Hkv, D*)``; row b must hold at least
             ``config.num_cmp_blocks(cache_seqlens[b])`` blocks (the extra ones are not read).
         g_cmp, g_slc, g_swa: gates ``(B, Hq)``, any float dtype.
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches,
-            like transformers' with a padding mask); default 0.
+            like transformers' with a padding mask); default 0. Contiguous caches only.
+        block_table: int32 ``(B, max_pages)`` (one row per cache row, see cache_rows): the page of k_cache /
+            v_cache holding each sequence's tokens ``j * page_size`` to ``(j + 1) * page_size - 1`` (a paged KV
+            cache, as a serving engine keeps it; the compressed caches stay batched).
         cache_rows: int32 ``(B,)``, the caches' batch row each query reads (default: row b). Several new tokens
             of one sequence (a chunk after a cached prefix, speculative decoding) then run in one call, each
             its own query row with its own ``cache_seqlens`` (the token at position ``cache_seqlens[b] - 1``);
-            the caches (k_cache, v_cache, k_cmp, v_cmp) have ``max(cache_rows) + 1`` rows or more.
+            the caches (k_cache, v_cache, k_cmp, v_cmp; paged: block_table, k_cmp, v_cmp) have
+            ``max(cache_rows) + 1`` rows or more.
         config, scale: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``).
         num_splits: programs per (sequence, KV head) over the compressed blocks, at most 64; default: 1 when
             the batch fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
             -1 padded.
-        validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_cmp`` (default). That reads
-            them back to the host, a synchronisation; ``validate=False`` skips it (no host synchronisation at
-            all, so a decoding step can be captured in a CUDA graph, its work sized for the cache's length L)
-            and leaves the caller responsible: out-of-range lengths read outside the caches.
+        validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_cmp``, and the block-table
+            entries the lengths use against the pages (default). That reads them back to the host, a
+            synchronisation; ``validate=False`` skips it (no host synchronisation at all, so a decoding step can be
+            captured in a CUDA graph, its work sized for the cache's length L) and leaves the caller responsible:
+            out-of-range lengths read outside the caches (pages are clamped to the cache's).
     Returns:
         ``(B, Hq, Dv)`` in q's dtype. Equal to the last row of :func:`nsa_attention` on the sequence.
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-    bc = check_cache_rows(cache_rows, k_cache)
+    paged = block_table is not None
+    bc = check_cache_rows(cache_rows, k_cmp if paged else k_cache)
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_cmp": k_cmp, "v_cmp": v_cmp},
                                                 {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
-                                                 "cache_rows": cache_rows}, cache_batch=bc)
+                                                 "cache_rows": cache_rows, "block_table": block_table},
+                                                cache_batch=k_cache.shape[0] if paged else bc)
     bc = B if bc is None else bc
+    page = 0
+    if paged:
+        L, page = _check_block_table(block_table, cache_offsets, k_cache, bc)
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if t is None:
             raise TypeError(f"{name} must be a torch.Tensor, got None")
@@ -597,6 +623,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows
+    if paged:
+        block_table = block_table.contiguous()
+        if validate and B:  # the pages each sequence's length uses (one more synchronisation)
+            rows = block_table if cache_rows is None else block_table[cache_rows.long()]
+            check_cache_pages(torch.tensor(lens), rows.cpu(), 1, L, page, k_cache.shape[0])
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, torch.empty(0, hkv, config.slc_topk, dtype=torch.int32, device=q.device)) \
@@ -629,6 +660,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                 BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 HAS_ROWS=cache_rows is not None)
     rows_arg = cache_rows if cache_rows is not None else cache_seqlens  # not read without HAS_ROWS
+    # a paged cache: its block table, last page and page size (PAGE = 0: contiguous, the table not read)
+    paging = ((block_table, block_table.stride(0), k_cache.shape[0] - 1, page) if paged else
+              (cache_seqlens, 0, 0, 0))
     blocks = dict(SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk))
     selection = dict(CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, INIT=config.init_blocks,
                      NW=nw, LOCAL=config.local_blocks, C=c)
@@ -638,9 +672,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     cmp_strides = (kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2))
     if num_splits == 1:
         _nsa_decode_kernel[(B, hkv)](
-            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, *common,
-            *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
-            sel.stride(0), sel.stride(1), group, scale * LOG2E, **dims, **blocks, **selection, **attend, **launch)
+            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0],
+            *common, *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
+            sel.stride(0), sel.stride(1), paging[1], group, scale * LOG2E, paging[2], **dims, **blocks, **selection,
+            **attend, PAGE=paging[3], **launch)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, lse merge, per-split top-n, then the final top-n and the
@@ -669,11 +704,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     piece_out = empty(n_pieces, B, hq, dv, device=q.device, dtype=torch.float32)
     piece_lse = empty(n_pieces, hq, B, device=q.device, dtype=torch.float32)
     _nsa_decode_piece_kernel[(B, hkv, n_pieces)](
-        qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, rows_arg, *common, *cache_strides,
-        cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
-        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), group, s2, scale * LOG2E, **dims,
-        BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
-        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, **launch)
+        qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], *common,
+        *cache_strides, cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
+        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, scale * LOG2E,
+        paging[2], **dims, BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
+        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **launch)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
         o_cmp, piece_out, piece_lse, gates, out, o_cmp.stride(0), o_cmp.stride(1), piece_out.stride(0),

@@ -243,6 +243,13 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
     _time(rows, "longattn_graph", mode,
           lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg, validate=False), None, B=B,
           T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name, memory=False, graph=True)
+    if T % 64 == 0:  # the same cache as pages of 64 tokens in shuffled order (block_table), from a graph
+        kp, vp = k.view(B * T // 64, 64, hkv, dk), v.view(B * T // 64, 64, hkv, dv)
+        table = torch.randperm(B * T // 64, device=dev).to(torch.int32).view(B, T // 64)
+        _time(rows, "longattn_paged", mode,
+              lambda: nsa_decode(q, kp, vp, kc, vc, *gates, cache_seqlens=seqlens, block_table=table, config=cfg,
+                                 validate=False), None, B=B, T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks,
+              dtype=dtype_name, memory=False, graph=True)
     _time(rows, "sdpa_flash", mode, lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
           flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
 

@@ -165,6 +165,11 @@ def _decode_rows(rows, B, T, bs, topk, hq, hkv, d, dtype, dtype_name, dev, peaks
     impls = {"longattn": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), 2 * read + n_cand, False),
              "longattn_pool": (lambda: moba_decode(q, k, v, **kw), 2 * read + T, False),
              "longattn_graph": (lambda: moba_decode(q, k, v, k_mean=k_mean, **kw), 2 * read + n_cand, True)}
+    if T % 64 == 0 and 2 * B * T * hkv * d * 2 <= 8e9:  # the cache copied into shuffled 64-token pages, from a graph
+        kp, vp = (x.contiguous().view(B * T // 64, 64, hkv, d) for x in (k, v))
+        table = torch.randperm(B * T // 64, device=dev).to(torch.int32).view(B, T // 64)
+        impls["longattn_paged"] = (lambda: moba_decode(q, kp, vp, k_mean=k_mean, block_table=table, **kw),
+                                   2 * read + n_cand, True)
 
     def sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -143,7 +143,7 @@ def _sparse_cases():
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "KMEAN", "OS", "DO", "DK", "DV_")}
         ptr.update({n: "*fp32" for n in ("LS", "LSE", "DELTA", "DQ32", "PK", "PV")})
         ptr.update({n: "*i32" for n in ("SEL", "CU_Q", "CU_K", "BLOCK_OFF", "BLOCK_ROW", "BLOCK_LEN", "K_START",
-                                         "K_END", "START", "SEQ", "ROWS")})
+                                         "K_END", "START", "SEQ", "ROWS", "BT")})
         ptr.update({n: "*i64" for n in ("ENTRY", "SEG_START", "TILE_CUM", "CHUNK_CUM", "SLOT")})
         meta = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, KSEL=3, PRECISION=prec, GROUP=1)
         kv_meta = {**{k: v for k, v in meta.items() if k != "BLOCK_DQK"}, "BLOCK_DA": d, "BLOCK_DB": 0}
@@ -179,12 +179,16 @@ def _sparse_cases():
              floats),
             (f"_sparse_decode_kernel[{dt}-g4-rows]", K._sparse_decode_kernel, dec_ptr, dict(dec_meta, HAS_ROWS=True),
              floats),
+            (f"_sparse_decode_kernel[{dt}-g4-page16]", K._sparse_decode_kernel, dec_ptr,  # a paged cache
+             dict(dec_meta, HAS_ROWS=False, PAGE=16), floats, dict(num_warps=8)),
             # NSA-like shapes through MoBA: head dim 192 = 128 + 64, groups of 16 selecting 15 blocks each
             (f"_sparse_decode_kernel[{dt}-d192-g16]", K._sparse_decode_kernel, dec_ptr,
              dict(dec_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, KSEL=15, BLOCK_S=16, HAS_ROWS=False,
                   BLOCK_N=16 if dt == "fp32" else 64), floats),
             (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64),
              ()),
+            (f"_cache_block_mean_kernel[{dt}-page16]", M._cache_block_mean_kernel, ptr,
+             dict(D=d, BLOCK_D=d, BLOCK_T=64, PAGE=16), ()),
             (f"_moba_decode_select_kernel[{dt}-g8]", M._moba_decode_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=False), ()),
             (f"_moba_decode_select_kernel[{dt}-g8-rows]", M._moba_decode_select_kernel, ptr,
@@ -400,6 +404,7 @@ PIPELINED = {
     "_nsa_decode_piece_kernel[bf16-d192-g16-page64]": 2,  # pages read a tile ahead
     "_sparse_fwd_kernel[bf16-n64w4s3]": 3,
     "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks
+    "_sparse_decode_kernel[bf16-g4-page16]": 2,  # pages read a tile ahead
 }
 
 

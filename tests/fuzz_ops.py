@@ -139,6 +139,23 @@ def draw_nsa(rng, dtype, hq, hkv):
     return cfg, checks
 
 
+def _to_pages(k, v, lens, offsets, page, seed):
+    """Row b's tokens of caches k/v (B, L, H, D) (offsets[b] .. + lens[b]) moved into pages of ``page`` tokens in
+    random order, NaN where no token is, -1 in the block table past each length: (k_pages, v_pages, block_table)."""
+    per = -(-k.shape[1] // page)
+    n_pages = k.shape[0] * per + 2
+    kp = torch.full((n_pages, page, *k.shape[2:]), float("nan"), device=k.device, dtype=k.dtype)
+    vp = torch.full((n_pages, page, *v.shape[2:]), float("nan"), device=v.device, dtype=v.dtype)
+    order = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    table = torch.full((k.shape[0], per), -1, dtype=torch.int32)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        for j in range(-(-n // page)):
+            p, used, t = order.pop(), min(page, n - j * page), o + j * page
+            table[b, j] = p
+            kp[p, :used], vp[p, :used] = k[b, t:t + used], v[b, t:t + used]
+    return kp, vp, table.to(k.device)
+
+
 def draw_moba_decode(rng, dtype, hq, hkv):
     dk = rng.choice([16, 32, 64])
     dv = rng.choice([dk, 16])
@@ -147,8 +164,9 @@ def draw_moba_decode(rng, dtype, hq, hkv):
     offsets = [rng.randint(0, 20) for _ in range(batch)]
     L = max(n + o for n, o in zip(lens, offsets)) + rng.randint(0, 10)
     keep_means = rng.random() < 0.5
+    page = rng.choice([0, 0, 8, 16])  # > 0: the tokens moved into a paged cache (block_table)
     cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, offsets=offsets, L=L, block=block, topk=topk,
-               keep_means=keep_means)
+               keep_means=keep_means, page=page)
     k_cache = torch.randn(batch, L, hkv, dk, device=DEVICE, dtype=dtype)
     v_cache = torch.randn(batch, L, hkv, dv, device=DEVICE, dtype=dtype)
     q = torch.randn(batch, hq, dk, device=DEVICE, dtype=dtype)
@@ -160,8 +178,13 @@ def draw_moba_decode(rng, dtype, hq, hkv):
                 rows = k_cache[b, offsets[b] + j * block: offsets[b] + (j + 1) * block]
                 k_mean[b, j] = rows.float().mean(0).to(dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    out = longattn.moba_decode(q, k_cache, v_cache, cache_seqlens=seqlens, block_size=block, topk=topk,
-                               cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=DEVICE), k_mean=k_mean)
+    cache = dict(k_cache=k_cache, v_cache=v_cache,
+                 cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
+    if page:
+        kp, vp, table = _to_pages(k_cache, v_cache, lens, offsets, page, rng.randint(0, 2 ** 31))
+        cache = dict(k_cache=kp, v_cache=vp, block_table=table)
+    out = longattn.moba_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), cache_seqlens=seqlens, block_size=block,
+                               topk=topk, k_mean=k_mean, **cache)
     checks = []
     for b in range(batch):  # the last row of the prefill reference on the sequence
         keys = slice(offsets[b], offsets[b] + lens[b])
@@ -202,19 +225,9 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     gates = [torch.rand(len(rows), hq, device=DEVICE, dtype=dtype) for _ in range(3)]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
     cache = dict(k_cache=k, v_cache=v, cache_offsets=i32([offsets[b] for b in rows]))
-    if page:  # pages in random order, NaN where no token is, -1 in the table past each length
-        per = -(-L // page)
-        n_pages = n_seq * per + 2
-        kp = torch.full((n_pages, page, hkv, dk), float("nan"), device=DEVICE, dtype=dtype)
-        vp = torch.full((n_pages, page, hkv, dv), float("nan"), device=DEVICE, dtype=dtype)
-        order = torch.randperm(n_pages, generator=torch.Generator().manual_seed(rng.randint(0, 2 ** 31))).tolist()
-        table = torch.full((n_seq, per), -1, dtype=torch.int32)
-        for b, (n, o) in enumerate(zip(lens, offsets)):
-            for j in range(-(-n // page)):
-                p, used, t = order.pop(), min(page, n - j * page), o + j * page
-                table[b, j] = p
-                kp[p, :used], vp[p, :used] = k[b, t:t + used], v[b, t:t + used]
-        cache = dict(k_cache=kp, v_cache=vp, block_table=table.to(DEVICE))
+    if page:
+        kp, vp, table = _to_pages(k, v, lens, offsets, page, rng.randint(0, 2 ** 31))
+        cache = dict(k_cache=kp, v_cache=vp, block_table=table)
     out, sel = longattn.nsa_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), kc, vc, *gates,
                                    cache_seqlens=i32(seqs), cache_rows=i32(rows) if chunk > 1 else None, config=config,
                                    num_splits=splits, return_selection=True, **cache)

@@ -346,6 +346,85 @@ def test_moba_decode_cache_rows(device):
         moba_decode(q, k, v, **dict(kw, cache_rows=i32([3] + rows[1:])))
 
 
+def _paged_cache(real, L, page, gen):
+    """Each row's keys/values (``real``) in pages of ``page`` tokens in random order, with spare pages; NaN where no
+    token is, -1 in the block table past each length. Returns (k_pages, v_pages, block_table)."""
+    per, kb0, vb0 = -(-L // page), real[0][0], real[0][1]
+    n_pages = len(real) * per + 2
+    kp = torch.full((n_pages, page, *kb0.shape[1:]), float("nan"), dtype=kb0.dtype, device=kb0.device)
+    vp = torch.full((n_pages, page, *vb0.shape[1:]), float("nan"), dtype=vb0.dtype, device=vb0.device)
+    order = torch.randperm(n_pages, generator=gen).tolist()
+    table = torch.full((len(real), per), -1, dtype=torch.int32)
+    for b, (kb, vb) in enumerate(real):
+        for j in range(-(-kb.shape[0] // page)):
+            p, t = order.pop(), j * page
+            table[b, j] = p
+            kp[p, :kb.shape[0] - t], vp[p, :kb.shape[0] - t] = kb[t:t + page], vb[t:t + page]
+    return kp, vp, table.to(kb0.device)
+
+
+@pytest.mark.parametrize("page,bs", [(8, 16), (16, 16), (16, 64)])
+def test_moba_decode_paged(page, bs, dtype, device):
+    """A paged KV cache (block_table; pages in random order, NaN where no token is) gives the contiguous cache's
+    output and lse on the same tokens, pooled from the cache or with the caller's pooled keys, with cache_rows,
+    checked or not."""
+    from longattn.moba import moba_decode
+
+    lens, Hq, Hkv, topk = [150, 33, 97], 8, 2, 3
+    k, v, seq, off, real = _left_padded_cache(lens, max(lens) + 5, Hkv, 32, 48, dtype, device)
+    kp, vp, table = _paged_cache(real, max(lens), page, torch.Generator().manual_seed(page))
+    q = torch.randn(len(lens), Hq, 32, device=device, dtype=dtype)
+    want, lse_w = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=bs, topk=topk,
+                              return_lse=True)
+    for validate in (True, False):
+        out, lse = moba_decode(q, kp, vp, cache_seqlens=seq, block_table=table, block_size=bs, topk=topk,
+                               return_lse=True, validate=validate)
+        torch.testing.assert_close(out, want, atol=0, rtol=0, msg=f"validate={validate}")
+        torch.testing.assert_close(lse, lse_w, atol=0, rtol=0, msg=f"validate={validate}")
+    # the pooled keys as moba_decode pools them, from either cache, kept by the caller
+    from longattn.moba.ops import pool_cache_blocks
+
+    n_mean = (max(lens) - 1) // bs
+    means = [torch.full((len(lens), n_mean, Hkv, 32), float("nan"), device=device, dtype=dtype) for _ in range(2)]
+    pool_cache_blocks(k, seq, off, bs, means[0])
+    pool_cache_blocks(kp, seq, torch.zeros_like(off), bs, means[1], block_table=table)
+    torch.testing.assert_close(means[1], means[0], atol=0, rtol=0, equal_nan=True)
+    # two tokens of row 0 and one of row 2 (cache_rows: the block table's rows too), pooled or kept
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    rows = i32([0, 0, 2])
+    kw = dict(cache_seqlens=i32([lens[0] - 1, lens[0], lens[2]]), cache_rows=rows, block_size=bs, topk=topk)
+    for k_mean in (None, means[0]):
+        torch.testing.assert_close(moba_decode(q, kp, vp, block_table=table, k_mean=k_mean, **kw),
+                                   moba_decode(q, k, v, cache_offsets=off[rows.long()], k_mean=k_mean, **kw),
+                                   atol=0, rtol=0)
+
+
+def test_moba_decode_paged_errors(device):
+    """Pages that do not divide the block, that do not follow one another, out of the cache, and offsets on a
+    paged cache are refused."""
+    from longattn.moba import moba_decode
+
+    lens = [40, 20]
+    k, v, seq, off, real = _left_padded_cache(lens, 48, 2, 16, 16, torch.float32, device)
+    kp, vp, table = _paged_cache(real, 48, 16, torch.Generator().manual_seed(0))
+    q = torch.randn(2, 4, 16, device=device)
+    run = lambda **kw: moba_decode(q, **{"k_cache": kp, "v_cache": vp, "cache_seqlens": seq, "block_table": table,
+                                         "block_size": 16, **kw})
+    kp32, vp32, table32 = _paged_cache(real, 48, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="page size \\(k_cache.shape\\[1\\] = 32\\) must divide block_size \\(16\\)"):
+        run(k_cache=kp32, v_cache=vp32, block_table=table32)
+    with pytest.raises(ValueError, match="cache_offsets applies to contiguous caches"):
+        run(cache_offsets=off)
+    with pytest.raises(TypeError, match="block_table must be an int32 tensor of shape \\(2, max_pages\\)"):
+        run(block_table=table.long())
+    with pytest.raises(ValueError, match="k_cache's pages must follow one another"):
+        run(k_cache=torch.cat([kp, kp], 1)[:, :16])
+    bad = table.clone()
+    bad[1, 1] = kp.shape[0]  # the second page of a 20-token row: used
+    with pytest.raises(ValueError, match="block_table\\[1\\] points outside the cache"):
+        run(block_table=bad)
+
+
 def test_moba_decode_bad_arguments(device):
     from longattn.moba import moba_decode
 

@@ -349,14 +349,14 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
 
 
 @triton.jit
-def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
+def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                          stride_st, stride_sh, stride_op, stride_ot, stride_oh, stride_lp, stride_lh,
-                          block_size, group, heads_kv, n_slots, slot_programs, qk_scale,
+                          stride_st, stride_sh, stride_op, stride_ot, stride_oh, stride_lp, stride_lh, stride_btb,
+                          block_size, group, heads_kv, n_slots, slot_programs, qk_scale, last_page,
                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                           BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
+                          PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0):
     """One new token per sequence. Program (sequence * Hkv + KV head, slot program, part) holds the GQA group's
     heads as the rows of its tiles and attends to part ``part`` (SPLIT keys) of some of the group's blocks:
     slot 0 is the own block (keys up to the query, every head), slot 1 + j * KSEL + i is head j's i-th
@@ -366,7 +366,9 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
 
     Sequence b's keys are rows ``K_START[b] .. K_END[b] - 1`` at ``K + c * stride_kb`` with c = ROWS[b] (several
     tokens of one sequence reading its cache row) or b (packed: stride_kb 0 and K_START/K_END the cu_seqlens; a
-    batched cache: its batch stride and each row's padding / end)."""
+    batched cache: its batch stride and each row's padding / end). PAGE > 0: a paged cache (K/V (pages, PAGE, Hkv,
+    D), pages one after another, K_START 0, PAGE dividing block_size), key j of row c at slot j % PAGE of page
+    ``BT[c, j // PAGE]`` (clamped to [0, last_page])."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     sp = tl.program_id(1)
@@ -388,6 +390,7 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
         c = tl.load(ROWS + b).to(tl.int64)
     k_base = K + c * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + c * stride_vb + hk.to(tl.int64) * stride_vh
+    bt_row = BT + c * stride_btb
     # the group's selections (BLOCK_G, BLOCK_S), -1 where none; flat = a slot's rank among the selected ones
     offs_s = tl.arange(0, BLOCK_S)
     in_sel = in_g[:, None] & (offs_s[None, :] < KSEL)
@@ -414,10 +417,13 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS,
         if lo < hi:
             # rows of heads that did not select the block see none of its keys (causal mask at position -1)
             pos_m = tl.where(rows_in, hi, -1)
+            bt_blk = bt_row  # (paged: the block's pages from its first one in the table, its keys from 0)
+            if PAGE > 0:
+                bt_blk = bt_row + blk.to(tl.int64) * (block_size // PAGE)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, k_base, v_base,
                                        k_start + blk.to(tl.int64) * block_size, stride_kt, stride_vt, pos_m, lo, hi,
                                        hi, 0, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, True,
-                                       False, PRECISION, 1, 0)
+                                       False, PRECISION, 1, 0, bt_blk, last_page, PAGE)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(OS + piece * stride_op + t * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
@@ -516,7 +522,7 @@ def _meta(dims: AttnDims, dtype):
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None):
+def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None, block_table=None):
     """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks (each
     cut into SPLIT-key parts so that a small batch still fills the GPU), a program per KV head holding its GQA
     group's heads (each block the group selected read once), merged by lse. Returns (out, lse).
@@ -524,7 +530,9 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     q ``(total_q, Hq, Dqk)`` with int32 ``cu_q`` (sequence b's query is row ``cu_q[b]`` if it has one); k/v
     packed ``(total_k, Hkv, D)`` (``k_start``/``k_end`` = cu_seqlens_k without its last / first entry) or a
     batched cache ``(B, L, Hkv, D)`` read in place (sequence b's keys are ``k_start[b] .. k_end[b] - 1`` of cache
-    row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none."""
+    row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none.
+    ``block_table`` int32 ``(rows, max_pages)``: k/v paged ``(pages, page_size, Hkv, D)`` instead (pages one after
+    another, page_size dividing block_size, k_start 0), its row ``rows[b]`` (or b) listing sequence b's pages."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
     group, ksel = hq // hkv, sel.shape[-1]
@@ -540,20 +548,25 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     outs = empty(n_pieces, total_q, hq, dv, device=q.device, dtype=torch.float32)
     lses = empty(n_pieces, hq, total_q, device=q.device, dtype=torch.float32)
     sel_arg = sel if ksel > 0 else torch.empty(total_q, hq, 1, dtype=torch.int32, device=q.device)
-    batch_strides = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
+    batch_strides = (k.stride(0), v.stride(0)) if k.dim() == 4 and block_table is None else (0, 0)
+    page = k.shape[1] if block_table is not None else 0
     block_da, block_db = split_dim(dqk)
     block_n = 32 if small_tiles() else 64
     if q.dtype == torch.float32:  # CUDA-core products: wider key tiles spill on sm_90 (tests/cuda_compile.py)
         block_n = 32 if dqk <= 128 else 16
+    # (a paged cache's row numbers, loaded, not computed, take registers: on 4 warps its 64-key tiles took all 255
+    # of them a thread on sm_90, float32's 32-key tiles spilled; on 8 warps neither)
     _sparse_decode_kernel[((cu_q.numel() - 1) * hkv, slot_programs, n_split)](
-        q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, rows if rows is not None else cu_q, q.stride(0),
-        q.stride(1), batch_strides[0], k.stride(-3), k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2),
-        sel_arg.stride(0), sel_arg.stride(1), outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0),
-        lses.stride(1), block_size, group, hkv, n_slots, slot_programs, scale * LOG2E, DQK=dqk, DV=dv,
+        q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, rows if rows is not None else cu_q,
+        block_table if block_table is not None else cu_q, q.stride(0), q.stride(1), batch_strides[0], k.stride(-3),
+        k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2), sel_arg.stride(0), sel_arg.stride(1),
+        outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
+        block_table.stride(0) if block_table is not None else 0, block_size, group, hkv, n_slots, slot_programs,
+        scale * LOG2E, k.shape[0] - 1 if block_table is not None else 0, DQK=dqk, DV=dv,
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel,
         BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
         BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_ROWS=rows is not None)
+        HAS_ROWS=rows is not None, PAGE=page, **({"num_warps": 8} if page else {}))
     return merge_fwd(outs, lses, q.dtype)
 
 

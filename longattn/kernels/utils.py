@@ -606,6 +606,41 @@ def check_cache_pages(lens: torch.Tensor, table: Optional[torch.Tensor], S: int,
     return lens.tolist()
 
 
+def check_block_table(block_table, cache_offsets, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int, *,
+                      divides: Optional[int] = None, evenly_strided: bool = False) -> tuple:
+    """A decode op's paged KV cache (``(num_pages, page_size, Hkv, D)`` with an int32 ``(rows, max_pages)`` block
+    table, one row per cache row): its type and shape, no ``cache_offsets``, at least one page of one token, a page
+    size dividing ``divides`` (a block of keys the kernels take page by page) and, with ``evenly_strided``, pages
+    one after another (the kernels find token j of page p at row ``p * page_size + j``). Returns (tokens a row
+    reaches, page size)."""
+    if cache_offsets is not None:
+        raise ValueError("cache_offsets applies to contiguous caches; a paged one starts each sequence at its first "
+                         "page")
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or block_table.shape[0] != rows:
+        raise TypeError(f"block_table must be an int32 tensor of shape ({rows}, max_pages) (one row per cache row)")
+    page = k_cache.shape[1]
+    if k_cache.shape[0] == 0 or page == 0:
+        raise ValueError(f"a paged k_cache must hold at least one page of at least one token, got "
+                         f"{tuple(k_cache.shape)}")
+    if divides is not None and divides % page:
+        raise ValueError(f"the page size (k_cache.shape[1] = {page}) must divide block_size ({divides})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)) if evenly_strided else ():
+        if t.stride(0) != page * t.stride(1):
+            raise ValueError(f"{name}'s pages must follow one another (stride(0) = page_size * stride(1)), got "
+                             f"strides {t.stride()}")
+    return block_table.shape[1] * page, page
+
+
+def validate_pages(block_table: torch.Tensor, cache_rows: Optional[torch.Tensor], lens: list, capacity: int,
+                   page: int, pages: int) -> None:
+    """The block-table entries that each query row's length uses (its cache row's, ``cache_rows``) lie in [0,
+    pages), else a ValueError (a host synchronisation)."""
+    if lens:
+        table = block_table if cache_rows is None else block_table[cache_rows.long()]
+        check_cache_pages(torch.tensor(lens), table.cpu(), 1, capacity, page, pages)
+
+
 def check_scale(scale, default: float, name: str = "scale") -> float:
     if scale is None:
         return float(default)

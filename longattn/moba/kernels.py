@@ -13,13 +13,20 @@ from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
 
 
 @triton.jit
-def _mean_rows(K, stride_kt, n, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Float32 mean of n rows of D values at K, K + stride_kt, ..."""
+def _mean_rows(K, stride_kt, n, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BT=None,
+               last_page=0, PAGE: tl.constexpr = 0):
+    """Float32 mean of n rows of D values at K, K + stride_kt, ...; PAGE > 0 (a paged cache, its pages one after
+    another): row t at slot t % PAGE of page BT[t // PAGE] (clamped to [0, last_page]), the same sums in the same
+    order."""
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for t0 in range(0, n, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        x = tl.load(K + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
+        rows = offs_t.to(tl.int64)
+        if PAGE > 0:
+            page = tl.minimum(tl.maximum(tl.load(BT + offs_t // PAGE, mask=offs_t < n, other=0), 0), last_page)
+            rows = page.to(tl.int64) * PAGE + offs_t % PAGE
+        x = tl.load(K + rows[:, None] * stride_kt + offs_d[None, :],
                     mask=(offs_t[:, None] < n) & (offs_d[None, :] < D), other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     return acc / n
@@ -38,13 +45,14 @@ def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, str
 
 
 @triton.jit
-def _cache_block_mean_kernel(K, KMEAN, START, SEQ, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
-                             stride_mh, block_size, tail, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_T: tl.constexpr):
+def _cache_block_mean_kernel(K, KMEAN, START, SEQ, BT, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
+                             stride_mh, stride_btb, block_size, tail, last_page, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr = 0):
     """Decoding: mean of key block j (tokens j*block_size .. of row b, which starts at cache row START[b]) of a
     batched cache (B, L, Hkv, D), for the blocks before the last token's own block (the gate's candidates):
     block program_id(0), or with tail > 0 the program_id(0)-th of the last ``tail`` of them (what decoding steps
-    add to kept means)."""
+    add to kept means). PAGE > 0: a paged cache (pages, PAGE, Hkv, D), row b's pages listed in row b of the block
+    table BT (PAGE dividing block_size, START 0)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     n_cand = (tl.load(SEQ + b) - 1) // block_size
@@ -53,9 +61,13 @@ def _cache_block_mean_kernel(K, KMEAN, START, SEQ, stride_kb, stride_kt, stride_
         j += n_cand - tail
     if (j < 0) | (j >= n_cand):
         return
-    row0 = tl.load(START + b).to(tl.int64) + j.to(tl.int64) * block_size
-    mean = _mean_rows(K + b * stride_kb + row0 * stride_kt + h * stride_kh, stride_kt, block_size, D, BLOCK_D,
-                      BLOCK_T)
+    if PAGE == 0:
+        row0 = tl.load(START + b).to(tl.int64) + j.to(tl.int64) * block_size
+        mean = _mean_rows(K + b * stride_kb + row0 * stride_kt + h * stride_kh, stride_kt, block_size, D, BLOCK_D,
+                          BLOCK_T)
+    else:
+        mean = _mean_rows(K + h * stride_kh, stride_kt, block_size, D, BLOCK_D, BLOCK_T,
+                          BT + b * stride_btb + j.to(tl.int64) * (block_size // PAGE), last_page, PAGE)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(KMEAN + b * stride_mb + j.to(tl.int64) * stride_mn + h * stride_mh + offs_d,
              mean.to(KMEAN.dtype.element_ty), mask=offs_d < D)

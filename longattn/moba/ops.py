@@ -8,10 +8,10 @@ import torch
 
 from ..kernels.sparse import (BlockPlan, block_sparse_packed, entries, pack_inputs, plan_blocks, sparse_backward,
                               sparse_decode, unpack_output)
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_attention_shapes, check_cache_lengths,
-                             check_cache_rows, check_decode_inputs, check_positive_int, check_scale, device_tensor,
-                             eager_context, empty, kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles,
-                             validate_cache_rows)
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_attention_shapes, check_block_table,
+                             check_cache_lengths, check_cache_rows, check_decode_inputs, check_positive_int,
+                             check_scale, device_tensor, eager_context, empty, kernel_inputs, next_pow2, public_op,
+                             resolve_seqlens, small_tiles, validate_cache_rows, validate_pages)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -264,8 +264,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
 
 @public_op("q", "k_cache", "v_cache", "k_mean")
 def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
-                cache_offsets: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
-                k_mean: Optional[torch.Tensor] = None, block_size: int = 512, topk: int = 3,
+                cache_offsets: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                cache_rows: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
+                block_size: int = 512, topk: int = 3,
                 scale: Optional[float] = None, return_lse: bool = False, validate: bool = True):
     """MoBA for one new token per sequence against a batched KV cache, read in place (inference).
 
@@ -277,36 +278,53 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
 
     Args:
         q: ``(B, Hq, Dqk)``.
-        k_cache, v_cache: ``(B, L, Hkv, Dqk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim.
+        k_cache, v_cache: ``(B, L, Hkv, Dqk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim; or
+            paged, ``(num_pages, page_size, Hkv, D*)`` with ``block_table`` (pages one after another, their size
+            dividing block_size; L is then ``max_pages * page_size``).
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches); default 0.
+            Contiguous caches only.
+        block_table: int32 ``(B, max_pages)`` (one row per cache row, see cache_rows): the page of k_cache / v_cache
+            holding each sequence's tokens ``j * page_size`` to ``(j + 1) * page_size - 1`` (a paged KV cache, as a
+            serving engine keeps it).
         cache_rows: int32 ``(B,)``, the caches' batch row each query reads (default: row b). Several new tokens
             of one sequence (speculative tokens, a chunk after a cached prefix) then run in one call, each its own
-            query row with its own ``cache_seqlens``; k_cache/v_cache/k_mean have ``max(cache_rows) + 1`` rows or
-            more, and the query rows of one cache row share its offset.
+            query row with its own ``cache_seqlens``; k_cache/v_cache/k_mean (paged: block_table, k_mean) have
+            ``max(cache_rows) + 1`` rows or more, and the query rows of one cache row share its offset.
         k_mean: optional ``(B, N, Hkv, Dqk)`` pooled keys kept by the caller: row b's block j (tokens
             ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to k's dtype,
             for every block before the token's own (``N >= (cache_seqlens[b] - 1) // block_size``). Without it
             the blocks are pooled from the cache at every call, which reads every key once.
         block_size, topk, scale: as in :func:`moba_attention` (block_size 512, topk 3, scale ``Dqk ** -0.5``).
         return_lse: also return the float32 log-sum-exp ``(B, Hq)``.
-        validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_mean`` (default); that reads
-            them back to the host, a synchronisation. ``validate=False`` skips it (CUDA-graph capture) and sizes
-            the work for the cache's length L; out-of-range lengths then read outside the cache.
+        validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_mean``, and the block-table
+            entries the lengths use against the pages (default); that reads them back to the host, a
+            synchronisation. ``validate=False`` skips it (CUDA-graph capture) and sizes the work for the cache's
+            length L; out-of-range lengths then read outside the cache (pages are clamped to the cache's).
     Returns:
         ``(B, Hq, Dv)`` in q's dtype (and the lse). Equal to the last row of :func:`moba_attention` on the
         sequence.
     """
-    bc = check_cache_rows(cache_rows, k_cache)
+    paged = block_table is not None
+    bc = check_cache_rows(cache_rows, block_table if paged else k_cache)
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_mean": k_mean},
                                                 {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
-                                                 "cache_rows": cache_rows}, cache_batch=bc)
+                                                 "cache_rows": cache_rows, "block_table": block_table},
+                                                cache_batch=k_cache.shape[0] if paged else bc)
     bc = B if bc is None else bc
     _check_block_size(block_size)
+    page = 0
+    if paged:
+        L, page = check_block_table(block_table, cache_offsets, k_cache, v_cache, bc, divides=block_size,
+                                    evenly_strided=True)
     check_positive_int(topk, "topk")
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate, shared_offsets=cache_offsets)
+    if paged:
+        block_table = block_table.contiguous()
+        if validate:  # the pages each sequence's length uses (one more synchronisation)
+            validate_pages(block_table, cache_rows, lens, L, page, k_cache.shape[0])
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, out.new_empty(0, hq, dtype=torch.float32)) if return_lse else out
@@ -326,12 +344,12 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         if km is None:
             km = empty(bc, n_cand, hkv, dk, device=q.device, dtype=kk.dtype)
             if cache_rows is None:
-                pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km)
+                pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km, block_table=block_table)
             else:  # each cache row pooled once, up to its longest query row
                 zeros = torch.zeros(bc, dtype=torch.int32, device=q.device)
                 rows64 = cache_rows.long()
                 pool_cache_blocks(kk, zeros.scatter_reduce(0, rows64, cache_seqlens, "amax"),
-                                  zeros.scatter(0, rows64, cache_offsets), block_size, km)
+                                  zeros.scatter(0, rows64, cache_offsets), block_size, km, block_table=block_table)
         sel = empty(B, hq, ksel, device=q.device, dtype=torch.int32)
         group = hq // hkv
         _moba_decode_select_kernel[(B, hkv)](
@@ -341,27 +359,35 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             PRECISION="ieee" if qk.dtype == torch.float32 else "tf32", BLOCK_G=max(16, next_pow2(group)),
             HAS_ROWS=cache_rows is not None)
     out, lse = sparse_decode(qk, kk, vk, sel, _arange_int32(B + 1, q.device), cache_offsets,
-                             cache_offsets + cache_seqlens, block_size, scale, rows=cache_rows)
+                             cache_offsets + cache_seqlens, block_size, scale, rows=cache_rows,
+                             block_table=block_table)
     out = out.to(q.dtype)
     return (out, lse.t()) if return_lse else out
 
 
 @public_op()
 def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_offsets: torch.Tensor, block_size: int,
-                      out: torch.Tensor, tail: Optional[int] = None) -> None:
+                      out: torch.Tensor, tail: Optional[int] = None,
+                      block_table: Optional[torch.Tensor] = None) -> None:
     """Write into ``out`` ``(B, N, Hkv, D)`` the pooled keys (float32 mean, in out's dtype) of the blocks of each
     row of a batched cache ``(B, L, Hkv, D)`` before its last token's own block, as :func:`moba_decode` reads
     them: every such block up to N, or only the last ``tail`` of them (what decoding steps add to kept means).
-    Lengths and offsets as in :func:`moba_decode`, unchecked."""
-    B, L, hkv, d = k_cache.shape
+    Lengths, offsets and ``block_table`` (k_cache paged, its offsets 0) as in :func:`moba_decode`, unchecked."""
+    if block_table is None:
+        B, L, hkv, d = k_cache.shape
+        page = 0
+    else:
+        B, page, hkv, d = block_table.shape[0], *k_cache.shape[1:]
+        L = block_table.shape[1] * page
     n = min(out.shape[1], max(0, (L - 1) // block_size))
     n = min(n, tail) if tail is not None else n
     if n <= 0 or B == 0:
         return
     _cache_block_mean_kernel[(n, hkv, B)](
-        k_cache, out, cache_offsets, cache_seqlens, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), block_size, n if tail is not None else 0, D=d,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64)
+        k_cache, out, cache_offsets, cache_seqlens, block_table if page else cache_seqlens, k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        block_table.stride(0) if page else 0, block_size, n if tail is not None else 0, k_cache.shape[0] - 1, D=d,
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page)
 
 
 @functools.lru_cache(maxsize=32)

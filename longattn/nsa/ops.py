@@ -15,10 +15,10 @@ from ..kernels.flash import LOG2E, flash_attention, kv_descriptors
 from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_cache_lengths, check_cache_pages,
+from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_block_table, check_cache_lengths,
                              check_cache_rows, check_decode_inputs, check_device, check_positive_int, check_same_dtype,
                              check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2,
-                             num_sms, public_op, small_tiles, split_dim, validate_cache_rows)
+                             num_sms, public_op, small_tiles, split_dim, validate_cache_rows, validate_pages)
 from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -531,21 +531,6 @@ def decode_tiles(config: NSAConfig, dtype: torch.dtype) -> tuple:
     return block_n, min(config.slc_block, 16 if fp32 else 64), c, dict(num_warps=8) if fp32 else {}
 
 
-def _check_block_table(block_table, cache_offsets, k_cache: torch.Tensor, rows: int) -> tuple:
-    """nsa_decode's paged cache: a block table of ``rows`` rows over k_cache's pages; returns (tokens a row
-    reaches, page size)."""
-    if cache_offsets is not None:
-        raise ValueError("cache_offsets applies to contiguous caches; a paged one starts each sequence at its first "
-                         "page")
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-            or block_table.shape[0] != rows:
-        raise TypeError(f"block_table must be an int32 tensor of shape ({rows}, max_pages) (one row per cache row)")
-    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
-        raise ValueError(f"a paged k_cache must hold at least one page of at least one token, got "
-                         f"{tuple(k_cache.shape)}")
-    return block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
-
-
 @public_op("q", "k_cache", "v_cache", "k_cmp", "v_cmp")
 def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor,
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
@@ -607,7 +592,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     bc = B if bc is None else bc
     page = 0
     if paged:
-        L, page = _check_block_table(block_table, cache_offsets, k_cache, bc)
+        L, page = check_block_table(block_table, cache_offsets, k_cache, v_cache, bc)
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if t is None:
             raise TypeError(f"{name} must be a torch.Tensor, got None")
@@ -625,9 +610,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows
     if paged:
         block_table = block_table.contiguous()
-        if validate and B:  # the pages each sequence's length uses (one more synchronisation)
-            rows = block_table if cache_rows is None else block_table[cache_rows.long()]
-            check_cache_pages(torch.tensor(lens), rows.cpu(), 1, L, page, k_cache.shape[0])
+        if validate:  # the pages each sequence's length uses (one more synchronisation)
+            validate_pages(block_table, cache_rows, lens, L, page, k_cache.shape[0])
     if B == 0:
         out = q.new_empty(0, hq, dv)
         return (out, torch.empty(0, hkv, config.slc_topk, dtype=torch.int32, device=q.device)) \

@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 
 from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
-from .utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, AttnDims, check_cache_pages, check_device, check_positive_int,
-                    check_scale, check_tensor, kernel_inputs, next_pow2, public_op, read_back_later)
+from .utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, AttnDims, check_block_table, check_cache_pages, check_device,
+                    check_positive_int, check_scale, check_tensor, kernel_inputs, next_pow2, public_op,
+                    read_back_later)
 
 MAX_QUERY_TOKENS = 16
 
@@ -49,21 +50,8 @@ def _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets)
         if k_cache.shape[0] != B:
             raise ValueError(f"a contiguous k_cache must be (B={B}, max_len, Hkv, D), got {tuple(k_cache.shape)}")
         return B, S, hq, dk, hkv, dv, k_cache.shape[1], 1
-    if cache_offsets is not None:
-        raise ValueError("cache_offsets applies to contiguous caches; a paged one starts each sequence at its first "
-                         "page")
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-            or block_table.shape[0] != B:
-        raise TypeError(f"block_table must be an int32 tensor of shape ({B}, max_pages)")
-    page = k_cache.shape[1]
-    if k_cache.shape[0] == 0 or page == 0:
-        raise ValueError(f"a paged k_cache must hold at least one page of at least one token, got "
-                         f"{tuple(k_cache.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(0) != page * t.stride(1):  # (the kernel finds token j of page p at row p * page + j)
-            raise ValueError(f"{name}'s pages must follow one another (stride(0) = page_size * stride(1)), got "
-                             f"strides {t.stride()}")
-    return B, S, hq, dk, hkv, dv, block_table.shape[1] * page, page
+    capacity, page = check_block_table(block_table, cache_offsets, k_cache, v_cache, B, evenly_strided=True)
+    return B, S, hq, dk, hkv, dv, capacity, page
 
 
 @public_op("q", "k_cache", "v_cache")

@@ -507,6 +507,12 @@ def test_nsa_decode_gpu_defaults(splits, dtype):
         differ = len(set(sel[b].flatten().tolist()) - set(sel_r[0, 0].flatten().tolist()))
         assert differ <= (1 if dtype == torch.bfloat16 else 0), f"sequence {b}: selection differs"
         assert_close(out[b], ref[0, 0], dtype, f"sequence {b}", factor=2)
+    # the same tokens in a paged cache (shuffled 64-token pages, block_table): the same results
+    kp, vp, table = _paged(k, v, lens, offsets, 64, torch.Generator().manual_seed(1))
+    paged, sel_p = nsa_decode(q, kp, vp, kc, vc, *gates, cache_seqlens=seq, block_table=table, config=cfg,
+                              num_splits=splits, return_selection=True)
+    assert torch.equal(sorted_selection(sel_p), sorted_selection(sel)), "paged: selection differs"
+    assert_close(paged, out, dtype, "paged")
 
 
 def _random_selection(lens, hkv, n, block, device):

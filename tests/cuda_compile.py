@@ -250,7 +250,7 @@ def _nsa_cases():
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", BT="*i32", OP="*fp32",
                    LP="*fp32",
-                   LSE="*fp32", OC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
+                   LSE="*fp32", OC="*fp32", LC="*fp32", CAND="*i64", O=f"*{dt}", CU="*i32", DO=f"*{dt}", DQ=f"*{dt}",
                    DELTA="*fp32")
         dv = 128 if d == 192 else d
         shared = dict(DK=d, DV=dv, BLOCK_DK=256 if d == 192 else d, BLOCK_DV=dv, PRECISION="ieee" if dt == "fp32"

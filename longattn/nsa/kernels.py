@@ -859,8 +859,8 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ, ROWS,
                                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
                                  CMP_BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
     """Split-KV path, step 1: compressed attention of the token over compressed blocks
-    [split * per_split, (split + 1) * per_split): partial output OP (S, B, Hq, DV) fp32 and natural-log lse
-    LP (S, Hq, B) (-inf for an empty split), merged afterwards by lse."""
+    [split * per_split, (split + 1) * per_split): partial output OP (S, B, Hq, DV) fp32 and base-2 lse LP (S, Hq,
+    B) (-inf for an empty split), merged by the later steps (the scores' lse, the combined output)."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -875,7 +875,7 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ, ROWS,
                               stride_ct, stride_dt, lo, tl.minimum(lo + per_split, n_cmp), scale_log2, DK, DV,
                               BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
-    lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
     dv = tl.arange(0, BLOCK_DV)
     sp64 = sp.to(tl.int64)
     tl.store(OP + sp64 * stride_ps + b64 * stride_pb + heads[:, None] * stride_ph + dv[None, :],
@@ -884,25 +884,34 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ, ROWS,
 
 
 @triton.jit
-def _nsa_decode_score_split_kernel(Q, KC, LSE, W, CAND, SEQ, ROWS,
-                                   stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_lh,
+def _nsa_decode_score_split_kernel(Q, KC, LP, W, CAND, SEQ, ROWS,
+                                   stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_ls, stride_lh,
                                    stride_xb, stride_xh, stride_xs,
-                                   group, per_split, scale_log2,
+                                   group, per_split, n_cmp_split, scale_log2,
                                    DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_G: tl.constexpr,
                                    CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                                    NW: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr,
                                    LOCAL: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
                                    HAS_ROWS: tl.constexpr):
     """Split-KV path, step 2: the top-n keys among selection blocks [split * per_split, (split + 1) *
-    per_split), from the merged compressed lse LSE (Hq, B) (natural log): CAND (B, Hkv, S, TOPK_PAD) int64."""
+    per_split), from the compressed lse merged from step 1's ``n_cmp_split`` partial ones LP (S, Hq, B) (base 2):
+    CAND (B, Hkv, S, TOPK_PAD) int64."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
     n = tl.load(SEQ + b)
     b64 = b.to(tl.int64)
     q, heads, in_g = _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK, BLOCK_DK, BLOCK_G)
-    lse = tl.load(LSE + heads * stride_lh + b64, mask=in_g, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lp = LP + heads * stride_lh + b64
+    ls = stride_ls.to(tl.int64)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for p in range(0, n_cmp_split):
+        m = tl.maximum(m, tl.load(lp + p * ls, mask=in_g, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    for p in range(0, n_cmp_split):
+        l += tl.exp2(tl.load(lp + p * ls, mask=in_g, other=float("-inf")) - m_safe)
+    lse2 = tl.where(l > 0, m_safe + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))  # +inf: no block, p = 0
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
     own = (n - 1) // SLC_BLOCK
     lo = sp * per_split
@@ -992,13 +1001,15 @@ def _merge_pieces(OP, LP, b64, heads, in_g, lo, hi, stride_ps, stride_pb, stride
 
 
 @triton.jit
-def _nsa_decode_combine_kernel(OC, OP, LP, GATES, OUT,
-                               stride_cb, stride_ch, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
+def _nsa_decode_combine_kernel(OC, LC, OP, LP, GATES, OUT,
+                               stride_cs, stride_cb, stride_ch, stride_lcs, stride_lch,
+                               stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
                                stride_g3, stride_gb, stride_ob, stride_oh,
-                               Hq, n_pieces,
+                               Hq, n_cmp_split, n_pieces,
                                DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr):
-    """Split-KV path, step 4: for BLOCK_H heads of sequence b, the gated sum of the merged compressed output OC
-    (B, Hq, DV) and the selected and window branches, each merged from its pieces."""
+    """Split-KV path, step 4: for BLOCK_H heads of sequence b, the gated sum of the compressed branch (merged from
+    step 1's partial outputs OC and base-2 lse LC) and the selected and window branches (each merged from its
+    pieces OP / LP)."""
     b64 = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = heads < Hq
@@ -1007,8 +1018,8 @@ def _nsa_decode_combine_kernel(OC, OP, LP, GATES, OUT,
     gate_ptr = GATES + b64 * stride_gb + heads
     g3 = stride_g3.to(tl.int64)
     out = tl.load(gate_ptr, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
-        tl.load(OC + b64 * stride_cb + heads[:, None] * stride_ch + dv[None, :],
-                mask=in_h[:, None] & (dv[None, :] < DV), other=0.0)
+        _merge_pieces(OC, LC, b64, heads, in_h, 0, n_cmp_split, stride_cs, stride_cb, stride_ch, stride_lcs,
+                      stride_lch, DV, BLOCK_H, BLOCK_DV)
     out += tl.load(gate_ptr + g3, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
         _merge_pieces(OP, LP, b64, heads, in_h, 0, TOPK, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh, DV,
                       BLOCK_H, BLOCK_DV)

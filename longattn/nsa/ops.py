@@ -12,7 +12,6 @@ import torch
 import triton
 
 from ..kernels.flash import LOG2E, flash_attention, kv_descriptors
-from ..kernels.merge import merge_fwd
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_block_table, check_cache_lengths,
@@ -662,8 +661,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             **attend, PAGE=paging[3], **launch)
         return (out, sel) if return_selection else out
 
-    # split-KV: partial compressed attention per split, lse merge, per-split top-n, then the final top-n and the
-    # other branches in pieces
+    # split-KV: partial compressed attention per split, per-split top-n (each program merging the splits' lse), then
+    # the final top-n and the other branches in pieces, all merged by lse in the last step
     per = max(1, cdiv(cdiv(n_cmp, num_splits), block_n)) * block_n
     s1 = max(1, cdiv(n_cmp, per))
     parts = empty(s1, B, hq, dv, device=q.device, dtype=torch.float32)
@@ -672,14 +671,14 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         qk, kck, vck, parts, lses, cache_seqlens, rows_arg, *common, *cmp_strides, parts.stride(0), parts.stride(1),
         parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
         CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, **launch)
-    o_cmp, lse = merge_fwd(parts, lses) if s1 > 1 else (parts[0], lses[0])
     per2 = max(1, cdiv(cdiv(n_slc, num_splits), c)) * c
     s2 = max(1, cdiv(n_slc, per2))
     top_pad = next_pow2(config.slc_topk)
     cand = empty(B, hkv, s2, top_pad, device=q.device, dtype=torch.int64)
     _nsa_decode_score_split_kernel[(B, hkv, s2)](
-        qk, kck, lse, weights, cand, cache_seqlens, rows_arg, *common, kck.stride(0), kck.stride(1), kck.stride(2),
-        lse.stride(0), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, scale * LOG2E,
+        qk, kck, lses, weights, cand, cache_seqlens, rows_arg, *common, kck.stride(0), kck.stride(1), kck.stride(2),
+        lses.stride(0), lses.stride(1), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, s1,
+        scale * LOG2E,
         **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection, **launch)
     # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
     # compressed output and gated in a last small kernel: one program per (sequence, KV head) would run them all
@@ -695,10 +694,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **launch)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
-        o_cmp, piece_out, piece_lse, gates, out, o_cmp.stride(0), o_cmp.stride(1), piece_out.stride(0),
-        piece_out.stride(1), piece_out.stride(2), piece_lse.stride(0), piece_lse.stride(1), gates.stride(0),
-        gates.stride(1), out.stride(0), out.stride(1), hq, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"],
-        BLOCK_H=block_h, TOPK=config.slc_topk)
+        parts, lses, piece_out, piece_lse, gates, out, parts.stride(0), parts.stride(1), parts.stride(2),
+        lses.stride(0), lses.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
+        piece_lse.stride(0), piece_lse.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), hq,
+        s1, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_H=block_h, TOPK=config.slc_topk)
     return (out, sel) if return_selection else out
 
 

@@ -506,6 +506,44 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     assert F._smem_prune("fwd")(configs, {"Q": bf16}, **dims(128, 64, 128)) == configs[1:2]
 
 
+def test_untuned_launch_passes_over_tiles_ptxas_fails(monkeypatch):
+    """Without autotuning, a launch whose first tile ptxas fails on (Triton 3.6's PTX of some forward TMA twins
+    crashes it, sm_90) takes the next tile that fits (the prune run again without it), and only where ptxas is
+    what failed."""
+    from longattn.kernels import flash as F
+    from longattn.kernels import utils as U
+
+    monkeypatch.setattr(F, "autotune_enabled", lambda: False)
+    monkeypatch.setattr(F, "small_tiles", lambda: False)
+    tuner = F._flash_fwd_kernel
+    tile = lambda t, **kw: triton.Config({**{k: v for k, v in t.items() if k.startswith("BLOCK")}, **kw},
+                                         num_warps=t["num_warps"], num_stages=t["num_stages"])
+    configs = [tile(t, USE_TMA=True) for t in F.FWD_TILES if t["BLOCK_N"] == 64] + [tile(t) for t in F.FWD_TILES]
+    args = dict(Q=torch.empty(0, dtype=torch.bfloat16), BLOCK_DA=128, BLOCK_DB=0, BLOCK_DV=128, HAS_TMA=True)
+    fits = F._smem_prune("fwd")  # (with autotuning: every tile that fits)
+    monkeypatch.setattr(F, "autotune_enabled", lambda: True)
+    order = fits(configs, {"Q": args["Q"]}, **{k: v for k, v in args.items() if k != "Q"})
+    monkeypatch.setattr(F, "autotune_enabled", lambda: False)
+    assert len(order) > 3 and order[0].kwargs["USE_TMA"]
+    tried, real = [], U._assembles
+
+    def assembles(fn, config, launch, failing):
+        assert fn is tuner.fn and launch["BLOCK_DA"] == 128
+        tried.append(config)
+        return config not in failing
+
+    prune = lambda: tuner.early_config_prune(configs, {"Q": args["Q"]}, **{k: v for k, v in args.items() if k != "Q"})
+    for failing, expected in (([], order[0]), (order[:1], order[1]), (order[:3], order[3])):
+        tried.clear()
+        monkeypatch.setattr(U, "_assembles", lambda fn, c, a: assembles(fn, c, a, failing))
+        assert prune() == [expected] and tried == order[:len(failing) + 1]
+    # every tile failing: the last one tried is what the launch compiles again (and raises)
+    monkeypatch.setattr(U, "_assembles", lambda fn, c, a: assembles(fn, c, a, configs))
+    assert len(prune()) == 1
+    # the check itself: nothing to assemble under the interpreter
+    assert real(tuner.fn, order[0], {}) or torch.cuda.is_available()
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # (the interpreter's max over the NaN sequence's rows)
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "dense"])
 def test_tma_tiles_stay_in_their_sequence(varlen, device, monkeypatch):

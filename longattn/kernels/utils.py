@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -246,12 +247,41 @@ def autotune(configs: list, key: list, prune, **options):
             keep = prune(configs, named_args, **kwargs)
             if len(keep) > 1:
                 compile_candidates(fn, keep, {**named_args, **kwargs})
+                return keep
+            # one candidate (no autotuning): where ptxas fails on it, what ``prune`` keeps of the others (a prune
+            # that picks from the ``configs`` it is given: the flash kernels'); autotuning, Triton skips it itself
+            left = list(configs)
+            while keep[0] in left and not _assembles(fn, keep[0], {**named_args, **kwargs}):
+                left.remove(keep[0])
+                if not left:
+                    break
+                keep = prune(left, named_args, **kwargs)
             return keep
 
         early_prune.compiles_ahead = True  # (python -m bench compiles other autotuners' candidates ahead too)
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
                                do_bench=AUTOTUNE_BENCH, **options)(fn)
     return decorate
+
+
+def _assembles(fn, config, args: dict) -> bool:
+    """False where compiling the launch ``fn(**args)`` under ``config`` for this GPU fails in ptxas (which
+    Triton 3.6's PTX of some flash forward TMA tiles crashes, e.g. head dim 128 with left padding, sm_90), with a
+    warning naming the tile; True otherwise (other errors are the launch's to raise; nothing to compile under
+    the interpreter). A warm-up compiles what the launch then finds in the JIT's cache."""
+    if is_interpreter() or not torch.cuda.is_available():
+        return True
+    from triton.runtime.errors import PTXASError
+
+    try:
+        fn.warmup(grid=(1,), **{k: v for k, v in args.items() if k in fn.arg_names}, **config.all_kwargs())
+    except PTXASError as e:
+        warnings.warn(f"{fn.__name__}: ptxas failed on {config} ({str(e).splitlines()[0][:80]}); "
+                      f"the next tile that fits is used", RuntimeWarning, stacklevel=2)
+        return False
+    except Exception:  # noqa: BLE001 - raised again by the launch, where it belongs
+        return True
+    return True
 
 
 def compile_candidates(fn, configs: list, args: dict) -> None:

@@ -32,7 +32,12 @@ fi
 # several workers when pytest-xdist is there (kernel compilation is CPU-bound), a per-test limit when
 # pytest-timeout is there (one hung test must not eat the benchmarks' time)
 opts=()
-python3 -c "import xdist" 2>/dev/null && opts+=(-n "${PYTEST_WORKERS:-16}")
+# (one test at a time to each worker where xdist has --maxschedchunk: by default it sends runs of consecutive tests,
+# the longest all to one worker)
+if python3 -c "import xdist" 2>/dev/null; then
+  opts+=(-n "${PYTEST_WORKERS:-16}")
+  (cd /tmp && python3 -m pytest --help 2>/dev/null) | grep -q -- --maxschedchunk && opts+=(--maxschedchunk 1)
+fi
 python3 -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
 : > "$out/tests.log"
 # every test in one run (-m "gpu or not gpu"), in the order tests/conftest.py gives them on a GPU: the GPU-only

@@ -175,9 +175,17 @@ def _sort_for_gpu(items) -> None:
     """The GPU run's order: the groups of ``_gpu_run_order``, each the longest first as an earlier GPU run timed
     them (gpu_suite.sh): xdist hands the tests out in this order, so no worker is still running a long one, with
     short ones queued behind it, when the time limit comes. Tests that run did not time go after the others of
-    their group, in their collected order."""
+    their group, in their collected order. (xdist's default hand-out sends each worker a run of consecutive tests,
+    len/n/4 of them at first, then up to len/n/2: on the H100 one worker got the nine longest GPU-only tests, and the
+    run's time limit came before it was done; gpu_suite.sh sends them one by one.)"""
     past = _past_durations()
     items.sort(key=lambda item: (_gpu_run_order(item), -past.get(item.nodeid, 0.0)))
+    # xdist's first hand-out (--maxschedchunk 1, as gpu_suite.sh runs it) gives each of its n workers two
+    # consecutive tests: the longest goes with the shortest of the first 2n, the second with the second shortest...
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if 0 < n and 2 * n <= len(items):
+        head = items[:2 * n]
+        items[:2 * n] = [t for i in range(n) for t in (head[i], head[2 * n - 1 - i])]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -189,11 +189,14 @@ def test_autotune_report(tmp_path):
 def test_gpu_run_order(monkeypatch, tmp_path):
     """On a GPU (bench/gpu_suite.sh) the tests run GPU-only ones first, then bfloat16 / dtype-less, then the float16
     / float32 ones, each group the longest first as an earlier run's log (LONGATTN_TEST_DURATIONS) timed them,
-    then those it did not time in their collected order."""
+    then those it did not time in their collected order; under xdist's n workers, the first 2n paired longest with
+    shortest (each worker's first two)."""
     import os
     from types import SimpleNamespace
 
     from conftest import _sort_for_gpu
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
 
     names = [("t.py::a[float16]", set()), ("t.py::b[bfloat16]", set()), ("t.py::c", {"gpu"}), ("t.py::d", set()),
              ("t.py::e[float32-x]", set()), ("t.py::f[float32]", {"gpu"}), ("t.py::test_bfloat16_x[float32]", set()),
@@ -208,6 +211,12 @@ def test_gpu_run_order(monkeypatch, tmp_path):
     later = tmp_path / "later.log"  # a later run's times win; a file that cannot be read is passed over
     later.write_text("passed      0.50s t.py::g[q[1, 2]] (call)\npassed      0.75s t.py::b[bfloat16] (call)\n")
     monkeypatch.setenv("LONGATTN_TEST_DURATIONS", os.pathsep.join([str(log), str(tmp_path / "missing"), str(later)]))
+    _sort_for_gpu(items)
+    assert [i.nodeid[6] for i in items] == list("cfdbgtae")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    _sort_for_gpu(items)
+    assert [i.nodeid[6] for i in items] == list("cbfdgtae")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "5")  # more workers than pairs: the order as it was
     _sort_for_gpu(items)
     assert [i.nodeid[6] for i in items] == list("cfdbgtae")
 

@@ -13,7 +13,8 @@ from .common import Results, parse_ints, require_cuda, time_ms
 
 COLUMNS = ["case", "kernel", "calls", "ms", "%gpu"]
 CASES = ("nsa_fwd", "nsa_fwdbwd", "nsa_decode_b1", "nsa_decode_b32", "moba_fwd", "moba_fwdbwd", "mla_decode_s1",
-         "mla_decode_s4", "mla_prefill_fwd", "mla_prefill_fwdbwd", "rollout_step", "rollout_step_dynamic")
+         "mla_decode_s4", "mla_prefill_fwd", "mla_prefill_fwdbwd", "rollout_step", "rollout_step_dynamic",
+         "rollout_step_flash")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -27,8 +28,9 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--mla-prefill", default="16k,32", help="prefill T, heads")
     p.add_argument("--rollout", default="8,8k", help="rollout_step*: prompts, longest prompt (the `rollout` "
                    "benchmark's model with transformers' SDPA attention; one decoding step with the rollout's "
-                   "InPlaceCache, or with DynamicCache for rollout_step_dynamic; each call one token longer, as in "
-                   "a rollout: a new length every call)")
+                   "InPlaceCache, or with DynamicCache for rollout_step_dynamic; rollout_step_flash: longattn's "
+                   "flash swapped in, InPlaceCache; each call one token longer, as in a rollout: a new length every "
+                   "call)")
     p.add_argument("--rollout-model", default="", help="the `rollout` benchmark's model options, e.g. '--layers 2'")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -108,7 +110,7 @@ def _cases(args, dev, dtype):
             return lambda: mla_prefill(*xs, scale=192 ** -0.5)
         return build
 
-    def rollout_step(dynamic):
+    def rollout_step(kind):
         def build():
             from transformers import DynamicCache
 
@@ -119,7 +121,8 @@ def _cases(args, dev, dtype):
 
             p = argparse.ArgumentParser()
             rollout_bench.add_args(p)
-            model = rollout_bench._model("sdpa", p.parse_args(shlex.split(args.rollout_model)), dev, dtype)
+            model = rollout_bench._model("flash" if kind == "flash" else "sdpa",
+                                         p.parse_args(shlex.split(args.rollout_model)), dev, dtype)
             batch, longest = parse_ints(args.rollout)
             gen = torch.Generator().manual_seed(0)
             lens = torch.randint(max(1, longest // 2), longest + 1, (batch,), generator=gen).to(dev)
@@ -127,7 +130,7 @@ def _cases(args, dev, dtype):
             mask = (torch.arange(longest, device=dev) >= longest - lens[:, None]).long()  # left-padded
             ids = torch.randint(0, model.config.vocab_size, (batch, longest), generator=gen).to(dev) * mask
             # room for the steps timed (each adds a token)
-            cache = DynamicCache(config=model.config) if dynamic else \
+            cache = DynamicCache(config=model.config) if kind == "sdpa_dynamic" else \
                 InPlaceCache(config=model.config, max_cache_len=longest + 4096)
             kw = {_cache_kw(model): cache, "use_cache": True}
             with torch.no_grad():
@@ -145,8 +148,8 @@ def _cases(args, dev, dtype):
     cases = {"nsa_fwd": nsa_fwd, "nsa_fwdbwd": nsa_fwdbwd, "nsa_decode_b1": nsa_decode_case(1),
              "nsa_decode_b32": nsa_decode_case(32), "moba_fwd": moba(False), "moba_fwdbwd": moba(True),
              "mla_decode_s1": mla_dec(1), "mla_decode_s4": mla_dec(4), "mla_prefill_fwd": mla_pre(False),
-             "mla_prefill_fwdbwd": mla_pre(True), "rollout_step": rollout_step(False),
-             "rollout_step_dynamic": rollout_step(True)}
+             "mla_prefill_fwdbwd": mla_pre(True), "rollout_step": rollout_step("sdpa"),
+             "rollout_step_dynamic": rollout_step("sdpa_dynamic"), "rollout_step_flash": rollout_step("flash")}
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(names) - set(cases)
     if unknown:

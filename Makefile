@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-oldest test-triton bench install clean
+.PHONY: demo test test-oldest test-triton compile-launches bench install clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,11 +34,30 @@ demo: $(VENV)/.installed
 KERNEL_TESTS := tests/test_decode.py tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/test_moba.py tests/test_nsa.py \
 	tests/test_sparse.py
 
+GPU_TILE_TESTS := not bfloat16 and not gpu_candidates and not autotuning and not split_scores and not per_query and \
+	not torch_compile and not custom_op
+
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 ifneq ($(HAS_CUDA),1)
-	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "not bfloat16 and not gpu_candidates and not autotuning and not split_scores and not per_query and not torch_compile and not custom_op" \
-		$(KERNEL_TESTS)
+	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "$(GPU_TILE_TESTS)" $(KERNEL_TESTS)
+endif
+
+# Every distinct kernel launch of that GPU-tile pass (recorded through the interpreter), in float16 and bfloat16,
+# compiled for sm_90 as Triton's JIT would specialise it on the GPU (tests/compile_launches.py): what the compiler or
+# ptxas would fail on there shows here, without one (about 10 minutes on 2 cores; not part of `make test`). With
+# the venv's Triton, or another release: `make compile-launches COMPILE_TRITON=3.6.0` (the GPU image's).
+COMPILE_TRITON ?=
+compile-launches: $(VENV)/.installed
+	rm -f .launches.jsonl
+	LONGATTN_RECORD_LAUNCHES=$(CURDIR)/.launches.jsonl LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -q \
+		-k "$(GPU_TILE_TESTS)" $(KERNEL_TESTS)
+ifneq ($(COMPILE_TRITON),)
+	test -d .triton-$(COMPILE_TRITON) || $(PY) -m pip install -q --no-deps --target .triton-$(COMPILE_TRITON) \
+		"triton==$(COMPILE_TRITON)" "numpy<2.4"
+	PYTHONPATH=$(CURDIR)/.triton-$(COMPILE_TRITON) $(PY) tests/compile_launches.py .launches.jsonl
+else
+	$(PY) tests/compile_launches.py .launches.jsonl
 endif
 
 # The oldest supported stack, in a venv of its own: torch 2.5 with Triton 3.6 (torch 2.5 asks for Triton 3.1; the

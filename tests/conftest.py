@@ -131,10 +131,60 @@ def _patch_language_once_per_launch():
     interpreter._patch_lang = patch_lang
 
 
+def _record_launches(path: str) -> None:
+    """LONGATTN_RECORD_LAUNCHES=path: every distinct kernel launch through the interpreter is appended to ``path``
+    as one JSON line (the kernel, each argument's dtype and 16-byte alignment or value, the launch options), for
+    ``tests/compile_launches.py`` to compile for a GPU as Triton's JIT would specialise it (what the GPU runs of
+    the same tests compile). Integers that are not constexprs are kept only as what specialises a launch: 1, a
+    multiple of 16, another 32-bit value or a 64-bit one."""
+    import json
+
+    from triton.runtime import interpreter
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    run = interpreter.InterpretedFunction.run
+    seen = set()
+
+    def encode(value, constexpr: bool):
+        if isinstance(value, torch.Tensor):
+            return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
+        if isinstance(value, TensorDescriptor):
+            return {"desc": str(value.base.dtype).removeprefix("torch."),
+                    "shape": [encode(n, False) for n in value.shape],
+                    "strides": [encode(n, False) for n in value.strides], "block": list(value.block_shape),
+                    "aligned": value.base.data_ptr() % 16 == 0}
+        if isinstance(value, int) and not isinstance(value, bool) and not constexpr:
+            return 1 if value == 1 else 16 if value % 16 == 0 else 3 if -2 ** 31 <= value < 2 ** 31 else 2 ** 40 + 3
+        if isinstance(value, float) and not constexpr:
+            return 0.5
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(type(value).__name__)
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        try:
+            line = json.dumps({"kernel": f"{self.fn.__module__}:{self.fn.__name__}",
+                               "args": [encode(a, n in constexpr) for a, n in zip(args, params)],
+                               "kwargs": {k: encode(v, k in constexpr or k in LAUNCH_OPTIONS)
+                                          for k, v in sorted(kwargs.items())}})
+        except TypeError:  # an argument of a kind no GPU launch of ours passes
+            line = None
+        if line is not None and line not in seen:
+            seen.add(line)
+            with open(path, "a") as f:  # one write per line: the xdist workers' lines do not interleave
+                f.write(line + "\n")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    interpreter.InterpretedFunction.run = recording
+
+
 if not HAS_CUDA:
     _strict_interpreter_launches()
     _exact_bfloat16_interpreter()
     _patch_language_once_per_launch()
+    if os.environ.get("LONGATTN_RECORD_LAUNCHES"):
+        _record_launches(os.environ["LONGATTN_RECORD_LAUNCHES"])
 DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 
 

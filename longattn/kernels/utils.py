@@ -241,7 +241,8 @@ def autotune(configs: list, key: list, prune, **options):
     """``triton.autotune`` for longattn's kernels: candidates ``configs`` timed per value of ``key``, pruned by
     ``prune(configs, named_args, **kwargs)`` (Triton's ``early_config_prune``), nothing timed under the
     interpreter, and the candidates left after pruning compiled side by side before they are timed (see
-    ``compile_candidates``). ``options``: other ``triton.autotune`` arguments (``restore_value``)."""
+    ``compile_candidates``); a single candidate (no autotuning) that ptxas fails on gives way to the next the prune
+    keeps (see ``_assembles``). ``options``: other ``triton.autotune`` arguments (``restore_value``)."""
     def decorate(fn):
         def early_prune(configs, named_args, **kwargs):
             keep = prune(configs, named_args, **kwargs)

@@ -101,12 +101,14 @@ def main(argv) -> int:
     def one(record):
         t = time.time()
         try:
+            if "unrecorded" in record:
+                raise TypeError(f"an argument the recorder could not write: {record['unrecorded']}")
             kernel = compile_launch(record)
             smem = kernel.metadata.shared
             status = "ok" if smem <= SMEM_LIMIT else f"FAIL shared memory {smem} > {SMEM_LIMIT}"
         except Exception as e:  # every failure reported, not only the first
             status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        consts = {k: v for k, v in record["kwargs"].items() if k.isupper() or k.startswith("num_")}
+        consts = {k: v for k, v in record.get("kwargs", {}).items() if k.isupper() or k.startswith("num_")}
         with lock:
             compiled.append(record)
             if not status.startswith("ok"):

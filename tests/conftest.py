@@ -169,9 +169,9 @@ def _record_launches(path: str) -> None:
                                "args": [encode(a, n in constexpr) for a, n in zip(args, params)],
                                "kwargs": {k: encode(v, k in constexpr or k in LAUNCH_OPTIONS)
                                           for k, v in sorted(kwargs.items())}})
-        except TypeError:  # an argument of a kind no GPU launch of ours passes
-            line = None
-        if line is not None and line not in seen:
+        except TypeError as e:  # an argument of a kind no launch of ours passed so far: listed as not compiled
+            line = json.dumps({"kernel": f"{self.fn.__module__}:{self.fn.__name__}", "unrecorded": str(e)})
+        if line not in seen:
             seen.add(line)
             with open(path, "a") as f:  # one write per line: the xdist workers' lines do not interleave
                 f.write(line + "\n")

@@ -225,7 +225,12 @@ def test_flash_decode_path(case, dtype, device, monkeypatch):
                 ref_b = attention_ref(q[b:b + 1, q0:].float(), k[b:b + 1, p:].float(), v[b:b + 1, p:].float(),
                                       causal=causal, window=window)
                 assert_close(out_p[b:b + 1, q0:], ref_b, dtype, f"out (left pad, row {b})")
-    assert len(calls) == 4
+        # a row of padding only (a finished or empty sequence in a batch): zeros and lse -inf, the others unchanged
+        out_a, lse_a = flash_attention(q, k, v, causal=causal, window=window, return_lse=True,
+                                       left_pad=torch.tensor([Tk] + pads[1:], dtype=torch.int32, device=device))
+        assert torch.all(out_a[0] == 0) and torch.all(torch.isneginf(lse_a[0]))
+        assert torch.equal(out_a[1:], out_p[1:])
+    assert len(calls) == 5
 
 
 def test_custom_scale_and_strided_inputs(device):

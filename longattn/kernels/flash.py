@@ -425,7 +425,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
     """Few queries per sequence (decoding, speculative tokens), no gradient: split-KV. Program (sequence * Hkv +
     KV head, split) holds its GQA group's heads times the sequence's queries as the rows of its tiles (each key
     tile is loaded once for all of them), streams one split of the keys and writes its normalised partial
-    output and lse (natural log), merged afterwards.
+    output and lse (natural log), merged afterwards (LEFT_PAD: also the padding query rows, 0 and -inf).
 
     HAS_SEQLENS (a KV cache, dense queries): sequence b holds ``SEQLENS[b]`` keys from row ``CU_K[b]`` of its
     cache (LEFT_PAD; else row 0), or (PAGE > 0) in the pages its block-table row ``BT + b * stride_btb`` lists (K/V
@@ -460,6 +460,14 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
     o_ptr = OS + split.to(tl.int64) * stride_op + b64 * stride_ob + rows_q[:, None] * stride_ot \
         + head[:, None] * stride_oh + offs_dv[None, :]
     o_mask = valid[:, None] & (offs_dv[None, :] < DV)
+    if LEFT_PAD and not HAS_SEQLENS:  # the padding query rows [0, q_start): output 0, lse -inf (in every split)
+        padding = (g < group) & (t < q_start)
+        t64 = t.to(tl.int64)
+        tl.store(OS + split.to(tl.int64) * stride_op + b64 * stride_ob + t64[:, None] * stride_ot
+                 + head[:, None] * stride_oh + offs_dv[None, :], tl.zeros([M, BLOCK_DV], tl.float32).to(
+                     OS.dtype.element_ty), mask=padding[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LS + split.to(tl.int64) * stride_lp + b64 * stride_lb + head * stride_lh + t64,
+                 tl.full([M], float("-inf"), tl.float32), mask=padding)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, k_len)
     if CAUSAL:
@@ -873,8 +881,7 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
     n_split, per_split = split_context(programs, longest if cache_seqlens is not None else dims.max_seqlen_k,
                                        num_sms(q.device) * 2)
     outs, lses = _outputs((n_split, rows_q) if varlen else (n_split, dims.batch, tq), dims,
-                          torch.float32 if n_split > 1 else q.dtype, q.device,
-                          left_pad is not None and cache_seqlens is None)  # (a cache's queries: no padding)
+                          torch.float32 if n_split > 1 else q.dtype, q.device, False)  # (the kernel writes every row)
     if outs.numel() and lses.numel():
         so = (outs.stride(0), 0, outs.stride(1), outs.stride(2)) if varlen else outs.stride()[:4]
         sl = (lses.stride(0), 0, lses.stride(1)) if varlen else lses.stride()[:3]

@@ -713,7 +713,7 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
 
 
 @autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
-          _smem_prune("dq"))
+          _smem_prune("dq"), restore_value=["DQ"])  # (ACC_DQ adds to DQ: each timed candidate finds it as it was)
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -724,8 +724,9 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                          BLOCK_DV: tl.constexpr,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
-                      BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False):
+    """dq of a block of BLOCK_M query rows of one head; ACC_DQ: added to what DQ holds (float32 sum, one rounding),
+    as when several key sets (NSA's branches) share the queries."""
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
     q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
@@ -764,8 +765,14 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, c, d, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
                            True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
-    _store_split(DQ + b64 * stride_dqb + h64 * stride_dqh, rows * stride_dqt, in_m, dq_a * scale, dq_b * scale, DQK,
-                 BLOCK_DA, BLOCK_DB)
+    dq_a *= scale
+    dq_b *= scale
+    dq_ptr = DQ + b64 * stride_dqb + h64 * stride_dqh
+    if ACC_DQ:
+        old_a, old_b = _load_split(dq_ptr, rows * stride_dqt, in_m, DQK, BLOCK_DA, BLOCK_DB, False)
+        dq_a += old_a.to(tl.float32)
+        dq_b += old_b.to(tl.float32)
+    _store_split(dq_ptr, rows * stride_dqt, in_m, dq_a, dq_b, DQK, BLOCK_DA, BLOCK_DB)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,15 +930,20 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
 
 
 def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float,
-              key_pos=(1, 0), left_pad=None):
+              key_pos=(1, 0), left_pad=None, dq=None):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
     as when MoBA or NSA add other key sets to the same softmax). With ``left_pad`` the padding rows' gradients
-    are 0."""
+    are 0. ``dq``: a gradient of q (q's shape and dtype) that this call's dq is added to, in place (the one
+    returned), instead of a new tensor."""
     varlen = dims.varlen
     meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
     alloc = torch.zeros if left_pad is not None else empty
-    dq = alloc(q.shape, device=q.device, dtype=q.dtype)
+    acc_dq = dq is not None
+    if acc_dq and (dq.shape != q.shape or dq.dtype != q.dtype or dq.stride(-1) != 1 or left_pad is not None):
+        raise ValueError("flash_bwd adds to a dq of q's shape and dtype, contiguous in its last dim, without left_pad")
+    if not acc_dq:
+        dq = alloc(q.shape, device=q.device, dtype=q.dtype)
     # Few key blocks for many queries (NSA's compressed keys, a short context under a long chunk): too few
     # programs to fill the GPU, the first of them (causal) with the most work. The query heads of a GQA group
     # are then spread over several programs per key block, whose float32 partial dK/dV are added up after.
@@ -957,7 +969,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen),
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta)
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta, ACC_DQ=acc_dq)
     return dq, dk, dv
 
 

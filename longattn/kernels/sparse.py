@@ -602,11 +602,13 @@ class _BlockSparse(torch.autograd.Function):
 
 
 def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDims, ent: Optional[_Entries],
-                    ksel: int, block_size: int, scale: float, dq_by_entries: bool = True):
+                    ksel: int, block_size: int, scale: float, dq_by_entries: bool = True, delta=None, dq=None):
     """Gradients of block-sparse attention (own block causal + the entries' blocks, one softmax) from its
     output and row lse: flash backward on the own blocks, then the selected blocks by key tile (dk, dv)
     and, with ``dq_by_entries``, by entry tile (dq; otherwise dq holds the own blocks' part only and the
-    caller adds the rest). ``ent`` from :func:`entries` (None: no selected block).
+    caller adds the rest). ``ent`` from :func:`entries` (None: no selected block). ``delta``: the rows'
+    ``rowsum(dout * out) - dlse`` where the caller has it (float32, lse's layout); ``dq``: a gradient of q to add
+    to in place (see :func:`flash_bwd`).
     Returns dq, dk, dv and, for such a caller, the contiguous dout and the row delta."""
     if dout is None:
         dout = torch.zeros_like(out)
@@ -614,10 +616,11 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     if dlse is not None:
         dlse = dlse.float().contiguous()
     if q.shape[0] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dout, None
+        return (torch.zeros_like(q) if dq is None else dq), torch.zeros_like(k), torch.zeros_like(v), dout, None
     # One softmax over own block + selected blocks: every piece's gradient uses the final lse and delta.
-    delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
-    dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale)
+    if delta is None:
+        delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
+    dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale, dq=dq)
     if ent is None:
         return dq, dk, dv, dout, delta
     meta = _meta(dims, q.dtype)
@@ -661,7 +664,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), dq32.stride(2), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
             KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta)
-        dq = (dq.float() + (dq32.sum(0) if slots else dq32[0])).to(dq.dtype)
+        dq.copy_(dq.float() + (dq32.sum(0) if slots else dq32[0]))
     return dq, dk, dv, dout, delta
 
 

@@ -82,6 +82,9 @@ def _flash_cases():
             tiles, launch = (F.FP32_TILES[which], (dict(num_warps=8, num_stages=1),)) if dt == "fp32" else ({}, ())
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta, **tiles), ("qk_scale", "scale"),
                           *launch))
+            if which == "dq":  # adding to a dq (NSA's branches)
+                cases.append((f"{kern.fn.__name__}[{tag}-acc]", kern, ptr, dict(meta, **tiles, ACC_DQ=True),
+                              ("qk_scale", "scale"), *launch))
         if dt != "fp32":  # the forward's TMA twins (K/V's row descriptors), on the GPU's first tile
             tile = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("BLOCK")}
             n = tile["BLOCK_N"]
@@ -306,9 +309,9 @@ def _nsa_cases():
                 if block_g == 16 and name in ("_nsa_decode_kernel", "_nsa_decode_piece_kernel"):  # a paged cache
                     cases.append((f"{name}[{dt}-d{d}-g{block_g}-page64]", getattr(K, name), ptr, dict(meta, PAGE=64),
                                   ("scale_log2", "scale"), opts))
-        gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "DOUT", "DO1", "DO2", "DO3")}
-        gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "DG1", "DG2", "DG3")})
-        for name in ("_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel"):
+        gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "O", "DOUT", "DO")}
+        gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "G", "DG", "DELTA")})
+        for name in ("_gated_sum_fwd_kernel", "_gated_prep_kernel"):
             cases.append((f"{name}[{dt}]", getattr(K, name), gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16), ()))
     return cases
 

@@ -1,4 +1,5 @@
 """NSA op (Triton branches) against the PyTorch reference: output, selection, every gradient."""
+import dataclasses
 import itertools
 
 import pytest
@@ -51,6 +52,25 @@ def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, **varlen):
     names = ["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa", "dk_cmp", "dv_cmp"]
     for name, a, b in zip(names, ours, refs):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
+
+
+def test_nsa_strided_inputs(device):
+    """q, k, v and the gates as views into fused projections (strided, as a layer's split of them gives them): the
+    output and every gradient (q's accumulated over the three branches in place) equal those of contiguous copies."""
+    B, T, Hq, Hkv, D = 1, 100, 4, 2, 32
+    fused = torch.randn(B, T, Hq + 2 * Hkv, D, device=device)
+    fused_gates = torch.rand(B, T, 3, Hq, device=device)
+    dout = torch.randn(B, T, Hq, D, device=device)
+
+    def run(make):
+        base, gbase = leaf(fused), leaf(fused_gates)
+        q, k, v = (make(base[:, :, a:b]) for a, b in ((0, Hq), (Hq, Hq + Hkv), (Hq + Hkv, Hq + 2 * Hkv)))
+        out = nsa_attention(q, k, v, *(make(gbase[:, :, i]) for i in range(3)), config=CFG)
+        out.backward(dout)
+        return out, base.grad, gbase.grad
+
+    for name, a, b in zip(("out", "d(qkv)", "d(gates)"), run(lambda t: t), run(lambda t: t.contiguous())):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,D", [(2, 100, 4, 2, 32), (1, 130, 2, 2, 16), (1, 90, 16, 1, 16)],
@@ -743,10 +763,17 @@ def test_torch_compile(learnable, device):
 
 
 def test_custom_op_registration(device):
-    """The custom ops of nsa_attention's branches pass torch.library.opcheck (schema, shapes, autograd formula)."""
-    outs = [leaf(torch.randn(30, 4, 16, device=device)) for _ in range(3)]
-    gates = [leaf(torch.rand(30, 4, device=device)) for _ in range(3)]
-    torch.library.opcheck(torch.ops.longattn.nsa_gated_sum.default, (*outs, *gates))
+    """The custom ops of nsa_attention's branches and of nsa_selected_attention pass torch.library.opcheck (schema,
+    shapes, autograd formula)."""
+    lengths = [40, 30]
+    q, k, v = (leaf(torch.randn(70, h, 16, device=device)) for h in (4, 2, 2))
+    gates = [leaf(torch.rand(70, 4, device=device)) for _ in range(3)]
+    n_cmp = [CFG.num_cmp_blocks(n) for n in lengths]
+    kc, vc = (leaf(torch.randn(sum(n_cmp), 2, 16, device=device)) for _ in range(2))
+    cu, cu_cmp = (torch.tensor([0, a, a + b], dtype=torch.int32, device=device) for a, b in (lengths, n_cmp))
+    config = [getattr(CFG, f.name) for f in dataclasses.fields(NSAConfig)]
+    torch.library.opcheck(torch.ops.longattn.nsa_branches.default,
+                          (q, k, v, kc, vc, *gates, cu, cu_cmp, lengths, config, 0.25))
     q, k, v = (leaf(torch.randn(80, h, 16, device=device)) for h in (4, 2, 2))
     pos = torch.arange(80, device=device) % 40
     sel = torch.stack([pos // 16, torch.where(pos >= 16, 0, -1)], -1)[:, None].expand(80, 2, 2).to(torch.int32)

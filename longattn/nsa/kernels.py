@@ -3,10 +3,10 @@
 Prefill / training: selection scores from the compressed attention probabilities and top-n
 (``_nsa_select_kernel``), the selected branch's forward and dq by blocks of consecutive queries, the rows of
 each tile their GQA group's heads, visiting the union of the queries' blocks once (``_nsa_selected_fwd_kernel``,
-``_nsa_selected_dq_kernel``), and the gated sum (``_gated_sum_*``). The compressed branch runs through
-:func:`longattn.flash_attention` with strided key positions, the window through flash attention with
-``window``, and the selected branch's dk/dv through the block-sparse engine's gradient kernels
-(:mod:`longattn.kernels.sparse`).
+``_nsa_selected_dq_kernel``), and the gated sum (``_gated_sum_fwd_kernel``; backward: each branch's share of its
+gradient, ``_gated_prep_kernel``). The compressed branch runs through flash attention with strided key positions,
+the window through flash attention with ``window``, and the selected branch's dk/dv through the block-sparse
+engine's gradient kernels (:mod:`longattn.kernels.sparse`).
 
 Decoding (one token per sequence against a cache): ``_nsa_decode_kernel`` runs every branch in one program
 per (sequence, KV head); the split-KV path spreads the compressed attention and the scoring over several
@@ -189,26 +189,23 @@ def _gated_sum_fwd_kernel(O1, O2, O3, G1, G2, G3, OUT, n_rows, DV: tl.constexpr,
 
 
 @triton.jit
-def _gated_branch_bwd(DO, O, G, DOUT, DG, r, in_r, off, mask):
-    do = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + r, mask=in_r, other=0.0).to(tl.float32)
-    tl.store(DO + off, (g[:, None] * do).to(DO.dtype.element_ty), mask=mask)
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DG + r, tl.sum(do * o, 1).to(DG.dtype.element_ty), mask=in_r)
-
-
-@triton.jit
-def _gated_sum_bwd_kernel(O1, O2, O3, G1, G2, G3, DOUT, DO1, DO2, DO3, DG1, DG2, DG3, n_rows, DV: tl.constexpr,
-                          BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Gradients of the gated sum: ``do_i = g_i * dout`` (in o_i's dtype), ``dg_i = sum(dout * o_i)`` per row."""
+def _gated_prep_kernel(O, DOUT, G, DO, DELTA, DG, n_rows, heads, stride_lh, DV: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One branch's share of the gated sum's gradient, ready for its backward: over rows r = token * heads + head
+    of DV values, ``do = g * dout`` (in O's dtype), ``dg = sum(dout * o)`` (the gate's gradient) and the row's
+    ``delta = sum(do * o)`` (float32, at ``head * stride_lh + token``: the branch lse's layout)."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     in_r = r < n_rows
     d = tl.arange(0, BLOCK_DV)
     mask = in_r[:, None] & (d[None, :] < DV)
     off = r[:, None] * DV + d[None, :]
-    _gated_branch_bwd(DO1, O1, G1, DOUT, DG1, r, in_r, off, mask)
-    _gated_branch_bwd(DO2, O2, G2, DOUT, DG2, r, in_r, off, mask)
-    _gated_branch_bwd(DO3, O3, G3, DOUT, DG3, r, in_r, off, mask)
+    dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + r, mask=in_r, other=0.0).to(tl.float32)
+    do = (g[:, None] * dout).to(DO.dtype.element_ty)
+    tl.store(DO + off, do, mask=mask)
+    tl.store(DG + r, tl.sum(dout * o, 1).to(DG.dtype.element_ty), mask=in_r)
+    tl.store(DELTA + (r % heads) * stride_lh + r // heads, tl.sum(do.to(tl.float32) * o, 1), mask=in_r)
 
 
 @triton.jit

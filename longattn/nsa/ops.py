@@ -11,14 +11,14 @@ from typing import Optional
 import torch
 import triton
 
-from ..kernels.flash import LOG2E, flash_attention, kv_descriptors
+from ..kernels.flash import LOG2E, flash_bwd, flash_fwd, kv_descriptors
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_block_table, check_cache_lengths,
                              check_cache_rows, check_decode_inputs, check_device, check_positive_int, check_same_dtype,
                              check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2,
                              num_sms, public_op, small_tiles, split_dim, validate_cache_rows, validate_pages)
-from .kernels import (_gated_sum_bwd_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
+from .kernels import (_gated_prep_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
                       _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned, selected_configs, selected_rows)
@@ -87,6 +87,8 @@ def _gate_launch(n_rows: int, dv: int):
 
 
 def _gated_sum_into(out, os_, gs):
+    """``out = sum g_i * o_i`` over the three branches (contiguous ``(N, Hq, Dv)``, gates ``(N, Hq)``); ``out`` may
+    be the first branch's output (each element is read before it is written, by the same program)."""
     n_rows = gs[0].numel()
     if n_rows:
         grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
@@ -94,88 +96,17 @@ def _gated_sum_into(out, os_, gs):
     return out
 
 
-def _gated_sum(o1, o2, o3, g1, g2, g3):
-    """NSA's gated sum of the branch outputs; without gradients (inference) it overwrites the first branch's
-    output, which the caller no longer needs (one branch-sized buffer less at the peak: 1 GB at 64k tokens in
-    the paper's shape). Each element is read before it is written, by the same program."""
-    ins = (o1, o2, o3, g1, g2, g3)
-    if torch.compiler.is_compiling():
-        return torch.ops.longattn.nsa_gated_sum(*ins)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ins):
-        return _GatedSum.apply(*ins)
-    os_ = [o.contiguous() for o in (o1, o2, o3)]
-    return _gated_sum_into(os_[0], os_, [g.contiguous() for g in (g1, g2, g3)])
-
-
-class _GatedSum(torch.autograd.Function):
-    """``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` (branches ``(N, Hq, Dv)``, gates ``(N, Hq)``) in one
-    pass, float32 inside, stored in the branches' dtype; the backward gives each branch and each gate its
-    gradient in one pass too. Saves only what the branches keep alive anyway (their outputs) and the gates."""
-
-    @staticmethod
-    def forward(ctx, o1, o2, o3, g1, g2, g3):
-        os_ = [o.contiguous() for o in (o1, o2, o3)]
-        gs = [g.contiguous() for g in (g1, g2, g3)]
-        out = _gated_sum_into(empty(os_[0].shape, device=o1.device, dtype=o1.dtype), os_, gs)
-        ctx.save_for_backward(*os_, *gs)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing unpacks each saved tensor once
-        return _gated_sum_grads(dout, saved[:3], saved[3:])
-
-
-def _gated_sum_grads(dout, os_, gs) -> tuple:
-    """The gradients of the three branches and the three gates (contiguous ``os_``, ``gs``) in one pass."""
-    dos = [empty(o.shape, device=o.device, dtype=o.dtype) for o in os_]
-    dgs = [empty(g.shape, device=g.device, dtype=g.dtype) for g in gs]
-    n_rows = gs[0].numel()
+def _gated_prep(dout, o, lse, g):
+    """One branch's gradient inputs from the gated sum's: ``do = g * dout`` (o's dtype), the rows' ``delta =
+    sum(do * o)`` (float32, lse's (Hq, N) layout) and the gate's gradient ``sum(dout * o)`` (g's dtype)."""
+    do = empty(o.shape, device=o.device, dtype=o.dtype)
+    delta = empty(lse.shape, device=lse.device, dtype=torch.float32)
+    dg = empty(g.shape, device=g.device, dtype=g.dtype)
+    n_rows = g.numel()
     if n_rows:
-        grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
-        _gated_sum_bwd_kernel[grid](*os_, *gs, dout.contiguous(), *dos, *dgs, n_rows, **meta)
-    return (*dos, *dgs)
-
-
-# torch.compile: nsa_attention is traced (dense layout; with cu_seqlens it reads the lengths on the host and stays
-# opaque, a graph break), its branches through flash_attention's custom op and these: the selection, the selected
-# branch and the gated sum, each running the eager code when the graph runs
-@torch.library.custom_op("longattn::nsa_gated_sum", mutates_args=(),
-                         schema="(Tensor o1, Tensor o2, Tensor o3, Tensor g1, Tensor g2, Tensor g3) -> Tensor")
-def _gated_sum_op(o1, o2, o3, g1, g2, g3):
-    with eager_context(o1):
-        return _gated_sum_into(empty(o1.shape, device=o1.device, dtype=o1.dtype),
-                               [o.contiguous() for o in (o1, o2, o3)], [g.contiguous() for g in (g1, g2, g3)])
-
-
-@_gated_sum_op.register_fake
-def _gated_sum_shape(o1, *args):
-    return torch.empty_like(o1, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("longattn::nsa_gated_sum_backward", mutates_args=(),
-                         schema="(Tensor dout, Tensor o1, Tensor o2, Tensor o3, Tensor g1, Tensor g2, Tensor g3) -> "
-                                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _gated_sum_backward_op(dout, o1, o2, o3, g1, g2, g3):
-    with eager_context(o1):
-        grads = _gated_sum_grads(dout, [o.contiguous() for o in (o1, o2, o3)], [g.contiguous() for g in (g1, g2, g3)])
-    return tuple(g.view(t.shape) for g, t in zip(grads, (o1, o2, o3, g1, g2, g3)))
-
-
-@_gated_sum_backward_op.register_fake
-def _gated_sum_backward_shapes(dout, *ins):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ins)
-
-
-def _gated_sum_op_save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _gated_sum_op_backward(ctx, dout):
-    return torch.ops.longattn.nsa_gated_sum_backward(dout, *ctx.saved_tensors)
-
-
-_gated_sum_op.register_autograd(_gated_sum_op_backward, setup_context=_gated_sum_op_save)
+        grid, meta = _gate_launch(n_rows, o.shape[-1])
+        _gated_prep_kernel[grid](o, dout, g, do, delta, dg, n_rows, o.shape[1], lse.stride(0), **meta)
+    return do, delta, dg
 
 
 def _selected_heads(group: int, dtype) -> int:
@@ -248,8 +179,9 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
 
 
 def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, dims, max_q: int, block_size: int,
-                       scale: float):
-    """dq, dk, dv of the selected branch from its forward's inputs, output and lse."""
+                       scale: float, delta=None, dq=None):
+    """dq, dk, dv of the selected branch from its forward's inputs, output and lse (``delta``, ``dq``: see
+    :func:`longattn.kernels.sparse.sparse_backward`; dq is then added to in place)."""
     # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
     # standing for the group's query heads
     earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
@@ -260,7 +192,8 @@ def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, d
     earlier = earlier.contiguous()
     ent = entries(earlier, plan, dims.heads_q, dims.heads_kv, per_entry) if earlier.numel() else None
     dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, plan, dims, ent,
-                                              earlier.shape[-1], block_size, scale, dq_by_entries=False)
+                                              earlier.shape[-1], block_size, scale, dq_by_entries=False,
+                                              delta=delta, dq=dq)
     if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
         heads = _selected_heads(group, q.dtype)
         _launch_selected(_nsa_selected_dq_tuned, (
@@ -274,9 +207,14 @@ def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, d
 
 def _selected_setup(qp, kp, vp, lq: list, lk: list, dims, block_size: int):
     """The own block of every packed row (int32), the engine's plan and the kernel inputs of the selected branch."""
-    own = torch.cat([torch.arange(n, device=qp.device) // block_size for n in lq]) if lq else \
-        torch.zeros(0, dtype=torch.long, device=qp.device)
-    return own.to(torch.int32), plan_blocks(lq, lk, block_size, dims, qp.device), kernel_inputs(qp, kp, vp)
+    return (*_selected_plan(lq, lk, dims, block_size, qp.device), kernel_inputs(qp, kp, vp))
+
+
+def _selected_plan(lq: list, lk: list, dims, block_size: int, device):
+    """The own block of every packed row (int32) and the engine's plan of the selected branch's sequences."""
+    own = torch.cat([torch.arange(n, device=device) // block_size for n in lq]) if lq else \
+        torch.zeros(0, dtype=torch.long, device=device)
+    return own.to(torch.int32), plan_blocks(lq, lk, block_size, dims, device)
 
 
 _SELECTED_ARGS = "Tensor q, Tensor k, Tensor v, Tensor sel, Tensor cu, int[] lengths, int block_size, float scale"
@@ -337,28 +275,159 @@ _selected_op.register_autograd(_selected_op_backward, setup_context=_selected_op
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(NSAConfig))  # the op takes the config as their values
 
 
-@torch.library.custom_op("longattn::nsa_select", mutates_args=(),
-                         schema="(Tensor q, Tensor k_cmp, Tensor lse_cmp, Tensor cu_q, Tensor cu_cmp, int max_q, "
-                                "int heads_kv, int[] config, float scale) -> Tensor")
-def _select_op(q, k_cmp, lse_cmp, cu_q, cu_cmp, max_q, heads_kv, config, scale):
+@dataclasses.dataclass
+class _Branches:
+    """What the branches of one nsa_attention call share beyond their tensors (packed sequences); ``shape`` adds
+    the launches' views of the problem."""
+    config: NSAConfig
+    lengths: list  # tokens per sequence
+    cu: torch.Tensor  # int32 offsets of the sequences' tokens, and of their compressed blocks
+    cu_cmp: torch.Tensor
+    scale: float
+    dims: Optional[AttnDims] = None  # the tokens' q, k, v (varlen)
+    cmp_dims: Optional[AttnDims] = None  # the tokens' queries over the compressed keys
+
+    def shape(self, q, k, v) -> "_Branches":
+        n, mx = len(self.lengths), max(self.lengths, default=0)
+        n_cmp = [self.config.num_cmp_blocks(t) for t in self.lengths]
+        sizes = (q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+        self.dims = AttnDims(True, n, mx, mx, *sizes, cu_seqlens_q=self.cu, cu_seqlens_k=self.cu,
+                             seqlens_q=self.lengths, seqlens_k=self.lengths)
+        self.cmp_dims = AttnDims(True, n, mx, max(n_cmp, default=0), *sizes, cu_seqlens_q=self.cu,
+                                 cu_seqlens_k=self.cu_cmp, seqlens_q=self.lengths, seqlens_k=n_cmp)
+        return self
+
+
+def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool):
+    """NSA's three branches and their gated sum on kernel inputs (packed q, k, v, compressed kc, vc; ``gates``
+    three contiguous ``(N, Hq)``): ``(out, sel, branches)``, branches ``((o, lse) of cmp, slc, swa)`` when ``keep``
+    (the backward's inputs), else None, the gated sum then written over the compressed branch's output."""
+    cfg, scale, dims = b.config, b.scale, b.dims
+    # compressed branch (also yields the lse the selection needs)
+    o_cmp, lse_cmp = flash_fwd(q, kc, vc, b.cmp_dims, True, None, scale,
+                               key_pos=(cfg.cmp_stride, cfg.cmp_block - 1))
+    sel = nsa_select(q, kc, lse_cmp, b.cu, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale)
+    # selected branch: the selected blocks (the own one among them, causal), one softmax
+    o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, b.cu, dims.max_seqlen_q, cfg.slc_block, scale)
+    if not keep:  # (no lse beside the three outputs at the peak)
+        lse_cmp = lse_slc = None
+    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
+    os_ = (o_cmp, o_slc, o_swa)
+    if not keep:
+        return _gated_sum_into(o_cmp, os_, gates), sel, None
+    out = _gated_sum_into(empty(o_cmp.shape, device=q.device, dtype=q.dtype), os_, gates)
+    return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc), (o_swa, lse_swa))
+
+
+def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches):
+    """Gradients of q, k, v, kc, vc and the three gates from the gated sum's ``dout``. One branch at a time: its
+    gate-scaled output gradient and row delta (``_gated_prep``), then its backward, each adding its dq to the
+    previous ones' in place (no branch-sized buffer but the one branch's do beside dq)."""
+    cfg, scale, dims = b.config, b.scale, b.dims
+    dout = dout.to(q.dtype).contiguous()
+    own, plan = _selected_plan(b.lengths, b.lengths, dims, cfg.slc_block, q.device)
+
+    def branch(i, run):
+        (o, lse), g = branches[i], gates[i]
+        do, delta, dg = _gated_prep(dout, o, lse, g)
+        return run(do, o, lse, delta), dg
+
+    def cmp(do, o, lse, delta):
+        if kc.shape[0] == 0:  # no sequence reaches a compressed block: nothing attended, no gradient
+            return torch.zeros_like(q), torch.zeros_like(kc), torch.zeros_like(vc)
+        return flash_bwd(do, q, kc, vc, lse, delta, b.cmp_dims, True, None, scale,
+                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1))
+
+    (dq, dkc, dvc), dg_cmp = branch(0, cmp)
+    (_, dk, dv), dg_slc = branch(1, lambda do, o, lse, delta: _selected_backward(
+        do, q, k, v, o, lse, sel, own, b.cu, plan, dims, dims.max_seqlen_q, cfg.slc_block, scale, delta=delta, dq=dq))
+    (_, dk_swa, dv_swa), dg_swa = branch(2, lambda do, o, lse, delta: flash_bwd(
+        do, q, k, v, lse, delta, dims, True, cfg.window, scale, dq=dq))
+    return dq, dk + dk_swa, dv + dv_swa, dkc, dvc, dg_cmp, dg_slc, dg_swa
+
+
+class _NSAttention(torch.autograd.Function):
+    """nsa_attention's branches as one autograd node: the backward runs them one at a time against a single dq
+    (see _branches_backward) instead of autograd holding every branch's gradients at once and adding them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kc, vc, g_cmp, g_slc, g_swa, b: _Branches):
+        out, sel, branches = _branches_forward(q, k, v, kc, vc, (g_cmp, g_slc, g_swa), b, keep=True)
+        ctx.save_for_backward(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sel, *(t for pair in branches for t in pair))
+        ctx.branches = b
+        ctx.mark_non_differentiable(sel)
+        return out, sel
+
+    @staticmethod
+    def backward(ctx, dout, dsel):
+        q, k, v, kc, vc, *rest = ctx.saved_tensors  # read once (non-reentrant checkpointing unpacks each once)
+        gates, sel, flat = rest[:3], rest[3], rest[4:]
+        branches = tuple(zip(flat[0::2], flat[1::2]))
+        return _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, ctx.branches) + (None,)
+
+
+# torch.compile: in the dense layout TorchDynamo traces nsa_attention down to this custom op (its backward the next):
+# the same code as eager mode when the graph runs; the branch outputs and lse are outputs of the op, for its backward
+_BRANCHES_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor kc, Tensor vc, Tensor g_cmp, Tensor g_slc, Tensor g_swa, "
+                  "Tensor cu, Tensor cu_cmp, int[] lengths, int[] config, float scale")
+
+
+def _op_branches(cu, cu_cmp, lengths, config, scale) -> _Branches:
+    return _Branches(NSAConfig(**dict(zip(_CONFIG_FIELDS, config))), list(lengths), cu, cu_cmp, scale)
+
+
+@torch.library.custom_op("longattn::nsa_branches", mutates_args=(),
+                         schema=f"({_BRANCHES_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+                                "Tensor)")
+def _branches_op(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, config, scale):
     with eager_context(q):
-        return nsa_select(*kernel_inputs(q, k_cmp), lse_cmp, cu_q, cu_cmp, max_q, heads_kv,
-                          NSAConfig(**dict(zip(_CONFIG_FIELDS, config))), scale)
+        ins = kernel_inputs(q, k, v, kc, vc)
+        b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
+        out, sel, branches = _branches_forward(*ins, (g_cmp, g_slc, g_swa), b, keep=True)
+    return (out.to(q.dtype), sel, *(t.to(q.dtype) if t.dim() == 3 else t for pair in branches for t in pair))
 
 
-@_select_op.register_fake
-def _select_shape(q, k_cmp, lse_cmp, cu_q, cu_cmp, max_q, heads_kv, config, scale):
-    return q.new_empty(q.shape[0], heads_kv, config[_CONFIG_FIELDS.index("slc_topk")], dtype=torch.int32)
+@_branches_op.register_fake
+def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, config, scale):
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    sel = q.new_empty(q.shape[0], k.shape[1], config[_CONFIG_FIELDS.index("slc_topk")], dtype=torch.int32)
+    return (o, sel) + tuple(t.clone() for t in (o, lse) * 3)
 
 
-def _selection(qp, kc, lse_cmp, cu, cu_cmp, max_q: int, heads_kv: int, config: NSAConfig, scale: float):
-    """nsa_select on the branch's inputs (not differentiated)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.longattn.nsa_select(qp.detach(), kc.detach(), lse_cmp.detach(), cu, cu_cmp, max_q, heads_kv,
-                                             [getattr(config, name) for name in _CONFIG_FIELDS], scale)
-    with torch.no_grad():
-        qs, kcs = kernel_inputs(qp.detach(), kc.detach())
-        return nsa_select(qs, kcs, lse_cmp.detach(), cu, cu_cmp, max_q, heads_kv, config, scale)
+@torch.library.custom_op("longattn::nsa_branches_backward", mutates_args=(),
+                         schema=f"(Tensor dout, Tensor sel, Tensor o_cmp, Tensor lse_cmp, Tensor o_slc, "
+                                f"Tensor lse_slc, Tensor o_swa, Tensor lse_swa, {_BRANCHES_ARGS}) -> "
+                                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _branches_backward_op(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, q, k, v, kc, vc, g_cmp, g_slc,
+                          g_swa, cu, cu_cmp, lengths, config, scale):
+    with eager_context(q):
+        ins = kernel_inputs(q, k, v, kc, vc)
+        b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
+        o_cmp, o_slc, o_swa, dout = kernel_inputs(o_cmp, o_slc, o_swa, dout)
+        grads = _branches_backward(dout, *ins, (g_cmp, g_slc, g_swa), sel,
+                                   ((o_cmp, lse_cmp), (o_slc, lse_slc), (o_swa, lse_swa)), b)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, kc, vc, g_cmp, g_slc, g_swa)))
+
+
+@_branches_backward_op.register_fake
+def _branches_backward_shapes(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, *ins):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ins[:8])
+
+
+def _branches_op_save(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:], *inputs[:10])
+    ctx.options = inputs[10:]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _branches_op_backward(ctx, dout, *unused):
+    saved = ctx.saved_tensors
+    grads = torch.ops.longattn.nsa_branches_backward(dout, *saved, *ctx.options)
+    return grads + (None,) * 5
+
+
+_branches_op.register_autograd(_branches_op_backward, setup_context=_branches_op_save)
 
 
 def _selected(qp, kp, vp, sel, lq: list, lk: list, dims, cu, block_size: int, scale: float) -> torch.Tensor:
@@ -430,16 +499,19 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     Returns:
         ``(B, T, Hq, Dv)`` / ``(total, Hq, Dv)`` in q's dtype.
 
-    Branches: compressed attention through :func:`flash_attention` with strided key positions (which also
-    gives the row lse); scores + top-n in one kernel that never stores the (T, n_cmp) probabilities;
-    selected blocks by blocks of consecutive queries, the group's heads as the rows of each tile (they share
-    each loaded block; dk/dv run through the block-sparse engine's gradient kernels, by key block); the
-    window through flash attention; the gated sum in one Triton pass each way (no float32 copies of the
-    branches are kept for the backward).
+    Branches: compressed attention through the flash kernels with strided key positions (which also give the
+    row lse); scores + top-n in one kernel that never stores the (T, n_cmp) probabilities; selected blocks by
+    blocks of consecutive queries, the group's heads as the rows of each tile (they share each loaded block;
+    dk/dv run through the block-sparse engine's gradient kernels, by key block); the window through the flash
+    kernels; the gated sum in one Triton pass (no float32 copies of the branches are kept for the backward).
+    The three branches are one autograd node, whose backward takes them one at a time: a branch's gate-scaled
+    output gradient, row delta and gate gradient in one pass, then its kernels, each adding to one dq. No
+    branch's output gradient or dq lives beside another's (64 query / 4 KV heads, d 192 / 128: at most 113 KB
+    per token beside the inputs in fwd+bwd, against 141 KB with a node per branch).
 
-    ``torch.compile``: in the dense layout TorchDynamo traces the op, each branch a custom op
-    (``torch.ops.longattn.flash_attention``, ``nsa_select``, ``nsa_selected``, ``nsa_gated_sum``): no graph
-    break. With ``cu_seqlens`` the lengths are read on the host and the op runs as it is (a graph break).
+    ``torch.compile``: in the dense layout TorchDynamo traces the op, the branches one custom op
+    (``torch.ops.longattn.nsa_branches``, its backward ``nsa_branches_backward``): no graph break. With
+    ``cu_seqlens`` the lengths are read on the host and the op runs as it is (a graph break).
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
@@ -479,19 +551,19 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         sel = torch.empty(*q.shape[:-2], dims.heads_kv, config.slc_topk, dtype=torch.int32, device=q.device)
         return (out, sel) if return_selection else out
     cu, cu_cmp = _cu(lq, q.device), _cu(n_cmp, q.device)
-    max_q = max(lq) if lq else 0
-
-    # compressed branch (also yields the lse the selection needs)
-    o_cmp, lse_cmp = flash_attention(qp, kc, vc, cu_seqlens_q=cu, cu_seqlens_k=cu_cmp, scale=scale,
-                                     key_stride=config.cmp_stride, key_offset=config.cmp_block - 1,
-                                     return_lse=True)
-    sel = _selection(qp, kc, lse_cmp, cu, cu_cmp, max_q, dims.heads_kv, config, scale)
-    # selected branch: the selected blocks (the own one among them, causal), one softmax
-    o_slc = _selected(qp, kp, vp, sel, lq, lk, dims, cu, config.slc_block, scale)
-    # sliding window
-    o_swa = flash_attention(qp, kp, vp, cu_seqlens=cu, window=config.window, scale=scale)
-    gates = [g.reshape(qp.shape[0], dims.heads_q) for g in (g_cmp, g_slc, g_swa)]
-    out = _gated_sum(o_cmp, o_slc, o_swa, *gates).to(q.dtype)
+    gates = [g.reshape(qp.shape[0], dims.heads_q).contiguous() for g in (g_cmp, g_slc, g_swa)]
+    ins = [qp, kp, vp, kc if kc.stride(-1) == 1 else kc.contiguous(), vc if vc.stride(-1) == 1 else vc.contiguous()]
+    if torch.compiler.is_compiling():
+        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, cu, cu_cmp, lq, [getattr(config, name) for name in
+                                                                                  _CONFIG_FIELDS], scale)[:2]
+    else:
+        ins = kernel_inputs(*ins)
+        branches = _Branches(config, lq, cu, cu_cmp, scale).shape(*ins[:3])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*ins, *gates)):
+            out, sel = _NSAttention.apply(*ins, *gates, branches)
+        else:
+            out, sel, _ = _branches_forward(*ins, gates, branches, keep=False)
+    out = out.to(q.dtype)
     if not dims.varlen:
         out = out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
         sel = sel.view(dims.batch, dims.max_seqlen_q, dims.heads_kv, sel.shape[-1])

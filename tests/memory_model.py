@@ -4,15 +4,17 @@ Every Triton launch is skipped (the interpreter's launch does nothing), so an op
 allocates on a GPU (the GPU's tiles, ``LONGATTN_INTERPRET_TILES=gpu``, and an H100's 132 SMs for the split-KV and
 partial-sum sizes), and torch.profiler's memory events of the CPU allocator give its peak beyond the inputs, as
 ``python -m bench memory`` measures it on a GPU (same shapes: ``bench.memory``). The values the kernels would write
-are left unwritten; NSA's selection, which its host code reads, is replaced by a valid one (each query's own block
-and the ones before it). For the code of the H100's sixth run this gives NSA (64 / 4 heads, d 192 / 128) 140.5 KB
-per token in fwd+bwd at 64k, where that run measured 141 at 128k.
+are left unwritten; the selections that host code reads (NSA's, MoBA's gate's) are replaced by valid ones (the
+blocks just before each query's own). For the code of the H100's sixth run this gives NSA (64 / 4 heads, d 192 /
+128) 140.5 KB per token in fwd+bwd at 64k and MoBA (block 4096, top 4) 41.8 / 77.1 in fwd / fwd+bwd at 32k, where
+that run measured 141 (at 128k) and 41.8 / 77.1. (An elementwise op on the CPU whose inputs differ in dtype
+allocates a converted copy, which on a GPU it does not: such ops would count more here.)
 
-    python tests/memory_model.py [--ops nsa,flash] [--seqlen 65536] [--by-call]
+    python tests/memory_model.py [--ops nsa,moba,flash] [--seqlen 65536] [--by-call]
 
 ``--by-call`` lists every allocation of at least 1 KB per token with the running total. The ops' own torch work
 runs for real: NSA's mean pooling is light, MLA prefill's decompression (``mla_prefill``) takes minutes at long
-lengths; MoBA is not modelled (its host code reads the gate's selection, which no kernel writes here).
+lengths.
 """
 from __future__ import annotations
 
@@ -52,6 +54,17 @@ def _stub_launches():
 
     nsa_ops.nsa_select = select
 
+    import longattn.moba.ops as moba_ops
+
+    def moba_select(q, k, plan, dims, block_size, ksel):
+        cu = plan.cu_q.tolist()
+        own = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])]) // block_size
+        sel = own[:, None] - 1 - torch.arange(ksel)[None, :]
+        sel = torch.where(sel >= 0, sel, -1).to(torch.int32)
+        return sel[:, None, :].expand(q.shape[0], dims.heads_q, ksel).contiguous()
+
+    moba_ops._select = moba_select
+
 
 def _peak(fn, by_call: bool, tokens: int) -> float:
     """Bytes per token at the peak of what torch allocates during ``fn()`` (from 0 at its start)."""
@@ -70,13 +83,13 @@ def _peak(fn, by_call: bool, tokens: int) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default="nsa,flash", help="of nsa, flash, mla_prefill")
+    p.add_argument("--ops", default="nsa,moba,flash", help="of nsa, moba, flash, mla_prefill")
     p.add_argument("--seqlen", type=int, default=65536)
     p.add_argument("--by-call", action="store_true")
     args = p.parse_args(argv)
     names = [o.strip() for o in args.ops.split(",") if o.strip()]
-    if not set(names) <= {"nsa", "flash", "mla_prefill"}:
-        p.error(f"--ops: choose from nsa, flash, mla_prefill, got {args.ops}")
+    if not set(names) <= {"nsa", "moba", "flash", "mla_prefill"}:
+        p.error(f"--ops: choose from nsa, moba, flash, mla_prefill, got {args.ops}")
     _stub_launches()
     T = args.seqlen
     for name, (make, fn, _) in _ops(names, 32, 8, 128).items():

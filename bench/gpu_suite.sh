@@ -71,7 +71,7 @@ export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # inputs (neighbouring queries select alike, as in trained models; its fwd+bwd ran in the sixth run's second call),
 # flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there); fla's NSA fwd+bwd (its backward's
 # autotuning alone takes minutes) and the selected branch alone (`--modes slc`) are left out
-IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 64 --contexts 8k --prefill-seqlens 4k; 2:flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; 2:nsa --seqlens 64k --modes fwd,decode --inputs smooth --flex-max-seqlen 32768; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1,rollout_step,rollout_step_dynamic,rollout_step_flash; 2:rollout --prompts 8k --new-tokens 64; memory --seqlens 32k,128k}"
+IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 64 --contexts 8k --prefill-seqlens 4k; 2:flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; 2:nsa --seqlens 64k --modes fwd,decode --inputs smooth --flex-max-seqlen 32768; profile --cases moba_fwdbwd,nsa_decode_b1,mla_decode_s1,rollout_step,rollout_step_dynamic,rollout_step_flash,nsa_fwdbwd; 2:rollout --prompts 8k --new-tokens 64; memory --seqlens 32k,128k}"
 ops=()
 weights=()
 for entry in "${entries[@]}"; do

@@ -303,16 +303,25 @@ def _nsa_cases():
                                       dict(ptr, **descs) if tma else ptr,
                                       dict(meta, **c.kwargs, **none, **({"HAS_TMA": True} if tma else {})),
                                       ("scale_log2", "scale"), dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+                        if fwd and c.kwargs["QB"] == configs[0].kwargs["QB"]:
+                            # nsa_attention's launches: with the gated sum, the branch's own output without gradients
+                            gated = dict(ptr, **(descs if tma else {}),
+                                         **{n: f"*{dt}" for n in ("O_CMP", "O_SWA", "G_CMP", "G_SLC", "G_SWA")})
+                            cases.append((f"{name}[{dt}-d{d}-g{block_g}-{tag}-gated]", getattr(K, name), gated,
+                                          dict(meta, **c.kwargs, **none, **({"HAS_TMA": True} if tma else {}),
+                                               GATED=True, WRITE_O=False, O=None),
+                                          ("scale_log2", "scale"),
+                                          dict(num_warps=c.num_warps, num_stages=c.num_stages)))
                     continue
                 cases.append((f"{name}[{dt}-d{d}-g{block_g}]", getattr(K, name), ptr, meta, ("scale_log2", "scale"),
                               opts))
                 if block_g == 16 and name in ("_nsa_decode_kernel", "_nsa_decode_piece_kernel"):  # a paged cache
                     cases.append((f"{name}[{dt}-d{d}-g{block_g}-page64]", getattr(K, name), ptr, dict(meta, PAGE=64),
                                   ("scale_log2", "scale"), opts))
-        gptr = {n: f"*{dt}" for n in ("O1", "O2", "O3", "OUT", "O", "DOUT", "DO")}
-        gptr.update({n: "*fp32" for n in ("G1", "G2", "G3", "G", "DG", "DELTA")})
-        for name in ("_gated_sum_fwd_kernel", "_gated_prep_kernel"):
-            cases.append((f"{name}[{dt}]", getattr(K, name), gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16), ()))
+        gptr = {n: f"*{dt}" for n in ("O", "DOUT", "DO")}
+        gptr.update({n: "*fp32" for n in ("G", "DG", "DELTA")})
+        cases.append((f"_gated_prep_kernel[{dt}]", K._gated_prep_kernel, gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16),
+                      ()))
     return cases
 
 

@@ -105,7 +105,8 @@ def test_nsa_degenerate_branches_equal_dense(device):
 
 
 def test_nsa_inference_equals_reference(device):
-    """Without gradients the gated sum is written over the compressed branch's output."""
+    """Without gradients the selected branch's launch writes the gated sum over the compressed branch's output
+    (the selected branch's own output is never stored)."""
     q, k, v = (torch.randn(1, 90, h, 32, device=device) for h in (4, 2, 2))
     gates = [torch.rand(1, 90, 4, device=device) for _ in range(3)]
     with torch.no_grad():

@@ -3,10 +3,10 @@
 Prefill / training: selection scores from the compressed attention probabilities and top-n
 (``_nsa_select_kernel``), the selected branch's forward and dq by blocks of consecutive queries, the rows of
 each tile their GQA group's heads, visiting the union of the queries' blocks once (``_nsa_selected_fwd_kernel``,
-``_nsa_selected_dq_kernel``), and the gated sum (``_gated_sum_fwd_kernel``; backward: each branch's share of its
-gradient, ``_gated_prep_kernel``). The compressed branch runs through flash attention with strided key positions,
-the window through flash attention with ``window``, and the selected branch's dk/dv through the block-sparse
-engine's gradient kernels (:mod:`longattn.kernels.sparse`).
+``_nsa_selected_dq_kernel``; the forward also writes the three branches' gated sum), and each branch's share of
+the gated sum's gradient (``_gated_prep_kernel``). The compressed branch runs through flash attention with
+strided key positions, the window through flash attention with ``window``, and the selected branch's dk/dv
+through the block-sparse engine's gradient kernels (:mod:`longattn.kernels.sparse`).
 
 Decoding (one token per sequence against a cache): ``_nsa_decode_kernel`` runs every branch in one program
 per (sequence, KV head); the split-KV path spreads the compressed attention and the scoring over several
@@ -167,25 +167,6 @@ def _select_prune(configs, named_args, **kwargs):
 _nsa_select_tuned = autotune(select_candidates("tf32"), ["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "NW", "TOPK_PAD",
                                                          "PRECISION", "group", "length_class"],
                              _select_prune)(_nsa_select_kernel)
-
-
-@triton.jit
-def _gated_sum_fwd_kernel(O1, O2, O3, G1, G2, G3, OUT, n_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
-    """``out = g1 * o1 + g2 * o2 + g3 * o3`` in float32 over rows of DV values (one gate per row), stored in
-    OUT's dtype: NSA's gated sum of its three branches without float32 copies of them in memory."""
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    in_r = r < n_rows
-    d = tl.arange(0, BLOCK_DV)
-    mask = in_r[:, None] & (d[None, :] < DV)
-    off = r[:, None] * DV + d[None, :]
-    acc = tl.load(G1 + r, mask=in_r, other=0.0).to(tl.float32)[:, None] * \
-        tl.load(O1 + off, mask=mask, other=0.0).to(tl.float32)
-    acc += tl.load(G2 + r, mask=in_r, other=0.0).to(tl.float32)[:, None] * \
-        tl.load(O2 + off, mask=mask, other=0.0).to(tl.float32)
-    acc += tl.load(G3 + r, mask=in_r, other=0.0).to(tl.float32)[:, None] * \
-        tl.load(O3 + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -454,22 +435,39 @@ def _block_at(pairs, rank, u):
 
 @triton.jit
 def _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
-    """The rows' normalised output and natural-log lse (rows that saw no key: 0 and -inf)."""
+                BLOCK_DV: tl.constexpr, GATE, GATED: tl.constexpr, WRITE_O: tl.constexpr):
+    """The rows' normalised output (WRITE_O) and natural-log lse (rows that saw no key: 0 and -inf). GATED: also
+    NSA's gated sum of the rows, ``out = g_cmp * o_cmp + g_slc * o + g_swa * o_swa`` in float32 (this output
+    unrounded), ``GATE`` = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, heads): outputs in O's layout, gates (tokens,
+    heads) contiguous. Each element of OUT is written by the program that reads it in O_CMP and O_SWA, so OUT may
+    be O_CMP."""
     dv = tl.arange(0, BLOCK_DV)
     l_safe = tl.where(l > 0, l, 1.0)
-    tl.store(O + t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
-             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
+    o = acc / l_safe[:, None]
+    off = t[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :]
+    mask = valid[:, None] & (dv[None, :] < DV)
+    if WRITE_O:
+        tl.store(O + off, o.to(O.dtype.element_ty), mask=mask)
     tl.store(LSE + heads * stride_lh + t, (m + tl.log2(l_safe)) * 0.6931471805599453, mask=valid)
+    if GATED:
+        OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads = GATE
+        g = t * n_heads + heads
+        out = tl.load(G_SLC + g, mask=valid, other=0.0).to(tl.float32)[:, None] * o
+        out += tl.load(G_CMP + g, mask=valid, other=0.0).to(tl.float32)[:, None] * \
+            tl.load(O_CMP + off, mask=mask, other=0.0).to(tl.float32)
+        out += tl.load(G_SWA + g, mask=valid, other=0.0).to(tl.float32)[:, None] * \
+            tl.load(O_SWA + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + off, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, stride_qh, stride_kt, stride_kh,
                             stride_vt, stride_vh, stride_st, stride_sh, stride_ot, stride_oh, stride_lh, group,
-                            heads_per_prog, scale_log2, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
-                            BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, QB: tl.constexpr, HR: tl.constexpr,
-                            SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr,
-                            TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                            heads_per_prog, scale_log2, GATE, DK: tl.constexpr, DV: tl.constexpr,
+                            BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, QB: tl.constexpr,
+                            HR: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr,
+                            TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
+                            WRITE_O: tl.constexpr):
     """The forward of QB (2 or 4) consecutive queries from q0, each with its own HR rows (its heads) and online
     softmax: every block any of them selected is loaded once, and multiplied only by the rows of the queries that
     selected it (the shared tile multiplies every block by all QB x HR rows). Triton's pipeliner does not follow
@@ -531,11 +529,15 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                 if hit3:
                     m3, l3, acc3 = _online_step(qa3, qb3, k_a, k_b, v, kp[None, :] <= pos3[:, None], m3, l3, acc3,
                                                 scale_log2, BLOCK_DB, PRECISION)
-    _store_rows(O, LSE, t0, hd0, ok0, m0, l0, acc0, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
-    _store_rows(O, LSE, t1, hd1, ok1, m1, l1, acc1, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+    _store_rows(O, LSE, t0, hd0, ok0, m0, l0, acc0, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
+                    GATED, WRITE_O)
+    _store_rows(O, LSE, t1, hd1, ok1, m1, l1, acc1, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
+                    GATED, WRITE_O)
     if QB > 2:
-        _store_rows(O, LSE, t2, hd2, ok2, m2, l2, acc2, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
-        _store_rows(O, LSE, t3, hd3, ok3, m3, l3, acc3, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+        _store_rows(O, LSE, t2, hd2, ok2, m2, l2, acc2, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
+                    GATED, WRITE_O)
+        _store_rows(O, LSE, t3, hd3, ok3, m3, l3, acc3, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
+                    GATED, WRITE_O)
 
 
 @triton.jit
@@ -550,14 +552,15 @@ def _tma_kv(KA_DESC, KB_DESC, V_DESC, row, k_col, v_col, BLOCK_DA: tl.constexpr,
 
 
 @triton.jit
-def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
-                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
-                             stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2,
+def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC, OUT, O_CMP, O_SWA, G_CMP, G_SLC,
+                             G_SWA, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st,
+                             stride_sh, stride_ot, stride_oh, stride_lh, group, heads_per_prog, n_heads, scale_log2,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                              BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                              PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False,
-                             HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False):
+                             HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False, GATED: tl.constexpr = False,
+                             WRITE_O: tl.constexpr = True):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
@@ -567,8 +570,11 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
     natural-log lse of each row. ``PER_QUERY`` (QB 2 or 4, ROWS / QB rows a query): each query its own tile and
     online softmax, a block multiplied only by the queries that selected it (_selected_fwd_per_query).
     ``USE_TMA`` (HAS_TMA: the host gave K/V's row descriptors, tiles of SLC_TILE rows): the blocks before the one
-    holding the last query come by TMA, that block last, by masked loads (its tail may lie past the sequence)."""
+    holding the last query come by TMA, that block last, by masked loads (its tail may lie past the sequence).
+    ``GATED``: the program also writes NSA's gated sum of its rows into OUT from the other branches' outputs O_CMP,
+    O_SWA and the gates (see _store_rows; ``n_heads``: the gates' heads per token), and O only with ``WRITE_O``."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
+    GATE = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads)
     tl.static_assert(not (USE_TMA and PER_QUERY), "USE_TMA is for the shared tile")
     q0 = tl.program_id(0) * QB
     if PER_QUERY:
@@ -576,9 +582,9 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
             return
         _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, tl.program_id(1), tl.program_id(2), stride_qt,
                                 stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
-                                stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2, DK, DV,
+                                stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2, GATE, DK, DV,
                                 BLOCK_DA, BLOCK_DB, BLOCK_DV, QB, ROWS // QB, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD,
-                                PRECISION)
+                                PRECISION, GATED, WRITE_O)
         return
     q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
@@ -622,7 +628,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                 m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
                                          rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
                                          DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES)
-    _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV)
+    _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE, GATED,
+                WRITE_O)
 
 
 @triton.jit
@@ -767,7 +774,8 @@ def _tune_selected(kernel, per_query: bool, **options):
     return autotune(selected_configs(16, 16, "tf32", per_query), key, prune, **options)(kernel)
 
 
-_nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel, True)
+# (the gated sum may write over O_CMP, which it reads: OUT is O_CMP's storage then, restored after each timed tile)
+_nsa_selected_fwd_tuned = _tune_selected(_nsa_selected_fwd_kernel, True, restore_value=["OUT"])
 _nsa_selected_dq_tuned = _tune_selected(_nsa_selected_dq_kernel, False, restore_value=["DQ"])  # it adds to DQ
 
 

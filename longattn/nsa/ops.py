@@ -18,7 +18,7 @@ from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_block
                              check_cache_rows, check_decode_inputs, check_device, check_positive_int, check_same_dtype,
                              check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2,
                              num_sms, public_op, small_tiles, split_dim, validate_cache_rows, validate_pages)
-from .kernels import (_gated_prep_kernel, _gated_sum_fwd_kernel, _nsa_decode_cmp_split_kernel,
+from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
                       _nsa_selected_dq_tuned, _nsa_selected_fwd_tuned, selected_configs, selected_rows)
@@ -86,16 +86,6 @@ def _gate_launch(n_rows: int, dv: int):
     return (cdiv(n_rows, block_r),), dict(DV=dv, BLOCK_DV=next_pow2(dv), BLOCK_R=block_r)
 
 
-def _gated_sum_into(out, os_, gs):
-    """``out = sum g_i * o_i`` over the three branches (contiguous ``(N, Hq, Dv)``, gates ``(N, Hq)``); ``out`` may
-    be the first branch's output (each element is read before it is written, by the same program)."""
-    n_rows = gs[0].numel()
-    if n_rows:
-        grid, meta = _gate_launch(n_rows, os_[0].shape[-1])
-        _gated_sum_fwd_kernel[grid](*os_, *gs, out, n_rows, **meta)
-    return out
-
-
 def _gated_prep(dout, o, lse, g):
     """One branch's gradient inputs from the gated sum's: ``do = g * dout`` (o's dtype), the rows' ``delta =
     sum(do * o)`` (float32, lse's (Hq, N) layout) and the gate's gradient ``sum(dout * o)`` (g's dtype)."""
@@ -160,20 +150,25 @@ class _Selected(torch.autograd.Function):
                                   ctx.scale) + (None,) * 8
 
 
-def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale: float):
-    """The selected branch's output and lse (Hq, total) on packed kernel inputs."""
+def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale: float, gate=None,
+                      write_o: bool = True):
+    """The selected branch's output (None without ``write_o``) and lse (Hq, total) on packed kernel inputs.
+    ``gate``: ``(out, o_cmp, o_swa, g_cmp, g_slc, g_swa)``, NSA's gated sum written into ``out`` by the same
+    launch (outputs (total, Hq, Dv) contiguous, gates (total, Hq) contiguous; out may be o_cmp)."""
     hq, hkv = dims.heads_q, dims.heads_kv
     group = hq // hkv
-    out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype)
+    out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype) if write_o or gate is None else None
     lse = empty(hq, q.shape[0], device=q.device, dtype=torch.float32)
     if q.shape[0]:
         heads = _selected_heads(group, q.dtype)
         meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
         descs = kv_descriptors(k, v, meta["SLC_TILE"], meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1)
+        like = gate[0] if out is None else out  # (the output layout, for the strides)
         _launch_selected(_nsa_selected_fwd_tuned, (
-            q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), sel.stride(0), sel.stride(1), out.stride(0), out.stride(1),
-            lse.stride(0), group, heads, scale * LOG2E), dict(meta, HAS_TMA=descs is not None), max_q,
+            q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), *(gate or (like,) + (None,) * 5),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), sel.stride(0),
+            sel.stride(1), like.stride(0), like.stride(1), lse.stride(0), group, heads, hq, scale * LOG2E),
+            dict(meta, HAS_TMA=descs is not None, GATED=gate is not None, WRITE_O=out is not None), max_q,
             hkv * cdiv(group, heads), cu.numel() - 1, heads)
     return out, lse
 
@@ -307,15 +302,16 @@ def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool):
     o_cmp, lse_cmp = flash_fwd(q, kc, vc, b.cmp_dims, True, None, scale,
                                key_pos=(cfg.cmp_stride, cfg.cmp_block - 1))
     sel = nsa_select(q, kc, lse_cmp, b.cu, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale)
-    # selected branch: the selected blocks (the own one among them, causal), one softmax
-    o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, b.cu, dims.max_seqlen_q, cfg.slc_block, scale)
-    if not keep:  # (no lse beside the three outputs at the peak)
-        lse_cmp = lse_slc = None
-    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
-    os_ = (o_cmp, o_slc, o_swa)
     if not keep:
-        return _gated_sum_into(o_cmp, os_, gates), sel, None
-    out = _gated_sum_into(empty(o_cmp.shape, device=q.device, dtype=q.dtype), os_, gates)
+        lse_cmp = None
+    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
+    # selected branch: the selected blocks (the own one among them, causal), one softmax; the same launch writes
+    # the gated sum (without gradients over the compressed branch's output, and not the selected branch's own)
+    out = empty(o_cmp.shape, device=q.device, dtype=q.dtype) if keep else o_cmp
+    o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, b.cu, dims.max_seqlen_q, cfg.slc_block, scale,
+                                       gate=(out, o_cmp, o_swa, *gates), write_o=keep)
+    if not keep:
+        return out, sel, None
     return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc), (o_swa, lse_swa))
 
 
@@ -502,12 +498,13 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     Branches: compressed attention through the flash kernels with strided key positions (which also give the
     row lse); scores + top-n in one kernel that never stores the (T, n_cmp) probabilities; selected blocks by
     blocks of consecutive queries, the group's heads as the rows of each tile (they share each loaded block;
-    dk/dv run through the block-sparse engine's gradient kernels, by key block); the window through the flash
-    kernels; the gated sum in one Triton pass (no float32 copies of the branches are kept for the backward).
-    The three branches are one autograd node, whose backward takes them one at a time: a branch's gate-scaled
-    output gradient, row delta and gate gradient in one pass, then its kernels, each adding to one dq. No
-    branch's output gradient or dq lives beside another's (64 query / 4 KV heads, d 192 / 128: at most 113 KB
-    per token beside the inputs in fwd+bwd, against 141 KB with a node per branch).
+    dk/dv run through the block-sparse engine's gradient kernels, by key block), whose launch also writes the
+    gated sum of the three branches (float32 inside; without gradients over the compressed branch's output, the
+    selected branch's own never stored); the window through the flash kernels. The three branches are one
+    autograd node, whose backward takes them one at a time: a branch's gate-scaled output gradient, row delta
+    and gate gradient in one pass, then its kernels, each adding to one dq. No branch's output gradient or dq
+    lives beside another's. Peak memory beyond the inputs with 64 query / 4 KV heads, d 192 / 128: 33 KB per
+    token (forward without gradients), 113 KB (forward + backward).
 
     ``torch.compile``: in the dense layout TorchDynamo traces the op, the branches one custom op
     (``torch.ops.longattn.nsa_branches``, its backward ``nsa_branches_backward``): no graph break. With

@@ -304,7 +304,22 @@ def _sparse_dkdv_finish_kernel(DK, DV_, PK, PV, SLOT, CHUNK_CUM, BLOCK_ROW, stri
     tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=mv)
 
 
-@_tune_sparse("dq", reset_to_zero=["DQ32"])  # it adds to DQ32
+@triton.jit
+def _add_into_kernel(X, Y, n, BLOCK: tl.constexpr):
+    """``x += y`` over n elements, in float32, stored in X's dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + i, mask=i < n, other=0.0).to(tl.float32)
+    tl.store(X + i, (x + tl.load(Y + i, mask=i < n, other=0.0)).to(X.dtype.element_ty), mask=i < n)
+
+
+def _add_into(x: torch.Tensor, y: torch.Tensor) -> None:
+    """``x += y`` in place for contiguous tensors of one shape (y float32), without a float32 copy of x."""
+    block = 1024
+    if x.numel():
+        _add_into_kernel[(cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block)
+
+
+@_tune_sparse("dq", reset_to_zero=["DQ32"])  # it adds to DQ32 (zeroed before each timed tile and after tuning)
 @triton.jit
 def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -657,20 +672,14 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
         # bits of dq may differ from run to run. Under torch.use_deterministic_algorithms(True) each part goes to its
         # own slot (ksel x the float32 buffer) and the slots are summed in order
         slots = torch.are_deterministic_algorithms_enabled()
-        dq32 = (torch.zeros if slots else torch.empty)(ksel if slots else 1, *dq.shape, device=dq.device,
-                                                       dtype=torch.float32)
-        if not slots:
-            dq32[0].copy_(dq)
+        dq32 = torch.zeros(ksel if slots else 1, *dq.shape, device=dq.device, dtype=torch.float32)
         _sparse_dq_kernel[(ent.max_tiles,)](
             q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), dq32.stride(2), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
             KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta)
-        if slots:
-            acc = dq32.sum(0)
-            acc += dq
-        dq.copy_(acc if slots else dq32[0])  # (no other float32 copy of dq: 16 KB per token at 32 heads of 128)
+        _add_into(dq, dq32.sum(0) if slots else dq32[0])  # (no float32 copy of dq: 16 KB a token at 32 heads of 128)
     return dq, dk, dv, dout, delta
 
 

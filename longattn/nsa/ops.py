@@ -551,8 +551,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     gates = [g.reshape(qp.shape[0], dims.heads_q).contiguous() for g in (g_cmp, g_slc, g_swa)]
     ins = [qp, kp, vp, kc if kc.stride(-1) == 1 else kc.contiguous(), vc if vc.stride(-1) == 1 else vc.contiguous()]
     if torch.compiler.is_compiling():
-        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, cu, cu_cmp, lq, [getattr(config, name) for name in
-                                                                                  _CONFIG_FIELDS], scale)[:2]
+        values = [getattr(config, name) for name in _CONFIG_FIELDS]
+        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, cu, cu_cmp, lq, values, scale)[:2]
     else:
         ins = kernel_inputs(*ins)
         branches = _Branches(config, lq, cu, cu_cmp, scale).shape(*ins[:3])

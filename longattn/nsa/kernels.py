@@ -530,9 +530,9 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                     m3, l3, acc3 = _online_step(qa3, qb3, k_a, k_b, v, kp[None, :] <= pos3[:, None], m3, l3, acc3,
                                                 scale_log2, BLOCK_DB, PRECISION)
     _store_rows(O, LSE, t0, hd0, ok0, m0, l0, acc0, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
-                    GATED, WRITE_O)
+                GATED, WRITE_O)
     _store_rows(O, LSE, t1, hd1, ok1, m1, l1, acc1, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
-                    GATED, WRITE_O)
+                GATED, WRITE_O)
     if QB > 2:
         _store_rows(O, LSE, t2, hd2, ok2, m2, l2, acc2, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
                     GATED, WRITE_O)

@@ -156,7 +156,7 @@ def _sparse_cases():
         dec_ptr = dict(ptr, OS="*fp32")  # float32 partial outputs
         # the engine's kernels at every tile their autotuners try: MoBA's head dim 128, and NSA's paper shape for
         # dK/dV (head dim 192 = 128 + 64, v 128, groups of 16; NSA's dq and forward are its own kernels)
-        engine = (("fwd", K._sparse_fwd_kernel, "", meta),
+        engine = (("fwd", K._sparse_fwd_kernel, "", {k: v for k, v in meta.items() if k != "KSEL"}),  # a slot a launch
                   ("dq", K._sparse_dq_kernel, "", meta),
                   ("dq", K._sparse_dq_kernel, "-group16", dict(meta, GROUP=16)),
                   ("dq", K._sparse_dq_kernel, "-slots", dict(meta, SLOTS=True)),  # deterministic: stores, no atomics

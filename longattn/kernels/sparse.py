@@ -11,7 +11,8 @@ heads, so there are group-size times fewer to sort); entries are sorted by (glob
 segments, and each program takes a tile of up to ``BLOCK_M`` rows of one segment (rows may mix the query
 heads of a GQA group, which share the block's K/V) and runs them against the block's keys. Tiles are
 found by a binary search over the per-segment tile counts, so launches need no host synchronisation. The
-pieces are merged by lse; the backward pass uses the final row lse and delta, so no per-piece buffer is
+forward launches once per slot of the selections (each row then written once a launch), merging each piece by lse
+into the output and lse in place; the backward pass uses the final row lse and delta, so no per-piece buffer is
 kept for it.
 """
 from __future__ import annotations
@@ -139,23 +140,25 @@ def _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV, st
     return gb, hk, t, h, slot, valid, q
 
 
-@_tune_sparse("fwd")
+@_tune_sparse("fwd", restore_value=["OS", "LS"])  # (it adds to them)
 @triton.jit
 def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                            stride_os, stride_ot, stride_oh, stride_ls, stride_lh,
+                            stride_ot, stride_oh, stride_lh,
                             n_seg, n_iter, Hq, HKV, block_size, qk_scale,
                             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """Attention of a tile of entries over one whole selected block; writes slot ``1 + s`` of OS/LS."""
+    """Attention of a tile of entries (one selected block per row: a launch takes one slot of the selections)
+    over one whole selected block, merged by lse into the rows' output and natural-log lse so far (OS, LS: the own
+    block's, then each slot's in turn), in place: a launch writes each row once."""
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    gb, hk, t, h, slot, valid, q = _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV,
-                                                 stride_qt, stride_qh, offs_dk, DQK, KSEL, BLOCK_M, GROUP)
+    gb, hk, t, h, _, valid, q = _tile_queries(TILE_CUM, ENTRY, SEG_START, Q, pid, n_seg, n_iter, Hq, HKV,
+                                              stride_qt, stride_qh, offs_dk, DQK, 1, BLOCK_M, GROUP)
     row0 = tl.load(BLOCK_ROW + gb).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -173,12 +176,20 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                     mask=offs_dv[None, :] < DV, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
-    slot1 = (slot + 1).to(tl.int64)
-    tl.store(OS + slot1[:, None] * stride_os + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_dv[None, :],
-             out.to(OS.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LS + slot1 * stride_ls + h * stride_lh + t, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
-             mask=valid)
+    # every key of an earlier block is visible: l_i > 0. Merged with what the row holds (its own block's part
+    # at least: lse > -inf), in float32, by weights relative to the larger lse (log2 units)
+    o_ptr = OS + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_dv[None, :]
+    l_ptr = LS + h * stride_lh + t
+    mask = valid[:, None] & (offs_dv[None, :] < DV)
+    lse_new = m_i + tl.math.log2(l_i)
+    lse_old = tl.load(l_ptr, mask=valid, other=0.0) * 1.4426950408889634
+    m = tl.maximum(lse_old, lse_new)
+    w_old = tl.math.exp2(lse_old - m)
+    w_new = tl.math.exp2(lse_new - m)
+    out = (w_old[:, None] * tl.load(o_ptr, mask=mask, other=0.0).to(tl.float32) + (w_new / l_i)[:, None] * acc) \
+        / (w_old + w_new)[:, None]
+    tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=mask)
+    tl.store(l_ptr, (m + tl.math.log2(w_old + w_new)) * 0.6931471805599453, mask=valid)
 
 
 @triton.jit
@@ -588,31 +599,29 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
-        hq, hkv, dv = dims.heads_q, dims.heads_kv, dims.dim_v
-        total_q, ksel = q.shape[0], sel.shape[-1]
-        outs = empty(ksel + 1, total_q, hq, dv, device=q.device, dtype=q.dtype)
-        lses = torch.full((ksel + 1, hq, total_q), float("-inf"), device=q.device, dtype=torch.float32)
-        flash_fwd(q, k, v, plan.own, True, None, scale, out=outs[0], lse=lses[0])
-        ent = None
-        if ksel > 0 and total_q > 0:
-            ent = entries(sel, plan, hq, hkv)
+        hq, hkv = dims.heads_q, dims.heads_kv
+        out, lse = flash_fwd(q, k, v, plan.own, True, None, scale)  # the own blocks
+        # then one slot of the selections at a time, each launch merging its blocks' part into out and lse in
+        # place (no buffer of partial results: (top-k) x out's size, at the peak)
+        for j in range(sel.shape[-1] if q.shape[0] else 0):
+            ent = entries(sel[..., j:j + 1], plan, hq, hkv)
             _sparse_fwd_kernel[(ent.max_tiles,)](
-                q, k, v, outs, lses, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
+                q, k, v, out, lse, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
-                ent.n_seg, ent.n_iter, hq, hkv, block_size, scale * LOG2E, KSEL=ksel, GROUP=1,
-                **_meta(dims, q.dtype))
-        out, lse = merge_fwd(outs, lses) if ksel > 0 else (outs[0], lses[0])
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.dims, ctx.ent, ctx.ksel, ctx.block_size, ctx.scale = plan, dims, ent, ksel, block_size, scale
+                out.stride(0), out.stride(1), lse.stride(0), ent.n_seg, ent.n_iter, hq, hkv, block_size,
+                scale * LOG2E, GROUP=1, **_meta(dims, q.dtype))
+        ctx.save_for_backward(q, k, v, out, lse, sel)
+        ctx.plan, ctx.dims, ctx.block_size, ctx.scale = plan, dims, block_size, scale
         ctx.mark_non_differentiable(sel)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv, _, _ = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ctx.ent,
-                                           ctx.ksel, ctx.block_size, ctx.scale)
+        q, k, v, out, lse, sel = ctx.saved_tensors
+        ksel = sel.shape[-1]
+        ent = entries(sel, ctx.plan, ctx.dims.heads_q, ctx.dims.heads_kv) if ksel > 0 and q.shape[0] else None
+        dq, dk, dv, _, _ = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ent, ksel,
+                                           ctx.block_size, ctx.scale)
         return (dq, dk, dv) + (None,) * 5
 
 

@@ -246,8 +246,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     selected blocks is used (dense inputs through :func:`moba_decode`, in place); it pools every key block at each
     call (:func:`moba_decode` also takes kept pooled keys).
 
-    Memory beyond inputs and outputs: the partial outputs of the ``topk`` pieces in the forward pass
-    (``topk`` x output size, freed before returning) and O(T * Hq * topk) indices; the backward pass adds
+    Memory beyond inputs and outputs: O(T * Hq * topk) indices in the forward pass (each selected block's part is
+    merged into the output in place, one slot of the selections at a time); the backward pass adds
     one float32 dq buffer, into which the selected blocks' parts are added atomically (their order, so dq's last
     bits, may vary from run to run). Under ``torch.use_deterministic_algorithms(True)`` each part is stored in a
     buffer of its own (``topk - 1`` float32 dq buffers) and they are summed in order: every gradient is then

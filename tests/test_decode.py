@@ -1,4 +1,6 @@
 """flash_decode: a few new tokens per sequence against a KV cache (contiguous, left-padded, paged) vs the reference."""
+import math
+
 import pytest
 import torch
 
@@ -107,14 +109,17 @@ def test_flash_decode_float8_cache(cache_dtype, dtype, device):
 def test_flash_decode_float8_every_value(cache_dtype, device):
     """Every finite float8 value (subnormals, zeros of both signs, the largest) is widened exactly, as keys and as
     values (on a GPU by the kernels' integer operations, see flash._widen): two one-token caches hold the 256 bytes;
-    query head h is the h-th unit vector, so its lse is key value h (the one score) and its output the value row."""
+    query head h is the h-th unit vector, so its lse is key value h (the one score) times the scale and its output the
+    value row. The scale ln 2 makes the kernel's base-2 scores (scores * scale * log2 e) the keys themselves, exactly
+    (the one key's probability then exactly 1, whatever its score; the kernels fold the scale into the exponent's
+    fused multiply-add, exact only for exact products)."""
     cache = float8_bytes(cache_dtype).view(cache_dtype).view(2, 1, 1, 128).to(device)
     q = torch.eye(128, dtype=torch.bfloat16, device=device).expand(2, 1, 128, 128)
     lens = torch.ones(2, dtype=torch.int32, device=device)
-    out, lse = flash_decode(q, cache, cache, cache_seqlens=lens, scale=1.0, return_lse=True)
+    out, lse = flash_decode(q, cache, cache, cache_seqlens=lens, scale=math.log(2), return_lse=True)
     want = cache.float().view(2, 1, 1, 128)  # (torch 2.5 indexes no float8 tensor)
     assert torch.equal(out.float(), want.expand(2, 1, 128, 128))
-    torch.testing.assert_close(lse.view(2, 128), want.view(2, 128), rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse.view(2, 128), want.view(2, 128) * math.log(2), rtol=1e-6, atol=0)
 
 
 def test_flash_decode_equals_flash_attention_on_the_gathered_keys(device):

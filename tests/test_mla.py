@@ -1,4 +1,6 @@
 """MLA: naive vs absorbed reference, prefill (fwd/bwd) and paged absorbed decode against the references."""
+import math
+
 import pytest
 import torch
 
@@ -106,16 +108,16 @@ def test_decode_float8_every_value(cache_dtype, device):
     """Every finite float8 value is widened exactly in the latent and in the rope part (on a GPU by the kernel's
     integer operations, see flash._widen): four one-token sequences hold the 256 bytes in their latents and, 64 a
     sequence, in their rope keys; q_latent is 0 and head h's q_rope the h-th unit vector, so its lse is rope key h
-    and its output the latent."""
+    times the scale and its output the latent (the scale ln 2: exact base-2 scores, see the flash_decode twin)."""
     bits = float8_bytes(cache_dtype)
     cache = torch.cat([bits.expand(4, 256), bits.view(4, 64)], 1).contiguous().view(cache_dtype).view(4, 1, 320)
     q_lat = torch.zeros(4, 1, 64, 256, dtype=torch.bfloat16, device=device)
     q_rope = torch.eye(64, dtype=torch.bfloat16, device=device).expand(4, 1, 64, 64)
     lens = torch.ones(4, dtype=torch.int32, device=device)
-    out, lse = mla_decode(q_lat, q_rope, cache.to(device), cache_seqlens=lens, scale=1.0, return_lse=True)
+    out, lse = mla_decode(q_lat, q_rope, cache.to(device), cache_seqlens=lens, scale=math.log(2), return_lse=True)
     want = cache.float().to(device)  # (torch 2.5 indexes no float8 tensor)
     assert torch.equal(out.float(), want[:, :, None, :256].expand(4, 1, 64, 256))
-    torch.testing.assert_close(lse.view(4, 64), want[:, 0, 256:], rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse.view(4, 64), want[:, 0, 256:] * math.log(2), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])

@@ -167,9 +167,9 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
         rows = row0 + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         kt = tl.load(K + rows[None, :] * stride_kt + hk * stride_kh + offs_dk[:, None],
                      mask=offs_dk[:, None] < DQK, other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        s = tl.dot(q, kt, input_precision=PRECISION)  # unscaled: the scale (> 0) goes into the max and the exp's fma
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
@@ -253,11 +253,12 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
                      mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
-        # the score products unchained (see _bwd_operands): two products, each scaled, and p, dS out of a branch
-        s = tl.dot(q_a, kt_a, input_precision=PRECISION) * qk_scale
+        # the score products unchained (see _bwd_operands): two products, each scaled and added to the other's by a
+        # fused multiply-add (the lse subtracted in the first), and p, dS out of a branch
+        s = tl.fma(tl.dot(q_a, kt_a, input_precision=PRECISION), qk_scale, -lse[:, None])
         if BLOCK_DB > 0:
-            s += tl.dot(q_b, kt_b, input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
+            s = tl.fma(tl.dot(q_b, kt_b, input_precision=PRECISION), qk_scale, s)
+        p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p16, ds = _bwd_operands(p, dp - delta[:, None], qk_scale > 0, do.dtype)
         dv += tl.dot(tl.trans(p16), do, input_precision=PRECISION)

@@ -44,16 +44,17 @@ def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: t
     """One online-softmax step of the rows (latent and rotary queries ``ql``, ``qr`` at positions ``pos``) over
     the tokens n0 .. n0 + BLOCK_N (latent ``c``, rotary keys ``kr``), those from ``hi`` on masked."""
     n = n0 + tl.arange(0, BLOCK_N)
-    if SHARED_P:  # two products, not a chain (see below)
-        s = tl.dot(ql, tl.trans(c), input_precision=PRECISION) * qk_scale
-        s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION) * qk_scale
+    # the scores unscaled: the scale (> 0) goes into the row max and into the exponential's fused multiply-add
+    if SHARED_P:  # two products, not a chain (see below): added by a multiply-add, which Triton does not chain
+        s = tl.fma(tl.dot(qr, tl.trans(kr), input_precision=PRECISION), 1.0,
+                   tl.dot(ql, tl.trans(c), input_precision=PRECISION))
     else:
         s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
-        s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION) * qk_scale  # one accumulation chain
+        s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION)  # one accumulation chain
     s = tl.where((n[None, :] < hi) & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(tl.fma(s, qk_scale, -m_use[:, None]))
     if SHARED_P:
         # Triton lays a product whose result reaches another product (here p.V, and the rescaled accumulator
         # of p.V) on all warps along its rows: with 64 rows on 8 warps both warpgroups compute all of q.k

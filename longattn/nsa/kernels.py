@@ -112,14 +112,16 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
             lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
             h = (hk * group + g).to(tl.int64)
             q_a, q_b = _load_split(Q, rows * stride_qt + h * stride_qh, in_m, D, BLOCK_DA, BLOCK_DB, False)
-            # two separate products, not one accumulation chain: Triton lays a chain's first product out on 8
-            # warps x 64 rows, i.e. both warpgroups computing all 64 rows, then converts it for the second
-            s = tl.dot(q_a, kc_a, input_precision=PRECISION) * scale_log2
-            if BLOCK_DB > 0:
-                s += tl.dot(q_b, kc_b, input_precision=PRECISION) * scale_log2
             # lse in log2 units; a row that saw no compressed block (lse -inf) has p = 0
             lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            p += tl.math.exp2(s - lse[:, None])
+            # two separate products, not one accumulation chain: Triton lays a chain's first product out on 8
+            # warps x 64 rows, i.e. both warpgroups computing all 64 rows, then converts it for the second. The
+            # scale and the lse go in as two fused multiply-adds per score (sm_90: 318 instructions a head step
+            # against 350 with the scale, lse and sum as separate operations)
+            s = tl.fma(tl.dot(q_a, kc_a, input_precision=PRECISION), scale_log2, -lse[:, None])
+            if BLOCK_DB > 0:
+                s = tl.fma(tl.dot(q_b, kc_b, input_precision=PRECISION), scale_log2, s)
+            p += tl.math.exp2(s)
         # the blocks a row cannot see are masked once, on the sum: their terms may be +inf, never NaN (lse > -inf)
         vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
         p = tl.where(vis, p, 0.0)
@@ -140,10 +142,12 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 # warpgroups, 128 give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile half as often
 # (16 heads x 64 rows x 192 dims reloaded per chunk); 128 registers per thread fit two programs of 8 warps on an
 # SM (their matmuls and exponentials then overlap), spilling 76 bytes. The others spill nothing on sm_90 but
-# (64, 16, 4, 2), 28 bytes (tests/cuda_compile.py --resources). float32 multiplies on CUDA cores: 16 rows (64
-# spilled 5 KB per thread).
-SELECT_TILES = ((64, 32, 8, 2, None), (64, 16, 8, 3, None), (64, 16, 8, 2, None), (64, 16, 8, 2, 128),
-                (128, 16, 8, 2, None), (64, 16, 4, 2, None))
+# (64, 16, 4, 2), 28 bytes, and (64, 32, 8, 3), 4 bytes outside its head loop (tests/cuda_compile.py --resources).
+# At 2 stages a head's q tile is copied at the end of the previous head's step and waited for at the start of its
+# own (its whole latency exposed, 16 times a chunk); at 3 a step ahead (sm_90's TTGIR: async_wait num 2). float32
+# multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
+SELECT_TILES = ((64, 32, 8, 2, None), (64, 32, 8, 3, None), (64, 16, 8, 3, None), (64, 16, 8, 2, None),
+                (64, 16, 8, 2, 128), (128, 16, 8, 2, None), (64, 16, 4, 2, None))
 SELECT_FP32_TILE = (16, 16, 8, 3, None)
 
 
@@ -199,15 +203,20 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
     ``SPLIT_SCORES`` (64 rows on 8 warps): Triton lays a product whose result reaches another product on all
     warps along its rows, so both warpgroups would compute all of the scores; with the two parts' products not
     chained and p, alpha leaving a branch whose two sides are the same (its analysis does not follow values out of
-    one), the score tile is split between the warpgroups instead (as MLA's SHARED_P)."""
+    one), the score tile is split between the warpgroups instead (as MLA's SHARED_P).
+
+    With SPLIT_SCORES the scores stay unscaled: the scale (> 0) goes into the row max and, with it, into one fused
+    multiply-add per score before the exponential. Not without: as compiled for sm_90, the selected branch's
+    one-query TMA tile (the H100's pick) then took 368 instructions a block against 347 (ptxas packed its masks'
+    predicates into a register), though the pointer tiles took fewer."""
     if SPLIT_SCORES:
-        s = tl.dot(q_a, k_a, input_precision=PRECISION) * scale_log2
-        if BLOCK_DB > 0:
-            s += tl.dot(q_b, k_b, input_precision=PRECISION) * scale_log2
+        s = tl.dot(q_a, k_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:  # added by a multiply-add: an addition of the two products would chain them
+            s = tl.fma(tl.dot(q_b, k_b, input_precision=PRECISION), 1.0, s)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(tl.fma(s, scale_log2, -m_safe[:, None]))
         if scale_log2 > 0:
             p16 = p.to(v.dtype)
             alpha = tl.exp2(m - m_safe)
@@ -674,10 +683,10 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
             k_a, k_b = _load_split(k_base, kp * stride_kt, kp >= 0, DK, BLOCK_DA, BLOCK_DB, False)
             vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
             if SPLIT_SCORES:  # as in _online_step: the products not chained, dS out of a branch
-                s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION) * scale_log2
+                s = tl.fma(tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION), scale_log2, -lse2[:, None])
                 if BLOCK_DB > 0:
-                    s += tl.dot(q_b, tl.trans(k_b), input_precision=PRECISION) * scale_log2
-                p_ = tl.where(rows_j[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+                    s = tl.fma(tl.dot(q_b, tl.trans(k_b), input_precision=PRECISION), scale_log2, s)
+                p_ = tl.where(rows_j[:, None], tl.exp2(s), 0.0)
                 ds = _bwd_operands(p_, tl.dot(do, vt, input_precision=PRECISION) - delta[:, None], scale_log2 > 0,
                                    k_a.dtype)[1]
             else:

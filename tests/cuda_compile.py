@@ -218,6 +218,7 @@ def _mla_cases():
             tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
             tag += "-shared_p" if c.kwargs["SHARED_P"] else ""
             tag += "-tma" if tma else ""
+            tag += "-lazy" if c.kwargs["LAZY_RESCALE"] else ""
             tag += f"-{cache}" if cache != dt else ""  # a float8 (quantised) cache
             descs = {"C_DESC": f"tensordesc<{cache}[{n},512]>", "R_DESC": f"tensordesc<{cache}[{n},64]>"}
             cases.append((f"_mla_decode_kernel[{tag}]", K._mla_decode_kernel, dict(ptr, **descs) if tma else ptr,
@@ -408,6 +409,8 @@ PIPELINED = {
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]": 2,
     "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p]": 4,  # the branch in its loop must not stop pipelining
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]": 2,  # the bulk copies one tile ahead
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma-lazy]": 2,  # (the rescaling's branch in its loop)
+    "_mla_decode_kernel[bf16-S1-H64-paged-n32x4-shared_p-lazy]": 4,
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]": 2,  # one query of 16 heads per program (as timed on the H100)
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3-tma]": 2,  # its blocks' bulk copies
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]": 2,
@@ -430,6 +433,9 @@ UNDUPLICATED = (
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-lazy]",  # the rescaling's condition out of a branch
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma-lazy]",
+    "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p-lazy]",
     "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3]",
     "_sparse_dq_kernel[bf16-n64w8s2]",  # dS out of a branch
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q4w8s3]",  # SPLIT_SCORES
@@ -444,6 +450,8 @@ NO_LOOP_SPILLS = (
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-lazy]",
+    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma-lazy]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]",
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]",

@@ -20,6 +20,10 @@ import triton.language as tl
 from ..kernels.flash import _widen
 from ..kernels.utils import autotune, autotune_enabled
 
+# LAZY_RESCALE: a row's reference max moves (its accumulator rescaled) only when its max grew past it by more than
+# this (log2 units): its probabilities stay below 2^8
+RESCALE_LOG2 = tl.constexpr(8.0)
+
 
 @triton.jit
 def _load_tile(KV, tile, n0, hi, stride_kvp, stride_kvt, dtype: tl.constexpr, RANK: tl.constexpr,
@@ -40,7 +44,7 @@ def _load_tile(KV, tile, n0, hi, stride_kvp, stride_kvt, dtype: tl.constexpr, RA
 
 @triton.jit
 def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                 SHARED_P: tl.constexpr):
+                 SHARED_P: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """One online-softmax step of the rows (latent and rotary queries ``ql``, ``qr`` at positions ``pos``) over
     the tokens n0 .. n0 + BLOCK_N (latent ``c``, rotary keys ``kr``), those from ``hi`` on masked."""
     n = n0 + tl.arange(0, BLOCK_N)
@@ -53,6 +57,23 @@ def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: t
         s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION)  # one accumulation chain
     s = tl.where((n[None, :] < hi) & (n[None, :] <= pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if LAZY_RESCALE:
+        # the rows' reference max m_i moves (the accumulator and sum rescaled to it: 128 multiplies a thread at 64
+        # rows x 512 on 8 warps) only when some row's max grew past it by more than 2^RESCALE_LOG2, rarely after
+        # the first tiles; otherwise that row's probabilities may reach 2^RESCALE_LOG2 (the output acc / l and the
+        # lse m_i + log2 l all the same). The condition comes out of a branch, as p does below: else the branch's
+        # results would reach p.V
+        grow = tl.where(m_new > m_i, m_new - m_i, 0.0)
+        if qk_scale > 0:
+            rescale = tl.max(grow, 0) > RESCALE_LOG2
+        else:
+            rescale = tl.max(grow, 0) > RESCALE_LOG2
+        if rescale:
+            alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        m_new = m_i
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(tl.fma(s, qk_scale, -m_use[:, None]))
     if SHARED_P:
@@ -70,8 +91,12 @@ def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: t
     else:
         pp = p.to(c.dtype)
         alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(pp, c, input_precision=PRECISION)
+    if LAZY_RESCALE:  # (rescaled above, if at all)
+        l_i += tl.sum(p, 1)
+        acc = acc + tl.dot(pp, c, input_precision=PRECISION)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(pp, c, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -85,7 +110,8 @@ def _mla_decode_kernel(QL, QR, KV, C_DESC, R_DESC, BT, SEQLENS, OS, LS,
                        PAGE: tl.constexpr,
                        HAS_BT: tl.constexpr, BLOCK_H: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        PRECISION: tl.constexpr, SHARED_P: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
-                       HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False):
+                       HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+                       LAZY_RESCALE: tl.constexpr = False):
     hb = tl.program_id(0)  # head groups of one (sequence, split) run side by side: they share the cache in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -142,13 +168,14 @@ def _mla_decode_kernel(QL, QR, KV, C_DESC, R_DESC, BT, SEQLENS, OS, LS,
         else:
             c, kr = _load_tile(KV, tile, n0, hi, stride_kvp, stride_kvt, ql.dtype, RANK, BLOCK_RANK, ROPE, BLOCK_ROPE,
                                PAGE, HAS_BT, BLOCK_N, WIDEN_ASM)
-        m_i, l_i, acc = _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N, PRECISION, SHARED_P)
+        m_i, l_i, acc = _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N, PRECISION, SHARED_P,
+                                      LAZY_RESCALE)
     if USE_TMA:
         if hi_bulk < hi:
             c, kr = _load_tile(KV, page if HAS_BT else b64, hi_bulk, hi, stride_kvp, stride_kvt, ql.dtype, RANK,
                                BLOCK_RANK, ROPE, BLOCK_ROPE, PAGE, HAS_BT, BLOCK_N, WIDEN_ASM)
             m_i, l_i, acc = _attend_tile(ql, qr, c, kr, hi_bulk, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N, PRECISION,
-                                         SHARED_P)
+                                         SHARED_P, LAZY_RESCALE)
     empty = l_i == 0.0
     out = acc * (out_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(OS + split.to(tl.int64) * stride_op + row_out[:, None] * stride_ot + head64[:, None] * stride_oh
@@ -180,8 +207,12 @@ _TILES = ((64, 8, 2, True), (64, 8, 3, True), (32, 8, 3, True), (32, 8, 4, True)
 # Triton 3.6), the float8 one from 1,186 to 1,006, in the same shared memory. Not yet timed on a GPU: the TMA twins
 # come first (what runs without autotuning, so the GPU tests run them), the autotuner times both. (4 warps, rows
 # under 64, multiply on mma.sync from registers: their TMA twin spilled 1.3 KB a thread, 132 bytes in its loop.)
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p, "USE_TMA": t}, num_warps=w, num_stages=s)
-                   for t in (True, False) for n, w, s, p in _TILES if w == 8 or not t]
+# Each tile also rescales its accumulator lazily (LAZY_RESCALE, see _attend_tile; twins first): as compiled for sm_90,
+# the 64-token TMA tile's loop runs 478 instructions a tile against 586 when no row's max grew by 2^8 (most tiles
+# after the first), with two barriers more (the condition is the program's). Not yet timed on a GPU.
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p, "USE_TMA": t, "LAZY_RESCALE": lazy}, num_warps=w,
+                                 num_stages=s)
+                   for t in (True, False) for n, w, s, p in _TILES if w == 8 or not t for lazy in (True, False)]
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str, cache_bytes: int = 2,
@@ -192,7 +223,8 @@ def decode_candidates(rows: int, page: int, width: int, precision: str, cache_by
     small-tile configuration. ``tma_tile``: the tokens of the cache descriptors' tiles (0: no descriptors), the
     tiles loaded by TMA. The first is the one used without autotuning."""
     if precision == "ieee":
-        return [triton.Config({"BLOCK_N": 16, "SHARED_P": False, "USE_TMA": False}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_N": 16, "SHARED_P": False, "USE_TMA": False, "LAZY_RESCALE": False}, num_warps=4,
+                              num_stages=2)]
 
     def smem(c):  # q, the cache tiles in flight (float8: num_stages - 1, and the tile widened) and p's exchange tile
         n, s = c.kwargs["BLOCK_N"], c.num_stages

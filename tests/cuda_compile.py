@@ -90,10 +90,14 @@ def _flash_cases():
             n = tile["BLOCK_N"]
             descs = {"KA_DESC": f"tensordesc<{dt}[{n},{da}]>", "KB_DESC": f"tensordesc<{dt}[{n},{db}]>" if db else None,
                      "V_DESC": f"tensordesc<{dt}[{n},{bd(dv)}]>"}
-            cases.append((f"_flash_fwd_kernel[{tag}-first-tma]", F._flash_fwd_kernel,
-                          dict(ptr, **{k: v for k, v in descs.items() if v}),
-                          dict(meta, **tile, HAS_TMA=True, USE_TMA=True, **{k: None for k in descs if not descs[k]}),
-                          ("qk_scale", "scale"), {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("num_")}))
+            first = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("num_")}
+            for lazy in (False, True):  # (and their twins rescaling lazily)
+                cases.append((f"_flash_fwd_kernel[{tag}-first-tma{'-lazy' if lazy else ''}]", F._flash_fwd_kernel,
+                              dict(ptr, **{k: v for k, v in descs.items() if v}),
+                              dict(meta, **tile, HAS_TMA=True, USE_TMA=True, LAZY_RESCALE=lazy,
+                                   **{k: None for k in descs if not descs[k]}), ("qk_scale", "scale"), first))
+            cases.append((f"_flash_fwd_kernel[{tag}-first-lazy]", F._flash_fwd_kernel, ptr,
+                          dict(meta, **tile, LAZY_RESCALE=True), ("qk_scale", "scale"), first))
         if dqk + dv > 256 and dt != "fp32":  # dK/dV's one-loop candidates (kept above 256 accumulated columns)
             for t in (t for t in F.DKDV_TILES if t.get("ONE_LOOP")):
                 tile = {k: v for k, v in t.items() if k not in ("num_warps", "num_stages")}
@@ -403,6 +407,8 @@ CASE_BUILDERS = [_flash_cases, _sparse_cases, _mla_cases, _nsa_cases]
 PIPELINED = {
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]": 2,
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided-first-tma]": 2,  # its bulk copies a tile ahead
+    "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided-first-tma-lazy]": 2,  # (the rescaling's branch in its loop)
+    "_flash_fwd_kernel[bf16-d128/128-causal-varlen-first-lazy]": 2,
     "_flash_decode_kernel[bf16-d128/128-causal-varlen-q1-g16]": 2,
     "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16]": 2,  # pages read a tile ahead
     "_flash_decode_kernel[fp16-d192/128-causal-window-leftpad-q1-g8-cache-page16-fp8e4nv]": 2,  # float8 cache
@@ -447,11 +453,11 @@ UNDUPLICATED = (
 # cost local-memory traffic every iteration): the candidates kept for that reason, and the main hot loops
 NO_LOOP_SPILLS = (
     "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided]",
+    "_flash_fwd_kernel[bf16-d192/128-causal-varlen-strided-first-tma-lazy]",
+    "_flash_fwd_kernel[bf16-d128/128-causal-varlen-first-lazy]",
     "_flash_bwd_dkdv_kernel[bf16-d192/128-causal-varlen-strided-one_loop-m32n128]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
-    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-lazy]",
-    "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma-lazy]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]",
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]",

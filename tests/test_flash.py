@@ -500,10 +500,14 @@ def test_autotune_pruning_by_shared_memory(monkeypatch):
     for kernel in ("fwd", "dkdv", "dq"):
         (c,) = F._smem_prune(kernel)(configs, {"Q": fp32}, **dims(128, 0, 128))
         assert c.kwargs == F.FP32_TILES[kernel] and (c.num_warps, c.num_stages) == (8, 1)
-    # the forward's TMA twins (its tiles of TMA_ROWS keys, first), only where the host gave K/V's descriptors
-    twins = [c for c in F._flash_fwd_kernel.configs if c.kwargs.get("USE_TMA")]
-    assert twins and F._flash_fwd_kernel.configs[:len(twins)] == twins
+    # the forward's TMA twins (its tiles of TMA_ROWS keys, first), only where the host gave K/V's descriptors; the
+    # twins rescaling lazily last (not what runs without autotuning)
+    tiles = F._flash_fwd_kernel.configs
+    lazy = [c for c in tiles if c.kwargs.get("LAZY_RESCALE")]
+    twins = [c for c in tiles if c.kwargs.get("USE_TMA") and c not in lazy]
+    assert twins and tiles[:len(twins)] == twins and (not lazy or tiles[-len(lazy):] == lazy)
     assert all(c.kwargs["BLOCK_N"] == F.TMA_ROWS for c in twins)
+    assert all(c.kwargs["BLOCK_M"] == 128 and c.num_warps == 8 for c in lazy)
     tma = triton.Config(dict(BLOCK_M=64, BLOCK_N=32, USE_TMA=True), num_warps=4, num_stages=2)
     assert F._smem_prune("fwd")([tma, configs[2]], {"Q": bf16}, **dims(128, 0, 128)) == [configs[2]]
     assert F._smem_prune("fwd")([tma, configs[2]], {"Q": bf16}, **dims(128, 0, 128), HAS_TMA=True) == [tma, configs[2]]
@@ -609,6 +613,9 @@ def test_every_tile_candidate(which, device, monkeypatch):
         # K/V's descriptors)
         candidates += [triton.Config(dict(meta, USE_TMA=True), num_warps=4, num_stages=1) for meta in shapes
                        if dict(meta)["BLOCK_N"] == F.TMA_ROWS]
+        # and those of 128 rows rescaling lazily (LAZY_RESCALE)
+        candidates += [triton.Config(dict(c.kwargs, LAZY_RESCALE=True), num_warps=4, num_stages=1) for c in candidates
+                       if c.kwargs["BLOCK_M"] == 128]
     lq = [130, 1, 77]
     cu = _cu(lq, device)
     monkeypatch.setattr(F, "autotune_enabled", lambda: True)
@@ -618,7 +625,11 @@ def test_every_tile_candidate(which, device, monkeypatch):
                                     BLOCK_DV=max(16, F.next_pow2(dv)), HAS_TMA=True)
         assert any(c.kwargs.get("USE_TMA") for c in fits) == (which == "fwd")
         q = leaf(torch.randn(sum(lq), 4, dqk, device=device, dtype=torch.float16))
-        k = leaf(torch.randn(sum(lq), 2, dqk, device=device, dtype=torch.float16))
+        k = torch.randn(sum(lq), 2, dqk, device=device, dtype=torch.float16)
+        if which == "fwd":  # scores growing along the keys (up to 4x): the rows' maxima grow past 2^8 after the
+            # first tiles too, so that the lazily rescaling tiles rescale there, and skip it elsewhere
+            k *= torch.linspace(0.25, 4, sum(lq), device=device, dtype=torch.float16)[:, None, None]
+        k = leaf(k)
         v = leaf(torch.randn(sum(lq), 2, dv, device=device, dtype=torch.float16))
         qr, kr, vr = (leaf(t.detach(), torch.float32) for t in (q, k, v))
         out_r, lse_r = attention_ref(qr, kr, vr, causal=True, window=window, cu_seqlens_q=cu, cu_seqlens_k=cu,

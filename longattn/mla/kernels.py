@@ -17,12 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.flash import _widen
+from ..kernels.flash import RESCALE_LOG2, _widen
 from ..kernels.utils import autotune, autotune_enabled
-
-# LAZY_RESCALE: a row's reference max moves (its accumulator rescaled) only when its max grew past it by more than
-# this (log2 units): its probabilities stay below 2^8
-RESCALE_LOG2 = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -63,11 +59,11 @@ def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: t
         # the first tiles; otherwise that row's probabilities may reach 2^RESCALE_LOG2 (the output acc / l and the
         # lse m_i + log2 l all the same). The condition comes out of a branch, as p does below: else the branch's
         # results would reach p.V
-        grow = tl.where(m_new > m_i, m_new - m_i, 0.0)
+        grow = (m_new > m_i + RESCALE_LOG2).to(tl.int32)  # (m_i -inf: any key seen grew it)
         if qk_scale > 0:
-            rescale = tl.max(grow, 0) > RESCALE_LOG2
+            rescale = tl.max(grow, 0) > 0
         else:
-            rescale = tl.max(grow, 0) > RESCALE_LOG2
+            rescale = tl.max(grow, 0) > 0
         if rescale:
             alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
             acc = acc * alpha[:, None]
@@ -207,12 +203,13 @@ _TILES = ((64, 8, 2, True), (64, 8, 3, True), (32, 8, 3, True), (32, 8, 4, True)
 # Triton 3.6), the float8 one from 1,186 to 1,006, in the same shared memory. Not yet timed on a GPU: the TMA twins
 # come first (what runs without autotuning, so the GPU tests run them), the autotuner times both. (4 warps, rows
 # under 64, multiply on mma.sync from registers: their TMA twin spilled 1.3 KB a thread, 132 bytes in its loop.)
-# Each tile also rescales its accumulator lazily (LAZY_RESCALE, see _attend_tile; twins first): as compiled for sm_90,
-# the 64-token TMA tile's loop runs 478 instructions a tile against 586 when no row's max grew by 2^8 (most tiles
-# after the first), with two barriers more (the condition is the program's). Not yet timed on a GPU.
+# Each tile also has a twin that rescales its accumulator lazily (LAZY_RESCALE, see _attend_tile; after the TMA or
+# pointer tiles it twins): as compiled for sm_90, the 64-token TMA tile's loop runs 468 instructions a tile against
+# 586 when no row's max grew by 2^8 (most tiles after the first), with two barriers more (the condition is the
+# program's); with Triton 3.6 515 against 554, and 5 spilled words loaded or stored a tile. Not yet timed on a GPU.
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": n, "SHARED_P": p, "USE_TMA": t, "LAZY_RESCALE": lazy}, num_warps=w,
                                  num_stages=s)
-                   for t in (True, False) for n, w, s, p in _TILES if w == 8 or not t for lazy in (True, False)]
+                   for t in (True, False) for lazy in (False, True) for n, w, s, p in _TILES if w == 8 or not t]
 
 
 def decode_candidates(rows: int, page: int, width: int, precision: str, cache_bytes: int = 2,

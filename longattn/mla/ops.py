@@ -209,9 +209,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                 BLOCK_H=block_h, S_PAD=s_pad, PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
                 WIDEN_ASM=widen_by_asm(ql.dtype, kv.dtype), HAS_TMA=descs is not None)
     grid = (cdiv(H, block_h), B, n_split)
-    if small_tiles():  # one tile size, no timing of candidates; by TMA where it can, rescaling lazily as 16-bit do
-        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=block_n, USE_TMA=descs is not None,
-                                 LAZY_RESCALE=q_latent.dtype != torch.float32)
+    if small_tiles():  # one tile size, no timing of candidates; by TMA where it can
+        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=block_n, USE_TMA=descs is not None)
     else:
         _mla_decode_tuned[grid](*args, **meta)
     if pending is not None:

@@ -2,12 +2,19 @@
 
 Each case runs once to compile, then a few times under torch.profiler; the table lists every kernel with its
 GPU time per call of the op, and the op's wall time (do_bench) beside the sum of its kernels' times: the
-difference is host work (argument checks, allocations, launches, synchronisations) the GPU waits for.
+difference is host work (argument checks, allocations, launches, synchronisations) the GPU waits for. Then the
+host side alone: the time a call takes to return (calls back to back, none waiting for the GPU unless the op
+itself does), and the Python functions (cProfile) that take most of it, each with its own time per call of the
+op (its callees' apart; Triton's launcher and torch's operators show as built-in methods).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import pstats
 import shlex
+import time
 
 from .common import Results, parse_ints, require_cuda, time_ms
 
@@ -32,7 +39,8 @@ def add_args(p: argparse.ArgumentParser):
                    "flash swapped in, InPlaceCache; each call one token longer, as in a rollout: a new length every "
                    "call)")
     p.add_argument("--rollout-model", default="", help="the `rollout` benchmark's model options, e.g. '--layers 2'")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--host-top", type=int, default=8, help="Python functions listed per case by their host time")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--out", default=None)
 
@@ -173,6 +181,44 @@ def _kernels(prof, iters: int, cuda: bool) -> list[tuple[str, float, float]]:
     return sorted(out, key=lambda r: -r[2])
 
 
+def _host(fn, iters: int, top: int, cuda: bool) -> tuple[float, list[tuple[str, float, float]]]:
+    """ms a call takes to return on the host (the median of ``iters`` calls back to back, the GPU left to catch up
+    after them), and the ``top`` Python functions by their own time in those calls under cProfile: (function,
+    calls per op call, ms per op call)."""
+    import statistics
+
+    import torch
+
+    spent = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        spent.append(time.perf_counter() - t)
+    if cuda:
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        fn()
+    prof.disable()
+    if cuda:
+        torch.cuda.synchronize()
+    funcs = []
+    for (path, line, name), (_, calls, own, _, _) in pstats.Stats(prof).stats.items():
+        where = name if path == "~" else f"{_short(path)}:{line}({name})"
+        funcs.append((where, calls / iters, own * 1e3 / iters))
+    return statistics.median(spent) * 1e3, sorted(funcs, key=lambda f: -f[2])[:top]
+
+
+def _short(path: str) -> str:
+    """A source path from its package on (``longattn/...``, ``triton/...``, ``torch/...``)."""
+    parts = path.replace(os.sep, "/").split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in ("longattn", "bench", "triton", "torch", "transformers"):
+            return "/".join(parts[i:])
+    return parts[-1]
+
+
 def run(args, argv=None) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -210,6 +256,18 @@ def run(args, argv=None) -> list[dict]:
             pct = 100 * ms / busy if busy else None
             rows.append(dict(case=name, kernel=kname[:80], calls=calls, ms=ms, **{"%gpu": pct}))
             print(f"  {ms:9.3f} ms  {calls:5.1f}x  " + (f"{pct:5.1f}%  " if pct is not None else "") + kname[:100])
+        try:
+            with grad:
+                host, funcs = _host(fn, args.iters, args.host_top, cuda)
+        except Exception as e:
+            print(f"  {name}: host profile skipped ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        else:
+            print(f"  host: {host:.3f} ms for a call to return")
+            rows.append(dict(case=name, kernel="(host: a call's time to return)", calls=None, ms=host,
+                             **{"%gpu": None}))
+            for fname, calls, ms in funcs:
+                rows.append(dict(case=name, kernel=f"host {fname}"[:80], calls=calls, ms=ms, **{"%gpu": None}))
+                print(f"  {ms:9.3f} ms  {calls:5.1f}x  host {fname[:100]}")
         del fn
         if cuda:
             torch.cuda.empty_cache()

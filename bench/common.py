@@ -135,8 +135,10 @@ def _l2_read_kernel(X, OUT, n_chunks, REPS: tl.constexpr, CHUNK: tl.constexpr):
 def l2_read(x, out, *, reps: int, chunk: int = 4096):
     """Launch ``_l2_read_kernel`` over the float32 tensor ``x`` (a multiple of ``chunk`` elements), one program
     per ``out`` element (at most the number of chunks)."""
+    from longattn.kernels.utils import COMPILE_OPTIONS
+
     n_chunks = x.numel() // chunk
-    _l2_read_kernel[(min(out.numel(), n_chunks),)](x, out, n_chunks, REPS=reps, CHUNK=chunk)
+    _l2_read_kernel[(min(out.numel(), n_chunks),)](x, out, n_chunks, REPS=reps, CHUNK=chunk, **COMPILE_OPTIONS)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter:
 set here, before anything imports triton (the kernels' @triton.jit decorators read it). Kernel outputs
 are poisoned with NaN before every launch (LONGATTN_POISON_OUTPUTS), so unwritten elements fail, and a
 launch with a keyword argument the kernel does not declare fails (the interpreter drops it silently, a GPU
-launch rejects it). The interpreter is made to compute bfloat16 as the GPU does, so every dtype, bf16
+launch rejects it), as does a longattn launch without the compile options all of them pass. The interpreter is made to compute bfloat16 as the GPU does, so every dtype, bf16
 included, is tested on the CPU too, and to swap triton.language for its interpreted functions once per launch
 (not again at every call of a helper: the same result, in two thirds of the time).
 """
@@ -26,7 +26,12 @@ LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_f
 
 
 def _strict_interpreter_launches():
+    """Launches through the interpreter fail where a GPU's would compile differently or not at all: an argument
+    the kernel does not declare (the interpreter drops it), or a longattn kernel launched without the compile
+    options every launch passes (``longattn.kernels.utils.COMPILE_OPTIONS``)."""
     from triton.runtime import interpreter
+
+    from longattn.kernels.utils import COMPILE_OPTIONS
 
     launch = interpreter.GridExecutor.__call__
 
@@ -35,6 +40,8 @@ def _strict_interpreter_launches():
         unknown = set(kwargs) - set(spec.args) - set(spec.kwonlyargs) - LAUNCH_OPTIONS
         if unknown:
             raise TypeError(f"{self.fn.__name__} launched with undeclared arguments {sorted(unknown)}")
+        if self.fn.__module__.startswith("longattn.") and any(kwargs.get(k) != v for k, v in COMPILE_OPTIONS.items()):
+            raise TypeError(f"{self.fn.__name__} launched without longattn.kernels.utils.COMPILE_OPTIONS")
         return launch(self, *args, **kwargs)
     interpreter.GridExecutor.__call__ = strict
 

@@ -31,7 +31,8 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
     """Compile like a launch would: pointers and ``stride*`` ints specialised as 16-divisible, as the JIT does
     for aligned tensors and strides (without it the compiler can prove no alignment, so it neither vectorises
     loads nor pipelines them, and the register figures are far off); num_stages 3 is the launch default.
-    ``extra``: other compile options of a launch (``maxnreg``)."""
+    ``extra``: other compile options of a launch (``maxnreg``); the options every launch passes
+    (``COMPILE_OPTIONS``) too."""
     fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
     # constexprs left out take their defaults, as in a launch
     constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
@@ -49,9 +50,11 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
             sig[n] = "i32"
             if n.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    from longattn.kernels.utils import COMPILE_OPTIONS
+
     src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, **extra))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS, **extra))
 
 
 def _flash_cases():

@@ -654,14 +654,15 @@ def test_nsa_selected_split_scores(monkeypatch, device):
     """The candidates of 64 rows on 8 warps compute their score products split between the warpgroups
     (SPLIT_SCORES: unchained products, p and dS out of a branch); forward and gradients still equal the
     reference's, through the interpreter with the GPU's tiles."""
-    from longattn.kernels.utils import cdiv
+    from longattn.kernels.utils import COMPILE_OPTIONS, cdiv
     from longattn.nsa import ops
     from longattn.nsa.kernels import selected_rows
 
     def launch(tuned, args, meta, max_q, programs_h, n_seq, heads):
         qb = 64 // heads  # 64 rows
         assert selected_rows(qb, heads) == 64
-        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=64, SPLIT_SCORES=True)
+        tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, QB=qb, ROWS=64, SPLIT_SCORES=True,
+                                                       **COMPILE_OPTIONS)
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
     monkeypatch.setattr(ops, "_launch_selected", launch)
@@ -721,7 +722,7 @@ def test_nsa_selected_per_query(queries, monkeypatch, device):
     them selected loaded once and multiplied only by the queries that selected it) gives the reference's output,
     with unrelated selections, a ragged last block of queries and two sequences; through the interpreter with the
     GPU's tiles (the backward as usual)."""
-    from longattn.kernels.utils import cdiv
+    from longattn.kernels.utils import COMPILE_OPTIONS, cdiv
     from longattn.nsa import ops
     from longattn.nsa.kernels import _nsa_selected_fwd_tuned, selected_configs, selected_rows
 
@@ -737,7 +738,7 @@ def test_nsa_selected_per_query(queries, monkeypatch, device):
         assert heads == 16
         tuned.fn[(cdiv(max_q, queries), programs_h, n_seq)](*args, **meta, QB=queries,
                                                             ROWS=selected_rows(queries, heads), SPLIT_SCORES=False,
-                                                            PER_QUERY=True)
+                                                            PER_QUERY=True, **COMPILE_OPTIONS)
 
     monkeypatch.setattr(ops, "_launch_selected", launch)
     lens, dtype = [150, 37], torch.float16

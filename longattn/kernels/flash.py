@@ -31,10 +31,10 @@ import triton
 import triton.language as tl
 
 from .merge import merge_fwd
-from .utils import (AttnDims, autotune, autotune_configs, autotune_enabled, cdiv, check_attention_inputs,
-                    check_attention_shapes, check_device, check_positive_int, check_scale, eager_context, empty,
-                    empty_like, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, row_descriptors,
-                    small_tiles, split_context, split_dim, widen_by_asm)
+from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_configs, autotune_enabled, cdiv,
+                    check_attention_inputs, check_attention_shapes, check_device, check_positive_int, check_scale,
+                    eager_context, empty, empty_like, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
+                    row_descriptors, small_tiles, split_context, split_dim, widen_by_asm)
 
 LOG2E = 1.4426950408889634
 # online softmax with LAZY_RESCALE: the rows' reference max moves (their accumulator rescaled to it) only when some
@@ -877,7 +877,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen),
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group, 0 if varlen else k.shape[1],
-        **meta, HAS_TMA=descs is not None)
+        **meta, HAS_TMA=descs is not None, **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -936,7 +936,7 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
             dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, v_scale, dims.group, dims.heads_kv,
             per_split, k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
             HAS_SEQLENS=cache_seqlens is not None, PAGE=k.shape[1] if paged else 0,
-            WIDEN_ASM=widen_by_asm(q.dtype, k.dtype), num_warps=8 if wide else 4)
+            WIDEN_ASM=widen_by_asm(q.dtype, k.dtype), num_warps=8 if wide else 4, **COMPILE_OPTIONS)
     if n_split == 1:
         return outs[0], lses[0]
     return merge_fwd(outs, lses, q.dtype)
@@ -953,7 +953,7 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
     _flash_bwd_prep_kernel[(cdiv(dims.max_seqlen_q, prep_block) * dims.batch, dims.heads_q)](
         out, do, dlse, delta, dims.cu_seqlens_q, *_strides3(out, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), dims.max_seqlen_q, DV=dims.dim_v, BLOCK_DV=block_dv,
-        IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=prep_block)
+        IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=prep_block, **COMPILE_OPTIONS)
     return delta
 
 
@@ -990,14 +990,16 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
         q, k, v, do, lse, delta, dk, dv, *_cu_args(dims, left_pad), *common,
         *_strides3(dk[0] if n_splits > 1 else dk, varlen), *_strides3(dv[0] if n_splits > 1 else dv, varlen),
         dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta)
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta,
+        **COMPILE_OPTIONS)
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     grid_q = lambda m: (cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen),
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta, ACC_DQ=acc_dq)
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta, ACC_DQ=acc_dq,
+        **COMPILE_OPTIONS)
     return dq, dk, dv
 
 

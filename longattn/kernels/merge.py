@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (cdiv, check_device, check_same_dtype, check_tensor, empty, empty_like, kernel_inputs, next_pow2,
-                    public_op, small_tiles)
+from .utils import (COMPILE_OPTIONS, cdiv, check_device, check_same_dtype, check_tensor, empty, empty_like,
+                    kernel_inputs, next_pow2, public_op, small_tiles)
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def merge_fwd(outs: torch.Tensor, lses: torch.Tensor, out_dtype: torch.dtype = N
         bt = _block_t(D, outs.element_size())
         _merge_fwd_kernel[(cdiv(T, bt), H, B)](
             outs, lses, out, lse, outs.shape[0], T, *s_in, *s_lin, *so, *sl,
-            D=D, BLOCK_D=next_pow2(D), BLOCK_T=bt)
+            D=D, BLOCK_D=next_pow2(D), BLOCK_T=bt, **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -159,7 +159,7 @@ class _Merge(torch.autograd.Function):
             bt = _block_t(D, outs.element_size())
             _merge_bwd_kernel[(cdiv(T, bt), H, B)](
                 outs, lses, out, lse, dout, dlse, d_outs, d_lses, outs.shape[0], T, *s_in, *s_lin, *so, *sl, *sdo,
-                D=D, BLOCK_D=next_pow2(D), HAS_DLSE=dlse is not None, BLOCK_T=bt)
+                D=D, BLOCK_D=next_pow2(D), HAS_DLSE=dlse is not None, BLOCK_T=bt, **COMPILE_OPTIONS)
         return d_outs, d_lses
 
 

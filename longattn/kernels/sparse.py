@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .flash import LOG2E, SMEM_LIMIT, _fwd_inner, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
 from .merge import merge_fwd
-from .utils import (AttnDims, autotune, autotune_enabled, cdiv, check_attention_inputs, check_device,
+from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_enabled, cdiv, check_attention_inputs, check_device,
                     check_positive_int, check_scale, device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
                     resolve_seqlens, small_tiles, split_dim)
 
@@ -328,7 +328,7 @@ def _add_into(x: torch.Tensor, y: torch.Tensor) -> None:
     """``x += y`` in place for contiguous tensors of one shape (y float32), without a float32 copy of x."""
     block = 1024
     if x.numel():
-        _add_into_kernel[(cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block)
+        _add_into_kernel[(cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block, **COMPILE_OPTIONS)
 
 
 @_tune_sparse("dq", reset_to_zero=["DQ32"])  # it adds to DQ32 (zeroed before each timed tile and after tuning)
@@ -593,7 +593,7 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel,
         BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
         BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_ROWS=rows is not None, PAGE=page, **({"num_warps": 8} if page else {}))
+        HAS_ROWS=rows is not None, PAGE=page, **({"num_warps": 8} if page else {}), **COMPILE_OPTIONS)
     return merge_fwd(outs, lses, q.dtype)
 
 
@@ -610,7 +610,7 @@ class _BlockSparse(torch.autograd.Function):
                 q, k, v, out, lse, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), ent.n_seg, ent.n_iter, hq, hkv, block_size,
-                scale * LOG2E, GROUP=1, **_meta(dims, q.dtype))
+                scale * LOG2E, GROUP=1, **_meta(dims, q.dtype), **COMPILE_OPTIONS)
         ctx.save_for_backward(q, k, v, out, lse, sel)
         ctx.plan, ctx.dims, ctx.block_size, ctx.scale = plan, dims, block_size, scale
         ctx.mark_non_differentiable(sel)
@@ -671,12 +671,12 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     _sparse_dkdv_kernel[lambda c: (ent.n_seg + cdiv(ent.max_tiles, ch), block_size // c["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
         *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale, KSEL=ksel,
-        GROUP=ent.group, **kv_meta)
+        GROUP=ent.group, **kv_meta, **COMPILE_OPTIONS)
     bn = min(block_size, 32 if small_tiles() else 16 if q.dtype == torch.float32 else 64)
     _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
         dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         pk.stride(0), pv.stride(0), dims.heads_kv, DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
-        BLOCK_DV=meta["BLOCK_DV"], BLOCK_N=bn)
+        BLOCK_DV=meta["BLOCK_DV"], BLOCK_N=bn, **COMPILE_OPTIONS)
     if dq_by_entries:
         # float32 atomics add each row's parts, in whatever order their programs end, to its own blocks' part: the
         # bits of dq may differ from run to run. Under torch.use_deterministic_algorithms(True) each part goes to its
@@ -688,7 +688,7 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), dq32.stride(2), lse.stride(0),
             ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
-            KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta)
+            KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta, **COMPILE_OPTIONS)
         _add_into(dq, dq32.sum(0) if slots else dq32[0])  # (no float32 copy of dq: 16 KB a token at 32 heads of 128)
     return dq, dk, dv, dout, delta
 

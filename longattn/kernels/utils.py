@@ -21,6 +21,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # quantised KV caches (flash_decode, mla_decode)
+# Compile options of every launch: a multiply followed by an add fused into one multiply-add, as the kernels were
+# tuned with (the instruction counts in their comments), whatever the process's default (Triton 3.9 warns at its
+# first compile that leaves it to TRITON_DEFAULT_FP_FUSION, whose default the next release turns off)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +279,8 @@ def _assembles(fn, config, args: dict) -> bool:
     from triton.runtime.errors import PTXASError
 
     try:
-        fn.warmup(grid=(1,), **{k: v for k, v in args.items() if k in fn.arg_names}, **config.all_kwargs())
+        fn.warmup(grid=(1,), **{k: v for k, v in args.items() if k in fn.arg_names}, **config.all_kwargs(),
+                  **COMPILE_OPTIONS)
     except PTXASError as e:
         warnings.warn(f"{fn.__name__}: ptxas failed on {config} ({str(e).splitlines()[0][:80]}); "
                       f"the next tile that fits is used", RuntimeWarning, stacklevel=2)
@@ -312,7 +317,7 @@ def compile_candidates(fn, configs: list, args: dict) -> None:
     def compile_one(config):
         torch.cuda.set_device(device)  # a new thread starts on device 0
         try:
-            fn.warmup(grid=(1,), **launch, **config.all_kwargs())
+            fn.warmup(grid=(1,), **launch, **config.all_kwargs(), **COMPILE_OPTIONS)
         except Exception:  # noqa: BLE001 - reported by the autotuner when it compiles the candidate again
             pass
 
@@ -392,7 +397,7 @@ def interpreter_bf16_exact() -> bool:
     c = torch.zeros(16, 16)
     d = torch.zeros(16, 16, dtype=torch.bfloat16)
     e = torch.zeros(16, 16, dtype=torch.int32)
-    _bf16_probe_kernel[(1,)](a, c, d, e)
+    _bf16_probe_kernel[(1,)](a, c, d, e, **COMPILE_OPTIONS)
     x = a.float()
     return bool(torch.allclose(c, x @ x, rtol=1e-3, atol=1e-3)
                 and torch.allclose(d.float(), x * x - x, rtol=2e-2, atol=2e-2)

@@ -7,9 +7,9 @@ import torch
 
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
-from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device, check_same_dtype,
-                             check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
-                             read_back_later, row_descriptors, small_tiles, split_context, widen_by_asm)
+from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
+                             check_same_dtype, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
+                             public_op, read_back_later, row_descriptors, small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -210,9 +210,9 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                 WIDEN_ASM=widen_by_asm(ql.dtype, kv.dtype), HAS_TMA=descs is not None)
     grid = (cdiv(H, block_h), B, n_split)
     if small_tiles():  # one tile size, no timing of candidates; by TMA where it can
-        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=block_n, USE_TMA=descs is not None)
+        _mla_decode_kernel[grid](*args, **meta, BLOCK_N=block_n, USE_TMA=descs is not None, **COMPILE_OPTIONS)
     else:
-        _mla_decode_tuned[grid](*args, **meta)
+        _mla_decode_tuned[grid](*args, **meta, **COMPILE_OPTIONS)
     if pending is not None:
         _checked(pending(), S, capacity, page, kv_cache.shape[0])
     out, lse = merge_fwd(outs, lses, ql.dtype) if n_split > 1 else (outs[0], lses[0])

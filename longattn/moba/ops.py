@@ -8,10 +8,10 @@ import torch
 
 from ..kernels.sparse import (BlockPlan, block_sparse_packed, entries, pack_inputs, plan_blocks, sparse_backward,
                               sparse_decode, unpack_output)
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_attention_shapes, check_block_table,
-                             check_cache_lengths, check_cache_rows, check_decode_inputs, check_positive_int,
-                             check_scale, device_tensor, eager_context, empty, kernel_inputs, next_pow2, public_op,
-                             resolve_seqlens, small_tiles, validate_cache_rows, validate_pages)
+from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_attention_shapes,
+                             check_block_table, check_cache_lengths, check_cache_rows, check_decode_inputs,
+                             check_positive_int, check_scale, device_tensor, eager_context, empty, kernel_inputs,
+                             next_pow2, public_op, resolve_seqlens, small_tiles, validate_cache_rows, validate_pages)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -24,13 +24,14 @@ def _select(q, k, plan: BlockPlan, dims: AttnDims, block_size: int, ksel: int):
     kmean = empty(plan.n_blocks, hkv, d, device=q.device, dtype=q.dtype)
     _block_mean_kernel[(plan.n_blocks, hkv)](k, kmean, plan.block_row, plan.block_len, k.stride(0), k.stride(1),
                                              kmean.stride(0), kmean.stride(1), D=d, BLOCK_D=bd,
-                                             BLOCK_T=32 if small_tiles() else 64)
+                                             BLOCK_T=32 if small_tiles() else 64, **COMPILE_OPTIONS)
     sel = empty(q.shape[0], hq, ksel, device=q.device, dtype=torch.int32)
     bm = select_rows(q.dtype)
     _moba_select_kernel[(cdiv(plan.max_q, bm), hq, dims.batch)](
         q, kmean, sel, plan.cu_q, plan.cu_k, plan.block_off, q.stride(0), q.stride(1), kmean.stride(0),
         kmean.stride(1), sel.stride(0), sel.stride(1), block_size, hq // hkv, D=d, BLOCK_D=bd, KSEL=ksel,
-        C=max(16, next_pow2(ksel)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm)
+        C=max(16, next_pow2(ksel)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=bm,
+        **COMPILE_OPTIONS)
     return sel
 
 
@@ -357,7 +358,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             qk.stride(1), km.stride(0), km.stride(1), km.stride(2), sel.stride(0), sel.stride(1), block_size, group,
             D=dk, BLOCK_D=bd, KSEL=ksel, C=max(16, next_pow2(ksel)),
             PRECISION="ieee" if qk.dtype == torch.float32 else "tf32", BLOCK_G=max(16, next_pow2(group)),
-            HAS_ROWS=cache_rows is not None)
+            HAS_ROWS=cache_rows is not None, **COMPILE_OPTIONS)
     out, lse = sparse_decode(qk, kk, vk, sel, _arange_int32(B + 1, q.device), cache_offsets,
                              cache_offsets + cache_seqlens, block_size, scale, rows=cache_rows,
                              block_table=block_table)
@@ -387,7 +388,7 @@ def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_
         k_cache, out, cache_offsets, cache_seqlens, block_table if page else cache_seqlens, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         block_table.stride(0) if page else 0, block_size, n if tail is not None else 0, k_cache.shape[0] - 1, D=d,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page)
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page, **COMPILE_OPTIONS)
 
 
 @functools.lru_cache(maxsize=32)

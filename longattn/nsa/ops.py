@@ -14,10 +14,11 @@ import triton
 from ..kernels.flash import LOG2E, flash_bwd, flash_fwd, kv_descriptors
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
-from ..kernels.utils import (AttnDims, cdiv, check_attention_inputs, check_block_table, check_cache_lengths,
-                             check_cache_rows, check_decode_inputs, check_device, check_positive_int, check_same_dtype,
-                             check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs, next_pow2,
-                             num_sms, public_op, small_tiles, split_dim, validate_cache_rows, validate_pages)
+from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_block_table,
+                             check_cache_lengths, check_cache_rows, check_decode_inputs, check_device,
+                             check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor,
+                             eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, small_tiles, split_dim,
+                             validate_cache_rows, validate_pages)
 from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -75,9 +76,11 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if small_tiles():  # the interpreter: one small tile, nothing timed; chunks of 4 selection blocks at least
         c = max(4, next_pow2(cdiv(nw - 1, ratio)))  # Eq. 9's taps must not reach past the previous chunk
-        _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32, C=c)
+        _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32, C=c,
+            **COMPILE_OPTIONS)
     else:  # the chunk's blocks and the rows are autotuned (kernels.select_candidates)
-        _nsa_select_tuned[lambda m: (cdiv(max_q, m["BLOCK_M"]), heads_kv, cu_q.numel() - 1)](*args, **meta)
+        _nsa_select_tuned[lambda m: (cdiv(max_q, m["BLOCK_M"]), heads_kv, cu_q.numel() - 1)](*args, **meta,
+            **COMPILE_OPTIONS)
     return sel
 
 
@@ -95,7 +98,8 @@ def _gated_prep(dout, o, lse, g):
     n_rows = g.numel()
     if n_rows:
         grid, meta = _gate_launch(n_rows, o.shape[-1])
-        _gated_prep_kernel[grid](o, dout, g, do, delta, dg, n_rows, o.shape[1], lse.stride(0), **meta)
+        _gated_prep_kernel[grid](o, dout, g, do, delta, dg, n_rows, o.shape[1], lse.stride(0), **meta,
+            **COMPILE_OPTIONS)
     return do, delta, dg
 
 
@@ -126,9 +130,9 @@ def _launch_selected(tuned, args, meta, max_q: int, programs_h: int, n_seq: int,
                  if c.kwargs["QB"] == qb]
         c = tried[0] if tried else triton.Config(dict(QB=qb, ROWS=selected_rows(qb, heads), SPLIT_SCORES=False))
         tuned.fn[(cdiv(max_q, qb), programs_h, n_seq)](*args, **meta, **c.kwargs, num_warps=c.num_warps,
-                                                       num_stages=c.num_stages)
+                                                       num_stages=c.num_stages, **COMPILE_OPTIONS)
     else:
-        tuned[lambda m: (cdiv(max_q, m["QB"]), programs_h, n_seq)](*args, **meta)
+        tuned[lambda m: (cdiv(max_q, m["QB"]), programs_h, n_seq)](*args, **meta, **COMPILE_OPTIONS)
 
 
 class _Selected(torch.autograd.Function):
@@ -727,7 +731,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0],
             *common, *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
             sel.stride(0), sel.stride(1), paging[1], group, scale * LOG2E, paging[2], **dims, **blocks, **selection,
-            **attend, PAGE=paging[3], **launch)
+            **attend, PAGE=paging[3], **launch, **COMPILE_OPTIONS)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, per-split top-n (each program merging the splits' lse), then
@@ -739,7 +743,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     _nsa_decode_cmp_split_kernel[(B, hkv, s1)](
         qk, kck, vck, parts, lses, cache_seqlens, rows_arg, *common, *cmp_strides, parts.stride(0), parts.stride(1),
         parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
-        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, **launch)
+        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, **launch, **COMPILE_OPTIONS)
     per2 = max(1, cdiv(cdiv(n_slc, num_splits), c)) * c
     s2 = max(1, cdiv(n_slc, per2))
     top_pad = next_pow2(config.slc_topk)
@@ -748,7 +752,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         qk, kck, lses, weights, cand, cache_seqlens, rows_arg, *common, kck.stride(0), kck.stride(1), kck.stride(2),
         lses.stride(0), lses.stride(1), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, s1,
         scale * LOG2E,
-        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection, **launch)
+        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection, **launch,
+        **COMPILE_OPTIONS)
     # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
     # compressed output and gated in a last small kernel: one program per (sequence, KV head) would run them all
     window_piece = 32 if small_tiles() else 128
@@ -760,13 +765,14 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         *cache_strides, cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
         piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, scale * LOG2E,
         paging[2], **dims, BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
-        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **launch)
+        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **launch,
+        **COMPILE_OPTIONS)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
         parts, lses, piece_out, piece_lse, gates, out, parts.stride(0), parts.stride(1), parts.stride(2),
         lses.stride(0), lses.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
         piece_lse.stride(0), piece_lse.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), hq,
-        s1, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_H=block_h, TOPK=config.slc_topk)
+        s1, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_H=block_h, TOPK=config.slc_topk, **COMPILE_OPTIONS)
     return (out, sel) if return_selection else out
 
 

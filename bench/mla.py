@@ -112,6 +112,8 @@ def run(args, argv=None) -> list[dict]:
                 rows.append(decode_row("longattn_graph", graph_ms(unchecked)))
                 # the same with the tiles loaded by pointers only (no TMA descriptors), to see what TMA brings
                 rows.append(decode_row("longattn_no_tma", graph_ms(without_tma(unchecked)), config=_tuned_config()))
+                # and called from the host, as longattn_unchecked: what the TMA descriptors cost a launch on the host
+                rows.append(decode_row("longattn_unchecked_no_tma", time_ms(without_tma(unchecked))))
                 # the cache quantised to float8 (e4m3): half the bytes, widened to bf16 as they are read
                 cache8 = cache.to(torch.float8_e4m3fn)
                 rows.append(decode_row("longattn_fp8", graph_ms(

@@ -86,7 +86,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                           ("longattn_pool", "decode_b2"), ("longattn_graph", "decode_b2")],  # flex: no CPU backward
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd"),
-                         ("longattn_fp8", "fwd"), ("longattn_no_tma", "fwd")],
+                         ("longattn_fp8", "fwd"), ("longattn_no_tma", "fwd"), ("longattn_unchecked_no_tma", "fwd")],
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")]
                  + [("longattn_kv_major", "slc_fwd"), ("longattn_query4", "slc_fwd"), ("longattn_graph", "decode_b1"),

@@ -20,8 +20,8 @@ from .common import Results, parse_ints, require_cuda, time_ms
 
 COLUMNS = ["case", "kernel", "calls", "ms", "%gpu"]
 CASES = ("nsa_fwd", "nsa_fwdbwd", "nsa_decode_b1", "nsa_decode_b32", "moba_fwd", "moba_fwdbwd", "mla_decode_s1",
-         "mla_decode_s4", "mla_prefill_fwd", "mla_prefill_fwdbwd", "rollout_step", "rollout_step_dynamic",
-         "rollout_step_flash")
+         "mla_decode_s4", "mla_decode_b1", "mla_prefill_fwd", "mla_prefill_fwdbwd", "rollout_step",
+         "rollout_step_dynamic", "rollout_step_flash")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -31,7 +31,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--nsa-dims", default="192,128", help="d_qk, d_v")
     p.add_argument("--moba-seqlen", default="128k", help="MoBA block 4096, topk 4, 32 / 8 heads, d 128")
     p.add_argument("--moba-config", default="4096,4,32,8,128", help="block, topk, heads, KV heads, d")
-    p.add_argument("--mla", default="64,8k,128", help="decode batch, context, heads")
+    p.add_argument("--mla", default="64,8k,128", help="decode batch, context, heads (mla_decode_b1: batch 1, one "
+                   "token)")
     p.add_argument("--mla-prefill", default="16k,32", help="prefill T, heads")
     p.add_argument("--rollout", default="8,8k", help="rollout_step*: prompts, longest prompt (the `rollout` "
                    "benchmark's model with transformers' SDPA attention; one decoding step with the rollout's "
@@ -95,7 +96,7 @@ def _cases(args, dev, dtype):
 
     B, L, H = parse_ints(args.mla)
 
-    def mla_dec(S):
+    def mla_dec(S, B=B):
         def build():
             page = 64
             pages = -(-L // page)
@@ -155,7 +156,8 @@ def _cases(args, dev, dtype):
 
     cases = {"nsa_fwd": nsa_fwd, "nsa_fwdbwd": nsa_fwdbwd, "nsa_decode_b1": nsa_decode_case(1),
              "nsa_decode_b32": nsa_decode_case(32), "moba_fwd": moba(False), "moba_fwdbwd": moba(True),
-             "mla_decode_s1": mla_dec(1), "mla_decode_s4": mla_dec(4), "mla_prefill_fwd": mla_pre(False),
+             "mla_decode_s1": mla_dec(1), "mla_decode_s4": mla_dec(4), "mla_decode_b1": mla_dec(1, 1),
+             "mla_prefill_fwd": mla_pre(False),
              "mla_prefill_fwdbwd": mla_pre(True), "rollout_step": rollout_step("sdpa"),
              "rollout_step_dynamic": rollout_step("sdpa_dynamic"), "rollout_step_flash": rollout_step("flash")}
     names = [c.strip() for c in args.cases.split(",") if c.strip()]

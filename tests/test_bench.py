@@ -70,8 +70,8 @@ DRY_RUNS = {
                "flash,moba,mla_prefill", "--dtype", "float16"],
     "rollout": ["--prompts", "48", "--batch", "2", "--new-tokens", "3", "--layers", "1", "--hidden", "64", "--heads",
                 "4", "--kv-heads", "2", "--vocab", "128", "--moba", "16:2", "--dtype", "float16"],
-    "profile": ["--cases", "nsa_fwd,nsa_decode_b1,moba_fwdbwd,mla_decode_s1,rollout_step,rollout_step_dynamic,"
-                "rollout_step_flash",
+    "profile": ["--cases", "nsa_fwd,nsa_decode_b1,moba_fwdbwd,mla_decode_s1,mla_decode_b1,rollout_step,"
+                "rollout_step_dynamic,rollout_step_flash",
                 "--seqlen", "96", "--nsa-heads", "4,1", "--nsa-dims", "32,16", "--moba-seqlen", "128", "--moba-config",
                 "32,2,2,1,16", "--mla", "2,70,16", "--rollout", "2,40",
                 "--rollout-model", "--layers 1 --hidden 64 --heads 4 --kv-heads 2 --vocab 128", "--iters", "1",

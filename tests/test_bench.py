@@ -111,6 +111,9 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
         cases = DRY_RUNS[op][1].split(",")
         assert [r["case"] for r in rows if r["kernel"].startswith("(wall")] == cases
         assert all(sum(r["case"] == c for r in rows) > 2 for c in cases)
+        # and its host side: a call's time to return, and the Python functions taking most of it
+        assert [r["case"] for r in rows if r["kernel"] == "(host: a call's time to return)"] == cases
+        assert all(any(r["case"] == c and r["kernel"].startswith("host ") for r in rows) for c in cases)
     got = {(r["impl"], r["mode"]) for r in rows if "impl" in r}
     for want in EXPECTED_ROWS[op]:
         assert want in got, f"missing row {want}: {sorted(got)}"

@@ -207,6 +207,14 @@ def _store_split(ptr, rows, in_rows, x_a, x_b, DQK: tl.constexpr, BLOCK_DA: tl.c
 
 
 @triton.jit
+def _rescale_to(m_i, m_new, l_i, acc):
+    """An online softmax's sum and accumulator rescaled from the rows' reference max ``m_i`` to ``m_new`` (log2
+    units; rows whose m_new is -inf, that saw no key, stay as they are): returns ``(m_new, l_i, acc)``."""
+    alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+    return m_new, l_i * alpha, acc * alpha[:, None]
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
                window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
                BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -257,10 +265,7 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if LAZY_RESCALE:
             if tl.max((m_new > m_i + RESCALE_LOG2).to(tl.int32), 0) > 0:  # (m_i -inf: any key seen grew it)
-                alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
+                m_i, l_i, acc = _rescale_to(m_i, m_new, l_i, acc)
             m_new = m_i
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(tl.fma(s, qk_scale, -m_use[:, None]))

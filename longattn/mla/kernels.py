@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.flash import RESCALE_LOG2, _widen
+from ..kernels.flash import RESCALE_LOG2, _rescale_to, _widen
 from ..kernels.utils import autotune, autotune_enabled
 
 
@@ -65,10 +65,7 @@ def _attend_tile(ql, qr, c, kr, n0, hi, pos, m_i, l_i, acc, qk_scale, BLOCK_N: t
         else:
             rescale = tl.max(grow, 0) > 0
         if rescale:
-            alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
+            m_i, l_i, acc = _rescale_to(m_i, m_new, l_i, acc)
         m_new = m_i
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(tl.fma(s, qk_scale, -m_use[:, None]))

@@ -250,14 +250,16 @@ def _nsa_cases():
                "CU_C": "*i32"}
         meta = dict(D=d, BLOCK_DA=128 if d == 192 else d, BLOCK_DB=64 if d == 192 else 0, CMP_STRIDE=16,
                     CMP_BLOCK=32, SLC_BLOCK=64, NW=5, TOPK=16,
-                    TOPK_PAD=16, INIT=1, LOCAL=2, PRECISION="ieee" if dt == "fp32" else "tf32")
+                    TOPK_PAD=16, INIT=1, LOCAL=2, GROUP_PAD=16, PRECISION="ieee" if dt == "fp32" else "tf32")
         for c in K.select_candidates(meta["PRECISION"]):  # every tile the autotuner tries
-            tag = f"m{c.kwargs['BLOCK_M']}c{c.kwargs['C']}w{c.num_warps}s{c.num_stages}"
+            tag = f"m{c.kwargs['BLOCK_M']}c{c.kwargs['C']}w{c.num_warps}s{c.num_stages}{'h' * c.kwargs['HEAD_ROWS']}"
             launch = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             if c.maxnreg:
                 tag, launch["maxnreg"] = f"{tag}r{c.maxnreg}", c.maxnreg
-            cases.append((f"_nsa_select_kernel[{dt}-d{d}-{tag}]", K._nsa_select_kernel, ptr, dict(meta, **c.kwargs),
-                          ("scale_log2",), launch))
+            # (token, head) rows: the largest group whose 256 rows the autotuner would keep (kernels._select_prune)
+            group = dict(GROUP_PAD=256 // c.kwargs["BLOCK_M"]) if c.kwargs["HEAD_ROWS"] else {}
+            cases.append((f"_nsa_select_kernel[{dt}-d{d}-{tag}]", K._nsa_select_kernel, ptr,
+                          dict(meta, **c.kwargs, **group), ("scale_log2",), launch))
         ptr = {name: f"*{dt}" for name in ("Q", "K", "V", "KC", "VC", "OUT")}
         ptr.update(GATES="*fp32", W="*fp32", SEL="*i32", SEQ="*i32", OFF="*i32", ROWS="*i32", BT="*i32", OP="*fp32",
                    LP="*fp32",
@@ -439,6 +441,7 @@ PIPELINED = {
 UNDUPLICATED = (
     "_nsa_select_kernel[bf16-d192-m64c32w8s2]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
+    "_nsa_select_kernel[bf16-d192-m16c16w8s2h]",  # (token, head) rows: 128 of them per warpgroup
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",
@@ -462,6 +465,9 @@ NO_LOOP_SPILLS = (
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
+    "_nsa_select_kernel[bf16-d192-m16c16w8s2h]",
+    "_nsa_select_kernel[bf16-d192-m32c16w8s2h]",
+    "_nsa_select_kernel[bf16-d192-m64c16w8s2h]",
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3]",
     "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]",
     "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3]",  # every dK/dV candidate (64 keys on 4 warps spilled)

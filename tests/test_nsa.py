@@ -132,18 +132,19 @@ def test_nsa_selection_configs(cfg, device):
     assert torch.equal(sorted_selection(sel), sorted_selection(sel_r))
 
 
-@pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}r{}".format(*t))
+@pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}r{}{}".format(*t[:5], "h" * t[5]))
 def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
-    """Each tile the selection kernel's autotuner may take on a GPU (query rows, blocks per chunk, warps,
-    stages, register limit) selects as the reference, in float16: several row tiles, two chunks of 16 blocks
-    (one of 32), Eq. 9 taps reaching two blocks back, GQA."""
+    """Each tile the selection kernel's autotuner may take on a GPU (query tokens, blocks per chunk, warps,
+    stages, register limit, (token, head) rows) selects as the reference, in float16: several row tiles, two
+    chunks of 16 blocks (one of 32), Eq. 9 taps reaching two blocks back, GQA (groups of 3: a (token, head) rows
+    tile pads them to 4, the padding heads masked)."""
     from longattn.nsa import kernels as K
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")  # the GPU's tuned launch through the interpreter
     monkeypatch.setattr(K, "SELECT_TILES", (tile,))
     monkeypatch.setattr(K._nsa_select_tuned, "cache", {})  # no tile chosen by an earlier call
     cfg = NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16)
-    T, Hq, Hkv, D = 300, 2, 1, 48
+    T, Hq, Hkv, D = 300, 6, 2, 48
     q = torch.randn(1, T, Hq, D, device=device, dtype=torch.float16)
     k = torch.randn(1, T, Hkv, D, device=device, dtype=torch.float16)
     v = torch.randn(1, T, Hkv, 16, device=device, dtype=torch.float16)

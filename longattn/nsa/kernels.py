@@ -58,8 +58,9 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        group, scale_log2, length_class,
                        D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
-                       TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, C: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                       TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       HEAD_ROWS: tl.constexpr = False):
     """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
@@ -67,13 +68,23 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     on the compressed blocks visible to the query (0 elsewhere). Forced blocks (the first INIT, the LOCAL
     ending at the own block) rank first, blocks after the own one are never taken; ties go to the lower index.
 
-    The work goes C selection blocks at a time: the chunk's C*R compressed keys are loaded once for the whole
-    group, each head's probabilities against them (one (BLOCK_M, C*R) matmul) are summed over the group, and
-    Eq. 9's band maps them to the C block scores (``_band_scores``; the taps that reach into the previous
-    chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no (T, n_cmp)
-    matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB, e.g.
-    192 = 128 + 64) instead of being padded. ``length_class`` (the longest sequence rounded up to a power of two)
-    is not read: it keys the autotuner, the best tile depending on how many programs the grid has.
+    A program serves BLOCK_M consecutive query tokens and goes C selection blocks at a time: the chunk's C*R
+    compressed keys are loaded once for the whole group, the group's probabilities against them are summed over
+    its heads, and Eq. 9's band maps them to the C block scores (``_band_scores``; the taps that reach into the
+    previous chunk come from it as a carry, C*R >= NW - 1). The scores fold into a running top-n, so no
+    (T, n_cmp) matrix is ever stored. The head dim is split into two power-of-two parts (BLOCK_DA + BLOCK_DB,
+    e.g. 192 = 128 + 64) instead of being padded.
+
+    The heads are visited in one of two ways. By default, a loop over them within each chunk: a (BLOCK_M, C*R)
+    product per head, summed, each head's q tile loaded again at every chunk (64 tokens x 16 heads x 192 dims,
+    384 KB a program per chunk, from L2 at best: a full grid's tiles, 132 programs x 384 KB, outgrow it). With
+    ``HEAD_ROWS``, one product whose rows are the (token, head) pairs, BLOCK_M * GROUP_PAD of them (GROUP_PAD:
+    the group rounded up to a power of two, the padding heads masked), each token's probabilities then summed
+    over its rows: q and the lse are loaded once for the whole sweep, the keys once per BLOCK_M tokens (fewer
+    tokens a program: 16 for a group of 16).
+
+    ``length_class`` (the longest sequence rounded up to a power of two) is not read: it keys the autotuner, the
+    best tile depending on how many programs the grid has.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -97,31 +108,57 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     lse_base = LSE + (hk * group).to(tl.int64) * stride_lh + rows
     best = topk_init(BLOCK_M, TOPK_PAD)
     carry = tl.zeros([BLOCK_M, C], tl.float32)
-    for j0 in range(0, tl.max(own, 0) + 1, C):
+    if HEAD_ROWS:  # row r: token r // GROUP_PAD, head r % GROUP_PAD; q and lse loaded once
+        r = tl.arange(0, BLOCK_M * GROUP_PAD)
+        tok_r = pid_m * BLOCK_M + r // GROUP_PAD
+        head_r = r % GROUP_PAD
+        in_r = (tok_r < q_len) & (head_r < group)
+        h_r = (hk * group + head_r).to(tl.int64)
+        rows_r = (q_start + tok_r).to(tl.int64)
+        q_ra, q_rb = _load_split(Q, rows_r * stride_qt + h_r * stride_qh, in_r, D, BLOCK_DA, BLOCK_DB, False)
+        lse_r = tl.load(LSE + h_r * stride_lh + rows_r, mask=in_r, other=float("inf"))
+        lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r * 1.4426950408889634)
+        # the compressed keys are loaded a chunk ahead by hand: the chunk loop holds the top-n fold's loop, and
+        # Triton pipelines innermost loops only
+        kn_a, kn_b = _load_split(kc_base, ccols.to(tl.int64) * stride_ct, ccols < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
+    last = tl.max(own, 0)
+    for j0 in range(0, last + 1, C):
         ci = j0 * R + ccols
-        kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
-        p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-        # each head's row lse is loaded one head ahead, so that the exp never waits on its load (a (rows, group)
-        # tile of them held across the loop cost ~50 registers per thread, and picking a head's column from it
-        # a layout conversion per head)
-        lse_ptr = lse_base
-        lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
-        for g in range(0, group):
-            lse = lse_next
-            lse_ptr += tl.where(g + 1 < group, stride_lh, 0)  # the last head reloads its own
-            lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
-            h = (hk * group + g).to(tl.int64)
-            q_a, q_b = _load_split(Q, rows * stride_qt + h * stride_qh, in_m, D, BLOCK_DA, BLOCK_DB, False)
-            # lse in log2 units; a row that saw no compressed block (lse -inf) has p = 0
-            lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            # two separate products, not one accumulation chain: Triton lays a chain's first product out on 8
-            # warps x 64 rows, i.e. both warpgroups computing all 64 rows, then converts it for the second. The
-            # scale and the lse go in as two fused multiply-adds per score (sm_90: 318 instructions a head step
-            # against 350 with the scale, lse and sum as separate operations)
-            s = tl.fma(tl.dot(q_a, kc_a, input_precision=PRECISION), scale_log2, -lse[:, None])
+        if HEAD_ROWS:
+            kc_a, kc_b = kn_a, kn_b
+            cn = ci + BLOCK_C
+            kn_a, kn_b = _load_split(kc_base, cn.to(tl.int64) * stride_ct, cn < tl.where(j0 + C <= last, n_cmp, 0),
+                                     D, BLOCK_DA, BLOCK_DB, True)
+        else:
+            kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
+        if HEAD_ROWS:
+            s = tl.fma(tl.dot(q_ra, kc_a, input_precision=PRECISION), scale_log2, -lse_r[:, None])
             if BLOCK_DB > 0:
-                s = tl.fma(tl.dot(q_b, kc_b, input_precision=PRECISION), scale_log2, s)
-            p += tl.math.exp2(s)
+                s = tl.fma(tl.dot(q_rb, kc_b, input_precision=PRECISION), scale_log2, s)
+            p = tl.sum(tl.reshape(tl.math.exp2(s), [BLOCK_M, GROUP_PAD, BLOCK_C]), 1)  # over each token's heads
+        else:
+            p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+            # each head's row lse is loaded one head ahead, so that the exp never waits on its load (a (rows, group)
+            # tile of them held across the loop cost ~50 registers per thread, and picking a head's column from it
+            # a layout conversion per head)
+            lse_ptr = lse_base
+            lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
+            for g in range(0, group):
+                lse = lse_next
+                lse_ptr += tl.where(g + 1 < group, stride_lh, 0)  # the last head reloads its own
+                lse_next = tl.load(lse_ptr, mask=in_m, other=float("inf"))
+                h = (hk * group + g).to(tl.int64)
+                q_a, q_b = _load_split(Q, rows * stride_qt + h * stride_qh, in_m, D, BLOCK_DA, BLOCK_DB, False)
+                # lse in log2 units; a row that saw no compressed block (lse -inf) has p = 0
+                lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                # two separate products, not one accumulation chain: Triton lays a chain's first product out on 8
+                # warps x 64 rows, i.e. both warpgroups computing all 64 rows, then converts it for the second. The
+                # scale and the lse go in as two fused multiply-adds per score (sm_90: 318 instructions a head step
+                # against 350 with the scale, lse and sum as separate operations)
+                s = tl.fma(tl.dot(q_a, kc_a, input_precision=PRECISION), scale_log2, -lse[:, None])
+                if BLOCK_DB > 0:
+                    s = tl.fma(tl.dot(q_b, kc_b, input_precision=PRECISION), scale_log2, s)
+                p += tl.math.exp2(s)
         # the blocks a row cannot see are masked once, on the sum: their terms may be +inf, never NaN (lse > -inf)
         vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
         p = tl.where(vis, p, 0.0)
@@ -136,19 +173,24 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
              mask=in_m[:, None] & (tcols[None, :] < TOPK))
 
 
-# GPU candidates of the selection kernel as (query rows, selection blocks per chunk, warps, pipeline stages,
-# register limit or None), the first used without autotuning (the H100's pick at 64k with paper defaults,
-# 2026-11-27: bench/results/nvidia-h100). 64 rows on 8 warps split each head's score tile between the two
-# warpgroups, 128 give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile half as often
-# (16 heads x 64 rows x 192 dims reloaded per chunk); 128 registers per thread fit two programs of 8 warps on an
-# SM (their matmuls and exponentials then overlap), spilling 76 bytes. The others spill nothing on sm_90 but
-# (64, 16, 4, 2), 28 bytes, and (64, 32, 8, 3), 4 bytes outside its head loop (tests/cuda_compile.py --resources).
+# GPU candidates of the selection kernel as (query tokens, selection blocks per chunk, warps, pipeline stages,
+# register limit or None, (token, head) rows), the first used without autotuning (the H100's pick at 64k with
+# paper defaults, 2026-11-27: bench/results/nvidia-h100). 64 rows on 8 warps split each head's score tile between
+# the two warpgroups, 128 give each warpgroup its own 64 rows; 32 blocks per chunk load each head's q tile half as
+# often (16 heads x 64 rows x 192 dims reloaded per chunk); 128 registers per thread fit two programs of 8 warps on
+# an SM (their matmuls and exponentials then overlap), spilling 68 bytes. The others spill nothing on sm_90 but
+# (64, 16, 4, 2), 32 bytes, and (64, 32, 8, 3), 4 bytes outside its head loop (tests/cuda_compile.py --resources).
 # At 2 stages a head's q tile is copied at the end of the previous head's step and waited for at the start of its
-# own (its whole latency exposed, 16 times a chunk); at 3 a step ahead (sm_90's TTGIR: async_wait num 2). float32
-# multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
-SELECT_TILES = ((64, 32, 8, 2, None), (64, 32, 8, 3, None), (64, 16, 8, 3, None), (64, 16, 8, 2, None),
-                (64, 16, 8, 2, 128), (128, 16, 8, 2, None), (64, 16, 4, 2, None))
-SELECT_FP32_TILE = (16, 16, 8, 3, None)
+# own (its whole latency exposed, 16 times a chunk); at 3 a step ahead (sm_90's TTGIR: async_wait num 2). (token,
+# head) rows (``HEAD_ROWS``, not yet timed on a GPU): 256 rows, 128 per warpgroup (16 tokens of a group of 16, 32 of
+# 8, 64 of 4), q (96 KB) and a 64-key chunk in 122 KB of shared memory, 201-234 registers, nothing spilled; the
+# prune keeps those whose scores fit 64 registers per thread. float32 multiplies on CUDA cores: 16 rows (64 spilled
+# 5 KB per thread).
+SELECT_TILES = ((64, 32, 8, 2, None, False), (64, 32, 8, 3, None, False), (64, 16, 8, 3, None, False),
+                (64, 16, 8, 2, None, False), (64, 16, 8, 2, 128, False), (128, 16, 8, 2, None, False),
+                (64, 16, 4, 2, None, False), (16, 16, 8, 2, None, True), (32, 16, 8, 2, None, True),
+                (64, 16, 8, 2, None, True))
+SELECT_FP32_TILE = (16, 16, 8, 3, None, False)
 
 
 def select_candidates(precision: str, min_chunk: int = 1) -> list:
@@ -156,15 +198,19 @@ def select_candidates(precision: str, min_chunk: int = 1) -> list:
     ``min_chunk`` selection blocks per chunk (Eq. 9's taps must not reach past the previous chunk)."""
     tiles = [SELECT_FP32_TILE] if precision == "ieee" else SELECT_TILES
     configs = {}
-    for m, c, w, s, r in tiles:
-        configs.setdefault((m, max(c, min_chunk), w, s, r), None)
-    return [triton.Config({"BLOCK_M": m, "C": c}, num_warps=w, num_stages=s, maxnreg=r) for m, c, w, s, r in configs]
+    for m, c, w, s, r, h in tiles:
+        configs.setdefault((m, max(c, min_chunk), w, s, r, h), None)
+    return [triton.Config({"BLOCK_M": m, "C": c, "HEAD_ROWS": h}, num_warps=w, num_stages=s, maxnreg=r)
+            for m, c, w, s, r, h in configs]
 
 
 def _select_prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
     r = a["SLC_BLOCK"] // a["CMP_STRIDE"]
     keep = select_candidates(a["PRECISION"], triton.next_power_of_2((a["NW"] - 1 + r - 1) // r))
+    # a (token, head) rows tile's scores in at most 64 float32 registers per thread
+    keep = [c for c in keep if not c.kwargs["HEAD_ROWS"] or
+            c.kwargs["BLOCK_M"] * a["GROUP_PAD"] * c.kwargs["C"] * r <= 64 * 32 * c.num_warps]
     return keep if autotune_enabled() else keep[:1]
 
 

@@ -72,7 +72,7 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
             scale * LOG2E, next_pow2(max_q))
     meta = dict(D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
                 SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
-                INIT=config.init_blocks, LOCAL=config.local_blocks,
+                INIT=config.init_blocks, LOCAL=config.local_blocks, GROUP_PAD=next_pow2(hq // heads_kv),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if small_tiles():  # the interpreter: one small tile, nothing timed; chunks of 4 selection blocks at least
         c = max(4, next_pow2(cdiv(nw - 1, ratio)))  # Eq. 9's taps must not reach past the previous chunk

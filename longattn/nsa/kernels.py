@@ -131,10 +131,11 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                                      D, BLOCK_DA, BLOCK_DB, True)
         else:
             kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
-        if HEAD_ROWS:
-            s = tl.fma(tl.dot(q_ra, kc_a, input_precision=PRECISION), scale_log2, -lse_r[:, None])
+        if HEAD_ROWS:  # (one accumulation chain: at 128 rows a warpgroup no warpgroup computes another's rows)
+            s = tl.dot(q_ra, kc_a, input_precision=PRECISION)
             if BLOCK_DB > 0:
-                s = tl.fma(tl.dot(q_rb, kc_b, input_precision=PRECISION), scale_log2, s)
+                s = tl.dot(q_rb, kc_b, s, input_precision=PRECISION)
+            s = tl.fma(s, scale_log2, -lse_r[:, None])
             p = tl.sum(tl.reshape(tl.math.exp2(s), [BLOCK_M, GROUP_PAD, BLOCK_C]), 1)  # over each token's heads
         else:
             p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
@@ -182,14 +183,14 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 # (64, 16, 4, 2), 32 bytes, and (64, 32, 8, 3), 4 bytes outside its head loop (tests/cuda_compile.py --resources).
 # At 2 stages a head's q tile is copied at the end of the previous head's step and waited for at the start of its
 # own (its whole latency exposed, 16 times a chunk); at 3 a step ahead (sm_90's TTGIR: async_wait num 2). (token,
-# head) rows (``HEAD_ROWS``, not yet timed on a GPU): 256 rows, 128 per warpgroup (16 tokens of a group of 16, 32 of
-# 8, 64 of 4), q (96 KB) and a 64-key chunk in 122 KB of shared memory, 201-234 registers, nothing spilled; the
-# prune keeps those whose scores fit 64 registers per thread. float32 multiplies on CUDA cores: 16 rows (64 spilled
-# 5 KB per thread).
+# head) rows (``HEAD_ROWS``, not yet timed on a GPU): up to 256 rows, 128 a warpgroup (16 tokens of a group of 16,
+# 32 of 8, 64 of 4), q (96 KB) and a chunk of 128 or 64 keys in 152 / 122 KB of shared memory, 142-228 registers
+# (Triton 3.6: 166-248), nothing spilled (32 and 64 tokens with 128-key chunks spilled: each token's running top-n
+# and carry held in more registers). float32 multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
 SELECT_TILES = ((64, 32, 8, 2, None, False), (64, 32, 8, 3, None, False), (64, 16, 8, 3, None, False),
                 (64, 16, 8, 2, None, False), (64, 16, 8, 2, 128, False), (128, 16, 8, 2, None, False),
-                (64, 16, 4, 2, None, False), (16, 16, 8, 2, None, True), (32, 16, 8, 2, None, True),
-                (64, 16, 8, 2, None, True))
+                (64, 16, 4, 2, None, False), (16, 32, 8, 2, None, True), (16, 16, 8, 2, None, True),
+                (32, 16, 8, 2, None, True), (64, 16, 8, 2, None, True))
 SELECT_FP32_TILE = (16, 16, 8, 3, None, False)
 
 
@@ -208,9 +209,8 @@ def _select_prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
     r = a["SLC_BLOCK"] // a["CMP_STRIDE"]
     keep = select_candidates(a["PRECISION"], triton.next_power_of_2((a["NW"] - 1 + r - 1) // r))
-    # a (token, head) rows tile's scores in at most 64 float32 registers per thread
-    keep = [c for c in keep if not c.kwargs["HEAD_ROWS"] or
-            c.kwargs["BLOCK_M"] * a["GROUP_PAD"] * c.kwargs["C"] * r <= 64 * 32 * c.num_warps]
+    # (token, head) rows: at most 128 a warpgroup
+    keep = [c for c in keep if not c.kwargs["HEAD_ROWS"] or c.kwargs["BLOCK_M"] * a["GROUP_PAD"] <= 256]
     return keep if autotune_enabled() else keep[:1]
 
 

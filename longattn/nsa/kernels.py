@@ -129,15 +129,14 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
             cn = ci + BLOCK_C
             kn_a, kn_b = _load_split(kc_base, cn.to(tl.int64) * stride_ct, cn < tl.where(j0 + C <= last, n_cmp, 0),
                                      D, BLOCK_DA, BLOCK_DB, True)
-        else:
-            kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
-        if HEAD_ROWS:  # (one accumulation chain: at 128 rows a warpgroup no warpgroup computes another's rows)
+            # one accumulation chain (at 128 rows a warpgroup, no warpgroup computes another's rows)
             s = tl.dot(q_ra, kc_a, input_precision=PRECISION)
             if BLOCK_DB > 0:
                 s = tl.dot(q_rb, kc_b, s, input_precision=PRECISION)
             s = tl.fma(s, scale_log2, -lse_r[:, None])
             p = tl.sum(tl.reshape(tl.math.exp2(s), [BLOCK_M, GROUP_PAD, BLOCK_C]), 1)  # over each token's heads
         else:
+            kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
             p = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
             # each head's row lse is loaded one head ahead, so that the exp never waits on its load (a (rows, group)
             # tile of them held across the loop cost ~50 registers per thread, and picking a head's column from it

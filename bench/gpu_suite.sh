@@ -34,10 +34,12 @@ fi
 # pytest-timeout is there (one hung test must not eat the benchmarks' time)
 opts=()
 # (one test at a time to each worker where xdist has --maxschedchunk: by default it sends runs of consecutive tests,
-# the longest all to one worker)
+# the longest all to one worker; an older xdist with work stealing lets idle workers take others' queued tests)
 if python3 -c "import xdist" 2>/dev/null; then
   opts+=(-n "${PYTEST_WORKERS:-16}")
-  (cd /tmp && python3 -m pytest --help 2>/dev/null) | grep -q -- --maxschedchunk && opts+=(--maxschedchunk 1)
+  help=$(cd /tmp && python3 -m pytest --help 2>/dev/null)
+  if grep -q -- --maxschedchunk <<< "$help"; then opts+=(--maxschedchunk 1)
+  elif grep -q worksteal <<< "$help"; then opts+=(--dist worksteal); fi
 fi
 python3 -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
 : > "$out/tests.log"

@@ -135,26 +135,28 @@ def test_nsa_selection_configs(cfg, device):
 @pytest.mark.parametrize("tile", SELECT_TILES, ids=lambda t: "m{}c{}w{}s{}r{}{}".format(*t[:5], "h" * t[5]))
 def test_nsa_select_gpu_candidates(tile, monkeypatch, device):
     """Each tile the selection kernel's autotuner may take on a GPU (query tokens, blocks per chunk, warps,
-    stages, register limit, (token, head) rows) selects as the reference, in float16: several row tiles, two
-    chunks of 16 blocks (one of 32), Eq. 9 taps reaching two blocks back, GQA (groups of 3: a (token, head) rows
-    tile pads them to 4, the padding heads masked; and of 16 where such a tile takes them, 16 tokens)."""
+    stages, register limit, (token, head) rows) selects as the reference, in float16: two packed sequences (100
+    and 300 tokens: ragged row tiles, the second over two chunks of 16 blocks, one of 32), Eq. 9 taps reaching two
+    blocks back, GQA (groups of 3: a (token, head) rows tile pads them to 4, the padding heads masked; and of 16
+    where such a tile takes them, 16 tokens)."""
     from longattn.nsa import kernels as K
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")  # the GPU's tuned launch through the interpreter
     monkeypatch.setattr(K, "SELECT_TILES", (tile,))
     monkeypatch.setattr(K._nsa_select_tuned, "cache", {})  # no tile chosen by an earlier call
     cfg = NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16)
-    T, D = 300, 48
+    lens, D = [100, 300], 48
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
     for Hq, Hkv in [(6, 2)] + ([(16, 1)] if tile[5] and tile[0] * 16 <= 256 else []):
-        q = torch.randn(1, T, Hq, D, device=device, dtype=torch.float16)
-        k = torch.randn(1, T, Hkv, D, device=device, dtype=torch.float16)
-        v = torch.randn(1, T, Hkv, 16, device=device, dtype=torch.float16)
-        g = torch.rand(1, T, Hq, device=device, dtype=torch.float16)
-        _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, return_selection=True)
+        q = torch.randn(sum(lens), Hq, D, device=device, dtype=torch.float16)
+        k = torch.randn(sum(lens), Hkv, D, device=device, dtype=torch.float16)
+        v = torch.randn(sum(lens), Hkv, 16, device=device, dtype=torch.float16)
+        g = torch.rand(sum(lens), Hq, device=device, dtype=torch.float16)
+        _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, cu_seqlens=cu, return_selection=True)
         ref = [t.float() for t in (q, k, v, g)]
-        _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, return_selection=True,
-                                     k_cmp=_rounded_mean(ref[1], torch.float16, cfg, None),
-                                     v_cmp=_rounded_mean(ref[2], torch.float16, cfg, None))
+        _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, cu_seqlens=cu, return_selection=True,
+                                     k_cmp=_rounded_mean(ref[1], torch.float16, cfg, lens),
+                                     v_cmp=_rounded_mean(ref[2], torch.float16, cfg, lens))
         assert torch.equal(sorted_selection(sel), sorted_selection(sel_r)), (Hq, Hkv)
 
 

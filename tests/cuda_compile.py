@@ -256,7 +256,7 @@ def _nsa_cases():
             launch = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             if c.maxnreg:
                 tag, launch["maxnreg"] = f"{tag}r{c.maxnreg}", c.maxnreg
-            # (token, head) rows: the largest group whose 256 rows the autotuner would keep (kernels._select_prune)
+            # (token, head) rows: the group whose 256 rows the autotuner keeps them for (kernels._select_prune)
             group = dict(GROUP_PAD=256 // c.kwargs["BLOCK_M"]) if c.kwargs["HEAD_ROWS"] else {}
             cases.append((f"_nsa_select_kernel[{dt}-d{d}-{tag}]", K._nsa_select_kernel, ptr,
                           dict(meta, **c.kwargs, **group), ("scale_log2",), launch))

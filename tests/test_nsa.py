@@ -149,8 +149,9 @@ def test_nsa_select_gpu_candidates(tile, dtype, monkeypatch, device):
     stages, register limit, (token, head) rows) selects as the reference, in float16 (and the (token, head) rows
     tiles in bfloat16, which only they do not run in the GPU's other tests: a near-tie may then go the other way,
     one block apart): two packed sequences (100 and 300 tokens: ragged row tiles, the second over two chunks of
-    16 blocks, one of 32), Eq. 9 taps reaching two blocks back, GQA (groups of 3: a (token, head) rows tile pads
-    them to 4, the padding heads masked; and of 16 where such a tile takes them, 16 tokens)."""
+    16 blocks, one of 32), Eq. 9 taps reaching two blocks back, GQA (groups of 3; a (token, head) rows tile the
+    group whose 256 rows it takes: 16 with 16 tokens, 6 padded to 8 with 32, 3 padded to 4 with 64, the padding
+    heads masked)."""
     from longattn.nsa import kernels as K
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")  # the GPU's tuned launch through the interpreter
@@ -159,20 +160,20 @@ def test_nsa_select_gpu_candidates(tile, dtype, monkeypatch, device):
     cfg = NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16)
     lens, D = [100, 300], 48
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
-    for Hq, Hkv in [(6, 2)] + ([(16, 1)] if tile[5] and tile[0] * 16 <= 256 else []):
-        q = torch.randn(sum(lens), Hq, D, device=device, dtype=dtype)
-        k = torch.randn(sum(lens), Hkv, D, device=device, dtype=dtype)
-        v = torch.randn(sum(lens), Hkv, 16, device=device, dtype=dtype)
-        g = torch.rand(sum(lens), Hq, device=device, dtype=dtype)
-        _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, cu_seqlens=cu, return_selection=True)
-        ref = [t.float() for t in (q, k, v, g)]
-        _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, cu_seqlens=cu, return_selection=True,
-                                     k_cmp=_rounded_mean(ref[1], dtype, cfg, lens),
-                                     v_cmp=_rounded_mean(ref[2], dtype, cfg, lens))
-        if dtype == torch.float16:
-            assert torch.equal(sorted_selection(sel), sorted_selection(sel_r)), (Hq, Hkv)
-        else:
-            assert _rows_apart(sel, sel_r) <= 1, (Hq, Hkv)
+    Hq, Hkv = {16: (16, 1), 32: (12, 2)}.get(tile[0], (6, 2)) if tile[5] else (6, 2)
+    q = torch.randn(sum(lens), Hq, D, device=device, dtype=dtype)
+    k = torch.randn(sum(lens), Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(sum(lens), Hkv, 16, device=device, dtype=dtype)
+    g = torch.rand(sum(lens), Hq, device=device, dtype=dtype)
+    _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, cu_seqlens=cu, return_selection=True)
+    ref = [t.float() for t in (q, k, v, g)]
+    _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, cu_seqlens=cu, return_selection=True,
+                                 k_cmp=_rounded_mean(ref[1], dtype, cfg, lens),
+                                 v_cmp=_rounded_mean(ref[2], dtype, cfg, lens))
+    if dtype == torch.float16:
+        assert torch.equal(sorted_selection(sel), sorted_selection(sel_r))
+    else:
+        assert _rows_apart(sel, sel_r) <= 1
 
 
 def test_nsa_autotuning_keeps_results(monkeypatch, device):

@@ -182,8 +182,8 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 # (64, 16, 4, 2), 32 bytes, and (64, 32, 8, 3), 4 bytes outside its head loop (tests/cuda_compile.py --resources).
 # At 2 stages a head's q tile is copied at the end of the previous head's step and waited for at the start of its
 # own (its whole latency exposed, 16 times a chunk); at 3 a step ahead (sm_90's TTGIR: async_wait num 2). (token,
-# head) rows (``HEAD_ROWS``, not yet timed on a GPU): up to 256 rows, 128 a warpgroup (16 tokens of a group of 16,
-# 32 of 8, 64 of 4), q (96 KB) and a chunk of 128 or 64 keys in 152 / 122 KB of shared memory, 142-228 registers
+# head) rows (``HEAD_ROWS``, not yet timed on a GPU): 256 rows, 128 a warpgroup (16 tokens of a group of 16, 32 of
+# 8, 64 of 4), q (96 KB) and a chunk of 128 or 64 keys in 152 / 122 KB of shared memory, 142-228 registers
 # (Triton 3.6: 166-248), nothing spilled (32 and 64 tokens with 128-key chunks spilled: each token's running top-n
 # and carry held in more registers). float32 multiplies on CUDA cores: 16 rows (64 spilled 5 KB per thread).
 SELECT_TILES = ((64, 32, 8, 2, None, False), (64, 32, 8, 3, None, False), (64, 16, 8, 3, None, False),
@@ -208,8 +208,9 @@ def _select_prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
     r = a["SLC_BLOCK"] // a["CMP_STRIDE"]
     keep = select_candidates(a["PRECISION"], triton.next_power_of_2((a["NW"] - 1 + r - 1) // r))
-    # (token, head) rows: at most 128 a warpgroup
-    keep = [c for c in keep if not c.kwargs["HEAD_ROWS"] or c.kwargs["BLOCK_M"] * a["GROUP_PAD"] <= 256]
+    # (token, head) rows: 128 a warpgroup (fewer rows on 8 warps: both warpgroups would compute all of them; small
+    # groups reload little q in the head loop)
+    keep = [c for c in keep if not c.kwargs["HEAD_ROWS"] or c.kwargs["BLOCK_M"] * a["GROUP_PAD"] == 256]
     return keep if autotune_enabled() else keep[:1]
 
 

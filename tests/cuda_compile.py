@@ -441,8 +441,10 @@ PIPELINED = {
 UNDUPLICATED = (
     "_nsa_select_kernel[bf16-d192-m64c32w8s2]",
     "_nsa_select_kernel[bf16-d192-m64c16w8s3]",
-    "_nsa_select_kernel[bf16-d192-m16c16w8s2h]",  # (token, head) rows: 128 of them per warpgroup
+    "_nsa_select_kernel[bf16-d192-m16c16w8s2h]",  # (token, head) rows: 128 a warpgroup
     "_nsa_select_kernel[bf16-d192-m16c32w8s2h]",
+    "_nsa_select_kernel[bf16-d192-m32c16w8s2h]",
+    "_nsa_select_kernel[bf16-d192-m64c16w8s2h]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p]",
     "_mla_decode_kernel[bf16-S1-H64-paged-n64x2-shared_p-tma]",
     "_mla_decode_kernel[bf16-S4-H16-paged-n32x4-shared_p]",

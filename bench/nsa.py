@@ -58,6 +58,18 @@ def _inputs(kind: str, shape, dev, dtype, window: int = 256):
     return x.to(dtype).requires_grad_()
 
 
+def _distinct_blocks(sel, n: int) -> float:
+    """The mean count of distinct blocks that runs of ``n`` consecutive queries select (``sel`` (B, T, Hkv, topk),
+    -1 padded): the blocks a program of n queries loads, against n x topk when neighbours select apart."""
+    B, T, H, K = sel.shape
+    t = T // n * n
+    if t == 0:
+        return float("nan")
+    s = sel[:, :t].reshape(B, t // n, n, H, K).transpose(2, 3).reshape(B, t // n, H, n * K).sort(-1).values
+    distinct = ((s[..., 1:] != s[..., :-1]) & (s[..., 1:] >= 0)).sum(-1) + (s[..., 0] >= 0)
+    return distinct.float().mean().item()
+
+
 def _flops(cfg, T, B, hq, dk, dv):
     """Forward FLOPs of the three branches (attended pairs x 2 (dk + dv)), queries at every position."""
     import torch
@@ -168,9 +180,13 @@ def run(args, argv=None) -> list[dict]:
                 times[name] = _time(rows, name, mode, call, [q, k, v] + gates, B=B, T=T, dims=dims, flops=f,
                                     bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode), peaks=peaks,
                                     dtype=args.dtype)
-        if "slc" in modes:  # the selected branch alone, same selection for every implementation
+        if "fwd" in modes or "slc" in modes:  # how alike neighbouring queries select on these inputs
             with torch.no_grad():
                 _, sel = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True)
+            print(f"  selection T={T}: " + " / ".join(f"{_distinct_blocks(sel, n):.1f}" for n in (1, 2, 4, 8))
+                  + " distinct blocks selected by 1 / 2 / 4 / 8 consecutive queries (a KV head's group)")
+        if "slc" in modes:  # the selected branch alone, same selection for every implementation
+            with torch.no_grad():
                 own = (torch.arange(T, device=dev) // cfg.slc_block)[None, :, None, None]
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
             pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
@@ -200,8 +216,8 @@ def run(args, argv=None) -> list[dict]:
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype,
                           l2_bytes=gather if mode == "slc_fwd" and name in ("longattn", "longattn_no_tma",
                                                                             "longattn_query4") else None)
-            sel = listed = slc = None
-        q = k = v = gates = do = None  # free the prefill inputs before the decode cache
+            listed = slc = None
+        q = k = v = gates = do = sel = None  # free the prefill inputs before the decode cache
         if "decode" in modes:
             for batch in parse_ints(args.decode_batches):
                 _decode_rows(rows, cfg, T, batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)

@@ -307,7 +307,10 @@ _FWD_CONFIGS = autotune_configs(FWD_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 # Triton 3.6's PTX of the 128 x 64 twin crashes ptxas for some shapes (d 16 causal, d 128 left-padded, sm_90): the
 # autotuner skips it there, and without autotuning the next tile is taken (kernels.utils.autotune); 3.8 and 3.9
 # compile them. Triton's warp specialisation of that loop (tl.range(..., warp_specialize=True), Hopper since 3.5)
-# leaves the 8-warp tile as it is, as compiled for sm_90 with Triton 3.9, and fails in its pass on 4 warps.
+# leaves the 8-warp tile as it is, as compiled for sm_90 with Triton 3.9, and fails in its pass on 4 warps. Nor does
+# issuing the next tile's score product before this tile's softmax (its result carried to the next iteration, so
+# that the tensor cores would work while the softmax runs): Triton 3.6 and 3.9 wait for that product right after
+# issuing it (wgmma.wait_group 0 before the softmax, as compiled for sm_90), at 22-41 more registers a thread.
 TMA_ROWS = _FWD_CONFIGS[0].kwargs["BLOCK_N"]  # (the first candidate's: 64 on a GPU)
 _FWD_CANDIDATES = [triton.Config(dict(c.kwargs, USE_TMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in _FWD_CONFIGS if c.kwargs["BLOCK_N"] == TMA_ROWS] + _FWD_CONFIGS

@@ -211,18 +211,21 @@ def _mla_cases():
     from longattn.mla import kernels as K
 
     cases = []
-    for dt, cache, has_bt, s_pad, block_h in (("bf16", "bf16", True, 1, 64), ("bf16", "bf16", True, 4, 16),
-                                              ("fp16", "fp16", False, 2, 32), ("bf16", "bf16", True, 1, 16),
-                                              ("fp32", "fp32", True, 1, 16), ("bf16", "fp8e4nv", True, 1, 64)):
+    for dt, cache, has_bt, s_pad, block_h, page in (
+            ("bf16", "bf16", True, 1, 64, 64), ("bf16", "bf16", True, 4, 16, 64), ("fp16", "fp16", False, 2, 32, 64),
+            ("bf16", "bf16", True, 1, 16, 64), ("fp32", "fp32", True, 1, 16, 64), ("bf16", "fp8e4nv", True, 1, 64, 64),
+            ("bf16", "bf16", True, 1, 64, 16)):  # (the last: 16-token pages)
         ptr = {n: f"*{dt}" for n in ("QL", "QR")}
         ptr.update({"KV": f"*{cache}", "BT": "*i32", "SEQLENS": "*i32", "OS": "*fp32", "LS": "*fp32"})
-        meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=64, HAS_BT=has_bt, BLOCK_H=block_h,
+        meta = dict(RANK=512, BLOCK_RANK=512, ROPE=64, BLOCK_ROPE=64, PAGE=page, HAS_BT=has_bt, BLOCK_H=block_h,
                     S_PAD=s_pad, PRECISION="tf32" if dt != "fp32" else "ieee", WIDEN_ASM=cache != dt and dt == "bf16")
-        # every tile the autotuner tries, those loaded by TMA too (the cache's descriptors: tiles of 64 tokens)
-        for c in K.decode_candidates(block_h * s_pad, 64, 576, meta["PRECISION"], 1 if cache.startswith("fp8") else 2,
-                                     tma_tile=64):
+        # every tile the autotuner tries, those loaded by TMA too (the cache's descriptors: tiles of a page's tokens,
+        # at most 64)
+        for c in K.decode_candidates(block_h * s_pad, page, 576, meta["PRECISION"], 1 if cache.startswith("fp8") else 2,
+                                     tma_tile=min(page, 64)):
             n, tma = c.kwargs["BLOCK_N"], c.kwargs["USE_TMA"]
-            tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}-n{n}x{c.num_stages}"
+            tag = f"{dt}-S{s_pad}-H{block_h}{'-paged' if has_bt else ''}{'' if page == 64 else f'{page}'}"
+            tag += f"-n{n}x{c.num_stages}"
             tag += "-shared_p" if c.kwargs["SHARED_P"] else ""
             tag += "-tma" if tma else ""
             tag += "-lazy" if c.kwargs["LAZY_RESCALE"] else ""

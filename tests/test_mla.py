@@ -480,10 +480,11 @@ class _Launch:
                                                               num_stages=c.num_stages)
 
 
-@pytest.mark.parametrize("rows", [64, 16])
-def test_decode_every_candidate(rows, device, monkeypatch):
+@pytest.mark.parametrize("rows,page", [(64, 64), (16, 64), (64, 16)])
+def test_decode_every_candidate(rows, page, device, monkeypatch):
     """Each configuration the autotuner may pick gives the reference's result (the suite otherwise runs only the
-    first, LONGATTN_AUTOTUNE=0); on the CPU with the GPU's tiles and splits, through the interpreter."""
+    first, LONGATTN_AUTOTUNE=0), with pages of 64 tokens and of 16 (whose 64 rows take 16-token tiles alone); on the
+    CPU with the GPU's tiles and splits, through the interpreter."""
     B, S, dtype = 3, 1, torch.bfloat16
     H = rows  # one head group of `rows` rows
     lens = [1, 700, 2100] if device == "cuda" else [1, 200, 450]
@@ -492,14 +493,15 @@ def test_decode_every_candidate(rows, device, monkeypatch):
     # at most of its tiles, so that the tiles rescaling lazily (LAZY_RESCALE) rescale after the first too, and skip
     # it elsewhere with probabilities above 1
     kv_tokens[-1][:, 512:] *= torch.linspace(0.05, 20, lens[-1], device=device, dtype=dtype)[:, None]
-    cache, table = _paged(kv_tokens, lens, 64, device)
+    cache, table = _paged(kv_tokens, lens, page, device)
     q_lat = torch.randn(B, S, H, 512, device=device, dtype=dtype)
     q_rope = torch.randn(B, S, H, 64, device=device, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     ref, _ = mla_decode_ref(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)
     monkeypatch.setattr(mla_ops, "small_tiles", lambda: False)
     tma = device == "cpu" or torch.cuda.get_device_capability()[0] >= 9  # where the cache gets descriptors
-    configs = decode_candidates(rows, 64, 576, "tf32", tma_tile=64 if tma else 0)
+    configs = decode_candidates(rows, page, 576, "tf32", tma_tile=page if tma else 0)
+    assert configs and all(c.kwargs["BLOCK_N"] <= page for c in configs)
     for c in configs:
         monkeypatch.setattr(mla_ops, "_mla_decode_tuned", _Launch(c))
         out = mla_decode(q_lat, q_rope, cache, cache_seqlens=seqlens, block_table=table, scale=192 ** -0.5)

@@ -225,9 +225,13 @@ def decode_candidates(rows: int, page: int, width: int, precision: str, cache_by
         tiles = 2 * n * s if cache_bytes == 2 else cache_bytes * n * (s - 1) + 2 * n
         return 2 * width * rows + width * tiles + (2 * rows * n + 512 if c.kwargs["SHARED_P"] else 0)
 
+    # 16-token tiles on 8 warps only where pages hold fewer than 32 tokens: elsewhere they lost to a larger tile at
+    # every key the H100 timed (the fifth and sixth runs' autotune tables: 1.08-1.91x, batch 1 and 64, 1 and 4 tokens,
+    # bf16 and float8 caches)
     keep = [c for c in _DECODE_CONFIGS if c.num_warps == (8 if rows >= 64 else 4)
             and c.kwargs["BLOCK_N"] <= page and smem(c) <= SMEM_LIMIT
-            and (not c.kwargs["USE_TMA"] or c.kwargs["BLOCK_N"] == tma_tile)]
+            and (not c.kwargs["USE_TMA"] or c.kwargs["BLOCK_N"] == tma_tile)
+            and not (c.num_warps == 8 and c.kwargs["BLOCK_N"] == 16 and page >= 32)]
     return keep or [min((c for c in _DECODE_CONFIGS if not c.kwargs["USE_TMA"]), key=smem)]
 
 

@@ -1,4 +1,5 @@
 """MLA: naive vs absorbed reference, prefill (fwd/bwd) and paged absorbed decode against the references."""
+import itertools
 import math
 
 import pytest
@@ -8,7 +9,8 @@ from longattn.mla import PagedLatentCache, mla_absorbed_ref, mla_decode, mla_dec
 from longattn.mla import ops as mla_ops
 from longattn.mla.kernels import _mla_decode_kernel, decode_candidates
 from longattn.kernels.utils import row_descriptors, split_context
-from longattn.mla.reference import gather_paged_ref
+from longattn.kernels.reference import attention_ref
+from longattn.mla.reference import gather_paged_ref, mla_decompress_ref
 from helpers import assert_close, assert_lse_close, capture_graph, float8_bytes, leaf
 
 SMALL = dict(H=4, nope=32, rope=16, rank=64, v=32)
@@ -56,6 +58,39 @@ def test_prefill_forward_and_gradients(varlen, dtype, device):
     (out.float() * dout).sum().backward()
     (ref * dout).sum().backward()
     for name, a, b in zip(["dq_nope", "dq_rope", "dc_kv", "dk_rope", "dw_uk", "dw_uv"], leaves_k, leaves_r):
+        assert_close(a.grad, b.grad, dtype, name, factor=2)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_prefill_chunk_after_prefix(varlen, dtype, device):
+    """Queries that are the last tokens of longer latent sequences (chunks after a cached prefix): output, lse and
+    every gradient (the prefix's latent included) against attention on the decompressed K/V."""
+    cfg = dict(H=4, nope=32, rope=16, rank=48, v=32)
+    scale = 48 ** -0.5
+    w = [leaf(t) for t in _weights(**cfg, device=device, dtype=dtype)]
+    if varlen:  # (queries, keys): a chunk after a prefix, a whole sequence, one query after 70 cached tokens
+        lq, lk = [37, 20, 1], [101, 20, 71]
+        q = [t[0] for t in _inputs(1, sum(lq), **cfg, device=device, dtype=dtype)[:2]]
+        kv = [t[0] for t in _inputs(1, sum(lk), **cfg, device=device, dtype=dtype)[2:]]
+        cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=device) for n in (lq, lk))
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    else:
+        q = _inputs(2, 37, **cfg, device=device, dtype=dtype)[:2]
+        kv = _inputs(2, 101, **cfg, device=device, dtype=dtype)[2:]
+        kw = {}
+    x = [leaf(t) for t in (*q, *kv)]
+    out, lse = mla_prefill(*x, *w, scale=scale, return_lse=True, **kw)
+    x_r, w_r = [leaf(t, torch.float32) for t in x], [leaf(t, torch.float32) for t in w]
+    lead = (lambda t: t[None]) if varlen else (lambda t: t)
+    k, v = (t[0] if varlen else t for t in mla_decompress_ref(lead(x_r[2]), lead(x_r[3]), *w_r))
+    ref, lse_r = attention_ref(torch.cat(x_r[:2], -1), k, v, causal=True, scale=scale, return_lse=True, **kw)
+    assert_close(out, ref, dtype, "out")
+    # (the keys decompressed in the op's dtype: bfloat16's rounding moves the scores 8x float16's)
+    assert_lse_close(lse, lse_r, atol={torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype])
+    dout = torch.randn_like(ref)
+    (out.float() * dout).sum().backward()
+    (ref * dout).sum().backward()
+    for name, a, b in zip(["dq_nope", "dq_rope", "dc_kv", "dk_rope", "dw_uk", "dw_uv"], x + w, x_r + w_r):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
 
 

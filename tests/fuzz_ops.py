@@ -1,7 +1,7 @@
 """Randomized comparison of the public ops against their references (a script, not part of the suite).
 
     python tests/fuzz_ops.py OP [--count N] [--seed S]   OP: flash, moba, nsa, moba_decode, nsa_decode, mla_decode,
-                                                          flash_decode
+                                                          flash_decode, mla_prefill
 
 Each draw picks a combination of the features the suite's cases test one at a time (dtype, GQA group, head dims
 with dv != dk, causal / window, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
@@ -271,6 +271,37 @@ def draw_mla_decode(rng, dtype, hq, hkv):
     return cfg, [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
 
 
+def draw_mla_prefill(rng, dtype, hq, hkv):
+    heads = rng.choice([1, 3, 4, 16])
+    nope, rope, rank, dv = rng.choice([16, 32, 64]), rng.choice([8, 16, 32]), rng.choice([16, 48, 64]), \
+        rng.choice([16, 32, 64])
+    varlen, n_seq = rng.random() < 0.5, rng.randint(1, 3)
+    lq = _lengths(rng, varlen, n_seq, 150)
+    lk = [a + rng.randint(0, 80) for a in lq] if rng.random() < 0.5 else lq  # chunks after a cached prefix
+    if not varlen:
+        lk = [lk[0]] * n_seq
+    cfg = dict(heads=heads, nope=nope, rope=rope, rank=rank, dv=dv, lq=lq, lk=lk, varlen=varlen)
+    shape_q, shape_k = ((sum(lq),), (sum(lk),)) if varlen else ((n_seq, lq[0]), (n_seq, lk[0]))
+    x = [torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in (
+        (*shape_q, heads, nope), (*shape_q, heads, rope), (*shape_k, rank), (*shape_k, rope))]
+    x += [torch.randn(heads, d, rank, device=DEVICE, dtype=dtype) / rank ** 0.5 for d in (nope, dv)]
+    kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk)) if varlen else {}
+    scale = (nope + rope) ** -0.5
+    leaves = [t.requires_grad_() for t in x]
+    out, lse = longattn.mla_prefill(*leaves, scale=scale, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    ref_leaves = _float_leaves(leaves)
+    qn, qr, c, kr, w_uk, w_uv = ref_leaves
+    k = torch.cat([torch.einsum("...r,hdr->...hd", c, w_uk), kr.unsqueeze(-2).expand(*kr.shape[:-1], heads, rope)], -1)
+    v = torch.einsum("...r,hdr->...hd", c, w_uv)
+    out_r, lse_r = attention_ref(torch.cat([qn, qr], -1), k, v, causal=True, scale=scale, return_lse=True, **kw)
+    checks = [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
+    names = ("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv")
+    checks += [(f"d{n}", a, b, 2) for n, a, b in zip(names, _grads(out, leaves, dout),
+                                                      _grads(out_r, ref_leaves, dout.float()))]
+    return cfg, checks
+
+
 def draw_flash_decode(rng, dtype, hq, hkv):
     batch, tokens = rng.randint(1, 4), rng.choice([1, 1, 2, 4, 7, 16])
     dk, dv = rng.choice([16, 32, 48, 64, 128, 192]), rng.choice([16, 32, 64, 128])
@@ -328,7 +359,8 @@ def draw_flash_decode(rng, dtype, hq, hkv):
 
 
 DRAWS = {"flash": draw_flash, "moba": draw_moba, "nsa": draw_nsa, "moba_decode": draw_moba_decode,
-         "nsa_decode": draw_nsa_decode, "mla_decode": draw_mla_decode, "flash_decode": draw_flash_decode}
+         "nsa_decode": draw_nsa_decode, "mla_decode": draw_mla_decode, "flash_decode": draw_flash_decode,
+         "mla_prefill": draw_mla_prefill}
 
 
 def mismatch(actual, expected, dtype, factor):

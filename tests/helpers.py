@@ -56,6 +56,23 @@ def tiny_deepseek_v3_config():
                             max_position_embeddings=512)
 
 
+def tiny_deepseek_v2_config():
+    """A DeepSeek-V2-Lite-like config (no q LoRA; YaRN, whose mscale transformers 5 folds into the softmax scale;
+    complex rotary frequencies on interleaved pairs) small enough for the CPU interpreter."""
+    import transformers
+    from transformers import DeepseekV2Config
+
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=0.707, mscale_all_dim=0.707,
+                beta_fast=32.0, beta_slow=1.0)
+    rope = dict(rope_parameters=dict(yarn, rope_theta=10000.0)) if int(transformers.__version__.split(".")[0]) >= 5 \
+        else dict(rope_scaling=yarn)
+    return DeepseekV2Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                            num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=None,
+                            qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                            max_position_embeddings=512, **rope)
+
+
 def tiny_gpt_oss_pair(device, impl):
     """A tiny gpt-oss (attention sinks, moved off 0 here; a sliding-window layer then a full one) under eager
     attention, and a copy under longattn's ``impl`` ("longattn", or "moba" through swap_attention with top-k over

@@ -6,8 +6,8 @@ import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config,
-                     tiny_gpt_oss_pair)
+                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v2_config,
+                     tiny_deepseek_v3_config, tiny_gpt_oss_pair)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -255,8 +255,8 @@ def test_mask_with_holes_is_rejected(device):
             ours(ids, attention_mask=mask)
 
 
-def _deepseek(device):
-    cfg = tiny_deepseek_v3_config()
+def _deepseek(device, arch="v3"):
+    cfg = tiny_deepseek_v3_config() if arch == "v3" else tiny_deepseek_v2_config()
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
     ours = copy.deepcopy(ref)
@@ -275,8 +275,9 @@ def _swapped(kind, device):
     return longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
 
 
-def test_mla_swap_logits_match_deepseek_v3(device):
-    ref, ours = _deepseek(device)
+@pytest.mark.parametrize("arch", ["v3", "v2"])
+def test_mla_swap_logits_match_deepseek(arch, device):
+    ref, ours = _deepseek(device, arch)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
     ids = torch.randint(0, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
@@ -288,10 +289,11 @@ def test_mla_swap_logits_match_deepseek_v3(device):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_mla_generate_uses_absorbed_decode_and_matches(monkeypatch, device):
+@pytest.mark.parametrize("arch", ["v3", "v2"])
+def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device):
     import longattn.mla.module as mla_module
 
-    ref, ours = _deepseek(device)
+    ref, ours = _deepseek(device, arch)
     calls = []
     real = mla_module.mla_decode
     monkeypatch.setattr(mla_module, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -7,7 +7,7 @@ from torch import nn
 
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral")  # (the same attention)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss",)  # (gpt-oss: attention sinks, its sliding-window layers kept)
-MLA_ARCHS = ("deepseek_v3",)
+MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -60,7 +60,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
             layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
-        ``"mla"``: DeepSeek-V3 models: each ``DeepseekV3Attention`` becomes an
+        ``"mla"``: DeepSeek-V3 and V2 models: each ``DeepseekV3Attention`` / ``DeepseekV2Attention`` becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
             latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
@@ -86,7 +86,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         raise ValueError(f"unknown option(s) for kind {kind!r}: {sorted(unknown)}; allowed: {list(allowed)}")
     if kind == "flash":
         if arch in MLA_ARCHS:
-            raise ValueError("use kind='mla' for DeepSeek-V3 models")
+            raise ValueError("use kind='mla' for DeepSeek-V3 and V2 models")
         _set_impl(model, "longattn")
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
@@ -131,7 +131,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
 
         n = 0
         for layer in model.model.layers:
-            if type(layer.self_attn).__name__ == "DeepseekV3Attention":
+            if type(layer.self_attn).__name__ in ("DeepseekV3Attention", "DeepseekV2Attention"):
                 layer.self_attn = MLAAttention(layer.self_attn, **options)
             if isinstance(layer.self_attn, MLAAttention):
                 attn = layer.self_attn
@@ -140,7 +140,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                                       options.get("cache_scale", attn.cache_scale))
                 n += 1
         if n == 0:
-            raise ValueError("found no DeepseekV3Attention layer to replace")
+            raise ValueError("found no DeepseekV3Attention or DeepseekV2Attention layer to replace")
         if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON)
             options = {**options, "cache_dtype": str(attn.cache_dtype).removeprefix("torch.")}
         _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects

@@ -1,4 +1,4 @@
-"""MLA attention module for transformers' DeepSeek-V3 models: prefill on decompressed K/V through
+"""MLA attention module for transformers' DeepSeek-V3 and V2 models: prefill on decompressed K/V through
 :func:`mla_prefill`, decoding in the absorbed form through :func:`mla_decode` over a paged latent cache
 that holds only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
 from __future__ import annotations
@@ -32,8 +32,8 @@ def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
 
 
 class MLAAttention(nn.Module):
-    """Drop-in replacement of a transformers ``DeepseekV3Attention``, sharing its weights (same parameter
-    names, so state dicts load unchanged).
+    """Drop-in replacement of a transformers ``DeepseekV3Attention`` or ``DeepseekV2Attention``, sharing its weights
+    (same parameter names, so state dicts load unchanged).
 
     With a transformers cache, the latent of every layer lives in a :class:`PagedLatentCache` (page size
     64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at
@@ -62,7 +62,10 @@ class MLAAttention(nn.Module):
         for name in _SUBMODULES:
             setattr(self, name, getattr(attn, name, None))
         hf_module = sys.modules[type(attn).__module__]
-        self._rope = hf_module.apply_rotary_pos_emb_interleave if getattr(cfg, "rope_interleave", False) \
+        # DeepSeek-V2: the position embeddings are complex frequencies (rotating interleaved pairs); V3: (cos, sin)
+        self._rope_freqs = type(attn).__name__ == "DeepseekV2Attention"
+        self._rope = hf_module.apply_rotary_emb if self._rope_freqs else \
+            hf_module.apply_rotary_pos_emb_interleave if getattr(cfg, "rope_interleave", False) \
             else hf_module.apply_rotary_pos_emb
 
     def _weights(self, like: torch.Tensor):
@@ -121,8 +124,8 @@ class MLAAttention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(hidden_states)
         c_kv, k_rot = ckv.split([self.kv_lora_rank, Dr], -1)
         c_kv = self.kv_a_layernorm(c_kv)
-        cos, sin = position_embeddings
-        q_rot, k_rot = self._rope(q_rot, k_rot.view(B, 1, T, Dr), cos, sin)
+        pe = (position_embeddings,) if self._rope_freqs else position_embeddings
+        q_rot, k_rot = self._rope(q_rot, k_rot.view(B, 1, T, Dr), *pe)
         q_nope, q_rot = q_nope.transpose(1, 2), q_rot.transpose(1, 2)  # (B, T, H, *)
         k_rot = k_rot.view(B, T, Dr)
 

@@ -56,21 +56,30 @@ def tiny_deepseek_v3_config():
                             max_position_embeddings=512)
 
 
-def tiny_deepseek_v2_config():
-    """A DeepSeek-V2-Lite-like config (no q LoRA; YaRN, whose mscale transformers 5 folds into the softmax scale;
-    complex rotary frequencies on interleaved pairs) small enough for the CPU interpreter."""
+def tiny_mla_config(arch: str):
+    """A tiny config of another model with MLA attention, for the CPU interpreter (random weights), or None where this
+    transformers has no such model. "deepseek_v2": V2-Lite's layout (no q LoRA; YaRN, whose mscale transformers 5
+    folds into the softmax scale; complex rotary frequencies on interleaved pairs); "glm4_moe_lite" (GLM-4.7-Flash:
+    q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names."""
     import transformers
-    from transformers import DeepseekV2Config
 
-    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=0.707, mscale_all_dim=0.707,
-                beta_fast=32.0, beta_slow=1.0)
-    rope = dict(rope_parameters=dict(yarn, rope_theta=10000.0)) if int(transformers.__version__.split(".")[0]) >= 5 \
-        else dict(rope_scaling=yarn)
-    return DeepseekV2Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-                            num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=None,
-                            qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
-                            max_position_embeddings=512, **rope)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, kv_lora_rank=32,
+                  max_position_embeddings=512)
+    moe = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    if arch == "deepseek_v2":
+        yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=0.707,
+                    mscale_all_dim=0.707, beta_fast=32.0, beta_slow=1.0)
+        rope = dict(rope_parameters=dict(yarn, rope_theta=10000.0)) \
+            if int(transformers.__version__.split(".")[0]) >= 5 else dict(rope_scaling=yarn)
+        return transformers.DeepseekV2Config(**common, **moe, **rope, num_attention_heads=4, num_key_value_heads=4,
+                                             q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                                             v_head_dim=32, first_k_dense_replace=1)
+    cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig")[arch]
+    if not hasattr(transformers, cls):
+        return None
+    return getattr(transformers, cls)(**common, **(moe if arch == "glm4_moe_lite" else {}), num_attention_heads=5,
+                                      num_key_value_heads=5, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=48,
+                                      v_head_dim=32)
 
 
 def tiny_gpt_oss_pair(device, impl):

@@ -6,8 +6,8 @@ import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v2_config,
-                     tiny_deepseek_v3_config, tiny_gpt_oss_pair)
+                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config,
+                     tiny_gpt_oss_pair, tiny_mla_config)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -255,8 +255,10 @@ def test_mask_with_holes_is_rejected(device):
             ours(ids, attention_mask=mask)
 
 
-def _deepseek(device, arch="v3"):
-    cfg = tiny_deepseek_v3_config() if arch == "v3" else tiny_deepseek_v2_config()
+def _deepseek(device, arch="deepseek_v3"):
+    cfg = tiny_deepseek_v3_config() if arch == "deepseek_v3" else tiny_mla_config(arch)
+    if cfg is None:
+        pytest.skip(f"this transformers has no {arch} model")
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
     ours = copy.deepcopy(ref)
@@ -275,7 +277,7 @@ def _swapped(kind, device):
     return longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
 
 
-@pytest.mark.parametrize("arch", ["v3", "v2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu"])
 def test_mla_swap_logits_match_deepseek(arch, device):
     ref, ours = _deepseek(device, arch)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
@@ -289,7 +291,7 @@ def test_mla_swap_logits_match_deepseek(arch, device):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["v3", "v2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu"])
 def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device):
     import longattn.mla.module as mla_module
 
@@ -539,6 +541,9 @@ def test_swap_attention_errors():
     assert llama.config._attn_implementation == "moba" and llama.config.moba_topk == 2
     with pytest.raises(ValueError, match="already longattn's NativeSparseAttention"):
         longattn.hf.swap_attention(longattn.hf.swap_attention(llama, "nsa"), "moba")
+    v2 = AutoModelForCausalLM.from_config(tiny_mla_config("deepseek_v2"), attn_implementation="eager")
+    with pytest.raises(ValueError, match="use kind='mla' for deepseek_v2 models"):
+        longattn.hf.swap_attention(v2, "flash")
 
 
 @pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])

@@ -7,7 +7,11 @@ from torch import nn
 
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral")  # (the same attention)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss",)  # (gpt-oss: attention sinks, its sliding-window layers kept)
-MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
+# MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM; DeepSeek-V2's with complex
+# rotary frequencies
+MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "DeepseekV2Attention",
+                  "glm4_moe_lite": "Glm4MoeLiteAttention", "youtu": "YoutuAttention"}
+MLA_ARCHS = tuple(MLA_ATTENTIONS)
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -60,7 +64,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
             layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
-        ``"mla"``: DeepSeek-V3 and V2 models: each ``DeepseekV3Attention`` / ``DeepseekV2Attention`` becomes an
+        ``"mla"``: DeepSeek-V3 and V2 models, and those with V3's attention (GLM-4.7-Flash, Youtu-LLM): each such
+            attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
             latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
@@ -86,7 +91,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         raise ValueError(f"unknown option(s) for kind {kind!r}: {sorted(unknown)}; allowed: {list(allowed)}")
     if kind == "flash":
         if arch in MLA_ARCHS:
-            raise ValueError("use kind='mla' for DeepSeek-V3 and V2 models")
+            raise ValueError(f"use kind='mla' for {arch} models (their attention is MLA)")
         _set_impl(model, "longattn")
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
@@ -131,7 +136,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
 
         n = 0
         for layer in model.model.layers:
-            if type(layer.self_attn).__name__ in ("DeepseekV3Attention", "DeepseekV2Attention"):
+            if type(layer.self_attn).__name__ == MLA_ATTENTIONS[arch]:
                 layer.self_attn = MLAAttention(layer.self_attn, **options)
             if isinstance(layer.self_attn, MLAAttention):
                 attn = layer.self_attn
@@ -140,7 +145,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                                       options.get("cache_scale", attn.cache_scale))
                 n += 1
         if n == 0:
-            raise ValueError("found no DeepseekV3Attention or DeepseekV2Attention layer to replace")
+            raise ValueError(f"found no {MLA_ATTENTIONS[arch]} layer to replace")
         if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON)
             options = {**options, "cache_dtype": str(attn.cache_dtype).removeprefix("torch.")}
         _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects

@@ -1,4 +1,4 @@
-"""MLA attention module for transformers' DeepSeek-V3 and V2 models: prefill on decompressed K/V through
+"""MLA attention module for transformers' DeepSeek-V3 / V2 (and alike) models: prefill on decompressed K/V through
 :func:`mla_prefill`, decoding in the absorbed form through :func:`mla_decode` over a paged latent cache
 that holds only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
 from __future__ import annotations
@@ -32,8 +32,9 @@ def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
 
 
 class MLAAttention(nn.Module):
-    """Drop-in replacement of a transformers ``DeepseekV3Attention`` or ``DeepseekV2Attention``, sharing its weights
-    (same parameter names, so state dicts load unchanged).
+    """Drop-in replacement of a transformers ``DeepseekV3Attention`` (or the same attention in another model:
+    ``Glm4MoeLiteAttention``, ``YoutuAttention``) or ``DeepseekV2Attention``, sharing its weights (same parameter
+    names, so state dicts load unchanged).
 
     With a transformers cache, the latent of every layer lives in a :class:`PagedLatentCache` (page size
     64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at

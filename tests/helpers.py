@@ -60,7 +60,8 @@ def tiny_mla_config(arch: str):
     """A tiny config of another model with MLA attention, for the CPU interpreter (random weights), or None where this
     transformers has no such model. "deepseek_v2": V2-Lite's layout (no q LoRA; YaRN, whose mscale transformers 5
     folds into the softmax scale; complex rotary frequencies on interleaved pairs); "glm4_moe_lite" (GLM-4.7-Flash:
-    q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names."""
+    q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names; "minicpm3": V2's with
+    (cos, sin) rotary."""
     import transformers
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, kv_lora_rank=32,
@@ -74,12 +75,13 @@ def tiny_mla_config(arch: str):
         return transformers.DeepseekV2Config(**common, **moe, **rope, num_attention_heads=4, num_key_value_heads=4,
                                              q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32,
                                              v_head_dim=32, first_k_dense_replace=1)
-    cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig")[arch]
+    cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig", minicpm3="MiniCPM3Config")[arch]
     if not hasattr(transformers, cls):
         return None
-    return getattr(transformers, cls)(**common, **(moe if arch == "glm4_moe_lite" else {}), num_attention_heads=5,
-                                      num_key_value_heads=5, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=48,
-                                      v_head_dim=32)
+    heads = 4 if arch == "minicpm3" else 5  # (MiniCPM3's config wants hidden_size a multiple of the heads)
+    return getattr(transformers, cls)(**common, **(moe if arch == "glm4_moe_lite" else {}), num_attention_heads=heads,
+                                      num_key_value_heads=heads, q_lora_rank=48, qk_rope_head_dim=16,
+                                      qk_nope_head_dim=48, v_head_dim=32)
 
 
 def tiny_gpt_oss_pair(device, impl):

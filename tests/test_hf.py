@@ -277,7 +277,7 @@ def _swapped(kind, device):
     return longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3"])
 def test_mla_swap_logits_match_deepseek(arch, device):
     ref, ours = _deepseek(device, arch)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
@@ -291,7 +291,7 @@ def test_mla_swap_logits_match_deepseek(arch, device):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3"])
 def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device):
     import longattn.mla.module as mla_module
 

@@ -33,8 +33,8 @@ def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
 
 class MLAAttention(nn.Module):
     """Drop-in replacement of a transformers ``DeepseekV3Attention`` (or the same attention in another model:
-    ``Glm4MoeLiteAttention``, ``YoutuAttention``) or ``DeepseekV2Attention``, sharing its weights (same parameter
-    names, so state dicts load unchanged).
+    ``Glm4MoeLiteAttention``, ``YoutuAttention``), ``DeepseekV2Attention`` or ``MiniCPM3Attention``, sharing its
+    weights (same parameter names, so state dicts load unchanged).
 
     With a transformers cache, the latent of every layer lives in a :class:`PagedLatentCache` (page size
     64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at

@@ -56,6 +56,44 @@ def tiny_deepseek_v3_config():
                             max_position_embeddings=512)
 
 
+# Other decoder families whose attention the MoBA / NSA swaps take (model type: extra config), tiny: GLM-4 / 4.5-4.7,
+# Seed-OSS, ERNIE-4.5 (dense, MoE), Granite, Phi-3/4, OLMo-2/3, EXAONE-4, Hunyuan, SmolLM3 (sliding-window layers
+# in some, so that they stay so)
+OTHER_ARCHS = {
+    "glm4": {}, "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                 topk_group=1, first_k_dense_replace=1, use_qk_norm=True),
+    "seed_oss": {}, "ernie4_5": {}, "ernie4_5_moe": dict(moe_intermediate_size=32, moe_num_experts=4, moe_k=2),
+    "granite": {}, "phi3": {}, "olmo2": {},
+    "olmo3": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "exaone4": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "hunyuan_v1_dense": {}, "smollm3": {},
+}
+
+
+def tiny_config(arch: str):
+    """A tiny config of model type ``arch`` (of OTHER_ARCHS: 2 layers, 4 query / 2 KV heads of 16), or None where
+    this transformers has no such model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(arch, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    max_position_embeddings=1024, pad_token_id=0, **OTHER_ARCHS[arch])
+    except ValueError:  # (an unknown model type)
+        return None
+
+
+def perturb_attention(model) -> None:
+    """Move the attention's norm weights and biases off their initial values (1 and 0), so that a swap dropping
+    them shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "self_attn" in name and "norm" in name:
+                p.uniform_(0.5, 2.0)
+            elif "self_attn" in name and name.endswith("bias"):
+                p.normal_()
+
+
 def tiny_mla_config(arch: str):
     """A tiny config of another model with MLA attention, for the CPU interpreter (random weights), or None where this
     transformers has no such model. "deepseek_v2": V2-Lite's layout (no q LoRA; YaRN, whose mscale transformers 5

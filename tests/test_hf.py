@@ -6,8 +6,8 @@ import torch
 
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     replay_decode_step_without_sync, run_without_gpu_sync, tiny_deepseek_v3_config,
-                     tiny_gpt_oss_pair, tiny_mla_config)
+                     perturb_attention, replay_decode_step_without_sync, run_without_gpu_sync, tiny_config,
+                     tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_mla_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
@@ -64,6 +64,35 @@ def test_moba_generate_with_cache_equals_recompute(device):
     with torch.no_grad():
         gen = ours.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(gen, _greedy_recompute(ours, ids, 6))
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
+def test_moba_swap_on_other_models(arch, device):
+    """Other families' attention under MoBA: with top-k over every block (causal attention) the logits equal the
+    original model's, with and without left padding (its attention's norms and biases kept, its sliding-window
+    layers staying so); sparse (top 2 of 16-token blocks), cached decoding gives a full recompute's tokens."""
+    cfg = tiny_config(arch)
+    if cfg is None:
+        pytest.skip(f"this transformers has no {arch} model")
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    perturb_attention(ref)
+    ref = ref.to(device)
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
+    ids = torch.randint(1, 128, (2, 50)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        a = ours(ids, attention_mask=mask).logits[mask.bool()]
+        b = ref(ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    longattn.hf.swap_attention(ours, "moba", block_size=16, topk=2)
+    with torch.no_grad():
+        gen = ours.generate(ids[:1, :44], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        # (the model is causal: one forward over the generated sequence gives each step's recomputed logits)
+        recompute = ours(gen[:, :-1], use_cache=False).logits[:, 43:].argmax(-1)
+    assert torch.equal(gen[:, 44:], recompute)
 
 
 def _left_padded(n_a: int, n_b: int, device):

@@ -7,8 +7,9 @@ import torch
 import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
-from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     replay_decode_step_without_sync)
+from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
+                     perturb_attention, replay_decode_step_without_sync, tiny_config)
+from longattn.hf.swap import NSA_ARCHS
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -45,34 +46,45 @@ def test_decode_steps_equal_full_forward(device):
     assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
+OTHER_NSA_ARCHS = [a for a in OTHER_ARCHS if a in NSA_ARCHS]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", *OTHER_NSA_ARCHS])
 def test_window_branch_alone_equals_original_model(arch, device):
     """Gates shut on the compressed and selected branches and a window longer than the sequence: the swapped
-    model is the original one (its q/k/v/o projections, RoPE, and Qwen3's q/k norms, kept)."""
+    model is the original one (its q/k/v/o projections and their biases, RoPE (partial: GLM-4), and q/k norms,
+    kept). For the other families, cached generation (every branch open) gives a full recompute's tokens."""
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, head_dim=16)
     if arch == "qwen3":
         cfg = transformers.Qwen3Config(**common)
     elif arch == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-    else:
+    elif arch == "llama":
         cfg = LlamaConfig(**common)
+    else:
+        cfg = tiny_config(arch)
+        if cfg is None:
+            pytest.skip(f"this transformers has no {arch} model")
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
-    if arch != "llama":
-        with torch.no_grad():  # norms away from their initial ones, so that dropping them shows
-            for layer in ref.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 2.0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    perturb_attention(ref)  # norms and biases away from their initial ones, so that dropping them shows
+    ref = ref.to(device)
     model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
                                                                                   slc_block=16, slc_topk=3, window=64))
     H = cfg.num_attention_heads
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * H + [40.0] * H))  # g_cmp, g_slc ~ 0, g_swa ~ 1
-    ids = torch.randint(0, 128, (2, 50)).to(device)
+    ids = torch.randint(1, 128, (2, 50)).to(device)  # (0: generate's pad token)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    if arch in OTHER_NSA_ARCHS:
+        model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
+        with torch.no_grad():
+            gen = model.generate(ids[:1, :40], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+            recompute = model(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
+        assert torch.equal(gen[:, 40:], recompute)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2_sliding"])

@@ -5,8 +5,14 @@ import dataclasses
 
 from torch import nn
 
-NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral")  # (the same attention)
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss",)  # (gpt-oss: attention sinks, its sliding-window layers kept)
+# NSA's module takes the q/k/v/o projections (biases too), per-head q/k norms before RoPE and the model's own RoPE
+# function (partial rotary too: GLM-4)
+NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
+             "ernie4_5", "ernie4_5_moe", "granite")
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce (a fused qkv projection:
+# Phi-3/4; q/k norms across heads: OLMo-2/3; layers without RoPE: EXAONE-4, SmolLM3; norms after RoPE: Hunyuan;
+# attention sinks: gpt-oss); their sliding-window layers stay so
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "phi3", "olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3")
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM; DeepSeek-V2's with complex
 # rotary frequencies; MiniCPM3's with V3's (cos, sin) rotary
 MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "DeepseekV2Attention",
@@ -54,12 +60,14 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
-        ``"moba"``: MoBA for Llama/Qwen2/Qwen3/Mistral models (their MoE variants too) and gpt-oss (its
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (Llama, Qwen2/3, Mistral and their MoE variants,
+            GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Phi-3/4, OLMo-2/3, EXAONE-4, Hunyuan, SmolLM3, gpt-oss: their
             sliding-window layers stay so); options ``block_size`` (default 512) and ``topk`` (default 3), stored in
             ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled keys of each layer's complete
             blocks on the transformers cache, so a step reads the selected blocks only (``attn_implementation="moba"``
             alone pools every block of the cache at each step).
-        ``"nsa"``: Native Sparse Attention for Llama/Qwen2/Qwen3/Mistral models and their MoE variants: each
+        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral and their
+            MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite): each
             attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with
             new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window

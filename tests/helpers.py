@@ -56,9 +56,11 @@ def tiny_deepseek_v3_config():
                             max_position_embeddings=512)
 
 
-# Other decoder families whose attention the MoBA / NSA swaps take (model type: extra config), tiny: GLM-4 / 4.5-4.7,
-# Seed-OSS, ERNIE-4.5 (dense, MoE), Granite, Phi-3/4, OLMo-2/3, EXAONE-4, Hunyuan, SmolLM3 (sliding-window layers
-# in some, so that they stay so)
+# Other decoder families whose attention the MoBA / NSA swaps take (model type: extra config), tiny (sliding-window
+# layers in some, so that they stay so; hybrids with a linear-attention layer first)
+_LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
+               linear_key_head_dim=16, linear_value_head_dim=16)
+_QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 OTHER_ARCHS = {
     "glm4": {}, "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
                                  topk_group=1, first_k_dense_replace=1, use_qk_norm=True),
@@ -66,7 +68,12 @@ OTHER_ARCHS = {
     "granite": {}, "phi3": {}, "olmo2": {},
     "olmo3": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "exaone4": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-    "hunyuan_v1_dense": {}, "smollm3": {},
+    "hunyuan_v1_dense": {}, "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32), "smollm3": {},
+    "apertus": {}, "arcee": {}, "ministral": {}, "ministral3": {},
+    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_next": dict(_LINEAR, **_QWEN_MOE), "qwen3_5_text": _LINEAR, "qwen3_5_moe_text": dict(_LINEAR, **_QWEN_MOE),
 }
 
 

@@ -8,11 +8,14 @@ from torch import nn
 # NSA's module takes the q/k/v/o projections (biases too), per-head q/k norms before RoPE and the model's own RoPE
 # function (partial rotary too: GLM-4)
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
-             "ernie4_5", "ernie4_5_moe", "granite")
+             "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3")
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (a fused qkv projection:
-# Phi-3/4; q/k norms across heads: OLMo-2/3; layers without RoPE: EXAONE-4, SmolLM3; norms after RoPE: Hunyuan;
-# attention sinks: gpt-oss); their sliding-window layers stay so
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "phi3", "olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "smollm3")
+# Phi-3/4; q/k norms across heads: OLMo-2/3, MiniMax-M2; layers without RoPE: EXAONE-4, SmolLM3; norms after RoPE:
+# Hunyuan; attention sinks: gpt-oss; sliding-window layers: Gemma 3) and hybrids whose other layers are linear
+# attention (Qwen3-Next, Qwen3.5, MiniMax-M1); their sliding-window layers stay so
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "phi3", "olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "hunyuan_v1_moe",
+                          "smollm3", "gemma3_text", "minimax_m2", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
+                          "minimax")
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM; DeepSeek-V2's with complex
 # rotary frequencies; MiniCPM3's with V3's (cos, sin) rotary
 MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "DeepseekV2Attention",
@@ -60,14 +63,14 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (Llama, Qwen2/3, Mistral and their MoE variants,
-            GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Phi-3/4, OLMo-2/3, EXAONE-4, Hunyuan, SmolLM3, gpt-oss: their
-            sliding-window layers stay so); options ``block_size`` (default 512) and ``topk`` (default 3), stored in
-            ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled keys of each layer's complete
-            blocks on the transformers cache, so a step reads the selected blocks only (``attn_implementation="moba"``
-            alone pools every block of the cache at each step).
-        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral and their
-            MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite): each
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and Phi-3/4, OLMo-2/3, EXAONE-4,
+            Hunyuan, SmolLM3, Gemma 3, MiniMax-M1/M2, gpt-oss, Qwen3-Next, Qwen3.5: their sliding-window layers stay
+            so, the linear-attention layers of hybrids too); options ``block_size`` (default 512) and ``topk``
+            (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled keys of
+            each layer's complete blocks on the transformers cache, so a step reads the selected blocks only
+            (``attn_implementation="moba"`` alone pools every block of the cache at each step).
+        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
+            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee): each
             attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with
             new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
@@ -113,7 +116,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba")
         for layer in model.model.layers:
-            _record_cache(layer.self_attn)
+            if hasattr(layer, "self_attn"):  # (hybrid models: the others hold linear attention or state-space layers)
+                _record_cache(layer.self_attn)
     elif kind == "nsa":
         if arch not in NSA_ARCHS:
             raise ValueError(f"kind 'nsa' supports model types {NSA_ARCHS}, got {arch!r}")

@@ -51,17 +51,18 @@ def _as_tensors(prompts, device) -> list:
 def _uses_packing(model) -> bool:
     impl = getattr(model.config, "_attn_implementation", None)
     own_modules = any(type(m).__name__ in ("MLAAttention", "NativeSparseAttention") for m in model.modules())
-    return impl in PACKED_IMPLEMENTATIONS and not own_modules and not _sliding_cache(model)
+    return impl in PACKED_IMPLEMENTATIONS and not own_modules and _keys_values_cache(model)
 
 
-def _sliding_cache(model) -> bool:
-    """Whether the model's transformers cache keeps only a window of some layers' tokens (sliding-window layers:
-    gpt-oss, Mistral): the packed prefill, which splits every layer's cache of the packed row by prompt, then
-    cannot be used."""
-    from transformers import DynamicCache
+def _keys_values_cache(model) -> bool:
+    """Whether the model's transformers cache keeps every token's keys and values in every layer: not where some
+    layers keep a window (sliding-window layers: gpt-oss, Mistral) or a recurrent state (the linear-attention layers
+    of hybrids: Qwen3-Next). The packed prefill, which splits every layer's cache of the packed row by prompt, needs
+    it (a linear-attention layer's state after a packed row would mix the prompts)."""
+    from transformers import DynamicCache, DynamicLayer
 
     layers = getattr(DynamicCache(config=model.config), "layers", ())
-    return any(getattr(layer, "is_sliding", False) for layer in layers)
+    return all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) for layer in layers)
 
 
 def _cache_kw(model) -> str:
@@ -157,7 +158,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             repeated, as it would be with each prompt listed ``num_samples`` times; the results are the same).
             Greedy samples, all alike, are decoded once.
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
-            longattn's attention functions and its cache keeps every token (no sliding-window layers).
+            longattn's attention functions and its cache keeps every token's keys and values (no sliding-window
+            layers, no linear-attention ones: hybrids prefill a padded batch).
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
             batch and the cache (one copy of the cache, ``reorder_cache``), so that later steps decode only the
             live ones; rollout lengths vary widely. The results are the same either way.
@@ -176,6 +178,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
+        raise ValueError(f"this {model.config.model_type} model needs a cache class of its own (transformers' "
+                         "DynamicCache does not hold its layers' state); the rollout decodes with a DynamicCache")
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished)
@@ -191,8 +196,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if not stop_at_eos:
         eos_token_id = None
     use_packed = _uses_packing(model) if packed is None else packed
-    if use_packed and packed and _sliding_cache(model):
-        raise ValueError("packed=True needs a cache that keeps every token; this model's has sliding-window layers")
+    if use_packed and packed and not _keys_values_cache(model):
+        raise ValueError("packed=True needs a cache that keeps every token's keys and values in every layer; this "
+                         "model's has sliding-window or linear-attention layers")
     t0 = _clock(device)
     # the most tokens the cache holds: the longest prompt (rows are left-padded to it) and every new token but the
     # last (never fed)

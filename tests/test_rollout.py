@@ -7,7 +7,7 @@ import torch
 import longattn
 from longattn import rollout
 from longattn.hf.cache import InPlaceLayer
-from helpers import tiny_deepseek_v3_config, tiny_gpt_oss_pair
+from helpers import tiny_config, tiny_deepseek_v3_config, tiny_gpt_oss_pair
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -216,5 +216,32 @@ def test_rollout_with_sliding_window_layers(device):
     assert not got.prefill_packed and got.completions == want.completions
     for a, b in zip(got.logprobs, want.logprobs):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
-    with pytest.raises(ValueError, match="sliding-window layers"):
+    with pytest.raises(ValueError, match="sliding-window or linear-attention layers"):
         rollout.generate(ours, prompts, 2, packed=True)
+
+
+def test_rollout_with_linear_attention_layers(device):
+    """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under
+    MoBA): the rollout prefills a padded batch (a packed row would mix the prompts in that state) and equals
+    per-prompt generate; packed=True is refused. Where transformers gives the model a cache class of its own, the
+    rollout refuses it."""
+    cfg = tiny_config("qwen3_next")
+    if cfg is None:
+        pytest.skip("this transformers has no qwen3_next model")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
+    longattn.hf.swap_attention(model, "moba", block_size=16, topk=2)
+    prompts = [torch.randint(1, 128, (n,)) for n in (30, 41)]
+    if not model._supports_default_dynamic_cache():  # (transformers 4.57 gives it a cache class of its own)
+        with pytest.raises(ValueError, match="needs a cache class of its own"):
+            rollout.generate(model, prompts, 5)
+        return
+    res = rollout.generate(model, prompts, 5, stop_at_eos=False)
+    assert not res.prefill_packed
+    for p, comp in zip(prompts, res.completions):
+        with torch.no_grad():
+            g = model.generate(p[None].to(device), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+        assert comp == g[0, p.numel():].tolist()
+    with pytest.raises(ValueError, match="linear-attention layers"):
+        rollout.generate(model, prompts, 2, packed=True)

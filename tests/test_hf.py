@@ -80,19 +80,19 @@ def test_moba_swap_on_other_models(arch, device):
     perturb_attention(ref)
     ref = ref.to(device)
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
-    ids = torch.randint(1, 128, (2, 50)).to(device)
+    ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
-    mask[1, :13] = 0  # (row 0 unpadded)
+    mask[1, :9] = 0  # (row 0 unpadded)
     with torch.no_grad():
         a = ours(ids, attention_mask=mask).logits[mask.bool()]
         b = ref(ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     longattn.hf.swap_attention(ours, "moba", block_size=16, topk=2)
-    with torch.no_grad():
-        gen = ours.generate(ids[:1, :44], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():  # 4 new tokens after 40 (each query: its own block and one of the 2 before)
+        gen = ours.generate(ids[:1], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
         # (the model is causal: one forward over the generated sequence gives each step's recomputed logits)
-        recompute = ours(gen[:, :-1], use_cache=False).logits[:, 43:].argmax(-1)
-    assert torch.equal(gen[:, 44:], recompute)
+        recompute = ours(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
+    assert torch.equal(gen[:, 40:], recompute)
 
 
 def _left_padded(n_a: int, n_b: int, device):

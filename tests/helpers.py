@@ -105,8 +105,8 @@ def tiny_mla_config(arch: str):
     """A tiny config of another model with MLA attention, for the CPU interpreter (random weights), or None where this
     transformers has no such model. "deepseek_v2": V2-Lite's layout (no q LoRA; YaRN, whose mscale transformers 5
     folds into the softmax scale; complex rotary frequencies on interleaved pairs); "glm4_moe_lite" (GLM-4.7-Flash:
-    q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names; "minicpm3": V2's with
-    (cos, sin) rotary."""
+    q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names; "mistral4" (Mistral
+    Small 4): V3's, its queries scaled by position; "minicpm3": V2's with (cos, sin) rotary."""
     import transformers
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, kv_lora_rank=32,
@@ -120,13 +120,18 @@ def tiny_mla_config(arch: str):
         return transformers.DeepseekV2Config(**common, **moe, **rope, num_attention_heads=4, num_key_value_heads=4,
                                              q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32,
                                              v_head_dim=32, first_k_dense_replace=1)
-    cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig", minicpm3="MiniCPM3Config")[arch]
+    cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig", minicpm3="MiniCPM3Config",
+               mistral4="Mistral4Config")[arch]
     if not hasattr(transformers, cls):
         return None
+    extra = moe if arch in ("glm4_moe_lite", "mistral4") else {}
+    if arch == "mistral4":  # queries scaled by position from token 16 on (Llama 4's scale; 0.1 in its default)
+        extra = dict(extra, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
+                                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                                 original_max_position_embeddings=16, llama_4_scaling_beta=0.5))
     heads = 4 if arch == "minicpm3" else 5  # (MiniCPM3's config wants hidden_size a multiple of the heads)
-    return getattr(transformers, cls)(**common, **(moe if arch == "glm4_moe_lite" else {}), num_attention_heads=heads,
-                                      num_key_value_heads=heads, q_lora_rank=48, qk_rope_head_dim=16,
-                                      qk_nope_head_dim=48, v_head_dim=32)
+    return getattr(transformers, cls)(**common, **extra, num_attention_heads=heads, num_key_value_heads=heads,
+                                      q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=32)
 
 
 def tiny_gpt_oss_pair(device, impl):

@@ -289,7 +289,9 @@ def _deepseek(device, arch="deepseek_v3"):
     if cfg is None:
         pytest.skip(f"this transformers has no {arch} model")
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
+    # (Mistral 4's causal LM is not among AutoModelForCausalLM's: its own class)
+    build = transformers.Mistral4ForCausalLM._from_config if arch == "mistral4" else AutoModelForCausalLM.from_config
+    ref = build(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
     ours = copy.deepcopy(ref)
     longattn.hf.swap_attention(ours, "mla", page_size=16)
     return ref.to(device), ours.to(device)
@@ -306,7 +308,7 @@ def _swapped(kind, device):
     return longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3", "mistral4"])
 def test_mla_swap_logits_match_deepseek(arch, device):
     ref, ours = _deepseek(device, arch)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
@@ -320,7 +322,7 @@ def test_mla_swap_logits_match_deepseek(arch, device):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3", "mistral4"])
 def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device):
     import longattn.mla.module as mla_module
 

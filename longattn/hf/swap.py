@@ -16,10 +16,12 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "phi3", "olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "hunyuan_v1_moe",
                           "smollm3", "gemma3_text", "minimax_m2", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
                           "minimax")
-# MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM; DeepSeek-V2's with complex
-# rotary frequencies; MiniCPM3's with V3's (cos, sin) rotary
+# MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM, and in Mistral Small 4
+# (mistral4) with queries scaled by position; DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's
+# (cos, sin) rotary
 MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "DeepseekV2Attention",
-                  "glm4_moe_lite": "Glm4MoeLiteAttention", "youtu": "YoutuAttention", "minicpm3": "MiniCPM3Attention"}
+                  "glm4_moe_lite": "Glm4MoeLiteAttention", "youtu": "YoutuAttention", "minicpm3": "MiniCPM3Attention",
+                  "mistral4": "Mistral4Attention"}
 MLA_ARCHS = tuple(MLA_ATTENTIONS)
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
@@ -75,7 +77,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
             layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
-        ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM) and MiniCPM3: each
+        ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4)
+            and MiniCPM3: each
             such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the

@@ -33,8 +33,9 @@ def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
 
 class MLAAttention(nn.Module):
     """Drop-in replacement of a transformers ``DeepseekV3Attention`` (or the same attention in another model:
-    ``Glm4MoeLiteAttention``, ``YoutuAttention``), ``DeepseekV2Attention`` or ``MiniCPM3Attention``, sharing its
-    weights (same parameter names, so state dicts load unchanged).
+    ``Glm4MoeLiteAttention``, ``YoutuAttention``; ``Mistral4Attention``, which also scales its queries by position),
+    ``DeepseekV2Attention`` or ``MiniCPM3Attention``, sharing its weights (same parameter names, so state dicts load
+    unchanged).
 
     With a transformers cache, the latent of every layer lives in a :class:`PagedLatentCache` (page size
     64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at
@@ -68,6 +69,8 @@ class MLAAttention(nn.Module):
         self._rope = hf_module.apply_rotary_emb if self._rope_freqs else \
             hf_module.apply_rotary_pos_emb_interleave if getattr(cfg, "rope_interleave", False) \
             else hf_module.apply_rotary_pos_emb
+        # Mistral 4: the queries scaled by their position (Llama 4's attention scale, the model's own function)
+        self._query_scale = hf_module.get_llama_4_attn_scale if type(attn).__name__ == "Mistral4Attention" else None
 
     def _weights(self, like: torch.Tensor):
         """W_UK (H, Dn, R) and W_UV (H, Dv, R), the two parts of kv_b_proj's weight. A kv_b_proj other than a plain
@@ -127,6 +130,13 @@ class MLAAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         pe = (position_embeddings,) if self._rope_freqs else position_embeddings
         q_rot, k_rot = self._rope(q_rot, k_rot.view(B, 1, T, Dr), *pe)
+        if self._query_scale is not None:
+            if kwargs.get("position_ids") is None:
+                raise ValueError("this model's attention scales its queries by position: position_ids is required")
+            rope = self.config.rope_parameters
+            scale = self._query_scale(kwargs["position_ids"], rope.get("llama_4_scaling_beta"),
+                                      rope.get("original_max_position_embeddings")).to(q_rot.dtype)  # (B, 1, T, 1)
+            q_nope, q_rot = q_nope * scale, q_rot * scale
         q_nope, q_rot = q_nope.transpose(1, 2), q_rot.transpose(1, 2)  # (B, T, H, *)
         k_rot = k_rot.view(B, T, Dr)
 

@@ -9,6 +9,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      perturb_attention, replay_decode_step_without_sync, run_without_gpu_sync, tiny_config,
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_mla_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
+from longattn.hf.swap import MLA_ARCHS
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -308,7 +309,7 @@ def _swapped(kind, device):
     return longattn.hf.swap_attention(_pair(_config(), "sdpa", device)[1], kind, **opts)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3", "mistral4"])
+@pytest.mark.parametrize("arch", MLA_ARCHS)  # (each model type the swap takes)
 def test_mla_swap_logits_match_deepseek(arch, device):
     ref, ours = _deepseek(device, arch)
     assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
@@ -322,7 +323,7 @@ def test_mla_swap_logits_match_deepseek(arch, device):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "youtu", "minicpm3", "mistral4"])
+@pytest.mark.parametrize("arch", MLA_ARCHS)  # (each model type the swap takes)
 def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device):
     import longattn.mla.module as mla_module
 

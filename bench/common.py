@@ -273,6 +273,20 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def held_memory_mb(fn: Callable[[], object]) -> float:
+    """MB that ``fn()`` leaves allocated while its result lives (a forward with gradients: its output and what
+    autograd keeps for the backward)."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    held = (torch.cuda.memory_allocated() - base) / 2**20
+    del result
+    return held
+
+
 class Results(list):
     """One benchmark run's rows and where they go. ``finish()`` writes them (``write_results``) at the run's end;
     a run stopped before (Ctrl-C, or SIGTERM from a time limit such as gpu_suite.sh's) still leaves the rows it

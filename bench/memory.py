@@ -1,12 +1,14 @@
 """Peak GPU memory of every op, fwd and fwd+bwd, as T grows to 128k: MB beyond the inputs, and per 1k tokens
-(a flat MB/ktok column means O(T) memory). The kernels run their first tile candidate, untimed (as with
-LONGATTN_AUTOTUNE=0; `--autotune` times them all first, which takes minutes at these lengths): memory is what is
-measured, and the tile changes at most the size of a few float32 partial-sum buffers (counted per key block)."""
+(a flat MB/ktok column means O(T) memory); mode ``held``: what a forward with gradients leaves allocated until
+its backward (its output and what autograd keeps), what each attention layer of a model in training holds. The
+kernels run their first tile candidate, untimed (as with LONGATTN_AUTOTUNE=0; `--autotune` times them all first,
+which takes minutes at these lengths): memory is what is measured, and the tile changes at most the size of a few
+float32 partial-sum buffers (counted per key block)."""
 from __future__ import annotations
 
 import argparse
 
-from .common import Results, parse_ints, peak_memory_mb, require_cuda
+from .common import Results, held_memory_mb, parse_ints, peak_memory_mb, require_cuda
 
 COLUMNS = ["impl", "mode", "T", "Hq", "Hkv", "D", "peak_MB", "MB/ktok"]
 PLOT = dict(x="T", y="peak_MB", series="impl", panels="mode", title="peak memory")
@@ -76,17 +78,19 @@ def _run(args, argv) -> list[dict]:
             ins = make(T, dev, dtype)
             with torch.no_grad():
                 do = torch.randn_like(fn(*ins))  # allocated before the measurement, like the inputs
-            for mode in ("fwd", "fwdbwd"):
+            for mode in ("fwd", "held", "fwdbwd"):
                 def call():
                     if mode == "fwd":
                         with torch.no_grad():
                             return fn(*ins)
+                    if mode == "held":
+                        return fn(*ins)
                     fn(*ins).backward(do)
                 try:
                     call()  # compiled and autotuned first: tuning's copies of the outputs are not the op's memory
                     for t in ins:
                         t.grad = None
-                    mb = peak_memory_mb(call)
+                    mb = (held_memory_mb if mode == "held" else peak_memory_mb)(call)
                 except Exception as e:
                     print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue

@@ -66,10 +66,11 @@ def _stub_launches():
     moba_ops._select = moba_select
 
 
-def _peak(fn, by_call: bool, tokens: int) -> float:
-    """Bytes per token at the peak of what torch allocates during ``fn()`` (from 0 at its start)."""
+def _peak(fn, by_call: bool, tokens: int, held: bool = False) -> float:
+    """Bytes per token at the peak of what torch allocates during ``fn()`` (from 0 at its start), or with
+    ``held`` what is still allocated at its end while its result lives."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+        result = fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     now = peak = 0
@@ -78,7 +79,8 @@ def _peak(fn, by_call: bool, tokens: int) -> float:
         peak = max(peak, now)
         if by_call and abs(e.nbytes()) >= tokens * 1024:
             print(f"    {e.nbytes() / tokens / 1024:+8.1f} KB/token -> {now / tokens / 1024:7.1f}")
-    return peak / tokens
+    del result
+    return (now if held else peak) / tokens
 
 
 def main(argv=None):
@@ -96,14 +98,15 @@ def main(argv=None):
         ins = make(T, "cpu", torch.float16)
         with torch.no_grad():
             dout = torch.randn_like(fn(*ins))
-        for mode in ("fwd", "fwdbwd"):
+        for mode in ("fwd", "held", "fwdbwd"):
             def call():
                 if mode == "fwd":
                     with torch.no_grad():
-                        fn(*ins)
-                else:
-                    fn(*ins).backward(dout)
-            kb = _peak(call, args.by_call, T) / 1024
+                        return fn(*ins)
+                if mode == "held":  # the output and what autograd keeps for the backward
+                    return fn(*ins)
+                fn(*ins).backward(dout)
+            kb = _peak(call, args.by_call, T, held=mode == "held") / 1024
             for t in ins:
                 t.grad = None
             print(f"{name:12s} {mode:7s} T={T}: {kb:.1f} KB per token beyond the inputs", flush=True)

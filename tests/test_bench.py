@@ -47,7 +47,7 @@ def _dry_run(monkeypatch, module):
     clock = itertools.count(1)
     fake = {"require_cuda": lambda: torch.device("cpu"), "time_ms": lambda fn, **kw: (fn(), float(next(clock)))[1],
             "graph_ms": lambda fn: (fn(), float(next(clock)))[1],
-            "peak_memory_mb": lambda fn: (fn(), 0.0)[1],
+            "peak_memory_mb": lambda fn: (fn(), 0.0)[1], "held_memory_mb": lambda fn: (fn(), 0.0)[1],
             "device_peaks": lambda dev: {"copy_GBs": 3000.0, "matmul_TFLOPs": 700.0, "l2_GBs": 6000.0},
             "environment": lambda argv=None: {"device": "cpu (dry run)", "torch": torch.__version__, "triton": "-",
                                               "cuda": None, "date": "-", "command": "dry run"}}
@@ -77,7 +77,8 @@ DRY_RUNS = {
                 "--rollout-model", "--layers 1 --hidden 64 --heads 4 --kv-heads 2 --vocab 128", "--iters", "1",
                 "--dtype", "float16"],
 }
-EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd")],
+EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwdbwd"), ("mla_prefill", "fwdbwd"),
+                            ("mla_prefill", "held")],
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_no_tma", "fwd"),
                            ("longattn", "decode_b2"), ("longattn_graph", "decode_b2"), ("longattn_paged", "decode_b2"),
                            ("longattn_paged_fp8", "decode_b2")],

@@ -61,6 +61,21 @@ def test_prefill_forward_and_gradients(varlen, dtype, device):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
 
 
+def test_prefill_keeps_only_inputs_for_backward(device):
+    """Between forward and backward mla_prefill holds its inputs, output and lse, nothing decompressed (the
+    backward decompresses K/V again; test_prefill_forward_and_gradients checks its gradients)."""
+    cfg = dict(H=4, nope=32, rope=16, rank=48, v=32)
+    x = [leaf(t) for t in _inputs(2, 40, **cfg, device=device, dtype=torch.float32)]
+    w = [leaf(t) for t in _weights(**cfg, device=device, dtype=torch.float32)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, lse = mla_prefill(*x, *w, scale=48 ** -0.5, return_lse=True)
+    kept = {t.data_ptr() for t in (*x, *w, out, lse)}
+    assert saved and all(t.data_ptr() in kept for t in saved), [tuple(t.shape) for t in saved]
+    out.sum().backward()
+    assert all(t.grad is not None for t in x + w)
+
+
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_prefill_chunk_after_prefix(varlen, dtype, device):
     """Queries that are the last tokens of longer latent sequences (chunks after a cached prefix): output, lse and

@@ -8,8 +8,9 @@ import torch
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
-                             check_same_dtype, check_scale, check_tensor, empty, kernel_inputs, next_pow2, num_sms,
-                             public_op, read_back_later, row_descriptors, small_tiles, split_context, widen_by_asm)
+                             check_same_dtype, check_scale, check_tensor, eager_context, empty, kernel_inputs,
+                             next_pow2, num_sms, public_op, read_back_later, resolve_seqlens, row_descriptors,
+                             small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
 
 MAX_QUERY_TOKENS = 16
@@ -20,7 +21,7 @@ def _require_scale(scale) -> None:
         raise TypeError("scale is required (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5)")
 
 
-@public_op("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv", traced=True)  # torch ops and flash_attention
+@public_op("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv", traced=True)  # checks and a custom op
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
@@ -43,7 +44,10 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         ``(B, T, H, Dv)`` / ``(total, H, Dv)`` in q's dtype (and the lse if asked). Differentiable in every
         input, the weights included.
 
-    ``torch.compile`` traces it (torch operations and flash attention's custom op): no graph break.
+    For the backward only the inputs, the output and the lse are kept: it decompresses K/V again, so that a
+    training step does not hold each layer's decompressed q, k and v (four times the output at DeepSeek-V3's
+    dims) from its forward to its backward. ``torch.compile`` traces it to one custom op each way
+    (``torch.ops.longattn.mla_prefill``, ``mla_prefill_backward``): no graph break.
     """
     varlen = cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None
     nd = 3 if varlen else 4
@@ -68,12 +72,78 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         raise ValueError(f"c_kv's batch ({c_kv.shape[0]}) must equal q_nope's ({q_nope.shape[0]})")
     if not varlen and c_kv.shape[1] < q_nope.shape[1]:  # the queries are the last tokens of the latent's sequence
         raise ValueError(f"c_kv holds {c_kv.shape[1]} tokens per sequence, fewer than the {q_nope.shape[1]} queries")
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
+        cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, None, None)
+    out, lse = torch.ops.longattn.mla_prefill(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k,
+                                              max_seqlen_q, max_seqlen_k, float(scale))
+    return (out, lse) if return_lse else out
+
+
+def _decompressed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv):
+    """The naive form's q, k, v: ``(..., H, Dn + Dr)``, ``(..., H, Dn + Dr)`` (the rotary key on every head) and
+    ``(..., H, Dv)``."""
     k_nope = torch.einsum("...r,hdr->...hd", c_kv, w_uk)
     v = torch.einsum("...r,hdr->...hd", c_kv, w_uv)
     k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1)
-    q = torch.cat([q_nope, q_rope], -1)
-    return flash_attention(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+    return torch.cat([q_nope, q_rope], -1), k, v
+
+
+# One custom op each way (TorchDynamo traces mla_prefill down to the first): the forward keeps for the backward only
+# its inputs, output and lse, and the backward decompresses K/V again (two products with the latent, cheap next to
+# the attention at long lengths) instead of autograd holding the decompressed q, k and v from the forward to the
+# backward: 192 + 192 + 128 values a head and token at DeepSeek-V3's dims, four times the output's.
+_PREFILL_ARGS = ("Tensor q_nope, Tensor q_rope, Tensor c_kv, Tensor k_rope, Tensor w_uk, Tensor w_uv, "
+                 "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, float scale")
+
+
+@torch.library.custom_op("longattn::mla_prefill", mutates_args=(), schema=f"({_PREFILL_ARGS}) -> (Tensor, Tensor)")
+def _prefill_op(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale):
+    with eager_context(q_nope):
+        return flash_attention(*_decompressed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv), causal=True, scale=scale,
+                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                               max_seqlen_k=max_seqlen_k, return_lse=True)
+
+
+@_prefill_op.register_fake
+def _prefill_shapes(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, *args):
+    lse = (q_nope.shape[1], q_nope.shape[0]) if cu_seqlens_q is not None else \
+        (q_nope.shape[0], q_nope.shape[2], q_nope.shape[1])
+    return q_nope.new_empty(*q_nope.shape[:-1], w_uv.shape[1]), q_nope.new_empty(lse, dtype=torch.float32)
+
+
+@torch.library.custom_op("longattn::mla_prefill_backward", mutates_args=(),
+                         schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, {_PREFILL_ARGS}) -> "
+                                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _prefill_backward_op(dout, dlse, out, lse, q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, scale):
+    with eager_context(q_nope):
+        dq, dk, dv = torch.ops.longattn.flash_attention_backward(
+            dout, dlse, out, lse, *_decompressed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv), cu_seqlens_q,
+            cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, True, None, scale, 1, 0, False)
+        dn = q_nope.shape[-1]
+        dk_nope = dk[..., :dn]
+        dc_kv = torch.einsum("...hd,hdr->...r", dk_nope, w_uk).add_(torch.einsum("...hd,hdr->...r", dv, w_uv))
+        return (dq[..., :dn].contiguous(), dq[..., dn:].contiguous(), dc_kv, dk[..., dn:].sum(-2),
+                torch.einsum("...hd,...r->hdr", dk_nope, c_kv), torch.einsum("...hd,...r->hdr", dv, c_kv))
+
+
+@_prefill_backward_op.register_fake
+def _prefill_backward_shapes(dout, dlse, out, lse, *inputs):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs[:6])
+
+
+def _prefill_op_save(ctx, inputs, output):
+    ctx.save_for_backward(*output, *inputs[:8])
+    ctx.options = inputs[8:]
+
+
+def _prefill_op_backward(ctx, dout, dlse):
+    grads = torch.ops.longattn.mla_prefill_backward(dout, dlse, *ctx.saved_tensors, *ctx.options)
+    return grads + (None,) * 5
+
+
+_prefill_op.register_autograd(_prefill_op_backward, setup_context=_prefill_op_save)
 
 
 def _checked(copies: list, *args) -> list:

@@ -19,7 +19,7 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--ops", default="flash,moba,nsa,mla_prefill")
+    p.add_argument("--ops", default="flash,moba,nsa,mla_prefill,mla_prefix")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--autotune", action="store_true", help="time every tile candidate first (as in use)")
     p.add_argument("--out", default=None)
@@ -49,6 +49,12 @@ def _ops(names, hq, hkv, d):
                                              (hq, 128, 512), (hq, 128, 512)]],
                         lambda qn, qr, c, kr, wk, wv: mla_prefill(qn, qr, c, kr, wk, wv, scale=192 ** -0.5),
                         (hq, 1, 576)),
+        # the same, 4k queries after a cached prefix of T - 4k tokens (decompressed 16k tokens at a time)
+        "mla_prefix": (lambda T, dev, dt: [torch.randn(*s, device=dev, dtype=dt, requires_grad=True) for s in
+                                           [(1, min(T, 4096), hq, 128), (1, min(T, 4096), hq, 64), (1, T, 512),
+                                            (1, T, 64), (hq, 128, 512), (hq, 128, 512)]],
+                       lambda qn, qr, c, kr, wk, wv: mla_prefill(qn, qr, c, kr, wk, wv, scale=192 ** -0.5),
+                       (hq, 1, 576)),
     }
     unknown = set(names) - set(table)
     if unknown:

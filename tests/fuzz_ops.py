@@ -280,7 +280,8 @@ def draw_mla_prefill(rng, dtype, hq, hkv):
     lk = [a + rng.randint(0, 80) for a in lq] if rng.random() < 0.5 else lq  # chunks after a cached prefix
     if not varlen:
         lk = [lk[0]] * n_seq
-    cfg = dict(heads=heads, nope=nope, rope=rope, rank=rank, dv=dv, lq=lq, lk=lk, varlen=varlen)
+    chunk = rng.choice([16, 24, 64, 16384])  # prefixes of that many keys or more decompressed in pieces
+    cfg = dict(heads=heads, nope=nope, rope=rope, rank=rank, dv=dv, lq=lq, lk=lk, varlen=varlen, prefix_chunk=chunk)
     shape_q, shape_k = ((sum(lq),), (sum(lk),)) if varlen else ((n_seq, lq[0]), (n_seq, lk[0]))
     x = [torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in (
         (*shape_q, heads, nope), (*shape_q, heads, rope), (*shape_k, rank), (*shape_k, rope))]
@@ -288,7 +289,7 @@ def draw_mla_prefill(rng, dtype, hq, hkv):
     kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk)) if varlen else {}
     scale = (nope + rope) ** -0.5
     leaves = [t.requires_grad_() for t in x]
-    out, lse = longattn.mla_prefill(*leaves, scale=scale, return_lse=True, **kw)
+    out, lse = longattn.mla_prefill(*leaves, scale=scale, return_lse=True, prefix_chunk=chunk, **kw)
     dout = torch.randn_like(out)
     ref_leaves = _float_leaves(leaves)
     qn, qr, c, kr, w_uk, w_uv = ref_leaves

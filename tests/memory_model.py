@@ -85,13 +85,13 @@ def _peak(fn, by_call: bool, tokens: int, held: bool = False) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default="nsa,moba,flash", help="of nsa, moba, flash, mla_prefill")
+    p.add_argument("--ops", default="nsa,moba,flash", help="of nsa, moba, flash, mla_prefill, mla_prefix")
     p.add_argument("--seqlen", type=int, default=65536)
     p.add_argument("--by-call", action="store_true")
     args = p.parse_args(argv)
     names = [o.strip() for o in args.ops.split(",") if o.strip()]
-    if not set(names) <= {"nsa", "moba", "flash", "mla_prefill"}:
-        p.error(f"--ops: choose from nsa, moba, flash, mla_prefill, got {args.ops}")
+    if not set(names) <= {"nsa", "moba", "flash", "mla_prefill", "mla_prefix"}:
+        p.error(f"--ops: choose from nsa, moba, flash, mla_prefill, mla_prefix, got {args.ops}")
     _stub_launches()
     T = args.seqlen
     for name, (make, fn, _) in _ops(names, 32, 8, 128).items():

@@ -76,10 +76,15 @@ def test_prefill_keeps_only_inputs_for_backward(device):
     assert all(t.grad is not None for t in x + w)
 
 
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole", "prefix-chunks"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_prefill_chunk_after_prefix(varlen, dtype, device):
+def test_prefill_chunk_after_prefix(varlen, chunk, dtype, device, monkeypatch):
     """Queries that are the last tokens of longer latent sequences (chunks after a cached prefix): output, lse and
-    every gradient (the prefix's latent included) against attention on the decompressed K/V."""
+    every gradient (the prefix's latent included) against attention on the decompressed K/V. With ``prefix_chunk``
+    16 the prefixes (64 and 70 tokens; none in the second sequence) are decompressed in 4 pieces of 16 tokens, the
+    rest of the keys in a fifth, the pieces' attention merged by lse, forward and backward."""
+    calls, flash = [], mla_ops.flash_attention
+    monkeypatch.setattr(mla_ops, "flash_attention", lambda *a, **kw: calls.append(kw["causal"]) or flash(*a, **kw))
     cfg = dict(H=4, nope=32, rope=16, rank=48, v=32)
     scale = 48 ** -0.5
     w = [leaf(t) for t in _weights(**cfg, device=device, dtype=dtype)]
@@ -94,7 +99,9 @@ def test_prefill_chunk_after_prefix(varlen, dtype, device):
         kv = _inputs(2, 101, **cfg, device=device, dtype=dtype)[2:]
         kw = {}
     x = [leaf(t) for t in (*q, *kv)]
-    out, lse = mla_prefill(*x, *w, scale=scale, return_lse=True, **kw)
+    out, lse = mla_prefill(*x, *w, scale=scale, return_lse=True, **kw, **({} if chunk is None else
+                                                                           dict(prefix_chunk=chunk)))
+    assert calls == ([True] if chunk is None else [False] * 4 + [True])
     x_r, w_r = [leaf(t, torch.float32) for t in x], [leaf(t, torch.float32) for t in w]
     lead = (lambda t: t[None]) if varlen else (lambda t: t)
     k, v = (t[0] if varlen else t for t in mla_decompress_ref(lead(x_r[2]), lead(x_r[3]), *w_r))
@@ -452,6 +459,10 @@ def test_prefill_bad_inputs(device):
         mla_prefill(qn, qr, c, kr, w_uk[:, :8], w_uv, scale=0.2)
     with pytest.raises(ValueError, match="c_kv holds 6 tokens per sequence, fewer than the 12 queries"):
         mla_prefill(qn, qr, c[:, :6], kr[:, :6], w_uk, w_uv, scale=0.2)
+    with pytest.raises(ValueError, match=r"prefix_chunk must lie in \[16, "):
+        mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=0.2, prefix_chunk=8)
+    with pytest.raises(TypeError, match="prefix_chunk must be an int"):
+        mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=0.2, prefix_chunk=16.0)
 
 
 def test_decode_bad_inputs(device):

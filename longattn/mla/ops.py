@@ -1,6 +1,7 @@
 """MLA public ops: ``mla_prefill`` (naive form on decompressed K/V) and ``mla_decode`` (absorbed form)."""
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -8,7 +9,8 @@ import torch
 from ..kernels.flash import LOG2E, flash_attention
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
-                             check_same_dtype, check_scale, check_tensor, eager_context, empty, kernel_inputs,
+                             check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor,
+                             eager_context, empty, kernel_inputs,
                              next_pow2, num_sms, public_op, read_back_later, resolve_seqlens, row_descriptors,
                              small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
@@ -25,7 +27,7 @@ def _require_scale(scale) -> None:
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, *, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
+                cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False, prefix_chunk: int = 16384):
     """Causal MLA over a prompt in the naive form: decompress K/V from the latent, then flash attention.
 
     Args:
@@ -40,14 +42,18 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         cu_seqlens / max_seqlen: varlen layout (int32 cu_seqlens); ``cu_seqlens_q``/``cu_seqlens_k`` when
             the latent holds more tokens than the queries (chunked prefill after a cached prefix: queries
             are aligned to the end of each sequence's keys, as in dense layout with Tq < Tk).
+        prefix_chunk: a cached prefix (a sequence's keys before its queries) of this many tokens or more is
+            decompressed this many tokens at a time (default 16384), each piece's attention merged into the result
+            by its lse: the decompressed K/V held at once are at most a chunk and the queries' own keys per
+            sequence, however long the cache (at DeepSeek-V3's 128 heads 16k tokens decompress to 1.3 GB).
     Returns:
         ``(B, T, H, Dv)`` / ``(total, H, Dv)`` in q's dtype (and the lse if asked). Differentiable in every
         input, the weights included.
 
-    For the backward only the inputs, the output and the lse are kept: it decompresses K/V again, so that a
-    training step does not hold each layer's decompressed q, k and v (four times the output at DeepSeek-V3's
-    dims) from its forward to its backward. ``torch.compile`` traces it to one custom op each way
-    (``torch.ops.longattn.mla_prefill``, ``mla_prefill_backward``): no graph break.
+    For the backward only the inputs, the output and the lse are kept: it decompresses K/V again (a long prefix
+    chunk by chunk too), so that a training step does not hold each layer's decompressed q, k and v (four times
+    the output at DeepSeek-V3's dims) from its forward to its backward. ``torch.compile`` traces it to one custom
+    op each way (``torch.ops.longattn.mla_prefill``, ``mla_prefill_backward``): no graph break.
     """
     varlen = cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None
     nd = 3 if varlen else 4
@@ -74,35 +80,88 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         raise ValueError(f"c_kv holds {c_kv.shape[1]} tokens per sequence, fewer than the {q_nope.shape[1]} queries")
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, None, None)
-    out, lse = torch.ops.longattn.mla_prefill(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k,
-                                              max_seqlen_q, max_seqlen_k, float(scale))
+    check_positive_int(prefix_chunk, "prefix_chunk", minimum=16)
+    if not varlen and q_nope.shape[0] * q_nope.shape[1] and c_kv.shape[1] - q_nope.shape[1] >= prefix_chunk:
+        # a long cached prefix (decompressed in pieces): as packed sequences
+        (B, T, H), Tk = q_nope.shape[:3], c_kv.shape[1]
+        cu_q, cu_k = (torch.arange(0, B * n + 1, n, dtype=torch.int32, device=q_nope.device) for n in (T, Tk))
+        out, lse = mla_prefill(q_nope.flatten(0, 1), q_rope.flatten(0, 1), c_kv.flatten(0, 1), k_rope.flatten(0, 1),
+                               w_uk, w_uv, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
+                               prefix_chunk=prefix_chunk)
+        out, lse = out.view(B, T, H, -1), lse.view(H, B, T).transpose(0, 1).contiguous()
+    else:
+        out, lse = torch.ops.longattn.mla_prefill(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q,
+                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale), prefix_chunk)
     return (out, lse) if return_lse else out
 
 
-def _decompressed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv):
-    """The naive form's q, k, v: ``(..., H, Dn + Dr)``, ``(..., H, Dn + Dr)`` (the rotary key on every head) and
-    ``(..., H, Dv)``."""
+def _latent(c_kv, k_rope, w_uk, w_uv):
+    """K and V decompressed from the latent: ``(..., H, Dn + Dr)`` (the rotary key on every head), ``(..., H, Dv)``."""
     k_nope = torch.einsum("...r,hdr->...hd", c_kv, w_uk)
     v = torch.einsum("...r,hdr->...hd", c_kv, w_uv)
-    k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1)
-    return torch.cat([q_nope, q_rope], -1), k, v
+    return torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1), v
+
+
+def _latent_grads(dk, dv, c_kv, w_uk, w_uv):
+    """The gradients of c_kv, k_rope, w_uk and w_uv from those of the decompressed K and V."""
+    dn = w_uk.shape[1]
+    dk_nope = dk[..., :dn]
+    dc_kv = torch.einsum("...hd,hdr->...r", dk_nope, w_uk).add_(torch.einsum("...hd,hdr->...r", dv, w_uv))
+    return (dc_kv, dk[..., dn:].sum(-2), torch.einsum("...hd,...r->hdr", dk_nope, c_kv),
+            torch.einsum("...hd,...r->hdr", dv, c_kv))
+
+
+def _key_pieces(cu_seqlens_q, cu_seqlens_k, chunk: int):
+    """The keys of a packed prefill whose cached prefix (a sequence's keys before its queries) holds ``chunk``
+    tokens or more in some sequence, in pieces ``[(rows, cu_k, causal)]``: ``rows`` (int64) the key rows of the
+    piece, ``cu_k`` (int32) its offsets per sequence. Each whole chunk of the prefixes is a piece (every query of
+    its sequence sees it), the rest of each sequence's keys (its queries' own among them) the last (causal): every
+    key row is in one piece. None when there is no such prefix (one call takes all the keys)."""
+    if cu_seqlens_q is None:
+        return None
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    chunks = [max(0, (k1 - k0) - (q1 - q0)) // chunk for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:])]
+    if max(chunks, default=0) == 0:
+        return None
+    spans = [[(s + j * chunk, s + (j + 1) * chunk) if j < n else (s, s) for s, n in zip(ck, chunks)]
+             for j in range(max(chunks))]
+    spans.append([(s + n * chunk, e) for s, e, n in zip(ck, ck[1:], chunks)])
+    device = cu_seqlens_q.device
+    return [(device_tensor(torch.cat([torch.arange(a, b) for a, b in piece]), torch.int64, device),
+             device_tensor([0, *itertools.accumulate(b - a for a, b in piece)], torch.int32, device),
+             i == len(spans) - 1) for i, piece in enumerate(spans)]
 
 
 # One custom op each way (TorchDynamo traces mla_prefill down to the first): the forward keeps for the backward only
 # its inputs, output and lse, and the backward decompresses K/V again (two products with the latent, cheap next to
 # the attention at long lengths) instead of autograd holding the decompressed q, k and v from the forward to the
-# backward: 192 + 192 + 128 values a head and token at DeepSeek-V3's dims, four times the output's.
+# backward: 192 + 192 + 128 values a head and token at DeepSeek-V3's dims, four times the output's. A long cached
+# prefix is decompressed a chunk at a time (_key_pieces), each piece's attention merged into the output by its lse
+# (the backward's pieces take the whole softmax's output and lse).
 _PREFILL_ARGS = ("Tensor q_nope, Tensor q_rope, Tensor c_kv, Tensor k_rope, Tensor w_uk, Tensor w_uv, "
-                 "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, float scale")
+                 "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, float scale, "
+                 "int prefix_chunk")
 
 
 @torch.library.custom_op("longattn::mla_prefill", mutates_args=(), schema=f"({_PREFILL_ARGS}) -> (Tensor, Tensor)")
 def _prefill_op(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                scale):
+                scale, prefix_chunk):
     with eager_context(q_nope):
-        return flash_attention(*_decompressed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv), causal=True, scale=scale,
-                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                               max_seqlen_k=max_seqlen_k, return_lse=True)
+        q = torch.cat([q_nope, q_rope], -1)
+        pieces = _key_pieces(cu_seqlens_q, cu_seqlens_k, prefix_chunk)
+        if pieces is None:
+            return flash_attention(q, *_latent(c_kv, k_rope, w_uk, w_uv), causal=True, scale=scale,
+                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                   max_seqlen_k=max_seqlen_k, return_lse=True)
+        out = lse = None
+        for rows, cu_k, causal in pieces:
+            o, l_ = flash_attention(q, *_latent(c_kv[rows], k_rope[rows], w_uk, w_uv), causal=causal, scale=scale,
+                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q,
+                                    return_lse=True)
+            # merged in float32 (one rounding to q's dtype at the end)
+            out, lse = (o.float(), l_) if out is None else merge_fwd(torch.stack([out, o.float()]),
+                                                                      torch.stack([lse, l_]))
+        return out.to(q.dtype), lse
 
 
 @_prefill_op.register_fake
@@ -116,16 +175,33 @@ def _prefill_shapes(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, *arg
                          schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, {_PREFILL_ARGS}) -> "
                                 "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _prefill_backward_op(dout, dlse, out, lse, q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, scale):
+                         max_seqlen_q, max_seqlen_k, scale, prefix_chunk):
     with eager_context(q_nope):
-        dq, dk, dv = torch.ops.longattn.flash_attention_backward(
-            dout, dlse, out, lse, *_decompressed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv), cu_seqlens_q,
-            cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, True, None, scale, 1, 0, False)
-        dn = q_nope.shape[-1]
-        dk_nope = dk[..., :dn]
-        dc_kv = torch.einsum("...hd,hdr->...r", dk_nope, w_uk).add_(torch.einsum("...hd,hdr->...r", dv, w_uv))
-        return (dq[..., :dn].contiguous(), dq[..., dn:].contiguous(), dc_kv, dk[..., dn:].sum(-2),
-                torch.einsum("...hd,...r->hdr", dk_nope, c_kv), torch.einsum("...hd,...r->hdr", dv, c_kv))
+        q, dn = torch.cat([q_nope, q_rope], -1), q_nope.shape[-1]
+
+        def attention_grads(c, k_rope_, cu_k, max_k, causal):  # (the flash backward's dq, dk, dv for these keys)
+            return torch.ops.longattn.flash_attention_backward(
+                dout, dlse, out, lse, q, *_latent(c, k_rope_, w_uk, w_uv), cu_seqlens_q, cu_k, max_seqlen_q, max_k,
+                None, causal, None, scale, 1, 0, False)
+
+        pieces = _key_pieces(cu_seqlens_q, cu_seqlens_k, prefix_chunk)
+        if pieces is None:
+            dq, dk, dv = attention_grads(c_kv, k_rope, cu_seqlens_k, max_seqlen_k, True)
+            grads = _latent_grads(dk, dv, c_kv, w_uk, w_uv)
+        else:  # every key row in one piece; dq and the weights' gradients summed in float32
+            dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+            grads = (torch.empty_like(c_kv), torch.empty_like(k_rope),
+                     *(torch.zeros(w.shape, device=w.device, dtype=torch.float32) for w in (w_uk, w_uv)))
+            for rows, cu_k, causal in pieces:
+                c = c_kv[rows]
+                dq_, dk, dv = attention_grads(c, k_rope[rows], cu_k, None, causal)
+                dq += dq_
+                dc, dk_rope, dw_uk, dw_uv = _latent_grads(dk, dv, c, w_uk, w_uv)
+                grads[0][rows], grads[1][rows] = dc, dk_rope
+                grads[2].add_(dw_uk)
+                grads[3].add_(dw_uv)
+        grads = tuple(g.to(t.dtype) for g, t in zip(grads, (c_kv, k_rope, w_uk, w_uv)))
+        return (dq[..., :dn].to(q.dtype).contiguous(), dq[..., dn:].to(q.dtype).contiguous(), *grads)
 
 
 @_prefill_backward_op.register_fake
@@ -140,7 +216,7 @@ def _prefill_op_save(ctx, inputs, output):
 
 def _prefill_op_backward(ctx, dout, dlse):
     grads = torch.ops.longattn.mla_prefill_backward(dout, dlse, *ctx.saved_tensors, *ctx.options)
-    return grads + (None,) * 5
+    return grads + (None,) * 6
 
 
 _prefill_op.register_autograd(_prefill_op_backward, setup_context=_prefill_op_save)

@@ -28,6 +28,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--batch", type=int, default=8, help="prompts")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt, from one prefill of it")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward of the prefill "
+                   "(rollout.generate's prefill_chunk; default all at once)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
@@ -96,7 +98,7 @@ def run(args, argv=None) -> list[dict]:
             try:
                 model = _model(kind, args, dev, dtype)
                 with _cache_of(kind):
-                    kw = dict(stop_at_eos=False, num_samples=args.samples)
+                    kw = dict(stop_at_eos=False, num_samples=args.samples, prefill_chunk=args.prefill_chunk)
                     # the warm-up decodes as many tokens: every shape the timed run meets is seen once before
                     # (kernels compiled and autotuned, per-shape plans made: the first kind timed after a 2-token
                     # warm-up, SDPA with the in-place cache, took 15x the second's step on the H100, 2026-11-27)

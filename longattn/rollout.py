@@ -85,38 +85,67 @@ def _left_pad(rows: list, length: int, value=0) -> torch.Tensor:
     return out
 
 
-def _packed_prefill(model, prompts, lens, capacity: int):
-    """Prefill every prompt in one packed row; return last-token logits (B, V) and a left-padded cache that expects
+def _prompt_groups(lens: list, chunk: Optional[int]) -> list:
+    """Consecutive prompts in groups of at most ``chunk`` tokens (a longer prompt alone); all in one without."""
+    if chunk is None:
+        return [list(range(len(lens)))]
+    groups, size = [[]], 0
+    for i, n in enumerate(lens):
+        if groups[-1] and size + n > chunk:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None):
+    """Prefill the prompts packed in a row (a row per group of ``chunk`` tokens at most, a longer prompt alone in a
+    row it fills ``chunk`` tokens at a time); return last-token logits (B, V) and a left-padded cache that expects
     ``capacity`` tokens per row at most."""
     from transformers import DynamicCache
 
     device = prompts[0].device
-    ids = torch.cat(prompts)[None]
-    pos = torch.cat([torch.arange(n, device=device) for n in lens])[None]
-    packed = DynamicCache(config=model.config)
-    ends = torch.tensor(lens, device=device).cumsum(0) - 1
-    keep = _last_logits_kw(model, ends)
-    out = model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): packed}, **keep)
-    logits = out.logits[0] if keep else out.logits[0, ends]
+    logits, ks, vs = [], [], []  # ks[layer][prompt]: (n, H, D)
+    for group in _prompt_groups(lens, chunk):
+        glens = [lens[i] for i in group]
+        ids = torch.cat([prompts[i] for i in group])[None]
+        pos = torch.cat([torch.arange(n, device=device) for n in glens])[None]
+        packed = DynamicCache(config=model.config)
+        step = chunk if len(group) == 1 and chunk is not None else ids.shape[1]
+        for a in range(0, ids.shape[1], step):  # (a row of one prompt after its first chunk: against its cache)
+            ends = torch.tensor(glens, device=device).cumsum(0) - 1 - a  # (the prompts' last tokens in the chunk)
+            keep = _last_logits_kw(model, ends if a + step >= ids.shape[1] else 1)
+            out = model(input_ids=ids[:, a:a + step], position_ids=pos[:, a:a + step], use_cache=True,
+                        **{_cache_kw(model): packed}, **keep)
+        logits.append(out.logits[0] if keep else out.logits[0, ends])
+        for layer_idx, layer in enumerate(packed.layers):
+            if layer_idx == len(ks):
+                ks.append([])
+                vs.append([])
+            ks[layer_idx] += layer.keys[0].transpose(0, 1).split(glens)  # per prompt (n, H, D)
+            vs[layer_idx] += layer.values[0].transpose(0, 1).split(glens)
+        del packed, out
     cache = InPlaceCache(config=model.config, max_cache_len=capacity)
     longest = max(lens)
-    for layer_idx, layer in enumerate(packed.layers):
-        ks = list(layer.keys[0].transpose(0, 1).split(lens))  # per prompt (n, H, D)
-        vs = list(layer.values[0].transpose(0, 1).split(lens))
-        k = _left_pad(ks, longest).transpose(1, 2)  # (B, H, longest, D)
-        v = _left_pad(vs, longest).transpose(1, 2)
-        cache.update(k, v, layer_idx)
-    return logits, cache
+    for layer_idx, (k, v) in enumerate(zip(ks, vs)):
+        cache.update(_left_pad(k, longest).transpose(1, 2), _left_pad(v, longest).transpose(1, 2), layer_idx)
+        ks[layer_idx] = vs[layer_idx] = None  # (B, H, longest, D) in the cache: the per-prompt parts go
+    return torch.cat(logits), cache
 
 
-def _padded_prefill(model, prompts, lens, capacity: int):
+def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None):
+    """Prefill the prompts left-padded to the longest (``chunk`` tokens of the batch at a time: as many columns
+    as make them, one at least); return last-token logits (B, V) and the cache."""
     longest = max(lens)
     ids = _left_pad(prompts, longest)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = InPlaceCache(config=model.config, max_cache_len=capacity)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(model): cache},
-                **_last_logits_kw(model, 1))
+    step = longest if chunk is None else max(1, chunk // len(prompts))
+    for a in range(0, longest, step):
+        out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step], position_ids=pos[:, a:a + step],
+                    use_cache=True, **{_cache_kw(model): cache}, **_last_logits_kw(model, 1))
     return out.logits[:, -1], cache
 
 
@@ -141,7 +170,8 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
              stop_at_eos: bool = True, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-             num_samples: int = 1, packed: Optional[bool] = None, drop_finished: bool = True) -> Rollout:
+             num_samples: int = 1, packed: Optional[bool] = None, drop_finished: bool = True,
+             prefill_chunk: Optional[int] = None) -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
@@ -160,6 +190,11 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
             longattn's attention functions and its cache keeps every token's keys and values (no sliding-window
             layers, no linear-attention ones: hybrids prefill a padded batch).
+        prefill_chunk: at most this many prompt tokens per forward of the prefill (default: all in one): long
+            prompts then prefill without the model's activations for all their tokens at once (its MLPs', every
+            layer's queries). Packed, the prompts go in rows of that many tokens at most, a longer prompt alone in a
+            row that it fills that many tokens at a time against its cache; padded, the batch takes as many
+            columns at a time as make that many tokens (one at least). The results are the same.
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
             batch and the cache (one copy of the cache, ``reorder_cache``), so that later steps decode only the
             live ones; rollout lengths vary widely. The results are the same either way.
@@ -178,12 +213,15 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
         raise ValueError(f"this {model.config.model_type} model needs a cache class of its own (transformers' "
                          "DynamicCache does not hold its layers' state); the rollout decodes with a DynamicCache")
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
-                       packed=packed, drop_finished=drop_finished)
+                       packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk)
         res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
         return res
@@ -203,7 +241,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     # the most tokens the cache holds: the longest prompt (rows are left-padded to it) and every new token but the
     # last (never fed)
     logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens,
-                                                                        max(lens) + max_new_tokens - 1)
+                                                                        max(lens) + max_new_tokens - 1, prefill_chunk)
     longest = max(lens)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     next_pos = torch.tensor(lens, device=device)

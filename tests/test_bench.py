@@ -69,7 +69,8 @@ DRY_RUNS = {
     "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops",
                "flash,moba,mla_prefill", "--dtype", "float16"],
     "rollout": ["--prompts", "48", "--batch", "2", "--new-tokens", "3", "--layers", "1", "--hidden", "64", "--heads",
-                "4", "--kv-heads", "2", "--vocab", "128", "--moba", "16:2", "--dtype", "float16"],
+                "4", "--kv-heads", "2", "--vocab", "128", "--moba", "16:2", "--dtype", "float16",
+                "--prefill-chunk", "40"],
     "profile": ["--cases", "nsa_fwd,nsa_decode_b1,moba_fwdbwd,mla_decode_s1,mla_decode_b1,rollout_step,"
                 "rollout_step_dynamic,rollout_step_flash",
                 "--seqlen", "96", "--nsa-heads", "4,1", "--nsa-dims", "32,16", "--moba-seqlen", "128", "--moba-config",

@@ -22,12 +22,19 @@ def _model(device, arch="llama", kind="moba", **opts):
     return longattn.hf.swap_attention(model.to(device), kind, **opts)
 
 
+@pytest.mark.parametrize("chunk", [None, 26], ids=["whole", "chunked"])
 @pytest.mark.parametrize("arch,kind,opts", [("llama", "moba", dict(block_size=16, topk=2)), ("qwen2", "flash", {})],
                          ids=["llama-moba", "qwen2-flash"])
-def test_packed_rollout_equals_per_prompt_generate(arch, kind, opts, device):
+def test_packed_rollout_equals_per_prompt_generate(arch, kind, opts, chunk, device):
+    """Chunked (``prefill_chunk`` 26): the 37-token prompt alone in a row it fills in two forwards, the other two
+    packed in a third."""
     model = _model(device, arch, kind, **opts)
     prompts = [torch.randint(0, 128, (n,)) for n in (37, 5, 20)]  # on the CPU: moved to the model
-    res = rollout.generate(model, prompts, 6, stop_at_eos=False)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    res = rollout.generate(model, prompts, 6, stop_at_eos=False, prefill_chunk=chunk)
+    hook.remove()
+    assert rows[:3 if chunk else 1] == ([(1, 26), (1, 11), (1, 25)] if chunk else [(1, 62)])
     assert res.prefill_packed
     for p, comp, lps in zip(prompts, res.completions, res.logprobs):
         with torch.no_grad():
@@ -46,9 +53,41 @@ def test_padded_rollout_and_eos(device):
     packed = rollout.generate(model, prompts, 5, packed=True, stop_at_eos=False)
     padded = rollout.generate(model, prompts, 5, packed=False, stop_at_eos=False)
     assert packed.completions == padded.completions and not padded.prefill_packed
+    # 4 columns at a time: the shorter prompt's first 4 chunks are all padding
+    chunked = rollout.generate(model, prompts, 5, packed=False, stop_at_eos=False, prefill_chunk=8)
+    assert chunked.completions == packed.completions
+    torch.testing.assert_close(torch.tensor(chunked.logprobs), torch.tensor(packed.logprobs), atol=1e-4, rtol=1e-4)
     eos = packed.completions[0][1]
     stopped = rollout.generate(model, prompts, 5, eos_token_id=eos)
     assert stopped.completions[0] == packed.completions[0][:packed.completions[0].index(eos) + 1]
+
+
+def _swapped(kind, device):
+    """A tiny model with MoBA (16 / top 2), NSA (small blocks) or MLA (DeepSeek-V3's) swapped in."""
+    if kind == "mla":
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(), attn_implementation="eager")
+        return longattn.hf.swap_attention(base.eval().to(device), "mla", page_size=16)
+    if kind == "nsa":
+        from longattn.nsa import NSAConfig
+
+        return _model(device, "llama", "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3,
+                                                                window=16))
+    return _model(device, "llama", "moba", block_size=16, topk=2)
+
+
+@pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])
+def test_padded_prefill_in_chunks(kind, device):
+    """The padded prefill 10 columns at a time (``prefill_chunk`` 30 for 3 prompts) gives the completions and
+    log-probs of the whole one: the shortest prompt's first chunks are all padding, then one is padded up to its
+    real tokens (a chunk after a cached prefix with padding: MLA and NSA then leave its padding out); the last
+    chunk is short enough for MLA's and NSA's decoding path."""
+    model = _swapped(kind, device)
+    prompts = [torch.randint(1, 128, (n,)) for n in (45, 9, 30)]
+    whole = rollout.generate(model, prompts, 4, stop_at_eos=False, packed=False)
+    chunked = rollout.generate(model, prompts, 4, stop_at_eos=False, packed=False, prefill_chunk=30)
+    assert chunked.completions == whole.completions
+    torch.testing.assert_close(torch.tensor(chunked.logprobs), torch.tensor(whole.logprobs), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["moba", "nsa", "mla"])
@@ -61,17 +100,7 @@ def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
     grow = InPlaceLayer._grow
     monkeypatch.setattr(InPlaceLayer, "_grow", lambda layer, need, *a: grows.append((need, layer.reserve)) or
                         grow(layer, need, *a))
-    if kind == "mla":
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(), attn_implementation="eager")
-        model = longattn.hf.swap_attention(base.eval().to(device), "mla", page_size=16)
-    elif kind == "nsa":
-        from longattn.nsa import NSAConfig
-
-        model = _model(device, "llama", "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3,
-                                                                 window=16))
-    else:
-        model = _model(device, "llama", "moba", block_size=16, topk=2)
+    model = _swapped(kind, device)
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
     full = rollout.generate(model, prompts, 5, stop_at_eos=False)
     eos = full.completions[1][1]  # row 1 ends by its second token (others may too)
@@ -174,7 +203,8 @@ def test_rollout_bad_arguments():
                       (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
                       (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
                       (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
-                      (dict(num_samples=0), "num_samples must be a positive int")):
+                      (dict(num_samples=0), "num_samples must be a positive int"),
+                      (dict(prefill_chunk=0), "prefill_chunk must be a positive int or None")):
         with pytest.raises(ValueError, match=match):
             rollout.generate(model, [[1, 2]], 2, **kw)
 

@@ -169,9 +169,7 @@ class MLAAttention(nn.Module):
             cache.update(count, count, self.layer_idx)
             state["seen"] = cache.get_seq_length(self.layer_idx)
             seqlens = pc.seqlens(ids)
-            if has_past and T <= MAX_QUERY_TOKENS:
-                if mask is not None and min(lengths) != T:
-                    raise ValueError("decoding steps must not contain padding (use left padding for generation)")
+            if has_past and T <= MAX_QUERY_TOKENS and min(lengths) == T:  # (with padding: as a longer chunk)
                 q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
                 # lengths and pages come from our own cache, consistent by construction: no check (it would
                 # synchronise with the GPU in every layer at every step)

@@ -126,13 +126,14 @@ class NativeSparseAttention(nn.Module):
 
     @staticmethod
     def _real_lengths(mask, L: int, T: int) -> Optional[list]:
-        """Real tokens per row under a left-padding mask (None without padding), for decoding."""
+        """Real tokens per row under a left-padding mask (None without padding), for decoding (the new tokens of a
+        row with fewer real tokens than them, a chunk of a padded prompt, are padding up to its real ones)."""
         padded, _, real = mask_padding(mask, L) if mask is not None and mask.dim() == 2 else (None, None, None)
         if padded is None:  # (read once per forward, not in every layer)
             return None
-        if real is None or min(real) < T:
+        if real is None:
             raise ValueError("NativeSparseAttention decodes after left padding only (each row's real tokens end at "
-                             "the last position, and every new token is real)")
+                             "the last position)")
         return real
 
     @staticmethod
@@ -209,11 +210,12 @@ class NativeSparseAttention(nn.Module):
         B, T = q.shape[:2]
         L = k.shape[1]
         lens = real if real is not None else [L] * B
+        new = [min(T, n) for n in lens]  # each row's real new tokens (the last ones: left padding)
         store = cache._longattn_nsa[self.layer_idx]
         # the blocks complete before these tokens are all the kept ones when decoding goes on; fewer when the cache
         # was cut back (assisted decoding rejecting draft tokens: transformers' cache.crop): those past them are
         # dropped, they were compressed from tokens no longer there
-        store["n"] = [min(have, cfg.num_cmp_blocks(n - T)) for have, n in zip(store["n"], lens)]
+        store["n"] = [min(have, cfg.num_cmp_blocks(n - m)) for have, n, m in zip(store["n"], lens, new)]
         needs = [cfg.num_cmp_blocks(n) for n in lens]
         cap = store["k"].shape[1]
         if max(needs) > cap:  # grow the capacity geometrically (at least to what is needed)
@@ -232,16 +234,26 @@ class NativeSparseAttention(nn.Module):
                 store["v"][b, have:need] = self.compress(vb, self.v_pos, self.v_compress, have, need)[0]
         for b in rows:
             store["n"][b] = needs[b]
-        # token i of row b is query row b * T + i, reading cache row b with its own length: one call for all
+        # real token i of row b is a query row reading cache row b with its own length: one call for all (padding
+        # tokens, before a row's real ones in a chunk of a padded prompt, are left out: their outputs 0)
         dev = q.device
-        query_rows = device_tensor([b for b in range(B) for _ in range(T)], torch.int32, dev) if T > 1 else None
-        seqlens = device_tensor([n - T + i + 1 for n in lens for i in range(T)], torch.int32, dev)
-        offsets = device_tensor([L - n for n in lens for _ in range(T)], torch.int32, dev)
+        pairs = [(b, i) for b in range(B) for i in range(T - new[b], T)]
+        whole = len(pairs) == B * T
+        q, gates = q.reshape(B * T, *q.shape[2:]), gates.reshape(B * T, *gates.shape[2:])
+        if not whole:
+            if not pairs:
+                return q.new_zeros(B, T, *q.shape[1:-1], v.shape[-1])
+            pick = device_tensor([b * T + i for b, i in pairs], torch.long, dev)
+            q, gates = q[pick], gates[pick]
+        query_rows = device_tensor([b for b, _ in pairs], torch.int32, dev) if T > 1 or not whole else None
+        seqlens = device_tensor([lens[b] - T + i + 1 for b, i in pairs], torch.int32, dev)
+        offsets = device_tensor([L - lens[b] for b, _ in pairs], torch.int32, dev)
         # lengths, offsets and compressed blocks are this module's own bookkeeping, consistent by construction: no
         # check (it would synchronise with the GPU in every layer at every step)
-        out = nsa_decode(q.reshape(B * T, *q.shape[2:]), k, v, store["k"], store["v"],
-                         *gates.reshape(B * T, *gates.shape[2:]).unbind(1), cache_seqlens=seqlens,
+        out = nsa_decode(q, k, v, store["k"], store["v"], *gates.unbind(1), cache_seqlens=seqlens,
                          cache_offsets=offsets, cache_rows=query_rows, config=cfg, scale=self.scaling, validate=False)
+        if not whole:
+            out = out.new_zeros(B * T, *out.shape[1:]).index_copy_(0, pick, out)
         return out.view(B, T, *out.shape[1:])
 
 

@@ -468,6 +468,24 @@ def test_mla_decoding_step_does_not_wait_for_the_gpu():
 
 
 @pytest.mark.parametrize("kind", ["flash", "moba", "nsa", "mla"])
+def test_generate_with_chunked_prefill(kind, device):
+    """transformers' chunked prefill (``prefill_chunk_size``) on a left-padded batch gives the tokens of a whole
+    one: chunks after a cached prefix that are all padding in a row, or padding up to its real tokens, short ones
+    (MLA and NSA's decoding path) among them."""
+    model = _swapped(kind, device).eval()
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (3, 45)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    mask[2, :33] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        whole = model.generate(ids, **kw)
+        for chunk in (10, 16):
+            torch.testing.assert_close(model.generate(ids, prefill_chunk_size=chunk, **kw), whole, msg=str(chunk))
+
+
+@pytest.mark.parametrize("kind", ["flash", "moba", "nsa", "mla"])
 def test_static_cache_generate_equals_dynamic(kind, device):
     """A static cache hands the attention its whole preallocated buffer, unwritten slots included: generating
     with it gives the dynamic cache's logits, with and without left padding. transformers compiles the decoding

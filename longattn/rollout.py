@@ -103,15 +103,13 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
     """Prefill the prompts packed in a row (a row per group of ``chunk`` tokens at most, a longer prompt alone in a
     row it fills ``chunk`` tokens at a time); return last-token logits (B, V) and a left-padded cache that expects
     ``capacity`` tokens per row at most."""
-    from transformers import DynamicCache
-
     device = prompts[0].device
     logits, ks, vs = [], [], []  # ks[layer][prompt]: (n, H, D)
     for group in _prompt_groups(lens, chunk):
         glens = [lens[i] for i in group]
         ids = torch.cat([prompts[i] for i in group])[None]
         pos = torch.cat([torch.arange(n, device=device) for n in glens])[None]
-        packed = DynamicCache(config=model.config)
+        packed = InPlaceCache(config=model.config, max_cache_len=ids.shape[1])  # (chunks written in place)
         step = chunk if len(group) == 1 and chunk is not None else ids.shape[1]
         for a in range(0, ids.shape[1], step):  # (a row of one prompt after its first chunk: against its cache)
             ends = torch.tensor(glens, device=device).cumsum(0) - 1 - a  # (the prompts' last tokens in the chunk)

@@ -95,7 +95,7 @@ def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
     """With an eos that ends some rollouts early, dropping finished sequences from the batch and the cache gives
     the completions and log-probs of decoding every row to the end, cut at their eos; later steps run on fewer
     rows. Each rollout allocates its decoding cache once per layer, for the longest prompt and the new tokens: no
-    step copies the cache (transformers' default one concatenates at every step)."""
+    step copies the cache (transformers' default one concatenates at every step); the packed prefill's row too."""
     grows = []
     grow = InPlaceLayer._grow
     monkeypatch.setattr(InPlaceLayer, "_grow", lambda layer, need, *a: grows.append((need, layer.reserve)) or
@@ -116,7 +116,9 @@ def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
         assert comp == want[:n]
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps[:n]), atol=1e-4, rtol=1e-4)
     assert min(rows) < len(prompts) and rows[0] == (1 if dropped.prefill_packed else len(prompts))
-    assert grows == [(30, 30 + 5 - 1)] * (2 * model.config.num_hidden_layers)
+    layers = model.config.num_hidden_layers  # (a packed prefill's row allocated once per layer too)
+    packed_row = [(sum(p.numel() for p in prompts),) * 2] * layers if dropped.prefill_packed else []
+    assert grows == (packed_row + [(30, 30 + 5 - 1)] * layers) * 2
 
 
 @pytest.mark.parametrize("kind", ["moba", "mla"])

@@ -469,9 +469,9 @@ def test_mla_decoding_step_does_not_wait_for_the_gpu():
 
 @pytest.mark.parametrize("kind", ["flash", "moba", "nsa", "mla"])
 def test_generate_with_chunked_prefill(kind, device):
-    """transformers' chunked prefill (``prefill_chunk_size``) on a left-padded batch gives the tokens of a whole
-    one: chunks after a cached prefix that are all padding in a row, or padding up to its real tokens, short ones
-    (MLA and NSA's decoding path) among them."""
+    """transformers' chunked prefill (``prefill_chunk_size`` 10) on a left-padded batch gives the tokens of a whole
+    one: chunks after a cached prefix that are all padding in a row, or padding up to its real tokens, all short
+    (MLA's and NSA's decoding path takes them when no row has padding)."""
     model = _swapped(kind, device).eval()
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (3, 45)).to(device)
@@ -481,8 +481,7 @@ def test_generate_with_chunked_prefill(kind, device):
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         whole = model.generate(ids, **kw)
-        for chunk in (10, 16):
-            torch.testing.assert_close(model.generate(ids, prefill_chunk_size=chunk, **kw), whole, msg=str(chunk))
+        torch.testing.assert_close(model.generate(ids, prefill_chunk_size=10, **kw), whole)
 
 
 @pytest.mark.parametrize("kind", ["flash", "moba", "nsa", "mla"])

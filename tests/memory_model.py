@@ -1,4 +1,5 @@
-"""Peak memory of an op's forward and forward + backward, counted on the CPU without running its kernels.
+"""Peak memory of an op's forward and forward + backward (and what a forward with gradients leaves held for its
+backward, mode ``held``), counted on the CPU without running its kernels.
 
 Every Triton launch is skipped (the interpreter's launch does nothing), so an op's host code allocates what it
 allocates on a GPU (the GPU's tiles, ``LONGATTN_INTERPRET_TILES=gpu``, and an H100's 132 SMs for the split-KV and
@@ -10,7 +11,7 @@ blocks just before each query's own). For the code of the H100's sixth run this 
 that run measured 141 (at 128k) and 41.8 / 77.1. (An elementwise op on the CPU whose inputs differ in dtype
 allocates a converted copy, which on a GPU it does not: such ops would count more here.)
 
-    python tests/memory_model.py [--ops nsa,moba,flash] [--seqlen 65536] [--by-call]
+    python tests/memory_model.py [--ops nsa,moba,flash,mla_prefill,mla_prefix] [--seqlen 65536] [--by-call]
 
 ``--by-call`` lists every allocation of at least 1 KB per token with the running total. The ops' own torch work
 runs for real: NSA's mean pooling is light, MLA prefill's decompression (``mla_prefill``) takes minutes at long

@@ -48,10 +48,16 @@ def _as_tensors(prompts, device) -> list:
     return out
 
 
+def _own_modules(model) -> bool:
+    """Whether the model's attention is longattn's MLA or NSA module: each keeps state of its own beside the cache
+    (latent pages, compressed blocks) for the rows it prefilled, which a cache made from a packed row's keys and
+    values would not have."""
+    return any(type(m).__name__ in ("MLAAttention", "NativeSparseAttention") for m in model.modules())
+
+
 def _uses_packing(model) -> bool:
     impl = getattr(model.config, "_attn_implementation", None)
-    own_modules = any(type(m).__name__ in ("MLAAttention", "NativeSparseAttention") for m in model.modules())
-    return impl in PACKED_IMPLEMENTATIONS and not own_modules and _keys_values_cache(model)
+    return impl in PACKED_IMPLEMENTATIONS and not _own_modules(model) and _keys_values_cache(model)
 
 
 def _keys_values_cache(model) -> bool:
@@ -187,7 +193,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             Greedy samples, all alike, are decoded once.
         packed: force (True) or forbid (False) the packed prefill; default: packed when the model uses
             longattn's attention functions and its cache keeps every token's keys and values (no sliding-window
-            layers, no linear-attention ones: hybrids prefill a padded batch).
+            layers, no linear-attention ones: hybrids prefill a padded batch). True is refused (ValueError) where
+            that does not hold, and for longattn's MLA and NSA modules (state of their own beside the cache).
         prefill_chunk: at most this many prompt tokens per forward of the prefill (default: all in one): long
             prompts then prefill without the model's activations for all their tokens at once (its MLPs', every
             layer's queries). Packed, the prompts go in rows of that many tokens at most, a longer prompt alone in a
@@ -235,6 +242,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if use_packed and packed and not _keys_values_cache(model):
         raise ValueError("packed=True needs a cache that keeps every token's keys and values in every layer; this "
                          "model's has sliding-window or linear-attention layers")
+    if use_packed and packed and _own_modules(model):
+        raise ValueError("packed=True cannot serve longattn's MLA or NSA attention modules (their state beside the "
+                         "cache is kept per row they prefill): they prefill a padded batch (packed=None or False)")
     t0 = _clock(device)
     # the most tokens the cache holds: the longest prompt (rows are left-padded to it) and every new token but the
     # last (never fed)

@@ -86,6 +86,8 @@ def test_padded_prefill_in_chunks(kind, device):
     prompts = [torch.randint(1, 128, (n,)) for n in (36, 7, 25)]
     whole = rollout.generate(model, prompts, 3, stop_at_eos=False, packed=False)
     chunked = rollout.generate(model, prompts, 3, stop_at_eos=False, packed=False, prefill_chunk=30)
+    with pytest.raises(ValueError, match="packed=True cannot serve longattn's MLA or NSA attention modules"):
+        rollout.generate(model, prompts, 3, packed=True)  # (NSA raised AttributeError, MLA decoded garbage)
     assert chunked.completions == whole.completions
     torch.testing.assert_close(torch.tensor(chunked.logprobs), torch.tensor(whole.logprobs), atol=1e-4, rtol=1e-4)
 

@@ -171,7 +171,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
+def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int | Sequence[int]] = None,
              stop_at_eos: bool = True, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
              num_samples: int = 1, packed: Optional[bool] = None, drop_finished: bool = True,
@@ -181,8 +181,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     Args:
         model: a transformers causal LM (typically after :func:`longattn.hf.swap_attention`).
         prompts: token-id sequences (lists or 1-D tensors) of any lengths.
-        eos_token_id: stop a sequence after this token (default: ``model.config.eos_token_id`` if an int);
-            ``stop_at_eos=False`` always generates ``max_new_tokens`` tokens.
+        eos_token_id: stop a sequence after this token, or any of these (default: ``model.config.eos_token_id``,
+            an int or a list as Qwen's and Llama 3's configs give); ``stop_at_eos=False`` always generates
+            ``max_new_tokens`` tokens.
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
         top_k, top_p: when sampling, only the ``top_k`` most likely tokens (default: all), and of those the smallest
             set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all).
@@ -234,10 +235,13 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     prompts = _as_tensors(prompts, device)
     lens = [p.numel() for p in prompts]
     B = len(prompts)
-    if eos_token_id is None and isinstance(getattr(model.config, "eos_token_id", None), int):
-        eos_token_id = model.config.eos_token_id
-    if not stop_at_eos:
-        eos_token_id = None
+    if eos_token_id is None:
+        eos_token_id = getattr(model.config, "eos_token_id", None)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id if isinstance(eos_token_id, (list, tuple)) \
+        else [] if eos_token_id is None else [None]
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
+        raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+    eos = set(eos) if stop_at_eos else set()
     use_packed = _uses_packing(model) if packed is None else packed
     if use_packed and packed and not _keys_values_cache(model):
         raise ValueError("packed=True needs a cache that keeps every token's keys and values in every layer; this "
@@ -272,7 +276,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             if not done[i]:
                 result.completions[i].append(int(host[0][j]))
                 result.logprobs[i].append(host[1][j])
-                done[i] = eos_token_id is not None and int(host[0][j]) == eos_token_id
+                done[i] = int(host[0][j]) in eos
         live = [j for j, i in enumerate(rows) if not done[i]]
         if not live or step == max_new_tokens - 1:
             break

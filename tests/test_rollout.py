@@ -60,6 +60,10 @@ def test_padded_rollout_and_eos(device):
     eos = packed.completions[0][1]
     stopped = rollout.generate(model, prompts, 5, eos_token_id=eos)
     assert stopped.completions[0] == packed.completions[0][:packed.completions[0].index(eos) + 1]
+    # several eos tokens (Qwen's and Llama 3's configs list them): any of them stops, the config's by default
+    assert rollout.generate(model, prompts, 5, eos_token_id=[1000, eos]).completions == stopped.completions
+    model.config.eos_token_id = [1000, eos]  # (1000: beyond the vocabulary)
+    assert rollout.generate(model, prompts, 5).completions == stopped.completions
 
 
 def _swapped(kind, device):
@@ -208,7 +212,9 @@ def test_rollout_bad_arguments():
                       (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
                       (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
                       (dict(num_samples=0), "num_samples must be a positive int"),
-                      (dict(prefill_chunk=0), "prefill_chunk must be a positive int or None")):
+                      (dict(prefill_chunk=0), "prefill_chunk must be a positive int or None"),
+                      (dict(eos_token_id=2.5), "eos_token_id must be an int, a list of ints or None"),
+                      (dict(eos_token_id=[1, "2"]), "eos_token_id must be an int, a list of ints or None")):
         with pytest.raises(ValueError, match=match):
             rollout.generate(model, [[1, 2]], 2, **kw)
 

@@ -36,7 +36,9 @@ class Rollout:
     decode_seconds: float = 0.0
 
 
-def _as_tensors(prompts, device) -> list:
+def _as_tensors(prompts, device, vocab: Optional[int]) -> list:
+    """The prompts as 1-D int64 tensors on ``device``, checked: none empty, every id in [0, vocab) (an id outside
+    would index the embedding out of bounds: a device-side assertion on a GPU)."""
     out = []
     for i, p in enumerate(prompts):
         t = torch.as_tensor(p, dtype=torch.long, device=device).flatten()
@@ -45,6 +47,11 @@ def _as_tensors(prompts, device) -> list:
         out.append(t)
     if not out:
         raise ValueError("prompts must hold at least one prompt")
+    if vocab is not None:
+        bounds = torch.stack([torch.stack(t.aminmax()) for t in out]).tolist()  # (one read back)
+        bad = next((i for i, (a, b) in enumerate(bounds) if a < 0 or b >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompts[{bad}] holds token ids outside [0, {vocab}) (the model's vocab_size)")
     return out
 
 
@@ -232,7 +239,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
         return res
     device = next(model.parameters()).device
-    prompts = _as_tensors(prompts, device)
+    prompts = _as_tensors(prompts, device, getattr(model.config, "vocab_size", None))
     lens = [p.numel() for p in prompts]
     B = len(prompts)
     if eos_token_id is None:

@@ -207,6 +207,10 @@ def test_rollout_bad_arguments():
         rollout.generate(model, [[1, 2]], 0)
     with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
         rollout.generate(model, [[1, 2], []], 2)
+    with pytest.raises(ValueError, match=r"prompts\[1\] holds token ids outside \[0, 128\)"):
+        rollout.generate(model, [[1, 2], [3, 128]], 2)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token ids outside"):
+        rollout.generate(model, [[-1, 2]], 2)
     for kw, match in ((dict(temperature=float("nan")), "temperature must be a number >= 0"),
                       (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
                       (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),

@@ -124,8 +124,9 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
         pos = torch.cat([torch.arange(n, device=device) for n in glens])[None]
         packed = InPlaceCache(config=model.config, max_cache_len=ids.shape[1])  # (chunks written in place)
         step = chunk if len(group) == 1 and chunk is not None else ids.shape[1]
+        last = torch.tensor(glens, device=device).cumsum(0) - 1  # the prompts' last tokens in the row
         for a in range(0, ids.shape[1], step):  # (a row of one prompt after its first chunk: against its cache)
-            ends = torch.tensor(glens, device=device).cumsum(0) - 1 - a  # (the prompts' last tokens in the chunk)
+            ends = last - a  # (in the chunk)
             keep = _last_logits_kw(model, ends if a + step >= ids.shape[1] else 1)
             out = model(input_ids=ids[:, a:a + step], position_ids=pos[:, a:a + step], use_cache=True,
                         **{_cache_kw(model): packed}, **keep)

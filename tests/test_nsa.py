@@ -153,10 +153,13 @@ def test_nsa_select_gpu_candidates(tile, dtype, monkeypatch, device):
     group whose 256 rows it takes: 16 with 16 tokens, 6 padded to 8 with 32, 3 padded to 4 with 64, the padding
     heads masked)."""
     from longattn.nsa import kernels as K
+    from longattn.nsa import ops
 
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")  # the GPU's tuned launch through the interpreter
     monkeypatch.setattr(K, "SELECT_TILES", (tile,))
     monkeypatch.setattr(K._nsa_select_tuned, "cache", {})  # no tile chosen by an earlier call
+    if device == "cpu":  # only the selection is checked: the selected branch (most of the interpreter's time) skipped
+        monkeypatch.setattr(ops, "_selected_forward", lambda *args, **kwargs: (None, None))
     cfg = NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16)
     lens, D = [100, 300], 48
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)

@@ -67,7 +67,7 @@ def _flash_cases():
                                                       ("fp16", True, True, False, 192, 128, (1, 0)),
                                                       ("fp32", False, False, False, 128, 128, (1, 0)),
                                                       ("bf16", True, False, True, 192, 128, (16, 31))):
-        ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")}
+        ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_", "QB", "KB", "DQB", "DKB")}
         ptr.update(OS="*fp32", LS="*fp32")
         ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
         ptr.update({"CU_Q": "*i32", "CU_K": "*i32"})
@@ -101,6 +101,14 @@ def _flash_cases():
                                    **{k: None for k in descs if not descs[k]}), ("qk_scale", "scale"), first))
             cases.append((f"_flash_fwd_kernel[{tag}-first-lazy]", F._flash_fwd_kernel, ptr,
                           dict(meta, **tile, LAZY_RESCALE=True), ("qk_scale", "scale"), first))
+            if db:  # q and k read in two tensors each (MLA's latent and rotary dims), TMA and pointers
+                kb_desc = dict(descs, KB_DESC=f"tensordesc<{dt}[{n},{db}]>")
+                cases.append((f"_flash_fwd_kernel[{tag}-first-tma-split]", F._flash_fwd_kernel, dict(ptr, **kb_desc),
+                              dict(meta, **tile, HAS_TMA=True, USE_TMA=True, SPLIT_QK=True), ("qk_scale", "scale"),
+                              first))
+                for kern in (F._flash_fwd_kernel, F._flash_bwd_dkdv_kernel, F._flash_bwd_dq_kernel):
+                    cases.append((f"{kern.fn.__name__}[{tag}-split]", kern, ptr, dict(meta, SPLIT_QK=True),
+                                  ("qk_scale", "scale")))
         if dqk + dv > 256 and dt != "fp32":  # dK/dV's one-loop candidates (kept above 256 accumulated columns)
             for t in (t for t in F.DKDV_TILES if t.get("ONE_LOOP")):
                 tile = {k: v for k, v in t.items() if k not in ("num_warps", "num_stages")}

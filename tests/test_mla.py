@@ -38,18 +38,28 @@ def test_naive_equals_absorbed(cfg, device):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T", [45, 80])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_prefill_forward_and_gradients(varlen, dtype, device):
-    cfg = dict(H=4, nope=64, rope=32, rank=48, v=64)
+def test_prefill_forward_and_gradients(varlen, T, dtype, device, monkeypatch):
+    """Forward and every gradient against the naive reference. The kernels read q and k in their two parts (latent
+    and rotary dims, 64 + 24, the second a tile of 32 masked: no concatenated copies), in the backward always, in
+    the forward where there are more queries than the split-KV decoding launch takes (64; it reads the
+    concatenations)."""
+    launches, fwd, bwd = [], mla_ops.flash_fwd, mla_ops.flash_bwd
+    monkeypatch.setattr(mla_ops, "flash_fwd", lambda *a, **kw: launches.append(("fwd", kw["parts"] is not None))
+                        or fwd(*a, **kw))
+    monkeypatch.setattr(mla_ops, "flash_bwd", lambda *a, **kw: launches.append(("bwd", kw["parts"] is not None))
+                        or bwd(*a, **kw))
+    cfg = dict(H=4, nope=64, rope=24, rank=48, v=64)
     w = _weights(**cfg, device=device, dtype=dtype)
-    x = _inputs(2, 45, **cfg, device=device, dtype=dtype)
-    scale = 96 ** -0.5
+    x = _inputs(2, T, **cfg, device=device, dtype=dtype)
+    scale = 88 ** -0.5
     leaves_k = [leaf(t) for t in x + w]
     leaves_r = [leaf(t, torch.float32) for t in x + w]
     if varlen:
-        cu = torch.tensor([0, 45, 90], dtype=torch.int32, device=device)
+        cu = torch.tensor([0, T, 2 * T], dtype=torch.int32, device=device)
         flat = [t.flatten(0, 1) for t in leaves_k[:4]]
-        out = mla_prefill(*flat, *leaves_k[4:], scale=scale, cu_seqlens=cu).view(2, 45, 4, 64)
+        out = mla_prefill(*flat, *leaves_k[4:], scale=scale, cu_seqlens=cu).view(2, T, 4, 64)
     else:
         out = mla_prefill(*leaves_k, scale=scale)
     ref = mla_naive_ref(*leaves_r, scale=scale)
@@ -59,6 +69,7 @@ def test_prefill_forward_and_gradients(varlen, dtype, device):
     (ref * dout).sum().backward()
     for name, a, b in zip(["dq_nope", "dq_rope", "dc_kv", "dk_rope", "dw_uk", "dw_uv"], leaves_k, leaves_r):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
+    assert launches == ([("fwd", True)] if T > 64 else []) + [("bwd", True)]
 
 
 def test_prefill_keeps_only_inputs_for_backward(device):
@@ -81,15 +92,16 @@ def test_prefill_keeps_only_inputs_for_backward(device):
 def test_prefill_chunk_after_prefix(varlen, chunk, dtype, device, monkeypatch):
     """Queries that are the last tokens of longer latent sequences (chunks after a cached prefix): output, lse and
     every gradient (the prefix's latent included) against attention on the decompressed K/V. With ``prefix_chunk``
-    16 the prefixes (64 and 70 tokens; none in the second sequence) are decompressed in 4 pieces of 16 tokens, the
-    rest of the keys in a fifth, the pieces' attention merged by lse, forward and backward."""
-    calls, flash = [], mla_ops.flash_attention
-    monkeypatch.setattr(mla_ops, "flash_attention", lambda *a, **kw: calls.append(kw["causal"]) or flash(*a, **kw))
+    16 the prefixes (dense: 64 tokens in both sequences; varlen: 90, none and 70) are decompressed in pieces of 16
+    tokens (4; varlen 5), the rest of the keys in one more, the pieces' attention merged by lse, forward and
+    backward."""
+    calls, attention = [], mla_ops._attention
+    monkeypatch.setattr(mla_ops, "_attention", lambda *a: calls.append(a[10]) or attention(*a))
     cfg = dict(H=4, nope=32, rope=16, rank=48, v=32)
     scale = 48 ** -0.5
     w = [leaf(t) for t in _weights(**cfg, device=device, dtype=dtype)]
-    if varlen:  # (queries, keys): a chunk after a prefix, a whole sequence, one query after 70 cached tokens
-        lq, lk = [37, 20, 1], [101, 20, 71]
+    if varlen:  # (queries, keys): a chunk after a prefix, a whole sequence, one query after 70 cached tokens (70
+        lq, lk = [70, 20, 1], [160, 20, 71]  # queries: the forward reads q and k in two parts, see the test above)
         q = [t[0] for t in _inputs(1, sum(lq), **cfg, device=device, dtype=dtype)[:2]]
         kv = [t[0] for t in _inputs(1, sum(lk), **cfg, device=device, dtype=dtype)[2:]]
         cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=device) for n in (lq, lk))
@@ -101,7 +113,7 @@ def test_prefill_chunk_after_prefix(varlen, chunk, dtype, device, monkeypatch):
     x = [leaf(t) for t in (*q, *kv)]
     out, lse = mla_prefill(*x, *w, scale=scale, return_lse=True, **kw, **({} if chunk is None else
                                                                            dict(prefix_chunk=chunk)))
-    assert calls == ([True] if chunk is None else [False] * 4 + [True])
+    assert calls == ([True] if chunk is None else [False] * (5 if varlen else 4) + [True])
     x_r, w_r = [leaf(t, torch.float32) for t in x], [leaf(t, torch.float32) for t in w]
     lead = (lambda t: t[None]) if varlen else (lambda t: t)
     k, v = (t[0] if varlen else t for t in mla_decompress_ref(lead(x_r[2]), lead(x_r[3]), *w_r))

@@ -20,7 +20,9 @@ Kernels
 ``_flash_bwd_dq_kernel``   one program per (query block, query head, sequence).
 
 Key and query ranges are split into blocks that need masking (diagonal, window edge, ragged tail) and
-blocks that are fully visible, which skip the mask arithmetic.
+blocks that are fully visible, which skip the mask arithmetic. The three kernels can also read the two tiles of a
+split q/k head dim from two tensors each (``SPLIT_QK``; ``parts`` of flash_fwd / flash_bwd): MLA's prefill then
+passes its latent and rotary parts, the rotary key a stride-0 view over the heads, without concatenating them.
 """
 from __future__ import annotations
 
@@ -163,25 +165,31 @@ def _query_shift(q_len, k_len, KS: tl.constexpr, KO: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _load_cols(ptr, rows, in_rows, cols, limit, TRANS: tl.constexpr):
+    """Columns ``cols`` (those below ``limit``, zeros past it) of the rows ``rows`` (pointer offsets, masked by
+    ``in_rows``): a (rows, cols) tile, or TRANS (cols, rows)."""
+    if TRANS:
+        x = tl.load(ptr + rows[None, :] + cols[:, None], mask=in_rows[None, :] & (cols[:, None] < limit), other=0.0)
+    else:
+        x = tl.load(ptr + rows[:, None] + cols[None, :], mask=in_rows[:, None] & (cols[None, :] < limit), other=0.0)
+    return x
+
+
+@triton.jit
 def _load_split(ptr, rows, in_rows, DQK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-                TRANS: tl.constexpr):
+                TRANS: tl.constexpr, ptr_b=None, rows_b=None, SPLIT: tl.constexpr = False):
     """Rows ``rows`` (pointer offsets, masked by ``in_rows``) of a (tokens, DQK) tile as two parts of BLOCK_DA
     and BLOCK_DB columns (head dims like 192 = 128 + 64 are split rather than padded to a power of two; with
-    BLOCK_DB = 0 the second part is the first, unused). TRANS: as (D, rows) tiles."""
-    offs_a = tl.arange(0, BLOCK_DA)
-    if TRANS:
-        a = tl.load(ptr + rows[None, :] + offs_a[:, None], mask=in_rows[None, :] & (offs_a[:, None] < DQK), other=0.0)
-    else:
-        a = tl.load(ptr + rows[:, None] + offs_a[None, :], mask=in_rows[:, None] & (offs_a[None, :] < DQK), other=0.0)
+    BLOCK_DB = 0 the second part is the first, unused). TRANS: as (D, rows) tiles. SPLIT: the second part's
+    ``DQK - BLOCK_DA`` columns come from a tensor of their own, its rows at ``ptr_b + rows_b`` (MLA's rotary
+    dims beside the latent's: no concatenated copy), the first part's BLOCK_DA columns being all of ``ptr``'s."""
+    a = _load_cols(ptr, rows, in_rows, tl.arange(0, BLOCK_DA), DQK, TRANS)
     b = a
     if BLOCK_DB > 0:
-        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
-        if TRANS:
-            b = tl.load(ptr + rows[None, :] + offs_b[:, None], mask=in_rows[None, :] & (offs_b[:, None] < DQK),
-                        other=0.0)
+        if SPLIT:
+            b = _load_cols(ptr_b, rows_b, in_rows, tl.arange(0, BLOCK_DB), DQK - BLOCK_DA, TRANS)
         else:
-            b = tl.load(ptr + rows[:, None] + offs_b[None, :], mask=in_rows[:, None] & (offs_b[None, :] < DQK),
-                        other=0.0)
+            b = _load_cols(ptr, rows, in_rows, BLOCK_DA + tl.arange(0, BLOCK_DB), DQK, TRANS)
     return a, b
 
 
@@ -195,15 +203,21 @@ def _dot_split(x_a, x_b, y_a, y_b, acc, BLOCK_DB: tl.constexpr, PRECISION: tl.co
 
 
 @triton.jit
-def _store_split(ptr, rows, in_rows, x_a, x_b, DQK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
-    """Store a (rows, DQK) tile held in two parts (see _load_split)."""
+def _store_split(ptr, rows, in_rows, x_a, x_b, DQK: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                 ptr_b=None, rows_b=None, SPLIT: tl.constexpr = False):
+    """Store a (rows, DQK) tile held in two parts (see _load_split; SPLIT: the second to a tensor of its own)."""
     offs_a = tl.arange(0, BLOCK_DA)
     tl.store(ptr + rows[:, None] + offs_a[None, :], x_a.to(ptr.dtype.element_ty),
              mask=in_rows[:, None] & (offs_a[None, :] < DQK))
     if BLOCK_DB > 0:
-        offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
-        tl.store(ptr + rows[:, None] + offs_b[None, :], x_b.to(ptr.dtype.element_ty),
-                 mask=in_rows[:, None] & (offs_b[None, :] < DQK))
+        if SPLIT:
+            offs_b = tl.arange(0, BLOCK_DB)
+            tl.store(ptr_b + rows_b[:, None] + offs_b[None, :], x_b.to(ptr_b.dtype.element_ty),
+                     mask=in_rows[:, None] & (offs_b[None, :] < DQK - BLOCK_DA))
+        else:
+            offs_b = BLOCK_DA + tl.arange(0, BLOCK_DB)
+            tl.store(ptr + rows[:, None] + offs_b[None, :], x_b.to(ptr.dtype.element_ty),
+                     mask=in_rows[:, None] & (offs_b[None, :] < DQK))
 
 
 @triton.jit
@@ -221,14 +235,16 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BT=None,
                last_page=0, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False, KA_DESC=None, KB_DESC=None,
                V_DESC=None, tma_row=0, k_col=0, v_col=0, USE_TMA: tl.constexpr = False,
-               LAZY_RESCALE: tl.constexpr = False):
+               LAZY_RESCALE: tl.constexpr = False, KB_ptr=None, stride_kbt=0, kb_col=0, SPLIT: tl.constexpr = False):
     """Online softmax of the query rows over the keys [start, end) of a sequence whose key j sits at row
-    ``k_start + j`` of K/V, or (PAGE > 0: a paged cache) at row ``BT[j // PAGE] * PAGE + j % PAGE`` (each page
-    clamped to [0, last_page]: never outside the cache). The pages of a tile are read one iteration ahead: its
+    ``k_start + j`` of K/V (SPLIT: the keys' second dim part at row ``k_start + j`` of KB_ptr, see _load_split), or
+    (PAGE > 0: a paged cache) at row ``BT[j // PAGE] * PAGE + j % PAGE`` (each page clamped to [0, last_page]:
+    never outside the cache). The pages of a tile are read one iteration ahead: its
     loads then wait on no load of their own iteration, and the compiler keeps several tiles in flight.
 
     USE_TMA (keys all inside the sequence, unmasked): the tiles come by TMA through K/V's row descriptors (see
-    ``utils.row_descriptors``), key j at row ``tma_row + j``, the KV head's dims from columns ``k_col`` / ``v_col``.
+    ``utils.row_descriptors``), key j at row ``tma_row + j``, the KV head's dims from columns ``k_col`` / ``v_col``
+    (SPLIT: the second part's from column ``kb_col`` of its own descriptor).
 
     LAZY_RESCALE: the rows' reference max ``m_i`` moves, and the accumulator and sum are rescaled to it, only when
     some row's max grew past it by more than 2^RESCALE_LOG2 (rarely after the first tiles); otherwise a row's
@@ -251,9 +267,13 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
             kt_a = tl.trans(KA_DESC.load([row, k_col]))
             kt_b = kt_a
             if BLOCK_DB > 0:
-                kt_b = tl.trans(KB_DESC.load([row, k_col + BLOCK_DA]))
+                if SPLIT:
+                    kt_b = tl.trans(KB_DESC.load([row, kb_col]))
+                else:
+                    kt_b = tl.trans(KB_DESC.load([row, k_col + BLOCK_DA]))
         else:
-            kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True)
+            kt_a, kt_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, True, KB_ptr,
+                                     rows * stride_kbt, SPLIT)
         # (float8 caches: keys and values widened to q's dtype, exactly, see _widen; their scales are folded into
         # qk_scale and the output's. The same dtype otherwise: no conversion)
         # the scores unscaled: the scale (> 0) goes into the row max and into one fused multiply-add with it per
@@ -367,12 +387,12 @@ def _smem_prune(kernel: str):
 
 
 @autotune(_FWD_CANDIDATES, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                             "HAS_TMA"], _smem_prune("fwd"))
+                             "HAS_TMA", "SPLIT_QK"], _smem_prune("fwd"))
 @triton.jit
-def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC,
+def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB, KB,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                       stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                      stride_lb, stride_lh,
+                      stride_lb, stride_lh, stride_qbb, stride_qbt, stride_qbh, stride_kbb, stride_kbt, stride_kbh,
                       seqlen_q, seqlen_k, window, qk_scale, group, tma_rows,
                       DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                       BLOCK_DV: tl.constexpr,
@@ -380,11 +400,12 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC,
                       PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
                       BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-                      LAZY_RESCALE: tl.constexpr = False):
+                      LAZY_RESCALE: tl.constexpr = False, SPLIT_QK: tl.constexpr = False):
     """Flash attention forward: one program per (BLOCK_M query rows of a sequence, query head). Its keys go in
     three ranges (see _key_ranges): the tiles some of its rows cannot see all of (masked), those all rows see,
     the masked tail. USE_TMA (HAS_TMA: the host gave K/V's row descriptors, ``tma_rows`` rows per batch entry, 0
-    varlen) loads the middle range's tiles, wholly inside the sequence, by TMA."""
+    varlen) loads the middle range's tiles, wholly inside the sequence, by TMA. SPLIT_QK: q's and k's last
+    ``DQK - BLOCK_DA`` dims are tensors of their own, QB and KB (see _load_split)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -399,9 +420,11 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC,
     in_m = offs_m < q_len
     q_rows = (q_start + offs_m).to(tl.int64)
     q_a, q_b = _load_split(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, q_rows * stride_qt, in_m, DQK, BLOCK_DA,
-                           BLOCK_DB, False)
+                           BLOCK_DB, False, QB + b64 * stride_qbb + h.to(tl.int64) * stride_qbh, q_rows * stride_qbt,
+                           SPLIT_QK)
     K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    KB_ptr = KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh
 
     shift = _query_shift(q_len, k_len, KS, KO)  # query i sits at position i + shift
     pos_m = offs_m + shift
@@ -414,16 +437,19 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
-                               HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE)
+                               HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr,
+                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, False, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, KA_DESC=KA_DESC, KB_DESC=KB_DESC, V_DESC=V_DESC,
                                tma_row=b * tma_rows + k_start, k_col=(hk.to(tl.int64) * stride_kh).to(tl.int32),
                                v_col=(hk.to(tl.int64) * stride_vh).to(tl.int32), USE_TMA=USE_TMA,
-                               LAZY_RESCALE=LAZY_RESCALE)
+                               LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr, stride_kbt=stride_kbt,
+                               kb_col=(hk.to(tl.int64) * stride_kbh).to(tl.int32), SPLIT=SPLIT_QK)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
-                               HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE)
+                               HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr,
+                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -587,7 +613,7 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
                 offs_n, start, end, q_len, k_len, shift, window, qk_scale, offs_dv, DQK: tl.constexpr,
                 DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                KS: tl.constexpr, KO: tl.constexpr):
+                KS: tl.constexpr, KO: tl.constexpr, QB_ptr=None, stride_qbt=0, SPLIT: tl.constexpr = False):
     """Works on the transposed (N, M) problem: s^T = k q^T, so p^T and ds^T come out of their matmuls in the
     layout of the next matmul's left operand (no transposition through shared memory) and k, v stay left
     operands read from shared memory."""
@@ -595,7 +621,8 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_m = offs_m < q_len
         rows = (q_start + offs_m).to(tl.int64)
-        q_a, q_b = _load_split(Q_ptr, rows * stride_qt, in_m, DQK, BLOCK_DA, BLOCK_DB, False)
+        q_a, q_b = _load_split(Q_ptr, rows * stride_qt, in_m, DQK, BLOCK_DA, BLOCK_DB, False, QB_ptr,
+                               rows * stride_qbt, SPLIT)
         do = tl.load(DO_ptr + rows[:, None] * stride_dot + offs_dv[None, :],
                      mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse2, delta = _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m)
@@ -639,24 +666,27 @@ DKDV_TILES = [
 _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 
-@autotune(_BWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
-          _smem_prune("dkdv"))
+@autotune(_BWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
+                         "SPLIT_QK"], _smem_prune("dkdv"))
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB, DKB,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                            stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                            stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                            stride_dks, stride_dvs, stride_lb, stride_lh,
+                           stride_qbb, stride_qbt, stride_qbh, stride_kbb, stride_kbt, stride_kbh,
+                           stride_dkbb, stride_dkbt, stride_dkbh, stride_dkbs,
                            seqlen_q, seqlen_k, window, qk_scale, scale, group, heads_per_split,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
                            KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           ONE_LOOP: tl.constexpr = False):
+                           ONE_LOOP: tl.constexpr = False, SPLIT_QK: tl.constexpr = False):
     """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
     (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
     split (stride_dks / stride_dvs), added up afterwards. Per head, three loops over the query blocks (masked,
-    fully visible, masked), or with ONE_LOOP one masked loop over them all."""
+    fully visible, masked), or with ONE_LOOP one masked loop over them all. SPLIT_QK: q's and k's second dim part
+    from QB and KB, dK's to DKB (see _load_split)."""
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
@@ -671,7 +701,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
     in_n = offs_n < k_len
     k_rows = (k_start + offs_n).to(tl.int64)
     k_a, k_b = _load_split(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh, k_rows * stride_kt, in_n, DQK,
-                           BLOCK_DA, BLOCK_DB, False)
+                           BLOCK_DA, BLOCK_DB, False, KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh,
+                           k_rows * stride_kbt, SPLIT_QK)
     v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vt
                 + offs_dv[None, :], mask=in_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk_a = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
@@ -705,23 +736,29 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
         DO_ptr = DO + b64 * stride_dob + h * stride_doh
         LSE_ptr = LSE + b64 * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b64 * stride_lb + h * stride_lh
+        QB_ptr = QB + b64 * stride_qbb + h * stride_qbh
         dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                      stride_qt, stride_dot,
                                      offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+                                     BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
+                                     QB_ptr, stride_qbt, SPLIT_QK)
         if not ONE_LOOP:
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                         BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+                                         BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
+                                         QB_ptr, stride_qbt, SPLIT_QK)
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
-                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+                                         BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
+                                         QB_ptr, stride_qbt, SPLIT_QK)
 
     split64 = split.to(tl.int64)
     _store_split(DK + split64 * stride_dks + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt,
-                 in_n, dk_a * scale, dk_b * scale, DQK, BLOCK_DA, BLOCK_DB)
+                 in_n, dk_a * scale, dk_b * scale, DQK, BLOCK_DA, BLOCK_DB,
+                 DKB + split64 * stride_dkbs + b64 * stride_dkbb + hk.to(tl.int64) * stride_dkbh, k_rows * stride_dkbt,
+                 SPLIT_QK)
     tl.store(DV_ + split64 * stride_dvs + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvt
              + offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=in_n[:, None] & (offs_dv[None, :] < DV))
 
@@ -730,12 +767,14 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K,
 def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end,
               k_len, window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
               BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
+              HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, KB_ptr=None,
+              stride_kbt=0, SPLIT: tl.constexpr = False):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < k_len
         rows = (k_start + offs_n).to(tl.int64)
-        k_a, k_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, False)
+        k_a, k_b = _load_split(K_ptr, rows * stride_kt, in_n, DQK, BLOCK_DA, BLOCK_DB, False, KB_ptr, rows * stride_kbt,
+                               SPLIT)
         vt = tl.load(V_ptr + rows[None, :] * stride_vt + offs_dv[:, None],
                      mask=in_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p = _bwd_probs(q_a, q_b, tl.trans(k_a), tl.trans(k_b), lse2, pos_m, offs_n, k_len, window, qk_scale, BLOCK_DB,
@@ -748,21 +787,27 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
     return dq_a, dq_b
 
 
-@autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION"],
-          _smem_prune("dq"), restore_value=["DQ"])  # (ACC_DQ adds to DQ: each timed candidate finds it as it was)
+# (restore_value: ACC_DQ adds to DQ, each timed candidate finds it as it was)
+@autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
+                         "SPLIT_QK"], _smem_prune("dq"), restore_value=["DQ"])
 @triton.jit
-def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                          stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
+                         stride_qbb, stride_qbt, stride_qbh, stride_kbb, stride_kbt, stride_kbh,
+                         stride_dqbb, stride_dqbt, stride_dqbh,
                          seqlen_q, seqlen_k, window, qk_scale, scale, group,
                          DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                          BLOCK_DV: tl.constexpr,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False,
+                         SPLIT_QK: tl.constexpr = False):
     """dq of a block of BLOCK_M query rows of one head; ACC_DQ: added to what DQ holds (float32 sum, one rounding),
-    as when several key sets (NSA's branches) share the queries."""
+    as when several key sets (NSA's branches) share the queries. SPLIT_QK: q's and k's second dim part from QB and
+    KB, dq's to DQB (see _load_split; not with ACC_DQ)."""
+    tl.static_assert(not (SPLIT_QK and ACC_DQ), "ACC_DQ reads one DQ")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
     q_start, q_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k - seqlen_q, IS_VARLEN, LEFT_PAD)
@@ -777,13 +822,14 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     in_m = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
     q_a, q_b = _load_split(Q + b64 * stride_qb + h64 * stride_qh, rows * stride_qt, in_m, DQK, BLOCK_DA, BLOCK_DB,
-                           False)
+                           False, QB + b64 * stride_qbb + h64 * stride_qbh, rows * stride_qbt, SPLIT_QK)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dot + offs_dv[None, :],
                  mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse2, delta = _load_row_stats(LSE + b64 * stride_lb + h64 * stride_lh,
                                   DELTA + b64 * stride_lb + h64 * stride_lh, rows, in_m)
     K_ptr = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     V_ptr = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    KB_ptr = KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh
 
     shift = _query_shift(q_len, k_len, KS, KO)
     pos_m = offs_m + shift
@@ -794,13 +840,13 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq_b = tl.zeros([BLOCK_M, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, a, bb, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
-                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK)
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, bb, c, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
-                           False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+                           False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK)
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, c, d, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
-                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK)
     dq_a *= scale
     dq_b *= scale
     dq_ptr = DQ + b64 * stride_dqb + h64 * stride_dqh
@@ -808,7 +854,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
         old_a, old_b = _load_split(dq_ptr, rows * stride_dqt, in_m, DQK, BLOCK_DA, BLOCK_DB, False)
         dq_a += old_a.to(tl.float32)
         dq_b += old_b.to(tl.float32)
-    _store_split(dq_ptr, rows * stride_dqt, in_m, dq_a, dq_b, DQK, BLOCK_DA, BLOCK_DB)
+    _store_split(dq_ptr, rows * stride_dqt, in_m, dq_a, dq_b, DQK, BLOCK_DA, BLOCK_DB,
+                 DQB + b64 * stride_dqbb + h64 * stride_dqbh, rows * stride_dqbt, SPLIT_QK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -862,13 +909,26 @@ def _outputs(rows: tuple, dims: AttnDims, dtype, device, padded: bool):
     return out, lse
 
 
+def split_parts(dim_a: int, dim_b: int) -> bool:
+    """Whether the kernels can read q and k as two tensors of ``dim_a`` and ``dim_b`` dims (``parts`` of flash_fwd and
+    flash_bwd): where their head dim ``dim_a + dim_b`` is split at ``dim_a`` (see _load_split)."""
+    return dim_b > 0 and split_dim(dim_a + dim_b)[0] == dim_a
+
+
+def _part_args(x, x_b, varlen: bool) -> tuple:
+    """The kernels' pointer and strides of the second dim part (``x_b``, or unused: x and zeros)."""
+    return (x, (0, 0, 0)) if x_b is None else (x_b, _strides3(x_b, varlen))
+
+
 def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
-              key_pos=(1, 0), left_pad=None):
+              key_pos=(1, 0), left_pad=None, parts=None):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
     a buffer of partial results); otherwise they are allocated. ``key_pos`` = (stride, offset) places key j
     at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1). ``left_pad``
     (dense layout): int32 padding rows per sequence, whose query rows the kernel skips (allocated outputs
-    are then 0 / -inf there). Returns (out, lse)."""
+    are then 0 / -inf there). ``parts`` = (q_b, k_b): q and k hold the first ``split_dim(dims.dim_qk)[0]`` dims of
+    the queries and keys, q_b and k_b (any strides, last dim contiguous; k_b's heads may be a stride-0 expansion)
+    the other ``dims.dim_qk`` minus those (see split_parts). Returns (out, lse)."""
     varlen = dims.varlen
     if out is None or lse is None:
         o, l_ = _outputs((q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q), dims, q.dtype, q.device,
@@ -879,24 +939,32 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         return out.zero_(), lse
     grid = lambda meta: (cdiv(dims.max_seqlen_q, meta["BLOCK_M"]) * dims.batch, dims.heads_q)
     meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
-    descs = kv_descriptors(k, v, TMA_ROWS, meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1 if varlen else 2)
+    q_b, k_b = parts or (None, None)
+    descs = kv_descriptors(k, v, TMA_ROWS, meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1 if varlen else 2,
+                           k_b)
+    (qb, sqb), (kb, skb) = _part_args(q, q_b, varlen), _part_args(k, k_b, varlen)
     _flash_fwd_kernel[grid](
-        q, k, v, out, lse, *_cu_args(dims, left_pad), *(descs or (None, None, None)),
+        q, k, v, out, lse, *_cu_args(dims, left_pad), *(descs or (None, None, None)), qb, kb,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
-        *_lse_strides(lse, varlen),
+        *_lse_strides(lse, varlen), *sqb, *skb,
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group, 0 if varlen else k.shape[1],
-        **meta, HAS_TMA=descs is not None, **COMPILE_OPTIONS)
+        **meta, HAS_TMA=descs is not None, SPLIT_QK=parts is not None, **COMPILE_OPTIONS)
     return out, lse
 
 
-def kv_descriptors(k, v, tile: int, da: int, db: int, block_dv: int, lead: int) -> Optional[tuple]:
-    """K's two dim parts' (``da`` + ``db`` columns, db may be 0) and V's (``block_dv``) row descriptors
-    (``utils.row_descriptors``, tiles of ``tile`` rows: one row a token, of every KV head, over the first ``lead``
-    dims) for TMA loads, or None. Only where the tiles cover the head dims exactly: a padded tile's extra columns
-    would hold the next head's values, not zeros."""
-    if da + db != k.shape[-1] or block_dv != v.shape[-1]:
+def kv_descriptors(k, v, tile: int, da: int, db: int, block_dv: int, lead: int, k_b=None) -> Optional[tuple]:
+    """K's two dim parts' (``da`` + ``db`` columns, db may be 0; the second part ``k_b`` where given, see
+    flash_fwd's ``parts``) and V's (``block_dv``) row descriptors (``utils.row_descriptors``, tiles of ``tile`` rows:
+    one row a token, of every KV head, over the first ``lead`` dims) for TMA loads, or None. Only where the tiles
+    cover the head dims exactly: a padded tile's extra columns would hold the next head's values, not zeros."""
+    if block_dv != v.shape[-1]:
         return None
-    kd = row_descriptors(k, tile, [w for w in (da, db) if w], lead)
+    if k_b is None:
+        kd = row_descriptors(k, tile, [w for w in (da, db) if w], lead) if da + db == k.shape[-1] else None
+    else:
+        exact = da == k.shape[-1] and db == k_b.shape[-1]
+        ka, kb = (row_descriptors(k, tile, (da,), lead), row_descriptors(k_b, tile, (db,), lead)) if exact else (0, 0)
+        kd = ka + kb if ka and kb else None
     vd = row_descriptors(v, tile, (block_dv,), lead)
     if kd is None or vd is None:
         return None
@@ -966,18 +1034,21 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
 
 
 def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float,
-              key_pos=(1, 0), left_pad=None, dq=None):
+              key_pos=(1, 0), left_pad=None, dq=None, parts=None):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
     as when MoBA or NSA add other key sets to the same softmax). With ``left_pad`` the padding rows' gradients
     are 0. ``dq``: a gradient of q (q's shape and dtype) that this call's dq is added to, in place (the one
-    returned), instead of a new tensor."""
+    returned), instead of a new tensor. ``parts`` = (q_b, k_b): q and k in two tensors each (see flash_fwd); dq and
+    dk are then pairs too, dk's second part one per KV head of k (``k_b.shape``, whatever its strides)."""
     varlen = dims.varlen
     meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
     alloc = torch.zeros if left_pad is not None else empty
     acc_dq = dq is not None
-    if acc_dq and (dq.shape != q.shape or dq.dtype != q.dtype or dq.stride(-1) != 1 or left_pad is not None):
-        raise ValueError("flash_bwd adds to a dq of q's shape and dtype, contiguous in its last dim, without left_pad")
+    if acc_dq and (dq.shape != q.shape or dq.dtype != q.dtype or dq.stride(-1) != 1 or left_pad is not None or
+                   parts is not None):
+        raise ValueError("flash_bwd adds to a dq of q's shape and dtype, contiguous in its last dim, without left_pad "
+                         "or parts")
     if not acc_dq:
         dq = alloc(q.shape, device=q.device, dtype=q.dtype)
     # Few key blocks for many queries (NSA's compressed keys, a short context under a long chunk): too few
@@ -986,28 +1057,37 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     programs = cdiv(dims.max_seqlen_k, 128) * dims.batch * dims.heads_kv
     per_split = cdiv(dims.group, max(1, min(dims.group, cdiv(8 * num_sms(q.device), programs))))
     n_splits = cdiv(dims.group, per_split)
-    if n_splits > 1:
-        dk = alloc(n_splits, *k.shape, device=k.device, dtype=torch.float32)
-        dv = alloc(n_splits, *v.shape, device=v.device, dtype=torch.float32)
-    else:
-        dk = alloc(k.shape, device=k.device, dtype=k.dtype)
-        dv = alloc(v.shape, device=v.device, dtype=v.dtype)
+    q_b, k_b = parts or (None, None)
+    # (float32 partial sums per split, or the gradients themselves)
+    grad = lambda shape, dtype: alloc(*((n_splits,) if n_splits > 1 else ()), *shape, device=q.device,
+                                      dtype=torch.float32 if n_splits > 1 else dtype)
+    dk, dv = grad(k.shape, k.dtype), grad(v.shape, v.dtype)
+    dk_b = grad(k_b.shape, k_b.dtype) if parts else None
+    one = lambda g: g[0] if n_splits > 1 else g  # (a split's slice: the strides the kernel takes)
+    (qb, sqb), (kb, skb), (dkb, sdkb) = (_part_args(q, q_b, varlen), _part_args(k, k_b, varlen),
+                                         _part_args(dk, None if dk_b is None else one(dk_b), varlen))
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
     grid_kv = lambda m: (cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
     _flash_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, *_cu_args(dims, left_pad), *common,
-        *_strides3(dk[0] if n_splits > 1 else dk, varlen), *_strides3(dv[0] if n_splits > 1 else dv, varlen),
+        q, k, v, do, lse, delta, dk, dv, *_cu_args(dims, left_pad), qb, kb, dkb, *common,
+        *_strides3(one(dk), varlen), *_strides3(one(dv), varlen),
         dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
+        *sqb, *skb, *sdkb, dk_b.stride(0) if parts and n_splits > 1 else 0,
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta,
-        **COMPILE_OPTIONS)
+        SPLIT_QK=parts is not None, **COMPILE_OPTIONS)
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        dk_b = dk_b.sum(0).to(k_b.dtype) if parts else None
+    dq_b = alloc(q_b.shape, device=q.device, dtype=q_b.dtype) if parts else None
+    (dqb, sdqb) = _part_args(dq, dq_b, varlen)
     grid_q = lambda m: (cdiv(dims.max_seqlen_q, m["BLOCK_M"]) * dims.batch, dims.heads_q)
     _flash_bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), *common,
-        *_strides3(dq, varlen), *_lse_strides(lse, varlen),
+        q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), qb, kb, dqb, *common,
+        *_strides3(dq, varlen), *_lse_strides(lse, varlen), *sqb, *skb, *sdqb,
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta, ACC_DQ=acc_dq,
-        **COMPILE_OPTIONS)
+        SPLIT_QK=parts is not None, **COMPILE_OPTIONS)
+    if parts:
+        return (dq, dq_b), (dk, dk_b), dv
     return dq, dk, dv
 
 

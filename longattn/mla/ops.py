@@ -1,16 +1,18 @@
 """MLA public ops: ``mla_prefill`` (naive form on decompressed K/V) and ``mla_decode`` (absorbed form)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Optional
 
 import torch
 
-from ..kernels.flash import LOG2E, flash_attention
+from ..kernels.flash import (DECODE_ROWS, LOG2E, flash_attention, flash_bwd, flash_bwd_delta, flash_fwd,
+                             split_parts)
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
-                             check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor,
-                             eager_context, empty, kernel_inputs,
+                             check_attention_inputs, check_positive_int, check_same_dtype, check_scale, check_tensor,
+                             device_tensor, eager_context, empty, kernel_inputs,
                              next_pow2, num_sms, public_op, read_back_later, resolve_seqlens, row_descriptors,
                              small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
@@ -50,10 +52,15 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         ``(B, T, H, Dv)`` / ``(total, H, Dv)`` in q's dtype (and the lse if asked). Differentiable in every
         input, the weights included.
 
-    For the backward only the inputs, the output and the lse are kept: it decompresses K/V again (a long prefix
-    chunk by chunk too), so that a training step does not hold each layer's decompressed q, k and v (four times
-    the output at DeepSeek-V3's dims) from its forward to its backward. ``torch.compile`` traces it to one custom
-    op each way (``torch.ops.longattn.mla_prefill``, ``mla_prefill_backward``): no graph break.
+    The flash kernels read q and k in their two parts, ``q_nope`` / ``q_rope`` and the decompressed latent keys /
+    ``k_rope`` (a view repeating it on every head), where their head dim is split there for the tiles (128 + 64,
+    DeepSeek's; 64 + 32): no concatenated copy of q or of the keys (32 heads of DeepSeek-V3's dims: the forward's
+    peak beyond the inputs 24 KB per token, 40 with them). Other dims (and the split-KV decoding launch of a
+    few queries) go through the concatenations. For the backward only the inputs, the output and the lse are kept:
+    it decompresses K/V again (a long prefix chunk by chunk too), so that a training step does not hold each
+    layer's decompressed q, k and v (four times the output at DeepSeek-V3's dims) from its forward to its backward
+    (fwd + bwd at 32 heads: 56 KB per token at its peak, 72 before the two parts). ``torch.compile`` traces it to
+    one custom op each way (``torch.ops.longattn.mla_prefill``, ``mla_prefill_backward``): no graph break.
     """
     varlen = cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None
     nd = 3 if varlen else 4
@@ -96,19 +103,75 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
 
 
 def _latent(c_kv, k_rope, w_uk, w_uv):
-    """K and V decompressed from the latent: ``(..., H, Dn + Dr)`` (the rotary key on every head), ``(..., H, Dv)``."""
+    """K and V decompressed from the latent: K's latent part ``(..., H, Dn)``, the rotary key on every head (a view
+    ``(..., H, Dr)`` of k_rope, stride 0 over the heads) and V ``(..., H, Dv)``."""
     k_nope = torch.einsum("...r,hdr->...hd", c_kv, w_uk)
     v = torch.einsum("...r,hdr->...hd", c_kv, w_uv)
-    return torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1])], -1), v
+    return k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], k_rope.shape[-1]), v
 
 
-def _latent_grads(dk, dv, c_kv, w_uk, w_uv):
-    """The gradients of c_kv, k_rope, w_uk and w_uv from those of the decompressed K and V."""
-    dn = w_uk.shape[1]
-    dk_nope = dk[..., :dn]
+def _latent_grads(dk_nope, dk_rope, dv, c_kv, w_uk, w_uv):
+    """The gradients of c_kv, k_rope, w_uk and w_uv from those of the decompressed K (its latent part, and the
+    rotary one per head) and V."""
     dc_kv = torch.einsum("...hd,hdr->...r", dk_nope, w_uk).add_(torch.einsum("...hd,hdr->...r", dv, w_uv))
-    return (dc_kv, dk[..., dn:].sum(-2), torch.einsum("...hd,...r->hdr", dk_nope, c_kv),
+    return (dc_kv, dk_rope.sum(-2), torch.einsum("...hd,...r->hdr", dk_nope, c_kv),
             torch.einsum("...hd,...r->hdr", dv, c_kv))
+
+
+def _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k, forward: bool):
+    """The problem's sizes when the flash kernels can read q and k in their two parts (no concatenated copies of
+    q and of the keys, see flash_fwd's ``parts``): the head dims split there, and (forward) more queries than the
+    split-KV decoding launch (which reads one tensor) takes; else None."""
+    dn, dr = q_nope.shape[-1], q_rope.shape[-1]
+    if not split_parts(dn, dr) or not q_nope.numel() or not k_nope.numel():
+        return None
+    dims = check_attention_inputs(q_nope, k_nope, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                  max_seqlen_k=max_k)
+    if forward and next_pow2(dims.max_seqlen_q) * next_pow2(dims.group) <= DECODE_ROWS:
+        return None
+    return dataclasses.replace(dims, dim_qk=dn + dr)
+
+
+def _contiguous_last(*ts):
+    return kernel_inputs(*(t if t.stride(-1) == 1 else t.contiguous() for t in ts))
+
+
+def _attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_q, cu_k, max_q, max_k, causal, scale):
+    """``(out, lse)`` of the queries ``[q_nope, q_rope]`` over the keys and values decompressed from c_kv and k_rope.
+    Where the dims allow (see _two_parts) the kernels read each part of q and k from its own tensor, else from
+    their concatenations (flash_attention)."""
+    k_nope, k_rot, v = _latent(c_kv, k_rope, w_uk, w_uv)
+    dims = _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k, True)
+    if dims is None:
+        return flash_attention(torch.cat([q_nope, q_rope], -1), torch.cat([k_nope, k_rot], -1), v, causal=causal,
+                               scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                               max_seqlen_k=max_k, return_lse=True)
+    qa, qb, ka, kb, vk = _contiguous_last(q_nope, q_rope, k_nope, k_rot, v)
+    out, lse = flash_fwd(qa, ka, vk, dims, causal, None, scale, parts=(qb, kb))
+    return out.to(q_nope.dtype), lse
+
+
+def _attention_grads(dout, dlse, out, lse, q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_q, cu_k, max_q, max_k,
+                     causal, scale):
+    """The gradients of q_nope, q_rope and (_latent_grads) c_kv, k_rope, w_uk, w_uv of _attention's keys, given the
+    whole softmax's ``out`` and ``lse`` (which may span more keys) and their gradients (either may be None)."""
+    k_nope, k_rot, v = _latent(c_kv, k_rope, w_uk, w_uv)
+    dims = _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k, False)
+    if dims is None:
+        dn = q_nope.shape[-1]
+        dq, dk, dv = torch.ops.longattn.flash_attention_backward(
+            dout, dlse, out, lse, torch.cat([q_nope, q_rope], -1), torch.cat([k_nope, k_rot], -1), v, cu_q, cu_k,
+            max_q, max_k, None, causal, None, scale, 1, 0, False)
+        dq_nope, dq_rope, dk_nope, dk_rope = dq[..., :dn], dq[..., dn:], dk[..., :dn], dk[..., dn:]
+    else:
+        qa, qb, ka, kb, vk, o = _contiguous_last(q_nope, q_rope, k_nope, k_rot, v, out)
+        do = torch.zeros_like(o) if dout is None else _contiguous_last(dout.to(o.dtype))[0]
+        delta = flash_bwd_delta(o, do, lse, None if dlse is None else dlse.float().contiguous(), dims)
+        (dq_nope, dq_rope), (dk_nope, dk_rope), dv = flash_bwd(do, qa, ka, vk, lse, delta, dims, causal, None, scale,
+                                                               parts=(qb, kb))
+        del qa, qb, ka, kb, vk, o, do
+    del k_nope, k_rot, v  # (the decompressed keys and values, freed before the weights' gradients are made)
+    return (dq_nope, dq_rope, *_latent_grads(dk_nope, dk_rope, dv, c_kv, w_uk, w_uv))
 
 
 def _key_pieces(cu_seqlens_q, cu_seqlens_k, chunk: int):
@@ -147,21 +210,18 @@ _PREFILL_ARGS = ("Tensor q_nope, Tensor q_rope, Tensor c_kv, Tensor k_rope, Tens
 def _prefill_op(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 scale, prefix_chunk):
     with eager_context(q_nope):
-        q = torch.cat([q_nope, q_rope], -1)
         pieces = _key_pieces(cu_seqlens_q, cu_seqlens_k, prefix_chunk)
         if pieces is None:
-            return flash_attention(q, *_latent(c_kv, k_rope, w_uk, w_uv), causal=True, scale=scale,
-                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                   max_seqlen_k=max_seqlen_k, return_lse=True)
+            return _attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, True, scale)
         out = lse = None
         for rows, cu_k, causal in pieces:
-            o, l_ = flash_attention(q, *_latent(c_kv[rows], k_rope[rows], w_uk, w_uv), causal=causal, scale=scale,
-                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q,
-                                    return_lse=True)
+            o, l_ = _attention(q_nope, q_rope, c_kv[rows], k_rope[rows], w_uk, w_uv, cu_seqlens_q, cu_k, max_seqlen_q,
+                               None, causal, scale)
             # merged in float32 (one rounding to q's dtype at the end)
             out, lse = (o.float(), l_) if out is None else merge_fwd(torch.stack([out, o.float()]),
                                                                       torch.stack([lse, l_]))
-        return out.to(q.dtype), lse
+        return out.to(q_nope.dtype), lse
 
 
 @_prefill_op.register_fake
@@ -177,31 +237,22 @@ def _prefill_shapes(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, *arg
 def _prefill_backward_op(dout, dlse, out, lse, q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_seqlens_q, cu_seqlens_k,
                          max_seqlen_q, max_seqlen_k, scale, prefix_chunk):
     with eager_context(q_nope):
-        q, dn = torch.cat([q_nope, q_rope], -1), q_nope.shape[-1]
-
-        def attention_grads(c, k_rope_, cu_k, max_k, causal):  # (the flash backward's dq, dk, dv for these keys)
-            return torch.ops.longattn.flash_attention_backward(
-                dout, dlse, out, lse, q, *_latent(c, k_rope_, w_uk, w_uv), cu_seqlens_q, cu_k, max_seqlen_q, max_k,
-                None, causal, None, scale, 1, 0, False)
-
+        grads = lambda c, k_rope_, cu_k, max_k, causal: _attention_grads(
+            dout, dlse, out, lse, q_nope, q_rope, c, k_rope_, w_uk, w_uv, cu_seqlens_q, cu_k, max_seqlen_q, max_k,
+            causal, scale)
         pieces = _key_pieces(cu_seqlens_q, cu_seqlens_k, prefix_chunk)
         if pieces is None:
-            dq, dk, dv = attention_grads(c_kv, k_rope, cu_seqlens_k, max_seqlen_k, True)
-            grads = _latent_grads(dk, dv, c_kv, w_uk, w_uv)
+            result = grads(c_kv, k_rope, cu_seqlens_k, max_seqlen_k, True)
         else:  # every key row in one piece; dq and the weights' gradients summed in float32
-            dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-            grads = (torch.empty_like(c_kv), torch.empty_like(k_rope),
-                     *(torch.zeros(w.shape, device=w.device, dtype=torch.float32) for w in (w_uk, w_uv)))
+            result = [torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in (q_nope, q_rope)]
+            result += [torch.empty_like(c_kv), torch.empty_like(k_rope),
+                       *(torch.zeros(w.shape, device=w.device, dtype=torch.float32) for w in (w_uk, w_uv))]
             for rows, cu_k, causal in pieces:
-                c = c_kv[rows]
-                dq_, dk, dv = attention_grads(c, k_rope[rows], cu_k, None, causal)
-                dq += dq_
-                dc, dk_rope, dw_uk, dw_uv = _latent_grads(dk, dv, c, w_uk, w_uv)
-                grads[0][rows], grads[1][rows] = dc, dk_rope
-                grads[2].add_(dw_uk)
-                grads[3].add_(dw_uv)
-        grads = tuple(g.to(t.dtype) for g, t in zip(grads, (c_kv, k_rope, w_uk, w_uv)))
-        return (dq[..., :dn].to(q.dtype).contiguous(), dq[..., dn:].to(q.dtype).contiguous(), *grads)
+                dq_nope, dq_rope, dc, dk_rope, dw_uk, dw_uv = grads(c_kv[rows], k_rope[rows], cu_k, None, causal)
+                result[2][rows], result[3][rows] = dc, dk_rope
+                for acc, g in zip(result[:2] + result[4:], (dq_nope, dq_rope, dw_uk, dw_uv)):
+                    acc.add_(g)
+        return tuple(g.to(t.dtype).contiguous() for g, t in zip(result, (q_nope, q_rope, c_kv, k_rope, w_uk, w_uv)))
 
 
 @_prefill_backward_op.register_fake

@@ -33,6 +33,7 @@ def test_kernels_compile_for_sm90(shard):
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="triton has no NVIDIA backend here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles only, as the CPU suite does (47 s of a GPU run's time)")
 def test_hot_loops_are_pipelined():
     """The hot loops keep their tiles in flight (multi-buffered shared memory), as compiled for sm_90, the
     kernels kept out of Triton's chained-product layout compute each product once (cuda_compile.UNDUPLICATED),

@@ -122,6 +122,10 @@ def _flash_cases():
                           dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq),
                                BLOCK_N=64 if dt != "fp32" else 32 if rows >= 64 else 16),
                           ("qk_scale", "v_scale"), dict(num_warps=8 if rows >= 64 else 4)))
+        if db:  # a few queries of an MLA prefill: q and k in two tensors each
+            cases.append((f"_flash_decode_kernel[{tag}-q16-g1-split]", F._flash_decode_kernel, ptr,
+                          dict(dec, TQ=16, BLOCK_G=1, BLOCK_N=64 if dt != "fp32" else 16, SPLIT_QK=True),
+                          ("qk_scale", "v_scale"), dict(num_warps=4)))
         if not varlen and kpos == (1, 0):  # flash_decode against a cache: lengths per sequence, paged or not
             # float8: a quantised cache, widened to q's dtype (bfloat16 queries: by inline PTX)
             for page, cache, qdt in ((0, dt, dt), (16, dt, dt), (64, dt, dt), (16, "fp8e4nv", dt), (0, "fp8e5", dt),

@@ -42,14 +42,13 @@ def test_naive_equals_absorbed(cfg, device):
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_prefill_forward_and_gradients(varlen, T, dtype, device, monkeypatch):
     """Forward and every gradient against the naive reference. The kernels read q and k in their two parts (latent
-    and rotary dims, 64 + 24, the second a tile of 32 masked: no concatenated copies), in the backward always, in
-    the forward where there are more queries than the split-KV decoding launch takes (64; it reads the
-    concatenations)."""
-    launches, fwd, bwd = [], mla_ops.flash_fwd, mla_ops.flash_bwd
-    monkeypatch.setattr(mla_ops, "flash_fwd", lambda *a, **kw: launches.append(("fwd", kw["parts"] is not None))
-                        or fwd(*a, **kw))
-    monkeypatch.setattr(mla_ops, "flash_bwd", lambda *a, **kw: launches.append(("bwd", kw["parts"] is not None))
-                        or bwd(*a, **kw))
+    and rotary dims, 64 + 24, the second a tile of 32 masked: no concatenated copies), forward and backward; the
+    forward of at most 64 queries runs split-KV (flash_decode)."""
+    launches = []
+    for name in ("flash_fwd", "flash_decode", "flash_bwd"):
+        launch = getattr(mla_ops, name)
+        monkeypatch.setattr(mla_ops, name, lambda *a, name=name, launch=launch, **kw: launches.append(
+            (name, kw["parts"] is not None)) or launch(*a, **kw))
     cfg = dict(H=4, nope=64, rope=24, rank=48, v=64)
     w = _weights(**cfg, device=device, dtype=dtype)
     x = _inputs(2, T, **cfg, device=device, dtype=dtype)
@@ -69,7 +68,7 @@ def test_prefill_forward_and_gradients(varlen, T, dtype, device, monkeypatch):
     (ref * dout).sum().backward()
     for name, a, b in zip(["dq_nope", "dq_rope", "dc_kv", "dk_rope", "dw_uk", "dw_uv"], leaves_k, leaves_r):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
-    assert launches == ([("fwd", True)] if T > 64 else []) + [("bwd", True)]
+    assert launches == [("flash_fwd" if T > 64 else "flash_decode", True), ("flash_bwd", True)]
 
 
 def test_prefill_keeps_only_inputs_for_backward(device):
@@ -101,7 +100,7 @@ def test_prefill_chunk_after_prefix(varlen, chunk, dtype, device, monkeypatch):
     scale = 48 ** -0.5
     w = [leaf(t) for t in _weights(**cfg, device=device, dtype=dtype)]
     if varlen:  # (queries, keys): a chunk after a prefix, a whole sequence, one query after 70 cached tokens (70
-        lq, lk = [70, 20, 1], [160, 20, 71]  # queries: the forward reads q and k in two parts, see the test above)
+        lq, lk = [70, 20, 1], [160, 20, 71]  # queries: not the split-KV forward, see the test above)
         q = [t[0] for t in _inputs(1, sum(lq), **cfg, device=device, dtype=dtype)[:2]]
         kv = [t[0] for t in _inputs(1, sum(lk), **cfg, device=device, dtype=dtype)[2:]]
         cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=device) for n in (lq, lk))

@@ -20,9 +20,10 @@ Kernels
 ``_flash_bwd_dq_kernel``   one program per (query block, query head, sequence).
 
 Key and query ranges are split into blocks that need masking (diagonal, window edge, ragged tail) and
-blocks that are fully visible, which skip the mask arithmetic. The three kernels can also read the two tiles of a
-split q/k head dim from two tensors each (``SPLIT_QK``; ``parts`` of flash_fwd / flash_bwd): MLA's prefill then
-passes its latent and rotary parts, the rotary key a stride-0 view over the heads, without concatenating them.
+blocks that are fully visible, which skip the mask arithmetic. These kernels and the split-KV decoding one can also
+read the two tiles of a split q/k head dim from two tensors each (``SPLIT_QK``; ``parts`` of flash_fwd, flash_bwd,
+flash_decode): MLA's prefill then passes its latent and rotary parts, the rotary key a stride-0 view over the
+heads, without concatenating them.
 """
 from __future__ import annotations
 
@@ -474,16 +475,18 @@ def _decode_query(Q, stride_qb, stride_qh, b64, hk, group, DK: tl.constexpr, BLO
 
 
 @triton.jit
-def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
+def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_op, stride_ob, stride_ot, stride_oh,
                          stride_lp, stride_lb, stride_lh, stride_btb,
+                         stride_qbb, stride_qbt, stride_qbh, stride_kbb, stride_kbt, stride_kbh,
                          seqlen_q, seqlen_k, window, qk_scale, v_scale, group, heads_kv, tokens_per_split,
                          last_page, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
                          BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, LEFT_PAD: tl.constexpr,
                          TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_SEQLENS: tl.constexpr = False, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
+                         HAS_SEQLENS: tl.constexpr = False, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False,
+                         SPLIT_QK: tl.constexpr = False):
     """Few queries per sequence (decoding, speculative tokens), no gradient: split-KV. Program (sequence * Hkv +
     KV head, split) holds its GQA group's heads times the sequence's queries as the rows of its tiles (each key
     tile is loaded once for all of them), streams one split of the keys and writes its normalised partial
@@ -493,7 +496,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
     cache (LEFT_PAD; else row 0), or (PAGE > 0) in the pages its block-table row ``BT + b * stride_btb`` lists (K/V
     then (pages, PAGE, Hkv, D), their batch strides 0); lengths are clamped to the cache (seqlen_k rows). K/V may be
     float8 (a quantised cache: keys K * k_scale, folded into qk_scale, values V * v_scale; WIDEN_ASM: widened to
-    bfloat16 by inline PTX, see _widen)."""
+    bfloat16 by inline PTX, see _widen). SPLIT_QK: q's and k's second dim part from QB and KB (see _load_split)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     split = tl.program_id(1)
@@ -541,7 +544,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
         tl.store(l_ptr, tl.full([M], float("-inf"), tl.float32), mask=valid)
         return
     q_a, q_b = _load_split(Q + b64 * stride_qb, rows_q * stride_qt + head * stride_qh, valid, DQK, BLOCK_DA,
-                           BLOCK_DB, False)
+                           BLOCK_DB, False, QB + b64 * stride_qbb, rows_q * stride_qbt + head * stride_qbh, SPLIT_QK)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, BLOCK_DV], tl.float32)
@@ -549,7 +552,9 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT,
                                V + b64 * stride_vb + hk.to(tl.int64) * stride_vh, k_start, stride_kt, stride_vt,
                                pos_m, lo, hi, hi, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB,
                                BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0,  # keys past hi: other splits
-                               BT + b64 * stride_btb, last_page, PAGE, WIDEN_ASM)
+                               BT + b64 * stride_btb, last_page, PAGE, WIDEN_ASM,
+                               KB_ptr=KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh, stride_kbt=stride_kbt,
+                               SPLIT=SPLIT_QK)
     empty = l_i == 0.0
     out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=o_mask)
@@ -975,7 +980,7 @@ DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, que
 
 
 def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None, *,
-                 cache_seqlens=None, block_table=None, longest: int = 0, v_scale: float = 1.0):
+                 cache_seqlens=None, block_table=None, longest: int = 0, v_scale: float = 1.0, parts=None):
     """Split-KV launch on validated inputs with few queries per sequence (the group's heads times the queries,
     each rounded up to a power of two, within DECODE_ROWS rows), forward only: partial results per split of the
     keys, merged by lse into q's dtype. Returns (out, lse) in flash_fwd's layouts.
@@ -984,7 +989,7 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
     sequence), ``left_pad`` then the cache row of each sequence's first key; k/v ``(B, rows, Hkv, D)``, or with
     ``block_table`` paged ``(pages, page, Hkv, D)`` (page stride = page x token stride); the work is split for
     ``longest`` keys (the longest sequence, or the capacity). k/v may be float8 (a quantised cache: ``scale``
-    includes the keys' scale, ``v_scale`` is the values')."""
+    includes the keys' scale, ``v_scale`` is the values'). ``parts``: q and k in two tensors each (see flash_fwd)."""
     varlen, tq = dims.varlen, dims.max_seqlen_q
     rows_q = q.shape[0] if varlen else tq
     programs = dims.batch * dims.heads_kv
@@ -1003,16 +1008,19 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
         # float32 multiplies on CUDA cores: fewer keys per step, or its registers spill (sm_90)
         block_n = 32 if small_tiles() else 64 if q.dtype != torch.float32 else 32 if wide else 16
         sk, sv = _strides3(k, varlen), _strides3(v, varlen)
+        q_b, k_b = parts or (None, None)
+        (qb, sqb), (kb, skb) = _part_args(q, q_b, varlen), _part_args(k, k_b, varlen)
         if paged:  # pages are shared by the batch: no batch stride
-            sk, sv = (0, *sk[1:]), (0, *sv[1:])
+            sk, sv, skb = (0, *sk[1:]), (0, *sv[1:]), (0, *skb[1:])
         _flash_decode_kernel[(programs, n_split)](
             q, k, v, outs, lses, *_cu_args(dims, left_pad),
-            cache_seqlens if cache_seqlens is not None else q, block_table if paged else q,
-            *_strides3(q, varlen), *sk, *sv, *so, *sl, block_table.stride(0) if paged else 0,
+            cache_seqlens if cache_seqlens is not None else q, block_table if paged else q, qb, kb,
+            *_strides3(q, varlen), *sk, *sv, *so, *sl, block_table.stride(0) if paged else 0, *sqb, *skb,
             dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, v_scale, dims.group, dims.heads_kv,
             per_split, k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
             HAS_SEQLENS=cache_seqlens is not None, PAGE=k.shape[1] if paged else 0,
-            WIDEN_ASM=widen_by_asm(q.dtype, k.dtype), num_warps=8 if wide else 4, **COMPILE_OPTIONS)
+            WIDEN_ASM=widen_by_asm(q.dtype, k.dtype), SPLIT_QK=parts is not None, num_warps=8 if wide else 4,
+            **COMPILE_OPTIONS)
     if n_split == 1:
         return outs[0], lses[0]
     return merge_fwd(outs, lses, q.dtype)

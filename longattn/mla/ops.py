@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.flash import (DECODE_ROWS, LOG2E, flash_attention, flash_bwd, flash_bwd_delta, flash_fwd,
+from ..kernels.flash import (DECODE_ROWS, LOG2E, flash_attention, flash_bwd, flash_bwd_delta, flash_decode, flash_fwd,
                              split_parts)
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
@@ -55,11 +55,11 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     The flash kernels read q and k in their two parts, ``q_nope`` / ``q_rope`` and the decompressed latent keys /
     ``k_rope`` (a view repeating it on every head), where their head dim is split there for the tiles (128 + 64,
     DeepSeek's; 64 + 32): no concatenated copy of q or of the keys (32 heads of DeepSeek-V3's dims: the forward's
-    peak beyond the inputs 24 KB per token, 40 with them). Other dims (and the split-KV decoding launch of a
-    few queries) go through the concatenations. For the backward only the inputs, the output and the lse are kept:
-    it decompresses K/V again (a long prefix chunk by chunk too), so that a training step does not hold each
-    layer's decompressed q, k and v (four times the output at DeepSeek-V3's dims) from its forward to its backward
-    (fwd + bwd at 32 heads: 56 KB per token at its peak, 72 before the two parts). ``torch.compile`` traces it to
+    peak beyond the inputs 24 KB per token, 40 with them); other dims go through the concatenations. For the
+    backward only the inputs, the output and the lse are kept: it decompresses K/V again (a long prefix chunk by
+    chunk too), so that a training step does not hold each layer's decompressed q, k and v (four times the output
+    at DeepSeek-V3's dims) from its forward to its backward (fwd + bwd at 32 heads: 56 KB per token at its peak, 72
+    before the two parts). ``torch.compile`` traces it to
     one custom op each way (``torch.ops.longattn.mla_prefill``, ``mla_prefill_backward``): no graph break.
     """
     varlen = cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -118,17 +118,14 @@ def _latent_grads(dk_nope, dk_rope, dv, c_kv, w_uk, w_uv):
             torch.einsum("...hd,...r->hdr", dv, c_kv))
 
 
-def _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k, forward: bool):
+def _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k):
     """The problem's sizes when the flash kernels can read q and k in their two parts (no concatenated copies of
-    q and of the keys, see flash_fwd's ``parts``): the head dims split there, and (forward) more queries than the
-    split-KV decoding launch (which reads one tensor) takes; else None."""
+    q and of the keys, see flash_fwd's ``parts``): where the head dims split there; else None."""
     dn, dr = q_nope.shape[-1], q_rope.shape[-1]
     if not split_parts(dn, dr) or not q_nope.numel() or not k_nope.numel():
         return None
     dims = check_attention_inputs(q_nope, k_nope, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                                   max_seqlen_k=max_k)
-    if forward and next_pow2(dims.max_seqlen_q) * next_pow2(dims.group) <= DECODE_ROWS:
-        return None
     return dataclasses.replace(dims, dim_qk=dn + dr)
 
 
@@ -137,17 +134,20 @@ def _contiguous_last(*ts):
 
 
 def _attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_q, cu_k, max_q, max_k, causal, scale):
-    """``(out, lse)`` of the queries ``[q_nope, q_rope]`` over the keys and values decompressed from c_kv and k_rope.
-    Where the dims allow (see _two_parts) the kernels read each part of q and k from its own tensor, else from
-    their concatenations (flash_attention)."""
+    """``(out, lse)`` of the queries ``[q_nope, q_rope]`` over the keys and values decompressed from c_kv and k_rope
+    (no gradient: the op's backward is _attention_grads). Where the dims allow (see _two_parts) the kernels read
+    each part of q and k from its own tensor, else from their concatenations (flash_attention). Few queries (at
+    most DECODE_ROWS, as flash_attention decides) run split-KV, so that the keys fill the GPU."""
     k_nope, k_rot, v = _latent(c_kv, k_rope, w_uk, w_uv)
-    dims = _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k, True)
+    dims = _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k)
     if dims is None:
-        return flash_attention(torch.cat([q_nope, q_rope], -1), torch.cat([k_nope, k_rot], -1), v, causal=causal,
-                               scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-                               max_seqlen_k=max_k, return_lse=True)
+        with torch.no_grad():
+            return flash_attention(torch.cat([q_nope, q_rope], -1), torch.cat([k_nope, k_rot], -1), v,
+                                   causal=causal, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                   max_seqlen_q=max_q, max_seqlen_k=max_k, return_lse=True)
     qa, qb, ka, kb, vk = _contiguous_last(q_nope, q_rope, k_nope, k_rot, v)
-    out, lse = flash_fwd(qa, ka, vk, dims, causal, None, scale, parts=(qb, kb))
+    launch = flash_decode if next_pow2(dims.max_seqlen_q) * next_pow2(dims.group) <= DECODE_ROWS else flash_fwd
+    out, lse = launch(qa, ka, vk, dims, causal, None, scale, parts=(qb, kb))
     return out.to(q_nope.dtype), lse
 
 
@@ -156,7 +156,7 @@ def _attention_grads(dout, dlse, out, lse, q_nope, q_rope, c_kv, k_rope, w_uk, w
     """The gradients of q_nope, q_rope and (_latent_grads) c_kv, k_rope, w_uk, w_uv of _attention's keys, given the
     whole softmax's ``out`` and ``lse`` (which may span more keys) and their gradients (either may be None)."""
     k_nope, k_rot, v = _latent(c_kv, k_rope, w_uk, w_uv)
-    dims = _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k, False)
+    dims = _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k)
     if dims is None:
         dn = q_nope.shape[-1]
         dq, dk, dv = torch.ops.longattn.flash_attention_backward(

@@ -100,7 +100,7 @@ def test_prefill_chunk_after_prefix(varlen, chunk, dtype, device, monkeypatch):
     scale = 48 ** -0.5
     w = [leaf(t) for t in _weights(**cfg, device=device, dtype=dtype)]
     if varlen:  # (queries, keys): a chunk after a prefix, a whole sequence, one query after 70 cached tokens (70
-        lq, lk = [70, 20, 1], [160, 20, 71]  # queries: not the split-KV forward, see the test above)
+        lq, lk = [70, 20, 1], [160, 20, 71]  # queries: the flash forward, its TMA tiles in the GPU-tile pass)
         q = [t[0] for t in _inputs(1, sum(lq), **cfg, device=device, dtype=dtype)[:2]]
         kv = [t[0] for t in _inputs(1, sum(lk), **cfg, device=device, dtype=dtype)[2:]]
         cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=device) for n in (lq, lk))

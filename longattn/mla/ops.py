@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.flash import (DECODE_ROWS, LOG2E, flash_attention, flash_bwd, flash_bwd_delta, flash_decode, flash_fwd,
-                             split_parts)
+from ..kernels.flash import (DECODE_ROWS, LOG2E, _lastdim_contiguous, flash_attention, flash_bwd, flash_bwd_delta,
+                             flash_decode, flash_fwd, split_parts)
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
                              check_attention_inputs, check_positive_int, check_same_dtype, check_scale, check_tensor,
@@ -130,7 +130,8 @@ def _two_parts(q_nope, q_rope, k_nope, v, cu_q, cu_k, max_q, max_k):
 
 
 def _contiguous_last(*ts):
-    return kernel_inputs(*(t if t.stride(-1) == 1 else t.contiguous() for t in ts))
+    """The tensors as the flash kernels take them (last dim contiguous, kernel dtypes)."""
+    return kernel_inputs(*map(_lastdim_contiguous, ts))
 
 
 def _attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -386,8 +387,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         else:
             lens = _checked(pending(), S, capacity, page, kv_cache.shape[0])
             pending = None
-    ql, qr, kv = kernel_inputs(q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous(),
-                               q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous(), kv_cache)
+    ql, qr, kv = kernel_inputs(_lastdim_contiguous(q_latent), _lastdim_contiguous(q_rope), kv_cache)
 
     n_split, per_split = split_context(groups, max(lens), slots)
     # a single split writes the output itself; several write float32 partials merged into q's dtype

@@ -106,7 +106,8 @@ def tiny_mla_config(arch: str):
     transformers has no such model. "deepseek_v2": V2-Lite's layout (no q LoRA; YaRN, whose mscale transformers 5
     folds into the softmax scale; complex rotary frequencies on interleaved pairs); "glm4_moe_lite" (GLM-4.7-Flash:
     q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names; "mistral4" (Mistral
-    Small 4): V3's, its queries scaled by position; "minicpm3": V2's with (cos, sin) rotary."""
+    Small 4): V3's, its queries scaled by position; "minicpm3": V2's with (cos, sin) rotary; "longcat_flash"
+    (LongCat-Flash: two attentions a layer, query and latent scaled) and "kimi_linear" (NoPE, after a linear layer)."""
     import transformers
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, kv_lora_rank=32,
@@ -121,9 +122,25 @@ def tiny_mla_config(arch: str):
                                              q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32,
                                              v_head_dim=32, first_k_dense_replace=1)
     cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig", minicpm3="MiniCPM3Config",
-               mistral4="Mistral4Config")[arch]
+               mistral4="Mistral4Config", longcat_flash="LongcatFlashConfig", kimi_linear="KimiLinearConfig")[arch]
     if not hasattr(transformers, cls):
         return None
+    if arch == "longcat_flash":  # two attentions per decoder layer (2 x 1 here), LoRA-scaled query and latent; YaRN
+        yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+                    mscale_all_dim=1.0, original_max_position_embeddings=128)
+        return transformers.LongcatFlashConfig(
+            vocab_size=128, hidden_size=64, num_layers=1, num_attention_heads=5, num_key_value_heads=5,
+            ffn_hidden_size=128, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+            q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=16, head_dim=16, qk_nope_head_dim=48, v_head_dim=32,
+            max_position_embeddings=512, pad_token_id=0, rope_parameters=yarn)
+    if arch == "kimi_linear":  # a Kimi Delta Attention layer (transformers' torch path), then an MLA one (NoPE)
+        return transformers.KimiLinearConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
+            qk_nope_head_dim=32, v_head_dim=32, num_experts=4, num_experts_per_token=2, linear_head_dim=16,
+            linear_num_heads=4, layer_types=["linear_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse"], max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
     extra = moe if arch in ("glm4_moe_lite", "mistral4") else {}
     if arch == "mistral4":  # queries scaled by position from token 16 on (Llama 4's scale; 0.1 in its default)
         extra = dict(extra, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,

@@ -9,7 +9,8 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      perturb_attention, replay_decode_step_without_sync, run_without_gpu_sync, tiny_config,
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_mla_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
-from longattn.hf.swap import MLA_ARCHS
+from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS
+from longattn.mla.module import MLAAttention
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -42,8 +43,18 @@ def test_logits_match_sdpa(arch, impl, device):
     ids = torch.randint(0, 128, (2, 70)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :13] = 0  # left padding
+    runs = []  # (logits, the attention parameters' gradients: training through the swapped modules)
+    for model in (ours, ref):
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()
+                                       if "self_attn" in n and p.grad is not None}))
+    (logits, grads), (ref_logits, ref_grads) = runs
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
         a = ours(ids, attention_mask=mask).logits[mask.bool()]
         b = ref(ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -310,14 +321,27 @@ def _swapped(kind, device):
 
 
 @pytest.mark.parametrize("arch", MLA_ARCHS)  # (each model type the swap takes)
-def test_mla_swap_logits_match_deepseek(arch, device):
+def test_mla_swap_logits_and_gradients_match(arch, device):
     ref, ours = _deepseek(device, arch)
-    assert type(ours.model.layers[0].self_attn).__name__ == "MLAAttention"
+    names = [type(m).__name__ for m in ours.modules()]
+    # every attention of the model's MLA class replaced (LongCat-Flash: two a layer; Kimi Linear: not its linear ones)
+    assert names.count("MLAAttention") == [type(m).__name__ for m in ref.modules()].count(MLA_ATTENTIONS[arch]) > 0
+    assert MLA_ATTENTIONS[arch] not in names
     ids = torch.randint(0, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
+    runs = []  # (logits, the attention parameters' gradients: training through the swapped modules)
+    for model in (ours, ref):
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()
+                                       if "self_attn" in n and p.grad is not None}))
+    (logits, grads), (ref_logits, ref_grads) = runs
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
         a = ours(ids, attention_mask=mask).logits[mask.bool()]
         b = ref(ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -339,7 +363,8 @@ def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device
     with torch.no_grad():
         g_ours = ours.generate(ids, attention_mask=mask, **kw)
         g_ref = ref.generate(ids, attention_mask=mask, **kw)
-    assert len(calls) == 5 * 2  # 5 decode steps after the prompt, 2 layers
+    # 5 decode steps after the prompt, one call a step in every MLA layer
+    assert len(calls) == 5 * sum(isinstance(m, MLAAttention) for m in ours.modules())
     assert torch.equal(g_ours.sequences, g_ref.sequences)
     for a, b in zip(g_ours.logits, g_ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -18,10 +18,12 @@ MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "phi3", "olmo2", "olmo3", "exaone4", "hunyu
                           "minimax")
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM, and in Mistral Small 4
 # (mistral4) with queries scaled by position; DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's
-# (cos, sin) rotary
+# (cos, sin) rotary; LongCat-Flash's (two per decoder layer) with its query and latent scaled; Kimi Linear's layers of
+# it without rotation (NoPE), between linear-attention ones (left as they are)
 MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "DeepseekV2Attention",
                   "glm4_moe_lite": "Glm4MoeLiteAttention", "youtu": "YoutuAttention", "minicpm3": "MiniCPM3Attention",
-                  "mistral4": "Mistral4Attention"}
+                  "mistral4": "Mistral4Attention", "longcat_flash": "LongcatFlashMLA",
+                  "kimi_linear": "KimiLinearAttention"}
 MLA_ARCHS = tuple(MLA_ATTENTIONS)
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
@@ -77,8 +79,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             new compressor
             and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
             layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
-        ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4)
-            and MiniCPM3: each
+        ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
+            LongCat-Flash), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones stay): each
             such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
@@ -149,20 +151,23 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             raise ValueError(f"kind 'mla' supports model types {MLA_ARCHS}, got {arch!r}")
         from ..mla.module import MLAAttention
 
-        n = 0
+        mla_modules = []
         for layer in model.model.layers:
-            if type(layer.self_attn).__name__ == MLA_ATTENTIONS[arch]:
-                layer.self_attn = MLAAttention(layer.self_attn, **options)
-            if isinstance(layer.self_attn, MLAAttention):
-                attn = layer.self_attn
-                attn.page_size = options.get("page_size", attn.page_size)
-                attn.set_cache_format(options.get("cache_dtype", attn.cache_dtype),
-                                      options.get("cache_scale", attn.cache_scale))
-                n += 1
-        if n == 0:
+            # (LongCat-Flash: a list of two attentions per decoder layer)
+            parent = layer.self_attn if isinstance(layer.self_attn, nn.ModuleList) else layer
+            for name, module in list(parent.named_children()):
+                if type(module).__name__ == MLA_ATTENTIONS[arch]:
+                    module = MLAAttention(module, **options)
+                    setattr(parent, name, module)
+                if isinstance(module, MLAAttention):
+                    module.page_size = options.get("page_size", module.page_size)
+                    module.set_cache_format(options.get("cache_dtype", module.cache_dtype),
+                                            options.get("cache_scale", module.cache_scale))
+                    mla_modules.append(module)
+        if not mla_modules:
             raise ValueError(f"found no {MLA_ATTENTIONS[arch]} layer to replace")
         if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON)
-            options = {**options, "cache_dtype": str(attn.cache_dtype).removeprefix("torch.")}
+            options = {**options, "cache_dtype": str(mla_modules[0].cache_dtype).removeprefix("torch.")}
         _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects
     if kind == "moba":
         options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}

@@ -16,6 +16,8 @@ from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_scale, device
 from .cache import PagedLatentCache
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
+# attentions whose rope part is not rotated (Kimi Linear's MLA layers: NoPE)
+NOPE_ATTENTIONS = ("KimiLinearAttention",)
 _SUBMODULES = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
                "o_proj")
 
@@ -33,9 +35,10 @@ def _reorder_latent(store: dict, beam_idx: torch.Tensor) -> None:
 
 class MLAAttention(nn.Module):
     """Drop-in replacement of a transformers ``DeepseekV3Attention`` (or the same attention in another model:
-    ``Glm4MoeLiteAttention``, ``YoutuAttention``; ``Mistral4Attention``, which also scales its queries by position),
-    ``DeepseekV2Attention`` or ``MiniCPM3Attention``, sharing its weights (same parameter names, so state dicts load
-    unchanged).
+    ``Glm4MoeLiteAttention``, ``YoutuAttention``; ``Mistral4Attention``, which also scales its queries by position;
+    ``LongcatFlashMLA``, which scales its queries and latent by constants), ``DeepseekV2Attention``,
+    ``MiniCPM3Attention`` or ``KimiLinearAttention`` (no rotation: ``position_embeddings`` not needed), sharing its
+    weights (same parameter names, so state dicts load unchanged).
 
     With a transformers cache, the latent of every layer lives in a :class:`PagedLatentCache` (page size
     64) attached to that cache object; the transformers cache itself only counts tokens. Steps with at
@@ -64,11 +67,18 @@ class MLAAttention(nn.Module):
         for name in _SUBMODULES:
             setattr(self, name, getattr(attn, name, None))
         hf_module = sys.modules[type(attn).__module__]
-        # DeepSeek-V2: the position embeddings are complex frequencies (rotating interleaved pairs); V3: (cos, sin)
-        self._rope_freqs = type(attn).__name__ == "DeepseekV2Attention"
-        self._rope = hf_module.apply_rotary_emb if self._rope_freqs else \
-            hf_module.apply_rotary_pos_emb_interleave if getattr(cfg, "rope_interleave", False) \
-            else hf_module.apply_rotary_pos_emb
+        name = type(attn).__name__
+        # DeepSeek-V2: the position embeddings are complex frequencies (rotating interleaved pairs); V3: (cos, sin),
+        # on interleaved pairs where the config says so or the model has no other rotation (LongCat-Flash); Kimi
+        # Linear: no rotation at all (NoPE), its rope part a shared key part like any other
+        self._rope_freqs = name == "DeepseekV2Attention"
+        interleave = getattr(cfg, "rope_interleave", False) or not hasattr(hf_module, "apply_rotary_pos_emb")
+        self._rope = None if name in NOPE_ATTENTIONS else hf_module.apply_rotary_emb if self._rope_freqs else \
+            hf_module.apply_rotary_pos_emb_interleave if interleave else hf_module.apply_rotary_pos_emb
+        # LongCat-Flash: the queries and the normalised latent scaled by (hidden / LoRA rank)^0.5 (q's whole head,
+        # before its rotation; the latent before it is cached): the same products with the scales folded in
+        self._q_lora_scale = getattr(attn, "mla_scale_q_lora", None)
+        self._kv_lora_scale = getattr(attn, "mla_scale_kv_lora", None)
         # Mistral 4: the queries scaled by their position (Llama 4's attention scale, the model's own function)
         self._query_scale = hf_module.get_llama_4_attn_scale if type(attn).__name__ == "Mistral4Attention" else None
 
@@ -114,8 +124,8 @@ class MLAAttention(nn.Module):
             state = store[self.layer_idx] = dict(pc=pc, ids=[pc.new_sequence() for _ in range(batch)], seen=0)
         return state
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
-                cache=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
+                attention_mask: Optional[torch.Tensor] = None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H, Dn, Dr = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
@@ -123,13 +133,21 @@ class MLAAttention(nn.Module):
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        if self._q_lora_scale is not None:
+            q = q * self._q_lora_scale
         q = q.view(B, T, H, Dn + Dr).transpose(1, 2)
         q_nope, q_rot = q.split([Dn, Dr], -1)
         ckv = self.kv_a_proj_with_mqa(hidden_states)
         c_kv, k_rot = ckv.split([self.kv_lora_rank, Dr], -1)
         c_kv = self.kv_a_layernorm(c_kv)
-        pe = (position_embeddings,) if self._rope_freqs else position_embeddings
-        q_rot, k_rot = self._rope(q_rot, k_rot.view(B, 1, T, Dr), *pe)
+        if self._kv_lora_scale is not None:
+            c_kv = c_kv * self._kv_lora_scale
+        if self._rope is not None:
+            if position_embeddings is None:
+                raise ValueError("this model's attention rotates its queries and keys: position_embeddings is "
+                                 "required")
+            pe = (position_embeddings,) if self._rope_freqs else position_embeddings
+            q_rot, k_rot = self._rope(q_rot, k_rot.view(B, 1, T, Dr), *pe)
         if self._query_scale is not None:
             if kwargs.get("position_ids") is None:
                 raise ValueError("this model's attention scales its queries by position: position_ids is required")

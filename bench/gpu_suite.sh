@@ -12,7 +12,8 @@
 # BENCH_OPS lists the benchmarks (default below; options allowed per entry, entries separated by ";", each with an
 # optional weight, e.g. "2:flash --seqlens 16k; mla --batches 64", default 1). Each gets its weight's share of the
 # time the previous ones left (what one leaves unused goes to those after it; one stopped at its share writes the
-# rows it measured). Optional peers carried as wheels in .whl/ (bench/fetch_peers.sh) are installed first.
+# rows it measured). Optional peers carried as wheels in .whl/ (bench/fetch_peers.sh) are installed first, on the
+# benchmarks' path only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/run}
@@ -22,14 +23,17 @@ mkdir -p "$out"
 # the archive is replaced whole (written aside, then renamed): a call stopped while it is written keeps the last one
 pack() { tar czf "$archive.part" -C "$(dirname "$out")" "$(basename "$out")" && mv "$archive.part" "$archive"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the peers go on the path of the benchmarks only: the tests compare with the models' own torch code (transformers
+# would run the linear-attention layers of hybrid models through fla's kernels when it is importable)
+peers=
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/peers"
+    && peers=/tmp/peers
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
+  PYTHONPATH="$PYTHONPATH${peers:+:$peers}" python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
 } > "$out/environment.txt" 2>&1
 # several workers when pytest-xdist is there (kernel compilation is CPU-bound), a per-test limit when
 # pytest-timeout is there (one hung test must not eat the benchmarks' time)
@@ -59,6 +63,7 @@ echo "pytest exit $? ($(grep -c '^passed' "$out/tests.log") passed, $(grep -c '^
 as logged)" >> "$out/pytest.log"
 tail -8 "$out/pytest.log"
 pack
+[ -n "$peers" ] && export PYTHONPATH="$PYTHONPATH:$peers"
 end=$(( $(date +%s) + ${BENCH_SECONDS:-300} ))
 # the autotuner's choice per kernel and shape goes to bench.log, every candidate's time to autotune/ (from
 # Triton's on-disk autotune cache, listed by `python -m bench autotune` after each benchmark): which tiles win

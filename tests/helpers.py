@@ -65,10 +65,11 @@ OTHER_ARCHS = {
     "glm4": {}, "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
                                  topk_group=1, first_k_dense_replace=1, use_qk_norm=True),
     "seed_oss": {}, "ernie4_5": {}, "ernie4_5_moe": dict(moe_intermediate_size=32, moe_num_experts=4, moe_k=2),
-    "granite": {}, "phi3": {}, "olmo2": {},
+    "granite": {}, "phi3": dict(partial_rotary_factor=0.5), "olmo2": {},
     "olmo3": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "exaone4": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-    "hunyuan_v1_dense": {}, "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32), "smollm3": {},
+    "hunyuan_v1_dense": {}, "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32),
+    "smollm3": dict(no_rope_layers=[1, 0]),  # (its second layer without RoPE)
     "apertus": {}, "arcee": {}, "ministral": {}, "ministral3": {},
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),

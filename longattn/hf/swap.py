@@ -5,17 +5,18 @@ import dataclasses
 
 from torch import nn
 
-# NSA's module takes the q/k/v/o projections (biases too), per-head q/k norms before RoPE and the model's own RoPE
-# function (partial rotary too: GLM-4)
+# NSA's module takes the q/k/v/o projections (biases too; Phi-3/4's fused qkv projection), q/k norms (per head before
+# RoPE: Qwen3; over all heads' dims: OLMo-2, MiniMax-M2; per head after RoPE: Hunyuan), the model's own RoPE function
+# (partial rotary too: GLM-4, Phi-4-mini, MiniMax-M2) and layers without RoPE (SmolLM3)
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
-             "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3")
-# MoBA is an attention function: also models whose attention NSA's module does not reproduce (a fused qkv projection:
-# Phi-3/4; q/k norms across heads: OLMo-2/3, MiniMax-M2; layers without RoPE: EXAONE-4, SmolLM3; norms after RoPE:
-# Hunyuan; attention sinks: gpt-oss; sliding-window layers: Gemma 3) and hybrids whose other layers are linear
-# attention (Qwen3-Next, Qwen3.5, MiniMax-M1); their sliding-window layers stay so
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "phi3", "olmo2", "olmo3", "exaone4", "hunyuan_v1_dense", "hunyuan_v1_moe",
-                          "smollm3", "gemma3_text", "minimax_m2", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
-                          "minimax")
+             "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
+             "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3")
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
+# gpt-oss; sliding-window layers with a RoPE of their own, or the only ones with RoPE: OLMo-3, Gemma 3, EXAONE-4 (NSA
+# makes every layer a full one) and hybrids whose other layers are linear attention (Qwen3-Next, Qwen3.5,
+# MiniMax-M1); their sliding-window layers stay so
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "olmo3", "exaone4", "gemma3_text", "qwen3_next", "qwen3_5_text",
+                          "qwen3_5_moe_text", "minimax")
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM, and in Mistral Small 4
 # (mistral4) with queries scaled by position; DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's
 # (cos, sin) rotary; LongCat-Flash's (two per decoder layer) with its query and latent scaled; Kimi Linear's layers of
@@ -67,18 +68,18 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and Phi-3/4, OLMo-2/3, EXAONE-4,
-            Hunyuan, SmolLM3, Gemma 3, MiniMax-M1/M2, gpt-oss, Qwen3-Next, Qwen3.5: their sliding-window layers stay
-            so, the linear-attention layers of hybrids too); options ``block_size`` (default 512) and ``topk``
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and OLMo-3, EXAONE-4, Gemma 3,
+            MiniMax-M1, gpt-oss, Qwen3-Next, Qwen3.5: their sliding-window layers stay so, the linear-attention layers
+            of hybrids too); options ``block_size`` (default 512) and ``topk``
             (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled keys of
             each layer's complete blocks on the transformers cache, so a step reads the selected blocks only
             (``attn_implementation="moba"`` alone pools every block of the cache at each step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
-            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee): each
-            attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights, with
-            new compressor
-            and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). The model's sliding-window
-            layers become NSA layers too (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
+            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2, MiniMax-M2,
+            Hunyuan, SmolLM3): each attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the
+            q/k/v/o weights (and q/k norms), with new compressor and gate parameters (gates start at 0.5); option
+            ``config`` (an ``NSAConfig``). The model's sliding-window layers become NSA layers too
+            (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones stay): each
             such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an

@@ -1,6 +1,7 @@
-"""NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer.
+"""NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer (and the like: Phi-3's
+fused projection, OLMo-2's and Hunyuan's q/k norms, SmolLM3's layers without RoPE).
 
-Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; Qwen3's q/k norms too), a
+Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
 initialised to mean pooling) and a sigmoid gate MLP (initialised to zero, so every gate starts at 0.5).
 
@@ -49,11 +50,16 @@ class NativeSparseAttention(nn.Module):
         self.num_kv_heads = hf_cfg.num_key_value_heads
         self.scaling = attn.scaling
         self.is_causal = True
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, getattr(attn, name))
-        # per-head RMSNorms of q and k before RoPE (Qwen3), kept with their weights
-        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        w = attn.q_proj.weight
+        # the layer's projections (Phi-3: q, k and v as one, qkv_proj) and q/k norms, kept under their names with
+        # their weights: before RoPE per head (Qwen3) or over all the heads' dims at once (OLMo-2, MiniMax-M2: a norm
+        # of H * D values), after RoPE per head (Hunyuan's query_layernorm / key_layernorm)
+        for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm", "query_layernorm",
+                     "key_layernorm"):
+            setattr(self, name, getattr(attn, name, None))
+        self._norms_across_heads = self.q_norm is not None and self.q_norm.weight.numel() != self.head_dim
+        # layers without RoPE (SmolLM3's NoPE layers)
+        self._use_rope = bool(getattr(attn, "use_rope", True))
+        w = self.o_proj.weight
         d, l = self.head_dim, config.cmp_block
         self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
         self.v_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
@@ -95,18 +101,32 @@ class NativeSparseAttention(nn.Module):
         blocks = x[device_tensor(rows, torch.long, dev)[:, None], tok].transpose(1, 2) + pos  # (N, H, l, D)
         return lin(blocks.flatten(-2))
 
+    def _project(self, hidden_states: torch.Tensor):
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of the layer's projections and q/k norms, before RoPE."""
+        B, T = hidden_states.shape[:2]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(hidden_states).split([H * D, Hkv * D, Hkv * D], -1)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self._norms_across_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.q_norm is not None and not self._norms_across_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(hidden_states).view(B, T, H, D)
-        k = self.k_proj(hidden_states).view(B, T, Hkv, D)
-        q = (q if self.q_norm is None else self.q_norm(q)).transpose(1, 2)
-        k = (k if self.k_norm is None else self.k_norm(k)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self._rope(q, k, cos, sin)
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self._project(hidden_states)
+        if self._use_rope:
+            cos, sin = position_embeddings
+            q, k = self._rope(q, k, cos, sin)
+        if self.query_layernorm is not None:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
         gates = torch.sigmoid(self.gate(hidden_states)).view(B, T, 3, H)
         if cache is not None:
             check_cache_supported(cache, "nsa")

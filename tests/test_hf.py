@@ -302,7 +302,8 @@ def test_mask_with_holes_is_rejected(device):
             ours(ids, attention_mask=mask)
 
 
-def _deepseek(device, arch="deepseek_v3"):
+def _deepseek(device, arch="deepseek_v3", kind="mla", **options):
+    """A tiny model of MLA model type ``arch`` (eager attention) and its copy with ``kind`` swapped in."""
     cfg = tiny_deepseek_v3_config() if arch == "deepseek_v3" else tiny_mla_config(arch)
     if cfg is None:
         pytest.skip(f"this transformers has no {arch} model")
@@ -311,7 +312,7 @@ def _deepseek(device, arch="deepseek_v3"):
     build = transformers.Mistral4ForCausalLM._from_config if arch == "mistral4" else AutoModelForCausalLM.from_config
     ref = build(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
     ours = copy.deepcopy(ref)
-    longattn.hf.swap_attention(ours, "mla", page_size=16)
+    longattn.hf.swap_attention(ours, kind, **(options or dict(page_size=16)))
     return ref.to(device), ours.to(device)
 
 
@@ -360,6 +361,32 @@ def test_mla_generate_uses_absorbed_decode_and_matches(arch, monkeypatch, device
     assert torch.equal(g_ours.sequences, g_ref.sequences)
     for a, b in zip(g_ours.logits, g_ref.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "longcat_flash", "kimi_linear"])
+def test_moba_swap_on_mla_models(arch, device, monkeypatch):
+    """MoBA on MLA models, over the keys and values their attention decompresses (q/k and v head dims apart): with
+    top-k over every block the logits and the attention parameters' gradients equal the eager model's; sparse (top
+    2 of 16-token blocks), cached decoding gives a full recompute's tokens, every attention (LongCat-Flash: two a
+    decoder layer) pooling only the block the previous token completed."""
+    ref, ours = _deepseek(device, arch, "moba", block_size=16, topk=64)
+    ids = torch.randint(1, 128, (2, 40)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    _assert_same_logits_and_gradients(ours, ref, ids, mask)
+    longattn.hf.swap_attention(ours, "moba", block_size=16, topk=2)
+    calls = []
+    pool = hf_attention.pool_cache_blocks
+    monkeypatch.setattr(hf_attention, "pool_cache_blocks",
+                        lambda *a, tail=None: calls.append(tail) or pool(*a, tail=tail))
+    prompt = torch.randint(1, 128, (1, 45)).to(device)
+    with torch.no_grad():  # 6 new tokens after 45 (the fourth crosses a block's end)
+        gen = ours.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    n = [type(m).__name__ for m in ref.modules()].count(MLA_ATTENTIONS[arch])
+    assert calls == [None] * n + [1] * n * 5  # the prefill pools every block, a step one
+    with torch.no_grad():
+        recompute = ours(gen[:, :-1], use_cache=False).logits[:, 44:].argmax(-1)
+    assert torch.equal(gen[:, 45:], recompute)
 
 
 def test_mla_float8_latent_cache(device, tmp_path):

@@ -11,12 +11,6 @@ from torch import nn
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
              "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
              "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3")
-# MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; sliding-window layers with a RoPE of their own, or the only ones with RoPE: OLMo-3, Gemma 3, EXAONE-4 (NSA
-# makes every layer a full one) and hybrids whose other layers are linear attention (Qwen3-Next, Qwen3.5,
-# MiniMax-M1); their sliding-window layers stay so
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "olmo3", "exaone4", "gemma3_text", "qwen3_next", "qwen3_5_text",
-                          "qwen3_5_moe_text", "minimax")
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM, and in Mistral Small 4
 # (mistral4) with queries scaled by position; DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's
 # (cos, sin) rotary; LongCat-Flash's (two per decoder layer) with its query and latent scaled; Kimi Linear's layers of
@@ -26,6 +20,13 @@ MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "Deepseek
                   "mistral4": "Mistral4Attention", "longcat_flash": "LongcatFlashMLA",
                   "kimi_linear": "KimiLinearAttention"}
 MLA_ARCHS = tuple(MLA_ATTENTIONS)
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
+# gpt-oss; sliding-window layers with a RoPE of their own, or the only ones with RoPE: OLMo-3, Gemma 3, EXAONE-4 (NSA
+# makes every layer a full one), hybrids whose other layers are linear attention (Qwen3-Next, Qwen3.5,
+# MiniMax-M1), their sliding-window layers staying so, and the MLA models (on the keys and values their attention
+# decompresses: q/k 192, v 128 in DeepSeek-V3)
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "olmo3", "exaone4", "gemma3_text", "qwen3_next", "qwen3_5_text",
+                          "qwen3_5_moe_text", "minimax") + MLA_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -70,10 +71,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             attention interface); exact.
         ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and OLMo-3, EXAONE-4, Gemma 3,
             MiniMax-M1, gpt-oss, Qwen3-Next, Qwen3.5: their sliding-window layers stay so, the linear-attention layers
-            of hybrids too); options ``block_size`` (default 512) and ``topk``
-            (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled keys of
-            each layer's complete blocks on the transformers cache, so a step reads the selected blocks only
-            (``attn_implementation="moba"`` alone pools every block of the cache at each step).
+            of hybrids too; and those of MLA below, on the keys and values their attention decompresses, which
+            transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
+            (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
+            Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
+            the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
+            step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2, MiniMax-M2,
             Hunyuan, SmolLM3): each attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the
@@ -122,8 +125,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba")
         for layer in model.model.layers:
-            if hasattr(layer, "self_attn"):  # (hybrid models: the others hold linear attention or state-space layers)
-                _record_cache(layer.self_attn)
+            attn = getattr(layer, "self_attn", None)  # (hybrids: linear attention or state-space layers have none)
+            for module in attn if isinstance(attn, nn.ModuleList) else [attn] if attn is not None else []:
+                _record_cache(module)  # (LongCat-Flash: two attentions a layer)
     elif kind == "nsa":
         if arch not in NSA_ARCHS:
             raise ValueError(f"kind 'nsa' supports model types {NSA_ARCHS}, got {arch!r}")

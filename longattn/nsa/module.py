@@ -39,6 +39,16 @@ def _reorder_compressed(store: dict, beam_idx: torch.Tensor) -> None:
 
 
 class NativeSparseAttention(nn.Module):
+    """Drop-in replacement of a transformers self-attention ``attn`` (of a model type in
+    ``longattn.hf.swap.NSA_ARCHS``; ``swap_attention(model, "nsa")`` builds one per layer) by NSA under ``config``
+    (default: the paper's, :class:`NSAConfig`). Keeps ``attn``'s projections and q/k norms (same parameter names:
+    their weights are shared), scale and RoPE function; adds ``k_pos`` / ``v_pos`` (cmp_block, head_dim), the
+    compressors ``k_compress`` / ``v_compress`` (Linear cmp_block * head_dim -> head_dim, mean pooling at first)
+    and ``gate`` (Linear hidden -> 3 * heads, zero: every gate 0.5 at first), in the dtype and on the device of
+    ``attn``'s weights. ``forward`` takes what the model's decoder layer passes its attention (hidden states
+    (B, T, hidden), RoPE's (cos, sin), a 2-D padding mask or None, the transformers cache) and returns
+    ``(output (B, T, hidden), None)``."""
+
     def __init__(self, attn: nn.Module, config: NSAConfig = NSAConfig()):
         super().__init__()
         hf_cfg = attn.config

@@ -80,7 +80,7 @@ class MLAAttention(nn.Module):
         self._q_lora_scale = getattr(attn, "mla_scale_q_lora", None)
         self._kv_lora_scale = getattr(attn, "mla_scale_kv_lora", None)
         # Mistral 4: the queries scaled by their position (Llama 4's attention scale, the model's own function)
-        self._query_scale = hf_module.get_llama_4_attn_scale if type(attn).__name__ == "Mistral4Attention" else None
+        self._query_scale = hf_module.get_llama_4_attn_scale if name == "Mistral4Attention" else None
 
     def _weights(self, like: torch.Tensor):
         """W_UK (H, Dn, R) and W_UV (H, Dv, R), the two parts of kv_b_proj's weight. A kv_b_proj other than a plain

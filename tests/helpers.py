@@ -152,6 +152,31 @@ def tiny_mla_config(arch: str):
                                       q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=32)
 
 
+def tiny_multimodal_config(arch: str):
+    """A tiny multimodal model's config, or None where this transformers has no such model: "qwen2_5_vl" (a vision
+    encoder of one layer, multimodal RoPE in the language model: image token 150, vision start / end 152 / 153) or
+    "kimi_k25" (Kimi K2.5: tiny_deepseek_v3_config's language model and a vision encoder of one layer)."""
+    import transformers
+
+    if arch == "qwen2_5_vl":
+        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
+        rope = dict(rope_parameters=rope) if int(transformers.__version__.split(".")[0]) >= 5 else \
+            dict(rope_scaling=dict(rope, type="mrope"))
+        text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, **rope)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=150,
+                                             video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
+                                             pad_token_id=0)
+    if not hasattr(transformers, "Kimi_K25Config"):
+        return None
+    text = {k: v for k, v in tiny_deepseek_v3_config().to_dict().items()
+            if k not in ("architectures", "transformers_version")}
+    vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    return transformers.Kimi_K25Config(text_config=text, vision_config=vision)
+
+
 def tiny_gpt_oss_pair(device, impl):
     """A tiny gpt-oss (attention sinks, moved off 0 here; a sliding-window layer then a full one) under eager
     attention, and a copy under longattn's ``impl`` ("longattn", or "moba" through swap_attention with top-k over

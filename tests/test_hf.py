@@ -7,7 +7,7 @@ import torch
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
                      perturb_attention, replay_decode_step_without_sync, run_without_gpu_sync, tiny_config,
-                     tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_mla_config, OTHER_ARCHS)
+                     tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_mla_config, tiny_multimodal_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
 from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS
 from longattn.mla.module import MLAAttention
@@ -387,6 +387,39 @@ def test_moba_swap_on_mla_models(arch, device, monkeypatch):
     with torch.no_grad():
         recompute = ours(gen[:, :-1], use_cache=False).logits[:, 44:].argmax(-1)
     assert torch.equal(gen[:, 45:], recompute)
+
+
+@pytest.mark.parametrize("arch,kind", [("qwen2_5_vl", "flash"), ("qwen2_5_vl", "moba"), ("kimi_k25", "mla")])
+def test_swap_on_multimodal_model(arch, kind, device, tmp_path):
+    """A multimodal model: its language model's attention swapped, its vision encoder's kept (bidirectional: the
+    attention functions refuse it). Qwen2.5-VL with an image in the prompt (multimodal RoPE), Kimi K2.5 (MLA) on
+    text: the logits and greedy generation equal the eager model's (MoBA over every block: exact); saved, it loads
+    back swapped (longattn.hf.from_pretrained)."""
+    cfg = tiny_multimodal_config(arch)
+    if cfg is None:
+        pytest.skip(f"this transformers has no {arch} model")
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager").eval().to(device)
+    opts = dict(flash={}, moba=dict(block_size=16, topk=64), mla=dict(page_size=16))[kind]
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), kind, **opts)
+    assert ours.config.vision_config._attn_implementation == "eager"
+    assert ours.config.text_config._attn_implementation == ("moba" if kind == "moba" else "longattn")
+    ids = torch.randint(1, 128, (1, 40)).to(device)
+    inputs = dict(input_ids=ids)
+    if arch == "qwen2_5_vl":  # an image of 4 x 4 patches (4 tokens after merging) after the first two tokens
+        ids[0, 2:8] = torch.tensor([152, 150, 150, 150, 150, 153])
+        inputs.update(pixel_values=torch.randn(16, 3 * 2 * 14 * 14).to(device),
+                      image_grid_thw=torch.tensor([[1, 4, 4]]).to(device))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, atol=1e-4, rtol=1e-4)
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+    ours.save_pretrained(tmp_path)
+    loaded = longattn.hf.from_pretrained(tmp_path).eval().to(device)
+    assert type(loaded) is type(ours) and loaded.config.text_config._attn_implementation == \
+        ours.config.text_config._attn_implementation
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, ours(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_mla_float8_latent_cache(device, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from torch import nn
 
@@ -20,25 +21,46 @@ MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "Deepseek
                   "mistral4": "Mistral4Attention", "longcat_flash": "LongcatFlashMLA",
                   "kimi_linear": "KimiLinearAttention"}
 MLA_ARCHS = tuple(MLA_ATTENTIONS)
+# the language models of multimodal models whose attention rotates by multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
+# MoBA's and flash's attention functions take them (the model rotates); NSA's module does not
+VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
 # gpt-oss; sliding-window layers with a RoPE of their own, or the only ones with RoPE: OLMo-3, Gemma 3, EXAONE-4 (NSA
 # makes every layer a full one), hybrids whose other layers are linear attention (Qwen3-Next, Qwen3.5,
 # MiniMax-M1), their sliding-window layers staying so, and the MLA models (on the keys and values their attention
 # decompresses: q/k 192, v 128 in DeepSeek-V3)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "olmo3", "exaone4", "gemma3_text", "qwen3_next", "qwen3_5_text",
-                          "qwen3_5_moe_text", "minimax") + MLA_ARCHS
+                          "qwen3_5_moe_text", "minimax") + MLA_ARCHS + VL_TEXT_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
 
-def _set_impl(model: nn.Module, name: str) -> None:
+def _set_impl(model: nn.Module, name: str, text_key: Optional[str] = None) -> None:
+    """Make ``name`` the attention implementation of ``model`` (of its sub-model ``text_key`` alone when given)."""
     from . import register
 
     register()
-    if hasattr(model, "set_attn_implementation"):
+    if text_key is not None:
+        model.set_attn_implementation({text_key: name})
+    elif hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     else:
         model.config._attn_implementation = name
+
+
+def _language_model(model: nn.Module):
+    """``(config, decoder layers, sub-config key)`` of the language model of ``model``: a causal LM's own (key None),
+    or a multimodal model's text model (its vision encoder keeps its attention: bidirectional, and not long)."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if text is cfg:
+        return cfg, model.model.layers, None
+    key = next((k for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is text), None)
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    if key is None or lm is None or not hasattr(lm, "layers"):
+        raise ValueError(f"found no language model in this {cfg.model_type} model (model.model.language_model with "
+                         f"its layers and config.{key or 'text_config'})")
+    return text, lm.layers, key
 
 
 def _remember_cache(module, args, kwargs):
@@ -90,6 +112,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
             latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
             ``cache_scale`` (a float8 cache's dequantisation scale, default 1: the latent is RMS-normalised).
+    A multimodal model (Qwen2.5-VL, Qwen3-VL, Gemma 3, Mistral 3, ...) has its language model's attention swapped (the
+    kinds' model types are its language model's); its vision encoder keeps its own.
     The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
     ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
     Raises ValueError for an unknown kind, an unsupported architecture, an unknown option, or a model whose
@@ -100,10 +124,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     swapped = {type(m).__name__ for m in model.modules()} & {"NativeSparseAttention", "MLAAttention"}
     if swapped and swapped != {dict(nsa="NativeSparseAttention", mla="MLAAttention").get(kind)}:
         raise ValueError(f"this model's attention is already longattn's {swapped.pop()}: swap into a fresh model")
-    cfg = getattr(model, "config", None)
-    arch = getattr(cfg, "model_type", None)
-    if cfg is None:
+    top = getattr(model, "config", None)
+    if top is None:
         raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
+    cfg, layers, text_key = _language_model(model)  # (of a multimodal model: its language model's)
+    arch = getattr(cfg, "model_type", None)
     allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",),
                "mla": ("page_size", "cache_dtype", "cache_scale")}[kind]
     unknown = set(options) - set(allowed)
@@ -112,7 +137,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     if kind == "flash":
         if arch in MLA_ARCHS:
             raise ValueError(f"use kind='mla' for {arch} models (their attention is MLA)")
-        _set_impl(model, "longattn")
+        _set_impl(model, "longattn", text_key)
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
             raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
@@ -123,8 +148,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         cfg.moba_block_size, cfg.moba_topk = bs, topk
-        _set_impl(model, "moba")
-        for layer in model.model.layers:
+        _set_impl(model, "moba", text_key)
+        for layer in layers:
             attn = getattr(layer, "self_attn", None)  # (hybrids: linear attention or state-space layers have none)
             for module in attn if isinstance(attn, nn.ModuleList) else [attn] if attn is not None else []:
                 _record_cache(module)  # (LongCat-Flash: two attentions a layer)
@@ -144,12 +169,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in cfg.layer_types]
         elif getattr(cfg, "sliding_window", None) is not None:
             cfg.sliding_window = None
-        for layer in model.model.layers:
+        for layer in layers:
             if not isinstance(layer.self_attn, NativeSparseAttention):
                 layer.self_attn = NativeSparseAttention(layer.self_attn, config)
             elif layer.self_attn.nsa != config:
                 raise ValueError(f"this model's NSA layers have {layer.self_attn.nsa}, not {config}")
-        _set_impl(model, "longattn")  # 2-D padding masks
+        _set_impl(model, "longattn", text_key)  # 2-D padding masks
         options = {"config": dataclasses.asdict(config)}
     else:
         if arch not in MLA_ARCHS:
@@ -157,7 +182,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         from ..mla.module import MLAAttention
 
         mla_modules = []
-        for layer in model.model.layers:
+        for layer in layers:
             # (LongCat-Flash: a list of two attentions per decoder layer)
             parent = layer.self_attn if isinstance(layer.self_attn, nn.ModuleList) else layer
             for name, module in list(parent.named_children()):
@@ -173,22 +198,22 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             raise ValueError(f"found no {MLA_ATTENTIONS[arch]} layer to replace")
         if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON)
             options = {**options, "cache_dtype": str(mla_modules[0].cache_dtype).removeprefix("torch.")}
-        _set_impl(model, "longattn")  # 2-D padding masks, as MLAAttention expects
+        _set_impl(model, "longattn", text_key)  # 2-D padding masks, as MLAAttention expects
     if kind == "moba":
         options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}
-    cfg.longattn = {"kind": kind, **options}  # saved by save_pretrained: longattn.hf.from_pretrained redoes the swap
+    top.longattn = {"kind": kind, **options}  # saved by save_pretrained: longattn.hf.from_pretrained redoes the swap
     return model
 
 
 def from_pretrained(name_or_path, *args, **kwargs) -> nn.Module:
-    """Load a causal LM saved after :func:`swap_attention` (``model.save_pretrained``): its config records the
-    swap (``config.longattn``), which is redone while the model is built, so that the weights the swap added (NSA's
-    compressors and gates) load from the checkpoint. Arguments as ``AutoModelForCausalLM.from_pretrained``; a model
-    saved without a swap loads as it does there.
+    """Load a causal LM (or a multimodal model of ``AutoModelForImageTextToText``) saved after :func:`swap_attention`
+    (``model.save_pretrained``): its config records the swap (``config.longattn``), which is redone while the model is
+    built, so that the weights the swap added (NSA's compressors and gates) load from the checkpoint. Arguments as
+    ``AutoModelForCausalLM.from_pretrained``; a model saved without a swap loads as it does there.
 
     (``AutoModelForCausalLM.from_pretrained`` alone builds the original attention and drops NSA's weights.)
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code",
                                   "subfolder") if k in kwargs}
@@ -201,14 +226,16 @@ def from_pretrained(name_or_path, *args, **kwargs) -> nn.Module:
         from ..nsa.reference import NSAConfig
 
         spec["config"] = NSAConfig(**spec["config"])
-    base = AutoModelForCausalLM._model_mapping[type(config)]
+    causal = AutoModelForCausalLM._model_mapping
+    base = (causal if type(config) in causal else AutoModelForImageTextToText._model_mapping)[type(config)]
 
     class Swapped(base):
         def __init__(self, config, *a, **k):
             super().__init__(config, *a, **k)
             swap_attention(self, kind, **spec)
 
-    Swapped.__name__ = Swapped.__qualname__ = base.__name__
+    # (named as the base, and of its module: transformers finds a class's checkpoint key conversions by them)
+    Swapped.__name__, Swapped.__qualname__, Swapped.__module__ = base.__name__, base.__qualname__, base.__module__
     model = Swapped.from_pretrained(name_or_path, *args, config=config, **kwargs)
     model.__class__ = base  # a plain transformers class again (pickling, isinstance checks by name)
     return swap_attention(model, kind, **spec)  # the attention implementation, as the loading left it

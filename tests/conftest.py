@@ -4,9 +4,10 @@ Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter:
 set here, before anything imports triton (the kernels' @triton.jit decorators read it). Kernel outputs
 are poisoned with NaN before every launch (LONGATTN_POISON_OUTPUTS), so unwritten elements fail, and a
 launch with a keyword argument the kernel does not declare fails (the interpreter drops it silently, a GPU
-launch rejects it), as does a longattn launch without the compile options all of them pass. The interpreter is made to compute bfloat16 as the GPU does, so every dtype, bf16
-included, is tested on the CPU too, and to swap triton.language for its interpreted functions once per launch
-(not again at every call of a helper: the same result, in two thirds of the time).
+launch rejects it), as does a longattn launch without the compile options all of them pass. The interpreter is
+made to compute bfloat16 as the GPU does, so every dtype, bf16 included, is tested on the CPU too, and to swap
+triton.language for its interpreted functions once per launch (not again at every call of a helper: the same
+result, in two thirds of the time).
 """
 import contextlib
 import inspect
@@ -231,12 +232,14 @@ def _past_durations() -> dict:
 def _sort_for_gpu(items) -> None:
     """The GPU run's order: the groups of ``_gpu_run_order``, each the longest first as an earlier GPU run timed
     them (gpu_suite.sh): xdist hands the tests out in this order, so no worker is still running a long one, with
-    short ones queued behind it, when the time limit comes. Tests that run did not time go after the others of
-    their group, in their collected order. (xdist's default hand-out sends each worker a run of consecutive tests,
-    len/n/4 of them at first, then up to len/n/2: on the H100 one worker got the nine longest GPU-only tests, and the
-    run's time limit came before it was done; gpu_suite.sh sends them one by one.)"""
+    short ones queued behind it, when the time limit comes. Tests that no run timed (new ones, those a run did not
+    reach) go first in their group, in their collected order, as if long: they may be (a first compile of their
+    kernels, too), and one of them last would hold its worker past the others. (xdist's default hand-out sends each
+    worker a run of consecutive tests, len/n/4 of them at first, then up to len/n/2: on the H100 one worker got the
+    nine longest GPU-only tests, and the run's time limit came before it was done; gpu_suite.sh sends them one by
+    one.)"""
     past = _past_durations()
-    items.sort(key=lambda item: (_gpu_run_order(item), -past.get(item.nodeid, 0.0)))
+    items.sort(key=lambda item: (_gpu_run_order(item), -past.get(item.nodeid, float("inf"))))
     # xdist's first hand-out (--maxschedchunk 1, as gpu_suite.sh runs it) gives each of its n workers two
     # consecutive tests: the longest goes with the shortest of the first 2n, the second with the second shortest...
     n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))

@@ -194,8 +194,8 @@ def test_autotune_report(tmp_path):
 
 def test_gpu_run_order(monkeypatch, tmp_path):
     """On a GPU (bench/gpu_suite.sh) the tests run GPU-only ones first, then bfloat16 / dtype-less, then the float16
-    / float32 ones, each group the longest first as an earlier run's log (LONGATTN_TEST_DURATIONS) timed them,
-    then those it did not time in their collected order; under xdist's n workers, the first 2n paired longest with
+    / float32 ones, each group first those no earlier run's log (LONGATTN_TEST_DURATIONS) timed, in their collected
+    order, then the longest first as the logs timed them; under xdist's n workers, the first 2n paired longest with
     shortest (each worker's first two)."""
     import os
     from types import SimpleNamespace
@@ -217,14 +217,14 @@ def test_gpu_run_order(monkeypatch, tmp_path):
     later = tmp_path / "later.log"  # a later run's times win; a file that cannot be read is passed over
     later.write_text("passed      0.50s t.py::g[q[1, 2]] (call)\npassed      0.75s t.py::b[bfloat16] (call)\n")
     monkeypatch.setenv("LONGATTN_TEST_DURATIONS", os.pathsep.join([str(log), str(tmp_path / "missing"), str(later)]))
-    _sort_for_gpu(items)
-    assert [i.nodeid[6] for i in items] == list("cfdbgtae")
+    _sort_for_gpu(items)  # (f, t, e: not timed, first in their groups)
+    assert [i.nodeid[6] for i in items] == list("fctdbgea")
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
     _sort_for_gpu(items)
-    assert [i.nodeid[6] for i in items] == list("cbfdgtae")
+    assert [i.nodeid[6] for i in items] == list("fdctbgea")
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "5")  # more workers than pairs: the order as it was
     _sort_for_gpu(items)
-    assert [i.nodeid[6] for i in items] == list("cfdbgtae")
+    assert [i.nodeid[6] for i in items] == list("fctdbgea")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run")

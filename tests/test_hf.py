@@ -58,7 +58,8 @@ def _assert_same_logits_and_gradients(ours, ref, ids, mask):
 @pytest.mark.parametrize("arch,impl", [("llama", "moba"), ("qwen2", "moba"), ("llama", "longattn"),
                                        ("qwen2", "longattn")])
 def test_logits_match_sdpa(arch, impl, device):
-    """MoBA with topk >= blocks is exact causal attention: logits equal sdpa's, with and without padding."""
+    """MoBA with topk >= blocks is exact causal attention: logits and the attention parameters' gradients equal
+    sdpa's, the logits with padding too."""
     ref, ours = _pair(_config(arch, moba_block_size=16, moba_topk=64), impl, device)
     ids = torch.randint(0, 128, (2, 70)).to(device)
     mask = torch.ones_like(ids)

@@ -1,10 +1,13 @@
-"""Rollouts end to end: `longattn.rollout.generate` on a random Llama-style model, per attention kind.
+"""Rollouts end to end: `longattn.rollout.generate` on a random Llama-style model (or, `--arch deepseek_v3`, a
+DeepSeek-V3-style one: MLA attention, R1's architecture), per attention kind.
 
 What an RL rollout pays: the batched prefill of prompts of different lengths, then decoding with the KV cache
 (every layer's attention, the projections and MLPs, the sampling and the host work of each step). Each kind is
-the same random model with its attention swapped (`swap_attention`); `sdpa` is transformers' own attention
-(the baseline), `sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each
-step's keys and values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`.
+the same random model with its attention swapped (`swap_attention`; `mla`: longattn's MLA module, prefill through
+`mla_prefill`, decoding in the absorbed form over its paged latent cache); `sdpa` is transformers' own attention
+(the baseline; for DeepSeek-V3 transformers 5 caches the latent and decompresses it at every step),
+`sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each step's keys and
+values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`.
 Prompt lengths are drawn between half the nominal length and the full one, the same for every kind; `--samples n`
 samples n completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
 `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after an identical
@@ -17,10 +20,13 @@ import contextlib
 
 from .common import Results, parse_ints, peak_memory_mb, require_cuda
 
-COLUMNS = ["impl", "B", "samples", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms", "step_ms",
-           "tok/s", "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
+COLUMNS = ["impl", "arch", "B", "samples", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms",
+           "step_ms", "tok/s", "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
 PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
-KINDS = ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")
+# the kinds each --arch takes (the first of each: the default --kinds)
+ARCH_KINDS = {"llama": ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa"),
+              "deepseek_v3": ("sdpa", "sdpa_dynamic", "mla", "moba")}
+KINDS = ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa", "mla")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -35,28 +41,53 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
+    p.add_argument("--arch", default="llama", choices=sorted(ARCH_KINDS), help="the model: Llama-style (GQA, "
+                   "--kv-heads) or DeepSeek-V3-style (MLA: latent 512, q LoRA 1536, q/k heads 128 + 64, v 128, "
+                   "dense MLPs)")
+    p.add_argument("--kinds", default=None, help=f"comma-separated, of {ARCH_KINDS} by --arch (default: all of "
+                   "the arch's)")
     p.add_argument("--moba", default="4096:4", help="MoBA block_size:topk")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--out", default=None)
 
 
+def _config(args):
+    """The benchmark's model config (``args.arch``)."""
+    from transformers import DeepseekV3Config, LlamaConfig
+
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                  num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=1 << 20)
+    if getattr(args, "arch", "llama") == "llama":
+        return LlamaConfig(**common, num_key_value_heads=args.kv_heads)
+    # DeepSeek-V3's attention dims; every MLP dense (first_k_dense_replace: all layers): the attention is compared
+    return DeepseekV3Config(**common, num_key_value_heads=args.heads, kv_lora_rank=512, q_lora_rank=1536,
+                            qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                            first_k_dense_replace=args.layers, n_routed_experts=1, num_experts_per_tok=1, n_group=1,
+                            topk_group=1, moe_intermediate_size=args.hidden)
+
+
+def _kinds(args) -> list:
+    kinds = ARCH_KINDS[getattr(args, "arch", "llama")]
+    chosen = [k.strip() for k in (args.kinds or ",".join(kinds)).split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in kinds]
+    if unknown:
+        raise ValueError(f"--kinds: {unknown} not among the kinds of --arch {args.arch}: {kinds}")
+    return chosen
+
+
 def _model(kind: str, args, dev, dtype):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     import longattn
 
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=1 << 20)
     torch.manual_seed(0)
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
+        model = AutoModelForCausalLM.from_config(_config(args), attn_implementation="sdpa").to(dtype).eval()
     if kind == "moba":
         bs, topk = (int(x) for x in args.moba.split(":"))
         longattn.hf.swap_attention(model, "moba", block_size=bs, topk=topk)
-    elif kind in ("flash", "nsa"):
+    elif kind in ("flash", "nsa", "mla"):
         longattn.hf.swap_attention(model, kind)
     elif kind not in ("sdpa", "sdpa_dynamic"):
         raise ValueError(f"--kinds: unknown kind {kind!r}, expected some of {KINDS}")
@@ -88,7 +119,9 @@ def run(args, argv=None) -> list[dict]:
 
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    kinds = _kinds(args)
+    cfg = _config(args)
+    dims = (cfg.num_key_value_heads, getattr(cfg, "qk_head_dim", None) or cfg.head_dim)  # (Hkv, q/k head dim)
     rows = Results("rollout", COLUMNS, argv, out_dir=args.out, plot=PLOT)
     for T in parse_ints(args.prompts):
         gen = torch.Generator().manual_seed(T)
@@ -115,9 +148,9 @@ def run(args, argv=None) -> list[dict]:
             res = done[0]
             steps = max(1, args.new_tokens - 1)  # the first token comes from the prefill's logits
             rows_decoded = args.batch * args.samples
-            row = dict(op="rollout", impl=kind, series=kind, mode="rollout", B=args.batch, samples=args.samples,
-                       prompt=T, new=args.new_tokens, layers=args.layers, hidden=args.hidden, Hq=args.heads,
-                       Hkv=args.kv_heads, D=args.hidden // args.heads, dtype=args.dtype,
+            row = dict(op="rollout", impl=kind, series=kind, mode="rollout", arch=args.arch, B=args.batch,
+                       samples=args.samples, prompt=T, new=args.new_tokens, layers=args.layers, hidden=args.hidden,
+                       Hq=args.heads, Hkv=dims[0], D=dims[1], dtype=args.dtype,
                        prefill_ms=1e3 * res.prefill_seconds, step_ms=1e3 * res.decode_seconds / steps,
                        **{"tok/s": rows_decoded * steps / max(res.decode_seconds, 1e-9)}, peak_MB=mem,
                        prompt_tokens=sum(lens))

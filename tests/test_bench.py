@@ -125,6 +125,34 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
         assert {r["impl"] for r in rows if r.get("%l2")} == {"longattn", "longattn_no_tma", "longattn_query4"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run")
+def test_bench_rollout_on_mla_model(monkeypatch, tmp_path):
+    """`python -m bench rollout --arch deepseek_v3`: a DeepSeek-V3-style model (MLA), its kinds (transformers' SDPA,
+    longattn's MLA module, MoBA) on tiny CPU shapes; kinds of the other arch refused."""
+    import argparse
+
+    from bench import rollout as bench_rollout
+
+    _dry_run(monkeypatch, bench_rollout)
+    p = argparse.ArgumentParser()
+    bench_rollout.add_args(p)
+    argv = ["--arch", "deepseek_v3", "--prompts", "40", "--batch", "2", "--new-tokens", "3", "--layers", "1",
+            "--hidden", "64", "--heads", "2", "--vocab", "128", "--moba", "16:2", "--dtype", "float16",
+            "--kinds", "sdpa,mla,moba", "--out", str(tmp_path)]
+    import longattn.mla.module as mla_module
+
+    calls = []
+    decode = mla_module.mla_decode
+    monkeypatch.setattr(mla_module, "mla_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    rows = bench_rollout.run(p.parse_args(argv), ["rollout"])
+    assert len(calls) == 2 * 2  # the mla kind's 2 decoding steps after its prefill, warm-up and timed run
+    assert [(r["impl"], r["arch"], r["Hkv"], r["D"]) for r in rows] == \
+        [(k, "deepseek_v3", 2, 192) for k in ("sdpa", "mla", "moba")]
+    assert all(r["step_ms"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="not among the kinds of --arch deepseek_v3"):
+        bench_rollout.run(p.parse_args(argv[:-3] + ["nsa", "--out", str(tmp_path)]), ["rollout"])
+
+
 @pytest.mark.parametrize("block,topk,hq,hkv,shared", [(256, 2, 4, 2, False), (64, 3, 2, 1, True),
                                                       (128, 4, 2, 2, False)])
 def test_flex_selection_mask(block, topk, hq, hkv, shared, device):

@@ -654,6 +654,22 @@ def test_autocast_training_follows_float32(kind, device):
         assert (g16[n] - g32[n]).norm() <= 0.1 * g32[n].norm() + 1e-6, n
 
 
+def test_flash_swap_on_any_decoder_model(device, monkeypatch):
+    """kind "flash" takes any decoder model that uses transformers' attention interface, whatever its layout (GPT-2:
+    model.transformer.h, no model.model.layers): each layer runs longattn's flash, the logits equal eager's."""
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(device)
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "flash")
+    calls = []
+    flash = hf_attention.flash_attention
+    monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **k: calls.append(1) or flash(*a, **k))
+    ids = torch.randint(0, 128, (2, 30)).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2
+
+
 def test_swap_attention_errors():
     _, llama = _pair(_config(), "sdpa", "cpu")
     with pytest.raises(ValueError, match="kind must be one of"):

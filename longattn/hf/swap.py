@@ -49,12 +49,13 @@ def _set_impl(model: nn.Module, name: str, text_key: Optional[str] = None) -> No
 
 
 def _language_model(model: nn.Module):
-    """``(config, decoder layers, sub-config key)`` of the language model of ``model``: a causal LM's own (key None),
-    or a multimodal model's text model (its vision encoder keeps its attention: bidirectional, and not long)."""
+    """``(config, decoder layers, sub-config key)`` of the language model of ``model``: a causal LM's own (key None;
+    layers None where they are not ``model.model.layers``, which only the flash kind does without), or a multimodal
+    model's text model (its vision encoder keeps its attention: bidirectional, and not long)."""
     cfg = model.config
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if text is cfg:
-        return cfg, model.model.layers, None
+        return cfg, getattr(getattr(model, "model", None), "layers", None), None
     key = next((k for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is text), None)
     lm = getattr(getattr(model, "model", None), "language_model", None)
     if key is None or lm is None or not hasattr(lm, "layers"):

@@ -23,7 +23,7 @@ from .common import Results, parse_ints, peak_memory_mb, require_cuda
 COLUMNS = ["impl", "arch", "B", "samples", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms",
            "step_ms", "tok/s", "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
 PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
-# the kinds each --arch takes (the first of each: the default --kinds)
+# the kinds each --arch takes (all of them: the default --kinds)
 ARCH_KINDS = {"llama": ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa"),
               "deepseek_v3": ("sdpa", "sdpa_dynamic", "mla", "moba")}
 KINDS = ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa", "mla")
@@ -57,7 +57,7 @@ def _config(args):
 
     common = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                   num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=1 << 20)
-    if getattr(args, "arch", "llama") == "llama":
+    if args.arch == "llama":
         return LlamaConfig(**common, num_key_value_heads=args.kv_heads)
     # DeepSeek-V3's attention dims; every MLP dense (first_k_dense_replace: all layers): the attention is compared
     return DeepseekV3Config(**common, num_key_value_heads=args.heads, kv_lora_rank=512, q_lora_rank=1536,
@@ -67,7 +67,7 @@ def _config(args):
 
 
 def _kinds(args) -> list:
-    kinds = ARCH_KINDS[getattr(args, "arch", "llama")]
+    kinds = ARCH_KINDS[args.arch]
     chosen = [k.strip() for k in (args.kinds or ",".join(kinds)).split(",") if k.strip()]
     unknown = [k for k in chosen if k not in kinds]
     if unknown:

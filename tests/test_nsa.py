@@ -94,6 +94,23 @@ def test_nsa_varlen_learnable_compression(dtype, device):
     assert sum(lens) == 116
 
 
+def test_nsa_keeps_two_branch_outputs_for_backward(device):
+    """Between forward and backward nsa_attention holds, beside its inputs and the mean-pooled keys, the compressed
+    and selected branches' outputs and lse and the selection: not the window branch's output (the backward computes
+    it again; test_nsa_dense and the rest check the gradients this gives)."""
+    B, T, Hq, Hkv, D, Dv = 1, 100, 4, 2, 32, 16
+    x = [leaf(torch.randn(B, T, h, d, device=device)) for h, d in ((Hq, D), (Hkv, D), (Hkv, Dv))]
+    gates = [leaf(torch.rand(B, T, Hq, device=device)) for _ in range(3)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = nsa_attention(*x, *gates, config=CFG)
+    outputs = [t for t in saved if tuple(t.shape) == (B * T, Hq, Dv)]
+    assert len(outputs) == 2, [tuple(t.shape) for t in saved]
+    assert all(t.numel() <= T * Hq * D for t in saved), [tuple(t.shape) for t in saved]  # nothing beyond q's size
+    out.sum().backward()
+    assert all(t.grad is not None for t in x + gates)
+
+
 def test_nsa_degenerate_branches_equal_dense(device):
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=8, window=128)
     q, k, v = torch.randn(1, 100, 4, 16, device=device), torch.randn(1, 100, 2, 16, device=device), \

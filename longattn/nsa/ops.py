@@ -299,8 +299,9 @@ class _Branches:
 
 def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool):
     """NSA's three branches and their gated sum on kernel inputs (packed q, k, v, compressed kc, vc; ``gates``
-    three contiguous ``(N, Hq)``): ``(out, sel, branches)``, branches ``((o, lse) of cmp, slc, swa)`` when ``keep``
-    (the backward's inputs), else None, the gated sum then written over the compressed branch's output."""
+    three contiguous ``(N, Hq)``): ``(out, sel, branches)``, branches ``((o, lse) of cmp, slc)`` when ``keep``
+    (what the backward keeps: it runs the window branch again, see _branches_backward), else None, the gated sum
+    then written over the compressed branch's output."""
     cfg, scale, dims = b.config, b.scale, b.dims
     # compressed branch (also yields the lse the selection needs)
     o_cmp, lse_cmp = flash_fwd(q, kc, vc, b.cmp_dims, True, None, scale,
@@ -316,33 +317,39 @@ def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool):
                                        gate=(out, o_cmp, o_swa, *gates), write_o=keep)
     if not keep:
         return out, sel, None
-    return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc), (o_swa, lse_swa))
+    return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc))
 
 
 def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches):
-    """Gradients of q, k, v, kc, vc and the three gates from the gated sum's ``dout``. One branch at a time: its
-    gate-scaled output gradient and row delta (``_gated_prep``), then its backward, each adding its dq to the
-    previous ones' in place (no branch-sized buffer but the one branch's do beside dq)."""
+    """Gradients of q, k, v, kc, vc and the three gates from the gated sum's ``dout`` and the compressed and
+    selected branches' ``(o, lse)``. One branch at a time: its gate-scaled output gradient and row delta
+    (``_gated_prep``), then its backward, each adding its dq to the previous ones' in place (no branch-sized buffer
+    but the one branch's do beside dq). The window branch comes first, its output and lse computed again (its
+    forward is the cheapest of the three, a few percent of the backward's time; a forward with gradients then holds
+    two branch outputs, not three), freed once its row delta is taken."""
     cfg, scale, dims = b.config, b.scale, b.dims
     dout = dout.to(q.dtype).contiguous()
-    own, plan = _selected_plan(b.lengths, b.lengths, dims, cfg.slc_block, q.device)
 
-    def branch(i, run):
-        (o, lse), g = branches[i], gates[i]
+    def branch(o, lse, g, run):
         do, delta, dg = _gated_prep(dout, o, lse, g)
         return run(do, o, lse, delta), dg
 
+    o_swa, lse = flash_fwd(q, k, v, dims, True, cfg.window, scale)
+    do, delta, dg_swa = _gated_prep(dout, o_swa, lse, gates[2])
+    del o_swa  # (before the backward's dq: the window's output is not needed again)
+    dq, dk_swa, dv_swa = flash_bwd(do, q, k, v, lse, delta, dims, True, cfg.window, scale)
+    del do, delta, lse
+
     def cmp(do, o, lse, delta):
         if kc.shape[0] == 0:  # no sequence reaches a compressed block: nothing attended, no gradient
-            return torch.zeros_like(q), torch.zeros_like(kc), torch.zeros_like(vc)
+            return dq, torch.zeros_like(kc), torch.zeros_like(vc)
         return flash_bwd(do, q, kc, vc, lse, delta, b.cmp_dims, True, None, scale,
-                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1))
+                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), dq=dq)
 
-    (dq, dkc, dvc), dg_cmp = branch(0, cmp)
-    (_, dk, dv), dg_slc = branch(1, lambda do, o, lse, delta: _selected_backward(
+    (_, dkc, dvc), dg_cmp = branch(*branches[0], gates[0], cmp)
+    own, plan = _selected_plan(b.lengths, b.lengths, dims, cfg.slc_block, q.device)
+    (_, dk, dv), dg_slc = branch(*branches[1], gates[1], lambda do, o, lse, delta: _selected_backward(
         do, q, k, v, o, lse, sel, own, b.cu, plan, dims, dims.max_seqlen_q, cfg.slc_block, scale, delta=delta, dq=dq))
-    (_, dk_swa, dv_swa), dg_swa = branch(2, lambda do, o, lse, delta: flash_bwd(
-        do, q, k, v, lse, delta, dims, True, cfg.window, scale, dq=dq))
     return dq, dk + dk_swa, dv + dv_swa, dkc, dvc, dg_cmp, dg_slc, dg_swa
 
 
@@ -377,8 +384,7 @@ def _op_branches(cu, cu_cmp, lengths, config, scale) -> _Branches:
 
 
 @torch.library.custom_op("longattn::nsa_branches", mutates_args=(),
-                         schema=f"({_BRANCHES_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-                                "Tensor)")
+                         schema=f"({_BRANCHES_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _branches_op(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, config, scale):
     with eager_context(q):
         ins = kernel_inputs(q, k, v, kc, vc)
@@ -392,26 +398,25 @@ def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, 
     o = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     sel = q.new_empty(q.shape[0], k.shape[1], config[_CONFIG_FIELDS.index("slc_topk")], dtype=torch.int32)
-    return (o, sel) + tuple(t.clone() for t in (o, lse) * 3)
+    return (o, sel) + tuple(t.clone() for t in (o, lse) * 2)
 
 
 @torch.library.custom_op("longattn::nsa_branches_backward", mutates_args=(),
                          schema=f"(Tensor dout, Tensor sel, Tensor o_cmp, Tensor lse_cmp, Tensor o_slc, "
-                                f"Tensor lse_slc, Tensor o_swa, Tensor lse_swa, {_BRANCHES_ARGS}) -> "
+                                f"Tensor lse_slc, {_BRANCHES_ARGS}) -> "
                                 "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _branches_backward_op(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, q, k, v, kc, vc, g_cmp, g_slc,
-                          g_swa, cu, cu_cmp, lengths, config, scale):
+def _branches_backward_op(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp,
+                          lengths, config, scale):
     with eager_context(q):
         ins = kernel_inputs(q, k, v, kc, vc)
         b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
-        o_cmp, o_slc, o_swa, dout = kernel_inputs(o_cmp, o_slc, o_swa, dout)
-        grads = _branches_backward(dout, *ins, (g_cmp, g_slc, g_swa), sel,
-                                   ((o_cmp, lse_cmp), (o_slc, lse_slc), (o_swa, lse_swa)), b)
+        o_cmp, o_slc, dout = kernel_inputs(o_cmp, o_slc, dout)
+        grads = _branches_backward(dout, *ins, (g_cmp, g_slc, g_swa), sel, ((o_cmp, lse_cmp), (o_slc, lse_slc)), b)
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, kc, vc, g_cmp, g_slc, g_swa)))
 
 
 @_branches_backward_op.register_fake
-def _branches_backward_shapes(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, *ins):
+def _branches_backward_shapes(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, *ins):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ins[:8])
 
 
@@ -507,8 +512,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     selected branch's own never stored); the window through the flash kernels. The three branches are one
     autograd node, whose backward takes them one at a time: a branch's gate-scaled output gradient, row delta
     and gate gradient in one pass, then its kernels, each adding to one dq. No branch's output gradient or dq
-    lives beside another's. Peak memory beyond the inputs with 64 query / 4 KV heads, d 192 / 128: 33 KB per
-    token (forward without gradients), 113 KB (forward + backward).
+    lives beside another's. The node keeps the compressed and selected branches' outputs for the backward, which
+    runs the window branch's forward again (the cheapest of the three). Memory beyond the inputs with 64 query /
+    4 KV heads, d 192 / 128, per token: 33 KB at the forward's peak (without gradients), 49 KB held from a forward
+    with gradients to its backward (the output included), 100 KB at the peak of forward + backward.
 
     ``torch.compile``: in the dense layout TorchDynamo traces the op, the branches one custom op
     (``torch.ops.longattn.nsa_branches``, its backward ``nsa_branches_backward``): no graph break. With

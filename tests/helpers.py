@@ -154,10 +154,21 @@ def tiny_mla_config(arch: str):
 
 def tiny_multimodal_config(arch: str):
     """A tiny multimodal model's config, or None where this transformers has no such model: "qwen2_5_vl" (a vision
-    encoder of one layer, multimodal RoPE in the language model: image token 150, vision start / end 152 / 153) or
-    "kimi_k25" (Kimi K2.5: tiny_deepseek_v3_config's language model and a vision encoder of one layer)."""
+    encoder of one layer, multimodal RoPE in the language model: image token 150, vision start / end 152 / 153),
+    "gemma3" (Gemma 3: a sliding-window layer then a full one; images of 28 x 28 pixels, 4 tokens each, image token
+    150, start / end 152 / 153) or "kimi_k25" (Kimi K2.5: tiny_deepseek_v3_config's language model and a vision
+    encoder of one layer)."""
     import transformers
 
+    if arch == "gemma3":
+        text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                         image_token_index=150, boi_token_index=152, eoi_token_index=153,
+                                         pad_token_id=0)
     if arch == "qwen2_5_vl":
         rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
         rope = dict(rope_parameters=rope) if int(transformers.__version__.split(".")[0]) >= 5 else \

@@ -423,6 +423,28 @@ def test_swap_on_multimodal_model(arch, kind, device, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, ours(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["flash", "moba"])
+def test_gemma3_image_refused_text_exact(kind, device):
+    """Gemma 3 lets an image's tokens attend to each other both ways, which longattn's causal attention cannot: a
+    prompt with an image is refused (ValueError; compiled with fullgraph=True, TorchDynamo's error carrying it), not
+    answered with causal attention over it; a text prompt gives the eager model's logits (MoBA over
+    every block: exact)."""
+    ref = transformers.AutoModelForImageTextToText.from_config(tiny_multimodal_config("gemma3"),
+                                                               attn_implementation="eager").eval().to(device)
+    opts = dict(block_size=16, topk=64) if kind == "moba" else {}
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), kind, **opts)
+    ids = torch.randint(1, 128, (1, 40)).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        ids[0, 2:8] = torch.tensor([152, 150, 150, 150, 150, 153])
+        image = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28).to(device),
+                     token_type_ids=(ids == 150).long())
+        with pytest.raises(ValueError, match="see later keys"):
+            ours(**image)
+        with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="see later keys"):
+            torch.compile(ours, backend="aot_eager", fullgraph=True)(**image)
+
+
 def test_mla_float8_latent_cache(device, tmp_path):
     """swap_attention(model, "mla", cache_dtype=float8): the latent cache holds float8 (half the bytes) and decoding
     reads it dequantised: the decoding steps' logits stay near the full-precision model's (the latent rounded to 3

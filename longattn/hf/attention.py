@@ -147,14 +147,43 @@ def _read_padding(attention_mask: torch.Tensor, kv_len: int):
     return (attention_mask if masks else None), pad, real
 
 
+def _sees_later_keys(mask_function) -> bool:
+    """Whether a transformers mask function is a union with another (``or_masks``, at any depth of its and/or
+    combinations; traced by TorchDynamo, which cannot read closures, at the top only): a mask that lets some queries
+    see keys after them, as Gemma 3's over an image's tokens (whose full-attention layers' mask is such a union at
+    the top)."""
+    if torch.compiler.is_compiling():
+        return getattr(mask_function, "__name__", None) == "or_mask"
+    todo, seen = [mask_function], set()
+    while todo:
+        fn = todo.pop()
+        if not callable(fn) or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if getattr(fn, "__name__", None) == "or_mask":
+            return True
+        for cell in getattr(fn, "__closure__", None) or ():  # (and_masks / or_masks keep their functions there)
+            try:
+                held = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            todo.extend(held if isinstance(held, (tuple, list)) else [held])
+    return False
+
+
 def padding_mask(*args, **kwargs):
     """transformers mask function of longattn's implementations: a 2-D padding mask, or None without padding
     (flash-attention's convention: the attention unpads itself). A mask shorter than the keys says that the cache
     is static (preallocated, its last slots not yet written) and how many tokens it holds: the attention reads
     only those. With a static cache and no padding, such a mask is made here from the position of the new tokens
-    (one host read per forward), where flash-attention's function returns None."""
+    (one host read per forward), where flash-attention's function returns None. ValueError for a mask that lets
+    queries see later keys (Gemma 3's bidirectional attention among an image's tokens): the attention is causal."""
     from transformers.masking_utils import flash_attention_mask
 
+    if _sees_later_keys(kwargs.get("mask_function")):
+        raise ValueError("this model's attention mask lets some queries see later keys (as Gemma 3's does among an "
+                         "image's tokens), which longattn's causal attention cannot honour; run such inputs with "
+                         "attn_implementation='sdpa' or 'eager'")
     mask = flash_attention_mask(*args, **kwargs)
     kv_length, q_length = kwargs.get("kv_length"), kwargs.get("q_length")
     if mask is not None or kv_length is None:

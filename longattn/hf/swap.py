@@ -114,7 +114,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
             ``cache_scale`` (a float8 cache's dequantisation scale, default 1: the latent is RMS-normalised).
     A multimodal model (Qwen2.5-VL, Qwen3-VL, Gemma 3, Mistral 3, ...) has its language model's attention swapped (the
-    kinds' model types are its language model's); its vision encoder keeps its own.
+    kinds' model types are its language model's); its vision encoder keeps its own. Where the language model's mask
+    lets queries see later keys (Gemma 3 among an image's tokens) the forward raises ValueError: longattn's attention
+    is causal.
     The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
     ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
     Raises ValueError for an unknown kind, an unsupported architecture, an unknown option, or a model whose

@@ -22,7 +22,9 @@ def _model(device, arch="llama"):
                   num_key_value_heads=2, max_position_embeddings=1024)
     if arch == "qwen2_sliding":  # its second layer a sliding-window one: a cache keeping the last 16 tokens
         common.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
-    cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    if arch == "ministral":  # every layer a sliding-window one
+        common.update(sliding_window=16, head_dim=16)
+    cfg = dict(llama=LlamaConfig, ministral=transformers.MinistralConfig).get(arch, Qwen2Config)(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     return longattn.hf.swap_attention(model.to(device), "nsa", config=NSA)
@@ -52,8 +54,10 @@ OTHER_NSA_ARCHS = [a for a in OTHER_ARCHS if a in NSA_ARCHS]
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", *OTHER_NSA_ARCHS])
 def test_window_branch_alone_equals_original_model(arch, device):
     """Gates shut on the compressed and selected branches and a window longer than the sequence: the swapped
-    model is the original one (its q/k/v/o projections and their biases, RoPE (partial: GLM-4), and q/k norms,
-    kept). For the other families, cached generation (every branch open) gives a full recompute's tokens."""
+    model is the original one, also in a batch with a left-padded row (its q/k/v/o projections and their biases,
+    RoPE (partial: GLM-4), and q/k norms, kept; EXAONE-4's full-attention layer beside a sliding one without RoPE;
+    the sliding-window layers of OLMo-3, EXAONE-4 and Gemma 3 kept as they are). For the other families, cached
+    generation (every branch open) gives a full recompute's tokens."""
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, head_dim=16)
     if arch == "qwen3":
@@ -73,12 +77,21 @@ def test_window_branch_alone_equals_original_model(arch, device):
     model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
                                                                                   slc_block=16, slc_topk=3, window=64))
     H = cfg.num_attention_heads
+    nsa_layers = [layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "gate")]
+    # (a model mixing sliding-window and full layers keeps its sliding ones: OLMo-3, EXAONE-4, Gemma 3)
+    types = getattr(cfg, "layer_types", None) or []
+    mixed = "sliding_attention" in types and "full_attention" in types
+    assert len(nsa_layers) == (types.count("full_attention") if mixed else cfg.num_hidden_layers)
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * H + [40.0] * H))  # g_cmp, g_slc ~ 0, g_swa ~ 1
+        for attn in nsa_layers:
+            attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * H + [40.0] * H))  # g_cmp, g_slc ~ 0, g_swa ~ 1
     ids = torch.randint(1, 128, (2, 50)).to(device)  # (0: generate's pad token)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # a left-padded row
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()],
+                                   ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-4, rtol=1e-4)
     if arch in OTHER_NSA_ARCHS:
         model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
         with torch.no_grad():
@@ -87,12 +100,16 @@ def test_window_branch_alone_equals_original_model(arch, device):
         assert torch.equal(gen[:, 40:], recompute)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen2_sliding"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_sliding", "ministral"])
 def test_generate_equals_recompute(arch, device):
-    """(The Llama model is covered by the step-by-step test above.) A model with sliding-window layers: NSA replaces
-    them too, and their caches keep every token (they kept the window: wrong tokens)."""
+    """(The Llama model is covered by the step-by-step test above.) A model mixing sliding-window and full layers keeps
+    its sliding ones, with their window's cache; where every layer slides, NSA replaces them all and their caches keep
+    every token (they kept the window: wrong tokens)."""
     model = _model(device, arch)
-    ids = torch.randint(0, 128, (1, 40)).to(device)
+    kinds = [type(layer.self_attn).__name__ for layer in model.model.layers]
+    assert kinds == ["NativeSparseAttention"] * 2 if arch != "qwen2_sliding" else \
+        ["NativeSparseAttention", "Qwen2Attention"]
+    ids = torch.randint(1, 128, (1, 40)).to(device)  # (0: generate's pad token)
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
         # greedy recompute without a cache: the model is causal, so one forward over the generated sequence

@@ -7,11 +7,12 @@ from typing import Optional
 from torch import nn
 
 # NSA's module takes the q/k/v/o projections (biases too; Phi-3/4's fused qkv projection), q/k norms (per head before
-# RoPE: Qwen3; over all heads' dims: OLMo-2, MiniMax-M2; per head after RoPE: Hunyuan), the model's own RoPE function
-# (partial rotary too: GLM-4, Phi-4-mini, MiniMax-M2) and layers without RoPE (SmolLM3)
+# RoPE: Qwen3, Gemma 3; over all heads' dims: OLMo-2/3, MiniMax-M2; per head after RoPE: Hunyuan), the model's own RoPE
+# function (partial rotary too: GLM-4, Phi-4-mini, MiniMax-M2) and layers without RoPE (SmolLM3; EXAONE-4's full
+# attention beside sliding-window layers); the sliding-window layers of models that mix them with full ones stay
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
              "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
-             "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3")
+             "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3", "olmo3", "exaone4", "gemma3_text")
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM, and in Mistral Small 4
 # (mistral4) with queries scaled by position; DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's
 # (cos, sin) rotary; LongCat-Flash's (two per decoder layer) with its query and latent scaled; Kimi Linear's layers of
@@ -25,12 +26,11 @@ MLA_ARCHS = tuple(MLA_ATTENTIONS)
 # MoBA's and flash's attention functions take them (the model rotates); NSA's module does not
 VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; sliding-window layers with a RoPE of their own, or the only ones with RoPE: OLMo-3, Gemma 3, EXAONE-4 (NSA
-# makes every layer a full one), hybrids whose other layers are linear attention (Qwen3-Next, Qwen3.5,
-# MiniMax-M1), their sliding-window layers staying so, and the MLA models (on the keys and values their attention
-# decompresses: q/k 192, v 128 in DeepSeek-V3)
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "olmo3", "exaone4", "gemma3_text", "qwen3_next", "qwen3_5_text",
-                          "qwen3_5_moe_text", "minimax") + MLA_ARCHS + VL_TEXT_ARCHS
+# gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1), their sliding-window
+# layers staying so, and the MLA models (on the keys and values their attention decompresses: q/k 192, v 128 in
+# DeepSeek-V3)
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax") + MLA_ARCHS + \
+    VL_TEXT_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -92,8 +92,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and OLMo-3, EXAONE-4, Gemma 3,
-            MiniMax-M1, gpt-oss, Qwen3-Next, Qwen3.5: their sliding-window layers stay so, the linear-attention layers
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss,
+            Qwen3-Next, Qwen3.5: their sliding-window layers stay so, the linear-attention layers
             of hybrids too; and those of MLA below, on the keys and values their attention decompresses, which
             transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
@@ -101,10 +101,13 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
             step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
-            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2, MiniMax-M2,
-            Hunyuan, SmolLM3): each attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the
-            q/k/v/o weights (and q/k norms), with new compressor and gate parameters (gates start at 0.5); option
-            ``config`` (an ``NSAConfig``). The model's sliding-window layers become NSA layers too
+            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
+            Hunyuan, SmolLM3, EXAONE-4, Gemma 3): each attention becomes a
+            :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
+            compressor and gate parameters (gates start at 0.5); option
+            ``config`` (an ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 3, OLMo-3,
+            EXAONE-4) keeps its sliding ones (exact, through the ``"longattn"`` attention function) and NSA replaces
+            the full ones; where every layer slides (Mistral 7B v0.1, Ministral), all become NSA layers
             (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones stay): each
@@ -165,14 +168,20 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         config = options.get("config", NSAConfig())
         if not isinstance(config, NSAConfig):
             raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-        # NSA replaces every attention, sliding-window layers included (its own window is a branch): the transformers
-        # cache must keep every token of every layer (a sliding layer's cache keeps only its window)
-        # (layer_types decide the cache's layers where the config has them; else sliding_window does)
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in cfg.layer_types]
-        elif getattr(cfg, "sliding_window", None) is not None:
+        # a model mixing sliding-window and full-attention layers keeps its sliding ones (local already; Gemma 3's and
+        # OLMo-3's with a RoPE of their own) and NSA replaces the full ones; where every layer slides (Mistral 7B
+        # v0.1, Ministral), NSA replaces them all (its own window is a branch) and the transformers cache must keep
+        # every token (a sliding layer's cache keeps only its window; layer_types decide the cache's layers where the
+        # config has them, else sliding_window does)
+        types = getattr(cfg, "layer_types", None)
+        keep_sliding = types is not None and "sliding_attention" in types and "full_attention" in types
+        if types is not None and not keep_sliding:
+            cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in types]
+        elif types is None and getattr(cfg, "sliding_window", None) is not None:
             cfg.sliding_window = None
-        for layer in layers:
+        for i, layer in enumerate(layers):
+            if keep_sliding and types[i] == "sliding_attention":
+                continue
             if not isinstance(layer.self_attn, NativeSparseAttention):
                 layer.self_attn = NativeSparseAttention(layer.self_attn, config)
             elif layer.self_attn.nsa != config:

@@ -1,5 +1,5 @@
 """NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer (and the like: Phi-3's
-fused projection, OLMo-2's and Hunyuan's q/k norms, SmolLM3's layers without RoPE).
+fused projection, OLMo-2's, Hunyuan's and Gemma 3's q/k norms, SmolLM3's and EXAONE-4's layers without RoPE).
 
 Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
@@ -58,8 +58,15 @@ class NativeSparseAttention(nn.Module):
         self.head_dim = attn.head_dim
         self.num_heads = hf_cfg.num_attention_heads
         self.num_kv_heads = hf_cfg.num_key_value_heads
+        if getattr(attn, "is_causal", True) is False:
+            raise ValueError(f"NativeSparseAttention replaces causal attention; this {type(attn).__name__} is "
+                             "bidirectional")
+        if getattr(hf_cfg, "attn_logit_softcapping", None) is not None:
+            raise ValueError("NativeSparseAttention has no attention logit softcapping (config.attn_logit_softcapping "
+                             f"= {hf_cfg.attn_logit_softcapping}); it needs None")
         self.scaling = attn.scaling
         self.is_causal = True
+        self.is_sliding, self.sliding_window = False, None  # (a full-attention layer, as decoder layers may ask)
         # the layer's projections (Phi-3: q, k and v as one, qkv_proj) and q/k norms, kept under their names with
         # their weights: before RoPE per head (Qwen3) or over all the heads' dims at once (OLMo-2, MiniMax-M2: a norm
         # of H * D values), after RoPE per head (Hunyuan's query_layernorm / key_layernorm)
@@ -67,8 +74,9 @@ class NativeSparseAttention(nn.Module):
                      "key_layernorm"):
             setattr(self, name, getattr(attn, name, None))
         self._norms_across_heads = self.q_norm is not None and self.q_norm.weight.numel() != self.head_dim
-        # layers without RoPE (SmolLM3's NoPE layers)
-        self._use_rope = bool(getattr(attn, "use_rope", True))
+        # layers without RoPE (SmolLM3's NoPE layers; EXAONE-4's full-attention layers beside sliding-window ones)
+        self._use_rope = bool(getattr(attn, "use_rope", True)) and not (
+            type(attn).__name__ == "Exaone4Attention" and attn.sliding_window is not None and not attn.is_sliding)
         w = self.o_proj.weight
         d, l = self.head_dim, config.cmp_block
         self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))

@@ -678,7 +678,9 @@ def test_autocast_training_follows_float32(kind, device):
 
 def test_flash_swap_on_any_decoder_model(device, monkeypatch):
     """kind "flash" takes any decoder model that uses transformers' attention interface, whatever its layout (GPT-2:
-    model.transformer.h, no model.model.layers): each layer runs longattn's flash, the logits equal eager's."""
+    model.transformer.h, no model.model.layers): each layer runs longattn's flash, the logits equal eager's. A model
+    that transformers marks as not taking flash-attention's conventions is refused (BLOOM: its attention never calls
+    the attention functions, a swap would change nothing)."""
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(device)
@@ -690,6 +692,10 @@ def test_flash_swap_on_any_decoder_model(device, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
     assert len(calls) == 2
+    bloom = AutoModelForCausalLM.from_config(transformers.BloomConfig(n_layer=2, hidden_size=64, n_head=4,
+                                                                      vocab_size=128))
+    with pytest.raises(ValueError, match="BloomForCausalLM does not take flash-attention's conventions"):
+        longattn.hf.swap_attention(bloom, "flash")
 
 
 def test_swap_attention_errors():

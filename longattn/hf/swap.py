@@ -122,8 +122,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     is causal.
     The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
     ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
-    Raises ValueError for an unknown kind, an unsupported architecture, an unknown option, or a model whose
-    attention is already another kind's module (NSA, MLA).
+    Raises ValueError for an unknown kind, an unsupported architecture (for ``"flash"``: a model that transformers
+    marks as not taking flash-attention's conventions, ``_supports_flash_attn = False``), an unknown option, or a model
+    whose attention is already another kind's module (NSA, MLA).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -135,6 +136,14 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
     cfg, layers, text_key = _language_model(model)  # (of a multimodal model: its language model's)
     arch = getattr(cfg, "model_type", None)
+    lm = model if text_key is None else model.model.language_model
+    if not (getattr(lm, "_supports_flash_attn", False) or getattr(lm, "_supports_flash_attn_2", False)):
+        # (transformers' own mark: BLOOM, MPT and the like never call the attention functions, Doge makes 4-D masks of
+        # its own, DeepSeek-V4 appends compressed entries to the keys after the mask is made)
+        raise ValueError(f"{type(lm).__name__} does not take flash-attention's conventions (transformers marks it "
+                         "_supports_flash_attn = False: its attention does not go through transformers' attention "
+                         "functions, or needs more than causal attention under a 2-D padding mask), which every kind "
+                         "of swap_attention relies on")
     allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",),
                "mla": ("page_size", "cache_dtype", "cache_scale")}[kind]
     unknown = set(options) - set(allowed)

@@ -439,10 +439,11 @@ def test_gemma3_image_refused_text_exact(kind, device):
         ids[0, 2:8] = torch.tensor([152, 150, 150, 150, 150, 153])
         image = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28).to(device),
                      token_type_ids=(ids == 150).long())
-        with pytest.raises(ValueError, match="see later keys"):
+        with pytest.raises(ValueError, match="see later keys|require torch>=2.6") as eager:
             ours(**image)
-        with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="see later keys"):
-            torch.compile(ours, backend="aot_eager", fullgraph=True)(**image)
+        if "see later keys" in str(eager.value):  # (transformers 4.57 refuses such masks itself under torch 2.5)
+            with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="see later keys"):
+                torch.compile(ours, backend="aot_eager", fullgraph=True)(**image)
 
 
 def test_mla_float8_latent_cache(device, tmp_path):

@@ -66,7 +66,9 @@ class NativeSparseAttention(nn.Module):
                              f"= {hf_cfg.attn_logit_softcapping}); it needs None")
         self.scaling = attn.scaling
         self.is_causal = True
-        self.is_sliding, self.sliding_window = False, None  # (a full-attention layer, as decoder layers may ask)
+        # a full-attention layer, as decoder layers and models may ask (OLMo-3 under transformers 4.57 picks the mask
+        # and RoPE of each layer by its attention's attention_type)
+        self.attention_type, self.is_sliding, self.sliding_window = "full_attention", False, None
         # the layer's projections (Phi-3: q, k and v as one, qkv_proj) and q/k norms, kept under their names with
         # their weights: before RoPE per head (Qwen3) or over all the heads' dims at once (OLMo-2, MiniMax-M2: a norm
         # of H * D values), after RoPE per head (Hunyuan's query_layernorm / key_layernorm)

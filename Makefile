@@ -12,6 +12,9 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?= -n 2
+# each xdist worker single-threaded (torch's and numpy's thread pools): two workers on two cores otherwise oversubscribe
+# them, the suite 10-17% slower
+TEST_ENV ?= OMP_NUM_THREADS=1
 
 .PHONY: demo test test-oldest test-triton compile-launches bench install clean
 
@@ -40,9 +43,9 @@ GPU_TILE_TESTS := not bfloat16 and not float32 and not gpu_candidates and not au
 	not per_query and not torch_compile and not custom_op
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) tests
 ifneq ($(HAS_CUDA),1)
-	LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "$(GPU_TILE_TESTS)" $(KERNEL_TESTS)
+	$(TEST_ENV) LONGATTN_INTERPRET_TILES=gpu $(PY) -m pytest $(PYTEST_ARGS) -k "$(GPU_TILE_TESTS)" $(KERNEL_TESTS)
 endif
 
 # Every distinct kernel launch of that GPU-tile pass (recorded through the interpreter), in float16 and bfloat16,
@@ -72,7 +75,7 @@ test-oldest:
 		pytest pytest-benchmark pytest-xdist hypothesis
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps "triton==3.6.0"
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) -W ignore::DeprecationWarning tests
+	$(TEST_ENV) $(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) -W ignore::DeprecationWarning tests
 
 # The suite under another Triton release beside the venv's (the kernels support 3.6 to 3.9; `make test` runs the
 # venv's, `test-oldest` 3.6), e.g. `make test-triton TRITON=3.8.0`; with numpy < 2.4, which 3.6's interpreter needs.
@@ -80,7 +83,7 @@ test-oldest:
 TRITON ?= 3.8.0
 test-triton: $(VENV)/.installed
 	test -d .triton-$(TRITON) || $(PY) -m pip install -q --no-deps --target .triton-$(TRITON) "triton==$(TRITON)" "numpy<2.4"
-	PYTHONPATH=$(CURDIR)/.triton-$(TRITON) $(PY) -m pytest $(PYTEST_ARGS) tests
+	$(TEST_ENV) PYTHONPATH=$(CURDIR)/.triton-$(TRITON) $(PY) -m pytest $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed
 	$(PY) -m bench all

@@ -104,11 +104,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
             Hunyuan, SmolLM3, EXAONE-4, Gemma 3): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
-            compressor and gate parameters (gates start at 0.5); option
-            ``config`` (an ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 3, OLMo-3,
-            EXAONE-4) keeps its sliding ones (exact, through the ``"longattn"`` attention function) and NSA replaces
-            the full ones; where every layer slides (Mistral 7B v0.1, Ministral), all become NSA layers
-            (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
+            compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
+            mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4) keeps its sliding ones (exact,
+            through the ``"longattn"`` attention function) and NSA replaces the full ones; where every layer slides
+            (Mistral 7B v0.1, Ministral), all become NSA layers (``config.sliding_window`` / ``layer_types`` updated:
+            caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones stay): each
             such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
@@ -122,9 +122,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     is causal.
     The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
     ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
-    Raises ValueError for an unknown kind, an unsupported architecture (for ``"flash"``: a model that transformers
-    marks as not taking flash-attention's conventions, ``_supports_flash_attn = False``), an unknown option, or a model
-    whose attention is already another kind's module (NSA, MLA).
+    Raises ValueError for an unknown kind, an unsupported architecture (for every kind, a model that transformers
+    marks as not taking flash-attention's conventions, ``_supports_flash_attn = False``), an unknown option, or a
+    model whose attention is already another kind's module (NSA, MLA).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -427,8 +427,8 @@ def test_swap_on_multimodal_model(arch, kind, device, tmp_path):
 def test_gemma3_image_refused_text_exact(kind, device):
     """Gemma 3 lets an image's tokens attend to each other both ways, which longattn's causal attention cannot: a
     prompt with an image is refused (ValueError; compiled with fullgraph=True, TorchDynamo's error carrying it), not
-    answered with causal attention over it; a text prompt gives the eager model's logits (MoBA over
-    every block: exact)."""
+    answered with causal attention over it; a text prompt gives the eager model's logits (MoBA over every block:
+    exact)."""
     ref = transformers.AutoModelForImageTextToText.from_config(tiny_multimodal_config("gemma3"),
                                                                attn_implementation="eager").eval().to(device)
     opts = dict(block_size=16, topk=64) if kind == "moba" else {}

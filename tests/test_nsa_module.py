@@ -107,8 +107,8 @@ def test_generate_equals_recompute(arch, device):
     every token (they kept the window: wrong tokens)."""
     model = _model(device, arch)
     kinds = [type(layer.self_attn).__name__ for layer in model.model.layers]
-    assert kinds == ["NativeSparseAttention"] * 2 if arch != "qwen2_sliding" else \
-        ["NativeSparseAttention", "Qwen2Attention"]
+    assert kinds == (["NativeSparseAttention", "Qwen2Attention"] if arch == "qwen2_sliding" else
+                     ["NativeSparseAttention"] * 2)
     ids = torch.randint(1, 128, (1, 40)).to(device)  # (0: generate's pad token)
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)

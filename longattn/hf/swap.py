@@ -49,19 +49,19 @@ def _set_impl(model: nn.Module, name: str, text_key: Optional[str] = None) -> No
 
 
 def _language_model(model: nn.Module):
-    """``(config, decoder layers, sub-config key)`` of the language model of ``model``: a causal LM's own (key None;
-    layers None where they are not ``model.model.layers``, which only the flash kind does without), or a multimodal
-    model's text model (its vision encoder keeps its attention: bidirectional, and not long)."""
+    """``(module, config, decoder layers, sub-config key)`` of the language model of ``model``: a causal LM itself (key
+    None; layers None where they are not ``model.model.layers``, which only the flash kind does without), or a
+    multimodal model's text model (its vision encoder keeps its attention: bidirectional, and not long)."""
     cfg = model.config
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if text is cfg:
-        return cfg, getattr(getattr(model, "model", None), "layers", None), None
+        return model, cfg, getattr(getattr(model, "model", None), "layers", None), None
     key = next((k for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is text), None)
     lm = getattr(getattr(model, "model", None), "language_model", None)
     if key is None or lm is None or not hasattr(lm, "layers"):
         raise ValueError(f"found no language model in this {cfg.model_type} model (model.model.language_model with "
                          f"its layers and config.{key or 'text_config'})")
-    return text, lm.layers, key
+    return lm, text, lm.layers, key
 
 
 def _remember_cache(module, args, kwargs):
@@ -134,9 +134,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     top = getattr(model, "config", None)
     if top is None:
         raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
-    cfg, layers, text_key = _language_model(model)  # (of a multimodal model: its language model's)
+    lm, cfg, layers, text_key = _language_model(model)  # (of a multimodal model: its language model's)
     arch = getattr(cfg, "model_type", None)
-    lm = model if text_key is None else model.model.language_model
     if not (getattr(lm, "_supports_flash_attn", False) or getattr(lm, "_supports_flash_attn_2", False)):
         # (transformers' own mark: BLOOM, MPT and the like never call the attention functions, Doge makes 4-D masks of
         # its own, DeepSeek-V4 appends compressed entries to the keys after the mask is made)

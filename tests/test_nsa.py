@@ -799,6 +799,8 @@ def test_torch_compile(learnable, device):
         inputs += [leaf(torch.randn(2, CFG.num_cmp_blocks(70), 2, 32, device=device)) for _ in range(2)]
     assert_compiled_matches_eager(lambda q, k, v, *rest: nsa_attention(
         q, k, v, *rest[:3], config=CFG, **(dict(k_cmp=rest[3], v_cmp=rest[4]) if learnable else {})), inputs)
+    if learnable:  # (the varlen call below is the mean-pooled one's)
+        return
     cu = torch.tensor([0, 70, 110], dtype=torch.int32, device=device)
     packed = [t.detach().reshape(140, *t.shape[2:])[:110].requires_grad_() for t in inputs[:6]]
     assert_compiled_matches_eager(lambda *a: nsa_attention(*a, config=CFG, cu_seqlens=cu), packed, fullgraph=False)

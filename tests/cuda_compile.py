@@ -44,7 +44,7 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
             sig[n] = pointers[n]
             if pointers[n].startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif n in floats:
+        elif n in floats or n == "cap_scale":  # (the soft cap's scale: a float wherever it is)
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
@@ -85,6 +85,9 @@ def _flash_cases():
             tiles, launch = (F.FP32_TILES[which], (dict(num_warps=8, num_stages=1),)) if dt == "fp32" else ({}, ())
             cases.append((f"{kern.fn.__name__}[{tag}]", kern, ptr, dict(meta, **tiles), ("qk_scale", "scale"),
                           *launch))
+            if (dt, dqk) == ("bf16", 128) or dt == "fp32" and which == "fwd":  # soft-capped scores (see _softcapped)
+                cases.append((f"{kern.fn.__name__}[{tag}-softcap]", kern, ptr,
+                              dict(meta, **tiles, SOFTCAP=1 if dt == "fp32" else 2), ("qk_scale", "scale"), *launch))
             if which == "dq":  # adding to a dq (NSA's branches)
                 cases.append((f"{kern.fn.__name__}[{tag}-acc]", kern, ptr, dict(meta, **tiles, ACC_DQ=True),
                               ("qk_scale", "scale"), *launch))
@@ -122,6 +125,10 @@ def _flash_cases():
                           dict(dec, TQ=tq, BLOCK_G=max(g, 16 // tq),
                                BLOCK_N=64 if dt != "fp32" else 32 if rows >= 64 else 16),
                           ("qk_scale", "v_scale"), dict(num_warps=8 if rows >= 64 else 4)))
+        if (dt, dqk) == ("bf16", 128):
+            cases.append((f"_flash_decode_kernel[{tag}-q1-g16-softcap]", F._flash_decode_kernel, ptr,
+                          dict(dec, TQ=1, BLOCK_G=16, BLOCK_N=64, SOFTCAP=2), ("qk_scale", "v_scale"),
+                          dict(num_warps=4)))
         if db:  # a few queries of an MLA prefill: q and k in two tensors each
             cases.append((f"_flash_decode_kernel[{tag}-q16-g1-split]", F._flash_decode_kernel, ptr,
                           dict(dec, TQ=16, BLOCK_G=1, BLOCK_N=64 if dt != "fp32" else 16, SPLIT_QK=True),

@@ -4,7 +4,7 @@
                                                           flash_decode, mla_prefill
 
 Each draw picks a combination of the features the suite's cases test one at a time (dtype, GQA group, head dims
-with dv != dk, causal / window, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
+with dv != dk, causal / window, soft caps, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
 forced blocks, cache offsets, page tables in random order, 1-4 query tokens, ...), runs the op through the Triton
 kernels (the interpreter without a GPU, outputs poisoned with NaN before each launch) and compares the outputs and
 gradients with the float32 reference. Prints each mismatch with its configuration; exits 1 if there was one.
@@ -76,7 +76,9 @@ def draw_flash(rng, dtype, hq, hkv):
         lk = [rng.randint(1, 150) for _ in lq]
     if not varlen:
         lk = [lk[0]] * n_seq
-    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lq=lq, lk=lk, causal=causal, window=window, varlen=varlen)
+    softcap = rng.choice([None, None, None, 0.5, 5.0, 30.0])
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lq=lq, lk=lk, causal=causal, window=window, varlen=varlen,
+               softcap=softcap)
     if varlen:
         q, k, v = _inputs((sum(lq),), (sum(lk),), hq, hkv, dk, dv, dtype)
         ref_kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
@@ -85,10 +87,11 @@ def draw_flash(rng, dtype, hq, hkv):
         q, k, v = _inputs((n_seq, lq[0]), (n_seq, lk[0]), hq, hkv, dk, dv, dtype)
         kw = ref_kw = {}
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    out, lse = longattn.flash_attention(*leaves, causal=causal, window=window, return_lse=True, **kw)
+    out, lse = longattn.flash_attention(*leaves, causal=causal, window=window, return_lse=True, softcap=softcap, **kw)
     dout = torch.randn_like(out)
     ref_leaves = _float_leaves(leaves)
-    out_r, lse_r = attention_ref(*ref_leaves, causal=causal, window=window, return_lse=True, **ref_kw)
+    out_r, lse_r = attention_ref(*ref_leaves, causal=causal, window=window, return_lse=True, softcap=softcap,
+                                 **ref_kw)
     checks = [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
     checks += [(f"d{n}", a, b, 2) for n, a, b in zip("qkv", _grads(out, leaves, dout),
                                                        _grads(out_r, ref_leaves, dout.float()))]
@@ -311,8 +314,9 @@ def draw_flash_decode(rng, dtype, hq, hkv):
     window = rng.choice([None, None, 1, 17, 100]) if causal else None
     lens = [rng.randint(tokens, 300) for _ in range(batch)]
     offsets = [rng.randint(0, 40) for _ in range(batch)] if not paged and rng.random() < 0.5 else None
+    softcap = rng.choice([None, None, None, 0.5, 5.0, 30.0])
     cfg = dict(batch=batch, tokens=tokens, dk=dk, dv=dv, page=page, paged=paged, causal=causal, window=window,
-               lens=lens, offsets=offsets)
+               lens=lens, offsets=offsets, softcap=softcap)
     keys = [torch.randn(n, hkv, dk, device=DEVICE, dtype=dtype) for n in lens]
     vals = [torch.randn(n, hkv, dv, device=DEVICE, dtype=dtype) for n in lens]
     table = offs = None
@@ -353,9 +357,9 @@ def draw_flash_decode(rng, dtype, hq, hkv):
     q = torch.randn(batch, tokens, hq, dk, device=DEVICE, dtype=dtype)
     out, lse = longattn.flash_decode(q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                                      block_table=table, cache_offsets=offs, causal=causal, window=window,
-                                     return_lse=True, **scales)
+                                     return_lse=True, softcap=softcap, **scales)
     refs = [attention_ref(q[b:b + 1].float(), keys[b][None].float(), vals[b][None].float(), causal=causal,
-                          window=window, return_lse=True) for b in range(batch)]
+                          window=window, return_lse=True, softcap=softcap) for b in range(batch)]
     return cfg, [("out", out, torch.cat([r[0] for r in refs]), 1), ("lse", lse, torch.cat([r[1] for r in refs]), 1)]
 
 

@@ -40,9 +40,9 @@ def _cache(lens, hkv, dk, dv, dtype, device, page=None, offsets=None, spare=5):
     return keys, vals, kc, vc, table.to(device)
 
 
-def _reference(q, keys, vals, causal, window, scale):
+def _reference(q, keys, vals, causal, window, scale, softcap=None):
     outs, lses = zip(*(attention_ref(q[b:b + 1], k[None], v[None], causal=causal, window=window, scale=scale,
-                                     return_lse=True) for b, (k, v) in enumerate(zip(keys, vals))))
+                                     return_lse=True, softcap=softcap) for b, (k, v) in enumerate(zip(keys, vals))))
     return torch.cat(outs), torch.cat(lses)
 
 
@@ -74,6 +74,23 @@ def test_flash_decode_matches_reference(case, dtype, device):
         assert out.dtype == dtype
         assert_close(out, want, dtype, f"out (validate={validate})")
         assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("case", [1, 2, 3])
+def test_flash_decode_softcap(case, dtype, device):
+    """Soft-capped scores (see flash_attention's softcap): paged with speculative tokens, a window, a left-padded
+    cache, with a key scale (the cap applies to the dequantised scores)."""
+    lens, S, hq, hkv, dk, dv, page, offsets, causal, window = CASES[case]
+    torch.manual_seed(case)
+    keys, vals, kc, vc, table = _cache(lens, hkv, dk, dv, dtype, device, page, offsets)
+    q = 4 * torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    want, want_lse = _reference(q, [2 * k for k in keys], vals, causal, window, 0.3, softcap=3.0)
+    out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs, causal=causal,
+                            window=window, scale=0.3, k_scale=2.0, softcap=3.0, return_lse=True)
+    assert_close(out, want, dtype, "out")
+    assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])

@@ -9,17 +9,20 @@ from longattn.kernels.reference import attention_ref
 from helpers import assert_close, assert_compiled_matches_eager, assert_lse_close, leaf
 
 
-def _run_and_compare(q, k, v, dtype, *, causal=True, window=None, scale=None, with_lse_grad=True, **varlen):
+def _run_and_compare(q, k, v, dtype, *, causal=True, window=None, scale=None, with_lse_grad=True, softcap=None,
+                     **varlen):
     """Forward (out, lse) and gradients (dq, dk, dv, through out and lse) vs the float32 reference."""
     qk, kk, vk = leaf(q), leaf(k), leaf(v)
     qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
-    out, lse = flash_attention(qk, kk, vk, causal=causal, window=window, scale=scale, return_lse=True, **varlen)
+    out, lse = flash_attention(qk, kk, vk, causal=causal, window=window, scale=scale, return_lse=True,
+                               softcap=softcap, **varlen)
     ref_kw = {}
     if "cu_seqlens" in varlen:
         ref_kw = dict(cu_seqlens_q=varlen["cu_seqlens"], cu_seqlens_k=varlen["cu_seqlens"])
     elif "cu_seqlens_q" in varlen:
         ref_kw = dict(cu_seqlens_q=varlen["cu_seqlens_q"], cu_seqlens_k=varlen["cu_seqlens_k"])
-    out_r, lse_r = attention_ref(qr, kr, vr, causal=causal, window=window, scale=scale, return_lse=True, **ref_kw)
+    out_r, lse_r = attention_ref(qr, kr, vr, causal=causal, window=window, scale=scale, return_lse=True,
+                                 softcap=softcap, **ref_kw)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out, out_r, dtype, "out")
     assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
@@ -93,6 +96,35 @@ def test_flash_varlen(case, dtype, device):
         v = torch.randn(sum(lk), Hkv, Dv, device=device, dtype=dtype)
         _run_and_compare(q, k, v, dtype, causal=causal, window=window, cu_seqlens_q=_cu(lq, device),
                          cu_seqlens_k=_cu(lk, device))
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen", "chunk"])
+def test_softcap(layout, dtype, device):
+    """Soft-capped scores (Gemma 2's ``cap * tanh(scale * q.k / cap)``), with scores large enough that the tanh is far
+    from linear: output, lse and every gradient against the reference, in a GQA batch, varlen with a window and an
+    empty sequence, and a chunk after a prefix (queries at the end of the keys, a window); then split-KV decoding."""
+    def inputs(tq, tk, hq, hkv, dqk, dv):
+        return (3 * torch.randn(*tq, hq, dqk, device=device, dtype=dtype),
+                3 * torch.randn(*tk, hkv, dqk, device=device, dtype=dtype),
+                torch.randn(*tk, hkv, dv, device=device, dtype=dtype))
+    if layout == "dense":
+        q, k, v = inputs((2, 100), (2, 100), 4, 2, 64, 64)
+        _run_and_compare(q, k, v, dtype, softcap=5.0)
+        with pytest.raises(ValueError, match="softcap must be a finite positive number"):
+            flash_attention(q, k, v, softcap=-1.0)
+        with pytest.raises(TypeError, match="softcap must be a float or None"):
+            flash_attention(q, k, v, softcap="50")
+    elif layout == "varlen":
+        lens = [64, 0, 70]
+        q, k, v = inputs((sum(lens),), (sum(lens),), 2, 1, 32, 48)
+        _run_and_compare(q, k, v, dtype, window=20, softcap=5.0, cu_seqlens=_cu(lens, device), max_seqlen=70)
+    else:
+        q, k, v = inputs((1, 37), (1, 150), 8, 2, 32, 32)
+        _run_and_compare(q, k, v, dtype, window=50, scale=0.1, softcap=2.0)
+        with torch.no_grad():  # a decoding step (split-KV kernel)
+            out = flash_attention(q[:, -2:], k, v, scale=0.1, softcap=2.0)
+        assert_close(out, attention_ref(q[:, -2:], k, v, scale=0.1, softcap=2.0), dtype, "decode")
+        assert (out - flash_attention(q[:, -2:], k, v, scale=0.1)).abs().max() > 0.1  # (the cap changed it)
 
 
 def test_varlen_matches_dense_per_sequence(device):
@@ -323,10 +355,10 @@ def test_custom_ops_registration(device):
     shapes fail while tracing with the eager op's message."""
     q, k, v = (leaf(torch.randn(2, 40, h, 16, device=device)) for h in (4, 2, 2))
     pad = torch.tensor([5, 0], dtype=torch.int32, device=device)
-    for args in ((q, k, v, None, None, None, None, None, True, 9, None, 1, 0, True),
-                 (q, k, v, None, None, None, None, pad, False, None, 0.3, 1, 0, True),
+    for args in ((q, k, v, None, None, None, None, None, True, 9, None, 1, 0, True, 0.0),
+                 (q, k, v, None, None, None, None, pad, False, None, 0.3, 1, 0, True, 3.0),
                  (q[0], k[0], v[0], *[torch.tensor([0, 15, 40], dtype=torch.int32, device=device)] * 2, 30, None, None,
-                  True, None, None, 4, 3, True)):
+                  True, None, None, 4, 3, True, 0.0)):
         torch.library.opcheck(torch.ops.longattn.flash_attention.default, args)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="q and k must have the same head dim"):

@@ -699,6 +699,36 @@ def test_flash_swap_on_any_decoder_model(device, monkeypatch):
         longattn.hf.swap_attention(bloom, "flash")
 
 
+def test_flash_swap_on_softcapped_model(device):
+    """Gemma 2: the attention logits soft-capped in every layer (sliding-window layers beside full ones): the swapped
+    model's logits on a left-padded batch and its padded greedy generation equal eager's (scores made large enough
+    that the cap changes the logits)."""
+    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                    attn_logit_softcapping=1.0, max_position_embeddings=1024, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(8)
+    uncapped = copy.deepcopy(ref)
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    ref = ref.to(device)
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "flash")
+    ids = torch.randint(1, 128, (2, 20)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()], want[mask.bool()], atol=1e-4,
+                                   rtol=1e-4)
+        assert (uncapped.to(device)(ids, attention_mask=mask).logits - want).abs().max() > 0.03
+        torch.testing.assert_close(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_swap_attention_errors():
     _, llama = _pair(_config(), "sdpa", "cpu")
     with pytest.raises(ValueError, match="kind must be one of"):
@@ -741,13 +771,14 @@ def test_save_and_from_pretrained(kind, device, tmp_path):
                                    dict(is_causal=False), dict(s_aux=torch.zeros(3)), dict(attention_chunk_size=2)],
                          ids=lambda e: next(iter(e)))
 def test_attention_function_refuses_what_it_would_ignore(extra, device):
-    """Softcapping, dropout, position bias, non-causal attention, sinks of the wrong shape, chunked attention (a
-    config's attention_chunk_size): an error, not an attention computed without them."""
+    """Dropout, position bias, non-causal attention, sinks of the wrong shape, chunked attention (a config's
+    attention_chunk_size), softcapping in MoBA's: an error, not an attention computed without them."""
     q = torch.randn(1, 4, 8, 16, device=device)
     module = torch.nn.Module()
     if "attention_chunk_size" in extra:
         module.config, extra = LlamaConfig(attention_chunk_size=extra["attention_chunk_size"]), {}
-    for fn in (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward):
+    fns = (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward)
+    for fn in fns[1:] if "softcap" in extra else fns:
         with pytest.raises(ValueError, match="does not support|causal|one logit per query head"):
             fn(module, q, q, q, None, scaling=0.25, **extra)
 

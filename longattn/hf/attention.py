@@ -302,13 +302,17 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (q.shape[2],)):
         raise ValueError(f"attention sinks must be a tensor of one logit per query head ({q.shape[2]},), got "
                          f"{tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+    softcap = kwargs.get("softcap")
     if kind == "moba" and not window:
+        if softcap:
+            raise ValueError(f"MoBA attention does not support softcap (got {softcap}): its layers need "
+                             "config.attn_logit_softcapping None")
         cfg = getattr(module, "config", None)
         opts = dict(block_size=getattr(cfg, "moba_block_size", MOBA_DEFAULT_BLOCK_SIZE),
                     topk=getattr(cfg, "moba_topk", MOBA_DEFAULT_TOPK))
         op = moba_attention
     else:  # (a sliding-window layer of a MoBA model stays a sliding-window layer: local already)
-        kind, opts, op = "flash", dict(window=int(window) if window else None), flash_attention
+        kind, opts, op = "flash", dict(window=int(window) if window else None, softcap=softcap), flash_attention
     if sinks is not None:
         opts["return_lse"] = True
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -356,8 +360,6 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
 def _check(module, dropout, kwargs):
     if dropout:
         raise ValueError("longattn attention does not support attention dropout (got dropout > 0)")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("longattn attention does not support softcap")
     if kwargs.get("position_bias") is not None:  # a term the softmax would silently go without
         raise ValueError("longattn attention does not support an additive position_bias")
     if getattr(getattr(module, "config", None), "attention_chunk_size", None):  # (Llama 4): a mask it would not apply
@@ -377,7 +379,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
 
 def flash_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: Optional[float] = None, **kwargs):
-    """transformers attention function for ``attn_implementation="longattn"`` (honours sliding_window and
-    attention sinks, gpt-oss's ``s_aux``)."""
+    """transformers attention function for ``attn_implementation="longattn"`` (honours sliding_window, softcap
+    (Gemma 2's attention logit soft-capping) and attention sinks, gpt-oss's ``s_aux``)."""
     _check(module, dropout, kwargs)
     return _run("flash", module, query, key, value, attention_mask, scaling, kwargs), None

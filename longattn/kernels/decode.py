@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
+from .flash import DECODE_ROWS, _lastdim_contiguous, check_softcap, flash_decode as _split_kv
 from .utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, AttnDims, check_block_table, check_cache_pages, check_device,
                     check_positive_int, check_scale, check_tensor, kernel_inputs, next_pow2, public_op,
                     read_back_later)
@@ -58,7 +58,8 @@ def _check_cache(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets)
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
                  block_table: Optional[torch.Tensor] = None, cache_offsets: Optional[torch.Tensor] = None,
                  causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
-                 k_scale: float = 1.0, v_scale: float = 1.0, return_lse: bool = False, validate: bool = True):
+                 k_scale: float = 1.0, v_scale: float = 1.0, return_lse: bool = False, validate: bool = True,
+                 softcap: Optional[float] = None):
     """Dense attention of a few new tokens per sequence against a KV cache, contiguous or paged (inference; not
     differentiable).
 
@@ -89,6 +90,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             decoding step can be captured in a CUDA graph; the work is sized for the capacity) and leaves the
             caller responsible for the result; either way the kernel clamps lengths and pages to the cache and never
             reads outside it.
+        softcap: soft-capping of the scores, ``c * tanh(scale * q.k / c)`` (see :func:`longattn.flash_attention`);
+            None or 0 (default): none.
     Returns:
         ``(B, S, Hq, Dv)`` in q's dtype (and the lse). Equal to :func:`longattn.flash_attention` of the new tokens
         against each sequence's keys gathered from the cache (dequantised: times ``k_scale`` / ``v_scale``).
@@ -102,6 +105,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError("window requires causal=True")
     scale = check_scale(scale, dk ** -0.5) * check_scale(k_scale, 1.0, "k_scale")  # (the scores' scale)
     v_scale = check_scale(v_scale, 1.0, "v_scale")
+    softcap = check_softcap(softcap)
     if capacity < S:
         raise ValueError(f"the cache holds at most {capacity} tokens per sequence, fewer than the {S} new tokens")
     cache_seqlens = cache_seqlens.contiguous()  # (the kernel reads entry b at cache_seqlens + b)
@@ -125,7 +129,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     chunk = max(1, DECODE_ROWS // next_pow2(heads))
     if heads == group and chunk >= S:  # (the usual case: one launch)
         out, lse = _launch(qk, kk, vk, cache_seqlens, block_table, cache_offsets, causal, window, scale, v_scale,
-                           capacity, longest)
+                           capacity, longest, softcap)
     else:
         out = q.new_empty(B, S, hq, dv, dtype=qk.dtype)
         lse = torch.empty(B, hq, S, device=q.device, dtype=torch.float32)
@@ -138,7 +142,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                 lens = cache_seqlens if s1 == S or not causal else cache_seqlens - (S - s1)
                 part = qg[:, s0:s1, :, h0:h1].reshape(B, s1 - s0, hkv * (h1 - h0), dk)
                 o, l_ = _launch(part, kk, vk, lens, block_table, cache_offsets, causal, window, scale, v_scale,
-                                capacity, longest)
+                                capacity, longest, softcap)
                 og[:, s0:s1, :, h0:h1] = o.reshape(B, s1 - s0, hkv, h1 - h0, dv)
                 lg[:, :, h0:h1, s0:s1] = l_.reshape(B, hkv, h1 - h0, s1 - s0)
     out = out.to(q.dtype)
@@ -146,13 +150,14 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, block_table, cache_offsets, causal, window, scale, v_scale, capacity,
-            longest):
+            longest, softcap):
     """One split-KV launch (its rows within 64: the group's heads times the tokens of q)."""
     B, S, hq, dk = q.shape
     dims = AttnDims(varlen=False, batch=B, max_seqlen_q=S, max_seqlen_k=capacity, heads_q=hq,
                     heads_kv=k_cache.shape[2], dim_qk=dk, dim_v=v_cache.shape[3])
     return _split_kv(_lastdim_contiguous(q), k_cache, v_cache, dims, causal, window, scale, cache_offsets,
-                     cache_seqlens=cache_seqlens, block_table=block_table, longest=longest, v_scale=v_scale)
+                     cache_seqlens=cache_seqlens, block_table=block_table, longest=longest, v_scale=v_scale,
+                     softcap=softcap)
 
 
 __all__ = ["flash_decode"]

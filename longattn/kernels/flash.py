@@ -36,8 +36,8 @@ import triton.language as tl
 from .merge import merge_fwd
 from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_configs, autotune_enabled, cdiv,
                     check_attention_inputs, check_attention_shapes, check_device, check_positive_int, check_scale,
-                    eager_context, empty, empty_like, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
-                    row_descriptors, small_tiles, split_context, split_dim, widen_by_asm)
+                    eager_context, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms, public_op,
+                    resolve_seqlens, row_descriptors, small_tiles, split_context, split_dim, widen_by_asm)
 
 LOG2E = 1.4426950408889634
 # online softmax with LAZY_RESCALE: the rows' reference max moves (their accumulator rescaled to it) only when some
@@ -230,13 +230,33 @@ def _rescale_to(m_i, m_new, l_i, acc):
 
 
 @triton.jit
+def _softcapped(s, cap_scale, SOFTCAP: tl.constexpr):
+    """The scores' soft-capping (Gemma 2's logits ``cap * tanh(scale * q.k / cap)``): ``tanh(s * cap_scale)``,
+    ``cap_scale = scale / cap``, the cap itself folded into the kernels' qk_scale. SOFTCAP 2 (bfloat16 inputs on an
+    NVIDIA GPU): by the GPU's ``tanh.approx.f32``, one special-function op a score, as many as the softmax's exp2
+    (relative error about 2^-11, far below bfloat16's 2^-8 rounding of q and k). 1: as ``1 - 2 / (e^(2x) + 1)``,
+    the reciprocal as a squared reciprocal square root (on NVIDIA GPUs ``rsqrt.approx.f32``, relative error about
+    2^-22: a division's full-range path took 53 more registers a thread in the float32 forward, as compiled for
+    sm_90). 0: ``s`` as it is."""
+    if SOFTCAP == 2:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [s * cap_scale], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    elif SOFTCAP == 1:
+        r = tl.math.rsqrt(tl.math.exp2(s * (cap_scale * 2.0 * 1.4426950408889634)) + 1.0)
+        return 1.0 - 2.0 * r * r
+    else:
+        return s
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, start, end, k_len,
                window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
                BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, BT=None,
                last_page=0, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False, KA_DESC=None, KB_DESC=None,
                V_DESC=None, tma_row=0, k_col=0, v_col=0, USE_TMA: tl.constexpr = False,
-               LAZY_RESCALE: tl.constexpr = False, KB_ptr=None, stride_kbt=0, kb_col=0, SPLIT: tl.constexpr = False):
+               LAZY_RESCALE: tl.constexpr = False, KB_ptr=None, stride_kbt=0, kb_col=0, SPLIT: tl.constexpr = False,
+               cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Online softmax of the query rows over the keys [start, end) of a sequence whose key j sits at row
     ``k_start + j`` of K/V (SPLIT: the keys' second dim part at row ``k_start + j`` of KB_ptr, see _load_split), or
     (PAGE > 0: a paged cache) at row ``BT[j // PAGE] * PAGE + j % PAGE`` (each page clamped to [0, last_page]:
@@ -251,7 +271,9 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
     some row's max grew past it by more than 2^RESCALE_LOG2 (rarely after the first tiles); otherwise a row's
     probabilities may reach 2^RESCALE_LOG2, the output acc / l and the lse m_i + log2 l the same. A tile then skips
     a multiply per accumulator element (d 128, 128 x 64 on 8 warps, as compiled for sm_90: 303 instructions a tile
-    against 360), for a reduction over the program's rows and a barrier."""
+    against 360), for a reduction over the program's rows and a barrier.
+
+    SOFTCAP: the scores soft-capped (see _softcapped; qk_scale then holds the cap)."""
     if PAGE > 0:
         offs_n = start + tl.arange(0, BLOCK_N)
         pages = tl.load(BT + offs_n // PAGE, mask=offs_n < k_len, other=0)
@@ -281,6 +303,7 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
         # score (sm_90, d 128, 128 x 64 tiles: 360 instructions a tile against 392 with a multiply of its own)
         s = _dot_split(q_a, q_b, _widen(kt_a, q_a.dtype, WIDEN_ASM), _widen(kt_b, q_a.dtype, WIDEN_ASM),
                        tl.zeros([q_a.shape[0], BLOCK_N], tl.float32), BLOCK_DB, PRECISION)
+        s = _softcapped(s, cap_scale, SOFTCAP)
         if MASKED:
             s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -388,7 +411,7 @@ def _smem_prune(kernel: str):
 
 
 @autotune(_FWD_CANDIDATES, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                             "HAS_TMA", "SPLIT_QK"], _smem_prune("fwd"))
+                             "HAS_TMA", "SPLIT_QK", "SOFTCAP"], _smem_prune("fwd"))
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB, KB,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -401,12 +424,14 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
                       PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
                       BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-                      LAZY_RESCALE: tl.constexpr = False, SPLIT_QK: tl.constexpr = False):
+                      LAZY_RESCALE: tl.constexpr = False, SPLIT_QK: tl.constexpr = False, cap_scale=0.0,
+                      SOFTCAP: tl.constexpr = 0):
     """Flash attention forward: one program per (BLOCK_M query rows of a sequence, query head). Its keys go in
     three ranges (see _key_ranges): the tiles some of its rows cannot see all of (masked), those all rows see,
     the masked tail. USE_TMA (HAS_TMA: the host gave K/V's row descriptors, ``tma_rows`` rows per batch entry, 0
     varlen) loads the middle range's tiles, wholly inside the sequence, by TMA. SPLIT_QK: q's and k's last
-    ``DQK - BLOCK_DA`` dims are tensors of their own, QB and KB (see _load_split)."""
+    ``DQK - BLOCK_DA`` dims are tensors of their own, QB and KB (see _load_split). SOFTCAP: soft-capped scores
+    (see _softcapped)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -439,18 +464,19 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr,
-                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK)
+                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, False, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, KA_DESC=KA_DESC, KB_DESC=KB_DESC, V_DESC=V_DESC,
                                tma_row=b * tma_rows + k_start, k_col=(hk.to(tl.int64) * stride_kh).to(tl.int32),
                                v_col=(hk.to(tl.int64) * stride_vh).to(tl.int32), USE_TMA=USE_TMA,
                                LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr, stride_kbt=stride_kbt,
-                               kb_col=(hk.to(tl.int64) * stride_kbh).to(tl.int32), SPLIT=SPLIT_QK)
+                               kb_col=(hk.to(tl.int64) * stride_kbh).to(tl.int32), SPLIT=SPLIT_QK,
+                               cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr,
-                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK)
+                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -486,7 +512,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
                          HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, LEFT_PAD: tl.constexpr,
                          TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_SEQLENS: tl.constexpr = False, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False,
-                         SPLIT_QK: tl.constexpr = False):
+                         SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Few queries per sequence (decoding, speculative tokens), no gradient: split-KV. Program (sequence * Hkv +
     KV head, split) holds its GQA group's heads times the sequence's queries as the rows of its tiles (each key
     tile is loaded once for all of them), streams one split of the keys and writes its normalised partial
@@ -496,7 +522,8 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
     cache (LEFT_PAD; else row 0), or (PAGE > 0) in the pages its block-table row ``BT + b * stride_btb`` lists (K/V
     then (pages, PAGE, Hkv, D), their batch strides 0); lengths are clamped to the cache (seqlen_k rows). K/V may be
     float8 (a quantised cache: keys K * k_scale, folded into qk_scale, values V * v_scale; WIDEN_ASM: widened to
-    bfloat16 by inline PTX, see _widen). SPLIT_QK: q's and k's second dim part from QB and KB (see _load_split)."""
+    bfloat16 by inline PTX, see _widen). SPLIT_QK: q's and k's second dim part from QB and KB (see _load_split).
+    SOFTCAP: soft-capped scores (see _softcapped)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     split = tl.program_id(1)
@@ -554,7 +581,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
                                BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0,  # keys past hi: other splits
                                BT + b64 * stride_btb, last_page, PAGE, WIDEN_ASM,
                                KB_ptr=KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh, stride_kbt=stride_kbt,
-                               SPLIT=SPLIT_QK)
+                               SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     empty = l_i == 0.0
     out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=o_mask)
@@ -595,13 +622,24 @@ def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, strid
 @triton.jit
 def _bwd_probs(q_a, q_b, kt_a, kt_b, lse2, pos_m, offs_n, k_len, window, qk_scale, BLOCK_DB: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-               KS: tl.constexpr, KO: tl.constexpr):
-    """Recompute the (M, N) softmax probabilities from q, k^T (split head dim) and the row lse (log2 units)."""
+               KS: tl.constexpr, KO: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+    """Recompute the (M, N) softmax probabilities from q, k^T (split head dim) and the row lse (log2 units).
+    Returns them and the soft-capped scores' tanh (see _softcapped; the raw scores without SOFTCAP)."""
     s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([q_a.shape[0], kt_a.shape[1]], tl.float32), BLOCK_DB, PRECISION)
+    s = _softcapped(s, cap_scale, SOFTCAP)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), p, 0.0)
-    return p
+    return p, s
+
+
+@triton.jit
+def _softcap_grad(ds, t, SOFTCAP: tl.constexpr):
+    """The gradient of the raw (scaled) scores from that of the soft-capped ones, whose tanh is ``t``:
+    ``d cap * tanh(x / cap) / dx = 1 - t^2``."""
+    if SOFTCAP > 0:
+        ds = ds * (1.0 - t * t)
+    return ds
 
 
 @triton.jit
@@ -618,7 +656,8 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
                 offs_n, start, end, q_len, k_len, shift, window, qk_scale, offs_dv, DQK: tl.constexpr,
                 DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                KS: tl.constexpr, KO: tl.constexpr, QB_ptr=None, stride_qbt=0, SPLIT: tl.constexpr = False):
+                KS: tl.constexpr, KO: tl.constexpr, QB_ptr=None, stride_qbt=0, SPLIT: tl.constexpr = False,
+                cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Works on the transposed (N, M) problem: s^T = k q^T, so p^T and ds^T come out of their matmuls in the
     layout of the next matmul's left operand (no transposition through shared memory) and k, v stay left
     operands read from shared memory."""
@@ -633,13 +672,14 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
         lse2, delta = _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m)
         st = _dot_split(k_a, k_b, tl.trans(q_a), tl.trans(q_b), tl.zeros([k_a.shape[0], BLOCK_M], tl.float32),
                         BLOCK_DB, PRECISION)
+        st = _softcapped(st, cap_scale, SOFTCAP)
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
         if MASKED:
             pt = tl.where(_visible_2d((offs_m + shift)[None, :], offs_n[:, None], k_len, window, CAUSAL, HAS_WINDOW,
                                       KS, KO), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = (pt * (dpt - delta[None, :])).to(q_a.dtype)
+        dst = _softcap_grad(pt * (dpt - delta[None, :]), st, SOFTCAP).to(q_a.dtype)
         dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
         if BLOCK_DB > 0:
             dk_b += tl.dot(dst, q_b, input_precision=PRECISION)
@@ -672,7 +712,7 @@ _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 
 @autotune(_BWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                         "SPLIT_QK"], _smem_prune("dkdv"))
+                         "SPLIT_QK", "SOFTCAP"], _smem_prune("dkdv"))
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB, DKB,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -686,12 +726,13 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
                            BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
                            KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           ONE_LOOP: tl.constexpr = False, SPLIT_QK: tl.constexpr = False):
+                           ONE_LOOP: tl.constexpr = False, SPLIT_QK: tl.constexpr = False, cap_scale=0.0,
+                           SOFTCAP: tl.constexpr = 0):
     """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
     (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
     split (stride_dks / stride_dvs), added up afterwards. Per head, three loops over the query blocks (masked,
     fully visible, masked), or with ONE_LOOP one masked loop over them all. SPLIT_QK: q's and k's second dim part
-    from QB and KB, dK's to DKB (see _load_split)."""
+    from QB and KB, dK's to DKB (see _load_split). SOFTCAP: soft-capped scores (see _softcapped)."""
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
@@ -746,18 +787,18 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
                                      stride_qt, stride_dot,
                                      offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                      BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
-                                     QB_ptr, stride_qbt, SPLIT_QK)
+                                     QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP)
         if not ONE_LOOP:
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                          BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
-                                         QB_ptr, stride_qbt, SPLIT_QK)
+                                         QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP)
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                          BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
-                                         QB_ptr, stride_qbt, SPLIT_QK)
+                                         QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP)
 
     split64 = split.to(tl.int64)
     _store_split(DK + split64 * stride_dks + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt,
@@ -773,7 +814,7 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
               k_len, window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
               BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, KB_ptr=None,
-              stride_kbt=0, SPLIT: tl.constexpr = False):
+              stride_kbt=0, SPLIT: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < k_len
@@ -782,10 +823,10 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
                                SPLIT)
         vt = tl.load(V_ptr + rows[None, :] * stride_vt + offs_dv[:, None],
                      mask=in_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        p = _bwd_probs(q_a, q_b, tl.trans(k_a), tl.trans(k_b), lse2, pos_m, offs_n, k_len, window, qk_scale, BLOCK_DB,
-                       MASKED, CAUSAL, HAS_WINDOW, PRECISION, KS, KO)
+        p, t = _bwd_probs(q_a, q_b, tl.trans(k_a), tl.trans(k_b), lse2, pos_m, offs_n, k_len, window, qk_scale,
+                          BLOCK_DB, MASKED, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, cap_scale, SOFTCAP)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        ds = _softcap_grad(p * (dp - delta[:, None]), t, SOFTCAP).to(k_a.dtype)
         dq_a += tl.dot(ds, k_a, input_precision=PRECISION)
         if BLOCK_DB > 0:
             dq_b += tl.dot(ds, k_b, input_precision=PRECISION)
@@ -794,7 +835,7 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
 
 # (restore_value: ACC_DQ adds to DQ, each timed candidate finds it as it was)
 @autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                         "SPLIT_QK"], _smem_prune("dq"), restore_value=["DQ"])
+                         "SPLIT_QK", "SOFTCAP"], _smem_prune("dq"), restore_value=["DQ"])
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -808,10 +849,10 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False,
-                         SPLIT_QK: tl.constexpr = False):
+                         SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """dq of a block of BLOCK_M query rows of one head; ACC_DQ: added to what DQ holds (float32 sum, one rounding),
     as when several key sets (NSA's branches) share the queries. SPLIT_QK: q's and k's second dim part from QB and
-    KB, dq's to DQB (see _load_split; not with ACC_DQ)."""
+    KB, dq's to DQB (see _load_split; not with ACC_DQ). SOFTCAP: soft-capped scores (see _softcapped)."""
     tl.static_assert(not (SPLIT_QK and ACC_DQ), "ACC_DQ reads one DQ")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -845,13 +886,16 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
     dq_b = tl.zeros([BLOCK_M, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, a, bb, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
-                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK)
+                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK, cap_scale,
+                           SOFTCAP)
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, bb, c, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
-                           False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK)
+                           False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK, cap_scale,
+                           SOFTCAP)
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, c, d, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
-                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK)
+                           True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK, cap_scale,
+                           SOFTCAP)
     dq_a *= scale
     dq_b *= scale
     dq_ptr = DQ + b64 * stride_dqb + h64 * stride_dqh
@@ -883,6 +927,15 @@ def _lse_strides(lse: torch.Tensor, varlen: bool):
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs get true float32 products (tf32 would lose ~3 digits); fp16/bf16 ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _score_args(scale: float, softcap: float, dtype: torch.dtype):
+    """The kernels' qk_scale (log2 units) and their soft-capping arguments (``cap_scale``, ``SOFTCAP``, see
+    _softcapped) for a softmax scale and a soft cap (0: none)."""
+    if not softcap:
+        return scale * LOG2E, dict(cap_scale=0.0, SOFTCAP=0)
+    fast = dtype == torch.bfloat16 and not is_interpreter() and torch.version.hip is None
+    return softcap * LOG2E, dict(cap_scale=scale / softcap, SOFTCAP=2 if fast else 1)
 
 
 def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -926,14 +979,15 @@ def _part_args(x, x_b, varlen: bool) -> tuple:
 
 
 def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
-              key_pos=(1, 0), left_pad=None, parts=None):
+              key_pos=(1, 0), left_pad=None, parts=None, softcap: float = 0.0):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
     a buffer of partial results); otherwise they are allocated. ``key_pos`` = (stride, offset) places key j
     at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1). ``left_pad``
     (dense layout): int32 padding rows per sequence, whose query rows the kernel skips (allocated outputs
     are then 0 / -inf there). ``parts`` = (q_b, k_b): q and k hold the first ``split_dim(dims.dim_qk)[0]`` dims of
     the queries and keys, q_b and k_b (any strides, last dim contiguous; k_b's heads may be a stride-0 expansion)
-    the other ``dims.dim_qk`` minus those (see split_parts). Returns (out, lse)."""
+    the other ``dims.dim_qk`` minus those (see split_parts). ``softcap`` (> 0): the scores
+    ``softcap * tanh(scale * q.k / softcap)``. Returns (out, lse)."""
     varlen = dims.varlen
     if out is None or lse is None:
         o, l_ = _outputs((q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q), dims, q.dtype, q.device,
@@ -948,12 +1002,13 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     descs = kv_descriptors(k, v, TMA_ROWS, meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1 if varlen else 2,
                            k_b)
     (qb, sqb), (kb, skb) = _part_args(q, q_b, varlen), _part_args(k, k_b, varlen)
+    qk_scale, soft = _score_args(scale, softcap, q.dtype)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *_cu_args(dims, left_pad), *(descs or (None, None, None)), qb, kb,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen), *sqb, *skb,
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, dims.group, 0 if varlen else k.shape[1],
-        **meta, HAS_TMA=descs is not None, SPLIT_QK=parts is not None, **COMPILE_OPTIONS)
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, dims.group, 0 if varlen else k.shape[1],
+        **meta, HAS_TMA=descs is not None, SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -980,7 +1035,8 @@ DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, que
 
 
 def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None, *,
-                 cache_seqlens=None, block_table=None, longest: int = 0, v_scale: float = 1.0, parts=None):
+                 cache_seqlens=None, block_table=None, longest: int = 0, v_scale: float = 1.0, parts=None,
+                 softcap: float = 0.0):
     """Split-KV launch on validated inputs with few queries per sequence (the group's heads times the queries,
     each rounded up to a power of two, within DECODE_ROWS rows), forward only: partial results per split of the
     keys, merged by lse into q's dtype. Returns (out, lse) in flash_fwd's layouts.
@@ -989,7 +1045,8 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
     sequence), ``left_pad`` then the cache row of each sequence's first key; k/v ``(B, rows, Hkv, D)``, or with
     ``block_table`` paged ``(pages, page, Hkv, D)`` (page stride = page x token stride); the work is split for
     ``longest`` keys (the longest sequence, or the capacity). k/v may be float8 (a quantised cache: ``scale``
-    includes the keys' scale, ``v_scale`` is the values'). ``parts``: q and k in two tensors each (see flash_fwd)."""
+    includes the keys' scale, ``v_scale`` is the values'). ``parts``: q and k in two tensors each, ``softcap`` (see
+    flash_fwd)."""
     varlen, tq = dims.varlen, dims.max_seqlen_q
     rows_q = q.shape[0] if varlen else tq
     programs = dims.batch * dims.heads_kv
@@ -1012,15 +1069,16 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
         (qb, sqb), (kb, skb) = _part_args(q, q_b, varlen), _part_args(k, k_b, varlen)
         if paged:  # pages are shared by the batch: no batch stride
             sk, sv, skb = (0, *sk[1:]), (0, *sv[1:]), (0, *skb[1:])
+        qk_scale, soft = _score_args(scale, softcap, q.dtype)
         _flash_decode_kernel[(programs, n_split)](
             q, k, v, outs, lses, *_cu_args(dims, left_pad),
             cache_seqlens if cache_seqlens is not None else q, block_table if paged else q, qb, kb,
             *_strides3(q, varlen), *sk, *sv, *so, *sl, block_table.stride(0) if paged else 0, *sqb, *skb,
-            dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, v_scale, dims.group, dims.heads_kv,
+            dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, v_scale, dims.group, dims.heads_kv,
             per_split, k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
             HAS_SEQLENS=cache_seqlens is not None, PAGE=k.shape[1] if paged else 0,
             WIDEN_ASM=widen_by_asm(q.dtype, k.dtype), SPLIT_QK=parts is not None, num_warps=8 if wide else 4,
-            **COMPILE_OPTIONS)
+            **soft, **COMPILE_OPTIONS)
     if n_split == 1:
         return outs[0], lses[0]
     return merge_fwd(outs, lses, q.dtype)
@@ -1042,13 +1100,14 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
 
 
 def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float,
-              key_pos=(1, 0), left_pad=None, dq=None, parts=None):
+              key_pos=(1, 0), left_pad=None, dq=None, parts=None, softcap: float = 0.0):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
     as when MoBA or NSA add other key sets to the same softmax). With ``left_pad`` the padding rows' gradients
     are 0. ``dq``: a gradient of q (q's shape and dtype) that this call's dq is added to, in place (the one
     returned), instead of a new tensor. ``parts`` = (q_b, k_b): q and k in two tensors each (see flash_fwd); dq and
-    dk are then pairs too, dk's second part one per KV head of k (``k_b.shape``, whatever its strides)."""
+    dk are then pairs too, dk's second part one per KV head of k (``k_b.shape``, whatever its strides). ``softcap``:
+    the forward's (see flash_fwd)."""
     varlen = dims.varlen
     meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
     alloc = torch.zeros if left_pad is not None else empty
@@ -1075,14 +1134,15 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     (qb, sqb), (kb, skb), (dkb, sdkb) = (_part_args(q, q_b, varlen), _part_args(k, k_b, varlen),
                                          _part_args(dk, None if dk_b is None else one(dk_b), varlen))
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
+    qk_scale, soft = _score_args(scale, softcap, q.dtype)
     grid_kv = lambda m: (cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
     _flash_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, *_cu_args(dims, left_pad), qb, kb, dkb, *common,
         *_strides3(one(dk), varlen), *_strides3(one(dv), varlen),
         dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
         *sqb, *skb, *sdkb, dk_b.stride(0) if parts and n_splits > 1 else 0,
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, per_split, **meta,
-        SPLIT_QK=parts is not None, **COMPILE_OPTIONS)
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, scale, dims.group, per_split, **meta,
+        SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
         dk_b = dk_b.sum(0).to(k_b.dtype) if parts else None
@@ -1092,8 +1152,8 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), qb, kb, dqb, *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen), *sqb, *skb, *sdqb,
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, scale * LOG2E, scale, dims.group, **meta, ACC_DQ=acc_dq,
-        SPLIT_QK=parts is not None, **COMPILE_OPTIONS)
+        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, scale, dims.group, **meta, ACC_DQ=acc_dq,
+        SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
     if parts:
         return (dq, dq_b), (dk, dk_b), dv
     return dq, dk, dv
@@ -1101,20 +1161,21 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, dims, causal, window, scale, key_pos, left_pad):
-        out, lse = flash_fwd(q, k, v, dims, causal, window, scale, key_pos=key_pos, left_pad=left_pad)
+    def forward(ctx, q, k, v, dims, causal, window, scale, key_pos, left_pad, softcap):
+        out, lse = flash_fwd(q, k, v, dims, causal, window, scale, key_pos=key_pos, left_pad=left_pad, softcap=softcap)
         ctx.save_for_backward(q, k, v, out, lse, left_pad)
-        ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos = dims, causal, window, scale, key_pos
+        ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos, ctx.softcap = dims, causal, window, scale, key_pos, \
+            softcap
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, left_pad = ctx.saved_tensors
         return _gradients(dout, dlse, q, k, v, out, lse, ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos,
-                          left_pad) + (None,) * 6
+                          left_pad, ctx.softcap) + (None,) * 7
 
 
-def _gradients(dout, dlse, q, k, v, out, lse, dims: AttnDims, causal, window, scale, key_pos, left_pad):
+def _gradients(dout, dlse, q, k, v, out, lse, dims: AttnDims, causal, window, scale, key_pos, left_pad, softcap):
     """dq, dk, dv from the forward's inputs, output and lse (kernel dtypes) and the gradients of out and lse
     (either may be None: no gradient)."""
     if dout is None:
@@ -1125,7 +1186,7 @@ def _gradients(dout, dlse, q, k, v, out, lse, dims: AttnDims, causal, window, sc
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = flash_bwd_delta(out, dout, lse, dlse, dims)
-    return flash_bwd(dout, q, k, v, lse, delta, dims, causal, window, scale, key_pos, left_pad)
+    return flash_bwd(dout, q, k, v, lse, delta, dims, causal, window, scale, key_pos, left_pad, softcap=softcap)
 
 
 def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor:
@@ -1138,6 +1199,17 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     if validate and bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
         raise ValueError(f"left_pad must lie in [0, Tk={dims.max_seqlen_k}], got {left_pad.tolist()}")
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
+
+
+def check_softcap(softcap) -> float:
+    """A soft cap of the scores: None or 0 (none) or a finite positive number; returns it as a float (0.0: none)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if softcap == 0:
+        return 0.0
+    return check_scale(softcap, 0.0, "softcap")
 
 
 def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_stride,
@@ -1171,17 +1243,17 @@ def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seq
 # graph there, so a model calling it compiles whole (fullgraph=True); the ops run the eager code when the graph runs.
 _OP_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
             "int? max_seqlen_k, Tensor? left_pad, bool causal, int? window, float? scale, int key_stride, "
-            "int key_offset, bool validate")
+            "int key_offset, bool validate, float softcap")
 
 
 @torch.library.custom_op("longattn::flash_attention", mutates_args=(), schema=f"({_OP_ARGS}) -> (Tensor, Tensor)")
 def _flash_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left_pad, causal, window, scale,
-              key_stride, key_offset, validate):
+              key_stride, key_offset, validate, softcap):
     with torch.no_grad():  # the op's own autograd formula (below) differentiates it
         return flash_attention(q, k, v, causal=causal, window=window, scale=scale, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                return_lse=True, key_stride=key_stride, key_offset=key_offset, left_pad=left_pad,
-                               validate=validate)
+                               validate=validate, softcap=softcap)
 
 
 @_flash_op.register_fake
@@ -1196,12 +1268,13 @@ def _flash_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
                          schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, {_OP_ARGS}) -> "
                                 "(Tensor, Tensor, Tensor)")
 def _flash_backward_op(dout, dlse, out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       left_pad, causal, window, scale, key_stride, key_offset, validate):
+                       left_pad, causal, window, scale, key_stride, key_offset, validate, softcap):
     with eager_context(q):
         dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, key_stride, key_offset, left_pad, False)
         inputs = kernel_inputs(*(_lastdim_contiguous(t) for t in (q, k, v, out)))
-        grads = _gradients(dout, dlse, *inputs, lse, dims, causal, window, scale, (key_stride, key_offset), left_pad)
+        grads = _gradients(dout, dlse, *inputs, lse, dims, causal, window, scale, (key_stride, key_offset), left_pad,
+                           check_softcap(softcap))
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
@@ -1221,7 +1294,7 @@ def _flash_op_backward(ctx, dout, dlse):
     max_q, max_k, options = ctx.options
     dq, dk, dv = torch.ops.longattn.flash_attention_backward(dout, dlse, out, lse, q, k, v, cu_q, cu_k, max_q, max_k,
                                                              left_pad, *options)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * 12
 
 
 _flash_op.register_autograd(_flash_op_backward, setup_context=_flash_op_save)
@@ -1229,12 +1302,13 @@ _flash_op.register_autograd(_flash_op_backward, setup_context=_flash_op_save)
 
 def _flash_attention_traced(q, k, v, *, causal=True, window=None, scale=None, cu_seqlens=None, max_seqlen=None,
                             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                            return_lse=False, key_stride=1, key_offset=0, left_pad=None, validate=True):
+                            return_lse=False, key_stride=1, key_offset=0, left_pad=None, validate=True, softcap=None):
     """flash_attention as TorchDynamo traces it (same arguments): the custom op."""
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = torch.ops.longattn.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                  left_pad, causal, window, scale, key_stride, key_offset, validate)
+                                                  left_pad, causal, window, scale, key_stride, key_offset, validate,
+                                                  check_softcap(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -1245,7 +1319,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                     return_lse: bool = False, key_stride: int = 1, key_offset: int = 0,
-                    left_pad: Optional[torch.Tensor] = None, validate: bool = True):
+                    left_pad: Optional[torch.Tensor] = None, validate: bool = True, softcap: Optional[float] = None):
     """Exact softmax attention (flash algorithm), differentiable in q, k, v (and through ``lse``).
 
     Layouts
@@ -1275,6 +1349,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             attended, without copying the batch into a varlen layout; query rows at key positions before them
             are padding too (their outputs and gradients 0, lse -inf). Checked against Tk (a host
             synchronisation) unless ``validate=False`` (then values outside [0, Tk] read outside the keys).
+        softcap: soft-capping of the scores (Gemma 2: 50.0): a positive number ``c`` makes them
+            ``c * tanh(scale * q.k / c)`` before the softmax; None or 0 (default): none. With bfloat16 inputs on
+            an NVIDIA GPU the tanh is the hardware's approximate one (relative error about 2^-11).
 
     Returns:
         ``out`` in q's dtype, or ``(out, lse)``. Rows that see no key (possible only when Tq > Tk with
@@ -1291,15 +1368,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, key_stride, key_offset, left_pad, validate)
+    softcap = check_softcap(softcap)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not grad and (key_stride, key_offset) == (1, 0) and q.numel() and k.numel() and \
             next_pow2(dims.max_seqlen_q) * next_pow2(dims.group) <= DECODE_ROWS:
-        out, lse = flash_decode(qk, kk, vk, dims, causal, window, scale, left_pad)  # decoding: split-KV
+        out, lse = flash_decode(qk, kk, vk, dims, causal, window, scale, left_pad, softcap=softcap)  # split-KV
     else:
         out, lse = _FlashAttention.apply(qk, kk, vk, dims, causal, window, scale, (key_stride, key_offset),
-                                         left_pad)
+                                         left_pad, softcap)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
 

@@ -43,9 +43,10 @@ def attention_mask_ref(q_len: int, k_len: int, *, causal: bool, window: Optional
     return mask
 
 
-def masked_attention_ref(q, k, v, mask, scale):
+def masked_attention_ref(q, k, v, mask, scale, softcap: Optional[float] = None):
     """Attention of one sequence with an explicit mask. q (Tq, Hq, D), k/v (Tk, Hkv, D*), mask
     (Tq, Tk) or (Hq, Tq, Tk). Returns out (Tq, Hq, Dv) in float32 and lse (Hq, Tq) in float32.
+    ``softcap``: the scores ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2's logit soft-capping).
 
     Rows that see no key get out = 0 and lse = -inf.
     """
@@ -55,6 +56,8 @@ def masked_attention_ref(q, k, v, mask, scale):
         kf = kf.repeat_interleave(hq // hkv, dim=1)
         vf = vf.repeat_interleave(hq // hkv, dim=1)
     s = torch.einsum("qhd,khd->hqk", qf, kf) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if mask.dim() == 2:
         mask = mask[None]
     s = s.masked_fill(~mask, float("-inf"))
@@ -67,7 +70,7 @@ def masked_attention_ref(q, k, v, mask, scale):
 
 def attention_ref(q, k, v, *, causal: bool = True, window: Optional[int] = None,
                   scale: Optional[float] = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                  return_lse: bool = False):
+                  return_lse: bool = False, softcap: Optional[float] = None):
     """Reference for :func:`longattn.kernels.flash.flash_attention`.
 
     Dense: q (B, Tq, Hq, Dqk), k (B, Tk, Hkv, Dqk), v (B, Tk, Hkv, Dv) -> out (B, Tq, Hq, Dv),
@@ -80,7 +83,7 @@ def attention_ref(q, k, v, *, causal: bool = True, window: Optional[int] = None,
     for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k):
         qs, ks = q[sq], k[sk]
         m = attention_mask_ref(qs.shape[0], ks.shape[0], causal=causal, window=window, device=q.device)
-        o, l = masked_attention_ref(qs, ks, v[sk], m, scale)
+        o, l = masked_attention_ref(qs, ks, v[sk], m, scale, softcap)
         outs.append(o)
         lses.append(l)
     varlen = cu_seqlens_q is not None

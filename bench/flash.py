@@ -1,4 +1,5 @@
-"""Dense flash attention: longattn vs torch SDPA (flash and cuDNN backends) and flash-attn if installed."""
+"""Dense flash attention: longattn vs torch SDPA (flash and cuDNN backends) and flash-attn if installed; with
+``--softcap`` (soft-capped scores, Gemma 2) vs flex_attention's score_mod and flash-attn's softcap (SDPA has none)."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,8 @@ import argparse
 from .common import (Results, attended_pairs, attention_bytes, device_peaks, graph_ms, mode_list, parse_ints,
                      peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
-COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "ms", "TFLOP/s", "x_sdpa_flash",
-           "x_sdpa_cudnn", "x_flash_attn", "%roof", "peak_MB"]
+COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "softcap", "ms", "TFLOP/s", "x_sdpa_flash",
+           "x_sdpa_cudnn", "x_flash_attn", "x_flex", "%roof", "peak_MB"]
 PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="flash attention")
 
 
@@ -24,17 +25,20 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--decode-batches", default="1,32")
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--window", type=int, default=None)
+    p.add_argument("--softcap", type=float, default=None, help="soft-capped scores: c * tanh(scale * q.k / c)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
 
 
-def _impls(causal, window, hq, hkv, dqk, dv):
+def _impls(causal, window, hq, hkv, dqk, dv, softcap=None, cuda=True):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longattn import flash_attention
 
-    impls = {"longattn": lambda q, k, v: flash_attention(q, k, v, causal=causal, window=window)}
-    if window is None and dqk == dv:
+    impls = {"longattn": lambda q, k, v: flash_attention(q, k, v, causal=causal, window=window, softcap=softcap)}
+    if softcap:
+        impls["flex"] = _flex_softcap(causal, window, softcap, cuda)
+    elif window is None and dqk == dv:
         def sdpa(backend):
             def run(q, k, v):
                 with sdpa_kernel(backend):
@@ -48,10 +52,36 @@ def _impls(causal, window, hq, hkv, dqk, dv):
         from flash_attn import flash_attn_func
 
         ws = (window - 1, 0) if window else (-1, -1)
-        impls["flash_attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=ws)
+        impls["flash_attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=ws,
+                                                              softcap=softcap or 0.0)
     except ImportError:
         pass
     return impls
+
+
+def _flex_softcap(causal, window, softcap, cuda):
+    """flex_attention with the soft cap as its score_mod and the causal / window mask as a BlockMask (built per
+    shape, kept), torch.compile'd on CUDA (its fused kernel), eager otherwise."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    fn = torch.compile(flex_attention) if cuda else flex_attention
+    masks = {}
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    def run(q, k, v):
+        tq, tk = q.shape[1], k.shape[1]
+        if causal and (tq, tk) not in masks:
+            def mask_mod(b, h, q_idx, kv_idx):  # queries aligned to the end of the keys
+                pos = q_idx + (tk - tq)
+                keep = kv_idx <= pos
+                return keep & (kv_idx > pos - window) if window else keep
+            masks[tq, tk] = create_block_mask(mask_mod, None, None, tq, tk, device=q.device)
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+                  block_mask=masks.get((tq, tk)), enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    return run
 
 
 def run(args, argv=None) -> list[dict]:
@@ -65,7 +95,7 @@ def run(args, argv=None) -> list[dict]:
     dv = args.v_head_dim or dqk
     causal = not args.no_causal
     modes = args.modes
-    impls = _impls(causal, args.window, hq, hkv, dqk, dv)
+    impls = _impls(causal, args.window, hq, hkv, dqk, dv, args.softcap, dev.type == "cuda")
     impls["longattn_no_tma"] = without_tma(impls["longattn"])  # the forward's key tiles by pointers only
     peaks = device_peaks(dev)
     rows = Results("flash", COLUMNS, argv, out_dir=args.out, plot=PLOT)
@@ -96,7 +126,8 @@ def run(args, argv=None) -> list[dict]:
                     print(f"  {name} {mode} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue
                 rows.append(roofline(dict(op="flash", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=dqk, Dv=dv,
-                                          causal=causal, window=args.window, dtype=args.dtype, ms=ms,
+                                          causal=causal, window=args.window, softcap=args.softcap,
+                                          dtype=args.dtype, ms=ms,
                                           **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem),
                                      attention_bytes(B, T, T, hq, hkv, dqk, dv, mode), flops, peaks))
                 print(f"  {name:12s} {mode:7s} B={B} T={T}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
@@ -112,13 +143,15 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
     """One new query per sequence against T cached keys (the peers without a causal mask: a single query at the
     end sees every key, and SDPA's causal mask is aligned to the top left). ``longattn_paged``: ``flash_decode`` on
     the same keys in a paged cache (64-token pages in random order, no host checks); ``longattn_paged_fp8``: that
-    cache quantised to float8 (e4m3, half the bytes, its ``%roof`` counting them)."""
+    cache quantised to float8 (e4m3, half the bytes, its ``%roof`` counting them). With ``--softcap``, every call
+    soft-caps (flex_attention's score_mod among the peers)."""
     import torch
 
     from longattn import flash_attention, flash_decode
 
-    impls = {**_impls(False, None, hq, hkv, dqk, dv),
-             "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window)}
+    cap = args.softcap
+    impls = {**_impls(False, None, hq, hkv, dqk, dv, cap, dev.type == "cuda"),
+             "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window, softcap=cap)}
     if args.window is not None:
         impls = {"longattn": impls["longattn"]}
     # the same calls replayed from CUDA graphs: the GPU's time alone, without the host's work per call (launches,
@@ -140,10 +173,10 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
             kp, vp = kp.view(B * per, 64, *k.shape[2:]), vp.view(B * per, 64, *v.shape[2:])
             lens = torch.full((B,), T, dtype=torch.int32, device=dev)
             paged = lambda q, k, v: flash_decode(q, kp, vp, cache_seqlens=lens, block_table=table, window=args.window,
-                                                 validate=False)
+                                                 validate=False, softcap=cap)
             kq, vq = kp.to(torch.float8_e4m3fn), vp.to(torch.float8_e4m3fn)
             fp8 = lambda q, k, v: flash_decode(q, kq, vq, cache_seqlens=lens, block_table=table, window=args.window,
-                                               validate=False)
+                                               validate=False, softcap=cap)
             fp8_bytes = B * (keys * hkv * (dqk + dv) + 2 * hq * (dqk + dv))  # one byte a cached value
             for name, fn in {**impls, "longattn_paged": paged, "longattn_paged_fp8": fp8}.items():
                 try:
@@ -153,7 +186,8 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
                     print(f"  {name} decode B={B} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue
                 rows.append(roofline(dict(op="flash", impl=name, mode=f"decode_b{B}", B=B, T=T, Hq=hq, Hkv=hkv,
-                                          D=dqk, Dv=dv, causal=True, window=args.window, dtype=args.dtype, ms=ms,
+                                          D=dqk, Dv=dv, causal=True, window=args.window, softcap=cap,
+                                          dtype=args.dtype, ms=ms,
                                           **{"TFLOP/s": flops / ms / 1e9}),
                                      fp8_bytes if name.endswith("fp8") else bytes_, flops, peaks))
                 print(f"  {name:12s} decode  B={B} T={T}: {ms:.3f} ms")
@@ -167,6 +201,6 @@ def _speedups(rows):
         if r["impl"] not in ("longattn", "longattn_graph"):
             continue
         suffix = r["impl"][len("longattn"):]
-        for peer in ("sdpa_flash", "sdpa_cudnn", "flash_attn"):
+        for peer in ("sdpa_flash", "sdpa_cudnn", "flash_attn", "flex"):
             ms = by_key.get((r["mode"], r["T"], peer + suffix))
             r[f"x_{peer}"] = ms / r["ms"] if ms else None

@@ -60,6 +60,8 @@ def _dry_run(monkeypatch, module):
 DRY_RUNS = {
     "flash": ["--seqlens", "128", "--tokens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
               "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
+    "flash-softcap": ["--seqlens", "128", "--tokens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+                      "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2", "--softcap", "5"],
     "moba": ["--seqlens", "256", "--configs", "64:2", "--tokens", "256", "--heads", "2", "--kv-heads", "1",
              "--head-dim", "32", "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
@@ -83,6 +85,8 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "flash": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_no_tma", "fwd"),
                            ("longattn", "decode_b2"), ("longattn_graph", "decode_b2"), ("longattn_paged", "decode_b2"),
                            ("longattn_paged_fp8", "decode_b2")],
+                 "flash-softcap": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
+                                   ("flex", "decode_b2"), ("longattn_paged", "decode_b2")],  # flex: no CPU backward
                  "profile": [],
                  "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
@@ -104,11 +108,11 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
     import argparse
     import importlib
 
-    module = importlib.import_module(f"bench.{op}")
+    module = importlib.import_module(f"bench.{op.split('-')[0]}")  # ("flash-softcap": bench.flash)
     _dry_run(monkeypatch, module)
     p = argparse.ArgumentParser()
     module.add_args(p)
-    rows = module.run(p.parse_args(DRY_RUNS[op] + ["--out", str(tmp_path)]), [op])
+    rows = module.run(p.parse_args(DRY_RUNS[op] + ["--out", str(tmp_path)]), [op.split("-")[0]])
     if op == "profile":  # every case timed, its CPU ops listed
         cases = DRY_RUNS[op][1].split(",")
         assert [r["case"] for r in rows if r["kernel"].startswith("(wall")] == cases
@@ -119,7 +123,7 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
     got = {(r["impl"], r["mode"]) for r in rows if "impl" in r}
     for want in EXPECTED_ROWS[op]:
         assert want in got, f"missing row {want}: {sorted(got)}"
-    assert (tmp_path / f"{op}.md").exists() and (tmp_path / f"{op}.json").exists()
+    assert (tmp_path / f"{module.__name__[6:]}.md").exists() and (tmp_path / f"{module.__name__[6:]}.json").exists()
     assert all(r["%roof"] > 0 for r in rows if "%roof" in r)
     if op == "nsa":  # the selected branch's gather against the L2 bandwidth
         assert {r["impl"] for r in rows if r.get("%l2")} == {"longattn", "longattn_no_tma", "longattn_query4"}

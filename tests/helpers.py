@@ -61,6 +61,11 @@ def tiny_deepseek_v3_config():
 _LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
                linear_key_head_dim=16, linear_value_head_dim=16)
 _QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+# Gemma 4 as in its E2B / E4B models: the last two layers reuse the keys and values of the last earlier layer of their
+# type (KV sharing), the full-attention layers with heads of their own (one KV head of 32, keys as values)
+GEMMA4 = dict(num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+              num_kv_shared_layers=2, attention_k_eq_v=True, num_global_key_value_heads=1, global_head_dim=32,
+              hidden_size_per_layer_input=16, vocab_size_per_layer_input=128)
 OTHER_ARCHS = {
     "glm4": {}, "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
                                  topk_group=1, first_k_dense_replace=1, use_qk_norm=True),
@@ -72,6 +77,7 @@ OTHER_ARCHS = {
     "smollm3": dict(no_rope_layers=[1, 0]),  # (its second layer without RoPE)
     "apertus": {}, "arcee": {}, "ministral": {}, "ministral3": {},
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "gemma4_text": GEMMA4,
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_next": dict(_LINEAR, **_QWEN_MOE), "qwen3_5_text": _LINEAR, "qwen3_5_moe_text": dict(_LINEAR, **_QWEN_MOE),
@@ -79,14 +85,14 @@ OTHER_ARCHS = {
 
 
 def tiny_config(arch: str):
-    """A tiny config of model type ``arch`` (of OTHER_ARCHS: 2 layers, 4 query / 2 KV heads of 16), or None where
-    this transformers has no such model."""
+    """A tiny config of model type ``arch`` (of OTHER_ARCHS: 2 layers, 4 query / 2 KV heads of 16, unless its entry
+    says otherwise), or None where this transformers has no such model."""
     from transformers import AutoConfig
 
+    tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0)
     try:
-        return AutoConfig.for_model(arch, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                    max_position_embeddings=1024, pad_token_id=0, **OTHER_ARCHS[arch])
+        return AutoConfig.for_model(arch, **{**tiny, **OTHER_ARCHS[arch]})
     except ValueError:  # (an unknown model type)
         return None
 

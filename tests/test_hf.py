@@ -699,22 +699,31 @@ def test_flash_swap_on_any_decoder_model(device, monkeypatch):
         longattn.hf.swap_attention(bloom, "flash")
 
 
-def test_flash_swap_on_softcapped_model(device):
-    """Gemma 2: the attention logits soft-capped in every layer (sliding-window layers beside full ones): the swapped
-    model's logits on a left-padded batch and its padded greedy generation equal eager's (scores made large enough
-    that the cap changes the logits)."""
-    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                                    attn_logit_softcapping=1.0, max_position_embeddings=1024, pad_token_id=0)
+@pytest.mark.parametrize("arch", ["gemma2", "gemma4_text"])
+def test_flash_swap_on_gemma_models(arch, device):
+    """Gemma 2: the attention logits soft-capped in every layer (scores made large enough that the cap changes the
+    logits); Gemma 4 as its E2B / E4B models: KV-shared layers, which transformers would run at the kept logits'
+    positions only by slicing 4-D masks (longattn's are 2-D: the swap keeps their inputs whole). Both with
+    sliding-window layers beside full ones: the swapped model's logits on a left-padded batch and its padded greedy
+    generation equal eager's."""
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                        attn_logit_softcapping=1.0, max_position_embeddings=1024, pad_token_id=0)
+    else:
+        cfg = tiny_config(arch)
+        if cfg is None:
+            pytest.skip(f"this transformers has no {arch} model")
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(8)
-    uncapped = copy.deepcopy(ref)
-    for layer in uncapped.model.layers:
-        layer.self_attn.attn_logit_softcapping = None
+    if arch == "gemma2":
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if "q_proj" in name or "k_proj" in name:
+                    p.mul_(8)
+        uncapped = copy.deepcopy(ref)
+        for layer in uncapped.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
     ref = ref.to(device)
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), "flash")
     ids = torch.randint(1, 128, (2, 20)).to(device)
@@ -725,7 +734,8 @@ def test_flash_swap_on_softcapped_model(device):
         want = ref(ids, attention_mask=mask).logits
         torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()], want[mask.bool()], atol=1e-4,
                                    rtol=1e-4)
-        assert (uncapped.to(device)(ids, attention_mask=mask).logits - want).abs().max() > 0.03
+        if arch == "gemma2":
+            assert (uncapped.to(device)(ids, attention_mask=mask).logits - want).abs().max() > 0.03
         torch.testing.assert_close(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional
 
 from torch import nn
@@ -26,11 +27,12 @@ MLA_ARCHS = tuple(MLA_ATTENTIONS)
 # MoBA's and flash's attention functions take them (the model rotates); NSA's module does not
 VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1), their sliding-window
+# gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1; Gemma 4's head dims and
+# KV sharing across layers), their sliding-window
 # layers staying so, and the MLA models (on the keys and values their attention decompresses: q/k 192, v 128 in
 # DeepSeek-V3)
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax") + MLA_ARCHS + \
-    VL_TEXT_ARCHS
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text") + \
+    MLA_ARCHS + VL_TEXT_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -64,6 +66,26 @@ def _language_model(model: nn.Module):
     return lm, text, lm.layers, key
 
 
+def _whole_kv_shared_inputs(module: nn.Module) -> None:
+    """Gemma 4 (its E2B / E4B models) runs its KV-shared layers, which write no cache, at the kept logits' positions
+    only (``_maybe_slice_kv_shared_inputs``): it slices their inputs, the layers' 4-D masks included, except under
+    flash-attention or flex_attention; longattn's masks are 2-D padding masks, which that slicing fails on
+    (IndexError). As under flash-attention, ``module`` then keeps their inputs whole (the same logits)."""
+    method = getattr(type(module), "_maybe_slice_kv_shared_inputs", None)
+    if method is None or "_maybe_slice_kv_shared_inputs" in vars(module):
+        return
+    sig = inspect.signature(method)
+    names = list(sig.parameters)[1:]
+    if "logits_to_keep" not in names:  # (a form not known here: left as it is)
+        return
+    kept = names[:names.index("logits_to_keep")]  # the inputs it returns, sliced or not
+
+    def whole(*args, **kwargs):
+        bound = sig.bind(module, *args, **kwargs).arguments
+        return tuple(bound[name] for name in kept)
+    module._maybe_slice_kv_shared_inputs = whole
+
+
 def _remember_cache(module, args, kwargs):
     module._longattn_cache = None
     for name in CACHE_KWARGS:  # (a loop: TorchDynamo before torch 2.6 cannot trace next() with a default)
@@ -91,9 +113,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
 
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
-            attention interface); exact.
+            attention interface; Gemma 2's soft-capped logits too); exact.
         ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss,
-            Qwen3-Next, Qwen3.5: their sliding-window layers stay so, the linear-attention layers
+            Qwen3-Next, Qwen3.5, Gemma 4: their sliding-window layers stay so, the linear-attention layers
             of hybrids too; and those of MLA below, on the keys and values their attention decompresses, which
             transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
@@ -221,6 +243,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         _set_impl(model, "longattn", text_key)  # 2-D padding masks, as MLAAttention expects
     if kind == "moba":
         options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}
+    for module in model.modules():
+        _whole_kv_shared_inputs(module)
     top.longattn = {"kind": kind, **options}  # saved by save_pretrained: longattn.hf.from_pretrained redoes the swap
     return model
 

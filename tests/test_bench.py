@@ -102,6 +102,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run (the kernels need the interpreter there); "
                                                     "a GPU runs the benchmarks themselves")
 @pytest.mark.parametrize("op", sorted(DRY_RUNS))
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # (CPU: flex's unfused path)
 def test_bench_dry_run(op, monkeypatch, tmp_path):
     """Each benchmark's glue (argument parsing, peers, roofline and speedup columns, result files) on tiny
     CPU shapes."""

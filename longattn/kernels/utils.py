@@ -30,9 +30,15 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 # ----------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------
+# (read once, as the kernels are defined: Triton's decorators read it then; an environment lookup less in the host work
+# of every op call, which made several)
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def is_interpreter() -> bool:
-    """True when Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1`` when longattn was
+    imported)."""
+    return _INTERPRETER
 
 
 def widen_by_asm(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:

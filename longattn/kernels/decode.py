@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .flash import DECODE_ROWS, _lastdim_contiguous, check_softcap, flash_decode as _split_kv
+from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
 from .utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, AttnDims, check_block_table, check_cache_pages, check_device,
-                    check_positive_int, check_scale, check_tensor, kernel_inputs, next_pow2, public_op,
+                    check_positive_int, check_scale, check_softcap, check_tensor, kernel_inputs, next_pow2, public_op,
                     read_back_later)
 
 MAX_QUERY_TOKENS = 16

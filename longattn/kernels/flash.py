@@ -36,8 +36,8 @@ import triton.language as tl
 from .merge import merge_fwd
 from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_configs, autotune_enabled, cdiv,
                     check_attention_inputs, check_attention_shapes, check_device, check_positive_int, check_scale,
-                    eager_context, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms, public_op,
-                    resolve_seqlens, row_descriptors, small_tiles, split_context, split_dim, widen_by_asm)
+                    check_softcap, eager_context, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
+                    public_op, resolve_seqlens, row_descriptors, small_tiles, split_context, split_dim, widen_by_asm)
 
 LOG2E = 1.4426950408889634
 # online softmax with LAZY_RESCALE: the rows' reference max moves (their accumulator rescaled to it) only when some
@@ -1199,17 +1199,6 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     if validate and bool(((left_pad < 0) | (left_pad > dims.max_seqlen_k)).any()):
         raise ValueError(f"left_pad must lie in [0, Tk={dims.max_seqlen_k}], got {left_pad.tolist()}")
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
-
-
-def check_softcap(softcap) -> float:
-    """A soft cap of the scores: None or 0 (none) or a finite positive number; returns it as a float (0.0: none)."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    if softcap == 0:
-        return 0.0
-    return check_scale(softcap, 0.0, "softcap")
 
 
 def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_stride,

@@ -697,6 +697,17 @@ def check_scale(scale, default: float, name: str = "scale") -> float:
     return value
 
 
+def check_softcap(softcap) -> float:
+    """A soft cap of the scores: None or 0 (none) or a finite positive number; returns it as a float (0.0: none)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if softcap == 0:
+        return 0.0
+    return check_scale(softcap, 0.0, "softcap")
+
+
 def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: int = 1, maximum: int = 2 ** 31 - 1):
     """An int in [minimum, maximum] (kernels take it as a 32-bit integer), or None with ``allow_none``."""
     if value is None and allow_none:

@@ -230,6 +230,21 @@ def test_padding_read_once_per_mask(device):
     assert hf_attention.mask_padding(mask, 12) == (None, None, [12, 12])
 
 
+def test_alternating_masks_read_once(device, monkeypatch):
+    """A model mixing sliding-window and full-attention layers hands its layers two masks in turn: each is read once
+    per forward, not at every layer."""
+    reads = []
+    read = hf_attention._padding_of
+    monkeypatch.setattr(hf_attention, "_padding_of", lambda *a: reads.append(a[1]) or read(*a))
+    full = torch.ones(2, 12, dtype=torch.bool, device=device)
+    full[1, :5] = 0
+    window = full[:, -8:]
+    for _ in range(3):
+        assert hf_attention.mask_padding(full, 12)[2] == [12, 7]
+        assert hf_attention.mask_padding(window, 8)[2] == [8, 7]
+    assert reads == [12, 8]
+
+
 def test_packed_segments(device):
     """The sequences of a packed row, from position_ids or cu_seq_lens_q, read once per tensor; ordinary rows and
     calls with a cache prefix are not packed; boundaries that do not tile the row are refused."""

@@ -8,7 +8,7 @@ transformers' attention and mask interfaces, so that
 """
 from __future__ import annotations
 
-from .attention import flash_attention_forward, moba_attention_forward, padding_mask
+from .attention import flash_attention_forward, known_left_padding, moba_attention_forward, padding_mask
 from .cache import InPlaceCache
 from .swap import from_pretrained, swap_attention
 
@@ -25,5 +25,5 @@ def register() -> None:
         AttentionMaskInterface.register(name, padding_mask)
 
 
-__all__ = ["register", "swap_attention", "from_pretrained", "InPlaceCache", "moba_attention_forward",
-           "flash_attention_forward"]
+__all__ = ["register", "swap_attention", "from_pretrained", "InPlaceCache", "known_left_padding",
+           "moba_attention_forward", "flash_attention_forward"]

@@ -116,7 +116,35 @@ def padding_runs(mask: torch.Tensor) -> list:
     return list(zip(host[0], host[1]))
 
 
-_last_padding = (None, None, None)  # (weak reference to a mask, its version and the columns read, what they held)
+# what the last masks' columns held: (weak reference to a mask, its version and the columns read, what they held),
+# the latest first; a few of them, as models mixing sliding-window and full-attention layers alternate two masks
+_read_masks: list = []
+_READ_MASKS = 4
+# a mask whose left padding its maker knows on the host (the rollout's decoding steps): (weak reference, its version,
+# each row's real tokens)
+_known = (None, None, None)
+
+
+def known_left_padding(mask: torch.Tensor, real: list) -> None:
+    """Say that ``mask`` (a 2-D boolean padding mask, as passed to the model) is left padding, row b ending in
+    ``real[b]`` real tokens: longattn's mask function and attention then take its padding from here instead of
+    reading the mask back to the host (a synchronisation, which would keep the host from preparing the next decoding
+    step while the GPU runs this one). Holds until the mask changes or another is marked."""
+    global _known
+    _known = (weakref.ref(mask), mask._version, list(real))
+
+
+def _known_real(mask) -> Optional[list]:
+    ref, version, real = _known
+    if ref is None or mask is None or ref() is not mask or mask._version != version:
+        return None
+    return real
+
+
+def _remember_padding(mask: torch.Tensor, kv_len: int, found: tuple) -> None:
+    key = (mask._version, kv_len)
+    kept = [e for e in _read_masks if e[0]() is not None and not (e[0]() is mask and e[1] == key)]
+    _read_masks[:] = [(weakref.ref(mask), key, found)] + kept[:_READ_MASKS - 1]
 
 
 def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
@@ -133,18 +161,24 @@ def mask_padding(attention_mask: Optional[torch.Tensor], kv_len: int):
 
 @torch.compiler.disable  # reads the mask on the host; TorchDynamo would guard on the memo's weak reference
 def _read_padding(attention_mask: torch.Tensor, kv_len: int):
-    global _last_padding
-    ref, key, found = _last_padding
-    if ref is None or ref() is not attention_mask or key != (attention_mask._version, kv_len):
-        kmask = attention_mask[:, -kv_len:].bool()
-        pad = kv_len - kmask.sum(1, dtype=torch.int32)
-        left = kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])
-        host = torch.cat([pad, left.all().view(1).int()]).tolist()  # one synchronisation
-        masks = any(host[:-1])
-        found = (masks, pad if masks and host[-1] else None, [kv_len - p for p in host[:-1]] if host[-1] else None)
-        _last_padding = (weakref.ref(attention_mask), (attention_mask._version, kv_len), found)
+    key = (attention_mask._version, kv_len)
+    found = next((e[2] for e in _read_masks if e[0]() is attention_mask and e[1] == key), None)
+    if found is None:
+        found = _padding_of(attention_mask, kv_len)
+        _remember_padding(attention_mask, kv_len, found)
     masks, pad, real = found
     return (attention_mask if masks else None), pad, real
+
+
+def _padding_of(attention_mask: torch.Tensor, kv_len: int) -> tuple:
+    """(any padding, each row's padding if left padding, each row's real tokens if left padding) of the last
+    ``kv_len`` columns of a 2-D mask: one host read."""
+    kmask = attention_mask[:, -kv_len:].bool()
+    pad = kv_len - kmask.sum(1, dtype=torch.int32)
+    left = kmask == (torch.arange(kv_len, device=kmask.device)[None, :] >= pad[:, None])
+    host = torch.cat([pad, left.all().view(1).int()]).tolist()  # one synchronisation
+    masks = any(host[:-1])
+    return masks, pad if masks and host[-1] else None, [kv_len - p for p in host[:-1]] if host[-1] else None
 
 
 def _sees_later_keys(mask_function) -> bool:
@@ -176,16 +210,22 @@ def padding_mask(*args, **kwargs):
     (flash-attention's convention: the attention unpads itself). A mask shorter than the keys says that the cache
     is static (preallocated, its last slots not yet written) and how many tokens it holds: the attention reads
     only those. With a static cache and no padding, such a mask is made here from the position of the new tokens
-    (one host read per forward), where flash-attention's function returns None. ValueError for a mask that lets
-    queries see later keys (Gemma 3's bidirectional attention among an image's tokens): the attention is causal."""
+    (one host read per forward), where flash-attention's function returns None. A mask marked by
+    known_left_padding is not read at all (flash-attention's function reads every mask: whether it pads anything).
+    ValueError for a mask that lets queries see later keys (Gemma 3's bidirectional attention among an image's
+    tokens): the attention is causal."""
     from transformers.masking_utils import flash_attention_mask
 
     if _sees_later_keys(kwargs.get("mask_function")):
         raise ValueError("this model's attention mask lets some queries see later keys (as Gemma 3's does among an "
                          "image's tokens), which longattn's causal attention cannot honour; run such inputs with "
                          "attn_implementation='sdpa' or 'eager'")
-    mask = flash_attention_mask(*args, **kwargs)
     kv_length, q_length = kwargs.get("kv_length"), kwargs.get("q_length")
+    given = kwargs.get("attention_mask")
+    real = None if torch.compiler.is_compiling() else _known_real(given)
+    if real is not None and kv_length is not None and given.dim() == 2 and kv_length <= given.shape[1]:
+        return _known_columns(given, real, kv_length)
+    mask = flash_attention_mask(*args, **kwargs)
     if mask is not None or kv_length is None:
         return mask
     if kwargs.get("q_offset") is not None and q_length is not None:
@@ -199,6 +239,19 @@ def padding_mask(*args, **kwargs):
     if seen >= kv_length:
         return None
     return torch.ones(kwargs["batch_size"], seen, dtype=torch.bool, device=kwargs.get("device"))
+
+
+@torch.compiler.disable  # (host lists and the memo's weak references)
+def _known_columns(mask: torch.Tensor, real: list, kv_length: int) -> Optional[torch.Tensor]:
+    """The last ``kv_length`` columns of a mask marked by known_left_padding (None where they are all real tokens),
+    their padding remembered as if read: nothing is read back from the GPU."""
+    real = [min(n, kv_length) for n in real]
+    if all(n == kv_length for n in real):
+        return None
+    cols = mask[:, -kv_length:]
+    pad = device_tensor([kv_length - n for n in real], torch.int32, mask.device)
+    _remember_padding(cols, kv_length, (True, pad, real))
+    return cols
 
 
 # transformers 4.x (the last releases for torch 2.5) hands the modules a static cache's whole buffer with a mask

@@ -8,7 +8,8 @@ attention runs varlen) and the packed KV cache is then split into a left-padded 
 models (MLA-swapped DeepSeek-V3 included) prefill a left-padded batch, whose padding the attention skips through
 the mask. The decoding cache (:class:`longattn.hf.cache.InPlaceCache`) has room to spare (up to the longest prompt
 plus the new tokens) and each step writes its tokens in place (transformers' default cache copies itself whole at
-every step).
+every step). No decoding step waits for the GPU: its padding mask is marked (``longattn.hf.known_left_padding``)
+rather than read back, and each step's tokens are read once the next step's forward is queued.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .hf.attention import known_left_padding
 from .hf.cache import InPlaceCache
-from .kernels.utils import device_tensor
+from .kernels.utils import device_tensor, read_back_later
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
@@ -263,12 +265,15 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens,
                                                                         max(lens) + max_new_tokens - 1, prefill_chunk)
     longest = max(lens)
-    mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
+    # (boolean: transformers takes it as it is, so that the attention finds it marked by known_left_padding)
+    mask = _left_pad([torch.ones_like(p, dtype=torch.bool) for p in prompts], longest)
+    real = list(lens)  # each row's real tokens in the mask (the rest left padding), known here without reading it
     next_pos = torch.tensor(lens, device=device)
     if num_samples > 1:  # each prompt's row repeated for its samples: one copy of the cache, no second prefill
         rep = torch.arange(B, device=device).repeat_interleave(num_samples)
         cache.reorder_cache(rep)
         logits, mask, next_pos = logits[rep], mask[rep], next_pos[rep]
+        real = [n for n in real for _ in range(num_samples)]
         B *= num_samples
     t1 = _clock(device)  # the prefill's time includes the samples' copies of the cache
     done = [False] * B
@@ -278,26 +283,34 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         logp = torch.log_softmax(logits.float(), -1)
         tok = _next_tokens(logits, temperature, top_k, top_p, generator)
         tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
-        # one read of the step's tokens and log-probs (indexing a device tensor per row waits for the GPU each time)
-        host = torch.stack([tok.double(), tok_lp.double()]).tolist()
+        # the step's tokens and log-probs copied to the host, read once the next step's forward is queued: the host
+        # prepares that forward while the GPU samples this step, and the GPU then runs it while the host records
+        # these tokens (a row that has just ended takes one forward more, its output dropped)
+        tokens = read_back_later(tok, tok_lp)
+        last = step == max_new_tokens - 1
+        if not last:
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], 1)
+            real = [n + 1 for n in real]
+            known_left_padding(mask, real)  # (its padding is not read back: nothing in the forward waits)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
+                        **{_cache_kw(model): cache})
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1]
+        host_tok, host_lp = (t.tolist() for t in tokens())
         for j, i in enumerate(rows):
             if not done[i]:
-                result.completions[i].append(int(host[0][j]))
-                result.logprobs[i].append(host[1][j])
-                done[i] = int(host[0][j]) in eos
+                result.completions[i].append(int(host_tok[j]))
+                result.logprobs[i].append(float(host_lp[j]))
+                done[i] = int(host_tok[j]) in eos
         live = [j for j, i in enumerate(rows) if not done[i]]
-        if not live or step == max_new_tokens - 1:
+        if not live or last:
             break
         if drop_finished and 4 * (len(rows) - len(live)) >= len(rows):
             keep = device_tensor(live, torch.long, device)
             cache.reorder_cache(keep)
-            tok, mask, next_pos = tok[keep], mask[keep], next_pos[keep]
+            logits, mask, next_pos = logits[keep], mask[keep], next_pos[keep]
+            real = [real[j] for j in live]
             rows = [rows[j] for j in live]
-        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True,
-                    **{_cache_kw(model): cache})
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1]
     result.decode_seconds = _clock(device) - t1
     return result
 

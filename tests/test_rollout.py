@@ -127,6 +127,44 @@ def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
     assert grows == (packed_row + [(30, 30 + 5 - 1)] * layers) * 2
 
 
+@pytest.mark.parametrize("kind", ["flash", "moba"])
+def test_decoding_steps_read_no_mask(kind, device, monkeypatch):
+    """The rollout's decoding steps (left-padded rows of different lengths, samples repeated, finished rows dropped)
+    never read their padding mask back to the host (a synchronisation a step would wait on: the rollout marks the
+    mask's padding, which it knows; on a GPU nothing in those forwards synchronises), and give the completions of
+    decoding every row to the end, cut at their eos."""
+    import transformers.masking_utils as masking
+
+    from longattn.hf import attention as hf_attention
+
+    reads, flash_masks = [], []
+    read, flash_mask = hf_attention._padding_of, masking.flash_attention_mask
+    monkeypatch.setattr(hf_attention, "_padding_of", lambda *a: reads.append(1) or read(*a))
+    monkeypatch.setattr(masking, "flash_attention_mask",
+                        lambda *a, **k: flash_masks.append(k.get("attention_mask") is not None) or flash_mask(*a, **k))
+    model = _model(device, "llama", kind, **(dict(block_size=16, topk=2) if kind == "moba" else {}))
+    prompts = [torch.randint(1, 128, (n,)) for n in (21, 9, 30)]
+    sample = dict(num_samples=2, temperature=1.0)
+    full = rollout.generate(model, prompts, 5, stop_at_eos=False, generator=torch.Generator(device).manual_seed(0),
+                            **sample)
+    eos = full.completions[0][1]
+    if device == "cuda":  # there, every synchronisation in a decoding step's forward is an error (kernels compiled)
+        strict = lambda m, a, kw: torch.cuda.set_sync_debug_mode("error" if kw["input_ids"].shape[1] == 1 else 0)
+        hooks = [model.register_forward_pre_hook(strict, with_kwargs=True),
+                 model.register_forward_hook(lambda m, a, o: torch.cuda.set_sync_debug_mode(0))]
+    try:
+        dropped = rollout.generate(model, prompts, 5, eos_token_id=eos,
+                                   generator=torch.Generator(device).manual_seed(0), **sample)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+            for h in hooks:
+                h.remove()
+    assert reads == [] and not any(flash_masks)  # (the packed prefill has no mask)
+    for comp, want in zip(dropped.completions, full.completions):
+        assert comp == (want[:want.index(eos) + 1] if eos in want else want)
+
+
 @pytest.mark.parametrize("kind", ["moba", "mla"])
 def test_samples_share_one_prefill(kind, device):
     """num_samples=n: each prompt prefilled once (its cache rows then repeated for its samples: MoBA's pooled keys

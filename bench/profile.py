@@ -123,6 +123,7 @@ def _cases(args, dev, dtype):
         def build():
             from transformers import DynamicCache
 
+            from longattn.hf import known_left_padding
             from longattn.hf.cache import InPlaceCache
             from longattn.rollout import _cache_kw
 
@@ -136,8 +137,9 @@ def _cases(args, dev, dtype):
             gen = torch.Generator().manual_seed(0)
             lens = torch.randint(max(1, longest // 2), longest + 1, (batch,), generator=gen).to(dev)
             lens[0] = longest
-            mask = (torch.arange(longest, device=dev) >= longest - lens[:, None]).long()  # left-padded
+            mask = torch.arange(longest, device=dev) >= longest - lens[:, None]  # left-padded, boolean (as a rollout)
             ids = torch.randint(0, model.config.vocab_size, (batch, longest), generator=gen).to(dev) * mask
+            real = lens.tolist()
             # room for the steps timed (each adds a token)
             cache = DynamicCache(config=model.config) if kind == "sdpa_dynamic" else \
                 InPlaceCache(config=model.config, max_cache_len=longest + 4096)
@@ -147,8 +149,10 @@ def _cases(args, dev, dtype):
             state = dict(mask=mask, pos=lens[:, None])
             tok = ids[:, -1:]
 
-            def step():
+            def step():  # (as a rollout's: the mask's padding marked, not read back)
                 state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(batch, 1)], 1)
+                real[:] = [n + 1 for n in real]
+                known_left_padding(state["mask"], real)
                 model(input_ids=tok, attention_mask=state["mask"], position_ids=state["pos"], **kw)
                 state["pos"] = state["pos"] + 1
             return step

@@ -127,22 +127,25 @@ def test_finished_sequences_leave_the_batch(kind, device, monkeypatch):
     assert grows == (packed_row + [(30, 30 + 5 - 1)] * layers) * 2
 
 
-@pytest.mark.parametrize("kind", ["flash", "moba"])
+@pytest.mark.parametrize("kind", ["flash", "moba", "mla"])
 def test_decoding_steps_read_no_mask(kind, device, monkeypatch):
     """The rollout's decoding steps (left-padded rows of different lengths, samples repeated, finished rows dropped)
     never read their padding mask back to the host (a synchronisation a step would wait on: the rollout marks the
     mask's padding, which it knows; on a GPU nothing in those forwards synchronises), and give the completions of
-    decoding every row to the end, cut at their eos."""
+    decoding every row to the end, cut at their eos. (MLA's module asks for its new tokens' columns: derived.)"""
     import transformers.masking_utils as masking
 
     from longattn.hf import attention as hf_attention
 
-    reads, flash_masks = [], []
+    reads, decoding = [], [False]
     read, flash_mask = hf_attention._padding_of, masking.flash_attention_mask
-    monkeypatch.setattr(hf_attention, "_padding_of", lambda *a: reads.append(1) or read(*a))
-    monkeypatch.setattr(masking, "flash_attention_mask",
-                        lambda *a, **k: flash_masks.append(k.get("attention_mask") is not None) or flash_mask(*a, **k))
-    model = _model(device, "llama", kind, **(dict(block_size=16, topk=2) if kind == "moba" else {}))
+    monkeypatch.setattr(hf_attention, "_padding_of", lambda *a: reads.append(decoding[0]) or read(*a))
+    monkeypatch.setattr(masking, "flash_attention_mask", lambda *a, **k: reads.append(
+        decoding[0] and k.get("attention_mask") is not None) or flash_mask(*a, **k))
+    model = _swapped(kind, device) if kind == "mla" else \
+        _model(device, "llama", kind, **(dict(block_size=16, topk=2) if kind == "moba" else {}))
+    model.register_forward_pre_hook(lambda m, a, kw: decoding.__setitem__(0, kw["input_ids"].shape[1] == 1),
+                                    with_kwargs=True)
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 9, 30)]
     sample = dict(num_samples=2, temperature=1.0)
     full = rollout.generate(model, prompts, 5, stop_at_eos=False, generator=torch.Generator(device).manual_seed(0),
@@ -160,7 +163,7 @@ def test_decoding_steps_read_no_mask(kind, device, monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
             for h in hooks:
                 h.remove()
-    assert reads == [] and not any(flash_masks)  # (the packed prefill has no mask)
+    assert not any(reads)  # (reads in the prefill, padded for MLA's module, are not decoding steps')
     for comp, want in zip(dropped.completions, full.completions):
         assert comp == (want[:want.index(eos) + 1] if eos in want else want)
 

@@ -120,25 +120,24 @@ def padding_runs(mask: torch.Tensor) -> list:
 # the latest first; a few of them, as models mixing sliding-window and full-attention layers alternate two masks
 _read_masks: list = []
 _READ_MASKS = 4
-# a mask whose left padding its maker knows on the host (the rollout's decoding steps): (weak reference, its version,
-# each row's real tokens)
-_known = (None, None, None)
+# masks whose left padding is known on the host (the rollout's decoding steps, and the columns of them that the mask
+# function hands the layers): (weak reference, its version, each row's real tokens), the latest first
+_known: list = []
 
 
 def known_left_padding(mask: torch.Tensor, real: list) -> None:
     """Say that ``mask`` (a 2-D boolean padding mask, as passed to the model) is left padding, row b ending in
     ``real[b]`` real tokens: longattn's mask function and attention then take its padding from here instead of
     reading the mask back to the host (a synchronisation, which would keep the host from preparing the next decoding
-    step while the GPU runs this one). Holds until the mask changes or another is marked."""
-    global _known
-    _known = (weakref.ref(mask), mask._version, list(real))
+    step while the GPU runs this one). Holds while the mask is unchanged (and among the last few marked)."""
+    kept = [e for e in _known if e[0]() is not None and e[0]() is not mask]
+    _known[:] = [(weakref.ref(mask), mask._version, list(real))] + kept[:_READ_MASKS - 1]
 
 
 def _known_real(mask) -> Optional[list]:
-    ref, version, real = _known
-    if ref is None or mask is None or ref() is not mask or mask._version != version:
+    if mask is None:
         return None
-    return real
+    return next((real for ref, version, real in _known if ref() is mask and mask._version == version), None)
 
 
 def _remember_padding(mask: torch.Tensor, kv_len: int, found: tuple) -> None:
@@ -164,7 +163,14 @@ def _read_padding(attention_mask: torch.Tensor, kv_len: int):
     key = (attention_mask._version, kv_len)
     found = next((e[2] for e in _read_masks if e[0]() is attention_mask and e[1] == key), None)
     if found is None:
-        found = _padding_of(attention_mask, kv_len)
+        real = _known_real(attention_mask)
+        if real is not None and kv_len <= attention_mask.shape[1]:  # (known: nothing to read)
+            real = [min(n, kv_len) for n in real]
+            pad = [kv_len - n for n in real]
+            found = (True, device_tensor(pad, torch.int32, attention_mask.device), real) if any(pad) else \
+                (False, None, real)
+        else:
+            found = _padding_of(attention_mask, kv_len)
         _remember_padding(attention_mask, kv_len, found)
     masks, pad, real = found
     return (attention_mask if masks else None), pad, real
@@ -241,16 +247,15 @@ def padding_mask(*args, **kwargs):
     return torch.ones(kwargs["batch_size"], seen, dtype=torch.bool, device=kwargs.get("device"))
 
 
-@torch.compiler.disable  # (host lists and the memo's weak references)
+@torch.compiler.disable  # (host lists and the registry's weak references)
 def _known_columns(mask: torch.Tensor, real: list, kv_length: int) -> Optional[torch.Tensor]:
     """The last ``kv_length`` columns of a mask marked by known_left_padding (None where they are all real tokens),
-    their padding remembered as if read: nothing is read back from the GPU."""
+    marked in turn: the layers' attention reads nothing back either."""
     real = [min(n, kv_length) for n in real]
     if all(n == kv_length for n in real):
         return None
     cols = mask[:, -kv_length:]
-    pad = device_tensor([kv_length - n for n in real], torch.int32, mask.device)
-    _remember_padding(cols, kv_length, (True, pad, real))
+    known_left_padding(cols, real)
     return cols
 
 

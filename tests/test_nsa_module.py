@@ -37,13 +37,13 @@ def test_decode_steps_equal_full_forward(device):
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
         kw = {_cache_kw(model): cache, "use_cache": True}  # the keyword this transformers version takes
-        pre = model(ids[:, :20], **kw).logits
-        # one token at a time across a selection block's end (32) and the side cache's growth (past 4 blocks)
-        steps = [model(ids[:, i:i + 1], **kw).logits[:, -1] for i in range(20, 36)]
+        pre = model(ids[:, :26], **kw).logits
+        # one token at a time across a selection block's end (32), completing three compressed blocks
+        steps = [model(ids[:, i:i + 1], **kw).logits[:, -1] for i in range(26, 36)]
         # a chunk of several tokens, completing more compressed blocks than the side cache holds (it grows)
         chunk = model(ids[:, 36:], **kw).logits
-    torch.testing.assert_close(pre, full[:, :20], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:36], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pre, full[:, :26], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 26:36], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(chunk, full[:, 36:], atol=1e-4, rtol=1e-4)
     assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 

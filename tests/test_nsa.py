@@ -131,6 +131,75 @@ def test_nsa_inference_equals_reference(device):
     torch.testing.assert_close(out, nsa_attention_ref(q, k, v, *gates, config=CFG), atol=2e-5, rtol=1e-4)
 
 
+def _check_chunk(q, k, v, gates, lq, lk, dtype, **kw):
+    """nsa_attention on the last lq[b] tokens of each sequence (varlen when lq is a list of several) equals the rows
+    of the call on the whole sequences, its selection too."""
+    cfg = kw.pop("config", CFG)
+    with torch.no_grad():
+        if q.dim() == 4:  # dense: the last lq tokens of every row
+            full, sel_f = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True, **kw)
+            part, sel = nsa_attention(q[:, -lq:], k, v, *(g[:, -lq:] for g in gates), config=cfg,
+                                      return_selection=True, **kw)
+            want, want_sel = full[:, -lq:], sel_f[:, -lq:]
+        else:
+            cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32, device=q.device)
+            full, sel_f = nsa_attention(q, k, v, *gates, config=cfg, cu_seqlens=cu_k, return_selection=True, **kw)
+            rows = torch.cat([torch.arange(e - n, e) for n, e in zip(lq, cu_k[1:].tolist())]).to(q.device)
+            cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32, device=q.device)
+            part, sel = nsa_attention(q[rows], k, v, *(g[rows] for g in gates), config=cfg, cu_seqlens_q=cu_q,
+                                      cu_seqlens_k=cu_k, return_selection=True, **kw)
+            want, want_sel = full[rows], sel_f[rows]
+    assert_close(part, want, dtype, "chunk")
+    if dtype == torch.bfloat16:  # (a near tie may go the other way: the compressed branch's lse rounds alike)
+        assert _rows_apart(sel, want_sel) <= 1
+    else:
+        assert torch.equal(sorted_selection(sel), sorted_selection(want_sel))
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_nsa_chunk_after_prefix(layout, dtype, device):
+    """Queries that are the last tokens of their sequences (a chunk after a cached prefix, inference): the rows of
+    the call on the whole sequences, selection included; chunks crossing selection and compressed blocks, a whole
+    sequence and one without queries among them (varlen, with learnable compressed keys), GQA 2."""
+    if layout == "dense":
+        q, k, v = (torch.randn(2, 90, h, d, device=device, dtype=dtype) for h, d in ((4, 32), (2, 32), (2, 16)))
+        gates = [torch.rand(2, 90, 4, device=device) for _ in range(3)]
+        _check_chunk(q, k, v, gates, 33, [90, 90], dtype)
+        return
+    lk, lq = [90, 37, 64, 20], [33, 37, 0, 5]
+    q, k, v = (torch.randn(sum(lk), h, d, device=device, dtype=dtype) for h, d in ((4, 32), (2, 32), (2, 16)))
+    gates = [torch.rand(sum(lk), 4, device=device) for _ in range(3)]
+    n_cmp = sum(CFG.num_cmp_blocks(n) for n in lk)
+    kc, vc = (torch.randn(n_cmp, 2, d, device=device, dtype=dtype) for d in (32, 16))
+    _check_chunk(q, k, v, gates, lq, lk, dtype, k_cmp=kc, v_cmp=vc)
+
+
+@pytest.mark.parametrize("queries", [1, 2, 4])
+def test_nsa_chunk_after_prefix_gpu_tiles(queries, monkeypatch, device):
+    """The same through the interpreter with the GPU's tiles (the selection's first candidate, the flash kernels'),
+    the selected branch by 1 query per program (its shared tile) or 2 and 4 (a tile per query), a group of 16."""
+    from longattn.kernels.utils import COMPILE_OPTIONS, cdiv
+    from longattn.nsa import ops
+    from longattn.nsa.kernels import _nsa_selected_fwd_tuned, selected_rows
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    original = ops._launch_selected
+
+    def launch(tuned, args, meta, max_q, programs_h, n_seq, heads):
+        if tuned is not _nsa_selected_fwd_tuned or queries == 1:
+            return original(tuned, args, meta, max_q, programs_h, n_seq, heads)
+        tuned.fn[(cdiv(max_q, queries), programs_h, n_seq)](*args, **meta, QB=queries,
+                                                            ROWS=selected_rows(queries, heads), SPLIT_SCORES=False,
+                                                            PER_QUERY=True, **COMPILE_OPTIONS)
+
+    monkeypatch.setattr(ops, "_launch_selected", launch)
+    lk, lq = [150, 70], [61, 70]
+    dtype = torch.float16
+    q, k, v = (torch.randn(sum(lk), h, d, device=device, dtype=dtype) for h, d in ((16, 32), (1, 32), (1, 16)))
+    gates = [torch.rand(sum(lk), 16, device=device) for _ in range(3)]
+    _check_chunk(q, k, v, gates, lq, lk, dtype)
+
+
 @pytest.mark.parametrize("cfg", [NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16),
                                  NSAConfig(cmp_block=32, cmp_stride=16, slc_block=16, slc_topk=3, window=16),
                                  NSAConfig(cmp_block=8, cmp_stride=8, slc_block=32, slc_topk=4, window=16,
@@ -261,8 +330,10 @@ def test_nsa_bad_arguments(device):
         nsa_attention(q, q, q, g, g[:, :5], g, config=CFG)
     with pytest.raises(ValueError, match="g_cmp is on meta but q is on"):
         nsa_attention(q, q, q, g.to("meta"), g, g, config=CFG)
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match="at most as many queries as keys"):
         nsa_attention(q, q[:, :20], q[:, :20], g, g, g, config=CFG)
+    with pytest.raises(ValueError, match="a chunk of queries after a prefix .* without gradients"):
+        nsa_attention(q[:, 30:].requires_grad_(), q, q, *(x[:, 30:] for x in (g, g, g)), config=CFG)
     with pytest.raises(ValueError, match="pass both k_cmp and v_cmp"):
         nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 9, 2, 16, device=device))
     with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 9 compressed blocks"):

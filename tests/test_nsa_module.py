@@ -48,6 +48,30 @@ def test_decode_steps_equal_full_forward(device):
     assert cache._longattn_nsa[0]["n"] == [NSA.num_cmp_blocks(60)] * 2
 
 
+def test_long_chunk_after_prefix_equals_full_forward(device, monkeypatch):
+    """A chunk of more than NSA_DECODE_TOKENS columns after a cached prefix runs nsa_attention on the chunk's queries
+    (the shorter chunks of the test above, nsa_decode): a left-padded batch whose second row starts inside the chunk
+    (its queries then all its tokens) gives the full forward's logits at every real position."""
+    import longattn.nsa.module as nsa_module
+
+    model = _model(device, "llama")
+    ids = torch.randint(1, 128, (2, 60)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    calls = []
+    chunk = nsa_module.NativeSparseAttention._chunk
+    monkeypatch.setattr(nsa_module.NativeSparseAttention, "_chunk", lambda *a: calls.append(1) or chunk(*a))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        kw = {_cache_kw(model): cache, "use_cache": True}
+        pre = model(ids[:, :20], attention_mask=mask[:, :20], **kw).logits
+        rest = model(ids[:, 20:], attention_mask=mask, **kw).logits
+    assert len(calls) == 2  # (one per layer)
+    got = torch.cat([pre, rest], 1)
+    torch.testing.assert_close(got[mask.bool()], full[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
 OTHER_NSA_ARCHS = [a for a in OTHER_ARCHS if a in NSA_ARCHS]
 
 

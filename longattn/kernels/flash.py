@@ -425,13 +425,14 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
                       BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                       LAZY_RESCALE: tl.constexpr = False, SPLIT_QK: tl.constexpr = False, cap_scale=0.0,
-                      SOFTCAP: tl.constexpr = 0):
+                      SOFTCAP: tl.constexpr = 0, QPOS=None, HAS_QPOS: tl.constexpr = False):
     """Flash attention forward: one program per (BLOCK_M query rows of a sequence, query head). Its keys go in
     three ranges (see _key_ranges): the tiles some of its rows cannot see all of (masked), those all rows see,
     the masked tail. USE_TMA (HAS_TMA: the host gave K/V's row descriptors, ``tma_rows`` rows per batch entry, 0
     varlen) loads the middle range's tiles, wholly inside the sequence, by TMA. SPLIT_QK: q's and k's last
     ``DQK - BLOCK_DA`` dims are tensors of their own, QB and KB (see _load_split). SOFTCAP: soft-capped scores
-    (see _softcapped)."""
+    (see _softcapped). HAS_QPOS: the position of each sequence's first query is QPOS[b] (int32; strided keys
+    summarising the tokens before a chunk of queries)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -453,6 +454,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
     KB_ptr = KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh
 
     shift = _query_shift(q_len, k_len, KS, KO)  # query i sits at position i + shift
+    if HAS_QPOS:
+        shift = tl.load(QPOS + b)
     pos_m = offs_m + shift
     m_first = pid_m * BLOCK_M + shift
     m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
@@ -979,10 +982,11 @@ def _part_args(x, x_b, varlen: bool) -> tuple:
 
 
 def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
-              key_pos=(1, 0), left_pad=None, parts=None, softcap: float = 0.0):
+              key_pos=(1, 0), left_pad=None, parts=None, softcap: float = 0.0, query_pos=None):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
     a buffer of partial results); otherwise they are allocated. ``key_pos`` = (stride, offset) places key j
-    at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1). ``left_pad``
+    at position j*stride + offset (summaries of token blocks; queries then sit at 0..Tq-1, or from
+    ``query_pos[b]``, int32 per sequence, when given: a chunk of queries after a prefix). ``left_pad``
     (dense layout): int32 padding rows per sequence, whose query rows the kernel skips (allocated outputs
     are then 0 / -inf there). ``parts`` = (q_b, k_b): q and k hold the first ``split_dim(dims.dim_qk)[0]`` dims of
     the queries and keys, q_b and k_b (any strides, last dim contiguous; k_b's heads may be a stride-0 expansion)
@@ -1008,7 +1012,8 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen), *sqb, *skb,
         dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, dims.group, 0 if varlen else k.shape[1],
-        **meta, HAS_TMA=descs is not None, SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
+        **meta, HAS_TMA=descs is not None, SPLIT_QK=parts is not None, **soft, QPOS=query_pos,
+        HAS_QPOS=query_pos is not None, **COMPILE_OPTIONS)
     return out, lse
 
 

@@ -60,7 +60,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GROUP_PAD: tl.constexpr,
                        C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       HEAD_ROWS: tl.constexpr = False):
+                       HEAD_ROWS: tl.constexpr = False, QPOS=None, HAS_QPOS: tl.constexpr = False):
     """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
@@ -84,7 +84,8 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     tokens a program: 16 for a group of 16).
 
     ``length_class`` (the longest sequence rounded up to a power of two) is not read: it keys the autotuner, the
-    best tile depending on how many programs the grid has.
+    best tile depending on how many programs the grid has. ``HAS_QPOS``: sequence b's first query sits at position
+    QPOS[b] (a chunk of queries after a prefix), else at 0.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -101,7 +102,10 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     in_m = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
     hk64 = hk.to(tl.int64)
-    own = tl.where(in_m, offs_m // SLC_BLOCK, 0)
+    pos = offs_m
+    if HAS_QPOS:
+        pos += tl.load(QPOS + b)
+    own = tl.where(in_m, pos // SLC_BLOCK, 0)
     jcols = tl.arange(0, C)
     ccols = tl.arange(0, BLOCK_C)
     kc_base = KC + c_start * stride_ct + hk64 * stride_ch
@@ -160,7 +164,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                     s = tl.fma(tl.dot(q_b, kc_b, input_precision=PRECISION), scale_log2, s)
                 p += tl.math.exp2(s)
         # the blocks a row cannot see are masked once, on the sum: their terms may be +inf, never NaN (lse > -inf)
-        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
+        vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= pos[:, None])
         p = tl.where(vis, p, 0.0)
         score, carry = _band_scores(p, W, carry, BLOCK_M, C, R, NW)
         jj = j0 + jcols
@@ -437,24 +441,31 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
 def _query_block(Q, K, V, SEL, CU, q0, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
                  stride_vt, stride_vh, stride_st, stride_sh, DK: tl.constexpr, BLOCK_DA: tl.constexpr,
                  BLOCK_DB: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
-                 TOPK_PAD: tl.constexpr):
+                 TOPK_PAD: tl.constexpr, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False):
     """The rows of the block of QB consecutive queries from q0 of sequence b for program pid_h of the KV heads'
     head slices (KV head hk = pid_h // slices, its query heads h0 .. h0 + heads_per_prog - 1 of the group, all of
     them unless the group is larger than a tile holds; row r: query q0 + r // heads_per_prog, head hk * group + h0
     + r % heads_per_prog): their q (two parts along D), packed row t, head, position in the sequence, validity,
     each row's selection (ROWS, TOPK_PAD), the block's (query, slot) pairs (QB * TOPK_PAD,), -1 where none, the
-    sequence's K/V rows of head hk and its length (none of the rows is valid past it)."""
+    sequence's K/V rows of head hk, its number of queries (none of the rows is valid past it) and the position of
+    its first query. Queries and keys are the same tokens (both packed by CU), or with ``HAS_QPOS`` the queries a
+    chunk of the keys: its keys packed by CU_K, its first query at position QPOS[b]."""
     slices = tl.cdiv(group, heads_per_prog)
     hk = pid_h // slices
     h0 = pid_h % slices * heads_per_prog
     row0 = tl.load(CU + b).to(tl.int64)
     q_len = tl.load(CU + b + 1) - tl.load(CU + b)
+    krow0 = row0
+    qoff = q_len * 0
+    if HAS_QPOS:
+        krow0 = tl.load(CU_K + b).to(tl.int64)
+        qoff = tl.load(QPOS + b)
     r = tl.arange(0, ROWS)
     qi = r // heads_per_prog
     g = h0 + r % heads_per_prog
     valid = (qi < QB) & (q0 + qi < q_len) & (g < group)
-    pos = q0 + qi
-    t = row0 + pos.to(tl.int64)
+    pos = qoff + q0 + qi
+    t = row0 + (q0 + qi).to(tl.int64)
     heads = (hk * group + g).to(tl.int64)
     q_a, q_b = _load_split(Q, t * stride_qt + heads * stride_qh, valid, DK, BLOCK_DA, BLOCK_DB, False)
     tcols = tl.arange(0, TOPK_PAD)
@@ -465,9 +476,9 @@ def _query_block(Q, K, V, SEL, CU, q0, pid_h, b, group, heads_per_prog, stride_q
     pq = p // TOPK_PAD
     pairs = tl.load(SEL + (row0 + (q0 + pq).to(tl.int64)) * stride_st + hk64 * stride_sh + p % TOPK_PAD,
                     mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
-    k_base = K + row0 * stride_kt + hk64 * stride_kh
-    v_base = V + row0 * stride_vt + hk64 * stride_vh
-    return q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len
+    k_base = K + krow0 * stride_kt + hk64 * stride_kh
+    v_base = V + krow0 * stride_vt + hk64 * stride_vh
+    return q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, qoff
 
 
 @triton.jit
@@ -522,29 +533,32 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                             BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, QB: tl.constexpr,
                             HR: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr,
                             TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
-                            WRITE_O: tl.constexpr):
+                            WRITE_O: tl.constexpr, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False):
     """The forward of QB (2 or 4) consecutive queries from q0, each with its own HR rows (its heads) and online
     softmax: every block any of them selected is loaded once, and multiplied only by the rows of the queries that
     selected it (the shared tile multiplies every block by all QB x HR rows). Triton's pipeliner does not follow
     loads into products in branches: with 2 queries the first one's product runs on every block (masked where it
     did not select it), so that the loads are multi-buffered; with 4 that spilled, and no product runs needlessly."""
-    qa0, qb0, t0, hd0, pos0, ok0, _, pr0, k_base, v_base, q_len = _query_block(
+    qa0, qb0, t0, hd0, pos0, ok0, _, pr0, k_base, v_base, q_len, qoff = _query_block(
         Q, K, V, SEL, CU, q0, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-        stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+        stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD, CU_K, QPOS, HAS_QPOS)
     m0 = tl.full([HR], float("-inf"), tl.float32)
     l0 = tl.zeros([HR], tl.float32)
     acc0 = tl.zeros([HR, BLOCK_DV], tl.float32)
-    qa1, qb1, t1, hd1, pos1, ok1, _, pr1, _, _, _ = _query_block(
+    qa1, qb1, t1, hd1, pos1, ok1, _, pr1, _, _, _, _ = _query_block(
         Q, K, V, SEL, CU, q0 + 1, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
-        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+        stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD, CU_K, QPOS,
+        HAS_QPOS)
     m1, l1, acc1 = m0, l0, acc0
     if QB > 2:
-        qa2, qb2, t2, hd2, pos2, ok2, _, pr2, _, _, _ = _query_block(
+        qa2, qb2, t2, hd2, pos2, ok2, _, pr2, _, _, _, _ = _query_block(
             Q, K, V, SEL, CU, q0 + 2, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
-            stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
-        qa3, qb3, t3, hd3, pos3, ok3, _, pr3, _, _, _ = _query_block(
+            stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD, CU_K, QPOS,
+            HAS_QPOS)
+        qa3, qb3, t3, hd3, pos3, ok3, _, pr3, _, _, _, _ = _query_block(
             Q, K, V, SEL, CU, q0 + 3, pid_h, b, group, heads_per_prog, stride_qt, stride_qh, stride_kt, stride_kh,
-            stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD)
+            stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, 1, HR, TOPK, TOPK_PAD, CU_K, QPOS,
+            HAS_QPOS)
         m2, l2, acc2 = m0, l0, acc0
         m3, l3, acc3 = m0, l0, acc0
     # the queries' (query, slot) pairs, for the union of their blocks
@@ -554,7 +568,7 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
     pq = p // TOPK_PAD
     pairs = tl.load(SEL + (row0 + (q0 + pq).to(tl.int64)) * stride_st + hk64 * stride_sh + p % TOPK_PAD,
                     mask=(q0 + pq < q_len) & (p % TOPK_PAD < TOPK), other=-1)
-    last = tl.minimum(q0 + QB, q_len) - 1
+    last = qoff + tl.minimum(q0 + QB, q_len) - 1  # the last query's position
     scols = tl.arange(0, SLC_TILE)
     rank, n_blocks = _distinct_blocks(pairs)
     for u in range(0, n_blocks):
@@ -615,7 +629,7 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                              PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False,
                              HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False, GATED: tl.constexpr = False,
-                             WRITE_O: tl.constexpr = True):
+                             WRITE_O: tl.constexpr = True, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
@@ -627,7 +641,9 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
     ``USE_TMA`` (HAS_TMA: the host gave K/V's row descriptors, tiles of SLC_TILE rows): the blocks before the one
     holding the last query come by TMA, that block last, by masked loads (its tail may lie past the sequence).
     ``GATED``: the program also writes NSA's gated sum of its rows into OUT from the other branches' outputs O_CMP,
-    O_SWA and the gates (see _store_rows; ``n_heads``: the gates' heads per token), and O only with ``WRITE_O``."""
+    O_SWA and the gates (see _store_rows; ``n_heads``: the gates' heads per token), and O only with ``WRITE_O``.
+    ``HAS_QPOS``: the queries are a chunk of each sequence's tokens, from position QPOS[b], the keys packed by CU_K
+    (see _query_block)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     GATE = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads)
     tl.static_assert(not (USE_TMA and PER_QUERY), "USE_TMA is for the shared tile")
@@ -639,15 +655,15 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                                 stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                                 stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2, GATE, DK, DV,
                                 BLOCK_DA, BLOCK_DB, BLOCK_DV, QB, ROWS // QB, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD,
-                                PRECISION, GATED, WRITE_O)
+                                PRECISION, GATED, WRITE_O, CU_K, QPOS, HAS_QPOS)
         return
-    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, qoff = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
         stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK,
-        TOPK_PAD)
+        TOPK_PAD, CU_K, QPOS, HAS_QPOS)
     if q0 >= q_len:
         return
-    last = tl.minimum(q0 + QB, q_len) - 1  # the block's last query position
+    last = qoff + tl.minimum(q0 + QB, q_len) - 1  # the block's last query position
     scols = tl.arange(0, SLC_TILE)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
@@ -656,6 +672,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
     if USE_TMA:  # the last query's block is left for the masked loads after the loop
         pairs = tl.where(pairs == last_blk, -1, pairs)
         row0 = tl.load(CU + tl.program_id(2))
+        if HAS_QPOS:
+            row0 = tl.load(CU_K + tl.program_id(2))
         hk64 = (tl.program_id(1) // tl.cdiv(group, heads_per_prog)).to(tl.int64)
         k_col = (hk64 * stride_kh).to(tl.int32)
         v_col = (hk64 * stride_vh).to(tl.int32)
@@ -701,7 +719,7 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     of its selections once): each (query, head) row is owned by one program and updated once, without
     atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total)."""
     q0 = tl.program_id(0) * QB
-    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len = _query_block(
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, _ = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
         stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK,
         TOPK_PAD)

@@ -11,7 +11,8 @@ compressed and attended on its own.
 With a transformers cache, raw K/V live in that cache and the compressed K/V of the completed blocks of
 each row in a side cache attached to it ((B, capacity, Hkv, D) tensors plus a count per row); decoding
 runs :func:`longattn.nsa.nsa_decode`, which reads the compressed keys, the selected blocks and the window
-only.
+only; a longer chunk after a cached prefix (more than NSA_DECODE_TOKENS new tokens a row: chunked prefill, a
+conversation continued) runs :func:`longattn.nsa_attention` on its queries against the row's cached tokens.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed
 from ..kernels.utils import device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
+
+# new tokens per row up to which a call after a cached prefix runs nsa_decode (each token a query row of its own,
+# reading the cache in place); longer chunks run nsa_attention on their queries, whose programs share each loaded
+# block among many queries, on each row's tokens gathered into the varlen layout (a copy of the cached K/V)
+NSA_DECODE_TOKENS = 16
 
 
 def _reorder_compressed(store: dict, beam_idx: torch.Tensor) -> None:
@@ -243,9 +249,10 @@ class NativeSparseAttention(nn.Module):
             store[name][rows_t, slot] = lin(blocks.flatten(-2))
 
     def _decode(self, q, k, v, gates, real, cache):
-        """New tokens after a cached prefix (one per row when decoding; a chunk, speculative tokens), all in one
-        :func:`nsa_decode` call, each token a query row of its own; the compressed cache is extended first with the
-        blocks the new tokens complete."""
+        """New tokens after a cached prefix (one per row when decoding; a chunk, speculative tokens): up to
+        NSA_DECODE_TOKENS a row in one :func:`nsa_decode` call, each token a query row of its own, more through
+        :func:`nsa_attention` (see _chunk); the compressed cache is extended first with the blocks the new tokens
+        complete."""
         cfg = self.nsa
         B, T = q.shape[:2]
         L = k.shape[1]
@@ -274,6 +281,8 @@ class NativeSparseAttention(nn.Module):
                 store["v"][b, have:need] = self.compress(vb, self.v_pos, self.v_compress, have, need)[0]
         for b in rows:
             store["n"][b] = needs[b]
+        if T > NSA_DECODE_TOKENS:
+            return self._chunk(q, k, v, gates, lens, new, store)
         # real token i of row b is a query row reading cache row b with its own length: one call for all (padding
         # tokens, before a row's real ones in a chunk of a padded prompt, are left out: their outputs 0)
         dev = q.device
@@ -295,6 +304,30 @@ class NativeSparseAttention(nn.Module):
         if not whole:
             out = out.new_zeros(B * T, *out.shape[1:]).index_copy_(0, pick, out)
         return out.view(B, T, *out.shape[1:])
+
+    def _chunk(self, q, k, v, gates, lens: list, new: list, store: dict):
+        """A chunk after a cached prefix: nsa_attention on each row's real new tokens (the last ``new[b]``) against
+        its ``lens[b]`` cached tokens (the last of the cache's L rows) and its compressed blocks, in the varlen
+        layout; without gradients, as nsa_decode (the cache holds no autograd history). Padding tokens' outputs
+        are 0."""
+        B, T = q.shape[:2]
+        L = k.shape[1]
+        keys = lambda x: torch.cat([x[b, L - n:] for b, n in enumerate(lens)])
+        queries = lambda x: torch.cat([x[b, T - n:] for b, n in enumerate(new)])
+        blocks = lambda x: torch.cat([x[b, :n] for b, n in enumerate(store["n"])])
+        dev = q.device
+        cu_k = device_tensor([0, *itertools.accumulate(lens)], torch.int32, dev)
+        cu_q = device_tensor([0, *itertools.accumulate(new)], torch.int32, dev)
+        with torch.no_grad():
+            out = nsa_attention(queries(q), keys(k), keys(v), *queries(gates).unbind(1), config=self.nsa,
+                                k_cmp=blocks(store["k"]), v_cmp=blocks(store["v"]), cu_seqlens_q=cu_q,
+                                cu_seqlens_k=cu_k, scale=self.scaling)
+        if all(n == T for n in new):
+            return out.view(B, T, *out.shape[1:])
+        full = out.new_zeros(B, T, *out.shape[1:])
+        for b, (n, part) in enumerate(zip(new, out.split(new))):
+            full[b, T - n:] = part
+        return full
 
 
 __all__ = ["NativeSparseAttention"]

@@ -17,8 +17,8 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
 from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_block_table,
                              check_cache_lengths, check_cache_rows, check_decode_inputs, check_device,
                              check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor,
-                             eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, small_tiles, split_dim,
-                             validate_cache_rows, validate_pages)
+                             eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
+                             small_tiles, split_dim, validate_cache_rows, validate_pages)
 from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -58,10 +58,12 @@ def _cu(lengths: list, device) -> torch.Tensor:
 
 
 def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q: torch.Tensor, cu_cmp: torch.Tensor,
-               max_q: int, heads_kv: int, config: NSAConfig, scale: float) -> torch.Tensor:
+               max_q: int, heads_kv: int, config: NSAConfig, scale: float,
+               query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Top-n selection blocks per (query row, KV head) from the compressed attention: int32
     ``(total_q, Hkv, slc_topk)``, best first, -1 padded. q ``(total_q, Hq, D)``, k_cmp ``(total_cmp, Hkv, D)``,
-    lse_cmp ``(Hq, total_q)`` (natural log, from the compressed branch)."""
+    lse_cmp ``(Hq, total_q)`` (natural log, from the compressed branch); ``query_pos`` (int32 per sequence): the
+    position of each sequence's first query (a chunk after a prefix), default 0."""
     hq, d = q.shape[1], q.shape[2]
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
     nw = ratio + inner - 1
@@ -73,7 +75,8 @@ def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q
     meta = dict(D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
                 SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
                 INIT=config.init_blocks, LOCAL=config.local_blocks, GROUP_PAD=next_pow2(hq // heads_kv),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QPOS=query_pos,
+                HAS_QPOS=query_pos is not None)
     if small_tiles():  # the interpreter: one small tile, nothing timed; chunks of 4 selection blocks at least
         c = max(4, next_pow2(cdiv(nw - 1, ratio)))  # Eq. 9's taps must not reach past the previous chunk
         _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32, C=c,
@@ -155,10 +158,12 @@ class _Selected(torch.autograd.Function):
 
 
 def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale: float, gate=None,
-                      write_o: bool = True):
+                      write_o: bool = True, cu_k=None, query_pos=None):
     """The selected branch's output (None without ``write_o``) and lse (Hq, total) on packed kernel inputs.
     ``gate``: ``(out, o_cmp, o_swa, g_cmp, g_slc, g_swa)``, NSA's gated sum written into ``out`` by the same
-    launch (outputs (total, Hq, Dv) contiguous, gates (total, Hq) contiguous; out may be o_cmp)."""
+    launch (outputs (total, Hq, Dv) contiguous, gates (total, Hq) contiguous; out may be o_cmp). ``query_pos``
+    (int32 per sequence): the queries are a chunk of each sequence, from that position, the keys packed by
+    ``cu_k``."""
     hq, hkv = dims.heads_q, dims.heads_kv
     group = hq // hkv
     out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype) if write_o or gate is None else None
@@ -172,8 +177,9 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
             q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), *(gate or (like,) + (None,) * 5),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), sel.stride(0),
             sel.stride(1), like.stride(0), like.stride(1), lse.stride(0), group, heads, hq, scale * LOG2E),
-            dict(meta, HAS_TMA=descs is not None, GATED=gate is not None, WRITE_O=out is not None), max_q,
-            hkv * cdiv(group, heads), cu.numel() - 1, heads)
+            dict(meta, HAS_TMA=descs is not None, GATED=gate is not None, WRITE_O=out is not None, CU_K=cu_k,
+                 QPOS=query_pos, HAS_QPOS=query_pos is not None), max_q, hkv * cdiv(group, heads), cu.numel() - 1,
+            heads)
     return out, lse
 
 
@@ -285,15 +291,23 @@ class _Branches:
     scale: float
     dims: Optional[AttnDims] = None  # the tokens' q, k, v (varlen)
     cmp_dims: Optional[AttnDims] = None  # the tokens' queries over the compressed keys
+    # queries that are the last tokens of their sequences (a chunk after a cached prefix, inference only): the
+    # queries per sequence, their offsets, and the position of each sequence's first query (int32); None: every
+    # token a query
+    lengths_q: Optional[list] = None
+    cu_q: Optional[torch.Tensor] = None
+    query_pos: Optional[torch.Tensor] = None
 
     def shape(self, q, k, v) -> "_Branches":
-        n, mx = len(self.lengths), max(self.lengths, default=0)
+        lq = self.lengths if self.lengths_q is None else self.lengths_q
+        cu_q = self.cu if self.cu_q is None else self.cu_q
+        n, mq, mk = len(self.lengths), max(lq, default=0), max(self.lengths, default=0)
         n_cmp = [self.config.num_cmp_blocks(t) for t in self.lengths]
         sizes = (q.shape[1], k.shape[1], q.shape[2], v.shape[2])
-        self.dims = AttnDims(True, n, mx, mx, *sizes, cu_seqlens_q=self.cu, cu_seqlens_k=self.cu,
-                             seqlens_q=self.lengths, seqlens_k=self.lengths)
-        self.cmp_dims = AttnDims(True, n, mx, max(n_cmp, default=0), *sizes, cu_seqlens_q=self.cu,
-                                 cu_seqlens_k=self.cu_cmp, seqlens_q=self.lengths, seqlens_k=n_cmp)
+        self.dims = AttnDims(True, n, mq, mk, *sizes, cu_seqlens_q=cu_q, cu_seqlens_k=self.cu, seqlens_q=lq,
+                             seqlens_k=self.lengths)
+        self.cmp_dims = AttnDims(True, n, mq, max(n_cmp, default=0), *sizes, cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=self.cu_cmp, seqlens_q=lq, seqlens_k=n_cmp)
         return self
 
 
@@ -303,18 +317,20 @@ def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool):
     (what the backward keeps: it runs the window branch again, see _branches_backward), else None, the gated sum
     then written over the compressed branch's output."""
     cfg, scale, dims = b.config, b.scale, b.dims
+    cu_q = dims.cu_seqlens_q
     # compressed branch (also yields the lse the selection needs)
     o_cmp, lse_cmp = flash_fwd(q, kc, vc, b.cmp_dims, True, None, scale,
-                               key_pos=(cfg.cmp_stride, cfg.cmp_block - 1))
-    sel = nsa_select(q, kc, lse_cmp, b.cu, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale)
+                               key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), query_pos=b.query_pos)
+    sel = nsa_select(q, kc, lse_cmp, cu_q, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale, b.query_pos)
     if not keep:
         lse_cmp = None
     o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
     # selected branch: the selected blocks (the own one among them, causal), one softmax; the same launch writes
     # the gated sum (without gradients over the compressed branch's output, and not the selected branch's own)
     out = empty(o_cmp.shape, device=q.device, dtype=q.dtype) if keep else o_cmp
-    o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, b.cu, dims.max_seqlen_q, cfg.slc_block, scale,
-                                       gate=(out, o_cmp, o_swa, *gates), write_o=keep)
+    o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, cu_q, dims.max_seqlen_q, cfg.slc_block, scale,
+                                       gate=(out, o_cmp, o_swa, *gates), write_o=keep, cu_k=b.cu,
+                                       query_pos=b.query_pos)
     if not keep:
         return out, sel, None
     return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc))
@@ -479,12 +495,14 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
 # traced by TorchDynamo in the dense layout (its branches are custom ops); with cu_seqlens the lengths are read on
 # the host: opaque (a graph break)
-@public_op("q", "k", "v", "k_cmp", "v_cmp", traced=True, opaque_if=lambda *args, cu_seqlens=None, **kwargs:
-           cu_seqlens is not None)
+@public_op("q", "k", "v", "k_cmp", "v_cmp", traced=True, opaque_if=lambda q, k, *args, cu_seqlens=None,
+           cu_seqlens_q=None, **kwargs: cu_seqlens is not None or cu_seqlens_q is not None or q.shape[1] != k.shape[1])
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                   g_swa: torch.Tensor, *, config: NSAConfig = NSAConfig(), k_cmp: Optional[torch.Tensor] = None,
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                  max_seqlen: Optional[int] = None, scale: Optional[float] = None, return_selection: bool = False):
+                  max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                  return_selection: bool = False):
     """Native Sparse Attention (prefill / training), differentiable in q, k, v, the gates and k_cmp/v_cmp.
 
     ``o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` with the semantics of
@@ -494,6 +512,11 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         q: ``(B, T, Hq, Dk)`` or varlen ``(total, Hq, Dk)`` with ``cu_seqlens`` (int32).
         k, v: ``(B, T, Hkv, Dk)`` / ``(B, T, Hkv, Dv)`` (or varlen); every query head group shares one
             selection. Group sizes 1 to 16 (any ``Hq % Hkv == 0`` works).
+            A chunk after a cached prefix (inference, without gradients): q holds the last ``Tq`` of the ``Tk``
+            tokens of k and v (dense, ``Tq <= Tk``; varlen, ``cu_seqlens_q`` and ``cu_seqlens_k`` instead of
+            ``cu_seqlens``, each sequence with at most as many queries as keys), query i at position
+            ``Tk - Tq + i``; gates follow q, k_cmp / v_cmp (or the mean pooling) the keys. Equal to the last rows
+            of the call on the whole sequences, at the cost of the chunk's queries only.
         g_cmp, g_slc, g_swa: gates ``(B, T, Hq)`` / ``(total, Hq)``, any float dtype, typically in [0, 1].
         config: :class:`NSAConfig` (paper defaults).
         k_cmp, v_cmp: compressed keys/values ``(B, n_cmp, Hkv, D*)`` / packed ``(total_cmp, Hkv, D*)`` from a
@@ -523,11 +546,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
-    if not dims.varlen and dims.max_seqlen_q != dims.max_seqlen_k:
-        raise ValueError(f"nsa_attention runs on whole sequences: q and k must have the same length, got "
-                         f"{dims.max_seqlen_q} and {dims.max_seqlen_k}")
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(cu_seqlens, max_seqlen, cu_seqlens_q,
+                                                                            cu_seqlens_k, None, None)
+    dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     scale = check_scale(scale, dims.dim_qk ** -0.5)
     gshape = q.shape[:-1]
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
@@ -536,6 +558,15 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
             raise ValueError(f"{name} must have shape {tuple(gshape)} (one gate per query head), got {tuple(g.shape)}")
     check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa})
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
+    chunk = lq != lk  # queries after a prefix
+    if chunk:
+        if any(a > b for a, b in zip(lq, lk)):
+            raise ValueError(f"each sequence must have at most as many queries as keys (its last tokens the queries), "
+                             f"got {lq} queries for {lk} keys")
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)):
+            raise ValueError("nsa_attention differentiates whole sequences only: a chunk of queries after a prefix "
+                             "(q shorter than k) runs without gradients (torch.no_grad())")
     n_cmp = [config.num_cmp_blocks(n) for n in lk]
     if k_cmp is None and v_cmp is None:
         kc, vc = _mean_compress(kp, lk, config), _mean_compress(vp, lk, config)
@@ -558,7 +589,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         out = q.new_zeros(*gshape, dims.dim_v) + anchor.to(q.dtype)
         sel = torch.empty(*q.shape[:-2], dims.heads_kv, config.slc_topk, dtype=torch.int32, device=q.device)
         return (out, sel) if return_selection else out
-    cu, cu_cmp = _cu(lq, q.device), _cu(n_cmp, q.device)
+    cu, cu_cmp = _cu(lk, q.device), _cu(n_cmp, q.device)
     gates = [g.reshape(qp.shape[0], dims.heads_q).contiguous() for g in (g_cmp, g_slc, g_swa)]
     ins = [qp, kp, vp, kc if kc.stride(-1) == 1 else kc.contiguous(), vc if vc.stride(-1) == 1 else vc.contiguous()]
     if torch.compiler.is_compiling():
@@ -566,7 +597,11 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, cu, cu_cmp, lq, values, scale)[:2]
     else:
         ins = kernel_inputs(*ins)
-        branches = _Branches(config, lq, cu, cu_cmp, scale).shape(*ins[:3])
+        branches = _Branches(config, lk, cu, cu_cmp, scale)
+        if chunk:
+            branches.lengths_q, branches.cu_q = lq, _cu(lq, q.device)
+            branches.query_pos = device_tensor([b - a for a, b in zip(lq, lk)], torch.int32, q.device)
+        branches.shape(*ins[:3])
         if torch.is_grad_enabled() and any(t.requires_grad for t in (*ins, *gates)):
             out, sel = _NSAttention.apply(*ins, *gates, branches)
         else:

@@ -88,6 +88,8 @@ def _flash_cases():
             if (dt, dqk) == ("bf16", 128) or dt == "fp32" and which == "fwd":  # soft-capped scores (see _softcapped)
                 cases.append((f"{kern.fn.__name__}[{tag}-softcap]", kern, ptr,
                               dict(meta, **tiles, SOFTCAP=1 if dt == "fp32" else 2), ("qk_scale", "scale"), *launch))
+            if which == "fwd" and kpos != (1, 0):  # (NSA's compressed keys for a chunk of queries after a prefix)
+                cases += _query_pos_twins(cases[-1:], lambda name: True)
             if which == "dq":  # adding to a dq (NSA's branches)
                 cases.append((f"{kern.fn.__name__}[{tag}-acc]", kern, ptr, dict(meta, **tiles, ACC_DQ=True),
                               ("qk_scale", "scale"), *launch))
@@ -354,7 +356,18 @@ def _nsa_cases():
         gptr.update({n: "*fp32" for n in ("G", "DG", "DELTA")})
         cases.append((f"_gated_prep_kernel[{dt}]", K._gated_prep_kernel, gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16),
                       ()))
-    return cases
+    # (the selection's first tile and a (token, head) rows one, the selected branch's first tile with the gated sum,
+    # by pointers and by TMA, and its tiles per query)
+    return cases + _query_pos_twins(cases, lambda name: any(
+        f"[bf16-d192-{tag}]" in name for tag in ("m64c32w8s2", "m16c16w8s2h", "g16-q1w4s3-gated",
+                                                 "g16-q1w4s3-tma-gated", "g16-q2w4s3pq", "g16-q4w4s3pq")))
+
+
+def _query_pos_twins(cases: list, chosen) -> list:
+    """Twins of the ``chosen`` cases (by name) taking a chunk of queries after a prefix (nsa_attention's
+    ``query_pos``: each sequence's first query position, the keys packed apart from the queries)."""
+    return [(name[:-1] + "-qpos]", kern, dict(ptr, QPOS="*i32", CU_K="*i32"), dict(meta, HAS_QPOS=True), *rest)
+            for name, kern, ptr, meta, *rest in cases if chosen(name)]
 
 
 def narrow_offsets(ttir: str) -> list:

@@ -9,7 +9,7 @@ from .common import (Results, attention_bytes, device_peaks, flex_selection, gra
                      peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "x_kv_major", "x_query4", "%roof", "%l2", "peak_MB"]
+           "x_kv_major", "x_query4", "x_decode_rows", "x_flash", "%roof", "%l2", "peak_MB"]
 PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="NSA")
 
 
@@ -21,11 +21,16 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--qk-dim", type=int, default=192)
     p.add_argument("--v-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--modes", default="fwd,fwdbwd,slc,decode", type=mode_list("fwd", "fwdbwd", "slc", "decode"),
+    p.add_argument("--modes", default="fwd,fwdbwd,slc,decode",
+                   type=mode_list("fwd", "fwdbwd", "slc", "decode", "chunk"),
                    help="fwd, fwdbwd (bwd rows are derived: fwdbwd - fwd), slc (selected branch alone, fwd and "
                         "fwd+bwd, vs the block-sparse engine and flex), "
-                        "decode (one token per sequence against a cache of T tokens)")
+                        "decode (one token per sequence against a cache of T tokens), chunk (the last "
+                        "--chunk-tokens of T tokens after a cached prefix, inference: nsa_attention on the chunk's "
+                        "queries vs nsa_decode with a query row per token)")
     p.add_argument("--decode-batches", default="1,32", help="batch sizes of the decode rows")
+    p.add_argument("--chunk-tokens", default="16,64,1024,4096",
+                   help="chunk sizes of the chunk rows (one sequence)")
     p.add_argument("--inputs", default="random", choices=["random", "smooth"],
                    help="random: independent q/k per token, so consecutive queries select unrelated blocks; smooth: "
                         "q/k vary slowly along the sequence (a 256-token moving average plus noise), so consecutive "
@@ -221,6 +226,10 @@ def run(args, argv=None) -> list[dict]:
         if "decode" in modes:
             for batch in parse_ints(args.decode_batches):
                 _decode_rows(rows, cfg, T, batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)
+        if "chunk" in modes:
+            for c in parse_ints(args.chunk_tokens):
+                if c <= T:
+                    _chunk_rows(rows, cfg, T, c, dims, dtype, args.dtype, dev, peaks)
         torch.cuda.empty_cache()
     _derive(rows)
     out = rows.finish()
@@ -270,6 +279,41 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
           flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
 
 
+def _chunk_rows(rows, cfg, T, C, dims, dtype, dtype_name, dev, peaks):
+    """The last C of T tokens of one sequence after a cached prefix (chunked prefill, a conversation continued;
+    inference): nsa_attention on the chunk's queries (``longattn``) against nsa_decode with each token a query row
+    of its own (``longattn_decode_rows``, what the NSA module runs for up to NSA_DECODE_TOKENS new tokens) and
+    longattn's dense flash attention on the same chunk (``longattn_flash``)."""
+    import torch
+
+    from longattn import flash_attention, nsa_attention, nsa_decode
+
+    hq, hkv, dk, dv = dims
+    q = torch.randn(C, hq, dk, device=dev, dtype=dtype)
+    k = torch.randn(T, hkv, dk, device=dev, dtype=dtype)
+    v = torch.randn(T, hkv, dv, device=dev, dtype=dtype)
+    n = cfg.num_cmp_blocks(T)
+    kc = torch.randn(n, hkv, dk, device=dev, dtype=dtype)
+    vc = torch.randn(n, hkv, dv, device=dev, dtype=dtype)
+    gates = [torch.rand(C, hq, device=dev, dtype=dtype) for _ in range(3)]
+    cu_q = torch.tensor([0, C], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, T], dtype=torch.int32, device=dev)
+    seqlens = torch.arange(T - C + 1, T + 1, dtype=torch.int32, device=dev)
+    rows_ = torch.zeros(C, dtype=torch.int32, device=dev)
+    read = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)  # raw tokens each query reads
+    flops = 2.0 * C * hq * ((dk + dv) * (read + n) + dk * n)
+    bytes_ = 2 * hkv * (dk + dv) * (T + n)  # the cache read once
+    mode = f"chunk_c{C}"
+    kw = dict(B=1, T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
+    _time(rows, "longattn", mode, lambda: nsa_attention(q, k, v, *gates, config=cfg, k_cmp=kc, v_cmp=vc,
+                                                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), None, **kw)
+    _time(rows, "longattn_decode_rows", mode,
+          lambda: nsa_decode(q, k[None], v[None], kc[None], vc[None], *gates, cache_seqlens=seqlens, cache_rows=rows_,
+                             config=cfg, validate=False), None, **kw)
+    _time(rows, "longattn_flash", mode, lambda: flash_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), None,
+          **dict(kw, flops=2.0 * C * hq * (dk + dv) * T))
+
+
 def _derive(rows):
     """bwd rows (fwdbwd - fwd) and the x_<peer> speedup columns (peer ms / longattn ms, same mode and T)."""
     by = {(r["mode"], r["T"], r["impl"]): r for r in rows}
@@ -283,7 +327,8 @@ def _derive(rows):
             rows.append(b)
             by[("bwd", T, impl)] = b
     peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla",
-             "longattn_kv_major": "x_kv_major", "longattn_query4": "x_query4"}
+             "longattn_kv_major": "x_kv_major", "longattn_query4": "x_query4", "longattn_decode_rows": "x_decode_rows",
+             "longattn_flash": "x_flash"}
     for (mode, T, impl), r in by.items():
         if impl != "longattn":
             continue

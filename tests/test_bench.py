@@ -67,7 +67,8 @@ DRY_RUNS = {
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
             "--prefill-heads", "2", "--prefill-tokens", "64", "--dtype", "float16"],
     "nsa": ["--seqlens", "96", "--tokens", "96", "--heads", "4", "--kv-heads", "1", "--qk-dim", "32", "--v-dim", "16",
-            "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0", "--inputs", "smooth"],
+            "--dtype", "float16", "--decode-batches", "1,2", "--flex-max-seqlen", "0", "--inputs", "smooth",
+            "--modes", "fwd,fwdbwd,slc,decode,chunk", "--chunk-tokens", "40"],
     "memory": ["--seqlens", "96", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--ops",
                "flash,moba,mla_prefill", "--dtype", "float16"],
     "rollout": ["--prompts", "48", "--batch", "2", "--new-tokens", "3", "--layers", "1", "--hidden", "64", "--heads",
@@ -96,7 +97,8 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")]
                  + [("longattn_kv_major", "slc_fwd"), ("longattn_query4", "slc_fwd"), ("longattn_graph", "decode_b1"),
-                    ("longattn_no_tma", "fwd"), ("longattn_no_tma", "slc_fwd")]}
+                    ("longattn_no_tma", "fwd"), ("longattn_no_tma", "slc_fwd"), ("longattn", "chunk_c40"),
+                    ("longattn_decode_rows", "chunk_c40"), ("longattn_flash", "chunk_c40")]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run (the kernels need the interpreter there); "

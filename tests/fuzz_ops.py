@@ -139,6 +139,22 @@ def draw_nsa(rng, dtype, hq, hkv):
     checks = [("out", out, out_r, 1), ("selection", sorted_selection(sel), sorted_selection(sel_r), 0)]
     checks += [(f"d{n}", a, b, 3) for n, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"),
                                                       _grads(out, leaves, dout), _grads(out_r, ref_leaves, dout))]
+    if rng.random() < 0.5:  # the last tokens of each sequence as a chunk of queries after a prefix (inference)
+        q, k, v, *g = (t.detach() for t in leaves)
+        if varlen:
+            lq = [rng.randint(0, n) for n in lens]
+            ends = _cu(lens)[1:].tolist()
+            rows = torch.cat([torch.arange(e - n, e) for n, e in zip(lq, ends)]).to(DEVICE)
+            pick, kw = (lambda t: t[rows]), dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lens))
+        else:
+            c = rng.randint(1, lens[0])
+            lq, pick, kw = [c] * n_seq, (lambda t: t[:, lens[0] - c:]), {}
+        with torch.no_grad():
+            part, part_sel = longattn.nsa_attention(pick(q), k, v, *map(pick, g), config=config, return_selection=True,
+                                                    **kw)
+        cfg["chunk"] = lq
+        checks += [("chunk out", part, pick(out_r.detach()), 1),
+                   ("chunk selection", sorted_selection(part_sel), sorted_selection(pick(sel_r)), 0)]
     return cfg, checks
 
 

@@ -51,7 +51,7 @@ def test_decode_steps_equal_full_forward(device):
 def test_long_chunk_after_prefix_equals_full_forward(device, monkeypatch):
     """A chunk of more than NSA_DECODE_TOKENS columns after a cached prefix runs nsa_attention on the chunk's queries
     (the shorter chunks of the test above, nsa_decode): a left-padded batch whose second row starts inside the chunk
-    (its queries then all its tokens) gives the full forward's logits at every real position."""
+    (its queries then all its tokens) gives the full forward's logits at every real position; a single row too."""
     import longattn.nsa.module as nsa_module
 
     model = _model(device, "llama")
@@ -67,9 +67,13 @@ def test_long_chunk_after_prefix_equals_full_forward(device, monkeypatch):
         kw = {_cache_kw(model): cache, "use_cache": True}
         pre = model(ids[:, :20], attention_mask=mask[:, :20], **kw).logits
         rest = model(ids[:, 20:], attention_mask=mask, **kw).logits
-    assert len(calls) == 2  # (one per layer)
+        cache = DynamicCache(config=model.config)  # a single row (its cache read in place, not gathered)
+        kw = {_cache_kw(model): cache, "use_cache": True}
+        alone = torch.cat([model(ids[:1, :20], **kw).logits, model(ids[:1, 20:], **kw).logits], 1)
+    assert len(calls) == 4  # (one per layer and chunk)
     got = torch.cat([pre, rest], 1)
     torch.testing.assert_close(got[mask.bool()], full[mask.bool()], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone, full[:1], atol=1e-4, rtol=1e-4)
 
 
 OTHER_NSA_ARCHS = [a for a in OTHER_ARCHS if a in NSA_ARCHS]

@@ -312,9 +312,11 @@ class NativeSparseAttention(nn.Module):
         are 0."""
         B, T = q.shape[:2]
         L = k.shape[1]
-        keys = lambda x: torch.cat([x[b, L - n:] for b, n in enumerate(lens)])
-        queries = lambda x: torch.cat([x[b, T - n:] for b, n in enumerate(new)])
-        blocks = lambda x: torch.cat([x[b, :n] for b, n in enumerate(store["n"])])
+        # each row's span of x, one after another (a view for a single row: its cache is not copied)
+        gather = lambda x, spans: x[0, spans[0]] if B == 1 else torch.cat([x[b, s] for b, s in enumerate(spans)])
+        keys = lambda x: gather(x, [slice(L - n, L) for n in lens])
+        queries = lambda x: gather(x, [slice(T - n, T) for n in new])
+        blocks = lambda x: gather(x, [slice(0, n) for n in store["n"]])
         dev = q.device
         cu_k = device_tensor([0, *itertools.accumulate(lens)], torch.int32, dev)
         cu_q = device_tensor([0, *itertools.accumulate(new)], torch.int32, dev)

@@ -591,6 +591,7 @@ def test_nsa_gpu_defaults(T, Hq, Hkv, dtype):
     v = torch.randn(1, T, Hkv, 128, device="cuda", dtype=dtype)
     gates = [torch.rand(1, T, Hq, device="cuda") for _ in range(3)]
     _check(q, k, v, gates, dtype, config=cfg)
+    _check_chunk(q, k, v, gates, T - 300, [T], dtype, config=cfg)  # (the last T - 300 tokens after a prefix)
 
 
 @pytest.mark.gpu

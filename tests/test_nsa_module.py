@@ -30,7 +30,13 @@ def _model(device, arch="llama"):
     return longattn.hf.swap_attention(model.to(device), "nsa", config=NSA)
 
 
-def test_decode_steps_equal_full_forward(device):
+def test_decode_steps_equal_full_forward(device, monkeypatch):
+    """(And a decoding step's per-token tensors are copied to the device once for all layers.)"""
+    import longattn.nsa.module as nsa_module
+
+    copies = []
+    copy = nsa_module.device_tensor
+    monkeypatch.setattr(nsa_module, "device_tensor", lambda *a: copies.append(1) or copy(*a))
     model = _model(device, "llama")
     ids = torch.randint(0, 128, (2, 60)).to(device)
     with torch.no_grad():
@@ -38,8 +44,10 @@ def test_decode_steps_equal_full_forward(device):
         cache = DynamicCache(config=model.config)
         kw = {_cache_kw(model): cache, "use_cache": True}  # the keyword this transformers version takes
         pre = model(ids[:, :26], **kw).logits
+        copies.clear()
         # one token at a time across a selection block's end (32), completing three compressed blocks
         steps = [model(ids[:, i:i + 1], **kw).logits[:, -1] for i in range(26, 36)]
+        assert len(copies) == 2 * 10 + 3 * 2 * 3  # lengths and offsets a step; the blocks completed in each layer
         # a chunk of several tokens, completing more compressed blocks than the side cache holds (it grows)
         chunk = model(ids[:, 36:], **kw).logits
     torch.testing.assert_close(pre, full[:, :26], atol=1e-5, rtol=1e-5)

@@ -44,6 +44,24 @@ def _reorder_compressed(store: dict, beam_idx: torch.Tensor) -> None:
         layer["n"] = [layer["n"][i] for i in order]
 
 
+def _query_rows(cache, pairs: list, lens: list, B: int, T: int, L: int, device) -> tuple:
+    """nsa_decode's per-query-row tensors for the real new tokens ``pairs`` ((row, token) of B rows of T new tokens,
+    rows of ``lens`` real tokens in a cache of L): the rows picked from the B * T (None when all are), each one's
+    cache row (None for one token a row), length and offset. Every layer of a forward asks for the same ones: they
+    are made (copied to the device) once and kept on the transformers cache until the next ask differs."""
+    key = (tuple(lens), T, L, B, len(pairs), str(device))
+    kept = cache.__dict__.get("_longattn_nsa_rows")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    whole = len(pairs) == B * T
+    made = (None if whole else device_tensor([b * T + i for b, i in pairs], torch.long, device),
+            device_tensor([b for b, _ in pairs], torch.int32, device) if T > 1 or not whole else None,
+            device_tensor([lens[b] - T + i + 1 for b, i in pairs], torch.int32, device),
+            device_tensor([L - lens[b] for b, _ in pairs], torch.int32, device))
+    cache.__dict__["_longattn_nsa_rows"] = (key, made)
+    return made
+
+
 class NativeSparseAttention(nn.Module):
     """Drop-in replacement of a transformers self-attention ``attn`` (of a model type in
     ``longattn.hf.swap.NSA_ARCHS``; ``swap_attention(model, "nsa")`` builds one per layer) by NSA under ``config``
@@ -285,18 +303,14 @@ class NativeSparseAttention(nn.Module):
             return self._chunk(q, k, v, gates, lens, new, store)
         # real token i of row b is a query row reading cache row b with its own length: one call for all (padding
         # tokens, before a row's real ones in a chunk of a padded prompt, are left out: their outputs 0)
-        dev = q.device
         pairs = [(b, i) for b in range(B) for i in range(T - new[b], T)]
         whole = len(pairs) == B * T
         q, gates = q.reshape(B * T, *q.shape[2:]), gates.reshape(B * T, *gates.shape[2:])
+        if not pairs:
+            return q.new_zeros(B, T, *q.shape[1:-1], v.shape[-1])
+        pick, query_rows, seqlens, offsets = _query_rows(cache, pairs, lens, B, T, L, q.device)
         if not whole:
-            if not pairs:
-                return q.new_zeros(B, T, *q.shape[1:-1], v.shape[-1])
-            pick = device_tensor([b * T + i for b, i in pairs], torch.long, dev)
             q, gates = q[pick], gates[pick]
-        query_rows = device_tensor([b for b, _ in pairs], torch.int32, dev) if T > 1 or not whole else None
-        seqlens = device_tensor([lens[b] - T + i + 1 for b, i in pairs], torch.int32, dev)
-        offsets = device_tensor([L - lens[b] for b, _ in pairs], torch.int32, dev)
         # lengths, offsets and compressed blocks are this module's own bookkeeping, consistent by construction: no
         # check (it would synchronise with the GPU in every layer at every step)
         out = nsa_decode(q, k, v, store["k"], store["v"], *gates.unbind(1), cache_seqlens=seqlens,

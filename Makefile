@@ -34,13 +34,13 @@ demo: $(VENV)/.installed
 # through the interpreter: the default small tiles exercise many tiles on small shapes, these the tiles a
 # GPU runs. bfloat16 takes the float16 tiles, so its cases are left to the first pass; float32's GPU tiles are
 # small ones like the interpreter's (products on CUDA cores), so its cases are too (they took 42% of this pass);
-# tests that set the GPU tiles themselves (*gpu_candidates, *autotuning*, the selected branch's split_scores and
-# per_query) run once.
+# tests that set the GPU tiles themselves (*gpu_candidates, *autotuning*, *gpu_tiles, the selected branch's
+# split_scores and per_query) run once.
 KERNEL_TESTS := tests/test_decode.py tests/test_flash.py tests/test_merge.py tests/test_mla.py tests/test_moba.py tests/test_nsa.py \
 	tests/test_sparse.py
 
 GPU_TILE_TESTS := not bfloat16 and not float32 and not gpu_candidates and not autotuning and not split_scores and \
-	not per_query and not torch_compile and not custom_op
+	not per_query and not gpu_tiles and not torch_compile and not custom_op
 
 test: $(VENV)/.installed
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) tests

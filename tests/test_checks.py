@@ -211,3 +211,51 @@ def test_interpreter_numpy_mismatch_is_named(monkeypatch):
     assert problem("3.6.0", "2.2.6") is None
     assert problem("3.7.0", "2.4.6") is None
     assert problem("3.10.1", "2.5.0") is None
+
+
+def _head_dim_strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a view strided in its last (head) dim: what a layer's transposes can hand over."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_head_dim_strided_inputs(layout, device):
+    """q, k and v strided in their head dim give every op the outputs and gradients of their contiguous copies
+    (the kernels index that dim with unit stride: such inputs are copied first)."""
+    from longattn import NSAConfig, moba_attention, nsa_attention
+    from longattn.kernels.sparse import block_sparse_attention
+    from longattn.nsa import nsa_selected_attention
+
+    lens, Hq, Hkv, D = [30, 40], 4, 2, 16
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topk=3, window=16)
+    blocks = torch.tensor([-1, 0, 0, 1, 1], device=device).repeat_interleave(16)[:70]  # an earlier block or none
+    varlen = layout == "varlen"
+    kw = dict(cu_seqlens=torch.tensor([0, 30, 70], dtype=torch.int32, device=device)) if varlen else {}
+    shape = (lambda *s: (70, *s)) if varlen else (lambda *s: (1, 70, *s))
+    ops = {
+        "flash": lambda q, k, v: flash_attention(q, k, v, **kw),
+        "moba": lambda q, k, v: moba_attention(q, k, v, block_size=16, topk=2, **kw),
+        "nsa": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg, **kw),
+        "nsa_selected": lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=16, **kw),
+        "block_sparse": lambda q, k, v: block_sparse_attention(q, k, v, blocks_q, block_size=16, **kw),
+    }
+    pos = torch.cat([torch.arange(n, device=device) for n in lens]) if varlen else torch.arange(70, device=device)
+    gates = [torch.rand(shape(Hq), device=device) for _ in range(3)]
+    sel = torch.stack([pos // 16, torch.where(pos >= 16, 0, -1)], -1)[:, None].expand(70, Hkv, 2)
+    sel = sel.to(torch.int32).reshape(shape(Hkv, 2))
+    own = pos // 16
+    blocks_q = torch.where(blocks[:70] < own, blocks[:70], -1)[:, None, None].expand(70, Hq, 1)
+    blocks_q = blocks_q.to(torch.int32).reshape(shape(Hq, 1))
+    inputs = [torch.randn(shape(h, D), device=device) for h in (Hq, Hkv, Hkv)]
+    dout = torch.randn(shape(Hq, D), device=device)
+    for name, op in ops.items():
+        results = []
+        for make in (lambda t: t, _head_dim_strided):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            views = [make(t) for t in leaves]
+            assert make is not _head_dim_strided or all(t.stride(-1) != 1 for t in views)
+            out = op(*views)
+            out.backward(dout)
+            results.append([out] + [t.grad for t in leaves])
+        for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
+            torch.testing.assert_close(b, a, msg=f"{name} {what}")

@@ -704,15 +704,18 @@ def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_siz
 
 
 def pack_inputs(q, k, v, dims: AttnDims):
-    """Dense (B, T, H, D) -> packed (B*T, H, D) views (varlen inputs pass through); lengths per sequence."""
+    """Dense (B, T, H, D) -> packed (B*T, H, D) views (varlen inputs pass through); lengths per sequence. The
+    kernels index the head dim with unit stride: a tensor strided there is copied."""
     if dims.varlen:
-        return q, k, v, dims.seqlens_q, dims.seqlens_k
-    B = dims.batch
-    qp = q.reshape(B * dims.max_seqlen_q, dims.heads_q, dims.dim_qk)
-    kp = k.reshape(B * dims.max_seqlen_k, dims.heads_kv, dims.dim_qk)
-    vp = v.reshape(B * dims.max_seqlen_k, dims.heads_kv, v.shape[-1])
+        qp, kp, vp, lq, lk = q, k, v, dims.seqlens_q, dims.seqlens_k
+    else:
+        B = dims.batch
+        qp = q.reshape(B * dims.max_seqlen_q, dims.heads_q, dims.dim_qk)
+        kp = k.reshape(B * dims.max_seqlen_k, dims.heads_kv, dims.dim_qk)
+        vp = v.reshape(B * dims.max_seqlen_k, dims.heads_kv, v.shape[-1])
+        lq, lk = [dims.max_seqlen_q] * B, [dims.max_seqlen_k] * B
     qp, kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp))
-    return qp, kp, vp, [dims.max_seqlen_q] * B, [dims.max_seqlen_k] * B
+    return qp, kp, vp, lq, lk
 
 
 def unpack_output(out, lse, dims: AttnDims):

@@ -157,7 +157,10 @@ def _flash_cases():
                       dict(D=dv, BLOCK_D=bd(dv), BLOCK_T=rows), ()))
         cases.append((f"_merge_bwd_kernel[{dt}]", M._merge_bwd_kernel, mptr,
                       dict(D=dv, BLOCK_D=bd(dv), HAS_DLSE=True, BLOCK_T=rows), ()))
-    return cases
+    # chunked attention (Llama 4): the forward, backward and decoding kernels of a varlen and a left-padded case
+    return cases + _chunked_twins(cases, lambda name: not name.startswith("_flash_bwd_prep") and any(
+        name.endswith(t) for t in ("[bf16-d128/128-causal-varlen]", "[fp16-d192/128-causal-window-leftpad]",
+                                   "-causal-varlen-q1-g16]", "-window-leftpad-q4-g16]")))
 
 
 def _sparse_cases():
@@ -361,6 +364,13 @@ def _nsa_cases():
     return cases + _query_pos_twins(cases, lambda name: any(
         f"[bf16-d192-{tag}]" in name for tag in ("m64c32w8s2", "m16c16w8s2h", "g16-q1w4s3-gated",
                                                  "g16-q1w4s3-tma-gated", "g16-q2w4s3pq", "g16-q4w4s3pq")))
+
+
+def _chunked_twins(cases: list, chosen) -> list:
+    """Twins of the ``chosen`` cases (by name) in chunks (flash_attention's ``chunk_size``, the chunking shifted per
+    sequence by ``chunk_offsets``)."""
+    return [(name[:-1] + "-chunked]", kern, dict(ptr, KOFF="*i32"), dict(meta, HAS_WINDOW=True, CHUNKED=True), *rest)
+            for name, kern, ptr, meta, *rest in cases if chosen(name)]
 
 
 def _query_pos_twins(cases: list, chosen) -> list:

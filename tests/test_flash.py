@@ -10,19 +10,20 @@ from helpers import assert_close, assert_compiled_matches_eager, assert_lse_clos
 
 
 def _run_and_compare(q, k, v, dtype, *, causal=True, window=None, scale=None, with_lse_grad=True, softcap=None,
-                     **varlen):
+                     chunk_size=None, chunk_offsets=None, **varlen):
     """Forward (out, lse) and gradients (dq, dk, dv, through out and lse) vs the float32 reference."""
     qk, kk, vk = leaf(q), leaf(k), leaf(v)
     qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
+    chunks = dict(chunk_size=chunk_size, chunk_offsets=chunk_offsets)
     out, lse = flash_attention(qk, kk, vk, causal=causal, window=window, scale=scale, return_lse=True,
-                               softcap=softcap, **varlen)
+                               softcap=softcap, **chunks, **varlen)
     ref_kw = {}
     if "cu_seqlens" in varlen:
         ref_kw = dict(cu_seqlens_q=varlen["cu_seqlens"], cu_seqlens_k=varlen["cu_seqlens"])
     elif "cu_seqlens_q" in varlen:
         ref_kw = dict(cu_seqlens_q=varlen["cu_seqlens_q"], cu_seqlens_k=varlen["cu_seqlens_k"])
     out_r, lse_r = attention_ref(qr, kr, vr, causal=causal, window=window, scale=scale, return_lse=True,
-                                 softcap=softcap, **ref_kw)
+                                 softcap=softcap, **chunks, **ref_kw)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out, out_r, dtype, "out")
     assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
@@ -183,6 +184,86 @@ def test_left_padded_batch(Tq, Tk, window, dtype, device):
             few_keys = name != "dv" and Tk - p == 2
             factor = (4 if few_keys else 2) if dtype == torch.bfloat16 else (2 if few_keys else 1)
             assert_close(a, r, dtype, f"{name} row {b}", factor=factor)
+
+
+CHUNK_CASES = [
+    # q lengths, k lengths (None: same; dense if one of each), chunk size, chunk offsets
+    ([130], None, 64, None),  # chunks of whole key tiles, several tiles each
+    ([100], None, 24, [5]),  # chunk edges inside the tiles, the chunking shifted
+    ([30], [100], 40, [3]),  # a chunk of queries after a prefix, over a chunk edge
+    ([70, 5, 0, 49], None, 16, [0, 7, 2, 30]),  # varlen: a sequence shorter than a chunk, an empty one
+    ([20, 1, 3], [90, 40, 3], 32, [10, 63, 0]),  # varlen after prefixes, a key 0 at a chunk's last position
+    ([60], None, 200, None),  # one chunk: causal attention
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=["tiles", "offset", "prefix", "varlen", "varlen-prefix", "one"])
+def test_chunked_attention(case, dtype, device):
+    """chunk_size (Llama 4's local layers): a query sees the keys of its chunk up to itself; output, lse and every
+    gradient against the reference, dense (batch of 2) and varlen, with and without offsets of the chunking, and
+    the split-KV path of a few queries (no gradient)."""
+    lq, lk, chunk, offsets = case
+    lk = lk or lq
+    Hq, Hkv, D = 4, 2, 32
+    if len(lq) == 1:
+        B = 2
+        q = torch.randn(B, lq[0], Hq, D, device=device, dtype=dtype)
+        k, v = (torch.randn(B, lk[0], Hkv, D, device=device, dtype=dtype) for _ in range(2))
+        offs = None if offsets is None else torch.tensor(offsets * B, dtype=torch.int32, device=device) + \
+            torch.arange(B, dtype=torch.int32, device=device) * 3
+        _run_and_compare(q, k, v, dtype, chunk_size=chunk, chunk_offsets=offs)
+        for tq in (1, 3):  # decoding, speculative tokens: split-KV
+            out = flash_attention(q[:, -tq:], k, v, chunk_size=chunk, chunk_offsets=offs)
+            ref = attention_ref(q[:, -tq:].float(), k.float(), v.float(), chunk_size=chunk, chunk_offsets=offs)
+            assert_close(out, ref, dtype, f"split-KV, {tq} queries")
+        return
+    q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype)
+    k, v = (torch.randn(sum(lk), Hkv, D, device=device, dtype=dtype) for _ in range(2))
+    offs = torch.tensor(offsets, dtype=torch.int32, device=device)
+    _run_and_compare(q, k, v, dtype, chunk_size=chunk, chunk_offsets=offs, cu_seqlens_q=_cu(lq, device),
+                     cu_seqlens_k=_cu(lk, device))
+
+
+def test_chunked_left_padded_batch(dtype, device):
+    """chunk_size with left_pad: chunks counted from each row's first real key (as after unpadding), for a prefill
+    and a decoding step (split-KV), with and without offsets."""
+    pads, T, C = [0, 21, 60], 64, 16
+    q, k, v = (torch.randn(len(pads), T, h, 16, device=device, dtype=dtype) for h in (4, 2, 2))
+    pad = torch.tensor(pads, dtype=torch.int32, device=device)
+    for offsets in (None, [3, 15, 0]):
+        offs = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=device)
+        for tq in (T, 1):
+            out = flash_attention(q[:, -tq:], k, v, left_pad=pad, chunk_size=C, chunk_offsets=offs)
+            for b, p in enumerate(pads):
+                q0 = max(p - (T - tq), 0)
+                ref = attention_ref(q[b:b + 1, T - tq + q0:].float(), k[b:b + 1, p:].float(), v[b:b + 1, p:].float(),
+                                    chunk_size=C, chunk_offsets=None if offs is None else offs[b:b + 1])
+                assert_close(out[b:b + 1, q0:], ref, dtype, f"row {b}, {tq} queries, offsets {offsets}")
+
+
+def test_chunked_attention_edges(device):
+    """A chunk at least as long as the sequence is causal attention; chunks of one position leave each query its
+    own key; bad chunk arguments are refused."""
+    q, k, v = (torch.randn(2, 50, h, 16, device=device) for h in (4, 2, 2))
+    torch.testing.assert_close(flash_attention(q, k, v, chunk_size=50), flash_attention(q, k, v), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flash_attention(q, k, v, chunk_size=1), v.repeat_interleave(2, 2), atol=1e-6, rtol=0)
+    offs = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="chunk_size and window cannot be combined"):
+        flash_attention(q, k, v, chunk_size=8, window=4)
+    with pytest.raises(ValueError, match="chunk_size requires causal=True"):
+        flash_attention(q, k, v, chunk_size=8, causal=False)
+    with pytest.raises(ValueError, match="chunk_size must lie in"):
+        flash_attention(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_offsets needs chunk_size"):
+        flash_attention(q, k, v, chunk_offsets=offs)
+    with pytest.raises(TypeError, match="chunk_offsets must be an int32 tensor of shape \\(2,\\)"):
+        flash_attention(q, k, v, chunk_size=8, chunk_offsets=offs.long())
+    with pytest.raises(TypeError, match="chunk_offsets must be an int32 tensor of shape \\(3,\\)"):
+        flash_attention(q[0], k[0], v[0], chunk_size=8, chunk_offsets=offs, cu_seqlens=_cu([10, 20, 20], device))
+    with pytest.raises(ValueError, match="chunk_offsets must lie in"):
+        flash_attention(q, k, v, chunk_size=8, chunk_offsets=-offs)
+    with pytest.raises(ValueError, match="key_stride/key_offset cannot be combined with chunk_size"):
+        flash_attention(q, k[:, :10], v[:, :10], chunk_size=8, key_stride=4)
 
 
 def test_left_pad_bad_inputs(device):
@@ -355,10 +436,11 @@ def test_custom_ops_registration(device):
     shapes fail while tracing with the eager op's message."""
     q, k, v = (leaf(torch.randn(2, 40, h, 16, device=device)) for h in (4, 2, 2))
     pad = torch.tensor([5, 0], dtype=torch.int32, device=device)
-    for args in ((q, k, v, None, None, None, None, None, True, 9, None, 1, 0, True, 0.0),
-                 (q, k, v, None, None, None, None, pad, False, None, 0.3, 1, 0, True, 3.0),
+    for args in ((q, k, v, None, None, None, None, None, None, True, 9, None, 1, 0, True, 0.0, None),
+                 (q, k, v, None, None, None, None, pad, None, False, None, 0.3, 1, 0, True, 3.0, None),
                  (q[0], k[0], v[0], *[torch.tensor([0, 15, 40], dtype=torch.int32, device=device)] * 2, 30, None, None,
-                  True, None, None, 4, 3, True, 0.0)):
+                  None, True, None, None, 4, 3, True, 0.0, None),
+                 (q, k, v, None, None, None, None, pad, pad + 3, True, None, None, 1, 0, True, 0.0, 16)):
         torch.library.opcheck(torch.ops.longattn.flash_attention.default, args)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="q and k must have the same head dim"):
@@ -628,8 +710,8 @@ def test_every_tile_candidate(which, device, monkeypatch):
     """Every GPU tile an autotuner may pick gives the right answer (the other tests run only the first, which
     is what runs without autotuning): each block shape (and loop structure) among one kernel's candidates that
     its pruning keeps (warps and stages mean nothing to the interpreter), on varlen causal GQA problems with ragged
-    tails, head dims 192 / 128 (two-part q/k tiles) with a window, and 64. The forward and the reference run once per
-    problem; each backward candidate recomputes only the gradients."""
+    tails, head dims 192 / 128 (two-part q/k tiles) with a window, and 64 in chunks (shifted per sequence). The
+    forward and the reference run once per problem; each backward candidate recomputes only the gradients."""
     from longattn.kernels import flash as F
 
     if device == "cuda":
@@ -651,7 +733,8 @@ def test_every_tile_candidate(which, device, monkeypatch):
     lq = [130, 1, 77]
     cu = _cu(lq, device)
     monkeypatch.setattr(F, "autotune_enabled", lambda: True)
-    for dqk, dv, window in ((192, 128, 100), (64, 64, None)):  # dK/dV's ONE_LOOP tiles run at 192 / 128
+    chunks = dict(chunk_size=64, chunk_offsets=torch.tensor([0, 39, 17], dtype=torch.int32, device=device))
+    for dqk, dv, window, chunk in ((192, 128, 100, {}), (64, 64, None, chunks)):  # dK/dV's ONE_LOOP tiles: 192 / 128
         a, b = F.split_dim(dqk)
         fits = F._smem_prune(which)(candidates, {"Q": torch.empty(0, dtype=torch.float16)}, BLOCK_DA=a, BLOCK_DB=b,
                                     BLOCK_DV=max(16, F.next_pow2(dv)), HAS_TMA=True)
@@ -665,11 +748,12 @@ def test_every_tile_candidate(which, device, monkeypatch):
         v = leaf(torch.randn(sum(lq), 2, dv, device=device, dtype=torch.float16))
         qr, kr, vr = (leaf(t.detach(), torch.float32) for t in (q, k, v))
         out_r, lse_r = attention_ref(qr, kr, vr, causal=True, window=window, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                     return_lse=True)
+                                     return_lse=True, **chunk)
         dout, dlse = torch.randn_like(out_r), torch.randn_like(lse_r)
         grads_r = torch.autograd.grad((out_r * dout).sum() + (lse_r * dlse).sum(), (qr, kr, vr))
         if which != "fwd":  # the forward on its own tiles, once; each candidate then recomputes the gradients
-            out, lse = flash_attention(q, k, v, window=window, cu_seqlens=cu, max_seqlen=max(lq), return_lse=True)
+            out, lse = flash_attention(q, k, v, window=window, cu_seqlens=cu, max_seqlen=max(lq), return_lse=True,
+                                       **chunk)
             assert_close(out, out_r, torch.float16, "out")
             assert_lse_close(lse, lse_r, atol=2e-3)
             loss = (out.float() * dout).sum() + (lse * dlse).sum()
@@ -678,7 +762,7 @@ def test_every_tile_candidate(which, device, monkeypatch):
             monkeypatch.setattr(kernel, "cache", {})
             if which == "fwd":
                 out, lse = flash_attention(q, k, v, window=window, cu_seqlens=cu, max_seqlen=max(lq),
-                                           return_lse=True)
+                                           return_lse=True, **chunk)
                 assert_close(out, out_r, torch.float16, "out")
                 assert_lse_close(lse, lse_r, atol=2e-3)
             else:

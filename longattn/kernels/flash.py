@@ -27,7 +27,7 @@ heads, without concatenating them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -109,12 +109,34 @@ def _ceil_to(x, m):
 
 
 @triton.jit
+def _window_lo(qpos, window, koff, CHUNKED: tl.constexpr):
+    """First key position a query at ``qpos`` sees under its window: the ``window`` most recent keys, or
+    (CHUNKED) the start of its chunk of ``window`` positions, key 0 at position ``koff`` of the chunking.
+    Non-decreasing in qpos."""
+    if CHUNKED:
+        return tl.maximum(qpos + koff, 0) // window * window - koff
+    else:
+        return qpos - window + 1
+
+
+@triton.jit
+def _window_hi(kpos, window, koff, CHUNKED: tl.constexpr):
+    """Past the last query position whose window holds the key at ``kpos`` (see _window_lo)."""
+    if CHUNKED:
+        return (tl.maximum(kpos + koff, 0) // window + 1) * window - koff
+    else:
+        return kpos + window
+
+
+@triton.jit
 def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, CHUNKED: tl.constexpr = False,
+                koff=0):
     """Key ranges for the query rows whose positions span [m_first, m_last]; key j sits at j*KS + KO.
 
     Returns (a, b, c, d): keys in [a, b) and [c, d) need masking, keys in [b, c) are visible to every
-    row. a, b, c are multiples of BLOCK_N (or equal d). The window bounds assume KS == 1, KO == 0.
+    row. a, b, c are multiples of BLOCK_N (or equal d). The window bounds (CHUNKED: chunks, see _window_lo)
+    assume KS == 1, KO == 0.
     """
     hi = k_len
     if CAUSAL:
@@ -122,8 +144,8 @@ def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: t
     lo = hi * 0
     full_lo = lo
     if HAS_WINDOW:
-        lo = tl.maximum(m_first - window + 1, 0) // BLOCK_N * BLOCK_N
-        full_lo = _ceil_to(tl.maximum(m_last - window + 1, 0), BLOCK_N)
+        lo = tl.maximum(_window_lo(m_first, window, koff, CHUNKED), 0) // BLOCK_N * BLOCK_N
+        full_lo = _ceil_to(tl.maximum(_window_lo(m_last, window, koff, CHUNKED), 0), BLOCK_N)
     full_hi = k_len // BLOCK_N * BLOCK_N
     if CAUSAL:
         full_hi = tl.minimum(full_hi, tl.maximum(m_first - KO + KS, 0) // KS // BLOCK_N * BLOCK_N)
@@ -134,14 +156,14 @@ def _key_ranges(m_first, m_last, k_len, window, BLOCK_N: tl.constexpr, CAUSAL: t
 
 @triton.jit
 def _visible(pos_m, offs_n, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KS: tl.constexpr,
-             KO: tl.constexpr):
+             KO: tl.constexpr, CHUNKED: tl.constexpr = False, koff=0):
     """(M, N) mask of the keys offs_n (key j at position j*KS + KO) visible to the queries at pos_m."""
-    return _visible_2d(pos_m[:, None], offs_n[None, :], k_len, window, CAUSAL, HAS_WINDOW, KS, KO)
+    return _visible_2d(pos_m[:, None], offs_n[None, :], k_len, window, CAUSAL, HAS_WINDOW, KS, KO, CHUNKED, koff)
 
 
 @triton.jit
 def _visible_2d(qpos, kidx, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, KS: tl.constexpr,
-                KO: tl.constexpr):
+                KO: tl.constexpr, CHUNKED: tl.constexpr = False, koff=0):
     """Visibility for query positions ``qpos`` and key indices ``kidx`` broadcast against each other: (M, 1)
     and (1, N) give the (M, N) mask, (1, M) and (N, 1) its transpose."""
     vis = kidx < k_len
@@ -149,8 +171,18 @@ def _visible_2d(qpos, kidx, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
     if CAUSAL:
         vis = vis & (kpos <= qpos)
     if HAS_WINDOW:
-        vis = vis & (kpos > qpos - window)
+        vis = vis & (kpos >= _window_lo(qpos, window, koff, CHUNKED))
     return vis
+
+
+@triton.jit
+def _chunk_offset(KOFF, b, CHUNKED: tl.constexpr):
+    """Position of sequence b's key 0 in its chunking: KOFF[b], or 0 without KOFF (or chunks)."""
+    koff = b * 0
+    if CHUNKED:
+        if KOFF is not None:
+            koff = tl.load(KOFF + b)
+    return koff
 
 
 @triton.jit
@@ -256,7 +288,7 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
                last_page=0, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False, KA_DESC=None, KB_DESC=None,
                V_DESC=None, tma_row=0, k_col=0, v_col=0, USE_TMA: tl.constexpr = False,
                LAZY_RESCALE: tl.constexpr = False, KB_ptr=None, stride_kbt=0, kb_col=0, SPLIT: tl.constexpr = False,
-               cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+               cap_scale=0.0, SOFTCAP: tl.constexpr = 0, CHUNKED: tl.constexpr = False, koff=0):
     """Online softmax of the query rows over the keys [start, end) of a sequence whose key j sits at row
     ``k_start + j`` of K/V (SPLIT: the keys' second dim part at row ``k_start + j`` of KB_ptr, see _load_split), or
     (PAGE > 0: a paged cache) at row ``BT[j // PAGE] * PAGE + j % PAGE`` (each page clamped to [0, last_page]:
@@ -305,7 +337,8 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
                        tl.zeros([q_a.shape[0], BLOCK_N], tl.float32), BLOCK_DB, PRECISION)
         s = _softcapped(s, cap_scale, SOFTCAP)
         if MASKED:
-            s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), s, float("-inf"))
+            s = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO, CHUNKED, koff), s,
+                         float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if LAZY_RESCALE:
             if tl.max((m_new > m_i + RESCALE_LOG2).to(tl.int32), 0) > 0:  # (m_i -inf: any key seen grew it)
@@ -411,7 +444,7 @@ def _smem_prune(kernel: str):
 
 
 @autotune(_FWD_CANDIDATES, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                             "HAS_TMA", "SPLIT_QK", "SOFTCAP"], _smem_prune("fwd"))
+                             "HAS_TMA", "SPLIT_QK", "SOFTCAP", "CHUNKED"], _smem_prune("fwd"))
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB, KB,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -425,14 +458,16 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
                       BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                       LAZY_RESCALE: tl.constexpr = False, SPLIT_QK: tl.constexpr = False, cap_scale=0.0,
-                      SOFTCAP: tl.constexpr = 0, QPOS=None, HAS_QPOS: tl.constexpr = False):
+                      SOFTCAP: tl.constexpr = 0, QPOS=None, HAS_QPOS: tl.constexpr = False, KOFF=None,
+                      CHUNKED: tl.constexpr = False):
     """Flash attention forward: one program per (BLOCK_M query rows of a sequence, query head). Its keys go in
     three ranges (see _key_ranges): the tiles some of its rows cannot see all of (masked), those all rows see,
     the masked tail. USE_TMA (HAS_TMA: the host gave K/V's row descriptors, ``tma_rows`` rows per batch entry, 0
     varlen) loads the middle range's tiles, wholly inside the sequence, by TMA. SPLIT_QK: q's and k's last
     ``DQK - BLOCK_DA`` dims are tensors of their own, QB and KB (see _load_split). SOFTCAP: soft-capped scores
     (see _softcapped). HAS_QPOS: the position of each sequence's first query is QPOS[b] (int32; strided keys
-    summarising the tokens before a chunk of queries)."""
+    summarising the tokens before a chunk of queries). CHUNKED (with HAS_WINDOW): ``window`` is a chunk size
+    (see _window_lo), sequence b's key 0 at position KOFF[b] of its chunking (int32; 0 without KOFF)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -456,10 +491,11 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
     shift = _query_shift(q_len, k_len, KS, KO)  # query i sits at position i + shift
     if HAS_QPOS:
         shift = tl.load(QPOS + b)
+    koff = _chunk_offset(KOFF, b, CHUNKED)
     pos_m = offs_m + shift
     m_first = pid_m * BLOCK_M + shift
     m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
-    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO)
+    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO, CHUNKED, koff)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -467,7 +503,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, a, bb,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr,
-                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP,
+                               CHUNKED=CHUNKED, koff=koff)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, bb, c,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, False, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, KA_DESC=KA_DESC, KB_DESC=KB_DESC, V_DESC=V_DESC,
@@ -475,11 +512,13 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, KA_DESC, KB_DESC, V_DESC, QB,
                                v_col=(hk.to(tl.int64) * stride_vh).to(tl.int32), USE_TMA=USE_TMA,
                                LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr, stride_kbt=stride_kbt,
                                kb_col=(hk.to(tl.int64) * stride_kbh).to(tl.int32), SPLIT=SPLIT_QK,
-                               cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                               cap_scale=cap_scale, SOFTCAP=SOFTCAP,
+                               CHUNKED=CHUNKED, koff=koff)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride_vt, pos_m, c, d,
                                k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, CAUSAL,
                                HAS_WINDOW, PRECISION, KS, KO, LAZY_RESCALE=LAZY_RESCALE, KB_ptr=KB_ptr,
-                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                               stride_kbt=stride_kbt, SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP,
+                               CHUNKED=CHUNKED, koff=koff)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -515,7 +554,8 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
                          HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, LEFT_PAD: tl.constexpr,
                          TQ: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_SEQLENS: tl.constexpr = False, PAGE: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False,
-                         SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+                         SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0, KOFF=None,
+                         CHUNKED: tl.constexpr = False):
     """Few queries per sequence (decoding, speculative tokens), no gradient: split-KV. Program (sequence * Hkv +
     KV head, split) holds its GQA group's heads times the sequence's queries as the rows of its tiles (each key
     tile is loaded once for all of them), streams one split of the keys and writes its normalised partial
@@ -526,7 +566,8 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
     then (pages, PAGE, Hkv, D), their batch strides 0); lengths are clamped to the cache (seqlen_k rows). K/V may be
     float8 (a quantised cache: keys K * k_scale, folded into qk_scale, values V * v_scale; WIDEN_ASM: widened to
     bfloat16 by inline PTX, see _widen). SPLIT_QK: q's and k's second dim part from QB and KB (see _load_split).
-    SOFTCAP: soft-capped scores (see _softcapped)."""
+    SOFTCAP: soft-capped scores (see _softcapped). CHUNKED: chunks of ``window`` positions (see _flash_fwd_kernel).
+    """
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     split = tl.program_id(1)
@@ -567,8 +608,9 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
     hi = tl.minimum(lo + tokens_per_split, k_len)
     if CAUSAL:
         hi = tl.minimum(hi, shift + q_len)  # past the last query's position nothing is visible
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, shift - window + 1)  # before the first query's window nothing is visible
+    koff = _chunk_offset(KOFF, b, CHUNKED)
+    if HAS_WINDOW:  # before the first query's window nothing is visible
+        lo = tl.maximum(lo, _window_lo(shift, window, koff, CHUNKED))
     if lo >= hi:  # no key here: lse -inf, output 0 (the output itself when there is one split)
         tl.store(o_ptr, tl.zeros([M, BLOCK_DV], tl.float32).to(OS.dtype.element_ty), mask=o_mask)
         tl.store(l_ptr, tl.full([M], float("-inf"), tl.float32), mask=valid)
@@ -584,7 +626,7 @@ def _flash_decode_kernel(Q, K, V, OS, LS, CU_Q, CU_K, SEQLENS, BT, QB, KB,
                                BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION, 1, 0,  # keys past hi: other splits
                                BT + b64 * stride_btb, last_page, PAGE, WIDEN_ASM,
                                KB_ptr=KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh, stride_kbt=stride_kbt,
-                               SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                               SPLIT=SPLIT_QK, cap_scale=cap_scale, SOFTCAP=SOFTCAP, CHUNKED=CHUNKED, koff=koff)
     empty = l_i == 0.0
     out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
     tl.store(o_ptr, out.to(OS.dtype.element_ty), mask=o_mask)
@@ -625,14 +667,15 @@ def _flash_bwd_prep_kernel(O, DO, DLSE, DELTA, CU_Q, stride_ob, stride_ot, strid
 @triton.jit
 def _bwd_probs(q_a, q_b, kt_a, kt_b, lse2, pos_m, offs_n, k_len, window, qk_scale, BLOCK_DB: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-               KS: tl.constexpr, KO: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+               KS: tl.constexpr, KO: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0,
+               CHUNKED: tl.constexpr = False, koff=0):
     """Recompute the (M, N) softmax probabilities from q, k^T (split head dim) and the row lse (log2 units).
     Returns them and the soft-capped scores' tanh (see _softcapped; the raw scores without SOFTCAP)."""
     s = _dot_split(q_a, q_b, kt_a, kt_b, tl.zeros([q_a.shape[0], kt_a.shape[1]], tl.float32), BLOCK_DB, PRECISION)
     s = _softcapped(s, cap_scale, SOFTCAP)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
-        p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO), p, 0.0)
+        p = tl.where(_visible(pos_m, offs_n, k_len, window, CAUSAL, HAS_WINDOW, KS, KO, CHUNKED, koff), p, 0.0)
     return p, s
 
 
@@ -660,7 +703,7 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
                 DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                 KS: tl.constexpr, KO: tl.constexpr, QB_ptr=None, stride_qbt=0, SPLIT: tl.constexpr = False,
-                cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+                cap_scale=0.0, SOFTCAP: tl.constexpr = 0, CHUNKED: tl.constexpr = False, koff=0):
     """Works on the transposed (N, M) problem: s^T = k q^T, so p^T and ds^T come out of their matmuls in the
     layout of the next matmul's left operand (no transposition through shared memory) and k, v stay left
     operands read from shared memory."""
@@ -679,7 +722,7 @@ def _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, 
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
         if MASKED:
             pt = tl.where(_visible_2d((offs_m + shift)[None, :], offs_n[:, None], k_len, window, CAUSAL, HAS_WINDOW,
-                                      KS, KO), pt, 0.0)
+                                      KS, KO, CHUNKED, koff), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = _softcap_grad(pt * (dpt - delta[None, :]), st, SOFTCAP).to(q_a.dtype)
@@ -715,7 +758,7 @@ _BWD_CONFIGS = autotune_configs(DKDV_TILES, dict(BLOCK_M=32, BLOCK_N=32))
 
 
 @autotune(_BWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                         "SPLIT_QK", "SOFTCAP"], _smem_prune("dkdv"))
+                         "SPLIT_QK", "SOFTCAP", "CHUNKED"], _smem_prune("dkdv"))
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB, DKB,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -730,12 +773,13 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
                            KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            ONE_LOOP: tl.constexpr = False, SPLIT_QK: tl.constexpr = False, cap_scale=0.0,
-                           SOFTCAP: tl.constexpr = 0):
+                           SOFTCAP: tl.constexpr = 0, KOFF=None, CHUNKED: tl.constexpr = False):
     """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
     (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
     split (stride_dks / stride_dvs), added up afterwards. Per head, three loops over the query blocks (masked,
     fully visible, masked), or with ONE_LOOP one masked loop over them all. SPLIT_QK: q's and k's second dim part
-    from QB and KB, dK's to DKB (see _load_split). SOFTCAP: soft-capped scores (see _softcapped)."""
+    from QB and KB, dK's to DKB (see _load_split). SOFTCAP: soft-capped scores (see _softcapped). CHUNKED: chunks of
+    ``window`` positions (see _flash_fwd_kernel)."""
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
@@ -769,9 +813,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
         full_lo = _ceil_to(tl.maximum(n_last * KS + KO - shift, 0), BLOCK_M)
     hi = q_len
     full_hi = q_len // BLOCK_M * BLOCK_M
+    koff = _chunk_offset(KOFF, b, CHUNKED)
     if HAS_WINDOW:
-        hi = tl.minimum(q_len, tl.maximum(n_last + window - shift, 0))
-        full_hi = tl.minimum(full_hi, tl.maximum(n_first + window - shift, 0) // BLOCK_M * BLOCK_M)
+        hi = tl.minimum(q_len, tl.maximum(_window_hi(n_last, window, koff, CHUNKED) - shift, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(_window_hi(n_first, window, koff, CHUNKED) - shift, 0) // BLOCK_M
+                             * BLOCK_M)
     if n_first + BLOCK_N > k_len:  # ragged key block: mask everywhere
         full_hi = lo
     bb = tl.minimum(tl.maximum(full_lo, lo), hi)
@@ -790,18 +836,18 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
                                      stride_qt, stride_dot,
                                      offs_n, lo, bb, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                      BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
-                                     QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP)
+                                     QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP, CHUNKED, koff)
         if not ONE_LOOP:
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, bb, c, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                          BLOCK_DA, BLOCK_DB, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
-                                         QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP)
+                                         QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP, CHUNKED, koff)
             dk_a, dk_b, dv = _dkdv_inner(dk_a, dk_b, dv, k_a, k_b, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start,
                                          stride_qt, stride_dot,
                                          offs_n, c, hi, q_len, k_len, shift, window, qk_scale, offs_dv, DQK, DV,
                                          BLOCK_DA, BLOCK_DB, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO,
-                                         QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP)
+                                         QB_ptr, stride_qbt, SPLIT_QK, cap_scale, SOFTCAP, CHUNKED, koff)
 
     split64 = split.to(tl.int64)
     _store_split(DK + split64 * stride_dks + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, k_rows * stride_dkt,
@@ -817,7 +863,8 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
               k_len, window, qk_scale, offs_dv, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
               BLOCK_DB: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, KB_ptr=None,
-              stride_kbt=0, SPLIT: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+              stride_kbt=0, SPLIT: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0,
+              CHUNKED: tl.constexpr = False, koff=0):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < k_len
@@ -827,7 +874,7 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
         vt = tl.load(V_ptr + rows[None, :] * stride_vt + offs_dv[:, None],
                      mask=in_n[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p, t = _bwd_probs(q_a, q_b, tl.trans(k_a), tl.trans(k_b), lse2, pos_m, offs_n, k_len, window, qk_scale,
-                          BLOCK_DB, MASKED, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, cap_scale, SOFTCAP)
+                          BLOCK_DB, MASKED, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, cap_scale, SOFTCAP, CHUNKED, koff)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = _softcap_grad(p * (dp - delta[:, None]), t, SOFTCAP).to(k_a.dtype)
         dq_a += tl.dot(ds, k_a, input_precision=PRECISION)
@@ -838,7 +885,7 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stri
 
 # (restore_value: ACC_DQ adds to DQ, each timed candidate finds it as it was)
 @autotune(_FWD_CONFIGS, ["BLOCK_DA", "BLOCK_DB", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "PRECISION",
-                         "SPLIT_QK", "SOFTCAP"], _smem_prune("dq"), restore_value=["DQ"])
+                         "SPLIT_QK", "SOFTCAP", "CHUNKED"], _smem_prune("dq"), restore_value=["DQ"])
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -852,10 +899,12 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
                          IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False,
-                         SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+                         SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0, KOFF=None,
+                         CHUNKED: tl.constexpr = False):
     """dq of a block of BLOCK_M query rows of one head; ACC_DQ: added to what DQ holds (float32 sum, one rounding),
     as when several key sets (NSA's branches) share the queries. SPLIT_QK: q's and k's second dim part from QB and
-    KB, dq's to DQB (see _load_split; not with ACC_DQ). SOFTCAP: soft-capped scores (see _softcapped)."""
+    KB, dq's to DQB (see _load_split; not with ACC_DQ). SOFTCAP: soft-capped scores (see _softcapped). CHUNKED:
+    chunks of ``window`` positions (see _flash_fwd_kernel)."""
     tl.static_assert(not (SPLIT_QK and ACC_DQ), "ACC_DQ reads one DQ")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -881,24 +930,25 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
     KB_ptr = KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh
 
     shift = _query_shift(q_len, k_len, KS, KO)
+    koff = _chunk_offset(KOFF, b, CHUNKED)
     pos_m = offs_m + shift
     m_first = pid_m * BLOCK_M + shift
     m_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
-    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO)
+    a, bb, c, d = _key_ranges(m_first, m_last, k_len, window, BLOCK_N, CAUSAL, HAS_WINDOW, KS, KO, CHUNKED, koff)
     dq_a = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
     dq_b = tl.zeros([BLOCK_M, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, a, bb, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
                            True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK, cap_scale,
-                           SOFTCAP)
+                           SOFTCAP, CHUNKED, koff)
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, bb, c, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
                            False, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK, cap_scale,
-                           SOFTCAP)
+                           SOFTCAP, CHUNKED, koff)
     dq_a, dq_b = _dq_inner(dq_a, dq_b, q_a, q_b, do, lse2, delta, K_ptr, V_ptr, k_start, stride_kt, stride_vt,
                            pos_m, c, d, k_len, window, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N,
                            True, CAUSAL, HAS_WINDOW, PRECISION, KS, KO, KB_ptr, stride_kbt, SPLIT_QK, cap_scale,
-                           SOFTCAP)
+                           SOFTCAP, CHUNKED, koff)
     dq_a *= scale
     dq_b *= scale
     dq_ptr = DQ + b64 * stride_dqb + h64 * stride_dqh
@@ -945,13 +995,29 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common_meta(dims: AttnDims, causal: bool, window: Optional[int], dtype: torch.dtype, key_pos=(1, 0),
-                 left_pad=None):
+class Chunks(NamedTuple):
+    """Chunked attention (Llama 4's local layers), given to the launches in place of a sliding window: a query sees
+    the keys of its own chunk of ``size`` positions only (causal within it). ``offsets``: int32, one per sequence,
+    the position of the sequence's key 0 in its chunking (a cache that dropped its first tokens), or None (0)."""
+    size: int
+    offsets: Optional[torch.Tensor] = None
+
+
+Window = Union[int, Chunks, None]  # the launches' window: a sliding window's size, chunks, or none
+
+
+def _window_size(window: Window) -> int:
+    """The kernels' runtime ``window``: the sliding window's size or the chunk size (0: neither)."""
+    return window.size if isinstance(window, Chunks) else (window or 0)
+
+
+def _common_meta(dims: AttnDims, causal: bool, window: Window, dtype: torch.dtype, key_pos=(1, 0), left_pad=None):
     da, db = split_dim(dims.dim_qk)
+    chunked = isinstance(window, Chunks)
     return dict(DQK=dims.dim_qk, DV=dims.dim_v, BLOCK_DA=da, BLOCK_DB=db,
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), IS_VARLEN=dims.varlen, CAUSAL=causal,
                 HAS_WINDOW=window is not None, PRECISION=_precision(dtype), KS=key_pos[0], KO=key_pos[1],
-                LEFT_PAD=left_pad is not None)
+                LEFT_PAD=left_pad is not None, CHUNKED=chunked, KOFF=window.offsets if chunked else None)
 
 
 def _cu_args(dims: AttnDims, left_pad):
@@ -981,7 +1047,7 @@ def _part_args(x, x_b, varlen: bool) -> tuple:
     return (x, (0, 0, 0)) if x_b is None else (x_b, _strides3(x_b, varlen))
 
 
-def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, *, out=None, lse=None,
+def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Window, scale: float, *, out=None, lse=None,
               key_pos=(1, 0), left_pad=None, parts=None, softcap: float = 0.0, query_pos=None):
     """Forward launch on validated inputs. ``out``/``lse`` may be given (written in place, e.g. one slot of
     a buffer of partial results); otherwise they are allocated. ``key_pos`` = (stride, offset) places key j
@@ -991,7 +1057,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
     are then 0 / -inf there). ``parts`` = (q_b, k_b): q and k hold the first ``split_dim(dims.dim_qk)[0]`` dims of
     the queries and keys, q_b and k_b (any strides, last dim contiguous; k_b's heads may be a stride-0 expansion)
     the other ``dims.dim_qk`` minus those (see split_parts). ``softcap`` (> 0): the scores
-    ``softcap * tanh(scale * q.k / softcap)``. Returns (out, lse)."""
+    ``softcap * tanh(scale * q.k / softcap)``. ``window``: a sliding window's size, or Chunks. Returns (out, lse)."""
     varlen = dims.varlen
     if out is None or lse is None:
         o, l_ = _outputs((q.shape[0],) if varlen else (dims.batch, dims.max_seqlen_q), dims, q.dtype, q.device,
@@ -1011,7 +1077,7 @@ def flash_fwd(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scal
         q, k, v, out, lse, *_cu_args(dims, left_pad), *(descs or (None, None, None)), qb, kb,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen), *sqb, *skb,
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, dims.group, 0 if varlen else k.shape[1],
+        dims.max_seqlen_q, dims.max_seqlen_k, _window_size(window), qk_scale, dims.group, 0 if varlen else k.shape[1],
         **meta, HAS_TMA=descs is not None, SPLIT_QK=parts is not None, **soft, QPOS=query_pos,
         HAS_QPOS=query_pos is not None, **COMPILE_OPTIONS)
     return out, lse
@@ -1039,7 +1105,7 @@ def kv_descriptors(k, v, tile: int, da: int, db: int, block_dv: int, lead: int, 
 DECODE_ROWS = 64  # the split-KV decode path: at most this many (query head, query) rows per KV head
 
 
-def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], scale: float, left_pad=None, *,
+def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Window, scale: float, left_pad=None, *,
                  cache_seqlens=None, block_table=None, longest: int = 0, v_scale: float = 1.0, parts=None,
                  softcap: float = 0.0):
     """Split-KV launch on validated inputs with few queries per sequence (the group's heads times the queries,
@@ -1079,7 +1145,7 @@ def flash_decode(q, k, v, dims: AttnDims, causal: bool, window: Optional[int], s
             q, k, v, outs, lses, *_cu_args(dims, left_pad),
             cache_seqlens if cache_seqlens is not None else q, block_table if paged else q, qb, kb,
             *_strides3(q, varlen), *sk, *sv, *so, *sl, block_table.stride(0) if paged else 0, *sqb, *skb,
-            dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, v_scale, dims.group, dims.heads_kv,
+            dims.max_seqlen_q, dims.max_seqlen_k, _window_size(window), qk_scale, v_scale, dims.group, dims.heads_kv,
             per_split, k.shape[0] - 1 if paged else 0, **meta, TQ=next_pow2(tq), BLOCK_G=block_g, BLOCK_N=block_n,
             HAS_SEQLENS=cache_seqlens is not None, PAGE=k.shape[1] if paged else 0,
             WIDEN_ASM=widen_by_asm(q.dtype, k.dtype), SPLIT_QK=parts is not None, num_warps=8 if wide else 4,
@@ -1104,7 +1170,7 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
     return delta
 
 
-def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Optional[int], scale: float,
+def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Window, scale: float,
               key_pos=(1, 0), left_pad=None, dq=None, parts=None, softcap: float = 0.0):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
@@ -1146,7 +1212,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
         *_strides3(one(dk), varlen), *_strides3(one(dv), varlen),
         dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
         *sqb, *skb, *sdkb, dk_b.stride(0) if parts and n_splits > 1 else 0,
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, scale, dims.group, per_split, **meta,
+        dims.max_seqlen_q, dims.max_seqlen_k, _window_size(window), qk_scale, scale, dims.group, per_split, **meta,
         SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
@@ -1157,7 +1223,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Opt
     _flash_bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), qb, kb, dqb, *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen), *sqb, *skb, *sdqb,
-        dims.max_seqlen_q, dims.max_seqlen_k, window or 0, qk_scale, scale, dims.group, **meta, ACC_DQ=acc_dq,
+        dims.max_seqlen_q, dims.max_seqlen_k, _window_size(window), qk_scale, scale, dims.group, **meta, ACC_DQ=acc_dq,
         SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
     if parts:
         return (dq, dq_b), (dk, dk_b), dv
@@ -1206,9 +1272,28 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
 
 
+def _checked_chunks(chunk_size, chunk_offsets, window, dims: AttnDims, causal: bool, q, validate: bool) -> Chunks:
+    check_positive_int(chunk_size, "chunk_size")
+    if not causal:
+        raise ValueError("chunk_size requires causal=True (a query sees its chunk up to itself)")
+    if window is not None:
+        raise ValueError("chunk_size and window cannot be combined")
+    if chunk_offsets is not None:
+        n = len(dims.seqlens_q) if dims.varlen else dims.batch
+        if not isinstance(chunk_offsets, torch.Tensor) or chunk_offsets.dtype != torch.int32 or \
+                tuple(chunk_offsets.shape) != (n,):
+            raise TypeError(f"chunk_offsets must be an int32 tensor of shape ({n},), one per sequence")
+        check_device({"q": q, "chunk_offsets": chunk_offsets})
+        if validate and bool(((chunk_offsets < 0) | (chunk_offsets >= 2 ** 30)).any()):
+            raise ValueError(f"chunk_offsets must lie in [0, 2**30), got {chunk_offsets.tolist()}")
+        chunk_offsets = chunk_offsets.contiguous()
+    return Chunks(chunk_size, chunk_offsets)
+
+
 def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_stride,
-             key_offset, left_pad, validate: bool):
-    """flash_attention's checks of its arguments: ``(dims, scale, left_pad)`` as the launches take them."""
+             key_offset, left_pad, validate: bool, chunk_size=None, chunk_offsets=None):
+    """flash_attention's checks of its arguments: ``(dims, scale, left_pad, window)`` as the launches take them
+    (``window`` then Chunks for ``chunk_size``)."""
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if not isinstance(causal, bool):
@@ -1230,24 +1315,30 @@ def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seq
         if (key_stride, key_offset) != (1, 0):
             raise ValueError("left_pad cannot be combined with key_stride/key_offset")
         left_pad = _check_left_pad(left_pad, dims, q, validate)
-    return dims, scale, left_pad
+    if chunk_size is not None:
+        if (key_stride, key_offset) != (1, 0):
+            raise ValueError("key_stride/key_offset cannot be combined with chunk_size")
+        window = _checked_chunks(chunk_size, chunk_offsets, window, dims, causal, q, validate)
+    elif chunk_offsets is not None:
+        raise ValueError("chunk_offsets needs chunk_size")
+    return dims, scale, left_pad, window
 
 
 # torch.compile: TorchDynamo traces flash_attention as one custom op (its backward as another) instead of breaking the
 # graph there, so a model calling it compiles whole (fullgraph=True); the ops run the eager code when the graph runs.
 _OP_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
-            "int? max_seqlen_k, Tensor? left_pad, bool causal, int? window, float? scale, int key_stride, "
-            "int key_offset, bool validate, float softcap")
+            "int? max_seqlen_k, Tensor? left_pad, Tensor? chunk_offsets, bool causal, int? window, float? scale, "
+            "int key_stride, int key_offset, bool validate, float softcap, int? chunk_size")
 
 
 @torch.library.custom_op("longattn::flash_attention", mutates_args=(), schema=f"({_OP_ARGS}) -> (Tensor, Tensor)")
-def _flash_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left_pad, causal, window, scale,
-              key_stride, key_offset, validate, softcap):
+def _flash_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left_pad, chunk_offsets, causal,
+              window, scale, key_stride, key_offset, validate, softcap, chunk_size):
     with torch.no_grad():  # the op's own autograd formula (below) differentiates it
         return flash_attention(q, k, v, causal=causal, window=window, scale=scale, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                return_lse=True, key_stride=key_stride, key_offset=key_offset, left_pad=left_pad,
-                               validate=validate, softcap=softcap)
+                               validate=validate, softcap=softcap, chunk_size=chunk_size, chunk_offsets=chunk_offsets)
 
 
 @_flash_op.register_fake
@@ -1262,10 +1353,12 @@ def _flash_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
                          schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, {_OP_ARGS}) -> "
                                 "(Tensor, Tensor, Tensor)")
 def _flash_backward_op(dout, dlse, out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       left_pad, causal, window, scale, key_stride, key_offset, validate, softcap):
+                       left_pad, chunk_offsets, causal, window, scale, key_stride, key_offset, validate, softcap,
+                       chunk_size):
     with eager_context(q):
-        dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, key_stride, key_offset, left_pad, False)
+        dims, scale, left_pad, window = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, key_stride, key_offset, left_pad, False,
+                                                 chunk_size, chunk_offsets)
         inputs = kernel_inputs(*(_lastdim_contiguous(t) for t in (q, k, v, out)))
         grads = _gradients(dout, dlse, *inputs, lse, dims, causal, window, scale, (key_stride, key_offset), left_pad,
                            check_softcap(softcap))
@@ -1278,17 +1371,17 @@ def _flash_backward_shapes(dout, dlse, out, lse, q, k, v, *args):
 
 
 def _flash_op_save(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, left_pad, *options = inputs
-    ctx.save_for_backward(*output, q, k, v, cu_q, cu_k, left_pad)
+    q, k, v, cu_q, cu_k, max_q, max_k, left_pad, chunk_offsets, *options = inputs
+    ctx.save_for_backward(*output, q, k, v, cu_q, cu_k, left_pad, chunk_offsets)
     ctx.options = (max_q, max_k, options)
 
 
 def _flash_op_backward(ctx, dout, dlse):
-    out, lse, q, k, v, cu_q, cu_k, left_pad = ctx.saved_tensors
+    out, lse, q, k, v, cu_q, cu_k, left_pad, chunk_offsets = ctx.saved_tensors
     max_q, max_k, options = ctx.options
     dq, dk, dv = torch.ops.longattn.flash_attention_backward(dout, dlse, out, lse, q, k, v, cu_q, cu_k, max_q, max_k,
-                                                             left_pad, *options)
-    return (dq, dk, dv) + (None,) * 12
+                                                             left_pad, chunk_offsets, *options)
+    return (dq, dk, dv) + (None,) * 14
 
 
 _flash_op.register_autograd(_flash_op_backward, setup_context=_flash_op_save)
@@ -1296,13 +1389,14 @@ _flash_op.register_autograd(_flash_op_backward, setup_context=_flash_op_save)
 
 def _flash_attention_traced(q, k, v, *, causal=True, window=None, scale=None, cu_seqlens=None, max_seqlen=None,
                             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                            return_lse=False, key_stride=1, key_offset=0, left_pad=None, validate=True, softcap=None):
+                            return_lse=False, key_stride=1, key_offset=0, left_pad=None, validate=True, softcap=None,
+                            chunk_size=None, chunk_offsets=None):
     """flash_attention as TorchDynamo traces it (same arguments): the custom op."""
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = torch.ops.longattn.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                  left_pad, causal, window, scale, key_stride, key_offset, validate,
-                                                  check_softcap(softcap))
+                                                  left_pad, chunk_offsets, causal, window, scale, key_stride,
+                                                  key_offset, validate, check_softcap(softcap), chunk_size)
     return (out, lse) if return_lse else out
 
 
@@ -1313,7 +1407,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                     return_lse: bool = False, key_stride: int = 1, key_offset: int = 0,
-                    left_pad: Optional[torch.Tensor] = None, validate: bool = True, softcap: Optional[float] = None):
+                    left_pad: Optional[torch.Tensor] = None, validate: bool = True, softcap: Optional[float] = None,
+                    chunk_size: Optional[int] = None, chunk_offsets: Optional[torch.Tensor] = None):
     """Exact softmax attention (flash algorithm), differentiable in q, k, v (and through ``lse``).
 
     Layouts
@@ -1331,6 +1426,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             query i sits at key position ``Tk - Tq + i`` (decode / chunked prefill).
         window: if set (requires ``causal``), each query attends only to the ``window`` most recent keys,
             itself included.
+        chunk_size: chunked attention (Llama 4's local layers; requires ``causal``, not with ``window``): each
+            sequence's keys are cut into chunks of ``chunk_size`` positions from its start, and a query attends
+            only to the keys of its own chunk, up to itself.
+        chunk_offsets: with ``chunk_size``: int32 ``(B,)`` (dense) or ``(N,)`` (varlen), the position of each
+            sequence's first key in its chunking (a cache that dropped its oldest tokens: key j then sits at
+            position ``chunk_offsets[b] + j``); default 0. Checked to lie in [0, 2**30) (a host synchronisation)
+            unless ``validate=False``.
         scale: softmax scale, default ``Dqk ** -0.5``.
         max_seqlen / max_seqlen_q / max_seqlen_k: optional upper bounds on varlen lengths (validated).
         return_lse: also return the float32 natural-log log-sum-exp of each row.
@@ -1360,8 +1462,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    dims, scale, left_pad = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, key_stride, key_offset, left_pad, validate)
+    dims, scale, left_pad, window = _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, key_stride, key_offset, left_pad, validate, chunk_size,
+                                             chunk_offsets)
     softcap = check_softcap(softcap)
     in_dtype = q.dtype
     qk, kk, vk = kernel_inputs(_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))

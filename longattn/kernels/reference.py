@@ -26,12 +26,14 @@ def join_sequences(parts: list, varlen: bool, dim: int = 0) -> torch.Tensor:
 
 
 def attention_mask_ref(q_len: int, k_len: int, *, causal: bool, window: Optional[int],
-                       device=None) -> torch.Tensor:
+                       device=None, chunk_size: Optional[int] = None, chunk_offset: int = 0) -> torch.Tensor:
     """Boolean (q_len, k_len) mask, True where query i may attend key j.
 
     Queries are aligned to the end of the keys: query i sits at position ``k_len - q_len + i``.
     Causal: key j visible iff ``j <= pos(i)``. Window ``w``: additionally ``j > pos(i) - w`` (the w most
-    recent keys, the query's own position included).
+    recent keys, the query's own position included). ``chunk_size`` ``c``: additionally key j in the query's
+    chunk, ``(j + chunk_offset) // c == (pos(i) + chunk_offset) // c`` (``chunk_offset``: the sequence position
+    of key 0).
     """
     pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
     j = torch.arange(k_len, device=device)[None, :]
@@ -40,6 +42,8 @@ def attention_mask_ref(q_len: int, k_len: int, *, causal: bool, window: Optional
         mask &= j <= pos
     if window is not None:
         mask &= j > pos - window
+    if chunk_size is not None:
+        mask &= (j + chunk_offset) // chunk_size == (pos + chunk_offset).clamp(min=0) // chunk_size
     return mask
 
 
@@ -70,19 +74,23 @@ def masked_attention_ref(q, k, v, mask, scale, softcap: Optional[float] = None):
 
 def attention_ref(q, k, v, *, causal: bool = True, window: Optional[int] = None,
                   scale: Optional[float] = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                  return_lse: bool = False, softcap: Optional[float] = None):
+                  return_lse: bool = False, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                  chunk_offsets: Optional[torch.Tensor] = None):
     """Reference for :func:`longattn.kernels.flash.flash_attention`.
 
     Dense: q (B, Tq, Hq, Dqk), k (B, Tk, Hkv, Dqk), v (B, Tk, Hkv, Dv) -> out (B, Tq, Hq, Dv),
     lse (B, Hq, Tq). Varlen: (total, H, D) with cu_seqlens_q / cu_seqlens_k -> lse (Hq, total_q).
+    ``chunk_size`` / ``chunk_offsets`` (one per sequence): see :func:`attention_mask_ref`.
     Differentiable through autograd (float32 inside, output cast to q's dtype).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     outs, lses = [], []
-    for sq, sk in sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k):
+    for n, (sq, sk) in enumerate(sequence_slices(q.shape[0], cu_seqlens_q, cu_seqlens_k)):
         qs, ks = q[sq], k[sk]
-        m = attention_mask_ref(qs.shape[0], ks.shape[0], causal=causal, window=window, device=q.device)
+        offset = 0 if chunk_offsets is None else int(chunk_offsets[n])
+        m = attention_mask_ref(qs.shape[0], ks.shape[0], causal=causal, window=window, device=q.device,
+                               chunk_size=chunk_size, chunk_offset=offset)
         o, l = masked_attention_ref(qs, ks, v[sk], m, scale, softcap)
         outs.append(o)
         lses.append(l)

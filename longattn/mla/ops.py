@@ -162,7 +162,7 @@ def _attention_grads(dout, dlse, out, lse, q_nope, q_rope, c_kv, k_rope, w_uk, w
         dn = q_nope.shape[-1]
         dq, dk, dv = torch.ops.longattn.flash_attention_backward(
             dout, dlse, out, lse, torch.cat([q_nope, q_rope], -1), torch.cat([k_nope, k_rot], -1), v, cu_q, cu_k,
-            max_q, max_k, None, causal, None, scale, 1, 0, False, 0.0)
+            max_q, max_k, None, None, causal, None, scale, 1, 0, False, 0.0, None)
         dq_nope, dq_rope, dk_nope, dk_rope = dq[..., :dn], dq[..., dn:], dk[..., :dn], dk[..., dn:]
     else:
         qa, qb, ka, kb, vk, o = _contiguous_last(q_nope, q_rope, k_nope, k_rot, v, out)

@@ -221,6 +221,27 @@ def tiny_gpt_oss_pair(device, impl):
     return ref, ours
 
 
+def tiny_llama4_pair(device, kind):
+    """A tiny Llama 4 text model (chunks of 16 tokens in three layers of four, the fourth global without RoPE, with
+    temperature tuning; mixture-of-experts feed-forward every other layer) under eager attention, and a copy through
+    ``swap_attention(model, kind)`` ("flash", or "moba" with top-k over every block: dense)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, Llama4TextConfig
+
+    import longattn
+
+    cfg = Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                           attention_chunk_size=16, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(device)
+    ours = copy.deepcopy(ref)
+    longattn.hf.swap_attention(ours, kind, **(dict(block_size=16, topk=64) if kind == "moba" else {}))
+    return ref, ours
+
+
 def run_without_gpu_sync(fn):
     """Run fn with every CUDA host synchronisation an error (torch's sync debug mode); on the CPU, just run it.
     What a decoding step may not do in every layer: wait for the GPU (a blocking copy, .item(), .tolist())."""

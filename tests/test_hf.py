@@ -7,7 +7,8 @@ import torch
 import longattn  # noqa: F401  (registers the attention implementations)
 from helpers import (check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
                      perturb_attention, replay_decode_step_without_sync, run_without_gpu_sync, tiny_config,
-                     tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_mla_config, tiny_multimodal_config, OTHER_ARCHS)
+                     tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_llama4_pair, tiny_mla_config,
+                     tiny_multimodal_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
 from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS
 from longattn.mla.module import MLAAttention
@@ -797,15 +798,49 @@ def test_save_and_from_pretrained(kind, device, tmp_path):
                          ids=lambda e: next(iter(e)))
 def test_attention_function_refuses_what_it_would_ignore(extra, device):
     """Dropout, position bias, non-causal attention, sinks of the wrong shape, chunked attention (a config's
-    attention_chunk_size), softcapping in MoBA's: an error, not an attention computed without them."""
+    attention_chunk_size) without the layer types that say which layers are chunked, softcapping in MoBA's: an
+    error, not an attention computed without them."""
     q = torch.randn(1, 4, 8, 16, device=device)
     module = torch.nn.Module()
     if "attention_chunk_size" in extra:
         module.config, extra = LlamaConfig(attention_chunk_size=extra["attention_chunk_size"]), {}
     fns = (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward)
     for fn in fns[1:] if "softcap" in extra else fns:
-        with pytest.raises(ValueError, match="does not support|causal|one logit per query head"):
+        with pytest.raises(ValueError, match="does not support|causal|one logit per query head|config.layer_types"):
             fn(module, q, q, q, None, scaling=0.25, **extra)
+
+
+@pytest.mark.parametrize("kind", ["flash", "moba"])
+def test_llama4_chunked_layers(kind, monkeypatch, device):
+    """Llama 4: chunked attention (chunks of 16 tokens) in three layers of four, swapped in (the chunked layers stay
+    chunked under MoBA, which takes the global one). Training gradients of every attention projection equal the
+    eager model's; cached generation past several chunks (transformers' cache of a chunked layer then drops its
+    oldest tokens: the chunks are found from the mask) gives its tokens and logits, with left padding too."""
+    ref, ours = tiny_llama4_pair(device, kind)
+    ids = torch.randint(1, 128, (2, 40)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    # (no loss on the padding rows, whose outputs are each model's own, nor on the first real token, predicted there)
+    labels = ids.masked_fill((mask == 0) | (mask.roll(1, 1) == 0), -100)
+    for model in (ref, ours):
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if "self_attn" in n} for m in (ref, ours)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-4, rtol=1e-4, msg=name)
+    found = []
+    offsets = hf_attention._chunk_offsets
+    monkeypatch.setattr(hf_attention, "_chunk_offsets", lambda *a: found.append(1) or offsets(*a))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    for extra in (dict(attention_mask=mask), {}):
+        with torch.no_grad():
+            g_ours, g_ref = ours.generate(ids, **extra, **kw), ref.generate(ids, **extra, **kw)
+        assert torch.equal(g_ours.sequences, g_ref.sequences)
+        for a, b in zip(g_ours.logits, g_ref.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert found  # (the steps after the caches dropped tokens)
 
 
 @pytest.mark.parametrize("impl", ["longattn", "moba"])

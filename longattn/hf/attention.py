@@ -228,6 +228,8 @@ def padding_mask(*args, **kwargs):
                          "attn_implementation='sdpa' or 'eager'")
     kv_length, q_length = kwargs.get("kv_length"), kwargs.get("q_length")
     given = kwargs.get("attention_mask")
+    if _chunked_mask(kwargs) and kwargs.get("kv_offset"):
+        return _chunked_cache_mask(given, kwargs)
     real = None if torch.compiler.is_compiling() else _known_real(given)
     if real is not None and kv_length is not None and given.dim() == 2 and kv_length <= given.shape[1]:
         return _known_columns(given, real, kv_length)
@@ -245,6 +247,31 @@ def padding_mask(*args, **kwargs):
     if seen >= kv_length:
         return None
     return torch.ones(kwargs["batch_size"], seen, dtype=torch.bool, device=kwargs.get("device"))
+
+
+def _chunked_mask(kwargs: dict) -> bool:
+    """Whether transformers asks for the mask of chunked-attention layers (Llama 4's local layers)."""
+    size = getattr(kwargs.get("config"), "attention_chunk_size", None)
+    return size is not None and kwargs.get("local_size") == size
+
+
+def _chunked_cache_mask(given: Optional[torch.Tensor], kwargs: dict) -> torch.Tensor:
+    """The mask of chunked layers whose cache dropped its first ``kv_offset`` tokens (transformers keeps such layers'
+    last tokens only, as a sliding window's): every column from the first token on, so that the attention finds
+    where its keys sit in their chunks (its keys are the last ``kv_length`` columns)."""
+    kv_offset, kv_length = kwargs["kv_offset"], kwargs["kv_length"]
+    if isinstance(kv_offset, torch.Tensor):
+        raise ValueError("chunked attention (config.attention_chunk_size) with a static cache is not supported by "
+                         "longattn's attention; use the default dynamic cache")
+    total = kv_offset + kv_length
+    if given is None:
+        mask = torch.ones(kwargs["batch_size"], total, dtype=torch.bool, device=kwargs.get("device"))
+        known_left_padding(mask, [total] * mask.shape[0])
+        return mask
+    if given.dim() != 2 or given.shape[1] < total:
+        raise ValueError(f"expected a 2-D padding mask of at least {total} columns for chunked attention after a "
+                         f"cache of {kv_offset} dropped tokens, got shape {tuple(given.shape)}")
+    return given[:, -total:] if given.shape[1] > total else given
 
 
 @torch.compiler.disable  # (host lists and the registry's weak references)
@@ -353,15 +380,43 @@ def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tens
     return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
 
 
+def _chunk_size(module) -> Optional[int]:
+    """The chunk size of a chunked-attention layer (Llama 4's local layers: ``config.attention_chunk_size`` where
+    ``config.layer_types`` says "chunked_attention"), or None."""
+    cfg = getattr(module, "config", None)
+    size = getattr(cfg, "attention_chunk_size", None)
+    if not size:
+        return None
+    types, idx = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is None or idx is None:
+        raise ValueError("chunked attention (config.attention_chunk_size) needs config.layer_types and the module's "
+                         "layer_idx to tell its chunked layers")
+    return int(size) if types[idx] == "chunked_attention" else None
+
+
+def _chunk_offsets(attention_mask: torch.Tensor, kv_len: int):
+    """A chunked layer's mask from _chunked_cache_mask (more columns than keys: its cache dropped the first tokens):
+    the mask's last ``kv_len`` columns, and each row's position of its key 0 among its real tokens (int32 on the
+    device; read from the mask's padding, once per forward)."""
+    dropped = attention_mask.shape[1] - kv_len
+    _, _, real = mask_padding(attention_mask, attention_mask.shape[1])
+    if real is None:
+        raise ValueError("chunked attention after a cache that dropped tokens needs a left-padding mask")
+    pads = [attention_mask.shape[1] - n for n in real]
+    offsets = device_tensor([max(dropped - p, 0) for p in pads], torch.int32, attention_mask.device)
+    return attention_mask[:, dropped:], offsets
+
+
 def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, T, H, D)
     window = kwargs.get("sliding_window")
+    chunk = _chunk_size(module)
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (q.shape[2],)):
         raise ValueError(f"attention sinks must be a tensor of one logit per query head ({q.shape[2]},), got "
                          f"{tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
     softcap = kwargs.get("softcap")
-    if kind == "moba" and not window:
+    if kind == "moba" and not window and not chunk:
         if softcap:
             raise ValueError(f"MoBA attention does not support softcap (got {softcap}): its layers need "
                              "config.attn_logit_softcapping None")
@@ -369,15 +424,20 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         opts = dict(block_size=getattr(cfg, "moba_block_size", MOBA_DEFAULT_BLOCK_SIZE),
                     topk=getattr(cfg, "moba_topk", MOBA_DEFAULT_TOPK))
         op = moba_attention
-    else:  # (a sliding-window layer of a MoBA model stays a sliding-window layer: local already)
+    else:  # (a sliding-window or chunked layer of a MoBA model stays so: local already)
         kind, opts, op = "flash", dict(window=int(window) if window else None, softcap=softcap), flash_attention
+        if chunk:
+            opts = dict(opts, window=None, chunk_size=chunk)
     if sinks is not None:
         opts["return_lse"] = True
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
-    k, v = static_cache_view(attention_mask, k, v)
     B, q_len = q.shape[0], q.shape[1]
+    if chunk and attention_mask is not None and attention_mask.shape[1] > k.shape[1]:
+        attention_mask, opts["chunk_offsets"] = _chunk_offsets(attention_mask, k.shape[1])
+        opts["validate"] = False  # (the offsets come from the mask: no host read to check them)
+    k, v = static_cache_view(attention_mask, k, v)
     kv_len = k.shape[1]
     attention_mask, pad, _ = mask_padding(attention_mask, kv_len)
     cu = packed_segments(kwargs, B, q_len, kv_len)[0] if attention_mask is None else None
@@ -420,8 +480,6 @@ def _check(module, dropout, kwargs):
         raise ValueError("longattn attention does not support attention dropout (got dropout > 0)")
     if kwargs.get("position_bias") is not None:  # a term the softmax would silently go without
         raise ValueError("longattn attention does not support an additive position_bias")
-    if getattr(getattr(module, "config", None), "attention_chunk_size", None):  # (Llama 4): a mask it would not apply
-        raise ValueError("longattn attention does not support chunked attention (config.attention_chunk_size)")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ValueError("longattn's HF attention functions are causal (decoder) attention only")
 

@@ -31,8 +31,12 @@ VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_
 # KV sharing across layers), their sliding-window
 # layers staying so, and the MLA models (on the keys and values their attention decompresses: q/k 192, v 128 in
 # DeepSeek-V3)
+# models with chunked-attention layers (Llama 4's local layers: chunks of config.attention_chunk_size tokens), which
+# transformers marks as not taking flash attention's conventions for that reason alone: longattn's attention takes
+# chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
+CHUNKED_ARCHS = ("llama4_text",)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text") + \
-    MLA_ARCHS + VL_TEXT_ARCHS
+    MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -113,15 +117,14 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
 
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
-            attention interface; Gemma 2's soft-capped logits too); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss,
-            Qwen3-Next, Qwen3.5, Gemma 4: their sliding-window layers stay so, the linear-attention layers
-            of hybrids too; and those of MLA below, on the keys and values their attention decompresses, which
-            transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
-            (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
-            Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
-            the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
-            step).
+            attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Qwen3-Next,
+            Qwen3.5, Gemma 4, Llama 4: their sliding-window and chunked layers stay so, the linear-attention layers of
+            hybrids too; and those of MLA below, on the keys and values their attention decompresses, which transformers
+            5 decompresses from its latent cache at every decoding step); options ``block_size`` (default 512) and
+            ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled
+            keys of each layer's complete blocks on the transformers cache, so a step reads the selected blocks only
+            (``attn_implementation="moba"`` alone pools every block of the cache at each step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
             Hunyuan, SmolLM3, EXAONE-4, Gemma 3): each attention becomes a
@@ -158,7 +161,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
     lm, cfg, layers, text_key = _language_model(model)  # (of a multimodal model: its language model's)
     arch = getattr(cfg, "model_type", None)
-    if not (getattr(lm, "_supports_flash_attn", False) or getattr(lm, "_supports_flash_attn_2", False)):
+    if not (getattr(lm, "_supports_flash_attn", False) or getattr(lm, "_supports_flash_attn_2", False) or
+            arch in CHUNKED_ARCHS):
         # (transformers' own mark: BLOOM, MPT and the like never call the attention functions, Doge makes 4-D masks of
         # its own, DeepSeek-V4 appends compressed entries to the keys after the mask is made)
         raise ValueError(f"{type(lm).__name__} does not take flash-attention's conventions (transformers marks it "

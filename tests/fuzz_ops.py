@@ -4,10 +4,10 @@
                                                           flash_decode, mla_prefill
 
 Each draw picks a combination of the features the suite's cases test one at a time (dtype, GQA group, head dims
-with dv != dk, causal / window, soft caps, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's strides and
-forced blocks, cache offsets, page tables in random order, 1-4 query tokens, ...), runs the op through the Triton
-kernels (the interpreter without a GPU, outputs poisoned with NaN before each launch) and compares the outputs and
-gradients with the float32 reference. Prints each mismatch with its configuration; exits 1 if there was one.
+with dv != dk, causal / window / chunks, soft caps, varlen with empty sequences, Tq != Tk, block sizes, top-k, NSA's
+strides and forced blocks, cache offsets, page tables in random order, 1-4 query tokens, ...), runs the op through the
+Triton kernels (the interpreter without a GPU, outputs poisoned with NaN before each launch) and compares the outputs
+and gradients with the float32 reference. Prints each mismatch with its configuration; exits 1 if there was one.
 Draws the op refuses with a ValueError (an invalid configuration) are counted, not compared.
 """
 from __future__ import annotations
@@ -76,8 +76,13 @@ def draw_flash(rng, dtype, hq, hkv):
     if not varlen:
         lk = [lk[0]] * n_seq
     softcap = rng.choice([None, None, None, 0.5, 5.0, 30.0])
+    chunks = {}
+    if causal and window is None and rng.random() < 0.4:  # chunked attention, its chunking shifted per sequence
+        offsets = [rng.choice([0, rng.randint(0, 70)]) for _ in lq]
+        chunks = dict(chunk_size=rng.choice([1, 5, 16, 37, 64, 200]),
+                      chunk_offsets=torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
     cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lq=lq, lk=lk, causal=causal, window=window, varlen=varlen,
-               softcap=softcap)
+               softcap=softcap, chunks={n: v if isinstance(v, int) else v.tolist() for n, v in chunks.items()})
     if varlen:
         q, k, v = _inputs((sum(lq),), (sum(lk),), hq, hkv, dk, dv, dtype)
         ref_kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
@@ -86,11 +91,12 @@ def draw_flash(rng, dtype, hq, hkv):
         q, k, v = _inputs((n_seq, lq[0]), (n_seq, lk[0]), hq, hkv, dk, dv, dtype)
         kw = ref_kw = {}
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    out, lse = longattn.flash_attention(*leaves, causal=causal, window=window, return_lse=True, softcap=softcap, **kw)
+    out, lse = longattn.flash_attention(*leaves, causal=causal, window=window, return_lse=True, softcap=softcap,
+                                        **chunks, **kw)
     dout = torch.randn_like(out)
     ref_leaves = _float_leaves(leaves)
     out_r, lse_r = attention_ref(*ref_leaves, causal=causal, window=window, return_lse=True, softcap=softcap,
-                                 **ref_kw)
+                                 **chunks, **ref_kw)
     checks = [("out", out, out_r, 1), ("lse", lse, lse_r, 1)]
     checks += [(f"d{n}", a, b, 2) for n, a, b in zip("qkv", _grads(out, leaves, dout),
                                                        _grads(out_r, ref_leaves, dout.float()))]
@@ -330,8 +336,11 @@ def draw_flash_decode(rng, dtype, hq, hkv):
     lens = [rng.randint(tokens, 300) for _ in range(batch)]
     offsets = [rng.randint(0, 40) for _ in range(batch)] if not paged and rng.random() < 0.5 else None
     softcap = rng.choice([None, None, None, 0.5, 5.0, 30.0])
+    chunk, shifts = None, None
+    if causal and window is None and rng.random() < 0.4:  # chunked attention, its chunking shifted per sequence
+        chunk, shifts = rng.choice([1, 7, 16, 64, 130]), [rng.choice([0, rng.randint(0, 200)]) for _ in range(batch)]
     cfg = dict(batch=batch, tokens=tokens, dk=dk, dv=dv, page=page, paged=paged, causal=causal, window=window,
-               lens=lens, offsets=offsets, softcap=softcap)
+               lens=lens, offsets=offsets, softcap=softcap, chunk=chunk, shifts=shifts)
     keys = [torch.randn(n, hkv, dk, device=DEVICE, dtype=dtype) for n in lens]
     vals = [torch.randn(n, hkv, dv, device=DEVICE, dtype=dtype) for n in lens]
     table = offs = None
@@ -370,11 +379,14 @@ def draw_flash_decode(rng, dtype, hq, hkv):
                 keys[b], vals[b] = kd[b, a:a + n], vd[b, a:a + n]
         cfg.update(cache=str(fp8), **scales)
     q = torch.randn(batch, tokens, hq, dk, device=DEVICE, dtype=dtype)
+    shifts = None if shifts is None else torch.tensor(shifts, dtype=torch.int32, device=DEVICE)
     out, lse = longattn.flash_decode(q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                                      block_table=table, cache_offsets=offs, causal=causal, window=window,
-                                     return_lse=True, softcap=softcap, **scales)
+                                     return_lse=True, softcap=softcap, chunk_size=chunk, chunk_offsets=shifts,
+                                     **scales)
     refs = [attention_ref(q[b:b + 1].float(), keys[b][None].float(), vals[b][None].float(), causal=causal,
-                          window=window, return_lse=True, softcap=softcap) for b in range(batch)]
+                          window=window, return_lse=True, softcap=softcap, chunk_size=chunk,
+                          chunk_offsets=None if shifts is None else shifts[b:b + 1]) for b in range(batch)]
     return cfg, [("out", out, torch.cat([r[0] for r in refs]), 1), ("lse", lse, torch.cat([r[1] for r in refs]), 1)]
 
 

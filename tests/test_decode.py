@@ -93,6 +93,28 @@ def test_flash_decode_softcap(case, dtype, device):
     assert_lse_close(lse, want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("case", [1, 3, 5, 6])
+def test_flash_decode_chunks(case, dtype, device):
+    """Chunked attention (chunk_size, chunk_offsets: see flash_attention): paged with speculative tokens across a
+    chunk's end, a left-padded cache, two launches of 8 heads x 16 tokens, parts of 64 heads."""
+    lens, S, hq, hkv, dk, dv, page, offsets, causal, window = CASES[case]
+    torch.manual_seed(case)
+    keys, vals, kc, vc, table = _cache(lens, hkv, dk, dv, dtype, device, page, offsets)
+    q = torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    shifts = torch.tensor([5, 0, 17][:len(lens)], dtype=torch.int32, device=device)  # (key 0's chunk position)
+    chunk = 24
+    for b, (k, v) in enumerate(zip(keys, vals)):
+        # the tokens of row b past its first chunk's end: key j sits at position shifts[b] + j of its chunking
+        want, want_lse = attention_ref(q[b:b + 1], k[None], v[None], scale=0.3, return_lse=True, chunk_size=chunk,
+                                       chunk_offsets=shifts[b:b + 1])
+        out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs, scale=0.3,
+                                return_lse=True, chunk_size=chunk, chunk_offsets=shifts)
+        assert_close(out[b:b + 1], want, dtype, f"out row {b}")
+        assert_lse_close(lse[b:b + 1], want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_flash_decode_float8_cache(cache_dtype, dtype, device):
@@ -198,6 +220,12 @@ def test_flash_decode_errors(device):
         flash_decode(torch.randn(B, 1, 3, 16, device=device), kc, kc, cache_seqlens=lens)
     with pytest.raises(ValueError, match="the cache holds at most 1 tokens per sequence, fewer than the 2 new"):
         flash_decode(q, kc[:, :1], kc[:, :1], cache_seqlens=lens)
+    with pytest.raises(ValueError, match="chunk_size and window cannot be combined"):
+        flash_decode(q, kc, kc, cache_seqlens=lens, chunk_size=8, window=4)
+    with pytest.raises(ValueError, match="chunk_offsets needs chunk_size"):
+        flash_decode(q, kc, kc, cache_seqlens=lens, chunk_offsets=lens)
+    with pytest.raises(TypeError, match=f"chunk_offsets must be an int32 tensor of shape \\({B},\\)"):
+        flash_decode(q, kc, kc, cache_seqlens=lens, chunk_size=8, chunk_offsets=lens[:1])
     out, lse = flash_decode(q[:0], kc[:0], kc[:0], cache_seqlens=lens[:0], return_lse=True)  # an empty batch
     assert out.shape == (0, 2, 4, 16) and lse.shape == (0, 4, 2)
 

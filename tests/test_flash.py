@@ -413,16 +413,17 @@ def test_autocast_casts_inputs(device):
 @pytest.mark.parametrize("layout", ["dense", "varlen", "left_pad"])
 def test_torch_compile_fullgraph(layout, device):
     """Under torch.compile flash_attention is a custom op (its backward another): TorchDynamo traces it without a
-    graph break (fullgraph=True), and the compiled function's output, lse and gradients equal eager mode's; also
-    under autocast (the casts traced before the op)."""
+    graph break (fullgraph=True), and the compiled function's output, lse and gradients equal eager mode's (with a
+    window, left padding in chunks); also under autocast (the casts traced before the op)."""
     opts = dict(window=23, return_lse=True)
     if layout == "varlen":
         shapes = (130, 4, 32), (130, 2, 32), (130, 2, 48)
         opts.update(cu_seqlens=torch.tensor([0, 30, 100, 130], dtype=torch.int32, device=device), max_seqlen=70)
     else:
         shapes = (2, 60, 4, 32), (2, 60, 2, 32), (2, 60, 2, 48)
-        if layout == "left_pad":
-            opts = dict(left_pad=torch.tensor([0, 17], dtype=torch.int32, device=device), return_lse=True)
+        if layout == "left_pad":  # (in chunks shifted per row: the offsets a tensor the backward op takes too)
+            opts = dict(left_pad=torch.tensor([0, 17], dtype=torch.int32, device=device), return_lse=True,
+                        chunk_size=16, chunk_offsets=torch.tensor([5, 0], dtype=torch.int32, device=device))
     inputs = [leaf(torch.randn(s, device=device)) for s in shapes]
     for autocast in (False, True):
         def f(q, k, v):

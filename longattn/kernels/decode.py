@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .flash import DECODE_ROWS, _lastdim_contiguous, flash_decode as _split_kv
+from .flash import DECODE_ROWS, _lastdim_contiguous, checked_chunks, flash_decode as _split_kv
 from .utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, AttnDims, check_block_table, check_cache_pages, check_device,
                     check_positive_int, check_scale, check_softcap, check_tensor, kernel_inputs, next_pow2, public_op,
                     read_back_later)
@@ -59,7 +59,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  block_table: Optional[torch.Tensor] = None, cache_offsets: Optional[torch.Tensor] = None,
                  causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
                  k_scale: float = 1.0, v_scale: float = 1.0, return_lse: bool = False, validate: bool = True,
-                 softcap: Optional[float] = None):
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 chunk_offsets: Optional[torch.Tensor] = None):
     """Dense attention of a few new tokens per sequence against a KV cache, contiguous or paged (inference; not
     differentiable).
 
@@ -80,6 +81,10 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             left-padded batch cache, as transformers keeps one transposed to ``(B, L, Hkv, D)``); default 0.
         causal: each new token sees the keys up to its own position (default); False: all of the sequence's keys.
         window: each new token sees only the ``window`` most recent keys, itself included (requires causal).
+        chunk_size, chunk_offsets: chunked attention (Llama 4's local layers; requires causal, not with window):
+            a new token sees only the keys of its own chunk of ``chunk_size`` positions, the sequence's key 0 at
+            position ``chunk_offsets[b]`` (int32 ``(B,)``, default 0; a cache that dropped its oldest tokens) of its
+            chunking (see :func:`longattn.flash_attention`; the offsets checked with ``validate``).
         scale: softmax scale, default ``Dqk ** -0.5``.
         k_scale, v_scale: dequantisation scales of the caches (per tensor): the keys are ``k_cache * k_scale``, the
             values ``v_cache * v_scale`` (a float8 cache's scales; default 1).
@@ -103,6 +108,10 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     check_positive_int(window, "window", allow_none=True)
     if window is not None and not causal:
         raise ValueError("window requires causal=True")
+    if chunk_size is not None:
+        window = checked_chunks(chunk_size, chunk_offsets, window, B, causal, q, validate)
+    elif chunk_offsets is not None:
+        raise ValueError("chunk_offsets needs chunk_size")
     scale = check_scale(scale, dk ** -0.5) * check_scale(k_scale, 1.0, "k_scale")  # (the scores' scale)
     v_scale = check_scale(v_scale, 1.0, "v_scale")
     softcap = check_softcap(softcap)

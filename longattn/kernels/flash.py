@@ -1272,14 +1272,14 @@ def _check_left_pad(left_pad, dims: AttnDims, q, validate: bool) -> torch.Tensor
     return left_pad.contiguous()  # the kernels read entry b at left_pad + b
 
 
-def _checked_chunks(chunk_size, chunk_offsets, window, dims: AttnDims, causal: bool, q, validate: bool) -> Chunks:
+def checked_chunks(chunk_size, chunk_offsets, window, n: int, causal: bool, q, validate: bool) -> Chunks:
+    """The launches' Chunks for ``chunk_size`` / ``chunk_offsets`` (see flash_attention) of ``n`` sequences."""
     check_positive_int(chunk_size, "chunk_size")
     if not causal:
         raise ValueError("chunk_size requires causal=True (a query sees its chunk up to itself)")
     if window is not None:
         raise ValueError("chunk_size and window cannot be combined")
     if chunk_offsets is not None:
-        n = len(dims.seqlens_q) if dims.varlen else dims.batch
         if not isinstance(chunk_offsets, torch.Tensor) or chunk_offsets.dtype != torch.int32 or \
                 tuple(chunk_offsets.shape) != (n,):
             raise TypeError(f"chunk_offsets must be an int32 tensor of shape ({n},), one per sequence")
@@ -1318,7 +1318,8 @@ def _checked(q, k, v, causal, window, scale, cu_seqlens_q, cu_seqlens_k, max_seq
     if chunk_size is not None:
         if (key_stride, key_offset) != (1, 0):
             raise ValueError("key_stride/key_offset cannot be combined with chunk_size")
-        window = _checked_chunks(chunk_size, chunk_offsets, window, dims, causal, q, validate)
+        window = checked_chunks(chunk_size, chunk_offsets, window, len(dims.seqlens_q) if dims.varlen else dims.batch,
+                                causal, q, validate)
     elif chunk_offsets is not None:
         raise ValueError("chunk_offsets needs chunk_size")
     return dims, scale, left_pad, window

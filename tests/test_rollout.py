@@ -47,6 +47,24 @@ def test_packed_rollout_equals_per_prompt_generate(arch, kind, opts, chunk, devi
         torch.testing.assert_close(torch.tensor(lps, device=device), want, atol=1e-4, rtol=1e-4)
 
 
+def test_llama4_rollout_equals_eager_generate(device):
+    """Llama 4 (chunks of 16 tokens in three layers of four; MoBA, dense here, in the fourth) swapped in: the
+    rollout, packed or padded, whole or in prefill chunks of 10 tokens, gives each prompt's greedy tokens of the eager
+    model, across chunks' ends."""
+    from helpers import tiny_llama4_pair
+
+    ref, ours = tiny_llama4_pair(device, "moba")
+    prompts = [torch.randint(1, 128, (n,)) for n in (40, 23, 7)]
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            g = ref.generate(p[None].to(device), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+        want.append(g[0, p.numel():].tolist())
+    for packed, chunk in ((None, None), (False, 10)):
+        res = rollout.generate(ours, prompts, 12, stop_at_eos=False, packed=packed, prefill_chunk=chunk)
+        assert res.completions == want, (packed, chunk)
+
+
 def test_padded_rollout_and_eos(device):
     model = _model(device, "llama", "moba", block_size=16, topk=2)
     prompts = [torch.randint(0, 128, (n,)) for n in (12, 30)]

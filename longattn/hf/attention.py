@@ -462,7 +462,7 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
                 out = _with_sinks(*out, sinks)
             return out.view(B, q_len, *out.shape[1:])
     elif kind != "moba" and pad is not None:
-        return dense(op(q, k, v, scale=scaling, left_pad=pad, validate=False, **opts))
+        return dense(op(q, k, v, scale=scaling, left_pad=pad, **dict(opts, validate=False)))
     if attention_mask is None:
         if cu is None:
             return dense(op(q, k, v, scale=scaling, **opts))

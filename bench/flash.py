@@ -1,5 +1,7 @@
 """Dense flash attention: longattn vs torch SDPA (flash and cuDNN backends) and flash-attn if installed; with
-``--softcap`` (soft-capped scores, Gemma 2) vs flex_attention's score_mod and flash-attn's softcap (SDPA has none)."""
+``--softcap`` (soft-capped scores, Gemma 2) vs flex_attention's score_mod and flash-attn's softcap (SDPA has none);
+with ``--chunk-size`` (chunked attention, Llama 4's local layers) vs flex_attention with the chunks as its BlockMask
+(neither SDPA nor flash-attn has chunks)."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +9,8 @@ import argparse
 from .common import (Results, attended_pairs, attention_bytes, device_peaks, graph_ms, mode_list, parse_ints,
                      peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
-COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "softcap", "ms", "TFLOP/s", "x_sdpa_flash",
-           "x_sdpa_cudnn", "x_flash_attn", "x_flex", "%roof", "peak_MB"]
+COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "softcap", "chunk", "ms", "TFLOP/s",
+           "x_sdpa_flash", "x_sdpa_cudnn", "x_flash_attn", "x_flex", "%roof", "peak_MB"]
 PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="flash attention")
 
 
@@ -26,18 +28,23 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--softcap", type=float, default=None, help="soft-capped scores: c * tanh(scale * q.k / c)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="chunked attention (Llama 4's local layers: 8192): a query sees its chunk of positions only")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
 
 
-def _impls(causal, window, hq, hkv, dqk, dv, softcap=None, cuda=True):
+def _impls(causal, window, hq, hkv, dqk, dv, softcap=None, cuda=True, chunk=None):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longattn import flash_attention
 
-    impls = {"longattn": lambda q, k, v: flash_attention(q, k, v, causal=causal, window=window, softcap=softcap)}
-    if softcap:
-        impls["flex"] = _flex_softcap(causal, window, softcap, cuda)
+    impls = {"longattn": lambda q, k, v: flash_attention(q, k, v, causal=causal, window=window, softcap=softcap,
+                                                         chunk_size=chunk)}
+    if softcap or chunk:
+        impls["flex"] = _flex(causal, window, softcap, cuda, chunk)
+        if chunk:
+            return impls
     elif window is None and dqk == dv:
         def sdpa(backend):
             def run(q, k, v):
@@ -59,9 +66,9 @@ def _impls(causal, window, hq, hkv, dqk, dv, softcap=None, cuda=True):
     return impls
 
 
-def _flex_softcap(causal, window, softcap, cuda):
-    """flex_attention with the soft cap as its score_mod and the causal / window mask as a BlockMask (built per
-    shape, kept), torch.compile'd on CUDA (its fused kernel), eager otherwise."""
+def _flex(causal, window, softcap, cuda, chunk=None):
+    """flex_attention with the soft cap (if any) as its score_mod and the causal / window / chunk mask as a BlockMask
+    (built per shape, kept), torch.compile'd on CUDA (its fused kernel), eager otherwise."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -70,6 +77,7 @@ def _flex_softcap(causal, window, softcap, cuda):
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
+    score_mod = score_mod if softcap else None
 
     def run(q, k, v):
         tq, tk = q.shape[1], k.shape[1]
@@ -77,6 +85,8 @@ def _flex_softcap(causal, window, softcap, cuda):
             def mask_mod(b, h, q_idx, kv_idx):  # queries aligned to the end of the keys
                 pos = q_idx + (tk - tq)
                 keep = kv_idx <= pos
+                if chunk:
+                    keep = keep & (kv_idx // chunk == pos // chunk)
                 return keep & (kv_idx > pos - window) if window else keep
             masks[tq, tk] = create_block_mask(mask_mod, None, None, tq, tk, device=q.device)
         return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
@@ -95,7 +105,7 @@ def run(args, argv=None) -> list[dict]:
     dv = args.v_head_dim or dqk
     causal = not args.no_causal
     modes = args.modes
-    impls = _impls(causal, args.window, hq, hkv, dqk, dv, args.softcap, dev.type == "cuda")
+    impls = _impls(causal, args.window, hq, hkv, dqk, dv, args.softcap, dev.type == "cuda", args.chunk_size)
     impls["longattn_no_tma"] = without_tma(impls["longattn"])  # the forward's key tiles by pointers only
     peaks = device_peaks(dev)
     rows = Results("flash", COLUMNS, argv, out_dir=args.out, plot=PLOT)
@@ -107,7 +117,9 @@ def run(args, argv=None) -> list[dict]:
         k = torch.randn(B, T, hkv, dqk, device=dev, dtype=dtype, requires_grad=True)
         v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype, requires_grad=True)
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
-        flops_fwd = 2.0 * (dqk + dv) * attended_pairs(T, T, causal=causal, window=args.window) * hq * B
+        pairs = attended_pairs(T, T, causal=causal, window=args.window) if args.chunk_size is None else \
+            _chunk_pairs(T, args.chunk_size)
+        flops_fwd = 2.0 * (dqk + dv) * pairs * hq * B
         for mode in modes:
             if mode == "decode":
                 continue
@@ -127,7 +139,7 @@ def run(args, argv=None) -> list[dict]:
                     continue
                 rows.append(roofline(dict(op="flash", impl=name, mode=mode, B=B, T=T, Hq=hq, Hkv=hkv, D=dqk, Dv=dv,
                                           causal=causal, window=args.window, softcap=args.softcap,
-                                          dtype=args.dtype, ms=ms,
+                                          chunk=args.chunk_size, dtype=args.dtype, ms=ms,
                                           **{"TFLOP/s": flops / ms / 1e9}, peak_MB=mem),
                                      attention_bytes(B, T, T, hq, hkv, dqk, dv, mode), flops, peaks))
                 print(f"  {name:12s} {mode:7s} B={B} T={T}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
@@ -139,19 +151,27 @@ def run(args, argv=None) -> list[dict]:
     return rows
 
 
+def _chunk_pairs(T: int, chunk: int) -> int:
+    """(query, key) pairs causal attention in chunks of ``chunk`` positions attends over T tokens."""
+    whole, rest = divmod(T, chunk)
+    return whole * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+
+
 def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
     """One new query per sequence against T cached keys (the peers without a causal mask: a single query at the
     end sees every key, and SDPA's causal mask is aligned to the top left). ``longattn_paged``: ``flash_decode`` on
     the same keys in a paged cache (64-token pages in random order, no host checks); ``longattn_paged_fp8``: that
     cache quantised to float8 (e4m3, half the bytes, its ``%roof`` counting them). With ``--softcap``, every call
-    soft-caps (flex_attention's score_mod among the peers)."""
+    soft-caps (flex_attention's score_mod among the peers); with ``--chunk-size``, the query sees its chunk only
+    (flex_attention with the chunks as its mask the peer)."""
     import torch
 
     from longattn import flash_attention, flash_decode
 
-    cap = args.softcap
-    impls = {**_impls(False, None, hq, hkv, dqk, dv, cap, dev.type == "cuda"),
-             "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window, softcap=cap)}
+    cap, chunk = args.softcap, args.chunk_size
+    impls = {**_impls(chunk is not None, None, hq, hkv, dqk, dv, cap, dev.type == "cuda", chunk),
+             "longattn": lambda q, k, v: flash_attention(q, k, v, causal=True, window=args.window, softcap=cap,
+                                                         chunk_size=chunk)}
     if args.window is not None:
         impls = {"longattn": impls["longattn"]}
     # the same calls replayed from CUDA graphs: the GPU's time alone, without the host's work per call (launches,
@@ -162,7 +182,7 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
             q = torch.randn(B, 1, hq, dqk, device=dev, dtype=dtype)
             k = torch.randn(B, T, hkv, dqk, device=dev, dtype=dtype)
             v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype)
-            keys = min(T, args.window or T)
+            keys = min(T, args.window or T) if chunk is None else (T - 1) % chunk + 1
             flops = 2.0 * (dqk + dv) * keys * hq * B
             bytes_ = 2 * B * (keys * hkv * (dqk + dv) + hq * (dqk + dv))
             per = -(-T // 64)
@@ -173,10 +193,10 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
             kp, vp = kp.view(B * per, 64, *k.shape[2:]), vp.view(B * per, 64, *v.shape[2:])
             lens = torch.full((B,), T, dtype=torch.int32, device=dev)
             paged = lambda q, k, v: flash_decode(q, kp, vp, cache_seqlens=lens, block_table=table, window=args.window,
-                                                 validate=False, softcap=cap)
+                                                 validate=False, softcap=cap, chunk_size=chunk)
             kq, vq = kp.to(torch.float8_e4m3fn), vp.to(torch.float8_e4m3fn)
             fp8 = lambda q, k, v: flash_decode(q, kq, vq, cache_seqlens=lens, block_table=table, window=args.window,
-                                               validate=False, softcap=cap)
+                                               validate=False, softcap=cap, chunk_size=chunk)
             fp8_bytes = B * (keys * hkv * (dqk + dv) + 2 * hq * (dqk + dv))  # one byte a cached value
             for name, fn in {**impls, "longattn_paged": paged, "longattn_paged_fp8": fp8}.items():
                 try:
@@ -186,7 +206,7 @@ def _decode_rows(rows, args, hq, hkv, dqk, dv, dtype, dev, peaks):
                     print(f"  {name} decode B={B} T={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue
                 rows.append(roofline(dict(op="flash", impl=name, mode=f"decode_b{B}", B=B, T=T, Hq=hq, Hkv=hkv,
-                                          D=dqk, Dv=dv, causal=True, window=args.window, softcap=cap,
+                                          D=dqk, Dv=dv, causal=True, window=args.window, softcap=cap, chunk=chunk,
                                           dtype=args.dtype, ms=ms,
                                           **{"TFLOP/s": flops / ms / 1e9}),
                                      fp8_bytes if name.endswith("fp8") else bytes_, flops, peaks))

@@ -81,8 +81,9 @@ export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there); fla's NSA fwd+bwd (its backward's
 # autotuning alone takes minutes) and the selected branch alone (`--modes slc`) are left out. The profile starts with
 # the cases whose host time is unexplained (MLA decoding at batch 1; the rollout's decoding step with longattn's flash
-# against transformers' SDPA); soft-capped flash at Gemma-2-9B's heads (16 / 8 of 256) against flex_attention
-IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 64,1 --contexts 8k --prefill-seqlens 4k; 2:flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; 2:nsa --seqlens 64k --modes fwd,decode,chunk --inputs smooth --flex-max-seqlen 32768; profile --cases mla_decode_b1,rollout_step_flash,rollout_step,nsa_decode_b1,mla_decode_s1,rollout_step_dynamic,moba_fwdbwd,nsa_fwdbwd; 2:rollout --prompts 8k --new-tokens 64; flash --seqlens 8k --heads 16 --kv-heads 8 --head-dim 256 --softcap 50 --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k}"
+# against transformers' SDPA); soft-capped flash at Gemma-2-9B's heads (16 / 8 of 256) against flex_attention; flash in
+# chunks of 8192 at Llama-4-Scout's heads (40 / 8 of 128) against flex_attention
+IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 64,1 --contexts 8k --prefill-seqlens 4k; 2:flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; 2:nsa --seqlens 64k --modes fwd,decode,chunk --inputs smooth --flex-max-seqlen 32768; profile --cases mla_decode_b1,rollout_step_flash,rollout_step,nsa_decode_b1,mla_decode_s1,rollout_step_dynamic,moba_fwdbwd,nsa_fwdbwd; 2:rollout --prompts 8k --new-tokens 64; flash --seqlens 8k --heads 16 --kv-heads 8 --head-dim 256 --softcap 50 --modes fwd,fwdbwd,decode; flash --seqlens 32k --heads 40 --kv-heads 8 --chunk-size 8192 --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k}"
 ops=()
 weights=()
 for entry in "${entries[@]}"; do

@@ -62,6 +62,9 @@ DRY_RUNS = {
               "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
     "flash-softcap": ["--seqlens", "128", "--tokens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
                       "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2", "--softcap", "5"],
+    "flash-chunk": ["--seqlens", "128", "--tokens", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+                    "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2",
+                    "--chunk-size", "48"],
     "moba": ["--seqlens", "256", "--configs", "64:2", "--tokens", "256", "--heads", "2", "--kv-heads", "1",
              "--head-dim", "32", "--dtype", "float16", "--modes", "fwd,fwdbwd,decode", "--decode-batches", "2"],
     "mla": ["--batches", "2", "--contexts", "100", "--query-tokens", "1,2", "--heads", "16", "--prefill-seqlens", "64",
@@ -88,6 +91,8 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                            ("longattn_paged_fp8", "decode_b2")],
                  "flash-softcap": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                                    ("flex", "decode_b2"), ("longattn_paged", "decode_b2")],  # flex: no CPU backward
+                 "flash-chunk": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
+                                 ("flex", "decode_b2"), ("longattn_paged", "decode_b2")],  # flex: no CPU backward
                  "profile": [],
                  "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),

@@ -815,7 +815,8 @@ def test_llama4_chunked_layers(kind, monkeypatch, device):
     """Llama 4: chunked attention (chunks of 16 tokens) in three layers of four, swapped in (the chunked layers stay
     chunked under MoBA, which takes the global one). Training gradients of every attention projection equal the
     eager model's; cached generation past several chunks (transformers' cache of a chunked layer then drops its
-    oldest tokens: the chunks are found from the mask) gives its tokens and logits, with left padding too."""
+    oldest tokens: the chunks are found from the mask) gives its tokens and logits, with left padding too, and (flash)
+    with a static cache."""
     ref, ours = tiny_llama4_pair(device, kind)
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
@@ -834,7 +835,8 @@ def test_llama4_chunked_layers(kind, monkeypatch, device):
     monkeypatch.setattr(hf_attention, "_chunk_offsets", lambda *a: found.append(1) or offsets(*a))
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, output_logits=True,
               return_dict_in_generate=True)
-    for extra in (dict(attention_mask=mask), {}):
+    static = [dict(attention_mask=mask, cache_implementation="static")] if kind == "flash" else []
+    for extra in [dict(attention_mask=mask), {}] + static:
         with torch.no_grad():
             g_ours, g_ref = ours.generate(ids, **extra, **kw), ref.generate(ids, **extra, **kw)
         assert torch.equal(g_ours.sequences, g_ref.sequences)

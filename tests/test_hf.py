@@ -860,3 +860,20 @@ def test_gpt_oss_sinks_and_sliding_layers(impl, device):
     for a, b in zip(ref.model.layers, ours.model.layers):
         torch.testing.assert_close(b.self_attn.sinks.grad, a.self_attn.sinks.grad, atol=1e-5, rtol=1e-4)
     _assert_same_generation(ours, ref, ids, attention_mask=mask)
+
+
+def test_chunked_layers_mask_after_dropped_tokens(device):
+    """The mask function of chunked layers whose cache dropped tokens (kv_offset > 0): every column from the first
+    token (a mask of ones, its padding known without a read, where the model gave none); a kv_offset given as a
+    tensor is refused."""
+    from transformers import Llama4TextConfig
+
+    cfg = Llama4TextConfig(attention_chunk_size=16)
+    kw = dict(batch_size=2, q_length=1, kv_length=16, kv_offset=9, local_size=16, config=cfg, device=device)
+    mask = hf_attention.padding_mask(attention_mask=None, **kw)
+    assert mask.shape == (2, 25) and bool(mask.all()) and hf_attention._known_real(mask) == [25, 25]
+    given = torch.ones(2, 30, dtype=torch.bool, device=device)
+    given[1, :12] = False
+    assert torch.equal(hf_attention.padding_mask(attention_mask=given, **kw), given[:, -25:])
+    with pytest.raises(ValueError, match="as an int"):
+        hf_attention.padding_mask(attention_mask=given, **dict(kw, kv_offset=torch.tensor(9)))

@@ -261,8 +261,9 @@ def _chunked_cache_mask(given: Optional[torch.Tensor], kwargs: dict) -> torch.Te
     where its keys sit in their chunks (its keys are the last ``kv_length`` columns)."""
     kv_offset, kv_length = kwargs["kv_offset"], kwargs["kv_length"]
     if isinstance(kv_offset, torch.Tensor):
-        raise ValueError("chunked attention (config.attention_chunk_size) with a static cache is not supported by "
-                         "longattn's attention; use the default dynamic cache")
+        raise ValueError("chunked attention (config.attention_chunk_size) needs the number of tokens its layers' "
+                         "cache dropped as an int (the mask's kv_offset), got a tensor (a compiled decoding step): "
+                         "decode uncompiled or with the default dynamic cache")
     total = kv_offset + kv_length
     if given is None:
         mask = torch.ones(kwargs["batch_size"], total, dtype=torch.bool, device=kwargs.get("device"))

@@ -58,15 +58,22 @@ CASES = [  # (lens, S, Hq, Hkv, dk, dv, page, offsets, causal, window)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_flash_decode_matches_reference(case, dtype, device):
+def _case(case, dtype, device, q_scale=1.0):
+    """CASES[case]'s cache and queries: (keys, vals, k_cache, v_cache, block_table, q, cache_seqlens, cache_offsets,
+    causal, window)."""
     lens, S, hq, hkv, dk, dv, page, offsets, causal, window = CASES[case]
     torch.manual_seed(case)
     keys, vals, kc, vc, table = _cache(lens, hkv, dk, dv, dtype, device, page, offsets)
-    q = torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
+    q = q_scale * torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    return keys, vals, kc, vc, table, q, seqlens, offs, causal, window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_flash_decode_matches_reference(case, dtype, device):
+    keys, vals, kc, vc, table, q, seqlens, offs, causal, window = _case(case, dtype, device)
     want, want_lse = _reference(q, keys, vals, causal, window, 0.3)
     for validate in (True, False):
         out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs,
@@ -80,12 +87,7 @@ def test_flash_decode_matches_reference(case, dtype, device):
 def test_flash_decode_softcap(case, dtype, device):
     """Soft-capped scores (see flash_attention's softcap): paged with speculative tokens, a window, a left-padded
     cache, with a key scale (the cap applies to the dequantised scores)."""
-    lens, S, hq, hkv, dk, dv, page, offsets, causal, window = CASES[case]
-    torch.manual_seed(case)
-    keys, vals, kc, vc, table = _cache(lens, hkv, dk, dv, dtype, device, page, offsets)
-    q = 4 * torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
-    offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    keys, vals, kc, vc, table, q, seqlens, offs, causal, window = _case(case, dtype, device, q_scale=4.0)
     want, want_lse = _reference(q, [2 * k for k in keys], vals, causal, window, 0.3, softcap=3.0)
     out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs, causal=causal,
                             window=window, scale=0.3, k_scale=2.0, softcap=3.0, return_lse=True)
@@ -97,20 +99,14 @@ def test_flash_decode_softcap(case, dtype, device):
 def test_flash_decode_chunks(case, dtype, device):
     """Chunked attention (chunk_size, chunk_offsets: see flash_attention): paged with speculative tokens across a
     chunk's end, a left-padded cache, two launches of 8 heads x 16 tokens, parts of 64 heads."""
-    lens, S, hq, hkv, dk, dv, page, offsets, causal, window = CASES[case]
-    torch.manual_seed(case)
-    keys, vals, kc, vc, table = _cache(lens, hkv, dk, dv, dtype, device, page, offsets)
-    q = torch.randn(len(lens), S, hq, dk, device=device, dtype=dtype)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
-    offs = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
-    shifts = torch.tensor([5, 0, 17][:len(lens)], dtype=torch.int32, device=device)  # (key 0's chunk position)
+    keys, vals, kc, vc, table, q, seqlens, offs, _, _ = _case(case, dtype, device)
+    shifts = torch.tensor([5, 0, 17][:len(keys)], dtype=torch.int32, device=device)  # (key 0's chunk position)
     chunk = 24
-    for b, (k, v) in enumerate(zip(keys, vals)):
-        # the tokens of row b past its first chunk's end: key j sits at position shifts[b] + j of its chunking
+    out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs, scale=0.3,
+                            return_lse=True, chunk_size=chunk, chunk_offsets=shifts)
+    for b, (k, v) in enumerate(zip(keys, vals)):  # (row b's key j at position shifts[b] + j of its chunking)
         want, want_lse = attention_ref(q[b:b + 1], k[None], v[None], scale=0.3, return_lse=True, chunk_size=chunk,
                                        chunk_offsets=shifts[b:b + 1])
-        out, lse = flash_decode(q, kc, vc, cache_seqlens=seqlens, block_table=table, cache_offsets=offs, scale=0.3,
-                                return_lse=True, chunk_size=chunk, chunk_offsets=shifts)
         assert_close(out[b:b + 1], want, dtype, f"out row {b}")
         assert_lse_close(lse[b:b + 1], want_lse, atol=2e-3 if dtype == torch.float32 else 2e-2)
 

@@ -820,7 +820,11 @@ def test_llama4_chunked_layers(kind, monkeypatch, device):
     ref, ours = tiny_llama4_pair(device, kind)
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
-    mask[1, :30] = 0  # (padding still among the keys a chunked layer's cache keeps after the prompt)
+    # padding still among the keys a chunked layer's cache keeps after the prompt; transformers' eager Llama 4 counts
+    # a padded row's chunks from its first real token only with torch >= 2.6 (its own warning otherwise): with an
+    # older torch the reference batch goes unpadded (test_llama4_rollout_equals_eager_generate pads a batch there)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):
+        mask[1, :30] = 0
     # (no loss on the padding rows, whose outputs are each model's own, nor on the first real token, predicted there)
     labels = ids.masked_fill((mask == 0) | (mask.roll(1, 1) == 0), -100)
     for model in (ref, ours):

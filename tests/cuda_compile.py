@@ -88,11 +88,11 @@ def _flash_cases():
             if (dt, dqk) == ("bf16", 128) or dt == "fp32" and which == "fwd":  # soft-capped scores (see _softcapped)
                 cases.append((f"{kern.fn.__name__}[{tag}-softcap]", kern, ptr,
                               dict(meta, **tiles, SOFTCAP=1 if dt == "fp32" else 2), ("qk_scale", "scale"), *launch))
-            if which == "fwd" and kpos != (1, 0):  # (NSA's compressed keys for a chunk of queries after a prefix)
-                cases += _query_pos_twins(cases[-1:], lambda name: True)
             if which == "dq":  # adding to a dq (NSA's branches)
                 cases.append((f"{kern.fn.__name__}[{tag}-acc]", kern, ptr, dict(meta, **tiles, ACC_DQ=True),
                               ("qk_scale", "scale"), *launch))
+            if kpos != (1, 0):  # (NSA's compressed keys for a chunk of queries after a prefix)
+                cases += _query_pos_twins(cases[-1:], lambda name: True)
         if dt != "fp32":  # the forward's TMA twins (K/V's row descriptors), on the GPU's first tile
             tile = {k: v for k, v in F.FWD_TILES[0].items() if k.startswith("BLOCK")}
             n = tile["BLOCK_N"]
@@ -360,10 +360,11 @@ def _nsa_cases():
         cases.append((f"_gated_prep_kernel[{dt}]", K._gated_prep_kernel, gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16),
                       ()))
     # (the selection's first tile and a (token, head) rows one, the selected branch's first tile with the gated sum,
-    # by pointers and by TMA, and its tiles per query)
+    # by pointers and by TMA, its tiles per query, and its dq's first tile)
     return cases + _query_pos_twins(cases, lambda name: any(
         f"[bf16-d192-{tag}]" in name for tag in ("m64c32w8s2", "m16c16w8s2h", "g16-q1w4s3-gated",
-                                                 "g16-q1w4s3-tma-gated", "g16-q2w4s3pq", "g16-q4w4s3pq")))
+                                                 "g16-q1w4s3-tma-gated", "g16-q2w4s3pq", "g16-q4w4s3pq")
+    ) or name == "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]")
 
 
 def _chunked_twins(cases: list, chosen) -> list:

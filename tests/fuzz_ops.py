@@ -144,22 +144,33 @@ def draw_nsa(rng, dtype, hq, hkv):
     checks = [("out", out, out_r, 1), ("selection", sorted_selection(sel), sorted_selection(sel_r), 0)]
     checks += [(f"d{n}", a, b, 3) for n, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"),
                                                       _grads(out, leaves, dout), _grads(out_r, ref_leaves, dout))]
-    if rng.random() < 0.5:  # the last tokens of each sequence as a chunk of queries after a prefix (inference)
-        q, k, v, *g = (t.detach() for t in leaves)
+    if rng.random() < 0.5:  # the last tokens of each sequence as a chunk of queries after a prefix
+        rows = torch.zeros(*shape, 1, 1, device=DEVICE)  # 1 on the chunk's rows
         if varlen:
             lq = [rng.randint(0, n) for n in lens]
             ends = _cu(lens)[1:].tolist()
-            rows = torch.cat([torch.arange(e - n, e) for n, e in zip(lq, ends)]).to(DEVICE)
-            pick, kw = (lambda t: t[rows]), dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lens))
+            picked = torch.cat([torch.arange(e - n, e) for n, e in zip(lq, ends)]).to(DEVICE)
+            pick, kw = (lambda t: t[picked]), dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lens))
+            rows[picked] = 1
         else:
             c = rng.randint(1, lens[0])
             lq, pick, kw = [c] * n_seq, (lambda t: t[:, lens[0] - c:]), {}
-        with torch.no_grad():
+            rows[:, lens[0] - c:] = 1
+        chunk_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        q, k, v, *g = chunk_leaves
+        grad = rng.random() < 0.5  # with gradients (the chunk's rows' share of the whole call's) or without
+        with torch.set_grad_enabled(grad):
             part, part_sel = longattn.nsa_attention(pick(q), k, v, *map(pick, g), config=config, return_selection=True,
                                                     **kw)
-        cfg["chunk"] = lq
+        cfg["chunk"], cfg["chunk_grad"] = lq, grad
         checks += [("chunk out", part, pick(out_r.detach()), 1),
                    ("chunk selection", sorted_selection(part_sel), sorted_selection(pick(sel_r)), 0)]
+        if grad and part.numel():
+            ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+            out_r = nsa_attention_ref(*ref_leaves, config=config, **(dict(cu_seqlens=_cu(lens)) if varlen else {}))
+            checks += [(f"chunk d{n}", a, b, 3) for n, a, b in zip(
+                ("q", "k", "v", "g_cmp", "g_slc", "g_swa"), _grads(part, chunk_leaves, pick(dout)),
+                _grads(out_r, ref_leaves, dout * rows))]
     return cfg, checks
 
 

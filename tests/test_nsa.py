@@ -131,29 +131,48 @@ def test_nsa_inference_equals_reference(device):
     torch.testing.assert_close(out, nsa_attention_ref(q, k, v, *gates, config=CFG), atol=2e-5, rtol=1e-4)
 
 
-def _check_chunk(q, k, v, gates, lq, lk, dtype, **kw):
+def _check_chunk(q, k, v, gates, lq, lk, dtype, grads=True, **kw):
     """nsa_attention on the last lq[b] tokens of each sequence (varlen when lq is a list of several) equals the rows
-    of the call on the whole sequences, its selection too."""
+    of the call on the whole sequences, its selection too; with ``grads`` so do the gradients of q, k, v, the gates
+    and k_cmp / v_cmp (when given) from an output gradient on those rows (the other rows' q and gates get none in
+    either call)."""
     cfg = kw.pop("config", CFG)
-    with torch.no_grad():
-        if q.dim() == 4:  # dense: the last lq tokens of every row
-            full, sel_f = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True, **kw)
-            part, sel = nsa_attention(q[:, -lq:], k, v, *(g[:, -lq:] for g in gates), config=cfg,
-                                      return_selection=True, **kw)
-            want, want_sel = full[:, -lq:], sel_f[:, -lq:]
-        else:
-            cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32, device=q.device)
-            full, sel_f = nsa_attention(q, k, v, *gates, config=cfg, cu_seqlens=cu_k, return_selection=True, **kw)
-            rows = torch.cat([torch.arange(e - n, e) for n, e in zip(lq, cu_k[1:].tolist())]).to(q.device)
-            cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32, device=q.device)
-            part, sel = nsa_attention(q[rows], k, v, *(g[rows] for g in gates), config=cfg, cu_seqlens_q=cu_q,
-                                      cu_seqlens_k=cu_k, return_selection=True, **kw)
-            want, want_sel = full[rows], sel_f[rows]
+    comp = {n: kw.pop(n) for n in ("k_cmp", "v_cmp") if n in kw}
+    if q.dim() == 4:  # dense: the last lq tokens of every row
+        rows, whole_lens, part_lens = (slice(None), slice(q.shape[1] - lq, None)), {}, {}
+    else:
+        cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32, device=q.device)
+        rows = (torch.cat([torch.arange(e - n, e) for n, e in zip(lq, cu_k[1:].tolist())]).to(q.device),)
+        cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32, device=q.device)
+        whole_lens, part_lens = dict(cu_seqlens=cu_k), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    per_query = (True, False, False, True, True, True)  # q and the gates are the queries' rows
+
+    def run(whole: bool, dout=None):
+        ins = [leaf(t) for t in (q, k, v, *gates)]
+        cmp_ins = {n: leaf(t) for n, t in comp.items()}
+        args = [t if whole or not cut else t[rows] for t, cut in zip(ins, per_query)]
+        with torch.set_grad_enabled(grads):
+            out, sel = nsa_attention(*args, config=cfg, return_selection=True, **cmp_ins,
+                                     **(whole_lens if whole else part_lens), **kw)
+        if whole:
+            out, sel = out[rows], sel[rows]
+        if not grads:
+            return out, sel, None, []
+        dout = torch.randn(out.shape, device=out.device) if dout is None else dout
+        (out.float() * dout).sum().backward()
+        return out.detach(), sel, dout, [t.grad for t in ins + list(cmp_ins.values())]
+
+    part, sel, dout, got = run(False)
+    want, want_sel, _, wanted = run(True, dout)
     assert_close(part, want, dtype, "chunk")
+    same = torch.equal(sorted_selection(sel), sorted_selection(want_sel))
     if dtype == torch.bfloat16:  # (a near tie may go the other way: the compressed branch's lse rounds alike)
         assert _rows_apart(sel, want_sel) <= 1
     else:
-        assert torch.equal(sorted_selection(sel), sorted_selection(want_sel))
+        assert same
+    if same:  # (the gradients of a row that selected other blocks differ)
+        for name, a, b in zip(["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa", "dk_cmp", "dv_cmp"], got, wanted):
+            assert_close(a, b, dtype, name, factor=2)
 
 
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
@@ -177,7 +196,8 @@ def test_nsa_chunk_after_prefix(layout, dtype, device):
 @pytest.mark.parametrize("queries", [1, 2, 4])
 def test_nsa_chunk_after_prefix_gpu_tiles(queries, monkeypatch, device):
     """The same through the interpreter with the GPU's tiles (the selection's first candidate, the flash kernels'),
-    the selected branch by 1 query per program (its shared tile) or 2 and 4 (a tile per query), a group of 16."""
+    the selected branch by 1 query per program (its shared tile) or 2 and 4 (a tile per query), a group of 16; the
+    gradients once (the backward's kernels are the same for the three)."""
     from longattn.kernels.utils import COMPILE_OPTIONS, cdiv
     from longattn.nsa import ops
     from longattn.nsa.kernels import _nsa_selected_fwd_tuned, selected_rows
@@ -197,7 +217,7 @@ def test_nsa_chunk_after_prefix_gpu_tiles(queries, monkeypatch, device):
     dtype = torch.float16
     q, k, v = (torch.randn(sum(lk), h, d, device=device, dtype=dtype) for h, d in ((16, 32), (1, 32), (1, 16)))
     gates = [torch.rand(sum(lk), 16, device=device) for _ in range(3)]
-    _check_chunk(q, k, v, gates, lq, lk, dtype)
+    _check_chunk(q, k, v, gates, lq, lk, dtype, grads=queries == 1)
 
 
 @pytest.mark.parametrize("cfg", [NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16),
@@ -332,8 +352,6 @@ def test_nsa_bad_arguments(device):
         nsa_attention(q, q, q, g.to("meta"), g, g, config=CFG)
     with pytest.raises(ValueError, match="at most as many queries as keys"):
         nsa_attention(q, q[:, :20], q[:, :20], g, g, g, config=CFG)
-    with pytest.raises(ValueError, match="a chunk of queries after a prefix .* without gradients"):
-        nsa_attention(q[:, 30:].requires_grad_(), q, q, *(x[:, 30:] for x in (g, g, g)), config=CFG)
     with pytest.raises(ValueError, match="pass both k_cmp and v_cmp"):
         nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 9, 2, 16, device=device))
     with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 9 compressed blocks"):

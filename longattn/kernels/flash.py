@@ -780,13 +780,14 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
                            HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, KS: tl.constexpr,
                            KO: tl.constexpr, LEFT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            ONE_LOOP: tl.constexpr = False, SPLIT_QK: tl.constexpr = False, cap_scale=0.0,
-                           SOFTCAP: tl.constexpr = 0, KOFF=None, CHUNKED: tl.constexpr = False):
+                           SOFTCAP: tl.constexpr = 0, KOFF=None, CHUNKED: tl.constexpr = False, QPOS=None,
+                           HAS_QPOS: tl.constexpr = False):
     """dK/dV of one key block and KV head from the query heads [split * heads_per_split, ...) of its GQA group
     (grid axis 1 = KV head * splits + split); with several splits DK/DV are float32 partial sums, one slice per
     split (stride_dks / stride_dvs), added up afterwards. Per head, three loops over the query blocks (masked,
     fully visible, masked), or with ONE_LOOP one masked loop over them all. SPLIT_QK: q's and k's second dim part
     from QB and KB, dK's to DKB (see _load_split). SOFTCAP: soft-capped scores (see _softcapped). CHUNKED: chunks of
-    ``window`` positions (see _flash_fwd_kernel)."""
+    ``window`` positions, HAS_QPOS: each sequence's first query at position QPOS[b] (see _flash_fwd_kernel)."""
     pid_n, b = _split_pid(tl.program_id(0), seqlen_k, BLOCK_N)
     n_splits = tl.cdiv(group, heads_per_split)
     hk = tl.program_id(1) // n_splits
@@ -811,6 +812,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, CU_Q, CU_K, QB, KB,
 
     # Query rows that see some key of this block, and those that see all of them.
     shift = _query_shift(q_len, k_len, KS, KO)
+    if HAS_QPOS:
+        shift = tl.load(QPOS + b)
     n_first = pid_n * BLOCK_N
     n_last = tl.minimum(n_first + BLOCK_N, k_len) - 1
     lo = q_len * 0
@@ -907,11 +910,12 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
                          PRECISION: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, LEFT_PAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr = False,
                          SPLIT_QK: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0, KOFF=None,
-                         CHUNKED: tl.constexpr = False):
+                         CHUNKED: tl.constexpr = False, QPOS=None, HAS_QPOS: tl.constexpr = False):
     """dq of a block of BLOCK_M query rows of one head; ACC_DQ: added to what DQ holds (float32 sum, one rounding),
     as when several key sets (NSA's branches) share the queries. SPLIT_QK: q's and k's second dim part from QB and
     KB, dq's to DQB (see _load_split; not with ACC_DQ). SOFTCAP: soft-capped scores (see _softcapped). CHUNKED:
-    chunks of ``window`` positions (see _flash_fwd_kernel)."""
+    chunks of ``window`` positions, HAS_QPOS: each sequence's first query at position QPOS[b] (see
+    _flash_fwd_kernel)."""
     tl.static_assert(not (SPLIT_QK and ACC_DQ), "ACC_DQ reads one DQ")
     pid_m, b = _split_pid(tl.program_id(0), seqlen_q, BLOCK_M)
     h = tl.program_id(1)
@@ -937,6 +941,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, QB, KB, DQB,
     KB_ptr = KB + b64 * stride_kbb + hk.to(tl.int64) * stride_kbh
 
     shift = _query_shift(q_len, k_len, KS, KO)
+    if HAS_QPOS:
+        shift = tl.load(QPOS + b)
     koff = _chunk_offset(KOFF, b, CHUNKED)
     pos_m = offs_m + shift
     m_first = pid_m * BLOCK_M + shift
@@ -1178,14 +1184,14 @@ def flash_bwd_delta(out, do, lse, dlse, dims: AttnDims):
 
 
 def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Window, scale: float,
-              key_pos=(1, 0), left_pad=None, dq=None, parts=None, softcap: float = 0.0):
+              key_pos=(1, 0), left_pad=None, dq=None, parts=None, softcap: float = 0.0, query_pos=None):
     """dq, dk, dv of the attention restricted to the keys that ``dims``/``causal``/``window`` make visible,
     given the row ``lse`` and ``delta`` of the full softmax (which may span more keys than this call sees,
     as when MoBA or NSA add other key sets to the same softmax). With ``left_pad`` the padding rows' gradients
     are 0. ``dq``: a gradient of q (q's shape and dtype) that this call's dq is added to, in place (the one
     returned), instead of a new tensor. ``parts`` = (q_b, k_b): q and k in two tensors each (see flash_fwd); dq and
-    dk are then pairs too, dk's second part one per KV head of k (``k_b.shape``, whatever its strides). ``softcap``:
-    the forward's (see flash_fwd)."""
+    dk are then pairs too, dk's second part one per KV head of k (``k_b.shape``, whatever its strides). ``softcap``,
+    ``query_pos``: the forward's (see flash_fwd)."""
     varlen = dims.varlen
     meta = _common_meta(dims, causal, window, q.dtype, key_pos, left_pad)
     alloc = torch.zeros if left_pad is not None else empty
@@ -1213,6 +1219,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Win
                                          _part_args(dk, None if dk_b is None else one(dk_b), varlen))
     common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
     qk_scale, soft = _score_args(scale, softcap, q.dtype)
+    qpos = dict(QPOS=query_pos, HAS_QPOS=query_pos is not None)
     grid_kv = lambda m: (cdiv(dims.max_seqlen_k, m["BLOCK_N"]) * dims.batch, dims.heads_kv * n_splits)
     _flash_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, *_cu_args(dims, left_pad), qb, kb, dkb, *common,
@@ -1220,7 +1227,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Win
         dk.stride(0) if n_splits > 1 else 0, dv.stride(0) if n_splits > 1 else 0, *_lse_strides(lse, varlen),
         *sqb, *skb, *sdkb, dk_b.stride(0) if parts and n_splits > 1 else 0,
         dims.max_seqlen_q, dims.max_seqlen_k, _window_size(window), qk_scale, scale, dims.group, per_split, **meta,
-        SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
+        SPLIT_QK=parts is not None, **soft, **qpos, **COMPILE_OPTIONS)
     if n_splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
         dk_b = dk_b.sum(0).to(k_b.dtype) if parts else None
@@ -1231,7 +1238,7 @@ def flash_bwd(do, q, k, v, lse, delta, dims: AttnDims, causal: bool, window: Win
         q, k, v, do, lse, delta, dq, *_cu_args(dims, left_pad), qb, kb, dqb, *common,
         *_strides3(dq, varlen), *_lse_strides(lse, varlen), *sqb, *skb, *sdqb,
         dims.max_seqlen_q, dims.max_seqlen_k, _window_size(window), qk_scale, scale, dims.group, **meta, ACC_DQ=acc_dq,
-        SPLIT_QK=parts is not None, **soft, **COMPILE_OPTIONS)
+        SPLIT_QK=parts is not None, **soft, **qpos, **COMPILE_OPTIONS)
     if parts:
         return (dq, dq_b), (dk, dk_b), dv
     return dq, dk, dv

@@ -713,16 +713,18 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                             BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                             SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                            PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr):
+                            PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, CU_K=None, QPOS=None,
+                            HAS_QPOS: tl.constexpr = False):
     """Selected branch, backward, dq from the selected blocks before each query's own one (the own block's part
     is already in DQ, from flash's backward), organised like the forward (a block of queries visits the union
     of its selections once): each (query, head) row is owned by one program and updated once, without
-    atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total)."""
+    atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total). ``HAS_QPOS``: the queries are a
+    chunk of each sequence's tokens (see _query_block)."""
     q0 = tl.program_id(0) * QB
-    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, _ = _query_block(
+    q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, qoff = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
         stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh, DK, BLOCK_DA, BLOCK_DB, QB, ROWS, TOPK,
-        TOPK_PAD)
+        TOPK_PAD, CU_K, QPOS, HAS_QPOS)
     if q0 >= q_len:
         return
     dv = tl.arange(0, BLOCK_DV)
@@ -736,7 +738,7 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
     acc_b = tl.zeros([ROWS, BLOCK_DB if BLOCK_DB > 0 else 1], tl.float32)  # unused without a second part
     # only blocks before a query's own one: a pair naming its query's own block is dropped (that part is done)
     p = tl.arange(0, QB * TOPK_PAD)
-    earlier = tl.where(pairs != (q0 + p // TOPK_PAD) // SLC_BLOCK, pairs, -1)
+    earlier = tl.where(pairs != (qoff + q0 + p // TOPK_PAD) // SLC_BLOCK, pairs, -1)
     rank, n_blocks = _distinct_blocks(earlier)
     for u in range(0, n_blocks):
         j = _block_at(earlier, rank, u)

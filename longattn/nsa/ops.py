@@ -184,9 +184,10 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
 
 
 def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, dims, max_q: int, block_size: int,
-                       scale: float, delta=None, dq=None):
+                       scale: float, delta=None, dq=None, cu_k=None, query_pos=None):
     """dq, dk, dv of the selected branch from its forward's inputs, output and lse (``delta``, ``dq``: see
-    :func:`longattn.kernels.sparse.sparse_backward`; dq is then added to in place)."""
+    :func:`longattn.kernels.sparse.sparse_backward`; dq is then added to in place). ``cu_k``, ``query_pos``: the
+    forward's (see _selected_forward)."""
     # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
     # standing for the group's query heads
     earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
@@ -205,7 +206,8 @@ def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, d
             q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
             dq.stride(1), lse.stride(0), group, heads, scale * LOG2E, scale),
-            _selected_meta(dims, block_size, sel.shape[-1], q.dtype), max_q,
+            dict(_selected_meta(dims, block_size, sel.shape[-1], q.dtype), CU_K=cu_k, QPOS=query_pos,
+                 HAS_QPOS=query_pos is not None), max_q,
             dims.heads_kv * cdiv(group, heads), cu.numel() - 1, heads)
     return dq, dk, dv
 
@@ -216,8 +218,9 @@ def _selected_setup(qp, kp, vp, lq: list, lk: list, dims, block_size: int):
 
 
 def _selected_plan(lq: list, lk: list, dims, block_size: int, device):
-    """The own block of every packed row (int32) and the engine's plan of the selected branch's sequences."""
-    own = torch.cat([torch.arange(n, device=device) // block_size for n in lq]) if lq else \
+    """The own block of every packed row (int32) and the engine's plan of the selected branch's sequences (each
+    one's queries its last tokens)."""
+    own = torch.cat([torch.arange(k - n, k, device=device) // block_size for n, k in zip(lq, lk)]) if lq else \
         torch.zeros(0, dtype=torch.long, device=device)
     return own.to(torch.int32), plan_blocks(lq, lk, block_size, dims, device)
 
@@ -291,9 +294,8 @@ class _Branches:
     scale: float
     dims: Optional[AttnDims] = None  # the tokens' q, k, v (varlen)
     cmp_dims: Optional[AttnDims] = None  # the tokens' queries over the compressed keys
-    # queries that are the last tokens of their sequences (a chunk after a cached prefix, inference only): the
-    # queries per sequence, their offsets, and the position of each sequence's first query (int32); None: every
-    # token a query
+    # queries that are the last tokens of their sequences (a chunk after a prefix): the queries per sequence, their
+    # offsets, and the position of each sequence's first query (int32); None: every token a query
     lengths_q: Optional[list] = None
     cu_q: Optional[torch.Tensor] = None
     query_pos: Optional[torch.Tensor] = None
@@ -360,12 +362,13 @@ def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches
         if kc.shape[0] == 0:  # no sequence reaches a compressed block: nothing attended, no gradient
             return dq, torch.zeros_like(kc), torch.zeros_like(vc)
         return flash_bwd(do, q, kc, vc, lse, delta, b.cmp_dims, True, None, scale,
-                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), dq=dq)
+                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), dq=dq, query_pos=b.query_pos)
 
     (_, dkc, dvc), dg_cmp = branch(*branches[0], gates[0], cmp)
-    own, plan = _selected_plan(b.lengths, b.lengths, dims, cfg.slc_block, q.device)
+    own, plan = _selected_plan(dims.seqlens_q, b.lengths, dims, cfg.slc_block, q.device)
     (_, dk, dv), dg_slc = branch(*branches[1], gates[1], lambda do, o, lse, delta: _selected_backward(
-        do, q, k, v, o, lse, sel, own, b.cu, plan, dims, dims.max_seqlen_q, cfg.slc_block, scale, delta=delta, dq=dq))
+        do, q, k, v, o, lse, sel, own, dims.cu_seqlens_q, plan, dims, dims.max_seqlen_q, cfg.slc_block, scale,
+        delta=delta, dq=dq, cu_k=b.cu, query_pos=b.query_pos))
     return dq, dk + dk_swa, dv + dv_swa, dkc, dvc, dg_cmp, dg_slc, dg_swa
 
 
@@ -512,11 +515,12 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         q: ``(B, T, Hq, Dk)`` or varlen ``(total, Hq, Dk)`` with ``cu_seqlens`` (int32).
         k, v: ``(B, T, Hkv, Dk)`` / ``(B, T, Hkv, Dv)`` (or varlen); every query head group shares one
             selection. Group sizes 1 to 16 (any ``Hq % Hkv == 0`` works).
-            A chunk after a cached prefix (inference, without gradients): q holds the last ``Tq`` of the ``Tk``
-            tokens of k and v (dense, ``Tq <= Tk``; varlen, ``cu_seqlens_q`` and ``cu_seqlens_k`` instead of
-            ``cu_seqlens``, each sequence with at most as many queries as keys), query i at position
-            ``Tk - Tq + i``; gates follow q, k_cmp / v_cmp (or the mean pooling) the keys. Equal to the last rows
-            of the call on the whole sequences, at the cost of the chunk's queries only.
+            A chunk after a prefix (chunked prefill; training a sequence's last tokens against keys and values
+            that include earlier ones): q holds the last ``Tq`` of the ``Tk`` tokens of k and v (dense,
+            ``Tq <= Tk``; varlen, ``cu_seqlens_q`` and ``cu_seqlens_k`` instead of ``cu_seqlens``, each sequence
+            with at most as many queries as keys), query i at position ``Tk - Tq + i``; gates follow q, k_cmp /
+            v_cmp (or the mean pooling) the keys. Equal to the last rows of the call on the whole sequences, with
+            their gradients (k, v, k_cmp, v_cmp over every token), at the cost of the chunk's queries only.
         g_cmp, g_slc, g_swa: gates ``(B, T, Hq)`` / ``(total, Hq)``, any float dtype, typically in [0, 1].
         config: :class:`NSAConfig` (paper defaults).
         k_cmp, v_cmp: compressed keys/values ``(B, n_cmp, Hkv, D*)`` / packed ``(total_cmp, Hkv, D*)`` from a
@@ -563,10 +567,6 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         if any(a > b for a, b in zip(lq, lk)):
             raise ValueError(f"each sequence must have at most as many queries as keys (its last tokens the queries), "
                              f"got {lq} queries for {lk} keys")
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                           for t in (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)):
-            raise ValueError("nsa_attention differentiates whole sequences only: a chunk of queries after a prefix "
-                             "(q shorter than k) runs without gradients (torch.no_grad())")
     n_cmp = [config.num_cmp_blocks(n) for n in lk]
     if k_cmp is None and v_cmp is None:
         kc, vc = _mean_compress(kp, lk, config), _mean_compress(vp, lk, config)

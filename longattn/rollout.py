@@ -70,14 +70,16 @@ def _uses_packing(model) -> bool:
 
 
 def _keys_values_cache(model) -> bool:
-    """Whether the model's transformers cache keeps every token's keys and values in every layer: not where some
-    layers keep a window (sliding-window layers: gpt-oss, Mistral) or a recurrent state (the linear-attention layers
-    of hybrids: Qwen3-Next). The packed prefill, which splits every layer's cache of the packed row by prompt, needs
-    it (a linear-attention layer's state after a packed row would mix the prompts)."""
+    """Whether the model's transformers cache keeps every token's keys and values in every layer, and nothing else:
+    not where some layers keep a window (sliding-window layers: gpt-oss, Mistral) or a recurrent state (the
+    linear-attention or Mamba layers of hybrids: Qwen3-Next, Nemotron-H; Falcon-H1's layers hold both keys and values
+    and a Mamba state). The packed prefill, which splits every layer's cache of the packed row by prompt, needs it (a
+    recurrent state after a packed row would mix the prompts)."""
     from transformers import DynamicCache, DynamicLayer
 
     layers = getattr(DynamicCache(config=model.config), "layers", ())
-    return all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) for layer in layers)
+    return all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) and
+               not hasattr(layer, "update_recurrent_state") for layer in layers)
 
 
 def _cache_kw(model) -> str:

@@ -81,6 +81,26 @@ OTHER_ARCHS = {
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_next": dict(_LINEAR, **_QWEN_MOE), "qwen3_5_text": _LINEAR, "qwen3_5_moe_text": dict(_LINEAR, **_QWEN_MOE),
+    # hybrids of Mamba (or short convolution) layers and attention ones: a Mamba layer, then an attention one (in
+    # Falcon-H1 both in every layer, side by side)
+    "nemotron_h": dict(hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
+                       n_groups=1, chunk_size=16),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16,
+                             mamba_n_groups=1, mamba_chunk_size=16, num_local_experts=2, num_experts_per_tok=1,
+                             shared_intermediate_size=64),
+    "falcon_h1": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16,
+                      mamba_d_ssm=64),
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1,
+                  mamba_chunk_size=16),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  num_experts=2, num_experts_per_tok=1, mamba_d_state=8, mamba_dt_rank=8),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], mamba_headdim=16, mamba_d_state=16,
+                   n_mamba_heads=8),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, num_dense_layers=1),
+    "nemotron": dict(partial_rotary_factor=0.5),
+    "cohere2": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
 }
 
 

@@ -10,7 +10,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_llama4_pair, tiny_mla_config,
                      tiny_multimodal_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
-from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS
+from longattn.hf.swap import HYBRID_ARCHS, MLA_ARCHS, MLA_ATTENTIONS
 from longattn.mla.module import MLAAttention
 
 transformers = pytest.importorskip("transformers")
@@ -89,9 +89,9 @@ def test_moba_generate_with_cache_equals_recompute(device):
 @pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
 def test_moba_swap_on_other_models(arch, device):
     """Other families' attention under MoBA: with top-k over every block (causal attention) the logits equal the
-    original model's, in a batch with a left-padded row (its attention's norms and biases kept, its sliding-window
-    and linear-attention layers staying so); sparse (top 2 of 16-token blocks), cached decoding gives a full
-    recompute's tokens."""
+    original model's, in a batch with a left-padded row (its attention's norms and biases kept, its sliding-window,
+    linear-attention, Mamba and convolution layers staying so); sparse (top 2 of 16-token blocks: logits of their
+    own), cached decoding gives a full recompute's tokens."""
     cfg = tiny_config(arch)
     if cfg is None:
         pytest.skip(f"this transformers has no {arch} model")
@@ -99,6 +99,11 @@ def test_moba_swap_on_other_models(arch, device):
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     perturb_attention(ref)
     ref = ref.to(device)
+    if int(transformers.__version__.split(".")[0]) < 5 and arch in HYBRID_ARCHS + ("nemotron",):
+        # (transformers 4 builds their masks itself, or their attention modules with the model: refused, not run)
+        with pytest.raises(ValueError, match="transformers >= 5|picks its attention modules when it is built"):
+            longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
+        return
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
@@ -108,11 +113,26 @@ def test_moba_swap_on_other_models(arch, device):
         b = ref(ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     longattn.hf.swap_attention(ours, "moba", block_size=16, topk=2)
+    if any(t != "sliding_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"]):
+        with torch.no_grad():  # (MoBA's attention runs; not where every layer slides: Ministral under transformers 4)
+            assert not torch.allclose(ours(ids[:1]).logits, ref(ids[:1]).logits, atol=1e-3)
     with torch.no_grad():  # 4 new tokens after 40 (each query: its own block and one of the 2 before)
         gen = ours.generate(ids[:1], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
         # (the model is causal: one forward over the generated sequence gives each step's recomputed logits)
         recompute = ours(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
     assert torch.equal(gen[:, 40:], recompute)
+
+
+def test_swap_refuses_attention_picked_at_build(monkeypatch):
+    """A model whose attention modules were picked when it was built (transformers 4's Nemotron and Jamba: setting
+    an attention implementation afterwards reaches none of them, transformers only warning) is refused by the kinds
+    that set one, instead of running its own attention under longattn's name."""
+    model = AutoModelForCausalLM.from_config(_config())
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    for kind in ("flash", "moba"):
+        with pytest.raises(ValueError, match="picks its attention modules when it is built"):
+            longattn.hf.swap_attention(model, kind)
+    assert model.config._attn_implementation != "longattn"
 
 
 def _left_padded(n_a: int, n_b: int, device):

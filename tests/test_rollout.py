@@ -323,14 +323,18 @@ def test_rollout_with_sliding_window_layers(device):
         rollout.generate(ours, prompts, 2, packed=True)
 
 
-def test_rollout_with_linear_attention_layers(device):
-    """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under
-    MoBA): the rollout prefills a padded batch (a packed row would mix the prompts in that state) and equals
-    per-prompt generate; packed=True is refused. Where transformers gives the model a cache class of its own, the
-    rollout refuses it."""
-    cfg = tiny_config("qwen3_next")
+@pytest.mark.parametrize("arch", ["qwen3_next", "falcon_h1"])
+def test_rollout_with_linear_attention_layers(arch, device):
+    """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under MoBA;
+    Falcon-H1: a Mamba mixer beside the attention in every layer, its cache layers holding keys and values and a
+    recurrent state): the rollout prefills a padded batch (a packed row would mix the prompts in that state) and
+    equals per-prompt generate, log-probs too; packed=True is refused. Where transformers gives the model a cache
+    class of its own, the rollout refuses it."""
+    cfg = tiny_config(arch)
     if cfg is None:
-        pytest.skip("this transformers has no qwen3_next model")
+        pytest.skip(f"this transformers has no {arch} model")
+    if arch == "falcon_h1" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("MoBA takes Falcon-H1 under transformers >= 5 (test_hf checks the refusal)")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
     longattn.hf.swap_attention(model, "moba", block_size=16, topk=2)
@@ -341,10 +345,12 @@ def test_rollout_with_linear_attention_layers(device):
         return
     res = rollout.generate(model, prompts, 5, stop_at_eos=False)
     assert not res.prefill_packed
-    for p, comp in zip(prompts, res.completions):
+    for p, comp, lps in zip(prompts, res.completions, res.logprobs):
         with torch.no_grad():
             g = model.generate(p[None].to(device), max_new_tokens=5, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
-        assert comp == g[0, p.numel():].tolist()
+                               pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        assert comp == g.sequences[0, p.numel():].tolist()
+        want = torch.log_softmax(torch.cat(g.logits).float(), -1).gather(1, g.sequences[0, p.numel():, None])
+        torch.testing.assert_close(torch.tensor(lps, device=device), want.squeeze(1), atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="linear-attention layers"):
         rollout.generate(model, prompts, 2, packed=True)

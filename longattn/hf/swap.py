@@ -26,17 +26,21 @@ MLA_ARCHS = tuple(MLA_ATTENTIONS)
 # the language models of multimodal models whose attention rotates by multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
 # MoBA's and flash's attention functions take them (the model rotates); NSA's module does not
 VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
-# MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1; Gemma 4's head dims and
-# KV sharing across layers), their sliding-window
-# layers staying so, and the MLA models (on the keys and values their attention decompresses: q/k 192, v 128 in
-# DeepSeek-V3)
+# hybrids whose other layers are Mamba layers (Nemotron-H, Granite 4.0, Bamba, Jamba, Zamba2's shared attention
+# blocks; Falcon-H1 with a Mamba mixer beside the attention in each layer) or short convolutions (LFM2): the attention
+# layers take longattn's attention, the others stay as they are
+HYBRID_ARCHS = ("nemotron_h", "granitemoehybrid", "falcon_h1", "bamba", "jamba", "zamba2", "lfm2", "lfm2_moe")
 # models with chunked-attention layers (Llama 4's local layers: chunks of config.attention_chunk_size tokens), which
 # transformers marks as not taking flash attention's conventions for that reason alone: longattn's attention takes
 # chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
 CHUNKED_ARCHS = ("llama4_text",)
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text") + \
-    MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
+# gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1; Gemma 4's head dims and
+# KV sharing across layers; Nemotron-4; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window
+# ones), their sliding-window layers staying so, the hybrids above, and the MLA models (on the keys and values their
+# attention decompresses: q/k 192, v 128 in DeepSeek-V3)
+MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text",
+                          "nemotron", "cohere2") + HYBRID_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -119,9 +123,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
         ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Qwen3-Next,
-            Qwen3.5, Gemma 4, Llama 4: their sliding-window and chunked layers stay so, the linear-attention layers of
-            hybrids too; and those of MLA below, on the keys and values their attention decompresses, which transformers
-            5 decompresses from its latent cache at every decoding step); options ``block_size`` (default 512) and
+            Qwen3.5, Gemma 4, Llama 4, Nemotron-4, Command R7B / A: their sliding-window and chunked layers stay so,
+            the linear-attention layers of hybrids too; the Mamba hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba,
+            Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, under transformers 5, their other layers kept; and
+            those of MLA below, on the keys and values their attention decompresses, which transformers 5 decompresses
+            from its latent cache at every decoding step); options ``block_size`` (default 512) and
             ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled
             keys of each layer's complete blocks on the transformers cache, so a step reads the selected blocks only
             (``attn_implementation="moba"`` alone pools every block of the cache at each step).
@@ -148,9 +154,13 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     The swap is recorded in ``model.config.longattn`` (kind and options), so that a model saved with
     ``save_pretrained`` loads back swapped through :func:`from_pretrained`. Swapping the same kind again is a no-op.
     Raises ValueError for an unknown kind, an unsupported architecture (for every kind, a model that transformers
-    marks as not taking flash-attention's conventions, ``_supports_flash_attn = False``), an unknown option, or a
-    model whose attention is already another kind's module (NSA, MLA).
+    marks as not taking flash-attention's conventions, ``_supports_flash_attn = False``; for "flash" and "moba", a
+    model whose attention modules were picked when it was built, which an attention implementation set afterwards
+    would not reach: transformers 4's Nemotron and Jamba), an unknown option, or a model whose attention is already
+    another kind's module (NSA, MLA).
     """
+    import transformers
+
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     swapped = {type(m).__name__ for m in model.modules()} & {"NativeSparseAttention", "MLAAttention"}
@@ -169,6 +179,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                          "_supports_flash_attn = False: its attention does not go through transformers' attention "
                          "functions, or needs more than causal attention under a 2-D padding mask), which every kind "
                          "of swap_attention relies on")
+    if kind in ("flash", "moba") and not getattr(type(lm), "_can_set_attn_implementation", lambda: True)():
+        # (transformers only warns: the swap would leave every layer's attention as it was)
+        raise ValueError(f"{type(lm).__name__} picks its attention modules when it is built (in this transformers, "
+                         f"{transformers.__version__}, it does not call transformers' attention functions): kind "
+                         f"{kind!r} could not reach them; build the model with transformers 5")
     allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",),
                "mla": ("page_size", "cache_dtype", "cache_scale")}[kind]
     unknown = set(options) - set(allowed)
@@ -181,6 +196,10 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
             raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
+        if arch in HYBRID_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
+            # (transformers 4 builds their 4-D masks itself, and its LFM2 masks padding otherwise)
+            raise ValueError(f"kind 'moba' takes {arch} models under transformers >= 5, found "
+                             f"{transformers.__version__}")
         bs = options.get("block_size", getattr(cfg, "moba_block_size", 512))
         topk = options.get("topk", getattr(cfg, "moba_topk", 3))
         if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):

@@ -34,13 +34,22 @@ HYBRID_ARCHS = ("nemotron_h", "granitemoehybrid", "falcon_h1", "bamba", "jamba",
 # transformers marks as not taking flash attention's conventions for that reason alone: longattn's attention takes
 # chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
 CHUNKED_ARCHS = ("llama4_text",)
+# other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
+# staying so): EXAONE 3.5 and its MoE, MiMo-V2-Flash, OLMo / OLMoE / FlexOlmo / OLMo hybrid, Phi-3.5-MoE, Granite MoE
+# (shared experts, sliding windows), InternLM3, Solar Open, Command R and Cohere2-MoE, GLM, Gemma, StableLM,
+# StarCoder2, BitNet, Helium, JetMoE, CWM, Hunyuan V3, Sarvam-MoE (like the hybrids, under transformers 5)
+DECODER_ARCHS = ("exaone", "exaone_moe", "mimo_v2_flash", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe",
+                 "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa", "internlm3", "solar_open",
+                 "cohere", "cohere2_moe", "glm", "gemma", "stablelm", "starcoder2", "bitnet", "helium", "jetmoe", "cwm",
+                 "hy_v3", "sarvam_moe")
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
 # gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1; Gemma 4's head dims and
 # KV sharing across layers; Nemotron-4; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window
-# ones), their sliding-window layers staying so, the hybrids above, and the MLA models (on the keys and values their
-# attention decompresses: q/k 192, v 128 in DeepSeek-V3)
+# ones), their sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the keys and
+# values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text",
-                          "nemotron", "cohere2") + HYBRID_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS
+                          "nemotron", "cohere2") + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + \
+    CHUNKED_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -125,12 +134,14 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Qwen3-Next,
             Qwen3.5, Gemma 4, Llama 4, Nemotron-4, Command R7B / A: their sliding-window and chunked layers stay so,
             the linear-attention layers of hybrids too; the Mamba hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba,
-            Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, under transformers 5, their other layers kept; and
-            those of MLA below, on the keys and values their attention decompresses, which transformers 5 decompresses
-            from its latent cache at every decoding step); options ``block_size`` (default 512) and
-            ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``. Decoding keeps the pooled
-            keys of each layer's complete blocks on the transformers cache, so a step reads the selected blocks only
-            (``attn_implementation="moba"`` alone pools every block of the cache at each step).
+            Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept, and the decoders of
+            ``DECODER_ARCHS`` (EXAONE 3.5, MiMo-V2-Flash, OLMoE, Phi-3.5-MoE, Granite MoE, InternLM3, ...), these two
+            groups under transformers 5; and those of MLA below, on the keys and values their attention decompresses,
+            which transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
+            (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
+            Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
+            the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
+            step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
             Hunyuan, SmolLM3, EXAONE-4, Gemma 3): each attention becomes a
@@ -196,8 +207,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
             raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
-        if arch in HYBRID_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
-            # (transformers 4 builds their 4-D masks itself, and its LFM2 masks padding otherwise)
+        if arch in HYBRID_ARCHS + DECODER_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
+            # (transformers 4 builds the 4-D masks of some itself, and its LFM2 masks padding otherwise)
             raise ValueError(f"kind 'moba' takes {arch} models under transformers >= 5, found "
                              f"{transformers.__version__}")
         bs = options.get("block_size", getattr(cfg, "moba_block_size", 512))

@@ -139,7 +139,8 @@ def tiny_mla_config(arch: str):
     folds into the softmax scale; complex rotary frequencies on interleaved pairs); "glm4_moe_lite" (GLM-4.7-Flash:
     q/k head dim above v's, 5 heads) and "youtu": DeepSeek-V3's attention under other names; "mistral4" (Mistral
     Small 4): V3's, its queries scaled by position; "minicpm3": V2's with (cos, sin) rotary; "longcat_flash"
-    (LongCat-Flash: two attentions a layer, query and latent scaled) and "kimi_linear" (NoPE, after a linear layer)."""
+    (LongCat-Flash: two attentions a layer, query and latent scaled), "kimi_linear" (NoPE, after a linear layer) and
+    "sarvam_mla" (DeepSeek-V3's model under its own config: no q LoRA)."""
     import transformers
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, kv_lora_rank=32,
@@ -154,7 +155,8 @@ def tiny_mla_config(arch: str):
                                              q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32,
                                              v_head_dim=32, first_k_dense_replace=1)
     cls = dict(glm4_moe_lite="Glm4MoeLiteConfig", youtu="YoutuConfig", minicpm3="MiniCPM3Config",
-               mistral4="Mistral4Config", longcat_flash="LongcatFlashConfig", kimi_linear="KimiLinearConfig")[arch]
+               mistral4="Mistral4Config", longcat_flash="LongcatFlashConfig", kimi_linear="KimiLinearConfig",
+               sarvam_mla="SarvamMLAConfig")[arch]
     if not hasattr(transformers, cls):
         return None
     if arch == "longcat_flash":  # two attentions per decoder layer (2 x 1 here), LoRA-scaled query and latent; YaRN
@@ -174,6 +176,10 @@ def tiny_mla_config(arch: str):
             mlp_layer_types=["dense", "sparse"], max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
             eos_token_id=2)
     extra = moe if arch in ("glm4_moe_lite", "mistral4") else {}
+    if arch == "sarvam_mla":  # DeepSeek-V3's model without q LoRA, MoE from its second layer
+        return transformers.SarvamMLAConfig(**common, **moe, num_attention_heads=4, num_key_value_heads=4,
+                                            q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                            first_k_dense_replace=1, pad_token_id=0)
     if arch == "mistral4":  # queries scaled by position from token 16 on (Llama 4's scale; 0.1 in its default)
         extra = dict(extra, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
                                                  beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,

@@ -14,14 +14,15 @@ from torch import nn
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
              "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
              "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3", "olmo3", "exaone4", "gemma3_text")
-# MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite) and Youtu-LLM, and in Mistral Small 4
-# (mistral4) with queries scaled by position; DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's
-# (cos, sin) rotary; LongCat-Flash's (two per decoder layer) with its query and latent scaled; Kimi Linear's layers of
-# it without rotation (NoPE), between linear-attention ones (left as they are)
+# MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite), Youtu-LLM and Sarvam's MLA models
+# (sarvam_mla: DeepSeek-V3's model, no q LoRA), and in Mistral Small 4 (mistral4) with queries scaled by position;
+# DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's (cos, sin) rotary; LongCat-Flash's (two per
+# decoder layer) with its query and latent scaled; Kimi Linear's layers of it without rotation (NoPE), between
+# linear-attention ones (left as they are)
 MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "DeepseekV2Attention",
                   "glm4_moe_lite": "Glm4MoeLiteAttention", "youtu": "YoutuAttention", "minicpm3": "MiniCPM3Attention",
                   "mistral4": "Mistral4Attention", "longcat_flash": "LongcatFlashMLA",
-                  "kimi_linear": "KimiLinearAttention"}
+                  "kimi_linear": "KimiLinearAttention", "sarvam_mla": "DeepseekV3Attention"}
 MLA_ARCHS = tuple(MLA_ATTENTIONS)
 # the language models of multimodal models whose attention rotates by multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
 # MoBA's and flash's attention functions take them (the model rotates); NSA's module does not
@@ -152,7 +153,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             (Mistral 7B v0.1, Ministral), all become NSA layers (``config.sliding_window`` / ``layer_types`` updated:
             caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
-            LongCat-Flash), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones stay): each
+            LongCat-Flash, Sarvam's sarvam_mla), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones
+            stay): each
             such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the

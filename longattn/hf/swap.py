@@ -154,8 +154,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash, Sarvam's sarvam_mla), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones
-            stay): each
-            such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
+            stay): each such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
             latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and

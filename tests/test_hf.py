@@ -10,7 +10,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_llama4_pair, tiny_mla_config,
                      tiny_multimodal_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
-from longattn.hf.swap import DECODER_ARCHS, HYBRID_ARCHS, MLA_ARCHS, MLA_ATTENTIONS
+from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS
 from longattn.mla.module import MLAAttention
 
 transformers = pytest.importorskip("transformers")
@@ -100,7 +100,7 @@ def test_moba_swap_on_other_models(arch, device):
     perturb_attention(ref)
     ref = ref.to(device)
     if not type(ref)._can_set_attn_implementation() or \
-            int(transformers.__version__.split(".")[0]) < 5 and arch in HYBRID_ARCHS + DECODER_ARCHS:
+            int(transformers.__version__.split(".")[0]) < 5 and arch in V5_ARCHS:
         # (transformers 4 builds their attention modules with the model, or their masks itself: refused, not run)
         with pytest.raises(ValueError, match="transformers >= 5|picks its attention modules when it is built"):
             longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)

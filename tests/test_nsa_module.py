@@ -9,7 +9,7 @@ from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
 from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
                      perturb_attention, replay_decode_step_without_sync, tiny_config)
-from longattn.hf.swap import NSA_ARCHS
+from longattn.hf.swap import NSA_ARCHS, V5_ARCHS
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -110,6 +110,10 @@ def test_window_branch_alone_equals_original_model(arch, device):
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     perturb_attention(ref)  # norms and biases away from their initial ones, so that dropping them shows
     ref = ref.to(device)
+    if arch in V5_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(ValueError, match="under transformers >= 5"):
+            longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
+        return
     model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
                                                                                   slc_block=16, slc_topk=3, window=64))
     H = cfg.num_attention_heads

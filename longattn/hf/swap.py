@@ -14,6 +14,13 @@ from torch import nn
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
              "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
              "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3", "olmo3", "exaone4", "gemma3_text")
+# and under transformers 5: EXAONE 3.5, OLMo / OLMoE / FlexOlmo, Phi-3.5-MoE, Granite MoE (shared experts too),
+# InternLM3, Solar Open, Command R, GLM, Gemma, StarCoder2, Helium, CWM (its sliding-window layers kept), Hunyuan V3,
+# Sarvam-MoE, Nemotron-4 (partial rotary)
+NSA_DECODER_ARCHS = ("exaone", "olmo", "olmoe", "flex_olmo", "phimoe", "granitemoe", "granitemoeshared", "internlm3",
+                     "solar_open", "cohere", "glm", "gemma", "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe",
+                     "nemotron")
+NSA_ARCHS += NSA_DECODER_ARCHS
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite), Youtu-LLM and Sarvam's MLA models
 # (sarvam_mla: DeepSeek-V3's model, no q LoRA), and in Mistral Small 4 (mistral4) with queries scaled by position;
 # DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's (cos, sin) rotary; LongCat-Flash's (two per
@@ -36,21 +43,20 @@ HYBRID_ARCHS = ("nemotron_h", "granitemoehybrid", "falcon_h1", "bamba", "jamba",
 # chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
 CHUNKED_ARCHS = ("llama4_text",)
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
-# staying so): EXAONE 3.5 and its MoE, MiMo-V2-Flash, OLMo / OLMoE / FlexOlmo / OLMo hybrid, Phi-3.5-MoE, Granite MoE
-# (shared experts, sliding windows), InternLM3, Solar Open, Command R and Cohere2-MoE, GLM, Gemma, StableLM,
-# StarCoder2, BitNet, Helium, JetMoE, CWM, Hunyuan V3, Sarvam-MoE (like the hybrids, under transformers 5)
-DECODER_ARCHS = ("exaone", "exaone_moe", "mimo_v2_flash", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe",
-                 "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa", "internlm3", "solar_open",
-                 "cohere", "cohere2_moe", "glm", "gemma", "stablelm", "starcoder2", "bitnet", "helium", "jetmoe", "cwm",
-                 "hy_v3", "sarvam_moe")
+# staying so), under transformers 5: EXAONE-MoE, MiMo-V2-Flash, OLMo hybrid, Granite (MoE) with sliding windows,
+# Cohere2-MoE, StableLM, BitNet, JetMoE
+DECODER_ARCHS = ("exaone_moe", "mimo_v2_flash", "olmo_hybrid", "granite_swa", "granitemoe_swa", "cohere2_moe",
+                 "stablelm", "bitnet", "jetmoe")
+# (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
+# LFM2 masks padding otherwise)
+V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
 # gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1; Gemma 4's head dims and
-# KV sharing across layers; Nemotron-4; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window
-# ones), their sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the keys and
-# values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
+# KV sharing across layers; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window ones), their
+# sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the keys and values their
+# attention decompresses: q/k 192, v 128 in DeepSeek-V3)
 MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text",
-                          "nemotron", "cohere2") + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + \
-    CHUNKED_ARCHS
+                          "cohere2") + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -145,7 +151,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
-            Hunyuan, SmolLM3, EXAONE-4, Gemma 3): each attention becomes a
+            Hunyuan, SmolLM3, EXAONE-4, Gemma 3; under transformers 5 also EXAONE 3.5, the OLMo family, Phi-3.5-MoE,
+            Granite MoE, InternLM3, Solar Open, Command R, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3,
+            Sarvam-MoE, Nemotron-4: ``NSA_DECODER_ARCHS``): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4) keeps its sliding ones (exact,
@@ -196,6 +204,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         raise ValueError(f"{type(lm).__name__} picks its attention modules when it is built (in this transformers, "
                          f"{transformers.__version__}, it does not call transformers' attention functions): kind "
                          f"{kind!r} could not reach them; build the model with transformers 5")
+    if kind in ("moba", "nsa") and arch in V5_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(f"kind {kind!r} takes {arch} models under transformers >= 5, found {transformers.__version__}")
     allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",),
                "mla": ("page_size", "cache_dtype", "cache_scale")}[kind]
     unknown = set(options) - set(allowed)
@@ -208,10 +218,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
             raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
-        if arch in HYBRID_ARCHS + DECODER_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
-            # (transformers 4 builds the 4-D masks of some itself, and its LFM2 masks padding otherwise)
-            raise ValueError(f"kind 'moba' takes {arch} models under transformers >= 5, found "
-                             f"{transformers.__version__}")
+
         bs = options.get("block_size", getattr(cfg, "moba_block_size", 512))
         topk = options.get("topk", getattr(cfg, "moba_topk", 3))
         if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):

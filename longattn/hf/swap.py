@@ -139,12 +139,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
         ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Qwen3-Next,
-            Qwen3.5, Gemma 4, Llama 4, Nemotron-4, Command R7B / A: their sliding-window and chunked layers stay so,
-            the linear-attention layers of hybrids too; the Mamba hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba,
-            Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept, and the decoders of
-            ``DECODER_ARCHS`` (EXAONE 3.5, MiMo-V2-Flash, OLMoE, Phi-3.5-MoE, Granite MoE, InternLM3, ...), these two
-            groups under transformers 5; and those of MLA below, on the keys and values their attention decompresses,
-            which transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
+            Qwen3.5, Gemma 4, Llama 4, Command R7B / A: their sliding-window and chunked layers stay so, the
+            linear-attention layers of hybrids too; under transformers 5 also the Mamba hybrids Nemotron-H, Granite
+            4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept,
+            and the decoders of ``DECODER_ARCHS``: EXAONE-MoE, MiMo-V2-Flash, OLMo hybrid, ...; and those of MLA
+            below, on the keys and values their attention decompresses, which transformers 5 decompresses from its
+            latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
             Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
             the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
@@ -218,7 +218,6 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     elif kind == "moba":
         if arch not in MOBA_ARCHS:
             raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
-
         bs = options.get("block_size", getattr(cfg, "moba_block_size", 512))
         topk = options.get("topk", getattr(cfg, "moba_topk", 3))
         if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):

@@ -863,7 +863,13 @@ def test_llama4_chunked_layers(kind, monkeypatch, device):
     static = [dict(attention_mask=mask, cache_implementation="static")] if kind == "flash" else []
     for extra in [dict(attention_mask=mask), {}] + static:
         with torch.no_grad():
-            g_ours, g_ref = ours.generate(ids, **extra, **kw), ref.generate(ids, **extra, **kw)
+            try:
+                g_ref = ref.generate(ids, **extra, **kw)
+            except TypeError as e:  # (transformers 5.17's static-cache masks of chunked layers fail in the eager model)
+                if "cache_implementation" in extra and "create_chunked_causal_mask" in str(e):
+                    continue
+                raise
+            g_ours = ours.generate(ids, **extra, **kw)
         assert torch.equal(g_ours.sequences, g_ref.sequences)
         for a, b in zip(g_ours.logits, g_ref.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -736,17 +736,27 @@ def test_flash_swap_on_any_decoder_model(device, monkeypatch):
         longattn.hf.swap_attention(bloom, "flash")
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma4_text"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma4_text", "gemma3n_text"])
 def test_flash_swap_on_gemma_models(arch, device):
     """Gemma 2: the attention logits soft-capped in every layer (scores made large enough that the cap changes the
     logits); Gemma 4 as its E2B / E4B models: KV-shared layers, which transformers would run at the kept logits'
-    positions only by slicing 4-D masks (longattn's are 2-D: the swap keeps their inputs whole). Both with
-    sliding-window layers beside full ones: the swapped model's logits on a left-padded batch and its padded greedy
-    generation equal eager's."""
+    positions only by slicing 4-D masks (longattn's are 2-D: the swap keeps their inputs whole); Gemma 3n: its last
+    layers reuse earlier layers' keys and values too (and AltUp, Laurel, per-layer inputs). All with sliding-window
+    layers beside full ones: the swapped model's logits on a left-padded batch and its padded greedy generation equal
+    eager's."""
     if arch == "gemma2":
         cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
                                         attn_logit_softcapping=1.0, max_position_embeddings=1024, pad_token_id=0)
+    elif arch == "gemma3n_text":
+        if not hasattr(transformers, "Gemma3nTextConfig"):
+            pytest.skip("this transformers has no gemma3n model")
+        cfg = transformers.Gemma3nTextConfig(
+            vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, hidden_size_per_layer_input=16,
+            intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+            altup_num_inputs=2, laurel_rank=8, activation_sparsity_pattern=[0.0] * 4, max_position_embeddings=1024,
+            pad_token_id=0)
     else:
         cfg = tiny_config(arch)
         if cfg is None:

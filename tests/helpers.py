@@ -66,6 +66,10 @@ _QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
 GEMMA4 = dict(num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
               num_kv_shared_layers=2, attention_k_eq_v=True, num_global_key_value_heads=1, global_head_dim=32,
               hidden_size_per_layer_input=16, vocab_size_per_layer_input=128)
+# Gemma 3n's language model: its last two layers reuse earlier layers' keys and values; AltUp, Laurel, per-layer inputs
+GEMMA3N = dict(num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+               num_kv_shared_layers=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+               altup_num_inputs=2, laurel_rank=8, activation_sparsity_pattern=[0.0] * 4)
 OTHER_ARCHS = {
     "glm4": {}, "glm4_moe": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
                                  topk_group=1, first_k_dense_replace=1, use_qk_norm=True),
@@ -77,7 +81,7 @@ OTHER_ARCHS = {
     "smollm3": dict(no_rope_layers=[1, 0]),  # (its second layer without RoPE)
     "apertus": {}, "arcee": {}, "ministral": {}, "ministral3": {},
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-    "gemma4_text": GEMMA4,
+    "gemma4_text": GEMMA4, "gemma3n_text": GEMMA3N,
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_next": dict(_LINEAR, **_QWEN_MOE), "qwen3_5_text": _LINEAR, "qwen3_5_moe_text": dict(_LINEAR, **_QWEN_MOE),

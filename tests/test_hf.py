@@ -748,15 +748,6 @@ def test_flash_swap_on_gemma_models(arch, device):
         cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
                                         attn_logit_softcapping=1.0, max_position_embeddings=1024, pad_token_id=0)
-    elif arch == "gemma3n_text":
-        if not hasattr(transformers, "Gemma3nTextConfig"):
-            pytest.skip("this transformers has no gemma3n model")
-        cfg = transformers.Gemma3nTextConfig(
-            vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, hidden_size_per_layer_input=16,
-            intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
-            altup_num_inputs=2, laurel_rank=8, activation_sparsity_pattern=[0.0] * 4, max_position_embeddings=1024,
-            pad_token_id=0)
     else:
         cfg = tiny_config(arch)
         if cfg is None:

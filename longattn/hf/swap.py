@@ -44,9 +44,9 @@ HYBRID_ARCHS = ("nemotron_h", "granitemoehybrid", "falcon_h1", "bamba", "jamba",
 CHUNKED_ARCHS = ("llama4_text",)
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
 # staying so), under transformers 5: EXAONE-MoE, MiMo-V2-Flash, OLMo hybrid, Granite (MoE) with sliding windows,
-# Cohere2-MoE, StableLM, BitNet, JetMoE
+# Cohere2-MoE, StableLM, BitNet, JetMoE, Gemma 3n (KV-shared layers)
 DECODER_ARCHS = ("exaone_moe", "mimo_v2_flash", "olmo_hybrid", "granite_swa", "granitemoe_swa", "cohere2_moe",
-                 "stablelm", "bitnet", "jetmoe")
+                 "stablelm", "bitnet", "jetmoe", "gemma3n_text")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS

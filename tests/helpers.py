@@ -197,8 +197,9 @@ def tiny_multimodal_config(arch: str):
     """A tiny multimodal model's config, or None where this transformers has no such model: "qwen2_5_vl" (a vision
     encoder of one layer, multimodal RoPE in the language model: image token 150, vision start / end 152 / 153),
     "gemma3" (Gemma 3: a sliding-window layer then a full one; images of 28 x 28 pixels, 4 tokens each, image token
-    150, start / end 152 / 153) or "kimi_k25" (Kimi K2.5: tiny_deepseek_v3_config's language model and a vision
-    encoder of one layer)."""
+    150, start / end 152 / 153), "qwen3_5" (Qwen3.5: a linear-attention layer then a full one with a gated output,
+    interleaved multimodal RoPE on half the head dims; tokens as Qwen2.5-VL's) or "kimi_k25" (Kimi K2.5:
+    tiny_deepseek_v3_config's language model and a vision encoder of one layer)."""
     import transformers
 
     if arch == "gemma3":
@@ -221,6 +222,19 @@ def tiny_multimodal_config(arch: str):
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=150,
                                              video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
                                              pad_token_id=0)
+    if arch == "qwen3_5":
+        if not hasattr(transformers, "Qwen3_5Config"):
+            return None
+        rope = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1],
+                    mrope_interleaved=True)
+        text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_parameters=rope, **_LINEAR)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, out_hidden_size=64,
+                      num_position_embeddings=16)
+        cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=150,
+                                         video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+        cfg.pad_token_id = 0
+        return cfg
     if not hasattr(transformers, "Kimi_K25Config"):
         return None
     text = {k: v for k, v in tiny_deepseek_v3_config().to_dict().items()

@@ -117,10 +117,11 @@ def test_window_branch_alone_equals_original_model(arch, device):
     model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
                                                                                   slc_block=16, slc_topk=3, window=64))
     H = cfg.num_attention_heads
-    nsa_layers = [layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "gate")]
-    # (a model mixing sliding-window and full layers keeps its sliding ones: OLMo-3, EXAONE-4, Gemma 3)
+    nsa_layers = [layer.self_attn for layer in model.model.layers if hasattr(getattr(layer, "self_attn", None), "gate")]
+    # (a model mixing sliding-window and full layers keeps its sliding ones: OLMo-3, EXAONE-4, Gemma 3; the hybrids
+    # Qwen3-Next and Qwen3.5 their linear-attention ones)
     types = getattr(cfg, "layer_types", None) or []
-    mixed = "sliding_attention" in types and "full_attention" in types
+    mixed = "full_attention" in types and ("sliding_attention" in types or "linear_attention" in types)
     assert len(nsa_layers) == (types.count("full_attention") if mixed else cfg.num_hidden_layers)
     with torch.no_grad():
         for attn in nsa_layers:

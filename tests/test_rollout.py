@@ -323,11 +323,11 @@ def test_rollout_with_sliding_window_layers(device):
         rollout.generate(ours, prompts, 2, packed=True)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "falcon_h1"])
-def test_rollout_with_linear_attention_layers(arch, device):
-    """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under MoBA;
-    Falcon-H1: a Mamba mixer beside the attention in every layer, its cache layers holding keys and values and a
-    recurrent state): the rollout prefills a padded batch (a packed row would mix the prompts in that state) and
+@pytest.mark.parametrize("arch,kind", [("qwen3_next", "moba"), ("qwen3_next", "nsa"), ("falcon_h1", "moba")])
+def test_rollout_with_linear_attention_layers(arch, kind, device):
+    """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under MoBA
+    or NSA; Falcon-H1: a Mamba mixer beside the attention in every layer, its cache layers holding keys and values
+    and a recurrent state): the rollout prefills a padded batch (a packed row would mix the prompts in that state) and
     equals per-prompt generate, log-probs too; packed=True is refused. Where transformers gives the model a cache
     class of its own, the rollout refuses it."""
     cfg = tiny_config(arch)
@@ -337,8 +337,15 @@ def test_rollout_with_linear_attention_layers(arch, device):
         pytest.skip("MoBA takes Falcon-H1 under transformers >= 5 (test_hf checks the refusal)")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
-    longattn.hf.swap_attention(model, "moba", block_size=16, topk=2)
-    prompts = [torch.randint(1, 128, (n,)) for n in (30, 41)]
+    if kind == "nsa":
+        from longattn.nsa import NSAConfig
+
+        longattn.hf.swap_attention(model, "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4,
+                                                                  window=16))
+    else:
+        longattn.hf.swap_attention(model, "moba", block_size=16, topk=2)
+    # (NSA: one block between the first and the two local ones picked by score)
+    prompts = [torch.randint(1, 128, (n,)) for n in (45, 70)]
     if not model._supports_default_dynamic_cache():  # (transformers 4.57 gives it a cache class of its own)
         with pytest.raises(ValueError, match="needs a cache class of its own"):
             rollout.generate(model, prompts, 5)

@@ -20,7 +20,11 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 NSA_DECODER_ARCHS = ("exaone", "olmo", "olmoe", "flex_olmo", "phimoe", "granitemoe", "granitemoeshared", "internlm3",
                      "solar_open", "cohere", "glm", "gemma", "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe",
                      "nemotron")
-NSA_ARCHS += NSA_DECODER_ARCHS
+# and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
+# output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
+# (Gated DeltaNet) stay
+NSA_LINEAR_HYBRID_ARCHS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+NSA_ARCHS += NSA_DECODER_ARCHS + NSA_LINEAR_HYBRID_ARCHS
 # MLA: DeepSeek-V3's attention, the same in GLM-4.7-Flash (glm4_moe_lite), Youtu-LLM and Sarvam's MLA models
 # (sarvam_mla: DeepSeek-V3's model, no q LoRA), and in Mistral Small 4 (mistral4) with queries scaled by position;
 # DeepSeek-V2's with complex rotary frequencies; MiniCPM3's with V3's (cos, sin) rotary; LongCat-Flash's (two per
@@ -51,12 +55,12 @@ DECODER_ARCHS = ("exaone_moe", "mimo_v2_flash", "olmo_hybrid", "granite_swa", "g
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; hybrids whose other layers are linear attention: Qwen3-Next, Qwen3.5, MiniMax-M1; Gemma 4's head dims and
-# KV sharing across layers; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window ones), their
+# gpt-oss; MiniMax-M1, a linear-attention hybrid with a cache class of its own; Gemma 4's head dims and KV sharing
+# across layers; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window ones), their
 # sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the keys and values their
 # attention decompresses: q/k 192, v 128 in DeepSeek-V3)
-MOBA_ARCHS = NSA_ARCHS + ("gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "minimax", "gemma4_text",
-                          "cohere2") + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS
+MOBA_ARCHS = (NSA_ARCHS + ("gpt_oss", "minimax", "gemma4_text", "cohere2") + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS
+              + VL_TEXT_ARCHS + CHUNKED_ARCHS)
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -138,8 +142,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Qwen3-Next,
-            Qwen3.5, Gemma 4, Llama 4, Command R7B / A: their sliding-window and chunked layers stay so, the
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Gemma 4,
+            Llama 4, Command R7B / A: their sliding-window and chunked layers stay so, the
             linear-attention layers of hybrids too; under transformers 5 also the Mamba hybrids Nemotron-H, Granite
             4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept,
             and the decoders of ``DECODER_ARCHS``: EXAONE-MoE, MiMo-V2-Flash, OLMo hybrid, ...; and those of MLA
@@ -153,7 +157,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
             Hunyuan, SmolLM3, EXAONE-4, Gemma 3; under transformers 5 also EXAONE 3.5, the OLMo family, Phi-3.5-MoE,
             Granite MoE, InternLM3, Solar Open, Command R, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3,
-            Sarvam-MoE, Nemotron-4: ``NSA_DECODER_ARCHS``): each attention becomes a
+            Sarvam-MoE, Nemotron-4: ``NSA_DECODER_ARCHS``; the full-attention layers of the hybrids Qwen3-Next and
+            Qwen3.5, with their gated output, the linear-attention ones kept): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4) keeps its sliding ones (exact,
@@ -251,8 +256,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         elif types is None and getattr(cfg, "sliding_window", None) is not None:
             cfg.sliding_window = None
         for i, layer in enumerate(layers):
-            if keep_sliding and types[i] == "sliding_attention":
-                continue
+            if keep_sliding and types[i] == "sliding_attention" or not hasattr(layer, "self_attn"):
+                continue  # (hybrids: the linear-attention layers have none)
             if not isinstance(layer.self_attn, NativeSparseAttention):
                 layer.self_attn = NativeSparseAttention(layer.self_attn, config)
             elif layer.self_attn.nsa != config:
@@ -311,8 +316,13 @@ def from_pretrained(name_or_path, *args, **kwargs) -> nn.Module:
         from ..nsa.reference import NSAConfig
 
         spec["config"] = NSAConfig(**spec["config"])
-    causal = AutoModelForCausalLM._model_mapping
-    base = (causal if type(config) in causal else AutoModelForImageTextToText._model_mapping)[type(config)]
+    # the class the checkpoint was saved from (Qwen3.5's config maps to a causal LM and to the multimodal model)
+    mappings = (AutoModelForCausalLM._model_mapping, AutoModelForImageTextToText._model_mapping)
+    classes = [m[type(config)] for m in mappings if type(config) in m]
+    if not classes:
+        raise ValueError(f"{name_or_path}: a {type(config).__name__} is neither a causal LM's config nor a multimodal "
+                         "model's (AutoModelForCausalLM, AutoModelForImageTextToText)")
+    base = next((c for c in classes if c.__name__ in (getattr(config, "architectures", None) or ())), classes[0])
 
     class Swapped(base):
         def __init__(self, config, *a, **k):

@@ -1,5 +1,6 @@
 """NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer (and the like: Phi-3's
-fused projection, OLMo-2's, Hunyuan's and Gemma 3's q/k norms, SmolLM3's and EXAONE-4's layers without RoPE).
+fused projection, OLMo-2's, Hunyuan's and Gemma 3's q/k norms, SmolLM3's and EXAONE-4's layers without RoPE, the
+gated output of Qwen3-Next's and Qwen3.5's full-attention layers).
 
 Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
@@ -100,6 +101,10 @@ class NativeSparseAttention(nn.Module):
                      "key_layernorm"):
             setattr(self, name, getattr(attn, name, None))
         self._norms_across_heads = self.q_norm is not None and self.q_norm.weight.numel() != self.head_dim
+        # a gated output (Qwen3-Next, Qwen3.5): q_proj gives each head its query and a gate, side by side, and the
+        # attention's output is multiplied by the gate's sigmoid before o_proj
+        self._output_gate = (self.q_proj is not None and
+                             getattr(self.q_proj, "out_features", None) == 2 * self.num_heads * self.head_dim)
         # layers without RoPE (SmolLM3's NoPE layers; EXAONE-4's full-attention layers beside sliding-window ones)
         self._use_rope = bool(getattr(attn, "use_rope", True)) and not (
             type(attn).__name__ == "Exaone4Attention" and attn.sliding_window is not None and not attn.is_sliding)
@@ -146,26 +151,31 @@ class NativeSparseAttention(nn.Module):
         return lin(blocks.flatten(-2))
 
     def _project(self, hidden_states: torch.Tensor):
-        """q (B, H, T, D), k and v (B, Hkv, T, D) of the layer's projections and q/k norms, before RoPE."""
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of the layer's projections and q/k norms, before RoPE, and the
+        output gate's logits (B, T, H * D) (None without one)."""
         B, T = hidden_states.shape[:2]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        gate = None
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(hidden_states).split([H * D, Hkv * D, Hkv * D], -1)
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self._output_gate:
+            q, gate = q.view(B, T, H, 2 * D).chunk(2, -1)
+            q, gate = q.reshape(B, T, H * D), gate.reshape(B, T, H * D)
         if self._norms_across_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if self.q_norm is not None and not self._norms_across_heads:
             q, k = self.q_norm(q), self.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
                 cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H, D = self.num_heads, self.head_dim
-        q, k, v = self._project(hidden_states)
+        q, k, v, out_gate = self._project(hidden_states)
         if self._use_rope:
             cos, sin = position_embeddings
             q, k = self._rope(q, k, cos, sin)
@@ -186,7 +196,10 @@ class NativeSparseAttention(nn.Module):
             out = self._prefill(q, k, v, gates, self._segments(attention_mask, kwargs, B, T), cache)
         else:
             out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache)
-        return self.o_proj(out.reshape(B, T, H * D)), None
+        out = out.reshape(B, T, H * D)
+        if out_gate is not None:
+            out = out * torch.sigmoid(out_gate)
+        return self.o_proj(out), None
 
     @staticmethod
     def _real_lengths(mask, L: int, T: int) -> Optional[list]:

@@ -24,7 +24,8 @@ def _model(device, arch="llama"):
         common.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
     if arch == "ministral":  # every layer a sliding-window one
         common.update(sliding_window=16, head_dim=16)
-    cfg = dict(llama=LlamaConfig, ministral=transformers.MinistralConfig).get(arch, Qwen2Config)(**common)
+    cfg = (tiny_config(arch) if arch == "qwen3_next" else  # (a linear-attention layer, then an NSA one)
+           dict(llama=LlamaConfig, ministral=transformers.MinistralConfig).get(arch, Qwen2Config)(**common))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     return longattn.hf.swap_attention(model.to(device), "nsa", config=NSA)
@@ -159,12 +160,14 @@ def test_generate_equals_recompute(arch, device):
     assert torch.equal(gen[:, 40:], recompute)
 
 
-def test_training_gradients_match_reference(monkeypatch, device):
-    """Every parameter's gradient (projections, compressors, position embeddings, gates) through the Triton
-    op equals the one through the PyTorch reference, and is the same under gradient checkpointing."""
+@pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
+def test_training_gradients_match_reference(arch, monkeypatch, device):
+    """Every parameter's gradient (projections, compressors, position embeddings, gates; Qwen3-Next's output gate in
+    its q projection, and its linear-attention layer's) through the Triton op equals the one through the PyTorch
+    reference, and is the same under gradient checkpointing."""
     import longattn.nsa.module as nsa_module
 
-    model = _model(device).train()
+    model = _model(device, arch).train()
     for m in model.modules():  # move the new parameters off their initial values
         if isinstance(m, nsa_module.NativeSparseAttention):
             with torch.no_grad():

@@ -93,7 +93,7 @@ OTHER_ARCHS = {
                              mamba_n_groups=1, mamba_chunk_size=16, num_local_experts=2, num_experts_per_tok=1,
                              shared_intermediate_size=64),
     "falcon_h1": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16,
-                      mamba_d_ssm=64),
+                      mamba_d_ssm=64, key_multiplier=0.5),  # (its keys scaled after their projection)
     "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1,
                   mamba_chunk_size=16),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,

@@ -9,7 +9,8 @@ from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
 from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
                      perturb_attention, replay_decode_step_without_sync, tiny_config)
-from longattn.hf.swap import NSA_ARCHS, V5_ARCHS
+from longattn.hf.swap import NSA_ARCHS, V5_ARCHS, _attention_name
+from longattn.nsa.module import NativeSparseAttention
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config  # noqa: E402
@@ -118,12 +119,14 @@ def test_window_branch_alone_equals_original_model(arch, device):
     model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
                                                                                   slc_block=16, slc_topk=3, window=64))
     H = cfg.num_attention_heads
-    nsa_layers = [layer.self_attn for layer in model.model.layers if hasattr(getattr(layer, "self_attn", None), "gate")]
+    nsa_layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
     # (a model mixing sliding-window and full layers keeps its sliding ones: OLMo-3, EXAONE-4, Gemma 3; the hybrids
-    # Qwen3-Next and Qwen3.5 their linear-attention ones)
+    # their linear-attention, Mamba or convolution layers; Nemotron-H's attention is a layer's mixer)
     types = getattr(cfg, "layer_types", None) or []
-    mixed = "full_attention" in types and ("sliding_attention" in types or "linear_attention" in types)
-    assert len(nsa_layers) == (types.count("full_attention") if mixed else cfg.num_hidden_layers)
+    mixed = "sliding_attention" in types and "full_attention" in types
+    assert len(nsa_layers) == sum(_attention_name(layer) is not None and not (mixed and t == "sliding_attention")
+                                  for layer, t in zip(ref.model.layers, types or [None] * len(ref.model.layers)))
+    assert len(nsa_layers) >= 1
     with torch.no_grad():
         for attn in nsa_layers:
             attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * H + [40.0] * H))  # g_cmp, g_slc ~ 0, g_swa ~ 1

@@ -42,6 +42,10 @@ VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_
 # blocks; Falcon-H1 with a Mamba mixer beside the attention in each layer) or short convolutions (LFM2): the attention
 # layers take longattn's attention, the others stay as they are
 HYBRID_ARCHS = ("nemotron_h", "granitemoehybrid", "falcon_h1", "bamba", "jamba", "zamba2", "lfm2", "lfm2_moe")
+# NSA's module on those but Zamba2 (whose attention blocks are shared by several layers): Nemotron-H's and Jamba's
+# attention without RoPE, Granite 4.0's with or without, Falcon-H1's keys scaled (key_multiplier), LFM2's q/k norms
+# and output projection under names of their own
+NSA_ARCHS += tuple(a for a in HYBRID_ARCHS if a != "zamba2")
 # models with chunked-attention layers (Llama 4's local layers: chunks of config.attention_chunk_size tokens), which
 # transformers marks as not taking flash attention's conventions for that reason alone: longattn's attention takes
 # chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
@@ -59,8 +63,8 @@ V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
 # across layers; Command R7B / A, whose full-attention layers have no RoPE beside sliding-window ones), their
 # sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the keys and values their
 # attention decompresses: q/k 192, v 128 in DeepSeek-V3)
-MOBA_ARCHS = (NSA_ARCHS + ("gpt_oss", "minimax", "gemma4_text", "cohere2") + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS
-              + VL_TEXT_ARCHS + CHUNKED_ARCHS)
+MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + ("gpt_oss", "minimax", "gemma4_text", "cohere2") + HYBRID_ARCHS
+                                 + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -112,6 +116,17 @@ def _whole_kv_shared_inputs(module: nn.Module) -> None:
         bound = sig.bind(module, *args, **kwargs).arguments
         return tuple(bound[name] for name in kept)
     module._maybe_slice_kv_shared_inputs = whole
+
+
+def _attention_name(layer: nn.Module) -> Optional[str]:
+    """The attribute of decoder layer ``layer`` holding its attention: ``self_attn``, or ``mixer`` where that is an
+    attention (Nemotron-H's attention blocks); None where it has none (the other layers of hybrids)."""
+    if getattr(layer, "self_attn", None) is not None:
+        return "self_attn"
+    mixer = getattr(layer, "mixer", None)
+    if mixer is not None and (type(mixer).__name__.endswith("Attention") or hasattr(mixer, "nsa")):
+        return "mixer"
+    return None
 
 
 def _remember_cache(module, args, kwargs):
@@ -232,7 +247,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba", text_key)
         for layer in layers:
-            attn = getattr(layer, "self_attn", None)  # (hybrids: linear attention or state-space layers have none)
+            name = _attention_name(layer)  # (hybrids: linear attention or state-space layers have none)
+            attn = getattr(layer, name) if name else None
             for module in attn if isinstance(attn, nn.ModuleList) else [attn] if attn is not None else []:
                 _record_cache(module)  # (LongCat-Flash: two attentions a layer)
     elif kind == "nsa":
@@ -251,17 +267,19 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         # config has them, else sliding_window does)
         types = getattr(cfg, "layer_types", None)
         keep_sliding = types is not None and "sliding_attention" in types and "full_attention" in types
-        if types is not None and not keep_sliding:
+        if types is not None and not keep_sliding and "sliding_attention" in types:
             cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in types]
         elif types is None and getattr(cfg, "sliding_window", None) is not None:
             cfg.sliding_window = None
         for i, layer in enumerate(layers):
-            if keep_sliding and types[i] == "sliding_attention" or not hasattr(layer, "self_attn"):
-                continue  # (hybrids: the linear-attention layers have none)
-            if not isinstance(layer.self_attn, NativeSparseAttention):
-                layer.self_attn = NativeSparseAttention(layer.self_attn, config)
-            elif layer.self_attn.nsa != config:
-                raise ValueError(f"this model's NSA layers have {layer.self_attn.nsa}, not {config}")
+            name = _attention_name(layer)
+            if keep_sliding and types[i] == "sliding_attention" or name is None:
+                continue  # (hybrids: the linear-attention and Mamba layers have none)
+            attn = getattr(layer, name)
+            if not isinstance(attn, NativeSparseAttention):
+                setattr(layer, name, NativeSparseAttention(attn, config))
+            elif attn.nsa != config:
+                raise ValueError(f"this model's NSA layers have {attn.nsa}, not {config}")
         _set_impl(model, "longattn", text_key)  # 2-D padding masks
         options = {"config": dataclasses.asdict(config)}
     else:

@@ -17,6 +17,7 @@ conversation continued) runs :func:`longattn.nsa_attention` on its queries again
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 from typing import Optional
@@ -94,21 +95,31 @@ class NativeSparseAttention(nn.Module):
         # a full-attention layer, as decoder layers and models may ask (OLMo-3 under transformers 4.57 picks the mask
         # and RoPE of each layer by its attention's attention_type)
         self.attention_type, self.is_sliding, self.sliding_window = "full_attention", False, None
-        # the layer's projections (Phi-3: q, k and v as one, qkv_proj) and q/k norms, kept under their names with
-        # their weights: before RoPE per head (Qwen3) or over all the heads' dims at once (OLMo-2, MiniMax-M2: a norm
-        # of H * D values), after RoPE per head (Hunyuan's query_layernorm / key_layernorm)
-        for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm", "query_layernorm",
-                     "key_layernorm"):
+        # the layer's projections (Phi-3: q, k and v as one, qkv_proj; LFM2's output projection out_proj) and q/k
+        # norms, kept under their names with their weights: before RoPE per head (Qwen3; LFM2's q_layernorm /
+        # k_layernorm) or over all the heads' dims at once (OLMo-2, MiniMax-M2: a norm of H * D values), after RoPE per
+        # head (Hunyuan's query_layernorm / key_layernorm)
+        for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "out_proj", "q_norm", "k_norm",
+                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm"):
             setattr(self, name, getattr(attn, name, None))
-        self._norms_across_heads = self.q_norm is not None and self.q_norm.weight.numel() != self.head_dim
+        self._out_name = "o_proj" if self.o_proj is not None else "out_proj"
+        self._norm_names = ("q_norm", "k_norm") if self.q_norm is not None else (
+            ("q_layernorm", "k_layernorm") if self.q_layernorm is not None else None)
+        self._norms_across_heads = (self._norm_names is not None and
+                                    getattr(self, self._norm_names[0]).weight.numel() != self.head_dim)
+        # keys scaled after their projection (Falcon-H1)
+        self._key_multiplier = getattr(attn, "key_multiplier", None)
         # a gated output (Qwen3-Next, Qwen3.5): q_proj gives each head its query and a gate, side by side, and the
         # attention's output is multiplied by the gate's sigmoid before o_proj
         self._output_gate = (self.q_proj is not None and
                              getattr(self.q_proj, "out_features", None) == 2 * self.num_heads * self.head_dim)
-        # layers without RoPE (SmolLM3's NoPE layers; EXAONE-4's full-attention layers beside sliding-window ones)
+        # layers without RoPE (SmolLM3's NoPE layers; EXAONE-4's full-attention layers beside sliding-window ones;
+        # Nemotron-H's and Jamba's attention, which takes no position embeddings; Granite 4.0's where its model passes
+        # None for them)
         self._use_rope = bool(getattr(attn, "use_rope", True)) and not (
-            type(attn).__name__ == "Exaone4Attention" and attn.sliding_window is not None and not attn.is_sliding)
-        w = self.o_proj.weight
+            type(attn).__name__ == "Exaone4Attention" and attn.sliding_window is not None and not attn.is_sliding) \
+            and "position_embeddings" in inspect.signature(type(attn).forward).parameters
+        w = getattr(self, self._out_name).weight
         d, l = self.head_dim, config.cmp_block
         self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
         self.v_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
@@ -121,7 +132,7 @@ class NativeSparseAttention(nn.Module):
         self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=w.dtype, device=w.device)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
-        self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb if self._use_rope else None
 
     def compress(self, x: torch.Tensor, pos: torch.Tensor, lin: nn.Linear, first: int = 0,
                  last: Optional[int] = None) -> torch.Tensor:
@@ -163,20 +174,23 @@ class NativeSparseAttention(nn.Module):
         if self._output_gate:
             q, gate = q.view(B, T, H, 2 * D).chunk(2, -1)
             q, gate = q.reshape(B, T, H * D), gate.reshape(B, T, H * D)
+        q_norm, k_norm = (getattr(self, n) for n in self._norm_names) if self._norm_names else (None, None)
         if self._norms_across_heads:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q_norm(q), k_norm(k)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if self.q_norm is not None and not self._norms_across_heads:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if q_norm is not None and not self._norms_across_heads:
+            q, k = q_norm(q), k_norm(k)
+        if self._key_multiplier is not None:
+            k = k * self._key_multiplier
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
-                cache=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
+                attention_mask: Optional[torch.Tensor] = None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H, D = self.num_heads, self.head_dim
         q, k, v, out_gate = self._project(hidden_states)
-        if self._use_rope:
+        if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = self._rope(q, k, cos, sin)
         if self.query_layernorm is not None:
@@ -199,7 +213,7 @@ class NativeSparseAttention(nn.Module):
         out = out.reshape(B, T, H * D)
         if out_gate is not None:
             out = out * torch.sigmoid(out_gate)
-        return self.o_proj(out), None
+        return getattr(self, self._out_name)(out), None
 
     @staticmethod
     def _real_lengths(mask, L: int, T: int) -> Optional[list]:

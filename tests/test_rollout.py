@@ -7,6 +7,7 @@ import torch
 import longattn
 from longattn import rollout
 from longattn.hf.cache import InPlaceLayer
+from longattn.hf.swap import V5_ARCHS
 from helpers import tiny_config, tiny_deepseek_v3_config, tiny_gpt_oss_pair
 
 transformers = pytest.importorskip("transformers")
@@ -323,18 +324,19 @@ def test_rollout_with_sliding_window_layers(device):
         rollout.generate(ours, prompts, 2, packed=True)
 
 
-@pytest.mark.parametrize("arch,kind", [("qwen3_next", "moba"), ("qwen3_next", "nsa"), ("falcon_h1", "moba")])
+@pytest.mark.parametrize("arch,kind", [("qwen3_next", "moba"), ("qwen3_next", "nsa"), ("falcon_h1", "moba"),
+                                       ("falcon_h1", "nsa"), ("nemotron_h", "nsa")])
 def test_rollout_with_linear_attention_layers(arch, kind, device):
     """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under MoBA
     or NSA; Falcon-H1: a Mamba mixer beside the attention in every layer, its cache layers holding keys and values
-    and a recurrent state): the rollout prefills a padded batch (a packed row would mix the prompts in that state) and
-    equals per-prompt generate, log-probs too; packed=True is refused. Where transformers gives the model a cache
-    class of its own, the rollout refuses it."""
+    and a recurrent state; Nemotron-H: a Mamba layer, then an attention one without RoPE): the rollout prefills a
+    padded batch (a packed row would mix the prompts in that state) and equals per-prompt generate, log-probs too;
+    packed=True is refused. Where transformers gives the model a cache class of its own, the rollout refuses it."""
     cfg = tiny_config(arch)
     if cfg is None:
         pytest.skip(f"this transformers has no {arch} model")
-    if arch == "falcon_h1" and int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("MoBA takes Falcon-H1 under transformers >= 5 (test_hf checks the refusal)")
+    if arch in V5_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"MoBA and NSA take {arch} under transformers >= 5 (test_hf checks the refusal)")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
     if kind == "nsa":

@@ -172,8 +172,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
             Hunyuan, SmolLM3, EXAONE-4, Gemma 3; under transformers 5 also EXAONE 3.5, the OLMo family, Phi-3.5-MoE,
             Granite MoE, InternLM3, Solar Open, Command R, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3,
-            Sarvam-MoE, Nemotron-4: ``NSA_DECODER_ARCHS``; the full-attention layers of the hybrids Qwen3-Next and
-            Qwen3.5, with their gated output, the linear-attention ones kept): each attention becomes a
+            Sarvam-MoE, Nemotron-4: ``NSA_DECODER_ARCHS``; the attention layers of the hybrids Qwen3-Next and
+            Qwen3.5 (gated output), and under transformers 5 Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and
+            LFM2 / LFM2-MoE, their linear-attention, Mamba and convolution layers kept): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4) keeps its sliding ones (exact,

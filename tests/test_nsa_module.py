@@ -8,7 +8,7 @@ import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
 from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     perturb_attention, replay_decode_step_without_sync, tiny_config)
+                     perturb_attention, replay_decode_step_without_sync, tiny_config, tiny_gpt_oss_pair)
 from longattn.hf.swap import NSA_ARCHS, V5_ARCHS, _attention_name
 from longattn.nsa.module import NativeSparseAttention
 
@@ -288,3 +288,17 @@ def test_left_padded_batch_generate_equals_single(device):
         one_a, one_b = model.generate(a, **kw), model.generate(b, **kw)
     assert torch.equal(both[0, 37:], one_a[0, 37:])
     assert torch.equal(both[1, 37:], one_b[0, 20:])
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "gemma2"])
+def test_module_refuses_what_it_would_drop(arch, device):
+    """NSA's module has no attention sinks (gpt-oss; Granite SWA, MiMo-V2-Flash) and no logit soft-capping (Gemma 2):
+    built on such an attention it raises ValueError rather than attend without them."""
+    if arch == "gpt_oss":
+        attn = tiny_gpt_oss_pair(device, "longattn")[0].model.layers[1].self_attn
+    else:
+        cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        attn = AutoModelForCausalLM.from_config(cfg).model.layers[1].self_attn
+    with pytest.raises(ValueError, match="sinks" if arch == "gpt_oss" else "softcapping"):
+        NativeSparseAttention(attn, NSA)

@@ -64,6 +64,21 @@ def _query_rows(cache, pairs: list, lens: list, B: int, T: int, L: int, device) 
     return made
 
 
+def _rotates(attn: nn.Module) -> bool:
+    """Whether transformers attention ``attn`` applies RoPE: not SmolLM3's NoPE layers (``use_rope`` False), the
+    full-attention layers of EXAONE-4 / EXAONE-MoE and of Command R7B / A (Cohere2, Cohere2-MoE, unless ``force_rope``)
+    beside sliding-window ones, nor an attention that takes no position embeddings (Nemotron-H's, Jamba's)."""
+    name = type(attn).__name__
+    if not getattr(attn, "use_rope", True):
+        return False
+    if name in ("Exaone4Attention", "ExaoneMoeAttention") and attn.sliding_window is not None and not attn.is_sliding:
+        return False
+    if name in ("Cohere2Attention", "Cohere2MoeAttention") and attn.sliding_window is None and not getattr(
+            attn, "force_rope", False):
+        return False
+    return "position_embeddings" in inspect.signature(type(attn).forward).parameters
+
+
 class NativeSparseAttention(nn.Module):
     """Drop-in replacement of a transformers self-attention ``attn`` (of a model type in
     ``longattn.hf.swap.NSA_ARCHS``; ``swap_attention(model, "nsa")`` builds one per layer) by NSA under ``config``
@@ -87,6 +102,8 @@ class NativeSparseAttention(nn.Module):
         if getattr(attn, "is_causal", True) is False:
             raise ValueError(f"NativeSparseAttention replaces causal attention; this {type(attn).__name__} is "
                              "bidirectional")
+        if getattr(attn, "sinks", None) is not None:
+            raise ValueError(f"NativeSparseAttention has no attention sinks; this {type(attn).__name__} has them")
         if getattr(hf_cfg, "attn_logit_softcapping", None) is not None:
             raise ValueError("NativeSparseAttention has no attention logit softcapping (config.attn_logit_softcapping "
                              f"= {hf_cfg.attn_logit_softcapping}); it needs None")
@@ -113,12 +130,9 @@ class NativeSparseAttention(nn.Module):
         # attention's output is multiplied by the gate's sigmoid before o_proj
         self._output_gate = (self.q_proj is not None and
                              getattr(self.q_proj, "out_features", None) == 2 * self.num_heads * self.head_dim)
-        # layers without RoPE (SmolLM3's NoPE layers; EXAONE-4's full-attention layers beside sliding-window ones;
-        # Nemotron-H's and Jamba's attention, which takes no position embeddings; Granite 4.0's where its model passes
-        # None for them)
-        self._use_rope = bool(getattr(attn, "use_rope", True)) and not (
-            type(attn).__name__ == "Exaone4Attention" and attn.sliding_window is not None and not attn.is_sliding) \
-            and "position_embeddings" in inspect.signature(type(attn).forward).parameters
+        self._use_rope = _rotates(attn)  # (and where the model passes position embeddings: not Granite 4.0's NoPE)
+        # a norm of the attention's output before o_proj (BitNet)
+        self.attn_sub_norm = getattr(attn, "attn_sub_norm", None)
         w = getattr(self, self._out_name).weight
         d, l = self.head_dim, config.cmp_block
         self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
@@ -213,6 +227,8 @@ class NativeSparseAttention(nn.Module):
         out = out.reshape(B, T, H * D)
         if out_gate is not None:
             out = out * torch.sigmoid(out_gate)
+        if self.attn_sub_norm is not None:
+            out = self.attn_sub_norm(out)
         return getattr(self, self._out_name)(out), None
 
     @staticmethod

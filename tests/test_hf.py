@@ -10,7 +10,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_llama4_pair, tiny_mla_config,
                      tiny_multimodal_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
-from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS
+from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS, _attention_name
 from longattn.mla.module import MLAAttention
 from longattn.nsa import NSAConfig
 
@@ -107,6 +107,9 @@ def test_moba_swap_on_other_models(arch, device):
             longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
         return
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
+    # (each attention sees the transformers cache, where decoding keeps the pooled keys: Nemotron-H's is a mixer)
+    attns = [getattr(layer, _attention_name(layer)) for layer in ours.model.layers if _attention_name(layer)]
+    assert all(getattr(a, "_longattn_records_cache", False) for a in attns)
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # (row 0 unpadded)

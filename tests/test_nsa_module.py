@@ -121,10 +121,12 @@ def test_window_branch_alone_equals_original_model(arch, device):
     H = cfg.num_attention_heads
     nsa_layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
     # (a model mixing sliding-window and full layers keeps its sliding ones: OLMo-3, EXAONE-4, Gemma 3; the hybrids
-    # their linear-attention, Mamba or convolution layers; Nemotron-H's attention is a layer's mixer)
+    # their linear-attention (MiniMax-M1's an attention module of its own), Mamba or convolution layers; Nemotron-H's
+    # attention is a layer's mixer)
     types = getattr(cfg, "layer_types", None) or []
     mixed = "sliding_attention" in types and "full_attention" in types
-    assert len(nsa_layers) == sum(_attention_name(layer) is not None and not (mixed and t == "sliding_attention")
+    assert len(nsa_layers) == sum(_attention_name(layer) is not None and t != "linear_attention" and
+                                  not (mixed and t == "sliding_attention")
                                   for layer, t in zip(ref.model.layers, types or [None] * len(ref.model.layers)))
     assert len(nsa_layers) >= 1
     with torch.no_grad():

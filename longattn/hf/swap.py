@@ -11,11 +11,11 @@ from torch import nn
 # RoPE: Qwen3, Gemma 3; over all heads' dims: OLMo-2/3, MiniMax-M2; per head after RoPE: Hunyuan), the model's own RoPE
 # function (partial rotary too: GLM-4, Phi-4-mini, MiniMax-M2) and layers without RoPE (SmolLM3; the full attention of
 # EXAONE-4 and Command R7B / A beside sliding-window layers); the sliding-window layers of models that mix them with
-# full ones stay
+# full ones stay, and MiniMax-M1's lightning-attention (linear) layers
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
              "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
              "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3", "olmo3", "exaone4", "gemma3_text",
-             "cohere2")
+             "cohere2", "minimax")
 # and under transformers 5: EXAONE 3.5 / EXAONE-MoE, OLMo / OLMoE / FlexOlmo / OLMo hybrid (its linear-attention
 # layers kept), Phi-3.5-MoE, Granite MoE (shared experts too), InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
 # Gemma, StarCoder2, Helium, CWM (its sliding-window layers kept), Hunyuan V3, Sarvam-MoE, Nemotron-4 (partial
@@ -61,10 +61,10 @@ DECODER_ARCHS = ("mimo_v2_flash", "granite_swa", "granitemoe_swa", "stablelm", "
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; MiniMax-M1, a linear-attention hybrid with a cache class of its own; Gemma 4's head dims and KV sharing
-# across layers), their sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the
-# keys and values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
-MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + ("gpt_oss", "minimax", "gemma4_text") + HYBRID_ARCHS
+# gpt-oss; Gemma 4's head dims and KV sharing across layers), their sliding-window layers staying so, the hybrids and
+# decoders above, and the MLA models (on the keys and values their attention decompresses: q/k 192, v 128 in
+# DeepSeek-V3)
+MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + ("gpt_oss", "gemma4_text") + HYBRID_ARCHS
                                  + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
@@ -158,8 +158,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and MiniMax-M1, gpt-oss, Gemma 4,
-            Llama 4: their sliding-window and chunked layers stay so, the
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and gpt-oss, Gemma 4, Llama 4:
+            their sliding-window and chunked layers stay so, the
             linear-attention layers of hybrids too; under transformers 5 also the Mamba hybrids Nemotron-H, Granite
             4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept,
             and the decoders of ``DECODER_ARCHS``: MiMo-V2-Flash, Granite SWA, StableLM, ...; and those of MLA
@@ -171,7 +171,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
-            Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A; under transformers 5 also EXAONE 3.5 / EXAONE-MoE,
+            Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, MiniMax-M1 (its lightning-attention layers
+            kept); under transformers 5 also EXAONE 3.5 / EXAONE-MoE,
             the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM, Gemma,
             StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet: ``NSA_DECODER_ARCHS``; the
             attention layers of the hybrids Qwen3-Next and Qwen3.5 (gated output), and under transformers 5
@@ -276,8 +277,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             cfg.sliding_window = None
         for i, layer in enumerate(layers):
             name = _attention_name(layer)
-            if keep_sliding and types[i] == "sliding_attention" or name is None:
-                continue  # (hybrids: the linear-attention and Mamba layers have none)
+            if keep_sliding and types[i] == "sliding_attention" or name is None or \
+                    types is not None and types[i] == "linear_attention":
+                continue  # (hybrids: the linear-attention and Mamba layers; MiniMax-M1's lightning attention)
             attn = getattr(layer, name)
             if not isinstance(attn, NativeSparseAttention):
                 setattr(layer, name, NativeSparseAttention(attn, config))

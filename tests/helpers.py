@@ -198,7 +198,8 @@ def tiny_multimodal_config(arch: str):
     encoder of one layer, multimodal RoPE in the language model: image token 150, vision start / end 152 / 153),
     "gemma3" (Gemma 3: a sliding-window layer then a full one; images of 28 x 28 pixels, 4 tokens each, image token
     150, start / end 152 / 153), "qwen3_5" (Qwen3.5: a linear-attention layer then a full one with a gated output,
-    interleaved multimodal RoPE on half the head dims; tokens as Qwen2.5-VL's) or "kimi_k25" (Kimi K2.5:
+    interleaved multimodal RoPE on half the head dims; tokens as Qwen2.5-VL's), "qwen3_vl" (Qwen3-VL: interleaved
+    multimodal RoPE, the vision features added to the first layer's input as well) or "kimi_k25" (Kimi K2.5:
     tiny_deepseek_v3_config's language model and a vision encoder of one layer)."""
     import transformers
 
@@ -222,17 +223,24 @@ def tiny_multimodal_config(arch: str):
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=150,
                                              video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
                                              pad_token_id=0)
-    if arch == "qwen3_5":
-        if not hasattr(transformers, "Qwen3_5Config"):
+    if arch in ("qwen3_5", "qwen3_vl"):
+        name = dict(qwen3_5="Qwen3_5Config", qwen3_vl="Qwen3VLConfig")[arch]
+        if not hasattr(transformers, name):
             return None
-        rope = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1],
-                    mrope_interleaved=True)
+        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1], mrope_interleaved=True)
         text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_parameters=rope, **_LINEAR)
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, out_hidden_size=64,
                       num_position_embeddings=16)
-        cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=150,
-                                         video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+        if arch == "qwen3_5":  # (RoPE on half the head dims)
+            text.update(rope_parameters=dict(rope, partial_rotary_factor=0.5), **_LINEAR)
+        else:  # (RoPE on every head dim; the vision encoder's features also added to the first layer's input)
+            rope = dict(rope, mrope_section=[4, 2, 2])
+            text.update(dict(rope_parameters=rope) if int(transformers.__version__.split(".")[0]) >= 5 else
+                        dict(rope_theta=10000.0, rope_scaling=dict(rope, type="mrope")))
+            vision.update(deepstack_visual_indexes=[0])
+        cfg = getattr(transformers, name)(text_config=text, vision_config=vision, image_token_id=150,
+                                          video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
         cfg.pad_token_id = 0
         return cfg
     if not hasattr(transformers, "Kimi_K25Config"):

@@ -429,14 +429,16 @@ def test_moba_swap_on_mla_models(arch, device, monkeypatch):
     assert torch.equal(gen[:, 45:], recompute)
 
 
-@pytest.mark.parametrize("arch,kind", [("qwen2_5_vl", "flash"), ("qwen2_5_vl", "moba"), ("qwen3_5", "nsa"),
+@pytest.mark.parametrize("arch,kind", [("qwen2_5_vl", "flash"), ("qwen2_5_vl", "moba"), ("qwen2_5_vl", "nsa"),
+                                       ("qwen3_vl", "nsa"), ("qwen3_vl", "moba"), ("qwen3_5", "nsa"),
                                        ("qwen3_5", "moba"), ("kimi_k25", "mla")])
 def test_swap_on_multimodal_model(arch, kind, device, tmp_path):
     """A multimodal model: its language model's attention swapped, its vision encoder's kept (bidirectional: the
-    attention functions refuse it). Qwen2.5-VL and Qwen3.5 (a hybrid: its linear-attention layer kept) with an image
-    in the prompt (multimodal RoPE), Kimi K2.5 (MLA) on text: the logits and greedy generation equal the eager
-    model's (MoBA over every block, NSA's window branch alone over a window longer than the sequence: exact); saved,
-    it loads back swapped (longattn.hf.from_pretrained), NSA's weights too."""
+    attention functions refuse it). Qwen2.5-VL, Qwen3-VL and Qwen3.5 (a hybrid: its linear-attention layer kept) with
+    an image in the prompt (multimodal RoPE), Kimi K2.5 (MLA) on text: the logits and greedy generation equal the
+    eager model's (MoBA over every block, NSA's window branch alone over a window longer than the sequence: exact);
+    saved, it loads back swapped (longattn.hf.from_pretrained), NSA's weights too. NSA takes multimodal RoPE under
+    transformers 5 only (ValueError before)."""
     cfg = tiny_multimodal_config(arch)
     if cfg is None:
         pytest.skip(f"this transformers has no {arch} model")
@@ -444,23 +446,27 @@ def test_swap_on_multimodal_model(arch, kind, device, tmp_path):
     ref = transformers.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager").eval().to(device)
     opts = dict(flash={}, moba=dict(block_size=16, topk=64), mla=dict(page_size=16),
                 nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=64)))[kind]
+    if kind == "nsa" and int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(ValueError, match="under transformers >= 5"):
+            longattn.hf.swap_attention(copy.deepcopy(ref), kind, **opts)
+        return
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), kind, **opts)
     assert ours.config.vision_config._attn_implementation == "eager"
     assert ours.config.text_config._attn_implementation == ("moba" if kind == "moba" else "longattn")
     if kind == "nsa":  # gates: the window branch alone
         nsa_layers = [m for m in ours.modules() if type(m).__name__ == "NativeSparseAttention"]
-        assert len(nsa_layers) == 1  # (the full-attention layer; the linear-attention one kept)
+        assert len(nsa_layers) == (1 if arch == "qwen3_5" else 2)  # (Qwen3.5's linear-attention layer kept)
         with torch.no_grad():
             for m in nsa_layers:
                 m.gate.bias.copy_(torch.tensor([-40.0] * 8 + [40.0] * 4))
     ids = torch.randint(1, 128, (1, 40)).to(device)
     inputs = dict(input_ids=ids)
-    if arch in ("qwen2_5_vl", "qwen3_5"):  # an image of 4 x 4 patches (4 tokens after merging) after the first two
+    if arch.startswith("qwen"):  # an image of 4 x 4 patches (4 tokens after merging) after the first two tokens
         ids[0, 2:8] = torch.tensor([152, 150, 150, 150, 150, 153])
         inputs.update(pixel_values=torch.randn(16, 3 * 2 * 14 * 14).to(device),
                       image_grid_thw=torch.tensor([[1, 4, 4]]).to(device))
-        if arch == "qwen3_5":  # (which tokens are an image's, as its processor gives them)
-            inputs.update(mm_token_type_ids=(ids == 150).int())
+        if arch != "qwen2_5_vl" and int(transformers.__version__.split(".")[0]) >= 5:
+            inputs.update(mm_token_type_ids=(ids == 150).int())  # (which tokens are an image's, as processors say)
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, atol=1e-4, rtol=1e-4)
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)

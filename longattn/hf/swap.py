@@ -39,8 +39,11 @@ MLA_ATTENTIONS = {"deepseek_v3": "DeepseekV3Attention", "deepseek_v2": "Deepseek
                   "kimi_linear": "KimiLinearAttention", "sarvam_mla": "DeepseekV3Attention"}
 MLA_ARCHS = tuple(MLA_ATTENTIONS)
 # the language models of multimodal models whose attention rotates by multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
-# MoBA's and flash's attention functions take them (the model rotates); NSA's module does not
+# MoBA's and flash's attention functions take them (the model rotates); NSA's module under transformers 5, where the
+# model's rotary embedding lays out the multimodal sections and the attention applies a plain rotary function (under
+# transformers 4 their attention splits the sections itself)
 VL_TEXT_ARCHS = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
+NSA_ARCHS += VL_TEXT_ARCHS
 # hybrids whose other layers are Mamba layers (Nemotron-H, Granite 4.0, Bamba, Jamba, Zamba2's shared attention
 # blocks; Falcon-H1 with a Mamba mixer beside the attention in each layer) or short convolutions (LFM2): the attention
 # layers take longattn's attention, the others stay as they are
@@ -177,7 +180,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet: ``NSA_DECODER_ARCHS``; the
             attention layers of the hybrids Qwen3-Next and Qwen3.5 (gated output), and under transformers 5
             Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE, their linear-attention, Mamba and
-            convolution layers kept): each attention becomes a
+            convolution layers kept; under transformers 5 the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+            (dense, MoE)): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B) keeps its sliding
@@ -228,7 +232,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         raise ValueError(f"{type(lm).__name__} picks its attention modules when it is built (in this transformers, "
                          f"{transformers.__version__}, it does not call transformers' attention functions): kind "
                          f"{kind!r} could not reach them; build the model with transformers 5")
-    if kind in ("moba", "nsa") and arch in V5_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
+    if (kind in ("moba", "nsa") and arch in V5_ARCHS or kind == "nsa" and arch in VL_TEXT_ARCHS) and \
+            int(transformers.__version__.split(".")[0]) < 5:
         raise ValueError(f"kind {kind!r} takes {arch} models under transformers >= 5, found {transformers.__version__}")
     allowed = {"flash": (), "moba": ("block_size", "topk"), "nsa": ("config",),
                "mla": ("page_size", "cache_dtype", "cache_scale")}[kind]

@@ -146,7 +146,10 @@ class NativeSparseAttention(nn.Module):
         self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=w.dtype, device=w.device)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
-        self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb if self._use_rope else None
+        self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if self._use_rope and self._rope is None:  # (transformers 4's Qwen2-VL: a rotary function of its own)
+            raise ValueError(f"NativeSparseAttention applies RoPE by its model's apply_rotary_pos_emb, which "
+                             f"{type(attn).__module__} does not have")
 
     def compress(self, x: torch.Tensor, pos: torch.Tensor, lin: nn.Linear, first: int = 0,
                  last: Optional[int] = None) -> torch.Tensor:

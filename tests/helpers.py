@@ -280,7 +280,7 @@ def tiny_gpt_oss_pair(device, impl):
 
 def tiny_llama4_pair(device, kind):
     """A tiny Llama 4 text model (chunks of 16 tokens in three layers of four, the fourth global without RoPE, with
-    temperature tuning; mixture-of-experts feed-forward every other layer) under eager attention, and a copy through
+    temperature tuning of its queries; mixture-of-experts feed-forward every other layer) under eager attention, and a copy through
     ``swap_attention(model, kind)`` ("flash", or "moba" with top-k over every block: dense)."""
     import copy
 
@@ -291,7 +291,8 @@ def tiny_llama4_pair(device, kind):
     cfg = Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=2,
-                           attention_chunk_size=16, max_position_embeddings=256, pad_token_id=0)
+                           attention_chunk_size=16, max_position_embeddings=256, pad_token_id=0,
+                           floor_scale=4)  # (the temperature grows every 4 positions: 8192 in the real models)
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(device)
     ours = copy.deepcopy(ref)

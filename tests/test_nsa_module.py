@@ -8,7 +8,8 @@ import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
 from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     perturb_attention, replay_decode_step_without_sync, tiny_config, tiny_gpt_oss_pair)
+                     perturb_attention, replay_decode_step_without_sync, tiny_config, tiny_gpt_oss_pair,
+                     tiny_llama4_pair)
 from longattn.hf.swap import NSA_ARCHS, V5_ARCHS, _attention_name
 from longattn.nsa.module import NativeSparseAttention
 
@@ -304,3 +305,30 @@ def test_module_refuses_what_it_would_drop(arch, device):
         attn = AutoModelForCausalLM.from_config(cfg).model.layers[1].self_attn
     with pytest.raises(ValueError, match="sinks" if arch == "gpt_oss" else "softcapping"):
         NativeSparseAttention(attn, NSA)
+
+
+def test_llama4_global_layers(device):
+    """Llama 4: NSA replaces its global layers (no RoPE, queries scaled by position: temperature tuning), its chunked
+    layers kept. With the window branch alone over a window longer than the sequence, logits and padded greedy
+    generation past several chunks equal the eager model's; with every branch open, generation equals recompute."""
+    ref = tiny_llama4_pair(device, "flash")[0].eval()
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
+                                                                                 slc_block=16, slc_topk=3, window=256))
+    kinds = [type(layer.self_attn).__name__ for layer in ours.model.layers]
+    assert kinds == ["Llama4TextAttention"] * 3 + ["NativeSparseAttention"]
+    with torch.no_grad():
+        ours.model.layers[3].self_attn.gate.bias.copy_(torch.tensor([-40.0] * 8 + [40.0] * 4))
+    ids = torch.randint(1, 128, (2, 40)).to(device)
+    mask = torch.ones_like(ids)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):  # (see test_hf's test_llama4_chunked_layers)
+        mask[1, :9] = 0
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
+                                   ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-4, rtol=1e-4)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), ref.generate(ids, attention_mask=mask, **kw))
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
+    with torch.no_grad():
+        gen = ours.generate(ids[:1], **kw)
+        recompute = ours(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
+    assert torch.equal(gen[:, 40:], recompute)

@@ -56,6 +56,8 @@ NSA_ARCHS += tuple(a for a in HYBRID_ARCHS if a != "zamba2")
 # transformers marks as not taking flash attention's conventions for that reason alone: longattn's attention takes
 # chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
 CHUNKED_ARCHS = ("llama4_text",)
+# NSA's module replaces Llama 4's global layers (no RoPE; queries scaled by position), its chunked layers kept
+NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
 # staying so), under transformers 5: MiMo-V2-Flash and Granite (MoE) with sliding windows (attention sinks), StableLM,
 # JetMoE, Gemma 3n (KV-shared layers)
@@ -181,7 +183,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             attention layers of the hybrids Qwen3-Next and Qwen3.5 (gated output), and under transformers 5
             Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE, their linear-attention, Mamba and
             convolution layers kept; under transformers 5 the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL
-            (dense, MoE)): each attention becomes a
+            (dense, MoE); Llama 4's global layers, without RoPE and with their queries' temperature tuning, its
+            chunked layers kept): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B) keeps its sliding
@@ -283,8 +286,10 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         for i, layer in enumerate(layers):
             name = _attention_name(layer)
             if keep_sliding and types[i] == "sliding_attention" or name is None or \
-                    types is not None and types[i] == "linear_attention":
-                continue  # (hybrids: the linear-attention and Mamba layers; MiniMax-M1's lightning attention)
+                    types is not None and types[i] in ("linear_attention", "chunked_attention"):
+                # (hybrids: the linear-attention and Mamba layers; MiniMax-M1's lightning attention; Llama 4's chunked
+                # layers, local already)
+                continue
             attn = getattr(layer, name)
             if not isinstance(attn, NativeSparseAttention):
                 setattr(layer, name, NativeSparseAttention(attn, config))

@@ -131,6 +131,10 @@ class NativeSparseAttention(nn.Module):
         self._output_gate = (self.q_proj is not None and
                              getattr(self.q_proj, "out_features", None) == 2 * self.num_heads * self.head_dim)
         self._use_rope = _rotates(attn)  # (and where the model passes position embeddings: not Granite 4.0's NoPE)
+        # Llama 4's global layers (no RoPE) scale their queries by position (temperature tuning): by
+        # 1 + attn_scale * log(1 + floor((t + 1) / floor_scale)) at cache position t
+        self._temperature = ((attn.attn_scale, attn.floor_scale) if getattr(attn, "attn_temperature_tuning", False)
+                             and not self._use_rope else None)
         # a norm of the attention's output before o_proj (BitNet)
         self.attn_sub_norm = getattr(attn, "attn_sub_norm", None)
         w = getattr(self, self._out_name).weight
@@ -216,6 +220,10 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             check_cache_supported(cache, "nsa")
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if self._temperature is not None:  # (by the cache's columns, padding included, as Llama 4 does)
+            attn_scale, floor_scale = self._temperature
+            t = torch.arange(past, past + T, device=q.device, dtype=torch.float32)
+            q = (q * (torch.log1p(torch.floor((t + 1.0) / floor_scale)) * attn_scale + 1.0)[:, None]).to(q.dtype)
         if past:
             check_not_packed(cache, self.layer_idx)
         if cache is not None:

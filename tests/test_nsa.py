@@ -420,11 +420,12 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
     assert torch.equal(out3, out)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_nsa_decode_long_selection_blocks(splits, device):
+@pytest.mark.parametrize("splits,window", [(1, 32), (3, 32), (3, 2 ** 31 - 1)])
+def test_nsa_decode_long_selection_blocks(splits, window, device):
     """Selection blocks of 64 keys, which the GPU tiles of float32 cut into several key tiles (fused and split
-    paths)."""
-    cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=64, slc_topk=3, window=32)
+    paths); a window longer than any context (the split path's window pieces: as many as the keys need, not the
+    window's length)."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=64, slc_topk=3, window=window)
     lens, offsets = [300, 100], [0, 20]
     q, k, v, kc, vc, gates = _decode_case(lens, offsets, 320, 4, 1, 32, 16, torch.float32, device, cfg)
     out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),

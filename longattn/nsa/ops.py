@@ -799,7 +799,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
     # compressed output and gated in a last small kernel: one program per (sequence, KV head) would run them all
     window_piece = 32 if small_tiles() else 128
-    n_pieces = config.slc_topk + cdiv(config.window, window_piece)
+    n_pieces = config.slc_topk + cdiv(min(config.window, max_len), window_piece)  # (a window past the keys: theirs)
     piece_out = empty(n_pieces, B, hq, dv, device=q.device, dtype=torch.float32)
     piece_lse = empty(n_pieces, hq, B, device=q.device, dtype=torch.float32)
     _nsa_decode_piece_kernel[(B, hkv, n_pieces)](

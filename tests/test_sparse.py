@@ -58,6 +58,9 @@ def test_block_sparse_rejects_bad_blocks(device):
         block_sparse_attention(q, q, q, blocks.float(), block_size=16)
     with pytest.raises(ValueError, match="block_indices must be \\(B, Tq, "):
         block_sparse_attention(q, q, q, blocks[:, :30], block_size=16)
+    for bs in (24, 2 ** 17):  # (the kernels walk a block's tiles: no block longer than 65536 keys)
+        with pytest.raises(ValueError, match="block_size must be a power of two from 16 to 65536"):
+            block_sparse_attention(q, q, q, torch.full_like(blocks, -1), block_size=bs)
 
 
 def test_sparse_candidates(monkeypatch):

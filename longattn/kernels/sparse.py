@@ -735,8 +735,8 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
     strictly before the query's own block (``own_listed=False``) or up to it with the own block listed.
     Returns them packed ``(total_q, heads, K)`` as contiguous int32."""
     check_positive_int(block_size, "block_size", minimum=16)
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if block_size & (block_size - 1) or block_size > 65536:
+        raise ValueError(f"block_size must be a power of two from 16 to 65536, got {block_size}")
     if not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices must be an integer tensor, got {type(block_indices).__name__}")
     if block_indices.dtype not in INDEX_DTYPES:
@@ -781,7 +781,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             K indices of key blocks (``block_size`` tokens from the sequence start) strictly before the
             query's own block, each listed once; ``-1`` marks an unused slot. The own block is always
             attended and must not be listed.
-        block_size: a power of two >= 16.
+        block_size: a power of two from 16 to 65536.
     Returns:
         ``out`` in q's dtype (and the float32 lse); differentiable in q, k, v (dq bitwise reproducible under
         ``torch.use_deterministic_algorithms(True)``, as :func:`longattn.moba_attention`'s).

@@ -475,7 +475,7 @@ def nsa_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         block_indices: int ``(B, T, Hkv, n)`` / ``(total, Hkv, n)``: for every query and KV head, the blocks
             (``block_size`` tokens from the sequence start, each listed once, -1 = unused slot) shared by the
             group's query heads. Each query's own block must be listed; later blocks must not.
-        block_size: a power of two >= 16 (default 64).
+        block_size: a power of two from 16 to 65536 (default 64).
         scale: softmax scale, default ``Dk ** -0.5``.
     Returns:
         ``(B, T, Hq, Dv)`` / ``(total, Hq, Dv)`` in q's dtype.

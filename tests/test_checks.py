@@ -109,8 +109,13 @@ def test_bad_options(device):
         flash_attention(q, k, v, window=4, key_stride=16, key_offset=31)
     with pytest.raises(ValueError, match="key_stride must lie in \\[1, "):
         flash_attention(q, k, v, key_stride=0)
-    with pytest.raises(ValueError, match="scale must be a finite positive number, got 1"):
+    with pytest.raises(ValueError, match="scale must be a finite positive number at most 2\\*\\*60, got 1"):
         flash_attention(q, k, v, scale=2 ** 1100)
+    for big in (1e39, 2.0 ** 61):  # (beyond float32, in which the kernels take it, or near: NaN outputs)
+        with pytest.raises(ValueError, match="scale must be a finite positive number at most"):
+            flash_attention(q, k, v, scale=big)
+        with pytest.raises(ValueError, match="softcap must be a finite positive number at most"):
+            flash_attention(q, k, v, softcap=big)
     with pytest.raises(ValueError, match="k is on .* but q is on meta"):  # q first: also the autocast check's device
         flash_attention(q.to("meta"), k, v)
 

@@ -683,6 +683,9 @@ def validate_pages(block_table: torch.Tensor, cache_rows: Optional[torch.Tensor]
         check_cache_pages(torch.tensor(lens), table.cpu(), 1, capacity, page, pages)
 
 
+MAX_SCALE = 2.0 ** 60
+
+
 def check_scale(scale, default: float, name: str = "scale") -> float:
     if scale is None:
         return float(default)
@@ -692,8 +695,8 @@ def check_scale(scale, default: float, name: str = "scale") -> float:
         value = float(scale)
     except OverflowError:  # an int beyond float range
         value = float("inf")
-    if not (value > 0.0) or value == float("inf"):
-        raise ValueError(f"{name} must be a finite positive number, got {scale}")
+    if not (value > 0.0) or value > MAX_SCALE:  # (the kernels take it, and products of two, in float32)
+        raise ValueError(f"{name} must be a finite positive number at most 2**60, got {scale}")
     return value
 
 

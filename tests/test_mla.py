@@ -474,6 +474,17 @@ def test_prefill_bad_inputs(device):
         mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=0.2, prefix_chunk=8)
     with pytest.raises(TypeError, match="prefix_chunk must be an int"):
         mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=0.2, prefix_chunk=16.0)
+    for bad, err in (("x", TypeError), (True, TypeError), (-0.2, ValueError)):
+        with pytest.raises(err, match="scale must be a (float|finite positive number)"):
+            mla_prefill(qn, qr, c, kr, w_uk, w_uv, scale=bad)
+    # varlen: a sequence with more queries than latent tokens (its queries are its last tokens), one offsets tensor
+    cu = lambda *a: torch.tensor(a, dtype=torch.int32, device=device)
+    flat = [x[0] for x in (qn, qr, c, kr)]
+    with pytest.raises(ValueError, match="sequence 0 has 6 queries but 5 latent tokens"):
+        mla_prefill(*flat[:2], flat[2][:10], flat[3][:10], w_uk, w_uv, scale=0.2, cu_seqlens_q=cu(0, 6, 12),
+                    cu_seqlens_k=cu(0, 5, 10))
+    with pytest.raises(ValueError, match="need both cu_seqlens_q and cu_seqlens_k"):
+        mla_prefill(*flat, w_uk, w_uv, scale=0.2, cu_seqlens_q=cu(0, 12))
 
 
 def test_decode_bad_inputs(device):

@@ -11,8 +11,8 @@ from ..kernels.flash import (DECODE_ROWS, LOG2E, _lastdim_contiguous, flash_atte
                              flash_decode, flash_fwd, split_parts)
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
-                             check_attention_inputs, check_positive_int, check_same_dtype, check_scale, check_tensor,
-                             device_tensor, eager_context, empty, kernel_inputs,
+                             check_attention_inputs, check_cu_seqlens, check_positive_int, check_same_dtype,
+                             check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs,
                              next_pow2, num_sms, public_op, read_back_later, resolve_seqlens, row_descriptors,
                              small_tiles, split_context, widen_by_asm)
 from .kernels import _mla_decode_kernel, _mla_decode_tuned
@@ -71,6 +71,7 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     check_same_dtype(tensors)
     check_device(tensors)  # before the decompression (flash_attention checks the rest)
     _require_scale(scale)
+    scale = check_scale(scale, 1.0)
     h, rank = q_nope.shape[-2], c_kv.shape[-1]
     if w_uk.shape[0] != h or w_uv.shape[0] != h or w_uk.shape[2] != rank or w_uv.shape[2] != rank:
         raise ValueError(f"w_uk/w_uv must be (H={h}, dim, R={rank}), got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}")
@@ -87,6 +88,18 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         raise ValueError(f"c_kv holds {c_kv.shape[1]} tokens per sequence, fewer than the {q_nope.shape[1]} queries")
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, None, None)
+    if varlen:  # the queries are each sequence's last tokens: no more of them than the sequence's latent tokens
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k (or a shared cu_seqlens)")
+        cq = check_cu_seqlens(cu_seqlens_q, q_nope.shape[0], "cu_seqlens_q")
+        ck = check_cu_seqlens(cu_seqlens_k, c_kv.shape[0], "cu_seqlens_k")
+        if len(cq) != len(ck):
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                             f"{len(cq) - 1} and {len(ck) - 1}")
+        for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
+            if q1 - q0 > k1 - k0:
+                raise ValueError(f"sequence {b} has {q1 - q0} queries but {k1 - k0} latent tokens (cu_seqlens_q / "
+                                 "cu_seqlens_k): its queries are its last tokens")
     check_positive_int(prefix_chunk, "prefix_chunk", minimum=16)
     if not varlen and q_nope.shape[0] * q_nope.shape[1] and c_kv.shape[1] - q_nope.shape[1] >= prefix_chunk:
         # a long cached prefix (decompressed in pieces): as packed sequences

@@ -369,6 +369,21 @@ def test_cache_bookkeeping(device):
         cache.append(b, toks[b][:2, :8], toks[b][:2, 8:])
     with pytest.raises(TypeError, match="lengths must be whole numbers"):
         cache.append([b], toks[b][:2, :8], toks[b][:2, 8:], [1.5])
+    with pytest.raises(TypeError, match="lengths must be whole numbers"):
+        cache.append([b], toks[b][:2, :8], toks[b][:2, 8:], [None])
+    for ids in ([True], [[b]]):  # (a bool is no sequence id; a list cannot be one)
+        with pytest.raises(TypeError, match="sequence ids must be ints"):
+            cache.append(ids, toks[b][:2, :8], toks[b][:2, 8:])
+    with pytest.raises(TypeError, match="sequence ids must be ints"):
+        cache.free([b])
+    # (B, T, dim) tensors: one row per sequence (three rows for one sequence were split over it silently)
+    with pytest.raises(ValueError, match="B = 2 must equal the number of seq_ids, 1"):
+        cache.append([b], toks[b][:4, :8].reshape(2, 2, 8), toks[b][:4, 8:].reshape(2, 2, 4))
+    with pytest.raises(ValueError, match="lengths must be T = 2 for each sequence"):
+        cache.append([b], toks[b][:2, :8].reshape(1, 2, 8), toks[b][:2, 8:].reshape(1, 2, 4), lengths=[1])
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        cache.tokens([b], dtype="float16")
+    assert cache.seqlens(i for i in [b]).tolist() == cache.seqlens([b]).tolist()  # (any iterable of ids)
     with pytest.raises(TypeError, match="c_kv must be a floating-point tensor"):
         cache.append([b], toks[b][:2, :8].tolist(), toks[b][:2, 8:])
     with pytest.raises(ValueError, match="c_kv and k_rope must hold the same tokens"):

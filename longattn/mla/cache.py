@@ -104,7 +104,9 @@ class PagedLatentCache:
     def tokens(self, seq_ids: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The sequences' tokens ``(total, rank + rope_dim)``, one sequence after another, as values (a float8
         cache's dequantised: stored x scale) in ``dtype`` (default: the cache's, float32 for a float8 one)."""
-        self._check_ids(seq_ids)
+        seq_ids = self._check_ids(seq_ids)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
         rows = self._flat()[self._rows(seq_ids)]
         if self.kv.dtype not in FLOAT8_DTYPES:
             return rows if dtype is None else rows.to(dtype)
@@ -128,12 +130,17 @@ class PagedLatentCache:
         self._check_ids([seq_id])
         return self._lens[seq_id]
 
-    def _check_ids(self, ids: Sequence[int]):
+    def _check_ids(self, ids: Sequence[int]) -> list:
+        """``ids`` as a list, each a live sequence's id (an int from new_sequence)."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise TypeError(f"seq_ids must be a sequence of ids (from new_sequence), got {type(ids).__name__}")
+        ids = list(ids)
         for s in ids:
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise TypeError(f"sequence ids must be ints (from new_sequence), got {s!r}")
             if s not in self._pages:
                 raise ValueError(f"unknown or freed sequence id {s!r}")
+        return ids
 
     def append(self, seq_ids: Sequence[int], c_kv: torch.Tensor, k_rope: torch.Tensor,
                lengths: Optional[Sequence[int]] = None) -> None:
@@ -143,8 +150,7 @@ class PagedLatentCache:
         packed one sequence after another, ``lengths[i]`` of them for ``seq_ids[i]`` (default: the same
         number for each). ``(B, T, ...)`` tensors are accepted for equal lengths.
         """
-        self._check_ids(seq_ids)
-        seq_ids = list(seq_ids)
+        seq_ids = self._check_ids(seq_ids)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("seq_ids must not repeat")
         for name, t in (("c_kv", c_kv), ("k_rope", k_rope)):
@@ -158,13 +164,22 @@ class PagedLatentCache:
             if t.device != self.kv.device:
                 raise ValueError(f"{name} is on {t.device} but the cache is on {self.kv.device}")
         if c_kv.dim() == 3:
+            if c_kv.shape[0] != len(seq_ids):
+                raise ValueError(f"(B, T, dim) tensors hold B sequences of T tokens each: B = {c_kv.shape[0]} must "
+                                 f"equal the number of seq_ids, {len(seq_ids)}")
+            if lengths is not None and list(lengths) != [c_kv.shape[1]] * c_kv.shape[0]:
+                raise ValueError(f"lengths must be T = {c_kv.shape[1]} for each sequence of (B, T, dim) tensors (or "
+                                 f"None), got {list(lengths)}")
             c_kv, k_rope = c_kv.reshape(-1, c_kv.shape[-1]), k_rope.reshape(-1, k_rope.shape[-1])
         total = c_kv.shape[0]
         if lengths is None:
             if total % max(len(seq_ids), 1):
                 raise ValueError(f"{total} tokens cannot be split evenly over {len(seq_ids)} sequences")
             lengths = [total // max(len(seq_ids), 1)] * len(seq_ids)
-        if any(isinstance(n, bool) or int(n) != n for n in lengths):
+        if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
+            raise TypeError(f"lengths must be a sequence of token counts, got {type(lengths).__name__}")
+        lengths = list(lengths)
+        if any(isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n for n in lengths):
             raise TypeError(f"lengths must be whole numbers, got {list(lengths)}")
         lengths = [int(n) for n in lengths]
         if len(lengths) != len(seq_ids) or sum(lengths) != total or min(lengths, default=0) < 0:
@@ -209,7 +224,7 @@ class PagedLatentCache:
 
         Built on the host and copied to the device only when a page list changed since the last call for the
         same sequences (a decoding step adds a page once every page_size tokens); treat it as read-only."""
-        self._check_ids(seq_ids)
+        seq_ids = self._check_ids(seq_ids)
         key = tuple(seq_ids)
         if self._table is not None and self._table[:2] == (key, self._version):
             return self._table[2]
@@ -223,7 +238,7 @@ class PagedLatentCache:
 
     def seqlens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``(B,)`` token counts."""
-        self._check_ids(seq_ids)
+        seq_ids = self._check_ids(seq_ids)
         return device_tensor([self._lens[s] for s in seq_ids], torch.int32, self.kv.device)
 
 

@@ -41,12 +41,21 @@ class Rollout:
 def _as_tensors(prompts, device, vocab: Optional[int]) -> list:
     """The prompts as 1-D int64 tensors on ``device``, checked: none empty, every id in [0, vocab) (an id outside
     would index the embedding out of bounds: a device-side assertion on a GPU)."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a sequence of token-id sequences, got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
-        t = torch.as_tensor(p, dtype=torch.long, device=device).flatten()
+        try:
+            t = torch.as_tensor(p)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or isinstance(p, (str, bytes)) or t.dim() != 1 or \
+                (t.numel() and (t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex)):
+            raise TypeError(f"prompts[{i}] must be a 1-D sequence of int token ids, got "
+                            f"{type(p).__name__ if t is None else f'{t.dtype} of shape {tuple(t.shape)}'}")
         if t.numel() == 0:
             raise ValueError(f"prompts[{i}] is empty")
-        out.append(t)
+        out.append(t.to(device=device, dtype=torch.long))
     if not out:
         raise ValueError("prompts must hold at least one prompt")
     if vocab is not None:
@@ -171,7 +180,8 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     ``top_k`` highest logits and the smallest set of the most likely tokens whose probability reaches ``top_p``."""
     if temperature == 0:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    scores = logits.float()
+    scores = (scores - scores.amax(-1, keepdim=True)) / temperature  # (<= 0: no overflow at a tiny temperature)
     if top_k is not None and top_k < scores.shape[-1]:
         scores = scores.masked_fill(scores < scores.topk(top_k, -1).values[:, -1:], float("-inf"))
     if top_p is not None and top_p < 1:
@@ -221,10 +231,13 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         token under the model at temperature 1), ``len(prompts) * num_samples`` of each, the samples of a prompt
         one after another. Greedy completions equal per-prompt ``model.generate``.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):

@@ -271,7 +271,16 @@ def test_rollout_bad_arguments():
         rollout.generate(model, [[1, 2], [3, 128]], 2)
     with pytest.raises(ValueError, match=r"prompts\[0\] holds token ids outside"):
         rollout.generate(model, [[-1, 2]], 2)
-    for kw, match in ((dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        rollout.generate(model, [[1, 2]], True)
+    for prompts in ("abc", 5, [[1.7, 2.2]], [[True, False]], [torch.tensor([[1, 2], [3, 4]])], [["a"]]):
+        # (floats were truncated, a 2-D prompt flattened into one)
+        with pytest.raises(TypeError, match="prompts"):
+            rollout.generate(model, prompts, 2)
+    with pytest.raises(TypeError, match="model must be a transformers causal LM"):
+        rollout.generate(None, [[1, 2]], 2)
+    for kw, match in ((dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+                      (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
                       (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
                       (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
                       (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
@@ -284,14 +293,15 @@ def test_rollout_bad_arguments():
 
 
 def test_sampling(device):
-    """Sampling: reproducible with a generator; top_k=1 and a tiny top_p give the greedy completions; every token
+    """Sampling: reproducible with a generator; top_k=1, a tiny top_p and a tiny temperature (its scores overflowed
+    float32: NaN probabilities) give the greedy completions; every token
     sampled with top_k and top_p lies in the set they allow of the model's distribution at its step (a full
     recompute), and the log-probs are the model's at temperature 1."""
     model = _model(device, "qwen2", "flash")
     prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
     greedy = rollout.generate(model, prompts, 6, stop_at_eos=False)
-    for kw in (dict(top_k=1), dict(top_p=1e-6)):
-        assert rollout.generate(model, prompts, 6, stop_at_eos=False, temperature=0.7, **kw).completions == \
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-45)):
+        assert rollout.generate(model, prompts, 6, stop_at_eos=False, **{"temperature": 0.7, **kw}).completions == \
             greedy.completions
     gen = lambda: torch.Generator(device=device).manual_seed(3)
     a, b = (rollout.generate(model, prompts, 6, stop_at_eos=False, temperature=1.5, generator=gen()) for _ in "ab")

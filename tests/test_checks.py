@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from longattn import flash_attention, merge_attention
+from longattn import flash_attention, flash_decode, merge_attention, moba_decode, nsa_attention
 
 
 def qkv(device, B=1, T=8, Hq=4, Hkv=2, D=16, dtype=torch.float32):
@@ -105,6 +105,16 @@ def test_bad_options(device):
         flash_attention(q, k, v, scale=-1.0)
     with pytest.raises(TypeError, match="causal must be a bool"):
         flash_attention(q, k, v, causal=1)
+    # every public op's flags: a bool each (validate=None turned the host checks off, return_lse=1 returned the lse)
+    for name in ("return_lse", "validate"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got NoneType"):
+            flash_attention(q, k, v, **{name: None})
+    lens = torch.tensor([100], dtype=torch.int32, device=device)  # (beyond the cache: checked only when validated)
+    for op, args in ((flash_decode, (q[:, :1], k, v)), (moba_decode, (q[:, :1], k, v))):
+        with pytest.raises(TypeError, match="validate must be a bool, got int"):
+            op(*args, cache_seqlens=lens, validate=0)
+    with pytest.raises(TypeError, match="return_selection must be a bool, got str"):
+        nsa_attention(q, k, v, *(q[..., 0],) * 3, return_selection="no")
     with pytest.raises(ValueError, match="cannot be combined with window"):
         flash_attention(q, k, v, window=4, key_stride=16, key_offset=31)
     with pytest.raises(ValueError, match="key_stride must lie in \\[1, "):

@@ -399,6 +399,8 @@ def test_cache_bookkeeping(device):
         PagedLatentCache(4, device="bogus")
     with pytest.raises(TypeError, match="dtype must be"):
         PagedLatentCache(4, dtype=torch.int32, device=device)
+    with pytest.raises(TypeError, match="growable must be a bool, got str"):
+        PagedLatentCache(4, device=device, growable="no")
 
 
 def test_cache_fork(device):

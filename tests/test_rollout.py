@@ -279,6 +279,11 @@ def test_rollout_bad_arguments():
             rollout.generate(model, prompts, 2)
     with pytest.raises(TypeError, match="model must be a transformers causal LM"):
         rollout.generate(None, [[1, 2]], 2)
+    for kw, match in ((dict(stop_at_eos=None), "stop_at_eos must be a bool, got NoneType"),
+                      (dict(drop_finished=1), "drop_finished must be a bool, got int"),
+                      (dict(packed="yes"), "packed must be a bool or None, got str")):
+        with pytest.raises(TypeError, match=match):
+            rollout.generate(model, [[1, 2]], 2, **kw)
     for kw, match in ((dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
                       (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
                       (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),

@@ -103,8 +103,18 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
     of tracing their host checks, autotuning and kernel launches, and so is a call for which ``opaque_if(*args,
     **kwargs)`` holds. Either way a compiled model gives the eager results."""
     def decorate(fn):
-        params = list(inspect.signature(fn).parameters)
+        signature = inspect.signature(fn)
+        params = list(signature.parameters)
         positions = [(params.index(name), name) for name in autocast]
+        # the keyword flags (annotated bool: causal, return_lse, validate, ...): a bool each, not any value taken by
+        # its truth (validate=None would turn the host checks off)
+        flags = [name for name, p in signature.parameters.items()
+                 if p.kind == p.KEYWORD_ONLY and p.annotation in (bool, "bool")]
+
+        def check_flags(kwargs):
+            for name in flags:
+                if name in kwargs and not isinstance(kwargs[name], bool):
+                    raise TypeError(f"{name} must be a bool, got {type(kwargs[name]).__name__}")
 
         def autocast_args(args, kwargs):
             """The arguments cast to the autocast dtype, and the device type it is on for (None when off)."""
@@ -132,6 +142,7 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
 
         @functools.wraps(fn)
         def op(*args, **kwargs):
+            check_flags(kwargs)
             first = _first_tensor(args)
             if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
                 with torch.cuda.device(first.device):
@@ -145,6 +156,7 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
 
         @functools.wraps(fn)
         def entry(*args, **kwargs):
+            check_flags(kwargs)
             if not torch.compiler.is_compiling() or (opaque_if is not None and opaque_if(*args, **kwargs)):
                 return eager(*args, **kwargs)
             return call(body, args, kwargs)

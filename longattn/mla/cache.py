@@ -56,6 +56,8 @@ class PagedLatentCache:
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._next_id = 0
+        if not isinstance(growable, bool):
+            raise TypeError(f"growable must be a bool, got {type(growable).__name__}")
         self.growable = growable
         self._version = 0  # bumped whenever a sequence's page list changes
         self._table = None  # (seq_ids, version, device table) of the last block_table call

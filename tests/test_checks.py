@@ -143,8 +143,9 @@ def test_merge_bad_input(device):
         merge_attention([], [])
     with pytest.raises(ValueError, match="outs\\[1\\] has shape \\(1, 5, 2, 4\\) but outs\\[0\\] has"):
         merge_attention([o[0], o[1, ..., :4]], list(l))
-    with pytest.raises(ValueError, match="positive head dim"):
-        merge_attention(o[..., :0], l)
+    for bad in (o[..., :0], torch.zeros(*o.shape[:-1], 1025, device=o.device)):
+        with pytest.raises(ValueError, match="outs must have a head dim in \\[1, 1024\\]"):
+            merge_attention(bad, l)
     with pytest.raises(TypeError, match="outs\\[1\\] has dtype torch.float16 but outs\\[0\\] has torch.float32"):
         merge_attention([o[0], o[1].half()], list(l))
     with pytest.raises(ValueError, match="outs\\[1\\] is on meta"):

@@ -517,6 +517,9 @@ def test_decode_bad_inputs(device):
         mla_decode(q_lat, q_rope, cache, cache_seqlens=lens, block_table=table, scale=None)
     with pytest.raises(ValueError, match="at least one head"):
         mla_decode(q_lat[:, :, :0], q_rope[:, :, :0], cache, cache_seqlens=lens, block_table=table, scale=0.1)
+    big = torch.zeros(*q_lat.shape[:-1], 1025, device=device)
+    with pytest.raises(ValueError, match="the latent dim R must be at most 1024"):
+        mla_decode(big, q_rope, big.new_zeros(1, 16, 1025 + q_rope.shape[-1]), cache_seqlens=lens, scale=0.1)
     with pytest.raises(ValueError, match="kv_cache must hold at least one page"):
         mla_decode(q_lat, q_rope, cache[:0], cache_seqlens=lens, block_table=table, scale=0.1)
     out, lse = mla_decode(q_lat[:0], q_rope[:0], cache, cache_seqlens=lens[:0], block_table=table[:0], scale=0.1,

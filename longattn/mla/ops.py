@@ -348,6 +348,8 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     if H == 0 or R == 0 or E == 0:
         raise ValueError(f"q_latent/q_rope need at least one head and positive dims, got {tuple(q_latent.shape)} "
                          f"and {tuple(q_rope.shape)}")
+    if R > 1024 or E > 256:  # (a token's latent and rotary key are one tile each: DeepSeek's 512 and 64)
+        raise ValueError(f"the latent dim R must be at most 1024 and the rotary dim Dr at most 256, got {R} and {E}")
     _require_scale(scale)
     kv_scale = check_scale(kv_scale, 1.0, "kv_scale")
     scale = check_scale(scale, 1.0) * kv_scale  # (the scores' scale)

@@ -806,6 +806,16 @@ def test_swap_attention_errors():
         longattn.hf.swap_attention(llama, "moba", blocksize=64)
     with pytest.raises(ValueError, match="block_size must be a power of two"):
         longattn.hf.swap_attention(llama, "moba", block_size=100)
+    # (as the op checks them, before the config keeps them: the first forward failed)
+    for opts, err, match in ((dict(block_size=2 ** 20), ValueError, "from 16 to 65536"),
+                             (dict(topk=True), TypeError, "topk must be an int"),
+                             (dict(topk=10 ** 12), ValueError, "topk must lie in")):
+        with pytest.raises(err, match=match):
+            longattn.hf.swap_attention(llama, "moba", **opts)
+    assert getattr(llama.config, "moba_topk", None) is None
+    for model in (None, torch.nn.Linear(2, 2)):
+        with pytest.raises(ValueError, match="model must be a transformers PreTrainedModel"):
+            longattn.hf.swap_attention(model, "flash")
     longattn.hf.swap_attention(llama, "moba", block_size=64, topk=2)
     assert llama.config._attn_implementation == "moba" and llama.config.moba_topk == 2
     with pytest.raises(ValueError, match="already longattn's NativeSparseAttention"):

@@ -213,12 +213,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    top = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or top is None:
+        raise ValueError(f"model must be a transformers PreTrainedModel (with a config), got {type(model).__name__}")
     swapped = {type(m).__name__ for m in model.modules()} & {"NativeSparseAttention", "MLAAttention"}
     if swapped and swapped != {dict(nsa="NativeSparseAttention", mla="MLAAttention").get(kind)}:
         raise ValueError(f"this model's attention is already longattn's {swapped.pop()}: swap into a fresh model")
-    top = getattr(model, "config", None)
-    if top is None:
-        raise ValueError("model must be a transformers PreTrainedModel (it has no config)")
     lm, cfg, layers, text_key = _language_model(model)  # (of a multimodal model: its language model's)
     arch = getattr(cfg, "model_type", None)
     if not (getattr(lm, "_supports_flash_attn", False) or getattr(lm, "_supports_flash_attn_2", False) or
@@ -251,10 +251,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             raise ValueError(f"kind 'moba' supports model types {MOBA_ARCHS}, got {arch!r}")
         bs = options.get("block_size", getattr(cfg, "moba_block_size", 512))
         topk = options.get("topk", getattr(cfg, "moba_topk", 3))
-        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
-        if not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        from ..kernels.utils import check_positive_int
+        from ..moba.ops import _check_block_size
+
+        _check_block_size(bs)  # (as the op checks them: here, before the config keeps them)
+        check_positive_int(topk, "topk")
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba", text_key)
         for layer in layers:

@@ -4,11 +4,19 @@ On a machine without CUDA the Triton kernels run on CPU tensors through Triton's
 importing longattn sets ``TRITON_INTERPRET=1`` in that case unless the variable is already set.
 """
 import os as _os
+import sys as _sys
 
 if "TRITON_INTERPRET" not in _os.environ:
     import torch as _torch
 
     if not _torch.cuda.is_available():
+        if "triton.language" in _sys.modules:  # (transformers imports it when installed)
+            import warnings as _warnings
+
+            _warnings.warn("triton was imported before longattn, without TRITON_INTERPRET, on a machine without CUDA: "
+                           "triton's own functions were made for a GPU then, and longattn's kernels, which run "
+                           "through triton's interpreter here, will fail; set TRITON_INTERPRET=1 before importing "
+                           "triton (or transformers), or import longattn first", RuntimeWarning, stacklevel=2)
         _os.environ["TRITON_INTERPRET"] = "1"
 
 from .kernels import flash_attention, flash_decode, merge_attention  # noqa: E402

@@ -275,3 +275,21 @@ def test_head_dim_strided_inputs(layout, device):
             results.append([out] + [t.grad for t in leaves])
         for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
             torch.testing.assert_close(b, a, msg=f"{name} {what}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without CUDA")
+def test_import_after_triton_warns():
+    """Without CUDA, longattn turns triton's interpreter on (TRITON_INTERPRET=1) when imported; triton imported
+    before it (transformers imports it) made its own functions for a GPU then, so that every kernel would fail with
+    an InterpreterError naming none of this: a warning says so at import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import triton.language, longattn"
+    got = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True)
+    assert got.returncode == 0 and "triton was imported before longattn" in got.stderr
+    got = subprocess.run([sys.executable, "-W", "always", "-c", "import longattn, triton.language"], env=env,
+                         capture_output=True, text=True)
+    assert got.returncode == 0 and "triton was imported before longattn" not in got.stderr

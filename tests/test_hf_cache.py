@@ -58,6 +58,8 @@ def test_in_place_cache_follows_dynamic_cache(reserve):
         ours.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), 0)
     with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
         InPlaceCache(config=cfg, max_cache_len=0)
+    with pytest.raises(TypeError, match="config must be a transformers config"):
+        InPlaceCache(config="x")
 
 
 def test_in_place_cache_without_config():

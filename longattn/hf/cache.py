@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.configuration_utils import PretrainedConfig
 
 
 class InPlaceLayer(DynamicLayer):
@@ -148,6 +149,8 @@ class InPlaceCache(DynamicCache):
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
                                           or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
+        if config is not None and not isinstance(config, PretrainedConfig):
+            raise TypeError(f"config must be a transformers config (the model's) or None, got {type(config).__name__}")
         super().__init__(config=config, **kwargs)
         if self.layer_class_to_replicate is not None:  # no config: layers added as the model updates them
             self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len)

@@ -11,7 +11,7 @@ from ..kernels.flash import (DECODE_ROWS, LOG2E, _lastdim_contiguous, flash_atte
                              flash_decode, flash_fwd, split_parts)
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
-                             check_attention_inputs, check_cu_seqlens, check_positive_int, check_same_dtype,
+                             check_attention_inputs, check_cu_pair, check_positive_int, check_same_dtype,
                              check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs,
                              next_pow2, num_sms, public_op, read_back_later, resolve_seqlens, row_descriptors,
                              small_tiles, split_context, widen_by_asm)
@@ -89,13 +89,7 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, None, None)
     if varlen:  # the queries are each sequence's last tokens: no more of them than the sequence's latent tokens
-        if cu_seqlens_q is None or cu_seqlens_k is None:
-            raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k (or a shared cu_seqlens)")
-        cq = check_cu_seqlens(cu_seqlens_q, q_nope.shape[0], "cu_seqlens_q")
-        ck = check_cu_seqlens(cu_seqlens_k, c_kv.shape[0], "cu_seqlens_k")
-        if len(cq) != len(ck):
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                             f"{len(cq) - 1} and {len(ck) - 1}")
+        cq, ck = check_cu_pair(cu_seqlens_q, cu_seqlens_k, q_nope.shape[0], c_kv.shape[0])
         for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
             if q1 - q0 > k1 - k0:
                 raise ValueError(f"sequence {b} has {q1 - q0} queries but {k1 - k0} latent tokens (cu_seqlens_q / "

@@ -86,6 +86,17 @@ def test_prefill_keeps_only_inputs_for_backward(device):
     assert all(t.grad is not None for t in x + w)
 
 
+def test_prefill_varlen_compiles_whole(device):
+    """mla_prefill in the varlen layout compiles into one graph (fullgraph=True: its host checks read no offsets;
+    the custom op does, where it checks each sequence's queries against its latent tokens) and equals eager mode."""
+    cfg = dict(H=2, nope=16, rope=16, rank=32, v=16)
+    x = [t[0] for t in _inputs(1, 12, **cfg, device=device)]
+    w = _weights(**cfg, device=device)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    f = lambda *a: mla_prefill(*a, *w, scale=0.2, cu_seqlens=cu, max_seqlen=7)
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(*x), f(*x))
+
+
 @pytest.mark.parametrize("chunk", [None, 16], ids=["whole", "prefix-chunks"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_prefill_chunk_after_prefix(varlen, chunk, dtype, device, monkeypatch):

@@ -801,19 +801,6 @@ def check_attention_shapes(q, k, v, varlen: bool, v_name: str = "v") -> None:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
 
 
-def check_cu_pair(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> tuple:
-    """The varlen offsets of queries (``total_q`` rows) and keys (``total_k``), both given and describing as many
-    sequences, as host lists."""
-    if cu_seqlens_q is None or cu_seqlens_k is None:
-        raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k (or a shared cu_seqlens)")
-    cq = check_cu_seqlens(cu_seqlens_q, total_q, "cu_seqlens_q")
-    ck = check_cu_seqlens(cu_seqlens_k, total_k, "cu_seqlens_k")
-    if len(cq) != len(ck):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
-                         f"got {len(cq) - 1} and {len(ck) - 1}")
-    return cq, ck
-
-
 def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                            max_seqlen_k=None, v_name: str = "v") -> AttnDims:
     """Validate q/k/v in the dense ``(B, T, H, D)`` or varlen ``(total, H, D)`` layout.
@@ -829,7 +816,13 @@ def check_attention_inputs(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max
             if val is not None:
                 raise ValueError(f"{name} is only meaningful with cu_seqlens (varlen layout)")
         return AttnDims(False, q.shape[0], q.shape[1], k.shape[1], hq, hkv, dqk, dv)
-    cq, ck = check_cu_pair(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k (or a shared cu_seqlens)")
+    cq = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    ck = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {len(cq) - 1} and {len(ck) - 1}")
     lq = [b - a for a, b in zip(cq[:-1], cq[1:])]
     lk = [b - a for a, b in zip(ck[:-1], ck[1:])]
     mq, mk = max(lq), max(lk)

@@ -11,7 +11,7 @@ from ..kernels.flash import (DECODE_ROWS, LOG2E, _lastdim_contiguous, flash_atte
                              flash_decode, flash_fwd, split_parts)
 from ..kernels.merge import merge_fwd
 from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, SUPPORTED_DTYPES, cdiv, check_cache_pages, check_device,
-                             check_attention_inputs, check_cu_pair, check_positive_int, check_same_dtype,
+                             check_attention_inputs, check_positive_int, check_same_dtype,
                              check_scale, check_tensor, device_tensor, eager_context, empty, kernel_inputs,
                              next_pow2, num_sms, public_op, read_back_later, resolve_seqlens, row_descriptors,
                              small_tiles, split_context, widen_by_asm)
@@ -88,12 +88,8 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, 
         raise ValueError(f"c_kv holds {c_kv.shape[1]} tokens per sequence, fewer than the {q_nope.shape[1]} queries")
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, None, None)
-    if varlen:  # the queries are each sequence's last tokens: no more of them than the sequence's latent tokens
-        cq, ck = check_cu_pair(cu_seqlens_q, cu_seqlens_k, q_nope.shape[0], c_kv.shape[0])
-        for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
-            if q1 - q0 > k1 - k0:
-                raise ValueError(f"sequence {b} has {q1 - q0} queries but {k1 - k0} latent tokens (cu_seqlens_q / "
-                                 "cu_seqlens_k): its queries are its last tokens")
+    if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):  # (the offsets' values: checked in the op)
+        raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k (or a shared cu_seqlens)")
     check_positive_int(prefix_chunk, "prefix_chunk", minimum=16)
     if not varlen and q_nope.shape[0] * q_nope.shape[1] and c_kv.shape[1] - q_nope.shape[1] >= prefix_chunk:
         # a long cached prefix (decompressed in pieces): as packed sequences
@@ -191,6 +187,10 @@ def _key_pieces(cu_seqlens_q, cu_seqlens_k, chunk: int):
     if cu_seqlens_q is None:
         return None
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):  # (in the op: traced calls read them here)
+        if q1 - q0 > k1 - k0:
+            raise ValueError(f"sequence {b} has {q1 - q0} queries but {k1 - k0} latent tokens (cu_seqlens_q / "
+                             "cu_seqlens_k): its queries are its last tokens")
     chunks = [max(0, (k1 - k0) - (q1 - q0)) // chunk for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:])]
     if max(chunks, default=0) == 0:
         return None

@@ -395,6 +395,12 @@ def test_cache_bookkeeping(device):
     with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
         cache.tokens([b], dtype="float16")
     assert cache.seqlens(i for i in [b]).tolist() == cache.seqlens([b]).tolist()  # (any iterable of ids)
+    # integers of numpy and torch count as ints (a mask's sum as lengths), their bools do not
+    n = cache.seqlens([b]).item()
+    cache.append(torch.tensor([b]), toks[b][:2, :8], toks[b][:2, 8:], lengths=torch.tensor([2]))
+    assert cache.seqlens([b]).item() == n + 2
+    with pytest.raises(TypeError, match="lengths must be whole numbers"):
+        cache.append([b], toks[b][:1, :8], toks[b][:1, 8:], lengths=torch.tensor([True]))
     with pytest.raises(TypeError, match="c_kv must be a floating-point tensor"):
         cache.append([b], toks[b][:2, :8].tolist(), toks[b][:2, 8:])
     with pytest.raises(ValueError, match="c_kv and k_rope must hold the same tokens"):

@@ -1,11 +1,24 @@
 """Paged latent cache for MLA decoding: only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
 
 from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_scale, device_tensor
+
+
+def _whole(n, message: str, floats: bool = True) -> int:
+    """``n`` as a Python int: an int, a numpy or 0-d tensor integer, or (``floats``) a float holding a whole number;
+    else TypeError(``message``) (a bool is no count and no id)."""
+    if not (isinstance(n, bool) or str(getattr(n, "dtype", "")) in ("bool", "torch.bool")):  # (numpy's, torch's)
+        try:
+            return operator.index(n)
+        except TypeError:
+            if floats and isinstance(n, float) and n.is_integer():
+                return int(n)
+    raise TypeError(f"{message}, got {n!r}")
 
 
 class PagedLatentCache:
@@ -136,10 +149,8 @@ class PagedLatentCache:
         """``ids`` as a list, each a live sequence's id (an int from new_sequence)."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise TypeError(f"seq_ids must be a sequence of ids (from new_sequence), got {type(ids).__name__}")
-        ids = list(ids)
+        ids = [_whole(s, "sequence ids must be ints (from new_sequence)", floats=False) for s in ids]
         for s in ids:
-            if isinstance(s, bool) or not isinstance(s, int):
-                raise TypeError(f"sequence ids must be ints (from new_sequence), got {s!r}")
             if s not in self._pages:
                 raise ValueError(f"unknown or freed sequence id {s!r}")
         return ids
@@ -180,10 +191,7 @@ class PagedLatentCache:
             lengths = [total // max(len(seq_ids), 1)] * len(seq_ids)
         if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
             raise TypeError(f"lengths must be a sequence of token counts, got {type(lengths).__name__}")
-        lengths = list(lengths)
-        if any(isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n for n in lengths):
-            raise TypeError(f"lengths must be whole numbers, got {list(lengths)}")
-        lengths = [int(n) for n in lengths]
+        lengths = [_whole(n, "lengths must be whole numbers") for n in lengths]
         if len(lengths) != len(seq_ids) or sum(lengths) != total or min(lengths, default=0) < 0:
             raise ValueError(f"lengths {lengths} must give one non-negative count per sequence summing to {total}")
         if c_kv.shape[-1] != self.kv_lora_rank or k_rope.shape[-1] != self.rope_dim or k_rope.shape[0] != total:

@@ -332,3 +332,30 @@ def test_llama4_global_layers(device):
         gen = ours.generate(ids[:1], **kw)
         recompute = ours(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
     assert torch.equal(gen[:, 40:], recompute)
+
+
+def test_bitnet_packed_projections(device):
+    """BitNet's quantised checkpoints hold their projections as BitLinear layers (ternary weights packed in uint8):
+    NSA's new parameters take the dtype the layer computes in, and the window branch alone equals the model."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("NSA takes BitNet under transformers >= 5")
+    from transformers.integrations.bitnet import BitLinear
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(tiny_config("bitnet"), attn_implementation="sdpa").eval()
+    for layer in ref.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            dense = getattr(layer.self_attn, name)
+            packed = BitLinear(dense.in_features, dense.out_features, bias=False, device="cpu", dtype=torch.float32)
+            packed.weight.random_(0, 256)
+            setattr(layer.self_attn, name, packed)
+    ref = ref.to(device)
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
+                                                                                 slc_block=16, slc_topk=3, window=64))
+    layers = [m for m in ours.modules() if isinstance(m, NativeSparseAttention)]
+    assert len(layers) == 2 and all(m.gate.weight.dtype == torch.float32 for m in layers)
+    with torch.no_grad():
+        for m in layers:
+            m.gate.bias.copy_(torch.tensor([-40.0] * 8 + [40.0] * 4))
+        ids = torch.randint(1, 128, (2, 40)).to(device)
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)

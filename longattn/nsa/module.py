@@ -137,17 +137,25 @@ class NativeSparseAttention(nn.Module):
                              and not self._use_rope else None)
         # a norm of the attention's output before o_proj (BitNet)
         self.attn_sub_norm = getattr(attn, "attn_sub_norm", None)
-        w = getattr(self, self._out_name).weight
+        # the new parameters in the layer's compute dtype: its output projection's weights', or where those are packed
+        # integers (BitNet's BitLinear) the dtype the layer computes in
+        out_proj = getattr(self, self._out_name)
+        dtype, device = out_proj.weight.dtype, out_proj.weight.device
+        if not dtype.is_floating_point:
+            dtype = getattr(out_proj, "dtype", None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"{type(attn).__name__}'s {self._out_name} holds {out_proj.weight.dtype} weights and "
+                                 "names no floating-point dtype it computes in: NSA's parameters need one")
         d, l = self.head_dim, config.cmp_block
-        self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
-        self.v_pos = nn.Parameter(torch.zeros(l, d, dtype=w.dtype, device=w.device))
-        mean = torch.eye(d, dtype=w.dtype, device=w.device).repeat(1, l) / l  # (d, l*d): mean over the block
-        self.k_compress = nn.Linear(l * d, d, bias=False, dtype=w.dtype, device=w.device)
-        self.v_compress = nn.Linear(l * d, d, bias=False, dtype=w.dtype, device=w.device)
+        self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=dtype, device=device))
+        self.v_pos = nn.Parameter(torch.zeros(l, d, dtype=dtype, device=device))
+        mean = torch.eye(d, dtype=dtype, device=device).repeat(1, l) / l  # (d, l*d): mean over the block
+        self.k_compress = nn.Linear(l * d, d, bias=False, dtype=dtype, device=device)
+        self.v_compress = nn.Linear(l * d, d, bias=False, dtype=dtype, device=device)
         with torch.no_grad():
             self.k_compress.weight.copy_(mean)
             self.v_compress.weight.copy_(mean)
-        self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=w.dtype, device=w.device)
+        self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=dtype, device=device)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)

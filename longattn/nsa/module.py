@@ -122,8 +122,8 @@ class NativeSparseAttention(nn.Module):
         self._out_name = "o_proj" if self.o_proj is not None else "out_proj"
         self._norm_names = ("q_norm", "k_norm") if self.q_norm is not None else (
             ("q_layernorm", "k_layernorm") if self.q_layernorm is not None else None)
-        self._norms_across_heads = (self._norm_names is not None and
-                                    getattr(self, self._norm_names[0]).weight.numel() != self.head_dim)
+        self._norms_across_heads = (self._norm_names is not None and  # (Command R's per head: weights (H, D))
+                                    getattr(self, self._norm_names[0]).weight.shape[-1] != self.head_dim)
         # keys scaled after their projection (Falcon-H1)
         self._key_multiplier = getattr(attn, "key_multiplier", None)
         # a gated output (Qwen3-Next, Qwen3.5): q_proj gives each head its query and a gate, side by side, and the

@@ -332,6 +332,20 @@ def test_llama4_global_layers(device):
         gen = ours.generate(ids[:1], **kw)
         recompute = ours(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
     assert torch.equal(gen[:, 40:], recompute)
+    # without chunks its RoPE layers are full-attention ones, which rotate by complex frequencies: kept as they are
+    # (transformers 4 builds no such model: its masks need attention_chunk_size)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return
+    cfg = copy.deepcopy(ref.config)
+    cfg.attention_chunk_size, cfg.layer_types = None, ["full_attention"] * 4
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(device)
+    ours = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
+                                                                                 slc_block=16, slc_topk=3, window=256))
+    assert [type(layer.self_attn).__name__ for layer in ours.model.layers] == kinds
+    with torch.no_grad():
+        ours.model.layers[3].self_attn.gate.bias.copy_(torch.tensor([-40.0] * 8 + [40.0] * 4))
+        torch.testing.assert_close(ours(ids[:1]).logits, ref(ids[:1]).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_bitnet_packed_projections(device):

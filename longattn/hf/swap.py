@@ -291,6 +291,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                 # layers, local already)
                 continue
             attn = getattr(layer, name)
+            if arch in CHUNKED_ARCHS and getattr(attn, "use_rope", False):
+                continue  # (Llama 4: its RoPE layers, chunked or, without chunks, full, rotate by complex frequencies)
             if not isinstance(attn, NativeSparseAttention):
                 setattr(layer, name, NativeSparseAttention(attn, config))
             elif attn.nsa != config:

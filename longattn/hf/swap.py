@@ -177,13 +177,13 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
             Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, MiniMax-M1 (its lightning-attention layers kept),
-            Llama 4 (its global layers, without RoPE and with their queries' temperature tuning; the chunked ones
-            kept), the hybrids Qwen3-Next and Qwen3.5 (gated output; their linear-attention layers kept); under
-            transformers 5 also EXAONE 3.5 / EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar
-            Open, Command R, Cohere2-MoE, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4,
-            BitNet (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0, Falcon-H1,
-            Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language models of
-            Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
+            Llama 4 (its global layers, without RoPE and with their queries' temperature tuning; its RoPE layers,
+            chunked or not, kept), the hybrids Qwen3-Next and Qwen3.5 (gated output; their linear-attention layers
+            kept); under transformers 5 also EXAONE 3.5 / EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE,
+            InternLM3, Solar Open, Command R, Cohere2-MoE, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE,
+            Nemotron-4, BitNet (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0,
+            Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language
+            models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B) keeps its sliding

@@ -373,16 +373,3 @@ def test_bitnet_packed_projections(device):
             m.gate.bias.copy_(torch.tensor([-40.0] * 8 + [40.0] * 4))
         ids = torch.randint(1, 128, (2, 40)).to(device)
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_module_needs_its_rotation(device):
-    """A layer that applies RoPE called without position embeddings raises (it skipped the rotation silently), where
-    its model's attention takes them as optional (Granite 4.0's NoPE configurations) it does without."""
-    attn = _model(device).model.layers[0].self_attn
-    with pytest.raises(ValueError, match="position_embeddings: this layer \\(0\\) applies RoPE"):
-        attn(torch.randn(1, 4, 64, device=device), None)
-    assert not attn._rope_optional
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        hybrid = AutoModelForCausalLM.from_config(tiny_config("granitemoehybrid"))
-        swapped = longattn.hf.swap_attention(hybrid, "nsa", config=NSA)
-        assert all(m._rope_optional for m in swapped.modules() if isinstance(m, NativeSparseAttention))

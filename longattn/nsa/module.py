@@ -79,13 +79,6 @@ def _rotates(attn: nn.Module) -> bool:
     return "position_embeddings" in inspect.signature(type(attn).forward).parameters
 
 
-def _rotation_optional(attn: nn.Module) -> bool:
-    """Whether ``attn`` takes its position embeddings as optional (None: no RoPE, Granite 4.0's and OLMo hybrid's
-    NoPE configurations)."""
-    param = inspect.signature(type(attn).forward).parameters.get("position_embeddings")
-    return param is not None and param.default is None
-
-
 class NativeSparseAttention(nn.Module):
     """Drop-in replacement of a transformers self-attention ``attn`` (of a model type in
     ``longattn.hf.swap.NSA_ARCHS``; ``swap_attention(model, "nsa")`` builds one per layer) by NSA under ``config``
@@ -137,8 +130,7 @@ class NativeSparseAttention(nn.Module):
         # attention's output is multiplied by the gate's sigmoid before o_proj
         self._output_gate = (self.q_proj is not None and
                              getattr(self.q_proj, "out_features", None) == 2 * self.num_heads * self.head_dim)
-        self._use_rope = _rotates(attn)  # (and where the model passes position embeddings, if they are optional)
-        self._rope_optional = _rotation_optional(attn)
+        self._use_rope = _rotates(attn)  # (and where the model passes position embeddings: not Granite 4.0's NoPE)
         # Llama 4's global layers (no RoPE) scale their queries by position (temperature tuning): by
         # 1 + attn_scale * log(1 + floor((t + 1) / floor_scale)) at cache position t
         self._temperature = ((attn.attn_scale, attn.floor_scale) if getattr(attn, "attn_temperature_tuning", False)
@@ -230,9 +222,6 @@ class NativeSparseAttention(nn.Module):
         if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = self._rope(q, k, cos, sin)
-        elif self._use_rope and not self._rope_optional:
-            raise ValueError(f"position_embeddings: this layer ({self.layer_idx}) applies RoPE and needs its model's "
-                             "(cos, sin), got None")
         if self.query_layernorm is not None:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         gates = torch.sigmoid(self.gate(hidden_states)).view(B, T, 3, H)

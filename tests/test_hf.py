@@ -109,7 +109,7 @@ def test_moba_swap_on_other_models(arch, device):
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
     # (each attention sees the transformers cache, where decoding keeps the pooled keys: Nemotron-H's is a mixer)
     attns = [getattr(layer, _attention_name(layer)) for layer in ours.model.layers if _attention_name(layer)]
-    assert all(getattr(a, "_longattn_records_cache", False) for a in attns)
+    assert all(getattr(a, "_longattn_records_cache", False) for a in attns) and (attns or arch == "zamba2")
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # (row 0 unpadded)

@@ -125,10 +125,12 @@ def _whole_kv_shared_inputs(module: nn.Module) -> None:
 
 
 def _attention_name(layer: nn.Module) -> Optional[str]:
-    """The attribute of decoder layer ``layer`` holding its attention: ``self_attn``, or ``mixer`` where that is an
-    attention (Nemotron-H's attention blocks); None where it has none (the other layers of hybrids)."""
-    if getattr(layer, "self_attn", None) is not None:
-        return "self_attn"
+    """The attribute of decoder layer ``layer`` holding its attention: ``self_attn`` (JetMoE's ``self_attention``),
+    or ``mixer`` where that is an attention (Nemotron-H's attention blocks); None where it has none (the other layers
+    of hybrids)."""
+    for name in ("self_attn", "self_attention"):
+        if getattr(layer, name, None) is not None:
+            return name
     mixer = getattr(layer, "mixer", None)
     if mixer is not None and (type(mixer).__name__.endswith("Attention") or hasattr(mixer, "nsa")):
         return "mixer"

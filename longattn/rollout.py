@@ -22,7 +22,7 @@ import torch
 
 from .hf.attention import known_left_padding
 from .hf.cache import InPlaceCache
-from .kernels.utils import device_tensor, read_back_later
+from .kernels.utils import check_bool, device_tensor, read_back_later
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
@@ -233,10 +233,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     """
     if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
-    for name, flag in (("stop_at_eos", stop_at_eos), ("drop_finished", drop_finished), ("packed", packed)):
-        if not isinstance(flag, bool) and not (name == "packed" and flag is None):
-            raise TypeError(f"{name} must be a bool{' or None' if name == 'packed' else ''}, got "
-                            f"{type(flag).__name__}")
+    check_bool(stop_at_eos, "stop_at_eos")
+    check_bool(drop_finished, "drop_finished")
+    check_bool(packed, "packed", allow_none=True)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \

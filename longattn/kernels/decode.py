@@ -103,9 +103,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """
     B, S, hq, dk, hkv, dv, capacity, page = _check_cache(q, k_cache, v_cache, cache_seqlens, block_table,
                                                          cache_offsets)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    check_positive_int(window, "window", allow_none=True)
+    check_positive_int(window, "window", allow_none=True)  # (causal: a bool, as public_op checks every flag)
     if window is not None and not causal:
         raise ValueError("window requires causal=True")
     if chunk_size is not None:

@@ -113,8 +113,8 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
 
         def check_flags(kwargs):
             for name in flags:
-                if name in kwargs and not isinstance(kwargs[name], bool):
-                    raise TypeError(f"{name} must be a bool, got {type(kwargs[name]).__name__}")
+                if name in kwargs:
+                    check_bool(kwargs[name], name)
 
         def autocast_args(args, kwargs):
             """The arguments cast to the autocast dtype, and the device type it is on for (None when off)."""
@@ -156,12 +156,18 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
 
         @functools.wraps(fn)
         def entry(*args, **kwargs):
-            check_flags(kwargs)
             if not torch.compiler.is_compiling() or (opaque_if is not None and opaque_if(*args, **kwargs)):
-                return eager(*args, **kwargs)
+                return eager(*args, **kwargs)  # (which checks the flags)
+            check_flags(kwargs)
             return call(body, args, kwargs)
         return entry
     return decorate
+
+
+def check_bool(value, name: str, allow_none: bool = False) -> None:
+    """A flag must be a bool (or None with ``allow_none``), not any value taken by its truth."""
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {type(value).__name__}")
 
 
 def _first_tensor(args):

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_scale, device_tensor
+from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_bool, check_scale, device_tensor
 
 
 def _whole(n, message: str, floats: bool = True) -> int:
@@ -69,8 +69,7 @@ class PagedLatentCache:
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._next_id = 0
-        if not isinstance(growable, bool):
-            raise TypeError(f"growable must be a bool, got {type(growable).__name__}")
+        check_bool(growable, "growable")
         self.growable = growable
         self._version = 0  # bumped whenever a sequence's page list changes
         self._table = None  # (seq_ids, version, device table) of the last block_table call

@@ -84,6 +84,8 @@ OTHER_ARCHS = {
     "gemma4_text": GEMMA4, "gemma3n_text": GEMMA3N,
     "minimax": dict(layer_types=["linear_attention", "full_attention"], num_local_experts=4, num_experts_per_tok=2),
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"]),
     "qwen3_next": dict(_LINEAR, **_QWEN_MOE), "qwen3_5_text": _LINEAR, "qwen3_5_moe_text": dict(_LINEAR, **_QWEN_MOE),
     # hybrids of Mamba (or short convolution) layers and attention ones: a Mamba layer, then an attention one (in
     # Falcon-H1 both in every layer, side by side)
@@ -128,13 +130,13 @@ def tiny_config(arch: str):
 
 
 def perturb_attention(model) -> None:
-    """Move the attention's norm weights and biases off their initial values (1 and 0), so that a swap dropping
-    them shows."""
+    """Move the attention's norm weights, biases and sinks off their initial values (1, 0 and about 0), so that a
+    swap dropping them shows."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "self_attn" in name and "norm" in name:
                 p.uniform_(0.5, 2.0)
-            elif "self_attn" in name and name.endswith("bias"):
+            elif "self_attn" in name and (name.endswith("bias") or name.endswith("sinks")):
                 p.normal_()
 
 

@@ -120,7 +120,7 @@ def test_moba_swap_on_other_models(arch, device):
     longattn.hf.swap_attention(ours, "moba", block_size=16, topk=2)
     if any(t != "sliding_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"]):
         with torch.no_grad():  # (MoBA's attention runs; not where every layer slides: Ministral under transformers 4)
-            assert not torch.allclose(ours(ids[:1]).logits, ref(ids[:1]).logits, atol=1e-3)
+            assert not torch.allclose(ours(ids[:1]).logits, ref(ids[:1]).logits, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # 4 new tokens after 40 (each query: its own block and one of the 2 before)
         gen = ours.generate(ids[:1], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
         # (the model is causal: one forward over the generated sequence gives each step's recomputed logits)

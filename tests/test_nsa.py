@@ -22,7 +22,7 @@ def _rounded_mean(x, dtype, config, lens):
     return torch.cat([compress_mean_ref(s, config) for s in x.split(lens)]).to(dtype).float()
 
 
-def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, **varlen):
+def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, sinks=None, **varlen):
     lens = None
     if "cu_seqlens" in varlen:
         cu = varlen["cu_seqlens"].tolist()
@@ -33,23 +33,28 @@ def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, **varlen):
         shape_k = (n,) + k.shape[-2:] if lens else (k.shape[0], n) + k.shape[-2:]
         shape_v = (n,) + v.shape[-2:] if lens else (v.shape[0], n) + v.shape[-2:]
         kc, vc = torch.randn(shape_k, dtype=dtype, device=q.device), torch.randn(shape_v, dtype=dtype, device=q.device)
-    ins = [q, k, v] + gates + ([kc, vc] if learnable else [])
+    ins = [q, k, v] + gates + ([kc, vc] if learnable else []) + ([sinks] if sinks is not None else [])
     ours = [leaf(t) for t in ins]
     refs = [leaf(t, torch.float32) for t in ins]
     extra = dict(k_cmp=ours[6], v_cmp=ours[7]) if learnable else {}
+    if sinks is not None:
+        varlen = dict(varlen, sinks=ours[-1])
     # the op rounds its mean-pooled keys to the input dtype (bf16 moves scores by ~0.4%, enough to flip
     # near-tied blocks): the reference gets the same rounding, differentiable (a cast passes gradients through)
     extra_r = dict(k_cmp=refs[6], v_cmp=refs[7]) if learnable else \
         dict(k_cmp=_rounded_mean(refs[1], dtype, config, lens), v_cmp=_rounded_mean(refs[2], dtype, config, lens))
     out, sel = nsa_attention(*ours[:6], config=config, return_selection=True, **extra, **varlen)
-    out_r, sel_r = nsa_attention_ref(*refs[:6], config=config, return_selection=True, **extra_r, **varlen)
+    out_r, sel_r = nsa_attention_ref(*refs[:6], config=config, return_selection=True, **extra_r,
+                                     **dict(varlen, sinks=refs[-1]) if sinks is not None else varlen)
     assert torch.equal(sorted_selection(sel), sorted_selection(sel_r)), "selection differs from the reference"
     assert out.dtype == dtype
     assert_close(out, out_r, dtype, "out")
     dout = torch.randn_like(out_r)
     (out.float() * dout).sum().backward()
     (out_r * dout).sum().backward()
-    names = ["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa", "dk_cmp", "dv_cmp"]
+    names = ["dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"] + (["dk_cmp", "dv_cmp"] if learnable else []) + \
+        (["dsinks"] if sinks is not None else [])
+    assert len(names) == len(ours)
     for name, a, b in zip(names, ours, refs):
         assert_close(a.grad, b.grad, dtype, name, factor=2)
 
@@ -92,6 +97,24 @@ def test_nsa_varlen_learnable_compression(dtype, device):
     gates = [torch.rand(116, 4, device=device) for _ in range(3)]
     _check(q, k, v, gates, dtype, learnable=True, cu_seqlens=cu)
     assert sum(lens) == 116
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_nsa_sinks(layout, dtype, device):
+    """Attention sinks (a logit per query head in each branch's softmax, gpt-oss's): output and every gradient, the
+    sinks' too, equal the reference's; a head without a sink (-inf), a sequence shorter than a compressed block
+    (its compressed branch sees no key: 0 whatever the sink), GQA 2 (dense) and 4 (varlen, learnable compression)."""
+    if layout == "dense":
+        q, k, v = (torch.randn(2, 100, h, 32, device=device, dtype=dtype) for h in (4, 2, 2))
+        gates = [torch.rand(2, 100, 4, device=device) for _ in range(3)]
+        sinks = torch.tensor([0.5, -1.0, 2.0, float("-inf")], device=device)
+        _check(q, k, v, gates, dtype, sinks=sinks)
+        return
+    cu = torch.tensor([0, 70, 75, 116], dtype=torch.int32, device=device)
+    q = torch.randn(116, 8, 32, device=device, dtype=dtype)
+    k, v = torch.randn(116, 2, 32, device=device, dtype=dtype), torch.randn(116, 2, 16, device=device, dtype=dtype)
+    gates = [torch.rand(116, 8, device=device) for _ in range(3)]
+    _check(q, k, v, gates, dtype, learnable=True, cu_seqlens=cu, sinks=torch.randn(8, device=device) * 2)
 
 
 def test_nsa_keeps_two_branch_outputs_for_backward(device):
@@ -379,12 +402,12 @@ def _decode_case(lens, offsets, L, Hq, Hkv, dk, dv, dtype, device, config):
     return q, k.transpose(1, 2), v.transpose(1, 2), kc, vc, gates
 
 
-def _decode_ref(q, k, v, kc, vc, gates, b, n, o, config):
+def _decode_ref(q, k, v, kc, vc, gates, b, n, o, config, sinks=None):
     """The reference's last row (and selection) for sequence b of a decode case: n tokens from cache row o."""
     c = config.num_cmp_blocks(n)
     return nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(), v[b, None, o:o + n].float(),
                              *(g[b, None, None] for g in gates), k_cmp=kc[b, None, :c].float(),
-                             v_cmp=vc[b, None, :c].float(), config=config, return_selection=True)
+                             v_cmp=vc[b, None, :c].float(), config=config, sinks=sinks, return_selection=True)
 
 
 RAGGED = ([300, 37, 5, 64], [10, 0, 300, 100], 320)  # 5 tokens: no compressed block yet
@@ -418,6 +441,22 @@ def test_nsa_decode_matches_reference(case, Hq, Hkv, splits, dtype, device):
     assert _gates(*views).data_ptr() == g.data_ptr()
     out3 = nsa_decode(q, k, v, kc, vc, *views, cache_seqlens=seq, cache_offsets=off, config=CFG, num_splits=splits)
     assert torch.equal(out3, out)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["fused", "split3"])
+def test_nsa_decode_sinks(splits, dtype, device):
+    """Attention sinks in each branch's softmax when decoding, fused and split-KV (the sinks applied after the
+    pieces' merge): the reference's last rows; a head without a sink (-inf), a sequence with no compressed block
+    (its compressed branch 0 whatever the sink)."""
+    lens, offsets, L = RAGGED
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, 8, 2, 32, 16, dtype, device, CFG)
+    sinks = torch.tensor([0.5, -1.0, 2.0, float("-inf"), 0.0, 3.0, -2.0, 1.0], device=device, dtype=dtype)
+    out = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+                     cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=device), config=CFG, sinks=sinks,
+                     num_splits=splits)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        ref = _decode_ref(q, k, v, kc, vc, gates, b, n, o, CFG, sinks=sinks.float())[0]
+        assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
 
 
 @pytest.mark.parametrize("splits,window", [(1, 32), (3, 32), (3, 2 ** 31 - 1)])
@@ -889,19 +928,21 @@ def test_nsa_selected_per_query(queries, monkeypatch, device):
     _check_selected(ins, _random_selection(lens, 1, 4, 16, device), lens, 16, dtype)
 
 
-@pytest.mark.parametrize("learnable", [False, True], ids=["mean-pooled", "k_cmp-v_cmp"])
+@pytest.mark.parametrize("learnable", [False, True], ids=["mean-pooled", "k_cmp-v_cmp-sinks"])
 def test_torch_compile(learnable, device):
     """Under torch.compile nsa_attention is traced in the dense layout, its branches custom ops (flash attention,
     the selection, the selected branch, the gated sum): no graph break, and the output and every gradient (gates,
-    compressed keys and values included) equal eager mode's. With cu_seqlens it stays opaque (the lengths are
-    read on the host), with the eager results too."""
+    compressed keys and values, attention sinks included) equal eager mode's. With cu_seqlens it stays opaque (the
+    lengths are read on the host), with the eager results too."""
     q, k, v = (leaf(torch.randn(2, 70, h, 32, device=device)) for h in (4, 2, 2))
     gates = [leaf(torch.rand(2, 70, 4, device=device)) for _ in range(3)]
     inputs = [q, k, v, *gates]
     if learnable:
         inputs += [leaf(torch.randn(2, CFG.num_cmp_blocks(70), 2, 32, device=device)) for _ in range(2)]
+        inputs.append(leaf(torch.randn(4, device=device)))
     assert_compiled_matches_eager(lambda q, k, v, *rest: nsa_attention(
-        q, k, v, *rest[:3], config=CFG, **(dict(k_cmp=rest[3], v_cmp=rest[4]) if learnable else {})), inputs)
+        q, k, v, *rest[:3], config=CFG, **(dict(k_cmp=rest[3], v_cmp=rest[4], sinks=rest[5]) if learnable else {})),
+        inputs)
     if learnable:  # (the varlen call below is the mean-pooled one's)
         return
     cu = torch.tensor([0, 70, 110], dtype=torch.int32, device=device)
@@ -910,8 +951,8 @@ def test_torch_compile(learnable, device):
 
 
 def test_custom_op_registration(device):
-    """The custom ops of nsa_attention's branches and of nsa_selected_attention pass torch.library.opcheck (schema,
-    shapes, autograd formula)."""
+    """The custom ops of nsa_attention's branches (with attention sinks and without) and of nsa_selected_attention
+    pass torch.library.opcheck (schema, shapes, autograd formula)."""
     lengths = [40, 30]
     q, k, v = (leaf(torch.randn(70, h, 16, device=device)) for h in (4, 2, 2))
     gates = [leaf(torch.rand(70, 4, device=device)) for _ in range(3)]
@@ -919,8 +960,9 @@ def test_custom_op_registration(device):
     kc, vc = (leaf(torch.randn(sum(n_cmp), 2, 16, device=device)) for _ in range(2))
     cu, cu_cmp = (torch.tensor([0, a, a + b], dtype=torch.int32, device=device) for a, b in (lengths, n_cmp))
     config = [getattr(CFG, f.name) for f in dataclasses.fields(NSAConfig)]
-    torch.library.opcheck(torch.ops.longattn.nsa_branches.default,
-                          (q, k, v, kc, vc, *gates, cu, cu_cmp, lengths, config, 0.25))
+    for sinks in (None, leaf(torch.randn(4, device=device))):
+        torch.library.opcheck(torch.ops.longattn.nsa_branches.default,
+                              (q, k, v, kc, vc, *gates, sinks, cu, cu_cmp, lengths, config, 0.25))
     q, k, v = (leaf(torch.randn(80, h, 16, device=device)) for h in (4, 2, 2))
     pos = torch.arange(80, device=device) % 40
     sel = torch.stack([pos // 16, torch.where(pos >= 16, 0, -1)], -1)[:, None].expand(80, 2, 2).to(torch.int32)

@@ -8,8 +8,7 @@ import longattn
 from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
 from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
-                     perturb_attention, replay_decode_step_without_sync, tiny_config, tiny_gpt_oss_pair,
-                     tiny_llama4_pair)
+                     perturb_attention, replay_decode_step_without_sync, tiny_config, tiny_llama4_pair)
 from longattn.hf.swap import NSA_ARCHS, V5_ARCHS, _attention_name
 from longattn.nsa.module import NativeSparseAttention
 
@@ -19,6 +18,12 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2C
 NSA = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)
 
 
+def _reference_impl(cfg) -> str:
+    """The original model's attention: SDPA, or eager attention where transformers has no SDPA form of it (attention
+    sinks: gpt-oss, Granite SWA)."""
+    return "sdpa" if AutoModelForCausalLM._model_mapping[type(cfg)]._supports_sdpa else "eager"
+
+
 def _model(device, arch="llama"):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024)
@@ -26,10 +31,11 @@ def _model(device, arch="llama"):
         common.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
     if arch == "ministral":  # every layer a sliding-window one
         common.update(sliding_window=16, head_dim=16)
-    cfg = (tiny_config(arch) if arch == "qwen3_next" else  # (a linear-attention layer, then an NSA one)
+    # (Qwen3-Next: a linear-attention layer, then an NSA one; gpt-oss: a sliding-window layer, then an NSA one)
+    cfg = (tiny_config(arch) if arch in ("qwen3_next", "gpt_oss") else
            dict(llama=LlamaConfig, ministral=transformers.MinistralConfig).get(arch, Qwen2Config)(**common))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=_reference_impl(cfg)).eval()
     return longattn.hf.swap_attention(model.to(device), "nsa", config=NSA)
 
 
@@ -110,7 +116,7 @@ def test_window_branch_alone_equals_original_model(arch, device):
         if cfg is None:
             pytest.skip(f"this transformers has no {arch} model")
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation=_reference_impl(cfg)).eval()
     perturb_attention(ref)  # norms and biases away from their initial ones, so that dropping them shows
     ref = ref.to(device)
     if arch in V5_ARCHS and int(transformers.__version__.split(".")[0]) < 5:
@@ -166,19 +172,20 @@ def test_generate_equals_recompute(arch, device):
     assert torch.equal(gen[:, 40:], recompute)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3_next", "gpt_oss"])
 def test_training_gradients_match_reference(arch, monkeypatch, device):
     """Every parameter's gradient (projections, compressors, position embeddings, gates; Qwen3-Next's output gate in
-    its q projection, and its linear-attention layer's) through the Triton op equals the one through the PyTorch
-    reference, and is the same under gradient checkpointing."""
+    its q projection, and its linear-attention layer's; gpt-oss's attention sinks) through the Triton op equals the
+    one through the PyTorch reference, and is the same under gradient checkpointing."""
     import longattn.nsa.module as nsa_module
 
     model = _model(device, arch).train()
-    for m in model.modules():  # move the new parameters off their initial values
+    for m in model.modules():  # move the new parameters (and gpt-oss's sinks) off their initial values
         if isinstance(m, nsa_module.NativeSparseAttention):
             with torch.no_grad():
-                for p in (m.k_pos, m.v_pos, m.gate.weight, m.gate.bias):
-                    p.add_(0.1 * torch.randn_like(p))
+                for p in (m.k_pos, m.v_pos, m.gate.weight, m.gate.bias, m.sinks):
+                    if p is not None:
+                        p.add_(torch.randn_like(p) * (1.0 if p is m.sinks else 0.1))
     ids = torch.randint(0, 128, (2, 50)).to(device)
 
     def grads():
@@ -203,6 +210,7 @@ def test_training_gradients_match_reference(arch, monkeypatch, device):
     assert set(ours) == set(ref)
     for name in ("k_pos", "v_pos", "k_compress", "v_compress", "gate"):
         assert any(name in n for n in ours), name
+    assert arch != "gpt_oss" or "model.layers.1.self_attn.sinks" in ours  # (the NSA layer's)
     for n in ours:
         assert torch.isfinite(ours[n]).all(), n
         torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
@@ -293,17 +301,13 @@ def test_left_padded_batch_generate_equals_single(device):
     assert torch.equal(both[1, 37:], one_b[0, 20:])
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "gemma2"])
-def test_module_refuses_what_it_would_drop(arch, device):
-    """NSA's module has no attention sinks (gpt-oss; Granite SWA, MiMo-V2-Flash) and no logit soft-capping (Gemma 2):
-    built on such an attention it raises ValueError rather than attend without them."""
-    if arch == "gpt_oss":
-        attn = tiny_gpt_oss_pair(device, "longattn")[0].model.layers[1].self_attn
-    else:
-        cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-        attn = AutoModelForCausalLM.from_config(cfg).model.layers[1].self_attn
-    with pytest.raises(ValueError, match="sinks" if arch == "gpt_oss" else "softcapping"):
+def test_module_refuses_what_it_would_drop(device):
+    """NSA's module has no logit soft-capping (Gemma 2): built on such an attention it raises ValueError rather than
+    attend without it."""
+    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    attn = AutoModelForCausalLM.from_config(cfg).model.layers[1].self_attn
+    with pytest.raises(ValueError, match="softcapping"):
         NativeSparseAttention(attn, NSA)
 
 

@@ -325,16 +325,42 @@ def test_sampling(device):
         torch.testing.assert_close(torch.tensor(lps, device=device), want, atol=1e-4, rtol=1e-4)
 
 
-def test_rollout_with_sliding_window_layers(device):
+def _assert_generate_each(model, prompts, res):
+    """The rollout ``res`` (greedy) gives each prompt the tokens, and their log-probs, of the model's generate on that
+    prompt alone."""
+    device = model.device
+    for p, comp, lps in zip(prompts, res.completions, res.logprobs):
+        with torch.no_grad():
+            g = model.generate(p[None].to(device), max_new_tokens=len(comp), do_sample=False, eos_token_id=None,
+                               pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        assert comp == g.sequences[0, p.numel():].tolist()
+        want = torch.log_softmax(torch.cat(g.logits).float(), -1).gather(1, g.sequences[0, p.numel():, None])
+        torch.testing.assert_close(torch.tensor(lps, device=device), want.squeeze(1), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["longattn", "nsa"])
+def test_rollout_with_sliding_window_layers(kind, device):
     """gpt-oss keeps only a window of its sliding layers' tokens in the cache: the rollout prefills a padded batch
-    (a packed row's cache cannot be split by prompt there) and equals the eager model's; packed=True is refused."""
+    (a packed row's cache cannot be split by prompt there) and equals the eager model's (under NSA, its full layer
+    NSA's with the attention sinks, its sliding one kept: the same model's generate prompt by prompt); packed=True is
+    refused."""
     ref, ours = tiny_gpt_oss_pair(device, "longattn")
     prompts = [torch.randint(1, 128, (n,)) for n in (13, 30, 22)]
+    if kind == "nsa":
+        from longattn.nsa import NSAConfig
+
+        ours = longattn.hf.swap_attention(ref, "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16,
+                                                                       slc_topk=4, window=16))
+        prompts[1] = torch.randint(1, 128, (70,))  # (five selection blocks: one picked by score)
     got = rollout.generate(ours.eval(), prompts, 5, stop_at_eos=False)
-    want = rollout.generate(ref.eval(), prompts, 5, stop_at_eos=False, packed=False)
-    assert not got.prefill_packed and got.completions == want.completions
-    for a, b in zip(got.logprobs, want.logprobs):
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert not got.prefill_packed
+    if kind == "nsa":
+        _assert_generate_each(ours, prompts, got)
+    else:
+        want = rollout.generate(ref.eval(), prompts, 5, stop_at_eos=False, packed=False)
+        assert got.completions == want.completions
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     with pytest.raises(ValueError, match="sliding-window or linear-attention layers"):
         rollout.generate(ours, prompts, 2, packed=True)
 
@@ -369,12 +395,6 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
         return
     res = rollout.generate(model, prompts, 5, stop_at_eos=False)
     assert not res.prefill_packed
-    for p, comp, lps in zip(prompts, res.completions, res.logprobs):
-        with torch.no_grad():
-            g = model.generate(p[None].to(device), max_new_tokens=5, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        assert comp == g.sequences[0, p.numel():].tolist()
-        want = torch.log_softmax(torch.cat(g.logits).float(), -1).gather(1, g.sequences[0, p.numel():, None])
-        torch.testing.assert_close(torch.tensor(lps, device=device), want.squeeze(1), atol=2e-5, rtol=0)
+    _assert_generate_each(model, prompts, res)
     with pytest.raises(ValueError, match="linear-attention layers"):
         rollout.generate(model, prompts, 2, packed=True)

@@ -11,18 +11,20 @@ from torch import nn
 # RoPE: Qwen3, Gemma 3; over all heads' dims: OLMo-2/3, MiniMax-M2; per head after RoPE: Hunyuan), the model's own RoPE
 # function (partial rotary too: GLM-4, Phi-4-mini, MiniMax-M2) and layers without RoPE (SmolLM3; the full attention of
 # EXAONE-4 and Command R7B / A beside sliding-window layers); the sliding-window layers of models that mix them with
-# full ones stay, and MiniMax-M1's lightning-attention (linear) layers
+# full ones stay, and MiniMax-M1's lightning-attention (linear) layers; gpt-oss's attention sinks (a logit per head)
+# enter the softmax of each NSA branch
 NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "glm4", "glm4_moe", "seed_oss",
              "ernie4_5", "ernie4_5_moe", "granite", "apertus", "arcee", "ministral", "ministral3", "phi3", "olmo2",
              "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe", "smollm3", "olmo3", "exaone4", "gemma3_text",
-             "cohere2", "minimax")
+             "cohere2", "minimax", "gpt_oss")
 # and under transformers 5: EXAONE 3.5 / EXAONE-MoE, OLMo / OLMoE / FlexOlmo / OLMo hybrid (its linear-attention
 # layers kept), Phi-3.5-MoE, Granite MoE (shared experts too), InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
 # Gemma, StarCoder2, Helium, CWM (its sliding-window layers kept), Hunyuan V3, Sarvam-MoE, Nemotron-4 (partial
-# rotary), BitNet (a norm of the attention's output before o_proj)
+# rotary), BitNet (a norm of the attention's output before o_proj), Granite (MoE) with sliding windows (attention sinks)
 NSA_DECODER_ARCHS = ("exaone", "exaone_moe", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                      "granitemoeshared", "internlm3", "solar_open", "cohere", "cohere2_moe", "glm", "gemma",
-                     "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet")
+                     "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet", "granite_swa",
+                     "granitemoe_swa")
 # and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
 # output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
 # (Gated DeltaNet) stay
@@ -59,17 +61,16 @@ CHUNKED_ARCHS = ("llama4_text",)
 # NSA's module replaces Llama 4's global layers (no RoPE; queries scaled by position), its chunked layers kept
 NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
-# staying so), under transformers 5: MiMo-V2-Flash and Granite (MoE) with sliding windows (attention sinks), StableLM,
-# JetMoE, Gemma 3n (KV-shared layers)
-DECODER_ARCHS = ("mimo_v2_flash", "granite_swa", "granitemoe_swa", "stablelm", "jetmoe", "gemma3n_text")
+# staying so), under transformers 5: MiMo-V2-Flash (attention sinks in its sliding-window layers; v heads narrower than
+# q/k heads), StableLM, JetMoE, Gemma 3n (KV-shared layers)
+DECODER_ARCHS = ("mimo_v2_flash", "stablelm", "jetmoe", "gemma3n_text")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
-# MoBA is an attention function: also models whose attention NSA's module does not reproduce (attention sinks:
-# gpt-oss; Gemma 4's head dims and KV sharing across layers), their sliding-window layers staying so, the hybrids and
-# decoders above, and the MLA models (on the keys and values their attention decompresses: q/k 192, v 128 in
-# DeepSeek-V3)
-MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + ("gpt_oss", "gemma4_text") + HYBRID_ARCHS
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce (Gemma 4's head dims
+# and KV sharing across layers), their sliding-window layers staying so, the hybrids and decoders above, and the MLA
+# models (on the keys and values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
+MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + ("gemma4_text",) + HYBRID_ARCHS
                                  + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
@@ -169,7 +170,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             their sliding-window and chunked layers stay so, the
             linear-attention layers of hybrids too; under transformers 5 also the Mamba hybrids Nemotron-H, Granite
             4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept,
-            and the decoders of ``DECODER_ARCHS``: MiMo-V2-Flash, Granite SWA, StableLM, ...; and those of MLA
+            and the decoders of ``DECODER_ARCHS``: MiMo-V2-Flash, StableLM, ...; and those of MLA
             below, on the keys and values their attention decompresses, which transformers 5 decompresses from its
             latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
@@ -178,18 +179,20 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             step).
         ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
             their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
-            Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, MiniMax-M1 (its lightning-attention layers kept),
-            Llama 4 (its global layers, without RoPE and with their queries' temperature tuning; its RoPE layers,
-            chunked or not, kept), the hybrids Qwen3-Next and Qwen3.5 (gated output; their linear-attention layers
-            kept); under transformers 5 also EXAONE 3.5 / EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE,
-            InternLM3, Solar Open, Command R, Cohere2-MoE, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE,
-            Nemotron-4, BitNet (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0,
-            Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language
-            models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
+            Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, gpt-oss (its attention sinks in each branch's
+            softmax), MiniMax-M1 (its lightning-attention layers kept), Llama 4 (its global layers, without RoPE and
+            with their queries' temperature tuning; its RoPE layers, chunked or not, kept), the hybrids Qwen3-Next
+            and Qwen3.5 (gated output; their linear-attention layers kept); under transformers 5 also EXAONE 3.5 /
+            EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
+            Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding
+            windows (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0, Falcon-H1,
+            Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language models of
+            Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
-            mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B) keeps its sliding
-            ones (exact, through the ``"longattn"`` attention function) and NSA replaces the full ones; where every
+            mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B, gpt-oss) keeps
+            its sliding ones (exact, through the ``"longattn"`` attention function) and NSA replaces the full ones;
+            where every
             layer slides (Mistral 7B v0.1, Ministral), all become NSA layers (``config.sliding_window`` /
             ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,

@@ -729,6 +729,15 @@ def check_softcap(softcap) -> float:
     return check_scale(softcap, 0.0, "softcap")
 
 
+def check_sinks(sinks, heads: int):
+    """Attention sinks: None, or one float logit per query head, a ``(heads,)`` tensor."""
+    if sinks is None:
+        return
+    check_tensor(sinks, "sinks", dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape ({heads},) (one logit per query head), got {tuple(sinks.shape)}")
+
+
 def check_positive_int(value, name: str, *, allow_none: bool = False, minimum: int = 1, maximum: int = 2 ** 31 - 1):
     """An int in [minimum, maximum] (kernels take it as a 32-bit integer), or None with ``allow_none``."""
     if value is None and allow_none:

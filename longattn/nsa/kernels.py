@@ -420,21 +420,26 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
                    TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                   BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+                   BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0, sink=0.0,
+                   HAS_SINKS: tl.constexpr = False):
     """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
     at position n - 1 (PAGE > 0: its keys in a paged cache, see _load_kv); ``blk`` (1, TOPK_PAD) the selected
-    blocks, -1 for none."""
+    blocks, -1 for none. HAS_SINKS: each branch scaled by what the rows' attention sinks ``sink`` leave of it."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION, BT,
                                  last_page, stride_kp, stride_vp, PAGE)
     g3 = stride_g3.to(tl.int64)
-    g_slc = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
-    out += g_slc[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
+    g = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
+    if HAS_SINKS:
+        g = g * _sink_scale(m, l, sink)
+    out += g[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
                               DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION, BT, last_page, stride_kp, stride_vp,
                               PAGE)
-    return out + tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)[:, None] * \
-        (acc / tl.where(l > 0, l, 1.0)[:, None])
+    g = tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)
+    if HAS_SINKS:
+        g = g * _sink_scale(m, l, sink)
+    return out + g[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
 
 
 @triton.jit
@@ -500,13 +505,22 @@ def _block_at(pairs, rank, u):
 
 
 @triton.jit
+def _sink_scale(m, l, sink):
+    """``sigmoid(lse - sink)``, what an attention sink (a logit ``sink``, natural log, beside the keys, attending to
+    nothing) leaves of rows whose softmax has base-2 running max ``m`` and sum ``l``: 0 for a row that saw no key."""
+    lse2 = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)
+    return tl.where(l > 0, 1.0 / (1.0 + tl.exp2(sink * 1.4426950408889634 - lse2)), 0.0)
+
+
+@triton.jit
 def _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV: tl.constexpr,
                 BLOCK_DV: tl.constexpr, GATE, GATED: tl.constexpr, WRITE_O: tl.constexpr):
     """The rows' normalised output (WRITE_O) and natural-log lse (rows that saw no key: 0 and -inf). GATED: also
     NSA's gated sum of the rows, ``out = g_cmp * o_cmp + g_slc * o + g_swa * o_swa`` in float32 (this output
-    unrounded), ``GATE`` = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, heads): outputs in O's layout, gates (tokens,
-    heads) contiguous. Each element of OUT is written by the program that reads it in O_CMP and O_SWA, so OUT may
-    be O_CMP."""
+    unrounded), ``GATE`` = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, heads, SINKS): outputs in O's layout, gates
+    (tokens, heads) contiguous. Each element of OUT is written by the program that reads it in O_CMP and O_SWA, so
+    OUT may be O_CMP. GATED == 2: attention sinks, SINKS (Hq,) float32 logits: ``g_slc`` times ``sigmoid(lse -
+    sink)`` (the other branches' gates come with theirs)."""
     dv = tl.arange(0, BLOCK_DV)
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]
@@ -516,9 +530,12 @@ def _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride
         tl.store(O + off, o.to(O.dtype.element_ty), mask=mask)
     tl.store(LSE + heads * stride_lh + t, (m + tl.log2(l_safe)) * 0.6931471805599453, mask=valid)
     if GATED:
-        OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads = GATE
+        OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads, SINKS = GATE
         g = t * n_heads + heads
-        out = tl.load(G_SLC + g, mask=valid, other=0.0).to(tl.float32)[:, None] * o
+        g_slc = tl.load(G_SLC + g, mask=valid, other=0.0).to(tl.float32)
+        if GATED == 2:
+            g_slc = g_slc * _sink_scale(m, l, tl.load(SINKS + heads, mask=valid, other=0.0))
+        out = g_slc[:, None] * o
         out += tl.load(G_CMP + g, mask=valid, other=0.0).to(tl.float32)[:, None] * \
             tl.load(O_CMP + off, mask=mask, other=0.0).to(tl.float32)
         out += tl.load(G_SWA + g, mask=valid, other=0.0).to(tl.float32)[:, None] * \
@@ -629,7 +646,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                              SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                              PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False,
                              HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False, GATED: tl.constexpr = False,
-                             WRITE_O: tl.constexpr = True, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False):
+                             WRITE_O: tl.constexpr = True, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False,
+                             SINKS=None):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
@@ -641,11 +659,12 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
     ``USE_TMA`` (HAS_TMA: the host gave K/V's row descriptors, tiles of SLC_TILE rows): the blocks before the one
     holding the last query come by TMA, that block last, by masked loads (its tail may lie past the sequence).
     ``GATED``: the program also writes NSA's gated sum of its rows into OUT from the other branches' outputs O_CMP,
-    O_SWA and the gates (see _store_rows; ``n_heads``: the gates' heads per token), and O only with ``WRITE_O``.
+    O_SWA and the gates (see _store_rows; ``n_heads``: the gates' heads per token; GATED == 2: attention sinks
+    SINKS), and O only with ``WRITE_O``.
     ``HAS_QPOS``: the queries are a chunk of each sequence's tokens, from position QPOS[b], the keys packed by CU_K
     (see _query_block)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
-    GATE = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads)
+    GATE = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads, SINKS)
     tl.static_assert(not (USE_TMA and PER_QUERY), "USE_TMA is for the shared tile")
     q0 = tl.program_id(0) * QB
     if PER_QUERY:
@@ -876,7 +895,7 @@ def _kv_bases(K, V, BT, cb, off, hk64, stride_kb, stride_kt, stride_kh, stride_v
 
 
 @triton.jit
-def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT,
+def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, SINKS,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                        stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
                        stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh, stride_btb,
@@ -886,9 +905,9 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
                        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
                        C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
-                       PAGE: tl.constexpr = 0):
+                       PAGE: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False):
     """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
-    path).
+    path). HAS_SINKS: attention sinks SINKS (Hq,) float32, a logit per head in each branch's softmax.
 
     The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
     cache row ROWS[b], or b; PAGE > 0: in the pages of that row of the block table BT, see _kv_bases).
@@ -913,7 +932,12 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT,
                               scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
     has = l > 0
     lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
-    out = tl.load(gate_ptr, mask=in_g, other=0.0).to(tl.float32)[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
+    g = tl.load(gate_ptr, mask=in_g, other=0.0).to(tl.float32)
+    sink = g * 0
+    if HAS_SINKS:
+        sink = tl.load(SINKS + heads, mask=in_g, other=0.0)
+        g = g * _sink_scale(m, l, sink)
+    out = g[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
     own = (n - 1) // SLC_BLOCK
     best = _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, 0, own + 1, scale_log2, DK, BLOCK_DK,
                        CMP_STRIDE, SLC_BLOCK, NW, TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
@@ -924,7 +948,7 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT,
                                    stride_vh, stride_btb, PAGE)
     out = _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
                          DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, WINDOW,
-                         PRECISION, bt, last_page, stride_kb, stride_vb, PAGE)
+                         PRECISION, bt, last_page, stride_kb, stride_vb, PAGE, sink, HAS_SINKS)
     dv = tl.arange(0, BLOCK_DV)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_g[:, None] & (dv[None, :] < DV))
@@ -1060,8 +1084,9 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
 
 @triton.jit
 def _merge_pieces(OP, LP, b64, heads, in_g, lo, hi, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
-                  DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The normalised merge (by their base-2 lse) of the partial outputs of pieces [lo, hi): (BLOCK_G, BLOCK_DV)."""
+                  DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, sink, HAS_SINKS: tl.constexpr):
+    """The normalised merge (by their base-2 lse) of the partial outputs of pieces [lo, hi): (BLOCK_G, BLOCK_DV);
+    HAS_SINKS: scaled by what the rows' attention sinks ``sink`` leave of it."""
     dv = tl.arange(0, BLOCK_DV)
     lp = LP + heads * stride_lh + b64
     op = OP + b64 * stride_pb + heads[:, None] * stride_ph + dv[None, :]
@@ -1077,19 +1102,23 @@ def _merge_pieces(OP, LP, b64, heads, in_g, lo, hi, stride_ps, stride_pb, stride
         part = tl.load(op + p * ps, mask=(in_g & (w > 0))[:, None] & (dv[None, :] < DV), other=0.0)
         l += w
         acc += w[:, None] * part
-    return acc / tl.where(l > 0, l, 1.0)[:, None]
+    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if HAS_SINKS:
+        acc = acc * _sink_scale(m_safe, l, sink)[:, None]
+    return acc
 
 
 @triton.jit
-def _nsa_decode_combine_kernel(OC, LC, OP, LP, GATES, OUT,
+def _nsa_decode_combine_kernel(OC, LC, OP, LP, GATES, OUT, SINKS,
                                stride_cs, stride_cb, stride_ch, stride_lcs, stride_lch,
                                stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
                                stride_g3, stride_gb, stride_ob, stride_oh,
                                Hq, n_cmp_split, n_pieces,
-                               DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr):
+                               DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
+                               HAS_SINKS: tl.constexpr = False):
     """Split-KV path, step 4: for BLOCK_H heads of sequence b, the gated sum of the compressed branch (merged from
     step 1's partial outputs OC and base-2 lse LC) and the selected and window branches (each merged from its
-    pieces OP / LP)."""
+    pieces OP / LP); HAS_SINKS: attention sinks SINKS (Hq,) float32 in each branch's softmax."""
     b64 = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = heads < Hq
@@ -1097,14 +1126,17 @@ def _nsa_decode_combine_kernel(OC, LC, OP, LP, GATES, OUT,
     dv = tl.arange(0, BLOCK_DV)
     gate_ptr = GATES + b64 * stride_gb + heads
     g3 = stride_g3.to(tl.int64)
+    sink = tl.zeros([BLOCK_H], tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + heads, mask=in_h, other=0.0)
     out = tl.load(gate_ptr, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
         _merge_pieces(OC, LC, b64, heads, in_h, 0, n_cmp_split, stride_cs, stride_cb, stride_ch, stride_lcs,
-                      stride_lch, DV, BLOCK_H, BLOCK_DV)
+                      stride_lch, DV, BLOCK_H, BLOCK_DV, sink, HAS_SINKS)
     out += tl.load(gate_ptr + g3, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
         _merge_pieces(OP, LP, b64, heads, in_h, 0, TOPK, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh, DV,
-                      BLOCK_H, BLOCK_DV)
+                      BLOCK_H, BLOCK_DV, sink, HAS_SINKS)
     out += tl.load(gate_ptr + 2 * g3, mask=in_h, other=0.0).to(tl.float32)[:, None] * \
         _merge_pieces(OP, LP, b64, heads, in_h, TOPK, n_pieces, stride_ps, stride_pb, stride_ph, stride_ls,
-                      stride_lh, DV, BLOCK_H, BLOCK_DV)
+                      stride_lh, DV, BLOCK_H, BLOCK_DV, sink, HAS_SINKS)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_h[:, None] & (dv[None, :] < DV))

@@ -83,7 +83,8 @@ class NativeSparseAttention(nn.Module):
     """Drop-in replacement of a transformers self-attention ``attn`` (of a model type in
     ``longattn.hf.swap.NSA_ARCHS``; ``swap_attention(model, "nsa")`` builds one per layer) by NSA under ``config``
     (default: the paper's, :class:`NSAConfig`). Keeps ``attn``'s projections and q/k norms (same parameter names:
-    their weights are shared), scale and RoPE function; adds ``k_pos`` / ``v_pos`` (cmp_block, head_dim), the
+    their weights are shared), attention sinks (gpt-oss's ``sinks``, in each branch's softmax), scale and RoPE
+    function; adds ``k_pos`` / ``v_pos`` (cmp_block, head_dim), the
     compressors ``k_compress`` / ``v_compress`` (Linear cmp_block * head_dim -> head_dim, mean pooling at first)
     and ``gate`` (Linear hidden -> 3 * heads, zero: every gate 0.5 at first), in the dtype and on the device of
     ``attn``'s weights. ``forward`` takes what the model's decoder layer passes its attention (hidden states
@@ -102,8 +103,6 @@ class NativeSparseAttention(nn.Module):
         if getattr(attn, "is_causal", True) is False:
             raise ValueError(f"NativeSparseAttention replaces causal attention; this {type(attn).__name__} is "
                              "bidirectional")
-        if getattr(attn, "sinks", None) is not None:
-            raise ValueError(f"NativeSparseAttention has no attention sinks; this {type(attn).__name__} has them")
         if getattr(hf_cfg, "attn_logit_softcapping", None) is not None:
             raise ValueError("NativeSparseAttention has no attention logit softcapping (config.attn_logit_softcapping "
                              f"= {hf_cfg.attn_logit_softcapping}); it needs None")
@@ -124,6 +123,8 @@ class NativeSparseAttention(nn.Module):
             ("q_layernorm", "k_layernorm") if self.q_layernorm is not None else None)
         self._norms_across_heads = (self._norm_names is not None and  # (Command R's per head: weights (H, D))
                                     getattr(self, self._norm_names[0]).weight.shape[-1] != self.head_dim)
+        # attention sinks (gpt-oss: a learned logit per head), in the softmax of each branch
+        self.sinks = getattr(attn, "sinks", None)
         # keys scaled after their projection (Falcon-H1)
         self._key_multiplier = getattr(attn, "key_multiplier", None)
         # a gated output (Qwen3-Next, Qwen3.5): q_proj gives each head its query and a gate, side by side, and the
@@ -285,12 +286,13 @@ class NativeSparseAttention(nn.Module):
             vc = self.compress(v, self.v_pos, self.v_compress)
             if cache is not None:
                 self._store(cache, [kc[b] for b in range(B)], [vc[b] for b in range(B)])
-            return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=kc, v_cmp=vc, scale=self.scaling)
+            return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=kc, v_cmp=vc, scale=self.scaling,
+                                 sinks=self.sinks)
         kc = self._compress_segments(k, self.k_pos, self.k_compress, segments)
         vc = self._compress_segments(v, self.v_pos, self.v_compress, segments)
         lens = [n for _, _, n in segments]
         cu = device_tensor([0] + list(itertools.accumulate(lens)), torch.int32, q.device)
-        opts = dict(config=self.nsa, k_cmp=kc, v_cmp=vc, cu_seqlens=cu, scale=self.scaling)
+        opts = dict(config=self.nsa, k_cmp=kc, v_cmp=vc, cu_seqlens=cu, scale=self.scaling, sinks=self.sinks)
         if len(segments) > B:  # one packed row: its tokens are already the varlen layout
             if cache is not None:
                 mark_packed(cache, self.layer_idx)
@@ -376,7 +378,8 @@ class NativeSparseAttention(nn.Module):
         # lengths, offsets and compressed blocks are this module's own bookkeeping, consistent by construction: no
         # check (it would synchronise with the GPU in every layer at every step)
         out = nsa_decode(q, k, v, store["k"], store["v"], *gates.unbind(1), cache_seqlens=seqlens,
-                         cache_offsets=offsets, cache_rows=query_rows, config=cfg, scale=self.scaling, validate=False)
+                         cache_offsets=offsets, cache_rows=query_rows, config=cfg, scale=self.scaling,
+                         sinks=self.sinks, validate=False)
         if not whole:
             out = out.new_zeros(B * T, *out.shape[1:]).index_copy_(0, pick, out)
         return out.view(B, T, *out.shape[1:])
@@ -399,7 +402,7 @@ class NativeSparseAttention(nn.Module):
         with torch.no_grad():
             out = nsa_attention(queries(q), keys(k), keys(v), *queries(gates).unbind(1), config=self.nsa,
                                 k_cmp=blocks(store["k"]), v_cmp=blocks(store["v"]), cu_seqlens_q=cu_q,
-                                cu_seqlens_k=cu_k, scale=self.scaling)
+                                cu_seqlens_k=cu_k, scale=self.scaling, sinks=self.sinks)
         if all(n == T for n in new):
             return out.view(B, T, *out.shape[1:])
         full = out.new_zeros(B, T, *out.shape[1:])

@@ -16,7 +16,8 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
                               sparse_backward)
 from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_block_table,
                              check_cache_lengths, check_cache_rows, check_decode_inputs, check_device,
-                             check_positive_int, check_same_dtype, check_scale, check_tensor, device_tensor,
+                             check_positive_int, check_same_dtype, check_scale, check_sinks, check_tensor,
+                             device_tensor,
                              eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
                              small_tiles, split_dim, validate_cache_rows, validate_pages)
 from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
@@ -106,6 +107,13 @@ def _gated_prep(dout, o, lse, g):
     return do, delta, dg
 
 
+def _sink_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(lse - sink)``, (N, Hq) float32 from a branch's lse (Hq, N): what attention sinks (Hq,) leave of its
+    softmax to the keys (0 for a row that saw no key, whatever the sink)."""
+    lse = lse.t()
+    return torch.where(lse == float("-inf"), 0.0, torch.sigmoid(lse - sinks.float()))
+
+
 def _selected_heads(group: int, dtype) -> int:
     """Query heads per program of the selected branch's kernels: the whole GQA group, unless it is larger than a
     tile holds (64 heads; 16 in float32, whose products run on CUDA cores: 64 rows spilled up to 19 KB per
@@ -158,10 +166,11 @@ class _Selected(torch.autograd.Function):
 
 
 def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale: float, gate=None,
-                      write_o: bool = True, cu_k=None, query_pos=None):
+                      write_o: bool = True, cu_k=None, query_pos=None, sinks=None):
     """The selected branch's output (None without ``write_o``) and lse (Hq, total) on packed kernel inputs.
     ``gate``: ``(out, o_cmp, o_swa, g_cmp, g_slc, g_swa)``, NSA's gated sum written into ``out`` by the same
-    launch (outputs (total, Hq, Dv) contiguous, gates (total, Hq) contiguous; out may be o_cmp). ``query_pos``
+    launch (outputs (total, Hq, Dv) contiguous, gates (total, Hq) contiguous; out may be o_cmp), this branch's
+    scaled by ``sinks``' share (float32 (Hq,), see _sink_scale; the others' gates carry theirs). ``query_pos``
     (int32 per sequence): the queries are a chunk of each sequence, from that position, the keys packed by
     ``cu_k``."""
     hq, hkv = dims.heads_q, dims.heads_kv
@@ -177,8 +186,9 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
             q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), *(gate or (like,) + (None,) * 5),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), sel.stride(0),
             sel.stride(1), like.stride(0), like.stride(1), lse.stride(0), group, heads, hq, scale * LOG2E),
-            dict(meta, HAS_TMA=descs is not None, GATED=gate is not None, WRITE_O=out is not None, CU_K=cu_k,
-                 QPOS=query_pos, HAS_QPOS=query_pos is not None), max_q, hkv * cdiv(group, heads), cu.numel() - 1,
+            dict(meta, HAS_TMA=descs is not None, GATED=0 if gate is None else 1 if sinks is None else 2,
+                 WRITE_O=out is not None, CU_K=cu_k, QPOS=query_pos, HAS_QPOS=query_pos is not None, SINKS=sinks),
+            max_q, hkv * cdiv(group, heads), cu.numel() - 1,
             heads)
     return out, lse
 
@@ -313,47 +323,65 @@ class _Branches:
         return self
 
 
-def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool):
+def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool, sinks=None):
     """NSA's three branches and their gated sum on kernel inputs (packed q, k, v, compressed kc, vc; ``gates``
-    three contiguous ``(N, Hq)``): ``(out, sel, branches)``, branches ``((o, lse) of cmp, slc)`` when ``keep``
-    (what the backward keeps: it runs the window branch again, see _branches_backward), else None, the gated sum
-    then written over the compressed branch's output."""
+    three contiguous ``(N, Hq)``; attention ``sinks`` (Hq,) or None): ``(out, sel, branches)``, branches ``((o,
+    lse) of cmp, slc)`` when ``keep`` (what the backward keeps: it runs the window branch again, see
+    _branches_backward), else None, the gated sum then written over the compressed branch's output."""
     cfg, scale, dims = b.config, b.scale, b.dims
     cu_q = dims.cu_seqlens_q
     # compressed branch (also yields the lse the selection needs)
     o_cmp, lse_cmp = flash_fwd(q, kc, vc, b.cmp_dims, True, None, scale,
                                key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), query_pos=b.query_pos)
     sel = nsa_select(q, kc, lse_cmp, cu_q, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale, b.query_pos)
+    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
+    if sinks is not None:  # the compressed and window branches' shares of their softmax with the sinks: in their gates
+        sinks = sinks.float().contiguous()
+        gates = (gates[0] * _sink_scale(lse_cmp, sinks), gates[1], gates[2] * _sink_scale(lse_swa, sinks))
     if not keep:
         lse_cmp = None
-    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
     # selected branch: the selected blocks (the own one among them, causal), one softmax; the same launch writes
     # the gated sum (without gradients over the compressed branch's output, and not the selected branch's own)
     out = empty(o_cmp.shape, device=q.device, dtype=q.dtype) if keep else o_cmp
     o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, cu_q, dims.max_seqlen_q, cfg.slc_block, scale,
                                        gate=(out, o_cmp, o_swa, *gates), write_o=keep, cu_k=b.cu,
-                                       query_pos=b.query_pos)
+                                       query_pos=b.query_pos, sinks=sinks)
     if not keep:
         return out, sel, None
     return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc))
 
 
-def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches):
-    """Gradients of q, k, v, kc, vc and the three gates from the gated sum's ``dout`` and the compressed and
-    selected branches' ``(o, lse)``. One branch at a time: its gate-scaled output gradient and row delta
-    (``_gated_prep``), then its backward, each adding its dq to the previous ones' in place (no branch-sized buffer
-    but the one branch's do beside dq). The window branch comes first, its output and lse computed again (its
-    forward is the cheapest of the three, a few percent of the backward's time; a forward with gradients then holds
-    two branch outputs, not three), freed once its row delta is taken."""
+def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches, sinks=None):
+    """Gradients of q, k, v, kc, vc, the three gates and the ``sinks`` (float32; None without them) from the gated
+    sum's ``dout`` and the compressed and selected branches' ``(o, lse)``. One branch at a time: its gate-scaled
+    output gradient and row delta (``_gated_prep``), then its backward, each adding its dq to the previous ones'
+    in place (no branch-sized buffer but the one branch's do beside dq). The window branch comes first, its output
+    and lse computed again (its forward is the cheapest of the three, a few percent of the backward's time; a
+    forward with gradients then holds two branch outputs, not three), freed once its row delta is taken."""
     cfg, scale, dims = b.config, b.scale, b.dims
     dout = dout.to(q.dtype).contiguous()
+    dsinks = None if sinks is None else torch.zeros(sinks.shape, device=q.device, dtype=torch.float32)
+
+    def prep(o, lse, g):
+        """The branch's do, row delta and gate gradient. With sinks its output enters the sum scaled by s =
+        sigmoid(lse - sink): the gate g * s, the gate's gradient s * sum(dout * o), and lse's gradient dlse = g *
+        s * (1 - s) * sum(dout * o) (the sink's: -dlse), which a row's score gradients take as p * dlse, that is
+        with delta - dlse for delta."""
+        if sinks is None:
+            return _gated_prep(dout, o, lse, g)
+        s = _sink_scale(lse, sinks)
+        do, delta, dgs = _gated_prep(dout, o, lse, (g * s).contiguous())  # dgs: sum(dout * o), float32
+        dlse = dgs * g * s * (1 - s)
+        delta -= dlse.t()
+        dsinks.sub_(dlse.sum(0))
+        return do, delta, (dgs * s).to(g.dtype)
 
     def branch(o, lse, g, run):
-        do, delta, dg = _gated_prep(dout, o, lse, g)
+        do, delta, dg = prep(o, lse, g)
         return run(do, o, lse, delta), dg
 
     o_swa, lse = flash_fwd(q, k, v, dims, True, cfg.window, scale)
-    do, delta, dg_swa = _gated_prep(dout, o_swa, lse, gates[2])
+    do, delta, dg_swa = prep(o_swa, lse, gates[2])
     del o_swa  # (before the backward's dq: the window's output is not needed again)
     dq, dk_swa, dv_swa = flash_bwd(do, q, k, v, lse, delta, dims, True, cfg.window, scale)
     del do, delta, lse
@@ -369,7 +397,7 @@ def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches
     (_, dk, dv), dg_slc = branch(*branches[1], gates[1], lambda do, o, lse, delta: _selected_backward(
         do, q, k, v, o, lse, sel, own, dims.cu_seqlens_q, plan, dims, dims.max_seqlen_q, cfg.slc_block, scale,
         delta=delta, dq=dq, cu_k=b.cu, query_pos=b.query_pos))
-    return dq, dk + dk_swa, dv + dv_swa, dkc, dvc, dg_cmp, dg_slc, dg_swa
+    return dq, dk + dk_swa, dv + dv_swa, dkc, dvc, dg_cmp, dg_slc, dg_swa, dsinks
 
 
 class _NSAttention(torch.autograd.Function):
@@ -377,9 +405,10 @@ class _NSAttention(torch.autograd.Function):
     (see _branches_backward) instead of autograd holding every branch's gradients at once and adding them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kc, vc, g_cmp, g_slc, g_swa, b: _Branches):
-        out, sel, branches = _branches_forward(q, k, v, kc, vc, (g_cmp, g_slc, g_swa), b, keep=True)
-        ctx.save_for_backward(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sel, *(t for pair in branches for t in pair))
+    def forward(ctx, q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, b: _Branches):
+        out, sel, branches = _branches_forward(q, k, v, kc, vc, (g_cmp, g_slc, g_swa), b, keep=True, sinks=sinks)
+        ctx.save_for_backward(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, sel,
+                              *(t for pair in branches for t in pair))
         ctx.branches = b
         ctx.mark_non_differentiable(sel)
         return out, sel
@@ -387,15 +416,16 @@ class _NSAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dsel):
         q, k, v, kc, vc, *rest = ctx.saved_tensors  # read once (non-reentrant checkpointing unpacks each once)
-        gates, sel, flat = rest[:3], rest[3], rest[4:]
+        gates, sinks, sel, flat = rest[:3], rest[3], rest[4], rest[5:]
         branches = tuple(zip(flat[0::2], flat[1::2]))
-        return _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, ctx.branches) + (None,)
+        *grads, dsinks = _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, ctx.branches, sinks)
+        return (*grads, None if dsinks is None else dsinks.to(sinks.dtype), None)
 
 
 # torch.compile: in the dense layout TorchDynamo traces nsa_attention down to this custom op (its backward the next):
 # the same code as eager mode when the graph runs; the branch outputs and lse are outputs of the op, for its backward
 _BRANCHES_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor kc, Tensor vc, Tensor g_cmp, Tensor g_slc, Tensor g_swa, "
-                  "Tensor cu, Tensor cu_cmp, int[] lengths, int[] config, float scale")
+                  "Tensor? sinks, Tensor cu, Tensor cu_cmp, int[] lengths, int[] config, float scale")
 
 
 def _op_branches(cu, cu_cmp, lengths, config, scale) -> _Branches:
@@ -404,16 +434,16 @@ def _op_branches(cu, cu_cmp, lengths, config, scale) -> _Branches:
 
 @torch.library.custom_op("longattn::nsa_branches", mutates_args=(),
                          schema=f"({_BRANCHES_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _branches_op(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, config, scale):
+def _branches_op(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, lengths, config, scale):
     with eager_context(q):
         ins = kernel_inputs(q, k, v, kc, vc)
         b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
-        out, sel, branches = _branches_forward(*ins, (g_cmp, g_slc, g_swa), b, keep=True)
+        out, sel, branches = _branches_forward(*ins, (g_cmp, g_slc, g_swa), b, keep=True, sinks=sinks)
     return (out.to(q.dtype), sel, *(t.to(q.dtype) if t.dim() == 3 else t for pair in branches for t in pair))
 
 
 @_branches_op.register_fake
-def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, config, scale):
+def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, lengths, config, scale):
     o = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     sel = q.new_empty(q.shape[0], k.shape[1], config[_CONFIG_FIELDS.index("slc_topk")], dtype=torch.int32)
@@ -423,32 +453,38 @@ def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp, lengths, 
 @torch.library.custom_op("longattn::nsa_branches_backward", mutates_args=(),
                          schema=f"(Tensor dout, Tensor sel, Tensor o_cmp, Tensor lse_cmp, Tensor o_slc, "
                                 f"Tensor lse_slc, {_BRANCHES_ARGS}) -> "
-                                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _branches_backward_op(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, q, k, v, kc, vc, g_cmp, g_slc, g_swa, cu, cu_cmp,
-                          lengths, config, scale):
+                                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _branches_backward_op(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu,
+                          cu_cmp, lengths, config, scale):
+    """The gradients of the branches' inputs, the sinks' last (empty without sinks)."""
     with eager_context(q):
         ins = kernel_inputs(q, k, v, kc, vc)
         b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
         o_cmp, o_slc, dout = kernel_inputs(o_cmp, o_slc, dout)
-        grads = _branches_backward(dout, *ins, (g_cmp, g_slc, g_swa), sel, ((o_cmp, lse_cmp), (o_slc, lse_slc)), b)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, kc, vc, g_cmp, g_slc, g_swa)))
+        *grads, dsinks = _branches_backward(dout, *ins, (g_cmp, g_slc, g_swa), sel,
+                                            ((o_cmp, lse_cmp), (o_slc, lse_slc)), b, sinks)
+    dsinks = q.new_empty(0) if sinks is None else dsinks.to(sinks.dtype)
+    return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v, kc, vc, g_cmp, g_slc, g_swa))), dsinks)
 
 
 @_branches_backward_op.register_fake
 def _branches_backward_shapes(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, *ins):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ins[:8])
+    sinks = ins[8]
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in ins[:8]),
+            ins[0].new_empty(0) if sinks is None else torch.empty_like(sinks))
 
 
 def _branches_op_save(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:], *inputs[:10])
-    ctx.options = inputs[10:]
+    ctx.save_for_backward(*output[1:], *inputs[:11])
+    ctx.options = inputs[11:]
+    ctx.has_sinks = inputs[8] is not None
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _branches_op_backward(ctx, dout, *unused):
     saved = ctx.saved_tensors
-    grads = torch.ops.longattn.nsa_branches_backward(dout, *saved, *ctx.options)
-    return grads + (None,) * 5
+    *grads, dsinks = torch.ops.longattn.nsa_branches_backward(dout, *saved, *ctx.options)
+    return (*grads, dsinks if ctx.has_sinks else None) + (None,) * 5
 
 
 _branches_op.register_autograd(_branches_op_backward, setup_context=_branches_op_save)
@@ -505,8 +541,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                   cu_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                  return_selection: bool = False):
-    """Native Sparse Attention (prefill / training), differentiable in q, k, v, the gates and k_cmp/v_cmp.
+                  sinks: Optional[torch.Tensor] = None, return_selection: bool = False):
+    """Native Sparse Attention (prefill / training), differentiable in q, k, v, the gates, k_cmp/v_cmp and sinks.
 
     ``o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` with the semantics of
     :mod:`longattn.nsa.reference`.
@@ -526,6 +562,9 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         k_cmp, v_cmp: compressed keys/values ``(B, n_cmp, Hkv, D*)`` / packed ``(total_cmp, Hkv, D*)`` from a
             learnable compressor; default: mean pooling of k and v.
         scale: softmax scale of every branch, default ``Dk ** -0.5``.
+        sinks: attention sinks (gpt-oss's), ``(Hq,)`` float logits, one per query head, in the softmax of each
+            branch as a key without a value: a branch's output scaled by ``sigmoid(lse - sink)`` (lse of its
+            scaled scores). The selection reads the compressed probabilities without them. Default: none.
         return_selection: also return the selected blocks, int32 ``(B, T, Hkv, slc_topk)`` / ``(total, Hkv,
             slc_topk)``, best first, -1 padded.
     Returns:
@@ -560,7 +599,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
         if tuple(g.shape) != tuple(gshape):
             raise ValueError(f"{name} must have shape {tuple(gshape)} (one gate per query head), got {tuple(g.shape)}")
-    check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa})
+    check_sinks(sinks, dims.heads_q)
+    check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa, "sinks": sinks})
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
     chunk = lq != lk  # queries after a prefix
     if chunk:
@@ -585,7 +625,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         kc = k_cmp if dims.varlen else k_cmp.reshape(-1, *k_cmp.shape[2:])
         vc = v_cmp if dims.varlen else v_cmp.reshape(-1, *v_cmp.shape[2:])
     if qp.shape[0] == 0:  # no token: empty results, still part of the autograd graph
-        anchor = sum(t.sum() for t in (q, k, v, g_cmp, g_slc, g_swa, kc, vc)) * 0
+        anchor = sum(t.sum() for t in (q, k, v, g_cmp, g_slc, g_swa, kc, vc, sinks) if t is not None) * 0
         out = q.new_zeros(*gshape, dims.dim_v) + anchor.to(q.dtype)
         sel = torch.empty(*q.shape[:-2], dims.heads_kv, config.slc_topk, dtype=torch.int32, device=q.device)
         return (out, sel) if return_selection else out
@@ -594,7 +634,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     ins = [qp, kp, vp, kc if kc.stride(-1) == 1 else kc.contiguous(), vc if vc.stride(-1) == 1 else vc.contiguous()]
     if torch.compiler.is_compiling():
         values = [getattr(config, name) for name in _CONFIG_FIELDS]
-        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, cu, cu_cmp, lq, values, scale)[:2]
+        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, sinks, cu, cu_cmp, lq, values, scale)[:2]
     else:
         ins = kernel_inputs(*ins)
         branches = _Branches(config, lk, cu, cu_cmp, scale)
@@ -602,10 +642,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
             branches.lengths_q, branches.cu_q = lq, _cu(lq, q.device)
             branches.query_pos = device_tensor([b - a for a, b in zip(lq, lk)], torch.int32, q.device)
         branches.shape(*ins[:3])
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (*ins, *gates)):
-            out, sel = _NSAttention.apply(*ins, *gates, branches)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*ins, *gates, sinks)):
+            out, sel = _NSAttention.apply(*ins, *gates, sinks, branches)
         else:
-            out, sel, _ = _branches_forward(*ins, gates, branches, keep=False)
+            out, sel, _ = _branches_forward(*ins, gates, branches, keep=False, sinks=sinks)
     out = out.to(q.dtype)
     if not dims.varlen:
         out = out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, dims.dim_v)
@@ -650,8 +690,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                v_cmp: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, *,
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
                block_table: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
-               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, num_splits: Optional[int] = None,
-               return_selection: bool = False, validate: bool = True):
+               config: NSAConfig = NSAConfig(), scale: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
+               num_splits: Optional[int] = None, return_selection: bool = False, validate: bool = True):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
@@ -682,7 +722,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             its own query row with its own ``cache_seqlens`` (the token at position ``cache_seqlens[b] - 1``);
             the caches (k_cache, v_cache, k_cmp, v_cmp; paged: block_table, k_cmp, v_cmp) have
             ``max(cache_rows) + 1`` rows or more.
-        config, scale: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``).
+        config, scale, sinks: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``; sinks ``(Hq,)``).
         num_splits: programs per (sequence, KV head) over the compressed blocks, at most 64; default: 1 when
             the batch fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
@@ -718,7 +758,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
         if tuple(g.shape) != (B, hq):
             raise ValueError(f"{name} must have shape ({B}, {hq}) (one gate per query head), got {tuple(g.shape)}")
-    check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa})
+    check_sinks(sinks, hq)
+    check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa, "sinks": sinks})
     scale = check_scale(scale, dk ** -0.5)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows
@@ -742,6 +783,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
 
     qk, kk, vk, kck, vck = kernel_inputs(q, k_cache, v_cache, k_cmp, v_cmp)
     gates = _gates(g_cmp, g_slc, g_swa)
+    has_sinks = sinks is not None
+    sinks = sinks.float().contiguous() if has_sinks else gates  # (not read without sinks)
     weights = _score_weights(config, q.device)
     out = empty(B, hq, dv, device=q.device, dtype=q.dtype)
     sel = empty(B, hkv, config.slc_topk, device=q.device, dtype=torch.int32)
@@ -770,10 +813,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     cmp_strides = (kck.stride(0), kck.stride(1), kck.stride(2), vck.stride(0), vck.stride(1), vck.stride(2))
     if num_splits == 1:
         _nsa_decode_kernel[(B, hkv)](
-            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0],
+            qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], sinks,
             *common, *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
             sel.stride(0), sel.stride(1), paging[1], group, scale * LOG2E, paging[2], **dims, **blocks, **selection,
-            **attend, PAGE=paging[3], **launch, **COMPILE_OPTIONS)
+            **attend, PAGE=paging[3], HAS_SINKS=has_sinks, **launch, **COMPILE_OPTIONS)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, per-split top-n (each program merging the splits' lse), then
@@ -811,10 +854,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         **COMPILE_OPTIONS)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
-        parts, lses, piece_out, piece_lse, gates, out, parts.stride(0), parts.stride(1), parts.stride(2),
+        parts, lses, piece_out, piece_lse, gates, out, sinks, parts.stride(0), parts.stride(1), parts.stride(2),
         lses.stride(0), lses.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
         piece_lse.stride(0), piece_lse.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1), hq,
-        s1, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_H=block_h, TOPK=config.slc_topk, **COMPILE_OPTIONS)
+        s1, n_pieces, DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_H=block_h, TOPK=config.slc_topk, HAS_SINKS=has_sinks,
+        **COMPILE_OPTIONS)
     return (out, sel) if return_selection else out
 
 

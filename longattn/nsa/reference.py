@@ -21,6 +21,9 @@ Points the paper leaves open, settled here (``l`` = cmp_block, ``d`` = cmp_strid
   with at most ``n`` candidate blocks take them all.
 - selected attention: all keys of the selected blocks, causal inside the query's own block.
 - sliding window: the ``w`` most recent keys, the query itself included.
+- attention sinks (optional, gpt-oss's): one learned logit per query head in the softmax of each branch, a key
+  without a value: a branch's output scaled by ``sigmoid(lse - sink)``, lse the logsumexp of its scaled scores
+  (0 for a query that sees no key in it).
 """
 from __future__ import annotations
 
@@ -151,29 +154,32 @@ def select_blocks_ref(scores: torch.Tensor, config: NSAConfig, k_len: int) -> to
 
 
 def _one_sequence(q, k, v, k_cmp, v_cmp, config: NSAConfig, scale: float):
-    """Branch outputs of one sequence (float32): o_cmp, o_slc, o_swa (Tq, Hq, Dv) and the selection."""
+    """Branch outputs of one sequence (float32): ``(o, lse)`` of each of the compressed, selected and window
+    branches (o (Tq, Hq, Dv), lse (Hq, Tq)) and the selection."""
     tq, hq = q.shape[:2]
     tk, hkv = k.shape[:2]
     if k_cmp is None:
         k_cmp, v_cmp = compress_mean_ref(k, config), compress_mean_ref(v, config)
-    o_cmp, p_cmp, _ = compressed_attention_ref(q, k_cmp, v_cmp, config, scale, k_len=tk)
+    o_cmp, p_cmp, lse_cmp = compressed_attention_ref(q, k_cmp, v_cmp, config, scale, k_len=tk)
     sel = select_blocks_ref(selection_scores_ref(p_cmp.detach(), config, hkv, tk), config, tk)
     sel_q = sel.repeat_interleave(hq // hkv, dim=1)  # (Tq, Hq, n): a group shares its blocks
-    o_slc, _ = masked_attention_ref(q, k, v, block_mask_ref(sel_q, tq, tk, config.slc_block), scale)
-    o_swa = attention_ref(q[None], k[None], v[None], causal=True, window=config.window, scale=scale)[0].float()
-    return o_cmp, o_slc, o_swa, sel
+    slc = masked_attention_ref(q, k, v, block_mask_ref(sel_q, tq, tk, config.slc_block), scale)
+    o_swa, lse_swa = attention_ref(q[None], k[None], v[None], causal=True, window=config.window, scale=scale,
+                                   return_lse=True)
+    return ((o_cmp, lse_cmp), slc, (o_swa[0].float(), lse_swa[0])), sel
 
 
 def nsa_attention_ref(q, k, v, g_cmp, g_slc, g_swa, *, config: NSAConfig = NSAConfig(), k_cmp=None, v_cmp=None,
                       cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, scale: Optional[float] = None,
-                      return_selection: bool = False):
+                      sinks=None, return_selection: bool = False):
     """Native Sparse Attention, readable and slow (float32 inside, output in q's dtype, differentiable in
     q, k, v, the gates and k_cmp/v_cmp).
 
     Dense: q (B, Tq, Hq, Dk), k (B, Tk, Hkv, Dk), v (B, Tk, Hkv, Dv), gates (B, Tq, Hq), optional compressed
     keys/values (B, n_cmp, Hkv, D*). Varlen: (total, H, D) with cu_seqlens (gates (total, Hq), compressed
-    (total_cmp, Hkv, D*) packed per sequence in order). ``return_selection`` also returns the selected
-    blocks ((B, Tq, Hkv, n) or (total_q, Hkv, n)).
+    (total_cmp, Hkv, D*) packed per sequence in order). ``sinks``: (Hq,) attention sinks, one logit per query
+    head in every branch's softmax (differentiable too). ``return_selection`` also returns the selected blocks
+    ((B, Tq, Hkv, n) or (total_q, Hkv, n)).
     """
     if cu_seqlens is not None:
         cu_seqlens_q = cu_seqlens_k = cu_seqlens
@@ -190,9 +196,15 @@ def nsa_attention_ref(q, k, v, g_cmp, g_slc, g_swa, *, config: NSAConfig = NSACo
             sc = b
         kc = None if k_cmp is None else k_cmp[sc]
         vc = None if v_cmp is None else v_cmp[sc]
-        o_cmp, o_slc, o_swa, sel = _one_sequence(q[sq], ks, v[sk], kc, vc, config, scale)
-        gc, gs, gw = (g[sq].float()[..., None] for g in (g_cmp, g_slc, g_swa))
-        outs.append(gc * o_cmp + gs * o_slc + gw * o_swa)
+        branches, sel = _one_sequence(q[sq], ks, v[sk], kc, vc, config, scale)
+        out = 0
+        for (o, lse), g in zip(branches, (g_cmp, g_slc, g_swa)):
+            if sinks is not None:  # (a query that sees no key: lse -inf, its branch 0 whatever the sink)
+                none = torch.isneginf(lse)
+                share = torch.sigmoid(lse.masked_fill(none, 0) - sinks.float()[:, None]).masked_fill(none, 0)
+                o = o * share.t()[..., None]
+            out = out + g[sq].float()[..., None] * o
+        outs.append(out)
         sels.append(sel)
     out, sel = join_sequences(outs, varlen), join_sequences(sels, varlen)
     out = out.to(q.dtype)

@@ -83,9 +83,12 @@ def _keys_values_cache(model) -> bool:
     not where some layers keep a window (sliding-window layers: gpt-oss, Mistral) or a recurrent state (the
     linear-attention or Mamba layers of hybrids: Qwen3-Next, Nemotron-H; Falcon-H1's layers hold both keys and values
     and a Mamba state). The packed prefill, which splits every layer's cache of the packed row by prompt, needs it (a
-    recurrent state after a packed row would mix the prompts)."""
+    recurrent state after a packed row would mix the prompts). Not where the model takes a cache class of its own
+    (MiniMax-M1: its lightning-attention layers' states)."""
     from transformers import DynamicCache, DynamicLayer
 
+    if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
+        return False
     layers = getattr(DynamicCache(config=model.config), "layers", ())
     return all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) and
                not hasattr(layer, "update_recurrent_state") for layer in layers)
@@ -166,7 +169,7 @@ def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
     ids = _left_pad(prompts, longest)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = InPlaceCache(config=model.config, max_cache_len=capacity)
+    cache = InPlaceCache.for_model(model, capacity)
     step = longest if chunk is None else max(1, chunk // len(prompts))
     for a in range(0, longest, step):
         out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step], position_ids=pos[:, a:a + step],
@@ -250,9 +253,6 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
-    if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
-        raise ValueError(f"this {model.config.model_type} model needs a cache class of its own (transformers' "
-                         "DynamicCache does not hold its layers' state); the rollout decodes with a DynamicCache")
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk)

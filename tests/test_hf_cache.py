@@ -1,4 +1,6 @@
 """InPlaceCache: a transformers dynamic cache writing each step's tokens in place; generation and rollouts with it."""
+import types
+
 import pytest
 import torch
 
@@ -116,3 +118,41 @@ def test_speculative_decoding_with_in_place_cache(kind, device, monkeypatch):
     torch.testing.assert_close(torch.cat(speculative.logits[:len(greedy.logits)]), torch.cat(greedy.logits),
                                atol=1e-4, rtol=1e-4)
     assert len(grows) == len(cache.layers)  # one allocation per layer, kept through the crops
+
+
+def test_in_place_cache_for_minimax(device):
+    """MiniMax-M1 takes only its own cache class (its lightning-attention layers' states beside the keys and values):
+    ``InPlaceCache.for_model`` gives one with in-place full-attention layers. A left-padded batch's greedy generation
+    with it equals each prompt's own (MiniMaxCache answers a length of 0 for layer 0, a lightning-attention layer,
+    and the decoding steps' masks then hid every key of a padded row); reordering rows reorders the states too. A
+    model with another cache class of its own is refused."""
+    from helpers import tiny_config
+
+    cfg = tiny_config("minimax")
+    if cfg is None:
+        pytest.skip("this transformers has no MiniMax model")
+    from transformers import AutoModelForCausalLM
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(device)
+    cache = InPlaceCache.for_model(model, 80)
+    assert isinstance(cache, InPlaceCache) and isinstance(cache, MiniMaxCache)
+    a, b = torch.randint(1, 128, (1, 45)).to(device), torch.randint(1, 128, (1, 70)).to(device)
+    batch = torch.cat([torch.cat([a.new_zeros(1, 25), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :25] = 0
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        got = model.generate(batch, attention_mask=mask, **{_cache_kw(model): cache}, **kw)
+        for row, ids in enumerate((a, b)):
+            want = model.generate(ids, **kw)
+            assert torch.equal(got[row, 70:], want[0, ids.shape[1]:]), row
+    assert all(type(layer) is InPlaceLayer for layer in cache.layers)
+    states = [s.clone() for s in cache.linear_cache if isinstance(s, torch.Tensor)]
+    keys = cache.layers[1].keys.clone()
+    cache.reorder_cache(torch.tensor([1, 0], device=device))
+    assert states and all(torch.equal(s.flip(0), t) for s, t in zip(states, cache.linear_cache) if t != [])
+    assert torch.equal(cache.layers[1].keys, keys.flip(0))
+    with pytest.raises(ValueError, match="cache class of its own"):
+        InPlaceCache.for_model(types.SimpleNamespace(config=LlamaConfig(), _supports_default_dynamic_cache=lambda: False))

@@ -366,13 +366,16 @@ def test_rollout_with_sliding_window_layers(kind, device):
 
 
 @pytest.mark.parametrize("arch,kind", [("qwen3_next", "moba"), ("qwen3_next", "nsa"), ("falcon_h1", "moba"),
-                                       ("falcon_h1", "nsa"), ("nemotron_h", "nsa")])
+                                       ("falcon_h1", "nsa"), ("nemotron_h", "nsa"), ("minimax", "moba"),
+                                       ("minimax", "nsa")])
 def test_rollout_with_linear_attention_layers(arch, kind, device):
     """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under MoBA
     or NSA; Falcon-H1: a Mamba mixer beside the attention in every layer, its cache layers holding keys and values
     and a recurrent state; Nemotron-H: a Mamba layer, then an attention one without RoPE): the rollout prefills a
     padded batch (a packed row would mix the prompts in that state) and equals per-prompt generate, log-probs too;
-    packed=True is refused. Where transformers gives the model a cache class of its own, the rollout refuses it."""
+    packed=True is refused. MiniMax-M1 (a lightning-attention layer, then a full one) decodes with InPlaceCache's form
+    of its own cache class; where transformers gives another model one (transformers 4.57's hybrids), the rollout
+    refuses it."""
     cfg = tiny_config(arch)
     if cfg is None:
         pytest.skip(f"this transformers has no {arch} model")
@@ -389,7 +392,8 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
         longattn.hf.swap_attention(model, "moba", block_size=16, topk=2)
     # (NSA: one block between the first and the two local ones picked by score)
     prompts = [torch.randint(1, 128, (n,)) for n in (45, 70)]
-    if not model._supports_default_dynamic_cache():  # (transformers 4.57 gives it a cache class of its own)
+    if not model._supports_default_dynamic_cache() and arch != "minimax":
+        # (transformers 4.57 gives the hybrids a cache class of its own; MiniMax-M1's InPlaceCache takes)
         with pytest.raises(ValueError, match="needs a cache class of its own"):
             rollout.generate(model, prompts, 5)
         return

@@ -9,6 +9,7 @@ kernels, SDPA and eager attention read them as they are). A step then copies onl
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -146,15 +147,69 @@ class InPlaceCache(DynamicCache):
     """
 
     def __init__(self, config=None, max_cache_len: Optional[int] = None, **kwargs):
-        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
-                                          or max_cache_len < 1):
-            raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
+        _check_max_len(max_cache_len)
         if config is not None and not isinstance(config, PretrainedConfig):
             raise TypeError(f"config must be a transformers config (the model's) or None, got {type(config).__name__}")
         super().__init__(config=config, **kwargs)
         if self.layer_class_to_replicate is not None:  # no config: layers added as the model updates them
             self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len)
         self.layers = [InPlaceLayer(max_cache_len) if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+    @staticmethod
+    def for_model(model, max_cache_len: Optional[int] = None) -> "InPlaceCache":
+        """An ``InPlaceCache`` for ``model``: of the cache class of its own that transformers gives a model whose
+        ``DynamicCache`` would not hold its layers' state (MiniMax-M1: its lightning-attention layers' states),
+        else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len)``. Raises ValueError for another model
+        with a cache class of its own."""
+        if getattr(model, "_supports_default_dynamic_cache", lambda: True)():
+            return InPlaceCache(config=model.config, max_cache_len=max_cache_len)
+        if getattr(model.config, "model_type", None) == "minimax":
+            return _minimax_cache_class()(model.config, max_cache_len)
+        raise ValueError(f"this {model.config.model_type} model needs a cache class of its own (transformers' "
+                         "DynamicCache does not hold its layers' state), which InPlaceCache does not provide")
+
+
+def _check_max_len(max_cache_len) -> None:
+    if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                      or max_cache_len < 1):
+        raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _minimax_cache_class():
+    """MiniMax-M1's cache class with InPlaceCache's full-attention layers (transformers' MiniMax model takes only its
+    own ``MiniMaxCache``), defined on first use."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    class InPlaceMiniMaxCache(InPlaceCache, MiniMaxCache):
+        """``MiniMaxCache`` (each lightning-attention layer's state in ``linear_cache``) whose full-attention layers
+        are :class:`InPlaceLayer`. The length and mask sizes asked of a lightning-attention layer (the model's masks
+        ask layer 0's) are the first full-attention layer's: ``MiniMaxCache`` answers 0 there, and a left-padded
+        batch's decoding steps then got a mask of one column, which masked every key of a padded row or none.
+        ``reorder_cache`` reorders the states' rows too."""
+
+        def __init__(self, config, max_cache_len: Optional[int] = None):
+            _check_max_len(max_cache_len)
+            MiniMaxCache.__init__(self)  # (layers added as the model updates them)
+            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len)
+            types = list(getattr(config, "layer_types", None) or [])
+            self._kv_layers = [i for i, t in enumerate(types) if t != "linear_attention"] or [0]
+
+        def _kv_layer(self, layer_idx: int) -> int:
+            return layer_idx if layer_idx in self._kv_layers else self._kv_layers[0]
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return super().get_seq_length(self._kv_layer(layer_idx))
+
+        def get_mask_sizes(self, query, layer_idx: int = 0):
+            return super().get_mask_sizes(query, self._kv_layer(layer_idx))
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            super().reorder_cache(beam_idx)
+            self.linear_cache = [s.index_select(0, beam_idx.to(s.device)) if isinstance(s, torch.Tensor) else s
+                                 for s in self.linear_cache]
+
+    return InPlaceMiniMaxCache
 
 
 __all__ = ["InPlaceCache", "InPlaceLayer"]

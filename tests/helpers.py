@@ -112,7 +112,10 @@ OTHER_ARCHS = {
                        "granitemoeshared", "internlm3", "solar_open", "glm", "gemma", "stablelm", "starcoder2",
                        "bitnet", "helium", "jetmoe", "hy_v3", "sarvam_moe")},
     **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-       for a in ("exaone_moe", "mimo_v2_flash", "granite_swa", "granitemoe_swa", "cohere2_moe", "cwm")},
+       for a in ("exaone_moe", "granite_swa", "granitemoe_swa", "cohere2_moe", "cwm")},
+    # (value heads of 8 against query / key heads of 16, values scaled; twice the KV heads in its sliding layers)
+    "mimo_v2_flash": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], v_head_dim=8,
+                          attention_value_scale=0.5),
 }
 
 

@@ -20,11 +20,12 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 # and under transformers 5: EXAONE 3.5 / EXAONE-MoE, OLMo / OLMoE / FlexOlmo / OLMo hybrid (its linear-attention
 # layers kept), Phi-3.5-MoE, Granite MoE (shared experts too), InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
 # Gemma, StarCoder2, Helium, CWM (its sliding-window layers kept), Hunyuan V3, Sarvam-MoE, Nemotron-4 (partial
-# rotary), BitNet (a norm of the attention's output before o_proj), Granite (MoE) with sliding windows (attention sinks)
+# rotary), BitNet (a norm of the attention's output before o_proj), Granite (MoE) with sliding windows (attention
+# sinks), MiMo-V2-Flash (value heads narrower than the query / key heads, scaled values; its sliding-window layers kept)
 NSA_DECODER_ARCHS = ("exaone", "exaone_moe", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                      "granitemoeshared", "internlm3", "solar_open", "cohere", "cohere2_moe", "glm", "gemma",
                      "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet", "granite_swa",
-                     "granitemoe_swa")
+                     "granitemoe_swa", "mimo_v2_flash")
 # and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
 # output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
 # (Gated DeltaNet) stay
@@ -61,9 +62,8 @@ CHUNKED_ARCHS = ("llama4_text",)
 # NSA's module replaces Llama 4's global layers (no RoPE; queries scaled by position), its chunked layers kept
 NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
-# staying so), under transformers 5: MiMo-V2-Flash (attention sinks in its sliding-window layers; v heads narrower than
-# q/k heads), StableLM, JetMoE, Gemma 3n (KV-shared layers)
-DECODER_ARCHS = ("mimo_v2_flash", "stablelm", "jetmoe", "gemma3n_text")
+# staying so), under transformers 5: StableLM, JetMoE, Gemma 3n (KV-shared layers)
+DECODER_ARCHS = ("stablelm", "jetmoe", "gemma3n_text")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
@@ -170,7 +170,7 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             their sliding-window and chunked layers stay so, the
             linear-attention layers of hybrids too; under transformers 5 also the Mamba hybrids Nemotron-H, Granite
             4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept,
-            and the decoders of ``DECODER_ARCHS``: MiMo-V2-Flash, StableLM, ...; and those of MLA
+            and the decoders of ``DECODER_ARCHS``: StableLM, JetMoE, Gemma 3n; and those of MLA
             below, on the keys and values their attention decompresses, which transformers 5 decompresses from its
             latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
@@ -185,9 +185,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             and Qwen3.5 (gated output; their linear-attention layers kept); under transformers 5 also EXAONE 3.5 /
             EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
             Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding
-            windows (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0, Falcon-H1,
-            Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language models of
-            Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
+            windows, MiMo-V2-Flash (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite
+            4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the
+            language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
             mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B, gpt-oss) keeps

@@ -84,8 +84,8 @@ class NativeSparseAttention(nn.Module):
     ``longattn.hf.swap.NSA_ARCHS``; ``swap_attention(model, "nsa")`` builds one per layer) by NSA under ``config``
     (default: the paper's, :class:`NSAConfig`). Keeps ``attn``'s projections and q/k norms (same parameter names:
     their weights are shared), attention sinks (gpt-oss's ``sinks``, in each branch's softmax), scale and RoPE
-    function; adds ``k_pos`` / ``v_pos`` (cmp_block, head_dim), the
-    compressors ``k_compress`` / ``v_compress`` (Linear cmp_block * head_dim -> head_dim, mean pooling at first)
+    function; adds ``k_pos`` / ``v_pos`` (cmp_block, head_dim / v_head_dim), the
+    compressors ``k_compress`` / ``v_compress`` (Linear cmp_block * d -> d of keys / values, mean pooling at first)
     and ``gate`` (Linear hidden -> 3 * heads, zero: every gate 0.5 at first), in the dtype and on the device of
     ``attn``'s weights. ``forward`` takes what the model's decoder layer passes its attention (hidden states
     (B, T, hidden), RoPE's (cos, sin), a 2-D padding mask or None, the transformers cache) and returns
@@ -98,6 +98,9 @@ class NativeSparseAttention(nn.Module):
         self.nsa = config
         self.layer_idx = attn.layer_idx
         self.head_dim = attn.head_dim
+        # values narrower than the keys (MiMo-V2-Flash: 128 against 192), scaled after their projection
+        self.v_head_dim = getattr(attn, "v_head_dim", None) or self.head_dim
+        self._value_scale = getattr(attn, "v_scale", 1.0)
         self.num_heads = hf_cfg.num_attention_heads
         self.num_kv_heads = hf_cfg.num_key_value_heads
         if getattr(attn, "is_causal", True) is False:
@@ -147,15 +150,13 @@ class NativeSparseAttention(nn.Module):
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 raise ValueError(f"{type(attn).__name__}'s {self._out_name} holds {out_proj.weight.dtype} weights and "
                                  "names no floating-point dtype it computes in: NSA's parameters need one")
-        d, l = self.head_dim, config.cmp_block
-        self.k_pos = nn.Parameter(torch.zeros(l, d, dtype=dtype, device=device))
-        self.v_pos = nn.Parameter(torch.zeros(l, d, dtype=dtype, device=device))
-        mean = torch.eye(d, dtype=dtype, device=device).repeat(1, l) / l  # (d, l*d): mean over the block
-        self.k_compress = nn.Linear(l * d, d, bias=False, dtype=dtype, device=device)
-        self.v_compress = nn.Linear(l * d, d, bias=False, dtype=dtype, device=device)
-        with torch.no_grad():
-            self.k_compress.weight.copy_(mean)
-            self.v_compress.weight.copy_(mean)
+        l = config.cmp_block
+        for name, d in (("k", self.head_dim), ("v", self.v_head_dim)):
+            setattr(self, f"{name}_pos", nn.Parameter(torch.zeros(l, d, dtype=dtype, device=device)))
+            lin = nn.Linear(l * d, d, bias=False, dtype=dtype, device=device)
+            with torch.no_grad():  # (d, l*d): the mean over the block
+                lin.weight.copy_(torch.eye(d, dtype=dtype, device=device).repeat(1, l) / l)
+            setattr(self, f"{name}_compress", lin)
         self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=dtype, device=device)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
@@ -192,13 +193,13 @@ class NativeSparseAttention(nn.Module):
         return lin(blocks.flatten(-2))
 
     def _project(self, hidden_states: torch.Tensor):
-        """q (B, H, T, D), k and v (B, Hkv, T, D) of the layer's projections and q/k norms, before RoPE, and the
-        output gate's logits (B, T, H * D) (None without one)."""
+        """q (B, H, T, D), k (B, Hkv, T, D) and v (B, Hkv, T, Dv) of the layer's projections and q/k norms, before
+        RoPE, and the output gate's logits (B, T, H * D) (None without one)."""
         B, T = hidden_states.shape[:2]
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         gate = None
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(hidden_states).split([H * D, Hkv * D, Hkv * D], -1)
+            q, k, v = self.qkv_proj(hidden_states).split([H * D, Hkv * D, Hkv * Dv], -1)
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self._output_gate:
@@ -207,7 +208,9 @@ class NativeSparseAttention(nn.Module):
         q_norm, k_norm = (getattr(self, n) for n in self._norm_names) if self._norm_names else (None, None)
         if self._norms_across_heads:
             q, k = q_norm(q), k_norm(k)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, Dv)
+        if self._value_scale != 1.0:
+            v = v * self._value_scale
         if q_norm is not None and not self._norms_across_heads:
             q, k = q_norm(q), k_norm(k)
         if self._key_multiplier is not None:
@@ -218,7 +221,7 @@ class NativeSparseAttention(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
-        H, D = self.num_heads, self.head_dim
+        H = self.num_heads
         q, k, v, out_gate = self._project(hidden_states)
         if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings
@@ -244,7 +247,7 @@ class NativeSparseAttention(nn.Module):
             out = self._prefill(q, k, v, gates, self._segments(attention_mask, kwargs, B, T), cache)
         else:
             out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache)
-        out = out.reshape(B, T, H * D)
+        out = out.reshape(B, T, H * self.v_head_dim)
         if out_gate is not None:
             out = out * torch.sigmoid(out_gate)
         if self.attn_sub_norm is not None:

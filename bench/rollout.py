@@ -104,12 +104,12 @@ def _cache_of(kind: str):
     if kind != "sdpa_dynamic":
         yield
         return
-    saved = rollout.InPlaceCache
-    rollout.InPlaceCache = lambda config, max_cache_len: DynamicCache(config=config)
+    saved = rollout._decoding_cache
+    rollout._decoding_cache = lambda model, max_cache_len: DynamicCache(config=model.config)
     try:
         yield
     finally:
-        rollout.InPlaceCache = saved
+        rollout._decoding_cache = saved
 
 
 def run(args, argv=None) -> list[dict]:

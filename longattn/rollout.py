@@ -154,12 +154,17 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
             ks[layer_idx] += layer.keys[0].transpose(0, 1).split(glens)  # per prompt (n, H, D)
             vs[layer_idx] += layer.values[0].transpose(0, 1).split(glens)
         del packed, out
-    cache = InPlaceCache(config=model.config, max_cache_len=capacity)
+    cache = _decoding_cache(model, capacity)
     longest = max(lens)
     for layer_idx, (k, v) in enumerate(zip(ks, vs)):
         cache.update(_left_pad(k, longest).transpose(1, 2), _left_pad(v, longest).transpose(1, 2), layer_idx)
         ks[layer_idx] = vs[layer_idx] = None  # (B, H, longest, D) in the cache: the per-prompt parts go
     return torch.cat(logits), cache
+
+
+def _decoding_cache(model, max_cache_len: int):
+    """The cache the rollout decodes with: ``InPlaceCache.for_model`` (benchmarks put another in its place)."""
+    return InPlaceCache.for_model(model, max_cache_len)
 
 
 def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None):
@@ -169,7 +174,7 @@ def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
     ids = _left_pad(prompts, longest)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = InPlaceCache.for_model(model, capacity)
+    cache = _decoding_cache(model, capacity)
     step = longest if chunk is None else max(1, chunk // len(prompts))
     for a in range(0, longest, step):
         out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step], position_ids=pos[:, a:a + step],

@@ -136,14 +136,24 @@ def draw_nsa(rng, dtype, hq, hkv):
     shape = (sum(lens),) if varlen else (n_seq, lens[0])
     kw = dict(cu_seqlens=_cu(lens)) if varlen else {}
     gates = [torch.rand(*shape, hq, device=DEVICE, dtype=dtype) for _ in range(3)]
+    # attention sinks (in each branch's softmax) half the time, a head without one (-inf) among them
+    sinks = None
+    if rng.random() < 0.5:
+        sinks = torch.randn(hq, device=DEVICE) * 2
+        sinks[rng.randrange(hq)] = float("-inf")
+    cfg["sinks"] = sinks is not None
     leaves = [t.requires_grad_() for t in (*_inputs(shape, shape, hq, hkv, dk, dv, dtype), *gates)]
-    out, sel = longattn.nsa_attention(*leaves, config=config, return_selection=True, **kw)
+    sink_leaf = lambda: dict(sinks=sinks.clone().requires_grad_()) if sinks is not None else {}
+    sink_kw = sink_leaf()
+    out, sel = longattn.nsa_attention(*leaves, config=config, return_selection=True, **kw, **sink_kw)
     dout = torch.randn_like(out)
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out_r, sel_r = nsa_attention_ref(*ref_leaves, config=config, return_selection=True, **kw)
+    ref_kw = sink_leaf()
+    out_r, sel_r = nsa_attention_ref(*ref_leaves, config=config, return_selection=True, **kw, **ref_kw)
     checks = [("out", out, out_r, 1), ("selection", sorted_selection(sel), sorted_selection(sel_r), 0)]
-    checks += [(f"d{n}", a, b, 3) for n, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"),
-                                                      _grads(out, leaves, dout), _grads(out_r, ref_leaves, dout))]
+    names = ["q", "k", "v", "g_cmp", "g_slc", "g_swa"] + (["sinks"] if sinks is not None else [])
+    checks += [(f"d{n}", a, b, 3) for n, a, b in zip(names, _grads(out, leaves + list(sink_kw.values()), dout),
+                                                      _grads(out_r, ref_leaves + list(ref_kw.values()), dout))]
     if rng.random() < 0.5:  # the last tokens of each sequence as a chunk of queries after a prefix
         rows = torch.zeros(*shape, 1, 1, device=DEVICE)  # 1 on the chunk's rows
         if varlen:
@@ -161,13 +171,14 @@ def draw_nsa(rng, dtype, hq, hkv):
         grad = rng.random() < 0.5  # with gradients (the chunk's rows' share of the whole call's) or without
         with torch.set_grad_enabled(grad):
             part, part_sel = longattn.nsa_attention(pick(q), k, v, *map(pick, g), config=config, return_selection=True,
-                                                    **kw)
+                                                    sinks=sinks, **kw)
         cfg["chunk"], cfg["chunk_grad"] = lq, grad
         checks += [("chunk out", part, pick(out_r.detach()), 1),
                    ("chunk selection", sorted_selection(part_sel), sorted_selection(pick(sel_r)), 0)]
         if grad and part.numel():
             ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-            out_r = nsa_attention_ref(*ref_leaves, config=config, **(dict(cu_seqlens=_cu(lens)) if varlen else {}))
+            out_r = nsa_attention_ref(*ref_leaves, config=config, sinks=sinks,
+                                      **(dict(cu_seqlens=_cu(lens)) if varlen else {}))
             checks += [(f"chunk d{n}", a, b, 3) for n, a, b in zip(
                 ("q", "k", "v", "g_cmp", "g_slc", "g_swa"), _grads(part, chunk_leaves, pick(dout)),
                 _grads(out_r, ref_leaves, dout * rows))]
@@ -258,6 +269,8 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     seqs = [lens[b] - chunk + 1 + i for b in range(n_seq) for i in range(chunk)]
     q = torch.randn(len(rows), hq, dk, device=DEVICE, dtype=dtype)
     gates = [torch.rand(len(rows), hq, device=DEVICE, dtype=dtype) for _ in range(3)]
+    sinks = torch.randn(hq, device=DEVICE, dtype=dtype) * 2 if rng.random() < 0.5 else None
+    cfg["sinks"] = sinks is not None
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
     cache = dict(k_cache=k, v_cache=v, cache_offsets=i32([offsets[b] for b in rows]))
     if page:
@@ -265,14 +278,14 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
         cache = dict(k_cache=kp, v_cache=vp, block_table=table)
     out, sel = longattn.nsa_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), kc, vc, *gates,
                                    cache_seqlens=i32(seqs), cache_rows=i32(rows) if chunk > 1 else None, config=config,
-                                   num_splits=splits, return_selection=True, **cache)
+                                   num_splits=splits, sinks=sinks, return_selection=True, **cache)
     checks = []
     for r, (b, n) in enumerate(zip(rows, seqs)):  # the reference's last row on the sequence's first n tokens
         o, c = offsets[b], config.num_cmp_blocks(n)
         ref, sel_r = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].float(),
                                        v[b, None, o:o + n].float(), *(g[r, None, None].float() for g in gates),
                                        k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=config,
-                                       return_selection=True)
+                                       sinks=None if sinks is None else sinks.float(), return_selection=True)
         checks += [(f"out[{r}]", out[r], ref[0, 0], 1),
                    (f"selection[{r}]", sorted_selection(sel[r]), sorted_selection(sel_r[0, 0]), 0)]
     return cfg, checks

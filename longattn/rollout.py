@@ -14,6 +14,7 @@ rather than read back, and each step's tokens are read once the next step's forw
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -183,11 +184,15 @@ def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
 
 
 def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                 generator: Optional[torch.Generator]) -> torch.Tensor:
+                 min_p: Optional[float], generator: Optional[torch.Generator], processed: bool):
     """Greedy (temperature 0) or sampled next tokens (B,) from logits (B, V): softmax at ``temperature`` over the
-    ``top_k`` highest logits and the smallest set of the most likely tokens whose probability reaches ``top_p``."""
+    ``top_k`` highest logits, the smallest set of the most likely tokens whose probability reaches ``top_p``, and the
+    tokens at least ``min_p`` times as likely as the most likely one; and their log-probabilities (B,) float32: the
+    model's at temperature 1, or with ``processed`` those of the distribution they were drawn from (0 when greedy)."""
     if temperature == 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)
+        return tok, (torch.zeros(tok.shape, device=tok.device) if processed else
+                     torch.log_softmax(logits.float(), -1).gather(1, tok[:, None]).squeeze(1))
     scores = logits.float()
     scores = (scores - scores.amax(-1, keepdim=True)) / temperature  # (<= 0: no overflow at a tiny temperature)
     if top_k is not None and top_k < scores.shape[-1]:
@@ -197,15 +202,18 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
         probs = ordered.softmax(-1)
         beyond = probs.cumsum(-1) - probs >= top_p  # the mass before them already reaches top_p (never the first)
         scores = scores.scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    if min_p is not None and min_p > 0:  # (the most likely token's score is 0: p / p_max = exp(score))
+        scores = scores.masked_fill(scores < math.log(min_p), float("-inf"))
+    tok = torch.multinomial(scores.softmax(-1), 1, generator=generator)
+    return tok.squeeze(1), torch.log_softmax(scores if processed else logits.float(), -1).gather(1, tok).squeeze(1)
 
 
 @torch.no_grad()
 def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Optional[int | Sequence[int]] = None,
              stop_at_eos: bool = True, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-             num_samples: int = 1, packed: Optional[bool] = None, drop_finished: bool = True,
-             prefill_chunk: Optional[int] = None) -> Rollout:
+             min_p: Optional[float] = None, num_samples: int = 1, packed: Optional[bool] = None,
+             drop_finished: bool = True, prefill_chunk: Optional[int] = None, logprobs_mode: str = "raw") -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
@@ -216,7 +224,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             ``max_new_tokens`` tokens.
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
         top_k, top_p: when sampling, only the ``top_k`` most likely tokens (default: all), and of those the smallest
-            set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all).
+            set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all); of those
+            the tokens at least ``min_p`` times as likely as the most likely one (default 0: all).
         generator: the random generator of the sampling (on the model's device), for reproducible rollouts.
         num_samples: completions per prompt (a GRPO group): each prompt is prefilled once, then its cache rows and
             last logits are repeated for its samples, which decode side by side (the prompts' prefill is not
@@ -234,10 +243,13 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
             batch and the cache (one copy of the cache, ``reorder_cache``), so that later steps decode only the
             live ones; rollout lengths vary widely. The results are the same either way.
+        logprobs_mode: ``"raw"`` (default): the log-probabilities of the model at temperature 1; ``"processed"``:
+            those of the distribution each token was drawn from (temperature, top_k, top_p and min_p applied: the
+            behaviour policy's, for importance ratios; 0 when greedy).
     Returns:
         :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated
-        token under the model at temperature 1), ``len(prompts) * num_samples`` of each, the samples of a prompt
-        one after another. Greedy completions equal per-prompt ``model.generate``.
+        token, see ``logprobs_mode``), ``len(prompts) * num_samples`` of each, the samples of a prompt one after
+        another. Greedy completions equal per-prompt ``model.generate``.
     """
     if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -253,6 +265,10 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must lie in [0, 1] or be None, got {min_p!r}")
+    if logprobs_mode not in ("raw", "processed"):
+        raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -260,7 +276,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
-                       packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk)
+                       packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,
+                       logprobs_mode=logprobs_mode)
         res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
         return res
@@ -303,9 +320,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     rows = list(range(B))  # the completion each row of the decoded batch belongs to
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
     for step in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float(), -1)
-        tok = _next_tokens(logits, temperature, top_k, top_p, generator)
-        tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        tok, tok_lp = _next_tokens(logits, temperature, top_k, top_p, min_p, generator, logprobs_mode == "processed")
         # the step's tokens and log-probs copied to the host, read once the next step's forward is queued: the host
         # prepares that forward while the GPU samples this step, and the GPU then runs it while the host records
         # these tokens (a row that has just ended takes one forward more, its output dropped)

@@ -289,6 +289,9 @@ def test_rollout_bad_arguments():
                       (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
                       (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
                       (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
+                      (dict(temperature=1.0, min_p=-0.1), r"min_p must lie in \[0, 1\]"),
+                      (dict(temperature=1.0, min_p=True), r"min_p must lie in \[0, 1\]"),
+                      (dict(logprobs_mode="sampled"), "logprobs_mode must be 'raw' or 'processed'"),
                       (dict(num_samples=0), "num_samples must be a positive int"),
                       (dict(prefill_chunk=0), "prefill_chunk must be a positive int or None"),
                       (dict(eos_token_id=2.5), "eos_token_id must be an int, a list of ints or None"),
@@ -298,29 +301,37 @@ def test_rollout_bad_arguments():
 
 
 def test_sampling(device):
-    """Sampling: reproducible with a generator; top_k=1, a tiny top_p and a tiny temperature (its scores overflowed
-    float32: NaN probabilities) give the greedy completions; every token
-    sampled with top_k and top_p lies in the set they allow of the model's distribution at its step (a full
-    recompute), and the log-probs are the model's at temperature 1."""
+    """Sampling: reproducible with a generator; top_k=1, a tiny top_p, min_p=1 and a tiny temperature (its scores
+    overflowed float32: NaN probabilities) give the greedy completions; every token sampled with top_k, top_p and
+    min_p lies in the set they allow of the model's distribution at its step (a full recompute); the log-probs are
+    the model's at temperature 1, or with logprobs_mode="processed" (the same tokens) those of that set's
+    distribution (0 when greedy)."""
     model = _model(device, "qwen2", "flash")
     prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
     greedy = rollout.generate(model, prompts, 6, stop_at_eos=False)
-    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-45)):
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0), dict(temperature=1e-45)):
         assert rollout.generate(model, prompts, 6, stop_at_eos=False, **{"temperature": 0.7, **kw}).completions == \
             greedy.completions
+    assert rollout.generate(model, prompts, 3, logprobs_mode="processed").logprobs == [[0.0] * 3] * 2
     gen = lambda: torch.Generator(device=device).manual_seed(3)
     a, b = (rollout.generate(model, prompts, 6, stop_at_eos=False, temperature=1.5, generator=gen()) for _ in "ab")
     assert a.completions == b.completions != greedy.completions
-    res = rollout.generate(model, prompts, 8, stop_at_eos=False, temperature=2.0, top_k=5, top_p=0.6,
-                           generator=gen())
-    for p, comp, lps in zip(prompts, res.completions, res.logprobs):
+    kw = dict(stop_at_eos=False, temperature=2.0, top_k=8, top_p=0.8, min_p=0.3)
+    res = rollout.generate(model, prompts, 8, generator=gen(), **kw)
+    processed = rollout.generate(model, prompts, 8, generator=gen(), logprobs_mode="processed", **kw)
+    assert processed.completions == res.completions
+    for p, comp, lps, plps in zip(prompts, res.completions, res.logprobs, processed.logprobs):
         with torch.no_grad():
             logits = model(torch.cat([p, torch.tensor(comp)])[None].to(device), use_cache=False).logits
         logits = logits[0, p.numel() - 1:-1].float()
         for step, tok in enumerate(comp):
-            top = (logits[step] / 2.0).topk(5)
+            top = (logits[step] / 2.0).topk(8)
             probs = top.values.softmax(-1)
-            assert tok in top.indices[probs.cumsum(-1) - probs < 0.6].tolist()
+            kept = (probs.cumsum(-1) - probs < 0.8) & (probs >= 0.3 * probs[0])
+            assert tok in top.indices[kept].tolist()
+            allowed = torch.log_softmax(top.values[kept], -1)
+            torch.testing.assert_close(torch.tensor(plps[step], device=device),
+                                       allowed[top.indices[kept].tolist().index(tok)], atol=1e-4, rtol=1e-4)
         want = torch.log_softmax(logits, -1).gather(1, torch.tensor(comp, device=device)[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(lps, device=device), want, atol=1e-4, rtol=1e-4)
 

@@ -239,6 +239,16 @@ def test_decoding_step_does_not_wait_for_the_gpu():
     replay_decode_step_without_sync(model, ids, DynamicCache(config=model.config))
 
 
+def test_gates_start_as_the_branches_average(device):
+    """The gates of a swapped layer start at 1/3 each, whatever its input: the gated sum the branches' average, at the
+    scale of the attention it replaced (gates of 0.5 would make it 1.5 times that)."""
+    model = _model(device)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        gates = torch.sigmoid(attn.gate(torch.randn(5, model.config.hidden_size, device=device)))
+        torch.testing.assert_close(gates, torch.full_like(gates, 1 / 3))
+
+
 def test_swap_nsa_errors(device):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2)

@@ -189,12 +189,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the
             language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
-            compressor and gate parameters (gates start at 0.5); option ``config`` (an ``NSAConfig``). A model
-            mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B, gpt-oss) keeps
-            its sliding ones (exact, through the ``"longattn"`` attention function) and NSA replaces the full ones;
-            where every
-            layer slides (Mistral 7B v0.1, Ministral), all become NSA layers (``config.sliding_window`` /
-            ``layer_types`` updated: caches keep every token).
+            compressor and gate parameters (every gate 1/3 at first: the branches' average); option ``config`` (an
+            ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4,
+            Command R7B, gpt-oss) keeps its sliding ones (exact, through the ``"longattn"`` attention function) and
+            NSA replaces the full ones; where every layer slides (Mistral 7B v0.1, Ministral), all become NSA layers
+            (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash, Sarvam's sarvam_mla), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones
             stay): each such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an

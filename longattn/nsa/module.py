@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import sys
 from typing import Optional
 
@@ -86,7 +87,7 @@ class NativeSparseAttention(nn.Module):
     their weights are shared), attention sinks (gpt-oss's ``sinks``, in each branch's softmax), scale and RoPE
     function; adds ``k_pos`` / ``v_pos`` (cmp_block, head_dim / v_head_dim), the
     compressors ``k_compress`` / ``v_compress`` (Linear cmp_block * d -> d of keys / values, mean pooling at first)
-    and ``gate`` (Linear hidden -> 3 * heads, zero: every gate 0.5 at first), in the dtype and on the device of
+    and ``gate`` (Linear hidden -> 3 * heads, weights zero: every gate 1/3 at first), in the dtype and on the device of
     ``attn``'s weights. ``forward`` takes what the model's decoder layer passes its attention (hidden states
     (B, T, hidden), RoPE's (cos, sin), a 2-D padding mask or None, the transformers cache) and returns
     ``(output (B, T, hidden), None)``."""
@@ -158,8 +159,9 @@ class NativeSparseAttention(nn.Module):
                 lin.weight.copy_(torch.eye(d, dtype=dtype, device=device).repeat(1, l) / l)
             setattr(self, f"{name}_compress", lin)
         self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=dtype, device=device)
+        # every gate 1/3 at first: the gated sum an average of the branches, at the scale of the attention replaced
         nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        nn.init.constant_(self.gate.bias, -math.log(2.0))
         self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
         if self._use_rope and self._rope is None:  # (transformers 4's Qwen2-VL: a rotary function of its own)
             raise ValueError(f"NativeSparseAttention applies RoPE by its model's apply_rotary_pos_emb, which "

@@ -115,6 +115,14 @@ def test_window_branch_alone_equals_original_model(arch, device):
         cfg = tiny_config(arch)
         if cfg is None:
             pytest.skip(f"this transformers has no {arch} model")
+    if arch == "gemma4_text":  # layers sharing keys and values (E2B / E4B) refused, the model left as it was
+        shared = AutoModelForCausalLM.from_config(cfg)
+        before = [type(layer.self_attn) for layer in shared.model.layers]
+        with pytest.raises(ValueError, match="does not take the keys and values of another layer"):
+            longattn.hf.swap_attention(shared, "nsa", config=NSA)
+        assert [type(layer.self_attn) for layer in shared.model.layers] == before
+        assert shared.config.layer_types == cfg.layer_types
+        cfg.num_kv_shared_layers = 0  # (Gemma 4's larger models)
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation=_reference_impl(cfg)).eval()
     perturb_attention(ref)  # norms and biases away from their initial ones, so that dropping them shows
@@ -145,6 +153,12 @@ def test_window_branch_alone_equals_original_model(arch, device):
     with torch.no_grad():  # (row 0 unpadded)
         torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()],
                                    ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-4, rtol=1e-4)
+    if arch == "gemma4_text":  # (its last full-attention layer hands its keys and values on, for assistant models)
+        with torch.no_grad():
+            ours, theirs = (m.model(ids[:1], return_shared_kv_states=True).shared_kv_states["full_attention"]
+                            for m in (model, ref))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     if arch in OTHER_NSA_ARCHS:
         model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
         with torch.no_grad():

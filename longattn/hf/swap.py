@@ -21,11 +21,13 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 # layers kept), Phi-3.5-MoE, Granite MoE (shared experts too), InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
 # Gemma, StarCoder2, Helium, CWM (its sliding-window layers kept), Hunyuan V3, Sarvam-MoE, Nemotron-4 (partial
 # rotary), BitNet (a norm of the attention's output before o_proj), Granite (MoE) with sliding windows (attention
-# sinks), MiMo-V2-Flash (value heads narrower than the query / key heads, scaled values; its sliding-window layers kept)
+# sinks), MiMo-V2-Flash (value heads narrower than the query / key heads, scaled values; its sliding-window layers
+# kept), Gemma 4 (its global layers: head dims and KV heads of their own, normed values, values that are the keys'
+# projection; refused where layers share keys and values, E2B / E4B)
 NSA_DECODER_ARCHS = ("exaone", "exaone_moe", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                      "granitemoeshared", "internlm3", "solar_open", "cohere", "cohere2_moe", "glm", "gemma",
                      "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet", "granite_swa",
-                     "granitemoe_swa", "mimo_v2_flash")
+                     "granitemoe_swa", "mimo_v2_flash", "gemma4_text")
 # and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
 # output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
 # (Gated DeltaNet) stay
@@ -67,10 +69,10 @@ DECODER_ARCHS = ("stablelm", "jetmoe", "gemma3n_text")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
-# MoBA is an attention function: also models whose attention NSA's module does not reproduce (Gemma 4's head dims
-# and KV sharing across layers), their sliding-window layers staying so, the hybrids and decoders above, and the MLA
-# models (on the keys and values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
-MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + ("gemma4_text",) + HYBRID_ARCHS
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce (Gemma 4's KV sharing
+# across layers), their sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the
+# keys and values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
+MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + HYBRID_ARCHS
                                  + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
@@ -185,9 +187,10 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             and Qwen3.5 (gated output; their linear-attention layers kept); under transformers 5 also EXAONE 3.5 /
             EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
             Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding
-            windows, MiMo-V2-Flash (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite
-            4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the
-            language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
+            windows, MiMo-V2-Flash, Gemma 4 but its KV-shared E2B / E4B (``NSA_DECODER_ARCHS``), the attention layers
+            of the hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and
+            convolution layers kept) and the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention
+            becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (every gate 1/3 at first: the branches' average); option ``config`` (an
             ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 3, OLMo-3, EXAONE-4,
@@ -283,10 +286,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         # config has them, else sliding_window does)
         types = getattr(cfg, "layer_types", None)
         keep_sliding = types is not None and "sliding_attention" in types and "full_attention" in types
-        if types is not None and not keep_sliding and "sliding_attention" in types:
-            cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in types]
-        elif types is None and getattr(cfg, "sliding_window", None) is not None:
-            cfg.sliding_window = None
+        # every new layer built before any is put in (a layer the module refuses leaves the model as it was)
+        new = []
         for i, layer in enumerate(layers):
             name = _attention_name(layer)
             if keep_sliding and types[i] == "sliding_attention" or name is None or \
@@ -298,9 +299,15 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             if arch in CHUNKED_ARCHS and getattr(attn, "use_rope", False):
                 continue  # (Llama 4: its RoPE layers, chunked or, without chunks, full, rotate by complex frequencies)
             if not isinstance(attn, NativeSparseAttention):
-                setattr(layer, name, NativeSparseAttention(attn, config))
+                new.append((layer, name, NativeSparseAttention(attn, config)))
             elif attn.nsa != config:
                 raise ValueError(f"this model's NSA layers have {attn.nsa}, not {config}")
+        if types is not None and not keep_sliding and "sliding_attention" in types:
+            cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in types]
+        elif types is None and getattr(cfg, "sliding_window", None) is not None:
+            cfg.sliding_window = None
+        for layer, name, module in new:
+            setattr(layer, name, module)
         _set_impl(model, "longattn", text_key)  # 2-D padding masks
         options = {"config": dataclasses.asdict(config)}
     else:

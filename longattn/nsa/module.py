@@ -103,7 +103,17 @@ class NativeSparseAttention(nn.Module):
         self.v_head_dim = getattr(attn, "v_head_dim", None) or self.head_dim
         self._value_scale = getattr(attn, "v_scale", 1.0)
         self.num_heads = hf_cfg.num_attention_heads
-        self.num_kv_heads = hf_cfg.num_key_value_heads
+        # the layer's own KV heads where it says (Gemma 4's global layers, MiMo-V2-Flash's sliding ones: not the
+        # config's count)
+        groups = getattr(attn, "num_key_value_groups", None)
+        self.num_kv_heads = self.num_heads // groups if isinstance(groups, int) and groups > 0 else \
+            hf_cfg.num_key_value_heads
+        if getattr(attn, "is_kv_shared_layer", False):
+            raise ValueError(f"NativeSparseAttention does not take the keys and values of another layer; this "
+                             f"{type(attn).__name__} (layer {attn.layer_idx}) does (KV-shared layers: Gemma 4 E2B / "
+                             "E4B, Gemma 3n)")
+        # Gemma 4's last full-attention layer hands its keys and values on (shared_kv_states: for assistant models)
+        self._shares_kv = getattr(attn, "store_full_length_kv", False)
         if getattr(attn, "is_causal", True) is False:
             raise ValueError(f"NativeSparseAttention replaces causal attention; this {type(attn).__name__} is "
                              "bidirectional")
@@ -118,10 +128,12 @@ class NativeSparseAttention(nn.Module):
         # the layer's projections (Phi-3: q, k and v as one, qkv_proj; LFM2's output projection out_proj) and q/k
         # norms, kept under their names with their weights: before RoPE per head (Qwen3; LFM2's q_layernorm /
         # k_layernorm) or over all the heads' dims at once (OLMo-2, MiniMax-M2: a norm of H * D values), after RoPE per
-        # head (Hunyuan's query_layernorm / key_layernorm)
+        # head (Hunyuan's query_layernorm / key_layernorm); a norm of the values per head (Gemma 4's v_norm)
         for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "out_proj", "q_norm", "k_norm",
-                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm"):
+                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm", "v_norm"):
             setattr(self, name, getattr(attn, name, None))
+        # values that are the keys' projection (Gemma 4's global layers with attention_k_eq_v: no v_proj), normed
+        self._values_are_keys = self.k_proj is not None and self.v_proj is None and self.qkv_proj is None
         self._out_name = "o_proj" if self.o_proj is not None else "out_proj"
         self._norm_names = ("q_norm", "k_norm") if self.q_norm is not None else (
             ("q_layernorm", "k_layernorm") if self.q_layernorm is not None else None)
@@ -166,6 +178,9 @@ class NativeSparseAttention(nn.Module):
         if self._use_rope and self._rope is None:  # (transformers 4's Qwen2-VL: a rotary function of its own)
             raise ValueError(f"NativeSparseAttention applies RoPE by its model's apply_rotary_pos_emb, which "
                              f"{type(attn).__module__} does not have")
+        if self._rope is not None and next(iter(inspect.signature(self._rope).parameters)) == "x":
+            one = self._rope  # (Gemma 4's rotates one tensor at a time)
+            self._rope = lambda q, k, cos, sin: (one(q, cos, sin), one(k, cos, sin))
 
     def compress(self, x: torch.Tensor, pos: torch.Tensor, lin: nn.Linear, first: int = 0,
                  last: Optional[int] = None) -> torch.Tensor:
@@ -203,7 +218,8 @@ class NativeSparseAttention(nn.Module):
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(hidden_states).split([H * D, Hkv * D, Hkv * Dv], -1)
         else:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+            v = k if self._values_are_keys else self.v_proj(hidden_states)
         if self._output_gate:
             q, gate = q.view(B, T, H, 2 * D).chunk(2, -1)
             q, gate = q.reshape(B, T, H * D), gate.reshape(B, T, H * D)
@@ -211,6 +227,8 @@ class NativeSparseAttention(nn.Module):
         if self._norms_across_heads:
             q, k = q_norm(q), k_norm(k)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, Dv)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         if self._value_scale != 1.0:
             v = v * self._value_scale
         if q_norm is not None and not self._norms_across_heads:
@@ -242,6 +260,8 @@ class NativeSparseAttention(nn.Module):
             check_not_packed(cache, self.layer_idx)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, D) with the new tokens
+        if self._shares_kv and kwargs.get("shared_kv_states") is not None:
+            kwargs["shared_kv_states"]["full_attention"] = k, v
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
         k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]

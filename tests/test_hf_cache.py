@@ -142,17 +142,19 @@ def test_in_place_cache_for_minimax(device):
     batch = torch.cat([torch.cat([a.new_zeros(1, 25), a], 1), b])
     mask = torch.ones_like(batch)
     mask[0, :25] = 0
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
     with torch.no_grad():
         got = model.generate(batch, attention_mask=mask, **{_cache_kw(model): cache}, **kw)
         for row, ids in enumerate((a, b)):
             want = model.generate(ids, **kw)
-            assert torch.equal(got[row, 70:], want[0, ids.shape[1]:]), row
+            assert torch.equal(got.sequences[row, 70:], want.sequences[0, ids.shape[1]:]), row
+            torch.testing.assert_close(torch.stack(got.logits)[:, row], torch.cat(want.logits), atol=2e-5, rtol=1e-5)
     assert all(type(layer) is InPlaceLayer for layer in cache.layers)
-    states = [s.clone() for s in cache.linear_cache if isinstance(s, torch.Tensor)]
+    states = {i: s.clone() for i, s in enumerate(cache.linear_cache) if isinstance(s, torch.Tensor)}
     keys = cache.layers[1].keys.clone()
     cache.reorder_cache(torch.tensor([1, 0], device=device))
-    assert states and all(torch.equal(s.flip(0), t) for s, t in zip(states, cache.linear_cache) if t != [])
+    assert states and all(torch.equal(s.flip(0), cache.linear_cache[i]) for i, s in states.items())
     assert torch.equal(cache.layers[1].keys, keys.flip(0))
     with pytest.raises(ValueError, match="cache class of its own"):
         InPlaceCache.for_model(types.SimpleNamespace(config=LlamaConfig(), _supports_default_dynamic_cache=lambda: False))

@@ -377,6 +377,13 @@ def test_nsa_bad_arguments(device):
         nsa_attention(q, q[:, :20], q[:, :20], g, g, g, config=CFG)
     with pytest.raises(ValueError, match="pass both k_cmp and v_cmp"):
         nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 9, 2, 16, device=device))
+    for sinks, err, match in ((torch.zeros(3, device=device), ValueError, r"sinks must have shape \(2,\)"),
+                              (torch.zeros(1, 2, device=device), ValueError, r"sinks must have shape \(2,\)"),
+                              (torch.zeros(2, dtype=torch.int64, device=device), TypeError, "sinks must have dtype"),
+                              ([0.0, 0.0], TypeError, "sinks must be a torch.Tensor"),
+                              (torch.zeros(2, device="meta"), ValueError, "sinks is on meta but q is on")):
+        with pytest.raises(err, match=match):
+            nsa_attention(q, q, q, g, g, g, config=CFG, sinks=sinks)
     with pytest.raises(ValueError, match="k_cmp/v_cmp must hold 9 compressed blocks"):
         nsa_attention(q, q, q, g, g, g, config=CFG, k_cmp=torch.randn(1, 3, 2, 16, device=device),
                       v_cmp=torch.randn(1, 3, 2, 16, device=device))
@@ -635,6 +642,11 @@ def test_nsa_decode_bad_arguments(device):
         nsa_decode(q, k, None, kc, vc, *gates, cache_seqlens=seq, config=CFG)
     with pytest.raises(ValueError, match="v_cache must be"):
         nsa_decode(q, k, v[:, :20], kc, vc, *gates, cache_seqlens=seq, config=CFG)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(2,\)"):
+        nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, config=CFG, sinks=torch.zeros(1, device=device))
+    with pytest.raises(TypeError, match="sinks must have dtype"):
+        nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seq, config=CFG, sinks=torch.zeros(2, dtype=torch.int32,
+                                                                                               device=device))
     empty = [t[:0] for t in (q, k, v, kc, vc, *gates)]
     out, sel = nsa_decode(*empty, cache_seqlens=seq[:0], config=CFG, return_selection=True)
     assert out.shape == (0, 2, 16) and sel.shape == (0, 1, CFG.slc_topk)

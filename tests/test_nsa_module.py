@@ -102,7 +102,7 @@ def test_window_branch_alone_equals_original_model(arch, device):
     model is the original one, in a batch with a left-padded row (its q/k/v/o projections and their biases,
     RoPE (partial: GLM-4), and q/k norms, kept; EXAONE-4's full-attention layer beside a sliding one without RoPE;
     the sliding-window layers of OLMo-3, EXAONE-4 and Gemma 3 kept as they are). For the other families, cached
-    generation (every branch open) gives a full recompute's tokens."""
+    generation (every branch open) gives a full recompute's logits."""
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, head_dim=16)
     if arch == "qwen3":
@@ -162,10 +162,12 @@ def test_window_branch_alone_equals_original_model(arch, device):
     if arch in OTHER_NSA_ARCHS:
         model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
         with torch.no_grad():
-            # (24 prompt tokens and 5 new ones: past a selection block, compressed blocks completed while decoding)
-            gen = model.generate(ids[:1, :24], max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-            recompute = model(gen[:, :-1], use_cache=False).logits[:, 23:].argmax(-1)
-        assert torch.equal(gen[:, 24:], recompute)
+            # (24 prompt tokens and 5 new ones: past a selection block, compressed blocks completed while decoding;
+            # each step's logits those of the recompute: decoding keeps every branch's parts, the sinks too)
+            gen = model.generate(ids[:1, :24], max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            recompute = model(gen.sequences[:, :-1], use_cache=False).logits[0, 23:]
+        torch.testing.assert_close(torch.cat(gen.logits), recompute, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2_sliding", "ministral"])

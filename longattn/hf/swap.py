@@ -168,13 +168,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, and gpt-oss, Gemma 4, Llama 4:
-            their sliding-window and chunked layers stay so, the
-            linear-attention layers of hybrids too; under transformers 5 also the Mamba hybrids Nemotron-H, Granite
-            4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the convolution ones LFM2 / LFM2-MoE, their other layers kept,
-            and the decoders of ``DECODER_ARCHS``: StableLM, JetMoE, Gemma 3n; and those of MLA
-            below, on the keys and values their attention decompresses, which transformers 5 decompresses from its
-            latent cache at every decoding step); options ``block_size``
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, Gemma 4's KV-shared E2B / E4B
+            too: sliding-window and chunked layers stay so, the linear-attention layers of hybrids too; under
+            transformers 5 also the Mamba hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the
+            convolution ones LFM2 / LFM2-MoE, their other layers kept, and the decoders of ``DECODER_ARCHS``:
+            StableLM, JetMoE, Gemma 3n; and those of MLA below, on the keys and values their attention decompresses,
+            which transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
             Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
             the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each

@@ -1,10 +1,11 @@
 """NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer (and the like: Phi-3's
 fused projection, OLMo-2's, Hunyuan's, Gemma 3's and LFM2's q/k norms, SmolLM3's, EXAONE-4's, Nemotron-H's and Jamba's
-layers without RoPE, the gated output of Qwen3-Next's and Qwen3.5's full-attention layers, Falcon-H1's scaled keys).
+layers without RoPE, the gated output of Qwen3-Next's and Qwen3.5's full-attention layers, Falcon-H1's scaled keys,
+gpt-oss's attention sinks, MiMo-V2-Flash's narrower values, Gemma 4's global layers).
 
-Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms too), a
+Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms and sinks too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
-initialised to mean pooling) and a sigmoid gate MLP (initialised to zero, so every gate starts at 0.5).
+initialised to mean pooling) and a sigmoid gate MLP (weights zero, biases -log 2: every gate starts at 1/3).
 
 Prefill and training run :func:`longattn.nsa_attention`; left-padded batches and a row of packed sequences
 (position_ids restarting at 0, or transformers' ``cu_seq_lens_q``) through its varlen layout, each sequence
@@ -101,7 +102,8 @@ class NativeSparseAttention(nn.Module):
         self.head_dim = attn.head_dim
         # values narrower than the keys (MiMo-V2-Flash: 128 against 192), scaled after their projection
         self.v_head_dim = getattr(attn, "v_head_dim", None) or self.head_dim
-        self._value_scale = getattr(attn, "v_scale", 1.0)
+        scale = getattr(attn, "v_scale", 1.0)  # (a number: not a quantised cache's per-tensor scale of that name)
+        self._value_scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else 1.0
         self.num_heads = hf_cfg.num_attention_heads
         # the layer's own KV heads where it says (Gemma 4's global layers, MiMo-V2-Flash's sliding ones: not the
         # config's count)

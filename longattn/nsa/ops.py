@@ -107,11 +107,14 @@ def _gated_prep(dout, o, lse, g):
     return do, delta, dg
 
 
-def _sink_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+def _sink_scale(lse: torch.Tensor, sinks: torch.Tensor, rest: bool = False):
     """``sigmoid(lse - sink)``, (N, Hq) float32 from a branch's lse (Hq, N): what attention sinks (Hq,) leave of its
-    softmax to the keys (0 for a row that saw no key, whatever the sink)."""
+    softmax to the keys (0 for a row that saw no key, whatever the sink); with ``rest`` also the sinks' share,
+    ``sigmoid(sink - lse)`` (1 - the first, exact where that is near 1)."""
     lse = lse.t()
-    return torch.where(lse == float("-inf"), 0.0, torch.sigmoid(lse - sinks.float()))
+    none = lse == float("-inf")
+    scale = torch.where(none, 0.0, torch.sigmoid(lse - sinks.float()))
+    return (scale, torch.where(none, 1.0, torch.sigmoid(sinks.float() - lse))) if rest else scale
 
 
 def _selected_heads(group: int, dtype) -> int:
@@ -369,9 +372,9 @@ def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches
         with delta - dlse for delta."""
         if sinks is None:
             return _gated_prep(dout, o, lse, g)
-        s = _sink_scale(lse, sinks)
+        s, rest = _sink_scale(lse, sinks, rest=True)
         do, delta, dgs = _gated_prep(dout, o, lse, (g * s).contiguous())  # dgs: sum(dout * o), float32
-        dlse = dgs * g * s * (1 - s)
+        dlse = dgs * g * s * rest
         delta -= dlse.t()
         dsinks.sub_(dlse.sum(0))
         return do, delta, (dgs * s).to(g.dtype)

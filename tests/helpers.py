@@ -107,9 +107,10 @@ OTHER_ARCHS = {
                      moe_intermediate_size=32, num_dense_layers=1),
     "nemotron": dict(partial_rotary_factor=0.5),
     "cohere": dict(use_qk_norm=True),  # (Command R+: a norm per head of q and k, weights (H, D))
+    "stablelm": dict(qk_layernorm=True),  # (a LayerNorm module per head of q and k; a quarter of each head rotates)
     "cohere2": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     **{a: {} for a in ("exaone", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
-                       "granitemoeshared", "internlm3", "solar_open", "glm", "gemma", "stablelm", "starcoder2",
+                       "granitemoeshared", "internlm3", "solar_open", "glm", "gemma", "starcoder2",
                        "bitnet", "helium", "jetmoe", "hy_v3", "sarvam_moe")},
     **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
        for a in ("exaone_moe", "granite_swa", "granitemoe_swa", "cohere2_moe", "cwm")},

@@ -139,10 +139,17 @@ class NativeSparseAttention(nn.Module):
         self._out_name = "o_proj" if self.o_proj is not None else "out_proj"
         self._norm_names = ("q_norm", "k_norm") if self.q_norm is not None else (
             ("q_layernorm", "k_layernorm") if self.q_layernorm is not None else None)
-        self._norms_across_heads = (self._norm_names is not None and  # (Command R's per head: weights (H, D))
-                                    getattr(self, self._norm_names[0]).weight.shape[-1] != self.head_dim)
+        norm = getattr(self, self._norm_names[0]) if self._norm_names else None
+        # a norm module per head, on (B, H, T, D) (StableLM's qk_layernorm)
+        self._norm_modules_per_head = isinstance(getattr(norm, "norms", None), nn.ModuleList)
+        weight = getattr(norm, "weight", None)
+        self._norms_across_heads = (weight is not None and  # (Command R's per head: weights (H, D))
+                                    weight.shape[-1] != self.head_dim)
         # attention sinks (gpt-oss: a learned logit per head), in the softmax of each branch
         self.sinks = getattr(attn, "sinks", None)
+        # partial rotary done by the attention itself, on the first rotary_ndims dims of each head (StableLM; other
+        # models' rotary functions take the whole head and rotate the part their tables cover)
+        self._rotary_dims = getattr(attn, "rotary_ndims", None)
         # keys scaled after their projection (Falcon-H1)
         self._key_multiplier = getattr(attn, "key_multiplier", None)
         # a gated output (Qwen3-Next, Qwen3.5): q_proj gives each head its query and a gate, side by side, and the
@@ -233,11 +240,14 @@ class NativeSparseAttention(nn.Module):
             v = self.v_norm(v)
         if self._value_scale != 1.0:
             v = v * self._value_scale
-        if q_norm is not None and not self._norms_across_heads:
+        if q_norm is not None and not self._norms_across_heads and not self._norm_modules_per_head:
             q, k = q_norm(q), k_norm(k)
         if self._key_multiplier is not None:
             k = k * self._key_multiplier
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self._norm_modules_per_head:
+            q, k = q_norm(q), k_norm(k)
+        return q, k, v, gate
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask: Optional[torch.Tensor] = None, cache=None, past_key_values=None, **kwargs):
@@ -247,7 +257,12 @@ class NativeSparseAttention(nn.Module):
         q, k, v, out_gate = self._project(hidden_states)
         if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings
-            q, k = self._rope(q, k, cos, sin)
+            r = self._rotary_dims
+            if r is not None:  # (StableLM: the attention hands its rotary function the first r dims of each head)
+                q_rot, k_rot = self._rope(q[..., :r], k[..., :r], cos, sin)
+                q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
+            else:
+                q, k = self._rope(q, k, cos, sin)
         if self.query_layernorm is not None:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         gates = torch.sigmoid(self.gate(hidden_states)).view(B, T, 3, H)

@@ -1,5 +1,12 @@
 """Comparison helpers shared by the tests."""
+import importlib.metadata
+
 import torch
+
+try:
+    _TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
+except importlib.metadata.PackageNotFoundError:  # (the tests of models skip themselves)
+    _TRANSFORMERS_MAJOR = 0
 
 # relative-norm tolerances: interpreter fp32 / fp16, GPU bf16 (and fp32 on GPU, which uses true fp32 dots)
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -107,7 +114,9 @@ OTHER_ARCHS = {
                      moe_intermediate_size=32, num_dense_layers=1),
     "nemotron": dict(partial_rotary_factor=0.5),
     "cohere": dict(use_qk_norm=True),  # (Command R+: a norm per head of q and k, weights (H, D))
-    "stablelm": dict(qk_layernorm=True),  # (a LayerNorm module per head of q and k; a quarter of each head rotates)
+    # (a LayerNorm module per head of q and k; a quarter of each head rotates. Transformers 4.57 fails to build it:
+    # its weight initialisation reads the norms' bias, which they do not have)
+    "stablelm": dict(qk_layernorm=True) if _TRANSFORMERS_MAJOR >= 5 else {},
     "cohere2": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     **{a: {} for a in ("exaone", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                        "granitemoeshared", "internlm3", "solar_open", "glm", "gemma", "starcoder2",

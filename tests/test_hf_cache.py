@@ -156,5 +156,7 @@ def test_in_place_cache_for_minimax(device):
     cache.reorder_cache(torch.tensor([1, 0], device=device))
     assert states and all(torch.equal(s.flip(0), cache.linear_cache[i]) for i, s in states.items())
     assert torch.equal(cache.layers[1].keys, keys.flip(0))
+    with pytest.raises(TypeError, match="model must be a transformers model"):
+        InPlaceCache.for_model(cfg)
     with pytest.raises(ValueError, match="cache class of its own"):
         InPlaceCache.for_model(types.SimpleNamespace(config=LlamaConfig(), _supports_default_dynamic_cache=lambda: False))

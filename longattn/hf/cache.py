@@ -161,6 +161,8 @@ class InPlaceCache(DynamicCache):
         ``DynamicCache`` would not hold its layers' state (MiniMax-M1: its lightning-attention layers' states),
         else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len)``. Raises ValueError for another model
         with a cache class of its own."""
+        if not isinstance(getattr(model, "config", None), PretrainedConfig):
+            raise TypeError(f"model must be a transformers model (with its config), got {type(model).__name__}")
         if getattr(model, "_supports_default_dynamic_cache", lambda: True)():
             return InPlaceCache(config=model.config, max_cache_len=max_cache_len)
         if getattr(model.config, "model_type", None) == "minimax":

@@ -115,14 +115,6 @@ def test_window_branch_alone_equals_original_model(arch, device):
         cfg = tiny_config(arch)
         if cfg is None:
             pytest.skip(f"this transformers has no {arch} model")
-    if arch == "gemma4_text":  # layers sharing keys and values (E2B / E4B) refused, the model left as it was
-        shared = AutoModelForCausalLM.from_config(cfg)
-        before = [type(layer.self_attn) for layer in shared.model.layers]
-        with pytest.raises(ValueError, match="does not take the keys and values of another layer"):
-            longattn.hf.swap_attention(shared, "nsa", config=NSA)
-        assert [type(layer.self_attn) for layer in shared.model.layers] == before
-        assert shared.config.layer_types == cfg.layer_types
-        cfg.num_kv_shared_layers = 0  # (Gemma 4's larger models)
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation=_reference_impl(cfg)).eval()
     perturb_attention(ref)  # norms and biases away from their initial ones, so that dropping them shows
@@ -140,8 +132,10 @@ def test_window_branch_alone_equals_original_model(arch, device):
     # attention is a layer's mixer)
     types = getattr(cfg, "layer_types", None) or []
     mixed = "sliding_attention" in types and "full_attention" in types
+    # (Gemma 4's and Gemma 3n's KV-shared layers, attending to an earlier layer's keys and values, kept too)
     assert len(nsa_layers) == sum(_attention_name(layer) is not None and t != "linear_attention" and
-                                  not (mixed and t == "sliding_attention")
+                                  not (mixed and t == "sliding_attention") and
+                                  not getattr(getattr(layer, _attention_name(layer)), "is_kv_shared_layer", False)
                                   for layer, t in zip(ref.model.layers, types or [None] * len(ref.model.layers)))
     assert len(nsa_layers) >= 1
     with torch.no_grad():
@@ -153,12 +147,16 @@ def test_window_branch_alone_equals_original_model(arch, device):
     with torch.no_grad():  # (row 0 unpadded)
         torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()],
                                    ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-4, rtol=1e-4)
-    if arch == "gemma4_text":  # (its last full-attention layer hands its keys and values on, for assistant models)
-        with torch.no_grad():
-            ours, theirs = (m.model(ids[:1], return_shared_kv_states=True).shared_kv_states["full_attention"]
-                            for m in (model, ref))
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if arch in ("gemma4_text", "gemma3n_text"):
+        # (the KV-shared layers attend to the keys and values NSA's layer hands on; built on one, the module refuses)
+        with pytest.raises(ValueError, match="does not take the keys and values of another layer"):
+            NativeSparseAttention(ref.model.layers[-1].self_attn, NSA)
+        if arch == "gemma4_text":  # (returned for assistant models)
+            with torch.no_grad():
+                ours, theirs = (m.model(ids[:1], return_shared_kv_states=True).shared_kv_states["full_attention"]
+                                for m in (model, ref))
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     if arch in OTHER_NSA_ARCHS:
         model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSA)
         with torch.no_grad():

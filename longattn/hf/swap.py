@@ -23,11 +23,12 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 # rotary), BitNet (a norm of the attention's output before o_proj), Granite (MoE) with sliding windows (attention
 # sinks), MiMo-V2-Flash (value heads narrower than the query / key heads, scaled values; its sliding-window layers
 # kept), Gemma 4 (its global layers: head dims and KV heads of their own, normed values, values that are the keys'
-# projection; refused where layers share keys and values, E2B / E4B), StableLM (a LayerNorm per head of q and k)
+# projection) and Gemma 3n, whose layers that take another layer's keys and values (E2B / E4B) stay as they are,
+# reading those of NSA's layers; StableLM (a LayerNorm per head of q and k)
 NSA_DECODER_ARCHS = ("exaone", "exaone_moe", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                      "granitemoeshared", "internlm3", "solar_open", "cohere", "cohere2_moe", "glm", "gemma",
                      "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet", "granite_swa",
-                     "granitemoe_swa", "mimo_v2_flash", "gemma4_text", "stablelm")
+                     "granitemoe_swa", "mimo_v2_flash", "gemma4_text", "gemma3n_text", "stablelm")
 # and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
 # output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
 # (Gated DeltaNet) stay
@@ -64,14 +65,14 @@ CHUNKED_ARCHS = ("llama4_text",)
 # NSA's module replaces Llama 4's global layers (no RoPE; queries scaled by position), its chunked layers kept
 NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
-# staying so), under transformers 5: JetMoE (a mixture of attention heads), Gemma 3n (KV-shared layers)
-DECODER_ARCHS = ("jetmoe", "gemma3n_text")
+# staying so), under transformers 5: JetMoE (a mixture of attention heads)
+DECODER_ARCHS = ("jetmoe",)
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
-# MoBA is an attention function: also models whose attention NSA's module does not reproduce (Gemma 4's KV sharing
-# across layers), their sliding-window layers staying so, the hybrids and decoders above, and the MLA models (on the
-# keys and values their attention decompresses: q/k 192, v 128 in DeepSeek-V3)
+# MoBA is an attention function: also models whose attention NSA's module does not reproduce, their sliding-window
+# layers staying so, the hybrids and decoders above, and the MLA models (on the keys and values their attention
+# decompresses: q/k 192, v 128 in DeepSeek-V3)
 MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + HYBRID_ARCHS
                                  + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
 KINDS = ("flash", "moba", "nsa", "mla")
@@ -168,34 +169,34 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     kinds:
         ``"flash"``: longattn's dense flash attention (any decoder model that uses transformers'
             attention interface; Gemma 2's soft-capped logits, Llama 4's chunked layers too); exact.
-        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, Gemma 4's KV-shared E2B / E4B
-            too: sliding-window and chunked layers stay so, the linear-attention layers of hybrids too; under
+        ``"moba"``: MoBA for the model types in ``MOBA_ARCHS`` (those of NSA below, Gemma 4's and Gemma 3n's KV-shared
+            layers too: sliding-window and chunked layers stay so, the linear-attention layers of hybrids too; under
             transformers 5 also the Mamba hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the
             convolution ones LFM2 / LFM2-MoE, their other layers kept, and the decoders of ``DECODER_ARCHS``:
-            JetMoE, Gemma 3n; and those of MLA below, on the keys and values their attention decompresses,
+            JetMoE; and those of MLA below, on the keys and values their attention decompresses,
             which transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
             Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
             the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
             step).
-        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
-            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
-            Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, gpt-oss (its attention sinks in each branch's
-            softmax), MiniMax-M1 (its lightning-attention layers kept), Llama 4 (its global layers, without RoPE and
-            with their queries' temperature tuning; its RoPE layers, chunked or not, kept), the hybrids Qwen3-Next
-            and Qwen3.5 (gated output; their linear-attention layers kept); under transformers 5 also EXAONE 3.5 /
-            EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM,
-            Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding
-            windows, MiMo-V2-Flash, Gemma 4 but its KV-shared E2B / E4B, StableLM (``NSA_DECODER_ARCHS``), the
-            attention layers of the hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE
-            (their Mamba and convolution layers kept) and the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL):
-            each attention becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights
-            (and q/k norms), with new compressor and gate parameters (every gate 1/3 at first: the branches'
-            average); option ``config`` (an ``NSAConfig``). A model mixing sliding-window and full-attention layers
-            (Gemma 3, OLMo-3, EXAONE-4, Command R7B, gpt-oss) keeps its sliding ones (exact, through the
-            ``"longattn"`` attention function) and NSA replaces the full ones; where every layer slides (Mistral 7B
-            v0.1, Ministral), all become NSA layers (``config.sliding_window`` / ``layer_types`` updated: caches keep
-            every token).
+        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral
+            and their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3,
+            MiniMax-M2, Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, gpt-oss (its attention sinks in each
+            branch's softmax), MiniMax-M1 (its lightning-attention layers kept), Llama 4 (its global layers, without
+            RoPE and with their queries' temperature tuning; its RoPE layers, chunked or not, kept), the hybrids
+            Qwen3-Next and Qwen3.5 (gated output; their linear-attention layers kept); under transformers 5 also
+            EXAONE 3.5 / EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R,
+            Cohere2-MoE, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite
+            (MoE) with sliding windows, MiMo-V2-Flash, Gemma 4 and Gemma 3n (their KV-shared layers kept), StableLM
+            (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba,
+            Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language models of Qwen2-VL,
+            Qwen2.5-VL and Qwen3-VL): each attention becomes a :class:`longattn.nsa.module.NativeSparseAttention`
+            keeping the q/k/v/o weights (and q/k norms), with new compressor and gate parameters (every gate 1/3 at
+            first: the branches' average); option ``config`` (an ``NSAConfig``). A model mixing sliding-window and
+            full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B, gpt-oss) keeps its sliding ones (exact,
+            through the ``"longattn"`` attention function) and NSA replaces the full ones; where every layer slides
+            (Mistral 7B v0.1, Ministral), all become NSA layers (``config.sliding_window`` / ``layer_types`` updated:
+            caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash, Sarvam's sarvam_mla), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones
             stay): each such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
@@ -297,6 +298,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             attn = getattr(layer, name)
             if arch in CHUNKED_ARCHS and getattr(attn, "use_rope", False):
                 continue  # (Llama 4: its RoPE layers, chunked or, without chunks, full, rotate by complex frequencies)
+            if getattr(attn, "is_kv_shared_layer", False):
+                continue  # (Gemma 4's and 3n's layers that attend to an earlier layer's keys and values: NSA's there)
             if not isinstance(attn, NativeSparseAttention):
                 new.append((layer, name, NativeSparseAttention(attn, config)))
             elif attn.nsa != config:

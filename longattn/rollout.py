@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -213,15 +214,18 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
              stop_at_eos: bool = True, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
              min_p: Optional[float] = None, num_samples: int = 1, packed: Optional[bool] = None,
-             drop_finished: bool = True, prefill_chunk: Optional[int] = None, logprobs_mode: str = "raw") -> Rollout:
+             drop_finished: bool = True, prefill_chunk: Optional[int] = None, logprobs_mode: str = "raw",
+             stop_sequences: Optional[Sequence[Sequence[int]]] = None) -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
         model: a transformers causal LM (typically after :func:`longattn.hf.swap_attention`).
         prompts: token-id sequences (lists or 1-D tensors) of any lengths.
         eos_token_id: stop a sequence after this token, or any of these (default: ``model.config.eos_token_id``,
-            an int or a list as Qwen's and Llama 3's configs give); ``stop_at_eos=False`` always generates
-            ``max_new_tokens`` tokens.
+            an int or a list as Qwen's and Llama 3's configs give); ``stop_at_eos=False`` generates
+            ``max_new_tokens`` tokens but for ``stop_sequences``.
+        stop_sequences: token-id sequences (each non-empty) that end a completion once it ends with one of them
+            (say the tokens of ``"</answer>"``), kept in it as an eos is; default none.
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
         top_k, top_p: when sampling, only the ``top_k`` most likely tokens (default: all), and of those the smallest
             set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all); of those
@@ -269,6 +273,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         raise ValueError(f"min_p must lie in [0, 1] or be None, got {min_p!r}")
     if logprobs_mode not in ("raw", "processed"):
         raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
+    stops = _stop_sequences(stop_sequences)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -277,7 +282,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,
-                       logprobs_mode=logprobs_mode)
+                       logprobs_mode=logprobs_mode, stop_sequences=stop_sequences)
         res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
         return res
@@ -337,9 +342,10 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         host_tok, host_lp = (t.tolist() for t in tokens())
         for j, i in enumerate(rows):
             if not done[i]:
-                result.completions[i].append(int(host_tok[j]))
+                comp = result.completions[i]
+                comp.append(int(host_tok[j]))
                 result.logprobs[i].append(float(host_lp[j]))
-                done[i] = int(host_tok[j]) in eos
+                done[i] = comp[-1] in eos or any(comp[-len(stop):] == stop for stop in stops)
         live = [j for j, i in enumerate(rows) if not done[i]]
         if not live or last:
             break
@@ -351,6 +357,25 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             rows = [rows[j] for j in live]
     result.decode_seconds = _clock(device) - t1
     return result
+
+
+def _stop_sequences(stop_sequences) -> list:
+    """The stop sequences as lists of ints, checked: a sequence of non-empty int sequences, or None (none)."""
+    if stop_sequences is None:
+        return []
+    bad = ValueError(f"stop_sequences must be a sequence of non-empty sequences of int token ids, got "
+                     f"{stop_sequences!r}")
+    if isinstance(stop_sequences, (str, bytes)) or not hasattr(stop_sequences, "__iter__"):
+        raise bad
+    stops = []
+    for stop in stop_sequences:
+        if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
+            raise bad
+        stop = [t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else t for t in stop]
+        if not stop or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in stop):
+            raise bad
+        stops.append([int(t) for t in stop])
+    return stops
 
 
 def _clock(device) -> float:

@@ -292,12 +292,41 @@ def test_rollout_bad_arguments():
                       (dict(temperature=1.0, min_p=-0.1), r"min_p must lie in \[0, 1\]"),
                       (dict(temperature=1.0, min_p=True), r"min_p must lie in \[0, 1\]"),
                       (dict(logprobs_mode="sampled"), "logprobs_mode must be 'raw' or 'processed'"),
+                      (dict(stop_sequences=[1, 2]), "stop_sequences must be a sequence of non-empty sequences"),
+                      (dict(stop_sequences=[[]]), "stop_sequences must be a sequence of non-empty sequences"),
+                      (dict(stop_sequences=[[1, True]]), "stop_sequences must be a sequence of non-empty sequences"),
+                      (dict(stop_sequences="ab"), "stop_sequences must be a sequence of non-empty sequences"),
                       (dict(num_samples=0), "num_samples must be a positive int"),
                       (dict(prefill_chunk=0), "prefill_chunk must be a positive int or None"),
                       (dict(eos_token_id=2.5), "eos_token_id must be an int, a list of ints or None"),
                       (dict(eos_token_id=[1, "2"]), "eos_token_id must be an int, a list of ints or None")):
         with pytest.raises(ValueError, match=match):
             rollout.generate(model, [[1, 2]], 2, **kw)
+
+
+def test_stop_sequences(device):
+    """A completion ends once it ends with a stop sequence (kept in it, with its log-probs; stop_at_eos=False too),
+    at the first of several to appear; one that never appears changes nothing; ints of any kind are taken."""
+    import numpy as np
+
+    model = _model(device, "qwen2", "flash")
+    prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
+    full = rollout.generate(model, prompts, 8, stop_at_eos=False)
+    a = full.completions[0]
+    stops = [a[2:4], [np.int64(a[5])], full.completions[1][1:4]]
+
+    def cut(comp):  # the completion up to the first stop sequence it ends with
+        return next((comp[:n] for n in range(1, len(comp) + 1)
+                     if any(comp[:n][-len(stop):] == [int(t) for t in stop] for stop in stops)), comp)
+
+    got = rollout.generate(model, prompts, 8, stop_at_eos=False, stop_sequences=stops)
+    assert len(got.completions[0]) <= 4 and len(got.completions[1]) <= 4
+    for comp, lps, whole, whole_lps in zip(got.completions, got.logprobs, full.completions, full.logprobs):
+        assert comp == cut(whole)
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(whole_lps[:len(comp)]), atol=1e-5, rtol=0)
+    never = [[127] * 9]
+    assert rollout.generate(model, prompts, 8, stop_at_eos=False, stop_sequences=never).completions == \
+        full.completions
 
 
 def test_sampling(device):

@@ -39,6 +39,39 @@ class Rollout:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
+    def training_batch(self, prompts: Sequence, device=None) -> dict:
+        """The prompts and their completions as one packed row for a training forward of the model (each sequence
+        attended on its own, forward and backward, in every longattn kind): ``input_ids`` and ``position_ids``
+        (restarting at 0 with each sequence) ``(1, N)``, ``labels`` ``(1, N)``, the completion tokens and -100 on
+        the prompts' (transformers' causal LM loss then covers the completions only, never across sequences: each
+        starts with a prompt token), and ``completion_spans``, (start, end) of each completion in the row. The
+        prompts are those given to :func:`generate` (completion i belongs to prompt ``i // num_samples``); on
+        ``device``, default the prompts' (the CPU for lists).
+
+        ``logits = model(**{k: batch[k] for k in ("input_ids", "position_ids")}).logits[0]``: the log-prob of
+        completion i's token at row position t is ``log_softmax(logits[t - 1])[input_ids[t]]``, t in its span."""
+        n = len(prompts) if hasattr(prompts, "__len__") and not isinstance(prompts, (str, bytes)) else None
+        if not n or len(self.completions) % n:
+            raise ValueError(f"prompts must be those given to generate: as many as the {len(self.completions)} "
+                             f"completions, or a divisor of that many (num_samples), got "
+                             f"{type(prompts).__name__ if n is None else n}")
+        first = next((p for p in prompts if isinstance(p, torch.Tensor)), None)
+        device = torch.device(device) if device is not None else first.device if first is not None else \
+            torch.device("cpu")
+        prompts = _as_tensors(prompts, device, None)
+        per = len(self.completions) // len(prompts)
+        ids, pos, labels, spans, at = [], [], [], [], 0
+        for i, comp in enumerate(self.completions):
+            p = prompts[i // per]
+            c = torch.tensor(comp, dtype=torch.long, device=device)
+            ids += [p, c]
+            pos.append(torch.arange(p.numel() + c.numel(), device=device))
+            labels += [torch.full_like(p, -100), c]
+            spans.append((at + p.numel(), at + p.numel() + c.numel()))
+            at += p.numel() + c.numel()
+        return dict(input_ids=torch.cat(ids)[None], position_ids=torch.cat(pos)[None], labels=torch.cat(labels)[None],
+                    completion_spans=spans)
+
 
 def _as_tensors(prompts, device, vocab: Optional[int]) -> list:
     """The prompts as 1-D int64 tensors on ``device``, checked: none empty, every id in [0, vocab) (an id outside

@@ -304,6 +304,30 @@ def test_rollout_bad_arguments():
             rollout.generate(model, [[1, 2]], 2, **kw)
 
 
+def test_training_batch(device):
+    """Rollout.training_batch packs the prompts and their completions (two samples each) into one row: the model's
+    log-probs of the completion tokens there are the rollout's, its loss covers the completions only, and the
+    prompts must match the completions' count."""
+    model = _model(device, "qwen2", "flash")
+    prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
+    res = rollout.generate(model, prompts, 5, stop_at_eos=False, temperature=1.0, num_samples=2,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    batch = res.training_batch(prompts, device=device)
+    assert batch["input_ids"].shape == (1, 2 * (9 + 5) + 2 * (21 + 5))
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+    logp = torch.log_softmax(out.logits[0].float(), -1)
+    ids = batch["input_ids"][0]
+    for (a, b), comp, lps in zip(batch["completion_spans"], res.completions, res.logprobs):
+        assert ids[a:b].tolist() == comp
+        got = logp[a - 1:b - 1].gather(1, ids[a:b, None]).squeeze(1)
+        torch.testing.assert_close(got, torch.tensor(lps, device=device), atol=1e-4, rtol=1e-4)
+    want = -torch.cat([torch.tensor(lps) for lps in res.logprobs]).mean()
+    torch.testing.assert_close(out.loss.float().cpu(), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prompts must be those given to generate"):
+        res.training_batch(prompts[:1] * 3)
+
+
 def test_stop_sequences(device):
     """A completion ends once it ends with a stop sequence (kept in it, with its log-probs; stop_at_eos=False too),
     at the first of several to appear; one that never appears changes nothing; ints of any kind are taken."""

@@ -38,6 +38,7 @@ class Rollout:
     prefill_packed: bool = False
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    device: Optional[torch.device] = None  # the model's
 
     def training_batch(self, prompts: Sequence, device=None) -> dict:
         """The prompts and their completions as one packed row for a training forward of the model (each sequence
@@ -46,7 +47,7 @@ class Rollout:
         the prompts' (transformers' causal LM loss then covers the completions only, never across sequences: each
         starts with a prompt token), and ``completion_spans``, (start, end) of each completion in the row. The
         prompts are those given to :func:`generate` (completion i belongs to prompt ``i // num_samples``); on
-        ``device``, default the prompts' (the CPU for lists).
+        ``device``, default the device of the model that generated them.
 
         ``logits = model(**{k: batch[k] for k in ("input_ids", "position_ids")}).logits[0]``: the log-prob of
         completion i's token at row position t is ``log_softmax(logits[t - 1])[input_ids[t]]``, t in its span."""
@@ -55,9 +56,7 @@ class Rollout:
             raise ValueError(f"prompts must be those given to generate: as many as the {len(self.completions)} "
                              f"completions, or a divisor of that many (num_samples), got "
                              f"{type(prompts).__name__ if n is None else n}")
-        first = next((p for p in prompts if isinstance(p, torch.Tensor)), None)
-        device = torch.device(device) if device is not None else first.device if first is not None else \
-            torch.device("cpu")
+        device = torch.device(device) if device is not None else self.device or torch.device("cpu")
         prompts = _as_tensors(prompts, device, None)
         per = len(self.completions) // len(prompts)
         ids, pos, labels, spans, at = [], [], [], [], 0
@@ -356,7 +355,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     t1 = _clock(device)  # the prefill's time includes the samples' copies of the cache
     done = [False] * B
     rows = list(range(B))  # the completion each row of the decoded batch belongs to
-    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0)
+    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0, device=device)
     for step in range(max_new_tokens):
         tok, tok_lp = _next_tokens(logits, temperature, top_k, top_p, min_p, generator, logprobs_mode == "processed")
         # the step's tokens and log-probs copied to the host, read once the next step's forward is queued: the host

@@ -312,7 +312,7 @@ def test_training_batch(device):
     prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
     res = rollout.generate(model, prompts, 5, stop_at_eos=False, temperature=1.0, num_samples=2,
                            generator=torch.Generator(device=device).manual_seed(0))
-    batch = res.training_batch(prompts, device=device)
+    batch = res.training_batch(prompts)  # (on the model's device)
     assert batch["input_ids"].shape == (1, 2 * (9 + 5) + 2 * (21 + 5))
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])

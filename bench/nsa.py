@@ -170,9 +170,11 @@ def run(args, argv=None) -> list[dict]:
         impls = {"longattn": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg), "sdpa_flash": sdpa}
         if fla is not None:
             impls[fla_name] = lambda q, k, v: fla(q, k, v, *gates)
-        # the forward with every tile loaded by pointers (no TMA descriptors), to see what TMA brings (last: the
-        # peers first where a time limit stops the run)
+        # the forward with every tile loaded by pointers (no TMA descriptors), to see what TMA brings, and with
+        # attention sinks (gpt-oss's), what they cost (last: the peers first where a time limit stops the run)
         impls["longattn_no_tma"] = without_tma(impls["longattn"])
+        sinks = torch.randn(hq, device=dev, requires_grad=True)
+        impls["longattn_sinks"] = lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg, sinks=sinks)
         nsa_flops = _flops(cfg, T, B, hq, dk, dv)
         dense_flops = 2.0 * (dk + dv) * T * (T + 1) / 2 * B * hq
         for mode in (m for m in ("fwd", "fwdbwd") if m in modes):

@@ -102,7 +102,8 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "nsa": [("longattn", m) for m in ("fwd", "fwdbwd", "bwd", "slc_fwd", "slc_fwdbwd", "decode_b1",
                                                    "decode_b2")]
                  + [("longattn_kv_major", "slc_fwd"), ("longattn_query4", "slc_fwd"), ("longattn_graph", "decode_b1"),
-                    ("longattn_no_tma", "fwd"), ("longattn_no_tma", "slc_fwd"), ("longattn", "chunk_c40"),
+                    ("longattn_no_tma", "fwd"), ("longattn_no_tma", "slc_fwd"), ("longattn_sinks", "fwd"),
+                    ("longattn_sinks", "fwdbwd"), ("longattn", "chunk_c40"),
                     ("longattn_decode_rows", "chunk_c40"), ("longattn_flash", "chunk_c40")]}
 
 

@@ -14,6 +14,7 @@ rather than read back, and each step's tokens are read once the next step's forw
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import numbers
 import time
@@ -31,45 +32,61 @@ PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
 @dataclass
 class Rollout:
-    """Generated tokens (up to and including the first eos) and their log-probabilities, per completion: with
-    ``num_samples`` n, completion ``i * n + j`` is the j-th sample of prompt i."""
+    """Generated tokens (up to and including the first eos or stop sequence) and their log-probabilities, per
+    completion: with ``num_samples`` n, completion ``i * n + j`` is the j-th sample of prompt i."""
     completions: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     prefill_packed: bool = False
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     device: Optional[torch.device] = None  # the model's
+    # what training_batch checks its prompts against, and the layout it picks: the prompts' lengths, the samples
+    # per prompt, whether the model's layers attend within each sequence of a packed row (not hybrids' linear-
+    # attention or Mamba layers, whose state runs on across the row)
+    prompt_lengths: list = field(default_factory=list)
+    num_samples: int = 1
+    packable: bool = True
 
-    def training_batch(self, prompts: Sequence, device=None) -> dict:
-        """The prompts and their completions as one packed row for a training forward of the model (each sequence
-        attended on its own, forward and backward, in every longattn kind): ``input_ids`` and ``position_ids``
-        (restarting at 0 with each sequence) ``(1, N)``, ``labels`` ``(1, N)``, the completion tokens and -100 on
-        the prompts' (transformers' causal LM loss then covers the completions only, never across sequences: each
-        starts with a prompt token), and ``completion_spans``, (start, end) of each completion in the row. The
-        prompts are those given to :func:`generate` (completion i belongs to prompt ``i // num_samples``); on
-        ``device``, default the device of the model that generated them.
+    def training_batch(self, prompts: Sequence, device=None, padded: Optional[bool] = None) -> dict:
+        """The prompts and their completions as the input of a training forward of the model that generated them
+        (transformers' causal LM loss then covers the completions only). Packed (default where the model's layers
+        allow it): one row, ``input_ids`` and ``position_ids`` (restarting at 0 with each sequence) ``(1, N)``, each
+        sequence attended on its own in every longattn kind, forward and backward. Padded (``padded=True``, and
+        for hybrids, whose linear-attention or Mamba state would run on from one sequence into the next of a row):
+        a row per completion, right-padded, ``input_ids``, ``position_ids`` and ``attention_mask`` ``(B, L)``.
+        ``labels`` are the completion tokens and -100 elsewhere (prompts, padding; each sequence starts with a
+        prompt token, so no loss crosses sequences); ``completion_spans``: (row, start, end) of each completion.
+        ``prompts``: those given to :func:`generate` (completion i belongs to prompt ``i // num_samples``); on
+        ``device``, default the model's.
 
-        ``logits = model(**{k: batch[k] for k in ("input_ids", "position_ids")}).logits[0]``: the log-prob of
-        completion i's token at row position t is ``log_softmax(logits[t - 1])[input_ids[t]]``, t in its span."""
-        n = len(prompts) if hasattr(prompts, "__len__") and not isinstance(prompts, (str, bytes)) else None
-        if not n or len(self.completions) % n:
-            raise ValueError(f"prompts must be those given to generate: as many as the {len(self.completions)} "
-                             f"completions, or a divisor of that many (num_samples), got "
-                             f"{type(prompts).__name__ if n is None else n}")
+        ``logits = model(**{k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in
+        batch}).logits``: the log-prob of completion i's token at position t of its row r is
+        ``log_softmax(logits[r, t - 1])[input_ids[r, t]]``, t in its span."""
+        check_bool(padded, "padded", allow_none=True)
         device = torch.device(device) if device is not None else self.device or torch.device("cpu")
         prompts = _as_tensors(prompts, device, None)
-        per = len(self.completions) // len(prompts)
-        ids, pos, labels, spans, at = [], [], [], [], 0
-        for i, comp in enumerate(self.completions):
-            p = prompts[i // per]
-            c = torch.tensor(comp, dtype=torch.long, device=device)
-            ids += [p, c]
-            pos.append(torch.arange(p.numel() + c.numel(), device=device))
-            labels += [torch.full_like(p, -100), c]
-            spans.append((at + p.numel(), at + p.numel() + c.numel()))
-            at += p.numel() + c.numel()
-        return dict(input_ids=torch.cat(ids)[None], position_ids=torch.cat(pos)[None], labels=torch.cat(labels)[None],
-                    completion_spans=spans)
+        lens = [p.numel() for p in prompts]
+        if lens != self.prompt_lengths:
+            raise ValueError(f"prompts must be those given to generate (of {self.prompt_lengths} tokens), got "
+                             f"prompts of {lens} tokens")
+        if padded is False and not self.packable:
+            raise ValueError("padded=False: this model's linear-attention or Mamba layers would run their state on "
+                             "from one sequence into the next of a packed row; take padded rows")
+        seqs = [(prompts[i // self.num_samples], torch.tensor(comp, dtype=torch.long, device=device))
+                for i, comp in enumerate(self.completions)]
+        labels = [torch.cat([torch.full_like(p, -100), c]) for p, c in seqs]
+        ids = [torch.cat([p, c]) for p, c in seqs]
+        if padded or not self.packable:
+            width = max(x.numel() for x in ids)
+            pad = lambda xs, value: torch.stack([torch.cat([x, x.new_full((width - x.numel(),), value)]) for x in xs])
+            return dict(input_ids=pad(ids, 0), labels=pad(labels, -100),
+                        position_ids=torch.arange(width, device=device).expand(len(ids), width).contiguous(),
+                        attention_mask=pad([torch.ones_like(x) for x in ids], 0),
+                        completion_spans=[(r, p.numel(), p.numel() + c.numel()) for r, (p, c) in enumerate(seqs)])
+        starts = [0, *itertools.accumulate(x.numel() for x in ids)]
+        return dict(input_ids=torch.cat(ids)[None], labels=torch.cat(labels)[None],
+                    position_ids=torch.cat([torch.arange(x.numel(), device=device) for x in ids])[None],
+                    completion_spans=[(0, a + p.numel(), a + p.numel() + c.numel()) for a, (p, c) in zip(starts, seqs)])
 
 
 def _as_tensors(prompts, device, vocab: Optional[int]) -> list:
@@ -257,7 +274,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             an int or a list as Qwen's and Llama 3's configs give); ``stop_at_eos=False`` generates
             ``max_new_tokens`` tokens but for ``stop_sequences``.
         stop_sequences: token-id sequences (each non-empty) that end a completion once it ends with one of them
-            (say the tokens of ``"</answer>"``), kept in it as an eos is; default none.
+            (say the tokens of ``"</answer>"``; the completion's own tokens, never the prompt's), kept in it as an
+            eos is; default none.
         temperature: 0 for greedy decoding, else softmax temperature for sampling.
         top_k, top_p: when sampling, only the ``top_k`` most likely tokens (default: all), and of those the smallest
             set whose probability (at ``temperature``) reaches ``top_p`` (nucleus sampling; default 1: all); of those
@@ -314,9 +332,10 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,
-                       logprobs_mode=logprobs_mode, stop_sequences=stop_sequences)
+                       logprobs_mode=logprobs_mode, stop_sequences=stops)
         res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
+        res.num_samples = num_samples
         return res
     device = next(model.parameters()).device
     prompts = _as_tensors(prompts, device, getattr(model.config, "vocab_size", None))
@@ -355,7 +374,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     t1 = _clock(device)  # the prefill's time includes the samples' copies of the cache
     done = [False] * B
     rows = list(range(B))  # the completion each row of the decoded batch belongs to
-    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0, device=device)
+    result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0, device=device,
+                     prompt_lengths=lens, num_samples=num_samples, packable=_keys_values_cache(model))
     for step in range(max_new_tokens):
         tok, tok_lp = _next_tokens(logits, temperature, top_k, top_p, min_p, generator, logprobs_mode == "processed")
         # the step's tokens and log-probs copied to the host, read once the next step's forward is queued: the host
@@ -395,17 +415,21 @@ def _stop_sequences(stop_sequences) -> list:
     """The stop sequences as lists of ints, checked: a sequence of non-empty int sequences, or None (none)."""
     if stop_sequences is None:
         return []
-    bad = ValueError(f"stop_sequences must be a sequence of non-empty sequences of int token ids, got "
-                     f"{stop_sequences!r}")
-    if isinstance(stop_sequences, (str, bytes)) or not hasattr(stop_sequences, "__iter__"):
-        raise bad
+    def bad():
+        return ValueError(f"stop_sequences must be a sequence of non-empty sequences of int token ids, got "
+                          f"{stop_sequences!r}")
+
+    if isinstance(stop_sequences, (str, bytes, torch.Tensor)) or not hasattr(stop_sequences, "__iter__"):
+        raise bad()
     stops = []
     for stop in stop_sequences:
-        if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
-            raise bad
+        if isinstance(stop, torch.Tensor):  # (a 1-D tensor of ids)
+            stop = stop.tolist() if stop.dim() == 1 else None
+        if stop is None or isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
+            raise bad()
         stop = [t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else t for t in stop]
-        if not stop or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in stop):
-            raise bad
+        if not stop or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in stop):
+            raise bad()
         stops.append([int(t) for t in stop])
     return stops
 

@@ -216,9 +216,9 @@ def test_nsa_chunk_after_prefix(layout, dtype, device):
     _check_chunk(q, k, v, gates, lq, lk, dtype, k_cmp=kc, v_cmp=vc)
 
 
-def _force_per_query(monkeypatch, queries: int, heads: int = 16) -> None:
+def _force_per_query(monkeypatch, queries: int, heads: int = 16) -> list:
     """The selected branch's forward launched with a tile per query (PER_QUERY), ``queries`` queries of a group of
-    ``heads`` per program, in place of the autotuner's choice."""
+    ``heads`` per program, in place of the autotuner's choice; returns a list that records each such launch."""
     from longattn.kernels.utils import COMPILE_OPTIONS, cdiv
     from longattn.nsa import ops
     from longattn.nsa.kernels import _nsa_selected_fwd_tuned, selected_rows
@@ -232,8 +232,11 @@ def _force_per_query(monkeypatch, queries: int, heads: int = 16) -> None:
         tuned.fn[(cdiv(max_q, queries), programs_h, n_seq)](*args, **meta, QB=queries,
                                                             ROWS=selected_rows(queries, heads), SPLIT_SCORES=False,
                                                             PER_QUERY=True, **COMPILE_OPTIONS)
+        launched.append(queries)
 
+    launched = []
     monkeypatch.setattr(ops, "_launch_selected", launch)
+    return launched
 
 
 @pytest.mark.parametrize("queries", [1, 2, 4])
@@ -242,13 +245,13 @@ def test_nsa_chunk_after_prefix_gpu_tiles(queries, monkeypatch, device):
     the selected branch by 1 query per program (its shared tile) or 2 and 4 (a tile per query), a group of 16; the
     gradients once (the backward's kernels are the same for the three)."""
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
-    if queries > 1:
-        _force_per_query(monkeypatch, queries)
+    launched = _force_per_query(monkeypatch, queries) if queries > 1 else [None]
     lk, lq = [150, 70], [61, 70]
     dtype = torch.float16
     q, k, v = (torch.randn(sum(lk), h, d, device=device, dtype=dtype) for h, d in ((16, 32), (1, 32), (1, 16)))
     gates = [torch.rand(sum(lk), 16, device=device) for _ in range(3)]
     _check_chunk(q, k, v, gates, lq, lk, dtype, grads=queries == 1)
+    assert launched
 
 
 @pytest.mark.parametrize("cfg", [NSAConfig(cmp_block=16, cmp_stride=4, slc_block=16, slc_topk=5, window=16),
@@ -951,21 +954,23 @@ def test_nsa_selected_per_query(queries, monkeypatch, device):
     tried = selected_configs(16, 16, "tf32", True)
     assert any(c.kwargs.get("PER_QUERY") and c.kwargs["QB"] == queries for c in tried)
     assert not any(c.kwargs.get("PER_QUERY") for c in selected_configs(16, 16, "tf32"))  # dq has no such tile
-    _force_per_query(monkeypatch, queries)
+    launched = _force_per_query(monkeypatch, queries)
     lens, dtype = [150, 37], torch.float16
     ins = [torch.randn(sum(lens), h, 32, device=device, dtype=dtype) for h in (16, 1, 1)]
     _check_selected(ins, _random_selection(lens, 1, 4, 16, device), lens, 16, dtype)
+    assert launched
 
 
 def test_nsa_sinks_per_query_tiles(monkeypatch, device):
     """Attention sinks with the selected branch's tile per query (4 queries of a group of 16 per program, the GPU's
     tiles): nsa_attention's output and gradients, the sinks' too, equal the reference's."""
     monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
-    _force_per_query(monkeypatch, 4)
+    launched = _force_per_query(monkeypatch, 4)
     cu = torch.tensor([0, 150, 187], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(187, h, 32, device=device, dtype=torch.float16) for h in (16, 1, 1))
     gates = [torch.rand(187, 16, device=device) for _ in range(3)]
     _check(q, k, v, gates, torch.float16, cu_seqlens=cu, sinks=torch.randn(16, device=device) * 2)
+    assert launched
 
 
 @pytest.mark.parametrize("learnable", [False, True], ids=["mean-pooled", "k_cmp-v_cmp-sinks"])

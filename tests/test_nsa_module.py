@@ -263,6 +263,21 @@ def test_gates_start_as_the_branches_average(device):
         torch.testing.assert_close(gates, torch.full_like(gates, 1 / 3))
 
 
+def test_refused_swap_leaves_the_model(device):
+    """A layer NSA's module refuses (here a bidirectional one) fails the swap before any layer is replaced or the
+    config touched: every layer of a model whose layers all slide (Ministral: the swap makes them full-attention
+    layers) stays as it was."""
+    model = AutoModelForCausalLM.from_config(transformers.MinistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16)).to(device)
+    types, window = list(model.config.layer_types or []), model.config.sliding_window
+    model.model.layers[1].self_attn.is_causal = False
+    with pytest.raises(ValueError, match="bidirectional"):
+        longattn.hf.swap_attention(model, "nsa", config=NSA)
+    assert not any(isinstance(layer.self_attn, NativeSparseAttention) for layer in model.model.layers)
+    assert list(model.config.layer_types or []) == types and model.config.sliding_window == window
+
+
 def test_swap_nsa_errors(device):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2)

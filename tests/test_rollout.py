@@ -296,6 +296,9 @@ def test_rollout_bad_arguments():
                       (dict(stop_sequences=[[]]), "stop_sequences must be a sequence of non-empty sequences"),
                       (dict(stop_sequences=[[1, True]]), "stop_sequences must be a sequence of non-empty sequences"),
                       (dict(stop_sequences="ab"), "stop_sequences must be a sequence of non-empty sequences"),
+                      (dict(stop_sequences=[[3, -1]]), "stop_sequences must be a sequence of non-empty sequences"),
+                      (dict(stop_sequences=torch.tensor([1, 2])),
+                       "stop_sequences must be a sequence of non-empty sequences"),
                       (dict(num_samples=0), "num_samples must be a positive int"),
                       (dict(prefill_chunk=0), "prefill_chunk must be a positive int or None"),
                       (dict(eos_token_id=2.5), "eos_token_id must be an int, a list of ints or None"),
@@ -304,28 +307,48 @@ def test_rollout_bad_arguments():
             rollout.generate(model, [[1, 2]], 2, **kw)
 
 
-def test_training_batch(device):
-    """Rollout.training_batch packs the prompts and their completions (two samples each) into one row: the model's
-    log-probs of the completion tokens there are the rollout's, its loss covers the completions only, and the
-    prompts must match the completions' count."""
-    model = _model(device, "qwen2", "flash")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_next"])
+def test_training_batch(arch, device):
+    """Rollout.training_batch gives the prompts and their completions (two samples each) to a training forward: the
+    model's log-probs of the completion tokens there are the rollout's and its loss covers the completions only.
+    Packed into one row by default (Qwen2 under longattn's flash attention), as right-padded rows with
+    padded=True, and for a hybrid (Qwen3-Next: a linear-attention layer, whose state would run on across a packed
+    row), which refuses padded=False. The prompts must be those given to generate."""
+    if arch == "qwen2":
+        model = _model(device, "qwen2", "flash")
+    else:
+        cfg = tiny_config(arch)
+        if cfg is None:
+            pytest.skip(f"this transformers has no {arch} model")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
+        if not model._supports_default_dynamic_cache():
+            pytest.skip(f"transformers {transformers.__version__} gives {arch} a cache class of its own")
     prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
     res = rollout.generate(model, prompts, 5, stop_at_eos=False, temperature=1.0, num_samples=2,
                            generator=torch.Generator(device=device).manual_seed(0))
-    batch = res.training_batch(prompts)  # (on the model's device)
-    assert batch["input_ids"].shape == (1, 2 * (9 + 5) + 2 * (21 + 5))
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
-    logp = torch.log_softmax(out.logits[0].float(), -1)
-    ids = batch["input_ids"][0]
-    for (a, b), comp, lps in zip(batch["completion_spans"], res.completions, res.logprobs):
-        assert ids[a:b].tolist() == comp
-        got = logp[a - 1:b - 1].gather(1, ids[a:b, None]).squeeze(1)
-        torch.testing.assert_close(got, torch.tensor(lps, device=device), atol=1e-4, rtol=1e-4)
-    want = -torch.cat([torch.tensor(lps) for lps in res.logprobs]).mean()
-    torch.testing.assert_close(out.loss.float().cpu(), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="prompts must be those given to generate"):
-        res.training_batch(prompts[:1] * 3)
+    want_loss = -torch.cat([torch.tensor(lps) for lps in res.logprobs]).mean()
+    for padded in (None, True):
+        batch = res.training_batch(prompts, padded=padded)  # (on the model's device)
+        rows = 1 if padded is None and arch == "qwen2" else 4
+        assert batch["input_ids"].shape == ((1, 2 * (9 + 5) + 2 * (21 + 5)) if rows == 1 else (4, 21 + 5))
+        assert ("attention_mask" in batch) == (rows > 1)
+        with torch.no_grad():
+            out = model(**{k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "labels")
+                           if k in batch})
+        logp = torch.log_softmax(out.logits.float(), -1)
+        ids = batch["input_ids"]
+        for (r, a, b), comp, lps in zip(batch["completion_spans"], res.completions, res.logprobs):
+            assert ids[r, a:b].tolist() == comp
+            got = logp[r, a - 1:b - 1].gather(1, ids[r, a:b, None]).squeeze(1)
+            torch.testing.assert_close(got, torch.tensor(lps, device=device), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.loss.float().cpu(), want_loss, atol=1e-4, rtol=1e-4)
+    if arch == "qwen3_next":
+        with pytest.raises(ValueError, match="take padded rows"):
+            res.training_batch(prompts, padded=False)
+    for wrong in (prompts[:1], prompts[::-1], prompts * 2):
+        with pytest.raises(ValueError, match="prompts must be those given to generate"):
+            res.training_batch(wrong)
 
 
 def test_stop_sequences(device):
@@ -348,9 +371,12 @@ def test_stop_sequences(device):
     for comp, lps, whole, whole_lps in zip(got.completions, got.logprobs, full.completions, full.logprobs):
         assert comp == cut(whole)
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(whole_lps[:len(comp)]), atol=1e-5, rtol=0)
-    never = [[127] * 9]
+    never = [torch.tensor([127] * 9)]
     assert rollout.generate(model, prompts, 8, stop_at_eos=False, stop_sequences=never).completions == \
         full.completions
+    # greedy samples (each prompt decoded once) with the stop sequences given as a one-shot iterator
+    twice = rollout.generate(model, prompts, 8, stop_at_eos=False, stop_sequences=iter(stops), num_samples=2)
+    assert twice.completions == [c for c in got.completions for _ in range(2)]
 
 
 def test_sampling(device):

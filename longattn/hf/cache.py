@@ -160,7 +160,7 @@ class InPlaceCache(DynamicCache):
         """An ``InPlaceCache`` for ``model``: of the cache class of its own that transformers gives a model whose
         ``DynamicCache`` would not hold its layers' state (MiniMax-M1: its lightning-attention layers' states),
         else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len)``. Raises ValueError for another model
-        with a cache class of its own."""
+        with a cache class of its own, TypeError for what has no transformers config."""
         if not isinstance(getattr(model, "config", None), PretrainedConfig):
             raise TypeError(f"model must be a transformers model (with its config), got {type(model).__name__}")
         if getattr(model, "_supports_default_dynamic_cache", lambda: True)():

@@ -117,7 +117,10 @@ class NativeSparseAttention(nn.Module):
         # the last layer of its type before KV-shared layers hands its keys and values on to them (Gemma 4, Gemma 3n:
         # shared_kv_states; Gemma 4 also where no layer shares them, for assistant models)
         self._shares_kv = getattr(attn, "store_full_length_kv", False)
-        self._kv_type = getattr(attn, "layer_type", None) or "full_attention"
+        # (under the layer's type; before transformers 5.24 Gemma 3n's under the layer's index, which the layers
+        # that take them name as their kv_shared_layer_index)
+        self._kv_key = attn.layer_idx if hasattr(attn, "kv_shared_layer_index") else \
+            getattr(attn, "layer_type", None) or "full_attention"
         if getattr(attn, "is_causal", True) is False:
             raise ValueError(f"NativeSparseAttention replaces causal attention; this {type(attn).__name__} is "
                              "bidirectional")
@@ -280,7 +283,7 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, D) with the new tokens
         if self._shares_kv and kwargs.get("shared_kv_states") is not None:
-            kwargs["shared_kv_states"][self._kv_type] = k, v
+            kwargs["shared_kv_states"][self._kv_key] = k, v
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
         k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]

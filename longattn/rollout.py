@@ -41,8 +41,8 @@ class Rollout:
     decode_seconds: float = 0.0
     device: Optional[torch.device] = None  # the model's
     # what training_batch checks its prompts against, and the layout it picks: the prompts' lengths, the samples
-    # per prompt, whether the model's layers attend within each sequence of a packed row (not hybrids' linear-
-    # attention or Mamba layers, whose state runs on across the row)
+    # per prompt, whether the model's cache is every token's keys and values (not hybrids', whose linear-attention
+    # or Mamba state would run on across a packed row, nor a sliding-window model's)
     prompt_lengths: list = field(default_factory=list)
     num_samples: int = 1
     packable: bool = True
@@ -52,8 +52,9 @@ class Rollout:
         (transformers' causal LM loss then covers the completions only). Packed (default where the model's layers
         allow it): one row, ``input_ids`` and ``position_ids`` (restarting at 0 with each sequence) ``(1, N)``, each
         sequence attended on its own in every longattn kind, forward and backward. Padded (``padded=True``, and
-        for hybrids, whose linear-attention or Mamba state would run on from one sequence into the next of a row):
-        a row per completion, right-padded, ``input_ids``, ``position_ids`` and ``attention_mask`` ``(B, L)``.
+        where the model prefilled a padded batch for its cache's sake: hybrids, whose linear-attention or Mamba
+        state would run on from one sequence into the next of a row, and models with sliding-window layers): a row
+        per completion, right-padded, ``input_ids``, ``position_ids`` and ``attention_mask`` ``(B, L)``.
         ``labels`` are the completion tokens and -100 elsewhere (prompts, padding; each sequence starts with a
         prompt token, so no loss crosses sequences); ``completion_spans``: (row, start, end) of each completion.
         ``prompts``: those given to :func:`generate` (completion i belongs to prompt ``i // num_samples``); on
@@ -70,8 +71,9 @@ class Rollout:
             raise ValueError(f"prompts must be those given to generate (of {self.prompt_lengths} tokens), got "
                              f"prompts of {lens} tokens")
         if padded is False and not self.packable:
-            raise ValueError("padded=False: this model's linear-attention or Mamba layers would run their state on "
-                             "from one sequence into the next of a packed row; take padded rows")
+            raise ValueError("padded=False: this model's cache holds other state than every token's keys and values "
+                             "(linear-attention or Mamba layers would run theirs on from one sequence into the next "
+                             "of a packed row); take padded rows")
         seqs = [(prompts[i // self.num_samples], torch.tensor(comp, dtype=torch.long, device=device))
                 for i, comp in enumerate(self.completions)]
         labels = [torch.cat([torch.full_like(p, -100), c]) for p, c in seqs]

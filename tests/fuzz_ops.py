@@ -109,9 +109,10 @@ def draw_moba(rng, dtype, hq, hkv):
     block, topk = rng.choice([16, 32, 64]), rng.randint(1, 4)
     varlen, n_seq = rng.random() < 0.5, rng.randint(1, 3)
     lens = _lengths(rng, varlen, n_seq, 200)
-    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, block=block, topk=topk, varlen=varlen)
+    softcap = rng.choice([None, None, None, 0.5, 5.0, 30.0])
+    cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, block=block, topk=topk, varlen=varlen, softcap=softcap)
     shape = (sum(lens),) if varlen else (n_seq, lens[0])
-    kw = dict(cu_seqlens=_cu(lens)) if varlen else {}
+    kw = dict(cu_seqlens=_cu(lens), softcap=softcap) if varlen else dict(softcap=softcap)
     leaves = [t.requires_grad_() for t in _inputs(shape, shape, hq, hkv, dk, dv, dtype)]
     out = longattn.moba_attention(*leaves, block_size=block, topk=topk, **kw)
     dout = torch.randn_like(out)
@@ -142,14 +143,17 @@ def draw_nsa(rng, dtype, hq, hkv):
         sinks = torch.randn(hq, device=DEVICE) * 2
         sinks[rng.randrange(hq)] = float("-inf")
     cfg["sinks"] = sinks is not None
+    # soft-capped scores a quarter of the time (caps that do not flatten the compressed probabilities into ties)
+    softcap = cfg["softcap"] = rng.choice([None, None, None, 2.0, 5.0, 30.0])
     leaves = [t.requires_grad_() for t in (*_inputs(shape, shape, hq, hkv, dk, dv, dtype), *gates)]
     sink_leaf = lambda: dict(sinks=sinks.clone().requires_grad_()) if sinks is not None else {}
     sink_kw = sink_leaf()
-    out, sel = longattn.nsa_attention(*leaves, config=config, return_selection=True, **kw, **sink_kw)
+    out, sel = longattn.nsa_attention(*leaves, config=config, return_selection=True, softcap=softcap, **kw, **sink_kw)
     dout = torch.randn_like(out)
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     ref_kw = sink_leaf()
-    out_r, sel_r = nsa_attention_ref(*ref_leaves, config=config, return_selection=True, **kw, **ref_kw)
+    out_r, sel_r = nsa_attention_ref(*ref_leaves, config=config, return_selection=True, softcap=softcap, **kw,
+                                     **ref_kw)
     checks = [("out", out, out_r, 1), ("selection", sorted_selection(sel), sorted_selection(sel_r), 0)]
     names = ["q", "k", "v", "g_cmp", "g_slc", "g_swa"] + (["sinks"] if sinks is not None else [])
     checks += [(f"d{n}", a, b, 3) for n, a, b in zip(names, _grads(out, leaves + list(sink_kw.values()), dout),
@@ -171,13 +175,13 @@ def draw_nsa(rng, dtype, hq, hkv):
         grad = rng.random() < 0.5  # with gradients (the chunk's rows' share of the whole call's) or without
         with torch.set_grad_enabled(grad):
             part, part_sel = longattn.nsa_attention(pick(q), k, v, *map(pick, g), config=config, return_selection=True,
-                                                    sinks=sinks, **kw)
+                                                    sinks=sinks, softcap=softcap, **kw)
         cfg["chunk"], cfg["chunk_grad"] = lq, grad
         checks += [("chunk out", part, pick(out_r.detach()), 1),
                    ("chunk selection", sorted_selection(part_sel), sorted_selection(pick(sel_r)), 0)]
         if grad and part.numel():
             ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-            out_r = nsa_attention_ref(*ref_leaves, config=config, sinks=sinks,
+            out_r = nsa_attention_ref(*ref_leaves, config=config, sinks=sinks, softcap=softcap,
                                       **(dict(cu_seqlens=_cu(lens)) if varlen else {}))
             checks += [(f"chunk d{n}", a, b, 3) for n, a, b in zip(
                 ("q", "k", "v", "g_cmp", "g_slc", "g_swa"), _grads(part, chunk_leaves, pick(dout)),
@@ -211,8 +215,9 @@ def draw_moba_decode(rng, dtype, hq, hkv):
     L = max(n + o for n, o in zip(lens, offsets)) + rng.randint(0, 10)
     keep_means = rng.random() < 0.5
     page = rng.choice([0, 0, 8, 16])  # > 0: the tokens moved into a paged cache (block_table)
+    softcap = rng.choice([None, None, None, 0.5, 5.0, 30.0])
     cfg = dict(hq=hq, hkv=hkv, dk=dk, dv=dv, lens=lens, offsets=offsets, L=L, block=block, topk=topk,
-               keep_means=keep_means, page=page)
+               keep_means=keep_means, page=page, softcap=softcap)
     k_cache = torch.randn(batch, L, hkv, dk, device=DEVICE, dtype=dtype)
     v_cache = torch.randn(batch, L, hkv, dv, device=DEVICE, dtype=dtype)
     q = torch.randn(batch, hq, dk, device=DEVICE, dtype=dtype)
@@ -230,13 +235,14 @@ def draw_moba_decode(rng, dtype, hq, hkv):
         kp, vp, table = _to_pages(k_cache, v_cache, lens, offsets, page, rng.randint(0, 2 ** 31))
         cache = dict(k_cache=kp, v_cache=vp, block_table=table)
     out = longattn.moba_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), cache_seqlens=seqlens, block_size=block,
-                               topk=topk, k_mean=k_mean, **cache)
+                               topk=topk, k_mean=k_mean, softcap=softcap, **cache)
     checks = []
     for b in range(batch):  # the last row of the prefill reference on the sequence
         keys = slice(offsets[b], offsets[b] + lens[b])
         qs = torch.zeros(1, lens[b], hq, dk, device=DEVICE, dtype=dtype)
         qs[0, -1] = q[b]
-        ref = moba_attention_ref(qs, k_cache[b:b + 1, keys], v_cache[b:b + 1, keys], block_size=block, topk=topk)
+        ref = moba_attention_ref(qs, k_cache[b:b + 1, keys], v_cache[b:b + 1, keys], block_size=block, topk=topk,
+                                 softcap=softcap)
         checks.append((f"out[{b}]", out[b], ref[0, -1], 1))
     return cfg, checks
 
@@ -271,6 +277,7 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     gates = [torch.rand(len(rows), hq, device=DEVICE, dtype=dtype) for _ in range(3)]
     sinks = torch.randn(hq, device=DEVICE, dtype=dtype) * 2 if rng.random() < 0.5 else None
     cfg["sinks"] = sinks is not None
+    softcap = cfg["softcap"] = rng.choice([None, None, None, 2.0, 5.0, 30.0])
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
     cache = dict(k_cache=k, v_cache=v, cache_offsets=i32([offsets[b] for b in rows]))
     if page:
@@ -278,14 +285,15 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
         cache = dict(k_cache=kp, v_cache=vp, block_table=table)
     out, sel = longattn.nsa_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), kc, vc, *gates,
                                    cache_seqlens=i32(seqs), cache_rows=i32(rows) if chunk > 1 else None, config=config,
-                                   num_splits=splits, sinks=sinks, return_selection=True, **cache)
+                                   num_splits=splits, sinks=sinks, softcap=softcap, return_selection=True, **cache)
     checks = []
     for r, (b, n) in enumerate(zip(rows, seqs)):  # the reference's last row on the sequence's first n tokens
         o, c = offsets[b], config.num_cmp_blocks(n)
         ref, sel_r = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].float(),
                                        v[b, None, o:o + n].float(), *(g[r, None, None].float() for g in gates),
                                        k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=config,
-                                       sinks=None if sinks is None else sinks.float(), return_selection=True)
+                                       sinks=None if sinks is None else sinks.float(), softcap=softcap,
+                                       return_selection=True)
         checks += [(f"out[{r}]", out[r], ref[0, 0], 1),
                    (f"selection[{r}]", sorted_selection(sel[r]), sorted_selection(sel_r[0, 0]), 0)]
     return cfg, checks

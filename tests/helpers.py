@@ -126,6 +126,9 @@ OTHER_ARCHS = {
     # (value heads of 8 against query / key heads of 16, values scaled; twice the KV heads in its sliding layers)
     "mimo_v2_flash": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], v_head_dim=8,
                           attention_value_scale=0.5),
+    # attention logits soft-capped (perturb_attention scales q and k up so that the cap bites)
+    **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=1.0)
+       for a in ("gemma2", "vaultgemma")},
 }
 
 
@@ -144,13 +147,18 @@ def tiny_config(arch: str):
 
 def perturb_attention(model) -> None:
     """Move the attention's norm weights, biases and sinks off their initial values (1, 0 and about 0), so that a
-    swap dropping them shows."""
+    swap dropping them shows; where the model soft-caps its attention logits (Gemma 2), scale its q and k
+    projections by 8, so that the cap changes them (uncapped, a tiny model's logits lie far below it)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    capped = bool(getattr(cfg, "attn_logit_softcapping", None))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "self_attn" in name and "norm" in name:
                 p.uniform_(0.5, 2.0)
             elif "self_attn" in name and (name.endswith("bias") or name.endswith("sinks")):
                 p.normal_()
+            elif capped and ("q_proj" in name or "k_proj" in name):
+                p.mul_(8)
 
 
 def tiny_mla_config(arch: str):

@@ -844,20 +844,21 @@ def test_save_and_from_pretrained(kind, device, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [dict(dropout=0.1), dict(softcap=30.0), dict(position_bias=torch.zeros(1)),
+@pytest.mark.parametrize("extra", [dict(dropout=0.1), dict(softcap=-1.0), dict(position_bias=torch.zeros(1)),
                                    dict(is_causal=False), dict(s_aux=torch.zeros(3)), dict(attention_chunk_size=2)],
                          ids=lambda e: next(iter(e)))
 def test_attention_function_refuses_what_it_would_ignore(extra, device):
     """Dropout, position bias, non-causal attention, sinks of the wrong shape, chunked attention (a config's
-    attention_chunk_size) without the layer types that say which layers are chunked, softcapping in MoBA's: an
-    error, not an attention computed without them."""
+    attention_chunk_size) without the layer types that say which layers are chunked, a soft cap that is not a
+    positive number: an error, not an attention computed without them."""
     q = torch.randn(1, 4, 8, 16, device=device)
     module = torch.nn.Module()
     if "attention_chunk_size" in extra:
         module.config, extra = LlamaConfig(attention_chunk_size=extra["attention_chunk_size"]), {}
     fns = (hf_attention.flash_attention_forward, hf_attention.moba_attention_forward)
-    for fn in fns[1:] if "softcap" in extra else fns:
-        with pytest.raises(ValueError, match="does not support|causal|one logit per query head|config.layer_types"):
+    for fn in fns:
+        with pytest.raises(ValueError, match="does not support|causal|one logit per query head|config.layer_types|"
+                                             "softcap must be"):
             fn(module, q, q, q, None, scaling=0.25, **extra)
 
 

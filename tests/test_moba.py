@@ -37,7 +37,7 @@ def _assert_same_selection(sel, sel_ref, q, k, block_size, cu_seqlens_q=None, cu
                                    msg=f"row {row}: block selection differs from the reference beyond a tie")
 
 
-def _check(q, k, v, dtype, *, block_size, topk, with_lse=True, **varlen):
+def _check(q, k, v, dtype, *, block_size, topk, with_lse=True, softcap=None, **varlen):
     """Selection, forward, lse and gradients vs the reference (the reference attends to the kernel's selection
     once that has been checked)."""
     ref_cu = {}
@@ -51,9 +51,10 @@ def _check(q, k, v, dtype, *, block_size, topk, with_lse=True, **varlen):
 
     qk, kk, vk = leaf(q), leaf(k), leaf(v)
     qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
-    out, lse = moba_attention(qk, kk, vk, block_size=block_size, topk=topk, return_lse=True, **varlen)
+    out, lse = moba_attention(qk, kk, vk, block_size=block_size, topk=topk, return_lse=True, softcap=softcap,
+                              **varlen)
     out_r, lse_r = moba_attention_ref(qr, kr, vr, block_size=block_size, topk=topk, return_lse=True,
-                                      selection=sel, **ref_cu)
+                                      selection=sel, softcap=softcap, **ref_cu)
     assert out.dtype == dtype
     assert_close(out, out_r, dtype, "out")
     assert_lse_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-3)
@@ -117,6 +118,49 @@ def test_moba_varlen(lq, lk, dtype, device):
         _check(q, k, v, dtype, block_size=16, topk=3, cu_seqlens=_cu(lq, device))
     else:
         _check(q, k, v, dtype, block_size=16, topk=3, cu_seqlens_q=_cu(lq, device), cu_seqlens_k=_cu(lk, device))
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen", "decode"])
+def test_moba_softcap(layout, dtype, device):
+    """Soft-capped scores (Gemma 2's ``c * tanh(scale * q.k / c)``; q scaled so that the cap bites): forward, lse
+    and gradients equal the reference's, dense and varlen, and so do moba_decode's rows on a left-padded cache
+    and the dense one-token shortcut; the gate selects on uncapped scores, the same blocks."""
+    from longattn.moba import moba_decode
+
+    Hq, Hkv, D, cap = 4, 2, 32, 3.0
+    if layout == "dense":
+        q = torch.randn(2, 100, Hq, D, device=device, dtype=dtype) * 4
+        k = torch.randn(2, 100, Hkv, D, device=device, dtype=dtype)
+        v = torch.randn(2, 100, Hkv, 48, device=device, dtype=dtype)
+        _check(q, k, v, dtype, block_size=16, topk=3, softcap=cap)
+        with torch.no_grad():  # one token a row: the decoding shortcut
+            out1 = moba_attention(q[:, -1:], k, v, block_size=16, topk=3, softcap=cap)
+        sel = moba_block_selection_ref(q[:, -1:], k, block_size=16, topk=3)
+        ref1 = moba_attention_ref(q[:, -1:].float(), k.float(), v.float(), block_size=16, topk=3, softcap=cap,
+                                  selection=sel)
+        assert_close(out1, ref1, dtype, "one token")
+        uncapped = moba_attention_ref(q[:, -1:].float(), k.float(), v.float(), block_size=16, topk=3, selection=sel)
+        assert (uncapped - ref1).abs().max() > 0.1  # (the cap matters here)
+    elif layout == "varlen":
+        lq, lk = [5, 1, 64], [90, 33, 64]
+        q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype) * 4
+        k = torch.randn(sum(lk), Hkv, D, device=device, dtype=dtype)
+        v = torch.randn(sum(lk), Hkv, D, device=device, dtype=dtype)
+        _check(q, k, v, dtype, block_size=16, topk=3, softcap=cap, cu_seqlens_q=_cu(lq, device),
+               cu_seqlens_k=_cu(lk, device))
+    else:
+        lens = [150, 33, 97]
+        k, v, seq, off, rows = _left_padded_cache(lens, max(lens) + 5, Hkv, D, D, dtype, device)
+        q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype) * 4
+        out, lse = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=16, topk=3, softcap=cap,
+                               return_lse=True)
+        for b, (kb, vb) in enumerate(rows):
+            qb = q[b][None, None]
+            sel = moba_block_selection_ref(qb, kb[None], block_size=16, topk=3)
+            o_r, l_r = moba_attention_ref(qb.float(), kb[None].float(), vb[None].float(), block_size=16, topk=3,
+                                          softcap=cap, return_lse=True, selection=sel)
+            assert_close(out[b], o_r[0, 0], dtype, f"out[{b}]")
+            assert_lse_close(lse[b], l_r[0, :, 0], atol=1e-4 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("T,bs", [(130, 32), (64, 64)])
@@ -522,12 +566,12 @@ def test_torch_compile_fullgraph(layout, device):
     """Under torch.compile moba_attention is a custom op (its backward another, taking the selection the forward
     returns to it): traced without a graph break, its output, lse and gradients equal eager mode's; so does the
     output without gradients (the op keeps no selection then), one query per sequence (the decoding shortcut)
-    included."""
+    included; a soft cap passes through."""
     opts = dict(block_size=16, topk=3, return_lse=True)
     if layout == "varlen":
         lens = [30, 70, 45]
         inputs = [leaf(torch.randn(sum(lens), h, 32, device=device)) for h in (4, 2, 2)]
-        opts.update(cu_seqlens=_cu(lens, device))
+        opts.update(cu_seqlens=_cu(lens, device), softcap=2.0)  # (the op takes the cap)
     else:
         inputs = [leaf(torch.randn(2, 70, h, 32, device=device)) for h in (4, 2, 2)]
     assert_compiled_matches_eager(lambda q, k, v: moba_attention(q, k, v, **opts), inputs)
@@ -544,6 +588,6 @@ def test_custom_op_registration(device):
     """moba_attention's custom ops pass torch.library.opcheck (schema, shapes, autograd formula), dense and varlen."""
     q, k, v = (leaf(torch.randn(2, 40, h, 16, device=device)) for h in (4, 2, 2))
     cu = _cu([10, 30], device)
-    for args in ((q, k, v, None, None, None, None, 16, 2, None, True),
-                 (q[0], k[0], v[0], cu, cu, None, None, 16, 3, 0.2, True)):
+    for args in ((q, k, v, None, None, None, None, 16, 2, None, 0.0, True),
+                 (q[0], k[0], v[0], cu, cu, None, None, 16, 3, 0.2, 1.5, True)):
         torch.library.opcheck(torch.ops.longattn.moba_attention.default, args)

@@ -22,7 +22,7 @@ def _rounded_mean(x, dtype, config, lens):
     return torch.cat([compress_mean_ref(s, config) for s in x.split(lens)]).to(dtype).float()
 
 
-def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, sinks=None, **varlen):
+def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, sinks=None, softcap=None, **varlen):
     lens = None
     if "cu_seqlens" in varlen:
         cu = varlen["cu_seqlens"].tolist()
@@ -43,8 +43,8 @@ def _check(q, k, v, gates, dtype, *, config=CFG, learnable=False, sinks=None, **
     # near-tied blocks): the reference gets the same rounding, differentiable (a cast passes gradients through)
     extra_r = dict(k_cmp=refs[6], v_cmp=refs[7]) if learnable else \
         dict(k_cmp=_rounded_mean(refs[1], dtype, config, lens), v_cmp=_rounded_mean(refs[2], dtype, config, lens))
-    out, sel = nsa_attention(*ours[:6], config=config, return_selection=True, **extra, **varlen)
-    out_r, sel_r = nsa_attention_ref(*refs[:6], config=config, return_selection=True, **extra_r,
+    out, sel = nsa_attention(*ours[:6], config=config, return_selection=True, softcap=softcap, **extra, **varlen)
+    out_r, sel_r = nsa_attention_ref(*refs[:6], config=config, return_selection=True, softcap=softcap, **extra_r,
                                      **dict(varlen, sinks=refs[-1]) if sinks is not None else varlen)
     assert torch.equal(sorted_selection(sel), sorted_selection(sel_r)), "selection differs from the reference"
     assert out.dtype == dtype
@@ -115,6 +115,29 @@ def test_nsa_sinks(layout, dtype, device):
     k, v = torch.randn(116, 2, 32, device=device, dtype=dtype), torch.randn(116, 2, 16, device=device, dtype=dtype)
     gates = [torch.rand(116, 8, device=device) for _ in range(3)]
     _check(q, k, v, gates, dtype, learnable=True, cu_seqlens=cu, sinks=torch.randn(8, device=device) * 2)
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_nsa_softcap(layout, dtype, device):
+    """Soft-capped scores in every branch (Gemma 2's ``c * tanh(scale * q.k / c)``; a cap of 1.5 against scores of
+    about 1: it changes them), the compressed probabilities that score the selection too: output, selection and
+    every gradient equal the reference's; GQA 2 (dense), GQA 4 with learnable compression and sinks (varlen); a
+    chunk of queries after a prefix equals the whole sequences' rows."""
+    cap = 1.5
+    if layout == "dense":
+        q, k, v = (torch.randn(2, 100, h, 32, device=device, dtype=dtype) for h in (4, 2, 2))
+        gates = [torch.rand(2, 100, 4, device=device) for _ in range(3)]
+        _check(q, k, v, gates, dtype, softcap=cap)
+        f = [t.float() for t in (q, k, v, *gates)]
+        assert (nsa_attention_ref(*f, config=CFG, softcap=cap) - nsa_attention_ref(*f, config=CFG)).abs().max() > 0.05
+        _check_chunk(q, k, v, gates, 33, [100, 100], dtype, softcap=cap)
+        return
+    cu = torch.tensor([0, 70, 75, 116], dtype=torch.int32, device=device)
+    q = torch.randn(116, 8, 32, device=device, dtype=dtype)
+    k, v = torch.randn(116, 2, 32, device=device, dtype=dtype), torch.randn(116, 2, 16, device=device, dtype=dtype)
+    gates = [torch.rand(116, 8, device=device) for _ in range(3)]
+    _check(q, k, v, gates, dtype, learnable=True, cu_seqlens=cu, sinks=torch.randn(8, device=device) * 2,
+           softcap=cap)
 
 
 def test_nsa_keeps_two_branch_outputs_for_backward(device):
@@ -280,18 +303,20 @@ def _rows_apart(sel: torch.Tensor, sel_r: torch.Tensor) -> int:
     return int((held[0] & ~held[1]).sum(1).max())
 
 
-@pytest.mark.parametrize("tile,dtype", [(t, torch.float16) for t in SELECT_TILES] +
-                         [(t, torch.bfloat16) for t in SELECT_TILES if t[5]],
+@pytest.mark.parametrize("tile,dtype,softcap", [(t, torch.float16, None) for t in SELECT_TILES] +
+                         [(t, torch.bfloat16, None) for t in SELECT_TILES if t[5]] +
+                         [(SELECT_TILES[0], torch.float16, 1.5), (next(t for t in SELECT_TILES if t[5]),
+                                                                   torch.float16, 1.5)],
                          ids=lambda x: "m{}c{}w{}s{}r{}{}".format(*x[:5], "h" * x[5]) if isinstance(x, tuple)
-                         else str(x).split(".")[-1])
-def test_nsa_select_gpu_candidates(tile, dtype, monkeypatch, device):
+                         else "softcap" if isinstance(x, float) else "" if x is None else str(x).split(".")[-1])
+def test_nsa_select_gpu_candidates(tile, dtype, softcap, monkeypatch, device):
     """Each tile the selection kernel's autotuner may take on a GPU (query tokens, blocks per chunk, warps,
     stages, register limit, (token, head) rows) selects as the reference, in float16 (and the (token, head) rows
     tiles in bfloat16, which only they do not run in the GPU's other tests: a near-tie may then go the other way,
     one block apart): two packed sequences (100 and 300 tokens: ragged row tiles, the second over two chunks of
     16 blocks, one of 32), Eq. 9 taps reaching two blocks back, GQA (groups of 3; a (token, head) rows tile the
     group whose 256 rows it takes: 16 with 16 tokens, 6 padded to 8 with 32, 3 padded to 4 with 64, the padding
-    heads masked)."""
+    heads masked); two of them with soft-capped scores."""
     from longattn.nsa import kernels as K
     from longattn.nsa import ops
 
@@ -308,9 +333,10 @@ def test_nsa_select_gpu_candidates(tile, dtype, monkeypatch, device):
     k = torch.randn(sum(lens), Hkv, D, device=device, dtype=dtype)
     v = torch.randn(sum(lens), Hkv, 16, device=device, dtype=dtype)
     g = torch.rand(sum(lens), Hq, device=device, dtype=dtype)
-    _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, cu_seqlens=cu, return_selection=True)
+    _, sel = nsa_attention(q, k, v, g, g, g, config=cfg, cu_seqlens=cu, softcap=softcap, return_selection=True)
     ref = [t.float() for t in (q, k, v, g)]
-    _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, cu_seqlens=cu, return_selection=True,
+    _, sel_r = nsa_attention_ref(*ref, ref[3], ref[3], config=cfg, cu_seqlens=cu, softcap=softcap,
+                                 return_selection=True,
                                  k_cmp=_rounded_mean(ref[1], dtype, cfg, lens),
                                  v_cmp=_rounded_mean(ref[2], dtype, cfg, lens))
     if dtype == torch.float16:
@@ -420,12 +446,13 @@ def _decode_case(lens, offsets, L, Hq, Hkv, dk, dv, dtype, device, config):
     return q, k.transpose(1, 2), v.transpose(1, 2), kc, vc, gates
 
 
-def _decode_ref(q, k, v, kc, vc, gates, b, n, o, config, sinks=None):
+def _decode_ref(q, k, v, kc, vc, gates, b, n, o, config, sinks=None, softcap=None):
     """The reference's last row (and selection) for sequence b of a decode case: n tokens from cache row o."""
     c = config.num_cmp_blocks(n)
     return nsa_attention_ref(q[b, None, None].float(), k[b, None, o:o + n].float(), v[b, None, o:o + n].float(),
                              *(g[b, None, None] for g in gates), k_cmp=kc[b, None, :c].float(),
-                             v_cmp=vc[b, None, :c].float(), config=config, sinks=sinks, return_selection=True)
+                             v_cmp=vc[b, None, :c].float(), config=config, sinks=sinks, softcap=softcap,
+                             return_selection=True)
 
 
 RAGGED = ([300, 37, 5, 64], [10, 0, 300, 100], 320)  # 5 tokens: no compressed block yet
@@ -474,6 +501,21 @@ def test_nsa_decode_sinks(splits, dtype, device):
                      num_splits=splits)
     for b, (n, o) in enumerate(zip(lens, offsets)):
         ref = _decode_ref(q, k, v, kc, vc, gates, b, n, o, CFG, sinks=sinks.float())[0]
+        assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["fused", "split3"])
+def test_nsa_decode_softcap(splits, dtype, device):
+    """Soft-capped scores when decoding, fused and split-KV (the compressed probabilities of the selection, merged
+    from the splits, capped too): the reference's last rows and selections; a sequence without compressed blocks."""
+    lens, offsets, L = RAGGED
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, 8, 2, 32, 16, dtype, device, CFG)
+    out, sel = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+                          cache_offsets=torch.tensor(offsets, dtype=torch.int32, device=device), config=CFG,
+                          softcap=1.5, num_splits=splits, return_selection=True)
+    for b, (n, o) in enumerate(zip(lens, offsets)):
+        ref, sel_r = _decode_ref(q, k, v, kc, vc, gates, b, n, o, CFG, softcap=1.5)
+        assert torch.equal(sorted_selection(sel[b]), sorted_selection(sel_r[0, 0])), f"sequence {b}: selection differs"
         assert_close(out[b], ref[0, 0], dtype, f"sequence {b}")
 
 
@@ -961,6 +1003,32 @@ def test_nsa_selected_per_query(queries, monkeypatch, device):
     assert launched
 
 
+@pytest.mark.parametrize("tiles", ["per_query", "split_scores"])
+def test_nsa_softcap_gpu_tiles(tiles, monkeypatch, device):
+    """Soft-capped scores with the GPU's tiles through the interpreter: the selected branch's tile per query (4
+    queries of a group of 16 a program), or 64 rows on 8 warps whose score products are split between the
+    warpgroups (SPLIT_SCORES, forward and dq): output, selection and gradients equal the reference's."""
+    from longattn.kernels.utils import COMPILE_OPTIONS, cdiv
+    from longattn.nsa import ops
+
+    monkeypatch.setenv("LONGATTN_INTERPRET_TILES", "gpu")
+    launched = []
+    if tiles == "per_query":
+        launched = _force_per_query(monkeypatch, 4)
+    else:
+        def launch(tuned, args, meta, max_q, programs_h, n_seq, heads):
+            tuned.fn[(cdiv(max_q, 4), programs_h, n_seq)](*args, **meta, QB=4, ROWS=64, SPLIT_SCORES=True,
+                                                          **COMPILE_OPTIONS)
+            launched.append(heads)
+
+        monkeypatch.setattr(ops, "_launch_selected", launch)
+    cu = torch.tensor([0, 150, 187], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(187, h, 32, device=device, dtype=torch.float16) for h in (16, 1, 1))
+    gates = [torch.rand(187, 16, device=device) for _ in range(3)]
+    _check(q, k, v, gates, torch.float16, cu_seqlens=cu, softcap=1.5)
+    assert launched
+
+
 def test_nsa_sinks_per_query_tiles(monkeypatch, device):
     """Attention sinks with the selected branch's tile per query (4 queries of a group of 16 per program, the GPU's
     tiles): nsa_attention's output and gradients, the sinks' too, equal the reference's."""
@@ -973,11 +1041,11 @@ def test_nsa_sinks_per_query_tiles(monkeypatch, device):
     assert launched
 
 
-@pytest.mark.parametrize("learnable", [False, True], ids=["mean-pooled", "k_cmp-v_cmp-sinks"])
+@pytest.mark.parametrize("learnable", [False, True], ids=["mean-pooled", "k_cmp-v_cmp-sinks-softcap"])
 def test_torch_compile(learnable, device):
     """Under torch.compile nsa_attention is traced in the dense layout, its branches custom ops (flash attention,
     the selection, the selected branch, the gated sum): no graph break, and the output and every gradient (gates,
-    compressed keys and values, attention sinks included) equal eager mode's. With cu_seqlens it stays opaque (the
+    compressed keys and values, attention sinks included; with a soft cap) equal eager mode's. With cu_seqlens it stays opaque (the
     lengths are read on the host), with the eager results too."""
     q, k, v = (leaf(torch.randn(2, 70, h, 32, device=device)) for h in (4, 2, 2))
     gates = [leaf(torch.rand(2, 70, 4, device=device)) for _ in range(3)]
@@ -986,8 +1054,8 @@ def test_torch_compile(learnable, device):
         inputs += [leaf(torch.randn(2, CFG.num_cmp_blocks(70), 2, 32, device=device)) for _ in range(2)]
         inputs.append(leaf(torch.randn(4, device=device)))
     assert_compiled_matches_eager(lambda q, k, v, *rest: nsa_attention(
-        q, k, v, *rest[:3], config=CFG, **(dict(k_cmp=rest[3], v_cmp=rest[4], sinks=rest[5]) if learnable else {})),
-        inputs)
+        q, k, v, *rest[:3], config=CFG,
+        **(dict(k_cmp=rest[3], v_cmp=rest[4], sinks=rest[5], softcap=1.5) if learnable else {})), inputs)
     if learnable:  # (the varlen call below is the mean-pooled one's)
         return
     cu = torch.tensor([0, 70, 110], dtype=torch.int32, device=device)
@@ -996,7 +1064,8 @@ def test_torch_compile(learnable, device):
 
 
 def test_custom_op_registration(device):
-    """The custom ops of nsa_attention's branches (with attention sinks and without) and of nsa_selected_attention
+    """The custom ops of nsa_attention's branches (with attention sinks and a soft cap, and without) and of
+    nsa_selected_attention
     pass torch.library.opcheck (schema, shapes, autograd formula)."""
     lengths = [40, 30]
     q, k, v = (leaf(torch.randn(70, h, 16, device=device)) for h in (4, 2, 2))
@@ -1005,9 +1074,9 @@ def test_custom_op_registration(device):
     kc, vc = (leaf(torch.randn(sum(n_cmp), 2, 16, device=device)) for _ in range(2))
     cu, cu_cmp = (torch.tensor([0, a, a + b], dtype=torch.int32, device=device) for a, b in (lengths, n_cmp))
     config = [getattr(CFG, f.name) for f in dataclasses.fields(NSAConfig)]
-    for sinks in (None, leaf(torch.randn(4, device=device))):
+    for sinks, softcap in ((None, 0.0), (leaf(torch.randn(4, device=device)), 1.5)):
         torch.library.opcheck(torch.ops.longattn.nsa_branches.default,
-                              (q, k, v, kc, vc, *gates, sinks, cu, cu_cmp, lengths, config, 0.25))
+                              (q, k, v, kc, vc, *gates, sinks, cu, cu_cmp, lengths, config, 0.25, softcap))
     q, k, v = (leaf(torch.randn(80, h, 16, device=device)) for h in (4, 2, 2))
     pos = torch.arange(80, device=device) % 40
     sel = torch.stack([pos // 16, torch.where(pos >= 16, 0, -1)], -1)[:, None].expand(80, 2, 2).to(torch.int32)

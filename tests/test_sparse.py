@@ -20,17 +20,20 @@ def _random_blocks(own, heads, K, generator=None):
     return out
 
 
-@pytest.mark.parametrize("lq,lk,bs,K", [([70, 1, 45], [70, 33, 100], 16, 3), ([130], [130], 32, 2)],
-                         ids=["varlen-q<k", "single"])
-def test_block_sparse_matches_reference(lq, lk, bs, K, dtype, device):
+@pytest.mark.parametrize("lq,lk,bs,K,softcap", [([70, 1, 45], [70, 33, 100], 16, 3, None), ([130], [130], 32, 2, None),
+                                                ([70, 1, 45], [70, 33, 100], 16, 3, 2.0)],
+                         ids=["varlen-q<k", "single", "varlen-softcap"])
+def test_block_sparse_matches_reference(lq, lk, bs, K, softcap, dtype, device):
+    """Forward, lse and gradients equal the reference's; soft-capped scores too (q scaled so that the cap bites:
+    scores of several times the cap)."""
     Hq, Hkv, D = 4, 2, 32
-    q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype)
+    q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype) * (4 if softcap else 1)
     k = torch.randn(sum(lk), Hkv, D, device=device, dtype=dtype)
     v = torch.randn(sum(lk), Hkv, D, device=device, dtype=dtype)
     cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(), dtype=torch.int32, device=device)
     own = torch.cat([(torch.arange(a) + b - a) // bs for a, b in zip(lq, lk)])
     blocks = _random_blocks(own, Hq, K).to(device)
-    kw = dict(block_size=bs, cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk))
+    kw = dict(block_size=bs, cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk), softcap=softcap)
     qk, kk, vk = leaf(q), leaf(k), leaf(v)
     qr, kr, vr = leaf(q, torch.float32), leaf(k, torch.float32), leaf(v, torch.float32)
     out, lse = block_sparse_attention(qk, kk, vk, blocks, return_lse=True, **kw)
@@ -42,6 +45,14 @@ def test_block_sparse_matches_reference(lq, lk, bs, K, dtype, device):
     (out_r * dout).sum().backward()
     for name, a, b in (("dq", qk.grad, qr.grad), ("dk", kk.grad, kr.grad), ("dv", vk.grad, vr.grad)):
         assert_close(a, b, dtype, name)
+    if softcap:  # (the cap changes the result: the test would see a kernel that ignored it)
+        uncapped = block_sparse_attention_ref(qr, kr, vr, blocks, **dict(kw, softcap=None))
+        assert (uncapped - out_r).abs().max() > 0.1
+        with torch.no_grad():  # one query per sequence: the split-KV decoding kernel
+            one = [torch.cat([qk[int(c) - 1:int(c)] for c in cu(lq)[1:]])]
+            out1 = block_sparse_attention(one[0], kk, vk, torch.cat([blocks[int(c) - 1:int(c)] for c in cu(lq)[1:]]),
+                                          **dict(kw, cu_seqlens_q=cu([1] * len(lq))))
+        assert_close(out1, torch.cat([out_r[int(c) - 1:int(c)] for c in cu(lq)[1:]]), dtype, "decode")
 
 
 def test_block_sparse_rejects_bad_blocks(device):

@@ -418,12 +418,9 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
                          f"{tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
     softcap = kwargs.get("softcap")
     if kind == "moba" and not window and not chunk:
-        if softcap:
-            raise ValueError(f"MoBA attention does not support softcap (got {softcap}): its layers need "
-                             "config.attn_logit_softcapping None")
         cfg = getattr(module, "config", None)
         opts = dict(block_size=getattr(cfg, "moba_block_size", MOBA_DEFAULT_BLOCK_SIZE),
-                    topk=getattr(cfg, "moba_topk", MOBA_DEFAULT_TOPK))
+                    topk=getattr(cfg, "moba_topk", MOBA_DEFAULT_TOPK), softcap=softcap)
         op = moba_attention
     else:  # (a sliding-window or chunked layer of a MoBA model stays so: local already)
         kind, opts, op = "flash", dict(window=int(window) if window else None, softcap=softcap), flash_attention
@@ -489,7 +486,8 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
                            scaling: Optional[float] = None, **kwargs):
     """transformers attention function for ``attn_implementation="moba"``; block size and top-k come from
     ``config.moba_block_size`` / ``config.moba_topk`` (defaults 512 / 3). A layer with a sliding window stays a
-    sliding-window layer (flash attention, exact); attention sinks (gpt-oss's ``s_aux``) are honoured."""
+    sliding-window layer (flash attention, exact); attention sinks (gpt-oss's ``s_aux``) and softcap (Gemma 2's
+    attention logit soft-capping) are honoured."""
     _check(module, dropout, kwargs)
     return _run("moba", module, query, key, value, attention_mask, scaling, kwargs), None
 

@@ -70,11 +70,14 @@ DECODER_ARCHS = ("jetmoe",)
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
+# models whose attention soft-caps its logits (Gemma 2, VaultGemma: cap * tanh(scores / cap), the cap their config's
+# attn_logit_softcapping; in each NSA branch's softmax), their sliding-window layers staying so
+SOFTCAP_ARCHS = ("gemma2", "vaultgemma")
+NSA_ARCHS += SOFTCAP_ARCHS
 # MoBA is an attention function: also models whose attention NSA's module does not reproduce, their sliding-window
 # layers staying so, the hybrids and decoders above, and the MLA models (on the keys and values their attention
 # decompresses: q/k 192, v 128 in DeepSeek-V3)
-MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + HYBRID_ARCHS
-                                 + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
+MOBA_ARCHS = tuple(dict.fromkeys(NSA_ARCHS + HYBRID_ARCHS + DECODER_ARCHS + MLA_ARCHS + VL_TEXT_ARCHS + CHUNKED_ARCHS))
 KINDS = ("flash", "moba", "nsa", "mla")
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument's names across transformers 4.x-5.x
 
@@ -179,24 +182,24 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads
             the selected blocks only (``attn_implementation="moba"`` alone pools every block of the cache at each
             step).
-        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral
-            and their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3,
-            MiniMax-M2, Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, gpt-oss (its attention sinks in each
-            branch's softmax), MiniMax-M1 (its lightning-attention layers kept), Llama 4 (its global layers, without
-            RoPE and with their queries' temperature tuning; its RoPE layers, chunked or not, kept), the hybrids
-            Qwen3-Next and Qwen3.5 (gated output; their linear-attention layers kept); under transformers 5 also
-            EXAONE 3.5 / EXAONE-MoE, the OLMo family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R,
-            Cohere2-MoE, GLM, Gemma, StarCoder2, Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite
-            (MoE) with sliding windows, MiMo-V2-Flash, Gemma 4 and Gemma 3n (their KV-shared layers kept), StableLM
-            (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba,
-            Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language models of Qwen2-VL,
-            Qwen2.5-VL and Qwen3-VL): each attention becomes a :class:`longattn.nsa.module.NativeSparseAttention`
-            keeping the q/k/v/o weights (and q/k norms), with new compressor and gate parameters (every gate 1/3 at
-            first: the branches' average); option ``config`` (an ``NSAConfig``). A model mixing sliding-window and
-            full-attention layers (Gemma 3, OLMo-3, EXAONE-4, Command R7B, gpt-oss) keeps its sliding ones (exact,
-            through the ``"longattn"`` attention function) and NSA replaces the full ones; where every layer slides
-            (Mistral 7B v0.1, Ministral), all become NSA layers (``config.sliding_window`` / ``layer_types`` updated:
-            caches keep every token).
+        ``"nsa"``: Native Sparse Attention for the model types in ``NSA_ARCHS`` (Llama, Qwen2/3, Mistral, Ministral and
+            their MoE variants, GLM-4/4.5, Seed-OSS, ERNIE-4.5, Granite, Apertus, Arcee, Phi-3/4, OLMo-2/3, MiniMax-M2,
+            Hunyuan, SmolLM3, EXAONE-4, Gemma 3, Command R7B / A, gpt-oss (its attention sinks in each branch's
+            softmax), Gemma 2 and VaultGemma (their soft-capped logits in each branch), MiniMax-M1 (its
+            lightning-attention layers kept), Llama 4 (its global layers, without RoPE and with their queries'
+            temperature tuning; its RoPE layers, chunked or not, kept), the hybrids Qwen3-Next and Qwen3.5 (gated
+            output; their linear-attention layers kept); under transformers 5 also EXAONE 3.5 / EXAONE-MoE, the OLMo
+            family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM, Gemma, StarCoder2,
+            Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding windows, MiMo-V2-Flash,
+            Gemma 4 and Gemma 3n (their KV-shared layers kept), StableLM (``NSA_DECODER_ARCHS``), the attention layers
+            of the hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and
+            convolution layers kept) and the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention
+            becomes a :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms),
+            with new compressor and gate parameters (every gate 1/3 at first: the branches' average); option ``config``
+            (an ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 2 / 3, OLMo-3, EXAONE-4,
+            Command R7B, gpt-oss) keeps its sliding ones (exact, through the ``"longattn"`` attention function) and NSA
+            replaces the full ones; where every layer slides (Mistral 7B v0.1, Ministral), all become NSA layers
+            (``config.sliding_window`` / ``layer_types`` updated: caches keep every token).
         ``"mla"``: DeepSeek-V3 and V2 models, those with V3's attention (GLM-4.7-Flash, Youtu-LLM, Mistral Small 4,
             LongCat-Flash, Sarvam's sarvam_mla), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones
             stay): each such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an

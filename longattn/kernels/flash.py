@@ -696,6 +696,28 @@ def _softcap_grad(ds, t, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _scaled_scores(q_a, q_b, kt_a, kt_b, scale, shift, BLOCK_DB: tl.constexpr, PRECISION: tl.constexpr,
+                   cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+    """``scale * x + shift`` for the scores x of q against k^T, both in two parts along the head dim (BLOCK_DB = 0:
+    one; see _load_split), soft-capped with SOFTCAP (x the tanh, see _softcapped): returns them and the tanh (the
+    scaled scores without SOFTCAP). The two parts' products are not chained: each comes into the sum by a fused
+    multiply-add (Triton lays a chain's first product on all warps along its rows: with 64 rows on 8 warps both
+    warpgroups would compute it; see sparse's _bwd_operands)."""
+    if SOFTCAP > 0:
+        t = tl.dot(q_a, kt_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            t = tl.fma(tl.dot(q_b, kt_b, input_precision=PRECISION), 1.0, t)
+        t = _softcapped(t, cap_scale, SOFTCAP)
+        s = tl.fma(t, scale, shift)
+    else:
+        s = tl.fma(tl.dot(q_a, kt_a, input_precision=PRECISION), scale, shift)
+        if BLOCK_DB > 0:
+            s = tl.fma(tl.dot(q_b, kt_b, input_precision=PRECISION), scale, s)
+        t = s
+    return s, t
+
+
+@triton.jit
 def _load_row_stats(LSE_ptr, DELTA_ptr, rows, in_m):
     """Row lse in log2 units (+inf for rows that see no key, so their probabilities are 0) and delta."""
     lse = tl.load(LSE_ptr + rows, mask=in_m, other=float("inf"))

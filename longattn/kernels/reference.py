@@ -111,9 +111,10 @@ def block_mask_ref(blocks: torch.Tensor, q_len: int, k_len: int, block_size: int
 
 
 def block_sparse_attention_ref(q, k, v, block_indices, *, block_size: int, scale: Optional[float] = None,
-                               cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False):
+                               cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False,
+                               softcap: Optional[float] = None):
     """Reference for :func:`longattn.kernels.sparse.block_sparse_attention`: own block (causal) plus the
-    listed earlier blocks, dense (B, T, H, D) or varlen (total, H, D)."""
+    listed earlier blocks, dense (B, T, H, D) or varlen (total, H, D); ``softcap`` as in :func:`attention_ref`."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
 
@@ -125,7 +126,7 @@ def block_sparse_attention_ref(q, k, v, block_indices, *, block_size: int, scale
         qs, ks = q[sq], k[sk]
         own = own_blocks(qs.shape[0], ks.shape[0], qs.device).expand(-1, qs.shape[1], 1)
         mask = block_mask_ref(torch.cat([block_indices[sq].long(), own], -1), qs.shape[0], ks.shape[0], block_size)
-        o, l = masked_attention_ref(qs, ks, v[sk], mask, scale)
+        o, l = masked_attention_ref(qs, ks, v[sk], mask, scale, softcap)
         outs.append(o)
         lses.append(l)
     varlen = cu_seqlens_q is not None

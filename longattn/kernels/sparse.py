@@ -25,11 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, SMEM_LIMIT, _fwd_inner, _load_split, _store_split, flash_bwd, flash_bwd_delta, flash_fwd
+from .flash import (SMEM_LIMIT, _fwd_inner, _load_split, _scaled_scores, _score_args, _softcap_grad, _softcapped,
+                    _store_split, flash_bwd, flash_bwd_delta, flash_fwd)
 from .merge import merge_fwd
 from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_enabled, cdiv, check_attention_inputs, check_device,
-                    check_positive_int, check_scale, device_tensor, empty, kernel_inputs, next_pow2, num_sms, public_op,
-                    resolve_seqlens, small_tiles, split_dim)
+                    check_positive_int, check_scale, check_softcap, device_tensor, empty, kernel_inputs, next_pow2,
+                    num_sms, public_op, resolve_seqlens, small_tiles, split_dim)
 
 ENTRY_TILE = 64  # rows (query, head) of an entry tile
 CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
@@ -148,10 +149,11 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
                             n_seg, n_iter, Hq, HKV, block_size, qk_scale,
                             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+                            BLOCK_N: tl.constexpr, GROUP: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Attention of a tile of entries (one selected block per row: a launch takes one slot of the selections)
     over one whole selected block, merged by lse into the rows' output and natural-log lse so far (OS, LS: the own
-    block's, then each slot's in turn), in place: a launch writes each row once."""
+    block's, then each slot's in turn), in place: a launch writes each row once. SOFTCAP: soft-capped scores (see
+    flash's _softcapped; qk_scale then holds the cap)."""
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return
@@ -168,6 +170,7 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
         kt = tl.load(K + rows[None, :] * stride_kt + hk * stride_kh + offs_dk[:, None],
                      mask=offs_dk[:, None] < DQK, other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION)  # unscaled: the scale (> 0) goes into the max and the exp's fma
+        s = _softcapped(s, cap_scale, SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         alpha = tl.math.exp2(m_i - m_new)
@@ -224,14 +227,15 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
                         stride_pk, stride_pv, n_seg, n_iter, chunk_tiles, Hq, HKV, block_size, qk_scale, scale,
                         DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                         BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+                        BLOCK_N: tl.constexpr, GROUP: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """dK/dV of one key tile of one (block, KV head) segment from one chunk of the entries that selected it
     (at most ``chunk_tiles`` entry tiles: a block that every query selects, like NSA's first, is spread over
     many programs). A segment of one chunk adds its result to the own-block gradients already in DK/DV; the
     chunks of a longer one write float32 partials to their own slots of PK/PV (from SLOT[segment]), which
     _sparse_dkdv_finish_kernel adds up in order. Deterministic, no atomics. Grid: (chunks, key tiles of the
     ``block_size`` keys; it keys the autotuner, the tiles' keys BLOCK_N dividing it). The
-    q/k head dim comes in two power-of-two parts (BLOCK_DA + BLOCK_DB, see flash's _load_split)."""
+    q/k head dim comes in two power-of-two parts (BLOCK_DA + BLOCK_DB, see flash's _load_split). SOFTCAP:
+    soft-capped scores (see flash's _softcapped)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid >= tl.load(CHUNK_CUM + n_seg):
@@ -253,14 +257,13 @@ def _sparse_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PK, PV, ENTRY, SEG_STA
                      mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + h * stride_lh + t, mask=valid, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + h * stride_lh + t, mask=valid, other=0.0)
-        # the score products unchained (see _bwd_operands): two products, each scaled and added to the other's by a
-        # fused multiply-add (the lse subtracted in the first), and p, dS out of a branch
-        s = tl.fma(tl.dot(q_a, kt_a, input_precision=PRECISION), qk_scale, -lse[:, None])
-        if BLOCK_DB > 0:
-            s = tl.fma(tl.dot(q_b, kt_b, input_precision=PRECISION), qk_scale, s)
+        # the score products unchained (see _bwd_operands, flash's _scaled_scores), the lse subtracted by the first
+        # multiply-add, and p, dS out of a branch
+        s, t_cap = _scaled_scores(q_a, q_b, kt_a, kt_b, qk_scale, -lse[:, None], BLOCK_DB, PRECISION, cap_scale,
+                                  SOFTCAP)
         p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        p16, ds = _bwd_operands(p, dp - delta[:, None], qk_scale > 0, do.dtype)
+        p16, ds = _bwd_operands(p, _softcap_grad(dp - delta[:, None], t_cap, SOFTCAP), qk_scale > 0, do.dtype)
         dv += tl.dot(tl.trans(p16), do, input_precision=PRECISION)
         dst = tl.trans(ds)
         dk_a += tl.dot(dst, q_a, input_precision=PRECISION)
@@ -339,11 +342,12 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
                            n_seg, n_iter, Hq, HKV, block_size, qk_scale, scale,
                            DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                            KSEL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr = False):
+                           BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr = False, cap_scale=0.0,
+                           SOFTCAP: tl.constexpr = 0):
     """dQ of a tile of entries from one selected block, atomically added to a float32 buffer (a query
     row gets contributions from up to KSEL blocks, handled by different programs, in whatever order they end).
     SLOTS (deterministic): each row's part stored in its entry's slot of DQ32 (KSEL, rows, Hq, D) instead, summed
-    in slot order afterwards."""
+    in slot order afterwards. SOFTCAP: soft-capped scores (see flash's _softcapped)."""
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return
@@ -363,9 +367,10 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
                     other=0.0)
         vt = tl.load(V + rows[None, :] * stride_vt + hk * stride_vh + offs_dv[:, None], mask=offs_dv[:, None] < DV,
                      other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        t_cap = _softcapped(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_scale, SOFTCAP)
+        p = tl.math.exp2(t_cap * qk_scale - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = _bwd_operands(p, dp - delta[:, None], qk_scale > 0, k.dtype)[1]
+        ds = _bwd_operands(p, _softcap_grad(dp - delta[:, None], t_cap, SOFTCAP), qk_scale > 0, k.dtype)[1]
         dq += tl.dot(ds, k, input_precision=PRECISION)
     dq_ptr = DQ32 + t[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_dk[None, :]
     if SLOTS:
@@ -383,7 +388,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                           BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0):
+                          PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0, cap_scale=0.0,
+                          SOFTCAP: tl.constexpr = 0):
     """One new token per sequence. Program (sequence * Hkv + KV head, slot program, part) holds the GQA group's
     heads as the rows of its tiles and attends to part ``part`` (SPLIT keys) of some of the group's blocks:
     slot 0 is the own block (keys up to the query, every head), slot 1 + j * KSEL + i is head j's i-th
@@ -395,7 +401,7 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
     tokens of one sequence reading its cache row) or b (packed: stride_kb 0 and K_START/K_END the cu_seqlens; a
     batched cache: its batch stride and each row's padding / end). PAGE > 0: a paged cache (K/V (pages, PAGE, Hkv,
     D), pages one after another, K_START 0, PAGE dividing block_size), key j of row c at slot j % PAGE of page
-    ``BT[c, j // PAGE]`` (clamped to [0, last_page])."""
+    ``BT[c, j // PAGE]`` (clamped to [0, last_page]). SOFTCAP: soft-capped scores (see flash's _softcapped)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     sp = tl.program_id(1)
@@ -450,7 +456,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, k_base, v_base,
                                        k_start + blk.to(tl.int64) * block_size, stride_kt, stride_vt, pos_m, lo, hi,
                                        hi, 0, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, True,
-                                       False, PRECISION, 1, 0, bt_blk, last_page, PAGE)
+                                       False, PRECISION, 1, 0, bt_blk, last_page, PAGE, cap_scale=cap_scale,
+                                       SOFTCAP=SOFTCAP)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(OS + piece * stride_op + t * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
@@ -549,7 +556,8 @@ def _meta(dims: AttnDims, dtype):
                 BLOCK_DV=max(16, next_pow2(dims.dim_v)), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None, block_table=None):
+def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None, block_table=None,
+                  softcap: float = 0.0):
     """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks (each
     cut into SPLIT-key parts so that a small batch still fills the GPU), a program per KV head holding its GQA
     group's heads (each block the group selected read once), merged by lse. Returns (out, lse).
@@ -559,7 +567,8 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     batched cache ``(B, L, Hkv, D)`` read in place (sequence b's keys are ``k_start[b] .. k_end[b] - 1`` of cache
     row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none.
     ``block_table`` int32 ``(rows, max_pages)``: k/v paged ``(pages, page_size, Hkv, D)`` instead (pages one after
-    another, page_size dividing block_size, k_start 0), its row ``rows[b]`` (or b) listing sequence b's pages."""
+    another, page_size dividing block_size, k_start 0), its row ``rows[b]`` (or b) listing sequence b's pages.
+    ``softcap`` (> 0): the scores ``softcap * tanh(scale * q.k / softcap)``."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
     group, ksel = hq // hkv, sel.shape[-1]
@@ -583,25 +592,27 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
         block_n = 32 if dqk <= 128 else 16
     # (a paged cache's row numbers, loaded, not computed, take registers: on 4 warps its 64-key tiles took all 255
     # of them a thread on sm_90, float32's 32-key tiles spilled; on 8 warps neither)
+    qk_scale, soft = _score_args(scale, softcap, q.dtype)
     _sparse_decode_kernel[((cu_q.numel() - 1) * hkv, slot_programs, n_split)](
         q, k, v, sel_arg, outs, lses, cu_q, k_start, k_end, rows if rows is not None else cu_q,
         block_table if block_table is not None else cu_q, q.stride(0), q.stride(1), batch_strides[0], k.stride(-3),
         k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2), sel_arg.stride(0), sel_arg.stride(1),
         outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
         block_table.stride(0) if block_table is not None else 0, block_size, group, hkv, n_slots, slot_programs,
-        scale * LOG2E, k.shape[0] - 1 if block_table is not None else 0, DQK=dqk, DV=dv,
+        qk_scale, k.shape[0] - 1 if block_table is not None else 0, DQK=dqk, DV=dv,
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel,
         BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
         BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_ROWS=rows is not None, PAGE=page, **({"num_warps": 8} if page else {}), **COMPILE_OPTIONS)
+        HAS_ROWS=rows is not None, PAGE=page, **({"num_warps": 8} if page else {}), **soft, **COMPILE_OPTIONS)
     return merge_fwd(outs, lses, q.dtype)
 
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
+    def forward(ctx, q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float, softcap: float):
         hq, hkv = dims.heads_q, dims.heads_kv
-        out, lse = flash_fwd(q, k, v, plan.own, True, None, scale)  # the own blocks
+        out, lse = flash_fwd(q, k, v, plan.own, True, None, scale, softcap=softcap)  # the own blocks
+        qk_scale, soft = _score_args(scale, softcap, q.dtype)
         # then one slot of the selections at a time, each launch merging its blocks' part into out and lse in
         # place (no buffer of partial results: (top-k) x out's size, at the peak)
         for j in range(sel.shape[-1] if q.shape[0] else 0):
@@ -610,9 +621,9 @@ class _BlockSparse(torch.autograd.Function):
                 q, k, v, out, lse, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), ent.n_seg, ent.n_iter, hq, hkv, block_size,
-                scale * LOG2E, GROUP=1, **_meta(dims, q.dtype), **COMPILE_OPTIONS)
+                qk_scale, GROUP=1, **_meta(dims, q.dtype), **soft, **COMPILE_OPTIONS)
         ctx.save_for_backward(q, k, v, out, lse, sel)
-        ctx.plan, ctx.dims, ctx.block_size, ctx.scale = plan, dims, block_size, scale
+        ctx.plan, ctx.dims, ctx.block_size, ctx.scale, ctx.softcap = plan, dims, block_size, scale, softcap
         ctx.mark_non_differentiable(sel)
         return out, lse
 
@@ -622,18 +633,19 @@ class _BlockSparse(torch.autograd.Function):
         ksel = sel.shape[-1]
         ent = entries(sel, ctx.plan, ctx.dims.heads_q, ctx.dims.heads_kv) if ksel > 0 and q.shape[0] else None
         dq, dk, dv, _, _ = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ent, ksel,
-                                           ctx.block_size, ctx.scale)
-        return (dq, dk, dv) + (None,) * 5
+                                           ctx.block_size, ctx.scale, softcap=ctx.softcap)
+        return (dq, dk, dv) + (None,) * 6
 
 
 def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDims, ent: Optional[_Entries],
-                    ksel: int, block_size: int, scale: float, dq_by_entries: bool = True, delta=None, dq=None):
+                    ksel: int, block_size: int, scale: float, dq_by_entries: bool = True, delta=None, dq=None,
+                    softcap: float = 0.0):
     """Gradients of block-sparse attention (own block causal + the entries' blocks, one softmax) from its
     output and row lse: flash backward on the own blocks, then the selected blocks by key tile (dk, dv)
     and, with ``dq_by_entries``, by entry tile (dq; otherwise dq holds the own blocks' part only and the
     caller adds the rest). ``ent`` from :func:`entries` (None: no selected block). ``delta``: the rows'
     ``rowsum(dout * out) - dlse`` where the caller has it (float32, lse's layout); ``dq``: a gradient of q to add
-    to in place (see :func:`flash_bwd`).
+    to in place (see :func:`flash_bwd`). ``softcap`` (> 0): soft-capped scores, as in the forward.
     Returns dq, dk, dv and, for such a caller, the contiguous dout and the row delta."""
     if dout is None:
         dout = torch.zeros_like(out)
@@ -645,10 +657,11 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
     # One softmax over own block + selected blocks: every piece's gradient uses the final lse and delta.
     if delta is None:
         delta = flash_bwd_delta(out, dout, lse, dlse, plan.own)
-    dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale, dq=dq)
+    dq, dk, dv = flash_bwd(dout, q, k, v, lse, delta, plan.own, True, None, scale, dq=dq, softcap=softcap)
     if ent is None:
         return dq, dk, dv, dout, delta
     meta = _meta(dims, q.dtype)
+    qk_scale, soft = _score_args(scale, softcap, q.dtype)
     # dK/dV by (block, KV head) segment, each cut into chunks of at most `ch` entry tiles (their programs run side
     # by side); the chunks of a longer segment keep float32 partials in slots, at most 2 * tiles / ch of them,
     # and `ch` keeps those under PARTIALS_BYTES
@@ -670,8 +683,8 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
               pk.stride(0), pv.stride(0))
     _sparse_dkdv_kernel[lambda c: (ent.n_seg + cdiv(ent.max_tiles, ch), block_size // c["BLOCK_N"])](
         q, k, v, dout, lse, delta, dk, dv, pk, pv, ent.entry, ent.seg_start, ent.tile_cum, chunk_cum, slot,
-        *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale, KSEL=ksel,
-        GROUP=ent.group, **kv_meta, **COMPILE_OPTIONS)
+        *common, ent.n_seg, ent.n_iter, ch, dims.heads_q, dims.heads_kv, block_size, qk_scale, scale, KSEL=ksel,
+        GROUP=ent.group, **kv_meta, **soft, **COMPILE_OPTIONS)
     bn = min(block_size, 32 if small_tiles() else 16 if q.dtype == torch.float32 else 64)
     _sparse_dkdv_finish_kernel[(ent.n_seg, block_size // bn)](
         dk, dv, pk, pv, slot, chunk_cum, plan.block_row, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -687,20 +700,22 @@ def sparse_backward(q, k, v, out, lse, dout, dlse, plan: BlockPlan, dims: AttnDi
             q, k, v, dout, lse, delta, dq32, ent.entry, ent.seg_start, ent.tile_cum, plan.block_row,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq32.stride(0), dq32.stride(1), dq32.stride(2), lse.stride(0),
-            ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, scale * LOG2E, scale,
-            KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta, **COMPILE_OPTIONS)
+            ent.n_seg, ent.n_iter, dims.heads_q, dims.heads_kv, block_size, qk_scale, scale,
+            KSEL=ksel, GROUP=ent.group, SLOTS=slots, **meta, **soft, **COMPILE_OPTIONS)
         _add_into(dq, dq32.sum(0) if slots else dq32[0])  # (no float32 copy of dq: 16 KB a token at 32 heads of 128)
     return dq, dk, dv, dout, delta
 
 
-def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float):
+def block_sparse_packed(q, k, v, sel, plan: BlockPlan, dims: AttnDims, block_size: int, scale: float,
+                        softcap: float = 0.0):
     """Engine entry on packed, validated inputs (kernel dtypes): q (total_q, Hq, D), k/v (total_k, Hkv, D),
-    sel int32 (total_q, Hq, K) of earlier complete blocks (local indices, -1 = none). Returns (out, lse).
-    Takes the split-KV decode kernel when every sequence has at most one query and no gradient is needed."""
+    sel int32 (total_q, Hq, K) of earlier complete blocks (local indices, -1 = none), ``softcap`` (0: none).
+    Returns (out, lse). Takes the split-KV decode kernel when every sequence has at most one query and no gradient
+    is needed."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if plan.max_q <= 1 and not needs_grad and q.shape[0] > 0:
-        return sparse_decode(q, k, v, sel, plan.cu_q, plan.cu_k, plan.cu_k[1:], block_size, scale)
-    return _BlockSparse.apply(q, k, v, sel, plan, dims, block_size, scale)
+        return sparse_decode(q, k, v, sel, plan.cu_q, plan.cu_k, plan.cu_k[1:], block_size, scale, softcap=softcap)
+    return _BlockSparse.apply(q, k, v, sel, plan, dims, block_size, scale, softcap)
 
 
 def pack_inputs(q, k, v, dims: AttnDims):
@@ -771,7 +786,7 @@ def check_block_indices(block_indices, dims: AttnDims, heads: int, lq: list, lk:
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, *,
                            block_size: int, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                            cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-                           return_lse: bool = False):
+                           softcap: Optional[float] = None, return_lse: bool = False):
     """Attention of each (query, query head) over its own key block (causally) and the listed earlier blocks.
 
     Args:
@@ -782,6 +797,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             query's own block, each listed once; ``-1`` marks an unused slot. The own block is always
             attended and must not be listed.
         block_size: a power of two from 16 to 65536.
+        softcap: soft-capping of the scores (Gemma 2's): a positive ``c`` makes them ``c * tanh(scale * q.k / c)``;
+            None or 0 (default): none.
     Returns:
         ``out`` in q's dtype (and the float32 lse); differentiable in q, k, v (dq bitwise reproducible under
         ``torch.use_deterministic_algorithms(True)``, as :func:`longattn.moba_attention`'s).
@@ -789,10 +806,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     cu_seqlens_q, cu_seqlens_k, _, _ = resolve_seqlens(cu_seqlens, None, cu_seqlens_q, cu_seqlens_k, None, None)
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     scale = check_scale(scale, dims.dim_qk ** -0.5)
+    softcap = check_softcap(softcap)
     qp, kp, vp, lq, lk = pack_inputs(q, k, v, dims)
     sel = check_block_indices(block_indices, dims, dims.heads_q, lq, lk, block_size, own_listed=False, q=q)
     plan = plan_blocks(lq, lk, block_size, dims, q.device)
     qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
-    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)
+    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale, softcap)
     out, lse = unpack_output(out.to(q.dtype), lse, dims)
     return (out, lse) if return_lse else out

@@ -10,8 +10,9 @@ from ..kernels.sparse import (BlockPlan, block_sparse_packed, entries, pack_inpu
                               sparse_decode, unpack_output)
 from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_attention_shapes,
                              check_block_table, check_cache_lengths, check_cache_rows, check_decode_inputs,
-                             check_positive_int, check_scale, device_tensor, eager_context, empty, kernel_inputs,
-                             next_pow2, public_op, resolve_seqlens, small_tiles, validate_cache_rows, validate_pages)
+                             check_positive_int, check_scale, check_softcap, device_tensor, eager_context, empty,
+                             kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, validate_cache_rows,
+                             validate_pages)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -102,7 +103,8 @@ def moba_block_selection(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 
     return out if dims.varlen else out.view(dims.batch, dims.max_seqlen_q, dims.heads_q, topk)
 
 
-def _moba(q, k, v, dims: AttnDims, block_size: int, topk: int, scale: float, shortcut: bool = True):
+def _moba(q, k, v, dims: AttnDims, block_size: int, topk: int, scale: float, softcap: float = 0.0,
+          shortcut: bool = True):
     """moba_attention on validated inputs: ``(out, lse, sel)``, sel the packed selection of earlier blocks
     (total_q, Hq, ksel) int32, or None from the decoding shortcut (``shortcut``: allowed)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -111,14 +113,14 @@ def _moba(q, k, v, dims: AttnDims, block_size: int, topk: int, scale: float, sho
         lens = torch.full((dims.batch,), dims.max_seqlen_k, dtype=torch.int32, device=q.device)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = moba_decode(q[:, 0], k, v, cache_seqlens=lens, block_size=block_size, topk=topk, scale=scale,
-                               return_lse=True, validate=False)
+                               softcap=softcap, return_lse=True, validate=False)
         return out[:, None], lse[:, :, None], None
     plan, ksel, qp, kp, vp = _prepare(q, k, v, block_size, topk, dims)
     qk_, kk_, vk_ = kernel_inputs(qp, kp, vp)
     with torch.no_grad():  # the block selection is not differentiated
         sel = _select(qk_, kk_, plan, dims, block_size, ksel) if ksel > 0 and qp.shape[0] else \
             torch.empty(qp.shape[0], dims.heads_q, 0, dtype=torch.int32, device=q.device)
-    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale)
+    out, lse = block_sparse_packed(qk_, kk_, vk_, sel, plan, dims, block_size, scale, softcap)
     out, lse = unpack_output(out.to(q.dtype), lse, dims)
     return out, lse, sel
 
@@ -127,7 +129,7 @@ def _moba(q, k, v, dims: AttnDims, block_size: int, topk: int, scale: float, sho
 # forward also returns the selection, which its backward takes (the engine's entries are rebuilt from it), padded
 # to a width known from the shapes: the selections of the longest sequence's blocks
 _OP_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
-            "int? max_seqlen_k, int block_size, int topk, float? scale")
+            "int? max_seqlen_k, int block_size, int topk, float? scale, float softcap")
 
 
 def _selection_width(k, block_size: int, topk: int, varlen: bool):
@@ -138,13 +140,13 @@ def _selection_width(k, block_size: int, topk: int, varlen: bool):
 
 @torch.library.custom_op("longattn::moba_attention", mutates_args=(),
                          schema=f"({_OP_ARGS}, bool keep_selection) -> (Tensor, Tensor, Tensor)")
-def _moba_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, scale,
+def _moba_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, scale, softcap,
              keep_selection):
     with eager_context(q):
         dims = _validate(q, k, v, block_size, topk, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k)
         out, lse, sel = _moba(q, k, v, dims, block_size, topk, check_scale(scale, dims.dim_qk ** -0.5),
-                              shortcut=not keep_selection)
+                              check_softcap(softcap), shortcut=not keep_selection)
     width = _selection_width(k, block_size, topk, dims.varlen) if keep_selection else 0
     kept = torch.full((q.shape[:-2].numel(), dims.heads_q, width), -1, dtype=torch.int32, device=q.device)
     if width:
@@ -154,7 +156,7 @@ def _moba_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bl
 
 @_moba_op.register_fake
 def _moba_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, scale,
-                    keep_selection):
+                    softcap, keep_selection):
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     check_attention_shapes(q, k, v, varlen)
     lse = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
@@ -168,7 +170,7 @@ def _moba_op_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
                          schema=f"(Tensor? dout, Tensor? dlse, Tensor out, Tensor lse, Tensor sel, {_OP_ARGS}) -> "
                                 "(Tensor, Tensor, Tensor)")
 def _moba_backward_op(dout, dlse, out, lse, sel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      block_size, topk, scale):
+                      block_size, topk, scale, softcap):
     with eager_context(q):
         dims = _validate(q, k, v, block_size, topk, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k)
@@ -183,7 +185,7 @@ def _moba_backward_op(dout, dlse, out, lse, sel, q, k, v, cu_seqlens_q, cu_seqle
         qk_, kk_, vk_, outp = kernel_inputs(qp, kp, vp, outp)
         ent = entries(sel, plan, hq, dims.heads_kv) if ksel > 0 and qp.shape[0] else None
         grads = sparse_backward(qk_, kk_, vk_, outp, lsep, doutp, dlsep, plan, dims, ent, ksel, block_size,
-                                check_scale(scale, dims.dim_qk ** -0.5))[:3]
+                                check_scale(scale, dims.dim_qk ** -0.5), softcap=check_softcap(softcap))[:3]
     return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
@@ -202,20 +204,21 @@ def _moba_op_backward(ctx, dout, dlse, _):
     out, lse, sel, q, k, v, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.longattn.moba_attention_backward(dout, dlse, out, lse, sel, q, k, v, cu_q, cu_k,
                                                             *ctx.options)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * 9
 
 
 _moba_op.register_autograd(_moba_op_backward, setup_context=_moba_op_save)
 
 
 def _moba_attention_traced(q, k, v, *, block_size=512, topk=3, cu_seqlens=None, max_seqlen=None, cu_seqlens_q=None,
-                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, scale=None, return_lse=False):
+                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, scale=None, softcap=None,
+                           return_lse=False):
     """moba_attention as TorchDynamo traces it (same arguments): the custom op."""
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = resolve_seqlens(
         cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out, lse, _ = torch.ops.longattn.moba_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                    block_size, topk, scale, grad)
+                                                    block_size, topk, scale, check_softcap(softcap), grad)
     return (out, lse) if return_lse else out
 
 
@@ -224,7 +227,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                    cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                   scale: Optional[float] = None, return_lse: bool = False):
+                   scale: Optional[float] = None, softcap: Optional[float] = None, return_lse: bool = False):
     """Mixture of Block Attention (MoBA), differentiable in q, k, v.
 
     Each query attends, in one softmax, causally to its own key block and fully to the ``topk - 1``
@@ -241,6 +244,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         topk: blocks per query including its own (default 3), 1 to 64 (larger values act as "all
             blocks", which is dense causal attention).
         scale: softmax scale, default ``Dqk ** -0.5``.
+        softcap: soft-capping of the attention's scores (Gemma 2's, 50.0): a positive ``c`` makes them
+            ``c * tanh(scale * q.k / c)`` (forward and gradients); the gate scores the pooled keys uncapped (tanh
+            keeps their order). None or 0 (default): none.
         return_lse: also return the float32 log-sum-exp, ``(B, Hq, Tq)`` or ``(Hq, total_q)``.
 
     With at most one query per sequence and no gradient needed, a split-KV kernel over the own block and the
@@ -259,7 +265,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     """
     dims = _validate(q, k, v, block_size, topk, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k)
-    out, lse, _ = _moba(q, k, v, dims, block_size, topk, check_scale(scale, dims.dim_qk ** -0.5))
+    out, lse, _ = _moba(q, k, v, dims, block_size, topk, check_scale(scale, dims.dim_qk ** -0.5),
+                        check_softcap(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -267,8 +274,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
 def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, cache_seqlens: torch.Tensor,
                 cache_offsets: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
                 cache_rows: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
-                block_size: int = 512, topk: int = 3,
-                scale: Optional[float] = None, return_lse: bool = False, validate: bool = True):
+                block_size: int = 512, topk: int = 3, scale: Optional[float] = None,
+                softcap: Optional[float] = None, return_lse: bool = False, validate: bool = True):
     """MoBA for one new token per sequence against a batched KV cache, read in place (inference).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1`` (its own K/V already in the cache) and
@@ -296,7 +303,8 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to k's dtype,
             for every block before the token's own (``N >= (cache_seqlens[b] - 1) // block_size``). Without it
             the blocks are pooled from the cache at every call, which reads every key once.
-        block_size, topk, scale: as in :func:`moba_attention` (block_size 512, topk 3, scale ``Dqk ** -0.5``).
+        block_size, topk, scale, softcap: as in :func:`moba_attention` (block_size 512, topk 3, scale
+            ``Dqk ** -0.5``, softcap None).
         return_lse: also return the float32 log-sum-exp ``(B, Hq)``.
         validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_mean``, and the block-table
             entries the lengths use against the pages (default); that reads them back to the host, a
@@ -320,6 +328,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
                                     evenly_strided=True)
     check_positive_int(topk, "topk")
     scale = check_scale(scale, dk ** -0.5)
+    softcap = check_softcap(softcap)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate, shared_offsets=cache_offsets)
     if paged:
@@ -361,7 +370,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             HAS_ROWS=cache_rows is not None, **COMPILE_OPTIONS)
     out, lse = sparse_decode(qk, kk, vk, sel, _arange_int32(B + 1, q.device), cache_offsets,
                              cache_offsets + cache_seqlens, block_size, scale, rows=cache_rows,
-                             block_table=block_table)
+                             block_table=block_table, softcap=softcap)
     out = out.to(q.dtype)
     return (out, lse.t()) if return_lse else out
 

@@ -74,12 +74,15 @@ moba_mask_ref = block_mask_ref  # the token mask of a MoBA selection (own block 
 def moba_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, topk: int,
                        cu_seqlens: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                        cu_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                       return_lse: bool = False, selection: Optional[torch.Tensor] = None):
+                       return_lse: bool = False, selection: Optional[torch.Tensor] = None,
+                       softcap: Optional[float] = None):
     """MoBA attention with an explicit token mask (float32 inside, output in q's dtype, differentiable).
 
     Dense (B, T, H, D) or varlen (total, H, D) with ``cu_seqlens`` (or ``cu_seqlens_q``/``cu_seqlens_k``).
     ``selection`` (as returned by :func:`moba_block_selection_ref`) overrides the gate, e.g. to use the
-    selection made from lower-precision inputs.
+    selection made from lower-precision inputs. ``softcap`` (Gemma 2's logit soft-capping): the attention's
+    scores are ``softcap * tanh(scale * q.k / softcap)``; the gate is not capped (tanh keeps the scores' order,
+    so the selection is the same but for scores that tanh rounds to a tie).
     """
     if cu_seqlens is not None:
         cu_seqlens_q = cu_seqlens_k = cu_seqlens
@@ -92,7 +95,7 @@ def moba_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
                                            cu_seqlens_k=cu_seqlens_k)
     # the own block is in the selection too; listing it twice changes no mask
     return block_sparse_attention_ref(q, k, v, sel, block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                                      cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+                                      cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, softcap=softcap)
 
 
 __all__ = ["moba_attention_ref", "moba_block_selection_ref", "moba_mask_ref"]

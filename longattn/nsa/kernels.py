@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.flash import _decode_query, _dot_split, _load_split, _store_split
+from ..kernels.flash import (_decode_query, _dot_split, _load_split, _scaled_scores, _softcap_grad, _softcapped,
+                             _store_split)
 from ..kernels.sparse import _bwd_operands
 from ..kernels.utils import autotune, autotune_enabled, small_tiles
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
@@ -60,7 +61,8 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr, TOPK: tl.constexpr,
                        TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, GROUP_PAD: tl.constexpr,
                        C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       HEAD_ROWS: tl.constexpr = False, QPOS=None, HAS_QPOS: tl.constexpr = False):
+                       HEAD_ROWS: tl.constexpr = False, QPOS=None, HAS_QPOS: tl.constexpr = False, cap_scale=0.0,
+                       SOFTCAP: tl.constexpr = 0):
     """Blocks selected by each query row for one KV head (shared by its GQA group).
 
     Score of selection block j (Eq. 9/10): sum over the group's heads h and i < NW of
@@ -85,7 +87,8 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
 
     ``length_class`` (the longest sequence rounded up to a power of two) is not read: it keys the autotuner, the
     best tile depending on how many programs the grid has. ``HAS_QPOS``: sequence b's first query sits at position
-    QPOS[b] (a chunk of queries after a prefix), else at 0.
+    QPOS[b] (a chunk of queries after a prefix), else at 0. ``SOFTCAP``: the compressed scores soft-capped (flash's
+    _softcapped; scale_log2 then holds the cap), as the compressed branch's lse.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -137,7 +140,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
             s = tl.dot(q_ra, kc_a, input_precision=PRECISION)
             if BLOCK_DB > 0:
                 s = tl.dot(q_rb, kc_b, s, input_precision=PRECISION)
-            s = tl.fma(s, scale_log2, -lse_r[:, None])
+            s = tl.fma(_softcapped(s, cap_scale, SOFTCAP), scale_log2, -lse_r[:, None])
             p = tl.sum(tl.reshape(tl.math.exp2(s), [BLOCK_M, GROUP_PAD, BLOCK_C]), 1)  # over each token's heads
         else:
             kc_a, kc_b = _load_split(kc_base, ci.to(tl.int64) * stride_ct, ci < n_cmp, D, BLOCK_DA, BLOCK_DB, True)
@@ -159,10 +162,8 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
                 # warps x 64 rows, i.e. both warpgroups computing all 64 rows, then converts it for the second. The
                 # scale and the lse go in as two fused multiply-adds per score (sm_90: 318 instructions a head step
                 # against 350 with the scale, lse and sum as separate operations)
-                s = tl.fma(tl.dot(q_a, kc_a, input_precision=PRECISION), scale_log2, -lse[:, None])
-                if BLOCK_DB > 0:
-                    s = tl.fma(tl.dot(q_b, kc_b, input_precision=PRECISION), scale_log2, s)
-                p += tl.math.exp2(s)
+                p += tl.math.exp2(_scaled_scores(q_a, q_b, kc_a, kc_b, scale_log2, -lse[:, None], BLOCK_DB, PRECISION,
+                                                 cap_scale, SOFTCAP)[0])
         # the blocks a row cannot see are masked once, on the sum: their terms may be +inf, never NaN (lse > -inf)
         vis = (ci < n_cmp)[None, :] & ((ci * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= pos[:, None])
         p = tl.where(vis, p, 0.0)
@@ -219,7 +220,7 @@ def _select_prune(configs, named_args, **kwargs):
 
 
 _nsa_select_tuned = autotune(select_candidates("tf32"), ["D", "CMP_STRIDE", "CMP_BLOCK", "SLC_BLOCK", "NW", "TOPK_PAD",
-                                                         "PRECISION", "group", "length_class"],
+                                                         "PRECISION", "group", "length_class", "SOFTCAP"],
                              _select_prune)(_nsa_select_kernel)
 
 
@@ -245,10 +246,12 @@ def _gated_prep_kernel(O, DOUT, G, DO, DELTA, DG, n_rows, heads, stride_lh, DV: 
 
 @triton.jit
 def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl.constexpr,
-                 PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False):
+                 PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False, cap_scale=0.0,
+                 SOFTCAP: tl.constexpr = 0):
     """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``vis``
     (broadcast to (G, N)); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing
-    is visible yet. q and k come in two parts along D (flash's _load_split; BLOCK_DB = 0: one).
+    is visible yet. q and k come in two parts along D (flash's _load_split; BLOCK_DB = 0: one). SOFTCAP: the
+    scores soft-capped (flash's _softcapped; scale_log2 then holds the cap).
 
     ``SPLIT_SCORES`` (64 rows on 8 warps): Triton lays a product whose result reaches another product on all
     warps along its rows, so both warpgroups would compute all of the scores; with the two parts' products not
@@ -263,7 +266,7 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
         s = tl.dot(q_a, k_a, input_precision=PRECISION)
         if BLOCK_DB > 0:  # added by a multiply-add: an addition of the two products would chain them
             s = tl.fma(tl.dot(q_b, k_b, input_precision=PRECISION), 1.0, s)
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(vis, _softcapped(s, cap_scale, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(tl.fma(s, scale_log2, -m_safe[:, None]))
@@ -276,8 +279,8 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p16, v, input_precision=PRECISION)
     else:
-        s = _dot_split(q_a, q_b, k_a, k_b, tl.zeros([q_a.shape[0], k_a.shape[1]], tl.float32), BLOCK_DB,
-                       PRECISION) * scale_log2
+        s = _softcapped(_dot_split(q_a, q_b, k_a, k_b, tl.zeros([q_a.shape[0], k_a.shape[1]], tl.float32), BLOCK_DB,
+                                   PRECISION), cap_scale, SOFTCAP) * scale_log2
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -314,22 +317,26 @@ def _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK: tl.constexpr, DV
 def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m, l, acc, scale_log2,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                  BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False,
-                 page_ids=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+                 page_ids=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0, cap_scale=0.0,
+                 SOFTCAP: tl.constexpr = 0):
     """Load the keys/values at rows ``pos`` where ``ok`` (N,) (PAGE > 0: in a paged cache, see _load_kv) and
     take one online-softmax step of the rows q (in two parts along D), each seeing the keys where ``vis``
-    (broadcast to (rows, N))."""
+    (broadcast to (rows, N)); SOFTCAP: soft-capped scores (see _online_step)."""
     k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV,
                            page_ids, last_page, stride_kp, stride_vp, PAGE)
-    return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION, SPLIT_SCORES)
+    return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION, SPLIT_SCORES,
+                        cap_scale=cap_scale, SOFTCAP=SOFTCAP)
 
 
 @triton.jit
 def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+                  PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0,
+                  cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Online softmax of the rows q over the key rows [lo, hi) (compressed blocks or the window; PAGE > 0: in a
-    paged cache whose block-table row is BT, see _load_kv): (m, l, acc), base 2. A tile's pages are read one
-    tile ahead: its key loads then wait on no load of their own iteration (the compiler keeps tiles in flight)."""
+    paged cache whose block-table row is BT, see _load_kv; SOFTCAP: soft-capped scores): (m, l, acc), base 2. A
+    tile's pages are read one tile ahead: its key loads then wait on no load of their own iteration (the compiler
+    keeps tiles in flight)."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -344,7 +351,7 @@ def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, D
             pages = tl.load(BT + (pos + BLOCK_N) // PAGE, mask=pos + BLOCK_N < hi, other=0)
         m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, (pos < hi)[None, :], m,
                                  l, acc, scale_log2, DK, DV, BLOCK_DK, 0, BLOCK_DV, PRECISION, False, here,
-                                 last_page, stride_kp, stride_vp, PAGE)
+                                 last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     return m, l, acc
 
 
@@ -352,10 +359,10 @@ def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, D
 def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, scale_log2, DK: tl.constexpr,
                 BLOCK_DK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, NW: tl.constexpr,
                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                C: tl.constexpr, PRECISION: tl.constexpr):
+                C: tl.constexpr, PRECISION: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Top-TOPK keys (see kernels/topk.py), (1, TOPK_PAD), among the selection blocks [j_lo, j_hi) (all at or
     before the own block): Eq. 9 scores summed over the group's rows, forced blocks first. ``lse2`` is the
-    compressed branch's base-2 lse per row (+inf where it saw no block).
+    compressed branch's base-2 lse per row (+inf where it saw no block); SOFTCAP: its scores soft-capped.
 
     As the prefill's selection kernel: C selection blocks at a time, their C*R compressed keys loaded once (one
     matmul), the probabilities summed over the rows, then Eq. 9's band of weights maps them to the C scores,
@@ -376,7 +383,7 @@ def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, sc
         ok = (ci >= 0) & (ci < n_cmp)
         kc = tl.load(kc_base + ci[None, :].to(tl.int64) * stride_ct + dk[:, None],
                      mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-        s = tl.dot(q, kc, input_precision=PRECISION) * scale_log2
+        s = _softcapped(tl.dot(q, kc, input_precision=PRECISION), cap_scale, SOFTCAP) * scale_log2
         psum = tl.sum(tl.where(ok[None, :] & in_g[:, None], tl.exp2(s - lse2[:, None]), 0.0), 0)
         score = tl.sum(psum[:, None] * w_cur, 0) + carry
         carry = tl.sum(psum[:, None] * w_next, 0)
@@ -391,10 +398,11 @@ def _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, j_lo, j_hi, sc
 def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_log2, DK: tl.constexpr,
                      DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
                      SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                     PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0):
+                     PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0,
+                     cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Online softmax of the rows q (one query position, the heads of a group) over the selected blocks
     ``blk`` (1, TOPK_PAD) (-1 = none), keys at positions <= ``last`` only (PAGE > 0: in a paged cache whose
-    block-table row is BT, see _load_kv): (m, l, acc), base 2."""
+    block-table row is BT, see _load_kv; SOFTCAP: soft-capped scores): (m, l, acc), base 2."""
     tcols = tl.arange(0, TOPK_PAD)
     scols = tl.arange(0, SLC_TILE)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -411,7 +419,8 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
                 page_ids = tl.load(BT + pos // PAGE, mask=pos <= last, other=0)
             m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
                                      (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, 0,
-                                     BLOCK_DV, PRECISION, False, page_ids, last_page, stride_kp, stride_vp, PAGE)
+                                     BLOCK_DV, PRECISION, False, page_ids, last_page, stride_kp, stride_vp, PAGE,
+                                     cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     return m, l, acc
 
 
@@ -421,13 +430,14 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
                    TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                    BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0, sink=0.0,
-                   HAS_SINKS: tl.constexpr = False):
+                   HAS_SINKS: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
     at position n - 1 (PAGE > 0: its keys in a paged cache, see _load_kv); ``blk`` (1, TOPK_PAD) the selected
-    blocks, -1 for none. HAS_SINKS: each branch scaled by what the rows' attention sinks ``sink`` leave of it."""
+    blocks, -1 for none. HAS_SINKS: each branch scaled by what the rows' attention sinks ``sink`` leave of it.
+    SOFTCAP: soft-capped scores."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION, BT,
-                                 last_page, stride_kp, stride_vp, PAGE)
+                                 last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     g3 = stride_g3.to(tl.int64)
     g = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
     if HAS_SINKS:
@@ -435,7 +445,7 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
     out += g[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
                               DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION, BT, last_page, stride_kp, stride_vp,
-                              PAGE)
+                              PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     g = tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)
     if HAS_SINKS:
         g = g * _sink_scale(m, l, sink)
@@ -550,7 +560,8 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                             BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, QB: tl.constexpr,
                             HR: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr,
                             TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
-                            WRITE_O: tl.constexpr, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False):
+                            WRITE_O: tl.constexpr, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False,
+                            cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """The forward of QB (2 or 4) consecutive queries from q0, each with its own HR rows (its heads) and online
     softmax: every block any of them selected is loaded once, and multiplied only by the rows of the queries that
     selected it (the shared tile multiplies every block by all QB x HR rows). Triton's pipeliner does not follow
@@ -601,20 +612,25 @@ def _selected_fwd_per_query(Q, K, V, SEL, O, LSE, CU, q0, pid_h, b, stride_qt, s
                                    BLOCK_DV)
             if QB == 2:  # out of a branch (masked instead), so the loads feed a product the pipeliner follows
                 m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, (kp[None, :] <= pos0[:, None]) & hit0, m0, l0,
-                                            acc0, scale_log2, BLOCK_DB, PRECISION)
+                                            acc0, scale_log2, BLOCK_DB, PRECISION, False,
+                                            cap_scale=cap_scale, SOFTCAP=SOFTCAP)
             elif hit0:
                 m0, l0, acc0 = _online_step(qa0, qb0, k_a, k_b, v, kp[None, :] <= pos0[:, None], m0, l0, acc0,
-                                            scale_log2, BLOCK_DB, PRECISION)
+                                            scale_log2, BLOCK_DB, PRECISION, False,
+                                            cap_scale=cap_scale, SOFTCAP=SOFTCAP)
             if hit1:
                 m1, l1, acc1 = _online_step(qa1, qb1, k_a, k_b, v, kp[None, :] <= pos1[:, None], m1, l1, acc1,
-                                            scale_log2, BLOCK_DB, PRECISION)
+                                            scale_log2, BLOCK_DB, PRECISION, False,
+                                            cap_scale=cap_scale, SOFTCAP=SOFTCAP)
             if QB > 2:
                 if hit2:
                     m2, l2, acc2 = _online_step(qa2, qb2, k_a, k_b, v, kp[None, :] <= pos2[:, None], m2, l2, acc2,
-                                                scale_log2, BLOCK_DB, PRECISION)
+                                                scale_log2, BLOCK_DB, PRECISION, False,
+                                                cap_scale=cap_scale, SOFTCAP=SOFTCAP)
                 if hit3:
                     m3, l3, acc3 = _online_step(qa3, qb3, k_a, k_b, v, kp[None, :] <= pos3[:, None], m3, l3, acc3,
-                                                scale_log2, BLOCK_DB, PRECISION)
+                                                scale_log2, BLOCK_DB, PRECISION, False,
+                                                cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     _store_rows(O, LSE, t0, hd0, ok0, m0, l0, acc0, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
                 GATED, WRITE_O)
     _store_rows(O, LSE, t1, hd1, ok1, m1, l1, acc1, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE,
@@ -647,7 +663,7 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                              PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, PER_QUERY: tl.constexpr = False,
                              HAS_TMA: tl.constexpr = False, USE_TMA: tl.constexpr = False, GATED: tl.constexpr = False,
                              WRITE_O: tl.constexpr = True, CU_K=None, QPOS=None, HAS_QPOS: tl.constexpr = False,
-                             SINKS=None):
+                             SINKS=None, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Selected branch, forward. One program per block of QB consecutive queries and KV head (or slice of its
     group's heads, for groups larger than a tile): its rows are the group's heads of each query (they share the
     selection), and it visits the union of the queries' selected blocks once each, every row taking the keys of
@@ -662,7 +678,7 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
     O_SWA and the gates (see _store_rows; ``n_heads``: the gates' heads per token; GATED == 2: attention sinks
     SINKS), and O only with ``WRITE_O``.
     ``HAS_QPOS``: the queries are a chunk of each sequence's tokens, from position QPOS[b], the keys packed by CU_K
-    (see _query_block)."""
+    (see _query_block). ``SOFTCAP``: soft-capped scores (see _online_step)."""
     tl.static_assert(HAS_TMA or not USE_TMA, "USE_TMA needs K/V's descriptors")
     GATE = (OUT, O_CMP, O_SWA, G_CMP, G_SLC, G_SWA, n_heads, SINKS)
     tl.static_assert(not (USE_TMA and PER_QUERY), "USE_TMA is for the shared tile")
@@ -674,7 +690,7 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                                 stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                                 stride_ot, stride_oh, stride_lh, group, heads_per_prog, scale_log2, GATE, DK, DV,
                                 BLOCK_DA, BLOCK_DB, BLOCK_DV, QB, ROWS // QB, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD,
-                                PRECISION, GATED, WRITE_O, CU_K, QPOS, HAS_QPOS)
+                                PRECISION, GATED, WRITE_O, CU_K, QPOS, HAS_QPOS, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
         return
     q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, qoff = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
@@ -707,11 +723,11 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                 k_a, k_b, v = _tma_kv(KA_DESC, KB_DESC, V_DESC, row0 + j * SLC_BLOCK + s0, k_col, v_col, BLOCK_DA,
                                       BLOCK_DB)
                 m, l, acc = _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION,
-                                         SPLIT_SCORES)
+                                         SPLIT_SCORES, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
             else:
                 m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last, vis, m, l,
                                          acc, scale_log2, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION,
-                                         SPLIT_SCORES)
+                                         SPLIT_SCORES, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     if USE_TMA:
         rows_j = tl.sum((row_sel == last_blk).to(tl.int32), 1) > 0
         if tl.sum(rows_j.to(tl.int32)) > 0:
@@ -719,7 +735,8 @@ def _nsa_selected_fwd_kernel(Q, K, V, SEL, O, LSE, CU, KA_DESC, KB_DESC, V_DESC,
                 kp = last_blk * SLC_BLOCK + s0 + scols
                 m, l, acc = _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, kp, kp <= last,
                                          rows_j[:, None] & (kp[None, :] <= pos[:, None]), m, l, acc, scale_log2,
-                                         DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES)
+                                         DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV, PRECISION, SPLIT_SCORES,
+                                         cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     _store_rows(O, LSE, t, heads, valid, m, l, acc, stride_ot, stride_oh, stride_lh, DV, BLOCK_DV, GATE, GATED,
                 WRITE_O)
 
@@ -733,12 +750,12 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
                             BLOCK_DV: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SLC_BLOCK: tl.constexpr,
                             SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                             PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr, CU_K=None, QPOS=None,
-                            HAS_QPOS: tl.constexpr = False):
+                            HAS_QPOS: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Selected branch, backward, dq from the selected blocks before each query's own one (the own block's part
     is already in DQ, from flash's backward), organised like the forward (a block of queries visits the union
     of its selections once): each (query, head) row is owned by one program and updated once, without
     atomics. LSE / DELTA are the rows' natural-log lse and delta, (Hq, total). ``HAS_QPOS``: the queries are a
-    chunk of each sequence's tokens (see _query_block)."""
+    chunk of each sequence's tokens (see _query_block). ``SOFTCAP``: soft-capped scores (see _online_step)."""
     q0 = tl.program_id(0) * QB
     q_a, q_b, t, heads, pos, valid, row_sel, pairs, k_base, v_base, q_len, qoff = _query_block(
         Q, K, V, SEL, CU, q0, tl.program_id(1), tl.program_id(2), group, heads_per_prog, stride_qt, stride_qh,
@@ -768,17 +785,18 @@ def _nsa_selected_dq_kernel(Q, K, V, DO, LSE, DELTA, SEL, DQ, CU,
             k_a, k_b = _load_split(k_base, kp * stride_kt, kp >= 0, DK, BLOCK_DA, BLOCK_DB, False)
             vt = tl.load(v_base + kp[None, :] * stride_vt + dv[:, None], mask=dv[:, None] < DV, other=0.0)
             if SPLIT_SCORES:  # as in _online_step: the products not chained, dS out of a branch
-                s = tl.fma(tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION), scale_log2, -lse2[:, None])
-                if BLOCK_DB > 0:
-                    s = tl.fma(tl.dot(q_b, tl.trans(k_b), input_precision=PRECISION), scale_log2, s)
+                s, t_cap = _scaled_scores(q_a, q_b, tl.trans(k_a), tl.trans(k_b), scale_log2, -lse2[:, None],
+                                          BLOCK_DB, PRECISION, cap_scale, SOFTCAP)
                 p_ = tl.where(rows_j[:, None], tl.exp2(s), 0.0)
-                ds = _bwd_operands(p_, tl.dot(do, vt, input_precision=PRECISION) - delta[:, None], scale_log2 > 0,
-                                   k_a.dtype)[1]
+                ds = _bwd_operands(p_, _softcap_grad(tl.dot(do, vt, input_precision=PRECISION) - delta[:, None],
+                                                     t_cap, SOFTCAP), scale_log2 > 0, k_a.dtype)[1]
             else:
-                s = _dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b), tl.zeros([ROWS, SLC_TILE], tl.float32),
-                               BLOCK_DB, PRECISION)
-                p_ = tl.where(rows_j[:, None], tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-                ds = (p_ * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])).to(k_a.dtype)
+                t_cap = _softcapped(_dot_split(q_a, q_b, tl.trans(k_a), tl.trans(k_b),
+                                               tl.zeros([ROWS, SLC_TILE], tl.float32), BLOCK_DB, PRECISION),
+                                    cap_scale, SOFTCAP)
+                p_ = tl.where(rows_j[:, None], tl.exp2(t_cap * scale_log2 - lse2[:, None]), 0.0)
+                ds = (p_ * _softcap_grad(tl.dot(do, vt, input_precision=PRECISION) - delta[:, None], t_cap,
+                                         SOFTCAP)).to(k_a.dtype)
             acc_a += tl.dot(ds, k_a, input_precision=PRECISION)
             if BLOCK_DB > 0:
                 acc_b += tl.dot(ds, k_b, input_precision=PRECISION)
@@ -862,7 +880,7 @@ def _tune_selected(kernel, per_query: bool, **options):
         keep = selected_configs(a["heads_per_prog"], a["TOPK_PAD"], a["PRECISION"], per_query, a.get("HAS_TMA", False))
         return keep if autotune_enabled() else keep[:1]
 
-    key = ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION", "group", "heads_per_prog"]
+    key = ["DK", "DV", "SLC_BLOCK", "SLC_TILE", "TOPK_PAD", "PRECISION", "group", "heads_per_prog", "SOFTCAP"]
     if "HAS_TMA" in kernel.arg_names:  # (the forward)
         key.append("HAS_TMA")
     return autotune(selected_configs(16, 16, "tf32", per_query), key, prune, **options)(kernel)
@@ -905,9 +923,11 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
                        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
                        C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
-                       PAGE: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False):
+                       PAGE: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, cap_scale=0.0,
+                       SOFTCAP: tl.constexpr = 0):
     """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
-    path). HAS_SINKS: attention sinks SINKS (Hq,) float32, a logit per head in each branch's softmax.
+    path). HAS_SINKS: attention sinks SINKS (Hq,) float32, a logit per head in each branch's softmax. SOFTCAP:
+    every branch's scores soft-capped (flash's _softcapped; scale_log2 then holds the cap).
 
     The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
     cache row ROWS[b], or b; PAGE > 0: in the pages of that row of the block table BT, see _kv_bases).
@@ -929,7 +949,8 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
     kc_base = KC + cb * stride_cb + hk64 * stride_ch
     n_cmp = tl.where(n >= CMP_BLOCK, (n - CMP_BLOCK) // CMP_STRIDE + 1, 0)
     m, l, acc = _attend_range(q, kc_base, VC + cb * stride_db + hk64 * stride_dh, stride_ct, stride_dt, 0, n_cmp,
-                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION,
+                              cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     has = l > 0
     lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
     g = tl.load(gate_ptr, mask=in_g, other=0.0).to(tl.float32)
@@ -940,7 +961,8 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
     out = g[:, None] * (acc / tl.where(has, l, 1.0)[:, None])
     own = (n - 1) // SLC_BLOCK
     best = _score_topk(q, in_g, lse2, kc_base, stride_ct, W, n_cmp, own, 0, own + 1, scale_log2, DK, BLOCK_DK,
-                       CMP_STRIDE, SLC_BLOCK, NW, TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
+                       CMP_STRIDE, SLC_BLOCK, NW, TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION,
+                       cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     blk = topk_indices(best, TOPK)  # (1, TOPK_PAD), best first, -1 padded
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
@@ -948,7 +970,8 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
                                    stride_vh, stride_btb, PAGE)
     out = _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
                          DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, WINDOW,
-                         PRECISION, bt, last_page, stride_kb, stride_vb, PAGE, sink, HAS_SINKS)
+                         PRECISION, bt, last_page, stride_kb, stride_vb, PAGE, sink, HAS_SINKS,
+                         cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     dv = tl.arange(0, BLOCK_DV)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_g[:, None] & (dv[None, :] < DV))
@@ -961,10 +984,12 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ, ROWS,
                                  group, per_split, scale_log2,
                                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                                 CMP_BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
+                                 CMP_BLOCK: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+                                 cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Split-KV path, step 1: compressed attention of the token over compressed blocks
     [split * per_split, (split + 1) * per_split): partial output OP (S, B, Hq, DV) fp32 and base-2 lse LP (S, Hq,
-    B) (-inf for an empty split), merged by the later steps (the scores' lse, the combined output)."""
+    B) (-inf for an empty split), merged by the later steps (the scores' lse, the combined output). SOFTCAP:
+    soft-capped scores, here and in the next steps."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -977,7 +1002,7 @@ def _nsa_decode_cmp_split_kernel(Q, KC, VC, OP, LP, SEQ, ROWS,
     lo = sp * per_split
     m, l, acc = _attend_range(q, KC + cb * stride_cb + hk64 * stride_ch, VC + cb * stride_db + hk64 * stride_dh,
                               stride_ct, stride_dt, lo, tl.minimum(lo + per_split, n_cmp), scale_log2, DK, DV,
-                              BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION)
+                              BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     has = l > 0
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
     dv = tl.arange(0, BLOCK_DV)
@@ -996,7 +1021,7 @@ def _nsa_decode_score_split_kernel(Q, KC, LP, W, CAND, SEQ, ROWS,
                                    CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                                    NW: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr,
                                    LOCAL: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr,
-                                   HAS_ROWS: tl.constexpr):
+                                   HAS_ROWS: tl.constexpr, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
     """Split-KV path, step 2: the top-n keys among selection blocks [split * per_split, (split + 1) *
     per_split), from the compressed lse merged from step 1's ``n_cmp_split`` partial ones LP (S, Hq, B) (base 2):
     CAND (B, Hkv, S, TOPK_PAD) int64."""
@@ -1022,7 +1047,7 @@ def _nsa_decode_score_split_kernel(Q, KC, LP, W, CAND, SEQ, ROWS,
     best = _score_topk(q, in_g, lse2, KC + _cache_row(ROWS, b, HAS_ROWS) * stride_cb + hk.to(tl.int64) * stride_ch,
                        stride_ct, W, n_cmp, own,
                        lo, tl.minimum(lo + per_split, own + 1), scale_log2, DK, BLOCK_DK, CMP_STRIDE, SLC_BLOCK, NW,
-                       TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION)
+                       TOPK, TOPK_PAD, INIT, LOCAL, C, PRECISION, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     tcols = tl.arange(0, TOPK_PAD)
     tl.store(CAND + b64 * stride_xb + hk.to(tl.int64) * stride_xh + sp.to(tl.int64) * stride_xs + tcols[None, :],
              best)
@@ -1038,7 +1063,8 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CAND_PAD: tl.constexpr,
                              WINDOW: tl.constexpr, WINDOW_PIECE: tl.constexpr, PRECISION: tl.constexpr,
-                             HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0):
+                             HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0, cap_scale=0.0,
+                             SOFTCAP: tl.constexpr = 0):
     """Split-KV path, step 3: one piece of the selected and window branches for the group's heads (PAGE > 0:
     keys in a paged cache, see _kv_bases). Pieces 0 .. TOPK-1 take the final top-n of the splits' candidates
     (piece 0 stores it) and attend to the selected block of their rank (keys up to the token); pieces TOPK ..
@@ -1072,7 +1098,8 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
     k_base, v_base, bt = _kv_bases(K, V, BT, cb, off, hk64, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                    stride_vh, stride_btb, PAGE)
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV,
-                              BLOCK_G, BLOCK_N, PRECISION, bt, last_page, stride_kb, stride_vb, PAGE)
+                              BLOCK_G, BLOCK_N, PRECISION, bt, last_page, stride_kb, stride_vb, PAGE,
+                              cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     has = l > 0
     dv = tl.arange(0, BLOCK_DV)
     p64 = piece.to(tl.int64)

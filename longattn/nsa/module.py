@@ -1,7 +1,8 @@
 """NSA attention module: replaces the self-attention of a Llama/Qwen2-style transformers layer (and the like: Phi-3's
 fused projection, OLMo-2's, Hunyuan's, Gemma 3's and LFM2's q/k norms, SmolLM3's, EXAONE-4's, Nemotron-H's and Jamba's
 layers without RoPE, the gated output of Qwen3-Next's and Qwen3.5's full-attention layers, Falcon-H1's scaled keys,
-gpt-oss's attention sinks, MiMo-V2-Flash's narrower values, Gemma 4's global layers, Gemma 3n's and StableLM's).
+gpt-oss's attention sinks, MiMo-V2-Flash's narrower values, Gemma 4's global layers, Gemma 3n's and StableLM's, Gemma
+2's soft-capped logits).
 
 Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms and sinks too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
@@ -124,9 +125,9 @@ class NativeSparseAttention(nn.Module):
         if getattr(attn, "is_causal", True) is False:
             raise ValueError(f"NativeSparseAttention replaces causal attention; this {type(attn).__name__} is "
                              "bidirectional")
-        if getattr(hf_cfg, "attn_logit_softcapping", None) is not None:
-            raise ValueError("NativeSparseAttention has no attention logit softcapping (config.attn_logit_softcapping "
-                             f"= {hf_cfg.attn_logit_softcapping}); it needs None")
+        # attention logits soft-capped (Gemma 2, VaultGemma: cap * tanh(scores / cap)), in every branch
+        cap = getattr(attn, "attn_logit_softcapping", getattr(hf_cfg, "attn_logit_softcapping", None))
+        self.softcap = float(cap) if cap else None
         self.scaling = attn.scaling
         self.is_causal = True
         # a full-attention layer, as decoder layers and models may ask (OLMo-3 under transformers 4.57 picks the mask
@@ -334,12 +335,13 @@ class NativeSparseAttention(nn.Module):
             if cache is not None:
                 self._store(cache, [kc[b] for b in range(B)], [vc[b] for b in range(B)])
             return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=kc, v_cmp=vc, scale=self.scaling,
-                                 sinks=self.sinks)
+                                 sinks=self.sinks, softcap=self.softcap)
         kc = self._compress_segments(k, self.k_pos, self.k_compress, segments)
         vc = self._compress_segments(v, self.v_pos, self.v_compress, segments)
         lens = [n for _, _, n in segments]
         cu = device_tensor([0] + list(itertools.accumulate(lens)), torch.int32, q.device)
-        opts = dict(config=self.nsa, k_cmp=kc, v_cmp=vc, cu_seqlens=cu, scale=self.scaling, sinks=self.sinks)
+        opts = dict(config=self.nsa, k_cmp=kc, v_cmp=vc, cu_seqlens=cu, scale=self.scaling, sinks=self.sinks,
+                    softcap=self.softcap)
         if len(segments) > B:  # one packed row: its tokens are already the varlen layout
             if cache is not None:
                 mark_packed(cache, self.layer_idx)
@@ -426,7 +428,7 @@ class NativeSparseAttention(nn.Module):
         # check (it would synchronise with the GPU in every layer at every step)
         out = nsa_decode(q, k, v, store["k"], store["v"], *gates.unbind(1), cache_seqlens=seqlens,
                          cache_offsets=offsets, cache_rows=query_rows, config=cfg, scale=self.scaling,
-                         sinks=self.sinks, validate=False)
+                         sinks=self.sinks, softcap=self.softcap, validate=False)
         if not whole:
             out = out.new_zeros(B * T, *out.shape[1:]).index_copy_(0, pick, out)
         return out.view(B, T, *out.shape[1:])
@@ -449,7 +451,7 @@ class NativeSparseAttention(nn.Module):
         with torch.no_grad():
             out = nsa_attention(queries(q), keys(k), keys(v), *queries(gates).unbind(1), config=self.nsa,
                                 k_cmp=blocks(store["k"]), v_cmp=blocks(store["v"]), cu_seqlens_q=cu_q,
-                                cu_seqlens_k=cu_k, scale=self.scaling, sinks=self.sinks)
+                                cu_seqlens_k=cu_k, scale=self.scaling, sinks=self.sinks, softcap=self.softcap)
         if all(n == T for n in new):
             return out.view(B, T, *out.shape[1:])
         full = out.new_zeros(B, T, *out.shape[1:])

@@ -11,13 +11,13 @@ from typing import Optional
 import torch
 import triton
 
-from ..kernels.flash import LOG2E, flash_bwd, flash_fwd, kv_descriptors
+from ..kernels.flash import _score_args, flash_bwd, flash_fwd, kv_descriptors
 from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entries, pack_inputs, plan_blocks,
                               sparse_backward)
 from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_block_table,
                              check_cache_lengths, check_cache_rows, check_decode_inputs, check_device,
-                             check_positive_int, check_same_dtype, check_scale, check_sinks, check_tensor,
-                             device_tensor,
+                             check_positive_int, check_same_dtype, check_scale, check_sinks, check_softcap,
+                             check_tensor, device_tensor,
                              eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
                              small_tiles, split_dim, validate_cache_rows, validate_pages)
 from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
@@ -60,24 +60,26 @@ def _cu(lengths: list, device) -> torch.Tensor:
 
 def nsa_select(q: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cu_q: torch.Tensor, cu_cmp: torch.Tensor,
                max_q: int, heads_kv: int, config: NSAConfig, scale: float,
-               query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+               query_pos: Optional[torch.Tensor] = None, softcap: float = 0.0) -> torch.Tensor:
     """Top-n selection blocks per (query row, KV head) from the compressed attention: int32
     ``(total_q, Hkv, slc_topk)``, best first, -1 padded. q ``(total_q, Hq, D)``, k_cmp ``(total_cmp, Hkv, D)``,
     lse_cmp ``(Hq, total_q)`` (natural log, from the compressed branch); ``query_pos`` (int32 per sequence): the
-    position of each sequence's first query (a chunk after a prefix), default 0."""
+    position of each sequence's first query (a chunk after a prefix), default 0; ``softcap`` (> 0): the compressed
+    branch's scores soft-capped (as its lse)."""
     hq, d = q.shape[1], q.shape[2]
     ratio, inner = config.slc_block // config.cmp_stride, config.cmp_block // config.cmp_stride
     nw = ratio + inner - 1
     da, db = split_dim(d)
     sel = empty(q.shape[0], heads_kv, config.slc_topk, device=q.device, dtype=torch.int32)
+    qk_scale, soft = _score_args(scale, softcap, q.dtype)
     args = (q, k_cmp, lse_cmp, _score_weights(config, q.device), sel, cu_q, cu_cmp, q.stride(0), q.stride(1),
             k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), sel.stride(0), sel.stride(1), hq // heads_kv,
-            scale * LOG2E, next_pow2(max_q))
+            qk_scale, next_pow2(max_q))
     meta = dict(D=d, BLOCK_DA=da, BLOCK_DB=db, CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block,
                 SLC_BLOCK=config.slc_block, NW=nw, TOPK=config.slc_topk, TOPK_PAD=next_pow2(config.slc_topk),
                 INIT=config.init_blocks, LOCAL=config.local_blocks, GROUP_PAD=next_pow2(hq // heads_kv),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QPOS=query_pos,
-                HAS_QPOS=query_pos is not None)
+                HAS_QPOS=query_pos is not None, **soft)
     if small_tiles():  # the interpreter: one small tile, nothing timed; chunks of 4 selection blocks at least
         c = max(4, next_pow2(cdiv(nw - 1, ratio)))  # Eq. 9's taps must not reach past the previous chunk
         _nsa_select_kernel[(cdiv(max_q, 32), heads_kv, cu_q.numel() - 1)](*args, **meta, BLOCK_M=32, C=c,
@@ -169,13 +171,13 @@ class _Selected(torch.autograd.Function):
 
 
 def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale: float, gate=None,
-                      write_o: bool = True, cu_k=None, query_pos=None, sinks=None):
+                      write_o: bool = True, cu_k=None, query_pos=None, sinks=None, softcap: float = 0.0):
     """The selected branch's output (None without ``write_o``) and lse (Hq, total) on packed kernel inputs.
     ``gate``: ``(out, o_cmp, o_swa, g_cmp, g_slc, g_swa)``, NSA's gated sum written into ``out`` by the same
     launch (outputs (total, Hq, Dv) contiguous, gates (total, Hq) contiguous; out may be o_cmp), this branch's
     scaled by ``sinks``' share (float32 (Hq,), see _sink_scale; the others' gates carry theirs). ``query_pos``
     (int32 per sequence): the queries are a chunk of each sequence, from that position, the keys packed by
-    ``cu_k``."""
+    ``cu_k``. ``softcap`` (> 0): soft-capped scores."""
     hq, hkv = dims.heads_q, dims.heads_kv
     group = hq // hkv
     out = empty(q.shape[0], hq, dims.dim_v, device=q.device, dtype=q.dtype) if write_o or gate is None else None
@@ -185,22 +187,24 @@ def _selected_forward(q, k, v, sel, dims, cu, max_q: int, block_size: int, scale
         meta = _selected_meta(dims, block_size, sel.shape[-1], q.dtype)
         descs = kv_descriptors(k, v, meta["SLC_TILE"], meta["BLOCK_DA"], meta["BLOCK_DB"], meta["BLOCK_DV"], 1)
         like = gate[0] if out is None else out  # (the output layout, for the strides)
+        qk_scale, soft = _score_args(scale, softcap, q.dtype)
         _launch_selected(_nsa_selected_fwd_tuned, (
             q, k, v, sel, out, lse, cu, *(descs or (None, None, None)), *(gate or (like,) + (None,) * 5),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), sel.stride(0),
-            sel.stride(1), like.stride(0), like.stride(1), lse.stride(0), group, heads, hq, scale * LOG2E),
+            sel.stride(1), like.stride(0), like.stride(1), lse.stride(0), group, heads, hq, qk_scale),
             dict(meta, HAS_TMA=descs is not None, GATED=0 if gate is None else 1 if sinks is None else 2,
-                 WRITE_O=out is not None, CU_K=cu_k, QPOS=query_pos, HAS_QPOS=query_pos is not None, SINKS=sinks),
+                 WRITE_O=out is not None, CU_K=cu_k, QPOS=query_pos, HAS_QPOS=query_pos is not None, SINKS=sinks,
+                 **soft),
             max_q, hkv * cdiv(group, heads), cu.numel() - 1,
             heads)
     return out, lse
 
 
 def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, dims, max_q: int, block_size: int,
-                       scale: float, delta=None, dq=None, cu_k=None, query_pos=None):
+                       scale: float, delta=None, dq=None, cu_k=None, query_pos=None, softcap: float = 0.0):
     """dq, dk, dv of the selected branch from its forward's inputs, output and lse (``delta``, ``dq``: see
-    :func:`longattn.kernels.sparse.sparse_backward`; dq is then added to in place). ``cu_k``, ``query_pos``: the
-    forward's (see _selected_forward)."""
+    :func:`longattn.kernels.sparse.sparse_backward`; dq is then added to in place). ``cu_k``, ``query_pos``,
+    ``softcap``: the forward's (see _selected_forward)."""
     # the engine's entries: per (query, KV head), the selected blocks other than the own one, each entry
     # standing for the group's query heads
     earlier = torch.where(sel == own[:, None, None], torch.full_like(sel, -1), sel)
@@ -212,15 +216,16 @@ def _selected_backward(dout, q, k, v, out, lse, sel, own, cu, plan: BlockPlan, d
     ent = entries(earlier, plan, dims.heads_q, dims.heads_kv, per_entry) if earlier.numel() else None
     dq, dk, dv, dout, delta = sparse_backward(q, k, v, out, lse, dout, None, plan, dims, ent,
                                               earlier.shape[-1], block_size, scale, dq_by_entries=False,
-                                              delta=delta, dq=dq)
+                                              delta=delta, dq=dq, softcap=softcap)
     if ent is not None:  # dq of the earlier blocks, by query blocks, added to the own blocks' part
         heads = _selected_heads(group, q.dtype)
+        qk_scale, soft = _score_args(scale, softcap, q.dtype)
         _launch_selected(_nsa_selected_dq_tuned, (
             q, k, v, dout, lse, delta, sel, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), sel.stride(0), sel.stride(1), dq.stride(0),
-            dq.stride(1), lse.stride(0), group, heads, scale * LOG2E, scale),
+            dq.stride(1), lse.stride(0), group, heads, qk_scale, scale),
             dict(_selected_meta(dims, block_size, sel.shape[-1], q.dtype), CU_K=cu_k, QPOS=query_pos,
-                 HAS_QPOS=query_pos is not None), max_q,
+                 HAS_QPOS=query_pos is not None, **soft), max_q,
             dims.heads_kv * cdiv(group, heads), cu.numel() - 1, heads)
     return dq, dk, dv
 
@@ -305,6 +310,7 @@ class _Branches:
     cu: torch.Tensor  # int32 offsets of the sequences' tokens, and of their compressed blocks
     cu_cmp: torch.Tensor
     scale: float
+    softcap: float = 0.0  # (0: none)
     dims: Optional[AttnDims] = None  # the tokens' q, k, v (varlen)
     cmp_dims: Optional[AttnDims] = None  # the tokens' queries over the compressed keys
     # queries that are the last tokens of their sequences (a chunk after a prefix): the queries per sequence, their
@@ -335,9 +341,10 @@ def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool, sinks=No
     cu_q = dims.cu_seqlens_q
     # compressed branch (also yields the lse the selection needs)
     o_cmp, lse_cmp = flash_fwd(q, kc, vc, b.cmp_dims, True, None, scale,
-                               key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), query_pos=b.query_pos)
-    sel = nsa_select(q, kc, lse_cmp, cu_q, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale, b.query_pos)
-    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale)  # sliding window
+                               key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), query_pos=b.query_pos, softcap=b.softcap)
+    sel = nsa_select(q, kc, lse_cmp, cu_q, b.cu_cmp, dims.max_seqlen_q, dims.heads_kv, cfg, scale, b.query_pos,
+                     b.softcap)
+    o_swa, lse_swa = flash_fwd(q, k, v, dims, True, cfg.window, scale, softcap=b.softcap)  # sliding window
     if sinks is not None:  # the compressed and window branches' shares of their softmax with the sinks: in their gates
         sinks = sinks.float().contiguous()
         gates = (gates[0] * _sink_scale(lse_cmp, sinks), gates[1], gates[2] * _sink_scale(lse_swa, sinks))
@@ -348,7 +355,7 @@ def _branches_forward(q, k, v, kc, vc, gates, b: _Branches, keep: bool, sinks=No
     out = empty(o_cmp.shape, device=q.device, dtype=q.dtype) if keep else o_cmp
     o_slc, lse_slc = _selected_forward(q, k, v, sel, dims, cu_q, dims.max_seqlen_q, cfg.slc_block, scale,
                                        gate=(out, o_cmp, o_swa, *gates), write_o=keep, cu_k=b.cu,
-                                       query_pos=b.query_pos, sinks=sinks)
+                                       query_pos=b.query_pos, sinks=sinks, softcap=b.softcap)
     if not keep:
         return out, sel, None
     return out, sel, ((o_cmp, lse_cmp), (o_slc, lse_slc))
@@ -383,23 +390,23 @@ def _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, b: _Branches
         do, delta, dg = prep(o, lse, g)
         return run(do, o, lse, delta), dg
 
-    o_swa, lse = flash_fwd(q, k, v, dims, True, cfg.window, scale)
+    o_swa, lse = flash_fwd(q, k, v, dims, True, cfg.window, scale, softcap=b.softcap)
     do, delta, dg_swa = prep(o_swa, lse, gates[2])
     del o_swa  # (before the backward's dq: the window's output is not needed again)
-    dq, dk_swa, dv_swa = flash_bwd(do, q, k, v, lse, delta, dims, True, cfg.window, scale)
+    dq, dk_swa, dv_swa = flash_bwd(do, q, k, v, lse, delta, dims, True, cfg.window, scale, softcap=b.softcap)
     del do, delta, lse
 
     def cmp(do, o, lse, delta):
         if kc.shape[0] == 0:  # no sequence reaches a compressed block: nothing attended, no gradient
             return dq, torch.zeros_like(kc), torch.zeros_like(vc)
         return flash_bwd(do, q, kc, vc, lse, delta, b.cmp_dims, True, None, scale,
-                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), dq=dq, query_pos=b.query_pos)
+                         key_pos=(cfg.cmp_stride, cfg.cmp_block - 1), dq=dq, query_pos=b.query_pos, softcap=b.softcap)
 
     (_, dkc, dvc), dg_cmp = branch(*branches[0], gates[0], cmp)
     own, plan = _selected_plan(dims.seqlens_q, b.lengths, dims, cfg.slc_block, q.device)
     (_, dk, dv), dg_slc = branch(*branches[1], gates[1], lambda do, o, lse, delta: _selected_backward(
         do, q, k, v, o, lse, sel, own, dims.cu_seqlens_q, plan, dims, dims.max_seqlen_q, cfg.slc_block, scale,
-        delta=delta, dq=dq, cu_k=b.cu, query_pos=b.query_pos))
+        delta=delta, dq=dq, cu_k=b.cu, query_pos=b.query_pos, softcap=b.softcap))
     return dq, dk + dk_swa, dv + dv_swa, dkc, dvc, dg_cmp, dg_slc, dg_swa, dsinks
 
 
@@ -428,25 +435,25 @@ class _NSAttention(torch.autograd.Function):
 # torch.compile: in the dense layout TorchDynamo traces nsa_attention down to this custom op (its backward the next):
 # the same code as eager mode when the graph runs; the branch outputs and lse are outputs of the op, for its backward
 _BRANCHES_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor kc, Tensor vc, Tensor g_cmp, Tensor g_slc, Tensor g_swa, "
-                  "Tensor? sinks, Tensor cu, Tensor cu_cmp, int[] lengths, int[] config, float scale")
+                  "Tensor? sinks, Tensor cu, Tensor cu_cmp, int[] lengths, int[] config, float scale, float softcap")
 
 
-def _op_branches(cu, cu_cmp, lengths, config, scale) -> _Branches:
-    return _Branches(NSAConfig(**dict(zip(_CONFIG_FIELDS, config))), list(lengths), cu, cu_cmp, scale)
+def _op_branches(cu, cu_cmp, lengths, config, scale, softcap) -> _Branches:
+    return _Branches(NSAConfig(**dict(zip(_CONFIG_FIELDS, config))), list(lengths), cu, cu_cmp, scale, softcap)
 
 
 @torch.library.custom_op("longattn::nsa_branches", mutates_args=(),
                          schema=f"({_BRANCHES_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _branches_op(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, lengths, config, scale):
+def _branches_op(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, lengths, config, scale, softcap):
     with eager_context(q):
         ins = kernel_inputs(q, k, v, kc, vc)
-        b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
+        b = _op_branches(cu, cu_cmp, lengths, config, scale, softcap).shape(*ins[:3])
         out, sel, branches = _branches_forward(*ins, (g_cmp, g_slc, g_swa), b, keep=True, sinks=sinks)
     return (out.to(q.dtype), sel, *(t.to(q.dtype) if t.dim() == 3 else t for pair in branches for t in pair))
 
 
 @_branches_op.register_fake
-def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, lengths, config, scale):
+def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, lengths, config, scale, softcap):
     o = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     sel = q.new_empty(q.shape[0], k.shape[1], config[_CONFIG_FIELDS.index("slc_topk")], dtype=torch.int32)
@@ -458,11 +465,11 @@ def _branches_shapes(q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu, cu_cmp, le
                                 f"Tensor lse_slc, {_BRANCHES_ARGS}) -> "
                                 "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _branches_backward_op(dout, sel, o_cmp, lse_cmp, o_slc, lse_slc, q, k, v, kc, vc, g_cmp, g_slc, g_swa, sinks, cu,
-                          cu_cmp, lengths, config, scale):
+                          cu_cmp, lengths, config, scale, softcap):
     """The gradients of the branches' inputs, the sinks' last (empty without sinks)."""
     with eager_context(q):
         ins = kernel_inputs(q, k, v, kc, vc)
-        b = _op_branches(cu, cu_cmp, lengths, config, scale).shape(*ins[:3])
+        b = _op_branches(cu, cu_cmp, lengths, config, scale, softcap).shape(*ins[:3])
         o_cmp, o_slc, dout = kernel_inputs(o_cmp, o_slc, dout)
         *grads, dsinks = _branches_backward(dout, *ins, (g_cmp, g_slc, g_swa), sel,
                                             ((o_cmp, lse_cmp), (o_slc, lse_slc)), b, sinks)
@@ -487,7 +494,7 @@ def _branches_op_save(ctx, inputs, output):
 def _branches_op_backward(ctx, dout, *unused):
     saved = ctx.saved_tensors
     *grads, dsinks = torch.ops.longattn.nsa_branches_backward(dout, *saved, *ctx.options)
-    return (*grads, dsinks if ctx.has_sinks else None) + (None,) * 5
+    return (*grads, dsinks if ctx.has_sinks else None) + (None,) * 6
 
 
 _branches_op.register_autograd(_branches_op_backward, setup_context=_branches_op_save)
@@ -544,7 +551,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
                   v_cmp: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                   cu_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                  sinks: Optional[torch.Tensor] = None, return_selection: bool = False):
+                  sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                  return_selection: bool = False):
     """Native Sparse Attention (prefill / training), differentiable in q, k, v, the gates, k_cmp/v_cmp and sinks.
 
     ``o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` with the semantics of
@@ -568,6 +576,9 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
         sinks: attention sinks (gpt-oss's), ``(Hq,)`` float logits, one per query head, in the softmax of each
             branch as a key without a value: a branch's output scaled by ``sigmoid(lse - sink)`` (lse of its
             scaled scores). The selection reads the compressed probabilities without them. Default: none.
+        softcap: soft-capping of every branch's scores (Gemma 2's, 50.0): a positive ``c`` makes them
+            ``c * tanh(scale * q.k / c)``, the compressed probabilities that score the selection included. None or 0
+            (default): none.
         return_selection: also return the selected blocks, int32 ``(B, T, Hkv, slc_topk)`` / ``(total, Hkv,
             slc_topk)``, best first, -1 padded.
     Returns:
@@ -597,6 +608,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     dims = check_attention_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     scale = check_scale(scale, dims.dim_qk ** -0.5)
+    softcap = check_softcap(softcap)
     gshape = q.shape[:-1]
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         check_tensor(g, name, dtypes=(torch.float16, torch.bfloat16, torch.float32))
@@ -637,10 +649,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torc
     ins = [qp, kp, vp, kc if kc.stride(-1) == 1 else kc.contiguous(), vc if vc.stride(-1) == 1 else vc.contiguous()]
     if torch.compiler.is_compiling():
         values = [getattr(config, name) for name in _CONFIG_FIELDS]
-        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, sinks, cu, cu_cmp, lq, values, scale)[:2]
+        out, sel = torch.ops.longattn.nsa_branches(*ins, *gates, sinks, cu, cu_cmp, lq, values, scale, softcap)[:2]
     else:
         ins = kernel_inputs(*ins)
-        branches = _Branches(config, lk, cu, cu_cmp, scale)
+        branches = _Branches(config, lk, cu, cu_cmp, scale, softcap)
         if chunk:
             branches.lengths_q, branches.cu_q = lq, _cu(lq, q.device)
             branches.query_pos = device_tensor([b - a for a, b in zip(lq, lk)], torch.int32, q.device)
@@ -694,7 +706,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
                block_table: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
                config: NSAConfig = NSAConfig(), scale: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
-               num_splits: Optional[int] = None, return_selection: bool = False, validate: bool = True):
+               softcap: Optional[float] = None, num_splits: Optional[int] = None, return_selection: bool = False,
+               validate: bool = True):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
@@ -725,7 +738,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             its own query row with its own ``cache_seqlens`` (the token at position ``cache_seqlens[b] - 1``);
             the caches (k_cache, v_cache, k_cmp, v_cmp; paged: block_table, k_cmp, v_cmp) have
             ``max(cache_rows) + 1`` rows or more.
-        config, scale, sinks: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``; sinks ``(Hq,)``).
+        config, scale, sinks, softcap: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``; sinks
+            ``(Hq,)``; softcap None).
         num_splits: programs per (sequence, KV head) over the compressed blocks, at most 64; default: 1 when
             the batch fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
@@ -764,6 +778,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     check_sinks(sinks, hq)
     check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa, "sinks": sinks})
     scale = check_scale(scale, dk ** -0.5)
+    qk_scale, soft = _score_args(scale, check_softcap(softcap), q.dtype)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows
     if paged:
@@ -818,8 +833,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         _nsa_decode_kernel[(B, hkv)](
             qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], sinks,
             *common, *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
-            sel.stride(0), sel.stride(1), paging[1], group, scale * LOG2E, paging[2], **dims, **blocks, **selection,
-            **attend, PAGE=paging[3], HAS_SINKS=has_sinks, **launch, **COMPILE_OPTIONS)
+            sel.stride(0), sel.stride(1), paging[1], group, qk_scale, paging[2], **dims, **blocks, **selection,
+            **attend, PAGE=paging[3], HAS_SINKS=has_sinks, **soft, **launch, **COMPILE_OPTIONS)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, per-split top-n (each program merging the splits' lse), then
@@ -830,17 +845,16 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     lses = empty(s1, hq, B, device=q.device, dtype=torch.float32)
     _nsa_decode_cmp_split_kernel[(B, hkv, s1)](
         qk, kck, vck, parts, lses, cache_seqlens, rows_arg, *common, *cmp_strides, parts.stride(0), parts.stride(1),
-        parts.stride(2), lses.stride(0), lses.stride(1), group, per, scale * LOG2E, **dims, BLOCK_N=block_n,
-        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, **launch, **COMPILE_OPTIONS)
+        parts.stride(2), lses.stride(0), lses.stride(1), group, per, qk_scale, **dims, BLOCK_N=block_n,
+        CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, **soft, **launch, **COMPILE_OPTIONS)
     per2 = max(1, cdiv(cdiv(n_slc, num_splits), c)) * c
     s2 = max(1, cdiv(n_slc, per2))
     top_pad = next_pow2(config.slc_topk)
     cand = empty(B, hkv, s2, top_pad, device=q.device, dtype=torch.int64)
     _nsa_decode_score_split_kernel[(B, hkv, s2)](
         qk, kck, lses, weights, cand, cache_seqlens, rows_arg, *common, kck.stride(0), kck.stride(1), kck.stride(2),
-        lses.stride(0), lses.stride(1), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, s1,
-        scale * LOG2E,
-        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection, **launch,
+        lses.stride(0), lses.stride(1), cand.stride(0), cand.stride(1), cand.stride(2), group, per2, s1, qk_scale,
+        **{k: v for k, v in dims.items() if k not in ("DV", "BLOCK_DV")}, **blocks, **selection, **soft, **launch,
         **COMPILE_OPTIONS)
     # the selected blocks and the window in pieces (one block, or WINDOW_PIECE keys, each), merged with the
     # compressed output and gated in a last small kernel: one program per (sequence, KV head) would run them all
@@ -851,10 +865,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     _nsa_decode_piece_kernel[(B, hkv, n_pieces)](
         qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], *common,
         *cache_strides, cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
-        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, scale * LOG2E,
+        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, qk_scale,
         paging[2], **dims, BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
-        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **launch,
-        **COMPILE_OPTIONS)
+        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **soft,
+        **launch, **COMPILE_OPTIONS)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
         parts, lses, piece_out, piece_lse, gates, out, sinks, parts.stride(0), parts.stride(1), parts.stride(2),

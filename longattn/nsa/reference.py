@@ -97,20 +97,24 @@ def compress_mean_ref(k: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     return torch.stack(blocks).to(k.dtype)
 
 
-def compressed_attention_ref(q, k_cmp, v_cmp, config: NSAConfig, scale: float, k_len: Optional[int] = None):
+def compressed_attention_ref(q, k_cmp, v_cmp, config: NSAConfig, scale: float, k_len: Optional[int] = None,
+                             softcap: Optional[float] = None):
     """One sequence: q (Tq, Hq, D) over compressed keys (n_cmp, Hkv, D) -> o_cmp (Tq, Hq, Dv) float32,
     probabilities p_cmp (Hq, Tq, n_cmp) float32 and lse (Hq, Tq). ``k_len`` is the token length of the
-    sequence (default Tq); query i sits at position ``k_len - Tq + i``."""
+    sequence (default Tq); query i sits at position ``k_len - Tq + i``. ``softcap``: the scores soft-capped,
+    ``softcap * tanh(scale * q.k / softcap)``, in the probabilities too."""
     tq = q.shape[0]
     k_len = tq if k_len is None else k_len
     n = k_cmp.shape[0]
     pos = torch.arange(tq, device=q.device) + (k_len - tq)
     j = torch.arange(n, device=q.device)
     mask = (j[None, :] * config.cmp_stride + config.cmp_block - 1) <= pos[:, None]  # (Tq, n)
-    o, lse = masked_attention_ref(q, k_cmp, v_cmp, mask, scale)
+    o, lse = masked_attention_ref(q, k_cmp, v_cmp, mask, scale, softcap)
     hq, hkv = q.shape[1], k_cmp.shape[1]
     kf = k_cmp.float().repeat_interleave(hq // hkv, dim=1)
     s = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - safe[..., None]).masked_fill(~mask[None], 0.0)
     return o, p, lse
@@ -153,33 +157,34 @@ def select_blocks_ref(scores: torch.Tensor, config: NSAConfig, k_len: int) -> to
     return sel
 
 
-def _one_sequence(q, k, v, k_cmp, v_cmp, config: NSAConfig, scale: float):
+def _one_sequence(q, k, v, k_cmp, v_cmp, config: NSAConfig, scale: float, softcap: Optional[float] = None):
     """Branch outputs of one sequence (float32): ``(o, lse)`` of each of the compressed, selected and window
     branches (o (Tq, Hq, Dv), lse (Hq, Tq)) and the selection."""
     tq, hq = q.shape[:2]
     tk, hkv = k.shape[:2]
     if k_cmp is None:
         k_cmp, v_cmp = compress_mean_ref(k, config), compress_mean_ref(v, config)
-    o_cmp, p_cmp, lse_cmp = compressed_attention_ref(q, k_cmp, v_cmp, config, scale, k_len=tk)
+    o_cmp, p_cmp, lse_cmp = compressed_attention_ref(q, k_cmp, v_cmp, config, scale, k_len=tk, softcap=softcap)
     sel = select_blocks_ref(selection_scores_ref(p_cmp.detach(), config, hkv, tk), config, tk)
     sel_q = sel.repeat_interleave(hq // hkv, dim=1)  # (Tq, Hq, n): a group shares its blocks
-    slc = masked_attention_ref(q, k, v, block_mask_ref(sel_q, tq, tk, config.slc_block), scale)
+    slc = masked_attention_ref(q, k, v, block_mask_ref(sel_q, tq, tk, config.slc_block), scale, softcap)
     o_swa, lse_swa = attention_ref(q[None], k[None], v[None], causal=True, window=config.window, scale=scale,
-                                   return_lse=True)
+                                   return_lse=True, softcap=softcap)
     return ((o_cmp, lse_cmp), slc, (o_swa[0].float(), lse_swa[0])), sel
 
 
 def nsa_attention_ref(q, k, v, g_cmp, g_slc, g_swa, *, config: NSAConfig = NSAConfig(), k_cmp=None, v_cmp=None,
                       cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, scale: Optional[float] = None,
-                      sinks=None, return_selection: bool = False):
+                      sinks=None, softcap: Optional[float] = None, return_selection: bool = False):
     """Native Sparse Attention, readable and slow (float32 inside, output in q's dtype, differentiable in
     q, k, v, the gates and k_cmp/v_cmp).
 
     Dense: q (B, Tq, Hq, Dk), k (B, Tk, Hkv, Dk), v (B, Tk, Hkv, Dv), gates (B, Tq, Hq), optional compressed
     keys/values (B, n_cmp, Hkv, D*). Varlen: (total, H, D) with cu_seqlens (gates (total, Hq), compressed
     (total_cmp, Hkv, D*) packed per sequence in order). ``sinks``: (Hq,) attention sinks, one logit per query
-    head in every branch's softmax (differentiable too). ``return_selection`` also returns the selected blocks
-    ((B, Tq, Hkv, n) or (total_q, Hkv, n)).
+    head in every branch's softmax (differentiable too). ``softcap`` (Gemma 2's logit soft-capping): every
+    branch's scores ``softcap * tanh(scale * q.k / softcap)``, the compressed probabilities that score the
+    selection too. ``return_selection`` also returns the selected blocks ((B, Tq, Hkv, n) or (total_q, Hkv, n)).
     """
     if cu_seqlens is not None:
         cu_seqlens_q = cu_seqlens_k = cu_seqlens
@@ -196,7 +201,7 @@ def nsa_attention_ref(q, k, v, g_cmp, g_slc, g_swa, *, config: NSAConfig = NSACo
             sc = b
         kc = None if k_cmp is None else k_cmp[sc]
         vc = None if v_cmp is None else v_cmp[sc]
-        branches, sel = _one_sequence(q[sq], ks, v[sk], kc, vc, config, scale)
+        branches, sel = _one_sequence(q[sq], ks, v[sk], kc, vc, config, scale, softcap)
         out = 0
         for (o, lse), g in zip(branches, (g_cmp, g_slc, g_swa)):
             if sinks is not None:  # (a query that sees no key: lse -inf, its branch 0 whatever the sink)

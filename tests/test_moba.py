@@ -215,6 +215,22 @@ def test_moba_gpu_large(T, bs, topk, dtype):
 
 
 @pytest.mark.gpu
+def test_moba_gpu_softcap(dtype):
+    """Soft-capped scores with the GPU's tiles (bfloat16: the GPU's tanh.approx): forward, lse and gradients, and
+    one token a row (the split-KV decoding kernel), against the reference."""
+    q = torch.randn(2, 2048, 8, 128, device="cuda", dtype=dtype) * 2
+    k = torch.randn(2, 2048, 2, 128, device="cuda", dtype=dtype)
+    v = torch.randn(2, 2048, 2, 128, device="cuda", dtype=dtype)
+    _check(q, k, v, dtype, block_size=64, topk=4, softcap=3.0)
+    with torch.no_grad():
+        out = moba_attention(q[:, -1:], k, v, block_size=64, topk=4, softcap=3.0)
+    sel = moba_block_selection(q[:, -1:], k, block_size=64, topk=4)  # (the kernel's: a near tie goes its way)
+    ref = moba_attention_ref(q[:, -1:].float(), k.float(), v.float(), block_size=64, topk=4, softcap=3.0,
+                             selection=sel)
+    assert_close(out, ref, dtype, "one token")
+
+
+@pytest.mark.gpu
 def test_moba_gpu_chunked_dkdv(monkeypatch, dtype):
     """dK/dV with every (block, KV head) segment cut into chunks of 2 entry tiles: on a GPU only blocks that
     thousands of (query, head) pairs select are, which the other tests' sizes do not reach."""

@@ -739,6 +739,27 @@ def test_nsa_gpu_sinks(dtype):
 
 
 @pytest.mark.gpu
+def test_nsa_gpu_softcap(dtype):
+    """Soft-capped scores with the GPU's tiles (bfloat16: the GPU's tanh.approx), paper configuration, a group of
+    16, d_qk 192 / d_v 128: nsa_attention's output, selection and every gradient, and nsa_decode fused and split,
+    against the reference."""
+    cfg, T, cap = NSAConfig(window=128), 1024, 1.5
+    q, k = (torch.randn(1, T, h, 192, device="cuda", dtype=dtype) for h in (16, 1))
+    v = torch.randn(1, T, 1, 128, device="cuda", dtype=dtype)
+    gates = [torch.rand(1, T, 16, device="cuda") for _ in range(3)]
+    _check(q, k, v, gates, dtype, config=cfg, softcap=cap)
+    lens, offsets = [4096, 1500, 33], [0, 2596, 4000]
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, 4096, 16, 1, 192, 128, dtype, "cuda", cfg)
+    for splits in (1, None):
+        out = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                         cache_offsets=torch.tensor(offsets, dtype=torch.int32, device="cuda"), config=cfg,
+                         softcap=cap, num_splits=splits)
+        for b, (n, o) in enumerate(zip(lens, offsets)):
+            ref = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg, softcap=cap)[0]
+            assert_close(out[b], ref[0, 0], dtype, f"splits {splits}, sequence {b}", factor=2)
+
+
+@pytest.mark.gpu
 def test_nsa_gpu_chunked_dkdv(monkeypatch, dtype):
     """The selected branch's dK/dV with every (block, KV head) segment cut into chunks of 2 entry tiles: on a
     GPU only blocks that thousands of queries select are (NSA's first block at 64k), beyond these sizes."""

@@ -41,24 +41,23 @@ class Rollout:
     decode_seconds: float = 0.0
     device: Optional[torch.device] = None  # the model's
     # what training_batch checks its prompts against, and the layout it picks: the prompts' lengths, the samples
-    # per prompt, whether the model's cache is every token's keys and values (not hybrids', whose linear-attention
-    # or Mamba state would run on across a packed row, nor a sliding-window model's)
+    # per prompt, whether sequences packed into one row train as they would alone (see _trains_packed)
     prompt_lengths: list = field(default_factory=list)
     num_samples: int = 1
     packable: bool = True
 
     def training_batch(self, prompts: Sequence, device=None, padded: Optional[bool] = None) -> dict:
         """The prompts and their completions as the input of a training forward of the model that generated them
-        (transformers' causal LM loss then covers the completions only). Packed (default where the model's layers
-        allow it): one row, ``input_ids`` and ``position_ids`` (restarting at 0 with each sequence) ``(1, N)``, each
-        sequence attended on its own in every longattn kind, forward and backward. Padded (``padded=True``, and
-        where the model prefilled a padded batch for its cache's sake: hybrids, whose linear-attention or Mamba
-        state would run on from one sequence into the next of a row, and models with sliding-window layers): a row
-        per completion, right-padded, ``input_ids``, ``position_ids`` and ``attention_mask`` ``(B, L)``.
-        ``labels`` are the completion tokens and -100 elsewhere (prompts, padding; each sequence starts with a
-        prompt token, so no loss crosses sequences); ``completion_spans``: (row, start, end) of each completion.
-        ``prompts``: those given to :func:`generate` (completion i belongs to prompt ``i // num_samples``); on
-        ``device``, default the model's.
+        (transformers' causal LM loss then covers the completions only). Packed (default where the model's layers allow
+        it): one row, ``input_ids`` and ``position_ids`` (restarting at 0 with each sequence) ``(1, N)``, each sequence
+        attended on its own in every longattn kind (sliding-window layers too) and transformers' flash attention,
+        forward and backward. Padded (``padded=True``, and where a packed row's sequences would reach each other: under
+        transformers' SDPA or eager attention, which attend across the row, and in hybrids, whose linear-attention or
+        Mamba state would run on from one sequence into the next): a row per completion, right-padded, ``input_ids``,
+        ``position_ids`` and ``attention_mask`` ``(B, L)``. ``labels`` are the completion tokens and -100 elsewhere
+        (prompts, padding; each sequence starts with a prompt token, so no loss crosses sequences);
+        ``completion_spans``: (row, start, end) of each completion. ``prompts``: those given to :func:`generate`
+        (completion i belongs to prompt ``i // num_samples``); on ``device``, default the model's.
 
         ``logits = model(**{k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in
         batch}).logits``: the log-prob of completion i's token at position t of its row r is
@@ -71,9 +70,9 @@ class Rollout:
             raise ValueError(f"prompts must be those given to generate (of {self.prompt_lengths} tokens), got "
                              f"prompts of {lens} tokens")
         if padded is False and not self.packable:
-            raise ValueError("padded=False: this model's cache holds other state than every token's keys and values "
-                             "(linear-attention or Mamba layers would run theirs on from one sequence into the next "
-                             "of a packed row); take padded rows")
+            raise ValueError("padded=False: a packed row's sequences would reach each other in this model (its "
+                             "attention is transformers' SDPA or eager one, which attends across the row, or some of "
+                             "its layers carry a recurrent state from one sequence into the next); take padded rows")
         seqs = [(prompts[i // self.num_samples], torch.tensor(comp, dtype=torch.long, device=device))
                 for i, comp in enumerate(self.completions)]
         labels = [torch.cat([torch.full_like(p, -100), c]) for p, c in seqs]
@@ -145,6 +144,25 @@ def _keys_values_cache(model) -> bool:
     layers = getattr(DynamicCache(config=model.config), "layers", ())
     return all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) and
                not hasattr(layer, "update_recurrent_state") for layer in layers)
+
+
+def _trains_packed(model) -> bool:
+    """Whether sequences packed into one row (position_ids restarting at 0 with each) run in a forward of the model as
+    they would alone: where its attention takes the row apart by its position_ids (longattn's attention functions
+    and NSA / MLA modules, transformers' flash attention; not its SDPA or eager attention, which attend across the
+    row, sliding-window layers too) and none of its layers carries a recurrent state from token to token (the
+    linear-attention or Mamba layers of hybrids: Qwen3-Next, Nemotron-H, Falcon-H1; MiniMax-M1's lightning
+    attention, which takes a cache class of its own)."""
+    from transformers import DynamicCache
+
+    impl = getattr(model.config, "_attn_implementation", None)
+    if not (impl in PACKED_IMPLEMENTATIONS or _own_modules(model) or
+            isinstance(impl, str) and ("flash_attention" in impl or "flash-attn" in impl)):
+        return False
+    if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
+        return False
+    return not any(hasattr(layer, "update_recurrent_state") for layer in getattr(DynamicCache(config=model.config),
+                                                                                  "layers", ()))
 
 
 def _cache_kw(model) -> str:
@@ -377,7 +395,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     done = [False] * B
     rows = list(range(B))  # the completion each row of the decoded batch belongs to
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0, device=device,
-                     prompt_lengths=lens, num_samples=num_samples, packable=_keys_values_cache(model))
+                     prompt_lengths=lens, num_samples=num_samples, packable=_trains_packed(model))
     for step in range(max_new_tokens):
         tok, tok_lp = _next_tokens(logits, temperature, top_k, top_p, min_p, generator, logprobs_mode == "processed")
         # the step's tokens and log-probs copied to the host, read once the next step's forward is queued: the host

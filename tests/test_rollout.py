@@ -8,7 +8,7 @@ import longattn
 from longattn import rollout
 from longattn.hf.cache import InPlaceLayer
 from longattn.hf.swap import V5_ARCHS
-from helpers import tiny_config, tiny_deepseek_v3_config, tiny_gpt_oss_pair
+from helpers import perturb_attention, tiny_config, tiny_deepseek_v3_config, tiny_gpt_oss_pair
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
@@ -307,15 +307,22 @@ def test_rollout_bad_arguments():
             rollout.generate(model, [[1, 2]], 2, **kw)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_oss", "gemma3_text", "qwen3_next"])
 def test_training_batch(arch, device):
     """Rollout.training_batch gives the prompts and their completions (two samples each) to a training forward: the
     model's log-probs of the completion tokens there are the rollout's and its loss covers the completions only.
-    Packed into one row by default (Qwen2 under longattn's flash attention), as right-padded rows with
-    padded=True, and for a hybrid (Qwen3-Next: a linear-attention layer, whose state would run on across a packed
-    row), which refuses padded=False. The prompts must be those given to generate."""
+    Packed into one row by default (Qwen2 and gpt-oss, its sliding-window layers and sinks, under longattn's flash
+    attention), as right-padded rows with padded=True, and where a packed row's sequences would reach each other,
+    which refuses padded=False: under transformers' SDPA (Gemma 3, its sliding-window layers too), and in a hybrid
+    (Qwen3-Next: a linear-attention layer, whose state would run on across a packed row). The prompts must be those
+    given to generate."""
     if arch == "qwen2":
         model = _model(device, "qwen2", "flash")
+    elif arch == "gpt_oss":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="eager").eval()
+        perturb_attention(model)  # (sinks away from 0)
+        model = longattn.hf.swap_attention(model.to(device), "flash")
     else:
         cfg = tiny_config(arch)
         if cfg is None:
@@ -330,7 +337,7 @@ def test_training_batch(arch, device):
     want_loss = -torch.cat([torch.tensor(lps) for lps in res.logprobs]).mean()
     for padded in (None, True):
         batch = res.training_batch(prompts, padded=padded)  # (on the model's device)
-        rows = 1 if padded is None and arch == "qwen2" else 4
+        rows = 1 if padded is None and arch in ("qwen2", "gpt_oss") else 4
         assert batch["input_ids"].shape == ((1, 2 * (9 + 5) + 2 * (21 + 5)) if rows == 1 else (4, 21 + 5))
         assert ("attention_mask" in batch) == (rows > 1)
         with torch.no_grad():
@@ -343,7 +350,7 @@ def test_training_batch(arch, device):
             got = logp[r, a - 1:b - 1].gather(1, ids[r, a:b, None]).squeeze(1)
             torch.testing.assert_close(got, torch.tensor(lps, device=device), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.loss.float().cpu(), want_loss, atol=1e-4, rtol=1e-4)
-    if arch == "qwen3_next":
+    if arch in ("gemma3_text", "qwen3_next"):
         with pytest.raises(ValueError, match="take padded rows"):
             res.training_batch(prompts, padded=False)
     for wrong in (prompts[:1], prompts[::-1], prompts * 2):

@@ -126,6 +126,12 @@ OTHER_ARCHS = {
     # (value heads of 8 against query / key heads of 16, values scaled; twice the KV heads in its sliding layers)
     "mimo_v2_flash": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], v_head_dim=8,
                           attention_value_scale=0.5),
+    # more decoders under transformers 5 (Lara: a linear-attention layer first; Kolibri's full-attention layers without
+    # RoPE beside sliding ones)
+    **{a: {} for a in ("diffllama", "persimmon", "phi", "laguna", "flint", "zaya", "hyperclovax", "jais2", "nanochat")},
+    **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+       for a in ("afmoe", "beam", "kolibri1", "mellum")},
+    "lara_mini": dict(layer_types=["linear_attention", "full_attention"]),
     # attention logits soft-capped (perturb_attention scales q and k up so that the cap bites)
     **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=1.0)
        for a in ("gemma2", "vaultgemma")},

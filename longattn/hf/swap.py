@@ -24,11 +24,14 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 # sinks), MiMo-V2-Flash (value heads narrower than the query / key heads, scaled values; its sliding-window layers
 # kept), Gemma 4 (its global layers: head dims and KV heads of their own, normed values, values that are the keys'
 # projection) and Gemma 3n, whose layers that take another layer's keys and values (E2B / E4B) stay as they are,
-# reading those of NSA's layers; StableLM (a LayerNorm per head of q and k)
+# reading those of NSA's layers; StableLM (a LayerNorm per head of q and k); HyperCLOVA X, Jais 2, Mellum (q/k norms;
+# its sliding-window layers kept), NanoChat (q/k norms after RoPE, without weights: the same before it), Kolibri
+# (q/k norms; its full-attention layers without RoPE beside sliding-window ones, kept)
 NSA_DECODER_ARCHS = ("exaone", "exaone_moe", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                      "granitemoeshared", "internlm3", "solar_open", "cohere", "cohere2_moe", "glm", "gemma",
                      "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet", "granite_swa",
-                     "granitemoe_swa", "mimo_v2_flash", "gemma4_text", "gemma3n_text", "stablelm")
+                     "granitemoe_swa", "mimo_v2_flash", "gemma4_text", "gemma3n_text", "stablelm", "hyperclovax",
+                     "jais2", "mellum", "nanochat", "kolibri1")
 # and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
 # output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
 # (Gated DeltaNet) stay
@@ -65,8 +68,9 @@ CHUNKED_ARCHS = ("llama4_text",)
 # NSA's module replaces Llama 4's global layers (no RoPE; queries scaled by position), its chunked layers kept
 NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
-# staying so), under transformers 5: JetMoE (a mixture of attention heads)
-DECODER_ARCHS = ("jetmoe",)
+# staying so), under transformers 5: JetMoE (a mixture of attention heads), AFMoE, DiffLlama (differential attention:
+# two softmaxes a head), Persimmon, Phi-1/2, Laguna, Flint, Beam, Zaya, Lara (its linear-attention layers kept)
+DECODER_ARCHS = ("jetmoe", "afmoe", "diffllama", "persimmon", "phi", "laguna", "flint", "beam", "zaya", "lara_mini")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS

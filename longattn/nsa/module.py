@@ -69,12 +69,14 @@ def _query_rows(cache, pairs: list, lens: list, B: int, T: int, L: int, device) 
 
 def _rotates(attn: nn.Module) -> bool:
     """Whether transformers attention ``attn`` applies RoPE: not SmolLM3's NoPE layers (``use_rope`` False), the
-    full-attention layers of EXAONE-4 / EXAONE-MoE and of Command R7B / A (Cohere2, Cohere2-MoE, unless ``force_rope``)
-    beside sliding-window ones, nor an attention that takes no position embeddings (Nemotron-H's, Jamba's)."""
+    full-attention layers of EXAONE-4 / EXAONE-MoE, Kolibri and Command R7B / A (Cohere2, Cohere2-MoE, unless
+    ``force_rope``) beside sliding-window ones, nor an attention that takes no position embeddings (Nemotron-H's,
+    Jamba's)."""
     name = type(attn).__name__
     if not getattr(attn, "use_rope", True):
         return False
-    if name in ("Exaone4Attention", "ExaoneMoeAttention") and attn.sliding_window is not None and not attn.is_sliding:
+    if name in ("Exaone4Attention", "ExaoneMoeAttention", "Kolibri1Attention") and attn.sliding_window is not None \
+            and not attn.is_sliding:
         return False
     if name in ("Cohere2Attention", "Cohere2MoeAttention") and attn.sliding_window is None and not getattr(
             attn, "force_rope", False):

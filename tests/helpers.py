@@ -132,6 +132,10 @@ OTHER_ARCHS = {
     **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
        for a in ("afmoe", "beam", "kolibri1", "mellum")},
     "lara_mini": dict(layer_types=["linear_attention", "full_attention"]),
+    # (their layers outside model.model.layers: GPT-2's, GPT-J's, CodeGen's and StarCoder's in transformer.h,
+    # GPT-NeoX's in gpt_neox.layers, OPT's in model.decoder.layers)
+    **{a: {} for a in ("gpt2", "gpt_neox", "opt", "gpt_bigcode")},
+    **{a: dict(rotary_dim=8) for a in ("gptj", "codegen")},
     # attention logits soft-capped (perturb_attention scales q and k up so that the cap bites)
     **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=1.0)
        for a in ("gemma2", "vaultgemma")},

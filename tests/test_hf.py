@@ -10,7 +10,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_llama4_pair, tiny_mla_config,
                      tiny_multimodal_config, OTHER_ARCHS)
 from longattn.hf import attention as hf_attention
-from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS, _attention_name
+from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS, _attention_modules, _language_model
 from longattn.mla.module import MLAAttention
 from longattn.nsa import NSAConfig
 
@@ -102,13 +102,15 @@ def test_moba_swap_on_other_models(arch, device):
     ref = ref.to(device)
     if not type(ref)._can_set_attn_implementation() or \
             int(transformers.__version__.split(".")[0]) < 5 and arch in V5_ARCHS:
-        # (transformers 4 builds their attention modules with the model, or their masks itself: refused, not run)
-        with pytest.raises(ValueError, match="transformers >= 5|picks its attention modules when it is built"):
+        # (transformers 4 builds their attention modules with the model, or their masks itself, or marks them as not
+        # taking flash attention's conventions: refused, not run)
+        with pytest.raises(ValueError, match="transformers >= 5|picks its attention modules when it is built|"
+                                             "does not take flash-attention's conventions"):
             longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
         return
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), "moba", block_size=16, topk=64)
     # (each attention sees the transformers cache, where decoding keeps the pooled keys: Nemotron-H's is a mixer)
-    attns = [getattr(layer, _attention_name(layer)) for layer in ours.model.layers if _attention_name(layer)]
+    attns = _attention_modules(*_language_model(ours)[::2])  # (GPT-2's in transformer.h, ...)
     assert all(getattr(a, "_longattn_records_cache", False) for a in attns) and (attns or arch == "zamba2")
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)

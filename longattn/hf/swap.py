@@ -69,8 +69,10 @@ CHUNKED_ARCHS = ("llama4_text",)
 NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
 # staying so), under transformers 5: JetMoE (a mixture of attention heads), AFMoE, DiffLlama (differential attention:
-# two softmaxes a head), Persimmon, Phi-1/2, Laguna, Flint, Beam, Zaya, Lara (its linear-attention layers kept)
-DECODER_ARCHS = ("jetmoe", "afmoe", "diffllama", "persimmon", "phi", "laguna", "flint", "beam", "zaya", "lara_mini")
+# two softmaxes a head), Persimmon, Phi-1/2, Laguna, Flint, Beam, Zaya, Lara (its linear-attention layers kept), GPT-2,
+# GPT-J, GPT-NeoX, OPT, CodeGen, StarCoder (gpt_bigcode)
+DECODER_ARCHS = ("jetmoe", "afmoe", "diffllama", "persimmon", "phi", "laguna", "flint", "beam", "zaya", "lara_mini",
+                 "gpt2", "gptj", "gpt_neox", "opt", "codegen", "gpt_bigcode")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
 V5_ARCHS = NSA_DECODER_ARCHS + HYBRID_ARCHS + DECODER_ARCHS
@@ -146,6 +148,22 @@ def _attention_name(layer: nn.Module) -> Optional[str]:
     if mixer is not None and (type(mixer).__name__.endswith("Attention") or hasattr(mixer, "nsa")):
         return "mixer"
     return None
+
+
+def _attention_modules(lm: nn.Module, layers) -> list:
+    """The attention modules of language model ``lm``: each decoder layer's in ``layers`` (``model.model.layers``;
+    hybrids' linear-attention or state-space layers have none, LongCat-Flash's have two), or where the layers lie
+    elsewhere (GPT-2's ``transformer.h``, GPT-NeoX's ``gpt_neox.layers``, OPT's ``model.decoder.layers``) every
+    module of it named ...Attention that has a layer index."""
+    if layers is None:
+        return [m for m in lm.modules() if type(m).__name__.endswith("Attention") and
+                isinstance(getattr(m, "layer_idx", None), int)]
+    found = []
+    for layer in layers:
+        name = _attention_name(layer)
+        attn = getattr(layer, name) if name else None
+        found += list(attn) if isinstance(attn, nn.ModuleList) else [attn] if attn is not None else []
+    return found
 
 
 def _remember_cache(module, args, kwargs):
@@ -272,11 +290,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         check_positive_int(topk, "topk")
         cfg.moba_block_size, cfg.moba_topk = bs, topk
         _set_impl(model, "moba", text_key)
-        for layer in layers:
-            name = _attention_name(layer)  # (hybrids: linear attention or state-space layers have none)
-            attn = getattr(layer, name) if name else None
-            for module in attn if isinstance(attn, nn.ModuleList) else [attn] if attn is not None else []:
-                _record_cache(module)  # (LongCat-Flash: two attentions a layer)
+        for module in _attention_modules(lm, layers):
+            _record_cache(module)
     elif kind == "nsa":
         if arch not in NSA_ARCHS:
             raise ValueError(f"kind 'nsa' supports model types {NSA_ARCHS}, got {arch!r}")

@@ -2,7 +2,7 @@
 fused projection, OLMo-2's, Hunyuan's, Gemma 3's and LFM2's q/k norms, SmolLM3's, EXAONE-4's, Nemotron-H's and Jamba's
 layers without RoPE, the gated output of Qwen3-Next's and Qwen3.5's full-attention layers, Falcon-H1's scaled keys,
 gpt-oss's attention sinks, MiMo-V2-Flash's narrower values, Gemma 4's global layers, Gemma 3n's and StableLM's, Gemma
-2's soft-capped logits).
+2's soft-capped logits, JetMoE's mixture of attention heads).
 
 Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms and sinks too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
@@ -113,6 +113,17 @@ class NativeSparseAttention(nn.Module):
         groups = getattr(attn, "num_key_value_groups", None)
         self.num_kv_heads = self.num_heads // groups if isinstance(groups, int) and groups > 0 else \
             hf_cfg.num_key_value_heads
+        # a mixture of attention heads (JetMoE): its experts map each token to top_k slots of queries (a head per KV
+        # head each, query head e * Hkv + j attending to KV head j) and reduce the heads' outputs, gated, back to the
+        # hidden size; keys and values from kv_proj
+        moa = getattr(attn, "experts", None)
+        self._moa_slots = attn.top_k if hasattr(moa, "map") and hasattr(moa, "reduce") else None
+        if self._moa_slots:
+            self.experts, self.kv_proj = moa, attn.kv_proj
+            self.num_kv_heads = attn.num_key_value_heads
+            if self.num_heads != self._moa_slots * self.num_kv_heads:
+                raise ValueError(f"{type(attn).__name__}: {self.num_heads} query heads, expected top_k x KV heads = "
+                                 f"{self._moa_slots} x {self.num_kv_heads}")
         if getattr(attn, "is_kv_shared_layer", False):
             raise ValueError(f"NativeSparseAttention does not take the keys and values of another layer; this "
                              f"{type(attn).__name__} (layer {attn.layer_idx}) does (KV-shared layers: Gemma 4 E2B / "
@@ -173,7 +184,7 @@ class NativeSparseAttention(nn.Module):
         self.attn_sub_norm = getattr(attn, "attn_sub_norm", None)
         # the new parameters in the layer's compute dtype: its output projection's weights', or where those are packed
         # integers (BitNet's BitLinear) the dtype the layer computes in
-        out_proj = getattr(self, self._out_name)
+        out_proj = getattr(self, self._out_name) if not self._moa_slots else self.kv_proj
         dtype, device = out_proj.weight.dtype, out_proj.weight.device
         if not dtype.is_floating_point:
             dtype = getattr(out_proj, "dtype", None)
@@ -228,11 +239,16 @@ class NativeSparseAttention(nn.Module):
 
     def _project(self, hidden_states: torch.Tensor):
         """q (B, H, T, D), k (B, Hkv, T, D) and v (B, Hkv, T, Dv) of the layer's projections and q/k norms, before
-        RoPE, and the output gate's logits (B, T, H * D) (None without one)."""
+        RoPE, the output gate's logits (B, T, H * D) (None without one) and a mixture of attention heads' routing
+        (None without one)."""
         B, T = hidden_states.shape[:2]
         H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
-        gate = None
-        if self.qkv_proj is not None:
+        gate = routing = None
+        if self._moa_slots:  # (the query heads grouped by KV head, NSA's GQA layout: head j * top_k + e)
+            q, _, routing = self.experts.map(hidden_states)  # (B, T, top_k, Hkv * D)
+            q = q.view(B, T, self._moa_slots, Hkv, D).transpose(2, 3).reshape(B, T, H * D)
+            k, v = self.kv_proj(hidden_states).chunk(2, -1)
+        elif self.qkv_proj is not None:
             q, k, v = self.qkv_proj(hidden_states).split([H * D, Hkv * D, Hkv * Dv], -1)
         else:
             q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
@@ -255,14 +271,14 @@ class NativeSparseAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self._norm_modules_per_head:
             q, k = q_norm(q), k_norm(k)
-        return q, k, v, gate
+        return q, k, v, gate, routing
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                 attention_mask: Optional[torch.Tensor] = None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H = self.num_heads
-        q, k, v, out_gate = self._project(hidden_states)
+        q, k, v, out_gate, routing = self._project(hidden_states)
         if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings
             r = self._rotary_dims
@@ -299,6 +315,10 @@ class NativeSparseAttention(nn.Module):
             out = out * torch.sigmoid(out_gate)
         if self.attn_sub_norm is not None:
             out = self.attn_sub_norm(out)
+        if routing is not None:  # (JetMoE's layer takes its attention's output, weights and router logits)
+            slots = self._moa_slots
+            out = out.view(B, T, self.num_kv_heads, slots, -1).transpose(2, 3).reshape(B, T, slots, -1)
+            return self.experts.reduce(out, routing), None, None
         return getattr(self, self._out_name)(out), None
 
     @staticmethod

@@ -52,8 +52,9 @@ class Rollout:
         it): one row, ``input_ids`` and ``position_ids`` (restarting at 0 with each sequence) ``(1, N)``, each sequence
         attended on its own in every longattn kind (sliding-window layers too) and transformers' flash attention,
         forward and backward. Padded (``padded=True``, and where a packed row's sequences would reach each other: under
-        transformers' SDPA or eager attention, which attend across the row, and in hybrids, whose linear-attention or
-        Mamba state would run on from one sequence into the next): a row per completion, right-padded, ``input_ids``,
+        transformers' SDPA or eager attention, which attend across the row whenever the forward keeps a cache, as it
+        does by default, and always under transformers 4, and in hybrids, whose linear-attention or Mamba state would
+        run on from one sequence into the next): a row per completion, right-padded, ``input_ids``,
         ``position_ids`` and ``attention_mask`` ``(B, L)``. ``labels`` are the completion tokens and -100 elsewhere
         (prompts, padding; each sequence starts with a prompt token, so no loss crosses sequences);
         ``completion_spans``: (row, start, end) of each completion. ``prompts``: those given to :func:`generate`
@@ -71,8 +72,9 @@ class Rollout:
                              f"prompts of {lens} tokens")
         if padded is False and not self.packable:
             raise ValueError("padded=False: a packed row's sequences would reach each other in this model (its "
-                             "attention is transformers' SDPA or eager one, which attends across the row, or some of "
-                             "its layers carry a recurrent state from one sequence into the next); take padded rows")
+                             "attention is transformers' SDPA or eager one, which attends across the row when the "
+                             "forward keeps a cache, or some of its layers carry a recurrent state from one sequence "
+                             "into the next); take padded rows")
         seqs = [(prompts[i // self.num_samples], torch.tensor(comp, dtype=torch.long, device=device))
                 for i, comp in enumerate(self.completions)]
         labels = [torch.cat([torch.full_like(p, -100), c]) for p, c in seqs]
@@ -125,8 +127,15 @@ def _own_modules(model) -> bool:
     return any(type(m).__name__ in ("MLAAttention", "NativeSparseAttention") for m in model.modules())
 
 
+def _attn_impl(model):
+    """The attention implementation of the model's language model (a multimodal model's text config holds the one
+    swap_attention set; its vision encoder keeps its own)."""
+    cfg = model.config
+    return getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "_attn_implementation", None)
+
+
 def _uses_packing(model) -> bool:
-    impl = getattr(model.config, "_attn_implementation", None)
+    impl = _attn_impl(model)
     return impl in PACKED_IMPLEMENTATIONS and not _own_modules(model) and _keys_values_cache(model)
 
 
@@ -148,14 +157,14 @@ def _keys_values_cache(model) -> bool:
 
 def _trains_packed(model) -> bool:
     """Whether sequences packed into one row (position_ids restarting at 0 with each) run in a forward of the model as
-    they would alone: where its attention takes the row apart by its position_ids (longattn's attention functions
-    and NSA / MLA modules, transformers' flash attention; not its SDPA or eager attention, which attend across the
-    row, sliding-window layers too) and none of its layers carries a recurrent state from token to token (the
-    linear-attention or Mamba layers of hybrids: Qwen3-Next, Nemotron-H, Falcon-H1; MiniMax-M1's lightning
-    attention, which takes a cache class of its own)."""
+    they would alone: where its attention takes the row apart by its position_ids (longattn's attention functions and
+    NSA / MLA modules, transformers' flash attention; not its SDPA or eager attention, which attend across the row
+    whenever the forward keeps a cache, as it does by default, and always under transformers 4) and none of its layers
+    carries a recurrent state from token to token (the linear-attention or Mamba layers of hybrids: Qwen3-Next,
+    Nemotron-H, Falcon-H1; MiniMax-M1's lightning attention, which takes a cache class of its own)."""
     from transformers import DynamicCache
 
-    impl = getattr(model.config, "_attn_implementation", None)
+    impl = _attn_impl(model)
     if not (impl in PACKED_IMPLEMENTATIONS or _own_modules(model) or
             isinstance(impl, str) and ("flash_attention" in impl or "flash-attn" in impl)):
         return False

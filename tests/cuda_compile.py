@@ -228,7 +228,11 @@ def _sparse_cases():
             (f"_moba_decode_select_kernel[{dt}-g8-rows]", M._moba_decode_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=True), ()),
         ]
-    return cases
+    # soft-capped scores (Gemma 2: bfloat16 takes the GPU's tanh.approx) in the engine's first tiles
+    return cases + _softcap_twins(cases, lambda name: name in (
+        "_sparse_fwd_kernel[bf16-n64w4s3]", "_sparse_dq_kernel[bf16-n64w8s2]", "_sparse_dkdv_kernel[bf16-n64w8s3]",
+        "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3]", "_sparse_decode_kernel[bf16-g4]",
+        "_sparse_decode_kernel[fp32-g4]"))
 
 
 def _mla_cases():
@@ -361,16 +365,29 @@ def _nsa_cases():
                       ()))
     # (the selection's first tile and a (token, head) rows one, the selected branch's first tile with the gated sum,
     # by pointers and by TMA, its tiles per query, and its dq's first tile)
-    return cases + _query_pos_twins(cases, lambda name: any(
+    cases += _query_pos_twins(cases, lambda name: any(
         f"[bf16-d192-{tag}]" in name for tag in ("m64c32w8s2", "m16c16w8s2h", "g16-q1w4s3-gated",
                                                  "g16-q1w4s3-tma-gated", "g16-q2w4s3pq", "g16-q4w4s3pq")
     ) or name == "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]")
+    # soft-capped scores (Gemma 2): those selection and selected-branch tiles, the 64-row tiles splitting their
+    # score products (SPLIT_SCORES), and the decoding kernels
+    return cases + _softcap_twins(cases, lambda name: any(
+        f"[bf16-d192-{tag}]" in name for tag in ("m64c32w8s2", "m16c16w8s2h", "g16-q1w4s3-tma-gated",
+                                                 "g16-q2w4s3pq", "g16-q4w8s3", "g16")
+    ) and "-qpos" not in name and "combine" not in name or name == "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3]")
 
 
 def _chunked_twins(cases: list, chosen) -> list:
     """Twins of the ``chosen`` cases (by name) in chunks (flash_attention's ``chunk_size``, the chunking shifted per
     sequence by ``chunk_offsets``)."""
     return [(name[:-1] + "-chunked]", kern, dict(ptr, KOFF="*i32"), dict(meta, HAS_WINDOW=True, CHUNKED=True), *rest)
+            for name, kern, ptr, meta, *rest in cases if chosen(name)]
+
+
+def _softcap_twins(cases: list, chosen) -> list:
+    """Twins of the ``chosen`` cases (by name) with soft-capped scores (SOFTCAP 2 in bfloat16: the GPU's tanh.approx;
+    1 otherwise, see flash's _softcapped)."""
+    return [(name[:-1] + "-softcap]", kern, ptr, dict(meta, SOFTCAP=2 if "bf16" in name else 1), *rest)
             for name, kern, ptr, meta, *rest in cases if chosen(name)]
 
 
@@ -501,6 +518,12 @@ UNDUPLICATED = (
     "_sparse_dq_kernel[bf16-n64w8s2]",  # dS out of a branch
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q4w8s3]",  # SPLIT_SCORES
     "_nsa_selected_dq_kernel[bf16-d192-g16-q4w8s3]",
+    # soft-capped scores (the capped products added by a multiply-add too: flash's _scaled_scores)
+    "_nsa_select_kernel[bf16-d192-m64c32w8s2-softcap]",
+    "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3-softcap]",
+    "_sparse_dq_kernel[bf16-n64w8s2-softcap]",
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-q4w8s3-softcap]",
+    "_nsa_selected_dq_kernel[bf16-d192-g16-q4w8s3-softcap]",
 )
 
 
@@ -524,6 +547,9 @@ NO_LOOP_SPILLS = (
     "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s2]",
     "_sparse_dkdv_kernel[bf16-d192-group16-n32w8s2]",
     "_sparse_dkdv_kernel[bf16-d192-group16-n32w4s2]",
+    "_sparse_dkdv_kernel[bf16-d192-group16-n64w8s3-softcap]",  # soft-capped scores
+    "_nsa_selected_fwd_kernel[bf16-d192-g16-q1w4s3-tma-gated-softcap]",
+    "_nsa_selected_dq_kernel[bf16-d192-g16-q1w4s3-softcap]",
 )
 
 

@@ -9,6 +9,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
                      perturb_attention, replay_decode_step_without_sync, run_without_gpu_sync, tiny_config,
                      tiny_deepseek_v3_config, tiny_gpt_oss_pair, tiny_llama4_pair, tiny_mla_config,
                      tiny_multimodal_config, OTHER_ARCHS)
+from longattn import rollout
 from longattn.hf import attention as hf_attention
 from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS, _attention_modules, _language_model
 from longattn.mla.module import MLAAttention
@@ -88,7 +89,7 @@ def test_moba_generate_with_cache_equals_recompute(device):
 
 
 @pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
-def test_moba_swap_on_other_models(arch, device):
+def test_moba_swap_on_other_models(arch, device, monkeypatch):
     """Other families' attention under MoBA: with top-k over every block (causal attention) the logits equal the
     original model's, in a batch with a left-padded row (its attention's norms and biases kept, its sliding-window,
     linear-attention, Mamba and convolution layers staying so); sparse (top 2 of 16-token blocks: logits of their
@@ -112,6 +113,12 @@ def test_moba_swap_on_other_models(arch, device):
     # (each attention sees the transformers cache, where decoding keeps the pooled keys: Nemotron-H's is a mixer)
     attns = _attention_modules(*_language_model(ours)[::2])  # (GPT-2's in transformer.h, ...)
     assert all(getattr(a, "_longattn_records_cache", False) for a in attns) and (attns or arch == "zamba2")
+    # (and every module MoBA's attention function runs in is among them: none pools every block at each step, but
+    # Zamba2's shared attention blocks)
+    records = []
+    kept_means = hf_attention._kept_means
+    monkeypatch.setattr(hf_attention, "_kept_means", lambda module, *args: records.append(
+        getattr(module, "_longattn_records_cache", False)) or kept_means(module, *args))
     ids = torch.randint(1, 128, (2, 40)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # (row 0 unpadded)
@@ -128,6 +135,7 @@ def test_moba_swap_on_other_models(arch, device):
         # (the model is causal: one forward over the generated sequence gives each step's recomputed logits)
         recompute = ours(gen[:, :-1], use_cache=False).logits[:, 39:].argmax(-1)
     assert torch.equal(gen[:, 40:], recompute)
+    assert all(records) or arch == "zamba2"
 
 
 def test_swap_refuses_attention_picked_at_build(monkeypatch):
@@ -455,6 +463,9 @@ def test_swap_on_multimodal_model(arch, kind, device, tmp_path):
     ours = longattn.hf.swap_attention(copy.deepcopy(ref), kind, **opts)
     assert ours.config.vision_config._attn_implementation == "eager"
     assert ours.config.text_config._attn_implementation == ("moba" if kind == "moba" else "longattn")
+    # (its language model's attention takes a packed row apart: rollouts train it on packed sequences, not Qwen3.5's,
+    # whose linear-attention layer would carry its state across; nor the eager original)
+    assert rollout._trains_packed(ours) == (arch != "qwen3_5") and not rollout._trains_packed(ref)
     if kind == "nsa":  # gates: the window branch alone
         nsa_layers = [m for m in ours.modules() if type(m).__name__ == "NativeSparseAttention"]
         assert len(nsa_layers) == (1 if arch == "qwen3_5" else 2)  # (Qwen3.5's linear-attention layer kept)

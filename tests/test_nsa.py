@@ -308,7 +308,7 @@ def _rows_apart(sel: torch.Tensor, sel_r: torch.Tensor) -> int:
                          [(SELECT_TILES[0], torch.float16, 1.5), (next(t for t in SELECT_TILES if t[5]),
                                                                    torch.float16, 1.5)],
                          ids=lambda x: "m{}c{}w{}s{}r{}{}".format(*x[:5], "h" * x[5]) if isinstance(x, tuple)
-                         else "softcap" if isinstance(x, float) else "" if x is None else str(x).split(".")[-1])
+                         else "softcap" if isinstance(x, float) else "plain" if x is None else str(x).split(".")[-1])
 def test_nsa_select_gpu_candidates(tile, dtype, softcap, monkeypatch, device):
     """Each tile the selection kernel's autotuner may take on a GPU (query tokens, blocks per chunk, warps,
     stages, register limit, (token, head) rows) selects as the reference, in float16 (and the (token, head) rows

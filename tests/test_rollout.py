@@ -314,8 +314,8 @@ def test_training_batch(arch, device):
     Packed into one row by default (Qwen2 and gpt-oss, its sliding-window layers and sinks, under longattn's flash
     attention), as right-padded rows with padded=True, and where a packed row's sequences would reach each other,
     which refuses padded=False: under transformers' SDPA (Gemma 3, its sliding-window layers too), and in a hybrid
-    (Qwen3-Next: a linear-attention layer, whose state would run on across a packed row). The prompts must be those
-    given to generate."""
+    (Qwen3-Next, under longattn's flash attention: a linear-attention layer, whose state would run on across a packed
+    row). The prompts must be those given to generate."""
     if arch == "qwen2":
         model = _model(device, "qwen2", "flash")
     elif arch == "gpt_oss":
@@ -331,6 +331,8 @@ def test_training_batch(arch, device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
         if not model._supports_default_dynamic_cache():
             pytest.skip(f"transformers {transformers.__version__} gives {arch} a cache class of its own")
+        if arch == "qwen3_next":  # (its attention layers taking a packed row apart: the recurrent state refuses it)
+            model = longattn.hf.swap_attention(model, "flash")
     prompts = [torch.randint(0, 128, (n,)) for n in (9, 21)]
     res = rollout.generate(model, prompts, 5, stop_at_eos=False, temperature=1.0, num_samples=2,
                            generator=torch.Generator(device=device).manual_seed(0))

@@ -104,7 +104,7 @@ def _set_impl(model: nn.Module, name: str, text_key: Optional[str] = None) -> No
 
 def _language_model(model: nn.Module):
     """``(module, config, decoder layers, sub-config key)`` of the language model of ``model``: a causal LM itself (key
-    None; layers None where they are not ``model.model.layers``, which only the flash kind does without), or a
+    None; layers None where they are not ``model.model.layers``, which the flash and MoBA kinds do without), or a
     multimodal model's text model (its vision encoder keeps its attention: bidirectional, and not long)."""
     cfg = model.config
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

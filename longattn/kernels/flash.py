@@ -312,7 +312,7 @@ def _fwd_inner(acc, l_i, m_i, q_a, q_b, K_ptr, V_ptr, k_start, stride_kt, stride
     a multiply per accumulator element (d 128, 128 x 64 on 8 warps, as compiled for sm_90: 303 instructions a tile
     against 360), for a reduction over the program's rows and a barrier.
 
-    SOFTCAP: the scores soft-capped (see _softcapped; qk_scale then holds the cap)."""
+    SOFTCAP: the scores soft-capped (see _softcapped; qk_scale then holds cap * log2(e))."""
     if PAGE > 0:
         offs_n = start + tl.arange(0, BLOCK_N)
         pages = tl.load(BT + offs_n // PAGE, mask=offs_n < k_len, other=0)

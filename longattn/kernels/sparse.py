@@ -93,8 +93,9 @@ def _sparse_prune(kernel: str):
 
 
 def _tune_sparse(kernel: str, **options):
-    """The engine's autotuner for ``kernel``: keyed by the dims, the group, the block size and the precision."""
-    return autotune(_configs(SPARSE_TILES[kernel]), ["DQK", "DV", "GROUP", "PRECISION", "block_size"],
+    """The engine's autotuner for ``kernel``: keyed by the dims, the group, the block size, the precision and the
+    soft-capping."""
+    return autotune(_configs(SPARSE_TILES[kernel]), ["DQK", "DV", "GROUP", "PRECISION", "block_size", "SOFTCAP"],
                     _sparse_prune(kernel), **options)
 
 
@@ -153,7 +154,7 @@ def _sparse_fwd_kernel(Q, K, V, OS, LS, ENTRY, SEG_START, TILE_CUM, BLOCK_ROW,
     """Attention of a tile of entries (one selected block per row: a launch takes one slot of the selections)
     over one whole selected block, merged by lse into the rows' output and natural-log lse so far (OS, LS: the own
     block's, then each slot's in turn), in place: a launch writes each row once. SOFTCAP: soft-capped scores (see
-    flash's _softcapped; qk_scale then holds the cap)."""
+    flash's _softcapped; qk_scale then holds cap * log2(e))."""
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_CUM + n_seg):
         return

@@ -88,7 +88,7 @@ def _nsa_select_kernel(Q, KC, LSE, W, SEL, CU_Q, CU_C,
     ``length_class`` (the longest sequence rounded up to a power of two) is not read: it keys the autotuner, the
     best tile depending on how many programs the grid has. ``HAS_QPOS``: sequence b's first query sits at position
     QPOS[b] (a chunk of queries after a prefix), else at 0. ``SOFTCAP``: the compressed scores soft-capped (flash's
-    _softcapped; scale_log2 then holds the cap), as the compressed branch's lse.
+    _softcapped; scale_log2 then holds cap * log2(e)), as the compressed branch's lse.
     """
     pid_m = tl.program_id(0)
     hk = tl.program_id(1)
@@ -251,7 +251,7 @@ def _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB: tl
     """One tile of an online softmax: rows q (G, D) against keys k (D, N) / values v (N, Dv) where ``vis``
     (broadcast to (G, N)); running max ``m`` (base 2), sum ``l`` and accumulator ``acc``. Safe when nothing
     is visible yet. q and k come in two parts along D (flash's _load_split; BLOCK_DB = 0: one). SOFTCAP: the
-    scores soft-capped (flash's _softcapped; scale_log2 then holds the cap).
+    scores soft-capped (flash's _softcapped; scale_log2 then holds cap * log2(e)).
 
     ``SPLIT_SCORES`` (64 rows on 8 warps): Triton lays a product whose result reaches another product on all
     warps along its rows, so both warpgroups would compute all of the scores; with the two parts' products not
@@ -927,7 +927,7 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
                        SOFTCAP: tl.constexpr = 0):
     """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
     path). HAS_SINKS: attention sinks SINKS (Hq,) float32, a logit per head in each branch's softmax. SOFTCAP:
-    every branch's scores soft-capped (flash's _softcapped; scale_log2 then holds the cap).
+    every branch's scores soft-capped (flash's _softcapped; scale_log2 then holds cap * log2(e)).
 
     The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
     cache row ROWS[b], or b; PAGE > 0: in the pages of that row of the block table BT, see _kv_bases).

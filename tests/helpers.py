@@ -128,9 +128,11 @@ OTHER_ARCHS = {
                           attention_value_scale=0.5),
     # more decoders under transformers 5 (Lara: a linear-attention layer first; Kolibri's full-attention layers without
     # RoPE beside sliding ones)
-    **{a: {} for a in ("diffllama", "persimmon", "phi", "laguna", "flint", "zaya", "hyperclovax", "jais2", "nanochat")},
+    **{a: {} for a in ("diffllama", "persimmon", "phi", "zaya", "hyperclovax", "jais2", "nanochat")},
     **{a: dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-       for a in ("afmoe", "beam", "kolibri1", "mellum")},
+       for a in ("afmoe", "beam", "kolibri1", "mellum", "flint")},
+    # (heads of its own per layer, 4 and 8; an output gate per head)
+    "laguna": dict(num_attention_heads_per_layer=[4, 8]),
     "lara_mini": dict(layer_types=["linear_attention", "full_attention"]),
     # (their layers outside model.model.layers: GPT-2's, GPT-J's, CodeGen's and StarCoder's in transformer.h,
     # GPT-NeoX's in gpt_neox.layers, OPT's in model.decoder.layers)

@@ -128,7 +128,6 @@ def test_window_branch_alone_equals_original_model(arch, device):
         return
     model = longattn.hf.swap_attention(copy.deepcopy(ref), "nsa", config=NSAConfig(cmp_block=8, cmp_stride=4,
                                                                                   slc_block=16, slc_topk=3, window=64))
-    H = cfg.num_attention_heads
     nsa_layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
     # (a model mixing sliding-window and full layers keeps its sliding ones: OLMo-3, EXAONE-4, Gemma 3; the hybrids
     # their linear-attention (MiniMax-M1's an attention module of its own), Mamba or convolution layers; Nemotron-H's
@@ -142,8 +141,9 @@ def test_window_branch_alone_equals_original_model(arch, device):
                                   for layer, t in zip(ref.model.layers, types or [None] * len(ref.model.layers)))
     assert len(nsa_layers) >= 1
     with torch.no_grad():
-        for attn in nsa_layers:
-            attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * H + [40.0] * H))  # g_cmp, g_slc ~ 0, g_swa ~ 1
+        for attn in nsa_layers:  # (each layer's heads: Laguna's differ)
+            h = attn.num_heads
+            attn.gate.bias.copy_(torch.tensor([-40.0] * 2 * h + [40.0] * h))  # g_cmp, g_slc ~ 0, g_swa ~ 1
     ids = torch.randint(1, 128, (2, 40)).to(device)  # (0: generate's pad token)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # a left-padded row

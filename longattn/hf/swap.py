@@ -27,12 +27,13 @@ NSA_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mi
 # reading those of NSA's layers; StableLM (a LayerNorm per head of q and k); HyperCLOVA X, Jais 2, Mellum (q/k norms;
 # its sliding-window layers kept), NanoChat (q/k norms after RoPE, without weights: the same before it), Kolibri
 # (q/k norms; its full-attention layers without RoPE beside sliding-window ones, kept), JetMoE (a mixture of
-# attention heads: experts map each token's queries and reduce the heads' outputs)
+# attention heads: experts map each token's queries and reduce the heads' outputs), AFMoE (an output gate; its global
+# layers without RoPE), Laguna (a softplus output gate; heads per layer), Flint (sinks; its global layers without RoPE)
 NSA_DECODER_ARCHS = ("exaone", "exaone_moe", "olmo", "olmoe", "flex_olmo", "olmo_hybrid", "phimoe", "granitemoe",
                      "granitemoeshared", "internlm3", "solar_open", "cohere", "cohere2_moe", "glm", "gemma",
                      "starcoder2", "helium", "cwm", "hy_v3", "sarvam_moe", "nemotron", "bitnet", "granite_swa",
                      "granitemoe_swa", "mimo_v2_flash", "gemma4_text", "gemma3n_text", "stablelm", "hyperclovax",
-                     "jais2", "mellum", "nanochat", "kolibri1", "jetmoe")
+                     "jais2", "mellum", "nanochat", "kolibri1", "jetmoe", "afmoe", "laguna", "flint")
 # and the hybrids Qwen3-Next and Qwen3.5 (dense, MoE): their full-attention layers (a gated output: the attention's
 # output times a sigmoid gate that q_proj gives beside each head's query) become NSA layers, the linear-attention ones
 # (Gated DeltaNet) stay
@@ -69,10 +70,9 @@ CHUNKED_ARCHS = ("llama4_text",)
 # NSA's module replaces Llama 4's global layers (no RoPE; queries scaled by position), its chunked layers kept
 NSA_ARCHS += CHUNKED_ARCHS
 # other decoders whose attention goes through transformers' attention functions as it is (their sliding-window layers
-# staying so), under transformers 5: AFMoE, DiffLlama (differential attention: two softmaxes a head), Persimmon,
-# Phi-1/2, Laguna, Flint, Beam, Zaya, Lara (its linear-attention layers kept), GPT-2, GPT-J, GPT-NeoX, OPT, CodeGen,
-# StarCoder (gpt_bigcode)
-DECODER_ARCHS = ("afmoe", "diffllama", "persimmon", "phi", "laguna", "flint", "beam", "zaya", "lara_mini",
+# staying so), under transformers 5: DiffLlama (differential attention: two softmaxes a head), Persimmon, Phi-1/2,
+# Beam, Zaya, Lara (its linear-attention layers kept), GPT-2, GPT-J, GPT-NeoX, OPT, CodeGen, StarCoder (gpt_bigcode)
+DECODER_ARCHS = ("diffllama", "persimmon", "phi", "beam", "zaya", "lara_mini",
                  "gpt2", "gptj", "gpt_neox", "opt", "codegen", "gpt_bigcode")
 # (transformers 4 builds the 4-D masks of some of these itself or their attention modules with the model, and its
 # LFM2 masks padding otherwise)
@@ -215,9 +215,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             family, Phi-3.5-MoE, Granite MoE, InternLM3, Solar Open, Command R, Cohere2-MoE, GLM, Gemma, StarCoder2,
             Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding windows, MiMo-V2-Flash,
             Gemma 4 and Gemma 3n (their KV-shared layers kept), StableLM, HyperCLOVA X, Jais 2, Mellum, NanoChat,
-            Kolibri, JetMoE (``NSA_DECODER_ARCHS``), the attention layers of the hybrids Nemotron-H, Granite 4.0,
-            Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language
-            models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
+            Kolibri, JetMoE, AFMoE, Laguna, Flint (``NSA_DECODER_ARCHS``), the attention layers of the hybrids
+            Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers
+            kept) and the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (every gate 1/3 at first: the branches' average); option ``config`` (an
             ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 2 / 3, OLMo-3, EXAONE-4,

@@ -2,7 +2,7 @@
 fused projection, OLMo-2's, Hunyuan's, Gemma 3's and LFM2's q/k norms, SmolLM3's, EXAONE-4's, Nemotron-H's and Jamba's
 layers without RoPE, the gated output of Qwen3-Next's and Qwen3.5's full-attention layers, Falcon-H1's scaled keys,
 gpt-oss's attention sinks, MiMo-V2-Flash's narrower values, Gemma 4's global layers, Gemma 3n's and StableLM's, Gemma
-2's soft-capped logits, JetMoE's mixture of attention heads).
+2's soft-capped logits, JetMoE's mixture of attention heads, AFMoE's and Laguna's gated outputs).
 
 Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms and sinks too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
@@ -70,8 +70,8 @@ def _query_rows(cache, pairs: list, lens: list, B: int, T: int, L: int, device) 
 def _rotates(attn: nn.Module) -> bool:
     """Whether transformers attention ``attn`` applies RoPE: not SmolLM3's NoPE layers (``use_rope`` False), the
     full-attention layers of EXAONE-4 / EXAONE-MoE, Kolibri and Command R7B / A (Cohere2, Cohere2-MoE, unless
-    ``force_rope``) beside sliding-window ones, nor an attention that takes no position embeddings (Nemotron-H's,
-    Jamba's)."""
+    ``force_rope``) beside sliding-window ones, AFMoE's and Flint's full-attention layers, nor an attention that takes
+    no position embeddings (Nemotron-H's, Jamba's)."""
     name = type(attn).__name__
     if not getattr(attn, "use_rope", True):
         return False
@@ -80,6 +80,9 @@ def _rotates(attn: nn.Module) -> bool:
         return False
     if name in ("Cohere2Attention", "Cohere2MoeAttention") and attn.sliding_window is None and not getattr(
             attn, "force_rope", False):
+        return False
+    if name == "AfmoeAttention" and not attn.is_local_attention or name == "FlintAttention" and \
+            attn.sliding_window is None:  # (their global layers: NoPE)
         return False
     return "position_embeddings" in inspect.signature(type(attn).forward).parameters
 
@@ -107,7 +110,9 @@ class NativeSparseAttention(nn.Module):
         self.v_head_dim = getattr(attn, "v_head_dim", None) or self.head_dim
         scale = getattr(attn, "v_scale", 1.0)  # (a number: not a quantised cache's per-tensor scale of that name)
         self._value_scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else 1.0
-        self.num_heads = hf_cfg.num_attention_heads
+        # (the layer's own count where it keeps one: Laguna's differ from layer to layer)
+        heads = getattr(attn, "num_heads", None)
+        self.num_heads = heads if isinstance(heads, int) and heads > 0 else hf_cfg.num_attention_heads
         # the layer's own KV heads where it says (Gemma 4's global layers, MiMo-V2-Flash's sliding ones: not the
         # config's count)
         groups = getattr(attn, "num_key_value_groups", None)
@@ -182,6 +187,11 @@ class NativeSparseAttention(nn.Module):
                              and not self._use_rope else None)
         # a norm of the attention's output before o_proj (BitNet)
         self.attn_sub_norm = getattr(attn, "attn_sub_norm", None)
+        # a gate on the attention's output from a projection of its own: AFMoE's sigmoid of gate_proj (per value),
+        # Laguna's softplus of g_proj (per head, or per value)
+        name = type(attn).__name__
+        self.gate_proj = attn.gate_proj if name == "AfmoeAttention" else None
+        self.g_proj = attn.g_proj if name == "LagunaAttention" else None
         # the new parameters in the layer's compute dtype: its output projection's weights', or where those are packed
         # integers (BitNet's BitLinear) the dtype the layer computes in
         out_proj = getattr(self, self._out_name) if not self._moa_slots else self.kv_proj
@@ -313,6 +323,11 @@ class NativeSparseAttention(nn.Module):
         out = out.reshape(B, T, H * self.v_head_dim)
         if out_gate is not None:
             out = out * torch.sigmoid(out_gate)
+        if self.gate_proj is not None:
+            out = out * torch.sigmoid(self.gate_proj(hidden_states))
+        if self.g_proj is not None:
+            g = nn.functional.softplus(self.g_proj(hidden_states).float()).to(out.dtype)
+            out = (out.view(B, T, H, -1) * g[..., None]).view(B, T, -1) if g.shape[-1] == H else out * g
         if self.attn_sub_norm is not None:
             out = self.attn_sub_norm(out)
         if routing is not None:  # (JetMoE's layer takes its attention's output, weights and router logits)

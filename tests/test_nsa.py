@@ -130,7 +130,8 @@ def test_nsa_softcap(layout, dtype, device):
         _check(q, k, v, gates, dtype, softcap=cap)
         f = [t.float() for t in (q, k, v, *gates)]
         assert (nsa_attention_ref(*f, config=CFG, softcap=cap) - nsa_attention_ref(*f, config=CFG)).abs().max() > 0.05
-        _check_chunk(q, k, v, gates, 33, [100, 100], dtype, softcap=cap)
+        if dtype == torch.float16:  # (the chunk's kernels are the same in every dtype)
+            _check_chunk(q, k, v, gates, 33, [100, 100], dtype, softcap=cap)
         return
     cu = torch.tensor([0, 70, 75, 116], dtype=torch.int32, device=device)
     q = torch.randn(116, 8, 32, device=device, dtype=dtype)
@@ -718,44 +719,25 @@ def test_nsa_gpu_defaults(T, Hq, Hkv, dtype):
 
 
 @pytest.mark.gpu
-def test_nsa_gpu_sinks(dtype):
-    """Attention sinks with the GPU's tiles, paper configuration, a group of 16, d_qk 192 / d_v 128: nsa_attention's
-    output and every gradient (the sinks' too), and nsa_decode fused and split, against the reference."""
+@pytest.mark.parametrize("extra", ["sinks", "softcap"])
+def test_nsa_gpu_sinks_softcap(extra, dtype):
+    """Attention sinks, or soft-capped scores (bfloat16: the GPU's tanh.approx), with the GPU's tiles, paper
+    configuration, a group of 16, d_qk 192 / d_v 128: nsa_attention's output, selection and every gradient (the
+    sinks' too), and nsa_decode fused and split, against the reference."""
     cfg, T = NSAConfig(window=128), 1024
+    opts = dict(sinks=torch.randn(16, device="cuda") * 2) if extra == "sinks" else dict(softcap=1.5)
     q, k = (torch.randn(1, T, h, 192, device="cuda", dtype=dtype) for h in (16, 1))
     v = torch.randn(1, T, 1, 128, device="cuda", dtype=dtype)
     gates = [torch.rand(1, T, 16, device="cuda") for _ in range(3)]
-    sinks = torch.randn(16, device="cuda") * 2
-    _check(q, k, v, gates, dtype, config=cfg, sinks=sinks)
+    _check(q, k, v, gates, dtype, config=cfg, **opts)
     lens, offsets = [4096, 1500, 33], [0, 2596, 4000]
     q, k, v, kc, vc, gates = _decode_case(lens, offsets, 4096, 16, 1, 192, 128, dtype, "cuda", cfg)
     for splits in (1, None):
         out = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
                          cache_offsets=torch.tensor(offsets, dtype=torch.int32, device="cuda"), config=cfg,
-                         sinks=sinks, num_splits=splits)
+                         num_splits=splits, **opts)
         for b, (n, o) in enumerate(zip(lens, offsets)):
-            ref = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg, sinks=sinks)[0]
-            assert_close(out[b], ref[0, 0], dtype, f"splits {splits}, sequence {b}", factor=2)
-
-
-@pytest.mark.gpu
-def test_nsa_gpu_softcap(dtype):
-    """Soft-capped scores with the GPU's tiles (bfloat16: the GPU's tanh.approx), paper configuration, a group of
-    16, d_qk 192 / d_v 128: nsa_attention's output, selection and every gradient, and nsa_decode fused and split,
-    against the reference."""
-    cfg, T, cap = NSAConfig(window=128), 1024, 1.5
-    q, k = (torch.randn(1, T, h, 192, device="cuda", dtype=dtype) for h in (16, 1))
-    v = torch.randn(1, T, 1, 128, device="cuda", dtype=dtype)
-    gates = [torch.rand(1, T, 16, device="cuda") for _ in range(3)]
-    _check(q, k, v, gates, dtype, config=cfg, softcap=cap)
-    lens, offsets = [4096, 1500, 33], [0, 2596, 4000]
-    q, k, v, kc, vc, gates = _decode_case(lens, offsets, 4096, 16, 1, 192, 128, dtype, "cuda", cfg)
-    for splits in (1, None):
-        out = nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
-                         cache_offsets=torch.tensor(offsets, dtype=torch.int32, device="cuda"), config=cfg,
-                         softcap=cap, num_splits=splits)
-        for b, (n, o) in enumerate(zip(lens, offsets)):
-            ref = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg, softcap=cap)[0]
+            ref = _decode_ref(q, k, v, kc, vc, gates, b, n, o, cfg, **opts)[0]
             assert_close(out[b], ref[0, 0], dtype, f"splits {splits}, sequence {b}", factor=2)
 
 

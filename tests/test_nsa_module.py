@@ -281,6 +281,26 @@ def test_refused_swap_leaves_the_model(device):
     assert list(model.config.layer_types or []) == types and model.config.sliding_window == window
 
 
+def test_all_sliding_gemma3(device):
+    """A Gemma 3 whose every layer slides (its released configurations mix layer types): under transformers 5 its
+    rotary embedding holds a RoPE per layer type present, none for the full-attention layers NSA's would become: a
+    ValueError, the model left as it was; under transformers 4 (a global rotary embedding beside the local one) the
+    swapped model generates."""
+    cfg = tiny_config("gemma3_text")
+    cfg.layer_types = ["sliding_attention"] * cfg.num_hidden_layers
+    model = AutoModelForCausalLM.from_config(cfg).eval().to(device)
+    if "full_attention" not in getattr(model.model.rotary_emb, "layer_types", ["full_attention"]):
+        with pytest.raises(ValueError, match="every layer slides"):
+            longattn.hf.swap_attention(model, "nsa", config=NSA)
+        assert not any(isinstance(layer.self_attn, NativeSparseAttention) for layer in model.model.layers)
+        assert model.config.layer_types == ["sliding_attention"] * cfg.num_hidden_layers
+        return
+    longattn.hf.swap_attention(model, "nsa", config=NSA)
+    with torch.no_grad():
+        model.generate(torch.randint(1, 128, (1, 30), device=device), max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)
+
+
 def test_swap_nsa_errors(device):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2)

@@ -310,6 +310,16 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         # config has them, else sliding_window does)
         types = getattr(cfg, "layer_types", None)
         keep_sliding = types is not None and "sliding_attention" in types and "full_attention" in types
+        rotary = getattr(lm, "rotary_emb", None) or getattr(getattr(lm, "model", None), "rotary_emb", None)
+        rope_types = getattr(rotary, "layer_types", None)
+        if types is not None and not keep_sliding and "sliding_attention" in types and rope_types is not None and \
+                "full_attention" not in rope_types:
+            # (Gemma 3's rotary embedding holds a RoPE per layer type present: the full-attention layers NSA's would
+            # become have none, and taking the sliding layers' for them would need a cache keeping every token of
+            # layers the config calls sliding)
+            raise ValueError(f"kind 'nsa' does not take a {arch} model whose every layer slides (its rotary embedding "
+                             "has a RoPE for sliding-window layers only); its released configurations mix "
+                             "sliding-window and full-attention layers")
         # every new layer built before any is put in (a layer the module refuses leaves the model as it was)
         new = []
         for i, layer in enumerate(layers):

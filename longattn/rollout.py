@@ -146,13 +146,21 @@ def _keys_values_cache(model) -> bool:
     and a Mamba state). The packed prefill, which splits every layer's cache of the packed row by prompt, needs it (a
     recurrent state after a packed row would mix the prompts). Not where the model takes a cache class of its own
     (MiniMax-M1: its lightning-attention layers' states)."""
-    from transformers import DynamicCache, DynamicLayer
+    from transformers import DynamicLayer
+
+    layers = _default_cache_layers(model)
+    return layers is not None and all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) and
+                                      not hasattr(layer, "update_recurrent_state") for layer in layers)
+
+
+def _default_cache_layers(model):
+    """The layers of the cache the model decodes with by default (transformers' DynamicCache, as its config lays it
+    out), or None where it takes a cache class of its own."""
+    from transformers import DynamicCache
 
     if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
-        return False
-    layers = getattr(DynamicCache(config=model.config), "layers", ())
-    return all(isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) and
-               not hasattr(layer, "update_recurrent_state") for layer in layers)
+        return None
+    return getattr(DynamicCache(config=model.config), "layers", ())
 
 
 def _trains_packed(model) -> bool:
@@ -162,16 +170,12 @@ def _trains_packed(model) -> bool:
     whenever the forward keeps a cache, as it does by default, and always under transformers 4) and none of its layers
     carries a recurrent state from token to token (the linear-attention or Mamba layers of hybrids: Qwen3-Next,
     Nemotron-H, Falcon-H1; MiniMax-M1's lightning attention, which takes a cache class of its own)."""
-    from transformers import DynamicCache
-
     impl = _attn_impl(model)
     if not (impl in PACKED_IMPLEMENTATIONS or _own_modules(model) or
             isinstance(impl, str) and ("flash_attention" in impl or "flash-attn" in impl)):
         return False
-    if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():
-        return False
-    return not any(hasattr(layer, "update_recurrent_state") for layer in getattr(DynamicCache(config=model.config),
-                                                                                  "layers", ()))
+    layers = _default_cache_layers(model)
+    return layers is not None and not any(hasattr(layer, "update_recurrent_state") for layer in layers)
 
 
 def _cache_kw(model) -> str:

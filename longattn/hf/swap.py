@@ -199,7 +199,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             layers too: sliding-window and chunked layers stay so, the linear-attention layers of hybrids too; under
             transformers 5 also the Mamba hybrids Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba, Zamba2 and the
             convolution ones LFM2 / LFM2-MoE, their other layers kept, and the decoders of ``DECODER_ARCHS``:
-            JetMoE; and those of MLA below, on the keys and values their attention decompresses,
+            DiffLlama, Persimmon, Phi-1/2, Beam, Zaya, Lara, GPT-2, GPT-J, GPT-NeoX, OPT, CodeGen, StarCoder; and those
+            of MLA below, on the keys and values their attention decompresses,
             which transformers 5 decompresses from its latent cache at every decoding step); options ``block_size``
             (default 512) and ``topk`` (default 3), stored in ``model.config.moba_block_size``/``moba_topk``.
             Decoding keeps the pooled keys of each layer's complete blocks on the transformers cache, so a step reads

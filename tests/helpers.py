@@ -107,8 +107,11 @@ OTHER_ARCHS = {
                   mamba_chunk_size=16),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   num_experts=2, num_experts_per_tok=1, mamba_d_state=8, mamba_dt_rank=8),
-    "zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], mamba_headdim=16, mamba_d_state=16,
-                   n_mamba_heads=8),
+    # (two layers sharing one attention block, each with adapters of its own, which need as many KV heads as query
+    # heads of twice the model's width over the heads, as Zamba2's models have; RoPE)
+    "zamba2": dict(layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], hybrid_layer_ids=[1, 3],
+                   num_hidden_layers=4, num_key_value_heads=4, head_dim=32, mamba_headdim=16, mamba_d_state=16,
+                   n_mamba_heads=8, use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True),
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=32, num_dense_layers=1),

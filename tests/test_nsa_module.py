@@ -9,7 +9,7 @@ from longattn.nsa import NSAConfig, nsa_attention_ref
 from longattn.rollout import _cache_kw
 from helpers import (OTHER_ARCHS, check_cache_reorder, check_packed_equals_separate, check_prompt_lookup_equals_greedy,
                      perturb_attention, replay_decode_step_without_sync, tiny_config, tiny_llama4_pair)
-from longattn.hf.swap import NSA_ARCHS, V5_ARCHS, _attention_name
+from longattn.hf.swap import NSA_ARCHS, V5_ARCHS, _attention_slot
 from longattn.nsa.module import NativeSparseAttention
 
 transformers = pytest.importorskip("transformers")
@@ -135,10 +135,11 @@ def test_window_branch_alone_equals_original_model(arch, device):
     types = getattr(cfg, "layer_types", None) or []
     mixed = "sliding_attention" in types and "full_attention" in types
     # (Gemma 4's and Gemma 3n's KV-shared layers, attending to an earlier layer's keys and values, kept too)
-    assert len(nsa_layers) == sum(_attention_name(layer) is not None and t != "linear_attention" and
+    slots = [_attention_slot(layer) for layer in ref.model.layers]
+    assert len(nsa_layers) == sum(slot is not None and t != "linear_attention" and
                                   not (mixed and t == "sliding_attention") and
-                                  not getattr(getattr(layer, _attention_name(layer)), "is_kv_shared_layer", False)
-                                  for layer, t in zip(ref.model.layers, types or [None] * len(ref.model.layers)))
+                                  not getattr(getattr(*slot), "is_kv_shared_layer", False)
+                                  for slot, t in zip(slots, types or [None] * len(slots)))
     assert len(nsa_layers) >= 1
     with torch.no_grad():
         for attn in nsa_layers:  # (each layer's heads: Laguna's differ)

@@ -466,11 +466,12 @@ def test_rollout_with_sliding_window_layers(kind, device):
 
 @pytest.mark.parametrize("arch,kind", [("qwen3_next", "moba"), ("qwen3_next", "nsa"), ("falcon_h1", "moba"),
                                        ("falcon_h1", "nsa"), ("nemotron_h", "nsa"), ("minimax", "moba"),
-                                       ("minimax", "nsa")])
+                                       ("minimax", "nsa"), ("zamba2", "nsa")])
 def test_rollout_with_linear_attention_layers(arch, kind, device):
     """A hybrid (Qwen3-Next: a linear-attention layer, whose cache is a recurrent state, then a full one under MoBA
     or NSA; Falcon-H1: a Mamba mixer beside the attention in every layer, its cache layers holding keys and values
-    and a recurrent state; Nemotron-H: a Mamba layer, then an attention one without RoPE): the rollout prefills a
+    and a recurrent state; Nemotron-H: a Mamba layer, then an attention one without RoPE; Zamba2: Mamba layers, two
+    of them with an attention block they share, which NSA's module becomes): the rollout prefills a
     padded batch (a packed row would mix the prompts in that state) and equals per-prompt generate, log-probs too;
     packed=True is refused. MiniMax-M1 (a lightning-attention layer, then a full one) decodes with InPlaceCache's form
     of its own cache class; where transformers gives another model one (transformers 4.57's hybrids), the rollout

@@ -350,7 +350,9 @@ def _kept_means(module, k, lens, offsets, block_size: int, q_len: int) -> Option
     B, L, hkv, d = k.shape
     need = (L - 1) // block_size
     store = side_cache(cache, "_longattn_moba", _reorder_means)
-    kept = store.get(module.layer_idx)
+    layer = getattr(module, "_longattn_layer", None)  # (Zamba2's attention blocks: the index they are called with)
+    layer = module.layer_idx if layer is None else layer
+    kept = store.get(layer)
     follows = q_len < L and kept is not None and kept["block_size"] == block_size and \
         kept["means"].shape[0] == B and kept["means"].dtype == k.dtype and kept["means"].device == k.device
     means = kept["means"] if follows else None
@@ -367,7 +369,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, q_len: int) -> Option
         seen = min(kept["kv_len"] - 1, L - q_len)
         tail = (L - 1 - seen) // block_size + 1
     pool_cache_blocks(k, lens, offsets, block_size, means, tail=tail)
-    store[module.layer_idx] = dict(means=means, kv_len=L, block_size=block_size)
+    store[layer] = dict(means=means, kv_len=L, block_size=block_size)
     return means
 
 

@@ -59,10 +59,11 @@ NSA_ARCHS += VL_TEXT_ARCHS
 # blocks; Falcon-H1 with a Mamba mixer beside the attention in each layer) or short convolutions (LFM2): the attention
 # layers take longattn's attention, the others stay as they are
 HYBRID_ARCHS = ("nemotron_h", "granitemoehybrid", "falcon_h1", "bamba", "jamba", "zamba2", "lfm2", "lfm2_moe")
-# NSA's module on those but Zamba2 (whose attention blocks are shared by several layers): Nemotron-H's and Jamba's
-# attention without RoPE, Granite 4.0's with or without, Falcon-H1's keys scaled (key_multiplier), LFM2's q/k norms
-# and output projection under names of their own
-NSA_ARCHS += tuple(a for a in HYBRID_ARCHS if a != "zamba2")
+# NSA's module on those too: Nemotron-H's and Jamba's attention without RoPE, Granite 4.0's with or without, Falcon-H1's
+# keys scaled (key_multiplier), LFM2's q/k norms and output projection under names of their own, Zamba2's attention
+# blocks (each layer's its own NSA module, the q/k/v/o weights and adapters tied as the model ties them; the module
+# keeping each layer's compressed cache under the layer index the model calls it with)
+NSA_ARCHS += HYBRID_ARCHS
 # models with chunked-attention layers (Llama 4's local layers: chunks of config.attention_chunk_size tokens), which
 # transformers marks as not taking flash attention's conventions for that reason alone: longattn's attention takes
 # chunks (flash_attention's chunk_size); MoBA replaces their full-attention layers, the chunked ones stay chunked
@@ -138,16 +139,20 @@ def _whole_kv_shared_inputs(module: nn.Module) -> None:
     module._maybe_slice_kv_shared_inputs = whole
 
 
-def _attention_name(layer: nn.Module) -> Optional[str]:
-    """The attribute of decoder layer ``layer`` holding its attention: ``self_attn`` (JetMoE's ``self_attention``),
-    or ``mixer`` where that is an attention (Nemotron-H's attention blocks); None where it has none (the other layers
-    of hybrids)."""
+def _attention_slot(layer: nn.Module) -> Optional[tuple]:
+    """``(module, attribute)`` holding the attention of decoder layer ``layer``: its ``self_attn`` (JetMoE's
+    ``self_attention``), or ``mixer`` where that is an attention (Nemotron-H's attention blocks), or its shared
+    block's ``self_attn`` (Zamba2's hybrid layers: ``shared_transformer``, whose weights several layers share); None
+    where it has none (the other layers of hybrids)."""
+    shared = getattr(layer, "shared_transformer", None)
+    if isinstance(shared, nn.Module) and getattr(shared, "self_attn", None) is not None:
+        return shared, "self_attn"
     for name in ("self_attn", "self_attention"):
         if getattr(layer, name, None) is not None:
-            return name
+            return layer, name
     mixer = getattr(layer, "mixer", None)
     if mixer is not None and (type(mixer).__name__.endswith("Attention") or hasattr(mixer, "nsa")):
-        return "mixer"
+        return layer, "mixer"
     return None
 
 
@@ -161,14 +166,16 @@ def _attention_modules(lm: nn.Module, layers) -> list:
                 isinstance(getattr(m, "layer_idx", None), int)]
     found = []
     for layer in layers:
-        name = _attention_name(layer)
-        attn = getattr(layer, name) if name else None
+        slot = _attention_slot(layer)
+        attn = getattr(*slot) if slot else None
         found += list(attn) if isinstance(attn, nn.ModuleList) else [attn] if attn is not None else []
     return found
 
 
 def _remember_cache(module, args, kwargs):
     module._longattn_cache = None
+    # (the cache's layer where the model names it in the call: Zamba2's attention blocks, whose own layer_idx is -1)
+    module._longattn_layer = kwargs.get("layer_idx")
     for name in CACHE_KWARGS:  # (a loop: TorchDynamo before torch 2.6 cannot trace next() with a default)
         if kwargs.get(name) is not None:
             module._longattn_cache = kwargs[name]
@@ -176,12 +183,13 @@ def _remember_cache(module, args, kwargs):
 
 
 def _forget_cache(module, args, kwargs, output):
-    module._longattn_cache = None
+    module._longattn_cache = module._longattn_layer = None
 
 
 def _record_cache(attn: nn.Module) -> None:
     """Let the attention function see the transformers cache ``attn`` is called with (``attn._longattn_cache``
-    during its forward): MoBA keeps the pooled keys of the cache's blocks there between decoding steps."""
+    during its forward, and the cache's layer index where the call names it, ``attn._longattn_layer``): MoBA keeps
+    the pooled keys of the cache's blocks there between decoding steps."""
     if getattr(attn, "_longattn_records_cache", False):
         return
     attn.register_forward_pre_hook(_remember_cache, with_kwargs=True)
@@ -217,8 +225,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             Helium, CWM, Hunyuan V3, Sarvam-MoE, Nemotron-4, BitNet, Granite (MoE) with sliding windows, MiMo-V2-Flash,
             Gemma 4 and Gemma 3n (their KV-shared layers kept), StableLM, HyperCLOVA X, Jais 2, Mellum, NanoChat,
             Kolibri, JetMoE, AFMoE, Laguna, Flint (``NSA_DECODER_ARCHS``), the attention layers of the hybrids
-            Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba and LFM2 / LFM2-MoE (their Mamba and convolution layers
-            kept) and the language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
+            Nemotron-H, Granite 4.0, Falcon-H1, Bamba, Jamba, Zamba2 (its shared attention blocks: an NSA module per
+            layer calling one) and LFM2 / LFM2-MoE (their Mamba and convolution layers kept) and the language models
+            of Qwen2-VL, Qwen2.5-VL and Qwen3-VL): each attention becomes a
             :class:`longattn.nsa.module.NativeSparseAttention` keeping the q/k/v/o weights (and q/k norms), with new
             compressor and gate parameters (every gate 1/3 at first: the branches' average); option ``config`` (an
             ``NSAConfig``). A model mixing sliding-window and full-attention layers (Gemma 2 / 3, OLMo-3, EXAONE-4,
@@ -324,27 +333,27 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
         # every new layer built before any is put in (a layer the module refuses leaves the model as it was)
         new = []
         for i, layer in enumerate(layers):
-            name = _attention_name(layer)
-            if keep_sliding and types[i] == "sliding_attention" or name is None or \
+            slot = _attention_slot(layer)
+            if keep_sliding and types[i] == "sliding_attention" or slot is None or \
                     types is not None and types[i] in ("linear_attention", "chunked_attention"):
                 # (hybrids: the linear-attention and Mamba layers; MiniMax-M1's lightning attention; Llama 4's chunked
                 # layers, local already)
                 continue
-            attn = getattr(layer, name)
+            attn = getattr(*slot)
             if arch in CHUNKED_ARCHS and getattr(attn, "use_rope", False):
                 continue  # (Llama 4: its RoPE layers, chunked or, without chunks, full, rotate by complex frequencies)
             if getattr(attn, "is_kv_shared_layer", False):
                 continue  # (Gemma 4's and 3n's layers that attend to an earlier layer's keys and values: NSA's there)
             if not isinstance(attn, NativeSparseAttention):
-                new.append((layer, name, NativeSparseAttention(attn, config)))
+                new.append((*slot, NativeSparseAttention(attn, config)))
             elif attn.nsa != config:
                 raise ValueError(f"this model's NSA layers have {attn.nsa}, not {config}")
         if types is not None and not keep_sliding and "sliding_attention" in types:
             cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in types]
         elif types is None and getattr(cfg, "sliding_window", None) is not None:
             cfg.sliding_window = None
-        for layer, name, module in new:
-            setattr(layer, name, module)
+        for parent, name, module in new:
+            setattr(parent, name, module)
         _set_impl(model, "longattn", text_key)  # 2-D padding masks
         options = {"config": dataclasses.asdict(config)}
     else:

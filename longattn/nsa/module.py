@@ -2,7 +2,8 @@
 fused projection, OLMo-2's, Hunyuan's, Gemma 3's and LFM2's q/k norms, SmolLM3's, EXAONE-4's, Nemotron-H's and Jamba's
 layers without RoPE, the gated output of Qwen3-Next's and Qwen3.5's full-attention layers, Falcon-H1's scaled keys,
 gpt-oss's attention sinks, MiMo-V2-Flash's narrower values, Gemma 4's global layers, Gemma 3n's and StableLM's, Gemma
-2's soft-capped logits, JetMoE's mixture of attention heads, AFMoE's and Laguna's gated outputs).
+2's soft-capped logits, JetMoE's mixture of attention heads, AFMoE's and Laguna's gated outputs, Zamba2's attention
+blocks shared by several layers: their adapters per layer, the cache's layer the index the model calls them with).
 
 Parameters: the layer's q/k/v/o projections (shared, so their weights carry over; q/k norms and sinks too), a
 learnable compressor per K and V (an intra-block position embedding plus a linear map of the flattened block,
@@ -185,6 +186,13 @@ class NativeSparseAttention(nn.Module):
         # 1 + attn_scale * log(1 + floor((t + 1) / floor_scale)) at cache position t
         self._temperature = ((attn.attn_scale, attn.floor_scale) if getattr(attn, "attn_temperature_tuning", False)
                              and not self._use_rope else None)
+        # Zamba2's attention blocks, each shared by several layers: low-rank adapters added to their q/k/v projections,
+        # one per layer the block serves (by the model's layer index: layer_dic), kept under their names
+        self._adapter_slots = getattr(attn, "layer_dic", None) if getattr(
+            hf_cfg, "use_shared_attention_adapter", False) else None
+        if self._adapter_slots is not None:
+            for name in ("linear_q_adapter_list", "linear_k_adapter_list", "linear_v_adapter_list"):
+                setattr(self, name, getattr(attn, name))
         # a norm of the attention's output before o_proj (BitNet)
         self.attn_sub_norm = getattr(attn, "attn_sub_norm", None)
         # a gate on the attention's output from a projection of its own: AFMoE's sigmoid of gate_proj (per value),
@@ -208,7 +216,9 @@ class NativeSparseAttention(nn.Module):
             with torch.no_grad():  # (d, l*d): the mean over the block
                 lin.weight.copy_(torch.eye(d, dtype=dtype, device=device).repeat(1, l) / l)
             setattr(self, f"{name}_compress", lin)
-        self.gate = nn.Linear(hf_cfg.hidden_size, 3 * self.num_heads, dtype=dtype, device=device)
+        # (on the attention's input: Zamba2's is twice the model's width, the hidden states and the embeddings)
+        width = getattr(attn, "attention_hidden_size", None) or hf_cfg.hidden_size
+        self.gate = nn.Linear(width, 3 * self.num_heads, dtype=dtype, device=device)
         # every gate 1/3 at first: the gated sum an average of the branches, at the scale of the attention replaced
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -math.log(2.0))
@@ -247,7 +257,7 @@ class NativeSparseAttention(nn.Module):
         blocks = x[device_tensor(rows, torch.long, dev)[:, None], tok].transpose(1, 2) + pos  # (N, H, l, D)
         return lin(blocks.flatten(-2))
 
-    def _project(self, hidden_states: torch.Tensor):
+    def _project(self, hidden_states: torch.Tensor, layer: int):
         """q (B, H, T, D), k (B, Hkv, T, D) and v (B, Hkv, T, Dv) of the layer's projections and q/k norms, before
         RoPE, the output gate's logits (B, T, H * D) (None without one) and a mixture of attention heads' routing
         (None without one)."""
@@ -263,6 +273,11 @@ class NativeSparseAttention(nn.Module):
         else:
             q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
             v = k if self._values_are_keys else self.v_proj(hidden_states)
+        if self._adapter_slots is not None:  # (Zamba2: the adapters of the layer calling the shared block)
+            i = self._adapter_slots[layer]
+            q = q + self.linear_q_adapter_list[i](hidden_states)
+            k = k + self.linear_k_adapter_list[i](hidden_states)
+            v = v + self.linear_v_adapter_list[i](hidden_states)
         if self._output_gate:
             q, gate = q.view(B, T, H, 2 * D).chunk(2, -1)
             q, gate = q.reshape(B, T, H * D), gate.reshape(B, T, H * D)
@@ -288,7 +303,11 @@ class NativeSparseAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         B, T = hidden_states.shape[:2]
         H = self.num_heads
-        q, k, v, out_gate, routing = self._project(hidden_states)
+        # the cache's layer: the attention's own, or where an attention block serves several layers (Zamba2's shared
+        # blocks) the index the model calls it with
+        layer = kwargs.get("layer_idx")
+        layer = self.layer_idx if layer is None else layer
+        q, k, v, out_gate, routing = self._project(hidden_states, layer)
         if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings
             r = self._rotary_dims
@@ -302,24 +321,24 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate(hidden_states)).view(B, T, 3, H)
         if cache is not None:
             check_cache_supported(cache, "nsa")
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        past = cache.get_seq_length(layer) if cache is not None else 0
         if self._temperature is not None:  # (by the cache's columns, padding included, as Llama 4 does)
             attn_scale, floor_scale = self._temperature
             t = torch.arange(past, past + T, device=q.device, dtype=torch.float32)
             q = (q * (torch.log1p(torch.floor((t + 1.0) / floor_scale)) * attn_scale + 1.0)[:, None]).to(q.dtype)
         if past:
-            check_not_packed(cache, self.layer_idx)
+            check_not_packed(cache, layer)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, L, D) with the new tokens
+            k, v = cache.update(k, v, layer)  # (B, Hkv, L, D) with the new tokens
         if self._shares_kv and kwargs.get("shared_kv_states") is not None:
             kwargs["shared_kv_states"][self._kv_key] = k, v
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
         k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]
         if past == 0:
-            out = self._prefill(q, k, v, gates, self._segments(attention_mask, kwargs, B, T), cache)
+            out = self._prefill(q, k, v, gates, self._segments(attention_mask, kwargs, B, T), cache, layer)
         else:
-            out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache)
+            out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache, layer)
         out = out.reshape(B, T, H * self.v_head_dim)
         if out_gate is not None:
             out = out * torch.sigmoid(out_gate)
@@ -361,7 +380,7 @@ class NativeSparseAttention(nn.Module):
         cu, lens = packed_segments(kwargs, B, T, T)
         return None if cu is None else [(0, s, n) for s, n in zip(itertools.accumulate([0] + lens), lens)]
 
-    def _prefill(self, q, k, v, gates, segments, cache):
+    def _prefill(self, q, k, v, gates, segments, cache, layer: int):
         """``segments``: None when every row is one whole sequence, else (row, start, length) of each sequence (left
         padding: one per row, at its end; right padding: at its start; a packed row: several)."""
         B, T, H, D = q.shape
@@ -370,7 +389,7 @@ class NativeSparseAttention(nn.Module):
             kc = self.compress(k, self.k_pos, self.k_compress)
             vc = self.compress(v, self.v_pos, self.v_compress)
             if cache is not None:
-                self._store(cache, [kc[b] for b in range(B)], [vc[b] for b in range(B)])
+                self._store(cache, layer, [kc[b] for b in range(B)], [vc[b] for b in range(B)])
             return nsa_attention(q, k, v, *g, config=self.nsa, k_cmp=kc, v_cmp=vc, scale=self.scaling,
                                  sinks=self.sinks, softcap=self.softcap)
         kc = self._compress_segments(k, self.k_pos, self.k_compress, segments)
@@ -381,11 +400,11 @@ class NativeSparseAttention(nn.Module):
                     softcap=self.softcap)
         if len(segments) > B:  # one packed row: its tokens are already the varlen layout
             if cache is not None:
-                mark_packed(cache, self.layer_idx)
+                mark_packed(cache, layer)
             return nsa_attention(q[0], k[0], v[0], *(x[0] for x in g), **opts)[None]
         if cache is not None:
             counts = [self.nsa.num_cmp_blocks(n) for n in lens]
-            self._store(cache, list(kc.split(counts)), list(vc.split(counts)))
+            self._store(cache, layer, list(kc.split(counts)), list(vc.split(counts)))
         sel = torch.zeros(B, T, dtype=torch.bool, device=q.device)
         for b, s, n in segments:
             sel[b, s:s + n] = True
@@ -394,15 +413,14 @@ class NativeSparseAttention(nn.Module):
         out[sel] = packed
         return out
 
-    def _store(self, cache, kc: list, vc: list) -> None:
-        """Keep each row's compressed blocks (kc[b], vc[b]: (n_b, Hkv, D)) on the transformers cache, with room to
-        grow."""
+    def _store(self, cache, layer: int, kc: list, vc: list) -> None:
+        """Keep each row's compressed blocks (kc[b], vc[b]: (n_b, Hkv, D)) on the transformers cache (as the blocks
+        of its ``layer``), with room to grow."""
         counts = [c.shape[0] for c in kc]
         cap = max(counts) + 8
         pad = lambda parts: torch.stack([torch.cat([c.detach(), c.new_zeros(cap - c.shape[0], *c.shape[1:])])
                                          for c in parts])
-        side_cache(cache, "_longattn_nsa", _reorder_compressed)[self.layer_idx] = {"k": pad(kc), "v": pad(vc),
-                                                                                     "n": counts}
+        side_cache(cache, "_longattn_nsa", _reorder_compressed)[layer] = {"k": pad(kc), "v": pad(vc), "n": counts}
 
     def _compress_one_block(self, k, v, store, rows: list, starts: list) -> None:
         """Compress, for each row b of ``rows``, the block of cmp_block tokens at cache row ``starts[i]`` into its
@@ -416,7 +434,7 @@ class NativeSparseAttention(nn.Module):
             blocks = x[rows_t[:, None], tok].permute(0, 2, 1, 3) + pos  # (R, H, l, D)
             store[name][rows_t, slot] = lin(blocks.flatten(-2))
 
-    def _decode(self, q, k, v, gates, real, cache):
+    def _decode(self, q, k, v, gates, real, cache, layer: int):
         """New tokens after a cached prefix (one per row when decoding; a chunk, speculative tokens): up to
         NSA_DECODE_TOKENS a row in one :func:`nsa_decode` call, each token a query row of its own, more through
         :func:`nsa_attention` (see _chunk); the compressed cache is extended first with the blocks the new tokens
@@ -426,7 +444,7 @@ class NativeSparseAttention(nn.Module):
         L = k.shape[1]
         lens = real if real is not None else [L] * B
         new = [min(T, n) for n in lens]  # each row's real new tokens (the last ones: left padding)
-        store = cache._longattn_nsa[self.layer_idx]
+        store = cache._longattn_nsa[layer]
         # the blocks complete before these tokens are all the kept ones when decoding goes on; fewer when the cache
         # was cut back (assisted decoding rejecting draft tokens: transformers' cache.crop): those past them are
         # dropped, they were compressed from tokens no longer there

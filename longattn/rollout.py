@@ -25,7 +25,7 @@ import torch
 
 from .hf.attention import known_left_padding
 from .hf.cache import InPlaceCache
-from .kernels.utils import check_bool, device_tensor, read_back_later
+from .kernels.utils import FLOAT8_DTYPES, check_bool, device_tensor, read_back_later
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
@@ -212,7 +212,7 @@ def _prompt_groups(lens: list, chunk: Optional[int]) -> list:
     return groups
 
 
-def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None):
+def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None, cache_dtype=None):
     """Prefill the prompts packed in a row (a row per group of ``chunk`` tokens at most, a longer prompt alone in a
     row it fills ``chunk`` tokens at a time); return last-token logits (B, V) and a left-padded cache that expects
     ``capacity`` tokens per row at most."""
@@ -238,7 +238,7 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
             ks[layer_idx] += layer.keys[0].transpose(0, 1).split(glens)  # per prompt (n, H, D)
             vs[layer_idx] += layer.values[0].transpose(0, 1).split(glens)
         del packed, out
-    cache = _decoding_cache(model, capacity)
+    cache = _decoding_cache(model, capacity, cache_dtype)
     longest = max(lens)
     for layer_idx, (k, v) in enumerate(zip(ks, vs)):
         cache.update(_left_pad(k, longest).transpose(1, 2), _left_pad(v, longest).transpose(1, 2), layer_idx)
@@ -246,19 +246,19 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
     return torch.cat(logits), cache
 
 
-def _decoding_cache(model, max_cache_len: int):
+def _decoding_cache(model, max_cache_len: int, cache_dtype=None):
     """The cache the rollout decodes with: ``InPlaceCache.for_model`` (benchmarks put another in its place)."""
-    return InPlaceCache.for_model(model, max_cache_len)
+    return InPlaceCache.for_model(model, max_cache_len, cache_dtype)
 
 
-def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None):
+def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None, cache_dtype=None):
     """Prefill the prompts left-padded to the longest (``chunk`` tokens of the batch at a time: as many columns
     as make them, one at least); return last-token logits (B, V) and the cache."""
     longest = max(lens)
     ids = _left_pad(prompts, longest)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = _decoding_cache(model, capacity)
+    cache = _decoding_cache(model, capacity, cache_dtype)
     step = longest if chunk is None else max(1, chunk // len(prompts))
     for a in range(0, longest, step):
         out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step], position_ids=pos[:, a:a + step],
@@ -297,7 +297,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
              min_p: Optional[float] = None, num_samples: int = 1, packed: Optional[bool] = None,
              drop_finished: bool = True, prefill_chunk: Optional[int] = None, logprobs_mode: str = "raw",
-             stop_sequences: Optional[Sequence[Sequence[int]]] = None) -> Rollout:
+             stop_sequences: Optional[Sequence[Sequence[int]]] = None,
+             cache_dtype: Optional[torch.dtype] = None) -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
@@ -333,6 +334,14 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         logprobs_mode: ``"raw"`` (default): the log-probabilities of the model at temperature 1; ``"processed"``:
             those of the distribution each token was drawn from (temperature, top_k, top_p and min_p applied: the
             behaviour policy's, for importance ratios; 0 when greedy).
+        cache_dtype: None (default: the model's), or ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: decode with the
+            keys and values cached in float8 (``InPlaceCache``'s ``cache_dtype``: half the cache's memory and of
+            the bytes a decoding step reads; scale 1, saturated to the format's range), for models whose attention
+            is longattn's flash attention (``swap_attention(model, "flash")``); the prompts' prefill attends to the
+            unquantised keys (packed) or to the quantised ones (padded: hybrids, sliding-window models). The
+            completions and log-probs are those of the quantised cache (not the 16-bit model's: the log-probs of a
+            training forward differ by the quantisation); ValueError for another attention (MLA's module quantises
+            its latent cache itself: ``swap_attention(model, "mla", cache_dtype=...)``).
     Returns:
         :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated
         token, see ``logprobs_mode``), ``len(prompts) * num_samples`` of each, the samples of a prompt one after
@@ -362,10 +371,17 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+    if cache_dtype is not None:
+        if cache_dtype not in FLOAT8_DTYPES:
+            raise TypeError(f"cache_dtype must be None, torch.float8_e4m3fn or torch.float8_e5m2, got {cache_dtype!r}")
+        if _attn_impl(model) != "longattn" or _own_modules(model):
+            raise ValueError("cache_dtype (a float8 KV cache) needs the model's attention to be longattn's flash "
+                             "attention (swap_attention(model, 'flash')), whose decoding reads float8 caches; this "
+                             f"model's is {'an MLA or NSA module' if _own_modules(model) else repr(_attn_impl(model))}")
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,
-                       logprobs_mode=logprobs_mode, stop_sequences=stops)
+                       logprobs_mode=logprobs_mode, stop_sequences=stops, cache_dtype=cache_dtype)
         res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
         res.num_samples = num_samples
@@ -391,8 +407,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     t0 = _clock(device)
     # the most tokens the cache holds: the longest prompt (rows are left-padded to it) and every new token but the
     # last (never fed)
-    logits, cache = (_packed_prefill if use_packed else _padded_prefill)(model, prompts, lens,
-                                                                        max(lens) + max_new_tokens - 1, prefill_chunk)
+    logits, cache = (_packed_prefill if use_packed else _padded_prefill)(
+        model, prompts, lens, max(lens) + max_new_tokens - 1, prefill_chunk, cache_dtype)
     longest = max(lens)
     # (boolean: transformers takes it as it is, so that the attention finds it marked by known_left_padding)
     mask = _left_pad([torch.ones_like(p, dtype=torch.bool) for p in prompts], longest)

@@ -160,3 +160,89 @@ def test_in_place_cache_for_minimax(device):
         InPlaceCache.for_model(cfg)
     with pytest.raises(ValueError, match="cache class of its own"):
         InPlaceCache.for_model(types.SimpleNamespace(config=LlamaConfig(), _supports_default_dynamic_cache=lambda: False))
+
+
+class _RoundedCache(DynamicCache):
+    """DynamicCache keeping its keys and values rounded through ``fp8`` (saturated to its range) in their own dtype:
+    the values a float8 InPlaceCache holds, for attention that does not read float8."""
+
+    def __init__(self, config, fp8):
+        super().__init__(config=config)
+        self.fp8 = fp8
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        top = torch.finfo(self.fp8).max
+        r = lambda x: x.clamp(-top, top).to(self.fp8).to(x.dtype)
+        return super().update(r(key_states), r(value_states), layer_idx, *args, **kwargs)
+
+
+def test_float8_in_place_cache():
+    """A float8 cache_dtype stores the keys and values saturated to the format's range (a plain conversion makes NaN
+    beyond it), keeps them through growth, crops, reordering and batch selection, and refuses other dtypes."""
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    fp8 = torch.float8_e4m3fn
+    cache = InPlaceCache(config=cfg, max_cache_len=4, cache_dtype=fp8)
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 2, 5, 16) * 100, torch.randn(3, 2, 5, 16)
+    k[0, 0, 0, 0] = 1e4
+    for t in (slice(0, 3), slice(3, 4), slice(4, 5)):  # (past max_cache_len: it grows)
+        keys, values = cache.update(k[:, :, t], v[:, :, t], 0)
+    want = lambda x: x.clamp(-448, 448).to(fp8).float()
+    assert keys.dtype == values.dtype == fp8 and not keys.float().isnan().any()
+    assert keys.float()[0, 0, 0, 0] == 448
+    assert torch.equal(keys.float(), want(k)) and torch.equal(values.float(), want(v))
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    held = cache.layers[0].keys.float()
+    assert torch.equal(held, want(k)[[2, 1]])
+    cache.crop(-2)  # (5 tokens -> 3)
+    keys, _ = cache.update(k[[2, 1], :, :1], v[[2, 1], :, :1], 0)
+    assert keys.shape[2] == 4 and torch.equal(keys.float()[:, :, :3], held[:, :, :3])
+    with pytest.raises(TypeError, match="cache_dtype must be None or a float8 dtype"):
+        InPlaceCache(config=cfg, cache_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_generate_with_float8_cache(fp8, device, monkeypatch):
+    """longattn's flash attention decodes from a float8 InPlaceCache in its kernels (flash_decode on the left-padded
+    cache, one token a step and several: prompt lookup's drafts): the tokens and logits of attention over the same
+    keys and values rounded in float32, which differ from the unquantised cache's. MoBA's attention and NSA's and
+    MLA's modules refuse such a cache."""
+    from longattn.hf import attention as hf_attention
+
+    model = _swapped("flash", device)
+    decode = hf_attention.flash_decode
+    reads = []
+    monkeypatch.setattr(hf_attention, "flash_decode", lambda q, k, *a, **kw: reads.append(
+        (q.shape[1], k.dtype)) or decode(q, k, *a, **kw))
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (2, 37)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = model.generate(ids, **{_cache_kw(model): InPlaceCache(config=model.config, cache_dtype=fp8)}, **kw)
+        ref = model.generate(ids, **{_cache_kw(model): _RoundedCache(model.config, fp8)}, **kw)
+        plain = model.generate(ids, **kw)
+    assert reads and all(d == fp8 for _, d in reads)
+    assert torch.equal(ours.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(torch.stack(ours.logits), torch.stack(plain.logits), atol=1e-3, rtol=1e-3)
+    # several new tokens a row: prompt lookup's drafts verified in one forward
+    reads.clear()
+    rep = torch.randint(1, 128, (1, 12), device=device).repeat(1, 4)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = model.generate(rep, prompt_lookup_num_tokens=4, **kw,
+                              **{_cache_kw(model): InPlaceCache(config=model.config, cache_dtype=fp8)})
+        ref = model.generate(rep, **kw, **{_cache_kw(model): _RoundedCache(model.config, fp8)})
+    assert max(s for s, _ in reads) > 1
+    n = ref.sequences.shape[1]
+    assert torch.equal(ours.sequences[:, :n], ref.sequences)
+    for kind in ("moba", "nsa", "mla"):
+        other = _swapped(kind, device)
+        with torch.no_grad(), pytest.raises(ValueError, match="float8 KV cache"):
+            other.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0,
+                           **{_cache_kw(other): InPlaceCache(config=other.config, cache_dtype=fp8)})

@@ -15,8 +15,10 @@ from typing import Optional
 import torch
 import transformers
 
+from ..kernels.decode import MAX_QUERY_TOKENS, flash_decode
 from ..kernels.flash import flash_attention
-from ..kernels.utils import device_tensor
+from ..kernels.utils import FLOAT8_DTYPES, device_tensor
+from .cache import quantised_cache
 from ..moba.ops import moba_attention, moba_decode, pool_cache_blocks
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
@@ -294,7 +296,12 @@ _STATIC_CACHE_NEEDS_V5 = int(transformers.__version__.split(".")[0]) < 5
 
 def check_cache_supported(cache, kind: str) -> None:
     """The modules keeping state beside the cache (``"nsa"``, ``"mla"``) read a static cache's written slots from
-    what transformers 5 passes; refuse one under transformers 4 rather than attend to unwritten slots."""
+    what transformers 5 passes; refuse one under transformers 4 rather than attend to unwritten slots. They refuse a
+    float8 cache (``InPlaceCache``'s ``cache_dtype``)."""
+    if quantised_cache(cache):
+        raise ValueError(f"swap_attention(model, {kind!r})'s attention does not read a float8 KV cache (InPlaceCache's "
+                         "cache_dtype)" + (": its module quantises its own latent cache, swap_attention(model, 'mla', "
+                                           "cache_dtype=...)" if kind == "mla" else ""))
     if _STATIC_CACHE_NEEDS_V5 and getattr(cache, "is_compileable", False):
         raise ValueError(f"past_key_values: swap_attention(model, {kind!r}) with a static cache "
                          f"({type(cache).__name__}) needs transformers >= 5 (found {transformers.__version__}); "
@@ -434,6 +441,9 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
     B, q_len = q.shape[0], q.shape[1]
+    if k.dtype in FLOAT8_DTYPES and kind == "moba":
+        raise ValueError("MoBA's attention does not read a float8 KV cache (InPlaceCache's cache_dtype); longattn's "
+                         "flash attention ('longattn') does")
     if chunk and attention_mask is not None and attention_mask.shape[1] > k.shape[1]:
         attention_mask, opts["chunk_offsets"] = _chunk_offsets(attention_mask, k.shape[1])
         opts["validate"] = False  # (the offsets come from the mask: no host read to check them)
@@ -444,6 +454,16 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     # with sinks the ops also return their lse, (B, H, T) in the dense layout and (H, total) in the varlen one
     dense = (lambda r: _with_sinks(r[0], r[1].transpose(1, 2), sinks)) if sinks is not None else (lambda r: r)
     varlen = (lambda r: _with_sinks(r[0], r[1].t(), sinks)) if sinks is not None else (lambda r: r)
+    if k.dtype in FLOAT8_DTYPES or v.dtype in FLOAT8_DTYPES:  # a quantised cache (InPlaceCache's cache_dtype)
+        if cu is not None or attention_mask is not None and pad is None:
+            raise ValueError("a float8 KV cache serves batches of whole or left-padded rows, not packed or "
+                             "right-padded ones")
+        if q_len <= MAX_QUERY_TOKENS and q_len < kv_len:  # decoding: the kernels read the float8 cache as it is
+            lens = kv_len - pad if pad is not None else torch.full((B,), kv_len, dtype=torch.int32, device=q.device)
+            extra = {n: opts[n] for n in ("window", "chunk_size", "chunk_offsets", "return_lse") if n in opts}
+            return dense(flash_decode(q, k, v, cache_seqlens=lens, cache_offsets=pad, scale=scaling,
+                                      softcap=softcap, validate=False, **extra))
+        k, v = k.to(q.dtype), v.to(q.dtype)  # (a prefill, a long chunk: the cache's tokens widened, a copy)
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):

@@ -5,7 +5,9 @@ the whole cache of every layer (read and written once more), which at long conte
 attention itself reads, and a sparse attention's step (MoBA, NSA: a few blocks of the cache) becomes O(T) all the
 same. ``InPlaceCache`` keeps each full-attention layer's keys and values in storage with room to spare, writes
 the new tokens into it and hands the attention views of the tokens held (strided along the sequence: longattn's
-kernels, SDPA and eager attention read them as they are). A step then copies only its own tokens.
+kernels, SDPA and eager attention read them as they are). A step then copies only its own tokens. With a float8
+``cache_dtype`` it keeps them quantised (half the bytes of a 16-bit cache), which longattn's flash attention
+(``"longattn"``) decodes from as they are.
 """
 from __future__ import annotations
 
@@ -16,6 +18,24 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.configuration_utils import PretrainedConfig
 
+from ..kernels.utils import FLOAT8_DTYPES
+
+
+def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """x as stored in a cache of ``dtype``: a float8 cache keeps x saturated to its finite range (a plain conversion
+    makes NaN of what lies beyond), at scale 1; other dtypes take x as it is."""
+    if dtype is None or dtype not in FLOAT8_DTYPES or x.dtype == dtype:
+        return x
+    top = torch.finfo(dtype).max
+    return x.clamp(-top, top).to(dtype)
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` (float8 through its bytes: torch 2.5 selects no float8 rows)."""
+    if x.dtype in FLOAT8_DTYPES:
+        return x.view(torch.uint8).index_select(0, index).view(x.dtype)
+    return x.index_select(0, index)
+
 
 class InPlaceLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values ``(B, H, L, D)`` are views of the first L tokens of storage
@@ -25,14 +45,18 @@ class InPlaceLayer(DynamicLayer):
     written about five times in all, where concatenation copies the whole cache at every step).
 
     Whatever transformers assigns to ``keys``/``values`` (batch selection, offloading, a prefix when it crops) is
-    taken as it is: a prefix of the storage keeps the room behind it, another tensor becomes the storage."""
+    taken as it is: a prefix of the storage keeps the room behind it, another tensor becomes the storage.
+
+    ``cache_dtype`` (default: the keys' own) a float8 dtype: the keys and values are stored in it (saturated to its
+    range, scale 1, as an uncalibrated float8 KV cache), and handed out so."""
 
     _k: Optional[torch.Tensor] = None
     _v: Optional[torch.Tensor] = None
     _n = 0  # tokens held
 
-    def __init__(self, reserve: Optional[int] = None):
+    def __init__(self, reserve: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None):
         self.reserve = reserve
+        self.cache_dtype = cache_dtype
         super().__init__()
 
     @property
@@ -75,8 +99,8 @@ class InPlaceLayer(DynamicLayer):
         n, t = self._n, key_states.shape[2]
         if not self._fits(self._k, key_states, n + t) or not self._fits(self._v, value_states, n + t):
             self._grow(n + t, key_states, value_states)
-        self._k[:, :, n:n + t].copy_(key_states)
-        self._v[:, :, n:n + t].copy_(value_states)
+        self._k[:, :, n:n + t].copy_(_quantised(key_states, self.cache_dtype))
+        self._v[:, :, n:n + t].copy_(_quantised(value_states, self.cache_dtype))
         self._n = n + t
         return self.keys, self.values
 
@@ -94,8 +118,8 @@ class InPlaceLayer(DynamicLayer):
         capacity = need + max(need // 4, 256)
         if self.reserve is not None and need <= self.reserve:
             capacity = min(capacity, self.reserve)
-        k = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[3])
-        v = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[3])
+        k = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[3], dtype=self.cache_dtype)
+        v = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[3], dtype=self.cache_dtype)
         if held:
             k[:, :, :held] = self.keys
             v[:, :, :held] = self.values
@@ -106,7 +130,7 @@ class InPlaceLayer(DynamicLayer):
         if not self._n:
             return
         index = index.to(self._k.device)
-        k, v = self.keys.index_select(0, index), self.values.index_select(0, index)
+        k, v = _take_rows(self.keys, index), _take_rows(self.values, index)
         self._k = self._k.new_empty(k.shape[0], *self._k.shape[1:])
         self._v = self._v.new_empty(v.shape[0], *self._v.shape[1:])
         self._k[:, :, :self._n] = k
@@ -140,35 +164,60 @@ class InPlaceCache(DynamicCache):
             allocation leaves a quarter more room than needed (at least 256 tokens), but none beyond this bound
             while it holds (a short generation allocates once, exactly; a long one, which may stop early, grows
             as it goes instead of reserving its longest length up front).
+        cache_dtype: None (default: the keys' and values' own dtype), or ``torch.float8_e4m3fn`` /
+            ``torch.float8_e5m2``: the full-attention layers keep their keys and values quantised (half the bytes of
+            a 16-bit cache, at scale 1: saturated to the format's range, e4m3's 448, e5m2's 57344), and longattn's
+            flash attention (``attn_implementation="longattn"``, ``swap_attention(model, "flash")``) decodes from
+            them as they are, in its kernels (``flash_decode``'s float8 caches: half the bytes read a step); a
+            prefill or a chunk of more than 16 tokens a row after a cached prefix attends to them widened to the
+            queries' dtype (a copy). MoBA's attention and NSA's and MLA's modules refuse such a cache (ValueError;
+            MLA's module quantises its latent cache itself: ``swap_attention(model, "mla", cache_dtype=...)``).
 
     ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``
     takes one too. Views of the storage are handed out, so a tensor returned by one step sees the tokens a later
     step writes past its end only if the cache was cut back (``crop``) in between.
     """
 
-    def __init__(self, config=None, max_cache_len: Optional[int] = None, **kwargs):
+    def __init__(self, config=None, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
+                 **kwargs):
         _check_max_len(max_cache_len)
+        _check_cache_dtype(cache_dtype)
         if config is not None and not isinstance(config, PretrainedConfig):
             raise TypeError(f"config must be a transformers config (the model's) or None, got {type(config).__name__}")
         super().__init__(config=config, **kwargs)
+        self.cache_dtype = cache_dtype
         if self.layer_class_to_replicate is not None:  # no config: layers added as the model updates them
-            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len)
-        self.layers = [InPlaceLayer(max_cache_len) if type(layer) is DynamicLayer else layer for layer in self.layers]
+            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len, cache_dtype)
+        self.layers = [InPlaceLayer(max_cache_len, cache_dtype) if type(layer) is DynamicLayer else layer
+                       for layer in self.layers]
 
     @staticmethod
-    def for_model(model, max_cache_len: Optional[int] = None) -> "InPlaceCache":
+    def for_model(model, max_cache_len: Optional[int] = None,
+                  cache_dtype: Optional[torch.dtype] = None) -> "InPlaceCache":
         """An ``InPlaceCache`` for ``model``: of the cache class of its own that transformers gives a model whose
         ``DynamicCache`` would not hold its layers' state (MiniMax-M1: its lightning-attention layers' states),
-        else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len)``. Raises ValueError for another model
-        with a cache class of its own, TypeError for what has no transformers config."""
+        else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len, cache_dtype=cache_dtype)``. Raises
+        ValueError for another model with a cache class of its own, TypeError for what has no transformers config."""
         if not isinstance(getattr(model, "config", None), PretrainedConfig):
             raise TypeError(f"model must be a transformers model (with its config), got {type(model).__name__}")
         if getattr(model, "_supports_default_dynamic_cache", lambda: True)():
-            return InPlaceCache(config=model.config, max_cache_len=max_cache_len)
+            return InPlaceCache(config=model.config, max_cache_len=max_cache_len, cache_dtype=cache_dtype)
         if getattr(model.config, "model_type", None) == "minimax":
-            return _minimax_cache_class()(model.config, max_cache_len)
+            return _minimax_cache_class()(model.config, max_cache_len, cache_dtype)
         raise ValueError(f"this {model.config.model_type} model needs a cache class of its own (transformers' "
                          "DynamicCache does not hold its layers' state), which InPlaceCache does not provide")
+
+
+def _check_cache_dtype(cache_dtype) -> None:
+    if cache_dtype is not None and cache_dtype not in FLOAT8_DTYPES:
+        raise TypeError(f"cache_dtype must be None or a float8 dtype (torch.float8_e4m3fn, torch.float8_e5m2), got "
+                        f"{cache_dtype!r}")
+
+
+def quantised_cache(cache) -> bool:
+    """Whether transformers cache ``cache`` keeps its keys and values in float8 (an ``InPlaceCache`` with a float8
+    ``cache_dtype``)."""
+    return getattr(cache, "cache_dtype", None) in FLOAT8_DTYPES
 
 
 def _check_max_len(max_cache_len) -> None:
@@ -190,10 +239,12 @@ def _minimax_cache_class():
         batch's decoding steps then got a mask of one column, which masked every key of a padded row or none.
         ``reorder_cache`` reorders the states' rows too."""
 
-        def __init__(self, config, max_cache_len: Optional[int] = None):
+        def __init__(self, config, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None):
             _check_max_len(max_cache_len)
+            _check_cache_dtype(cache_dtype)
             MiniMaxCache.__init__(self)  # (layers added as the model updates them)
-            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len)
+            self.cache_dtype = cache_dtype
+            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len, cache_dtype)
             types = list(getattr(config, "layer_types", None) or [])
             self._kv_layers = [i for i, t in enumerate(types) if t != "linear_attention"] or [0]
 

@@ -7,7 +7,8 @@ the same random model with its attention swapped (`swap_attention`; `mla`: longa
 `mla_prefill`, decoding in the absorbed form over its paged latent cache); `sdpa` is transformers' own attention
 (the baseline; for DeepSeek-V3 transformers 5 caches the latent and decompresses it at every step),
 `sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each step's keys and
-values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`.
+values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`; `flash_fp8` is
+`flash` decoding from a float8 cache (`cache_dtype=torch.float8_e4m3fn`: half the bytes a step reads).
 Prompt lengths are drawn between half the nominal length and the full one, the same for every kind; `--samples n`
 samples n completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
 `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after an identical
@@ -24,9 +25,9 @@ COLUMNS = ["impl", "arch", "B", "samples", "prompt", "new", "layers", "hidden", 
            "step_ms", "tok/s", "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
 PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
 # the kinds each --arch takes (all of them: the default --kinds)
-ARCH_KINDS = {"llama": ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa"),
+ARCH_KINDS = {"llama": ("sdpa", "sdpa_dynamic", "flash", "flash_fp8", "moba", "nsa"),
               "deepseek_v3": ("sdpa", "sdpa_dynamic", "mla", "moba")}
-KINDS = ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa", "mla")
+KINDS = ("sdpa", "sdpa_dynamic", "flash", "flash_fp8", "moba", "nsa", "mla")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -87,8 +88,8 @@ def _model(kind: str, args, dev, dtype):
     if kind == "moba":
         bs, topk = (int(x) for x in args.moba.split(":"))
         longattn.hf.swap_attention(model, "moba", block_size=bs, topk=topk)
-    elif kind in ("flash", "nsa", "mla"):
-        longattn.hf.swap_attention(model, kind)
+    elif kind in ("flash", "flash_fp8", "nsa", "mla"):
+        longattn.hf.swap_attention(model, kind.removesuffix("_fp8"))
     elif kind not in ("sdpa", "sdpa_dynamic"):
         raise ValueError(f"--kinds: unknown kind {kind!r}, expected some of {KINDS}")
     return model
@@ -131,7 +132,8 @@ def run(args, argv=None) -> list[dict]:
             try:
                 model = _model(kind, args, dev, dtype)
                 with _cache_of(kind):
-                    kw = dict(stop_at_eos=False, num_samples=args.samples, prefill_chunk=args.prefill_chunk)
+                    kw = dict(stop_at_eos=False, num_samples=args.samples, prefill_chunk=args.prefill_chunk,
+                              cache_dtype=torch.float8_e4m3fn if kind == "flash_fp8" else None)
                     # the warm-up decodes as many tokens: every shape the timed run meets is seen once before
                     # (kernels compiled and autotuned, per-shape plans made: the first kind timed after a 2-token
                     # warm-up, SDPA with the in-place cache, took 15x the second's step on the H100, 2026-11-27)

@@ -94,7 +94,7 @@ EXPECTED_ROWS = {"memory": [("flash", "fwd"), ("flash", "fwdbwd"), ("moba", "fwd
                  "flash-chunk": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                                  ("flex", "decode_b2"), ("longattn_paged", "decode_b2")],  # flex: no CPU backward
                  "profile": [],
-                 "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "moba", "nsa")],
+                 "rollout": [(kind, "rollout") for kind in ("sdpa", "sdpa_dynamic", "flash", "flash_fp8", "moba", "nsa")],
                  "moba": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn", "decode_b2"),
                           ("longattn_pool", "decode_b2"), ("longattn_graph", "decode_b2")],  # flex: no CPU backward
                  "mla": [("longattn", "fwd"), ("longattn", "fwdbwd"), ("longattn_graph", "fwd"),

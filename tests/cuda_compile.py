@@ -228,6 +228,18 @@ def _sparse_cases():
             (f"_moba_decode_select_kernel[{dt}-g8-rows]", M._moba_decode_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=True), ()),
         ]
+        if dt == "bf16":  # a float8 cache (InPlaceCache's cache_dtype under MoBA): widened as it is read (e4m3 to
+            # bfloat16 by inline PTX), pooled from it
+            for cache in ("fp8e4nv", "fp8e5"):
+                fp8 = dict(dec_ptr, K=f"*{cache}", V=f"*{cache}")
+                cases += [
+                    (f"_sparse_decode_kernel[{dt}-g4-{cache}]", K._sparse_decode_kernel, fp8,
+                     dict(dec_meta, HAS_ROWS=False, WIDEN_ASM=cache == "fp8e4nv"), floats),
+                    (f"_sparse_decode_kernel[{dt}-g4-page16-{cache}]", K._sparse_decode_kernel, fp8,
+                     dict(dec_meta, HAS_ROWS=False, PAGE=16, WIDEN_ASM=cache == "fp8e4nv"), floats,
+                     dict(num_warps=8)),
+                    (f"_cache_block_mean_kernel[{dt}-{cache}]", M._cache_block_mean_kernel, dict(ptr, K=f"*{cache}"),
+                     dict(D=d, BLOCK_D=d, BLOCK_T=64), ())]
     # soft-capped scores (Gemma 2: bfloat16 takes the GPU's tanh.approx) in the engine's first tiles
     return cases + _softcap_twins(cases, lambda name: name in (
         "_sparse_fwd_kernel[bf16-n64w4s3]", "_sparse_dq_kernel[bf16-n64w8s2]", "_sparse_dkdv_kernel[bf16-n64w8s3]",
@@ -494,6 +506,7 @@ PIPELINED = {
     "_sparse_fwd_kernel[bf16-n64w4s3]": 3,
     "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks
     "_sparse_decode_kernel[bf16-g4-page16]": 2,  # pages read a tile ahead
+    "_sparse_decode_kernel[bf16-g4-fp8e4nv]": 2,  # a float8 cache
 }
 
 

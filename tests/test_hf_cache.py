@@ -202,19 +202,21 @@ def test_float8_in_place_cache():
         InPlaceCache(config=cfg, cache_dtype=torch.float16)
 
 
-@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
-def test_generate_with_float8_cache(fp8, device, monkeypatch):
-    """longattn's flash attention decodes from a float8 InPlaceCache in its kernels (flash_decode on the left-padded
-    cache, one token a step and several: prompt lookup's drafts): the tokens and logits of attention over the same
-    keys and values rounded in float32, which differ from the unquantised cache's. MoBA's attention and NSA's and
-    MLA's modules refuse such a cache."""
+@pytest.mark.parametrize("kind,fp8", [("flash", torch.float8_e4m3fn), ("flash", torch.float8_e5m2),
+                                      ("moba", torch.float8_e4m3fn)], ids=["flash-e4m3", "flash-e5m2", "moba-e4m3"])
+def test_generate_with_float8_cache(kind, fp8, device, monkeypatch):
+    """longattn's flash and MoBA attention decode from a float8 InPlaceCache in their kernels (flash_decode /
+    moba_decode on the left-padded cache, one token a step and several: prompt lookup's drafts): the tokens and
+    logits of attention over the same keys and values rounded in float32, which differ from the unquantised cache's.
+    NSA's and MLA's modules refuse such a cache."""
     from longattn.hf import attention as hf_attention
 
-    model = _swapped("flash", device)
-    decode = hf_attention.flash_decode
-    reads = []
-    monkeypatch.setattr(hf_attention, "flash_decode", lambda q, k, *a, **kw: reads.append(
-        (q.shape[1], k.dtype)) or decode(q, k, *a, **kw))
+    model = _swapped(kind, device)
+    op = "flash_decode" if kind == "flash" else "moba_decode"
+    decode = getattr(hf_attention, op)
+    reads = []  # (query tokens a row, the cache's dtype)
+    monkeypatch.setattr(hf_attention, op, lambda q, k, *a, **kw: reads.append(
+        (q.shape[1] if kind == "flash" else q.shape[0] // k.shape[0], k.dtype)) or decode(q, k, *a, **kw))
     torch.manual_seed(0)
     ids = torch.randint(1, 128, (2, 37)).to(device)
     mask = torch.ones_like(ids)
@@ -223,9 +225,9 @@ def test_generate_with_float8_cache(fp8, device, monkeypatch):
               output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         ours = model.generate(ids, **{_cache_kw(model): InPlaceCache(config=model.config, cache_dtype=fp8)}, **kw)
+        assert reads and all(d == fp8 for _, d in reads)
         ref = model.generate(ids, **{_cache_kw(model): _RoundedCache(model.config, fp8)}, **kw)
         plain = model.generate(ids, **kw)
-    assert reads and all(d == fp8 for _, d in reads)
     assert torch.equal(ours.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(torch.stack(ours.logits), torch.stack(plain.logits), atol=1e-3, rtol=1e-3)
@@ -237,12 +239,12 @@ def test_generate_with_float8_cache(fp8, device, monkeypatch):
     with torch.no_grad():
         ours = model.generate(rep, prompt_lookup_num_tokens=4, **kw,
                               **{_cache_kw(model): InPlaceCache(config=model.config, cache_dtype=fp8)})
+        assert max(s for s, d in reads if d == fp8) > 1
         ref = model.generate(rep, **kw, **{_cache_kw(model): _RoundedCache(model.config, fp8)})
-    assert max(s for s, _ in reads) > 1
     n = ref.sequences.shape[1]
     assert torch.equal(ours.sequences[:, :n], ref.sequences)
-    for kind in ("moba", "nsa", "mla"):
-        other = _swapped(kind, device)
+    for other_kind in ("nsa", "mla"):
+        other = _swapped(other_kind, device)
         with torch.no_grad(), pytest.raises(ValueError, match="float8 KV cache"):
             other.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0,
                            **{_cache_kw(other): InPlaceCache(config=other.config, cache_dtype=fp8)})

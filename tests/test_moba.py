@@ -484,6 +484,51 @@ def test_moba_decode_paged(page, bs, dtype, device):
              moba_decode(q, k, v, cache_offsets=off[rows.long()], k_mean=k_mean, **kw), "cache_rows")
 
 
+@pytest.mark.parametrize("cache_dtype,dtype", [(torch.float8_e4m3fn, torch.bfloat16),
+                                               (torch.float8_e5m2, torch.float16)], ids=["e4m3", "e5m2"])
+def test_moba_decode_float8_cache(cache_dtype, dtype, device):
+    """A quantised cache (float8 keys and values, scale 1) gives what the same values widened to q's dtype give
+    (bit for bit through the interpreter: the widening is exact), pooled from the cache (the pooled keys in q's
+    dtype) or the caller's, left-padded or paged, with cache_rows; mixed or float8 pooled keys are refused."""
+    from longattn.moba import moba_decode
+    from longattn.moba.ops import pool_cache_blocks
+
+    lens, Hq, Hkv, bs, topk = [150, 33, 97], 8, 2, 16, 3
+    k, v, seq, off, real = _left_padded_cache(lens, max(lens) + 5, Hkv, 32, 48, torch.float32, device)
+    top = torch.finfo(cache_dtype).max
+    k8, v8 = (x.clamp(-top, top).to(cache_dtype) for x in (k, v))
+    wide = lambda x: x.to(dtype)
+    kp, vp, table = _paged_cache([(k8[b, o:], v8[b, o:]) for b, o in enumerate(off.tolist())], max(lens), 16,
+                                 torch.Generator().manual_seed(0))
+    q = torch.randn(len(lens), Hq, 32, device=device, dtype=dtype)
+
+    def same(a, b, what):
+        if device == "cpu":
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=what)
+        else:
+            assert_close(a, b, dtype, what)
+
+    kw = dict(block_size=bs, topk=topk)
+    want = moba_decode(q, wide(k8), wide(v8), cache_seqlens=seq, cache_offsets=off, **kw)
+    same(moba_decode(q, k8, v8, cache_seqlens=seq, cache_offsets=off, **kw), want, "left-padded")
+    same(moba_decode(q, kp, vp, cache_seqlens=seq, block_table=table, **kw), want, "paged")
+    means = torch.full((len(lens), (max(lens) - 1) // bs, Hkv, 32), float("nan"), device=device, dtype=dtype)
+    pool_cache_blocks(k8, seq, off, bs, means)
+    wide_means = torch.full_like(means, float("nan"))
+    pool_cache_blocks(wide(k8), seq, off, bs, wide_means)
+    torch.testing.assert_close(means, wide_means, atol=0, rtol=0, equal_nan=True)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    rows = i32([0, 0, 2])
+    rows_kw = dict(kw, cache_seqlens=i32([lens[0] - 1, lens[0], lens[2]]), cache_rows=rows,
+                   cache_offsets=off[rows.long()])
+    same(moba_decode(q, k8, v8, k_mean=means, **rows_kw),
+         moba_decode(q, wide(k8), wide(v8), k_mean=means, **rows_kw), "cache_rows, kept means")
+    with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
+        moba_decode(q, k8, wide(v8), cache_seqlens=seq, cache_offsets=off, **kw)
+    with pytest.raises(TypeError, match="k_mean must have dtype in"):
+        moba_decode(q, k8, v8, cache_seqlens=seq, cache_offsets=off, k_mean=means.to(cache_dtype), **kw)
+
+
 def test_moba_decode_paged_errors(device):
     """Pages that do not divide the block, that do not follow one another, out of the cache, and offsets on a
     paged cache are refused."""

@@ -504,16 +504,17 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
         rollout.generate(model, prompts, 2, packed=True)
 
 
-@pytest.mark.parametrize("packed", [None, False], ids=["packed", "padded"])
-def test_rollout_with_float8_cache(packed, device, monkeypatch):
-    """cache_dtype float8: the rollout decodes from a float8 cache (longattn's flash attention reading it in its
-    kernels): the completions and log-probs of a cache whose keys and values are rounded through float8 in their
+@pytest.mark.parametrize("kind,packed", [("flash", None), ("flash", False), ("moba", None)],
+                         ids=["flash-packed", "flash-padded", "moba-packed"])
+def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
+    """cache_dtype float8: the rollout decodes from a float8 cache (longattn's flash or MoBA attention reading it in
+    its kernels): the completions and log-probs of a cache whose keys and values are rounded through float8 in their
     own dtype (which differ from the unquantised cache's), the prefill packed or padded; refused for attention that
     does not read one."""
     from test_hf_cache import _RoundedCache
 
     fp8 = torch.float8_e4m3fn
-    model = _model(device, kind="flash")
+    model = _model(device, kind=kind, **(dict(block_size=16, topk=2) if kind == "moba" else {}))
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
     ours = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed, cache_dtype=fp8)
     plain = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
@@ -524,7 +525,7 @@ def test_rollout_with_float8_cache(packed, device, monkeypatch):
     lps = lambda r: torch.tensor(sum(r.logprobs, []))
     torch.testing.assert_close(lps(ours), lps(ref), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(lps(ours), lps(plain), atol=1e-3, rtol=1e-3)
-    with pytest.raises(ValueError, match="needs the model's attention to be longattn's flash attention"):
-        rollout.generate(_model(device), prompts, 2, cache_dtype=fp8)
+    with pytest.raises(ValueError, match="needs the model's attention to be longattn's flash or MoBA attention"):
+        rollout.generate(_model(device, kind="nsa"), prompts, 2, cache_dtype=fp8)
     with pytest.raises(TypeError, match="cache_dtype must be None"):
         rollout.generate(model, prompts, 2, cache_dtype=torch.float16)

@@ -345,12 +345,12 @@ def _reorder_means(store: dict, beam_idx: torch.Tensor) -> None:
         kept["means"] = kept["means"].index_select(0, beam_idx.to(kept["means"].device))
 
 
-def _kept_means(module, k, lens, offsets, block_size: int, q_len: int) -> Optional[torch.Tensor]:
+def _kept_means(module, k, lens, offsets, block_size: int, q_len: int, dtype) -> Optional[torch.Tensor]:
     """Pooled keys of every row's blocks before its last token's own block, kept on the transformers cache the
     module is being called with (recorded by ``swap_attention(model, "moba")``; None without one). A call after a
     cached prefix pools only the blocks completed since the previous call (one per decoding step); blocks past a
     cut-back of the cache (speculative decoding rejecting draft tokens) are pooled again, and a prefill pools
-    them all. (B, N, Hkv, D) in k's dtype."""
+    them all. (B, N, Hkv, D) in ``dtype`` (the queries')."""
     cache = getattr(module, "_longattn_cache", None)
     if cache is None or torch.is_grad_enabled():  # training (a cache HF made but nobody decodes from): nothing kept
         return None
@@ -361,11 +361,11 @@ def _kept_means(module, k, lens, offsets, block_size: int, q_len: int) -> Option
     layer = module.layer_idx if layer is None else layer
     kept = store.get(layer)
     follows = q_len < L and kept is not None and kept["block_size"] == block_size and \
-        kept["means"].shape[0] == B and kept["means"].dtype == k.dtype and kept["means"].device == k.device
+        kept["means"].shape[0] == B and kept["means"].dtype == dtype and kept["means"].device == k.device
     means = kept["means"] if follows else None
     if means is None or means.shape[1] < need:  # grow geometrically, keeping what follows on
         cap = max(need, 2 * means.shape[1]) if means is not None else need + 8
-        grown = k.new_empty(B, cap, hkv, d)
+        grown = k.new_empty(B, cap, hkv, d, dtype=dtype)
         if means is not None:
             grown[:, :means.shape[1]] = means
         means = grown
@@ -441,9 +441,6 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         raise ValueError(f"longattn attention expects a 2-D padding mask (or None), got shape "
                          f"{tuple(attention_mask.shape)}; register longattn's mask function (longattn.hf.register())")
     B, q_len = q.shape[0], q.shape[1]
-    if k.dtype in FLOAT8_DTYPES and kind == "moba":
-        raise ValueError("MoBA's attention does not read a float8 KV cache (InPlaceCache's cache_dtype); longattn's "
-                         "flash attention ('longattn') does")
     if chunk and attention_mask is not None and attention_mask.shape[1] > k.shape[1]:
         attention_mask, opts["chunk_offsets"] = _chunk_offsets(attention_mask, k.shape[1])
         opts["validate"] = False  # (the offsets come from the mask: no host read to check them)
@@ -458,17 +455,19 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         if cu is not None or attention_mask is not None and pad is None:
             raise ValueError("a float8 KV cache serves batches of whole or left-padded rows, not packed or "
                              "right-padded ones")
-        if q_len <= MAX_QUERY_TOKENS and q_len < kv_len:  # decoding: the kernels read the float8 cache as it is
+        # decoding: the kernels read the float8 cache as it is (flash_decode; MoBA's moba_decode below)
+        if q_len >= kv_len or q_len > (MOBA_DECODE_TOKENS if kind == "moba" else MAX_QUERY_TOKENS):
+            k, v = k.to(q.dtype), v.to(q.dtype)  # (a prefill, a long chunk: the cache's tokens widened, a copy)
+        elif kind != "moba":
             lens = kv_len - pad if pad is not None else torch.full((B,), kv_len, dtype=torch.int32, device=q.device)
             extra = {n: opts[n] for n in ("window", "chunk_size", "chunk_offsets", "return_lse") if n in opts}
             return dense(flash_decode(q, k, v, cache_seqlens=lens, cache_offsets=pad, scale=scaling,
                                       softcap=softcap, validate=False, **extra))
-        k, v = k.to(q.dtype), v.to(q.dtype)  # (a prefill, a long chunk: the cache's tokens widened, a copy)
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):
         offsets = pad if pad is not None else torch.zeros(B, dtype=torch.int32, device=q.device)
-        k_mean = _kept_means(module, k, kv_len - offsets, offsets, opts["block_size"], q_len)
+        k_mean = _kept_means(module, k, kv_len - offsets, offsets, opts["block_size"], q_len, q.dtype)
         if q_len < kv_len and q_len <= MOBA_DECODE_TOKENS:
             # new tokens after a cached prefix (a decoding step, speculative tokens): token i of row b is query row
             # b * q_len + i of moba_decode, reading cache row b with its own length, in place

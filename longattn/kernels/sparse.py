@@ -30,7 +30,7 @@ from .flash import (SMEM_LIMIT, _fwd_inner, _load_split, _scaled_scores, _score_
 from .merge import merge_fwd
 from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_enabled, cdiv, check_attention_inputs, check_device,
                     check_positive_int, check_scale, check_softcap, device_tensor, empty, kernel_inputs, next_pow2,
-                    num_sms, public_op, resolve_seqlens, small_tiles, split_dim)
+                    num_sms, public_op, resolve_seqlens, small_tiles, split_dim, widen_by_asm)
 
 ENTRY_TILE = 64  # rows (query, head) of an entry tile
 CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
@@ -390,7 +390,7 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
                           BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                           PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0, cap_scale=0.0,
-                          SOFTCAP: tl.constexpr = 0):
+                          SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """One new token per sequence. Program (sequence * Hkv + KV head, slot program, part) holds the GQA group's
     heads as the rows of its tiles and attends to part ``part`` (SPLIT keys) of some of the group's blocks:
     slot 0 is the own block (keys up to the query, every head), slot 1 + j * KSEL + i is head j's i-th
@@ -402,7 +402,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
     tokens of one sequence reading its cache row) or b (packed: stride_kb 0 and K_START/K_END the cu_seqlens; a
     batched cache: its batch stride and each row's padding / end). PAGE > 0: a paged cache (K/V (pages, PAGE, Hkv,
     D), pages one after another, K_START 0, PAGE dividing block_size), key j of row c at slot j % PAGE of page
-    ``BT[c, j // PAGE]`` (clamped to [0, last_page]). SOFTCAP: soft-capped scores (see flash's _softcapped)."""
+    ``BT[c, j // PAGE]`` (clamped to [0, last_page]). SOFTCAP: soft-capped scores (see flash's _softcapped). K/V may
+    be float8 (a quantised cache at scale 1), widened to q's dtype as they are read (WIDEN_ASM: see flash's _widen)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     sp = tl.program_id(1)
@@ -457,8 +458,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_a, q_b, k_base, v_base,
                                        k_start + blk.to(tl.int64) * block_size, stride_kt, stride_vt, pos_m, lo, hi,
                                        hi, 0, qk_scale, offs_dv, DQK, DV, BLOCK_DA, BLOCK_DB, BLOCK_N, True, True,
-                                       False, PRECISION, 1, 0, bt_blk, last_page, PAGE, cap_scale=cap_scale,
-                                       SOFTCAP=SOFTCAP)
+                                       False, PRECISION, 1, 0, bt_blk, last_page, PAGE, WIDEN_ASM,
+                                       cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(OS + piece * stride_op + t * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
@@ -569,7 +570,8 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none.
     ``block_table`` int32 ``(rows, max_pages)``: k/v paged ``(pages, page_size, Hkv, D)`` instead (pages one after
     another, page_size dividing block_size, k_start 0), its row ``rows[b]`` (or b) listing sequence b's pages.
-    ``softcap`` (> 0): the scores ``softcap * tanh(scale * q.k / softcap)``."""
+    ``softcap`` (> 0): the scores ``softcap * tanh(scale * q.k / softcap)``. k/v may be float8 (a quantised cache
+    at scale 1)."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
     group, ksel = hq // hkv, sel.shape[-1]
@@ -604,7 +606,8 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel,
         BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
         BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_ROWS=rows is not None, PAGE=page, **({"num_warps": 8} if page else {}), **soft, **COMPILE_OPTIONS)
+        HAS_ROWS=rows is not None, PAGE=page, WIDEN_ASM=widen_by_asm(q.dtype, k.dtype),
+        **({"num_warps": 8} if page else {}), **soft, **COMPILE_OPTIONS)
     return merge_fwd(outs, lses, q.dtype)
 
 

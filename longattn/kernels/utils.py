@@ -555,17 +555,26 @@ def check_cu_seqlens(cu: torch.Tensor, total: int, name: str = "cu_seqlens") -> 
     return vals
 
 
-def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict, cache_batch: Optional[int] = None) -> tuple:
+def check_decode_inputs(q, k_cache, v_cache, others: dict, lengths: dict, cache_batch: Optional[int] = None,
+                        float8_caches: bool = False) -> tuple:
     """One new token per query row against a batched cache: q ``(B, Hq, Dqk)``, k_cache/v_cache ``(Bc, L, Hkv, Dqk)``
     / ``(Bc, L, Hkv, Dv)`` (``Bc = cache_batch``, default B: one row per sequence) and the op's other 4-D tensors
-    (``others``, None allowed): dtypes, one dtype, one device (``lengths``' tensors too), contiguous last dims,
-    shapes. Returns ``(B, Hq, Dqk, L, Hkv, Dv)``."""
+    (``others``, None allowed): dtypes, one dtype (with ``float8_caches`` the caches may share a float8 one: a
+    quantised cache), one device (``lengths``' tensors too), contiguous last dims, shapes. Returns
+    ``(B, Hq, Dqk, L, Hkv, Dv)``."""
     named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **others}
+    caches = ("k_cache", "v_cache")
     for name, t in named.items():
         if t is not None or name in ("q", "k_cache", "v_cache"):  # the others may be None
-            check_tensor(t, name, ndim=3 if name == "q" else 4)
+            check_tensor(t, name, ndim=3 if name == "q" else 4,
+                         dtypes=SUPPORTED_DTYPES + FLOAT8_DTYPES if float8_caches and name in caches else
+                         SUPPORTED_DTYPES)
             if t.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dimension")
+    if k_cache.dtype in FLOAT8_DTYPES or v_cache.dtype in FLOAT8_DTYPES:
+        if k_cache.dtype != v_cache.dtype:
+            raise TypeError(f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+        named = {n: t for n, t in named.items() if n not in caches}
     check_same_dtype(named)
     check_device({**named, **lengths})
     B, hq, dk = q.shape

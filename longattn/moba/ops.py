@@ -8,11 +8,11 @@ import torch
 
 from ..kernels.sparse import (BlockPlan, block_sparse_packed, entries, pack_inputs, plan_blocks, sparse_backward,
                               sparse_decode, unpack_output)
-from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_attention_shapes,
-                             check_block_table, check_cache_lengths, check_cache_rows, check_decode_inputs,
-                             check_positive_int, check_scale, check_softcap, device_tensor, eager_context, empty,
-                             kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles, validate_cache_rows,
-                             validate_pages)
+from ..kernels.utils import (COMPILE_OPTIONS, FLOAT8_DTYPES, AttnDims, cdiv, check_attention_inputs,
+                             check_attention_shapes, check_block_table, check_cache_lengths, check_cache_rows,
+                             check_decode_inputs, check_positive_int, check_scale, check_softcap, device_tensor,
+                             eager_context, empty, kernel_inputs, next_pow2, public_op, resolve_seqlens, small_tiles,
+                             validate_cache_rows, validate_pages)
 from .kernels import _block_mean_kernel, _cache_block_mean_kernel, _moba_decode_select_kernel, _moba_select_kernel
 
 MAX_TOPK = 64
@@ -288,7 +288,8 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         q: ``(B, Hq, Dqk)``.
         k_cache, v_cache: ``(B, L, Hkv, Dqk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim; or
             paged, ``(num_pages, page_size, Hkv, D*)`` with ``block_table`` (pages one after another, their size
-            dividing block_size; L is then ``max_pages * page_size``).
+            dividing block_size; L is then ``max_pages * page_size``). q's dtype, or float8 (``float8_e4m3fn`` /
+            ``float8_e5m2``, both: a quantised cache at scale 1, widened to q's dtype as it is read).
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches); default 0.
             Contiguous caches only.
@@ -300,7 +301,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             query row with its own ``cache_seqlens``; k_cache/v_cache/k_mean (paged: block_table, k_mean) have
             ``max(cache_rows) + 1`` rows or more, and the query rows of one cache row share its offset.
         k_mean: optional ``(B, N, Hkv, Dqk)`` pooled keys kept by the caller: row b's block j (tokens
-            ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to k's dtype,
+            ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to q's dtype,
             for every block before the token's own (``N >= (cache_seqlens[b] - 1) // block_size``). Without it
             the blocks are pooled from the cache at every call, which reads every key once.
         block_size, topk, scale, softcap: as in :func:`moba_attention` (block_size 512, topk 3, scale
@@ -319,7 +320,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_mean": k_mean},
                                                 {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
                                                  "cache_rows": cache_rows, "block_table": block_table},
-                                                cache_batch=k_cache.shape[0] if paged else bc)
+                                                cache_batch=k_cache.shape[0] if paged else bc, float8_caches=True)
     bc = B if bc is None else bc
     _check_block_size(block_size)
     page = 0
@@ -352,7 +353,8 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
     if ksel > 0:
         bd = max(16, next_pow2(dk))
         if km is None:
-            km = empty(bc, n_cand, hkv, dk, device=q.device, dtype=kk.dtype)
+            # (in q's dtype beside a float8 cache)
+            km = empty(bc, n_cand, hkv, dk, device=q.device, dtype=qk.dtype if kk.dtype in FLOAT8_DTYPES else kk.dtype)
             if cache_rows is None:
                 pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km, block_table=block_table)
             else:  # each cache row pooled once, up to its longest query row

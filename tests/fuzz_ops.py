@@ -220,6 +220,10 @@ def draw_moba_decode(rng, dtype, hq, hkv):
                keep_means=keep_means, page=page, softcap=softcap)
     k_cache = torch.randn(batch, L, hkv, dk, device=DEVICE, dtype=dtype)
     v_cache = torch.randn(batch, L, hkv, dv, device=DEVICE, dtype=dtype)
+    if rng.random() < 0.3:  # a quantised cache (float8 at scale 1), against the keys/values widened to q's dtype
+        fp8 = rng.choice([torch.float8_e4m3fn, torch.float8_e5m2])
+        k_cache, v_cache = (x.float().to(fp8) for x in (k_cache, v_cache))
+        cfg["cache"] = str(fp8)
     q = torch.randn(batch, hq, dk, device=DEVICE, dtype=dtype)
     k_mean = None
     if keep_means:
@@ -241,8 +245,8 @@ def draw_moba_decode(rng, dtype, hq, hkv):
         keys = slice(offsets[b], offsets[b] + lens[b])
         qs = torch.zeros(1, lens[b], hq, dk, device=DEVICE, dtype=dtype)
         qs[0, -1] = q[b]
-        ref = moba_attention_ref(qs, k_cache[b:b + 1, keys], v_cache[b:b + 1, keys], block_size=block, topk=topk,
-                                 softcap=softcap)
+        ref = moba_attention_ref(qs, k_cache[b:b + 1, keys].to(dtype), v_cache[b:b + 1, keys].to(dtype),
+                                 block_size=block, topk=topk, softcap=softcap)
         checks.append((f"out[{b}]", out[b], ref[0, -1], 1))
     return cfg, checks
 

@@ -337,9 +337,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         cache_dtype: None (default: the model's), or ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: decode with the
             keys and values cached in float8 (``InPlaceCache``'s ``cache_dtype``: half the cache's memory and of
             the bytes a decoding step reads; scale 1, saturated to the format's range), for models whose attention
-            is longattn's flash or MoBA attention (``swap_attention(model, "flash" / "moba")``); the prompts' prefill
-            attends to the unquantised keys (packed) or to the quantised ones (padded: hybrids, sliding-window
-            models). The
+            is longattn's flash, MoBA or NSA attention (``swap_attention(model, "flash" / "moba" / "nsa")``); the
+            prompts' prefill attends to the unquantised keys (packed) or to the quantised ones (padded: hybrids,
+            sliding-window models, NSA's module). The
             completions and log-probs are those of the quantised cache (not the 16-bit model's: the log-probs of a
             training forward differ by the quantisation); ValueError for another attention (MLA's module quantises
             its latent cache itself: ``swap_attention(model, "mla", cache_dtype=...)``).
@@ -375,11 +375,12 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if cache_dtype is not None:
         if cache_dtype not in FLOAT8_DTYPES:
             raise TypeError(f"cache_dtype must be None, torch.float8_e4m3fn or torch.float8_e5m2, got {cache_dtype!r}")
-        if _attn_impl(model) not in PACKED_IMPLEMENTATIONS or _own_modules(model):
-            raise ValueError("cache_dtype (a float8 KV cache) needs the model's attention to be longattn's flash or "
-                             "MoBA attention (swap_attention(model, 'flash' / 'moba')), whose decoding reads float8 "
-                             "caches; this model's is "
-                             f"{'an MLA or NSA module' if _own_modules(model) else repr(_attn_impl(model))}")
+        mla = any(type(m).__name__ == "MLAAttention" for m in model.modules())
+        if mla or _attn_impl(model) not in PACKED_IMPLEMENTATIONS:
+            raise ValueError("cache_dtype (a float8 KV cache) needs longattn's flash, MoBA or NSA attention "
+                             "(swap_attention(model, 'flash' / 'moba' / 'nsa')), whose decoding reads float8 caches; "
+                             + ("MLA's module quantises its latent cache itself: swap_attention(model, 'mla', "
+                                "cache_dtype=...)" if mla else f"this model's attention is {_attn_impl(model)!r}"))
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,

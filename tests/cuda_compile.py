@@ -371,6 +371,12 @@ def _nsa_cases():
                 if block_g == 16 and name in ("_nsa_decode_kernel", "_nsa_decode_piece_kernel"):  # a paged cache
                     cases.append((f"{name}[{dt}-d{d}-g{block_g}-page64]", getattr(K, name), ptr, dict(meta, PAGE=64),
                                   ("scale_log2", "scale"), opts))
+                    if dt == "bf16":  # a float8 cache (InPlaceCache's cache_dtype), widened as it is read
+                        for cache, page in (("fp8e4nv", 0), ("fp8e4nv", 64), ("fp8e5", 0)):
+                            cases.append((f"{name}[{dt}-d{d}-g{block_g}{f'-page{page}' if page else ''}-{cache}]",
+                                          getattr(K, name), dict(ptr, K=f"*{cache}", V=f"*{cache}"),
+                                          dict(meta, PAGE=page, WIDEN_ASM=cache == "fp8e4nv"),
+                                          ("scale_log2", "scale"), opts))
         gptr = {n: f"*{dt}" for n in ("O", "DOUT", "DO")}
         gptr.update({n: "*fp32" for n in ("G", "DG", "DELTA")})
         cases.append((f"_gated_prep_kernel[{dt}]", K._gated_prep_kernel, gptr, dict(DV=dv, BLOCK_DV=dv, BLOCK_R=16),
@@ -503,6 +509,7 @@ PIPELINED = {
     "_nsa_selected_fwd_kernel[bf16-d192-g16-q2w4s3pq]": 2,  # the first query's product out of a branch
     "_nsa_decode_piece_kernel[bf16-d192-g16]": 2,
     "_nsa_decode_piece_kernel[bf16-d192-g16-page64]": 2,  # pages read a tile ahead
+    "_nsa_decode_piece_kernel[bf16-d192-g16-fp8e4nv]": 2,  # a float8 cache
     "_sparse_fwd_kernel[bf16-n64w4s3]": 3,
     "_sparse_decode_kernel[bf16-g4]": 2,  # its key loop sits in a branch, in a loop over the group's blocks
     "_sparse_decode_kernel[bf16-g4-page16]": 2,  # pages read a tile ahead

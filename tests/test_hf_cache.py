@@ -203,19 +203,22 @@ def test_float8_in_place_cache():
 
 
 @pytest.mark.parametrize("kind,fp8", [("flash", torch.float8_e4m3fn), ("flash", torch.float8_e5m2),
-                                      ("moba", torch.float8_e4m3fn)], ids=["flash-e4m3", "flash-e5m2", "moba-e4m3"])
+                                      ("moba", torch.float8_e4m3fn), ("nsa", torch.float8_e4m3fn)],
+                         ids=["flash-e4m3", "flash-e5m2", "moba-e4m3", "nsa-e4m3"])
 def test_generate_with_float8_cache(kind, fp8, device, monkeypatch):
-    """longattn's flash and MoBA attention decode from a float8 InPlaceCache in their kernels (flash_decode /
-    moba_decode on the left-padded cache, one token a step and several: prompt lookup's drafts): the tokens and
-    logits of attention over the same keys and values rounded in float32, which differ from the unquantised cache's.
-    NSA's and MLA's modules refuse such a cache."""
+    """longattn's flash and MoBA attention and NSA's module decode from a float8 InPlaceCache in their kernels
+    (flash_decode / moba_decode / nsa_decode on the left-padded cache, one token a step and several: prompt lookup's
+    drafts): the tokens and logits of attention over the same keys and values rounded in float32, which differ from
+    the unquantised cache's. MLA's module refuses such a cache."""
+    import longattn.nsa.module as nsa_module
     from longattn.hf import attention as hf_attention
 
     model = _swapped(kind, device)
-    op = "flash_decode" if kind == "flash" else "moba_decode"
-    decode = getattr(hf_attention, op)
+    where, op = dict(flash=(hf_attention, "flash_decode"), moba=(hf_attention, "moba_decode"),
+                     nsa=(nsa_module, "nsa_decode"))[kind]
+    decode = getattr(where, op)
     reads = []  # (query tokens a row, the cache's dtype)
-    monkeypatch.setattr(hf_attention, op, lambda q, k, *a, **kw: reads.append(
+    monkeypatch.setattr(where, op, lambda q, k, *a, **kw: reads.append(
         (q.shape[1] if kind == "flash" else q.shape[0] // k.shape[0], k.dtype)) or decode(q, k, *a, **kw))
     torch.manual_seed(0)
     ids = torch.randint(1, 128, (2, 37)).to(device)
@@ -243,8 +246,7 @@ def test_generate_with_float8_cache(kind, fp8, device, monkeypatch):
         ref = model.generate(rep, **kw, **{_cache_kw(model): _RoundedCache(model.config, fp8)})
     n = ref.sequences.shape[1]
     assert torch.equal(ours.sequences[:, :n], ref.sequences)
-    for other_kind in ("nsa", "mla"):
-        other = _swapped(other_kind, device)
-        with torch.no_grad(), pytest.raises(ValueError, match="float8 KV cache"):
-            other.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0,
-                           **{_cache_kw(other): InPlaceCache(config=other.config, cache_dtype=fp8)})
+    other = _swapped("mla", device)
+    with torch.no_grad(), pytest.raises(ValueError, match="float8 KV cache"):
+        other.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       **{_cache_kw(other): InPlaceCache(config=other.config, cache_dtype=fp8)})

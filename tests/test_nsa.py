@@ -616,6 +616,38 @@ def test_nsa_decode_paged(page, splits, Hq, Hkv, dtype, device):
         assert_close(out[r], ref[0, 0], dtype, f"row {r}")
 
 
+@pytest.mark.parametrize("cache_dtype,dtype", [(torch.float8_e4m3fn, torch.bfloat16),
+                                               (torch.float8_e5m2, torch.float16)], ids=["e4m3", "e5m2"])
+def test_nsa_decode_float8_cache(cache_dtype, dtype, device):
+    """A quantised KV cache (float8 keys and values at scale 1; the compressed keys in q's dtype) gives what the same
+    values widened to q's dtype give (bit for bit through the interpreter: the widening is exact), fused and
+    split-KV, left-padded and paged; mixed caches and float8 compressed keys are refused."""
+    lens, offsets, L = RAGGED
+    q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, 8, 2, 32, 16, dtype, device, CFG)
+    k8, v8 = k.to(cache_dtype), v.to(cache_dtype)
+    seq = torch.tensor(lens, dtype=torch.int32, device=device)
+    off = torch.tensor(offsets, dtype=torch.int32, device=device)
+    kp, vp, table = _paged(k8, v8, lens, offsets, 16, torch.Generator().manual_seed(0))
+
+    def same(a, b, what):
+        if device == "cpu":
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=what)
+        else:
+            assert_close(a, b, dtype, what)
+
+    for splits in (1, 3):
+        kw = dict(config=CFG, num_splits=splits)
+        want = nsa_decode(q, k8.to(dtype), v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, **kw)
+        same(nsa_decode(q, k8, v8, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, **kw), want,
+             f"left-padded, {splits} splits")
+        same(nsa_decode(q, kp, vp, kc, vc, *gates, cache_seqlens=seq, block_table=table, **kw), want,
+             f"paged, {splits} splits")
+    with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
+        nsa_decode(q, k8, v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG)
+    with pytest.raises(TypeError, match="k_cmp must have dtype in"):
+        nsa_decode(q, k8, v8, kc.to(cache_dtype), vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG)
+
+
 def test_nsa_decode_paged_errors(device):
     """A block table of the wrong type or rows, pages outside the cache, lengths past the table and offsets on a
     paged cache are refused."""

@@ -504,28 +504,35 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
         rollout.generate(model, prompts, 2, packed=True)
 
 
-@pytest.mark.parametrize("kind,packed", [("flash", None), ("flash", False), ("moba", None)],
-                         ids=["flash-packed", "flash-padded", "moba-packed"])
+@pytest.mark.parametrize("kind,packed", [("flash", None), ("flash", False), ("moba", None), ("nsa", None)],
+                         ids=["flash-packed", "flash-padded", "moba-packed", "nsa"])
 def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
-    """cache_dtype float8: the rollout decodes from a float8 cache (longattn's flash or MoBA attention reading it in
-    its kernels): the completions and log-probs of a cache whose keys and values are rounded through float8 in their
-    own dtype (which differ from the unquantised cache's), the prefill packed or padded; refused for attention that
-    does not read one."""
+    """cache_dtype float8: the rollout decodes from a float8 cache (longattn's flash or MoBA attention or NSA's
+    module reading it in their kernels): the completions and log-probs of a cache whose keys and values are rounded
+    through float8 in their own dtype (which differ from the unquantised cache's), the prefill packed or padded
+    (NSA's); refused for MLA's module (which quantises its own latent cache) and transformers' attention."""
+    from longattn.nsa import NSAConfig
     from test_hf_cache import _RoundedCache
 
     fp8 = torch.float8_e4m3fn
-    model = _model(device, kind=kind, **(dict(block_size=16, topk=2) if kind == "moba" else {}))
+    opts = dict(moba=dict(block_size=16, topk=2), flash={},
+                nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
+    model = _model(device, kind=kind, **opts)
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
     ours = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed, cache_dtype=fp8)
     plain = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
     monkeypatch.setattr(rollout, "_decoding_cache", lambda model, n, dtype=None: _RoundedCache(model.config, fp8))
     ref = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
-    assert ours.prefill_packed == ref.prefill_packed == (packed is None)
+    assert ours.prefill_packed == ref.prefill_packed == (packed is None and kind != "nsa")
     assert ours.completions == ref.completions
     lps = lambda r: torch.tensor(sum(r.logprobs, []))
     torch.testing.assert_close(lps(ours), lps(ref), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(lps(ours), lps(plain), atol=1e-3, rtol=1e-3)
-    with pytest.raises(ValueError, match="needs the model's attention to be longattn's flash or MoBA attention"):
-        rollout.generate(_model(device, kind="nsa"), prompts, 2, cache_dtype=fp8)
+    assert (lps(ours) - lps(plain)).abs().max() > 1e-3  # (the quantisation shows)
+    mla = longattn.hf.swap_attention(AutoModelForCausalLM.from_config(tiny_deepseek_v3_config()).to(device), "mla")
+    with pytest.raises(ValueError, match="MLA's module quantises its latent cache itself"):
+        rollout.generate(mla, prompts, 2, cache_dtype=fp8)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="this model's attention is 'sdpa'"):
+        rollout.generate(model, prompts, 2, cache_dtype=fp8)
     with pytest.raises(TypeError, match="cache_dtype must be None"):
         rollout.generate(model, prompts, 2, cache_dtype=torch.float16)

@@ -296,12 +296,12 @@ _STATIC_CACHE_NEEDS_V5 = int(transformers.__version__.split(".")[0]) < 5
 
 def check_cache_supported(cache, kind: str) -> None:
     """The modules keeping state beside the cache (``"nsa"``, ``"mla"``) read a static cache's written slots from
-    what transformers 5 passes; refuse one under transformers 4 rather than attend to unwritten slots. They refuse a
-    float8 cache (``InPlaceCache``'s ``cache_dtype``)."""
-    if quantised_cache(cache):
-        raise ValueError(f"swap_attention(model, {kind!r})'s attention does not read a float8 KV cache (InPlaceCache's "
-                         "cache_dtype)" + (": its module quantises its own latent cache, swap_attention(model, 'mla', "
-                                           "cache_dtype=...)" if kind == "mla" else ""))
+    what transformers 5 passes; refuse one under transformers 4 rather than attend to unwritten slots. MLA's
+    refuses a float8 cache (``InPlaceCache``'s ``cache_dtype``): it quantises its own latent cache."""
+    if kind == "mla" and quantised_cache(cache):
+        raise ValueError("swap_attention(model, 'mla')'s attention does not read a float8 KV cache (InPlaceCache's "
+                         "cache_dtype): its module quantises its own latent cache, swap_attention(model, 'mla', "
+                         "cache_dtype=...)")
     if _STATIC_CACHE_NEEDS_V5 and getattr(cache, "is_compileable", False):
         raise ValueError(f"past_key_values: swap_attention(model, {kind!r}) with a static cache "
                          f"({type(cache).__name__}) needs transformers >= 5 (found {transformers.__version__}); "

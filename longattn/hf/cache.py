@@ -6,7 +6,7 @@ attention itself reads, and a sparse attention's step (MoBA, NSA: a few blocks o
 same. ``InPlaceCache`` keeps each full-attention layer's keys and values in storage with room to spare, writes
 the new tokens into it and hands the attention views of the tokens held (strided along the sequence: longattn's
 kernels, SDPA and eager attention read them as they are). A step then copies only its own tokens. With a float8
-``cache_dtype`` it keeps them quantised (half the bytes of a 16-bit cache), which longattn's flash and MoBA
+``cache_dtype`` it keeps them quantised (half the bytes of a 16-bit cache), which longattn's flash, MoBA and NSA
 attention decode from as they are.
 """
 from __future__ import annotations
@@ -168,10 +168,10 @@ class InPlaceCache(DynamicCache):
             ``torch.float8_e5m2``: the full-attention layers keep their keys and values quantised (half the bytes of
             a 16-bit cache, at scale 1: saturated to the format's range, e4m3's 448, e5m2's 57344), and longattn's
             flash and MoBA attention (``attn_implementation="longattn"`` / ``"moba"``, ``swap_attention(model,
-            "flash" / "moba")``) decode from them as they are, in their kernels (``flash_decode``'s and
-            ``moba_decode``'s float8 caches: half the bytes read a step); a prefill or a chunk of more than 16 tokens
-            a row after a cached prefix attends to them widened to the queries' dtype (a copy). NSA's and MLA's
-            modules refuse such a cache (ValueError; MLA's module quantises its latent cache itself:
+            "flash" / "moba")``) and NSA's module decode from them as they are, in their kernels (``flash_decode``'s,
+            ``moba_decode``'s and ``nsa_decode``'s float8 caches: half the bytes read a step); a prefill or a chunk of
+            more than 16 tokens a row after a cached prefix attends to them widened to the queries' dtype (a copy).
+            MLA's module refuses such a cache (ValueError: it quantises its latent cache itself,
             ``swap_attention(model, "mla", cache_dtype=...)``).
 
     ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``

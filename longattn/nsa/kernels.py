@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.flash import (_decode_query, _dot_split, _load_split, _scaled_scores, _softcap_grad, _softcapped,
-                             _store_split)
+                             _store_split, _widen)
 from ..kernels.sparse import _bwd_operands
 from ..kernels.utils import autotune, autotune_enabled, small_tiles
 from ..kernels.topk import fold_topk, topk_indices, topk_init, topk_keys
@@ -318,12 +318,18 @@ def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                  BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SCORES: tl.constexpr = False,
                  page_ids=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0, cap_scale=0.0,
-                 SOFTCAP: tl.constexpr = 0):
+                 SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """Load the keys/values at rows ``pos`` where ``ok`` (N,) (PAGE > 0: in a paged cache, see _load_kv) and
     take one online-softmax step of the rows q (in two parts along D), each seeing the keys where ``vis``
-    (broadcast to (rows, N)); SOFTCAP: soft-capped scores (see _online_step)."""
+    (broadcast to (rows, N)); SOFTCAP: soft-capped scores (see _online_step). Keys and values of a float8 cache
+    are widened to q's dtype as they are read (WIDEN_ASM: see flash's _widen)."""
     k_a, k_b, v = _load_kv(k_base, v_base, stride_kt, stride_vt, pos, ok, DK, DV, BLOCK_DA, BLOCK_DB, BLOCK_DV,
                            page_ids, last_page, stride_kp, stride_vp, PAGE)
+    k_a, v = _widen(k_a, q_a.dtype, WIDEN_ASM), _widen(v, q_a.dtype, WIDEN_ASM)  # (else no-ops)
+    if BLOCK_DB > 0:
+        k_b = _widen(k_b, q_a.dtype, WIDEN_ASM)
+    else:
+        k_b = k_a
     return _online_step(q_a, q_b, k_a, k_b, v, vis, m, l, acc, scale_log2, BLOCK_DB, PRECISION, SPLIT_SCORES,
                         cap_scale=cap_scale, SOFTCAP=SOFTCAP)
 
@@ -332,9 +338,10 @@ def _attend_tile(q_a, q_b, k_base, v_base, stride_kt, stride_vt, pos, ok, vis, m
 def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0,
-                  cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+                  cap_scale=0.0, SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """Online softmax of the rows q over the key rows [lo, hi) (compressed blocks or the window; PAGE > 0: in a
-    paged cache whose block-table row is BT, see _load_kv; SOFTCAP: soft-capped scores): (m, l, acc), base 2. A
+    paged cache whose block-table row is BT, see _load_kv; SOFTCAP: soft-capped scores; WIDEN_ASM: see
+    _attend_tile): (m, l, acc), base 2. A
     tile's pages are read one tile ahead: its key loads then wait on no load of their own iteration (the compiler
     keeps tiles in flight)."""
     cols = tl.arange(0, BLOCK_N)
@@ -351,7 +358,8 @@ def _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, D
             pages = tl.load(BT + (pos + BLOCK_N) // PAGE, mask=pos + BLOCK_N < hi, other=0)
         m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos < hi, (pos < hi)[None, :], m,
                                  l, acc, scale_log2, DK, DV, BLOCK_DK, 0, BLOCK_DV, PRECISION, False, here,
-                                 last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                                 last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP,
+                                 WIDEN_ASM=WIDEN_ASM)
     return m, l, acc
 
 
@@ -399,10 +407,11 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
                      DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
                      SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                      PRECISION: tl.constexpr, BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0,
-                     cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+                     cap_scale=0.0, SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """Online softmax of the rows q (one query position, the heads of a group) over the selected blocks
     ``blk`` (1, TOPK_PAD) (-1 = none), keys at positions <= ``last`` only (PAGE > 0: in a paged cache whose
-    block-table row is BT, see _load_kv; SOFTCAP: soft-capped scores): (m, l, acc), base 2."""
+    block-table row is BT, see _load_kv; SOFTCAP: soft-capped scores; WIDEN_ASM: see _attend_tile): (m, l, acc),
+    base 2."""
     tcols = tl.arange(0, TOPK_PAD)
     scols = tl.arange(0, SLC_TILE)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -420,7 +429,7 @@ def _attend_selected(q, blk, last, k_base, v_base, stride_kt, stride_vt, scale_l
             m, l, acc = _attend_tile(q, q, k_base, v_base, stride_kt, stride_vt, pos, pos <= last,
                                      (pos <= last)[None, :], m, l, acc, scale_log2, DK, DV, BLOCK_DK, 0,
                                      BLOCK_DV, PRECISION, False, page_ids, last_page, stride_kp, stride_vp, PAGE,
-                                     cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                                     cap_scale=cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM)
     return m, l, acc
 
 
@@ -430,14 +439,16 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr,
                    TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                    BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0, sink=0.0,
-                   HAS_SINKS: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0):
+                   HAS_SINKS: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0,
+                   WIDEN_ASM: tl.constexpr = False):
     """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
     at position n - 1 (PAGE > 0: its keys in a paged cache, see _load_kv); ``blk`` (1, TOPK_PAD) the selected
     blocks, -1 for none. HAS_SINKS: each branch scaled by what the rows' attention sinks ``sink`` leave of it.
-    SOFTCAP: soft-capped scores."""
+    SOFTCAP: soft-capped scores. WIDEN_ASM: see _attend_tile."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION, BT,
-                                 last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                                 last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP,
+                                 WIDEN_ASM=WIDEN_ASM)
     g3 = stride_g3.to(tl.int64)
     g = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
     if HAS_SINKS:
@@ -445,7 +456,7 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
     out += g[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
                               DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION, BT, last_page, stride_kp, stride_vp,
-                              PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                              PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM)
     g = tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)
     if HAS_SINKS:
         g = g * _sink_scale(m, l, sink)
@@ -924,10 +935,12 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
                        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
                        C: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
                        PAGE: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, cap_scale=0.0,
-                       SOFTCAP: tl.constexpr = 0):
+                       SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
     path). HAS_SINKS: attention sinks SINKS (Hq,) float32, a logit per head in each branch's softmax. SOFTCAP:
-    every branch's scores soft-capped (flash's _softcapped; scale_log2 then holds cap * log2(e)).
+    every branch's scores soft-capped (flash's _softcapped; scale_log2 then holds cap * log2(e)). K/V may be
+    float8 (a quantised cache at scale 1; the compressed keys in q's dtype), widened as they are read (WIDEN_ASM:
+    see flash's _widen).
 
     The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
     cache row ROWS[b], or b; PAGE > 0: in the pages of that row of the block table BT, see _kv_bases).
@@ -971,7 +984,7 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
     out = _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
                          DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, WINDOW,
                          PRECISION, bt, last_page, stride_kb, stride_vb, PAGE, sink, HAS_SINKS,
-                         cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                         cap_scale=cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM)
     dv = tl.arange(0, BLOCK_DV)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_g[:, None] & (dv[None, :] < DV))
@@ -1064,12 +1077,12 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CAND_PAD: tl.constexpr,
                              WINDOW: tl.constexpr, WINDOW_PIECE: tl.constexpr, PRECISION: tl.constexpr,
                              HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0, cap_scale=0.0,
-                             SOFTCAP: tl.constexpr = 0):
+                             SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """Split-KV path, step 3: one piece of the selected and window branches for the group's heads (PAGE > 0:
-    keys in a paged cache, see _kv_bases). Pieces 0 .. TOPK-1 take the final top-n of the splits' candidates
-    (piece 0 stores it) and attend to the selected block of their rank (keys up to the token); pieces TOPK ..
-    attend to one WINDOW_PIECE-key part of the window. Partial output OP (P, B, Hq, DV) fp32 and base-2 lse LP
-    (P, Hq, B) (-inf and zeros when empty)."""
+    keys in a paged cache, see _kv_bases; a float8 cache widened as it is read, see _nsa_decode_kernel). Pieces
+    0 .. TOPK-1 take the final top-n of the splits' candidates (piece 0 stores it) and attend to the selected block
+    of their rank (keys up to the token); pieces TOPK .. attend to one WINDOW_PIECE-key part of the window. Partial
+    output OP (P, B, Hq, DV) fp32 and base-2 lse LP (P, Hq, B) (-inf and zeros when empty)."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     piece = tl.program_id(2)
@@ -1099,7 +1112,7 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
                                    stride_vh, stride_btb, PAGE)
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, lo, hi, scale_log2, DK, DV, BLOCK_DK, BLOCK_DV,
                               BLOCK_G, BLOCK_N, PRECISION, bt, last_page, stride_kb, stride_vb, PAGE,
-                              cap_scale=cap_scale, SOFTCAP=SOFTCAP)
+                              cap_scale=cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM)
     has = l > 0
     dv = tl.arange(0, BLOCK_DV)
     p64 = piece.to(tl.int64)

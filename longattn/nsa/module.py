@@ -31,7 +31,7 @@ from torch import nn
 
 from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
                             padding_runs, side_cache, static_cache_view)
-from ..kernels.utils import device_tensor
+from ..kernels.utils import FLOAT8_DTYPES, device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
 
@@ -39,6 +39,11 @@ from .reference import NSAConfig
 # reading the cache in place); longer chunks run nsa_attention on their queries, whose programs share each loaded
 # block among many queries, on each row's tokens gathered into the varlen layout (a copy of the cached K/V)
 NSA_DECODE_TOKENS = 16
+
+
+def _widened(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x, or where it is a float8 cache's keys or values (InPlaceCache's cache_dtype), x widened to ``dtype``."""
+    return x.to(dtype) if x.dtype in FLOAT8_DTYPES else x
 
 
 def _reorder_compressed(store: dict, beam_idx: torch.Tensor) -> None:
@@ -238,7 +243,7 @@ class NativeSparseAttention(nn.Module):
         last = cfg.num_cmp_blocks(x.shape[1]) if last is None else last
         if last <= first:
             return x.new_zeros(x.shape[0], 0, *x.shape[2:])
-        span = x[:, first * cfg.cmp_stride:(last - 1) * cfg.cmp_stride + cfg.cmp_block]
+        span = _widened(x[:, first * cfg.cmp_stride:(last - 1) * cfg.cmp_stride + cfg.cmp_block], pos.dtype)
         blocks = span.unfold(1, cfg.cmp_block, cfg.cmp_stride).permute(0, 1, 2, 4, 3) + pos  # (B, n, H, l, D)
         return lin(blocks.flatten(-2))
 
@@ -335,8 +340,9 @@ class NativeSparseAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|L, H, D)
         k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]
-        if past == 0:
-            out = self._prefill(q, k, v, gates, self._segments(attention_mask, kwargs, B, T), cache, layer)
+        if past == 0:  # (a float8 cache's keys and values widened: the prefill attends to them as the cache holds them)
+            out = self._prefill(q, _widened(k, q.dtype), _widened(v, q.dtype), gates,
+                                self._segments(attention_mask, kwargs, B, T), cache, layer)
         else:
             out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache, layer)
         out = out.reshape(B, T, H * self.v_head_dim)
@@ -431,7 +437,11 @@ class NativeSparseAttention(nn.Module):
         tok = device_tensor(starts, torch.long, dev)[:, None] + torch.arange(l, device=dev)  # (R, l)
         slot = device_tensor([store["n"][b] for b in rows], torch.long, dev)
         for x, pos, lin, name in ((k, self.k_pos, self.k_compress, "k"), (v, self.v_pos, self.v_compress, "v")):
-            blocks = x[rows_t[:, None], tok].permute(0, 2, 1, 3) + pos  # (R, H, l, D)
+            if x.dtype in FLOAT8_DTYPES:  # (a float8 cache: gathered through its bytes, widened)
+                x = x.view(torch.uint8)[rows_t[:, None], tok].view(x.dtype).to(pos.dtype)
+            else:
+                x = x[rows_t[:, None], tok]
+            blocks = x.permute(0, 2, 1, 3) + pos  # (R, H, l, D)
             store[name][rows_t, slot] = lin(blocks.flatten(-2))
 
     def _decode(self, q, k, v, gates, real, cache, layer: int):
@@ -495,6 +505,7 @@ class NativeSparseAttention(nn.Module):
         are 0."""
         B, T = q.shape[:2]
         L = k.shape[1]
+        k, v = _widened(k, q.dtype), _widened(v, q.dtype)  # (a float8 cache: a copy)
         # each row's span of x, one after another (a view for a single row: its cache is not copied)
         gather = lambda x, spans: x[0, spans[0]] if B == 1 else torch.cat([x[b, s] for b, s in enumerate(spans)])
         keys = lambda x: gather(x, [slice(L - n, L) for n in lens])

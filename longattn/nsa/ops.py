@@ -19,7 +19,7 @@ from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_in
                              check_positive_int, check_same_dtype, check_scale, check_sinks, check_softcap,
                              check_tensor, device_tensor,
                              eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
-                             small_tiles, split_dim, validate_cache_rows, validate_pages)
+                             small_tiles, split_dim, validate_cache_rows, validate_pages, widen_by_asm)
 from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -724,7 +724,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         k_cache, v_cache: ``(B, L, Hkv, Dk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim
             (so a transformers cache ``(B, Hkv, L, D)`` transposed works without a copy); or paged, ``(num_pages,
             page_size, Hkv, D*)`` with ``block_table`` (pages of any size; L is then ``max_pages * page_size``).
-        k_cmp, v_cmp: compressed keys/values ``(B, N, Hkv, D*)``; row b must hold at least
+            q's dtype, or float8 (``float8_e4m3fn`` / ``float8_e5m2``, both: a quantised cache at scale 1, widened
+            to q's dtype as it is read).
+        k_cmp, v_cmp: compressed keys/values ``(B, N, Hkv, D*)`` in q's dtype; row b must hold at least
             ``config.num_cmp_blocks(cache_seqlens[b])`` blocks (the extra ones are not read).
         g_cmp, g_slc, g_swa: gates ``(B, Hq)``, any float dtype.
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
@@ -759,7 +761,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     B, hq, dk, L, hkv, dv = check_decode_inputs(q, k_cache, v_cache, {"k_cmp": k_cmp, "v_cmp": v_cmp},
                                                 {"cache_seqlens": cache_seqlens, "cache_offsets": cache_offsets,
                                                  "cache_rows": cache_rows, "block_table": block_table},
-                                                cache_batch=k_cache.shape[0] if paged else bc)
+                                                cache_batch=k_cache.shape[0] if paged else bc, float8_caches=True)
     bc = B if bc is None else bc
     page = 0
     if paged:
@@ -819,6 +821,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                 BLOCK_G=max(16, next_pow2(group)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 HAS_ROWS=cache_rows is not None)
     rows_arg = cache_rows if cache_rows is not None else cache_seqlens  # not read without HAS_ROWS
+    widen = widen_by_asm(q.dtype, k_cache.dtype)  # (a float8 cache, see flash._widen)
     # a paged cache: its block table, last page and page size (PAGE = 0: contiguous, the table not read)
     paging = ((block_table, block_table.stride(0), k_cache.shape[0] - 1, page) if paged else
               (cache_seqlens, 0, 0, 0))
@@ -834,7 +837,7 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], sinks,
             *common, *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
             sel.stride(0), sel.stride(1), paging[1], group, qk_scale, paging[2], **dims, **blocks, **selection,
-            **attend, PAGE=paging[3], HAS_SINKS=has_sinks, **soft, **launch, **COMPILE_OPTIONS)
+            **attend, PAGE=paging[3], HAS_SINKS=has_sinks, WIDEN_ASM=widen, **soft, **launch, **COMPILE_OPTIONS)
         return (out, sel) if return_selection else out
 
     # split-KV: partial compressed attention per split, per-split top-n (each program merging the splits' lse), then
@@ -867,8 +870,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         *cache_strides, cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
         piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, qk_scale,
         paging[2], **dims, BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
-        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3], **soft,
-        **launch, **COMPILE_OPTIONS)
+        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3],
+        WIDEN_ASM=widen, **soft, **launch, **COMPILE_OPTIONS)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
         parts, lses, piece_out, piece_lse, gates, out, sinks, parts.stride(0), parts.stride(1), parts.stride(2),

@@ -275,6 +275,10 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     for b, (n, o, c) in enumerate(zip(lens, offsets, n_cmp)):
         k[b, o:o + n], v[b, o:o + n] = torch.randn(n, hkv, dk, device=DEVICE), torch.randn(n, hkv, dv, device=DEVICE)
         kc[b, :c], vc[b, :c] = torch.randn(c, hkv, dk, device=DEVICE), torch.randn(c, hkv, dv, device=DEVICE)
+    if rng.random() < 0.3:  # a quantised cache (float8 at scale 1; the compressed keys in q's dtype)
+        fp8 = rng.choice([torch.float8_e4m3fn, torch.float8_e5m2])
+        k, v = k.float().to(fp8), v.float().to(fp8)
+        cfg["cache"] = str(fp8)
     rows = [b for b in range(n_seq) for _ in range(chunk)]
     seqs = [lens[b] - chunk + 1 + i for b in range(n_seq) for i in range(chunk)]
     q = torch.randn(len(rows), hq, dk, device=DEVICE, dtype=dtype)
@@ -293,8 +297,8 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     checks = []
     for r, (b, n) in enumerate(zip(rows, seqs)):  # the reference's last row on the sequence's first n tokens
         o, c = offsets[b], config.num_cmp_blocks(n)
-        ref, sel_r = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].float(),
-                                       v[b, None, o:o + n].float(), *(g[r, None, None].float() for g in gates),
+        ref, sel_r = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].to(dtype).float(),
+                                       v[b, None, o:o + n].to(dtype).float(), *(g[r, None, None].float() for g in gates),
                                        k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=config,
                                        sinks=None if sinks is None else sinks.float(), softcap=softcap,
                                        return_selection=True)

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import torch
 
 from .hf.attention import known_left_padding
-from .hf.cache import InPlaceCache
-from .kernels.utils import FLOAT8_DTYPES, check_bool, device_tensor, read_back_later
+from .hf.cache import InPlaceCache, check_cache_dtype
+from .kernels.utils import check_bool, device_tensor, read_back_later
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
 
@@ -373,14 +373,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     if cache_dtype is not None:
-        if cache_dtype not in FLOAT8_DTYPES:
-            raise TypeError(f"cache_dtype must be None, torch.float8_e4m3fn or torch.float8_e5m2, got {cache_dtype!r}")
-        mla = any(type(m).__name__ == "MLAAttention" for m in model.modules())
-        if mla or _attn_impl(model) not in PACKED_IMPLEMENTATIONS:
-            raise ValueError("cache_dtype (a float8 KV cache) needs longattn's flash, MoBA or NSA attention "
-                             "(swap_attention(model, 'flash' / 'moba' / 'nsa')), whose decoding reads float8 caches; "
-                             + ("MLA's module quantises its latent cache itself: swap_attention(model, 'mla', "
-                                "cache_dtype=...)" if mla else f"this model's attention is {_attn_impl(model)!r}"))
+        check_cache_dtype(cache_dtype)
+        _check_float8_cache_model(model)
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,
@@ -461,6 +455,31 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             rows = [rows[j] for j in live]
     result.decode_seconds = _clock(device) - t1
     return result
+
+
+def _check_float8_cache_model(model) -> None:
+    """ValueError unless the model's attention decodes from a float8 cache (``cache_dtype``): longattn's flash or
+    MoBA attention, NSA's module; not MLA's module, which quantises its own latent cache, nor transformers 5's MLA
+    models under MoBA, whose cache holds the latent their attention decompresses, nor a model whose cache would
+    quantise nothing (every layer sliding or holding a recurrent state)."""
+    from .hf.swap import MLA_ARCHS
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mla = any(type(m).__name__ == "MLAAttention" for m in model.modules())
+    if mla or getattr(text, "model_type", None) in MLA_ARCHS:
+        raise ValueError("cache_dtype (a float8 KV cache) does not serve MLA models: their cache holds the latent "
+                         "(transformers 5) or MLA's module keeps its own, which it quantises itself: "
+                         "swap_attention(model, 'mla', cache_dtype=...)")
+    if _attn_impl(model) not in PACKED_IMPLEMENTATIONS:
+        raise ValueError("cache_dtype (a float8 KV cache) needs longattn's flash, MoBA or NSA attention "
+                         "(swap_attention(model, 'flash' / 'moba' / 'nsa')), whose decoding reads float8 caches; this "
+                         f"model's attention is {_attn_impl(model)!r}")
+    from transformers import DynamicLayer
+
+    layers = _default_cache_layers(model)  # (None: a cache class of the model's own, MiniMax-M1's, in-place too)
+    if layers is not None and not any(type(layer) is DynamicLayer for layer in layers):
+        raise ValueError("cache_dtype (a float8 KV cache) would quantise none of this model's cache layers (each "
+                         "keeps a window or a recurrent state)")
 
 
 def _stop_sequences(stop_sequences) -> list:

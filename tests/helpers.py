@@ -25,6 +25,16 @@ def assert_close(actual, expected, dtype, name="", factor=1.0):
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
 
 
+def assert_same_as_widened(actual, expected, dtype, name=""):
+    """An op reading a float8 cache against the same op on the cache widened to q's dtype: bit for bit through the
+    interpreter (the widening is exact, the tiles the same), within ``dtype``'s tolerance on a GPU (which may take
+    other tiles for either)."""
+    if actual.device.type == "cpu":
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=name)
+    else:
+        assert_close(actual, expected, dtype, name)
+
+
 def assert_lse_close(actual, expected, atol=1e-3):
     """lse: same -inf pattern, and close where finite."""
     assert actual.shape == expected.shape

@@ -180,10 +180,17 @@ def test_zamba2_shared_attention_blocks(kind, device, tmp_path):
             got = store[i]["k"][:, :store[i]["n"][0]]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if kind == "nsa":
+        with pytest.raises(ValueError, match="must name the layer calling it"):
+            a(torch.randn(1, 3, cfg.attention_hidden_size, device=device))
+        with torch.no_grad():
+            logits = model(ids).logits
+        model.tie_weights()  # (transformers ties the blocks again, by the names it tied them by: NSA's stay apart)
+        assert a.gate is not b.gate and not torch.equal(a.gate.weight, b.gate.weight)
         model.save_pretrained(tmp_path)
         loaded = longattn.hf.from_pretrained(tmp_path).eval().to(device)
         with torch.no_grad():
-            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)
+            torch.testing.assert_close(loaded(ids).logits, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_swap_refuses_attention_picked_at_build(monkeypatch):

@@ -54,6 +54,12 @@ def test_in_place_cache_follows_dynamic_cache(reserve):
         cache.batch_select_indices(torch.tensor([0, 2]))
     _same((ours.layers[0].keys, ours.layers[0].values), (ref.layers[0].keys, ref.layers[0].values))
     room = ours.layers[0]._k.shape[2]
+    for cache in (ref, ours):  # (generate's expansion for several sequences a prompt)
+        cache.batch_repeat_interleave(2)
+    _same((ours.layers[1].keys, ours.layers[1].values), (ref.layers[1].keys, ref.layers[1].values))
+    assert ours.layers[1]._k.shape[2] == room
+    for cache in (ref, ours):
+        cache.batch_select_indices(torch.tensor([0, 3]))
     step(1, batch=2)
     assert ours.layers[0]._k.shape[2] == room  # the room survives the reordering
     with pytest.raises(ValueError, match="must match them but for the tokens"):
@@ -193,6 +199,8 @@ def test_float8_in_place_cache():
     assert torch.equal(keys.float(), want(k)) and torch.equal(values.float(), want(v))
     cache.reorder_cache(torch.tensor([2, 0, 1]))
     cache.batch_select_indices(torch.tensor([0, 2]))
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([0, 3]))
     held = cache.layers[0].keys.float()
     assert torch.equal(held, want(k)[[2, 1]])
     cache.crop(-2)  # (5 tokens -> 3)

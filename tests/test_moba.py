@@ -5,7 +5,8 @@ import torch
 from longattn import flash_attention
 from longattn.moba import moba_attention, moba_attention_ref, moba_block_selection, moba_block_selection_ref
 from longattn.moba.reference import _pooled_keys
-from helpers import assert_close, assert_compiled_matches_eager, assert_lse_close, capture_graph, leaf
+from helpers import (assert_close, assert_compiled_matches_eager, assert_lse_close, assert_same_as_widened,
+                     capture_graph, leaf)
 
 
 def _cu(lengths, device):
@@ -501,17 +502,10 @@ def test_moba_decode_float8_cache(cache_dtype, dtype, device):
     kp, vp, table = _paged_cache([(k8[b, o:], v8[b, o:]) for b, o in enumerate(off.tolist())], max(lens), 16,
                                  torch.Generator().manual_seed(0))
     q = torch.randn(len(lens), Hq, 32, device=device, dtype=dtype)
-
-    def same(a, b, what):
-        if device == "cpu":
-            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=what)
-        else:
-            assert_close(a, b, dtype, what)
-
     kw = dict(block_size=bs, topk=topk)
     want = moba_decode(q, wide(k8), wide(v8), cache_seqlens=seq, cache_offsets=off, **kw)
-    same(moba_decode(q, k8, v8, cache_seqlens=seq, cache_offsets=off, **kw), want, "left-padded")
-    same(moba_decode(q, kp, vp, cache_seqlens=seq, block_table=table, **kw), want, "paged")
+    for cache in (dict(k_cache=k8, v_cache=v8, cache_offsets=off), dict(k_cache=kp, v_cache=vp, block_table=table)):
+        assert_same_as_widened(moba_decode(q, cache_seqlens=seq, **cache, **kw), want, dtype, str(list(cache)))
     means = torch.full((len(lens), (max(lens) - 1) // bs, Hkv, 32), float("nan"), device=device, dtype=dtype)
     pool_cache_blocks(k8, seq, off, bs, means)
     wide_means = torch.full_like(means, float("nan"))
@@ -521,8 +515,8 @@ def test_moba_decode_float8_cache(cache_dtype, dtype, device):
     rows = i32([0, 0, 2])
     rows_kw = dict(kw, cache_seqlens=i32([lens[0] - 1, lens[0], lens[2]]), cache_rows=rows,
                    cache_offsets=off[rows.long()])
-    same(moba_decode(q, k8, v8, k_mean=means, **rows_kw),
-         moba_decode(q, wide(k8), wide(v8), k_mean=means, **rows_kw), "cache_rows, kept means")
+    assert_same_as_widened(moba_decode(q, k8, v8, k_mean=means, **rows_kw),
+                           moba_decode(q, wide(k8), wide(v8), k_mean=means, **rows_kw), dtype, "cache_rows, kept means")
     with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
         moba_decode(q, k8, wide(v8), cache_seqlens=seq, cache_offsets=off, **kw)
     with pytest.raises(TypeError, match="k_mean must have dtype in"):

@@ -10,7 +10,8 @@ from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
 from longattn.nsa.kernels import SELECT_TILES
 from longattn.nsa.ops import _gates, _mean_compress
-from helpers import assert_close, assert_compiled_matches_eager, capture_graph, leaf, sorted_selection
+from helpers import (assert_close, assert_compiled_matches_eager, assert_same_as_widened, capture_graph, leaf,
+                     sorted_selection)
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
 
@@ -629,19 +630,12 @@ def test_nsa_decode_float8_cache(cache_dtype, dtype, device):
     off = torch.tensor(offsets, dtype=torch.int32, device=device)
     kp, vp, table = _paged(k8, v8, lens, offsets, 16, torch.Generator().manual_seed(0))
 
-    def same(a, b, what):
-        if device == "cpu":
-            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=what)
-        else:
-            assert_close(a, b, dtype, what)
-
     for splits in (1, 3):
         kw = dict(config=CFG, num_splits=splits)
         want = nsa_decode(q, k8.to(dtype), v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, **kw)
-        same(nsa_decode(q, k8, v8, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, **kw), want,
-             f"left-padded, {splits} splits")
-        same(nsa_decode(q, kp, vp, kc, vc, *gates, cache_seqlens=seq, block_table=table, **kw), want,
-             f"paged, {splits} splits")
+        for cache in (dict(k_cache=k8, v_cache=v8, cache_offsets=off), dict(k_cache=kp, v_cache=vp, block_table=table)):
+            assert_same_as_widened(nsa_decode(q, k_cmp=kc, v_cmp=vc, g_cmp=gates[0], g_slc=gates[1], g_swa=gates[2],
+                                              cache_seqlens=seq, **cache, **kw), want, dtype, f"{list(cache)}, {splits}")
     with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
         nsa_decode(q, k8, v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG)
     with pytest.raises(TypeError, match="k_cmp must have dtype in"):

@@ -357,8 +357,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, q_len: int, dtype) ->
     B, L, hkv, d = k.shape
     need = (L - 1) // block_size
     store = side_cache(cache, "_longattn_moba", _reorder_means)
-    layer = getattr(module, "_longattn_layer", None)  # (Zamba2's attention blocks: the index they are called with)
-    layer = module.layer_idx if layer is None else layer
+    layer = _layer_of(module)
     kept = store.get(layer)
     follows = q_len < L and kept is not None and kept["block_size"] == block_size and \
         kept["means"].shape[0] == B and kept["means"].dtype == dtype and kept["means"].device == k.device
@@ -390,6 +389,13 @@ def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tens
     return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
 
 
+def _layer_of(module) -> Optional[int]:
+    """The cache layer of attention ``module``: its ``layer_idx``, or where a block serves several layers (Zamba2's
+    shared attention blocks, layer_idx -1) the index the model calls it with (recorded by swap_attention's hooks)."""
+    layer = getattr(module, "_longattn_layer", None)
+    return getattr(module, "layer_idx", None) if layer is None else layer
+
+
 def _chunk_size(module) -> Optional[int]:
     """The chunk size of a chunked-attention layer (Llama 4's local layers: ``config.attention_chunk_size`` where
     ``config.layer_types`` says "chunked_attention"), or None."""
@@ -397,7 +403,7 @@ def _chunk_size(module) -> Optional[int]:
     size = getattr(cfg, "attention_chunk_size", None)
     if not size:
         return None
-    types, idx = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
+    types, idx = getattr(cfg, "layer_types", None), _layer_of(module)
     if types is None or idx is None:
         raise ValueError("chunked attention (config.attention_chunk_size) needs config.layer_types and the module's "
                          "layer_idx to tell its chunked layers")
@@ -453,8 +459,8 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
     varlen = (lambda r: _with_sinks(r[0], r[1].t(), sinks)) if sinks is not None else (lambda r: r)
     if k.dtype in FLOAT8_DTYPES or v.dtype in FLOAT8_DTYPES:  # a quantised cache (InPlaceCache's cache_dtype)
         if cu is not None or attention_mask is not None and pad is None:
-            raise ValueError("a float8 KV cache serves batches of whole or left-padded rows, not packed or "
-                             "right-padded ones")
+            raise ValueError("a float8 KV cache (InPlaceCache's cache_dtype) serves batches of whole or left-padded "
+                             "rows, not packed or right-padded ones")
         # decoding: the kernels read the float8 cache as it is (flash_decode; MoBA's moba_decode below)
         if q_len >= kv_len or q_len > (MOBA_DECODE_TOKENS if kind == "moba" else MAX_QUERY_TOKENS):
             k, v = k.to(q.dtype), v.to(q.dtype)  # (a prefill, a long chunk: the cache's tokens widened, a copy)

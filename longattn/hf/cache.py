@@ -143,6 +143,11 @@ class InPlaceLayer(DynamicLayer):
         indices = torch.as_tensor(indices)
         self._select_rows(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each batch row ``repeats`` times (generate's expansion for several sequences a prompt), keeping the room."""
+        if self._n:
+            self._select_rows(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
+
     def get_seq_length(self) -> int:
         return self._n if self.is_initialized else 0
 
@@ -165,14 +170,18 @@ class InPlaceCache(DynamicCache):
             while it holds (a short generation allocates once, exactly; a long one, which may stop early, grows
             as it goes instead of reserving its longest length up front).
         cache_dtype: None (default: the keys' and values' own dtype), or ``torch.float8_e4m3fn`` /
-            ``torch.float8_e5m2``: the full-attention layers keep their keys and values quantised (half the bytes of
-            a 16-bit cache, at scale 1: saturated to the format's range, e4m3's 448, e5m2's 57344), and longattn's
+            ``torch.float8_e5m2``: the full-attention layers (those ``DynamicCache`` keeps as plain layers: not
+            sliding-window layers, nor the layers of hybrids that hold a recurrent state beside their keys and
+            values) keep their keys and values quantised (half the bytes of a 16-bit cache, at scale 1: saturated
+            to the format's range, e4m3's 448, e5m2's 57344), and longattn's
             flash and MoBA attention (``attn_implementation="longattn"`` / ``"moba"``, ``swap_attention(model,
             "flash" / "moba")``) and NSA's module decode from them as they are, in their kernels (``flash_decode``'s,
             ``moba_decode``'s and ``nsa_decode``'s float8 caches: half the bytes read a step); a prefill or a chunk of
             more than 16 tokens a row after a cached prefix attends to them widened to the queries' dtype (a copy).
             MLA's module refuses such a cache (ValueError: it quantises its latent cache itself,
-            ``swap_attention(model, "mla", cache_dtype=...)``).
+            ``swap_attention(model, "mla", cache_dtype=...)``); so do, with a dtype error of torch, attention modules
+            that compute on what the cache returns (transformers 5's MLA models under MoBA, whose cache holds the
+            latent their attention decompresses).
 
     ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``
     takes one too. Views of the storage are handed out, so a tensor returned by one step sees the tokens a later
@@ -182,7 +191,7 @@ class InPlaceCache(DynamicCache):
     def __init__(self, config=None, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
                  **kwargs):
         _check_max_len(max_cache_len)
-        _check_cache_dtype(cache_dtype)
+        check_cache_dtype(cache_dtype)
         if config is not None and not isinstance(config, PretrainedConfig):
             raise TypeError(f"config must be a transformers config (the model's) or None, got {type(config).__name__}")
         super().__init__(config=config, **kwargs)
@@ -209,7 +218,7 @@ class InPlaceCache(DynamicCache):
                          "DynamicCache does not hold its layers' state), which InPlaceCache does not provide")
 
 
-def _check_cache_dtype(cache_dtype) -> None:
+def check_cache_dtype(cache_dtype) -> None:
     if cache_dtype is not None and cache_dtype not in FLOAT8_DTYPES:
         raise TypeError(f"cache_dtype must be None or a float8 dtype (torch.float8_e4m3fn, torch.float8_e5m2), got "
                         f"{cache_dtype!r}")
@@ -242,7 +251,7 @@ def _minimax_cache_class():
 
         def __init__(self, config, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None):
             _check_max_len(max_cache_len)
-            _check_cache_dtype(cache_dtype)
+            check_cache_dtype(cache_dtype)
             MiniMaxCache.__init__(self)  # (layers added as the model updates them)
             self.cache_dtype = cache_dtype
             self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len, cache_dtype)

@@ -172,6 +172,16 @@ def _attention_modules(lm: nn.Module, layers) -> list:
     return found
 
 
+def _pin_tied_weights(lm: nn.Module) -> None:
+    """Zamba2 ties each layer's shared attention block to the first by module prefix, which transformers expands
+    over the block's parameters whenever it ties them again (``tie_weights()``): pinned to the parameters the block
+    has before NSA's module is put in, so that each layer's own NSA parameters stay its own."""
+    for module in lm.modules():  # (the base model's mapping: Zamba2Model's)
+        expand = getattr(module, "get_expanded_tied_weights_keys", None)
+        if expand is not None and getattr(module, "_tied_weights_keys", None):
+            module._tied_weights_keys = expand(all_submodels=False)
+
+
 def _remember_cache(module, args, kwargs):
     module._longattn_cache = None
     # (the cache's layer where the model names it in the call: Zamba2's attention blocks, whose own layer_idx is -1)
@@ -352,6 +362,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             cfg.layer_types = ["full_attention" if t == "sliding_attention" else t for t in types]
         elif types is None and getattr(cfg, "sliding_window", None) is not None:
             cfg.sliding_window = None
+        if new and arch == "zamba2":
+            _pin_tied_weights(lm)
         for parent, name, module in new:
             setattr(parent, name, module)
         _set_impl(model, "longattn", text_key)  # 2-D padding masks

@@ -20,7 +20,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # quantised KV caches (flash_decode, mla_decode)
+# quantised KV caches: flash_decode, moba_decode, nsa_decode, mla_decode; longattn.hf.InPlaceCache's cache_dtype
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Compile options of every launch: a multiply followed by an add fused into one multiply-add, as the kernels were
 # tuned with (the instruction counts in their comments), whatever the process's default (Triton 3.9 warns at its
 # first compile that leaves it to TRITON_DEFAULT_FP_FUSION, whose default the next release turns off)

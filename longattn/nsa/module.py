@@ -312,6 +312,9 @@ class NativeSparseAttention(nn.Module):
         # blocks) the index the model calls it with
         layer = kwargs.get("layer_idx")
         layer = self.layer_idx if layer is None else layer
+        if isinstance(layer, int) and layer < 0:
+            raise ValueError(f"this {type(self).__name__} stands for an attention block several layers share (its "
+                             "layer_idx is -1): the model must name the layer calling it (layer_idx=)")
         q, k, v, out_gate, routing = self._project(hidden_states, layer)
         if self._use_rope and position_embeddings is not None:
             cos, sin = position_embeddings

@@ -629,7 +629,6 @@ def test_nsa_decode_float8_cache(cache_dtype, dtype, device):
     seq = torch.tensor(lens, dtype=torch.int32, device=device)
     off = torch.tensor(offsets, dtype=torch.int32, device=device)
     kp, vp, table = _paged(k8, v8, lens, offsets, 16, torch.Generator().manual_seed(0))
-
     for splits in (1, 3):
         kw = dict(config=CFG, num_splits=splits)
         want = nsa_decode(q, k8.to(dtype), v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, **kw)

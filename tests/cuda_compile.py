@@ -229,17 +229,14 @@ def _sparse_cases():
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=True), ()),
         ]
         if dt == "bf16":  # a float8 cache (InPlaceCache's cache_dtype under MoBA): widened as it is read (e4m3 to
-            # bfloat16 by inline PTX), pooled from it
-            for cache in ("fp8e4nv", "fp8e5"):
-                fp8 = dict(dec_ptr, K=f"*{cache}", V=f"*{cache}")
-                cases += [
-                    (f"_sparse_decode_kernel[{dt}-g4-{cache}]", K._sparse_decode_kernel, fp8,
-                     dict(dec_meta, HAS_ROWS=False, WIDEN_ASM=cache == "fp8e4nv"), floats),
-                    (f"_sparse_decode_kernel[{dt}-g4-page16-{cache}]", K._sparse_decode_kernel, fp8,
-                     dict(dec_meta, HAS_ROWS=False, PAGE=16, WIDEN_ASM=cache == "fp8e4nv"), floats,
-                     dict(num_warps=8)),
-                    (f"_cache_block_mean_kernel[{dt}-{cache}]", M._cache_block_mean_kernel, dict(ptr, K=f"*{cache}"),
-                     dict(D=d, BLOCK_D=d, BLOCK_T=64), ())]
+            # bfloat16 by inline PTX, e5m2 by Triton's conversion), paged or not, pooled from it
+            for cache, page in (("fp8e4nv", 0), ("fp8e4nv", 16), ("fp8e5", 0)):
+                cases.append((f"_sparse_decode_kernel[{dt}-g4{f'-page{page}' if page else ''}-{cache}]",
+                              K._sparse_decode_kernel, dict(dec_ptr, K=f"*{cache}", V=f"*{cache}"),
+                              dict(dec_meta, HAS_ROWS=False, PAGE=page, WIDEN_ASM=cache == "fp8e4nv"), floats,
+                              dict(num_warps=8) if page else {}))
+            cases.append((f"_cache_block_mean_kernel[{dt}-fp8e4nv]", M._cache_block_mean_kernel,
+                          dict(ptr, K="*fp8e4nv"), dict(D=d, BLOCK_D=d, BLOCK_T=64), ()))
     # soft-capped scores (Gemma 2: bfloat16 takes the GPU's tanh.approx) in the engine's first tiles
     return cases + _softcap_twins(cases, lambda name: name in (
         "_sparse_fwd_kernel[bf16-n64w4s3]", "_sparse_dq_kernel[bf16-n64w8s2]", "_sparse_dkdv_kernel[bf16-n64w8s3]",
@@ -372,7 +369,8 @@ def _nsa_cases():
                     cases.append((f"{name}[{dt}-d{d}-g{block_g}-page64]", getattr(K, name), ptr, dict(meta, PAGE=64),
                                   ("scale_log2", "scale"), opts))
                     if dt == "bf16":  # a float8 cache (InPlaceCache's cache_dtype), widened as it is read
-                        for cache, page in (("fp8e4nv", 0), ("fp8e4nv", 64), ("fp8e5", 0)):
+                        for cache, page in ((("fp8e4nv", 0),) if name == "_nsa_decode_kernel" else
+                                            (("fp8e4nv", 0), ("fp8e4nv", 64), ("fp8e5", 0))):
                             cases.append((f"{name}[{dt}-d{d}-g{block_g}{f'-page{page}' if page else ''}-{cache}]",
                                           getattr(K, name), dict(ptr, K=f"*{cache}", V=f"*{cache}"),
                                           dict(meta, PAGE=page, WIDEN_ASM=cache == "fp8e4nv"),

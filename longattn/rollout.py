@@ -339,10 +339,10 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             the bytes a decoding step reads; scale 1, saturated to the format's range), for models whose attention
             is longattn's flash, MoBA or NSA attention (``swap_attention(model, "flash" / "moba" / "nsa")``); the
             prompts' prefill attends to the unquantised keys (packed) or to the quantised ones (padded: hybrids,
-            sliding-window models, NSA's module). The
-            completions and log-probs are those of the quantised cache (not the 16-bit model's: the log-probs of a
-            training forward differ by the quantisation); ValueError for another attention (MLA's module quantises
-            its latent cache itself: ``swap_attention(model, "mla", cache_dtype=...)``).
+            sliding-window models, NSA's module). The completions and log-probs are those of the quantised cache
+            (not the 16-bit model's: the log-probs of a training forward differ by the quantisation). ValueError for
+            another attention, for MLA models (MLA's module quantises its latent cache itself:
+            ``swap_attention(model, "mla", cache_dtype=...)``) and where no layer's cache would be quantised.
     Returns:
         :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated
         token, see ``logprobs_mode``), ``len(prompts) * num_samples`` of each, the samples of a prompt one after

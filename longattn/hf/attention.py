@@ -18,8 +18,8 @@ import transformers
 from ..kernels.decode import MAX_QUERY_TOKENS, flash_decode
 from ..kernels.flash import flash_attention
 from ..kernels.utils import FLOAT8_DTYPES, device_tensor
-from .cache import quantised_cache
 from ..moba.ops import moba_attention, moba_decode, pool_cache_blocks
+from .cache import quantised_cache
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
 MOBA_DEFAULT_TOPK = 3

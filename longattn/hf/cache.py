@@ -173,11 +173,11 @@ class InPlaceCache(DynamicCache):
             ``torch.float8_e5m2``: the full-attention layers (those ``DynamicCache`` keeps as plain layers: not
             sliding-window layers, nor the layers of hybrids that hold a recurrent state beside their keys and
             values) keep their keys and values quantised (half the bytes of a 16-bit cache, at scale 1: saturated
-            to the format's range, e4m3's 448, e5m2's 57344), and longattn's
-            flash and MoBA attention (``attn_implementation="longattn"`` / ``"moba"``, ``swap_attention(model,
-            "flash" / "moba")``) and NSA's module decode from them as they are, in their kernels (``flash_decode``'s,
-            ``moba_decode``'s and ``nsa_decode``'s float8 caches: half the bytes read a step); a prefill or a chunk of
-            more than 16 tokens a row after a cached prefix attends to them widened to the queries' dtype (a copy).
+            to the format's range, e4m3's 448, e5m2's 57344), and longattn's flash and MoBA attention
+            (``attn_implementation="longattn"`` / ``"moba"``, ``swap_attention(model, "flash" / "moba")``) and NSA's
+            module decode from them as they are, in their kernels (``flash_decode``'s, ``moba_decode``'s and
+            ``nsa_decode``'s float8 caches: half the bytes read a step); a prefill or a chunk of more than 16 tokens a
+            row after a cached prefix attends to them widened to the queries' dtype (a copy).
             MLA's module refuses such a cache (ValueError: it quantises its latent cache itself,
             ``swap_attention(model, "mla", cache_dtype=...)``); so do, with a dtype error of torch, attention modules
             that compute on what the cache returns (transformers 5's MLA models under MoBA, whose cache holds the
@@ -219,6 +219,7 @@ class InPlaceCache(DynamicCache):
 
 
 def check_cache_dtype(cache_dtype) -> None:
+    """TypeError unless ``cache_dtype`` is None or a float8 dtype (an InPlaceCache's quantised storage)."""
     if cache_dtype is not None and cache_dtype not in FLOAT8_DTYPES:
         raise TypeError(f"cache_dtype must be None or a float8 dtype (torch.float8_e4m3fn, torch.float8_e5m2), got "
                         f"{cache_dtype!r}")

@@ -106,7 +106,8 @@ def _cache_of(kind: str):
         yield
         return
     saved = rollout._decoding_cache
-    rollout._decoding_cache = lambda model, max_cache_len, cache_dtype=None: DynamicCache(config=model.config)
+    rollout._decoding_cache = lambda model, max_cache_len, cache_dtype=None, cache_scales=None: DynamicCache(
+        config=model.config)
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from .hf.attention import known_left_padding
-from .hf.cache import InPlaceCache, check_cache_dtype
+from .hf.cache import InPlaceCache, check_cache_dtype, check_cache_scales
 from .kernels.utils import check_bool, device_tensor, read_back_later
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
@@ -212,7 +212,8 @@ def _prompt_groups(lens: list, chunk: Optional[int]) -> list:
     return groups
 
 
-def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None, cache_dtype=None):
+def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None, cache_dtype=None,
+                    cache_scales="auto"):
     """Prefill the prompts packed in a row (a row per group of ``chunk`` tokens at most, a longer prompt alone in a
     row it fills ``chunk`` tokens at a time); return last-token logits (B, V) and a left-padded cache that expects
     ``capacity`` tokens per row at most."""
@@ -238,7 +239,7 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
             ks[layer_idx] += layer.keys[0].transpose(0, 1).split(glens)  # per prompt (n, H, D)
             vs[layer_idx] += layer.values[0].transpose(0, 1).split(glens)
         del packed, out
-    cache = _decoding_cache(model, capacity, cache_dtype)
+    cache = _decoding_cache(model, capacity, cache_dtype, cache_scales)
     longest = max(lens)
     for layer_idx, (k, v) in enumerate(zip(ks, vs)):
         cache.update(_left_pad(k, longest).transpose(1, 2), _left_pad(v, longest).transpose(1, 2), layer_idx)
@@ -246,19 +247,20 @@ def _packed_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
     return torch.cat(logits), cache
 
 
-def _decoding_cache(model, max_cache_len: int, cache_dtype=None):
+def _decoding_cache(model, max_cache_len: int, cache_dtype=None, cache_scales="auto"):
     """The cache the rollout decodes with: ``InPlaceCache.for_model`` (benchmarks put another in its place)."""
-    return InPlaceCache.for_model(model, max_cache_len, cache_dtype)
+    return InPlaceCache.for_model(model, max_cache_len, cache_dtype, cache_scales)
 
 
-def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None, cache_dtype=None):
+def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = None, cache_dtype=None,
+                    cache_scales="auto"):
     """Prefill the prompts left-padded to the longest (``chunk`` tokens of the batch at a time: as many columns
     as make them, one at least); return last-token logits (B, V) and the cache."""
     longest = max(lens)
     ids = _left_pad(prompts, longest)
     mask = _left_pad([torch.ones_like(p) for p in prompts], longest)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = _decoding_cache(model, capacity, cache_dtype)
+    cache = _decoding_cache(model, capacity, cache_dtype, cache_scales)
     step = longest if chunk is None else max(1, chunk // len(prompts))
     for a in range(0, longest, step):
         out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step], position_ids=pos[:, a:a + step],
@@ -298,7 +300,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
              min_p: Optional[float] = None, num_samples: int = 1, packed: Optional[bool] = None,
              drop_finished: bool = True, prefill_chunk: Optional[int] = None, logprobs_mode: str = "raw",
              stop_sequences: Optional[Sequence[Sequence[int]]] = None,
-             cache_dtype: Optional[torch.dtype] = None) -> Rollout:
+             cache_dtype: Optional[torch.dtype] = None, cache_scales="auto") -> Rollout:
     """Sample (or greedily decode, ``temperature=0``) up to ``max_new_tokens`` tokens for every prompt.
 
     Args:
@@ -336,7 +338,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             behaviour policy's, for importance ratios; 0 when greedy).
         cache_dtype: None (default: the model's), or ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: decode with the
             keys and values cached in float8 (``InPlaceCache``'s ``cache_dtype``: half the cache's memory and of
-            the bytes a decoding step reads; scale 1, saturated to the format's range), for models whose attention
+            the bytes a decoding step reads; each layer's keys and values at the scales of ``cache_scales``: see
+            ``InPlaceCache``, by default calibrated on the prompts' prefill), for models whose attention
             is longattn's flash, MoBA or NSA attention (``swap_attention(model, "flash" / "moba" / "nsa")``); the
             prompts' prefill attends to the unquantised keys (packed) or to the quantised ones (padded: hybrids,
             sliding-window models, NSA's module). The completions and log-probs are those of the quantised cache
@@ -372,13 +375,15 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+    check_cache_dtype(cache_dtype)
+    check_cache_scales(cache_scales, cache_dtype)
     if cache_dtype is not None:
-        check_cache_dtype(cache_dtype)
         _check_float8_cache_model(model)
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied
         res = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                        packed=packed, drop_finished=drop_finished, prefill_chunk=prefill_chunk,
-                       logprobs_mode=logprobs_mode, stop_sequences=stops, cache_dtype=cache_dtype)
+                       logprobs_mode=logprobs_mode, stop_sequences=stops, cache_dtype=cache_dtype,
+                       cache_scales=cache_scales)
         res.completions = [list(c) for c in res.completions for _ in range(num_samples)]
         res.logprobs = [list(lp) for lp in res.logprobs for _ in range(num_samples)]
         res.num_samples = num_samples
@@ -405,7 +410,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     # the most tokens the cache holds: the longest prompt (rows are left-padded to it) and every new token but the
     # last (never fed)
     logits, cache = (_packed_prefill if use_packed else _padded_prefill)(
-        model, prompts, lens, max(lens) + max_new_tokens - 1, prefill_chunk, cache_dtype)
+        model, prompts, lens, max(lens) + max_new_tokens - 1, prefill_chunk, cache_dtype, cache_scales)
     longest = max(lens)
     # (boolean: transformers takes it as it is, so that the attention finds it marked by known_left_padding)
     mask = _left_pad([torch.ones_like(p, dtype=torch.bool) for p in prompts], longest)

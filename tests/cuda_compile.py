@@ -25,6 +25,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
+# floats wherever they are: the soft cap's scale, a quantised cache's dequantisation scales (folded into the scores'
+# scale of the branches reading it)
+FLOAT_ARGS = ("cap_scale", "kv_cap_scale", "kv_scale_log2", "v_scale")
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_warps=4, num_stages=3, arch=90, **extra):
@@ -44,7 +47,7 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, floats=(), *, num_w
             sig[n] = pointers[n]
             if pointers[n].startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif n in floats or n == "cap_scale":  # (the soft cap's scale: a float wherever it is)
+        elif n in floats or n in FLOAT_ARGS:
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
@@ -220,9 +223,9 @@ def _sparse_cases():
              dict(dec_meta, DQK=192, BLOCK_DA=128, BLOCK_DB=64, KSEL=15, BLOCK_S=16, HAS_ROWS=False,
                   BLOCK_N=16 if dt == "fp32" else 64), floats),
             (f"_cache_block_mean_kernel[{dt}]", M._cache_block_mean_kernel, ptr, dict(D=d, BLOCK_D=d, BLOCK_T=64),
-             ()),
+             ("scale",)),
             (f"_cache_block_mean_kernel[{dt}-page16]", M._cache_block_mean_kernel, ptr,
-             dict(D=d, BLOCK_D=d, BLOCK_T=64, PAGE=16), ()),
+             dict(D=d, BLOCK_D=d, BLOCK_T=64, PAGE=16), ("scale",)),
             (f"_moba_decode_select_kernel[{dt}-g8]", M._moba_decode_select_kernel, ptr,
              dict(D=d, BLOCK_D=d, KSEL=7, C=16, PRECISION=prec, BLOCK_G=16, HAS_ROWS=False), ()),
             (f"_moba_decode_select_kernel[{dt}-g8-rows]", M._moba_decode_select_kernel, ptr,
@@ -236,7 +239,7 @@ def _sparse_cases():
                               dict(dec_meta, HAS_ROWS=False, PAGE=page, WIDEN_ASM=cache == "fp8e4nv"), floats,
                               dict(num_warps=8) if page else {}))
             cases.append((f"_cache_block_mean_kernel[{dt}-fp8e4nv]", M._cache_block_mean_kernel,
-                          dict(ptr, K="*fp8e4nv"), dict(D=d, BLOCK_D=d, BLOCK_T=64), ()))
+                          dict(ptr, K="*fp8e4nv"), dict(D=d, BLOCK_D=d, BLOCK_T=64), ("scale",)))
     # soft-capped scores (Gemma 2: bfloat16 takes the GPU's tanh.approx) in the engine's first tiles
     return cases + _softcap_twins(cases, lambda name: name in (
         "_sparse_fwd_kernel[bf16-n64w4s3]", "_sparse_dq_kernel[bf16-n64w8s2]", "_sparse_dkdv_kernel[bf16-n64w8s3]",

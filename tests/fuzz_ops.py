@@ -220,17 +220,15 @@ def draw_moba_decode(rng, dtype, hq, hkv):
                keep_means=keep_means, page=page, softcap=softcap)
     k_cache = torch.randn(batch, L, hkv, dk, device=DEVICE, dtype=dtype)
     v_cache = torch.randn(batch, L, hkv, dv, device=DEVICE, dtype=dtype)
-    if rng.random() < 0.3:  # a quantised cache (float8 at scale 1), against the keys/values widened to q's dtype
-        fp8 = rng.choice([torch.float8_e4m3fn, torch.float8_e5m2])
-        k_cache, v_cache = (x.float().to(fp8) for x in (k_cache, v_cache))
-        cfg["cache"] = str(fp8)
+    # a quantised cache (float8 with per-tensor scales) against the keys/values dequantised (kd, vd)
+    (k_cache, v_cache), (kd, vd), scales = _maybe_quantised(rng, k_cache, v_cache, cfg)
     q = torch.randn(batch, hq, dk, device=DEVICE, dtype=dtype)
     k_mean = None
     if keep_means:
         k_mean = torch.zeros(batch, max(1, max((n - 1) // block for n in lens)), hkv, dk, device=DEVICE, dtype=dtype)
         for b in range(batch):
             for j in range((lens[b] - 1) // block):
-                rows = k_cache[b, offsets[b] + j * block: offsets[b] + (j + 1) * block]
+                rows = kd[b, offsets[b] + j * block: offsets[b] + (j + 1) * block]
                 k_mean[b, j] = rows.float().mean(0).to(dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     cache = dict(k_cache=k_cache, v_cache=v_cache,
@@ -239,16 +237,30 @@ def draw_moba_decode(rng, dtype, hq, hkv):
         kp, vp, table = _to_pages(k_cache, v_cache, lens, offsets, page, rng.randint(0, 2 ** 31))
         cache = dict(k_cache=kp, v_cache=vp, block_table=table)
     out = longattn.moba_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), cache_seqlens=seqlens, block_size=block,
-                               topk=topk, k_mean=k_mean, softcap=softcap, **cache)
+                               topk=topk, k_mean=k_mean, softcap=softcap, **scales, **cache)
     checks = []
     for b in range(batch):  # the last row of the prefill reference on the sequence
         keys = slice(offsets[b], offsets[b] + lens[b])
         qs = torch.zeros(1, lens[b], hq, dk, device=DEVICE, dtype=dtype)
         qs[0, -1] = q[b]
-        ref = moba_attention_ref(qs, k_cache[b:b + 1, keys].to(dtype), v_cache[b:b + 1, keys].to(dtype),
+        ref = moba_attention_ref(qs, kd[b:b + 1, keys], vd[b:b + 1, keys],
                                  block_size=block, topk=topk, softcap=softcap)
         checks.append((f"out[{b}]", out[b], ref[0, -1], 1))
     return cfg, checks
+
+
+def _maybe_quantised(rng, k, v, cfg):
+    """Three times in ten, the caches k / v quantised to float8 with per-tensor scales (recorded in cfg): ((k8, v8),
+    their tokens dequantised in k's dtype (exact: a float8 value times a scale of at most two significant bits), the
+    scales as the ops take them); else ((k, v), (k, v), {})."""
+    if rng.random() >= 0.3:
+        return (k, v), (k, v), {}
+    fp8 = rng.choice([torch.float8_e4m3fn, torch.float8_e5m2])
+    scales = dict(k_scale=rng.choice([0.25, 1.0, 3.0]), v_scale=rng.choice([0.5, 2.0, 0.75]))
+    k8, v8 = (k.float() / scales["k_scale"]).to(fp8), (v.float() / scales["v_scale"]).to(fp8)
+    cfg.update(cache=str(fp8), **scales)
+    dequantised = (k8.float() * scales["k_scale"]).to(k.dtype), (v8.float() * scales["v_scale"]).to(v.dtype)
+    return (k8, v8), dequantised, scales
 
 
 def draw_nsa_decode(rng, dtype, hq, hkv):
@@ -275,10 +287,9 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
     for b, (n, o, c) in enumerate(zip(lens, offsets, n_cmp)):
         k[b, o:o + n], v[b, o:o + n] = torch.randn(n, hkv, dk, device=DEVICE), torch.randn(n, hkv, dv, device=DEVICE)
         kc[b, :c], vc[b, :c] = torch.randn(c, hkv, dk, device=DEVICE), torch.randn(c, hkv, dv, device=DEVICE)
-    if rng.random() < 0.3:  # a quantised cache (float8 at scale 1; the compressed keys in q's dtype)
-        fp8 = rng.choice([torch.float8_e4m3fn, torch.float8_e5m2])
-        k, v = k.float().to(fp8), v.float().to(fp8)
-        cfg["cache"] = str(fp8)
+    # a quantised cache (float8 with per-tensor scales; the compressed keys in q's dtype) against the keys/values
+    # dequantised (kd, vd)
+    (k, v), (kd, vd), scales = _maybe_quantised(rng, k, v, cfg)
     rows = [b for b in range(n_seq) for _ in range(chunk)]
     seqs = [lens[b] - chunk + 1 + i for b in range(n_seq) for i in range(chunk)]
     q = torch.randn(len(rows), hq, dk, device=DEVICE, dtype=dtype)
@@ -293,12 +304,13 @@ def draw_nsa_decode(rng, dtype, hq, hkv):
         cache = dict(k_cache=kp, v_cache=vp, block_table=table)
     out, sel = longattn.nsa_decode(q, cache.pop("k_cache"), cache.pop("v_cache"), kc, vc, *gates,
                                    cache_seqlens=i32(seqs), cache_rows=i32(rows) if chunk > 1 else None, config=config,
-                                   num_splits=splits, sinks=sinks, softcap=softcap, return_selection=True, **cache)
+                                   num_splits=splits, sinks=sinks, softcap=softcap, return_selection=True, **scales,
+                                   **cache)
     checks = []
     for r, (b, n) in enumerate(zip(rows, seqs)):  # the reference's last row on the sequence's first n tokens
         o, c = offsets[b], config.num_cmp_blocks(n)
-        ref, sel_r = nsa_attention_ref(q[r, None, None].float(), k[b, None, o:o + n].to(dtype).float(),
-                                       v[b, None, o:o + n].to(dtype).float(), *(g[r, None, None].float() for g in gates),
+        ref, sel_r = nsa_attention_ref(q[r, None, None].float(), kd[b, None, o:o + n].float(),
+                                       vd[b, None, o:o + n].float(), *(g[r, None, None].float() for g in gates),
                                        k_cmp=kc[b, None, :c].float(), v_cmp=vc[b, None, :c].float(), config=config,
                                        sinks=None if sinks is None else sinks.float(), softcap=softcap,
                                        return_selection=True)

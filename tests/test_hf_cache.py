@@ -1,10 +1,11 @@
 """InPlaceCache: a transformers dynamic cache writing each step's tokens in place; generation and rollouts with it."""
+import math
 import types
 
 import pytest
 import torch
 
-from longattn.hf.cache import InPlaceCache, InPlaceLayer
+from longattn.hf.cache import InPlaceCache, InPlaceLayer, dequant_scale, dequantised
 from longattn.rollout import _cache_kw
 
 transformers = pytest.importorskip("transformers")
@@ -168,26 +169,39 @@ def test_in_place_cache_for_minimax(device):
         InPlaceCache.for_model(types.SimpleNamespace(config=LlamaConfig(), _supports_default_dynamic_cache=lambda: False))
 
 
-class _RoundedCache(DynamicCache):
-    """DynamicCache keeping its keys and values rounded through ``fp8`` (saturated to its range) in their own dtype:
-    the values a float8 InPlaceCache holds, for attention that does not read float8."""
+def _auto_scale(x: torch.Tensor, fp8) -> float:
+    """The scale a float8 cache calibrates on a first write x: the power of two that brings x's largest magnitude into
+    (a eighth, a quarter] of the format's range."""
+    amax = x.abs().max().item()
+    return 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(fp8).max)) if amax > 0 else 1.0
 
-    def __init__(self, config, fp8):
+
+class _RoundedCache(DynamicCache):
+    """DynamicCache keeping its keys and values rounded through ``fp8`` (divided by their scale, saturated to the
+    format's range, multiplied back) in their own dtype: the tokens a float8 InPlaceCache holds, for attention that
+    does not read float8. ``scales``: "auto" (each layer's from its first write) or one scale for all."""
+
+    def __init__(self, config, fp8, scales="auto"):
         super().__init__(config=config)
-        self.fp8 = fp8
+        self.fp8, self.scales, self.layer_scales = fp8, scales, {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.layer_scales:
+            self.layer_scales[layer_idx] = [_auto_scale(x, self.fp8) if self.scales == "auto" else self.scales
+                                            for x in (key_states, value_states)]
         top = torch.finfo(self.fp8).max
-        r = lambda x: x.clamp(-top, top).to(self.fp8).to(x.dtype)
-        return super().update(r(key_states), r(value_states), layer_idx, *args, **kwargs)
+        r = lambda x, s: (x / s).clamp(-top, top).to(self.fp8).to(x.dtype) * s
+        ks, vs = self.layer_scales[layer_idx]
+        return super().update(r(key_states, ks), r(value_states, vs), layer_idx, *args, **kwargs)
 
 
 def test_float8_in_place_cache():
-    """A float8 cache_dtype stores the keys and values saturated to the format's range (a plain conversion makes NaN
-    beyond it), keeps them through growth, crops, reordering and batch selection, and refuses other dtypes."""
+    """A float8 cache_dtype at scale 1 stores the keys and values saturated to the format's range (a plain conversion
+    makes NaN beyond it), keeps them through growth, crops, reordering and batch selection, and refuses other
+    dtypes."""
     cfg = LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     fp8 = torch.float8_e4m3fn
-    cache = InPlaceCache(config=cfg, max_cache_len=4, cache_dtype=fp8)
+    cache = InPlaceCache(config=cfg, max_cache_len=4, cache_dtype=fp8, cache_scales=1.0)
     torch.manual_seed(0)
     k, v = torch.randn(3, 2, 5, 16) * 100, torch.randn(3, 2, 5, 16)
     k[0, 0, 0, 0] = 1e4
@@ -210,14 +224,83 @@ def test_float8_in_place_cache():
         InPlaceCache(config=cfg, cache_dtype=torch.float16)
 
 
+def test_float8_cache_scales():
+    """A float8 cache's scales: by default each layer's keys' and values' from its first write (a power of two
+    bringing the largest magnitude into (top / 8, top / 4]: tokens of 1e-3 keep the format's relative precision,
+    which they lose among its subnormals at scale 1), kept through growth, reordering and crops, calibrated again
+    after a reset; given ones (one for all, a pair per layer); the scale read back from any view of what the cache
+    hands out (dequant_scale, dequantised); bad scales refused."""
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    fp8 = torch.float8_e4m3fn
+    top = torch.finfo(fp8).max
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 2, 6, 16) * 100, torch.randn(3, 2, 6, 16) * 1e-3
+    cache = InPlaceCache(config=cfg, max_cache_len=4, cache_dtype=fp8)
+    layer = cache.layers[0]
+    assert layer.k_scale is None and layer.v_scale is None  # (until the first write)
+    keys, values = cache.update(k[:, :, :3], v[:, :, :3], 0)
+    for x, s in ((k[:, :, :3], layer.k_scale), (v[:, :, :3], layer.v_scale)):
+        assert math.log2(s).is_integer() and top / 8 < x.abs().max() / s <= top / 4
+    assert layer.v_scale < 2.0 ** -10 < 1.0 < layer.k_scale
+    k[0, 0, 4, 0] = 1e6  # (a later token beyond the range: saturated)
+    for t in (slice(3, 4), slice(4, 6)):  # (past max_cache_len: it grows)
+        keys, values = cache.update(k[:, :, t], v[:, :, t], 0)
+    ks, vs = layer.k_scale, layer.v_scale
+    want = lambda x, s: (x / s).clamp(-top, top).to(fp8).float()
+    assert torch.equal(keys.float(), want(k, ks)) and torch.equal(values.float(), want(v, vs))
+    assert keys.float()[0, 0, 4, 0] == top
+    for view in (keys, keys.transpose(1, 2), keys.transpose(1, 2)[:, 1:, :1]):
+        assert dequant_scale(view) == ks
+    assert dequant_scale(values[:1]) == vs and dequant_scale(k) == 1.0
+    assert torch.equal(dequantised(values.transpose(1, 2), torch.float32), want(v, vs).transpose(1, 2) * vs)
+    exact = torch.ones_like(k, dtype=torch.bool)
+    exact[0, 0, 4, 0] = False
+    rel = lambda held: ((held - v) / v).abs().max().item()
+    assert rel(dequantised(values, torch.float32)) <= 2.0 ** -4  # (e4m3: 3 mantissa bits, all normal)
+    assert ((dequantised(keys, torch.float32) - k) / k).abs()[exact].max() <= 2.0 ** -4
+    at_one = InPlaceCache(config=cfg, cache_dtype=fp8, cache_scales=1.0)
+    assert rel(at_one.update(k, v, 0)[1].float()) > 0.5  # (scale 1: subnormals, zeros)
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    cache.crop(-2)
+    keys, values = cache.update(k[[2, 0, 1], :, 4:5], v[[2, 0, 1], :, 4:5], 0)
+    assert (layer.k_scale, layer.v_scale) == (ks, vs) and dequant_scale(keys) == ks
+    assert torch.equal(keys.float()[:, :, :4], want(k, ks)[[2, 0, 1], :, :4])
+    cache.reset()
+    keys, _ = cache.update(k[:, :, :2] * 1e-2, v[:, :, :2], 0)  # (a new first write: calibrated again)
+    assert layer.k_scale == _auto_scale(k[:, :, :2] * 1e-2, fp8) < ks / 32 and dequant_scale(keys) == layer.k_scale
+    # given scales: one for all, a pair per layer (a calibrated checkpoint's)
+    given = InPlaceCache(config=cfg, cache_dtype=fp8, cache_scales=0.5)
+    assert [(lay.k_scale, lay.v_scale) for lay in given.layers] == [(0.5, 0.5)] * 2
+    given = InPlaceCache(cache_dtype=fp8, cache_scales=[(2.0, 0.25), (0.3, 3)])  # (layers made as updated)
+    keys, values = given.update(k, v, 1)
+    assert torch.equal(keys.float(), want(k, 0.3)) and dequant_scale(values) == 3.0
+    assert (given.layers[0].k_scale, given.layers[0].v_scale) == (2.0, 0.25)
+    with pytest.raises(ValueError, match="cache_scales holds 1 \\(k_scale, v_scale\\) pairs: none for layer 1"):
+        InPlaceCache(config=cfg, cache_dtype=fp8, cache_scales=[(1.0, 1.0)])
+    with pytest.raises(ValueError, match="cache_scales must be 'auto'"):
+        InPlaceCache(cache_dtype=fp8, cache_scales="max")
+    with pytest.raises(ValueError, match="cache_scales\\[0\\] must be a \\(k_scale, v_scale\\) pair"):
+        InPlaceCache(cache_dtype=fp8, cache_scales=[1.0])
+    with pytest.raises(ValueError, match="cache_scales\\[0\\]'s scales must be a finite positive number"):
+        InPlaceCache(cache_dtype=fp8, cache_scales=[(1.0, -2.0)])
+    with pytest.raises(TypeError, match="cache_scales must be a float"):
+        InPlaceCache(cache_dtype=fp8, cache_scales=True)
+    with pytest.raises(TypeError, match="cache_scales must be 'auto', a positive float or a sequence .* got None"):
+        InPlaceCache(cache_dtype=fp8, cache_scales=None)
+    with pytest.raises(ValueError, match="cache_scales applies to a float8 cache"):
+        InPlaceCache(cache_scales=0.5)
+
+
 @pytest.mark.parametrize("kind,fp8", [("flash", torch.float8_e4m3fn), ("flash", torch.float8_e5m2),
                                       ("moba", torch.float8_e4m3fn), ("nsa", torch.float8_e4m3fn)],
                          ids=["flash-e4m3", "flash-e5m2", "moba-e4m3", "nsa-e4m3"])
 def test_generate_with_float8_cache(kind, fp8, device, monkeypatch):
     """longattn's flash and MoBA attention and NSA's module decode from a float8 InPlaceCache in their kernels
     (flash_decode / moba_decode / nsa_decode on the left-padded cache, one token a step and several: prompt lookup's
-    drafts): the tokens and logits of attention over the same keys and values rounded in float32, which differ from
-    the unquantised cache's. MLA's module refuses such a cache."""
+    drafts): the tokens and logits of attention over the same keys and values rounded in float32 (at the scales
+    calibrated on the prompt, and at scale 1), which differ from the unquantised cache's; values a thousand times
+    smaller decode as from the unquantised cache at calibrated scales, not at scale 1. MLA's module refuses such a
+    cache."""
     import longattn.nsa.module as nsa_module
     from longattn.hf import attention as hf_attention
 
@@ -234,14 +317,30 @@ def test_generate_with_float8_cache(kind, fp8, device, monkeypatch):
     mask[1, :5] = 0
     kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
+    run = lambda cache: model.generate(ids, **{_cache_kw(model): cache}, **kw)
     with torch.no_grad():
-        ours = model.generate(ids, **{_cache_kw(model): InPlaceCache(config=model.config, cache_dtype=fp8)}, **kw)
+        ours = run(InPlaceCache(config=model.config, cache_dtype=fp8))
         assert reads and all(d == fp8 for _, d in reads)
-        ref = model.generate(ids, **{_cache_kw(model): _RoundedCache(model.config, fp8)}, **kw)
+        ref = run(_RoundedCache(model.config, fp8))
+        at_one = run(InPlaceCache(config=model.config, cache_dtype=fp8, cache_scales=1.0))
+        ref_one = run(_RoundedCache(model.config, fp8, 1.0))
         plain = model.generate(ids, **kw)
-    assert torch.equal(ours.sequences, ref.sequences)
-    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(torch.stack(ours.logits), torch.stack(plain.logits), atol=1e-3, rtol=1e-3)
+    logits = lambda out: torch.stack(out.logits)
+    for got, want in ((ours, ref), (at_one, ref_one)):  # (calibrated scales, and scale 1)
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(logits(got), logits(want), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(ours), logits(plain), atol=1e-3, rtol=1e-3)
+    if fp8 == torch.float8_e4m3fn:
+        # values a thousand times smaller (v_proj scaled down, o_proj up): the calibrated cache keeps them within
+        # e4m3's precision, scale 1 puts them among its subnormals
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for lin, by in ((layer.self_attn.v_proj, 1e-3), (layer.self_attn.o_proj, 1e3)):
+                    lin.weight *= by
+            plain = model.generate(ids, **kw)
+            err = lambda cache: (logits(run(cache)) - logits(plain)).abs().max().item()
+            calibrated = err(InPlaceCache(config=model.config, cache_dtype=fp8))
+            assert calibrated < 0.03 and err(InPlaceCache(config=model.config, cache_dtype=fp8, cache_scales=1.0)) > 0.3
     # several new tokens a row: prompt lookup's drafts verified in one forward
     reads.clear()
     rep = torch.randint(1, 128, (1, 12), device=device).repeat(1, 4)

@@ -488,9 +488,10 @@ def test_moba_decode_paged(page, bs, dtype, device):
 @pytest.mark.parametrize("cache_dtype,dtype", [(torch.float8_e4m3fn, torch.bfloat16),
                                                (torch.float8_e5m2, torch.float16)], ids=["e4m3", "e5m2"])
 def test_moba_decode_float8_cache(cache_dtype, dtype, device):
-    """A quantised cache (float8 keys and values, scale 1) gives what the same values widened to q's dtype give
-    (bit for bit through the interpreter: the widening is exact), pooled from the cache (the pooled keys in q's
-    dtype) or the caller's, left-padded or paged, with cache_rows; mixed or float8 pooled keys are refused."""
+    """A quantised cache (float8 keys and values) gives what the same values widened to q's dtype give (bit for bit
+    through the interpreter: the widening is exact), pooled from the cache (the pooled keys in q's dtype) or the
+    caller's, left-padded or paged, with cache_rows, at scale 1 or with its dequantisation scales; mixed or float8
+    pooled keys are refused."""
     from longattn.moba import moba_decode
     from longattn.moba.ops import pool_cache_blocks
 
@@ -519,6 +520,17 @@ def test_moba_decode_float8_cache(cache_dtype, dtype, device):
                    cache_offsets=off[rows.long()])
     assert_same_as_widened(moba_decode(q, k8, v8, k_mean=means, **rows_kw),
                            moba_decode(q, wide(k8), wide(v8), k_mean=means, **rows_kw), dtype, "cache_rows, kept means")
+    # with dequantisation scales (the cache's tokens k8 * k_scale, v8 * v_scale), soft-capped scores too: what the
+    # tokens dequantised give (powers of two: exact), the blocks pooled in the call or kept (times k_scale)
+    scaled_means = torch.full_like(means, float("nan"))
+    pool_cache_blocks(k8, seq, off, bs, scaled_means, scale=2.0 ** -5)
+    assert_same_as_widened(scaled_means[written], wide_means[written] * 2.0 ** -5, dtype, "scaled pooled keys")
+    for softcap in (None, 20.0):
+        scaled = dict(k_scale=2.0 ** -5, v_scale=8.0, softcap=softcap)
+        want = moba_decode(q, wide(k8) * 2.0 ** -5, wide(v8) * 8.0, softcap=softcap, **rows_kw)
+        for k_mean in (None, scaled_means):
+            got = moba_decode(q, k8, v8, k_mean=k_mean, **scaled, **rows_kw)
+            assert_same_as_widened(got, want, dtype, f"scaled, softcap {softcap}, kept means {k_mean is not None}")
     with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
         moba_decode(q, k8, wide(v8), cache_seqlens=seq, cache_offsets=off, **kw)
     with pytest.raises(TypeError, match="k_mean must have dtype in"):

@@ -620,9 +620,10 @@ def test_nsa_decode_paged(page, splits, Hq, Hkv, dtype, device):
 @pytest.mark.parametrize("cache_dtype,dtype", [(torch.float8_e4m3fn, torch.bfloat16),
                                                (torch.float8_e5m2, torch.float16)], ids=["e4m3", "e5m2"])
 def test_nsa_decode_float8_cache(cache_dtype, dtype, device):
-    """A quantised KV cache (float8 keys and values at scale 1; the compressed keys in q's dtype) gives what the same
-    values widened to q's dtype give (bit for bit through the interpreter: the widening is exact), fused and
-    split-KV, left-padded and paged; mixed caches and float8 compressed keys are refused."""
+    """A quantised KV cache (float8 keys and values; the compressed keys in q's dtype) gives what the same values
+    widened to q's dtype give (bit for bit through the interpreter: the widening is exact), fused and split-KV,
+    left-padded and paged, at scale 1 or with its dequantisation scales; mixed caches and float8 compressed keys are
+    refused."""
     lens, offsets, L = RAGGED
     q, k, v, kc, vc, gates = _decode_case(lens, offsets, L, 8, 2, 32, 16, dtype, device, CFG)
     k8, v8 = k.to(cache_dtype), v.to(cache_dtype)
@@ -635,6 +636,15 @@ def test_nsa_decode_float8_cache(cache_dtype, dtype, device):
         for cache in (dict(k_cache=k8, v_cache=v8, cache_offsets=off), dict(k_cache=kp, v_cache=vp, block_table=table)):
             assert_same_as_widened(nsa_decode(q, k_cmp=kc, v_cmp=vc, g_cmp=gates[0], g_slc=gates[1], g_swa=gates[2],
                                               cache_seqlens=seq, **cache, **kw), want, dtype, f"{list(cache)}, {splits}")
+        # with dequantisation scales (the cache's tokens k8 * k_scale, v8 * v_scale; the compressed blocks as they
+        # are), soft-capped scores too: what the tokens dequantised give (powers of two: exact)
+        for softcap in (None, 20.0):
+            kw = dict(config=CFG, num_splits=splits, softcap=softcap)
+            want = nsa_decode(q, k8.to(dtype) * 2.0 ** -5, v8.to(dtype) * 8.0, kc, vc, *gates, cache_seqlens=seq,
+                              cache_offsets=off, **kw)
+            got = nsa_decode(q, k8, v8, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, k_scale=2.0 ** -5,
+                             v_scale=8.0, **kw)
+            assert_same_as_widened(got, want, dtype, f"scaled, splits {splits}, softcap {softcap}")
     with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
         nsa_decode(q, k8, v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG)
     with pytest.raises(TypeError, match="k_cmp must have dtype in"):

@@ -509,8 +509,8 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
 def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
     """cache_dtype float8: the rollout decodes from a float8 cache (longattn's flash or MoBA attention or NSA's
     module reading it in their kernels): the completions and log-probs of a cache whose keys and values are rounded
-    through float8 in their own dtype (which differ from the unquantised cache's), the prefill packed or padded
-    (NSA's); refused for MLA's module (which quantises its own latent cache) and transformers' attention."""
+    through float8 in their own dtype at the scales calibrated on the prompts or given (which differ from the
+    unquantised cache's), the prefill packed or padded (NSA's); refused for MLA's module (which quantises its own latent cache) and transformers' attention."""
     from longattn.nsa import NSAConfig
     from test_hf_cache import _RoundedCache
 
@@ -521,7 +521,8 @@ def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
     ours = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed, cache_dtype=fp8)
     plain = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
-    monkeypatch.setattr(rollout, "_decoding_cache", lambda model, n, dtype=None: _RoundedCache(model.config, fp8))
+    rounded = lambda scales: lambda model, n, dtype=None, _="auto": _RoundedCache(model.config, fp8, scales)
+    monkeypatch.setattr(rollout, "_decoding_cache", rounded("auto"))
     ref = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
     assert ours.prefill_packed == ref.prefill_packed == (packed is None and kind != "nsa")
     assert ours.completions == ref.completions
@@ -530,6 +531,14 @@ def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
     assert (lps(ours) - lps(plain)).abs().max() > 1e-3  # (the quantisation shows)
     if (kind, packed) != ("flash", None):
         return
+    # a given scale (small: the larger keys and values saturate at 448 / 1024)
+    monkeypatch.undo()
+    given = rollout.generate(model, prompts, 6, stop_at_eos=False, cache_dtype=fp8, cache_scales=2.0 ** -10)
+    monkeypatch.setattr(rollout, "_decoding_cache", rounded(2.0 ** -10))
+    ref = rollout.generate(model, prompts, 6, stop_at_eos=False)
+    assert given.completions == ref.completions
+    torch.testing.assert_close(lps(given), lps(ref), atol=1e-4, rtol=1e-4)
+    assert (lps(given) - lps(ours)).abs().max() > 1e-3
     # finished rows leaving the batch and the float8 cache (its rows selected through their bytes)
     monkeypatch.undo()
     eos = ours.completions[1][1]
@@ -548,6 +557,8 @@ def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
         rollout.generate(longattn.hf.swap_attention(sliding.to(device), "flash"), prompts, 2, cache_dtype=fp8)
     with pytest.raises(TypeError, match="cache_dtype must be None"):
         rollout.generate(model, prompts, 2, cache_dtype=torch.float16)
+    with pytest.raises(ValueError, match="cache_scales applies to a float8 cache"):
+        rollout.generate(model, prompts, 2, cache_scales=[(1.0, 1.0)] * 2)
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="this model's attention is 'sdpa'"):
         rollout.generate(model, prompts, 2, cache_dtype=fp8)

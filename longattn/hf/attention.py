@@ -19,7 +19,7 @@ from ..kernels.decode import MAX_QUERY_TOKENS, flash_decode
 from ..kernels.flash import flash_attention
 from ..kernels.utils import FLOAT8_DTYPES, device_tensor
 from ..moba.ops import moba_attention, moba_decode, pool_cache_blocks
-from .cache import quantised_cache
+from .cache import dequant_scale, dequantised, quantised_cache
 
 MOBA_DEFAULT_BLOCK_SIZE = 512
 MOBA_DEFAULT_TOPK = 3
@@ -374,7 +374,7 @@ def _kept_means(module, k, lens, offsets, block_size: int, q_len: int, dtype) ->
         # was cut back to (L - q_len keys precede these tokens); the blocks completed after that are pooled
         seen = min(kept["kv_len"] - 1, L - q_len)
         tail = (L - 1 - seen) // block_size + 1
-    pool_cache_blocks(k, lens, offsets, block_size, means, tail=tail)
+    pool_cache_blocks(k, lens, offsets, block_size, means, tail=tail, scale=dequant_scale(k))  # (a float8 cache's)
     store[layer] = dict(means=means, kv_len=L, block_size=block_size)
     return means
 
@@ -461,14 +461,19 @@ def _run(kind: str, module, query, key, value, attention_mask, scaling, kwargs):
         if cu is not None or attention_mask is not None and pad is None:
             raise ValueError("a float8 KV cache (InPlaceCache's cache_dtype) serves batches of whole or left-padded "
                              "rows, not packed or right-padded ones")
-        # decoding: the kernels read the float8 cache as it is (flash_decode; MoBA's moba_decode below)
+        # decoding: the kernels read the float8 cache as it is, with its scales (flash_decode; MoBA's moba_decode
+        # below)
         if q_len >= kv_len or q_len > (MOBA_DECODE_TOKENS if kind == "moba" else MAX_QUERY_TOKENS):
-            k, v = k.to(q.dtype), v.to(q.dtype)  # (a prefill, a long chunk: the cache's tokens widened, a copy)
+            # (a prefill, a long chunk: the cache's tokens widened, a copy)
+            k, v = dequantised(k, q.dtype), dequantised(v, q.dtype)
         elif kind != "moba":
             lens = kv_len - pad if pad is not None else torch.full((B,), kv_len, dtype=torch.int32, device=q.device)
             extra = {n: opts[n] for n in ("window", "chunk_size", "chunk_offsets", "return_lse") if n in opts}
             return dense(flash_decode(q, k, v, cache_seqlens=lens, cache_offsets=pad, scale=scaling,
-                                      softcap=softcap, validate=False, **extra))
+                                      softcap=softcap, k_scale=dequant_scale(k), v_scale=dequant_scale(v),
+                                      validate=False, **extra))
+        else:
+            opts.update(k_scale=dequant_scale(k), v_scale=dequant_scale(v))
     # left padding runs in place: gathering the real tokens into a varlen layout would copy the whole K/V cache
     # at every step of every layer
     if kind == "moba" and cu is None and (attention_mask is None or pad is not None):

@@ -6,28 +6,68 @@ attention itself reads, and a sparse attention's step (MoBA, NSA: a few blocks o
 same. ``InPlaceCache`` keeps each full-attention layer's keys and values in storage with room to spare, writes
 the new tokens into it and hands the attention views of the tokens held (strided along the sequence: longattn's
 kernels, SDPA and eager attention read them as they are). A step then copies only its own tokens. With a float8
-``cache_dtype`` it keeps them quantised (half the bytes of a 16-bit cache), which longattn's flash, MoBA and NSA
-attention decode from as they are.
+``cache_dtype`` it keeps them quantised (half the bytes of a 16-bit cache; per-layer scales, by default calibrated on
+each layer's first write), which longattn's flash, MoBA and NSA attention decode from as they are.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.configuration_utils import PretrainedConfig
 
-from ..kernels.utils import FLOAT8_DTYPES
+from ..kernels.utils import FLOAT8_DTYPES, check_scale
 
 
-def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """x as stored in a cache of ``dtype``: a float8 cache keeps x saturated to its finite range (a plain conversion
-    makes NaN of what lies beyond), at scale 1; other dtypes take x as it is."""
-    if dtype is None or dtype not in FLOAT8_DTYPES or x.dtype == dtype:
+def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype], scale: float = 1.0) -> torch.Tensor:
+    """x as stored in a cache of ``dtype``: a float8 cache keeps ``x / scale`` saturated to its finite range (a plain
+    conversion makes NaN of what lies beyond); other dtypes take x as it is."""
+    if dtype not in FLOAT8_DTYPES or x.dtype == dtype:
         return x
     top = torch.finfo(dtype).max
-    return x.clamp(-top, top).to(dtype)
+    return (x if scale == 1.0 else x / scale).clamp(-top, top).to(dtype)
+
+
+def _calibrated_scales(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """A float8 cache's key and value scales from its first write: for each, the power of two that brings its
+    largest magnitude to at most a quarter of the format's range (room for larger later tokens; a power of two
+    divides exactly), 1 for zeros or non-finite values (one read back to the host for both)."""
+    amax = [x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device) for x in (keys, values)]
+    top = torch.finfo(dtype).max
+    return tuple(2.0 ** math.ceil(math.log2(a * 4 / top)) if 0.0 < a < float("inf") else 1.0
+                 for a in torch.stack(amax).tolist())
+
+
+def dequant_scale(t: torch.Tensor) -> float:
+    """The dequantisation scale of a float8 cache's keys or values as :class:`InPlaceCache` hands them out (any view
+    of them): its tokens are ``t * scale``. 1 for a tensor of another dtype, or a float8 one from elsewhere."""
+    if t.dtype not in FLOAT8_DTYPES:
+        return 1.0
+    scale = getattr(t, _SCALE_ATTR, None)
+    if scale is None and t._base is not None:
+        scale = getattr(t._base, _SCALE_ATTR, None)
+    return 1.0 if scale is None else scale
+
+
+def dequantised(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t, or where it is a float8 cache's keys or values, their tokens in ``dtype`` (widened, times their scale: a
+    copy)."""
+    if t.dtype not in FLOAT8_DTYPES:
+        return t
+    scale = dequant_scale(t)
+    wide = t.to(dtype)
+    return wide if scale == 1.0 else wide.mul_(scale)
+
+
+_SCALE_ATTR = "_longattn_dequant_scale"  # (set on a float8 cache's storage: its views reach it through ._base)
+
+
+def _tag(storage: Optional[torch.Tensor], scale: Optional[float]) -> None:
+    if storage is not None and scale is not None and storage.dtype in FLOAT8_DTYPES:
+        setattr(storage if storage._base is None else storage._base, _SCALE_ATTR, scale)
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -47,20 +87,26 @@ class InPlaceLayer(DynamicLayer):
     Whatever transformers assigns to ``keys``/``values`` (batch selection, offloading, a prefix when it crops) is
     taken as it is: a prefix of the storage keeps the room behind it, another tensor becomes the storage.
 
-    ``cache_dtype`` (default: the keys' own) a float8 dtype: the keys and values are stored in it (saturated to its
-    range, scale 1, as an uncalibrated float8 KV cache), and handed out so."""
+    ``cache_dtype`` (default: the keys' own) a float8 dtype: the keys and values are stored in it, each divided by
+    its scale (``k_scale``, ``v_scale``) and saturated to the format's range, and handed out so (float8 views, from
+    which :func:`dequant_scale` reads the scale). ``scales``: ``"auto"`` (default) calibrates them at the first write
+    (see :class:`InPlaceCache`), or a pair ``(k_scale, v_scale)`` of positive floats."""
 
     _k: Optional[torch.Tensor] = None
     _v: Optional[torch.Tensor] = None
     _n = 0  # tokens held
 
-    def __init__(self, reserve: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None):
+    def __init__(self, reserve: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None, scales="auto"):
         self.reserve = reserve
         self.cache_dtype = cache_dtype
+        self._auto = cache_dtype in FLOAT8_DTYPES and scales == "auto"
+        # (None while a calibration is due: set by the first write)
+        self.k_scale, self.v_scale = (None, None) if self._auto else (1.0, 1.0) if scales == "auto" else scales
         super().__init__()
 
     @property
     def keys(self):
+        _tag(self._k, self.k_scale)
         return self._k[:, :, :self._n] if self._k is not None and self._k.dim() == 4 else self._k
 
     @keys.setter
@@ -71,6 +117,7 @@ class InPlaceLayer(DynamicLayer):
 
     @property
     def values(self):
+        _tag(self._v, self.v_scale)
         return self._v[:, :, :self._n] if self._v is not None and self._v.dim() == 4 else self._v
 
     @values.setter
@@ -97,10 +144,12 @@ class InPlaceLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self._n, key_states.shape[2]
+        if self._auto and (n == 0 or self.k_scale is None):  # (a first write: an empty or emptied cache)
+            self.k_scale, self.v_scale = _calibrated_scales(key_states, value_states, self.cache_dtype)
         if not self._fits(self._k, key_states, n + t) or not self._fits(self._v, value_states, n + t):
             self._grow(n + t, key_states, value_states)
-        self._k[:, :, n:n + t].copy_(_quantised(key_states, self.cache_dtype))
-        self._v[:, :, n:n + t].copy_(_quantised(value_states, self.cache_dtype))
+        self._k[:, :, n:n + t].copy_(_quantised(key_states, self.cache_dtype, self.k_scale))
+        self._v[:, :, n:n + t].copy_(_quantised(value_states, self.cache_dtype, self.v_scale))
         self._n = n + t
         return self.keys, self.values
 
@@ -154,6 +203,8 @@ class InPlaceLayer(DynamicLayer):
     def reset(self) -> None:
         self._k = self._v = None
         self._n = 0
+        if self._auto:
+            self.k_scale = self.v_scale = None
         self.is_initialized = False
 
 
@@ -172,16 +223,25 @@ class InPlaceCache(DynamicCache):
         cache_dtype: None (default: the keys' and values' own dtype), or ``torch.float8_e4m3fn`` /
             ``torch.float8_e5m2``: the full-attention layers (those ``DynamicCache`` keeps as plain layers: not
             sliding-window layers, nor the layers of hybrids that hold a recurrent state beside their keys and
-            values) keep their keys and values quantised (half the bytes of a 16-bit cache, at scale 1: saturated
-            to the format's range, e4m3's 448, e5m2's 57344), and longattn's flash and MoBA attention
-            (``attn_implementation="longattn"`` / ``"moba"``, ``swap_attention(model, "flash" / "moba")``) and NSA's
-            module decode from them as they are, in their kernels (``flash_decode``'s, ``moba_decode``'s and
-            ``nsa_decode``'s float8 caches: half the bytes read a step); a prefill or a chunk of more than 16 tokens a
-            row after a cached prefix attends to them widened to the queries' dtype (a copy).
+            values) keep their keys and values quantised (half the bytes of a 16-bit cache: each divided by its
+            scale, see cache_scales, and saturated to the format's range, e4m3's 448, e5m2's 57344), and longattn's
+            flash and MoBA attention (``attn_implementation="longattn"`` / ``"moba"``, ``swap_attention(model,
+            "flash" / "moba")``) and NSA's module decode from them as they are, in their kernels (``flash_decode``'s,
+            ``moba_decode``'s and ``nsa_decode``'s float8 caches, with the scales: half the bytes read a step); a
+            prefill or a chunk of more than 16 tokens a row after a cached prefix attends to them dequantised to the
+            queries' dtype (a copy).
             MLA's module refuses such a cache (ValueError: it quantises its latent cache itself,
             ``swap_attention(model, "mla", cache_dtype=...)``); so do, with a dtype error of torch, attention modules
             that compute on what the cache returns (transformers 5's MLA models under MoBA, whose cache holds the
             latent their attention decompresses).
+        cache_scales: a float8 cache's dequantisation scales (per layer, per tensor: the tokens held are the stored
+            ones times the scale). ``"auto"`` (default): each layer's key and value scales are set by its first
+            write (the prefill), the power of two that brings the largest magnitude written to at most a quarter
+            of the format's range (room for larger later tokens; a power of two divides exactly), so that values
+            of any magnitude keep the format's relative precision instead of falling among its subnormals (below
+            e4m3's 2^-6 at scale 1) or saturating; the first write reads its maxima back to the host (a
+            synchronisation per layer). A positive float: every layer's keys and values at that scale (1: as they
+            are, saturated). A sequence of ``(k_scale, v_scale)`` pairs: layer i's (a calibrated checkpoint's).
 
     ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``
     takes one too. Views of the storage are handed out, so a tensor returned by one step sees the tokens a later
@@ -189,31 +249,31 @@ class InPlaceCache(DynamicCache):
     """
 
     def __init__(self, config=None, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
-                 **kwargs):
-        _check_max_len(max_cache_len)
-        check_cache_dtype(cache_dtype)
+                 cache_scales="auto", **kwargs):
+        make = _layer_maker(max_cache_len, cache_dtype, cache_scales)
         if config is not None and not isinstance(config, PretrainedConfig):
             raise TypeError(f"config must be a transformers config (the model's) or None, got {type(config).__name__}")
         super().__init__(config=config, **kwargs)
         self.cache_dtype = cache_dtype
         if self.layer_class_to_replicate is not None:  # no config: layers added as the model updates them
-            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len, cache_dtype)
-        self.layers = [InPlaceLayer(max_cache_len, cache_dtype) if type(layer) is DynamicLayer else layer
-                       for layer in self.layers]
+            self.layer_class_to_replicate = lambda: make(len(self.layers))
+        self.layers = [make(i) if type(layer) is DynamicLayer else layer for i, layer in enumerate(self.layers)]
 
     @staticmethod
-    def for_model(model, max_cache_len: Optional[int] = None,
-                  cache_dtype: Optional[torch.dtype] = None) -> "InPlaceCache":
+    def for_model(model, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
+                  cache_scales="auto") -> "InPlaceCache":
         """An ``InPlaceCache`` for ``model``: of the cache class of its own that transformers gives a model whose
         ``DynamicCache`` would not hold its layers' state (MiniMax-M1: its lightning-attention layers' states),
-        else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len, cache_dtype=cache_dtype)``. Raises
-        ValueError for another model with a cache class of its own, TypeError for what has no transformers config."""
+        else ``InPlaceCache(config=model.config, max_cache_len=max_cache_len, cache_dtype=cache_dtype,
+        cache_scales=cache_scales)``. Raises ValueError for another model with a cache class of its own, TypeError
+        for what has no transformers config."""
         if not isinstance(getattr(model, "config", None), PretrainedConfig):
             raise TypeError(f"model must be a transformers model (with its config), got {type(model).__name__}")
         if getattr(model, "_supports_default_dynamic_cache", lambda: True)():
-            return InPlaceCache(config=model.config, max_cache_len=max_cache_len, cache_dtype=cache_dtype)
+            return InPlaceCache(config=model.config, max_cache_len=max_cache_len, cache_dtype=cache_dtype,
+                                cache_scales=cache_scales)
         if getattr(model.config, "model_type", None) == "minimax":
-            return _minimax_cache_class()(model.config, max_cache_len, cache_dtype)
+            return _minimax_cache_class()(model.config, max_cache_len, cache_dtype, cache_scales)
         raise ValueError(f"this {model.config.model_type} model needs a cache class of its own (transformers' "
                          "DynamicCache does not hold its layers' state), which InPlaceCache does not provide")
 
@@ -223,6 +283,48 @@ def check_cache_dtype(cache_dtype) -> None:
     if cache_dtype is not None and cache_dtype not in FLOAT8_DTYPES:
         raise TypeError(f"cache_dtype must be None or a float8 dtype (torch.float8_e4m3fn, torch.float8_e5m2), got "
                         f"{cache_dtype!r}")
+
+
+def check_cache_scales(cache_scales, cache_dtype) -> None:
+    """TypeError / ValueError unless ``cache_scales`` is ``"auto"``, a positive float, or a sequence of
+    ``(k_scale, v_scale)`` pairs of them; a value other than ``"auto"`` needs a float8 ``cache_dtype``."""
+    if isinstance(cache_scales, str):
+        if cache_scales != "auto":
+            raise ValueError(f"cache_scales must be 'auto', a positive float or a sequence of (k_scale, v_scale) "
+                             f"pairs, got {cache_scales!r}")
+        return
+    if cache_scales is None:
+        raise TypeError("cache_scales must be 'auto', a positive float or a sequence of (k_scale, v_scale) pairs, "
+                        "got None")
+    if cache_dtype not in FLOAT8_DTYPES:
+        raise ValueError("cache_scales applies to a float8 cache (cache_dtype torch.float8_e4m3fn / float8_e5m2), "
+                         f"got cache_dtype {cache_dtype!r}")
+    if isinstance(cache_scales, (list, tuple)):
+        for i, pair in enumerate(cache_scales):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or None in pair:
+                raise ValueError(f"cache_scales[{i}] must be a (k_scale, v_scale) pair, got {pair!r}")
+            for s in pair:
+                check_scale(s, 1.0, f"cache_scales[{i}]'s scales")
+    else:
+        check_scale(cache_scales, 1.0, "cache_scales")
+
+
+def _layer_maker(max_cache_len, cache_dtype, cache_scales):
+    """Checks an InPlaceCache's arguments; returns ``make(i)``, the :class:`InPlaceLayer` of layer index i."""
+    _check_max_len(max_cache_len)
+    check_cache_dtype(cache_dtype)
+    check_cache_scales(cache_scales, cache_dtype)
+
+    def make(i: int) -> InPlaceLayer:
+        if isinstance(cache_scales, (list, tuple)):
+            if i >= len(cache_scales):
+                raise ValueError(f"cache_scales holds {len(cache_scales)} (k_scale, v_scale) pairs: none for layer {i}")
+            scales = tuple(float(s) for s in cache_scales[i])
+        else:
+            scales = cache_scales if isinstance(cache_scales, str) else (float(cache_scales),) * 2
+        return InPlaceLayer(max_cache_len, cache_dtype, scales)
+
+    return make
 
 
 def quantised_cache(cache) -> bool:
@@ -250,12 +352,12 @@ def _minimax_cache_class():
         batch's decoding steps then got a mask of one column, which masked every key of a padded row or none.
         ``reorder_cache`` reorders the states' rows too."""
 
-        def __init__(self, config, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None):
-            _check_max_len(max_cache_len)
-            check_cache_dtype(cache_dtype)
+        def __init__(self, config, max_cache_len: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None,
+                     cache_scales="auto"):
+            make = _layer_maker(max_cache_len, cache_dtype, cache_scales)
             MiniMaxCache.__init__(self)  # (layers added as the model updates them)
             self.cache_dtype = cache_dtype
-            self.layer_class_to_replicate = lambda: InPlaceLayer(max_cache_len, cache_dtype)
+            self.layer_class_to_replicate = lambda: make(len(self.layers))
             types = list(getattr(config, "layer_types", None) or [])
             self._kv_layers = [i for i, t in enumerate(types) if t != "linear_attention"] or [0]
 
@@ -276,4 +378,4 @@ def _minimax_cache_class():
     return InPlaceMiniMaxCache
 
 
-__all__ = ["InPlaceCache", "InPlaceLayer"]
+__all__ = ["InPlaceCache", "InPlaceLayer", "dequant_scale", "dequantised"]

@@ -385,7 +385,7 @@ def _sparse_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ32, ENTRY, SEG_START, TILE_CUM,
 def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
                           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                           stride_st, stride_sh, stride_op, stride_ot, stride_oh, stride_lp, stride_lh, stride_btb,
-                          block_size, group, heads_kv, n_slots, slot_programs, qk_scale, last_page,
+                          block_size, group, heads_kv, n_slots, slot_programs, qk_scale, v_scale, last_page,
                           DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                           BLOCK_DV: tl.constexpr, KSEL: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -403,7 +403,8 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
     batched cache: its batch stride and each row's padding / end). PAGE > 0: a paged cache (K/V (pages, PAGE, Hkv,
     D), pages one after another, K_START 0, PAGE dividing block_size), key j of row c at slot j % PAGE of page
     ``BT[c, j // PAGE]`` (clamped to [0, last_page]). SOFTCAP: soft-capped scores (see flash's _softcapped). K/V may
-    be float8 (a quantised cache at scale 1), widened to q's dtype as they are read (WIDEN_ASM: see flash's _widen)."""
+    be float8 (a quantised cache: the keys' scale folded into qk_scale, the values' v_scale multiplying the output),
+    widened to q's dtype as they are read (WIDEN_ASM: see flash's _widen)."""
     b = tl.program_id(0) // heads_kv
     hk = tl.program_id(0) % heads_kv
     sp = tl.program_id(1)
@@ -461,7 +462,7 @@ def _sparse_decode_kernel(Q, K, V, SEL, OS, LS, CU_Q, K_START, K_END, ROWS, BT,
                                        False, PRECISION, 1, 0, bt_blk, last_page, PAGE, WIDEN_ASM,
                                        cap_scale=cap_scale, SOFTCAP=SOFTCAP)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc / (tl.where(empty, 1.0, l_i) / v_scale)[:, None]
     tl.store(OS + piece * stride_op + t * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
              out.to(OS.dtype.element_ty), mask=in_g[:, None] & (offs_dv[None, :] < DV))
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -559,7 +560,7 @@ def _meta(dims: AttnDims, dtype):
 
 
 def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: float, rows=None, block_table=None,
-                  softcap: float = 0.0):
+                  softcap: float = 0.0, v_scale: float = 1.0):
     """At most one query per sequence, no gradient: split-KV over the own block and the selected blocks (each
     cut into SPLIT-key parts so that a small batch still fills the GPU), a program per KV head holding its GQA
     group's heads (each block the group selected read once), merged by lse. Returns (out, lse).
@@ -570,8 +571,8 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
     row ``rows[b]``, or b); sel int32 ``(total_q, Hq, n)``: earlier blocks local to the sequence, -1 = none.
     ``block_table`` int32 ``(rows, max_pages)``: k/v paged ``(pages, page_size, Hkv, D)`` instead (pages one after
     another, page_size dividing block_size, k_start 0), its row ``rows[b]`` (or b) listing sequence b's pages.
-    ``softcap`` (> 0): the scores ``softcap * tanh(scale * q.k / softcap)``. k/v may be float8 (a quantised cache
-    at scale 1)."""
+    ``softcap`` (> 0): the scores ``softcap * tanh(scale * q.k / softcap)``. k/v may be float8 (a quantised cache:
+    the keys' dequantisation scale in ``scale``, the values' in ``v_scale``)."""
     total_q, hq, dqk = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
     group, ksel = hq // hkv, sel.shape[-1]
@@ -602,7 +603,7 @@ def sparse_decode(q, k, v, sel, cu_q, k_start, k_end, block_size: int, scale: fl
         k.stride(-2), batch_strides[1], v.stride(-3), v.stride(-2), sel_arg.stride(0), sel_arg.stride(1),
         outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
         block_table.stride(0) if block_table is not None else 0, block_size, group, hkv, n_slots, slot_programs,
-        qk_scale, k.shape[0] - 1 if block_table is not None else 0, DQK=dqk, DV=dv,
+        qk_scale, v_scale, k.shape[0] - 1 if block_table is not None else 0, DQK=dqk, DV=dv,
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=max(16, next_pow2(dv)), KSEL=ksel,
         BLOCK_S=next_pow2(max(ksel, 1)), BLOCK_G=max(16, next_pow2(group)), SPLIT=split,
         BLOCK_N=min(split, block_n), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -46,13 +46,14 @@ def _block_mean_kernel(K, KMEAN, BLOCK_ROW, BLOCK_LEN, stride_kt, stride_kh, str
 
 @triton.jit
 def _cache_block_mean_kernel(K, KMEAN, START, SEQ, BT, stride_kb, stride_kt, stride_kh, stride_mb, stride_mn,
-                             stride_mh, stride_btb, block_size, tail, last_page, D: tl.constexpr,
+                             stride_mh, stride_btb, block_size, tail, last_page, scale, D: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr = 0):
     """Decoding: mean of key block j (tokens j*block_size .. of row b, which starts at cache row START[b]) of a
     batched cache (B, L, Hkv, D), for the blocks before the last token's own block (the gate's candidates):
     block program_id(0), or with tail > 0 the program_id(0)-th of the last ``tail`` of them (what decoding steps
     add to kept means). PAGE > 0: a paged cache (pages, PAGE, Hkv, D), row b's pages listed in row b of the block
-    table BT (PAGE dividing block_size, START 0)."""
+    table BT (PAGE dividing block_size, START 0). ``scale``: the keys' dequantisation scale (a quantised cache's),
+    multiplying the means."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     n_cand = (tl.load(SEQ + b) - 1) // block_size
@@ -70,7 +71,7 @@ def _cache_block_mean_kernel(K, KMEAN, START, SEQ, BT, stride_kb, stride_kt, str
                           BT + b * stride_btb + j.to(tl.int64) * (block_size // PAGE), last_page, PAGE)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(KMEAN + b * stride_mb + j.to(tl.int64) * stride_mn + h * stride_mh + offs_d,
-             mean.to(KMEAN.dtype.element_ty), mask=offs_d < D)
+             (mean * scale).to(KMEAN.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit

@@ -275,7 +275,8 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
                 cache_offsets: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
                 cache_rows: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
                 block_size: int = 512, topk: int = 3, scale: Optional[float] = None,
-                softcap: Optional[float] = None, return_lse: bool = False, validate: bool = True):
+                softcap: Optional[float] = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                return_lse: bool = False, validate: bool = True):
     """MoBA for one new token per sequence against a batched KV cache, read in place (inference).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1`` (its own K/V already in the cache) and
@@ -289,7 +290,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         k_cache, v_cache: ``(B, L, Hkv, Dqk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim; or
             paged, ``(num_pages, page_size, Hkv, D*)`` with ``block_table`` (pages one after another, their size
             dividing block_size; L is then ``max_pages * page_size``). q's dtype, or float8 (``float8_e4m3fn`` /
-            ``float8_e5m2``, both: a quantised cache at scale 1, widened to q's dtype as it is read).
+            ``float8_e5m2``, both: a quantised cache, see k_scale / v_scale, widened to q's dtype as it is read).
         cache_seqlens: int32 ``(B,)``, tokens of each sequence (the new one included), >= 1.
         cache_offsets: int32 ``(B,)``, cache row of each sequence's first token (left-padded caches); default 0.
             Contiguous caches only.
@@ -303,9 +304,12 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         k_mean: optional ``(B, N, Hkv, Dqk)`` pooled keys kept by the caller: row b's block j (tokens
             ``j * block_size`` to ``(j + 1) * block_size - 1`` of the sequence), float32 mean rounded to q's dtype,
             for every block before the token's own (``N >= (cache_seqlens[b] - 1) // block_size``). Without it
-            the blocks are pooled from the cache at every call, which reads every key once.
+            the blocks are pooled from the cache at every call, which reads every key once. Of a quantised cache,
+            the means of its keys dequantised (times k_scale: see :func:`pool_cache_blocks`'s ``scale``).
         block_size, topk, scale, softcap: as in :func:`moba_attention` (block_size 512, topk 3, scale
             ``Dqk ** -0.5``, softcap None).
+        k_scale, v_scale: dequantisation scales of the caches (per tensor): the keys are ``k_cache * k_scale``, the
+            values ``v_cache * v_scale`` (a float8 cache's scales; default 1).
         return_lse: also return the float32 log-sum-exp ``(B, Hq)``.
         validate: check ``cache_seqlens``/``cache_offsets`` against the cache and ``k_mean``, and the block-table
             entries the lengths use against the pages (default); that reads them back to the host, a
@@ -328,7 +332,9 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
         L, page = check_block_table(block_table, cache_offsets, k_cache, v_cache, bc, divides=block_size,
                                     evenly_strided=True)
     check_positive_int(topk, "topk")
-    scale = check_scale(scale, dk ** -0.5)
+    k_scale = check_scale(k_scale, 1.0, "k_scale")
+    scale = check_scale(scale, dk ** -0.5) * k_scale  # (the scores' scale)
+    v_scale = check_scale(v_scale, 1.0, "v_scale")
     softcap = check_softcap(softcap)
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate, shared_offsets=cache_offsets)
@@ -356,12 +362,14 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             # (in q's dtype beside a float8 cache)
             km = empty(bc, n_cand, hkv, dk, device=q.device, dtype=qk.dtype if kk.dtype in FLOAT8_DTYPES else kk.dtype)
             if cache_rows is None:
-                pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km, block_table=block_table)
+                pool_cache_blocks(kk, cache_seqlens, cache_offsets, block_size, km, block_table=block_table,
+                                  scale=k_scale)
             else:  # each cache row pooled once, up to its longest query row
                 zeros = torch.zeros(bc, dtype=torch.int32, device=q.device)
                 rows64 = cache_rows.long()
                 pool_cache_blocks(kk, zeros.scatter_reduce(0, rows64, cache_seqlens, "amax"),
-                                  zeros.scatter(0, rows64, cache_offsets), block_size, km, block_table=block_table)
+                                  zeros.scatter(0, rows64, cache_offsets), block_size, km, block_table=block_table,
+                                  scale=k_scale)
         sel = empty(B, hq, ksel, device=q.device, dtype=torch.int32)
         group = hq // hkv
         _moba_decode_select_kernel[(B, hkv)](
@@ -372,7 +380,7 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
             HAS_ROWS=cache_rows is not None, **COMPILE_OPTIONS)
     out, lse = sparse_decode(qk, kk, vk, sel, _arange_int32(B + 1, q.device), cache_offsets,
                              cache_offsets + cache_seqlens, block_size, scale, rows=cache_rows,
-                             block_table=block_table, softcap=softcap)
+                             block_table=block_table, softcap=softcap, v_scale=v_scale)
     out = out.to(q.dtype)
     return (out, lse.t()) if return_lse else out
 
@@ -380,11 +388,12 @@ def moba_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *
 @public_op()
 def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_offsets: torch.Tensor, block_size: int,
                       out: torch.Tensor, tail: Optional[int] = None,
-                      block_table: Optional[torch.Tensor] = None) -> None:
+                      block_table: Optional[torch.Tensor] = None, scale: float = 1.0) -> None:
     """Write into ``out`` ``(B, N, Hkv, D)`` the pooled keys (float32 mean, in out's dtype) of the blocks of each
     row of a batched cache ``(B, L, Hkv, D)`` before its last token's own block, as :func:`moba_decode` reads
     them: every such block up to N, or only the last ``tail`` of them (what decoding steps add to kept means).
-    Lengths, offsets and ``block_table`` (k_cache paged, its offsets 0) as in :func:`moba_decode`, unchecked."""
+    Lengths, offsets and ``block_table`` (k_cache paged, its offsets 0) as in :func:`moba_decode`, unchecked.
+    ``scale``: the keys' dequantisation scale (a quantised cache's ``k_scale``), multiplying the means."""
     if block_table is None:
         B, L, hkv, d = k_cache.shape
         page = 0
@@ -398,8 +407,9 @@ def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_
     _cache_block_mean_kernel[(n, hkv, B)](
         k_cache, out, cache_offsets, cache_seqlens, block_table if page else cache_seqlens, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        block_table.stride(0) if page else 0, block_size, n if tail is not None else 0, k_cache.shape[0] - 1, D=d,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page, **COMPILE_OPTIONS)
+        block_table.stride(0) if page else 0, block_size, n if tail is not None else 0, k_cache.shape[0] - 1,
+        float(scale), D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page,
+        **COMPILE_OPTIONS)
 
 
 @functools.lru_cache(maxsize=32)

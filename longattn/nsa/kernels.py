@@ -440,24 +440,25 @@ def _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, st
                    TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                    BT=None, last_page=0, stride_kp=0, stride_vp=0, PAGE: tl.constexpr = 0, sink=0.0,
                    HAS_SINKS: tl.constexpr = False, cap_scale=0.0, SOFTCAP: tl.constexpr = 0,
-                   WIDEN_ASM: tl.constexpr = False):
+                   WIDEN_ASM: tl.constexpr = False, v_scale=1.0):
     """``out`` (the gated compressed branch) plus the gated selected-block and window branches of the token
     at position n - 1 (PAGE > 0: its keys in a paged cache, see _load_kv); ``blk`` (1, TOPK_PAD) the selected
     blocks, -1 for none. HAS_SINKS: each branch scaled by what the rows' attention sinks ``sink`` leave of it.
-    SOFTCAP: soft-capped scores. WIDEN_ASM: see _attend_tile."""
+    SOFTCAP: soft-capped scores. WIDEN_ASM: see _attend_tile; a quantised cache's keys' scale is in scale_log2 (or
+    cap_scale), its values' is v_scale."""
     m, l, acc = _attend_selected(q, blk, n - 1, k_base, v_base, stride_kt, stride_vt, scale_log2, DK, DV,
                                  BLOCK_DK, BLOCK_DV, BLOCK_G, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, PRECISION, BT,
                                  last_page, stride_kp, stride_vp, PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP,
                                  WIDEN_ASM=WIDEN_ASM)
     g3 = stride_g3.to(tl.int64)
-    g = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + g3, mask=in_g, other=0.0).to(tl.float32) * v_scale
     if HAS_SINKS:
         g = g * _sink_scale(m, l, sink)
     out += g[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
     m, l, acc = _attend_range(q, k_base, v_base, stride_kt, stride_vt, tl.maximum(n - WINDOW, 0), n, scale_log2, DK,
                               DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, PRECISION, BT, last_page, stride_kp, stride_vp,
                               PAGE, cap_scale=cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM)
-    g = tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + 2 * g3, mask=in_g, other=0.0).to(tl.float32) * v_scale
     if HAS_SINKS:
         g = g * _sink_scale(m, l, sink)
     return out + g[:, None] * (acc / tl.where(l > 0, l, 1.0)[:, None])
@@ -928,7 +929,7 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                        stride_cb, stride_ct, stride_ch, stride_db, stride_dt, stride_dh,
                        stride_g3, stride_gb, stride_ob, stride_oh, stride_sb, stride_sh, stride_btb,
-                       group, scale_log2, last_page,
+                       group, scale_log2, kv_scale_log2, kv_cap_scale, v_scale, last_page,
                        DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, CMP_STRIDE: tl.constexpr,
                        CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, SLC_TILE: tl.constexpr, NW: tl.constexpr,
@@ -939,8 +940,9 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
     """One decoding token (query row b) against its sequence's cache, for the query heads of KV head hk (fused
     path). HAS_SINKS: attention sinks SINKS (Hq,) float32, a logit per head in each branch's softmax. SOFTCAP:
     every branch's scores soft-capped (flash's _softcapped; scale_log2 then holds cap * log2(e)). K/V may be
-    float8 (a quantised cache at scale 1; the compressed keys in q's dtype), widened as they are read (WIDEN_ASM:
-    see flash's _widen).
+    float8 (a quantised cache; the compressed keys in q's dtype), widened as they are read (WIDEN_ASM: see flash's
+    _widen): the selected and window branches take their scores' scales kv_scale_log2 / kv_cap_scale (the keys'
+    dequantisation scale folded in) and the values' scale v_scale.
 
     The token sits at position t = SEQ[b] - 1 (tokens live at rows OFF[b] .. OFF[b] + SEQ[b] - 1 of K/V, in
     cache row ROWS[b], or b; PAGE > 0: in the pages of that row of the block table BT, see _kv_bases).
@@ -981,10 +983,10 @@ def _nsa_decode_kernel(Q, K, V, KC, VC, GATES, W, OUT, SEL, SEQ, OFF, ROWS, BT, 
     tl.store(SEL + b64 * stride_sb + hk64 * stride_sh + tcols[None, :], blk, mask=tcols[None, :] < TOPK)
     k_base, v_base, bt = _kv_bases(K, V, BT, cb, off, hk64, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                    stride_vh, stride_btb, PAGE)
-    out = _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out, scale_log2,
-                         DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK, SLC_TILE, TOPK, TOPK_PAD, WINDOW,
-                         PRECISION, bt, last_page, stride_kb, stride_vb, PAGE, sink, HAS_SINKS,
-                         cap_scale=cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM)
+    out = _slc_swa_gated(q, blk, n, k_base, v_base, stride_kt, stride_vt, gate_ptr, stride_g3, in_g, out,
+                         kv_scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_G, BLOCK_N, SLC_BLOCK, SLC_TILE, TOPK,
+                         TOPK_PAD, WINDOW, PRECISION, bt, last_page, stride_kb, stride_vb, PAGE, sink, HAS_SINKS,
+                         cap_scale=kv_cap_scale, SOFTCAP=SOFTCAP, WIDEN_ASM=WIDEN_ASM, v_scale=v_scale)
     dv = tl.arange(0, BLOCK_DV)
     tl.store(OUT + b64 * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=in_g[:, None] & (dv[None, :] < DV))
@@ -1071,7 +1073,7 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
                              stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                              stride_xb, stride_xh, stride_ps, stride_pb, stride_ph, stride_ls, stride_lh,
                              stride_sb, stride_sh, stride_btb,
-                             group, n_split, scale_log2, last_page,
+                             group, n_split, scale_log2, v_scale, last_page,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SLC_BLOCK: tl.constexpr,
                              TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CAND_PAD: tl.constexpr,
@@ -1079,7 +1081,8 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
                              HAS_ROWS: tl.constexpr, PAGE: tl.constexpr = 0, cap_scale=0.0,
                              SOFTCAP: tl.constexpr = 0, WIDEN_ASM: tl.constexpr = False):
     """Split-KV path, step 3: one piece of the selected and window branches for the group's heads (PAGE > 0:
-    keys in a paged cache, see _kv_bases; a float8 cache widened as it is read, see _nsa_decode_kernel). Pieces
+    keys in a paged cache, see _kv_bases; a float8 cache widened as it is read, see _nsa_decode_kernel: its keys'
+    scale in scale_log2 or cap_scale, its values' v_scale). Pieces
     0 .. TOPK-1 take the final top-n of the splits' candidates (piece 0 stores it) and attend to the selected block
     of their rank (keys up to the token); pieces TOPK .. attend to one WINDOW_PIECE-key part of the window. Partial
     output OP (P, B, Hq, DV) fp32 and base-2 lse LP (P, Hq, B) (-inf and zeros when empty)."""
@@ -1117,7 +1120,7 @@ def _nsa_decode_piece_kernel(Q, K, V, CAND, OP, LP, SEL, SEQ, OFF, ROWS, BT,
     dv = tl.arange(0, BLOCK_DV)
     p64 = piece.to(tl.int64)
     tl.store(OP + p64 * stride_ps + b64 * stride_pb + heads[:, None] * stride_ph + dv[None, :],
-             acc / tl.where(has, l, 1.0)[:, None], mask=in_g[:, None] & (dv[None, :] < DV))
+             acc / (tl.where(has, l, 1.0) / v_scale)[:, None], mask=in_g[:, None] & (dv[None, :] < DV))
     tl.store(LP + p64 * stride_ls + heads * stride_lh + b64, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)),
                                                                      float("-inf")), mask=in_g)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
                             padding_runs, side_cache, static_cache_view)
+from ..hf.cache import dequant_scale, dequantised
 from ..kernels.utils import FLOAT8_DTYPES, device_tensor
 from .ops import nsa_attention, nsa_decode
 from .reference import NSAConfig
@@ -39,11 +40,6 @@ from .reference import NSAConfig
 # reading the cache in place); longer chunks run nsa_attention on their queries, whose programs share each loaded
 # block among many queries, on each row's tokens gathered into the varlen layout (a copy of the cached K/V)
 NSA_DECODE_TOKENS = 16
-
-
-def _widened(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x, or where it is a float8 cache's keys or values (InPlaceCache's cache_dtype), x widened to ``dtype``."""
-    return x.to(dtype) if x.dtype in FLOAT8_DTYPES else x
 
 
 def _reorder_compressed(store: dict, beam_idx: torch.Tensor) -> None:
@@ -243,7 +239,7 @@ class NativeSparseAttention(nn.Module):
         last = cfg.num_cmp_blocks(x.shape[1]) if last is None else last
         if last <= first:
             return x.new_zeros(x.shape[0], 0, *x.shape[2:])
-        span = _widened(x[:, first * cfg.cmp_stride:(last - 1) * cfg.cmp_stride + cfg.cmp_block], pos.dtype)
+        span = dequantised(x[:, first * cfg.cmp_stride:(last - 1) * cfg.cmp_stride + cfg.cmp_block], pos.dtype)
         blocks = span.unfold(1, cfg.cmp_block, cfg.cmp_stride).permute(0, 1, 2, 4, 3) + pos  # (B, n, H, l, D)
         return lin(blocks.flatten(-2))
 
@@ -344,7 +340,7 @@ class NativeSparseAttention(nn.Module):
         k, v = static_cache_view(attention_mask, k, v)
         L = k.shape[1]
         if past == 0:  # (a float8 cache's keys and values widened: the prefill attends to them as the cache holds them)
-            out = self._prefill(q, _widened(k, q.dtype), _widened(v, q.dtype), gates,
+            out = self._prefill(q, dequantised(k, q.dtype), dequantised(v, q.dtype), gates,
                                 self._segments(attention_mask, kwargs, B, T), cache, layer)
         else:
             out = self._decode(q, k, v, gates, self._real_lengths(attention_mask, L, T), cache, layer)
@@ -440,8 +436,8 @@ class NativeSparseAttention(nn.Module):
         tok = device_tensor(starts, torch.long, dev)[:, None] + torch.arange(l, device=dev)  # (R, l)
         slot = device_tensor([store["n"][b] for b in rows], torch.long, dev)
         for x, pos, lin, name in ((k, self.k_pos, self.k_compress, "k"), (v, self.v_pos, self.v_compress, "v")):
-            if x.dtype in FLOAT8_DTYPES:  # (a float8 cache: gathered through its bytes, widened)
-                x = x.view(torch.uint8)[rows_t[:, None], tok].view(x.dtype).to(pos.dtype)
+            if x.dtype in FLOAT8_DTYPES:  # (a float8 cache: gathered through its bytes, widened, dequantised)
+                x = x.view(torch.uint8)[rows_t[:, None], tok].view(x.dtype).to(pos.dtype) * dequant_scale(x)
             else:
                 x = x[rows_t[:, None], tok]
             blocks = x.permute(0, 2, 1, 3) + pos  # (R, H, l, D)
@@ -496,7 +492,8 @@ class NativeSparseAttention(nn.Module):
         # check (it would synchronise with the GPU in every layer at every step)
         out = nsa_decode(q, k, v, store["k"], store["v"], *gates.unbind(1), cache_seqlens=seqlens,
                          cache_offsets=offsets, cache_rows=query_rows, config=cfg, scale=self.scaling,
-                         sinks=self.sinks, softcap=self.softcap, validate=False)
+                         sinks=self.sinks, softcap=self.softcap, k_scale=dequant_scale(k), v_scale=dequant_scale(v),
+                         validate=False)
         if not whole:
             out = out.new_zeros(B * T, *out.shape[1:]).index_copy_(0, pick, out)
         return out.view(B, T, *out.shape[1:])
@@ -508,7 +505,7 @@ class NativeSparseAttention(nn.Module):
         are 0."""
         B, T = q.shape[:2]
         L = k.shape[1]
-        k, v = _widened(k, q.dtype), _widened(v, q.dtype)  # (a float8 cache: a copy)
+        k, v = dequantised(k, q.dtype), dequantised(v, q.dtype)  # (a float8 cache: a copy)
         # each row's span of x, one after another (a view for a single row: its cache is not copied)
         gather = lambda x, spans: x[0, spans[0]] if B == 1 else torch.cat([x[b, s] for b, s in enumerate(spans)])
         keys = lambda x: gather(x, [slice(L - n, L) for n in lens])

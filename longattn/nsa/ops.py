@@ -706,8 +706,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
                cache_seqlens: torch.Tensor, cache_offsets: Optional[torch.Tensor] = None,
                block_table: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None,
                config: NSAConfig = NSAConfig(), scale: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
-               softcap: Optional[float] = None, num_splits: Optional[int] = None, return_selection: bool = False,
-               validate: bool = True):
+               softcap: Optional[float] = None, k_scale: float = 1.0, v_scale: float = 1.0,
+               num_splits: Optional[int] = None, return_selection: bool = False, validate: bool = True):
     """NSA for one new token per sequence against a KV cache (inference; not differentiable).
 
     The token of sequence b sits at position ``t = cache_seqlens[b] - 1``: its own K/V are already in the
@@ -724,8 +724,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         k_cache, v_cache: ``(B, L, Hkv, Dk)`` / ``(B, L, Hkv, Dv)``, any strides with a contiguous last dim
             (so a transformers cache ``(B, Hkv, L, D)`` transposed works without a copy); or paged, ``(num_pages,
             page_size, Hkv, D*)`` with ``block_table`` (pages of any size; L is then ``max_pages * page_size``).
-            q's dtype, or float8 (``float8_e4m3fn`` / ``float8_e5m2``, both: a quantised cache at scale 1, widened
-            to q's dtype as it is read).
+            q's dtype, or float8 (``float8_e4m3fn`` / ``float8_e5m2``, both: a quantised cache, see k_scale /
+            v_scale, widened to q's dtype as it is read).
         k_cmp, v_cmp: compressed keys/values ``(B, N, Hkv, D*)`` in q's dtype; row b must hold at least
             ``config.num_cmp_blocks(cache_seqlens[b])`` blocks (the extra ones are not read).
         g_cmp, g_slc, g_swa: gates ``(B, Hq)``, any float dtype.
@@ -742,6 +742,9 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
             ``max(cache_rows) + 1`` rows or more.
         config, scale, sinks, softcap: as in :func:`nsa_attention` (scale defaults to ``Dk ** -0.5``; sinks
             ``(Hq,)``; softcap None).
+        k_scale, v_scale: dequantisation scales of k_cache / v_cache (per tensor): the keys are ``k_cache *
+            k_scale``, the values ``v_cache * v_scale`` (a float8 cache's scales; default 1). The compressed keys
+            and values are given as they are (compressed from the dequantised tokens).
         num_splits: programs per (sequence, KV head) over the compressed blocks, at most 64; default: 1 when
             the batch fills the GPU or the context is short, else enough to fill it.
         return_selection: also return the selected blocks, int32 ``(B, Hkv, slc_topk)``, best first,
@@ -780,7 +783,11 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     check_sinks(sinks, hq)
     check_device({"q": q, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa, "sinks": sinks})
     scale = check_scale(scale, dk ** -0.5)
-    qk_scale, soft = _score_args(scale, check_softcap(softcap), q.dtype)
+    softcap = check_softcap(softcap)
+    qk_scale, soft = _score_args(scale, softcap, q.dtype)
+    # the selected and window branches' scores: the cache's keys dequantised (their scale folded in)
+    kv_qk_scale, kv_soft = _score_args(scale * check_scale(k_scale, 1.0, "k_scale"), softcap, q.dtype)
+    v_scale = check_scale(v_scale, 1.0, "v_scale")
     cache_seqlens, cache_offsets, lens = check_cache_lengths(cache_seqlens, cache_offsets, B, L, validate)
     cache_rows = validate_cache_rows(cache_rows, B, bc, validate)  # a second synchronisation, only with cache_rows
     if paged:
@@ -836,7 +843,8 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
         _nsa_decode_kernel[(B, hkv)](
             qk, kk, vk, kck, vck, gates, weights, out, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], sinks,
             *common, *cache_strides, *cmp_strides, gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
-            sel.stride(0), sel.stride(1), paging[1], group, qk_scale, paging[2], **dims, **blocks, **selection,
+            sel.stride(0), sel.stride(1), paging[1], group, qk_scale, kv_qk_scale, kv_soft["cap_scale"], v_scale,
+            paging[2], **dims, **blocks, **selection,
             **attend, PAGE=paging[3], HAS_SINKS=has_sinks, WIDEN_ASM=widen, **soft, **launch, **COMPILE_OPTIONS)
         return (out, sel) if return_selection else out
 
@@ -868,10 +876,10 @@ def nsa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_
     _nsa_decode_piece_kernel[(B, hkv, n_pieces)](
         qk, kk, vk, cand, piece_out, piece_lse, sel, cache_seqlens, cache_offsets, rows_arg, paging[0], *common,
         *cache_strides, cand.stride(0), cand.stride(1), piece_out.stride(0), piece_out.stride(1), piece_out.stride(2),
-        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, qk_scale,
-        paging[2], **dims, BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk, TOPK_PAD=top_pad,
-        CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece, PAGE=paging[3],
-        WIDEN_ASM=widen, **soft, **launch, **COMPILE_OPTIONS)
+        piece_lse.stride(0), piece_lse.stride(1), sel.stride(0), sel.stride(1), paging[1], group, s2, kv_qk_scale,
+        v_scale, paging[2], **dims, BLOCK_N=block_n, SLC_BLOCK=config.slc_block, TOPK=config.slc_topk,
+        TOPK_PAD=top_pad, CAND_PAD=next_pow2(s2 * top_pad), WINDOW=config.window, WINDOW_PIECE=window_piece,
+        PAGE=paging[3], WIDEN_ASM=widen, **kv_soft, **launch, **COMPILE_OPTIONS)
     block_h = min(16, next_pow2(hq))
     _nsa_decode_combine_kernel[(B, cdiv(hq, block_h))](
         parts, lses, piece_out, piece_lse, gates, out, sinks, parts.stride(0), parts.stride(1), parts.stride(2),

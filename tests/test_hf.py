@@ -253,7 +253,7 @@ def test_moba_swap_keeps_pooled_keys(device, monkeypatch):
     calls = []
     pool = hf_attention.pool_cache_blocks
     monkeypatch.setattr(hf_attention, "pool_cache_blocks",
-                        lambda *a, tail=None: calls.append(tail) or pool(*a, tail=tail))
+                        lambda *a, tail=None, **kw: calls.append(tail) or pool(*a, tail=tail, **kw))
     _, batch, mask = _left_padded(45, 20, device)  # 14 new tokens: each row crosses a block's end (48, 32)
     kw = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
@@ -276,7 +276,7 @@ def test_moba_speculative_decoding_equals_greedy(device, monkeypatch):
     tails, rows = [], []
     pool, decode = hf_attention.pool_cache_blocks, hf_attention.moba_decode
     monkeypatch.setattr(hf_attention, "pool_cache_blocks",
-                        lambda *a, tail=None: tails.append(tail) or pool(*a, tail=tail))
+                        lambda *a, tail=None, **kw: tails.append(tail) or pool(*a, tail=tail, **kw))
     monkeypatch.setattr(hf_attention, "moba_decode", lambda q, *a, **kw: rows.append(q.shape[0]) or decode(q, *a, **kw))
     check_prompt_lookup_equals_greedy(model, device)
     assert tails.count(None) == 2 * len(model.model.layers)  # the two prefills (greedy, then speculative)
@@ -483,7 +483,7 @@ def test_moba_swap_on_mla_models(arch, device, monkeypatch):
     calls = []
     pool = hf_attention.pool_cache_blocks
     monkeypatch.setattr(hf_attention, "pool_cache_blocks",
-                        lambda *a, tail=None: calls.append(tail) or pool(*a, tail=tail))
+                        lambda *a, tail=None, **kw: calls.append(tail) or pool(*a, tail=tail, **kw))
     prompt = torch.randint(1, 128, (1, 45)).to(device)
     with torch.no_grad():  # 6 new tokens after 45 (the fourth crosses a block's end)
         gen = ours.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -169,30 +169,38 @@ def test_in_place_cache_for_minimax(device):
         InPlaceCache.for_model(types.SimpleNamespace(config=LlamaConfig(), _supports_default_dynamic_cache=lambda: False))
 
 
-def _auto_scale(x: torch.Tensor, fp8) -> float:
-    """The scale a float8 cache calibrates on a first write x: the power of two that brings x's largest magnitude into
-    (a eighth, a quarter] of the format's range."""
-    amax = x.abs().max().item()
+def _auto_scale(amax: float, fp8) -> float:
+    """The scale a float8 cache calibrates for a largest magnitude ``amax``: the power of two that brings it into
+    (an eighth, a quarter] of the format's range."""
     return 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(fp8).max)) if amax > 0 else 1.0
 
 
 class _RoundedCache(DynamicCache):
     """DynamicCache keeping its keys and values rounded through ``fp8`` (divided by their scale, saturated to the
     format's range, multiplied back) in their own dtype: the tokens a float8 InPlaceCache holds, for attention that
-    does not read float8. ``scales``: "auto" (each layer's from its first write) or one scale for all."""
+    does not read float8. ``scales``: one scale for all, or "auto": each layer's set at its first write and at each
+    write of several tokens a row by the largest magnitudes written since it was empty, the tokens held rounded again
+    at the new scales."""
 
     def __init__(self, config, fp8, scales="auto"):
         super().__init__(config=config)
-        self.fp8, self.scales, self.layer_scales = fp8, scales, {}
+        self.fp8, self.scales, self.auto = fp8, scales, {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx not in self.layer_scales:
-            self.layer_scales[layer_idx] = [_auto_scale(x, self.fp8) if self.scales == "auto" else self.scales
-                                            for x in (key_states, value_states)]
         top = torch.finfo(self.fp8).max
         r = lambda x, s: (x / s).clamp(-top, top).to(self.fp8).to(x.dtype) * s
-        ks, vs = self.layer_scales[layer_idx]
-        return super().update(r(key_states, ks), r(value_states, vs), layer_idx, *args, **kwargs)
+        scales = (self.scales, self.scales)
+        if self.scales == "auto":
+            held = self.get_seq_length(layer_idx)
+            seen, scales = self.auto[layer_idx] if held else ((0.0, 0.0), (1.0, 1.0))
+            if held == 0 or key_states.shape[2] > 1:
+                seen = tuple(max(a, x.abs().max().item()) for a, x in zip(seen, (key_states, value_states)))
+                scales = tuple(_auto_scale(a, self.fp8) for a in seen)
+                if held:
+                    layer = self.layers[layer_idx]
+                    layer.keys, layer.values = r(layer.keys, scales[0]), r(layer.values, scales[1])
+            self.auto[layer_idx] = seen, scales
+        return super().update(r(key_states, scales[0]), r(value_states, scales[1]), layer_idx, *args, **kwargs)
 
 
 def test_float8_in_place_cache():
@@ -227,9 +235,11 @@ def test_float8_in_place_cache():
 def test_float8_cache_scales():
     """A float8 cache's scales: by default each layer's keys' and values' from its first write (a power of two
     bringing the largest magnitude into (top / 8, top / 4]: tokens of 1e-3 keep the format's relative precision,
-    which they lose among its subnormals at scale 1), kept through growth, reordering and crops, calibrated again
-    after a reset; given ones (one for all, a pair per layer); the scale read back from any view of what the cache
-    hands out (dequant_scale, dequantised); bad scales refused."""
+    which they lose among its subnormals at scale 1), kept by single-token writes (what lies beyond the range
+    saturates), growth, reordering and crops, raised by a write of several tokens beyond them (the tokens held
+    rounded again), calibrated again after a reset or a crop to nothing; given ones (one for all, a pair per layer,
+    a tensor of pairs); the scale read back from any view of what the cache hands out (dequant_scale, dequantised,
+    under torch.compile too); bad scales refused."""
     cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     fp8 = torch.float8_e4m3fn
     top = torch.finfo(fp8).max
@@ -243,8 +253,8 @@ def test_float8_cache_scales():
         assert math.log2(s).is_integer() and top / 8 < x.abs().max() / s <= top / 4
     assert layer.v_scale < 2.0 ** -10 < 1.0 < layer.k_scale
     k[0, 0, 4, 0] = 1e6  # (a later token beyond the range: saturated)
-    for t in (slice(3, 4), slice(4, 6)):  # (past max_cache_len: it grows)
-        keys, values = cache.update(k[:, :, t], v[:, :, t], 0)
+    for t in range(3, 6):  # (decoding steps; past max_cache_len: it grows)
+        keys, values = cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 0)
     ks, vs = layer.k_scale, layer.v_scale
     want = lambda x, s: (x / s).clamp(-top, top).to(fp8).float()
     assert torch.equal(keys.float(), want(k, ks)) and torch.equal(values.float(), want(v, vs))
@@ -253,6 +263,8 @@ def test_float8_cache_scales():
         assert dequant_scale(view) == ks
     assert dequant_scale(values[:1]) == vs and dequant_scale(k) == 1.0
     assert torch.equal(dequantised(values.transpose(1, 2), torch.float32), want(v, vs).transpose(1, 2) * vs)
+    compiled = torch.compile(lambda x: x.float() * dequant_scale(x), backend="eager")
+    assert torch.equal(compiled(values.transpose(1, 2)), want(v, vs).transpose(1, 2) * vs)
     exact = torch.ones_like(k, dtype=torch.bool)
     exact[0, 0, 4, 0] = False
     rel = lambda held: ((held - v) / v).abs().max().item()
@@ -267,11 +279,26 @@ def test_float8_cache_scales():
     assert torch.equal(keys.float()[:, :, :4], want(k, ks)[[2, 0, 1], :, :4])
     cache.reset()
     keys, _ = cache.update(k[:, :, :2] * 1e-2, v[:, :, :2], 0)  # (a new first write: calibrated again)
-    assert layer.k_scale == _auto_scale(k[:, :, :2] * 1e-2, fp8) < ks / 32 and dequant_scale(keys) == layer.k_scale
+    assert layer.k_scale == _auto_scale(k[:, :, :2].abs().max().item() * 1e-2, fp8) < ks / 32 and dequant_scale(keys) == layer.k_scale
     # given scales: one for all, a pair per layer (a calibrated checkpoint's)
     given = InPlaceCache(config=cfg, cache_dtype=fp8, cache_scales=0.5)
     assert [(lay.k_scale, lay.v_scale) for lay in given.layers] == [(0.5, 0.5)] * 2
-    given = InPlaceCache(cache_dtype=fp8, cache_scales=[(2.0, 0.25), (0.3, 3)])  # (layers made as updated)
+    # several tokens beyond the scales: raised, the tokens held rounded again; a crop to nothing: calibrated afresh
+    cache = InPlaceCache(config=cfg, cache_dtype=fp8)
+    layer = cache.layers[0]
+    cache.update(k[:, :, :3], v[:, :, :3], 0)
+    k1, v1 = layer.k_scale, layer.v_scale
+    keys, values = cache.update(k[:, :, 3:5] * 64, v[:, :, 3:5], 0)
+    assert (layer.k_scale, layer.v_scale) == (_auto_scale((k[:, :, 3:5] * 64).abs().max().item(), fp8), v1)
+    assert layer.k_scale >= 16 * k1
+    again = lambda x: (x * k1 / layer.k_scale).clamp(-top, top).to(fp8).float()
+    assert torch.equal(keys.float()[:, :, :3], again(want(k[:, :, :3], k1)))
+    assert torch.equal(keys.float()[:, :, 3:], want(k[:, :, 3:5] * 64, layer.k_scale))
+    assert torch.equal(values.float(), want(v[:, :, :5], v1))
+    cache.crop(-5)  # (all 5 tokens)
+    cache.update(k[:, :, :2], v[:, :, :2], 0)
+    assert layer.k_scale == _auto_scale(k[:, :, :2].abs().max().item(), fp8) < k1 * 2
+    given = InPlaceCache(cache_dtype=fp8, cache_scales=torch.tensor([[2.0, 0.25], [0.3, 3]]))  # (made as updated)
     keys, values = given.update(k, v, 1)
     assert torch.equal(keys.float(), want(k, 0.3)) and dequant_scale(values) == 3.0
     assert (given.layers[0].k_scale, given.layers[0].v_scale) == (2.0, 0.25)
@@ -283,8 +310,12 @@ def test_float8_cache_scales():
         InPlaceCache(cache_dtype=fp8, cache_scales=[1.0])
     with pytest.raises(ValueError, match="cache_scales\\[0\\]'s scales must be a finite positive number"):
         InPlaceCache(cache_dtype=fp8, cache_scales=[(1.0, -2.0)])
-    with pytest.raises(TypeError, match="cache_scales must be a float"):
+    with pytest.raises(TypeError, match="cache_scales must be 'auto', a positive float .* got True"):
         InPlaceCache(cache_dtype=fp8, cache_scales=True)
+    with pytest.raises(TypeError, match="cache_scales must be .auto., a positive float .* got object"):
+        InPlaceCache(cache_dtype=fp8, cache_scales=object())
+    with pytest.raises(ValueError, match="scales must be a \\(k_scale, v_scale\\) pair of positive floats, got 2.0"):
+        InPlaceLayer(cache_dtype=fp8, scales=2.0)
     with pytest.raises(TypeError, match="cache_scales must be 'auto', a positive float or a sequence .* got None"):
         InPlaceCache(cache_dtype=fp8, cache_scales=None)
     with pytest.raises(ValueError, match="cache_scales applies to a float8 cache"):

@@ -519,11 +519,22 @@ def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
                 nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
     model = _model(device, kind=kind, **opts)
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
-    ours = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed, cache_dtype=fp8)
-    plain = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
+    # the padded prefill in chunks of 6 columns: each raises the scales calibrated on those before where it must
+    kw = dict(stop_at_eos=False, packed=packed, prefill_chunk=24 if packed is False else None)
+    calibrate, raised = InPlaceLayer._calibrate, []  # (whether each calibration changed the scales of tokens held)
+
+    def spy(layer, k, v, n):
+        before = layer.k_scale, layer.v_scale
+        calibrate(layer, k, v, n)
+        raised.append(n > 0 and before != (layer.k_scale, layer.v_scale))
+
+    monkeypatch.setattr(InPlaceLayer, "_calibrate", spy)
+    ours = rollout.generate(model, prompts, 6, cache_dtype=fp8, **kw)
+    assert any(raised) == (packed is False)
+    plain = rollout.generate(model, prompts, 6, **kw)
     rounded = lambda scales: lambda model, n, dtype=None, _="auto": _RoundedCache(model.config, fp8, scales)
     monkeypatch.setattr(rollout, "_decoding_cache", rounded("auto"))
-    ref = rollout.generate(model, prompts, 6, stop_at_eos=False, packed=packed)
+    ref = rollout.generate(model, prompts, 6, **kw)
     assert ours.prefill_packed == ref.prefill_packed == (packed is None and kind != "nsa")
     assert ours.completions == ref.completions
     lps = lambda r: torch.tensor(sum(r.logprobs, []))

@@ -7,7 +7,7 @@ same. ``InPlaceCache`` keeps each full-attention layer's keys and values in stor
 the new tokens into it and hands the attention views of the tokens held (strided along the sequence: longattn's
 kernels, SDPA and eager attention read them as they are). A step then copies only its own tokens. With a float8
 ``cache_dtype`` it keeps them quantised (half the bytes of a 16-bit cache; per-layer scales, by default calibrated on
-each layer's first write), which longattn's flash, MoBA and NSA attention decode from as they are.
+what the prefill writes), which longattn's flash, MoBA and NSA attention decode from as they are.
 """
 from __future__ import annotations
 
@@ -24,23 +24,31 @@ from ..kernels.utils import FLOAT8_DTYPES, check_scale
 
 def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype], scale: float = 1.0) -> torch.Tensor:
     """x as stored in a cache of ``dtype``: a float8 cache keeps ``x / scale`` saturated to its finite range (a plain
-    conversion makes NaN of what lies beyond); other dtypes take x as it is."""
-    if dtype not in FLOAT8_DTYPES or x.dtype == dtype:
+    conversion makes NaN of what lies beyond); other dtypes take x as it is. (x may be float8 itself.)"""
+    if dtype not in FLOAT8_DTYPES or (x.dtype == dtype and scale == 1.0):
         return x
+    if x.dtype in FLOAT8_DTYPES:
+        x = x.to(torch.bfloat16)  # (exact)
     top = torch.finfo(dtype).max
     return (x if scale == 1.0 else x / scale).clamp(-top, top).to(dtype)
 
 
-def _calibrated_scales(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """A float8 cache's key and value scales from its first write: for each, the power of two that brings its
-    largest magnitude to at most a quarter of the format's range (room for larger later tokens; a power of two
-    divides exactly), 1 for zeros or non-finite values (one read back to the host for both)."""
-    amax = [x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device) for x in (keys, values)]
-    top = torch.finfo(dtype).max
-    return tuple(2.0 ** math.ceil(math.log2(a * 4 / top)) if 0.0 < a < float("inf") else 1.0
-                 for a in torch.stack(amax).tolist())
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    """x's largest magnitude, a float32 scalar on its device (without an |x| copy; NaN if x holds one)."""
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    if x.dtype in FLOAT8_DTYPES:
+        x = x.to(torch.bfloat16)
+    return torch.maximum(x.amax(), -x.amin()).float()
 
 
+def _calibrated_scale(amax: float, dtype: torch.dtype) -> float:
+    """The power of two that brings ``amax`` to at most a quarter of float8 ``dtype``'s range (room for larger later
+    tokens; a power of two divides exactly); 1 for 0."""
+    return 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max)) if amax > 0 else 1.0
+
+
+@torch.compiler.disable  # (a tensor's Python attributes are not traced: compiled code calls this eagerly)
 def dequant_scale(t: torch.Tensor) -> float:
     """The dequantisation scale of a float8 cache's keys or values as :class:`InPlaceCache` hands them out (any view
     of them): its tokens are ``t * scale``. 1 for a tensor of another dtype, or a float8 one from elsewhere."""
@@ -89,16 +97,19 @@ class InPlaceLayer(DynamicLayer):
 
     ``cache_dtype`` (default: the keys' own) a float8 dtype: the keys and values are stored in it, each divided by
     its scale (``k_scale``, ``v_scale``) and saturated to the format's range, and handed out so (float8 views, from
-    which :func:`dequant_scale` reads the scale). ``scales``: ``"auto"`` (default) calibrates them at the first write
-    (see :class:`InPlaceCache`), or a pair ``(k_scale, v_scale)`` of positive floats."""
+    which :func:`dequant_scale` reads the scale). ``scales``: ``"auto"`` (default) calibrates them on the writes (see
+    :class:`InPlaceCache`), or a pair ``(k_scale, v_scale)`` of positive floats."""
 
     _k: Optional[torch.Tensor] = None
     _v: Optional[torch.Tensor] = None
     _n = 0  # tokens held
+    _seen = (0.0, 0.0)  # "auto": the largest finite magnitudes of the keys and values calibrated on
 
     def __init__(self, reserve: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None, scales="auto"):
         self.reserve = reserve
         self.cache_dtype = cache_dtype
+        if not (isinstance(scales, str) and scales == "auto"):
+            scales = _scale_pair(scales, "scales")
         self._auto = cache_dtype in FLOAT8_DTYPES and scales == "auto"
         # (None while a calibration is due: set by the first write)
         self.k_scale, self.v_scale = (None, None) if self._auto else (1.0, 1.0) if scales == "auto" else scales
@@ -144,14 +155,31 @@ class InPlaceLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self._n, key_states.shape[2]
-        if self._auto and (n == 0 or self.k_scale is None):  # (a first write: an empty or emptied cache)
-            self.k_scale, self.v_scale = _calibrated_scales(key_states, value_states, self.cache_dtype)
+        if self._auto and (n == 0 or t > 1 or self.k_scale is None):
+            self._calibrate(key_states, value_states, n)
         if not self._fits(self._k, key_states, n + t) or not self._fits(self._v, value_states, n + t):
             self._grow(n + t, key_states, value_states)
         self._k[:, :, n:n + t].copy_(_quantised(key_states, self.cache_dtype, self.k_scale))
         self._v[:, :, n:n + t].copy_(_quantised(value_states, self.cache_dtype, self.v_scale))
         self._n = n + t
         return self.keys, self.values
+
+    def _calibrate(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int) -> None:
+        """"auto" scales, at a first write (an empty or emptied cache) and at each write of several tokens a row (a
+        prefill's chunks, speculative tokens; not a decoding step's one): the largest finite magnitudes written since
+        the cache was empty set them (one read back to the host for both); where a scale changes (it only rises
+        once a write held a non-zero value), the ``n`` tokens held are re-quantised by the ratio (a power of two:
+        exact but where they fall among the subnormals or saturate)."""
+        new = torch.stack([_amax(key_states), _amax(value_states)]).tolist()
+        seen = self._seen if n else (0.0, 0.0)
+        self._seen = tuple(max(a, b) if math.isfinite(b) else a for a, b in zip(seen, new))
+        scales = tuple(_calibrated_scale(a, self.cache_dtype) for a in self._seen)
+        if n:
+            for storage, old, scale in ((self._k, self.k_scale, scales[0]), (self._v, self.v_scale, scales[1])):
+                old = 1.0 if old is None else old
+                if scale != old:
+                    storage[:, :, :n] = _quantised(storage[:, :, :n], self.cache_dtype, scale / old)
+        self.k_scale, self.v_scale = scales
 
     @staticmethod
     def _fits(storage, new: torch.Tensor, need: int) -> bool:
@@ -200,6 +228,10 @@ class InPlaceLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._n if self.is_initialized else 0
 
+    def crop(self, *args, **kwargs) -> None:
+        if self._k is not None:  # (transformers 4 crops every layer, written or not)
+            super().crop(*args, **kwargs)
+
     def reset(self) -> None:
         self._k = self._v = None
         self._n = 0
@@ -235,13 +267,16 @@ class InPlaceCache(DynamicCache):
             that compute on what the cache returns (transformers 5's MLA models under MoBA, whose cache holds the
             latent their attention decompresses).
         cache_scales: a float8 cache's dequantisation scales (per layer, per tensor: the tokens held are the stored
-            ones times the scale). ``"auto"`` (default): each layer's key and value scales are set by its first
-            write (the prefill), the power of two that brings the largest magnitude written to at most a quarter
-            of the format's range (room for larger later tokens; a power of two divides exactly), so that values
-            of any magnitude keep the format's relative precision instead of falling among its subnormals (below
-            e4m3's 2^-6 at scale 1) or saturating; the first write reads its maxima back to the host (a
-            synchronisation per layer). A positive float: every layer's keys and values at that scale (1: as they
-            are, saturated). A sequence of ``(k_scale, v_scale)`` pairs: layer i's (a calibrated checkpoint's).
+            ones times the scale). ``"auto"`` (default): each layer's key and value scales are calibrated on what
+            it is written: at its first write and at each write of several tokens a row (a prefill, each of its
+            chunks, speculative tokens), the power of two that brings the largest magnitude written so far to at
+            most a quarter of the format's range (room for larger decoded tokens; a power of two divides exactly),
+            the tokens held re-quantised where a scale changes; a decoding step's single token keeps them (beyond the
+            range it saturates). Values of any magnitude so keep the format's relative precision instead of falling
+            among its subnormals (below e4m3's 2^-6 at scale 1) or saturating. Each calibrating write reads its
+            maxima back to the host (a synchronisation per layer). A positive float: every layer's keys and values
+            at that scale (1: as they are, saturated). A sequence of ``(k_scale, v_scale)`` pairs (or a tensor of
+            shape (layers, 2)): layer i's (a calibrated checkpoint's).
 
     ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``
     takes one too. Views of the storage are handed out, so a tensor returned by one step sees the tokens a later
@@ -285,44 +320,50 @@ def check_cache_dtype(cache_dtype) -> None:
                         f"{cache_dtype!r}")
 
 
-def check_cache_scales(cache_scales, cache_dtype) -> None:
-    """TypeError / ValueError unless ``cache_scales`` is ``"auto"``, a positive float, or a sequence of
-    ``(k_scale, v_scale)`` pairs of them; a value other than ``"auto"`` needs a float8 ``cache_dtype``."""
-    if isinstance(cache_scales, str):
-        if cache_scales != "auto":
-            raise ValueError(f"cache_scales must be 'auto', a positive float or a sequence of (k_scale, v_scale) "
-                             f"pairs, got {cache_scales!r}")
-        return
-    if cache_scales is None:
-        raise TypeError("cache_scales must be 'auto', a positive float or a sequence of (k_scale, v_scale) pairs, "
-                        "got None")
+def check_cache_scales(cache_scales, cache_dtype):
+    """``cache_scales`` checked and normalised: ``"auto"``, a positive float, or a list of ``(k_scale, v_scale)``
+    pairs of them (from any sequence: a tensor or array of shape (layers, 2) too); TypeError / ValueError otherwise,
+    and for a value other than ``"auto"`` without a float8 ``cache_dtype``."""
+    if isinstance(cache_scales, str) and cache_scales == "auto":
+        return cache_scales
+    if cache_scales is None or isinstance(cache_scales, (str, bool)):
+        raise (ValueError if isinstance(cache_scales, str) else TypeError)(
+            f"cache_scales must be 'auto', a positive float or a sequence of (k_scale, v_scale) pairs, got "
+            f"{cache_scales!r}")
     if cache_dtype not in FLOAT8_DTYPES:
         raise ValueError("cache_scales applies to a float8 cache (cache_dtype torch.float8_e4m3fn / float8_e5m2), "
                          f"got cache_dtype {cache_dtype!r}")
-    if isinstance(cache_scales, (list, tuple)):
-        for i, pair in enumerate(cache_scales):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or None in pair:
-                raise ValueError(f"cache_scales[{i}] must be a (k_scale, v_scale) pair, got {pair!r}")
-            for s in pair:
-                check_scale(s, 1.0, f"cache_scales[{i}]'s scales")
-    else:
-        check_scale(cache_scales, 1.0, "cache_scales")
+    if hasattr(cache_scales, "tolist"):  # (a tensor or array)
+        cache_scales = cache_scales.tolist()
+    if isinstance(cache_scales, (int, float)):
+        return check_scale(cache_scales, 1.0, "cache_scales")
+    try:
+        pairs = list(cache_scales)
+    except TypeError:
+        raise TypeError("cache_scales must be 'auto', a positive float or a sequence of (k_scale, v_scale) pairs, "
+                        f"got {type(cache_scales).__name__}") from None
+    return [_scale_pair(pair, f"cache_scales[{i}]") for i, pair in enumerate(pairs)]
+
+
+def _scale_pair(pair, name: str) -> tuple:
+    """A ``(k_scale, v_scale)`` pair of positive floats, checked (ValueError / TypeError naming ``name``)."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(x is None for x in pair):
+        raise ValueError(f"{name} must be a (k_scale, v_scale) pair of positive floats, got {pair!r}")
+    return tuple(check_scale(x, 1.0, f"{name}'s scales") for x in pair)
 
 
 def _layer_maker(max_cache_len, cache_dtype, cache_scales):
     """Checks an InPlaceCache's arguments; returns ``make(i)``, the :class:`InPlaceLayer` of layer index i."""
     _check_max_len(max_cache_len)
     check_cache_dtype(cache_dtype)
-    check_cache_scales(cache_scales, cache_dtype)
+    cache_scales = check_cache_scales(cache_scales, cache_dtype)
 
     def make(i: int) -> InPlaceLayer:
-        if isinstance(cache_scales, (list, tuple)):
+        if isinstance(cache_scales, list):
             if i >= len(cache_scales):
                 raise ValueError(f"cache_scales holds {len(cache_scales)} (k_scale, v_scale) pairs: none for layer {i}")
-            scales = tuple(float(s) for s in cache_scales[i])
-        else:
-            scales = cache_scales if isinstance(cache_scales, str) else (float(cache_scales),) * 2
-        return InPlaceLayer(max_cache_len, cache_dtype, scales)
+            return InPlaceLayer(max_cache_len, cache_dtype, cache_scales[i])
+        return InPlaceLayer(max_cache_len, cache_dtype, cache_scales if cache_scales == "auto" else (cache_scales,) * 2)
 
     return make
 

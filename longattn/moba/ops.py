@@ -408,7 +408,7 @@ def pool_cache_blocks(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_
         k_cache, out, cache_offsets, cache_seqlens, block_table if page else cache_seqlens, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         block_table.stride(0) if page else 0, block_size, n if tail is not None else 0, k_cache.shape[0] - 1,
-        float(scale), D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page,
+        check_scale(scale, 1.0), D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32 if small_tiles() else 64, PAGE=page,
         **COMPILE_OPTIONS)
 
 

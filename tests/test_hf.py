@@ -1,5 +1,6 @@
 """transformers integration: attn_implementation="moba" / "longattn" on tiny random models."""
 import copy
+import math
 
 import pytest
 import torch
@@ -570,12 +571,15 @@ def test_gemma3_image_refused_text_exact(kind, device):
                 torch.compile(ours, backend="aot_eager", fullgraph=True)(**image)
 
 
-def test_mla_float8_latent_cache(device, tmp_path):
+@pytest.mark.parametrize("scale", [0.25, "auto"])
+def test_mla_float8_latent_cache(scale, device, tmp_path):
     """swap_attention(model, "mla", cache_dtype=float8): the latent cache holds float8 (half the bytes) and decoding
     reads it dequantised: the decoding steps' logits stay near the full-precision model's (the latent rounded to 3
-    bits of mantissa), the prompt's equal them; the option is saved with the model and loads back."""
+    bits of mantissa), the prompt's equal them; a given scale, or (the default) each layer's calibrated on the prompt
+    (a power of two); the options are saved with the model and load back."""
     ref, ours = _deepseek(device)
-    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float8_e4m3fn, cache_scale=0.25)
+    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float8_e4m3fn,
+                               **({"cache_scale": scale} if scale != "auto" else {}))
     assert ours.config.longattn["cache_dtype"] == "float8_e4m3fn"
     ids = torch.randint(1, 128, (2, 30)).to(device)
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
@@ -589,6 +593,9 @@ def test_mla_float8_latent_cache(device, tmp_path):
         g_ours = ours.generate(ids, **{_cache_kw(ours): cache}, **kw)
         g_ref = ref.generate(ids, **kw)
     assert all(s["pc"].kv.dtype == torch.float8_e4m3fn for s in cache._longattn_mla.values())
+    scales = [s["pc"].scale for s in cache._longattn_mla.values()]
+    assert scales == [scale] * len(scales) if scale != "auto" else all(
+        math.log2(s).is_integer() and s < 1 for s in scales)
     torch.testing.assert_close(g_ours.logits[0], g_ref.logits[0], atol=1e-4, rtol=1e-4)  # the prompt: no cache read
     with torch.no_grad():  # each step against the full model on the same tokens
         full = ref(g_ours.sequences).logits[:, ids.shape[1]:-1]
@@ -598,7 +605,7 @@ def test_mla_float8_latent_cache(device, tmp_path):
     ours.save_pretrained(tmp_path)
     loaded = longattn.hf.from_pretrained(tmp_path)
     attn = loaded.model.layers[0].self_attn
-    assert (attn.cache_dtype, attn.cache_scale) == (torch.float8_e4m3fn, 0.25)
+    assert (attn.cache_dtype, attn.cache_scale) == (torch.float8_e4m3fn, scale)
     with pytest.raises(TypeError, match="cache_dtype must be None, float16"):
         longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.int8)
 

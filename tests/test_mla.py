@@ -253,6 +253,43 @@ def test_cache_float8(device):
                                torch.cat([got[:20], (more / 0.5).to(torch.float8_e4m3fn).float() * 0.5]).half())
     with pytest.raises(ValueError, match="scale must be a finite positive number"):
         PagedLatentCache(2, dtype=torch.float8_e4m3fn, device=device, scale=0.0)
+    d = cache.new_sequence()  # (beyond the range at that scale: saturated, not NaN)
+    cache.append([d], torch.full((2, 8), 1e4, device=device), torch.full((2, 4), -1e4, device=device))
+    assert torch.equal(cache.tokens([d]).abs(), torch.full((2, 12), 448 * 0.5, device=device))
+
+
+def test_cache_float8_auto_scale(device):
+    """scale="auto": the first append to an empty cache sets it (the power of two bringing the largest magnitude into
+    (top / 8, top / 4]), appends of one token a sequence keep it (beyond the range: saturated), an append of several
+    tokens beyond it raises it, the tokens held re-quantised (rounded again at the new scale); an emptied cache
+    calibrates afresh."""
+    fp8 = torch.float8_e4m3fn
+    top = torch.finfo(fp8).max
+    cache = PagedLatentCache(2, page_size=16, kv_lora_rank=8, rope_dim=4, dtype=fp8, device=device, growable=True,
+                             scale="auto")
+    a, b = cache.new_sequence(), cache.new_sequence()
+    toks = torch.randn(20, 12, device=device) * 1e-3
+    cache.append([a, b], toks[:, :8], toks[:, 8:], [12, 8])
+    s1 = cache.scale
+    assert math.log2(s1).is_integer() and top / 8 < toks.abs().max() / s1 <= top / 4
+    rounded = lambda x, s: (x / s).clamp(-top, top).to(fp8).float() * s
+    torch.testing.assert_close(cache.tokens([a, b]), rounded(toks, s1), atol=0, rtol=0)
+    one = torch.ones(2, 12, device=device)
+    cache.append([a, b], one[:, :8], one[:, 8:])  # (one token each: kept, saturated)
+    assert cache.scale == s1 and torch.equal(cache.tokens([a])[-1], torch.full((12,), top * s1, device=device))
+    big = torch.randn(6, 12, device=device)
+    cache.append([b], big[:, :8], big[:, 8:])
+    s2 = cache.scale
+    assert s2 == 2.0 ** math.ceil(math.log2(big.abs().max().item() * 4 / top)) > s1
+    held = torch.cat([rounded(toks[12:], s1), torch.full((1, 12), top * s1, device=device)])
+    torch.testing.assert_close(cache.tokens([b]), torch.cat([rounded(held, s2), rounded(big, s2)]), atol=0, rtol=0)
+    for s in (a, b):
+        cache.free(s)
+    c = cache.new_sequence()
+    cache.append([c], toks[:3, :8], toks[:3, 8:])
+    assert cache.scale == 2.0 ** math.ceil(math.log2(toks[:3].abs().max().item() * 4 / top)) < s2
+    with pytest.raises(TypeError, match="scale must be a float"):
+        PagedLatentCache(2, dtype=fp8, device=device, scale="max")
 
 
 def test_decode_contiguous_cache(device):

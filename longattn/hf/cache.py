@@ -19,33 +19,13 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.configuration_utils import PretrainedConfig
 
-from ..kernels.utils import FLOAT8_DTYPES, check_scale
+from ..kernels.utils import FLOAT8_DTYPES, check_scale, float8_quantised, float8_scale_for, largest_magnitude
 
 
 def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype], scale: float = 1.0) -> torch.Tensor:
-    """x as stored in a cache of ``dtype``: a float8 cache keeps ``x / scale`` saturated to its finite range (a plain
-    conversion makes NaN of what lies beyond); other dtypes take x as it is. (x may be float8 itself.)"""
-    if dtype not in FLOAT8_DTYPES or (x.dtype == dtype and scale == 1.0):
-        return x
-    if x.dtype in FLOAT8_DTYPES:
-        x = x.to(torch.bfloat16)  # (exact)
-    top = torch.finfo(dtype).max
-    return (x if scale == 1.0 else x / scale).clamp(-top, top).to(dtype)
-
-
-def _amax(x: torch.Tensor) -> torch.Tensor:
-    """x's largest magnitude, a float32 scalar on its device (without an |x| copy; NaN if x holds one)."""
-    if x.numel() == 0:
-        return torch.zeros((), device=x.device)
-    if x.dtype in FLOAT8_DTYPES:
-        x = x.to(torch.bfloat16)
-    return torch.maximum(x.amax(), -x.amin()).float()
-
-
-def _calibrated_scale(amax: float, dtype: torch.dtype) -> float:
-    """The power of two that brings ``amax`` to at most a quarter of float8 ``dtype``'s range (room for larger later
-    tokens; a power of two divides exactly); 1 for 0."""
-    return 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max)) if amax > 0 else 1.0
+    """x as stored in a cache of ``dtype``: a float8 cache keeps ``x / scale`` saturated to its finite range; other
+    dtypes take x as it is."""
+    return float8_quantised(x, dtype, scale) if dtype in FLOAT8_DTYPES else x
 
 
 @torch.compiler.disable  # (a tensor's Python attributes are not traced: compiled code calls this eagerly)
@@ -170,10 +150,10 @@ class InPlaceLayer(DynamicLayer):
         the cache was empty set them (one read back to the host for both); where a scale changes (it only rises
         once a write held a non-zero value), the ``n`` tokens held are re-quantised by the ratio (a power of two:
         exact but where they fall among the subnormals or saturate)."""
-        new = torch.stack([_amax(key_states), _amax(value_states)]).tolist()
+        new = torch.stack([largest_magnitude(key_states), largest_magnitude(value_states)]).tolist()
         seen = self._seen if n else (0.0, 0.0)
         self._seen = tuple(max(a, b) if math.isfinite(b) else a for a, b in zip(seen, new))
-        scales = tuple(_calibrated_scale(a, self.cache_dtype) for a in self._seen)
+        scales = tuple(float8_scale_for(a, self.cache_dtype) for a in self._seen)
         if n:
             for storage, old, scale in ((self._k, self.k_scale, scales[0]), (self._v, self.v_scale, scales[1])):
                 old = 1.0 if old is None else old

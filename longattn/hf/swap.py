@@ -250,7 +250,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
             absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
             latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
-            ``cache_scale`` (a float8 cache's dequantisation scale, default 1: the latent is RMS-normalised).
+            ``cache_scale`` (a float8 cache's dequantisation scale, default ``"auto"``: calibrated on each
+            prefill, see :class:`longattn.mla.PagedLatentCache`).
     A multimodal model (Qwen2.5-VL, Qwen3-VL, Gemma 3, Mistral 3, ...) has its language model's attention swapped (the
     kinds' model types are its language model's); its vision encoder keeps its own. Where the language model's mask
     lets queries see later keys (Gemma 3 among an image's tokens) the forward raises ValueError: longattn's attention

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -712,6 +713,33 @@ def validate_pages(block_table: torch.Tensor, cache_rows: Optional[torch.Tensor]
 
 
 MAX_SCALE = 2.0 ** 60
+
+
+def float8_quantised(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``x / scale`` in float8 ``dtype``, saturated to its finite range (a plain conversion makes NaN of what lies
+    beyond); x may be float8 itself (widened first, exactly)."""
+    if x.dtype == dtype and scale == 1.0:
+        return x
+    if x.dtype in FLOAT8_DTYPES:
+        x = x.to(torch.bfloat16)
+    top = torch.finfo(dtype).max
+    return (x if scale == 1.0 else x / scale).clamp(-top, top).to(dtype)
+
+
+def largest_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """x's largest magnitude, a float32 scalar on its device (without an |x| copy; NaN if x holds one; 0 if empty)."""
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    if x.dtype in FLOAT8_DTYPES:
+        x = x.to(torch.bfloat16)
+    return torch.maximum(x.amax(), -x.amin()).float()
+
+
+def float8_scale_for(amax: float, dtype: torch.dtype) -> float:
+    """A float8 cache's dequantisation scale for values of largest magnitude ``amax``: the power of two that brings
+    it to at most a quarter of ``dtype``'s range (room for larger later values; a power of two divides exactly, and
+    smaller values keep the format's relative precision instead of falling among its subnormals); 1 for 0."""
+    return 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max)) if amax > 0 else 1.0
 
 
 def check_scale(scale, default: float, name: str = "scale") -> float:

@@ -1,12 +1,14 @@
 """Paged latent cache for MLA decoding: only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_bool, check_scale, device_tensor
+from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, check_bool, check_scale, device_tensor, float8_quantised,
+                             float8_scale_for, largest_magnitude)
 
 
 def _whole(n, message: str, floats: bool = True) -> int:
@@ -29,7 +31,12 @@ class PagedLatentCache:
     decompressed K/V. A ``growable`` cache doubles its pool instead of failing when it runs out (the
     storage tensor is then replaced: re-read :attr:`kv` after :meth:`append`). ``device`` defaults to the GPU when
     there is one, else the CPU. A float8 ``dtype`` quantises the tokens (half the bytes of a 16-bit cache): it stores
-    ``value / scale`` and :func:`longattn.mla.mla_decode` reads it with ``kv_scale=cache.scale``.
+    ``value / scale`` saturated to the format's range and :func:`longattn.mla.mla_decode` reads it with
+    ``kv_scale=cache.scale``. ``scale``: a positive float, or ``"auto"`` (calibrated on the tokens: at the first
+    append to an empty cache and at each append of several tokens to a sequence, a prefill or its chunks, the power
+    of two bringing the largest magnitude appended since the cache was empty to at most a quarter of the format's
+    range; where it changes, the tokens held are re-quantised; an append of one token a sequence keeps it. Each
+    calibrating append reads the maximum back to the host).
 
     Example::
 
@@ -41,7 +48,7 @@ class PagedLatentCache:
     """
 
     def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
-                 dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False, scale: float = 1.0):
+                 dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False, scale=1.0):
         for name, val in (("num_pages", num_pages), ("page_size", page_size), ("kv_lora_rank", kv_lora_rank),
                           ("rope_dim", rope_dim)):
             if isinstance(val, bool) or not isinstance(val, int):
@@ -52,7 +59,9 @@ class PagedLatentCache:
             raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
         if dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float8 (e4m3fn, e5m2), got {dtype}")
-        self.scale = check_scale(scale, 1.0, "scale")
+        self._auto = isinstance(scale, str) and scale == "auto"
+        self.scale = 1.0 if self._auto else check_scale(scale, 1.0, "scale")
+        self._seen = 0.0  # "auto": the largest finite magnitude calibrated on since the cache was empty
         if device is None:  # the GPU when there is one (without, the kernels run on the CPU through the interpreter)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -198,8 +207,25 @@ class PagedLatentCache:
                              f"{tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
         new = torch.cat([c_kv, k_rope], -1)
         if self.kv.dtype in FLOAT8_DTYPES:  # quantised: value / scale, stored as its bytes (see _flat)
-            new = (new.float() / self.scale).to(self.kv.dtype).view(torch.uint8)
+            if self._auto and (max(lengths, default=0) > 1 or not any(self._lens.values())):
+                self._calibrate(new)
+            new = float8_quantised(new.float(), self.kv.dtype, self.scale).view(torch.uint8)
         self._write(seq_ids, lengths, new.to(self._flat().dtype))
+
+    def _calibrate(self, new: torch.Tensor) -> None:
+        """"auto": the scale for the largest finite magnitude appended since the cache was empty, ``new``'s included;
+        the tokens held re-quantised where it changes (by a power of two: exact but among the subnormals)."""
+        held = any(self._lens.values())
+        amax = largest_magnitude(new).item()
+        self._seen = max(self._seen if held else 0.0, amax if math.isfinite(amax) else 0.0)
+        scale = float8_scale_for(self._seen, self.kv.dtype)
+        if held and scale != self.scale:
+            step = 256  # pages at a time (a float32 copy of them)
+            for a in range(0, self.kv.shape[0], step):
+                part = self.kv[a:a + step]
+                self.kv.view(torch.uint8)[a:a + step] = float8_quantised(
+                    part.float(), self.kv.dtype, scale / self.scale).view(torch.uint8)
+        self.scale = scale
 
     def _write(self, seq_ids: list, lengths: list, rows: torch.Tensor) -> None:
         """Append ``rows`` (total, width), already in the storage's form (see _flat), to the sequences."""

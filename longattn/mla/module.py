@@ -49,7 +49,7 @@ class MLAAttention(nn.Module):
     filled cannot be decoded from.
     """
 
-    def __init__(self, attn: nn.Module, page_size: int = 64, cache_dtype=None, cache_scale: float = 1.0):
+    def __init__(self, attn: nn.Module, page_size: int = 64, cache_dtype=None, cache_scale="auto"):
         super().__init__()
         cfg = attn.config
         self.config = cfg
@@ -103,15 +103,18 @@ class MLAAttention(nn.Module):
         w = w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
-    def set_cache_format(self, cache_dtype=None, cache_scale: float = 1.0) -> None:
+    def set_cache_format(self, cache_dtype=None, cache_scale="auto") -> None:
         """The latent cache's dtype (None: the model's; a float8 one quantises it, ``cache_scale`` its dequantisation
-        scale: stored = latent / scale), as a torch dtype or its name ("float8_e4m3fn")."""
+        scale: stored = latent / scale, ``"auto"`` calibrated on the prefill, see :class:`PagedLatentCache`), as a
+        torch dtype or its name ("float8_e4m3fn")."""
         if isinstance(cache_dtype, str):
             cache_dtype = getattr(torch, cache_dtype.removeprefix("torch."), cache_dtype)
         if cache_dtype is not None and cache_dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
             raise TypeError(f"cache_dtype must be None, float16, bfloat16, float32, float8_e4m3fn or float8_e5m2, got "
                             f"{cache_dtype!r}")
-        self.cache_dtype, self.cache_scale = cache_dtype, check_scale(cache_scale, 1.0, "cache_scale")
+        if not (isinstance(cache_scale, str) and cache_scale == "auto"):
+            cache_scale = check_scale(cache_scale, 1.0, "cache_scale")
+        self.cache_dtype, self.cache_scale = cache_dtype, cache_scale
 
     def _latent_cache(self, cache, batch: int, dtype, device):
         store = side_cache(cache, "_longattn_mla", _reorder_latent)

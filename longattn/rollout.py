@@ -339,8 +339,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         cache_dtype: None (default: the model's), or ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: decode with the
             keys and values cached in float8 (``InPlaceCache``'s ``cache_dtype``: half the cache's memory and of
             the bytes a decoding step reads; each layer's keys and values at the scales of ``cache_scales``: see
-            ``InPlaceCache``, by default calibrated on the prompts' prefill, each chunk of it), for models whose
-            attention
+            ``InPlaceCache``, by default calibrated on the prompts' prefill, each chunk of it of two columns or
+            more), for models whose attention
             is longattn's flash, MoBA or NSA attention (``swap_attention(model, "flash" / "moba" / "nsa")``); the
             prompts' prefill attends to the unquantised keys (packed) or to the quantised ones (padded: hybrids,
             sliding-window models, NSA's module). The completions and log-probs are those of the quantised cache
@@ -377,7 +377,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     check_cache_dtype(cache_dtype)
-    check_cache_scales(cache_scales, cache_dtype)
+    cache_scales = check_cache_scales(cache_scales, cache_dtype)
     if cache_dtype is not None:
         _check_float8_cache_model(model)
     if num_samples > 1 and temperature == 0:  # greedy samples are all alike: each prompt decoded once, then copied

@@ -580,7 +580,7 @@ def test_mla_float8_latent_cache(scale, device, tmp_path):
     ref, ours = _deepseek(device)
     longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float8_e4m3fn,
                                **({"cache_scale": scale} if scale != "auto" else {}))
-    assert ours.config.longattn["cache_dtype"] == "float8_e4m3fn"
+    assert (ours.config.longattn["cache_dtype"], ours.config.longattn["cache_scale"]) == ("float8_e4m3fn", scale)
     ids = torch.randint(1, 128, (2, 30)).to(device)
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
               return_dict_in_generate=True)

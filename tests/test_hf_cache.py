@@ -279,10 +279,8 @@ def test_float8_cache_scales():
     assert torch.equal(keys.float()[:, :, :4], want(k, ks)[[2, 0, 1], :, :4])
     cache.reset()
     keys, _ = cache.update(k[:, :, :2] * 1e-2, v[:, :, :2], 0)  # (a new first write: calibrated again)
-    assert layer.k_scale == _auto_scale(k[:, :, :2].abs().max().item() * 1e-2, fp8) < ks / 32 and dequant_scale(keys) == layer.k_scale
-    # given scales: one for all, a pair per layer (a calibrated checkpoint's)
-    given = InPlaceCache(config=cfg, cache_dtype=fp8, cache_scales=0.5)
-    assert [(lay.k_scale, lay.v_scale) for lay in given.layers] == [(0.5, 0.5)] * 2
+    assert layer.k_scale == _auto_scale(k[:, :, :2].abs().max().item() * 1e-2, fp8) < ks / 32
+    assert dequant_scale(keys) == layer.k_scale
     # several tokens beyond the scales: raised, the tokens held rounded again; a crop to nothing: calibrated afresh
     cache = InPlaceCache(config=cfg, cache_dtype=fp8)
     layer = cache.layers[0]
@@ -298,6 +296,15 @@ def test_float8_cache_scales():
     cache.crop(-5)  # (all 5 tokens)
     cache.update(k[:, :, :2], v[:, :, :2], 0)
     assert layer.k_scale == _auto_scale(k[:, :, :2].abs().max().item(), fp8) < k1 * 2
+    # an inf among the values: the finite ones' largest sets the scale
+    cache = InPlaceCache(config=cfg, cache_dtype=fp8)
+    k_inf = k[:, :, :3].clone()
+    k_inf[1, 0, 2, 5] = float("inf")
+    cache.update(k_inf, v[:, :, :3], 0)
+    assert cache.layers[0].k_scale == k1 == _auto_scale(k[:, :, :3].abs().max().item(), fp8)
+    # given scales: one for all, a pair per layer (a calibrated checkpoint's)
+    given = InPlaceCache(config=cfg, cache_dtype=fp8, cache_scales=0.5)
+    assert [(lay.k_scale, lay.v_scale) for lay in given.layers] == [(0.5, 0.5)] * 2
     given = InPlaceCache(cache_dtype=fp8, cache_scales=torch.tensor([[2.0, 0.25], [0.3, 3]]))  # (made as updated)
     keys, values = given.update(k, v, 1)
     assert torch.equal(keys.float(), want(k, 0.3)) and dequant_scale(values) == 3.0

@@ -288,7 +288,7 @@ def test_cache_float8_auto_scale(device):
     c = cache.new_sequence()
     cache.append([c], toks[:3, :8], toks[:3, 8:])
     assert cache.scale == 2.0 ** math.ceil(math.log2(toks[:3].abs().max().item() * 4 / top)) < s2
-    with pytest.raises(TypeError, match="scale must be a float"):
+    with pytest.raises(ValueError, match="scale must be a positive float or 'auto', got 'max'"):
         PagedLatentCache(2, dtype=fp8, device=device, scale="max")
 
 

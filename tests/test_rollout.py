@@ -568,6 +568,9 @@ def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
         rollout.generate(longattn.hf.swap_attention(sliding.to(device), "flash"), prompts, 2, cache_dtype=fp8)
     with pytest.raises(TypeError, match="cache_dtype must be None"):
         rollout.generate(model, prompts, 2, cache_dtype=torch.float16)
+    pairs = ((1.0, 1.0) for _ in range(8))  # (one pass over them)
+    assert rollout.generate(model, prompts, 6, stop_at_eos=False, cache_dtype=fp8, cache_scales=pairs).completions == \
+        rollout.generate(model, prompts, 6, stop_at_eos=False, cache_dtype=fp8, cache_scales=1.0).completions
     with pytest.raises(ValueError, match="cache_scales applies to a float8 cache"):
         rollout.generate(model, prompts, 2, cache_scales=[(1.0, 1.0)] * 2)
     model.set_attn_implementation("sdpa")

@@ -12,14 +12,13 @@ what the prefill writes), which longattn's flash, MoBA and NSA attention decode 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.configuration_utils import PretrainedConfig
 
-from ..kernels.utils import FLOAT8_DTYPES, check_scale, float8_quantised, float8_scale_for, largest_magnitude
+from ..kernels.utils import FLOAT8_DTYPES, check_scale, finite_magnitudes, float8_quantised, float8_scale_for
 
 
 def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype], scale: float = 1.0) -> torch.Tensor:
@@ -83,7 +82,7 @@ class InPlaceLayer(DynamicLayer):
     _k: Optional[torch.Tensor] = None
     _v: Optional[torch.Tensor] = None
     _n = 0  # tokens held
-    _seen = (0.0, 0.0)  # "auto": the largest finite magnitudes of the keys and values calibrated on
+    _seen = (0.0, 0.0)  # "auto": the largest finite magnitudes of the keys and values of the calibrating writes
 
     def __init__(self, reserve: Optional[int] = None, cache_dtype: Optional[torch.dtype] = None, scales="auto"):
         self.reserve = reserve
@@ -146,13 +145,12 @@ class InPlaceLayer(DynamicLayer):
 
     def _calibrate(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int) -> None:
         """"auto" scales, at a first write (an empty or emptied cache) and at each write of several tokens a row (a
-        prefill's chunks, speculative tokens; not a decoding step's one): the largest finite magnitudes written since
-        the cache was empty set them (one read back to the host for both); where a scale changes (it only rises
-        once a write held a non-zero value), the ``n`` tokens held are re-quantised by the ratio (a power of two:
-        exact but where they fall among the subnormals or saturate)."""
-        new = torch.stack([largest_magnitude(key_states), largest_magnitude(value_states)]).tolist()
-        seen = self._seen if n else (0.0, 0.0)
-        self._seen = tuple(max(a, b) if math.isfinite(b) else a for a, b in zip(seen, new))
+        prefill's chunks, speculative tokens; not a decoding step's one): the largest finite magnitudes these writes
+        held since the cache was empty set them (one read back to the host for both); where a scale changes (it only
+        rises once a write held a non-zero value), the ``n`` tokens held are re-quantised by the ratio (a power of
+        two: exact but where they fall among the subnormals or saturate)."""
+        new = finite_magnitudes(key_states, value_states)
+        self._seen = tuple(map(max, self._seen if n else (0.0, 0.0), new))
         scales = tuple(float8_scale_for(a, self.cache_dtype) for a in self._seen)
         if n:
             for storage, old, scale in ((self._k, self.k_scale, scales[0]), (self._v, self.v_scale, scales[1])):
@@ -249,14 +247,15 @@ class InPlaceCache(DynamicCache):
         cache_scales: a float8 cache's dequantisation scales (per layer, per tensor: the tokens held are the stored
             ones times the scale). ``"auto"`` (default): each layer's key and value scales are calibrated on what
             it is written: at its first write and at each write of several tokens a row (a prefill, each of its
-            chunks, speculative tokens), the power of two that brings the largest magnitude written so far to at
-            most a quarter of the format's range (room for larger decoded tokens; a power of two divides exactly),
-            the tokens held re-quantised where a scale changes; a decoding step's single token keeps them (beyond the
-            range it saturates). Values of any magnitude so keep the format's relative precision instead of falling
-            among its subnormals (below e4m3's 2^-6 at scale 1) or saturating. Each calibrating write reads its
-            maxima back to the host (a synchronisation per layer). A positive float: every layer's keys and values
-            at that scale (1: as they are, saturated). A sequence of ``(k_scale, v_scale)`` pairs (or a tensor of
-            shape (layers, 2)): layer i's (a calibrated checkpoint's).
+            chunks, speculative tokens), the power of two that brings the largest finite magnitude of these writes
+            (since the layer was empty) to at most a quarter of the format's range (room for larger decoded tokens;
+            a power of two divides exactly), the tokens held re-quantised where a scale changes; a write of one
+            token a row (a decoding step; a prefill in chunks of one column is calibrated on its first only) keeps
+            them (beyond the range it saturates). Values of any magnitude so keep the format's relative precision
+            instead of falling among its subnormals (below e4m3's 2^-6 at scale 1) or saturating. Each calibrating
+            write reads its maxima back to the host (a synchronisation per layer). A positive float: every layer's
+            keys and values at that scale (1: as they are, saturated). A sequence of ``(k_scale, v_scale)`` pairs
+            (or a tensor of shape (layers, 2)): layer i's (a calibrated checkpoint's).
 
     ``longattn.rollout.generate`` decodes with one; ``model.generate(..., past_key_values=InPlaceCache(...))``
     takes one too. Views of the storage are handed out, so a tensor returned by one step sees the tokens a later

@@ -389,8 +389,9 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                     mla_modules.append(module)
         if not mla_modules:
             raise ValueError(f"found no {MLA_ATTENTIONS[arch]} layer to replace")
-        if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON)
-            options = {**options, "cache_dtype": str(mla_modules[0].cache_dtype).removeprefix("torch.")}
+        if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON), with its scale
+            options = {**options, "cache_dtype": str(mla_modules[0].cache_dtype).removeprefix("torch."),
+                       "cache_scale": mla_modules[0].cache_scale}
         _set_impl(model, "longattn", text_key)  # 2-D padding masks, as MLAAttention expects
     if kind == "moba":
         options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}

@@ -726,13 +726,21 @@ def float8_quantised(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) ->
     return (x if scale == 1.0 else x / scale).clamp(-top, top).to(dtype)
 
 
-def largest_magnitude(x: torch.Tensor) -> torch.Tensor:
+def _largest_magnitude(x: torch.Tensor) -> torch.Tensor:
     """x's largest magnitude, a float32 scalar on its device (without an |x| copy; NaN if x holds one; 0 if empty)."""
     if x.numel() == 0:
         return torch.zeros((), device=x.device)
     if x.dtype in FLOAT8_DTYPES:
         x = x.to(torch.bfloat16)
     return torch.maximum(x.amax(), -x.amin()).float()
+
+
+def finite_magnitudes(*xs: torch.Tensor) -> list:
+    """The largest finite magnitude of each tensor (0 for an empty one), as Python floats: one read back to the
+    host, a second only for a tensor holding inf or NaN (its finite values then taken apart, a copy)."""
+    found = torch.stack([_largest_magnitude(x) for x in xs]).tolist()
+    return [a if math.isfinite(a) else _largest_magnitude(torch.nan_to_num(x.float(), 0.0, 0.0, 0.0)).item()
+            for a, x in zip(found, xs)]
 
 
 def float8_scale_for(amax: float, dtype: torch.dtype) -> float:

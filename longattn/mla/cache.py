@@ -1,14 +1,22 @@
 """Paged latent cache for MLA decoding: only ``kv_lora_rank + qk_rope_head_dim`` values per token."""
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, check_bool, check_scale, device_tensor, float8_quantised,
-                             float8_scale_for, largest_magnitude)
+from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, check_bool, check_scale, device_tensor, finite_magnitudes,
+                             float8_quantised, float8_scale_for)
+
+
+def check_cache_scale(scale, name: str):
+    """``"auto"``, or ``scale`` as a positive float (ValueError / TypeError naming ``name``)."""
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise ValueError(f"{name} must be a positive float or 'auto', got {scale!r}")
+        return scale
+    return check_scale(scale, 1.0, name)
 
 
 def _whole(n, message: str, floats: bool = True) -> int:
@@ -34,9 +42,9 @@ class PagedLatentCache:
     ``value / scale`` saturated to the format's range and :func:`longattn.mla.mla_decode` reads it with
     ``kv_scale=cache.scale``. ``scale``: a positive float, or ``"auto"`` (calibrated on the tokens: at the first
     append to an empty cache and at each append of several tokens to a sequence, a prefill or its chunks, the power
-    of two bringing the largest magnitude appended since the cache was empty to at most a quarter of the format's
-    range; where it changes, the tokens held are re-quantised; an append of one token a sequence keeps it. Each
-    calibrating append reads the maximum back to the host).
+    of two bringing the largest finite magnitude of these appends since the cache was empty to at most a quarter of
+    the format's range; where it changes, the tokens held are re-quantised; an append of one token a sequence keeps
+    it. Each calibrating append reads the maximum back to the host).
 
     Example::
 
@@ -59,7 +67,7 @@ class PagedLatentCache:
             raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
         if dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float8 (e4m3fn, e5m2), got {dtype}")
-        self._auto = isinstance(scale, str) and scale == "auto"
+        self._auto = check_cache_scale(scale, "scale") == "auto"
         self.scale = 1.0 if self._auto else check_scale(scale, 1.0, "scale")
         self._seen = 0.0  # "auto": the largest finite magnitude calibrated on since the cache was empty
         if device is None:  # the GPU when there is one (without, the kernels run on the CPU through the interpreter)
@@ -213,11 +221,11 @@ class PagedLatentCache:
         self._write(seq_ids, lengths, new.to(self._flat().dtype))
 
     def _calibrate(self, new: torch.Tensor) -> None:
-        """"auto": the scale for the largest finite magnitude appended since the cache was empty, ``new``'s included;
-        the tokens held re-quantised where it changes (by a power of two: exact but among the subnormals)."""
+        """"auto": the scale for the largest finite magnitude of the calibrating appends since the cache was empty,
+        ``new``'s included; the tokens held re-quantised where it changes (by a power of two: exact but among the
+        subnormals)."""
         held = any(self._lens.values())
-        amax = largest_magnitude(new).item()
-        self._seen = max(self._seen if held else 0.0, amax if math.isfinite(amax) else 0.0)
+        self._seen = max(self._seen if held else 0.0, finite_magnitudes(new)[0])
         scale = float8_scale_for(self._seen, self.kv.dtype)
         if held and scale != self.scale:
             step = 256  # pages at a time (a float32 copy of them)

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
                             side_cache)
-from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, check_scale, device_tensor
-from .cache import PagedLatentCache
+from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, device_tensor
+from .cache import PagedLatentCache, check_cache_scale
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
 # attentions whose rope part is not rotated (Kimi Linear's MLA layers: NoPE)
@@ -112,9 +112,7 @@ class MLAAttention(nn.Module):
         if cache_dtype is not None and cache_dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
             raise TypeError(f"cache_dtype must be None, float16, bfloat16, float32, float8_e4m3fn or float8_e5m2, got "
                             f"{cache_dtype!r}")
-        if not (isinstance(cache_scale, str) and cache_scale == "auto"):
-            cache_scale = check_scale(cache_scale, 1.0, "cache_scale")
-        self.cache_dtype, self.cache_scale = cache_dtype, cache_scale
+        self.cache_dtype, self.cache_scale = cache_dtype, check_cache_scale(cache_scale, "cache_scale")
 
     def _latent_cache(self, cache, batch: int, dtype, device):
         store = side_cache(cache, "_longattn_mla", _reorder_latent)

@@ -637,14 +637,15 @@ def test_nsa_decode_float8_cache(cache_dtype, dtype, device):
             assert_same_as_widened(nsa_decode(q, k_cmp=kc, v_cmp=vc, g_cmp=gates[0], g_slc=gates[1], g_swa=gates[2],
                                               cache_seqlens=seq, **cache, **kw), want, dtype, f"{list(cache)}, {splits}")
         # with dequantisation scales (the cache's tokens k8 * k_scale, v8 * v_scale; the compressed blocks as they
-        # are), soft-capped scores too: what the tokens dequantised give (powers of two: exact)
-        for softcap in (None, 20.0):
-            kw = dict(config=CFG, num_splits=splits, softcap=softcap)
+        # are), soft-capped scores or attention sinks too: what the tokens dequantised give (powers of two: exact)
+        sinks = torch.linspace(-2.0, 2.0, q.shape[1], device=device)
+        for softcap, sink in ((None, None), (20.0, None), (None, sinks)):
+            kw = dict(config=CFG, num_splits=splits, softcap=softcap, sinks=sink)
             want = nsa_decode(q, k8.to(dtype) * 2.0 ** -5, v8.to(dtype) * 8.0, kc, vc, *gates, cache_seqlens=seq,
                               cache_offsets=off, **kw)
             got = nsa_decode(q, k8, v8, kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, k_scale=2.0 ** -5,
                              v_scale=8.0, **kw)
-            assert_same_as_widened(got, want, dtype, f"scaled, splits {splits}, softcap {softcap}")
+            assert_same_as_widened(got, want, dtype, f"scaled, splits {splits}, softcap {softcap}, sinks {sink is not None}")
     with pytest.raises(TypeError, match="k_cache and v_cache must share one dtype"):
         nsa_decode(q, k8, v8.to(dtype), kc, vc, *gates, cache_seqlens=seq, cache_offsets=off, config=CFG)
     with pytest.raises(TypeError, match="k_cmp must have dtype in"):

@@ -1,6 +1,7 @@
 """Comparison helpers shared by the tests."""
 import importlib.metadata
 
+import pytest
 import torch
 
 try:
@@ -478,6 +479,25 @@ def check_prompt_lookup_equals_greedy(model, device):
     assert torch.equal(speculative.sequences[:, :n], greedy.sequences)
     torch.testing.assert_close(torch.cat(speculative.logits[:len(greedy.logits)]), torch.cat(greedy.logits),
                                atol=1e-4, rtol=1e-4)
+
+
+def assert_first_order_only(fn, inputs, op: str):
+    """``fn(*inputs)`` (an op's output, or a tuple whose first item is) differentiates once: its gradients with
+    ``create_graph=True`` equal the plain ones, and a backward through them (a gradient penalty) raises naming
+    ``op`` instead of taking them for constants; create_graph=True through other paths still works."""
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    first = lambda: (lambda o: o[0] if isinstance(o, tuple) else o)(fn(*inputs))
+    plain = torch.autograd.grad(first().float().square().sum(), wrt)
+    grads = torch.autograd.grad(first().float().square().sum(), wrt, create_graph=True)
+    for g, want in zip(grads, plain):
+        assert g.requires_grad
+        torch.testing.assert_close(g.detach(), want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match=f"{op} has no second derivative"):
+        sum(g.square().sum() for g in grads).backward()
+    w = torch.ones((), device=wrt[0].device, requires_grad=True)
+    (gw,) = torch.autograd.grad(first().float().sum() + w ** 3, w, create_graph=True)
+    (hw,) = torch.autograd.grad(gw, w)  # (the op is not on this path)
+    assert hw.item() == 6
 
 
 def assert_compiled_matches_eager(fn, inputs, fullgraph: bool = True):

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from longattn import flash_attention
 from longattn.kernels.reference import attention_ref
-from helpers import assert_close, assert_compiled_matches_eager, assert_lse_close, leaf
+from helpers import assert_close, assert_compiled_matches_eager, assert_first_order_only, assert_lse_close, leaf
 
 
 def _run_and_compare(q, k, v, dtype, *, causal=True, window=None, scale=None, with_lse_grad=True, softcap=None,
@@ -408,6 +408,13 @@ def test_autocast_casts_inputs(device):
     assert q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="must match"):
         flash_attention(q, k, v)
+
+
+def test_no_second_derivative(device):
+    """Gradients through flash_attention (its lse too) differentiate no further: a gradient penalty raises."""
+    q, k, v = (leaf(torch.randn(2, 40, h, 16, device=device)) for h in (4, 2, 2))
+    assert_first_order_only(lambda *x: flash_attention(*x, return_lse=True), (q, k, v), "flash_attention")
+    assert_first_order_only(lambda *x: flash_attention(*x, return_lse=True)[1], (q, k, v), "flash_attention")
 
 
 @pytest.mark.parametrize("layout", ["dense", "varlen", "left_pad"])

@@ -4,7 +4,7 @@ import torch
 
 from longattn import flash_attention, merge_attention
 from longattn.kernels.reference import attention_ref, merge_ref
-from helpers import assert_close, assert_lse_close, leaf
+from helpers import assert_close, assert_first_order_only, assert_lse_close, leaf
 
 
 @pytest.mark.parametrize("cuts", [[40], [10, 55], [0, 30]], ids=str)
@@ -97,3 +97,9 @@ def test_merge_through_flash_is_differentiable(device):
     (out_r * dout).sum().backward()
     for a, b, name in ((qk.grad, qr.grad, "dq"), (kk.grad, kr.grad, "dk"), (vk.grad, vr.grad, "dv")):
         assert_close(a, b, torch.float32, name)
+
+
+def test_merge_no_second_derivative(device):
+    outs = [leaf(torch.randn(1, 12, 2, 16, device=device)) for _ in range(2)]
+    lses = [leaf(torch.randn(1, 2, 12, device=device)) for _ in range(2)]
+    assert_first_order_only(lambda *x: merge_attention(list(x[:2]), list(x[2:])), (*outs, *lses), "merge_attention")

@@ -5,8 +5,8 @@ import torch
 from longattn import flash_attention
 from longattn.moba import moba_attention, moba_attention_ref, moba_block_selection, moba_block_selection_ref
 from longattn.moba.reference import _pooled_keys
-from helpers import (assert_close, assert_compiled_matches_eager, assert_lse_close, assert_same_as_widened,
-                     capture_graph, leaf)
+from helpers import (assert_close, assert_compiled_matches_eager, assert_first_order_only, assert_lse_close,
+                     assert_same_as_widened, capture_graph, leaf)
 
 
 def _cu(lengths, device):
@@ -628,6 +628,12 @@ def test_moba_decode_in_cuda_graph():
         graph.replay()
         ref = moba_decode(q, k, v, cache_seqlens=seq, cache_offsets=off, block_size=bs, topk=3)
         assert_close(out, ref, torch.bfloat16, f"replay {i}")
+
+
+def test_no_second_derivative(device):
+    """Gradients through moba_attention differentiate no further: a gradient penalty raises."""
+    q, k, v = (leaf(torch.randn(1, 70, h, 16, device=device)) for h in (4, 2, 2))
+    assert_first_order_only(lambda *x: moba_attention(*x, block_size=16, topk=2), (q, k, v), "moba_attention")
 
 
 @pytest.mark.parametrize("layout", ["dense", "varlen"])

@@ -10,8 +10,8 @@ from longattn.nsa import NSAConfig, nsa_attention, nsa_attention_ref, nsa_decode
 from longattn.nsa.reference import compress_mean_ref
 from longattn.nsa.kernels import SELECT_TILES
 from longattn.nsa.ops import _gates, _mean_compress
-from helpers import (assert_close, assert_compiled_matches_eager, assert_same_as_widened, capture_graph, leaf,
-                     sorted_selection)
+from helpers import (assert_close, assert_compiled_matches_eager, assert_first_order_only, assert_same_as_widened,
+                     capture_graph, leaf, sorted_selection)
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=4, window=16)
 
@@ -713,6 +713,24 @@ def test_nsa_empty_inputs_and_bad_compressed_blocks(device):
         nsa_attention(q, k, v, *gates, config=CFG, k_cmp=kc.half(), v_cmp=vc)
     with pytest.raises(ValueError, match="needs at least one slot"):
         nsa_selected_attention(q, k, v, torch.zeros(B, T, 2, 0, dtype=torch.int32, device=device), block_size=16)
+
+
+def test_nsa_no_second_derivative(device):
+    """Gradients through nsa_attention (gates and learnable compressed blocks too) and the selected branch alone
+    differentiate no further: a gradient penalty raises."""
+    from longattn.nsa import nsa_selected_attention
+
+    B, T = 1, 40
+    q, k, v = (leaf(torch.randn(B, T, h, 16, device=device)) for h in (4, 2, 2))
+    gates = [leaf(torch.rand(B, T, 4, device=device)) for _ in range(3)]
+    n = CFG.num_cmp_blocks(T)
+    kc, vc = leaf(torch.randn(B, n, 2, 16, device=device)), leaf(torch.randn(B, n, 2, 16, device=device))
+    assert_first_order_only(lambda *x: nsa_attention(*x[:6], config=CFG, k_cmp=x[6], v_cmp=x[7]),
+                            (q, k, v, *gates, kc, vc), "nsa_attention")
+    own = torch.arange(T, device=device) // 16  # each query's own block, and the first where it is another
+    sel = torch.stack([own, torch.where(own > 0, 0, -1)], -1).to(torch.int32)[None, :, None].expand(B, T, 2, 2)
+    assert_first_order_only(lambda *x: nsa_selected_attention(*x, sel, block_size=16), (q, k, v),
+                            "nsa_selected_attention")
 
 
 def test_nsa_decode_bad_arguments(device):

@@ -36,8 +36,9 @@ import triton.language as tl
 from .merge import merge_fwd
 from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_configs, autotune_enabled, cdiv,
                     check_attention_inputs, check_attention_shapes, check_device, check_positive_int, check_scale,
-                    check_softcap, eager_context, empty, empty_like, is_interpreter, kernel_inputs, next_pow2, num_sms,
-                    public_op, resolve_seqlens, row_descriptors, small_tiles, split_context, split_dim, widen_by_asm)
+                    check_softcap, eager_context, empty, empty_like, first_order_backward, is_interpreter,
+                    kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, row_descriptors, small_tiles,
+                    split_context, split_dim, widen_by_asm)
 
 LOG2E = 1.4426950408889634
 # online softmax with LAZY_RESCALE: the rows' reference max moves (their accumulator rescaled to it) only when some
@@ -1276,6 +1277,7 @@ class _FlashAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_backward("flash_attention")
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, left_pad = ctx.saved_tensors
         return _gradients(dout, dlse, q, k, v, out, lse, ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .utils import (COMPILE_OPTIONS, cdiv, check_device, check_same_dtype, check_tensor, empty, empty_like,
-                    kernel_inputs, next_pow2, public_op, small_tiles)
+                    first_order_backward, kernel_inputs, next_pow2, public_op, small_tiles)
 
 
 @triton.jit
@@ -143,6 +143,7 @@ class _Merge(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_backward("merge_attention")
     def backward(ctx, dout, dlse):
         outs, lses, out, lse = ctx.saved_tensors
         B, T, H, D, s_in, s_lin = _views(outs, lses)

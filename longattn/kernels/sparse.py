@@ -29,8 +29,9 @@ from .flash import (SMEM_LIMIT, _fwd_inner, _load_split, _scaled_scores, _score_
                     _store_split, flash_bwd, flash_bwd_delta, flash_fwd)
 from .merge import merge_fwd
 from .utils import (COMPILE_OPTIONS, AttnDims, autotune, autotune_enabled, cdiv, check_attention_inputs, check_device,
-                    check_positive_int, check_scale, check_softcap, device_tensor, empty, kernel_inputs, next_pow2,
-                    num_sms, public_op, resolve_seqlens, small_tiles, split_dim, widen_by_asm)
+                    check_positive_int, check_scale, check_softcap, device_tensor, empty, first_order_backward,
+                    kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens, small_tiles, split_dim,
+                    widen_by_asm)
 
 ENTRY_TILE = 64  # rows (query, head) of an entry tile
 CHUNK_TILES = 256  # entry tiles per dK/dV program, at least
@@ -633,6 +634,7 @@ class _BlockSparse(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_backward("moba_attention")
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, sel = ctx.saved_tensors
         ksel = sel.shape[-1]

@@ -166,6 +166,41 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
     return decorate
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes a backward's gradients on (copies); a backward through them raises."""
+
+    @staticmethod
+    def forward(ctx, op: str, anchor: torch.Tensor, *grads: torch.Tensor):
+        ctx.op = op
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{ctx.op} has no second derivative (its backward runs Triton kernels): differentiating "
+                           "its gradients (create_graph=True, e.g. a gradient penalty) is not supported")
+
+
+def first_order_backward(op: str):
+    """Decorator of an autograd.Function's backward computed by kernels, which autograd cannot differentiate: under
+    ``create_graph=True`` (grad mode on in the backward) with inputs needing gradients, the gradients it returns
+    come through a node whose backward raises RuntimeError, instead of gradients without history that a second
+    backward would take for constants (a gradient penalty silently missing its terms through ``op``)."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
+                return backward(ctx, *grad_outputs)
+            with torch.no_grad():
+                grads = list(backward(ctx, *grad_outputs))
+            at = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            anchor = torch.zeros((), requires_grad=True)  # (makes the copies need gradients, so that they reach it)
+            for i, g in zip(at, _NoSecondDerivative.apply(op, anchor, *(grads[i] for i in at))):
+                grads[i] = g
+            return tuple(grads)
+        return wrapper
+    return decorate
+
+
 def check_bool(value, name: str, allow_none: bool = False) -> None:
     """A flag must be a bool (or None with ``allow_none``), not any value taken by its truth."""
     if not isinstance(value, bool) and not (allow_none and value is None):

@@ -17,9 +17,9 @@ from ..kernels.sparse import (ENTRY_TILE, BlockPlan, check_block_indices, entrie
 from ..kernels.utils import (COMPILE_OPTIONS, AttnDims, cdiv, check_attention_inputs, check_block_table,
                              check_cache_lengths, check_cache_rows, check_decode_inputs, check_device,
                              check_positive_int, check_same_dtype, check_scale, check_sinks, check_softcap,
-                             check_tensor, device_tensor,
-                             eager_context, empty, kernel_inputs, next_pow2, num_sms, public_op, resolve_seqlens,
-                             small_tiles, split_dim, validate_cache_rows, validate_pages, widen_by_asm)
+                             check_tensor, device_tensor, eager_context, empty, first_order_backward, kernel_inputs,
+                             next_pow2, num_sms, public_op, resolve_seqlens, small_tiles, split_dim,
+                             validate_cache_rows, validate_pages, widen_by_asm)
 from .kernels import (_gated_prep_kernel, _nsa_decode_cmp_split_kernel,
                       _nsa_decode_combine_kernel, _nsa_decode_kernel, _nsa_decode_piece_kernel,
                       _nsa_decode_score_split_kernel, _nsa_select_kernel, _nsa_select_tuned,
@@ -165,6 +165,7 @@ class _Selected(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_backward("nsa_selected_attention")
     def backward(ctx, dout):
         return _selected_backward(dout, *ctx.saved_tensors, ctx.plan, ctx.dims, ctx.max_q, ctx.block_size,
                                   ctx.scale) + (None,) * 8
@@ -424,6 +425,7 @@ class _NSAttention(torch.autograd.Function):
         return out, sel
 
     @staticmethod
+    @first_order_backward("nsa_attention")
     def backward(ctx, dout, dsel):
         q, k, v, kc, vc, *rest = ctx.saved_tensors  # read once (non-reentrant checkpointing unpacks each once)
         gates, sinks, sel, flat = rest[:3], rest[3], rest[4], rest[5:]

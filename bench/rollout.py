@@ -9,6 +9,10 @@ the same random model with its attention swapped (`swap_attention`; `mla`: longa
 `sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each step's keys and
 values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`; `flash_fp8` is
 `flash` decoding from a float8 cache (`cache_dtype=torch.float8_e4m3fn`: half the bytes a step reads).
+Decoding is greedy; `agree` and `dlogp` compare each kind's completions with `sdpa`'s (the same model and prompts):
+the mean share of each completion's tokens before its first token that differs from `sdpa`'s, and the mean absolute
+difference of the log-probabilities of those shared tokens (rounding alone makes them differ where the random model
+has near ties; `moba` attends sparsely, `nsa` has parameters of its own: no comparison for it).
 Prompt lengths are drawn between half the nominal length and the full one, the same for every kind; `--samples n`
 samples n completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
 `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after an identical
@@ -22,7 +26,7 @@ import contextlib
 from .common import Results, parse_ints, peak_memory_mb, require_cuda
 
 COLUMNS = ["impl", "arch", "B", "samples", "prompt", "new", "layers", "hidden", "Hq", "Hkv", "D", "prefill_ms",
-           "step_ms", "tok/s", "x_sdpa_prefill", "x_sdpa_step", "peak_MB"]
+           "step_ms", "tok/s", "x_sdpa_prefill", "x_sdpa_step", "agree", "dlogp", "peak_MB"]
 PLOT = dict(x="prompt", y="step_ms", series="series", panels="mode", title="rollout decoding step")
 # the kinds each --arch takes (all of them: the default --kinds)
 ARCH_KINDS = {"llama": ("sdpa", "sdpa_dynamic", "flash", "flash_fp8", "moba", "nsa"),
@@ -114,6 +118,17 @@ def _cache_of(kind: str):
         rollout._decoding_cache = saved
 
 
+def _agreement(res, ref) -> tuple:
+    """(agree, dlogp) of rollout ``res`` against ``ref`` (same prompts): the mean share of each completion's tokens
+    before its first difference, and the mean |log p difference| over those tokens (None when none is shared)."""
+    shares, diffs = [], []
+    for got, want, lp, lp_ref in zip(res.completions, ref.completions, res.logprobs, ref.logprobs):
+        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        shares.append(n / max(len(want), 1))
+        diffs += [abs(a - b) for a, b in zip(lp[:n], lp_ref[:n])]
+    return sum(shares) / max(len(shares), 1), sum(diffs) / len(diffs) if diffs else None
+
+
 def run(args, argv=None) -> list[dict]:
     import torch
 
@@ -129,7 +144,8 @@ def run(args, argv=None) -> list[dict]:
         gen = torch.Generator().manual_seed(T)
         lens = torch.randint(max(1, T // 2), T + 1, (args.batch,), generator=gen).tolist()
         prompts = [torch.randint(0, args.vocab, (n,), generator=gen) for n in lens]
-        for kind in kinds:
+        ref = None  # sdpa's rollout: the others' completions compared with it
+        for kind in sorted(kinds, key=lambda k: k != "sdpa"):
             try:
                 model = _model(kind, args, dev, dtype)
                 with _cache_of(kind):
@@ -157,9 +173,13 @@ def run(args, argv=None) -> list[dict]:
                        prefill_ms=1e3 * res.prefill_seconds, step_ms=1e3 * res.decode_seconds / steps,
                        **{"tok/s": rows_decoded * steps / max(res.decode_seconds, 1e-9)}, peak_MB=mem,
                        prompt_tokens=sum(lens))
+            if kind == "sdpa":
+                ref = res
+            if ref is not None and kind != "nsa":
+                row["agree"], row["dlogp"] = _agreement(res, ref)
             rows.append(row)
             print(f"  {kind:6s} prompt={T} B={args.batch}x{args.samples}: prefill {row['prefill_ms']:.1f} ms, "
-                  f"{row['step_ms']:.2f} ms/step")
+                  f"{row['step_ms']:.2f} ms/step" + (f", agree {row['agree']:.3f}" if "agree" in row else ""))
     base = {r["prompt"]: r for r in rows if r["impl"] == "sdpa"}
     for r in rows:
         b = base.get(r["prompt"])

@@ -134,6 +134,10 @@ def test_bench_dry_run(op, monkeypatch, tmp_path):
         assert want in got, f"missing row {want}: {sorted(got)}"
     assert (tmp_path / f"{module.__name__[6:]}.md").exists() and (tmp_path / f"{module.__name__[6:]}.json").exists()
     assert all(r["%roof"] > 0 for r in rows if "%roof" in r)
+    if op == "rollout":  # greedy completions compared with transformers' SDPA attention's (NSA: another model)
+        agree = {r["impl"]: r.get("agree") for r in rows}
+        assert agree["sdpa"] == 1 and agree["nsa"] is None and all(0 <= a <= 1 for a in agree.values() if a is not None)
+        assert agree["flash"] == 1
     if op == "nsa":  # the selected branch's gather against the L2 bandwidth
         assert {r["impl"] for r in rows if r.get("%l2")} == {"longattn", "longattn_no_tma", "longattn_query4"}
 
@@ -162,8 +166,23 @@ def test_bench_rollout_on_mla_model(monkeypatch, tmp_path):
     assert [(r["impl"], r["arch"], r["Hkv"], r["D"]) for r in rows] == \
         [(k, "deepseek_v3", 2, 192) for k in ("sdpa", "mla", "moba")]
     assert all(r["step_ms"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    # longattn's MLA module computes transformers' attention: the same greedy tokens, log-probs within rounding
+    assert rows[0]["agree"] == rows[1]["agree"] == 1 and rows[0]["dlogp"] == 0 and rows[1]["dlogp"] < 0.05
     with pytest.raises(ValueError, match="not among the kinds of --arch deepseek_v3"):
         bench_rollout.run(p.parse_args(argv[:-3] + ["nsa", "--out", str(tmp_path)]), ["rollout"])
+
+
+def test_rollout_agreement():
+    """bench rollout's agree / dlogp: the share of each completion before its first difference from the reference's,
+    and the mean |log p difference| over those tokens."""
+    from bench.rollout import _agreement
+    from longattn.rollout import Rollout
+
+    ref = Rollout([[1, 2, 3, 4], [5, 6]], [[-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0]])
+    got = Rollout([[1, 2, 9, 4], [7, 6]], [[-1.5, -2.0, -0.5, -4.0], [-3.0, -1.0]])
+    assert _agreement(got, ref) == pytest.approx(((2 / 4 + 0 / 2) / 2, 0.25))
+    assert _agreement(ref, ref) == (1.0, 0.0)
+    assert _agreement(Rollout([[5], [7]], [[0.0], [0.0]]), ref) == (0.0, None)
 
 
 @pytest.mark.parametrize("block,topk,hq,hkv,shared", [(256, 2, 4, 2, False), (64, 3, 2, 1, True),

@@ -13,6 +13,7 @@ from helpers import (check_cache_reorder, check_packed_equals_separate, check_pr
 from longattn import rollout
 from longattn.hf import attention as hf_attention
 from longattn.hf.swap import MLA_ARCHS, MLA_ATTENTIONS, V5_ARCHS, _attention_modules, _language_model
+from longattn.mla import PagedLatentCache
 from longattn.mla.module import MLAAttention
 from longattn.nsa import NSAConfig
 
@@ -608,6 +609,44 @@ def test_mla_float8_latent_cache(scale, device, tmp_path):
     assert (attn.cache_dtype, attn.cache_scale) == (torch.float8_e4m3fn, scale)
     with pytest.raises(TypeError, match="cache_dtype must be None, float16"):
         longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.int8)
+
+
+def test_mla_latent_cache_of_another_dtype(device):
+    """A 16-bit latent cache under a float32 model (cache_dtype=float16: half the cache's bytes): decoding takes its
+    queries in float16, its steps' logits near the model's; a scale without a float8 cache, and a page size the cache
+    would refuse, are refused before any layer changes; a new cache_dtype alone resets the scale to "auto"."""
+    ref, ours = _deepseek(device)
+    layers = [layer.self_attn for layer in ours.model.layers]
+    for bad, err in ((dict(cache_scale=2.0), "cache_scale applies to a float8 latent cache"),
+                     (dict(cache_dtype=torch.float16, cache_scale=0.5), "cache_scale applies to a float8"),
+                     (dict(page_size=48), "page_size must be a power of two from 16 to 256, got 48"),
+                     (dict(page_size=0), "page_size must be a power of two")):
+        with pytest.raises(ValueError, match=err):
+            longattn.hf.swap_attention(ours, "mla", **bad)
+        with pytest.raises(ValueError, match=err):  # (a fresh model: refused before its first layer is replaced)
+            longattn.hf.swap_attention(copy.deepcopy(ref), "mla", **bad)
+    assert all(a.page_size == 16 and a.cache_dtype is None and a.cache_scale == "auto" for a in layers)
+    with pytest.raises(ValueError, match="scale applies to a float8 cache"):
+        PagedLatentCache(4, dtype=torch.float16, scale=2.0, device=device)
+    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float8_e4m3fn, cache_scale=0.5)
+    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float16)
+    assert all(a.cache_dtype == torch.float16 and a.cache_scale == "auto" for a in layers)
+    ids = torch.randint(1, 128, (2, 30)).to(device)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    from transformers import DynamicCache
+
+    from longattn.rollout import _cache_kw
+
+    cache = DynamicCache(config=ours.config)
+    with torch.no_grad():
+        g_ours = ours.generate(ids, **{_cache_kw(ours): cache}, **kw)
+        full = ref(g_ours.sequences).logits[:, ids.shape[1]:-1]
+    assert all(s["pc"].kv.dtype == torch.float16 for s in cache._longattn_mla.values())
+    for step, got in enumerate(g_ours.logits[1:]):
+        assert got.dtype == torch.float32
+        err = (got - full[:, step]).norm() / full[:, step].norm()
+        assert 0 < err < 2e-3, f"step {step}: relative error {err:.3g}"
 
 
 def _assert_same_generation(ours, ref, ids, **kw):

@@ -248,10 +248,12 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             LongCat-Flash, Sarvam's sarvam_mla), MiniCPM3 and Kimi Linear (its MLA layers; the linear-attention ones
             stay): each such attention (``DeepseekV3Attention``, ``DeepseekV2Attention``, ...) becomes an
             :class:`longattn.mla.module.MLAAttention` sharing its weights (prefill on decompressed K/V,
-            absorbed decoding over a paged latent cache); options ``page_size`` (default 64), ``cache_dtype`` (the
-            latent cache's, default the model's; ``torch.float8_e4m3fn`` quantises it: half the bytes) and
-            ``cache_scale`` (a float8 cache's dequantisation scale, default ``"auto"``: calibrated on each
-            prefill, see :class:`longattn.mla.PagedLatentCache`).
+            absorbed decoding over a paged latent cache); options ``page_size`` (a power of two from 16 to 256,
+            default 64), ``cache_dtype`` (the latent cache's, default the model's; another 16 / 32-bit one takes the
+            decoding queries in it; ``torch.float8_e4m3fn`` quantises it: half the bytes) and ``cache_scale`` (a
+            float8 cache's dequantisation scale, default ``"auto"``: calibrated on each prefill, see
+            :class:`longattn.mla.PagedLatentCache`; refused for other dtypes; a new ``cache_dtype`` alone resets it
+            to ``"auto"``).
     A multimodal model (Qwen2.5-VL, Qwen3-VL, Gemma 3, Mistral 3, ...) has its language model's attention swapped (the
     kinds' model types are its language model's); its vision encoder keeps its own. Where the language model's mask
     lets queries see later keys (Gemma 3 among an image's tokens) the forward raises ValueError: longattn's attention
@@ -372,8 +374,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
     else:
         if arch not in MLA_ARCHS:
             raise ValueError(f"kind 'mla' supports model types {MLA_ARCHS}, got {arch!r}")
+        from ..mla.cache import check_page_size
         from ..mla.module import MLAAttention
 
+        if "page_size" in options:  # (checked before any layer changes, as the cache format is below)
+            check_page_size(options["page_size"])
         mla_modules = []
         for layer in layers:
             # (LongCat-Flash: a list of two attentions per decoder layer)
@@ -383,9 +388,10 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                     module = MLAAttention(module, **options)
                     setattr(parent, name, module)
                 if isinstance(module, MLAAttention):
+                    # (a scale goes with its dtype: a new cache_dtype alone takes "auto")
+                    module.set_cache_format(options.get("cache_dtype", module.cache_dtype), options.get(
+                        "cache_scale", "auto" if "cache_dtype" in options else module.cache_scale))
                     module.page_size = options.get("page_size", module.page_size)
-                    module.set_cache_format(options.get("cache_dtype", module.cache_dtype),
-                                            options.get("cache_scale", module.cache_scale))
                     mla_modules.append(module)
         if not mla_modules:
             raise ValueError(f"found no {MLA_ATTENTIONS[arch]} layer to replace")

@@ -19,6 +19,15 @@ def check_cache_scale(scale, name: str):
     return check_scale(scale, 1.0, name)
 
 
+def check_page_size(page_size) -> int:
+    """A page size: a power of two from 16 to 256 (TypeError / ValueError naming ``page_size``)."""
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise TypeError(f"page_size must be a positive int, got {type(page_size).__name__}")
+    if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
+    return page_size
+
+
 def _whole(n, message: str, floats: bool = True) -> int:
     """``n`` as a Python int: an int, a numpy or 0-d tensor integer, or (``floats``) a float holding a whole number;
     else TypeError(``message``) (a bool is no count and no id)."""
@@ -57,18 +66,19 @@ class PagedLatentCache:
 
     def __init__(self, num_pages: int, *, page_size: int = 64, kv_lora_rank: int = 512, rope_dim: int = 64,
                  dtype: torch.dtype = torch.bfloat16, device=None, growable: bool = False, scale=1.0):
-        for name, val in (("num_pages", num_pages), ("page_size", page_size), ("kv_lora_rank", kv_lora_rank),
-                          ("rope_dim", rope_dim)):
+        for name, val in (("num_pages", num_pages), ("kv_lora_rank", kv_lora_rank), ("rope_dim", rope_dim)):
             if isinstance(val, bool) or not isinstance(val, int):
                 raise TypeError(f"{name} must be a positive int, got {type(val).__name__}")
             if val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if page_size < 16 or page_size > 256 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two from 16 to 256, got {page_size}")
+        check_page_size(page_size)
         if dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float8 (e4m3fn, e5m2), got {dtype}")
         self._auto = check_cache_scale(scale, "scale") == "auto"
         self.scale = 1.0 if self._auto else check_scale(scale, 1.0, "scale")
+        if self.scale != 1.0 and dtype not in FLOAT8_DTYPES:  # (mla_decode would apply it to unscaled tokens)
+            raise ValueError(f"scale applies to a float8 cache (dtype float8_e4m3fn / float8_e5m2), got {scale!r} "
+                             f"with dtype {dtype}")
         self._seen = 0.0  # "auto": the largest finite magnitude calibrated on since the cache was empty
         if device is None:  # the GPU when there is one (without, the kernels run on the CPU through the interpreter)
             device = "cuda" if torch.cuda.is_available() else "cpu"

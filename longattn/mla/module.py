@@ -13,7 +13,7 @@ from torch import nn
 from ..hf.attention import (check_cache_supported, check_not_packed, mark_packed, mask_padding, packed_segments,
                             side_cache)
 from ..kernels.utils import FLOAT8_DTYPES, SUPPORTED_DTYPES, device_tensor
-from .cache import PagedLatentCache, check_cache_scale
+from .cache import PagedLatentCache, check_cache_scale, check_page_size
 from .ops import MAX_QUERY_TOKENS, mla_decode, mla_prefill
 
 # attentions whose rope part is not rotated (Kimi Linear's MLA layers: NoPE)
@@ -103,16 +103,30 @@ class MLAAttention(nn.Module):
         w = w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
+    @property
+    def page_size(self) -> int:
+        """Tokens per page of the latent cache: a power of two from 16 to 256 (default 64)."""
+        return self._page_size
+
+    @page_size.setter
+    def page_size(self, value) -> None:
+        self._page_size = check_page_size(value)
+
     def set_cache_format(self, cache_dtype=None, cache_scale="auto") -> None:
-        """The latent cache's dtype (None: the model's; a float8 one quantises it, ``cache_scale`` its dequantisation
-        scale: stored = latent / scale, ``"auto"`` calibrated on the prefill, see :class:`PagedLatentCache`), as a
-        torch dtype or its name ("float8_e4m3fn")."""
+        """The latent cache's dtype (None: the model's; float16 / bfloat16 / float32 another, the decoding queries
+        then taken in it; a float8 one quantises it, ``cache_scale`` its dequantisation scale: stored = latent /
+        scale, ``"auto"`` calibrated on the prefill, see :class:`PagedLatentCache`; other scales refused for other
+        dtypes), as a torch dtype or its name ("float8_e4m3fn")."""
         if isinstance(cache_dtype, str):
             cache_dtype = getattr(torch, cache_dtype.removeprefix("torch."), cache_dtype)
         if cache_dtype is not None and cache_dtype not in SUPPORTED_DTYPES + FLOAT8_DTYPES:
             raise TypeError(f"cache_dtype must be None, float16, bfloat16, float32, float8_e4m3fn or float8_e5m2, got "
                             f"{cache_dtype!r}")
-        self.cache_dtype, self.cache_scale = cache_dtype, check_cache_scale(cache_scale, "cache_scale")
+        cache_scale = check_cache_scale(cache_scale, "cache_scale")
+        if cache_scale != "auto" and cache_dtype not in FLOAT8_DTYPES:
+            raise ValueError(f"cache_scale applies to a float8 latent cache (cache_dtype torch.float8_e4m3fn / "
+                             f"float8_e5m2), got {cache_scale!r} with cache_dtype {cache_dtype!r}")
+        self.cache_dtype, self.cache_scale = cache_dtype, cache_scale
 
     def _latent_cache(self, cache, batch: int, dtype, device):
         store = side_cache(cache, "_longattn_mla", _reorder_latent)
@@ -190,10 +204,12 @@ class MLAAttention(nn.Module):
             seqlens = pc.seqlens(ids)
             if has_past and T <= MAX_QUERY_TOKENS and min(lengths) == T:  # (with padding: as a longer chunk)
                 q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
+                if pc.kv.dtype not in (q_lat.dtype, *FLOAT8_DTYPES):  # (a 16 / 32-bit cache of another dtype)
+                    q_lat, q_rot = q_lat.to(pc.kv.dtype), q_rot.to(pc.kv.dtype)
                 # lengths and pages come from our own cache, consistent by construction: no check (it would
                 # synchronise with the GPU in every layer at every step)
                 o_lat = mla_decode(q_lat, q_rot, pc.kv, cache_seqlens=seqlens, block_table=pc.block_table(ids),
-                                   scale=self.scaling, kv_scale=pc.scale, validate=False)
+                                   scale=self.scaling, kv_scale=pc.scale, validate=False).to(q_nope.dtype)
                 out = torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
                 return self.o_proj(out.reshape(B, T, H * self.v_head_dim)), None
             if has_past:  # a long chunk after a cached prefix: decompress the whole latent of each sequence

@@ -40,9 +40,11 @@ class Rollout:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     device: Optional[torch.device] = None  # the model's
-    # what training_batch checks its prompts against, and the layout it picks: the prompts' lengths, the samples
-    # per prompt, whether sequences packed into one row train as they would alone (see _trains_packed)
+    # what training_batch checks its prompts against, and the layout it picks: the prompts' lengths and their tokens
+    # (one after another, on the host; None: not checked), the samples per prompt, whether sequences packed into one
+    # row train as they would alone (see _trains_packed)
     prompt_lengths: list = field(default_factory=list)
+    prompt_tokens: Optional[torch.Tensor] = None
     num_samples: int = 1
     packable: bool = True
 
@@ -70,6 +72,11 @@ class Rollout:
         if lens != self.prompt_lengths:
             raise ValueError(f"prompts must be those given to generate (of {self.prompt_lengths} tokens), got "
                              f"prompts of {lens} tokens")
+        if self.prompt_tokens is not None:
+            same = (torch.cat(prompts).cpu() == self.prompt_tokens).split(lens)
+            bad = next((i for i, s in enumerate(same) if not s.all()), None)
+            if bad is not None:
+                raise ValueError(f"prompts must be those given to generate, in their order: prompts[{bad}] differs")
         if padded is False and not self.packable:
             raise ValueError("padded=False: a packed row's sequences would reach each other in this model (its "
                              "attention is transformers' SDPA or eager one, which attends across the row when the "
@@ -332,7 +339,9 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
             columns at a time as make that many tokens (one at least). The results are the same.
         drop_finished: once a quarter of the batch has finished (eos), take the finished sequences out of the
             batch and the cache (one copy of the cache, ``reorder_cache``), so that later steps decode only the
-            live ones; rollout lengths vary widely. The results are the same either way.
+            live ones; rollout lengths vary widely. Greedy results are the same either way; sampled ones are
+            drawn from the same distributions, but not the same draws (the generator's numbers go to the rows
+            decoded).
         logprobs_mode: ``"raw"`` (default): the log-probabilities of the model at temperature 1; ``"processed"``:
             those of the distribution each token was drawn from (temperature, top_k, top_p and min_p applied: the
             behaviour policy's, for importance ratios; 0 when greedy).
@@ -392,6 +401,7 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     device = next(model.parameters()).device
     prompts = _as_tensors(prompts, device, getattr(model.config, "vocab_size", None))
     lens = [p.numel() for p in prompts]
+    prompt_tokens = torch.cat(prompts).cpu()  # (training_batch checks its prompts against them)
     B = len(prompts)
     if eos_token_id is None:
         eos_token_id = getattr(model.config, "eos_token_id", None)
@@ -404,6 +414,10 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     if use_packed and packed and not _keys_values_cache(model):
         raise ValueError("packed=True needs a cache that keeps every token's keys and values in every layer; this "
                          "model's has sliding-window or linear-attention layers")
+    if use_packed and packed and _attn_impl(model) not in PACKED_IMPLEMENTATIONS:
+        raise ValueError(f"packed=True needs longattn's attention functions (swap_attention 'flash' or 'moba'), which "
+                         f"take a packed row's prompts apart by their positions; this model's attention "
+                         f"({_attn_impl(model)!r}) would attend from one prompt to another")
     if use_packed and packed and _own_modules(model):
         raise ValueError("packed=True cannot serve longattn's MLA or NSA attention modules (their state beside the "
                          "cache is kept per row they prefill): they prefill a padded batch (packed=None or False)")
@@ -427,7 +441,8 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
     done = [False] * B
     rows = list(range(B))  # the completion each row of the decoded batch belongs to
     result = Rollout([[] for _ in range(B)], [[] for _ in range(B)], use_packed, t1 - t0, device=device,
-                     prompt_lengths=lens, num_samples=num_samples, packable=_trains_packed(model))
+                     prompt_lengths=lens, prompt_tokens=prompt_tokens, num_samples=num_samples,
+                     packable=_trains_packed(model))
     for step in range(max_new_tokens):
         tok, tok_lp = _next_tokens(logits, temperature, top_k, top_p, min_p, generator, logprobs_mode == "processed")
         # the step's tokens and log-probs copied to the host, read once the next step's forward is queued: the host

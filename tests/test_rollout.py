@@ -72,6 +72,11 @@ def test_padded_rollout_and_eos(device):
     packed = rollout.generate(model, prompts, 5, packed=True, stop_at_eos=False)
     padded = rollout.generate(model, prompts, 5, packed=False, stop_at_eos=False)
     assert packed.completions == padded.completions and not padded.prefill_packed
+    for impl in ("sdpa", "eager"):  # (their attention would cross a packed row's prompts: wrong completions before)
+        other = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation=impl).to(device)
+        with pytest.raises(ValueError, match=f"packed=True needs longattn's attention functions .*'{impl}'"):
+            rollout.generate(other, prompts, 2, packed=True)
+        assert not rollout.generate(other, prompts, 2).prefill_packed
     # 4 columns at a time: the shorter prompt's first 4 chunks are all padding
     chunked = rollout.generate(model, prompts, 5, packed=False, stop_at_eos=False, prefill_chunk=8)
     assert chunked.completions == packed.completions
@@ -355,7 +360,9 @@ def test_training_batch(arch, device):
     if arch in ("gemma3_text", "qwen3_next"):
         with pytest.raises(ValueError, match="take padded rows"):
             res.training_batch(prompts, padded=False)
-    for wrong in (prompts[:1], prompts[::-1], prompts * 2):
+    other = [p.clone() for p in prompts]
+    other[1][-1] = (other[1][-1] + 1) % 128
+    for wrong in (prompts[:1], prompts[::-1], prompts * 2, other, [prompts[0], prompts[0][:1].repeat(21)]):
         with pytest.raises(ValueError, match="prompts must be those given to generate"):
             res.training_batch(wrong)
 

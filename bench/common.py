@@ -197,6 +197,13 @@ def device_peaks(dev) -> dict:
     return dict(_PEAKS)
 
 
+def fwdbwd_flops(fwd_flops: float, dk: int, dv: int) -> float:
+    """Forward + backward FLOPs of attention from the forward's, 2 (dk + dv) a pair: the backward recomputes the
+    scores (dk) and does dP = dO V^T and dV = P^T dO (dv each), dQ = dS K and dK = dS^T Q (dk each): 2 (3 dk + 2 dv)
+    a pair (2.5x the forward at dk = dv; 2.6x at 192 / 128)."""
+    return fwd_flops * (4 * dk + 3 * dv) / (dk + dv)
+
+
 def attention_bytes(B: int, tq: int, tk: int, hq: int, hkv: int, dk: int, dv: int, mode: str, elt: int = 2) -> int:
     """Least HBM traffic of attention: the forward reads q, k, v and writes o; the backward reads q, k, v,
     o, do and writes dq, dk, dv."""

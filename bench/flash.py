@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (Results, attended_pairs, attention_bytes, device_peaks, graph_ms, mode_list, parse_ints,
-                     peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
+from .common import (Results, attended_pairs, attention_bytes, device_peaks, fwdbwd_flops, graph_ms, mode_list,
+                     parse_ints, peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "causal", "window", "softcap", "chunk", "ms", "TFLOP/s",
            "x_sdpa_flash", "x_sdpa_cudnn", "x_flash_attn", "x_flex", "%roof", "peak_MB"]
@@ -129,7 +129,7 @@ def run(args, argv=None) -> list[dict]:
                     flops = flops_fwd
                 else:
                     call = lambda: fn(q, k, v).backward(do)
-                    flops = 3.5 * flops_fwd  # backward does 2.5x the forward's matmul work
+                    flops = fwdbwd_flops(flops_fwd, dqk, dv)
                 try:
                     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                         ms = time_ms(call, grad_to_none=[q, k, v])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (Results, device_peaks, graph_ms, parse_ints, peak_memory_mb, require_cuda, roofline,
-                     time_ms, without_tma)
+from .common import (Results, device_peaks, fwdbwd_flops, graph_ms, parse_ints, peak_memory_mb, require_cuda,
+                     roofline, time_ms, without_tma)
 
 COLUMNS = ["impl", "op", "mode", "B", "L", "S", "H", "ms", "GB/s", "%copy_bw", "TFLOP/s", "%roof", "x_sdpa",
            "x_flashinfer", "peak_MB", "config"]
@@ -173,7 +173,7 @@ def run(args, argv=None) -> list[dict]:
                 call = fn if mode == "fwd" else (lambda fn=fn: fn().backward(do))
                 with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                     times[name] = time_ms(call, grad_to_none=[qn, qr, c, kr, w_uk, w_uv])
-                f = flops * (1 if mode == "fwd" else 3.5)
+                f = flops if mode == "fwd" else fwdbwd_flops(flops, Dn + E, Dv)
                 rows.append(roofline(dict(op="prefill", impl=name, mode=mode, B=B, L=T, S=T, H=Hp, ms=times[name],
                                           **{"TFLOP/s": f / times[name] / 1e9}, series=f"{name} prefill {mode}"),
                                      (1 if mode == "fwd" else 3) * 2 * B * T * (Hp * (Dn + E + Dv) + R + E), f, peaks))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, mode_list, parse_ints,
-                     peak_memory_mb, require_cuda, roofline, time_ms)
+from .common import (Results, attention_bytes, device_peaks, flex_selection, fwdbwd_flops, graph_ms, mode_list,
+                     parse_ints, peak_memory_mb, require_cuda, roofline, time_ms)
 
 COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "D", "block", "topk", "density", "ms", "TFLOP/s", "x_sdpa_flash",
            "x_flex", "%roof", "peak_MB"]
@@ -88,7 +88,7 @@ def run(args, argv=None) -> list[dict]:
             for mode in (m for m in modes if m != "decode"):
                 for name, fn in impls.items():
                     p = dense_pairs if name == "sdpa_flash" else pairs
-                    flops = 4.0 * d * p * (1 if mode == "fwd" else 3.5)
+                    flops = 4.0 * d * p if mode == "fwd" else fwdbwd_flops(4.0 * d * p, d, d)
                     call = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else (lambda fn=fn: fn(q, k, v).backward(do))
                     try:
                         with torch.no_grad() if mode == "fwd" else torch.enable_grad():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import (Results, attention_bytes, device_peaks, flex_selection, graph_ms, mode_list, parse_ints,
-                     peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
+from .common import (Results, attention_bytes, device_peaks, flex_selection, fwdbwd_flops, graph_ms, mode_list,
+                     parse_ints, peak_memory_mb, require_cuda, roofline, time_ms, without_tma)
 
-COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_fla", "x_flex",
-           "x_kv_major", "x_query4", "x_decode_rows", "x_flash", "%roof", "%l2", "peak_MB"]
+COLUMNS = ["impl", "mode", "B", "T", "Hq", "Hkv", "Dqk", "Dv", "ms", "TFLOP/s", "x_sdpa_flash", "x_sdpa_cudnn",
+           "x_flash", "x_fla", "x_flex", "x_kv_major", "x_query4", "x_decode_rows", "%roof", "%l2", "peak_MB"]
 PLOT = dict(x="T", y="ms", series="impl", panels="mode", title="NSA")
 
 
@@ -75,16 +75,36 @@ def _distinct_blocks(sel, n: int) -> float:
     return distinct.float().mean().item()
 
 
-def _flops(cfg, T, B, hq, dk, dv):
-    """Forward FLOPs of the three branches (attended pairs x 2 (dk + dv)), queries at every position."""
+def _slc_pairs(t, block: int, topk: int):
+    """Keys the selected branch attends for queries at positions ``t`` (a float64 tensor): every token up to the
+    query's while its block and those before it are at most ``topk``, else topk - 1 whole blocks and its own up to
+    it (the selection fills every slot)."""
+    return (t + 1).minimum((topk - 1) * block + t % block + 1)
+
+
+def _flops(cfg, T, B, hq, dk, dv, cmp_block=None, cmp_stride=None):
+    """Forward FLOPs of the three branches (attended pairs x 2 (dk + dv)), queries at every position: compressed
+    blocks ended at or before the query (block j covers [j d, j d + l)), the selected blocks (causal in the
+    query's own), the window. ``cmp_block`` / ``cmp_stride``: another compression's (fla's: non-overlapping blocks
+    of slc_block tokens)."""
     import torch
 
+    l, d = cmp_block or cfg.cmp_block, cmp_stride or cfg.cmp_stride
     t = torch.arange(T, dtype=torch.float64)
-    cmp_pairs = ((t - cfg.cmp_block) // cfg.cmp_stride + 1).clamp(min=0)
-    slc_pairs = torch.minimum((t // cfg.slc_block + 1) * cfg.slc_block, torch.full_like(t, cfg.slc_topk
-                                                                                          * cfg.slc_block))
-    swa_pairs = torch.minimum(t + 1, torch.full_like(t, cfg.window))
+    cmp_pairs = ((t - l + 1) // d + 1).clamp(min=0)
+    slc_pairs = _slc_pairs(t, cfg.slc_block, cfg.slc_topk)
+    swa_pairs = (t + 1).clamp(max=cfg.window)
     return 2.0 * (dk + dv) * float((cmp_pairs + slc_pairs + swa_pairs).sum()) * B * hq
+
+
+def _padded(v, dk: int):
+    """v padded with zeros to dk dims, a leaf of its own made before any timing (SDPA's flash backend takes one head
+    dim), or v itself."""
+    import torch.nn.functional as F
+
+    if v.shape[-1] >= dk:
+        return v
+    return F.pad(v.detach(), (0, dk - v.shape[-1])).requires_grad_(v.requires_grad)
 
 
 def _fla(cfg, hq, hkv):
@@ -139,6 +159,7 @@ def run(args, argv=None) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from longattn import flash_attention
     from longattn.kernels.sparse import block_sparse_attention
     from longattn.nsa import NSAConfig, nsa_attention, nsa_decode, nsa_selected_attention
 
@@ -152,11 +173,11 @@ def run(args, argv=None) -> list[dict]:
     fla, fla_name = _fla(cfg, hq, hkv)
     rows = Results("nsa", COLUMNS, argv, out_dir=args.out, plot=PLOT)
 
-    def sdpa(q, k, v):
-        # dense baseline: the flash backend needs one head dim, so v is padded to dk (counted in its time)
-        vp = F.pad(v, (0, dk - dv)) if dv < dk else v
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2),
+    def sdpa(q, k, v, backends=(SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)):
+        """Dense SDPA, causal, its output's first dv dims (v padded to dk for the flash backend, which takes one
+        head dim: see _padded)."""
+        with sdpa_kernel(list(backends)):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=q.shape[1] > 1, enable_gqa=hq != hkv)
         return o.transpose(1, 2)[..., :dv]
 
@@ -167,7 +188,13 @@ def run(args, argv=None) -> list[dict]:
         v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype, requires_grad=True)
         gates = [torch.rand(B, T, hq, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         do = torch.randn(B, T, hq, dv, device=dev, dtype=dtype)
-        impls = {"longattn": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg), "sdpa_flash": sdpa}
+        # dense baselines on the same problem: SDPA's flash backend on v padded to dk (before the timing; its
+        # products over v then take dk / dv times the work), SDPA's cuDNN backend and longattn's flash on v as it is
+        vp = _padded(v, dk)
+        impls = {"longattn": lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg),
+                 "sdpa_flash": lambda q, k, v: sdpa(q, k, vp),
+                 "sdpa_cudnn": lambda q, k, v: sdpa(q, k, v, (SDPBackend.CUDNN_ATTENTION,)),
+                 "longattn_flash": lambda q, k, v: flash_attention(q, k, v)}
         if fla is not None:
             impls[fla_name] = lambda q, k, v: fla(q, k, v, *gates)
         # the forward with every tile loaded by pointers (no TMA descriptors), to see what TMA brings, and with
@@ -175,18 +202,19 @@ def run(args, argv=None) -> list[dict]:
         impls["longattn_no_tma"] = without_tma(impls["longattn"])
         sinks = torch.randn(hq, device=dev, requires_grad=True)
         impls["longattn_sinks"] = lambda q, k, v: nsa_attention(q, k, v, *gates, config=cfg, sinks=sinks)
-        nsa_flops = _flops(cfg, T, B, hq, dk, dv)
-        dense_flops = 2.0 * (dk + dv) * T * (T + 1) / 2 * B * hq
+        flops = {"longattn": _flops(cfg, T, B, hq, dk, dv), "dense": 2.0 * (dk + dv) * T * (T + 1) / 2 * B * hq,
+                 # (fla's compression: mean pooling over non-overlapping blocks of slc_block tokens)
+                 "fla": _flops(cfg, T, B, hq, dk, dv, cfg.slc_block, cfg.slc_block)}
         for mode in (m for m in ("fwd", "fwdbwd") if m in modes):
-            times = {}
             for name, fn in impls.items():
                 if name == "longattn_no_tma" and mode != "fwd":
                     continue
                 call = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else (lambda fn=fn: fn(q, k, v).backward(do))
-                f = (dense_flops if name == "sdpa_flash" else nsa_flops) * (1 if mode == "fwd" else 3.5)
-                times[name] = _time(rows, name, mode, call, [q, k, v] + gates, B=B, T=T, dims=dims, flops=f,
-                                    bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode), peaks=peaks,
-                                    dtype=args.dtype)
+                f = flops["dense" if name in ("sdpa_flash", "sdpa_cudnn", "longattn_flash") else
+                          "fla" if name.startswith("fla") else "longattn"]
+                _time(rows, name, mode, call, [q, k, v, vp] + gates, B=B, T=T, dims=dims,
+                      flops=f if mode == "fwd" else fwdbwd_flops(f, dk, dv),
+                      bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode), peaks=peaks, dtype=args.dtype)
         if "fwd" in modes or "slc" in modes:  # how alike neighbouring queries select on these inputs
             with torch.no_grad():
                 _, sel = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True)
@@ -196,10 +224,12 @@ def run(args, argv=None) -> list[dict]:
             with torch.no_grad():
                 own = (torch.arange(T, device=dev) // cfg.slc_block)[None, :, None, None]
                 listed = torch.where(sel == own, -1, sel).repeat_interleave(hq // hkv, dim=2).contiguous()
-            pairs = (T * min(cfg.slc_topk * cfg.slc_block, T)) * B * hq  # an upper bound; flops from it
-            # query-major forward: each query's selected K/V blocks travel from L2 to its program (fewer when the
-            # queries of one program select alike: 4 per program load the union of theirs)
-            gather = B * T * hkv * min(cfg.slc_topk * cfg.slc_block, T) * (dk + dv) * 2
+            t = torch.arange(T, dtype=torch.float64)
+            pairs = float(_slc_pairs(t, cfg.slc_block, cfg.slc_topk).sum()) * B * hq
+            # query-major forward: each query's selected K/V blocks (whole) travel from L2 to its program (fewer
+            # when the queries of one program select alike: 4 per program load the union of theirs)
+            loaded = float((t // cfg.slc_block + 1).clamp(max=cfg.slc_topk).sum()) * cfg.slc_block
+            gather = B * hkv * loaded * (dk + dv) * 2
             ours = lambda q, k, v: nsa_selected_attention(q, k, v, sel, block_size=cfg.slc_block)
             # longattn_query4: the same kernels with four queries per program (a block selected by several of
             # them loaded once for all: fewer loads when neighbours select alike, 4x the rows per block otherwise)
@@ -218,13 +248,14 @@ def run(args, argv=None) -> list[dict]:
                         (lambda fn=fn: fn(q, k, v).backward(do))
                     if name == "longattn_query4":
                         call = _four_queries_per_program(call)
+                    f = 2.0 * (dk + dv) * pairs
                     _time(rows, name, mode, call, [q, k, v], B=B, T=T, dims=dims,
-                          flops=2.0 * (dk + dv) * pairs * (1 if mode == "slc_fwd" else 3.5),
+                          flops=f if mode == "slc_fwd" else fwdbwd_flops(f, dk, dv),
                           bytes_=attention_bytes(B, T, T, hq, hkv, dk, dv, mode[4:]), peaks=peaks, dtype=args.dtype,
                           l2_bytes=gather if mode == "slc_fwd" and name in ("longattn", "longattn_no_tma",
                                                                             "longattn_query4") else None)
             listed = slc = None
-        q = k = v = gates = do = sel = None  # free the prefill inputs before the decode cache
+        q = k = v = vp = gates = do = sel = None  # free the prefill inputs before the decode cache
         if "decode" in modes:
             for batch in parse_ints(args.decode_batches):
                 _decode_rows(rows, cfg, T, batch, dims, dtype, args.dtype, dev, peaks, sdpa, nsa_decode)
@@ -240,12 +271,13 @@ def run(args, argv=None) -> list[dict]:
 
 
 def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa_decode):
-    """One new token per sequence against caches of T tokens: nsa_decode vs dense SDPA over the whole cache."""
+    """One new token per sequence against caches of T tokens: nsa_decode vs dense SDPA over the whole cache (its
+    values padded to dk beforehand, as the flash backend needs)."""
     import torch
 
     hq, hkv, dk, dv = dims
-    if B * T * hkv * (dk + dv) * 2 > 16e9:
-        print(f"  decode B={B} T={T}: skipped (cache above 16 GB)")
+    if B * T * hkv * (2 * dk + dv) * 2 > 16e9:
+        print(f"  decode B={B} T={T}: skipped (cache and its padded values above 16 GB)")
         return
     k = torch.randn(B, T, hkv, dk, device=dev, dtype=dtype)
     v = torch.randn(B, T, hkv, dv, device=dev, dtype=dtype)
@@ -255,9 +287,12 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
     q = torch.randn(B, hq, dk, device=dev, dtype=dtype)
     gates = [torch.rand(B, hq, device=dev, dtype=dtype) for _ in range(3)]
     seqlens = torch.full((B,), T, dtype=torch.int32, device=dev)
-    read = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)  # raw tokens read, besides the compressed
+    # raw tokens read, besides the compressed: the window, and the selected blocks but the local ones (within it);
+    # attended: the selected branch's and the window's, each its own
+    read = min(T, cfg.window + (cfg.slc_topk - cfg.local_blocks) * cfg.slc_block)
     bytes_ = 2 * B * hkv * (dk + dv) * (read + n)
-    flops = 2.0 * B * hq * ((dk + dv) * (read + n) + dk * n)  # the scores recompute q.k_cmp once
+    pairs = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)
+    flops = 2.0 * B * hq * ((dk + dv) * (pairs + n) + dk * n)  # the scores recompute q.k_cmp once
     mode = f"decode_b{B}"
     _time(rows, "longattn", mode,
           lambda: nsa_decode(q, k, v, kc, vc, *gates, cache_seqlens=seqlens, config=cfg), None, B=B, T=T, dims=dims,
@@ -277,7 +312,8 @@ def _decode_rows(rows, cfg, T, B, dims, dtype, dtype_name, dev, peaks, sdpa, nsa
               lambda: nsa_decode(q, kp, vp, kc, vc, *gates, cache_seqlens=seqlens, block_table=table, config=cfg,
                                  validate=False), None, B=B, T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks,
               dtype=dtype_name, memory=False, graph=True)
-    _time(rows, "sdpa_flash", mode, lambda: sdpa(q[:, None], k, v), None, B=B, T=T, dims=dims,
+    vp = _padded(v, dk)
+    _time(rows, "sdpa_flash", mode, lambda: sdpa(q[:, None], k, vp), None, B=B, T=T, dims=dims,
           flops=2.0 * B * hq * (dk + dv) * T, bytes_=2 * B * hkv * (dk + dv) * T, peaks=peaks, dtype=dtype_name)
 
 
@@ -302,18 +338,28 @@ def _chunk_rows(rows, cfg, T, C, dims, dtype, dtype_name, dev, peaks):
     cu_k = torch.tensor([0, T], dtype=torch.int32, device=dev)
     seqlens = torch.arange(T - C + 1, T + 1, dtype=torch.int32, device=dev)
     rows_ = torch.zeros(C, dtype=torch.int32, device=dev)
-    read = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)  # raw tokens each query reads
-    flops = 2.0 * C * hq * ((dk + dv) * (read + n) + dk * n)
-    bytes_ = 2 * hkv * (dk + dv) * (T + n)  # the cache read once
+    pairs = min(cfg.slc_topk * cfg.slc_block, T) + min(cfg.window, T)  # raw tokens each query attends
+    flops = 2.0 * C * hq * ((dk + dv) * (pairs + n) + dk * n)
+    call = lambda **kw: nsa_attention(q, k, v, *gates, config=cfg, k_cmp=kc, v_cmp=vc, cu_seqlens_q=cu_q,
+                                      cu_seqlens_k=cu_k, **kw)
+    # the least traffic: the compressed blocks and, per KV head, the tokens some query of the chunk selects or
+    # has in its window, each read once
+    with torch.no_grad():
+        sel = call(return_selection=True)[1]  # (C, Hkv, topk)
+    nb = -(-T // cfg.slc_block)
+    picked = torch.zeros(hkv, nb + 1, dtype=torch.bool, device=dev)
+    picked.scatter_(1, torch.where(sel >= 0, sel, nb).permute(1, 0, 2).reshape(hkv, -1).long(), True)
+    tokens = picked[:, :nb].repeat_interleave(cfg.slc_block, 1)[:, :T]
+    tokens[:, max(0, T - C - cfg.window + 1):] = True
+    bytes_ = 2 * (dk + dv) * (int(tokens.sum()) + hkv * n)
     mode = f"chunk_c{C}"
     kw = dict(B=1, T=T, dims=dims, flops=flops, bytes_=bytes_, peaks=peaks, dtype=dtype_name)
-    _time(rows, "longattn", mode, lambda: nsa_attention(q, k, v, *gates, config=cfg, k_cmp=kc, v_cmp=vc,
-                                                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), None, **kw)
+    _time(rows, "longattn", mode, call, None, **kw)
     _time(rows, "longattn_decode_rows", mode,
           lambda: nsa_decode(q, k[None], v[None], kc[None], vc[None], *gates, cache_seqlens=seqlens, cache_rows=rows_,
                              config=cfg, validate=False), None, **kw)
     _time(rows, "longattn_flash", mode, lambda: flash_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), None,
-          **dict(kw, flops=2.0 * C * hq * (dk + dv) * T))
+          **dict(kw, flops=2.0 * hq * (dk + dv) * (C * T - C * (C - 1) / 2), bytes_=2 * hkv * (dk + dv) * T))
 
 
 def _derive(rows):
@@ -323,14 +369,15 @@ def _derive(rows):
         f = by.get(("fwd", T, impl))
         if mode == "fwdbwd" and f is not None and r["ms"] > f["ms"]:
             b = dict(r, mode="bwd", ms=r["ms"] - f["ms"], peak_MB=None)
-            b["TFLOP/s"] = r["TFLOP/s"] * r["ms"] / 3.5 * 2.5 / b["ms"]
+            fwdbwd = r["TFLOP/s"] * r["ms"]  # (GFLOP), the backward's share of it from fwdbwd_flops's factor
+            b["TFLOP/s"] = fwdbwd * (1 - 1 / fwdbwd_flops(1.0, r["Dqk"], r["Dv"])) / b["ms"]
             for key in ("GB", "GFLOP", "floor_ms", "%roof"):
                 b.pop(key, None)
             rows.append(b)
             by[("bwd", T, impl)] = b
-    peers = {"sdpa_flash": "x_sdpa_flash", "flex": "x_flex", "fla": "x_fla", "fla+longattn_swa": "x_fla",
-             "longattn_kv_major": "x_kv_major", "longattn_query4": "x_query4", "longattn_decode_rows": "x_decode_rows",
-             "longattn_flash": "x_flash"}
+    peers = {"sdpa_flash": "x_sdpa_flash", "sdpa_cudnn": "x_sdpa_cudnn", "longattn_flash": "x_flash", "flex": "x_flex",
+             "fla": "x_fla", "fla+longattn_swa": "x_fla", "longattn_kv_major": "x_kv_major",
+             "longattn_query4": "x_query4", "longattn_decode_rows": "x_decode_rows"}
     for (mode, T, impl), r in by.items():
         if impl != "longattn":
             continue

@@ -46,6 +46,16 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default=None)
 
 
+def _backward(forward, do, leaves):
+    """``forward().backward(do)`` with the leaves' gradients dropped first: each call computes them anew (a training
+    step after ``zero_grad(set_to_none=True)``), not added to the last call's."""
+    def run():
+        for x in leaves:
+            x.grad = None
+        forward().backward(do)
+    return run
+
+
 def _cases(args, dev, dtype):
     """name -> a function of no arguments that runs the op once (inputs built here, once)."""
     import torch
@@ -70,7 +80,7 @@ def _cases(args, dev, dtype):
 
     def nsa_fwdbwd():
         q, k, v, g, do = nsa_inputs()
-        return lambda: nsa_attention(q, k, v, *g, config=cfg).backward(do)
+        return _backward(lambda: nsa_attention(q, k, v, *g, config=cfg), do, [q, k, v, *g])
 
     def nsa_decode_case(B):
         def build():
@@ -90,7 +100,7 @@ def _cases(args, dev, dtype):
             q, k, v = mk(1, Tm, mh, md, grad=True), mk(1, Tm, mkv, md, grad=True), mk(1, Tm, mkv, md, grad=True)
             do = mk(1, Tm, mh, md)
             if backward:
-                return lambda: moba_attention(q, k, v, block_size=bs, topk=topk).backward(do)
+                return _backward(lambda: moba_attention(q, k, v, block_size=bs, topk=topk), do, [q, k, v])
             return lambda: moba_attention(q, k, v, block_size=bs, topk=topk)
         return build
 
@@ -115,7 +125,7 @@ def _cases(args, dev, dtype):
                                                 (Hp, 128, 512), (Hp, 128, 512)]]
             do = mk(1, Tp, Hp, 128)
             if backward:
-                return lambda: mla_prefill(*xs, scale=192 ** -0.5).backward(do)
+                return _backward(lambda: mla_prefill(*xs, scale=192 ** -0.5), do, xs)
             return lambda: mla_prefill(*xs, scale=192 ** -0.5)
         return build
 

@@ -9,12 +9,13 @@ the same random model with its attention swapped (`swap_attention`; `mla`: longa
 `sdpa_dynamic` the same with transformers' default cache (`DynamicCache`, which concatenates each step's keys and
 values: a copy of the whole cache per layer and step) in place of the rollout's `InPlaceCache`; `flash_fp8` is
 `flash` decoding from a float8 cache (`cache_dtype=torch.float8_e4m3fn`: half the bytes a step reads).
-Decoding is greedy; `agree` and `dlogp` compare each kind's completions with `sdpa`'s (the same model and prompts):
-the mean share of each completion's tokens before its first token that differs from `sdpa`'s, and the mean absolute
-difference of the log-probabilities of those shared tokens (rounding alone makes them differ where the random model
-has near ties; `moba` attends sparsely, `nsa` has parameters of its own: no comparison for it).
-Prompt lengths are drawn between half the nominal length and the full one, the same for every kind; `--samples n`
-samples n completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
+Decoding is greedy by default (`--temperature t`: sampled, the generator seeded alike for every kind); greedy,
+`agree` and `dlogp` compare each kind's completions with `sdpa`'s (the same model and prompts): the mean share of each
+completion's tokens before its first token that differs from `sdpa`'s, and the mean absolute difference of the
+log-probabilities of those shared tokens (rounding alone makes them differ where the random model has near ties;
+`moba` attends sparsely, `nsa` has parameters of its own: no comparison for it). Prompt lengths are drawn between
+half the nominal length and the full one, the same for every kind; `--samples n` (with `--temperature`) samples n
+completions of each prompt from one prefill of it (`num_samples`: a GRPO group). Timings are
 `Rollout.prefill_seconds` / `decode_seconds` (wall clock around a synchronised GPU) of one run after an identical
 warm-up run (kernels compiled and autotuned, and any per-shape plan made, for every length the timed run meets).
 """
@@ -37,7 +38,10 @@ KINDS = ("sdpa", "sdpa_dynamic", "flash", "flash_fp8", "moba", "nsa", "mla")
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--prompts", default="8k,32k", help="nominal prompt lengths; each prompt has between half and all")
     p.add_argument("--batch", type=int, default=8, help="prompts")
-    p.add_argument("--samples", type=int, default=1, help="completions per prompt, from one prefill of it")
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt, from one prefill of it (with "
+                   "--temperature > 0: greedy samples are all alike, decoded once)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the completions then compared with "
+                   "sdpa's: agree, dlogp); above: sampled, a generator seeded alike for every kind")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward of the prefill "
                    "(rollout.generate's prefill_chunk; default all at once)")
@@ -134,6 +138,9 @@ def run(args, argv=None) -> list[dict]:
 
     from longattn import rollout
 
+    if args.samples > 1 and args.temperature == 0:
+        raise ValueError("--samples above 1 needs --temperature above 0: greedy samples are all alike, so generate "
+                         "decodes each prompt once (the rows timed would not be the samples')")
     dev = require_cuda()
     dtype = getattr(torch, args.dtype)
     kinds = _kinds(args)
@@ -150,13 +157,16 @@ def run(args, argv=None) -> list[dict]:
                 model = _model(kind, args, dev, dtype)
                 with _cache_of(kind):
                     kw = dict(stop_at_eos=False, num_samples=args.samples, prefill_chunk=args.prefill_chunk,
-                              cache_dtype=torch.float8_e4m3fn if kind == "flash_fp8" else None)
+                              cache_dtype=torch.float8_e4m3fn if kind == "flash_fp8" else None,
+                              temperature=args.temperature)
+                    seeded = lambda: dict(generator=torch.Generator(dev).manual_seed(0)) if args.temperature else {}
                     # the warm-up decodes as many tokens: every shape the timed run meets is seen once before
                     # (kernels compiled and autotuned, per-shape plans made: the first kind timed after a 2-token
                     # warm-up, SDPA with the in-place cache, took 15x the second's step on the H100, 2026-11-27)
-                    rollout.generate(model, prompts, args.new_tokens, **kw)
+                    rollout.generate(model, prompts, args.new_tokens, **kw, **seeded())
                     done = []
-                    mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens, **kw)))
+                    mem = peak_memory_mb(lambda: done.append(rollout.generate(model, prompts, args.new_tokens, **kw,
+                                                                              **seeded())))
             except Exception as e:  # a kind that cannot run here (memory): the others still do
                 print(f"  {kind} prompt={T}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                 continue
@@ -175,7 +185,7 @@ def run(args, argv=None) -> list[dict]:
                        prompt_tokens=sum(lens))
             if kind == "sdpa":
                 ref = res
-            if ref is not None and kind != "nsa":
+            if ref is not None and kind != "nsa" and not args.temperature:
                 row["agree"], row["dlogp"] = _agreement(res, ref)
             rows.append(row)
             print(f"  {kind:6s} prompt={T} B={args.batch}x{args.samples}: prefill {row['prefill_ms']:.1f} ms, "

@@ -414,3 +414,24 @@ def test_gpu_suite_default_benchmarks_parse():
     with pytest.raises(SystemExit):  # a mode the benchmark does not know is refused, not skipped
         parse(["nsa", "--modes", "fwd,slc_fwd"])
     assert parse(["nsa", "--modes", "fwd, slc"]).modes == ["fwd", "slc"]
+
+
+def test_nsa_flop_model_counts_attended_pairs(device):
+    """bench nsa's FLOP model counts the pairs the op attends: compressed blocks ended at or before the query, the
+    selected blocks (the op's own selection; causal in the query's block), the window."""
+    from bench.nsa import _flops, _slc_pairs
+    from longattn.nsa import NSAConfig, nsa_attention
+
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=20)
+    T = 100
+    q, k, v = (torch.randn(1, T, h, 16, device=device) for h in (2, 1, 1))
+    gates = [torch.rand(1, T, 2, device=device) for _ in range(3)]
+    _, sel = nsa_attention(q, k, v, *gates, config=cfg, return_selection=True)
+    t = torch.arange(T)
+    blocks = sel[0, :, 0].cpu()  # (T, topk), the one KV head's
+    starts = blocks.clamp(min=0) * cfg.slc_block
+    slc = ((torch.minimum(starts + cfg.slc_block, t[:, None] + 1) - starts) * (blocks >= 0)).sum(1)
+    assert torch.equal(_slc_pairs(t.double(), cfg.slc_block, cfg.slc_topk).long(), slc)
+    cmp = torch.tensor([sum(j * cfg.cmp_stride + cfg.cmp_block - 1 <= i for j in range(T)) for i in range(T)])
+    swa = (t + 1).clamp(max=cfg.window)
+    assert _flops(cfg, T, 1, 2, 16, 16) == 2.0 * 32 * int((cmp + slc + swa).sum()) * 2

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from .hf.attention import known_left_padding
-from .hf.cache import InPlaceCache, check_cache_dtype, check_cache_scales
+from .hf.cache import InPlaceCache, calibrating_writes, check_cache_dtype, check_cache_scales
 from .kernels.utils import check_bool, device_tensor, read_back_later
 
 PACKED_IMPLEMENTATIONS = ("moba", "longattn")
@@ -269,9 +269,11 @@ def _padded_prefill(model, prompts, lens, capacity: int, chunk: Optional[int] = 
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = _decoding_cache(model, capacity, cache_dtype, cache_scales)
     step = longest if chunk is None else max(1, chunk // len(prompts))
-    for a in range(0, longest, step):
-        out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step], position_ids=pos[:, a:a + step],
-                    use_cache=True, **{_cache_kw(model): cache}, **_last_logits_kw(model, 1))
+    with calibrating_writes():  # (a float8 cache's "auto" scales calibrated on every chunk, of one column too)
+        for a in range(0, longest, step):
+            out = model(input_ids=ids[:, a:a + step], attention_mask=mask[:, :a + step],
+                        position_ids=pos[:, a:a + step], use_cache=True, **{_cache_kw(model): cache},
+                        **_last_logits_kw(model, 1))
     return out.logits[:, -1], cache
 
 
@@ -348,13 +350,12 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, eos_token_id: Opt
         cache_dtype: None (default: the model's), or ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: decode with the
             keys and values cached in float8 (``InPlaceCache``'s ``cache_dtype``: half the cache's memory and of
             the bytes a decoding step reads; each layer's keys and values at the scales of ``cache_scales``: see
-            ``InPlaceCache``, by default calibrated on the prompts' prefill, each chunk of it of two columns or
-            more), for models whose attention
-            is longattn's flash, MoBA or NSA attention (``swap_attention(model, "flash" / "moba" / "nsa")``); the
-            prompts' prefill attends to the unquantised keys (packed) or to the quantised ones (padded: hybrids,
-            sliding-window models, NSA's module). The completions and log-probs are those of the quantised cache
-            (not the 16-bit model's: the log-probs of a training forward differ by the quantisation). ValueError for
-            another attention, for MLA models (MLA's module quantises its latent cache itself:
+            ``InPlaceCache``, by default calibrated on the prompts' prefill, each chunk of it), for models whose
+            attention is longattn's flash, MoBA or NSA attention (``swap_attention(model, "flash" / "moba" /
+            "nsa")``); the prompts' prefill attends to the unquantised keys (packed) or to the quantised ones (padded:
+            hybrids, sliding-window models, NSA's module). The completions and log-probs are those of the quantised
+            cache (not the 16-bit model's: the log-probs of a training forward differ by the quantisation).
+            ValueError for another attention, for MLA models (MLA's module quantises its latent cache itself:
             ``swap_attention(model, "mla", cache_dtype=...)``) and where no layer's cache would be quantised.
     Returns:
         :class:`Rollout` with ``completions[i]`` (token ids) and ``logprobs[i]`` (log p of each generated

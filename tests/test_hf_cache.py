@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from longattn.hf.cache import InPlaceCache, InPlaceLayer, dequant_scale, dequantised
+from longattn.hf.cache import _CALIBRATE_EVERY_WRITE, InPlaceCache, InPlaceLayer, dequant_scale, dequantised
 from longattn.rollout import _cache_kw
 
 transformers = pytest.importorskip("transformers")
@@ -179,8 +179,8 @@ class _RoundedCache(DynamicCache):
     """DynamicCache keeping its keys and values rounded through ``fp8`` (divided by their scale, saturated to the
     format's range, multiplied back) in their own dtype: the tokens a float8 InPlaceCache holds, for attention that
     does not read float8. ``scales``: one scale for all, or "auto": each layer's set at its first write and at each
-    write of several tokens a row by the largest magnitudes written since it was empty, the tokens held rounded again
-    at the new scales."""
+    write of several tokens a row (each write within calibrating_writes) by the largest magnitudes written since it
+    was empty, the tokens held rounded again at the new scales."""
 
     def __init__(self, config, fp8, scales="auto"):
         super().__init__(config=config)
@@ -193,7 +193,7 @@ class _RoundedCache(DynamicCache):
         if self.scales == "auto":
             held = self.get_seq_length(layer_idx)
             seen, scales = self.auto[layer_idx] if held else ((0.0, 0.0), (1.0, 1.0))
-            if held == 0 or key_states.shape[2] > 1:
+            if held == 0 or key_states.shape[2] > 1 or _CALIBRATE_EVERY_WRITE.get():
                 seen = tuple(max(a, x.abs().max().item()) for a, x in zip(seen, (key_states, value_states)))
                 scales = tuple(_auto_scale(a, self.fp8) for a in seen)
                 if held:

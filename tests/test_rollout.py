@@ -511,13 +511,16 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
         rollout.generate(model, prompts, 2, packed=True)
 
 
-@pytest.mark.parametrize("kind,packed", [("flash", None), ("flash", False), ("moba", None), ("nsa", None)],
-                         ids=["flash-packed", "flash-padded", "moba-packed", "nsa"])
-def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
+@pytest.mark.parametrize("kind,packed,chunk", [("flash", None, None), ("flash", False, 24), ("flash", False, 3),
+                                               ("moba", None, None), ("nsa", None, None)],
+                         ids=["flash-packed", "flash-padded", "flash-padded-columns", "moba-packed", "nsa"])
+def test_rollout_with_float8_cache(kind, packed, chunk, device, monkeypatch):
     """cache_dtype float8: the rollout decodes from a float8 cache (longattn's flash or MoBA attention or NSA's
     module reading it in their kernels): the completions and log-probs of a cache whose keys and values are rounded
     through float8 in their own dtype at the scales calibrated on the prompts or given (which differ from the
-    unquantised cache's), the prefill packed or padded (NSA's); refused for MLA's module (which quantises its own latent cache) and transformers' attention."""
+    unquantised cache's), the prefill packed or padded (NSA's; in chunks of 6 columns, or of one, fewer tokens than
+    prompts: each calibrates); refused for MLA's module (which quantises its own latent cache) and transformers'
+    attention."""
     from longattn.nsa import NSAConfig
     from test_hf_cache import _RoundedCache
 
@@ -526,8 +529,8 @@ def test_rollout_with_float8_cache(kind, packed, device, monkeypatch):
                 nsa=dict(config=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, slc_topk=3, window=16)))[kind]
     model = _model(device, kind=kind, **opts)
     prompts = [torch.randint(1, 128, (n,)) for n in (21, 14, 30, 9)]
-    # the padded prefill in chunks of 6 columns: each raises the scales calibrated on those before where it must
-    kw = dict(stop_at_eos=False, packed=packed, prefill_chunk=24 if packed is False else None)
+    # the padded prefill in chunks of 6 columns (or 1): each raises the scales calibrated on those before where it must
+    kw = dict(stop_at_eos=False, packed=packed, prefill_chunk=chunk)
     calibrate, raised = InPlaceLayer._calibrate, []  # (whether each calibration changed the scales of tokens held)
 
     def spy(layer, k, v, n):

@@ -11,6 +11,8 @@ what the prefill writes), which longattn's flash, MoBA and NSA attention decode 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Optional
 
@@ -55,6 +57,22 @@ _SCALE_ATTR = "_longattn_dequant_scale"  # (set on a float8 cache's storage: its
 def _tag(storage: Optional[torch.Tensor], scale: Optional[float]) -> None:
     if storage is not None and scale is not None and storage.dtype in FLOAT8_DTYPES:
         setattr(storage if storage._base is None else storage._base, _SCALE_ATTR, scale)
+
+
+# set (calibrating_writes) while every write to an "auto"-scaled cache calibrates its scales, one token a row too
+_CALIBRATE_EVERY_WRITE = contextvars.ContextVar("longattn_calibrate_every_write", default=False)
+
+
+@contextlib.contextmanager
+def calibrating_writes():
+    """Within: every write to a float8 cache with "auto" scales calibrates them, writes of one token a row too (a
+    prefill done one column at a time: :func:`longattn.rollout.generate`'s padded prefill in chunks of fewer tokens
+    than prompts), not only the first and those of several tokens a row."""
+    token = _CALIBRATE_EVERY_WRITE.set(True)
+    try:
+        yield
+    finally:
+        _CALIBRATE_EVERY_WRITE.reset(token)
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -134,7 +152,7 @@ class InPlaceLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self._n, key_states.shape[2]
-        if self._auto and (n == 0 or t > 1 or self.k_scale is None):
+        if self._auto and (n == 0 or t > 1 or self.k_scale is None or _CALIBRATE_EVERY_WRITE.get()):
             self._calibrate(key_states, value_states, n)
         if not self._fits(self._k, key_states, n + t) or not self._fits(self._v, value_states, n + t):
             self._grow(n + t, key_states, value_states)
@@ -250,10 +268,11 @@ class InPlaceCache(DynamicCache):
             chunks, speculative tokens), the power of two that brings the largest finite magnitude of these writes
             (since the layer was empty) to at most a quarter of the format's range (room for larger decoded tokens;
             a power of two divides exactly), the tokens held re-quantised where a scale changes; a write of one
-            token a row (a decoding step; a prefill in chunks of one column is calibrated on its first only) keeps
-            them (beyond the range it saturates). Values of any magnitude so keep the format's relative precision
-            instead of falling among its subnormals (below e4m3's 2^-6 at scale 1) or saturating. Each calibrating
-            write reads its maxima back to the host (a synchronisation per layer). A positive float: every layer's
+            token a row (a decoding step; but within :func:`calibrating_writes`, as ``longattn.rollout.generate``'s
+            prefill in chunks of one column runs) keeps them (beyond the range it saturates). Values of any magnitude
+            so keep the format's relative precision instead of falling among its subnormals (below e4m3's 2^-6 at
+            scale 1) or saturating. Each calibrating write reads its maxima back to the host (a synchronisation per
+            layer). A positive float: every layer's
             keys and values at that scale (1: as they are, saturated). A sequence of ``(k_scale, v_scale)`` pairs
             (or a tensor of shape (layers, 2)): layer i's (a calibrated checkpoint's).
 
@@ -398,4 +417,4 @@ def _minimax_cache_class():
     return InPlaceMiniMaxCache
 
 
-__all__ = ["InPlaceCache", "InPlaceLayer", "dequant_scale", "dequantised"]
+__all__ = ["InPlaceCache", "InPlaceLayer", "calibrating_writes", "dequant_scale", "dequantised"]

@@ -76,14 +76,15 @@ export TRITON_PRINT_AUTOTUNING=1 TRITON_CACHE_AUTOTUNING=1
 # memory (102 s, its 128k table complete), MLA and rollouts, cut short, and nothing after them: now the ops it did not
 # reach first, memory last. MLA at 8k, batch 64 (its goals' shape: the 4-token rows were not reached) then batch 1
 # (where its host time shows: 0.67 ms a call against 0.045 from a graph, with and without TMA descriptors), MoBA
-# at 32k only (flex_attention and SDPA at 128k take seconds a call), NSA fwd and decode (its paged rows) on smooth
-# inputs (neighbouring queries select alike, as in trained models; its fwd+bwd ran in the sixth run's second call),
-# flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there); fla's NSA fwd+bwd (its backward's
-# autotuning alone takes minutes) and the selected branch alone (`--modes slc`) are left out. The profile starts with
+# at 32k only (flex_attention and SDPA at 128k take seconds a call), NSA fwd, fwd+bwd (against dense attention at
+# d_v 128 too: the issue's goals), decode (its paged rows) and chunks on smooth inputs (neighbouring queries select
+# alike, as in trained models), flex_attention left out at 64k (0.35 s a forward, 2.7 s a fwd+bwd there); fla's NSA
+# fwd+bwd (`--fla-fwdbwd`: its backward's autotuning alone takes minutes) and the selected branch alone (`--modes
+# slc`) are left out. The profile starts with
 # the cases whose host time is unexplained (MLA decoding at batch 1; the rollout's decoding step with longattn's flash
 # against transformers' SDPA); soft-capped flash at Gemma-2-9B's heads (16 / 8 of 256) against flex_attention; flash in
 # chunks of 8192 at Llama-4-Scout's heads (40 / 8 of 128) against flex_attention
-IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 64,1 --contexts 8k --prefill-seqlens 4k; 2:flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; 2:nsa --seqlens 64k --modes fwd,decode,chunk --inputs smooth --flex-max-seqlen 32768; profile --cases mla_decode_b1,rollout_step_flash,rollout_step,nsa_decode_b1,mla_decode_s1,rollout_step_dynamic,moba_fwdbwd,nsa_fwdbwd; 2:rollout --prompts 8k --new-tokens 64; flash --seqlens 8k --heads 16 --kv-heads 8 --head-dim 256 --softcap 50 --modes fwd,fwdbwd,decode; flash --seqlens 32k --heads 40 --kv-heads 8 --chunk-size 8192 --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k}"
+IFS=';' read -ra entries <<< "${BENCH_OPS:-2:mla --batches 64,1 --contexts 8k --prefill-seqlens 4k; 2:flash --seqlens 16k --modes fwd,fwdbwd,decode; 2:moba --seqlens 32k --modes fwd,fwdbwd,decode; 2:nsa --seqlens 64k --modes fwd,fwdbwd,decode,chunk --inputs smooth --flex-max-seqlen 32768; profile --cases mla_decode_b1,rollout_step_flash,rollout_step,nsa_decode_b1,mla_decode_s1,rollout_step_dynamic,moba_fwdbwd,nsa_fwdbwd; 2:rollout --prompts 8k --new-tokens 64; flash --seqlens 8k --heads 16 --kv-heads 8 --head-dim 256 --softcap 50 --modes fwd,fwdbwd,decode; flash --seqlens 32k --heads 40 --kv-heads 8 --chunk-size 8192 --modes fwd,fwdbwd,decode; memory --seqlens 32k,128k}"
 ops=()
 weights=()
 for entry in "${entries[@]}"; do

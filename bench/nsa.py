@@ -37,6 +37,8 @@ def add_args(p: argparse.ArgumentParser):
                         "queries select mostly the same blocks, as in trained models")
     p.add_argument("--flex-max-seqlen", type=int, default=131072,
                    help="skip flex_attention above this T")
+    p.add_argument("--fla-fwdbwd", action="store_true",
+                   help="time fla's NSA in fwdbwd too (its backward's autotuning takes minutes; default: fwd only)")
     p.add_argument("--out", default=None)
 
 
@@ -207,7 +209,7 @@ def run(args, argv=None) -> list[dict]:
                  "fla": _flops(cfg, T, B, hq, dk, dv, cfg.slc_block, cfg.slc_block)}
         for mode in (m for m in ("fwd", "fwdbwd") if m in modes):
             for name, fn in impls.items():
-                if name == "longattn_no_tma" and mode != "fwd":
+                if mode != "fwd" and (name == "longattn_no_tma" or name.startswith("fla") and not args.fla_fwdbwd):
                     continue
                 call = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else (lambda fn=fn: fn(q, k, v).backward(do))
                 f = flops["dense" if name in ("sdpa_flash", "sdpa_cudnn", "longattn_flash") else

@@ -1,5 +1,6 @@
 """Comparison helpers shared by the tests."""
 import importlib.metadata
+import re
 
 import pytest
 import torch
@@ -483,21 +484,29 @@ def check_prompt_lookup_equals_greedy(model, device):
 
 def assert_first_order_only(fn, inputs, op: str):
     """``fn(*inputs)`` (an op's output, or a tuple whose first item is) differentiates once: its gradients with
-    ``create_graph=True`` equal the plain ones, and a backward through them (a gradient penalty) raises naming
-    ``op`` instead of taking them for constants; create_graph=True through other paths still works."""
-    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    first = lambda: (lambda o: o[0] if isinstance(o, tuple) else o)(fn(*inputs))
-    plain = torch.autograd.grad(first().float().square().sum(), wrt)
-    grads = torch.autograd.grad(first().float().square().sum(), wrt, create_graph=True)
+    ``create_graph=True`` equal the plain ones, and differentiating them (a gradient penalty, by ``backward()`` or
+    by ``autograd.grad`` of the inputs, through a function of them too) raises naming ``op`` instead of taking them
+    for constants; another path of the same graph still differentiates twice."""
+    w = torch.ones((), device=inputs[0].device, requires_grad=True)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    wrt = [x * w for x in leaves]  # (inputs computed from a leaf: what a penalty reaches through them)
+    out = lambda xs: (lambda o: o[0] if isinstance(o, tuple) else o)(
+        fn(*[xs.pop(0) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in inputs]))
+    loss = lambda: out(list(wrt)).float().square().sum()
+    plain = torch.autograd.grad(loss(), wrt, retain_graph=True)
+    u = torch.ones((), device=w.device, requires_grad=True)  # (a path of the graph that does not pass the op)
+    *grads, gu = torch.autograd.grad(loss() + u ** 3, [*wrt, u], create_graph=True)
     for g, want in zip(grads, plain):
         assert g.requires_grad
         torch.testing.assert_close(g.detach(), want, atol=0, rtol=0)
-    with pytest.raises(RuntimeError, match=f"{op} has no second derivative"):
-        sum(g.square().sum() for g in grads).backward()
-    w = torch.ones((), device=wrt[0].device, requires_grad=True)
-    (gw,) = torch.autograd.grad(first().float().sum() + w ** 3, w, create_graph=True)
-    (hw,) = torch.autograd.grad(gw, w)  # (the op is not on this path)
-    assert hw.item() == 6
+    penalty = lambda: sum(g.square().sum() for g in grads)
+    for differentiate in (lambda: penalty().backward(retain_graph=True),
+                          lambda: torch.autograd.grad(penalty(), leaves, retain_graph=True),
+                          lambda: torch.autograd.grad(penalty(), w, retain_graph=True)):
+        with pytest.raises(RuntimeError, match=f"{re.escape(op)} has no second derivative"):
+            differentiate()
+    (h,) = torch.autograd.grad(gu, u)  # (d2 u^3 / du2 = 6: the op's backward ran in that graph, without raising)
+    assert h.item() == 6
 
 
 def assert_compiled_matches_eager(fn, inputs, fullgraph: bool = True):

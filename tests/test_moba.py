@@ -633,7 +633,8 @@ def test_moba_decode_in_cuda_graph():
 def test_no_second_derivative(device):
     """Gradients through moba_attention differentiate no further: a gradient penalty raises."""
     q, k, v = (leaf(torch.randn(1, 70, h, 16, device=device)) for h in (4, 2, 2))
-    assert_first_order_only(lambda *x: moba_attention(*x, block_size=16, topk=2), (q, k, v), "moba_attention")
+    assert_first_order_only(lambda *x: moba_attention(*x, block_size=16, topk=2), (q, k, v),
+                            "block-sparse attention (moba_attention, block_sparse_attention)")
 
 
 @pytest.mark.parametrize("layout", ["dense", "varlen"])

@@ -1278,8 +1278,8 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     @first_order_backward("flash_attention")
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, left_pad = ctx.saved_tensors
+    def backward(ctx, saved, dout, dlse):
+        q, k, v, out, lse, left_pad = saved
         return _gradients(dout, dlse, q, k, v, out, lse, ctx.dims, ctx.causal, ctx.window, ctx.scale, ctx.key_pos,
                           left_pad, ctx.softcap) + (None,) * 7
 

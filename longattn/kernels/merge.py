@@ -144,8 +144,8 @@ class _Merge(torch.autograd.Function):
 
     @staticmethod
     @first_order_backward("merge_attention")
-    def backward(ctx, dout, dlse):
-        outs, lses, out, lse = ctx.saved_tensors
+    def backward(ctx, saved, dout, dlse):
+        outs, lses, out, lse = saved
         B, T, H, D, s_in, s_lin = _views(outs, lses)
         if dout is None:
             dout = torch.zeros_like(out)

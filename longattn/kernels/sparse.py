@@ -634,9 +634,9 @@ class _BlockSparse(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @first_order_backward("moba_attention")
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sel = ctx.saved_tensors
+    @first_order_backward("block-sparse attention (moba_attention, block_sparse_attention)")
+    def backward(ctx, saved, dout, dlse):
+        q, k, v, out, lse, sel = saved
         ksel = sel.shape[-1]
         ent = entries(sel, ctx.plan, ctx.dims.heads_q, ctx.dims.heads_kv) if ksel > 0 and q.shape[0] else None
         dq, dk, dv, _, _ = sparse_backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.dims, ent, ksel,

@@ -167,12 +167,13 @@ def public_op(*autocast: str, traced: Optional[Callable] | bool = None, opaque_i
 
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """Passes a backward's gradients on (copies); a backward through them raises."""
+    """Passes a backward's first ``n`` gradients on (copies), attached to the tensors that follow (what they
+    depend on: the backward's inputs needing gradients); a backward through them raises."""
 
     @staticmethod
-    def forward(ctx, op: str, anchor: torch.Tensor, *grads: torch.Tensor):
+    def forward(ctx, op: str, n: int, *tensors: torch.Tensor):
         ctx.op = op
-        return tuple(g.clone() for g in grads)
+        return tuple(g.clone() for g in tensors[:n])
 
     @staticmethod
     def backward(ctx, *_):
@@ -181,21 +182,26 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 
 def first_order_backward(op: str):
-    """Decorator of an autograd.Function's backward computed by kernels, which autograd cannot differentiate: under
-    ``create_graph=True`` (grad mode on in the backward) with inputs needing gradients, the gradients it returns
-    come through a node whose backward raises RuntimeError, instead of gradients without history that a second
+    """Decorator of an autograd.Function's backward computed by kernels, which autograd cannot differentiate; the
+    backward is called as ``backward(ctx, saved, *grad_outputs)``, ``saved`` the ctx's saved tensors (read once
+    here: non-reentrant checkpointing unpacks each once). Under ``create_graph=True`` (grad mode on in the
+    backward), where the saved tensors or the output gradients need gradients, the gradients it returns come
+    attached to them through a node whose backward raises RuntimeError, instead of without history, which a second
     backward would take for constants (a gradient penalty silently missing its terms through ``op``)."""
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
-                return backward(ctx, *grad_outputs)
+            saved = ctx.saved_tensors
+            if not torch.is_grad_enabled():
+                return backward(ctx, saved, *grad_outputs)
             with torch.no_grad():
-                grads = list(backward(ctx, *grad_outputs))
+                grads = backward(ctx, saved, *grad_outputs)
+            grads = list(grads) if isinstance(grads, tuple) else [grads]
+            sources = [t for t in (*saved, *grad_outputs) if isinstance(t, torch.Tensor) and t.requires_grad]
             at = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
-            anchor = torch.zeros((), requires_grad=True)  # (makes the copies need gradients, so that they reach it)
-            for i, g in zip(at, _NoSecondDerivative.apply(op, anchor, *(grads[i] for i in at))):
-                grads[i] = g
+            if sources and at:
+                for i, g in zip(at, _NoSecondDerivative.apply(op, len(at), *(grads[i] for i in at), *sources)):
+                    grads[i] = g
             return tuple(grads)
         return wrapper
     return decorate

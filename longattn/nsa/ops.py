@@ -166,8 +166,8 @@ class _Selected(torch.autograd.Function):
 
     @staticmethod
     @first_order_backward("nsa_selected_attention")
-    def backward(ctx, dout):
-        return _selected_backward(dout, *ctx.saved_tensors, ctx.plan, ctx.dims, ctx.max_q, ctx.block_size,
+    def backward(ctx, saved, dout):
+        return _selected_backward(dout, *saved, ctx.plan, ctx.dims, ctx.max_q, ctx.block_size,
                                   ctx.scale) + (None,) * 8
 
 
@@ -426,8 +426,8 @@ class _NSAttention(torch.autograd.Function):
 
     @staticmethod
     @first_order_backward("nsa_attention")
-    def backward(ctx, dout, dsel):
-        q, k, v, kc, vc, *rest = ctx.saved_tensors  # read once (non-reentrant checkpointing unpacks each once)
+    def backward(ctx, saved, dout, dsel):
+        q, k, v, kc, vc, *rest = saved
         gates, sinks, sel, flat = rest[:3], rest[3], rest[4], rest[5:]
         branches = tuple(zip(flat[0::2], flat[1::2]))
         *grads, dsinks = _branches_backward(dout, q, k, v, kc, vc, gates, sel, branches, ctx.branches, sinks)

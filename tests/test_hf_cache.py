@@ -5,7 +5,8 @@ import types
 import pytest
 import torch
 
-from longattn.hf.cache import _CALIBRATE_EVERY_WRITE, InPlaceCache, InPlaceLayer, dequant_scale, dequantised
+from longattn.hf.cache import InPlaceCache, InPlaceLayer, dequant_scale, dequantised
+from longattn.kernels.utils import Calibration
 from longattn.rollout import _cache_kw
 
 transformers = pytest.importorskip("transformers")
@@ -193,7 +194,7 @@ class _RoundedCache(DynamicCache):
         if self.scales == "auto":
             held = self.get_seq_length(layer_idx)
             seen, scales = self.auto[layer_idx] if held else ((0.0, 0.0), (1.0, 1.0))
-            if held == 0 or key_states.shape[2] > 1 or _CALIBRATE_EVERY_WRITE.get():
+            if held == 0 or key_states.shape[2] > 1 or Calibration.every_write:
                 seen = tuple(max(a, x.abs().max().item()) for a, x in zip(seen, (key_states, value_states)))
                 scales = tuple(_auto_scale(a, self.fp8) for a in seen)
                 if held:
@@ -296,6 +297,9 @@ def test_float8_cache_scales():
     cache.crop(-5)  # (all 5 tokens)
     cache.update(k[:, :, :2], v[:, :, :2], 0)
     assert layer.k_scale == _auto_scale(k[:, :, :2].abs().max().item(), fp8) < k1 * 2
+    cache.reset()  # (keys beyond 2**60 * 112: the largest scale the ops take, 2**60, the keys saturated)
+    keys, _ = cache.update(torch.full_like(k[:, :, :2], 2.0 ** 80), v[:, :, :2], 0)
+    assert layer.k_scale == 2.0 ** 60 and keys.float().max() == top
     # an inf among the values: the finite ones' largest sets the scale
     cache = InPlaceCache(config=cfg, cache_dtype=fp8)
     k_inf = k[:, :, :3].clone()

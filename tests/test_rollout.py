@@ -511,6 +511,31 @@ def test_rollout_with_linear_attention_layers(arch, kind, device):
         rollout.generate(model, prompts, 2, packed=True)
 
 
+def test_mla_float8_prefill_in_columns(device, monkeypatch):
+    """MLA's float8 latent cache ("auto" scale) under the padded prefill in chunks of one column (fewer tokens than
+    prompts): every chunk calibrates the scale, which ends where the prefill in one forward sets it (on every
+    prompt token; before, on the first column's alone)."""
+    from longattn.mla import PagedLatentCache
+
+    model = longattn.hf.swap_attention(_swapped("mla", device), "mla", cache_dtype=torch.float8_e4m3fn)
+    prompts = [torch.randint(1, 128, (n,)) for n in (9, 4, 7)]
+    calibrate, calls = PagedLatentCache._calibrate, []
+
+    def spy(pc, new):
+        calibrate(pc, new)
+        calls.append((new.shape[0], pc.scale))
+
+    monkeypatch.setattr(PagedLatentCache, "_calibrate", spy)
+    rollout.generate(model, prompts, 4, stop_at_eos=False, prefill_chunk=2)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 9 * layers  # (one calibration a layer per column: 9 columns, the longest prompt's)
+    assert sum(n for n, _ in calls) == sum(len(p) for p in prompts) * layers
+    scales = [s for _, s in calls[-layers:]]
+    calls.clear()
+    rollout.generate(model, prompts, 4, stop_at_eos=False)
+    assert len(calls) == layers and [s for _, s in calls] == scales
+
+
 @pytest.mark.parametrize("kind,packed,chunk", [("flash", None, None), ("flash", False, 24), ("flash", False, 3),
                                                ("moba", None, None), ("nsa", None, None)],
                          ids=["flash-packed", "flash-padded", "flash-padded-columns", "moba-packed", "nsa"])

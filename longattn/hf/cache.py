@@ -11,8 +11,6 @@ what the prefill writes), which longattn's flash, MoBA and NSA attention decode 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from typing import Optional
 
@@ -20,7 +18,8 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.configuration_utils import PretrainedConfig
 
-from ..kernels.utils import FLOAT8_DTYPES, check_scale, finite_magnitudes, float8_quantised, float8_scale_for
+from ..kernels.utils import (FLOAT8_DTYPES, Calibration, calibrating_writes, check_scale, finite_magnitudes,
+                             float8_quantised, float8_scale_for)
 
 
 def _quantised(x: torch.Tensor, dtype: Optional[torch.dtype], scale: float = 1.0) -> torch.Tensor:
@@ -57,22 +56,6 @@ _SCALE_ATTR = "_longattn_dequant_scale"  # (set on a float8 cache's storage: its
 def _tag(storage: Optional[torch.Tensor], scale: Optional[float]) -> None:
     if storage is not None and scale is not None and storage.dtype in FLOAT8_DTYPES:
         setattr(storage if storage._base is None else storage._base, _SCALE_ATTR, scale)
-
-
-# set (calibrating_writes) while every write to an "auto"-scaled cache calibrates its scales, one token a row too
-_CALIBRATE_EVERY_WRITE = contextvars.ContextVar("longattn_calibrate_every_write", default=False)
-
-
-@contextlib.contextmanager
-def calibrating_writes():
-    """Within: every write to a float8 cache with "auto" scales calibrates them, writes of one token a row too (a
-    prefill done one column at a time: :func:`longattn.rollout.generate`'s padded prefill in chunks of fewer tokens
-    than prompts), not only the first and those of several tokens a row."""
-    token = _CALIBRATE_EVERY_WRITE.set(True)
-    try:
-        yield
-    finally:
-        _CALIBRATE_EVERY_WRITE.reset(token)
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -152,7 +135,7 @@ class InPlaceLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self._n, key_states.shape[2]
-        if self._auto and (n == 0 or t > 1 or self.k_scale is None or _CALIBRATE_EVERY_WRITE.get()):
+        if self._auto and (n == 0 or t > 1 or self.k_scale is None or Calibration.every_write):
             self._calibrate(key_states, value_states, n)
         if not self._fits(self._k, key_states, n + t) or not self._fits(self._v, value_states, n + t):
             self._grow(n + t, key_states, value_states)

@@ -756,6 +756,25 @@ def validate_pages(block_table: torch.Tensor, cache_rows: Optional[torch.Tensor]
 MAX_SCALE = 2.0 ** 60
 
 
+class Calibration:
+    """``every_write``: set (:func:`calibrating_writes`) while every write to a float8 cache with "auto" scales
+    (InPlaceCache's layers, PagedLatentCache) calibrates them, writes of one token a sequence too. A class attribute
+    (TorchDynamo reads it under a guard) shared by every thread."""
+    every_write = False
+
+
+@contextlib.contextmanager
+def calibrating_writes():
+    """Within: every write to a float8 cache with "auto" scales calibrates them, writes of one token a sequence too
+    (a prefill done one column at a time: :func:`longattn.rollout.generate`'s padded prefill in chunks of fewer
+    tokens than prompts), not only the first and those of several tokens a sequence."""
+    before, Calibration.every_write = Calibration.every_write, True
+    try:
+        yield
+    finally:
+        Calibration.every_write = before
+
+
 def float8_quantised(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """``x / scale`` in float8 ``dtype``, saturated to its finite range (a plain conversion makes NaN of what lies
     beyond); x may be float8 itself (widened first, exactly)."""
@@ -787,8 +806,9 @@ def finite_magnitudes(*xs: torch.Tensor) -> list:
 def float8_scale_for(amax: float, dtype: torch.dtype) -> float:
     """A float8 cache's dequantisation scale for values of largest magnitude ``amax``: the power of two that brings
     it to at most a quarter of ``dtype``'s range (room for larger later values; a power of two divides exactly, and
-    smaller values keep the format's relative precision instead of falling among its subnormals); 1 for 0."""
-    return 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max)) if amax > 0 else 1.0
+    smaller values keep the format's relative precision instead of falling among its subnormals); 1 for 0; at most
+    2**60, the largest scale the ops take (larger values saturate)."""
+    return 2.0 ** min(60, math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max))) if amax > 0 else 1.0
 
 
 def check_scale(scale, default: float, name: str = "scale") -> float:

@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, check_bool, check_scale, device_tensor, finite_magnitudes,
-                             float8_quantised, float8_scale_for)
+from ..kernels.utils import (FLOAT8_DTYPES, SUPPORTED_DTYPES, Calibration, check_bool, check_scale, device_tensor,
+                             finite_magnitudes, float8_quantised, float8_scale_for)
 
 
 def check_cache_scale(scale, name: str):
@@ -53,7 +53,9 @@ class PagedLatentCache:
     append to an empty cache and at each append of several tokens to a sequence, a prefill or its chunks, the power
     of two bringing the largest finite magnitude of these appends since the cache was empty to at most a quarter of
     the format's range; where it changes, the tokens held are re-quantised; an append of one token a sequence keeps
-    it. Each calibrating append reads the maximum back to the host).
+    it, but within :func:`longattn.hf.cache.calibrating_writes`, as ``longattn.rollout.generate``'s prefill in
+    chunks of one column runs. Each calibrating append reads the maximum back to the host). A scale other than 1
+    is refused for other dtypes.
 
     Example::
 
@@ -225,7 +227,8 @@ class PagedLatentCache:
                              f"{tuple(c_kv.shape)} and {tuple(k_rope.shape)}")
         new = torch.cat([c_kv, k_rope], -1)
         if self.kv.dtype in FLOAT8_DTYPES:  # quantised: value / scale, stored as its bytes (see _flat)
-            if self._auto and (max(lengths, default=0) > 1 or not any(self._lens.values())):
+            if self._auto and (max(lengths, default=0) > 1 or not any(self._lens.values()) or
+                               Calibration.every_write):
                 self._calibrate(new)
             new = float8_quantised(new.float(), self.kv.dtype, self.scale).view(torch.uint8)
         self._write(seq_ids, lengths, new.to(self._flat().dtype))

@@ -611,10 +611,12 @@ def test_mla_float8_latent_cache(scale, device, tmp_path):
         longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.int8)
 
 
-def test_mla_latent_cache_of_another_dtype(device):
+def test_mla_latent_cache_of_another_dtype(device, tmp_path):
     """A 16-bit latent cache under a float32 model (cache_dtype=float16: half the cache's bytes): decoding takes its
     queries in float16, its steps' logits near the model's; a scale without a float8 cache, and a page size the cache
-    would refuse, are refused before any layer changes; a new cache_dtype alone resets the scale to "auto"."""
+    would refuse, are refused before any layer changes; a cache_dtype given alone resets the scale to "auto"; the
+    config records every option as the layers have it (a swap again with some keeps the others), and the model
+    loads back so."""
     ref, ours = _deepseek(device)
     layers = [layer.self_attn for layer in ours.model.layers]
     for bad, err in ((dict(cache_scale=2.0), "cache_scale applies to a float8 latent cache"),
@@ -623,14 +625,24 @@ def test_mla_latent_cache_of_another_dtype(device):
                      (dict(page_size=0), "page_size must be a power of two")):
         with pytest.raises(ValueError, match=err):
             longattn.hf.swap_attention(ours, "mla", **bad)
-        with pytest.raises(ValueError, match=err):  # (a fresh model: refused before its first layer is replaced)
-            longattn.hf.swap_attention(copy.deepcopy(ref), "mla", **bad)
+        fresh = copy.deepcopy(ref)
+        with pytest.raises(ValueError, match=err):  # (refused before its first layer is replaced)
+            longattn.hf.swap_attention(fresh, "mla", **bad)
+        assert not any(isinstance(m, MLAAttention) for m in fresh.modules())
     assert all(a.page_size == 16 and a.cache_dtype is None and a.cache_scale == "auto" for a in layers)
+    longattn.hf.swap_attention(ours, "mla", cache_dtype="float8_e5m2")
+    longattn.hf.swap_attention(ours, "mla", cache_scale=0.5)
+    longattn.hf.swap_attention(ours, "mla", page_size=32)
+    assert ours.config.longattn == dict(kind="mla", page_size=32, cache_dtype="float8_e5m2", cache_scale=0.5)
+    ours.save_pretrained(tmp_path)
+    loaded = longattn.hf.from_pretrained(tmp_path).model.layers[0].self_attn
+    assert (loaded.page_size, loaded.cache_dtype, loaded.cache_scale) == (32, torch.float8_e5m2, 0.5)
     with pytest.raises(ValueError, match="scale applies to a float8 cache"):
         PagedLatentCache(4, dtype=torch.float16, scale=2.0, device=device)
     longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float8_e4m3fn, cache_scale=0.5)
-    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float16)
+    longattn.hf.swap_attention(ours, "mla", cache_dtype=torch.float16, page_size=16)
     assert all(a.cache_dtype == torch.float16 and a.cache_scale == "auto" for a in layers)
+    assert ours.config.longattn == dict(kind="mla", page_size=16, cache_dtype="float16", cache_scale="auto")
     ids = torch.randint(1, 128, (2, 30)).to(device)
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
               return_dict_in_generate=True)
@@ -662,11 +674,13 @@ def _assert_same_generation(ours, ref, ids, **kw):
 
 
 class _LowRankAdapter(torch.nn.Module):
-    """A LoRA-style wrapper of a linear layer: base(x) + B(A(x)), its ``weight`` the base's alone."""
+    """A LoRA-style wrapper of a linear layer: base(x) + B(A(x)), its ``weight`` the base's alone; ``enabled`` False
+    (peft's disable_adapter, as for a reference model's log-probs): base(x)."""
 
     def __init__(self, base: torch.nn.Linear, rank: int = 4):
         super().__init__()
         self.base = base
+        self.enabled = True
         self.a = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
         self.b = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         torch.nn.init.normal_(self.b.weight, std=0.5)
@@ -676,12 +690,14 @@ class _LowRankAdapter(torch.nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        return self.base(x) + self.b(self.a(x))
+        return self.base(x) + self.b(self.a(x)) if self.enabled else self.base(x)
 
 
 def test_mla_with_adapter_on_kv_b_proj(device):
     """A wrapped kv_b_proj (LoRA adapters, quantised layers) is used through its effective map, in prefill and in
-    the absorbed decoding: logits and generated tokens equal the eager model's with the same wrapper."""
+    the absorbed decoding: logits and generated tokens equal the eager model's with the same wrapper, also after the
+    adapters change in place, are switched off (no tensor changes) or are overwritten through .data (no version
+    bump) between generations."""
     ref, ours = _deepseek(device)
     for a, b in zip(ref.model.layers, ours.model.layers):
         a.self_attn.kv_b_proj = _LowRankAdapter(a.self_attn.kv_b_proj)
@@ -692,6 +708,14 @@ def test_mla_with_adapter_on_kv_b_proj(device):
         for a, b in zip(ref.model.layers, ours.model.layers):
             a.self_attn.kv_b_proj.b.weight.mul_(-1.0)
             b.self_attn.kv_b_proj.b.weight.mul_(-1.0)
+    _assert_same_generation(ours, ref, ids)
+    for a, b in zip(ref.model.layers, ours.model.layers):
+        a.self_attn.kv_b_proj.enabled = b.self_attn.kv_b_proj.enabled = False
+    _assert_same_generation(ours, ref, ids)
+    for a, b in zip(ref.model.layers, ours.model.layers):
+        a.self_attn.kv_b_proj.enabled = b.self_attn.kv_b_proj.enabled = True
+        a.self_attn.kv_b_proj.b.weight.data.mul_(2.0)
+        b.self_attn.kv_b_proj.b.weight.data.mul_(2.0)
     _assert_same_generation(ours, ref, ids)
 
 

@@ -252,8 +252,8 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
             default 64), ``cache_dtype`` (the latent cache's, default the model's; another 16 / 32-bit one takes the
             decoding queries in it; ``torch.float8_e4m3fn`` quantises it: half the bytes) and ``cache_scale`` (a
             float8 cache's dequantisation scale, default ``"auto"``: calibrated on each prefill, see
-            :class:`longattn.mla.PagedLatentCache`; refused for other dtypes; a new ``cache_dtype`` alone resets it
-            to ``"auto"``).
+            :class:`longattn.mla.PagedLatentCache`; refused for other dtypes; a ``cache_dtype`` given without it
+            resets it to ``"auto"``).
     A multimodal model (Qwen2.5-VL, Qwen3-VL, Gemma 3, Mistral 3, ...) has its language model's attention swapped (the
     kinds' model types are its language model's); its vision encoder keeps its own. Where the language model's mask
     lets queries see later keys (Gemma 3 among an image's tokens) the forward raises ValueError: longattn's attention
@@ -395,9 +395,11 @@ def swap_attention(model: nn.Module, kind: str, **options) -> nn.Module:
                     mla_modules.append(module)
         if not mla_modules:
             raise ValueError(f"found no {MLA_ATTENTIONS[arch]} layer to replace")
-        if options.get("cache_dtype") is not None:  # recorded by name (the config is saved as JSON), with its scale
-            options = {**options, "cache_dtype": str(mla_modules[0].cache_dtype).removeprefix("torch."),
-                       "cache_scale": mla_modules[0].cache_scale}
+        # the layers' options as they are now (a swap again with some of them leaves the others as they were), the
+        # dtype by name (the config is saved as JSON)
+        first = mla_modules[0]
+        dtype = None if first.cache_dtype is None else str(first.cache_dtype).removeprefix("torch.")
+        options = {"page_size": first.page_size, "cache_dtype": dtype, "cache_scale": first.cache_scale}
         _set_impl(model, "longattn", text_key)  # 2-D padding masks, as MLAAttention expects
     if kind == "moba":
         options = {"block_size": cfg.moba_block_size, "topk": cfg.moba_topk}

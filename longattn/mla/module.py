@@ -63,7 +63,6 @@ class MLAAttention(nn.Module):
         self.is_causal = True
         self.page_size = page_size
         self.set_cache_format(cache_dtype, cache_scale)
-        self._effective_weight = None  # (key, W) of a kv_b_proj that is not a plain nn.Linear, kept for decoding
         for name in _SUBMODULES:
             setattr(self, name, getattr(attn, name, None))
         hf_module = sys.modules[type(attn).__module__]
@@ -82,7 +81,7 @@ class MLAAttention(nn.Module):
         # Mistral 4: the queries scaled by their position (Llama 4's attention scale, the model's own function)
         self._query_scale = hf_module.get_llama_4_attn_scale if name == "Mistral4Attention" else None
 
-    def _weights(self, like: torch.Tensor):
+    def _weights(self, like: torch.Tensor, state: Optional[dict] = None):
         """W_UK (H, Dn, R) and W_UV (H, Dv, R), the two parts of kv_b_proj's weight. A kv_b_proj other than a plain
         nn.Linear (a LoRA adapter, a quantised layer such as FP8 checkpoints' linear layers) gives its effective weight,
         the map of the identity (in ``like``'s dtype): its ``weight`` attribute alone would drop the adapter."""
@@ -90,16 +89,19 @@ class MLAAttention(nn.Module):
         if type(lin) is nn.Linear:
             w = lin.weight
         else:
-            # a (R x R) @ (R x H*(Dn+Dv)) product: kept between calls without gradients (decoding steps) while the
-            # wrapper's tensors stay the same (in-place updates change their versions)
+            # a (R x R) @ (R x H*(Dn+Dv)) product: kept without gradients in the layer's ``state`` on a transformers
+            # cache (one generation's decoding steps) while the wrapper's tensors stay the same (in-place updates
+            # change their versions); made anew for another cache (between generations adapters are switched on or
+            # off, weights synchronised through .data) and for calls without one
             tensors = (*lin.parameters(), *lin.buffers())
             key = (like.dtype, like.device, tuple((t.data_ptr(), t._version) for t in tensors))
-            kept = self._effective_weight
+            kept = state.get("w") if state is not None else None
             if kept is not None and kept[0] == key and not torch.is_grad_enabled():
                 w = kept[1]
             else:
                 w = lin(torch.eye(self.kv_lora_rank, dtype=like.dtype, device=like.device)).T
-                self._effective_weight = None if torch.is_grad_enabled() else (key, w)
+                if state is not None and not torch.is_grad_enabled():
+                    state["w"] = (key, w)
         w = w.reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
@@ -178,11 +180,13 @@ class MLAAttention(nn.Module):
         padded, _, real = mask_padding(attention_mask, T)  # read once per forward, not in every layer
         mask = None if padded is None else attention_mask[:, -T:].bool()
         lengths = [T] * B if mask is None else real if real is not None else mask.sum(1).tolist()
-        w_uk, w_uv = self._weights(c_kv)
-
+        state = None
         if cache is not None:
             check_cache_supported(cache, "mla")
             state = self._latent_cache(cache, B, c_kv.dtype, c_kv.device)
+        w_uk, w_uv = self._weights(c_kv, state)
+
+        if state is not None:
             pc, ids = state["pc"], state["ids"]
             cut = state["seen"] - cache.get_seq_length(self.layer_idx)
             if cut > 0:  # the cache was cut back (assisted decoding rejecting draft tokens: cache.crop): the latent too

@@ -807,8 +807,8 @@ def float8_scale_for(amax: float, dtype: torch.dtype) -> float:
     """A float8 cache's dequantisation scale for values of largest magnitude ``amax``: the power of two that brings
     it to at most a quarter of ``dtype``'s range (room for larger later values; a power of two divides exactly, and
     smaller values keep the format's relative precision instead of falling among its subnormals); 1 for 0; at most
-    2**60, the largest scale the ops take (larger values saturate)."""
-    return 2.0 ** min(60, math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max))) if amax > 0 else 1.0
+    MAX_SCALE, the largest the ops take (larger values saturate)."""
+    return min(MAX_SCALE, 2.0 ** math.ceil(math.log2(amax * 4 / torch.finfo(dtype).max))) if amax > 0 else 1.0
 
 
 def check_scale(scale, default: float, name: str = "scale") -> float:
